@@ -1,0 +1,79 @@
+"""Replace a file atomically: a reader sees the old content or the new, never a mix.
+
+The new content goes to a temporary file in the same directory, is fsynced, renamed over
+the target, and the directory is fsynced so the rename itself survives a crash.  If
+anything fails, the temporary file is removed and the target is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import BinaryIO
+
+from .errors import fs_path
+
+
+def temp_name_for(name: bytes) -> bytes:
+    """A hidden, unpredictable sibling name for ``name`` (a basename)."""
+    return b"." + name[:200] + b"." + secrets.token_hex(6).encode() + b".tmp"
+
+
+def fsync_directory(path: bytes) -> None:
+    fd = os.open(path or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """Context manager yielding a binary file; on clean exit it replaces ``path``.
+
+    ``durable=False`` skips the fsyncs (for scratch output where a crash may lose the file
+    but must still never leave it torn).
+    """
+
+    def __init__(self, path: bytes | str, mode: int = 0o644, *, durable: bool = True):
+        self.path = fs_path(path)
+        self.mode = mode
+        self.durable = durable
+        directory, name = os.path.split(self.path)
+        self._directory = directory or b"."
+        self._temp = os.path.join(self._directory, temp_name_for(name))
+        self._file: BinaryIO | None = None
+
+    def __enter__(self) -> BinaryIO:
+        fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+        self._file = os.fdopen(fd, "wb")
+        return self._file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._file is not None
+        try:
+            if exc_type is None:
+                self._file.flush()
+                if self.durable:
+                    os.fsync(self._file.fileno())
+            self._file.close()
+            if exc_type is None:
+                os.chmod(self._temp, self.mode)
+                os.rename(self._temp, self.path)
+                if self.durable:
+                    fsync_directory(self._directory)
+        except BaseException:
+            self.discard()
+            raise
+        if exc_type is not None:
+            self.discard()
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self._temp)
+        except FileNotFoundError:
+            pass
+
+
+def atomic_write(path: bytes | str, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    with AtomicFile(path, mode, durable=durable) as f:
+        f.write(data)

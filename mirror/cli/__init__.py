@@ -1,0 +1,96 @@
+"""The ``mirror`` command: parse arguments, call the library, print, map errors to exit codes.
+
+Subcommands live in their own modules and are imported only when chosen, so a quick
+``mirror diff`` does not pay for importing the daemon.  Each module provides
+``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import EXIT_ERROR, MirrorError, os_error_message
+
+# name -> (module, one-line help).  Keep in the order a newcomer would read them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("mirror.cli.demo_cmd", "run a self-contained demonstration on a generated tree"),
+    "scan": ("mirror.cli.scan_cmd", "walk a tree and summarise it (or save its manifest)"),
+    "diff": ("mirror.cli.diff_cmd", "compare two trees and itemise every difference"),
+}
+
+_log = logging.getLogger("mirror")
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirror",
+        description="hamirror: fast, verified file mirroring for two-node clusters.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+        + "\n\nRun 'mirror COMMAND --help' for the options of one command.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("command", nargs="?", help=argparse.SUPPRESS)
+    return parser
+
+
+def _command_parser(name: str, module) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"mirror {name}",
+        description=(module.__doc__ or COMMANDS[name][1]).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    module.add_arguments(parser)
+    return parser
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mirror: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        top = _top_parser()
+        args = top.parse_args(argv[:1])
+        if args.version:
+            from importlib.metadata import version
+
+            print(f"mirror (hamirror) {version('hamirror')}")
+            return 0
+        if args.command:
+            top.print_usage(sys.stderr)
+            print(f"mirror: unknown command {args.command!r}", file=sys.stderr)
+        else:
+            top.print_help(sys.stderr)
+        return EXIT_ERROR
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    args = _command_parser(name, module).parse_args(argv[1:])
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return module.run(args)
+    except MirrorError as exc:
+        print(f"mirror {name}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"mirror {name}: error: {os_error_message(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"mirror {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:
+    sys.exit(main())

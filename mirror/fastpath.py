@@ -1,0 +1,63 @@
+"""The one place that picks the compiled ``mirror._fast`` modules or their pure-Python twins.
+
+Each hot path exists twice with the same API: ``mirror/_fast/<name>.pyx`` (compiled) and
+``mirror/<name>_py.py`` (the readable specification).  Everything else imports the chosen
+module from here.  Falling back to the twin is loud: a warning once per module, and an
+error when ``MIRROR_REQUIRE_FAST=1`` (CI sets it).  ``MIRROR_FORCE_PURE=1`` selects the
+twins on purpose, for tests and for debugging.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+from .errors import FastPathUnavailable
+
+_chosen: dict[str, ModuleType] = {}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false", "no")
+
+
+def pure(name: str) -> ModuleType:
+    """The pure-Python twin of hot path ``name`` (``scan`` or ``delta``)."""
+    return importlib.import_module(f"mirror.{name}_py")
+
+
+def compiled(name: str) -> ModuleType:
+    """The compiled module; raises ImportError when it was not built."""
+    return importlib.import_module(f"mirror._fast.{name}")
+
+
+def choose(name: str) -> ModuleType:
+    """The implementation of ``name`` this process uses (cached after the first call)."""
+    module = _chosen.get(name)
+    if module is not None:
+        return module
+    if _env_flag("MIRROR_FORCE_PURE"):
+        module = pure(name)
+    else:
+        try:
+            module = compiled(name)
+        except ImportError as exc:
+            if _env_flag("MIRROR_REQUIRE_FAST"):
+                raise FastPathUnavailable(
+                    f"compiled module mirror._fast.{name} is not available ({exc}); "
+                    "reinstall hamirror with a C compiler and the xxHash header present"
+                ) from exc
+            warnings.warn(
+                f"mirror._fast.{name} is not built; using the slow pure-Python twin ({exc})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            module = pure(name)
+    _chosen[name] = module
+    return module
+
+
+def is_fast(name: str) -> bool:
+    return choose(name).__name__.startswith("mirror._fast.")
