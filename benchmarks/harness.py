@@ -1,0 +1,113 @@
+"""Side-by-side timing: run our command and the peer's alternately, report medians and ratios.
+
+Absolute seconds drift on shared machines; runs interleaved in one process of measurement
+let the ratio ours/peer hold.  A case is an argv list (timed as a child process, whose peak
+RSS is also recorded) or a Python callable.  ``prepare`` runs before every timed run of a
+case (to reset a replica, drop a cache file, ...) and is not timed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+Command = Sequence[str] | Callable[[], object]
+
+
+@dataclass
+class Case:
+    name: str
+    command: Command
+    prepare: Callable[[], object] | None = None
+    ok_returncodes: tuple[int, ...] = (0,)
+
+
+@dataclass
+class Measurement:
+    seconds: list[float] = field(default_factory=list)
+    peak_rss_kib: list[int] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def median_rss_kib(self) -> int:
+        return int(statistics.median(self.peak_rss_kib)) if self.peak_rss_kib else 0
+
+
+def have(tool: str) -> bool:
+    """True if ``tool`` is on PATH; prints why a peer is skipped otherwise."""
+    if shutil.which(tool):
+        return True
+    print(f"# peer '{tool}' is not installed: skipped (apt-get install -y {tool})", file=sys.stderr)
+    return False
+
+
+def run_child(argv: Sequence[str], ok: tuple[int, ...] = (0,), env: dict | None = None) -> tuple[float, int]:
+    """Run ``argv``; return (wall seconds, peak RSS in KiB of the largest process in its tree)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
+    if proc.returncode not in ok:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {err.strip()[-2000:]}")
+    return elapsed, usage.ru_maxrss
+
+
+def measure(cases: Sequence[Case], runs: int = 5, warmup: int = 1) -> dict[str, Measurement]:
+    """Run every case ``warmup`` + ``runs`` times, alternating between cases each round."""
+    results = {case.name: Measurement() for case in cases}
+    for round_no in range(warmup + runs):
+        for case in cases:
+            if case.prepare:
+                case.prepare()
+            if callable(case.command):
+                start = time.perf_counter()
+                case.command()
+                elapsed, rss = time.perf_counter() - start, 0
+            else:
+                elapsed, rss = run_child(case.command, case.ok_returncodes)
+            if round_no >= warmup:
+                results[case.name].seconds.append(elapsed)
+                if rss:
+                    results[case.name].peak_rss_kib.append(rss)
+    return results
+
+
+def table(results: dict[str, Measurement], baseline: str, title: str = "") -> str:
+    """A Markdown table: median seconds, min/max, ratio to ``baseline``, peak RSS."""
+    base = results[baseline].median if baseline in results else None
+    lines = []
+    if title:
+        lines.append(f"**{title}**\n")
+    lines.append("| case | median s | min s | max s | ratio vs " + baseline + " | peak RSS MiB |")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    for name, m in results.items():
+        ratio = f"{m.median / base:.3f}" if base else "-"
+        rss = f"{m.median_rss_kib / 1024:.1f}" if m.peak_rss_kib else "-"
+        lines.append(
+            f"| {name} | {m.median:.4f} | {min(m.seconds):.4f} | {max(m.seconds):.4f} | {ratio} | {rss} |"
+        )
+    return "\n".join(lines)
+
+
+def drop_caches() -> bool:
+    """Drop the page cache (root only) for a cold run; False if not permitted."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
