@@ -30,7 +30,13 @@ def pure(name: str) -> ModuleType:
 
 def compiled(name: str) -> ModuleType:
     """The compiled module; raises ImportError when it was not built."""
-    return importlib.import_module(f"mirror._fast.{name}")
+    module = importlib.import_module(f"mirror._fast.{name}")
+    if hasattr(module, "bind_types"):
+        # _fast imports nothing from mirror: hand it the shared result types instead.
+        from .entry import Entry, ScanProblem
+
+        module.bind_types(Entry, ScanProblem)
+    return module
 
 
 def choose(name: str) -> ModuleType:

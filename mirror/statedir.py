@@ -24,5 +24,20 @@ def resolve_state_dir(root: bytes | str, state_dir: bytes | str | None) -> bytes
 
 
 def ensure_state_dir(path: bytes) -> bytes:
+    """Create the state dir if needed.  Creating ``<root>/.mirror`` would bump the root's mtime
+    and make the tree look modified to the next comparison, so the parent's times are put back."""
+    path = fs_path(path)
+    if os.path.isdir(path):
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        before = os.stat(parent)
+    except OSError:
+        before = None
     os.makedirs(path, mode=0o700, exist_ok=True)
+    if before is not None:
+        try:
+            os.utime(parent, ns=(before.st_atime_ns, before.st_mtime_ns))
+        except OSError:
+            pass  # not ours to change (another owner): the cost is one reported mtime difference
     return path

@@ -1,0 +1,1054 @@
+# cython: language_level=3
+"""Compiled tree scanner: the fast path of ``mirror.scan_py`` (read that for the specification).
+
+Each directory is listed with the GIL released: ``readdir`` on a descriptor opened with
+``openat(O_DIRECTORY | O_NOFOLLOW)`` relative to its parent, names sorted, every entry
+``fstatat(AT_SYMLINK_NOFOLLOW)``-ed and symlinks read, all into C arrays.  A ``Listing``
+keeps those arrays (80-byte records plus one string block) rather than a Python object per
+entry, so two trees can be scanned and compared with no per-entry allocation; ``Entry``
+tuples are built only when somebody indexes a listing.  With ``checksum=True`` regular files
+are hashed (xxh3-128) through the open directory descriptor, GIL released.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.errno cimport EINTR, ELOOP, ENOENT, ENOTDIR, EPERM, errno
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.string cimport memcmp, memcpy, memset, strlen
+from posix.stat cimport fstat, fstatat, struct_stat
+from posix.unistd cimport close, read
+
+import os
+
+cdef extern from "<fcntl.h>" nogil:
+    int openat(int, const char *, int, ...)
+    enum:
+        O_RDONLY
+        O_DIRECTORY
+        O_NOFOLLOW
+        O_CLOEXEC
+        O_NONBLOCK
+        O_NOATIME
+        AT_SYMLINK_NOFOLLOW
+        AT_FDCWD
+
+cdef extern from "<sys/stat.h>" nogil:
+    enum:
+        S_IFMT
+        S_IFREG
+        S_IFDIR
+        S_IFLNK
+        S_IFIFO
+        S_IFSOCK
+        S_IFCHR
+        S_IFBLK
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t readlinkat(int, const char *, char *, size_t)
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    static inline void mirror_clear_errno(void) { errno = 0; }
+    """
+    void clear_errno "mirror_clear_errno"() nogil
+
+cdef extern from "<dirent.h>" nogil:
+    ctypedef struct c_DIR "DIR":
+        pass
+    cdef struct dirent:
+        char d_name[256]
+    c_DIR *fdopendir(int fd)
+    dirent *readdir(c_DIR *d)
+    int closedir(c_DIR *d)
+
+cdef extern from *:
+    """
+    #define XXH_INLINE_ALL
+    #include <xxhash.h>
+    #include <stdint.h>
+    /* One manifest record; the layout is the on-disk format (little-endian hosts only). */
+    typedef struct {
+        int64_t size, mtime_ns, ctime_ns;
+        uint64_t ino, dev, rdev;
+        uint32_t mode, uid, gid, nlink, name_off;
+        uint16_t name_len;
+        uint8_t kind, flags;
+        uint32_t target_off, target_len;
+    } mirror_rec_t;
+    _Static_assert(sizeof(mirror_rec_t) == 80, "record layout is the manifest format");
+    """
+    ctypedef struct XXH3_state_t:
+        pass
+    ctypedef struct XXH128_hash_t:
+        pass
+    ctypedef struct XXH128_canonical_t:
+        unsigned char digest[16]
+    XXH3_state_t *XXH3_createState() nogil
+    int XXH3_freeState(XXH3_state_t *) nogil
+    int XXH3_128bits_reset(XXH3_state_t *) nogil
+    int XXH3_128bits_update(XXH3_state_t *, const void *, size_t) nogil
+    XXH128_hash_t XXH3_128bits_digest(XXH3_state_t *) nogil
+    void XXH128_canonicalFromHash(XXH128_canonical_t *, XXH128_hash_t) nogil
+
+    ctypedef struct rec_t "mirror_rec_t":
+        int64_t size
+        int64_t mtime_ns
+        int64_t ctime_ns
+        uint64_t ino
+        uint64_t dev
+        uint64_t rdev
+        uint32_t mode
+        uint32_t uid
+        uint32_t gid
+        uint32_t nlink
+        uint32_t name_off
+        uint16_t name_len
+        uint8_t kind
+        uint8_t flags
+        uint32_t target_off
+        uint32_t target_len
+
+import sys as _sys
+
+if _sys.byteorder != "little":
+    raise ImportError("mirror._fast.scan stores records in host order and supports little-endian hosts only")
+
+DEF REC_SIZE = 80
+DEF DIGEST_SIZE = 16
+DEF MAX_NAME = 255
+DEF MAX_TARGET = 4095
+DEF HASH_CHUNK = 1048576
+
+cdef enum:
+    FLAG_DIGEST_C = 1
+    CMP_CHECKSUM_C = 1
+    CMP_OWNER_C = 2
+    CMP_DIR_TIMES_C = 4
+    CMP_LINK_TIMES_C = 8
+    CH_KIND_C = 1
+    CH_SIZE_C = 2
+    CH_MTIME_C = 4
+    CH_MODE_C = 8
+    CH_UID_C = 16
+    CH_GID_C = 32
+    CH_TARGET_C = 64
+    CH_RDEV_C = 128
+    CH_DIGEST_C = 256
+    CH_NODIGEST_C = 512
+    CH_LINKED_C = 1024
+
+RECORD_SIZE = REC_SIZE
+FLAG_DIGEST = FLAG_DIGEST_C
+FILE, DIR, SYMLINK, FIFO, SOCKET, CHAR, BLOCK = range(1, 8)
+CMP_CHECKSUM = CMP_CHECKSUM_C
+CMP_OWNER = CMP_OWNER_C
+CMP_DIR_TIMES = CMP_DIR_TIMES_C
+CMP_LINK_TIMES = CMP_LINK_TIMES_C
+CH_KIND = CH_KIND_C
+CH_SIZE = CH_SIZE_C
+CH_MTIME = CH_MTIME_C
+CH_MODE = CH_MODE_C
+CH_UID = CH_UID_C
+CH_GID = CH_GID_C
+CH_TARGET = CH_TARGET_C
+CH_RDEV = CH_RDEV_C
+CH_DIGEST = CH_DIGEST_C
+CH_NODIGEST = CH_NODIGEST_C
+CH_LINKED = CH_LINKED_C
+
+cdef enum:
+    K_FILE = 1
+    K_DIR = 2
+    K_SYMLINK = 3
+    K_FIFO = 4
+    K_SOCKET = 5
+    K_CHAR = 6
+    K_BLOCK = 7
+
+# Problem kinds recorded in C while the GIL is released, turned into text afterwards.
+cdef enum:
+    P_STAT = 1
+    P_VANISHED = 2
+    P_READLINK = 3
+    P_OPEN_FILE = 4
+    P_READ_FILE = 5
+    P_CHANGED_HASHING = 6
+    P_READ_DIR = 7
+
+_PROBLEM_TEXT = {
+    P_STAT: "cannot stat",
+    P_VANISHED: "vanished during scan",
+    P_READLINK: "cannot read symlink",
+    P_OPEN_FILE: "cannot open file",
+    P_READ_FILE: "cannot read file",
+    P_CHANGED_HASHING: "changed while hashing",
+    P_READ_DIR: "cannot read directory",
+}
+
+def _plain_tuple(*fields):
+    return fields
+
+
+_Entry = _plain_tuple
+_Problem = _plain_tuple
+
+
+def bind_types(entry_type, problem_type):
+    """Use ``mirror.entry.Entry``/``ScanProblem`` for results (called by ``mirror.fastpath``)."""
+    global _Entry, _Problem
+    _Entry = entry_type
+    _Problem = problem_type
+
+
+cdef inline int kind_of_mode(uint32_t mode) noexcept nogil:
+    cdef uint32_t fmt = mode & S_IFMT
+    if fmt == S_IFREG:
+        return K_FILE
+    if fmt == S_IFDIR:
+        return K_DIR
+    if fmt == S_IFLNK:
+        return K_SYMLINK
+    if fmt == S_IFIFO:
+        return K_FIFO
+    if fmt == S_IFSOCK:
+        return K_SOCKET
+    if fmt == S_IFCHR:
+        return K_CHAR
+    if fmt == S_IFBLK:
+        return K_BLOCK
+    return 0
+
+
+cdef struct problem_t:
+    Py_ssize_t index      # entry (sorted position) the problem belongs to; -1: the directory
+    int err
+    int what
+    char *name            # points into the names buffer (valid while the buffer lives)
+    uint16_t name_len
+
+
+cdef struct buf_t:
+    char *data
+    size_t len
+    size_t cap
+
+
+cdef int buf_reserve(buf_t *b, size_t extra) except -1 nogil:
+    cdef size_t cap
+    cdef char *p
+    if b.len + extra <= b.cap:
+        return 0
+    cap = b.cap * 2 if b.cap else 4096
+    while cap < b.len + extra:
+        cap *= 2
+    p = <char *>realloc(b.data, cap)
+    if p == NULL:
+        with gil:
+            raise MemoryError()
+    b.data = p
+    b.cap = cap
+    return 0
+
+
+cdef int buf_append(buf_t *b, const char *src, size_t n) except -1 nogil:
+    buf_reserve(b, n)
+    memcpy(b.data + b.len, src, n)
+    b.len += n
+    return 0
+
+
+cdef struct name_t:
+    size_t off
+    uint16_t len
+    char *ptr
+
+
+cdef int compare_names(const void *a, const void *b) noexcept nogil:
+    cdef const name_t *x = <const name_t *>a
+    cdef const name_t *y = <const name_t *>b
+    cdef size_t n = x.len if x.len < y.len else y.len
+    cdef int c = memcmp(x.ptr, y.ptr, n)
+    if c:
+        return c
+    return <int>x.len - <int>y.len
+
+
+cdef inline int name_cmp(const char *a, size_t alen, const char *b, size_t blen) noexcept nogil:
+    cdef size_t n = alen if alen < blen else blen
+    cdef int c = memcmp(a, b, n)
+    if c:
+        return c
+    return (alen > blen) - (alen < blen)
+
+
+cdef class Listing:
+    """The entries of one directory, sorted by name; see ``mirror.scan_py.Listing``."""
+
+    cdef readonly bytes path
+    cdef readonly bint complete
+    cdef readonly list problems
+    cdef readonly Py_ssize_t hashed
+    cdef rec_t *recs
+    cdef Py_ssize_t n
+    cdef char *strings
+    cdef size_t strings_len
+    cdef unsigned char *digests
+
+    def __cinit__(self):
+        self.hashed = 0
+        self.recs = NULL
+        self.strings = NULL
+        self.digests = NULL
+        self.n = 0
+        self.strings_len = 0
+
+    def __init__(self, bytes path, entries=None, bint complete=True, problems=None):
+        self.path = path
+        self.complete = complete
+        self.problems = list(problems or [])
+        if entries:
+            self._fill_from_entries(list(entries))
+
+    def __dealloc__(self):
+        free(self.recs)
+        free(self.strings)
+        free(self.digests)
+
+    cdef int _fill_from_entries(self, list entries) except -1:
+        cdef Py_ssize_t i, n = len(entries)
+        cdef buf_t strings
+        cdef rec_t *r
+        cdef bytes name, target
+        strings.data = NULL
+        strings.len = strings.cap = 0
+        self.recs = <rec_t *>malloc(max(n, 1) * sizeof(rec_t))
+        if self.recs == NULL:
+            raise MemoryError()
+        memset(self.recs, 0, max(n, 1) * sizeof(rec_t))
+        try:
+            for i in range(n):
+                e = entries[i]
+                r = &self.recs[i]
+                name = e[0]
+                target = e[12]
+                r.name_off = strings.len
+                r.name_len = len(name)
+                buf_append(&strings, name, len(name))
+                r.target_off = strings.len
+                r.target_len = len(target)
+                buf_append(&strings, target, len(target))
+                r.kind = e[1]
+                r.mode = e[2]
+                r.uid = e[3]
+                r.gid = e[4]
+                r.size = e[5]
+                r.mtime_ns = e[6]
+                r.ctime_ns = e[7]
+                r.ino = e[8]
+                r.dev = e[9]
+                r.nlink = e[10]
+                r.rdev = e[11]
+                if e[13] is not None:
+                    self._set_digest(i, e[13], n)
+            self.n = n
+        finally:
+            self.strings = strings.data
+            self.strings_len = strings.len
+        return 0
+
+    cdef int _set_digest(self, Py_ssize_t i, bytes digest, Py_ssize_t n) except -1:
+        if len(digest) != DIGEST_SIZE:
+            raise ValueError("a digest is 16 bytes")
+        if self.digests == NULL:
+            self.digests = <unsigned char *>malloc(max(n, 1) * DIGEST_SIZE)
+            if self.digests == NULL:
+                raise MemoryError()
+            memset(self.digests, 0, max(n, 1) * DIGEST_SIZE)
+        memcpy(self.digests + i * DIGEST_SIZE, PyBytes_AS_STRING(digest), DIGEST_SIZE)
+        self.recs[i].flags |= FLAG_DIGEST_C
+        return 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, Py_ssize_t i):
+        if i < 0:
+            i += self.n
+        if i < 0 or i >= self.n:
+            raise IndexError("listing index out of range")
+        return self._entry(i)
+
+    def __iter__(self):
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            yield self._entry(i)
+
+    def __repr__(self):
+        return f"Listing({self.path!r}, {self.n} entries, complete={self.complete})"
+
+    cdef object _entry(self, Py_ssize_t i):
+        cdef rec_t *r = &self.recs[i]
+        digest = None
+        if r.flags & FLAG_DIGEST_C:
+            digest = PyBytes_FromStringAndSize(<char *>self.digests + i * DIGEST_SIZE, DIGEST_SIZE)
+        return _Entry(
+            PyBytes_FromStringAndSize(self.strings + r.name_off, r.name_len),
+            r.kind, r.mode, r.uid, r.gid, r.size, r.mtime_ns, r.ctime_ns, r.ino, r.dev,
+            r.nlink, r.rdev,
+            PyBytes_FromStringAndSize(self.strings + r.target_off, r.target_len),
+            digest,
+        )
+
+    cdef Py_ssize_t _find(self, const char *name, size_t name_len) noexcept nogil:
+        cdef Py_ssize_t lo = 0, hi = self.n, mid
+        cdef int c
+        while lo < hi:
+            mid = (lo + hi) // 2
+            c = name_cmp(self.strings + self.recs[mid].name_off, self.recs[mid].name_len, name, name_len)
+            if c < 0:
+                lo = mid + 1
+            elif c > 0:
+                hi = mid
+            else:
+                return mid
+        return -1
+
+    def index(self, bytes name):
+        """Position of ``name`` in this listing, or -1."""
+        return self._find(name, len(name))
+
+    def subdirs(self):
+        """Names of the directories in this listing, in order."""
+        cdef Py_ssize_t i
+        cdef rec_t *r
+        out = []
+        for i in range(self.n):
+            r = &self.recs[i]
+            if r.kind == K_DIR:
+                out.append(PyBytes_FromStringAndSize(self.strings + r.name_off, r.name_len))
+        return out
+
+    def totals(self):
+        """``(count per kind, bytes in regular files, digests held)``; see the twin."""
+        cdef Py_ssize_t i
+        cdef long long counts[8]
+        cdef long long file_bytes = 0, digests = 0
+        cdef rec_t *r
+        memset(counts, 0, sizeof(counts))
+        for i in range(self.n):
+            r = &self.recs[i]
+            counts[r.kind] += 1
+            if r.kind == K_FILE:
+                file_bytes += r.size
+            if r.flags & FLAG_DIGEST_C:
+                digests += 1
+        return [counts[k] for k in range(8)], file_bytes, digests
+
+    def pack(self):
+        """``(strings, records, digests)``; see ``mirror.scan_py.Listing.pack``."""
+        cdef Py_ssize_t i
+        cdef bint any_digest = False
+        for i in range(self.n):
+            if self.recs[i].flags & FLAG_DIGEST_C:
+                any_digest = True
+                break
+        return (
+            PyBytes_FromStringAndSize(self.strings, self.strings_len),
+            PyBytes_FromStringAndSize(<char *>self.recs, self.n * REC_SIZE),
+            PyBytes_FromStringAndSize(<char *>self.digests, self.n * DIGEST_SIZE) if any_digest else b"",
+        )
+
+    @classmethod
+    def unpack(cls, bytes path, bytes strings, bytes records, bytes digests, Py_ssize_t max_entries):
+        """Rebuild and validate a listing from ``pack()`` output; ValueError on any defect."""
+        cdef Py_ssize_t i, count
+        cdef Listing listing
+        cdef rec_t *r
+        cdef const char *s = PyBytes_AS_STRING(strings)
+        cdef size_t slen = PyBytes_GET_SIZE(strings)
+        cdef const char *name
+        cdef const char *prev = NULL
+        cdef size_t prev_len = 0
+        if len(records) % REC_SIZE:
+            raise ValueError(f"record block of {len(records)} bytes is not a multiple of {REC_SIZE}")
+        count = len(records) // REC_SIZE
+        if count > max_entries:
+            raise ValueError(f"{count} entries exceed the limit of {max_entries}")
+        if len(digests) and len(digests) != count * DIGEST_SIZE:
+            raise ValueError(f"digest block of {len(digests)} bytes does not match {count} entries")
+        listing = Listing.__new__(Listing)
+        listing.path = path
+        listing.complete = True
+        listing.problems = []
+        listing.recs = <rec_t *>malloc(max(count, 1) * REC_SIZE)
+        listing.strings = <char *>malloc(max(slen, 1))
+        if listing.recs == NULL or listing.strings == NULL:
+            raise MemoryError()
+        memcpy(listing.recs, PyBytes_AS_STRING(records), count * REC_SIZE)
+        memcpy(listing.strings, s, slen)
+        listing.strings_len = slen
+        listing.n = count
+        if len(digests):
+            listing.digests = <unsigned char *>malloc(count * DIGEST_SIZE)
+            if listing.digests == NULL:
+                raise MemoryError()
+            memcpy(listing.digests, PyBytes_AS_STRING(digests), count * DIGEST_SIZE)
+        for i in range(count):
+            r = &listing.recs[i]
+            if r.kind < K_FILE or r.kind > K_BLOCK:
+                raise ValueError(f"entry {i}: unknown kind {r.kind}")
+            if <size_t>r.name_off + r.name_len > slen or <size_t>r.target_off + r.target_len > slen:
+                raise ValueError(f"entry {i}: string offsets outside the string block")
+            name = s + r.name_off
+            if (r.name_len == 0 or memchr_any(name, r.name_len)
+                    or (r.name_len == 1 and name[0] == b'.')
+                    or (r.name_len == 2 and name[0] == b'.' and name[1] == b'.')):
+                raise ValueError(f"entry {i}: invalid name {strings[r.name_off:r.name_off + r.name_len]!r}")
+            if prev != NULL and name_cmp(name, r.name_len, prev, prev_len) <= 0:
+                raise ValueError(
+                    f"entry {i}: name {strings[r.name_off:r.name_off + r.name_len]!r} out of order or repeated")
+            prev = name
+            prev_len = r.name_len
+            if (r.target_len > MAX_TARGET or (r.target_len and r.kind != K_SYMLINK)
+                    or memchr_nul(s + r.target_off, r.target_len)):
+                raise ValueError(f"entry {i}: invalid symlink target")
+            if r.flags & ~FLAG_DIGEST_C or (r.flags & FLAG_DIGEST_C and (not len(digests) or r.kind != K_FILE)):
+                raise ValueError(f"entry {i}: invalid flags {r.flags}")
+            if r.mode > 0o7777:
+                raise ValueError(f"entry {i}: invalid mode {r.mode:o}")
+        return listing
+
+
+cdef inline bint memchr_any(const char *p, size_t n) noexcept nogil:
+    """True if ``p[:n]`` holds a ``/`` or a NUL (not allowed in a single name)."""
+    cdef size_t i
+    for i in range(n):
+        if p[i] == b'/' or p[i] == 0:
+            return True
+    return False
+
+
+cdef inline bint memchr_nul(const char *p, size_t n) noexcept nogil:
+    cdef size_t i
+    for i in range(n):
+        if p[i] == 0:
+            return True
+    return False
+
+
+cdef struct dirscan_t:
+    # Output of listing one directory with the GIL released.
+    rec_t *recs
+    Py_ssize_t n
+    buf_t strings
+    problem_t *problems
+    Py_ssize_t nproblems
+    Py_ssize_t problems_cap
+    int dir_err          # errno if the directory itself could not be read, else 0
+    buf_t names          # raw names from readdir (problems point into it)
+    name_t *order
+
+
+cdef void dirscan_free(dirscan_t *d) noexcept nogil:
+    free(d.recs)
+    free(d.strings.data)
+    free(d.problems)
+    free(d.names.data)
+    free(d.order)
+
+
+cdef int add_problem(dirscan_t *d, Py_ssize_t index, int err, int what,
+                     char *name, uint16_t name_len) except -1 nogil:
+    cdef problem_t *p
+    if d.nproblems == d.problems_cap:
+        d.problems_cap = d.problems_cap * 2 if d.problems_cap else 8
+        p = <problem_t *>realloc(d.problems, d.problems_cap * sizeof(problem_t))
+        if p == NULL:
+            with gil:
+                raise MemoryError()
+        d.problems = p
+    d.problems[d.nproblems].index = index
+    d.problems[d.nproblems].err = err
+    d.problems[d.nproblems].what = what
+    d.problems[d.nproblems].name = name
+    d.problems[d.nproblems].name_len = name_len
+    d.nproblems += 1
+    return 0
+
+
+cdef int list_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d) except -1 nogil:
+    """readdir + sort + fstatat + readlinkat into ``d``.  The caller owns ``fd``."""
+    cdef int dup_fd
+    cdef c_DIR *dirp
+    cdef dirent *ent
+    cdef size_t nlen, count = 0, i, cap = 0
+    cdef name_t *order
+    cdef struct_stat st
+    cdef rec_t *r
+    cdef int kind
+    cdef ssize_t tlen
+    cdef char cname[MAX_NAME + 1]
+    cdef char target[MAX_TARGET + 1]
+    cdef size_t offset
+
+    # fdopendir takes ownership of the descriptor it is given, so give it a duplicate.
+    dup_fd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    if dup_fd < 0:
+        d.dir_err = errno
+        return 0
+    dirp = fdopendir(dup_fd)
+    if dirp == NULL:
+        d.dir_err = errno
+        close(dup_fd)
+        return 0
+    # Collect names as (offset, length): the buffer may move while it grows.
+    while True:
+        clear_errno()
+        ent = readdir(dirp)
+        if ent == NULL:
+            if errno:
+                d.dir_err = errno
+            break
+        nlen = strlen(ent.d_name)
+        if (nlen == 1 and ent.d_name[0] == b'.') or (nlen == 2 and ent.d_name[0] == b'.' and ent.d_name[1] == b'.'):
+            continue
+        if skip != NULL and nlen == skip_len and memcmp(ent.d_name, skip, nlen) == 0:
+            continue
+        if count == cap:
+            cap = cap * 2 if cap else 64
+            order = <name_t *>realloc(d.order, cap * sizeof(name_t))
+            if order == NULL:
+                closedir(dirp)
+                with gil:
+                    raise MemoryError()
+            d.order = order
+        d.order[count].off = d.names.len
+        d.order[count].len = <uint16_t>nlen
+        buf_append(&d.names, ent.d_name, nlen)
+        count += 1
+    closedir(dirp)
+    if d.dir_err:
+        return 0
+    for i in range(count):
+        d.order[i].ptr = d.names.data + d.order[i].off
+    qsort(d.order, count, sizeof(name_t), compare_names)
+
+    d.recs = <rec_t *>malloc((count if count else 1) * sizeof(rec_t))
+    if d.recs == NULL:
+        with gil:
+            raise MemoryError()
+    for i in range(count):
+        # d.names is NUL-free; make each name a C string for the *at() calls.
+        memcpy(cname, d.order[i].ptr, d.order[i].len)
+        cname[d.order[i].len] = 0
+        if fstatat(fd, cname, &st, AT_SYMLINK_NOFOLLOW) != 0:
+            add_problem(d, i, errno, P_VANISHED if errno == ENOENT else P_STAT, d.order[i].ptr, d.order[i].len)
+            continue
+        kind = kind_of_mode(st.st_mode)
+        if kind == 0:
+            continue
+        r = &d.recs[d.n]
+        r.flags = 0
+        r.target_len = 0
+        offset = d.strings.len
+        r.name_off = offset
+        r.name_len = d.order[i].len
+        if kind == K_SYMLINK:
+            tlen = readlinkat(fd, cname, target, MAX_TARGET + 1)
+            if tlen < 0:
+                add_problem(d, i, errno, P_VANISHED if errno == ENOENT else P_READLINK,
+                            d.order[i].ptr, d.order[i].len)
+                continue
+            if tlen > MAX_TARGET:
+                tlen = MAX_TARGET
+            buf_append(&d.strings, d.order[i].ptr, d.order[i].len)
+            r.target_off = d.strings.len
+            r.target_len = <uint32_t>tlen
+            buf_append(&d.strings, target, tlen)
+        else:
+            buf_append(&d.strings, d.order[i].ptr, d.order[i].len)
+            r.target_off = d.strings.len
+        r.kind = <uint8_t>kind
+        r.mode = st.st_mode & 0o7777
+        r.uid = st.st_uid
+        r.gid = st.st_gid
+        r.size = st.st_size
+        r.mtime_ns = <int64_t>st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec
+        r.ctime_ns = <int64_t>st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec
+        r.ino = st.st_ino
+        r.dev = st.st_dev
+        r.nlink = <uint32_t>st.st_nlink
+        r.rdev = st.st_rdev if (kind == K_CHAR or kind == K_BLOCK) else 0
+        # Problems recorded for this sorted position refer to the record index from now on.
+        d.n += 1
+    return 0
+
+
+cdef int open_file_noatime(int dir_fd, const char *name) noexcept nogil:
+    # O_NONBLOCK: a file replaced by a FIFO since the stat must not block the scan.
+    cdef int flags = O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC
+    cdef int fd = openat(dir_fd, name, flags | O_NOATIME)
+    if fd < 0 and errno == EPERM:
+        fd = openat(dir_fd, name, flags)
+    return fd
+
+
+cdef int hash_file(int dir_fd, const char *name, rec_t *r, unsigned char *out,
+                   XXH3_state_t *state, char *buf, int *what) noexcept nogil:
+    """Hash ``name``; 0 on success, else an errno (or -1 with ``what`` set for a changed file)."""
+    cdef int fd = open_file_noatime(dir_fd, name)
+    cdef ssize_t got
+    cdef struct_stat st
+    cdef XXH128_canonical_t canon
+    cdef int err
+    if fd < 0:
+        err = errno
+        what[0] = P_VANISHED if err == ENOENT else P_OPEN_FILE
+        return err
+    XXH3_128bits_reset(state)
+    while True:
+        got = read(fd, buf, HASH_CHUNK)
+        if got < 0:
+            if errno == EINTR:
+                continue
+            err = errno
+            close(fd)
+            what[0] = P_READ_FILE
+            return err
+        if got == 0:
+            break
+        XXH3_128bits_update(state, buf, got)
+    if fstat(fd, &st) != 0:
+        err = errno
+        close(fd)
+        what[0] = P_READ_FILE
+        return err
+    close(fd)
+    if (st.st_ino != r.ino or st.st_size != r.size
+            or <int64_t>st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec != r.mtime_ns
+            or <int64_t>st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec != r.ctime_ns):
+        what[0] = P_CHANGED_HASHING
+        return -1
+    XXH128_canonicalFromHash(&canon, XXH3_128bits_digest(state))
+    memcpy(out, canon.digest, DIGEST_SIZE)
+    return 0
+
+
+cdef class _Hasher:
+    """Per-scan hashing resources: an xxh3 state and a read buffer, reused for every file."""
+    cdef XXH3_state_t *state
+    cdef char *buf
+
+    def __cinit__(self):
+        self.state = XXH3_createState()
+        self.buf = <char *>malloc(HASH_CHUNK)
+        if self.state == NULL or self.buf == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.state != NULL:
+            XXH3_freeState(self.state)
+        free(self.buf)
+
+
+cdef int adopt_digests(Listing cur, Listing old, int64_t racy_ns) noexcept nogil:
+    """Copy digests from ``old`` (same directory, last manifest) where the file is unchanged."""
+    cdef Py_ssize_t i = 0, j = 0
+    cdef rec_t *a
+    cdef rec_t *b
+    cdef int c
+    while i < cur.n and j < old.n:
+        a = &cur.recs[i]
+        b = &old.recs[j]
+        c = name_cmp(cur.strings + a.name_off, a.name_len, old.strings + b.name_off, b.name_len)
+        if c < 0:
+            i += 1
+        elif c > 0:
+            j += 1
+        else:
+            if (a.kind == K_FILE and b.kind == K_FILE and b.flags & FLAG_DIGEST_C
+                    and a.size == b.size and a.mtime_ns == b.mtime_ns and a.ctime_ns == b.ctime_ns
+                    and a.ino == b.ino and a.mtime_ns < racy_ns):
+                memcpy(cur.digests + i * DIGEST_SIZE, old.digests + j * DIGEST_SIZE, DIGEST_SIZE)
+                a.flags |= FLAG_DIGEST_C
+            i += 1
+            j += 1
+    return 0
+
+
+cdef Listing build_listing(bytes dir_path, dirscan_t *d, excluder):
+    """Turn a C directory scan into a Listing, applying the excluder and naming the problems."""
+    cdef Listing listing = Listing.__new__(Listing)
+    cdef Py_ssize_t i, k, kept = 0
+    cdef rec_t *r
+    cdef problem_t *p
+    cdef buf_t strings
+    listing.path = dir_path
+    listing.complete = d.dir_err == 0
+    listing.problems = []
+    if d.dir_err:
+        listing.problems.append(_Problem(dir_path, d.dir_err, f"cannot read directory: {os.strerror(d.dir_err)}"))
+        return listing
+    for k in range(d.nproblems):
+        p = &d.problems[k]
+        name = PyBytes_FromStringAndSize(p.name, p.name_len)
+        listing.problems.append(_Problem(
+            dir_path + b"/" + name if dir_path else name, p.err, f"{_PROBLEM_TEXT[p.what]}: {os.strerror(p.err)}"))
+    if excluder is not None and d.n:
+        strings.data = NULL
+        strings.len = strings.cap = 0
+        try:
+            for i in range(d.n):
+                r = &d.recs[i]
+                name = PyBytes_FromStringAndSize(d.strings.data + r.name_off, r.name_len)
+                if excluder.excluded(dir_path + b"/" + name if dir_path else name, r.kind == K_DIR):
+                    continue
+                d.recs[kept] = d.recs[i]
+                r = &d.recs[kept]
+                buf_append(&strings, d.strings.data + r.name_off, r.name_len + r.target_len)
+                r.name_off = strings.len - r.name_len - r.target_len
+                r.target_off = r.name_off + r.name_len
+                kept += 1
+        except BaseException:
+            free(strings.data)
+            raise
+        free(d.strings.data)
+        d.strings = strings
+        d.n = kept
+    listing.recs = d.recs
+    listing.n = d.n
+    listing.strings = d.strings.data
+    listing.strings_len = d.strings.len
+    d.recs = NULL
+    d.strings.data = NULL
+    return listing
+
+
+cdef Listing scan_directory(int fd, bytes dir_path, skip, excluder, bint checksum, Listing old,
+                            int64_t racy_ns, _Hasher hasher):
+    cdef dirscan_t d
+    cdef const char *skip_p = NULL
+    cdef size_t skip_len = 0
+    cdef Listing listing
+    cdef Py_ssize_t i
+    cdef rec_t *r
+    cdef int err, what
+    cdef char cname[MAX_NAME + 1]
+    memset(&d, 0, sizeof(d))
+    if skip is not None:
+        skip_p = <bytes>skip
+        skip_len = len(skip)
+    try:
+        with nogil:
+            list_directory(fd, skip_p, skip_len, &d)
+        listing = build_listing(dir_path, &d, excluder)
+    finally:
+        dirscan_free(&d)
+    if not checksum or listing.n == 0:
+        return listing
+    listing.digests = <unsigned char *>malloc(listing.n * DIGEST_SIZE)
+    if listing.digests == NULL:
+        raise MemoryError()
+    memset(listing.digests, 0, listing.n * DIGEST_SIZE)
+    if old is not None:
+        with nogil:
+            adopt_digests(listing, old, racy_ns)
+    for i in range(listing.n):
+        r = &listing.recs[i]
+        if r.kind != K_FILE or r.flags & FLAG_DIGEST_C:
+            continue
+        memcpy(cname, listing.strings + r.name_off, r.name_len)
+        cname[r.name_len] = 0
+        with nogil:
+            err = hash_file(fd, cname, r, listing.digests + i * DIGEST_SIZE, hasher.state, hasher.buf, &what)
+        listing.hashed += 1
+        if err == 0:
+            r.flags |= FLAG_DIGEST_C
+            continue
+        name = PyBytes_FromStringAndSize(cname, r.name_len)
+        path = dir_path + b"/" + name if dir_path else name
+        if err < 0:
+            listing.problems.append(_Problem(path, 0, _PROBLEM_TEXT[what]))
+        else:
+            listing.problems.append(_Problem(path, err, f"{_PROBLEM_TEXT[what]}: {os.strerror(err)}"))
+    return listing
+
+
+cdef class _Previous:
+    """Walks the previous manifest's listings alongside the scan (both in canonical order)."""
+    cdef object it
+    cdef object head
+
+    def __init__(self, listings):
+        self.it = iter(listings) if listings is not None else iter(())
+        self.head = next(self.it, None)
+
+    cdef Listing find(self, bytes path):
+        key = path.replace(b"/", b"\0")
+        while self.head is not None and (<Listing>self.head).path.replace(b"/", b"\0") < key:
+            self.head = next(self.it, None)
+        if self.head is not None and (<Listing>self.head).path == path:
+            return <Listing>self.head
+        return None
+
+
+def _open_failure(bytes path, int err):
+    if err == ENOENT:
+        what = "vanished during scan"
+    elif err == ENOTDIR or err == ELOOP:  # replaced by a file or a symlink since it was listed
+        what = "changed during scan"
+    else:
+        what = "cannot open directory"
+    return _Problem(path, err, f"{what}: {os.strerror(err)}")
+
+
+def scan(bytes root, *, excluder=None, skip_at_root=None, bint checksum=False, previous=None,
+         int64_t racy_ns=0):
+    """Yield a ``Listing`` per directory under ``root``, depth first; see ``mirror.scan_py.scan``."""
+    cdef int root_fd, fd, child_fd, err = 0
+    cdef const char *croot = root
+    cdef list stack
+    cdef Listing listing
+    cdef _Previous prev = _Previous(previous) if checksum else None
+    cdef _Hasher hasher = _Hasher() if checksum else None
+    cdef bytes name, child_path, dir_path
+    cdef const char *cname
+    with nogil:
+        root_fd = openat(AT_FDCWD, croot, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if root_fd < 0:
+            err = errno
+    if root_fd < 0:
+        raise OSError(err, os.strerror(err), root)
+    # One frame per open directory on the current branch: [fd, relative path, subdirectory
+    # names still to visit, reversed].  Open descriptors are bounded by the tree's depth.
+    stack = [[root_fd, b"", []]]
+    try:
+        listing = scan_directory(root_fd, b"", skip_at_root, excluder, checksum,
+                                 prev.find(b"") if prev is not None else None, racy_ns, hasher)
+        stack[len(stack) - 1][2] = listing.subdirs()[::-1]
+        yield listing
+        while stack:
+            frame = stack[len(stack) - 1]
+            remaining = frame[2]
+            if not remaining:
+                stack.pop()
+                close(<int>frame[0])
+                continue
+            fd = frame[0]
+            dir_path = frame[1]
+            name = remaining.pop()
+            child_path = dir_path + b"/" + name if dir_path else name
+            cname = name
+            with nogil:
+                child_fd = openat(fd, cname, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+                if child_fd < 0:
+                    err = errno
+            if child_fd < 0:
+                listing = Listing.__new__(Listing)
+                listing.path = child_path
+                listing.complete = False
+                listing.problems = [_open_failure(child_path, err)]
+                yield listing
+                continue
+            stack.append([child_fd, child_path, []])
+            listing = scan_directory(child_fd, child_path, None, excluder, checksum,
+                                     prev.find(child_path) if prev is not None else None, racy_ns, hasher)
+            stack[len(stack) - 1][2] = listing.subdirs()[::-1]
+            yield listing
+    finally:
+        for frame in stack:
+            close(<int>frame[0])
+
+
+cdef inline uint32_t compare_recs(Listing sl, Py_ssize_t i, Listing dl, Py_ssize_t j, int flags) noexcept nogil:
+    cdef rec_t *a = &sl.recs[i]
+    cdef rec_t *b = &dl.recs[j]
+    cdef uint32_t bits = 0
+    cdef int kind = a.kind
+    if (a.kind == K_FILE and a.nlink > 1) or (b.kind == K_FILE and b.nlink > 1):
+        bits |= CH_LINKED_C
+    if a.kind != b.kind:
+        return bits | CH_KIND_C
+    if kind != K_SYMLINK and a.mode != b.mode:
+        bits |= CH_MODE_C
+    if flags & CMP_OWNER_C:
+        if a.uid != b.uid:
+            bits |= CH_UID_C
+        if a.gid != b.gid:
+            bits |= CH_GID_C
+    if kind == K_FILE:
+        if a.size != b.size:
+            bits |= CH_SIZE_C
+        if a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME_C
+        if flags & CMP_CHECKSUM_C and a.size == b.size:
+            if not (a.flags & FLAG_DIGEST_C) or not (b.flags & FLAG_DIGEST_C):
+                bits |= CH_NODIGEST_C
+            elif memcmp(sl.digests + i * DIGEST_SIZE, dl.digests + j * DIGEST_SIZE, DIGEST_SIZE) != 0:
+                bits |= CH_DIGEST_C
+    elif kind == K_DIR:
+        if flags & CMP_DIR_TIMES_C and a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME_C
+    elif kind == K_SYMLINK:
+        if (a.target_len != b.target_len or memcmp(sl.strings + a.target_off, dl.strings + b.target_off,
+                                                   a.target_len) != 0):
+            bits |= CH_TARGET_C
+        if flags & CMP_LINK_TIMES_C and a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME_C
+    else:
+        if (kind == K_CHAR or kind == K_BLOCK) and a.rdev != b.rdev:
+            bits |= CH_RDEV_C
+        if a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME_C
+    return bits
+
+
+def compare_listings(Listing src, Listing dst, int flags):
+    """Merge two listings of one directory by name; see ``mirror.scan_py.compare_listings``."""
+    cdef Py_ssize_t i = 0, j = 0, n = src.n, m = dst.n
+    cdef int c
+    cdef uint32_t bits
+    cdef rec_t *a
+    cdef rec_t *b
+    out = []
+    while i < n or j < m:
+        if j >= m:
+            c = -1
+        elif i >= n:
+            c = 1
+        else:
+            a = &src.recs[i]
+            b = &dst.recs[j]
+            c = name_cmp(src.strings + a.name_off, a.name_len, dst.strings + b.name_off, b.name_len)
+        if c < 0:
+            out.append((i, -1, 0))
+            i += 1
+        elif c > 0:
+            out.append((-1, j, 0))
+            j += 1
+        else:
+            bits = compare_recs(src, i, dst, j, flags)
+            if bits:
+                out.append((i, j, bits))
+            i += 1
+            j += 1
+    return out
+
+
+def hash_file_at(int dir_fd, bytes name, entry):
+    """xxh3-128 of ``name`` in ``dir_fd`` if still as ``entry`` describes; see the twin."""
+    cdef rec_t r
+    cdef unsigned char out[DIGEST_SIZE]
+    cdef int err, what = 0
+    cdef _Hasher hasher = _Hasher()
+    cdef const char *cname = name
+    r.ino = entry[8]
+    r.size = entry[5]
+    r.mtime_ns = entry[6]
+    r.ctime_ns = entry[7]
+    with nogil:
+        err = hash_file(dir_fd, cname, &r, out, hasher.state, hasher.buf, &what)
+    if err == 0:
+        return PyBytes_FromStringAndSize(<char *>out, DIGEST_SIZE), 0, ""
+    return None, (err if err > 0 else 0), _PROBLEM_TEXT[what]

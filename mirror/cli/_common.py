@@ -1,0 +1,53 @@
+"""Helpers shared by the subcommands: common options, warnings, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..entry import ScanProblem
+from ..errors import display_path
+from ..exclude import make_excluder, read_pattern_file
+from ..itemize import escape_path
+
+
+def add_exclude_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--exclude", action="append", default=[], metavar="PATTERN",
+        help="leave out paths matching PATTERN (rsync glob rules; repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--exclude-from", action="append", default=[], metavar="FILE",
+        help="read exclude patterns from FILE, one per line",
+    )  # fmt: skip
+
+
+def excluder_from_args(args):
+    patterns = [p.encode("utf-8", "surrogateescape") for p in args.exclude]
+    for path in args.exclude_from:
+        patterns.extend(read_pattern_file(path))
+    return make_excluder(patterns)
+
+
+def warn_problem(command: str, problem: ScanProblem, side: str = "") -> None:
+    where = f"{side}: " if side else ""
+    print(f"mirror {command}: warning: {where}{escape_path(problem.path)}: {problem.message}", file=sys.stderr)
+
+
+def problem_json(problem: ScanProblem) -> dict:
+    return {"path": escape_path(problem.path), "errno": problem.errno, "message": problem.message}
+
+
+def print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def path_arg(text: str) -> bytes:
+    """Command-line paths as the bytes the user typed (argv is decoded with surrogateescape)."""
+    return text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+
+
+def show(path: bytes) -> str:
+    return display_path(path)

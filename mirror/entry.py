@@ -1,0 +1,107 @@
+"""What a scan records about one directory entry, and the order entries are visited in.
+
+Both scanner implementations (``mirror._fast.scan`` and ``mirror.scan_py``) produce
+``Entry`` tuples and ``ScanProblem`` records defined here, so their output compares equal.
+
+Canonical order: a directory's entries are sorted by name bytes; directories are visited
+depth first in that order.  For whole relative paths this is the order of
+``canonical_key(path)`` (``/`` mapped to NUL, which sorts before every byte a name can hold),
+which is what lets two scans, or a scan and a saved manifest, be merged in one pass with
+memory bounded by the directory being looked at rather than by the tree.
+"""
+
+from __future__ import annotations
+
+import stat
+from enum import IntEnum
+from typing import NamedTuple
+
+
+class Kind(IntEnum):
+    FILE = 1
+    DIR = 2
+    SYMLINK = 3
+    FIFO = 4
+    SOCKET = 5
+    CHAR = 6
+    BLOCK = 7
+
+
+KIND_OF_FMT = {
+    stat.S_IFREG: Kind.FILE,
+    stat.S_IFDIR: Kind.DIR,
+    stat.S_IFLNK: Kind.SYMLINK,
+    stat.S_IFIFO: Kind.FIFO,
+    stat.S_IFSOCK: Kind.SOCKET,
+    stat.S_IFCHR: Kind.CHAR,
+    stat.S_IFBLK: Kind.BLOCK,
+}
+FMT_OF_KIND = {kind: fmt for fmt, kind in KIND_OF_FMT.items()}
+
+# One letter per kind, as ``rsync -i`` and ``find -printf %y`` use them.
+KIND_LETTER = {
+    Kind.FILE: "f",
+    Kind.DIR: "d",
+    Kind.SYMLINK: "L",
+    Kind.FIFO: "S",
+    Kind.SOCKET: "S",
+    Kind.CHAR: "D",
+    Kind.BLOCK: "D",
+}
+
+MAX_NAME = 255  # NAME_MAX on Linux
+MAX_TARGET = 4095  # PATH_MAX - 1: the longest symlink target the kernel stores
+DIGEST_SIZE = 16  # xxh3-128
+
+
+class Entry(NamedTuple):
+    """One directory entry.  ``mode`` holds the permission bits (``st_mode & 0o7777``).
+
+    ``size`` is meaningful for files and symlinks (the target's length); ``target`` is the
+    symlink's target (else ``b""``); ``rdev`` the device number of device nodes (else 0);
+    ``digest`` the xxh3-128 of a regular file's content when known (else ``None``).
+    """
+
+    name: bytes
+    kind: Kind
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int
+    nlink: int
+    rdev: int
+    target: bytes
+    digest: bytes | None
+
+
+class ScanProblem(NamedTuple):
+    """An entry the scan could not record fully: unreadable, vanished or changed under it.
+
+    ``path`` is relative to the scanned root; ``errno`` is 0 for problems that are not a
+    failed system call (a file that changed while it was hashed).
+    """
+
+    path: bytes
+    errno: int
+    message: str
+
+
+def join(dir_path: bytes, name: bytes) -> bytes:
+    """Relative path of ``name`` inside the directory at relative path ``dir_path``."""
+    return dir_path + b"/" + name if dir_path else name
+
+
+def canonical_key(path: bytes) -> bytes:
+    """Sort key under which depth-first, name-sorted visiting order is plain byte order."""
+    return path.replace(b"/", b"\0")
+
+
+def is_valid_name(name: bytes) -> bool:
+    """A single path component as the kernel allows it: no ``/``, no NUL, not ``.``/``..``."""
+    return (
+        0 < len(name) <= MAX_NAME and b"/" not in name and b"\0" not in name and name not in (b".", b"..")
+    )

@@ -1,0 +1,469 @@
+"""Pure-Python twin of ``mirror._fast.scan``: the readable specification of the tree scanner.
+
+The compiled module must behave exactly like this one (same listings, entries, digests,
+problems and comparison results); ``tests/test_scan_equivalence.py`` checks it with
+hypothesis on generated trees.  See ``mirror.entry`` for the data model and the order.
+
+``scan(root)`` walks the tree under ``root`` relative to directory file descriptors, never
+following a symlink below the root, and yields one ``Listing`` per directory, depth first,
+entries sorted by name.  With ``checksum=True`` it also fills the xxh3-128 digest of every
+regular file, reusing the digest recorded in ``previous`` (the same tree's last manifest,
+in the same order) while size, mtime_ns, ctime_ns and inode are unchanged and the file's
+mtime is older than ``racy_ns`` (a file modified within the timestamp granularity of the
+previous scan could have changed again without its mtime moving: it is hashed again).
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import stat
+import struct
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+
+import xxhash
+
+# Bound by mirror.fastpath (bind_types) so both twins return the same classes.
+from .entry import Entry, ScanProblem
+
+# Listing.pack() record layout, little-endian, 80 bytes per entry (pinned by a golden test).
+RECORD = struct.Struct("<qqqQQQIIIIIHBBII")
+RECORD_SIZE = RECORD.size
+FLAG_DIGEST = 1
+DIGEST_SIZE = 16
+MAX_NAME = 255
+MAX_TARGET = 4095
+KIND_MIN, KIND_MAX = 1, 7
+FILE, DIR, SYMLINK, FIFO, SOCKET, CHAR, BLOCK = range(1, 8)
+
+_KIND_OF_FMT = {
+    stat.S_IFREG: FILE,
+    stat.S_IFDIR: DIR,
+    stat.S_IFLNK: SYMLINK,
+    stat.S_IFIFO: FIFO,
+    stat.S_IFSOCK: SOCKET,
+    stat.S_IFCHR: CHAR,
+    stat.S_IFBLK: BLOCK,
+}
+
+# compare_listings() flags
+CMP_CHECKSUM = 1  # regular files of equal size: compare digests instead of mtime for content
+CMP_OWNER = 2  # report uid/gid differences
+CMP_DIR_TIMES = 4  # report directory mtime differences
+CMP_LINK_TIMES = 8  # report symlink mtime differences
+
+# compare_listings() change bits
+CH_KIND = 1
+CH_SIZE = 2
+CH_MTIME = 4
+CH_MODE = 8
+CH_UID = 16
+CH_GID = 32
+CH_TARGET = 64
+CH_RDEV = 128
+CH_DIGEST = 256  # digests differ (checksum mode)
+CH_NODIGEST = 512  # checksum mode, but a side has no digest (it could not be hashed)
+CH_LINKED = 1024  # not a change: either side is a regular file with nlink > 1 (hard-link groups)
+
+HASH_CHUNK = 1 << 20
+
+
+class Listing:
+    """The entries of one directory, sorted by name.
+
+    ``path`` is the directory's path relative to the scanned root (``b""`` for the root).
+    ``complete`` is False when the directory could not be read: its entries are unknown.
+    ``problems`` lists what could not be recorded (see ``ScanProblem``).
+    """
+
+    __slots__ = ("path", "complete", "problems", "hashed", "_entries", "_names")
+
+    def __init__(self, path: bytes, entries: list | None = None, complete: bool = True, problems=None):
+        self.path = path
+        self.complete = complete
+        self.hashed = 0  # files read and hashed by this scan (not taken from the cache)
+        self.problems = list(problems or [])
+        self._entries = list(entries or [])
+        self._names = [e.name for e in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i: int) -> Entry:
+        if not -len(self._entries) <= i < len(self._entries):
+            raise IndexError("listing index out of range")
+        return self._entries[i]
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Listing({self.path!r}, {len(self)} entries, complete={self.complete})"
+
+    def index(self, name: bytes) -> int:
+        """Position of ``name`` in this listing, or -1."""
+        i = bisect_left(self._names, name)
+        return i if i < len(self._names) and self._names[i] == name else -1
+
+    def subdirs(self) -> list[bytes]:
+        """Names of the directories in this listing, in order."""
+        return [e.name for e in self._entries if e.kind == DIR]
+
+    def totals(self) -> tuple[list[int], int, int]:
+        """``(count per kind (index = kind, 0 unused), bytes in regular files, digests held)``."""
+        counts = [0] * 8
+        file_bytes = digests = 0
+        for e in self._entries:
+            counts[e.kind] += 1
+            if e.kind == FILE:
+                file_bytes += e.size
+            if e.digest is not None:
+                digests += 1
+        return counts, file_bytes, digests
+
+    def pack(self) -> tuple[bytes, bytes, bytes]:
+        """``(strings, records, digests)``: the compact form stored in manifests and sent on the wire.
+
+        ``strings`` holds every name then symlink target, ``records`` one RECORD per entry,
+        ``digests`` 16 bytes per entry (zeros where the entry has none) or ``b""`` if no entry
+        has a digest.
+        """
+        strings = bytearray()
+        records = bytearray()
+        any_digest = any(e.digest is not None for e in self._entries)
+        digests = bytearray()
+        for e in self._entries:
+            name_off = len(strings)
+            strings += e.name
+            target_off = len(strings)
+            strings += e.target
+            flags = FLAG_DIGEST if e.digest is not None else 0
+            records += RECORD.pack(
+                e.size, e.mtime_ns, e.ctime_ns, e.ino, e.dev, e.rdev,
+                e.mode, e.uid, e.gid, e.nlink, name_off, len(e.name), e.kind, flags,
+                target_off, len(e.target),
+            )  # fmt: skip
+            if any_digest:
+                digests += e.digest if e.digest is not None else bytes(DIGEST_SIZE)
+        return bytes(strings), bytes(records), bytes(digests)
+
+    @classmethod
+    def unpack(cls, path: bytes, strings: bytes, records: bytes, digests: bytes, max_entries: int) -> Listing:
+        """Rebuild a listing from ``pack()`` output, validating everything (input may be hostile).
+
+        Raises ValueError naming the first defect: a length that does not add up, a name that
+        is not a single valid component, names out of order or repeated, an unknown kind.
+        """
+        if len(records) % RECORD_SIZE:
+            raise ValueError(f"record block of {len(records)} bytes is not a multiple of {RECORD_SIZE}")
+        count = len(records) // RECORD_SIZE
+        if count > max_entries:
+            raise ValueError(f"{count} entries exceed the limit of {max_entries}")
+        if digests and len(digests) != count * DIGEST_SIZE:
+            raise ValueError(f"digest block of {len(digests)} bytes does not match {count} entries")
+        entries = []
+        previous = None
+        for i, fields in enumerate(RECORD.iter_unpack(records)):
+            (size, mtime_ns, ctime_ns, ino, dev, rdev, mode, uid, gid, nlink,
+             name_off, name_len, kind, flags, target_off, target_len) = fields  # fmt: skip
+            if not KIND_MIN <= kind <= KIND_MAX:
+                raise ValueError(f"entry {i}: unknown kind {kind}")
+            if name_off + name_len > len(strings) or target_off + target_len > len(strings):
+                raise ValueError(f"entry {i}: string offsets outside the string block")
+            name = strings[name_off : name_off + name_len]
+            if not (0 < len(name) <= MAX_NAME) or b"/" in name or b"\0" in name or name in (b".", b".."):
+                raise ValueError(f"entry {i}: invalid name {name!r}")
+            if previous is not None and name <= previous:
+                raise ValueError(f"entry {i}: name {name!r} out of order or repeated")
+            previous = name
+            if target_len > MAX_TARGET or (target_len and kind != SYMLINK) or b"\0" in strings[target_off : target_off + target_len]:
+                raise ValueError(f"entry {i}: invalid symlink target")
+            if flags & ~FLAG_DIGEST or (flags & FLAG_DIGEST and (not digests or kind != FILE)):
+                raise ValueError(f"entry {i}: invalid flags {flags}")
+            if mode > 0o7777:
+                raise ValueError(f"entry {i}: invalid mode {mode:o}")
+            digest = digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] if flags & FLAG_DIGEST else None
+            target = strings[target_off : target_off + target_len]
+            entries.append(Entry(name, kind, mode, uid, gid, size, mtime_ns, ctime_ns, ino, dev, nlink, rdev, target, digest))
+        return cls(path, entries)
+
+
+def _entry_from_stat(name: bytes, st: os.stat_result, target: bytes) -> Entry:
+    kind = _KIND_OF_FMT[stat.S_IFMT(st.st_mode)]
+    rdev = st.st_rdev if kind in (CHAR, BLOCK) else 0
+    return Entry(
+        name, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
+        st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, rdev, target, None,
+    )  # fmt: skip
+
+
+def _problem(path: bytes, what: str, err: int) -> ScanProblem:
+    return ScanProblem(path, err, f"{what}: {os.strerror(err)}")
+
+
+def _join(dir_path: bytes, name: bytes) -> bytes:
+    return dir_path + b"/" + name if dir_path else name
+
+
+def _key(path: bytes) -> bytes:
+    return path.replace(b"/", b"\0")
+
+
+def _open_readonly_nofollow(name: bytes, dir_fd: int) -> int:
+    """Open a regular file for reading without following a symlink, blocking on a FIFO or
+    updating its access time.  O_NOATIME is refused unless we own the file: retry without."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        return os.open(name, flags | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:
+        return os.open(name, flags, dir_fd=dir_fd)
+
+
+def hash_file_at(dir_fd: int, name: bytes, entry: Entry) -> tuple[bytes | None, int, str]:
+    """xxh3-128 of the regular file ``name`` in ``dir_fd``, if it is still the file ``entry``
+    describes after reading it.  Returns ``(digest, 0, "")`` or ``(None, errno, what)``."""
+    try:
+        fd = _open_readonly_nofollow(name, dir_fd)
+    except OSError as exc:
+        if exc.errno == errno_mod.ENOENT:
+            return None, exc.errno, "vanished during scan"
+        return None, exc.errno, "cannot open file"
+    try:
+        hasher = xxhash.xxh3_128()
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = os.readv(fd, [buf])
+                if not n:
+                    break
+                hasher.update(view[:n])
+            st = os.fstat(fd)
+        except OSError as exc:
+            return None, exc.errno, "cannot read file"
+        if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (entry.ino, entry.size, entry.mtime_ns, entry.ctime_ns):
+            return None, 0, "changed while hashing"
+        return hasher.digest(), 0, ""
+    finally:
+        os.close(fd)
+
+
+def _reusable_digest(entry: Entry, old: Listing | None, racy_ns: int) -> bytes | None:
+    if old is None:
+        return None
+    i = old.index(entry.name)
+    if i < 0:
+        return None
+    o = old[i]
+    if (
+        o.digest is not None
+        and o.kind == FILE
+        and o.size == entry.size
+        and o.mtime_ns == entry.mtime_ns
+        and o.ctime_ns == entry.ctime_ns
+        and o.ino == entry.ino
+        and entry.mtime_ns < racy_ns
+    ):
+        return o.digest
+    return None
+
+
+class _Previous:
+    """Walks the previous manifest's listings alongside the scan (both in canonical order)."""
+
+    def __init__(self, listings: Iterable[Listing] | None):
+        self._it = iter(listings) if listings is not None else iter(())
+        self._head = next(self._it, None)
+
+    def find(self, path: bytes) -> Listing | None:
+        key = _key(path)
+        while self._head is not None and _key(self._head.path) < key:
+            self._head = next(self._it, None)
+        if self._head is not None and self._head.path == path:
+            return self._head
+        return None
+
+
+def _list_directory(fd: int, dir_path: bytes, excluder, skip: bytes | None, problems: list) -> list[Entry]:
+    try:
+        names = sorted(os.fsencode(n) for n in os.listdir(fd))
+    except OSError as exc:
+        problems.append(_problem(dir_path, "cannot read directory", exc.errno))
+        raise
+    entries = []
+    for name in names:
+        if skip is not None and name == skip:
+            continue
+        path = _join(dir_path, name)
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError as exc:
+            what = "vanished during scan" if exc.errno == errno_mod.ENOENT else "cannot stat"
+            problems.append(_problem(path, what, exc.errno))
+            continue
+        target = b""
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(name, dir_fd=fd)[:MAX_TARGET]
+            except OSError as exc:
+                what = "vanished during scan" if exc.errno == errno_mod.ENOENT else "cannot read symlink"
+                problems.append(_problem(path, what, exc.errno))
+                continue
+        if stat.S_IFMT(st.st_mode) not in _KIND_OF_FMT:
+            continue
+        if excluder is not None and excluder.excluded(path, stat.S_ISDIR(st.st_mode)):
+            continue
+        entries.append(_entry_from_stat(name, st, target))
+    return entries
+
+
+def scan(
+    root: bytes,
+    *,
+    excluder=None,
+    skip_at_root: bytes | None = None,
+    checksum: bool = False,
+    previous: Iterable[Listing] | None = None,
+    racy_ns: int = 0,
+) -> Iterator[Listing]:
+    """Yield a ``Listing`` per directory under ``root`` (``root`` itself first), depth first.
+
+    ``excluder.excluded(relative_path, is_dir)`` leaves entries (and whole subtrees) out;
+    ``skip_at_root`` names one entry of the root to leave out (the state dir).  Raises
+    OSError only if ``root`` itself cannot be opened; everything below is reported in
+    ``Listing.problems``.
+    """
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    prev = _Previous(previous) if checksum else None
+    # One frame per open directory on the current branch: (fd, relative path, subdirectory
+    # names still to visit, in reverse).  Open fds are bounded by the depth of the tree.
+    stack: list[tuple[int, bytes, list[bytes]]] = [(root_fd, b"", [])]
+    try:
+        listing = _scan_directory(root_fd, b"", excluder, skip_at_root, prev, racy_ns)
+        stack[-1] = (root_fd, b"", listing.subdirs()[::-1])
+        yield listing
+        while stack:
+            fd, dir_path, remaining = stack[-1]
+            if not remaining:
+                stack.pop()
+                os.close(fd)
+                continue
+            name = remaining.pop()
+            child_path = _join(dir_path, name)
+            try:
+                child_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                yield Listing(child_path, complete=False, problems=[_open_failure(child_path, exc.errno)])
+                continue
+            stack.append((child_fd, child_path, []))
+            listing = _scan_directory(child_fd, child_path, excluder, None, prev, racy_ns)
+            stack[-1] = (child_fd, child_path, listing.subdirs()[::-1])
+            yield listing
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def _open_failure(path: bytes, err: int) -> ScanProblem:
+    if err == errno_mod.ENOENT:
+        return _problem(path, "vanished during scan", err)
+    if err in (errno_mod.ENOTDIR, errno_mod.ELOOP):
+        return _problem(path, "changed during scan", err)
+    return _problem(path, "cannot open directory", err)
+
+
+def _scan_directory(fd: int, dir_path: bytes, excluder, skip, prev: _Previous | None, racy_ns: int) -> Listing:
+    problems: list[ScanProblem] = []
+    try:
+        entries = _list_directory(fd, dir_path, excluder, skip, problems)
+    except OSError:
+        return Listing(dir_path, complete=False, problems=problems)
+    hashed = 0
+    if prev is not None:
+        old = prev.find(dir_path)
+        for i, e in enumerate(entries):
+            if e.kind != FILE:
+                continue
+            digest = _reusable_digest(e, old, racy_ns)
+            if digest is None:
+                digest, err, what = hash_file_at(fd, e.name, e)
+                hashed += 1
+                if digest is None:
+                    problems.append(ScanProblem(_join(dir_path, e.name), err, f"{what}: {os.strerror(err)}" if err else what))
+                    continue
+            entries[i] = e._replace(digest=digest)
+    listing = Listing(dir_path, entries, True, problems)
+    listing.hashed = hashed
+    return listing
+
+
+def compare_entries(a: Entry, b: Entry, flags: int) -> int:
+    """Change bits between source entry ``a`` and replica entry ``b`` (0: nothing to report)."""
+    bits = 0
+    if (a.kind == FILE and a.nlink > 1) or (b.kind == FILE and b.nlink > 1):
+        bits |= CH_LINKED
+    if a.kind != b.kind:
+        return bits | CH_KIND
+    kind = a.kind
+    if kind != SYMLINK and a.mode != b.mode:
+        bits |= CH_MODE
+    if flags & CMP_OWNER:
+        if a.uid != b.uid:
+            bits |= CH_UID
+        if a.gid != b.gid:
+            bits |= CH_GID
+    if kind == FILE:
+        if a.size != b.size:
+            bits |= CH_SIZE
+        if a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME
+        if flags & CMP_CHECKSUM and a.size == b.size:
+            if a.digest is None or b.digest is None:
+                bits |= CH_NODIGEST
+            elif a.digest != b.digest:
+                bits |= CH_DIGEST
+    elif kind == DIR:
+        if flags & CMP_DIR_TIMES and a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME
+    elif kind == SYMLINK:
+        if a.target != b.target:
+            bits |= CH_TARGET
+        if flags & CMP_LINK_TIMES and a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME
+    else:
+        if kind in (CHAR, BLOCK) and a.rdev != b.rdev:
+            bits |= CH_RDEV
+        if a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME
+    return bits
+
+
+def compare_listings(src: Listing, dst: Listing, flags: int) -> list[tuple[int, int, int]]:
+    """Merge two listings of the same directory by name.
+
+    Returns ``(i, j, bits)`` for every entry needing attention: ``j == -1`` only in ``src``,
+    ``i == -1`` only in ``dst``, else both with their change bits (``CH_LINKED`` alone when
+    nothing changed but a side is a multiply-linked file).  Entries that agree are omitted.
+    """
+    out = []
+    i = j = 0
+    n, m = len(src), len(dst)
+    while i < n or j < m:
+        if j >= m or (i < n and src[i].name < dst[j].name):
+            out.append((i, -1, 0))
+            i += 1
+        elif i >= n or dst[j].name < src[i].name:
+            out.append((-1, j, 0))
+            j += 1
+        else:
+            bits = compare_entries(src[i], dst[j], flags)
+            if bits:
+                out.append((i, j, bits))
+            i += 1
+            j += 1
+    return out
+
+
+def bind_types(entry_type, problem_type) -> None:
+    """Accepted for API parity with the compiled module; this twin imports them directly."""

@@ -1,0 +1,249 @@
+"""Scan one tree in the background, with its digest cache, and hand over its listings in order.
+
+``TreeScan(root, ...)`` runs the scanner in a thread of its own (the compiled scanner
+releases the GIL for its system calls, so two trees are scanned at once on two cores) and
+passes listings through a bounded queue: memory stays bounded by the queue, not the tree.
+
+With ``checksum=True`` the tree's last manifest in its state dir is read alongside the scan
+so unchanged files keep their digests (see ``mirror.scan_py``), and a new manifest is
+written as the scan goes and committed atomically once the whole tree has been seen.  A
+missing, stale or damaged cache only costs hashing time: it is reported and rebuilt.
+
+``root`` may also be a saved manifest (``mirror scan --save``): its listings are replayed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from . import fastpath
+from .entry import Kind, ScanProblem
+from .errors import ManifestError, display_path, fs_path
+from .manifest import ManifestHeader, ManifestReader, ManifestWriter, cache_file_name, is_manifest_file
+from .statedir import STATE_DIR_NAME, ensure_state_dir, resolve_state_dir
+
+log = logging.getLogger(__name__)
+
+# A file whose mtime is this close to (or after) the start of the scan that cached its digest
+# is hashed again: it may have changed within one timestamp tick of being hashed (git's
+# "racy clean" problem).  2 s covers the coarsest common granularity (FAT, SMB).
+RACY_MARGIN_NS = 2_000_000_000
+_BATCH_ENTRIES = 2048
+_QUEUE_BATCHES = 8
+_DONE = object()
+
+
+@dataclass
+class ScanStats:
+    dirs: int = 0
+    counts: list[int] = field(default_factory=lambda: [0] * 8)  # index: Kind
+    file_bytes: int = 0
+    digests: int = 0
+    hashed: int = 0  # files read and hashed by this scan (the rest came from the digest cache)
+    problems: int = 0
+    seconds: float = 0.0
+    cache: str = "off"  # off | cold | warm | rebuilt
+
+    def add(self, listing) -> None:
+        counts, file_bytes, digests = listing.totals()
+        self.dirs += 1
+        for k, c in enumerate(counts):
+            self.counts[k] += c
+        self.file_bytes += file_bytes
+        self.digests += digests
+        self.hashed += getattr(listing, "hashed", 0)
+        self.problems += len(listing.problems)
+
+    @property
+    def entries(self) -> int:
+        return sum(self.counts)
+
+    def by_kind(self) -> dict[str, int]:
+        return {kind.name.lower(): self.counts[kind] for kind in Kind}
+
+
+class TreeScan:
+    """One tree's listings in canonical order; iterate once.  See the module docstring."""
+
+    def __init__(
+        self,
+        root: bytes | str,
+        *,
+        excluder=None,
+        checksum: bool = False,
+        state_dir: bytes | str | None = None,
+        use_cache: bool = True,
+        background: bool = True,
+    ):
+        self.root = fs_path(root)
+        self.excluder = excluder
+        self.checksum = checksum
+        self.state_dir = resolve_state_dir(self.root, state_dir)
+        self.use_cache = use_cache and checksum
+        self.background = background
+        self.stats = ScanStats()
+        self.problems: list[ScanProblem] = []
+        self.is_manifest = is_manifest_file(self.root)
+        self.manifest_header: ManifestHeader | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- producer ---------------------------------------------------------------------------
+
+    def _previous_listings(self, path: bytes) -> Iterator:
+        """The cached manifest's listings; a damaged cache ends the stream with a warning."""
+        try:
+            reader = ManifestReader(path)
+        except FileNotFoundError:
+            self.stats.cache = "cold"
+            return
+        except (OSError, ManifestError) as exc:
+            log.warning("digest cache %s unusable, rebuilding it: %s", display_path(path), exc)
+            self.stats.cache = "rebuilt"
+            return
+        if reader.header.root != os.path.realpath(self.root) or not reader.header.checksum:
+            reader.close()
+            self.stats.cache = "cold"
+            return
+        self._racy_ns = reader.header.scanned_at_ns - RACY_MARGIN_NS
+        self.stats.cache = "warm"
+        try:
+            yield from reader
+        except ManifestError as exc:
+            log.warning("digest cache damaged, rebuilding it: %s", exc)
+            self.stats.cache = "rebuilt"
+
+    def _open_cache_writer(self, path: bytes, started_ns: int) -> ManifestWriter | None:
+        try:
+            ensure_state_dir(self.state_dir)
+            header = ManifestHeader(root=os.path.realpath(self.root), scanned_at_ns=started_ns, checksum=True)
+            # The cache is rebuilt from the tree if lost, so skipping its fsync is safe.
+            return ManifestWriter(path, header, durable=False)
+        except OSError as exc:
+            log.warning("cannot write the digest cache in %s (%s); continuing without it",
+                        display_path(self.state_dir), exc.strerror)
+            return None
+
+    def _skip_rules(self):
+        """The state dir is never part of the tree: ``.mirror`` at the root is skipped natively;
+        a state dir elsewhere inside the tree is excluded by path."""
+        excluder = self.excluder
+        real_root = os.path.realpath(self.root)
+        real_state = os.path.realpath(self.state_dir)
+        inside = os.path.relpath(real_state, real_root)
+        if real_state != os.path.join(real_root, STATE_DIR_NAME) and not inside.startswith(b".."):
+            from .exclude import Excluder
+
+            extra = Excluder([b"/" + inside + b"/***"])
+            if excluder is not None:
+                extra.patterns = list(excluder.patterns) + extra.patterns
+            excluder = extra
+        return excluder
+
+    def _produce(self) -> Iterator:
+        started = time.perf_counter()
+        if self.is_manifest:
+            reader = ManifestReader(self.root)
+            self.manifest_header = reader.header
+            for listing in reader:
+                self.stats.add(listing)
+                yield listing
+            self.stats.seconds = time.perf_counter() - started
+            return
+        scanner = fastpath.choose("scan")
+        started_ns = time.time_ns()
+        writer = None
+        previous = None
+        self._racy_ns = 0
+        if self.checksum:
+            cache_path = os.path.join(self.state_dir, cache_file_name(self.root))
+            if self.use_cache:
+                previous = self._previous_listings(cache_path)
+                # Prime the generator so the header (and racy_ns) is read before scanning.
+                first = next(previous, None)
+                previous = _chain_first(first, previous)
+            writer = self._open_cache_writer(cache_path, started_ns)
+        try:
+            for listing in scanner.scan(
+                self.root,
+                excluder=self._skip_rules(),
+                skip_at_root=STATE_DIR_NAME,
+                checksum=self.checksum,
+                previous=previous,
+                racy_ns=self._racy_ns,
+            ):
+                if writer is not None:
+                    writer.add(listing)
+                self.stats.add(listing)
+                self.problems.extend(listing.problems)
+                yield listing
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None:
+            writer.commit()
+        self.stats.seconds = time.perf_counter() - started
+
+    # -- consumer ---------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator:
+        if not self.background:
+            yield from self._produce()
+            return
+        channel: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
+        self._thread = threading.Thread(target=self._run, args=(channel,), name="treescan", daemon=True)
+        self._thread.start()
+        try:
+            while True:
+                batch = channel.get()
+                if batch is _DONE:
+                    return
+                if isinstance(batch, BaseException):
+                    raise batch
+                yield from batch
+        finally:
+            self._stop.set()
+            self._thread.join()
+
+    def _run(self, channel: queue.Queue) -> None:
+        batch: list = []
+        size = 0
+        try:
+            producer = self._produce()
+            try:
+                for listing in producer:
+                    batch.append(listing)
+                    size += len(listing) + 1
+                    if size >= _BATCH_ENTRIES:
+                        if not self._put(channel, batch):
+                            return
+                        batch, size = [], 0
+            finally:
+                producer.close()
+            if batch and not self._put(channel, batch):
+                return
+            self._put(channel, _DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(channel, exc)
+
+    def _put(self, channel: queue.Queue, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                channel.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+def _chain_first(first, rest):
+    if first is not None:
+        yield first
+        yield from rest

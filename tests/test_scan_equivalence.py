@@ -1,0 +1,131 @@
+"""The compiled scanner and its pure-Python twin agree on every generated tree.
+
+Same listings (order, entries, problems), same packed bytes, same digests, same comparison
+results, same verdict on packed input (accepted as equal listings, or both rejected).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mirror import fastpath
+from mirror.exclude import Excluder
+from tests.trees import build, tree_specs
+
+FAST = fastpath.compiled("scan")
+PURE = fastpath.pure("scan")
+FLAGS = PURE.CMP_OWNER | PURE.CMP_DIR_TIMES | PURE.CMP_LINK_TIMES
+
+settings.register_profile("scan", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _snapshot(module, root: bytes, **kw):
+    return [(lst.path, lst.complete, list(lst), list(lst.problems), lst.pack()) for lst in module.scan(root, **kw)]
+
+
+def _both(root: bytes, **kw):
+    fast, pure = _snapshot(FAST, root, **kw), _snapshot(PURE, root, **kw)
+    assert fast == pure
+    return fast
+
+
+def test_constants_agree():
+    for name in dir(PURE):
+        if name.startswith(("CH_", "CMP_", "FLAG_")) or name in ("RECORD_SIZE", "FILE", "DIR", "SYMLINK"):
+            assert getattr(FAST, name) == getattr(PURE, name), name
+
+
+@settings(settings.get_profile("scan"))
+@given(spec=tree_specs(), checksum=st.booleans())
+def test_scan_equivalent(spec, checksum):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.fsencode(tmp)
+        build(root, spec)
+        result = _both(root, checksum=checksum)
+        # Every entry of the tree is listed exactly once, in canonical order.
+        paths = [p + b"/" + e.name if p else e.name for p, _, entries, _, _ in result for e in entries]
+        on_disk = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            for n in dirnames + filenames:
+                on_disk.append(n if rel == b"." else rel + b"/" + n)
+        assert sorted(paths) == sorted(on_disk)
+        assert [r[0].replace(b"/", b"\0") for r in result] == sorted(r[0].replace(b"/", b"\0") for r in result)
+
+
+@settings(settings.get_profile("scan"))
+@given(spec=tree_specs(), patterns=st.lists(st.sampled_from(["*", "a*", "/x*", "*/", "[a-c]?", "**/z", "\\*"]), max_size=3))
+def test_scan_with_excludes_equivalent(spec, patterns):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.fsencode(tmp)
+        build(root, spec)
+        _both(root, excluder=Excluder(patterns))
+
+
+@settings(settings.get_profile("scan"))
+@given(a=tree_specs(max_leaves=10), b=tree_specs(max_leaves=10), checksum=st.booleans())
+def test_compare_listings_equivalent(a, b, checksum):
+    flags = FLAGS | (PURE.CMP_CHECKSUM if checksum else 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        ra, rb = os.path.join(os.fsencode(tmp), b"a"), os.path.join(os.fsencode(tmp), b"b")
+        os.mkdir(ra)
+        os.mkdir(rb)
+        build(ra, a)
+        build(rb, b)
+        fast_a = {lst.path: lst for lst in FAST.scan(ra, checksum=checksum)}
+        fast_b = {lst.path: lst for lst in FAST.scan(rb, checksum=checksum)}
+        pure_a = {lst.path: lst for lst in PURE.scan(ra, checksum=checksum)}
+        pure_b = {lst.path: lst for lst in PURE.scan(rb, checksum=checksum)}
+        for path in fast_a.keys() & fast_b.keys():
+            got = FAST.compare_listings(fast_a[path], fast_b[path], flags)
+            assert got == PURE.compare_listings(pure_a[path], pure_b[path], flags)
+
+
+@settings(settings.get_profile("scan"))
+@given(spec=tree_specs(max_leaves=12), touch=st.integers(min_value=0, max_value=5))
+def test_digest_reuse_equivalent(spec, touch):
+    """Digests adopted from a previous scan (and files hashed again) are the same in both."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.fsencode(tmp)
+        files = build(root, spec)
+        previous = list(PURE.scan(root, checksum=True))
+        for rel in files[:touch]:
+            with open(os.path.join(root, rel), "ab") as f:
+                f.write(b"more")
+        racy_ns = 1_000_000_000 * 10**9  # files with later mtimes are hashed again
+        fast_prev = [FAST.Listing.unpack(lst.path, *lst.pack(), 10**6) for lst in previous]
+        fast = [(lst.path, list(lst), lst.hashed) for lst in FAST.scan(root, checksum=True, previous=fast_prev, racy_ns=racy_ns)]
+        pure = [(lst.path, list(lst), lst.hashed) for lst in PURE.scan(root, checksum=True, previous=previous, racy_ns=racy_ns)]
+        assert fast == pure
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    strings=st.binary(max_size=40),
+    records=st.binary(max_size=3 * 80).map(lambda b: b[: len(b) - len(b) % 80] if len(b) % 7 else b),
+    digests=st.one_of(st.just(b""), st.binary(min_size=16, max_size=48)),
+)
+def test_unpack_verdict_equivalent(strings, records, digests):
+    outcomes = []
+    for module in (FAST, PURE):
+        try:
+            outcomes.append(("ok", list(module.Listing.unpack(b"d", strings, records, digests, 10))))
+        except ValueError as exc:
+            outcomes.append(("error", str(exc)))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_unpack_roundtrip_of_real_tree(tmp_path):
+    root = os.fsencode(tmp_path)
+    build(root, {b"f": ("file", b"x", 0o644, 5), b"l": ("symlink", b"f"), b"d": ("dir", {}, 0o755)})
+    for module in (FAST, PURE):
+        for listing in module.scan(root, checksum=True):
+            again = module.Listing.unpack(listing.path, *listing.pack(), 100)
+            assert list(again) == list(listing)
+            assert again.pack() == listing.pack()
+    shutil.rmtree(tmp_path)
