@@ -4,9 +4,13 @@ Format, version 1 (pinned by ``tests/golden/manifest-v1.bin``)::
 
     b"HAMIRMAN"                                   8-byte magic
     msgpack map   {"version": 1, "root": bytes, "scanned_at_ns": int, "checksum": bool}
-    msgpack array ["L", path, strings, records, digests, xxh3_64(strings+records+digests)]
+    msgpack array ["L", path, strings, records, digests, check]
                   ... one per directory, in canonical (scan) order
-    msgpack array ["E", directory_count, entry_count]
+    msgpack array ["E", directory_count, entry_count, header_hash]
+
+``header_hash`` is the xxh3-64 of the packed header; ``check`` the xxh3-64, seeded with it,
+of the lengths and bytes of path, strings, records and digests.  A damaged byte anywhere is
+caught before the damaged listing is used.
 
 ``strings``/``records``/``digests`` are ``Listing.pack()`` output: 80-byte little-endian
 records (see ``mirror.scan_py.RECORD``).  The file is written atomically.  Reading streams
@@ -48,12 +52,23 @@ class ManifestHeader:
     version: int = VERSION
 
 
-def _listing_checksum(strings: bytes, records: bytes, digests: bytes) -> int:
-    h = xxhash.xxh3_64()
-    h.update(strings)
-    h.update(records)
-    h.update(digests)
+def _listing_checksum(seed: int, path: bytes, strings: bytes, records: bytes, digests: bytes) -> int:
+    h = xxhash.xxh3_64(seed=seed)
+    for part in (path, strings, records, digests):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
     return h.intdigest()
+
+
+def _pack_header(packer: msgpack.Packer, header: ManifestHeader) -> bytes:
+    return packer.pack(
+        {
+            "version": header.version,
+            "root": header.root,
+            "scanned_at_ns": header.scanned_at_ns,
+            "checksum": header.checksum,
+        }
+    )
 
 
 class ManifestWriter:
@@ -66,30 +81,20 @@ class ManifestWriter:
         self._packer = msgpack.Packer(use_bin_type=True)
         self._dirs = 0
         self._entries = 0
+        packed = _pack_header(self._packer, header)
+        self._seed = xxhash.xxh3_64_intdigest(packed)
         self._file.write(MAGIC)
-        self._file.write(
-            self._packer.pack(
-                {
-                    "version": VERSION,
-                    "root": header.root,
-                    "scanned_at_ns": header.scanned_at_ns,
-                    "checksum": header.checksum,
-                }
-            )
-        )
+        self._file.write(packed)
 
     def add(self, listing) -> None:
         strings, records, digests = listing.pack()
-        self._file.write(
-            self._packer.pack(
-                ["L", listing.path, strings, records, digests, _listing_checksum(strings, records, digests)]
-            )
-        )
+        check = _listing_checksum(self._seed, listing.path, strings, records, digests)
+        self._file.write(self._packer.pack(["L", listing.path, strings, records, digests, check]))
         self._dirs += 1
         self._entries += len(listing)
 
     def commit(self) -> None:
-        self._file.write(self._packer.pack(["E", self._dirs, self._entries]))
+        self._file.write(self._packer.pack(["E", self._dirs, self._entries, self._seed]))
         self._atomic.__exit__(None, None, None)
 
     def abort(self) -> None:
@@ -156,7 +161,10 @@ class ManifestReader:
         root, at, checksum = header.get("root"), header.get("scanned_at_ns"), header.get("checksum")
         if not isinstance(root, bytes) or not isinstance(at, int) or not isinstance(checksum, bool):
             raise ManifestError(f"{self._name}: corrupted manifest header")
-        return ManifestHeader(root=root, scanned_at_ns=at, checksum=checksum)
+        parsed = ManifestHeader(root=root, scanned_at_ns=at, checksum=checksum)
+        # The header's hash seeds every listing's check: a damaged header fails the first one.
+        self._seed = xxhash.xxh3_64_intdigest(_pack_header(msgpack.Packer(use_bin_type=True), parsed))
+        return parsed
 
     def __iter__(self) -> Iterator:
         Listing = fastpath.choose("scan").Listing
@@ -168,13 +176,15 @@ class ManifestReader:
                 if not isinstance(record, list) or not record or record[0] not in ("L", "E"):
                     raise ManifestError(f"{self._name}: corrupted manifest (unexpected record)")
                 if record[0] == "E":
-                    if record[1:] != [dirs, entries]:
-                        raise ManifestError(f"{self._name}: corrupted manifest (counts do not match)")
+                    if record[1:] != [dirs, entries, self._seed]:
+                        raise ManifestError(f"{self._name}: corrupted manifest (end record does not match)")
+                    if len(MAGIC) + self._unpacker.tell() != os.fstat(self._file.fileno()).st_size:
+                        raise ManifestError(f"{self._name}: corrupted manifest (data after the end record)")
                     return
                 if len(record) != 6 or not all(isinstance(x, bytes) for x in record[1:5]):
                     raise ManifestError(f"{self._name}: corrupted manifest (bad directory record)")
                 _, path, strings, records, digests, check = record
-                if len(path) > MAX_PATH or _listing_checksum(strings, records, digests) != check:
+                if len(path) > MAX_PATH or _listing_checksum(self._seed, path, strings, records, digests) != check:
                     raise ManifestError(f"{self._name}: corrupted manifest (checksum mismatch in {path!r})")
                 key = canonical_key(path)
                 if last_key is not None and key <= last_key:

@@ -1,0 +1,31 @@
+"""Small helpers shared by tests: run the real CLI, make world-readable temp dirs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+MIRROR = [sys.executable, "-m", "mirror"]
+
+
+# Root without the capabilities that bypass file permissions: permission bits apply to it.
+WITHOUT_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def run_mirror(*args, prefix: list[str] | None = None, check_codes=(0, 1, 2, 3, 4, 5), input: bytes | None = None,
+               timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m mirror ARGS`` for real; bytes arguments pass through unchanged."""
+    proc = subprocess.run(
+        (prefix or []) + MIRROR + [os.fsencode(a) if isinstance(a, str) else a for a in args],
+        capture_output=True, input=input, timeout=timeout,
+        env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )  # fmt: skip
+    assert proc.returncode in check_codes, proc
+    return proc
+
+
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
