@@ -8,7 +8,6 @@ anything fails, the temporary file is removed and the target is untouched.
 from __future__ import annotations
 
 import os
-import secrets
 from typing import BinaryIO
 
 from .errors import fs_path
@@ -16,7 +15,7 @@ from .errors import fs_path
 
 def temp_name_for(name: bytes) -> bytes:
     """A hidden, unpredictable sibling name for ``name`` (a basename)."""
-    return b"." + name[:200] + b"." + secrets.token_hex(6).encode() + b".tmp"
+    return b"." + name[:200] + b"." + os.urandom(6).hex().encode() + b".tmp"
 
 
 def fsync_directory(path: bytes) -> None:

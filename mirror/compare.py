@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import fastpath
 from .entry import Entry, Kind, ScanProblem, canonical_key, join
@@ -33,8 +33,7 @@ TARGET = "target"
 HARDLINK = "hardlink"
 
 
-@dataclass(frozen=True)
-class CompareOptions:
+class CompareOptions(NamedTuple):
     checksum: bool = False
     owner: bool = True  # compare uid/gid
     dir_times: bool = True
@@ -49,8 +48,7 @@ class CompareOptions:
         )
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
     path: bytes
     change: str
     src: Entry | None = None
@@ -59,10 +57,12 @@ class Change:
     link_to: bytes | None = None  # hardlink: the path it is linked to on the source
 
 
-@dataclass
 class CompareSummary:
-    counts: dict[str, int] = field(default_factory=dict)
-    problems: list[ScanProblem] = field(default_factory=list)
+    """Counts of changes by kind, and the problems met on either side."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.problems: list[ScanProblem] = []
 
     @property
     def identical(self) -> bool:
@@ -157,7 +157,7 @@ class _Side:
 def compare_trees(
     src_listings: Iterable,
     dst_listings: Iterable,
-    options: CompareOptions = CompareOptions(),
+    options: CompareOptions | None = None,
     summary: CompareSummary | None = None,
     src_root_entry: Entry | None = None,
     dst_root_entry: Entry | None = None,
@@ -167,11 +167,14 @@ def compare_trees(
     Problems (unreadable or vanished entries, on either side) go to ``summary.problems``.
     """
     scan = fastpath.choose("scan")
+    options = options if options is not None else CompareOptions()
     summary = summary if summary is not None else CompareSummary()
     flags = options.flags(scan)
     links = _HardLinks()
     if src_root_entry is not None and dst_root_entry is not None:
-        bits = fastpath.pure("scan").compare_entries(src_root_entry, dst_root_entry, flags)
+        ((_, _, bits),) = scan.compare_listings(
+            scan.Listing(b"", [src_root_entry]), scan.Listing(b"", [dst_root_entry]), flags
+        ) or ((0, 0, 0),)
         bits &= ~scan.CH_LINKED
         if bits:
             change, fields = _classify(scan, bits, options.checksum, Kind.DIR)

@@ -20,12 +20,10 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from . import fastpath
 from .entry import Kind, ScanProblem
 from .errors import ManifestError, display_path, fs_path
-from .manifest import ManifestHeader, ManifestReader, ManifestWriter, cache_file_name, is_manifest_file
 from .statedir import STATE_DIR_NAME, ensure_state_dir, resolve_state_dir
 
 log = logging.getLogger(__name__)
@@ -39,16 +37,18 @@ _QUEUE_BATCHES = 8
 _DONE = object()
 
 
-@dataclass
 class ScanStats:
-    dirs: int = 0
-    counts: list[int] = field(default_factory=lambda: [0] * 8)  # index: Kind
-    file_bytes: int = 0
-    digests: int = 0
-    hashed: int = 0  # files read and hashed by this scan (the rest came from the digest cache)
-    problems: int = 0
-    seconds: float = 0.0
-    cache: str = "off"  # off | cold | warm | rebuilt
+    """What a scan saw: entries by kind, bytes, digests, problems, time, digest-cache state."""
+
+    def __init__(self):
+        self.dirs = 0
+        self.counts = [0] * 8  # index: Kind
+        self.file_bytes = 0
+        self.digests = 0
+        self.hashed = 0  # files read and hashed by this scan (the rest came from the digest cache)
+        self.problems = 0
+        self.seconds = 0.0
+        self.cache = "off"  # off | cold | warm | rebuilt
 
     def add(self, listing) -> None:
         counts, file_bytes, digests = listing.totals()
@@ -89,8 +89,8 @@ class TreeScan:
         self.background = background
         self.stats = ScanStats()
         self.problems: list[ScanProblem] = []
-        self.is_manifest = is_manifest_file(self.root)
-        self.manifest_header: ManifestHeader | None = None
+        self.is_manifest = os.path.isfile(self.root) and _manifest().is_manifest_file(self.root)
+        self.manifest_header = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -99,7 +99,7 @@ class TreeScan:
     def _previous_listings(self, path: bytes) -> Iterator:
         """The cached manifest's listings; a damaged cache ends the stream with a warning."""
         try:
-            reader = ManifestReader(path)
+            reader = _manifest().ManifestReader(path)
         except FileNotFoundError:
             self.stats.cache = "cold"
             return
@@ -119,12 +119,13 @@ class TreeScan:
             log.warning("digest cache damaged, rebuilding it: %s", exc)
             self.stats.cache = "rebuilt"
 
-    def _open_cache_writer(self, path: bytes, started_ns: int) -> ManifestWriter | None:
+    def _open_cache_writer(self, path: bytes, started_ns: int):
+        manifest = _manifest()
         try:
             ensure_state_dir(self.state_dir)
-            header = ManifestHeader(root=os.path.realpath(self.root), scanned_at_ns=started_ns, checksum=True)
+            header = manifest.ManifestHeader(root=os.path.realpath(self.root), scanned_at_ns=started_ns, checksum=True)
             # The cache is rebuilt from the tree if lost, so skipping its fsync is safe.
-            return ManifestWriter(path, header, durable=False)
+            return manifest.ManifestWriter(path, header, durable=False)
         except OSError as exc:
             log.warning("cannot write the digest cache in %s (%s); continuing without it",
                         display_path(self.state_dir), exc.strerror)
@@ -149,7 +150,7 @@ class TreeScan:
     def _produce(self) -> Iterator:
         started = time.perf_counter()
         if self.is_manifest:
-            reader = ManifestReader(self.root)
+            reader = _manifest().ManifestReader(self.root)
             self.manifest_header = reader.header
             for listing in reader:
                 self.stats.add(listing)
@@ -162,7 +163,7 @@ class TreeScan:
         previous = None
         self._racy_ns = 0
         if self.checksum:
-            cache_path = os.path.join(self.state_dir, cache_file_name(self.root))
+            cache_path = os.path.join(self.state_dir, _manifest().cache_file_name(self.root))
             if self.use_cache:
                 previous = self._previous_listings(cache_path)
                 # Prime the generator so the header (and racy_ns) is read before scanning.
@@ -193,13 +194,20 @@ class TreeScan:
 
     # -- consumer ---------------------------------------------------------------------------
 
+    def start(self) -> TreeScan:
+        """Start scanning now (in the background), before the listings are asked for."""
+        if self.background and self._thread is None:
+            self._channel: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
+            self._thread = threading.Thread(target=self._run, args=(self._channel,), name="treescan", daemon=True)
+            self._thread.start()
+        return self
+
     def __iter__(self) -> Iterator:
         if not self.background:
             yield from self._produce()
             return
-        channel: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
-        self._thread = threading.Thread(target=self._run, args=(channel,), name="treescan", daemon=True)
-        self._thread.start()
+        self.start()
+        channel = self._channel
         try:
             while True:
                 batch = channel.get()
@@ -241,6 +249,14 @@ class TreeScan:
             except queue.Full:
                 continue
         return False
+
+
+def _manifest():
+    """The manifest module, imported only when a cache or a saved manifest is involved (it
+    pulls in msgpack; a plain diff starts faster without it)."""
+    from . import manifest
+
+    return manifest
 
 
 def _chain_first(first, rest):

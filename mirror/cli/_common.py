@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..entry import ScanProblem
 from ..errors import display_path
 from ..exclude import make_excluder, read_pattern_file
-from ..itemize import escape_path
 
 
 def add_exclude_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,15 +29,21 @@ def excluder_from_args(args):
 
 
 def warn_problem(command: str, problem: ScanProblem, side: str = "") -> None:
+    from ..itemize import escape_path
+
     where = f"{side}: " if side else ""
     print(f"mirror {command}: warning: {where}{escape_path(problem.path)}: {problem.message}", file=sys.stderr)
 
 
 def problem_json(problem: ScanProblem) -> dict:
+    from ..itemize import escape_path
+
     return {"path": escape_path(problem.path), "errno": problem.errno, "message": problem.message}
 
 
 def print_json(obj) -> None:
+    import json
+
     json.dump(obj, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
 

@@ -49,6 +49,9 @@ def run(args) -> int:
         sides.append(TreeScan(path_arg(text), excluder=excluder, checksum=args.checksum,
                               state_dir=state_dir, use_cache=not args.no_cache))
     src, dst = sides
+    for side in sides:
+        side.start()  # both trees are scanned while the rest of the command loads
+
     options = CompareOptions(checksum=args.checksum, owner=not args.no_owner, dir_times=not args.no_dir_times)
     summary = CompareSummary()
     roots = [None if side.is_manifest else root_entry(side.root) for side in sides]
