@@ -48,19 +48,20 @@ cdef extern from "<unistd.h>" nogil:
 
 cdef extern from *:
     """
-    #include <errno.h>
-    static inline void mirror_clear_errno(void) { errno = 0; }
+    #include <dirent.h>
+    #include <stdint.h>
+    struct mirror_dirent64 {
+        uint64_t d_ino;
+        int64_t d_off;
+        unsigned short d_reclen;
+        unsigned char d_type;
+        char d_name[];
+    };
     """
-    void clear_errno "mirror_clear_errno"() nogil
-
-cdef extern from "<dirent.h>" nogil:
-    ctypedef struct c_DIR "DIR":
-        pass
-    cdef struct dirent:
-        char d_name[256]
-    c_DIR *fdopendir(int fd)
-    dirent *readdir(c_DIR *d)
-    int closedir(c_DIR *d)
+    cdef struct linux_dirent64 "mirror_dirent64":
+        unsigned short d_reclen
+        char d_name[1]
+    ssize_t getdents64(int fd, void *buf, size_t n) nogil
 
 cdef extern from *:
     """
@@ -579,9 +580,6 @@ cdef int add_problem(dirscan_t *d, Py_ssize_t index, int err, int what,
 
 cdef int list_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d) except -1 nogil:
     """readdir + sort + fstatat + readlinkat into ``d``.  The caller owns ``fd``."""
-    cdef int dup_fd
-    cdef c_DIR *dirp
-    cdef dirent *ent
     cdef size_t nlen, count = 0, i, cap = 0
     cdef name_t *order
     cdef struct_stat st
@@ -592,44 +590,41 @@ cdef int list_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d)
     cdef char target[MAX_TARGET + 1]
     cdef size_t offset
 
-    # fdopendir takes ownership of the descriptor it is given, so give it a duplicate.
-    dup_fd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-    if dup_fd < 0:
-        d.dir_err = errno
-        return 0
-    dirp = fdopendir(dup_fd)
-    if dirp == NULL:
-        d.dir_err = errno
-        close(dup_fd)
-        return 0
-    # Collect names as (offset, length): the buffer may move while it grows.
+    # getdents64 straight into a buffer: no DIR stream to set up, no duplicate descriptor.
+    # The descriptor's offset moves, which is harmless: it is only used for *at() calls after.
+    cdef char dents[65536]
+    cdef ssize_t got, pos
+    cdef linux_dirent64 *ent
     while True:
-        clear_errno()
-        ent = readdir(dirp)
-        if ent == NULL:
-            if errno:
-                d.dir_err = errno
+        got = getdents64(fd, dents, sizeof(dents))
+        if got < 0:
+            if errno == EINTR:
+                continue
+            d.dir_err = errno
+            return 0
+        if got == 0:
             break
-        nlen = strlen(ent.d_name)
-        if (nlen == 1 and ent.d_name[0] == b'.') or (nlen == 2 and ent.d_name[0] == b'.' and ent.d_name[1] == b'.'):
-            continue
-        if skip != NULL and nlen == skip_len and memcmp(ent.d_name, skip, nlen) == 0:
-            continue
-        if count == cap:
-            cap = cap * 2 if cap else 64
-            order = <name_t *>realloc(d.order, cap * sizeof(name_t))
-            if order == NULL:
-                closedir(dirp)
-                with gil:
-                    raise MemoryError()
-            d.order = order
-        d.order[count].off = d.names.len
-        d.order[count].len = <uint16_t>nlen
-        buf_append(&d.names, ent.d_name, nlen)
-        count += 1
-    closedir(dirp)
-    if d.dir_err:
-        return 0
+        pos = 0
+        while pos < got:
+            ent = <linux_dirent64 *>(dents + pos)
+            pos += ent.d_reclen
+            nlen = strlen(ent.d_name)
+            if (nlen == 1 and ent.d_name[0] == b'.') or (nlen == 2 and ent.d_name[0] == b'.' and ent.d_name[1] == b'.'):
+                continue
+            if skip != NULL and nlen == skip_len and memcmp(ent.d_name, skip, nlen) == 0:
+                continue
+            if count == cap:
+                cap = cap * 2 if cap else 64
+                order = <name_t *>realloc(d.order, cap * sizeof(name_t))
+                if order == NULL:
+                    with gil:
+                        raise MemoryError()
+                d.order = order
+            # Kept as (offset, length): the names buffer may move while it grows.
+            d.order[count].off = d.names.len
+            d.order[count].len = <uint16_t>nlen
+            buf_append(&d.names, ent.d_name, nlen)
+            count += 1
     for i in range(count):
         d.order[i].ptr = d.names.data + d.order[i].off
     qsort(d.order, count, sizeof(name_t), compare_names)
