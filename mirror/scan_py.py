@@ -30,6 +30,8 @@ from .entry import Entry, ScanProblem
 # Listing.pack() record layout, little-endian, 80 bytes per entry (pinned by a golden test).
 RECORD = struct.Struct("<qqqQQQIIIIIHBBII")
 RECORD_SIZE = RECORD.size
+_FINGERPRINT = struct.Struct("<H")
+_FINGERPRINT_FIELDS = struct.Struct("<BIIIqqQI")
 FLAG_DIGEST = 1
 DIGEST_SIZE = 16
 MAX_NAME = 255
@@ -121,6 +123,41 @@ class Listing:
             if e.digest is not None:
                 digests += 1
         return counts, file_bytes, digests
+
+    def fingerprint(self, flags: int) -> bytes:
+        """xxh3-128 of exactly what ``compare_listings`` looks at under ``flags``.
+
+        Two listings with equal fingerprints compare as unchanged, so a receiver can send
+        16 bytes per directory instead of its listing (the sync protocol's summary).  Per
+        entry, little-endian: u16 name length, name, u8 kind, u32 mode (0 for a symlink),
+        u32 uid, u32 gid (0 unless CMP_OWNER), i64 size (files only), i64 mtime_ns (0 where
+        it is not compared), u64 rdev (devices only), u32 target length, target, u8 has
+        digest, 16 bytes digest (CMP_CHECKSUM and a file with a digest, else zeros).
+        """
+        h = xxhash.xxh3_128()
+        for e in self._entries:
+            kind = e.kind
+            if kind == FILE or kind in (FIFO, SOCKET, CHAR, BLOCK):
+                mtime = e.mtime_ns
+            elif kind == DIR:
+                mtime = e.mtime_ns if flags & CMP_DIR_TIMES else 0
+            else:
+                mtime = e.mtime_ns if flags & CMP_LINK_TIMES else 0
+            owner = flags & CMP_OWNER
+            digest = e.digest if (flags & CMP_CHECKSUM and kind == FILE and e.digest is not None) else None
+            h.update(
+                _FINGERPRINT.pack(len(e.name)) + e.name
+                + _FINGERPRINT_FIELDS.pack(
+                    kind, 0 if kind == SYMLINK else e.mode, e.uid if owner else 0, e.gid if owner else 0,
+                    e.size if kind == FILE else 0, mtime, e.rdev if kind in (CHAR, BLOCK) else 0, len(e.target),
+                )
+                + e.target + (b"\1" + digest if digest is not None else bytes(1 + DIGEST_SIZE))
+            )  # fmt: skip
+        return h.digest()
+
+    def has_links(self) -> bool:
+        """True if a regular file here has other hard links (its group must be compared)."""
+        return any(e.kind == FILE and e.nlink > 1 for e in self._entries)
 
     def pack(self) -> tuple[bytes, bytes, bytes]:
         """``(strings, records, digests)``: the compact form stored in manifests and sent on the wire.

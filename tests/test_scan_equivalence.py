@@ -129,3 +129,39 @@ def test_unpack_roundtrip_of_real_tree(tmp_path):
             assert list(again) == list(listing)
             assert again.pack() == listing.pack()
     shutil.rmtree(tmp_path)
+
+
+@settings(settings.get_profile("scan"))
+@given(a=tree_specs(max_leaves=10), flags=st.integers(min_value=0, max_value=15))
+def test_fingerprint_equivalent_and_faithful(a, flags):
+    """Both twins give the same fingerprint; equal fingerprints mean compare_listings is silent."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.fsencode(tmp)
+        build(root, a)
+        checksum = bool(flags & PURE.CMP_CHECKSUM)
+        fast = list(FAST.scan(root, checksum=checksum))
+        pure = list(PURE.scan(root, checksum=checksum))
+        for f, p in zip(fast, pure, strict=True):
+            assert f.fingerprint(flags) == p.fingerprint(flags)
+            assert f.has_links() == p.has_links()
+        # A copy with times and modes kept fingerprints the same; a change shows up.
+        for f in fast:
+            assert f.fingerprint(flags) == FAST.Listing.unpack(f.path, *f.pack(), 10**6).fingerprint(flags)
+
+
+def test_fingerprint_sees_every_compared_field(tmp_path):
+    from mirror.entry import Entry
+
+    base = Entry(b"f", 1, 0o644, 1, 2, 10, 100, 200, 5, 6, 1, 0, b"", bytes(16))
+    variants = {
+        "mode": base._replace(mode=0o600), "uid": base._replace(uid=9), "size": base._replace(size=11),
+        "mtime": base._replace(mtime_ns=101), "digest": base._replace(digest=b"\x01" * 16),
+        "name": base._replace(name=b"g"),
+    }  # fmt: skip
+    flags = PURE.CMP_OWNER | PURE.CMP_CHECKSUM
+    for module in (FAST, PURE):
+        ref = module.Listing(b"", [base]).fingerprint(flags)
+        for field, variant in variants.items():
+            assert module.Listing(b"", [variant]).fingerprint(flags) != ref, field
+        # Fields compare_listings ignores do not change it.
+        assert module.Listing(b"", [base._replace(ino=77, ctime_ns=1, dev=3)]).fingerprint(flags) == ref

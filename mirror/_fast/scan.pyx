@@ -275,6 +275,23 @@ cdef int compare_names(const void *a, const void *b) noexcept nogil:
     return <int>x.len - <int>y.len
 
 
+cdef inline void put_u16(unsigned char *p, uint64_t v) noexcept nogil:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+
+
+cdef inline void put_u32(unsigned char *p, uint64_t v) noexcept nogil:
+    cdef int k
+    for k in range(4):
+        p[k] = (v >> (8 * k)) & 0xFF
+
+
+cdef inline void put_u64(unsigned char *p, uint64_t v) noexcept nogil:
+    cdef int k
+    for k in range(8):
+        p[k] = (v >> (8 * k)) & 0xFF
+
+
 cdef inline int name_cmp(const char *a, size_t alen, const char *b, size_t blen) noexcept nogil:
     cdef size_t n = alen if alen < blen else blen
     cdef int c = memcmp(a, b, n)
@@ -445,6 +462,61 @@ cdef class Listing:
             if r.flags & FLAG_DIGEST_C:
                 digests += 1
         return [counts[k] for k in range(8)], file_bytes, digests
+
+    def fingerprint(self, int flags):
+        """xxh3-128 of what ``compare_listings`` compares; see ``mirror.scan_py.Listing.fingerprint``."""
+        cdef XXH3_state_t *state = XXH3_createState()
+        cdef XXH128_canonical_t canon
+        cdef Py_ssize_t i
+        cdef rec_t *r
+        cdef unsigned char buf[64]
+        cdef unsigned char zeros[17]
+        cdef int kind
+        cdef int64_t mtime
+        if state == NULL:
+            raise MemoryError()
+        memset(zeros, 0, sizeof(zeros))
+        with nogil:
+            XXH3_128bits_reset(state)
+            for i in range(self.n):
+                r = &self.recs[i]
+                kind = r.kind
+                if kind == K_FILE or kind == K_FIFO or kind == K_SOCKET or kind == K_CHAR or kind == K_BLOCK:
+                    mtime = r.mtime_ns
+                elif kind == K_DIR:
+                    mtime = r.mtime_ns if flags & CMP_DIR_TIMES_C else 0
+                else:
+                    mtime = r.mtime_ns if flags & CMP_LINK_TIMES_C else 0
+                put_u16(buf, r.name_len)
+                XXH3_128bits_update(state, buf, 2)
+                XXH3_128bits_update(state, self.strings + r.name_off, r.name_len)
+                buf[0] = <unsigned char>kind
+                put_u32(buf + 1, 0 if kind == K_SYMLINK else r.mode)
+                put_u32(buf + 5, r.uid if flags & CMP_OWNER_C else 0)
+                put_u32(buf + 9, r.gid if flags & CMP_OWNER_C else 0)
+                put_u64(buf + 13, <uint64_t>r.size if kind == K_FILE else 0)
+                put_u64(buf + 21, <uint64_t>mtime)
+                put_u64(buf + 29, r.rdev if (kind == K_CHAR or kind == K_BLOCK) else 0)
+                put_u32(buf + 37, r.target_len)
+                XXH3_128bits_update(state, buf, 41)
+                XXH3_128bits_update(state, self.strings + r.target_off, r.target_len)
+                if flags & CMP_CHECKSUM_C and kind == K_FILE and r.flags & FLAG_DIGEST_C:
+                    buf[0] = 1
+                    XXH3_128bits_update(state, buf, 1)
+                    XXH3_128bits_update(state, self.digests + i * DIGEST_SIZE, DIGEST_SIZE)
+                else:
+                    XXH3_128bits_update(state, zeros, 17)
+            XXH128_canonicalFromHash(&canon, XXH3_128bits_digest(state))
+        XXH3_freeState(state)
+        return PyBytes_FromStringAndSize(<char *>canon.digest, DIGEST_SIZE)
+
+    def has_links(self):
+        """True if a regular file here has other hard links; see the twin."""
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            if self.recs[i].kind == K_FILE and self.recs[i].nlink > 1:
+                return True
+        return False
 
     def pack(self):
         """``(strings, records, digests)``; see ``mirror.scan_py.Listing.pack``."""

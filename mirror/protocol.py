@@ -1,0 +1,239 @@
+"""The wire protocol: messages, their framing on a byte stream, and the handshake proofs.
+
+A message is a msgpack array whose first element names it (``["file", ...]``).  On a byte
+stream each message is one frame: a 4-byte big-endian length, then the msgpack body.  The
+length is checked against ``MAX_FRAME`` before anything is allocated, and the body is
+decoded with limits on every string, array and map, so a hostile peer costs at most one
+frame of memory before it is cut off.  ``docs/PROTOCOL.md`` describes the exchange.
+
+In local mode the same messages travel through in-process queues (``LocalTransport``):
+one planner and one writer, whichever side of a network they run on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import queue
+import struct
+import threading
+import time
+from typing import BinaryIO
+
+import msgpack
+
+from .errors import AuthError, LimitExceeded, ProtocolError
+
+PROTOCOL_VERSION = 1
+SOFTWARE = "hamirror/0.1"
+MAX_FRAME = 8 << 20  # a listing part, a signature or a literal chunk fits well below this
+MAX_CHUNK = 256 << 10  # literal data per "data" message
+NONCE_SIZE = 32
+_HEADER = struct.Struct(">I")
+
+# Messages sent by the client (the side with the source tree)
+HELLO, AUTH, START, WANT, SIG, FILE, DATA, COPY, FILE_END, FILE_ABORT = (
+    "hello", "auth", "start", "want", "sig", "file", "data", "copy", "file_end", "file_abort",
+)  # fmt: skip
+MKDIR, SYMLINK, HARDLINK, NODE, ATTRS, DELETE, PING, END = (
+    "mkdir", "symlink", "hardlink", "node", "attrs", "delete", "ping", "end",
+)  # fmt: skip
+# Messages sent by the server (the receiver)
+CHALLENGE, WELCOME, READY, SUMMARY, SUMMARY_END, LISTING, SIGNATURE, SIG_FAILED, FAILED, PONG, RESULT, ERROR = (
+    "challenge", "welcome", "ready", "summary", "summary_end", "listing", "signature", "sig_failed",
+    "failed", "pong", "result", "error",
+)  # fmt: skip
+
+
+def encode(message: list | tuple) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise LimitExceeded(f"message {message[0]!r} of {len(body)} bytes exceeds the frame limit")
+    return _HEADER.pack(len(body)) + body
+
+
+def decode(body: bytes) -> list:
+    try:
+        message = msgpack.unpackb(
+            body, raw=False, use_list=True, strict_map_key=True,
+            max_bin_len=MAX_FRAME, max_str_len=1 << 16, max_array_len=1 << 20, max_map_len=64,
+        )  # fmt: skip
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise ProtocolError(f"malformed frame: {exc}") from None
+    if not isinstance(message, list) or not message or not isinstance(message[0], str):
+        raise ProtocolError("malformed frame: not a message")
+    return message
+
+
+class StreamTransport:
+    """Messages over a pair of binary streams (a socket's files, or a child's stdio)."""
+
+    def __init__(self, rfile: BinaryIO, wfile: BinaryIO, *, bwlimit: int | None = None, on_close=None):
+        self.rfile = rfile
+        self.wfile = wfile
+        self._send_lock = threading.Lock()
+        self._limiter = RateLimiter(bwlimit) if bwlimit else None
+        self._on_close = on_close
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def send(self, message: list | tuple, flush: bool = True) -> None:
+        frame = encode(message)
+        if self._limiter is not None:
+            self._limiter.take(len(frame))
+        with self._send_lock:
+            try:
+                self.wfile.write(frame)
+                if flush:
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionError, ValueError) as exc:
+                raise ProtocolError(f"connection lost while sending: {exc}") from None
+            self.bytes_sent += len(frame)
+
+    def flush(self) -> None:
+        with self._send_lock:
+            try:
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionError, ValueError) as exc:
+                raise ProtocolError(f"connection lost while sending: {exc}") from None
+
+    def recv(self) -> list | None:
+        """The next message, or None at a clean end of stream (between frames)."""
+        header = self._read_exact(_HEADER.size, at_boundary=True)
+        if header is None:
+            return None
+        (length,) = _HEADER.unpack(header)
+        if length > MAX_FRAME:
+            raise LimitExceeded(f"peer sent a frame of {length} bytes (limit {MAX_FRAME})")
+        body = self._read_exact(length, at_boundary=False)
+        self.bytes_received += _HEADER.size + length
+        return decode(body)
+
+    def _read_exact(self, n: int, at_boundary: bool) -> bytes | None:
+        chunks = []
+        got = 0
+        while got < n:
+            try:
+                chunk = self.rfile.read(n - got)
+            except (ConnectionError, ValueError, OSError) as exc:
+                raise ProtocolError(f"connection lost while receiving: {exc}") from None
+            if not chunk:
+                if at_boundary and got == 0:
+                    return None
+                raise ProtocolError("connection closed in the middle of a frame (truncated)")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        for f in (self.wfile, self.rfile):
+            try:
+                f.close()
+            except (OSError, ValueError):
+                pass
+        if self._on_close is not None:
+            self._on_close()
+
+
+class LocalTransport:
+    """One end of an in-process pair: the same messages, no encoding, no sockets."""
+
+    _CLOSED = object()
+
+    def __init__(self, inbox: queue.Queue, outbox: queue.Queue):
+        self._inbox = inbox
+        self._outbox = outbox
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @classmethod
+    def pair(cls, depth: int = 256) -> tuple[LocalTransport, LocalTransport]:
+        a_to_b: queue.Queue = queue.Queue(maxsize=depth)
+        b_to_a: queue.Queue = queue.Queue(maxsize=depth)
+        return cls(b_to_a, a_to_b), cls(a_to_b, b_to_a)
+
+    def send(self, message: list | tuple, flush: bool = True) -> None:
+        self._outbox.put(list(message))
+
+    def flush(self) -> None:
+        pass
+
+    def recv(self) -> list | None:
+        message = self._inbox.get()
+        if message is self._CLOSED:
+            self._inbox.put(self._CLOSED)  # stay closed for any later reader
+            return None
+        return message
+
+    def close(self) -> None:
+        self._outbox.put(self._CLOSED)
+
+
+class RateLimiter:
+    """Token bucket for ``--bwlimit`` (bytes per second), with a quarter second of burst."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.capacity = max(rate / 4, MAX_CHUNK + 1024)
+        self.tokens = self.capacity
+        self.last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            self.tokens -= n
+            wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)
+
+
+def _proof(secret: bytes, role: bytes, first: bytes, second: bytes, module: str) -> bytes:
+    return hmac.new(secret, b"hamirror-v1 " + role + b"\0" + first + second + module.encode(), hashlib.sha256).digest()
+
+
+def client_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes, module: str) -> bytes:
+    """What the client shows: it knows the secret, for this challenge and this module."""
+    return _proof(secret, b"client", server_nonce, client_nonce, module)
+
+
+def server_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes, module: str) -> bytes:
+    """What the server shows back, so the client knows it is talking to the real receiver."""
+    return _proof(secret, b"server", client_nonce, server_nonce, module)
+
+
+def verify(expected: bytes, got, who: str) -> None:
+    if not isinstance(got, bytes) or not hmac.compare_digest(expected, got):
+        raise AuthError(f"authentication failed: {who} does not know the shared secret")
+
+
+# -- field checks for decoded messages --------------------------------------------------------
+
+
+def want_bytes(value, what: str, max_len: int = MAX_FRAME) -> bytes:
+    if not isinstance(value, bytes) or len(value) > max_len:
+        raise ProtocolError(f"bad {what}: expected bytes of at most {max_len}")
+    return value
+
+
+def want_int(value, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError(f"bad {what}: expected an integer in [{lo}, {hi}]")
+    return value
+
+
+def want_len(message: list, n: int) -> list:
+    if len(message) != n:
+        raise ProtocolError(f"malformed {message[0]!r} message ({len(message)} fields, expected {n})")
+    return message
+
+
+def load_secret(path: str) -> bytes:
+    """A shared secret from a file: its first line, which must not be empty."""
+    with open(path, "rb") as f:
+        secret = f.read(4096).split(b"\n", 1)[0].strip()
+    if len(secret) < 8:
+        raise AuthError(f"{path}: the shared secret must be at least 8 bytes on its first line")
+    return secret
