@@ -112,8 +112,8 @@ MAX_LITERAL = 256 * 1024
 MAX_CANDIDATES = 64
 DIGEST_LEN = 16
 
-# How much of ``new``/``basis`` is read per call; a multiple of every block size.
-READ_CHUNK = 1 << 20
+# How much of ``new``/``basis`` is read per call (the ops do not depend on it).
+READ_CHUNK = 128 * 1024
 
 
 def strong_len_for(size: int, block_size: int) -> int:
