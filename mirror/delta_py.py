@@ -139,15 +139,15 @@ def default_block_size(size: int) -> int:
 
     # s depends on B (through log2 C), so try the optimum for every possible s and keep the
     # cheapest; ties go to the larger block (fewer blocks, less work).
-    candidates = {rounded(math.sqrt(size * (4 + s) / edits)) for s in range(MIN_STRONG_LEN, MAX_STRONG_LEN + 1)}
+    candidates = {
+        rounded(math.sqrt(size * (4 + s) / edits)) for s in range(MIN_STRONG_LEN, MAX_STRONG_LEN + 1)
+    }
     return min(sorted(candidates, reverse=True), key=cost)
 
 
 def _check_block_size(block_size: int) -> None:
     if not isinstance(block_size, int) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
-        raise ValueError(
-            f"block size {block_size!r} is outside {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE} bytes"
-        )
+        raise ValueError(f"block size {block_size!r} is outside {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE} bytes")
 
 
 def _check_strong_len(strong_len: int) -> None:

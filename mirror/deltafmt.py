@@ -300,7 +300,12 @@ class DeltaReader:
                 yield (LITERAL, data)
             elif kind == END and len(op) == 3:
                 size, digest = op[1], op[2]
-                if not isinstance(size, int) or size < 0 or not isinstance(digest, bytes) or len(digest) != DIGEST_LEN:
+                if (
+                    not isinstance(size, int)
+                    or size < 0
+                    or not isinstance(digest, bytes)
+                    or len(digest) != DIGEST_LEN
+                ):
                     raise FormatError("delta end record is malformed")
                 _expect_end(self._unpacker, what)
                 self.new_size, self.digest = size, digest

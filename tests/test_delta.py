@@ -11,10 +11,10 @@ import tracemalloc
 
 import pytest
 import xxhash
+from conftest import implementations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import implementations
 from mirror import fastpath
 
 FAST = fastpath.compiled("delta")
@@ -61,6 +61,7 @@ def check_roundtrip(basis: bytes, new: bytes, block_size: int, seed: int, tmp_pa
 
 
 # --------------------------------------------------------------------------- generators
+
 
 def data_of(kind: str, size: int, rng: random.Random) -> bytes:
     if kind == "random":

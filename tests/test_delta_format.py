@@ -18,8 +18,8 @@ from pathlib import Path
 import msgpack
 import pytest
 import xxhash
-
 from conftest import implementations
+
 from mirror import deltafmt
 from mirror.errors import FormatError, IntegrityError, LimitExceeded
 
@@ -30,7 +30,12 @@ BOTH = implementations("delta")
 # insertion, a deletion, a moved block and a changed tail.
 GOLDEN_BASIS = bytes(range(256)) * 3 + b"unique middle part of the basis" * 5 + bytes(100)
 GOLDEN_NEW = (
-    GOLDEN_BASIS[:300] + b"INSERTED" + GOLDEN_BASIS[300:500] + GOLDEN_BASIS[600:900] + GOLDEN_BASIS[:64] + b"end"
+    GOLDEN_BASIS[:300]
+    + b"INSERTED"
+    + GOLDEN_BASIS[300:500]
+    + GOLDEN_BASIS[600:900]
+    + GOLDEN_BASIS[:64]
+    + b"end"
 )
 GOLDEN_SEED = 0x0123456789ABCDEF
 GOLDEN_BLOCK = 64
@@ -97,12 +102,20 @@ def test_large_signature_round_trips_in_batches():
 
 # --------------------------------------------------------------------------- hostile input
 
+
 def pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
 def sig_header(**fields) -> bytes:
-    header = {"version": 1, "block_size": 64, "strong_len": 8, "seed": 1, "basis_size": 640, "block_count": 10}
+    header = {
+        "version": 1,
+        "block_size": 64,
+        "strong_len": 8,
+        "seed": 1,
+        "basis_size": 640,
+        "block_count": 10,
+    }
     header.update(fields)
     return b"HMIRSIG\n" + pack(header)
 
@@ -198,7 +211,10 @@ HOSTILE_DELTAS = {
     "empty copy": (delta_header() + pack([0, 1, 0]) + end_record(), "invalid block range"),
     "empty literal": (delta_header() + pack([1, b""]) + end_record(), "does not carry bytes"),
     "unknown op": (delta_header() + pack([5, 1]) + end_record(), "unknown kind"),
-    "declared 4 GiB literal": (delta_header() + b"\x92\x01\xc6\xff\xff\xff\xff" + b"x" * 1000, "truncated|oversized"),
+    "declared 4 GiB literal": (
+        delta_header() + b"\x92\x01\xc6\xff\xff\xff\xff" + b"x" * 1000,
+        "truncated|oversized",
+    ),
     "short digest": (delta_header() + pack([2, 0, b"\0" * 8]), "end record"),
     "trailing bytes": (delta_header() + end_record() + b"\0", "trailing"),
     "wrong digest": (delta_header(basis_size=0) + pack([1, b"abc"]) + end_record(b"abd"), "digest"),
