@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mirror.cli.demo_cmd", "run a self-contained demonstration on a generated tree"),
     "scan": ("mirror.cli.scan_cmd", "walk a tree and summarise it (or save its manifest)"),
     "diff": ("mirror.cli.diff_cmd", "compare two trees and itemise every difference"),
+    "signature": ("mirror.cli.signature_cmd", "write the block signature of a file (like rdiff signature)"),
+    "delta": ("mirror.cli.delta_cmd", "write the delta from a signature to a new file (like rdiff delta)"),
+    "patch": ("mirror.cli.patch_cmd", "rebuild and verify a file from its basis and a delta (like rdiff patch)"),
     "lock": ("mirror.cli.lock_cmd", "acquire, release or show a mirroring lock file"),
     "epoch": ("mirror.cli.epoch_cmd", "show or raise a tree's owner epoch (fencing)"),
 }

@@ -1,0 +1,397 @@
+"""The delta engine: patch(basis, delta(signature(basis), new)) == new, and both
+implementations (compiled and pure twin) produce identical signatures, ops and digests."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import threading
+import tracemalloc
+
+import pytest
+import xxhash
+from conftest import implementations
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mirror import fastpath
+
+FAST = fastpath.compiled("delta")
+PURE = fastpath.pure("delta")
+BOTH = implementations("delta")
+
+
+def ops_summary(ops):
+    return [op if op[0] == FAST.COPY else (op[0], len(op[1])) for op in ops]
+
+
+def run_delta(impl, sig, new: bytes):
+    d = impl.delta(sig, io.BytesIO(new))
+    ops = list(d)
+    return ops, d.digest, d.new_size
+
+
+def rebuild(impl, basis: bytes, ops, block_size: int, tmp_path) -> tuple[bytes, bytes, int]:
+    path = tmp_path / "basis"
+    path.write_bytes(basis)
+    out = io.BytesIO()
+    with open(path, "rb") as f:
+        digest, size = impl.patch(f, ops, out, block_size=block_size, basis_size=len(basis))
+    return out.getvalue(), digest, size
+
+
+def check_roundtrip(basis: bytes, new: bytes, block_size: int, seed: int, tmp_path) -> list:
+    """Both implementations agree at every step, and the patch rebuilds ``new``."""
+    sig_fast = FAST.signature(io.BytesIO(basis), block_size=block_size, seed=seed)
+    sig_pure = PURE.signature(io.BytesIO(basis), block_size=block_size, seed=seed)
+    assert sig_fast == sig_pure
+    assert sig_fast.block_count == -(-len(basis) // block_size)
+    ops_fast, digest_fast, size_fast = run_delta(FAST, sig_fast, new)
+    ops_pure, digest_pure, size_pure = run_delta(PURE, sig_pure, new)
+    assert ops_summary(ops_fast) == ops_summary(ops_pure)
+    assert ops_fast == ops_pure
+    assert digest_fast == digest_pure == xxhash.xxh3_128_digest(new)
+    assert size_fast == size_pure == len(new)
+    for impl in (FAST, PURE):
+        rebuilt, digest, size = rebuild(impl, basis, ops_fast, block_size, tmp_path)
+        assert rebuilt == new
+        assert (digest, size) == (digest_fast, len(new))
+    return ops_fast
+
+
+# --------------------------------------------------------------------------- generators
+
+
+def data_of(kind: str, size: int, rng: random.Random) -> bytes:
+    if kind == "random":
+        return rng.randbytes(size)
+    if kind == "zero":
+        return bytes(size)
+    if kind == "periodic":
+        period = rng.randbytes(rng.choice([1, 3, 16, 64, 100]))
+        return (period * (size // len(period) + 1))[:size]
+    # text-like: few distinct bytes, many weak-sum collisions
+    return bytes(rng.choice(b"ab \n") for _ in range(size))
+
+
+edit_strategy = st.tuples(
+    st.sampled_from(["insert", "delete", "replace", "move", "repeat", "boundary"]),
+    st.integers(0, 1 << 16),
+    st.integers(1, 400),
+    st.integers(0, 1 << 16),
+)
+
+
+def apply_edits(basis: bytes, edits, block_size: int, rng: random.Random) -> bytes:
+    new = bytearray(basis)
+    for kind, where, length, other in edits:
+        at = where % (len(new) + 1)
+        if kind == "insert":
+            new[at:at] = rng.randbytes(length)
+        elif kind == "delete":
+            del new[at : at + length]
+        elif kind == "replace":
+            new[at : at + length] = rng.randbytes(min(length, 8))
+        elif kind == "move":
+            piece = bytes(new[at : at + length])
+            del new[at : at + length]
+            to = other % (len(new) + 1)
+            new[to:to] = piece
+        elif kind == "repeat":
+            piece = bytes(new[at : at + length])
+            to = other % (len(new) + 1)
+            new[to:to] = piece * 2
+        else:  # an edit exactly at a block boundary of the basis
+            boundary = (at // block_size) * block_size
+            new[boundary : boundary + 1] = bytes([(new[boundary] + 1) % 256]) if boundary < len(new) else b"x"
+    return bytes(new)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(["random", "random", "zero", "periodic", "text"]),
+    size=st.integers(0, 3000),
+    block_size=st.sampled_from([16, 17, 32, 64, 100, 512]),
+    edits=st.lists(edit_strategy, max_size=6),
+    seed=st.integers(0, (1 << 64) - 1),
+    rng_seed=st.integers(0, 1 << 30),
+)
+def test_roundtrip_and_twins_agree(kind, size, block_size, edits, seed, rng_seed, tmp_path):
+    rng = random.Random(rng_seed)
+    basis = data_of(kind, size, rng)
+    new = apply_edits(basis, edits, block_size, rng)
+    check_roundtrip(basis, new, block_size, seed, tmp_path)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(basis=st.binary(max_size=300), new=st.binary(max_size=300), block_size=st.sampled_from([16, 20, 64]))
+def test_unrelated_and_tiny_files(basis, new, block_size, tmp_path):
+    check_roundtrip(basis, new, block_size, 7, tmp_path)
+
+
+def test_identical_file_is_one_copy(tmp_path):
+    basis = random.Random(1).randbytes(10_000)
+    ops = check_roundtrip(basis, basis, 64, 1, tmp_path)
+    assert ops == [(FAST.COPY, 0, -(-10_000 // 64))]
+
+
+def test_short_final_block_matches_only_at_the_end(tmp_path):
+    basis = random.Random(2).randbytes(64 * 3 + 10)
+    tail = basis[-10:]
+    ops = check_roundtrip(basis, basis + b"more", 64, 1, tmp_path)
+    assert ops[0] == (FAST.COPY, 0, 3)  # the short block is not matched mid-file
+    ops = check_roundtrip(basis, b"prefix" + basis, 64, 1, tmp_path)
+    assert ops[-1] == (FAST.COPY, 0, 4)
+    check_roundtrip(basis, tail, 64, 1, tmp_path)
+
+
+def test_edits_cost_about_one_block_each(tmp_path):
+    rng = random.Random(3)
+    basis = rng.randbytes(64 * 200)
+    new = bytearray(basis)
+    for block in (10, 50, 120):
+        new[block * 64 + 5 : block * 64 + 8] = b"xyz"
+    ops = check_roundtrip(basis, bytes(new), 64, 5, tmp_path)
+    literal = sum(len(op[1]) for op in ops if op[0] == FAST.LITERAL)
+    assert literal == 3 * 64
+    assert [op[0] for op in ops].count(FAST.COPY) == 4
+
+
+def test_moved_region_is_copied_not_sent(tmp_path):
+    rng = random.Random(4)
+    basis = rng.randbytes(64 * 100)
+    new = basis[64 * 60 :] + basis[: 64 * 60]
+    ops = check_roundtrip(basis, new, 64, 9, tmp_path)
+    assert ops == [(FAST.COPY, 60, 40), (FAST.COPY, 0, 60)]
+
+
+def test_literals_are_cut_into_pieces_from_their_start(tmp_path):
+    rng = random.Random(5)
+    basis = rng.randbytes(4096)
+    literal = rng.randbytes(FAST.MAX_LITERAL * 2 + 1000)
+    new = basis[:2048] + literal + basis[2048:]
+    ops = check_roundtrip(basis, new, 512, 11, tmp_path)
+    lengths = [len(op[1]) for op in ops if op[0] == FAST.LITERAL]
+    assert lengths == [FAST.MAX_LITERAL, FAST.MAX_LITERAL, 1000]
+
+
+def test_no_signature_means_all_literal():
+    new = random.Random(6).randbytes(FAST.MAX_LITERAL * 2 + 5)
+    for impl in (FAST, PURE):
+        d = impl.delta(None, io.BytesIO(new))
+        ops = list(d)
+        assert [op[0] for op in ops] == [impl.LITERAL] * 3
+        assert b"".join(op[1] for op in ops) == new
+        assert d.digest == xxhash.xxh3_128_digest(new)
+        out = io.BytesIO()
+        assert impl.patch(None, ops, out) == (d.digest, len(new))
+        assert out.getvalue() == new
+
+
+class Trickle(io.RawIOBase):
+    """A stream returning short reads of random sizes, like a pipe."""
+
+    def __init__(self, data: bytes, seed: int, *, readinto: bool = True):
+        self._data = memoryview(data)
+        self._pos = 0
+        self._rng = random.Random(seed)
+        if not readinto:
+            self.readinto = None  # force the read() path
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        n = min(self._rng.randint(1, 5000), len(self._data) - self._pos, size if size >= 0 else 1 << 30)
+        piece = bytes(self._data[self._pos : self._pos + n])
+        self._pos += n
+        return piece
+
+    def readinto(self, buffer):
+        piece = self.read(len(buffer))
+        buffer[: len(piece)] = piece
+        return len(piece)
+
+
+@pytest.mark.parametrize("impl", BOTH)
+@pytest.mark.parametrize("use_readinto", [True, False])
+def test_short_reads_give_the_same_ops(impl, use_readinto):
+    rng = random.Random(8)
+    basis = rng.randbytes(40_000)
+    new = basis[:9000] + rng.randbytes(3000) + basis[9500:30000] + basis[:5000] + rng.randbytes(33)
+    sig = impl.signature(Trickle(basis, 1, readinto=use_readinto), block_size=100, strong_len=8, seed=3)
+    assert sig == impl.signature(io.BytesIO(basis), block_size=100, seed=3)
+    expected = list(impl.delta(sig, io.BytesIO(new)))
+    d = impl.delta(sig, Trickle(new, 2, readinto=use_readinto))
+    assert list(d) == expected
+    assert d.digest == xxhash.xxh3_128_digest(new)
+
+
+def test_signatures_interoperate_between_implementations(tmp_path):
+    rng = random.Random(9)
+    basis = rng.randbytes(5000)
+    new = basis[:1000] + b"!" + basis[1000:]
+    sig = PURE.signature(io.BytesIO(basis), block_size=64, seed=1)
+    assert list(FAST.delta(sig, io.BytesIO(new))) == list(PURE.delta(sig, io.BytesIO(new)))
+
+
+def test_seed_changes_strong_hashes_only():
+    basis = random.Random(10).randbytes(1000)
+    one = FAST.signature(io.BytesIO(basis), block_size=100, seed=1)
+    two = FAST.signature(io.BytesIO(basis), block_size=100, seed=2)
+    assert one.weak == two.weak and one.strong != two.strong
+    fresh = {FAST.signature(io.BytesIO(basis), block_size=100).seed for _ in range(4)}
+    assert len(fresh) == 4  # random per signature
+
+
+def test_weak_sum_vector_and_scalar_paths_agree():
+    rng = random.Random(11)
+    for size in [0, 1, 31, 32, 33, 63, 64, 4095, 4096, 4097, FAST.MAX_BLOCK_SIZE]:
+        for data in (rng.randbytes(size), b"\xff" * size, bytes(size)):
+            assert FAST.weak_sum(data) == FAST._weak_sum_scalar(data) == PURE.weak_sum(data)
+
+
+def test_strong_hash_is_seeded_xxh3_128():
+    data = b"block of data"
+    expected = xxhash.xxh3_128_digest(data, seed=42)[:9]
+    assert FAST.strong_hash(data, 42, 9) == PURE.strong_hash(data, 42, 9) == expected
+
+
+def test_parameter_rules_are_identical_and_sensible():
+    for size in [0, 1, 1000, 10**5, 1 << 20, 10 << 20, 1 << 30, 1 << 32, 1 << 36, 1 << 40]:
+        block = FAST.default_block_size(size)
+        assert block == PURE.default_block_size(size)
+        assert FAST.MIN_DEFAULT_BLOCK <= block <= FAST.MAX_BLOCK_SIZE and block % 64 == 0
+        assert FAST.strong_len_for(size, block) == PURE.strong_len_for(size, block)
+        blocks = max(1, -(-size // block))
+        strong = FAST.strong_len_for(size, block)
+        # N * C comparisons at 2^-(8 s) each stay below 2^-40 (or s is at its maximum).
+        assert strong == FAST.MAX_STRONG_LEN or max(1, size) * blocks * 2.0 ** (-8 * strong) <= 2.0**-40
+    assert FAST.default_block_size(1 << 30) == 4096
+    assert FAST.default_block_size(1 << 40) == FAST.MAX_BLOCK_SIZE
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_invalid_parameters_are_refused(impl):
+    with pytest.raises(ValueError, match="block size"):
+        impl.signature(io.BytesIO(b"x"), block_size=8)
+    with pytest.raises(ValueError, match="block size"):
+        impl.signature(io.BytesIO(b"x"), block_size=impl.MAX_BLOCK_SIZE + 1)
+    with pytest.raises(ValueError, match="strong hash length"):
+        impl.signature(io.BytesIO(b"x"), block_size=64, strong_len=17)
+    with pytest.raises(ValueError, match="needs 2 blocks"):
+        impl.Signature(64, 8, 0, 100, b"\0" * 4, b"\0" * 8)
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_patcher_checks_copy_ops_before_touching_the_basis(impl, tmp_path):
+    path = tmp_path / "basis"
+    path.write_bytes(b"a" * 1000)
+
+    class Watched(io.FileIO):
+        seeks = 0
+
+        def seek(self, *args):
+            Watched.seeks += 1
+            return super().seek(*args)
+
+    with Watched(path, "rb") as basis:
+        patcher = impl.Patcher(basis, io.BytesIO(), 100, 1000)
+        before = Watched.seeks
+        for bad in [(impl.COPY, 9, 2), (impl.COPY, 10, 1), (impl.COPY, -1, 1), (impl.COPY, 0, 0)]:
+            with pytest.raises(ValueError):
+                patcher.apply(bad)
+        with pytest.raises(ValueError, match="unknown delta op"):
+            patcher.apply((7, 1))
+        with pytest.raises(ValueError, match="exceeds"):
+            patcher.apply((impl.LITERAL, b"x" * (impl.MAX_LITERAL + 1)))
+        assert Watched.seeks == before
+        patcher.apply((impl.COPY, 9, 1))
+        assert patcher.finish() == (xxhash.xxh3_128_digest(b"a" * 100), 100)
+    with open(path, "rb") as basis, pytest.raises(ValueError, match="wrong or changed basis"):
+        impl.Patcher(basis, io.BytesIO(), 100, 999)
+    with pytest.raises(ValueError, match="needs a basis"):
+        impl.Patcher(None, io.BytesIO(), 100, 1000)
+    with open(path, "rb") as basis:
+        patcher = impl.Patcher(basis, io.BytesIO(), 100, 1000, max_size=150)
+        patcher.apply((impl.COPY, 0, 1))
+        with pytest.raises(ValueError, match="more than the allowed"):
+            patcher.apply((impl.COPY, 0, 1))
+
+
+class Generated(io.RawIOBase):
+    """``size`` bytes of deterministic data produced on the fly (never held whole)."""
+
+    def __init__(self, size: int, seed: int):
+        self._left = size
+        self._rng = random.Random(seed)
+        self._block = self._rng.randbytes(1 << 16)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = min(len(buffer), self._left, len(self._block))
+        buffer[:n] = self._block[:n]
+        self._block = self._block[n:] + self._block[:n]  # rotate: no long-range matches
+        self._left -= n
+        return n
+
+
+def test_memory_is_bounded_by_the_signature_not_the_file():
+    sig = FAST.signature(io.BytesIO(random.Random(12).randbytes(1 << 20)), block_size=4096, seed=1)
+    tracemalloc.start()
+    try:
+        d = FAST.delta(sig, Generated(64 << 20, 13))
+        pending = 0
+        for op in d:
+            pending = max(pending, len(op[1]) if op[0] == FAST.LITERAL else 0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert d.new_size == 64 << 20
+    assert pending <= FAST.MAX_LITERAL
+    assert peak < 4 << 20, f"peak {peak} bytes while streaming 64 MiB"
+
+
+def test_delta_runs_in_two_threads_at_once():
+    """The loops release the GIL; two deltas in two threads give the same results as one."""
+    rng = random.Random(14)
+    basis = rng.randbytes(2 << 20)
+    new = basis[:100_000] + rng.randbytes(5000) + basis[100_000:]
+    sig = FAST.signature(io.BytesIO(basis), block_size=1024, seed=3)
+    expected = list(FAST.delta(sig, io.BytesIO(new)))
+    results = []
+
+    def work():
+        results.append(list(FAST.delta(sig, io.BytesIO(new))))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [expected, expected]
+
+
+def test_reads_real_files(tmp_path):
+    rng = random.Random(15)
+    basis = rng.randbytes(300_000)
+    new = basis[:150_000] + b"edit" + basis[150_100:]
+    (tmp_path / "b").write_bytes(basis)
+    (tmp_path / "n").write_bytes(new)
+    for impl in (FAST, PURE):
+        with open(tmp_path / "b", "rb") as f:
+            sig = impl.signature(f, seed=5)
+        assert sig.block_size == impl.default_block_size(len(basis))
+        with open(tmp_path / "n", "rb", buffering=0) as f:
+            d = impl.delta(sig, f)
+            ops = list(d)
+        with open(tmp_path / "b", "rb") as f, open(tmp_path / "out", "wb") as out:
+            assert impl.patch(f, ops, out, block_size=sig.block_size, basis_size=len(basis)) == (
+                d.digest,
+                len(new),
+            )
+        assert (tmp_path / "out").read_bytes() == new
+        os.unlink(tmp_path / "out")

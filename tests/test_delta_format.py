@@ -1,0 +1,266 @@
+"""Signature and delta streams: golden vectors pin the formats; hostile streams are refused
+quickly, with bounded memory, before anything is allocated for them or read from a basis.
+
+Regenerate the golden files (only for an intended format change, with a version bump):
+``MIRROR_REGEN_GOLDEN=1 python -m pytest tests/test_delta_format.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+import time
+import tracemalloc
+from pathlib import Path
+
+import msgpack
+import pytest
+import xxhash
+from conftest import implementations
+
+from mirror import deltafmt
+from mirror.errors import FormatError, IntegrityError, LimitExceeded
+
+GOLDEN = Path(__file__).parent / "golden"
+BOTH = implementations("delta")
+
+# The golden pair: a basis with repeated and unique regions, and a new version with an
+# insertion, a deletion, a moved block and a changed tail.
+GOLDEN_BASIS = bytes(range(256)) * 3 + b"unique middle part of the basis" * 5 + bytes(100)
+GOLDEN_NEW = (
+    GOLDEN_BASIS[:300]
+    + b"INSERTED"
+    + GOLDEN_BASIS[300:500]
+    + GOLDEN_BASIS[600:900]
+    + GOLDEN_BASIS[:64]
+    + b"end"
+)
+GOLDEN_SEED = 0x0123456789ABCDEF
+GOLDEN_BLOCK = 64
+
+
+def golden(name: str, data: bytes) -> bytes:
+    path = GOLDEN / name
+    if os.environ.get("MIRROR_REGEN_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+    return path.read_bytes()
+
+
+def golden_signature(impl):
+    return impl.signature(io.BytesIO(GOLDEN_BASIS), block_size=GOLDEN_BLOCK, seed=GOLDEN_SEED)
+
+
+def delta_bytes(impl, sig, new: bytes) -> bytes:
+    out = io.BytesIO()
+    deltafmt.write_delta(impl.delta(sig, io.BytesIO(new)), out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_signature_format_is_pinned(impl):
+    data = deltafmt.signature_to_bytes(golden_signature(impl))
+    assert data == golden("signature-v1.bin", data)
+    assert data.startswith(b"HMIRSIG\n")
+    sig = deltafmt.signature_from_bytes(golden("signature-v1.bin", data), impl=impl)
+    assert sig == golden_signature(impl)
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_delta_format_is_pinned(impl, tmp_path):
+    data = delta_bytes(impl, golden_signature(impl), GOLDEN_NEW)
+    assert data == golden("delta-v1.bin", data)
+    (tmp_path / "basis").write_bytes(GOLDEN_BASIS)
+    out = io.BytesIO()
+    with open(tmp_path / "basis", "rb") as basis:
+        digest, size = deltafmt.patch_stream(basis, io.BytesIO(data), out, impl=impl)
+    assert out.getvalue() == GOLDEN_NEW
+    assert (digest, size) == (xxhash.xxh3_128_digest(GOLDEN_NEW), len(GOLDEN_NEW))
+
+
+def test_golden_delta_reads_as_documented():
+    reader = deltafmt.read_delta(io.BytesIO((GOLDEN / "delta-v1.bin").read_bytes()))
+    assert (reader.block_size, reader.basis_size) == (GOLDEN_BLOCK, len(GOLDEN_BASIS))
+    ops = list(reader)
+    assert ops[0] == (deltafmt.COPY, 0, 4)
+    assert any(op[0] == deltafmt.LITERAL and b"INSERTED" in op[1] for op in ops)
+    assert reader.new_size == len(GOLDEN_NEW)
+    assert reader.digest == xxhash.xxh3_128_digest(GOLDEN_NEW)
+
+
+def test_large_signature_round_trips_in_batches():
+    impl = BOTH[0].values[0]
+    basis = os.urandom(deltafmt.BATCH_BLOCKS * 16 + 5)
+    sig = impl.signature(io.BytesIO(basis), block_size=16)
+    data = deltafmt.signature_to_bytes(sig)
+    assert deltafmt.signature_from_bytes(data) == sig
+    with pytest.raises(LimitExceeded, match="limit is 1000"):
+        deltafmt.signature_from_bytes(data, max_blocks=1000)
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def sig_header(**fields) -> bytes:
+    header = {
+        "version": 1,
+        "block_size": 64,
+        "strong_len": 8,
+        "seed": 1,
+        "basis_size": 640,
+        "block_count": 10,
+    }
+    header.update(fields)
+    return b"HMIRSIG\n" + pack(header)
+
+
+def delta_header(**fields) -> bytes:
+    header = {"version": 1, "block_size": 64, "basis_size": 640}
+    header.update(fields)
+    return b"HMIRDLT\n" + pack(header)
+
+
+def bounded(call, limit_bytes: int = 2 << 20):
+    """Run ``call`` expecting an error; assert it was quick and allocated little."""
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises((FormatError, IntegrityError)) as info:
+            call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - start < 2.0
+    assert peak < limit_bytes, f"refusing hostile input allocated {peak} bytes"
+    return info.value
+
+
+HOSTILE_SIGNATURES = {
+    "empty": (b"", "truncated"),
+    "wrong magic": (b"RS\x016" + b"\0" * 20, "not a hamirror signature"),
+    "a delta": (delta_header(), "this is a delta"),
+    "future version": (sig_header(version=2), "version 2 is not supported"),
+    "huge block count": (sig_header(basis_size=64 << 40, block_count=1 << 40), "limit"),
+    "inconsistent count": (sig_header(block_count=11), "inconsistent"),
+    "zero block size": (sig_header(block_size=0), "inconsistent"),
+    "strong too long": (sig_header(strong_len=64), "strong hash length"),
+    "negative size": (sig_header(basis_size=-1), "non-negative"),
+    "header not a map": (b"HMIRSIG\n" + pack([1, 2]), "not a map"),
+    "extra header key": (sig_header(extra=1), "keys"),
+    "truncated blocks": (sig_header() + pack([b"\0" * 20, b"\0" * 40]), "truncated"),
+    "batch too big": (sig_header() + pack([b"\0" * 44, b"\0" * 88]), "does not fit"),
+    "batch mismatched": (sig_header() + pack([b"\0" * 40, b"\0" * 79]), "does not fit"),
+    "declared 4 GiB bin": (sig_header() + b"\x92\xc6\xff\xff\xff\xff" + b"\0" * 100, "truncated|oversized"),
+    "huge array": (sig_header() + b"\xdd\xff\xff\xff\xff", "oversized"),
+    "trailing bytes": (sig_header() + pack([b"\0" * 40, b"\0" * 80]) + b"x", "trailing"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_SIGNATURES))
+def test_hostile_signature_is_refused(name):
+    data, message = HOSTILE_SIGNATURES[name]
+    error = bounded(lambda: deltafmt.read_signature(io.BytesIO(data)))
+    assert re.search(message, str(error)), str(error)
+
+
+def test_endless_oversized_item_hits_the_buffer_limit():
+    class Endless(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            buffer[:] = b"\0" * len(buffer)
+            return len(buffer)
+
+    stream = io.BufferedReader(Endless())
+    data = sig_header() + b"\x92\xc6\x7f\xff\xff\xff"
+    chained = io.BufferedReader(io.BytesIO(data))
+
+    class Chain(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            piece = chained.read(len(buffer)) or stream.read(len(buffer))
+            buffer[: len(piece)] = piece
+            return len(piece)
+
+    error = bounded(lambda: deltafmt.read_signature(Chain()), limit_bytes=8 << 20)
+    assert isinstance(error, LimitExceeded)
+
+
+def end_record(data: bytes = b"") -> bytes:
+    return pack([2, len(data), xxhash.xxh3_128_digest(data)])
+
+
+HOSTILE_DELTAS = {
+    "wrong magic": (b"HMIRDLX\n", "not a hamirror delta"),
+    "a signature": (sig_header(), "this is a signature"),
+    "future version": (delta_header(version=9), "version 9"),
+    "zero block size": (delta_header(block_size=0), "block size of 0"),
+    "no end record": (delta_header() + pack([1, b"abc"]), "truncated"),
+    "copy past the end": (delta_header() + pack([0, 9, 2]) + end_record(), "only 10 blocks"),
+    "copy from nothing": (delta_header(basis_size=0) + pack([0, 0, 1]) + end_record(), "only 0 blocks"),
+    "negative copy": (delta_header() + pack([0, -1, 1]) + end_record(), "invalid block range"),
+    "empty copy": (delta_header() + pack([0, 1, 0]) + end_record(), "invalid block range"),
+    "empty literal": (delta_header() + pack([1, b""]) + end_record(), "does not carry bytes"),
+    "unknown op": (delta_header() + pack([5, 1]) + end_record(), "unknown kind"),
+    "declared 4 GiB literal": (
+        delta_header() + b"\x92\x01\xc6\xff\xff\xff\xff" + b"x" * 1000,
+        "truncated|oversized",
+    ),
+    "short digest": (delta_header() + pack([2, 0, b"\0" * 8]), "end record"),
+    "trailing bytes": (delta_header() + end_record() + b"\0", "trailing"),
+    "wrong digest": (delta_header(basis_size=0) + pack([1, b"abc"]) + end_record(b"abd"), "digest"),
+    "wrong size": (delta_header(basis_size=0) + pack([1, b"abc"]) + pack([2, 4, b"\0" * 16]), "promises 4"),
+    "wrong basis size": (delta_header(basis_size=641) + end_record(), "wrong or changed basis"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_DELTAS))
+@pytest.mark.parametrize("impl", BOTH)
+def test_hostile_delta_is_refused(name, impl, tmp_path):
+    data, message = HOSTILE_DELTAS[name]
+    empty_basis = name in ("copy from nothing", "wrong digest", "wrong size")
+    (tmp_path / "basis").write_bytes(b"" if empty_basis else b"b" * 640)
+    out = io.BytesIO()
+    with open(tmp_path / "basis", "rb") as basis:
+        error = bounded(lambda: deltafmt.patch_stream(basis, io.BytesIO(data), out, impl=impl))
+    assert re.search(message, str(error)), str(error)
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_every_truncation_of_a_valid_stream_is_refused(impl, tmp_path):
+    sig_data = deltafmt.signature_to_bytes(golden_signature(impl))
+    for cut in range(len(sig_data)):
+        with pytest.raises(FormatError):
+            deltafmt.signature_from_bytes(sig_data[:cut], impl=impl)
+    data = delta_bytes(impl, golden_signature(impl), GOLDEN_NEW)
+    (tmp_path / "basis").write_bytes(GOLDEN_BASIS)
+    with open(tmp_path / "basis", "rb") as basis:
+        for cut in range(len(data)):
+            with pytest.raises(FormatError):
+                deltafmt.patch_stream(basis, io.BytesIO(data[:cut]), io.BytesIO(), impl=impl)
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_flipped_literal_byte_fails_verification(impl, tmp_path):
+    data = bytearray(delta_bytes(impl, golden_signature(impl), GOLDEN_NEW))
+    at = data.index(b"INSERTED")
+    data[at] ^= 1
+    (tmp_path / "basis").write_bytes(GOLDEN_BASIS)
+    with open(tmp_path / "basis", "rb") as basis, pytest.raises(IntegrityError, match="digest"):
+        deltafmt.patch_stream(basis, io.BytesIO(bytes(data)), io.BytesIO(), impl=impl)
+
+
+def test_copy_header_fields_are_little_endian_weak_sums():
+    impl = BOTH[0].values[0]
+    sig = golden_signature(impl)
+    first = struct.unpack_from("<I", sig.weak, 0)[0]
+    assert first == impl.weak_sum(GOLDEN_BASIS[:GOLDEN_BLOCK])
