@@ -154,6 +154,20 @@ class _Side:
         return current
 
 
+def align(src_listings: Iterable, dst_listings: Iterable) -> Iterator[tuple]:
+    """Pair up two listing streams by directory: ``(src, dst)``, either None if absent."""
+    src, dst = _Side(src_listings), _Side(dst_listings)
+    while src.head is not None or dst.head is not None:
+        s_key = canonical_key(src.head.path) if src.head is not None else None
+        d_key = canonical_key(dst.head.path) if dst.head is not None else None
+        if d_key is None or (s_key is not None and s_key < d_key):
+            yield src.advance(), None
+        elif s_key is None or d_key < s_key:
+            yield None, dst.advance()
+        else:
+            yield src.advance(), dst.advance()
+
+
 def compare_trees(
     src_listings: Iterable,
     dst_listings: Iterable,
@@ -169,32 +183,30 @@ def compare_trees(
     scan = fastpath.choose("scan")
     options = options if options is not None else CompareOptions()
     summary = summary if summary is not None else CompareSummary()
-    flags = options.flags(scan)
-    links = _HardLinks()
     if src_root_entry is not None and dst_root_entry is not None:
         ((_, _, bits),) = scan.compare_listings(
-            scan.Listing(b"", [src_root_entry]), scan.Listing(b"", [dst_root_entry]), flags
+            scan.Listing(b"", [src_root_entry]), scan.Listing(b"", [dst_root_entry]), options.flags(scan)
         ) or ((0, 0, 0),)
         bits &= ~scan.CH_LINKED
         if bits:
             change, fields = _classify(scan, bits, options.checksum, Kind.DIR)
             summary.count(change)
             yield Change(b".", change, src_root_entry, dst_root_entry, fields)
+    yield from compare_pairs(align(src_listings, dst_listings), options, summary)
 
-    src, dst = _Side(src_listings), _Side(dst_listings)
+
+def compare_pairs(pairs: Iterable[tuple], options: CompareOptions, summary: CompareSummary) -> Iterator[Change]:
+    """The changes within aligned ``(src, dst)`` listing pairs (see ``align``), in order.
+
+    A listing that is incomplete on either side makes its whole subtree unknown: it is
+    skipped on both sides (its problems are in ``summary.problems``).
+    """
+    scan = fastpath.choose("scan")
+    flags = options.flags(scan)
+    links = _HardLinks()
     skip_prefix: bytes | None = None  # canonical key prefix of an incomplete subtree
-    while src.head is not None or dst.head is not None:
-        s_key = canonical_key(src.head.path) if src.head is not None else None
-        d_key = canonical_key(dst.head.path) if dst.head is not None else None
-        if d_key is None or (s_key is not None and s_key < d_key):
-            a, b = src.advance(), None
-            key = s_key
-        elif s_key is None or d_key < s_key:
-            a, b = None, dst.advance()
-            key = d_key
-        else:
-            a, b = src.advance(), dst.advance()
-            key = s_key
+    for a, b in pairs:
+        key = canonical_key((a if a is not None else b).path)
         for listing in (a, b):
             if listing is not None:
                 summary.problems.extend(listing.problems)

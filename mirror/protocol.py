@@ -153,6 +153,8 @@ class LocalTransport:
         return cls(b_to_a, a_to_b), cls(a_to_b, b_to_a)
 
     def send(self, message: list | tuple, flush: bool = True) -> None:
+        # No encoding here; count what the frame would carry, for the transfer statistics.
+        self.bytes_sent += 16 + sum(len(x) for x in message if isinstance(x, bytes))
         self._outbox.put(list(message))
 
     def flush(self) -> None:

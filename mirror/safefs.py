@@ -192,8 +192,6 @@ class ConfinedTree:
         elif kind == Kind.SYMLINK:
             os.symlink(target, temp, dir_fd=dir_fd)
         elif kind in (Kind.FIFO, Kind.SOCKET):
-            # A socket cannot be re-created meaningfully; a FIFO-less placeholder would lie,
-            # so sockets are made as FIFOs' sibling kind: an S_IFSOCK node via mknod.
             fmt = stat.S_IFIFO if kind == Kind.FIFO else stat.S_IFSOCK
             os.mknod(temp, 0o600 | fmt, dir_fd=dir_fd)
         elif kind in (Kind.CHAR, Kind.BLOCK):
@@ -240,7 +238,7 @@ class ConfinedTree:
                   owner: bool) -> None:  # fmt: skip
         """Owner (when ``owner``), permissions (not for symlinks) and mtime of ``path``."""
         if kind == Kind.DIR:
-            fd = self.dir_fd(split_path(path))
+            fd = self.dir_fd(split_path(path) if path else [])
             if owner:
                 os.chown(fd, uid, gid)
             os.chmod(fd, mode)
@@ -267,36 +265,47 @@ class ConfinedTree:
 
 
 class Commit:
-    """A new file's content on its way into the tree: write, then ``commit()`` or ``discard()``."""
+    """A new file's content on its way into the tree: write, ``finish``, then ``commit`` or
+    ``discard``.  It holds its own descriptor of the target directory, so the tree's
+    descriptor cache can close its copy at any time."""
 
     def __init__(self, tree: ConfinedTree, path: bytes, dir_fd: int, name: bytes, temp_dir_fd: int,
                  temp: bytes, fd: int):  # fmt: skip
         self.tree = tree
         self.path = path
-        self.dir_fd = dir_fd
+        self.dir_fd = os.dup(dir_fd)
         self.name = name
         self.temp_dir_fd = temp_dir_fd
         self.temp = temp
         self.file = os.fdopen(fd, "wb", buffering=0)
         self.done = False
 
-    def finish(self, mode: int, uid: int, gid: int, mtime_ns: int, owner: bool, sync: bool) -> None:
-        """Set the final attributes on the temporary file and (``sync``) make its data durable."""
+    def finish(self, mode: int, uid: int, gid: int, mtime_ns: int, owner: bool) -> None:
+        """Give the temporary file its final attributes (it stays open for ``fsync``)."""
         fd = self.file.fileno()
         if owner:
             os.fchown(fd, uid, gid)
         os.fchmod(fd, mode)  # after chown, which clears set-id bits
         os.utime(fd, ns=(mtime_ns, mtime_ns))
-        if sync:
-            os.fsync(fd)
-        self.file.close()
+
+    def fsync(self) -> None:
+        os.fsync(self.file.fileno())
 
     def commit(self) -> None:
         """Rename into place (over a file or symlink; a directory in the way is removed)."""
-        if not self.file.closed:
+        try:
             self.file.close()
-        self.tree._replace(self.temp_dir_fd, self.temp, self.dir_fd, self.name, self.path)
-        self.done = True
+            self.tree._replace(self.temp_dir_fd, self.temp, self.dir_fd, self.name, self.path)
+            self.done = True
+        finally:
+            if self.done:
+                pass
+
+    def release(self) -> None:
+        """Close the directory descriptor (after the directory was fsynced, if it was)."""
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
 
     def discard(self) -> None:
         if not self.file.closed:
@@ -304,6 +313,7 @@ class Commit:
         if not self.done:
             _unlink_quietly(self.temp_dir_fd, self.temp)
             self.done = True
+        self.release()
 
 
 def _unlink_quietly(dir_fd: int, name: bytes) -> None:
@@ -313,11 +323,15 @@ def _unlink_quietly(dir_fd: int, name: bytes) -> None:
         pass
 
 
-def syncfs(fd: int) -> None:
-    """Flush the filesystem holding ``fd`` (one call makes a whole batch of files durable)."""
-    import ctypes
+def fsync_all(fds: list[int]) -> None:
+    """fsync many descriptors at once: issued in parallel, the filesystem folds them into few
+    journal commits (one ``syncfs`` would also flush every other process's dirty data)."""
+    if len(fds) <= 2:
+        for fd in fds:
+            os.fsync(fd)
+        return
+    from concurrent.futures import ThreadPoolExecutor
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    with ThreadPoolExecutor(max_workers=min(8, len(fds))) as pool:
+        for _ in pool.map(os.fsync, fds):
+            pass

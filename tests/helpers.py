@@ -29,3 +29,17 @@ def run_mirror(*args, prefix: list[str] | None = None, check_codes=(0, 1, 2, 3, 
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def wait_until(condition, timeout: float = 30.0, interval: float = 0.01):
+    """Poll ``condition`` until it is true (returns its value) or fail after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {condition}")
+        time.sleep(interval)

@@ -1,0 +1,38 @@
+"""Receive a sync on stdin/stdout (what `mirror sync SRC HOST:PATH` runs over ssh).
+
+Not for interactive use: the protocol runs on standard input and output.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import UsageError
+from ..protocol import StreamTransport, load_secret
+from ..receiver import ModuleConfig, Receiver
+
+
+def add_arguments(parser):
+    parser.add_argument("path", help="the replica tree")
+    parser.add_argument("--secret-file", metavar="FILE", help="require the sender to prove this shared secret")
+    parser.add_argument("--lock-file", metavar="PATH", help="refuse writes while this mirroring lock exists")
+    parser.add_argument("--state-dir", metavar="DIR", help="the replica's state dir (default PATH/.mirror)")
+
+
+def run(args) -> int:
+    path = os.fsencode(args.path)
+    os.makedirs(path, exist_ok=True)
+    if not os.path.isdir(path):
+        raise UsageError(f"{args.path} is not a directory")
+    module = ModuleConfig(
+        name="", path=os.path.abspath(path), secret=load_secret(args.secret_file) if args.secret_file else None,
+        lock_file=os.fsencode(args.lock_file) if args.lock_file else None,
+        state_dir=os.fsencode(args.state_dir) if args.state_dir else None,
+    )  # fmt: skip
+    # The protocol owns stdout: anything else printed there would corrupt it.
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=1 << 20)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    transport = StreamTransport(sys.stdin.buffer, out)
+    Receiver(transport, {"": module}, peer="stdio").serve()
+    return 0

@@ -1,0 +1,77 @@
+"""Serve modules to `mirror sync` clients: mirror://HOST:PORT/MODULE.
+
+Either --listen/--module/--secret-file on the command line, or --config FILE (TOML; see
+examples/mirror-serve.toml).  Many clients at once; one writer per module at a time.
+Every client proves it knows the shared secret (HMAC-SHA256 challenge-response, in both
+directions; the secret itself never crosses the wire).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from ..config import load_serve_config, parse_listen
+from ..errors import UsageError
+from ..protocol import load_secret
+from ..receiver import ModuleConfig
+
+log = logging.getLogger("mirror.serve")
+
+
+def add_arguments(parser):
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration (instead of the options below)")
+    parser.add_argument("--listen", default="0.0.0.0:8730", help="ADDR:PORT to listen on (default 0.0.0.0:8730)")
+    parser.add_argument("--module", action="append", default=[], metavar="NAME=PATH", help="a tree to serve")
+    parser.add_argument("--secret-file", metavar="FILE", help="shared secret (first line of FILE)")
+    parser.add_argument("--lock-file", metavar="PATH", help="refuse writes while this mirroring lock exists")
+    parser.add_argument("--read-only", action="store_true", help="accept only dry runs")
+    parser.add_argument("--port-file", metavar="FILE", help="write the port listened on to FILE (for --listen :0)")
+
+
+def run(args) -> int:
+    from ..server import MirrorServer
+
+    if args.config:
+        if args.module:
+            raise UsageError("give modules either with --config or with --module, not both")
+        config = load_serve_config(args.config)
+        listen, modules, max_conn = config.listen, config.modules, config.max_connections
+    else:
+        if not args.module:
+            raise UsageError("no module to serve: give --module NAME=PATH (or --config FILE)")
+        if not args.secret_file:
+            raise UsageError("--secret-file is required: every client must prove it knows the secret")
+        secret = load_secret(args.secret_file)
+        modules = {}
+        for spec in args.module:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise UsageError(f"--module: expected NAME=PATH, got {spec!r}")
+            if not os.path.isdir(path):
+                raise UsageError(f"--module {name}: {path} is not a directory")
+            modules[name] = ModuleConfig(
+                name=name, path=os.fsencode(os.path.abspath(path)), secret=secret,
+                lock_file=os.fsencode(args.lock_file) if args.lock_file else None, read_only=args.read_only,
+            )  # fmt: skip
+        listen, max_conn = parse_listen(args.listen), 64
+    server = MirrorServer(listen, modules, max_conn)
+    if args.port_file:
+        with open(args.port_file, "w") as f:
+            f.write(f"{server.port}\n")
+    log.warning("serving %s on %s:%d", ", ".join(sorted(modules)), listen[0], server.port)
+    signal.signal(signal.SIGTERM, lambda *_: _stop(server))
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _stop(server) -> None:
+    import threading
+
+    threading.Thread(target=server.shutdown, daemon=True).start()

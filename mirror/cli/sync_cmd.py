@@ -1,0 +1,146 @@
+"""Mirror SRC to DST: a local directory, mirror://HOST:PORT/MODULE[/SUBPATH], or HOST:PATH.
+
+Only what differs is sent: new and changed files (large ones as rsync-style deltas
+against the replica's copy), directories, symlinks, hard links, devices, attributes; with
+--delete, what is gone from SRC is removed from DST, after the new content is in place.
+Every file is verified against SRC's xxh3-128 digest before it replaces the old one.
+
+Exit status: 0 done, 1 partial (some files failed; each is named on stderr), 2 error,
+3 a mirroring lock is present, 4 the replica has a newer epoch (fenced), 5 auth failed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import EXIT_DIFFERENT, UsageError
+from ._common import add_exclude_arguments, excluder_from_args, path_arg
+
+_UNITS = {"": 1024, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_rate(text: str) -> int:
+    """``--bwlimit``: bytes per second; a bare number is KiB/s, like rsync."""
+    t = text.strip().upper().removesuffix("/S").removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in _UNITS else ""
+    number = t[:-1] if unit else t
+    try:
+        value = int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise UsageError(f"--bwlimit: cannot read {text!r} (examples: 500, 20M, 1G)") from None
+    if value <= 0:
+        raise UsageError("--bwlimit must be positive")
+    return value
+
+
+def add_arguments(parser):
+    parser.add_argument("src", help="the source tree")
+    parser.add_argument("dst", help="destination: DIR, mirror://HOST:PORT/MODULE[/SUBPATH] or HOST:PATH")
+    parser.add_argument("--delete", action="store_true", help="delete what is not in SRC from DST")
+    parser.add_argument("--checksum", "-c", action="store_true", help="compare content by digest, not size+mtime")
+    parser.add_argument("-n", "--dry-run", action="store_true", help="only show what would change")
+    parser.add_argument("-i", "--itemize-changes", action="store_true", help="print each change (as mirror diff)")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    parser.add_argument("--stats", action="store_true", help="print transfer statistics at the end")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--secret-file", metavar="F", help="shared secret for mirror:// (first line of F)")
+    parser.add_argument("--bwlimit", metavar="RATE", type=parse_rate, help="limit bandwidth (KiB/s, or 20M, 1G)")
+    parser.add_argument("--rsh", default="ssh -T", help="remote shell for HOST:PATH (default 'ssh -T')")
+    parser.add_argument("--remote-command", default="mirror", help="the mirror command on the remote host")
+    parser.add_argument("--lock-file", metavar="PATH", help="mirroring lock: refuse to send while PATH exists")
+    parser.add_argument("--dst-lock-file", metavar="PATH", help="local DST only: the receiving side's lock file")
+    parser.add_argument("--state-dir", metavar="DIR", help="SRC's state dir (epoch, digest cache)")
+    parser.add_argument("--no-fsync", action="store_true", help="skip fsync on the receiver (tests, scratch copies)")
+    add_exclude_arguments(parser)
+
+
+def run(args) -> int:
+    from ..itemize import change_json, item_lines
+    from ..sync import sync
+
+    excluder = excluder_from_args(args)
+    patterns = [p.text for p in excluder.patterns] if excluder else []
+    show = args.itemize_changes or args.dry_run
+
+    def on_change(change):
+        if show and not args.json:
+            for line in item_lines(change):
+                sys.stdout.write(line + "\n")
+
+    progress = _Progress() if args.progress else None
+    try:
+        result = sync(
+            path_arg(args.src), path_arg(args.dst), delete=args.delete, checksum=args.checksum,
+            dry_run=args.dry_run, excludes=patterns, secret_file=args.secret_file, lock_file=args.lock_file,
+            dst_lock_file=args.dst_lock_file, state_dir=args.state_dir, bwlimit=args.bwlimit, rsh=args.rsh,
+            remote_command=args.remote_command, fsync=not args.no_fsync, on_change=on_change,
+            on_progress=progress.advance if progress else None,
+        )  # fmt: skip
+    finally:
+        if progress:
+            progress.close()
+    for path, reason in result.failed:
+        print(f"mirror sync: failed: {_show(path)}: {reason}", file=sys.stderr)
+    for problem in result.problems:
+        print(f"mirror sync: warning: {_show(problem.path)}: {problem.message}", file=sys.stderr)
+    s = result.stats
+    if args.json:
+        from ._common import print_json
+
+        print_json({
+            "ok": result.ok, "dry_run": result.dry_run,
+            "changes": [change_json(c) for c in result.changes],
+            "failed": [{"path": _show(p), "reason": r} for p, r in result.failed],
+            "problems": [{"path": _show(p.path), "message": p.message} for p in result.problems],
+            "stats": {
+                "files_seen": s.files_seen, "files_sent": s.files_sent, "files_delta": s.files_delta,
+                "other_changes": s.other_changes, "deleted": s.deleted, "literal_bytes": s.literal_bytes,
+                "matched_bytes": s.matched_bytes, "size_of_sent_files": s.size_of_sent_files,
+                "wire_sent": s.wire_sent, "wire_received": s.wire_received, "speedup": round(s.speedup, 2),
+                "seconds": round(s.seconds, 6),
+            },
+        })  # fmt: skip
+    elif args.stats:
+        print(f"files: {s.files_seen} seen, {s.files_sent} sent ({s.files_delta} as deltas), "
+              f"{s.other_changes} other changes, {s.deleted} deleted")
+        print(f"bytes: {s.literal_bytes} literal, {s.matched_bytes} matched from the replica, "
+              f"{s.wire_sent} sent on the wire, {s.wire_received} received")
+        print(f"speedup: {s.speedup:.2f}   time: {s.seconds:.3f} s")
+    if result.failed or result.problems:
+        print(f"mirror sync: partial: {len(result.failed)} files failed, {len(result.problems)} could not be read",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_DIFFERENT
+    return 0
+
+
+def _show(path: bytes) -> str:
+    from ..itemize import escape_path
+
+    return escape_path(path)
+
+
+class _Progress:
+    """A rich progress bar of bytes sent (the total is not known while the trees stream)."""
+
+    def __init__(self):
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        self._bar = Progress(TextColumn("mirror sync"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                             TextColumn("{task.fields[files]} files"), TimeElapsedColumn(), transient=True)  # fmt: skip
+        self._bar.start()
+        self._task = self._bar.add_task("sync", total=None, files=0)
+        self._files = 0
+
+    def advance(self, size: int) -> None:
+        self._files += 1
+        self._bar.update(self._task, advance=size, files=self._files)
+
+    def close(self) -> None:
+        self._bar.stop()

@@ -1,0 +1,678 @@
+"""The receiving end of a sync: the security boundary between the wire and the replica.
+
+``Receiver`` serves one connection: handshake (protocol version, shared-secret challenge in
+both directions, module), then sessions (``start`` ... ``end``) until the peer hangs up.
+In a session it scans its tree and streams a per-directory summary, answers requests for
+listings and block signatures, and writes what the sender sends:
+
+- every path is confined to the module (``mirror.safefs``), every length was bounded by
+  the frame decoder, every delta op is checked against its basis before it is applied;
+- new content goes to a temporary file, is verified against the sender's whole-file
+  xxh3-128, and only then renamed into place (a mismatch is reported, never committed);
+- commits are grouped: a batch's files are fsynced together (in parallel, so the filesystem
+  folds them into few journal commits), renamed, and their directories fsynced: a reader
+  sees old or new files, and a crash loses no file the session reported as written;
+- deletions and directory attributes are applied last, after the new content is in place;
+- the mirroring lock file is checked before every commit: if it appears, pending files are
+  discarded and the session ends with ``locked``; a sender with an older epoch is refused.
+
+The class is embeddable: give it a transport (``mirror.protocol``) and a module table.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import xxhash
+
+from . import deltafmt, fastpath
+from . import protocol as P
+from .entry import Kind
+from .epoch import observe_epoch, read_epoch
+from .errors import (
+    LockedError,
+    MirrorError,
+    ProtocolError,
+    StaleEpochError,
+    UnsafePathError,
+    display_path,
+    fs_path,
+)
+from .exclude import make_excluder
+from .lockfile import is_locked, status
+from .safefs import ConfinedTree, fsync_all, split_path
+from .statedir import ensure_state_dir, resolve_state_dir
+from .treescan import TreeScan
+
+log = logging.getLogger(__name__)
+
+SUMMARY_BATCH = 256  # directories per summary message
+LISTING_PART = 32768  # entries per listing message (a larger directory is sent in parts)
+COMMIT_BATCH_FILES = 256
+COMMIT_BATCH_BYTES = 256 << 20
+MAX_WANT = 4096
+SIGNATURE_PART = 4 << 20
+# Summary flags per directory
+HAS_LINKS = 1
+INCOMPLETE = 2
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """One tree a receiver serves."""
+
+    name: str
+    path: bytes
+    secret: bytes | None = None
+    lock_file: bytes | None = None
+    read_only: bool = False
+    state_dir: bytes | None = None
+
+    @property
+    def resolved_state_dir(self) -> bytes:
+        return resolve_state_dir(self.path, self.state_dir)
+
+
+@dataclass
+class _Incoming:
+    """The file being received."""
+
+    req: int
+    path: bytes
+    attrs: list
+    commit: object
+    patcher: object | None = None
+    hasher: object | None = None
+    size: int = 0
+    failed: str | None = None
+
+
+@dataclass
+class _Pending:
+    commit: object
+    size: int
+
+
+@dataclass
+class SessionStats:
+    files: int = 0
+    bytes_written: int = 0
+    deleted: int = 0
+    failed: list = field(default_factory=list)
+
+
+class Receiver:
+    """Serve one connection (see the module docstring)."""
+
+    def __init__(self, transport, modules: dict[str, ModuleConfig], *, peer: str = "local",
+                 writer_locks: dict | None = None):  # fmt: skip
+        self.t = transport
+        self.modules = modules
+        self.peer = peer
+        self.can_chown = os.geteuid() == 0
+        self._writer_locks = writer_locks if writer_locks is not None else {}
+        self.module: ModuleConfig | None = None
+        self.sessions = 0
+
+    # -- connection ------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Handshake, then sessions until the peer closes.  Errors are sent, then raised."""
+        try:
+            self._handshake()
+            while True:
+                message = self.t.recv()
+                if message is None:
+                    return
+                if message[0] != P.START:
+                    raise ProtocolError(f"expected 'start', got {message[0]!r}")
+                self._session(message)
+                self.sessions += 1
+        except MirrorError as exc:
+            self._send_error(exc)
+            raise
+        finally:
+            self.t.close()
+
+    def _send_error(self, exc: MirrorError) -> None:
+        try:
+            self.t.send([P.ERROR, type(exc).__name__, exc.exit_code, str(exc)])
+        except (MirrorError, OSError):
+            pass
+
+    def _handshake(self) -> None:
+        hello = self.t.recv()
+        if hello is None:
+            raise ProtocolError("peer closed the connection before saying hello")
+        if hello[0] != P.HELLO or len(hello) != 2 or not isinstance(hello[1], dict):
+            raise ProtocolError("expected 'hello'")
+        info = hello[1]
+        if info.get("proto") != P.PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {info.get('proto')!r} is not supported (this receiver speaks "
+                                f"version {P.PROTOCOL_VERSION})")  # fmt: skip
+        name = info.get("module")
+        if not isinstance(name, str) or name not in self.modules:
+            raise ProtocolError(f"unknown module {name!r}")
+        client_nonce = P.want_bytes(info.get("nonce"), "nonce", P.NONCE_SIZE)
+        self.module = self.modules[name]
+        self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
+        if self.subpath:
+            split_path(self.subpath)
+        server_nonce = os.urandom(P.NONCE_SIZE)
+        secret = self.module.secret
+        self.t.send([P.CHALLENGE, {"proto": P.PROTOCOL_VERSION, "nonce": server_nonce, "auth": secret is not None}])
+        auth = self.t.recv()
+        if auth is None or auth[0] != P.AUTH or len(auth) != 2 or not isinstance(auth[1], dict):
+            raise ProtocolError("expected 'auth'")
+        proof = b""
+        if secret is not None:
+            P.verify(P.client_proof(secret, server_nonce, client_nonce, name), auth[1].get("proof"), self.peer)
+            proof = P.server_proof(secret, server_nonce, client_nonce, name)
+        self.t.send([P.WELCOME, {
+            "proof": proof, "epoch": read_epoch(self.module.resolved_state_dir),
+            "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE,
+        }])  # fmt: skip
+
+    # -- session ---------------------------------------------------------------------------
+
+    def _session(self, start: list) -> None:
+        P.want_len(start, 2)
+        opts = start[1] if isinstance(start[1], dict) else {}
+        module = self.module
+        assert module is not None
+        state_dir = module.resolved_state_dir
+        dry_run = bool(opts.get("dry_run"))
+        epoch = P.want_int(opts.get("epoch", 0), "epoch")
+        mine = read_epoch(state_dir)
+        if epoch < mine:
+            raise StaleEpochError(
+                f"refused: the sender's tree epoch {epoch} is older than this replica's {mine} "
+                "(a stale former primary must not overwrite newer data)"
+            )
+        if module.lock_file and is_locked(module.lock_file):
+            info = status(module.lock_file)
+            raise LockedError(f"refused: mirroring lock on the receiver: {info.describe() if info else 'locked'}")
+        if module.read_only and not dry_run:
+            raise MirrorError(f"module {module.name!r} is read-only: only a dry run is allowed")
+        if epoch > mine and not dry_run:
+            observe_epoch(state_dir, epoch)
+        writer = None if dry_run else self._take_writer_lock(module, state_dir)
+        try:
+            self._run_session(opts, state_dir, dry_run)
+        finally:
+            if writer is not None:
+                writer.release()
+
+    def _take_writer_lock(self, module: ModuleConfig, state_dir: bytes) -> _WriterLock:
+        lock = _WriterLock(ensure_state_dir(state_dir), self.peer)
+        holder = lock.acquire()
+        if holder is not None:
+            raise MirrorError(f"module {module.name!r} is busy: another sync is writing to it ({holder})")
+        return lock
+
+    def _run_session(self, opts: dict, state_dir: bytes, dry_run: bool) -> None:
+        root = fs_path(self.module.path)
+        if self.subpath:
+            root = self._ensure_subpath(root, dry_run)
+        scan = fastpath.choose("scan")
+        self.flags = P.want_int(opts.get("flags", 0), "flags", 0, 15)
+        self.owner = bool(opts.get("owner")) and self.can_chown
+        self.sync_writes = not opts.get("no_fsync", False)
+        excludes = opts.get("excludes", [])
+        if not isinstance(excludes, list) or not all(isinstance(p, bytes) for p in excludes):
+            raise ProtocolError("bad excludes")
+        self.listings: dict[bytes, object] = {}
+        self.tree = ConfinedTree(root, temp_dir=os.path.join(state_dir, b"tmp"))
+        self.pending: list[_Pending] = []
+        self.pending_bytes = 0
+        self.deletes: list[bytes] = []
+        self.dir_attrs: list[tuple] = []
+        self.stats = SessionStats()
+        self.incoming: _Incoming | None = None
+        tree_scan = TreeScan(root, excluder=make_excluder(excludes), checksum=bool(self.flags & scan.CMP_CHECKSUM),
+                             state_dir=state_dir if not self.subpath else None, use_cache=True)  # fmt: skip
+        summary_error: list[BaseException] = []
+        summarizer = threading.Thread(target=self._send_summary, args=(tree_scan, summary_error), name="summary")
+        root_st = os.stat(self.tree.root_fd)
+        root_attrs = [root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid, root_st.st_mtime_ns]
+        self.t.send([P.READY, {"epoch": read_epoch(state_dir), "root": root_attrs}])
+        summarizer.start()
+        try:
+            self._handle_until_end(summarizer)
+        except BaseException:
+            self._discard_all()
+            raise
+        finally:
+            summarizer.join()
+            self.tree.close()
+        if summary_error:
+            raise summary_error[0]
+
+    def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
+        tree = ConfinedTree(root)
+        try:
+            parts = split_path(self.subpath)
+            for i in range(1, len(parts) + 1):
+                if not dry_run:
+                    tree.make_dir(b"/".join(parts[:i]), 0o755)
+                else:
+                    tree.dir_fd(parts[:i])
+        finally:
+            tree.close()
+        return os.path.join(root, self.subpath)
+
+    def _send_summary(self, tree_scan: TreeScan, error: list) -> None:
+        try:
+            batch = []
+            for listing in tree_scan:
+                self.listings[listing.path] = listing
+                flags = (HAS_LINKS if listing.has_links() else 0) | (0 if listing.complete else INCOMPLETE)
+                batch.append([listing.path, listing.fingerprint(self.flags), flags])
+                if len(batch) >= SUMMARY_BATCH:
+                    self.t.send([P.SUMMARY, batch])
+                    batch = []
+            if batch:
+                self.t.send([P.SUMMARY, batch])
+            problems = [[p.path, p.errno, p.message] for p in tree_scan.problems]
+            self.t.send([P.SUMMARY_END, {"dirs": tree_scan.stats.dirs, "problems": problems[:1000]}])
+        except BaseException as exc:  # reported by the session, after the main loop ends
+            error.append(exc)
+            try:
+                self.t.send([P.ERROR, type(exc).__name__, 2, f"receiver scan failed: {exc}"])
+            except (MirrorError, OSError):
+                pass
+
+    def _handle_until_end(self, summarizer: threading.Thread) -> None:
+        handlers = {
+            P.WANT: self._on_want, P.SIG: self._on_sig, P.FILE: self._on_file, P.DATA: self._on_data,
+            P.COPY: self._on_copy, P.FILE_END: self._on_file_end, P.FILE_ABORT: self._on_file_abort,
+            P.MKDIR: self._on_mkdir, P.SYMLINK: self._on_special, P.NODE: self._on_special,
+            P.HARDLINK: self._on_hardlink, P.ATTRS: self._on_attrs, P.DELETE: self._on_delete,
+            P.PING: self._on_ping,
+        }  # fmt: skip
+        while True:
+            message = self.t.recv()
+            if message is None:
+                raise ProtocolError("sender closed the connection in the middle of a session")
+            kind = message[0]
+            if kind == P.END:
+                summarizer.join()
+                self._finish_session()
+                return
+            handler = handlers.get(kind)
+            if handler is None:
+                raise ProtocolError(f"unexpected message {kind!r}")
+            handler(message)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _on_want(self, message: list) -> None:
+        P.want_len(message, 2)
+        paths = message[1]
+        if not isinstance(paths, list) or len(paths) > MAX_WANT:
+            raise ProtocolError("bad 'want' list")
+        scan = fastpath.choose("scan")
+        for path in paths:
+            listing = self.listings.get(P.want_bytes(path, "path", 65536))
+            if listing is None:
+                raise ProtocolError(f"'want' for a directory the summary did not list: {display_path(path)}")
+            if len(listing) <= LISTING_PART:
+                self.t.send([P.LISTING, listing.path, *listing.pack(), listing.complete, True], flush=False)
+                continue
+            entries = list(listing)
+            for start in range(0, len(entries), LISTING_PART):
+                part = scan.Listing(listing.path, entries[start : start + LISTING_PART])
+                last = start + LISTING_PART >= len(entries)
+                self.t.send([P.LISTING, listing.path, *part.pack(), listing.complete, last], flush=False)
+        self.t.flush()
+
+    def _on_sig(self, message: list) -> None:
+        P.want_len(message, 2)
+        requests = message[1]
+        if not isinstance(requests, list) or len(requests) > MAX_WANT:
+            raise ProtocolError("bad 'sig' list")
+        delta = fastpath.choose("delta")
+        for item in requests:
+            if not isinstance(item, list) or len(item) != 2:
+                raise ProtocolError("bad 'sig' request")
+            req = P.want_int(item[0], "request id")
+            path = P.want_bytes(item[1], "path", 65536)
+            try:
+                with self.tree.open_regular(path) as basis:
+                    sig = delta.signature(basis)
+            except (OSError, UnsafePathError) as exc:
+                self.t.send([P.SIG_FAILED, req, _reason(exc)], flush=False)
+                continue
+            data = deltafmt.signature_to_bytes(sig)
+            # A big file's signature spans several frames; the sender joins them in order.
+            for start in range(0, max(len(data), 1), SIGNATURE_PART):
+                last = start + SIGNATURE_PART >= len(data)
+                self.t.send([P.SIGNATURE, req, data[start : start + SIGNATURE_PART], last], flush=False)
+        self.t.flush()
+
+    def _on_ping(self, message: list) -> None:
+        P.want_len(message, 2)
+        self.t.send([P.PONG, message[1]])
+
+    # -- file content ----------------------------------------------------------------------
+
+    def _on_file(self, message: list) -> None:
+        P.want_len(message, 7)
+        _, req, path, attrs, mode, block_size, basis_size = message
+        req = P.want_int(req, "request id")
+        path = P.want_bytes(path, "path", 65536)
+        attrs = _attrs(attrs)
+        if self.incoming is not None:
+            raise ProtocolError("'file' before the previous file ended")
+        split_path(path)
+        try:
+            commit = self.tree.new_file(path)
+        except (OSError, UnsafePathError) as exc:
+            self.incoming = _Incoming(req, path, attrs, None, failed=_reason(exc))
+            return
+        incoming = _Incoming(req, path, attrs, commit)
+        self.incoming = incoming
+        if mode == "delta":
+            block_size = P.want_int(block_size, "block size", 1, 1 << 30)
+            basis_size = P.want_int(basis_size, "basis size")
+            try:
+                basis = self.tree.open_regular(path)
+            except (OSError, UnsafePathError) as exc:
+                incoming.failed = "basis-gone: " + _reason(exc)
+                return
+            try:
+                incoming.patcher = fastpath.choose("delta").Patcher(basis, commit.file, block_size, basis_size)
+            except ValueError as exc:
+                basis.close()
+                incoming.failed = f"basis-changed: {exc}"
+                return
+            incoming.basis = basis
+        elif mode == "whole":
+            incoming.hasher = xxhash.xxh3_128()
+        else:
+            raise ProtocolError(f"unknown file mode {mode!r}")
+
+    def _current(self, req) -> _Incoming:
+        incoming = self.incoming
+        if incoming is None or req != incoming.req:
+            raise ProtocolError("file data for a file that was not started")
+        return incoming
+
+    def _on_data(self, message: list) -> None:
+        P.want_len(message, 3)
+        incoming = self._current(message[1])
+        data = P.want_bytes(message[2], "data", P.MAX_CHUNK)
+        if incoming.failed:
+            return
+        try:
+            if incoming.patcher is not None:
+                incoming.patcher.apply((1, data))
+            else:
+                incoming.hasher.update(data)
+                incoming.commit.file.write(data)
+            incoming.size += len(data)
+        except ValueError as exc:
+            raise ProtocolError(f"{display_path(incoming.path)}: {exc}") from None
+        except OSError as exc:
+            incoming.failed = _reason(exc)
+
+    def _on_copy(self, message: list) -> None:
+        P.want_len(message, 4)
+        incoming = self._current(message[1])
+        if incoming.failed:
+            return
+        if incoming.patcher is None:
+            raise ProtocolError("'copy' for a file sent whole")
+        first = P.want_int(message[2], "block index")
+        count = P.want_int(message[3], "block count", 1)
+        try:
+            incoming.patcher.apply((0, first, count))
+        except ValueError as exc:
+            raise ProtocolError(f"{display_path(incoming.path)}: {exc}") from None
+        except OSError as exc:
+            incoming.failed = _reason(exc)
+
+    def _on_file_abort(self, message: list) -> None:
+        incoming = self._current(message[1])
+        self._drop_incoming(incoming)
+
+    def _drop_incoming(self, incoming: _Incoming) -> None:
+        if incoming.commit is not None:
+            incoming.commit.discard()
+        basis = getattr(incoming, "basis", None)
+        if basis is not None:
+            basis.close()
+        self.incoming = None
+
+    def _on_file_end(self, message: list) -> None:
+        P.want_len(message, 4)
+        incoming = self._current(message[1])
+        digest = P.want_bytes(message[2], "digest", 16)
+        size = P.want_int(message[3], "size")
+        failed = incoming.failed
+        if not failed:
+            try:
+                if incoming.patcher is not None:
+                    got, got_size = incoming.patcher.finish()
+                else:
+                    got, got_size = incoming.hasher.digest(), incoming.size
+                if (got, got_size) != (digest, size):
+                    failed = "mismatch: content does not match the sender's digest"
+                else:
+                    mode, uid, gid, mtime_ns = incoming.attrs
+                    incoming.commit.finish(mode, uid, gid, mtime_ns, self.owner)
+            except ValueError as exc:
+                failed = f"mismatch: {exc}"
+            except OSError as exc:
+                failed = _reason(exc)
+        basis = getattr(incoming, "basis", None)
+        if basis is not None:
+            basis.close()
+        if failed:
+            incoming.commit and incoming.commit.discard()
+            self.incoming = None
+            self._fail(incoming.req, incoming.path, failed)
+            return
+        self.incoming = None
+        self.pending.append(_Pending(incoming.commit, size))
+        self.pending_bytes += size
+        if len(self.pending) >= COMMIT_BATCH_FILES or self.pending_bytes >= COMMIT_BATCH_BYTES:
+            self._flush()
+
+    def _fail(self, req: int | None, path: bytes, reason: str) -> None:
+        self.stats.failed.append([path, reason])
+        self.t.send([P.FAILED, req, path, reason])
+
+    def _flush(self) -> None:
+        """Commit the pending files: data durable, then renamed, then the renames durable."""
+        if not self.pending:
+            return
+        lock = self.module.lock_file
+        if lock and is_locked(lock):
+            self._discard_all()
+            info = status(lock)
+            raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
+        batch, self.pending, self.pending_bytes = self.pending, [], 0
+        try:
+            if self.sync_writes:
+                fsync_all([item.commit.file.fileno() for item in batch])
+            committed = []
+            for item in batch:
+                try:
+                    item.commit.commit()
+                    committed.append(item.commit)
+                    self.stats.files += 1
+                    self.stats.bytes_written += item.size
+                except (OSError, UnsafePathError) as exc:
+                    item.commit.discard()
+                    self._fail(None, item.commit.path, _reason(exc))
+            if self.sync_writes and committed:
+                dirs = {}
+                for commit in committed:
+                    dirs.setdefault(os.fstat(commit.dir_fd).st_ino, commit.dir_fd)
+                fsync_all(list(dirs.values()))
+        finally:
+            for item in batch:
+                item.commit.release()
+
+    def _discard_all(self) -> None:
+        for item in self.pending:
+            item.commit.discard()
+        self.pending = []
+        if self.incoming is not None:
+            self._drop_incoming(self.incoming)
+
+    # -- other entries ---------------------------------------------------------------------
+
+    def _on_mkdir(self, message: list) -> None:
+        P.want_len(message, 3)
+        path = P.want_bytes(message[1], "path", 65536)
+        attrs = _attrs(message[2])
+        try:
+            self.tree.make_dir(path, attrs[0])
+            self.dir_attrs.append((path, attrs))
+        except (OSError, UnsafePathError) as exc:
+            self._fail(None, path, _reason(exc))
+
+    def _on_special(self, message: list) -> None:
+        self._flush()  # the entry may replace a file still waiting in the batch
+        if message[0] == P.SYMLINK:
+            P.want_len(message, 4)
+            path, target, attrs = message[1], P.want_bytes(message[2], "target", 4095), _attrs(message[3])
+            kind, rdev = Kind.SYMLINK, 0
+            if not target or b"\0" in target:
+                raise ProtocolError("bad symlink target")
+        else:
+            P.want_len(message, 5)
+            path, kind, rdev, attrs = message[1], message[2], message[3], _attrs(message[4])
+            target = b""
+            if kind not in (Kind.FIFO, Kind.SOCKET, Kind.CHAR, Kind.BLOCK):
+                raise ProtocolError(f"bad node kind {kind!r}")
+            rdev = P.want_int(rdev, "rdev")
+        path = P.want_bytes(path, "path", 65536)
+        try:
+            self.tree.make_special(path, kind, target=target, rdev=rdev)
+            self.tree.set_attrs(path, kind, *attrs, owner=self.owner)
+            self.stats.files += 1
+        except (OSError, UnsafePathError) as exc:
+            self._fail(None, path, _reason(exc))
+
+    def _on_hardlink(self, message: list) -> None:
+        P.want_len(message, 3)
+        path = P.want_bytes(message[1], "path", 65536)
+        target = P.want_bytes(message[2], "link target", 65536)
+        self._flush()  # the file linked to may be in the pending batch
+        try:
+            self.tree.make_special(path, Kind.FILE, link_to=target)
+            self.stats.files += 1
+        except (OSError, UnsafePathError) as exc:
+            self._fail(None, path, _reason(exc))
+
+    def _on_attrs(self, message: list) -> None:
+        P.want_len(message, 4)
+        path = P.want_bytes(message[1], "path", 65536)
+        kind = message[2]
+        attrs = _attrs(message[3])
+        if kind == Kind.DIR:
+            self.dir_attrs.append((path, attrs))  # after everything inside it has changed
+            return
+        if kind not in (Kind.FILE, Kind.SYMLINK, Kind.FIFO, Kind.SOCKET, Kind.CHAR, Kind.BLOCK):
+            raise ProtocolError(f"bad kind {kind!r}")
+        try:
+            self.tree.set_attrs(path, kind, *attrs, owner=self.owner)
+        except (OSError, UnsafePathError) as exc:
+            self._fail(None, path, _reason(exc))
+
+    def _on_delete(self, message: list) -> None:
+        P.want_len(message, 2)
+        path = P.want_bytes(message[1], "path", 65536)
+        split_path(path)
+        self.deletes.append(path)
+
+    def _finish_session(self) -> None:
+        if self.incoming is not None:
+            raise ProtocolError("'end' in the middle of a file")
+        self._flush()
+        lock = self.module.lock_file
+        if (self.deletes or self.dir_attrs) and lock and is_locked(lock):
+            info = status(lock)
+            raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
+        for path in self.deletes:
+            try:
+                if self.tree.remove(path):
+                    self.stats.deleted += 1
+            except (OSError, UnsafePathError) as exc:
+                self._fail(None, path, _reason(exc))
+        for path, attrs in reversed(self.dir_attrs):
+            try:
+                self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
+            except (OSError, UnsafePathError) as exc:
+                self._fail(None, path, _reason(exc))
+        if self.sync_writes:
+            changed_dirs = {path.rpartition(b"/")[0] for path in self.deletes} | {p for p, _ in self.dir_attrs}
+            for path in sorted(changed_dirs):
+                try:
+                    os.fsync(self.tree.dir_fd(split_path(path) if path else []))
+                except (OSError, UnsafePathError):
+                    pass  # removed meanwhile: nothing left to make durable
+        self.t.send([P.RESULT, {
+            "files": self.stats.files, "bytes": self.stats.bytes_written, "deleted": self.stats.deleted,
+            "failed": self.stats.failed[:1000], "failed_count": len(self.stats.failed),
+        }])  # fmt: skip
+
+
+def _attrs(value) -> list:
+    if not isinstance(value, list) or len(value) != 4:
+        raise ProtocolError("bad attributes")
+    mode = P.want_int(value[0], "mode", 0, 0o7777)
+    uid = P.want_int(value[1], "uid", 0, 2**32 - 1)
+    gid = P.want_int(value[2], "gid", 0, 2**32 - 1)
+    mtime = P.want_int(value[3], "mtime", -(2**63), 2**63 - 1)
+    return [mode, uid, gid, mtime]
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        code = errno.errorcode.get(exc.errno or 0, "EIO")
+        return f"{code}: {exc.strerror or exc}"
+    return str(exc)
+
+
+class _WriterLock:
+    """One writer per module: an exclusive ``flock`` on ``<state dir>/writer.lock``.
+
+    The lock dies with the process holding it, so a crashed sync never blocks the next one.
+    The file records who holds it, for the refusal message.
+    """
+
+    def __init__(self, state_dir: bytes, who: str):
+        self.path = os.path.join(state_dir, b"writer.lock")
+        self.who = who
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            return holder or "unknown holder"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} for {self.who} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -1,0 +1,650 @@
+"""The sending end of a sync: scan, plan, and stream changes to a receiver, pipelined.
+
+The exchange (``docs/PROTOCOL.md``):
+
+1. Both trees are scanned at once: the sender's here, the receiver's over there.  The
+   receiver streams a *summary*: per directory, a 16-byte fingerprint of exactly what the
+   comparison looks at.  A directory whose fingerprint matches the sender's is unchanged
+   and costs nothing more; only for the others is the receiver's listing asked for
+   (``want``), in batches, while the summary is still arriving.
+2. The aligned listing pairs go through the same comparison as ``mirror diff``; each
+   change becomes an operation: a whole file, a delta against the replica's copy (above
+   ``delta_threshold`` bytes, with block signatures requested in batches and the next files
+   sent while they are computed), a directory, a symlink, a node, attributes, a hard link.
+3. Hard links, deletions and directory attributes go last; a ``ping`` collects the
+   receiver's verdict on every file so far, files whose digest did not match are sent again
+   whole (once), and ``end`` asks the receiver to commit and report.
+
+Nothing waits for a round trip per file: file data flows while listings and signatures are
+on their way.  The mirroring lock file is checked before every file and during long ones;
+if it appears, the file in flight is abandoned, the session ends cleanly and the sync
+stops with ``LockedError``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import deltafmt, fastpath
+from . import protocol as P
+from .compare import (
+    ADDED,
+    CONTENT,
+    HARDLINK,
+    METADATA,
+    REMOVED,
+    TARGET,
+    TYPE,
+    Change,
+    CompareOptions,
+    CompareSummary,
+    compare_pairs,
+    root_entry,
+)
+from .entry import Entry, Kind, ScanProblem, canonical_key, join
+from .errors import AuthError, LockedError, MirrorError, ProtocolError, StaleEpochError, display_path
+from .lockfile import is_locked, status
+from .receiver import HAS_LINKS, INCOMPLETE
+from .treescan import TreeScan
+
+log = logging.getLogger(__name__)
+
+DELTA_THRESHOLD = 256 << 10  # smaller files are sent whole: a signature round trip costs more
+MAX_SIGS_IN_FLIGHT = 64
+SIG_BATCH = 32
+LOCK_CHECK_SECONDS = 0.1
+_ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "AuthError": AuthError}
+
+
+@dataclass(frozen=True)
+class SenderOptions:
+    delete: bool = False
+    checksum: bool = False
+    dry_run: bool = False
+    excludes: tuple[bytes, ...] = ()
+    lock_file: bytes | None = None
+    state_dir: bytes | None = None
+    epoch: int | None = None
+    delta_threshold: int = DELTA_THRESHOLD
+    fsync: bool = True
+    secret: bytes | None = None
+
+
+@dataclass
+class TransferStats:
+    files_seen: int = 0
+    files_sent: int = 0  # regular files whose content was sent (whole or delta)
+    files_delta: int = 0
+    other_changes: int = 0  # directories, symlinks, nodes, links, attributes
+    deleted: int = 0
+    literal_bytes: int = 0
+    matched_bytes: int = 0
+    size_of_sent_files: int = 0
+    wire_sent: int = 0
+    wire_received: int = 0
+    seconds: float = 0.0
+
+    @property
+    def speedup(self) -> float:
+        """Size of the files brought up to date, per byte that crossed the wire (rsync's figure)."""
+        return self.size_of_sent_files / self.wire_sent if self.wire_sent else 0.0
+
+
+@dataclass
+class SendOutcome:
+    changes: list[Change] = field(default_factory=list)
+    failed: list[tuple[bytes, str]] = field(default_factory=list)
+    problems: list[ScanProblem] = field(default_factory=list)
+    stats: TransferStats = field(default_factory=TransferStats)
+    receiver: dict = field(default_factory=dict)
+
+
+class _Reader(threading.Thread):
+    """Reads the receiver's messages and sorts them into queues; an error wakes every waiter."""
+
+    def __init__(self, transport):
+        super().__init__(name="sender-reader", daemon=True)
+        self.t = transport
+        self.summary: queue.Queue = queue.Queue()
+        self.listings: queue.Queue = queue.Queue()
+        self.signatures: queue.Queue = queue.Queue()
+        self.pongs: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()
+        self.failed: list = []
+        self.error: BaseException | None = None
+        self._sig_parts: list[bytes] = []
+
+    def run(self) -> None:
+        try:
+            while True:
+                message = self.t.recv()
+                if message is None:
+                    raise ProtocolError("the receiver closed the connection")
+                kind = message[0]
+                if kind == P.SUMMARY:
+                    for item in message[1]:
+                        self.summary.put(item)
+                elif kind == P.SUMMARY_END:
+                    self.summary.put(("end", message[1]))
+                elif kind == P.LISTING:
+                    self.listings.put(message)
+                elif kind == P.SIGNATURE:
+                    self._sig_parts.append(message[2])
+                    if message[3]:
+                        self.signatures.put((message[1], b"".join(self._sig_parts), None))
+                        self._sig_parts = []
+                elif kind == P.SIG_FAILED:
+                    self.signatures.put((message[1], None, message[2]))
+                elif kind == P.FAILED:
+                    self.failed.append(message)
+                elif kind == P.PONG:
+                    self.pongs.put(message[1])
+                elif kind == P.RESULT:
+                    self.results.put(message[1])
+                    return
+                elif kind == P.ERROR:
+                    raise remote_error(message)
+                else:
+                    raise ProtocolError(f"unexpected message from the receiver: {kind!r}")
+        except BaseException as exc:
+            self.error = exc
+            for q in (self.summary, self.listings, self.signatures, self.pongs, self.results):
+                q.put(_Failure(exc))
+
+    def get(self, q: queue.Queue):
+        item = q.get()
+        if isinstance(item, _Failure):
+            q.put(item)  # keep waking later waiters too
+            raise item.exc
+        return item
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def remote_error(message: list) -> MirrorError:
+    """The receiver's ``error`` message as the matching local exception."""
+    name = message[1] if len(message) > 1 else "MirrorError"
+    text = message[3] if len(message) > 3 else "receiver error"
+    exc_type = _ERRORS.get(name, MirrorError)
+    exc = exc_type(f"receiver: {text}")
+    if exc_type is MirrorError and len(message) > 2 and isinstance(message[2], int):
+        exc.exit_code = message[2]
+    return exc
+
+
+class Sender:
+    """Push one tree to a receiver over ``transport``; ``run()`` returns a ``SendOutcome``."""
+
+    def __init__(self, src_root: bytes, transport, options: SenderOptions, *, module: str = "",
+                 subpath: bytes = b"", on_change=None, on_progress=None):  # fmt: skip
+        self.root = src_root
+        self.t = transport
+        self.o = options
+        self.module = module
+        self.subpath = subpath
+        self.on_change = on_change
+        self.on_progress = on_progress
+        self.scan = fastpath.choose("scan")
+        self.out = SendOutcome()
+        self._req = 0
+        self._deferred: dict[int, tuple[Change, bytes]] = {}
+        self._sig_batch: list = []
+        self._sigs_in_flight = 0
+        self._late: list[Change] = []  # hard links: after every file is in place
+        self._deletes: list[bytes] = []
+        self._touched_dirs: dict[bytes, Entry] = {}
+        self._dir_entries: dict[bytes, Entry] = {}
+        self._last_lock_check = 0.0
+        self._retried: set[bytes] = set()
+        self._src_leaders: dict[tuple[int, int], bytes] = {}
+
+    # -- handshake -------------------------------------------------------------------------
+
+    def handshake(self) -> dict:
+        nonce = os.urandom(P.NONCE_SIZE)
+        self.t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": self.module, "subpath": self.subpath,
+                               "nonce": nonce, "software": P.SOFTWARE}])  # fmt: skip
+        challenge = self._expect(P.CHALLENGE)
+        info = challenge[1]
+        secret = self.o.secret
+        if info.get("auth") and secret is None:
+            raise AuthError("the receiver requires a shared secret (--secret-file)")
+        proof = P.client_proof(secret, info["nonce"], nonce, self.module) if info.get("auth") else b""
+        self.t.send([P.AUTH, {"proof": proof}])
+        welcome = self._expect(P.WELCOME)[1]
+        if info.get("auth"):
+            P.verify(P.server_proof(secret, info["nonce"], nonce, self.module), welcome.get("proof"), "the receiver")
+        return welcome
+
+    def _expect(self, kind: str) -> list:
+        message = self.t.recv()
+        if message is None:
+            raise ProtocolError(f"the receiver closed the connection (expected {kind!r})")
+        if message[0] == P.ERROR:
+            raise remote_error(message)
+        if message[0] != kind or len(message) != 2 or not isinstance(message[1], dict):
+            raise ProtocolError(f"expected {kind!r} from the receiver, got {message[0]!r}")
+        return message
+
+    # -- session ---------------------------------------------------------------------------
+
+    def run(self, welcome: dict, epoch: int) -> SendOutcome:
+        started = time.perf_counter()
+        owner = bool(welcome.get("can_chown")) and os.geteuid() == 0
+        self.compare = CompareOptions(checksum=self.o.checksum, owner=owner)
+        self.flags = self.compare.flags(self.scan)
+        tree = TreeScan(self.root, excluder=_excluder(self.o.excludes), checksum=self.o.checksum,
+                        state_dir=self.o.state_dir).start()  # fmt: skip
+        self._check_lock()
+        self.t.send([P.START, {
+            "epoch": epoch, "delete": self.o.delete, "checksum": self.o.checksum, "dry_run": self.o.dry_run,
+            "flags": self.flags, "owner": owner, "excludes": list(self.o.excludes), "no_fsync": not self.o.fsync,
+        }])  # fmt: skip
+        ready = self._expect(P.READY)[1]
+        self._compare_root(ready.get("root"))
+        reader = _Reader(self.t)
+        reader.start()
+        self.reader = reader
+        summary = CompareSummary()
+        try:
+            self._root_attrs()
+            for change in compare_pairs(self._pairs(tree), self.compare, summary):
+                self._act(change)
+                self._serve_signatures(block=False)
+            self._serve_signatures(block=True)
+            if not self.o.dry_run:
+                self._finish_content()
+            self.t.send([P.END, {}])
+            self.t.flush()
+            self.out.receiver = reader.get(reader.results)
+        except LockedError:
+            self._end_quietly()
+            raise
+        finally:
+            reader.join(timeout=5)
+        self._collect_failures()
+        self.out.problems.extend(summary.problems)
+        stats = self.out.stats
+        stats.deleted = self.out.receiver.get("deleted", 0)
+        stats.wire_sent = self.t.bytes_sent
+        stats.wire_received = self.t.bytes_received
+        stats.seconds = time.perf_counter() - started
+        return self.out
+
+    def _end_quietly(self) -> None:
+        """After a lock stopped us: let the receiver commit what it verified, then end."""
+        try:
+            self.t.send([P.END, {}])
+            self.t.flush()
+            self.reader.get(self.reader.results)
+        except (MirrorError, OSError):
+            pass
+
+    def _root_attrs(self) -> None:
+        entry = root_entry(self.root)
+        if entry is not None:
+            self._dir_entries[b""] = entry
+
+    def _compare_root(self, dst_attrs) -> None:
+        """The root directory's own mode, owner and mtime (the receiver reported its root's)."""
+        entry = root_entry(self.root)
+        if entry is None or not isinstance(dst_attrs, list) or len(dst_attrs) != 4:
+            return
+        mine = [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
+        if not self.compare.owner:
+            mine[1:3] = dst_attrs[1:3]
+        if mine != dst_attrs:
+            self._touched_dirs[b""] = entry
+    # -- pairing src listings with the receiver's ------------------------------------------
+
+    def _summary_items(self):
+        while True:
+            item = self.reader.get(self.reader.summary)
+            if isinstance(item, tuple):
+                for path, errno_, message in item[1].get("problems", []):
+                    self.out.problems.append(ScanProblem(path, errno_, "on the receiver: " + message))
+                return
+            yield item
+
+    def _pairs(self, tree: TreeScan):
+        """``(src, dst)`` listing pairs in canonical order; dst fetched only where it differs.
+
+        A helper thread walks ahead, matching fingerprints and asking for listings, so the
+        answers are usually here by the time the comparison reaches them.
+        """
+        ahead: queue.Queue = queue.Queue(maxsize=1024)
+        error: list[BaseException] = []
+
+        def walk():
+            try:
+                src_iter = iter(tree)
+                summary = self._summary_items()
+                s = next(src_iter, None)
+                d = next(summary, None)
+                while s is not None or d is not None:
+                    s_key = canonical_key(s.path) if s is not None else None
+                    d_key = canonical_key(d[0]) if d is not None else None
+                    if d_key is None or (s_key is not None and s_key < d_key):
+                        ahead.put((s, None))
+                        s = next(src_iter, None)
+                    elif s_key is None or d_key < s_key:
+                        d = next(summary, None)  # only on the receiver: its parent's listing deletes it
+                    else:
+                        path, fingerprint, flags = d
+                        if flags & INCOMPLETE:
+                            ahead.put((s, self.scan.Listing(path, complete=False)))
+                        elif (fingerprint == s.fingerprint(self.flags) and not flags & HAS_LINKS
+                              and not s.has_links()):  # fmt: skip
+                            ahead.put((s, s))  # unchanged: compares equal to itself
+                        else:
+                            self.t.send([P.WANT, [path]], flush=False)
+                            ahead.put((s, _WANTED))
+                        s = next(src_iter, None)
+                        d = next(summary, None)
+                    if ahead.qsize() == 0:
+                        self.t.flush()
+                for _ in summary:
+                    pass
+                self.t.flush()
+                self.out.problems.extend(tree.problems)
+            except BaseException as exc:
+                error.append(exc)
+            finally:
+                ahead.put(None)
+
+        walker = threading.Thread(target=walk, name="sender-pairs", daemon=True)
+        walker.start()
+        try:
+            while True:
+                try:
+                    item = ahead.get(timeout=0.005)
+                except queue.Empty:
+                    self.t.flush()  # whatever is buffered may be what the receiver waits for
+                    item = ahead.get()
+                if item is None:
+                    break
+                src, dst = item
+                if dst is _WANTED:
+                    self.t.flush()
+                    dst = self._receive_listing(src.path)
+                for entry in src:
+                    if entry.kind == Kind.DIR:
+                        self._dir_entries[join(src.path, entry.name)] = entry
+                self.out.stats.files_seen += len(src)
+                yield src, dst
+        finally:
+            walker.join()
+        if error:
+            raise error[0]
+
+    def _receive_listing(self, path: bytes):
+        parts = []
+        while True:
+            message = self.reader.get(self.reader.listings)
+            P.want_len(message, 7)
+            _, got_path, strings, records, digests, complete, last = message
+            if got_path != path:
+                raise ProtocolError("listing arrived out of order")
+            try:
+                parts.append(self.scan.Listing.unpack(path, strings, records, digests, 1 << 20))
+            except ValueError as exc:
+                raise ProtocolError(f"bad listing for {display_path(path)}: {exc}") from None
+            if last:
+                break
+        if len(parts) == 1:
+            listing = parts[0]
+        else:
+            entries = [e for part in parts for e in part]
+            if any(a.name >= b.name for a, b in zip(entries, entries[1:], strict=False)):
+                raise ProtocolError(f"listing parts of {display_path(path)} out of order")
+            listing = self.scan.Listing(path, entries)
+        if not complete:
+            listing = self.scan.Listing(path, complete=False)
+        return listing
+
+    # -- acting on changes -----------------------------------------------------------------
+
+    def _act(self, change: Change) -> None:
+        if change.change == REMOVED:
+            if self.o.delete:
+                self._note(change)
+                self._deletes.append(change.path)
+            return
+        self._note(change)
+        if self.o.dry_run:
+            return
+        self._touch_parent(change.path)
+        src = change.src
+        kind = src.kind
+        if kind == Kind.FILE and src.nlink > 1 and change.link_to is None and change.change != METADATA:
+            # A second name of a file whose content changed: link it to the first name again
+            # (which gets the new content) rather than sending the content twice.
+            leader = self._src_leaders.setdefault((src.dev, src.ino), change.path)
+            if leader != change.path:
+                change = change._replace(link_to=leader)
+        if change.link_to is not None and change.link_to != change.path:
+            self._late.append(change)  # a hard link to a file that may still be on its way
+            return
+        if change.change in (ADDED, TYPE, HARDLINK) or (change.change in (CONTENT, TARGET)):
+            if kind == Kind.FILE:
+                self._send_file(change)
+            elif kind == Kind.DIR:
+                self.t.send([P.MKDIR, change.path, _attrs(src)], flush=False)
+                self._touched_dirs[change.path] = src
+                self.out.stats.other_changes += 1
+            elif kind == Kind.SYMLINK:
+                self.t.send([P.SYMLINK, change.path, src.target, _attrs(src)], flush=False)
+                self.out.stats.other_changes += 1
+            else:
+                self.t.send([P.NODE, change.path, int(kind), src.rdev, _attrs(src)], flush=False)
+                self.out.stats.other_changes += 1
+        elif change.change == METADATA:
+            if kind == Kind.DIR:
+                self._touched_dirs[change.path] = src
+            else:
+                self.t.send([P.ATTRS, change.path, int(kind), _attrs(src)], flush=False)
+            self.out.stats.other_changes += 1
+
+    def _note(self, change: Change) -> None:
+        self.out.changes.append(change)
+        if self.on_change is not None:
+            self.on_change(change)
+
+    def _touch_parent(self, path: bytes) -> None:
+        parent = path.rpartition(b"/")[0]
+        entry = self._dir_entries.get(parent)
+        if entry is not None:
+            self._touched_dirs.setdefault(parent, entry)
+
+    def _check_lock(self, force: bool = True) -> None:
+        lock = self.o.lock_file
+        if not lock:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_lock_check < LOCK_CHECK_SECONDS:
+            return
+        self._last_lock_check = now
+        if is_locked(lock):
+            info = status(lock)
+            raise LockedError(f"mirroring lock present: {info.describe() if info else display_path(lock)}")
+
+    def _send_file(self, change: Change) -> None:
+        src, dst = change.src, change.dst
+        threshold = self.o.delta_threshold
+        if (dst is not None and dst.kind == Kind.FILE and change.change == CONTENT and dst.size >= threshold
+                and src.size >= threshold):  # fmt: skip
+            self._req += 1
+            self._deferred[self._req] = (change, b"")
+            self._sig_batch.append([self._req, change.path])
+            self._sigs_in_flight += 1
+            if len(self._sig_batch) >= SIG_BATCH:
+                self._flush_sig_requests()
+            if self._sigs_in_flight >= MAX_SIGS_IN_FLIGHT:
+                self._serve_signatures(block=True, until=MAX_SIGS_IN_FLIGHT // 2)
+            return
+        self._stream_file(change, None)
+
+    def _flush_sig_requests(self) -> None:
+        if self._sig_batch:
+            self.t.send([P.SIG, self._sig_batch], flush=True)
+            self._sig_batch = []
+
+    def _serve_signatures(self, block: bool, until: int = 0) -> None:
+        """Send the delta-encoded files whose signatures have arrived (all of them if ``block``)."""
+        self._flush_sig_requests()
+        while self._sigs_in_flight > until:
+            if block:
+                self.t.flush()
+                req, sig_bytes, reason = self.reader.get(self.reader.signatures)
+            else:
+                try:
+                    req, sig_bytes, reason = self.reader.signatures.get_nowait()
+                except queue.Empty:
+                    return
+                if isinstance(req, _Failure):
+                    raise req.exc
+            self._sigs_in_flight -= 1
+            change, _ = self._deferred.pop(req)
+            sig = None
+            if sig_bytes is not None:
+                try:
+                    sig = deltafmt.signature_from_bytes(sig_bytes)
+                except MirrorError as exc:
+                    raise ProtocolError(f"bad signature for {display_path(change.path)}: {exc}") from None
+            self._stream_file(change, sig)
+
+    def _stream_file(self, change: Change, sig) -> None:
+        """Send one file, whole (``sig`` None) or as a delta; abandon it if it changes under us."""
+        self._check_lock()
+        path = change.path
+        try:
+            fd = os.open(os.path.join(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            self.out.failed.append((path, f"cannot open on the sender: {exc.strerror}"))
+            return
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                self.out.failed.append((path, "changed type on the sender since the scan"))
+                return
+            self._req += 1
+            req = self._req
+            attrs = [stat.S_IMODE(before.st_mode), before.st_uid, before.st_gid, before.st_mtime_ns]
+            stats = self.out.stats
+            if sig is not None:
+                self.t.send([P.FILE, req, path, attrs, "delta", sig.block_size, sig.basis_size], flush=False)
+                ops = fastpath.choose("delta").delta(sig, f)
+                block = sig.block_size
+            else:
+                self.t.send([P.FILE, req, path, attrs, "whole", 0, 0], flush=False)
+                ops = fastpath.choose("delta").delta(None, f)
+                block = 1
+            try:
+                for op in ops:
+                    if op[0] == 1:
+                        self.t.send([P.DATA, req, bytes(op[1])], flush=False)
+                        stats.literal_bytes += len(op[1])
+                    else:
+                        self.t.send([P.COPY, req, op[1], op[2]], flush=False)
+                        stats.matched_bytes += min(op[2] * block, sig.basis_size - op[1] * block)
+                    self._check_lock(force=False)
+                after = os.fstat(fd)
+            except (LockedError, OSError) as exc:
+                self.t.send([P.FILE_ABORT, req, "lock" if isinstance(exc, LockedError) else "read error"])
+                if isinstance(exc, LockedError):
+                    raise
+                self.out.failed.append((path, f"read error on the sender: {exc.strerror}"))
+                return
+            if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (before.st_size, before.st_mtime_ns,
+                                                                          before.st_ctime_ns):  # fmt: skip
+                self.t.send([P.FILE_ABORT, req, "changed while sending"])
+                self.out.failed.append((path, "changed while it was being sent; sync again to pick it up"))
+                return
+            self.t.send([P.FILE_END, req, ops.digest, ops.new_size], flush=False)
+            stats.files_sent += 1
+            stats.files_delta += sig is not None
+            stats.size_of_sent_files += ops.new_size
+            if self.on_progress is not None:
+                self.on_progress(ops.new_size)
+
+    def _finish_content(self) -> None:
+        """Hard links, then retries of mismatched files, then deletions and directory times."""
+        for change in self._late:
+            self._check_lock()
+            self.t.send([P.HARDLINK, change.path, change.link_to], flush=False)
+            self.out.stats.other_changes += 1
+        self._retry_mismatches()
+        self._check_lock()
+        for path in self._deletes:
+            self.t.send([P.DELETE, path], flush=False)
+        if self._touched_dirs:
+            for path in sorted(self._touched_dirs, key=canonical_key):
+                self.t.send([P.ATTRS, path, int(Kind.DIR), _attrs(self._touched_dirs[path])], flush=False)
+        self._touched_dirs.clear()
+
+    def _sync_point(self) -> None:
+        """Wait until the receiver has processed everything sent so far (its failures are in)."""
+        self._pings = getattr(self, "_pings", 0) + 1
+        token = self._pings
+        self.t.send([P.PING, token])
+        while self.reader.get(self.reader.pongs) != token:
+            pass
+
+    def _retry_mismatches(self) -> None:
+        self._sync_point()
+        retry = []
+        for message in self.reader.failed:
+            path, reason = message[2], message[3]
+            if (reason.startswith(("mismatch", "basis-")) and path not in self._retried):
+                retry.append(path)
+        for path in retry:
+            self._retried.add(path)
+            self.reader.failed = [m for m in self.reader.failed if m[2] != path]
+            entry = self._lstat_entry(path)
+            if entry is not None:
+                log.info("%s: sent again whole after a failed verification", display_path(path))
+                self._stream_file(Change(path, CONTENT, entry, None), None)
+        if retry:
+            self._sync_point()
+
+    def _lstat_entry(self, path: bytes) -> Entry | None:
+        try:
+            st = os.lstat(os.path.join(self.root, path))
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return Entry(os.path.basename(path), Kind.FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                     st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, 0, b"", None)  # fmt: skip
+
+    def _collect_failures(self) -> None:
+        for message in self.reader.failed:
+            self.out.failed.append((message[2], message[3]))
+
+
+_WANTED = object()
+
+
+def _attrs(entry: Entry) -> list:
+    return [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
+
+
+def _excluder(patterns):
+    from .exclude import make_excluder
+
+    return make_excluder(patterns)
+
+
+def counts(changes) -> dict:
+    out = collections.Counter(c.change for c in changes)
+    return dict(out)

@@ -1,0 +1,190 @@
+"""``mirror.sync(src, dst, **options)``: mirror a tree to a local directory or a receiver.
+
+Destinations:
+
+- ``/path/to/replica``: local mode, the same planner and writer in one process, the two
+  talking through in-process queues (no sockets, no encoding);
+- ``mirror://HOST:PORT/MODULE[/SUBPATH]``: a ``mirror serve`` receiver over TCP;
+- ``HOST:PATH``: ``mirror receive PATH`` started on HOST through a remote shell
+  (``rsh="ssh -T"``), speaking the protocol over its stdin and stdout.
+
+The result says what changed, what failed and how many bytes crossed; the exit code it
+carries follows the CLI's: 0 done, 1 partial (some files failed), 2 error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+from .epoch import read_epoch
+from .errors import EXIT_DIFFERENT, EXIT_OK, MirrorError, UsageError, fs_path
+from .protocol import LocalTransport, StreamTransport, load_secret
+from .receiver import ModuleConfig, Receiver
+from .sender import Sender, SenderOptions, TransferStats
+from .statedir import resolve_state_dir
+
+DEFAULT_PORT = 8730
+_URL = re.compile(r"^mirror://(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/(?P<module>[^/]+)(?:/(?P<sub>.*))?$")
+
+
+@dataclass
+class SyncResult:
+    """What a sync did.  ``exit_code``: 0 done, 1 partial (see ``failed``/``problems``)."""
+
+    changes: list = field(default_factory=list)
+    failed: list[tuple[bytes, str]] = field(default_factory=list)
+    problems: list = field(default_factory=list)
+    stats: TransferStats = field(default_factory=TransferStats)
+    receiver: dict = field(default_factory=dict)
+    dry_run: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_DIFFERENT if (self.failed or self.problems) else EXIT_OK
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == EXIT_OK
+
+
+@dataclass(frozen=True)
+class Destination:
+    kind: str  # local | daemon | rsh
+    path: bytes = b""
+    host: str = ""
+    port: int = DEFAULT_PORT
+    module: str = ""
+    subpath: bytes = b""
+
+
+def parse_destination(text: str | bytes) -> Destination:
+    raw = fs_path(text)
+    decoded = raw.decode("utf-8", "surrogateescape")
+    if decoded.startswith("mirror://"):
+        m = _URL.match(decoded)
+        if not m:
+            raise UsageError(f"bad destination {decoded!r}: expected mirror://HOST[:PORT]/MODULE[/SUBPATH]")
+        sub = (m.group("sub") or "").strip("/").encode("utf-8", "surrogateescape")
+        return Destination("daemon", host=m.group("host").strip("[]"), port=int(m.group("port") or DEFAULT_PORT),
+                           module=m.group("module"), subpath=sub)  # fmt: skip
+    head, sep, tail = decoded.partition(":")
+    if sep and head and "/" not in head:
+        return Destination("rsh", host=head, path=tail.encode("utf-8", "surrogateescape") or b".")
+    return Destination("local", path=raw)
+
+
+def sync(
+    src,
+    dst,
+    *,
+    delete: bool = False,
+    checksum: bool = False,
+    dry_run: bool = False,
+    excludes=(),
+    secret: bytes | None = None,
+    secret_file: str | None = None,
+    lock_file=None,
+    dst_lock_file=None,
+    state_dir=None,
+    bwlimit: int | None = None,
+    rsh: str = "ssh -T",
+    remote_command: str = "mirror",
+    delta_threshold: int | None = None,
+    fsync: bool = True,
+    epoch: int | None = None,
+    on_change=None,
+    on_progress=None,
+) -> SyncResult:
+    """Make ``dst`` a verified copy of the tree ``src``; see the module docstring.
+
+    Raises ``MirrorError`` subclasses for what ends the job (``LockedError``,
+    ``StaleEpochError``, ``AuthError``, ...); files that could not be sent or written are
+    reported in the result (``exit_code`` 1) while the rest is mirrored.
+    """
+    src = fs_path(src)
+    if not os.path.isdir(src):
+        raise UsageError(f"source {src.decode(errors='replace')!r} is not a directory")
+    if secret is None and secret_file:
+        secret = load_secret(secret_file)
+    options = SenderOptions(
+        delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
+        lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
+        fsync=fsync, secret=secret, **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
+    )  # fmt: skip
+    my_epoch = epoch if epoch is not None else read_epoch(resolve_state_dir(src, options.state_dir))
+    dest = parse_destination(dst)
+    transport, cleanup = _connect(dest, secret, dst_lock_file, bwlimit, rsh, remote_command)
+    try:
+        sender = Sender(src, transport, options, module=dest.module, subpath=dest.subpath,
+                        on_change=on_change, on_progress=on_progress)  # fmt: skip
+        welcome = sender.handshake()
+        outcome = sender.run(welcome, my_epoch)
+    finally:
+        transport.close()
+        cleanup()
+    return SyncResult(changes=outcome.changes, failed=outcome.failed, problems=outcome.problems,
+                      stats=outcome.stats, receiver=outcome.receiver, dry_run=dry_run)  # fmt: skip
+
+
+def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command):
+    if dest.kind == "local":
+        os.makedirs(dest.path, exist_ok=True)
+        mine, theirs = LocalTransport.pair()
+        module = ModuleConfig(name="", path=dest.path, secret=None,
+                              lock_file=fs_path(dst_lock_file) if dst_lock_file else None)  # fmt: skip
+        errors: list[BaseException] = []
+
+        def serve():
+            try:
+                Receiver(theirs, {"": module}, peer="local").serve()
+            except MirrorError as exc:
+                errors.append(exc)  # already reported to the sender as an error message
+
+        thread = threading.Thread(target=serve, name="local-receiver", daemon=True)
+        thread.start()
+        return mine, lambda: thread.join(timeout=30)
+    if dest.kind == "daemon":
+        try:
+            sock = socket.create_connection((dest.host, dest.port), timeout=30)
+        except OSError as exc:
+            raise MirrorError(f"cannot connect to {dest.host}:{dest.port}: {exc.strerror or exc}") from None
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rfile, wfile = sock.makefile("rb", buffering=1 << 20), sock.makefile("wb", buffering=1 << 20)
+        return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=sock.close), lambda: None
+    argv = shlex.split(rsh) + [dest.host] + shlex.split(remote_command) + ["receive", os.fsdecode(dest.path)]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    transport = StreamTransport(proc.stdout, _Buffered(proc.stdin), bwlimit=bwlimit)
+
+    def reap():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    return transport, reap
+
+
+class _Buffered:
+    """A write buffer in front of a pipe, flushed explicitly (frames are small and many)."""
+
+    def __init__(self, raw):
+        import io
+
+        self._f = io.BufferedWriter(raw, 1 << 20)
+
+    def write(self, data):
+        return self._f.write(data)
+
+    def flush(self):
+        self._f.flush()
+
+    def close(self):
+        self._f.close()

@@ -1,0 +1,62 @@
+"""Real receivers for tests: `mirror serve` on loopback as a child process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+SECRET = b"test-shared-secret-0123456789"
+
+
+@contextmanager
+def mirror_server(tmp_path, modules: dict[str, str], *extra: str, secret: bytes = SECRET):
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(secret + b"\n")
+    port_file = tmp_path / f"port-{time.monotonic_ns()}"
+    argv = [sys.executable, "-m", "mirror", "serve", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+            "--secret-file", str(secret_file), *extra]  # fmt: skip
+    for name, path in modules.items():
+        argv += ["--module", f"{name}={path}"]
+    log = open(tmp_path / "server.log", "ab")
+    proc = subprocess.Popen(argv, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mirror serve did not start: {(tmp_path / 'server.log').read_text()}")
+            time.sleep(0.02)
+        port = int(port_file.read_text())
+        yield Server(port, str(secret_file), proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+class Server:
+    def __init__(self, port: int, secret_file: str, proc):
+        self.port = port
+        self.secret_file = secret_file
+        self.proc = proc
+
+    def url(self, module: str) -> str:
+        return f"mirror://127.0.0.1:{self.port}/{module}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def fake_rsh(tmp_path) -> str:
+    """A stand-in for `ssh -T`: drops the host argument and runs the command here."""
+    script = tmp_path / "fake-rsh"
+    script.write_text(f'#!/bin/sh\nshift\ncd {os.getcwd()}\nexec {sys.executable} -m "$@"\n')
+    script.chmod(0o755)
+    return str(script)

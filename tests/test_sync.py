@@ -1,0 +1,247 @@
+"""`mirror sync`: local mode, a real `mirror serve` on loopback, and a remote shell; every
+result checked by an independent walk of both trees (tests/snapshot.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from mirror.epoch import bump_epoch
+from mirror.errors import LockedError, StaleEpochError
+from mirror.lockfile import acquire
+from mirror.sync import parse_destination, sync
+from tests.helpers import MIRROR, is_root, run_mirror, wait_until
+from tests.servers import fake_rsh, mirror_server
+from tests.snapshot import assert_mirrors, snapshot
+from tests.test_scan_hardcases import make_hard_tree
+
+
+@pytest.fixture
+def hard_src(tmp_path):
+    root = os.path.join(os.fsencode(tmp_path), b"src")
+    make_hard_tree(root)
+    # Something big enough to go as a delta next time.
+    with open(os.path.join(root, b"big.bin"), "wb") as f:
+        f.write(os.urandom(3 << 20))
+    return root
+
+
+def _modify(root: bytes) -> None:
+    with open(os.path.join(root, b"big.bin"), "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"a small edit in the middle")
+    with open(os.path.join(root, b"new\nline"), "ab") as f:
+        f.write(b"more")
+    os.unlink(os.path.join(root, b"with space"))
+    os.chmod(os.path.join(root, b"-rf"), 0o600)
+    os.unlink(os.path.join(root, b"dangling"))
+    os.symlink(b"elsewhere", os.path.join(root, b"dangling"))
+    os.mkdir(os.path.join(root, b"fresh dir"))
+    with open(os.path.join(root, b"fresh dir", b"\xfe"), "wb") as f:
+        f.write(b"new file in a new dir")
+
+
+def test_local_sync_mirrors_hard_cases_exactly(hard_src, tmp_path):
+    dst = os.path.join(os.fsencode(tmp_path), b"dst")
+    result = sync(hard_src, dst)
+    assert result.ok, (result.failed, result.problems)
+    assert_mirrors(hard_src, dst)
+    _modify(hard_src)
+    result = sync(hard_src, dst, delete=True)
+    assert result.ok, (result.failed, result.problems)
+    assert_mirrors(hard_src, dst)
+    assert result.stats.files_delta == 1  # big.bin went as a delta
+    assert result.stats.literal_bytes < 200_000
+    again = sync(hard_src, dst, delete=True)
+    assert again.ok and again.changes == [] and again.stats.files_sent == 0
+
+
+def test_sync_through_real_server(hard_src, tmp_path):
+    dst = tmp_path / "replica"
+    dst.mkdir()
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        proc = run_mirror("sync", hard_src, server.url("m"), "--secret-file", server.secret_file, "--stats")
+        assert proc.returncode == 0, proc.stderr
+        assert_mirrors(hard_src, dst)
+        _modify(hard_src)
+        proc = run_mirror("sync", "--delete", "--json", hard_src, server.url("m"), "--secret-file", server.secret_file)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["stats"]["files_delta"] == 1 and out["stats"]["wire_sent"] < 300_000
+        assert_mirrors(hard_src, dst)
+
+
+def test_sync_into_subpath_of_module(hard_src, tmp_path):
+    dst = tmp_path / "replica"
+    dst.mkdir()
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        proc = run_mirror("sync", hard_src, server.url("m") + "/a/b", "--secret-file", server.secret_file)
+        assert proc.returncode == 0, proc.stderr
+    assert_mirrors(hard_src, dst / "a" / "b")
+
+
+def test_sync_over_remote_shell(hard_src, tmp_path):
+    dst = tmp_path / "over-ssh"
+    proc = run_mirror("sync", "--rsh", fake_rsh(tmp_path), hard_src, f"somehost:{dst}")
+    assert proc.returncode == 0, proc.stderr
+    assert_mirrors(hard_src, dst)
+
+
+def test_wrong_secret_is_refused_and_nothing_written(hard_src, tmp_path):
+    dst = tmp_path / "replica"
+    dst.mkdir()
+    bad = tmp_path / "bad-secret"
+    bad.write_text("not-the-secret\n")
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        proc = run_mirror("sync", hard_src, server.url("m"), "--secret-file", str(bad))
+        assert proc.returncode == 5 and b"authentication failed" in proc.stderr
+        proc = run_mirror("sync", hard_src, server.url("m"))
+        assert proc.returncode == 5 and b"requires a shared secret" in proc.stderr
+        assert server.alive
+    assert os.listdir(dst) == []
+
+
+def test_dry_run_lists_changes_and_writes_nothing(hard_src, tmp_path):
+    dst = tmp_path / "replica"
+    sync(hard_src, dst)
+    _modify(hard_src)
+    before = snapshot(dst)
+    proc = run_mirror("sync", "-n", "--delete", hard_src, str(dst))
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(dst) == before
+    diff = run_mirror("diff", hard_src, str(dst))
+    # The same itemized lines as `mirror diff` (the root's own times aside).
+    assert sorted(proc.stdout.splitlines()) == sorted(x for x in diff.stdout.splitlines() if not x.endswith(b" ./"))
+
+
+def test_symlink_in_replica_is_replaced_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("do not touch")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "dir").mkdir(parents=True)
+    (src / "dir" / "victim").write_text("payload")
+    (src / "file").write_text("payload")
+    dst.mkdir()
+    os.symlink(outside, dst / "dir")  # a directory in the replica is a symlink out of the tree
+    os.symlink(outside / "victim", dst / "file")  # and a file is a symlink to a file outside
+    result = sync(src, dst)
+    assert result.ok, result.failed
+    assert (outside / "victim").read_text() == "do not touch"
+    assert not os.path.islink(dst / "dir") and not os.path.islink(dst / "file")
+    assert_mirrors(src, dst)
+
+
+def test_delete_never_reaches_outside(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "keep").mkdir(parents=True)
+    (outside / "keep" / "precious").write_text("x")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    os.symlink(outside / "keep", dst / "link-to-outside")
+    (dst / "stale").mkdir()
+    os.symlink(outside, dst / "stale" / "escape")
+    result = sync(src, dst, delete=True)
+    assert result.ok
+    assert (outside / "keep" / "precious").read_text() == "x"
+    assert os.listdir(dst) == [b".mirror"] or os.listdir(dst) == [".mirror"] or os.listdir(dst) == []
+
+
+def test_excluded_files_are_neither_sent_nor_deleted(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "a.log").write_text("log")
+    (src / "keep").write_text("k")
+    dst.mkdir()
+    (dst / "local.log").write_text("replica's own")
+    result = sync(src, dst, delete=True, excludes=[b"*.log"])
+    assert result.ok
+    assert sorted(os.listdir(dst)) == [".mirror", "keep", "local.log"]
+
+
+def test_mirroring_lock_stops_sender_and_receiver(hard_src, tmp_path):
+    dst = tmp_path / "replica"
+    lock = tmp_path / "mirror.lock"
+    acquire(os.fsencode(lock), reason="failover in progress")
+    with pytest.raises(LockedError, match="failover in progress"):
+        sync(hard_src, dst, lock_file=lock)
+    proc = run_mirror("sync", hard_src, str(dst), "--lock-file", str(lock))
+    assert proc.returncode == 3
+    with pytest.raises(LockedError):
+        sync(hard_src, dst, dst_lock_file=lock)
+    assert not os.path.exists(dst) or os.listdir(dst) in ([], [".mirror"])
+
+
+def test_stale_epoch_is_fenced(hard_src, tmp_path):
+    dst = tmp_path / "replica"
+    sync(hard_src, dst)
+    bump_epoch(os.path.join(dst, ".mirror"))  # the replica's side took over since
+    _modify(hard_src)
+    before = snapshot(dst)
+    with pytest.raises(StaleEpochError):
+        sync(hard_src, dst, delete=True)
+    proc = run_mirror("sync", hard_src, str(dst))
+    assert proc.returncode == 4 and b"older" in proc.stderr
+    assert snapshot(dst) == before
+    bump_epoch(os.path.join(hard_src, b".mirror"))
+    bump_epoch(os.path.join(hard_src, b".mirror"))
+    assert sync(hard_src, dst, delete=True).ok  # a newer epoch is accepted and recorded
+
+
+def test_one_writer_per_module(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i}").write_bytes(os.urandom(200_000))
+    dst.mkdir()
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        slow = subprocess.Popen(
+            [*MIRROR, "sync", str(src), server.url("m"), "--secret-file", server.secret_file, "--bwlimit", "400K"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            # Wait until the slow writer is writing (its first temporary file exists).
+            wait_until(lambda: os.path.isdir(dst / ".mirror" / "tmp") and os.listdir(dst / ".mirror" / "tmp"))
+            assert slow.poll() is None
+            proc = run_mirror("sync", str(src), server.url("m"), "--secret-file", server.secret_file)
+            assert proc.returncode == 2 and b"is busy: another sync is writing to it" in proc.stderr, proc
+        finally:
+            slow.kill()  # mid-transfer
+            slow.wait()
+        # The killed writer left no temporary file, and the next sync completes.
+        proc = run_mirror("sync", str(src), server.url("m"), "--secret-file", server.secret_file)
+        assert proc.returncode == 0, proc.stderr
+    assert_mirrors(src, dst)
+    assert os.listdir(dst / ".mirror" / "tmp") == []
+
+
+@pytest.mark.skipif(not is_root(), reason="needs root to mount a small tmpfs")
+def test_full_disk_is_reported_with_path_and_leaves_no_temp(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "small"
+    src.mkdir()
+    dst.mkdir()
+    (src / "fits").write_bytes(b"x" * 1000)
+    (src / "too-big").write_bytes(os.urandom(3 << 20))
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(dst)]).returncode != 0:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        proc = run_mirror("sync", str(src), str(dst))
+        assert proc.returncode == 1
+        assert b"too-big" in proc.stderr and b"ENOSPC" in proc.stderr
+        assert (dst / "fits").read_bytes() == b"x" * 1000
+        assert not (dst / "too-big").exists()
+        assert os.listdir(dst / ".mirror" / "tmp") == []
+    finally:
+        subprocess.run(["umount", str(dst)], check=True)
+
+
+def test_parse_destination():
+    assert parse_destination("mirror://h:99/mod/a/b").subpath == b"a/b"
+    assert parse_destination("mirror://h/mod").port == 8730
+    assert parse_destination("host:/srv").kind == "rsh"
+    assert parse_destination("./local:dir").kind == "local"
+    assert parse_destination("/abs/path").kind == "local"
