@@ -1,6 +1,49 @@
 """hamirror's mirroring engine: scan, compare, delta-transfer and verify directory trees.
 
-The public library API is re-exported here as it lands; see the README's "Library API".
+The public library API (documented in the README's "Library API"):
+
+- ``sync(src, dst, **options) -> SyncResult``: mirror a tree (local, ``mirror://``, ``HOST:PATH``);
+- ``Receiver``, ``ModuleConfig``, ``StreamTransport``, ``LocalTransport``: embed a receiver;
+- ``MirrorServer``: what ``mirror serve`` runs;
+- ``compare_trees``, ``TreeScan``: what ``mirror diff`` runs;
+- the errors of ``mirror.errors``.
+
+Names are imported on first use, so ``import mirror`` stays cheap.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "sync": "mirror.transfer",
+    "SyncResult": "mirror.transfer",
+    "Receiver": "mirror.receiver",
+    "ModuleConfig": "mirror.receiver",
+    "StreamTransport": "mirror.protocol",
+    "LocalTransport": "mirror.protocol",
+    "MirrorServer": "mirror.server",
+    "compare_trees": "mirror.compare",
+    "Change": "mirror.compare",
+    "CompareOptions": "mirror.compare",
+    "TreeScan": "mirror.treescan",
+    "MirrorError": "mirror.errors",
+    "LockedError": "mirror.errors",
+    "StaleEpochError": "mirror.errors",
+    "AuthError": "mirror.errors",
+    "ProtocolError": "mirror.errors",
+    "UsageError": "mirror.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mirror' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

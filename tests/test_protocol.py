@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from mirror import protocol as P
 from mirror.errors import LimitExceeded, MirrorError, ProtocolError
 from mirror.receiver import ModuleConfig, Receiver
-from mirror.sync import sync
+from mirror.transfer import sync
 from tests.servers import SECRET, mirror_server
 from tests.snapshot import assert_mirrors
 

@@ -12,7 +12,7 @@ import pytest
 from mirror.epoch import bump_epoch
 from mirror.errors import LockedError, StaleEpochError
 from mirror.lockfile import acquire
-from mirror.sync import parse_destination, sync
+from mirror.transfer import parse_destination, sync
 from tests.helpers import MIRROR, is_root, run_mirror, wait_until
 from tests.servers import fake_rsh, mirror_server
 from tests.snapshot import assert_mirrors, snapshot
@@ -245,3 +245,25 @@ def test_parse_destination():
     assert parse_destination("host:/srv").kind == "rsh"
     assert parse_destination("./local:dir").kind == "local"
     assert parse_destination("/abs/path").kind == "local"
+
+
+def test_library_api(tmp_path):
+    import mirror
+    import mirror.transfer  # noqa: F401  (a submodule import must not shadow the function)
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "f").write_text("x")
+    result = mirror.sync(src, dst, delete=True)
+    assert isinstance(result, mirror.SyncResult) and result.exit_code == 0
+    assert [c.path for c in result.changes] == [b"f"]
+    assert issubclass(mirror.LockedError, mirror.MirrorError)
+
+
+def test_progress_and_stats_output(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    proc = run_mirror("sync", "--progress", "--stats", str(src), str(tmp_path / "dst"))
+    assert proc.returncode == 0, proc.stderr
+    assert b"files: 1 seen, 1 sent" in proc.stdout and b"speedup" in proc.stdout

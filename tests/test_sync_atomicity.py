@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 
-from mirror.sync import sync
+from mirror.transfer import sync
 from tests.helpers import MIRROR, wait_until
 from tests.snapshot import assert_mirrors
 

@@ -56,7 +56,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from ..itemize import change_json, item_lines
-    from ..sync import sync
+    from ..transfer import sync
 
     excluder = excluder_from_args(args)
     patterns = [p.text for p in excluder.patterns] if excluder else []

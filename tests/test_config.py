@@ -1,0 +1,53 @@
+"""`mirror serve --config`: the annotated example loads; mistakes are named by key and file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mirror.config import load_serve_config
+from mirror.errors import ConfigError
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "mirror-serve.toml")
+
+
+def _example_with(tmp_path, replace: dict[str, str]) -> str:
+    text = open(EXAMPLE).read()
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    path = tmp_path / "serve.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_example_loads(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("a-long-enough-secret\n")
+    config = load_serve_config(_example_with(tmp_path, {"/etc/hamirror/secret": str(secret)}))
+    assert config.listen == ("0.0.0.0", 8730)
+    assert sorted(config.modules) == ["mail", "www"]
+    assert config.modules["mail"].path == b"/var/spool/mail"
+    assert config.modules["mail"].lock_file == b"/var/lib/hamirror/mirror.lock"
+    assert config.modules["www"].secret == b"a-long-enough-secret"
+
+
+@pytest.mark.parametrize(
+    ("replace", "message"),
+    [
+        ({'listen = "0.0.0.0:8730"': 'listen = "nowhere"'}, "'listen'"),
+        ({"max_connections = 64": "max_conections = 64"}, "unknown key 'max_conections'"),
+        ({'path = "/srv/www"': 'path = "relative/www"'}, "'modules.www.path' must be absolute"),
+        ({"read_only = false": 'read_only = "no"'}, "'modules.www.read_only' must be a bool"),
+        ({'[modules.www]\npath = "/srv/www"': "[modules.www]"}, "missing required key 'modules.www.path'"),
+        ({"listen =": "listen = = "}, "invalid TOML"),
+    ],
+)
+def test_mistakes_are_named(tmp_path, replace, message):
+    secret = tmp_path / "secret"
+    secret.write_text("a-long-enough-secret\n")
+    replace = {"/etc/hamirror/secret": str(secret), **replace}
+    path = _example_with(tmp_path, replace)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_serve_config(path)
+    assert path in str(info.value)
