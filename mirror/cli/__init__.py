@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mirror.cli.demo_cmd", "run a self-contained demonstration on a generated tree"),
     "scan": ("mirror.cli.scan_cmd", "walk a tree and summarise it (or save its manifest)"),
     "diff": ("mirror.cli.diff_cmd", "compare two trees and itemise every difference"),
+    "lock": ("mirror.cli.lock_cmd", "acquire, release or show a mirroring lock file"),
+    "epoch": ("mirror.cli.epoch_cmd", "show or raise a tree's owner epoch (fencing)"),
 }
 
 _log = logging.getLogger("mirror")

@@ -1,0 +1,91 @@
+"""A tree's owner epoch: it rises on every takeover and fences off a stale primary.
+
+The epoch lives in the tree's state dir (``<root>/.mirror/epoch`` by default) as a decimal
+number on one line.  It only ever rises: ``bump_epoch`` on a takeover, ``observe_epoch`` when
+a receiver sees a sender with a newer one.  Each change is written atomically and fsynced,
+under an advisory lock so that two concurrent bumps give two different epochs.
+
+A missing file means epoch 0 (a tree that never had an owner).  A file that exists but is
+not a number is an error: silently treating it as 0 would let a stale primary through.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from contextlib import contextmanager
+
+from .atomicfile import atomic_write
+from .errors import FormatError, display_path, fs_path
+from .statedir import ensure_state_dir
+
+EPOCH_FILE = b"epoch"
+_LOCK_FILE = b"epoch.lock"
+_EPOCH_RE = re.compile(rb"\A[0-9]{1,19}\n?\Z")
+MAX_EPOCH = 2**63 - 1
+
+
+class EpochError(FormatError):
+    """The epoch file is corrupt: the fencing decision cannot be made safely."""
+
+
+def epoch_path(state_dir: bytes | str) -> bytes:
+    return os.path.join(fs_path(state_dir), EPOCH_FILE)
+
+
+def read_epoch(state_dir: bytes | str) -> int:
+    """The recorded epoch, 0 if none was ever recorded."""
+    path = epoch_path(state_dir)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64)
+    except FileNotFoundError:
+        return 0
+    if not _EPOCH_RE.match(data):
+        raise EpochError(
+            f"{display_path(path)}: corrupt epoch file (expected a decimal number, found {data[:32]!r}); "
+            "restore it from the peer's value with 'mirror epoch' or remove it only if this tree "
+            "was never fenced"
+        )
+    value = int(data)
+    if value > MAX_EPOCH:
+        raise EpochError(f"{display_path(path)}: epoch {value} is out of range")
+    return value
+
+
+def bump_epoch(state_dir: bytes | str) -> int:
+    """Raise the epoch by one (a takeover) and return the new value, durably written."""
+    with _locked(state_dir):
+        new = read_epoch(state_dir) + 1
+        if new > MAX_EPOCH:
+            raise EpochError(f"{display_path(epoch_path(state_dir))}: epoch cannot rise past {MAX_EPOCH}")
+        _write(state_dir, new)
+        return new
+
+
+def observe_epoch(state_dir: bytes | str, n: int) -> int:
+    """Record that epoch ``n`` exists (seen from a sender); never lowers.  Returns the epoch now."""
+    if not isinstance(n, int) or n < 0 or n > MAX_EPOCH:
+        raise ValueError(f"invalid epoch {n!r}")
+    with _locked(state_dir):
+        current = read_epoch(state_dir)
+        if n > current:
+            _write(state_dir, n)
+            return n
+        return current
+
+
+def _write(state_dir: bytes | str, value: int) -> None:
+    atomic_write(epoch_path(state_dir), b"%d\n" % value, 0o644)
+
+
+@contextmanager
+def _locked(state_dir: bytes | str):
+    directory = ensure_state_dir(fs_path(state_dir))
+    fd = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
