@@ -73,7 +73,7 @@ def decode(secret: bytes, packet: bytes) -> dict:
         raise WireError("authentication failed (wrong shared secret, or a forged packet)")
     try:
         fields = msgpack.unpackb(
-            body, raw=False, strict_map_key=True, max_buffer_size=MAX_PACKET,
+            body, raw=False, strict_map_key=True,
             max_str_len=256, max_bin_len=64, max_array_len=16, max_map_len=32,
         )  # fmt: skip
     except Exception as exc:  # msgpack raises several unrelated types on bad input
