@@ -24,6 +24,7 @@ import sys
 import time
 
 from mirror import lockfile
+from mirror.errors import MirrorError
 
 from . import config as config_mod
 from . import control
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except HawrapError as exc:
         print(f"hawrap {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except MirrorError as exc:  # a lock or epoch file problem, from the mirror library
+        print(f"hawrap {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except OSError as exc:
         print(f"hawrap {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -163,6 +167,7 @@ def cmd_standby(cfg, node, args) -> int:
     try:
         answer = control.request(cfg.control_socket(node), "standby", reason=reason)
     except NotRunning:
+        os.makedirs(os.path.dirname(cfg.standby_lock_path(node)) or ".", mode=0o700, exist_ok=True)
         info = lockfile.acquire(cfg.standby_lock_path(node), reason=reason)
         print(f"{node} is not running; standby lock written: {info.describe()}")
         return EXIT_OK

@@ -85,6 +85,9 @@ class State:
     handover_deadline: float | None = None
     peer_ready_since: float | None = None  # peer a healthy secondary since (for auto failback)
     retry_at: float = 0.0  # no takeover attempt before this (after a failed one)
+    # The two nodes take epochs of different parity (first node odd, second even): two
+    # takeovers made without hearing each other can never claim the same epoch.
+    epoch_parity: int | None = None
     reason: str = ""  # why we are in this role (shown by ``hawrap status``)
 
     @property
@@ -214,7 +217,11 @@ def _init(s: State, f: Facts, p: Policy):
             return s, []
         return _takeover(s, f, lock=True, reason="peer not heard on any link since start")
     if peer.serving or peer.role in (PRIMARY, RELEASING):
-        if peer.epoch > s.epoch:
+        # We were the primary when we went away and the peer has taken over since: writes
+        # made here before the crash may never have reached the peer.  An administrator
+        # checks before this node rejoins (and is mirrored over).  A node that was not
+        # primary has nothing of its own to lose: it simply becomes secondary.
+        if peer.epoch > s.epoch and s.owns_epoch:
             return _go_standby(
                 s,
                 f"peer took over (epoch {peer.epoch} > {s.epoch}) while this node was away: "
@@ -365,6 +372,8 @@ def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
     assert f.lan_ok is True and not f.standby_lock
     assert f.peer is None or not f.peer.serving
     new_epoch = max(s.epoch, f.peer.epoch if f.peer else 0) + 1
+    if s.epoch_parity is not None and new_epoch % 2 != s.epoch_parity:
+        new_epoch += 1
     actions: list[Action] = []
     if lock:
         actions.append(AcquireMirrorLock(f"takeover by {s.node}: {reason}"))

@@ -74,6 +74,7 @@ class Node:
             started=time.monotonic(),
             epoch=mirror_epoch.read_epoch(self.me.state_dir),
             owns_epoch=persisted.get("owns_epoch", False),
+            epoch_parity=1 if cfg.nodes[0].name == name else 0,
         )
         self.events: queue.Queue = queue.Queue()
         self.resources = build_resources(cfg, name)

@@ -120,6 +120,11 @@ def test_node_that_missed_a_takeover_fences_itself():
     assert s.role == STANDBY and WriteStandbyLock in kinds(acts)
 
 
+def test_fresh_node_joins_a_serving_peer_as_secondary():
+    s, acts = fsm.decide(state(INIT, epoch=0, owns=False), facts(now=0.2, p=peer(PRIMARY, epoch=1, owns=True)), POLICY)
+    assert s.role == SECONDARY and s.epoch == 1 and WriteStandbyLock not in kinds(acts)
+
+
 def test_planned_failover_sequence_and_completion():
     s, acts = fsm.decide(state(PRIMARY, epoch=2, owns=True), facts(p=peer(SECONDARY, epoch=2), command="failover"), POLICY)
     assert s.role == RELEASING
@@ -168,6 +173,14 @@ def test_auto_failback_after_delay():
     assert s.role == PRIMARY and s.peer_ready_since == 10
     s, acts = fsm.decide(s, facts(now=13.5, p=peer(SECONDARY, epoch=3, home=True)), pol)
     assert s.role == RELEASING
+
+
+def test_epochs_of_the_two_nodes_never_collide():
+    a = replace(state(SECONDARY, epoch=4), epoch_parity=1)
+    b = replace(state(SECONDARY, epoch=4), epoch_parity=0, node="b")
+    ea = fsm.decide(a, facts(p=None), POLICY)[0].epoch
+    eb = fsm.decide(b, facts(p=None), POLICY)[0].epoch
+    assert (ea, eb) == (5, 6)
 
 
 def test_takeover_failure_retries_later():
@@ -258,7 +271,10 @@ class Sim:
     def restart(self, i):
         node = self.nodes[i]
         epoch, owns = node.persisted
-        node.state = fsm.State(node=node.name, is_home=node.home, started=self.step_no * STEP, epoch=epoch, owns_epoch=owns)
+        node.state = fsm.State(
+            node=node.name, is_home=node.home, started=self.step_no * STEP, epoch=epoch, owns_epoch=owns,
+            epoch_parity=1 if node.name == "a" else 0,
+        )  # fmt: skip
         node.serving = False  # the supervisor's cleanup removed the VIP
         node.last_heard, node.view = None, None
 
@@ -308,8 +324,8 @@ def apply(sim: Sim, event: str):
 
 def new_sim() -> Sim:
     return Sim([
-        SimNode("a", True, fsm.State(node="a", is_home=True, started=0.0)),
-        SimNode("b", False, fsm.State(node="b", is_home=False, started=0.0)),
+        SimNode("a", True, fsm.State(node="a", is_home=True, started=0.0, epoch_parity=1)),
+        SimNode("b", False, fsm.State(node="b", is_home=False, started=0.0, epoch_parity=0)),
     ])  # fmt: skip
 
 
