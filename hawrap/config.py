@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 FAILBACK_POLICIES = ("manual", "auto")
 VIP_KINDS = ("ip", "dummy")
-ARPING_FLAVOURS = ("auto", "habets", "iputils")
+ARPING_FLAVOURS = ("builtin", "auto", "habets", "iputils")
 
 # Default timings, chosen for a sub-second failover that a busy node does not trigger:
 # the heartbeat runs in its own real-time, memory-locked process, so a packet is late only
@@ -51,7 +51,7 @@ class Timing:
     initdead: float = DEFAULT_INITDEAD
     monitor_interval: float = 2.0  # how often resources are monitored while serving
     carrier_interval: float = 0.05  # how often the LAN carrier is read
-    ping_interval: float = 0.2
+    ping_interval: float = 0.1
     ping_timeout: float = 0.3  # a probe without a reply within this is lost
     ping_failures: int = 3  # consecutive lost probes before the ping node counts as unreachable
     handover_timeout: float = 10.0  # a planned switchover not completed by then is rolled back
@@ -64,10 +64,12 @@ class VipConfig:
     address: str  # "198.51.100.100/24"
     interface: str | None  # None: the node's lan_interface
     kind: str = "ip"  # "ip": ip addr + arping; "dummy": a marker file (demo, unit tests)
-    dad_timeout: float = 0.1
+    # An ARP reply crosses a LAN in well under a millisecond and the kernel sends it from
+    # softirq even when user space is starved: 50 ms is ample and costs the takeover little.
+    dad_timeout: float = 0.05
     garp_count: int = 3
     garp_interval: float = 0.5
-    arping: str = "auto"
+    arping: str = "builtin"  # ARP from hawrap itself; or the arping tool ("auto", "habets", "iputils")
     lifetime: int = 0  # >0: the address expires unless refreshed (a kill -9'd hawrap cannot leave it)
 
     @property
@@ -310,7 +312,7 @@ def load(path: str) -> ClusterConfig:
         initdead=t.get("initdead", float, DEFAULT_INITDEAD, _positive),
         monitor_interval=t.get("monitor_interval", float, 2.0, _positive),
         carrier_interval=t.get("carrier_interval", float, 0.05, _positive),
-        ping_interval=t.get("ping_interval", float, 0.2, _positive),
+        ping_interval=t.get("ping_interval", float, 0.1, _positive),
         ping_timeout=t.get("ping_timeout", float, 0.3, _positive),
         ping_failures=t.get("ping_failures", int, 3, _positive),
         handover_timeout=t.get("handover_timeout", float, 10.0, _positive),
@@ -318,6 +320,12 @@ def load(path: str) -> ClusterConfig:
         mlock=t.get("mlock", bool, True),
     )
     t.finish()
+    if ping_nodes and timing.ping_interval > (timing.deadtime - timing.interval) / 2:
+        raise ConfigError(
+            f"{path}: timing.ping_interval ({timing.ping_interval}) must be at most half of "
+            f"deadtime - interval ({timing.deadtime - timing.interval:g}): a takeover waits for a ping "
+            "answer to a probe sent after the peer fell silent"
+        )
     if timing.deadtime < 2 * timing.interval:
         raise ConfigError(
             f"{path}: timing.deadtime ({timing.deadtime}) must be at least twice timing.interval "
@@ -331,10 +339,10 @@ def load(path: str) -> ClusterConfig:
             address=v.get("address", str, ..., _interface_address),
             interface=v.get("interface", str, None),
             kind=v.get("kind", str, "ip", lambda k: None if k in VIP_KINDS else f"one of {VIP_KINDS}"),
-            dad_timeout=v.get("dad_timeout", float, 0.1, _positive),
+            dad_timeout=v.get("dad_timeout", float, 0.05, _positive),
             garp_count=v.get("garp_count", int, 3, _positive),
             garp_interval=v.get("garp_interval", float, 0.5, _positive),
-            arping=v.get("arping", str, "auto", lambda k: None if k in ARPING_FLAVOURS else f"one of {ARPING_FLAVOURS}"),
+            arping=v.get("arping", str, "builtin", lambda k: None if k in ARPING_FLAVOURS else f"one of {ARPING_FLAVOURS}"),
             lifetime=v.get("lifetime", int, 0, lambda x: None if x >= 0 else "must be >= 0"),
         )
         v.finish()

@@ -61,6 +61,10 @@ class Facts:
     standby_lock: bool
     lan_problem: str = ""
     command: str | None = None  # "failover" | "failback", delivered once
+    # A ping node answered a probe sent after the peer was last heard.  A cut that silences
+    # the peer usually cuts us off too, and the ping monitor needs several lost probes to
+    # say so: without this fresh answer, taking over on silence alone could split the brain.
+    lan_confirmed: bool = True
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,7 @@ def _init(s: State, f: Facts, p: Policy):
     if f.lan_ok is not True:
         return s, []
     if peer is None:
-        if f.now < s.started + p.initdead:
+        if f.now < s.started + p.initdead or not f.lan_confirmed:
             return s, []
         return _takeover(s, f, lock=True, reason="peer not heard on any link since start")
     if peer.serving or peer.role in (PRIMARY, RELEASING):
@@ -241,7 +245,7 @@ def _secondary(s: State, f: Facts, p: Policy):
     if f.lan_ok is not True:
         return s, []
     if peer is None:
-        if f.now < s.retry_at:
+        if f.now < s.retry_at or not f.lan_confirmed:
             return s, []
         return _takeover(s, f, lock=True, reason="peer silent on every link for the dead time")
     actions: list[Action] = []
@@ -344,6 +348,8 @@ def _releasing(s: State, f: Facts, p: Policy):
     if peer is not None and (peer.role == PRIMARY or peer.serving) and peer.epoch > s.epoch:
         return _become_secondary(s, peer, "switchover complete: peer is primary")
     if peer is None:
+        if not f.lan_confirmed:
+            return s, []
         return _takeover(s, f, lock=True, reason="peer died during the switchover")
     if s.handover_deadline is not None and f.now >= s.handover_deadline and not peer.serving:
         return _takeover(s, f, lock=False, reason="switchover timed out: resuming service here")

@@ -137,9 +137,18 @@ class LanMonitor:
         self._lost = {t: 0 for t in ping_nodes}
         self._answered = {t: False for t in ping_nodes}
         self._outstanding: dict[str, list[tuple[int, float]]] = {t: [] for t in ping_nodes}
+        #: monotonic send time of the newest probe that got an answer (read by other threads)
+        self.last_answered_probe: float | None = None
 
     def start(self) -> None:
         self._thread.start()
+
+    def answered_since(self, t: float) -> bool:
+        """A ping node answered a probe sent at or after ``t`` (True without ping nodes)."""
+        if not self.ping_nodes:
+            return True
+        last = self.last_answered_probe
+        return last is not None and last >= t
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,8 +178,11 @@ class LanMonitor:
             pending = self._outstanding.get(source)
             if pending is None:
                 continue
-            if any(s == seq for s, _ in pending):
+            sent = next((t for s, t in pending if s == seq), None)
+            if sent is not None:
                 self._outstanding[source] = [(s, t) for s, t in pending if s != seq]
+                if self.last_answered_probe is None or sent > self.last_answered_probe:
+                    self.last_answered_probe = sent
                 self._lost[source] = 0
                 self._answered[source] = True
 

@@ -137,8 +137,13 @@ class Node:
                 standby=p["standby"], lan_ok=p["lan_ok"], serving=p["serving"], request=p["request"],
                 home=self.cfg.home == self.peer_name,
             )  # fmt: skip
+        now = time.monotonic()
         return fsm.Facts(
-            now=time.monotonic(),
+            now=now,
+            # When the peer is declared silent it was last heard a dead time ago, and the first
+            # heartbeat missed was due one interval later: a cut that silenced it came before
+            # that, so only a probe sent after it proves our LAN survived the cut.
+            lan_confirmed=self.lan_monitor.answered_since(now - self.cfg.timing.deadtime + self.cfg.timing.interval),
             lan_ok=self.lan.ok,
             lan_problem=self.lan.problem,
             peer=peer,
@@ -270,6 +275,7 @@ class Node:
 
     def _execute(self, actions: list[fsm.Action], facts: fsm.Facts) -> None:
         for action in actions:
+            started = time.monotonic()
             try:
                 self._do(action)
             except (ResourceError, HawrapError, OSError) as exc:
@@ -283,6 +289,9 @@ class Node:
                     self._execute(more, facts)
                     return
                 self._notify("error", f"{type(action).__name__} failed: {exc}")
+            took = time.monotonic() - started
+            if took > 0.005:
+                log.info("%s took %.0f ms", type(action).__name__, took * 1000)
 
     def _do(self, action: fsm.Action) -> None:
         if isinstance(action, fsm.Notify):

@@ -30,6 +30,7 @@ import subprocess
 import threading
 import time
 
+from . import arp
 from .config import ServiceConfig, VipConfig
 from .errors import ResourceError
 
@@ -141,7 +142,7 @@ class Service(Resource):
                     code,
                 )
             time.sleep(delay)
-            delay = min(delay * 2, 0.2)
+            delay = min(delay * 2, 0.05)
 
 
 def arping_flavour(configured: str = "auto") -> str:
@@ -192,14 +193,20 @@ class VirtualIP(Resource):
 
     def flavour(self) -> str:
         if self._flavour is None:
-            self._flavour = arping_flavour(self.cfg.arping)
+            self._flavour = "builtin" if self.cfg.arping == "builtin" else arping_flavour(self.cfg.arping)
         return self._flavour
 
     def duplicate(self) -> str | None:
         """Who else answers ARP for the address (a description), or None."""
-        timeout = f"{self.cfg.dad_timeout:g}"
         ip = self.cfg.ip
-        if self.flavour() == "habets":
+        flavour = self.flavour()
+        if flavour == "builtin":
+            try:
+                return arp.probe(self.interface, ip, self.cfg.dad_timeout)
+            except OSError as exc:
+                raise ResourceError(f"{self.name}: duplicate check failed: {exc}", OCF_ERR_GENERIC) from exc
+        timeout = f"{self.cfg.dad_timeout:g}"
+        if flavour == "habets":
             # -0: source 0.0.0.0 (we do not own it yet); exit 0 means someone replied
             argv = ("arping", "-0", "-c", "1", "-C", "1", "-w", timeout, "-i", self.interface, ip)
             code, out = run_command(argv, 10.0)
@@ -213,7 +220,14 @@ class VirtualIP(Resource):
 
     def gratuitous_arp(self) -> None:
         ip = self.cfg.ip
-        if self.flavour() == "habets":
+        flavour = self.flavour()
+        if flavour == "builtin":
+            try:
+                arp.gratuitous(self.interface, ip)
+            except OSError as exc:
+                log.warning("%s: gratuitous ARP failed: %s", self.name, exc)
+            return
+        if flavour == "habets":
             argv = ("arping", "-U", "-c", "1", "-w", "0", "-S", ip, "-i", self.interface, ip)
         else:
             argv = ("arping", "-U", "-c", "1", "-I", self.interface, ip)
@@ -225,41 +239,52 @@ class VirtualIP(Resource):
         if self.cfg.kind == "dummy":
             self._dummy_start()
             return
-        if not self.running():
-            other = self.duplicate()
-            if other:
-                raise ResourceError(
-                    f"{self.name}: another host already answers for {self.cfg.ip} ({other}); "
-                    "not taking it (both would answer ARP)",
-                    OCF_ERR_GENERIC,
-                )
-            args = ["addr", "add", self.cfg.address, "dev", self.interface]
-            if self.cfg.lifetime:
-                args += ["valid_lft", str(self.cfg.lifetime), "preferred_lft", str(self.cfg.lifetime)]
-            code, out = self._ip(*args)
-            if code != 0 and "File exists" not in out:
-                raise ResourceError(f"{self.name}: ip addr add failed: {out}", OCF_ERR_GENERIC)
+        # No "is it already here?" query first: the probe ignores our own MAC, and adding an
+        # address we hold is "File exists", so start stays idempotent with one command less
+        # on the takeover path.
+        other = self.duplicate()
+        if other:
+            raise ResourceError(
+                f"{self.name}: another host already answers for {self.cfg.ip} ({other}); "
+                "not taking it (both would answer ARP)",
+                OCF_ERR_GENERIC,
+            )
+        args = ["addr", "add", self.cfg.address, "dev", self.interface]
+        if self.cfg.lifetime:
+            args += ["valid_lft", str(self.cfg.lifetime), "preferred_lft", str(self.cfg.lifetime)]
+        code, out = self._ip(*args)
+        if code != 0 and "File exists" not in out:
+            raise ResourceError(f"{self.name}: ip addr add failed: {out}", OCF_ERR_GENERIC)
         self.announce()
 
     def announce(self) -> None:
-        """A gratuitous ARP now, then ``garp_count - 1`` more in the background."""
+        """``garp_count`` gratuitous ARPs ``garp_interval`` apart.  The built-in first one goes
+        out at once (microseconds); the rest, and all of an external arping's, from a
+        background thread, so the services start meanwhile."""
         if self.cfg.kind == "dummy":
             return
-        self.gratuitous_arp()
-        self._garp_stop.set()
-        if self._garp_thread is not None:
-            self._garp_thread.join()
-        self._garp_stop = threading.Event()
-        stop = self._garp_stop
+        self._stop_garp()
+        stop = self._garp_stop = threading.Event()
+        count, wait_first = self.cfg.garp_count, False
+        if self.flavour() == "builtin":
+            self.gratuitous_arp()
+            count, wait_first = count - 1, True
 
         def repeat():
-            for _ in range(self.cfg.garp_count - 1):
-                if stop.wait(self.cfg.garp_interval):
+            for i in range(count):
+                if (i or wait_first) and stop.wait(self.cfg.garp_interval):
                     return
                 self.gratuitous_arp()
 
-        self._garp_thread = threading.Thread(target=repeat, name="garp", daemon=True)
-        self._garp_thread.start()
+        if count > 0:
+            self._garp_thread = threading.Thread(target=repeat, name="garp", daemon=True)
+            self._garp_thread.start()
+
+    def _stop_garp(self) -> None:
+        self._garp_stop.set()
+        if self._garp_thread is not None:
+            self._garp_thread.join()
+            self._garp_thread = None
 
     def refresh(self) -> None:
         """Renew the address lifetime (``lifetime`` > 0): a dead hawrap lets it expire."""
@@ -268,10 +293,7 @@ class VirtualIP(Resource):
             self._ip("addr", "change", self.cfg.address, "dev", self.interface, "valid_lft", lifetime, "preferred_lft", lifetime)
 
     def stop(self) -> None:
-        self._garp_stop.set()
-        if self._garp_thread is not None:
-            self._garp_thread.join()
-            self._garp_thread = None
+        self._stop_garp()
         if self.cfg.kind == "dummy":
             self._dummy_stop()
             return
@@ -290,10 +312,10 @@ class ResourceGroup:
         self.services = services
 
     def start(self) -> None:
-        if self.vip is not None:
-            self.vip.start()
-        for service in self.services:
-            service.start()
+        for resource in ([self.vip] if self.vip is not None else []) + self.services:
+            started = time.monotonic()
+            resource.start()
+            log.info("%s started in %.0f ms", resource.name, (time.monotonic() - started) * 1000)
 
     def stop_services(self) -> list[str]:
         errors = []

@@ -157,6 +157,13 @@ def test_split_brain_higher_epoch_wins():
     assert hi.role == PRIMARY and hi.request == "push_back"
 
 
+def test_no_takeover_on_silence_until_the_ping_node_answers_again():
+    s, acts = fsm.decide(state(SECONDARY), replace(facts(p=None), lan_confirmed=False), POLICY)
+    assert s.role == SECONDARY and acts == []
+    s, acts = fsm.decide(state(SECONDARY), facts(p=None), POLICY)
+    assert s.role == PRIMARY
+
+
 def test_no_takeover_without_lan_or_during_initdead():
     s, acts = fsm.decide(state(SECONDARY), facts(lan_ok=None, p=None), POLICY)
     assert s.role == SECONDARY and acts == []
