@@ -149,7 +149,7 @@ def cmd_status(cfg, node, args) -> int:
         print(f"  peer {peer['name']}: silent on every link")
     for link, up in st["links"].items():
         stats = st["link_stats"].get(link)
-        extra = f" (sent {stats[0]}, received {stats[1]}, dropped {stats[2]})" if stats else ""
+        extra = f" (sent {stats[0]}, received {stats[1]}, dropped {stats[2]}, longest gap {stats[4]:g} ms)" if stats else ""
         print(f"  link {link}: {'up' if up else 'DOWN'}{extra}")
     if st["vip"]:
         print(f"  vip {st['vip']['address']}: {'here' if st['vip']['present'] else 'not here'}")

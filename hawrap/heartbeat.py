@@ -54,6 +54,7 @@ class LinkSocket:
     send_errors: int = 0
     received: int = 0
     dropped: int = 0
+    max_gap: float = 0.0  # longest time between two accepted packets (how close to the dead time)
 
 
 def _libc():
@@ -148,6 +149,8 @@ class HeartbeatEngine:
                     other.last_rx = None  # packets of the old boot no longer vouch for the peer
                 self._note("boot", f"peer {fields['node']} (re)started: new boot id {fields['boot'].hex()}", force=True)
             link.received += 1
+            if link.last_rx is not None:
+                link.max_gap = max(link.max_gap, now - link.last_rx)
             link.last_rx = now
             self.peer_fields = fields
 
@@ -206,7 +209,7 @@ class HeartbeatEngine:
         message = {
             "t": "peer", "alive": alive, "links": links, "peer": peer,
             "boot": self.boot.hex(), "peer_boot": self.tracker.current_boot.hex() if self.tracker.current_boot else None,
-            "stats": {n: [lk.sent, lk.received, lk.dropped, lk.send_errors] for n, lk in self.links.items()},
+            "stats": {n: [lk.sent, lk.received, lk.dropped, lk.send_errors, round(lk.max_gap * 1000, 1)] for n, lk in self.links.items()},
         }  # fmt: skip
         try:
             self.control.send(msgpack.packb(message, use_bin_type=True))
