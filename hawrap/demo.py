@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from . import control
+from .config import load
 
 SERVICE = {
     "start": "touch \"$HAWRAP_STATE_DIR/service.running\"",
@@ -175,7 +176,7 @@ def run_demo(workdir: str | None = None, verbose: int = 1) -> int:
         if not took:
             out(f"   {other.name} did not take over")
             return 1
-        out(f"   {other.name} took over in {elapsed * 1000:.0f} ms (dead time {0.5:g} s)")
+        out(f"   {other.name} took over in {elapsed * 1000:.0f} ms (dead time {load(config).timing.deadtime:g} s)")
 
         out(f"\n3. restart {primary.name}: it missed a takeover, so it stays in standby")
         primary.start()
