@@ -232,7 +232,7 @@ def main() -> int:
     ap.add_argument("--load-seconds", type=float, default=600.0)
     ap.add_argument("--cpu-hogs", type=int, default=3, help="busy loops per node (2 cores here)")
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--load-timing", default="", help='extra [timing] lines for the load test, e.g. "realtime_priority = 0"')
+    ap.add_argument("--load-timing", default="", help='extra [timing] lines for the load test, e.g. "realtime_priority = 0; mlock = false"')
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--markdown", help="append the Markdown summary here")
     args = ap.parse_args()
@@ -261,12 +261,12 @@ def main() -> int:
                 print(f"trial {i + 1} {name}: {'no takeover' if outage is None else f'{outage:.3f} s'}", flush=True)
         if args.load_seconds > 0:
             print(f"load test: {args.load_seconds:g} s of CPU + disk load on both nodes", flush=True)
-            raw["load"] = load_test(lab, args.load_seconds, args.cpu_hogs, args.load_timing)
+            raw["load"] = load_test(lab, args.load_seconds, args.cpu_hogs, args.load_timing.replace(";", "\n"))
             print(json.dumps(raw["load"], indent=2), flush=True)
     finally:
         lab.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    hs = summarize(raw["hawrap"])
+    hs = summarize(raw["hawrap"]) if raw["hawrap"] else None
     lines = [
         "| system | trials | median s | p90 s | min s | max s | ratio vs keepalived |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -277,7 +277,7 @@ def main() -> int:
             continue
         ratio = f"{s['median'] / ks['median']:.3f}" if ks else "-"
         lines.append(f"| {name} | {s['n']} | {s['median']:.3f} | {s['p90']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {ratio} |")
-    text = "\n".join(lines)
+    text = "\n".join(lines) if hs or ks else "(no failover trials)"
     if "load" in raw:
         ld = raw["load"]
         text += (

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the switch to complete")
     p = sub.add_parser("cleanup", help="drop the VIP and stop services this node left behind")
     _common(p)
+    p.add_argument("--force", action="store_true", help="even while hawrap runs for this node")
     p = sub.add_parser("demo", help="two nodes on loopback with a dummy VIP (no root)")
     _common(p, needs_config=False)
     p.add_argument("--workdir", help="keep the demo's files here (default: a temporary dir)")
@@ -115,8 +116,12 @@ def cmd_run(cfg, node, args) -> int:
         from .supervisor import child_command, supervise
 
         return supervise(cfg, node, child_command(cfg.path, node, args.verbose))
+    from . import instance
     from .node import Node
+    from .supervisor import SUPERVISED_ENV
 
+    if os.environ.get(SUPERVISED_ENV) != str(os.getppid()):
+        lock_fd = instance.acquire(cfg.node(node).state_dir)  # noqa: F841 (held until exit)
     n = Node(cfg, node)
     signal.signal(signal.SIGTERM, lambda *_: n.stop())
     signal.signal(signal.SIGINT, lambda *_: n.stop())
@@ -223,8 +228,11 @@ def cmd_failback(cfg, node, args) -> int:
 
 
 def cmd_cleanup(cfg, node, args) -> int:
+    from . import instance
     from .node import cleanup
 
+    if not args.force and instance.held(cfg.node(node).state_dir):
+        raise HawrapError("hawrap runs for this node: cleanup would take its VIP away (use --force to insist)")
     errors = cleanup(cfg, node)
     for error in errors:
         print(f"hawrap cleanup: {error}", file=sys.stderr)

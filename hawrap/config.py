@@ -349,6 +349,12 @@ def load(path: str) -> ClusterConfig:
     else:
         top.get("vip", dict, None)
 
+    if vip is not None and vip.lifetime and vip.lifetime < 2 * timing.monitor_interval:
+        raise ConfigError(
+            f"{path}: vip.lifetime ({vip.lifetime}) must be at least twice timing.monitor_interval "
+            f"({timing.monitor_interval:g}), which is how often the address is renewed"
+        )
+
     services = []
     for sec in top.tables("service"):
         services.append(

@@ -84,6 +84,7 @@ class Node:
         self.peer_msg: dict | None = None
         self.peer_alive = False
         self.links: dict[str, bool] = {link.name: False for link in cfg.links}
+        self._links_reported_down: set[str] = set()
         self.heartbeat: HeartbeatChild | None = None
         self.heartbeat_restarts = 0
         self.vip_seen = False  # VIP found up by the monitor while not primary
@@ -223,12 +224,17 @@ class Node:
         if self.peer_alive != was_alive:
             log.info("peer %s %s", self.peer_name, "heard" if self.peer_alive else "silent on every link")
         if self.peer_alive and was_alive:
+            # One link lost while the peer is still heard on another: both carry on (a
+            # point-to-point link cannot tell which NIC failed), the administrator is told.
             for link, up in self.links.items():
                 if old_links.get(link) and not up:
                     heard_on = ", ".join(n for n, u in self.links.items() if u)
+                    self._links_reported_down.add(link)
                     self._notify("link-down", f"heartbeat link {link} lost (peer still heard on {heard_on})")
-                elif up and old_links.get(link) is False:
-                    self._notify("link-up", f"heartbeat link {link} restored")
+        for link, up in self.links.items():
+            if up and link in self._links_reported_down:
+                self._links_reported_down.discard(link)
+                self._notify("link-up", f"heartbeat link {link} restored")
         return True
 
     def _admin_command(self, payload) -> str | None:

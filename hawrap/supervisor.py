@@ -13,13 +13,17 @@ ExecStopPost).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 
+from . import instance
 from .config import ClusterConfig
 from .node import cleanup
+
+SUPERVISED_ENV = "HAWRAP_SUPERVISOR_PID"  # set for the node process: its supervisor holds the instance lock
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +42,26 @@ def supervise(cfg: ClusterConfig, node: str, child_argv: list[str]) -> int:
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGTERM)
 
+    lock_fd = instance.acquire(cfg.node(node).state_dir)  # before the cleanup: never clean up a live instance
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     _cleanup(cfg, node, "before start")
     restarts: list[float] = []
     while not stopping:
-        child = subprocess.Popen(child_argv)
+        child = subprocess.Popen(child_argv, env={**os.environ, SUPERVISED_ENV: str(os.getpid())})
         log.info("node process started (pid %d)", child.pid)
         code = child.wait()
         if stopping:
             if code != 0:
                 _cleanup(cfg, node, f"node process exited {code} while stopping")
+            os.close(lock_fd)
             return 0 if code in (0, -signal.SIGTERM) else 1
         _cleanup(cfg, node, f"node process {child.pid} died ({_describe(code)})")
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
         if len(restarts) > MAX_RESTARTS:
             log.error("node process died %d times within %g s: giving up", len(restarts), RESTART_WINDOW)
+            os.close(lock_fd)
             return 1
         time.sleep(RESTART_DELAY)
     return 0

@@ -90,6 +90,19 @@ def test_standby_resume_failover_failback(cluster):
     assert "standby" in events and "releasing" in events
 
 
+def test_one_instance_per_node_and_no_cleanup_under_a_live_one(cluster):
+    nodes, tmp_path, _ = cluster
+    alpha = nodes["alpha"]
+    r = subprocess.run(
+        [sys.executable, "-m", "hawrap", "run", "--config", alpha.config, "--node", "alpha"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "already runs for this node" in r.stderr
+    r = alpha.command("cleanup")
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert serving(tmp_path, "alpha") == (True, True) and role(alpha) == "primary"
+
+
 def test_commands_when_not_running(tmp_path):
     config = write_demo_config(str(tmp_path))
     node = DemoNode(config, "alpha", str(tmp_path))
