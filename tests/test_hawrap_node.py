@@ -125,6 +125,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
 
 
 def test_hawrap_demo():
+    """The demo needs no privilege: loopback links, a dummy VIP, no ping node."""
     r = subprocess.run([sys.executable, "-m", "hawrap", "demo"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "took over in" in r.stdout and "summary: alpha primary, beta secondary" in r.stdout
