@@ -16,7 +16,6 @@ import os
 import queue
 import threading
 import time
-from dataclasses import asdict, replace
 
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
@@ -440,9 +439,4 @@ class Node:
             self.heartbeat = None
         self.lan_monitor.stop()
         self.notifier.close()
-        self.state = replace(self.state, role=fsm.INIT if self.state.role != fsm.STANDBY else fsm.STANDBY)
         log.info("node %s stopped", self.name)
-
-
-def state_summary(state: fsm.State) -> dict:
-    return asdict(state)
