@@ -158,10 +158,17 @@ def mutate(root: str, modified: int = 100, created: int = 10, deleted: int = 10,
     regular.sort()
     picked = rng.sample(regular, modified + deleted)
     for path in picked[:modified]:
-        with open(path, "r+b") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(rng.randrange(max(size, 1)))
-            f.write(rng.randbytes(64))
+        # Written as a new file renamed over the old one: a tree made with `cp -al` from
+        # another keeps the other's content intact (benchmarks reset replicas that way).
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+        at = rng.randrange(max(len(data), 1))
+        data[at : at + 64] = rng.randbytes(64)
+        st = os.stat(path)
+        with open(path + ".mutate", "wb") as f:
+            f.write(data)
+        os.chmod(path + ".mutate", st.st_mode & 0o7777)
+        os.rename(path + ".mutate", path)
     for path in picked[modified:]:
         os.unlink(path)
     dirs = sorted({os.path.dirname(p) for p in regular})

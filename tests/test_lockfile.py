@@ -13,6 +13,7 @@ import pytest
 
 from mirror import lockfile
 from mirror.errors import EXIT_LOCKED, MirrorError
+from tests.helpers import WITHOUT_DAC
 
 
 def mirror_cli(*args: str) -> subprocess.CompletedProcess:
@@ -79,12 +80,22 @@ def test_oversized_and_symlinked_locks_still_lock(tmp_path):
 
 
 def test_unreadable_lock_counts_as_locked(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file; the permission case needs an unprivileged user")
+    """Permission denied on the lock (or its directory) means locked, never "no lock"."""
     path = tmp_path / "l"
     path.write_text("{}")
     path.chmod(0)
-    assert lockfile.is_locked(str(path)) and lockfile.status(str(path)).problem
+    code = (
+        "import sys; from mirror import lockfile; p = sys.argv[1]; "
+        "print(lockfile.is_locked(p), lockfile.status(p).problem)"
+    )
+    argv = [sys.executable, "-c", code, str(path)]
+    if os.geteuid() == 0:  # root reads anything: look without the capabilities that allow it
+        argv = [*WITHOUT_DAC, *argv]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    locked, problem = r.stdout.split(" ", 1)
+    assert locked == "True" and "Permission denied" in problem
 
 
 def test_lock_in_missing_directory_is_a_clear_error(tmp_path):

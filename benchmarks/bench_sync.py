@@ -1,0 +1,233 @@
+"""S1n, S3, S4 (and the delta threshold) side by side with rsync and cp -a.
+
+    python -m benchmarks.bench_sync --workdir /work/bench [--files 50000 --bytes 6G]
+                                    [--runs 5] [--scenarios S1n,S3,S4,threshold]
+
+- S1n: an unchanged replica over loopback: `mirror sync A mirror://127.0.0.1:P/m` against
+  `rsync -a --delete A/ rsync://127.0.0.1:Q/m/` (an rsync daemon started here).
+- S3: initial mirror into an empty replica, local and over loopback, against `rsync -a`
+  (local and daemon) and `cp -a`.  mirror fsyncs every file by default (rsync and cp do
+  not); the `--no-fsync` row shows what that costs.
+- S4: 100 files modified, 10 created, 10 deleted (benchmarks.corpus --mutate), local and
+  over loopback, against `rsync -a --delete`.  The replica is reset from a hard-linked
+  snapshot before every run (both tools replace files by rename, so the snapshot survives).
+- threshold: time and bytes to bring N edited files of one size up to date, sent whole
+  vs as deltas, over loopback: where deltas start to pay (the sender's DELTA_THRESHOLD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks import corpus
+from benchmarks.bench_compare import ensure_corpus
+from benchmarks.harness import Case, have, measure, table
+
+MIRROR = [sys.executable, "-m", "mirror"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Servers:
+    """A `mirror serve` and an `rsync --daemon` on loopback, each serving module m = a dir."""
+
+    def __init__(self, workdir: str, mirror_root: str, rsync_root: str):
+        self.dir = tempfile.mkdtemp(prefix="bench-servers-", dir=workdir)
+        self.secret = os.path.join(self.dir, "secret")
+        with open(self.secret, "w") as f:
+            f.write("benchmark-secret-123\n")
+        self.mirror_root, self.rsync_root = mirror_root, rsync_root
+        self.mport, self.rport = free_port(), free_port()
+        conf = os.path.join(self.dir, "rsyncd.conf")
+        with open(conf, "w") as f:
+            f.write(f"use chroot = false\nuid = root\ngid = root\n[m]\npath = {rsync_root}\nread only = false\n")
+        self.procs = [
+            subprocess.Popen(MIRROR + ["serve", "--listen", f"127.0.0.1:{self.mport}", "--module",
+                                       f"m={mirror_root}", "--secret-file", self.secret, "-q"]),  # fmt: skip
+            subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={self.rport}",
+                              "--address=127.0.0.1"]),  # fmt: skip
+        ]
+        for port in (self.mport, self.rport):
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+    def mirror_url(self) -> str:
+        return f"mirror://127.0.0.1:{self.mport}/m"
+
+    def rsync_url(self) -> str:
+        return f"rsync://127.0.0.1:{self.rport}/m/"
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def reset_from(snapshot: str, target: str):
+    def prepare():
+        shutil.rmtree(target, ignore_errors=True)
+        subprocess.run(["cp", "-al", snapshot, target], check=True)
+
+    return prepare
+
+
+def empty(*dirs: str):
+    def prepare():
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+
+    return prepare
+
+
+def threshold_sweep(workdir: str, runs: int) -> str:
+    """Edited files of one size, sent whole or as deltas over loopback: time and bytes."""
+    lines = ["| file size | files | whole: median s | delta: median s | whole: wire MB | delta: wire MB |",
+             "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    from mirror.transfer import sync
+
+    for size in (16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20):
+        count = max(4, min(400, (64 << 20) // size))
+        base = tempfile.mkdtemp(prefix="sweep-", dir=workdir)
+        src, snap, dst = (os.path.join(base, x) for x in ("src", "snap", "dst"))
+        os.makedirs(src)
+        for i in range(count):
+            with open(os.path.join(src, f"f{i}"), "wb") as f:
+                f.write(os.urandom(size))
+        subprocess.run(["cp", "-a", src, snap], check=True)
+        for i in range(count):  # a 64-byte edit in the middle of every file
+            p = os.path.join(src, f"f{i}")
+            data = bytearray(open(p, "rb").read())
+            data[size // 2 : size // 2 + 64] = os.urandom(64)
+            with open(p + ".t", "wb") as f:
+                f.write(data)
+            os.rename(p + ".t", p)
+        servers = Servers(workdir, dst, dst)
+        results = {}
+        try:
+            for name, threshold in (("whole", 1 << 62), ("delta", 0)):
+                secs, wire = [], []
+                for _ in range(runs):
+                    reset_from(snap, dst)()
+                    t = time.perf_counter()
+                    r = sync(src, servers.mirror_url(), secret_file=servers.secret, delta_threshold=threshold)
+                    secs.append(time.perf_counter() - t)
+                    wire.append(r.stats.wire_sent)
+                    assert r.ok
+                results[name] = (sorted(secs)[len(secs) // 2], sorted(wire)[len(wire) // 2])
+        finally:
+            servers.close()
+            shutil.rmtree(base, ignore_errors=True)
+        (ws, wb), (ds, db) = results["whole"], results["delta"]
+        lines.append(f"| {size >> 10} KiB | {count} | {ws:.3f} | {ds:.3f} | {wb / 1e6:.2f} | {db / 1e6:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="/work/bench")
+    ap.add_argument("--files", type=int, default=50_000)
+    ap.add_argument("--bytes", type=corpus.parse_size, default=6 << 30)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--scenarios", default="S1n,S4,S3")
+    args = ap.parse_args(argv)
+    if not (have("rsync") and have("cp")):
+        return 2
+    scenarios = set(args.scenarios.split(","))
+    a, b = ensure_corpus(args.workdir, args.files, args.bytes, args.seed)
+    base = os.path.dirname(a)
+    print(f"corpus: {args.files} files, {args.bytes / 1e9:.1f} GB; page cache warm; python {sys.executable}\n")
+
+    if "threshold" in scenarios:
+        print("**Delta threshold: edited files sent whole vs as deltas over loopback**\n")
+        print(threshold_sweep(args.workdir, args.runs))
+        print()
+
+    if "S1n" in scenarios:
+        servers = Servers(args.workdir, b, b)
+        try:
+            cases = [
+                Case("mirror sync A mirror://127.0.0.1/m", MIRROR + ["sync", a, servers.mirror_url(),
+                                                                      "--secret-file", servers.secret]),  # fmt: skip
+                Case("rsync -a --delete A/ rsync://127.0.0.1/m/", ["rsync", "-a", "--delete", a + "/", servers.rsync_url()]),
+            ]
+            print(table(measure(cases, args.runs), cases[1].name, "S1n: unchanged replica over loopback"))
+            print()
+        finally:
+            servers.close()
+
+    if "S4" in scenarios:
+        a4 = os.path.join(base, "A4")
+        if not os.path.isdir(a4):
+            subprocess.run(["cp", "-al", a, a4], check=True)
+            print(corpus.mutate(a4, seed=3), file=sys.stderr)
+        dst = os.path.join(base, "B4")
+        servers = Servers(args.workdir, dst, dst)
+        try:
+            reset = reset_from(b, dst)
+            cases = [
+                Case("mirror sync A4 B4 (local)", MIRROR + ["sync", "--delete", a4, dst], prepare=reset),
+                Case("rsync -a --delete A4/ B4/ (local)", ["rsync", "-a", "--delete", a4 + "/", dst + "/"], prepare=reset),
+                Case("mirror sync A4 mirror://127.0.0.1/m", MIRROR + ["sync", "--delete", a4, servers.mirror_url(),
+                                                                       "--secret-file", servers.secret], prepare=reset),  # fmt: skip
+                Case("rsync -a --delete A4/ rsync://127.0.0.1/m/", ["rsync", "-a", "--delete", a4 + "/", servers.rsync_url()],
+                     prepare=reset),  # fmt: skip
+            ]
+            results = measure(cases, args.runs)
+            print(table({k: results[k] for k in list(results)[:2]}, cases[1].name, "S4: 100 modified, 10 created, 10 deleted (local)"))
+            print()
+            print(table({k: results[k] for k in list(results)[2:]}, cases[3].name, "S4: the same over loopback"))
+            print()
+        finally:
+            servers.close()
+            shutil.rmtree(dst, ignore_errors=True)
+
+    if "S3" in scenarios:
+        dst = os.path.join(base, "B3")
+        servers = Servers(args.workdir, dst, dst)
+        try:
+            prep = empty(dst)
+            cases = [
+                Case("mirror sync A B3 (local)", MIRROR + ["sync", a, dst], prepare=prep),
+                Case("mirror sync --no-fsync A B3 (local)", MIRROR + ["sync", "--no-fsync", a, dst], prepare=prep),
+                Case("rsync -a A/ B3/ (local)", ["rsync", "-a", a + "/", dst + "/"], prepare=prep),
+                Case("cp -a A/. B3/", ["cp", "-a", a + "/.", dst + "/"], prepare=prep),
+                Case("mirror sync A mirror://127.0.0.1/m", MIRROR + ["sync", a, servers.mirror_url(),
+                                                                      "--secret-file", servers.secret], prepare=prep),  # fmt: skip
+                Case("rsync -a A/ rsync://127.0.0.1/m/", ["rsync", "-a", a + "/", servers.rsync_url()], prepare=prep),
+            ]
+            results = measure(cases, max(1, args.runs // 2), warmup=0)
+            print(table(results, "rsync -a A/ B3/ (local)", "S3: initial mirror into an empty replica"))
+            cp = results["cp -a A/. B3/"].median
+            print(f"\nmirror local / cp -a: {results['mirror sync A B3 (local)'].median / cp:.3f} "
+                  f"(--no-fsync: {results['mirror sync --no-fsync A B3 (local)'].median / cp:.3f})")
+            print()
+        finally:
+            servers.close()
+            shutil.rmtree(dst, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

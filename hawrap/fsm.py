@@ -1,0 +1,447 @@
+"""The node state machine: the fault table of DESIGN.md as a pure function.
+
+``decide(state, facts, policy)`` looks at what this node knows right now (its LAN health,
+what the peer last said on any link, whether the standby lock exists, an administrator's
+command) and returns the next state and the list of actions to carry out, in order.  It
+does no I/O and reads no clock, so it is tested exhaustively (tests/test_fsm.py drives two
+of them through random fault sequences).  ``hawrap.node`` feeds it facts and executes the
+actions; every action is idempotent, so deciding again after a crash is harmless.
+
+Roles:
+
+* ``init``       just started; waits up to ``initdead`` to hear the peer before deciding.
+* ``secondary``  healthy, not serving; takes over when the primary dies, gives up, or hands over.
+* ``primary``    serving: holds the virtual IP, runs the services, mirrors toward the peer.
+* ``releasing``  planned switchover in progress: services stopped, final sync done, VIP
+                 dropped; waits for the peer to announce itself primary.
+* ``standby``    out of service (standby lock present, LAN failure, fenced after a takeover it
+                 missed, or lost a split brain); only ``hawrap resume`` brings it back.
+
+The safety rules, each one asserted by the property tests:
+
+* A node starts serving only when its own LAN is healthy (carrier and ping node), its
+  standby lock is absent, and the peer is either silent on every link or says it is not
+  serving (it released, went to standby, or is an idle secondary that ranks lower).
+* If both ever serve while hearing each other, the lower rank (standby lock first, then
+  epoch, then who owns the epoch, then the home node, then the name) stops at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+INIT, SECONDARY, PRIMARY, STANDBY, RELEASING = "init", "secondary", "primary", "standby", "releasing"
+ROLES = (INIT, SECONDARY, PRIMARY, STANDBY, RELEASING)
+COMMANDS = ("failover", "failback")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """The peer's latest heartbeat (None in Facts when it is silent on every link)."""
+
+    name: str
+    role: str
+    epoch: int
+    owns_epoch: bool
+    standby: bool
+    lan_ok: bool | None
+    serving: bool
+    request: str | None
+    home: bool
+
+
+@dataclass(frozen=True)
+class Facts:
+    now: float  # monotonic seconds
+    lan_ok: bool | None  # None: not known yet (first carrier/ping verdict pending)
+    peer: PeerView | None  # None: silent on every link for the dead time (or never heard)
+    standby_lock: bool
+    lan_problem: str = ""
+    command: str | None = None  # "failover" | "failback", delivered once
+    # A ping node answered a probe sent after the peer was last heard.  A cut that silences
+    # the peer usually cuts us off too, and the ping monitor needs several lost probes to
+    # say so: without this fresh answer, taking over on silence alone could split the brain.
+    lan_confirmed: bool = True
+
+
+@dataclass(frozen=True)
+class Policy:
+    initdead: float = 3.0
+    handover_timeout: float = 10.0
+    failback: str = "manual"  # "manual" | "auto"
+    failback_delay: float = 10.0
+    retry_interval: float = 2.0  # after a failed takeover, wait this long before trying again
+
+
+@dataclass(frozen=True)
+class State:
+    node: str
+    is_home: bool
+    started: float
+    role: str = INIT
+    epoch: int = 0
+    owns_epoch: bool = False  # this node became primary in ``epoch``
+    mirror_locked: bool = False  # we hold our mirroring lock (after a failure, until the peer rejoins)
+    request: str | None = None  # what our heartbeat asks of the peer
+    handover_deadline: float | None = None
+    peer_ready_since: float | None = None  # peer a healthy secondary since (for auto failback)
+    retry_at: float = 0.0  # no takeover attempt before this (after a failed one)
+    # The two nodes take epochs of different parity (first node odd, second even): two
+    # takeovers made without hearing each other can never claim the same epoch.
+    epoch_parity: int | None = None
+    reason: str = ""  # why we are in this role (shown by ``hawrap status``)
+
+    @property
+    def serving(self) -> bool:
+        return self.role == PRIMARY
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Action:
+    pass
+
+
+@dataclass(frozen=True)
+class Notify(Action):
+    event: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Reply(Action):
+    """The answer to the administrator's command of this round."""
+
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class AcquireMirrorLock(Action):
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReleaseMirrorLock(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class RaiseEpoch(Action):
+    to: int
+
+
+@dataclass(frozen=True)
+class ObserveEpoch(Action):
+    epoch: int
+
+
+@dataclass(frozen=True)
+class WriteStandbyLock(Action):
+    reason: str
+
+
+@dataclass(frozen=True)
+class StartResources(Action):
+    """VIP (duplicate check, address, gratuitous ARP), then the services in order."""
+
+
+@dataclass(frozen=True)
+class StopServices(Action):
+    """Services in reverse order (the VIP stays): stops writes before a final sync."""
+
+
+@dataclass(frozen=True)
+class StopResources(Action):
+    """Services in reverse order, then the VIP."""
+
+
+@dataclass(frozen=True)
+class Reannounce(Action):
+    """Send gratuitous ARP again: a clashing peer was pushed back."""
+
+
+@dataclass(frozen=True)
+class FinalSync(Action):
+    """One-shot sync of every tree toward the peer (planned switchover)."""
+
+
+@dataclass(frozen=True)
+class SetMirrorDirection(Action):
+    direction: str | None  # "send" (mirror daemon toward the peer), "receive" (serve), None
+
+
+# ---------------------------------------------------------------- ranking
+
+
+def rank(standby: bool, epoch: int, owns_epoch: bool, home: bool, name: str) -> tuple:
+    """Total order deciding who serves when both could: both nodes compute the same answer."""
+    return (not standby, epoch, owns_epoch, home, name)
+
+
+def my_rank(s: State, f: Facts) -> tuple:
+    return rank(f.standby_lock, s.epoch, s.owns_epoch, s.is_home, s.node)
+
+
+def peer_rank(p: PeerView) -> tuple:
+    return rank(p.standby, p.epoch, p.owns_epoch, p.home, p.name)
+
+
+# ---------------------------------------------------------------- transitions
+
+
+def decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
+    state, actions = _decide(s, f, p)
+    if f.command is not None and not any(isinstance(a, Reply) for a in actions):
+        actions.append(Reply(False, f"{f.command}: nothing to do in role {state.role}"))
+    return state, actions
+
+
+def _decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
+    if f.standby_lock and s.role != STANDBY:
+        return _go_standby(s, "the standby lock is present", write_lock=False)
+    in_grace = s.role == INIT and f.now < s.started + p.initdead
+    if f.lan_ok is False and s.role != STANDBY and not in_grace:
+        return _go_standby(s, f"own LAN unhealthy: {f.lan_problem or 'carrier or ping node lost'}", write_lock=True)
+    handler = {INIT: _init, SECONDARY: _secondary, PRIMARY: _primary, RELEASING: _releasing, STANDBY: _standby}
+    return handler[s.role](s, f, p)
+
+
+def _init(s: State, f: Facts, p: Policy):
+    peer = f.peer
+    if f.lan_ok is not True:
+        return s, []
+    if peer is None:
+        if f.now < s.started + p.initdead or not f.lan_confirmed:
+            return s, []
+        return _takeover(s, f, lock=True, reason="peer not heard on any link since start")
+    if peer.serving or peer.role in (PRIMARY, RELEASING):
+        # We were the primary when we went away and the peer has taken over since: writes
+        # made here before the crash may never have reached the peer.  An administrator
+        # checks before this node rejoins (and is mirrored over).  A node that was not
+        # primary has nothing of its own to lose: it simply becomes secondary.
+        if peer.epoch > s.epoch and s.owns_epoch:
+            return _go_standby(
+                s,
+                f"peer took over (epoch {peer.epoch} > {s.epoch}) while this node was away: "
+                "check this node, then run 'hawrap resume'",
+                write_lock=True,
+            )
+        return _become_secondary(s, peer, "peer is primary")
+    if peer.standby or peer.role == STANDBY:
+        return _takeover(s, f, lock=True, reason="peer is in standby")
+    if my_rank(s, f) > peer_rank(peer):
+        return _takeover(s, f, lock=False, reason="cluster start: this node ranks first")
+    return _become_secondary(s, peer, "cluster start: peer ranks first")
+
+
+def _secondary(s: State, f: Facts, p: Policy):
+    peer = f.peer
+    if f.lan_ok is not True:
+        return s, []
+    if peer is None:
+        if f.now < s.retry_at or not f.lan_confirmed:
+            return s, []
+        return _takeover(s, f, lock=True, reason="peer silent on every link for the dead time")
+    actions: list[Action] = []
+    if peer.serving or peer.role == PRIMARY:
+        if peer.epoch > s.epoch:
+            s = replace(s, epoch=peer.epoch, owns_epoch=False)
+            actions.append(ObserveEpoch(peer.epoch))
+        if f.command == "failover" or (f.command == "failback" and s.is_home):
+            s = replace(s, request="handover", handover_deadline=f.now + p.handover_timeout)
+            actions.append(Reply(True, "asked the primary to hand over"))
+        elif f.command == "failback":
+            actions.append(Reply(False, "failback: this node is not the home node; run it on the home node"))
+        if s.request == "handover" and s.handover_deadline is not None and f.now >= s.handover_deadline:
+            s = replace(s, request=None, handover_deadline=None)
+            actions.append(Notify("switchover-failed", "the primary did not hand over in time"))
+        return s, actions
+    if f.command is not None:
+        actions.append(Reply(False, f"{f.command}: the peer is not serving (role {peer.role})"))
+    if f.now < s.retry_at:
+        return s, actions
+    if peer.role == RELEASING:
+        state, more = _takeover(s, f, lock=False, reason="planned switchover from the peer")
+        return state, actions + more
+    if peer.standby or peer.role == STANDBY:
+        state, more = _takeover(s, f, lock=True, reason="peer went to standby")
+        return state, actions + more
+    if peer.role == SECONDARY and my_rank(s, f) > peer_rank(peer):
+        state, more = _takeover(s, f, lock=False, reason="no primary: this node ranks first")
+        return state, actions + more
+    return s, actions
+
+
+def _primary(s: State, f: Facts, p: Policy):
+    peer = f.peer
+    actions: list[Action] = []
+    if peer is None:
+        s = replace(s, request=None, peer_ready_since=None)
+        if f.command is not None:
+            actions.append(Reply(False, f"{f.command}: the peer is not heard on any link"))
+        return s, actions
+    if peer.serving:
+        if peer_rank(peer) > my_rank(s, f):
+            return _go_standby(
+                s, f"split brain: the peer serves too and ranks first (epoch {peer.epoch} vs {s.epoch})", write_lock=True
+            )
+        if s.request != "push_back":
+            s = replace(s, request="push_back")
+            actions += [Reannounce(), Notify("push-back", f"peer serves too (role {peer.role}, standby={peer.standby}): pushing it back")]
+        return s, actions
+    if s.request == "push_back":
+        s = replace(s, request=None)
+    healthy_secondary = peer.role == SECONDARY and not peer.standby and peer.lan_ok is True
+    if s.mirror_locked and healthy_secondary:
+        s = replace(s, mirror_locked=False)
+        actions += [
+            ReleaseMirrorLock(),
+            Notify("resync", "peer rejoined as secondary: mirroring back the changes since the takeover"),
+        ]
+    s = replace(s, peer_ready_since=(s.peer_ready_since or f.now) if healthy_secondary else None)
+
+    wanted = None
+    if f.command == "failover" or peer.request == "handover":
+        wanted = "planned switchover to the peer"
+    elif f.command == "failback":
+        if s.is_home:
+            actions.append(Reply(False, "failback: this node is the home node and already serves"))
+        else:
+            wanted = "failback to the home node"
+    elif (
+        p.failback == "auto"
+        and not s.is_home
+        and peer.home
+        and not s.mirror_locked
+        and s.peer_ready_since is not None
+        and f.now - s.peer_ready_since >= p.failback_delay
+    ):
+        wanted = "automatic failback to the home node"
+    if wanted is None:
+        return s, actions
+    if not healthy_secondary:
+        message = f"{wanted} refused: peer is not a healthy secondary (role {peer.role}, standby={peer.standby}, lan_ok={peer.lan_ok})"
+        if f.command is not None:
+            actions.append(Reply(False, message))
+        return s, actions + ([Notify("switchover-refused", message)] if f.command else [])
+    s = replace(s, role=RELEASING, handover_deadline=f.now + p.handover_timeout, request=None, reason=wanted)
+    actions += [
+        Notify("releasing", f"{wanted}: stopping services, final sync, dropping the VIP"),
+        StopServices(),
+        SetMirrorDirection(None),
+        FinalSync(),
+        StopResources(),
+    ]
+    if f.command is not None:
+        actions.append(Reply(True, f"{wanted} started"))
+    return s, actions
+
+
+def _releasing(s: State, f: Facts, p: Policy):
+    peer = f.peer
+    if peer is not None and (peer.role == PRIMARY or peer.serving) and peer.epoch > s.epoch:
+        return _become_secondary(s, peer, "switchover complete: peer is primary")
+    if peer is None:
+        if not f.lan_confirmed:
+            return s, []
+        return _takeover(s, f, lock=True, reason="peer died during the switchover")
+    if s.handover_deadline is not None and f.now >= s.handover_deadline and not peer.serving:
+        return _takeover(s, f, lock=False, reason="switchover timed out: resuming service here")
+    return s, []
+
+
+def _standby(s: State, f: Facts, p: Policy):
+    if f.standby_lock:
+        if f.command is not None:
+            return s, [Reply(False, f"{f.command}: this node is in standby; run 'hawrap resume' first")]
+        return s, []
+    if f.lan_ok is False:
+        reason = f"resume refused: own LAN unhealthy: {f.lan_problem or 'carrier or ping node lost'}"
+        return replace(s, reason=reason), [WriteStandbyLock(reason), Notify("standby", reason)]
+    if f.lan_ok is None:
+        return s, []
+    return _become_secondary(s, f.peer, "resumed by the administrator", resumed=True)
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
+    """Become primary.  Every caller has checked LAN health and that the peer does not serve;
+    the asserts make a future caller that forgets fail the property tests loudly."""
+    assert f.lan_ok is True and not f.standby_lock
+    assert f.peer is None or not f.peer.serving
+    new_epoch = max(s.epoch, f.peer.epoch if f.peer else 0) + 1
+    if s.epoch_parity is not None and new_epoch % 2 != s.epoch_parity:
+        new_epoch += 1
+    actions: list[Action] = []
+    if lock:
+        actions.append(AcquireMirrorLock(f"takeover by {s.node}: {reason}"))
+    actions += [
+        RaiseEpoch(new_epoch),
+        StartResources(),
+        SetMirrorDirection("send"),
+        Notify("takeover", f"{reason}: now primary at epoch {new_epoch}"),
+    ]
+    state = replace(
+        s,
+        role=PRIMARY,
+        epoch=new_epoch,
+        owns_epoch=True,
+        mirror_locked=s.mirror_locked or lock,
+        request=None,
+        handover_deadline=None,
+        peer_ready_since=None,
+        reason=reason,
+    )
+    return state, actions
+
+
+def takeover_failed(s: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
+    """StartResources failed (e.g. the VIP answers elsewhere): undo and retry later."""
+    state = replace(s, role=SECONDARY, owns_epoch=False, retry_at=f.now + p.retry_interval, reason=f"takeover failed: {error}")
+    return state, [StopResources(), SetMirrorDirection(None), Notify("takeover-failed", f"takeover failed, retrying in {p.retry_interval:g} s: {error}")]
+
+
+def release_failed(s: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
+    """The final sync (or a stop) failed during a planned switchover: keep serving here."""
+    state = replace(s, role=PRIMARY, handover_deadline=None, reason=f"switchover aborted: {error}")
+    return state, [StartResources(), SetMirrorDirection("send"), Notify("switchover-failed", f"switchover aborted, still primary: {error}")]
+
+
+def _go_standby(s: State, reason: str, *, write_lock: bool):
+    actions: list[Action] = [StopResources(), SetMirrorDirection(None), AcquireMirrorLock(f"{s.node} in standby: {reason}")]
+    if write_lock:
+        actions.append(WriteStandbyLock(reason))
+    actions.append(Notify("standby", reason))
+    state = replace(s, role=STANDBY, mirror_locked=True, request=None, handover_deadline=None, peer_ready_since=None, reason=reason)
+    return state, actions
+
+
+def _become_secondary(s: State, peer: PeerView | None, reason: str, resumed: bool = False):
+    actions: list[Action] = []
+    epoch = s.epoch
+    if peer is not None and peer.epoch > s.epoch:
+        epoch = peer.epoch
+        actions.append(ObserveEpoch(peer.epoch))
+    if resumed or s.mirror_locked:
+        actions.append(ReleaseMirrorLock())
+    actions += [SetMirrorDirection("receive"), Notify("secondary", reason)]
+    state = replace(
+        s,
+        role=SECONDARY,
+        epoch=epoch,
+        owns_epoch=s.owns_epoch and epoch == s.epoch and s.role != RELEASING,
+        mirror_locked=False,
+        request=None,
+        handover_deadline=None,
+        peer_ready_since=None,
+        reason=reason,
+    )
+    return state, actions

@@ -1,0 +1,229 @@
+"""How hawrap drives the mirror engine: its public library API for locks and epochs, its CLI
+for moving data.  hawrap never copies a file itself.
+
+* Locks: ``mirror.lockfile`` on each tree's lock file (the mirroring lock of DESIGN.md
+  invariant 4): held while this node must not mirror toward the peer nor accept its writes.
+* Epochs: ``mirror.epoch`` in each tree's state dir, raised on every takeover (invariant 5).
+* Data, through the commands configured in ``[mirror]`` (defaults below):
+  - primary:   ``mirror daemon SRC mirror://PEER:PORT/TREE --secret-file F --lock-file L
+    --state-dir D``, one per tree, kept running (restarted if it exits);
+  - secondary: ``mirror serve --listen ADDR:PORT --module TREE=PATH ... --secret-file F
+    --lock-file L``, one process for all trees;
+  - planned switchover: ``mirror sync SRC mirror://PEER:PORT/TREE --delete --secret-file F``.
+
+Placeholders in the configured argv: ``{mirror}`` (the mirror command, spliced),
+``{src}``, ``{dst}``, ``{secret_file}``, ``{lock_file}``, ``{state_dir}``, ``{listen}``,
+``{tree}``, ``{modules}`` (spliced as ``--module NAME=PATH`` pairs), ``{node}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+from mirror import epoch as mirror_epoch
+from mirror import lockfile
+from mirror.statedir import resolve_state_dir
+
+from .config import ClusterConfig, TreeConfig
+from .errors import HawrapError
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY = 1.0  # a mirror process that exits is restarted after this long
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A tree resolved for one node (``{node}`` replaced)."""
+
+    name: str
+    path: str
+    lock_file: str
+    state_dir: str
+
+
+def resolve_trees(cfg: ClusterConfig, node: str) -> list[Tree]:
+    out = []
+    for t in cfg.mirror.trees:
+        sub = _sub(t, node)
+        out.append(Tree(sub.name, sub.path, sub.lock_file, os.fsdecode(resolve_state_dir(sub.path, sub.state_dir))))
+    return out
+
+
+def _sub(t: TreeConfig, node: str) -> TreeConfig:
+    def r(v):
+        return None if v is None else v.replace("{node}", node)
+
+    return TreeConfig(name=t.name, path=r(t.path), lock_file=r(t.lock_file), state_dir=r(t.state_dir))
+
+
+def engine_available(command: tuple[str, ...] = ("mirror",)) -> bool:
+    """True once the engine provides ``mirror sync`` (issue 4)."""
+    try:
+        return subprocess.run([*command, "sync", "--help"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+class _Supervised:
+    """A long-running mirror process, restarted after RESTART_DELAY if it exits."""
+
+    def __init__(self, name: str, argv: list[str]):
+        self.name = name
+        self.argv = argv
+        self.proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"mirror-{name}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=True)
+            except OSError as exc:
+                log.error("mirror %s: cannot start %s: %s", self.name, self.argv[0], exc.strerror)
+                self._stop.wait(RESTART_DELAY * 5)
+                continue
+            log.info("mirror %s started (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
+            code = self.proc.wait()
+            if self._stop.is_set():
+                return
+            log.warning("mirror %s exited with %d; restarting in %g s", self.name, code, RESTART_DELAY)
+            self._stop.wait(RESTART_DELAY)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (the engine finishes or abandons the current file cleanly), then SIGKILL."""
+        self._stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._thread.join(timeout)
+
+
+class MirrorControl:
+    def __init__(self, cfg: ClusterConfig, node: str):
+        self.cfg = cfg
+        self.node = node
+        self.trees = resolve_trees(cfg, node)
+        self.peer = cfg.peer_of(node)
+        self.me = cfg.node(node)
+        link = cfg.mirror_link()
+        self.peer_address = self.peer.addresses[link]
+        self.my_address = self.me.addresses[link]
+        self.direction: str | None = None
+        self._procs: list[_Supervised] = []
+
+    # ---------------------------------------------------------- locks and epochs
+
+    def acquire_locks(self, reason: str) -> None:
+        for t in self.trees:
+            info = lockfile.acquire(t.lock_file, reason=reason)
+            log.info("mirror lock %s: %s", "taken" if info.created else "already held", info.describe())
+
+    def release_locks(self) -> None:
+        for t in self.trees:
+            if lockfile.release(t.lock_file):
+                log.info("mirror lock released: %s", t.lock_file)
+
+    def locked(self) -> dict[str, bool]:
+        return {t.name: lockfile.is_locked(t.lock_file) for t in self.trees}
+
+    def raise_epochs(self, at_least: int) -> None:
+        """Every tree's epoch strictly rises and reaches at least the cluster epoch."""
+        for t in self.trees:
+            mirror_epoch.bump_epoch(t.state_dir)
+            mirror_epoch.observe_epoch(t.state_dir, at_least)
+
+    def observe_epochs(self, n: int) -> None:
+        for t in self.trees:
+            mirror_epoch.observe_epoch(t.state_dir, n)
+
+    def epochs(self) -> dict[str, int | str]:
+        out: dict[str, int | str] = {}
+        for t in self.trees:
+            try:
+                out[t.name] = mirror_epoch.read_epoch(t.state_dir)
+            except Exception as exc:  # shown in status, never fatal there
+                out[t.name] = f"error: {exc}"
+        return out
+
+    # ---------------------------------------------------------- data
+
+    def _argv(self, template: tuple[str, ...], tree: Tree | None = None, **extra: str) -> list[str]:
+        values = {
+            "secret_file": self.cfg.mirror.secret_file or "",
+            "listen": f"{self.my_address}:{self.cfg.mirror.port}",
+            "node": self.node,
+            **extra,
+        }
+        if tree is not None:
+            values.update(
+                src=tree.path,
+                dst=f"mirror://{self.peer_address}:{self.cfg.mirror.port}/{tree.name}",
+                lock_file=tree.lock_file,
+                state_dir=tree.state_dir,
+                tree=tree.name,
+            )
+        elif self.trees:
+            # the receiver: one lock file per node is what it checks; use the first tree's
+            values.setdefault("lock_file", self.trees[0].lock_file)
+        argv: list[str] = []
+        for item in template:
+            if item == "{mirror}":
+                argv += list(self.cfg.mirror.command)
+            elif item == "{modules}":
+                for t in self.trees:
+                    argv += ["--module", f"{t.name}={t.path}"]
+            else:
+                try:
+                    argv.append(item.format(**values))
+                except KeyError as exc:
+                    raise HawrapError(f"{self.cfg.path}: mirror command item {item!r}: unknown placeholder {exc}") from exc
+        return argv
+
+    def set_direction(self, direction: str | None) -> None:
+        """"send": a daemon per tree toward the peer; "receive": the receiver; None: nothing."""
+        if not self.trees or direction == self.direction:
+            self.direction = direction if self.trees else None
+            return
+        self.stop_processes()
+        if direction == "send":
+            for t in self.trees:
+                self._procs.append(_Supervised(f"daemon {t.name}", self._argv(self.cfg.mirror.daemon, t)))
+        elif direction == "receive":
+            self._procs.append(_Supervised("serve", self._argv(self.cfg.mirror.serve)))
+        self.direction = direction
+
+    def final_sync(self, timeout: float = 3600.0) -> None:
+        """One-shot ``mirror sync --delete`` of every tree toward the peer; raises on failure."""
+        for t in self.trees:
+            argv = self._argv(self.cfg.mirror.sync, t)
+            start = time.monotonic()
+            try:
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise HawrapError(f"final sync of {t.name} failed: {exc}") from exc
+            if proc.returncode != 0:
+                err = proc.stderr.decode(errors="replace").strip()[-500:]
+                raise HawrapError(f"final sync of {t.name} failed (exit {proc.returncode}): {err}")
+            log.info("final sync of %s done in %.2f s", t.name, time.monotonic() - start)
+
+    def stop_processes(self) -> None:
+        for p in self._procs:
+            p.stop()
+        self._procs = []
+
+    def close(self) -> None:
+        self.stop_processes()
+        self.direction = None

@@ -1,0 +1,442 @@
+"""One cluster node: feeds the state machine with facts and carries out its actions.
+
+Inputs arrive on one queue (heartbeat reports from the heartbeat process, LAN health from the
+link monitor, administrator commands from the control socket, a periodic tick) and are
+handled one at a time by ``Node.run``: there is a single writer of the node's state.  After
+every decision the advertised state goes to the heartbeat process, so the peer learns of a
+change within one heartbeat interval.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import threading
+import time
+
+from mirror import epoch as mirror_epoch
+from mirror import lockfile
+from mirror.atomicfile import atomic_write
+
+from . import fsm
+from .config import ClusterConfig
+from .control import ControlServer
+from .errors import HawrapError, ResourceError
+from .heartbeat import HeartbeatChild, config_message
+from .links import LanHealth, LanMonitor
+from .mirrorctl import MirrorControl
+from .notify import Notifier
+from .resources import ResourceGroup, Service, VirtualIP
+
+log = logging.getLogger(__name__)
+
+TICK = 0.05  # timeouts (initdead, handover, retry) are checked at least this often
+STATE_FILE = "node-state.json"
+HEARTBEAT_RESTARTS = 5  # heartbeat process deaths tolerated (per run) before giving up
+
+
+def build_resources(cfg: ClusterConfig, name: str) -> ResourceGroup:
+    node = cfg.node(name)
+    vip = VirtualIP(cfg.vip, cfg.vip_interface(name), node.state_dir) if cfg.vip else None
+    env = dict(os.environ, HAWRAP_NODE=name, HAWRAP_STATE_DIR=node.state_dir)
+    return ResourceGroup(vip, [Service(s, env) for s in cfg.services])
+
+
+def cleanup(cfg: ClusterConfig, name: str) -> list[str]:
+    """Stop the services and drop the VIP this node may have left behind (supervisor,
+    systemd ExecStartPre/ExecStopPost).  Locks and epochs are left alone."""
+    os.makedirs(cfg.node(name).state_dir, mode=0o700, exist_ok=True)
+    return build_resources(cfg, name).stop()
+
+
+class Node:
+    def __init__(self, cfg: ClusterConfig, name: str):
+        self.cfg = cfg
+        self.name = name
+        self.me = cfg.node(name)
+        self.peer_name = cfg.peer_of(name).name
+        os.makedirs(self.me.state_dir, mode=0o700, exist_ok=True)
+        self.policy = fsm.Policy(
+            initdead=cfg.timing.initdead,
+            handover_timeout=cfg.timing.handover_timeout,
+            failback=cfg.failback,
+            failback_delay=cfg.failback_delay,
+            retry_interval=cfg.timing.monitor_interval,
+        )
+        persisted = self._load_state()
+        self.state = fsm.State(
+            node=name,
+            is_home=cfg.home == name,
+            started=time.monotonic(),
+            epoch=mirror_epoch.read_epoch(self.me.state_dir),
+            owns_epoch=persisted.get("owns_epoch", False),
+            epoch_parity=1 if cfg.nodes[0].name == name else 0,
+        )
+        self.events: queue.Queue = queue.Queue()
+        self.resources = build_resources(cfg, name)
+        self.mirror = MirrorControl(cfg, name)
+        self.notifier = Notifier(cfg.notify, cfg.name, name, self.peer_name)
+        self.lan = LanHealth(None)
+        self.peer_msg: dict | None = None
+        self.peer_alive = False
+        self.links: dict[str, bool] = {link.name: False for link in cfg.links}
+        self._links_reported_down: set[str] = set()
+        self.heartbeat: HeartbeatChild | None = None
+        self.heartbeat_restarts = 0
+        self.vip_seen = False  # VIP found up by the monitor while not primary
+        self.transitions: collections.deque = collections.deque(maxlen=20)
+        self._pending_reply: dict | None = None
+        self._stop = threading.Event()
+        self._advertised: dict | None = None
+        self._next_monitor = 0.0
+        self.lan_monitor = LanMonitor(
+            self.me.lan_interface,
+            cfg.ping_nodes,
+            lambda h: self.events.put(("lan", h)),
+            carrier_interval=cfg.timing.carrier_interval,
+            ping_interval=cfg.timing.ping_interval,
+            ping_timeout=cfg.timing.ping_timeout,
+            failures=cfg.timing.ping_failures,
+        )
+        self.control: ControlServer | None = None
+
+    # ------------------------------------------------------------ persistence
+
+    def _state_path(self) -> str:
+        return os.path.join(self.me.state_dir, STATE_FILE)
+
+    def _load_state(self) -> dict:
+        try:
+            with open(self._state_path()) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            log.warning("%s is garbled; starting without the remembered role", self._state_path())
+            return {}
+
+    def _save_state(self) -> None:
+        data = {"role": self.state.role, "epoch": self.state.epoch, "owns_epoch": self.state.owns_epoch, "time": time.time()}
+        atomic_write(self._state_path(), json.dumps(data).encode() + b"\n", 0o600)
+
+    # ------------------------------------------------------------ facts
+
+    def standby_lock_path(self) -> str:
+        return self.cfg.standby_lock_path(self.name)
+
+    def facts(self, command: str | None = None) -> fsm.Facts:
+        peer = None
+        if self.peer_alive and self.peer_msg and self.peer_msg.get("peer"):
+            p = self.peer_msg["peer"]
+            peer = fsm.PeerView(
+                name=self.peer_name, role=p["role"], epoch=p["epoch"], owns_epoch=p["owns_epoch"],
+                standby=p["standby"], lan_ok=p["lan_ok"], serving=p["serving"], request=p["request"],
+                home=self.cfg.home == self.peer_name,
+            )  # fmt: skip
+        now = time.monotonic()
+        return fsm.Facts(
+            now=now,
+            # When the peer is declared silent it was last heard a dead time ago, and the first
+            # heartbeat missed was due one interval later: a cut that silenced it came before
+            # that, so only a probe sent after it proves our LAN survived the cut.
+            lan_confirmed=self.lan_monitor.answered_since(now - self.cfg.timing.deadtime + self.cfg.timing.interval),
+            lan_ok=self.lan.ok,
+            lan_problem=self.lan.problem,
+            peer=peer,
+            standby_lock=lockfile.is_locked(self.standby_lock_path()),
+            command=command,
+        )
+
+    # ------------------------------------------------------------ the loop
+
+    def start(self) -> None:
+        self._start_heartbeat()
+        self.lan_monitor.start()
+        self.control = ControlServer(self.cfg.control_socket(self.name), self._control_request)
+        log.info("node %s started (epoch %d, home %s)", self.name, self.state.epoch, self.cfg.home)
+
+    def _start_heartbeat(self) -> None:
+        self.heartbeat = HeartbeatChild(config_message(self.cfg, self.name), lambda m: self.events.put(("hb", m)))
+        self._advertised = None
+        self._advertise()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.events.put(("stop", None))
+
+    def run(self) -> None:
+        """Until ``stop()``; then an orderly shutdown (resources stopped, VIP dropped)."""
+        self.start()
+        try:
+            while not self._stop.is_set():
+                try:
+                    kind, payload = self.events.get(timeout=TICK)
+                except queue.Empty:
+                    kind, payload = "tick", None
+                command = None
+                if kind == "hb":
+                    if not self._heartbeat_message(payload):
+                        continue
+                elif kind == "lan":
+                    if payload.ok is not self.lan.ok and payload.ok is not None:
+                        log.info("own LAN %s%s", "healthy" if payload.ok else "unhealthy", f": {payload.problem}" if payload.problem else "")
+                    self.lan = payload
+                elif kind == "cmd":
+                    command = self._admin_command(payload)
+                    if command is None:
+                        continue
+                elif kind == "stop":
+                    break
+                self._step(command)
+                self._monitor()
+        finally:
+            self.shutdown()
+
+    def _heartbeat_message(self, msg: dict) -> bool:
+        t = msg.get("t")
+        if t == "note":
+            log.info("heartbeat: %s", msg["msg"])
+            return False
+        if t == "exit":
+            if self._stop.is_set():
+                return False
+            self.heartbeat_restarts += 1
+            log.error("the heartbeat process died (%d/%d)", self.heartbeat_restarts, HEARTBEAT_RESTARTS)
+            if self.heartbeat:
+                self.heartbeat.stop(1)
+            if self.heartbeat_restarts > HEARTBEAT_RESTARTS:
+                self._notify("fatal", "the heartbeat process keeps dying: stopping this node")
+                self._stop.set()
+                return False
+            self._start_heartbeat()
+            return False
+        if t != "peer":
+            return False
+        old_links, was_alive = self.links, self.peer_alive
+        self.peer_msg = msg
+        self.peer_alive = msg["alive"]
+        self.links = msg["links"]
+        if self.peer_alive != was_alive:
+            log.info("peer %s %s", self.peer_name, "heard" if self.peer_alive else "silent on every link")
+        if self.peer_alive and was_alive:
+            # One link lost while the peer is still heard on another: both carry on (a
+            # point-to-point link cannot tell which NIC failed), the administrator is told.
+            for link, up in self.links.items():
+                if old_links.get(link) and not up:
+                    heard_on = ", ".join(n for n, u in self.links.items() if u)
+                    self._links_reported_down.add(link)
+                    self._notify("link-down", f"heartbeat link {link} lost (peer still heard on {heard_on})")
+        for link, up in self.links.items():
+            if up and link in self._links_reported_down:
+                self._links_reported_down.discard(link)
+                self._notify("link-up", f"heartbeat link {link} restored")
+        return True
+
+    def _admin_command(self, payload) -> str | None:
+        request, reply = payload
+        command = request.get("command")
+        if command == "status":
+            reply.put(self.status())
+            return None
+        if command == "standby":
+            info = lockfile.acquire(self.standby_lock_path(), reason=request.get("reason") or "hawrap standby")
+            self._pending_reply = {"reply": reply, "command": "standby"}
+            log.info("standby requested: %s", info.describe())
+            return "standby"
+        if command == "resume":
+            if self.lan.ok is not True:
+                reply.put({"ok": False, "error": f"resume refused: own LAN unhealthy ({self.lan.problem or 'no verdict yet'})"})
+                return None
+            removed = lockfile.release(self.standby_lock_path())
+            self._pending_reply = {"reply": reply, "command": "resume", "removed": removed}
+            return "resume"
+        if command in fsm.COMMANDS:
+            self._pending_reply = {"reply": reply, "command": command}
+            return command
+        reply.put({"ok": False, "error": f"unknown command {command!r}"})
+        return None
+
+    def _step(self, command: str | None) -> None:
+        fsm_command = command if command in fsm.COMMANDS else None
+        facts = self.facts(fsm_command)
+        before = self.state
+        new, actions = fsm.decide(before, facts, self.policy)
+        self.state = new
+        self._execute(actions, facts)
+        if (self.state.role, self.state.epoch, self.state.owns_epoch) != (before.role, before.epoch, before.owns_epoch):
+            self._save_state()
+            if self.state.role != before.role:
+                self.transitions.append({"time": time.time(), "from": before.role, "to": self.state.role, "reason": self.state.reason})
+                log.warning("%s -> %s: %s", before.role, self.state.role, self.state.reason)
+        if command in ("standby", "resume") and self._pending_reply:
+            pending, self._pending_reply = self._pending_reply, None
+            ok = (self.state.role == fsm.STANDBY) if command == "standby" else self.state.role != fsm.STANDBY
+            pending["reply"].put({"ok": ok, "role": self.state.role, "reason": self.state.reason})
+        self._advertise()
+
+    def _execute(self, actions: list[fsm.Action], facts: fsm.Facts) -> None:
+        for action in actions:
+            started = time.monotonic()
+            try:
+                self._do(action)
+            except (ResourceError, HawrapError, OSError) as exc:
+                log.error("%s failed: %s", type(action).__name__, exc)
+                if isinstance(action, fsm.StartResources):
+                    self.state, more = fsm.takeover_failed(self.state, facts, self.policy, str(exc))
+                    self._execute(more, facts)
+                    return
+                if isinstance(action, fsm.FinalSync):
+                    self.state, more = fsm.release_failed(self.state, facts, self.policy, str(exc))
+                    self._execute(more, facts)
+                    return
+                self._notify("error", f"{type(action).__name__} failed: {exc}")
+            took = time.monotonic() - started
+            if took > 0.005:
+                log.info("%s took %.0f ms", type(action).__name__, took * 1000)
+
+    def _do(self, action: fsm.Action) -> None:
+        if isinstance(action, fsm.Notify):
+            self._notify(action.event, action.message)
+        elif isinstance(action, fsm.Reply):
+            if self._pending_reply and self._pending_reply["command"] in fsm.COMMANDS:
+                self._pending_reply["reply"].put({"ok": action.ok, "message": action.message, "role": self.state.role})
+                self._pending_reply = None
+        elif isinstance(action, fsm.AcquireMirrorLock):
+            self.mirror.acquire_locks(action.reason)
+        elif isinstance(action, fsm.ReleaseMirrorLock):
+            self.mirror.release_locks()
+        elif isinstance(action, fsm.RaiseEpoch):
+            mirror_epoch.observe_epoch(self.me.state_dir, action.to)
+            self.mirror.raise_epochs(action.to)
+        elif isinstance(action, fsm.ObserveEpoch):
+            mirror_epoch.observe_epoch(self.me.state_dir, action.epoch)
+            self.mirror.observe_epochs(action.epoch)
+        elif isinstance(action, fsm.WriteStandbyLock):
+            lockfile.acquire(self.standby_lock_path(), reason=action.reason)
+        elif isinstance(action, fsm.StartResources):
+            self.resources.start()
+            self.vip_seen = False
+        elif isinstance(action, fsm.StopServices):
+            for error in self.resources.stop_services():
+                self._notify("error", error)
+        elif isinstance(action, fsm.StopResources):
+            for error in self.resources.stop():
+                self._notify("error", error)
+            self.vip_seen = False
+        elif isinstance(action, fsm.Reannounce):
+            if self.resources.vip is not None:
+                self.resources.vip.announce()
+        elif isinstance(action, fsm.FinalSync):
+            self.mirror.final_sync()
+        elif isinstance(action, fsm.SetMirrorDirection):
+            self.mirror.set_direction(action.direction)
+
+    def _notify(self, event: str, message: str) -> None:
+        self.notifier.notify(event, message, self.state.role, self.state.epoch)
+
+    def _advertise(self) -> None:
+        s = self.state
+        state = {
+            "role": s.role,
+            "epoch": s.epoch,
+            "owns_epoch": s.owns_epoch,
+            "standby": lockfile.is_locked(self.standby_lock_path()),
+            "lan_ok": self.lan.ok,
+            "serving": s.serving or self.vip_seen,
+            "request": s.request,
+        }
+        if state != self._advertised and self.heartbeat is not None:
+            self.heartbeat.update(state)
+            self._advertised = state
+
+    def _monitor(self) -> None:
+        """Every monitor_interval: restart failed services while primary; anywhere else, a VIP
+        found up (someone tried to serve here) is advertised (the peer pushes back) and removed."""
+        now = time.monotonic()
+        if now < self._next_monitor:
+            return
+        self._next_monitor = now + self.cfg.timing.monitor_interval
+        if self.state.role == fsm.PRIMARY:
+            if self.resources.vip is not None:
+                if not self.resources.vip.running():
+                    self._notify("resource", f"{self.resources.vip.name} vanished: adding it again")
+                    self._restart_resources()
+                    return
+                self.resources.vip.refresh()
+            failed = self.resources.failed_services()
+            if failed:
+                self._notify("resource", f"service(s) {', '.join(failed)} failed their monitor: restarting")
+                self._restart_resources()
+        elif self.state.role in (fsm.STANDBY, fsm.SECONDARY, fsm.INIT):
+            if self.resources.vip_present():
+                self.vip_seen = True
+                self._advertise()
+                self._notify("push-back", f"{self.resources.vip.name} found up on a node in role {self.state.role}: removing it")
+                for error in self.resources.stop():
+                    self._notify("error", error)
+                self.vip_seen = False
+                self._advertise()
+
+    def _restart_resources(self) -> None:
+        try:
+            self.resources.start()
+        except ResourceError as exc:
+            self._notify("resource", f"restart failed: {exc}")
+
+    def _control_request(self, request: dict) -> dict:
+        reply: queue.Queue = queue.Queue()
+        self.events.put(("cmd", (request, reply)))
+        try:
+            return reply.get(timeout=self.cfg.timing.handover_timeout + 30)
+        except queue.Empty:
+            return {"ok": False, "error": "the node did not answer in time"}
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        s = self.state
+        peer = self.peer_msg.get("peer") if self.peer_msg and self.peer_alive else None
+        return {
+            "ok": True,
+            "cluster": self.cfg.name,
+            "node": self.name,
+            "role": s.role,
+            "reason": s.reason,
+            "epoch": s.epoch,
+            "owns_epoch": s.owns_epoch,
+            "home": self.cfg.home,
+            "serving": s.serving,
+            "request": s.request,
+            "lan": {"ok": self.lan.ok, "problem": self.lan.problem, "carrier": self.lan.carrier, "ping_reachable": list(self.lan.reachable)},
+            "peer": {"name": self.peer_name, "alive": self.peer_alive, **(peer or {})},
+            "links": self.links,
+            "link_stats": (self.peer_msg or {}).get("stats", {}),
+            "standby_lock": (lambda i: i.as_dict() if i else None)(lockfile.status(self.standby_lock_path())),
+            "mirror": {"direction": self.mirror.direction, "locked": self.mirror.locked(), "epochs": self.mirror.epochs()},
+            "vip": {"address": self.cfg.vip.address, "present": self.resources.vip_present()} if self.cfg.vip else None,
+            "transitions": list(self.transitions),
+            "pid": os.getpid(),
+        }
+
+    # ------------------------------------------------------------ shutdown
+
+    def shutdown(self) -> None:
+        """Orderly stop: stop serving (the peer takes over when our heartbeats stop)."""
+        if self.control:
+            self.control.close()
+            self.control = None
+        if self.state.role in (fsm.PRIMARY, fsm.RELEASING):
+            log.warning("shutting down while %s: stopping resources", self.state.role)
+        for error in self.resources.stop():
+            log.error("%s", error)
+        self.mirror.close()
+        if self.heartbeat:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        self.lan_monitor.stop()
+        self.notifier.close()
+        log.info("node %s stopped", self.name)

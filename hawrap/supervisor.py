@@ -1,0 +1,88 @@
+"""A tiny parent that keeps the node process running and cleans up after it.
+
+If the node process dies without stopping its resources (kill -9, a crash, the OOM killer),
+the virtual IP would stay on this host while the peer takes it over, and both would answer
+ARP for it (keepalived has exactly this problem).  So the supervisor, which does nothing
+else and is unlikely to die with its child, first removes what the node may have left
+behind (``cleanup``: services stopped, VIP dropped), and only then starts a new node
+process.  It also cleans up once before the first start, for a node that died with its
+supervisor (for that case the systemd unit also runs ``hawrap cleanup`` in ExecStartPre and
+ExecStopPost).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from . import instance
+from .config import ClusterConfig
+from .node import cleanup
+
+SUPERVISED_ENV = "HAWRAP_SUPERVISOR_PID"  # set for the node process: its supervisor holds the instance lock
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 5  # within RESTART_WINDOW seconds; more means a crash loop: give up
+RESTART_WINDOW = 60.0
+RESTART_DELAY = 0.5
+
+
+def supervise(cfg: ClusterConfig, node: str, child_argv: list[str]) -> int:
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    lock_fd = instance.acquire(cfg.node(node).state_dir)  # before the cleanup: never clean up a live instance
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    _cleanup(cfg, node, "before start")
+    restarts: list[float] = []
+    while not stopping:
+        child = subprocess.Popen(child_argv, env={**os.environ, SUPERVISED_ENV: str(os.getpid())})
+        log.info("node process started (pid %d)", child.pid)
+        code = child.wait()
+        if stopping:
+            if code != 0:
+                _cleanup(cfg, node, f"node process exited {code} while stopping")
+            os.close(lock_fd)
+            return 0 if code in (0, -signal.SIGTERM) else 1
+        _cleanup(cfg, node, f"node process {child.pid} died ({_describe(code)})")
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
+        if len(restarts) > MAX_RESTARTS:
+            log.error("node process died %d times within %g s: giving up", len(restarts), RESTART_WINDOW)
+            os.close(lock_fd)
+            return 1
+        time.sleep(RESTART_DELAY)
+    return 0
+
+
+def _cleanup(cfg: ClusterConfig, node: str, why: str) -> None:
+    start = time.monotonic()
+    errors = cleanup(cfg, node)
+    for error in errors:
+        log.error("cleanup: %s", error)
+    log.warning("cleanup (%s) done in %.3f s", why, time.monotonic() - start)
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+def child_command(config: str, node: str, verbose: int) -> list[str]:
+    return [sys.executable, "-m", "hawrap", "run", "--config", config, "--node", node, "--no-supervise", *(["-v"] * verbose)]

@@ -1,0 +1,379 @@
+"""A two-node cluster in network namespaces, for the cluster tests and the S6 benchmark.
+
+Topology (every address, bridge and route lives in namespaces created here; nothing is
+added to the host's namespace; every packet is sent from inside a lab namespace):
+
+    <p>-br   bridge br0 with the ping node 198.51.100.1 (the "router"), ports a-lan, b-lan, c-lan
+    <p>-a    node a: lan0 198.51.100.11/24 (to the bridge), hb0 203.0.113.1/24 (to node b)
+    <p>-b    node b: lan0 198.51.100.12/24,                    hb0 203.0.113.2/24
+    <p>-c    client: lan0 198.51.100.50/24; probes the VIP 198.51.100.100 every 20 ms
+
+LAN 198.51.100.0/24 and heartbeat link 203.0.113.0/24 are documentation ranges that never
+route anywhere.  ``Lab.close()`` (also run at exit and on failure) kills every process in
+the lab's namespaces and deletes them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAN_PREFIX = "198.51.100"
+PING_NODE = f"{LAN_PREFIX}.1"
+VIP = f"{LAN_PREFIX}.100"
+CLIENT = f"{LAN_PREFIX}.50"
+SERVICE_PORT = 8080
+NODE_LAN = {"a": f"{LAN_PREFIX}.11", "b": f"{LAN_PREFIX}.12"}
+NODE_HB = {"a": "203.0.113.1", "b": "203.0.113.2"}
+HEARTBEAT_PORT = 694
+
+
+def can_run() -> str | None:
+    """None if namespaces can be made here, else why not (for pytest.skip)."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) is not installed"
+    probe = f"hwprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"ip netns is unavailable here: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+@dataclass
+class ProbeResult:
+    start: float  # monotonic, same clock as the test process
+    end: float
+    answer: str | None  # the node name that answered, None for a failure
+
+
+class Lab:
+    def __init__(self, workdir: str, prefix: str | None = None):
+        self.workdir = workdir
+        self.p = prefix or f"hw{secrets.token_hex(3)}"
+        self.ns = {k: f"{self.p}-{k}" for k in ("br", "a", "b", "c")}
+        self.procs: list[subprocess.Popen] = []
+        self.closed = False
+        atexit.register(self.close)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ topology
+
+    def _build(self) -> None:
+        for ns in self.ns.values():
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        br = self.ns["br"]
+        sh("ip", "-n", br, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0")
+        sh("ip", "-n", br, "link", "set", "br0", "up")
+        sh("ip", "-n", br, "addr", "add", f"{PING_NODE}/24", "dev", "br0")
+        for node, addr in (("a", NODE_LAN["a"]), ("b", NODE_LAN["b"]), ("c", CLIENT)):
+            # both ends are created directly inside their namespaces: never in the host's
+            sh("ip", "link", "add", "lan0", "netns", self.ns[node], "type", "veth", "peer", "name", f"{node}-lan", "netns", br)
+            sh("ip", "-n", br, "link", "set", f"{node}-lan", "master", "br0", "up")
+            sh("ip", "-n", self.ns[node], "addr", "add", f"{addr}/24", "dev", "lan0")
+            sh("ip", "-n", self.ns[node], "link", "set", "lan0", "up")
+        sh("ip", "link", "add", "hb0", "netns", self.ns["a"], "type", "veth", "peer", "name", "hb0", "netns", self.ns["b"])
+        for node in ("a", "b"):
+            sh("ip", "-n", self.ns[node], "addr", "add", f"{NODE_HB[node]}/24", "dev", "hb0")
+            sh("ip", "-n", self.ns[node], "link", "set", "hb0", "up")
+        # the LAN answers before anything is started (no DAD on IPv4; bridge learning is instant)
+        deadline = time.monotonic() + 10
+        while sh("ip", "netns", "exec", self.ns["c"], "ping", "-c", "1", "-W", "1", PING_NODE, check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("lab LAN does not come up")
+
+    def run_in(self, node: str, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+        return sh("ip", "netns", "exec", self.ns[node], *argv, check=check, timeout=timeout)
+
+    def spawn(self, node: str, argv: list[str], log: str) -> subprocess.Popen:
+        out = open(os.path.join(self.workdir, log), "ab")
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[node], *argv], stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    # ------------------------------------------------------------ failures
+
+    def link(self, node: str, dev: str, up: bool) -> None:
+        sh("ip", "-n", self.ns[node], "link", "set", dev, "up" if up else "down")
+
+    def lan_port(self, node: str, forwarding: bool) -> None:
+        """Block a node's bridge port (its carrier stays up: only the ping node tells)."""
+        sh("bridge", "-n", self.ns["br"], "link", "set", "dev", f"{node}-lan", "state", "3" if forwarding else "0")
+
+    def isolate_nodes(self, on: bool) -> None:
+        """a and b cannot reach each other over the LAN; both still reach the ping node and the client."""
+        for node in ("a", "b"):
+            sh("bridge", "-n", self.ns["br"], "link", "set", "dev", f"{node}-lan", "isolated", "on" if on else "off")
+
+    def pids(self, node: str) -> list[int]:
+        r = sh("ip", "netns", "pids", self.ns[node], check=False)
+        return [int(p) for p in r.stdout.split()]
+
+    def kill_all(self, node: str) -> None:
+        """SIGKILL every process in the node's namespace, until none is left."""
+        for _ in range(50):
+            pids = self.pids(node)
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+        raise RuntimeError(f"processes in {self.ns[node]} survive SIGKILL: {self.pids(node)}")
+
+    def power_off(self, node: str) -> None:
+        """As if the machine lost power: its links go dark and all its processes die."""
+        self.link(node, "lan0", False)
+        self.link(node, "hb0", False)
+        self.kill_all(node)
+        self._reap()
+
+    def power_on(self, node: str) -> None:
+        """Boot again: addresses as configured at boot (a VIP held before the crash is gone)."""
+        sh("ip", "-n", self.ns[node], "addr", "flush", "dev", "lan0")
+        sh("ip", "-n", self.ns[node], "addr", "add", f"{NODE_LAN[node]}/24", "dev", "lan0")
+        self.link(node, "lan0", True)
+        self.link(node, "hb0", True)
+        other = "b" if node == "a" else "a"
+        if other in self.ns:
+            self.link(other, "hb0", True)
+
+    def vip_on(self, node: str) -> bool:
+        r = self.run_in(node, "ip", "-o", "-4", "addr", "show", "dev", "lan0", check=False)
+        return f"inet {VIP}/" in r.stdout
+
+    def _reap(self) -> None:
+        for proc in self.procs:
+            proc.poll()
+
+    # ------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for node in self.ns:
+            try:
+                self.kill_all(node)
+            except Exception:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except Exception:
+                pass
+        for ns in self.ns.values():
+            sh("ip", "netns", "del", ns, check=False)
+        atexit.unregister(self.close)
+
+
+# ---------------------------------------------------------------- hawrap in the lab
+
+
+def service_commands(workdir: str) -> dict[str, str]:
+    """Start/stop/monitor of the small TCP service (OCF exit codes); pid file per node."""
+    pidfile = f"{workdir}/$HAWRAP_NODE.service.pid"
+    server = f"{sys.executable} -I -S {HERE}/tcp_service.py --port {SERVICE_PORT} --name $HAWRAP_NODE --pidfile {pidfile}"
+    return {
+        # the server writes its pid file once it listens; monitor then says running
+        "start": f"setsid {server} >/dev/null 2>&1 < /dev/null &",
+        "stop": f"test -f {pidfile} && kill $(cat {pidfile}); rm -f {pidfile}; exit 0",
+        "monitor": f"test -f {pidfile} && kill -0 $(cat {pidfile}) 2>/dev/null && exit 0 || exit 7",
+    }
+
+
+def write_config(lab: Lab, initdead: float = 1.0, extra: str = "", timing: str = "") -> str:
+    secret = os.path.join(lab.workdir, "secret")
+    with open(secret, "w") as f:
+        f.write(secrets.token_hex(32))
+    notify = os.path.join(lab.workdir, "notify.sh")
+    with open(notify, "w") as f:
+        f.write(f'#!/bin/sh\necho "$(date +%s.%N) $2 $3 $4 $HAWRAP_EVENT $HAWRAP_MESSAGE" >> {lab.workdir}/notify.log\n')
+    os.chmod(notify, 0o755)
+    svc = service_commands(lab.workdir)
+    text = f"""
+[cluster]
+name = "lab"
+secret_file = "{secret}"
+home = "a"
+ping_nodes = ["{PING_NODE}"]
+state_dir = "{lab.workdir}/state/{{node}}"
+
+[[link]]
+name = "hb"
+port = {HEARTBEAT_PORT}
+
+[[link]]
+name = "lan"
+port = {HEARTBEAT_PORT}
+
+[[node]]
+name = "a"
+lan_interface = "lan0"
+address = {{ hb = "{NODE_HB['a']}", lan = "{NODE_LAN['a']}" }}
+
+[[node]]
+name = "b"
+lan_interface = "lan0"
+address = {{ hb = "{NODE_HB['b']}", lan = "{NODE_LAN['b']}" }}
+
+[timing]
+initdead = {initdead}
+monitor_interval = 0.5
+{timing}
+
+[vip]
+address = "{VIP}/24"
+
+[[service]]
+name = "tcp"
+shell = true
+start = '{svc["start"]}'
+stop = '{svc["stop"]}'
+monitor = '{svc["monitor"]}'
+timeout = 10
+
+[notify]
+command = ["{notify}"]
+{extra}
+"""
+    path = os.path.join(lab.workdir, "hawrap.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+class Hawrap:
+    """``hawrap`` on both lab nodes."""
+
+    def __init__(self, lab: Lab, config: str):
+        self.lab = lab
+        self.config = config
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, node: str) -> None:
+        argv = [sys.executable, "-m", "hawrap", "run", "--config", self.config, "--node", node, "-v"]
+        self.procs[node] = self.lab.spawn(node, argv, f"hawrap-{node}.log")
+
+    def stop(self, node: str, timeout: float = 20) -> None:
+        proc = self.procs.get(node)
+        if proc is None or proc.poll() is not None:
+            return
+        # the supervisor runs under `ip netns exec`, which execs: proc is the supervisor
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def cli(self, node: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return self.lab.run_in(node, sys.executable, "-m", "hawrap", *args, "--config", self.config, "--node", node, check=False, timeout=timeout)
+
+    def status(self, node: str) -> dict | None:
+        r = self.cli(node, "status", "--json", timeout=10)
+        try:
+            st = json.loads(r.stdout)
+        except ValueError:
+            return None
+        return st if st.get("ok") else None
+
+    def role(self, node: str) -> str | None:
+        st = self.status(node)
+        return st["role"] if st else None
+
+    def logs(self) -> str:
+        out = []
+        for name in sorted(os.listdir(self.lab.workdir)):
+            if name.endswith(".log"):
+                with open(os.path.join(self.lab.workdir, name), errors="replace") as f:
+                    out.append(f"==== {name}\n" + f.read()[-6000:])
+        return "\n".join(out)
+
+
+class Probe:
+    """The client: a TCP connection to the VIP every ``interval``, each recorded."""
+
+    def __init__(self, lab: Lab, interval: float = 0.02, timeout: float = 0.25, name: str = "probe"):
+        self.lab = lab
+        self.out = os.path.join(lab.workdir, f"{name}.jsonl")
+        argv = [sys.executable, f"{HERE}/probe.py", "--target", f"{VIP}:{SERVICE_PORT}", "--interval", str(interval), "--timeout", str(timeout), "--out", self.out]
+        self.proc = lab.spawn("c", argv, f"{name}.log")
+
+    def stop(self) -> list[ProbeResult]:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(10)
+        return self.results()
+
+    def results(self) -> list[ProbeResult]:
+        out = []
+        try:
+            with open(self.out) as f:
+                for line in f:
+                    try:
+                        d = json.loads(line)
+                    except ValueError:
+                        continue  # a line being written
+                    out.append(ProbeResult(d["start"], d["end"], d["answer"]))
+        except FileNotFoundError:
+            pass
+        return sorted(out, key=lambda r: r.start)
+
+
+def outages(results: list[ProbeResult], min_gap: float = 0.0) -> list[tuple[float, float]]:
+    """(first failed probe start, first later successful probe end) for each run of failures."""
+    spans, fail_start = [], None
+    for r in results:
+        if r.answer is None:
+            if fail_start is None:
+                fail_start = r.start
+        elif fail_start is not None:
+            if r.end - fail_start >= min_gap:
+                spans.append((fail_start, r.end))
+            fail_start = None
+    return spans
+
+
+def first_answer_after(results: list[ProbeResult], t: float, node: str) -> ProbeResult | None:
+    for r in results:
+        if r.start >= t and r.answer == node:
+            return r
+    return None
+
+
+def wait_for(predicate, timeout: float, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(step)

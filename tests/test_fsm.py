@@ -1,0 +1,397 @@
+"""The node state machine, exhaustively: every row of the fault table, and two machines
+driven through random fault sequences (hypothesis) with the safety properties checked at
+every step and after convergence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hawrap import fsm
+from hawrap.fsm import (
+    INIT,
+    PRIMARY,
+    RELEASING,
+    SECONDARY,
+    STANDBY,
+    AcquireMirrorLock,
+    Facts,
+    FinalSync,
+    Notify,
+    PeerView,
+    Policy,
+    RaiseEpoch,
+    ReleaseMirrorLock,
+    Reply,
+    StartResources,
+    StopResources,
+    WriteStandbyLock,
+)
+
+POLICY = Policy(initdead=1.0, handover_timeout=2.0, failback="manual", retry_interval=0.5)
+
+
+def peer(role=SECONDARY, epoch=1, owns=False, standby=False, lan_ok=True, serving=None, request=None, home=False, name="b"):
+    return PeerView(
+        name=name, role=role, epoch=epoch, owns_epoch=owns, standby=standby, lan_ok=lan_ok,
+        serving=(role == PRIMARY) if serving is None else serving, request=request, home=home,
+    )  # fmt: skip
+
+
+def state(role=SECONDARY, epoch=1, owns=False, home=True, **kw):
+    return replace(fsm.State(node="a", is_home=home, started=0.0), role=role, epoch=epoch, owns_epoch=owns, **kw)
+
+
+def facts(now=10.0, lan_ok=True, p=None, lock=False, command=None):
+    return Facts(now=now, lan_ok=lan_ok, peer=p, standby_lock=lock, command=command, lan_problem="test")
+
+
+def kinds(actions):
+    return [type(a) for a in actions]
+
+
+# ------------------------------------------------------------ fault table rows
+
+
+def test_primary_dies_secondary_takes_over_with_lock_epoch_vip_notify():
+    s, acts = fsm.decide(state(SECONDARY, epoch=4), facts(p=None), POLICY)
+    assert s.role == PRIMARY and s.epoch == 5 and s.owns_epoch and s.mirror_locked
+    assert kinds(acts)[:3] == [AcquireMirrorLock, RaiseEpoch, StartResources]
+    assert acts[1].to == 5 and isinstance(acts[-1], Notify)
+
+
+def test_heartbeat_link_only_failure_changes_nothing():
+    # the peer is still heard (on the LAN): neither side acts
+    s, acts = fsm.decide(state(SECONDARY), facts(p=peer(PRIMARY, owns=True)), POLICY)
+    assert s.role == SECONDARY and acts == []
+    s, acts = fsm.decide(state(PRIMARY, owns=True), facts(p=peer(SECONDARY)), POLICY)
+    assert s.role == PRIMARY and acts == []
+
+
+def test_own_lan_failure_goes_standby_and_writes_the_lock():
+    for role in (PRIMARY, SECONDARY, RELEASING):
+        s, acts = fsm.decide(state(role, owns=role == PRIMARY), facts(lan_ok=False, p=peer()), POLICY)
+        assert s.role == STANDBY and not s.serving
+        assert StopResources in kinds(acts) and WriteStandbyLock in kinds(acts) and Notify in kinds(acts)
+        assert kinds(acts).index(StopResources) == 0
+
+
+def test_peer_in_standby_is_taken_over_while_still_heard():
+    s, acts = fsm.decide(state(SECONDARY), facts(p=peer(STANDBY, standby=True, lan_ok=False)), POLICY)
+    assert s.role == PRIMARY and s.mirror_locked and StartResources in kinds(acts)
+
+
+def test_peer_in_standby_but_still_serving_is_not_taken_over_yet():
+    s, acts = fsm.decide(state(SECONDARY), facts(p=peer(STANDBY, standby=True, serving=True)), POLICY)
+    assert s.role == SECONDARY and StartResources not in kinds(acts)
+
+
+def test_boot_with_standby_lock_stays_standby():
+    s, acts = fsm.decide(state(INIT, epoch=3), facts(now=0.1, lock=True, p=None), POLICY)
+    assert s.role == STANDBY and WriteStandbyLock not in kinds(acts)
+    s2, acts2 = fsm.decide(s, facts(now=50, lock=True, p=None), POLICY)
+    assert s2.role == STANDBY and acts2 == []
+
+
+def test_serving_peer_with_standby_lock_is_pushed_back():
+    s, acts = fsm.decide(state(PRIMARY, epoch=5, owns=True), facts(p=peer(STANDBY, epoch=9, standby=True, serving=True)), POLICY)
+    assert s.role == PRIMARY and s.request == "push_back" and fsm.Reannounce in kinds(acts)
+    # the pushed node, when it sees a higher-ranked primary while serving, stops
+    pushed, acts = fsm.decide(state(PRIMARY, epoch=9, owns=True), facts(lock=True, p=peer(PRIMARY, epoch=5, owns=True, request="push_back")), POLICY)
+    assert pushed.role == STANDBY and StopResources in kinds(acts)
+
+
+def test_resume_rejoins_as_secondary_and_survivor_releases_its_lock():
+    s, acts = fsm.decide(state(STANDBY, epoch=3, mirror_locked=True), facts(lock=False, p=peer(PRIMARY, epoch=5, owns=True)), POLICY)
+    assert s.role == SECONDARY and s.epoch == 5 and ReleaseMirrorLock in kinds(acts)
+    survivor, acts = fsm.decide(state(PRIMARY, epoch=5, owns=True, mirror_locked=True), facts(p=peer(SECONDARY, epoch=5)), POLICY)
+    assert survivor.role == PRIMARY and not survivor.mirror_locked and ReleaseMirrorLock in kinds(acts)
+
+
+def test_resume_refused_while_lan_unhealthy():
+    s, acts = fsm.decide(state(STANDBY), facts(lock=False, lan_ok=False, p=peer(PRIMARY)), POLICY)
+    assert s.role == STANDBY and WriteStandbyLock in kinds(acts)
+
+
+def test_node_that_missed_a_takeover_fences_itself():
+    s, acts = fsm.decide(state(INIT, epoch=3, owns=True), facts(now=0.2, p=peer(PRIMARY, epoch=4, owns=True)), POLICY)
+    assert s.role == STANDBY and WriteStandbyLock in kinds(acts)
+
+
+def test_fresh_node_joins_a_serving_peer_as_secondary():
+    s, acts = fsm.decide(state(INIT, epoch=0, owns=False), facts(now=0.2, p=peer(PRIMARY, epoch=1, owns=True)), POLICY)
+    assert s.role == SECONDARY and s.epoch == 1 and WriteStandbyLock not in kinds(acts)
+
+
+def test_planned_failover_sequence_and_completion():
+    s, acts = fsm.decide(state(PRIMARY, epoch=2, owns=True), facts(p=peer(SECONDARY, epoch=2), command="failover"), POLICY)
+    assert s.role == RELEASING
+    order = kinds(acts)
+    assert order.index(fsm.StopServices) < order.index(FinalSync) < order.index(StopResources)
+    assert any(isinstance(a, Reply) and a.ok for a in acts)
+    other, acts = fsm.decide(state(SECONDARY, epoch=2, home=False), facts(p=peer(RELEASING, epoch=2, owns=True, home=True)), POLICY)
+    assert other.role == PRIMARY and other.epoch == 3 and not other.mirror_locked
+    done, acts = fsm.decide(s, facts(p=peer(PRIMARY, epoch=3, owns=True)), POLICY)
+    assert done.role == SECONDARY and done.epoch == 3
+
+
+def test_failover_refused_when_peer_not_ready():
+    s, acts = fsm.decide(state(PRIMARY, owns=True), facts(p=peer(STANDBY, standby=True), command="failover"), POLICY)
+    assert s.role == PRIMARY and any(isinstance(a, Reply) and not a.ok for a in acts)
+
+
+def test_release_rolls_back_when_peer_does_not_take_over():
+    s = state(RELEASING, epoch=2, owns=True, handover_deadline=12.0)
+    s2, acts = fsm.decide(s, facts(now=11.0, p=peer(SECONDARY, epoch=2)), POLICY)
+    assert s2.role == RELEASING
+    s3, acts = fsm.decide(s, facts(now=12.5, p=peer(SECONDARY, epoch=2)), POLICY)
+    assert s3.role == PRIMARY and StartResources in kinds(acts)
+
+
+def test_split_brain_higher_epoch_wins():
+    lo, acts = fsm.decide(state(PRIMARY, epoch=4, owns=True), facts(p=peer(PRIMARY, epoch=5, owns=True)), POLICY)
+    assert lo.role == STANDBY and StopResources in kinds(acts)
+    hi, acts = fsm.decide(state(PRIMARY, epoch=5, owns=True), facts(p=peer(PRIMARY, epoch=4, owns=True)), POLICY)
+    assert hi.role == PRIMARY and hi.request == "push_back"
+
+
+def test_no_takeover_on_silence_until_the_ping_node_answers_again():
+    s, acts = fsm.decide(state(SECONDARY), replace(facts(p=None), lan_confirmed=False), POLICY)
+    assert s.role == SECONDARY and acts == []
+    s, acts = fsm.decide(state(SECONDARY), facts(p=None), POLICY)
+    assert s.role == PRIMARY
+
+
+def test_no_takeover_without_lan_or_during_initdead():
+    s, acts = fsm.decide(state(SECONDARY), facts(lan_ok=None, p=None), POLICY)
+    assert s.role == SECONDARY and acts == []
+    s, acts = fsm.decide(state(INIT), facts(now=0.5, p=None), POLICY)
+    assert s.role == INIT and acts == []
+    s, acts = fsm.decide(state(INIT), facts(now=1.5, p=None), POLICY)
+    assert s.role == PRIMARY
+
+
+def test_auto_failback_after_delay():
+    pol = replace(POLICY, failback="auto", failback_delay=3.0)
+    s = state(PRIMARY, epoch=3, owns=True, home=False)
+    s, acts = fsm.decide(s, facts(now=10, p=peer(SECONDARY, epoch=3, home=True)), pol)
+    assert s.role == PRIMARY and s.peer_ready_since == 10
+    s, acts = fsm.decide(s, facts(now=13.5, p=peer(SECONDARY, epoch=3, home=True)), pol)
+    assert s.role == RELEASING
+
+
+def test_epochs_of_the_two_nodes_never_collide():
+    a = replace(state(SECONDARY, epoch=4), epoch_parity=1)
+    b = replace(state(SECONDARY, epoch=4), epoch_parity=0, node="b")
+    ea = fsm.decide(a, facts(p=None), POLICY)[0].epoch
+    eb = fsm.decide(b, facts(p=None), POLICY)[0].epoch
+    assert (ea, eb) == (5, 6)
+
+
+def test_takeover_failure_retries_later():
+    s, _ = fsm.decide(state(SECONDARY), facts(p=None), POLICY)
+    s, acts = fsm.takeover_failed(s, facts(p=None), POLICY, "VIP answered by 02:00:00:00:00:01")
+    assert s.role == SECONDARY and StopResources in kinds(acts)
+    s2, acts = fsm.decide(s, facts(now=10.2, p=None), POLICY)
+    assert s2.role == SECONDARY and acts == []
+    s3, acts = fsm.decide(s, facts(now=10.6, p=None), POLICY)
+    assert s3.role == PRIMARY
+
+
+# ------------------------------------------------------------ two machines, random faults
+
+STEP = 0.1  # one heartbeat interval
+DEADTIME_STEPS = 5
+
+
+@dataclass
+class SimNode:
+    name: str
+    home: bool
+    state: fsm.State
+    lock: bool = False  # the standby lock file
+    serving: bool = False  # resources actually up
+    lan_ok: bool = True
+    last_heard: int | None = None  # step at which we last heard the peer
+    view: PeerView | None = None
+    command: str | None = None
+    persisted: tuple = (0, False)
+
+    def advertised(self) -> PeerView:
+        s = self.state
+        return PeerView(
+            name=self.name, role=s.role, epoch=s.epoch, owns_epoch=s.owns_epoch, standby=self.lock,
+            lan_ok=self.lan_ok, serving=self.serving, request=s.request, home=self.home,
+        )  # fmt: skip
+
+
+@dataclass
+class Sim:
+    nodes: list[SimNode]
+    hb_up: bool = True
+    lan_path_up: bool = True
+    step_no: int = 0
+    sync_fails: bool = False
+    log: list = field(default_factory=list)
+
+    def connected(self) -> bool:
+        lan = self.lan_path_up and all(n.lan_ok for n in self.nodes)
+        return self.hb_up or lan
+
+    def step(self):
+        self.step_no += 1
+        now = self.step_no * STEP
+        adverts = [n.advertised() for n in self.nodes]
+        for i, node in enumerate(self.nodes):
+            other = adverts[1 - i]
+            if self.connected():
+                node.last_heard, node.view = self.step_no, other
+            alive = node.last_heard is not None and self.step_no - node.last_heard < DEADTIME_STEPS
+            f = Facts(now=now, lan_ok=node.lan_ok, peer=node.view if alive else None, standby_lock=node.lock, command=node.command)
+            node.command = None
+            before = node.state
+            new, actions = fsm.decide(before, f, POLICY)
+            if StartResources in kinds(actions):
+                # safety: never take over with an unhealthy LAN, a standby lock, or a serving peer heard
+                assert f.lan_ok is True and not f.standby_lock, (f, before)
+                assert f.peer is None or not f.peer.serving, (f, before)
+            node.state = new
+            for a in actions:
+                if isinstance(a, StartResources):
+                    node.serving = True
+                elif isinstance(a, (StopResources,)):
+                    node.serving = False
+                elif isinstance(a, WriteStandbyLock):
+                    node.lock = True
+                elif isinstance(a, FinalSync) and self.sync_fails:
+                    node.state, more = fsm.release_failed(node.state, f, POLICY, "sync failed")
+                    for m in more:
+                        if isinstance(m, StartResources):
+                            node.serving = True
+                    break
+            node.persisted = (node.state.epoch, node.state.owns_epoch)
+            assert node.serving == (node.state.role == PRIMARY), (node.state, actions)
+            self.log.append((self.step_no, node.name, before.role, node.state.role))
+
+    def restart(self, i):
+        node = self.nodes[i]
+        epoch, owns = node.persisted
+        node.state = fsm.State(
+            node=node.name, is_home=node.home, started=self.step_no * STEP, epoch=epoch, owns_epoch=owns,
+            epoch_parity=1 if node.name == "a" else 0,
+        )  # fmt: skip
+        node.serving = False  # the supervisor's cleanup removed the VIP
+        node.last_heard, node.view = None, None
+
+    def both_serving(self) -> bool:
+        return all(n.serving for n in self.nodes)
+
+
+EVENTS = st.sampled_from(
+    ["hb_down", "hb_up", "lanpath_down", "lanpath_up", "a_lan_down", "a_lan_up", "b_lan_down", "b_lan_up",
+     "a_restart", "b_restart", "a_failover", "b_failover", "a_failback", "b_failback", "a_standby", "b_standby",
+     "a_resume", "b_resume", "sync_fails", "sync_ok", "wait", "wait", "wait"]
+)  # fmt: skip
+
+
+def apply(sim: Sim, event: str):
+    idx = {"a": 0, "b": 1}
+    if event == "hb_down":
+        sim.hb_up = False
+    elif event == "hb_up":
+        sim.hb_up = True
+    elif event == "lanpath_down":
+        sim.lan_path_up = False
+    elif event == "lanpath_up":
+        sim.lan_path_up = True
+    elif event == "sync_fails":
+        sim.sync_fails = True
+    elif event == "sync_ok":
+        sim.sync_fails = False
+    elif event == "wait":
+        pass
+    else:
+        who, what = event.split("_", 1)
+        node = sim.nodes[idx[who]]
+        if what == "lan_down":
+            node.lan_ok = False
+        elif what == "lan_up":
+            node.lan_ok = True
+        elif what == "restart":
+            sim.restart(idx[who])
+        elif what in ("failover", "failback"):
+            node.command = what
+        elif what == "standby":
+            node.lock = True
+        elif what == "resume":
+            node.lock = False
+
+
+def new_sim() -> Sim:
+    return Sim([
+        SimNode("a", True, fsm.State(node="a", is_home=True, started=0.0, epoch_parity=1)),
+        SimNode("b", False, fsm.State(node="b", is_home=False, started=0.0, epoch_parity=0)),
+    ])  # fmt: skip
+
+
+def converge(sim: Sim, steps: int = 120):
+    sim.hb_up = sim.lan_path_up = True
+    sim.sync_fails = False
+    for n in sim.nodes:
+        n.lan_ok = True
+    for _ in range(steps):
+        sim.step()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(EVENTS, st.integers(1, 12)), max_size=25))
+def test_random_faults_never_end_in_split_brain(script):
+    sim = new_sim()
+    clash = 0  # consecutive rounds in which both serve while hearing each other
+    for event, steps in script:
+        apply(sim, event)
+        for _ in range(steps):
+            sim.step()
+            clash = clash + 1 if sim.both_serving() and sim.connected() else 0
+            assert clash <= 2, sim.log[-10:]
+    converge(sim)
+    assert not sim.both_serving(), sim.log[-20:]
+    # with every standby lock removed (the administrator resumed), exactly one node serves
+    for n in sim.nodes:
+        n.lock = False
+    converge(sim)
+    assert sum(n.serving for n in sim.nodes) == 1, [(n.name, n.state) for n in sim.nodes]
+    roles = sorted(n.state.role for n in sim.nodes)
+    assert roles == [PRIMARY, SECONDARY], roles
+
+
+def test_cold_start_elects_the_home_node():
+    sim = new_sim()
+    for _ in range(30):
+        sim.step()
+    assert sim.nodes[0].state.role == PRIMARY and sim.nodes[1].state.role == SECONDARY
+
+
+def test_simulated_primary_death_and_resume_flow():
+    sim = new_sim()
+    converge(sim, 30)
+    a, b = sim.nodes
+    assert a.serving
+    # primary loses power: silent on every link
+    sim.hb_up = False
+    a.lan_ok = False  # its NIC is gone with it
+    for _ in range(DEADTIME_STEPS + 2):
+        sim.step()
+    assert b.serving and b.state.mirror_locked
+    # a boots again with its network back: it missed the takeover, so it fences itself
+    sim.restart(0)
+    converge(sim, 30)
+    assert b.serving and a.state.role == STANDBY and a.lock
+    a.lock = False  # hawrap resume
+    converge(sim, 10)
+    assert a.state.role == SECONDARY and not b.state.mirror_locked and b.serving
+    a.command = "failback"
+    converge(sim, 20)
+    assert a.serving and b.state.role == SECONDARY

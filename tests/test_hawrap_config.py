@@ -1,0 +1,87 @@
+"""hawrap configuration: the annotated example loads; mistakes name the file and the key."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hawrap import config
+from hawrap.errors import ConfigError
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "hawrap.toml")
+
+MINIMAL = """
+[cluster]
+name = "t"
+secret_file = "secret"
+[[link]]
+name = "hb"
+[[node]]
+name = "a"
+lan_interface = "lo"
+address = { hb = "127.0.0.2" }
+[[node]]
+name = "b"
+lan_interface = "lo"
+address = { hb = "127.0.0.3" }
+"""
+
+
+def write(tmp_path, text, secret=b"0123456789abcdef0123"):
+    (tmp_path / "secret").write_bytes(secret)
+    path = tmp_path / "h.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_example_loads(tmp_path):
+    text = open(EXAMPLE).read().replace("/etc/hawrap/secret", str(tmp_path / "secret"))
+    cfg = config.load(write(tmp_path, text))
+    assert [n.name for n in cfg.nodes] == ["alpha", "beta"]
+    assert cfg.timing.interval == 0.1 and cfg.timing.deadtime == 0.5
+    assert cfg.vip.ip == "198.51.100.100" and cfg.vip_interface("alpha") == "eth0"
+    assert cfg.services[0].monitor[0] == "sh" and cfg.mirror.trees[0].name == "spool"
+    assert cfg.peer_of("alpha").name == "beta"
+    assert cfg.standby_lock_path("beta") == "/var/lib/hawrap/beta/standby.lock"
+
+
+def test_minimal_defaults(tmp_path):
+    cfg = config.load(write(tmp_path, MINIMAL))
+    assert cfg.failback == "manual" and cfg.vip is None and cfg.services == ()
+    assert cfg.node("a").state_dir == "/var/lib/hawrap/a"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace('name = "t"\n', ""), "cluster.name: missing"),
+        (lambda t: t + "[timing]\ninterval = 0.3\ndeadtime = 0.5\n", "at least twice"),
+        (lambda t: t + "[timing]\ninterval = -1\n", "timing.interval: must be greater than 0"),
+        (lambda t: t + "[timing]\nintervall = 1\n", "unknown key 'timing.intervall'"),
+        (lambda t: t.replace('"127.0.0.3"', '"nope"'), "node[1].address.hb: 'nope' is not an IP address"),
+        (lambda t: t + "[vip]\naddress = \"198.51.100.1\"\n", "vip.address: needs a prefix length"),
+        (lambda t: t + "[vip]\naddress = \"198.51.100.1/24\"\nkind = \"magic\"\n", "vip.kind"),
+        (lambda t: t.replace('[cluster]\n', '[cluster]\nhome = "zed"\n'), "cluster.home"),
+        (lambda t: t + "[[mirror.tree]]\nname = \"x\"\npath = \"/x\"\nlock_file = \"/l\"\n", "mirror.secret_file is required"),
+        (lambda t: t + "[notify]\nsmtp_host = \"localhost\"\n", "notify.mail_to is required"),
+        (lambda t: t + "[[service]]\nname = \"s\"\nstart = [1]\nstop = \"x\"\nmonitor = \"y\"\n", "service[0].start: must be a list of strings"),
+        (lambda t: "this is = = not toml", "not valid TOML"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path, edit, message):
+    path = write(tmp_path, edit(MINIMAL))
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert message in str(info.value) and path in str(info.value)
+
+
+def test_short_secret_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="at least 16"):
+        config.load(write(tmp_path, MINIMAL, secret=b"short"))
+
+
+def test_unknown_node(tmp_path):
+    cfg = config.load(write(tmp_path, MINIMAL))
+    with pytest.raises(ConfigError, match="no node named 'c'"):
+        cfg.node("c")

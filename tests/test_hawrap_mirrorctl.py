@@ -1,0 +1,154 @@
+"""hawrap's handle on the mirror engine: locks and epochs through the mirror library, data
+commands built from the configured templates and run as real processes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from hawrap import config, mirrorctl
+from hawrap.errors import HawrapError
+from mirror import epoch as mirror_epoch
+from mirror import lockfile
+
+TEMPLATE = """
+[cluster]
+name = "t"
+secret_file = "secret"
+[[link]]
+name = "hb"
+[[link]]
+name = "lan"
+[[node]]
+name = "a"
+lan_interface = "lo"
+address = {{ hb = "203.0.113.1", lan = "198.51.100.11" }}
+[[node]]
+name = "b"
+lan_interface = "lo"
+address = {{ hb = "203.0.113.2", lan = "198.51.100.12" }}
+[mirror]
+command = ["{recorder}"]
+secret_file = "msecret"
+port = 9999
+link = "hb"
+[[mirror.tree]]
+name = "spool"
+path = "{root}/{{node}}/spool"
+lock_file = "{root}/{{node}}.lock"
+[[mirror.tree]]
+name = "www"
+path = "{root}/{{node}}/www"
+lock_file = "{root}/{{node}}.lock"
+state_dir = "{root}/{{node}}/www-state"
+"""
+
+
+@pytest.fixture
+def ctl(tmp_path):
+    (tmp_path / "secret").write_text("0123456789abcdef0123")
+    (tmp_path / "msecret").write_text("x" * 32)
+    recorder = tmp_path / "fake-mirror"
+    # a stand-in for the engine's CLI that records how it was called; "sync" exits with
+    # the code in $TMP/sync-exit (0 by default), the others keep running like a daemon
+    recorder.write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n'
+        f'if [ "$1" = sync ]; then exit $(cat {tmp_path}/sync-exit 2>/dev/null || echo 0); fi\n'
+        "trap 'exit 0' TERM\nwhile :; do sleep 0.05; done\n"
+    )
+    recorder.chmod(0o755)
+    for sub in ("a/spool", "a/www"):
+        (tmp_path / sub).mkdir(parents=True)
+    path = tmp_path / "h.toml"
+    path.write_text(TEMPLATE.format(recorder=recorder, root=tmp_path))
+    c = mirrorctl.MirrorControl(config.load(str(path)), "a")
+    yield c, tmp_path
+    c.close()
+
+
+def calls(tmp_path):
+    try:
+        return (tmp_path / "calls").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def wait_calls(tmp_path, n, timeout=10):
+    deadline = time.monotonic() + timeout
+    while len(calls(tmp_path)) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return calls(tmp_path)
+
+
+def test_trees_resolved_per_node(ctl):
+    c, tmp = ctl
+    assert [t.path for t in c.trees] == [f"{tmp}/a/spool", f"{tmp}/a/www"]
+    assert c.trees[0].state_dir == f"{tmp}/a/spool/.mirror" and c.trees[1].state_dir == f"{tmp}/a/www-state"
+    assert c.peer_address == "203.0.113.2" and c.my_address == "203.0.113.1"
+
+
+def test_locks_and_epochs_through_the_mirror_library(ctl):
+    c, tmp = ctl
+    c.acquire_locks("takeover by a")
+    assert lockfile.status(f"{tmp}/a.lock").reason == "takeover by a"
+    assert c.locked() == {"spool": True, "www": True}
+    c.raise_epochs(5)
+    assert c.epochs() == {"spool": 5, "www": 5}
+    c.raise_epochs(5)  # every takeover raises, even past the cluster epoch
+    assert c.epochs() == {"spool": 6, "www": 6}
+    c.observe_epochs(3)
+    assert mirror_epoch.read_epoch(f"{tmp}/a/www-state") == 6
+    c.release_locks()
+    assert c.locked() == {"spool": False, "www": False}
+
+
+def test_sending_runs_one_daemon_per_tree_and_stops_them(ctl):
+    c, tmp = ctl
+    c.set_direction("send")
+    got = wait_calls(tmp, 2)
+    secret = f"{tmp}/msecret"
+    assert sorted(got) == sorted([
+        f"daemon {tmp}/a/spool mirror://203.0.113.2:9999/spool --secret-file {secret} --lock-file {tmp}/a.lock --state-dir {tmp}/a/spool/.mirror",
+        f"daemon {tmp}/a/www mirror://203.0.113.2:9999/www --secret-file {secret} --lock-file {tmp}/a.lock --state-dir {tmp}/a/www-state",
+    ])  # fmt: skip
+    procs = [p.proc for p in c._procs]
+    c.set_direction("receive")
+    assert all(p.poll() is not None for p in procs)
+    got = wait_calls(tmp, 3)
+    assert got[2] == f"serve --listen 203.0.113.1:9999 --module spool={tmp}/a/spool --module www={tmp}/a/www --secret-file {secret} --lock-file {tmp}/a.lock"
+    c.set_direction(None)
+    assert c._procs == []
+
+
+def test_a_daemon_that_exits_is_restarted(ctl, monkeypatch):
+    c, tmp = ctl
+    monkeypatch.setattr(mirrorctl, "RESTART_DELAY", 0.05)
+    c.set_direction("send")
+    wait_calls(tmp, 2)
+    first = c._procs[0].proc
+    first.kill()
+    deadline = time.monotonic() + 10
+    while (c._procs[0].proc is first or c._procs[0].proc.poll() is not None) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert c._procs[0].proc is not first
+
+
+def test_final_sync_runs_sync_with_delete_and_reports_failure(ctl):
+    c, tmp = ctl
+    c.final_sync()
+    assert calls(tmp)[0] == f"sync {tmp}/a/spool mirror://203.0.113.2:9999/spool --delete --secret-file {tmp}/msecret"
+    (tmp / "sync-exit").write_text("4")
+    with pytest.raises(HawrapError, match="final sync of spool failed \\(exit 4\\)"):
+        c.final_sync()
+
+
+def test_unknown_placeholder_names_the_config(ctl, tmp_path):
+    c, tmp = ctl
+    with pytest.raises(HawrapError, match="unknown placeholder"):
+        c._argv(("{mirror}", "{nope}"), c.trees[0])
+
+
+def test_engine_available_is_false_for_a_missing_command(tmp_path):
+    assert not mirrorctl.engine_available((os.path.join(str(tmp_path), "no-such-mirror"),))

@@ -1,0 +1,131 @@
+"""Two real hawrap nodes on loopback (no root): election, kill -9 with supervisor cleanup,
+administrator commands, notifications, and ``hawrap demo`` itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from hawrap.demo import DemoNode, role, wait_for, write_demo_config
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    notify_log = tmp_path / "notify.log"
+    script = tmp_path / "notify.sh"
+    script.write_text(f'#!/bin/sh\necho "$2 $3 $4 $HAWRAP_EVENT" >> {notify_log}\n')
+    script.chmod(0o755)
+    config = write_demo_config(str(tmp_path), extra=f'\n[notify]\ncommand = ["{script}"]\n')
+    nodes = {n: DemoNode(config, n, str(tmp_path)) for n in ("alpha", "beta")}
+    for n in nodes.values():
+        n.start()
+    try:
+        assert wait_for(lambda: role(nodes["alpha"]) == "primary" and role(nodes["beta"]) == "secondary", 20), _logs(tmp_path)
+        yield nodes, tmp_path, notify_log
+    finally:
+        for n in nodes.values():
+            n.stop()
+
+
+def _logs(tmp_path):
+    return "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("*.log"))
+
+
+def serving(tmp_path, name):
+    return (tmp_path / name / "dummy-vip").exists(), (tmp_path / name / "service.running").exists()
+
+
+def test_home_node_wins_the_cold_start_and_status_json(cluster):
+    nodes, tmp_path, notify_log = cluster
+    assert serving(tmp_path, "alpha") == (True, True) and serving(tmp_path, "beta") == (False, False)
+    r = nodes["beta"].command("status", "--json")
+    st = json.loads(r.stdout)
+    assert r.returncode == 0 and st["role"] == "secondary" and st["peer"]["role"] == "primary"
+    assert st["links"] == {"hb": True, "lan": True} and st["lan"]["ok"] is True
+    assert wait_for(lambda: notify_log.exists() and "demo/alpha MASTER 1 takeover" in notify_log.read_text(), 5)
+
+
+def test_kill9_of_the_node_process_is_cleaned_up_by_the_supervisor(cluster):
+    nodes, tmp_path, _ = cluster
+    pid = nodes["alpha"].status()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    # the supervisor removes the VIP and stops the service before anything else
+    assert wait_for(lambda: serving(tmp_path, "alpha") == (False, False), 5), _logs(tmp_path)
+    assert wait_for(lambda: role(nodes["beta"]) == "primary", 5)
+    assert serving(tmp_path, "beta") == (True, True)
+    # the restarted node process sees it missed a takeover: standby, not a second primary
+    assert wait_for(lambda: role(nodes["alpha"]) == "standby", 10), _logs(tmp_path)
+    assert nodes["alpha"].status()["pid"] != pid
+    assert serving(tmp_path, "alpha") == (False, False)
+    assert "cleanup (node process" in (tmp_path / "alpha.log").read_text()
+
+
+def test_standby_resume_failover_failback(cluster):
+    nodes, tmp_path, notify_log = cluster
+    alpha, beta = nodes["alpha"], nodes["beta"]
+    r = alpha.command("standby", "--reason", "disk check")
+    assert r.returncode == 0 and "standby" in r.stdout
+    assert wait_for(lambda: role(beta) == "primary", 5)
+    assert serving(tmp_path, "alpha") == (False, False)
+    lock = json.loads(alpha.command("status", "--json").stdout)["standby_lock"]
+    assert lock["reason"] == "disk check"
+    # failover is refused while the peer is in standby
+    r = beta.command("failover")
+    assert r.returncode == 1 and "refused" in r.stderr
+    r = alpha.command("resume")
+    assert r.returncode == 0 and "secondary" in r.stdout
+    assert wait_for(lambda: role(alpha) == "secondary", 5)
+    r = beta.command("failover")
+    assert r.returncode == 0, r.stderr
+    assert wait_for(lambda: role(alpha) == "primary" and role(beta) == "secondary", 10)
+    assert serving(tmp_path, "alpha") == (True, True) and serving(tmp_path, "beta") == (False, False)
+    r = alpha.command("failback")
+    assert r.returncode == 1 and "home node" in r.stderr
+    events = notify_log.read_text()
+    assert "standby" in events and "releasing" in events
+
+
+def test_one_instance_per_node_and_no_cleanup_under_a_live_one(cluster):
+    nodes, tmp_path, _ = cluster
+    alpha = nodes["alpha"]
+    r = subprocess.run(
+        [sys.executable, "-m", "hawrap", "run", "--config", alpha.config, "--node", "alpha"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "already runs for this node" in r.stderr
+    r = alpha.command("cleanup")
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert serving(tmp_path, "alpha") == (True, True) and role(alpha) == "primary"
+
+
+def test_commands_when_not_running(tmp_path):
+    config = write_demo_config(str(tmp_path))
+    node = DemoNode(config, "alpha", str(tmp_path))
+    r = node.command("status")
+    assert r.returncode == 3 and "not running" in r.stdout
+    r = node.command("standby")
+    assert r.returncode == 0 and (tmp_path / "alpha" / "standby.lock").exists()
+    r = node.command("resume")
+    assert r.returncode == 0 and not (tmp_path / "alpha" / "standby.lock").exists()
+    (tmp_path / "alpha").mkdir(exist_ok=True)
+    (tmp_path / "alpha" / "dummy-vip").write_text("x")
+    r = node.command("cleanup")
+    assert r.returncode == 0 and not (tmp_path / "alpha" / "dummy-vip").exists()
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    (tmp_path / "h.toml").write_text("[cluster]\n")
+    r = subprocess.run([sys.executable, "-m", "hawrap", "status", "--config", str(tmp_path / "h.toml"), "--node", "a"], capture_output=True, text=True)
+    assert r.returncode == 2 and "cluster.name: missing" in r.stderr
+
+
+def test_hawrap_demo():
+    """The demo needs no privilege: loopback links, a dummy VIP, no ping node."""
+    r = subprocess.run([sys.executable, "-m", "hawrap", "demo"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "took over in" in r.stdout and "summary: alpha primary, beta secondary" in r.stdout
