@@ -64,9 +64,12 @@ def _sub(t: TreeConfig, node: str) -> TreeConfig:
 
 
 def engine_available(command: tuple[str, ...] = ("mirror",)) -> bool:
-    """True once the engine provides ``mirror sync`` (issue 4)."""
+    """True once the engine provides what hawrap drives: ``mirror sync``, ``serve`` and ``daemon``."""
     try:
-        return subprocess.run([*command, "sync", "--help"], capture_output=True, timeout=60).returncode == 0
+        return all(
+            subprocess.run([*command, verb, "--help"], capture_output=True, timeout=60).returncode == 0
+            for verb in ("sync", "serve", "daemon")
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 

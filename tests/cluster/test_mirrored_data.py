@@ -25,7 +25,7 @@ from mirror.errors import EXIT_LOCKED, EXIT_STALE_EPOCH
 MIRROR = [sys.executable, "-m", "mirror"]
 PORT = 8730
 
-pytestmark = pytest.mark.skipif(not engine_available(tuple(MIRROR)), reason="waits for the mirror engine: 'mirror sync --help' fails")
+pytestmark = pytest.mark.skipif(not engine_available(tuple(MIRROR)), reason="waits for the mirror engine: 'mirror sync|serve|daemon --help' fails")
 
 
 def tree(lab, node: str) -> str:
