@@ -183,9 +183,10 @@ def main(argv=None) -> int:
             subprocess.run(["cp", "-al", a, a4], check=True)
             print(corpus.mutate(a4, seed=3), file=sys.stderr)
         dst = os.path.join(base, "B4")
+        reset = reset_from(b, dst)
+        reset()
         servers = Servers(args.workdir, dst, dst)
         try:
-            reset = reset_from(b, dst)
             cases = [
                 Case("mirror sync A4 B4 (local)", MIRROR + ["sync", "--delete", a4, dst], prepare=reset),
                 Case("rsync -a --delete A4/ B4/ (local)", ["rsync", "-a", "--delete", a4 + "/", dst + "/"], prepare=reset),
@@ -205,9 +206,10 @@ def main(argv=None) -> int:
 
     if "S3" in scenarios:
         dst = os.path.join(base, "B3")
+        prep = empty(dst)
+        prep()
         servers = Servers(args.workdir, dst, dst)
         try:
-            prep = empty(dst)
             cases = [
                 Case("mirror sync A B3 (local)", MIRROR + ["sync", a, dst], prepare=prep),
                 Case("mirror sync --no-fsync A B3 (local)", MIRROR + ["sync", "--no-fsync", a, dst], prepare=prep),

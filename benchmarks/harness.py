@@ -13,6 +13,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,18 +52,29 @@ def have(tool: str) -> bool:
 
 
 def run_child(argv: Sequence[str], ok: tuple[int, ...] = (0,), env: dict | None = None) -> tuple[float, int]:
-    """Run ``argv``; return (wall seconds, peak RSS in KiB of the largest process in its tree)."""
+    """Run ``argv``; return (wall seconds, peak RSS in KiB of the largest process in its tree).
+
+    The peak comes from GNU time when it is installed: a child forked straight from this
+    (large) benchmark process would report this process's RSS, inherited at fork, as its own.
+    """
+    report = None
+    if os.path.exists("/usr/bin/time"):
+        fd, report = tempfile.mkstemp(prefix="rss-")
+        os.close(fd)
+        argv = ["/usr/bin/time", "-f", "%M", "-o", report, *argv]
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, err = proc.communicate()
     elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.stderr:
-        proc.stderr.close()
+    rss = 0
+    if report is not None:
+        with open(report) as f:
+            lines = f.read().split()
+        os.unlink(report)
+        rss = int(lines[-1]) if lines and lines[-1].isdigit() else 0
     if proc.returncode not in ok:
-        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {err.strip()[-2000:]}")
-    return elapsed, usage.ru_maxrss
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {err.decode(errors='replace').strip()[-2000:]}")
+    return elapsed, rss
 
 
 def measure(cases: Sequence[Case], runs: int = 5, warmup: int = 1) -> dict[str, Measurement]:

@@ -29,6 +29,9 @@ SOFTWARE = "hamirror/0.1"
 MAX_FRAME = 8 << 20  # a listing part, a signature or a literal chunk fits well below this
 MAX_CHUNK = 256 << 10  # literal data per "data" message
 NONCE_SIZE = 32
+# Summary flags per directory
+HAS_LINKS = 1  # holds a multiply-linked file: its listing is always exchanged
+INCOMPLETE = 2  # the receiver could not read it: leave its subtree alone
 _HEADER = struct.Struct(">I")
 
 # Messages sent by the client (the side with the source tree)

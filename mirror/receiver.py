@@ -48,7 +48,7 @@ from .exclude import make_excluder
 from .lockfile import is_locked, status
 from .safefs import ConfinedTree, fsync_all, split_path
 from .statedir import ensure_state_dir, resolve_state_dir
-from .treescan import TreeScan
+from .treescan import Scope, TreeScan
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,7 @@ COMMIT_BATCH_FILES = 256
 COMMIT_BATCH_BYTES = 256 << 20
 MAX_WANT = 4096
 SIGNATURE_PART = 4 << 20
-# Summary flags per directory
-HAS_LINKS = 1
-INCOMPLETE = 2
+HAS_LINKS, INCOMPLETE = P.HAS_LINKS, P.INCOMPLETE
 
 
 @dataclass(frozen=True)
@@ -228,7 +226,10 @@ class Receiver:
         if not isinstance(excludes, list) or not all(isinstance(p, bytes) for p in excludes):
             raise ProtocolError("bad excludes")
         self.listings: dict[bytes, object] = {}
+        scope = Scope.from_wire(opts["scope"]) if opts.get("scope") is not None else None
         self.tree = ConfinedTree(root, temp_dir=os.path.join(state_dir, b"tmp"))
+        if not dry_run:
+            self._apply_renames(opts.get("renames", []))
         self.pending: list[_Pending] = []
         self.pending_bytes = 0
         self.deletes: list[bytes] = []
@@ -236,7 +237,8 @@ class Receiver:
         self.stats = SessionStats()
         self.incoming: _Incoming | None = None
         tree_scan = TreeScan(root, excluder=make_excluder(excludes), checksum=bool(self.flags & scan.CMP_CHECKSUM),
-                             state_dir=state_dir if not self.subpath else None, use_cache=True)  # fmt: skip
+                             state_dir=state_dir if not self.subpath else None, use_cache=True,
+                             scope=scope, background=scope is None)  # fmt: skip
         summary_error: list[BaseException] = []
         summarizer = threading.Thread(target=self._send_summary, args=(tree_scan, summary_error), name="summary")
         root_st = os.stat(self.tree.root_fd)
@@ -253,6 +255,22 @@ class Receiver:
             self.tree.close()
         if summary_error:
             raise summary_error[0]
+
+    def _apply_renames(self, renames) -> None:
+        """The live daemon saw these renames on the source: do them here too, so the renamed
+        entries compare equal instead of being sent again.  One that cannot be done (the old
+        name is missing here) is skipped: the comparison that follows sends what is needed."""
+        if not isinstance(renames, list) or len(renames) > 100_000:
+            raise ProtocolError("bad renames")
+        for item in renames:
+            if not isinstance(item, list) or len(item) != 2:
+                raise ProtocolError("bad rename")
+            old, new = P.want_bytes(item[0], "path", 65536), P.want_bytes(item[1], "path", 65536)
+            try:
+                if self.tree.rename(old, new):
+                    self.stats_renamed = getattr(self, "stats_renamed", 0) + 1
+            except (OSError, UnsafePathError) as exc:
+                log.info("rename %s -> %s not done here: %s", display_path(old), display_path(new), exc)
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
         tree = ConfinedTree(root)

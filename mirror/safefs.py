@@ -216,6 +216,19 @@ class ConfinedTree:
             self._remove_entry(dir_fd, name, path, st)
             os.rename(temp, name, src_dir_fd=src_dir, dst_dir_fd=dir_fd)
 
+    def rename(self, old: bytes, new: bytes) -> bool:
+        """Rename ``old`` to ``new`` inside the tree (both confined); False if ``old`` is gone.
+        A directory in the way at ``new`` is left alone (the rename is then not done)."""
+        old_dir, old_name = self.parent(old)
+        new_dir, new_name = self.parent(new)
+        try:
+            os.rename(old_name, new_name, src_dir_fd=old_dir, dst_dir_fd=new_dir)
+        except FileNotFoundError:
+            return False
+        self.forget(old)
+        self.forget(new)
+        return True
+
     def remove(self, path: bytes) -> bool:
         """Remove ``path`` (a whole subtree for a directory, never following symlinks)."""
         dir_fd, name = self.parent(path)

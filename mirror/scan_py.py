@@ -226,7 +226,8 @@ class Listing:
         return cls(path, entries)
 
 
-def _entry_from_stat(name: bytes, st: os.stat_result, target: bytes) -> Entry:
+def entry_from_stat(name: bytes, st: os.stat_result, target: bytes) -> Entry:
+    """The Entry for ``name`` from its lstat result (and symlink target)."""
     kind = _KIND_OF_FMT[stat.S_IFMT(st.st_mode)]
     rdev = st.st_rdev if kind in (CHAR, BLOCK) else 0
     return Entry(
@@ -351,7 +352,7 @@ def _list_directory(fd: int, dir_path: bytes, excluder, skip: bytes | None, prob
             continue
         if excluder is not None and excluder.excluded(path, stat.S_ISDIR(st.st_mode)):
             continue
-        entries.append(_entry_from_stat(name, st, target))
+        entries.append(entry_from_stat(name, st, target))
     return entries
 
 
@@ -363,22 +364,35 @@ def scan(
     checksum: bool = False,
     previous: Iterable[Listing] | None = None,
     racy_ns: int = 0,
+    start: bytes = b"",
 ) -> Iterator[Listing]:
     """Yield a ``Listing`` per directory under ``root`` (``root`` itself first), depth first.
 
     ``excluder.excluded(relative_path, is_dir)`` leaves entries (and whole subtrees) out;
-    ``skip_at_root`` names one entry of the root to leave out (the state dir).  Raises
-    OSError only if ``root`` itself cannot be opened; everything below is reported in
-    ``Listing.problems``.
+    ``skip_at_root`` names one entry of the root to leave out (the state dir).  ``start``
+    scans only the subtree at that relative path (its listings keep paths relative to
+    ``root``); each of its components is opened without following a symlink.  Raises
+    OSError only if ``root`` (or ``start``) cannot be opened; everything below is reported
+    in ``Listing.problems``.
     """
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if start:
+        try:
+            for name in start.split(b"/"):
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+                os.close(root_fd)
+                root_fd = fd
+        except OSError:
+            os.close(root_fd)
+            raise
+        skip_at_root = None
     prev = _Previous(previous) if checksum else None
     # One frame per open directory on the current branch: (fd, relative path, subdirectory
     # names still to visit, in reverse).  Open fds are bounded by the depth of the tree.
-    stack: list[tuple[int, bytes, list[bytes]]] = [(root_fd, b"", [])]
+    stack: list[tuple[int, bytes, list[bytes]]] = [(root_fd, start, [])]
     try:
-        listing = _scan_directory(root_fd, b"", excluder, skip_at_root, prev, racy_ns)
-        stack[-1] = (root_fd, b"", listing.subdirs()[::-1])
+        listing = _scan_directory(root_fd, start, excluder, skip_at_root, prev, racy_ns)
+        stack[-1] = (root_fd, start, listing.subdirs()[::-1])
         yield listing
         while stack:
             fd, dir_path, remaining = stack[-1]

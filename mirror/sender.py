@@ -51,7 +51,6 @@ from .compare import (
 from .entry import Entry, Kind, ScanProblem, canonical_key, join
 from .errors import AuthError, LockedError, MirrorError, ProtocolError, StaleEpochError, display_path
 from .lockfile import is_locked, status
-from .receiver import HAS_LINKS, INCOMPLETE
 from .treescan import TreeScan
 
 log = logging.getLogger(__name__)
@@ -238,17 +237,38 @@ class Sender:
 
     # -- session ---------------------------------------------------------------------------
 
-    def run(self, welcome: dict, epoch: int) -> SendOutcome:
+    def _reset_session(self) -> None:
+        self.out = SendOutcome()
+        self._deferred.clear()
+        self._sig_batch = []
+        self._sigs_in_flight = 0
+        self._late = []
+        self._deletes = []
+        self._touched_dirs = {}
+        self._dir_entries = {}
+        self._retried = set()
+        self._src_leaders = {}
+
+    def run(self, welcome: dict, epoch: int, scope=None, renames=()) -> SendOutcome:
+        """One session: make the receiver's tree (or the part in ``scope``) equal ours.
+
+        ``scope`` (a ``treescan.Scope``) limits both scans, for the live daemon; ``renames``
+        (old, new) pairs are done on the receiver first.  The connection stays usable for
+        the next session.
+        """
         started = time.perf_counter()
+        self._reset_session()
         owner = bool(welcome.get("can_chown")) and os.geteuid() == 0
         self.compare = CompareOptions(checksum=self.o.checksum, owner=owner)
         self.flags = self.compare.flags(self.scan)
         tree = TreeScan(self.root, excluder=_excluder(self.o.excludes), checksum=self.o.checksum,
-                        state_dir=self.o.state_dir).start()  # fmt: skip
+                        state_dir=self.o.state_dir, scope=scope, background=scope is None).start()  # fmt: skip
         self._check_lock()
         self.t.send([P.START, {
             "epoch": epoch, "delete": self.o.delete, "checksum": self.o.checksum, "dry_run": self.o.dry_run,
             "flags": self.flags, "owner": owner, "excludes": list(self.o.excludes), "no_fsync": not self.o.fsync,
+            "scope": scope.as_wire() if scope is not None and not scope.everything else None,
+            "renames": [list(r) for r in renames],
         }])  # fmt: skip
         ready = self._expect(P.READY)[1]
         self._compare_root(ready.get("root"))
@@ -341,9 +361,9 @@ class Sender:
                         d = next(summary, None)  # only on the receiver: its parent's listing deletes it
                     else:
                         path, fingerprint, flags = d
-                        if flags & INCOMPLETE:
+                        if flags & P.INCOMPLETE:
                             ahead.put((s, self.scan.Listing(path, complete=False)))
-                        elif (fingerprint == s.fingerprint(self.flags) and not flags & HAS_LINKS
+                        elif (fingerprint == s.fingerprint(self.flags) and not flags & P.HAS_LINKS
                               and not s.has_links()):  # fmt: skip
                             ahead.put((s, s))  # unchanged: compares equal to itself
                         else:
@@ -461,10 +481,21 @@ class Sender:
             self.on_change(change)
 
     def _touch_parent(self, path: bytes) -> None:
+        """Our writes change the parent directory's mtime on the receiver: set it back last."""
         parent = path.rpartition(b"/")[0]
+        if parent in self._touched_dirs:
+            return
         entry = self._dir_entries.get(parent)
-        if entry is not None:
-            self._touched_dirs.setdefault(parent, entry)
+        if entry is None:  # a partial listing (live session): its directory was not listed
+            try:
+                st = os.lstat(os.path.join(self.root, parent) if parent else self.root)
+            except OSError:
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                return
+            entry = Entry(os.path.basename(parent), Kind.DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                          st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, 0, b"", None)  # fmt: skip
+        self._touched_dirs[parent] = entry
 
     def _check_lock(self, force: bool = True) -> None:
         lock = self.o.lock_file

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from .epoch import read_epoch
 from .errors import EXIT_DIFFERENT, EXIT_OK, MirrorError, UsageError, fs_path
 from .protocol import LocalTransport, StreamTransport, load_secret
-from .receiver import ModuleConfig, Receiver
 from .sender import Sender, SenderOptions, TransferStats
 from .statedir import resolve_state_dir
 
@@ -79,61 +78,111 @@ def parse_destination(text: str | bytes) -> Destination:
     return Destination("local", path=raw)
 
 
-def sync(
-    src,
-    dst,
-    *,
-    delete: bool = False,
-    checksum: bool = False,
-    dry_run: bool = False,
-    excludes=(),
-    secret: bytes | None = None,
-    secret_file: str | None = None,
-    lock_file=None,
-    dst_lock_file=None,
-    state_dir=None,
-    bwlimit: int | None = None,
-    rsh: str = "ssh -T",
-    remote_command: str = "mirror",
-    delta_threshold: int | None = None,
-    fsync: bool = True,
-    epoch: int | None = None,
-    on_change=None,
-    on_progress=None,
-) -> SyncResult:
+def sync(src, dst, **options) -> SyncResult:
     """Make ``dst`` a verified copy of the tree ``src``; see the module docstring.
+
+    Options: ``delete``, ``checksum``, ``dry_run``, ``excludes``, ``secret`` or
+    ``secret_file``, ``lock_file`` (this node's mirroring lock), ``dst_lock_file`` (local
+    destination only), ``state_dir``, ``bwlimit`` (bytes/s), ``rsh``, ``remote_command``,
+    ``delta_threshold``, ``fsync``, ``epoch``, ``on_change(change)``, ``on_progress(bytes)``.
 
     Raises ``MirrorError`` subclasses for what ends the job (``LockedError``,
     ``StaleEpochError``, ``AuthError``, ...); files that could not be sent or written are
     reported in the result (``exit_code`` 1) while the rest is mirrored.
     """
-    src = fs_path(src)
-    if not os.path.isdir(src):
-        raise UsageError(f"source {src.decode(errors='replace')!r} is not a directory")
-    if secret is None and secret_file:
-        secret = load_secret(secret_file)
-    options = SenderOptions(
-        delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
-        lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
-        fsync=fsync, secret=secret, **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
-    )  # fmt: skip
-    my_epoch = epoch if epoch is not None else read_epoch(resolve_state_dir(src, options.state_dir))
-    dest = parse_destination(dst)
-    transport, cleanup = _connect(dest, secret, dst_lock_file, bwlimit, rsh, remote_command)
-    try:
-        sender = Sender(src, transport, options, module=dest.module, subpath=dest.subpath,
-                        on_change=on_change, on_progress=on_progress)  # fmt: skip
-        welcome = sender.handshake()
-        outcome = sender.run(welcome, my_epoch)
-    finally:
-        transport.close()
-        cleanup()
-    return SyncResult(changes=outcome.changes, failed=outcome.failed, problems=outcome.problems,
-                      stats=outcome.stats, receiver=outcome.receiver, dry_run=dry_run)  # fmt: skip
+    with Connection(src, dst, **options) as connection:
+        return connection.session()
+
+
+class Connection:
+    """A sender's connection to one destination: one handshake, then any number of sessions.
+
+    ``sync()`` uses it for one session; the live daemon keeps it open and runs a session
+    per batch of changes (``session(scope, renames)``).
+    """
+
+    def __init__(
+        self,
+        src,
+        dst,
+        *,
+        delete: bool = False,
+        checksum: bool = False,
+        dry_run: bool = False,
+        excludes=(),
+        secret: bytes | None = None,
+        secret_file: str | None = None,
+        lock_file=None,
+        dst_lock_file=None,
+        state_dir=None,
+        bwlimit: int | None = None,
+        rsh: str = "ssh -T",
+        remote_command: str = "mirror",
+        delta_threshold: int | None = None,
+        fsync: bool = True,
+        epoch: int | None = None,
+        on_change=None,
+        on_progress=None,
+    ):
+        self.src = fs_path(src)
+        if not os.path.isdir(self.src):
+            raise UsageError(f"source {self.src.decode(errors='replace')!r} is not a directory")
+        if secret is None and secret_file:
+            secret = load_secret(secret_file)
+        self.options = SenderOptions(
+            delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
+            lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
+            fsync=fsync, secret=secret, **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
+        )  # fmt: skip
+        self.epoch = epoch
+        self.dest = parse_destination(dst)
+        self._connect_args = (secret, dst_lock_file, bwlimit, rsh, remote_command)
+        self._callbacks = (on_change, on_progress)
+        self.transport = None
+        self._cleanup = None
+        self.sender: Sender | None = None
+        self.welcome: dict = {}
+
+    def open(self) -> Connection:
+        transport, cleanup = _connect(self.dest, *self._connect_args)
+        self.transport, self._cleanup = transport, cleanup
+        try:
+            self.sender = Sender(self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
+                                 on_change=self._callbacks[0], on_progress=self._callbacks[1])  # fmt: skip
+            self.welcome = self.sender.handshake()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def session(self, scope=None, renames=()) -> SyncResult:
+        """Bring the destination up to date (all of it, or ``scope``); see ``Sender.run``."""
+        if self.sender is None:
+            raise UsageError("connection is not open")
+        epoch = self.epoch if self.epoch is not None else read_epoch(resolve_state_dir(self.src, self.options.state_dir))
+        outcome = self.sender.run(self.welcome, epoch, scope=scope, renames=renames)
+        return SyncResult(changes=outcome.changes, failed=outcome.failed, problems=outcome.problems,
+                          stats=outcome.stats, receiver=outcome.receiver, dry_run=self.options.dry_run)  # fmt: skip
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
+
+    def __enter__(self) -> Connection:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command):
     if dest.kind == "local":
+        from .receiver import ModuleConfig, Receiver
+
         os.makedirs(dest.path, exist_ok=True)
         mine, theirs = LocalTransport.pair()
         module = ModuleConfig(name="", path=dest.path, secret=None,

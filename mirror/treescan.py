@@ -10,19 +10,27 @@ written as the scan goes and committed atomically once the whole tree has been s
 missing, stale or damaged cache only costs hashing time: it is reported and rebuilt.
 
 ``root`` may also be a saved manifest (``mirror scan --save``): its listings are replayed.
+
+``scope`` limits the scan to what a live session needs (``Scope``): single entries, listed
+on their own (a *partial* listing of their directory: only those names, one ``lstat``
+each, however large the directory), and whole subtrees (a new directory, a rescan after
+an inotify overflow).  Both ends of a session scan the same scope, so their listings
+still align.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Iterator
 
 from . import fastpath
-from .entry import Kind, ScanProblem
+from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key
 from .errors import ManifestError, display_path, fs_path
 from .statedir import STATE_DIR_NAME, ensure_state_dir, resolve_state_dir
 
@@ -68,6 +76,65 @@ class ScanStats:
         return {kind.name.lower(): self.counts[kind] for kind in Kind}
 
 
+class Scope:
+    """What a scoped scan covers: entries (by path) and subtrees (by directory path).
+
+    ``units()`` gives the work in canonical order, without overlaps: a partial listing per
+    directory holding dirty entries (names sorted), and a full scan per subtree; entries
+    inside a subtree, and partial listings of a directory that is itself scanned, drop out.
+    """
+
+    def __init__(self, entries=(), trees=()):
+        self.entries = set(entries)
+        self.trees = set(trees)
+
+    @property
+    def everything(self) -> bool:
+        return b"" in self.trees
+
+    def as_wire(self) -> list:
+        return [sorted(self.entries), sorted(self.trees)]
+
+    @classmethod
+    def from_wire(cls, value) -> Scope:
+        from .errors import ProtocolError
+        from .safefs import split_path
+
+        if not isinstance(value, list) or len(value) != 2 or not all(isinstance(x, list) for x in value):
+            raise ProtocolError("bad scope")
+        if len(value[0]) + len(value[1]) > 1_000_000:
+            raise ProtocolError("scope too large")
+        for path in value[0] + value[1]:
+            if not isinstance(path, bytes):
+                raise ProtocolError("bad scope path")
+            if path:
+                split_path(path)
+        if b"" in value[0]:
+            raise ProtocolError("bad scope entry")
+        return cls(value[0], value[1])
+
+    def units(self) -> list[tuple[bytes, bool, list[bytes]]]:
+        """``(path, is_tree, names)`` in canonical order (names only for partial listings)."""
+        trees = sorted(self.trees, key=canonical_key)
+        kept: list[bytes] = []
+        for t in trees:  # drop subtrees inside other subtrees
+            if not any(_within(t, k) for k in kept):
+                kept.append(t)
+        by_parent: dict[bytes, list[bytes]] = {}
+        for path in self.entries:
+            parent, _, name = path.rpartition(b"/")
+            if any(_within(parent, k) for k in kept):
+                continue  # its directory is scanned whole
+            by_parent.setdefault(parent, []).append(name)
+        units = [(t, True, []) for t in kept] + [(p, False, sorted(n)) for p, n in by_parent.items()]
+        units.sort(key=lambda u: canonical_key(u[0]))
+        return units
+
+
+def _within(path: bytes, tree: bytes) -> bool:
+    return tree == b"" or path == tree or path.startswith(tree + b"/")
+
+
 class TreeScan:
     """One tree's listings in canonical order; iterate once.  See the module docstring."""
 
@@ -80,8 +147,10 @@ class TreeScan:
         state_dir: bytes | str | None = None,
         use_cache: bool = True,
         background: bool = True,
+        scope: Scope | None = None,
     ):
         self.root = fs_path(root)
+        self.scope = None if scope is None or scope.everything else scope
         self.excluder = excluder
         self.checksum = checksum
         self.state_dir = resolve_state_dir(self.root, state_dir)
@@ -158,6 +227,10 @@ class TreeScan:
             self.stats.seconds = time.perf_counter() - started
             return
         scanner = fastpath.choose("scan")
+        if self.scope is not None:
+            yield from self._produce_scoped(scanner)
+            self.stats.seconds = time.perf_counter() - started
+            return
         started_ns = time.time_ns()
         writer = None
         previous = None
@@ -191,6 +264,62 @@ class TreeScan:
         if writer is not None:
             writer.commit()
         self.stats.seconds = time.perf_counter() - started
+
+    def _produce_scoped(self, scanner) -> Iterator:
+        excluder = self._skip_rules()
+        for path, is_tree, names in self.scope.units():
+            if excluder is not None and path and excluder.excluded(path, True):
+                continue
+            if is_tree:
+                try:
+                    listings = scanner.scan(self.root, excluder=excluder, skip_at_root=STATE_DIR_NAME, start=path)
+                    for listing in listings:
+                        self._account(listing)
+                        yield listing
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # gone, or no longer a directory: its own entry says so
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                continue
+            listing = self._partial_listing(scanner, path, names, excluder)
+            if listing is not None:
+                self._account(listing)
+                yield listing
+
+    def _account(self, listing) -> None:
+        self.stats.add(listing)
+        self.problems.extend(listing.problems)
+
+    def _partial_listing(self, scanner, dir_path: bytes, names: list[bytes], excluder):
+        """A listing of ``dir_path`` holding only ``names`` (those that exist), one lstat each."""
+        from .scan_py import MAX_TARGET, entry_from_stat
+
+        fd = _open_below(self.root, dir_path)
+        if fd is None:
+            return None
+        entries, problems = [], []
+        try:
+            for name in names:
+                if not dir_path and name == STATE_DIR_NAME:
+                    continue
+                path = dir_path + b"/" + name if dir_path else name
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    target = os.readlink(name, dir_fd=fd)[:MAX_TARGET] if stat.S_ISLNK(st.st_mode) else b""
+                except FileNotFoundError:
+                    continue  # deleted: the comparison sees it missing here
+                except OSError as exc:
+                    problems.append(ScanProblem(path, exc.errno, f"cannot stat: {exc.strerror}"))
+                    continue
+                if stat.S_IFMT(st.st_mode) not in KIND_OF_FMT:
+                    continue
+                if excluder is not None and excluder.excluded(path, stat.S_ISDIR(st.st_mode)):
+                    continue
+                entries.append(entry_from_stat(name, st, target))
+        finally:
+            os.close(fd)
+        return scanner.Listing(dir_path, entries, True, problems)
 
     # -- consumer ---------------------------------------------------------------------------
 
@@ -249,6 +378,22 @@ class TreeScan:
             except queue.Full:
                 continue
         return False
+
+
+def _open_below(root: bytes, rel: bytes) -> int | None:
+    """Descriptor of directory ``rel`` under ``root``, never through a symlink; None if gone."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in rel.split(b"/") if rel else ():
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    return fd
 
 
 def _manifest():

@@ -165,3 +165,29 @@ def test_fingerprint_sees_every_compared_field(tmp_path):
             assert module.Listing(b"", [variant]).fingerprint(flags) != ref, field
         # Fields compare_listings ignores do not change it.
         assert module.Listing(b"", [base._replace(ino=77, ctime_ns=1, dev=3)]).fingerprint(flags) == ref
+
+
+@settings(settings.get_profile("scan"))
+@given(spec=tree_specs(max_leaves=12))
+def test_scan_from_a_start_directory_equivalent(spec):
+    """Scanning from ``start`` gives exactly the listings of that subtree in a full scan."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.fsencode(tmp)
+        build(root, spec)
+        full = _both(root)
+        for path, complete, entries, _, _ in full:
+            if not path or not complete:
+                continue
+            sub = _both(root, start=path)
+            expected = [x for x in full if x[0] == path or x[0].startswith(path + b"/")]
+            assert [(x[0], x[2]) for x in sub] == [(x[0], x[2]) for x in expected]
+
+
+def test_start_through_a_symlink_is_refused(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink("real", tmp_path / "link")
+    for module in (FAST, PURE):
+        import pytest
+
+        with pytest.raises(OSError):
+            list(module.scan(os.fsencode(tmp_path), start=b"link"))

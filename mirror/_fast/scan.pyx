@@ -971,28 +971,40 @@ def _open_failure(bytes path, int err):
 
 
 def scan(bytes root, *, excluder=None, skip_at_root=None, bint checksum=False, previous=None,
-         int64_t racy_ns=0):
+         int64_t racy_ns=0, bytes start=b""):
     """Yield a ``Listing`` per directory under ``root``, depth first; see ``mirror.scan_py.scan``."""
     cdef int root_fd, fd, child_fd, err = 0
     cdef const char *croot = root
+    cdef const char *cname
     cdef list stack
     cdef Listing listing
     cdef _Previous prev = _Previous(previous) if checksum else None
     cdef _Hasher hasher = _Hasher() if checksum else None
     cdef bytes name, child_path, dir_path
-    cdef const char *cname
     with nogil:
         root_fd = openat(AT_FDCWD, croot, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if root_fd < 0:
             err = errno
     if root_fd < 0:
         raise OSError(err, os.strerror(err), root)
+    if start:
+        for name in start.split(b"/"):
+            cname = name
+            with nogil:
+                fd = openat(root_fd, cname, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+                if fd < 0:
+                    err = errno
+                close(root_fd)
+                root_fd = fd
+            if fd < 0:
+                raise OSError(err, os.strerror(err), start)
+        skip_at_root = None
     # One frame per open directory on the current branch: [fd, relative path, subdirectory
     # names still to visit, reversed].  Open descriptors are bounded by the tree's depth.
-    stack = [[root_fd, b"", []]]
+    stack = [[root_fd, start, []]]
     try:
-        listing = scan_directory(root_fd, b"", skip_at_root, excluder, checksum,
-                                 prev.find(b"") if prev is not None else None, racy_ns, hasher)
+        listing = scan_directory(root_fd, start, skip_at_root, excluder, checksum,
+                                 prev.find(start) if prev is not None else None, racy_ns, hasher)
         stack[len(stack) - 1][2] = listing.subdirs()[::-1]
         yield listing
         while stack:
