@@ -175,7 +175,7 @@ def test_scan_from_a_start_directory_equivalent(spec):
         root = os.fsencode(tmp)
         build(root, spec)
         full = _both(root)
-        for path, complete, entries, _, _ in full:
+        for path, complete, _entries, _, _ in full:
             if not path or not complete:
                 continue
             sub = _both(root, start=path)
