@@ -50,8 +50,10 @@ class _Table:
                 raise ConfigError(f"{self.file}: missing required key {self._name(key)!r}")
             return default
         value = self.data[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{self.file}: {self._name(key)!r} must be a {kind.__name__}, got {value!r}")
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self.file}: {self._name(key)!r} must be a {names}, got {value!r}")
         return value
 
 
@@ -92,3 +94,55 @@ def load_serve_config(path: str) -> ServeConfig:
     if max_conn < 1:
         raise ConfigError(f"{path}: 'max_connections' must be at least 1")
     return ServeConfig(listen=listen, modules=modules, max_connections=max_conn)
+
+
+def load_daemon_config(path: str):
+    """``mirror daemon --config FILE``: see examples/mirror-daemon.toml."""
+    from .daemon import DaemonConfig, PairConfig
+    from .statedir import default_state_dir
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    top = _Table(data, path, "", {"daemon", "pair"})
+    daemon = _Table(top.get("daemon", dict, {}), path, "daemon.",
+                    {"status_dir", "coalesce_ms", "open_file_delay", "metrics", "reconcile_interval"})  # fmt: skip
+    pairs_data = top.get("pair", list, required=True)
+    if not pairs_data:
+        raise ConfigError(f"{path}: at least one [[pair]] is required")
+    pairs = []
+    for i, table in enumerate(pairs_data):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: 'pair[{i}]' must be a table")
+        t = _Table(table, path, f"pair[{i}].",
+                   {"name", "source", "destination", "secret_file", "lock_file", "state_dir", "exclude", "delete"})  # fmt: skip
+        source = t.get("source", str, required=True)
+        if not os.path.isabs(source):
+            raise ConfigError(f"{path}: 'pair[{i}].source' must be absolute, got {source!r}")
+        excludes = t.get("exclude", list, [])
+        if not all(isinstance(x, str) for x in excludes):
+            raise ConfigError(f"{path}: 'pair[{i}].exclude' must be a list of strings")
+        name = t.get("name", str, os.path.basename(source.rstrip("/")) or f"pair{i}")
+        if any(p.name == name for p in pairs):
+            raise ConfigError(f"{path}: two pairs are named {name!r} (set 'name')")
+        lock, state = t.get("lock_file", str), t.get("state_dir", str)
+        pairs.append(PairConfig(
+            name=name, source=os.fsencode(source), destination=t.get("destination", str, required=True),
+            secret_file=t.get("secret_file", str), lock_file=os.fsencode(lock) if lock else None,
+            state_dir=os.fsencode(state) if state else None, excludes=tuple(os.fsencode(x) for x in excludes),
+            delete=t.get("delete", bool, True),
+        ))  # fmt: skip
+    metrics = daemon.get("metrics", str)
+    status_dir = daemon.get("status_dir", str)
+    return DaemonConfig(
+        pairs=tuple(pairs),
+        status_dir=os.fsencode(status_dir) if status_dir else default_state_dir(pairs[0].source),
+        coalesce=daemon.get("coalesce_ms", (int, float), 0.5) / 1000,
+        open_file_delay=float(daemon.get("open_file_delay", (int, float), 1.0)),
+        metrics=parse_listen(metrics, f"{path}: 'daemon.metrics'") if metrics else None,
+        reconcile_interval=daemon.get("reconcile_interval", (int, float)),
+    )

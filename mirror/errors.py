@@ -74,6 +74,12 @@ class StaleEpochError(MirrorError):
     exit_code = EXIT_STALE_EPOCH
 
 
+class Cancelled(MirrorError):
+    """The sync was asked to stop (SIGTERM): the file in flight was abandoned cleanly."""
+
+    exit_code = 130
+
+
 class UnsafePathError(MirrorError):
     """A path would leave the tree root (``..``, absolute, NUL, empty component, symlink)."""
 

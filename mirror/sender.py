@@ -49,7 +49,15 @@ from .compare import (
     root_entry,
 )
 from .entry import Entry, Kind, ScanProblem, canonical_key, join
-from .errors import AuthError, LockedError, MirrorError, ProtocolError, StaleEpochError, display_path
+from .errors import (
+    AuthError,
+    Cancelled,
+    LockedError,
+    MirrorError,
+    ProtocolError,
+    StaleEpochError,
+    display_path,
+)
 from .lockfile import is_locked, status
 from .treescan import TreeScan
 
@@ -74,6 +82,7 @@ class SenderOptions:
     delta_threshold: int = DELTA_THRESHOLD
     fsync: bool = True
     secret: bytes | None = None
+    cancel: threading.Event | None = None  # set: abandon the file in flight and end the session
 
 
 @dataclass
@@ -278,6 +287,10 @@ class Sender:
         summary = CompareSummary()
         try:
             self._root_attrs()
+            if not self.o.dry_run:
+                for old, new in renames:  # done on the receiver: both directories' times changed
+                    self._touch_parent(old)
+                    self._touch_parent(new)
             for change in compare_pairs(self._pairs(tree), self.compare, summary):
                 self._act(change)
                 self._serve_signatures(block=False)
@@ -287,7 +300,7 @@ class Sender:
             self.t.send([P.END, {}])
             self.t.flush()
             self.out.receiver = reader.get(reader.results)
-        except LockedError:
+        except (LockedError, Cancelled):
             self._end_quietly()
             raise
         finally:
@@ -498,6 +511,8 @@ class Sender:
         self._touched_dirs[parent] = entry
 
     def _check_lock(self, force: bool = True) -> None:
+        if self.o.cancel is not None and self.o.cancel.is_set():
+            raise Cancelled("stopping: the file in flight was abandoned, finished files were kept")
         lock = self.o.lock_file
         if not lock:
             return
@@ -590,9 +605,9 @@ class Sender:
                         stats.matched_bytes += min(op[2] * block, sig.basis_size - op[1] * block)
                     self._check_lock(force=False)
                 after = os.fstat(fd)
-            except (LockedError, OSError) as exc:
-                self.t.send([P.FILE_ABORT, req, "lock" if isinstance(exc, LockedError) else "read error"])
-                if isinstance(exc, LockedError):
+            except (LockedError, Cancelled, OSError) as exc:
+                self.t.send([P.FILE_ABORT, req, "read error" if isinstance(exc, OSError) else "stopped"])
+                if not isinstance(exc, OSError):
                     raise
                 self.out.failed.append((path, f"read error on the sender: {exc.strerror}"))
                 return

@@ -123,6 +123,7 @@ class Connection:
         epoch: int | None = None,
         on_change=None,
         on_progress=None,
+        cancel=None,
     ):
         self.src = fs_path(src)
         if not os.path.isdir(self.src):
@@ -132,7 +133,8 @@ class Connection:
         self.options = SenderOptions(
             delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
             lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
-            fsync=fsync, secret=secret, **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
+            fsync=fsync, secret=secret, cancel=cancel,
+            **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
         )  # fmt: skip
         self.epoch = epoch
         self.dest = parse_destination(dst)

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sync": ("mirror.cli.sync_cmd", "mirror a tree to a directory, a mirror:// receiver or HOST:PATH"),
     "serve": ("mirror.cli.serve_cmd", "serve modules to mirror sync clients (mirror://)"),
     "receive": ("mirror.cli.receive_cmd", "receive a sync on stdin/stdout (run by sync over ssh)"),
+    "daemon": ("mirror.cli.daemon_cmd", "mirror trees live (inotify, journal, one persistent connection)"),
+    "status": ("mirror.cli.status_cmd", "show what the live daemon is doing"),
     "signature": ("mirror.cli.signature_cmd", "write the block signature of a file (like rdiff signature)"),
     "delta": ("mirror.cli.delta_cmd", "write the delta from a signature to a new file (like rdiff delta)"),
     "patch": ("mirror.cli.patch_cmd", "rebuild and verify a file from its basis and a delta (like rdiff patch)"),

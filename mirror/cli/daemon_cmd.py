@@ -1,0 +1,97 @@
+"""Mirror trees live: every change reaches the destination in milliseconds.
+
+One pair from the command line (mirror daemon SRC DST, DST as in `mirror sync`), or
+several from --config FILE (TOML; see examples/mirror-daemon.toml).  At start each pair
+is synced whole (an unchanged replica costs one scan on each side); then the tree is
+watched (inotify) and each batch of changes is journaled, fsynced, and pushed through one
+persistent connection.  While a mirroring lock exists nothing is sent; changes are
+journaled and caught up when it goes.  SIGTERM stops cleanly, SIGHUP reloads --config.
+
+Exit status: 0 stopped by SIGTERM/SIGINT, 2 error, 4 every pair was fenced (the replica
+has a newer epoch: this node must not mirror).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from ..config import load_daemon_config, parse_listen
+from ..errors import EXIT_STALE_EPOCH, UsageError
+from ._common import add_exclude_arguments, excluder_from_args, path_arg
+
+log = logging.getLogger("mirror.daemon")
+
+
+def add_arguments(parser):
+    parser.add_argument("src", nargs="?", help="the source tree (one pair without --config)")
+    parser.add_argument("dst", nargs="?", help="destination: DIR, mirror://HOST:PORT/MODULE or HOST:PATH")
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration with one or more [[pair]]")
+    parser.add_argument("--secret-file", metavar="F", help="shared secret for mirror://")
+    parser.add_argument("--lock-file", metavar="PATH", help="mirroring lock: send nothing while PATH exists")
+    parser.add_argument("--state-dir", metavar="DIR", help="SRC's state dir (epoch, journal; default SRC/.mirror)")
+    parser.add_argument("--status-dir", metavar="DIR", help="where the status file is written (default: state dir)")
+    parser.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics here")
+    parser.add_argument("--coalesce-ms", type=float, default=0.5, help="gather changes this long (default 0.5)")
+    parser.add_argument("--open-file-delay", type=float, default=1.0,
+                        help="mirror a file still open for writing after this many seconds (default 1)")
+    parser.add_argument("--no-delete", action="store_true", help="do not delete on the replica what SRC deleted")
+    add_exclude_arguments(parser)
+
+
+def _config_from_args(args):
+    from ..daemon import DaemonConfig, PairConfig
+    from ..statedir import resolve_state_dir
+
+    if args.config:
+        if args.src or args.dst:
+            raise UsageError("give either --config FILE or SRC DST, not both")
+        return load_daemon_config(args.config)
+    if not (args.src and args.dst):
+        raise UsageError("need SRC and DST (or --config FILE)")
+    src = os.path.abspath(path_arg(args.src))
+    if not os.path.isdir(src):
+        raise UsageError(f"{args.src} is not a directory")
+    excluder = excluder_from_args(args)
+    state_dir = path_arg(args.state_dir) if args.state_dir else None
+    pair = PairConfig(
+        name=os.path.basename(src.rstrip(b"/")).decode("utf-8", "replace") or "root", source=src, destination=args.dst,
+        secret_file=args.secret_file, lock_file=path_arg(args.lock_file) if args.lock_file else None,
+        state_dir=state_dir, excludes=tuple(p.text for p in excluder.patterns) if excluder else (),
+        delete=not args.no_delete,
+    )  # fmt: skip
+    return DaemonConfig(
+        pairs=(pair,), status_dir=path_arg(args.status_dir) if args.status_dir else resolve_state_dir(src, state_dir),
+        coalesce=args.coalesce_ms / 1000, open_file_delay=args.open_file_delay,
+        metrics=parse_listen(args.metrics, "--metrics") if args.metrics else None,
+    )  # fmt: skip
+
+
+def run(args) -> int:
+    from ..daemon import Daemon
+
+    config = _config_from_args(args)
+    daemon = Daemon(config)
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    daemon.start()
+    log.warning("mirroring %s", ", ".join(f"{p.name}: {os.fsdecode(p.source)} -> {p.destination}" for p in config.pairs))
+    try:
+        while not stop.wait(0.2):
+            if reload_requested.is_set():
+                reload_requested.clear()
+                if args.config:
+                    try:
+                        daemon.reload(load_daemon_config(args.config))
+                    except Exception as exc:  # a bad new config must not stop a running mirror
+                        log.error("reload failed, keeping the running configuration: %s", exc)
+            if daemon.all_fenced:
+                return EXIT_STALE_EPOCH
+    finally:
+        daemon.stop()
+    return 0

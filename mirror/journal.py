@@ -1,0 +1,188 @@
+"""The change journal: every change the watcher saw, durable before it counts as taken.
+
+The live daemon appends a record per change (and fsyncs the batch) before it acts on it;
+after a session has made the replica match, it appends a checkpoint.  A crash, a restart,
+a mirroring lock or a lost connection therefore never loses a change: whatever was seen
+and not checkpointed is replayed.  The file only grows until it is compacted (rewritten,
+atomically, with just the pending records).
+
+Record, little-endian::
+
+    u32 length of body | u64 xxh3-64 of body | body = msgpack [seq, kind, path, other]
+
+kinds: ``e`` an entry changed (``other``: 1 if its whole subtree must be rescanned),
+``r`` a rename (``path`` -> ``other``), ``c`` checkpoint: every record up to ``seq`` is done.
+Reading stops at the first record that is short or fails its checksum (a write torn by a
+crash, which was never fsynced, so never acknowledged) and the file is cut there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+import xxhash
+
+from .atomicfile import atomic_write
+from .errors import display_path
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<IQ")
+MAX_RECORD = 1 << 20
+COMPACT_BYTES = 16 << 20
+
+ENTRY, RENAME, CHECKPOINT = "e", "r", "c"
+
+
+@dataclass
+class Pending:
+    """What is waiting to be mirrored: dirty entries (with the time first seen), subtrees to
+    rescan, and renames in order."""
+
+    entries: dict[bytes, float] = field(default_factory=dict)
+    trees: set[bytes] = field(default_factory=set)
+    renames: list[tuple[bytes, bytes]] = field(default_factory=list)
+    seq: int = 0  # the last record these cover
+
+    def __len__(self) -> int:
+        return len(self.entries) + len(self.trees) + len(self.renames)
+
+    def oldest(self) -> float | None:
+        return min(self.entries.values(), default=None)
+
+
+class Journal:
+    """One pair's journal file; thread-safe."""
+
+    def __init__(self, path: bytes):
+        self.path = path
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._done = 0
+        self._records: list[tuple[int, str, bytes, object, float]] = []  # pending, in order
+        self._fd = -1
+        self._size = 0
+        self.replayed = 0
+        self._open()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        good = self._parse(data)
+        if good < len(data):
+            log.warning("journal %s: ignoring %d bytes of a torn record at the end (never acknowledged)",
+                        display_path(self.path), len(data) - good)  # fmt: skip
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self._fd, good)
+        os.lseek(self._fd, good, os.SEEK_SET)
+        self._size = good
+        self.replayed = len(self._records)
+
+    def _parse(self, data: bytes) -> int:
+        pos = 0
+        now = time.time()
+        while pos + _HEADER.size <= len(data):
+            length, check = _HEADER.unpack_from(data, pos)
+            end = pos + _HEADER.size + length
+            if length > MAX_RECORD or end > len(data):
+                break
+            body = data[pos + _HEADER.size : end]
+            if xxhash.xxh3_64_intdigest(body) != check:
+                break
+            try:
+                seq, kind, path, other = msgpack.unpackb(body)
+            except (ValueError, msgpack.UnpackException, TypeError):
+                break
+            self._seq = max(self._seq, seq)
+            if kind == CHECKPOINT:
+                self._done = max(self._done, seq)
+                self._records = [r for r in self._records if r[0] > seq]
+            else:
+                self._records.append((seq, kind, path, other, now))
+            pos = end
+        return pos
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _encode(self, seq: int, kind: str, path: bytes, other) -> bytes:
+        body = msgpack.packb([seq, kind, path, other], use_bin_type=True)
+        return _HEADER.pack(len(body), xxhash.xxh3_64_intdigest(body)) + body
+
+    def append(self, changes: list[tuple[str, bytes, object]], when: float | None = None) -> int:
+        """Record ``(kind, path, other)`` changes durably; returns the last sequence number."""
+        if not changes:
+            return self._seq
+        when = time.time() if when is None else when
+        with self._lock:
+            out = bytearray()
+            for kind, path, other in changes:
+                self._seq += 1
+                out += self._encode(self._seq, kind, path, other)
+                self._records.append((self._seq, kind, path, other, when))
+            os.write(self._fd, out)
+            os.fdatasync(self._fd)  # the change is taken only once this returns
+            self._size += len(out)
+            return self._seq
+
+    def checkpoint(self, seq: int) -> None:
+        """Everything up to ``seq`` is mirrored.  Not fsynced: losing it only replays more."""
+        with self._lock:
+            if seq <= self._done:
+                return
+            self._done = seq
+            self._records = [r for r in self._records if r[0] > seq]
+            record = self._encode(seq, CHECKPOINT, b"", None)
+            os.write(self._fd, record)
+            self._size += len(record)
+            if self._size > COMPACT_BYTES:
+                self._compact()
+
+    def _compact(self) -> None:
+        data = b"".join(self._encode(seq, kind, path, other) for seq, kind, path, other, _ in self._records)
+        if not data:  # keep the sequence numbers rising across the rewrite
+            data = self._encode(self._seq, CHECKPOINT, b"", None)
+        atomic_write(self.path, data, 0o600)
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._size = len(data)
+
+    def compact(self) -> None:
+        with self._lock:
+            self._compact()
+
+    def pending(self, up_to: int | None = None) -> Pending:
+        """The changes not yet checkpointed (up to sequence ``up_to``), merged."""
+        with self._lock:
+            records = [r for r in self._records if up_to is None or r[0] <= up_to]
+        out = Pending(seq=records[-1][0] if records else self._done)
+        for _, kind, path, other, when in records:
+            if kind == ENTRY:
+                out.entries.setdefault(path, when)
+                if other:
+                    out.trees.add(path)
+            elif kind == RENAME:
+                out.renames.append((path, other))
+                out.entries.setdefault(path, when)
+                out.entries.setdefault(other, when)
+        return out
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

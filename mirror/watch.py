@@ -1,0 +1,198 @@
+"""Watching a tree for changes: watchdog's inotify observer, with what it does not tell.
+
+watchdog turns inotify events into file-system events, pairs renames and, for a new
+directory, reports what was created inside it before its watch was added.  Two things it
+only logs, and the daemon must know about:
+
+- an inotify queue overflow (the kernel dropped events): watchdog 7.1 rebuilds its watches
+  and discards what was pending;
+- a watch it could not add (``max_user_watches`` reached, ENOSPC): that subtree goes
+  unwatched.
+
+``Watcher`` hooks both (a subclassed watch group and emitter) and reports them as
+``rescan`` changes, so the daemon rescans instead of trusting a stream with holes in it.
+Changes are reported as ``Change(kind, path, other)`` with paths relative to the root:
+
+- ``entry``: this entry (file, directory, symlink ...) may differ; ``open`` is true while a
+  regular file is still being written (a modify without its close yet);
+- ``closed``: a file open for writing was closed (mirror it now);
+- ``tree``: a directory appeared (created or moved in): scan it whole;
+- ``rename``: ``path`` became ``other``, both inside the tree;
+- ``rescan``: events were lost below ``path`` (``b""``: the whole tree).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import NamedTuple
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
+
+from .statedir import STATE_DIR_NAME
+
+log = logging.getLogger(__name__)
+
+ENTRY, CLOSED, TREE, RENAME, RESCAN = "entry", "closed", "tree", "rename", "rescan"
+
+
+class Change(NamedTuple):
+    kind: str
+    path: bytes
+    other: bytes | None = None
+    open: bool = False
+
+
+class _LostEvents(FileSystemEvent):
+    """Not a real event: the emitter's way to say events were lost below ``src_path``."""
+
+    event_type = "lost"
+    is_directory = True
+
+
+class _WatchGroup(InotifyWatchGroup):
+    overflow_hook: Callable[[], None] | None = None
+
+    def on_queue_overflow(self) -> None:
+        super().on_queue_overflow()
+        if self.overflow_hook is not None:
+            self.overflow_hook()
+
+
+class _Emitter(InotifyEmitter):
+    """InotifyEmitter that reports queue overflows and failed watches as ``_LostEvents``."""
+
+    def on_thread_start(self) -> None:
+        path = os.fsencode(self.watch.path)
+        self._inotify = _WatchGroup(
+            self._inotify_fd, path, is_recursive=self.watch.is_recursive,
+            event_mask=self.get_event_mask_from_filter(), follow_symlink=False,
+        )  # fmt: skip
+        self._inotify.overflow_hook = lambda: self.queue_event(_LostEvents(self.watch.path))
+
+    def queue_events(self, timeout, *, full_events: bool = False) -> None:
+        try:
+            super().queue_events(timeout, full_events=full_events)
+        except OSError as exc:
+            # Typically ENOSPC from inotify_add_watch: a directory is not watched.
+            log.warning("watch failed under %s: %s; rescanning", self.watch.path, exc)
+            self.queue_event(_LostEvents(self.watch.path))
+
+
+class _Observer(BaseObserver):
+    def __init__(self):
+        super().__init__(emitter_class=_Emitter)
+
+
+class Watcher:
+    """Reports changes below ``root`` to ``on_change(list[Change])`` from a watchdog thread.
+
+    ``excluded(path, is_dir)`` filters paths (the tree's exclude rules); the state dir is
+    never reported.  ``start()`` returns once the watches are in place.
+    """
+
+    def __init__(self, root: bytes, on_change: Callable[[list[Change]], None], excluded=None):
+        self.root = os.path.realpath(root)
+        self.on_change = on_change
+        self.excluded = excluded
+        self._observer: _Observer | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        handler = _Handler(self)
+        observer = _Observer()
+        observer.schedule(handler, os.fsdecode(self.root), recursive=True)
+        observer.start()
+        self._observer = observer
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=10)
+            self._observer = None
+
+    def relative(self, path: str) -> bytes | None:
+        """``path`` relative to the root, or None if it is outside or in the state dir."""
+        raw = os.fsencode(path)
+        if raw == self.root:
+            return b""
+        if not raw.startswith(self.root + b"/"):
+            return None
+        rel = raw[len(self.root) + 1 :]
+        if rel == STATE_DIR_NAME or rel.startswith(STATE_DIR_NAME + b"/"):
+            return None
+        return rel
+
+    def report(self, changes: list[Change]) -> None:
+        """Pass ``changes`` on, minus excluded paths (whether an excluded path is a directory is
+        not known here: dir-only rules are applied again by the scan, which knows)."""
+        excluded = self.excluded
+        if excluded is not None:
+            changes = [
+                c for c in changes
+                if not (c.kind == RENAME and (excluded(c.path, False) or excluded(c.other, False)))
+                and not (c.kind != RENAME and c.path and excluded(c.path, c.kind == TREE))
+            ]  # fmt: skip
+        if changes:
+            self.on_change(changes)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: Watcher):
+        self.w = watcher
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        w = self.w
+        if isinstance(event, _LostEvents):
+            w.report([Change(RESCAN, b"")])
+            return
+        if event.is_synthetic or isinstance(event, DirModifiedEvent):
+            # Synthetic events repeat, entry by entry, a directory creation or rename that is
+            # reported (and scanned, or renamed) as a whole.  A directory's mtime moves with
+            # every entry in it; the entries are reported themselves.
+            return
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        src = w.relative(event.src_path)
+        if isinstance(event, (FileMovedEvent, DirMovedEvent)):
+            dst = w.relative(event.dest_path)
+            if src and dst:
+                w.report([Change(RENAME, src, dst), Change(ENTRY, src), Change(ENTRY, dst)])
+            elif dst:  # moved in from outside the tree (or from the state dir)
+                w.report([Change(ENTRY, dst)] + ([Change(TREE, dst)] if event.is_directory else []))
+            elif src:  # moved out of the tree
+                w.report([Change(ENTRY, src)])
+            return
+        if not src:
+            return
+        if isinstance(event, DirCreatedEvent):
+            w.report([Change(ENTRY, src), Change(TREE, src)])
+        elif isinstance(event, FileClosedEvent):
+            w.report([Change(CLOSED, src)])
+        elif isinstance(event, (FileModifiedEvent, FileCreatedEvent)):
+            w.report([Change(ENTRY, src, open=_is_regular(event.src_path))])
+        else:  # deleted, attributes changed
+            w.report([Change(ENTRY, src)])
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        import stat
+
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False

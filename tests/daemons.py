@@ -1,0 +1,59 @@
+"""A real `mirror daemon` for tests, and waiting for a replica to converge."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+
+from tests.helpers import MIRROR
+from tests.snapshot import snapshot
+
+
+@contextmanager
+def live_daemon(src, dst, *extra: str, log_path=None, check_exit: bool = True):
+    log = open(log_path or os.path.join(os.path.dirname(str(src)), "daemon.log"), "ab")
+    proc = subprocess.Popen([*MIRROR, "daemon", str(src), str(dst), "-v", *extra], stdout=log, stderr=log)
+    handle = DaemonProcess(proc, str(src), log.name)
+    try:
+        yield handle
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+class DaemonProcess:
+    def __init__(self, proc, src: str, log: str):
+        self.proc = proc
+        self.src = src
+        self.log = log
+
+    def log_text(self) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+
+def converged(src, dst, timeout: float = 60.0) -> float:
+    """Wait until ``dst`` mirrors ``src`` exactly (independent walk); returns the seconds waited."""
+    start = time.monotonic()
+    last = None
+    while time.monotonic() - start < timeout:
+        try:
+            a, b = snapshot(src), snapshot(dst)
+        except (FileNotFoundError, NotADirectoryError):
+            a, b = None, "racing"
+        if a == b:
+            return time.monotonic() - start
+        last = (a, b)
+        time.sleep(0.05)
+    a, b = last
+    diff = {k: (a.get(k), b.get(k)) for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k)}
+    raise AssertionError(f"replica did not converge in {timeout} s: {dict(list(diff.items())[:8])}")

@@ -1,0 +1,180 @@
+"""`mirror daemon` with real inotify, real processes and a real receiver."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from mirror.epoch import bump_epoch
+from mirror.lockfile import acquire, release
+from tests.daemons import converged, live_daemon
+from tests.helpers import run_mirror, wait_until
+from tests.servers import mirror_server
+from tests.snapshot import snapshot
+
+
+@pytest.fixture
+def trees(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "docs").mkdir(parents=True)
+    for i in range(20):
+        (src / "docs" / f"d{i}").write_text(f"doc {i}")
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    return src, dst
+
+
+def test_every_kind_of_change_arrives(trees):
+    src, dst = trees
+    with live_daemon(src, dst) as d:
+        converged(src, dst)
+        (src / "docs" / "d1").write_text("edited")
+        (src / "new").write_text("created")
+        os.unlink(src / "docs" / "d2")
+        os.chmod(src / "docs" / "d3", 0o600)
+        os.symlink("docs/d4", src / "link")
+        (src / "tree" / "a" / "b").mkdir(parents=True)
+        (src / "tree" / "a" / "b" / "leaf").write_text("deep")
+        os.mkfifo(src / "fifo")
+        converged(src, dst)
+        ino = os.stat(dst / "big").st_ino
+        os.rename(src / "big", src / "docs" / "big-renamed")
+        os.rename(src / "tree", src / "tree2")
+        converged(src, dst)
+        assert os.stat(dst / "docs" / "big-renamed").st_ino == ino  # a rename, not a copy
+        assert "Traceback" not in d.log_text()
+
+
+def test_through_a_real_server_and_status(trees, tmp_path):
+    src, dst = trees
+    dst.mkdir()
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file, "--metrics", "127.0.0.1:0") as d:
+            converged(src, dst)
+            for i in range(30):
+                (src / f"burst{i}").write_bytes(os.urandom(1000))
+            converged(src, dst)
+            status = wait_until(lambda: _live_status(src))
+            pair = status["pairs"][0]
+            assert pair["state"] == "live" and pair["pending"] == 0 and pair["sessions"] >= 2
+            assert pair["latency_p50_ms"] is not None
+            proc = run_mirror("status", str(src))
+            assert proc.returncode == 0 and b"live" in proc.stdout
+            assert d.proc.poll() is None
+
+
+def _live_status(src):
+    proc = run_mirror("status", str(src), "--json")
+    if proc.returncode != 0:
+        return None
+    status = json.loads(proc.stdout)
+    return status if status["pairs"][0]["state"] == "live" and status["pairs"][0]["pending"] == 0 else None
+
+
+def test_metrics_endpoint(trees, tmp_path):
+    src, dst = trees
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with live_daemon(src, dst, "--metrics", f"127.0.0.1:{port}"):
+        converged(src, dst)
+        (src / "x").write_text("x")
+        converged(src, dst)
+
+        def scrape():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            except OSError:
+                return None
+
+        text = wait_until(lambda: (t := scrape()) and "mirror_change_latency_seconds_count" in t and t)
+        assert 'mirror_pair_state{pair="src",state="live"} 1.0' in text
+        assert "mirror_sessions_total" in text
+
+
+def test_file_open_for_writing_is_mirrored_after_the_delay_and_on_close(trees):
+    src, dst = trees
+    with live_daemon(src, dst, "--open-file-delay", "0.5"):
+        converged(src, dst)
+        f = open(src / "database", "wb")
+        try:
+            f.write(b"first part")
+            f.flush()
+            # Still open: it arrives anyway, after the bounded delay.
+            wait_until(lambda: (dst / "database").exists() and (dst / "database").read_bytes() == b"first part", timeout=10)
+            f.write(b" and the rest")
+        finally:
+            f.close()
+        wait_until(lambda: (dst / "database").read_bytes() == b"first part and the rest", timeout=10)
+
+
+def test_lock_stops_propagation_within_a_second_and_release_catches_up(trees, tmp_path):
+    src, dst = trees
+    lock = tmp_path / "mirror.lock"
+    with live_daemon(src, dst, "--lock-file", str(lock)):
+        converged(src, dst)
+        stop = False
+        written = []
+
+        import threading
+
+        def burst():
+            i = 0
+            while not stop:
+                (src / f"burst-{i}").write_bytes(os.urandom(20_000))
+                written.append(i)
+                i += 1
+                time.sleep(0.005)
+
+        writer = threading.Thread(target=burst)
+        writer.start()
+        try:
+            time.sleep(0.5)
+            acquire(os.fsencode(lock), reason="test: failover")
+            time.sleep(1.0)  # within one second of the lock, propagation has stopped
+            frozen = snapshot(dst)
+            time.sleep(1.0)
+            assert snapshot(dst) == frozen
+        finally:
+            stop = True
+            writer.join()
+        assert len(written) > 100
+        release(os.fsencode(lock))
+        converged(src, dst)
+
+
+def test_stale_epoch_sender_is_refused(trees):
+    src, dst = trees
+    run_mirror("sync", str(src), str(dst))
+    bump_epoch(os.path.join(dst, ".mirror"))
+    (src / "docs" / "d0").write_text("from a stale primary")
+    before = snapshot(dst)
+    with live_daemon(src, dst) as d:
+        assert d.proc.wait(timeout=60) == 4
+        assert "fenced" in d.log_text()
+    assert snapshot(dst) == before
+
+
+def test_forced_inotify_overflow_is_followed_by_a_rescan(trees):
+    src, dst = trees
+    max_events = int(open("/proc/sys/fs/inotify/max_queued_events").read())
+    if max_events > 50_000:
+        pytest.skip("inotify queue too large to overflow quickly here")
+    with live_daemon(src, dst) as d:
+        converged(src, dst)
+        d.proc.send_signal(signal.SIGSTOP)  # nobody reads the inotify queue now
+        try:
+            flood = src / "flood"
+            flood.mkdir()
+            for i in range(max_events + 2000):
+                (flood / f"f{i}").write_bytes(b"")
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        converged(src, dst, timeout=120)
+        assert "events were lost" in d.log_text()

@@ -1,0 +1,67 @@
+"""The change journal: durable appends, checkpoints, replay after a crash, compaction."""
+
+from __future__ import annotations
+
+import os
+
+from mirror import journal as J
+
+
+def test_append_checkpoint_replay(tmp_path):
+    path = os.fsencode(tmp_path / "j")
+    j = J.Journal(path)
+    seq = j.append([(J.ENTRY, b"a", 0), (J.ENTRY, b"d", 1), (J.RENAME, b"x", b"y")])
+    pending = j.pending()
+    assert set(pending.entries) == {b"a", b"d", b"x", b"y"} and pending.trees == {b"d"}
+    assert pending.renames == [(b"x", b"y")] and pending.seq == seq
+    j.append([(J.ENTRY, b"later", 0)])
+    j.checkpoint(seq)
+    j.close()
+    again = J.Journal(path)  # a restart replays what was not checkpointed
+    assert set(again.pending().entries) == {b"later"} and again.replayed == 1
+
+
+def test_torn_last_record_is_dropped(tmp_path):
+    path = os.fsencode(tmp_path / "j")
+    j = J.Journal(path)
+    j.append([(J.ENTRY, b"kept", 0)])
+    j.append([(J.ENTRY, b"torn", 0)])
+    j.close()
+    data = open(path, "rb").read()
+    for cut in range(1, 12):
+        with open(path, "wb") as f:
+            f.write(data[:-cut])
+        j = J.Journal(path)
+        assert set(j.pending().entries) == {b"kept"}
+        j.append([(J.ENTRY, b"after", 0)])  # appending after the cut works
+        j.close()
+        assert set(J.Journal(path).pending().entries) == {b"kept", b"after"}
+
+
+def test_corrupt_byte_stops_replay_there(tmp_path):
+    path = os.fsencode(tmp_path / "j")
+    j = J.Journal(path)
+    j.append([(J.ENTRY, b"one", 0)])
+    size = j.size
+    j.append([(J.ENTRY, b"two", 0)])
+    j.close()
+    data = bytearray(open(path, "rb").read())
+    data[size + 14] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    assert set(J.Journal(path).pending().entries) == {b"one"}
+
+
+def test_compaction_keeps_pending_and_sequence(tmp_path, monkeypatch):
+    monkeypatch.setattr(J, "COMPACT_BYTES", 2000)
+    path = os.fsencode(tmp_path / "j")
+    j = J.Journal(path)
+    for i in range(200):
+        seq = j.append([(J.ENTRY, b"f%d" % i, 0)])
+        if i < 199:
+            j.checkpoint(seq)
+    assert j.size < 2000 + 200
+    assert set(j.pending().entries) == {b"f199"}
+    j.close()
+    again = J.Journal(path)
+    assert set(again.pending().entries) == {b"f199"}
+    assert again.append([(J.ENTRY, b"next", 0)]) > seq
