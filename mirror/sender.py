@@ -267,6 +267,7 @@ class Sender:
         """
         started = time.perf_counter()
         self._reset_session()
+        sent_before, received_before = self.t.bytes_sent, self.t.bytes_received
         owner = bool(welcome.get("can_chown")) and os.geteuid() == 0
         self.compare = CompareOptions(checksum=self.o.checksum, owner=owner)
         self.flags = self.compare.flags(self.scan)
@@ -309,8 +310,8 @@ class Sender:
         self.out.problems.extend(summary.problems)
         stats = self.out.stats
         stats.deleted = self.out.receiver.get("deleted", 0)
-        stats.wire_sent = self.t.bytes_sent
-        stats.wire_received = self.t.bytes_received
+        stats.wire_sent = self.t.bytes_sent - sent_before
+        stats.wire_received = self.t.bytes_received - received_before
         stats.seconds = time.perf_counter() - started
         return self.out
 
@@ -452,6 +453,8 @@ class Sender:
             if self.o.delete:
                 self._note(change)
                 self._deletes.append(change.path)
+                if not self.o.dry_run:
+                    self._touch_parent(change.path)
             return
         self._note(change)
         if self.o.dry_run:
