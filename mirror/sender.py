@@ -614,8 +614,11 @@ class Sender:
                     raise
                 self.out.failed.append((path, f"read error on the sender: {exc.strerror}"))
                 return
-            if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (before.st_size, before.st_mtime_ns,
-                                                                          before.st_ctime_ns):  # fmt: skip
+            # Changed while read: by its times, or (within one timestamp tick, where the times
+            # cannot tell) by reading another length than it had, e.g. truncated and rewritten.
+            if (after.st_size, after.st_mtime_ns, after.st_ctime_ns, ops.new_size) != (
+                before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_size
+            ):
                 self.t.send([P.FILE_ABORT, req, "changed while sending"])
                 self.out.failed.append((path, "changed while it was being sent; sync again to pick it up"))
                 return

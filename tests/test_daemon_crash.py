@@ -28,6 +28,10 @@ def _content(i: int, version: int) -> bytes:
 
 
 def _valid(name: str, data: bytes) -> bool:
+    """A complete version, or empty: the writer truncates before it writes, and that empty
+    state really exists on the source for a moment (a mirror may copy it; never a part)."""
+    if not data:
+        return True
     header, sep, _ = data.partition(b"\n")
     if not sep:
         return False
@@ -61,7 +65,7 @@ class _Reader(threading.Thread):
                     continue
                 self.reads += 1
                 if not _valid(name, data):
-                    self.torn.append(name)
+                    self.torn.append((name, len(data), data[:24]))
 
 
 def _burst(src, rng: random.Random, versions: dict) -> None:
