@@ -51,3 +51,29 @@ def test_mistakes_are_named(tmp_path, replace, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_serve_config(path)
     assert path in str(info.value)
+
+
+DAEMON_EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "mirror-daemon.toml")
+
+
+def test_daemon_example_loads():
+    from mirror.config import load_daemon_config
+
+    config = load_daemon_config(DAEMON_EXAMPLE)
+    assert [p.name for p in config.pairs] == ["mail", "www"]
+    mail = config.pairs[0]
+    assert mail.destination == "mirror://standby:8730/mail" and mail.excludes == (b"*.lock", b"/tmp/")
+    assert mail.lock_file == b"/var/lib/hamirror/mirror.lock" and mail.delete
+    assert config.metrics == ("127.0.0.1", 9730) and config.coalesce == 0.0005
+
+
+def test_daemon_config_mistakes_are_named(tmp_path):
+    from mirror.config import load_daemon_config
+
+    bad = tmp_path / "d.toml"
+    bad.write_text('[[pair]]\nsource = "/srv"\ndestination = "/x"\ndelete = "yes"\n')
+    with pytest.raises(ConfigError, match=r"'pair\[0\].delete' must be a bool"):
+        load_daemon_config(str(bad))
+    bad.write_text('[[pair]]\nsource = "srv"\ndestination = "/x"\n')
+    with pytest.raises(ConfigError, match="must be absolute"):
+        load_daemon_config(str(bad))

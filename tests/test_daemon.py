@@ -178,3 +178,40 @@ def test_forced_inotify_overflow_is_followed_by_a_rescan(trees):
             d.proc.send_signal(signal.SIGCONT)
         converged(src, dst, timeout=120)
         assert "events were lost" in d.log_text()
+
+
+def test_config_file_and_sighup_reload(tmp_path):
+    import subprocess
+
+    from tests.helpers import MIRROR
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for src in (a, b):
+        (src / "sub").mkdir(parents=True)
+        (src / "sub" / "f").write_text(src.name)
+    config = tmp_path / "d.toml"
+
+    def write_config(pairs):
+        text = f'[daemon]\nstatus_dir = "{tmp_path / "status"}"\n'
+        for src in pairs:
+            text += f'[[pair]]\nsource = "{src}"\ndestination = "{tmp_path / (src.name + "-replica")}"\n'
+        config.write_text(text)
+
+    write_config([a])
+    log = open(tmp_path / "daemon.log", "wb")
+    proc = subprocess.Popen([*MIRROR, "daemon", "--config", str(config), "-v"], stdout=log, stderr=log)
+    try:
+        converged(a, tmp_path / "a-replica")
+        write_config([a, b])
+        proc.send_signal(signal.SIGHUP)
+        converged(b, tmp_path / "b-replica")
+        (a / "later").write_text("still live after the reload")
+        converged(a, tmp_path / "a-replica")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert "configuration reloaded" in (tmp_path / "daemon.log").read_text()

@@ -70,7 +70,7 @@ class _Reader(threading.Thread):
 
 def _burst(src, rng: random.Random, versions: dict) -> None:
     """CHANGES changes: writes (in place and by rename), deletions, renames."""
-    for n in range(CHANGES):
+    for _ in range(CHANGES):
         i = rng.randrange(200)
         path = src / f"f{i}"
         op = rng.random()
