@@ -108,7 +108,7 @@ def apply_edits(basis: bytes, edits, block_size: int, rng: random.Random) -> byt
     return bytes(new)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     kind=st.sampled_from(["random", "random", "zero", "periodic", "text"]),
     size=st.integers(0, 3000),
@@ -259,6 +259,9 @@ def test_strong_hash_is_seeded_xxh3_128():
 
 
 def test_parameter_rules_are_identical_and_sensible():
+    for name in dir(PURE):
+        if name.isupper():
+            assert getattr(FAST, name) == getattr(PURE, name), name
     for size in [0, 1, 1000, 10**5, 1 << 20, 10 << 20, 1 << 30, 1 << 32, 1 << 36, 1 << 40]:
         block = FAST.default_block_size(size)
         assert block == PURE.default_block_size(size)
