@@ -108,7 +108,7 @@ def apply_edits(basis: bytes, edits, block_size: int, rng: random.Random) -> byt
     return bytes(new)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     kind=st.sampled_from(["random", "random", "zero", "periodic", "text"]),
     size=st.integers(0, 3000),
