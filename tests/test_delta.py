@@ -398,3 +398,42 @@ def test_reads_real_files(tmp_path):
             )
         assert (tmp_path / "out").read_bytes() == new
         os.unlink(tmp_path / "out")
+
+
+def forged_signature(impl, block_size: int, weak: int, strongs: list[bytes]):
+    """A signature whose blocks all claim the same weak sum (as a hostile receiver could)."""
+    count = len(strongs)
+    return impl.Signature(
+        block_size,
+        len(strongs[0]),
+        5,
+        block_size * count,
+        weak.to_bytes(4, "little") * count,
+        b"".join(strongs),
+    )
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_candidates_per_window_are_capped(impl):
+    """Only the first MAX_CANDIDATES blocks with the window's weak sum are compared."""
+    window = bytes(range(32))
+    weak = impl.weak_sum(window)
+    real = impl.strong_hash(window, 5, 8)
+    decoy = b"\xff" * 8
+    for position, expect_match in ((10, True), (impl.MAX_CANDIDATES, False), (80, False)):
+        strongs = [decoy] * 100
+        strongs[position] = real
+        sig = forged_signature(impl, 32, weak, strongs)
+        ops = list(impl.delta(sig, io.BytesIO(window)))
+        assert ops == ([(impl.COPY, position, 1)] if expect_match else [(impl.LITERAL, window)])
+
+
+@pytest.mark.timeout(60)
+def test_hostile_signature_cannot_make_the_delta_quadratic():
+    """65,536 blocks sharing the weak sum of a zero block, none matching: every position of a
+    1 MiB zero file is a candidate for all of them; without the cap that is 7e10 compares."""
+    block = 16
+    weak = FAST.weak_sum(bytes(block))
+    sig = forged_signature(FAST, block, weak, [i.to_bytes(8, "little") for i in range(1 << 16)])
+    d = FAST.delta(sig, io.BytesIO(bytes(1 << 20)))
+    assert sum(len(op[1]) for op in d if op[0] == FAST.LITERAL) == 1 << 20
