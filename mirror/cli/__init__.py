@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diff": ("mirror.cli.diff_cmd", "compare two trees and itemise every difference"),
     "signature": ("mirror.cli.signature_cmd", "write the block signature of a file (like rdiff signature)"),
     "delta": ("mirror.cli.delta_cmd", "write the delta from a signature to a new file (like rdiff delta)"),
-    "patch": ("mirror.cli.patch_cmd", "rebuild and verify a file from its basis and a delta (like rdiff patch)"),
+    "patch": ("mirror.cli.patch_cmd", "rebuild a file from basis + delta and verify it (like rdiff patch)"),
 }
 
 _log = logging.getLogger("mirror")
