@@ -275,6 +275,45 @@ def memory_probe(d: str, size: int) -> list[str]:
     ]
 
 
+def parallel_probe(basis: str, new: str, runs: int) -> list[str]:
+    """Two deltas of the S5 file one after the other, then in two threads at once."""
+    import statistics
+    import threading
+
+    from mirror import fastpath
+
+    engine = fastpath.choose("delta")
+    with open(basis, "rb") as f:
+        sig = engine.signature(f)
+
+    def one() -> None:
+        with open(new, "rb") as f:
+            for _ in engine.delta(sig, f):
+                pass
+
+    sequential, threaded = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        one()
+        one()
+        sequential.append(time.perf_counter() - start)
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        threaded.append(time.perf_counter() - start)
+    seq, par = statistics.median(sequential), statistics.median(threaded)
+    return [
+        "| two S5 deltas in one process | median s |",
+        "|---|---:|",
+        f"| one after the other | {seq:.3f} |",
+        f"| in two threads | {par:.3f} |",
+        f"| speedup | {seq / par:.2f}x |",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -288,7 +327,10 @@ def main() -> int:
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
-        "--skip", action="append", default=[], help="skip a part: s5, same, best, worst, rsync, memory"
+        "--skip",
+        action="append",
+        default=[],
+        help="skip a part: s5, same, best, worst, rsync, memory, threads",
     )
     parser.add_argument("--memory-size", type=int, default=4 << 30)
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
@@ -357,6 +399,11 @@ def main() -> int:
     if "memory" not in args.skip:
         lines = ["\n### Memory over a pipe (no file size known; --block-size 4096)\n"]
         lines += memory_probe(d, args.memory_size)
+        out.extend(lines)
+        print("\n".join(lines), flush=True)
+
+    if "threads" not in args.skip:
+        lines = ["\n### GIL released: two files on two cores\n", *parallel_probe(basis, new, args.runs)]
         out.extend(lines)
         print("\n".join(lines), flush=True)
 

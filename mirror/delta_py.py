@@ -11,8 +11,9 @@ the strong hashes agree, it sends "copy that block" instead of the bytes.
 
 API (the same names in both modules)
 ------------------------------------
-``signature(basis, *, block_size=None, strong_len=None, seed=None) -> Signature``
-    Reads the binary stream ``basis`` to its end.  ``Signature`` carries ``block_size,
+``signature(basis, *, block_size=None, strong_len=None, seed=None, size_hint=None) -> Signature``
+    Reads the binary stream ``basis`` to its end (``size_hint``, default the file's size,
+    only feeds the default block size and strong length).  ``Signature`` carries ``block_size,
     strong_len, seed, basis_size, block_count`` and the packed sums ``weak`` (4 bytes per
     block, little-endian) and ``strong`` (``strong_len`` bytes per block).  It is
     serialised by ``mirror.deltafmt``.
@@ -22,7 +23,7 @@ API (the same names in both modules)
     (a run of consecutive basis blocks, merged) and ``(LITERAL, data)``.  After exhaustion
     ``Delta.digest`` is the 16-byte xxh3-128 of ``new`` and ``Delta.new_size`` its length.
     ``sig=None`` means "no basis": every byte is literal (one code path for new files).
-``patch(basis, ops, out, *, block_size=None, basis_size=None) -> (digest, size)``
+``patch(basis, ops, out, *, block_size=None, basis_size=None, max_size=None) -> (digest, size)``
     Applies ops to produce the new file on ``out``; returns the xxh3-128 digest and size of
     what it wrote (compare them with ``Delta.digest``/``new_size``).  ``block_size`` and
     ``basis_size`` default to the attributes of the same name on ``ops`` (a ``Delta`` or a
@@ -30,7 +31,10 @@ API (the same names in both modules)
 ``Patcher(basis, out, block_size, basis_size, *, max_size=None)``
     The incremental form for a receiver fed op by op: ``.apply(op)``, ``.finish() ->
     (digest, size)``.  Every copy op is checked against the basis (block range, and the
-    basis file really being ``basis_size`` bytes) before anything is read or written.
+    basis file really being ``basis_size`` bytes) before anything is read or written;
+    ``max_size`` bounds the output (copy ops amplify: pass the size the manifest expects).
+``default_block_size(size)``, ``strong_len_for(size, block_size)``, ``weak_sum(data)``,
+``strong_hash(data, seed, strong_len)``: the rules and primitives below.
 Invalid ops and arguments raise ``ValueError`` with a message an administrator can act
 on; ``mirror.deltafmt`` turns them into ``FormatError`` for streams.
 

@@ -11,7 +11,7 @@ import tracemalloc
 
 import pytest
 import xxhash
-from conftest import implementations
+from tests.conftest import implementations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -108,7 +108,7 @@ def apply_edits(basis: bytes, edits, block_size: int, rng: random.Random) -> byt
     return bytes(new)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     kind=st.sampled_from(["random", "random", "zero", "periodic", "text"]),
     size=st.integers(0, 3000),
@@ -259,6 +259,9 @@ def test_strong_hash_is_seeded_xxh3_128():
 
 
 def test_parameter_rules_are_identical_and_sensible():
+    for name in dir(PURE):
+        if name.isupper():
+            assert getattr(FAST, name) == getattr(PURE, name), name
     for size in [0, 1, 1000, 10**5, 1 << 20, 10 << 20, 1 << 30, 1 << 32, 1 << 36, 1 << 40]:
         block = FAST.default_block_size(size)
         assert block == PURE.default_block_size(size)
@@ -395,3 +398,42 @@ def test_reads_real_files(tmp_path):
             )
         assert (tmp_path / "out").read_bytes() == new
         os.unlink(tmp_path / "out")
+
+
+def forged_signature(impl, block_size: int, weak: int, strongs: list[bytes]):
+    """A signature whose blocks all claim the same weak sum (as a hostile receiver could)."""
+    count = len(strongs)
+    return impl.Signature(
+        block_size,
+        len(strongs[0]),
+        5,
+        block_size * count,
+        weak.to_bytes(4, "little") * count,
+        b"".join(strongs),
+    )
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_candidates_per_window_are_capped(impl):
+    """Only the first MAX_CANDIDATES blocks with the window's weak sum are compared."""
+    window = bytes(range(32))
+    weak = impl.weak_sum(window)
+    real = impl.strong_hash(window, 5, 8)
+    decoy = b"\xff" * 8
+    for position, expect_match in ((10, True), (impl.MAX_CANDIDATES, False), (80, False)):
+        strongs = [decoy] * 100
+        strongs[position] = real
+        sig = forged_signature(impl, 32, weak, strongs)
+        ops = list(impl.delta(sig, io.BytesIO(window)))
+        assert ops == ([(impl.COPY, position, 1)] if expect_match else [(impl.LITERAL, window)])
+
+
+@pytest.mark.timeout(60)
+def test_hostile_signature_cannot_make_the_delta_quadratic():
+    """65,536 blocks sharing the weak sum of a zero block, none matching: every position of a
+    1 MiB zero file is a candidate for all of them; without the cap that is 7e10 compares."""
+    block = 16
+    weak = FAST.weak_sum(bytes(block))
+    sig = forged_signature(FAST, block, weak, [i.to_bytes(8, "little") for i in range(1 << 16)])
+    d = FAST.delta(sig, io.BytesIO(bytes(1 << 20)))
+    assert sum(len(op[1]) for op in d if op[0] == FAST.LITERAL) == 1 << 20

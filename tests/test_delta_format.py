@@ -18,7 +18,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import xxhash
-from conftest import implementations
+from tests.conftest import implementations
 
 from mirror import deltafmt
 from mirror.errors import FormatError, IntegrityError, LimitExceeded

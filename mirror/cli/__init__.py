@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("mirror.cli.status_cmd", "show what the live daemon is doing"),
     "signature": ("mirror.cli.signature_cmd", "write the block signature of a file (like rdiff signature)"),
     "delta": ("mirror.cli.delta_cmd", "write the delta from a signature to a new file (like rdiff delta)"),
-    "patch": ("mirror.cli.patch_cmd", "rebuild and verify a file from its basis and a delta (like rdiff patch)"),
+    "patch": ("mirror.cli.patch_cmd", "rebuild a file from basis + delta and verify it (like rdiff patch)"),
     "lock": ("mirror.cli.lock_cmd", "acquire, release or show a mirroring lock file"),
     "epoch": ("mirror.cli.epoch_cmd", "show or raise a tree's owner epoch (fencing)"),
 }

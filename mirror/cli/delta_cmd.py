@@ -16,9 +16,9 @@ _log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("signature", help="signature of the old file ('-' for stdin)")
-    parser.add_argument("new", help="the new file ('-' for stdin)")
-    parser.add_argument("delta", help="the delta file to write ('-' for stdout)")
+    parser.add_argument("signature", metavar="SIG", help="signature of the old file ('-' for stdin)")
+    parser.add_argument("new", metavar="NEW", help="the new file ('-' for stdin)")
+    parser.add_argument("delta", metavar="DELTA", help="the delta file to write ('-' for stdout)")
     parser.add_argument(
         "--max-blocks",
         type=int,

@@ -20,9 +20,9 @@ _log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("basis", help="the old file the signature was made from")
-    parser.add_argument("delta", help="the delta file ('-' for stdin)")
-    parser.add_argument("out", help="the file to write ('-' for stdout)")
+    parser.add_argument("basis", metavar="BASIS", help="the old file the signature was made from")
+    parser.add_argument("delta", metavar="DELTA", help="the delta file ('-' for stdin)")
+    parser.add_argument("out", metavar="OUT", help="the file to write ('-' for stdout)")
     parser.add_argument(
         "--fsync", action="store_true", help="fsync OUT and its directory before returning (crash-durable)"
     )

@@ -18,8 +18,8 @@ _log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("basis", help="the old file ('-' for stdin)")
-    parser.add_argument("signature", help="the signature file to write ('-' for stdout)")
+    parser.add_argument("basis", metavar="BASIS", help="the old file ('-' for stdin)")
+    parser.add_argument("signature", metavar="SIG", help="the signature file to write ('-' for stdout)")
     parser.add_argument("--block-size", type=int, metavar="BYTES", help="block size (default: by file size)")
     parser.add_argument("--strong-len", type=int, metavar="BYTES", help="strong hash bytes per block (1-16)")
 
