@@ -227,6 +227,7 @@ class Receiver:
             raise ProtocolError("bad excludes")
         self.listings: dict[bytes, object] = {}
         scope = Scope.from_wire(opts["scope"]) if opts.get("scope") is not None else None
+        self.eager = scope is not None  # listings follow the summary unasked (see _send_summary)
         self.tree = ConfinedTree(root, temp_dir=os.path.join(state_dir, b"tmp"))
         if not dry_run:
             self._apply_renames(opts.get("renames", []))
@@ -286,17 +287,20 @@ class Receiver:
         return os.path.join(root, self.subpath)
 
     def _send_summary(self, tree_scan: TreeScan, error: list) -> None:
+        """The summary, a fingerprint per directory; for a scoped (live) session also every
+        listing right after its summary item: they are small, and it saves a round trip."""
         try:
-            batch = []
+            batch, listings = [], []
             for listing in tree_scan:
                 self.listings[listing.path] = listing
                 flags = (HAS_LINKS if listing.has_links() else 0) | (0 if listing.complete else INCOMPLETE)
                 batch.append([listing.path, listing.fingerprint(self.flags), flags])
+                listings.append(listing)
                 if len(batch) >= SUMMARY_BATCH:
-                    self.t.send([P.SUMMARY, batch])
-                    batch = []
+                    self._send_summary_batch(batch, listings)
+                    batch, listings = [], []
             if batch:
-                self.t.send([P.SUMMARY, batch])
+                self._send_summary_batch(batch, listings)
             problems = [[p.path, p.errno, p.message] for p in tree_scan.problems]
             self.t.send([P.SUMMARY_END, {"dirs": tree_scan.stats.dirs, "problems": problems[:1000]}])
         except BaseException as exc:  # reported by the session, after the main loop ends
@@ -305,6 +309,11 @@ class Receiver:
                 self.t.send([P.ERROR, type(exc).__name__, 2, f"receiver scan failed: {exc}"])
             except (MirrorError, OSError):
                 pass
+
+    def _send_summary_batch(self, batch: list, listings: list) -> None:
+        self.t.send([P.SUMMARY, batch], flush=not self.eager)
+        if self.eager:
+            self._send_listings([listing.path for listing in listings])
 
     def _handle_until_end(self, summarizer: threading.Thread) -> None:
         handlers = {
@@ -335,6 +344,9 @@ class Receiver:
         paths = message[1]
         if not isinstance(paths, list) or len(paths) > MAX_WANT:
             raise ProtocolError("bad 'want' list")
+        self._send_listings(paths)
+
+    def _send_listings(self, paths: list) -> None:
         scan = fastpath.choose("scan")
         for path in paths:
             listing = self.listings.get(P.want_bytes(path, "path", 65536))
@@ -507,8 +519,12 @@ class Receiver:
         self.stats.failed.append([path, reason])
         self.t.send([P.FAILED, req, path, reason])
 
-    def _flush(self) -> None:
-        """Commit the pending files: data durable, then renamed, then the renames durable."""
+    def _flush(self, defer_dirs: list | None = None) -> None:
+        """Commit the pending files: data durable, then renamed, then the renames durable.
+
+        With ``defer_dirs``, the directories are not fsynced here: their descriptors are
+        added to the list for the caller, who changes more in them first (the end of a
+        session fsyncs every directory once)."""
         if not self.pending:
             return
         lock = self.module.lock_file
@@ -534,7 +550,10 @@ class Receiver:
                 dirs = {}
                 for commit in committed:
                     dirs.setdefault(os.fstat(commit.dir_fd).st_ino, commit.dir_fd)
-                fsync_all(list(dirs.values()))
+                if defer_dirs is None:
+                    fsync_all(list(dirs.values()))
+                else:
+                    defer_dirs.extend(os.dup(fd) for fd in dirs.values())
         finally:
             for item in batch:
                 item.commit.release()
@@ -616,29 +635,40 @@ class Receiver:
     def _finish_session(self) -> None:
         if self.incoming is not None:
             raise ProtocolError("'end' in the middle of a file")
-        self._flush()
-        lock = self.module.lock_file
-        if (self.deletes or self.dir_attrs) and lock and is_locked(lock):
-            info = status(lock)
-            raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
-        for path in self.deletes:
-            try:
-                if self.tree.remove(path):
-                    self.stats.deleted += 1
-            except (OSError, UnsafePathError) as exc:
-                self._fail(None, path, _reason(exc))
-        for path, attrs in reversed(self.dir_attrs):
-            try:
-                self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
-            except (OSError, UnsafePathError) as exc:
-                self._fail(None, path, _reason(exc))
-        if self.sync_writes:
-            changed_dirs = {path.rpartition(b"/")[0] for path in self.deletes} | {p for p, _ in self.dir_attrs}
-            for path in sorted(changed_dirs):
+        dir_fds: list[int] = []
+        try:
+            self._flush(defer_dirs=dir_fds)
+            lock = self.module.lock_file
+            if (self.deletes or self.dir_attrs) and lock and is_locked(lock):
+                info = status(lock)
+                raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
+            for path in self.deletes:
                 try:
-                    os.fsync(self.tree.dir_fd(split_path(path) if path else []))
-                except (OSError, UnsafePathError):
-                    pass  # removed meanwhile: nothing left to make durable
+                    if self.tree.remove(path):
+                        self.stats.deleted += 1
+                except (OSError, UnsafePathError) as exc:
+                    self._fail(None, path, _reason(exc))
+            for path, attrs in reversed(self.dir_attrs):
+                try:
+                    self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
+                except (OSError, UnsafePathError) as exc:
+                    self._fail(None, path, _reason(exc))
+            if self.sync_writes:
+                # Every directory changed in this session, fsynced once: its new entries (the
+                # renames of the last batch), its deletions, its times.
+                changed = {path.rpartition(b"/")[0] for path in self.deletes} | {p for p, _ in self.dir_attrs}
+                for path in changed:
+                    try:
+                        dir_fds.append(os.dup(self.tree.dir_fd(split_path(path) if path else [])))
+                    except (OSError, UnsafePathError):
+                        pass  # removed meanwhile: nothing left to make durable
+                unique = {}
+                for fd in dir_fds:
+                    unique.setdefault(os.fstat(fd).st_ino, fd)
+                fsync_all(list(unique.values()))
+        finally:
+            for fd in dir_fds:
+                os.close(fd)
         self.t.send([P.RESULT, {
             "files": self.stats.files, "bytes": self.stats.bytes_written, "deleted": self.stats.deleted,
             "failed": self.stats.failed[:1000], "failed_count": len(self.stats.failed),

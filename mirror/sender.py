@@ -267,6 +267,7 @@ class Sender:
         """
         started = time.perf_counter()
         self._reset_session()
+        self._scoped = scope is not None and not scope.everything
         sent_before, received_before = self.t.bytes_sent, self.t.bytes_received
         owner = bool(welcome.get("can_chown")) and os.geteuid() == 0
         self.compare = CompareOptions(checksum=self.o.checksum, owner=owner)
@@ -358,6 +359,7 @@ class Sender:
         """
         ahead: queue.Queue = queue.Queue(maxsize=1024)
         error: list[BaseException] = []
+        eager = self._scoped  # the receiver sends every listing after its summary item
 
         def walk():
             try:
@@ -372,10 +374,14 @@ class Sender:
                         ahead.put((s, None))
                         s = next(src_iter, None)
                     elif s_key is None or d_key < s_key:
+                        if eager:
+                            ahead.put((None, _DISCARD))  # its listing comes anyway: skip it in order
                         d = next(summary, None)  # only on the receiver: its parent's listing deletes it
                     else:
                         path, fingerprint, flags = d
-                        if flags & P.INCOMPLETE:
+                        if eager:
+                            ahead.put((s, _WANTED))  # the receiver sends every listing unasked
+                        elif flags & P.INCOMPLETE:
                             ahead.put((s, self.scan.Listing(path, complete=False)))
                         elif (fingerprint == s.fingerprint(self.flags) and not flags & P.HAS_LINKS
                               and not s.has_links()):  # fmt: skip
@@ -408,6 +414,9 @@ class Sender:
                 if item is None:
                     break
                 src, dst = item
+                if dst is _DISCARD:
+                    self._receive_listing(None)
+                    continue
                 if dst is _WANTED:
                     self.t.flush()
                     dst = self._receive_listing(src.path)
@@ -421,12 +430,17 @@ class Sender:
         if error:
             raise error[0]
 
-    def _receive_listing(self, path: bytes):
+    def _receive_listing(self, path: bytes | None):
+        """The receiver's listing of ``path`` (the next one to arrive; None: take and drop it)."""
         parts = []
         while True:
             message = self.reader.get(self.reader.listings)
             P.want_len(message, 7)
             _, got_path, strings, records, digests, complete, last = message
+            if path is None:
+                if last:
+                    return None
+                continue
             if got_path != path:
                 raise ProtocolError("listing arrived out of order")
             try:
@@ -653,6 +667,10 @@ class Sender:
             pass
 
     def _retry_mismatches(self) -> None:
+        if not self.out.stats.files_delta:
+            # Only a delta can fail for a reason a second try fixes (its basis changed); any
+            # other failure comes with the result.  No barrier, no round trip.
+            return
         self._sync_point()
         retry = []
         for message in self.reader.failed:
@@ -685,6 +703,7 @@ class Sender:
 
 
 _WANTED = object()
+_DISCARD = object()
 
 
 def _attrs(entry: Entry) -> list:
