@@ -117,6 +117,7 @@ class Receiver:
         self._writer_locks = writer_locks if writer_locks is not None else {}
         self.module: ModuleConfig | None = None
         self.sessions = 0
+        self._writer: _WriterLock | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -136,6 +137,9 @@ class Receiver:
             self._send_error(exc)
             raise
         finally:
+            if self._writer is not None:
+                self._writer.release()
+                self._writer = None
             self.t.close()
 
     def _send_error(self, exc: MirrorError) -> None:
@@ -200,12 +204,11 @@ class Receiver:
             raise MirrorError(f"module {module.name!r} is read-only: only a dry run is allowed")
         if epoch > mine and not dry_run:
             observe_epoch(state_dir, epoch)
-        writer = None if dry_run else self._take_writer_lock(module, state_dir)
-        try:
-            self._run_session(opts, state_dir, dry_run)
-        finally:
-            if writer is not None:
-                writer.release()
+        if not dry_run and self._writer is None:
+            # Held for the rest of the connection: the live daemon's sessions follow one
+            # another on one connection, and it stays the module's one writer meanwhile.
+            self._writer = self._take_writer_lock(module, state_dir)
+        self._run_session(opts, state_dir, dry_run)
 
     def _take_writer_lock(self, module: ModuleConfig, state_dir: bytes) -> _WriterLock:
         lock = _WriterLock(ensure_state_dir(state_dir), self.peer)
@@ -228,7 +231,8 @@ class Receiver:
         self.listings: dict[bytes, object] = {}
         scope = Scope.from_wire(opts["scope"]) if opts.get("scope") is not None else None
         self.eager = scope is not None  # listings follow the summary unasked (see _send_summary)
-        self.tree = ConfinedTree(root, temp_dir=os.path.join(state_dir, b"tmp"))
+        # Leftover temporary files (a crashed writer's) are removed at the connection's first session.
+        self.tree = ConfinedTree(root, temp_dir=os.path.join(state_dir, b"tmp"), clean=self.sessions == 0)
         if not dry_run:
             self._apply_renames(opts.get("renames", []))
         self.pending: list[_Pending] = []

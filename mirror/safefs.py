@@ -65,7 +65,7 @@ class ConfinedTree:
     of a directory drops the cached descriptors at and below it.
     """
 
-    def __init__(self, root: bytes, temp_dir: bytes | None = None):
+    def __init__(self, root: bytes, temp_dir: bytes | None = None, clean: bool = True):
         self.root = root
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._cache: OrderedDict[bytes, int] = OrderedDict()
@@ -75,7 +75,8 @@ class ConfinedTree:
             os.makedirs(temp_dir, mode=0o700, exist_ok=True)
             self.temp_dir_fd = os.open(temp_dir, _DIR_FLAGS)
             self._temp_dev = os.fstat(self.temp_dir_fd).st_dev
-            self.clean_temp_dir()
+            if clean:
+                self.clean_temp_dir()
 
     def close(self) -> None:
         for fd in self._cache.values():
