@@ -11,11 +11,11 @@ import tracemalloc
 
 import pytest
 import xxhash
-from tests.conftest import implementations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mirror import fastpath
+from tests.conftest import implementations
 
 FAST = fastpath.compiled("delta")
 PURE = fastpath.pure("delta")

@@ -18,10 +18,10 @@ from pathlib import Path
 import msgpack
 import pytest
 import xxhash
-from tests.conftest import implementations
 
 from mirror import deltafmt
 from mirror.errors import FormatError, IntegrityError, LimitExceeded
+from tests.conftest import implementations
 
 GOLDEN = Path(__file__).parent / "golden"
 BOTH = implementations("delta")
