@@ -84,6 +84,24 @@ def test_subpath_cannot_be_the_state_dir(tmp_path):
     assert ready is None or ready[0] == P.ERROR, ready  # refused, at the handshake or at 'start'
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: the 'renames' of a live session may name the state dir: renaming "
+                                       ".mirror away resets the epoch to 0")
+def test_renames_cannot_move_the_state_dir(tmp_path):
+    root = tmp_path / "module"
+    root.mkdir()
+    state = os.fsencode(root / ".mirror")
+    for _ in range(4):
+        bump_epoch(state)
+    s = RawSession(root, start={"epoch": 4, "renames": [[b".mirror", b"stolen-state"]]})
+    if s.ready is not None and s.ready[0] == P.READY:
+        s.drain_summary()
+        s.end()
+    else:
+        s.close()
+    assert read_epoch(state) == 4
+    assert not (root / "stolen-state").exists()
+
+
 def test_subpath_through_a_symlink_is_refused_in_a_dry_run(tmp_path):
     root = tmp_path / "module"
     root.mkdir()
@@ -145,6 +163,34 @@ def test_hardlink_to_a_deep_target_lands_at_its_own_path(tmp_path):
             damaged.append(depth)
     assert damaged == []
     assert os.path.samefile(root / "a" / "x", os.path.join(level, b"target"))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: ConfinedTree.rename resolves both parents through the fd cache: "
+                                       "a deep new path evicts the old parent's fd, its number is reused, and "
+                                       "another entry is moved")
+def test_rename_to_a_deep_path_moves_the_named_entry(tmp_path):
+    root = tmp_path / "module"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "moved").write_bytes(b"M")
+    parts = [b"deep"] + [b"d"] * 69
+    level = os.fsencode(root)
+    for part in parts:
+        level = os.path.join(level, part)
+        os.mkdir(level)
+        with open(os.path.join(level, b"moved"), "wb") as f:
+            f.write(b"innocent bystander")
+    s = RawSession(root, start={"renames": [[b"a/moved", b"/".join(parts) + b"/new"]]})
+    s.drain_summary()
+    s.end()
+    level = os.fsencode(root)
+    lost = []
+    for depth, part in enumerate(parts):
+        level = os.path.join(level, part)
+        if not os.path.exists(os.path.join(level, b"moved")):
+            lost.append(depth)
+    assert lost == []
+    with open(os.path.join(level, b"new"), "rb") as f:
+        assert f.read() == b"M"
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: a signature request opens whatever the name is (FIFO, device "

@@ -68,8 +68,6 @@ def _remove(*paths) -> None:
 # -- directory times and --delete ----------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a deletion changes its directory's mtime, but the sender only "
-                                       "re-sends a parent's times for entries it adds or changes")
 def test_deleting_restores_the_parent_directory_times(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "d").mkdir(parents=True)
