@@ -22,6 +22,7 @@ class ServeConfig:
     listen: tuple[str, int]
     modules: dict[str, ModuleConfig]
     max_connections: int = 64
+    timeout: float | None = None
 
 
 def parse_listen(text: str, where: str = "--listen") -> tuple[str, int]:
@@ -65,7 +66,7 @@ def load_serve_config(path: str) -> ServeConfig:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    top = _Table(data, path, "", {"listen", "secret_file", "lock_file", "max_connections", "modules"})
+    top = _Table(data, path, "", {"listen", "secret_file", "lock_file", "max_connections", "timeout", "modules"})
     listen = parse_listen(top.get("listen", str, DEFAULT_LISTEN), f"{path}: 'listen'")
     default_secret = top.get("secret_file", str)
     default_lock = top.get("lock_file", str)
@@ -93,7 +94,10 @@ def load_serve_config(path: str) -> ServeConfig:
     max_conn = top.get("max_connections", int, 64)
     if max_conn < 1:
         raise ConfigError(f"{path}: 'max_connections' must be at least 1")
-    return ServeConfig(listen=listen, modules=modules, max_connections=max_conn)
+    timeout = top.get("timeout", (int, float))
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f"{path}: 'timeout' must be positive")
+    return ServeConfig(listen=listen, modules=modules, max_connections=max_conn, timeout=timeout)
 
 
 def load_daemon_config(path: str):

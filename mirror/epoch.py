@@ -38,10 +38,13 @@ def read_epoch(state_dir: bytes | str) -> int:
     """The recorded epoch, 0 if none was ever recorded."""
     path = epoch_path(state_dir)
     try:
-        with open(path, "rb") as f:
-            data = f.read(64)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         return 0
+    except OSError as exc:
+        raise EpochError(f"{display_path(path)}: cannot read the epoch: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(64)
     if not _EPOCH_RE.match(data):
         raise EpochError(
             f"{display_path(path)}: corrupt epoch file (expected a decimal number, found {data[:32]!r}); "
@@ -83,7 +86,7 @@ def _write(state_dir: bytes | str, value: int) -> None:
 @contextmanager
 def _locked(state_dir: bytes | str):
     directory = ensure_state_dir(fs_path(state_dir))
-    fd = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

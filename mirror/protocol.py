@@ -139,13 +139,18 @@ class StreamTransport:
 
 
 class LocalTransport:
-    """One end of an in-process pair: the same messages, no encoding, no sockets."""
+    """One end of an in-process pair: the same messages, no encoding, no sockets.
 
-    _CLOSED = object()
+    ``close()`` says this end will send nothing more (the other end's ``recv`` returns None
+    once it has read everything before it) and will not read on: the other end's ``send``
+    then fails instead of waiting forever on a full queue (a receiver that stopped on an
+    error must not leave its sender blocked)."""
 
-    def __init__(self, inbox: queue.Queue, outbox: queue.Queue):
+    def __init__(self, inbox: queue.Queue, outbox: queue.Queue, mine: threading.Event, peers: threading.Event):
         self._inbox = inbox
         self._outbox = outbox
+        self._closed = mine
+        self._peer_closed = peers
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -153,25 +158,34 @@ class LocalTransport:
     def pair(cls, depth: int = 256) -> tuple[LocalTransport, LocalTransport]:
         a_to_b: queue.Queue = queue.Queue(maxsize=depth)
         b_to_a: queue.Queue = queue.Queue(maxsize=depth)
-        return cls(b_to_a, a_to_b), cls(a_to_b, b_to_a)
+        a_closed, b_closed = threading.Event(), threading.Event()
+        return cls(b_to_a, a_to_b, a_closed, b_closed), cls(a_to_b, b_to_a, b_closed, a_closed)
 
     def send(self, message: list | tuple, flush: bool = True) -> None:
         # No encoding here; count what the frame would carry, for the transfer statistics.
         self.bytes_sent += 16 + sum(len(x) for x in message if isinstance(x, bytes))
-        self._outbox.put(list(message))
+        item = list(message)
+        while True:
+            try:
+                self._outbox.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self._peer_closed.is_set():
+                    raise ProtocolError("the other side has stopped") from None
 
     def flush(self) -> None:
         pass
 
     def recv(self) -> list | None:
-        message = self._inbox.get()
-        if message is self._CLOSED:
-            self._inbox.put(self._CLOSED)  # stay closed for any later reader
-            return None
-        return message
+        while True:
+            try:
+                return self._inbox.get(timeout=0.05 if self._peer_closed.is_set() else 0.2)
+            except queue.Empty:
+                if self._peer_closed.is_set():
+                    return None
 
     def close(self) -> None:
-        self._outbox.put(self._CLOSED)
+        self._closed.set()
 
 
 class RateLimiter:

@@ -25,6 +25,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ LISTING_PART = 32768  # entries per listing message (a larger directory is sent 
 COMMIT_BATCH_FILES = 256
 COMMIT_BATCH_BYTES = 256 << 20
 MAX_WANT = 4096
+MAX_EXCLUDES = 1000
+MAX_PATTERN = 1024
+LOCK_CHECK_SECONDS = 0.25
+_MUTATING = frozenset({P.FILE, P.MKDIR, P.SYMLINK, P.NODE, P.HARDLINK, P.ATTRS, P.DELETE})
 SIGNATURE_PART = 4 << 20
 HAS_LINKS, INCOMPLETE = P.HAS_LINKS, P.INCOMPLETE
 
@@ -75,6 +80,11 @@ class ModuleConfig:
     @property
     def resolved_state_dir(self) -> bytes:
         return resolve_state_dir(self.path, self.state_dir)
+
+    def reserved_in(self, root: bytes) -> bytes | None:
+        """The state dir's path relative to ``root`` if it lies inside it (never content)."""
+        inside = os.path.relpath(os.path.realpath(self.resolved_state_dir), os.path.realpath(root))
+        return None if inside == b"." or inside.startswith(b"..") else inside
 
 
 @dataclass
@@ -109,7 +119,7 @@ class Receiver:
     """Serve one connection (see the module docstring)."""
 
     def __init__(self, transport, modules: dict[str, ModuleConfig], *, peer: str = "local",
-                 writer_locks: dict | None = None):  # fmt: skip
+                 writer_locks: dict | None = None, timeouts=None):  # fmt: skip
         self.t = transport
         self.modules = modules
         self.peer = peer
@@ -118,6 +128,11 @@ class Receiver:
         self.module: ModuleConfig | None = None
         self.sessions = 0
         self._writer: _WriterLock | None = None
+        # (set_timeout, seconds): how long the peer may stay silent in a session; none between
+        # sessions (a live daemon's connection idles), none at all for in-process transports.
+        self._set_timeout, self._session_timeout = timeouts if timeouts else (None, None)
+        self._cleaned = False
+        self._last_lock_check = 0.0
 
     # -- connection ------------------------------------------------------------------------
 
@@ -126,21 +141,37 @@ class Receiver:
         try:
             self._handshake()
             while True:
+                self._timeout(None)
                 message = self.t.recv()
                 if message is None:
                     return
                 if message[0] != P.START:
                     raise ProtocolError(f"expected 'start', got {message[0]!r}")
+                self._timeout(self._session_timeout)
                 self._session(message)
                 self.sessions += 1
         except MirrorError as exc:
             self._send_error(exc)
             raise
+        except OSError as exc:
+            # A set-up or disk error that ends the session: the sender hears why.
+            error = MirrorError(f"receiver: {exc}")
+            self._send_error(error)
+            raise error from exc
+        except Exception as exc:
+            log.exception("receiver for %s: internal error", self.peer)
+            error = ProtocolError(f"receiver internal error: {type(exc).__name__}: {exc}")
+            self._send_error(error)
+            raise error from exc
         finally:
             if self._writer is not None:
                 self._writer.release()
                 self._writer = None
             self.t.close()
+
+    def _timeout(self, seconds: float | None) -> None:
+        if self._set_timeout is not None:
+            self._set_timeout(seconds)
 
     def _send_error(self, exc: MirrorError) -> None:
         try:
@@ -165,7 +196,9 @@ class Receiver:
         self.module = self.modules[name]
         self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
         if self.subpath:
-            split_path(self.subpath)
+            reserved = self.module.reserved_in(fs_path(self.module.path))
+            if reserved is not None and split_path(self.subpath)[: reserved.count(b"/") + 1] == reserved.split(b"/"):
+                raise UnsafePathError("refused subpath: the receiver's state dir is not content")
         server_nonce = os.urandom(P.NONCE_SIZE)
         secret = self.module.secret
         self.t.send([P.CHALLENGE, {"proto": P.PROTOCOL_VERSION, "nonce": server_nonce, "auth": secret is not None}])
@@ -228,22 +261,39 @@ class Receiver:
         excludes = opts.get("excludes", [])
         if not isinstance(excludes, list) or not all(isinstance(p, bytes) for p in excludes):
             raise ProtocolError("bad excludes")
+        if len(excludes) > MAX_EXCLUDES or any(len(p) > MAX_PATTERN for p in excludes):
+            raise ProtocolError(f"too many or too long exclude patterns (at most {MAX_EXCLUDES} of {MAX_PATTERN} bytes)")
+        self.excluder = make_excluder(excludes)
         self.listings: dict[bytes, object] = {}
         scope = Scope.from_wire(opts["scope"]) if opts.get("scope") is not None else None
         self.eager = scope is not None  # listings follow the summary unasked (see _send_summary)
-        # Leftover temporary files (a crashed writer's) are removed at the connection's first session.
-        self.tree = ConfinedTree(root, temp_dir=os.path.join(state_dir, b"tmp"), clean=self.sessions == 0)
-        if not dry_run:
-            self._apply_renames(opts.get("renames", []))
+        # Leftover temporary files (a crashed writer's) are removed once the writer lock is
+        # ours; a dry run has no temporary files and touches nothing.
+        clean = not dry_run and not self._cleaned
+        try:
+            self.tree = ConfinedTree(root, temp_dir=None if dry_run else os.path.join(state_dir, b"tmp"),
+                                     clean=clean, reserved=self.module.reserved_in(root))  # fmt: skip
+        except OSError as exc:
+            raise MirrorError(f"receiver cannot open its tree: {exc}") from None
+        self._cleaned = self._cleaned or clean
+        try:
+            if scope is not None:
+                for path in scope.entries | scope.trees:
+                    if path:
+                        self.tree.parts(path)
+            if not dry_run:
+                self._apply_renames(opts.get("renames", []))
+        except BaseException:
+            self.tree.close()
+            raise
         self.pending: list[_Pending] = []
         self.pending_bytes = 0
         self.deletes: list[bytes] = []
         self.dir_attrs: list[tuple] = []
         self.stats = SessionStats()
         self.incoming: _Incoming | None = None
-        tree_scan = TreeScan(root, excluder=make_excluder(excludes), checksum=bool(self.flags & scan.CMP_CHECKSUM),
-                             state_dir=state_dir if not self.subpath else None, use_cache=True,
-                             scope=scope, background=scope is None)  # fmt: skip
+        tree_scan = TreeScan(root, excluder=self.excluder, checksum=bool(self.flags & scan.CMP_CHECKSUM),
+                             state_dir=state_dir, use_cache=True, scope=scope, background=scope is None)  # fmt: skip
         summary_error: list[BaseException] = []
         summarizer = threading.Thread(target=self._send_summary, args=(tree_scan, summary_error), name="summary")
         root_st = os.stat(self.tree.root_fd)
@@ -278,9 +328,9 @@ class Receiver:
                 log.info("rename %s -> %s not done here: %s", display_path(old), display_path(new), exc)
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
-        tree = ConfinedTree(root)
+        tree = ConfinedTree(root, reserved=self.module.reserved_in(root))
         try:
-            parts = split_path(self.subpath)
+            parts = tree.parts(self.subpath)
             for i in range(1, len(parts) + 1):
                 if not dry_run:
                     tree.make_dir(b"/".join(parts[:i]), 0o755)
@@ -336,6 +386,8 @@ class Receiver:
                 summarizer.join()
                 self._finish_session()
                 return
+            if kind in _MUTATING:
+                self._check_lock()
             handler = handlers.get(kind)
             if handler is None:
                 raise ProtocolError(f"unexpected message {kind!r}")
@@ -404,7 +456,7 @@ class Receiver:
         attrs = _attrs(attrs)
         if self.incoming is not None:
             raise ProtocolError("'file' before the previous file ended")
-        split_path(path)
+        self.tree.parts(path)
         try:
             commit = self.tree.new_file(path)
         except (OSError, UnsafePathError) as exc:
@@ -473,6 +525,7 @@ class Receiver:
             incoming.failed = _reason(exc)
 
     def _on_file_abort(self, message: list) -> None:
+        P.want_len(message, 3)
         incoming = self._current(message[1])
         self._drop_incoming(incoming)
 
@@ -519,6 +572,19 @@ class Receiver:
         if len(self.pending) >= COMMIT_BATCH_FILES or self.pending_bytes >= COMMIT_BATCH_BYTES:
             self._flush()
 
+    def _check_lock(self) -> None:
+        """The receiver's mirroring lock stops every change, not only file commits (checked
+        at most every quarter second: a single lstat)."""
+        lock = self.module.lock_file
+        now = time.monotonic()
+        if not lock or now - self._last_lock_check < LOCK_CHECK_SECONDS:
+            return
+        self._last_lock_check = now
+        if is_locked(lock):
+            self._discard_all()
+            info = status(lock)
+            raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
+
     def _fail(self, req: int | None, path: bytes, reason: str) -> None:
         self.stats.failed.append([path, reason])
         self.t.send([P.FAILED, req, path, reason])
@@ -550,6 +616,14 @@ class Receiver:
                 except (OSError, UnsafePathError) as exc:
                     item.commit.discard()
                     self._fail(None, item.commit.path, _reason(exc))
+        except BaseException:
+            for item in batch:
+                if item.commit.done:
+                    item.commit.release()
+                else:
+                    item.commit.discard()
+            raise
+        try:
             if self.sync_writes and committed:
                 dirs = {}
                 for commit in committed:
@@ -633,7 +707,7 @@ class Receiver:
     def _on_delete(self, message: list) -> None:
         P.want_len(message, 2)
         path = P.want_bytes(message[1], "path", 65536)
-        split_path(path)
+        self.tree.parts(path)
         self.deletes.append(path)
 
     def _finish_session(self) -> None:
@@ -646,10 +720,16 @@ class Receiver:
             if (self.deletes or self.dir_attrs) and lock and is_locked(lock):
                 info = status(lock)
                 raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
+            keep = self.excluder.excluded if self.excluder is not None else None
             for path in self.deletes:
                 try:
-                    if self.tree.remove(path):
-                        self.stats.deleted += 1
+                    kept = self.tree.remove(path, keep=keep)
+                    self.stats.deleted += 1
+                    if kept:  # excluded entries inside a deleted directory stay, like rsync
+                        self._fail(None, path, f"cannot delete non-empty directory: {len(kept)} excluded "
+                                               f"entries kept inside, e.g. {display_path(kept[0])}")  # fmt: skip
+                except FileNotFoundError:
+                    pass
                 except (OSError, UnsafePathError) as exc:
                     self._fail(None, path, _reason(exc))
             for path, attrs in reversed(self.dir_attrs):
@@ -663,7 +743,7 @@ class Receiver:
                 changed = {path.rpartition(b"/")[0] for path in self.deletes} | {p for p, _ in self.dir_attrs}
                 for path in changed:
                     try:
-                        dir_fds.append(os.dup(self.tree.dir_fd(split_path(path) if path else [])))
+                        dir_fds.append(os.dup(self.tree.dir_fd(self.tree.parts(path) if path else [])))
                     except (OSError, UnsafePathError):
                         pass  # removed meanwhile: nothing left to make durable
                 unique = {}
@@ -709,7 +789,10 @@ class _WriterLock:
         self.fd: int | None = None
 
     def acquire(self) -> str | None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY, 0o600)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise MirrorError(f"{display_path(self.path)}: not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -61,22 +60,31 @@ def _temp_name() -> bytes:
 class ConfinedTree:
     """A directory tree the receiver may change, and nothing outside it.
 
-    Directory descriptors along recently used paths are cached; any removal or replacement
-    of a directory drops the cached descriptors at and below it.
+    ``reserved`` is the tree's own state dir when it lies inside the tree (``b".mirror"``):
+    no wire path may name it or anything in it.  Directory descriptors along recently used
+    paths are cached; a descriptor returned by ``dir_fd``/``parent`` is only valid until the
+    next resolution (the cache may close it), so an operation on two paths duplicates the
+    first.  Any removal or replacement of a directory drops the cached descriptors below it.
     """
 
-    def __init__(self, root: bytes, temp_dir: bytes | None = None, clean: bool = True):
+    def __init__(self, root: bytes, temp_dir: bytes | None = None, clean: bool = True,
+                 reserved: bytes | None = None):  # fmt: skip
         self.root = root
-        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.reserved = reserved.split(b"/") if reserved else None
         self._cache: OrderedDict[bytes, int] = OrderedDict()
         self.temp_dir_fd: int | None = None
-        self._temp_dev = None
-        if temp_dir is not None:
-            os.makedirs(temp_dir, mode=0o700, exist_ok=True)
-            self.temp_dir_fd = os.open(temp_dir, _DIR_FLAGS)
-            self._temp_dev = os.fstat(self.temp_dir_fd).st_dev
-            if clean:
-                self.clean_temp_dir()
+        self._temp_mount = None
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if temp_dir is not None:
+                os.makedirs(temp_dir, mode=0o700, exist_ok=True)
+                self.temp_dir_fd = os.open(temp_dir, _DIR_FLAGS)  # never through a symlink
+                self._temp_mount = mount_id(self.temp_dir_fd)
+                if clean:
+                    self.clean_temp_dir()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         for fd in self._cache.values():
@@ -85,7 +93,9 @@ class ConfinedTree:
         if self.temp_dir_fd is not None:
             os.close(self.temp_dir_fd)
             self.temp_dir_fd = None
-        os.close(self.root_fd)
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
 
     def clean_temp_dir(self) -> int:
         """Remove temporary files a crashed session left behind; returns how many."""
@@ -104,8 +114,18 @@ class ConfinedTree:
 
     # -- resolving -----------------------------------------------------------------------
 
+    def parts(self, path: bytes) -> list[bytes]:
+        """A wire path's components, refused if unsafe or inside the reserved state dir."""
+        parts = split_path(path)
+        if self.reserved is not None and parts[: len(self.reserved)] == self.reserved:
+            raise UnsafePathError(f"refused path {display_path(path)!r}: the receiver's state dir is not content")
+        return parts
+
     def dir_fd(self, parts: list[bytes]) -> int:
-        """Descriptor of the directory at ``parts`` (relative to the root), never via a symlink."""
+        """Descriptor of the directory at ``parts`` (relative to the root), never via a symlink.
+
+        Walked one component at a time from the longest cached prefix (iteratively: a tree
+        may be thousands of levels deep)."""
         if not parts:
             return self.root_fd
         key = b"/".join(parts)
@@ -113,24 +133,38 @@ class ConfinedTree:
         if fd is not None:
             self._cache.move_to_end(key)
             return fd
-        parent = self.dir_fd(parts[:-1])
+        start, current = 0, self.root_fd
+        prefix = key
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = prefix[: len(prefix) - len(parts[i]) - 1]
+            cached = self._cache.get(prefix)
+            if cached is not None:
+                start, current = i, cached
+                break
+        owned = False
         try:
-            fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
+            for i in range(start, len(parts)):
+                child = os.open(parts[i], _DIR_FLAGS, dir_fd=current)
+                if owned:
+                    os.close(current)
+                current, owned = child, True
         except OSError as exc:
+            if owned:
+                os.close(current)
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafePathError(
                     f"{display_path(key)}: not a directory in the replica (a symlink is never followed)"
                 ) from None
             raise OSError(exc.errno, exc.strerror, display_path(key)) from None
-        self._cache[key] = fd
+        self._cache[key] = current
         if len(self._cache) > _FD_CACHE:
             _, old = self._cache.popitem(last=False)
             os.close(old)
-        return fd
+        return current
 
     def parent(self, path: bytes) -> tuple[int, bytes]:
-        """``(descriptor of the parent directory, final name)`` for a validated wire path."""
-        parts = split_path(path)
+        """``(descriptor of the parent directory, final name)`` for a wire path."""
+        parts = self.parts(path)
         return self.dir_fd(parts[:-1]), parts[-1]
 
     def forget(self, path: bytes) -> None:
@@ -148,24 +182,24 @@ class ConfinedTree:
 
     # -- reading -------------------------------------------------------------------------
 
-    def open_regular(self, path: bytes):
-        """Open an existing regular file for reading (the basis of a delta), never a symlink."""
+    def open_regular(self, path: bytes, expect: tuple[int, int] | None = None):
+        """Open an existing regular file for reading, never a symlink, FIFO or device.
+
+        The name is opened with ``O_PATH`` (no open side effect on a device or a FIFO), its
+        type checked, and only then is the same inode opened for reading.  ``expect``:
+        its ``(st_dev, st_ino)``, else "changed since the scan"."""
         dir_fd, name = self.parent(path)
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise UnsafePathError(f"{display_path(path)}: not a regular file in the replica")
-        return os.fdopen(fd, "rb")
+        return open_regular_at(dir_fd, name, path, expect)
 
     # -- writing -------------------------------------------------------------------------
 
     def new_file(self, path: bytes) -> Commit:
         """A temporary file that ``Commit.commit()`` renames to ``path``."""
         dir_fd, name = self.parent(path)
-        if self.temp_dir_fd is not None and os.fstat(dir_fd).st_dev == self._temp_dev:
+        if self.temp_dir_fd is not None and mount_id(dir_fd) == self._temp_mount:
             temp_fd = self.temp_dir_fd
         else:
-            temp_fd = dir_fd  # another filesystem below the root: rename must stay on one device
+            temp_fd = dir_fd  # another mount below the root: rename must stay within one
         temp = _temp_name()
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=temp_fd)  # fmt: skip
@@ -179,32 +213,41 @@ class ConfinedTree:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 return
-            self._remove_entry(dir_fd, name, path, st)
-            os.mkdir(name, mode & 0o7777 | 0o700, dir_fd=dir_fd)
+            dir_fd = os.dup(dir_fd)
+            try:
+                self._remove_entry(dir_fd, name, path, st)
+                os.mkdir(name, mode & 0o7777 | 0o700, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def make_special(self, path: bytes, kind: int, target: bytes = b"", rdev: int = 0, link_to: bytes | None = None):
         """Create a symlink, hard link, FIFO, socket or device node at ``path`` atomically:
         made under a temporary name beside it, then renamed over whatever was there."""
-        dir_fd, name = self.parent(path)
+        parent, name = self.parent(path)
+        dir_fd = os.dup(parent)  # resolving ``link_to`` below may close the cached one
         temp = _temp_name()
-        if link_to is not None:
-            src_dir, src_name = self.parent(link_to)
-            os.link(src_name, temp, src_dir_fd=src_dir, dst_dir_fd=dir_fd, follow_symlinks=False)
-        elif kind == Kind.SYMLINK:
-            os.symlink(target, temp, dir_fd=dir_fd)
-        elif kind in (Kind.FIFO, Kind.SOCKET):
-            fmt = stat.S_IFIFO if kind == Kind.FIFO else stat.S_IFSOCK
-            os.mknod(temp, 0o600 | fmt, dir_fd=dir_fd)
-        elif kind in (Kind.CHAR, Kind.BLOCK):
-            fmt = stat.S_IFCHR if kind == Kind.CHAR else stat.S_IFBLK
-            os.mknod(temp, 0o600 | fmt, rdev, dir_fd=dir_fd)
-        else:
-            raise ValueError(f"make_special: kind {kind}")
         try:
-            self._replace(dir_fd, temp, dir_fd, name, path)
-        except BaseException:
-            _unlink_quietly(dir_fd, temp)
-            raise
+            if link_to is not None:
+                src_dir, src_name = self.parent(link_to)
+                os.link(src_name, temp, src_dir_fd=src_dir, dst_dir_fd=dir_fd, follow_symlinks=False)
+            elif kind == Kind.SYMLINK:
+                os.symlink(target, temp, dir_fd=dir_fd)
+            elif kind in (Kind.FIFO, Kind.SOCKET):
+                fmt = stat.S_IFIFO if kind == Kind.FIFO else stat.S_IFSOCK
+                os.mknod(temp, 0o600 | fmt, dir_fd=dir_fd)
+            elif kind in (Kind.CHAR, Kind.BLOCK):
+                fmt = stat.S_IFCHR if kind == Kind.CHAR else stat.S_IFBLK
+                os.mknod(temp, 0o600 | fmt, rdev, dir_fd=dir_fd)
+            else:
+                raise ValueError(f"make_special: kind {kind}")
+            try:
+                self._replace(dir_fd, temp, dir_fd, name, path)
+            finally:
+                # rename() of a hard link over a name of the same inode does nothing: the
+                # temporary name would stay behind.
+                _unlink_quietly(dir_fd, temp)
+        finally:
+            os.close(dir_fd)
 
     def _replace(self, src_dir: int, temp: bytes, dir_fd: int, name: bytes, path: bytes) -> None:
         """Rename ``temp`` over ``name``; a directory in the way is removed first (a type change)."""
@@ -218,41 +261,47 @@ class ConfinedTree:
             os.rename(temp, name, src_dir_fd=src_dir, dst_dir_fd=dir_fd)
 
     def rename(self, old: bytes, new: bytes) -> bool:
-        """Rename ``old`` to ``new`` inside the tree (both confined); False if ``old`` is gone.
-        A directory in the way at ``new`` is left alone (the rename is then not done)."""
-        old_dir, old_name = self.parent(old)
-        new_dir, new_name = self.parent(new)
+        """Rename ``old`` to ``new`` inside the tree (both confined); False if ``old`` is gone."""
+        old_parent, old_name = self.parent(old)
+        old_dir = os.dup(old_parent)  # resolving ``new`` may close the cached descriptor
         try:
-            os.rename(old_name, new_name, src_dir_fd=old_dir, dst_dir_fd=new_dir)
-        except FileNotFoundError:
-            return False
+            new_dir, new_name = self.parent(new)
+            try:
+                os.rename(old_name, new_name, src_dir_fd=old_dir, dst_dir_fd=new_dir)
+            except FileNotFoundError:
+                return False
+        finally:
+            os.close(old_dir)
         self.forget(old)
         self.forget(new)
         return True
 
-    def remove(self, path: bytes) -> bool:
-        """Remove ``path`` (a whole subtree for a directory, never following symlinks)."""
-        dir_fd, name = self.parent(path)
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        self._remove_entry(dir_fd, name, path, st)
-        return True
+    def remove(self, path: bytes, keep=None) -> list[bytes]:
+        """Remove ``path`` (a whole subtree for a directory, never following symlinks).
 
-    def _remove_entry(self, dir_fd: int, name: bytes, path: bytes, st: os.stat_result) -> None:
-        if stat.S_ISDIR(st.st_mode):
-            self.forget(path)
-            # shutil.rmtree with dir_fd works through descriptors and never follows a symlink.
-            shutil.rmtree(name, dir_fd=dir_fd)
-        else:
+        ``keep(relative_path, is_dir)``: entries to leave in place (excluded ones), with the
+        directories holding them.  Returns what was kept; raises FileNotFoundError if
+        ``path`` does not exist."""
+        parent, name = self.parent(path)
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        dir_fd = os.dup(parent)
+        try:
+            return self._remove_entry(dir_fd, name, path, st, keep)
+        finally:
+            os.close(dir_fd)
+
+    def _remove_entry(self, dir_fd: int, name: bytes, path: bytes, st: os.stat_result, keep=None) -> list[bytes]:
+        if not stat.S_ISDIR(st.st_mode):
             os.unlink(name, dir_fd=dir_fd)
+            return []
+        self.forget(path)
+        return remove_tree(dir_fd, name, path, keep)
 
     def set_attrs(self, path: bytes, kind: int, mode: int, uid: int, gid: int, mtime_ns: int,
                   owner: bool) -> None:  # fmt: skip
         """Owner (when ``owner``), permissions (not for symlinks) and mtime of ``path``."""
         if kind == Kind.DIR:
-            fd = self.dir_fd(split_path(path) if path else [])
+            fd = self.dir_fd(self.parts(path) if path else [])
             if owner:
                 os.chown(fd, uid, gid)
             os.chmod(fd, mode)
@@ -263,7 +312,7 @@ class ConfinedTree:
             os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         if kind != Kind.SYMLINK:
             # Not a symlink (checked through a descriptor, so a swap cannot redirect chmod).
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_PATH, dir_fd=dir_fd)
+            fd = os.open(name, os.O_NOFOLLOW | os.O_CLOEXEC | os.O_PATH, dir_fd=dir_fd)
             try:
                 if stat.S_ISLNK(os.fstat(fd).st_mode):
                     raise UnsafePathError(f"{display_path(path)}: is a symlink in the replica")
@@ -276,6 +325,77 @@ class ConfinedTree:
         if self.temp_dir_fd is not None:
             for name in os.listdir(self.temp_dir_fd):
                 yield os.fsencode(name)
+
+
+def open_regular_at(dir_fd: int, name: bytes, path: bytes, expect: tuple[int, int] | None = None):
+    """``name`` in ``dir_fd`` opened for reading if it is a regular file (see ``open_regular``)."""
+    handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(handle)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError(f"{display_path(path)}: not a regular file")
+        if expect is not None and (st.st_dev, st.st_ino) != expect:
+            raise UnsafePathError(f"{display_path(path)}: changed since the scan")
+        fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    finally:
+        os.close(handle)
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def remove_tree(parent_fd: int, name: bytes, path: bytes, keep=None) -> list[bytes]:
+    """Remove directory ``name`` (in ``parent_fd``) and all below it, through descriptors, never
+    following a symlink, without recursion (any depth).  Entries for which
+    ``keep(relative_path, is_dir)`` is true stay, and so do the directories above them."""
+    kept: list[bytes] = []
+    top = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    # Frames: [descriptor, relative path, names still to look at, something kept below]
+    stack = [[top, path, [os.fsencode(n) for n in os.listdir(top)], False]]
+    try:
+        while stack:
+            frame = stack[-1]
+            fd, rel, names = frame[0], frame[1], frame[2]
+            if names:
+                child = names.pop()
+                child_rel = rel + b"/" + child
+                try:
+                    st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if keep is not None and keep(child_rel, is_dir):
+                    kept.append(child_rel)
+                    frame[3] = True
+                    continue
+                if is_dir:
+                    child_fd = os.open(child, _DIR_FLAGS, dir_fd=fd)
+                    stack.append([child_fd, child_rel, [os.fsencode(n) for n in os.listdir(child_fd)], False])
+                else:
+                    os.unlink(child, dir_fd=fd)
+                continue
+            stack.pop()
+            os.close(fd)
+            if frame[3]:
+                if stack:
+                    stack[-1][3] = True
+                continue
+            os.rmdir(rel.rpartition(b"/")[2] if stack else name, dir_fd=stack[-1][0] if stack else parent_fd)
+    finally:
+        for frame in stack:
+            os.close(frame[0])
+    return kept
+
+
+def mount_id(fd: int) -> int:
+    """The mount a descriptor is on (rename() works only within one mount, bind mounts of
+    one filesystem included, which share their st_dev)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return os.fstat(fd).st_dev
 
 
 class Commit:
@@ -307,13 +427,9 @@ class Commit:
 
     def commit(self) -> None:
         """Rename into place (over a file or symlink; a directory in the way is removed)."""
-        try:
-            self.file.close()
-            self.tree._replace(self.temp_dir_fd, self.temp, self.dir_fd, self.name, self.path)
-            self.done = True
-        finally:
-            if self.done:
-                pass
+        self.file.close()
+        self.tree._replace(self.temp_dir_fd, self.temp, self.dir_fd, self.name, self.path)
+        self.done = True
 
     def release(self) -> None:
         """Close the directory descriptor (after the directory was fsynced, if it was)."""

@@ -52,13 +52,17 @@ from .entry import Entry, Kind, ScanProblem, canonical_key, join
 from .errors import (
     AuthError,
     Cancelled,
+    LimitExceeded,
     LockedError,
     MirrorError,
     ProtocolError,
     StaleEpochError,
+    UnsafePathError,
     display_path,
 )
 from .lockfile import is_locked, status
+from .safefs import ConfinedTree
+from .statedir import ensure_state_dir, resolve_state_dir
 from .treescan import TreeScan
 
 log = logging.getLogger(__name__)
@@ -128,6 +132,8 @@ class _Reader(threading.Thread):
         self.failed: list = []
         self.error: BaseException | None = None
         self._sig_parts: list[bytes] = []
+        self._sig_size = 0
+        self.sig_limits: dict[int, int] = {}  # request -> largest signature its basis can have
 
     def run(self) -> None:
         try:
@@ -144,10 +150,18 @@ class _Reader(threading.Thread):
                 elif kind == P.LISTING:
                     self.listings.put(message)
                 elif kind == P.SIGNATURE:
-                    self._sig_parts.append(message[2])
+                    P.want_len(message, 4)
+                    part = P.want_bytes(message[2], "signature part")
+                    limit = self.sig_limits.get(message[1])
+                    if limit is None:
+                        raise ProtocolError("a signature nobody asked for")
+                    self._sig_size += len(part)
+                    if self._sig_size > limit:
+                        raise LimitExceeded(f"signature larger than its basis allows ({limit} bytes)")
+                    self._sig_parts.append(part)
                     if message[3]:
                         self.signatures.put((message[1], b"".join(self._sig_parts), None))
-                        self._sig_parts = []
+                        self._sig_parts, self._sig_size = [], 0
                 elif kind == P.SIG_FAILED:
                     self.signatures.put((message[1], None, message[2]))
                 elif kind == P.FAILED:
@@ -227,6 +241,10 @@ class Sender:
         secret = self.o.secret
         if info.get("auth") and secret is None:
             raise AuthError("the receiver requires a shared secret (--secret-file)")
+        if secret is not None and not info.get("auth"):
+            # A receiver that does not ask for the secret cannot prove it knows it either:
+            # it may be an impostor collecting the tree.
+            raise AuthError("the receiver did not ask for the shared secret: refusing to send to it")
         proof = P.client_proof(secret, info["nonce"], nonce, self.module) if info.get("auth") else b""
         self.t.send([P.AUTH, {"proof": proof}])
         welcome = self._expect(P.WELCOME)[1]
@@ -272,8 +290,19 @@ class Sender:
         owner = bool(welcome.get("can_chown")) and os.geteuid() == 0
         self.compare = CompareOptions(checksum=self.o.checksum, owner=owner)
         self.flags = self.compare.flags(self.scan)
+        if self.o.checksum and not self.o.dry_run:
+            # Made now, not by the scan thread: creating it moves the root's mtime for a moment.
+            ensure_state_dir(resolve_state_dir(self.root, self.o.state_dir))
+        self._root = root_entry(self.root)
         tree = TreeScan(self.root, excluder=_excluder(self.o.excludes), checksum=self.o.checksum,
                         state_dir=self.o.state_dir, scope=scope, background=scope is None).start()  # fmt: skip
+        self._src_tree = ConfinedTree(self.root)
+        try:
+            return self._run_session(tree, epoch, owner, scope, renames, started, sent_before, received_before)
+        finally:
+            self._src_tree.close()
+
+    def _run_session(self, tree, epoch, owner, scope, renames, started, sent_before, received_before) -> SendOutcome:
         self._check_lock()
         self.t.send([P.START, {
             "epoch": epoch, "delete": self.o.delete, "checksum": self.o.checksum, "dry_run": self.o.dry_run,
@@ -304,9 +333,17 @@ class Sender:
             self.out.receiver = reader.get(reader.results)
         except (LockedError, Cancelled):
             self._end_quietly()
-            raise
-        finally:
             reader.join(timeout=5)
+            raise
+        except BaseException as exc:
+            self.t.close()  # the session is lost: wake the reader now rather than in 5 s
+            reader.join(timeout=5)
+            if isinstance(exc, ProtocolError) and isinstance(reader.error, MirrorError) and reader.error is not exc:
+                # We failed to send because the receiver stopped: its own reason says more
+                # (a LockedError, exit 3, rather than "connection lost").
+                raise reader.error from exc
+            raise
+        reader.join(timeout=5)
         self._collect_failures()
         self.out.problems.extend(summary.problems)
         stats = self.out.stats
@@ -326,13 +363,12 @@ class Sender:
             pass
 
     def _root_attrs(self) -> None:
-        entry = root_entry(self.root)
-        if entry is not None:
-            self._dir_entries[b""] = entry
+        if self._root is not None:
+            self._dir_entries[b""] = self._root
 
     def _compare_root(self, dst_attrs) -> None:
         """The root directory's own mode, owner and mtime (the receiver reported its root's)."""
-        entry = root_entry(self.root)
+        entry = self._root
         if entry is None or not isinstance(dst_attrs, list) or len(dst_attrs) != 4:
             return
         mine = [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
@@ -498,6 +534,10 @@ class Sender:
             else:
                 self.t.send([P.NODE, change.path, int(kind), src.rdev, _attrs(src)], flush=False)
                 self.out.stats.other_changes += 1
+        elif change.change == METADATA and kind == Kind.FILE and change.dst is not None and change.dst.nlink != src.nlink:
+            # The replica's file shares its inode with another name (maybe outside the tree):
+            # a chmod in place would change that one too.  A new copy breaks the link.
+            self._send_file(change)
         elif change.change == METADATA:
             if kind == Kind.DIR:
                 self._touched_dirs[change.path] = src
@@ -518,8 +558,8 @@ class Sender:
         entry = self._dir_entries.get(parent)
         if entry is None:  # a partial listing (live session): its directory was not listed
             try:
-                st = os.lstat(os.path.join(self.root, parent) if parent else self.root)
-            except OSError:
+                st = os.stat(self._src_tree.dir_fd(self._src_tree.parts(parent) if parent else []))
+            except (OSError, UnsafePathError):
                 return
             if not stat.S_ISDIR(st.st_mode):
                 return
@@ -548,6 +588,8 @@ class Sender:
                 and src.size >= threshold):  # fmt: skip
             self._req += 1
             self._deferred[self._req] = (change, b"")
+            # The receiver's default blocks are at least 512 bytes, 4 + 16 bytes each at most.
+            self.reader.sig_limits[self._req] = 4096 + (dst.size // 512 + 2) * 24
             self._sig_batch.append([self._req, change.path])
             self._sigs_in_flight += 1
             if len(self._sig_batch) >= SIG_BATCH:
@@ -571,11 +613,13 @@ class Sender:
                 req, sig_bytes, reason = self.reader.get(self.reader.signatures)
             else:
                 try:
-                    req, sig_bytes, reason = self.reader.signatures.get_nowait()
+                    item = self.reader.signatures.get_nowait()
                 except queue.Empty:
                     return
-                if isinstance(req, _Failure):
-                    raise req.exc
+                if isinstance(item, _Failure):
+                    self.reader.signatures.put(item)
+                    raise item.exc
+                req, sig_bytes, reason = item
             self._sigs_in_flight -= 1
             change, _ = self._deferred.pop(req)
             sig = None
@@ -590,12 +634,16 @@ class Sender:
         """Send one file, whole (``sig`` None) or as a delta; abandon it if it changes under us."""
         self._check_lock()
         path = change.path
+        src = change.src
         try:
-            fd = os.open(os.path.join(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            self.out.failed.append((path, f"cannot open on the sender: {exc.strerror}"))
+            # One component at a time, never through a symlink, never opening a FIFO or a
+            # device, and only the very file the scan saw (a swap since then is refused).
+            f = self._src_tree.open_regular(path, expect=(src.dev, src.ino) if src.ino else None)
+        except (OSError, UnsafePathError) as exc:
+            self.out.failed.append((path, f"cannot open on the sender: {getattr(exc, 'strerror', None) or exc}"))
             return
-        with os.fdopen(fd, "rb", buffering=0) as f:
+        with f:
+            fd = f.fileno()
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
                 self.out.failed.append((path, "changed type on the sender since the scan"))
@@ -689,8 +737,10 @@ class Sender:
 
     def _lstat_entry(self, path: bytes) -> Entry | None:
         try:
-            st = os.lstat(os.path.join(self.root, path))
-        except OSError:
+            st = self._src_tree.lstat(path)
+        except (OSError, UnsafePathError):
+            return None
+        if st is None:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import fs_path
+from .errors import MirrorError, display_path, fs_path
 
 STATE_DIR_NAME = b".mirror"
 
@@ -27,6 +27,8 @@ def ensure_state_dir(path: bytes) -> bytes:
     """Create the state dir if needed.  Creating ``<root>/.mirror`` would bump the root's mtime
     and make the tree look modified to the next comparison, so the parent's times are put back."""
     path = fs_path(path)
+    if os.path.islink(path):
+        raise MirrorError(f"{display_path(path)}: the state dir is a symlink; refusing to follow it")
     if os.path.isdir(path):
         return path
     parent = os.path.dirname(os.path.abspath(path))

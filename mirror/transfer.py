@@ -209,7 +209,10 @@ def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_comm
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rfile, wfile = sock.makefile("rb", buffering=1 << 20), sock.makefile("wb", buffering=1 << 20)
         return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=sock.close), lambda: None
-    argv = shlex.split(rsh) + [dest.host] + shlex.split(remote_command) + ["receive", os.fsdecode(dest.path)]
+    # ssh joins its arguments into one line for the remote shell: the path must be quoted,
+    # or a space breaks it and shell syntax in it runs over there.
+    remote_line = f"{remote_command} receive -- {shlex.quote(os.fsdecode(dest.path))}"
+    argv = shlex.split(rsh) + [dest.host, remote_line]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     transport = StreamTransport(proc.stdout, _Buffered(proc.stdin), bwlimit=bwlimit)
 

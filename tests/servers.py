@@ -55,8 +55,12 @@ class Server:
 
 
 def fake_rsh(tmp_path) -> str:
-    """A stand-in for `ssh -T`: drops the host argument and runs the command here."""
+    """A stand-in for `ssh -T HOST`: drops the host, and like ssh hands the rest, joined by
+    spaces, to a shell (so quoting matters exactly as it does over ssh)."""
     script = tmp_path / "fake-rsh"
-    script.write_text(f'#!/bin/sh\nshift\ncd {os.getcwd()}\nexec {sys.executable} -m "$@"\n')
+    script.write_text(f'#!/bin/sh\nshift\ncd {os.getcwd()} || exit 1\nexec sh -c "$*"\n')
     script.chmod(0o755)
     return str(script)
+
+
+REMOTE_MIRROR = f"{sys.executable} -m mirror"  # the remote command for fake_rsh

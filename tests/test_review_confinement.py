@@ -29,8 +29,6 @@ def _whole_file(req: int, path: bytes, data: bytes) -> list:
 # -- the state dir (.mirror) is reachable from the wire -----------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: wire paths may name the state dir, and writer.lock is opened "
-                                       "following symlinks: a sender truncates any file on the receiver host")
 def test_wire_cannot_plant_a_symlink_at_the_writer_lock(tmp_path):
     root = tmp_path / "module"
     root.mkdir()
@@ -44,8 +42,6 @@ def test_wire_cannot_plant_a_symlink_at_the_writer_lock(tmp_path):
     assert victim.read_bytes() == b"root:x:0:0::/root:/bin/sh\n"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: wire paths may name the state dir: a sender rewrites or deletes "
-                                       "the epoch file and undoes the fencing")
 @pytest.mark.parametrize("how", ["rewrite", "delete"])
 def test_wire_cannot_touch_the_epoch_file(tmp_path, how):
     root = tmp_path / "module"
@@ -63,8 +59,6 @@ def test_wire_cannot_touch_the_epoch_file(tmp_path, how):
     assert read_epoch(state) == 5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a subpath may be the state dir: 'mirror sync --delete EMPTY "
-                                       "mirror://h/m/.mirror' deletes the epoch and the writer lock")
 def test_subpath_cannot_be_the_state_dir(tmp_path):
     root = tmp_path / "module"
     root.mkdir()
@@ -84,8 +78,6 @@ def test_subpath_cannot_be_the_state_dir(tmp_path):
     assert ready is None or ready[0] == P.ERROR, ready  # refused, at the handshake or at 'start'
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the 'renames' of a live session may name the state dir: renaming "
-                                       ".mirror away resets the epoch to 0")
 def test_renames_cannot_move_the_state_dir(tmp_path):
     root = tmp_path / "module"
     root.mkdir()
@@ -117,8 +109,6 @@ def test_subpath_through_a_symlink_is_refused_in_a_dry_run(tmp_path):
 # -- hard links, symlinks and special files in the replica ---------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a metadata-only change chmods/chowns a replica file in place "
-                                       "even when it is a hard link to a file outside the module")
 def test_metadata_change_never_reaches_a_hard_link_outside(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -137,8 +127,6 @@ def test_metadata_change_never_reaches_a_hard_link_outside(tmp_path):
     assert_mirrors(src, dst)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a 'hardlink' whose target is deeper than the fd cache closes the "
-                                       "cached parent fd; its number is reused and the link lands elsewhere")
 def test_hardlink_to_a_deep_target_lands_at_its_own_path(tmp_path):
     root = tmp_path / "module"
     (root / "a").mkdir(parents=True)
@@ -165,9 +153,6 @@ def test_hardlink_to_a_deep_target_lands_at_its_own_path(tmp_path):
     assert os.path.samefile(root / "a" / "x", os.path.join(level, b"target"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ConfinedTree.rename resolves both parents through the fd cache: "
-                                       "a deep new path evicts the old parent's fd, its number is reused, and "
-                                       "another entry is moved")
 def test_rename_to_a_deep_path_moves_the_named_entry(tmp_path):
     root = tmp_path / "module"
     (root / "a").mkdir(parents=True)
@@ -193,8 +178,6 @@ def test_rename_to_a_deep_path_moves_the_named_entry(tmp_path):
         assert f.read() == b"M"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a signature request opens whatever the name is (FIFO, device "
-                                       "node) before checking that it is a regular file")
 def test_signature_request_never_opens_a_fifo(tmp_path):
     root = tmp_path / "module"
     root.mkdir()
@@ -222,8 +205,6 @@ def test_signature_request_never_opens_a_fifo(tmp_path):
     assert not was_opened, "the receiver opened a FIFO (for a device node that open can have side effects)"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the sender opens source files by full path: a directory swapped "
-                                       "for a symlink after the scan makes it send a file from outside the tree")
 def test_sender_never_reads_through_a_directory_swapped_for_a_symlink(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "d").mkdir(parents=True)

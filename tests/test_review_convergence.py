@@ -83,8 +83,6 @@ def test_deleting_restores_the_parent_directory_times(tmp_path):
     assert_mirrors(src, dst)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --delete of a directory removes the excluded files inside it "
-                                       "(rsync keeps them and the directory)")
 def test_deleting_a_directory_keeps_the_excluded_files_in_it(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -99,8 +97,6 @@ def test_deleting_a_directory_keeps_the_excluded_files_in_it(tmp_path):
 # -- hard links ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: 'hardlink' over a name already linked to the same inode: rename() "
-                                       "is a no-op and the temporary link stays in the replica")
 def test_relinking_after_a_failed_leader_leaves_no_temporary_file(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -171,8 +167,6 @@ def test_hard_link_groups_and_type_changes_converge(tmp_path_factory, first, sec
 # -- deep trees and long paths -------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ConfinedTree.dir_fd recurses once per path component: a tree "
-                                       "deeper than ~1000 levels kills the receiver (RecursionError)")
 def test_a_tree_deeper_than_the_recursion_limit_is_mirrored(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -185,8 +179,6 @@ def test_a_tree_deeper_than_the_recursion_limit_is_mirrored(tmp_path):
         _remove(src, dst)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: replacing a deep directory by a file: shutil.rmtree recursion "
-                                       "error escapes _flush, the session dies and its temp file stays")
 def test_a_file_replaces_a_directory_deeper_than_the_recursion_limit(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -206,8 +198,6 @@ def test_a_file_replaces_a_directory_deeper_than_the_recursion_limit(tmp_path):
         _remove(src, dst)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the sender opens files by their full path: one longer than "
-                                       "PATH_MAX never gets sent (ENAMETOOLONG), though scanner and receiver cope")
 def test_paths_longer_than_path_max_are_mirrored(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -218,8 +208,6 @@ def test_paths_longer_than_path_max_are_mirrored(tmp_path):
 
 
 @pytest.mark.skipif(not is_root(), reason="needs root for a bind mount")
-@pytest.mark.xfail(strict=True, reason="BUG: the temp file goes to .mirror/tmp when st_dev matches, but a bind "
-                                       "mount of the same filesystem is another mount: rename() fails EXDEV forever")
 def test_files_under_a_bind_mount_inside_the_replica_are_committed(tmp_path):
     src, dst, other = tmp_path / "src", tmp_path / "dst", tmp_path / "other"
     (src / "b").mkdir(parents=True)
@@ -239,8 +227,6 @@ def test_files_under_a_bind_mount_inside_the_replica_are_committed(tmp_path):
 # -- the state dir -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with a subpath the receiver keeps its digest cache in "
-                                       "<module>/<subpath>/.mirror, inside the mirrored content")
 def test_a_subpath_checksum_sync_keeps_its_cache_out_of_the_content(tmp_path):
     root = tmp_path / "module"
     (root / "a").mkdir(parents=True)
@@ -251,9 +237,6 @@ def test_a_subpath_checksum_sync_keeps_its_cache_out_of_the_content(tmp_path):
     assert sorted(os.listdir(root / "a")) == ["f"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the sender stats its root while its own scan thread creates "
-                                       "<src>/.mirror (root mtime moved, then put back): the replica's root gets "
-                                       "the transient time (about 1 first --checksum sync in 15)")
 def test_first_checksum_sync_copies_the_real_root_time(tmp_path, monkeypatch):
     # Fault injection: the real steps of ensure_state_dir with the window between them held
     # open, so the race that happens by chance happens every time.

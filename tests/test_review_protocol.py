@@ -84,8 +84,6 @@ def _changed_pair(tmp_path, small_files: int = 0):
 # -- authentication ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a receiver that answers auth=false is never asked to prove the "
-                                       "secret: an impostor collects the whole tree (auth downgrade)")
 def test_sender_with_a_secret_refuses_a_receiver_that_skips_authentication(tmp_path):
     src, impostor = tmp_path / "src", tmp_path / "impostor"
     src.mkdir()
@@ -132,8 +130,6 @@ class _FloodingReceiver(Receiver):
         raise ProtocolError("flood sent")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the sender joins signature parts without any bound: a receiver "
-                                       "makes it allocate without limit (DESIGN invariant 8)")
 def test_sender_bounds_the_signature_it_accepts(tmp_path):
     src, dst = _changed_pair(tmp_path)
     with _socket_pair_receiver(_FloodingReceiver, dst) as transport:
@@ -160,8 +156,6 @@ class _LockAppearsOnSig(Receiver):
         self.t.send([P.ERROR, "LockedError", 3, "mirroring lock appeared on the receiver"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sender._serve_signatures unpacks the reader's _Failure from "
-                                       "get_nowait(): TypeError instead of the receiver's LockedError")
 def test_receiver_error_while_signatures_are_in_flight_is_reported_as_itself(tmp_path):
     src, dst = _changed_pair(tmp_path, small_files=20)
 
@@ -196,8 +190,6 @@ except LockedError:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: local mode: a receiver that stops on an error stops reading its "
-                                       "bounded queue; the sender blocks in put() forever")
 def test_local_sync_does_not_hang_when_the_receiver_stops(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -211,8 +203,6 @@ def test_local_sync_does_not_hang_when_the_receiver_stops(tmp_path):
     assert proc.returncode == 3, proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: file_abort is not length-checked: IndexError escapes the "
-                                       "receiver, the peer gets no error message, the server logs a traceback")
 def test_short_file_abort_gets_a_protocol_error(tmp_path):
     root = tmp_path / "module"
     root.mkdir()
@@ -224,8 +214,6 @@ def test_short_file_abort_gets_a_protocol_error(tmp_path):
     assert s.error() is not None and s.error()[1] == "ProtocolError", s.replies
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the receiver checks its mirroring lock only before committing "
-                                       "files: directories, symlinks, nodes and attributes go on being applied")
 def test_receiver_lock_stops_every_change_within_a_second(tmp_path):
     root = tmp_path / "module"
     root.mkdir()
@@ -260,8 +248,6 @@ exec sh -c "$*"
 """
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: HOST:PATH is passed to the remote shell unquoted: a space breaks "
-                                       "it, and shell syntax in the path runs on the remote host")
 def test_remote_path_reaches_the_remote_shell_quoted(tmp_path):
     rsh = tmp_path / "ssh-like"
     rsh.write_text(_SSH_LIKE.format(home=tmp_path))

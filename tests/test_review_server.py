@@ -91,8 +91,6 @@ def trees(tmp_path):
 # -- idle and silent clients -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: no handshake or I/O timeout: 64 idle TCP connections (no "
-                                       "authentication needed) take every slot and lock the real sender out")
 def test_idle_connections_do_not_lock_out_the_real_sender(tmp_path, trees):
     src, dst = trees
     with mirror_server(tmp_path, {"m": str(dst)}, "--timeout", "1") as server:
@@ -106,8 +104,6 @@ def test_idle_connections_do_not_lock_out_the_real_sender(tmp_path, trees):
     assert_mirrors(src, dst)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: no I/O timeout: a sender that vanishes mid-session (power loss, "
-                                       "half-open TCP) holds the module's writer lock forever")
 def test_a_silent_writer_does_not_hold_the_module_forever(tmp_path, trees):
     src, dst = trees
     with mirror_server(tmp_path, {"m": str(dst)}, "--timeout", "1") as server:
@@ -130,8 +126,6 @@ def _file_messages(req: int, path: bytes, data: bytes, *, end: bool = True) -> l
     return messages
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: every session, dry runs included, empties .mirror/tmp at start: "
-                                       "a dry run deletes the running writer's verified temp files")
 def test_a_dry_run_does_not_break_a_concurrent_writer(tmp_path):
     root = tmp_path / "module"
     root.mkdir()
@@ -152,8 +146,6 @@ def test_a_dry_run_does_not_break_a_concurrent_writer(tmp_path):
 
 
 @pytest.mark.skipif(not is_root(), reason="needs root to mount a read-only tmpfs")
-@pytest.mark.xfail(strict=True, reason="BUG: a dry run creates .mirror/tmp in the replica: on a read-only tree "
-                                       "(the --read-only use case) the session dies with an unreported OSError")
 def test_a_dry_run_of_a_read_only_replica(tmp_path):
     root = tmp_path / "ro"
     root.mkdir()
@@ -174,8 +166,6 @@ def test_a_dry_run_of_a_read_only_replica(tmp_path):
         subprocess.run(["umount", "-l", str(root)], check=True)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an OSError while a session is set up (.mirror/tmp unusable) is not "
-                                       "a MirrorError: the sender only sees the connection close")
 def test_a_broken_state_dir_is_reported_to_the_sender(tmp_path):
     root = tmp_path / "module"
     (root / ".mirror").mkdir(parents=True)
@@ -186,8 +176,6 @@ def test_a_broken_state_dir_is_reported_to_the_sender(tmp_path):
     assert reply is not None and reply[0] == P.ERROR and ".mirror/tmp" in reply[3], (reply, s.errors)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ConfinedTree.__init__ opens the root, then fails on the temp dir "
-                                       "and never closes the root's descriptor: one fd leaked per failed session")
 def test_failed_sessions_leak_no_descriptor(tmp_path, trees):
     src, dst = trees
     (dst / ".mirror").mkdir()

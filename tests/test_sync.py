@@ -14,7 +14,7 @@ from mirror.errors import LockedError, StaleEpochError
 from mirror.lockfile import acquire
 from mirror.transfer import parse_destination, sync
 from tests.helpers import MIRROR, is_root, run_mirror, wait_until
-from tests.servers import fake_rsh, mirror_server
+from tests.servers import REMOTE_MIRROR, fake_rsh, mirror_server
 from tests.snapshot import assert_mirrors, snapshot
 from tests.test_scan_hardcases import make_hard_tree
 
@@ -85,7 +85,8 @@ def test_sync_into_subpath_of_module(hard_src, tmp_path):
 
 def test_sync_over_remote_shell(hard_src, tmp_path):
     dst = tmp_path / "over-ssh"
-    proc = run_mirror("sync", "--rsh", fake_rsh(tmp_path), hard_src, f"somehost:{dst}")
+    proc = run_mirror("sync", "--rsh", fake_rsh(tmp_path), "--remote-command", REMOTE_MIRROR, hard_src,
+                      f"somehost:{dst}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert_mirrors(hard_src, dst)
 

@@ -27,6 +27,9 @@ def add_arguments(parser):
     parser.add_argument("--secret-file", metavar="FILE", help="shared secret (first line of FILE)")
     parser.add_argument("--lock-file", metavar="PATH", help="refuse writes while this mirroring lock exists")
     parser.add_argument("--read-only", action="store_true", help="accept only dry runs")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="drop a client silent this long in the handshake or a session "
+                             "(default 30 s / 600 s; a live daemon may idle between sessions)")
     parser.add_argument("--port-file", metavar="FILE", help="write the port listened on to FILE (for --listen :0)")
 
 
@@ -38,6 +41,7 @@ def run(args) -> int:
             raise UsageError("give modules either with --config or with --module, not both")
         config = load_serve_config(args.config)
         listen, modules, max_conn = config.listen, config.modules, config.max_connections
+        timeout = args.timeout if args.timeout is not None else config.timeout
     else:
         if not args.module:
             raise UsageError("no module to serve: give --module NAME=PATH (or --config FILE)")
@@ -56,7 +60,8 @@ def run(args) -> int:
                 lock_file=os.fsencode(args.lock_file) if args.lock_file else None, read_only=args.read_only,
             )  # fmt: skip
         listen, max_conn = parse_listen(args.listen), 64
-    server = MirrorServer(listen, modules, max_conn)
+        timeout = args.timeout
+    server = MirrorServer(listen, modules, max_conn, timeout=timeout)
     if args.port_file:
         with open(args.port_file, "w") as f:
             f.write(f"{server.port}\n")
