@@ -25,7 +25,7 @@ The writes go to ``--dirs`` directories of the corpus picked by a seeded draw, s
 rsync lists a real corpus directory for every change.
 
     python -m benchmarks.bench_live --corpus /work/bench/c50000-6144M-s1/A --workdir /work/bench/live/c50000 \\
-        [--rounds 3 --back-to-back 100 --paced 34] [--tools mirror-local,mirror-serve,lsyncd] \\
+        [--rounds 5 --back-to-back 60 --paced 20] [--tools mirror-local,mirror-serve,lsyncd] \\
         [--json OUT.json] [--plot benchmarks/s4d_latency_50k.png]
     python -m benchmarks.bench_live --replot OUT.json --plot FILE.png   # figure from saved results
 
@@ -583,9 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", help="the tree to copy (cp -a) into WORKDIR/src and WORKDIR/dst when missing")
     ap.add_argument("--workdir", help="holds src, dst, the tools' state, configs and logs")
     ap.add_argument("--tools", default=",".join(TOOLS))
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--back-to-back", type=int, default=100, help="back-to-back writes per tool per round")
-    ap.add_argument("--paced", type=int, default=34, help="paced writes per tool per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--back-to-back", type=int, default=60, help="back-to-back writes per tool per round")
+    ap.add_argument("--paced", type=int, default=20, help="paced writes per tool per round")
     ap.add_argument("--interval", type=float, default=0.1, help="seconds between paced writes (default 0.1)")
     ap.add_argument("--dirs", type=int, default=16, help="corpus directories the writes go to")
     ap.add_argument("--timeout", type=float, default=30.0, help="a write not arrived by then counts as lost")
