@@ -160,7 +160,9 @@ class LivePair:
         """Runs in the watchdog thread: journal (durably) first, then wake the pair."""
         records = []
         now = time.monotonic()
+        wake = False  # a file still being written does not wake the pair: its close will
         for c in changes:
+            wake = wake or not (c.kind == W_ENTRY and c.open)
             if c.kind == W_ENTRY:
                 records.append((ENTRY, c.path, 0))
                 if c.open:
@@ -181,8 +183,9 @@ class LivePair:
                 if not c.path:
                     self._need_full = True
         self.journal.append(records)
-        with self._cond:
-            self._cond.notify_all()
+        if wake:
+            with self._cond:
+                self._cond.notify_all()
 
     # -- the pair's loop --------------------------------------------------------------------
 
@@ -323,7 +326,8 @@ class LivePair:
     def _checkpoint(self, batch: Pending, keep: set[bytes]) -> None:
         """Mark ``batch`` done, re-journaling what it could not finish (so a crash keeps it)."""
         if keep:
-            self.journal.append([(ENTRY, p, 0) for p in sorted(keep) if p in batch.entries or p in self._open_files])
+            self.journal.append([(ENTRY, p, 0) for p in sorted(keep) if p in batch.entries or p in self._open_files],
+                                force=True)  # fmt: skip
         self.journal.checkpoint(batch.seq)
 
     # -- status -------------------------------------------------------------------------------

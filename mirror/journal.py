@@ -69,7 +69,9 @@ class Journal:
         self._fd = -1
         self._size = 0
         self.replayed = 0
+        self._pending_entries: dict[bytes, int] = {}  # path -> its "other" flag, while not checkpointed
         self._open()
+        self._index()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -113,23 +115,40 @@ class Journal:
             pos = end
         return pos
 
+    def _index(self) -> None:
+        self._pending_entries = {}
+        for _, kind, path, other, _ in self._records:
+            if kind == ENTRY:
+                self._pending_entries[path] = max(self._pending_entries.get(path, 0), other or 0)
+
     # -- writing ---------------------------------------------------------------------------
 
     def _encode(self, seq: int, kind: str, path: bytes, other) -> bytes:
         body = msgpack.packb([seq, kind, path, other], use_bin_type=True)
         return _HEADER.pack(len(body), xxhash.xxh3_64_intdigest(body)) + body
 
-    def append(self, changes: list[tuple[str, bytes, object]], when: float | None = None) -> int:
-        """Record ``(kind, path, other)`` changes durably; returns the last sequence number."""
+    def append(self, changes: list[tuple[str, bytes, object]], when: float | None = None, force: bool = False) -> int:
+        """Record ``(kind, path, other)`` changes durably; returns the last sequence number.
+
+        An entry already pending (seen, not yet checkpointed) adds nothing durable and is not
+        written again: a new file's created, modified and closed events cost one fdatasync,
+        not three.  ``force`` writes it anyway (to keep it past a checkpoint of older records).
+        """
         if not changes:
             return self._seq
         when = time.time() if when is None else when
         with self._lock:
             out = bytearray()
             for kind, path, other in changes:
+                if kind == ENTRY and not force and self._pending_entries.get(path, -1) >= (other or 0):
+                    continue
+                if kind == ENTRY:
+                    self._pending_entries[path] = max(self._pending_entries.get(path, 0), other or 0)
                 self._seq += 1
                 out += self._encode(self._seq, kind, path, other)
                 self._records.append((self._seq, kind, path, other, when))
+            if not out:
+                return self._seq
             os.write(self._fd, out)
             os.fdatasync(self._fd)  # the change is taken only once this returns
             self._size += len(out)
@@ -142,6 +161,7 @@ class Journal:
                 return
             self._done = seq
             self._records = [r for r in self._records if r[0] > seq]
+            self._index()
             record = self._encode(seq, CHECKPOINT, b"", None)
             os.write(self._fd, record)
             self._size += len(record)

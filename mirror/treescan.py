@@ -21,6 +21,7 @@ still align.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import queue
@@ -204,10 +205,8 @@ class TreeScan:
         """The state dir is never part of the tree: ``.mirror`` at the root is skipped natively;
         a state dir elsewhere inside the tree is excluded by path."""
         excluder = self.excluder
-        real_root = os.path.realpath(self.root)
-        real_state = os.path.realpath(self.state_dir)
-        inside = os.path.relpath(real_state, real_root)
-        if real_state != os.path.join(real_root, STATE_DIR_NAME) and not inside.startswith(b".."):
+        inside = _state_dir_inside(self.root, self.state_dir)
+        if inside is not None:
             from .exclude import Excluder
 
             extra = Excluder([b"/" + inside + b"/***"])
@@ -378,6 +377,18 @@ class TreeScan:
             except queue.Full:
                 continue
         return False
+
+
+@functools.lru_cache(maxsize=64)
+def _state_dir_inside(root: bytes, state_dir: bytes) -> bytes | None:
+    """The state dir's path inside ``root`` when it is elsewhere than ``.mirror`` (cached: a
+    live session asks every time, and realpath costs an lstat per component)."""
+    real_root = os.path.realpath(root)
+    real_state = os.path.realpath(state_dir)
+    inside = os.path.relpath(real_state, real_root)
+    if real_state == os.path.join(real_root, STATE_DIR_NAME) or inside.startswith(b".."):
+        return None
+    return inside
 
 
 def _open_below(root: bytes, rel: bytes) -> int | None:

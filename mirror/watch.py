@@ -30,11 +30,15 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from watchdog.events import (
+    DirAttribEvent,
     DirCreatedEvent,
+    DirDeletedEvent,
     DirModifiedEvent,
     DirMovedEvent,
+    FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
+    FileDeletedEvent,
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
@@ -57,11 +61,11 @@ class Change(NamedTuple):
     open: bool = False
 
 
-class _LostEvents(FileSystemEvent):
-    """Not a real event: the emitter's way to say events were lost below ``src_path``."""
+class _LostEvents(DirModifiedEvent):
+    """Not a real event: the emitter's way to say events were lost below ``src_path`` (a
+    DirModifiedEvent only so that it passes the emitter's event filter)."""
 
     event_type = "lost"
-    is_directory = True
 
 
 class _WatchGroup(InotifyWatchGroup):
@@ -93,6 +97,12 @@ class _Emitter(InotifyEmitter):
             self.queue_event(_LostEvents(self.watch.path))
 
 
+_EVENTS = [
+    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent, FileDeletedEvent, DirDeletedEvent,
+    FileMovedEvent, DirMovedEvent, FileClosedEvent, FileAttribEvent, DirAttribEvent,
+]  # fmt: skip
+
+
 class _Observer(BaseObserver):
     def __init__(self):
         super().__init__(emitter_class=_Emitter)
@@ -115,7 +125,8 @@ class Watcher:
     def start(self) -> None:
         handler = _Handler(self)
         observer = _Observer()
-        observer.schedule(handler, os.fsdecode(self.root), recursive=True)
+        # Not IN_OPEN nor IN_CLOSE_NOWRITE: the daemon's own reads would wake it for nothing.
+        observer.schedule(handler, os.fsdecode(self.root), recursive=True, event_filter=_EVENTS)
         observer.start()
         self._observer = observer
 

@@ -170,10 +170,9 @@ def test_forced_inotify_overflow_is_followed_by_a_rescan(trees):
         converged(src, dst)
         d.proc.send_signal(signal.SIGSTOP)  # nobody reads the inotify queue now
         try:
-            flood = src / "flood"
-            flood.mkdir()
+            flood = src / "docs"  # a watched directory: every creation queues events
             for i in range(max_events + 2000):
-                (flood / f"f{i}").write_bytes(b"")
+                (flood / f"flood{i}").write_bytes(b"")
         finally:
             d.proc.send_signal(signal.SIGCONT)
         converged(src, dst, timeout=120)
