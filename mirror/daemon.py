@@ -118,6 +118,7 @@ class LivePair:
         self._cancel = threading.Event()
         self._need_full = True
         self._latencies: deque[float] = deque(maxlen=2000)
+        self._last_session_end = 0.0
         self._connection: Connection | None = None
         self._thread = threading.Thread(target=self._run, name=f"pair-{config.name}", daemon=True)
         self.fenced = False
@@ -182,10 +183,13 @@ class LivePair:
                 records.append((ENTRY, c.path, 1))
                 if not c.path:
                     self._need_full = True
-        self.journal.append(records)
+        # Written at once, made durable right after the pair is woken: the fdatasync runs
+        # while the change is being mirrored, and the change is checkpointed only after both.
+        self.journal.append(records, sync=False)
         if wake:
             with self._cond:
                 self._cond.notify_all()
+        self.journal.sync()
 
     # -- the pair's loop --------------------------------------------------------------------
 
@@ -246,7 +250,9 @@ class LivePair:
             if not len(pending):
                 self._cond.wait(timeout=self._open_file_timeout())
                 return None
-        if self.daemon.coalesce:
+        if self.daemon.coalesce and time.monotonic() - self._last_session_end < 0.05:
+            # Busy (a session ended a moment ago): wait a little to take the burst in one session.
+            # After a quiet spell a change is sent at once.
             time.sleep(self.daemon.coalesce)
         pending = self.journal.pending()
         return pending if len(pending) else None
@@ -299,7 +305,10 @@ class LivePair:
             scope = Scope(entries=[p for p in entries if p], trees=batch.trees)
             self._set_state("catching up" if after_lock else "live")
         started = time.monotonic()
-        result = self._connection.session(scope=scope, renames=batch.renames)
+        try:
+            result = self._connection.session(scope=scope, renames=batch.renames)
+        finally:
+            self._last_session_end = time.monotonic()
         done = time.time()
         self._after_lock = False
         if full:

@@ -70,6 +70,8 @@ class Journal:
         self._size = 0
         self.replayed = 0
         self._pending_entries: dict[bytes, int] = {}  # path -> its "other" flag, while not checkpointed
+        self._sync_lock = threading.Lock()
+        self._synced = 0
         self._open()
         self._index()
 
@@ -127,12 +129,15 @@ class Journal:
         body = msgpack.packb([seq, kind, path, other], use_bin_type=True)
         return _HEADER.pack(len(body), xxhash.xxh3_64_intdigest(body)) + body
 
-    def append(self, changes: list[tuple[str, bytes, object]], when: float | None = None, force: bool = False) -> int:
+    def append(self, changes: list[tuple[str, bytes, object]], when: float | None = None, force: bool = False,
+               sync: bool = True) -> int:
         """Record ``(kind, path, other)`` changes durably; returns the last sequence number.
 
         An entry already pending (seen, not yet checkpointed) adds nothing durable and is not
         written again: a new file's created, modified and closed events cost one fdatasync,
         not three.  ``force`` writes it anyway (to keep it past a checkpoint of older records).
+        ``sync=False`` leaves the fdatasync to ``sync()``, so it can run while the change is
+        being mirrored; a change is checkpointed only once it is durable (see ``checkpoint``).
         """
         if not changes:
             return self._seq
@@ -150,12 +155,27 @@ class Journal:
             if not out:
                 return self._seq
             os.write(self._fd, out)
-            os.fdatasync(self._fd)  # the change is taken only once this returns
             self._size += len(out)
-            return self._seq
+            seq = self._seq
+        if sync:
+            self.sync()
+        return seq
+
+    def sync(self) -> None:
+        """Make every record written so far durable (one fdatasync covers them all)."""
+        with self._sync_lock:
+            target = self._seq
+            if target <= self._synced:
+                return
+            os.fdatasync(self._fd)
+            self._synced = target
 
     def checkpoint(self, seq: int) -> None:
-        """Everything up to ``seq`` is mirrored.  Not fsynced: losing it only replays more."""
+        """Everything up to ``seq`` is mirrored.  Not fsynced: losing it only replays more.
+
+        The records it covers are made durable first: a change is never marked done before
+        the record that it was seen is safely on disk."""
+        self.sync()
         with self._lock:
             if seq <= self._done:
                 return
@@ -173,8 +193,9 @@ class Journal:
         if not data:  # keep the sequence numbers rising across the rewrite
             data = self._encode(self._seq, CHECKPOINT, b"", None)
         atomic_write(self.path, data, 0o600)
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        with self._sync_lock:
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._size = len(data)
 
     def compact(self) -> None:

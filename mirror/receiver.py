@@ -237,6 +237,7 @@ class Receiver:
             raise MirrorError(f"module {module.name!r} is read-only: only a dry run is allowed")
         if epoch > mine and not dry_run:
             observe_epoch(state_dir, epoch)
+        self._epoch_now = max(mine, epoch) if not dry_run else mine
         if not dry_run and self._writer is None:
             # Held for the rest of the connection: the live daemon's sessions follow one
             # another on one connection, and it stays the module's one writer meanwhile.
@@ -295,18 +296,26 @@ class Receiver:
         tree_scan = TreeScan(root, excluder=self.excluder, checksum=bool(self.flags & scan.CMP_CHECKSUM),
                              state_dir=state_dir, use_cache=True, scope=scope, background=scope is None)  # fmt: skip
         summary_error: list[BaseException] = []
-        summarizer = threading.Thread(target=self._send_summary, args=(tree_scan, summary_error), name="summary")
+        # A whole tree is summarised by a thread while requests are served; a scoped (live)
+        # session's few listings are sent at once, before the first request can come.
+        summarizer = None
+        if scope is None:
+            summarizer = threading.Thread(target=self._send_summary, args=(tree_scan, summary_error), name="summary")
         root_st = os.stat(self.tree.root_fd)
         root_attrs = [root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid, root_st.st_mtime_ns]
-        self.t.send([P.READY, {"epoch": read_epoch(state_dir), "root": root_attrs}])
-        summarizer.start()
+        self.t.send([P.READY, {"epoch": self._epoch_now, "root": root_attrs}], flush=summarizer is not None)
         try:
+            if summarizer is not None:
+                summarizer.start()
+            else:
+                self._send_summary(tree_scan, summary_error)
             self._handle_until_end(summarizer)
         except BaseException:
             self._discard_all()
             raise
         finally:
-            summarizer.join()
+            if summarizer is not None and summarizer.ident is not None:
+                summarizer.join()
             self.tree.close()
         if summary_error:
             raise summary_error[0]
@@ -369,7 +378,7 @@ class Receiver:
         if self.eager:
             self._send_listings([listing.path for listing in listings])
 
-    def _handle_until_end(self, summarizer: threading.Thread) -> None:
+    def _handle_until_end(self, summarizer: threading.Thread | None) -> None:
         handlers = {
             P.WANT: self._on_want, P.SIG: self._on_sig, P.FILE: self._on_file, P.DATA: self._on_data,
             P.COPY: self._on_copy, P.FILE_END: self._on_file_end, P.FILE_ABORT: self._on_file_abort,
@@ -383,7 +392,8 @@ class Receiver:
                 raise ProtocolError("sender closed the connection in the middle of a session")
             kind = message[0]
             if kind == P.END:
-                summarizer.join()
+                if summarizer is not None:
+                    summarizer.join()
                 self._finish_session()
                 return
             if kind in _MUTATING:

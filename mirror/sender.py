@@ -390,49 +390,24 @@ class Sender:
     def _pairs(self, tree: TreeScan):
         """``(src, dst)`` listing pairs in canonical order; dst fetched only where it differs.
 
-        A helper thread walks ahead, matching fingerprints and asking for listings, so the
-        answers are usually here by the time the comparison reaches them.
+        For a whole tree a helper thread walks ahead, matching fingerprints and asking for
+        listings, so the answers are usually here by the time the comparison reaches them.
+        A scoped (live) session is a handful of listings that all come unasked: no thread.
         """
+        if self._scoped:
+            for src, dst in self._match(tree, eager=True):
+                yield from self._resolve(src, dst)
+            return
         ahead: queue.Queue = queue.Queue(maxsize=1024)
         error: list[BaseException] = []
-        eager = self._scoped  # the receiver sends every listing after its summary item
 
         def walk():
             try:
-                src_iter = iter(tree)
-                summary = self._summary_items()
-                s = next(src_iter, None)
-                d = next(summary, None)
-                while s is not None or d is not None:
-                    s_key = canonical_key(s.path) if s is not None else None
-                    d_key = canonical_key(d[0]) if d is not None else None
-                    if d_key is None or (s_key is not None and s_key < d_key):
-                        ahead.put((s, None))
-                        s = next(src_iter, None)
-                    elif s_key is None or d_key < s_key:
-                        if eager:
-                            ahead.put((None, _DISCARD))  # its listing comes anyway: skip it in order
-                        d = next(summary, None)  # only on the receiver: its parent's listing deletes it
-                    else:
-                        path, fingerprint, flags = d
-                        if eager:
-                            ahead.put((s, _WANTED))  # the receiver sends every listing unasked
-                        elif flags & P.INCOMPLETE:
-                            ahead.put((s, self.scan.Listing(path, complete=False)))
-                        elif (fingerprint == s.fingerprint(self.flags) and not flags & P.HAS_LINKS
-                              and not s.has_links()):  # fmt: skip
-                            ahead.put((s, s))  # unchanged: compares equal to itself
-                        else:
-                            self.t.send([P.WANT, [path]], flush=False)
-                            ahead.put((s, _WANTED))
-                        s = next(src_iter, None)
-                        d = next(summary, None)
-                    if ahead.qsize() == 0:
-                        self.t.flush()
-                for _ in summary:
-                    pass
+                for item in self._match(tree, eager=False):
+                    ahead.put(item)
+                    if ahead.qsize() == 1:
+                        self.t.flush()  # the consumer may be waiting on what is buffered
                 self.t.flush()
-                self.out.problems.extend(tree.problems)
             except BaseException as exc:
                 error.append(exc)
             finally:
@@ -449,22 +424,58 @@ class Sender:
                     item = ahead.get()
                 if item is None:
                     break
-                src, dst = item
-                if dst is _DISCARD:
-                    self._receive_listing(None)
-                    continue
-                if dst is _WANTED:
-                    self.t.flush()
-                    dst = self._receive_listing(src.path)
-                for entry in src:
-                    if entry.kind == Kind.DIR:
-                        self._dir_entries[join(src.path, entry.name)] = entry
-                self.out.stats.files_seen += len(src)
-                yield src, dst
+                yield from self._resolve(*item)
         finally:
             walker.join()
         if error:
             raise error[0]
+
+    def _match(self, tree: TreeScan, eager: bool):
+        """Our listings against the receiver's summary: ``(src, dst)`` where dst is a listing,
+        None (absent there), ``_WANTED`` (its listing is on its way) or ``_DISCARD``."""
+        src_iter = iter(tree)
+        summary = self._summary_items()
+        s = next(src_iter, None)
+        d = next(summary, None)
+        while s is not None or d is not None:
+            s_key = canonical_key(s.path) if s is not None else None
+            d_key = canonical_key(d[0]) if d is not None else None
+            if d_key is None or (s_key is not None and s_key < d_key):
+                yield s, None
+                s = next(src_iter, None)
+            elif s_key is None or d_key < s_key:
+                if eager:
+                    yield None, _DISCARD  # its listing comes anyway: skip it in order
+                d = next(summary, None)  # only on the receiver: its parent's listing deletes it
+            else:
+                path, fingerprint, flags = d
+                if eager:
+                    yield s, _WANTED  # the receiver sends every listing unasked
+                elif flags & P.INCOMPLETE:
+                    yield s, self.scan.Listing(path, complete=False)
+                elif fingerprint == s.fingerprint(self.flags) and not flags & P.HAS_LINKS and not s.has_links():
+                    yield s, s  # unchanged: compares equal to itself
+                else:
+                    self.t.send([P.WANT, [path]], flush=False)
+                    yield s, _WANTED
+                s = next(src_iter, None)
+                d = next(summary, None)
+        for _ in summary:
+            pass
+        self.out.problems.extend(tree.problems)
+
+    def _resolve(self, src, dst):
+        if dst is _DISCARD:
+            self._receive_listing(None)
+            return
+        if dst is _WANTED:
+            self.t.flush()
+            dst = self._receive_listing(src.path)
+        for entry in src:
+            if entry.kind == Kind.DIR:
+                self._dir_entries[join(src.path, entry.name)] = entry
+        self.out.stats.files_seen += len(src)
+        yield src, dst
 
     def _receive_listing(self, path: bytes | None):
         """The receiver's listing of ``path`` (the next one to arrive; None: take and drop it)."""
