@@ -261,7 +261,12 @@ class TreeScan:
                 writer.abort()
             raise
         if writer is not None:
-            writer.commit()
+            if self.stats.hashed == 0 and self.stats.cache == "warm":
+                # Every digest came from the cache: it is as good as the new one would be
+                # (reuse checks each file's size, times and inode), so keep it, unwritten.
+                writer.abort()
+            else:
+                writer.commit()
         self.stats.seconds = time.perf_counter() - started
 
     def _produce_scoped(self, scanner) -> Iterator:
