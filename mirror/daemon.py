@@ -244,7 +244,7 @@ class LivePair:
     def _next_batch(self) -> Pending | None:
         """Wait for changes (and a short coalescing window); None to go round the loop again."""
         if self._need_full or getattr(self, "_after_lock", False):
-            return self.journal.pending()
+            return self.journal.take()
         with self._cond:
             pending = self.journal.pending()
             if not len(pending):
@@ -254,7 +254,7 @@ class LivePair:
             # Busy (a session ended a moment ago): wait a little to take the burst in one session.
             # After a quiet spell a change is sent at once.
             time.sleep(self.daemon.coalesce)
-        pending = self.journal.pending()
+        pending = self.journal.take()
         return pending if len(pending) else None
 
     def _open_file_timeout(self) -> float:

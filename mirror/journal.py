@@ -69,7 +69,9 @@ class Journal:
         self._fd = -1
         self._size = 0
         self.replayed = 0
-        self._pending_entries: dict[bytes, int] = {}  # path -> its "other" flag, while not checkpointed
+        # path -> (its "other" flag, seq of its newest record), while not checkpointed
+        self._pending_entries: dict[bytes, tuple[int, int]] = {}
+        self._taken = 0  # the newest record handed to a session by take()
         self._sync_lock = threading.Lock()
         self._synced = 0
         self._open()
@@ -119,9 +121,10 @@ class Journal:
 
     def _index(self) -> None:
         self._pending_entries = {}
-        for _, kind, path, other, _ in self._records:
+        for seq, kind, path, other, _ in self._records:
             if kind == ENTRY:
-                self._pending_entries[path] = max(self._pending_entries.get(path, 0), other or 0)
+                flag = max(self._pending_entries.get(path, (0, 0))[0], other or 0)
+                self._pending_entries[path] = (flag, seq)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -133,9 +136,12 @@ class Journal:
                sync: bool = True) -> int:
         """Record ``(kind, path, other)`` changes durably; returns the last sequence number.
 
-        An entry already pending (seen, not yet checkpointed) adds nothing durable and is not
-        written again: a new file's created, modified and closed events cost one fdatasync,
-        not three.  ``force`` writes it anyway (to keep it past a checkpoint of older records).
+        An entry already pending (seen, not yet taken by a session) adds nothing durable and is
+        not written again: a new file's created, modified and closed events cost one
+        fdatasync, not three.  Once its record has been taken (``take``), the session may have
+        read the entry already, so a new change to it is a new record: the checkpoint of the
+        session's batch must not cover it.  ``force`` writes it anyway (to keep it past a
+        checkpoint of older records).
         ``sync=False`` leaves the fdatasync to ``sync()``, so it can run while the change is
         being mirrored; a change is checkpointed only once it is durable (see ``checkpoint``).
         """
@@ -145,11 +151,12 @@ class Journal:
         with self._lock:
             out = bytearray()
             for kind, path, other in changes:
-                if kind == ENTRY and not force and self._pending_entries.get(path, -1) >= (other or 0):
+                known = self._pending_entries.get(path) if kind == ENTRY else None
+                if known is not None and not force and known[1] > self._taken and known[0] >= (other or 0):
                     continue
-                if kind == ENTRY:
-                    self._pending_entries[path] = max(self._pending_entries.get(path, 0), other or 0)
                 self._seq += 1
+                if kind == ENTRY:
+                    self._pending_entries[path] = (max(known[0] if known else 0, other or 0), self._seq)
                 out += self._encode(self._seq, kind, path, other)
                 self._records.append((self._seq, kind, path, other, when))
             if not out:
@@ -217,6 +224,13 @@ class Journal:
                 out.entries.setdefault(path, when)
                 out.entries.setdefault(other, when)
         return out
+
+    def take(self) -> Pending:
+        """The pending changes, handed to a session that will act on them: from now on a new
+        change to one of these entries is journaled again (see ``append``)."""
+        with self._lock:
+            self._taken = self._seq
+        return self.pending(up_to=self._taken)
 
     @property
     def size(self) -> int:

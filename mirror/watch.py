@@ -26,7 +26,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from watchdog.events import (
@@ -46,6 +48,8 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
+from watchdog.observers.inotify_c import InotifyEvent
+from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
 from .statedir import STATE_DIR_NAME
 
@@ -68,6 +72,13 @@ class _LostEvents(DirModifiedEvent):
     event_type = "lost"
 
 
+@dataclass(unsafe_hash=True, frozen=True)
+class _FoundInNewDirectory(InotifyEvent):
+    """An entry watchdog found by walking a directory that was just created.  The directory's
+    own event comes first and is scanned whole, after the walk, so these add nothing: and
+    a file found this way is not known to be open (its close may have come before the watch)."""
+
+
 class _WatchGroup(InotifyWatchGroup):
     overflow_hook: Callable[[], None] | None = None
 
@@ -75,6 +86,9 @@ class _WatchGroup(InotifyWatchGroup):
         super().on_queue_overflow()
         if self.overflow_hook is not None:
             self.overflow_hook()
+
+    def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
+        return [_FoundInNewDirectory(e.wd, e.mask, e.cookie, e.name) for e in super()._recursive_simulate(src_path)]
 
 
 class _Emitter(InotifyEmitter):
@@ -88,9 +102,27 @@ class _Emitter(InotifyEmitter):
         )  # fmt: skip
         self._inotify.overflow_hook = lambda: self.queue_event(_LostEvents(self.watch.path))
 
+    def build_and_queue_event(self, event, *, full_events: bool = False) -> None:
+        if isinstance(event, PathedInotifyEvent) and isinstance(event.ev, _FoundInNewDirectory):
+            kind = DirCreatedEvent if event.ev.is_directory else FileCreatedEvent
+            self.queue_event(kind(self._decode_path(event.path), is_synthetic=True))
+            return
+        super().build_and_queue_event(event, full_events=full_events)
+
     def queue_events(self, timeout, *, full_events: bool = False) -> None:
+        # watchdog logs an ERROR when this runs as the observer stops (its watch group is
+        # gone already): a normal shutdown, not worth a word.
+        with self._lock:
+            group = self._inotify
+        if group is None:
+            return
         try:
-            super().queue_events(timeout, full_events=full_events)
+            event = group.read_event()
+            if event is None:
+                return
+            with self._lock:
+                if self._inotify is not None:
+                    self.build_and_queue_event(event, full_events=full_events)
         except OSError as exc:
             # Typically ENOSPC from inotify_add_watch: a directory is not watched.
             log.warning("watch failed under %s: %s; rescanning", self.watch.path, exc)
@@ -123,6 +155,9 @@ class Watcher:
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        # A directory watched twice (its own IN_CREATE and its parent's recursive walk both
+        # add it) makes watchdog warn that the callback is replaced: the same callback.
+        warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
         handler = _Handler(self)
         observer = _Observer()
         # Not IN_OPEN nor IN_CLOSE_NOWRITE: the daemon's own reads would wake it for nothing.

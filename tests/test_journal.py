@@ -65,3 +65,19 @@ def test_compaction_keeps_pending_and_sequence(tmp_path, monkeypatch):
     again = J.Journal(path)
     assert set(again.pending().entries) == {b"f199"}
     assert again.append([(J.ENTRY, b"next", 0)]) > seq
+
+
+def test_change_to_an_entry_in_flight_survives_the_checkpoint(tmp_path):
+    """A file changed again while a session mirrors it (after the session read it) must stay
+    pending past that session's checkpoint: the demo once lost an append this way."""
+    j = J.Journal(os.fsencode(tmp_path / "j"))
+    j.append([(J.ENTRY, b"notes.txt", 0)])
+    j.append([(J.ENTRY, b"notes.txt", 0)])  # not taken yet: deduplicated
+    assert j.pending().seq == 1
+    batch = j.take()  # a session starts on it and reads notes.txt
+    assert set(batch.entries) == {b"notes.txt"}
+    j.append([(J.ENTRY, b"notes.txt", 0)])  # appended to meanwhile
+    j.checkpoint(batch.seq)  # the session ends
+    assert set(j.pending().entries) == {b"notes.txt"}
+    j.append([(J.ENTRY, b"notes.txt", 0)])  # pending and not taken: deduplicated again
+    assert j.pending().seq == 2
