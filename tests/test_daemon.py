@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import time
 import urllib.request
@@ -47,6 +48,25 @@ def test_every_kind_of_change_arrives(trees):
         converged(src, dst)
         assert os.stat(dst / "docs" / "big-renamed").st_ino == ino  # a rename, not a copy
         assert "Traceback" not in d.log_text()
+
+
+def test_a_file_changed_again_while_it_is_mirrored_arrives(trees):
+    """Appends that land while the previous version is in flight are not lost (no restart, no
+    reconcile: the live path alone must carry every change)."""
+    src, dst = trees
+    with live_daemon(src, dst):
+        converged(src, dst)
+        log = src / "docs" / "log"
+        rng = random.Random(5)
+        for i in range(30):
+            # The second write lands at a random moment of the session mirroring the first.
+            for line in (b"a%d\n" % i, b"b%d\n" % i):
+                with open(log, "ab") as f:
+                    f.write(line)
+                time.sleep(rng.uniform(0, 0.008))
+            wait_until(lambda: (dst / "docs" / "log").exists()
+                       and (dst / "docs" / "log").read_bytes() == log.read_bytes(), timeout=10)  # fmt: skip
+        converged(src, dst, timeout=10)
 
 
 def test_through_a_real_server_and_status(trees, tmp_path):
