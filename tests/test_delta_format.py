@@ -18,6 +18,8 @@ from pathlib import Path
 import msgpack
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mirror import deltafmt
 from mirror.errors import FormatError, IntegrityError, LimitExceeded
@@ -264,3 +266,65 @@ def test_copy_header_fields_are_little_endian_weak_sums():
     sig = golden_signature(impl)
     first = struct.unpack_from("<I", sig.weak, 0)[0]
     assert first == impl.weak_sum(GOLDEN_BASIS[:GOLDEN_BLOCK])
+
+
+# Fuzzing: valid streams with random bytes overwritten, inserted or cut, and plain noise.  A
+# reader either returns a well-formed result or raises one of the library's errors; it never
+# crashes otherwise, hangs or allocates for what the stream merely declares.
+_mutations = st.lists(
+    st.tuples(st.sampled_from(["set", "insert", "cut"]), st.integers(0, 1 << 16), st.binary(min_size=1, max_size=9)),
+    min_size=1, max_size=4,
+)  # fmt: skip
+
+
+def _mutate(data: bytes, mutations) -> bytes:
+    out = bytearray(data)
+    for kind, at, piece in mutations:
+        at %= len(out) + 1
+        if kind == "set":
+            out[at : at + len(piece)] = piece
+        elif kind == "insert":
+            out[at:at] = piece
+        else:
+            del out[at : at + len(piece)]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("impl", BOTH)
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=200), _mutations.map(lambda m: ("mutate", m))))
+def test_signature_reader_fuzz(impl, case):
+    data = _mutate(deltafmt.signature_to_bytes(golden_signature(impl)), case[1]) if isinstance(case, tuple) else case
+    tracemalloc.start()
+    try:
+        deltafmt.signature_from_bytes(data, impl=impl)
+    except (FormatError, IntegrityError):
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 2 << 20
+
+
+@pytest.mark.parametrize("impl", BOTH)
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=200), _mutations.map(lambda m: ("mutate", m))))
+def test_delta_reader_fuzz(tmp_path_factory, impl, case):
+    valid = delta_bytes(impl, golden_signature(impl), GOLDEN_NEW)
+    data = _mutate(valid, case[1]) if isinstance(case, tuple) else case
+    basis_path = tmp_path_factory.getbasetemp() / "fuzz-basis"
+    if not basis_path.exists():
+        basis_path.write_bytes(GOLDEN_BASIS)
+    out = io.BytesIO()
+    tracemalloc.start()
+    try:
+        with open(basis_path, "rb") as basis:
+            deltafmt.patch_stream(basis, io.BytesIO(data), out, impl=impl)
+        # Accepted: then it must be a stream that verifies, i.e. the real new file.
+        assert out.getvalue() == GOLDEN_NEW
+    except (FormatError, IntegrityError):
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 4 << 20
