@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # "racy clean" problem).  2 s covers the coarsest common granularity (FAT, SMB).
 RACY_MARGIN_NS = 2_000_000_000
 _BATCH_ENTRIES = 2048
+_HOLD_ENTRIES = 256 * 1024  # listings held back while the digest cache may stay as it is
 _QUEUE_BATCHES = 8
 _DONE = object()
 
@@ -231,7 +232,7 @@ class TreeScan:
             self.stats.seconds = time.perf_counter() - started
             return
         started_ns = time.time_ns()
-        writer = None
+        cache_path = None
         previous = None
         self._racy_ns = 0
         if self.checksum:
@@ -241,7 +242,7 @@ class TreeScan:
                 # Prime the generator so the header (and racy_ns) is read before scanning.
                 first = next(previous, None)
                 previous = _chain_first(first, previous)
-            writer = self._open_cache_writer(cache_path, started_ns)
+        cache = _CacheUpdate(self, cache_path, started_ns) if cache_path is not None else None
         try:
             for listing in scanner.scan(
                 self.root,
@@ -251,22 +252,17 @@ class TreeScan:
                 previous=previous,
                 racy_ns=self._racy_ns,
             ):
-                if writer is not None:
-                    writer.add(listing)
+                if cache is not None:
+                    cache.add(listing)
                 self.stats.add(listing)
                 self.problems.extend(listing.problems)
                 yield listing
         except BaseException:
-            if writer is not None:
-                writer.abort()
+            if cache is not None:
+                cache.abort()
             raise
-        if writer is not None:
-            if self.stats.hashed == 0 and self.stats.cache == "warm":
-                # Every digest came from the cache: it is as good as the new one would be
-                # (reuse checks each file's size, times and inode), so keep it, unwritten.
-                writer.abort()
-            else:
-                writer.commit()
+        if cache is not None:
+            cache.finish()
         self.stats.seconds = time.perf_counter() - started
 
     def _produce_scoped(self, scanner) -> Iterator:
@@ -382,6 +378,58 @@ class TreeScan:
             except queue.Full:
                 continue
         return False
+
+
+class _CacheUpdate:
+    """Writes a tree's new digest cache as its scan goes, unless it would equal the old one.
+
+    While every digest so far came from the warm cache (nothing hashed), the listings are held
+    back instead of written: if the whole scan ends that way, the old cache is as good as a new
+    one (reuse checks each file's size, times and inode) and is kept, which spares a second
+    ``--checksum`` run of an unchanged tree the cost of rewriting it.  Memory for the held-back
+    listings is bounded by ``_HOLD_ENTRIES``; beyond it they are written out as usual.
+    """
+
+    def __init__(self, scan: TreeScan, path: bytes, started_ns: int):
+        self.scan = scan
+        self.path = path
+        self.started_ns = started_ns
+        self.writer = None
+        self.held: list | None = [] if scan.stats.cache == "warm" else None
+        self.held_entries = 0
+        if self.held is None:
+            self._open()
+
+    def _open(self) -> None:
+        self.writer = self.scan._open_cache_writer(self.path, self.started_ns)
+        held, self.held = self.held or [], None
+        if self.writer is not None:
+            for listing in held:
+                self.writer.add(listing)
+
+    def add(self, listing) -> None:
+        if self.held is not None:
+            self.held.append(listing)
+            self.held_entries += len(listing) + 1
+            if getattr(listing, "hashed", 0) or self.held_entries > _HOLD_ENTRIES:
+                self._open()
+        elif self.writer is not None:
+            self.writer.add(listing)
+
+    def finish(self) -> None:
+        unchanged = self.scan.stats.hashed == 0 and self.scan.stats.cache == "warm"
+        if self.held is not None and not unchanged:
+            self._open()  # e.g. the old cache turned out damaged half-way
+        if self.writer is None:
+            return
+        if unchanged:
+            self.writer.abort()
+        else:
+            self.writer.commit()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
 
 
 @functools.lru_cache(maxsize=64)

@@ -113,6 +113,29 @@ def test_digest_cache_is_reused_while_files_are_unchanged(tmp_path):
     assert _scan_stats(root).hashed == 1
 
 
+@pytest.mark.parametrize("hold", [1 << 20, 3])  # listings held back, or written out past the limit
+def test_unchanged_cache_is_kept_and_a_changed_one_rewritten(tmp_path, monkeypatch, hold):
+    import mirror.treescan as treescan
+
+    monkeypatch.setattr(treescan, "_HOLD_ENTRIES", hold)
+    root = str(tmp_path / "t")
+    for d in range(4):
+        for i in range(5):
+            write(os.path.join(root, f"d{d}", f"f{i}"), b"x" * i, mtime_ns=T0)
+    _scan_stats(root)
+    cache_dir = os.path.join(root, ".mirror")
+    (name,) = os.listdir(cache_dir)
+    before = os.stat(os.path.join(cache_dir, name))
+    assert _scan_stats(root).hashed == 0
+    after = os.stat(os.path.join(cache_dir, name))
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # kept as it was
+    write(os.path.join(root, "d3", "new"), b"new file", mtime_ns=T0)  # in the last directory scanned
+    assert _scan_stats(root).hashed == 1
+    assert os.stat(os.path.join(cache_dir, name)).st_ino != before.st_ino  # rewritten
+    stats = _scan_stats(root)
+    assert (stats.hashed, stats.digests, stats.cache) == (0, 21, "warm")  # with every digest
+
+
 def test_same_size_same_mtime_rewrite_is_caught_by_ctime(tmp_path):
     root = str(tmp_path / "t")
     write(os.path.join(root, "f"), b"aaaa", mtime_ns=T0)
