@@ -19,9 +19,7 @@ import subprocess
 import sys
 
 from benchmarks import corpus
-from benchmarks.harness import Case, drop_caches, have, measure, table
-
-MIRROR = [sys.executable, "-m", "mirror"]
+from benchmarks.harness import MIRROR, Case, drop_caches, have, measure, table
 
 
 def ensure_corpus(workdir: str, files: int, total: int, seed: int) -> tuple[str, str]:
@@ -58,7 +56,7 @@ def main(argv=None) -> int:
     scenarios = set(args.scenarios.split(","))
     cold = drop_caches if args.cold else None
     print(f"corpus: {args.files} files, {args.bytes / 1e9:.1f} GB; page cache {'cold' if args.cold else 'warm'}; "
-          f"python {sys.executable}\n")  # fmt: skip
+          f"ours: {' '.join(MIRROR)}\n")  # fmt: skip
 
     if "S1" in scenarios:
         remove_caches(a, b)

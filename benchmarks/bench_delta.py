@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import Case, have, measure  # noqa: E402
+from benchmarks.harness import MIRROR, Case, have, measure  # noqa: E402
 
 MIB = 1 << 20
 EDITS = 1000
@@ -109,7 +109,6 @@ def fresh(*paths: str):
     return prepare
 
 
-MIRROR = [sys.executable, "-m", "mirror"]
 TIME = "/usr/bin/time"
 
 

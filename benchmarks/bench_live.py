@@ -54,7 +54,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.harness import have
+from benchmarks.harness import have, mirror_command
 
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080
@@ -223,13 +223,6 @@ def pick_dirs(root: str, count: int, seed: int = 4) -> list[str]:
 
 
 # -- the tools ----------------------------------------------------------------------------------
-
-
-def mirror_command() -> list[str]:
-    """The installed ``mirror`` script next to this interpreter (not ``-m mirror``, which from
-    a source checkout would import the uncompiled tree in the working directory)."""
-    script = os.path.join(os.path.dirname(sys.executable), "mirror")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "mirror"]
 
 
 def _stop(proc: subprocess.Popen | None, timeout: float = 30.0) -> None:

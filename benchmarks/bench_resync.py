@@ -24,9 +24,7 @@ import time
 
 from benchmarks import corpus
 from benchmarks.bench_compare import ensure_corpus
-from benchmarks.harness import have, run_child
-
-MIRROR = [sys.executable, "-m", "mirror"]
+from benchmarks.harness import MIRROR, have, run_child
 
 
 def changed_files(root: str, fraction: float, seed: int) -> list[str]:

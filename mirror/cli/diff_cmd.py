@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from ..compare import CompareOptions, CompareSummary, compare_trees, root_entry
 from ..errors import EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK
-from ..itemize import change_json, item_lines
 from ..treescan import TreeScan
 from ._common import (
     add_exclude_arguments,
@@ -50,7 +48,10 @@ def run(args) -> int:
                               state_dir=state_dir, use_cache=not args.no_cache))
     src, dst = sides
     for side in sides:
-        side.start()  # both trees are scanned while the rest of the command loads
+        side.start()
+    # Imported only now: both trees are being scanned while the comparison code loads.
+    from ..compare import CompareOptions, CompareSummary, compare_trees, root_entry
+    from ..itemize import change_json, item_lines
 
     options = CompareOptions(checksum=args.checksum, owner=not args.no_owner, dir_times=not args.no_dir_times)
     summary = CompareSummary()
