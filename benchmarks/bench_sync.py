@@ -50,7 +50,7 @@ class Servers:
         self.mport, self.rport = free_port(), free_port()
         conf = os.path.join(self.dir, "rsyncd.conf")
         with open(conf, "w") as f:
-            f.write(f"use chroot = false\nuid = root\ngid = root\n[m]\npath = {rsync_root}\nread only = false\n")
+            f.write(f"use chroot = false\nmunge symlinks = false\nuid = root\ngid = root\n[m]\npath = {rsync_root}\nread only = false\n")
         self.procs = [
             subprocess.Popen(MIRROR + ["serve", "--listen", f"127.0.0.1:{self.mport}", "--module",
                                        f"m={mirror_root}", "--secret-file", self.secret, "-q"]),  # fmt: skip

@@ -138,6 +138,9 @@ class StreamTransport:
             self._on_close()
 
 
+_END_OF_STREAM = object()  # what LocalTransport.close() leaves in the other end's inbox
+
+
 class LocalTransport:
     """One end of an in-process pair: the same messages, no encoding, no sockets.
 
@@ -153,6 +156,7 @@ class LocalTransport:
         self._peer_closed = peers
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._peer_done = False
 
     @classmethod
     def pair(cls, depth: int = 256) -> tuple[LocalTransport, LocalTransport]:
@@ -177,15 +181,26 @@ class LocalTransport:
         pass
 
     def recv(self) -> list | None:
-        while True:
+        while not self._peer_done:
             try:
-                return self._inbox.get(timeout=0.05 if self._peer_closed.is_set() else 0.2)
+                item = self._inbox.get(timeout=0.05 if self._peer_closed.is_set() else 0.2)
             except queue.Empty:
                 if self._peer_closed.is_set():
                     return None
+                continue
+            if item is _END_OF_STREAM:
+                self._peer_done = True
+                break
+            return item
+        return None
 
     def close(self) -> None:
         self._closed.set()
+        try:
+            # Wakes the other end at once (it would otherwise notice the close at its next poll).
+            self._outbox.put_nowait(_END_OF_STREAM)
+        except queue.Full:
+            pass
 
 
 class RateLimiter:

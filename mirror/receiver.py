@@ -293,13 +293,18 @@ class Receiver:
         self.dir_attrs: list[tuple] = []
         self.stats = SessionStats()
         self.incoming: _Incoming | None = None
-        tree_scan = TreeScan(root, excluder=self.excluder, checksum=bool(self.flags & scan.CMP_CHECKSUM),
-                             state_dir=state_dir, use_cache=True, scope=scope, background=scope is None)  # fmt: skip
+        # Without a summary (local mode: the sender, in this process, scans this tree itself
+        # and compares directly) this side only writes.
+        summarize = opts.get("summary", True) is not False
+        tree_scan = None
+        if summarize:
+            tree_scan = TreeScan(root, excluder=self.excluder, checksum=bool(self.flags & scan.CMP_CHECKSUM),
+                                 state_dir=state_dir, use_cache=True, scope=scope, background=scope is None)  # fmt: skip
         summary_error: list[BaseException] = []
         # A whole tree is summarised by a thread while requests are served; a scoped (live)
         # session's few listings are sent at once, before the first request can come.
         summarizer = None
-        if scope is None:
+        if summarize and scope is None:
             summarizer = threading.Thread(target=self._send_summary, args=(tree_scan, summary_error), name="summary")
         root_st = os.stat(self.tree.root_fd)
         root_attrs = [root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid, root_st.st_mtime_ns]
@@ -307,7 +312,7 @@ class Receiver:
         try:
             if summarizer is not None:
                 summarizer.start()
-            else:
+            elif summarize:
                 self._send_summary(tree_scan, summary_error)
             self._handle_until_end(summarizer)
         except BaseException:

@@ -45,6 +45,7 @@ from .compare import (
     Change,
     CompareOptions,
     CompareSummary,
+    align,
     compare_pairs,
     root_entry,
 )
@@ -208,8 +209,13 @@ class Sender:
     """Push one tree to a receiver over ``transport``; ``run()`` returns a ``SendOutcome``."""
 
     def __init__(self, src_root: bytes, transport, options: SenderOptions, *, module: str = "",
-                 subpath: bytes = b"", on_change=None, on_progress=None):  # fmt: skip
+                 subpath: bytes = b"", on_change=None, on_progress=None, local_dst: bytes | None = None):  # fmt: skip
         self.root = src_root
+        # Local mode: the destination tree is in this process's reach, so it is scanned here
+        # and compared directly (as ``mirror diff`` does) instead of through the receiver's
+        # summary; the receiver, told so at ``start``, only writes.
+        self.local_dst = local_dst
+        self._dst_tree: TreeScan | None = None
         self.t = transport
         self.o = options
         self.module = module
@@ -308,9 +314,13 @@ class Sender:
             "epoch": epoch, "delete": self.o.delete, "checksum": self.o.checksum, "dry_run": self.o.dry_run,
             "flags": self.flags, "owner": owner, "excludes": list(self.o.excludes), "no_fsync": not self.o.fsync,
             "scope": scope.as_wire() if scope is not None and not scope.everything else None,
-            "renames": [list(r) for r in renames],
+            "renames": [list(r) for r in renames], "summary": self.local_dst is None,
         }])  # fmt: skip
         ready = self._expect(P.READY)[1]
+        if self.local_dst is not None:
+            # Scanned only now: READY says the receiver has done the session's renames.
+            self._dst_tree = TreeScan(self.local_dst, excluder=_excluder(self.o.excludes), checksum=self.o.checksum,
+                                      scope=scope, background=scope is None).start()  # fmt: skip
         self._compare_root(ready.get("root"))
         reader = _Reader(self.t)
         reader.start()
@@ -394,6 +404,9 @@ class Sender:
         listings, so the answers are usually here by the time the comparison reaches them.
         A scoped (live) session is a handful of listings that all come unasked: no thread.
         """
+        if self._dst_tree is not None:
+            yield from self._pairs_direct(tree, self._dst_tree)
+            return
         if self._scoped:
             for src, dst in self._match(tree, eager=True):
                 yield from self._resolve(src, dst)
@@ -430,6 +443,17 @@ class Sender:
         if error:
             raise error[0]
 
+    def _pairs_direct(self, tree: TreeScan, dst_tree: TreeScan):
+        """Local mode: our listings against the destination's own, scanned here."""
+        for src, dst in align(tree, dst_tree):
+            if dst is not None and dst.problems:
+                # Named as the receiver's summary would name them (these listings are ours alone).
+                dst.problems[:] = [ScanProblem(p.path, p.errno, "on the receiver: " + p.message) for p in dst.problems]
+            if src is None:  # only there: its parent's listing deletes it
+                self.out.problems.extend(dst.problems)
+                continue
+            yield from self._resolve(src, dst)
+
     def _match(self, tree: TreeScan, eager: bool):
         """Our listings against the receiver's summary: ``(src, dst)`` where dst is a listing,
         None (absent there), ``_WANTED`` (its listing is on its way) or ``_DISCARD``."""
@@ -462,7 +486,6 @@ class Sender:
                 d = next(summary, None)
         for _ in summary:
             pass
-        self.out.problems.extend(tree.problems)
 
     def _resolve(self, src, dst):
         if dst is _DISCARD:
@@ -471,9 +494,8 @@ class Sender:
         if dst is _WANTED:
             self.t.flush()
             dst = self._receive_listing(src.path)
-        for entry in src:
-            if entry.kind == Kind.DIR:
-                self._dir_entries[join(src.path, entry.name)] = entry
+        for name in src.subdirs():  # only the directories become Entry tuples (not every file)
+            self._dir_entries[join(src.path, name)] = src[src.index(name)]
         self.out.stats.files_seen += len(src)
         yield src, dst
 

@@ -150,7 +150,8 @@ class Connection:
         self.transport, self._cleanup = transport, cleanup
         try:
             self.sender = Sender(self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
-                                 on_change=self._callbacks[0], on_progress=self._callbacks[1])  # fmt: skip
+                                 on_change=self._callbacks[0], on_progress=self._callbacks[1],
+                                 local_dst=self.dest.path if self.dest.kind == "local" else None)  # fmt: skip
             self.welcome = self.sender.handshake()
         except BaseException:
             self.close()

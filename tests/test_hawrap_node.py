@@ -43,6 +43,8 @@ def serving(tmp_path, name):
 def test_home_node_wins_the_cold_start_and_status_json(cluster):
     nodes, tmp_path, notify_log = cluster
     assert serving(tmp_path, "alpha") == (True, True) and serving(tmp_path, "beta") == (False, False)
+    # beta learns alpha's new role from alpha's next heartbeat, and writes its status file after.
+    assert wait_for(lambda: (nodes["beta"].status().get("peer") or {}).get("role") == "primary", 5), _logs(tmp_path)
     r = nodes["beta"].command("status", "--json")
     st = json.loads(r.stdout)
     assert r.returncode == 0 and st["role"] == "secondary" and st["peer"]["role"] == "primary"

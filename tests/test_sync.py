@@ -268,3 +268,30 @@ def test_progress_and_stats_output(tmp_path):
     proc = run_mirror("sync", "--progress", "--stats", str(src), str(tmp_path / "dst"))
     assert proc.returncode == 0, proc.stderr
     assert b"files: 1 seen, 1 sent" in proc.stdout and b"speedup" in proc.stdout
+
+
+@pytest.mark.skipif(not is_root(), reason="needs root to drop DAC capabilities for one command")
+def test_local_sync_reports_each_unreadable_directory_once_naming_its_side(tmp_path):
+    from tests.helpers import WITHOUT_DAC
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for root in (src, dst):
+        (root / "secret").mkdir(parents=True)
+        (root / "secret" / "f").write_text("x")
+    (src / "open").write_text("y")
+    st = os.stat(src / "secret")
+    os.utime(dst / "secret", ns=(st.st_atime_ns, st.st_mtime_ns))  # nothing to change on it
+    try:
+        for root in (src, dst):
+            os.chmod(root / "secret", 0)
+        proc = run_mirror("sync", "--delete", str(src), str(dst), prefix=WITHOUT_DAC)
+        warnings = [line for line in proc.stderr.decode().splitlines() if "secret" in line]
+        assert proc.returncode == 1, proc
+        assert warnings == [
+            "mirror sync: warning: secret: cannot open directory: Permission denied",
+            "mirror sync: warning: secret: on the receiver: cannot open directory: Permission denied",
+        ]
+        assert (dst / "open").read_text() == "y"  # the rest is mirrored
+    finally:
+        for root in (src, dst):
+            os.chmod(root / "secret", 0o755)
