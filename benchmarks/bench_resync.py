@@ -7,7 +7,7 @@ the mirroring lock held, journaling every change; the lock goes, and the daemon 
 from its journal (then reconciles the whole tree in the background).  Measured: from the lock's
 removal to the end of the catch-up session (from the daemon's status file), against a full
 `rsync -a --delete A/ B/` and a full `mirror sync --delete A B` of the same state.  Each round
-starts from a replica reset by `cp -al` from a snapshot (both tools replace files by rename).
+starts from trees put back to the corpus's state by rsync (untimed, flushed).
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ def rewrite(paths: list[str], rng: random.Random) -> None:
         os.rename(path + ".new", path)
 
 
+def restore(reference: str, target: str) -> None:
+    """Make ``target`` a copy of ``reference`` again (its state dir, and so the daemon's
+    journal, starts empty), rewriting only what differs, and flush it (untimed)."""
+    subprocess.run(["rsync", "-a", "--delete", "--exclude=/.mirror", reference + "/", target + "/"], check=True)
+    shutil.rmtree(os.path.join(target, ".mirror"), ignore_errors=True)
+    os.sync()
+
+
 def status(status_dir: str) -> dict | None:
     try:
         with open(os.path.join(status_dir, "mirror-daemon.status.json")) as f:
@@ -60,8 +68,7 @@ def status(status_dir: str) -> dict | None:
 
 def one_round(a: str, snapshot_b: str, b: str, work: str, fraction: float, seed: int) -> tuple[float, int]:
     """Returns (seconds from lock removal to caught up, changed files)."""
-    shutil.rmtree(b, ignore_errors=True)
-    subprocess.run(["cp", "-al", snapshot_b, b], check=True)
+    restore(snapshot_b, b)
     lock = os.path.join(work, "mirror.lock")
     status_dir = os.path.join(work, "status")
     shutil.rmtree(status_dir, ignore_errors=True)
@@ -112,19 +119,19 @@ def main(argv=None) -> int:
     a0, b0 = ensure_corpus(args.workdir, args.files, args.bytes, args.seed)
     work = os.path.join(os.path.dirname(a0), "resync")
     os.makedirs(work, exist_ok=True)
-    # The survivor's tree (A8) diverges from the replica (B0) by the rounds' changes.
+    # Each round: the survivor's tree (A8) starts as A, the replica (B8) as B; the round's
+    # changes are made on A8.  Full copies (hard links to A and B would give every file
+    # nlink 2, which changes what both tools do).
     a = os.path.join(work, "A8")
     b = os.path.join(work, "B8")
-    shutil.rmtree(a, ignore_errors=True)
-    subprocess.run(["cp", "-al", a0, a], check=True)
     ours, rsync_t, sync_t, counts = [], [], [], []
     for r in range(args.runs):
+        restore(a0, a)
         seconds, n = one_round(a, b0, b, work, args.fraction, args.seed + r)
         ours.append(seconds)
         counts.append(n)
         for dst, runner, bucket in ((b, "rsync", rsync_t), (b, "mirror", sync_t)):
-            shutil.rmtree(dst, ignore_errors=True)
-            subprocess.run(["cp", "-al", b0, dst], check=True)
+            restore(b0, dst)
             argv_ = (["rsync", "-a", "--delete", a + "/", dst + "/"] if runner == "rsync"
                      else MIRROR + ["sync", "--delete", a, dst])  # fmt: skip
             bucket.append(run_child(argv_)[0])
