@@ -57,6 +57,9 @@ SUMMARY_BATCH = 256  # directories per summary message
 LISTING_PART = 32768  # entries per listing message (a larger directory is sent in parts)
 COMMIT_BATCH_FILES = 256
 COMMIT_BATCH_BYTES = 256 << 20
+# A file at least this large has its writeback started as soon as it is verified (see
+# Commit.start_writeback): big files keep the disk busy while the next ones arrive.
+EARLY_WRITEBACK_BYTES = 256 << 10
 MAX_WANT = 4096
 MAX_EXCLUDES = 1000
 MAX_PATTERN = 1024
@@ -569,6 +572,8 @@ class Receiver:
                 else:
                     mode, uid, gid, mtime_ns = incoming.attrs
                     incoming.commit.finish(mode, uid, gid, mtime_ns, self.owner)
+                    if self.sync_writes and size >= EARLY_WRITEBACK_BYTES:
+                        incoming.commit.start_writeback()
             except ValueError as exc:
                 failed = f"mismatch: {exc}"
             except OSError as exc:
