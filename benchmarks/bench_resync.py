@@ -136,7 +136,7 @@ def main(argv=None) -> int:
                      else MIRROR + ["sync", "--delete", a, dst])  # fmt: skip
             bucket.append(run_child(argv_)[0])
     med = statistics.median
-    print(f"\n**S8: resync after an outage, {med(counts)} of {args.files} files changed ({args.fraction:.0%}), "
+    print(f"\n**S8: resync after an outage, {med(counts)} of {args.files} files changed ({args.fraction:.1%}), "
           f"{args.runs} rounds**\n")
     print("| case | median s | ratio vs rsync |")
     print("|---|---:|---:|")
