@@ -229,8 +229,8 @@ class Journal:
         """The pending changes, handed to a session that will act on them: from now on a new
         change to one of these entries is journaled again (see ``append``)."""
         with self._lock:
-            self._taken = self._seq
-        return self.pending(up_to=self._taken)
+            self._taken = taken = self._seq
+        return self.pending(up_to=taken)
 
     @property
     def size(self) -> int:

@@ -411,7 +411,7 @@ class _CacheUpdate:
         if self.held is not None:
             self.held.append(listing)
             self.held_entries += len(listing) + 1
-            if getattr(listing, "hashed", 0) or self.held_entries > _HOLD_ENTRIES:
+            if listing.hashed or self.held_entries > _HOLD_ENTRIES:
                 self._open()
         elif self.writer is not None:
             self.writer.add(listing)

@@ -55,6 +55,10 @@ from .statedir import STATE_DIR_NAME
 
 log = logging.getLogger(__name__)
 
+# A directory watched twice (its own IN_CREATE and its parent's recursive walk both add it)
+# makes watchdog warn that the callback is replaced: it is the same callback.
+warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
+
 ENTRY, CLOSED, TREE, RENAME, RESCAN = "entry", "closed", "tree", "rename", "rescan"
 
 
@@ -155,9 +159,6 @@ class Watcher:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        # A directory watched twice (its own IN_CREATE and its parent's recursive walk both
-        # add it) makes watchdog warn that the callback is replaced: the same callback.
-        warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
         handler = _Handler(self)
         observer = _Observer()
         # Not IN_OPEN nor IN_CLOSE_NOWRITE: the daemon's own reads would wake it for nothing.
