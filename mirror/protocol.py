@@ -12,6 +12,7 @@ one planner and one writer, whichever side of a network they run on.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import queue
@@ -144,10 +145,17 @@ _END_OF_STREAM = object()  # what LocalTransport.close() leaves in the other end
 class LocalTransport:
     """One end of an in-process pair: the same messages, no encoding, no sockets.
 
+    Like a stream's write buffer, messages sent with ``flush=False`` are held and handed
+    over together at the next flush (or once ``BATCH_MESSAGES`` or ``BATCH_BYTES`` are held):
+    one queue hand-off, one wake-up of the other thread, per batch instead of per message.
+
     ``close()`` says this end will send nothing more (the other end's ``recv`` returns None
     once it has read everything before it) and will not read on: the other end's ``send``
     then fails instead of waiting forever on a full queue (a receiver that stopped on an
     error must not leave its sender blocked)."""
+
+    BATCH_MESSAGES = 512
+    BATCH_BYTES = 1 << 20
 
     def __init__(self, inbox: queue.Queue, outbox: queue.Queue, mine: threading.Event, peers: threading.Event):
         self._inbox = inbox
@@ -157,9 +165,14 @@ class LocalTransport:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._peer_done = False
+        self._held: list = []  # sent, not yet handed over
+        self._held_bytes = 0
+        self._send_lock = threading.Lock()  # two threads of one end may send (a summary, replies)
+        self._arrived: collections.deque = collections.deque()  # handed over, not yet received
 
     @classmethod
-    def pair(cls, depth: int = 256) -> tuple[LocalTransport, LocalTransport]:
+    def pair(cls, depth: int = 32) -> tuple[LocalTransport, LocalTransport]:
+        """Two connected ends; at most ``depth`` batches wait in each direction."""
         a_to_b: queue.Queue = queue.Queue(maxsize=depth)
         b_to_a: queue.Queue = queue.Queue(maxsize=depth)
         a_closed, b_closed = threading.Event(), threading.Event()
@@ -167,36 +180,53 @@ class LocalTransport:
 
     def send(self, message: list | tuple, flush: bool = True) -> None:
         # No encoding here; count what the frame would carry, for the transfer statistics.
-        self.bytes_sent += 16 + sum(len(x) for x in message if isinstance(x, bytes))
-        item = list(message)
+        size = 16 + sum(len(x) for x in message if isinstance(x, bytes))
+        with self._send_lock:
+            self.bytes_sent += size
+            self._held.append(list(message))
+            self._held_bytes += size
+            if flush or len(self._held) >= self.BATCH_MESSAGES or self._held_bytes >= self.BATCH_BYTES:
+                self._hand_over()
+
+    def flush(self) -> None:
+        with self._send_lock:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if not self._held:
+            return
+        batch, self._held, self._held_bytes = self._held, [], 0
         while True:
             try:
-                self._outbox.put(item, timeout=0.1)
+                self._outbox.put(batch, timeout=0.1)
                 return
             except queue.Full:
                 if self._peer_closed.is_set():
                     raise ProtocolError("the other side has stopped") from None
 
-    def flush(self) -> None:
-        pass
-
     def recv(self) -> list | None:
+        if self._arrived:
+            return self._arrived.popleft()
         while not self._peer_done:
             try:
-                item = self._inbox.get(timeout=0.05 if self._peer_closed.is_set() else 0.2)
+                batch = self._inbox.get(timeout=0.05 if self._peer_closed.is_set() else 0.2)
             except queue.Empty:
                 if self._peer_closed.is_set():
                     return None
                 continue
-            if item is _END_OF_STREAM:
+            if batch is _END_OF_STREAM:
                 self._peer_done = True
                 break
-            return item
+            self._arrived.extend(batch)
+            return self._arrived.popleft()
         return None
 
     def close(self) -> None:
         self._closed.set()
+        batch, self._held = self._held, []
         try:
+            if batch:
+                self._outbox.put_nowait(batch)
             # Wakes the other end at once (it would otherwise notice the close at its next poll).
             self._outbox.put_nowait(_END_OF_STREAM)
         except queue.Full:

@@ -22,10 +22,8 @@ The class is embeddable: give it a transport (``mirror.protocol``) and a module 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,8 +46,9 @@ from .errors import (
 from .exclude import make_excluder
 from .lockfile import is_locked, status
 from .safefs import ConfinedTree, fsync_all, split_path
-from .statedir import ensure_state_dir, resolve_state_dir
+from .statedir import resolve_state_dir
 from .treescan import Scope, TreeScan
+from .writerlock import WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +121,16 @@ class Receiver:
     """Serve one connection (see the module docstring)."""
 
     def __init__(self, transport, modules: dict[str, ModuleConfig], *, peer: str = "local",
-                 writer_locks: dict | None = None, timeouts=None):  # fmt: skip
+                 writer: WriterLock | None = None, timeouts=None):  # fmt: skip
         self.t = transport
         self.modules = modules
         self.peer = peer
         self.can_chown = os.geteuid() == 0
-        self._writer_locks = writer_locks if writer_locks is not None else {}
         self.module: ModuleConfig | None = None
         self.sessions = 0
-        self._writer: _WriterLock | None = None
+        # The one-writer lock, taken at the first session that writes (or already held by
+        # an embedding caller that scanned the replica before connecting: see transfer.py).
+        self._writer = writer
         # (set_timeout, seconds): how long the peer may stay silent in a session; none between
         # sessions (a live daemon's connection idles), none at all for in-process transports.
         self._set_timeout, self._session_timeout = timeouts if timeouts else (None, None)
@@ -244,15 +244,8 @@ class Receiver:
         if not dry_run and self._writer is None:
             # Held for the rest of the connection: the live daemon's sessions follow one
             # another on one connection, and it stays the module's one writer meanwhile.
-            self._writer = self._take_writer_lock(module, state_dir)
+            self._writer = WriterLock.take(state_dir, self.peer, f"module {module.name!r}")
         self._run_session(opts, state_dir, dry_run)
-
-    def _take_writer_lock(self, module: ModuleConfig, state_dir: bytes) -> _WriterLock:
-        lock = _WriterLock(ensure_state_dir(state_dir), self.peer)
-        holder = lock.acquire()
-        if holder is not None:
-            raise MirrorError(f"module {module.name!r} is busy: another sync is writing to it ({holder})")
-        return lock
 
     def _run_session(self, opts: dict, state_dir: bytes, dry_run: bool) -> None:
         root = fs_path(self.module.path)
@@ -311,7 +304,8 @@ class Receiver:
             summarizer = threading.Thread(target=self._send_summary, args=(tree_scan, summary_error), name="summary")
         root_st = os.stat(self.tree.root_fd)
         root_attrs = [root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid, root_st.st_mtime_ns]
-        self.t.send([P.READY, {"epoch": self._epoch_now, "root": root_attrs}], flush=summarizer is not None)
+        # A scoped session's summary follows at once from this thread: it goes out with it.
+        self.t.send([P.READY, {"epoch": self._epoch_now, "root": root_attrs}], flush=summarizer is not None or not summarize)
         try:
             if summarizer is not None:
                 summarizer.start()
@@ -794,40 +788,3 @@ def _reason(exc: BaseException) -> str:
         code = errno.errorcode.get(exc.errno or 0, "EIO")
         return f"{code}: {exc.strerror or exc}"
     return str(exc)
-
-
-class _WriterLock:
-    """One writer per module: an exclusive ``flock`` on ``<state dir>/writer.lock``.
-
-    The lock dies with the process holding it, so a crashed sync never blocks the next one.
-    The file records who holds it, for the refusal message.
-    """
-
-    def __init__(self, state_dir: bytes, who: str):
-        self.path = os.path.join(state_dir, b"writer.lock")
-        self.who = who
-        self.fd: int | None = None
-
-    def acquire(self) -> str | None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY, 0o600)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise MirrorError(f"{display_path(self.path)}: not a regular file")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                os.close(fd)
-                raise
-            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
-            return holder or "unknown holder"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} for {self.who} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
-        self.fd = fd
-        return None
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None

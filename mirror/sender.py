@@ -63,7 +63,7 @@ from .errors import (
 )
 from .lockfile import is_locked, status
 from .safefs import ConfinedTree
-from .statedir import ensure_state_dir, resolve_state_dir
+from .syncscan import replica_scan, source_scan
 from .treescan import TreeScan
 
 log = logging.getLogger(__name__)
@@ -209,13 +209,16 @@ class Sender:
     """Push one tree to a receiver over ``transport``; ``run()`` returns a ``SendOutcome``."""
 
     def __init__(self, src_root: bytes, transport, options: SenderOptions, *, module: str = "",
-                 subpath: bytes = b"", on_change=None, on_progress=None, local_dst: bytes | None = None):  # fmt: skip
+                 subpath: bytes = b"", on_change=None, on_progress=None, local_dst: bytes | None = None,
+                 scans: tuple[TreeScan, TreeScan] | None = None):  # fmt: skip
         self.root = src_root
         # Local mode: the destination tree is in this process's reach, so it is scanned here
         # and compared directly (as ``mirror diff`` does) instead of through the receiver's
         # summary; the receiver, told so at ``start``, only writes.
         self.local_dst = local_dst
         self._dst_tree: TreeScan | None = None
+        # Local mode, first session: (source, replica) scans the caller started already.
+        self._started_scans = scans
         self.t = transport
         self.o = options
         self.module = module
@@ -296,17 +299,23 @@ class Sender:
         owner = bool(welcome.get("can_chown")) and os.geteuid() == 0
         self.compare = CompareOptions(checksum=self.o.checksum, owner=owner)
         self.flags = self.compare.flags(self.scan)
-        if self.o.checksum and not self.o.dry_run:
-            # Made now, not by the scan thread: creating it moves the root's mtime for a moment.
-            ensure_state_dir(resolve_state_dir(self.root, self.o.state_dir))
         self._root = root_entry(self.root)
-        tree = TreeScan(self.root, excluder=_excluder(self.o.excludes), checksum=self.o.checksum,
-                        state_dir=self.o.state_dir, scope=scope, background=scope is None).start()  # fmt: skip
+        started_scans, self._started_scans = self._started_scans, None
+        if started_scans is not None and (self._scoped or renames):
+            _stop(started_scans)  # they cover the whole tree, before any rename: not this session's
+            started_scans = None
+        if started_scans is not None:
+            tree, self._dst_tree = started_scans
+        else:
+            tree = source_scan(self.root, excludes=self.o.excludes, checksum=self.o.checksum,
+                               state_dir=self.o.state_dir, dry_run=self.o.dry_run, scope=scope)  # fmt: skip
         self._src_tree = ConfinedTree(self.root)
         try:
             return self._run_session(tree, epoch, owner, scope, renames, started, sent_before, received_before)
         finally:
             self._src_tree.close()
+            _stop((tree, self._dst_tree))  # a session that failed early leaves no scan running
+            self._dst_tree = None
 
     def _run_session(self, tree, epoch, owner, scope, renames, started, sent_before, received_before) -> SendOutcome:
         self._check_lock()
@@ -317,10 +326,10 @@ class Sender:
             "renames": [list(r) for r in renames], "summary": self.local_dst is None,
         }])  # fmt: skip
         ready = self._expect(P.READY)[1]
-        if self.local_dst is not None:
+        if self.local_dst is not None and self._dst_tree is None:
             # Scanned only now: READY says the receiver has done the session's renames.
-            self._dst_tree = TreeScan(self.local_dst, excluder=_excluder(self.o.excludes), checksum=self.o.checksum,
-                                      scope=scope, background=scope is None).start()  # fmt: skip
+            self._dst_tree = replica_scan(self.local_dst, excludes=self.o.excludes, checksum=self.o.checksum,
+                                          scope=scope)  # fmt: skip
         self._compare_root(ready.get("root"))
         reader = _Reader(self.t)
         reader.start()
@@ -793,10 +802,10 @@ def _attrs(entry: Entry) -> list:
     return [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
 
 
-def _excluder(patterns):
-    from .exclude import make_excluder
-
-    return make_excluder(patterns)
+def _stop(scans) -> None:
+    for scan in scans:
+        if scan is not None:
+            scan.stop()
 
 
 def counts(changes) -> dict:

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
-import socket
-import subprocess
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .epoch import read_epoch
 from .errors import EXIT_DIFFERENT, EXIT_OK, MirrorError, UsageError, fs_path
-from .protocol import LocalTransport, StreamTransport, load_secret
-from .sender import Sender, SenderOptions, TransferStats
-from .statedir import resolve_state_dir
+
+if TYPE_CHECKING:
+    from .sender import TransferStats
+
+# The sender, the receiver and the wire protocol are imported when a connection opens:
+# a local sync has its two scans running by then (see Connection.open).
 
 DEFAULT_PORT = 8730
 _URL = re.compile(r"^mirror://(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/(?P<module>[^/]+)(?:/(?P<sub>.*))?$")
@@ -39,7 +39,7 @@ class SyncResult:
     changes: list = field(default_factory=list)
     failed: list[tuple[bytes, str]] = field(default_factory=list)
     problems: list = field(default_factory=list)
-    stats: TransferStats = field(default_factory=TransferStats)
+    stats: TransferStats = field(default_factory=lambda: _sender().TransferStats())
     receiver: dict = field(default_factory=dict)
     dry_run: bool = False
 
@@ -90,7 +90,8 @@ def sync(src, dst, **options) -> SyncResult:
     ``StaleEpochError``, ``AuthError``, ...); files that could not be sent or written are
     reported in the result (``exit_code`` 1) while the rest is mirrored.
     """
-    with Connection(src, dst, **options) as connection:
+    connection = Connection(src, dst, **options)
+    with connection.open(whole_tree=True):
         return connection.session()
 
 
@@ -129,8 +130,10 @@ class Connection:
         if not os.path.isdir(self.src):
             raise UsageError(f"source {self.src.decode(errors='replace')!r} is not a directory")
         if secret is None and secret_file:
+            from .protocol import load_secret
+
             secret = load_secret(secret_file)
-        self.options = SenderOptions(
+        self.options = _sender().SenderOptions(
             delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
             lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
             fsync=fsync, secret=secret, cancel=cancel,
@@ -142,18 +145,32 @@ class Connection:
         self._callbacks = (on_change, on_progress)
         self.transport = None
         self._cleanup = None
-        self.sender: Sender | None = None
+        self.sender = None
         self.welcome: dict = {}
 
-    def open(self) -> Connection:
-        transport, cleanup = _connect(self.dest, *self._connect_args)
+    def open(self, *, whole_tree: bool = False) -> Connection:
+        """Connect and shake hands.  ``whole_tree``: the first session will be a whole-tree
+        one (``sync()``); a local destination then has both trees' scans started first,
+        under the replica's writer lock, so they run while the rest of the code loads."""
+        local = self.dest.kind == "local"
+        if local:
+            os.makedirs(self.dest.path, exist_ok=True)
+        scans, writer = (_start_local_scans(self.src, self.dest.path, self.options)
+                         if local and whole_tree else (None, None))  # fmt: skip
+        try:
+            transport, cleanup = _connect(self.dest, *self._connect_args, writer=writer)
+        except BaseException:
+            _abandon(scans, writer)
+            raise
         self.transport, self._cleanup = transport, cleanup
         try:
-            self.sender = Sender(self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
-                                 on_change=self._callbacks[0], on_progress=self._callbacks[1],
-                                 local_dst=self.dest.path if self.dest.kind == "local" else None)  # fmt: skip
+            self.sender = _sender().Sender(
+                self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
+                on_change=self._callbacks[0], on_progress=self._callbacks[1],
+                local_dst=self.dest.path if local else None, scans=scans)  # fmt: skip
             self.welcome = self.sender.handshake()
         except BaseException:
+            _abandon(scans, None)  # the receiver thread owns the writer lock now
             self.close()
             raise
         return self
@@ -162,7 +179,13 @@ class Connection:
         """Bring the destination up to date (all of it, or ``scope``); see ``Sender.run``."""
         if self.sender is None:
             raise UsageError("connection is not open")
-        epoch = self.epoch if self.epoch is not None else read_epoch(resolve_state_dir(self.src, self.options.state_dir))
+        if self.epoch is not None:
+            epoch = self.epoch
+        else:
+            from .epoch import read_epoch
+            from .statedir import resolve_state_dir
+
+            epoch = read_epoch(resolve_state_dir(self.src, self.options.state_dir))
         outcome = self.sender.run(self.welcome, epoch, scope=scope, renames=renames)
         return SyncResult(changes=outcome.changes, failed=outcome.failed, problems=outcome.problems,
                           stats=outcome.stats, receiver=outcome.receiver, dry_run=self.options.dry_run)  # fmt: skip
@@ -176,17 +199,54 @@ class Connection:
             self._cleanup = None
 
     def __enter__(self) -> Connection:
-        return self.open()
+        return self if self.transport is not None else self.open()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command):
+def _sender():
+    from . import sender
+
+    return sender
+
+
+def _start_local_scans(src: bytes, dst: bytes, options):
+    """Take the replica's writer lock (a dry run writes nothing: no lock) and start both scans.
+
+    The lock comes first: no other sync may change the replica between its scan and our
+    writes.  The receiver is handed the lock and keeps it for the connection."""
+    from .statedir import resolve_state_dir
+    from .syncscan import replica_scan, source_scan
+    from .writerlock import WriterLock
+
+    writer = None if options.dry_run else WriterLock.take(resolve_state_dir(dst, None), "local", "the destination")
+    scans = None
+    try:
+        src_scan = source_scan(src, excludes=options.excludes, checksum=options.checksum,
+                               state_dir=options.state_dir, dry_run=options.dry_run)  # fmt: skip
+        scans = (src_scan, None)
+        scans = (src_scan, replica_scan(dst, excludes=options.excludes, checksum=options.checksum))
+    except BaseException:
+        _abandon(scans, writer)
+        raise
+    return scans, writer
+
+
+def _abandon(scans, writer) -> None:
+    for scan in scans or ():
+        if scan is not None:
+            scan.stop()
+    if writer is not None:
+        writer.release()
+
+
+def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command, writer=None):
+    from .protocol import LocalTransport, StreamTransport
+
     if dest.kind == "local":
         from .receiver import ModuleConfig, Receiver
 
-        os.makedirs(dest.path, exist_ok=True)
         mine, theirs = LocalTransport.pair()
         module = ModuleConfig(name="", path=dest.path, secret=None,
                               lock_file=fs_path(dst_lock_file) if dst_lock_file else None)  # fmt: skip
@@ -194,7 +254,7 @@ def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_comm
 
         def serve():
             try:
-                Receiver(theirs, {"": module}, peer="local").serve()
+                Receiver(theirs, {"": module}, peer="local", writer=writer).serve()
             except MirrorError as exc:
                 errors.append(exc)  # already reported to the sender as an error message
 
@@ -202,6 +262,8 @@ def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_comm
         thread.start()
         return mine, lambda: thread.join(timeout=30)
     if dest.kind == "daemon":
+        import socket
+
         try:
             sock = socket.create_connection((dest.host, dest.port), timeout=30)
         except OSError as exc:
@@ -210,6 +272,9 @@ def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_comm
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rfile, wfile = sock.makefile("rb", buffering=1 << 20), sock.makefile("wb", buffering=1 << 20)
         return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=sock.close), lambda: None
+    import shlex
+    import subprocess
+
     # ssh joins its arguments into one line for the remote shell: the path must be quoted,
     # or a space breaks it and shell syntax in it runs over there.
     remote_line = f"{remote_command} receive -- {shlex.quote(os.fsdecode(dest.path))}"

@@ -331,6 +331,12 @@ class TreeScan:
             self._thread.start()
         return self
 
+    def stop(self) -> None:
+        """Abandon the scan (its listings are not wanted); returns once its thread is gone."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
     def __iter__(self) -> Iterator:
         if not self.background:
             yield from self._produce()
