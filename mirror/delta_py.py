@@ -93,7 +93,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import stat
 import sys
 from array import array
@@ -249,7 +248,7 @@ def signature(
         strong_len = strong_len_for(size_hint if size_hint is not None else 1 << 40, block_size)
     _check_strong_len(strong_len)
     if seed is None:
-        seed = secrets.randbits(64)
+        seed = int.from_bytes(os.urandom(8), "little")
     weak = array("I")
     strong = bytearray()
     basis_size = 0

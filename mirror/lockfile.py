@@ -12,9 +12,7 @@ so it is a single ``lstat``.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import socket
 import time
 from dataclasses import dataclass
 
@@ -102,8 +100,10 @@ def acquire(path: bytes | str, reason: str = "", owner: tuple[str, int] | None =
     (``created`` False).  ``owner`` is ``(host, pid)``; by default this host and process.
     """
     path = fs_path(path)
-    host, pid = owner if owner is not None else (socket.gethostname(), os.getpid())
+    host, pid = owner if owner is not None else (os.uname().nodename, os.getpid())
     now = time.time()
+    import json  # here, not at the top: a sync that only checks for the lock never needs it
+
     content = json.dumps(
         {"locked_by": {"host": host, "pid": pid}, "time": now, "reason": reason}, indent=2
     ).encode() + b"\n"
@@ -162,6 +162,8 @@ def _garbled(path: bytes, problem: str) -> LockInfo:
 def _parse(path: bytes, data: bytes) -> LockInfo:
     if not data.strip():
         return _garbled(path, "the file is empty")
+    import json
+
     try:
         doc = json.loads(data)
         owner = doc["locked_by"]

@@ -29,7 +29,7 @@ MAX_DEPTH = 4096
 TEMP_PREFIX = b".hamirror."
 TEMP_SUFFIX = b".tmp"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FD_CACHE = 64
+_FD_CACHE = 128  # directory descriptors kept open per tree
 
 
 def split_path(path: bytes) -> list[bytes]:
@@ -129,42 +129,42 @@ class ConfinedTree:
         """Descriptor of the directory at ``parts`` (relative to the root), never via a symlink.
 
         Walked one component at a time from the longest cached prefix (iteratively: a tree
-        may be thousands of levels deep)."""
+        may be thousands of levels deep).  Every directory opened on the way is cached too:
+        the next file in a sibling directory starts from their common parent."""
         if not parts:
             return self.root_fd
+        cache = self._cache
         key = b"/".join(parts)
-        fd = self._cache.get(key)
+        fd = cache.get(key)
         if fd is not None:
-            self._cache.move_to_end(key)
+            cache.move_to_end(key)
             return fd
         start, current = 0, self.root_fd
         prefix = key
         for i in range(len(parts) - 1, 0, -1):
             prefix = prefix[: len(prefix) - len(parts[i]) - 1]
-            cached = self._cache.get(prefix)
+            cached = cache.get(prefix)
             if cached is not None:
+                cache.move_to_end(prefix)
                 start, current = i, cached
                 break
-        owned = False
+        prefix = b"/".join(parts[:start])
         try:
             for i in range(start, len(parts)):
-                child = os.open(parts[i], _DIR_FLAGS, dir_fd=current)
-                if owned:
-                    os.close(current)
-                current, owned = child, True
+                current = os.open(parts[i], _DIR_FLAGS, dir_fd=current)
+                prefix = prefix + b"/" + parts[i] if prefix else parts[i]
+                cache[prefix] = current
         except OSError as exc:
-            if owned:
-                os.close(current)
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafePathError(
                     f"{display_path(key)}: not a directory in the replica (a symlink is never followed)"
                 ) from None
             raise OSError(exc.errno, exc.strerror, display_path(key)) from None
-        self._cache[key] = current
-        if len(self._cache) > _FD_CACHE:
-            _, old = self._cache.popitem(last=False)
-            self._mounts.pop(old, None)
-            os.close(old)
+        finally:
+            while len(cache) > _FD_CACHE:  # the least recently used; never the one just opened
+                _, old = cache.popitem(last=False)
+                self._mounts.pop(old, None)
+                os.close(old)
         return current
 
     def parent(self, path: bytes) -> tuple[int, bytes]:

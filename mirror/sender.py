@@ -63,31 +63,20 @@ from .errors import (
 )
 from .lockfile import is_locked, status
 from .safefs import ConfinedTree
+from .syncoptions import DELTA_THRESHOLD, SenderOptions
 from .syncscan import replica_scan, source_scan
 from .treescan import TreeScan
 
 log = logging.getLogger(__name__)
 
-DELTA_THRESHOLD = 256 << 10  # smaller files are sent whole: a signature round trip costs more
 MAX_SIGS_IN_FLIGHT = 64
 SIG_BATCH = 32
 LOCK_CHECK_SECONDS = 0.1
+# What is buffered goes out at least this often while the trees are compared: the receiver
+# verifies and commits files while the scans go on, rather than all at the end.
+FLUSH_SECONDS = 0.005
 _ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "AuthError": AuthError}
-
-
-@dataclass(frozen=True)
-class SenderOptions:
-    delete: bool = False
-    checksum: bool = False
-    dry_run: bool = False
-    excludes: tuple[bytes, ...] = ()
-    lock_file: bytes | None = None
-    state_dir: bytes | None = None
-    epoch: int | None = None
-    delta_threshold: int = DELTA_THRESHOLD
-    fsync: bool = True
-    secret: bytes | None = None
-    cancel: threading.Event | None = None  # set: abandon the file in flight and end the session
+__all__ = ["DELTA_THRESHOLD", "Sender", "SenderOptions", "SendOutcome", "TransferStats"]
 
 
 @dataclass
@@ -236,6 +225,7 @@ class Sender:
         self._touched_dirs: dict[bytes, Entry] = {}
         self._dir_entries: dict[bytes, Entry] = {}
         self._last_lock_check = 0.0
+        self._last_flush = 0.0
         self._retried: set[bytes] = set()
         self._src_leaders: dict[tuple[int, int], bytes] = {}
 
@@ -506,6 +496,10 @@ class Sender:
         for name in src.subdirs():  # only the directories become Entry tuples (not every file)
             self._dir_entries[join(src.path, name)] = src[src.index(name)]
         self.out.stats.files_seen += len(src)
+        now = time.monotonic()
+        if now - self._last_flush >= FLUSH_SECONDS:
+            self._last_flush = now
+            self.t.flush()
         yield src, dst
 
     def _receive_listing(self, path: bytes | None):

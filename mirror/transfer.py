@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import EXIT_DIFFERENT, EXIT_OK, MirrorError, UsageError, fs_path
+from .syncoptions import SenderOptions
 
 if TYPE_CHECKING:
     from .sender import TransferStats
@@ -133,7 +134,7 @@ class Connection:
             from .protocol import load_secret
 
             secret = load_secret(secret_file)
-        self.options = _sender().SenderOptions(
+        self.options = SenderOptions(
             delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
             lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
             fsync=fsync, secret=secret, cancel=cancel,

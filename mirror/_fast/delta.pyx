@@ -32,7 +32,6 @@ cimport cython
 import math
 import os
 import mmap
-import secrets
 import stat
 
 from cpython.bytearray cimport PyByteArray_AS_STRING
@@ -371,7 +370,7 @@ def signature(basis, *, block_size=None, strong_len=None, seed=None, size_hint=N
         strong_len = strong_len_for(size_hint if size_hint is not None else 1 << 40, block_size)
     _check_strong_len(strong_len)
     if seed is None:
-        seed = secrets.randbits(64)
+        seed = int.from_bytes(os.urandom(8), "little")
     if not isinstance(seed, int) or not 0 <= seed < 1 << 64:
         raise ValueError(f"signature seed {seed!r} is not a 64-bit unsigned integer")
 
@@ -463,7 +462,7 @@ cdef class _Matcher:
         self.tail_len = sig.basis_size - self.full_blocks * self.block
         self._strong_ref = sig.strong
         self.strong = <const uint8_t*>PyBytes_AS_STRING(sig.strong)
-        self.mult = secrets.randbits(64) | 1
+        self.mult = int.from_bytes(os.urandom(8), "little") | 1
         self.expected = -1
         self.run_first = -1
         if self.full_blocks:

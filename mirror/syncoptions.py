@@ -1,0 +1,27 @@
+"""What a sync is asked to do: the sender's options (``mirror.sync``'s keywords, checked).
+
+Kept apart from ``mirror.sender`` so that a local sync can read them, and start its scans,
+before the sender's code is loaded.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+DELTA_THRESHOLD = 256 << 10  # smaller files are sent whole: a signature round trip costs more
+
+
+@dataclass(frozen=True)
+class SenderOptions:
+    delete: bool = False
+    checksum: bool = False
+    dry_run: bool = False
+    excludes: tuple[bytes, ...] = ()
+    lock_file: bytes | None = None
+    state_dir: bytes | None = None
+    epoch: int | None = None
+    delta_threshold: int = DELTA_THRESHOLD
+    fsync: bool = True
+    secret: bytes | None = None
+    cancel: threading.Event | None = None  # set: abandon the file in flight and end the session
