@@ -203,3 +203,31 @@ def test_receiver_fuzz_never_escapes_or_crashes(tmp_path_factory, messages):
     assert all(isinstance(e, MirrorError) for e in errors)
     assert (base / "outside").read_bytes() == b"keep"
     assert sorted(p.name for p in base.iterdir()) == ["module", "outside"]
+
+
+def test_local_transport_holds_unflushed_messages_and_keeps_their_order():
+    a, b = P.LocalTransport.pair()
+    a.send(["one", 1], flush=False)
+    a.send(["two", b"x" * 10], flush=False)
+    # Like a stream's write buffer: nothing is handed over before a flush.
+    assert b._inbox.empty()
+    a.send(["three", 3])  # flush=True hands over all three, in order, as one batch
+    assert b._inbox.qsize() == 1
+    assert [b.recv(), b.recv(), b.recv()] == [["one", 1], ["two", b"x" * 10], ["three", 3]]
+    assert a.bytes_sent == 3 * 16 + 10
+    for i in range(P.LocalTransport.BATCH_MESSAGES):  # a full batch goes without a flush
+        a.send(["n", i], flush=False)
+    assert b._inbox.qsize() == 1
+    assert [b.recv()[1] for _ in range(P.LocalTransport.BATCH_MESSAGES)] == list(range(P.LocalTransport.BATCH_MESSAGES))
+    a.send(["last words"], flush=False)
+    a.close()  # what was held still arrives, then the end of the stream
+    assert b.recv() == ["last words"]
+    assert b.recv() is None
+
+
+def test_local_transport_send_fails_once_the_peer_has_stopped():
+    a, b = P.LocalTransport.pair(depth=1)
+    a.send(["fills the queue"])
+    b.close()
+    with pytest.raises(ProtocolError):
+        a.send(["has nowhere to go"])

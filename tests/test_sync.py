@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 
 import pytest
 
 from mirror.epoch import bump_epoch
-from mirror.errors import LockedError, StaleEpochError
+from mirror.errors import LockedError, MirrorError, StaleEpochError
 from mirror.lockfile import acquire
 from mirror.transfer import parse_destination, sync
+from mirror.writerlock import WriterLock
 from tests.helpers import MIRROR, is_root, run_mirror, wait_until
 from tests.servers import REMOTE_MIRROR, fake_rsh, mirror_server
 from tests.snapshot import assert_mirrors, snapshot
@@ -185,6 +187,8 @@ def test_stale_epoch_is_fenced(hard_src, tmp_path):
     before = snapshot(dst)
     with pytest.raises(StaleEpochError):
         sync(hard_src, dst, delete=True)
+    # Its scans were started before the refusal (local mode starts them first): none is left running.
+    assert not [t for t in threading.enumerate() if t.name == "treescan"]
     proc = run_mirror("sync", hard_src, str(dst))
     assert proc.returncode == 4 and b"older" in proc.stderr
     assert snapshot(dst) == before
@@ -218,6 +222,22 @@ def test_one_writer_per_module(tmp_path):
         assert proc.returncode == 0, proc.stderr
     assert_mirrors(src, dst)
     assert os.listdir(dst / ".mirror" / "tmp") == []
+
+
+def test_local_sync_refuses_and_writes_nothing_while_another_writer_holds_the_replica(hard_src, tmp_path):
+    dst = os.path.join(os.fsencode(tmp_path), b"dst")
+    os.mkdir(dst)
+    other = WriterLock.take(os.path.join(dst, b".mirror"), "another sync", "the replica")
+    try:
+        before = snapshot(dst)
+        with pytest.raises(MirrorError, match="is busy: another sync is writing to it"):
+            sync(hard_src, dst, delete=True)
+        assert snapshot(dst) == before
+        assert not [t for t in threading.enumerate() if t.name == "treescan"]
+    finally:
+        other.release()
+    assert sync(hard_src, dst, delete=True).ok
+    assert_mirrors(hard_src, dst)
 
 
 @pytest.mark.skipif(not is_root(), reason="needs root to mount a small tmpfs")
