@@ -13,8 +13,6 @@ one planner and one writer, whichever side of a network they run on.
 from __future__ import annotations
 
 import collections
-import hashlib
-import hmac
 import queue
 import struct
 import threading
@@ -255,6 +253,9 @@ class RateLimiter:
 
 
 def _proof(secret: bytes, role: bytes, first: bytes, second: bytes, module: str) -> bytes:
+    import hashlib  # here: a local sync (no secret) never loads OpenSSL
+    import hmac
+
     return hmac.new(secret, b"hamirror-v1 " + role + b"\0" + first + second + module.encode(), hashlib.sha256).digest()
 
 
@@ -269,6 +270,8 @@ def server_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes, module
 
 
 def verify(expected: bytes, got, who: str) -> None:
+    import hmac
+
     if not isinstance(got, bytes) or not hmac.compare_digest(expected, got):
         raise AuthError(f"authentication failed: {who} does not know the shared secret")
 

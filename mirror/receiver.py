@@ -735,6 +735,18 @@ class Receiver:
                 info = status(lock)
                 raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
             keep = self.excluder.excluded if self.excluder is not None else None
+            changed: set[bytes] = set()
+
+            def hold(path: bytes) -> None:
+                """Keep a descriptor of a directory changed here, for its fsync below: taken
+                now, while its descriptor is cached from the change just made."""
+                if self.sync_writes and path not in changed:
+                    changed.add(path)
+                    try:
+                        dir_fds.append(os.dup(self.tree.dir_fd(self.tree.parts(path) if path else [])))
+                    except (OSError, UnsafePathError):
+                        pass  # removed meanwhile: nothing left to make durable
+
             for path in self.deletes:
                 try:
                     kept = self.tree.remove(path, keep=keep)
@@ -746,20 +758,16 @@ class Receiver:
                     pass
                 except (OSError, UnsafePathError) as exc:
                     self._fail(None, path, _reason(exc))
+                hold(path.rpartition(b"/")[0])
             for path, attrs in reversed(self.dir_attrs):
                 try:
                     self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
                 except (OSError, UnsafePathError) as exc:
                     self._fail(None, path, _reason(exc))
+                hold(path)
             if self.sync_writes:
                 # Every directory changed in this session, fsynced once: its new entries (the
                 # renames of the last batch), its deletions, its times.
-                changed = {path.rpartition(b"/")[0] for path in self.deletes} | {p for p, _ in self.dir_attrs}
-                for path in changed:
-                    try:
-                        dir_fds.append(os.dup(self.tree.dir_fd(self.tree.parts(path) if path else [])))
-                    except (OSError, UnsafePathError):
-                        pass  # removed meanwhile: nothing left to make durable
                 unique = {}
                 for fd in dir_fds:
                     unique.setdefault(os.fstat(fd).st_ino, fd)

@@ -17,8 +17,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import EXIT_DIFFERENT, EXIT_OK, MirrorError, UsageError, fs_path
 from .syncoptions import SenderOptions
@@ -33,16 +32,21 @@ DEFAULT_PORT = 8730
 _URL = re.compile(r"^mirror://(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/(?P<module>[^/]+)(?:/(?P<sub>.*))?$")
 
 
-@dataclass
 class SyncResult:
     """What a sync did.  ``exit_code``: 0 done, 1 partial (see ``failed``/``problems``)."""
 
-    changes: list = field(default_factory=list)
-    failed: list[tuple[bytes, str]] = field(default_factory=list)
-    problems: list = field(default_factory=list)
-    stats: TransferStats = field(default_factory=lambda: _sender().TransferStats())
-    receiver: dict = field(default_factory=dict)
-    dry_run: bool = False
+    def __init__(self, changes=None, failed=None, problems=None, stats: TransferStats | None = None,
+                 receiver: dict | None = None, dry_run: bool = False):  # fmt: skip
+        self.changes: list = changes if changes is not None else []
+        self.failed: list[tuple[bytes, str]] = failed if failed is not None else []
+        self.problems: list = problems if problems is not None else []
+        self.stats: TransferStats = stats if stats is not None else _sender().TransferStats()
+        self.receiver: dict = receiver if receiver is not None else {}
+        self.dry_run = dry_run
+
+    def __repr__(self) -> str:
+        return (f"SyncResult(exit_code={self.exit_code}, changes={len(self.changes)}, failed={len(self.failed)}, "
+                f"problems={len(self.problems)}, dry_run={self.dry_run})")  # fmt: skip
 
     @property
     def exit_code(self) -> int:
@@ -53,8 +57,7 @@ class SyncResult:
         return self.exit_code == EXIT_OK
 
 
-@dataclass(frozen=True)
-class Destination:
+class Destination(NamedTuple):
     kind: str  # local | daemon | rsh
     path: bytes = b""
     host: str = ""

@@ -55,17 +55,17 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from ..itemize import change_json, item_lines
     from ..transfer import sync
 
     excluder = excluder_from_args(args)
     patterns = [p.text for p in excluder.patterns] if excluder else []
-    show = args.itemize_changes or args.dry_run
+    show = (args.itemize_changes or args.dry_run) and not args.json
 
     def on_change(change):
-        if show and not args.json:
-            for line in item_lines(change):
-                sys.stdout.write(line + "\n")
+        from ..itemize import item_lines
+
+        for line in item_lines(change):
+            sys.stdout.write(line + "\n")
 
     progress = _Progress() if args.progress else None
     try:
@@ -73,7 +73,7 @@ def run(args) -> int:
             path_arg(args.src), path_arg(args.dst), delete=args.delete, checksum=args.checksum,
             dry_run=args.dry_run, excludes=patterns, secret_file=args.secret_file, lock_file=args.lock_file,
             dst_lock_file=args.dst_lock_file, state_dir=args.state_dir, bwlimit=args.bwlimit, rsh=args.rsh,
-            remote_command=args.remote_command, fsync=not args.no_fsync, on_change=on_change,
+            remote_command=args.remote_command, fsync=not args.no_fsync, on_change=on_change if show else None,
             on_progress=progress.advance if progress else None,
         )  # fmt: skip
     finally:
@@ -85,6 +85,7 @@ def run(args) -> int:
         print(f"mirror sync: warning: {_show(problem.path)}: {problem.message}", file=sys.stderr)
     s = result.stats
     if args.json:
+        from ..itemize import change_json
         from ._common import print_json
 
         print_json({
