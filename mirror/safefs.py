@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -30,6 +31,7 @@ TEMP_PREFIX = b".hamirror."
 TEMP_SUFFIX = b".tmp"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FD_CACHE = 128  # directory descriptors kept open per tree
+_FSYNC_THREADS = 8
 
 
 def split_path(path: bytes) -> list[bytes]:
@@ -478,13 +480,28 @@ def _unlink_quietly(dir_fd: int, name: bytes) -> None:
 
 def fsync_all(fds: list[int]) -> None:
     """fsync many descriptors at once: issued in parallel, the filesystem folds them into few
-    journal commits (one ``syncfs`` would also flush every other process's dirty data)."""
+    journal commits (one ``syncfs`` would also flush every other process's dirty data).
+
+    A few threads share one iterator over the descriptors and are joined once: no future
+    per descriptor, no wake-up of the caller per completion."""
     if len(fds) <= 2:
         for fd in fds:
             os.fsync(fd)
         return
-    from concurrent.futures import ThreadPoolExecutor
+    pending = iter(fds)  # a list iterator hands each item to exactly one thread
+    errors: list[OSError] = []
 
-    with ThreadPoolExecutor(max_workers=min(8, len(fds))) as pool:
-        for _ in pool.map(os.fsync, fds):
-            pass
+    def work() -> None:
+        for fd in pending:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                errors.append(exc)
+
+    workers = [threading.Thread(target=work, name="fsync", daemon=True) for _ in range(min(_FSYNC_THREADS, len(fds)))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
