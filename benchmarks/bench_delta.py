@@ -313,6 +313,18 @@ def parallel_probe(basis: str, new: str, runs: int) -> list[str]:
     ]
 
 
+PARTS = ("s5", "same", "best", "worst", "rsync", "memory", "threads")
+
+
+def _parts(text: str) -> list[str]:
+    """``--skip``'s value: one part or a comma list; an unknown name is an error, not ignored."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    return parts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -329,12 +341,14 @@ def main() -> int:
         "--skip",
         action="append",
         default=[],
-        help="skip a part: s5, same, best, worst, rsync, memory, threads",
+        type=_parts,
+        help="skip parts (repeatable, or a comma list): " + ", ".join(PARTS),
     )
     parser.add_argument("--memory-size", type=int, default=4 << 30)
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.skip = [part for parts in args.skip for part in parts]
 
     d = args.dir
     os.makedirs(d, exist_ok=True)
