@@ -156,17 +156,18 @@ class ConfinedTree:
                 current = os.open(parts[i], _DIR_FLAGS, dir_fd=current)
                 prefix = prefix + b"/" + parts[i] if prefix else parts[i]
                 cache[prefix] = current
+                # At most _FD_CACHE stay open, however deep the path: the least recently
+                # used goes, never the one just opened (the next step opens from it).
+                while len(cache) > _FD_CACHE:
+                    _, old = cache.popitem(last=False)
+                    self._mounts.pop(old, None)
+                    os.close(old)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafePathError(
                     f"{display_path(key)}: not a directory in the replica (a symlink is never followed)"
                 ) from None
             raise OSError(exc.errno, exc.strerror, display_path(key)) from None
-        finally:
-            while len(cache) > _FD_CACHE:  # the least recently used; never the one just opened
-                _, old = cache.popitem(last=False)
-                self._mounts.pop(old, None)
-                os.close(old)
         return current
 
     def parent(self, path: bytes) -> tuple[int, bytes]:

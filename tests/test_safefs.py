@@ -1,0 +1,67 @@
+"""ConfinedTree's directory-descriptor cache: bounded however deep the path, and never a way
+through a directory the tree itself removed and something else replaced."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import pytest
+
+from mirror import safefs
+from mirror.errors import UnsafePathError
+from mirror.safefs import ConfinedTree
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_path_deeper_than_the_cache_keeps_the_cache_bounded(tmp_path):
+    root = os.fsencode(tmp_path / "root")
+    os.mkdir(root)
+    depth = safefs._FD_CACHE * 3
+    parts = [b"d%d" % i for i in range(depth)]
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for part in parts:  # made one level at a time: a path this long is beyond PATH_MAX
+        os.mkdir(part, dir_fd=fd)
+        child = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    with open(os.open(b"leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+        f.write(b"deep")
+    os.close(fd)
+    before = _open_fds()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Room for the cache, the root and the file, not for one descriptor per level of the path.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (before + safefs._FD_CACHE + 8, hard))
+    tree = ConfinedTree(root)
+    try:
+        with tree.open_regular(b"/".join(parts + [b"leaf"])) as f:
+            assert f.read() == b"deep"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert _open_fds() - before <= safefs._FD_CACHE + 1  # the cache and the root
+        # Every directory on the way was cached: a sibling path walks from its parent.
+        assert len(tree._cache) == safefs._FD_CACHE
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        tree.close()
+    assert _open_fds() == before
+
+
+def test_a_directory_the_tree_removed_and_an_outsider_replaced_by_a_symlink_is_never_entered(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (outside / "c").mkdir(parents=True)
+    tree = ConfinedTree(os.fsencode(root))
+    try:
+        tree.dir_fd([b"a", b"b", b"c"])  # caches a, a/b and a/b/c
+        tree.remove(b"a/b")
+        os.symlink(outside, root / "a" / "b")
+        with pytest.raises(UnsafePathError):
+            tree.dir_fd([b"a", b"b", b"c"])
+        with pytest.raises(UnsafePathError):
+            tree.new_file(b"a/b/c/planted")
+    finally:
+        tree.close()
+    assert os.listdir(outside / "c") == []
