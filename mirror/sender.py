@@ -64,7 +64,7 @@ from .errors import (
 from .lockfile import is_locked, status
 from .safefs import ConfinedTree
 from .syncoptions import DELTA_THRESHOLD, SenderOptions
-from .syncscan import replica_scan, source_scan
+from .syncscan import replica_scan, source_scan, stop_scans
 from .treescan import TreeScan
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class Sender:
         self._root = root_entry(self.root)
         started_scans, self._started_scans = self._started_scans, None
         if started_scans is not None and (self._scoped or renames):
-            _stop(started_scans)  # they cover the whole tree, before any rename: not this session's
+            stop_scans(started_scans)  # they cover the whole tree, before any rename: not this session's
             started_scans = None
         if started_scans is not None:
             tree, self._dst_tree = started_scans
@@ -304,7 +304,7 @@ class Sender:
             return self._run_session(tree, epoch, owner, scope, renames, started, sent_before, received_before)
         finally:
             self._src_tree.close()
-            _stop((tree, self._dst_tree))  # a session that failed early leaves no scan running
+            stop_scans((tree, self._dst_tree))  # a session that failed early leaves no scan running
             self._dst_tree = None
 
     def _run_session(self, tree, epoch, owner, scope, renames, started, sent_before, received_before) -> SendOutcome:
@@ -794,12 +794,6 @@ _DISCARD = object()
 
 def _attrs(entry: Entry) -> list:
     return [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
-
-
-def _stop(scans) -> None:
-    for scan in scans:
-        if scan is not None:
-            scan.stop()
 
 
 def counts(changes) -> dict:

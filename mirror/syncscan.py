@@ -20,6 +20,13 @@ def source_scan(root: bytes, *, excludes=(), checksum=False, state_dir=None, dry
                     scope=scope, background=scope is None).start()  # fmt: skip
 
 
+def stop_scans(scans) -> None:
+    """Abandon the scans of ``scans`` (None entries, or None itself, are skipped)."""
+    for scan in scans or ():
+        if scan is not None:
+            scan.stop()
+
+
 def replica_scan(root: bytes, *, excludes=(), checksum=False, scope=None) -> TreeScan:
     """Local mode: the destination, scanned by the sender (the receiver then only writes)."""
     return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, scope=scope,

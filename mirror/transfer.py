@@ -225,22 +225,20 @@ def _start_local_scans(src: bytes, dst: bytes, options):
     from .writerlock import WriterLock
 
     writer = None if options.dry_run else WriterLock.take(resolve_state_dir(dst, None), "local", "the destination")
-    scans = None
+    src_scan = None
     try:
         src_scan = source_scan(src, excludes=options.excludes, checksum=options.checksum,
                                state_dir=options.state_dir, dry_run=options.dry_run)  # fmt: skip
-        scans = (src_scan, None)
-        scans = (src_scan, replica_scan(dst, excludes=options.excludes, checksum=options.checksum))
+        return (src_scan, replica_scan(dst, excludes=options.excludes, checksum=options.checksum)), writer
     except BaseException:
-        _abandon(scans, writer)
+        _abandon((src_scan,), writer)
         raise
-    return scans, writer
 
 
 def _abandon(scans, writer) -> None:
-    for scan in scans or ():
-        if scan is not None:
-            scan.stop()
+    from .syncscan import stop_scans
+
+    stop_scans(scans)
     if writer is not None:
         writer.release()
 

@@ -352,8 +352,7 @@ class TreeScan:
                     raise batch
                 yield from batch
         finally:
-            self._stop.set()
-            self._thread.join()
+            self.stop()
 
     def _run(self, channel: queue.Queue) -> None:
         batch: list = []
