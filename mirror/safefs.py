@@ -426,7 +426,9 @@ class Commit:
         self.path = path
         self.dir_fd = os.dup(dir_fd)
         self.name = name
-        self.temp_dir_fd = temp_dir_fd
+        # A temporary file beside its target is reached through our own descriptor: the
+        # tree's cached one may be closed (and its number reused) before the commit.
+        self.temp_dir_fd = self.dir_fd if temp_dir_fd == dir_fd else temp_dir_fd
         self.temp = temp
         self.file = os.fdopen(fd, "wb", buffering=0)
         self.done = False

@@ -65,3 +65,26 @@ def test_a_directory_the_tree_removed_and_an_outsider_replaced_by_a_symlink_is_n
     finally:
         tree.close()
     assert os.listdir(outside / "c") == []
+
+
+def test_a_temporary_file_beside_its_target_commits_after_the_cache_closed_that_directory(tmp_path):
+    # No temp dir (as for a target on another mount below the root): the temporary file is
+    # made beside its target.  The cache then closes the target directory's descriptor, and
+    # its number goes to another directory: the commit must still rename in the right place.
+    root = tmp_path / "root"
+    for i in range(safefs._FD_CACHE + 8):
+        (root / f"d{i:03d}").mkdir(parents=True)
+    tree = ConfinedTree(os.fsencode(root))
+    try:
+        commit = tree.new_file(b"d000/file")
+        commit.file.write(b"new content")
+        for i in range(1, safefs._FD_CACHE + 8):  # evicts d000, and reuses descriptor numbers
+            tree.dir_fd([b"d%03d" % i])
+        commit.finish(0o644, os.getuid(), os.getgid(), 1_000_000_000, owner=False)
+        commit.commit()
+        commit.release()
+    finally:
+        tree.close()
+    assert (root / "d000" / "file").read_bytes() == b"new content"
+    assert sorted(p.name for p in (root / "d000").iterdir()) == ["file"]  # no temporary file left
+    assert not any((root / f"d{i:03d}" / "file").exists() for i in range(1, safefs._FD_CACHE + 8))
