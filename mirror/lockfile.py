@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .atomicfile import fsync_directory, temp_name_for
 from .errors import MirrorError, display_path, fs_path, os_error_message
@@ -23,8 +23,7 @@ from .errors import MirrorError, display_path, fs_path, os_error_message
 MAX_LOCK_FILE_SIZE = 64 * 1024
 
 
-@dataclass(frozen=True)
-class LockInfo:
+class LockInfo(NamedTuple):
     """What a lock file says.  ``problem`` is set (and the owner fields may be None) when
     the file exists but cannot be read or parsed: it still counts as a lock."""
 

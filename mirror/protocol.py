@@ -19,8 +19,6 @@ import threading
 import time
 from typing import BinaryIO
 
-import msgpack
-
 from .errors import AuthError, LimitExceeded, ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -47,7 +45,13 @@ CHALLENGE, WELCOME, READY, SUMMARY, SUMMARY_END, LISTING, SIGNATURE, SIG_FAILED,
 )  # fmt: skip
 
 
+# msgpack is imported by the first frame: a local sync passes messages as objects and never
+# loads it (nor the datetime module it pulls in).
+
+
 def encode(message: list | tuple) -> bytes:
+    import msgpack
+
     body = msgpack.packb(message, use_bin_type=True)
     if len(body) > MAX_FRAME:
         raise LimitExceeded(f"message {message[0]!r} of {len(body)} bytes exceeds the frame limit")
@@ -55,6 +59,8 @@ def encode(message: list | tuple) -> bytes:
 
 
 def decode(body: bytes) -> list:
+    import msgpack
+
     try:
         message = msgpack.unpackb(
             body, raw=False, use_list=True, strict_map_key=True,

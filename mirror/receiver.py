@@ -26,11 +26,11 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import xxhash
 
-from . import deltafmt, fastpath
+from . import fastpath
 from . import protocol as P
 from .entry import Kind
 from .epoch import observe_epoch, read_epoch
@@ -68,8 +68,7 @@ SIGNATURE_PART = 4 << 20
 HAS_LINKS, INCOMPLETE = P.HAS_LINKS, P.INCOMPLETE
 
 
-@dataclass(frozen=True)
-class ModuleConfig:
+class ModuleConfig(NamedTuple):
     """One tree a receiver serves."""
 
     name: str
@@ -89,32 +88,40 @@ class ModuleConfig:
         return None if inside == b"." or inside.startswith(b"..") else inside
 
 
-@dataclass
+# Plain classes rather than dataclasses: importing ``dataclasses`` (and ``inspect`` with it)
+# would cost every sync more start-up time than the rest of the receiver.
+
+
 class _Incoming:
     """The file being received."""
 
-    req: int
-    path: bytes
-    attrs: list
-    commit: object
-    patcher: object | None = None
-    hasher: object | None = None
-    size: int = 0
-    failed: str | None = None
+    __slots__ = ("req", "path", "attrs", "commit", "patcher", "hasher", "basis", "size", "failed")
+
+    def __init__(self, req: int, path: bytes, attrs: list, commit, failed: str | None = None):
+        self.req = req
+        self.path = path
+        self.attrs = attrs
+        self.commit = commit
+        self.patcher = None
+        self.hasher = None
+        self.basis = None
+        self.size = 0
+        self.failed = failed
 
 
-@dataclass
-class _Pending:
+class _Pending(NamedTuple):
     commit: object
     size: int
 
 
-@dataclass
 class SessionStats:
-    files: int = 0
-    bytes_written: int = 0
-    deleted: int = 0
-    failed: list = field(default_factory=list)
+    __slots__ = ("files", "bytes_written", "deleted", "failed")
+
+    def __init__(self):
+        self.files = 0
+        self.bytes_written = 0
+        self.deleted = 0
+        self.failed: list = []
 
 
 class Receiver:
@@ -447,6 +454,8 @@ class Receiver:
             except (OSError, UnsafePathError) as exc:
                 self.t.send([P.SIG_FAILED, req, _reason(exc)], flush=False)
                 continue
+            from . import deltafmt  # msgpack: only a session with deltas loads it
+
             data = deltafmt.signature_to_bytes(sig)
             # A big file's signature spans several frames; the sender joins them in order.
             for start in range(0, max(len(data), 1), SIGNATURE_PART):

@@ -30,9 +30,8 @@ import queue
 import stat
 import threading
 import time
-from dataclasses import dataclass, field
 
-from . import deltafmt, fastpath
+from . import fastpath
 from . import protocol as P
 from .compare import (
     ADDED,
@@ -79,19 +78,27 @@ _ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "Auth
 __all__ = ["DELTA_THRESHOLD", "Sender", "SenderOptions", "SendOutcome", "TransferStats"]
 
 
-@dataclass
 class TransferStats:
-    files_seen: int = 0
-    files_sent: int = 0  # regular files whose content was sent (whole or delta)
-    files_delta: int = 0
-    other_changes: int = 0  # directories, symlinks, nodes, links, attributes
-    deleted: int = 0
-    literal_bytes: int = 0
-    matched_bytes: int = 0
-    size_of_sent_files: int = 0
-    wire_sent: int = 0
-    wire_received: int = 0
-    seconds: float = 0.0
+    """What one session moved.  (A plain class: see the note in receiver.py on dataclasses.)"""
+
+    __slots__ = ("files_seen", "files_sent", "files_delta", "other_changes", "deleted", "literal_bytes",
+                 "matched_bytes", "size_of_sent_files", "wire_sent", "wire_received", "seconds")  # fmt: skip
+
+    def __init__(self):
+        self.files_seen = 0
+        self.files_sent = 0  # regular files whose content was sent (whole or delta)
+        self.files_delta = 0
+        self.other_changes = 0  # directories, symlinks, nodes, links, attributes
+        self.deleted = 0
+        self.literal_bytes = 0
+        self.matched_bytes = 0
+        self.size_of_sent_files = 0
+        self.wire_sent = 0
+        self.wire_received = 0
+        self.seconds = 0.0
+
+    def __repr__(self) -> str:
+        return "TransferStats(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
 
     @property
     def speedup(self) -> float:
@@ -99,13 +106,17 @@ class TransferStats:
         return self.size_of_sent_files / self.wire_sent if self.wire_sent else 0.0
 
 
-@dataclass
 class SendOutcome:
-    changes: list[Change] = field(default_factory=list)
-    failed: list[tuple[bytes, str]] = field(default_factory=list)
-    problems: list[ScanProblem] = field(default_factory=list)
-    stats: TransferStats = field(default_factory=TransferStats)
-    receiver: dict = field(default_factory=dict)
+    """A session's changes, failures, scan problems, transfer figures and the receiver's report."""
+
+    __slots__ = ("changes", "failed", "problems", "stats", "receiver")
+
+    def __init__(self):
+        self.changes: list[Change] = []
+        self.failed: list[tuple[bytes, str]] = []
+        self.problems: list[ScanProblem] = []
+        self.stats = TransferStats()
+        self.receiver: dict = {}
 
 
 class _Reader(threading.Thread):
@@ -661,6 +672,8 @@ class Sender:
             sig = None
             if sig_bytes is not None:
                 try:
+                    from . import deltafmt  # msgpack: only a session with deltas loads it
+
                     sig = deltafmt.signature_from_bytes(sig_bytes)
                 except MirrorError as exc:
                     raise ProtocolError(f"bad signature for {display_path(change.path)}: {exc}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ..errors import EXIT_ERROR, MirrorError, os_error_message
@@ -34,11 +35,34 @@ COMMANDS: dict[str, tuple[str, str]] = {
 _log = logging.getLogger("mirror")
 
 
+def _terminal_columns() -> int:
+    """As ``shutil.get_terminal_size``: $COLUMNS, else stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return columns
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's own, sized without importing ``shutil``: argparse makes a formatter for
+    every option it adds, and shutil brings the compression modules into every run."""
+
+    def __init__(self, prog: str, **kwargs):
+        kwargs.setdefault("width", _terminal_columns() - 2)  # argparse keeps two columns free
+        super().__init__(prog, **kwargs)
+
+
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mirror",
         description="hamirror: fast, verified file mirroring for two-node clusters.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog="commands:\n"
         + "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
         + "\n\nRun 'mirror COMMAND --help' for the options of one command.",
@@ -52,7 +76,7 @@ def _command_parser(name: str, module) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"mirror {name}",
         description=(module.__doc__ or COMMANDS[name][1]).strip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
