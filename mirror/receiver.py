@@ -650,7 +650,7 @@ class Receiver:
             if self.sync_writes and committed:
                 dirs = {}
                 for commit in committed:
-                    dirs.setdefault(os.fstat(commit.dir_fd).st_ino, commit.dir_fd)
+                    dirs.setdefault(_identity(commit.dir_fd), commit.dir_fd)
                 if defer_dirs is None:
                     fsync_all(list(dirs.values()))
                 else:
@@ -779,7 +779,7 @@ class Receiver:
                 # renames of the last batch), its deletions, its times.
                 unique = {}
                 for fd in dir_fds:
-                    unique.setdefault(os.fstat(fd).st_ino, fd)
+                    unique.setdefault(_identity(fd), fd)
                 fsync_all(list(unique.values()))
         finally:
             for fd in dir_fds:
@@ -788,6 +788,13 @@ class Receiver:
             "files": self.stats.files, "bytes": self.stats.bytes_written, "deleted": self.stats.deleted,
             "failed": self.stats.failed[:1000], "failed_count": len(self.stats.failed),
         }])  # fmt: skip
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """A directory's identity, to fsync each once: its inode number alone is not (another
+    mount below the root has its own inode numbers)."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _attrs(value) -> list:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import mirror.sender
 import mirror.treescan
-from mirror import fastpath
+from mirror import fastpath, safefs
 from mirror.transfer import sync
 from tests.helpers import is_root
 from tests.snapshot import assert_mirrors
@@ -222,6 +222,31 @@ def test_files_under_a_bind_mount_inside_the_replica_are_committed(tmp_path):
         assert (dst / "b" / "f").read_bytes() == b"x"
     finally:
         subprocess.run(["umount", str(dst / "b")], check=True)
+
+
+@pytest.mark.skipif(not is_root(), reason="needs root to mount")
+def test_many_directories_on_another_filesystem_inside_the_replica_are_committed(tmp_path):
+    # A tmpfs below the replica's root: its files cannot be renamed from the state dir's
+    # temp dir, so each is written beside its target.  More directories than the receiver
+    # keeps descriptors for: the early ones are closed (and their numbers reused) before the
+    # batch commits.  Every file must still land in its own directory, durably.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    count = safefs._FD_CACHE + 20
+    for i in range(count):
+        (src / "t" / f"d{i:03d}").mkdir(parents=True)
+        (src / "t" / f"d{i:03d}" / "f").write_bytes(b"file %d" % i)
+    (dst / "t").mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(dst / "t")]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        result = sync(src, dst)
+        assert result.ok, result.failed
+        for i in range(count):
+            d = dst / "t" / f"d{i:03d}"
+            assert sorted(os.listdir(d)) == ["f"]  # its own file, and no temporary file
+            assert (d / "f").read_bytes() == b"file %d" % i
+    finally:
+        subprocess.run(["umount", str(dst / "t")], check=True)
 
 
 # -- the state dir -------------------------------------------------------------------------
