@@ -210,14 +210,15 @@ class Sender:
 
     def __init__(self, src_root: bytes, transport, options: SenderOptions, *, module: str = "",
                  subpath: bytes = b"", on_change=None, on_progress=None, local_dst: bytes | None = None,
-                 scans: tuple[TreeScan, TreeScan] | None = None):  # fmt: skip
+                 scans: tuple[TreeScan, TreeScan | None] | None = None):  # fmt: skip
         self.root = src_root
         # Local mode: the destination tree is in this process's reach, so it is scanned here
         # and compared directly (as ``mirror diff`` does) instead of through the receiver's
         # summary; the receiver, told so at ``start``, only writes.
         self.local_dst = local_dst
         self._dst_tree: TreeScan | None = None
-        # Local mode, first session: (source, replica) scans the caller started already.
+        # First session: the (source, replica) scans the caller started already (the
+        # replica's only in local mode: a remote receiver scans its own).
         self._started_scans = scans
         self.t = transport
         self.o = options

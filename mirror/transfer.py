@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .sender import TransferStats
 
 # The sender, the receiver and the wire protocol are imported when a connection opens:
-# a local sync has its two scans running by then (see Connection.open).
+# a sync has its scans running by then (see Connection.open).
 
 DEFAULT_PORT = 8730
 _URL = re.compile(r"^mirror://(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/(?P<module>[^/]+)(?:/(?P<sub>.*))?$")
@@ -154,13 +154,14 @@ class Connection:
 
     def open(self, *, whole_tree: bool = False) -> Connection:
         """Connect and shake hands.  ``whole_tree``: the first session will be a whole-tree
-        one (``sync()``); a local destination then has both trees' scans started first,
-        under the replica's writer lock, so they run while the rest of the code loads."""
+        one (``sync()``): its scans start first, so they run while the rest of the code
+        loads and the connection is made.  The source's always; a local destination's too,
+        under the replica's writer lock."""
         local = self.dest.kind == "local"
         if local:
             os.makedirs(self.dest.path, exist_ok=True)
-        scans, writer = (_start_local_scans(self.src, self.dest.path, self.options)
-                         if local and whole_tree else (None, None))  # fmt: skip
+        scans, writer = (_start_scans(self.src, self.dest.path if local else None, self.options)
+                         if whole_tree else (None, None))  # fmt: skip
         try:
             transport, cleanup = _connect(self.dest, *self._connect_args, writer=writer)
         except BaseException:
@@ -215,21 +216,29 @@ def _sender():
     return sender
 
 
-def _start_local_scans(src: bytes, dst: bytes, options):
-    """Take the replica's writer lock (a dry run writes nothing: no lock) and start both scans.
+def _start_scans(src: bytes, local_dst: bytes | None, options):
+    """Start the source's scan, and for a local destination take the replica's writer lock
+    (a dry run writes nothing: no lock) and start the replica's scan too.
 
     The lock comes first: no other sync may change the replica between its scan and our
-    writes.  The receiver is handed the lock and keeps it for the connection."""
+    writes.  The receiver is handed the lock and keeps it for the connection.  A remote
+    receiver scans its own tree, under its own lock, once the session starts."""
     from .statedir import resolve_state_dir
     from .syncscan import replica_scan, source_scan
-    from .writerlock import WriterLock
 
-    writer = None if options.dry_run else WriterLock.take(resolve_state_dir(dst, None), "local", "the destination")
+    writer = None
+    if local_dst is not None and not options.dry_run:
+        from .writerlock import WriterLock
+
+        writer = WriterLock.take(resolve_state_dir(local_dst, None), "local", "the destination")
     src_scan = None
     try:
         src_scan = source_scan(src, excludes=options.excludes, checksum=options.checksum,
                                state_dir=options.state_dir, dry_run=options.dry_run)  # fmt: skip
-        return (src_scan, replica_scan(dst, excludes=options.excludes, checksum=options.checksum)), writer
+        dst_scan = None
+        if local_dst is not None:
+            dst_scan = replica_scan(local_dst, excludes=options.excludes, checksum=options.checksum)
+        return (src_scan, dst_scan), writer
     except BaseException:
         _abandon((src_scan,), writer)
         raise

@@ -246,7 +246,7 @@ def test_many_directories_on_another_filesystem_inside_the_replica_are_committed
             assert sorted(os.listdir(d)) == ["f"]  # its own file, and no temporary file
             assert (d / "f").read_bytes() == b"file %d" % i
     finally:
-        subprocess.run(["umount", str(dst / "t")], check=True)
+        subprocess.run(["umount", "-l", str(dst / "t")], check=True)
 
 
 # -- the state dir -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from mirror.epoch import bump_epoch
-from mirror.errors import LockedError, MirrorError, StaleEpochError
+from mirror.errors import AuthError, LockedError, MirrorError, StaleEpochError
 from mirror.lockfile import acquire
 from mirror.transfer import parse_destination, sync
 from mirror.writerlock import WriterLock
@@ -105,6 +105,27 @@ def test_wrong_secret_is_refused_and_nothing_written(hard_src, tmp_path):
         assert proc.returncode == 5 and b"requires a shared secret" in proc.stderr
         assert server.alive
     assert os.listdir(dst) == []
+
+
+def test_a_refused_remote_sync_leaves_no_scan_running(hard_src, tmp_path):
+    # sync() starts the source's scan before it connects: a connection that cannot be made,
+    # or a receiver that refuses us, must stop it.
+    import socket
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(MirrorError, match="cannot connect"):
+        sync(hard_src, f"mirror://127.0.0.1:{port}/m")
+    assert not [t for t in threading.enumerate() if t.name == "treescan"]
+    dst = tmp_path / "replica"
+    dst.mkdir()
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        with pytest.raises(AuthError, match="authentication failed"):
+            sync(hard_src, server.url("m"), secret=b"not-the-secret")
+        assert not [t for t in threading.enumerate() if t.name == "treescan"]
+        assert sync(hard_src, server.url("m"), secret_file=server.secret_file).ok
+    assert_mirrors(hard_src, dst)
 
 
 def test_dry_run_lists_changes_and_writes_nothing(hard_src, tmp_path):
