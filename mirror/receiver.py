@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 SUMMARY_BATCH = 256  # directories per summary message
 LISTING_PART = 32768  # entries per listing message (a larger directory is sent in parts)
 COMMIT_BATCH_FILES = 256
+# Directory descriptors held for their fsync at the end of a session; more are fsynced early.
+# With a batch's files (two descriptors each) and both trees' caches, this stays well
+# within the common soft limit of 1,024 open files.
+DIR_SYNCS_HELD = 128
 COMMIT_BATCH_BYTES = 256 << 20
 # A file at least this large has its writeback started as soon as it is verified (see
 # Commit.start_writeback): big files keep the disk busy while the next ones arrive.
@@ -612,12 +616,11 @@ class Receiver:
         self.stats.failed.append([path, reason])
         self.t.send([P.FAILED, req, path, reason])
 
-    def _flush(self, defer_dirs: list | None = None) -> None:
+    def _flush(self, dir_syncs: _DirSyncs | None = None) -> None:
         """Commit the pending files: data durable, then renamed, then the renames durable.
 
-        With ``defer_dirs``, the directories are not fsynced here: their descriptors are
-        added to the list for the caller, who changes more in them first (the end of a
-        session fsyncs every directory once)."""
+        With ``dir_syncs``, the directories are handed to it instead of fsynced here: the
+        caller changes more in them first (the end of a session)."""
         if not self.pending:
             return
         lock = self.module.lock_file
@@ -648,13 +651,14 @@ class Receiver:
             raise
         try:
             if self.sync_writes and committed:
-                dirs = {}
-                for commit in committed:
-                    dirs.setdefault(_identity(commit.dir_fd), commit.dir_fd)
-                if defer_dirs is None:
+                if dir_syncs is None:
+                    dirs = {}
+                    for commit in committed:
+                        dirs.setdefault(_identity(commit.dir_fd), commit.dir_fd)
                     fsync_all(list(dirs.values()))
                 else:
-                    defer_dirs.extend(os.dup(fd) for fd in dirs.values())
+                    for commit in committed:
+                        dir_syncs.add(commit.dir_fd)
         finally:
             for item in batch:
                 item.commit.release()
@@ -736,24 +740,22 @@ class Receiver:
     def _finish_session(self) -> None:
         if self.incoming is not None:
             raise ProtocolError("'end' in the middle of a file")
-        dir_fds: list[int] = []
+        dir_syncs = _DirSyncs(self.sync_writes)
         try:
-            self._flush(defer_dirs=dir_fds)
+            self._flush(dir_syncs=dir_syncs)
             lock = self.module.lock_file
             if (self.deletes or self.dir_attrs) and lock and is_locked(lock):
                 info = status(lock)
                 raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
             keep = self.excluder.excluded if self.excluder is not None else None
-            changed: set[bytes] = set()
 
             def hold(path: bytes) -> None:
-                """Keep a descriptor of a directory changed here, for its fsync below: taken
-                now, while its descriptor is cached from the change just made."""
-                if self.sync_writes and path not in changed:
-                    changed.add(path)
+                """A directory changed here, for its fsync: taken now, while its descriptor
+                is cached from the change just made."""
+                if dir_syncs.wants(path):
                     try:
-                        dir_fds.append(os.dup(self.tree.dir_fd(self.tree.parts(path) if path else [])))
-                    except (OSError, UnsafePathError):
+                        dir_syncs.add(self.tree.dir_fd(self.tree.parts(path) if path else []), path)
+                    except (FileNotFoundError, NotADirectoryError, UnsafePathError):
                         pass  # removed meanwhile: nothing left to make durable
 
             for path in self.deletes:
@@ -774,20 +776,59 @@ class Receiver:
                 except (OSError, UnsafePathError) as exc:
                     self._fail(None, path, _reason(exc))
                 hold(path)
-            if self.sync_writes:
-                # Every directory changed in this session, fsynced once: its new entries (the
-                # renames of the last batch), its deletions, its times.
-                unique = {}
-                for fd in dir_fds:
-                    unique.setdefault(_identity(fd), fd)
-                fsync_all(list(unique.values()))
+            # Every directory changed in this session, fsynced after its last change: its new
+            # entries (the renames of the last batch), its deletions, its times.
+            dir_syncs.sync()
         finally:
-            for fd in dir_fds:
-                os.close(fd)
+            dir_syncs.close()
         self.t.send([P.RESULT, {
             "files": self.stats.files, "bytes": self.stats.bytes_written, "deleted": self.stats.deleted,
             "failed": self.stats.failed[:1000], "failed_count": len(self.stats.failed),
         }])  # fmt: skip
+
+
+class _DirSyncs:
+    """The directories a session changed, each to be fsynced after its last change.
+
+    A descriptor is kept for each (duplicated while the change's own is at hand), but at
+    most ``DIR_SYNCS_HELD`` at a time: with that many, they are fsynced and closed, and a
+    directory changed again after that is held, and fsynced, again.  Keeping them all would
+    run a session that changes thousands of directories out of descriptors."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._held: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> our descriptor
+        self._paths: set[bytes] = set()  # held by path: not resolved twice
+
+    def wants(self, path: bytes) -> bool:
+        return self.enabled and path not in self._paths
+
+    def add(self, fd: int, path: bytes | None = None) -> None:
+        if not self.enabled:
+            return
+        if path is not None:
+            self._paths.add(path)
+        key = _identity(fd)
+        if key not in self._held:
+            self._held[key] = os.dup(fd)
+            if len(self._held) >= DIR_SYNCS_HELD:
+                self.sync()
+
+    def sync(self) -> None:
+        held, self._held = self._held, {}
+        self._paths.clear()
+        try:
+            fsync_all(list(held.values()))
+        finally:
+            for fd in held.values():
+                os.close(fd)
+
+    def close(self) -> None:
+        """Let go of what is still held (after an error: not fsynced)."""
+        for fd in self._held.values():
+            os.close(fd)
+        self._held.clear()
+        self._paths.clear()
 
 
 def _identity(fd: int) -> tuple[int, int]:

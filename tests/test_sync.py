@@ -281,6 +281,26 @@ def test_full_disk_is_reported_with_path_and_leaves_no_temp(tmp_path):
         subprocess.run(["umount", str(dst)], check=True)
 
 
+def test_a_sync_that_changes_more_directories_than_the_descriptor_limit(tmp_path):
+    # `ulimit -n 1024` is a common default (and cannot be raised past its hard limit here).
+    # The receiver keeps a descriptor of each directory it changed, for that directory's
+    # fsync: it must not keep them all at once, nor skip a directory it could not hold.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for i in range(1500):
+        (src / f"d{i:04d}").mkdir(parents=True)
+        (src / f"d{i:04d}" / "f").write_bytes(b"%d" % i)
+    limited = ["prlimit", "--nofile=1024:1024", "--"]
+    proc = run_mirror("sync", src, dst, prefix=limited)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_mirrors(src, dst)
+    for i in range(1500):  # every directory changes again: new files, deletions, new times
+        (src / f"d{i:04d}" / "f").unlink()
+        (src / f"d{i:04d}" / "g").write_bytes(b"g%d" % i)
+    proc = run_mirror("sync", "--delete", src, dst, prefix=limited)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_mirrors(src, dst)
+
+
 def test_parse_destination():
     assert parse_destination("mirror://h:99/mod/a/b").subpath == b"a/b"
     assert parse_destination("mirror://h/mod").port == 8730
