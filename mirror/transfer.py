@@ -157,6 +157,9 @@ class Connection:
         one (``sync()``): its scans start first, so they run while the rest of the code
         loads and the connection is made.  The source's always; a local destination's too,
         under the replica's writer lock."""
+        from .fdtable import reserve
+
+        reserve()  # before the first thread starts (see fdtable)
         local = self.dest.kind == "local"
         if local:
             os.makedirs(self.dest.path, exist_ok=True)

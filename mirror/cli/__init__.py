@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     args = _command_parser(name, module).parse_args(argv[1:])
     setup_logging(args.verbose, args.quiet)
+    from ..fdtable import reserve
+
+    reserve()  # while the process is one thread (see mirror/fdtable.py)
     try:
         return module.run(args)
     except MirrorError as exc:

@@ -1,0 +1,75 @@
+"""fdtable.reserve: the descriptor table grown up front, nothing left open, nothing closed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str, prefix: list[str] | None = None) -> str:
+    script = textwrap.dedent(
+        """
+        import os
+
+        def fd_size():
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("FDSize:"))
+
+        def open_count():
+            return len(os.listdir("/proc/self/fd"))
+        """
+    ) + textwrap.dedent(code)
+    proc = subprocess.run((prefix or []) + [sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_reserve_grows_the_table_and_leaves_nothing_open():
+    out = _run(
+        """
+        from mirror import fdtable
+        before, count = fd_size(), open_count()
+        fdtable.reserve()
+        print(before, fd_size(), open_count() - count)
+        """
+    )
+    before, after, extra = map(int, out.split())
+    assert before < 1024 <= after
+    assert extra == 0
+
+
+def test_reserve_never_closes_a_descriptor_in_use_at_the_top():
+    out = _run(
+        """
+        from mirror import fdtable
+        fd = os.open("/proc", os.O_RDONLY)  # not "/", which reserve itself opens
+        os.dup2(fd, 1023)  # the very number reserve asks for
+        fdtable.reserve()
+        print(os.fstat(1023).st_ino == os.fstat(fd).st_ino, fd_size())
+        """
+    )
+    same, size = out.split()
+    assert same == "True" and int(size) >= 1024
+
+
+@pytest.mark.parametrize("limit", [50, 300])
+def test_reserve_stays_within_a_lower_limit(limit):
+    out = _run(
+        """
+        from mirror import fdtable
+        count = open_count()
+        fdtable.reserve()
+        print(fd_size(), open_count() - count)
+        """,
+        prefix=["prlimit", f"--nofile={limit}:{limit}", "--"],
+    )
+    size, extra = map(int, out.split())
+    assert extra == 0
+    assert size < 1024  # grown only as far as the limit lets a descriptor go
