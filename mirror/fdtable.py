@@ -7,6 +7,9 @@ sync holds a few hundred descriptors at its peak (the directory caches of both t
 batch of files and their directories, directories waiting for their fsync), so the table
 is grown to ``TABLE_SIZE`` entries first, while the process is still one thread (embedded
 in a threaded program: one wait, once).  Nothing stays open; the limit is not changed.
+
+A server is different: each of its concurrent sessions may hold that many, so ``mirror
+serve`` and ``mirror daemon`` raise their soft limit on open files to the hard one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 
 TABLE_SIZE = 1024
+SERVER_LIMIT = 1 << 16  # soft limit a server raises itself to, if its hard limit allows
 
 
 def reserve(size: int = TABLE_SIZE) -> None:
@@ -38,3 +42,19 @@ def reserve(size: int = TABLE_SIZE) -> None:
         pass  # every number up to the limit in use, or none free above ``top``: nothing to do
     finally:
         os.close(probe)
+
+
+def raise_limit(cap: int = SERVER_LIMIT) -> int:
+    """Raise the soft limit on open files to the hard limit (at most ``cap``); the new soft
+    limit.  The common default of 1,024 fits one sync, not a server's many at once."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass  # not permitted here: the sessions stay within the old limit or fail cleanly
+    return soft

@@ -12,11 +12,12 @@ SECRET = b"test-shared-secret-0123456789"
 
 
 @contextmanager
-def mirror_server(tmp_path, modules: dict[str, str], *extra: str, secret: bytes = SECRET):
+def mirror_server(tmp_path, modules: dict[str, str], *extra: str, secret: bytes = SECRET,
+                  prefix: list[str] | None = None):  # fmt: skip
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(secret + b"\n")
     port_file = tmp_path / f"port-{time.monotonic_ns()}"
-    argv = [sys.executable, "-m", "mirror", "serve", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+    argv = [*(prefix or []), sys.executable, "-m", "mirror", "serve", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
             "--secret-file", str(secret_file), *extra]  # fmt: skip
     for name, path in modules.items():
         argv += ["--module", f"{name}={path}"]

@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+from tests.servers import mirror_server
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -73,3 +75,12 @@ def test_reserve_stays_within_a_lower_limit(limit):
     size, extra = map(int, out.split())
     assert extra == 0
     assert size < 1024  # grown only as far as the limit lets a descriptor go
+
+
+def test_a_server_raises_its_soft_open_file_limit_to_the_hard_one(tmp_path):
+    (tmp_path / "m").mkdir()
+    limited = ["prlimit", "--nofile=1024:4096", "--"]  # prlimit execs the server: same pid
+    with mirror_server(tmp_path, {"m": str(tmp_path / "m")}, prefix=limited) as server:
+        with open(f"/proc/{server.proc.pid}/limits") as f:
+            line = next(line for line in f if line.startswith("Max open files"))
+    assert line.split()[3:5] == ["4096", "4096"]
