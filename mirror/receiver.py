@@ -757,6 +757,8 @@ class Receiver:
                         dir_syncs.add(self.tree.dir_fd(self.tree.parts(path) if path else []), path)
                     except (FileNotFoundError, NotADirectoryError, UnsafePathError):
                         pass  # removed meanwhile: nothing left to make durable
+                    except OSError as exc:  # e.g. no permission to open it: said, not skipped
+                        self._fail(None, path, f"cannot fsync the directory: {_reason(exc)}")
 
             for path in self.deletes:
                 try:
