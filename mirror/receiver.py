@@ -147,6 +147,7 @@ class Receiver:
         self._set_timeout, self._session_timeout = timeouts if timeouts else (None, None)
         self._cleaned = False
         self._last_lock_check = 0.0
+        self._reserved: dict[bytes, bytes | None] = {}  # root -> the state dir inside it, if any
 
     # -- connection ------------------------------------------------------------------------
 
@@ -210,7 +211,7 @@ class Receiver:
         self.module = self.modules[name]
         self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
         if self.subpath:
-            reserved = self.module.reserved_in(fs_path(self.module.path))
+            reserved = self._reserved_in(fs_path(self.module.path))
             if reserved is not None and split_path(self.subpath)[: reserved.count(b"/") + 1] == reserved.split(b"/"):
                 raise UnsafePathError("refused subpath: the receiver's state dir is not content")
         server_nonce = os.urandom(P.NONCE_SIZE)
@@ -227,6 +228,13 @@ class Receiver:
             "proof": proof, "epoch": read_epoch(self.module.resolved_state_dir),
             "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE,
         }])  # fmt: skip
+
+    def _reserved_in(self, root: bytes) -> bytes | None:
+        """``module.reserved_in(root)``, worked out once per connection: it resolves both
+        paths (an lstat per component), which a live session's latency should not pay."""
+        if root not in self._reserved:
+            self._reserved[root] = self.module.reserved_in(root)
+        return self._reserved[root]
 
     # -- session ---------------------------------------------------------------------------
 
@@ -280,7 +288,7 @@ class Receiver:
         clean = not dry_run and not self._cleaned
         try:
             self.tree = ConfinedTree(root, temp_dir=None if dry_run else os.path.join(state_dir, b"tmp"),
-                                     clean=clean, reserved=self.module.reserved_in(root))  # fmt: skip
+                                     clean=clean, reserved=self._reserved_in(root))  # fmt: skip
         except OSError as exc:
             raise MirrorError(f"receiver cannot open its tree: {exc}") from None
         self._cleaned = self._cleaned or clean
@@ -350,7 +358,7 @@ class Receiver:
                 log.info("rename %s -> %s not done here: %s", display_path(old), display_path(new), exc)
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
-        tree = ConfinedTree(root, reserved=self.module.reserved_in(root))
+        tree = ConfinedTree(root, reserved=self._reserved_in(root))
         try:
             parts = tree.parts(self.subpath)
             for i in range(1, len(parts) + 1):
