@@ -270,7 +270,7 @@ class LivePair:
         c = self.config
         self._connection = Connection(
             c.source, c.destination, delete=c.delete, excludes=c.excludes, secret_file=c.secret_file,
-            lock_file=c.lock_file, state_dir=c.state_dir, cancel=self._cancel,
+            lock_file=c.lock_file, state_dir=c.state_dir, cancel=self._cancel, keep_changes=False,
         ).open()  # fmt: skip
         self._need_full = True  # whatever happened while we were apart: reconcile
 

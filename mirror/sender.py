@@ -594,7 +594,8 @@ class Sender:
             self.out.stats.other_changes += 1
 
     def _note(self, change: Change) -> None:
-        self.out.changes.append(change)
+        if self.o.keep_changes:
+            self.out.changes.append(change)
         if self.on_change is not None:
             self.on_change(change)
 

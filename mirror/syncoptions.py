@@ -26,3 +26,5 @@ class SenderOptions(NamedTuple):
     fsync: bool = True
     secret: bytes | None = None
     cancel: threading.Event | None = None  # set: abandon the file in flight and end the session
+    keep_changes: bool = True  # False: the result's ``changes`` stays empty (a big first sync's
+    # would hold an entry for every file of the tree); ``on_change`` still sees each one

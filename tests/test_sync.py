@@ -73,6 +73,7 @@ def test_sync_through_real_server(hard_src, tmp_path):
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert out["stats"]["files_delta"] == 1 and out["stats"]["wire_sent"] < 300_000
+        assert len(out["changes"]) >= out["stats"]["files_sent"] > 0  # --json keeps every change
         assert_mirrors(hard_src, dst)
 
 
@@ -320,6 +321,18 @@ def test_library_api(tmp_path):
     assert isinstance(result, mirror.SyncResult) and result.exit_code == 0
     assert [c.path for c in result.changes] == [b"f"]
     assert issubclass(mirror.LockedError, mirror.MirrorError)
+
+
+def test_a_sync_can_leave_its_changes_out_of_the_result(hard_src, tmp_path):
+    # A first sync of a big tree changes every entry: the daemon and the CLI (without
+    # --json) do not keep them all; on_change still sees each one.
+    seen = []
+    result = sync(hard_src, tmp_path / "dst", keep_changes=False, on_change=seen.append)
+    assert result.ok and result.changes == []
+    assert result.stats.files_sent > 0 and len(seen) >= result.stats.files_sent
+    assert_mirrors(hard_src, tmp_path / "dst")
+    kept = sync(hard_src, tmp_path / "dst2")
+    assert sorted(c.path for c in kept.changes) == sorted(c.path for c in seen)
 
 
 def test_progress_and_stats_output(tmp_path):

@@ -75,6 +75,7 @@ def run(args) -> int:
             dst_lock_file=args.dst_lock_file, state_dir=args.state_dir, bwlimit=args.bwlimit, rsh=args.rsh,
             remote_command=args.remote_command, fsync=not args.no_fsync, on_change=on_change if show else None,
             on_progress=progress.advance if progress else None,
+            keep_changes=args.json,  # only --json prints them at the end; -i prints each as it goes
         )  # fmt: skip
     finally:
         if progress:
