@@ -457,9 +457,6 @@ class Sender:
     def _pairs_direct(self, tree: TreeScan, dst_tree: TreeScan):
         """Local mode: our listings against the destination's own, scanned here."""
         for src, dst in align(tree, dst_tree):
-            if dst is not None and dst.problems:
-                # Named as the receiver's summary would name them (these listings are ours alone).
-                dst.problems[:] = [ScanProblem(p.path, p.errno, "on the receiver: " + p.message) for p in dst.problems]
             if src is None:  # only there: its parent's listing deletes it
                 self.out.problems.extend(dst.problems)
                 continue

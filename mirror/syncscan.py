@@ -28,6 +28,7 @@ def stop_scans(scans) -> None:
 
 
 def replica_scan(root: bytes, *, excludes=(), checksum=False, scope=None) -> TreeScan:
-    """Local mode: the destination, scanned by the sender (the receiver then only writes)."""
+    """Local mode: the destination, scanned by the sender (the receiver then only writes).
+    Its problems are named as a receiver's summary names them."""
     return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, scope=scope,
-                    background=scope is None).start()  # fmt: skip
+                    background=scope is None, problem_prefix="on the receiver: ").start()  # fmt: skip

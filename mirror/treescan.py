@@ -150,8 +150,12 @@ class TreeScan:
         use_cache: bool = True,
         background: bool = True,
         scope: Scope | None = None,
+        problem_prefix: str = "",
     ):
         self.root = fs_path(root)
+        # Put before each problem's message (e.g. "on the receiver: " for a local replica's
+        # scan, whose problems are reported beside the source's).
+        self.problem_prefix = problem_prefix
         self.scope = None if scope is None or scope.everything else scope
         self.excluder = excluder
         self.checksum = checksum
@@ -254,8 +258,7 @@ class TreeScan:
             ):
                 if cache is not None:
                     cache.add(listing)
-                self.stats.add(listing)
-                self.problems.extend(listing.problems)
+                self._account(listing)
                 yield listing
         except BaseException:
             if cache is not None:
@@ -288,6 +291,10 @@ class TreeScan:
                 yield listing
 
     def _account(self, listing) -> None:
+        if self.problem_prefix and listing.problems:
+            # Relabelled here, before anyone else sees the listing.
+            listing.problems[:] = [ScanProblem(p.path, p.errno, self.problem_prefix + p.message)
+                                   for p in listing.problems]  # fmt: skip
         self.stats.add(listing)
         self.problems.extend(listing.problems)
 
