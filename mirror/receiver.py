@@ -628,7 +628,7 @@ class Receiver:
         """Commit the pending files: data durable, then renamed, then the renames durable.
 
         With ``dir_syncs``, the directories are handed to it instead of fsynced here: the
-        caller changes more in them first (the end of a session)."""
+        caller changes more in them first (the end of a session), then fsyncs each once."""
         if not self.pending:
             return
         lock = self.module.lock_file
@@ -666,7 +666,7 @@ class Receiver:
                     fsync_all(list(dirs.values()))
                 else:
                     for commit in committed:
-                        dir_syncs.add(commit.dir_fd)
+                        dir_syncs.add(commit.path.rpartition(b"/")[0])
         finally:
             for item in batch:
                 item.commit.release()
@@ -748,49 +748,34 @@ class Receiver:
     def _finish_session(self) -> None:
         if self.incoming is not None:
             raise ProtocolError("'end' in the middle of a file")
+        # Every directory this session changes is fsynced once, after its last change: its
+        # new entries (the renames of the last batch), its deletions, its times.
         dir_syncs = _DirSyncs(self.sync_writes)
-        try:
-            self._flush(dir_syncs=dir_syncs)
-            lock = self.module.lock_file
-            if (self.deletes or self.dir_attrs) and lock and is_locked(lock):
-                info = status(lock)
-                raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
-            keep = self.excluder.excluded if self.excluder is not None else None
-
-            def hold(path: bytes) -> None:
-                """A directory changed here, for its fsync: taken now, while its descriptor
-                is cached from the change just made."""
-                if dir_syncs.wants(path):
-                    try:
-                        dir_syncs.add(self.tree.dir_fd(self.tree.parts(path) if path else []), path)
-                    except (FileNotFoundError, NotADirectoryError, UnsafePathError):
-                        pass  # removed meanwhile: nothing left to make durable
-                    except OSError as exc:  # e.g. no permission to open it: said, not skipped
-                        self._fail(None, path, f"cannot fsync the directory: {_reason(exc)}")
-
-            for path in self.deletes:
-                try:
-                    kept = self.tree.remove(path, keep=keep)
-                    self.stats.deleted += 1
-                    if kept:  # excluded entries inside a deleted directory stay, like rsync
-                        self._fail(None, path, f"cannot delete non-empty directory: {len(kept)} excluded "
-                                               f"entries kept inside, e.g. {display_path(kept[0])}")  # fmt: skip
-                except FileNotFoundError:
-                    pass
-                except (OSError, UnsafePathError) as exc:
-                    self._fail(None, path, _reason(exc))
-                hold(path.rpartition(b"/")[0])
-            for path, attrs in reversed(self.dir_attrs):
-                try:
-                    self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
-                except (OSError, UnsafePathError) as exc:
-                    self._fail(None, path, _reason(exc))
-                hold(path)
-            # Every directory changed in this session, fsynced after its last change: its new
-            # entries (the renames of the last batch), its deletions, its times.
-            dir_syncs.sync()
-        finally:
-            dir_syncs.close()
+        self._flush(dir_syncs=dir_syncs)
+        lock = self.module.lock_file
+        if (self.deletes or self.dir_attrs) and lock and is_locked(lock):
+            info = status(lock)
+            raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
+        keep = self.excluder.excluded if self.excluder is not None else None
+        for path in self.deletes:
+            try:
+                kept = self.tree.remove(path, keep=keep)
+                self.stats.deleted += 1
+                if kept:  # excluded entries inside a deleted directory stay, like rsync
+                    self._fail(None, path, f"cannot delete non-empty directory: {len(kept)} excluded "
+                                           f"entries kept inside, e.g. {display_path(kept[0])}")  # fmt: skip
+            except FileNotFoundError:
+                pass
+            except (OSError, UnsafePathError) as exc:
+                self._fail(None, path, _reason(exc))
+            dir_syncs.add(path.rpartition(b"/")[0])
+        for path, attrs in reversed(self.dir_attrs):
+            try:
+                self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
+            except (OSError, UnsafePathError) as exc:
+                self._fail(None, path, _reason(exc))
+            dir_syncs.add(path)
+        dir_syncs.sync(self.tree, self._fail)
         self.t.send([P.RESULT, {
             "files": self.stats.files, "bytes": self.stats.bytes_written, "deleted": self.stats.deleted,
             "failed": self.stats.failed[:1000], "failed_count": len(self.stats.failed),
@@ -798,47 +783,54 @@ class Receiver:
 
 
 class _DirSyncs:
-    """The directories a session changed, each to be fsynced after its last change.
+    """The directories a session changed, by path, to be fsynced once each when all its
+    changes are done (fsyncing one as it is changed would fsync it again after its next change).
 
-    A descriptor is kept for each (duplicated while the change's own is at hand), but at
-    most ``DIR_SYNCS_HELD`` at a time: with that many, they are fsynced and closed, and a
-    directory changed again after that is held, and fsynced, again.  Keeping them all would
-    run a session that changes thousands of directories out of descriptors."""
+    ``sync`` opens them again through the tree's cache and fsyncs them in groups of at most
+    ``DIR_SYNCS_HELD`` descriptors: a session that changes thousands of directories must not
+    run out of descriptors."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self._held: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> our descriptor
-        self._paths: set[bytes] = set()  # held by path: not resolved twice
+        self._paths: dict[bytes, None] = {}  # an ordered set: the tree's cache likes its order
 
-    def wants(self, path: bytes) -> bool:
-        return self.enabled and path not in self._paths
+    def add(self, path: bytes) -> None:
+        if self.enabled:
+            self._paths[path] = None
 
-    def add(self, fd: int, path: bytes | None = None) -> None:
-        if not self.enabled:
-            return
-        if path is not None:
-            self._paths.add(path)
-        key = _identity(fd)
-        if key not in self._held:
-            self._held[key] = os.dup(fd)
-            if len(self._held) >= DIR_SYNCS_HELD:
-                self.sync()
-
-    def sync(self) -> None:
-        held, self._held = self._held, {}
-        self._paths.clear()
+    def sync(self, tree: ConfinedTree, fail) -> None:
+        """fsync each directory; ``fail(None, path, reason)`` for one that cannot be opened
+        (one removed meanwhile has nothing left to make durable).  A failed fsync raises."""
+        held: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> our descriptor
         try:
-            fsync_all(list(held.values()))
+            for path in self._paths:
+                try:
+                    fd = tree.dir_fd(tree.parts(path) if path else [])
+                except (FileNotFoundError, NotADirectoryError, UnsafePathError):
+                    continue
+                except OSError as exc:  # e.g. no permission to open it: said, not skipped
+                    fail(None, path, f"cannot fsync the directory: {_reason(exc)}")
+                    continue
+                key = _identity(fd)
+                if key not in held:
+                    held[key] = os.dup(fd)  # the cache may close its own before the fsync
+                    if len(held) >= DIR_SYNCS_HELD:
+                        _fsync_and_close(held)
+            _fsync_and_close(held)
         finally:
             for fd in held.values():
                 os.close(fd)
+            self._paths.clear()
 
-    def close(self) -> None:
-        """Let go of what is still held (after an error: not fsynced)."""
-        for fd in self._held.values():
+
+def _fsync_and_close(held: dict) -> None:
+    fds = list(held.values())
+    held.clear()
+    try:
+        fsync_all(fds)
+    finally:
+        for fd in fds:
             os.close(fd)
-        self._held.clear()
-        self._paths.clear()
 
 
 def _identity(fd: int) -> tuple[int, int]:

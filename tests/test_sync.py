@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import threading
 
@@ -300,6 +302,77 @@ def test_a_sync_that_changes_more_directories_than_the_descriptor_limit(tmp_path
     proc = run_mirror("sync", "--delete", src, dst, prefix=limited)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_mirrors(src, dst)
+
+
+_TRACED = "fsync,renameat,renameat2,unlinkat,utimensat,mkdirat"
+_FIRST_FD = re.compile(rb'^(\w+)\(\d+<([^>]*)>(?:, (NULL|"[^"]*"))?')
+_RENAME_TARGET = re.compile(rb'^renameat2?\(\d+<[^>]*>, "[^"]*", \d+<([^>]*)>')
+
+
+def _directory_changes_and_fsyncs(log: bytes):
+    """From ``strace -f -y`` output: [(line, "change"|"fsync", path)] in the order the calls
+    were made (a change counts when it returned, an fsync when it started)."""
+    events, started = [], {}
+    for i, line in enumerate(log.splitlines()):
+        pid, _, call = line.partition(b" ")
+        call = call.strip()
+        if call.startswith(b"<... "):
+            call = started.pop(pid)  # a change that returned counts from here, an fsync did
+            if call.startswith(b"fsync("):
+                continue
+        elif call.endswith(b"<unfinished ...>"):
+            started[pid] = call
+            if not call.startswith(b"fsync("):
+                continue
+        m = _FIRST_FD.match(call)
+        if m is None:
+            continue
+        name, fd_path, arg = m.groups()
+        if name == b"fsync":
+            events.append((i, "fsync", fd_path))
+        elif name in (b"renameat", b"renameat2"):
+            events.append((i, "change", _RENAME_TARGET.match(call).group(1)))
+        elif name == b"utimensat" and arg == b"NULL":
+            events.append((i, "change", fd_path))  # the directory's own times
+        elif name in (b"unlinkat", b"mkdirat", b"utimensat"):
+            events.append((i, "change", fd_path))
+    return events
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
+def test_each_changed_directory_is_fsynced_once_after_its_last_change(tmp_path):
+    # Invariant 1 ends with "fsync the directory": after the rename, and after anything else
+    # the session changes in it (deletions, its restored times), or that change may not
+    # survive a crash.  Once is enough: 200 directories, more than the receiver holds
+    # descriptors for at a time.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for i in range(200):
+        (src / f"d{i:03d}").mkdir(parents=True)
+        (src / f"d{i:03d}" / "f").write_bytes(b"old")
+        (src / f"d{i:03d}" / "g").write_bytes(b"gone soon")
+    assert run_mirror("sync", src, dst).returncode == 0
+    for i in range(200):
+        (src / f"d{i:03d}" / "f").write_bytes(b"new content %d" % i)
+        if i % 2:
+            (src / f"d{i:03d}" / "g").unlink()
+    log = tmp_path / "strace.log"
+    traced = ["strace", "-f", "-qq", "-y", "-s", "256", "-o", str(log), "-e", f"trace={_TRACED}"]
+    proc = run_mirror("sync", "--delete", src, dst, prefix=traced)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_mirrors(src, dst)
+    events = _directory_changes_and_fsyncs(log.read_bytes())
+    directories = {os.fsencode(dst / f"d{i:03d}") for i in range(200)}
+    last_change, fsyncs = {}, {}
+    for line, what, path in events:
+        if path in directories:
+            if what == "change":
+                last_change[path] = line
+            else:
+                fsyncs.setdefault(path, []).append(line)
+    assert set(last_change) == directories  # every one changed: a new f, its times, half lost g
+    for path in directories:
+        assert len(fsyncs.get(path, [])) == 1, (path, fsyncs.get(path))
+        assert fsyncs[path][0] > last_change[path], path
 
 
 def test_parse_destination():
