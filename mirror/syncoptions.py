@@ -10,6 +10,10 @@ import threading
 from typing import NamedTuple
 
 DELTA_THRESHOLD = 256 << 10  # smaller files are sent whole: a signature round trip costs more
+# Between two local trees there is no wire to save bytes on: a delta only reads the replica's
+# copy twice more (its signature, then its blocks) before the whole file is written anyway.
+# rsync's default is the same (--whole-file when both ends are local).
+LOCAL_DELTA_THRESHOLD = 1 << 63  # no file is this large: every file goes whole
 
 
 class SenderOptions(NamedTuple):

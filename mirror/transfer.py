@@ -20,7 +20,7 @@ import threading
 from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import EXIT_DIFFERENT, EXIT_OK, MirrorError, UsageError, fs_path
-from .syncoptions import SenderOptions
+from .syncoptions import LOCAL_DELTA_THRESHOLD, SenderOptions
 
 if TYPE_CHECKING:
     from .sender import TransferStats
@@ -88,7 +88,9 @@ def sync(src, dst, **options) -> SyncResult:
     Options: ``delete``, ``checksum``, ``dry_run``, ``excludes``, ``secret`` or
     ``secret_file``, ``lock_file`` (this node's mirroring lock), ``dst_lock_file`` (local
     destination only), ``state_dir``, ``bwlimit`` (bytes/s), ``rsh``, ``remote_command``,
-    ``delta_threshold``, ``fsync``, ``epoch``, ``on_change(change)``, ``on_progress(bytes)``,
+    ``delta_threshold`` (files at least this large on both sides go as deltas; default 256 KiB
+    to a receiver, never to a local directory), ``fsync``, ``epoch``, ``on_change(change)``,
+    ``on_progress(bytes)``,
     ``keep_changes`` (default True; False leaves ``result.changes`` empty, which saves a few
     hundred bytes per changed entry: a first sync of a big tree changes every entry).
 
@@ -140,6 +142,9 @@ class Connection:
             from .protocol import load_secret
 
             secret = load_secret(secret_file)
+        self.dest = parse_destination(dst)
+        if delta_threshold is None and self.dest.kind == "local":
+            delta_threshold = LOCAL_DELTA_THRESHOLD
         self.options = SenderOptions(
             delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
             lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
@@ -147,7 +152,6 @@ class Connection:
             **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
         )  # fmt: skip
         self.epoch = epoch
-        self.dest = parse_destination(dst)
         self._connect_args = (secret, dst_lock_file, bwlimit, rsh, remote_command)
         self._callbacks = (on_change, on_progress)
         self.transport = None

@@ -54,13 +54,26 @@ def test_local_sync_mirrors_hard_cases_exactly(hard_src, tmp_path):
     assert result.ok, (result.failed, result.problems)
     assert_mirrors(hard_src, dst)
     _modify(hard_src)
-    result = sync(hard_src, dst, delete=True)
+    result = sync(hard_src, dst, delete=True, delta_threshold=256 << 10)  # a receiver's default
     assert result.ok, (result.failed, result.problems)
     assert_mirrors(hard_src, dst)
     assert result.stats.files_delta == 1  # big.bin went as a delta
     assert result.stats.literal_bytes < 200_000
     again = sync(hard_src, dst, delete=True)
     assert again.ok and again.changes == [] and again.stats.files_sent == 0
+
+
+def test_local_mode_sends_whole_files(hard_src, tmp_path):
+    # As rsync does between two local trees: a delta would only read the replica's copy twice.
+    dst = tmp_path / "dst"
+    assert sync(hard_src, dst).ok
+    _modify(hard_src)
+    proc = run_mirror("sync", "--delete", "--json", hard_src, dst)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)["stats"]
+    assert stats["files_delta"] == 0 and stats["matched_bytes"] == 0
+    assert stats["literal_bytes"] >= 3 << 20  # big.bin, whole
+    assert_mirrors(hard_src, dst)
 
 
 def test_sync_through_real_server(hard_src, tmp_path):

@@ -1,7 +1,7 @@
 """Mirror SRC to DST: a local directory, mirror://HOST:PORT/MODULE[/SUBPATH], or HOST:PATH.
 
-Only what differs is sent: new and changed files (large ones as rsync-style deltas
-against the replica's copy), directories, symlinks, hard links, devices, attributes; with
+Only what differs is sent: new and changed files (to a receiver, large ones as
+rsync-style deltas against the replica's copy), directories, symlinks, hard links, devices, attributes; with
 --delete, what is gone from SRC is removed from DST, after the new content is in place.
 Every file is verified against SRC's xxh3-128 digest before it replaces the old one.
 
