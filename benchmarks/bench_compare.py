@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 from benchmarks import corpus
-from benchmarks.harness import MIRROR, Case, drop_caches, have, measure, table
+from benchmarks.harness import MIRROR, Case, dentry_cache_note, drop_caches, have, measure, table
 
 
 def ensure_corpus(workdir: str, files: int, total: int, seed: int) -> tuple[str, str]:
@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     scenarios = set(args.scenarios.split(","))
     cold = drop_caches if args.cold else None
     print(f"corpus: {args.files} files, {args.bytes / 1e9:.1f} GB; page cache {'cold' if args.cold else 'warm'}; "
-          f"ours: {' '.join(MIRROR)}\n")  # fmt: skip
+          f"ours: {' '.join(MIRROR)}")  # fmt: skip
+    print(f"{dentry_cache_note()}\n")
 
     if "S1" in scenarios:
         remove_caches(a, b)

@@ -31,7 +31,7 @@ import time
 
 from benchmarks import corpus
 from benchmarks.bench_compare import ensure_corpus
-from benchmarks.harness import MIRROR, Case, have, measure, table
+from benchmarks.harness import MIRROR, Case, dentry_cache_note, have, measure, table
 
 
 def free_port() -> int:
@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     scenarios = set(args.scenarios.split(","))
     a, b = ensure_corpus(args.workdir, args.files, args.bytes, args.seed)
     base = os.path.dirname(a)
-    print(f"corpus: {args.files} files, {args.bytes / 1e9:.1f} GB; page cache warm; ours: {' '.join(MIRROR)}\n")
+    print(f"corpus: {args.files} files, {args.bytes / 1e9:.1f} GB; page cache warm; ours: {' '.join(MIRROR)}")
+    print(f"{dentry_cache_note()}\n")
 
     if "threshold" in scenarios:
         print("**Delta threshold: edited files sent whole vs as deltas over loopback**\n")
