@@ -8,8 +8,13 @@ batch of files and their directories, directories waiting for their fsync), so t
 is grown to ``TABLE_SIZE`` entries first, while the process is still one thread (embedded
 in a threaded program: one wait, once).  Nothing stays open; the limit is not changed.
 
-A server is different: each of its concurrent sessions may hold that many, so ``mirror
-serve`` and ``mirror daemon`` raise their soft limit on open files to the hard one.
+Some runs need more than the common soft limit of 1,024 lets them have: a server's
+concurrent sessions hold that many each, and a scan holds a descriptor per level of the
+directory it is in, so two scans of a tree some 500 levels deep run out.  Every ``mirror``
+command therefore raises its soft limit on open files to the hard one (at most
+``RAISED_LIMIT``), as a program that needs descriptors is expected to (the soft limit is
+low only for programs still using ``select()``, which ``mirror`` does not).  A library
+caller keeps its own limits.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import os
 
 TABLE_SIZE = 1024
-SERVER_LIMIT = 1 << 16  # soft limit a server raises itself to, if its hard limit allows
+RAISED_LIMIT = 1 << 16  # the soft limit a command raises itself to, if its hard limit allows
 
 
 def reserve(size: int = TABLE_SIZE) -> None:
@@ -44,9 +49,9 @@ def reserve(size: int = TABLE_SIZE) -> None:
         os.close(probe)
 
 
-def raise_limit(cap: int = SERVER_LIMIT) -> int:
+def raise_limit(cap: int = RAISED_LIMIT) -> int:
     """Raise the soft limit on open files to the hard limit (at most ``cap``); the new soft
-    limit.  The common default of 1,024 fits one sync, not a server's many at once."""
+    limit."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -9,7 +9,9 @@ import textwrap
 
 import pytest
 
+from tests.helpers import run_mirror
 from tests.servers import mirror_server
+from tests.snapshot import assert_mirrors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,3 +86,20 @@ def test_a_server_raises_its_soft_open_file_limit_to_the_hard_one(tmp_path):
         with open(f"/proc/{server.proc.pid}/limits") as f:
             line = next(line for line in f if line.startswith("Max open files"))
     assert line.split()[3:5] == ["4096", "4096"]
+
+
+def test_a_tree_deeper_than_the_soft_limit_allows_mirrors(tmp_path):
+    # Each scan holds a descriptor per level of the directory it is in: two scans of a tree
+    # 600 levels deep need more than the common soft limit of 1,024.  `mirror` raises its
+    # soft limit to the hard one, as a program that needs descriptors should.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    deep = os.path.join(src, *["d"] * 600)
+    os.makedirs(deep)
+    with open(os.path.join(deep, "bottom"), "wb") as f:
+        f.write(b"reached")
+    limited = ["prlimit", "--nofile=1024:4096", "--"]
+    proc = run_mirror("sync", src, dst, prefix=limited)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_mirror("diff", src, dst, prefix=limited)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_mirrors(src, dst)

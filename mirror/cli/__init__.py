@@ -113,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     args = _command_parser(name, module).parse_args(argv[1:])
     setup_logging(args.verbose, args.quiet)
-    from ..fdtable import reserve
+    from ..fdtable import raise_limit, reserve
 
-    reserve()  # while the process is one thread (see mirror/fdtable.py)
+    raise_limit()  # a deep tree, a server's many sessions (see mirror/fdtable.py)
+    reserve()  # while the process is one thread
     try:
         return module.run(args)
     except MirrorError as exc:

@@ -71,9 +71,6 @@ def _config_from_args(args):
 
 def run(args) -> int:
     from ..daemon import Daemon
-    from ..fdtable import raise_limit
-
-    raise_limit()  # a connection per pair, a watch per directory, the sessions' descriptors
 
     config = _config_from_args(args)
     daemon = Daemon(config)

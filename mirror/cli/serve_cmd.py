@@ -34,10 +34,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from ..fdtable import raise_limit
     from ..server import MirrorServer
-
-    raise_limit()  # many clients at once, each session with its own descriptors
 
     if args.config:
         if args.module:
