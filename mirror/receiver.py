@@ -666,7 +666,7 @@ class Receiver:
                     fsync_all(list(dirs.values()))
                 else:
                     for commit in committed:
-                        dir_syncs.add(commit.path.rpartition(b"/")[0])
+                        dir_syncs.add(commit.path.rpartition(b"/")[0], commit.dir_fd)
         finally:
             for item in batch:
                 item.commit.release()
@@ -750,32 +750,35 @@ class Receiver:
             raise ProtocolError("'end' in the middle of a file")
         # Every directory this session changes is fsynced once, after its last change: its
         # new entries (the renames of the last batch), its deletions, its times.
-        dir_syncs = _DirSyncs(self.sync_writes)
-        self._flush(dir_syncs=dir_syncs)
-        lock = self.module.lock_file
-        if (self.deletes or self.dir_attrs) and lock and is_locked(lock):
-            info = status(lock)
-            raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
-        keep = self.excluder.excluded if self.excluder is not None else None
-        for path in self.deletes:
-            try:
-                kept = self.tree.remove(path, keep=keep)
-                self.stats.deleted += 1
-                if kept:  # excluded entries inside a deleted directory stay, like rsync
-                    self._fail(None, path, f"cannot delete non-empty directory: {len(kept)} excluded "
-                                           f"entries kept inside, e.g. {display_path(kept[0])}")  # fmt: skip
-            except FileNotFoundError:
-                pass
-            except (OSError, UnsafePathError) as exc:
-                self._fail(None, path, _reason(exc))
-            dir_syncs.add(path.rpartition(b"/")[0])
-        for path, attrs in reversed(self.dir_attrs):
-            try:
-                self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
-            except (OSError, UnsafePathError) as exc:
-                self._fail(None, path, _reason(exc))
-            dir_syncs.add(path)
-        dir_syncs.sync(self.tree, self._fail)
+        dir_syncs = _DirSyncs(self.sync_writes, self.tree, self._fail)
+        try:
+            self._flush(dir_syncs=dir_syncs)
+            lock = self.module.lock_file
+            if (self.deletes or self.dir_attrs) and lock and is_locked(lock):
+                info = status(lock)
+                raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
+            keep = self.excluder.excluded if self.excluder is not None else None
+            for path in self.deletes:
+                try:
+                    kept = self.tree.remove(path, keep=keep)
+                    self.stats.deleted += 1
+                    if kept:  # excluded entries inside a deleted directory stay, like rsync
+                        self._fail(None, path, f"cannot delete non-empty directory: {len(kept)} excluded "
+                                               f"entries kept inside, e.g. {display_path(kept[0])}")  # fmt: skip
+                except FileNotFoundError:
+                    pass
+                except (OSError, UnsafePathError) as exc:
+                    self._fail(None, path, _reason(exc))
+                dir_syncs.add(path.rpartition(b"/")[0])
+            for path, attrs in reversed(self.dir_attrs):
+                try:
+                    self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
+                except (OSError, UnsafePathError) as exc:
+                    self._fail(None, path, _reason(exc))
+                dir_syncs.add(path)
+            dir_syncs.sync()
+        finally:
+            dir_syncs.close()
         self.t.send([P.RESULT, {
             "files": self.stats.files, "bytes": self.stats.bytes_written, "deleted": self.stats.deleted,
             "failed": self.stats.failed[:1000], "failed_count": len(self.stats.failed),
@@ -783,44 +786,63 @@ class Receiver:
 
 
 class _DirSyncs:
-    """The directories a session changed, by path, to be fsynced once each when all its
-    changes are done (fsyncing one as it is changed would fsync it again after its next change).
+    """The directories a session changed, each to be fsynced once, when all its changes are
+    done (fsyncing one as it is changed would fsync it again after its next change).
 
-    ``sync`` opens them again through the tree's cache and fsyncs them in groups of at most
-    ``DIR_SYNCS_HELD`` descriptors: a session that changes thousands of directories must not
-    run out of descriptors."""
+    A descriptor is kept for each (duplicated while the change's own is at hand), but at most
+    ``DIR_SYNCS_HELD``: a session that changes thousands of directories must not run out of
+    descriptors.  Those beyond are opened again by ``sync``, and fsynced in groups as large."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, tree: ConfinedTree, fail):
         self.enabled = enabled
-        self._paths: dict[bytes, None] = {}  # an ordered set: the tree's cache likes its order
+        self.tree = tree
+        self.fail = fail  # fail(None, path, reason): a directory that cannot be opened is said
+        self._held: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> our descriptor
+        self._paths: dict[bytes, bool] = {}  # every directory added: held, or to open again
 
-    def add(self, path: bytes) -> None:
-        if self.enabled:
-            self._paths[path] = None
+    def add(self, path: bytes, fd: int | None = None) -> None:
+        """``path`` changed; ``fd``, its descriptor if at hand (else it is looked up)."""
+        if not self.enabled or path in self._paths:
+            return
+        room = len(self._held) < DIR_SYNCS_HELD
+        self._paths[path] = room
+        if room:
+            self._hold(self._held, path, fd)
 
-    def sync(self, tree: ConfinedTree, fail) -> None:
-        """fsync each directory; ``fail(None, path, reason)`` for one that cannot be opened
-        (one removed meanwhile has nothing left to make durable).  A failed fsync raises."""
-        held: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> our descriptor
+    def sync(self) -> None:
+        """fsync them all (a failed fsync raises)."""
+        _fsync_and_close(self._held)
+        later: dict[tuple[int, int], int] = {}
         try:
-            for path in self._paths:
-                try:
-                    fd = tree.dir_fd(tree.parts(path) if path else [])
-                except (FileNotFoundError, NotADirectoryError, UnsafePathError):
-                    continue
-                except OSError as exc:  # e.g. no permission to open it: said, not skipped
-                    fail(None, path, f"cannot fsync the directory: {_reason(exc)}")
-                    continue
-                key = _identity(fd)
-                if key not in held:
-                    held[key] = os.dup(fd)  # the cache may close its own before the fsync
-                    if len(held) >= DIR_SYNCS_HELD:
-                        _fsync_and_close(held)
-            _fsync_and_close(held)
+            for path, held in self._paths.items():
+                if not held:
+                    self._hold(later, path, None)
+                    if len(later) >= DIR_SYNCS_HELD:
+                        _fsync_and_close(later)
+            _fsync_and_close(later)
         finally:
-            for fd in held.values():
+            for fd in later.values():
                 os.close(fd)
-            self._paths.clear()
+
+    def close(self) -> None:
+        """Let go of what is still held (after an error: not fsynced)."""
+        for fd in self._held.values():
+            os.close(fd)
+        self._held.clear()
+        self._paths.clear()
+
+    def _hold(self, held: dict, path: bytes, fd: int | None) -> None:
+        if fd is None:
+            try:
+                fd = self.tree.dir_fd(self.tree.parts(path) if path else [])
+            except (FileNotFoundError, NotADirectoryError, UnsafePathError):
+                return  # removed meanwhile: nothing left to make durable
+            except OSError as exc:  # e.g. no permission to open it: said, not skipped
+                self.fail(None, path, f"cannot fsync the directory: {_reason(exc)}")
+                return
+        key = _identity(fd)
+        if key not in held:
+            held[key] = os.dup(fd)  # the tree's cache may close its own before the fsync
 
 
 def _fsync_and_close(held: dict) -> None:
