@@ -378,6 +378,22 @@ def test_delta_runs_in_two_threads_at_once():
     assert results == [expected, expected]
 
 
+def test_reused_buffers_hold_nothing_over(tmp_path):
+    """The compiled engine keeps the buffers of finished signatures, deltas and patches for the
+    next ones (a sync sends thousands of small files).  Each reuse starts from the last one's
+    bytes: the results must not depend on them."""
+    rng = random.Random(16)
+    noise = rng.randbytes(600_000)  # fills every buffer with bytes the next users never wrote
+    basis = rng.randbytes(20_000)
+    cases = [b"", b"x", basis[:4095], basis[:4097], basis[:9000] + b"edit" + basis[9000:], noise[:300]]
+    for new in cases:
+        check_roundtrip(noise, noise[::-1], 4096, 1, tmp_path)
+        check_roundtrip(basis, new, 1024, 2, tmp_path)
+        assert run_delta(FAST, None, new) == run_delta(PURE, None, new)
+    # A few spare buffers of each size, however many deltas ran.
+    assert FAST._SPARE_BUFFERS and all(len(spare) <= 4 for spare in FAST._SPARE_BUFFERS.values())
+
+
 def test_reads_real_files(tmp_path):
     rng = random.Random(15)
     basis = rng.randbytes(300_000)

@@ -404,12 +404,38 @@ def signature(basis, *, block_size=None, strong_len=None, seed=None, size_hint=N
                 break
     finally:
         view.release()
+        _give_back(buf, chunk_size)
     return Signature(block_size, strong_len, seed, basis_size, b"".join(weak_parts), b"".join(strong_parts))
 
 
+# Buffers given back by finished signatures, deltas and patches, for the next one: a sync
+# sends thousands of small files, and mapping then unmapping two buffers for each costs more
+# than the file (in a process with other threads running, every munmap interrupts them all
+# to flush their TLBs).  A few per size; list.pop and list.append are atomic under the GIL.
+_SPARE_BUFFERS = {}
+_SPARE_PER_SIZE = 4
+
+
 def _aligned(Py_ssize_t size):
-    """A writable, page-aligned buffer (anonymous mmap) for reads to land in."""
-    return mmap.mmap(-1, max(size, 1))
+    """A writable, page-aligned buffer (anonymous mmap) for reads to land in; its content is
+    whatever the last user left (every user reads only what it wrote)."""
+    size = max(size, 1)
+    try:
+        return _SPARE_BUFFERS[size].pop()
+    except (KeyError, IndexError):
+        return mmap.mmap(-1, size)
+
+
+cdef void _give_back(object buf, Py_ssize_t size) noexcept:
+    """Keep ``buf`` (from ``_aligned(size)``) for the next user: its last one is done with it."""
+    if buf is None:
+        return
+    try:
+        spare = _SPARE_BUFFERS.setdefault(max(size, 1), [])
+        if len(spare) < _SPARE_PER_SIZE:
+            spare.append(buf)
+    except Exception:
+        pass  # at interpreter exit the module's globals may be gone: the buffer just goes
 
 
 def _empty_signature():
@@ -789,6 +815,8 @@ cdef class Delta:
     def __dealloc__(self):
         if self._hash != NULL:
             XXH3_freeState(self._hash)
+        _give_back(self._buf, self._capacity)
+        _give_back(self._staging, READ_CHUNK)
 
     def __iter__(self):
         return self
@@ -925,6 +953,7 @@ cdef class Patcher:
     def __dealloc__(self):
         if self._hash != NULL:
             XXH3_freeState(self._hash)
+        _give_back(self._buf, READ_CHUNK)
 
     def _grow(self, length):
         if self.max_size is not None and self.size + length > self.max_size:
