@@ -152,6 +152,9 @@ class LocalTransport:
     Like a stream's write buffer, messages sent with ``flush=False`` are held and handed
     over together at the next flush (or once ``BATCH_MESSAGES`` or ``BATCH_BYTES`` are held):
     one queue hand-off, one wake-up of the other thread, per batch instead of per message.
+    Or none at all: a receiver in a session has its handler run by the sending thread itself
+    (``handle_in_sender``), so a local sync's sender and receiver stop taking the
+    interpreter's lock from each other at every system call.
 
     ``close()`` says this end will send nothing more (the other end's ``recv`` returns None
     once it has read everything before it) and will not read on: the other end's ``send``
@@ -173,6 +176,9 @@ class LocalTransport:
         self._held_bytes = 0
         self._send_lock = threading.Lock()  # two threads of one end may send (a summary, replies)
         self._arrived: collections.deque = collections.deque()  # handed over, not yet received
+        self._peer: LocalTransport | None = None
+        self._handler = None  # set by the other end's handle_in_sender: sends run it here
+        self._handled: _Handled | None = None
 
     @classmethod
     def pair(cls, depth: int = 32) -> tuple[LocalTransport, LocalTransport]:
@@ -180,17 +186,74 @@ class LocalTransport:
         a_to_b: queue.Queue = queue.Queue(maxsize=depth)
         b_to_a: queue.Queue = queue.Queue(maxsize=depth)
         a_closed, b_closed = threading.Event(), threading.Event()
-        return cls(b_to_a, a_to_b, a_closed, b_closed), cls(a_to_b, b_to_a, b_closed, a_closed)
+        a, b = cls(b_to_a, a_to_b, a_closed, b_closed), cls(a_to_b, b_to_a, b_closed, a_closed)
+        a._peer, b._peer = b, a
+        return a, b
 
     def send(self, message: list | tuple, flush: bool = True) -> None:
         # No encoding here; count what the frame would carry, for the transfer statistics.
         size = 16 + sum(len(x) for x in message if isinstance(x, bytes))
         with self._send_lock:
             self.bytes_sent += size
+            if self._handler is not None:
+                self._run_handler(list(message))
+                return
             self._held.append(list(message))
             self._held_bytes += size
             if flush or len(self._held) >= self.BATCH_MESSAGES or self._held_bytes >= self.BATCH_BYTES:
                 self._hand_over()
+
+    def handle_in_sender(self, handler) -> bool:
+        """Have the other end's sends run ``handler(message)`` in the sending thread, in order,
+        until it returns True (the session's end: returns True), raises (raised here) or the
+        other end closes (returns False).  Called by the receiving end, which waits meanwhile:
+        an in-process peer's messages then cost no hand-over to another thread and back.
+
+        What the other end sent before is handled first, here, under its send lock."""
+        peer = self._peer
+        done = _Handled()
+        with peer._send_lock:
+            peer._handler, peer._handled = handler, done
+            waiting = list(self._arrived)
+            self._arrived.clear()
+            while not self._peer_done:
+                try:
+                    batch = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if batch is _END_OF_STREAM:
+                    self._peer_done = True
+                else:
+                    waiting.extend(batch)
+            waiting.extend(peer._held)
+            peer._held, peer._held_bytes = [], 0
+            for i, message in enumerate(waiting):
+                if peer._handler is None:  # ended: what follows is for later
+                    self._arrived.extend(waiting[i:])
+                    break
+                peer._run_handler(message)
+            if peer._handler is not None and (self._peer_done or peer._closed.is_set()):
+                peer._handler = None
+                done.finish(False)
+        done.wait()
+        if done.error is not None:
+            raise done.error
+        return done.ended
+
+    def _run_handler(self, message: list) -> None:
+        """Under ``_send_lock``: the other end's handler, on one message this end sent."""
+        done = self._handled
+        try:
+            if self._handler(message):
+                self._handler = None
+                done.finish(True)
+        except Exception as exc:  # the receiving end's error: raised in its own thread
+            self._handler = None
+            done.finish(False, exc)
+        except BaseException:  # this thread is interrupted: the session ends unfinished
+            self._handler = None
+            done.finish(False)
+            raise
 
     def flush(self) -> None:
         with self._send_lock:
@@ -227,6 +290,10 @@ class LocalTransport:
 
     def close(self) -> None:
         self._closed.set()
+        with self._send_lock:
+            if self._handler is not None:  # the other end waits in handle_in_sender
+                self._handler = None
+                self._handled.finish(False)
         batch, self._held = self._held, []
         try:
             if batch:
@@ -235,6 +302,22 @@ class LocalTransport:
             self._outbox.put_nowait(_END_OF_STREAM)
         except queue.Full:
             pass
+
+
+class _Handled:
+    """How a ``handle_in_sender`` ended: its session's end, an error, or a closed sender."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.ended = False
+        self.error: BaseException | None = None
+
+    def finish(self, ended: bool, error: BaseException | None = None) -> None:
+        self.ended, self.error = ended, error
+        self._event.set()
+
+    def wait(self) -> None:
+        self._event.wait()
 
 
 class RateLimiter:

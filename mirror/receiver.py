@@ -400,29 +400,43 @@ class Receiver:
             self._send_listings([listing.path for listing in listings])
 
     def _handle_until_end(self, summarizer: threading.Thread | None) -> None:
-        handlers = {
+        self._handlers = {
             P.WANT: self._on_want, P.SIG: self._on_sig, P.FILE: self._on_file, P.DATA: self._on_data,
             P.COPY: self._on_copy, P.FILE_END: self._on_file_end, P.FILE_ABORT: self._on_file_abort,
             P.MKDIR: self._on_mkdir, P.SYMLINK: self._on_special, P.NODE: self._on_special,
             P.HARDLINK: self._on_hardlink, P.ATTRS: self._on_attrs, P.DELETE: self._on_delete,
             P.PING: self._on_ping,
         }  # fmt: skip
+        self._summarizer = summarizer
+        handle_in_sender = getattr(self.t, "handle_in_sender", None)
+        if handle_in_sender is not None and summarizer is None:
+            # An in-process sender (local mode) runs this session's messages itself, as it
+            # sends them: no hand-over to this thread and back for every batch.
+            if not handle_in_sender(self._handle):
+                raise ProtocolError("sender closed the connection in the middle of a session")
+            return
         while True:
             message = self.t.recv()
             if message is None:
                 raise ProtocolError("sender closed the connection in the middle of a session")
-            kind = message[0]
-            if kind == P.END:
-                if summarizer is not None:
-                    summarizer.join()
-                self._finish_session()
+            if self._handle(message):
                 return
-            if kind in _MUTATING:
-                self._check_lock()
-            handler = handlers.get(kind)
-            if handler is None:
-                raise ProtocolError(f"unexpected message {kind!r}")
-            handler(message)
+
+    def _handle(self, message: list) -> bool:
+        """Act on one message of a session; True once ``end`` has been handled."""
+        kind = message[0]
+        if kind == P.END:
+            if self._summarizer is not None:
+                self._summarizer.join()
+            self._finish_session()
+            return True
+        if kind in _MUTATING:
+            self._check_lock()
+        handler = self._handlers.get(kind)
+        if handler is None:
+            raise ProtocolError(f"unexpected message {kind!r}")
+        handler(message)
+        return False
 
     # -- requests --------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from mirror import protocol as P
 from mirror.errors import LimitExceeded, MirrorError, ProtocolError
 from mirror.receiver import ModuleConfig, Receiver
 from mirror.transfer import sync
+from tests.helpers import wait_until
 from tests.servers import SECRET, mirror_server
 from tests.snapshot import assert_mirrors
 
@@ -174,7 +176,6 @@ def test_receiver_fuzz_never_escapes_or_crashes(tmp_path_factory, messages):
     os.symlink(base, root / "escape")
     client, server_end = P.LocalTransport.pair()
     receiver = Receiver(server_end, {"": ModuleConfig("", os.fsencode(root))})
-    import threading
 
     errors = []
 
@@ -231,3 +232,90 @@ def test_local_transport_send_fails_once_the_peer_has_stopped():
     b.close()
     with pytest.raises(ProtocolError):
         a.send(["has nowhere to go"])
+
+
+class _HandlingEnd:
+    """The receiving end of a local pair, in a thread of its own, in ``handle_in_sender``."""
+
+    def __init__(self, end, fail_on=None, interrupt_on=None):
+        self.end = end
+        self.seen: list[tuple[list, str]] = []  # (message, the thread that handled it)
+        self.outcome = None
+        self.fail_on, self.interrupt_on = fail_on, interrupt_on
+        self.thread = threading.Thread(target=self._run, name="receiving-end")
+
+    def handle(self, message) -> bool:
+        self.seen.append((message, threading.current_thread().name))
+        if message[0] == self.fail_on:
+            raise ValueError("bad message")
+        if message[0] == self.interrupt_on:
+            raise KeyboardInterrupt
+        return message[0] == "end"
+
+    def _run(self):
+        try:
+            self.outcome = self.end.handle_in_sender(self.handle)
+        except ValueError as exc:
+            self.outcome = exc
+
+
+def test_local_transport_runs_the_receiving_ends_handler_in_the_senders_thread():
+    a, b = P.LocalTransport.pair()
+    a.send(["early", 1])  # handed over before the handler is there: handled first, in order
+    a.send(["held", 2], flush=False)
+    receiving = _HandlingEnd(b)
+    receiving.thread.start()
+    wait_until(lambda: a._handler is not None)
+    a.send(["late", 3], flush=False)  # from now on, handled in the sending thread, at once
+    assert receiving.seen[-1] == (["late", 3], threading.current_thread().name)
+    a.send(["end"])
+    receiving.thread.join(timeout=10)
+    assert receiving.outcome is True
+    assert [m for m, _ in receiving.seen] == [["early", 1], ["held", 2], ["late", 3], ["end"]]
+    assert [t for _, t in receiving.seen[:2]] == ["receiving-end"] * 2
+    assert a._handler is None
+    a.send(["next session"])  # queued again, as before
+    assert b.recv() == ["next session"]
+
+
+def test_local_transport_handler_errors_are_raised_in_the_receiving_thread():
+    a, b = P.LocalTransport.pair()
+    receiving = _HandlingEnd(b, fail_on="bad")
+    receiving.thread.start()
+    wait_until(lambda: a._handler is not None)
+    a.send(["bad"])  # the sender is not the one that failed: it goes on
+    receiving.thread.join(timeout=10)
+    assert isinstance(receiving.outcome, ValueError)
+    a.send(["after"])
+    assert b.recv() == ["after"]
+
+
+def test_local_transport_sender_closing_or_interrupted_ends_the_handling():
+    a, b = P.LocalTransport.pair()
+    receiving = _HandlingEnd(b)
+    receiving.thread.start()
+    wait_until(lambda: a._handler is not None)
+    a.close()
+    receiving.thread.join(timeout=10)
+    assert receiving.outcome is False
+    a, b = P.LocalTransport.pair()
+    receiving = _HandlingEnd(b, interrupt_on="ctrl-c")
+    receiving.thread.start()
+    wait_until(lambda: a._handler is not None)
+    with pytest.raises(KeyboardInterrupt):  # raised where it happened: in the sender's thread
+        a.send(["ctrl-c"])
+    receiving.thread.join(timeout=10)
+    assert receiving.outcome is False
+
+
+def test_local_transport_keeps_what_follows_the_end_for_the_next_session():
+    a, b = P.LocalTransport.pair()
+    a.send(["early"], flush=False)
+    a.send(["end"], flush=False)
+    a.send(["start of the next one"])  # all three handed over before the handler is there
+    receiving = _HandlingEnd(b)
+    receiving.thread.start()
+    receiving.thread.join(timeout=10)
+    assert receiving.outcome is True
+    assert [m for m, _ in receiving.seen] == [["early"], ["end"]]
+    assert b.recv() == ["start of the next one"]
