@@ -3,7 +3,8 @@
 Destinations:
 
 - ``/path/to/replica``: local mode, the same planner and writer in one process, the two
-  talking through in-process queues (no sockets, no encoding);
+  talking through an in-process transport (no sockets, no encoding; within a session the
+  receiver's handler runs in the sender's thread, see ``LocalTransport.handle_in_sender``);
 - ``mirror://HOST:PORT/MODULE[/SUBPATH]``: a ``mirror serve`` receiver over TCP;
 - ``HOST:PATH``: ``mirror receive PATH`` started on HOST through a remote shell
   (``rsh="ssh -T"``), speaking the protocol over its stdin and stdout.
