@@ -411,10 +411,13 @@ class Receiver:
         handle_in_sender = getattr(self.t, "handle_in_sender", None)
         if handle_in_sender is not None and summarizer is None:
             # An in-process sender (local mode) runs this session's messages itself, as it
-            # sends them: no hand-over to this thread and back for every batch.
-            if not handle_in_sender(self._handle):
+            # sends them: no hand-over to this thread and back for every batch.  A big
+            # transfer comes back here (QUEUED), so that reading and writing overlap again.
+            outcome = handle_in_sender(self._handle)
+            if outcome == P.ENDED:
+                return
+            if outcome == P.CLOSED:
                 raise ProtocolError("sender closed the connection in the middle of a session")
-            return
         while True:
             message = self.t.recv()
             if message is None:

@@ -270,7 +270,7 @@ def test_local_transport_runs_the_receiving_ends_handler_in_the_senders_thread()
     assert receiving.seen[-1] == (["late", 3], threading.current_thread().name)
     a.send(["end"])
     receiving.thread.join(timeout=10)
-    assert receiving.outcome is True
+    assert receiving.outcome == P.ENDED
     assert [m for m, _ in receiving.seen] == [["early", 1], ["held", 2], ["late", 3], ["end"]]
     assert [t for _, t in receiving.seen[:2]] == ["receiving-end"] * 2
     assert a._handler is None
@@ -297,7 +297,7 @@ def test_local_transport_sender_closing_or_interrupted_ends_the_handling():
     wait_until(lambda: a._handler is not None)
     a.close()
     receiving.thread.join(timeout=10)
-    assert receiving.outcome is False
+    assert receiving.outcome == P.CLOSED
     a, b = P.LocalTransport.pair()
     receiving = _HandlingEnd(b, interrupt_on="ctrl-c")
     receiving.thread.start()
@@ -305,7 +305,7 @@ def test_local_transport_sender_closing_or_interrupted_ends_the_handling():
     with pytest.raises(KeyboardInterrupt):  # raised where it happened: in the sender's thread
         a.send(["ctrl-c"])
     receiving.thread.join(timeout=10)
-    assert receiving.outcome is False
+    assert receiving.outcome == P.CLOSED
 
 
 def test_local_transport_keeps_what_follows_the_end_for_the_next_session():
@@ -316,6 +316,27 @@ def test_local_transport_keeps_what_follows_the_end_for_the_next_session():
     receiving = _HandlingEnd(b)
     receiving.thread.start()
     receiving.thread.join(timeout=10)
-    assert receiving.outcome is True
+    assert receiving.outcome == P.ENDED
     assert [m for m, _ in receiving.seen] == [["early"], ["end"]]
     assert b.recv() == ["start of the next one"]
+
+
+def test_local_transport_goes_back_to_batches_for_a_big_transfer():
+    # Past DIRECT_BYTES the sender's reading and the receiver's writing overlap again, in two
+    # threads: the rest of the session arrives through recv, in order.
+    a, b = P.LocalTransport.pair()
+    receiving = _HandlingEnd(b)
+    receiving.thread.start()
+    wait_until(lambda: a._handler is not None)
+    chunk = bytes(1 << 20)
+    count = P.LocalTransport.DIRECT_BYTES // len(chunk) + 2
+    for i in range(count):
+        a.send(["data", i, chunk], flush=False)
+    a.send(["end"])
+    receiving.thread.join(timeout=10)
+    assert receiving.outcome == P.QUEUED
+    handled = [m[1] for m, _ in receiving.seen]
+    assert handled == list(range(len(handled))) and 0 < len(handled) < count
+    rest = [b.recv() for _ in range(count - len(handled))]
+    assert [m[1] for m in rest] == list(range(len(handled), count))
+    assert b.recv() == ["end"]

@@ -76,6 +76,30 @@ def test_local_mode_sends_whole_files(hard_src, tmp_path):
     assert_mirrors(hard_src, dst)
 
 
+def test_a_local_sync_bigger_than_the_in_thread_limit(tmp_path):
+    # A local session's first DIRECT_BYTES are written by the sender's own thread, the rest
+    # by the receiver's (so that reading and writing overlap): one session does both.
+    from mirror.protocol import LocalTransport
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    chunk = 1 << 20
+    for i in range(LocalTransport.DIRECT_BYTES // chunk + 4):
+        (src / f"big{i:02d}").write_bytes(os.urandom(chunk))
+        (src / f"small{i:02d}").write_bytes(b"%d" % i)
+    os.link(src / "big00", src / "zz-linked")
+    os.symlink("big01", src / "zz-symlink")
+    result = sync(src, dst)
+    assert result.ok and result.stats.files_sent > LocalTransport.DIRECT_BYTES // chunk
+    assert_mirrors(src, dst)
+    for i in range(0, LocalTransport.DIRECT_BYTES // chunk + 4, 2):
+        (src / f"big{i:02d}").write_bytes(os.urandom(chunk))
+        (src / f"small{i:02d}").unlink()
+    result = sync(src, dst, delete=True)
+    assert result.ok
+    assert_mirrors(src, dst)
+
+
 def test_sync_through_real_server(hard_src, tmp_path):
     dst = tmp_path / "replica"
     dst.mkdir()
