@@ -36,6 +36,11 @@ def _logs(tmp_path):
     return "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("*.log"))
 
 
+def _peer_seen_by(node) -> dict:
+    """The peer's state as ``node`` last heard it (its status file), or {}."""
+    return node.status().get("peer") or {}
+
+
 def serving(tmp_path, name):
     return (tmp_path / name / "dummy-vip").exists(), (tmp_path / name / "service.running").exists()
 
@@ -82,6 +87,9 @@ def test_standby_resume_failover_failback(cluster):
     r = alpha.command("resume")
     assert r.returncode == 0 and "secondary" in r.stdout
     assert wait_for(lambda: role(alpha) == "secondary", 5)
+    # beta hands over only to a healthy secondary: it learns that alpha is one from alpha's
+    # next heartbeat, not when alpha says so locally.
+    assert wait_for(lambda: _peer_seen_by(beta).get("role") == "secondary" and not _peer_seen_by(beta).get("standby"), 5)
     r = beta.command("failover")
     assert r.returncode == 0, r.stderr
     assert wait_for(lambda: role(alpha) == "primary" and role(beta) == "secondary", 10)
