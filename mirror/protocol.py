@@ -223,19 +223,14 @@ class LocalTransport:
         What the other end sent before is handled first, here, under its send lock."""
         peer = self._peer
         done = _Handled()
-        with peer._send_lock:
+        # A sender blocked on our full queue holds its send lock: make room while waiting.
+        while not peer._send_lock.acquire(timeout=0.01):
+            self._take_arrived()
+        try:
             peer._handler, peer._handled, peer._handled_bytes = handler, done, 0
+            self._take_arrived()
             waiting = list(self._arrived)
             self._arrived.clear()
-            while not self._peer_done:
-                try:
-                    batch = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if batch is _END_OF_STREAM:
-                    self._peer_done = True
-                else:
-                    waiting.extend(batch)
             waiting.extend(peer._held)
             peer._held, peer._held_bytes = [], 0
             for i, message in enumerate(waiting):
@@ -246,10 +241,24 @@ class LocalTransport:
             if peer._handler is not None and (self._peer_done or peer._closed.is_set()):
                 peer._handler = None
                 done.finish(CLOSED)
+        finally:
+            peer._send_lock.release()
         done.wait()
         if done.error is not None:
             raise done.error
         return done.outcome
+
+    def _take_arrived(self) -> None:
+        """Move every batch already handed over to ``_arrived``, without waiting."""
+        while not self._peer_done:
+            try:
+                batch = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if batch is _END_OF_STREAM:
+                self._peer_done = True
+            else:
+                self._arrived.extend(batch)
 
     def _run_handler(self, message: list) -> None:
         """Under ``_send_lock``: the other end's handler, on one message this end sent."""

@@ -340,3 +340,23 @@ def test_local_transport_goes_back_to_batches_for_a_big_transfer():
     rest = [b.recv() for _ in range(count - len(handled))]
     assert [m[1] for m in rest] == list(range(len(handled), count))
     assert b.recv() == ["end"]
+
+
+def test_local_transport_handler_taken_over_while_the_sender_waits_on_a_full_queue():
+    # The sender blocks, holding its send lock, until the receiving end makes room: taking
+    # over its sends must not wait for that lock without making room.
+    a, b = P.LocalTransport.pair(depth=1)
+    a.send(["one"])  # the queue is full
+    blocked = threading.Thread(target=a.send, args=(["two"],), daemon=True)
+    blocked.start()
+    wait_until(lambda: a._send_lock.locked())
+    receiving = _HandlingEnd(b)
+    receiving.thread.daemon = True
+    receiving.thread.start()
+    blocked.join(timeout=10)
+    assert not blocked.is_alive(), "deadlock: the sender never got its message through"
+    wait_until(lambda: a._handler is not None)
+    a.send(["end"])
+    receiving.thread.join(timeout=10)
+    assert receiving.outcome == P.ENDED
+    assert [m for m, _ in receiving.seen] == [["one"], ["two"], ["end"]]
