@@ -390,8 +390,11 @@ def test_reused_buffers_hold_nothing_over(tmp_path):
         check_roundtrip(noise, noise[::-1], 4096, 1, tmp_path)
         check_roundtrip(basis, new, 1024, 2, tmp_path)
         assert run_delta(FAST, None, new) == run_delta(PURE, None, new)
-    # A few spare buffers of each size, however many deltas ran.
-    assert FAST._SPARE_BUFFERS and all(len(spare) <= 4 for spare in FAST._SPARE_BUFFERS.values())
+    # A few spare buffers of a few sizes, however many deltas ran, at however many block sizes.
+    for block_size in range(64, 64 * 40, 64):
+        check_roundtrip(basis, basis[:5000] + b"edit" + basis[5000:], block_size, 3, tmp_path)
+    assert 0 < len(FAST._SPARE_BUFFERS) <= FAST._SPARE_SIZES
+    assert all(len(spare) <= FAST._SPARE_PER_SIZE for spare in FAST._SPARE_BUFFERS.values())
 
 
 def test_reads_real_files(tmp_path):

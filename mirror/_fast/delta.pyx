@@ -411,9 +411,12 @@ def signature(basis, *, block_size=None, strong_len=None, seed=None, size_hint=N
 # Buffers given back by finished signatures, deltas and patches, for the next one: a sync
 # sends thousands of small files, and mapping then unmapping two buffers for each costs more
 # than the file (in a process with other threads running, every munmap interrupts them all
-# to flush their TLBs).  A few per size; list.pop and list.append are atomic under the GIL.
-_SPARE_BUFFERS = {}
+# to flush their TLBs).  A few per size, for the few sizes used last (the sizes vary with
+# the block size: a long-lived daemon must not keep one set for each).  Only C-level dict
+# and list operations touch it, which no other thread can interleave with.
+_SPARE_BUFFERS = {}  # size -> [buffers]; the least recently used size first
 _SPARE_PER_SIZE = 4
+_SPARE_SIZES = 4
 
 
 def _aligned(Py_ssize_t size):
@@ -430,10 +433,16 @@ cdef void _give_back(object buf, Py_ssize_t size) noexcept:
     """Keep ``buf`` (from ``_aligned(size)``) for the next user: its last one is done with it."""
     if buf is None:
         return
+    size = max(size, 1)
     try:
-        spare = _SPARE_BUFFERS.setdefault(max(size, 1), [])
+        spare = _SPARE_BUFFERS.pop(size, None)
+        if spare is None:
+            spare = []
+            while len(_SPARE_BUFFERS) >= _SPARE_SIZES:
+                del _SPARE_BUFFERS[next(iter(_SPARE_BUFFERS))]
         if len(spare) < _SPARE_PER_SIZE:
             spare.append(buf)
+        _SPARE_BUFFERS[size] = spare  # now the most recently used size
     except Exception:
         pass  # at interpreter exit the module's globals may be gone: the buffer just goes
 
