@@ -205,8 +205,7 @@ class LocalTransport:
                 if self._handled_bytes <= self.DIRECT_BYTES:
                     self._run_handler(list(message))
                     return
-                self._handler = None  # a big transfer: batches again, from this message on
-                self._handled.finish(QUEUED)
+                self._stop_handling(QUEUED)  # a big transfer: batches again, from this message on
             self._held.append(list(message))
             self._held_bytes += size
             if flush or len(self._held) >= self.BATCH_MESSAGES or self._held_bytes >= self.BATCH_BYTES:
@@ -239,8 +238,7 @@ class LocalTransport:
                     break
                 peer._run_handler(message)
             if peer._handler is not None and (self._peer_done or peer._closed.is_set()):
-                peer._handler = None
-                done.finish(CLOSED)
+                peer._stop_handling(CLOSED)
         finally:
             peer._send_lock.release()
         done.wait()
@@ -262,18 +260,19 @@ class LocalTransport:
 
     def _run_handler(self, message: list) -> None:
         """Under ``_send_lock``: the other end's handler, on one message this end sent."""
-        done = self._handled
         try:
             if self._handler(message):
-                self._handler = None
-                done.finish(ENDED)
+                self._stop_handling(ENDED)
         except Exception as exc:  # the receiving end's error: raised in its own thread
-            self._handler = None
-            done.finish(CLOSED, exc)
+            self._stop_handling(CLOSED, exc)
         except BaseException:  # this thread is interrupted: the session ends unfinished
-            self._handler = None
-            done.finish(CLOSED)
+            self._stop_handling(CLOSED)
             raise
+
+    def _stop_handling(self, outcome: str, error: BaseException | None = None) -> None:
+        """Under ``_send_lock``: sends queue again; the other end's ``handle_in_sender`` returns."""
+        self._handler = None
+        self._handled.finish(outcome, error)
 
     def flush(self) -> None:
         with self._send_lock:
@@ -312,8 +311,7 @@ class LocalTransport:
         self._closed.set()
         with self._send_lock:
             if self._handler is not None:  # the other end waits in handle_in_sender
-                self._handler = None
-                self._handled.finish(CLOSED)
+                self._stop_handling(CLOSED)
         batch, self._held = self._held, []
         try:
             if batch:

@@ -252,6 +252,12 @@ class _HandlingEnd:
             raise KeyboardInterrupt
         return message[0] == "end"
 
+    def take_over(self, sender) -> _HandlingEnd:
+        """Start handling, and wait until ``sender``'s sends run the handler."""
+        self.thread.start()
+        wait_until(lambda: sender._handler is not None)
+        return self
+
     def _run(self):
         try:
             self.outcome = self.end.handle_in_sender(self.handle)
@@ -263,9 +269,7 @@ def test_local_transport_runs_the_receiving_ends_handler_in_the_senders_thread()
     a, b = P.LocalTransport.pair()
     a.send(["early", 1])  # handed over before the handler is there: handled first, in order
     a.send(["held", 2], flush=False)
-    receiving = _HandlingEnd(b)
-    receiving.thread.start()
-    wait_until(lambda: a._handler is not None)
+    receiving = _HandlingEnd(b).take_over(a)
     a.send(["late", 3], flush=False)  # from now on, handled in the sending thread, at once
     assert receiving.seen[-1] == (["late", 3], threading.current_thread().name)
     a.send(["end"])
@@ -280,9 +284,7 @@ def test_local_transport_runs_the_receiving_ends_handler_in_the_senders_thread()
 
 def test_local_transport_handler_errors_are_raised_in_the_receiving_thread():
     a, b = P.LocalTransport.pair()
-    receiving = _HandlingEnd(b, fail_on="bad")
-    receiving.thread.start()
-    wait_until(lambda: a._handler is not None)
+    receiving = _HandlingEnd(b, fail_on="bad").take_over(a)
     a.send(["bad"])  # the sender is not the one that failed: it goes on
     receiving.thread.join(timeout=10)
     assert isinstance(receiving.outcome, ValueError)
@@ -292,16 +294,12 @@ def test_local_transport_handler_errors_are_raised_in_the_receiving_thread():
 
 def test_local_transport_sender_closing_or_interrupted_ends_the_handling():
     a, b = P.LocalTransport.pair()
-    receiving = _HandlingEnd(b)
-    receiving.thread.start()
-    wait_until(lambda: a._handler is not None)
+    receiving = _HandlingEnd(b).take_over(a)
     a.close()
     receiving.thread.join(timeout=10)
     assert receiving.outcome == P.CLOSED
     a, b = P.LocalTransport.pair()
-    receiving = _HandlingEnd(b, interrupt_on="ctrl-c")
-    receiving.thread.start()
-    wait_until(lambda: a._handler is not None)
+    receiving = _HandlingEnd(b, interrupt_on="ctrl-c").take_over(a)
     with pytest.raises(KeyboardInterrupt):  # raised where it happened: in the sender's thread
         a.send(["ctrl-c"])
     receiving.thread.join(timeout=10)
@@ -325,9 +323,7 @@ def test_local_transport_goes_back_to_batches_for_a_big_transfer():
     # Past DIRECT_BYTES the sender's reading and the receiver's writing overlap again, in two
     # threads: the rest of the session arrives through recv, in order.
     a, b = P.LocalTransport.pair()
-    receiving = _HandlingEnd(b)
-    receiving.thread.start()
-    wait_until(lambda: a._handler is not None)
+    receiving = _HandlingEnd(b).take_over(a)
     chunk = bytes(1 << 20)
     count = P.LocalTransport.DIRECT_BYTES // len(chunk) + 2
     for i in range(count):
