@@ -674,17 +674,17 @@ class Receiver:
                 else:
                     item.commit.discard()
             raise
+        own = dir_syncs is None  # a batch in the middle of a session: its renames, durable now
+        if own:
+            dir_syncs = _DirSyncs(self.sync_writes, self.tree, self._fail)
         try:
-            if self.sync_writes and committed:
-                if dir_syncs is None:
-                    dirs = {}
-                    for commit in committed:
-                        dirs.setdefault(_identity(commit.dir_fd), commit.dir_fd)
-                    fsync_all(list(dirs.values()))
-                else:
-                    for commit in committed:
-                        dir_syncs.add(commit.path.rpartition(b"/")[0], commit.dir_fd)
+            for commit in committed:
+                dir_syncs.add(commit.path.rpartition(b"/")[0], commit.dir_fd)
+            if own:
+                dir_syncs.sync()
         finally:
+            if own:
+                dir_syncs.close()
             for item in batch:
                 item.commit.release()
 
