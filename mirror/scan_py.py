@@ -11,14 +11,19 @@ regular file, reusing the digest recorded in ``previous`` (the same tree's last 
 in the same order) while size, mtime_ns, ctime_ns and inode are unchanged and the file's
 mtime is older than ``racy_ns`` (a file modified within the timestamp granularity of the
 previous scan could have changed again without its mtime moving: it is hashed again).
+
+``background_scan(root)`` starts the same walk (no excluder, no digests) in a thread of its
+own and returns at once; its listings are then taken in the same order.
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
 import os
+import queue
 import stat
 import struct
+import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 
@@ -414,6 +419,76 @@ def scan(
     finally:
         for fd, _, _ in stack:
             os.close(fd)
+
+
+# Listings background_scan may hold ahead of its consumer (the compiled twin counts entries).
+_AHEAD_LISTINGS = 64
+_WALK_DONE = object()
+
+
+class BackgroundScan:
+    """``scan(root, skip_at_root=...)``'s listings, produced ahead by a thread of its own.
+
+    The walk starts when the object is made: a caller starts it early and takes the
+    listings later, in order.  An error that ends the walk (``root`` cannot be opened) is
+    raised in its place, after the listings before it.  ``close()`` stops the walk and
+    waits for its thread (``TreeScan`` does, in a ``finally``).  Iterate once.  The compiled
+    twin walks in C without ever taking the interpreter lock.
+    """
+
+    def __init__(self, root: bytes, *, skip_at_root: bytes | None = None):
+        self.root = root
+        self._ahead: queue.Queue = queue.Queue(maxsize=_AHEAD_LISTINGS)
+        self._stopping = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(skip_at_root,), name="treescan", daemon=True)
+        self._thread.start()
+
+    def _run(self, skip_at_root: bytes | None) -> None:
+        walk = scan(self.root, skip_at_root=skip_at_root)
+        try:
+            for listing in walk:
+                if not self._hand_over(listing):
+                    return
+            self._hand_over(_WALK_DONE)
+        except BaseException as exc:  # handed to the consumer, raised in its turn
+            self._hand_over(exc)
+        finally:
+            walk.close()
+
+    def _hand_over(self, item) -> bool:
+        while not self._stopping.is_set():
+            try:
+                self._ahead.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> BackgroundScan:
+        return self
+
+    def __next__(self) -> Listing:
+        if self._done:
+            raise StopIteration
+        item = self._ahead.get()
+        if item is _WALK_DONE or isinstance(item, BaseException):
+            self._done = True
+            if item is _WALK_DONE:
+                raise StopIteration
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the walk and wait for its thread."""
+        self._stopping.set()
+        self._thread.join()
+        self._done = True
+
+
+def background_scan(root: bytes, *, skip_at_root: bytes | None = None) -> BackgroundScan:
+    """Start scanning ``root`` now, in the background; see ``BackgroundScan``."""
+    return BackgroundScan(root, skip_at_root=skip_at_root)
 
 
 def _open_failure(path: bytes, err: int) -> ScanProblem:

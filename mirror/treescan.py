@@ -168,6 +168,7 @@ class TreeScan:
         self.manifest_header = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._walk = None  # the scanner's own background walk, when it can do the whole job
 
     # -- producer ---------------------------------------------------------------------------
 
@@ -332,7 +333,12 @@ class TreeScan:
 
     def start(self) -> TreeScan:
         """Start scanning now (in the background), before the listings are asked for."""
-        if self.background and self._thread is None:
+        if self.background and self._thread is None and self._walk is None and self._plain():
+            # The whole walk in the scanner's own thread: the compiled one never takes the
+            # interpreter lock, so it runs at full speed beside the Python work of the sync.
+            self._walk = fastpath.choose("scan").background_scan(self.root, skip_at_root=STATE_DIR_NAME)
+            return self
+        if self.background and self._thread is None and self._walk is None:
             self._channel: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
             self._thread = threading.Thread(target=self._run, args=(self._channel,), name="treescan", daemon=True)
             self._thread.start()
@@ -341,6 +347,8 @@ class TreeScan:
     def stop(self) -> None:
         """Abandon the scan (its listings are not wanted); returns once its thread is gone."""
         self._stop.set()
+        if self._walk is not None:
+            self._walk.close()
         if self._thread is not None:
             self._thread.join()
 
@@ -349,6 +357,9 @@ class TreeScan:
             yield from self._produce()
             return
         self.start()
+        if self._walk is not None:
+            yield from self._take_walk()
+            return
         channel = self._channel
         try:
             while True:
@@ -360,6 +371,21 @@ class TreeScan:
                 yield from batch
         finally:
             self.stop()
+
+    def _plain(self) -> bool:
+        """A whole tree, no digests, nothing excluded but the state dir at the root: what
+        ``background_scan`` does on its own."""
+        return not self.is_manifest and self.scope is None and not self.checksum and self._skip_rules() is None
+
+    def _take_walk(self) -> Iterator:
+        started = time.perf_counter()
+        try:
+            for listing in self._walk:
+                self._account(listing)
+                yield listing
+        finally:
+            self._walk.close()
+        self.stats.seconds = time.perf_counter() - started
 
     def _run(self, channel: queue.Queue) -> None:
         batch: list = []

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -191,3 +193,76 @@ def test_start_through_a_symlink_is_refused(tmp_path):
 
         with pytest.raises(OSError):
             list(module.scan(os.fsencode(tmp_path), start=b"link"))
+
+
+def _walked(module, root: bytes, **kw):
+    walk = module.background_scan(root, **kw)
+    try:
+        return [(lst.path, lst.complete, list(lst), list(lst.problems), lst.pack()) for lst in walk]
+    finally:
+        walk.close()
+
+
+@settings(settings.get_profile("scan"))
+@given(spec=tree_specs(), skip=st.sampled_from([None, b"a", b".mirror"]))
+def test_background_scan_equivalent(spec, skip):
+    """Both twins' background walks hand over exactly ``scan``'s listings, in order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.fsencode(tmp)
+        build(root, spec)
+        expected = _both(root, skip_at_root=skip)
+        assert _walked(FAST, root, skip_at_root=skip) == expected
+        assert _walked(PURE, root, skip_at_root=skip) == expected
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_background_scan_closed_early_lets_go_of_everything(tmp_path):
+    # A branch 40 levels deep holds 40 descriptors while it is walked.
+    deep = tmp_path
+    for i in range(40):
+        deep = deep / f"d{i}"
+        (deep / "x").mkdir(parents=True)
+    root = os.fsencode(tmp_path)
+    for module in (FAST, PURE):
+        before = _open_fds()
+        walk = module.background_scan(root)
+        first = next(walk)
+        assert first.path == b"" and [e.name for e in first] == [b"d0"]
+        walk.close()
+        assert _open_fds() == before
+        assert list(walk) == []  # closed: nothing more is handed over
+        assert not [t for t in threading.enumerate() if t.name == "treescan"]
+
+
+def test_background_scan_errors_arrive_in_order(tmp_path):
+    for module in (FAST, PURE):
+        walk = module.background_scan(os.fsencode(tmp_path / "missing"))
+        with pytest.raises(FileNotFoundError):
+            next(walk)
+        walk.close()
+    (tmp_path / "a" / "inner").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    os.symlink("b", tmp_path / "c")
+    root = os.fsencode(tmp_path)
+    listings = {m: _walked(m, root) for m in (FAST, PURE)}
+    assert listings[FAST] == listings[PURE]
+    assert [x[0] for x in listings[FAST]] == [b"", b"a", b"a/inner", b"b"]  # the symlink is not followed
+
+
+def test_background_scan_hands_over_a_directory_larger_than_its_lookahead(tmp_path):
+    """The walk lists at most 65,536 entries ahead, yet a bigger directory still comes whole,
+    and what follows it too."""
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(70_000):
+        os.close(os.open(big / f"{i:05d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    (tmp_path / "next" / "after").mkdir(parents=True)
+    walk = FAST.background_scan(os.fsencode(tmp_path))
+    try:
+        got = [(lst.path, len(lst)) for lst in walk]
+    finally:
+        walk.close()
+    assert got == [(b"", 2), (b"big", 70_000), (b"next", 1), (b"next/after", 0)]

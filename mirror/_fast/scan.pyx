@@ -13,7 +13,7 @@ are hashed (xxh3-128) through the open directory descriptor, GIL released.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EINTR, ELOOP, ENOENT, ENOTDIR, EPERM, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from posix.stdlib cimport posix_memalign
 from libc.string cimport memcmp, memcpy, memset, strlen
 from posix.stat cimport fstat, fstatat, struct_stat
@@ -1042,6 +1042,323 @@ def scan(bytes root, *, excluder=None, skip_at_root=None, bint checksum=False, p
     finally:
         for frame in stack:
             close(<int>frame[0])
+
+
+# -- background_scan: the whole walk in a thread that never takes the interpreter lock -------
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *, const void *)
+    int pthread_mutex_destroy(pthread_mutex_t *)
+    int pthread_mutex_lock(pthread_mutex_t *)
+    int pthread_mutex_unlock(pthread_mutex_t *)
+    int pthread_cond_init(pthread_cond_t *, const void *)
+    int pthread_cond_destroy(pthread_cond_t *)
+    int pthread_cond_wait(pthread_cond_t *, pthread_mutex_t *)
+    int pthread_cond_broadcast(pthread_cond_t *)
+
+# Entries the walk may list ahead of its consumer (~5 MiB of records); a directory larger
+# than that is still handed over, alone.
+DEF AHEAD_ENTRIES = 65536
+
+cdef struct walked_t:
+    # One directory, listed by the walk and not yet taken by the consumer.
+    walked_t *next
+    char *path
+    size_t path_len
+    int open_err        # it could not be opened (the listing is incomplete); d is empty
+    dirscan_t d
+
+cdef struct frame_t:
+    # One open directory on the walk's current branch.
+    int fd
+    size_t path_len     # its path is walk.path[:path_len]
+    char *subdirs       # its subdirectories' names, NUL-terminated, in sorted order
+    size_t cursor       # offset of the next one to visit
+    size_t end
+
+
+cdef int collect_subdirs(dirscan_t *d, frame_t *f) except -1 nogil:
+    cdef Py_ssize_t i
+    cdef size_t total = 0
+    cdef rec_t *r
+    for i in range(d.n):
+        if d.recs[i].kind == K_DIR:
+            total += d.recs[i].name_len + 1
+    f.cursor = 0
+    f.end = total
+    if total == 0:
+        return 0
+    f.subdirs = <char *>malloc(total)
+    if f.subdirs == NULL:
+        with gil:
+            raise MemoryError()
+    total = 0
+    for i in range(d.n):
+        r = &d.recs[i]
+        if r.kind == K_DIR:
+            memcpy(f.subdirs + total, d.strings.data + r.name_off, r.name_len)
+            total += r.name_len
+            f.subdirs[total] = 0
+            total += 1
+    return 0
+
+
+cdef class BackgroundScan:
+    """``scan(root, skip_at_root=...)``'s listings, produced ahead by a thread of its own.
+
+    The walk (open, list, stat, descend) runs entirely in C and never takes the interpreter
+    lock, so it keeps going while the consumer's thread runs Python (a start-up's imports,
+    the comparison, the writes).  Listings are built when taken.  At most
+    ``AHEAD_ENTRIES`` entries wait in between; one file descriptor is held per level of
+    the current branch, as ``scan`` does.  ``close()`` stops the walk; iterate once.
+    """
+    cdef readonly bytes root
+    cdef object skip
+    cdef pthread_mutex_t lock
+    cdef pthread_cond_t changed     # the queue or the stop flag changed
+    cdef walked_t *head
+    cdef walked_t *tail
+    cdef Py_ssize_t queued          # entries (plus one per directory) waiting
+    cdef bint stopping
+    cdef bint finished
+    cdef int root_err
+    cdef object error               # what ended the walk early (MemoryError), raised in order
+    cdef object thread
+    # The walk's own state, touched only by its thread.
+    cdef frame_t *frames
+    cdef Py_ssize_t depth
+    cdef Py_ssize_t frames_cap
+    cdef buf_t path
+
+    def __cinit__(self):
+        pthread_mutex_init(&self.lock, NULL)
+        pthread_cond_init(&self.changed, NULL)
+
+    def __init__(self, bytes root, *, skip_at_root=None):
+        import threading
+
+        self.root = root
+        self.skip = skip_at_root
+        self.thread = threading.Thread(target=self._run, name="treescan", daemon=True)
+        self.thread.start()
+
+    def __dealloc__(self):
+        self._drop_queued()
+        free(self.frames)
+        free(self.path.data)
+        pthread_cond_destroy(&self.changed)
+        pthread_mutex_destroy(&self.lock)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef walked_t *node
+        cdef Listing listing
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            while self.head == NULL and not self.finished:
+                pthread_cond_wait(&self.changed, &self.lock)
+            node = self.head
+            if node != NULL:
+                self.head = node.next
+                if self.head == NULL:
+                    self.tail = NULL
+                self.queued -= node.d.n + 1
+                pthread_cond_broadcast(&self.changed)
+            pthread_mutex_unlock(&self.lock)
+        if node == NULL:
+            if self.error is not None:
+                error, self.error = self.error, None
+                raise error
+            if self.root_err:
+                err, self.root_err = self.root_err, 0
+                raise OSError(err, os.strerror(err), self.root)
+            raise StopIteration
+        try:
+            path = PyBytes_FromStringAndSize(node.path, node.path_len)
+            if node.open_err:
+                listing = Listing.__new__(Listing)
+                listing.path = path
+                listing.complete = False
+                listing.problems = [_open_failure(path, node.open_err)]
+                return listing
+            return build_listing(path, &node.d, None)
+        finally:
+            dirscan_free(&node.d)
+            free(node.path)
+            free(node)
+
+    def close(self):
+        """Stop the walk and wait for its thread; what it listed and nobody took is freed."""
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self.stopping = True
+            pthread_cond_broadcast(&self.changed)
+            pthread_mutex_unlock(&self.lock)
+        if self.thread is not None:
+            self.thread.join()
+        self._drop_queued()
+
+    cdef void _drop_queued(self) noexcept:
+        cdef walked_t *node = self.head
+        cdef walked_t *after
+        while node != NULL:
+            after = node.next
+            dirscan_free(&node.d)
+            free(node.path)
+            free(node)
+            node = after
+        self.head = self.tail = NULL
+        self.queued = 0
+
+    def _run(self):
+        cdef const char *croot = self.root
+        cdef const char *skip_p = NULL
+        cdef size_t skip_len = 0
+        if self.skip is not None:
+            skip_p = <bytes>self.skip
+            skip_len = len(self.skip)
+        try:
+            with nogil:
+                self._walk(croot, skip_p, skip_len)
+        except BaseException as exc:  # MemoryError: handed to the consumer, after what was listed
+            self.error = exc
+        finally:
+            with nogil:
+                while self.depth > 0:
+                    self._pop()
+                pthread_mutex_lock(&self.lock)
+                self.finished = True
+                pthread_cond_broadcast(&self.changed)
+                pthread_mutex_unlock(&self.lock)
+
+    cdef int _walk(self, const char *croot, const char *skip_p, size_t skip_len) except -1 nogil:
+        cdef int fd, err
+        cdef frame_t *top
+        cdef walked_t *node
+        cdef char *name
+        cdef size_t name_len
+        fd = openat(AT_FDCWD, croot, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if fd < 0:
+            self.root_err = errno
+            return 0
+        if self._visit(fd, skip_p, skip_len) < 0:
+            return -1
+        while self.depth > 0 and not self._stop_requested():
+            top = &self.frames[self.depth - 1]
+            if top.cursor >= top.end:
+                self._pop()
+                continue
+            name = top.subdirs + top.cursor
+            name_len = strlen(name)
+            top.cursor += name_len + 1
+            self.path.len = top.path_len
+            if top.path_len:
+                buf_append(&self.path, "/", 1)
+            buf_append(&self.path, name, name_len)
+            fd = openat(top.fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+            if fd < 0:
+                err = errno
+                node = self._new_node(err)
+                if node == NULL:
+                    with gil:
+                        raise MemoryError()
+                self._hand_over(node)
+                continue
+            if self._visit(fd, NULL, 0) < 0:
+                return -1
+        return 0
+
+    cdef bint _stop_requested(self) noexcept nogil:
+        cdef bint stop
+        pthread_mutex_lock(&self.lock)
+        stop = self.stopping
+        pthread_mutex_unlock(&self.lock)
+        return stop
+
+    cdef int _visit(self, int fd, const char *skip, size_t skip_len) except -1 nogil:
+        """List the directory open at ``fd`` (its path in self.path), hand the listing over,
+        and push it as the new top of the branch (the frame owns ``fd`` from here)."""
+        cdef frame_t *f
+        cdef walked_t *node
+        if self.depth == self.frames_cap:
+            f = <frame_t *>realloc(self.frames, (self.frames_cap * 2 + 16) * sizeof(frame_t))
+            if f == NULL:
+                close(fd)
+                with gil:
+                    raise MemoryError()
+            self.frames = f
+            self.frames_cap = self.frames_cap * 2 + 16
+        f = &self.frames[self.depth]
+        f.fd = fd
+        f.path_len = self.path.len
+        f.subdirs = NULL
+        f.cursor = f.end = 0
+        self.depth += 1
+        node = self._new_node(0)
+        if node == NULL:
+            with gil:
+                raise MemoryError()
+        if list_directory(fd, skip, skip_len, &node.d) < 0 or collect_subdirs(&node.d, f) < 0:
+            dirscan_free(&node.d)
+            free(node.path)
+            free(node)
+            return -1
+        self._hand_over(node)
+        return 0
+
+    cdef walked_t *_new_node(self, int open_err) noexcept nogil:
+        cdef walked_t *node = <walked_t *>calloc(1, sizeof(walked_t))
+        if node == NULL:
+            return NULL
+        node.path = <char *>malloc(self.path.len + 1)
+        if node.path == NULL:
+            free(node)
+            return NULL
+        memcpy(node.path, self.path.data, self.path.len)
+        node.path_len = self.path.len
+        node.open_err = open_err
+        return node
+
+    cdef void _pop(self) noexcept nogil:
+        cdef frame_t *f = &self.frames[self.depth - 1]
+        close(f.fd)
+        free(f.subdirs)
+        self.depth -= 1
+
+    cdef void _hand_over(self, walked_t *node) noexcept nogil:
+        """Queue ``node`` for the consumer, waiting while too much is queued (or drop it if
+        the walk was stopped meanwhile)."""
+        if node == NULL:
+            return
+        pthread_mutex_lock(&self.lock)
+        while (not self.stopping and self.queued > 0
+               and self.queued + node.d.n + 1 > AHEAD_ENTRIES):
+            pthread_cond_wait(&self.changed, &self.lock)
+        if self.stopping:
+            pthread_mutex_unlock(&self.lock)
+            dirscan_free(&node.d)
+            free(node.path)
+            free(node)
+            return
+        if self.tail == NULL:
+            self.head = node
+        else:
+            self.tail.next = node
+        self.tail = node
+        self.queued += node.d.n + 1
+        pthread_cond_broadcast(&self.changed)
+        pthread_mutex_unlock(&self.lock)
+
+
+def background_scan(bytes root, *, skip_at_root=None):
+    """Start scanning ``root`` now; see ``BackgroundScan`` and ``mirror.scan_py.background_scan``."""
+    return BackgroundScan(root, skip_at_root=skip_at_root)
 
 
 cdef inline uint32_t compare_recs(Listing sl, Py_ssize_t i, Listing dl, Py_ssize_t j, int flags) noexcept nogil:
