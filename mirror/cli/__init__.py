@@ -128,7 +128,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mirror {name}: interrupted", file=sys.stderr)
         return 130
-
-
-def entry_point() -> None:
-    sys.exit(main())
