@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 
 import pytest
 
@@ -88,3 +89,51 @@ def test_a_temporary_file_beside_its_target_commits_after_the_cache_closed_that_
     assert (root / "d000" / "file").read_bytes() == b"new content"
     assert sorted(p.name for p in (root / "d000").iterdir()) == ["file"]  # no temporary file left
     assert not any((root / f"d{i:03d}" / "file").exists() for i in range(1, safefs._FD_CACHE + 8))
+
+
+def _held_deleted_files(root) -> list[str]:
+    """Files under ``root`` this process still holds open although they are gone."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(root)) and target.endswith(" (deleted)"):
+            held.append(target)
+    return held
+
+
+def test_replaced_and_removed_files_are_freed_by_the_time_the_tree_closes(tmp_path):
+    """Replaced files are let go of by the reaper's thread (see safefs._Reaper): all of them
+    once the tree is closed, however many were replaced."""
+    for i in range(40):
+        (tmp_path / f"f{i}").write_bytes(b"old" * 1000)
+    tree = ConfinedTree(os.fsencode(tmp_path))
+    for i in range(30):
+        commit = tree.new_file(b"f%d" % i)
+        commit.file.write(b"new")
+        commit.finish(0o644, 0, 0, 10**18, owner=False)
+        commit.commit()
+        commit.release()
+    for i in range(30, 40):
+        tree.remove(b"f%d" % i)
+    assert tree._reaper._thread is not None  # more than a live session's few: it was used
+    tree.close()
+    assert _held_deleted_files(tmp_path) == []
+    assert not [t for t in threading.enumerate() if t.name == "reaper"]
+    assert sorted(os.listdir(tmp_path)) == sorted(f"f{i}" for i in range(30))
+    assert all((tmp_path / f"f{i}").read_bytes() == b"new" for i in range(30))
+
+
+def test_a_few_replaced_files_need_no_reaper_thread(tmp_path):
+    (tmp_path / "f").write_bytes(b"old")
+    tree = ConfinedTree(os.fsencode(tmp_path))
+    try:
+        commit = tree.new_file(b"f")
+        commit.file.write(b"new")
+        commit.commit()
+        commit.release()
+        assert tree._reaper._thread is None and _held_deleted_files(tmp_path) == []
+    finally:
+        tree.close()
