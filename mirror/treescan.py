@@ -1,8 +1,12 @@
 """Scan one tree in the background, with its digest cache, and hand over its listings in order.
 
-``TreeScan(root, ...)`` runs the scanner in a thread of its own (the compiled scanner
-releases the GIL for its system calls, so two trees are scanned at once on two cores) and
-passes listings through a bounded queue: memory stays bounded by the queue, not the tree.
+``TreeScan(root, ...)`` runs the scanner in a thread of its own and passes listings
+through a bounded queue: memory stays bounded by the queue, not the tree.  A plain scan
+(the whole tree, no digests, no excludes) is the scanner's own ``background_scan``: the
+compiled one walks in C without ever taking the interpreter lock, so two trees are scanned
+at once on two cores while the sync's Python runs beside them.  The ``mirror`` command
+starts the source's walk before it has even loaded (``mirror.earlywalk``); a plain scan of
+that root adopts it.
 
 With ``checksum=True`` the tree's last manifest in its state dir is read alongside the scan
 so unchanged files keep their digests (see ``mirror.scan_py``), and a new manifest is

@@ -266,3 +266,49 @@ def test_background_scan_hands_over_a_directory_larger_than_its_lookahead(tmp_pa
     finally:
         walk.close()
     assert got == [(b"", 2), (b"big", 70_000), (b"next", 1), (b"next/after", 0)]
+
+
+def test_background_scan_of_a_tree_changing_under_it(tmp_path):
+    """Directories vanish, turn into symlinks and come back while the walk runs: every walk
+    ends, in canonical order, and a directory it could not list is said, never skipped."""
+    root = os.fsencode(tmp_path)
+    for i in range(30):
+        os.makedirs(os.path.join(root, b"d%d" % i, b"sub"))
+    stop = threading.Event()
+
+    def churn():
+        n = 0
+        while not stop.is_set():
+            d = os.path.join(root, b"d%d" % (n % 30))
+            shutil.rmtree(d, ignore_errors=True)
+            if n % 2:
+                os.makedirs(os.path.join(d, b"sub"), exist_ok=True)
+            else:
+                try:
+                    os.symlink(b"/", d)
+                    os.unlink(d)
+                    os.makedirs(os.path.join(d, b"sub"), exist_ok=True)
+                except FileExistsError:
+                    pass
+            n += 1
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        said = 0
+        for _ in range(40):
+            for module in (FAST, PURE):
+                walk = module.background_scan(root)
+                try:
+                    listings = list(walk)
+                finally:
+                    walk.close()
+                keys = [lst.path.replace(b"/", b"\0") for lst in listings]
+                assert keys == sorted(set(keys))
+                for lst in listings:
+                    assert lst.complete or lst.problems
+                    said += not lst.complete
+    finally:
+        stop.set()
+        writer.join()
+    assert said  # the churn was seen: some directory vanished between its listing and its walk
