@@ -480,10 +480,17 @@ class BackgroundScan:
         return item
 
     def close(self) -> None:
-        """Stop the walk and wait for its thread."""
+        """Stop the walk and wait for its thread; a consumer waiting in another thread gets
+        the end."""
         self._stopping.set()
         self._thread.join()
         self._done = True
+        while True:  # what was listed and not taken is dropped
+            try:
+                self._ahead.get_nowait()
+            except queue.Empty:
+                break
+        self._ahead.put(_WALK_DONE)
 
 
 def background_scan(root: bytes, *, skip_at_root: bytes | None = None) -> BackgroundScan:

@@ -312,3 +312,35 @@ def test_background_scan_of_a_tree_changing_under_it(tmp_path):
         stop.set()
         writer.join()
     assert said  # the churn was seen: some directory vanished between its listing and its walk
+
+
+def test_background_scan_closed_from_another_thread_while_taken(tmp_path):
+    """A scan abandoned from another thread (an error elsewhere in the sync) while its
+    consumer is taking listings: the consumer just sees the end."""
+    for i in range(200):
+        os.makedirs(tmp_path / f"d{i:03d}" / "e")
+    root = os.fsencode(tmp_path)
+    for module in (FAST, PURE):
+        for _ in range(20):
+            before = _open_fds()
+            walk = module.background_scan(root)
+            taken = []
+
+            def take(walk=walk, taken=taken):
+                for listing in walk:
+                    taken.append(listing.path)
+
+            consumer = threading.Thread(target=take)
+            consumer.start()
+            walk.close()
+            consumer.join(10)
+            assert not consumer.is_alive()
+            assert taken == [p for p in _expected_paths(200)][: len(taken)]
+            assert _open_fds() == before
+
+
+def _expected_paths(n: int) -> list[bytes]:
+    paths = [b""]
+    for i in range(n):
+        paths += [b"d%03d" % i, b"d%03d/e" % i]
+    return paths

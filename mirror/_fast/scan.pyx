@@ -1214,16 +1214,20 @@ cdef class BackgroundScan:
         self._drop_queued()
 
     cdef void _drop_queued(self) noexcept:
-        cdef walked_t *node = self.head
+        cdef walked_t *node
         cdef walked_t *after
+        with nogil:  # a consumer in another thread may be taking one at this moment
+            pthread_mutex_lock(&self.lock)
+            node = self.head
+            self.head = self.tail = NULL
+            self.queued = 0
+            pthread_mutex_unlock(&self.lock)
         while node != NULL:
             after = node.next
             dirscan_free(&node.d)
             free(node.path)
             free(node)
             node = after
-        self.head = self.tail = NULL
-        self.queued = 0
 
     def _run(self):
         cdef const char *croot = self.root
