@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import threading
 import time
 from typing import NamedTuple
@@ -55,10 +56,12 @@ log = logging.getLogger(__name__)
 SUMMARY_BATCH = 256  # directories per summary message
 LISTING_PART = 32768  # entries per listing message (a larger directory is sent in parts)
 COMMIT_BATCH_FILES = 256
-# Directory descriptors held for their fsync at the end of a session; more are fsynced early.
-# With a batch's files (two descriptors each) and both trees' caches, this stays well
-# within the common soft limit of 1,024 open files.
+# Directory descriptors held for their fsync at the end of a session; more are opened again
+# then.  With a batch's files (two descriptors each) and both trees' caches, the smaller
+# stays well within the common soft limit of 1,024 open files; every `mirror` command
+# raises its limit (mirror.fdtable), which leaves room for the larger.
 DIR_SYNCS_HELD = 128
+DIR_SYNCS_HELD_RAISED = 512
 COMMIT_BATCH_BYTES = 256 << 20
 # A file at least this large has its writeback started as soon as it is verified (see
 # Commit.start_writeback): big files keep the disk busy while the next ones arrive.
@@ -807,13 +810,14 @@ class _DirSyncs:
     done (fsyncing one as it is changed would fsync it again after its next change).
 
     A descriptor is kept for each (duplicated while the change's own is at hand), but at most
-    ``DIR_SYNCS_HELD``: a session that changes thousands of directories must not run out of
+    ``held_at_most()``: a session that changes thousands of directories must not run out of
     descriptors.  Those beyond are opened again by ``sync``, and fsynced in groups as large."""
 
     def __init__(self, enabled: bool, tree: ConfinedTree, fail):
         self.enabled = enabled
         self.tree = tree
         self.fail = fail  # fail(None, path, reason): a directory that cannot be opened is said
+        self.limit = held_at_most()
         self._held: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> our descriptor
         self._paths: dict[bytes, bool] = {}  # every directory added: held, or to open again
 
@@ -821,7 +825,7 @@ class _DirSyncs:
         """``path`` changed; ``fd``, its descriptor if at hand (else it is looked up)."""
         if not self.enabled or path in self._paths:
             return
-        room = len(self._held) < DIR_SYNCS_HELD
+        room = len(self._held) < self.limit
         self._paths[path] = room
         if room:
             self._hold(self._held, path, fd)
@@ -834,7 +838,7 @@ class _DirSyncs:
             for path, held in self._paths.items():
                 if not held:
                     self._hold(later, path, None)
-                    if len(later) >= DIR_SYNCS_HELD:
+                    if len(later) >= self.limit:
                         _fsync_and_close(later)
             _fsync_and_close(later)
         finally:
@@ -860,6 +864,13 @@ class _DirSyncs:
         key = _identity(fd)
         if key not in held:
             held[key] = os.dup(fd)  # the tree's cache may close its own before the fsync
+
+
+def held_at_most() -> int:
+    """How many directory descriptors a ``_DirSyncs`` holds under this process's limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = soft == resource.RLIM_INFINITY or soft >= 8 * DIR_SYNCS_HELD_RAISED
+    return DIR_SYNCS_HELD_RAISED if raised else DIR_SYNCS_HELD
 
 
 def _fsync_and_close(held: dict) -> None:
