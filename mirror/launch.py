@@ -63,7 +63,8 @@ def main() -> None:
     _exit(code)
 
 
-def _exit(code: int) -> None:
+def _exit(code: int | None) -> None:
+    code = code or 0
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)  # the interpreter waits for them, as it always does
     try:

@@ -337,20 +337,20 @@ class TreeScan:
 
     def start(self) -> TreeScan:
         """Start scanning now (in the background), before the listings are asked for."""
-        if self.background and self._thread is None and self._walk is None:
-            early = earlywalk.take(self.root)  # started by mirror.launch before the program loaded
-            if self._plain():
-                # The whole walk in the scanner's own thread: the compiled one never takes
-                # the interpreter lock, so it runs at full speed beside the sync's Python.
-                scanner = fastpath.choose("scan")  # also binds the result types an early walk uses
-                self._walk = early or scanner.background_scan(self.root, skip_at_root=STATE_DIR_NAME)
-                return self
-            if early is not None:
-                early.close()  # not the scan wanted (digests, excludes): stop it using a CPU
-        if self.background and self._thread is None and self._walk is None:
-            self._channel: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
-            self._thread = threading.Thread(target=self._run, args=(self._channel,), name="treescan", daemon=True)
-            self._thread.start()
+        if not self.background or self._thread is not None or self._walk is not None:
+            return self
+        early = earlywalk.take(self.root)  # started by mirror.launch before the program loaded
+        if self._plain():
+            # The whole walk in the scanner's own thread: the compiled one never takes the
+            # interpreter lock, so it runs at full speed beside the sync's Python.
+            scanner = fastpath.choose("scan")  # also binds the result types an early walk uses
+            self._walk = early or scanner.background_scan(self.root, skip_at_root=STATE_DIR_NAME)
+            return self
+        if early is not None:
+            early.close()  # not the scan wanted (digests, excludes): stop it using a CPU
+        self._channel: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
+        self._thread = threading.Thread(target=self._run, args=(self._channel,), name="treescan", daemon=True)
+        self._thread.start()
         return self
 
     def stop(self) -> None:
