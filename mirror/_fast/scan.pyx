@@ -1177,7 +1177,7 @@ cdef class BackgroundScan:
                 if self.head == NULL:
                     self.tail = NULL
                 self.queued -= node.d.n + 1
-                if self.walker_waiting and (self.queued == 0 or self.queued <= AHEAD_ENTRIES // 2):
+                if self.walker_waiting and self.queued <= AHEAD_ENTRIES // 2:
                     pthread_cond_broadcast(&self.changed)
             pthread_mutex_unlock(&self.lock)
         if node == NULL:
