@@ -53,6 +53,13 @@ def main() -> None:
     if source is not None:
         root = os.fsencode(source)
         if os.path.isdir(root):
+            # What the CLI does first for every command, done before the walk's thread
+            # exists: growing the descriptor table of a threaded process waits for an RCU
+            # grace period (6-12 ms here; see mirror.fdtable).
+            from .fdtable import raise_limit, reserve
+
+            raise_limit()
+            reserve()
             earlywalk.start(root)
     try:
         from .cli import main as cli_main

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -121,3 +122,17 @@ def test_the_quick_exit_waits_for_a_thread_still_working():
         "_exit(4)\n"
     )
     assert (proc.returncode, proc.stdout) == (4, "finished\n")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
+def test_the_descriptor_table_is_grown_before_the_early_walk_starts(tmp_path):
+    """Growing the table of a process with threads waits for an RCU grace period (see
+    mirror.fdtable): the launcher grows it while the process is still one thread."""
+    src, dst = _tree(tmp_path, "src"), _tree(tmp_path, "dst")
+    log = tmp_path / "strace.log"
+    proc = run_mirror("diff", src, dst, prefix=["strace", "-f", "-qq", "-o", str(log), "-e", "trace=fcntl,clone,clone3"])
+    assert proc.returncode == 1, proc.stderr  # the trees differ in their times
+    calls = log.read_text().splitlines()
+    grown = next(i for i, line in enumerate(calls) if "F_DUPFD_CLOEXEC, 2047" in line)
+    first_thread = next(i for i, line in enumerate(calls) if "clone3(" in line or "clone(" in line)
+    assert grown < first_thread
