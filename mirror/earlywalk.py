@@ -12,15 +12,15 @@ is walked early: a local replica is scanned under its writer lock, which is take
 
 from __future__ import annotations
 
-import os
-
 _walks: dict[bytes, object] = {}
 
 
 def start(root: bytes) -> None:
     """Start walking ``root`` (a directory) in the background, if the compiled scanner is
     there: the pure twin's walk needs the interpreter lock, and would only slow the start."""
-    if root in _walks or os.environ.get("MIRROR_FORCE_PURE", "") not in ("", "0", "false", "no"):
+    from .fastpath import env_flag
+
+    if root in _walks or env_flag("MIRROR_FORCE_PURE"):
         return
     try:
         from ._fast.scan import background_scan

@@ -19,7 +19,8 @@ from .errors import FastPathUnavailable
 _chosen: dict[str, ModuleType] = {}
 
 
-def _env_flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """An environment switch such as ``MIRROR_FORCE_PURE=1`` is set (not empty, 0, false, no)."""
     return os.environ.get(name, "") not in ("", "0", "false", "no")
 
 
@@ -44,13 +45,13 @@ def choose(name: str) -> ModuleType:
     module = _chosen.get(name)
     if module is not None:
         return module
-    if _env_flag("MIRROR_FORCE_PURE"):
+    if env_flag("MIRROR_FORCE_PURE"):
         module = pure(name)
     else:
         try:
             module = compiled(name)
         except ImportError as exc:
-            if _env_flag("MIRROR_REQUIRE_FAST"):
+            if env_flag("MIRROR_REQUIRE_FAST"):
                 raise FastPathUnavailable(
                     f"compiled module mirror._fast.{name} is not available ({exc}); "
                     "reinstall hamirror with a C compiler and the xxHash header present"
