@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 
 MIRROR = [sys.executable, "-m", "mirror"]
 
@@ -43,3 +45,24 @@ def wait_until(condition, timeout: float = 30.0, interval: float = 0.01):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {condition}")
         time.sleep(interval)
+
+
+@contextmanager
+def changing(step):
+    """Call ``step(n)`` for n = 0, 1, 2, ... in a thread of its own while the block runs (a
+    tree changing under a scan)."""
+    stop = threading.Event()
+
+    def run():
+        n = 0
+        while not stop.is_set():
+            step(n)
+            n += 1
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from mirror import fastpath
 from mirror.exclude import Excluder
+from tests.helpers import changing
 from tests.trees import build, tree_specs
 
 FAST = fastpath.compiled("scan")
@@ -274,43 +275,30 @@ def test_background_scan_of_a_tree_changing_under_it(tmp_path):
     root = os.fsencode(tmp_path)
     for i in range(30):
         os.makedirs(os.path.join(root, b"d%d" % i, b"sub"))
-    stop = threading.Event()
 
-    def churn():
-        n = 0
-        while not stop.is_set():
-            d = os.path.join(root, b"d%d" % (n % 30))
-            shutil.rmtree(d, ignore_errors=True)
-            if n % 2:
+    def churn(n):
+        d = os.path.join(root, b"d%d" % (n % 30))
+        shutil.rmtree(d, ignore_errors=True)
+        if n % 2:
+            os.makedirs(os.path.join(d, b"sub"), exist_ok=True)
+        else:
+            try:
+                os.symlink(b"/", d)
+                os.unlink(d)
                 os.makedirs(os.path.join(d, b"sub"), exist_ok=True)
-            else:
-                try:
-                    os.symlink(b"/", d)
-                    os.unlink(d)
-                    os.makedirs(os.path.join(d, b"sub"), exist_ok=True)
-                except FileExistsError:
-                    pass
-            n += 1
+            except FileExistsError:
+                pass
 
-    writer = threading.Thread(target=churn)
-    writer.start()
-    try:
-        said = 0
+    said = 0
+    with changing(churn):
         for _ in range(40):
             for module in (FAST, PURE):
-                walk = module.background_scan(root)
-                try:
-                    listings = list(walk)
-                finally:
-                    walk.close()
-                keys = [lst.path.replace(b"/", b"\0") for lst in listings]
+                listings = _walked(module, root)
+                keys = [path.replace(b"/", b"\0") for path, *_ in listings]
                 assert keys == sorted(set(keys))
-                for lst in listings:
-                    assert lst.complete or lst.problems
-                    said += not lst.complete
-    finally:
-        stop.set()
-        writer.join()
+                for _path, complete, _entries, problems, _packed in listings:
+                    assert complete or problems
+                    said += not complete
     assert said  # the churn was seen: some directory vanished between its listing and its walk
 
 

@@ -6,7 +6,6 @@ import os
 import socket
 import stat
 import subprocess
-import threading
 
 import pytest
 
@@ -14,7 +13,7 @@ from mirror import fastpath
 from mirror.entry import Kind
 from mirror.manifest import ManifestHeader, ManifestReader, write_manifest
 from tests.conftest import implementations
-from tests.helpers import WITHOUT_DAC, is_root, run_mirror
+from tests.helpers import WITHOUT_DAC, changing, is_root, run_mirror
 
 HARD_NAMES = [b"\xff\xfe-not-utf8", b"new\nline", b"with space", b"back\\slash", b"n" * 255, b"caf\xc3\xa9", b"-rf"]
 
@@ -176,33 +175,24 @@ def test_tree_changing_during_scan_never_crashes(tmp_path):
     os.mkdir(root)
     for i in range(20):
         os.makedirs(os.path.join(root, b"d%d" % i))
-    stop = threading.Event()
 
-    def churn():
-        n = 0
-        while not stop.is_set():
-            d = os.path.join(root, b"d%d" % (n % 20))
-            p = os.path.join(d, b"f%d" % (n % 50))
-            try:
-                with open(p, "wb") as f:
-                    f.write(b"x" * (n % 5000))
-                if n % 3 == 0:
-                    os.unlink(p)
-            except FileNotFoundError:
-                pass
-            n += 1
+    def churn(n):
+        d = os.path.join(root, b"d%d" % (n % 20))
+        p = os.path.join(d, b"f%d" % (n % 50))
+        try:
+            with open(p, "wb") as f:
+                f.write(b"x" * (n % 5000))
+            if n % 3 == 0:
+                os.unlink(p)
+        except FileNotFoundError:
+            pass
 
-    writer = threading.Thread(target=churn)
-    writer.start()
-    try:
-        verdicts = set()
+    verdicts = set()
+    with changing(churn):
         for _ in range(15):
             proc = run_mirror("diff", "--checksum", "--no-cache", root, root)
             verdicts.add(proc.returncode)
             if proc.returncode == 2:
                 assert b"could not be compared" in proc.stderr
                 assert b"Traceback" not in proc.stderr
-    finally:
-        stop.set()
-        writer.join()
     assert verdicts <= {0, 1, 2}
