@@ -106,7 +106,9 @@ def _header(unpacker: msgpack.Unpacker, what: str, keys: tuple[str, ...]) -> dic
             f"{what} format version {version!r} is not supported (this hamirror reads version {VERSION})"
         )
     if set(header) != set(keys):
-        raise FormatError(f"{what} header has keys {sorted(header)}, expected {sorted(keys)}")
+        # Keys may be str and bytes at once: sorted by their repr, which always compares.
+        found = ", ".join(sorted(map(repr, header)))
+        raise FormatError(f"{what} header has keys [{found}], expected {sorted(keys)}")
     for key in keys:
         value = header[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:

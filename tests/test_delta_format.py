@@ -269,6 +269,16 @@ def test_copy_header_fields_are_little_endian_weak_sums():
     assert first == impl.weak_sum(GOLDEN_BASIS[:GOLDEN_BLOCK])
 
 
+def test_a_header_with_str_and_bytes_keys_is_a_format_error(tmp_path):
+    # Found by the fuzz test below: naming the keys sorted them, and str and bytes keys
+    # do not compare.
+    header = {"version": deltafmt.VERSION, "block_size": 512, "basis_size": 0, b"basis_size": 0}
+    basis = tmp_path / "basis"
+    basis.write_bytes(b"")
+    with basis.open("rb") as f, pytest.raises(FormatError, match="header has keys"):
+        deltafmt.patch_stream(f, io.BytesIO(deltafmt.DELTA_MAGIC + msgpack.packb(header)), io.BytesIO())
+
+
 # Fuzzing: valid streams with random bytes overwritten, inserted or cut, and plain noise.  A
 # reader either returns a well-formed result or raises one of the library's errors; it never
 # crashes otherwise, hangs or allocates for what the stream merely declares.
