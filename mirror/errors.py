@@ -7,6 +7,7 @@ into exit codes.
 
 from __future__ import annotations
 
+import errno
 import os
 
 # Exit codes shared by every ``mirror`` subcommand (documented in the README).
@@ -91,6 +92,15 @@ def os_error_message(err: OSError, path: bytes | str | None = None) -> str:
     if where is None:
         return text
     return f"{display_path(where)}: {text}"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """How a file that failed is described to the other side: ``'ENOSPC: No space left on
+    device'`` (the symbolic code lets a sender tell a full disk from a vanished file)."""
+    if isinstance(exc, OSError):
+        code = errno.errorcode.get(exc.errno or 0, "EIO")
+        return f"{code}: {exc.strerror or exc}"
+    return str(exc)
 
 
 def display_path(path: bytes | str) -> str:

@@ -9,9 +9,9 @@ listings and block signatures, and writes what the sender sends:
   the frame decoder, every delta op is checked against its basis before it is applied;
 - new content goes to a temporary file, is verified against the sender's whole-file
   xxh3-128, and only then renamed into place (a mismatch is reported, never committed);
-- commits are grouped: a batch's files are fsynced together (in parallel, so the filesystem
-  folds them into few journal commits), renamed, and their directories fsynced: a reader
-  sees old or new files, and a crash loses no file the session reported as written;
+- commits are grouped (``mirror.commits``): a batch's files are fsynced together, while the
+  next batch is written, then renamed, and their directories fsynced: a reader sees old or
+  new files, and a crash loses no file the session reported as written;
 - deletions and directory attributes are applied last, after the new content is in place;
 - the mirroring lock file is checked before every commit: if it appears, pending files are
   discarded and the session ends with ``locked``; a sender with an older epoch is refused.
@@ -21,10 +21,8 @@ The class is embeddable: give it a transport (``mirror.protocol``) and a module 
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import resource
 import threading
 import time
 from typing import NamedTuple
@@ -33,6 +31,7 @@ import xxhash
 
 from . import fastpath
 from . import protocol as P
+from .commits import Batches, DirSyncs
 from .entry import Kind
 from .epoch import observe_epoch, read_epoch
 from .errors import (
@@ -42,11 +41,12 @@ from .errors import (
     StaleEpochError,
     UnsafePathError,
     display_path,
+    failure_reason,
     fs_path,
 )
 from .exclude import make_excluder
 from .lockfile import is_locked, status
-from .safefs import ConfinedTree, fsync_all, split_path
+from .safefs import ConfinedTree, split_path
 from .statedir import resolve_state_dir
 from .treescan import Scope, TreeScan
 from .writerlock import WriterLock
@@ -55,17 +55,6 @@ log = logging.getLogger(__name__)
 
 SUMMARY_BATCH = 256  # directories per summary message
 LISTING_PART = 32768  # entries per listing message (a larger directory is sent in parts)
-COMMIT_BATCH_FILES = 256
-# Directory descriptors held for their fsync at the end of a session; more are opened again
-# then.  With a batch's files (two descriptors each) and both trees' caches, the smaller
-# stays well within the common soft limit of 1,024 open files; every `mirror` command
-# raises its limit (mirror.fdtable), which leaves room for the larger.
-DIR_SYNCS_HELD = 128
-DIR_SYNCS_HELD_RAISED = 512
-COMMIT_BATCH_BYTES = 256 << 20
-# A file at least this large has its writeback started as soon as it is verified (see
-# Commit.start_writeback): big files keep the disk busy while the next ones arrive.
-EARLY_WRITEBACK_BYTES = 256 << 10
 MAX_WANT = 4096
 MAX_EXCLUDES = 1000
 MAX_PATTERN = 1024
@@ -114,11 +103,6 @@ class _Incoming:
         self.basis = None
         self.size = 0
         self.failed = failed
-
-
-class _Pending(NamedTuple):
-    commit: object
-    size: int
 
 
 class SessionStats:
@@ -305,8 +289,7 @@ class Receiver:
         except BaseException:
             self.tree.close()
             raise
-        self.pending: list[_Pending] = []
-        self.pending_bytes = 0
+        self.batches = Batches(self.tree, sync_writes=self.sync_writes, failed=self._fail, committed=self._committed)
         self.deletes: list[bytes] = []
         self.dir_attrs: list[tuple] = []
         self.stats = SessionStats()
@@ -484,7 +467,7 @@ class Receiver:
                 with self.tree.open_regular(path) as basis:
                     sig = delta.signature(basis)
             except (OSError, UnsafePathError) as exc:
-                self.t.send([P.SIG_FAILED, req, _reason(exc)], flush=False)
+                self.t.send([P.SIG_FAILED, req, failure_reason(exc)], flush=False)
                 continue
             from . import deltafmt  # msgpack: only a session with deltas loads it
 
@@ -513,7 +496,7 @@ class Receiver:
         try:
             commit = self.tree.new_file(path)
         except (OSError, UnsafePathError) as exc:
-            self.incoming = _Incoming(req, path, attrs, None, failed=_reason(exc))
+            self.incoming = _Incoming(req, path, attrs, None, failed=failure_reason(exc))
             return
         incoming = _Incoming(req, path, attrs, commit)
         self.incoming = incoming
@@ -523,7 +506,7 @@ class Receiver:
             try:
                 basis = self.tree.open_regular(path)
             except (OSError, UnsafePathError) as exc:
-                incoming.failed = "basis-gone: " + _reason(exc)
+                incoming.failed = "basis-gone: " + failure_reason(exc)
                 return
             try:
                 incoming.patcher = fastpath.choose("delta").Patcher(basis, commit.file, block_size, basis_size)
@@ -559,7 +542,7 @@ class Receiver:
         except ValueError as exc:
             raise ProtocolError(f"{display_path(incoming.path)}: {exc}") from None
         except OSError as exc:
-            incoming.failed = _reason(exc)
+            incoming.failed = failure_reason(exc)
 
     def _on_copy(self, message: list) -> None:
         P.want_len(message, 4)
@@ -575,7 +558,7 @@ class Receiver:
         except ValueError as exc:
             raise ProtocolError(f"{display_path(incoming.path)}: {exc}") from None
         except OSError as exc:
-            incoming.failed = _reason(exc)
+            incoming.failed = failure_reason(exc)
 
     def _on_file_abort(self, message: list) -> None:
         P.want_len(message, 3)
@@ -607,12 +590,10 @@ class Receiver:
                 else:
                     mode, uid, gid, mtime_ns = incoming.attrs
                     incoming.commit.finish(mode, uid, gid, mtime_ns, self.owner)
-                    if self.sync_writes and size >= EARLY_WRITEBACK_BYTES:
-                        incoming.commit.start_writeback()
             except ValueError as exc:
                 failed = f"mismatch: {exc}"
             except OSError as exc:
-                failed = _reason(exc)
+                failed = failure_reason(exc)
         basis = getattr(incoming, "basis", None)
         if basis is not None:
             basis.close()
@@ -622,10 +603,9 @@ class Receiver:
             self._fail(incoming.req, incoming.path, failed)
             return
         self.incoming = None
-        self.pending.append(_Pending(incoming.commit, size))
-        self.pending_bytes += size
-        if len(self.pending) >= COMMIT_BATCH_FILES or self.pending_bytes >= COMMIT_BATCH_BYTES:
-            self._flush()
+        if self.batches.add(incoming.commit, size):
+            self._refuse_if_locked()
+            self.batches.hand_over()
 
     def _check_lock(self) -> None:
         """The receiver's mirroring lock stops every change, not only file commits (checked
@@ -644,57 +624,28 @@ class Receiver:
         self.stats.failed.append([path, reason])
         self.t.send([P.FAILED, req, path, reason])
 
-    def _flush(self, dir_syncs: _DirSyncs | None = None) -> None:
-        """Commit the pending files: data durable, then renamed, then the renames durable.
-
-        With ``dir_syncs``, the directories are handed to it instead of fsynced here: the
-        caller changes more in them first (the end of a session), then fsyncs each once."""
-        if not self.pending:
+    def _flush(self, dir_syncs: DirSyncs | None = None) -> None:
+        """Commit every file received so far: data durable, renamed, renames durable (or,
+        with ``dir_syncs``, the directories handed to it: see ``Batches.drain``)."""
+        if self.batches.empty:
             return
+        self._refuse_if_locked()
+        self.batches.drain(dir_syncs)
+
+    def _refuse_if_locked(self) -> None:
+        """Before files are renamed into place: the mirroring lock discards them instead."""
         lock = self.module.lock_file
         if lock and is_locked(lock):
             self._discard_all()
             info = status(lock)
             raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
-        batch, self.pending, self.pending_bytes = self.pending, [], 0
-        try:
-            if self.sync_writes:
-                fsync_all([item.commit.file.fileno() for item in batch])
-            committed = []
-            for item in batch:
-                try:
-                    item.commit.commit()
-                    committed.append(item.commit)
-                    self.stats.files += 1
-                    self.stats.bytes_written += item.size
-                except (OSError, UnsafePathError) as exc:
-                    item.commit.discard()
-                    self._fail(None, item.commit.path, _reason(exc))
-        except BaseException:
-            for item in batch:
-                if item.commit.done:
-                    item.commit.release()
-                else:
-                    item.commit.discard()
-            raise
-        own = dir_syncs is None  # a batch in the middle of a session: its renames, durable now
-        if own:
-            dir_syncs = _DirSyncs(self.sync_writes, self.tree, self._fail)
-        try:
-            for commit in committed:
-                dir_syncs.add(commit.path.rpartition(b"/")[0], commit.dir_fd)
-            if own:
-                dir_syncs.sync()
-        finally:
-            if own:
-                dir_syncs.close()
-            for item in batch:
-                item.commit.release()
+
+    def _committed(self, size: int) -> None:
+        self.stats.files += 1
+        self.stats.bytes_written += size
 
     def _discard_all(self) -> None:
-        for item in self.pending:
-            item.commit.discard()
-        self.pending = []
+        self.batches.discard()
         if self.incoming is not None:
             self._drop_incoming(self.incoming)
 
@@ -708,10 +659,9 @@ class Receiver:
             self.tree.make_dir(path, attrs[0])
             self.dir_attrs.append((path, attrs))
         except (OSError, UnsafePathError) as exc:
-            self._fail(None, path, _reason(exc))
+            self._fail(None, path, failure_reason(exc))
 
     def _on_special(self, message: list) -> None:
-        self._flush()  # the entry may replace a file still waiting in the batch
         if message[0] == P.SYMLINK:
             P.want_len(message, 4)
             path, target, attrs = message[1], P.want_bytes(message[2], "target", 4095), _attrs(message[3])
@@ -726,23 +676,26 @@ class Receiver:
                 raise ProtocolError(f"bad node kind {kind!r}")
             rdev = P.want_int(rdev, "rdev")
         path = P.want_bytes(path, "path", 65536)
+        if self.batches.holds(path):
+            self._flush()  # the entry replaces a file (or a directory of files) still queued
         try:
             self.tree.make_special(path, kind, target=target, rdev=rdev)
             self.tree.set_attrs(path, kind, *attrs, owner=self.owner)
             self.stats.files += 1
         except (OSError, UnsafePathError) as exc:
-            self._fail(None, path, _reason(exc))
+            self._fail(None, path, failure_reason(exc))
 
     def _on_hardlink(self, message: list) -> None:
         P.want_len(message, 3)
         path = P.want_bytes(message[1], "path", 65536)
         target = P.want_bytes(message[2], "link target", 65536)
-        self._flush()  # the file linked to may be in the pending batch
+        if self.batches.holds(target) or self.batches.holds(path):
+            self._flush()  # the file linked to, or the one replaced, is still queued
         try:
             self.tree.make_special(path, Kind.FILE, link_to=target)
             self.stats.files += 1
         except (OSError, UnsafePathError) as exc:
-            self._fail(None, path, _reason(exc))
+            self._fail(None, path, failure_reason(exc))
 
     def _on_attrs(self, message: list) -> None:
         P.want_len(message, 4)
@@ -757,7 +710,7 @@ class Receiver:
         try:
             self.tree.set_attrs(path, kind, *attrs, owner=self.owner)
         except (OSError, UnsafePathError) as exc:
-            self._fail(None, path, _reason(exc))
+            self._fail(None, path, failure_reason(exc))
 
     def _on_delete(self, message: list) -> None:
         P.want_len(message, 2)
@@ -770,7 +723,7 @@ class Receiver:
             raise ProtocolError("'end' in the middle of a file")
         # Every directory this session changes is fsynced once, after its last change: its
         # new entries (the renames of the last batch), its deletions, its times.
-        dir_syncs = _DirSyncs(self.sync_writes, self.tree, self._fail)
+        dir_syncs = DirSyncs(self.sync_writes, self.tree, self._fail)
         try:
             self._flush(dir_syncs=dir_syncs)
             lock = self.module.lock_file
@@ -788,13 +741,13 @@ class Receiver:
                 except FileNotFoundError:
                     pass
                 except (OSError, UnsafePathError) as exc:
-                    self._fail(None, path, _reason(exc))
+                    self._fail(None, path, failure_reason(exc))
                 dir_syncs.add(path.rpartition(b"/")[0])
             for path, attrs in reversed(self.dir_attrs):
                 try:
                     self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
                 except (OSError, UnsafePathError) as exc:
-                    self._fail(None, path, _reason(exc))
+                    self._fail(None, path, failure_reason(exc))
                 dir_syncs.add(path)
             dir_syncs.sync()
         finally:
@@ -805,91 +758,6 @@ class Receiver:
         }])  # fmt: skip
 
 
-class _DirSyncs:
-    """The directories a session changed, each to be fsynced once, when all its changes are
-    done (fsyncing one as it is changed would fsync it again after its next change).
-
-    A descriptor is kept for each (duplicated while the change's own is at hand), but at most
-    ``held_at_most()``: a session that changes thousands of directories must not run out of
-    descriptors.  Those beyond are opened again by ``sync``, and fsynced in groups as large."""
-
-    def __init__(self, enabled: bool, tree: ConfinedTree, fail):
-        self.enabled = enabled
-        self.tree = tree
-        self.fail = fail  # fail(None, path, reason): a directory that cannot be opened is said
-        self.limit = held_at_most()
-        self._held: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> our descriptor
-        self._paths: dict[bytes, bool] = {}  # every directory added: held, or to open again
-
-    def add(self, path: bytes, fd: int | None = None) -> None:
-        """``path`` changed; ``fd``, its descriptor if at hand (else it is looked up)."""
-        if not self.enabled or path in self._paths:
-            return
-        room = len(self._held) < self.limit
-        self._paths[path] = room
-        if room:
-            self._hold(self._held, path, fd)
-
-    def sync(self) -> None:
-        """fsync them all (a failed fsync raises)."""
-        _fsync_and_close(self._held)
-        later: dict[tuple[int, int], int] = {}
-        try:
-            for path, held in self._paths.items():
-                if not held:
-                    self._hold(later, path, None)
-                    if len(later) >= self.limit:
-                        _fsync_and_close(later)
-            _fsync_and_close(later)
-        finally:
-            for fd in later.values():
-                os.close(fd)
-
-    def close(self) -> None:
-        """Let go of what is still held (after an error: not fsynced)."""
-        for fd in self._held.values():
-            os.close(fd)
-        self._held.clear()
-        self._paths.clear()
-
-    def _hold(self, held: dict, path: bytes, fd: int | None) -> None:
-        if fd is None:
-            try:
-                fd = self.tree.dir_fd(self.tree.parts(path) if path else [])
-            except (FileNotFoundError, NotADirectoryError, UnsafePathError):
-                return  # removed meanwhile: nothing left to make durable
-            except OSError as exc:  # e.g. no permission to open it: said, not skipped
-                self.fail(None, path, f"cannot fsync the directory: {_reason(exc)}")
-                return
-        key = _identity(fd)
-        if key not in held:
-            held[key] = os.dup(fd)  # the tree's cache may close its own before the fsync
-
-
-def held_at_most() -> int:
-    """How many directory descriptors a ``_DirSyncs`` holds under this process's limit."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    raised = soft == resource.RLIM_INFINITY or soft >= 8 * DIR_SYNCS_HELD_RAISED
-    return DIR_SYNCS_HELD_RAISED if raised else DIR_SYNCS_HELD
-
-
-def _fsync_and_close(held: dict) -> None:
-    fds = list(held.values())
-    held.clear()
-    try:
-        fsync_all(fds)
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def _identity(fd: int) -> tuple[int, int]:
-    """A directory's identity, to fsync each once: its inode number alone is not (another
-    mount below the root has its own inode numbers)."""
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
-
-
 def _attrs(value) -> list:
     if not isinstance(value, list) or len(value) != 4:
         raise ProtocolError("bad attributes")
@@ -898,10 +766,3 @@ def _attrs(value) -> list:
     gid = P.want_int(value[2], "gid", 0, 2**32 - 1)
     mtime = P.want_int(value[3], "mtime", -(2**63), 2**63 - 1)
     return [mode, uid, gid, mtime]
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        code = errno.errorcode.get(exc.errno or 0, "EIO")
-        return f"{code}: {exc.strerror or exc}"
-    return str(exc)

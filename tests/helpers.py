@@ -9,6 +9,7 @@ import threading
 from contextlib import contextmanager
 
 MIRROR = [sys.executable, "-m", "mirror"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # Root without the capabilities that bypass file permissions: permission bits apply to it.
@@ -21,7 +22,7 @@ def run_mirror(*args, prefix: list[str] | None = None, check_codes=(0, 1, 2, 3, 
     proc = subprocess.run(
         (prefix or []) + MIRROR + [os.fsencode(a) if isinstance(a, str) else a for a in args],
         capture_output=True, input=input, timeout=timeout,
-        env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=env, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode in check_codes, proc
     return proc

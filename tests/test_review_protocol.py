@@ -24,11 +24,9 @@ from mirror.receiver import ModuleConfig, Receiver
 from mirror.sender import Sender, SenderOptions
 from mirror.server import MirrorServer
 from mirror.transfer import sync
-from tests.helpers import run_mirror
+from tests.helpers import REPO, run_mirror
 from tests.servers import SECRET
 from tests.test_review_peer import RawSession
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @contextmanager

@@ -1,0 +1,156 @@
+"""Received files are committed durably in batches, the next batch written while the last
+one is fsynced (mirror.commits): what is renamed into place is always on disk first."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import xxhash
+
+from mirror import protocol as P
+from tests.helpers import REPO, run_mirror
+from tests.snapshot import assert_mirrors
+from tests.test_review_peer import ATTRS, RawSession, temp_files
+
+BATCH = 256  # mirror.commits.BATCH_FILES
+
+_CREATED = re.compile(rb'^openat\(.*"(\.hamirror\.[0-9a-f]+\.tmp)", [A-Z_|]*O_CREAT')
+_FSYNC = re.compile(rb"^fsync\(\d+<([^>]*)>")
+_RENAMED = re.compile(rb'^renameat2?\(\d+<[^>]*>, "([^"]*)", \d+<([^>]*)>, "[^"]*"\) = 0')
+
+
+def _commit_events(log: bytes):
+    """From ``strace -f -y`` output of openat, fsync and renameat: for each temporary file
+    the line where it was created and where it was renamed, the line where each fsync
+    finished (by the path its descriptor had), and where each directory's fsyncs started."""
+    created, renamed, fsynced, dir_fsyncs = {}, {}, {}, {}
+    unfinished = {}
+    for i, line in enumerate(log.splitlines()):
+        pid, _, call = line.partition(b" ")
+        call = call.strip()
+        if call.startswith(b"<... fsync resumed>"):
+            path = unfinished.pop(pid)
+            fsynced.setdefault(path, i)
+            continue
+        if (m := _FSYNC.match(call)) is not None:
+            path = m.group(1)
+            dir_fsyncs.setdefault(path, []).append(i)
+            if call.endswith(b"<unfinished ...>"):
+                unfinished[pid] = path
+            else:
+                fsynced.setdefault(path, i)
+        elif (m := _CREATED.match(call)) is not None:
+            created[m.group(1)] = i
+        elif (m := _RENAMED.match(call)) is not None:
+            renamed[m.group(1)] = (i, m.group(2))
+    return created, renamed, fsynced, dir_fsyncs
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
+def test_each_file_is_on_disk_before_it_is_renamed_while_the_next_batch_is_written(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in range(3):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(300):  # 900 files: three full batches and a last partial one
+            (src / f"d{d}" / f"f{i:03d}").write_bytes(b"%d %d\n" % (d, i) * (i + 1))
+    log = tmp_path / "strace.log"
+    traced = ["strace", "-f", "-qq", "-y", "-s", "256", "-o", str(log), "-e", "trace=openat,fsync,renameat,renameat2"]
+    proc = run_mirror("sync", src, dst, prefix=traced)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_mirrors(src, dst)
+    created, renamed, fsynced, dir_fsyncs = _commit_events(log.read_bytes())
+    assert len(renamed) == 900 and set(renamed) <= set(created)
+    temp_dir = os.fsencode(dst / ".mirror" / "tmp")
+    for temp, (line, _) in renamed.items():
+        finished = fsynced.get(temp_dir + b"/" + temp)
+        assert finished is not None and finished < line, (temp, finished, line)
+    last_rename = {}
+    for line, directory in renamed.values():
+        last_rename[directory] = max(line, last_rename.get(directory, 0))
+    for directory, line in last_rename.items():
+        assert any(start > line for start in dir_fsyncs.get(directory, [])), directory
+    # The overlap: the first batch is renamed only once the second is written.
+    creations = sorted(created.values())
+    first_rename = min(line for line, _ in renamed.values())
+    assert creations[2 * BATCH - 1] < first_rename
+
+
+_LOCK_MID_SYNC = """
+import os, sys
+from mirror.errors import LockedError
+from mirror.lockfile import acquire
+from mirror.transfer import sync
+src, dst, lock = sys.argv[1:4]
+seen = 0
+def take_lock(change):
+    global seen
+    seen += 1
+    if seen == 700:  # two batches handed over: one renamed, one being fsynced
+        acquire(os.fsencode(lock), reason="takeover on the replica's node")
+try:
+    sync(src, dst, dst_lock_file=lock, on_change=take_lock)
+except LockedError:
+    sys.exit(3)
+"""
+
+
+def test_a_lock_mid_sync_leaves_whole_files_and_no_temporary_one(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    content = {f"f{i:04d}": os.urandom(100 + i) for i in range(1000)}
+    for name, data in content.items():
+        (src / name).write_bytes(data)
+    proc = subprocess.run([sys.executable, "-c", _LOCK_MID_SYNC, str(src), str(dst), str(tmp_path / "lock")],
+                          cwd=REPO, capture_output=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    written = [name for name in os.listdir(dst) if name != ".mirror"]
+    assert BATCH <= len(written) < len(content)
+    for name in written:
+        assert (dst / name).read_bytes() == content[name], name
+    assert temp_files(dst) == []
+
+
+def _whole_file(req: int, path: bytes, data: bytes) -> list:
+    return [[P.FILE, req, path, ATTRS, "whole", 0, 0], [P.DATA, req, data],
+            [P.FILE_END, req, xxhash.xxh3_128(data).digest(), len(data)]]  # fmt: skip
+
+
+def _session(root):
+    s = RawSession(root, start={"no_fsync": False})
+    s.drain_summary()
+    return s
+
+
+def test_a_symlink_replacing_a_queued_file_wins(tmp_path):
+    root = tmp_path / "module"
+    root.mkdir()
+    s = _session(root)
+    s.send(*_whole_file(1, b"a", b"queued content"), [P.SYMLINK, b"a", b"target", ATTRS])
+    assert s.end()[0] == P.RESULT
+    assert os.readlink(root / "a") == "target"
+
+
+def test_a_symlink_replacing_a_directory_of_queued_files_wins(tmp_path):
+    root = tmp_path / "module"
+    (root / "d").mkdir(parents=True)
+    s = _session(root)
+    s.send(*_whole_file(1, b"d/x", b"queued"), [P.SYMLINK, b"d", b"elsewhere", ATTRS])
+    result = s.end()  # d/x is committed first: not renamed into a directory already gone
+    assert result[0] == P.RESULT and result[1]["failed"] == [], result
+    assert os.readlink(root / "d") == "elsewhere"
+
+
+def test_a_hard_link_to_a_queued_file_links_the_new_content(tmp_path):
+    root = tmp_path / "module"
+    root.mkdir()
+    s = _session(root)
+    s.send(*_whole_file(1, b"a", b"new content"), [P.HARDLINK, b"b", b"a"])
+    result = s.end()
+    assert result[0] == P.RESULT and result[1]["failed"] == [], result
+    assert (root / "b").read_bytes() == b"new content"
+    assert os.stat(root / "a").st_ino == os.stat(root / "b").st_ino
