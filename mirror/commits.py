@@ -32,7 +32,10 @@ from .safefs import Commit, ConfinedTree, fsync_all
 BATCH_FILES = 256
 BATCH_BYTES = 256 << 20
 # A file at least this large has its writeback started as soon as it is verified (see
-# Commit.start_writeback): big files keep the disk busy while the next ones arrive.
+# Commit.start_writeback): big files keep the disk busy while the next ones arrive.  Once a
+# session has filled a batch, every file's does (a big transfer: its worker's fsyncs then
+# find the data on its way; S3 19.8 -> 18.0 s).  A small session's files are left to the
+# batch's fsync, which writes them together.
 EARLY_WRITEBACK_BYTES = 256 << 10
 # Directory descriptors held for their fsync at the end of a session; more are opened again
 # then.  With a batch's files (two descriptors each) and both trees' caches, the smaller
@@ -72,11 +75,12 @@ class Batches:
         self._fsyncing: list[tuple[Commit, int]] = []  # the worker fsyncs their files
         self._renamed: list[Commit] = []  # in place; the worker fsyncs their directories
         self._worker: _Job | None = None
+        self._big = False  # a batch was filled: write every file back early
         self._paths: dict[bytes, int] = {}  # target -> how many queued files land there
 
     def add(self, commit: Commit, size: int) -> bool:
         """Queue a verified file; True when its batch is full (call ``hand_over``)."""
-        if self.sync_writes and size >= EARLY_WRITEBACK_BYTES:
+        if self.sync_writes and (self._big or size >= EARLY_WRITEBACK_BYTES):
             commit.start_writeback()
         self._filling.append((commit, size))
         self._filling_bytes += size
@@ -99,6 +103,7 @@ class Batches:
     def hand_over(self) -> None:
         """The batch being filled is full: fsync it in the background (``overlap``), or
         commit it now."""
+        self._big = True
         if not self.overlap:
             self.drain()
             return

@@ -59,7 +59,7 @@ def test_each_file_is_on_disk_before_it_is_renamed_while_the_next_batch_is_writt
         for i in range(300):  # 900 files: three full batches and a last partial one
             (src / f"d{d}" / f"f{i:03d}").write_bytes(b"%d %d\n" % (d, i) * (i + 1))
     log = tmp_path / "strace.log"
-    traced = ["strace", "-f", "-qq", "-y", "-s", "256", "-o", str(log), "-e", "trace=openat,fsync,renameat,renameat2"]
+    traced = ["strace", "-f", "-qq", "-y", "-s", "256", "-o", str(log), "-e", "trace=openat,fsync,renameat,renameat2,fadvise64"]
     proc = run_mirror("sync", src, dst, prefix=traced)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_mirrors(src, dst)
@@ -78,6 +78,8 @@ def test_each_file_is_on_disk_before_it_is_renamed_while_the_next_batch_is_writt
     creations = sorted(created.values())
     first_rename = min(line for line, _ in renamed.values())
     assert creations[2 * BATCH - 1] < first_rename
+    # Once a batch is full (a big transfer), every file's writeback starts when it is verified.
+    assert log.read_bytes().count(b"POSIX_FADV_DONTNEED") == 900 - BATCH
 
 
 _LOCK_MID_SYNC = """
