@@ -15,8 +15,8 @@ by the worker together with that next batch's files:
                          (while k+1 is written)            (while k+2 is written)
 
 Nothing is renamed before its data is durable, and ``drain`` leaves nothing in flight.
-Without ``overlap`` (no fsyncs asked for, or too few descriptors for two batches) a full
-batch is drained at once, as before.
+Without ``overlap`` (no fsyncs asked for, or too few descriptors for two batches in
+flight) a full batch is committed at once, in the receiver's thread.
 """
 
 from __future__ import annotations
