@@ -15,8 +15,9 @@ by the worker together with that next batch's files:
                          (while k+1 is written)            (while k+2 is written)
 
 Nothing is renamed before its data is durable, and ``drain`` leaves nothing in flight.
-Without ``overlap`` (no fsyncs asked for, or too few descriptors for two batches in
-flight) a full batch is committed at once, in the receiver's thread.
+Without ``overlap`` (no fsyncs asked for, or an open-file limit too low to hold a
+descriptor for each directory of a batch) a full batch is committed at once, in the
+receiver's thread.
 """
 
 from __future__ import annotations
@@ -46,15 +47,11 @@ DIR_SYNCS_HELD = 128
 DIR_SYNCS_HELD_RAISED = 512
 
 
-def limit_raised() -> bool:
-    """Whether this process may hold the descriptors of the larger settings above."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft == resource.RLIM_INFINITY or soft >= 8 * DIR_SYNCS_HELD_RAISED
-
-
 def held_at_most() -> int:
     """How many directory descriptors a ``DirSyncs`` holds under this process's limit."""
-    return DIR_SYNCS_HELD_RAISED if limit_raised() else DIR_SYNCS_HELD
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = soft == resource.RLIM_INFINITY or soft >= 8 * DIR_SYNCS_HELD_RAISED
+    return DIR_SYNCS_HELD_RAISED if raised else DIR_SYNCS_HELD
 
 
 class Batches:
@@ -67,13 +64,15 @@ class Batches:
     def __init__(self, tree: ConfinedTree, *, sync_writes: bool, failed: Callable, committed: Callable):
         self.tree = tree
         self.sync_writes = sync_writes
-        self.overlap = sync_writes and limit_raised()
+        # The worker fsyncs a batch's directories through a DirSyncs that holds them all
+        # (one per file at most), so it never opens one through the tree's cache, which
+        # only the caller's thread may use.
+        self.overlap = sync_writes and held_at_most() >= BATCH_FILES
         self._failed = failed
         self._committed = committed
         self._filling: list[tuple[Commit, int]] = []  # verified, written, not yet fsynced
         self._filling_bytes = 0
         self._fsyncing: list[tuple[Commit, int]] = []  # the worker fsyncs their files
-        self._renamed: list[Commit] = []  # in place; the worker fsyncs their directories
         self._worker: _Job | None = None
         self._big = False  # a batch was filled: write every file back early
         self._paths: dict[bytes, int] = {}  # target -> how many queued files land there
@@ -89,7 +88,7 @@ class Batches:
 
     @property
     def empty(self) -> bool:
-        return not (self._filling or self._fsyncing or self._renamed or self._worker)
+        return not (self._filling or self._fsyncing or self._worker)
 
     def holds(self, path: bytes) -> bool:
         """Whether a file not yet renamed would land at ``path`` or below it."""
@@ -107,12 +106,15 @@ class Batches:
         if not self.overlap:
             self.drain()
             return
-        self._wait()  # the previous batch's files are durable, the one before is renamed durably
-        self._release(self._renamed)
-        self._renamed = self._rename(self._fsyncing)
+        self._wait()  # the batch the worker had is durable, the one before renamed durably
+        directories = DirSyncs(True, self.tree, self._failed)
+        try:
+            self._rename_into(self._fsyncing, directories)
+        except BaseException:
+            directories.close()
+            raise
         self._fsyncing, self._filling, self._filling_bytes = self._filling, [], 0
-        files = [commit.file.fileno() for commit, _ in self._fsyncing]
-        self._worker = _Job(files + _directories(self._renamed))
+        self._worker = _Job([commit.file.fileno() for commit, _ in self._fsyncing], directories)
 
     def drain(self, dir_syncs: DirSyncs | None = None) -> None:
         """Commit everything queued now: data durable, renamed, renames durable.
@@ -120,33 +122,22 @@ class Batches:
         With ``dir_syncs`` the directories are handed to it instead of fsynced here: the
         caller changes more in them first (the end of a session), then fsyncs each once."""
         self._wait()
-        self._release(self._renamed)
-        renamed = self._rename(self._fsyncing)
-        self._fsyncing = []
-        filling, self._filling, self._filling_bytes = self._filling, [], 0
-        if filling:
-            try:
-                if self.sync_writes:
-                    fsync_all([commit.file.fileno() for commit, _ in filling])
-            except BaseException:
-                self._renamed = renamed
-                self._filling = filling
-                raise
-            renamed += self._rename(filling)
-        self._renamed = renamed
         own = dir_syncs is None
         if own:
             dir_syncs = DirSyncs(self.sync_writes, self.tree, self._failed)
         try:
-            for commit in renamed:
-                dir_syncs.add(commit.path.rpartition(b"/")[0], commit.dir_fd)
+            self._rename_into(self._fsyncing, dir_syncs)
+            self._fsyncing = []
+            if self._filling:
+                if self.sync_writes:  # if it fails they stay queued, for discard() to drop
+                    fsync_all([commit.file.fileno() for commit, _ in self._filling])
+                filling, self._filling, self._filling_bytes = self._filling, [], 0
+                self._rename_into(filling, dir_syncs)
             if own:
                 dir_syncs.sync()
         finally:
             if own:
                 dir_syncs.close()
-            self._release(renamed)
-            self._renamed = []
 
     def discard(self) -> None:
         """Drop everything not yet renamed (an error or the mirroring lock ended the
@@ -156,8 +147,7 @@ class Batches:
             self._worker = None
         for commit, _ in self._fsyncing + self._filling:
             commit.discard()
-        self._release(self._renamed)
-        self._fsyncing, self._filling, self._filling_bytes, self._renamed = [], [], 0, []
+        self._fsyncing, self._filling, self._filling_bytes = [], [], 0
         self._paths.clear()
 
     def _wait(self) -> None:
@@ -167,6 +157,16 @@ class Batches:
             worker.join()
             if worker.error is not None:
                 raise worker.error
+
+    def _rename_into(self, batch: list[tuple[Commit, int]], dir_syncs: DirSyncs) -> None:
+        """Rename a batch whose data is durable into place; the directories it changed go
+        to ``dir_syncs`` (which holds descriptors of its own)."""
+        renamed = self._rename(batch)
+        try:
+            for commit in renamed:
+                dir_syncs.add(commit.path.rpartition(b"/")[0], commit.dir_fd)
+        finally:
+            self._release(renamed)
 
     def _rename(self, batch: list[tuple[Commit, int]]) -> list[Commit]:
         """Rename a batch whose data is durable into place; the commits renamed."""
@@ -202,31 +202,27 @@ class Batches:
 
 
 class _Job:
-    """fsync some descriptors in a thread of its own; ``error`` after ``join``."""
+    """In a thread of its own: fsync a batch's files, then the directories the batch before
+    it was renamed into; ``error`` after ``join``."""
 
-    def __init__(self, fds: list[int]):
+    def __init__(self, files: list[int], directories: DirSyncs):
         self.error: BaseException | None = None
-        self._fds = fds
+        self._files = files
+        self._directories = directories
         self._thread = threading.Thread(target=self._run, name="commit", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            fsync_all(self._fds)
+            fsync_all(self._files)
+            self._directories.sync()
         except BaseException as exc:
             self.error = exc
+        finally:
+            self._directories.close()
 
     def join(self) -> None:
         self._thread.join()
-
-
-def _directories(commits: list[Commit]) -> list[int]:
-    """One descriptor for each directory the commits renamed into (their own, held until
-    ``release``)."""
-    by_path: dict[bytes, int] = {}
-    for commit in commits:
-        by_path.setdefault(commit.path.rpartition(b"/")[0], commit.dir_fd)
-    return list(by_path.values())
 
 
 class DirSyncs:
