@@ -1,7 +1,7 @@
 """S1n, S3, S4 (and the delta threshold) side by side with rsync and cp -a.
 
     python -m benchmarks.bench_sync --workdir /work/bench [--files 50000 --bytes 6G]
-                                    [--runs 5] [--scenarios S1n,S3,S4,threshold]
+                                    [--runs 5] [--scenarios S1n,S3,S4,S4f,threshold]
 
 - S1n: an unchanged replica over loopback: `mirror sync A mirror://127.0.0.1:P/m` against
   `rsync -a --delete A/ rsync://127.0.0.1:Q/m/` (an rsync daemon started here).
@@ -13,6 +13,8 @@
   links would give every file nlink 2); before every run B4 is put back to B's state by
   `rsync -a --delete B/ B4/` and flushed (untimed).  mirror fsyncs what it writes; rsync
   does not: the `--no-fsync` rows show what durability costs.
+- S4f: S4's changed entries alone, in small trees of their own: what is left is each tool's
+  fixed cost (start-up, the transfer of 110 files, the final fsyncs), without the walks.
 - threshold: time and bytes to bring N edited files of one size up to date, sent whole
   vs as deltas, over loopback: where deltas start to pay (the sender's DELTA_THRESHOLD).
 """
@@ -156,6 +158,34 @@ def threshold_sweep(workdir: str, runs: int) -> str:
     return "\n".join(lines)
 
 
+def s4_fixed_cases(base: str) -> list[Case]:
+    """S4 cut down to what it changes: the files S4 sends or deletes, with their directories,
+    in trees of their own (A4f from A4, B4f from B).  What is left of S4's time is each
+    tool's cost per process and per changed file: start-up, the transfer, the final fsyncs."""
+    a4, b = os.path.join(base, "A4"), os.path.join(base, "B")
+    a4f, b4f, dst = (os.path.join(base, name) for name in ("A4f", "B4f.orig", "B4f"))
+    if not os.path.isdir(a4f):
+        listing = subprocess.run(["rsync", "-a", "--delete", "-n", "--itemize-changes", "--out-format=%i %n",
+                                  a4 + "/", b + "/"], check=True, capture_output=True).stdout.decode()  # fmt: skip
+        sent = [line[12:] for line in listing.splitlines() if line.startswith(">f")]
+        deleted = [line[12:] for line in listing.splitlines() if line.startswith("*deleting")]
+        for source, target, names in ((a4, a4f, sent), (b, b4f, sent + deleted)):
+            names_file = target + ".list"
+            with open(names_file, "w") as f:
+                f.write("\n".join(names) + "\n")
+            # rsync exits 23 for the sent names that are new (absent from B): expected.
+            subprocess.run(["rsync", "-a", f"--files-from={names_file}", source + "/", target + "/"],
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+            os.unlink(names_file)
+    reset = restore_from(b4f, dst)
+    return [
+        Case("mirror sync A4f B4f (local)", MIRROR + ["sync", "--delete", a4f, dst], prepare=reset),
+        Case("mirror sync --no-fsync A4f B4f (local)", MIRROR + ["sync", "--delete", "--no-fsync", a4f, dst],
+             prepare=reset),  # fmt: skip
+        Case("rsync -a --delete A4f/ B4f/", ["rsync", "-a", "--delete", a4f + "/", dst + "/"], prepare=reset),
+    ]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/work/bench")
@@ -228,6 +258,11 @@ def main(argv=None) -> int:
                 print()
         finally:
             servers.close()
+
+    if "S4f" in scenarios:
+        print(table(measure(s4_fixed_cases(base), args.runs), "rsync -a --delete A4f/ B4f/",
+                    "S4f: S4's changed entries alone (no walk to speak of): each tool's fixed costs"))  # fmt: skip
+        print()
 
     if "S3" in scenarios:
         dst = os.path.join(base, "B3")
