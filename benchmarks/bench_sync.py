@@ -169,14 +169,20 @@ def s4_fixed_cases(base: str) -> list[Case]:
                                   a4 + "/", b + "/"], check=True, capture_output=True).stdout.decode()  # fmt: skip
         sent = [line[12:] for line in listing.splitlines() if line.startswith(">f")]
         deleted = [line[12:] for line in listing.splitlines() if line.startswith("*deleting")]
-        for source, target, names in ((a4, a4f, sent), (b, b4f, sent + deleted)):
+        # B4f.orig first: A4f's presence says both are complete (an interrupted build is redone).
+        for source, target, names in ((b, b4f, sent + deleted), (a4, a4f, sent)):
+            shutil.rmtree(target + ".tmp", ignore_errors=True)
             names_file = target + ".list"
             with open(names_file, "w") as f:
                 f.write("\n".join(names) + "\n")
-            # rsync exits 23 for the sent names that are new (absent from B): expected.
-            subprocess.run(["rsync", "-a", f"--files-from={names_file}", source + "/", target + "/"],
-                           stderr=subprocess.DEVNULL)  # fmt: skip
+            copy = subprocess.run(["rsync", "-a", f"--files-from={names_file}", source + "/", target + ".tmp/"],
+                                  capture_output=True)  # fmt: skip
             os.unlink(names_file)
+            # 23 (some files not transferred) is expected from B: the sent names that are new.
+            if copy.returncode not in (0, 23):
+                raise RuntimeError(f"building {target}: {copy.stderr.decode(errors='replace')[-2000:]}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(target + ".tmp", target)
     reset = restore_from(b4f, dst)
     return [
         Case("mirror sync A4f B4f (local)", MIRROR + ["sync", "--delete", a4f, dst], prepare=reset),
