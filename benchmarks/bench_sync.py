@@ -158,9 +158,21 @@ def threshold_sweep(workdir: str, runs: int) -> str:
     return "\n".join(lines)
 
 
+def s4_source(a: str) -> str:
+    """A4, beside A: a full copy of A with S4's change set (made once)."""
+    # Full copies, not hard links: a file linked from another tree has nlink 2, which
+    # changes what both tools do with it (and would slow every later scenario's A).
+    a4 = os.path.join(os.path.dirname(a), "A4")
+    if not os.path.isdir(a4):
+        subprocess.run(["cp", "-a", a, a4 + ".tmp"], check=True)
+        print(corpus.mutate(a4 + ".tmp", seed=3), file=sys.stderr)
+        os.rename(a4 + ".tmp", a4)
+    return a4
+
+
 def s4_fixed_cases(base: str) -> list[Case]:
     """S4 cut down to what it changes: the files S4 sends or deletes, with their directories,
-    in trees of their own (A4f from A4, B4f from B).  What is left of S4's time is each
+    in trees of their own (A4f from A4, which ``s4_source`` made, and B4f from B).  What is left of S4's time is each
     tool's cost per process and per changed file: start-up, the transfer, the final fsyncs."""
     a4, b = os.path.join(base, "A4"), os.path.join(base, "B")
     a4f, b4f, dst = (os.path.join(base, name) for name in ("A4f", "B4f.orig", "B4f"))
@@ -228,13 +240,7 @@ def main(argv=None) -> int:
             servers.close()
 
     if "S4" in scenarios:
-        # Full copies, not hard links: a file linked from another tree has nlink 2, which
-        # changes what both tools do with it (and would slow every later scenario's A).
-        a4 = os.path.join(base, "A4")
-        if not os.path.isdir(a4):
-            subprocess.run(["cp", "-a", a, a4 + ".tmp"], check=True)
-            print(corpus.mutate(a4 + ".tmp", seed=3), file=sys.stderr)
-            os.rename(a4 + ".tmp", a4)
+        a4 = s4_source(a)
         dst = os.path.join(base, "B4")
         if not os.path.isdir(dst):
             subprocess.run(["cp", "-a", b, dst], check=True)
@@ -266,6 +272,7 @@ def main(argv=None) -> int:
             servers.close()
 
     if "S4f" in scenarios:
+        s4_source(a)
         print(table(measure(s4_fixed_cases(base), args.runs), "rsync -a --delete A4f/ B4f/",
                     "S4f: S4's changed entries alone (no walk to speak of): each tool's fixed costs"))  # fmt: skip
         print()
