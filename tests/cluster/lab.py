@@ -41,8 +41,9 @@ def can_run() -> str | None:
     """None if namespaces can be made here, else why not (for pytest.skip)."""
     if os.geteuid() != 0:
         return "needs root (network namespaces)"
-    if shutil.which("ip") is None:
-        return "iproute2 (ip) is not installed"
+    for tool, package in (("ip", "iproute2"), ("ping", "iputils-ping")):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (Debian: {package}; see packaging/debian-packages.txt)"
     probe = f"hwprobe{os.getpid()}"
     r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if r.returncode != 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -88,6 +89,8 @@ def cluster(lab, rng):
 def test_primary_killed(lab, rng, arp):
     c = Cluster(lab, rng, start=False)
     if arp == "arping-tool":
+        if shutil.which("arping") is None:
+            pytest.skip("arping is not installed (Debian: arping; see packaging/debian-packages.txt)")
         with open(c.config) as f:
             text = f.read().replace(f'address = "{VIP}/24"', f'address = "{VIP}/24"\narping = "auto"')
         with open(c.config, "w") as f:
