@@ -1,4 +1,4 @@
-"""S1, S2, S7: compare an unchanged replica, side by side with rsync (see ../shared/BENCHMARKS.md).
+"""S1, S2, S7: compare an unchanged replica, side by side with rsync (see docs/BENCHMARKS.md).
 
     python -m benchmarks.bench_compare --workdir /work/bench [--files 50000 --bytes 6G]
                                        [--runs 7] [--scenarios S1,S2,S7] [--cold]

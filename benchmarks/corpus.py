@@ -1,4 +1,4 @@
-"""Deterministic benchmark corpus: the reference tree of ../shared/BENCHMARKS.md.
+"""Deterministic benchmark corpus: the reference tree of docs/BENCHMARKS.md.
 
 Default: 50,000 files, about 6 GB, about 2,000 directories up to depth 6, heavy-tailed sizes
 (most files 1-16 KiB, some of megabytes, a few over 100 MB), random (incompressible)

@@ -1,7 +1,7 @@
 """hawrap: the two-node failover wrapper around the ``mirror`` engine.
 
 Heartbeats over every link, a link monitor, a pure state machine implementing the fault
-table of DESIGN.md, idempotent resources (virtual IP, services, mirror direction) and
+table of docs/DESIGN.md, idempotent resources (virtual IP, services, mirror direction) and
 notifications.  hawrap drives ``mirror`` through its public API and CLI; it never copies
 files itself.
 """

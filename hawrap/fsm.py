@@ -1,4 +1,4 @@
-"""The node state machine: the fault table of DESIGN.md as a pure function.
+"""The node state machine: the fault table of docs/DESIGN.md as a pure function.
 
 ``decide(state, facts, policy)`` looks at what this node knows right now (its LAN health,
 what the peer last said on any link, whether the standby lock exists, an administrator's

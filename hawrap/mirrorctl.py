@@ -1,7 +1,7 @@
 """How hawrap drives the mirror engine: its public library API for locks and epochs, its CLI
 for moving data.  hawrap never copies a file itself.
 
-* Locks: ``mirror.lockfile`` on each tree's lock file (the mirroring lock of DESIGN.md
+* Locks: ``mirror.lockfile`` on each tree's lock file (the mirroring lock of docs/DESIGN.md
   invariant 4): held while this node must not mirror toward the peer nor accept its writes.
 * Epochs: ``mirror.epoch`` in each tree's state dir, raised on every takeover (invariant 5).
 * Data, through the commands configured in ``[mirror]`` (defaults below):

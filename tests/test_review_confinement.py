@@ -1,6 +1,6 @@
 """Review of issue 4: confinement of the receiver (and of the sender to its source tree).
 
-Each ``xfail(strict=True)`` test is a bug found in review (see /work/notes/review-4.md): it
+Each ``xfail(strict=True)`` test is a bug found in review: it
 fails on the code it was written against and turns red once fixed, as a reminder to drop
 the marker.  The other tests are attacks that are handled correctly and stay green.
 """

@@ -1,7 +1,7 @@
 """Review of issue 4: the protocol seen from both ends (authentication, bounded input on the
 sender, errors in the middle of a session, the mirroring lock on the receiver).
 
-``xfail(strict=True)`` marks a bug found in review (see /work/notes/review-4.md).
+``xfail(strict=True)`` marks a bug found in review.
 """
 
 from __future__ import annotations
