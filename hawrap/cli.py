@@ -116,17 +116,34 @@ def cmd_run(cfg, node, args) -> int:
         from .supervisor import child_command, supervise
 
         return supervise(cfg, node, child_command(cfg.path, node, args.verbose))
+    from mirror.sdnotify import SystemdNotifier
+
     from . import instance
     from .node import Node
     from .supervisor import SUPERVISED_ENV
 
+    # Taken out of the environment before anything is started: the services and mirror
+    # processes this node runs must not report readiness in its name.
+    notifier = SystemdNotifier.from_environment()
     if os.environ.get(SUPERVISED_ENV) != str(os.getppid()):
         lock_fd = instance.acquire(cfg.node(node).state_dir)  # noqa: F841 (held until exit)
     n = Node(cfg, node)
-    signal.signal(signal.SIGTERM, lambda *_: n.stop())
-    signal.signal(signal.SIGINT, lambda *_: n.stop())
+    n.on_role_change = lambda role, reason: _report_role(notifier, role, reason)
+    notifier.status("init: waiting to hear the peer and to see the own LAN healthy")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: (notifier.stopping(), n.stop()))
     n.run()
     return EXIT_OK
+
+
+def _report_role(notifier, role: str, reason: str) -> None:
+    """systemd's view of the node: ready once it has left ``init`` (it has heard its peer or
+    waited ``initdead``, and is primary with its resources up, secondary, or in standby)."""
+    status = f"{role}: {reason}" if reason else role
+    if role == "init":
+        notifier.status(status)
+    else:
+        notifier.ready(status)
 
 
 def cmd_status(cfg, node, args) -> int:

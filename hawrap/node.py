@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
@@ -92,6 +93,9 @@ class Node:
         self._stop = threading.Event()
         self._advertised: dict | None = None
         self._next_monitor = 0.0
+        # Called with (role, reason) on every change of role, from the node's loop (systemd's
+        # readiness and status: see hawrap.cli).
+        self.on_role_change: Callable[[str, str], None] | None = None
         self.lan_monitor = LanMonitor(
             self.me.lan_interface,
             cfg.ping_nodes,
@@ -272,6 +276,8 @@ class Node:
             if self.state.role != before.role:
                 self.transitions.append({"time": time.time(), "from": before.role, "to": self.state.role, "reason": self.state.reason})
                 log.warning("%s -> %s: %s", before.role, self.state.role, self.state.reason)
+                if self.on_role_change is not None:
+                    self.on_role_change(self.state.role, self.state.reason)
         if command in ("standby", "resume") and self._pending_reply:
             pending, self._pending_reply = self._pending_reply, None
             ok = (self.state.role == fsm.STANDBY) if command == "standby" else self.state.role != fsm.STANDBY

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from mirror.sdnotify import ENV, SystemdNotifier
+
 from . import instance
 from .config import ClusterConfig
 from .node import cleanup
@@ -35,10 +37,15 @@ RESTART_DELAY = 0.5
 def supervise(cfg: ClusterConfig, node: str, child_argv: list[str]) -> int:
     stopping = False
     child: subprocess.Popen | None = None
+    # systemd's notification socket goes to the node process alone (it says when the node is
+    # up; the unit has NotifyAccess=all), not to the cleanup commands run from here.
+    notifier = SystemdNotifier.from_environment()
+    child_env = {**os.environ, **({ENV: notifier.address} if notifier.enabled else {})}
 
     def forward(signum, _frame):
         nonlocal stopping
         stopping = True
+        notifier.stopping()
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGTERM)
 
@@ -48,7 +55,7 @@ def supervise(cfg: ClusterConfig, node: str, child_argv: list[str]) -> int:
     _cleanup(cfg, node, "before start")
     restarts: list[float] = []
     while not stopping:
-        child = subprocess.Popen(child_argv, env={**os.environ, SUPERVISED_ENV: str(os.getpid())})
+        child = subprocess.Popen(child_argv, env={**child_env, SUPERVISED_ENV: str(os.getpid())})
         log.info("node process started (pid %d)", child.pid)
         code = child.wait()
         if stopping:
@@ -56,6 +63,7 @@ def supervise(cfg: ClusterConfig, node: str, child_argv: list[str]) -> int:
                 _cleanup(cfg, node, f"node process exited {code} while stopping")
             os.close(lock_fd)
             return 0 if code in (0, -signal.SIGTERM) else 1
+        notifier.status(f"node process died ({_describe(code)}): cleaning up and restarting it")
         _cleanup(cfg, node, f"node process {child.pid} died ({_describe(code)})")
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]

@@ -149,6 +149,10 @@ class Receiver:
                     return
                 if message[0] != P.START:
                     raise ProtocolError(f"expected 'start', got {message[0]!r}")
+                if self.modules.get(self.module.name) != self.module:
+                    # The server reloaded its modules since the handshake and this one changed
+                    # or went: no session may run on the old settings.
+                    raise MirrorError(f"module {self.module.name!r} was reconfigured; reconnect")
                 self._timeout(self._session_timeout)
                 self._session(message)
                 self.sessions += 1
@@ -192,10 +196,11 @@ class Receiver:
             raise ProtocolError(f"protocol version {info.get('proto')!r} is not supported (this receiver speaks "
                                 f"version {P.PROTOCOL_VERSION})")  # fmt: skip
         name = info.get("module")
-        if not isinstance(name, str) or name not in self.modules:
+        module = self.modules.get(name) if isinstance(name, str) else None
+        if module is None:
             raise ProtocolError(f"unknown module {name!r}")
         client_nonce = P.want_bytes(info.get("nonce"), "nonce", P.NONCE_SIZE)
-        self.module = self.modules[name]
+        self.module = module
         self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
         if self.subpath:
             reserved = self._reserved_in(fs_path(self.module.path))

@@ -12,6 +12,7 @@ import logging
 import socket
 import socketserver
 import threading
+from collections.abc import Mapping
 
 from . import protocol as P
 from .errors import MirrorError
@@ -46,6 +47,14 @@ class MirrorServer(socketserver.ThreadingTCPServer):
     def port(self) -> int:
         return self.server_address[1]
 
+    def reload(self, modules: dict[str, ModuleConfig], timeout: float | None) -> None:
+        """Serve ``modules`` from now on (``mirror serve`` on SIGHUP).  A new connection sees
+        them at once; a session already running finishes on the configuration it started
+        with, and a connection whose module was changed or removed is refused its next
+        session (the client reconnects under the new configuration)."""
+        self.modules = dict(modules)  # replaced whole: a handshake sees the old set or the new
+        self.io_timeout = timeout
+
     def process_request_thread(self, request, client_address):
         if not self._slots.acquire(blocking=False):
             log.warning("refusing %s: too many connections", client_address[0])
@@ -74,7 +83,7 @@ class _Handler(socketserver.BaseRequestHandler):
         sock.settimeout(handshake)
         transport = StreamTransport(sock.makefile("rb", buffering=1 << 20), sock.makefile("wb", buffering=1 << 20))
         try:
-            receiver = Receiver(transport, self.server.modules, peer=peer,
+            receiver = Receiver(transport, _CurrentModules(self.server), peer=peer,
                                 timeouts=(sock.settimeout, session))  # fmt: skip
             receiver.serve()
             log.info("%s: done (%d sessions)", peer, receiver.sessions)
@@ -82,6 +91,22 @@ class _Handler(socketserver.BaseRequestHandler):
             log.warning("%s: connection closed: %s", peer, exc)
         except OSError as exc:
             log.warning("%s: connection lost: %s", peer, exc)
+
+
+class _CurrentModules(Mapping):
+    """The server's modules as they are at each lookup, across reloads."""
+
+    def __init__(self, server: MirrorServer):
+        self._server = server
+
+    def __getitem__(self, name: str) -> ModuleConfig:
+        return self._server.modules[name]
+
+    def __iter__(self):
+        return iter(self._server.modules)
+
+    def __len__(self) -> int:
+        return len(self._server.modules)
 
 
 def keepalive(sock: socket.socket, idle: int = 60, interval: int = 10, count: int = 6) -> None:

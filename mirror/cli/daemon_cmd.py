@@ -6,6 +6,7 @@ is synced whole (an unchanged replica costs one scan on each side); then the tre
 watched (inotify) and each batch of changes is journaled, fsynced, and pushed through one
 persistent connection.  While a mirroring lock exists nothing is sent; changes are
 journaled and caught up when it goes.  SIGTERM stops cleanly, SIGHUP reloads --config.
+Under systemd (Type=notify) it reports READY=1 once every pair's first sync is done.
 
 Exit status: 0 stopped by SIGTERM/SIGINT, 2 error, 4 every pair was fenced (the replica
 has a newer epoch: this node must not mirror).
@@ -20,6 +21,7 @@ import threading
 
 from ..config import load_daemon_config, parse_listen
 from ..errors import EXIT_STALE_EPOCH, UsageError
+from ..sdnotify import SystemdNotifier
 from ._common import add_exclude_arguments, excluder_from_args, path_arg
 
 log = logging.getLogger("mirror.daemon")
@@ -73,6 +75,7 @@ def run(args) -> int:
     from ..daemon import Daemon
 
     config = _config_from_args(args)
+    notifier = SystemdNotifier.from_environment()
     daemon = Daemon(config)
     stop = threading.Event()
     reload_requested = threading.Event()
@@ -81,17 +84,50 @@ def run(args) -> int:
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     daemon.start()
     log.warning("mirroring %s", ", ".join(f"{p.name}: {os.fsdecode(p.source)} -> {p.destination}" for p in config.pairs))
+    readiness = _Readiness(notifier)
     try:
         while not stop.wait(0.2):
             if reload_requested.is_set():
                 reload_requested.clear()
                 if args.config:
+                    notifier.reloading()
                     try:
                         daemon.reload(load_daemon_config(args.config))
                     except Exception as exc:  # a bad new config must not stop a running mirror
                         log.error("reload failed, keeping the running configuration: %s", exc)
+                    readiness.reloaded()
             if daemon.all_fenced:
                 return EXIT_STALE_EPOCH
+            readiness.update(daemon)
     finally:
+        notifier.stopping()
         daemon.stop()
     return 0
+
+
+class _Readiness:
+    """What systemd hears (Type=notify): READY=1 once every pair has finished its first sync
+    and mirrors live (or is held by a mirroring lock, or fenced: doing what it must), and a
+    STATUS line with each pair's state whenever one changes."""
+
+    SETTLED = ("live", "locked", "fenced")
+
+    def __init__(self, notifier: SystemdNotifier):
+        self.notifier = notifier
+        self.ready = False
+        self.status = ""
+
+    def reloaded(self) -> None:
+        self.ready = False  # said again once the reloaded pairs have settled
+
+    def update(self, daemon) -> None:
+        if not self.notifier.enabled:
+            return
+        states = {name: pair.status.state for name, pair in daemon.pairs.items()}
+        status = "; ".join(f"{name}: {state}" for name, state in sorted(states.items()))
+        if not self.ready and states and all(state in self.SETTLED for state in states.values()):
+            self.ready = True
+            self.notifier.ready(status)
+        elif status != self.status:
+            self.notifier.status(status)
+        self.status = status

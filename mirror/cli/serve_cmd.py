@@ -3,7 +3,9 @@
 Either --listen/--module/--secret-file on the command line, or --config FILE (TOML; see
 examples/mirror-serve.toml).  Many clients at once; one writer per module at a time.
 Every client proves it knows the shared secret (HMAC-SHA256 challenge-response, in both
-directions; the secret itself never crosses the wire).
+directions; the secret itself never crosses the wire).  SIGHUP reads --config again: new,
+changed and removed modules take effect for new sessions, sessions in flight finish on the
+old settings.  Under systemd (Type=notify) it reports READY=1 once it listens.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 
 from ..config import load_serve_config, parse_listen
-from ..errors import UsageError
+from ..errors import MirrorError, UsageError
 from ..protocol import load_secret
 from ..receiver import ModuleConfig
+from ..sdnotify import SystemdNotifier
 
 log = logging.getLogger("mirror.serve")
 
@@ -61,12 +65,18 @@ def run(args) -> int:
             )  # fmt: skip
         listen, max_conn = parse_listen(args.listen), 64
         timeout = args.timeout
+    notifier = SystemdNotifier.from_environment()
     server = MirrorServer(listen, modules, max_conn, timeout=timeout)
     if args.port_file:
         with open(args.port_file, "w") as f:
             f.write(f"{server.port}\n")
     log.warning("serving %s on %s:%d", ", ".join(sorted(modules)), listen[0], server.port)
-    signal.signal(signal.SIGTERM, lambda *_: _stop(server))
+    signal.signal(signal.SIGTERM, lambda *_: _stop(server, notifier))
+    reloader = _Reloader(server, args, notifier)
+    signal.signal(signal.SIGHUP, lambda *_: reloader.request())
+    # The socket listens already (bound in the constructor): a client connecting now is
+    # accepted as soon as the loop below runs.
+    notifier.ready(_describe(server))
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
@@ -76,7 +86,56 @@ def run(args) -> int:
     return 0
 
 
-def _stop(server) -> None:
-    import threading
+def _describe(server) -> str:
+    return f"serving {', '.join(sorted(server.modules))} on port {server.port}"
 
+
+def _stop(server, notifier: SystemdNotifier) -> None:
+    notifier.stopping()
     threading.Thread(target=server.shutdown, daemon=True).start()
+
+
+class _Reloader:
+    """SIGHUP: read --config again and serve its modules (see ``MirrorServer.reload``).  The
+    work runs in a thread of its own, not in the signal handler, one reload at a time."""
+
+    def __init__(self, server, args, notifier: SystemdNotifier):
+        self.server = server
+        self.args = args
+        self.notifier = notifier
+        self._lock = threading.Lock()
+
+    def request(self) -> None:
+        threading.Thread(target=self.reload, name="reload", daemon=True).start()
+
+    def reload(self) -> None:
+        with self._lock:
+            self.notifier.reloading()
+            try:
+                self._reload()
+            finally:
+                self.notifier.ready(_describe(self.server))
+
+    def _reload(self) -> None:
+        path = self.args.config
+        if not path:
+            log.warning("SIGHUP: nothing to reload (modules come from the command line, not --config)")
+            return
+        try:
+            config = load_serve_config(path)
+        except MirrorError as exc:
+            log.error("reload failed, still serving the previous configuration: %s", exc)
+            return
+        server = self.server
+        if config.listen[0] != server.server_address[0] or config.listen[1] not in (0, server.port):
+            log.warning("%s: 'listen' changed to %s:%d; restart the service to listen there",
+                        path, config.listen[0], config.listen[1])  # fmt: skip
+        old, new = server.modules, config.modules
+        added = sorted(set(new) - set(old))
+        removed = sorted(set(old) - set(new))
+        changed = sorted(name for name in set(old) & set(new) if old[name] != new[name])
+        timeout = self.args.timeout if self.args.timeout is not None else config.timeout
+        server.reload(new, timeout)
+        summary = {"added": added, "changed": changed, "removed": removed}
+        log.warning("reloaded %s: serving %s (%s)", path, ", ".join(sorted(new)),
+                    "; ".join(f"{what}: {', '.join(names) or 'none'}" for what, names in summary.items()))  # fmt: skip
