@@ -11,6 +11,8 @@ only logs, and the daemon must know about:
 
 ``Watcher`` hooks both (a subclassed watch group and emitter) and reports them as
 ``rescan`` changes, so the daemon rescans instead of trusting a stream with holes in it.
+Those classes are watchdog's internals, not its API: pyproject.toml pins the exact version
+this was written and tested against, and tests/test_watch_pin.py lists what is relied on.
 Changes are reported as ``Change(kind, path, other)`` with paths relative to the root:
 
 - ``entry``: this entry (file, directory, symlink ...) may differ; ``open`` is true while a

@@ -1,0 +1,68 @@
+"""watchdog is pinned to the version mirror/watch.py was written against, and still has what
+it hooks.
+
+mirror/watch.py subclasses watchdog's internal inotify classes (not its public API) to hear
+of queue overflows and failed watches.  An upgrade must be a decision: change the pin, run
+the daemon tests (tests/test_daemon*.py, tests/test_scoped_sessions.py) against the new
+version, and update this list.  These checks fail first, naming what moved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+import tomllib
+from importlib.metadata import version
+
+from tests.helpers import REPO
+
+
+def _pinned() -> str:
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    (spec,) = [d for d in deps if re.match(r"watchdog\b", d)]
+    match = re.fullmatch(r"watchdog==([\w.]+)", spec.replace(" ", ""))
+    assert match, f"watchdog must be pinned to one version (its internals are hooked), not {spec!r}"
+    return match.group(1)
+
+
+def test_installed_watchdog_is_the_pinned_version():
+    assert version("watchdog") == _pinned()
+
+
+def _keyword_parameters(func) -> set[str]:
+    return {p.name for p in inspect.signature(func).parameters.values() if p.kind == p.KEYWORD_ONLY}
+
+
+def test_the_internals_mirror_watch_hooks_are_there():
+    from watchdog.observers import inotify, inotify_c, inotify_move_event_grouper
+
+    group = inotify.InotifyWatchGroup
+    for name in ("on_queue_overflow", "_recursive_simulate", "read_event"):
+        assert callable(getattr(group, name, None)), f"InotifyWatchGroup.{name} is gone"
+    assert {"is_recursive", "event_mask", "follow_symlink"} <= set(inspect.signature(group).parameters)
+
+    emitter = inotify.InotifyEmitter
+    for name in ("on_thread_start", "build_and_queue_event", "queue_events", "_decode_path",
+                 "get_event_mask_from_filter", "queue_event"):  # fmt: skip
+        assert callable(getattr(emitter, name, None)), f"InotifyEmitter.{name} is gone"
+    assert "full_events" in _keyword_parameters(emitter.build_and_queue_event)
+    assert "full_events" in _keyword_parameters(emitter.queue_events)
+    # Set by the emitter and read by the hooks.
+    source = inspect.getsource(emitter)
+    for attribute in ("self._inotify_fd", "self._inotify", "self._lock"):
+        assert attribute in source, f"InotifyEmitter no longer has {attribute}"
+
+    fields = [f.name for f in dataclasses.fields(inotify_c.InotifyEvent)]
+    assert fields[:4] == ["wd", "mask", "cookie", "name"], fields
+    assert inotify_move_event_grouper.PathedInotifyEvent._fields == ("ev", "path")
+
+
+def test_mirror_watch_imports_with_this_watchdog():
+    from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
+
+    from mirror import watch
+
+    assert issubclass(watch._Emitter, InotifyEmitter) and issubclass(watch._WatchGroup, InotifyWatchGroup)
