@@ -71,6 +71,14 @@ class Timing:
     keepalive_interval: float | None = None  # default: TTL / 6
     poll_interval: float = 0.1
     handover_timeout: float = 30.0
+    # After a start, no campaign for this long (default: one TTL) unless every configured
+    # member has published its record: a member that is behind must not win a cold start
+    # because the others' records are not there yet.
+    initdead: float | None = None
+
+    @property
+    def startup_wait(self) -> float:
+        return self.initdead if self.initdead is not None else float(self.ttl)
 
     @property
     def keepalive(self) -> float:
@@ -85,6 +93,8 @@ class Timing:
     def check(self, conn: EtcdConnection, where: str = "etcd") -> None:
         if not isinstance(self.ttl, int) or self.ttl < 1:
             raise ConfigError(f"{where}.ttl must be a whole number of seconds, at least 1")
+        if self.initdead is not None and self.initdead < 0:
+            raise ConfigError(f"{where}.initdead must not be negative")
         for key in ("stop_budget", "poll_interval", "handover_timeout"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{where}.{key} must be greater than 0")
@@ -350,10 +360,12 @@ class Leadership:
         listener: Listener,
         position=lambda: Position(),
         eligibility=lambda: None,
+        expected: tuple[str, ...] = (),
     ):
         """``position()``: what this member has applied, now.  ``eligibility()``: None if it may
         lead, else why not (standby lock present, LAN down...).  Both are called from the loop
-        thread every ``poll_interval`` and must be quick."""
+        thread every ``poll_interval`` and must be quick.  ``expected``: every configured
+        member's name (ends the start-up wait early once all have published)."""
         conn.check()
         timing.check(conn)
         self.conn = conn
@@ -363,6 +375,8 @@ class Leadership:
         self.listener = listener
         self.position = position
         self.eligibility = eligibility
+        self.expected = frozenset(expected)
+        self._started = 0.0
         self.session = LeaseSession(
             conn, timing.ttl, timing.keepalive, timing.stop_budget, self._lease_lost, name=f"etcd-{name}"
         )
@@ -387,6 +401,7 @@ class Leadership:
     # ------------------------------------------------------------ control
 
     def start(self) -> None:
+        self._started = time.monotonic()
         self.session.start()
         self._thread.start()
 
@@ -566,6 +581,12 @@ class Leadership:
             self._verdict = f"the epoch floor {self.keys.floor} is unreadable"
             return
         verdict = campaign_verdict(me, others, snap.failover["to"] if snap.failover else None)
+        waited = time.monotonic() - self._started
+        if verdict is None and waited < self.timing.startup_wait and not self.expected <= set(snap.members):
+            missing = ", ".join(sorted(self.expected - set(snap.members))) or "members not configured"
+            verdict = (
+                f"starting: waiting up to {self.timing.startup_wait:g} s for the others' records ({missing})"
+            )
         if verdict is not None:
             if verdict != self._verdict:
                 log.info("%s: not campaigning: %s", self.name, verdict)

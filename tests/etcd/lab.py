@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -158,7 +159,7 @@ class Lab:
             "--initial-advertise-peer-urls", f"http://{ADDR[node]}:{PEER_PORT}",
             "--initial-cluster", cluster, "--initial-cluster-token", self.p,
             "--initial-cluster-state", "new" if new else "existing",
-            "--heartbeat-interval", "100", "--election-timeout", "1000",
+            "--heartbeat-interval", "100", "--election-timeout", "1000", "--pre-vote",
             "--logger", "zap", "--log-level", "warn",
         ]  # fmt: skip
         self.etcd[node] = self.spawn(node, argv, f"etcd-{name}.log")
@@ -274,9 +275,11 @@ class Members:
         stop_budget: float = 0.5,
         stop_delay: float = 0.1,
         prefix: str = "/hamirror/lab",
+        handover_timeout: float = 30.0,
     ):
         self.lab = lab
         self.ttl, self.stop_budget, self.stop_delay, self.prefix = ttl, stop_budget, stop_delay, prefix
+        self.handover_timeout = handover_timeout
         self.procs: dict[str, subprocess.Popen] = {}
         self.killed_at: dict[str, list[float]] = {}
 
@@ -301,7 +304,7 @@ class Members:
         argv = [
             sys.executable, os.path.join(HERE, "member.py"), "--name", node, "--prefix", self.prefix,
             "--ttl", str(self.ttl), "--stop-budget", str(self.stop_budget), "--stop-delay", str(self.stop_delay),
-            "--request-timeout", "0.3", "--workdir", self.lab.workdir, *sum((["--endpoint", e] for e in endpoints_for(node)), []),
+            "--request-timeout", "0.3", "--handover-timeout", str(self.handover_timeout), "--workdir", self.lab.workdir, *sum((["--expect", n] for n in NODES), []), *sum((["--endpoint", e] for e in endpoints_for(node)), []),
         ]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=ROOT)
         self.procs[node] = self.lab.spawn(node, argv, f"member-{node}.log", env=env)
@@ -318,6 +321,19 @@ class Members:
         except FileNotFoundError:
             pass
         return t
+
+    def resign(self, node: str) -> None:
+        os.killpg(self.procs[node].pid, signal.SIGUSR1)
+
+    def failover(self, via: str, to: str, timeout: float = 30.0) -> dict:
+        """The administrator's ``failover --to``, run on node ``via``."""
+        argv = [sys.executable, os.path.join(HERE, "member.py"), "failover", "--to", to, "--prefix", self.prefix,
+                "--timeout", str(timeout), *sum((["--endpoint", e] for e in endpoints_for(via)), [])]  # fmt: skip
+        r = self.lab.run_in(via, "env", f"PYTHONPATH={ROOT}", *argv, check=False, timeout=timeout + 30)
+        try:
+            return json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise AssertionError(f"failover command failed: {r.stdout} {r.stderr}") from None
 
     def stop(self, node: str) -> None:
         proc = self.procs.get(node)
@@ -383,3 +399,33 @@ def overlaps(intervals: list[tuple[str, float, float | None]]) -> list[tuple]:
             if n1 != n2 and s1 < (e2 if e2 is not None else far) and s2 < (e1 if e1 is not None else far):
                 bad.append(((n1, s1, e1), (n2, s2, e2)))
     return bad
+
+
+class Sampler:
+    """Who serves, sampled every ``interval`` from the members' marker files (a second view,
+    beside the events' exact times): ``max_serving`` must stay at most 1."""
+
+    def __init__(self, members: Members, interval: float = 0.02):
+        self.members = members
+        self.interval = interval
+        self.samples: list[tuple[float, tuple[str, ...]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="serving-sampler")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            serving = tuple(n for n in NODES if os.path.exists(self.members.path("serving", n)))
+            self.samples.append((time.monotonic(), serving))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def max_serving(self) -> int:
+        return max((len(s) for _, s in self.samples), default=0)
+
+    def longest_gap(self) -> float:
+        times = [t for t, _ in self.samples]
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)

@@ -7,7 +7,7 @@ the listener is appended to ``events-NAME.jsonl`` with CLOCK_MONOTONIC, which ev
 on the machine shares, so the test can order events across members.  The position comes
 from ``position-NAME`` ("EPOCH SEQ"), the standby lock is ``standby.lock-NAME``.
 
-SIGTERM: an orderly stop (stop serving, revoke the lease).
+SIGTERM: an orderly stop (stop serving, revoke the lease).  SIGUSR1: resign.
 
 Also ``member.py failover --to NODE ...``: the administrator's command.
 """
@@ -106,6 +106,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--request-timeout", type=float, default=0.3)
     ap.add_argument("--workdir", default=".")
     ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--handover-timeout", type=float, default=30.0)
+    ap.add_argument("--expect", action="append", default=[], help="a configured member's name (repeat)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     conn = EtcdConnection(tuple(args.endpoint), request_timeout=args.request_timeout)
@@ -122,11 +124,17 @@ def main(argv: list[str]) -> int:
         return "standby lock present" if lockfile.is_locked(standby_lock) else None
 
     leadership = Leadership(
-        conn, args.prefix, args.name, Timing(ttl=args.ttl, stop_budget=args.stop_budget), recorder,
-        position=lambda: read_position(position_file), eligibility=eligibility,
+        conn, args.prefix, args.name, Timing(ttl=args.ttl, stop_budget=args.stop_budget, handover_timeout=args.handover_timeout), recorder,
+        position=lambda: read_position(position_file), eligibility=eligibility, expected=tuple(args.expect),
     )  # fmt: skip
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
+
+    def resign():
+        recorder.record("resigning")
+        recorder.record("resigned", ok=leadership.resign())
+
+    signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=resign, daemon=True).start())
     leadership.start()
     recorder.record("started")
     done.wait()
