@@ -213,6 +213,10 @@ class EtcdClient:
                 timeout=conn.request_timeout,
                 api_path=API_PATH,
             )
+            # The configuration alone says how to reach etcd: requests would otherwise let
+            # REQUESTS_CA_BUNDLE override the configured CA, and send etcd traffic through a
+            # proxy named in the environment.
+            client.session.trust_env = False
             self._clients.append((url, client))
         self._current = 0
         self._exceptions = etcd3gw.exceptions
