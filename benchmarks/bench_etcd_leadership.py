@@ -5,7 +5,7 @@ Needs root (network namespaces), etcd and etcd3gw.  Run as:
 
     python -m benchmarks.bench_etcd_leadership --trials 10 --ttl 2 [--ttl 5] [--json OUT]
 
-The lab is tests/etcd/lab.py: a three-member etcd cluster in namespaces, a hamirror member
+The lab is tests/etcd/etcdlab.py: a three-member etcd cluster in namespaces, a hamirror member
 (tests/etcd/member.py: hawrap.leadership with a recording listener) beside each.  A trial
 kills the leading member process with SIGKILL at a random point of its keepalive cycle
 (U(0, TTL/6) after it was seen serving) and measures the time to the next ``elected`` event,
@@ -29,7 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "etcd"))
 
-import lab as L  # noqa: E402
+import etcdlab as L  # noqa: E402
 
 
 def kill_trials(workdir: str, ttl: int, trials: int, rng: random.Random) -> list[float]:

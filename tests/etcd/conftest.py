@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import lab as lab_mod  # noqa: E402
+import etcdlab as lab_mod  # noqa: E402
 
 WHY_NOT = lab_mod.can_run()
 

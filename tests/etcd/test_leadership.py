@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from lab import NODES, Members, Sampler, overlaps, wait_for
+from etcdlab import NODES, Members, Sampler, overlaps, wait_for
 
 
 def start_all(lab, **kw) -> Members:
