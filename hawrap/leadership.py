@@ -467,6 +467,12 @@ class Leadership:
                     if str(exc) != self._last_error:
                         log.error("%s: %s", self.name, exc)
                     self._last_error = str(exc)
+                except Exception as exc:
+                    # a failing callback (a corrupt epoch file behind position(), say) must not
+                    # end the loop: a leader without it would keep the key and never step down
+                    if repr(exc) != self._last_error:
+                        log.exception("%s: election round failed", self.name)
+                    self._last_error = repr(exc)
                 else:
                     if self._unreachable_since is not None:
                         log.info(
@@ -476,9 +482,6 @@ class Leadership:
                         )
                         self._unreachable_since = None
                 self._stop.wait(max(0.0, started + self.timing.poll_interval - time.monotonic()))
-        except Exception:
-            log.exception("%s: the election loop failed; this member stops campaigning", self.name)
-            raise
         finally:
             client.close()
 
@@ -712,9 +715,16 @@ class Leadership:
                 + (f"not eligible ({target.reason})" if target else "not a live member"),
             )
             return
-        if not self.listener.prepare_handover(target_name):
-            answer(False, "refused by this node (see its log)")
-            self.listener.handover_aborted("hand-over refused")
+        try:
+            prepared = self.listener.prepare_handover(target_name)
+        except Exception as exc:
+            log.exception("%s: preparing the hand-over failed", self.name)
+            prepared, why = False, f"preparing failed: {exc}"
+        else:
+            why = "refused by this node (see its log)"
+        if not prepared:
+            answer(False, why)
+            self.listener.handover_aborted(why)
             return
         mine = self.position()
         deadline = time.monotonic() + self.timing.handover_timeout

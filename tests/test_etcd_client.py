@@ -16,7 +16,7 @@ import time
 import pytest
 
 from hawrap.etcdclient import EtcdClient, EtcdConnection, EtcdError, EtcdUnavailable, put_op, range_op
-from hawrap.leadership import Leadership, Listener, Timing
+from hawrap.leadership import Leadership, Listener, Position, Timing
 
 try:
     import etcd3gw  # noqa: F401
@@ -270,4 +270,26 @@ def test_a_silent_etcd_stops_the_leader_within_ttl_minus_the_stop_budget(etcd):
         assert second[2] > first[2], "a new term after the lease was given up has a higher epoch"
     finally:
         etcd.proc.send_signal(signal.SIGCONT)
+        member.stop()
+
+
+def test_a_failing_position_callback_does_not_end_the_election_loop(etcd):
+    """position() raising (a corrupt epoch file, say) costs rounds, not the member."""
+    listener = Recorder()
+    failures = iter(range(5))
+
+    def position():
+        if next(failures, None) is not None:
+            raise ValueError("corrupt epoch file")
+        return Position(3, 1)
+
+    member = Leadership(
+        EtcdConnection((etcd.url,), request_timeout=0.3), "/hamirror/solo", "a", Timing(ttl=2, stop_budget=0.5),
+        listener, position=position, expected=("a",),
+    )  # fmt: skip
+    member.start()
+    try:
+        epoch = listener.wait("elected", 1)[0][2]
+        assert epoch > 3, "the epoch is above the one the member published"
+    finally:
         member.stop()

@@ -322,6 +322,14 @@ class Members:
             pass
         return t
 
+    def record(self, node: str) -> dict | None:
+        """The member's published record, as etcd holds it (read from inside node's namespace)."""
+        r = self.lab.etcdctl(node, "get", f"{self.prefix}/members/{node}", "--print-value-only")
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return None
+
     def resign(self, node: str) -> None:
         os.killpg(self.procs[node].pid, signal.SIGUSR1)
 

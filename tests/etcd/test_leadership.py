@@ -212,7 +212,7 @@ def test_failover_to_moves_the_key_to_an_up_to_date_member(lab):
         assert members.wait_leader() == target
         # a member in standby is refused at once
         members.set_standby(behind, True)
-        time.sleep(0.5)  # its record says so within a poll interval
+        assert wait_for(lambda: (members.record(behind) or {}).get("eligible") is False, 10)
         reply = members.failover(via=leader, to=behind)
         assert not reply["ok"] and "not eligible" in reply["message"], reply
         assert members.leader() == target
