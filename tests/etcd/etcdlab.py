@@ -276,10 +276,12 @@ class Members:
         stop_delay: float = 0.1,
         prefix: str = "/hamirror/lab",
         handover_timeout: float = 30.0,
+        local_only: bool = False,
     ):
         self.lab = lab
         self.ttl, self.stop_budget, self.stop_delay, self.prefix = ttl, stop_budget, stop_delay, prefix
         self.handover_timeout = handover_timeout
+        self.local_only = local_only  # each member lists only the etcd member beside it
         self.procs: dict[str, subprocess.Popen] = {}
         self.killed_at: dict[str, list[float]] = {}
 
@@ -300,11 +302,18 @@ class Members:
         else:
             lockfile.release(self.path("standby.lock", node))
 
+    def endpoints(self, node: str) -> list[str]:
+        return endpoints_for(node)[:1] if self.local_only else endpoints_for(node)
+
+    def pause(self, node: str, on: bool) -> None:
+        """SIGSTOP / SIGCONT the member process (a frozen VM, a long GC pause)."""
+        os.killpg(self.procs[node].pid, signal.SIGSTOP if on else signal.SIGCONT)
+
     def start(self, node: str) -> None:
         argv = [
             sys.executable, os.path.join(HERE, "member.py"), "--name", node, "--prefix", self.prefix,
             "--ttl", str(self.ttl), "--stop-budget", str(self.stop_budget), "--stop-delay", str(self.stop_delay),
-            "--request-timeout", "0.3", "--handover-timeout", str(self.handover_timeout), "--workdir", self.lab.workdir, *sum((["--expect", n] for n in NODES), []), *sum((["--endpoint", e] for e in endpoints_for(node)), []),
+            "--request-timeout", "0.3", "--handover-timeout", str(self.handover_timeout), "--workdir", self.lab.workdir, *sum((["--expect", n] for n in NODES), []), *sum((["--endpoint", e] for e in self.endpoints(node)), []),
         ]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=ROOT)
         self.procs[node] = self.lab.spawn(node, argv, f"member-{node}.log", env=env)

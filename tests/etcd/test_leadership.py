@@ -12,6 +12,8 @@ reading the serving markers every 20 ms never sees two.  Times are printed, not 
 
 from __future__ import annotations
 
+import os
+import random
 import time
 
 import pytest
@@ -21,7 +23,7 @@ from etcdlab import NODES, Members, Sampler, overlaps, wait_for
 def start_all(lab, **kw) -> Members:
     members = Members(lab, **kw)
     for node in NODES:
-        if not __import__("os").path.exists(members.path("position", node)):
+        if not os.path.exists(members.path("position", node)):
             members.set_position(node, 0, 0)
         members.start(node)
     return members
@@ -92,6 +94,87 @@ def test_partitioned_leader_stops_serving_before_anyone_wins(lab, how):
         assert members.leader() == new
     finally:
         assert_safe(members, sampler)
+
+
+def test_leader_whose_only_etcd_member_dies_stops_before_anyone_wins(lab):
+    """Members that list only the etcd member beside them (a common deployment): the leader's
+    etcd member killed leaves it without a quorum, the two others keep one."""
+    members = start_all(lab, local_only=True)
+    sampler = Sampler(members)
+    try:
+        old = members.wait_leader()
+        killed_at = time.monotonic()
+        lab.kill_etcd(old)
+        new = members.wait_leader(not_in=(old,))
+        stopped = [e for e in members.events(old) if e.event == "stopped" and e.t > killed_at]
+        won = last_win(members, new)
+        assert stopped and stopped[0].t < won.t, f"stopped {stopped}, won {won}\n{lab.logs()}"
+        print(
+            f"{old}'s etcd member killed: stopped +{stopped[0].t - killed_at:.2f} s, {new} won +{won.t - killed_at:.2f} s"
+        )
+        lab.start_etcd(old)
+        assert wait_for(
+            lambda: any(e.event == "leader_changed" and e.t > won.t for e in members.events(old)), 30
+        ), lab.logs()
+    finally:
+        assert_safe(members, sampler)
+
+
+def test_flapping_links_never_make_two_leaders(lab):
+    """Nodes cut and healed at random (all three ways), for HAMIRROR_TRIALS rounds."""
+    seed = random.randrange(2**32)
+    print(f"random seed {seed}")
+    rng = random.Random(seed)
+    members = start_all(lab)
+    sampler = Sampler(members)
+    try:
+        members.wait_leader()
+        for _ in range(int(os.environ.get("HAMIRROR_TRIALS", "4"))):
+            node = members.leader() if rng.random() < 0.7 and members.leader() else rng.choice(NODES)
+            how = rng.choice(["blackhole", "link-down", "bridge-block"])
+            lab.partition(node, how)
+            time.sleep(rng.uniform(0.2, 3.0))
+            lab.heal(node, how)
+            time.sleep(rng.uniform(0.0, 2.0))
+        members.wait_leader(timeout=30)
+    finally:
+        assert_safe(members, sampler)
+
+
+def test_a_paused_leader_resumes_into_stop_serving_and_never_serves_again(lab):
+    """SIGSTOP (a frozen VM): the others win once its lease expires; on SIGCONT its watchdog
+    fires before anything else can happen and it never claims the key.  While frozen it
+    could not act: its VIP must go by the kernel's own clock (docs/ETCD.md, integration)."""
+    members = start_all(lab)
+    sampler = Sampler(members)
+    resumed_at = None
+    try:
+        old = members.wait_leader()
+        old_epoch = last_win(members, old).epoch
+        members.pause(old, True)
+        paused_at = time.monotonic()
+        new = wait_for(
+            lambda: next((e.node for e in members.wins() if e.node != old and e.t > paused_at), None), 20
+        )
+        assert new, lab.logs()
+        resumed_at = time.monotonic()
+        members.pause(old, False)
+        assert wait_for(
+            lambda: any(e.event == "stopped" and e.t > resumed_at for e in members.events(old)), 5
+        ), lab.logs()
+        stopped = next(e.t for e in members.events(old) if e.event == "stopped" and e.t > resumed_at)
+        print(f"paused leader stopped {stopped - resumed_at:.3f} s after SIGCONT")
+        time.sleep(members.ttl)
+        assert not [e for e in members.events(old) if e.event == "elected" and e.t > paused_at]
+        assert last_win(members, new).epoch > old_epoch
+        assert members.leader() == new
+    finally:
+        sampler.stop()
+        # the only overlap allowed: the frozen leader's term, ended on resume
+        for (n1, _, e1), (n2, _, e2) in overlaps(members.serving_intervals(open_until=time.monotonic())):
+            frozen_end = e1 if n1 == old else e2
+            assert resumed_at is not None and old in (n1, n2), (n1, n2)
+            assert frozen_end is not None and frozen_end < resumed_at + 1.0
 
 
 def test_one_etcd_member_killed_changes_no_leader(lab):
