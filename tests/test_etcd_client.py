@@ -16,7 +16,7 @@ import time
 import pytest
 
 from hawrap.etcdclient import EtcdClient, EtcdConnection, EtcdError, EtcdUnavailable, put_op, range_op
-from hawrap.leadership import Leadership, Listener, Position, Timing
+from hawrap.leadership import Leadership, Listener, Position, Timing, describe
 
 try:
     import etcd3gw  # noqa: F401
@@ -293,3 +293,39 @@ def test_a_failing_position_callback_does_not_end_the_election_loop(etcd):
         assert epoch > 3, "the epoch is above the one the member published"
     finally:
         member.stop()
+
+
+def test_status_lists_members_and_an_orderly_stop_frees_the_key_at_once(etcd):
+    conn = EtcdConnection((etcd.url,), request_timeout=0.3)
+    timing = Timing(ttl=2, stop_budget=0.5)
+    a, b = Recorder(), Recorder()
+    first = Leadership(
+        conn, "/hamirror/duo", "a", timing, a, position=lambda: Position(2, 9), expected=("a", "b")
+    )
+    second = Leadership(
+        conn, "/hamirror/duo", "b", timing, b, position=lambda: Position(2, 4), expected=("a", "b")
+    )
+    first.start()
+    second.start()
+    try:
+        a.wait("elected", 1)
+        view = describe(conn, "/hamirror/duo")
+        assert view["ok"] and view["leader"] == "a" and view["epoch"] > 2
+        rows = {m["name"]: m for m in view["members"]}
+        assert rows["a"]["role"] == "leader" and rows["b"]["role"] == "replica"
+        assert rows["b"]["lag"] == 5 and rows["b"]["eligible"]
+        assert [e["ok"] for e in view["etcd"]] == [True]
+        first.stop()  # revokes: the leader key and the record go now, not at expiry
+        client = EtcdClient(conn)
+        try:
+            leader, mine = client.read(
+                range_op("/hamirror/duo/leader"), range_op("/hamirror/duo/members/a")
+            ).ranges()
+        finally:
+            client.close()
+        assert mine == [] and (leader == [] or b'"b"' in leader[0].value)
+        b.wait("elected", 1)
+        assert [e[1] for e in a.events] == ["elected", "demoted"]
+    finally:
+        first.stop()
+        second.stop()
