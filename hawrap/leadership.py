@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 MAX_VALUE = 4096  # bytes of a record; a larger value is not one of ours
+# Epochs, floors and sequences read from etcd stay below 2**62, so that floor + revision stays
+# within the engine's 63-bit epochs: a hostile record cannot push the epoch past its end.
+MAX_NUMBER = 2**62
 STALE_REFRESHES = 3  # a record not refreshed for this many TTLs is ignored (its member is wedged)
 
 
@@ -225,7 +228,7 @@ def _int(data: dict, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(key)
     value = int(value)
-    if value < 0 or value > 2**63 - 1:
+    if value < 0 or value > MAX_NUMBER:
         raise ValueError(key)
     return value
 
@@ -250,7 +253,7 @@ def parse_snapshot(keys: Keys, revision: int, ranges: list[list[KeyValue]]) -> S
     if floor_kvs:
         try:
             floor = int(floor_kvs[0].value.decode("ascii"))
-            if floor < 0:
+            if floor < 0 or floor > MAX_NUMBER:
                 raise ValueError
         except ValueError:
             problems.append(f"etcd key {keys.floor}: not a decimal number: {floor_kvs[0].value[:40]!r}")
