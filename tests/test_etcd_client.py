@@ -15,7 +15,15 @@ import time
 
 import pytest
 
-from hawrap.etcdclient import EtcdClient, EtcdConnection, EtcdError, EtcdUnavailable, put_op, range_op
+from hawrap.etcdclient import (
+    EtcdClient,
+    EtcdConnection,
+    EtcdError,
+    EtcdUnavailable,
+    delete_op,
+    put_op,
+    range_op,
+)
 from hawrap.leadership import Leadership, Listener, Position, Timing, describe
 
 try:
@@ -329,3 +337,30 @@ def test_status_lists_members_and_an_orderly_stop_frees_the_key_at_once(etcd):
     finally:
         first.stop()
         second.stop()
+
+
+def test_keys_written_by_a_hostile_client_block_campaigns_and_are_named(etcd, caplog):
+    """A leader key or an epoch floor that is not ours: nobody campaigns (no safe epoch can be
+    computed, and the key is taken), the problem names the key; once repaired, a normal win."""
+    conn = EtcdConnection((etcd.url,), request_timeout=0.3)
+    client = EtcdClient(conn)
+    client.txn([], [put_op("/hamirror/h/leader", b"\x00garbage"), put_op("/hamirror/h/members/zz", b"[1,2]")])
+    listener = Recorder()
+    member = Leadership(conn, "/hamirror/h", "a", Timing(ttl=2, stop_budget=0.5), listener, expected=("a",))
+    caplog.set_level("ERROR", logger="hawrap.leadership")
+    member.start()
+    try:
+        for repaired, broken in (
+            ("/hamirror/h/leader", "/hamirror/h/epoch-floor"),
+            ("/hamirror/h/epoch-floor", None),
+        ):
+            time.sleep(2 * member.timing.ttl)  # a window for a wrong campaign (nothing to await)
+            assert not [e for e in listener.events if e[1] == "elected"]
+            client.txn([], [delete_op(repaired)] + ([put_op(broken, b"-5")] if broken else []))
+        assert "etcd key /hamirror/h/leader: not JSON" in caplog.text
+        assert "etcd key /hamirror/h/members/zz: not a JSON object" in caplog.text
+        assert "etcd key /hamirror/h/epoch-floor: not a decimal number" in caplog.text
+        listener.wait("elected", 1)
+    finally:
+        member.stop()
+        client.close()
