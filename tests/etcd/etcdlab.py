@@ -1,0 +1,448 @@
+"""A real three-member etcd cluster in network namespaces, one hamirror member beside each.
+
+Topology (every address, bridge and route lives in namespaces made here; nothing is added
+to the host's namespace):
+
+    <p>-br   bridge br0, ports n1-lan, n2-lan, n3-lan
+    <p>-n1   lan0 203.0.113.11/24: etcd member e1 (client :2379 on lan0 and loopback, peer :2380)
+    <p>-n2   lan0 203.0.113.12/24: etcd member e2
+    <p>-n3   lan0 203.0.113.13/24: etcd member e3
+
+A member process (``member.py``) runs ``hawrap.leadership`` in a node's namespace and lists
+every etcd endpoint, its own first.  Faults: an etcd member or a member process killed
+(SIGKILL), a node cut from the others by an ``ip rule`` blackhole, by its link going down,
+or silently by its bridge port blocking.  Data dirs live under the test's tmp dir;
+``Lab.close()`` (also at exit) kills everything in the namespaces and deletes them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+NODES = ("n1", "n2", "n3")
+ADDR = {"n1": "203.0.113.11", "n2": "203.0.113.12", "n3": "203.0.113.13"}
+LAN = "203.0.113.0/24"
+CLIENT_PORT, PEER_PORT = 2379, 2380
+
+
+def can_run() -> str | None:
+    """None if the lab can be built here, else why not (for pytest.skip)."""
+    if shutil.which("etcd") is None or shutil.which("etcdctl") is None:
+        return "etcd is not installed (Debian: etcd-server, etcd-client)"
+    try:
+        import etcd3gw  # noqa: F401
+    except ImportError:
+        return "etcd3gw is not installed (pip install 'hamirror[etcd]')"
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) is not installed"
+    probe = f"h19probe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"ip netns is unavailable here: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+def endpoints_for(node: str) -> list[str]:
+    """Every member's client URL, the node's own first (as a real deployment lists them)."""
+    return [f"http://{ADDR[node]}:{CLIENT_PORT}"] + [
+        f"http://{ADDR[n]}:{CLIENT_PORT}" for n in NODES if n != node
+    ]
+
+
+def wait_for(predicate, timeout: float, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(step)
+
+
+class Lab:
+    def __init__(self, workdir: str, prefix: str | None = None):
+        self.workdir = workdir
+        self.p = prefix or f"h19{secrets.token_hex(3)}"
+        self.ns = {k: f"{self.p}-{k}" for k in ("br", *NODES)}
+        self.etcd: dict[str, subprocess.Popen] = {}
+        self.procs: list[subprocess.Popen] = []
+        self.closed = False
+        atexit.register(self.close)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ topology
+
+    def _build(self) -> None:
+        for ns in self.ns.values():
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        br = self.ns["br"]
+        sh("ip", "-n", br, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0")
+        sh("ip", "-n", br, "link", "set", "br0", "up")
+        for node in NODES:
+            # both ends are created directly inside their namespaces: never in the host's
+            sh(
+                "ip",
+                "link",
+                "add",
+                "lan0",
+                "netns",
+                self.ns[node],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"{node}-lan",
+                "netns",
+                br,
+            )
+            sh("ip", "-n", br, "link", "set", f"{node}-lan", "master", "br0", "up")
+            sh("ip", "-n", self.ns[node], "addr", "add", f"{ADDR[node]}/24", "dev", "lan0")
+            sh("ip", "-n", self.ns[node], "link", "set", "lan0", "up")
+        for node in NODES:
+            self.start_etcd(node, new=True)
+        if not wait_for(lambda: all(self.etcd_healthy(n) for n in NODES), 30, 0.2):
+            raise RuntimeError(f"the etcd cluster did not come up\n{self.logs()}")
+
+    def run_in(
+        self, node: str, *argv: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess:
+        return sh("ip", "netns", "exec", self.ns[node], *argv, check=check, timeout=timeout)
+
+    def spawn(self, node: str, argv: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
+        out = open(os.path.join(self.workdir, log), "ab")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[node], *argv],
+            stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+        )  # fmt: skip
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    # ------------------------------------------------------------ etcd
+
+    def start_etcd(self, node: str, new: bool = False) -> None:
+        name = f"e{node[1:]}"
+        cluster = ",".join(f"e{n[1:]}=http://{ADDR[n]}:{PEER_PORT}" for n in NODES)
+        argv = [
+            "etcd", "--name", name, "--data-dir", os.path.join(self.workdir, f"etcd-{name}"),
+            "--listen-client-urls", f"http://{ADDR[node]}:{CLIENT_PORT},http://127.0.0.1:{CLIENT_PORT}",
+            "--advertise-client-urls", f"http://{ADDR[node]}:{CLIENT_PORT}",
+            "--listen-peer-urls", f"http://{ADDR[node]}:{PEER_PORT}",
+            "--initial-advertise-peer-urls", f"http://{ADDR[node]}:{PEER_PORT}",
+            "--initial-cluster", cluster, "--initial-cluster-token", self.p,
+            "--initial-cluster-state", "new" if new else "existing",
+            "--heartbeat-interval", "100", "--election-timeout", "1000", "--pre-vote",
+            "--logger", "zap", "--log-level", "warn",
+        ]  # fmt: skip
+        self.etcd[node] = self.spawn(node, argv, f"etcd-{name}.log")
+
+    def kill_etcd(self, node: str) -> None:
+        proc = self.etcd[node]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def etcdctl(self, node: str, *args: str, timeout: float = 10) -> subprocess.CompletedProcess:
+        env_args = [
+            "env",
+            "ETCDCTL_API=3",
+            "etcdctl",
+            "--endpoints",
+            f"http://127.0.0.1:{CLIENT_PORT}",
+            "--command-timeout=2s",
+        ]
+        return self.run_in(node, *env_args, *args, check=False, timeout=timeout)
+
+    def etcd_healthy(self, node: str) -> bool:
+        return self.etcdctl(node, "endpoint", "health").returncode == 0
+
+    def etcd_leader(self) -> str | None:
+        """The node whose etcd member leads the raft group, by its own status."""
+        for node in NODES:
+            r = self.etcdctl(node, "endpoint", "status", "-w", "json")
+            try:
+                st = json.loads(r.stdout)[0]["Status"]
+            except (ValueError, LookupError, TypeError):
+                continue
+            if st["leader"] == st["header"]["member_id"]:
+                return node
+        return None
+
+    # ------------------------------------------------------------ faults
+
+    def partition(self, node: str, how: str) -> None:
+        """Cut ``node`` (its etcd member and its hamirror member) from the other two."""
+        if how == "blackhole":
+            sh("ip", "-n", self.ns[node], "rule", "add", "to", LAN, "blackhole")
+        elif how == "link-down":
+            sh("ip", "-n", self.ns[node], "link", "set", "lan0", "down")
+        elif how == "bridge-block":  # silent: packets vanish, connections time out
+            sh("bridge", "-n", self.ns["br"], "link", "set", "dev", f"{node}-lan", "state", "0")
+        else:
+            raise ValueError(how)
+
+    def heal(self, node: str, how: str) -> None:
+        if how == "blackhole":
+            sh("ip", "-n", self.ns[node], "rule", "del", "to", LAN, "blackhole")
+        elif how == "link-down":
+            sh("ip", "-n", self.ns[node], "link", "set", "lan0", "up")
+            sh("ip", "-n", self.ns[node], "addr", "replace", f"{ADDR[node]}/24", "dev", "lan0")
+        elif how == "bridge-block":
+            sh("bridge", "-n", self.ns["br"], "link", "set", "dev", f"{node}-lan", "state", "3")
+
+    # ------------------------------------------------------------ teardown
+
+    def logs(self, tail: int = 4000) -> str:
+        out = []
+        for name in sorted(os.listdir(self.workdir)):
+            if name.endswith(".log"):
+                with open(os.path.join(self.workdir, name), errors="replace") as f:
+                    out.append(f"==== {name}\n" + f.read()[-tail:])
+        return "\n".join(out)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except Exception:
+                pass
+        for node in self.ns:  # anything started in a namespace by other means
+            for pid in sh("ip", "netns", "pids", self.ns[node], check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+        for ns in self.ns.values():
+            sh("ip", "netns", "del", ns, check=False)
+        atexit.unregister(self.close)
+
+
+# ---------------------------------------------------------------- hamirror members in the lab
+
+
+@dataclass
+class Event:
+    t: float  # CLOCK_MONOTONIC: one clock for every process on the machine
+    node: str
+    event: str
+    epoch: int | None = None
+    reason: str = ""
+
+
+class Members:
+    """A ``member.py`` process per node, each writing its events to ``events-NODE.jsonl``."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        ttl: int = 2,
+        stop_budget: float = 0.5,
+        stop_delay: float = 0.1,
+        prefix: str = "/hamirror/lab",
+        handover_timeout: float = 30.0,
+        local_only: bool = False,
+    ):
+        self.lab = lab
+        self.ttl, self.stop_budget, self.stop_delay, self.prefix = ttl, stop_budget, stop_delay, prefix
+        self.handover_timeout = handover_timeout
+        self.local_only = local_only  # each member lists only the etcd member beside it
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.killed_at: dict[str, list[float]] = {}
+
+    def path(self, what: str, node: str) -> str:
+        return os.path.join(self.lab.workdir, f"{what}-{node}")
+
+    def set_position(self, node: str, epoch: int, seq: int) -> None:
+        tmp = self.path("position", node) + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{epoch} {seq}\n")
+        os.replace(tmp, self.path("position", node))
+
+    def set_standby(self, node: str, on: bool) -> None:
+        from mirror import lockfile
+
+        if on:
+            lockfile.acquire(self.path("standby.lock", node), reason="test")
+        else:
+            lockfile.release(self.path("standby.lock", node))
+
+    def endpoints(self, node: str) -> list[str]:
+        return endpoints_for(node)[:1] if self.local_only else endpoints_for(node)
+
+    def pause(self, node: str, on: bool) -> None:
+        """SIGSTOP / SIGCONT the member process (a frozen VM, a long GC pause)."""
+        os.killpg(self.procs[node].pid, signal.SIGSTOP if on else signal.SIGCONT)
+
+    def start(self, node: str) -> None:
+        argv = [
+            sys.executable, os.path.join(HERE, "member.py"), "--name", node, "--prefix", self.prefix,
+            "--ttl", str(self.ttl), "--stop-budget", str(self.stop_budget), "--stop-delay", str(self.stop_delay),
+            "--request-timeout", "0.3", "--handover-timeout", str(self.handover_timeout), "--workdir", self.lab.workdir, *sum((["--expect", n] for n in NODES), []), *sum((["--endpoint", e] for e in self.endpoints(node)), []),
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        self.procs[node] = self.lab.spawn(node, argv, f"member-{node}.log", env=env)
+
+    def kill(self, node: str) -> float:
+        """SIGKILL the member process (a crash): it serves no more from this instant."""
+        proc = self.procs[node]
+        t = time.monotonic()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        self.killed_at.setdefault(node, []).append(t)
+        try:
+            os.unlink(self.path("serving", node))  # a dead process serves nothing
+        except FileNotFoundError:
+            pass
+        return t
+
+    def record(self, node: str) -> dict | None:
+        """The member's published record, as etcd holds it (read from inside node's namespace)."""
+        r = self.lab.etcdctl(node, "get", f"{self.prefix}/members/{node}", "--print-value-only")
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return None
+
+    def resign(self, node: str) -> None:
+        os.killpg(self.procs[node].pid, signal.SIGUSR1)
+
+    def failover(self, via: str, to: str, timeout: float = 30.0) -> dict:
+        """The administrator's ``failover --to``, run on node ``via``."""
+        argv = [sys.executable, os.path.join(HERE, "member.py"), "failover", "--to", to, "--prefix", self.prefix,
+                "--timeout", str(timeout), *sum((["--endpoint", e] for e in endpoints_for(via)), [])]  # fmt: skip
+        r = self.lab.run_in(via, "env", f"PYTHONPATH={ROOT}", *argv, check=False, timeout=timeout + 30)
+        try:
+            return json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise AssertionError(f"failover command failed: {r.stdout} {r.stderr}") from None
+
+    def stop(self, node: str) -> None:
+        proc = self.procs.get(node)
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+
+    def events(self, node: str | None = None) -> list[Event]:
+        out = []
+        for n in [node] if node else NODES:
+            try:
+                with open(self.path("events", n) + ".jsonl") as f:
+                    for line in f:
+                        try:
+                            d = json.loads(line)
+                        except ValueError:
+                            continue  # a line being written
+                        out.append(Event(d["t"], n, d["event"], d.get("epoch"), d.get("reason", "")))
+            except FileNotFoundError:
+                pass
+        return sorted(out, key=lambda e: e.t)
+
+    def wins(self) -> list[Event]:
+        return [e for e in self.events() if e.event == "elected"]
+
+    def leader(self) -> str | None:
+        """The node serving now, from the events (the last elected not followed by a stop)."""
+        serving = self.serving_intervals(open_until=None)
+        live = [node for node, start, end in serving if end is None]
+        return live[0] if len(live) == 1 else None
+
+    def wait_leader(self, timeout: float = 20.0, not_in: tuple[str, ...] = ()) -> str:
+        leader = wait_for(lambda: (lambda x: x if x and x not in not_in else None)(self.leader()), timeout)
+        assert leader, f"no leader within {timeout} s (excluding {not_in})\n{self.lab.logs()}"
+        return leader
+
+    def serving_intervals(self, open_until: float | None) -> list[tuple[str, float, float | None]]:
+        """(node, elected at, stopped at) per term: stopped when ``stopped``/``demoted`` was
+        recorded, or when the process was killed; None (or ``open_until``) while it serves."""
+        out = []
+        for node in NODES:
+            items = [(e.t, e.event) for e in self.events(node)] + [
+                (k, "killed") for k in self.killed_at.get(node, [])
+            ]
+            start = None
+            for t, event in sorted(items):
+                if event == "elected" and start is None:
+                    start = t
+                elif event in ("stopped", "demoted", "killed") and start is not None:
+                    out.append((node, start, t))
+                    start = None
+            if start is not None:
+                out.append((node, start, open_until))
+        return out
+
+
+def overlaps(intervals: list[tuple[str, float, float | None]]) -> list[tuple]:
+    """Pairs of terms of different nodes that overlap in time (must be none)."""
+    bad = []
+    far = float("inf")
+    for i, (n1, s1, e1) in enumerate(intervals):
+        for n2, s2, e2 in intervals[i + 1 :]:
+            if n1 != n2 and s1 < (e2 if e2 is not None else far) and s2 < (e1 if e1 is not None else far):
+                bad.append(((n1, s1, e1), (n2, s2, e2)))
+    return bad
+
+
+class Sampler:
+    """Who serves, sampled every ``interval`` from the members' marker files (a second view,
+    beside the events' exact times): ``max_serving`` must stay at most 1."""
+
+    def __init__(self, members: Members, interval: float = 0.02):
+        self.members = members
+        self.interval = interval
+        self.samples: list[tuple[float, tuple[str, ...]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="serving-sampler")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            serving = tuple(n for n in NODES if os.path.exists(self.members.path("serving", n)))
+            self.samples.append((time.monotonic(), serving))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def max_serving(self) -> int:
+        return max((len(s) for _, s in self.samples), default=0)
+
+    def longest_gap(self) -> float:
+        times = [t for t, _ in self.samples]
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
