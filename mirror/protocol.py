@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from .errors import AuthError, LimitExceeded, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 SOFTWARE = "hamirror/0.1"
 MAX_FRAME = 8 << 20  # a listing part, a signature or a literal chunk fits well below this
 MAX_CHUNK = 256 << 10  # literal data per "data" message

@@ -46,6 +46,8 @@ from .errors import (
 )
 from .exclude import make_excluder
 from .lockfile import is_locked, status
+from .renames import apply as apply_renames
+from .renames import parse as parse_renames
 from .safefs import ConfinedTree, split_path
 from .statedir import resolve_state_dir
 from .treescan import Scope, TreeScan
@@ -327,21 +329,12 @@ class Receiver:
         if summary_error:
             raise summary_error[0]
 
-    def _apply_renames(self, renames) -> None:
+    def _apply_renames(self, wire) -> None:
         """The live daemon saw these renames on the source: do them here too, so the renamed
-        entries compare equal instead of being sent again.  One that cannot be done (the old
-        name is missing here) is skipped: the comparison that follows sends what is needed."""
-        if not isinstance(renames, list) or len(renames) > 100_000:
-            raise ProtocolError("bad renames")
-        for item in renames:
-            if not isinstance(item, list) or len(item) != 2:
-                raise ProtocolError("bad rename")
-            old, new = P.want_bytes(item[0], "path", 65536), P.want_bytes(item[1], "path", 65536)
-            try:
-                if self.tree.rename(old, new):
-                    self.stats_renamed = getattr(self, "stats_renamed", 0) + 1
-            except (OSError, UnsafePathError) as exc:
-                log.info("rename %s -> %s not done here: %s", display_path(old), display_path(new), exc)
+        entries compare equal instead of being sent again, but only where the replica's old
+        entry is exactly what the new name must hold (``mirror.renames``).  The others are
+        left alone: the comparison that follows sends what is needed."""
+        apply_renames(self.tree, parse_renames(wire))
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
         tree = ConfinedTree(root, reserved=self._reserved_in(root))

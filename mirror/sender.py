@@ -61,10 +61,11 @@ from .errors import (
     display_path,
 )
 from .lockfile import is_locked, status
+from .renames import plan as plan_renames
 from .safefs import ConfinedTree
 from .syncoptions import DELTA_THRESHOLD, SenderOptions
 from .syncscan import replica_scan, source_scan, stop_scans
-from .treescan import TreeScan
+from .treescan import Scope, TreeScan
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ class Sender:
         self._last_flush = 0.0
         self._retried: set[bytes] = set()
         self._src_leaders: dict[tuple[int, int], bytes] = {}
+        self._src_tree: ConfinedTree | None = None
 
     # -- handshake -------------------------------------------------------------------------
 
@@ -306,17 +308,28 @@ class Sender:
         if started_scans is not None and (self._scoped or renames):
             stop_scans(started_scans)  # they cover the whole tree, before any rename: not this session's
             started_scans = None
-        if started_scans is not None:
-            tree, self._dst_tree = started_scans
-        else:
-            tree = source_scan(self.root, excludes=self.o.excludes, checksum=self.o.checksum,
-                               state_dir=self.o.state_dir, dry_run=self.o.dry_run, scope=scope)  # fmt: skip
-        self._src_tree = ConfinedTree(self.root)
+        tree = None
         try:
-            return self._run_session(tree, epoch, owner, scope, renames, started, sent_before, received_before)
+            self._src_tree = ConfinedTree(self.root)
+            planned: list = []
+            if renames and not self.o.dry_run:
+                # Each rename carries what its new name must hold; a renamed directory's new
+                # subtree is compared whole (what it holds on the replica may be older).
+                planned, moved_dirs = plan_renames(renames, self._src_tree)
+                if moved_dirs and scope is not None:
+                    scope = Scope(scope.entries, scope.trees | moved_dirs)
+            if started_scans is not None:
+                tree, self._dst_tree = started_scans
+            else:
+                tree = source_scan(self.root, excludes=self.o.excludes, checksum=self.o.checksum,
+                                   state_dir=self.o.state_dir, dry_run=self.o.dry_run, scope=scope)  # fmt: skip
+            return self._run_session(tree, epoch, owner, scope, planned, started, sent_before,
+                                     received_before)  # fmt: skip
         finally:
-            self._src_tree.close()
-            stop_scans((tree, self._dst_tree))  # a session that failed early leaves no scan running
+            if self._src_tree is not None:
+                self._src_tree.close()
+                self._src_tree = None
+            stop_scans((tree, self._dst_tree) if tree is not None else started_scans)  # none left running
             self._dst_tree = None
 
     def _run_session(self, tree, epoch, owner, scope, renames, started, sent_before, received_before) -> SendOutcome:
@@ -325,7 +338,7 @@ class Sender:
             "epoch": epoch, "delete": self.o.delete, "checksum": self.o.checksum, "dry_run": self.o.dry_run,
             "flags": self.flags, "owner": owner, "excludes": list(self.o.excludes), "no_fsync": not self.o.fsync,
             "scope": scope.as_wire() if scope is not None and not scope.everything else None,
-            "renames": [list(r) for r in renames], "summary": self.local_dst is None,
+            "renames": renames, "summary": self.local_dst is None,
         }])  # fmt: skip
         ready = self._expect(P.READY)[1]
         if self.local_dst is not None and self._dst_tree is None:
@@ -340,7 +353,7 @@ class Sender:
         try:
             self._root_attrs()
             if not self.o.dry_run:
-                for old, new in renames:  # done on the receiver: both directories' times changed
+                for old, new, _ in renames:  # done on the receiver: both directories' times changed
                     self._touch_parent(old)
                     self._touch_parent(new)
             for change in compare_pairs(self._pairs(tree), self.compare, summary):

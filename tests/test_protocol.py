@@ -44,7 +44,7 @@ def _handshake(port: int, module: str = "m", secret: bytes = SECRET):
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
     t = P.StreamTransport(sock.makefile("rb"), sock.makefile("wb"), on_close=sock.close)
     nonce = os.urandom(32)
-    t.send([P.HELLO, {"proto": 1, "module": module, "subpath": b"", "nonce": nonce}])
+    t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": module, "subpath": b"", "nonce": nonce}])
     challenge = t.recv()
     t.send([P.AUTH, {"proof": P.client_proof(secret, challenge[1]["nonce"], nonce, module)}])
     assert t.recv()[0] == P.WELCOME
@@ -76,7 +76,7 @@ def test_garbage_truncated_and_oversized_frames(served):
     _raw(server.port, struct.pack(">I", 1000) + b"x" * 10)  # truncated frame
     _raw(server.port, struct.pack(">I", 0xFFFFFFF0))  # a 4 GiB frame, announced
     _raw(server.port, P.encode([P.HELLO, {"proto": 99, "module": "m", "nonce": b"x" * 32}]))
-    _raw(server.port, P.encode([P.HELLO, {"proto": 1, "module": "nope", "nonce": b"x" * 32}]))
+    _raw(server.port, P.encode([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": "nope", "nonce": b"x" * 32}]))
     _raw(server.port, struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")  # never-used msgpack byte
     assert server.alive
     assert _rss_kib(server.proc.pid) - rss_before < 64 * 1024  # nothing near 4 GiB was allocated
@@ -187,7 +187,7 @@ def test_receiver_fuzz_never_escapes_or_crashes(tmp_path_factory, messages):
 
     thread = threading.Thread(target=serve)
     thread.start()
-    client.send([P.HELLO, {"proto": 1, "module": "", "nonce": b"n" * 32}])
+    client.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": "", "nonce": b"n" * 32}])
     client.recv()
     client.send([P.AUTH, {}])
     client.recv()

@@ -46,7 +46,7 @@ def _tcp_session_once(port: int, start: bool):
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
     t = P.StreamTransport(sock.makefile("rb"), sock.makefile("wb"), on_close=sock.close)
     nonce = os.urandom(32)
-    t.send([P.HELLO, {"proto": 1, "module": "m", "subpath": b"", "nonce": nonce}])
+    t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": "m", "subpath": b"", "nonce": nonce}])
     challenge = t.recv()
     t.send([P.AUTH, {"proof": P.client_proof(SECRET, challenge[1]["nonce"], nonce, "m")}])
     assert t.recv()[0] == P.WELCOME
