@@ -35,7 +35,7 @@ from .errors import Cancelled, LockedError, MirrorError, StaleEpochError, displa
 from .exclude import make_excluder
 from .journal import ENTRY, RENAME, Journal, Pending
 from .lockfile import is_locked
-from .statedir import ensure_state_dir, resolve_state_dir
+from .statedir import check_root, ensure_state_dir, resolve_state_dir
 from .transfer import Connection
 from .treescan import Scope
 from .watch import CLOSED, RESCAN, TREE, Watcher
@@ -108,6 +108,7 @@ class LivePair:
         self.daemon = daemon
         self.metrics = metrics
         self.status = PairStatus(config.name, display_path(config.source), config.destination)
+        check_root(config.source)
         ensure_state_dir(config.tree_state_dir)
         self.journal = Journal(config.journal_path)
         excluder = make_excluder(config.excludes)

@@ -81,6 +81,10 @@ class Cancelled(MirrorError):
     exit_code = 130
 
 
+class StateDirError(MirrorError):
+    """A tree's ``.mirror`` is not hamirror's state dir: leaving it out would hide the user's files."""
+
+
 class UnsafePathError(MirrorError):
     """A path would leave the tree root (``..``, absolute, NUL, empty component, symlink)."""
 

@@ -49,7 +49,7 @@ from .lockfile import is_locked, status
 from .renames import apply as apply_renames
 from .renames import parse as parse_renames
 from .safefs import ConfinedTree, split_path
-from .statedir import resolve_state_dir
+from .statedir import check_root, resolve_state_dir
 from .treescan import Scope, TreeScan
 from .writerlock import WriterLock
 
@@ -233,6 +233,7 @@ class Receiver:
         module = self.module
         assert module is not None
         state_dir = module.resolved_state_dir
+        check_root(module.path)  # its .mirror is never content: it must be hamirror's, not hidden user files
         dry_run = bool(opts.get("dry_run"))
         epoch = P.want_int(opts.get("epoch", 0), "epoch")
         mine = read_epoch(state_dir)

@@ -238,6 +238,10 @@ def _start_scans(src: bytes, local_dst: bytes | None, options):
     from .syncscan import replica_scan, source_scan
 
     writer = None
+    if local_dst is not None:
+        from .statedir import check_root
+
+        check_root(local_dst)  # before the writer lock, which would write into a user's .mirror
     if local_dst is not None and not options.dry_run:
         from .writerlock import WriterLock
 

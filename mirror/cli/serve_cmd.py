@@ -16,6 +16,7 @@ from ..config import load_serve_config, parse_listen
 from ..errors import UsageError
 from ..protocol import load_secret
 from ..receiver import ModuleConfig
+from ..statedir import check_root
 
 log = logging.getLogger("mirror.serve")
 
@@ -61,6 +62,8 @@ def run(args) -> int:
             )  # fmt: skip
         listen, max_conn = parse_listen(args.listen), 64
         timeout = args.timeout
+    for module in modules.values():
+        check_root(module.path)  # a user's own .mirror at the root would be hidden: refused now
     server = MirrorServer(listen, modules, max_conn, timeout=timeout)
     if args.port_file:
         with open(args.port_file, "w") as f:
