@@ -123,7 +123,8 @@ def load_daemon_config(path: str):
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: 'pair[{i}]' must be a table")
         t = _Table(table, path, f"pair[{i}].",
-                   {"name", "source", "destination", "secret_file", "lock_file", "state_dir", "exclude", "delete"})  # fmt: skip
+                   {"name", "source", "destination", "secret_file", "lock_file", "state_dir", "exclude", "delete",
+                    "max_delete", "allow_mass_delete"})  # fmt: skip
         source = t.get("source", str, required=True)
         if not os.path.isabs(source):
             raise ConfigError(f"{path}: 'pair[{i}].source' must be absolute, got {source!r}")
@@ -134,11 +135,15 @@ def load_daemon_config(path: str):
         if any(p.name == name for p in pairs):
             raise ConfigError(f"{path}: two pairs are named {name!r} (set 'name')")
         lock, state = t.get("lock_file", str), t.get("state_dir", str)
+        max_delete = t.get("max_delete", int)
+        if max_delete is not None and max_delete < 0:
+            raise ConfigError(f"{path}: 'pair[{i}].max_delete' must be 0 or more, got {max_delete}")
         pairs.append(PairConfig(
             name=name, source=os.fsencode(source), destination=t.get("destination", str, required=True),
             secret_file=t.get("secret_file", str), lock_file=os.fsencode(lock) if lock else None,
             state_dir=os.fsencode(state) if state else None, excludes=tuple(os.fsencode(x) for x in excludes),
-            delete=t.get("delete", bool, True),
+            delete=t.get("delete", bool, True), max_delete=max_delete,
+            allow_mass_delete=t.get("allow_mass_delete", bool, False),
         ))  # fmt: skip
     metrics = daemon.get("metrics", str)
     status_dir = daemon.get("status_dir", str)

@@ -17,6 +17,7 @@ EXIT_ERROR = 2  # the job could not be done (bad usage, bad input, I/O error)
 EXIT_LOCKED = 3  # refused: a mirroring lock is present
 EXIT_STALE_EPOCH = 4  # refused: the sender's epoch is older than the receiver's (fencing)
 EXIT_AUTH = 5  # refused: authentication failed
+EXIT_GUARD = 25  # refused to destroy the replica: not the source it mirrors, or deletions over the limits (rsync's 25)
 
 
 class MirrorError(Exception):
@@ -73,6 +74,13 @@ class StaleEpochError(MirrorError):
     """The sender's tree epoch is older than the receiver's: a stale primary is fenced off."""
 
     exit_code = EXIT_STALE_EPOCH
+
+
+class SourceGuardError(MirrorError):
+    """A deleting sync from a source that is not the tree the replica mirrors (unmounted, or
+    another filesystem in its place): nothing was sent or deleted."""
+
+    exit_code = EXIT_GUARD
 
 
 class Cancelled(MirrorError):

@@ -45,6 +45,7 @@ from .errors import (
     fs_path,
 )
 from .exclude import make_excluder
+from .guard import DeletionPolicy, ReplicaGuard, review_deletions
 from .lockfile import is_locked, status
 from .renames import apply as apply_renames
 from .renames import parse as parse_renames
@@ -135,6 +136,7 @@ class Receiver:
         # sessions (a live daemon's connection idles), none at all for in-process transports.
         self._set_timeout, self._session_timeout = timeouts if timeouts else (None, None)
         self._cleaned = False
+        self._guard: ReplicaGuard | None = None
         self._last_lock_check = 0.0
         self._reserved: dict[bytes, bytes | None] = {}  # root -> the state dir inside it, if any
 
@@ -254,6 +256,18 @@ class Receiver:
             # Held for the rest of the connection: the live daemon's sessions follow one
             # another on one connection, and it stays the module's one writer meanwhile.
             self._writer = WriterLock.take(state_dir, self.peer, f"module {module.name!r}")
+        deleting = bool(opts.get("delete"))
+        self.policy = _deletion_policy(opts.get("deletions"))
+        tree_id = opts.get("tree")
+        if tree_id is not None and (not isinstance(tree_id, str) or len(tree_id) != 32
+                                    or any(c not in "0123456789abcdef" for c in tree_id)):  # fmt: skip
+            raise ProtocolError("bad tree id")
+        if self._guard is None:
+            self._guard = ReplicaGuard(fs_path(module.path), state_dir)
+        # A deleting sender from another tree (its source unmounted, say) writes nothing here.
+        self._guard.admit(tree_id, deleting=deleting, allow=self.policy.allow_mass_delete, dry_run=dry_run,
+                          peer=self.peer)  # fmt: skip
+        self.dry_run = dry_run
         self._run_session(opts, state_dir, dry_run)
 
     def _run_session(self, opts: dict, state_dir: bytes, dry_run: bool) -> None:
@@ -414,6 +428,10 @@ class Receiver:
             self._finish_session()
             return True
         if kind in _MUTATING:
+            if self.dry_run and kind != P.DELETE:
+                # A dry run (all a read-only module accepts) changes nothing: its deletions
+                # are only reviewed by the deletion guard.
+                raise ProtocolError(f"{kind!r} in a dry run")
             self._check_lock()
         handler = self._handlers.get(kind)
         if handler is None:
@@ -721,11 +739,14 @@ class Receiver:
         try:
             self._flush(dir_syncs=dir_syncs)
             lock = self.module.lock_file
-            if (self.deletes or self.dir_attrs) and lock and is_locked(lock):
+            if (self.deletes or self.dir_attrs) and lock and is_locked(lock) and not self.dry_run:
                 info = status(lock)
                 raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
             keep = self.excluder.excluded if self.excluder is not None else None
-            for path in self.deletes:
+            refused = review_deletions(self.tree, self.deletes, self.policy, keep) if self.deletes else None
+            if refused:
+                log.warning("%s: %s", self.peer, refused)
+            for path in self.deletes if not (refused or self.dry_run) else ():
                 try:
                     kept = self.tree.remove(path, keep=keep)
                     self.stats.deleted += 1
@@ -748,8 +769,18 @@ class Receiver:
             dir_syncs.close()
         self.t.send([P.RESULT, {
             "files": self.stats.files, "bytes": self.stats.bytes_written, "deleted": self.stats.deleted,
-            "failed": self.stats.failed[:1000], "failed_count": len(self.stats.failed),
+            "failed": self.stats.failed[:1000], "failed_count": len(self.stats.failed), "deletions_refused": refused,
         }])  # fmt: skip
+
+
+def _deletion_policy(value) -> DeletionPolicy:
+    if value is None:
+        return DeletionPolicy()
+    if not isinstance(value, dict):
+        raise ProtocolError("bad deletion policy")
+    limit = value.get("max_delete")
+    return DeletionPolicy(None if limit is None else P.want_int(limit, "max_delete"),
+                          bool(value.get("allow_mass_delete")))  # fmt: skip
 
 
 def _attrs(value) -> list:

@@ -56,13 +56,16 @@ from .errors import (
     LockedError,
     MirrorError,
     ProtocolError,
+    SourceGuardError,
     StaleEpochError,
     UnsafePathError,
     display_path,
 )
+from .guard import DeletionPolicy, SourceGuard
 from .lockfile import is_locked, status
 from .renames import plan as plan_renames
 from .safefs import ConfinedTree
+from .statedir import resolve_state_dir
 from .syncoptions import DELTA_THRESHOLD, SenderOptions
 from .syncscan import replica_scan, source_scan, stop_scans
 from .treescan import Scope, TreeScan
@@ -75,7 +78,8 @@ LOCK_CHECK_SECONDS = 0.1
 # What is buffered goes out at least this often while the trees are compared: the receiver
 # verifies and commits files while the scans go on, rather than all at the end.
 FLUSH_SECONDS = 0.005
-_ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "AuthError": AuthError}
+_ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "AuthError": AuthError,
+           "SourceGuardError": SourceGuardError}
 __all__ = ["DELTA_THRESHOLD", "Sender", "SenderOptions", "SendOutcome", "TransferStats"]
 
 
@@ -242,6 +246,7 @@ class Sender:
         self._retried: set[bytes] = set()
         self._src_leaders: dict[tuple[int, int], bytes] = {}
         self._src_tree: ConfinedTree | None = None
+        self._source_guard = SourceGuard(src_root, resolve_state_dir(src_root, options.state_dir))
 
     # -- handshake -------------------------------------------------------------------------
 
@@ -310,6 +315,10 @@ class Sender:
             started_scans = None
         tree = None
         try:
+            # Before anything is compared: a deleting session from a root that is not the tree
+            # it was (an unmounted mount point) is refused here.
+            self._tree_id = self._source_guard.tree_id(deleting=self.o.delete, allow=self.o.allow_mass_delete,
+                                                       dry_run=self.o.dry_run)  # fmt: skip
             self._src_tree = ConfinedTree(self.root)
             planned: list = []
             if renames and not self.o.dry_run:
@@ -338,7 +347,8 @@ class Sender:
             "epoch": epoch, "delete": self.o.delete, "checksum": self.o.checksum, "dry_run": self.o.dry_run,
             "flags": self.flags, "owner": owner, "excludes": list(self.o.excludes), "no_fsync": not self.o.fsync,
             "scope": scope.as_wire() if scope is not None and not scope.everything else None,
-            "renames": renames, "summary": self.local_dst is None,
+            "renames": renames, "summary": self.local_dst is None, "tree": self._tree_id,
+            "deletions": DeletionPolicy(self.o.max_delete, self.o.allow_mass_delete).as_wire(),
         }])  # fmt: skip
         ready = self._expect(P.READY)[1]
         if self.local_dst is not None and self._dst_tree is None:
@@ -362,6 +372,11 @@ class Sender:
             self._serve_signatures(block=True)
             if not self.o.dry_run:
                 self._finish_content()
+            elif self._deletes:
+                # A dry run's deletions go to the receiver too, which only reviews them: its
+                # deletion guard's verdict is part of what a dry run shows.
+                for path in self._deletes:
+                    self.t.send([P.DELETE, path], flush=False)
             self.t.send([P.END, {}])
             self.t.flush()
             self.out.receiver = reader.get(reader.results)

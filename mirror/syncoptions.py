@@ -32,3 +32,5 @@ class SenderOptions(NamedTuple):
     cancel: threading.Event | None = None  # set: abandon the file in flight and end the session
     keep_changes: bool = True  # False: the result's ``changes`` stays empty (a big first sync's
     # would hold an entry for every file of the tree); ``on_change`` still sees each one
+    max_delete: int | None = None  # a session deleting more entries deletes nothing (mirror.guard)
+    allow_mass_delete: bool = False  # let the source and deletion guards through (and record the source anew)

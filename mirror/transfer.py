@@ -10,7 +10,7 @@ Destinations:
   (``rsh="ssh -T"``), speaking the protocol over its stdin and stdout.
 
 The result says what changed, what failed and how many bytes crossed; the exit code it
-carries follows the CLI's: 0 done, 1 partial (some files failed), 2 error.
+carries follows the CLI's: 0 done, 1 partial (some files failed), 2 error, 25 deletions refused.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import re
 import threading
 from typing import TYPE_CHECKING, NamedTuple
 
-from .errors import EXIT_DIFFERENT, EXIT_OK, MirrorError, UsageError, fs_path
+from .errors import EXIT_DIFFERENT, EXIT_GUARD, EXIT_OK, MirrorError, UsageError, fs_path
 from .syncoptions import LOCAL_DELTA_THRESHOLD, SenderOptions
 
 if TYPE_CHECKING:
@@ -34,11 +34,14 @@ _URL = re.compile(r"^mirror://(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/(?P
 
 
 class SyncResult:
-    """What a sync did.  ``exit_code``: 0 done, 1 partial (see ``failed``/``problems``)."""
+    """What a sync did.  ``exit_code``: 0 done, 1 partial (see ``failed``/``problems``), 25
+    deletions refused (see ``deletions_refused``)."""
 
     def __init__(self, changes=None, failed=None, problems=None, stats: TransferStats | None = None,
                  receiver: dict | None = None, dry_run: bool = False):  # fmt: skip
         self.changes: list = changes if changes is not None else []
+        # Why the replica's deletion guard did not delete (mirror.guard); None: it did, or none were asked.
+        self.deletions_refused: str | None = (receiver or {}).get("deletions_refused") or None
         self.failed: list[tuple[bytes, str]] = failed if failed is not None else []
         self.problems: list = problems if problems is not None else []
         self.stats: TransferStats = stats if stats is not None else _sender().TransferStats()
@@ -51,6 +54,8 @@ class SyncResult:
 
     @property
     def exit_code(self) -> int:
+        if self.deletions_refused:
+            return EXIT_GUARD
         return EXIT_DIFFERENT if (self.failed or self.problems) else EXIT_OK
 
     @property
@@ -93,10 +98,14 @@ def sync(src, dst, **options) -> SyncResult:
     to a receiver, never to a local directory), ``fsync``, ``epoch``, ``on_change(change)``,
     ``on_progress(bytes)``,
     ``keep_changes`` (default True; False leaves ``result.changes`` empty, which saves a few
-    hundred bytes per changed entry: a first sync of a big tree changes every entry).
+    hundred bytes per changed entry: a first sync of a big tree changes every entry),
+    ``max_delete`` and ``allow_mass_delete`` (the deletion guard, ``mirror.guard``: a sync
+    that would delete every entry of a non-empty replica, or more than ``max_delete``
+    entries, deletes nothing and says why in ``result.deletions_refused``, exit code 25).
 
     Raises ``MirrorError`` subclasses for what ends the job (``LockedError``,
-    ``StaleEpochError``, ``AuthError``, ...); files that could not be sent or written are
+    ``StaleEpochError``, ``AuthError``, ``SourceGuardError``: a deleting sync from a source
+    that is not the tree the replica mirrors, ...); files that could not be sent or written are
     reported in the result (``exit_code`` 1) while the rest is mirrored.
     """
     connection = Connection(src, dst, **options)
@@ -135,6 +144,8 @@ class Connection:
         on_progress=None,
         cancel=None,
         keep_changes: bool = True,
+        max_delete: int | None = None,
+        allow_mass_delete: bool = False,
     ):
         self.src = fs_path(src)
         if not os.path.isdir(self.src):
@@ -149,7 +160,8 @@ class Connection:
         self.options = SenderOptions(
             delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
             lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
-            fsync=fsync, secret=secret, cancel=cancel, keep_changes=keep_changes,
+            fsync=fsync, secret=secret, cancel=cancel, keep_changes=keep_changes, max_delete=max_delete,
+            allow_mass_delete=allow_mass_delete,
             **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
         )  # fmt: skip
         self.epoch = epoch

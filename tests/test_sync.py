@@ -209,7 +209,7 @@ def test_delete_never_reaches_outside(tmp_path):
     os.symlink(outside / "keep", dst / "link-to-outside")
     (dst / "stale").mkdir()
     os.symlink(outside, dst / "stale" / "escape")
-    result = sync(src, dst, delete=True)
+    result = sync(src, dst, delete=True, allow_mass_delete=True)  # the source is empty: meant here
     assert result.ok
     assert (outside / "keep" / "precious").read_text() == "x"
     assert os.listdir(dst) == [b".mirror"] or os.listdir(dst) == [".mirror"] or os.listdir(dst) == []
