@@ -251,6 +251,29 @@ def test_daemon_on_an_emptied_source_halts(tmp_path):
 
 
 @needs_root
+def test_daemon_on_an_unmounted_source_over_the_wire_halts(tmp_path):
+    """The daemon starts while the source is not mounted (its state dir, in the tree, is
+    gone with it): the receiver refuses the new tree, the pair halts, the replica stays."""
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    src.mkdir()
+    replica.mkdir()
+    with mirror_server(tmp_path, {"m": str(replica)}) as server:
+        with tmpfs(src):
+            _fill(src)
+            assert sync(src, server.url("m"), delete=True, secret=SECRET).ok
+            umount(src)
+        before = _content(replica)
+        with (
+            ReplicaWatch(replica) as watch,
+            live_daemon(src, server.url("m"), "--secret-file", server.secret_file) as d,
+        ):
+            status = wait_until(lambda: _status(src).get("state") == "halted" and _status(src), timeout=60)
+            assert "this replica mirrors tree" in status["last_error"]
+        assert watch.fewest == FILES and _content(replica) == before
+        assert "ERROR" in d.log_text()
+
+
+@needs_root
 @pytest.mark.parametrize("state", ["in-tree", "elsewhere"])
 def test_daemon_halts_when_its_source_is_unmounted_and_resumes_when_it_is_back(tmp_path, state):
     src, dst = tmp_path / "src", tmp_path / "dst"
