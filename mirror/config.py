@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .privileges import Privileges
 from .protocol import load_secret
 from .receiver import ModuleConfig
 
@@ -77,7 +78,8 @@ def load_serve_config(path: str) -> ServeConfig:
     for name, table in modules_table.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: 'modules.{name}' must be a table")
-        t = _Table(table, path, f"modules.{name}.", {"path", "secret_file", "lock_file", "read_only", "state_dir"})
+        t = _Table(table, path, f"modules.{name}.", {"path", "secret_file", "lock_file", "read_only", "state_dir",
+                                                      "allow_devices", "allow_specials", "allow_setid", "keep_owners"})  # fmt: skip
         module_path = t.get("path", str, required=True)
         if not os.path.isabs(module_path):
             raise ConfigError(f"{path}: 'modules.{name}.path' must be absolute, got {module_path!r}")
@@ -90,6 +92,8 @@ def load_serve_config(path: str) -> ServeConfig:
             name=name, path=os.fsencode(module_path), secret=load_secret(secret_file),
             lock_file=os.fsencode(lock) if lock else None, read_only=t.get("read_only", bool, False),
             state_dir=os.fsencode(state_dir) if state_dir else None,
+            privileges=Privileges(devices=t.get("allow_devices", bool, False), specials=t.get("allow_specials", bool, False),
+                                  setid=t.get("allow_setid", bool, False), owners=t.get("keep_owners", bool, False)),
         )  # fmt: skip
     max_conn = top.get("max_connections", int, 64)
     if max_conn < 1:

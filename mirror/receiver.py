@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from typing import NamedTuple
@@ -32,8 +33,8 @@ import xxhash
 from . import fastpath
 from . import protocol as P
 from .commits import Batches, DirSyncs
-from .entry import Kind
-from .epoch import observe_epoch, read_epoch
+from .entry import KIND_OF_FMT, Kind
+from .epoch import MAX_EPOCH_STEP, observe_epoch, read_epoch
 from .errors import (
     LockedError,
     MirrorError,
@@ -47,6 +48,7 @@ from .errors import (
 from .exclude import make_excluder
 from .guard import DeletionPolicy, ReplicaGuard, review_deletions
 from .lockfile import is_locked, status
+from .privileges import Privileges
 from .renames import apply as apply_renames
 from .renames import parse as parse_renames
 from .safefs import ConfinedTree, split_path
@@ -76,6 +78,8 @@ class ModuleConfig(NamedTuple):
     lock_file: bytes | None = None
     read_only: bool = False
     state_dir: bytes | None = None
+    # Device nodes, FIFOs and sockets, setuid/setgid bits, owners: none unless granted.
+    privileges: Privileges = Privileges()
 
     @property
     def resolved_state_dir(self) -> bytes:
@@ -200,6 +204,7 @@ class Receiver:
             raise ProtocolError(f"unknown module {name!r}")
         client_nonce = P.want_bytes(info.get("nonce"), "nonce", P.NONCE_SIZE)
         self.module = self.modules[name]
+        self.can_chown = self.can_chown and self.module.privileges.owners
         self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
         if self.subpath:
             reserved = self._reserved_in(fs_path(self.module.path))
@@ -249,9 +254,15 @@ class Receiver:
             raise LockedError(f"refused: mirroring lock on the receiver: {info.describe() if info else 'locked'}")
         if module.read_only and not dry_run:
             raise MirrorError(f"module {module.name!r} is read-only: only a dry run is allowed")
+        self._epoch_now = mine
         if epoch > mine and not dry_run:
-            observe_epoch(state_dir, epoch)
-        self._epoch_now = max(mine, epoch) if not dry_run else mine
+            # A bounded step per session: whoever holds the secret cannot fence this module
+            # for good by showing epoch 2^63-1 (see MAX_EPOCH_STEP).
+            recorded = min(epoch, mine + MAX_EPOCH_STEP)
+            self._epoch_now = observe_epoch(state_dir, recorded)
+            log.warning("%s: epoch raised from %d to %d by %s%s", module.name or display_path(module.path), mine,
+                        recorded, self.peer, f" (it shows {epoch}; at most +{MAX_EPOCH_STEP} per session)"
+                        if recorded < epoch else "")  # fmt: skip
         if not dry_run and self._writer is None:
             # Held for the rest of the connection: the live daemon's sessions follow one
             # another on one connection, and it stays the module's one writer meanwhile.
@@ -601,7 +612,7 @@ class Receiver:
                     failed = "mismatch: content does not match the sender's digest"
                 else:
                     mode, uid, gid, mtime_ns = incoming.attrs
-                    incoming.commit.finish(mode, uid, gid, mtime_ns, self.owner)
+                    incoming.commit.finish(self.module.privileges.file_mode(mode), uid, gid, mtime_ns, self.owner)
             except ValueError as exc:
                 failed = f"mismatch: {exc}"
             except OSError as exc:
@@ -688,6 +699,10 @@ class Receiver:
                 raise ProtocolError(f"bad node kind {kind!r}")
             rdev = P.want_int(rdev, "rdev")
         path = P.want_bytes(path, "path", 65536)
+        refusal = self.module.privileges.refusal(kind)
+        if refusal:
+            self._fail(None, path, refusal)
+            return
         if self.batches.holds(path):
             self._flush()  # the entry replaces a file (or a directory of files) still queued
         try:
@@ -704,6 +719,11 @@ class Receiver:
         if self.batches.holds(target) or self.batches.holds(path):
             self._flush()  # the file linked to, or the one replaced, is still queued
         try:
+            linked = self.tree.lstat(target)
+            refusal = self.module.privileges.refusal(KIND_OF_FMT.get(stat.S_IFMT(linked.st_mode))) if linked else None
+            if refusal:  # a second name for a node this module would not have made
+                self._fail(None, path, refusal)
+                return
             self.tree.make_special(path, Kind.FILE, link_to=target)
             self.stats.files += 1
         except (OSError, UnsafePathError) as exc:
@@ -719,7 +739,18 @@ class Receiver:
             return
         if kind not in (Kind.FILE, Kind.SYMLINK, Kind.FIFO, Kind.SOCKET, Kind.CHAR, Kind.BLOCK):
             raise ProtocolError(f"bad kind {kind!r}")
+        privileges = self.module.privileges
         try:
+            # What is there decides, not what the sender calls it: no chmod of a device node
+            # that is there (a world-writable /dev/sda) in a module without devices.
+            there = self.tree.lstat(path)
+            actual = KIND_OF_FMT.get(stat.S_IFMT(there.st_mode), kind) if there is not None else kind
+            refusal = privileges.refusal(kind) or privileges.refusal(actual)
+            if refusal:
+                self._fail(None, path, refusal)
+                return
+            if actual == Kind.FILE:
+                attrs[0] = privileges.file_mode(attrs[0])
             self.tree.set_attrs(path, kind, *attrs, owner=self.owner)
         except (OSError, UnsafePathError) as exc:
             self._fail(None, path, failure_reason(exc))

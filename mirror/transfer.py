@@ -94,6 +94,8 @@ def sync(src, dst, **options) -> SyncResult:
     Options: ``delete``, ``checksum``, ``dry_run``, ``excludes``, ``secret`` or
     ``secret_file``, ``lock_file`` (this node's mirroring lock), ``dst_lock_file`` (local
     destination only), ``state_dir``, ``bwlimit`` (bytes/s), ``rsh``, ``remote_command``,
+    ``remote_options`` (for ``HOST:PATH``: options of the remote ``mirror receive``, e.g.
+    ``["--keep-owners"]``),
     ``delta_threshold`` (files at least this large on both sides go as deltas; default 256 KiB
     to a receiver, never to a local directory), ``fsync``, ``epoch``, ``on_change(change)``,
     ``on_progress(bytes)``,
@@ -137,6 +139,7 @@ class Connection:
         bwlimit: int | None = None,
         rsh: str = "ssh -T",
         remote_command: str = "mirror",
+        remote_options=(),
         delta_threshold: int | None = None,
         fsync: bool = True,
         epoch: int | None = None,
@@ -165,7 +168,7 @@ class Connection:
             **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
         )  # fmt: skip
         self.epoch = epoch
-        self._connect_args = (secret, dst_lock_file, bwlimit, rsh, remote_command)
+        self._connect_args = (secret, dst_lock_file, bwlimit, rsh, remote_command, tuple(remote_options))
         self._callbacks = (on_change, on_progress)
         self.transport = None
         self._cleanup = None
@@ -279,14 +282,18 @@ def _abandon(scans, writer) -> None:
         writer.release()
 
 
-def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command, writer=None):
+def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command, remote_options, writer=None):
     from .protocol import LocalTransport, StreamTransport
 
     if dest.kind == "local":
         from .receiver import ModuleConfig, Receiver
 
         mine, theirs = LocalTransport.pair()
-        module = ModuleConfig(name="", path=dest.path, secret=None,
+        from .privileges import Privileges
+
+        # A local replica is no security boundary (the user could copy the files
+        # themselves): devices, special files, set-id bits and owners are all kept.
+        module = ModuleConfig(name="", path=dest.path, secret=None, privileges=Privileges.everything(),
                               lock_file=fs_path(dst_lock_file) if dst_lock_file else None)  # fmt: skip
         errors: list[BaseException] = []
 
@@ -315,7 +322,8 @@ def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_comm
 
     # ssh joins its arguments into one line for the remote shell: the path must be quoted,
     # or a space breaks it and shell syntax in it runs over there.
-    remote_line = f"{remote_command} receive -- {shlex.quote(os.fsdecode(dest.path))}"
+    options = "".join(" " + shlex.quote(o) for o in remote_options)
+    remote_line = f"{remote_command} receive{options} -- {shlex.quote(os.fsdecode(dest.path))}"
     argv = shlex.split(rsh) + [dest.host, remote_line]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     transport = StreamTransport(proc.stdout, _Buffered(proc.stdin), bwlimit=bwlimit)

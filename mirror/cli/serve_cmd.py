@@ -14,9 +14,11 @@ import signal
 
 from ..config import load_serve_config, parse_listen
 from ..errors import UsageError
+from ..privileges import Privileges
 from ..protocol import load_secret
 from ..receiver import ModuleConfig
 from ..statedir import check_root
+from ._common import add_privilege_arguments, privileges_from_args
 
 log = logging.getLogger("mirror.serve")
 
@@ -32,14 +34,15 @@ def add_arguments(parser):
                         help="drop a client silent this long in the handshake or a session "
                              "(default 30 s / 600 s; a live daemon may idle between sessions)")
     parser.add_argument("--port-file", metavar="FILE", help="write the port listened on to FILE (for --listen :0)")
+    add_privilege_arguments(parser, "the --module trees")
 
 
 def run(args) -> int:
     from ..server import MirrorServer
 
     if args.config:
-        if args.module:
-            raise UsageError("give modules either with --config or with --module, not both")
+        if args.module or privileges_from_args(args) != Privileges():
+            raise UsageError("give modules (and what they allow) either with --config or with --module, not both")
         config = load_serve_config(args.config)
         listen, modules, max_conn = config.listen, config.modules, config.max_connections
         timeout = args.timeout if args.timeout is not None else config.timeout
@@ -59,6 +62,7 @@ def run(args) -> int:
             modules[name] = ModuleConfig(
                 name=name, path=os.fsencode(os.path.abspath(path)), secret=secret,
                 lock_file=os.fsencode(args.lock_file) if args.lock_file else None, read_only=args.read_only,
+                privileges=privileges_from_args(args),
             )  # fmt: skip
         listen, max_conn = parse_listen(args.listen), 64
         timeout = args.timeout

@@ -49,6 +49,8 @@ def add_arguments(parser):
     parser.add_argument("--bwlimit", metavar="RATE", type=parse_rate, help="limit bandwidth (KiB/s, or 20M, 1G)")
     parser.add_argument("--rsh", default="ssh -T", help="remote shell for HOST:PATH (default 'ssh -T')")
     parser.add_argument("--remote-command", default="mirror", help="the mirror command on the remote host")
+    parser.add_argument("-M", "--remote-option", action="append", default=[], metavar="OPT",
+                        help="HOST:PATH: an option of the remote `mirror receive` (e.g. --remote-option=--keep-owners)")
     parser.add_argument("--lock-file", metavar="PATH", help="mirroring lock: refuse to send while PATH exists")
     parser.add_argument("--dst-lock-file", metavar="PATH", help="local DST only: the receiving side's lock file")
     parser.add_argument("--state-dir", metavar="DIR", help="SRC's state dir (epoch, digest cache)")
@@ -80,7 +82,7 @@ def run(args) -> int:
             path_arg(args.src), path_arg(args.dst), delete=args.delete, checksum=args.checksum,
             dry_run=args.dry_run, excludes=patterns, secret_file=args.secret_file, lock_file=args.lock_file,
             dst_lock_file=args.dst_lock_file, state_dir=args.state_dir, bwlimit=args.bwlimit, rsh=args.rsh,
-            remote_command=args.remote_command, fsync=not args.no_fsync, on_change=on_change if show else None,
+            remote_command=args.remote_command, remote_options=args.remote_option, fsync=not args.no_fsync, on_change=on_change if show else None,
             on_progress=progress.advance if progress else None,
             keep_changes=args.json,  # only --json prints them at the end; -i prints each as it goes
             max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete,
