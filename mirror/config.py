@@ -108,6 +108,7 @@ def load_daemon_config(path: str):
     """``mirror daemon --config FILE``: see examples/mirror-daemon.toml."""
     from .daemon import DaemonConfig, PairConfig
     from .statedir import default_state_dir
+    from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
 
     try:
         with open(path, "rb") as f:
@@ -118,7 +119,14 @@ def load_daemon_config(path: str):
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     top = _Table(data, path, "", {"daemon", "pair"})
     daemon = _Table(top.get("daemon", dict, {}), path, "daemon.",
-                    {"status_dir", "coalesce_ms", "open_file_delay", "metrics", "reconcile_interval"})  # fmt: skip
+                    {"status_dir", "coalesce_ms", "open_file_delay", "metrics", "reconcile_interval", "timeout",
+                     "contimeout"})  # fmt: skip
+    timeouts = {}
+    for key, default in (("timeout", DEFAULT_TIMEOUT), ("contimeout", DEFAULT_CONTIMEOUT)):
+        value = daemon.get(key, (int, float), default)
+        if value < 0:
+            raise ConfigError(f"{path}: 'daemon.{key}' must be 0 (none) or more seconds, got {value}")
+        timeouts[key] = float(value)
     pairs_data = top.get("pair", list, required=True)
     if not pairs_data:
         raise ConfigError(f"{path}: at least one [[pair]] is required")
@@ -147,7 +155,7 @@ def load_daemon_config(path: str):
             secret_file=t.get("secret_file", str), lock_file=os.fsencode(lock) if lock else None,
             state_dir=os.fsencode(state) if state else None, excludes=tuple(os.fsencode(x) for x in excludes),
             delete=t.get("delete", bool, True), max_delete=max_delete,
-            allow_mass_delete=t.get("allow_mass_delete", bool, False),
+            allow_mass_delete=t.get("allow_mass_delete", bool, False), **timeouts,
         ))  # fmt: skip
     metrics = daemon.get("metrics", str)
     status_dir = daemon.get("status_dir", str)

@@ -33,8 +33,10 @@ import xxhash
 from .atomicfile import atomic_write
 from .errors import (
     Cancelled,
+    ConnectError,
     LockedError,
     MirrorError,
+    PeerTimeout,
     SourceGuardError,
     StaleEpochError,
     display_path,
@@ -45,6 +47,7 @@ from .guard import fs_identity
 from .journal import ENTRY, RENAME, Journal, Pending
 from .lockfile import is_locked
 from .statedir import check_root, ensure_state_dir, resolve_state_dir
+from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
 from .transfer import Connection
 from .treescan import Scope
 from .watch import CLOSED, RESCAN, TREE, Watcher
@@ -77,6 +80,8 @@ class PairConfig:
     delete: bool = True
     max_delete: int | None = None  # a session that would delete more deletes nothing: the pair halts
     allow_mass_delete: bool = False  # let the source and deletion guards through (mirror.guard)
+    timeout: float | None = DEFAULT_TIMEOUT  # a receiver silent this long is unreachable (0/None: never)
+    contimeout: float | None = DEFAULT_CONTIMEOUT
 
     @property
     def tree_state_dir(self) -> bytes:
@@ -255,6 +260,13 @@ class LivePair:
                 return
             except (SourceGuardError, _Halted) as exc:
                 self._halt(str(exc))
+            except (ConnectError, PeerTimeout) as exc:
+                failures += 1
+                delay = _BACKOFF[min(failures - 1, len(_BACKOFF) - 1)]
+                self._set_state("unreachable", str(exc))
+                log.warning("%s: the replica is unreachable: %s; trying again in %g s", self.config.name, exc, delay)
+                self._disconnect()
+                self._wait(delay)
             except LockedError as exc:
                 self._set_state("locked", str(exc))
                 self._after_lock = True
@@ -349,7 +361,8 @@ class LivePair:
         self._connection = Connection(
             c.source, c.destination, delete=c.delete, excludes=c.excludes, secret_file=c.secret_file,
             lock_file=c.lock_file, state_dir=c.state_dir, cancel=self._cancel, keep_changes=False,
-            max_delete=c.max_delete, allow_mass_delete=c.allow_mass_delete,
+            max_delete=c.max_delete, allow_mass_delete=c.allow_mass_delete, timeout=c.timeout,
+            contimeout=c.contimeout,
         ).open()  # fmt: skip
         self._need_full = True  # whatever happened while we were apart: reconcile
 

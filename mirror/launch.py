@@ -20,7 +20,7 @@ import threading
 VALUE_OPTIONS = {
     "sync": frozenset({"--secret-file", "--bwlimit", "--rsh", "--remote-command", "--lock-file",
                        "--dst-lock-file", "--state-dir", "--exclude", "--exclude-from", "--max-delete",
-                       "-M", "--remote-option"}),  # fmt: skip
+                       "-M", "--remote-option", "--timeout", "--contimeout"}),  # fmt: skip
     "diff": frozenset({"--state-dir", "--exclude", "--exclude-from"}),
 }
 

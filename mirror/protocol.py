@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import collections
 import queue
+import select
 import struct
 import threading
 import time
 from typing import BinaryIO
 
-from .errors import AuthError, LimitExceeded, ProtocolError
+from .errors import AuthError, LimitExceeded, PeerTimeout, ProtocolError
 
 PROTOCOL_VERSION = 2
 SOFTWARE = "hamirror/0.1"
@@ -43,6 +44,7 @@ CHALLENGE, WELCOME, READY, SUMMARY, SUMMARY_END, LISTING, SIGNATURE, SIG_FAILED,
     "challenge", "welcome", "ready", "summary", "summary_end", "listing", "signature", "sig_failed",
     "failed", "pong", "result", "error",
 )  # fmt: skip
+ALIVE = "alive"  # the receiver is still at work (sent during a session when it has been quiet)
 
 
 # msgpack is imported by the first frame: a local sync passes messages as objects and never
@@ -74,16 +76,30 @@ def decode(body: bytes) -> list:
 
 
 class StreamTransport:
-    """Messages over a pair of binary streams (a socket's files, or a child's stdio)."""
+    """Messages over a pair of binary streams (a socket's files, or a child's stdio).
 
-    def __init__(self, rfile: BinaryIO, wfile: BinaryIO, *, bwlimit: int | None = None, on_close=None):
+    A socket's timeout (``settimeout``, its owner's) bounds each wait for the peer; a
+    stream that has none (a pipe) is given ``read_timeout``: each read waits at most that
+    long for the peer to send something.  Either ends in ``PeerTimeout``.  ``max_frame``
+    bounds the next frames (smaller before the peer has authenticated)."""
+
+    def __init__(self, rfile: BinaryIO, wfile: BinaryIO, *, bwlimit: int | None = None, on_close=None,
+                 read_timeout: float | None = None, peer: str = "the peer", timeout_hint: str = ""):  # fmt: skip
         self.rfile = rfile
         self.wfile = wfile
         self._send_lock = threading.Lock()
         self._limiter = RateLimiter(bwlimit) if bwlimit else None
         self._on_close = on_close
+        self._read_timeout = read_timeout
+        self.peer = peer
+        self.timeout_hint = timeout_hint  # e.g. " (--timeout 120)": what set it, for the message
+        self.max_frame = MAX_FRAME
         self.bytes_sent = 0
         self.bytes_received = 0
+
+    def _timed_out(self, waiting: str) -> PeerTimeout:
+        return PeerTimeout(f"{self.peer} did not answer while {waiting}: it timed out{self.timeout_hint}; "
+                           "it is stopped, hung or unreachable")  # fmt: skip
 
     def send(self, message: list | tuple, flush: bool = True) -> None:
         frame = encode(message)
@@ -94,6 +110,8 @@ class StreamTransport:
                 self.wfile.write(frame)
                 if flush:
                     self.wfile.flush()
+            except TimeoutError:
+                raise self._timed_out("we sent (it stopped reading)") from None
             except (BrokenPipeError, ConnectionError, ValueError) as exc:
                 raise ProtocolError(f"connection lost while sending: {exc}") from None
             self.bytes_sent += len(frame)
@@ -102,6 +120,8 @@ class StreamTransport:
         with self._send_lock:
             try:
                 self.wfile.flush()
+            except TimeoutError:
+                raise self._timed_out("we sent (it stopped reading)") from None
             except (BrokenPipeError, ConnectionError, ValueError) as exc:
                 raise ProtocolError(f"connection lost while sending: {exc}") from None
 
@@ -111,8 +131,8 @@ class StreamTransport:
         if header is None:
             return None
         (length,) = _HEADER.unpack(header)
-        if length > MAX_FRAME:
-            raise LimitExceeded(f"peer sent a frame of {length} bytes (limit {MAX_FRAME})")
+        if length > self.max_frame:
+            raise LimitExceeded(f"peer sent a frame of {length} bytes (limit {self.max_frame})")
         body = self._read_exact(length, at_boundary=False)
         self.bytes_received += _HEADER.size + length
         return decode(body)
@@ -122,7 +142,13 @@ class StreamTransport:
         got = 0
         while got < n:
             try:
+                if self._read_timeout is not None:
+                    ready, _, _ = select.select([self.rfile], [], [], self._read_timeout)
+                    if not ready:
+                        raise TimeoutError
                 chunk = self.rfile.read(n - got)
+            except TimeoutError:
+                raise self._timed_out("we waited for it") from None
             except (ConnectionError, ValueError, OSError) as exc:
                 raise ProtocolError(f"connection lost while receiving: {exc}") from None
             if not chunk:

@@ -112,6 +112,52 @@ class _Incoming:
         self.failed = failed
 
 
+class _Keepalive:
+    """Says ``alive`` to the sender whenever a session has sent nothing for ``interval``
+    seconds (a long commit, deletions of a big tree, the signature of a big file), so that
+    the sender's timeout catches only a receiver that is stopped, hung or gone.  One thread
+    per connection, started by the first session that asks; quiet between sessions (the
+    sender does not read then)."""
+
+    def __init__(self, transport):
+        self.t = transport
+        self._lock = threading.Lock()
+        self._active = False
+        self._interval = 1.0
+        self._seen = 0
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, interval: float) -> None:
+        with self._lock:
+            self._interval, self._active, self._seen = interval, True, self.t.bytes_sent
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="receiver-keepalive", daemon=True)
+            self._thread.start()
+
+    def end(self) -> None:
+        """The session is over (its result goes next): nothing more until the next one."""
+        with self._lock:
+            self._active = False
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            with self._lock:
+                if not self._active:
+                    continue
+                if self.t.bytes_sent == self._seen:
+                    try:
+                        self.t.send([P.ALIVE])
+                    except (MirrorError, OSError):
+                        return
+                self._seen = self.t.bytes_sent
+
+
 class SessionStats:
     __slots__ = ("files", "bytes_written", "deleted", "failed")
 
@@ -141,6 +187,7 @@ class Receiver:
         self._set_timeout, self._session_timeout = timeouts if timeouts else (None, None)
         self._cleaned = False
         self._guard: ReplicaGuard | None = None
+        self._keepalive: _Keepalive | None = None
         self._last_lock_check = 0.0
         self._reserved: dict[bytes, bytes | None] = {}  # root -> the state dir inside it, if any
 
@@ -174,6 +221,8 @@ class Receiver:
             self._send_error(error)
             raise error from exc
         finally:
+            if self._keepalive is not None:
+                self._keepalive.stop()
             if self._writer is not None:
                 self._writer.release()
                 self._writer = None
@@ -279,7 +328,18 @@ class Receiver:
         self._guard.admit(tree_id, deleting=deleting, allow=self.policy.allow_mass_delete, dry_run=dry_run,
                           peer=self.peer)  # fmt: skip
         self.dry_run = dry_run
-        self._run_session(opts, state_dir, dry_run)
+        keepalive = opts.get("keepalive")
+        if keepalive is not None:
+            if not isinstance(keepalive, (int, float)) or isinstance(keepalive, bool) or not 0.05 <= keepalive <= 3600:
+                raise ProtocolError("bad keepalive: expected seconds in [0.05, 3600]")
+            if self._keepalive is None:
+                self._keepalive = _Keepalive(self.t)
+            self._keepalive.begin(float(keepalive))
+        try:
+            self._run_session(opts, state_dir, dry_run)
+        finally:
+            if self._keepalive is not None:
+                self._keepalive.end()
 
     def _run_session(self, opts: dict, state_dir: bytes, dry_run: bool) -> None:
         root = fs_path(self.module.path)
@@ -798,6 +858,8 @@ class Receiver:
             dir_syncs.sync()
         finally:
             dir_syncs.close()
+        if self._keepalive is not None:
+            self._keepalive.end()  # nothing may follow the result
         self.t.send([P.RESULT, {
             "files": self.stats.files, "bytes": self.stats.bytes_written, "deleted": self.stats.deleted,
             "failed": self.stats.failed[:1000], "failed_count": len(self.stats.failed), "deletions_refused": refused,

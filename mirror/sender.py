@@ -177,6 +177,8 @@ class _Reader(threading.Thread):
                 elif kind == P.RESULT:
                     self.results.put(message[1])
                     return
+                elif kind == P.ALIVE:
+                    pass  # the receiver is at work: its silence is not a hang
                 elif kind == P.ERROR:
                     raise remote_error(message)
                 else:
@@ -272,6 +274,8 @@ class Sender:
 
     def _expect(self, kind: str) -> list:
         message = self.t.recv()
+        while message is not None and message[0] == P.ALIVE:  # sent as the last session ended
+            message = self.t.recv()
         if message is None:
             raise ProtocolError(f"the receiver closed the connection (expected {kind!r})")
         if message[0] == P.ERROR:
@@ -347,7 +351,7 @@ class Sender:
             "epoch": epoch, "delete": self.o.delete, "checksum": self.o.checksum, "dry_run": self.o.dry_run,
             "flags": self.flags, "owner": owner, "excludes": list(self.o.excludes), "no_fsync": not self.o.fsync,
             "scope": scope.as_wire() if scope is not None and not scope.everything else None,
-            "renames": renames, "summary": self.local_dst is None, "tree": self._tree_id,
+            "renames": renames, "summary": self.local_dst is None, "tree": self._tree_id, "keepalive": self.o.keepalive,
             "deletions": DeletionPolicy(self.o.max_delete, self.o.allow_mass_delete).as_wire(),
         }])  # fmt: skip
         ready = self._expect(P.READY)[1]

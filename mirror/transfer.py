@@ -20,8 +20,17 @@ import re
 import threading
 from typing import TYPE_CHECKING, NamedTuple
 
-from .errors import EXIT_DIFFERENT, EXIT_GUARD, EXIT_OK, MirrorError, UsageError, fs_path
-from .syncoptions import LOCAL_DELTA_THRESHOLD, SenderOptions
+from .errors import (
+    EXIT_DIFFERENT,
+    EXIT_GUARD,
+    EXIT_OK,
+    ConnectError,
+    ConnectTimeout,
+    MirrorError,
+    UsageError,
+    fs_path,
+)
+from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, LOCAL_DELTA_THRESHOLD, SenderOptions
 
 if TYPE_CHECKING:
     from .sender import TransferStats
@@ -101,7 +110,9 @@ def sync(src, dst, **options) -> SyncResult:
     ``on_progress(bytes)``,
     ``keep_changes`` (default True; False leaves ``result.changes`` empty, which saves a few
     hundred bytes per changed entry: a first sync of a big tree changes every entry),
-    ``max_delete`` and ``allow_mass_delete`` (the deletion guard, ``mirror.guard``: a sync
+    ``timeout`` (seconds a receiver may stay silent, default 120; 0 or None: no limit) and
+    ``contimeout`` (seconds to connect, default 30): ``PeerTimeout`` (exit 30),
+    ``ConnectTimeout`` (exit 35); ``max_delete`` and ``allow_mass_delete`` (the deletion guard, ``mirror.guard``: a sync
     that would delete every entry of a non-empty replica, or more than ``max_delete``
     entries, deletes nothing and says why in ``result.deletions_refused``, exit code 25).
 
@@ -149,6 +160,8 @@ class Connection:
         keep_changes: bool = True,
         max_delete: int | None = None,
         allow_mass_delete: bool = False,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        contimeout: float | None = DEFAULT_CONTIMEOUT,
     ):
         self.src = fs_path(src)
         if not os.path.isdir(self.src):
@@ -160,15 +173,23 @@ class Connection:
         self.dest = parse_destination(dst)
         if delta_threshold is None and self.dest.kind == "local":
             delta_threshold = LOCAL_DELTA_THRESHOLD
+        for name, value in (("timeout", timeout), ("contimeout", contimeout)):
+            if value is not None and value < 0:
+                raise UsageError(f"--{name} must be 0 (none) or more seconds, got {value}")
+        timeout = timeout or None  # 0: none, as rsync's
+        # A network receiver says it is alive a few times per timeout while it works on its own
+        # (a long commit, deletions), so only a stopped, hung or vanished one times out.
+        keepalive = timeout / 3 if timeout and self.dest.kind != "local" else None
         self.options = SenderOptions(
             delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
             lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
             fsync=fsync, secret=secret, cancel=cancel, keep_changes=keep_changes, max_delete=max_delete,
-            allow_mass_delete=allow_mass_delete,
+            allow_mass_delete=allow_mass_delete, keepalive=keepalive,
             **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
         )  # fmt: skip
         self.epoch = epoch
-        self._connect_args = (secret, dst_lock_file, bwlimit, rsh, remote_command, tuple(remote_options))
+        self._connect_args = (secret, dst_lock_file, bwlimit, rsh, remote_command, tuple(remote_options), timeout,
+                              contimeout or None)  # fmt: skip
         self._callbacks = (on_change, on_progress)
         self.transport = None
         self._cleanup = None
@@ -282,7 +303,8 @@ def _abandon(scans, writer) -> None:
         writer.release()
 
 
-def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command, remote_options, writer=None):
+def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command, remote_options, timeout,
+             contimeout, writer=None):  # fmt: skip
     from .protocol import LocalTransport, StreamTransport
 
     if dest.kind == "local":
@@ -309,14 +331,18 @@ def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_comm
     if dest.kind == "daemon":
         import socket
 
+        where = f"{dest.host}:{dest.port}"
         try:
-            sock = socket.create_connection((dest.host, dest.port), timeout=30)
+            sock = socket.create_connection((dest.host, dest.port), timeout=contimeout)
+        except TimeoutError:
+            raise ConnectTimeout(f"cannot connect to {where}: no answer within {contimeout:g} s (--contimeout)") from None
         except OSError as exc:
-            raise MirrorError(f"cannot connect to {dest.host}:{dest.port}: {exc.strerror or exc}") from None
-        sock.settimeout(None)
+            raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        sock.settimeout(timeout)  # every wait for the receiver, reading or writing
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rfile, wfile = sock.makefile("rb", buffering=1 << 20), sock.makefile("wb", buffering=1 << 20)
-        return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=sock.close), lambda: None
+        return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=sock.close, peer=f"the receiver at {where}",
+                               timeout_hint=f" after {timeout:g} s (--timeout)" if timeout else ""), lambda: None  # fmt: skip
     import shlex
     import subprocess
 
@@ -326,7 +352,9 @@ def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_comm
     remote_line = f"{remote_command} receive{options} -- {shlex.quote(os.fsdecode(dest.path))}"
     argv = shlex.split(rsh) + [dest.host, remote_line]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    transport = StreamTransport(proc.stdout, _Buffered(proc.stdin), bwlimit=bwlimit)
+    transport = StreamTransport(proc.stdout, _Buffered(proc.stdin), bwlimit=bwlimit, read_timeout=timeout,
+                                peer=f"the receiver on {dest.host}",
+                                timeout_hint=f" after {timeout:g} s (--timeout)" if timeout else "")  # fmt: skip
 
     def reap():
         try:

@@ -7,6 +7,10 @@ watched (inotify) and each batch of changes is journaled, fsynced, and pushed th
 persistent connection.  While a mirroring lock exists nothing is sent; changes are
 journaled and caught up when it goes.  SIGTERM stops cleanly, SIGHUP reloads --config.
 
+A receiver silent longer than --timeout (it says it is alive while it works), or one that
+cannot be reached within --contimeout, is reported `unreachable`; the pair reconnects with
+backoff.
+
 A pair whose source is not the tree its replica mirrors (unmounted, or another filesystem
 in its place), or whose changes would empty the replica or delete more than --max-delete
 entries, halts: nothing more is sent, `mirror status` says why, and a full sync is tried
@@ -26,7 +30,7 @@ import threading
 from ..config import load_daemon_config, parse_listen
 from ..errors import EXIT_STALE_EPOCH, UsageError
 from ._common import add_exclude_arguments, excluder_from_args, path_arg
-from .sync_cmd import count_arg
+from .sync_cmd import add_timeout_arguments, count_arg
 
 log = logging.getLogger("mirror.daemon")
 
@@ -44,6 +48,7 @@ def add_arguments(parser):
     parser.add_argument("--open-file-delay", type=float, default=1.0,
                         help="mirror a file still open for writing after this many seconds (default 1)")
     parser.add_argument("--no-delete", action="store_true", help="do not delete on the replica what SRC deleted")
+    add_timeout_arguments(parser)
     parser.add_argument("--max-delete", type=count_arg, metavar="N",
                         help="a session that would delete more than N entries deletes none: the pair halts")
     parser.add_argument("--allow-mass-delete", action="store_true",
@@ -72,6 +77,7 @@ def _config_from_args(args):
         secret_file=args.secret_file, lock_file=path_arg(args.lock_file) if args.lock_file else None,
         state_dir=state_dir, excludes=tuple(p.text for p in excluder.patterns) if excluder else (),
         delete=not args.no_delete, max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete,
+        timeout=args.timeout, contimeout=args.contimeout,
     )  # fmt: skip
     return DaemonConfig(
         pairs=(pair,), status_dir=path_arg(args.status_dir) if args.status_dir else resolve_state_dir(src, state_dir),

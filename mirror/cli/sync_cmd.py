@@ -8,7 +8,8 @@ Every file is verified against SRC's xxh3-128 digest before it replaces the old 
 Exit status: 0 done, 1 partial (some files failed; each is named on stderr), 2 error,
 3 a mirroring lock is present, 4 the replica has a newer epoch (fenced), 5 auth failed,
 25 refused to destroy the replica: with --delete, a source that is not the tree the replica
-mirrors (unmounted?), a sync that would empty the replica or delete more than --max-delete.
+mirrors (unmounted?), a sync that would empty the replica or delete more than --max-delete,
+30 the receiver stayed silent longer than --timeout, 35 no connection within --contimeout.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def add_arguments(parser):
     parser.add_argument("--dst-lock-file", metavar="PATH", help="local DST only: the receiving side's lock file")
     parser.add_argument("--state-dir", metavar="DIR", help="SRC's state dir (epoch, digest cache)")
     parser.add_argument("--no-fsync", action="store_true", help="skip fsync on the receiver (tests, scratch copies)")
+    add_timeout_arguments(parser)
     parser.add_argument("--max-delete", type=count_arg, metavar="N",
                         help="with --delete: a sync that would delete more than N entries deletes none (exit 25)")
     parser.add_argument("--allow-mass-delete", action="store_true",
@@ -85,7 +87,8 @@ def run(args) -> int:
             remote_command=args.remote_command, remote_options=args.remote_option, fsync=not args.no_fsync, on_change=on_change if show else None,
             on_progress=progress.advance if progress else None,
             keep_changes=args.json,  # only --json prints them at the end; -i prints each as it goes
-            max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete,
+            max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete, timeout=args.timeout,
+            contimeout=args.contimeout,
         )  # fmt: skip
     finally:
         if progress:
@@ -124,6 +127,27 @@ def run(args) -> int:
         print(f"mirror sync: partial: {len(result.failed)} files failed, {len(result.problems)} could not be read",
               file=sys.stderr)  # fmt: skip
     return result.exit_code
+
+
+def add_timeout_arguments(parser) -> None:
+    from ..syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
+
+    parser.add_argument("--timeout", type=seconds_arg, default=DEFAULT_TIMEOUT, metavar="S",
+                        help=f"end when the receiver stays silent S seconds (default {DEFAULT_TIMEOUT:g}; 0: never)")
+    parser.add_argument("--contimeout", type=seconds_arg, default=DEFAULT_CONTIMEOUT, metavar="S",
+                        help=f"give up connecting to mirror:// after S seconds (default {DEFAULT_CONTIMEOUT:g})")
+
+
+def seconds_arg(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (0 or more), got {text!r}")
+    return value
 
 
 def count_arg(text: str) -> int:
