@@ -25,6 +25,9 @@ from .errors import AuthError, LimitExceeded, PeerTimeout, ProtocolError
 PROTOCOL_VERSION = 2
 SOFTWARE = "hamirror/0.1"
 MAX_FRAME = 8 << 20  # a listing part, a signature or a literal chunk fits well below this
+# Before the peer has proved it knows the secret, nothing larger is read: a hello with a
+# 4 KiB subpath fits; an anonymous connection costs a few KiB, not a frame's 8 MiB.
+PREAUTH_MAX_FRAME = 8 << 10
 MAX_CHUNK = 256 << 10  # literal data per "data" message
 NONCE_SIZE = 32
 # Summary flags per directory
@@ -96,6 +99,16 @@ class StreamTransport:
         self.max_frame = MAX_FRAME
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._deadline: float | None = None
+        self._settimeout = None
+
+    def set_deadline(self, when: float | None, settimeout=None) -> None:
+        """Until ``when`` (``time.monotonic()``), no read waits past it, however slowly the
+        peer sends (each raw read gets only the time left, which a plain socket timeout,
+        restarted by every byte, would not); ``settimeout`` is the socket's.  None: off."""
+        self._deadline = when
+        if settimeout is not None:
+            self._settimeout = settimeout
 
     def _timed_out(self, waiting: str) -> PeerTimeout:
         return PeerTimeout(f"{self.peer} did not answer while {waiting}: it timed out{self.timeout_hint}; "
@@ -142,12 +155,21 @@ class StreamTransport:
         got = 0
         while got < n:
             try:
-                if self._read_timeout is not None:
-                    ready, _, _ = select.select([self.rfile], [], [], self._read_timeout)
-                    if not ready:
-                        raise TimeoutError
-                chunk = self.rfile.read(n - got)
+                if self._deadline is not None:
+                    left = self._deadline - time.monotonic()
+                    if left <= 0:
+                        raise PeerTimeout(f"{self.peer} did not finish its handshake in time")
+                    self._settimeout(left)
+                    chunk = self.rfile.read1(n - got)  # one raw read: the time left is checked again
+                else:
+                    if self._read_timeout is not None:
+                        ready, _, _ = select.select([self.rfile], [], [], self._read_timeout)
+                        if not ready:
+                            raise TimeoutError
+                    chunk = self.rfile.read(n - got)
             except TimeoutError:
+                if self._deadline is not None:
+                    raise PeerTimeout(f"{self.peer} did not finish its handshake in time") from None
                 raise self._timed_out("we waited for it") from None
             except (ConnectionError, ValueError, OSError) as exc:
                 raise ProtocolError(f"connection lost while receiving: {exc}") from None

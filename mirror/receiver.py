@@ -172,8 +172,11 @@ class Receiver:
     """Serve one connection (see the module docstring)."""
 
     def __init__(self, transport, modules: dict[str, ModuleConfig], *, peer: str = "local",
-                 writer: WriterLock | None = None, timeouts=None):  # fmt: skip
+                 writer: WriterLock | None = None, timeouts=None, admit=None):  # fmt: skip
         self.t = transport
+        # Called once the peer has proved it knows the secret (a server counts it among its
+        # authenticated connections, or refuses it: too many); until then frames are small.
+        self._admit = admit
         self.modules = modules
         self.peer = peer
         self.can_chown = os.geteuid() == 0
@@ -239,6 +242,8 @@ class Receiver:
             pass
 
     def _handshake(self) -> None:
+        if hasattr(self.t, "max_frame"):
+            self.t.max_frame = P.PREAUTH_MAX_FRAME
         hello = self.t.recv()
         if hello is None:
             raise ProtocolError("peer closed the connection before saying hello")
@@ -269,6 +274,10 @@ class Receiver:
         if secret is not None:
             P.verify(P.client_proof(secret, server_nonce, client_nonce, name), auth[1].get("proof"), self.peer)
             proof = P.server_proof(secret, server_nonce, client_nonce, name)
+        if self._admit is not None:
+            self._admit()
+        if hasattr(self.t, "max_frame"):
+            self.t.max_frame = P.MAX_FRAME
         self.t.send([P.WELCOME, {
             "proof": proof, "epoch": read_epoch(self.module.resolved_state_dir),
             "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE,

@@ -8,6 +8,7 @@ option does not exist yet, so they fail at start-up until the fix adds it.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -202,10 +203,16 @@ def test_failed_sessions_leak_no_descriptor(tmp_path, trees):
 
 def _raw(port: int, payload: bytes) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        while s.recv(65536):
-            pass
+        try:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+        except (ConnectionResetError, BrokenPipeError, OSError) as exc:
+            # The server may refuse before it has read it all (an oversized header before
+            # authentication): its close resets the connection.
+            if not isinstance(exc, (ConnectionResetError, BrokenPipeError)) and exc.errno != errno.ENOTCONN:
+                raise
 
 
 def test_bad_connections_leave_no_descriptor_or_thread_behind(tmp_path, trees):
