@@ -8,10 +8,11 @@ in the way of a session that deletes (``sync --delete``, the live daemon):
 tree has an identity, recorded in its state dir (``tree-identity``): a random tree id, and
 the filesystem it was found on (``statvfs`` ``f_fsid`` and the root's inode).
 
-- A source records its identity at its first sync.  Later, a root on another filesystem,
-  or another root directory (an unmounted mount point: a directory of the filesystem
-  below), is not the tree that was mirrored.  When the state dir lies in the tree, an
-  unmounted tree has lost it too: it gets a new tree id, which the replica then refuses.
+- A source records its identity at its first sync (a tree id derived from where it is, so
+  two state dirs of one tree agree).  Later, a root on another filesystem, or another root
+  directory (an unmounted mount point: a directory of the filesystem below), is not the
+  tree that was mirrored.  When the state dir lies in the tree, an unmounted tree has lost
+  it too: the directory below gets its own tree id, which the replica then refuses.
 - A replica records the tree id of the first sender that writes to it, and refuses a
   deleting session from another tree.  When the replica becomes the source (a failover),
   it goes on as the same tree, so the old primary, its replica now, still recognises it.
@@ -32,6 +33,8 @@ import logging
 import os
 import stat
 from typing import NamedTuple
+
+import xxhash
 
 from .atomicfile import atomic_write
 from .errors import SourceGuardError, UnsafePathError, display_path
@@ -54,6 +57,26 @@ class DeletionPolicy(NamedTuple):
         return {"max_delete": self.max_delete, "allow_mass_delete": self.allow_mass_delete}
 
 
+def session_guard(opts: dict) -> tuple[str | None, DeletionPolicy]:
+    """A ``start`` message's ``tree`` id and ``deletions`` policy, checked (the receiver's side)."""
+    from . import protocol as P
+    from .errors import ProtocolError
+
+    tree_id = opts.get("tree")
+    if tree_id is not None and (not isinstance(tree_id, str) or len(tree_id) != 32
+                                or any(c not in "0123456789abcdef" for c in tree_id)):  # fmt: skip
+        raise ProtocolError("bad tree id")
+    value = opts.get("deletions")
+    if value is None:
+        return tree_id, DeletionPolicy()
+    if not isinstance(value, dict):
+        raise ProtocolError("bad deletion policy")
+    limit = value.get("max_delete")
+    policy = DeletionPolicy(None if limit is None else P.want_int(limit, "max_delete"),
+                            bool(value.get("allow_mass_delete")))  # fmt: skip
+    return tree_id, policy
+
+
 class TreeIdentity(NamedTuple):
     tree_id: str
     fs: tuple[int, int] | None  # (f_fsid, root inode) where the tree was found
@@ -64,8 +87,11 @@ def fs_identity(root: bytes) -> tuple[int, int]:
     return os.statvfs(root).f_fsid, os.stat(root).st_ino
 
 
-def new_tree_id() -> str:
-    return os.urandom(16).hex()
+def new_tree_id(fs: tuple[int, int]) -> str:
+    """The id of a tree that has none recorded, from where it is: the same tree gets the same
+    id whatever state dir it is synced with (two daemons, a sync with ``--state-dir`` beside
+    one without), while the directory under an unmounted mount point gets another."""
+    return xxhash.xxh3_128_hexdigest(b"hamirror tree %d %d" % fs)
 
 
 def load(state_dir: bytes) -> TreeIdentity | None:
@@ -130,7 +156,7 @@ class SourceGuard:
         if identity is None:
             identity = load(self.state_dir)
         if identity is None:
-            identity = TreeIdentity(new_tree_id(), current)
+            identity = TreeIdentity(new_tree_id(current), current)
             if dry_run:
                 return identity.tree_id
             if not self._record(identity):

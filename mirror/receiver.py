@@ -46,7 +46,7 @@ from .errors import (
     fs_path,
 )
 from .exclude import make_excluder
-from .guard import DeletionPolicy, ReplicaGuard, review_deletions
+from .guard import ReplicaGuard, review_deletions, session_guard
 from .lockfile import is_locked, status
 from .privileges import Privileges
 from .renames import apply as apply_renames
@@ -312,6 +312,17 @@ class Receiver:
             raise LockedError(f"refused: mirroring lock on the receiver: {info.describe() if info else 'locked'}")
         if module.read_only and not dry_run:
             raise MirrorError(f"module {module.name!r} is read-only: only a dry run is allowed")
+        tree_id, self.policy = session_guard(opts)
+        keepalive = _keepalive_interval(opts.get("keepalive"))
+        if not dry_run and self._writer is None:
+            # Held for the rest of the connection: the live daemon's sessions follow one
+            # another on one connection, and it stays the module's one writer meanwhile.
+            self._writer = WriterLock.take(state_dir, self.peer, f"module {module.name!r}")
+        if self._guard is None:
+            self._guard = ReplicaGuard(fs_path(module.path), state_dir)
+        # A deleting sender from another tree (its source unmounted, say) changes nothing here.
+        self._guard.admit(tree_id, deleting=bool(opts.get("delete")), allow=self.policy.allow_mass_delete,
+                          dry_run=dry_run, peer=self.peer)  # fmt: skip
         self._epoch_now = mine
         if epoch > mine and not dry_run:
             # A bounded step per session: whoever holds the secret cannot fence this module
@@ -321,29 +332,11 @@ class Receiver:
             log.warning("%s: epoch raised from %d to %d by %s%s", module.name or display_path(module.path), mine,
                         recorded, self.peer, f" (it shows {epoch}; at most +{MAX_EPOCH_STEP} per session)"
                         if recorded < epoch else "")  # fmt: skip
-        if not dry_run and self._writer is None:
-            # Held for the rest of the connection: the live daemon's sessions follow one
-            # another on one connection, and it stays the module's one writer meanwhile.
-            self._writer = WriterLock.take(state_dir, self.peer, f"module {module.name!r}")
-        deleting = bool(opts.get("delete"))
-        self.policy = _deletion_policy(opts.get("deletions"))
-        tree_id = opts.get("tree")
-        if tree_id is not None and (not isinstance(tree_id, str) or len(tree_id) != 32
-                                    or any(c not in "0123456789abcdef" for c in tree_id)):  # fmt: skip
-            raise ProtocolError("bad tree id")
-        if self._guard is None:
-            self._guard = ReplicaGuard(fs_path(module.path), state_dir)
-        # A deleting sender from another tree (its source unmounted, say) writes nothing here.
-        self._guard.admit(tree_id, deleting=deleting, allow=self.policy.allow_mass_delete, dry_run=dry_run,
-                          peer=self.peer)  # fmt: skip
         self.dry_run = dry_run
-        keepalive = opts.get("keepalive")
         if keepalive is not None:
-            if not isinstance(keepalive, (int, float)) or isinstance(keepalive, bool) or not 0.05 <= keepalive <= 3600:
-                raise ProtocolError("bad keepalive: expected seconds in [0.05, 3600]")
             if self._keepalive is None:
                 self._keepalive = _Keepalive(self.t)
-            self._keepalive.begin(float(keepalive))
+            self._keepalive.begin(keepalive)
         try:
             self._run_session(opts, state_dir, dry_run)
         finally:
@@ -875,14 +868,12 @@ class Receiver:
         }])  # fmt: skip
 
 
-def _deletion_policy(value) -> DeletionPolicy:
+def _keepalive_interval(value) -> float | None:
     if value is None:
-        return DeletionPolicy()
-    if not isinstance(value, dict):
-        raise ProtocolError("bad deletion policy")
-    limit = value.get("max_delete")
-    return DeletionPolicy(None if limit is None else P.want_int(limit, "max_delete"),
-                          bool(value.get("allow_mass_delete")))  # fmt: skip
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.05 <= value <= 3600:
+        raise ProtocolError("bad keepalive: expected seconds in [0.05, 3600]")
+    return float(value)
 
 
 def _attrs(value) -> list:

@@ -213,6 +213,18 @@ def test_another_tree_may_not_delete_in_a_replica(tmp_path):
     assert sync(b, dst, delete=True).ok
 
 
+def test_one_source_with_several_state_dirs_is_one_tree(tmp_path):
+    """A sync without --state-dir, a daemon with one, another with another: one tree."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _fill(src, 10)
+    assert sync(src, dst, delete=True, state_dir=tmp_path / "state-a").ok
+    (src / "d0" / "f0").unlink()
+    assert sync(src, dst, delete=True, state_dir=tmp_path / "state-b").ok
+    (src / "d1" / "f1").unlink()
+    assert sync(src, dst, delete=True).ok
+    assert_mirrors(src, dst)
+
+
 def test_a_replica_that_becomes_the_source_is_the_same_tree(tmp_path):
     """Failover: the standby's replica becomes the source, mirrored back to the old primary."""
     a, b = tmp_path / "a", tmp_path / "b"
