@@ -152,26 +152,28 @@ class SourceGuard:
         would run from a root that is not the recorded tree.  None: no identity could be
         recorded (a state dir that cannot be written): the replica's own guard still holds."""
         current = fs_identity(self.root)
-        identity = self._identity
-        if identity is None:
-            identity = load(self.state_dir)
-        if identity is None:
-            identity = TreeIdentity(new_tree_id(current), current)
+        identity = self._identity or load(self.state_dir)
+        if identity is None or identity.fs is None:
+            # The first sync of this tree: record where it is.
+            identity = TreeIdentity(identity.tree_id if identity else new_tree_id(current), current)
             if dry_run:
                 return identity.tree_id
             if not self._record(identity):
                 return None
-        elif identity.fs is None or identity.fs != current:
-            if deleting and not allow and identity.fs is not None:
+        elif identity.fs != current:
+            if deleting and not allow:
                 raise SourceGuardError(
                     f"refused: the source {display_path(self.root)} is not on the filesystem it was on when it was "
                     f"first mirrored (recorded in {display_path(os.path.join(self.state_dir, IDENTITY_FILE))}): "
                     "is it unmounted, or another filesystem mounted in its place? Nothing was sent or deleted. "
                     "If the tree really moved, sync once with --allow-mass-delete to record its new place"
                 )
-            if not dry_run:
-                identity = TreeIdentity(identity.tree_id, current)
-                self._record(identity)
+            if not allow or dry_run:
+                # Only the administrator's override records a new place: a plain copy from the
+                # directory under an unmounted mount point must not make it the tree.
+                return identity.tree_id
+            identity = TreeIdentity(identity.tree_id, current)
+            self._record(identity)
         self._identity = identity
         return identity.tree_id
 

@@ -167,6 +167,21 @@ def test_sync_delete_from_an_unmounted_source_is_refused(tmp_path, state, leftov
 
 
 @needs_root
+def test_a_plain_copy_from_an_unmounted_source_does_not_make_it_the_tree(tmp_path):
+    src, dst, state = tmp_path / "src", tmp_path / "dst", tmp_path / "state"
+    src.mkdir()
+    (src / "old").write_text("left under the mount point")
+    with tmpfs(src):
+        _fill(src)
+        run_mirror("sync", "--delete", "--state-dir", state, src, dst, check_codes=(0,))
+        umount(src)
+        run_mirror("sync", "--state-dir", state, src, dst, check_codes=(0,))  # no --delete: a copy, allowed
+        proc = run_mirror("sync", "--delete", "--state-dir", state, src, dst, check_codes=(EXIT_GUARD,))
+        assert b"not on the filesystem it was on" in proc.stderr, proc.stderr
+        assert _files(dst) == FILES + 1  # every file, and the one the plain copy brought
+
+
+@needs_root
 def test_sync_delete_from_an_unmounted_source_over_the_wire(tmp_path):
     src, replica = tmp_path / "src", tmp_path / "replica"
     src.mkdir()
