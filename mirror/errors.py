@@ -17,7 +17,9 @@ EXIT_ERROR = 2  # the job could not be done (bad usage, bad input, I/O error)
 EXIT_LOCKED = 3  # refused: a mirroring lock is present
 EXIT_STALE_EPOCH = 4  # refused: the sender's epoch is older than the receiver's (fencing)
 EXIT_AUTH = 5  # refused: authentication failed
-EXIT_GUARD = 25  # refused to destroy the replica: not the source it mirrors, or deletions over the limits (rsync's 25)
+EXIT_GUARD = (
+    25  # refused to destroy the replica: not the source it mirrors, or deletions over the limits (rsync's 25)
+)
 EXIT_TIMEOUT = 30  # the peer stayed silent longer than --timeout (rsync's 30)
 EXIT_CONNECT_TIMEOUT = 35  # no connection within --contimeout (rsync's 35)
 

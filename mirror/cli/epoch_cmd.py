@@ -24,7 +24,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("action", choices=("show", "bump"))
     parser.add_argument("tree", help="the tree's root directory")
     parser.add_argument("--state-dir", help="the tree's state dir (default: TREE/.mirror)")
-    parser.add_argument("--to", type=int, metavar="N", help="bump: raise the epoch to N (above the current one)")
+    parser.add_argument(
+        "--to", type=int, metavar="N", help="bump: raise the epoch to N (above the current one)"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
