@@ -224,11 +224,11 @@ class Receiver:
             self._send_error(error)
             raise error from exc
         finally:
-            if self._keepalive is not None:
-                self._keepalive.stop()
-            if self._writer is not None:
+            if self._writer is not None:  # first: the next writer may be waiting for it
                 self._writer.release()
                 self._writer = None
+            if self._keepalive is not None:
+                self._keepalive.stop()
             self.t.close()
 
     def _timeout(self, seconds: float | None) -> None:
