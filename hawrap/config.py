@@ -105,6 +105,9 @@ class MirrorConfig:
     serve: tuple[str, ...] = (
         "{mirror}", "serve", "--listen", "{listen}", "{modules}",
         "--secret-file", "{secret_file}", "--lock-file", "{lock_file}",
+        # The replica must be an exact copy to take over from: owners, set-id bits, FIFOs and
+        # sockets are kept (the sender is the authenticated peer node); device nodes are not.
+        "--keep-owners", "--allow-setid", "--allow-specials",
     )  # fmt: skip
     daemon: tuple[str, ...] = (
         "{mirror}", "daemon", "{src}", "{dst}", "--secret-file", "{secret_file}",

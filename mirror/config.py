@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .privileges import Privileges
 from .protocol import load_secret
 from .receiver import ModuleConfig
 
@@ -77,7 +78,8 @@ def load_serve_config(path: str) -> ServeConfig:
     for name, table in modules_table.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: 'modules.{name}' must be a table")
-        t = _Table(table, path, f"modules.{name}.", {"path", "secret_file", "lock_file", "read_only", "state_dir"})
+        t = _Table(table, path, f"modules.{name}.", {"path", "secret_file", "lock_file", "read_only", "state_dir",
+                                                      "allow_devices", "allow_specials", "allow_setid", "keep_owners"})  # fmt: skip
         module_path = t.get("path", str, required=True)
         if not os.path.isabs(module_path):
             raise ConfigError(f"{path}: 'modules.{name}.path' must be absolute, got {module_path!r}")
@@ -90,6 +92,8 @@ def load_serve_config(path: str) -> ServeConfig:
             name=name, path=os.fsencode(module_path), secret=load_secret(secret_file),
             lock_file=os.fsencode(lock) if lock else None, read_only=t.get("read_only", bool, False),
             state_dir=os.fsencode(state_dir) if state_dir else None,
+            privileges=Privileges(devices=t.get("allow_devices", bool, False), specials=t.get("allow_specials", bool, False),
+                                  setid=t.get("allow_setid", bool, False), owners=t.get("keep_owners", bool, False)),
         )  # fmt: skip
     max_conn = top.get("max_connections", int, 64)
     if max_conn < 1:
@@ -104,6 +108,7 @@ def load_daemon_config(path: str):
     """``mirror daemon --config FILE``: see examples/mirror-daemon.toml."""
     from .daemon import DaemonConfig, PairConfig
     from .statedir import default_state_dir
+    from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
 
     try:
         with open(path, "rb") as f:
@@ -114,7 +119,14 @@ def load_daemon_config(path: str):
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     top = _Table(data, path, "", {"daemon", "pair"})
     daemon = _Table(top.get("daemon", dict, {}), path, "daemon.",
-                    {"status_dir", "coalesce_ms", "open_file_delay", "metrics", "reconcile_interval"})  # fmt: skip
+                    {"status_dir", "coalesce_ms", "open_file_delay", "metrics", "reconcile_interval", "timeout",
+                     "contimeout"})  # fmt: skip
+    timeouts = {}
+    for key, default in (("timeout", DEFAULT_TIMEOUT), ("contimeout", DEFAULT_CONTIMEOUT)):
+        value = daemon.get(key, (int, float), default)
+        if value < 0:
+            raise ConfigError(f"{path}: 'daemon.{key}' must be 0 (none) or more seconds, got {value}")
+        timeouts[key] = float(value)
     pairs_data = top.get("pair", list, required=True)
     if not pairs_data:
         raise ConfigError(f"{path}: at least one [[pair]] is required")
@@ -123,7 +135,8 @@ def load_daemon_config(path: str):
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: 'pair[{i}]' must be a table")
         t = _Table(table, path, f"pair[{i}].",
-                   {"name", "source", "destination", "secret_file", "lock_file", "state_dir", "exclude", "delete"})  # fmt: skip
+                   {"name", "source", "destination", "secret_file", "lock_file", "state_dir", "exclude", "delete",
+                    "max_delete", "allow_mass_delete"})  # fmt: skip
         source = t.get("source", str, required=True)
         if not os.path.isabs(source):
             raise ConfigError(f"{path}: 'pair[{i}].source' must be absolute, got {source!r}")
@@ -134,11 +147,15 @@ def load_daemon_config(path: str):
         if any(p.name == name for p in pairs):
             raise ConfigError(f"{path}: two pairs are named {name!r} (set 'name')")
         lock, state = t.get("lock_file", str), t.get("state_dir", str)
+        max_delete = t.get("max_delete", int)
+        if max_delete is not None and max_delete < 0:
+            raise ConfigError(f"{path}: 'pair[{i}].max_delete' must be 0 or more, got {max_delete}")
         pairs.append(PairConfig(
             name=name, source=os.fsencode(source), destination=t.get("destination", str, required=True),
             secret_file=t.get("secret_file", str), lock_file=os.fsencode(lock) if lock else None,
             state_dir=os.fsencode(state) if state else None, excludes=tuple(os.fsencode(x) for x in excludes),
-            delete=t.get("delete", bool, True),
+            delete=t.get("delete", bool, True), max_delete=max_delete,
+            allow_mass_delete=t.get("allow_mass_delete", bool, False), **timeouts,
         ))  # fmt: skip
     metrics = daemon.get("metrics", str)
     status_dir = daemon.get("status_dir", str)

@@ -31,11 +31,23 @@ from dataclasses import dataclass, field
 import xxhash
 
 from .atomicfile import atomic_write
-from .errors import Cancelled, LockedError, MirrorError, StaleEpochError, display_path, fs_path
+from .errors import (
+    Cancelled,
+    ConnectError,
+    LockedError,
+    MirrorError,
+    PeerTimeout,
+    SourceGuardError,
+    StaleEpochError,
+    display_path,
+    fs_path,
+)
 from .exclude import make_excluder
+from .guard import fs_identity
 from .journal import ENTRY, RENAME, Journal, Pending
 from .lockfile import is_locked
-from .statedir import ensure_state_dir, resolve_state_dir
+from .statedir import check_root, ensure_state_dir, resolve_state_dir
+from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
 from .transfer import Connection
 from .treescan import Scope
 from .watch import CLOSED, RESCAN, TREE, Watcher
@@ -46,6 +58,14 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = b"mirror-daemon.status.json"
 _BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# A halted pair (its source is not the tree it mirrors, or its deletions were refused) tries
+# a full sync again after these many seconds: a source mounted again resumes by itself.
+_HALT_BACKOFF = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+SOURCE_CHECK_SECONDS = 1.0  # how often an idle pair checks its source is still the same filesystem
+
+
+class _Halted(Exception):
+    """The pair must not go on mirroring (``reason``) until a full sync passes the guards."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,10 @@ class PairConfig:
     state_dir: bytes | None = None
     excludes: tuple[bytes, ...] = ()
     delete: bool = True
+    max_delete: int | None = None  # a session that would delete more deletes nothing: the pair halts
+    allow_mass_delete: bool = False  # let the source and deletion guards through (mirror.guard)
+    timeout: float | None = DEFAULT_TIMEOUT  # a receiver silent this long is unreachable (0/None: never)
+    contimeout: float | None = DEFAULT_CONTIMEOUT
 
     @property
     def tree_state_dir(self) -> bytes:
@@ -108,6 +132,7 @@ class LivePair:
         self.daemon = daemon
         self.metrics = metrics
         self.status = PairStatus(config.name, display_path(config.source), config.destination)
+        check_root(config.source)
         ensure_state_dir(config.tree_state_dir)
         self.journal = Journal(config.journal_path)
         excluder = make_excluder(config.excludes)
@@ -122,6 +147,11 @@ class LivePair:
         self._connection: Connection | None = None
         self._thread = threading.Thread(target=self._run, name=f"pair-{config.name}", daemon=True)
         self.fenced = False
+        self._excluder = excluder
+        self._source_fs: tuple[int, int] | None = None  # where the source was at the last full sync
+        self._last_source_check = 0.0
+        self._halts = 0
+        self._watch_stale = False  # the source's filesystem went away under the watches
         if self.journal.replayed:
             log.info("%s: %d changes from the journal to replay", config.name, self.journal.replayed)
 
@@ -203,6 +233,7 @@ class LivePair:
                     self._after_lock = True
                     self._wait(0.1)
                     continue
+                self._check_source()
                 batch = self._next_batch()
                 if batch is None:
                     continue
@@ -212,6 +243,7 @@ class LivePair:
                 failed = self._session(batch, full=full or bool(reconcile_due))
                 if full or reconcile_due:
                     last_full = time.monotonic()
+                    self._resumed()
                 failures = 0
                 if failed:
                     # Files that failed stay journaled; do not spin on them.
@@ -226,6 +258,15 @@ class LivePair:
                 return
             except Cancelled:
                 return
+            except (SourceGuardError, _Halted) as exc:
+                self._halt(str(exc))
+            except (ConnectError, PeerTimeout) as exc:
+                failures += 1
+                delay = _BACKOFF[min(failures - 1, len(_BACKOFF) - 1)]
+                self._set_state("unreachable", str(exc))
+                log.warning("%s: the replica is unreachable: %s; trying again in %g s", self.config.name, exc, delay)
+                self._disconnect()
+                self._wait(delay)
             except LockedError as exc:
                 self._set_state("locked", str(exc))
                 self._after_lock = True
@@ -240,6 +281,55 @@ class LivePair:
     def _wait(self, seconds: float) -> None:
         with self._cond:
             self._cond.wait(timeout=seconds)
+
+    # -- the guards (mirror.guard) ------------------------------------------------------------
+
+    def _check_source(self) -> None:
+        """An unmounted source reports no event at all: its watches just die.  So an idle pair
+        checks, every SOURCE_CHECK_SECONDS, that its root is still where the last full sync
+        found it (a ``stat`` and a ``statvfs``)."""
+        now = time.monotonic()
+        if self._source_fs is None or now - self._last_source_check < SOURCE_CHECK_SECONDS:
+            return
+        self._last_source_check = now
+        reason = "unmounted, or another one mounted in its place?"
+        try:
+            current = fs_identity(self.config.source)
+        except OSError as exc:
+            current, reason = None, exc.strerror
+        if current != self._source_fs:
+            self._watch_stale = True
+            raise _Halted(f"the source {display_path(self.config.source)} is no longer the filesystem it was "
+                          f"({reason})")  # fmt: skip
+
+    def _halt(self, reason: str) -> None:
+        """Stop mirroring this pair (nothing more is sent, the replica's writer lock is let go
+        for the administrator), say why, and try a full sync again later."""
+        self._halts += 1
+        delay = _HALT_BACKOFF[min(self._halts - 1, len(_HALT_BACKOFF) - 1)]
+        self._set_state("halted", reason)
+        log.error("%s: halted, nothing is mirrored: %s (a full sync is tried again in %g s; changes are journaled "
+                  "meanwhile)", self.config.name, reason, delay)  # fmt: skip
+        self._disconnect()
+        self._need_full = True
+        self._source_fs = None
+        self._wait(delay)
+
+    def _resumed(self) -> None:
+        """A full sync passed the guards: remember where the source is; after a halt caused by
+        its filesystem going away, watch the tree again (the old watches died with it)."""
+        self._source_fs = fs_identity(self.config.source)
+        self._last_source_check = time.monotonic()
+        if self._halts:
+            log.warning("%s: the guards pass again: mirroring resumes", self.config.name)
+            self._halts = 0
+        if self._watch_stale:
+            self._watch_stale = False
+            self.watcher.stop()
+            self.watcher = Watcher(self.config.source, self._on_changes,
+                                   self._excluder.excluded if self._excluder else None)  # fmt: skip
+            self.watcher.start()
+            self._need_full = True  # what changed before the new watches were in place
 
     def _next_batch(self) -> Pending | None:
         """Wait for changes (and a short coalescing window); None to go round the loop again."""
@@ -271,6 +361,8 @@ class LivePair:
         self._connection = Connection(
             c.source, c.destination, delete=c.delete, excludes=c.excludes, secret_file=c.secret_file,
             lock_file=c.lock_file, state_dir=c.state_dir, cancel=self._cancel, keep_changes=False,
+            max_delete=c.max_delete, allow_mass_delete=c.allow_mass_delete, timeout=c.timeout,
+            contimeout=c.contimeout,
         ).open()  # fmt: skip
         self._need_full = True  # whatever happened while we were apart: reconcile
 
@@ -329,6 +421,8 @@ class LivePair:
             self.metrics.session(self.config.name, result, [done - w for p, w in entries.items() if p not in retry])
         if result.failed:
             st.last_error = f"{len(result.failed)} files failed, e.g. {display_path(result.failed[0][0])}: {result.failed[0][1]}"
+        if result.deletions_refused:
+            raise _Halted(result.deletions_refused)  # the rest of the batch is mirrored, no deletion
         self._set_state("live")
         return bool(result.failed)
 
@@ -440,7 +534,8 @@ def read_status(status_dir: bytes | str) -> dict:
 class Metrics:
     """Prometheus metrics (``--metrics ADDR:PORT``), served by prometheus-client."""
 
-    STATES = ("starting", "connecting", "syncing", "live", "catching up", "locked", "disconnected", "fenced")
+    STATES = ("starting", "connecting", "syncing", "live", "catching up", "locked", "disconnected", "unreachable",
+              "halted", "fenced")
 
     def __init__(self, listen: tuple[str, int]):
         import prometheus_client as pc

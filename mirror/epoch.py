@@ -24,6 +24,12 @@ EPOCH_FILE = b"epoch"
 _LOCK_FILE = b"epoch.lock"
 _EPOCH_RE = re.compile(rb"\A[0-9]{1,19}\n?\Z")
 MAX_EPOCH = 2**63 - 1
+# How far one session may raise a replica's epoch.  A takeover raises it by one or two; a
+# replica that missed several takeovers catches up over as many sessions (its sender, newer
+# than the replica, is accepted meanwhile).  A holder of the secret can therefore not set
+# 2^63-1 and fence the module for good: a node raises its own epoch past whatever was set
+# (``mirror epoch bump --to``), and that rises by at most this much per session.
+MAX_EPOCH_STEP = 16
 
 
 class EpochError(FormatError):
@@ -57,12 +63,17 @@ def read_epoch(state_dir: bytes | str) -> int:
     return value
 
 
-def bump_epoch(state_dir: bytes | str) -> int:
-    """Raise the epoch by one (a takeover) and return the new value, durably written."""
+def bump_epoch(state_dir: bytes | str, to: int | None = None) -> int:
+    """Raise the epoch by one (a takeover), or to ``to``, and return the new value, durably
+    written.  ``to`` must be above the current epoch."""
     with _locked(state_dir):
-        new = read_epoch(state_dir) + 1
+        current = read_epoch(state_dir)
+        new = current + 1 if to is None else to
         if new > MAX_EPOCH:
             raise EpochError(f"{display_path(epoch_path(state_dir))}: epoch cannot rise past {MAX_EPOCH}")
+        if new <= current:
+            raise EpochError(f"{display_path(epoch_path(state_dir))}: the epoch is {current} already; "
+                             f"it only rises (asked for {new})")  # fmt: skip
         _write(state_dir, new)
         return new
 

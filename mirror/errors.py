@@ -17,6 +17,11 @@ EXIT_ERROR = 2  # the job could not be done (bad usage, bad input, I/O error)
 EXIT_LOCKED = 3  # refused: a mirroring lock is present
 EXIT_STALE_EPOCH = 4  # refused: the sender's epoch is older than the receiver's (fencing)
 EXIT_AUTH = 5  # refused: authentication failed
+EXIT_GUARD = (
+    25  # refused to destroy the replica: not the source it mirrors, or deletions over the limits (rsync's 25)
+)
+EXIT_TIMEOUT = 30  # the peer stayed silent longer than --timeout (rsync's 30)
+EXIT_CONNECT_TIMEOUT = 35  # no connection within --contimeout (rsync's 35)
 
 
 class MirrorError(Exception):
@@ -57,6 +62,23 @@ class ProtocolError(MirrorError):
     """The peer broke the wire protocol; the connection is closed."""
 
 
+class PeerTimeout(ProtocolError):
+    """The peer sent nothing (or took nothing) for longer than the I/O timeout: it is stopped,
+    hung or gone.  The connection is closed."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+class ConnectError(MirrorError):
+    """The receiver could not be reached (refused, no route, no answer)."""
+
+
+class ConnectTimeout(ConnectError):
+    """No connection within the connect timeout."""
+
+    exit_code = EXIT_CONNECT_TIMEOUT
+
+
 class AuthError(MirrorError):
     """The peer failed the shared-secret challenge (or we did)."""
 
@@ -75,10 +97,21 @@ class StaleEpochError(MirrorError):
     exit_code = EXIT_STALE_EPOCH
 
 
+class SourceGuardError(MirrorError):
+    """A deleting sync from a source that is not the tree the replica mirrors (unmounted, or
+    another filesystem in its place): nothing was sent or deleted."""
+
+    exit_code = EXIT_GUARD
+
+
 class Cancelled(MirrorError):
     """The sync was asked to stop (SIGTERM): the file in flight was abandoned cleanly."""
 
     exit_code = 130
+
+
+class StateDirError(MirrorError):
+    """A tree's ``.mirror`` is not hamirror's state dir: leaving it out would hide the user's files."""
 
 
 class UnsafePathError(MirrorError):

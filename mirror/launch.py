@@ -19,7 +19,8 @@ import threading
 # (tests/test_launch.py checks this table against them).
 VALUE_OPTIONS = {
     "sync": frozenset({"--secret-file", "--bwlimit", "--rsh", "--remote-command", "--lock-file",
-                       "--dst-lock-file", "--state-dir", "--exclude", "--exclude-from"}),  # fmt: skip
+                       "--dst-lock-file", "--state-dir", "--exclude", "--exclude-from", "--max-delete",
+                       "-M", "--remote-option", "--timeout", "--contimeout"}),  # fmt: skip
     "diff": frozenset({"--state-dir", "--exclude", "--exclude-from"}),
 }
 

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import collections
 import queue
+import select
 import struct
 import threading
 import time
 from typing import BinaryIO
 
-from .errors import AuthError, LimitExceeded, ProtocolError
+from .errors import AuthError, LimitExceeded, PeerTimeout, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 SOFTWARE = "hamirror/0.1"
 MAX_FRAME = 8 << 20  # a listing part, a signature or a literal chunk fits well below this
+# Before the peer has proved it knows the secret, nothing larger is read: a hello with a
+# 4 KiB subpath fits; an anonymous connection costs a few KiB, not a frame's 8 MiB.
+PREAUTH_MAX_FRAME = 8 << 10
 MAX_CHUNK = 256 << 10  # literal data per "data" message
 NONCE_SIZE = 32
 # Summary flags per directory
@@ -43,6 +47,7 @@ CHALLENGE, WELCOME, READY, SUMMARY, SUMMARY_END, LISTING, SIGNATURE, SIG_FAILED,
     "challenge", "welcome", "ready", "summary", "summary_end", "listing", "signature", "sig_failed",
     "failed", "pong", "result", "error",
 )  # fmt: skip
+ALIVE = "alive"  # the receiver is still at work (sent during a session when it has been quiet)
 
 
 # msgpack is imported by the first frame: a local sync passes messages as objects and never
@@ -74,16 +79,40 @@ def decode(body: bytes) -> list:
 
 
 class StreamTransport:
-    """Messages over a pair of binary streams (a socket's files, or a child's stdio)."""
+    """Messages over a pair of binary streams (a socket's files, or a child's stdio).
 
-    def __init__(self, rfile: BinaryIO, wfile: BinaryIO, *, bwlimit: int | None = None, on_close=None):
+    A socket's timeout (``settimeout``, its owner's) bounds each wait for the peer; a
+    stream that has none (a pipe) is given ``read_timeout``: each read waits at most that
+    long for the peer to send something.  Either ends in ``PeerTimeout``.  ``max_frame``
+    bounds the next frames (smaller before the peer has authenticated)."""
+
+    def __init__(self, rfile: BinaryIO, wfile: BinaryIO, *, bwlimit: int | None = None, on_close=None,
+                 read_timeout: float | None = None, peer: str = "the peer", timeout_hint: str = ""):  # fmt: skip
         self.rfile = rfile
         self.wfile = wfile
         self._send_lock = threading.Lock()
         self._limiter = RateLimiter(bwlimit) if bwlimit else None
         self._on_close = on_close
+        self._read_timeout = read_timeout
+        self.peer = peer
+        self.timeout_hint = timeout_hint  # e.g. " (--timeout 120)": what set it, for the message
+        self.max_frame = MAX_FRAME
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._deadline: float | None = None
+        self._settimeout = None
+
+    def set_deadline(self, when: float | None, settimeout=None) -> None:
+        """Until ``when`` (``time.monotonic()``), no read waits past it, however slowly the
+        peer sends (each raw read gets only the time left, which a plain socket timeout,
+        restarted by every byte, would not); ``settimeout`` is the socket's.  None: off."""
+        self._deadline = when
+        if settimeout is not None:
+            self._settimeout = settimeout
+
+    def _timed_out(self, waiting: str) -> PeerTimeout:
+        return PeerTimeout(f"{self.peer} did not answer while {waiting}: it timed out{self.timeout_hint}; "
+                           "it is stopped, hung or unreachable")  # fmt: skip
 
     def send(self, message: list | tuple, flush: bool = True) -> None:
         frame = encode(message)
@@ -94,6 +123,8 @@ class StreamTransport:
                 self.wfile.write(frame)
                 if flush:
                     self.wfile.flush()
+            except TimeoutError:
+                raise self._timed_out("we sent (it stopped reading)") from None
             except (BrokenPipeError, ConnectionError, ValueError) as exc:
                 raise ProtocolError(f"connection lost while sending: {exc}") from None
             self.bytes_sent += len(frame)
@@ -102,6 +133,8 @@ class StreamTransport:
         with self._send_lock:
             try:
                 self.wfile.flush()
+            except TimeoutError:
+                raise self._timed_out("we sent (it stopped reading)") from None
             except (BrokenPipeError, ConnectionError, ValueError) as exc:
                 raise ProtocolError(f"connection lost while sending: {exc}") from None
 
@@ -111,8 +144,8 @@ class StreamTransport:
         if header is None:
             return None
         (length,) = _HEADER.unpack(header)
-        if length > MAX_FRAME:
-            raise LimitExceeded(f"peer sent a frame of {length} bytes (limit {MAX_FRAME})")
+        if length > self.max_frame:
+            raise LimitExceeded(f"peer sent a frame of {length} bytes (limit {self.max_frame})")
         body = self._read_exact(length, at_boundary=False)
         self.bytes_received += _HEADER.size + length
         return decode(body)
@@ -122,7 +155,22 @@ class StreamTransport:
         got = 0
         while got < n:
             try:
-                chunk = self.rfile.read(n - got)
+                if self._deadline is not None:
+                    left = self._deadline - time.monotonic()
+                    if left <= 0:
+                        raise PeerTimeout(f"{self.peer} did not finish its handshake in time")
+                    self._settimeout(left)
+                    chunk = self.rfile.read1(n - got)  # one raw read: the time left is checked again
+                else:
+                    if self._read_timeout is not None:
+                        ready, _, _ = select.select([self.rfile], [], [], self._read_timeout)
+                        if not ready:
+                            raise TimeoutError
+                    chunk = self.rfile.read(n - got)
+            except TimeoutError:
+                if self._deadline is not None:
+                    raise PeerTimeout(f"{self.peer} did not finish its handshake in time") from None
+                raise self._timed_out("we waited for it") from None
             except (ConnectionError, ValueError, OSError) as exc:
                 raise ProtocolError(f"connection lost while receiving: {exc}") from None
             if not chunk:

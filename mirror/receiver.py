@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from typing import NamedTuple
@@ -32,8 +33,8 @@ import xxhash
 from . import fastpath
 from . import protocol as P
 from .commits import Batches, DirSyncs
-from .entry import Kind
-from .epoch import observe_epoch, read_epoch
+from .entry import KIND_OF_FMT, Kind
+from .epoch import MAX_EPOCH_STEP, observe_epoch, read_epoch
 from .errors import (
     LockedError,
     MirrorError,
@@ -45,9 +46,13 @@ from .errors import (
     fs_path,
 )
 from .exclude import make_excluder
+from .guard import ReplicaGuard, review_deletions, session_guard
 from .lockfile import is_locked, status
+from .privileges import Privileges
+from .renames import apply as apply_renames
+from .renames import parse as parse_renames
 from .safefs import ConfinedTree, split_path
-from .statedir import resolve_state_dir
+from .statedir import check_root, resolve_state_dir
 from .treescan import Scope, TreeScan
 from .writerlock import WriterLock
 
@@ -73,6 +78,8 @@ class ModuleConfig(NamedTuple):
     lock_file: bytes | None = None
     read_only: bool = False
     state_dir: bytes | None = None
+    # Device nodes, FIFOs and sockets, setuid/setgid bits, owners: none unless granted.
+    privileges: Privileges = Privileges()
 
     @property
     def resolved_state_dir(self) -> bytes:
@@ -105,6 +112,52 @@ class _Incoming:
         self.failed = failed
 
 
+class _Keepalive:
+    """Says ``alive`` to the sender whenever a session has sent nothing for ``interval``
+    seconds (a long commit, deletions of a big tree, the signature of a big file), so that
+    the sender's timeout catches only a receiver that is stopped, hung or gone.  One thread
+    per connection, started by the first session that asks; quiet between sessions (the
+    sender does not read then)."""
+
+    def __init__(self, transport):
+        self.t = transport
+        self._lock = threading.Lock()
+        self._active = False
+        self._interval = 1.0
+        self._seen = 0
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, interval: float) -> None:
+        with self._lock:
+            self._interval, self._active, self._seen = interval, True, self.t.bytes_sent
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="receiver-keepalive", daemon=True)
+            self._thread.start()
+
+    def end(self) -> None:
+        """The session is over (its result goes next): nothing more until the next one."""
+        with self._lock:
+            self._active = False
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            with self._lock:
+                if not self._active:
+                    continue
+                if self.t.bytes_sent == self._seen:
+                    try:
+                        self.t.send([P.ALIVE])
+                    except (MirrorError, OSError):
+                        return
+                self._seen = self.t.bytes_sent
+
+
 class SessionStats:
     __slots__ = ("files", "bytes_written", "deleted", "failed")
 
@@ -119,8 +172,11 @@ class Receiver:
     """Serve one connection (see the module docstring)."""
 
     def __init__(self, transport, modules: dict[str, ModuleConfig], *, peer: str = "local",
-                 writer: WriterLock | None = None, timeouts=None):  # fmt: skip
+                 writer: WriterLock | None = None, timeouts=None, admit=None):  # fmt: skip
         self.t = transport
+        # Called once the peer has proved it knows the secret (a server counts it among its
+        # authenticated connections, or refuses it: too many); until then frames are small.
+        self._admit = admit
         self.modules = modules
         self.peer = peer
         self.can_chown = os.geteuid() == 0
@@ -133,6 +189,8 @@ class Receiver:
         # sessions (a live daemon's connection idles), none at all for in-process transports.
         self._set_timeout, self._session_timeout = timeouts if timeouts else (None, None)
         self._cleaned = False
+        self._guard: ReplicaGuard | None = None
+        self._keepalive: _Keepalive | None = None
         self._last_lock_check = 0.0
         self._reserved: dict[bytes, bytes | None] = {}  # root -> the state dir inside it, if any
 
@@ -170,9 +228,11 @@ class Receiver:
             self._send_error(error)
             raise error from exc
         finally:
-            if self._writer is not None:
+            if self._writer is not None:  # first: the next writer may be waiting for it
                 self._writer.release()
                 self._writer = None
+            if self._keepalive is not None:
+                self._keepalive.stop()
             self.t.close()
 
     def _timeout(self, seconds: float | None) -> None:
@@ -186,6 +246,8 @@ class Receiver:
             pass
 
     def _handshake(self) -> None:
+        if hasattr(self.t, "max_frame"):
+            self.t.max_frame = P.PREAUTH_MAX_FRAME
         hello = self.t.recv()
         if hello is None:
             raise ProtocolError("peer closed the connection before saying hello")
@@ -201,6 +263,7 @@ class Receiver:
             raise ProtocolError(f"unknown module {name!r}")
         client_nonce = P.want_bytes(info.get("nonce"), "nonce", P.NONCE_SIZE)
         self.module = module
+        self.can_chown = self.can_chown and self.module.privileges.owners
         self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
         if self.subpath:
             reserved = self._reserved_in(fs_path(self.module.path))
@@ -216,6 +279,10 @@ class Receiver:
         if secret is not None:
             P.verify(P.client_proof(secret, server_nonce, client_nonce, name), auth[1].get("proof"), self.peer)
             proof = P.server_proof(secret, server_nonce, client_nonce, name)
+        if self._admit is not None:
+            self._admit()
+        if hasattr(self.t, "max_frame"):
+            self.t.max_frame = P.MAX_FRAME
         self.t.send([P.WELCOME, {
             "proof": proof, "epoch": read_epoch(self.module.resolved_state_dir),
             "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE,
@@ -236,6 +303,7 @@ class Receiver:
         module = self.module
         assert module is not None
         state_dir = module.resolved_state_dir
+        check_root(module.path)  # its .mirror is never content: it must be hamirror's, not hidden user files
         dry_run = bool(opts.get("dry_run"))
         epoch = P.want_int(opts.get("epoch", 0), "epoch")
         mine = read_epoch(state_dir)
@@ -249,14 +317,36 @@ class Receiver:
             raise LockedError(f"refused: mirroring lock on the receiver: {info.describe() if info else 'locked'}")
         if module.read_only and not dry_run:
             raise MirrorError(f"module {module.name!r} is read-only: only a dry run is allowed")
-        if epoch > mine and not dry_run:
-            observe_epoch(state_dir, epoch)
-        self._epoch_now = max(mine, epoch) if not dry_run else mine
+        tree_id, self.policy = session_guard(opts)
+        keepalive = _keepalive_interval(opts.get("keepalive"))
         if not dry_run and self._writer is None:
             # Held for the rest of the connection: the live daemon's sessions follow one
             # another on one connection, and it stays the module's one writer meanwhile.
             self._writer = WriterLock.take(state_dir, self.peer, f"module {module.name!r}")
-        self._run_session(opts, state_dir, dry_run)
+        if self._guard is None:
+            self._guard = ReplicaGuard(fs_path(module.path), state_dir)
+        # A deleting sender from another tree (its source unmounted, say) changes nothing here.
+        self._guard.admit(tree_id, deleting=bool(opts.get("delete")), allow=self.policy.allow_mass_delete,
+                          dry_run=dry_run, peer=self.peer)  # fmt: skip
+        self._epoch_now = mine
+        if epoch > mine and not dry_run:
+            # A bounded step per session: whoever holds the secret cannot fence this module
+            # for good by showing epoch 2^63-1 (see MAX_EPOCH_STEP).
+            recorded = min(epoch, mine + MAX_EPOCH_STEP)
+            self._epoch_now = observe_epoch(state_dir, recorded)
+            log.warning("%s: epoch raised from %d to %d by %s%s", module.name or display_path(module.path), mine,
+                        recorded, self.peer, f" (it shows {epoch}; at most +{MAX_EPOCH_STEP} per session)"
+                        if recorded < epoch else "")  # fmt: skip
+        self.dry_run = dry_run
+        if keepalive is not None:
+            if self._keepalive is None:
+                self._keepalive = _Keepalive(self.t)
+            self._keepalive.begin(keepalive)
+        try:
+            self._run_session(opts, state_dir, dry_run)
+        finally:
+            if self._keepalive is not None:
+                self._keepalive.end()
 
     def _run_session(self, opts: dict, state_dir: bytes, dry_run: bool) -> None:
         root = fs_path(self.module.path)
@@ -332,21 +422,12 @@ class Receiver:
         if summary_error:
             raise summary_error[0]
 
-    def _apply_renames(self, renames) -> None:
+    def _apply_renames(self, wire) -> None:
         """The live daemon saw these renames on the source: do them here too, so the renamed
-        entries compare equal instead of being sent again.  One that cannot be done (the old
-        name is missing here) is skipped: the comparison that follows sends what is needed."""
-        if not isinstance(renames, list) or len(renames) > 100_000:
-            raise ProtocolError("bad renames")
-        for item in renames:
-            if not isinstance(item, list) or len(item) != 2:
-                raise ProtocolError("bad rename")
-            old, new = P.want_bytes(item[0], "path", 65536), P.want_bytes(item[1], "path", 65536)
-            try:
-                if self.tree.rename(old, new):
-                    self.stats_renamed = getattr(self, "stats_renamed", 0) + 1
-            except (OSError, UnsafePathError) as exc:
-                log.info("rename %s -> %s not done here: %s", display_path(old), display_path(new), exc)
+        entries compare equal instead of being sent again, but only where the replica's old
+        entry is exactly what the new name must hold (``mirror.renames``).  The others are
+        left alone: the comparison that follows sends what is needed."""
+        apply_renames(self.tree, parse_renames(wire))
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
         tree = ConfinedTree(root, reserved=self._reserved_in(root))
@@ -425,6 +506,10 @@ class Receiver:
             self._finish_session()
             return True
         if kind in _MUTATING:
+            if self.dry_run and kind != P.DELETE:
+                # A dry run (all a read-only module accepts) changes nothing: its deletions
+                # are only reviewed by the deletion guard.
+                raise ProtocolError(f"{kind!r} in a dry run")
             self._check_lock()
         handler = self._handlers.get(kind)
         if handler is None:
@@ -594,7 +679,7 @@ class Receiver:
                     failed = "mismatch: content does not match the sender's digest"
                 else:
                     mode, uid, gid, mtime_ns = incoming.attrs
-                    incoming.commit.finish(mode, uid, gid, mtime_ns, self.owner)
+                    incoming.commit.finish(self.module.privileges.file_mode(mode), uid, gid, mtime_ns, self.owner)
             except ValueError as exc:
                 failed = f"mismatch: {exc}"
             except OSError as exc:
@@ -681,6 +766,10 @@ class Receiver:
                 raise ProtocolError(f"bad node kind {kind!r}")
             rdev = P.want_int(rdev, "rdev")
         path = P.want_bytes(path, "path", 65536)
+        refusal = self.module.privileges.refusal(kind)
+        if refusal:
+            self._fail(None, path, refusal)
+            return
         if self.batches.holds(path):
             self._flush()  # the entry replaces a file (or a directory of files) still queued
         try:
@@ -697,6 +786,11 @@ class Receiver:
         if self.batches.holds(target) or self.batches.holds(path):
             self._flush()  # the file linked to, or the one replaced, is still queued
         try:
+            linked = self.tree.lstat(target)
+            refusal = self.module.privileges.refusal(KIND_OF_FMT.get(stat.S_IFMT(linked.st_mode))) if linked else None
+            if refusal:  # a second name for a node this module would not have made
+                self._fail(None, path, refusal)
+                return
             self.tree.make_special(path, Kind.FILE, link_to=target)
             self.stats.files += 1
         except (OSError, UnsafePathError) as exc:
@@ -712,7 +806,18 @@ class Receiver:
             return
         if kind not in (Kind.FILE, Kind.SYMLINK, Kind.FIFO, Kind.SOCKET, Kind.CHAR, Kind.BLOCK):
             raise ProtocolError(f"bad kind {kind!r}")
+        privileges = self.module.privileges
         try:
+            # What is there decides, not what the sender calls it: no chmod of a device node
+            # that is there (a world-writable /dev/sda) in a module without devices.
+            there = self.tree.lstat(path)
+            actual = KIND_OF_FMT.get(stat.S_IFMT(there.st_mode), kind) if there is not None else kind
+            refusal = privileges.refusal(kind) or privileges.refusal(actual)
+            if refusal:
+                self._fail(None, path, refusal)
+                return
+            if actual == Kind.FILE:
+                attrs[0] = privileges.file_mode(attrs[0])
             self.tree.set_attrs(path, kind, *attrs, owner=self.owner)
         except (OSError, UnsafePathError) as exc:
             self._fail(None, path, failure_reason(exc))
@@ -732,11 +837,14 @@ class Receiver:
         try:
             self._flush(dir_syncs=dir_syncs)
             lock = self.module.lock_file
-            if (self.deletes or self.dir_attrs) and lock and is_locked(lock):
+            if (self.deletes or self.dir_attrs) and lock and is_locked(lock) and not self.dry_run:
                 info = status(lock)
                 raise LockedError(f"mirroring lock appeared on the receiver: {info.describe() if info else 'locked'}")
             keep = self.excluder.excluded if self.excluder is not None else None
-            for path in self.deletes:
+            refused = review_deletions(self.tree, self.deletes, self.policy, keep) if self.deletes else None
+            if refused:
+                log.warning("%s: %s", self.peer, refused)
+            for path in self.deletes if not (refused or self.dry_run) else ():
                 try:
                     kept = self.tree.remove(path, keep=keep)
                     self.stats.deleted += 1
@@ -757,10 +865,20 @@ class Receiver:
             dir_syncs.sync()
         finally:
             dir_syncs.close()
+        if self._keepalive is not None:
+            self._keepalive.end()  # nothing may follow the result
         self.t.send([P.RESULT, {
             "files": self.stats.files, "bytes": self.stats.bytes_written, "deleted": self.stats.deleted,
-            "failed": self.stats.failed[:1000], "failed_count": len(self.stats.failed),
+            "failed": self.stats.failed[:1000], "failed_count": len(self.stats.failed), "deletions_refused": refused,
         }])  # fmt: skip
+
+
+def _keepalive_interval(value) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.05 <= value <= 3600:
+        raise ProtocolError("bad keepalive: expected seconds in [0.05, 3600]")
+    return float(value)
 
 
 def _attrs(value) -> list:

@@ -56,15 +56,19 @@ from .errors import (
     LockedError,
     MirrorError,
     ProtocolError,
+    SourceGuardError,
     StaleEpochError,
     UnsafePathError,
     display_path,
 )
+from .guard import DeletionPolicy, SourceGuard
 from .lockfile import is_locked, status
+from .renames import plan as plan_renames
 from .safefs import ConfinedTree
+from .statedir import resolve_state_dir
 from .syncoptions import DELTA_THRESHOLD, SenderOptions
 from .syncscan import replica_scan, source_scan, stop_scans
-from .treescan import TreeScan
+from .treescan import Scope, TreeScan
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +78,8 @@ LOCK_CHECK_SECONDS = 0.1
 # What is buffered goes out at least this often while the trees are compared: the receiver
 # verifies and commits files while the scans go on, rather than all at the end.
 FLUSH_SECONDS = 0.005
-_ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "AuthError": AuthError}
+_ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "AuthError": AuthError,
+           "SourceGuardError": SourceGuardError}
 __all__ = ["DELTA_THRESHOLD", "Sender", "SenderOptions", "SendOutcome", "TransferStats"]
 
 
@@ -172,6 +177,8 @@ class _Reader(threading.Thread):
                 elif kind == P.RESULT:
                     self.results.put(message[1])
                     return
+                elif kind == P.ALIVE:
+                    pass  # the receiver is at work: its silence is not a hang
                 elif kind == P.ERROR:
                     raise remote_error(message)
                 else:
@@ -240,6 +247,8 @@ class Sender:
         self._last_flush = 0.0
         self._retried: set[bytes] = set()
         self._src_leaders: dict[tuple[int, int], bytes] = {}
+        self._src_tree: ConfinedTree | None = None
+        self._source_guard = SourceGuard(src_root, resolve_state_dir(src_root, options.state_dir))
 
     # -- handshake -------------------------------------------------------------------------
 
@@ -265,6 +274,8 @@ class Sender:
 
     def _expect(self, kind: str) -> list:
         message = self.t.recv()
+        while message is not None and message[0] == P.ALIVE:  # sent as the last session ended
+            message = self.t.recv()
         if message is None:
             raise ProtocolError(f"the receiver closed the connection (expected {kind!r})")
         if message[0] == P.ERROR:
@@ -306,17 +317,32 @@ class Sender:
         if started_scans is not None and (self._scoped or renames):
             stop_scans(started_scans)  # they cover the whole tree, before any rename: not this session's
             started_scans = None
-        if started_scans is not None:
-            tree, self._dst_tree = started_scans
-        else:
-            tree = source_scan(self.root, excludes=self.o.excludes, checksum=self.o.checksum,
-                               state_dir=self.o.state_dir, dry_run=self.o.dry_run, scope=scope)  # fmt: skip
-        self._src_tree = ConfinedTree(self.root)
+        tree = None
         try:
-            return self._run_session(tree, epoch, owner, scope, renames, started, sent_before, received_before)
+            # Before anything is compared: a deleting session from a root that is not the tree
+            # it was (an unmounted mount point) is refused here.
+            self._tree_id = self._source_guard.tree_id(deleting=self.o.delete, allow=self.o.allow_mass_delete,
+                                                       dry_run=self.o.dry_run)  # fmt: skip
+            self._src_tree = ConfinedTree(self.root)
+            planned: list = []
+            if renames and not self.o.dry_run:
+                # Each rename carries what its new name must hold; a renamed directory's new
+                # subtree is compared whole (what it holds on the replica may be older).
+                planned, moved_dirs = plan_renames(renames, self._src_tree)
+                if moved_dirs and scope is not None:
+                    scope = Scope(scope.entries, scope.trees | moved_dirs)
+            if started_scans is not None:
+                tree, self._dst_tree = started_scans
+            else:
+                tree = source_scan(self.root, excludes=self.o.excludes, checksum=self.o.checksum,
+                                   state_dir=self.o.state_dir, dry_run=self.o.dry_run, scope=scope)  # fmt: skip
+            return self._run_session(tree, epoch, owner, scope, planned, started, sent_before,
+                                     received_before)  # fmt: skip
         finally:
-            self._src_tree.close()
-            stop_scans((tree, self._dst_tree))  # a session that failed early leaves no scan running
+            if self._src_tree is not None:
+                self._src_tree.close()
+                self._src_tree = None
+            stop_scans((tree, self._dst_tree) if tree is not None else started_scans)  # none left running
             self._dst_tree = None
 
     def _run_session(self, tree, epoch, owner, scope, renames, started, sent_before, received_before) -> SendOutcome:
@@ -325,7 +351,8 @@ class Sender:
             "epoch": epoch, "delete": self.o.delete, "checksum": self.o.checksum, "dry_run": self.o.dry_run,
             "flags": self.flags, "owner": owner, "excludes": list(self.o.excludes), "no_fsync": not self.o.fsync,
             "scope": scope.as_wire() if scope is not None and not scope.everything else None,
-            "renames": [list(r) for r in renames], "summary": self.local_dst is None,
+            "renames": renames, "summary": self.local_dst is None, "tree": self._tree_id, "keepalive": self.o.keepalive,
+            "deletions": DeletionPolicy(self.o.max_delete, self.o.allow_mass_delete).as_wire(),
         }])  # fmt: skip
         ready = self._expect(P.READY)[1]
         if self.local_dst is not None and self._dst_tree is None:
@@ -340,7 +367,7 @@ class Sender:
         try:
             self._root_attrs()
             if not self.o.dry_run:
-                for old, new in renames:  # done on the receiver: both directories' times changed
+                for old, new, _ in renames:  # done on the receiver: both directories' times changed
                     self._touch_parent(old)
                     self._touch_parent(new)
             for change in compare_pairs(self._pairs(tree), self.compare, summary):
@@ -349,6 +376,11 @@ class Sender:
             self._serve_signatures(block=True)
             if not self.o.dry_run:
                 self._finish_content()
+            elif self._deletes:
+                # A dry run's deletions go to the receiver too, which only reviews them: its
+                # deletion guard's verdict is part of what a dry run shows.
+                for path in self._deletes:
+                    self.t.send([P.DELETE, path], flush=False)
             self.t.send([P.END, {}])
             self.t.flush()
             self.out.receiver = reader.get(reader.results)

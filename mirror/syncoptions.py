@@ -14,6 +14,10 @@ DELTA_THRESHOLD = 256 << 10  # smaller files are sent whole: a signature round t
 # copy twice more (its signature, then its blocks) before the whole file is written anyway.
 # rsync's default is the same (--whole-file when both ends are local).
 LOCAL_DELTA_THRESHOLD = 1 << 63  # no file is this large: every file goes whole
+# A receiver silent this long (seconds) ends the sync (rsync's --timeout; it has none by
+# default, but a mirror must not hang): a receiver at work says so every third of it.
+DEFAULT_TIMEOUT = 120.0
+DEFAULT_CONTIMEOUT = 30.0  # rsync's --contimeout
 
 
 class SenderOptions(NamedTuple):
@@ -32,3 +36,6 @@ class SenderOptions(NamedTuple):
     cancel: threading.Event | None = None  # set: abandon the file in flight and end the session
     keep_changes: bool = True  # False: the result's ``changes`` stays empty (a big first sync's
     # would hold an entry for every file of the tree); ``on_change`` still sees each one
+    max_delete: int | None = None  # a session deleting more entries deletes nothing (mirror.guard)
+    keepalive: float | None = None  # ask the receiver to say "alive" after this long quiet (a network peer)
+    allow_mass_delete: bool = False  # let the source and deletion guards through (and record the source anew)

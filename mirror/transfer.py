@@ -10,7 +10,7 @@ Destinations:
   (``rsh="ssh -T"``), speaking the protocol over its stdin and stdout.
 
 The result says what changed, what failed and how many bytes crossed; the exit code it
-carries follows the CLI's: 0 done, 1 partial (some files failed), 2 error.
+carries follows the CLI's: 0 done, 1 partial (some files failed), 2 error, 25 deletions refused.
 """
 
 from __future__ import annotations
@@ -20,8 +20,17 @@ import re
 import threading
 from typing import TYPE_CHECKING, NamedTuple
 
-from .errors import EXIT_DIFFERENT, EXIT_OK, MirrorError, UsageError, fs_path
-from .syncoptions import LOCAL_DELTA_THRESHOLD, SenderOptions
+from .errors import (
+    EXIT_DIFFERENT,
+    EXIT_GUARD,
+    EXIT_OK,
+    ConnectError,
+    ConnectTimeout,
+    MirrorError,
+    UsageError,
+    fs_path,
+)
+from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, LOCAL_DELTA_THRESHOLD, SenderOptions
 
 if TYPE_CHECKING:
     from .sender import TransferStats
@@ -34,11 +43,14 @@ _URL = re.compile(r"^mirror://(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/(?P
 
 
 class SyncResult:
-    """What a sync did.  ``exit_code``: 0 done, 1 partial (see ``failed``/``problems``)."""
+    """What a sync did.  ``exit_code``: 0 done, 1 partial (see ``failed``/``problems``), 25
+    deletions refused (see ``deletions_refused``)."""
 
     def __init__(self, changes=None, failed=None, problems=None, stats: TransferStats | None = None,
                  receiver: dict | None = None, dry_run: bool = False):  # fmt: skip
         self.changes: list = changes if changes is not None else []
+        # Why the replica's deletion guard did not delete (mirror.guard); None: it did, or none were asked.
+        self.deletions_refused: str | None = (receiver or {}).get("deletions_refused") or None
         self.failed: list[tuple[bytes, str]] = failed if failed is not None else []
         self.problems: list = problems if problems is not None else []
         self.stats: TransferStats = stats if stats is not None else _sender().TransferStats()
@@ -51,6 +63,8 @@ class SyncResult:
 
     @property
     def exit_code(self) -> int:
+        if self.deletions_refused:
+            return EXIT_GUARD
         return EXIT_DIFFERENT if (self.failed or self.problems) else EXIT_OK
 
     @property
@@ -89,14 +103,22 @@ def sync(src, dst, **options) -> SyncResult:
     Options: ``delete``, ``checksum``, ``dry_run``, ``excludes``, ``secret`` or
     ``secret_file``, ``lock_file`` (this node's mirroring lock), ``dst_lock_file`` (local
     destination only), ``state_dir``, ``bwlimit`` (bytes/s), ``rsh``, ``remote_command``,
+    ``remote_options`` (for ``HOST:PATH``: options of the remote ``mirror receive``, e.g.
+    ``["--keep-owners"]``),
     ``delta_threshold`` (files at least this large on both sides go as deltas; default 256 KiB
     to a receiver, never to a local directory), ``fsync``, ``epoch``, ``on_change(change)``,
     ``on_progress(bytes)``,
     ``keep_changes`` (default True; False leaves ``result.changes`` empty, which saves a few
-    hundred bytes per changed entry: a first sync of a big tree changes every entry).
+    hundred bytes per changed entry: a first sync of a big tree changes every entry),
+    ``timeout`` (seconds a receiver may stay silent, default 120; 0 or None: no limit) and
+    ``contimeout`` (seconds to connect, default 30): ``PeerTimeout`` (exit 30),
+    ``ConnectTimeout`` (exit 35); ``max_delete`` and ``allow_mass_delete`` (the deletion guard, ``mirror.guard``: a sync
+    that would delete every entry of a non-empty replica, or more than ``max_delete``
+    entries, deletes nothing and says why in ``result.deletions_refused``, exit code 25).
 
     Raises ``MirrorError`` subclasses for what ends the job (``LockedError``,
-    ``StaleEpochError``, ``AuthError``, ...); files that could not be sent or written are
+    ``StaleEpochError``, ``AuthError``, ``SourceGuardError``: a deleting sync from a source
+    that is not the tree the replica mirrors, ...); files that could not be sent or written are
     reported in the result (``exit_code`` 1) while the rest is mirrored.
     """
     connection = Connection(src, dst, **options)
@@ -128,6 +150,7 @@ class Connection:
         bwlimit: int | None = None,
         rsh: str = "ssh -T",
         remote_command: str = "mirror",
+        remote_options=(),
         delta_threshold: int | None = None,
         fsync: bool = True,
         epoch: int | None = None,
@@ -135,6 +158,10 @@ class Connection:
         on_progress=None,
         cancel=None,
         keep_changes: bool = True,
+        max_delete: int | None = None,
+        allow_mass_delete: bool = False,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        contimeout: float | None = DEFAULT_CONTIMEOUT,
     ):
         self.src = fs_path(src)
         if not os.path.isdir(self.src):
@@ -146,14 +173,23 @@ class Connection:
         self.dest = parse_destination(dst)
         if delta_threshold is None and self.dest.kind == "local":
             delta_threshold = LOCAL_DELTA_THRESHOLD
+        for name, value in (("timeout", timeout), ("contimeout", contimeout)):
+            if value is not None and value < 0:
+                raise UsageError(f"--{name} must be 0 (none) or more seconds, got {value}")
+        timeout = timeout or None  # 0: none, as rsync's
+        # A network receiver says it is alive a few times per timeout while it works on its own
+        # (a long commit, deletions), so only a stopped, hung or vanished one times out.
+        keepalive = timeout / 3 if timeout and self.dest.kind != "local" else None
         self.options = SenderOptions(
             delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
             lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
-            fsync=fsync, secret=secret, cancel=cancel, keep_changes=keep_changes,
+            fsync=fsync, secret=secret, cancel=cancel, keep_changes=keep_changes, max_delete=max_delete,
+            allow_mass_delete=allow_mass_delete, keepalive=keepalive,
             **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
         )  # fmt: skip
         self.epoch = epoch
-        self._connect_args = (secret, dst_lock_file, bwlimit, rsh, remote_command)
+        self._connect_args = (secret, dst_lock_file, bwlimit, rsh, remote_command, tuple(remote_options), timeout,
+                              contimeout or None)  # fmt: skip
         self._callbacks = (on_change, on_progress)
         self.transport = None
         self._cleanup = None
@@ -238,6 +274,10 @@ def _start_scans(src: bytes, local_dst: bytes | None, options):
     from .syncscan import replica_scan, source_scan
 
     writer = None
+    if local_dst is not None:
+        from .statedir import check_root
+
+        check_root(local_dst)  # before the writer lock, which would write into a user's .mirror
     if local_dst is not None and not options.dry_run:
         from .writerlock import WriterLock
 
@@ -263,14 +303,19 @@ def _abandon(scans, writer) -> None:
         writer.release()
 
 
-def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command, writer=None):
+def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command, remote_options, timeout,
+             contimeout, writer=None):  # fmt: skip
     from .protocol import LocalTransport, StreamTransport
 
     if dest.kind == "local":
         from .receiver import ModuleConfig, Receiver
 
         mine, theirs = LocalTransport.pair()
-        module = ModuleConfig(name="", path=dest.path, secret=None,
+        from .privileges import Privileges
+
+        # A local replica is no security boundary (the user could copy the files
+        # themselves): devices, special files, set-id bits and owners are all kept.
+        module = ModuleConfig(name="", path=dest.path, secret=None, privileges=Privileges.everything(),
                               lock_file=fs_path(dst_lock_file) if dst_lock_file else None)  # fmt: skip
         errors: list[BaseException] = []
 
@@ -286,23 +331,30 @@ def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_comm
     if dest.kind == "daemon":
         import socket
 
+        where = f"{dest.host}:{dest.port}"
         try:
-            sock = socket.create_connection((dest.host, dest.port), timeout=30)
+            sock = socket.create_connection((dest.host, dest.port), timeout=contimeout)
+        except TimeoutError:
+            raise ConnectTimeout(f"cannot connect to {where}: no answer within {contimeout:g} s (--contimeout)") from None
         except OSError as exc:
-            raise MirrorError(f"cannot connect to {dest.host}:{dest.port}: {exc.strerror or exc}") from None
-        sock.settimeout(None)
+            raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        sock.settimeout(timeout)  # every wait for the receiver, reading or writing
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rfile, wfile = sock.makefile("rb", buffering=1 << 20), sock.makefile("wb", buffering=1 << 20)
-        return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=sock.close), lambda: None
+        return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=sock.close, peer=f"the receiver at {where}",
+                               timeout_hint=f" after {timeout:g} s (--timeout)" if timeout else ""), lambda: None  # fmt: skip
     import shlex
     import subprocess
 
     # ssh joins its arguments into one line for the remote shell: the path must be quoted,
     # or a space breaks it and shell syntax in it runs over there.
-    remote_line = f"{remote_command} receive -- {shlex.quote(os.fsdecode(dest.path))}"
+    options = "".join(" " + shlex.quote(o) for o in remote_options)
+    remote_line = f"{remote_command} receive{options} -- {shlex.quote(os.fsdecode(dest.path))}"
     argv = shlex.split(rsh) + [dest.host, remote_line]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    transport = StreamTransport(proc.stdout, _Buffered(proc.stdin), bwlimit=bwlimit)
+    transport = StreamTransport(proc.stdout, _Buffered(proc.stdin), bwlimit=bwlimit, read_timeout=timeout,
+                                peer=f"the receiver on {dest.host}",
+                                timeout_hint=f" after {timeout:g} s (--timeout)" if timeout else "")  # fmt: skip
 
     def reap():
         try:

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from . import earlywalk, fastpath
 from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key
 from .errors import ManifestError, display_path, fs_path
-from .statedir import STATE_DIR_NAME, ensure_state_dir, resolve_state_dir
+from .statedir import STATE_DIR_NAME, check_root, check_state_dir, ensure_state_dir, resolve_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,12 @@ class TreeScan:
         self.stats = ScanStats()
         self.problems: list[ScanProblem] = []
         self.is_manifest = os.path.isfile(self.root) and _manifest().is_manifest_file(self.root)
+        if not self.is_manifest:
+            # Every scan leaves the state dir out: refuse rather than hide a user's .mirror.
+            check_root(self.root)
+            inside = _state_dir_inside(self.root, self.state_dir)
+            if inside is not None:
+                check_state_dir(self.state_dir, f"the state dir {display_path(self.state_dir)} inside the tree")
         self.manifest_header = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -9,6 +9,8 @@ import time
 from contextlib import contextmanager
 
 SECRET = b"test-shared-secret-0123456789"
+# What a module must grant to mirror every kind of entry, set-id bits and owners (mirror.privileges).
+TRUSTING = ("--allow-devices", "--allow-specials", "--allow-setid", "--keep-owners")
 
 
 @contextmanager

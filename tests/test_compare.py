@@ -124,7 +124,7 @@ def test_unchanged_cache_is_kept_and_a_changed_one_rewritten(tmp_path, monkeypat
             write(os.path.join(root, f"d{d}", f"f{i}"), b"x" * i, mtime_ns=T0)
     _scan_stats(root)
     cache_dir = os.path.join(root, ".mirror")
-    (name,) = os.listdir(cache_dir)
+    (name,) = [n for n in os.listdir(cache_dir) if n.startswith("digests-")]
     before = os.stat(os.path.join(cache_dir, name))
     assert _scan_stats(root).hashed == 0
     after = os.stat(os.path.join(cache_dir, name))
@@ -161,7 +161,7 @@ def test_damaged_cache_is_rebuilt_with_a_warning(tmp_path, caplog):
     write(os.path.join(root, "f"), b"x")
     _scan_stats(root)
     cache_dir = os.path.join(root, ".mirror")
-    (name,) = os.listdir(cache_dir)
+    (name,) = [n for n in os.listdir(cache_dir) if n.startswith("digests-")]
     path = os.path.join(cache_dir, name)
     data = bytearray(open(path, "rb").read())
     data[-20] ^= 0xFF

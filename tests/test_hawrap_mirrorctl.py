@@ -117,7 +117,7 @@ def test_sending_runs_one_daemon_per_tree_and_stops_them(ctl):
     c.set_direction("receive")
     assert all(p.poll() is not None for p in procs)
     got = wait_calls(tmp, 3)
-    assert got[2] == f"serve --listen 203.0.113.1:9999 --module spool={tmp}/a/spool --module www={tmp}/a/www --secret-file {secret} --lock-file {tmp}/a.lock"
+    assert got[2] == f"serve --listen 203.0.113.1:9999 --module spool={tmp}/a/spool --module www={tmp}/a/www --secret-file {secret} --lock-file {tmp}/a.lock --keep-owners --allow-setid --allow-specials"
     c.set_direction(None)
     assert c._procs == []
 

@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -41,16 +42,25 @@ def _raw(port: int, payload: bytes) -> bytes:
 
 
 def _handshake(port: int, module: str = "m", secret: bytes = SECRET):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-    t = P.StreamTransport(sock.makefile("rb"), sock.makefile("wb"), on_close=sock.close)
-    nonce = os.urandom(32)
-    t.send([P.HELLO, {"proto": 1, "module": module, "subpath": b"", "nonce": nonce}])
-    challenge = t.recv()
-    t.send([P.AUTH, {"proof": P.client_proof(secret, challenge[1]["nonce"], nonce, module)}])
-    assert t.recv()[0] == P.WELCOME
-    t.send([P.START, {"epoch": 0, "flags": 0}])
-    assert t.recv()[0] == P.READY
-    return t
+    """A raw writing session; retried while the previous client's session still holds the
+    module (a sync returns at its result, before the server has let the writer lock go)."""
+    deadline = time.monotonic() + 10
+    while True:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        t = P.StreamTransport(sock.makefile("rb"), sock.makefile("wb"), on_close=sock.close)
+        nonce = os.urandom(32)
+        t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": module, "subpath": b"", "nonce": nonce}])
+        challenge = t.recv()
+        t.send([P.AUTH, {"proof": P.client_proof(secret, challenge[1]["nonce"], nonce, module)}])
+        assert t.recv()[0] == P.WELCOME
+        t.send([P.START, {"epoch": 0, "flags": 0}])
+        reply = t.recv()
+        if reply[0] == P.ERROR and "busy" in reply[3] and time.monotonic() < deadline:
+            t.close()
+            time.sleep(0.01)
+            continue
+        assert reply[0] == P.READY, reply
+        return t
 
 
 @pytest.fixture
@@ -76,7 +86,7 @@ def test_garbage_truncated_and_oversized_frames(served):
     _raw(server.port, struct.pack(">I", 1000) + b"x" * 10)  # truncated frame
     _raw(server.port, struct.pack(">I", 0xFFFFFFF0))  # a 4 GiB frame, announced
     _raw(server.port, P.encode([P.HELLO, {"proto": 99, "module": "m", "nonce": b"x" * 32}]))
-    _raw(server.port, P.encode([P.HELLO, {"proto": 1, "module": "nope", "nonce": b"x" * 32}]))
+    _raw(server.port, P.encode([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": "nope", "nonce": b"x" * 32}]))
     _raw(server.port, struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")  # never-used msgpack byte
     assert server.alive
     assert _rss_kib(server.proc.pid) - rss_before < 64 * 1024  # nothing near 4 GiB was allocated
@@ -187,7 +197,7 @@ def test_receiver_fuzz_never_escapes_or_crashes(tmp_path_factory, messages):
 
     thread = threading.Thread(target=serve)
     thread.start()
-    client.send([P.HELLO, {"proto": 1, "module": "", "nonce": b"n" * 32}])
+    client.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": "", "nonce": b"n" * 32}])
     client.recv()
     client.send([P.AUTH, {}])
     client.recv()

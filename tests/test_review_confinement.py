@@ -84,7 +84,7 @@ def test_renames_cannot_move_the_state_dir(tmp_path):
     state = os.fsencode(root / ".mirror")
     for _ in range(4):
         bump_epoch(state)
-    s = RawSession(root, start={"epoch": 4, "renames": [[b".mirror", b"stolen-state"]]})
+    s = RawSession(root, start={"epoch": 4, "renames": [[b".mirror", b"stolen-state", ["d"]]]})
     if s.ready is not None and s.ready[0] == P.READY:
         s.drain_summary()
         s.end()
@@ -164,7 +164,8 @@ def test_rename_to_a_deep_path_moves_the_named_entry(tmp_path):
         os.mkdir(level)
         with open(os.path.join(level, b"moved"), "wb") as f:
             f.write(b"innocent bystander")
-    s = RawSession(root, start={"renames": [[b"a/moved", b"/".join(parts) + b"/new"]]})
+    expect = ["f", 1, os.stat(root / "a" / "moved").st_mtime_ns, xxhash.xxh3_128_digest(b"M")]
+    s = RawSession(root, start={"renames": [[b"a/moved", b"/".join(parts) + b"/new", expect]]})
     s.drain_summary()
     s.end()
     level = os.fsencode(root)

@@ -33,7 +33,12 @@ class RawSession:
         self.thread.start()
         self.ready = None
         self.refused = None  # the receiver's error, if it refused the handshake
-        self.client.send([P.HELLO, {"proto": 1, "module": "", "subpath": subpath, "nonce": os.urandom(32)}])
+        self.client.send(
+            [
+                P.HELLO,
+                {"proto": P.PROTOCOL_VERSION, "module": "", "subpath": subpath, "nonce": os.urandom(32)},
+            ]
+        )
         if self._step(P.CHALLENGE):
             self.client.send([P.AUTH, {}])
             self._step(P.WELCOME)

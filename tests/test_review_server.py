@@ -8,6 +8,7 @@ option does not exist yet, so they fail at start-up until the fix adds it.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -46,7 +47,7 @@ def _tcp_session_once(port: int, start: bool):
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
     t = P.StreamTransport(sock.makefile("rb"), sock.makefile("wb"), on_close=sock.close)
     nonce = os.urandom(32)
-    t.send([P.HELLO, {"proto": 1, "module": "m", "subpath": b"", "nonce": nonce}])
+    t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": "m", "subpath": b"", "nonce": nonce}])
     challenge = t.recv()
     t.send([P.AUTH, {"proof": P.client_proof(SECRET, challenge[1]["nonce"], nonce, "m")}])
     assert t.recv()[0] == P.WELCOME
@@ -202,10 +203,16 @@ def test_failed_sessions_leak_no_descriptor(tmp_path, trees):
 
 def _raw(port: int, payload: bytes) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        while s.recv(65536):
-            pass
+        try:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+        except (ConnectionResetError, BrokenPipeError, OSError) as exc:
+            # The server may refuse before it has read it all (an oversized header before
+            # authentication): its close resets the connection.
+            if not isinstance(exc, (ConnectionResetError, BrokenPipeError)) and exc.errno != errno.ENOTCONN:
+                raise
 
 
 def test_bad_connections_leave_no_descriptor_or_thread_behind(tmp_path, trees):

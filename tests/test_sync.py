@@ -18,7 +18,7 @@ from mirror.lockfile import acquire
 from mirror.transfer import parse_destination, sync
 from mirror.writerlock import WriterLock
 from tests.helpers import MIRROR, is_root, run_mirror, wait_until
-from tests.servers import REMOTE_MIRROR, fake_rsh, mirror_server
+from tests.servers import REMOTE_MIRROR, TRUSTING, fake_rsh, mirror_server
 from tests.snapshot import assert_mirrors, snapshot
 from tests.test_scan_hardcases import make_hard_tree
 
@@ -103,7 +103,7 @@ def test_a_local_sync_bigger_than_the_in_thread_limit(tmp_path):
 def test_sync_through_real_server(hard_src, tmp_path):
     dst = tmp_path / "replica"
     dst.mkdir()
-    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+    with mirror_server(tmp_path, {"m": str(dst)}, *TRUSTING) as server:
         proc = run_mirror("sync", hard_src, server.url("m"), "--secret-file", server.secret_file, "--stats")
         assert proc.returncode == 0, proc.stderr
         assert_mirrors(hard_src, dst)
@@ -119,7 +119,7 @@ def test_sync_through_real_server(hard_src, tmp_path):
 def test_sync_into_subpath_of_module(hard_src, tmp_path):
     dst = tmp_path / "replica"
     dst.mkdir()
-    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+    with mirror_server(tmp_path, {"m": str(dst)}, *TRUSTING) as server:
         proc = run_mirror("sync", hard_src, server.url("m") + "/a/b", "--secret-file", server.secret_file)
         assert proc.returncode == 0, proc.stderr
     assert_mirrors(hard_src, dst / "a" / "b")
@@ -128,7 +128,7 @@ def test_sync_into_subpath_of_module(hard_src, tmp_path):
 def test_sync_over_remote_shell(hard_src, tmp_path):
     dst = tmp_path / "over-ssh"
     proc = run_mirror("sync", "--rsh", fake_rsh(tmp_path), "--remote-command", REMOTE_MIRROR, hard_src,
-                      f"somehost:{dst}")  # fmt: skip
+                      *[f"--remote-option={o}" for o in TRUSTING], f"somehost:{dst}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert_mirrors(hard_src, dst)
 
@@ -160,7 +160,7 @@ def test_a_refused_remote_sync_leaves_no_scan_running(hard_src, tmp_path):
     assert not [t for t in threading.enumerate() if t.name == "treescan"]
     dst = tmp_path / "replica"
     dst.mkdir()
-    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+    with mirror_server(tmp_path, {"m": str(dst)}, *TRUSTING) as server:
         with pytest.raises(AuthError, match="authentication failed"):
             sync(hard_src, server.url("m"), secret=b"not-the-secret")
         assert not [t for t in threading.enumerate() if t.name == "treescan"]
@@ -209,7 +209,7 @@ def test_delete_never_reaches_outside(tmp_path):
     os.symlink(outside / "keep", dst / "link-to-outside")
     (dst / "stale").mkdir()
     os.symlink(outside, dst / "stale" / "escape")
-    result = sync(src, dst, delete=True)
+    result = sync(src, dst, delete=True, allow_mass_delete=True)  # the source is empty: meant here
     assert result.ok
     assert (outside / "keep" / "precious").read_text() == "x"
     assert os.listdir(dst) == [b".mirror"] or os.listdir(dst) == [".mirror"] or os.listdir(dst) == []

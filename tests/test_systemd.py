@@ -384,7 +384,7 @@ def test_daemon_that_cannot_reach_its_replica_is_not_ready(tmp_path, notify_sock
                             stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         status = notify_socket.expect("STATUS", timeout=30)
-        while "disconnected" not in status["STATUS"]:
+        while "unreachable" not in status["STATUS"]:
             status = notify_socket.expect("STATUS", timeout=30)
         while notify_socket.receive(1.0) is not None:  # whatever else it reports meanwhile
             pass

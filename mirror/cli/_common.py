@@ -55,3 +55,19 @@ def path_arg(text: str) -> bytes:
 
 def show(path: bytes) -> str:
     return display_path(path)
+
+
+def add_privilege_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """What a receiver lets senders create (``mirror.privileges``): nothing privileged unless told."""
+    parser.add_argument("--allow-devices", action="store_true", help=f"accept device nodes in {what}")
+    parser.add_argument("--allow-specials", action="store_true", help=f"accept FIFOs and sockets in {what}")
+    parser.add_argument("--allow-setid", action="store_true", help=f"keep setuid/setgid bits of files in {what}")
+    parser.add_argument("--keep-owners", action="store_true",
+                        help=f"(as root) give files in {what} the sender's owners and groups")  # fmt: skip
+
+
+def privileges_from_args(args):
+    from ..privileges import Privileges
+
+    return Privileges(devices=args.allow_devices, specials=args.allow_specials, setid=args.allow_setid,
+                      owners=args.keep_owners)  # fmt: skip

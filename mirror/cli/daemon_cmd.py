@@ -8,6 +8,15 @@ persistent connection.  While a mirroring lock exists nothing is sent; changes a
 journaled and caught up when it goes.  SIGTERM stops cleanly, SIGHUP reloads --config.
 Under systemd (Type=notify) it reports READY=1 once every pair's first sync is done.
 
+A receiver silent longer than --timeout (it says it is alive while it works), or one that
+cannot be reached within --contimeout, is reported `unreachable`; the pair reconnects with
+backoff.
+
+A pair whose source is not the tree its replica mirrors (unmounted, or another filesystem
+in its place), or whose changes would empty the replica or delete more than --max-delete
+entries, halts: nothing more is sent, `mirror status` says why, and a full sync is tried
+again later (a source mounted again resumes by itself).
+
 Exit status: 0 stopped by SIGTERM/SIGINT, 2 error, 4 every pair was fenced (the replica
 has a newer epoch: this node must not mirror).
 """
@@ -23,6 +32,7 @@ from ..config import load_daemon_config, parse_listen
 from ..errors import EXIT_STALE_EPOCH, UsageError
 from ..sdnotify import SystemdNotifier
 from ._common import add_exclude_arguments, excluder_from_args, path_arg
+from .sync_cmd import add_timeout_arguments, count_arg
 
 log = logging.getLogger("mirror.daemon")
 
@@ -40,6 +50,12 @@ def add_arguments(parser):
     parser.add_argument("--open-file-delay", type=float, default=1.0,
                         help="mirror a file still open for writing after this many seconds (default 1)")
     parser.add_argument("--no-delete", action="store_true", help="do not delete on the replica what SRC deleted")
+    add_timeout_arguments(parser)
+    parser.add_argument("--max-delete", type=count_arg, metavar="N",
+                        help="a session that would delete more than N entries deletes none: the pair halts")
+    parser.add_argument("--allow-mass-delete", action="store_true",
+                        help="let the pair empty the replica or mirror a source that is not the tree the replica "
+                             "mirrors (an unmounted or replaced source); dangerous on a daemon")
     add_exclude_arguments(parser)
 
 
@@ -62,7 +78,8 @@ def _config_from_args(args):
         name=os.path.basename(src.rstrip(b"/")).decode("utf-8", "replace") or "root", source=src, destination=args.dst,
         secret_file=args.secret_file, lock_file=path_arg(args.lock_file) if args.lock_file else None,
         state_dir=state_dir, excludes=tuple(p.text for p in excluder.patterns) if excluder else (),
-        delete=not args.no_delete,
+        delete=not args.no_delete, max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete,
+        timeout=args.timeout, contimeout=args.contimeout,
     )  # fmt: skip
     return DaemonConfig(
         pairs=(pair,), status_dir=path_arg(args.status_dir) if args.status_dir else resolve_state_dir(src, state_dir),

@@ -1,6 +1,9 @@
 """Receive a sync on stdin/stdout (what `mirror sync SRC HOST:PATH` runs over ssh).
 
-Not for interactive use: the protocol runs on standard input and output.
+Not for interactive use: the protocol runs on standard input and output.  Like a `mirror
+serve` module, the replica accepts no device node, FIFO or socket, keeps no setuid/setgid
+bit and no owner unless told (--allow-devices, --allow-specials, --allow-setid,
+--keep-owners; `mirror sync --remote-option=--keep-owners SRC HOST:PATH` passes them).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import sys
 from ..errors import UsageError
 from ..protocol import StreamTransport, load_secret
 from ..receiver import ModuleConfig, Receiver
+from ._common import add_privilege_arguments, privileges_from_args
 
 
 def add_arguments(parser):
@@ -18,6 +22,7 @@ def add_arguments(parser):
     parser.add_argument("--secret-file", metavar="FILE", help="require the sender to prove this shared secret")
     parser.add_argument("--lock-file", metavar="PATH", help="refuse writes while this mirroring lock exists")
     parser.add_argument("--state-dir", metavar="DIR", help="the replica's state dir (default PATH/.mirror)")
+    add_privilege_arguments(parser, "the replica")
 
 
 def run(args) -> int:
@@ -28,7 +33,7 @@ def run(args) -> int:
     module = ModuleConfig(
         name="", path=os.path.abspath(path), secret=load_secret(args.secret_file) if args.secret_file else None,
         lock_file=os.fsencode(args.lock_file) if args.lock_file else None,
-        state_dir=os.fsencode(args.state_dir) if args.state_dir else None,
+        state_dir=os.fsencode(args.state_dir) if args.state_dir else None, privileges=privileges_from_args(args),
     )  # fmt: skip
     # The protocol owns stdout: anything else printed there would corrupt it.
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=1 << 20)

@@ -17,9 +17,12 @@ import threading
 
 from ..config import load_serve_config, parse_listen
 from ..errors import MirrorError, UsageError
+from ..privileges import Privileges
 from ..protocol import load_secret
 from ..receiver import ModuleConfig
 from ..sdnotify import SystemdNotifier
+from ..statedir import check_root
+from ._common import add_privilege_arguments, privileges_from_args
 
 log = logging.getLogger("mirror.serve")
 
@@ -35,14 +38,15 @@ def add_arguments(parser):
                         help="drop a client silent this long in the handshake or a session "
                              "(default 30 s / 600 s; a live daemon may idle between sessions)")
     parser.add_argument("--port-file", metavar="FILE", help="write the port listened on to FILE (for --listen :0)")
+    add_privilege_arguments(parser, "the --module trees")
 
 
 def run(args) -> int:
     from ..server import MirrorServer
 
     if args.config:
-        if args.module:
-            raise UsageError("give modules either with --config or with --module, not both")
+        if args.module or privileges_from_args(args) != Privileges():
+            raise UsageError("give modules (and what they allow) either with --config or with --module, not both")
         config = load_serve_config(args.config)
         listen, modules, max_conn = config.listen, config.modules, config.max_connections
         timeout = args.timeout if args.timeout is not None else config.timeout
@@ -62,9 +66,12 @@ def run(args) -> int:
             modules[name] = ModuleConfig(
                 name=name, path=os.fsencode(os.path.abspath(path)), secret=secret,
                 lock_file=os.fsencode(args.lock_file) if args.lock_file else None, read_only=args.read_only,
+                privileges=privileges_from_args(args),
             )  # fmt: skip
         listen, max_conn = parse_listen(args.listen), 64
         timeout = args.timeout
+    for module in modules.values():
+        check_root(module.path)  # a user's own .mirror at the root would be hidden: refused now
     notifier = SystemdNotifier.from_environment()
     server = MirrorServer(listen, modules, max_conn, timeout=timeout)
     if args.port_file:
@@ -123,6 +130,8 @@ class _Reloader:
             return
         try:
             config = load_serve_config(path)
+            for module in config.modules.values():
+                check_root(module.path)
         except MirrorError as exc:
             log.error("reload failed, still serving the previous configuration: %s", exc)
             return

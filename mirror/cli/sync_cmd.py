@@ -6,14 +6,17 @@ rsync-style deltas against the replica's copy), directories, symlinks, hard link
 Every file is verified against SRC's xxh3-128 digest before it replaces the old one.
 
 Exit status: 0 done, 1 partial (some files failed; each is named on stderr), 2 error,
-3 a mirroring lock is present, 4 the replica has a newer epoch (fenced), 5 auth failed.
+3 a mirroring lock is present, 4 the replica has a newer epoch (fenced), 5 auth failed,
+25 refused to destroy the replica: with --delete, a source that is not the tree the replica
+mirrors (unmounted?), a sync that would empty the replica or delete more than --max-delete,
+30 the receiver stayed silent longer than --timeout, 35 no connection within --contimeout.
 """
 
 from __future__ import annotations
 
 import sys
 
-from ..errors import EXIT_DIFFERENT, UsageError
+from ..errors import UsageError
 from ._common import add_exclude_arguments, excluder_from_args, path_arg
 
 _UNITS = {"": 1024, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -47,10 +50,18 @@ def add_arguments(parser):
     parser.add_argument("--bwlimit", metavar="RATE", type=parse_rate, help="limit bandwidth (KiB/s, or 20M, 1G)")
     parser.add_argument("--rsh", default="ssh -T", help="remote shell for HOST:PATH (default 'ssh -T')")
     parser.add_argument("--remote-command", default="mirror", help="the mirror command on the remote host")
+    parser.add_argument("-M", "--remote-option", action="append", default=[], metavar="OPT",
+                        help="HOST:PATH: an option of the remote `mirror receive` (e.g. --remote-option=--keep-owners)")
     parser.add_argument("--lock-file", metavar="PATH", help="mirroring lock: refuse to send while PATH exists")
     parser.add_argument("--dst-lock-file", metavar="PATH", help="local DST only: the receiving side's lock file")
     parser.add_argument("--state-dir", metavar="DIR", help="SRC's state dir (epoch, digest cache)")
     parser.add_argument("--no-fsync", action="store_true", help="skip fsync on the receiver (tests, scratch copies)")
+    add_timeout_arguments(parser)
+    parser.add_argument("--max-delete", type=count_arg, metavar="N",
+                        help="with --delete: a sync that would delete more than N entries deletes none (exit 25)")
+    parser.add_argument("--allow-mass-delete", action="store_true",
+                        help="with --delete: let a sync empty the replica, or run from a source that is not the "
+                             "tree the replica mirrors (an unmounted or replaced source), and record it")
     add_exclude_arguments(parser)
 
 
@@ -73,9 +84,11 @@ def run(args) -> int:
             path_arg(args.src), path_arg(args.dst), delete=args.delete, checksum=args.checksum,
             dry_run=args.dry_run, excludes=patterns, secret_file=args.secret_file, lock_file=args.lock_file,
             dst_lock_file=args.dst_lock_file, state_dir=args.state_dir, bwlimit=args.bwlimit, rsh=args.rsh,
-            remote_command=args.remote_command, fsync=not args.no_fsync, on_change=on_change if show else None,
+            remote_command=args.remote_command, remote_options=args.remote_option, fsync=not args.no_fsync, on_change=on_change if show else None,
             on_progress=progress.advance if progress else None,
             keep_changes=args.json,  # only --json prints them at the end; -i prints each as it goes
+            max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete, timeout=args.timeout,
+            contimeout=args.contimeout,
         )  # fmt: skip
     finally:
         if progress:
@@ -90,7 +103,7 @@ def run(args) -> int:
         from ._common import print_json
 
         print_json({
-            "ok": result.ok, "dry_run": result.dry_run,
+            "ok": result.ok, "dry_run": result.dry_run, "deletions_refused": result.deletions_refused,
             "changes": [change_json(c) for c in result.changes],
             "failed": [{"path": _show(p), "reason": r} for p, r in result.failed],
             "problems": [{"path": _show(p.path), "message": p.message} for p in result.problems],
@@ -108,11 +121,46 @@ def run(args) -> int:
         print(f"bytes: {s.literal_bytes} literal, {s.matched_bytes} matched from the replica, "
               f"{s.wire_sent} sent on the wire, {s.wire_received} received")
         print(f"speedup: {s.speedup:.2f}   time: {s.seconds:.3f} s")
+    if result.deletions_refused:
+        print(f"mirror sync: deletions refused: {result.deletions_refused}", file=sys.stderr)
     if result.failed or result.problems:
         print(f"mirror sync: partial: {len(result.failed)} files failed, {len(result.problems)} could not be read",
               file=sys.stderr)  # fmt: skip
-        return EXIT_DIFFERENT
-    return 0
+    return result.exit_code
+
+
+def add_timeout_arguments(parser) -> None:
+    from ..syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
+
+    parser.add_argument("--timeout", type=seconds_arg, default=DEFAULT_TIMEOUT, metavar="S",
+                        help=f"end when the receiver stays silent S seconds (default {DEFAULT_TIMEOUT:g}; 0: never)")
+    parser.add_argument("--contimeout", type=seconds_arg, default=DEFAULT_CONTIMEOUT, metavar="S",
+                        help=f"give up connecting to mirror:// after S seconds (default {DEFAULT_CONTIMEOUT:g})")
+
+
+def seconds_arg(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (0 or more), got {text!r}")
+    return value
+
+
+def count_arg(text: str) -> int:
+    """``--max-delete N``: a number of entries, 0 or more."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of entries (0 or more), got {text!r}")
+    return value
 
 
 def _show(path: bytes) -> str:

@@ -1,0 +1,300 @@
+"""Guards against destroying a replica: the source guard and the deletion guard.
+
+A source that failed to mount is an empty directory (or an old one, with whatever was left
+under the mount point); mirrored with deletions, it empties the replica.  Two guards stand
+in the way of a session that deletes (``sync --delete``, the live daemon):
+
+**The source guard** (the whole session is refused, ``SourceGuardError``, exit 25).  Each
+tree has an identity, recorded in its state dir (``tree-identity``): a random tree id, and
+the filesystem it was found on (``statvfs`` ``f_fsid`` and the root's inode).
+
+- A source records its identity at its first sync (a tree id derived from where it is, so
+  two state dirs of one tree agree).  Later, a root on another filesystem, or another root
+  directory (an unmounted mount point: a directory of the filesystem below), is not the
+  tree that was mirrored.  When the state dir lies in the tree, an unmounted tree has lost
+  it too: the directory below gets its own tree id, which the replica then refuses.
+- A replica records the tree id of the first sender that writes to it, and refuses a
+  deleting session from another tree.  When the replica becomes the source (a failover),
+  it goes on as the same tree, so the old primary, its replica now, still recognises it.
+
+**The deletion guard** (deletions are refused, everything else goes on; the result says why,
+exit 25).  The replica's writer reviews the session's deletions before it does any: a plan
+that would delete every entry of a non-empty replica, or more than ``max_delete`` entries
+(rsync's ``--max-delete``; a directory counts with everything in it), deletes nothing.
+
+``allow_mass_delete`` (``--allow-mass-delete``) lets both through when the administrator
+means it, and records the source's new identity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from typing import NamedTuple
+
+import xxhash
+
+from .atomicfile import atomic_write
+from .errors import SourceGuardError, UnsafePathError, display_path
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = b"tree-identity"
+_MAX_IDENTITY = 4096
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class DeletionPolicy(NamedTuple):
+    """What a deleting session may do: ``max_delete`` entries at most (None: no limit, only
+    the empty-replica rule), or anything with ``allow_mass_delete``."""
+
+    max_delete: int | None = None
+    allow_mass_delete: bool = False
+
+    def as_wire(self) -> dict:
+        return {"max_delete": self.max_delete, "allow_mass_delete": self.allow_mass_delete}
+
+
+def session_guard(opts: dict) -> tuple[str | None, DeletionPolicy]:
+    """A ``start`` message's ``tree`` id and ``deletions`` policy, checked (the receiver's side)."""
+    from . import protocol as P
+    from .errors import ProtocolError
+
+    tree_id = opts.get("tree")
+    if tree_id is not None and (not isinstance(tree_id, str) or len(tree_id) != 32
+                                or any(c not in "0123456789abcdef" for c in tree_id)):  # fmt: skip
+        raise ProtocolError("bad tree id")
+    value = opts.get("deletions")
+    if value is None:
+        return tree_id, DeletionPolicy()
+    if not isinstance(value, dict):
+        raise ProtocolError("bad deletion policy")
+    limit = value.get("max_delete")
+    policy = DeletionPolicy(None if limit is None else P.want_int(limit, "max_delete"),
+                            bool(value.get("allow_mass_delete")))  # fmt: skip
+    return tree_id, policy
+
+
+class TreeIdentity(NamedTuple):
+    tree_id: str
+    fs: tuple[int, int] | None  # (f_fsid, root inode) where the tree was found
+
+
+def fs_identity(root: bytes) -> tuple[int, int]:
+    """The filesystem ``root`` is on, and which directory of it: (f_fsid, inode)."""
+    return os.statvfs(root).f_fsid, os.stat(root).st_ino
+
+
+def new_tree_id(fs: tuple[int, int]) -> str:
+    """The id of a tree that has none recorded, from where it is: the same tree gets the same
+    id whatever state dir it is synced with (two daemons, a sync with ``--state-dir`` beside
+    one without), while the directory under an unmounted mount point gets another."""
+    return xxhash.xxh3_128_hexdigest(b"hamirror tree %d %d" % fs)
+
+
+def load(state_dir: bytes) -> TreeIdentity | None:
+    """The identity recorded in ``state_dir``, None if none; a damaged record is an error (it
+    guards the replica: it must not silently become a new one)."""
+    path = os.path.join(state_dir, IDENTITY_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SourceGuardError(
+            f"{display_path(path)}: cannot read the tree identity: {exc.strerror}"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(_MAX_IDENTITY + 1)
+    try:
+        record = json.loads(data)
+        tree_id = record["tree"]
+        fs = record.get("fs")
+        if (
+            not isinstance(tree_id, str)
+            or len(tree_id) != 32
+            or any(c not in "0123456789abcdef" for c in tree_id)
+        ):
+            raise ValueError("bad tree id")
+        if fs is not None and not (
+            isinstance(fs, list) and len(fs) == 2 and all(isinstance(x, int) for x in fs)
+        ):
+            raise ValueError("bad filesystem identity")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SourceGuardError(
+            f"{display_path(path)}: damaged tree identity ({exc}); remove it only if you are sure this tree "
+            "is the one its replica mirrors (the next sync then records it again)"
+        ) from None
+    return TreeIdentity(tree_id, tuple(fs) if fs is not None else None)
+
+
+def save(state_dir: bytes, identity: TreeIdentity) -> None:
+    from .statedir import ensure_state_dir
+
+    ensure_state_dir(state_dir)
+    record = {"tree": identity.tree_id, "fs": list(identity.fs) if identity.fs else None}
+    atomic_write(os.path.join(state_dir, IDENTITY_FILE), json.dumps(record).encode() + b"\n", 0o644)
+
+
+class SourceGuard:
+    """The sender's side: this source's tree id, and whether its root is still the tree it
+    was (checked before every session: a ``stat`` and a ``statvfs``)."""
+
+    def __init__(self, root: bytes, state_dir: bytes):
+        self.root = root
+        self.state_dir = state_dir
+        self._identity: TreeIdentity | None = None
+
+    def tree_id(self, *, deleting: bool, allow: bool, dry_run: bool) -> str | None:
+        """The tree id to show the replica; raises ``SourceGuardError`` when a deleting session
+        would run from a root that is not the recorded tree.  None: no identity could be
+        recorded (a state dir that cannot be written): the replica's own guard still holds."""
+        current = fs_identity(self.root)
+        identity = self._identity or load(self.state_dir)
+        if identity is None or identity.fs is None:
+            # The first sync of this tree: record where it is.
+            identity = TreeIdentity(identity.tree_id if identity else new_tree_id(current), current)
+            if dry_run:
+                return identity.tree_id
+            if not self._record(identity):
+                return None
+        elif identity.fs != current:
+            if deleting and not allow:
+                raise SourceGuardError(
+                    f"refused: the source {display_path(self.root)} is not on the filesystem it was on when it was "
+                    f"first mirrored (recorded in {display_path(os.path.join(self.state_dir, IDENTITY_FILE))}): "
+                    "is it unmounted, or another filesystem mounted in its place? Nothing was sent or deleted. "
+                    "If the tree really moved, sync once with --allow-mass-delete to record its new place"
+                )
+            if not allow or dry_run:
+                # Only the administrator's override records a new place: a plain copy from the
+                # directory under an unmounted mount point must not make it the tree.
+                return identity.tree_id
+            identity = TreeIdentity(identity.tree_id, current)
+            self._record(identity)
+        self._identity = identity
+        return identity.tree_id
+
+    def _record(self, identity: TreeIdentity) -> bool:
+        try:
+            save(self.state_dir, identity)
+            return True
+        except OSError as exc:
+            log.warning("%s: cannot record the tree identity (%s); the source guard relies on the replica's alone",
+                        display_path(self.state_dir), exc.strerror)  # fmt: skip
+            return False
+
+
+class ReplicaGuard:
+    """The receiver's side: the tree id this replica mirrors (recorded at its first writing
+    session), checked against every deleting sender."""
+
+    def __init__(self, root: bytes, state_dir: bytes):
+        self.root = root
+        self.state_dir = state_dir
+        self._identity: TreeIdentity | None = None
+
+    def admit(self, tree_id, *, deleting: bool, allow: bool, dry_run: bool, peer: str) -> None:
+        if tree_id is None:
+            return  # a source that could not record an identity: the deletion guard still holds
+        identity = self._identity or load(self.state_dir)
+        if identity is not None and identity.tree_id == tree_id:
+            self._identity = identity
+            return
+        if identity is not None and deleting and not allow:
+            raise SourceGuardError(
+                f"refused: this replica mirrors tree {identity.tree_id} (recorded in "
+                f"{display_path(os.path.join(self.state_dir, IDENTITY_FILE))}), the sender's tree is {tree_id}: "
+                "the sender's source lost its state (unmounted?) or is another tree. Nothing was written or "
+                "deleted. If the sender is right, sync once with --allow-mass-delete"
+            )
+        if dry_run or (identity is not None and not deleting):
+            return  # a plain copy from another tree does not make this replica its mirror
+        identity = TreeIdentity(tree_id, fs_identity(self.root))
+        save(self.state_dir, identity)
+        if self._identity is not None or allow:
+            log.warning(
+                "%s: this replica now mirrors tree %s (from %s)", display_path(self.root), tree_id, peer
+            )
+        self._identity = identity
+
+
+def review_deletions(tree, deletes: list[bytes], policy: DeletionPolicy, keep=None) -> str | None:
+    """Why the session's deletions must not be done (None: they may).  ``tree`` is the
+    replica (a ``ConfinedTree``), ``deletes`` the paths to delete (a directory with its
+    subtree), ``keep(path, is_dir)`` what the session excludes (never deleted)."""
+    if not deletes or policy.allow_mass_delete:
+        return None
+    top = {p for p in deletes if b"/" not in p}
+    if top:
+        reserved = tree.reserved[0] if tree.reserved and len(tree.reserved) == 1 else None
+        names = []
+        for name in os.listdir(tree.root_fd):
+            name = os.fsencode(name)
+            if name == reserved:
+                continue
+            if keep is not None:
+                try:
+                    is_dir = stat.S_ISDIR(os.stat(name, dir_fd=tree.root_fd, follow_symlinks=False).st_mode)
+                except FileNotFoundError:
+                    continue
+                if keep(name, is_dir):
+                    continue
+            names.append(name)
+        if names and top.issuperset(names):
+            return (f"refused to delete every entry of the replica ({len(names)} at its root): the source is empty "
+                    "(unmounted?); nothing was deleted. If that is what you mean, sync with --allow-mass-delete")  # fmt: skip
+    if policy.max_delete is not None:
+        count = count_entries(tree, deletes, policy.max_delete + 1, keep)
+        if count > policy.max_delete:
+            return (f"refused to delete more than --max-delete {policy.max_delete} entries (this sync would delete "
+                    "more, a directory counting with everything in it); nothing was deleted")  # fmt: skip
+    return None
+
+
+def count_entries(tree, paths: list[bytes], limit: int, keep=None) -> int:
+    """How many entries deleting ``paths`` removes (each directory with everything below it),
+    counted up to ``limit``.  Paths are resolved as every wire path is (``ConfinedTree``),
+    and nothing below is followed through a symlink."""
+    count = 0
+    for path in paths:
+        try:
+            dir_fd, name = tree.parent(path)
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except (OSError, UnsafePathError):
+            continue
+        count += 1
+        if count >= limit:
+            return count
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        try:
+            top = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError:
+            continue
+        stack = [(top, path)]
+        try:
+            while stack:
+                fd, rel = stack.pop()
+                try:
+                    for entry in os.scandir(fd):
+                        child = rel + b"/" + os.fsencode(entry.name)
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                        if keep is not None and keep(child, is_dir):
+                            continue
+                        count += 1
+                        if count >= limit:
+                            return count
+                        if is_dir:
+                            try:
+                                stack.append((os.open(entry.name, _DIR_FLAGS, dir_fd=fd), child))
+                            except OSError:
+                                pass
+                finally:
+                    os.close(fd)
+        finally:
+            for fd, _ in stack:
+                os.close(fd)
+    return count

@@ -1,0 +1,388 @@
+"""The source and deletion guards (``mirror.guard``): an empty, unmounted or replaced source
+never empties a replica, by ``mirror sync --delete`` (locally and over ``mirror://``) or by
+the live daemon; a reader polling the replica sees every file throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+
+import pytest
+
+from mirror import protocol as P
+from mirror.errors import EXIT_GUARD, SourceGuardError
+from mirror.transfer import sync
+from tests.daemons import converged, live_daemon
+from tests.helpers import is_root, run_mirror, wait_until
+from tests.servers import SECRET, mirror_server
+from tests.snapshot import assert_mirrors, snapshot
+from tests.test_review_peer import RawSession
+
+FILES = 101
+
+
+def _fill(root, n: int = FILES) -> None:
+    for i in range(n):
+        d = root / f"d{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(b"mail %d\n" % i * (i + 1))
+
+
+def _empty(root) -> None:
+    """Remove everything the user had in ``root`` (hamirror's state stays)."""
+    subprocess.run(["rm", "-rf", *[str(p) for p in root.iterdir() if p.name != ".mirror"]], check=True)
+
+
+def _content(root) -> dict:
+    """The replica's entries, but not its root's own times (the source's root did change)."""
+    return {k: v for k, v in snapshot(root).items() if k != b"."}
+
+
+def _files(root) -> int:
+    return sum(1 for k, v in snapshot(root).items() if v[0] == "file")
+
+
+class ReplicaWatch(threading.Thread):
+    """Counts the replica's files every 20 ms; ``fewest`` is the least it ever saw."""
+
+    def __init__(self, root):
+        super().__init__(name="replica-watch", daemon=True)
+        self.root = str(root)
+        self.stop = threading.Event()
+        self.fewest = None
+        self.samples = 0
+
+    def run(self):
+        while not self.stop.wait(0.02):
+            count = 0
+            for _, _, names in os.walk(self.root):
+                count += sum(1 for n in names if n.startswith("f"))
+            self.samples += 1
+            self.fewest = count if self.fewest is None else min(self.fewest, count)
+
+    def __enter__(self):
+        self.start()
+        wait_until(lambda: self.samples > 0)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.join()
+
+
+@contextmanager
+def tmpfs(path):
+    """A real filesystem mounted at ``path`` (root only); unmounted at the end if still there."""
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def umount(path, lazy: bool = False) -> None:
+    subprocess.run(["umount", *(["-l"] if lazy else []), str(path)], check=True)
+
+
+needs_root = pytest.mark.skipif(not is_root(), reason="mounts a tmpfs")
+
+
+# -- sync --delete from an empty source ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_sync_delete_from_an_empty_source_deletes_nothing(tmp_path, dry_run):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _fill(src)
+    assert sync(src, dst, delete=True).ok
+    before = _content(dst)
+    _empty(src)
+    proc = run_mirror("sync", "--delete", *(["-n"] if dry_run else []), src, dst, check_codes=(EXIT_GUARD,))
+    assert b"refused to delete every entry of the replica" in proc.stderr, proc.stderr
+    assert _content(dst) == before and _files(dst) == FILES
+
+
+def test_allow_mass_delete_empties_the_replica_when_meant(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _fill(src, 5)
+    assert sync(src, dst, delete=True).ok
+    _empty(src)
+    run_mirror("sync", "--delete", "--allow-mass-delete", src, dst, check_codes=(0,))
+    assert_mirrors(src, dst)
+
+
+def test_max_delete_counts_a_directory_with_what_it_holds(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _fill(src, 30)  # d0..d6, 4 or 5 files each
+    (src / "keep").write_text("stays")
+    assert sync(src, dst, delete=True).ok
+    subprocess.run(["rm", "-rf", str(src / "d0"), str(src / "d1")], check=True)  # 2 dirs of 5 files: 12
+    result = sync(src, dst, delete=True, max_delete=11)
+    assert result.exit_code == EXIT_GUARD and "more than --max-delete 11" in result.deletions_refused
+    assert (dst / "d0").is_dir() and (dst / "d1").is_dir() and _files(dst) == 31
+    proc = run_mirror("sync", "--delete", "--max-delete", "11", src, dst, check_codes=(EXIT_GUARD,))
+    assert b"deletions refused" in proc.stderr
+    assert sync(src, dst, delete=True, max_delete=12).ok
+    assert_mirrors(src, dst)
+
+
+def test_other_changes_still_go_when_deletions_are_refused(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _fill(src, 20)
+    assert sync(src, dst, delete=True).ok
+    subprocess.run(["rm", "-rf", str(src / "d0")], check=True)
+    (src / "d1" / "new").write_text("new mail")
+    result = sync(src, dst, delete=True, max_delete=1)
+    assert result.exit_code == EXIT_GUARD
+    assert (dst / "d1" / "new").read_text() == "new mail" and (dst / "d0").is_dir()
+
+
+# -- unmounted sources ----------------------------------------------------------------------------
+
+
+@needs_root
+@pytest.mark.parametrize("state", ["in-tree", "elsewhere"])
+@pytest.mark.parametrize("leftovers", [False, True])
+def test_sync_delete_from_an_unmounted_source_is_refused(tmp_path, state, leftovers):
+    """The mount point under a tmpfs: empty, or holding old files from before the mount."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    if leftovers:
+        (src / "d0").mkdir()
+        (src / "d0" / "f0").write_text("an old file left under the mount point")
+    extra = ["--state-dir", str(tmp_path / "state")] if state == "elsewhere" else []
+    with tmpfs(src):
+        _fill(src)
+        run_mirror("sync", "--delete", *extra, src, dst, check_codes=(0,))
+        before = _content(dst)
+        umount(src)
+        proc = run_mirror("sync", "--delete", *extra, src, dst, check_codes=(EXIT_GUARD,))
+        assert b"refused" in proc.stderr, proc.stderr
+        assert _content(dst) == before and _files(dst) == FILES
+
+
+@needs_root
+def test_a_plain_copy_from_an_unmounted_source_does_not_make_it_the_tree(tmp_path):
+    src, dst, state = tmp_path / "src", tmp_path / "dst", tmp_path / "state"
+    src.mkdir()
+    (src / "old").write_text("left under the mount point")
+    with tmpfs(src):
+        _fill(src)
+        run_mirror("sync", "--delete", "--state-dir", state, src, dst, check_codes=(0,))
+        umount(src)
+        run_mirror("sync", "--state-dir", state, src, dst, check_codes=(0,))  # no --delete: a copy, allowed
+        proc = run_mirror("sync", "--delete", "--state-dir", state, src, dst, check_codes=(EXIT_GUARD,))
+        assert b"not on the filesystem it was on" in proc.stderr, proc.stderr
+        assert _files(dst) == FILES + 1  # every file, and the one the plain copy brought
+
+
+@needs_root
+def test_sync_delete_from_an_unmounted_source_over_the_wire(tmp_path):
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    src.mkdir()
+    replica.mkdir()
+    with mirror_server(tmp_path, {"m": str(replica)}) as server, tmpfs(src):
+        _fill(src)
+        args = ("--secret-file", server.secret_file, src, server.url("m"))
+        run_mirror("sync", "--delete", *args, check_codes=(0,))
+        before = _content(replica)
+        umount(src)
+        proc = run_mirror("sync", "--delete", *args, check_codes=(EXIT_GUARD,))
+        assert b"refused" in proc.stderr, proc.stderr
+        (src / "stale").write_text("a file under the mount point")
+        proc = run_mirror("sync", "--delete", *args, check_codes=(EXIT_GUARD,))
+        assert b"this replica mirrors tree" in proc.stderr, proc.stderr
+        assert _content(replica) == before
+
+
+def test_sync_delete_from_an_empty_source_over_the_wire(tmp_path):
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    _fill(src)
+    replica.mkdir()
+    with mirror_server(tmp_path, {"m": str(replica)}) as server:
+        assert sync(src, server.url("m"), delete=True, secret=SECRET).ok
+        before = _content(replica)
+        _empty(src)
+        result = sync(src, server.url("m"), delete=True, secret=SECRET)
+        assert result.exit_code == EXIT_GUARD and "every entry" in result.deletions_refused
+        assert _content(replica) == before
+
+
+def test_another_tree_may_not_delete_in_a_replica(tmp_path):
+    a, b, dst = tmp_path / "a", tmp_path / "b", tmp_path / "dst"
+    _fill(a, 10)
+    _fill(b, 3)
+    assert sync(a, dst, delete=True).ok
+    with pytest.raises(SourceGuardError, match="this replica mirrors tree"):
+        sync(b, dst, delete=True)
+    assert _files(dst) == 10
+    assert sync(b, dst).ok  # a plain copy (no --delete) is no mirror: allowed, nothing deleted
+    assert _files(dst) == 10
+    assert sync(b, dst, delete=True, allow_mass_delete=True).ok  # meant: b is now the tree
+    assert_mirrors(b, dst)
+    assert sync(b, dst, delete=True).ok
+
+
+def test_one_source_with_several_state_dirs_is_one_tree(tmp_path):
+    """A sync without --state-dir, a daemon with one, another with another: one tree."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _fill(src, 10)
+    assert sync(src, dst, delete=True, state_dir=tmp_path / "state-a").ok
+    (src / "d0" / "f0").unlink()
+    assert sync(src, dst, delete=True, state_dir=tmp_path / "state-b").ok
+    (src / "d1" / "f1").unlink()
+    assert sync(src, dst, delete=True).ok
+    assert_mirrors(src, dst)
+
+
+def test_a_replica_that_becomes_the_source_is_the_same_tree(tmp_path):
+    """Failover: the standby's replica becomes the source, mirrored back to the old primary."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _fill(a, 10)
+    assert sync(a, b, delete=True).ok
+    (b / "d0" / "f0").unlink()
+    (b / "d1" / "new").write_text("written on b after the failover")
+    assert sync(b, a, delete=True).ok
+    assert_mirrors(b, a)
+
+
+# -- the live daemon ---------------------------------------------------------------------------------
+
+
+def _status(src, state_dir=None) -> dict:
+    path = os.path.join(state_dir or os.path.join(src, ".mirror"), "mirror-daemon.status.json")
+    try:
+        with open(path) as f:
+            return json.load(f)["pairs"][0]
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def test_daemon_on_an_emptied_source_halts(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _fill(src)
+    assert sync(src, dst, delete=True).ok
+    _empty(src)
+    with ReplicaWatch(dst) as watch, live_daemon(src, dst) as d:
+        status = wait_until(lambda: _status(src).get("state") == "halted" and _status(src), timeout=60)
+        assert "every entry of the replica" in status["last_error"]
+        proc = run_mirror("status", src, check_codes=(1,))
+        assert b"halted" in proc.stdout and b"every entry" in proc.stdout
+    assert watch.fewest == FILES and _files(dst) == FILES
+    assert "ERROR" in d.log_text() and "halted" in d.log_text()
+
+
+@needs_root
+def test_daemon_on_an_unmounted_source_over_the_wire_halts(tmp_path):
+    """The daemon starts while the source is not mounted (its state dir, in the tree, is
+    gone with it): the receiver refuses the new tree, the pair halts, the replica stays."""
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    src.mkdir()
+    replica.mkdir()
+    with mirror_server(tmp_path, {"m": str(replica)}) as server:
+        with tmpfs(src):
+            _fill(src)
+            assert sync(src, server.url("m"), delete=True, secret=SECRET).ok
+            umount(src)
+        before = _content(replica)
+        with (
+            ReplicaWatch(replica) as watch,
+            live_daemon(src, server.url("m"), "--secret-file", server.secret_file) as d,
+        ):
+            status = wait_until(lambda: _status(src).get("state") == "halted" and _status(src), timeout=60)
+            assert "this replica mirrors tree" in status["last_error"]
+        assert watch.fewest == FILES and _content(replica) == before
+        assert "ERROR" in d.log_text()
+
+
+@needs_root
+@pytest.mark.parametrize("state", ["in-tree", "elsewhere"])
+def test_daemon_halts_when_its_source_is_unmounted_and_resumes_when_it_is_back(tmp_path, state):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    state_dir = str(tmp_path / "state") if state == "elsewhere" else None
+    extra = ["--state-dir", state_dir] if state_dir else []
+    image = tmp_path / "fs.img"
+    subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(src)], check=True)
+    try:
+        _fill(src)
+        with live_daemon(src, dst, *extra) as d, ExitStack() as stack:
+            converged(src, dst)
+            watch = stack.enter_context(ReplicaWatch(dst))  # from the moment the replica is whole
+            # The daemon holds its journal open in an in-tree state dir: only a lazy unmount goes.
+            umount(src, lazy=state == "in-tree")
+            status = wait_until(lambda: _status(src, state_dir).get("state") == "halted" and _status(src, state_dir),
+                                timeout=60)  # fmt: skip
+            assert "halted" in d.log_text() and _files(dst) == FILES
+            (src / "left-under-the-mount-point").write_text("must not reach the replica")
+            time.sleep(0.5)  # a halted pair sends nothing: give it the chance to misbehave
+            assert not (dst / "left-under-the-mount-point").exists()
+            (src / "left-under-the-mount-point").unlink()
+            subprocess.run(["mount", "-o", "loop", str(image), str(src)], check=True)
+            wait_until(lambda: _status(src, state_dir).get("state") == "live", timeout=60)
+            (src / "d0" / "after").write_text("mirrored again")
+            wait_until(lambda: (dst / "d0" / "after").exists(), timeout=30)
+        assert watch.fewest == FILES and watch.samples > 10, status
+    finally:
+        subprocess.run(["umount", "-l", str(src)], capture_output=True)
+
+
+# -- hostile peers -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start", [
+    {"tree": "not hex at all, and too long"},
+    {"tree": 7},
+    {"deletions": "all"},
+    {"deletions": {"max_delete": -1}},
+])  # fmt: skip
+def test_malformed_guard_fields_are_refused(tmp_path, start):
+    root = tmp_path / "module"
+    _fill(root, 3)
+    s = RawSession(root, start=start)
+    assert s.ready[0] == P.ERROR and s.ready[1] == "ProtocolError", s.ready
+    s.close()
+    assert _files(root) == 3
+
+
+def test_a_peer_of_another_tree_cannot_delete(tmp_path):
+    root = tmp_path / "module"
+    _fill(root, 3)
+    first = RawSession(root, start={"tree": "a" * 32, "delete": True})
+    first.drain_summary()
+    first.end()
+    s = RawSession(root, start={"tree": "b" * 32, "delete": True})
+    assert s.ready[0] == P.ERROR and s.ready[1] == "SourceGuardError", s.ready
+    s.close()
+    assert _files(root) == 3
+
+
+def test_a_peer_cannot_delete_past_its_own_policy(tmp_path):
+    root = tmp_path / "module"
+    _fill(root, 3)
+    s = RawSession(root, start={"tree": "a" * 32, "delete": True})
+    s.drain_summary()
+    s.send(*[[P.DELETE, f"d{i}".encode()] for i in range(3)])
+    result = s.end()
+    assert result[0] == P.RESULT and "every entry" in result[1]["deletions_refused"], result
+    assert _files(root) == 3
+
+
+def test_a_dry_run_peer_can_write_nothing(tmp_path):
+    """A dry run is all a read-only module accepts: it may not carry a write."""
+    root = tmp_path / "module"
+    _fill(root, 3)
+    s = RawSession(root, start={"dry_run": True}, module_options={"read_only": True})
+    assert s.ready[0] == P.READY, s.ready
+    s.drain_summary()
+    s.send([P.MKDIR, b"planted", [0o755, 0, 0, 0]])
+    assert s.until(P.RESULT)[0] == P.ERROR
+    s.close()
+    assert not (root / "planted").exists()
