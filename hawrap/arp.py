@@ -50,10 +50,10 @@ def probe(interface: str, ip: str, timeout: float) -> str | None:
         sock.send(_frame(mac, 1, b"\0\0\0\0", target))
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            ready, _, _ = select.select([sock], [], [], left)
+            # Never give up without one look at the socket: a reply that arrived while this
+            # process was not scheduled is queued there, and missing it would take an
+            # address that another host holds.
+            ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
                 return None
             data = sock.recv(128)

@@ -65,6 +65,8 @@ class Facts:
     # the peer usually cuts us off too, and the ping monitor needs several lost probes to
     # say so: without this fresh answer, taking over on silence alone could split the brain.
     lan_confirmed: bool = True
+    # A resource failed while serving and could not be restarted here ("" while all is well).
+    resource_failure: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ class State:
     # takeovers made without hearing each other can never claim the same epoch.
     epoch_parity: int | None = None
     reason: str = ""  # why we are in this role (shown by ``hawrap status``)
+    # A standing problem the administrator has been told about: ``alert`` is the one seen in
+    # this round, ``notified`` the last one notified, so each is notified once, not per round.
+    alert: str = ""
+    notified: str = ""
 
     @property
     def serving(self) -> bool:
@@ -196,10 +202,23 @@ def peer_rank(p: PeerView) -> tuple:
 
 
 def decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
-    state, actions = _decide(s, f, p)
+    state, actions = _decide(replace(s, alert=""), f, p)
+    if not state.alert:
+        state = replace(state, notified="")  # the problem is over: notify it again if it returns
     if f.command is not None and not any(isinstance(a, Reply) for a in actions):
         actions.append(Reply(False, f"{f.command}: nothing to do in role {state.role}"))
     return state, actions
+
+
+def _alert(s: State, key: str, event: str, message: str) -> tuple[State, list[Action]]:
+    """Keep the standing problem ``key`` for this round; notify it only when it is new."""
+    actions: list[Action] = [] if s.notified == key else [Notify(event, message)]
+    return replace(s, alert=key, notified=key), actions
+
+
+def peer_can_serve(peer: PeerView | None) -> bool:
+    """The peer could take over from us now: heard, a secondary, no standby lock, LAN healthy."""
+    return peer is not None and peer.role == SECONDARY and not peer.standby and peer.lan_ok is True
 
 
 def _decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
@@ -283,6 +302,8 @@ def _primary(s: State, f: Facts, p: Policy):
     actions: list[Action] = []
     if peer is None:
         s = replace(s, request=None, peer_ready_since=None)
+        if f.resource_failure:
+            s, actions = _alert(s, "resource", "resource-failed", f"{f.resource_failure}; the peer is not heard, so this node keeps trying")
         if f.command is not None:
             actions.append(Reply(False, f"{f.command}: the peer is not heard on any link"))
         return s, actions
@@ -297,7 +318,12 @@ def _primary(s: State, f: Facts, p: Policy):
         return s, actions
     if s.request == "push_back":
         s = replace(s, request=None)
-    healthy_secondary = peer.role == SECONDARY and not peer.standby and peer.lan_ok is True
+    if f.resource_failure:
+        if peer_can_serve(peer):
+            return _go_standby(s, f"{f.resource_failure}: handing over to the peer", write_lock=True)
+        s, more = _alert(s, "resource", "resource-failed", f"{f.resource_failure}; the peer cannot take over, so this node keeps trying")
+        actions += more
+    healthy_secondary = peer_can_serve(peer)
     if s.mirror_locked and healthy_secondary:
         s = replace(s, mirror_locked=False)
         actions += [

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 TICK = 0.05  # timeouts (initdead, handover, retry) are checked at least this often
 STATE_FILE = "node-state.json"
 HEARTBEAT_RESTARTS = 5  # heartbeat process deaths tolerated (per run) before giving up
+# A resource that fails more often than this within RESTART_WINDOW seconds is a crash loop:
+# the node hands over to a peer able to serve instead of restarting it again.
+RESTART_LIMIT = 3
+RESTART_WINDOW = 60.0
 
 
 def build_resources(cfg: ClusterConfig, name: str) -> ResourceGroup:
@@ -87,6 +91,8 @@ class Node:
         self.heartbeat: HeartbeatChild | None = None
         self.heartbeat_restarts = 0
         self.vip_seen = False  # VIP found up by the monitor while not primary
+        self.resource_failure = ""  # a resource that could not be kept running here (fsm fact)
+        self._restarts: list[float] = []
         self.transitions: collections.deque = collections.deque(maxlen=20)
         self._pending_reply: dict | None = None
         self._stop = threading.Event()
@@ -149,6 +155,7 @@ class Node:
             peer=peer,
             standby_lock=lockfile.is_locked(self.standby_lock_path()),
             command=command,
+            resource_failure=self.resource_failure,
         )
 
     # ------------------------------------------------------------ the loop
@@ -267,6 +274,8 @@ class Node:
         new, actions = fsm.decide(before, facts, self.policy)
         self.state = new
         self._execute(actions, facts)
+        if self.state.role != fsm.PRIMARY:
+            self.resource_failure, self._restarts = "", []
         if (self.state.role, self.state.epoch, self.state.owns_epoch) != (before.role, before.epoch, before.owns_epoch):
             self._save_state()
             if self.state.role != before.role:
@@ -328,8 +337,8 @@ class Node:
                 self._notify("error", error)
             self.vip_seen = False
         elif isinstance(action, fsm.Reannounce):
-            if self.resources.vip is not None:
-                self.resources.vip.announce()
+            if self.resources.vip is not None and not self.resources.vip.announce():
+                log.warning("%s is not here: not announcing it", self.resources.vip.name)
         elif isinstance(action, fsm.FinalSync):
             self.mirror.final_sync()
         elif isinstance(action, fsm.SetMirrorDirection):
@@ -354,23 +363,30 @@ class Node:
             self._advertised = state
 
     def _monitor(self) -> None:
-        """Every monitor_interval: restart failed services while primary; anywhere else, a VIP
+        """Every monitor_interval: restart what failed while primary; anywhere else, a VIP
         found up (someone tried to serve here) is advertised (the peer pushes back) and removed."""
         now = time.monotonic()
         if now < self._next_monitor:
             return
         self._next_monitor = now + self.cfg.timing.monitor_interval
         if self.state.role == fsm.PRIMARY:
-            if self.resources.vip is not None:
-                if not self.resources.vip.running():
-                    self._notify("resource", f"{self.resources.vip.name} vanished: adding it again")
-                    self._restart_resources()
-                    return
-                self.resources.vip.refresh()
-            failed = self.resources.failed_services()
-            if failed:
-                self._notify("resource", f"service(s) {', '.join(failed)} failed their monitor: restarting")
-                self._restart_resources()
+            if self.resource_failure:
+                return  # the state machine hands over (or keeps serving what still runs)
+            failed = self.resources.failed()
+            if not failed:
+                if self.resources.vip is not None:
+                    self.resources.vip.refresh()
+                return
+            what = ", ".join(failed)
+            self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
+            if len(self._restarts) > RESTART_LIMIT:
+                self.resource_failure = f"{what} failed {len(self._restarts)} times within {RESTART_WINDOW:g} s"
+                return
+            self._notify("resource", f"{what} not running: restarting {'it' if len(failed) == 1 else 'them'} here")
+            try:
+                self.resources.restart(failed)
+            except ResourceError as exc:
+                self.resource_failure = f"restarting {what} failed: {exc}"
         elif self.state.role in (fsm.STANDBY, fsm.SECONDARY, fsm.INIT):
             if self.resources.vip_present():
                 self.vip_seen = True
@@ -380,12 +396,6 @@ class Node:
                     self._notify("error", error)
                 self.vip_seen = False
                 self._advertise()
-
-    def _restart_resources(self) -> None:
-        try:
-            self.resources.start()
-        except ResourceError as exc:
-            self._notify("resource", f"restart failed: {exc}")
 
     def _control_request(self, request: dict) -> dict:
         reply: queue.Queue = queue.Queue()

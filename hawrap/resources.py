@@ -9,11 +9,18 @@ is cleanly stopped, anything else when it failed.
 
 The virtual IP:
 
-* ``start``: an ``arping`` duplicate address check first (if another host answers for the
-  address, taking it would split the LAN's ARP caches: refuse), then ``ip addr add``, then a
-  gratuitous ARP (``arping -U``) so that clients and routers switch at once, repeated a few
-  times in the background in case the first is lost.
+* ``check_free``: a duplicate address check (an ARP probe): if another host answers for the
+  address, taking it would split the LAN's ARP caches, so a takeover stops there, before it
+  has changed anything.
+* ``start``: ``ip addr add``, then a gratuitous ARP so that clients and routers switch at
+  once, repeated a few times in the background in case the first is lost.  The repeats
+  belong to that holding: each one first checks that the address is still here, and
+  ``stop`` ends them.
 * ``stop``: ``ip addr del``.  ``monitor``: is the address on the interface.
+
+Whether an ``ip`` command worked is judged by the interface afterwards, never by the
+wording of its error (which changes between kernels: "File exists", "Address already
+assigned").
 * ``kind = "dummy"`` replaces all of that by a marker file: the demo and unit tests run
   without root.
 
@@ -235,13 +242,10 @@ class VirtualIP(Resource):
         if code > 1:
             log.warning("%s: gratuitous ARP failed (%d): %s", self.name, code, out)
 
-    def start(self) -> None:
+    def check_free(self) -> None:
+        """Raise ResourceError if another host answers ARP for the address (nothing is changed)."""
         if self.cfg.kind == "dummy":
-            self._dummy_start()
             return
-        # No "is it already here?" query first: the probe ignores our own MAC, and adding an
-        # address we hold is "File exists", so start stays idempotent with one command less
-        # on the takeover path.
         other = self.duplicate()
         if other:
             raise ResourceError(
@@ -249,20 +253,35 @@ class VirtualIP(Resource):
                 "not taking it (both would answer ARP)",
                 OCF_ERR_GENERIC,
             )
+
+    def start(self, check: bool = True) -> None:
+        """Add the address (after ``check_free`` unless the caller just did it) and announce it."""
+        if self.cfg.kind == "dummy":
+            self._dummy_start()
+            return
+        if check:
+            self.check_free()
         args = ["addr", "add", self.cfg.address, "dev", self.interface]
         if self.cfg.lifetime:
             args += ["valid_lft", str(self.cfg.lifetime), "preferred_lft", str(self.cfg.lifetime)]
         code, out = self._ip(*args)
-        if code != 0 and "File exists" not in out:
+        if code != 0 and not self.running():
             raise ResourceError(f"{self.name}: ip addr add failed: {out}", OCF_ERR_GENERIC)
-        self.announce()
+        self._announce()
 
-    def announce(self) -> None:
+    def announce(self) -> bool:
+        """Announce the address again (a clashing peer was pushed back), only if it is here:
+        an announcement for an address we do not hold would pull clients to a node that
+        cannot answer them.  Returns whether it was announced."""
+        if self.cfg.kind == "dummy" or not self.running():
+            return False
+        self._announce()
+        return True
+
+    def _announce(self) -> None:
         """``garp_count`` gratuitous ARPs ``garp_interval`` apart.  The built-in first one goes
         out at once (microseconds); the rest, and all of an external arping's, from a
         background thread, so the services start meanwhile."""
-        if self.cfg.kind == "dummy":
-            return
         self._stop_garp()
         stop = self._garp_stop = threading.Event()
         count, wait_first = self.cfg.garp_count, False
@@ -273,6 +292,10 @@ class VirtualIP(Resource):
         def repeat():
             for i in range(count):
                 if (i or wait_first) and stop.wait(self.cfg.garp_interval):
+                    return
+                # The address may have gone without stop() (expired, removed by hand): a
+                # repeat never outlives the holding it was started for.
+                if not self.running():
                     return
                 self.gratuitous_arp()
 
@@ -297,10 +320,8 @@ class VirtualIP(Resource):
         if self.cfg.kind == "dummy":
             self._dummy_stop()
             return
-        if not self.running():
-            return
         code, out = self._ip("addr", "del", self.cfg.address, "dev", self.interface)
-        if code != 0 and "Cannot assign" not in out:
+        if code != 0 and self.running():
             raise ResourceError(f"{self.name}: ip addr del failed: {out}", OCF_ERR_GENERIC)
 
 
@@ -311,11 +332,38 @@ class ResourceGroup:
         self.vip = vip
         self.services = services
 
-    def start(self) -> None:
-        for resource in ([self.vip] if self.vip is not None else []) + self.services:
+    def _all(self) -> list[Resource]:
+        return ([self.vip] if self.vip is not None else []) + list(self.services)
+
+    def start(self, checked: bool = False) -> None:
+        """Start everything in order; ``checked``: the VIP's duplicate check was just done."""
+        for resource in self._all():
             started = time.monotonic()
-            resource.start()
+            if resource is self.vip:
+                self.vip.start(check=not checked)
+            else:
+                resource.start()
             log.info("%s started in %.0f ms", resource.name, (time.monotonic() - started) * 1000)
+
+    def failed(self) -> list[str]:
+        """The names of the resources that are not running (a monitor, in start order)."""
+        return [r.name for r in self._all() if not r.running()]
+
+    def restart(self, names: list[str]) -> None:
+        """Start again the resources named (those ``failed`` found), in start order, and
+        nothing else: a running service is never bounced because another one failed.  A
+        failed service is stopped first, as OCF asks, in case part of it lingers."""
+        for resource in self._all():
+            if resource.name not in names:
+                continue
+            started = time.monotonic()
+            if resource is not self.vip:
+                try:
+                    resource.stop()
+                except ResourceError as exc:
+                    log.warning("%s: stop before restart failed: %s", resource.name, exc)
+            resource.start()
+            log.info("%s restarted in %.0f ms", resource.name, (time.monotonic() - started) * 1000)
 
     def stop_services(self) -> list[str]:
         errors = []

@@ -200,6 +200,25 @@ def test_takeover_failure_retries_later():
     assert s3.role == PRIMARY
 
 
+def test_resource_that_cannot_be_restarted_hands_over_to_a_peer_able_to_serve():
+    f = replace(facts(p=peer(SECONDARY)), resource_failure="restarting tcp failed")
+    s, acts = fsm.decide(state(PRIMARY, owns=True), f, POLICY)
+    assert s.role == STANDBY and "restarting tcp failed" in s.reason
+    assert kinds(acts)[0] == StopResources and WriteStandbyLock in kinds(acts)
+
+
+def test_resource_failure_with_no_peer_able_to_serve_is_notified_once():
+    for p in (None, peer(STANDBY, standby=True), peer(SECONDARY, lan_ok=False)):
+        f = replace(facts(p=p), resource_failure="restarting tcp failed")
+        s, acts = fsm.decide(state(PRIMARY, owns=True), f, POLICY)
+        assert s.role == PRIMARY and kinds(acts) == [Notify] and acts[0].event == "resource-failed"
+        s, acts = fsm.decide(s, f, POLICY)
+        assert s.role == PRIMARY and acts == []  # still the same problem: no second notification
+        s, acts = fsm.decide(s, facts(p=p), POLICY)  # over
+        s, acts = fsm.decide(s, f, POLICY)
+        assert kinds(acts) == [Notify]  # back again: told again
+
+
 # ------------------------------------------------------------ two machines, random faults
 
 STEP = 0.1  # one heartbeat interval

@@ -3,10 +3,13 @@ through a real command and a real SMTP conversation; the LAN monitor on loopback
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 
@@ -79,6 +82,110 @@ def test_group_starts_in_order_and_stops_in_reverse(tmp_path):
     assert group.stop() == []
     assert not group.vip_present()
     assert order.read_text().split() == ["start-one", "start-two", "stop-two", "stop-one"]
+
+
+def test_restart_starts_only_what_failed(tmp_path):
+    one, one_flag, one_count = service(tmp_path, name="one")
+    two, two_flag, two_count = service(tmp_path, name="two")
+    vip = VirtualIP(VipConfig(address="198.51.100.9/24", interface=None, kind="dummy"), "lo", str(tmp_path))
+    group = ResourceGroup(vip, [one, two])
+    group.start()
+    assert group.failed() == []
+    two_flag.unlink()  # the service died
+    assert group.failed() == ["two"]
+    group.restart(group.failed())
+    assert group.failed() == []
+    assert one_count.read_text().count("x") == 1 and two_count.read_text().count("x") == 2
+    vip.stop()  # the address vanished: only it is added again
+    assert group.failed() == [vip.name]
+    group.restart(group.failed())
+    assert group.failed() == [] and one_count.read_text().count("x") == 1 and two_count.read_text().count("x") == 2
+
+
+def test_restart_of_a_service_that_cannot_start_raises(tmp_path):
+    svc, flag, _ = service(tmp_path, start_extra="exit 1;")
+    group = ResourceGroup(None, [svc])
+    with pytest.raises(ResourceError, match="start exited 1"):
+        group.restart(group.failed())
+
+
+def _netns_run(script: str) -> dict:
+    """Run ``script`` (Python) in a fresh network namespace whose v0 is wired (veth) to v1 in
+    a second one, named in $PEER_NS (the script can open sockets there with ``in_peer_ns``)."""
+    ns, peer = f"hwres{os.getpid()}", f"hwresp{os.getpid()}"
+    for n in (ns, peer):
+        subprocess.run(["ip", "netns", "add", n], check=True)
+    try:
+        for cmd in (
+            ["ip", "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", peer],
+            ["ip", "-n", ns, "link", "set", "v0", "up"],
+            ["ip", "-n", peer, "link", "set", "v1", "up"],
+        ):
+            subprocess.run(cmd, check=True)
+        env = dict(os.environ, PEER_NS=peer)
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.splitlines()[-1])
+    finally:
+        for n in (ns, peer):
+            subprocess.run(["ip", "netns", "del", n])
+
+
+VIP_SCRIPT = """
+import ctypes, json, os, socket, subprocess, threading
+from hawrap.config import VipConfig
+from hawrap.resources import VirtualIP
+def in_peer_ns(make):
+    # setns changes the calling thread's namespace only: a socket made there stays in it
+    got = []
+    def run():
+        fd = os.open("/run/netns/" + os.environ["PEER_NS"], os.O_RDONLY)
+        assert ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) == 0
+        got.append(make())
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return got[0]
+sniff = in_peer_ns(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806)))
+sniff.bind(("v1", 0x0806))
+sniff.setblocking(False)
+def garps():
+    n = 0
+    while True:
+        try:
+            d = sniff.recv(128)
+        except BlockingIOError:
+            return n
+        if d[28:32] == socket.inet_aton("198.51.100.9") and d[38:42] == d[28:32]:
+            n += 1
+def here():
+    return "198.51.100.9/24" in subprocess.run(["ip", "-o", "addr", "show", "dev", "v0"], capture_output=True, text=True).stdout
+vip = VirtualIP(VipConfig(address="198.51.100.9/24", interface="v0", garp_count=6, garp_interval=0.2), "v0", "/tmp")
+out = {}
+vip.start()
+vip.start()  # already here: "Address already assigned" on this kernel, and still a success
+out["after_two_starts"] = here()
+subprocess.run(["ip", "addr", "del", "198.51.100.9/24", "dev", "v0"], check=True)  # gone without stop()
+before = garps()
+vip._garp_thread.join(5)
+out["garps_after_removal"] = garps()
+out["announced_when_gone"] = vip.announce()
+out["garps_after_announce"] = garps()
+vip.stop()
+vip.stop()
+out["after_stops"] = here()
+out["garps_before_removal"] = before
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_vip_start_stop_judged_by_the_interface_and_announcements_end_with_the_holding():
+    out = _netns_run(VIP_SCRIPT)
+    assert out["after_two_starts"] is True and out["after_stops"] is False
+    assert out["garps_before_removal"] >= 1  # the announcement of the holding went out
+    assert out["garps_after_removal"] == 0  # its repeats stopped with it
+    assert out["announced_when_gone"] is False and out["garps_after_announce"] == 0
 
 
 def test_carrier():
