@@ -111,6 +111,11 @@ class MirrorConfig:
         "--lock-file", "{lock_file}", "--state-dir", "{state_dir}",
     )  # fmt: skip
     trees: tuple[TreeConfig, ...] = ()
+    # The replica counts as up to date (the standby may take over on its own) while the
+    # daemon is live and less than this many seconds behind; more, and it is outdated.
+    max_lag: float = 2.0
+    # Replication not live for this long while the peer could receive: the administrator is told.
+    alert_after: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -391,6 +396,8 @@ def load(path: str) -> ClusterConfig:
         serve=m.argv("serve", defaults.serve),
         daemon=m.argv("daemon", defaults.daemon),
         trees=tuple(trees),
+        max_lag=m.get("max_lag", float, defaults.max_lag, _positive),
+        alert_after=m.get("alert_after", float, defaults.alert_after, _positive),
     )
     m.finish()
     if trees and mirror.secret_file is None:

@@ -95,6 +95,7 @@ class State:
     # takeovers made without hearing each other can never claim the same epoch.
     epoch_parity: int | None = None
     reason: str = ""  # why we are in this role (shown by ``hawrap status``)
+    direction: str | None = None  # the mirror direction last asked for (SetMirrorDirection)
     # A standing problem the administrator has been told about: ``alert`` is the one seen in
     # this round, ``notified`` the last one notified, so each is notified once, not per round.
     alert: str = ""
@@ -153,8 +154,15 @@ class WriteStandbyLock(Action):
 
 
 @dataclass(frozen=True)
+class CheckAddressFree(Action):
+    """The first step of every takeover: an ARP probe for the VIP.  If another host answers,
+    the takeover is refused before anything has been changed (``takeover_refused``)."""
+
+
+@dataclass(frozen=True)
 class StartResources(Action):
-    """VIP (duplicate check, address, gratuitous ARP), then the services in order."""
+    """VIP (address, gratuitous ARP; its duplicate check was CheckAddressFree), then the
+    services in order.  If it fails, ``takeover_failed`` rolls the takeover back."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +224,11 @@ def _alert(s: State, key: str, event: str, message: str) -> tuple[State, list[Ac
     return replace(s, alert=key, notified=key), actions
 
 
+def _keep_alert(s: State) -> State:
+    """Waiting out a retry delay: the problem notified is still standing."""
+    return replace(s, alert=s.notified)
+
+
 def peer_can_serve(peer: PeerView | None) -> bool:
     """The peer could take over from us now: heard, a secondary, no standby lock, LAN healthy."""
     return peer is not None and peer.role == SECONDARY and not peer.standby and peer.lan_ok is True
@@ -236,21 +249,15 @@ def _init(s: State, f: Facts, p: Policy):
     if f.lan_ok is not True:
         return s, []
     if peer is None:
+        if f.now < s.retry_at:
+            return _keep_alert(s), []
         if f.now < s.started + p.initdead or not f.lan_confirmed:
             return s, []
         return _takeover(s, f, lock=True, reason="peer not heard on any link since start")
     if peer.serving or peer.role in (PRIMARY, RELEASING):
-        # We were the primary when we went away and the peer has taken over since: writes
-        # made here before the crash may never have reached the peer.  An administrator
-        # checks before this node rejoins (and is mirrored over).  A node that was not
-        # primary has nothing of its own to lose: it simply becomes secondary.
-        if peer.epoch > s.epoch and s.owns_epoch:
-            return _go_standby(
-                s,
-                f"peer took over (epoch {peer.epoch} > {s.epoch}) while this node was away: "
-                "check this node, then run 'hawrap resume'",
-                write_lock=True,
-            )
+        diverged = _diverged(s, peer, "while this node was away")
+        if diverged:
+            return diverged
         return _become_secondary(s, peer, "peer is primary")
     if peer.standby or peer.role == STANDBY:
         return _takeover(s, f, lock=True, reason="peer is in standby")
@@ -264,14 +271,21 @@ def _secondary(s: State, f: Facts, p: Policy):
     if f.lan_ok is not True:
         return s, []
     if peer is None:
-        if f.now < s.retry_at or not f.lan_confirmed:
+        if f.now < s.retry_at:
+            return _keep_alert(s), []
+        if not f.lan_confirmed:
             return s, []
         return _takeover(s, f, lock=True, reason="peer silent on every link for the dead time")
     actions: list[Action] = []
     if peer.serving or peer.role == PRIMARY:
+        diverged = _diverged(s, peer, "while this node served")
+        if diverged:
+            return diverged
         if peer.epoch > s.epoch:
             s = replace(s, epoch=peer.epoch, owns_epoch=False)
             actions.append(ObserveEpoch(peer.epoch))
+        s, more = _direct(s, "receive")  # whatever stopped our receiver, the primary needs it
+        actions += more
         if f.command == "failover" or (f.command == "failback" and s.is_home):
             s = replace(s, request="handover", handover_deadline=f.now + p.handover_timeout)
             actions.append(Reply(True, "asked the primary to hand over"))
@@ -323,6 +337,16 @@ def _primary(s: State, f: Facts, p: Policy):
             return _go_standby(s, f"{f.resource_failure}: handing over to the peer", write_lock=True)
         s, more = _alert(s, "resource", "resource-failed", f"{f.resource_failure}; the peer cannot take over, so this node keeps trying")
         actions += more
+    if peer.role == SECONDARY and not peer.serving and not peer.owns_epoch and peer.epoch > s.epoch:
+        # The peer raised its epoch for a takeover that did not happen (it never served in
+        # it: a server that did would own it): its receiver now refuses our older epoch.
+        # Nothing of its own was written under that epoch, so ours can pass it.
+        new_epoch = _next_epoch(s, peer.epoch)
+        s = replace(s, epoch=new_epoch, owns_epoch=True)
+        actions += [
+            RaiseEpoch(new_epoch),
+            Notify("epoch-raised", f"the peer's epoch {peer.epoch} comes from a takeover that did not happen: epoch raised to {new_epoch} so that it accepts our changes again"),
+        ]
     healthy_secondary = peer_can_serve(peer)
     if s.mirror_locked and healthy_secondary:
         s = replace(s, mirror_locked=False)
@@ -356,7 +380,7 @@ def _primary(s: State, f: Facts, p: Policy):
         if f.command is not None:
             actions.append(Reply(False, message))
         return s, actions + ([Notify("switchover-refused", message)] if f.command else [])
-    s = replace(s, role=RELEASING, handover_deadline=f.now + p.handover_timeout, request=None, reason=wanted)
+    s = replace(s, role=RELEASING, handover_deadline=f.now + p.handover_timeout, request=None, reason=wanted, direction=None)
     actions += [
         Notify("releasing", f"{wanted}: stopping services, final sync, dropping the VIP"),
         StopServices(),
@@ -398,15 +422,31 @@ def _standby(s: State, f: Facts, p: Policy):
 # ---------------------------------------------------------------- building blocks
 
 
-def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
-    """Become primary.  Every caller has checked LAN health and that the peer does not serve;
-    the asserts make a future caller that forgets fail the property tests loudly."""
-    assert f.lan_ok is True and not f.standby_lock
-    assert f.peer is None or not f.peer.serving
-    new_epoch = max(s.epoch, f.peer.epoch if f.peer else 0) + 1
+def _next_epoch(s: State, above: int) -> int:
+    """The smallest epoch above ``above`` (and ours) of this node's parity: the two nodes take
+    epochs of different parity, so two takeovers made apart can never claim the same one."""
+    new_epoch = max(s.epoch, above) + 1
     if s.epoch_parity is not None and new_epoch % 2 != s.epoch_parity:
         new_epoch += 1
-    actions: list[Action] = []
+    return new_epoch
+
+
+def _direct(s: State, direction: str | None) -> tuple[State, list[Action]]:
+    if s.direction == direction:
+        return s, []
+    return replace(s, direction=direction), [SetMirrorDirection(direction)]
+
+
+def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
+    """Become primary, all or nothing.  The address check comes first and changes nothing:
+    if the VIP still answers (a peer silent but alive: frozen, or its heartbeats lost one
+    way), ``takeover_refused`` returns to the state before.  Every caller has checked LAN
+    health and that the peer does not serve; the asserts make a future caller that forgets
+    fail the property tests loudly."""
+    assert f.lan_ok is True and not f.standby_lock
+    assert f.peer is None or not f.peer.serving
+    new_epoch = _next_epoch(s, f.peer.epoch if f.peer else 0)
+    actions: list[Action] = [CheckAddressFree()]
     if lock:
         actions.append(AcquireMirrorLock(f"takeover by {s.node}: {reason}"))
     actions += [
@@ -425,28 +465,64 @@ def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
         handover_deadline=None,
         peer_ready_since=None,
         reason=reason,
+        direction="send",
     )
     return state, actions
 
 
-def takeover_failed(s: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
-    """StartResources failed (e.g. the VIP answers elsewhere): undo and retry later."""
-    state = replace(s, role=SECONDARY, owns_epoch=False, retry_at=f.now + p.retry_interval, reason=f"takeover failed: {error}")
-    return state, [StopResources(), SetMirrorDirection(None), Notify("takeover-failed", f"takeover failed, retrying in {p.retry_interval:g} s: {error}")]
+def takeover_refused(before: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
+    """CheckAddressFree found the VIP answered elsewhere: nothing was done, nothing to undo.
+    Stay as ``before`` (receiving, if a secondary), try again after retry_interval."""
+    state = replace(before, retry_at=f.now + p.retry_interval, reason=f"takeover refused: {error}")
+    return _alert(state, "takeover-refused", "takeover-refused", f"the peer is silent but its address still answers, so it is alive: not taking over ({error}); trying again every {p.retry_interval:g} s")
+
+
+def takeover_failed(before: State, after: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
+    """A step after the address check failed (epoch, lock, VIP, a service): undo the rest.
+    Services and VIP stopped, the mirroring lock released if this takeover took it, the
+    receiver running again.  The epoch cannot go back (it only rises); the state says we do
+    not own it, so a primary that meets it knows no takeover happened in it."""
+    actions: list[Action] = [StopResources()]
+    if after.mirror_locked and not before.mirror_locked:
+        actions.append(ReleaseMirrorLock())
+    state = replace(
+        after, role=SECONDARY, owns_epoch=False, mirror_locked=before.mirror_locked, retry_at=f.now + p.retry_interval,
+        reason=f"takeover failed: {error}", request=None, direction=None,
+    )  # fmt: skip
+    state, more = _direct(state, "receive")
+    actions += more
+    state, more = _alert(state, "takeover-failed", "takeover-failed", f"takeover failed and was rolled back, retrying in {p.retry_interval:g} s: {error}")
+    return state, actions + more
 
 
 def release_failed(s: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
     """The final sync (or a stop) failed during a planned switchover: keep serving here."""
-    state = replace(s, role=PRIMARY, handover_deadline=None, reason=f"switchover aborted: {error}")
+    state = replace(s, role=PRIMARY, handover_deadline=None, reason=f"switchover aborted: {error}", direction="send")
     return state, [StartResources(), SetMirrorDirection("send"), Notify("switchover-failed", f"switchover aborted, still primary: {error}")]
 
 
+def _diverged(s: State, peer: PeerView, when: str):
+    """A serving peer found by a node that served in an epoch of its own (it owns it): the two
+    copies may each hold writes the other lacks.  If the peer's epoch is newer it took over
+    after us; if older, it serves data older than ours.  Either way a mirror sync would
+    overwrite one side: the administrator checks first (``hawrap resume`` shows what this
+    node has that the peer lacks)."""
+    if not s.owns_epoch or peer.epoch == s.epoch:
+        return None
+    if peer.epoch > s.epoch:
+        why = f"peer took over (epoch {peer.epoch} > {s.epoch}) {when}"
+    else:
+        why = f"peer serves at epoch {peer.epoch}, older than this node's {s.epoch}: it may lack changes made here"
+    return _go_standby(s, f"{why}: check this node, then run 'hawrap resume'", write_lock=True)
+
+
 def _go_standby(s: State, reason: str, *, write_lock: bool):
-    actions: list[Action] = [StopResources(), SetMirrorDirection(None), AcquireMirrorLock(f"{s.node} in standby: {reason}")]
+    state = replace(s, role=STANDBY, mirror_locked=True, request=None, handover_deadline=None, peer_ready_since=None, reason=reason)
+    state, direct = _direct(state, None)
+    actions: list[Action] = [StopResources(), *direct, AcquireMirrorLock(f"{s.node} in standby: {reason}")]
     if write_lock:
         actions.append(WriteStandbyLock(reason))
     actions.append(Notify("standby", reason))
-    state = replace(s, role=STANDBY, mirror_locked=True, request=None, handover_deadline=None, peer_ready_since=None, reason=reason)
     return state, actions
 
 
@@ -458,16 +534,18 @@ def _become_secondary(s: State, peer: PeerView | None, reason: str, resumed: boo
         actions.append(ObserveEpoch(peer.epoch))
     if resumed or s.mirror_locked:
         actions.append(ReleaseMirrorLock())
-    actions += [SetMirrorDirection("receive"), Notify("secondary", reason)]
     state = replace(
         s,
         role=SECONDARY,
         epoch=epoch,
-        owns_epoch=s.owns_epoch and epoch == s.epoch and s.role != RELEASING,
+        # Resumed by the administrator (after ``hawrap resume`` showed what the peer lacks),
+        # this node gives up its claim on its epoch: the primary may pass it and mirror over.
+        owns_epoch=s.owns_epoch and epoch == s.epoch and s.role != RELEASING and not resumed,
         mirror_locked=False,
         request=None,
         handover_deadline=None,
         peer_ready_since=None,
         reason=reason,
     )
-    return state, actions
+    state, direct = _direct(state, "receive")
+    return state, actions + direct + [Notify("secondary", reason)]

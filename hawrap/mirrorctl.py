@@ -36,6 +36,7 @@ from .errors import HawrapError
 log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0  # a mirror process that exits is restarted after this long
+STATUS_STALE = 2.0  # the daemon rewrites its status twice a second: older than this, it is stuck
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,16 @@ def engine_available(command: tuple[str, ...] = ("mirror",)) -> bool:
 
 
 class _Supervised:
-    """A long-running mirror process, restarted after RESTART_DELAY if it exits."""
+    """A long-running mirror process, restarted after RESTART_DELAY if it exits.
+    ``on_exit(name, code, message)`` hears of every unexpected exit (code None: it could not
+    be started), so that the node can tell the administrator."""
 
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(self, name: str, argv: list[str], on_exit=None):
         self.name = name
         self.argv = argv
+        self.on_exit = on_exit
         self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0  # time.time() of the current process's start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"mirror-{name}", daemon=True)
         self._thread.start()
@@ -88,16 +93,22 @@ class _Supervised:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=True)
+                self.started_at = time.time()
+                self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
             except OSError as exc:
                 log.error("mirror %s: cannot start %s: %s", self.name, self.argv[0], exc.strerror)
+                if self.on_exit:
+                    self.on_exit(self.name, None, f"cannot start {self.argv[0]}: {exc.strerror}")
                 self._stop.wait(RESTART_DELAY * 5)
                 continue
             log.info("mirror %s started (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
+            last = _relay_stderr(self.proc, self.name)
             code = self.proc.wait()
             if self._stop.is_set():
                 return
             log.warning("mirror %s exited with %d; restarting in %g s", self.name, code, RESTART_DELAY)
+            if self.on_exit:
+                self.on_exit(self.name, code, last)
             self._stop.wait(RESTART_DELAY)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -114,10 +125,32 @@ class _Supervised:
         self._thread.join(timeout)
 
 
+def _relay_stderr(proc: subprocess.Popen, name: str) -> str:
+    """Pass the process's stderr on to ours line by line until it closes; return the last
+    line (the engine's reason for exiting, for the administrator)."""
+    last = ""
+    for raw in proc.stderr:
+        line = raw.decode(errors="replace").rstrip()
+        if line:
+            last = line
+            os.write(2, raw)
+    proc.stderr.close()
+    return last[-300:]
+
+
+@dataclass(frozen=True)
+class Replica:
+    """Is the peer's copy receiving our changes live?  ``detail`` says what is not."""
+
+    in_sync: bool
+    detail: str
+
+
 class MirrorControl:
-    def __init__(self, cfg: ClusterConfig, node: str):
+    def __init__(self, cfg: ClusterConfig, node: str, on_exit=None):
         self.cfg = cfg
         self.node = node
+        self.on_exit = on_exit
         self.trees = resolve_trees(cfg, node)
         self.peer = cfg.peer_of(node)
         self.me = cfg.node(node)
@@ -203,10 +236,38 @@ class MirrorControl:
         self.stop_processes()
         if direction == "send":
             for t in self.trees:
-                self._procs.append(_Supervised(f"daemon {t.name}", self._argv(self.cfg.mirror.daemon, t)))
+                self._procs.append(_Supervised(f"daemon {t.name}", self._argv(self.cfg.mirror.daemon, t), self.on_exit))
         elif direction == "receive":
-            self._procs.append(_Supervised("serve", self._argv(self.cfg.mirror.serve)))
+            self._procs.append(_Supervised("serve", self._argv(self.cfg.mirror.serve), self.on_exit))
         self.direction = direction
+
+    def replica(self) -> Replica:
+        """While sending: every tree's daemon is live (connected, its initial sync done)
+        and less than ``mirror.max_lag`` seconds behind, by the status file it rewrites
+        twice a second (``mirror status``) in the tree's state dir."""
+        if not self.trees:
+            return Replica(True, "no mirrored trees")
+        if self.direction != "send":
+            return Replica(False, "not mirroring toward the peer")
+        from mirror.daemon import read_status
+
+        problems = []
+        now = time.time()
+        for tree, proc in zip(self.trees, self._procs, strict=True):
+            try:
+                status = read_status(tree.state_dir)
+                pair = status["pairs"][0]
+            except (OSError, ValueError, KeyError, IndexError):
+                problems.append(f"{tree.name}: starting")
+                continue
+            if status.get("updated", 0) < proc.started_at or now - status.get("updated", 0) > STATUS_STALE:
+                problems.append(f"{tree.name}: no fresh status from its daemon")
+            elif pair.get("state") != "live":
+                error = pair.get("last_error")
+                problems.append(f"{tree.name}: {pair.get('state')}" + (f" ({error})" if error else ""))
+            elif (pair.get("lag_seconds") or 0) > self.cfg.mirror.max_lag:
+                problems.append(f"{tree.name}: {pair['lag_seconds']:.1f} s behind")
+        return Replica(not problems, "; ".join(problems) or "live")
 
     def final_sync(self, timeout: float = 3600.0) -> None:
         """One-shot ``mirror sync --delete`` of every tree toward the peer; raises on failure."""

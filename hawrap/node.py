@@ -20,6 +20,7 @@ import time
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
 from mirror.atomicfile import atomic_write
+from mirror.errors import EXIT_AUTH, EXIT_STALE_EPOCH, MirrorError
 
 from . import fsm
 from .config import ClusterConfig
@@ -27,7 +28,7 @@ from .control import ControlServer
 from .errors import HawrapError, ResourceError
 from .heartbeat import HeartbeatChild, config_message
 from .links import LanHealth, LanMonitor
-from .mirrorctl import MirrorControl
+from .mirrorctl import MirrorControl, Replica
 from .notify import Notifier
 from .resources import ResourceGroup, Service, VirtualIP
 
@@ -40,6 +41,8 @@ HEARTBEAT_RESTARTS = 5  # heartbeat process deaths tolerated (per run) before gi
 # the node hands over to a peer able to serve instead of restarting it again.
 RESTART_LIMIT = 3
 RESTART_WINDOW = 60.0
+MIRROR_EXITS_BEFORE_ALERT = 3  # a mirror process that keeps exiting (its cause unknown) is reported
+REPLICA_CHECK_INTERVAL = 0.1  # how often the daemon's status is read while primary
 
 
 def build_resources(cfg: ClusterConfig, name: str) -> ResourceGroup:
@@ -71,17 +74,20 @@ class Node:
             retry_interval=cfg.timing.monitor_interval,
         )
         persisted = self._load_state()
+        self.mirror = MirrorControl(cfg, name, on_exit=lambda *exit: self.events.put(("mirror", exit)))
         self.state = fsm.State(
             node=name,
             is_home=cfg.home == name,
             started=time.monotonic(),
             epoch=mirror_epoch.read_epoch(self.me.state_dir),
             owns_epoch=persisted.get("owns_epoch", False),
+            # the lock files are the truth: a lock taken before a restart is released by the
+            # same rules as one taken in this run (when the peer rejoins as a secondary)
+            mirror_locked=any(self.mirror.locked().values()),
             epoch_parity=1 if cfg.nodes[0].name == name else 0,
         )
         self.events: queue.Queue = queue.Queue()
         self.resources = build_resources(cfg, name)
-        self.mirror = MirrorControl(cfg, name)
         self.notifier = Notifier(cfg.notify, cfg.name, name, self.peer_name)
         self.lan = LanHealth(None)
         self.peer_msg: dict | None = None
@@ -93,6 +99,12 @@ class Node:
         self.vip_seen = False  # VIP found up by the monitor while not primary
         self.resource_failure = ""  # a resource that could not be kept running here (fsm fact)
         self._restarts: list[float] = []
+        self.replica = Replica(not self.mirror.trees, "not mirroring toward the peer")
+        self._replica_bad_since: float | None = None
+        self._replication_alerted = False
+        self._mirror_exits: collections.Counter = collections.Counter()  # unexpected exits in a row, per process
+        self._mirror_alerted: set[str] = set()
+        self._next_replica_check = 0.0
         self.transitions: collections.deque = collections.deque(maxlen=20)
         self._pending_reply: dict | None = None
         self._stop = threading.Event()
@@ -196,10 +208,13 @@ class Node:
                     command = self._admin_command(payload)
                     if command is None:
                         continue
+                elif kind == "mirror":
+                    self._mirror_exit(*payload)
                 elif kind == "stop":
                     break
                 self._step(command)
                 self._monitor()
+                self._watch_replication()
         finally:
             self.shutdown()
 
@@ -273,7 +288,7 @@ class Node:
         before = self.state
         new, actions = fsm.decide(before, facts, self.policy)
         self.state = new
-        self._execute(actions, facts)
+        self._execute(actions, facts, before)
         if self.state.role != fsm.PRIMARY:
             self.resource_failure, self._restarts = "", []
         if (self.state.role, self.state.epoch, self.state.owns_epoch) != (before.role, before.epoch, before.owns_epoch):
@@ -287,20 +302,28 @@ class Node:
             pending["reply"].put({"ok": ok, "role": self.state.role, "reason": self.state.reason})
         self._advertise()
 
-    def _execute(self, actions: list[fsm.Action], facts: fsm.Facts) -> None:
+    def _execute(self, actions: list[fsm.Action], facts: fsm.Facts, before: fsm.State) -> None:
+        """Carry out ``actions`` in order.  A takeover (its actions begin with the address
+        check) is all or nothing: the check failing leaves ``before`` as it was; any later
+        step failing is rolled back by the state machine's ``takeover_failed``."""
+        takeover = bool(actions) and isinstance(actions[0], fsm.CheckAddressFree)
         for action in actions:
             started = time.monotonic()
             try:
                 self._do(action)
-            except (ResourceError, HawrapError, OSError) as exc:
+            except (ResourceError, HawrapError, MirrorError, OSError) as exc:
                 log.error("%s failed: %s", type(action).__name__, exc)
-                if isinstance(action, fsm.StartResources):
-                    self.state, more = fsm.takeover_failed(self.state, facts, self.policy, str(exc))
-                    self._execute(more, facts)
+                if isinstance(action, fsm.CheckAddressFree):
+                    self.state, more = fsm.takeover_refused(before, facts, self.policy, str(exc))
+                    self._execute(more, facts, before)
+                    return
+                if isinstance(action, fsm.StartResources) or (takeover and isinstance(action, (fsm.AcquireMirrorLock, fsm.RaiseEpoch))):
+                    self.state, more = fsm.takeover_failed(before, self.state, facts, self.policy, str(exc))
+                    self._execute(more, facts, before)
                     return
                 if isinstance(action, fsm.FinalSync):
                     self.state, more = fsm.release_failed(self.state, facts, self.policy, str(exc))
-                    self._execute(more, facts)
+                    self._execute(more, facts, before)
                     return
                 self._notify("error", f"{type(action).__name__} failed: {exc}")
             took = time.monotonic() - started
@@ -326,8 +349,11 @@ class Node:
             self.mirror.observe_epochs(action.epoch)
         elif isinstance(action, fsm.WriteStandbyLock):
             lockfile.acquire(self.standby_lock_path(), reason=action.reason)
+        elif isinstance(action, fsm.CheckAddressFree):
+            if self.resources.vip is not None:
+                self.resources.vip.check_free()
         elif isinstance(action, fsm.StartResources):
-            self.resources.start()
+            self.resources.start(checked=True)
             self.vip_seen = False
         elif isinstance(action, fsm.StopServices):
             for error in self.resources.stop_services():
@@ -396,6 +422,52 @@ class Node:
                     self._notify("error", error)
                 self.vip_seen = False
                 self._advertise()
+
+    # ------------------------------------------------------------ replication
+
+    def _mirror_exit(self, name: str, code: int | None, message: str) -> None:
+        """A mirror process exited (its supervisor restarts it): say so, once, when restarting
+        will not help: refused for its epoch or its secret, or exiting again and again."""
+        self._mirror_exits[name] += 1
+        if name in self._mirror_alerted:
+            return
+        if code == EXIT_STALE_EPOCH:
+            what = f"the peer refused our changes: its copy has a newer epoch than ours ({message})"
+        elif code == EXIT_AUTH:
+            what = f"authentication failed: mirror.secret_file differs between the nodes ({message})"
+        elif self._mirror_exits[name] >= MIRROR_EXITS_BEFORE_ALERT:
+            last = "could not start" if code is None else f"exit {code}"
+            what = f"exited {self._mirror_exits[name]} times in a row (last: {last}): {message}"
+        else:
+            return
+        self._mirror_alerted.add(name)
+        self._notify("replication", f"mirror {name}: {what}")
+
+    def _watch_replication(self) -> None:
+        """While sending: is the replica live?  Told once when it has not been for
+        mirror.alert_after seconds while the peer could receive, and again when it recovers."""
+        now = time.monotonic()
+        if now < self._next_replica_check:
+            return
+        self._next_replica_check = now + REPLICA_CHECK_INTERVAL
+        if self.mirror.direction != "send":
+            self._replica_bad_since = None
+            return
+        self.replica = self.mirror.replica()
+        if self.replica.in_sync:
+            if self._replication_alerted:
+                self._notify("replication-restored", f"the replica on {self.peer_name} is live again")
+            self._replica_bad_since, self._replication_alerted = None, False
+            self._mirror_exits.clear()
+            self._mirror_alerted.clear()
+            return
+        if self._replica_bad_since is None:
+            self._replica_bad_since = now
+        peer = self.facts().peer
+        receiving = peer is not None and peer.role == fsm.SECONDARY and not peer.standby
+        if not self._replication_alerted and receiving and now - self._replica_bad_since >= self.cfg.mirror.alert_after:
+            self._replication_alerted = True
+            self._notify("replication", f"replication toward {self.peer_name} not live for {now - self._replica_bad_since:.0f} s: {self.replica.detail}")
 
     def _control_request(self, request: dict) -> dict:
         reply: queue.Queue = queue.Queue()

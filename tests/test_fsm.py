@@ -17,14 +17,17 @@ from hawrap.fsm import (
     SECONDARY,
     STANDBY,
     AcquireMirrorLock,
+    CheckAddressFree,
     Facts,
     FinalSync,
     Notify,
+    ObserveEpoch,
     PeerView,
     Policy,
     RaiseEpoch,
     ReleaseMirrorLock,
     Reply,
+    SetMirrorDirection,
     StartResources,
     StopResources,
     WriteStandbyLock,
@@ -41,6 +44,7 @@ def peer(role=SECONDARY, epoch=1, owns=False, standby=False, lan_ok=True, servin
 
 
 def state(role=SECONDARY, epoch=1, owns=False, home=True, **kw):
+    kw.setdefault("direction", {SECONDARY: "receive", PRIMARY: "send"}.get(role))
     return replace(fsm.State(node="a", is_home=home, started=0.0), role=role, epoch=epoch, owns_epoch=owns, **kw)
 
 
@@ -58,8 +62,8 @@ def kinds(actions):
 def test_primary_dies_secondary_takes_over_with_lock_epoch_vip_notify():
     s, acts = fsm.decide(state(SECONDARY, epoch=4), facts(p=None), POLICY)
     assert s.role == PRIMARY and s.epoch == 5 and s.owns_epoch and s.mirror_locked
-    assert kinds(acts)[:3] == [AcquireMirrorLock, RaiseEpoch, StartResources]
-    assert acts[1].to == 5 and isinstance(acts[-1], Notify)
+    assert kinds(acts)[:4] == [CheckAddressFree, AcquireMirrorLock, RaiseEpoch, StartResources]
+    assert acts[2].to == 5 and isinstance(acts[-1], Notify)
 
 
 def test_heartbeat_link_only_failure_changes_nothing():
@@ -190,14 +194,51 @@ def test_epochs_of_the_two_nodes_never_collide():
     assert (ea, eb) == (5, 6)
 
 
-def test_takeover_failure_retries_later():
-    s, _ = fsm.decide(state(SECONDARY), facts(p=None), POLICY)
-    s, acts = fsm.takeover_failed(s, facts(p=None), POLICY, "VIP answered by 02:00:00:00:00:01")
-    assert s.role == SECONDARY and StopResources in kinds(acts)
+def test_takeover_refused_by_the_address_check_changes_nothing_and_retries_later():
+    before = state(SECONDARY, epoch=4, direction="receive")
+    after, acts = fsm.decide(before, facts(p=None), POLICY)
+    assert isinstance(acts[0], CheckAddressFree)
+    s, acts = fsm.takeover_refused(before, facts(p=None), POLICY, "VIP answered by 02:00:00:00:00:01")
+    assert replace(s, retry_at=0.0, reason="", alert="", notified="") == before
+    assert kinds(acts) == [Notify] and acts[0].event == "takeover-refused"
     s2, acts = fsm.decide(s, facts(now=10.2, p=None), POLICY)
     assert s2.role == SECONDARY and acts == []
-    s3, acts = fsm.decide(s, facts(now=10.6, p=None), POLICY)
+    s3, acts = fsm.decide(s2, facts(now=10.6, p=None), POLICY)
     assert s3.role == PRIMARY
+    s4, acts = fsm.takeover_refused(s2, facts(now=10.6, p=None), POLICY, "again")
+    assert acts == []  # the same standing problem: notified once
+
+
+def test_takeover_that_fails_later_is_rolled_back():
+    before = state(SECONDARY, epoch=4, direction="receive")
+    after, _ = fsm.decide(before, facts(p=None), POLICY)
+    s, acts = fsm.takeover_failed(before, after, facts(p=None), POLICY, "service tcp: start exited 1")
+    assert s.role == SECONDARY and not s.owns_epoch and not s.mirror_locked and s.epoch == after.epoch
+    assert kinds(acts)[:2] == [StopResources, ReleaseMirrorLock]
+    assert any(isinstance(a, SetMirrorDirection) and a.direction == "receive" for a in acts)
+    # a lock held before the takeover (the peer is in standby) is kept
+    locked = replace(before, mirror_locked=True)
+    after, _ = fsm.decide(locked, facts(p=None), POLICY)
+    s, acts = fsm.takeover_failed(locked, after, facts(p=None), POLICY, "x")
+    assert s.mirror_locked and ReleaseMirrorLock not in kinds(acts)
+
+
+def test_secondary_that_hears_a_serving_primary_receives():
+    s, acts = fsm.decide(state(SECONDARY, direction=None), facts(p=peer(PRIMARY, owns=True)), POLICY)
+    assert [a.direction for a in acts if isinstance(a, SetMirrorDirection)] == ["receive"] and s.direction == "receive"
+    s, acts = fsm.decide(s, facts(p=peer(PRIMARY, owns=True)), POLICY)
+    assert acts == []
+
+
+def test_primary_passes_an_epoch_its_peer_raised_for_a_takeover_that_did_not_happen():
+    s = replace(state(PRIMARY, epoch=3, owns=True), epoch_parity=1)
+    s, acts = fsm.decide(s, facts(p=peer(SECONDARY, epoch=58, owns=False)), POLICY)
+    assert s.role == PRIMARY and s.epoch == 59 and s.owns_epoch
+    assert isinstance(acts[0], RaiseEpoch) and acts[0].to == 59 and acts[1].event == "epoch-raised"
+    # an epoch the peer owns (it served in it) is not passed: that would overwrite its writes
+    s = replace(state(PRIMARY, epoch=3, owns=True), epoch_parity=1)
+    s, acts = fsm.decide(s, facts(p=peer(SECONDARY, epoch=58, owns=True)), POLICY)
+    assert s.epoch == 3 and RaiseEpoch not in kinds(acts)
 
 
 def test_resource_that_cannot_be_restarted_hands_over_to_a_peer_able_to_serve():
@@ -233,10 +274,14 @@ class SimNode:
     lock: bool = False  # the standby lock file
     serving: bool = False  # resources actually up
     lan_ok: bool = True
+    muted: bool = False  # its heartbeats are lost on every link (one-way loss)
     last_heard: int | None = None  # step at which we last heard the peer
     view: PeerView | None = None
     command: str | None = None
-    persisted: tuple = (0, False)
+    epoch_file: int = 0  # what RaiseEpoch/ObserveEpoch wrote
+    mirror_lock: bool = False  # the mirroring lock file
+    direction: str | None = None  # the mirror process running: "send", "receive" or None
+    owns_persisted: bool = False
 
     def advertised(self) -> PeerView:
         s = self.state
@@ -244,6 +289,9 @@ class SimNode:
             name=self.name, role=s.role, epoch=s.epoch, owns_epoch=s.owns_epoch, standby=self.lock,
             lan_ok=self.lan_ok, serving=self.serving, request=s.request, home=self.home,
         )  # fmt: skip
+
+    def disk(self) -> tuple:
+        return (self.epoch_file, self.mirror_lock, self.direction)
 
 
 @dataclass
@@ -253,20 +301,28 @@ class Sim:
     lan_path_up: bool = True
     step_no: int = 0
     sync_fails: bool = False
+    start_fails: bool = False  # a service cannot start (a takeover fails after its address check)
     log: list = field(default_factory=list)
 
     def connected(self) -> bool:
         lan = self.lan_path_up and all(n.lan_ok for n in self.nodes)
         return self.hb_up or lan
 
+    def hears(self, i: int) -> bool:
+        return self.connected() and not self.nodes[1 - i].muted
+
+    def answers_arp(self, i: int) -> bool:
+        """Node i's address check: the other node holds the VIP and the LAN carries ARP."""
+        other = self.nodes[1 - i]
+        return other.serving and self.lan_path_up and all(n.lan_ok for n in self.nodes)
+
     def step(self):
         self.step_no += 1
         now = self.step_no * STEP
         adverts = [n.advertised() for n in self.nodes]
         for i, node in enumerate(self.nodes):
-            other = adverts[1 - i]
-            if self.connected():
-                node.last_heard, node.view = self.step_no, other
+            if self.hears(i):
+                node.last_heard, node.view = self.step_no, adverts[1 - i]
             alive = node.last_heard is not None and self.step_no - node.last_heard < DEADTIME_STEPS
             f = Facts(now=now, lan_ok=node.lan_ok, peer=node.view if alive else None, standby_lock=node.lock, command=node.command)
             node.command = None
@@ -277,31 +333,54 @@ class Sim:
                 assert f.lan_ok is True and not f.standby_lock, (f, before)
                 assert f.peer is None or not f.peer.serving, (f, before)
             node.state = new
-            for a in actions:
-                if isinstance(a, StartResources):
-                    node.serving = True
-                elif isinstance(a, (StopResources,)):
-                    node.serving = False
-                elif isinstance(a, WriteStandbyLock):
-                    node.lock = True
-                elif isinstance(a, FinalSync) and self.sync_fails:
-                    node.state, more = fsm.release_failed(node.state, f, POLICY, "sync failed")
-                    for m in more:
-                        if isinstance(m, StartResources):
-                            node.serving = True
-                    break
-            node.persisted = (node.state.epoch, node.state.owns_epoch)
+            self.execute(i, actions, f, before)
+            node.owns_persisted = node.state.owns_epoch
             assert node.serving == (node.state.role == PRIMARY), (node.state, actions)
+            assert node.state.epoch == node.epoch_file, (node.state, node.epoch_file, actions)
+            assert node.direction == node.state.direction, (node.state, node.direction, actions)
             self.log.append((self.step_no, node.name, before.role, node.state.role))
+
+    def execute(self, i: int, actions: list, f: Facts, before: fsm.State) -> None:
+        """What hawrap.node does with the actions, with the faults of the simulation."""
+        node = self.nodes[i]
+        for a in actions:
+            if isinstance(a, CheckAddressFree) and self.answers_arp(i):
+                disk = node.disk()
+                node.state, more = fsm.takeover_refused(before, f, POLICY, "the address answers")
+                self.execute(i, more, f, before)
+                assert node.disk() == disk, "a refused takeover changed something"
+                return
+            if isinstance(a, StartResources) and self.start_fails:
+                node.state, more = fsm.takeover_failed(before, node.state, f, POLICY, "a service cannot start")
+                self.execute(i, more, f, before)
+                return
+            if isinstance(a, FinalSync) and self.sync_fails:
+                node.state, more = fsm.release_failed(node.state, f, POLICY, "sync failed")
+                self.execute(i, more, f, before)
+                return
+            if isinstance(a, StartResources):
+                node.serving = True
+            elif isinstance(a, StopResources):
+                node.serving = False
+            elif isinstance(a, WriteStandbyLock):
+                node.lock = True
+            elif isinstance(a, AcquireMirrorLock):
+                node.mirror_lock = True
+            elif isinstance(a, ReleaseMirrorLock):
+                node.mirror_lock = False
+            elif isinstance(a, (RaiseEpoch, ObserveEpoch)):
+                node.epoch_file = max(node.epoch_file, a.to if isinstance(a, RaiseEpoch) else a.epoch)
+            elif isinstance(a, SetMirrorDirection):
+                node.direction = a.direction
 
     def restart(self, i):
         node = self.nodes[i]
-        epoch, owns = node.persisted
         node.state = fsm.State(
-            node=node.name, is_home=node.home, started=self.step_no * STEP, epoch=epoch, owns_epoch=owns,
-            epoch_parity=1 if node.name == "a" else 0,
+            node=node.name, is_home=node.home, started=self.step_no * STEP, epoch=node.epoch_file,
+            owns_epoch=node.owns_persisted, mirror_locked=node.mirror_lock, epoch_parity=1 if node.name == "a" else 0,
         )  # fmt: skip
         node.serving = False  # the supervisor's cleanup removed the VIP
+        node.direction = None  # and the node's mirror processes
         node.last_heard, node.view = None, None
 
     def both_serving(self) -> bool:
@@ -311,7 +390,8 @@ class Sim:
 EVENTS = st.sampled_from(
     ["hb_down", "hb_up", "lanpath_down", "lanpath_up", "a_lan_down", "a_lan_up", "b_lan_down", "b_lan_up",
      "a_restart", "b_restart", "a_failover", "b_failover", "a_failback", "b_failback", "a_standby", "b_standby",
-     "a_resume", "b_resume", "sync_fails", "sync_ok", "wait", "wait", "wait"]
+     "a_resume", "b_resume", "sync_fails", "sync_ok", "a_mute", "b_mute", "a_unmute", "b_unmute",
+     "start_fails", "start_ok", "wait", "wait", "wait"]
 )  # fmt: skip
 
 
@@ -329,6 +409,10 @@ def apply(sim: Sim, event: str):
         sim.sync_fails = True
     elif event == "sync_ok":
         sim.sync_fails = False
+    elif event == "start_fails":
+        sim.start_fails = True
+    elif event == "start_ok":
+        sim.start_fails = False
     elif event == "wait":
         pass
     else:
@@ -338,6 +422,10 @@ def apply(sim: Sim, event: str):
             node.lan_ok = False
         elif what == "lan_up":
             node.lan_ok = True
+        elif what == "mute":
+            node.muted = True
+        elif what == "unmute":
+            node.muted = False
         elif what == "restart":
             sim.restart(idx[who])
         elif what in ("failover", "failback"):
@@ -357,9 +445,9 @@ def new_sim() -> Sim:
 
 def converge(sim: Sim, steps: int = 120):
     sim.hb_up = sim.lan_path_up = True
-    sim.sync_fails = False
+    sim.sync_fails = sim.start_fails = False
     for n in sim.nodes:
-        n.lan_ok = True
+        n.lan_ok, n.muted = True, False
     for _ in range(steps):
         sim.step()
 
@@ -373,7 +461,7 @@ def test_random_faults_never_end_in_split_brain(script):
         apply(sim, event)
         for _ in range(steps):
             sim.step()
-            clash = clash + 1 if sim.both_serving() and sim.connected() else 0
+            clash = clash + 1 if sim.both_serving() and sim.hears(0) and sim.hears(1) else 0
             assert clash <= 2, sim.log[-10:]
     converge(sim)
     assert not sim.both_serving(), sim.log[-20:]
@@ -384,6 +472,13 @@ def test_random_faults_never_end_in_split_brain(script):
     assert sum(n.serving for n in sim.nodes) == 1, [(n.name, n.state) for n in sim.nodes]
     roles = sorted(n.state.role for n in sim.nodes)
     assert roles == [PRIMARY, SECONDARY], roles
+    # and replication works again: the secondary receives, nobody holds a mirroring lock,
+    # and the primary's epoch is not older than its replica's (it would be refused)
+    primary = next(n for n in sim.nodes if n.serving)
+    secondary = next(n for n in sim.nodes if not n.serving)
+    assert secondary.direction == "receive" and primary.direction == "send"
+    assert not primary.mirror_lock and not secondary.mirror_lock, [(n.name, n.state) for n in sim.nodes]
+    assert primary.epoch_file >= secondary.epoch_file, [(n.name, n.state) for n in sim.nodes]
 
 
 def test_cold_start_elects_the_home_node():

@@ -294,7 +294,7 @@ def test_everything_killed_vip_expires_and_duplicate_check_waits(lab, rng):
         c.served_by("a")
         t0 = c.random_phase()
         lab.kill_all("a")  # links stay up: a's kernel keeps answering for the VIP
-        assert c.notified("takeover-failed"), c.h.logs()
+        assert c.notified("takeover-refused"), c.h.logs()
         assert lab.vip_on("a") and c.h.role("b") == "secondary"
         assert wait_for(lambda: not lab.vip_on("a"), 8), "VIP did not expire"
         assert wait_for(lambda: c.h.role("b") == "primary", 10), c.h.logs()
