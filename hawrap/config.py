@@ -55,6 +55,7 @@ class Timing:
     ping_timeout: float = 0.3  # a probe without a reply within this is lost
     ping_failures: int = 3  # consecutive lost probes before the ping node counts as unreachable
     handover_timeout: float = 10.0  # a planned switchover not completed by then is rolled back
+    lan_hold: float = 1.0  # an unhealthy LAN verdict must last this long before a node steps down
     realtime_priority: int = 50  # SCHED_FIFO priority of the heartbeat process; 0: normal scheduling
     mlock: bool = True  # lock the heartbeat process's memory (no page-in stall under disk load)
 
@@ -321,6 +322,7 @@ def load(path: str) -> ClusterConfig:
         ping_timeout=t.get("ping_timeout", float, 0.3, _positive),
         ping_failures=t.get("ping_failures", int, 3, _positive),
         handover_timeout=t.get("handover_timeout", float, 10.0, _positive),
+        lan_hold=t.get("lan_hold", float, 1.0, _positive),
         realtime_priority=t.get("realtime_priority", int, 50, lambda v: None if 0 <= v <= 99 else "must be 0-99"),
         mlock=t.get("mlock", bool, True),
     )

@@ -76,6 +76,9 @@ class Policy:
     failback: str = "manual"  # "manual" | "auto"
     failback_delay: float = 10.0
     retry_interval: float = 2.0  # after a failed takeover, wait this long before trying again
+    # An unhealthy LAN verdict must hold this long before a node steps down for it: a burst
+    # of lost ping replies or a flapping link is not worth a failover.
+    lan_hold: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,10 @@ class State:
     epoch_parity: int | None = None
     reason: str = ""  # why we are in this role (shown by ``hawrap status``)
     direction: str | None = None  # the mirror direction last asked for (SetMirrorDirection)
+    # While the LAN is unhealthy: whose fault it looks like ("ours", "isolated", "shared") and
+    # since when that verdict has held (it must hold for lan_hold before anything is done).
+    lan_fault: str = ""
+    lan_fault_since: float = 0.0
     # A standing problem the administrator has been told about: ``alert`` is the one seen in
     # this round, ``notified`` the last one notified, so each is notified once, not per round.
     alert: str = ""
@@ -238,10 +245,51 @@ def _decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
     if f.standby_lock and s.role != STANDBY:
         return _go_standby(s, "the standby lock is present", write_lock=False)
     in_grace = s.role == INIT and f.now < s.started + p.initdead
+    alerts: list[Action] = []
     if f.lan_ok is False and s.role != STANDBY and not in_grace:
-        return _go_standby(s, f"own LAN unhealthy: {f.lan_problem or 'carrier or ping node lost'}", write_lock=True)
+        lan = _lan_unhealthy(s, f, p)
+        if isinstance(lan, State):
+            s = lan
+            if f.now - s.lan_fault_since >= p.lan_hold:
+                s, alerts = _alert(s, "lan", "lan-unhealthy", _lan_message(s, f))
+        else:
+            return lan
+    elif s.lan_fault:
+        s = replace(s, lan_fault="", lan_fault_since=0.0)
     handler = {INIT: _init, SECONDARY: _secondary, PRIMARY: _primary, RELEASING: _releasing, STANDBY: _standby}
-    return handler[s.role](s, f, p)
+    state, actions = handler[s.role](s, f, p)
+    return state, alerts + actions
+
+
+def _lan_unhealthy(s: State, f: Facts, p: Policy):
+    """This node's LAN is unhealthy.  Stepping down is for a fault of this node's alone, and
+    only once that verdict has held for ``lan_hold`` (a burst of lost ping replies or a
+    flapping link is ignored).  A fault the peer shares (its own LAN unhealthy, or it cannot
+    serve) is no reason for the last node able to serve to stop: carry on, the administrator
+    told.  A primary that hears neither the peer nor the ping node is most likely the one cut
+    off: it stops serving, without the standby lock, and serves again if its LAN comes back
+    first.  Returns the state (carry on) or a transition."""
+    peer = f.peer
+    if s.role in (PRIMARY, RELEASING):
+        ours = peer_can_serve(peer)  # the peer can take over from us
+    else:  # the peer serves, or could, with a healthy LAN: we are not the last node able to
+        ours = peer is not None and (peer_can_serve(peer) or (peer.serving and peer.lan_ok is True))
+    fault = "ours" if ours else "isolated" if peer is None else "shared"
+    if fault != s.lan_fault:
+        s = replace(s, lan_fault=fault, lan_fault_since=f.now)
+    if f.now - s.lan_fault_since < p.lan_hold:
+        return s
+    problem = f"own LAN unhealthy: {f.lan_problem or 'carrier or ping node lost'}"
+    if fault == "ours":
+        return _go_standby(s, problem, write_lock=True)
+    if fault == "isolated" and s.role in (PRIMARY, RELEASING):
+        return _step_back(s, f"{problem}, and the peer is silent too")
+    return s
+
+
+def _lan_message(s: State, f: Facts) -> str:
+    peer = "silent" if f.peer is None else f"unable to serve (role {f.peer.role}, LAN {'healthy' if f.peer.lan_ok else 'unhealthy'})"
+    return f"own LAN unhealthy ({f.lan_problem or 'carrier or ping node lost'}) but the peer is {peer}: staying {s.role}"
 
 
 def _init(s: State, f: Facts, p: Policy):
@@ -514,6 +562,13 @@ def _diverged(s: State, peer: PeerView, when: str):
     else:
         why = f"peer serves at epoch {peer.epoch}, older than this node's {s.epoch}: it may lack changes made here"
     return _go_standby(s, f"{why}: check this node, then run 'hawrap resume'", write_lock=True)
+
+
+def _step_back(s: State, reason: str):
+    """Stop serving but stay a secondary (no standby lock): the cause may be gone soon."""
+    state = replace(s, role=SECONDARY, request=None, handover_deadline=None, peer_ready_since=None, reason=reason, retry_at=0.0)
+    state, direct = _direct(state, "receive")
+    return state, [StopResources(), *direct, Notify("stepped-back", reason)]
 
 
 def _go_standby(s: State, reason: str, *, write_lock: bool):

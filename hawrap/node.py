@@ -72,6 +72,7 @@ class Node:
             failback=cfg.failback,
             failback_delay=cfg.failback_delay,
             retry_interval=cfg.timing.monitor_interval,
+            lan_hold=cfg.timing.lan_hold,
         )
         persisted = self._load_state()
         self.mirror = MirrorControl(cfg, name, on_exit=lambda *exit: self.events.put(("mirror", exit)))

@@ -52,6 +52,12 @@ def facts(now=10.0, lan_ok=True, p=None, lock=False, command=None):
     return Facts(now=now, lan_ok=lan_ok, peer=p, standby_lock=lock, command=command, lan_problem="test")
 
 
+def lan_fault(s, f, p=None):
+    """Decide twice, lan_hold apart: a LAN verdict counts once it has held that long."""
+    s, _ = fsm.decide(s, replace(f, now=f.now - POLICY.lan_hold), p or POLICY)
+    return fsm.decide(s, f, p or POLICY)
+
+
 def kinds(actions):
     return [type(a) for a in actions]
 
@@ -76,10 +82,54 @@ def test_heartbeat_link_only_failure_changes_nothing():
 
 def test_own_lan_failure_goes_standby_and_writes_the_lock():
     for role in (PRIMARY, SECONDARY, RELEASING):
-        s, acts = fsm.decide(state(role, owns=role == PRIMARY), facts(lan_ok=False, p=peer()), POLICY)
+        p = peer(PRIMARY if role == SECONDARY else SECONDARY, owns=role == SECONDARY)
+        s, acts = lan_fault(state(role, owns=role == PRIMARY), facts(lan_ok=False, p=p))
         assert s.role == STANDBY and not s.serving
         assert StopResources in kinds(acts) and WriteStandbyLock in kinds(acts) and Notify in kinds(acts)
         assert kinds(acts).index(StopResources) == 0
+
+
+def test_own_lan_failure_must_hold_for_lan_hold():
+    for role in (PRIMARY, SECONDARY):
+        p = peer(PRIMARY if role == SECONDARY else SECONDARY, owns=role == SECONDARY)
+        s, acts = fsm.decide(state(role, owns=role == PRIMARY), facts(now=10.0, lan_ok=False, p=p), POLICY)
+        assert s.role == role and acts == []
+        s, acts = fsm.decide(s, facts(now=10.9, lan_ok=False, p=p), POLICY)
+        assert s.role == role and acts == []
+        s, acts = fsm.decide(s, facts(now=11.0, lan_ok=False, p=p), POLICY)
+        assert s.role == STANDBY
+
+
+def test_the_verdict_that_must_hold_is_whose_fault_it_is():
+    # silent peer and no ping node for long; the peer is heard again (serving, healthy) just
+    # before our own LAN recovers: not a fault of ours that held, so no standby lock
+    s, _ = lan_fault(state(SECONDARY), facts(lan_ok=False, p=None))
+    s, acts = fsm.decide(s, facts(now=10.05, lan_ok=False, p=peer(PRIMARY, owns=True)), POLICY)
+    assert s.role == SECONDARY and WriteStandbyLock not in kinds(acts)
+    s, acts = fsm.decide(s, facts(now=10.1, p=peer(PRIMARY, owns=True)), POLICY)
+    assert s.role == SECONDARY and s.lan_fault == ""
+
+
+def test_last_node_able_to_serve_does_not_step_down_for_a_shared_fault():
+    # the peer's LAN is unhealthy too (the ping node itself is down), or it is in standby
+    for p in (peer(SECONDARY, lan_ok=False), peer(STANDBY, standby=True, lan_ok=True)):
+        s, acts = lan_fault(state(PRIMARY, owns=True), facts(lan_ok=False, p=p))
+        assert s.role == PRIMARY and kinds(acts) == [Notify] and acts[0].event == "lan-unhealthy"
+        s, acts = fsm.decide(s, facts(now=30, lan_ok=False, p=p), POLICY)
+        assert s.role == PRIMARY and acts == []  # told once
+    s, acts = lan_fault(state(SECONDARY), facts(lan_ok=False, p=peer(PRIMARY, owns=True, lan_ok=False)))
+    assert s.role == SECONDARY and WriteStandbyLock not in kinds(acts)
+
+
+def test_primary_cut_off_from_peer_and_ping_node_steps_back_without_the_lock():
+    s, acts = lan_fault(state(PRIMARY, owns=True), facts(lan_ok=False, p=None))
+    assert s.role == SECONDARY and StopResources in kinds(acts) and WriteStandbyLock not in kinds(acts)
+    # its LAN back, the peer still silent: it serves again
+    s, acts = fsm.decide(s, facts(now=20, p=None), POLICY)
+    assert s.role == PRIMARY
+    # a silent peer seen by a secondary with an unhealthy LAN: it just cannot take over
+    s, acts = lan_fault(state(SECONDARY), facts(lan_ok=False, p=None))
+    assert s.role == SECONDARY and StartResources not in kinds(acts) and WriteStandbyLock not in kinds(acts)
 
 
 def test_peer_in_standby_is_taken_over_while_still_heard():
@@ -479,6 +529,26 @@ def test_random_faults_never_end_in_split_brain(script):
     assert secondary.direction == "receive" and primary.direction == "send"
     assert not primary.mirror_lock and not secondary.mirror_lock, [(n.name, n.state) for n in sim.nodes]
     assert primary.epoch_file >= secondary.epoch_file, [(n.name, n.state) for n in sim.nodes]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "both"]), st.integers(1, 9), st.integers(1, 5)), max_size=20))
+def test_lan_blips_shorter_than_lan_hold_change_no_role(blips):
+    """Ping replies lost in bursts (each shorter than lan_hold, on one node or both): the
+    roles never change and nobody writes a standby lock."""
+    sim = new_sim()
+    converge(sim, 30)
+    for who, down, up in blips:
+        for n in sim.nodes:
+            n.lan_ok = not (who == "both" or who == n.name)
+        for _ in range(down):  # fewer steps than lan_hold (10)
+            sim.step()
+        for n in sim.nodes:
+            n.lan_ok = True
+        for _ in range(up):
+            sim.step()
+        assert [n.state.role for n in sim.nodes] == [PRIMARY, SECONDARY], sim.log[-10:]
+        assert not any(n.lock for n in sim.nodes)
 
 
 def test_cold_start_elects_the_home_node():

@@ -295,7 +295,6 @@ def test_random_heartbeat_loss(fc):
         )
 
 
-@pytest.mark.xfail(strict=True, reason="no hysteresis on the LAN verdict yet")
 def test_random_ping_node_reply_loss(fc):
     """The ping node's replies lost in random bursts for each node (about 30% of the time):
     the LAN verdict must hold for timing.lan_hold before anyone steps down, so nobody does."""
@@ -329,7 +328,6 @@ def test_random_ping_node_reply_loss(fc):
 # ---------------------------------------------------------------- LAN
 
 
-@pytest.mark.xfail(strict=True, reason="no hysteresis on the LAN verdict yet")
 def test_lan_flapping_on_primary(fc):
     """The primary's LAN link goes down and up at random, each time for less than
     timing.lan_hold: clients lose it only while the link is down; nobody fails over."""
