@@ -3,7 +3,8 @@
   hawrap run      --config FILE --node NAME     run this node (under its supervisor)
   hawrap status   --config FILE --node NAME [--json]
   hawrap standby  --config FILE --node NAME [--reason TEXT]
-  hawrap resume   --config FILE --node NAME
+  hawrap resume   --config FILE --node NAME [--discard-local-changes]
+  hawrap force-primary --config FILE --node NAME [--accept-data-loss]
   hawrap failover --config FILE --node NAME     planned switchover (stop writes, final sync, switch)
   hawrap failback --config FILE --node NAME     move the service back to the home node
   hawrap cleanup  --config FILE --node NAME     drop the VIP and stop services left behind
@@ -52,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="", help="recorded in the standby lock")
     p = sub.add_parser("resume", help="remove the standby lock after your checks: rejoin as secondary")
     _common(p)
+    p.add_argument(
+        "--discard-local-changes", action="store_true",
+        help="resume even though this node holds changes the peer lacks (they are listed; the resync replaces them)",
+    )  # fmt: skip
+    p = sub.add_parser("force-primary", help="serve this node's copy although it may lack the peer's latest changes")
+    _common(p)
+    p.add_argument("--accept-data-loss", action="store_true", help="do it (without it: only say what may be lost)")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node to serve")
     for name, text in (("failover", "planned switchover to the other node"), ("failback", "move the service back to the home node")):
         p = sub.add_parser(name, help=text)
         _common(p)
@@ -159,6 +168,16 @@ def cmd_status(cfg, node, args) -> int:
     if st["vip"]:
         print(f"  vip {st['vip']['address']}: {'here' if st['vip']['present'] else 'not here'}")
     print(f"  standby lock: {st['standby_lock']['reason'] if st['standby_lock'] else 'none'}")
+    data = st.get("data") or {}
+    if data.get("guarded"):
+        if data["uptodate"]:
+            copy = "up to date"
+        else:
+            since = data.get("outdated_since")
+            copy = "NOT known up to date" + (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else "")
+        print(f"  data: {copy}" + (f"; {peer['name']}'s copy lacks this node's changes" if data["peer_outdated"] else ""))
+        if data.get("replica"):
+            print(f"  replica: {'in sync' if data['replica']['in_sync'] else 'NOT in sync: ' + data['replica']['detail']}")
     m = st["mirror"]
     if m["locked"]:
         print(f"  mirror: direction {m['direction']}, locks {m['locked']}, epochs {m['epochs']}")
@@ -181,6 +200,19 @@ def cmd_standby(cfg, node, args) -> int:
 
 
 def cmd_resume(cfg, node, args) -> int:
+    from .unsynced import find
+
+    unsynced = find(cfg, node)
+    if unsynced:
+        print(unsynced.describe(node))
+        if not args.discard_local_changes:
+            print(
+                f"{node}: not resumed. Keep what you need (copy it aside, or make {node} primary again with "
+                f"its data), then run 'hawrap resume --discard-local-changes'",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        print(f"{node}: --discard-local-changes: resuming; {unsynced.peer}'s copy replaces the above")
     try:
         answer = control.request(cfg.control_socket(node), "resume")
     except NotRunning:
@@ -192,6 +224,43 @@ def cmd_resume(cfg, node, args) -> int:
         return EXIT_FAILED
     print(f"{node}: {answer['role']}")
     return EXIT_OK
+
+
+def cmd_force_primary(cfg, node, args) -> int:
+    path = cfg.control_socket(node)
+    st = control.request(path, "status")
+    peer = st["peer"]
+    if st["role"] == "primary":
+        print(f"{node} is already primary")
+        return EXIT_OK
+    if peer.get("alive") and peer.get("serving"):
+        print(f"{node}: force-primary refused: {peer['name']} serves (epoch {peer.get('epoch')}); use 'hawrap failover' on it", file=sys.stderr)
+        return EXIT_FAILED
+    data = st["data"]
+    if not data["guarded"] or data["uptodate"]:
+        print(f"{node}'s copy was complete when it last heard from {peer['name']}")
+    else:
+        since = data.get("outdated_since")
+        when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(since)) if since else "its first start"
+        print(f"{node}'s copy has not been known complete since {when}: changes made on {peer['name']} after that")
+        print(f"may be lost: they are not in this copy. If {peer['name']} comes back, it goes to standby, and")
+        print("'hawrap resume' there lists what it holds before anything of it is replaced.")
+    if not args.accept_data_loss:
+        print(f"{node}: nothing done; run 'hawrap force-primary --accept-data-loss' to serve this copy", file=sys.stderr)
+        return EXIT_FAILED
+    answer = control.request(path, "force-primary")
+    if not answer.get("ok"):
+        print(f"{node}: force-primary refused: {answer.get('message') or answer.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        st = control.request(path, "status")
+        if st["role"] == "primary":
+            print(f"{node}: primary at epoch {st['epoch']}")
+            return EXIT_OK
+        time.sleep(0.1)
+    print(f"{node}: not primary after {args.wait:g} s: {st['reason']}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _switch(cfg, node, args, command: str) -> int:
@@ -244,6 +313,7 @@ COMMANDS = {
     "status": cmd_status,
     "standby": cmd_standby,
     "resume": cmd_resume,
+    "force-primary": cmd_force_primary,
     "failover": cmd_failover,
     "failback": cmd_failback,
     "cleanup": cmd_cleanup,

@@ -17,13 +17,27 @@ Roles:
 * ``standby``    out of service (standby lock present, LAN failure, fenced after a takeover it
                  missed, or lost a split brain); only ``hawrap resume`` brings it back.
 
+The data state (with mirrored trees; DRBD's "Outdated" in spirit).  The primary says in
+every heartbeat whether its replica is in sync (its mirror daemon live and at most
+``mirror.max_lag`` behind).  A secondary is ``uptodate`` while the serving primary says so;
+a primary whose replica is not in sync knows its peer is outdated (``peer_outdated``).  Both
+are persisted.  A node serves on its own only with data it knows to be the newest:
+
+* a secondary takes over from a dead (or standby, or releasing) primary only if it is
+  uptodate: the normal failover stays as fast as the dead time;
+* a node that starts and never hears its peer serves alone only if it was a primary whose
+  peer was outdated (a degraded primary: nobody can have served newer data since);
+* otherwise it waits and tells the administrator, who may run ``hawrap force-primary``.
+
 The safety rules, each one asserted by the property tests:
 
 * A node starts serving only when its own LAN is healthy (carrier and ping node), its
   standby lock is absent, and the peer is either silent on every link or says it is not
   serving (it released, went to standby, or is an idle secondary that ranks lower).
+* Every takeover starts with the address check and is all or nothing.
 * If both ever serve while hearing each other, the lower rank (standby lock first, then
-  epoch, then who owns the epoch, then the home node, then the name) stops at once.
+  knowing its data up to date, then epoch, then who owns the epoch, then the home node,
+  then the name) stops at once.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ from dataclasses import dataclass, replace
 
 INIT, SECONDARY, PRIMARY, STANDBY, RELEASING = "init", "secondary", "primary", "standby", "releasing"
 ROLES = (INIT, SECONDARY, PRIMARY, STANDBY, RELEASING)
-COMMANDS = ("failover", "failback")
+COMMANDS = ("failover", "failback", "force-primary")
 
 
 # ---------------------------------------------------------------- inputs
@@ -51,6 +65,8 @@ class PeerView:
     serving: bool
     request: str | None
     home: bool
+    uptodate: bool = True  # its copy is known to hold every change (see the module docstring)
+    in_sync: bool = True  # serving: its replica (our copy) receives its changes live
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,8 @@ class Facts:
     lan_confirmed: bool = True
     # A resource failed while serving and could not be restarted here ("" while all is well).
     resource_failure: str = ""
+    # Primary: the replica receives our changes live; releasing: the final sync is done.
+    replica_in_sync: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,7 @@ class Policy:
     failback: str = "manual"  # "manual" | "auto"
     failback_delay: float = 10.0
     retry_interval: float = 2.0  # after a failed takeover, wait this long before trying again
+    data_guard: bool = False  # trees are mirrored: serve alone only with data known newest
     # An unhealthy LAN verdict must hold this long before a node steps down for it: a burst
     # of lost ping replies or a flapping link is not worth a failover.
     lan_hold: float = 1.0
@@ -103,6 +122,8 @@ class State:
     # since when that verdict has held (it must hold for lan_hold before anything is done).
     lan_fault: str = ""
     lan_fault_since: float = 0.0
+    uptodate: bool = False  # our copy is known to hold every change made in the cluster
+    peer_outdated: bool = False  # we served while the peer's copy did not get our changes
     # A standing problem the administrator has been told about: ``alert`` is the one seen in
     # this round, ``notified`` the last one notified, so each is notified once, not per round.
     alert: str = ""
@@ -200,29 +221,58 @@ class SetMirrorDirection(Action):
 # ---------------------------------------------------------------- ranking
 
 
-def rank(standby: bool, epoch: int, owns_epoch: bool, home: bool, name: str) -> tuple:
+def rank(standby: bool, uptodate: bool, epoch: int, owns_epoch: bool, home: bool, name: str) -> tuple:
     """Total order deciding who serves when both could: both nodes compute the same answer."""
-    return (not standby, epoch, owns_epoch, home, name)
+    return (not standby, uptodate, epoch, owns_epoch, home, name)
 
 
-def my_rank(s: State, f: Facts) -> tuple:
-    return rank(f.standby_lock, s.epoch, s.owns_epoch, s.is_home, s.node)
+def my_rank(s: State, f: Facts, p: Policy) -> tuple:
+    return rank(f.standby_lock, s.uptodate or not p.data_guard, s.epoch, s.owns_epoch, s.is_home, s.node)
 
 
-def peer_rank(p: PeerView) -> tuple:
-    return rank(p.standby, p.epoch, p.owns_epoch, p.home, p.name)
+def peer_rank(peer: PeerView, p: Policy) -> tuple:
+    return rank(peer.standby, peer.uptodate or not p.data_guard, peer.epoch, peer.owns_epoch, peer.home, peer.name)
 
 
 # ---------------------------------------------------------------- transitions
 
 
 def decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
-    state, actions = _decide(replace(s, alert=""), f, p)
+    state, actions = _decide(_data_state(replace(s, alert=""), f), f, p)
     if not state.alert:
         state = replace(state, notified="")  # the problem is over: notify it again if it returns
     if f.command is not None and not any(isinstance(a, Reply) for a in actions):
         actions.append(Reply(False, f"{f.command}: nothing to do in role {state.role}"))
     return state, actions
+
+
+def _data_state(s: State, f: Facts) -> State:
+    """What this node knows of its copy, from its own role or from the serving peer."""
+    peer = f.peer
+    peer_serves = peer is not None and (peer.serving or peer.role in (PRIMARY, RELEASING))
+    if s.role == PRIMARY or (s.role == RELEASING and not peer_serves):
+        return replace(s, uptodate=True, peer_outdated=not f.replica_in_sync)
+    if peer_serves:
+        # what we hold that the peer lacks is gone once its copy has replaced ours
+        return replace(s, uptodate=peer.in_sync, peer_outdated=s.peer_outdated and not peer.in_sync)
+    return s
+
+
+def _may_serve(s: State, p: Policy, alone: bool) -> bool:
+    """Our copy is good enough to serve without the peer: known up to date (a secondary of
+    a primary that said so); ``alone`` (after a start that never heard the peer): only if we
+    were a primary whose peer was outdated, so that nobody can have served newer data."""
+    if not p.data_guard:
+        return True
+    return s.uptodate and (s.peer_outdated or not alone)
+
+
+def _outdated(s: State, why: str) -> tuple[State, list[Action]]:
+    return _alert(
+        s, "outdated", "outdated",
+        f"{why}, and this node's copy may lack the peer's latest changes: not serving it on its own. "
+        "Start the peer, or run 'hawrap force-primary' to serve this copy (what it lacks is lost)",
+    )  # fmt: skip
 
 
 def _alert(s: State, key: str, event: str, message: str) -> tuple[State, list[Action]]:
@@ -297,19 +347,27 @@ def _init(s: State, f: Facts, p: Policy):
     if f.lan_ok is not True:
         return s, []
     if peer is None:
+        if f.command == "force-primary":
+            return _forced(s, f)
         if f.now < s.retry_at:
             return _keep_alert(s), []
         if f.now < s.started + p.initdead or not f.lan_confirmed:
             return s, []
+        if not _may_serve(s, p, alone=True):
+            return _outdated(s, "the peer has not been heard since this node started")
         return _takeover(s, f, lock=True, reason="peer not heard on any link since start")
     if peer.serving or peer.role in (PRIMARY, RELEASING):
         diverged = _diverged(s, peer, "while this node was away")
         if diverged:
             return diverged
         return _become_secondary(s, peer, "peer is primary")
+    if f.command == "force-primary":
+        return _forced(s, f)
     if peer.standby or peer.role == STANDBY:
+        if not _may_serve(s, p, alone=False):
+            return _outdated(s, "the peer is in standby")
         return _takeover(s, f, lock=True, reason="peer is in standby")
-    if my_rank(s, f) > peer_rank(peer):
+    if my_rank(s, f, p) > peer_rank(peer, p):
         return _takeover(s, f, lock=False, reason="cluster start: this node ranks first")
     return _become_secondary(s, peer, "cluster start: peer ranks first")
 
@@ -319,10 +377,14 @@ def _secondary(s: State, f: Facts, p: Policy):
     if f.lan_ok is not True:
         return s, []
     if peer is None:
+        if f.command == "force-primary":
+            return _forced(s, f)
         if f.now < s.retry_at:
             return _keep_alert(s), []
         if not f.lan_confirmed:
             return s, []
+        if not _may_serve(s, p, alone=False):
+            return _outdated(s, "the peer is silent on every link")
         return _takeover(s, f, lock=True, reason="peer silent on every link for the dead time")
     actions: list[Action] = []
     if peer.serving or peer.role == PRIMARY:
@@ -343,17 +405,25 @@ def _secondary(s: State, f: Facts, p: Policy):
             s = replace(s, request=None, handover_deadline=None)
             actions.append(Notify("switchover-failed", "the primary did not hand over in time"))
         return s, actions
+    if f.command == "force-primary":
+        return _forced(s, f)
     if f.command is not None:
         actions.append(Reply(False, f"{f.command}: the peer is not serving (role {peer.role})"))
     if f.now < s.retry_at:
-        return s, actions
+        return _keep_alert(s), actions
     if peer.role == RELEASING:
+        if not _may_serve(s, p, alone=False):
+            state, more = _outdated(s, "the peer is handing over")
+            return state, actions + more
         state, more = _takeover(s, f, lock=False, reason="planned switchover from the peer")
         return state, actions + more
     if peer.standby or peer.role == STANDBY:
+        if not _may_serve(s, p, alone=False):
+            state, more = _outdated(s, "the peer went to standby")
+            return state, actions + more
         state, more = _takeover(s, f, lock=True, reason="peer went to standby")
         return state, actions + more
-    if peer.role == SECONDARY and my_rank(s, f) > peer_rank(peer):
+    if peer.role == SECONDARY and my_rank(s, f, p) > peer_rank(peer, p):
         state, more = _takeover(s, f, lock=False, reason="no primary: this node ranks first")
         return state, actions + more
     return s, actions
@@ -370,7 +440,7 @@ def _primary(s: State, f: Facts, p: Policy):
             actions.append(Reply(False, f"{f.command}: the peer is not heard on any link"))
         return s, actions
     if peer.serving:
-        if peer_rank(peer) > my_rank(s, f):
+        if peer_rank(peer, p) > my_rank(s, f, p):
             return _go_standby(
                 s, f"split brain: the peer serves too and ranks first (epoch {peer.epoch} vs {s.epoch})", write_lock=True
             )
@@ -470,6 +540,15 @@ def _standby(s: State, f: Facts, p: Policy):
 # ---------------------------------------------------------------- building blocks
 
 
+def _forced(s: State, f: Facts) -> tuple[State, list[Action]]:
+    """``hawrap force-primary``: serve this copy although it may not be the newest (the CLI
+    showed the administrator what may be lost).  Only the data check is waived."""
+    if f.lan_ok is not True or f.standby_lock:
+        return s, [Reply(False, "force-primary: refused: own LAN unhealthy or standby lock present")]
+    state, actions = _takeover(replace(s, uptodate=True), f, lock=True, reason="forced by the administrator")
+    return state, [*actions, Reply(True, "taking over with this node's copy")]
+
+
 def _next_epoch(s: State, above: int) -> int:
     """The smallest epoch above ``above`` (and ours) of this node's parity: the two nodes take
     epochs of different parity, so two takeovers made apart can never claim the same one."""
@@ -514,6 +593,8 @@ def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
         peer_ready_since=None,
         reason=reason,
         direction="send",
+        uptodate=True,
+        peer_outdated=True,  # until its replica is in sync: nobody else has our changes yet
     )
     return state, actions
 
@@ -535,7 +616,8 @@ def takeover_failed(before: State, after: State, f: Facts, p: Policy, error: str
         actions.append(ReleaseMirrorLock())
     state = replace(
         after, role=SECONDARY, owns_epoch=False, mirror_locked=before.mirror_locked, retry_at=f.now + p.retry_interval,
-        reason=f"takeover failed: {error}", request=None, direction=None,
+        reason=f"takeover failed: {error}", request=None, direction=None, uptodate=before.uptodate,
+        peer_outdated=before.peer_outdated,
     )  # fmt: skip
     state, more = _direct(state, "receive")
     actions += more

@@ -93,7 +93,7 @@ class HeartbeatEngine:
         self.tracker = wire.PeerTracker(self.boot, cfg["peer"], cfg["cluster"], tuple(link[0] for link in cfg["links"]))
         self.state: dict = {
             "role": "init", "epoch": 0, "owns_epoch": False, "standby": False,
-            "lan_ok": None, "serving": False, "request": None,
+            "lan_ok": None, "serving": False, "request": None, "uptodate": False, "in_sync": False,
         }  # fmt: skip
         self.peer_fields: dict | None = None
         self.links: dict[str, LinkSocket] = {}
@@ -178,7 +178,7 @@ class HeartbeatEngine:
         heard = self._links_up(time.monotonic())
         for link in self.links.values():
             fields = {
-                "v": 1, "cluster": self.cfg["cluster"], "node": self.node, "link": link.name,
+                "v": wire.VERSION, "cluster": self.cfg["cluster"], "node": self.node, "link": link.name,
                 "boot": self.boot, "seq": self.seq, "peer_boot": self.tracker.heard_boot,
                 "links": heard, **self.state,
             }  # fmt: skip
@@ -202,7 +202,7 @@ class HeartbeatEngine:
         peer = None
         if alive and self.peer_fields is not None:
             f = self.peer_fields
-            peer = {k: f[k] for k in ("role", "epoch", "owns_epoch", "standby", "lan_ok", "serving", "request", "links")}
+            peer = {k: f[k] for k in ("role", "epoch", "owns_epoch", "standby", "lan_ok", "serving", "request", "links", "uptodate", "in_sync")}
         snapshot = (links, peer)
         if snapshot == self._last_report and now - self._last_report_time < STATS_INTERVAL:
             return

@@ -73,8 +73,10 @@ class Node:
             failback_delay=cfg.failback_delay,
             retry_interval=cfg.timing.monitor_interval,
             lan_hold=cfg.timing.lan_hold,
+            data_guard=bool(cfg.mirror.trees),
         )
         persisted = self._load_state()
+        self.persisted = persisted
         self.mirror = MirrorControl(cfg, name, on_exit=lambda *exit: self.events.put(("mirror", exit)))
         self.state = fsm.State(
             node=name,
@@ -86,6 +88,8 @@ class Node:
             # same rules as one taken in this run (when the peer rejoins as a secondary)
             mirror_locked=any(self.mirror.locked().values()),
             epoch_parity=1 if cfg.nodes[0].name == name else 0,
+            uptodate=persisted.get("uptodate", False),
+            peer_outdated=persisted.get("peer_outdated", False),
         )
         self.events: queue.Queue = queue.Queue()
         self.resources = build_resources(cfg, name)
@@ -101,6 +105,8 @@ class Node:
         self.resource_failure = ""  # a resource that could not be kept running here (fsm fact)
         self._restarts: list[float] = []
         self.replica = Replica(not self.mirror.trees, "not mirroring toward the peer")
+        self.replica_in_sync = False  # the last value given to the state machine (and advertised)
+        self.final_synced = False  # a planned switchover's final sync is done
         self._replica_bad_since: float | None = None
         self._replication_alerted = False
         self._mirror_exits: collections.Counter = collections.Counter()  # unexpected exits in a row, per process
@@ -139,8 +145,30 @@ class Node:
             return {}
 
     def _save_state(self) -> None:
-        data = {"role": self.state.role, "epoch": self.state.epoch, "owns_epoch": self.state.owns_epoch, "time": time.time()}
+        """node-state.json, written (fsynced) before the heartbeat says anything it implies."""
+        s, old, now = self.state, self.persisted, time.time()
+
+        def since(key: str, flag: bool, flag_before: bool) -> float | None:
+            """When ``flag`` last became true (kept while it stays true), None while false."""
+            if not flag:
+                return None
+            return old.get(key) or now if flag_before else now
+
+        data = {
+            "role": s.role, "epoch": s.epoch, "owns_epoch": s.owns_epoch, "time": now,
+            "uptodate": s.uptodate, "peer_outdated": s.peer_outdated,
+            # since when our copy has not been known complete; since when the peer's has lacked ours
+            "outdated_since": since("outdated_since", not s.uptodate, bool(old) and not old.get("uptodate", False)),
+            "peer_outdated_since": since("peer_outdated_since", s.peer_outdated, old.get("peer_outdated", False)),
+        }  # fmt: skip
         atomic_write(self._state_path(), json.dumps(data).encode() + b"\n", 0o600)
+        self.persisted = data
+
+    def _persisted_changed(self) -> bool:
+        s, old = self.state, self.persisted
+        return (s.role, s.epoch, s.owns_epoch, s.uptodate, s.peer_outdated) != (
+            old.get("role"), old.get("epoch"), old.get("owns_epoch"), old.get("uptodate", False), old.get("peer_outdated", False)
+        )  # fmt: skip
 
     # ------------------------------------------------------------ facts
 
@@ -154,9 +182,15 @@ class Node:
             peer = fsm.PeerView(
                 name=self.peer_name, role=p["role"], epoch=p["epoch"], owns_epoch=p["owns_epoch"],
                 standby=p["standby"], lan_ok=p["lan_ok"], serving=p["serving"], request=p["request"],
-                home=self.cfg.home == self.peer_name,
+                home=self.cfg.home == self.peer_name, uptodate=p["uptodate"], in_sync=p["in_sync"],
             )  # fmt: skip
         now = time.monotonic()
+        if not self.mirror.trees:
+            in_sync = True
+        elif self.state.role == fsm.RELEASING:
+            in_sync = self.final_synced
+        else:
+            in_sync = self.mirror.direction == "send" and self.replica.in_sync
         return fsm.Facts(
             now=now,
             # When the peer is declared silent it was last heard a dead time ago, and the first
@@ -169,6 +203,7 @@ class Node:
             standby_lock=lockfile.is_locked(self.standby_lock_path()),
             command=command,
             resource_failure=self.resource_failure,
+            replica_in_sync=in_sync,
         )
 
     # ------------------------------------------------------------ the loop
@@ -289,10 +324,11 @@ class Node:
         before = self.state
         new, actions = fsm.decide(before, facts, self.policy)
         self.state = new
+        self.replica_in_sync = facts.replica_in_sync
         self._execute(actions, facts, before)
         if self.state.role != fsm.PRIMARY:
             self.resource_failure, self._restarts = "", []
-        if (self.state.role, self.state.epoch, self.state.owns_epoch) != (before.role, before.epoch, before.owns_epoch):
+        if self._persisted_changed():
             self._save_state()
             if self.state.role != before.role:
                 self.transitions.append({"time": time.time(), "from": before.role, "to": self.state.role, "reason": self.state.reason})
@@ -301,6 +337,9 @@ class Node:
             pending, self._pending_reply = self._pending_reply, None
             ok = (self.state.role == fsm.STANDBY) if command == "standby" else self.state.role != fsm.STANDBY
             pending["reply"].put({"ok": ok, "role": self.state.role, "reason": self.state.reason})
+        elif fsm_command and self._pending_reply:  # its reply was in the actions a failure cut short
+            pending, self._pending_reply = self._pending_reply, None
+            pending["reply"].put({"ok": False, "message": self.state.reason, "role": self.state.role})
         self._advertise()
 
     def _execute(self, actions: list[fsm.Action], facts: fsm.Facts, before: fsm.State) -> None:
@@ -367,9 +406,14 @@ class Node:
             if self.resources.vip is not None and not self.resources.vip.announce():
                 log.warning("%s is not here: not announcing it", self.resources.vip.name)
         elif isinstance(action, fsm.FinalSync):
+            self.final_synced = False
             self.mirror.final_sync()
+            self.final_synced = True
         elif isinstance(action, fsm.SetMirrorDirection):
+            if action.direction == "send":
+                self.final_synced = False
             self.mirror.set_direction(action.direction)
+            self.replica = self.mirror.replica() if action.direction == "send" else self.replica
 
     def _notify(self, event: str, message: str) -> None:
         self.notifier.notify(event, message, self.state.role, self.state.epoch)
@@ -384,6 +428,8 @@ class Node:
             "lan_ok": self.lan.ok,
             "serving": s.serving or self.vip_seen,
             "request": s.request,
+            "uptodate": s.uptodate,
+            "in_sync": self.replica_in_sync and s.role in (fsm.PRIMARY, fsm.RELEASING),
         }
         if state != self._advertised and self.heartbeat is not None:
             self.heartbeat.update(state)
@@ -500,6 +546,14 @@ class Node:
             "link_stats": (self.peer_msg or {}).get("stats", {}),
             "standby_lock": (lambda i: i.as_dict() if i else None)(lockfile.status(self.standby_lock_path())),
             "mirror": {"direction": self.mirror.direction, "locked": self.mirror.locked(), "epochs": self.mirror.epochs()},
+            "data": {
+                "guarded": self.policy.data_guard,
+                "uptodate": s.uptodate,
+                "outdated_since": self.persisted.get("outdated_since"),
+                "peer_outdated": s.peer_outdated,
+                "peer_outdated_since": self.persisted.get("peer_outdated_since"),
+                "replica": {"in_sync": self.replica.in_sync, "detail": self.replica.detail} if self.mirror.direction == "send" else None,
+            },
             "vip": {"address": self.cfg.vip.address, "present": self.resources.vip_present()} if self.cfg.vip else None,
             "transitions": list(self.transitions),
             "pid": os.getpid(),

@@ -27,9 +27,9 @@ SECRET = b"s" * 32
 
 def fields(node="b", link="hb", boot=b"B" * 16, seq=1, peer_boot=None, **kw):
     base = {
-        "v": 1, "cluster": "c", "node": node, "link": link, "boot": boot, "seq": seq, "peer_boot": peer_boot,
+        "v": 2, "cluster": "c", "node": node, "link": link, "boot": boot, "seq": seq, "peer_boot": peer_boot,
         "role": "primary", "epoch": 3, "owns_epoch": True, "standby": False, "lan_ok": True,
-        "serving": True, "request": None, "links": {"hb": True},
+        "serving": True, "request": None, "links": {"hb": True}, "uptodate": True, "in_sync": True,
     }  # fmt: skip
     base.update(kw)
     return base
@@ -75,7 +75,7 @@ def _signed(body: bytes) -> bytes:
         msgpack.packb({k: v for k, v in fields().items() if k != "epoch"}, use_bin_type=True),
         msgpack.packb({**fields(), "standby": 1}, use_bin_type=True),
         msgpack.packb({**fields(), "links": {"hb": "yes"}}, use_bin_type=True),
-        msgpack.packb({**fields(), "v": 2}, use_bin_type=True),
+        msgpack.packb({**fields(), "v": 1}, use_bin_type=True),
     ],
 )
 def test_authenticated_but_malformed_bodies_are_rejected(body):

@@ -600,6 +600,7 @@ command = [{command}]
 secret_file = "{secret}"
 port = {MIRROR_PORT}
 link = "hb"
+alert_after = 2.0
 
 [[mirror.tree]]
 name = "data"

@@ -50,6 +50,8 @@ def mcluster(lab, rng):
     c.h.start("a")
     c.h.start("b")
     c.expect_roles(primary="a", other="secondary")
+    # b knows its copy up to date (a's daemon has made its first sync and said so)
+    assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
     c.probe = Probe(lab)
     yield c
     c.probe.stop()
