@@ -56,6 +56,7 @@ class Timing:
     ping_failures: int = 3  # consecutive lost probes before the ping node counts as unreachable
     handover_timeout: float = 10.0  # a planned switchover not completed by then is rolled back
     lan_hold: float = 1.0  # an unhealthy LAN verdict must last this long before a node steps down
+    watchdog: float = 2.0  # a node process without progress this long is replaced (heartbeats stop)
     realtime_priority: int = 50  # SCHED_FIFO priority of the heartbeat process; 0: normal scheduling
     mlock: bool = True  # lock the heartbeat process's memory (no page-in stall under disk load)
 
@@ -323,6 +324,7 @@ def load(path: str) -> ClusterConfig:
         ping_failures=t.get("ping_failures", int, 3, _positive),
         handover_timeout=t.get("handover_timeout", float, 10.0, _positive),
         lan_hold=t.get("lan_hold", float, 1.0, _positive),
+        watchdog=t.get("watchdog", float, 2.0, _positive),
         realtime_priority=t.get("realtime_priority", int, 50, lambda v: None if 0 <= v <= 99 else "must be 0-99"),
         mlock=t.get("mlock", bool, True),
     )
@@ -332,6 +334,11 @@ def load(path: str) -> ClusterConfig:
             f"{path}: timing.ping_interval ({timing.ping_interval}) must be at most half of "
             f"deadtime - interval ({timing.deadtime - timing.interval:g}): a takeover waits for a ping "
             "answer to a probe sent after the peer fell silent"
+        )
+    if timing.watchdog < 2 * timing.deadtime:
+        raise ConfigError(
+            f"{path}: timing.watchdog ({timing.watchdog}) must be at least twice timing.deadtime "
+            f"({timing.deadtime}): the heartbeat process is judged frozen after that long"
         )
     if timing.deadtime < 2 * timing.interval:
         raise ConfigError(

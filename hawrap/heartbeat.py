@@ -8,9 +8,15 @@ might start inherits it) and ``mlockall``'d where permitted, as corosync does.  
 logs or touches the disk in its loop: it reports to its parent over a SOCK_SEQPACKET pair.
 
 Parent -> child (msgpack maps): ``{"t": "config", ...}`` once, then ``{"t": "state", ...}``
-whenever this node's advertised state changes.  Child -> parent: ``{"t": "peer", ...}``
-snapshots (per-link liveness, the peer's latest fields) whenever something changes, and
-``{"t": "note", "msg": ...}`` for the parent to log (drops, spoofs, replays; rate-limited).
+whenever this node's advertised state changes, and ``{"t": "alive"}`` keepalives from the
+node's watchdog feeder.  Child -> parent: ``{"t": "peer", ...}`` snapshots (per-link
+liveness, the peer's latest fields) whenever something changes and at least every half
+dead time (so that the node can tell a frozen child), and ``{"t": "note", "msg": ...}`` for
+the parent to log (drops, spoofs, replays; rate-limited).
+
+The child speaks for the node process only while that process shows signs of life: after
+``watchdog`` seconds without any message from it, it stops sending heartbeats (the peer then
+sees this node as dead, as it is), and starts again when the node does.
 
 A link counts as up while an accepted packet arrived on it within the dead time.  Before a
 link is declared down, its socket is drained: packets queued while this process was not
@@ -42,6 +48,7 @@ MCL_CURRENT, MCL_FUTURE = 1, 2
 NOTE_INTERVAL = 5.0  # at most one note per kind per this many seconds
 MAX_CONTROL_MESSAGE = 65536
 STATS_INTERVAL = 1.0  # an unchanged snapshot is still reported this often (for status)
+KEEPALIVE = msgpack.packb({"t": "alive"})
 
 
 @dataclass
@@ -96,6 +103,10 @@ class HeartbeatEngine:
             "lan_ok": None, "serving": False, "request": None, "uptodate": False, "in_sync": False,
         }  # fmt: skip
         self.peer_fields: dict | None = None
+        self.report_interval: float = cfg.get("report_interval", STATS_INTERVAL)
+        self.watchdog: float | None = cfg.get("watchdog")
+        self.parent_seen = self._last_check = time.monotonic()
+        self.muted = False  # heartbeats stopped: the node process is not making progress
         self.links: dict[str, LinkSocket] = {}
         self.selector = selectors.DefaultSelector()
         self._last_report: object = None
@@ -165,6 +176,7 @@ class HeartbeatEngine:
                 return False
             if not data:
                 return False
+            self.parent_seen = time.monotonic()
             msg = msgpack.unpackb(data, raw=False)
             if msg.get("t") == "state":
                 self.state.update({k: msg[k] for k in self.state if k in msg})
@@ -204,7 +216,7 @@ class HeartbeatEngine:
             f = self.peer_fields
             peer = {k: f[k] for k in ("role", "epoch", "owns_epoch", "standby", "lan_ok", "serving", "request", "links", "uptodate", "in_sync")}
         snapshot = (links, peer)
-        if snapshot == self._last_report and now - self._last_report_time < STATS_INTERVAL:
+        if snapshot == self._last_report and now - self._last_report_time < self.report_interval:
             return
         message = {
             "t": "peer", "alive": alive, "links": links, "peer": peer,
@@ -232,6 +244,25 @@ class HeartbeatEngine:
 
     # ------------------------------------------------------------ loop
 
+    def _parent_frozen(self, now: float) -> bool:
+        """No message from the node process for ``watchdog`` seconds (after reading what is
+        queued, and not counting a gap in our own loop: we may be the one that was frozen)."""
+        if self.watchdog is not None and now - self._last_check > self.watchdog / 2:
+            self.parent_seen = max(self.parent_seen, now)
+        self._last_check = now
+        if self.watchdog is None or now - self.parent_seen < self.watchdog:
+            frozen = False
+        else:
+            self._control_message()
+            frozen = now - self.parent_seen >= self.watchdog
+        if frozen != self.muted:
+            self.muted = frozen
+            if frozen:
+                self._note("muted", f"the node process has not been heard for {self.watchdog:g} s: heartbeats stopped", force=True)
+            else:
+                self._note("muted", "the node process is back: heartbeats resumed", force=True)
+        return frozen
+
     def next_expiry(self) -> float | None:
         expiries = [lk.last_rx + self.deadtime for lk in self.links.values() if lk.last_rx is not None]
         return min(expiries) if expiries else None
@@ -242,7 +273,8 @@ class HeartbeatEngine:
         while True:
             now = time.monotonic()
             if now >= next_send:
-                self._send_all()
+                if not self._parent_frozen(now):
+                    self._send_all()
                 next_send += self.interval
                 if next_send < now:  # we were not scheduled for a while: do not send a burst
                     next_send = now + self.interval
@@ -284,6 +316,8 @@ def config_message(cluster_cfg, node_name: str) -> dict:
         "secret": cluster_cfg.secret,
         "interval": cluster_cfg.timing.interval,
         "deadtime": cluster_cfg.timing.deadtime,
+        "report_interval": min(STATS_INTERVAL, cluster_cfg.timing.deadtime / 2),
+        "watchdog": cluster_cfg.timing.watchdog,
         "priority": cluster_cfg.timing.realtime_priority,
         "mlock": cluster_cfg.timing.mlock,
         "links": [[link.name, me.addresses[link.name], peer.addresses[link.name], link.port] for link in cluster_cfg.links],
@@ -327,6 +361,7 @@ class HeartbeatChild:
         import threading
 
         self._on_message = on_message
+        self.last_message = time.monotonic()  # when the child last reported (reader thread)
         self.sock, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
@@ -349,6 +384,7 @@ class HeartbeatChild:
             if not data:
                 self._on_message({"t": "exit"})
                 return
+            self.last_message = time.monotonic()
             try:
                 msg = msgpack.unpackb(data, raw=False)
             except Exception:  # a broken child: treat like its exit
@@ -362,8 +398,22 @@ class HeartbeatChild:
         except OSError:
             pass  # the reader thread reports the child's exit
 
+    def keepalive(self) -> None:
+        """The node process makes progress (from its watchdog feeder, any thread)."""
+        try:
+            self.sock.send(KEEPALIVE, socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # full (the child is not reading: it is the frozen one) or gone
+
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL (works on a stopped process too); the reader thread then reports the exit."""
+        try:
+            self.proc.kill()
+        except ProcessLookupError:
+            pass
 
     def stop(self, timeout: float = 5.0) -> None:
         try:

@@ -18,6 +18,8 @@ Placeholders in the configured argv: ``{mirror}`` (the mirror command, spliced),
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
 import signal
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
+from mirror.atomicfile import atomic_write
 from mirror.statedir import resolve_state_dir
 
 from .config import ClusterConfig, TreeConfig
@@ -80,10 +83,13 @@ class _Supervised:
     ``on_exit(name, code, message)`` hears of every unexpected exit (code None: it could not
     be started), so that the node can tell the administrator."""
 
-    def __init__(self, name: str, argv: list[str], on_exit=None):
+    def __init__(self, name: str, argv: list[str], on_exit=None, pid_dir: str | None = None):
         self.name = name
         self.argv = argv
         self.on_exit = on_exit
+        # Its pid, for ``stop_orphans``: the process runs in a session of its own, so a node
+        # process killed with SIGKILL would leave it running, mirroring on its own.
+        self.pid_file = os.path.join(pid_dir, f"mirror-{name.replace(' ', '-')}.pid") if pid_dir else None
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0  # time.time() of the current process's start
         self._stop = threading.Event()
@@ -102,6 +108,11 @@ class _Supervised:
                 self._stop.wait(RESTART_DELAY * 5)
                 continue
             log.info("mirror %s started (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
+            if self.pid_file:
+                try:
+                    atomic_write(self.pid_file, f"{self.proc.pid}\n".encode(), 0o600, durable=False)
+                except OSError as exc:
+                    log.warning("mirror %s: cannot write %s (a crash would leave it running): %s", self.name, self.pid_file, exc)
             last = _relay_stderr(self.proc, self.name)
             code = self.proc.wait()
             if self._stop.is_set():
@@ -123,6 +134,36 @@ class _Supervised:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self._thread.join(timeout)
+        if self.pid_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.pid_file)
+
+
+def stop_orphans(pid_dir: str, timeout: float = 10.0) -> list[str]:
+    """Stop the mirror processes a dead node process left running (by their pid files):
+    SIGTERM to each one's process group (it abandons the file in flight cleanly), SIGKILL
+    after ``timeout``.  Returns what was stopped, for the log."""
+    stopped = []
+    for pid_file in glob.glob(os.path.join(glob.escape(pid_dir), "mirror-*.pid")):
+        try:
+            with open(pid_file) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                alive = b"mirror" in f.read()
+        except (OSError, ValueError):
+            alive = False
+        if alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            stopped.append(f"{os.path.basename(pid_file)[:-4]} (pid {pid})")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pid_file)
+    return stopped
 
 
 def _relay_stderr(proc: subprocess.Popen, name: str) -> str:
@@ -236,9 +277,10 @@ class MirrorControl:
         self.stop_processes()
         if direction == "send":
             for t in self.trees:
-                self._procs.append(_Supervised(f"daemon {t.name}", self._argv(self.cfg.mirror.daemon, t), self.on_exit))
+                argv = self._argv(self.cfg.mirror.daemon, t)
+                self._procs.append(_Supervised(f"daemon {t.name}", argv, self.on_exit, self.me.state_dir))
         elif direction == "receive":
-            self._procs.append(_Supervised("serve", self._argv(self.cfg.mirror.serve), self.on_exit))
+            self._procs.append(_Supervised("serve", self._argv(self.cfg.mirror.serve), self.on_exit, self.me.state_dir))
         self.direction = direction
 
     def replica(self) -> Replica:

@@ -22,13 +22,13 @@ from mirror import lockfile
 from mirror.atomicfile import atomic_write
 from mirror.errors import EXIT_AUTH, EXIT_STALE_EPOCH, MirrorError
 
-from . import fsm
+from . import fsm, watchdog
 from .config import ClusterConfig
 from .control import ControlServer
 from .errors import HawrapError, ResourceError
 from .heartbeat import HeartbeatChild, config_message
 from .links import LanHealth, LanMonitor
-from .mirrorctl import MirrorControl, Replica
+from .mirrorctl import MirrorControl, Replica, stop_orphans
 from .notify import Notifier
 from .resources import ResourceGroup, Service, VirtualIP
 
@@ -41,6 +41,8 @@ HEARTBEAT_RESTARTS = 5  # heartbeat process deaths tolerated (per run) before gi
 # the node hands over to a peer able to serve instead of restarting it again.
 RESTART_LIMIT = 3
 RESTART_WINDOW = 60.0
+ITERATION_BOUND = 30.0  # one round of the loop (state file fsyncs under disk load) may take this long
+FINAL_SYNC_TIMEOUT = 3600.0
 MIRROR_EXITS_BEFORE_ALERT = 3  # a mirror process that keeps exiting (its cause unknown) is reported
 REPLICA_CHECK_INTERVAL = 0.1  # how often the daemon's status is read while primary
 
@@ -53,9 +55,12 @@ def build_resources(cfg: ClusterConfig, name: str) -> ResourceGroup:
 
 
 def cleanup(cfg: ClusterConfig, name: str) -> list[str]:
-    """Stop the services and drop the VIP this node may have left behind (supervisor,
-    systemd ExecStartPre/ExecStopPost).  Locks and epochs are left alone."""
-    os.makedirs(cfg.node(name).state_dir, mode=0o700, exist_ok=True)
+    """Stop the services, drop the VIP and stop the mirror processes this node may have left
+    behind (supervisor, systemd ExecStartPre/ExecStopPost).  Locks and epochs are left alone."""
+    state_dir = cfg.node(name).state_dir
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    for stopped in stop_orphans(state_dir):
+        log.warning("cleanup: stopped the orphaned mirror process %s", stopped)
     return build_resources(cfg, name).stop()
 
 
@@ -113,6 +118,9 @@ class Node:
         self._mirror_alerted: set[str] = set()
         self._next_replica_check = 0.0
         self.transitions: collections.deque = collections.deque(maxlen=20)
+        self.progress = watchdog.Progress()
+        self.feeder: watchdog.Feeder | None = None
+        self._last_iteration = time.monotonic()
         self._pending_reply: dict | None = None
         self._stop = threading.Event()
         self._advertised: dict | None = None
@@ -212,12 +220,40 @@ class Node:
         self._start_heartbeat()
         self.lan_monitor.start()
         self.control = ControlServer(self.cfg.control_socket(self.name), self._control_request)
+        fd = os.environ.get(watchdog.ENV)
+        if fd is not None:
+            os.set_blocking(int(fd), False)
+        self.feeder = watchdog.Feeder(
+            None if fd is None else int(fd), self.cfg.timing.watchdog / 4, self.progress, self.cfg.timing.watchdog,
+            lambda: self.heartbeat and self.heartbeat.keepalive(),
+        )  # fmt: skip
         log.info("node %s started (epoch %d, home %s)", self.name, self.state.epoch, self.cfg.home)
 
     def _start_heartbeat(self) -> None:
-        self.heartbeat = HeartbeatChild(config_message(self.cfg, self.name), lambda m: self.events.put(("hb", m)))
+        child = HeartbeatChild(config_message(self.cfg, self.name), lambda m: self.events.put(("hb", (child, m))))
+        self.heartbeat = child
         self._advertised = None
         self._advertise()
+
+    def _check_heartbeat(self) -> None:
+        """A heartbeat process that reports nothing for timing.watchdog seconds (it reports
+        every half dead time) is frozen: it is replaced.  A gap in our own loop is not its
+        fault: then the clock starts again."""
+        now = time.monotonic()
+        limit = self.cfg.timing.watchdog
+        stalled, self._last_iteration = now - self._last_iteration > limit / 2, now
+        hb = self.heartbeat
+        if hb is None or self._stop.is_set():
+            return
+        if stalled:
+            hb.last_message = max(hb.last_message, now)
+            return
+        if now - hb.last_message < limit:
+            return
+        self._notify("heartbeat", f"the heartbeat process (pid {hb.proc.pid}) reported nothing for {limit:g} s: replacing it")
+        hb.kill()
+        hb.stop(1)
+        self._start_heartbeat()
 
     def stop(self) -> None:
         self._stop.set()
@@ -232,10 +268,13 @@ class Node:
                     kind, payload = self.events.get(timeout=TICK)
                 except queue.Empty:
                     kind, payload = "tick", None
+                self.progress.beat()
+                self._check_heartbeat()
                 command = None
                 if kind == "hb":
-                    if not self._heartbeat_message(payload):
-                        continue
+                    child, payload = payload
+                    if child is not self.heartbeat or not self._heartbeat_message(payload):
+                        continue  # a replaced child's last words, or nothing to decide
                 elif kind == "lan":
                     if payload.ok is not self.lan.ok and payload.ok is not None:
                         log.info("own LAN %s%s", "healthy" if payload.ok else "unhealthy", f": {payload.problem}" if payload.problem else "")
@@ -248,9 +287,10 @@ class Node:
                     self._mirror_exit(*payload)
                 elif kind == "stop":
                     break
-                self._step(command)
-                self._monitor()
-                self._watch_replication()
+                with self.progress.busy(ITERATION_BOUND):
+                    self._step(command)
+                    self._monitor()
+                    self._watch_replication()
         finally:
             self.shutdown()
 
@@ -350,7 +390,8 @@ class Node:
         for action in actions:
             started = time.monotonic()
             try:
-                self._do(action)
+                with self.progress.busy(self._bound(action)):
+                    self._do(action)
             except (ResourceError, HawrapError, MirrorError, OSError) as exc:
                 log.error("%s failed: %s", type(action).__name__, exc)
                 if isinstance(action, fsm.CheckAddressFree):
@@ -369,6 +410,15 @@ class Node:
             took = time.monotonic() - started
             if took > 0.005:
                 log.info("%s took %.0f ms", type(action).__name__, took * 1000)
+
+    def _bound(self, action: fsm.Action) -> float:
+        """How long ``action`` may take, by its own timeouts (for the watchdog)."""
+        services = sum(svc.timeout for svc in self.cfg.services) * 2
+        if isinstance(action, fsm.FinalSync):
+            return FINAL_SYNC_TIMEOUT + 60
+        if isinstance(action, (fsm.StartResources, fsm.StopResources, fsm.StopServices)):
+            return services + ITERATION_BOUND
+        return ITERATION_BOUND
 
     def _do(self, action: fsm.Action) -> None:
         if isinstance(action, fsm.Notify):
@@ -407,7 +457,7 @@ class Node:
                 log.warning("%s is not here: not announcing it", self.resources.vip.name)
         elif isinstance(action, fsm.FinalSync):
             self.final_synced = False
-            self.mirror.final_sync()
+            self.mirror.final_sync(FINAL_SYNC_TIMEOUT)
             self.final_synced = True
         elif isinstance(action, fsm.SetMirrorDirection):
             if action.direction == "send":
@@ -442,6 +492,10 @@ class Node:
         if now < self._next_monitor:
             return
         self._next_monitor = now + self.cfg.timing.monitor_interval
+        with self.progress.busy(sum(svc.timeout for svc in self.cfg.services) * 2 + ITERATION_BOUND):
+            self._monitor_resources(now)
+
+    def _monitor_resources(self, now: float) -> None:
         if self.state.role == fsm.PRIMARY:
             if self.resource_failure:
                 return  # the state machine hands over (or keeps serving what still runs)
@@ -563,6 +617,9 @@ class Node:
 
     def shutdown(self) -> None:
         """Orderly stop: stop serving (the peer takes over when our heartbeats stop)."""
+        if self.feeder:
+            self.feeder.stop()
+            self.feeder = None
         if self.control:
             self.control.close()
             self.control = None

@@ -19,6 +19,7 @@ TEMPLATE = """
 [cluster]
 name = "t"
 secret_file = "secret"
+state_dir = "{root}/state"
 [[link]]
 name = "hb"
 [[link]]
@@ -67,7 +68,7 @@ def ctl(tmp_path, exits):
         "trap 'exit 0' TERM\nwhile :; do sleep 0.05; done\n"
     )
     recorder.chmod(0o755)
-    for sub in ("a/spool", "a/www"):
+    for sub in ("a/spool", "a/www", "state/a"):
         (tmp_path / sub).mkdir(parents=True)
     path = tmp_path / "h.toml"
     path.write_text(TEMPLATE.format(recorder=recorder, root=tmp_path))
@@ -195,3 +196,16 @@ def test_replica_state_from_the_daemons_status(ctl):
     assert c.replica() == mirrorctl.Replica(False, "spool: disconnected (connection refused)")
     _status(tmp, updated=time.time() - 10)  # a daemon that stopped writing its status
     assert not c.replica().in_sync and "no fresh status" in c.replica().detail
+
+
+def test_mirror_processes_left_by_a_dead_node_are_stopped_by_cleanup(ctl):
+    c, tmp = ctl
+    c.set_direction("send")
+    wait_calls(tmp, 2)
+    pids = [p.proc.pid for p in c._procs]
+    assert sorted(os.listdir(tmp / "state" / "a")) == ["mirror-daemon-spool.pid", "mirror-daemon-www.pid"]
+    stopped = mirrorctl.stop_orphans(str(tmp / "state" / "a"))  # as if the node process had died
+    assert len(stopped) == 2 and os.listdir(tmp / "state" / "a") == []
+    for p in c._procs:
+        p.proc.wait(5)  # reaped by their supervising threads too; here: they are gone
+    assert all(not os.path.exists(f"/proc/{pid}/cmdline") or open(f"/proc/{pid}/stat").read().split()[2] == "Z" for pid in pids)

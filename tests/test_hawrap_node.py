@@ -72,6 +72,20 @@ def test_kill9_of_the_node_process_is_cleaned_up_by_the_supervisor(cluster):
     assert "cleanup (node process" in (tmp_path / "alpha.log").read_text()
 
 
+def test_a_frozen_node_process_is_replaced_by_its_supervisor(cluster):
+    """SIGSTOP of the node process (its heartbeat process runs on): its keepalives stop, the
+    supervisor kills it after timing.watchdog, cleans up, says so, and starts a new one."""
+    nodes, tmp_path, notify_log = cluster
+    pid = nodes["alpha"].status()["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    assert wait_for(lambda: serving(tmp_path, "alpha") == (False, False), 10), _logs(tmp_path)
+    assert wait_for(lambda: role(nodes["beta"]) == "primary", 10), _logs(tmp_path)
+    assert wait_for(lambda: notify_log.exists() and "watchdog" in notify_log.read_text(), 5)
+    assert wait_for(lambda: role(nodes["alpha"]) in ("standby", "secondary"), 10), _logs(tmp_path)
+    assert nodes["alpha"].status()["pid"] != pid
+    assert not os.path.exists(f"/proc/{pid}")  # killed, not left frozen
+
+
 def test_standby_resume_failover_failback(cluster):
     nodes, tmp_path, notify_log = cluster
     alpha, beta = nodes["alpha"], nodes["beta"]

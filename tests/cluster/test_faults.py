@@ -205,7 +205,6 @@ def test_whole_hawrap_paused_on_primary(fc):
     c.record("whole hawrap paused 3 s on the primary", t0, w0, healed)
 
 
-@pytest.mark.xfail(strict=True, reason="a frozen heartbeat process is not noticed yet")
 def test_heartbeat_process_paused_on_primary(fc):
     """The heartbeat process alone frozen (for good): the node notices its silence and
     replaces it; meanwhile the standby's takeover is refused (the VIP answers)."""
@@ -226,7 +225,6 @@ def test_heartbeat_process_paused_on_primary(fc):
     c.record("heartbeat process frozen on the primary", t0, w0, healed)
 
 
-@pytest.mark.xfail(strict=True, reason="a frozen node process is not noticed yet")
 def test_node_process_paused_on_primary_with_its_service_dead(fc):
     """The node process frozen (its heartbeat process would go on saying "primary") and
     the service dies: the supervisor's watchdog replaces the frozen node after cleaning up
