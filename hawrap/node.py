@@ -500,9 +500,10 @@ class Node:
             if self.resource_failure:
                 return  # the state machine hands over (or keeps serving what still runs)
             failed = self.resources.failed()
+            seen_at = time.monotonic()
             if not failed:
                 if self.resources.vip is not None:
-                    self.resources.vip.refresh()
+                    self.resources.vip.refresh(seen_at)
                 return
             what = ", ".join(failed)
             self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]

@@ -43,6 +43,8 @@ from .errors import ResourceError
 
 log = logging.getLogger(__name__)
 
+REFRESH_FRESH = 0.2  # seconds: how recent the sight of the address must be to renew it
+
 OCF_SUCCESS = 0
 OCF_ERR_GENERIC = 1
 OCF_ERR_ARGS = 2
@@ -309,11 +311,20 @@ class VirtualIP(Resource):
             self._garp_thread.join()
             self._garp_thread = None
 
-    def refresh(self) -> None:
-        """Renew the address lifetime (``lifetime`` > 0): a dead hawrap lets it expire."""
-        if self.cfg.kind == "ip" and self.cfg.lifetime:
-            lifetime = str(self.cfg.lifetime)
-            self._ip("addr", "change", self.cfg.address, "dev", self.interface, "valid_lft", lifetime, "preferred_lft", lifetime)
+    def refresh(self, seen_at: float) -> None:
+        """Renew the address lifetime (``lifetime`` > 0): a dead hawrap lets it expire.
+
+        ``ip addr change`` adds the address if it is gone (the kernel ignores the missing
+        NLM_F_CREATE), so a renewal must never run on stale knowledge: only just after the
+        address was seen here (``seen_at``, monotonic), and it looks once more right before.
+        A node that was frozen between the two, and whose address expired meanwhile (the
+        peer may hold it now), would otherwise bring it back without any check."""
+        if self.cfg.kind != "ip" or not self.cfg.lifetime:
+            return
+        if time.monotonic() - seen_at > REFRESH_FRESH or not self.running():
+            return
+        lifetime = str(self.cfg.lifetime)
+        self._ip("addr", "change", self.cfg.address, "dev", self.interface, "valid_lft", lifetime, "preferred_lft", lifetime)
 
     def stop(self) -> None:
         self._stop_garp()

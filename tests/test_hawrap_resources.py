@@ -132,7 +132,7 @@ def _netns_run(script: str) -> dict:
 
 
 VIP_SCRIPT = """
-import ctypes, json, os, socket, subprocess, threading
+import ctypes, json, os, socket, subprocess, threading, time
 from hawrap.config import VipConfig
 from hawrap.resources import VirtualIP
 def in_peer_ns(make):
@@ -174,6 +174,19 @@ out["garps_after_announce"] = garps()
 vip.stop()
 vip.stop()
 out["after_stops"] = here()
+# an address gone while the node did not look (expired, or frozen past its lifetime) is
+# never brought back by a renewal: "ip addr change" would add it
+lived = VirtualIP(VipConfig(address="198.51.100.9/24", interface="v0", lifetime=30), "v0", "/tmp")
+lived.start()
+seen = time.monotonic()
+subprocess.run(["ip", "addr", "del", "198.51.100.9/24", "dev", "v0"], check=True)
+lived.refresh(seen)
+out["renewed_when_gone"] = here()
+lived.start()
+lived.refresh(time.monotonic() - 5)  # knowledge too old: not renewed either (and nothing breaks)
+lived.refresh(time.monotonic())
+out["renewed_when_here"] = here()
+lived.stop()
 out["garps_before_removal"] = before
 print(json.dumps(out))
 """
@@ -186,6 +199,7 @@ def test_vip_start_stop_judged_by_the_interface_and_announcements_end_with_the_h
     assert out["garps_before_removal"] >= 1  # the announcement of the holding went out
     assert out["garps_after_removal"] == 0  # its repeats stopped with it
     assert out["announced_when_gone"] is False and out["garps_after_announce"] == 0
+    assert out["renewed_when_gone"] is False and out["renewed_when_here"] is True
 
 
 def test_carrier():
