@@ -94,6 +94,9 @@ class Policy:
     failback: str = "manual"  # "manual" | "auto"
     failback_delay: float = 10.0
     retry_interval: float = 2.0  # after a failed takeover, wait this long before trying again
+    # after a refused one (the VIP answered): the check costs one ARP frame, and the holder
+    # may be a frozen node about to be cleaned up by its supervisor
+    recheck_interval: float = 0.5
     data_guard: bool = False  # trees are mirrored: serve alone only with data known newest
     # An unhealthy LAN verdict must hold this long before a node steps down for it: a burst
     # of lost ping replies or a flapping link is not worth a failover.
@@ -602,8 +605,8 @@ def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
 def takeover_refused(before: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
     """CheckAddressFree found the VIP answered elsewhere: nothing was done, nothing to undo.
     Stay as ``before`` (receiving, if a secondary), try again after retry_interval."""
-    state = replace(before, retry_at=f.now + p.retry_interval, reason=f"takeover refused: {error}")
-    return _alert(state, "takeover-refused", "takeover-refused", f"the peer is silent but its address still answers, so it is alive: not taking over ({error}); trying again every {p.retry_interval:g} s")
+    state = replace(before, retry_at=f.now + p.recheck_interval, reason=f"takeover refused: {error}")
+    return _alert(state, "takeover-refused", "takeover-refused", f"the peer is silent but its address still answers, so it is alive: not taking over ({error}); checking again every {p.recheck_interval:g} s")
 
 
 def takeover_failed(before: State, after: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:

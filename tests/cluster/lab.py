@@ -329,7 +329,9 @@ def service_commands(workdir: str) -> dict[str, str]:
         # the server writes its pid file once it listens; monitor then says running
         "start": f"test -e {broken} && exit 1; setsid {server} >/dev/null 2>&1 < /dev/null &",
         "stop": f"test -f {pidfile} && kill $(cat {pidfile}); rm -f {pidfile}; exit 0",
-        "monitor": f"test -f {pidfile} && kill -0 $(cat {pidfile}) 2>/dev/null && exit 0 || exit 7",
+        # a killed server is a zombie until whoever inherited it reaps it (here PID 1, slowly):
+        # kill -0 would still find it, so its state is read instead
+        "monitor": f'test -f {pidfile} && grep -qs "^State:[[:space:]]*[RSD]" /proc/$(cat {pidfile})/status && exit 0 || exit 7',
     }
 
 

@@ -17,7 +17,7 @@ import time
 import pytest
 from lab import VIP, Hawrap, Probe, first_answer_after, outages, wait_for, write_config
 
-INTERVAL = 0.1  # the default heartbeat interval
+INTERVAL = 0.05  # the default heartbeat interval
 
 
 class Cluster:
