@@ -94,22 +94,23 @@ def watch(proc: subprocess.Popen, fd: int, timeout: float, stopping: Callable[[]
     """Wait for ``proc`` to exit; kill it (SIGKILL) if it sends no keepalive on ``fd`` for
     ``timeout`` seconds (``STARTUP_GRACE`` for the first).  Returns True if it was killed
     for that.  While ``stopping()``, it is only waited for (an orderly stop takes its time)."""
-    last = previous = time.monotonic()
+    last = time.monotonic()
     limit = max(timeout, STARTUP_GRACE)
     open_ = True
+    wait = min(timeout / 4, 0.5)
     while True:
-        now = time.monotonic()
-        if now - previous > timeout / 2:
-            last = now  # we were not running (frozen with it, or starved): no verdict on that gap
-        previous = now
+        before = time.monotonic()
         if open_:
-            ready, _, _ = select.select([fd], [], [], min(timeout / 4, 0.5))
+            ready, _, _ = select.select([fd], [], [], wait)
             if ready:
                 got, open_ = _drain(fd)
                 if got:
                     last, limit = time.monotonic(), timeout
         else:
             time.sleep(0.05)  # the process closed its end: it is exiting
+        now = time.monotonic()
+        if now - before > wait + timeout / 2:
+            last = now  # we were not running (frozen with it, or starved): no verdict on that gap
         if proc.poll() is not None:
             return False
         if stopping() or time.monotonic() - last < limit:
