@@ -289,9 +289,11 @@ def _keep_alert(s: State) -> State:
     return replace(s, alert=s.notified)
 
 
-def peer_can_serve(peer: PeerView | None) -> bool:
-    """The peer could take over from us now: heard, a secondary, no standby lock, LAN healthy."""
-    return peer is not None and peer.role == SECONDARY and not peer.standby and peer.lan_ok is True
+def peer_can_serve(peer: PeerView | None, p: Policy | None = None) -> bool:
+    """The peer is a healthy secondary: heard, no standby lock, LAN healthy.  With ``p``: it
+    could also take over from us on its own now (its copy known up to date, if guarded)."""
+    healthy = peer is not None and peer.role == SECONDARY and not peer.standby and peer.lan_ok is True
+    return healthy and (p is None or not p.data_guard or peer.uptodate)
 
 
 def _decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
@@ -324,9 +326,9 @@ def _lan_unhealthy(s: State, f: Facts, p: Policy):
     first.  Returns the state (carry on) or a transition."""
     peer = f.peer
     if s.role in (PRIMARY, RELEASING):
-        ours = peer_can_serve(peer)  # the peer can take over from us
+        ours = peer_can_serve(peer, p)  # the peer can take over from us
     else:  # the peer serves, or could, with a healthy LAN: we are not the last node able to
-        ours = peer is not None and (peer_can_serve(peer) or (peer.serving and peer.lan_ok is True))
+        ours = peer is not None and (peer_can_serve(peer, p) or (peer.serving and peer.lan_ok is True))
     fault = "ours" if ours else "isolated" if peer is None else "shared"
     if fault != s.lan_fault:
         s = replace(s, lan_fault=fault, lan_fault_since=f.now)
@@ -360,7 +362,7 @@ def _init(s: State, f: Facts, p: Policy):
             return _outdated(s, "the peer has not been heard since this node started")
         return _takeover(s, f, lock=True, reason="peer not heard on any link since start")
     if peer.serving or peer.role in (PRIMARY, RELEASING):
-        diverged = _diverged(s, peer, "while this node was away")
+        diverged = _diverged(s, peer, p, "while this node was away")
         if diverged:
             return diverged
         return _become_secondary(s, peer, "peer is primary")
@@ -391,9 +393,12 @@ def _secondary(s: State, f: Facts, p: Policy):
         return _takeover(s, f, lock=True, reason="peer silent on every link for the dead time")
     actions: list[Action] = []
     if peer.serving or peer.role == PRIMARY:
-        diverged = _diverged(s, peer, "while this node served")
+        diverged = _diverged(s, peer, p, "while this node served")
         if diverged:
             return diverged
+        if s.mirror_locked:  # nothing of ours to protect from the primary's copy any more
+            s = replace(s, mirror_locked=False)
+            actions.append(ReleaseMirrorLock())
         if peer.epoch > s.epoch:
             s = replace(s, epoch=peer.epoch, owns_epoch=False)
             actions.append(ObserveEpoch(peer.epoch))
@@ -454,7 +459,7 @@ def _primary(s: State, f: Facts, p: Policy):
     if s.request == "push_back":
         s = replace(s, request=None)
     if f.resource_failure:
-        if peer_can_serve(peer):
+        if peer_can_serve(peer, p):
             return _go_standby(s, f"{f.resource_failure}: handing over to the peer", write_lock=True)
         s, more = _alert(s, "resource", "resource-failed", f"{f.resource_failure}; the peer cannot take over, so this node keeps trying")
         actions += more
@@ -518,6 +523,8 @@ def _releasing(s: State, f: Facts, p: Policy):
     peer = f.peer
     if peer is not None and (peer.role == PRIMARY or peer.serving) and peer.epoch > s.epoch:
         return _become_secondary(s, peer, "switchover complete: peer is primary")
+    if f.lan_ok is not True:
+        return s, []  # serving again takes a healthy LAN (an unhealthy one that holds: standby)
     if peer is None:
         if not f.lan_confirmed:
             return s, []
@@ -634,18 +641,20 @@ def release_failed(s: State, f: Facts, p: Policy, error: str) -> tuple[State, li
     return state, [StartResources(), SetMirrorDirection("send"), Notify("switchover-failed", f"switchover aborted, still primary: {error}")]
 
 
-def _diverged(s: State, peer: PeerView, when: str):
-    """A serving peer found by a node that served in an epoch of its own (it owns it): the two
-    copies may each hold writes the other lacks.  If the peer's epoch is newer it took over
-    after us; if older, it serves data older than ours.  Either way a mirror sync would
-    overwrite one side: the administrator checks first (``hawrap resume`` shows what this
-    node has that the peer lacks)."""
-    if not s.owns_epoch or peer.epoch == s.epoch:
-        return None
-    if peer.epoch > s.epoch:
+def _diverged(s: State, peer: PeerView, p: Policy, when: str):
+    """A serving peer found by a node that served in an epoch of its own (it owns it), or
+    that holds changes the peer lacks (it served while the peer's copy was outdated): the two
+    copies may each hold writes the other lacks.  A mirror sync would overwrite this node's:
+    the administrator checks first (``hawrap resume`` shows what this node has that the peer
+    lacks)."""
+    if s.owns_epoch and peer.epoch > s.epoch:
         why = f"peer took over (epoch {peer.epoch} > {s.epoch}) {when}"
-    else:
+    elif s.owns_epoch and peer.epoch < s.epoch:
         why = f"peer serves at epoch {peer.epoch}, older than this node's {s.epoch}: it may lack changes made here"
+    elif p.data_guard and s.peer_outdated:
+        why = f"peer serves (epoch {peer.epoch}), and this node holds changes it lacks (it served while the peer's copy was outdated)"
+    else:
+        return None
     return _go_standby(s, f"{why}: check this node, then run 'hawrap resume'", write_lock=True)
 
 
@@ -681,6 +690,7 @@ def _become_secondary(s: State, peer: PeerView | None, reason: str, resumed: boo
         # Resumed by the administrator (after ``hawrap resume`` showed what the peer lacks),
         # this node gives up its claim on its epoch: the primary may pass it and mirror over.
         owns_epoch=s.owns_epoch and epoch == s.epoch and s.role != RELEASING and not resumed,
+        peer_outdated=s.peer_outdated and not resumed,  # what it holds alone is given up, likewise
         mirror_locked=False,
         request=None,
         handover_deadline=None,

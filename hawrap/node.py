@@ -217,6 +217,7 @@ class Node:
     # ------------------------------------------------------------ the loop
 
     def start(self) -> None:
+        self.resources.prepare()
         self._start_heartbeat()
         self.lan_monitor.start()
         self.control = ControlServer(self.cfg.control_socket(self.name), self._control_request)
@@ -628,6 +629,7 @@ class Node:
             log.warning("shutting down while %s: stopping resources", self.state.role)
         for error in self.resources.stop():
             log.error("%s", error)
+        self.resources.close()
         self.mirror.close()
         if self.heartbeat:
             self.heartbeat.stop()

@@ -176,6 +176,8 @@ class VirtualIP(Resource):
         self._flavour: str | None = None
         self._garp_thread: threading.Thread | None = None
         self._garp_stop = threading.Event()
+        self._arp = arp.ArpSocket(interface)
+        self._arp_lock = threading.Lock()  # the node's loop and the announcement thread share it
 
     # -- dummy kind
     def _dummy_start(self) -> None:
@@ -211,7 +213,8 @@ class VirtualIP(Resource):
         flavour = self.flavour()
         if flavour == "builtin":
             try:
-                return arp.probe(self.interface, ip, self.cfg.dad_timeout)
+                with self._arp_lock:
+                    return self._arp.probe(ip, self.cfg.dad_timeout)
             except OSError as exc:
                 raise ResourceError(f"{self.name}: duplicate check failed: {exc}", OCF_ERR_GENERIC) from exc
         timeout = f"{self.cfg.dad_timeout:g}"
@@ -232,7 +235,8 @@ class VirtualIP(Resource):
         flavour = self.flavour()
         if flavour == "builtin":
             try:
-                arp.gratuitous(self.interface, ip)
+                with self._arp_lock:
+                    self._arp.gratuitous(ip)
             except OSError as exc:
                 log.warning("%s: gratuitous ARP failed: %s", self.name, exc)
             return
@@ -243,6 +247,20 @@ class VirtualIP(Resource):
         code, out = run_command(argv, 10.0)
         if code > 1:
             log.warning("%s: gratuitous ARP failed (%d): %s", self.name, code, out)
+
+    def prepare(self) -> None:
+        """Open what a takeover needs ahead of time (the packet socket): off its critical path."""
+        if self.cfg.kind == "ip" and self.flavour() == "builtin":
+            with self._arp_lock:
+                try:
+                    self._arp._open()
+                except OSError as exc:
+                    log.warning("%s: cannot open an ARP socket yet: %s", self.name, exc)
+
+    def close(self) -> None:
+        self._stop_garp()
+        with self._arp_lock:
+            self._arp.close()
 
     def check_free(self) -> None:
         """Raise ResourceError if another host answers ARP for the address (nothing is changed)."""
@@ -397,6 +415,14 @@ class ResourceGroup:
 
     def vip_present(self) -> bool:
         return self.vip is not None and self.vip.running()
+
+    def prepare(self) -> None:
+        if self.vip is not None:
+            self.vip.prepare()
+
+    def close(self) -> None:
+        if self.vip is not None:
+            self.vip.close()
 
     def failed_services(self) -> list[str]:
         return [s.name for s in self.services if s.monitor() != OCF_SUCCESS]

@@ -358,6 +358,16 @@ def test_force_primary_serves_an_outdated_copy_on_the_administrators_word():
     assert s.role == SECONDARY and any(isinstance(a, Reply) and not a.ok for a in acts)
 
 
+def test_primary_does_not_step_down_for_a_peer_whose_copy_is_outdated():
+    p = peer(SECONDARY, uptodate=False)  # healthy, but it could not take over on its own
+    s, acts = lan_fault(state(PRIMARY, owns=True), facts(lan_ok=False, p=p), GUARD)
+    assert s.role == PRIMARY and [a.event for a in acts if isinstance(a, Notify)] == ["lan-unhealthy"]
+    s, acts = fsm.decide(state(PRIMARY, owns=True), replace(facts(p=p), resource_failure="x"), GUARD)
+    assert s.role == PRIMARY
+    s, acts = lan_fault(state(PRIMARY, owns=True), facts(lan_ok=False, p=peer(SECONDARY, uptodate=True)), GUARD)
+    assert s.role == STANDBY
+
+
 def test_rank_puts_a_node_known_up_to_date_first():
     mine = fsm.my_rank(state(SECONDARY, epoch=5, uptodate=False), facts(), GUARD)
     assert mine < fsm.peer_rank(peer(SECONDARY, epoch=3, uptodate=True), GUARD)
@@ -411,6 +421,7 @@ class Sim:
     mirror_cut: bool = False  # mirror traffic lost (heartbeats still flow)
     policy: Policy = POLICY
     writes: dict = field(default_factory=dict)  # write number -> (writer, heard by the other node)
+    discarded: set = field(default_factory=set)  # writes an administrator gave up (force-primary)
     log: list = field(default_factory=list)
 
     def connected(self) -> bool:
@@ -468,8 +479,11 @@ class Sim:
             node.state = new
             serving_before = node.serving
             self.execute(i, actions, f, before)
-            if node.serving and not serving_before and self.policy.data_guard and node.state.reason != "forced by the administrator":
-                self.check_newest(i)
+            if node.serving and not serving_before and self.policy.data_guard:
+                if node.state.reason == "forced by the administrator":  # what it lacked is given up
+                    self.discarded |= set().union(*(n.data for n in self.nodes)) - node.data
+                else:
+                    self.check_newest(i)
             node.persisted = node.state
             assert node.serving == (node.state.role == PRIMARY), (node.state, actions)
             assert node.state.epoch == node.epoch_file, (node.state, node.epoch_file, actions)
@@ -481,7 +495,7 @@ class Sim:
         writes it could not have known of: made by a peer it did not hear at that moment
         (a partition: the writer then loses the split brain and waits for the administrator)."""
         node = self.nodes[i]
-        alive = set().union(*(n.data for n in self.nodes))
+        alive = set().union(*(n.data for n in self.nodes)) - self.discarded
         missing = sorted(w for w in alive - node.data if self.writes[w][1] or self.writes[w][0] == node.name)
         assert not missing, (f"{node.name} serves without writes {missing} it knew of", self.log[-12:])
 
@@ -534,6 +548,14 @@ class Sim:
         node.direction = None  # and the node's mirror processes
         node.replica_ok = False
         node.last_heard, node.view = None, None
+
+    def resume(self, i: int) -> None:
+        """``hawrap resume``: the lock goes; what only this node holds is given up (the CLI
+        listed it and asked for --discard-local-changes)."""
+        node, other = self.nodes[i], self.nodes[1 - i]
+        if node.lock:
+            self.discarded |= node.data - other.data
+        node.lock = False
 
     def both_serving(self) -> bool:
         return all(n.serving for n in self.nodes)
@@ -591,7 +613,7 @@ def apply(sim: Sim, event: str):
         elif what == "standby":
             node.lock = True
         elif what == "resume":
-            node.lock = False
+            sim.resume(idx[who])
 
 
 def new_sim(policy: Policy = POLICY) -> Sim:
@@ -626,8 +648,8 @@ def test_random_faults_never_end_in_split_brain(script, mirrored):
     converge(sim)
     assert not sim.both_serving(), sim.log[-20:]
     # with every standby lock removed (the administrator resumed), exactly one node serves
-    for n in sim.nodes:
-        n.lock = False
+    for i in (0, 1):
+        sim.resume(i)
     converge(sim)
     assert sum(n.serving for n in sim.nodes) == 1, [(n.name, n.state) for n in sim.nodes]
     roles = sorted(n.state.role for n in sim.nodes)

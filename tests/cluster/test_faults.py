@@ -328,6 +328,28 @@ def test_random_ping_node_reply_loss(fc):
         )
 
 
+def test_ping_node_down_for_both(fc):
+    """The ping node stops answering both nodes for longer than lan_hold: a fault they share.
+    The primary is the last node able to serve: it keeps serving; nobody locks itself out."""
+    c = fc
+    t0, w0 = now_both()
+    for node in ("a", "b"):
+        c.lab.block_ping_replies(node, True)
+    assert c.notified("lan-unhealthy", timeout=10), c.h.logs()
+    time.sleep(1.0)  # well past lan_hold: still nobody steps down
+    for node in ("a", "b"):
+        c.lab.block_ping_replies(node, False)
+    healed = time.monotonic()
+    c.expect_roles(primary="a", other="secondary")
+    for node in ("a", "b"):
+        assert not c.h.status(node)["standby_lock"]
+    assert wait_for(lambda: c.h.status("b")["lan"]["ok"], 10)
+    no_outage_since(c, t0)
+    c.replicates("a", "b")
+    c.safety.check()
+    c.record("ping node down for both", t0, w0, healed)
+
+
 # ---------------------------------------------------------------- LAN
 
 
