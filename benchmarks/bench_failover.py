@@ -388,7 +388,7 @@ def render(raw: dict, args) -> str:
             refused = ld.get("refused_takeovers", "-")
             text += (
                 f"| {LABELS[name]} | {ld['false_failovers']} | {refused} | {ld['vip_on_both_samples']}/{ld['samples']} | "
-                f"{ld['failed_probes']}/{ld['probes']} | {ld['load_average_median']} |\n"
+                f"{ld['failed_probes']}/{ld['probes']} | {ld['load_average_median']:.1f} |\n"
             )
         if "hawrap" in raw["load"]:
             text += f"\nhawrap's longest heartbeat gap (ms): {raw['load']['hawrap']['longest_heartbeat_gap_ms']}\n"

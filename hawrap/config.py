@@ -22,12 +22,12 @@ ARPING_FLAVOURS = ("builtin", "auto", "habets", "iputils")
 
 # Default timings, chosen for a fast failover that a busy node does not trigger: the
 # heartbeat runs in its own real-time, memory-locked process, so a packet is late only by
-# scheduling latency (the longest gap between two heartbeats received was 88 ms with both
-# nodes' cores saturated and their disks busy with fsyncs: benchmarks/RESULTS.md, S6), and
-# five intervals of silence are needed before the peer is declared dead: about three times
-# that.  A false verdict costs no failover anyway: the takeover's first step, the ARP check,
-# finds the VIP still answering and changes nothing.  initdead leaves time for the peer's
-# first packets after a boot.
+# scheduling latency (the longest gap between two heartbeats received was 88 and 134 ms in
+# two runs with both nodes' cores saturated and their disks busy with fsyncs, on a shared
+# VM: benchmarks/RESULTS.md, S6), and five intervals of silence are needed before the peer
+# is declared dead.  A false verdict costs no failover anyway: the takeover's first step,
+# the ARP check, finds the VIP still answering and changes nothing (the administrator is
+# told).  initdead leaves time for the peer's first packets after a boot.
 DEFAULT_INTERVAL = 0.05
 DEFAULT_DEADTIME = 0.25
 DEFAULT_INITDEAD = 3.0
