@@ -79,10 +79,35 @@ class Keepalived:
     def start(self, node: str) -> None:
         wd = self.lab.workdir
         conf = keepalived_conf(node, wd, self.version, self.advert)
-        argv = ["keepalived", "-n", "-l", "-D", "-P", "-f", conf, "-p", f"{wd}/ka-{node}.pid", "-r", f"{wd}/ka-vrrp-{node}.pid", "-c", f"{wd}/ka-chk-{node}.pid"]
+        argv = [
+            "keepalived",
+            "-n",
+            "-l",
+            "-D",
+            "-P",
+            "-f",
+            conf,
+            "-p",
+            f"{wd}/ka-{node}.pid",
+            "-r",
+            f"{wd}/ka-vrrp-{node}.pid",
+            "-c",
+            f"{wd}/ka-chk-{node}.pid",
+        ]
         self.procs[node] = self.lab.spawn(node, argv, f"keepalived-{node}.log")
         pidfile = f"{wd}/svc-{node}.pid"
-        svc = [sys.executable, "-I", "-S", os.path.join(L.HERE, "tcp_service.py"), "--port", str(L.SERVICE_PORT), "--name", node, "--pidfile", pidfile]
+        svc = [
+            sys.executable,
+            "-I",
+            "-S",
+            os.path.join(L.HERE, "tcp_service.py"),
+            "--port",
+            str(L.SERVICE_PORT),
+            "--name",
+            node,
+            "--pidfile",
+            pidfile,
+        ]
         self.services[node] = self.lab.spawn(node, svc, f"ka-service-{node}.log")
 
     def stop(self, node: str) -> None:
@@ -98,7 +123,9 @@ class Keepalived:
         self.lab.run_in(node, "ip", "addr", "del", f"{L.VIP}/24", "dev", "lan0", check=False)
 
 
-def measure_trial(lab: L.Lab, probe: L.Probe, victim: str, survivor: str, phase: float, rng: random.Random) -> float | None:
+def measure_trial(
+    lab: L.Lab, probe: L.Probe, victim: str, survivor: str, phase: float, rng: random.Random
+) -> float | None:
     time.sleep(rng.uniform(0, phase))
     t0 = time.monotonic()
     lab.power_off(victim)
@@ -227,7 +254,7 @@ def load_test(lab: L.Lab, seconds: float, cpu_hogs: int, timing: str = "") -> di
     _unload(lab, hogs)
     results = probe.stop()
     statuses = {n: h.status(n) for n in ("a", "b")}
-    transitions = {n: statuses[n]["transitions"][before[n]:] for n in ("a", "b")}
+    transitions = {n: statuses[n]["transitions"][before[n] :] for n in ("a", "b")}
     window = [r for r in results if start <= r.start <= start + seconds]
     failed = [r for r in window if r.answer is None]
     gaps = {n: statuses[n]["link_stats"] for n in ("a", "b")}
@@ -305,7 +332,11 @@ def main() -> int:
     ap.add_argument("--cpu-hogs", type=int, default=3, help="busy loops per node (2 cores here)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--systems", default="hawrap,keepalived,keepalived-fast")
-    ap.add_argument("--timing", default="", help='extra [timing] lines for hawrap, e.g. "interval = 0.05; deadtime = 0.25"')
+    ap.add_argument(
+        "--timing",
+        default="",
+        help='extra [timing] lines for hawrap, e.g. "interval = 0.05; deadtime = 0.25"',
+    )
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--markdown", help="append the Markdown summary here")
     args = ap.parse_args()
@@ -317,12 +348,20 @@ def main() -> int:
     rng = random.Random(seed)
     systems = [x for x in args.systems.split(",") if x]
     if shutil.which("keepalived") is None:
-        print("# peer 'keepalived' is not installed: skipped (apt-get install -y keepalived)", file=sys.stderr)
+        print(
+            "# peer 'keepalived' is not installed: skipped (apt-get install -y keepalived)", file=sys.stderr
+        )
         systems = [x for x in systems if not x.startswith("keepalived")]
     timing = args.timing.replace(";", "\n")
     workdir = tempfile.mkdtemp(prefix="bench-failover-")
     lab = L.Lab(workdir)
-    raw: dict = {"seed": seed, "timing": args.timing, "trials": {x: [] for x in systems}, "failed_trials": dict.fromkeys(systems, 0), "load": {}}
+    raw: dict = {
+        "seed": seed,
+        "timing": args.timing,
+        "trials": {x: [] for x in systems},
+        "failed_trials": dict.fromkeys(systems, 0),
+        "load": {},
+    }
     try:
         for i in range(args.trials):  # alternating, same namespaces
             for name in systems:
@@ -334,10 +373,15 @@ def main() -> int:
                     raw["failed_trials"][name] += 1
                 else:
                     raw["trials"][name].append(outage)
-                print(f"trial {i + 1} {name}: {'no takeover' if outage is None else f'{outage:.3f} s'}", flush=True)
+                print(
+                    f"trial {i + 1} {name}: {'no takeover' if outage is None else f'{outage:.3f} s'}",
+                    flush=True,
+                )
         if args.load_seconds > 0:
             for name in systems:
-                print(f"load test {name}: {args.load_seconds:g} s of CPU + disk load on both nodes", flush=True)
+                print(
+                    f"load test {name}: {args.load_seconds:g} s of CPU + disk load on both nodes", flush=True
+                )
                 if name == "hawrap":
                     raw["load"][name] = load_test(lab, args.load_seconds, args.cpu_hogs, timing)
                 else:
@@ -376,7 +420,9 @@ def render(raw: dict, args) -> str:
         label = LABELS[name] + (f" ({raw['timing']})" if name == "hawrap" and raw["timing"] else "")
         r1 = f"{s['median'] / base['median']:.3f}" if base else "-"
         r2 = f"{s['median'] / fast['median']:.3f}" if fast else "-"
-        lines.append(f"| {label} | {s['n']} | {s['median']:.3f} | {s['p90']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {r1} | {r2} |")
+        lines.append(
+            f"| {label} | {s['n']} | {s['median']:.3f} | {s['p90']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {r1} | {r2} |"
+        )
     text = "\n".join(lines) if stats else "(no failover trials)"
     if raw["load"]:
         text += (

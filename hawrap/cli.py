@@ -34,17 +34,34 @@ from .errors import EXIT_ERROR, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, HawrapEr
 
 def _common(p: argparse.ArgumentParser, needs_config: bool = True) -> None:
     if needs_config:
-        p.add_argument("--config", "-c", default=os.environ.get("HAWRAP_CONFIG", "/etc/hawrap/hawrap.toml"), help="configuration file")
-        p.add_argument("--node", "-n", default=os.environ.get("HAWRAP_NODE"), help="this node's name in the configuration")
+        p.add_argument(
+            "--config",
+            "-c",
+            default=os.environ.get("HAWRAP_CONFIG", "/etc/hawrap/hawrap.toml"),
+            help="configuration file",
+        )
+        p.add_argument(
+            "--node",
+            "-n",
+            default=os.environ.get("HAWRAP_NODE"),
+            help="this node's name in the configuration",
+        )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hawrap", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="hawrap",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run this node")
     _common(p)
-    p.add_argument("--no-supervise", action="store_true", help="run the node process directly (no cleanup parent)")
+    p.add_argument(
+        "--no-supervise", action="store_true", help="run the node process directly (no cleanup parent)"
+    )
     p = sub.add_parser("status", help="roles, links, epoch, locks, last transitions")
     _common(p)
     p.add_argument("--json", action="store_true")
@@ -57,11 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--discard-local-changes", action="store_true",
         help="resume even though this node holds changes the peer lacks (they are listed; the resync replaces them)",
     )  # fmt: skip
-    p = sub.add_parser("force-primary", help="serve this node's copy although it may lack the peer's latest changes")
+    p = sub.add_parser(
+        "force-primary", help="serve this node's copy although it may lack the peer's latest changes"
+    )
     _common(p)
-    p.add_argument("--accept-data-loss", action="store_true", help="do it (without it: only say what may be lost)")
+    p.add_argument(
+        "--accept-data-loss", action="store_true", help="do it (without it: only say what may be lost)"
+    )
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node to serve")
-    for name, text in (("failover", "planned switchover to the other node"), ("failback", "move the service back to the home node")):
+    for name, text in (
+        ("failover", "planned switchover to the other node"),
+        ("failback", "move the service back to the home node"),
+    ):
         p = sub.add_parser(name, help=text)
         _common(p)
         p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the switch to complete")
@@ -144,7 +168,17 @@ def cmd_status(cfg, node, args) -> int:
     except NotRunning as exc:
         info = lockfile.status(cfg.standby_lock_path(node))
         if args.json:
-            print(json.dumps({"ok": False, "node": node, "running": False, "error": str(exc), "standby_lock": info.as_dict() if info else None}))
+            print(
+                json.dumps(
+                    {
+                        "ok": False,
+                        "node": node,
+                        "running": False,
+                        "error": str(exc),
+                        "standby_lock": info.as_dict() if info else None,
+                    }
+                )
+            )
         else:
             print(f"{node}: not running ({exc})")
             if info:
@@ -153,17 +187,29 @@ def cmd_status(cfg, node, args) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return EXIT_OK
-    print(f"{st['node']} ({st['cluster']}): {st['role']}, epoch {st['epoch']}{' (owner)' if st['owns_epoch'] else ''}" + (f" - {st['reason']}" if st["reason"] else ""))
+    print(
+        f"{st['node']} ({st['cluster']}): {st['role']}, epoch {st['epoch']}{' (owner)' if st['owns_epoch'] else ''}"
+        + (f" - {st['reason']}" if st["reason"] else "")
+    )
     lan = st["lan"]
-    print(f"  own LAN: {'healthy' if lan['ok'] else 'UNHEALTHY' if lan['ok'] is False else 'unknown'}" + (f" ({lan['problem']})" if lan["problem"] else ""))
+    print(
+        f"  own LAN: {'healthy' if lan['ok'] else 'UNHEALTHY' if lan['ok'] is False else 'unknown'}"
+        + (f" ({lan['problem']})" if lan["problem"] else "")
+    )
     peer = st["peer"]
     if peer["alive"]:
-        print(f"  peer {peer['name']}: {peer['role']}, epoch {peer['epoch']}, standby lock {'yes' if peer['standby'] else 'no'}, serving {'yes' if peer['serving'] else 'no'}")
+        print(
+            f"  peer {peer['name']}: {peer['role']}, epoch {peer['epoch']}, standby lock {'yes' if peer['standby'] else 'no'}, serving {'yes' if peer['serving'] else 'no'}"
+        )
     else:
         print(f"  peer {peer['name']}: silent on every link")
     for link, up in st["links"].items():
         stats = st["link_stats"].get(link)
-        extra = f" (sent {stats[0]}, received {stats[1]}, dropped {stats[2]}, longest gap {stats[4]:g} ms)" if stats else ""
+        extra = (
+            f" (sent {stats[0]}, received {stats[1]}, dropped {stats[2]}, longest gap {stats[4]:g} ms)"
+            if stats
+            else ""
+        )
         print(f"  link {link}: {'up' if up else 'DOWN'}{extra}")
     if st["vip"]:
         print(f"  vip {st['vip']['address']}: {'here' if st['vip']['present'] else 'not here'}")
@@ -174,15 +220,24 @@ def cmd_status(cfg, node, args) -> int:
             copy = "up to date"
         else:
             since = data.get("outdated_since")
-            copy = "NOT known up to date" + (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else "")
-        print(f"  data: {copy}" + (f"; {peer['name']}'s copy lacks this node's changes" if data["peer_outdated"] else ""))
+            copy = "NOT known up to date" + (
+                f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else ""
+            )
+        print(
+            f"  data: {copy}"
+            + (f"; {peer['name']}'s copy lacks this node's changes" if data["peer_outdated"] else "")
+        )
         if data.get("replica"):
-            print(f"  replica: {'in sync' if data['replica']['in_sync'] else 'NOT in sync: ' + data['replica']['detail']}")
+            print(
+                f"  replica: {'in sync' if data['replica']['in_sync'] else 'NOT in sync: ' + data['replica']['detail']}"
+            )
     m = st["mirror"]
     if m["locked"]:
         print(f"  mirror: direction {m['direction']}, locks {m['locked']}, epochs {m['epochs']}")
     for t in st["transitions"][-5:]:
-        print(f"  {time.strftime('%H:%M:%S', time.localtime(t['time']))} {t['from']} -> {t['to']}: {t['reason']}")
+        print(
+            f"  {time.strftime('%H:%M:%S', time.localtime(t['time']))} {t['from']} -> {t['to']}: {t['reason']}"
+        )
     return EXIT_OK
 
 
@@ -234,7 +289,10 @@ def cmd_force_primary(cfg, node, args) -> int:
         print(f"{node} is already primary")
         return EXIT_OK
     if peer.get("alive") and peer.get("serving"):
-        print(f"{node}: force-primary refused: {peer['name']} serves (epoch {peer.get('epoch')}); use 'hawrap failover' on it", file=sys.stderr)
+        print(
+            f"{node}: force-primary refused: {peer['name']} serves (epoch {peer.get('epoch')}); use 'hawrap failover' on it",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     data = st["data"]
     if not data["guarded"] or data["uptodate"]:
@@ -242,15 +300,24 @@ def cmd_force_primary(cfg, node, args) -> int:
     else:
         since = data.get("outdated_since")
         when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(since)) if since else "its first start"
-        print(f"{node}'s copy has not been known complete since {when}: changes made on {peer['name']} after that")
-        print(f"may be lost: they are not in this copy. If {peer['name']} comes back, it goes to standby, and")
+        print(
+            f"{node}'s copy has not been known complete since {when}: changes made on {peer['name']} after that"
+        )
+        print(
+            f"may be lost: they are not in this copy. If {peer['name']} comes back, it goes to standby, and"
+        )
         print("'hawrap resume' there lists what it holds before anything of it is replaced.")
     if not args.accept_data_loss:
-        print(f"{node}: nothing done; run 'hawrap force-primary --accept-data-loss' to serve this copy", file=sys.stderr)
+        print(
+            f"{node}: nothing done; run 'hawrap force-primary --accept-data-loss' to serve this copy",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     answer = control.request(path, "force-primary")
     if not answer.get("ok"):
-        print(f"{node}: force-primary refused: {answer.get('message') or answer.get('error')}", file=sys.stderr)
+        print(
+            f"{node}: force-primary refused: {answer.get('message') or answer.get('error')}", file=sys.stderr
+        )
         return EXIT_FAILED
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
@@ -274,7 +341,11 @@ def _switch(cfg, node, args, command: str) -> int:
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         st = control.request(path, "status")
-        if st["role"] in ("primary", "secondary") and st["role"] != _origin(start_role, command) and st["peer"].get("alive"):
+        if (
+            st["role"] in ("primary", "secondary")
+            and st["role"] != _origin(start_role, command)
+            and st["peer"].get("alive")
+        ):
             print(f"{node}: now {st['role']}; peer {st['peer']['name']} is {st['peer'].get('role')}")
             return EXIT_OK
         time.sleep(0.1)
@@ -301,7 +372,9 @@ def cmd_cleanup(cfg, node, args) -> int:
     from .node import cleanup
 
     if not args.force and instance.held(cfg.node(node).state_dir):
-        raise HawrapError("hawrap runs for this node: cleanup would take its VIP away (use --force to insist)")
+        raise HawrapError(
+            "hawrap runs for this node: cleanup would take its VIP away (use --force to insist)"
+        )
     errors = cleanup(cfg, node)
     for error in errors:
         print(f"hawrap cleanup: {error}", file=sys.stderr)

@@ -106,7 +106,15 @@ class MirrorConfig:
     secret_file: str | None = None
     port: int = 8730
     link: str | None = None  # whose addresses carry mirror traffic; default: the first link
-    sync: tuple[str, ...] = ("{mirror}", "sync", "{src}", "{dst}", "--delete", "--secret-file", "{secret_file}")
+    sync: tuple[str, ...] = (
+        "{mirror}",
+        "sync",
+        "{src}",
+        "{dst}",
+        "--delete",
+        "--secret-file",
+        "{secret_file}",
+    )
     serve: tuple[str, ...] = (
         "{mirror}", "serve", "--listen", "{listen}", "{modules}",
         "--secret-file", "{secret_file}", "--lock-file", "{lock_file}",
@@ -155,7 +163,9 @@ class ClusterConfig:
         for node in self.nodes:
             if node.name == name:
                 return node
-        raise ConfigError(f"{self.path}: no node named {name!r} (known: {', '.join(n.name for n in self.nodes)})")
+        raise ConfigError(
+            f"{self.path}: no node named {name!r} (known: {', '.join(n.name for n in self.nodes)})"
+        )
 
     def peer_of(self, name: str) -> NodeConfig:
         self.node(name)
@@ -272,7 +282,9 @@ def load(path: str) -> ClusterConfig:
     name = cluster.get("name", str)
     secret = _read_secret(path, base, cluster)
     home = cluster.get("home", str, None)
-    failback = cluster.get("failback", str, "manual", lambda v: None if v in FAILBACK_POLICIES else f"one of {FAILBACK_POLICIES}")
+    failback = cluster.get(
+        "failback", str, "manual", lambda v: None if v in FAILBACK_POLICIES else f"one of {FAILBACK_POLICIES}"
+    )
     failback_delay = cluster.get("failback_delay", float, 10.0)
     ping_nodes = tuple(cluster.get("ping_nodes", list, []))
     for i, p in enumerate(ping_nodes):
@@ -287,7 +299,9 @@ def load(path: str) -> ClusterConfig:
         links.append(LinkConfig(name=sec.get("name", str), port=sec.get("port", int, 694, _port)))
         sec.finish()
     if not links:
-        raise ConfigError(f"{path}: at least one [[link]] is required (a dedicated heartbeat link and the LAN)")
+        raise ConfigError(
+            f"{path}: at least one [[link]] is required (a dedicated heartbeat link and the LAN)"
+        )
     link_names = [link.name for link in links]
     if len(set(link_names)) != len(link_names):
         raise ConfigError(f"{path}: link names must be unique: {link_names}")
@@ -300,7 +314,13 @@ def load(path: str) -> ClusterConfig:
         for link in links:
             addresses[link.name] = addr_sec.get(link.name, str, ..., _ip)
         addr_sec.finish()
-        state_dir = sec.get("state_dir", str, os.path.join(state_dir_template, "{node}") if "{node}" not in state_dir_template else state_dir_template)
+        state_dir = sec.get(
+            "state_dir",
+            str,
+            os.path.join(state_dir_template, "{node}")
+            if "{node}" not in state_dir_template
+            else state_dir_template,
+        )
         nodes.append(
             NodeConfig(
                 name=node_name,
@@ -311,7 +331,9 @@ def load(path: str) -> ClusterConfig:
         )
         sec.finish()
     if len(nodes) != 2 or nodes[0].name == nodes[1].name:
-        raise ConfigError(f"{path}: exactly two [[node]] tables with different names are required (found {len(nodes)})")
+        raise ConfigError(
+            f"{path}: exactly two [[node]] tables with different names are required (found {len(nodes)})"
+        )
     if home is not None and home not in (n.name for n in nodes):
         raise ConfigError(f"{path}: cluster.home: {home!r} is not one of the nodes")
 
@@ -328,7 +350,9 @@ def load(path: str) -> ClusterConfig:
         handover_timeout=t.get("handover_timeout", float, 10.0, _positive),
         lan_hold=t.get("lan_hold", float, 1.0, _positive),
         watchdog=t.get("watchdog", float, 2.0, _positive),
-        realtime_priority=t.get("realtime_priority", int, 50, lambda v: None if 0 <= v <= 99 else "must be 0-99"),
+        realtime_priority=t.get(
+            "realtime_priority", int, 50, lambda v: None if 0 <= v <= 99 else "must be 0-99"
+        ),
         mlock=t.get("mlock", bool, True),
     )
     t.finish()
@@ -359,7 +383,12 @@ def load(path: str) -> ClusterConfig:
             dad_timeout=v.get("dad_timeout", float, 0.05, _positive),
             garp_count=v.get("garp_count", int, 3, _positive),
             garp_interval=v.get("garp_interval", float, 0.5, _positive),
-            arping=v.get("arping", str, "builtin", lambda k: None if k in ARPING_FLAVOURS else f"one of {ARPING_FLAVOURS}"),
+            arping=v.get(
+                "arping",
+                str,
+                "builtin",
+                lambda k: None if k in ARPING_FLAVOURS else f"one of {ARPING_FLAVOURS}",
+            ),
             lifetime=v.get("lifetime", int, 0, lambda x: None if x >= 0 else "must be >= 0"),
         )
         v.finish()
@@ -403,7 +432,9 @@ def load(path: str) -> ClusterConfig:
         command=m.argv("command", ("mirror",)),
         secret_file=_opt_abs(base, m.get("secret_file", str, None)),
         port=m.get("port", int, 8730, _port),
-        link=m.get("link", str, None, lambda v: None if v in link_names else f"not one of the links {link_names}"),
+        link=m.get(
+            "link", str, None, lambda v: None if v in link_names else f"not one of the links {link_names}"
+        ),
         sync=m.argv("sync", defaults.sync),
         serve=m.argv("serve", defaults.serve),
         daemon=m.argv("daemon", defaults.daemon),
@@ -465,7 +496,10 @@ def _read_secret(path: str, base: str, cluster: _Section) -> bytes:
     except OSError as exc:
         cluster.fail("secret_file", f"cannot read {full}: {exc.strerror}")
     if len(secret) < 16:
-        cluster.fail("secret_file", f"{full} holds {len(secret)} bytes; at least 16 are needed (e.g. head -c 32 /dev/urandom | base64)")
+        cluster.fail(
+            "secret_file",
+            f"{full} holds {len(secret)} bytes; at least 16 are needed (e.g. head -c 32 /dev/urandom | base64)",
+        )
     if len(secret) > 4096:
         cluster.fail("secret_file", f"{full} is larger than 4096 bytes")
     return secret

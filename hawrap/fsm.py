@@ -234,7 +234,9 @@ def my_rank(s: State, f: Facts, p: Policy) -> tuple:
 
 
 def peer_rank(peer: PeerView, p: Policy) -> tuple:
-    return rank(peer.standby, peer.uptodate or not p.data_guard, peer.epoch, peer.owns_epoch, peer.home, peer.name)
+    return rank(
+        peer.standby, peer.uptodate or not p.data_guard, peer.epoch, peer.owns_epoch, peer.home, peer.name
+    )
 
 
 # ---------------------------------------------------------------- transitions
@@ -311,7 +313,13 @@ def _decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
             return lan
     elif s.lan_fault:
         s = replace(s, lan_fault="", lan_fault_since=0.0)
-    handler = {INIT: _init, SECONDARY: _secondary, PRIMARY: _primary, RELEASING: _releasing, STANDBY: _standby}
+    handler = {
+        INIT: _init,
+        SECONDARY: _secondary,
+        PRIMARY: _primary,
+        RELEASING: _releasing,
+        STANDBY: _standby,
+    }
     state, actions = handler[s.role](s, f, p)
     return state, alerts + actions
 
@@ -343,7 +351,11 @@ def _lan_unhealthy(s: State, f: Facts, p: Policy):
 
 
 def _lan_message(s: State, f: Facts) -> str:
-    peer = "silent" if f.peer is None else f"unable to serve (role {f.peer.role}, LAN {'healthy' if f.peer.lan_ok else 'unhealthy'})"
+    peer = (
+        "silent"
+        if f.peer is None
+        else f"unable to serve (role {f.peer.role}, LAN {'healthy' if f.peer.lan_ok else 'unhealthy'})"
+    )
     return f"own LAN unhealthy ({f.lan_problem or 'carrier or ping node lost'}) but the peer is {peer}: staying {s.role}"
 
 
@@ -443,25 +455,43 @@ def _primary(s: State, f: Facts, p: Policy):
     if peer is None:
         s = replace(s, request=None, peer_ready_since=None)
         if f.resource_failure:
-            s, actions = _alert(s, "resource", "resource-failed", f"{f.resource_failure}; the peer is not heard, so this node keeps trying")
+            s, actions = _alert(
+                s,
+                "resource",
+                "resource-failed",
+                f"{f.resource_failure}; the peer is not heard, so this node keeps trying",
+            )
         if f.command is not None:
             actions.append(Reply(False, f"{f.command}: the peer is not heard on any link"))
         return s, actions
     if peer.serving:
         if peer_rank(peer, p) > my_rank(s, f, p):
             return _go_standby(
-                s, f"split brain: the peer serves too and ranks first (epoch {peer.epoch} vs {s.epoch})", write_lock=True
+                s,
+                f"split brain: the peer serves too and ranks first (epoch {peer.epoch} vs {s.epoch})",
+                write_lock=True,
             )
         if s.request != "push_back":
             s = replace(s, request="push_back")
-            actions += [Reannounce(), Notify("push-back", f"peer serves too (role {peer.role}, standby={peer.standby}): pushing it back")]
+            actions += [
+                Reannounce(),
+                Notify(
+                    "push-back",
+                    f"peer serves too (role {peer.role}, standby={peer.standby}): pushing it back",
+                ),
+            ]
         return s, actions
     if s.request == "push_back":
         s = replace(s, request=None)
     if f.resource_failure:
         if peer_can_serve(peer, p):
             return _go_standby(s, f"{f.resource_failure}: handing over to the peer", write_lock=True)
-        s, more = _alert(s, "resource", "resource-failed", f"{f.resource_failure}; the peer cannot take over, so this node keeps trying")
+        s, more = _alert(
+            s,
+            "resource",
+            "resource-failed",
+            f"{f.resource_failure}; the peer cannot take over, so this node keeps trying",
+        )
         actions += more
     if peer.role == SECONDARY and not peer.serving and not peer.owns_epoch and peer.epoch > s.epoch:
         # The peer raised its epoch for a takeover that did not happen (it never served in
@@ -471,7 +501,10 @@ def _primary(s: State, f: Facts, p: Policy):
         s = replace(s, epoch=new_epoch, owns_epoch=True)
         actions += [
             RaiseEpoch(new_epoch),
-            Notify("epoch-raised", f"the peer's epoch {peer.epoch} comes from a takeover that did not happen: epoch raised to {new_epoch} so that it accepts our changes again"),
+            Notify(
+                "epoch-raised",
+                f"the peer's epoch {peer.epoch} comes from a takeover that did not happen: epoch raised to {new_epoch} so that it accepts our changes again",
+            ),
         ]
     healthy_secondary = peer_can_serve(peer)
     if s.mirror_locked and healthy_secondary:
@@ -506,7 +539,14 @@ def _primary(s: State, f: Facts, p: Policy):
         if f.command is not None:
             actions.append(Reply(False, message))
         return s, actions + ([Notify("switchover-refused", message)] if f.command else [])
-    s = replace(s, role=RELEASING, handover_deadline=f.now + p.handover_timeout, request=None, reason=wanted, direction=None)
+    s = replace(
+        s,
+        role=RELEASING,
+        handover_deadline=f.now + p.handover_timeout,
+        request=None,
+        reason=wanted,
+        direction=None,
+    )
     actions += [
         Notify("releasing", f"{wanted}: stopping services, final sync, dropping the VIP"),
         StopServices(),
@@ -613,10 +653,17 @@ def takeover_refused(before: State, f: Facts, p: Policy, error: str) -> tuple[St
     """CheckAddressFree found the VIP answered elsewhere: nothing was done, nothing to undo.
     Stay as ``before`` (receiving, if a secondary), try again after retry_interval."""
     state = replace(before, retry_at=f.now + p.recheck_interval, reason=f"takeover refused: {error}")
-    return _alert(state, "takeover-refused", "takeover-refused", f"the peer is silent but its address still answers, so it is alive: not taking over ({error}); checking again every {p.recheck_interval:g} s")
+    return _alert(
+        state,
+        "takeover-refused",
+        "takeover-refused",
+        f"the peer is silent but its address still answers, so it is alive: not taking over ({error}); checking again every {p.recheck_interval:g} s",
+    )
 
 
-def takeover_failed(before: State, after: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
+def takeover_failed(
+    before: State, after: State, f: Facts, p: Policy, error: str
+) -> tuple[State, list[Action]]:
     """A step after the address check failed (epoch, lock, VIP, a service): undo the rest.
     Services and VIP stopped, the mirroring lock released if this takeover took it, the
     receiver running again.  The epoch cannot go back (it only rises); the state says we do
@@ -631,14 +678,25 @@ def takeover_failed(before: State, after: State, f: Facts, p: Policy, error: str
     )  # fmt: skip
     state, more = _direct(state, "receive")
     actions += more
-    state, more = _alert(state, "takeover-failed", "takeover-failed", f"takeover failed and was rolled back, retrying in {p.retry_interval:g} s: {error}")
+    state, more = _alert(
+        state,
+        "takeover-failed",
+        "takeover-failed",
+        f"takeover failed and was rolled back, retrying in {p.retry_interval:g} s: {error}",
+    )
     return state, actions + more
 
 
 def release_failed(s: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
     """The final sync (or a stop) failed during a planned switchover: keep serving here."""
-    state = replace(s, role=PRIMARY, handover_deadline=None, reason=f"switchover aborted: {error}", direction="send")
-    return state, [StartResources(), SetMirrorDirection("send"), Notify("switchover-failed", f"switchover aborted, still primary: {error}")]
+    state = replace(
+        s, role=PRIMARY, handover_deadline=None, reason=f"switchover aborted: {error}", direction="send"
+    )
+    return state, [
+        StartResources(),
+        SetMirrorDirection("send"),
+        Notify("switchover-failed", f"switchover aborted, still primary: {error}"),
+    ]
 
 
 def _diverged(s: State, peer: PeerView, p: Policy, when: str):
@@ -660,13 +718,29 @@ def _diverged(s: State, peer: PeerView, p: Policy, when: str):
 
 def _step_back(s: State, reason: str):
     """Stop serving but stay a secondary (no standby lock): the cause may be gone soon."""
-    state = replace(s, role=SECONDARY, request=None, handover_deadline=None, peer_ready_since=None, reason=reason, retry_at=0.0)
+    state = replace(
+        s,
+        role=SECONDARY,
+        request=None,
+        handover_deadline=None,
+        peer_ready_since=None,
+        reason=reason,
+        retry_at=0.0,
+    )
     state, direct = _direct(state, "receive")
     return state, [StopResources(), *direct, Notify("stepped-back", reason)]
 
 
 def _go_standby(s: State, reason: str, *, write_lock: bool):
-    state = replace(s, role=STANDBY, mirror_locked=True, request=None, handover_deadline=None, peer_ready_since=None, reason=reason)
+    state = replace(
+        s,
+        role=STANDBY,
+        mirror_locked=True,
+        request=None,
+        handover_deadline=None,
+        peer_ready_since=None,
+        reason=reason,
+    )
     state, direct = _direct(state, None)
     actions: list[Action] = [StopResources(), *direct, AcquireMirrorLock(f"{s.node} in standby: {reason}")]
     if write_lock:

@@ -78,7 +78,9 @@ def harden(priority: int, mlock: bool) -> list[str]:
         try:
             os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
         except OSError as exc:
-            problems.append(f"real-time priority {priority} not permitted ({exc.strerror}): heartbeat runs at normal priority")
+            problems.append(
+                f"real-time priority {priority} not permitted ({exc.strerror}): heartbeat runs at normal priority"
+            )
     if mlock and libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
         err = ctypes.get_errno()
         problems.append(f"mlockall not permitted ({os.strerror(err)}): heartbeat memory may be paged out")
@@ -97,7 +99,9 @@ class HeartbeatEngine:
         self.deadtime: float = cfg["deadtime"]
         self.boot = secrets.token_bytes(16)
         self.seq = 0
-        self.tracker = wire.PeerTracker(self.boot, cfg["peer"], cfg["cluster"], tuple(link[0] for link in cfg["links"]))
+        self.tracker = wire.PeerTracker(
+            self.boot, cfg["peer"], cfg["cluster"], tuple(link[0] for link in cfg["links"])
+        )
         self.state: dict = {
             "role": "init", "epoch": 0, "owns_epoch": False, "standby": False,
             "lan_ok": None, "serving": False, "request": None, "uptodate": False, "in_sync": False,
@@ -158,7 +162,11 @@ class HeartbeatEngine:
             if verdict.new_boot:
                 for other in self.links.values():
                     other.last_rx = None  # packets of the old boot no longer vouch for the peer
-                self._note("boot", f"peer {fields['node']} (re)started: new boot id {fields['boot'].hex()}", force=True)
+                self._note(
+                    "boot",
+                    f"peer {fields['node']} (re)started: new boot id {fields['boot'].hex()}",
+                    force=True,
+                )
             link.received += 1
             if link.last_rx is not None:
                 link.max_gap = max(link.max_gap, now - link.last_rx)
@@ -205,7 +213,8 @@ class HeartbeatEngine:
 
     def _links_up(self, now: float) -> dict[str, bool]:
         return {
-            name: link.last_rx is not None and now - link.last_rx < self.deadtime for name, link in self.links.items()
+            name: link.last_rx is not None and now - link.last_rx < self.deadtime
+            for name, link in self.links.items()
         }
 
     def _report(self, now: float) -> None:
@@ -214,7 +223,21 @@ class HeartbeatEngine:
         peer = None
         if alive and self.peer_fields is not None:
             f = self.peer_fields
-            peer = {k: f[k] for k in ("role", "epoch", "owns_epoch", "standby", "lan_ok", "serving", "request", "links", "uptodate", "in_sync")}
+            peer = {
+                k: f[k]
+                for k in (
+                    "role",
+                    "epoch",
+                    "owns_epoch",
+                    "standby",
+                    "lan_ok",
+                    "serving",
+                    "request",
+                    "links",
+                    "uptodate",
+                    "in_sync",
+                )
+            }
         snapshot = (links, peer)
         if snapshot == self._last_report and now - self._last_report_time < self.report_interval:
             return
@@ -258,7 +281,11 @@ class HeartbeatEngine:
         if frozen != self.muted:
             self.muted = frozen
             if frozen:
-                self._note("muted", f"the node process has not been heard for {self.watchdog:g} s: heartbeats stopped", force=True)
+                self._note(
+                    "muted",
+                    f"the node process has not been heard for {self.watchdog:g} s: heartbeats stopped",
+                    force=True,
+                )
             else:
                 self._note("muted", "the node process is back: heartbeats resumed", force=True)
         return frozen
@@ -320,7 +347,10 @@ def config_message(cluster_cfg, node_name: str) -> dict:
         "watchdog": cluster_cfg.timing.watchdog,
         "priority": cluster_cfg.timing.realtime_priority,
         "mlock": cluster_cfg.timing.mlock,
-        "links": [[link.name, me.addresses[link.name], peer.addresses[link.name], link.port] for link in cluster_cfg.links],
+        "links": [
+            [link.name, me.addresses[link.name], peer.addresses[link.name], link.port]
+            for link in cluster_cfg.links
+        ],
     }
 
 

@@ -56,7 +56,9 @@ def resolve_trees(cfg: ClusterConfig, node: str) -> list[Tree]:
     out = []
     for t in cfg.mirror.trees:
         sub = _sub(t, node)
-        out.append(Tree(sub.name, sub.path, sub.lock_file, os.fsdecode(resolve_state_dir(sub.path, sub.state_dir))))
+        out.append(
+            Tree(sub.name, sub.path, sub.lock_file, os.fsdecode(resolve_state_dir(sub.path, sub.state_dir)))
+        )
     return out
 
 
@@ -100,7 +102,9 @@ class _Supervised:
         while not self._stop.is_set():
             try:
                 self.started_at = time.time()
-                self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                self.proc = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+                )
             except OSError as exc:
                 log.error("mirror %s: cannot start %s: %s", self.name, self.argv[0], exc.strerror)
                 if self.on_exit:
@@ -112,7 +116,12 @@ class _Supervised:
                 try:
                     atomic_write(self.pid_file, f"{self.proc.pid}\n".encode(), 0o600, durable=False)
                 except OSError as exc:
-                    log.warning("mirror %s: cannot write %s (a crash would leave it running): %s", self.name, self.pid_file, exc)
+                    log.warning(
+                        "mirror %s: cannot write %s (a crash would leave it running): %s",
+                        self.name,
+                        self.pid_file,
+                        exc,
+                    )
             last = _relay_stderr(self.proc, self.name)
             code = self.proc.wait()
             if self._stop.is_set():
@@ -266,11 +275,13 @@ class MirrorControl:
                 try:
                     argv.append(item.format(**values))
                 except KeyError as exc:
-                    raise HawrapError(f"{self.cfg.path}: mirror command item {item!r}: unknown placeholder {exc}") from exc
+                    raise HawrapError(
+                        f"{self.cfg.path}: mirror command item {item!r}: unknown placeholder {exc}"
+                    ) from exc
         return argv
 
     def set_direction(self, direction: str | None) -> None:
-        """"send": a daemon per tree toward the peer; "receive": the receiver; None: nothing."""
+        """ "send": a daemon per tree toward the peer; "receive": the receiver; None: nothing."""
         if not self.trees or direction == self.direction:
             self.direction = direction if self.trees else None
             return
@@ -280,7 +291,9 @@ class MirrorControl:
                 argv = self._argv(self.cfg.mirror.daemon, t)
                 self._procs.append(_Supervised(f"daemon {t.name}", argv, self.on_exit, self.me.state_dir))
         elif direction == "receive":
-            self._procs.append(_Supervised("serve", self._argv(self.cfg.mirror.serve), self.on_exit, self.me.state_dir))
+            self._procs.append(
+                _Supervised("serve", self._argv(self.cfg.mirror.serve), self.on_exit, self.me.state_dir)
+            )
         self.direction = direction
 
     def replica(self) -> Replica:

@@ -114,7 +114,9 @@ class Node:
         self.final_synced = False  # a planned switchover's final sync is done
         self._replica_bad_since: float | None = None
         self._replication_alerted = False
-        self._mirror_exits: collections.Counter = collections.Counter()  # unexpected exits in a row, per process
+        self._mirror_exits: collections.Counter = (
+            collections.Counter()
+        )  # unexpected exits in a row, per process
         self._mirror_alerted: set[str] = set()
         self._next_replica_check = 0.0
         self.transitions: collections.deque = collections.deque(maxlen=20)
@@ -204,7 +206,9 @@ class Node:
             # When the peer is declared silent it was last heard a dead time ago, and the first
             # heartbeat missed was due one interval later: a cut that silenced it came before
             # that, so only a probe sent after it proves our LAN survived the cut.
-            lan_confirmed=self.lan_monitor.answered_since(now - self.cfg.timing.deadtime + self.cfg.timing.interval),
+            lan_confirmed=self.lan_monitor.answered_since(
+                now - self.cfg.timing.deadtime + self.cfg.timing.interval
+            ),
             lan_ok=self.lan.ok,
             lan_problem=self.lan.problem,
             peer=peer,
@@ -231,7 +235,9 @@ class Node:
         log.info("node %s started (epoch %d, home %s)", self.name, self.state.epoch, self.cfg.home)
 
     def _start_heartbeat(self) -> None:
-        child = HeartbeatChild(config_message(self.cfg, self.name), lambda m: self.events.put(("hb", (child, m))))
+        child = HeartbeatChild(
+            config_message(self.cfg, self.name), lambda m: self.events.put(("hb", (child, m)))
+        )
         self.heartbeat = child
         self._advertised = None
         self._advertise()
@@ -251,7 +257,10 @@ class Node:
             return
         if now - hb.last_message < limit:
             return
-        self._notify("heartbeat", f"the heartbeat process (pid {hb.proc.pid}) reported nothing for {limit:g} s: replacing it")
+        self._notify(
+            "heartbeat",
+            f"the heartbeat process (pid {hb.proc.pid}) reported nothing for {limit:g} s: replacing it",
+        )
         hb.kill()
         hb.stop(1)
         self._start_heartbeat()
@@ -278,7 +287,11 @@ class Node:
                         continue  # a replaced child's last words, or nothing to decide
                 elif kind == "lan":
                     if payload.ok is not self.lan.ok and payload.ok is not None:
-                        log.info("own LAN %s%s", "healthy" if payload.ok else "unhealthy", f": {payload.problem}" if payload.problem else "")
+                        log.info(
+                            "own LAN %s%s",
+                            "healthy" if payload.ok else "unhealthy",
+                            f": {payload.problem}" if payload.problem else "",
+                        )
                     self.lan = payload
                 elif kind == "cmd":
                     command = self._admin_command(payload)
@@ -342,13 +355,20 @@ class Node:
             reply.put(self.status())
             return None
         if command == "standby":
-            info = lockfile.acquire(self.standby_lock_path(), reason=request.get("reason") or "hawrap standby")
+            info = lockfile.acquire(
+                self.standby_lock_path(), reason=request.get("reason") or "hawrap standby"
+            )
             self._pending_reply = {"reply": reply, "command": "standby"}
             log.info("standby requested: %s", info.describe())
             return "standby"
         if command == "resume":
             if self.lan.ok is not True:
-                reply.put({"ok": False, "error": f"resume refused: own LAN unhealthy ({self.lan.problem or 'no verdict yet'})"})
+                reply.put(
+                    {
+                        "ok": False,
+                        "error": f"resume refused: own LAN unhealthy ({self.lan.problem or 'no verdict yet'})",
+                    }
+                )
                 return None
             removed = lockfile.release(self.standby_lock_path())
             self._pending_reply = {"reply": reply, "command": "resume", "removed": removed}
@@ -372,7 +392,14 @@ class Node:
         if self._persisted_changed():
             self._save_state()
             if self.state.role != before.role:
-                self.transitions.append({"time": time.time(), "from": before.role, "to": self.state.role, "reason": self.state.reason})
+                self.transitions.append(
+                    {
+                        "time": time.time(),
+                        "from": before.role,
+                        "to": self.state.role,
+                        "reason": self.state.reason,
+                    }
+                )
                 log.warning("%s -> %s: %s", before.role, self.state.role, self.state.reason)
         if command in ("standby", "resume") and self._pending_reply:
             pending, self._pending_reply = self._pending_reply, None
@@ -399,7 +426,9 @@ class Node:
                     self.state, more = fsm.takeover_refused(before, facts, self.policy, str(exc))
                     self._execute(more, facts, before)
                     return
-                if isinstance(action, fsm.StartResources) or (takeover and isinstance(action, (fsm.AcquireMirrorLock, fsm.RaiseEpoch))):
+                if isinstance(action, fsm.StartResources) or (
+                    takeover and isinstance(action, (fsm.AcquireMirrorLock, fsm.RaiseEpoch))
+                ):
                     self.state, more = fsm.takeover_failed(before, self.state, facts, self.policy, str(exc))
                     self._execute(more, facts, before)
                     return
@@ -426,7 +455,9 @@ class Node:
             self._notify(action.event, action.message)
         elif isinstance(action, fsm.Reply):
             if self._pending_reply and self._pending_reply["command"] in fsm.COMMANDS:
-                self._pending_reply["reply"].put({"ok": action.ok, "message": action.message, "role": self.state.role})
+                self._pending_reply["reply"].put(
+                    {"ok": action.ok, "message": action.message, "role": self.state.role}
+                )
                 self._pending_reply = None
         elif isinstance(action, fsm.AcquireMirrorLock):
             self.mirror.acquire_locks(action.reason)
@@ -509,9 +540,13 @@ class Node:
             what = ", ".join(failed)
             self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
             if len(self._restarts) > RESTART_LIMIT:
-                self.resource_failure = f"{what} failed {len(self._restarts)} times within {RESTART_WINDOW:g} s"
+                self.resource_failure = (
+                    f"{what} failed {len(self._restarts)} times within {RESTART_WINDOW:g} s"
+                )
                 return
-            self._notify("resource", f"{what} not running: restarting {'it' if len(failed) == 1 else 'them'} here")
+            self._notify(
+                "resource", f"{what} not running: restarting {'it' if len(failed) == 1 else 'them'} here"
+            )
             try:
                 self.resources.restart(failed)
             except ResourceError as exc:
@@ -520,7 +555,10 @@ class Node:
             if self.resources.vip_present():
                 self.vip_seen = True
                 self._advertise()
-                self._notify("push-back", f"{self.resources.vip.name} found up on a node in role {self.state.role}: removing it")
+                self._notify(
+                    "push-back",
+                    f"{self.resources.vip.name} found up on a node in role {self.state.role}: removing it",
+                )
                 for error in self.resources.stop():
                     self._notify("error", error)
                 self.vip_seen = False
@@ -568,9 +606,16 @@ class Node:
             self._replica_bad_since = now
         peer = self.facts().peer
         receiving = peer is not None and peer.role == fsm.SECONDARY and not peer.standby
-        if not self._replication_alerted and receiving and now - self._replica_bad_since >= self.cfg.mirror.alert_after:
+        if (
+            not self._replication_alerted
+            and receiving
+            and now - self._replica_bad_since >= self.cfg.mirror.alert_after
+        ):
             self._replication_alerted = True
-            self._notify("replication", f"replication toward {self.peer_name} not live for {now - self._replica_bad_since:.0f} s: {self.replica.detail}")
+            self._notify(
+                "replication",
+                f"replication toward {self.peer_name} not live for {now - self._replica_bad_since:.0f} s: {self.replica.detail}",
+            )
 
     def _control_request(self, request: dict) -> dict:
         reply: queue.Queue = queue.Queue()
@@ -596,21 +641,34 @@ class Node:
             "home": self.cfg.home,
             "serving": s.serving,
             "request": s.request,
-            "lan": {"ok": self.lan.ok, "problem": self.lan.problem, "carrier": self.lan.carrier, "ping_reachable": list(self.lan.reachable)},
+            "lan": {
+                "ok": self.lan.ok,
+                "problem": self.lan.problem,
+                "carrier": self.lan.carrier,
+                "ping_reachable": list(self.lan.reachable),
+            },
             "peer": {"name": self.peer_name, "alive": self.peer_alive, **(peer or {})},
             "links": self.links,
             "link_stats": (self.peer_msg or {}).get("stats", {}),
             "standby_lock": (lambda i: i.as_dict() if i else None)(lockfile.status(self.standby_lock_path())),
-            "mirror": {"direction": self.mirror.direction, "locked": self.mirror.locked(), "epochs": self.mirror.epochs()},
+            "mirror": {
+                "direction": self.mirror.direction,
+                "locked": self.mirror.locked(),
+                "epochs": self.mirror.epochs(),
+            },
             "data": {
                 "guarded": self.policy.data_guard,
                 "uptodate": s.uptodate,
                 "outdated_since": self.persisted.get("outdated_since"),
                 "peer_outdated": s.peer_outdated,
                 "peer_outdated_since": self.persisted.get("peer_outdated_since"),
-                "replica": {"in_sync": self.replica.in_sync, "detail": self.replica.detail} if self.mirror.direction == "send" else None,
+                "replica": {"in_sync": self.replica.in_sync, "detail": self.replica.detail}
+                if self.mirror.direction == "send"
+                else None,
             },
-            "vip": {"address": self.cfg.vip.address, "present": self.resources.vip_present()} if self.cfg.vip else None,
+            "vip": {"address": self.cfg.vip.address, "present": self.resources.vip_present()}
+            if self.cfg.vip
+            else None,
             "transitions": list(self.transitions),
             "pid": os.getpid(),
         }

@@ -71,7 +71,9 @@ def ocf_meaning(code: int) -> str:
     return OCF_MEANINGS.get(code, "unknown exit code")
 
 
-def run_command(argv: tuple[str, ...] | list[str], timeout: float, shell: bool = False, env: dict | None = None) -> tuple[int, str]:
+def run_command(
+    argv: tuple[str, ...] | list[str], timeout: float, shell: bool = False, env: dict | None = None
+) -> tuple[int, str]:
     """Run a resource command; returns (exit code, last lines of its output)."""
     cmd = argv[0] if shell else list(argv)
     try:
@@ -126,7 +128,9 @@ class Service(Resource):
             return
         code, out = self._run("start")
         if code != OCF_SUCCESS:
-            raise ResourceError(f"service {self.name}: start exited {code} ({ocf_meaning(code)}): {out}", code)
+            raise ResourceError(
+                f"service {self.name}: start exited {code} ({ocf_meaning(code)}): {out}", code
+            )
         self._wait_for(OCF_SUCCESS, "start")
 
     def stop(self) -> None:
@@ -200,7 +204,10 @@ class VirtualIP(Resource):
         code, out = self._ip("-o", "-4", "addr", "show", "dev", self.interface)
         if code != 0:
             return False
-        return any(f" {self.cfg.address} " in f" {line} " or f"inet {self.cfg.address} " in line for line in out.splitlines())
+        return any(
+            f" {self.cfg.address} " in f" {line} " or f"inet {self.cfg.address} " in line
+            for line in out.splitlines()
+        )
 
     def flavour(self) -> str:
         if self._flavour is None:
@@ -224,9 +231,23 @@ class VirtualIP(Resource):
             code, out = run_command(argv, 10.0)
             if "arping:" in out and code != 0 and "Timeout" not in out:
                 raise ResourceError(f"{self.name}: duplicate check failed: {out}", OCF_ERR_GENERIC)
-            return out.splitlines()[1] if code == 0 and len(out.splitlines()) > 1 else ("answered" if code == 0 else None)
+            return (
+                out.splitlines()[1]
+                if code == 0 and len(out.splitlines()) > 1
+                else ("answered" if code == 0 else None)
+            )
         # iputils: -D is duplicate address detection; exit 0 means no reply (address free)
-        argv = ("arping", "-D", "-c", "1", "-w", str(max(1, round(self.cfg.dad_timeout))), "-I", self.interface, ip)
+        argv = (
+            "arping",
+            "-D",
+            "-c",
+            "1",
+            "-w",
+            str(max(1, round(self.cfg.dad_timeout))),
+            "-I",
+            self.interface,
+            ip,
+        )
         code, out = run_command(argv, 10.0)
         return None if code == 0 else (out.splitlines()[-1] if out else "answered")
 
@@ -342,7 +363,17 @@ class VirtualIP(Resource):
         if time.monotonic() - seen_at > REFRESH_FRESH or not self.running():
             return
         lifetime = str(self.cfg.lifetime)
-        self._ip("addr", "change", self.cfg.address, "dev", self.interface, "valid_lft", lifetime, "preferred_lft", lifetime)
+        self._ip(
+            "addr",
+            "change",
+            self.cfg.address,
+            "dev",
+            self.interface,
+            "valid_lft",
+            lifetime,
+            "preferred_lft",
+            lifetime,
+        )
 
     def stop(self) -> None:
         self._stop_garp()

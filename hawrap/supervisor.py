@@ -70,17 +70,26 @@ def supervise(cfg: ClusterConfig, node: str, child_argv: list[str]) -> int:
             if frozen:
                 why = f"node process {child.pid} made no progress for {cfg.timing.watchdog:g} s (timing.watchdog): killed"
                 log.error("%s", why)
-                notifier.notify("watchdog", f"{why}; cleaning up (VIP, services) and starting a new one", "unknown", 0)
+                notifier.notify(
+                    "watchdog", f"{why}; cleaning up (VIP, services) and starting a new one", "unknown", 0
+                )
             if stopping:
                 if code != 0:
                     _cleanup(cfg, node, f"node process exited {code} while stopping")
                 return 0 if code in (0, -signal.SIGTERM) else 1
-            _cleanup(cfg, node, f"node process {child.pid} died ({'watchdog' if frozen else _describe(code)})")
+            _cleanup(
+                cfg, node, f"node process {child.pid} died ({'watchdog' if frozen else _describe(code)})"
+            )
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
             if len(restarts) > MAX_RESTARTS:
                 log.error("node process died %d times within %g s: giving up", len(restarts), RESTART_WINDOW)
-                notifier.notify("fatal", f"the node process died {len(restarts)} times within {RESTART_WINDOW:g} s: hawrap gives up on this node", "unknown", 0)
+                notifier.notify(
+                    "fatal",
+                    f"the node process died {len(restarts)} times within {RESTART_WINDOW:g} s: hawrap gives up on this node",
+                    "unknown",
+                    0,
+                )
                 return 1
             time.sleep(RESTART_DELAY)
         return 0
@@ -107,4 +116,15 @@ def _describe(code: int) -> str:
 
 
 def child_command(config: str, node: str, verbose: int) -> list[str]:
-    return [sys.executable, "-m", "hawrap", "run", "--config", config, "--node", node, "--no-supervise", *(["-v"] * verbose)]
+    return [
+        sys.executable,
+        "-m",
+        "hawrap",
+        "run",
+        "--config",
+        config,
+        "--node",
+        node,
+        "--no-supervise",
+        *(["-v"] * verbose),
+    ]

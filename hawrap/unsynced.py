@@ -39,10 +39,14 @@ class Unsynced:
         return self.since is not None or any(self.journaled.values())
 
     def describe(self, node: str) -> str:
-        lines = [f"{node} holds changes that {self.peer} lacks; resuming lets {self.peer}'s copy replace them:"]
+        lines = [
+            f"{node} holds changes that {self.peer} lacks; resuming lets {self.peer}'s copy replace them:"
+        ]
         if self.since is not None:
             when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(self.since))
-            lines.append(f"  {node} served while {self.peer}'s copy was not receiving its changes, since {when}:")
+            lines.append(
+                f"  {node} served while {self.peer}'s copy was not receiving its changes, since {when}:"
+            )
             lines.append("  everything changed here since then is missing there (journaled or not)")
         for tree, paths in self.journaled.items():
             if not paths:

@@ -64,7 +64,9 @@ class Feeder:
     """Keepalives every ``period`` while ``progress`` is healthy: a byte on ``fd`` (None: no
     supervisor) and ``also()`` (the heartbeat process's keepalive)."""
 
-    def __init__(self, fd: int | None, period: float, progress: Progress, limit: float, also: Callable[[], None]):
+    def __init__(
+        self, fd: int | None, period: float, progress: Progress, limit: float, also: Callable[[], None]
+    ):
         self.fd, self.period, self.progress, self.limit, self.also = fd, period, progress, limit, also
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="watchdog-feeder", daemon=True)

@@ -37,7 +37,18 @@ from hawrap.fsm import (
 POLICY = Policy(initdead=1.0, handover_timeout=2.0, failback="manual", retry_interval=0.5)
 
 
-def peer(role=SECONDARY, epoch=1, owns=False, standby=False, lan_ok=True, serving=None, request=None, home=False, name="b", **kw):
+def peer(
+    role=SECONDARY,
+    epoch=1,
+    owns=False,
+    standby=False,
+    lan_ok=True,
+    serving=None,
+    request=None,
+    home=False,
+    name="b",
+    **kw,
+):
     return PeerView(
         name=name, role=role, epoch=epoch, owns_epoch=owns, standby=standby, lan_ok=lan_ok,
         serving=(role == PRIMARY) if serving is None else serving, request=request, home=home, **kw,
@@ -46,7 +57,9 @@ def peer(role=SECONDARY, epoch=1, owns=False, standby=False, lan_ok=True, servin
 
 def state(role=SECONDARY, epoch=1, owns=False, home=True, **kw):
     kw.setdefault("direction", {SECONDARY: "receive", PRIMARY: "send"}.get(role))
-    return replace(fsm.State(node="a", is_home=home, started=0.0), role=role, epoch=epoch, owns_epoch=owns, **kw)
+    return replace(
+        fsm.State(node="a", is_home=home, started=0.0), role=role, epoch=epoch, owns_epoch=owns, **kw
+    )
 
 
 def facts(now=10.0, lan_ok=True, p=None, lock=False, command=None):
@@ -151,17 +164,31 @@ def test_boot_with_standby_lock_stays_standby():
 
 
 def test_serving_peer_with_standby_lock_is_pushed_back():
-    s, acts = fsm.decide(state(PRIMARY, epoch=5, owns=True), facts(p=peer(STANDBY, epoch=9, standby=True, serving=True)), POLICY)
+    s, acts = fsm.decide(
+        state(PRIMARY, epoch=5, owns=True),
+        facts(p=peer(STANDBY, epoch=9, standby=True, serving=True)),
+        POLICY,
+    )
     assert s.role == PRIMARY and s.request == "push_back" and fsm.Reannounce in kinds(acts)
     # the pushed node, when it sees a higher-ranked primary while serving, stops
-    pushed, acts = fsm.decide(state(PRIMARY, epoch=9, owns=True), facts(lock=True, p=peer(PRIMARY, epoch=5, owns=True, request="push_back")), POLICY)
+    pushed, acts = fsm.decide(
+        state(PRIMARY, epoch=9, owns=True),
+        facts(lock=True, p=peer(PRIMARY, epoch=5, owns=True, request="push_back")),
+        POLICY,
+    )
     assert pushed.role == STANDBY and StopResources in kinds(acts)
 
 
 def test_resume_rejoins_as_secondary_and_survivor_releases_its_lock():
-    s, acts = fsm.decide(state(STANDBY, epoch=3, mirror_locked=True), facts(lock=False, p=peer(PRIMARY, epoch=5, owns=True)), POLICY)
+    s, acts = fsm.decide(
+        state(STANDBY, epoch=3, mirror_locked=True),
+        facts(lock=False, p=peer(PRIMARY, epoch=5, owns=True)),
+        POLICY,
+    )
     assert s.role == SECONDARY and s.epoch == 5 and ReleaseMirrorLock in kinds(acts)
-    survivor, acts = fsm.decide(state(PRIMARY, epoch=5, owns=True, mirror_locked=True), facts(p=peer(SECONDARY, epoch=5)), POLICY)
+    survivor, acts = fsm.decide(
+        state(PRIMARY, epoch=5, owns=True, mirror_locked=True), facts(p=peer(SECONDARY, epoch=5)), POLICY
+    )
     assert survivor.role == PRIMARY and not survivor.mirror_locked and ReleaseMirrorLock in kinds(acts)
 
 
@@ -171,29 +198,39 @@ def test_resume_refused_while_lan_unhealthy():
 
 
 def test_node_that_missed_a_takeover_fences_itself():
-    s, acts = fsm.decide(state(INIT, epoch=3, owns=True), facts(now=0.2, p=peer(PRIMARY, epoch=4, owns=True)), POLICY)
+    s, acts = fsm.decide(
+        state(INIT, epoch=3, owns=True), facts(now=0.2, p=peer(PRIMARY, epoch=4, owns=True)), POLICY
+    )
     assert s.role == STANDBY and WriteStandbyLock in kinds(acts)
 
 
 def test_fresh_node_joins_a_serving_peer_as_secondary():
-    s, acts = fsm.decide(state(INIT, epoch=0, owns=False), facts(now=0.2, p=peer(PRIMARY, epoch=1, owns=True)), POLICY)
+    s, acts = fsm.decide(
+        state(INIT, epoch=0, owns=False), facts(now=0.2, p=peer(PRIMARY, epoch=1, owns=True)), POLICY
+    )
     assert s.role == SECONDARY and s.epoch == 1 and WriteStandbyLock not in kinds(acts)
 
 
 def test_planned_failover_sequence_and_completion():
-    s, acts = fsm.decide(state(PRIMARY, epoch=2, owns=True), facts(p=peer(SECONDARY, epoch=2), command="failover"), POLICY)
+    s, acts = fsm.decide(
+        state(PRIMARY, epoch=2, owns=True), facts(p=peer(SECONDARY, epoch=2), command="failover"), POLICY
+    )
     assert s.role == RELEASING
     order = kinds(acts)
     assert order.index(fsm.StopServices) < order.index(FinalSync) < order.index(StopResources)
     assert any(isinstance(a, Reply) and a.ok for a in acts)
-    other, acts = fsm.decide(state(SECONDARY, epoch=2, home=False), facts(p=peer(RELEASING, epoch=2, owns=True, home=True)), POLICY)
+    other, acts = fsm.decide(
+        state(SECONDARY, epoch=2, home=False), facts(p=peer(RELEASING, epoch=2, owns=True, home=True)), POLICY
+    )
     assert other.role == PRIMARY and other.epoch == 3 and not other.mirror_locked
     done, acts = fsm.decide(s, facts(p=peer(PRIMARY, epoch=3, owns=True)), POLICY)
     assert done.role == SECONDARY and done.epoch == 3
 
 
 def test_failover_refused_when_peer_not_ready():
-    s, acts = fsm.decide(state(PRIMARY, owns=True), facts(p=peer(STANDBY, standby=True), command="failover"), POLICY)
+    s, acts = fsm.decide(
+        state(PRIMARY, owns=True), facts(p=peer(STANDBY, standby=True), command="failover"), POLICY
+    )
     assert s.role == PRIMARY and any(isinstance(a, Reply) and not a.ok for a in acts)
 
 
@@ -206,9 +243,13 @@ def test_release_rolls_back_when_peer_does_not_take_over():
 
 
 def test_split_brain_higher_epoch_wins():
-    lo, acts = fsm.decide(state(PRIMARY, epoch=4, owns=True), facts(p=peer(PRIMARY, epoch=5, owns=True)), POLICY)
+    lo, acts = fsm.decide(
+        state(PRIMARY, epoch=4, owns=True), facts(p=peer(PRIMARY, epoch=5, owns=True)), POLICY
+    )
     assert lo.role == STANDBY and StopResources in kinds(acts)
-    hi, acts = fsm.decide(state(PRIMARY, epoch=5, owns=True), facts(p=peer(PRIMARY, epoch=4, owns=True)), POLICY)
+    hi, acts = fsm.decide(
+        state(PRIMARY, epoch=5, owns=True), facts(p=peer(PRIMARY, epoch=4, owns=True)), POLICY
+    )
     assert hi.role == PRIMARY and hi.request == "push_back"
 
 
@@ -276,7 +317,9 @@ def test_takeover_that_fails_later_is_rolled_back():
 
 def test_secondary_that_hears_a_serving_primary_receives():
     s, acts = fsm.decide(state(SECONDARY, direction=None), facts(p=peer(PRIMARY, owns=True)), POLICY)
-    assert [a.direction for a in acts if isinstance(a, SetMirrorDirection)] == ["receive"] and s.direction == "receive"
+    assert [a.direction for a in acts if isinstance(a, SetMirrorDirection)] == [
+        "receive"
+    ] and s.direction == "receive"
     s, acts = fsm.decide(s, facts(p=peer(PRIMARY, owns=True)), POLICY)
     assert acts == []
 
@@ -315,7 +358,9 @@ GUARD = replace(POLICY, data_guard=True)
 
 
 def test_secondary_knows_its_copy_from_what_the_serving_primary_says():
-    s, _ = fsm.decide(state(SECONDARY, uptodate=True), facts(p=peer(PRIMARY, owns=True, in_sync=False)), GUARD)
+    s, _ = fsm.decide(
+        state(SECONDARY, uptodate=True), facts(p=peer(PRIMARY, owns=True, in_sync=False)), GUARD
+    )
     assert not s.uptodate
     s, _ = fsm.decide(s, facts(p=peer(PRIMARY, owns=True, in_sync=True)), GUARD)
     assert s.uptodate
@@ -341,7 +386,11 @@ def test_outdated_secondary_does_not_take_over_and_says_so_once():
 def test_a_node_that_never_hears_its_peer_serves_alone_only_as_a_degraded_primary():
     started = dict(role=INIT, epoch=3)
     for uptodate, peer_outdated, serves in ((True, True, True), (True, False, False), (False, False, False)):
-        s, acts = fsm.decide(state(**started, owns=True, uptodate=uptodate, peer_outdated=peer_outdated), facts(now=5, p=None), GUARD)
+        s, acts = fsm.decide(
+            state(**started, owns=True, uptodate=uptodate, peer_outdated=peer_outdated),
+            facts(now=5, p=None),
+            GUARD,
+        )
         assert (s.role == PRIMARY) is serves, (uptodate, peer_outdated)
         if not serves:
             assert s.role == INIT and [a.event for a in acts if isinstance(a, Notify)] == ["outdated"]
@@ -354,7 +403,9 @@ def test_force_primary_serves_an_outdated_copy_on_the_administrators_word():
     s, acts = fsm.decide(state(INIT, uptodate=False), facts(now=5, p=None, command="force-primary"), GUARD)
     assert s.role == PRIMARY
     # never while the peer serves
-    s, acts = fsm.decide(state(SECONDARY, uptodate=False), facts(p=peer(PRIMARY, owns=True), command="force-primary"), GUARD)
+    s, acts = fsm.decide(
+        state(SECONDARY, uptodate=False), facts(p=peer(PRIMARY, owns=True), command="force-primary"), GUARD
+    )
     assert s.role == SECONDARY and any(isinstance(a, Reply) and not a.ok for a in acts)
 
 
@@ -364,7 +415,9 @@ def test_primary_does_not_step_down_for_a_peer_whose_copy_is_outdated():
     assert s.role == PRIMARY and [a.event for a in acts if isinstance(a, Notify)] == ["lan-unhealthy"]
     s, acts = fsm.decide(state(PRIMARY, owns=True), replace(facts(p=p), resource_failure="x"), GUARD)
     assert s.role == PRIMARY
-    s, acts = lan_fault(state(PRIMARY, owns=True), facts(lan_ok=False, p=peer(SECONDARY, uptodate=True)), GUARD)
+    s, acts = lan_fault(
+        state(PRIMARY, owns=True), facts(lan_ok=False, p=peer(SECONDARY, uptodate=True)), GUARD
+    )
     assert s.role == STANDBY
 
 
@@ -447,8 +500,11 @@ class Sim:
             self.writes[number] = (node.name, self.hears(1 - i))
             node.data |= {number}
             other = self.nodes[1 - i]
-            if self.mirror_path() and node.direction == "send" and other.direction == "receive" and not (
-                node.mirror_lock or other.mirror_lock or node.epoch_file < other.epoch_file
+            if (
+                self.mirror_path()
+                and node.direction == "send"
+                and other.direction == "receive"
+                and not (node.mirror_lock or other.mirror_lock or node.epoch_file < other.epoch_file)
             ):
                 other.data = node.data  # a sync with --delete: the replica becomes the source
                 node.replica_ok = True
@@ -511,7 +567,9 @@ class Sim:
                 assert node.disk() == disk, "a refused takeover changed something"
                 return
             if isinstance(a, StartResources) and self.start_fails:
-                node.state, more = fsm.takeover_failed(before, node.state, f, policy, "a service cannot start")
+                node.state, more = fsm.takeover_failed(
+                    before, node.state, f, policy, "a service cannot start"
+                )
                 self.execute(i, more, f, before)
                 return
             if isinstance(a, FinalSync) and (self.sync_fails or not self.mirror_path()):
@@ -632,7 +690,11 @@ def converge(sim: Sim, steps: int = 120):
         sim.step()
 
 
-@settings(max_examples=int(os.environ.get("HAWRAP_FSM_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("HAWRAP_FSM_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(st.lists(st.tuples(EVENTS, st.integers(1, 12)), max_size=25), st.booleans())
 def test_random_faults_never_end_in_split_brain(script, mirrored):
     """With mirrored trees (``mirrored``: the data guard on), also: a node that starts serving
@@ -664,7 +726,11 @@ def test_random_faults_never_end_in_split_brain(script, mirrored):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["a", "b", "both"]), st.integers(1, 9), st.integers(1, 5)), max_size=20))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b", "both"]), st.integers(1, 9), st.integers(1, 5)), max_size=20
+    )
+)
 def test_lan_blips_shorter_than_lan_hold_change_no_role(blips):
     """Ping replies lost in bursts (each shorter than lan_hold, on one node or both): the
     roles never change and nobody writes a standby lock."""

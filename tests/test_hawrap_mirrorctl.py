@@ -126,7 +126,10 @@ def test_sending_runs_one_daemon_per_tree_and_stops_them(ctl):
     c.set_direction("receive")
     assert all(p.poll() is not None for p in procs)
     got = wait_calls(tmp, 3)
-    assert got[2] == f"serve --listen 203.0.113.1:9999 --module spool={tmp}/a/spool --module www={tmp}/a/www --secret-file {secret} --lock-file {tmp}/a.lock"
+    assert (
+        got[2]
+        == f"serve --listen 203.0.113.1:9999 --module spool={tmp}/a/spool --module www={tmp}/a/www --secret-file {secret} --lock-file {tmp}/a.lock"
+    )
     c.set_direction(None)
     assert c._procs == []
 
@@ -147,7 +150,10 @@ def test_a_daemon_that_exits_is_restarted(ctl, monkeypatch):
 def test_final_sync_runs_sync_with_delete_and_reports_failure(ctl):
     c, tmp = ctl
     c.final_sync()
-    assert calls(tmp)[0] == f"sync {tmp}/a/spool mirror://203.0.113.2:9999/spool --delete --secret-file {tmp}/msecret"
+    assert (
+        calls(tmp)[0]
+        == f"sync {tmp}/a/spool mirror://203.0.113.2:9999/spool --delete --secret-file {tmp}/msecret"
+    )
     (tmp / "sync-exit").write_text("4")
     with pytest.raises(HawrapError, match="final sync of spool failed \\(exit 4\\)"):
         c.final_sync()
@@ -177,8 +183,15 @@ def test_an_exiting_daemon_is_reported_with_its_code_and_last_words(ctl, exits, 
 def _status(tmp, state="live", lag=0.0, updated=None):
     path = tmp / "a" / "spool" / ".mirror" / "mirror-daemon.status.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pair = {"name": "spool", "state": state, "lag_seconds": lag, "last_error": "connection refused" if state != "live" else None}
-    path.write_text(json.dumps({"pid": 1, "updated": time.time() if updated is None else updated, "pairs": [pair]}))
+    pair = {
+        "name": "spool",
+        "state": state,
+        "lag_seconds": lag,
+        "last_error": "connection refused" if state != "live" else None,
+    }
+    path.write_text(
+        json.dumps({"pid": 1, "updated": time.time() if updated is None else updated, "pairs": [pair]})
+    )
 
 
 def test_replica_state_from_the_daemons_status(ctl):
@@ -208,4 +221,7 @@ def test_mirror_processes_left_by_a_dead_node_are_stopped_by_cleanup(ctl):
     assert len(stopped) == 2 and os.listdir(tmp / "state" / "a") == []
     for p in c._procs:
         p.proc.wait(5)  # reaped by their supervising threads too; here: they are gone
-    assert all(not os.path.exists(f"/proc/{pid}/cmdline") or open(f"/proc/{pid}/stat").read().split()[2] == "Z" for pid in pids)
+    assert all(
+        not os.path.exists(f"/proc/{pid}/cmdline") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        for pid in pids
+    )

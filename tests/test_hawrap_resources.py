@@ -24,16 +24,20 @@ from hawrap.resources import OCF_ERR_INSTALLED, ResourceGroup, Service, VirtualI
 
 def service(tmp_path, start_extra="", timeout=3.0, name="svc"):
     flag, count = tmp_path / f"{name}.running", tmp_path / f"{name}.starts"
-    return Service(
-        ServiceConfig(
-            name=name,
-            start=(f"echo x >> {count}; {start_extra} touch {flag}",),
-            stop=(f"rm -f {flag}",),
-            monitor=(f"test -f {flag} && exit 0 || exit 7",),
-            timeout=timeout,
-            shell=True,
-        )
-    ), flag, count
+    return (
+        Service(
+            ServiceConfig(
+                name=name,
+                start=(f"echo x >> {count}; {start_extra} touch {flag}",),
+                stop=(f"rm -f {flag}",),
+                monitor=(f"test -f {flag} && exit 0 || exit 7",),
+                timeout=timeout,
+                shell=True,
+            )
+        ),
+        flag,
+        count,
+    )
 
 
 def test_service_start_stop_are_idempotent(tmp_path):
@@ -99,7 +103,11 @@ def test_restart_starts_only_what_failed(tmp_path):
     vip.stop()  # the address vanished: only it is added again
     assert group.failed() == [vip.name]
     group.restart(group.failed())
-    assert group.failed() == [] and one_count.read_text().count("x") == 1 and two_count.read_text().count("x") == 2
+    assert (
+        group.failed() == []
+        and one_count.read_text().count("x") == 1
+        and two_count.read_text().count("x") == 2
+    )
 
 
 def test_restart_of_a_service_that_cannot_start_raises(tmp_path):
@@ -123,7 +131,13 @@ def _netns_run(script: str) -> dict:
         ):
             subprocess.run(cmd, check=True)
         env = dict(os.environ, PEER_NS=peer)
-        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout.splitlines()[-1])
     finally:
@@ -228,7 +242,9 @@ def test_lan_monitor_without_ping_nodes_follows_carrier():
 @pytest.mark.skipif(os.geteuid() != 0, reason="raw ICMP socket needs root")
 def test_lan_monitor_pings_a_reachable_node():
     got: queue.Queue = queue.Queue()
-    mon = LanMonitor("lo", ("127.0.0.1",), got.put, carrier_interval=0.01, ping_interval=0.05, ping_timeout=0.2)
+    mon = LanMonitor(
+        "lo", ("127.0.0.1",), got.put, carrier_interval=0.01, ping_interval=0.05, ping_timeout=0.2
+    )
     mon.start()
     try:
         health = got.get(timeout=5)
@@ -291,7 +307,12 @@ def test_notify_mail_through_smtp(tmp_path):
     thread.start()
     try:
         port = server.server_address[1]
-        n = Notifier(NotifyConfig(smtp_host="127.0.0.1", smtp_port=port, mail_to=("admin@example.org",)), "web", "alpha", "beta")
+        n = Notifier(
+            NotifyConfig(smtp_host="127.0.0.1", smtp_port=port, mail_to=("admin@example.org",)),
+            "web",
+            "alpha",
+            "beta",
+        )
         n.notify("takeover", "peer silent on every link", "primary", 3)
         n.close()
         body = server.messages.get(timeout=10)
@@ -309,7 +330,14 @@ def test_slow_notification_does_not_block_the_caller(tmp_path):
     sink.bind(("127.0.0.1", 0))
     sink.listen(1)
     try:
-        n = Notifier(NotifyConfig(smtp_host="127.0.0.1", smtp_port=sink.getsockname()[1], mail_to=("a@b",), timeout=1.0), "c", "a", "b")
+        n = Notifier(
+            NotifyConfig(
+                smtp_host="127.0.0.1", smtp_port=sink.getsockname()[1], mail_to=("a@b",), timeout=1.0
+            ),
+            "c",
+            "a",
+            "b",
+        )
         t0 = time.monotonic()
         n.notify("x", "y", "primary", 1)
         assert time.monotonic() - t0 < 0.5

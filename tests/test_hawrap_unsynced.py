@@ -67,7 +67,9 @@ def test_journaled_changes_never_mirrored_are_listed(tmp_path):
 def test_a_degraded_primary_holds_changes_no_journal_lists(tmp_path):
     path = mirrored_config(tmp_path)
     (tmp_path / "alpha").mkdir(exist_ok=True)
-    (tmp_path / "alpha" / "node-state.json").write_text(json.dumps({"role": "standby", "peer_outdated": True, "peer_outdated_since": 1.7e9}))
+    (tmp_path / "alpha" / "node-state.json").write_text(
+        json.dumps({"role": "standby", "peer_outdated": True, "peer_outdated_since": 1.7e9})
+    )
     found = unsynced.find(config.load(path), "alpha")
     assert found and found.since == 1.7e9
     assert "everything changed here since then is missing there" in found.describe("alpha")

@@ -29,7 +29,9 @@ print("killed" if killed else f"exited {{child.returncode}}", flush=True)
 
 
 def start_watcher() -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-c", WATCHER], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCHER], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     return proc, int(proc.stdout.readline())
 
 

@@ -224,7 +224,10 @@ def test_spoofed_packets_from_the_peer_address_are_dropped():
         forger.bind(("127.0.0.3", port))
         boot = secrets.token_bytes(16)
         for seq in range(1, 30):
-            forger.sendto(wire.encode(b"wrong-secret-wrong-secret", fields(node="b", boot=boot, seq=seq)), ("127.0.0.2", port))
+            forger.sendto(
+                wire.encode(b"wrong-secret-wrong-secret", fields(node="b", boot=boot, seq=seq)),
+                ("127.0.0.2", port),
+            )
             time.sleep(0.005)
         forger.close()
         report = a.expect(lambda m: m["stats"]["hb"][2] > 0)

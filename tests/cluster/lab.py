@@ -46,12 +46,23 @@ def can_run() -> str | None:
         return "needs root (network namespaces)"
     if shutil.which("ip") is None:
         return "iproute2 (ip) is not installed"
+    if shutil.which("ping") is None:
+        return "ping (iputils-ping) is not installed: the lab checks its LAN with it"
     probe = f"hwprobe{os.getpid()}"
     r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if r.returncode != 0:
         return f"ip netns is unavailable here: {r.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+def require(*tools: str) -> None:
+    """Skip the calling test, naming the tool, when one it needs is not installed."""
+    import pytest
+
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -166,6 +177,7 @@ class Lab:
 
     def lan_port(self, node: str, forwarding: bool) -> None:
         """Block a node's bridge port (its carrier stays up: only the ping node tells)."""
+        require("bridge")
         sh(
             "bridge",
             "-n",
@@ -180,6 +192,7 @@ class Lab:
 
     def isolate_nodes(self, on: bool) -> None:
         """a and b cannot reach each other over the LAN; both still reach the ping node and the client."""
+        require("bridge")
         for node in ("a", "b"):
             sh(
                 "bridge",

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from lab import VIP, Hawrap, Probe, first_answer_after, outages, wait_for, write_config
+from lab import VIP, Hawrap, Probe, first_answer_after, outages, require, wait_for, write_config
 
 INTERVAL = 0.05  # the default heartbeat interval
 
@@ -41,7 +41,9 @@ class Cluster:
     def expect_roles(self, primary: str, other: str, timeout: float = 20.0) -> None:
         second = "b" if primary == "a" else "a"
         ok = wait_for(lambda: self.h.role(primary) == "primary" and self.h.role(second) == other, timeout)
-        assert ok, f"expected {primary} primary and {second} {other}; got {self.h.role('a')}/{self.h.role('b')}\n{self.h.logs()}"
+        assert ok, (
+            f"expected {primary} primary and {second} {other}; got {self.h.role('a')}/{self.h.role('b')}\n{self.h.logs()}"
+        )
 
     def served_by(self, node: str, since: float | None = None, n: int = 10, timeout: float = 10.0) -> None:
         """The last ``n`` probes (after ``since``) were all answered by ``node``."""
@@ -51,7 +53,9 @@ class Cluster:
             rs = [r for r in self.probe.results() if r.start >= since]
             return len(rs) >= n and all(r.answer == node for r in rs[-n:])
 
-        assert wait_for(check, timeout), f"client not served by {node}: {[r.answer for r in self.probe.results()[-20:]]}\n{self.h.logs()}"
+        assert wait_for(check, timeout), (
+            f"client not served by {node}: {[r.answer for r in self.probe.results()[-20:]]}\n{self.h.logs()}"
+        )
 
     def only_vip_holder(self, node: str, powered=("a", "b")) -> None:
         for other in powered:
@@ -86,6 +90,8 @@ def cluster(lab, rng):
 
 @pytest.mark.parametrize("arp", ["builtin", "arping-tool"])
 def test_primary_killed(lab, rng, arp):
+    if arp == "arping-tool":
+        require("arping")
     c = Cluster(lab, rng, start=False)
     if arp == "arping-tool":
         with open(c.config) as f:

@@ -475,7 +475,9 @@ def test_primary_killed_during_a_mirror_sync(lab, rng):
         total = count_files(tree(lab, "a"))
         c.h.start("a")
         c.h.start("b")
-        assert wait_for(lambda: 0 < count_files(tree(lab, "b")) < total, 30, 0.005), "caught no sync in progress"
+        assert wait_for(lambda: 0 < count_files(tree(lab, "b")) < total, 30, 0.005), (
+            "caught no sync in progress"
+        )
         c.start_watching()
         t0, w0 = now_both()
         lab.power_off("a")
