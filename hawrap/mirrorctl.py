@@ -95,16 +95,21 @@ class _Supervised:
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0  # time.time() of the current process's start
         self._stop = threading.Event()
+        # Held while a process is started: ``stop`` then either sees it, or prevents it.
+        self._spawn = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"mirror-{name}", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while True:
             try:
-                self.started_at = time.time()
-                self.proc = subprocess.Popen(
-                    self.argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-                )
+                with self._spawn:
+                    if self._stop.is_set():
+                        return
+                    self.started_at = time.time()
+                    self.proc = subprocess.Popen(
+                        self.argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+                    )
             except OSError as exc:
                 log.error("mirror %s: cannot start %s: %s", self.name, self.argv[0], exc.strerror)
                 if self.on_exit:
@@ -133,8 +138,9 @@ class _Supervised:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (the engine finishes or abandons the current file cleanly), then SIGKILL."""
-        self._stop.set()
-        proc = self.proc
+        with self._spawn:
+            self._stop.set()
+            proc = self.proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
