@@ -1,11 +1,12 @@
 """S6: failover.  Client-visible outage from killing the primary (all its links and all its
 processes: a power loss) to the virtual IP answering on the standby, hawrap side by side
-with keepalived (VRRP, default advert_int 1 s) in the same network namespaces; then false
-failovers of hawrap during heavy CPU and disk load on both nodes.
+with keepalived in the same network namespaces: keepalived with its default timers (VRRP,
+advert_int 1 s) and keepalived tuned to its fastest (VRRPv3, advert_int 0.1 s); then false
+failovers of each under heavy CPU and disk load on both nodes.
 
 Needs root (network namespaces).  Run as:
 
-    python benchmarks/bench_failover.py --trials 15 --load-seconds 600 [--markdown OUT]
+    python -m benchmarks.bench_failover --trials 12 --load-seconds 120 [--markdown OUT] [--json OUT]
 
 The client (tests/cluster/probe.py) opens a TCP connection to the VIP every 20 ms; the
 outage of a trial is the time from the injection to the end of the first connection
@@ -13,6 +14,11 @@ answered by the standby.  The failure is injected at a random point of each syst
 advertisement cycle (U(0, interval) after a settled state).  hawrap runs with its default
 timings and starts the TCP service as a resource on takeover; keepalived only moves the VIP
 (the service runs on both nodes all the time), which favours keepalived.
+
+Under load, a false failover is any change of the node serving the client (or, for hawrap,
+any role change) while nothing failed; hawrap's refused takeovers (a heartbeat gap longer
+than the dead time, the VIP still answering) are counted apart: no role changed, but the
+administrator was notified.
 """
 
 from __future__ import annotations
@@ -33,23 +39,28 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "cluster"))
 
 import lab as L  # noqa: E402
 
-KEEPALIVED_ADVERT = 1.0  # keepalived's default advert_int
+from hawrap.config import load  # noqa: E402
+
+# (name, VRRP version, advert_int): keepalived's defaults, and its fastest: VRRPv3 counts
+# the interval in centiseconds; 0.1 s is about as low as it stays stable here.
+KEEPALIVED = {"keepalived": (2, 1.0), "keepalived-fast": (3, 0.1)}
 
 
-def keepalived_conf(node: str, workdir: str) -> str:
+def keepalived_conf(node: str, workdir: str, version: int, advert: float) -> str:
     prio = 150 if node == "a" else 100
     state = "MASTER" if node == "a" else "BACKUP"
     path = os.path.join(workdir, f"keepalived-{node}.conf")
     with open(path, "w") as f:
         f.write(f"""global_defs {{
     router_id lab_{node}
+    vrrp_version {version}
 }}
 vrrp_instance VI_1 {{
     state {state}
     interface lan0
     virtual_router_id 51
     priority {prio}
-    advert_int 1
+    advert_int {advert:g}
     virtual_ipaddress {{
         {L.VIP}/24 dev lan0
     }}
@@ -59,18 +70,44 @@ vrrp_instance VI_1 {{
 
 
 class Keepalived:
-    def __init__(self, lab: L.Lab):
+    def __init__(self, lab: L.Lab, flavour: str = "keepalived"):
         self.lab = lab
+        self.version, self.advert = KEEPALIVED[flavour]
         self.procs: dict[str, subprocess.Popen] = {}
         self.services: dict[str, subprocess.Popen] = {}
 
     def start(self, node: str) -> None:
         wd = self.lab.workdir
-        conf = keepalived_conf(node, wd)
-        argv = ["keepalived", "-n", "-l", "-D", "-P", "-f", conf, "-p", f"{wd}/ka-{node}.pid", "-r", f"{wd}/ka-vrrp-{node}.pid", "-c", f"{wd}/ka-chk-{node}.pid"]
+        conf = keepalived_conf(node, wd, self.version, self.advert)
+        argv = [
+            "keepalived",
+            "-n",
+            "-l",
+            "-D",
+            "-P",
+            "-f",
+            conf,
+            "-p",
+            f"{wd}/ka-{node}.pid",
+            "-r",
+            f"{wd}/ka-vrrp-{node}.pid",
+            "-c",
+            f"{wd}/ka-chk-{node}.pid",
+        ]
         self.procs[node] = self.lab.spawn(node, argv, f"keepalived-{node}.log")
         pidfile = f"{wd}/svc-{node}.pid"
-        svc = [sys.executable, "-I", "-S", os.path.join(L.HERE, "tcp_service.py"), "--port", str(L.SERVICE_PORT), "--name", node, "--pidfile", pidfile]
+        svc = [
+            sys.executable,
+            "-I",
+            "-S",
+            os.path.join(L.HERE, "tcp_service.py"),
+            "--port",
+            str(L.SERVICE_PORT),
+            "--name",
+            node,
+            "--pidfile",
+            pidfile,
+        ]
         self.services[node] = self.lab.spawn(node, svc, f"ka-service-{node}.log")
 
     def stop(self, node: str) -> None:
@@ -86,7 +123,9 @@ class Keepalived:
         self.lab.run_in(node, "ip", "addr", "del", f"{L.VIP}/24", "dev", "lan0", check=False)
 
 
-def measure_trial(lab: L.Lab, probe: L.Probe, victim: str, survivor: str, phase: float, rng: random.Random) -> float | None:
+def measure_trial(
+    lab: L.Lab, probe: L.Probe, victim: str, survivor: str, phase: float, rng: random.Random
+) -> float | None:
     time.sleep(rng.uniform(0, phase))
     t0 = time.monotonic()
     lab.power_off(victim)
@@ -102,10 +141,10 @@ def settle_served_by(probe: L.Probe, node: str, timeout: float = 20) -> bool:
     return bool(L.wait_for(ok, timeout, 0.05))
 
 
-def hawrap_trial(lab: L.Lab, rng: random.Random) -> float | None:
+def hawrap_trial(lab: L.Lab, rng: random.Random, timing: str = "") -> float | None:
     state = os.path.join(lab.workdir, "state")
     shutil.rmtree(state, ignore_errors=True)  # a fresh cluster each trial: a is home and primary
-    config = L.write_config(lab, initdead=1.0)
+    config = L.write_config(lab, initdead=1.0, timing=timing)
     h = L.Hawrap(lab, config)
     h.start("a")
     h.start("b")
@@ -117,8 +156,7 @@ def hawrap_trial(lab: L.Lab, rng: random.Random) -> float | None:
         if not settle_served_by(probe, "a"):
             raise RuntimeError("client not served by a")
         time.sleep(1.0)  # a settled heartbeat rhythm before the injection
-        outage = measure_trial(lab, probe, "a", "b", 0.1, rng)
-        return outage
+        return measure_trial(lab, probe, "a", "b", load(config).timing.interval, rng)
     finally:
         if probe:
             probe.stop()
@@ -128,8 +166,8 @@ def hawrap_trial(lab: L.Lab, rng: random.Random) -> float | None:
         lab.power_on("a")
 
 
-def keepalived_trial(lab: L.Lab, rng: random.Random) -> float | None:
-    ka = Keepalived(lab)
+def keepalived_trial(lab: L.Lab, rng: random.Random, flavour: str = "keepalived") -> float | None:
+    ka = Keepalived(lab, flavour)
     ka.start("a")
     ka.start("b")
     probe = None
@@ -140,7 +178,7 @@ def keepalived_trial(lab: L.Lab, rng: random.Random) -> float | None:
         if not settle_served_by(probe, "a"):
             raise RuntimeError("client not served by a (keepalived)")
         time.sleep(1.0)
-        return measure_trial(lab, probe, "a", "b", KEEPALIVED_ADVERT, rng)
+        return measure_trial(lab, probe, "a", "b", ka.advert, rng)
     finally:
         if probe:
             probe.stop()
@@ -150,19 +188,8 @@ def keepalived_trial(lab: L.Lab, rng: random.Random) -> float | None:
         lab.power_on("a")
 
 
-def load_test(lab: L.Lab, seconds: float, cpu_hogs: int, timing: str = "") -> dict:
-    """hawrap with default timings while both nodes burn CPU and write+fsync to disk."""
-    shutil.rmtree(os.path.join(lab.workdir, "state"), ignore_errors=True)
-    config = L.write_config(lab, initdead=1.0, timing=timing)
-    h = L.Hawrap(lab, config)
-    h.start("a")
-    h.start("b")
-    if not L.wait_for(lambda: h.role("a") == "primary" and h.role("b") == "secondary", 30):
-        raise RuntimeError("hawrap cluster did not come up\n" + h.logs())
-    probe = L.Probe(lab, name="probe-load")
-    settle_served_by(probe, "a")
-    time.sleep(2.0)
-    before = {n: len(h.status(n)["transitions"]) for n in ("a", "b")}
+def _load(lab: L.Lab, seconds: float, cpu_hogs: int) -> tuple[list[subprocess.Popen], float]:
+    """Start the load on both nodes; return the processes and the start time."""
     hogs = []
     for node in ("a", "b"):
         for _ in range(cpu_hogs):
@@ -170,18 +197,10 @@ def load_test(lab: L.Lab, seconds: float, cpu_hogs: int, timing: str = "") -> di
         target = os.path.join(lab.workdir, f"disk-load-{node}")
         disk = f"while :; do dd if=/dev/zero of={target} bs=1M count=256 conv=fsync status=none; done"
         hogs.append(lab.spawn(node, ["sh", "-c", disk], f"disk-{node}.log"))
-    start = time.monotonic()
-    both_vip = 0
-    samples = 0
-    loadavg = []
-    while time.monotonic() - start < seconds:
-        samples += 1
-        if lab.vip_on("a") and lab.vip_on("b"):
-            both_vip += 1
-        if samples % 20 == 0:
-            with open("/proc/loadavg") as f:
-                loadavg.append(float(f.read().split()[0]))
-        time.sleep(0.5)
+    return hogs, time.monotonic()
+
+
+def _unload(lab: L.Lab, hogs: list[subprocess.Popen]) -> None:
     for p in hogs:
         try:
             os.killpg(p.pid, 9)
@@ -193,18 +212,65 @@ def load_test(lab: L.Lab, seconds: float, cpu_hogs: int, timing: str = "") -> di
             os.unlink(os.path.join(lab.workdir, f"disk-load-{node}"))
         except FileNotFoundError:
             pass
+
+
+def _sample_until(lab: L.Lab, start: float, seconds: float) -> tuple[int, int, list[float]]:
+    both_vip = samples = 0
+    loadavg = []
+    while time.monotonic() - start < seconds:
+        samples += 1
+        if lab.vip_on("a") and lab.vip_on("b"):
+            both_vip += 1
+        if samples % 20 == 0:
+            with open("/proc/loadavg") as f:
+                loadavg.append(float(f.read().split()[0]))
+        time.sleep(0.5)
+    return both_vip, samples, loadavg
+
+
+def _holder_changes(results: list[L.ProbeResult], start: float, end: float) -> int:
+    """How often the node answering the client changed (a failover, false or not)."""
+    answers = [r.answer for r in results if start <= r.start <= end and r.answer]
+    return sum(1 for x, y in zip(answers, answers[1:], strict=False) if x != y)
+
+
+def load_test(lab: L.Lab, seconds: float, cpu_hogs: int, timing: str = "") -> dict:
+    """hawrap with default timings while both nodes burn CPU and write+fsync to disk."""
+    shutil.rmtree(os.path.join(lab.workdir, "state"), ignore_errors=True)
+    notify_log = os.path.join(lab.workdir, "notify.log")
+    config = L.write_config(lab, initdead=1.0, timing=timing)
+    h = L.Hawrap(lab, config)
+    h.start("a")
+    h.start("b")
+    if not L.wait_for(lambda: h.role("a") == "primary" and h.role("b") == "secondary", 30):
+        raise RuntimeError("hawrap cluster did not come up\n" + h.logs())
+    probe = L.Probe(lab, name="probe-load")
+    settle_served_by(probe, "a")
+    time.sleep(2.0)
+    before = {n: len(h.status(n)["transitions"]) for n in ("a", "b")}
+    notified_before = os.path.getsize(notify_log) if os.path.exists(notify_log) else 0
+    hogs, start = _load(lab, seconds, cpu_hogs)
+    both_vip, samples, loadavg = _sample_until(lab, start, seconds)
+    _unload(lab, hogs)
     results = probe.stop()
     statuses = {n: h.status(n) for n in ("a", "b")}
-    transitions = {n: statuses[n]["transitions"][before[n]:] for n in ("a", "b")}
+    transitions = {n: statuses[n]["transitions"][before[n] :] for n in ("a", "b")}
     window = [r for r in results if start <= r.start <= start + seconds]
     failed = [r for r in window if r.answer is None]
     gaps = {n: statuses[n]["link_stats"] for n in ("a", "b")}
+    with open(notify_log) as f:
+        f.seek(notified_before)
+        events = [line.split()[4] for line in f if len(line.split()) > 4]
     h.stop("a")
     h.stop("b")
     return {
+        "system": "hawrap",
         "seconds": seconds,
         "false_failovers": sum(1 for n in transitions for t in transitions[n]),
+        "refused_takeovers": events.count("takeover-refused"),
+        "notifications": sorted(set(events)),
         "transitions": transitions,
+        "holder_changes": _holder_changes(results, start, start + seconds),
         "vip_on_both_samples": both_vip,
         "samples": samples,
         "probes": len(window),
@@ -213,6 +279,39 @@ def load_test(lab: L.Lab, seconds: float, cpu_hogs: int, timing: str = "") -> di
         "load_average_median": statistics.median(loadavg) if loadavg else None,
         "roles_after": {n: statuses[n]["role"] for n in statuses},
     }
+
+
+def keepalived_load_test(lab: L.Lab, seconds: float, cpu_hogs: int, flavour: str) -> dict:
+    """keepalived under the same load: a false failover is the VIP moving to b (or back)."""
+    ka = Keepalived(lab, flavour)
+    ka.start("a")
+    ka.start("b")
+    try:
+        if not L.wait_for(lambda: lab.vip_on("a") and not lab.vip_on("b"), 30):
+            raise RuntimeError("keepalived did not elect a")
+        probe = L.Probe(lab, name="probe-ka-load")
+        settle_served_by(probe, "a")
+        time.sleep(2.0)
+        hogs, start = _load(lab, seconds, cpu_hogs)
+        both_vip, samples, loadavg = _sample_until(lab, start, seconds)
+        _unload(lab, hogs)
+        results = probe.stop()
+        window = [r for r in results if start <= r.start <= start + seconds]
+        changes = _holder_changes(results, start, start + seconds)
+        return {
+            "system": flavour,
+            "seconds": seconds,
+            "false_failovers": changes,
+            "holder_changes": changes,
+            "vip_on_both_samples": both_vip,
+            "samples": samples,
+            "probes": len(window),
+            "failed_probes": sum(1 for r in window if r.answer is None),
+            "load_average_median": statistics.median(loadavg) if loadavg else None,
+        }
+    finally:
+        ka.stop("a")
+        ka.stop("b")
 
 
 def summarize(values: list[float]) -> dict:
@@ -228,11 +327,16 @@ def summarize(values: list[float]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=15)
-    ap.add_argument("--load-seconds", type=float, default=600.0)
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--load-seconds", type=float, default=120.0, help="per system; 0: no load test")
     ap.add_argument("--cpu-hogs", type=int, default=3, help="busy loops per node (2 cores here)")
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--load-timing", default="", help='extra [timing] lines for the load test, e.g. "realtime_priority = 0; mlock = false"')
+    ap.add_argument("--systems", default="hawrap,keepalived,keepalived-fast")
+    ap.add_argument(
+        "--timing",
+        default="",
+        help='extra [timing] lines for hawrap, e.g. "interval = 0.05; deadtime = 0.25"',
+    )
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--markdown", help="append the Markdown summary here")
     args = ap.parse_args()
@@ -242,53 +346,51 @@ def main() -> int:
         return 0
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
-    have_keepalived = shutil.which("keepalived") is not None
-    if not have_keepalived:
-        print("# peer 'keepalived' is not installed: skipped (apt-get install -y keepalived)", file=sys.stderr)
+    systems = [x for x in args.systems.split(",") if x]
+    if shutil.which("keepalived") is None:
+        print(
+            "# peer 'keepalived' is not installed: skipped (apt-get install -y keepalived)", file=sys.stderr
+        )
+        systems = [x for x in systems if not x.startswith("keepalived")]
+    timing = args.timing.replace(";", "\n")
     workdir = tempfile.mkdtemp(prefix="bench-failover-")
     lab = L.Lab(workdir)
-    raw: dict = {"seed": seed, "hawrap": [], "keepalived": [], "failed_trials": {"hawrap": 0, "keepalived": 0}}
+    raw: dict = {
+        "seed": seed,
+        "timing": args.timing,
+        "trials": {x: [] for x in systems},
+        "failed_trials": dict.fromkeys(systems, 0),
+        "load": {},
+    }
     try:
         for i in range(args.trials):  # alternating, same namespaces
-            for name, trial in (("hawrap", hawrap_trial), ("keepalived", keepalived_trial)):
-                if name == "keepalived" and not have_keepalived:
-                    continue
-                outage = trial(lab, rng)
+            for name in systems:
+                if name == "hawrap":
+                    outage = hawrap_trial(lab, rng, timing)
+                else:
+                    outage = keepalived_trial(lab, rng, name)
                 if outage is None:
                     raw["failed_trials"][name] += 1
                 else:
-                    raw[name].append(outage)
-                print(f"trial {i + 1} {name}: {'no takeover' if outage is None else f'{outage:.3f} s'}", flush=True)
+                    raw["trials"][name].append(outage)
+                print(
+                    f"trial {i + 1} {name}: {'no takeover' if outage is None else f'{outage:.3f} s'}",
+                    flush=True,
+                )
         if args.load_seconds > 0:
-            print(f"load test: {args.load_seconds:g} s of CPU + disk load on both nodes", flush=True)
-            raw["load"] = load_test(lab, args.load_seconds, args.cpu_hogs, args.load_timing.replace(";", "\n"))
-            print(json.dumps(raw["load"], indent=2), flush=True)
+            for name in systems:
+                print(
+                    f"load test {name}: {args.load_seconds:g} s of CPU + disk load on both nodes", flush=True
+                )
+                if name == "hawrap":
+                    raw["load"][name] = load_test(lab, args.load_seconds, args.cpu_hogs, timing)
+                else:
+                    raw["load"][name] = keepalived_load_test(lab, args.load_seconds, args.cpu_hogs, name)
+                print(json.dumps(raw["load"][name]), flush=True)
     finally:
         lab.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    hs = summarize(raw["hawrap"]) if raw["hawrap"] else None
-    lines = [
-        "| system | trials | median s | p90 s | min s | max s | ratio vs keepalived |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    ks = summarize(raw["keepalived"]) if raw["keepalived"] else None
-    for name, s in (("hawrap (interval 0.1 s, deadtime 0.5 s)", hs), ("keepalived (VRRP advert_int 1 s)", ks)):
-        if s is None:
-            continue
-        ratio = f"{s['median'] / ks['median']:.3f}" if ks else "-"
-        lines.append(f"| {name} | {s['n']} | {s['median']:.3f} | {s['p90']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {ratio} |")
-    text = "\n".join(lines) if hs or ks else "(no failover trials)"
-    if "load" in raw:
-        ld = raw["load"]
-        text += (
-            f"\n\nUnder load ({ld['seconds']:g} s, {args.cpu_hogs} busy loops + dd/fsync per node"
-            + (f", timing override `{args.load_timing}`" if args.load_timing else "")
-            + f", load average "
-            f"{ld['load_average_median']}): false failovers {ld['false_failovers']}, VIP on both nodes in "
-            f"{ld['vip_on_both_samples']}/{ld['samples']} samples, failed client probes {ld['failed_probes']}/{ld['probes']}, "
-            f"longest heartbeat gap (ms) {ld['longest_heartbeat_gap_ms']}."
-        )
-    text += f"\n\nseed {seed}; failed trials {raw['failed_trials']}"
+    text = render(raw, args)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
@@ -297,6 +399,47 @@ def main() -> int:
         with open(args.markdown, "a") as f:
             f.write(text + "\n")
     return 0
+
+
+LABELS = {
+    "hawrap": "hawrap",
+    "keepalived": "keepalived (VRRPv2, advert_int 1 s)",
+    "keepalived-fast": "keepalived (VRRPv3, advert_int 0.1 s)",
+}
+
+
+def render(raw: dict, args) -> str:
+    stats = {name: summarize(v) for name, v in raw["trials"].items() if v}
+    base = stats.get("keepalived")
+    fast = stats.get("keepalived-fast")
+    lines = [
+        "| system | trials | median s | p90 s | min s | max s | vs keepalived | vs keepalived-fast |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in stats.items():
+        label = LABELS[name] + (f" ({raw['timing']})" if name == "hawrap" and raw["timing"] else "")
+        r1 = f"{s['median'] / base['median']:.3f}" if base else "-"
+        r2 = f"{s['median'] / fast['median']:.3f}" if fast else "-"
+        lines.append(
+            f"| {label} | {s['n']} | {s['median']:.3f} | {s['p90']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {r1} | {r2} |"
+        )
+    text = "\n".join(lines) if stats else "(no failover trials)"
+    if raw["load"]:
+        text += (
+            f"\n\nUnder load ({args.load_seconds:g} s per system, {args.cpu_hogs} busy loops + a dd/fsync loop per node):\n\n"
+            "| system | false failovers | refused takeovers | VIP on both | failed probes | load average |\n"
+            "|---|---:|---:|---:|---:|---:|\n"
+        )
+        for name, ld in raw["load"].items():
+            refused = ld.get("refused_takeovers", "-")
+            text += (
+                f"| {LABELS[name]} | {ld['false_failovers']} | {refused} | {ld['vip_on_both_samples']}/{ld['samples']} | "
+                f"{ld['failed_probes']}/{ld['probes']} | {ld['load_average_median']:.1f} |\n"
+            )
+        if "hawrap" in raw["load"]:
+            text += f"\nhawrap's longest heartbeat gap (ms): {raw['load']['hawrap']['longest_heartbeat_gap_ms']}\n"
+    text += f"\nseed {raw['seed']}; failed trials {raw['failed_trials']}"
+    return text
 
 
 if __name__ == "__main__":

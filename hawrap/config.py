@@ -20,13 +20,16 @@ FAILBACK_POLICIES = ("manual", "auto")
 VIP_KINDS = ("ip", "dummy")
 ARPING_FLAVOURS = ("builtin", "auto", "habets", "iputils")
 
-# Default timings, chosen for a sub-second failover that a busy node does not trigger:
-# the heartbeat runs in its own real-time, memory-locked process, so a packet is late only
-# by scheduling latency (well under 10 ms even with both cores saturated, measured in
-# benchmarks/bench_failover.py); five intervals of silence are needed before the peer is
-# declared dead.  initdead leaves time for the peer's first packets after a boot.
-DEFAULT_INTERVAL = 0.1
-DEFAULT_DEADTIME = 0.5
+# Default timings, chosen for a fast failover that a busy node does not trigger: the
+# heartbeat runs in its own real-time, memory-locked process, so a packet is late only by
+# scheduling latency (the longest gap between two heartbeats received was 88 and 134 ms in
+# two runs with both nodes' cores saturated and their disks busy with fsyncs, on a shared
+# VM: benchmarks/RESULTS.md, S6), and five intervals of silence are needed before the peer
+# is declared dead.  A false verdict costs no failover anyway: the takeover's first step,
+# the ARP check, finds the VIP still answering and changes nothing (the administrator is
+# told).  initdead leaves time for the peer's first packets after a boot.
+DEFAULT_INTERVAL = 0.05
+DEFAULT_DEADTIME = 0.25
 DEFAULT_INITDEAD = 3.0
 
 
@@ -55,6 +58,8 @@ class Timing:
     ping_timeout: float = 0.3  # a probe without a reply within this is lost
     ping_failures: int = 3  # consecutive lost probes before the ping node counts as unreachable
     handover_timeout: float = 10.0  # a planned switchover not completed by then is rolled back
+    lan_hold: float = 1.0  # an unhealthy LAN verdict must last this long before a node steps down
+    watchdog: float = 2.0  # a node process without progress this long is replaced (heartbeats stop)
     realtime_priority: int = 50  # SCHED_FIFO priority of the heartbeat process; 0: normal scheduling
     mlock: bool = True  # lock the heartbeat process's memory (no page-in stall under disk load)
 
@@ -101,7 +106,15 @@ class MirrorConfig:
     secret_file: str | None = None
     port: int = 8730
     link: str | None = None  # whose addresses carry mirror traffic; default: the first link
-    sync: tuple[str, ...] = ("{mirror}", "sync", "{src}", "{dst}", "--delete", "--secret-file", "{secret_file}")
+    sync: tuple[str, ...] = (
+        "{mirror}",
+        "sync",
+        "{src}",
+        "{dst}",
+        "--delete",
+        "--secret-file",
+        "{secret_file}",
+    )
     serve: tuple[str, ...] = (
         "{mirror}", "serve", "--listen", "{listen}", "{modules}",
         "--secret-file", "{secret_file}", "--lock-file", "{lock_file}",
@@ -114,6 +127,11 @@ class MirrorConfig:
         "--lock-file", "{lock_file}", "--state-dir", "{state_dir}",
     )  # fmt: skip
     trees: tuple[TreeConfig, ...] = ()
+    # The replica counts as up to date (the standby may take over on its own) while the
+    # daemon is live and less than this many seconds behind; more, and it is outdated.
+    max_lag: float = 2.0
+    # Replication not live for this long while the peer could receive: the administrator is told.
+    alert_after: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -148,7 +166,9 @@ class ClusterConfig:
         for node in self.nodes:
             if node.name == name:
                 return node
-        raise ConfigError(f"{self.path}: no node named {name!r} (known: {', '.join(n.name for n in self.nodes)})")
+        raise ConfigError(
+            f"{self.path}: no node named {name!r} (known: {', '.join(n.name for n in self.nodes)})"
+        )
 
     def peer_of(self, name: str) -> NodeConfig:
         self.node(name)
@@ -265,7 +285,9 @@ def load(path: str) -> ClusterConfig:
     name = cluster.get("name", str)
     secret = _read_secret(path, base, cluster)
     home = cluster.get("home", str, None)
-    failback = cluster.get("failback", str, "manual", lambda v: None if v in FAILBACK_POLICIES else f"one of {FAILBACK_POLICIES}")
+    failback = cluster.get(
+        "failback", str, "manual", lambda v: None if v in FAILBACK_POLICIES else f"one of {FAILBACK_POLICIES}"
+    )
     failback_delay = cluster.get("failback_delay", float, 10.0)
     ping_nodes = tuple(cluster.get("ping_nodes", list, []))
     for i, p in enumerate(ping_nodes):
@@ -280,7 +302,9 @@ def load(path: str) -> ClusterConfig:
         links.append(LinkConfig(name=sec.get("name", str), port=sec.get("port", int, 694, _port)))
         sec.finish()
     if not links:
-        raise ConfigError(f"{path}: at least one [[link]] is required (a dedicated heartbeat link and the LAN)")
+        raise ConfigError(
+            f"{path}: at least one [[link]] is required (a dedicated heartbeat link and the LAN)"
+        )
     link_names = [link.name for link in links]
     if len(set(link_names)) != len(link_names):
         raise ConfigError(f"{path}: link names must be unique: {link_names}")
@@ -293,7 +317,13 @@ def load(path: str) -> ClusterConfig:
         for link in links:
             addresses[link.name] = addr_sec.get(link.name, str, ..., _ip)
         addr_sec.finish()
-        state_dir = sec.get("state_dir", str, os.path.join(state_dir_template, "{node}") if "{node}" not in state_dir_template else state_dir_template)
+        state_dir = sec.get(
+            "state_dir",
+            str,
+            os.path.join(state_dir_template, "{node}")
+            if "{node}" not in state_dir_template
+            else state_dir_template,
+        )
         nodes.append(
             NodeConfig(
                 name=node_name,
@@ -304,7 +334,9 @@ def load(path: str) -> ClusterConfig:
         )
         sec.finish()
     if len(nodes) != 2 or nodes[0].name == nodes[1].name:
-        raise ConfigError(f"{path}: exactly two [[node]] tables with different names are required (found {len(nodes)})")
+        raise ConfigError(
+            f"{path}: exactly two [[node]] tables with different names are required (found {len(nodes)})"
+        )
     if home is not None and home not in (n.name for n in nodes):
         raise ConfigError(f"{path}: cluster.home: {home!r} is not one of the nodes")
 
@@ -319,7 +351,11 @@ def load(path: str) -> ClusterConfig:
         ping_timeout=t.get("ping_timeout", float, 0.3, _positive),
         ping_failures=t.get("ping_failures", int, 3, _positive),
         handover_timeout=t.get("handover_timeout", float, 10.0, _positive),
-        realtime_priority=t.get("realtime_priority", int, 50, lambda v: None if 0 <= v <= 99 else "must be 0-99"),
+        lan_hold=t.get("lan_hold", float, 1.0, _positive),
+        watchdog=t.get("watchdog", float, 2.0, _positive),
+        realtime_priority=t.get(
+            "realtime_priority", int, 50, lambda v: None if 0 <= v <= 99 else "must be 0-99"
+        ),
         mlock=t.get("mlock", bool, True),
     )
     t.finish()
@@ -328,6 +364,11 @@ def load(path: str) -> ClusterConfig:
             f"{path}: timing.ping_interval ({timing.ping_interval}) must be at most half of "
             f"deadtime - interval ({timing.deadtime - timing.interval:g}): a takeover waits for a ping "
             "answer to a probe sent after the peer fell silent"
+        )
+    if timing.watchdog < 2 * timing.deadtime:
+        raise ConfigError(
+            f"{path}: timing.watchdog ({timing.watchdog}) must be at least twice timing.deadtime "
+            f"({timing.deadtime}): the heartbeat process is judged frozen after that long"
         )
     if timing.deadtime < 2 * timing.interval:
         raise ConfigError(
@@ -345,7 +386,12 @@ def load(path: str) -> ClusterConfig:
             dad_timeout=v.get("dad_timeout", float, 0.05, _positive),
             garp_count=v.get("garp_count", int, 3, _positive),
             garp_interval=v.get("garp_interval", float, 0.5, _positive),
-            arping=v.get("arping", str, "builtin", lambda k: None if k in ARPING_FLAVOURS else f"one of {ARPING_FLAVOURS}"),
+            arping=v.get(
+                "arping",
+                str,
+                "builtin",
+                lambda k: None if k in ARPING_FLAVOURS else f"one of {ARPING_FLAVOURS}",
+            ),
             lifetime=v.get("lifetime", int, 0, lambda x: None if x >= 0 else "must be >= 0"),
         )
         v.finish()
@@ -389,11 +435,15 @@ def load(path: str) -> ClusterConfig:
         command=m.argv("command", ("mirror",)),
         secret_file=_opt_abs(base, m.get("secret_file", str, None)),
         port=m.get("port", int, 8730, _port),
-        link=m.get("link", str, None, lambda v: None if v in link_names else f"not one of the links {link_names}"),
+        link=m.get(
+            "link", str, None, lambda v: None if v in link_names else f"not one of the links {link_names}"
+        ),
         sync=m.argv("sync", defaults.sync),
         serve=m.argv("serve", defaults.serve),
         daemon=m.argv("daemon", defaults.daemon),
         trees=tuple(trees),
+        max_lag=m.get("max_lag", float, defaults.max_lag, _positive),
+        alert_after=m.get("alert_after", float, defaults.alert_after, _positive),
     )
     m.finish()
     if trees and mirror.secret_file is None:
@@ -449,7 +499,10 @@ def _read_secret(path: str, base: str, cluster: _Section) -> bytes:
     except OSError as exc:
         cluster.fail("secret_file", f"cannot read {full}: {exc.strerror}")
     if len(secret) < 16:
-        cluster.fail("secret_file", f"{full} holds {len(secret)} bytes; at least 16 are needed (e.g. head -c 32 /dev/urandom | base64)")
+        cluster.fail(
+            "secret_file",
+            f"{full} holds {len(secret)} bytes; at least 16 are needed (e.g. head -c 32 /dev/urandom | base64)",
+        )
     if len(secret) > 4096:
         cluster.fail("secret_file", f"{full} is larger than 4096 bytes")
     return secret

@@ -17,13 +17,27 @@ Roles:
 * ``standby``    out of service (standby lock present, LAN failure, fenced after a takeover it
                  missed, or lost a split brain); only ``hawrap resume`` brings it back.
 
+The data state (with mirrored trees; DRBD's "Outdated" in spirit).  The primary says in
+every heartbeat whether its replica is in sync (its mirror daemon live and at most
+``mirror.max_lag`` behind).  A secondary is ``uptodate`` while the serving primary says so;
+a primary whose replica is not in sync knows its peer is outdated (``peer_outdated``).  Both
+are persisted.  A node serves on its own only with data it knows to be the newest:
+
+* a secondary takes over from a dead (or standby, or releasing) primary only if it is
+  uptodate: the normal failover stays as fast as the dead time;
+* a node that starts and never hears its peer serves alone only if it was a primary whose
+  peer was outdated (a degraded primary: nobody can have served newer data since);
+* otherwise it waits and tells the administrator, who may run ``hawrap force-primary``.
+
 The safety rules, each one asserted by the property tests:
 
 * A node starts serving only when its own LAN is healthy (carrier and ping node), its
   standby lock is absent, and the peer is either silent on every link or says it is not
   serving (it released, went to standby, or is an idle secondary that ranks lower).
+* Every takeover starts with the address check and is all or nothing.
 * If both ever serve while hearing each other, the lower rank (standby lock first, then
-  epoch, then who owns the epoch, then the home node, then the name) stops at once.
+  knowing its data up to date, then epoch, then who owns the epoch, then the home node,
+  then the name) stops at once.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ from dataclasses import dataclass, replace
 
 INIT, SECONDARY, PRIMARY, STANDBY, RELEASING = "init", "secondary", "primary", "standby", "releasing"
 ROLES = (INIT, SECONDARY, PRIMARY, STANDBY, RELEASING)
-COMMANDS = ("failover", "failback")
+COMMANDS = ("failover", "failback", "force-primary")
 
 
 # ---------------------------------------------------------------- inputs
@@ -51,6 +65,8 @@ class PeerView:
     serving: bool
     request: str | None
     home: bool
+    uptodate: bool = True  # its copy is known to hold every change (see the module docstring)
+    in_sync: bool = True  # serving: its replica (our copy) receives its changes live
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,10 @@ class Facts:
     # the peer usually cuts us off too, and the ping monitor needs several lost probes to
     # say so: without this fresh answer, taking over on silence alone could split the brain.
     lan_confirmed: bool = True
+    # A resource failed while serving and could not be restarted here ("" while all is well).
+    resource_failure: str = ""
+    # Primary: the replica receives our changes live; releasing: the final sync is done.
+    replica_in_sync: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,13 @@ class Policy:
     failback: str = "manual"  # "manual" | "auto"
     failback_delay: float = 10.0
     retry_interval: float = 2.0  # after a failed takeover, wait this long before trying again
+    # after a refused one (the VIP answered): the check costs one ARP frame, and the holder
+    # may be a frozen node about to be cleaned up by its supervisor
+    recheck_interval: float = 0.5
+    data_guard: bool = False  # trees are mirrored: serve alone only with data known newest
+    # An unhealthy LAN verdict must hold this long before a node steps down for it: a burst
+    # of lost ping replies or a flapping link is not worth a failover.
+    lan_hold: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,17 @@ class State:
     # takeovers made without hearing each other can never claim the same epoch.
     epoch_parity: int | None = None
     reason: str = ""  # why we are in this role (shown by ``hawrap status``)
+    direction: str | None = None  # the mirror direction last asked for (SetMirrorDirection)
+    # While the LAN is unhealthy: whose fault it looks like ("ours", "isolated", "shared") and
+    # since when that verdict has held (it must hold for lan_hold before anything is done).
+    lan_fault: str = ""
+    lan_fault_since: float = 0.0
+    uptodate: bool = False  # our copy is known to hold every change made in the cluster
+    peer_outdated: bool = False  # we served while the peer's copy did not get our changes
+    # A standing problem the administrator has been told about: ``alert`` is the one seen in
+    # this round, ``notified`` the last one notified, so each is notified once, not per round.
+    alert: str = ""
+    notified: str = ""
 
     @property
     def serving(self) -> bool:
@@ -147,8 +185,15 @@ class WriteStandbyLock(Action):
 
 
 @dataclass(frozen=True)
+class CheckAddressFree(Action):
+    """The first step of every takeover: an ARP probe for the VIP.  If another host answers,
+    the takeover is refused before anything has been changed (``takeover_refused``)."""
+
+
+@dataclass(frozen=True)
 class StartResources(Action):
-    """VIP (duplicate check, address, gratuitous ARP), then the services in order."""
+    """VIP (address, gratuitous ARP; its duplicate check was CheckAddressFree), then the
+    services in order.  If it fails, ``takeover_failed`` rolls the takeover back."""
 
 
 @dataclass(frozen=True)
@@ -179,37 +224,139 @@ class SetMirrorDirection(Action):
 # ---------------------------------------------------------------- ranking
 
 
-def rank(standby: bool, epoch: int, owns_epoch: bool, home: bool, name: str) -> tuple:
+def rank(standby: bool, uptodate: bool, epoch: int, owns_epoch: bool, home: bool, name: str) -> tuple:
     """Total order deciding who serves when both could: both nodes compute the same answer."""
-    return (not standby, epoch, owns_epoch, home, name)
+    return (not standby, uptodate, epoch, owns_epoch, home, name)
 
 
-def my_rank(s: State, f: Facts) -> tuple:
-    return rank(f.standby_lock, s.epoch, s.owns_epoch, s.is_home, s.node)
+def my_rank(s: State, f: Facts, p: Policy) -> tuple:
+    return rank(f.standby_lock, s.uptodate or not p.data_guard, s.epoch, s.owns_epoch, s.is_home, s.node)
 
 
-def peer_rank(p: PeerView) -> tuple:
-    return rank(p.standby, p.epoch, p.owns_epoch, p.home, p.name)
+def peer_rank(peer: PeerView, p: Policy) -> tuple:
+    return rank(
+        peer.standby, peer.uptodate or not p.data_guard, peer.epoch, peer.owns_epoch, peer.home, peer.name
+    )
 
 
 # ---------------------------------------------------------------- transitions
 
 
 def decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
-    state, actions = _decide(s, f, p)
+    state, actions = _decide(_data_state(replace(s, alert=""), f), f, p)
+    if not state.alert:
+        state = replace(state, notified="")  # the problem is over: notify it again if it returns
     if f.command is not None and not any(isinstance(a, Reply) for a in actions):
         actions.append(Reply(False, f"{f.command}: nothing to do in role {state.role}"))
     return state, actions
+
+
+def _data_state(s: State, f: Facts) -> State:
+    """What this node knows of its copy, from its own role or from the serving peer."""
+    peer = f.peer
+    peer_serves = peer is not None and (peer.serving or peer.role in (PRIMARY, RELEASING))
+    if s.role == PRIMARY or (s.role == RELEASING and not peer_serves):
+        return replace(s, uptodate=True, peer_outdated=not f.replica_in_sync)
+    if peer_serves:
+        # what we hold that the peer lacks is gone once its copy has replaced ours
+        return replace(s, uptodate=peer.in_sync, peer_outdated=s.peer_outdated and not peer.in_sync)
+    return s
+
+
+def _may_serve(s: State, p: Policy, alone: bool) -> bool:
+    """Our copy is good enough to serve without the peer: known up to date (a secondary of
+    a primary that said so); ``alone`` (after a start that never heard the peer): only if we
+    were a primary whose peer was outdated, so that nobody can have served newer data."""
+    if not p.data_guard:
+        return True
+    return s.uptodate and (s.peer_outdated or not alone)
+
+
+def _outdated(s: State, why: str) -> tuple[State, list[Action]]:
+    return _alert(
+        s, "outdated", "outdated",
+        f"{why}, and this node's copy may lack the peer's latest changes: not serving it on its own. "
+        "Start the peer, or run 'hawrap force-primary' to serve this copy (what it lacks is lost)",
+    )  # fmt: skip
+
+
+def _alert(s: State, key: str, event: str, message: str) -> tuple[State, list[Action]]:
+    """Keep the standing problem ``key`` for this round; notify it only when it is new."""
+    actions: list[Action] = [] if s.notified == key else [Notify(event, message)]
+    return replace(s, alert=key, notified=key), actions
+
+
+def _keep_alert(s: State) -> State:
+    """Waiting out a retry delay: the problem notified is still standing."""
+    return replace(s, alert=s.notified)
+
+
+def peer_can_serve(peer: PeerView | None, p: Policy | None = None) -> bool:
+    """The peer is a healthy secondary: heard, no standby lock, LAN healthy.  With ``p``: it
+    could also take over from us on its own now (its copy known up to date, if guarded)."""
+    healthy = peer is not None and peer.role == SECONDARY and not peer.standby and peer.lan_ok is True
+    return healthy and (p is None or not p.data_guard or peer.uptodate)
 
 
 def _decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
     if f.standby_lock and s.role != STANDBY:
         return _go_standby(s, "the standby lock is present", write_lock=False)
     in_grace = s.role == INIT and f.now < s.started + p.initdead
+    alerts: list[Action] = []
     if f.lan_ok is False and s.role != STANDBY and not in_grace:
-        return _go_standby(s, f"own LAN unhealthy: {f.lan_problem or 'carrier or ping node lost'}", write_lock=True)
-    handler = {INIT: _init, SECONDARY: _secondary, PRIMARY: _primary, RELEASING: _releasing, STANDBY: _standby}
-    return handler[s.role](s, f, p)
+        lan = _lan_unhealthy(s, f, p)
+        if isinstance(lan, State):
+            s = lan
+            if f.now - s.lan_fault_since >= p.lan_hold:
+                s, alerts = _alert(s, "lan", "lan-unhealthy", _lan_message(s, f))
+        else:
+            return lan
+    elif s.lan_fault:
+        s = replace(s, lan_fault="", lan_fault_since=0.0)
+    handler = {
+        INIT: _init,
+        SECONDARY: _secondary,
+        PRIMARY: _primary,
+        RELEASING: _releasing,
+        STANDBY: _standby,
+    }
+    state, actions = handler[s.role](s, f, p)
+    return state, alerts + actions
+
+
+def _lan_unhealthy(s: State, f: Facts, p: Policy):
+    """This node's LAN is unhealthy.  Stepping down is for a fault of this node's alone, and
+    only once that verdict has held for ``lan_hold`` (a burst of lost ping replies or a
+    flapping link is ignored).  A fault the peer shares (its own LAN unhealthy, or it cannot
+    serve) is no reason for the last node able to serve to stop: carry on, the administrator
+    told.  A primary that hears neither the peer nor the ping node is most likely the one cut
+    off: it stops serving, without the standby lock, and serves again if its LAN comes back
+    first.  Returns the state (carry on) or a transition."""
+    peer = f.peer
+    if s.role in (PRIMARY, RELEASING):
+        ours = peer_can_serve(peer, p)  # the peer can take over from us
+    else:  # the peer serves, or could, with a healthy LAN: we are not the last node able to
+        ours = peer is not None and (peer_can_serve(peer, p) or (peer.serving and peer.lan_ok is True))
+    fault = "ours" if ours else "isolated" if peer is None else "shared"
+    if fault != s.lan_fault:
+        s = replace(s, lan_fault=fault, lan_fault_since=f.now)
+    if f.now - s.lan_fault_since < p.lan_hold:
+        return s
+    problem = f"own LAN unhealthy: {f.lan_problem or 'carrier or ping node lost'}"
+    if fault == "ours":
+        return _go_standby(s, problem, write_lock=True)
+    if fault == "isolated" and s.role in (PRIMARY, RELEASING):
+        return _step_back(s, f"{problem}, and the peer is silent too")
+    return s
+
+
+def _lan_message(s: State, f: Facts) -> str:
+    peer = (
+        "silent"
+        if f.peer is None
+        else f"unable to serve (role {f.peer.role}, LAN {'healthy' if f.peer.lan_ok else 'unhealthy'})"
+    )
+    return f"own LAN unhealthy ({f.lan_problem or 'carrier or ping node lost'}) but the peer is {peer}: staying {s.role}"
 
 
 def _init(s: State, f: Facts, p: Policy):
@@ -217,25 +364,27 @@ def _init(s: State, f: Facts, p: Policy):
     if f.lan_ok is not True:
         return s, []
     if peer is None:
+        if f.command == "force-primary":
+            return _forced(s, f)
+        if f.now < s.retry_at:
+            return _keep_alert(s), []
         if f.now < s.started + p.initdead or not f.lan_confirmed:
             return s, []
+        if not _may_serve(s, p, alone=True):
+            return _outdated(s, "the peer has not been heard since this node started")
         return _takeover(s, f, lock=True, reason="peer not heard on any link since start")
     if peer.serving or peer.role in (PRIMARY, RELEASING):
-        # We were the primary when we went away and the peer has taken over since: writes
-        # made here before the crash may never have reached the peer.  An administrator
-        # checks before this node rejoins (and is mirrored over).  A node that was not
-        # primary has nothing of its own to lose: it simply becomes secondary.
-        if peer.epoch > s.epoch and s.owns_epoch:
-            return _go_standby(
-                s,
-                f"peer took over (epoch {peer.epoch} > {s.epoch}) while this node was away: "
-                "check this node, then run 'hawrap resume'",
-                write_lock=True,
-            )
+        diverged = _diverged(s, peer, p, "while this node was away")
+        if diverged:
+            return diverged
         return _become_secondary(s, peer, "peer is primary")
+    if f.command == "force-primary":
+        return _forced(s, f)
     if peer.standby or peer.role == STANDBY:
+        if not _may_serve(s, p, alone=False):
+            return _outdated(s, "the peer is in standby")
         return _takeover(s, f, lock=True, reason="peer is in standby")
-    if my_rank(s, f) > peer_rank(peer):
+    if my_rank(s, f, p) > peer_rank(peer, p):
         return _takeover(s, f, lock=False, reason="cluster start: this node ranks first")
     return _become_secondary(s, peer, "cluster start: peer ranks first")
 
@@ -245,14 +394,28 @@ def _secondary(s: State, f: Facts, p: Policy):
     if f.lan_ok is not True:
         return s, []
     if peer is None:
-        if f.now < s.retry_at or not f.lan_confirmed:
+        if f.command == "force-primary":
+            return _forced(s, f)
+        if f.now < s.retry_at:
+            return _keep_alert(s), []
+        if not f.lan_confirmed:
             return s, []
+        if not _may_serve(s, p, alone=False):
+            return _outdated(s, "the peer is silent on every link")
         return _takeover(s, f, lock=True, reason="peer silent on every link for the dead time")
     actions: list[Action] = []
     if peer.serving or peer.role == PRIMARY:
+        diverged = _diverged(s, peer, p, "while this node served")
+        if diverged:
+            return diverged
+        if s.mirror_locked:  # nothing of ours to protect from the primary's copy any more
+            s = replace(s, mirror_locked=False)
+            actions.append(ReleaseMirrorLock())
         if peer.epoch > s.epoch:
             s = replace(s, epoch=peer.epoch, owns_epoch=False)
             actions.append(ObserveEpoch(peer.epoch))
+        s, more = _direct(s, "receive")  # whatever stopped our receiver, the primary needs it
+        actions += more
         if f.command == "failover" or (f.command == "failback" and s.is_home):
             s = replace(s, request="handover", handover_deadline=f.now + p.handover_timeout)
             actions.append(Reply(True, "asked the primary to hand over"))
@@ -262,17 +425,25 @@ def _secondary(s: State, f: Facts, p: Policy):
             s = replace(s, request=None, handover_deadline=None)
             actions.append(Notify("switchover-failed", "the primary did not hand over in time"))
         return s, actions
+    if f.command == "force-primary":
+        return _forced(s, f)
     if f.command is not None:
         actions.append(Reply(False, f"{f.command}: the peer is not serving (role {peer.role})"))
     if f.now < s.retry_at:
-        return s, actions
+        return _keep_alert(s), actions
     if peer.role == RELEASING:
+        if not _may_serve(s, p, alone=False):
+            state, more = _outdated(s, "the peer is handing over")
+            return state, actions + more
         state, more = _takeover(s, f, lock=False, reason="planned switchover from the peer")
         return state, actions + more
     if peer.standby or peer.role == STANDBY:
+        if not _may_serve(s, p, alone=False):
+            state, more = _outdated(s, "the peer went to standby")
+            return state, actions + more
         state, more = _takeover(s, f, lock=True, reason="peer went to standby")
         return state, actions + more
-    if peer.role == SECONDARY and my_rank(s, f) > peer_rank(peer):
+    if peer.role == SECONDARY and my_rank(s, f, p) > peer_rank(peer, p):
         state, more = _takeover(s, f, lock=False, reason="no primary: this node ranks first")
         return state, actions + more
     return s, actions
@@ -283,21 +454,59 @@ def _primary(s: State, f: Facts, p: Policy):
     actions: list[Action] = []
     if peer is None:
         s = replace(s, request=None, peer_ready_since=None)
+        if f.resource_failure:
+            s, actions = _alert(
+                s,
+                "resource",
+                "resource-failed",
+                f"{f.resource_failure}; the peer is not heard, so this node keeps trying",
+            )
         if f.command is not None:
             actions.append(Reply(False, f"{f.command}: the peer is not heard on any link"))
         return s, actions
     if peer.serving:
-        if peer_rank(peer) > my_rank(s, f):
+        if peer_rank(peer, p) > my_rank(s, f, p):
             return _go_standby(
-                s, f"split brain: the peer serves too and ranks first (epoch {peer.epoch} vs {s.epoch})", write_lock=True
+                s,
+                f"split brain: the peer serves too and ranks first (epoch {peer.epoch} vs {s.epoch})",
+                write_lock=True,
             )
         if s.request != "push_back":
             s = replace(s, request="push_back")
-            actions += [Reannounce(), Notify("push-back", f"peer serves too (role {peer.role}, standby={peer.standby}): pushing it back")]
+            actions += [
+                Reannounce(),
+                Notify(
+                    "push-back",
+                    f"peer serves too (role {peer.role}, standby={peer.standby}): pushing it back",
+                ),
+            ]
         return s, actions
     if s.request == "push_back":
         s = replace(s, request=None)
-    healthy_secondary = peer.role == SECONDARY and not peer.standby and peer.lan_ok is True
+    if f.resource_failure:
+        if peer_can_serve(peer, p):
+            return _go_standby(s, f"{f.resource_failure}: handing over to the peer", write_lock=True)
+        s, more = _alert(
+            s,
+            "resource",
+            "resource-failed",
+            f"{f.resource_failure}; the peer cannot take over, so this node keeps trying",
+        )
+        actions += more
+    if peer.role == SECONDARY and not peer.serving and not peer.owns_epoch and peer.epoch > s.epoch:
+        # The peer raised its epoch for a takeover that did not happen (it never served in
+        # it: a server that did would own it): its receiver now refuses our older epoch.
+        # Nothing of its own was written under that epoch, so ours can pass it.
+        new_epoch = _next_epoch(s, peer.epoch)
+        s = replace(s, epoch=new_epoch, owns_epoch=True)
+        actions += [
+            RaiseEpoch(new_epoch),
+            Notify(
+                "epoch-raised",
+                f"the peer's epoch {peer.epoch} comes from a takeover that did not happen: epoch raised to {new_epoch} so that it accepts our changes again",
+            ),
+        ]
+    healthy_secondary = peer_can_serve(peer)
     if s.mirror_locked and healthy_secondary:
         s = replace(s, mirror_locked=False)
         actions += [
@@ -330,7 +539,14 @@ def _primary(s: State, f: Facts, p: Policy):
         if f.command is not None:
             actions.append(Reply(False, message))
         return s, actions + ([Notify("switchover-refused", message)] if f.command else [])
-    s = replace(s, role=RELEASING, handover_deadline=f.now + p.handover_timeout, request=None, reason=wanted)
+    s = replace(
+        s,
+        role=RELEASING,
+        handover_deadline=f.now + p.handover_timeout,
+        request=None,
+        reason=wanted,
+        direction=None,
+    )
     actions += [
         Notify("releasing", f"{wanted}: stopping services, final sync, dropping the VIP"),
         StopServices(),
@@ -347,6 +563,8 @@ def _releasing(s: State, f: Facts, p: Policy):
     peer = f.peer
     if peer is not None and (peer.role == PRIMARY or peer.serving) and peer.epoch > s.epoch:
         return _become_secondary(s, peer, "switchover complete: peer is primary")
+    if f.lan_ok is not True:
+        return s, []  # serving again takes a healthy LAN (an unhealthy one that holds: standby)
     if peer is None:
         if not f.lan_confirmed:
             return s, []
@@ -372,15 +590,40 @@ def _standby(s: State, f: Facts, p: Policy):
 # ---------------------------------------------------------------- building blocks
 
 
-def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
-    """Become primary.  Every caller has checked LAN health and that the peer does not serve;
-    the asserts make a future caller that forgets fail the property tests loudly."""
-    assert f.lan_ok is True and not f.standby_lock
-    assert f.peer is None or not f.peer.serving
-    new_epoch = max(s.epoch, f.peer.epoch if f.peer else 0) + 1
+def _forced(s: State, f: Facts) -> tuple[State, list[Action]]:
+    """``hawrap force-primary``: serve this copy although it may not be the newest (the CLI
+    showed the administrator what may be lost).  Only the data check is waived."""
+    if f.lan_ok is not True or f.standby_lock:
+        return s, [Reply(False, "force-primary: refused: own LAN unhealthy or standby lock present")]
+    state, actions = _takeover(replace(s, uptodate=True), f, lock=True, reason="forced by the administrator")
+    return state, [*actions, Reply(True, "taking over with this node's copy")]
+
+
+def _next_epoch(s: State, above: int) -> int:
+    """The smallest epoch above ``above`` (and ours) of this node's parity: the two nodes take
+    epochs of different parity, so two takeovers made apart can never claim the same one."""
+    new_epoch = max(s.epoch, above) + 1
     if s.epoch_parity is not None and new_epoch % 2 != s.epoch_parity:
         new_epoch += 1
-    actions: list[Action] = []
+    return new_epoch
+
+
+def _direct(s: State, direction: str | None) -> tuple[State, list[Action]]:
+    if s.direction == direction:
+        return s, []
+    return replace(s, direction=direction), [SetMirrorDirection(direction)]
+
+
+def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
+    """Become primary, all or nothing.  The address check comes first and changes nothing:
+    if the VIP still answers (a peer silent but alive: frozen, or its heartbeats lost one
+    way), ``takeover_refused`` returns to the state before.  Every caller has checked LAN
+    health and that the peer does not serve; the asserts make a future caller that forgets
+    fail the property tests loudly."""
+    assert f.lan_ok is True and not f.standby_lock
+    assert f.peer is None or not f.peer.serving
+    new_epoch = _next_epoch(s, f.peer.epoch if f.peer else 0)
+    actions: list[Action] = [CheckAddressFree()]
     if lock:
         actions.append(AcquireMirrorLock(f"takeover by {s.node}: {reason}"))
     actions += [
@@ -399,28 +642,110 @@ def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
         handover_deadline=None,
         peer_ready_since=None,
         reason=reason,
+        direction="send",
+        uptodate=True,
+        peer_outdated=True,  # until its replica is in sync: nobody else has our changes yet
     )
     return state, actions
 
 
-def takeover_failed(s: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
-    """StartResources failed (e.g. the VIP answers elsewhere): undo and retry later."""
-    state = replace(s, role=SECONDARY, owns_epoch=False, retry_at=f.now + p.retry_interval, reason=f"takeover failed: {error}")
-    return state, [StopResources(), SetMirrorDirection(None), Notify("takeover-failed", f"takeover failed, retrying in {p.retry_interval:g} s: {error}")]
+def takeover_refused(before: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
+    """CheckAddressFree found the VIP answered elsewhere: nothing was done, nothing to undo.
+    Stay as ``before`` (receiving, if a secondary), try again after retry_interval."""
+    state = replace(before, retry_at=f.now + p.recheck_interval, reason=f"takeover refused: {error}")
+    return _alert(
+        state,
+        "takeover-refused",
+        "takeover-refused",
+        f"the peer is silent but its address still answers, so it is alive: not taking over ({error}); checking again every {p.recheck_interval:g} s",
+    )
+
+
+def takeover_failed(
+    before: State, after: State, f: Facts, p: Policy, error: str
+) -> tuple[State, list[Action]]:
+    """A step after the address check failed (epoch, lock, VIP, a service): undo the rest.
+    Services and VIP stopped, the mirroring lock released if this takeover took it, the
+    receiver running again.  The epoch cannot go back (it only rises); the state says we do
+    not own it, so a primary that meets it knows no takeover happened in it."""
+    actions: list[Action] = [StopResources()]
+    if after.mirror_locked and not before.mirror_locked:
+        actions.append(ReleaseMirrorLock())
+    state = replace(
+        after, role=SECONDARY, owns_epoch=False, mirror_locked=before.mirror_locked, retry_at=f.now + p.retry_interval,
+        reason=f"takeover failed: {error}", request=None, direction=None, uptodate=before.uptodate,
+        peer_outdated=before.peer_outdated,
+    )  # fmt: skip
+    state, more = _direct(state, "receive")
+    actions += more
+    state, more = _alert(
+        state,
+        "takeover-failed",
+        "takeover-failed",
+        f"takeover failed and was rolled back, retrying in {p.retry_interval:g} s: {error}",
+    )
+    return state, actions + more
 
 
 def release_failed(s: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
     """The final sync (or a stop) failed during a planned switchover: keep serving here."""
-    state = replace(s, role=PRIMARY, handover_deadline=None, reason=f"switchover aborted: {error}")
-    return state, [StartResources(), SetMirrorDirection("send"), Notify("switchover-failed", f"switchover aborted, still primary: {error}")]
+    state = replace(
+        s, role=PRIMARY, handover_deadline=None, reason=f"switchover aborted: {error}", direction="send"
+    )
+    return state, [
+        StartResources(),
+        SetMirrorDirection("send"),
+        Notify("switchover-failed", f"switchover aborted, still primary: {error}"),
+    ]
+
+
+def _diverged(s: State, peer: PeerView, p: Policy, when: str):
+    """A serving peer found by a node that served in an epoch of its own (it owns it), or
+    that holds changes the peer lacks (it served while the peer's copy was outdated): the two
+    copies may each hold writes the other lacks.  A mirror sync would overwrite this node's:
+    the administrator checks first (``hawrap resume`` shows what this node has that the peer
+    lacks)."""
+    if s.owns_epoch and peer.epoch > s.epoch:
+        why = f"peer took over (epoch {peer.epoch} > {s.epoch}) {when}"
+    elif s.owns_epoch and peer.epoch < s.epoch:
+        why = f"peer serves at epoch {peer.epoch}, older than this node's {s.epoch}: it may lack changes made here"
+    elif p.data_guard and s.peer_outdated:
+        why = f"peer serves (epoch {peer.epoch}), and this node holds changes it lacks (it served while the peer's copy was outdated)"
+    else:
+        return None
+    return _go_standby(s, f"{why}: check this node, then run 'hawrap resume'", write_lock=True)
+
+
+def _step_back(s: State, reason: str):
+    """Stop serving but stay a secondary (no standby lock): the cause may be gone soon."""
+    state = replace(
+        s,
+        role=SECONDARY,
+        request=None,
+        handover_deadline=None,
+        peer_ready_since=None,
+        reason=reason,
+        retry_at=0.0,
+    )
+    state, direct = _direct(state, "receive")
+    return state, [StopResources(), *direct, Notify("stepped-back", reason)]
 
 
 def _go_standby(s: State, reason: str, *, write_lock: bool):
-    actions: list[Action] = [StopResources(), SetMirrorDirection(None), AcquireMirrorLock(f"{s.node} in standby: {reason}")]
+    state = replace(
+        s,
+        role=STANDBY,
+        mirror_locked=True,
+        request=None,
+        handover_deadline=None,
+        peer_ready_since=None,
+        reason=reason,
+    )
+    state, direct = _direct(state, None)
+    actions: list[Action] = [StopResources(), *direct, AcquireMirrorLock(f"{s.node} in standby: {reason}")]
     if write_lock:
         actions.append(WriteStandbyLock(reason))
     actions.append(Notify("standby", reason))
-    state = replace(s, role=STANDBY, mirror_locked=True, request=None, handover_deadline=None, peer_ready_since=None, reason=reason)
     return state, actions
 
 
@@ -432,16 +757,19 @@ def _become_secondary(s: State, peer: PeerView | None, reason: str, resumed: boo
         actions.append(ObserveEpoch(peer.epoch))
     if resumed or s.mirror_locked:
         actions.append(ReleaseMirrorLock())
-    actions += [SetMirrorDirection("receive"), Notify("secondary", reason)]
     state = replace(
         s,
         role=SECONDARY,
         epoch=epoch,
-        owns_epoch=s.owns_epoch and epoch == s.epoch and s.role != RELEASING,
+        # Resumed by the administrator (after ``hawrap resume`` showed what the peer lacks),
+        # this node gives up its claim on its epoch: the primary may pass it and mirror over.
+        owns_epoch=s.owns_epoch and epoch == s.epoch and s.role != RELEASING and not resumed,
+        peer_outdated=s.peer_outdated and not resumed,  # what it holds alone is given up, likewise
         mirror_locked=False,
         request=None,
         handover_deadline=None,
         peer_ready_since=None,
         reason=reason,
     )
-    return state, actions
+    state, direct = _direct(state, "receive")
+    return state, actions + direct + [Notify("secondary", reason)]

@@ -8,9 +8,15 @@ might start inherits it) and ``mlockall``'d where permitted, as corosync does.  
 logs or touches the disk in its loop: it reports to its parent over a SOCK_SEQPACKET pair.
 
 Parent -> child (msgpack maps): ``{"t": "config", ...}`` once, then ``{"t": "state", ...}``
-whenever this node's advertised state changes.  Child -> parent: ``{"t": "peer", ...}``
-snapshots (per-link liveness, the peer's latest fields) whenever something changes, and
-``{"t": "note", "msg": ...}`` for the parent to log (drops, spoofs, replays; rate-limited).
+whenever this node's advertised state changes, and ``{"t": "alive"}`` keepalives from the
+node's watchdog feeder.  Child -> parent: ``{"t": "peer", ...}`` snapshots (per-link
+liveness, the peer's latest fields) whenever something changes and at least every half
+dead time (so that the node can tell a frozen child), and ``{"t": "note", "msg": ...}`` for
+the parent to log (drops, spoofs, replays; rate-limited).
+
+The child speaks for the node process only while that process shows signs of life: after
+``watchdog`` seconds without any message from it, it stops sending heartbeats (the peer then
+sees this node as dead, as it is), and starts again when the node does.
 
 A link counts as up while an accepted packet arrived on it within the dead time.  Before a
 link is declared down, its socket is drained: packets queued while this process was not
@@ -42,6 +48,7 @@ MCL_CURRENT, MCL_FUTURE = 1, 2
 NOTE_INTERVAL = 5.0  # at most one note per kind per this many seconds
 MAX_CONTROL_MESSAGE = 65536
 STATS_INTERVAL = 1.0  # an unchanged snapshot is still reported this often (for status)
+KEEPALIVE = msgpack.packb({"t": "alive"})
 
 
 @dataclass
@@ -71,7 +78,9 @@ def harden(priority: int, mlock: bool) -> list[str]:
         try:
             os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
         except OSError as exc:
-            problems.append(f"real-time priority {priority} not permitted ({exc.strerror}): heartbeat runs at normal priority")
+            problems.append(
+                f"real-time priority {priority} not permitted ({exc.strerror}): heartbeat runs at normal priority"
+            )
     if mlock and libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
         err = ctypes.get_errno()
         problems.append(f"mlockall not permitted ({os.strerror(err)}): heartbeat memory may be paged out")
@@ -90,12 +99,18 @@ class HeartbeatEngine:
         self.deadtime: float = cfg["deadtime"]
         self.boot = secrets.token_bytes(16)
         self.seq = 0
-        self.tracker = wire.PeerTracker(self.boot, cfg["peer"], cfg["cluster"], tuple(link[0] for link in cfg["links"]))
+        self.tracker = wire.PeerTracker(
+            self.boot, cfg["peer"], cfg["cluster"], tuple(link[0] for link in cfg["links"])
+        )
         self.state: dict = {
             "role": "init", "epoch": 0, "owns_epoch": False, "standby": False,
-            "lan_ok": None, "serving": False, "request": None,
+            "lan_ok": None, "serving": False, "request": None, "uptodate": False, "in_sync": False,
         }  # fmt: skip
         self.peer_fields: dict | None = None
+        self.report_interval: float = cfg.get("report_interval", STATS_INTERVAL)
+        self.watchdog: float | None = cfg.get("watchdog")
+        self.parent_seen = self._last_check = time.monotonic()
+        self.muted = False  # heartbeats stopped: the node process is not making progress
         self.links: dict[str, LinkSocket] = {}
         self.selector = selectors.DefaultSelector()
         self._last_report: object = None
@@ -147,7 +162,11 @@ class HeartbeatEngine:
             if verdict.new_boot:
                 for other in self.links.values():
                     other.last_rx = None  # packets of the old boot no longer vouch for the peer
-                self._note("boot", f"peer {fields['node']} (re)started: new boot id {fields['boot'].hex()}", force=True)
+                self._note(
+                    "boot",
+                    f"peer {fields['node']} (re)started: new boot id {fields['boot'].hex()}",
+                    force=True,
+                )
             link.received += 1
             if link.last_rx is not None:
                 link.max_gap = max(link.max_gap, now - link.last_rx)
@@ -165,6 +184,7 @@ class HeartbeatEngine:
                 return False
             if not data:
                 return False
+            self.parent_seen = time.monotonic()
             msg = msgpack.unpackb(data, raw=False)
             if msg.get("t") == "state":
                 self.state.update({k: msg[k] for k in self.state if k in msg})
@@ -178,7 +198,7 @@ class HeartbeatEngine:
         heard = self._links_up(time.monotonic())
         for link in self.links.values():
             fields = {
-                "v": 1, "cluster": self.cfg["cluster"], "node": self.node, "link": link.name,
+                "v": wire.VERSION, "cluster": self.cfg["cluster"], "node": self.node, "link": link.name,
                 "boot": self.boot, "seq": self.seq, "peer_boot": self.tracker.heard_boot,
                 "links": heard, **self.state,
             }  # fmt: skip
@@ -193,7 +213,8 @@ class HeartbeatEngine:
 
     def _links_up(self, now: float) -> dict[str, bool]:
         return {
-            name: link.last_rx is not None and now - link.last_rx < self.deadtime for name, link in self.links.items()
+            name: link.last_rx is not None and now - link.last_rx < self.deadtime
+            for name, link in self.links.items()
         }
 
     def _report(self, now: float) -> None:
@@ -202,9 +223,23 @@ class HeartbeatEngine:
         peer = None
         if alive and self.peer_fields is not None:
             f = self.peer_fields
-            peer = {k: f[k] for k in ("role", "epoch", "owns_epoch", "standby", "lan_ok", "serving", "request", "links")}
+            peer = {
+                k: f[k]
+                for k in (
+                    "role",
+                    "epoch",
+                    "owns_epoch",
+                    "standby",
+                    "lan_ok",
+                    "serving",
+                    "request",
+                    "links",
+                    "uptodate",
+                    "in_sync",
+                )
+            }
         snapshot = (links, peer)
-        if snapshot == self._last_report and now - self._last_report_time < STATS_INTERVAL:
+        if snapshot == self._last_report and now - self._last_report_time < self.report_interval:
             return
         message = {
             "t": "peer", "alive": alive, "links": links, "peer": peer,
@@ -232,6 +267,29 @@ class HeartbeatEngine:
 
     # ------------------------------------------------------------ loop
 
+    def _parent_frozen(self, now: float) -> bool:
+        """No message from the node process for ``watchdog`` seconds (after reading what is
+        queued, and not counting a gap in our own loop: we may be the one that was frozen)."""
+        if self.watchdog is not None and now - self._last_check > self.watchdog / 2:
+            self.parent_seen = max(self.parent_seen, now)
+        self._last_check = now
+        if self.watchdog is None or now - self.parent_seen < self.watchdog:
+            frozen = False
+        else:
+            self._control_message()
+            frozen = now - self.parent_seen >= self.watchdog
+        if frozen != self.muted:
+            self.muted = frozen
+            if frozen:
+                self._note(
+                    "muted",
+                    f"the node process has not been heard for {self.watchdog:g} s: heartbeats stopped",
+                    force=True,
+                )
+            else:
+                self._note("muted", "the node process is back: heartbeats resumed", force=True)
+        return frozen
+
     def next_expiry(self) -> float | None:
         expiries = [lk.last_rx + self.deadtime for lk in self.links.values() if lk.last_rx is not None]
         return min(expiries) if expiries else None
@@ -242,7 +300,8 @@ class HeartbeatEngine:
         while True:
             now = time.monotonic()
             if now >= next_send:
-                self._send_all()
+                if not self._parent_frozen(now):
+                    self._send_all()
                 next_send += self.interval
                 if next_send < now:  # we were not scheduled for a while: do not send a burst
                     next_send = now + self.interval
@@ -284,9 +343,14 @@ def config_message(cluster_cfg, node_name: str) -> dict:
         "secret": cluster_cfg.secret,
         "interval": cluster_cfg.timing.interval,
         "deadtime": cluster_cfg.timing.deadtime,
+        "report_interval": min(STATS_INTERVAL, cluster_cfg.timing.deadtime / 2),
+        "watchdog": cluster_cfg.timing.watchdog,
         "priority": cluster_cfg.timing.realtime_priority,
         "mlock": cluster_cfg.timing.mlock,
-        "links": [[link.name, me.addresses[link.name], peer.addresses[link.name], link.port] for link in cluster_cfg.links],
+        "links": [
+            [link.name, me.addresses[link.name], peer.addresses[link.name], link.port]
+            for link in cluster_cfg.links
+        ],
     }
 
 
@@ -327,6 +391,7 @@ class HeartbeatChild:
         import threading
 
         self._on_message = on_message
+        self.last_message = time.monotonic()  # when the child last reported (reader thread)
         self.sock, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
@@ -349,6 +414,7 @@ class HeartbeatChild:
             if not data:
                 self._on_message({"t": "exit"})
                 return
+            self.last_message = time.monotonic()
             try:
                 msg = msgpack.unpackb(data, raw=False)
             except Exception:  # a broken child: treat like its exit
@@ -362,8 +428,22 @@ class HeartbeatChild:
         except OSError:
             pass  # the reader thread reports the child's exit
 
+    def keepalive(self) -> None:
+        """The node process makes progress (from its watchdog feeder, any thread)."""
+        try:
+            self.sock.send(KEEPALIVE, socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # full (the child is not reading: it is the frozen one) or gone
+
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL (works on a stopped process too); the reader thread then reports the exit."""
+        try:
+            self.proc.kill()
+        except ProcessLookupError:
+            pass
 
     def stop(self, timeout: float = 5.0) -> None:
         try:

@@ -18,6 +18,8 @@ Placeholders in the configured argv: ``{mirror}`` (the mirror command, spliced),
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
 import signal
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
+from mirror.atomicfile import atomic_write
 from mirror.statedir import resolve_state_dir
 
 from .config import ClusterConfig, TreeConfig
@@ -36,6 +39,7 @@ from .errors import HawrapError
 log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0  # a mirror process that exits is restarted after this long
+STATUS_STALE = 2.0  # the daemon rewrites its status twice a second: older than this, it is stuck
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,9 @@ def resolve_trees(cfg: ClusterConfig, node: str) -> list[Tree]:
     out = []
     for t in cfg.mirror.trees:
         sub = _sub(t, node)
-        out.append(Tree(sub.name, sub.path, sub.lock_file, os.fsdecode(resolve_state_dir(sub.path, sub.state_dir))))
+        out.append(
+            Tree(sub.name, sub.path, sub.lock_file, os.fsdecode(resolve_state_dir(sub.path, sub.state_dir)))
+        )
     return out
 
 
@@ -75,35 +81,66 @@ def engine_available(command: tuple[str, ...] = ("mirror",)) -> bool:
 
 
 class _Supervised:
-    """A long-running mirror process, restarted after RESTART_DELAY if it exits."""
+    """A long-running mirror process, restarted after RESTART_DELAY if it exits.
+    ``on_exit(name, code, message)`` hears of every unexpected exit (code None: it could not
+    be started), so that the node can tell the administrator."""
 
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(self, name: str, argv: list[str], on_exit=None, pid_dir: str | None = None):
         self.name = name
         self.argv = argv
+        self.on_exit = on_exit
+        # Its pid, for ``stop_orphans``: the process runs in a session of its own, so a node
+        # process killed with SIGKILL would leave it running, mirroring on its own.
+        self.pid_file = os.path.join(pid_dir, f"mirror-{name.replace(' ', '-')}.pid") if pid_dir else None
         self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0  # time.time() of the current process's start
         self._stop = threading.Event()
+        # Held while a process is started: ``stop`` then either sees it, or prevents it.
+        self._spawn = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"mirror-{name}", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while True:
             try:
-                self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=True)
+                with self._spawn:
+                    if self._stop.is_set():
+                        return
+                    self.started_at = time.time()
+                    self.proc = subprocess.Popen(
+                        self.argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+                    )
             except OSError as exc:
                 log.error("mirror %s: cannot start %s: %s", self.name, self.argv[0], exc.strerror)
+                if self.on_exit:
+                    self.on_exit(self.name, None, f"cannot start {self.argv[0]}: {exc.strerror}")
                 self._stop.wait(RESTART_DELAY * 5)
                 continue
             log.info("mirror %s started (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
+            if self.pid_file:
+                try:
+                    atomic_write(self.pid_file, f"{self.proc.pid}\n".encode(), 0o600, durable=False)
+                except OSError as exc:
+                    log.warning(
+                        "mirror %s: cannot write %s (a crash would leave it running): %s",
+                        self.name,
+                        self.pid_file,
+                        exc,
+                    )
+            last = _relay_stderr(self.proc, self.name)
             code = self.proc.wait()
             if self._stop.is_set():
                 return
             log.warning("mirror %s exited with %d; restarting in %g s", self.name, code, RESTART_DELAY)
+            if self.on_exit:
+                self.on_exit(self.name, code, last)
             self._stop.wait(RESTART_DELAY)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (the engine finishes or abandons the current file cleanly), then SIGKILL."""
-        self._stop.set()
-        proc = self.proc
+        with self._spawn:
+            self._stop.set()
+            proc = self.proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -112,12 +149,64 @@ class _Supervised:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self._thread.join(timeout)
+        if self.pid_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.pid_file)
+
+
+def stop_orphans(pid_dir: str, timeout: float = 10.0) -> list[str]:
+    """Stop the mirror processes a dead node process left running (by their pid files):
+    SIGTERM to each one's process group (it abandons the file in flight cleanly), SIGKILL
+    after ``timeout``.  Returns what was stopped, for the log."""
+    stopped = []
+    for pid_file in glob.glob(os.path.join(glob.escape(pid_dir), "mirror-*.pid")):
+        try:
+            with open(pid_file) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                alive = b"mirror" in f.read()
+        except (OSError, ValueError):
+            alive = False
+        if alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            stopped.append(f"{os.path.basename(pid_file)[:-4]} (pid {pid})")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pid_file)
+    return stopped
+
+
+def _relay_stderr(proc: subprocess.Popen, name: str) -> str:
+    """Pass the process's stderr on to ours line by line until it closes; return the last
+    line (the engine's reason for exiting, for the administrator)."""
+    last = ""
+    for raw in proc.stderr:
+        line = raw.decode(errors="replace").rstrip()
+        if line:
+            last = line
+            os.write(2, raw)
+    proc.stderr.close()
+    return last[-300:]
+
+
+@dataclass(frozen=True)
+class Replica:
+    """Is the peer's copy receiving our changes live?  ``detail`` says what is not."""
+
+    in_sync: bool
+    detail: str
 
 
 class MirrorControl:
-    def __init__(self, cfg: ClusterConfig, node: str):
+    def __init__(self, cfg: ClusterConfig, node: str, on_exit=None):
         self.cfg = cfg
         self.node = node
+        self.on_exit = on_exit
         self.trees = resolve_trees(cfg, node)
         self.peer = cfg.peer_of(node)
         self.me = cfg.node(node)
@@ -192,21 +281,54 @@ class MirrorControl:
                 try:
                     argv.append(item.format(**values))
                 except KeyError as exc:
-                    raise HawrapError(f"{self.cfg.path}: mirror command item {item!r}: unknown placeholder {exc}") from exc
+                    raise HawrapError(
+                        f"{self.cfg.path}: mirror command item {item!r}: unknown placeholder {exc}"
+                    ) from exc
         return argv
 
     def set_direction(self, direction: str | None) -> None:
-        """"send": a daemon per tree toward the peer; "receive": the receiver; None: nothing."""
+        """ "send": a daemon per tree toward the peer; "receive": the receiver; None: nothing."""
         if not self.trees or direction == self.direction:
             self.direction = direction if self.trees else None
             return
         self.stop_processes()
         if direction == "send":
             for t in self.trees:
-                self._procs.append(_Supervised(f"daemon {t.name}", self._argv(self.cfg.mirror.daemon, t)))
+                argv = self._argv(self.cfg.mirror.daemon, t)
+                self._procs.append(_Supervised(f"daemon {t.name}", argv, self.on_exit, self.me.state_dir))
         elif direction == "receive":
-            self._procs.append(_Supervised("serve", self._argv(self.cfg.mirror.serve)))
+            self._procs.append(
+                _Supervised("serve", self._argv(self.cfg.mirror.serve), self.on_exit, self.me.state_dir)
+            )
         self.direction = direction
+
+    def replica(self) -> Replica:
+        """While sending: every tree's daemon is live (connected, its initial sync done)
+        and less than ``mirror.max_lag`` seconds behind, by the status file it rewrites
+        twice a second (``mirror status``) in the tree's state dir."""
+        if not self.trees:
+            return Replica(True, "no mirrored trees")
+        if self.direction != "send":
+            return Replica(False, "not mirroring toward the peer")
+        from mirror.daemon import read_status
+
+        problems = []
+        now = time.time()
+        for tree, proc in zip(self.trees, self._procs, strict=True):
+            try:
+                status = read_status(tree.state_dir)
+                pair = status["pairs"][0]
+            except (OSError, ValueError, KeyError, IndexError):
+                problems.append(f"{tree.name}: starting")
+                continue
+            if status.get("updated", 0) < proc.started_at or now - status.get("updated", 0) > STATUS_STALE:
+                problems.append(f"{tree.name}: no fresh status from its daemon")
+            elif pair.get("state") != "live":
+                error = pair.get("last_error")
+                problems.append(f"{tree.name}: {pair.get('state')}" + (f" ({error})" if error else ""))
+            elif (pair.get("lag_seconds") or 0) > self.cfg.mirror.max_lag:
+                problems.append(f"{tree.name}: {pair['lag_seconds']:.1f} s behind")
+        return Replica(not problems, "; ".join(problems) or "live")
 
     def final_sync(self, timeout: float = 3600.0) -> None:
         """One-shot ``mirror sync --delete`` of every tree toward the peer; raises on failure."""

@@ -21,14 +21,15 @@ from collections.abc import Callable
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
 from mirror.atomicfile import atomic_write
+from mirror.errors import EXIT_AUTH, EXIT_STALE_EPOCH, MirrorError
 
-from . import fsm
+from . import fsm, watchdog
 from .config import ClusterConfig
 from .control import ControlServer
 from .errors import HawrapError, ResourceError
 from .heartbeat import HeartbeatChild, config_message
 from .links import LanHealth, LanMonitor
-from .mirrorctl import MirrorControl
+from .mirrorctl import MirrorControl, Replica, stop_orphans
 from .notify import Notifier
 from .resources import ResourceGroup, Service, VirtualIP
 
@@ -37,6 +38,14 @@ log = logging.getLogger(__name__)
 TICK = 0.05  # timeouts (initdead, handover, retry) are checked at least this often
 STATE_FILE = "node-state.json"
 HEARTBEAT_RESTARTS = 5  # heartbeat process deaths tolerated (per run) before giving up
+# A resource that fails more often than this within RESTART_WINDOW seconds is a crash loop:
+# the node hands over to a peer able to serve instead of restarting it again.
+RESTART_LIMIT = 3
+RESTART_WINDOW = 60.0
+ITERATION_BOUND = 30.0  # one round of the loop (state file fsyncs under disk load) may take this long
+FINAL_SYNC_TIMEOUT = 3600.0
+MIRROR_EXITS_BEFORE_ALERT = 3  # a mirror process that keeps exiting (its cause unknown) is reported
+REPLICA_CHECK_INTERVAL = 0.1  # how often the daemon's status is read while primary
 
 
 def build_resources(cfg: ClusterConfig, name: str) -> ResourceGroup:
@@ -47,9 +56,12 @@ def build_resources(cfg: ClusterConfig, name: str) -> ResourceGroup:
 
 
 def cleanup(cfg: ClusterConfig, name: str) -> list[str]:
-    """Stop the services and drop the VIP this node may have left behind (supervisor,
-    systemd ExecStartPre/ExecStopPost).  Locks and epochs are left alone."""
-    os.makedirs(cfg.node(name).state_dir, mode=0o700, exist_ok=True)
+    """Stop the services, drop the VIP and stop the mirror processes this node may have left
+    behind (supervisor, systemd ExecStartPre/ExecStopPost).  Locks and epochs are left alone."""
+    state_dir = cfg.node(name).state_dir
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    for stopped in stop_orphans(state_dir):
+        log.warning("cleanup: stopped the orphaned mirror process %s", stopped)
     return build_resources(cfg, name).stop()
 
 
@@ -66,19 +78,27 @@ class Node:
             failback=cfg.failback,
             failback_delay=cfg.failback_delay,
             retry_interval=cfg.timing.monitor_interval,
+            lan_hold=cfg.timing.lan_hold,
+            data_guard=bool(cfg.mirror.trees),
         )
         persisted = self._load_state()
+        self.persisted = persisted
+        self.mirror = MirrorControl(cfg, name, on_exit=lambda *exit: self.events.put(("mirror", exit)))
         self.state = fsm.State(
             node=name,
             is_home=cfg.home == name,
             started=time.monotonic(),
             epoch=mirror_epoch.read_epoch(self.me.state_dir),
             owns_epoch=persisted.get("owns_epoch", False),
+            # the lock files are the truth: a lock taken before a restart is released by the
+            # same rules as one taken in this run (when the peer rejoins as a secondary)
+            mirror_locked=any(self.mirror.locked().values()),
             epoch_parity=1 if cfg.nodes[0].name == name else 0,
+            uptodate=persisted.get("uptodate", False),
+            peer_outdated=persisted.get("peer_outdated", False),
         )
         self.events: queue.Queue = queue.Queue()
         self.resources = build_resources(cfg, name)
-        self.mirror = MirrorControl(cfg, name)
         self.notifier = Notifier(cfg.notify, cfg.name, name, self.peer_name)
         self.lan = LanHealth(None)
         self.peer_msg: dict | None = None
@@ -88,7 +108,22 @@ class Node:
         self.heartbeat: HeartbeatChild | None = None
         self.heartbeat_restarts = 0
         self.vip_seen = False  # VIP found up by the monitor while not primary
+        self.resource_failure = ""  # a resource that could not be kept running here (fsm fact)
+        self._restarts: list[float] = []
+        self.replica = Replica(not self.mirror.trees, "not mirroring toward the peer")
+        self.replica_in_sync = False  # the last value given to the state machine (and advertised)
+        self.final_synced = False  # a planned switchover's final sync is done
+        self._replica_bad_since: float | None = None
+        self._replication_alerted = False
+        self._mirror_exits: collections.Counter = (
+            collections.Counter()
+        )  # unexpected exits in a row, per process
+        self._mirror_alerted: set[str] = set()
+        self._next_replica_check = 0.0
         self.transitions: collections.deque = collections.deque(maxlen=20)
+        self.progress = watchdog.Progress()
+        self.feeder: watchdog.Feeder | None = None
+        self._last_iteration = time.monotonic()
         self._pending_reply: dict | None = None
         self._stop = threading.Event()
         self._advertised: dict | None = None
@@ -124,8 +159,30 @@ class Node:
             return {}
 
     def _save_state(self) -> None:
-        data = {"role": self.state.role, "epoch": self.state.epoch, "owns_epoch": self.state.owns_epoch, "time": time.time()}
+        """node-state.json, written (fsynced) before the heartbeat says anything it implies."""
+        s, old, now = self.state, self.persisted, time.time()
+
+        def since(key: str, flag: bool, flag_before: bool) -> float | None:
+            """When ``flag`` last became true (kept while it stays true), None while false."""
+            if not flag:
+                return None
+            return old.get(key) or now if flag_before else now
+
+        data = {
+            "role": s.role, "epoch": s.epoch, "owns_epoch": s.owns_epoch, "time": now,
+            "uptodate": s.uptodate, "peer_outdated": s.peer_outdated,
+            # since when our copy has not been known complete; since when the peer's has lacked ours
+            "outdated_since": since("outdated_since", not s.uptodate, bool(old) and not old.get("uptodate", False)),
+            "peer_outdated_since": since("peer_outdated_since", s.peer_outdated, old.get("peer_outdated", False)),
+        }  # fmt: skip
         atomic_write(self._state_path(), json.dumps(data).encode() + b"\n", 0o600)
+        self.persisted = data
+
+    def _persisted_changed(self) -> bool:
+        s, old = self.state, self.persisted
+        return (s.role, s.epoch, s.owns_epoch, s.uptodate, s.peer_outdated) != (
+            old.get("role"), old.get("epoch"), old.get("owns_epoch"), old.get("uptodate", False), old.get("peer_outdated", False)
+        )  # fmt: skip
 
     # ------------------------------------------------------------ facts
 
@@ -139,34 +196,78 @@ class Node:
             peer = fsm.PeerView(
                 name=self.peer_name, role=p["role"], epoch=p["epoch"], owns_epoch=p["owns_epoch"],
                 standby=p["standby"], lan_ok=p["lan_ok"], serving=p["serving"], request=p["request"],
-                home=self.cfg.home == self.peer_name,
+                home=self.cfg.home == self.peer_name, uptodate=p["uptodate"], in_sync=p["in_sync"],
             )  # fmt: skip
         now = time.monotonic()
+        if not self.mirror.trees:
+            in_sync = True
+        elif self.state.role == fsm.RELEASING:
+            in_sync = self.final_synced
+        else:
+            in_sync = self.mirror.direction == "send" and self.replica.in_sync
         return fsm.Facts(
             now=now,
             # When the peer is declared silent it was last heard a dead time ago, and the first
             # heartbeat missed was due one interval later: a cut that silenced it came before
             # that, so only a probe sent after it proves our LAN survived the cut.
-            lan_confirmed=self.lan_monitor.answered_since(now - self.cfg.timing.deadtime + self.cfg.timing.interval),
+            lan_confirmed=self.lan_monitor.answered_since(
+                now - self.cfg.timing.deadtime + self.cfg.timing.interval
+            ),
             lan_ok=self.lan.ok,
             lan_problem=self.lan.problem,
             peer=peer,
             standby_lock=lockfile.is_locked(self.standby_lock_path()),
             command=command,
+            resource_failure=self.resource_failure,
+            replica_in_sync=in_sync,
         )
 
     # ------------------------------------------------------------ the loop
 
     def start(self) -> None:
+        self.resources.prepare()
         self._start_heartbeat()
         self.lan_monitor.start()
         self.control = ControlServer(self.cfg.control_socket(self.name), self._control_request)
+        fd = os.environ.get(watchdog.ENV)
+        if fd is not None:
+            os.set_blocking(int(fd), False)
+        self.feeder = watchdog.Feeder(
+            None if fd is None else int(fd), self.cfg.timing.watchdog / 4, self.progress, self.cfg.timing.watchdog,
+            lambda: self.heartbeat and self.heartbeat.keepalive(),
+        )  # fmt: skip
         log.info("node %s started (epoch %d, home %s)", self.name, self.state.epoch, self.cfg.home)
 
     def _start_heartbeat(self) -> None:
-        self.heartbeat = HeartbeatChild(config_message(self.cfg, self.name), lambda m: self.events.put(("hb", m)))
+        child = HeartbeatChild(
+            config_message(self.cfg, self.name), lambda m: self.events.put(("hb", (child, m)))
+        )
+        self.heartbeat = child
         self._advertised = None
         self._advertise()
+
+    def _check_heartbeat(self) -> None:
+        """A heartbeat process that reports nothing for timing.watchdog seconds (it reports
+        every half dead time) is frozen: it is replaced.  A gap in our own loop is not its
+        fault: then the clock starts again."""
+        now = time.monotonic()
+        limit = self.cfg.timing.watchdog
+        stalled, self._last_iteration = now - self._last_iteration > limit / 2, now
+        hb = self.heartbeat
+        if hb is None or self._stop.is_set():
+            return
+        if stalled:
+            hb.last_message = max(hb.last_message, now)
+            return
+        if now - hb.last_message < limit:
+            return
+        self._notify(
+            "heartbeat",
+            f"the heartbeat process (pid {hb.proc.pid}) reported nothing for {limit:g} s: replacing it",
+        )
+        hb.kill()
+        hb.stop(1)
+        self._start_heartbeat()
 
     def stop(self) -> None:
         self._stop.set()
@@ -181,22 +282,33 @@ class Node:
                     kind, payload = self.events.get(timeout=TICK)
                 except queue.Empty:
                     kind, payload = "tick", None
+                self.progress.beat()
+                self._check_heartbeat()
                 command = None
                 if kind == "hb":
-                    if not self._heartbeat_message(payload):
-                        continue
+                    child, payload = payload
+                    if child is not self.heartbeat or not self._heartbeat_message(payload):
+                        continue  # a replaced child's last words, or nothing to decide
                 elif kind == "lan":
                     if payload.ok is not self.lan.ok and payload.ok is not None:
-                        log.info("own LAN %s%s", "healthy" if payload.ok else "unhealthy", f": {payload.problem}" if payload.problem else "")
+                        log.info(
+                            "own LAN %s%s",
+                            "healthy" if payload.ok else "unhealthy",
+                            f": {payload.problem}" if payload.problem else "",
+                        )
                     self.lan = payload
                 elif kind == "cmd":
                     command = self._admin_command(payload)
                     if command is None:
                         continue
+                elif kind == "mirror":
+                    self._mirror_exit(*payload)
                 elif kind == "stop":
                     break
-                self._step(command)
-                self._monitor()
+                with self.progress.busy(ITERATION_BOUND):
+                    self._step(command)
+                    self._monitor()
+                    self._watch_replication()
         finally:
             self.shutdown()
 
@@ -247,13 +359,20 @@ class Node:
             reply.put(self.status())
             return None
         if command == "standby":
-            info = lockfile.acquire(self.standby_lock_path(), reason=request.get("reason") or "hawrap standby")
+            info = lockfile.acquire(
+                self.standby_lock_path(), reason=request.get("reason") or "hawrap standby"
+            )
             self._pending_reply = {"reply": reply, "command": "standby"}
             log.info("standby requested: %s", info.describe())
             return "standby"
         if command == "resume":
             if self.lan.ok is not True:
-                reply.put({"ok": False, "error": f"resume refused: own LAN unhealthy ({self.lan.problem or 'no verdict yet'})"})
+                reply.put(
+                    {
+                        "ok": False,
+                        "error": f"resume refused: own LAN unhealthy ({self.lan.problem or 'no verdict yet'})",
+                    }
+                )
                 return None
             removed = lockfile.release(self.standby_lock_path())
             self._pending_reply = {"reply": reply, "command": "resume", "removed": removed}
@@ -270,11 +389,21 @@ class Node:
         before = self.state
         new, actions = fsm.decide(before, facts, self.policy)
         self.state = new
-        self._execute(actions, facts)
-        if (self.state.role, self.state.epoch, self.state.owns_epoch) != (before.role, before.epoch, before.owns_epoch):
+        self.replica_in_sync = facts.replica_in_sync
+        self._execute(actions, facts, before)
+        if self.state.role != fsm.PRIMARY:
+            self.resource_failure, self._restarts = "", []
+        if self._persisted_changed():
             self._save_state()
             if self.state.role != before.role:
-                self.transitions.append({"time": time.time(), "from": before.role, "to": self.state.role, "reason": self.state.reason})
+                self.transitions.append(
+                    {
+                        "time": time.time(),
+                        "from": before.role,
+                        "to": self.state.role,
+                        "reason": self.state.reason,
+                    }
+                )
                 log.warning("%s -> %s: %s", before.role, self.state.role, self.state.reason)
                 if self.on_role_change is not None:
                     self.on_role_change(self.state.role, self.state.reason)
@@ -282,34 +411,59 @@ class Node:
             pending, self._pending_reply = self._pending_reply, None
             ok = (self.state.role == fsm.STANDBY) if command == "standby" else self.state.role != fsm.STANDBY
             pending["reply"].put({"ok": ok, "role": self.state.role, "reason": self.state.reason})
+        elif fsm_command and self._pending_reply:  # its reply was in the actions a failure cut short
+            pending, self._pending_reply = self._pending_reply, None
+            pending["reply"].put({"ok": False, "message": self.state.reason, "role": self.state.role})
         self._advertise()
 
-    def _execute(self, actions: list[fsm.Action], facts: fsm.Facts) -> None:
+    def _execute(self, actions: list[fsm.Action], facts: fsm.Facts, before: fsm.State) -> None:
+        """Carry out ``actions`` in order.  A takeover (its actions begin with the address
+        check) is all or nothing: the check failing leaves ``before`` as it was; any later
+        step failing is rolled back by the state machine's ``takeover_failed``."""
+        takeover = bool(actions) and isinstance(actions[0], fsm.CheckAddressFree)
         for action in actions:
             started = time.monotonic()
             try:
-                self._do(action)
-            except (ResourceError, HawrapError, OSError) as exc:
+                with self.progress.busy(self._bound(action)):
+                    self._do(action)
+            except (ResourceError, HawrapError, MirrorError, OSError) as exc:
                 log.error("%s failed: %s", type(action).__name__, exc)
-                if isinstance(action, fsm.StartResources):
-                    self.state, more = fsm.takeover_failed(self.state, facts, self.policy, str(exc))
-                    self._execute(more, facts)
+                if isinstance(action, fsm.CheckAddressFree):
+                    self.state, more = fsm.takeover_refused(before, facts, self.policy, str(exc))
+                    self._execute(more, facts, before)
+                    return
+                if isinstance(action, fsm.StartResources) or (
+                    takeover and isinstance(action, (fsm.AcquireMirrorLock, fsm.RaiseEpoch))
+                ):
+                    self.state, more = fsm.takeover_failed(before, self.state, facts, self.policy, str(exc))
+                    self._execute(more, facts, before)
                     return
                 if isinstance(action, fsm.FinalSync):
                     self.state, more = fsm.release_failed(self.state, facts, self.policy, str(exc))
-                    self._execute(more, facts)
+                    self._execute(more, facts, before)
                     return
                 self._notify("error", f"{type(action).__name__} failed: {exc}")
             took = time.monotonic() - started
             if took > 0.005:
                 log.info("%s took %.0f ms", type(action).__name__, took * 1000)
 
+    def _bound(self, action: fsm.Action) -> float:
+        """How long ``action`` may take, by its own timeouts (for the watchdog)."""
+        services = sum(svc.timeout for svc in self.cfg.services) * 2
+        if isinstance(action, fsm.FinalSync):
+            return FINAL_SYNC_TIMEOUT + 60
+        if isinstance(action, (fsm.StartResources, fsm.StopResources, fsm.StopServices)):
+            return services + ITERATION_BOUND
+        return ITERATION_BOUND
+
     def _do(self, action: fsm.Action) -> None:
         if isinstance(action, fsm.Notify):
             self._notify(action.event, action.message)
         elif isinstance(action, fsm.Reply):
             if self._pending_reply and self._pending_reply["command"] in fsm.COMMANDS:
-                self._pending_reply["reply"].put({"ok": action.ok, "message": action.message, "role": self.state.role})
+                self._pending_reply["reply"].put(
+                    {"ok": action.ok, "message": action.message, "role": self.state.role}
+                )
                 self._pending_reply = None
         elif isinstance(action, fsm.AcquireMirrorLock):
             self.mirror.acquire_locks(action.reason)
@@ -323,8 +477,11 @@ class Node:
             self.mirror.observe_epochs(action.epoch)
         elif isinstance(action, fsm.WriteStandbyLock):
             lockfile.acquire(self.standby_lock_path(), reason=action.reason)
+        elif isinstance(action, fsm.CheckAddressFree):
+            if self.resources.vip is not None:
+                self.resources.vip.check_free()
         elif isinstance(action, fsm.StartResources):
-            self.resources.start()
+            self.resources.start(checked=True)
             self.vip_seen = False
         elif isinstance(action, fsm.StopServices):
             for error in self.resources.stop_services():
@@ -334,12 +491,17 @@ class Node:
                 self._notify("error", error)
             self.vip_seen = False
         elif isinstance(action, fsm.Reannounce):
-            if self.resources.vip is not None:
-                self.resources.vip.announce()
+            if self.resources.vip is not None and not self.resources.vip.announce():
+                log.warning("%s is not here: not announcing it", self.resources.vip.name)
         elif isinstance(action, fsm.FinalSync):
-            self.mirror.final_sync()
+            self.final_synced = False
+            self.mirror.final_sync(FINAL_SYNC_TIMEOUT)
+            self.final_synced = True
         elif isinstance(action, fsm.SetMirrorDirection):
+            if action.direction == "send":
+                self.final_synced = False
             self.mirror.set_direction(action.direction)
+            self.replica = self.mirror.replica() if action.direction == "send" else self.replica
 
     def _notify(self, event: str, message: str) -> None:
         self.notifier.notify(event, message, self.state.role, self.state.epoch)
@@ -354,44 +516,112 @@ class Node:
             "lan_ok": self.lan.ok,
             "serving": s.serving or self.vip_seen,
             "request": s.request,
+            "uptodate": s.uptodate,
+            "in_sync": self.replica_in_sync and s.role in (fsm.PRIMARY, fsm.RELEASING),
         }
         if state != self._advertised and self.heartbeat is not None:
             self.heartbeat.update(state)
             self._advertised = state
 
     def _monitor(self) -> None:
-        """Every monitor_interval: restart failed services while primary; anywhere else, a VIP
+        """Every monitor_interval: restart what failed while primary; anywhere else, a VIP
         found up (someone tried to serve here) is advertised (the peer pushes back) and removed."""
         now = time.monotonic()
         if now < self._next_monitor:
             return
         self._next_monitor = now + self.cfg.timing.monitor_interval
+        with self.progress.busy(sum(svc.timeout for svc in self.cfg.services) * 2 + ITERATION_BOUND):
+            self._monitor_resources(now)
+
+    def _monitor_resources(self, now: float) -> None:
         if self.state.role == fsm.PRIMARY:
-            if self.resources.vip is not None:
-                if not self.resources.vip.running():
-                    self._notify("resource", f"{self.resources.vip.name} vanished: adding it again")
-                    self._restart_resources()
-                    return
-                self.resources.vip.refresh()
-            failed = self.resources.failed_services()
-            if failed:
-                self._notify("resource", f"service(s) {', '.join(failed)} failed their monitor: restarting")
-                self._restart_resources()
+            if self.resource_failure:
+                return  # the state machine hands over (or keeps serving what still runs)
+            failed = self.resources.failed()
+            seen_at = time.monotonic()
+            if not failed:
+                if self.resources.vip is not None:
+                    self.resources.vip.refresh(seen_at)
+                return
+            what = ", ".join(failed)
+            self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
+            if len(self._restarts) > RESTART_LIMIT:
+                self.resource_failure = (
+                    f"{what} failed {len(self._restarts)} times within {RESTART_WINDOW:g} s"
+                )
+                return
+            self._notify(
+                "resource", f"{what} not running: restarting {'it' if len(failed) == 1 else 'them'} here"
+            )
+            try:
+                self.resources.restart(failed)
+            except ResourceError as exc:
+                self.resource_failure = f"restarting {what} failed: {exc}"
         elif self.state.role in (fsm.STANDBY, fsm.SECONDARY, fsm.INIT):
             if self.resources.vip_present():
                 self.vip_seen = True
                 self._advertise()
-                self._notify("push-back", f"{self.resources.vip.name} found up on a node in role {self.state.role}: removing it")
+                self._notify(
+                    "push-back",
+                    f"{self.resources.vip.name} found up on a node in role {self.state.role}: removing it",
+                )
                 for error in self.resources.stop():
                     self._notify("error", error)
                 self.vip_seen = False
                 self._advertise()
 
-    def _restart_resources(self) -> None:
-        try:
-            self.resources.start()
-        except ResourceError as exc:
-            self._notify("resource", f"restart failed: {exc}")
+    # ------------------------------------------------------------ replication
+
+    def _mirror_exit(self, name: str, code: int | None, message: str) -> None:
+        """A mirror process exited (its supervisor restarts it): say so, once, when restarting
+        will not help: refused for its epoch or its secret, or exiting again and again."""
+        self._mirror_exits[name] += 1
+        if name in self._mirror_alerted:
+            return
+        if code == EXIT_STALE_EPOCH:
+            what = f"the peer refused our changes: its copy has a newer epoch than ours ({message})"
+        elif code == EXIT_AUTH:
+            what = f"authentication failed: mirror.secret_file differs between the nodes ({message})"
+        elif self._mirror_exits[name] >= MIRROR_EXITS_BEFORE_ALERT:
+            last = "could not start" if code is None else f"exit {code}"
+            what = f"exited {self._mirror_exits[name]} times in a row (last: {last}): {message}"
+        else:
+            return
+        self._mirror_alerted.add(name)
+        self._notify("replication", f"mirror {name}: {what}")
+
+    def _watch_replication(self) -> None:
+        """While sending: is the replica live?  Told once when it has not been for
+        mirror.alert_after seconds while the peer could receive, and again when it recovers."""
+        now = time.monotonic()
+        if now < self._next_replica_check:
+            return
+        self._next_replica_check = now + REPLICA_CHECK_INTERVAL
+        if self.mirror.direction != "send":
+            self._replica_bad_since = None
+            return
+        self.replica = self.mirror.replica()
+        if self.replica.in_sync:
+            if self._replication_alerted:
+                self._notify("replication-restored", f"the replica on {self.peer_name} is live again")
+            self._replica_bad_since, self._replication_alerted = None, False
+            self._mirror_exits.clear()
+            self._mirror_alerted.clear()
+            return
+        if self._replica_bad_since is None:
+            self._replica_bad_since = now
+        peer = self.facts().peer
+        receiving = peer is not None and peer.role == fsm.SECONDARY and not peer.standby
+        if (
+            not self._replication_alerted
+            and receiving
+            and now - self._replica_bad_since >= self.cfg.mirror.alert_after
+        ):
+            self._replication_alerted = True
+            self._notify(
+                "replication",
+                f"replication toward {self.peer_name} not live for {now - self._replica_bad_since:.0f} s: {self.replica.detail}",
+            )
 
     def _control_request(self, request: dict) -> dict:
         reply: queue.Queue = queue.Queue()
@@ -417,13 +647,34 @@ class Node:
             "home": self.cfg.home,
             "serving": s.serving,
             "request": s.request,
-            "lan": {"ok": self.lan.ok, "problem": self.lan.problem, "carrier": self.lan.carrier, "ping_reachable": list(self.lan.reachable)},
+            "lan": {
+                "ok": self.lan.ok,
+                "problem": self.lan.problem,
+                "carrier": self.lan.carrier,
+                "ping_reachable": list(self.lan.reachable),
+            },
             "peer": {"name": self.peer_name, "alive": self.peer_alive, **(peer or {})},
             "links": self.links,
             "link_stats": (self.peer_msg or {}).get("stats", {}),
             "standby_lock": (lambda i: i.as_dict() if i else None)(lockfile.status(self.standby_lock_path())),
-            "mirror": {"direction": self.mirror.direction, "locked": self.mirror.locked(), "epochs": self.mirror.epochs()},
-            "vip": {"address": self.cfg.vip.address, "present": self.resources.vip_present()} if self.cfg.vip else None,
+            "mirror": {
+                "direction": self.mirror.direction,
+                "locked": self.mirror.locked(),
+                "epochs": self.mirror.epochs(),
+            },
+            "data": {
+                "guarded": self.policy.data_guard,
+                "uptodate": s.uptodate,
+                "outdated_since": self.persisted.get("outdated_since"),
+                "peer_outdated": s.peer_outdated,
+                "peer_outdated_since": self.persisted.get("peer_outdated_since"),
+                "replica": {"in_sync": self.replica.in_sync, "detail": self.replica.detail}
+                if self.mirror.direction == "send"
+                else None,
+            },
+            "vip": {"address": self.cfg.vip.address, "present": self.resources.vip_present()}
+            if self.cfg.vip
+            else None,
             "transitions": list(self.transitions),
             "pid": os.getpid(),
         }
@@ -432,6 +683,9 @@ class Node:
 
     def shutdown(self) -> None:
         """Orderly stop: stop serving (the peer takes over when our heartbeats stop)."""
+        if self.feeder:
+            self.feeder.stop()
+            self.feeder = None
         if self.control:
             self.control.close()
             self.control = None
@@ -439,6 +693,7 @@ class Node:
             log.warning("shutting down while %s: stopping resources", self.state.role)
         for error in self.resources.stop():
             log.error("%s", error)
+        self.resources.close()
         self.mirror.close()
         if self.heartbeat:
             self.heartbeat.stop()

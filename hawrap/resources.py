@@ -9,11 +9,18 @@ is cleanly stopped, anything else when it failed.
 
 The virtual IP:
 
-* ``start``: an ``arping`` duplicate address check first (if another host answers for the
-  address, taking it would split the LAN's ARP caches: refuse), then ``ip addr add``, then a
-  gratuitous ARP (``arping -U``) so that clients and routers switch at once, repeated a few
-  times in the background in case the first is lost.
+* ``check_free``: a duplicate address check (an ARP probe): if another host answers for the
+  address, taking it would split the LAN's ARP caches, so a takeover stops there, before it
+  has changed anything.
+* ``start``: ``ip addr add``, then a gratuitous ARP so that clients and routers switch at
+  once, repeated a few times in the background in case the first is lost.  The repeats
+  belong to that holding: each one first checks that the address is still here, and
+  ``stop`` ends them.
 * ``stop``: ``ip addr del``.  ``monitor``: is the address on the interface.
+
+Whether an ``ip`` command worked is judged by the interface afterwards, never by the
+wording of its error (which changes between kernels: "File exists", "Address already
+assigned").
 * ``kind = "dummy"`` replaces all of that by a marker file: the demo and unit tests run
   without root.
 
@@ -35,6 +42,8 @@ from .config import ServiceConfig, VipConfig
 from .errors import ResourceError
 
 log = logging.getLogger(__name__)
+
+REFRESH_FRESH = 0.2  # seconds: how recent the sight of the address must be to renew it
 
 OCF_SUCCESS = 0
 OCF_ERR_GENERIC = 1
@@ -62,7 +71,9 @@ def ocf_meaning(code: int) -> str:
     return OCF_MEANINGS.get(code, "unknown exit code")
 
 
-def run_command(argv: tuple[str, ...] | list[str], timeout: float, shell: bool = False, env: dict | None = None) -> tuple[int, str]:
+def run_command(
+    argv: tuple[str, ...] | list[str], timeout: float, shell: bool = False, env: dict | None = None
+) -> tuple[int, str]:
     """Run a resource command; returns (exit code, last lines of its output)."""
     cmd = argv[0] if shell else list(argv)
     try:
@@ -117,7 +128,9 @@ class Service(Resource):
             return
         code, out = self._run("start")
         if code != OCF_SUCCESS:
-            raise ResourceError(f"service {self.name}: start exited {code} ({ocf_meaning(code)}): {out}", code)
+            raise ResourceError(
+                f"service {self.name}: start exited {code} ({ocf_meaning(code)}): {out}", code
+            )
         self._wait_for(OCF_SUCCESS, "start")
 
     def stop(self) -> None:
@@ -167,6 +180,8 @@ class VirtualIP(Resource):
         self._flavour: str | None = None
         self._garp_thread: threading.Thread | None = None
         self._garp_stop = threading.Event()
+        self._arp = arp.ArpSocket(interface)
+        self._arp_lock = threading.Lock()  # the node's loop and the announcement thread share it
 
     # -- dummy kind
     def _dummy_start(self) -> None:
@@ -189,7 +204,10 @@ class VirtualIP(Resource):
         code, out = self._ip("-o", "-4", "addr", "show", "dev", self.interface)
         if code != 0:
             return False
-        return any(f" {self.cfg.address} " in f" {line} " or f"inet {self.cfg.address} " in line for line in out.splitlines())
+        return any(
+            f" {self.cfg.address} " in f" {line} " or f"inet {self.cfg.address} " in line
+            for line in out.splitlines()
+        )
 
     def flavour(self) -> str:
         if self._flavour is None:
@@ -202,7 +220,8 @@ class VirtualIP(Resource):
         flavour = self.flavour()
         if flavour == "builtin":
             try:
-                return arp.probe(self.interface, ip, self.cfg.dad_timeout)
+                with self._arp_lock:
+                    return self._arp.probe(ip, self.cfg.dad_timeout)
             except OSError as exc:
                 raise ResourceError(f"{self.name}: duplicate check failed: {exc}", OCF_ERR_GENERIC) from exc
         timeout = f"{self.cfg.dad_timeout:g}"
@@ -212,9 +231,23 @@ class VirtualIP(Resource):
             code, out = run_command(argv, 10.0)
             if "arping:" in out and code != 0 and "Timeout" not in out:
                 raise ResourceError(f"{self.name}: duplicate check failed: {out}", OCF_ERR_GENERIC)
-            return out.splitlines()[1] if code == 0 and len(out.splitlines()) > 1 else ("answered" if code == 0 else None)
+            return (
+                out.splitlines()[1]
+                if code == 0 and len(out.splitlines()) > 1
+                else ("answered" if code == 0 else None)
+            )
         # iputils: -D is duplicate address detection; exit 0 means no reply (address free)
-        argv = ("arping", "-D", "-c", "1", "-w", str(max(1, round(self.cfg.dad_timeout))), "-I", self.interface, ip)
+        argv = (
+            "arping",
+            "-D",
+            "-c",
+            "1",
+            "-w",
+            str(max(1, round(self.cfg.dad_timeout))),
+            "-I",
+            self.interface,
+            ip,
+        )
         code, out = run_command(argv, 10.0)
         return None if code == 0 else (out.splitlines()[-1] if out else "answered")
 
@@ -223,7 +256,8 @@ class VirtualIP(Resource):
         flavour = self.flavour()
         if flavour == "builtin":
             try:
-                arp.gratuitous(self.interface, ip)
+                with self._arp_lock:
+                    self._arp.gratuitous(ip)
             except OSError as exc:
                 log.warning("%s: gratuitous ARP failed: %s", self.name, exc)
             return
@@ -235,13 +269,24 @@ class VirtualIP(Resource):
         if code > 1:
             log.warning("%s: gratuitous ARP failed (%d): %s", self.name, code, out)
 
-    def start(self) -> None:
+    def prepare(self) -> None:
+        """Open what a takeover needs ahead of time (the packet socket): off its critical path."""
+        if self.cfg.kind == "ip" and self.flavour() == "builtin":
+            with self._arp_lock:
+                try:
+                    self._arp._open()
+                except OSError as exc:
+                    log.warning("%s: cannot open an ARP socket yet: %s", self.name, exc)
+
+    def close(self) -> None:
+        self._stop_garp()
+        with self._arp_lock:
+            self._arp.close()
+
+    def check_free(self) -> None:
+        """Raise ResourceError if another host answers ARP for the address (nothing is changed)."""
         if self.cfg.kind == "dummy":
-            self._dummy_start()
             return
-        # No "is it already here?" query first: the probe ignores our own MAC, and adding an
-        # address we hold is "File exists", so start stays idempotent with one command less
-        # on the takeover path.
         other = self.duplicate()
         if other:
             raise ResourceError(
@@ -249,20 +294,35 @@ class VirtualIP(Resource):
                 "not taking it (both would answer ARP)",
                 OCF_ERR_GENERIC,
             )
+
+    def start(self, check: bool = True) -> None:
+        """Add the address (after ``check_free`` unless the caller just did it) and announce it."""
+        if self.cfg.kind == "dummy":
+            self._dummy_start()
+            return
+        if check:
+            self.check_free()
         args = ["addr", "add", self.cfg.address, "dev", self.interface]
         if self.cfg.lifetime:
             args += ["valid_lft", str(self.cfg.lifetime), "preferred_lft", str(self.cfg.lifetime)]
         code, out = self._ip(*args)
-        if code != 0 and "File exists" not in out:
+        if code != 0 and not self.running():
             raise ResourceError(f"{self.name}: ip addr add failed: {out}", OCF_ERR_GENERIC)
-        self.announce()
+        self._announce()
 
-    def announce(self) -> None:
+    def announce(self) -> bool:
+        """Announce the address again (a clashing peer was pushed back), only if it is here:
+        an announcement for an address we do not hold would pull clients to a node that
+        cannot answer them.  Returns whether it was announced."""
+        if self.cfg.kind == "dummy" or not self.running():
+            return False
+        self._announce()
+        return True
+
+    def _announce(self) -> None:
         """``garp_count`` gratuitous ARPs ``garp_interval`` apart.  The built-in first one goes
         out at once (microseconds); the rest, and all of an external arping's, from a
         background thread, so the services start meanwhile."""
-        if self.cfg.kind == "dummy":
-            return
         self._stop_garp()
         stop = self._garp_stop = threading.Event()
         count, wait_first = self.cfg.garp_count, False
@@ -273,6 +333,10 @@ class VirtualIP(Resource):
         def repeat():
             for i in range(count):
                 if (i or wait_first) and stop.wait(self.cfg.garp_interval):
+                    return
+                # The address may have gone without stop() (expired, removed by hand): a
+                # repeat never outlives the holding it was started for.
+                if not self.running():
                     return
                 self.gratuitous_arp()
 
@@ -286,21 +350,38 @@ class VirtualIP(Resource):
             self._garp_thread.join()
             self._garp_thread = None
 
-    def refresh(self) -> None:
-        """Renew the address lifetime (``lifetime`` > 0): a dead hawrap lets it expire."""
-        if self.cfg.kind == "ip" and self.cfg.lifetime:
-            lifetime = str(self.cfg.lifetime)
-            self._ip("addr", "change", self.cfg.address, "dev", self.interface, "valid_lft", lifetime, "preferred_lft", lifetime)
+    def refresh(self, seen_at: float) -> None:
+        """Renew the address lifetime (``lifetime`` > 0): a dead hawrap lets it expire.
+
+        ``ip addr change`` adds the address if it is gone (the kernel ignores the missing
+        NLM_F_CREATE), so a renewal must never run on stale knowledge: only just after the
+        address was seen here (``seen_at``, monotonic), and it looks once more right before.
+        A node that was frozen between the two, and whose address expired meanwhile (the
+        peer may hold it now), would otherwise bring it back without any check."""
+        if self.cfg.kind != "ip" or not self.cfg.lifetime:
+            return
+        if time.monotonic() - seen_at > REFRESH_FRESH or not self.running():
+            return
+        lifetime = str(self.cfg.lifetime)
+        self._ip(
+            "addr",
+            "change",
+            self.cfg.address,
+            "dev",
+            self.interface,
+            "valid_lft",
+            lifetime,
+            "preferred_lft",
+            lifetime,
+        )
 
     def stop(self) -> None:
         self._stop_garp()
         if self.cfg.kind == "dummy":
             self._dummy_stop()
             return
-        if not self.running():
-            return
         code, out = self._ip("addr", "del", self.cfg.address, "dev", self.interface)
-        if code != 0 and "Cannot assign" not in out:
+        if code != 0 and self.running():
             raise ResourceError(f"{self.name}: ip addr del failed: {out}", OCF_ERR_GENERIC)
 
 
@@ -311,11 +392,38 @@ class ResourceGroup:
         self.vip = vip
         self.services = services
 
-    def start(self) -> None:
-        for resource in ([self.vip] if self.vip is not None else []) + self.services:
+    def _all(self) -> list[Resource]:
+        return ([self.vip] if self.vip is not None else []) + list(self.services)
+
+    def start(self, checked: bool = False) -> None:
+        """Start everything in order; ``checked``: the VIP's duplicate check was just done."""
+        for resource in self._all():
             started = time.monotonic()
-            resource.start()
+            if resource is self.vip:
+                self.vip.start(check=not checked)
+            else:
+                resource.start()
             log.info("%s started in %.0f ms", resource.name, (time.monotonic() - started) * 1000)
+
+    def failed(self) -> list[str]:
+        """The names of the resources that are not running (a monitor, in start order)."""
+        return [r.name for r in self._all() if not r.running()]
+
+    def restart(self, names: list[str]) -> None:
+        """Start again the resources named (those ``failed`` found), in start order, and
+        nothing else: a running service is never bounced because another one failed.  A
+        failed service is stopped first, as OCF asks, in case part of it lingers."""
+        for resource in self._all():
+            if resource.name not in names:
+                continue
+            started = time.monotonic()
+            if resource is not self.vip:
+                try:
+                    resource.stop()
+                except ResourceError as exc:
+                    log.warning("%s: stop before restart failed: %s", resource.name, exc)
+            resource.start()
+            log.info("%s restarted in %.0f ms", resource.name, (time.monotonic() - started) * 1000)
 
     def stop_services(self) -> list[str]:
         errors = []
@@ -338,6 +446,14 @@ class ResourceGroup:
 
     def vip_present(self) -> bool:
         return self.vip is not None and self.vip.running()
+
+    def prepare(self) -> None:
+        if self.vip is not None:
+            self.vip.prepare()
+
+    def close(self) -> None:
+        if self.vip is not None:
+            self.vip.close()
 
     def failed_services(self) -> list[str]:
         return [s.name for s in self.services if s.monitor() != OCF_SUCCESS]

@@ -25,6 +25,7 @@ import msgpack
 from .errors import WireError
 
 MAGIC = b"HW1"
+VERSION = 2  # 2: the data state (uptodate, in_sync)
 MAC_SIZE = 32
 MAX_PACKET = 1400  # one Ethernet frame; checked before anything is parsed
 MAX_RETIRED_BOOTS = 64
@@ -49,6 +50,8 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "serving": (bool,),
     "request": (str, type(None)),
     "links": (dict,),
+    "uptodate": (bool,),
+    "in_sync": (bool,),
 }
 
 
@@ -86,8 +89,10 @@ def decode(secret: bytes, packet: bytes) -> dict:
         value = fields[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise WireError(f"heartbeat field {name!r} has type {type(value).__name__}")
-    if fields["v"] != 1:
-        raise WireError(f"heartbeat version {fields['v']} is not supported")
+    if fields["v"] != VERSION:
+        raise WireError(
+            f"heartbeat version {fields['v']} is not supported (this hawrap speaks {VERSION}: run the same version on both nodes)"
+        )
     if fields["role"] not in ROLES or fields["request"] not in REQUESTS:
         raise WireError(f"unknown role {fields['role']!r} or request {fields['request']!r}")
     if fields["seq"] < 0 or fields["epoch"] < 0 or len(fields["boot"]) != 16:
@@ -123,7 +128,9 @@ class PeerTracker:
         if fields["node"] != self.peer_name:
             return Verdict(False, f"packet from unknown node {fields['node']!r}")
         if fields["link"] != arrived_on:
-            return Verdict(False, f"packet sent on link {fields['link']!r} arrived on {arrived_on!r} (replayed?)")
+            return Verdict(
+                False, f"packet sent on link {fields['link']!r} arrived on {arrived_on!r} (replayed?)"
+            )
         boot, seq = fields["boot"], fields["seq"]
         if boot in self.retired:
             return Verdict(False, "packet from a retired boot of the peer (replayed)")

@@ -39,11 +39,18 @@ def test_example_loads(tmp_path):
     text = open(EXAMPLE).read().replace("/etc/hawrap/secret", str(tmp_path / "secret"))
     cfg = config.load(write(tmp_path, text))
     assert [n.name for n in cfg.nodes] == ["alpha", "beta"]
-    assert cfg.timing.interval == 0.1 and cfg.timing.deadtime == 0.5
+    assert cfg.timing.interval == 0.05 and cfg.timing.deadtime == 0.25
+    assert cfg.timing.lan_hold == 1.0 and cfg.timing.watchdog == 2.0
+    assert cfg.mirror.max_lag == 2.0 and cfg.mirror.alert_after == 10.0
     assert cfg.vip.ip == "198.51.100.100" and cfg.vip_interface("alpha") == "eth0"
     assert cfg.services[0].monitor[0] == "sh" and cfg.mirror.trees[0].name == "spool"
     assert cfg.peer_of("alpha").name == "beta"
     assert cfg.standby_lock_path("beta") == "/var/lib/hawrap/beta/standby.lock"
+
+
+def test_watchdog_must_leave_room_for_the_heartbeat_report(tmp_path):
+    with pytest.raises(ConfigError, match="timing.watchdog"):
+        config.load(write(tmp_path, MINIMAL + "\n[timing]\ndeadtime = 1.0\nwatchdog = 1.5\n"))
 
 
 def test_minimal_defaults(tmp_path):
@@ -60,12 +67,18 @@ def test_minimal_defaults(tmp_path):
         (lambda t: t + "[timing]\ninterval = -1\n", "timing.interval: must be greater than 0"),
         (lambda t: t + "[timing]\nintervall = 1\n", "unknown key 'timing.intervall'"),
         (lambda t: t.replace('"127.0.0.3"', '"nope"'), "node[1].address.hb: 'nope' is not an IP address"),
-        (lambda t: t + "[vip]\naddress = \"198.51.100.1\"\n", "vip.address: needs a prefix length"),
-        (lambda t: t + "[vip]\naddress = \"198.51.100.1/24\"\nkind = \"magic\"\n", "vip.kind"),
-        (lambda t: t.replace('[cluster]\n', '[cluster]\nhome = "zed"\n'), "cluster.home"),
-        (lambda t: t + "[[mirror.tree]]\nname = \"x\"\npath = \"/x\"\nlock_file = \"/l\"\n", "mirror.secret_file is required"),
-        (lambda t: t + "[notify]\nsmtp_host = \"localhost\"\n", "notify.mail_to is required"),
-        (lambda t: t + "[[service]]\nname = \"s\"\nstart = [1]\nstop = \"x\"\nmonitor = \"y\"\n", "service[0].start: must be a list of strings"),
+        (lambda t: t + '[vip]\naddress = "198.51.100.1"\n', "vip.address: needs a prefix length"),
+        (lambda t: t + '[vip]\naddress = "198.51.100.1/24"\nkind = "magic"\n', "vip.kind"),
+        (lambda t: t.replace("[cluster]\n", '[cluster]\nhome = "zed"\n'), "cluster.home"),
+        (
+            lambda t: t + '[[mirror.tree]]\nname = "x"\npath = "/x"\nlock_file = "/l"\n',
+            "mirror.secret_file is required",
+        ),
+        (lambda t: t + '[notify]\nsmtp_host = "localhost"\n', "notify.mail_to is required"),
+        (
+            lambda t: t + '[[service]]\nname = "s"\nstart = [1]\nstop = "x"\nmonitor = "y"\n',
+            "service[0].start: must be a list of strings",
+        ),
         (lambda t: "this is = = not toml", "not valid TOML"),
     ],
 )

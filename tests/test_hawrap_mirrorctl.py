@@ -3,7 +3,9 @@ commands built from the configured templates and run as real processes."""
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import time
 
 import pytest
@@ -17,6 +19,7 @@ TEMPLATE = """
 [cluster]
 name = "t"
 secret_file = "secret"
+state_dir = "{root}/state"
 [[link]]
 name = "hb"
 [[link]]
@@ -47,7 +50,12 @@ state_dir = "{root}/{{node}}/www-state"
 
 
 @pytest.fixture
-def ctl(tmp_path):
+def exits():
+    return queue.Queue()
+
+
+@pytest.fixture
+def ctl(tmp_path, exits):
     (tmp_path / "secret").write_text("0123456789abcdef0123")
     (tmp_path / "msecret").write_text("x" * 32)
     recorder = tmp_path / "fake-mirror"
@@ -56,14 +64,15 @@ def ctl(tmp_path):
     recorder.write_text(
         f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n'
         f'if [ "$1" = sync ]; then exit $(cat {tmp_path}/sync-exit 2>/dev/null || echo 0); fi\n'
+        f'if [ "$1" = daemon ] && [ -f {tmp_path}/daemon-exit ]; then echo "mirror daemon: refused: stale epoch" >&2; exit $(cat {tmp_path}/daemon-exit); fi\n'
         "trap 'exit 0' TERM\nwhile :; do sleep 0.05; done\n"
     )
     recorder.chmod(0o755)
-    for sub in ("a/spool", "a/www"):
+    for sub in ("a/spool", "a/www", "state/a"):
         (tmp_path / sub).mkdir(parents=True)
     path = tmp_path / "h.toml"
     path.write_text(TEMPLATE.format(recorder=recorder, root=tmp_path))
-    c = mirrorctl.MirrorControl(config.load(str(path)), "a")
+    c = mirrorctl.MirrorControl(config.load(str(path)), "a", on_exit=lambda *e: exits.put(e))
     yield c, tmp_path
     c.close()
 
@@ -138,7 +147,10 @@ def test_a_daemon_that_exits_is_restarted(ctl, monkeypatch):
 def test_final_sync_runs_sync_with_delete_and_reports_failure(ctl):
     c, tmp = ctl
     c.final_sync()
-    assert calls(tmp)[0] == f"sync {tmp}/a/spool mirror://203.0.113.2:9999/spool --delete --secret-file {tmp}/msecret"
+    assert (
+        calls(tmp)[0]
+        == f"sync {tmp}/a/spool mirror://203.0.113.2:9999/spool --delete --secret-file {tmp}/msecret"
+    )
     (tmp / "sync-exit").write_text("4")
     with pytest.raises(HawrapError, match="final sync of spool failed \\(exit 4\\)"):
         c.final_sync()
@@ -152,3 +164,61 @@ def test_unknown_placeholder_names_the_config(ctl, tmp_path):
 
 def test_engine_available_is_false_for_a_missing_command(tmp_path):
     assert not mirrorctl.engine_available((os.path.join(str(tmp_path), "no-such-mirror"),))
+
+
+def test_an_exiting_daemon_is_reported_with_its_code_and_last_words(ctl, exits, monkeypatch):
+    c, tmp = ctl
+    monkeypatch.setattr(mirrorctl, "RESTART_DELAY", 0.05)
+    (tmp / "daemon-exit").write_text("4")
+    c.set_direction("send")
+    got = {exits.get(timeout=10)[:2] for _ in range(2)}
+    assert got == {("daemon spool", 4), ("daemon www", 4)}
+    name, code, message = exits.get(timeout=10)
+    assert code == 4 and message == "mirror daemon: refused: stale epoch"
+
+
+def _status(tmp, state="live", lag=0.0, updated=None):
+    path = tmp / "a" / "spool" / ".mirror" / "mirror-daemon.status.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pair = {
+        "name": "spool",
+        "state": state,
+        "lag_seconds": lag,
+        "last_error": "connection refused" if state != "live" else None,
+    }
+    path.write_text(
+        json.dumps({"pid": 1, "updated": time.time() if updated is None else updated, "pairs": [pair]})
+    )
+
+
+def test_replica_state_from_the_daemons_status(ctl):
+    c, tmp = ctl
+    assert c.replica() == mirrorctl.Replica(False, "not mirroring toward the peer")
+    c.set_direction("send")
+    (tmp / "a" / "www-state").mkdir()
+    www = tmp / "a" / "www-state" / "mirror-daemon.status.json"
+    www.write_text(json.dumps({"updated": time.time(), "pairs": [{"state": "live", "lag_seconds": 0.1}]}))
+    _status(tmp)
+    assert c.replica().in_sync
+    _status(tmp, lag=5.0)  # live, but further behind than mirror.max_lag
+    assert c.replica() == mirrorctl.Replica(False, "spool: 5.0 s behind")
+    _status(tmp, state="disconnected")
+    assert c.replica() == mirrorctl.Replica(False, "spool: disconnected (connection refused)")
+    _status(tmp, updated=time.time() - 10)  # a daemon that stopped writing its status
+    assert not c.replica().in_sync and "no fresh status" in c.replica().detail
+
+
+def test_mirror_processes_left_by_a_dead_node_are_stopped_by_cleanup(ctl):
+    c, tmp = ctl
+    c.set_direction("send")
+    wait_calls(tmp, 2)
+    pids = [p.proc.pid for p in c._procs]
+    assert sorted(os.listdir(tmp / "state" / "a")) == ["mirror-daemon-spool.pid", "mirror-daemon-www.pid"]
+    stopped = mirrorctl.stop_orphans(str(tmp / "state" / "a"))  # as if the node process had died
+    assert len(stopped) == 2 and os.listdir(tmp / "state" / "a") == []
+    for p in c._procs:
+        p.proc.wait(5)  # reaped by their supervising threads too; here: they are gone
+    assert all(
+        not os.path.exists(f"/proc/{pid}/cmdline") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        for pid in pids
+    )

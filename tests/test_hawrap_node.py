@@ -25,7 +25,9 @@ def cluster(tmp_path):
     for n in nodes.values():
         n.start()
     try:
-        assert wait_for(lambda: role(nodes["alpha"]) == "primary" and role(nodes["beta"]) == "secondary", 20), _logs(tmp_path)
+        assert wait_for(
+            lambda: role(nodes["alpha"]) == "primary" and role(nodes["beta"]) == "secondary", 20
+        ), _logs(tmp_path)
         yield nodes, tmp_path, notify_log
     finally:
         for n in nodes.values():
@@ -49,12 +51,16 @@ def test_home_node_wins_the_cold_start_and_status_json(cluster):
     nodes, tmp_path, notify_log = cluster
     assert serving(tmp_path, "alpha") == (True, True) and serving(tmp_path, "beta") == (False, False)
     # beta learns alpha's new role from alpha's next heartbeat, and writes its status file after.
-    assert wait_for(lambda: (nodes["beta"].status().get("peer") or {}).get("role") == "primary", 5), _logs(tmp_path)
+    assert wait_for(lambda: (nodes["beta"].status().get("peer") or {}).get("role") == "primary", 5), _logs(
+        tmp_path
+    )
     r = nodes["beta"].command("status", "--json")
     st = json.loads(r.stdout)
     assert r.returncode == 0 and st["role"] == "secondary" and st["peer"]["role"] == "primary"
     assert st["links"] == {"hb": True, "lan": True} and st["lan"]["ok"] is True
-    assert wait_for(lambda: notify_log.exists() and "demo/alpha MASTER 1 takeover" in notify_log.read_text(), 5)
+    assert wait_for(
+        lambda: notify_log.exists() and "demo/alpha MASTER 1 takeover" in notify_log.read_text(), 5
+    )
 
 
 def test_kill9_of_the_node_process_is_cleaned_up_by_the_supervisor(cluster):
@@ -70,6 +76,20 @@ def test_kill9_of_the_node_process_is_cleaned_up_by_the_supervisor(cluster):
     assert nodes["alpha"].status()["pid"] != pid
     assert serving(tmp_path, "alpha") == (False, False)
     assert "cleanup (node process" in (tmp_path / "alpha.log").read_text()
+
+
+def test_a_frozen_node_process_is_replaced_by_its_supervisor(cluster):
+    """SIGSTOP of the node process (its heartbeat process runs on): its keepalives stop, the
+    supervisor kills it after timing.watchdog, cleans up, says so, and starts a new one."""
+    nodes, tmp_path, notify_log = cluster
+    pid = nodes["alpha"].status()["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    assert wait_for(lambda: serving(tmp_path, "alpha") == (False, False), 10), _logs(tmp_path)
+    assert wait_for(lambda: role(nodes["beta"]) == "primary", 10), _logs(tmp_path)
+    assert wait_for(lambda: notify_log.exists() and "watchdog" in notify_log.read_text(), 5)
+    assert wait_for(lambda: role(nodes["alpha"]) in ("standby", "secondary"), 10), _logs(tmp_path)
+    assert nodes["alpha"].status()["pid"] != pid
+    assert not os.path.exists(f"/proc/{pid}")  # killed, not left frozen
 
 
 def test_standby_resume_failover_failback(cluster):
@@ -89,7 +109,9 @@ def test_standby_resume_failover_failback(cluster):
     assert wait_for(lambda: role(alpha) == "secondary", 5)
     # beta hands over only to a healthy secondary: it learns that alpha is one from alpha's
     # next heartbeat, not when alpha says so locally.
-    assert wait_for(lambda: _peer_seen_by(beta).get("role") == "secondary" and not _peer_seen_by(beta).get("standby"), 5)
+    assert wait_for(
+        lambda: _peer_seen_by(beta).get("role") == "secondary" and not _peer_seen_by(beta).get("standby"), 5
+    )
     r = beta.command("failover")
     assert r.returncode == 0, r.stderr
     assert wait_for(lambda: role(alpha) == "primary" and role(beta) == "secondary", 10)
@@ -130,7 +152,11 @@ def test_commands_when_not_running(tmp_path):
 
 def test_bad_config_is_a_clear_error(tmp_path):
     (tmp_path / "h.toml").write_text("[cluster]\n")
-    r = subprocess.run([sys.executable, "-m", "hawrap", "status", "--config", str(tmp_path / "h.toml"), "--node", "a"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "hawrap", "status", "--config", str(tmp_path / "h.toml"), "--node", "a"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "cluster.name: missing" in r.stderr
 
 

@@ -27,9 +27,9 @@ SECRET = b"s" * 32
 
 def fields(node="b", link="hb", boot=b"B" * 16, seq=1, peer_boot=None, **kw):
     base = {
-        "v": 1, "cluster": "c", "node": node, "link": link, "boot": boot, "seq": seq, "peer_boot": peer_boot,
+        "v": 2, "cluster": "c", "node": node, "link": link, "boot": boot, "seq": seq, "peer_boot": peer_boot,
         "role": "primary", "epoch": 3, "owns_epoch": True, "standby": False, "lan_ok": True,
-        "serving": True, "request": None, "links": {"hb": True},
+        "serving": True, "request": None, "links": {"hb": True}, "uptodate": True, "in_sync": True,
     }  # fmt: skip
     base.update(kw)
     return base
@@ -75,7 +75,7 @@ def _signed(body: bytes) -> bytes:
         msgpack.packb({k: v for k, v in fields().items() if k != "epoch"}, use_bin_type=True),
         msgpack.packb({**fields(), "standby": 1}, use_bin_type=True),
         msgpack.packb({**fields(), "links": {"hb": "yes"}}, use_bin_type=True),
-        msgpack.packb({**fields(), "v": 2}, use_bin_type=True),
+        msgpack.packb({**fields(), "v": 1}, use_bin_type=True),
     ],
 )
 def test_authenticated_but_malformed_bodies_are_rejected(body):
@@ -144,11 +144,11 @@ def free_port(host):
 
 
 class EngineThread:
-    def __init__(self, node, peer, links, interval=0.02, deadtime=0.1):
+    def __init__(self, node, peer, links, interval=0.02, deadtime=0.1, watchdog=None):
         self.parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cfg = {
             "cluster": "c", "node": node, "peer": peer, "secret": SECRET, "interval": interval,
-            "deadtime": deadtime, "links": links,
+            "deadtime": deadtime, "links": links, "watchdog": watchdog,
         }  # fmt: skip
         self.engine = HeartbeatEngine(cfg, child)
         self.child = child
@@ -174,6 +174,9 @@ class EngineThread:
 
     def state(self, **kw):
         self.parent.send(msgpack.packb({"t": "state", **kw}))
+
+    def keepalive(self):
+        self.parent.send(msgpack.packb({"t": "alive"}))
 
     def expect(self, predicate, timeout=5.0):
         deadline = time.monotonic() + timeout
@@ -221,7 +224,10 @@ def test_spoofed_packets_from_the_peer_address_are_dropped():
         forger.bind(("127.0.0.3", port))
         boot = secrets.token_bytes(16)
         for seq in range(1, 30):
-            forger.sendto(wire.encode(b"wrong-secret-wrong-secret", fields(node="b", boot=boot, seq=seq)), ("127.0.0.2", port))
+            forger.sendto(
+                wire.encode(b"wrong-secret-wrong-secret", fields(node="b", boot=boot, seq=seq)),
+                ("127.0.0.2", port),
+            )
             time.sleep(0.005)
         forger.close()
         report = a.expect(lambda m: m["stats"]["hb"][2] > 0)
@@ -254,3 +260,29 @@ def test_heartbeat_process_hardens_itself_where_permitted():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         policy, priority, problems, locked = json.loads(out.stdout)
         assert problems == [] and (policy, priority) == (os.SCHED_FIFO, 10) and locked
+
+
+def test_heartbeats_stop_while_the_node_process_is_silent_and_resume_with_it():
+    """The engine speaks for its node process only while that process shows signs of life
+    (any control message: a state update or the watchdog feeder's keepalive)."""
+    pa = free_port("127.0.0.2")
+    a = EngineThread("a", "b", [["hb", "127.0.0.2", "127.0.0.3", pa]], watchdog=0.4)
+    b = EngineThread("b", "a", [["hb", "127.0.0.3", "127.0.0.2", pa]])
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # a's node process alive (keepalives every 0.1 s): b hears a
+            a.keepalive()
+            try:
+                b.expect(lambda m: m["alive"], timeout=0.1)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "b never heard a"
+        b.expect(lambda m: not m["alive"], timeout=5)  # a's keepalives stopped: so do its heartbeats
+        sent = a.engine.links["hb"].sent
+        time.sleep(0.3)  # the fault: nothing from a's node process
+        assert a.engine.links["hb"].sent == sent
+        a.keepalive()
+        b.expect(lambda m: m["alive"], timeout=5)
+    finally:
+        a.close()
+        b.close()

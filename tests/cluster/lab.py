@@ -16,13 +16,16 @@ the lab's namespaces and deletes them.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -50,6 +53,15 @@ def can_run() -> str | None:
         return f"ip netns is unavailable here: {r.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+def require(*tools: str) -> None:
+    """Skip the calling test, naming the tool, when one it needs is not installed."""
+    import pytest
+
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -92,26 +104,67 @@ class Lab:
         sh("ip", "-n", br, "addr", "add", f"{PING_NODE}/24", "dev", "br0")
         for node, addr in (("a", NODE_LAN["a"]), ("b", NODE_LAN["b"]), ("c", CLIENT)):
             # both ends are created directly inside their namespaces: never in the host's
-            sh("ip", "link", "add", "lan0", "netns", self.ns[node], "type", "veth", "peer", "name", f"{node}-lan", "netns", br)
+            sh(
+                "ip",
+                "link",
+                "add",
+                "lan0",
+                "netns",
+                self.ns[node],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"{node}-lan",
+                "netns",
+                br,
+            )
             sh("ip", "-n", br, "link", "set", f"{node}-lan", "master", "br0", "up")
             sh("ip", "-n", self.ns[node], "addr", "add", f"{addr}/24", "dev", "lan0")
             sh("ip", "-n", self.ns[node], "link", "set", "lan0", "up")
-        sh("ip", "link", "add", "hb0", "netns", self.ns["a"], "type", "veth", "peer", "name", "hb0", "netns", self.ns["b"])
+        sh(
+            "ip",
+            "link",
+            "add",
+            "hb0",
+            "netns",
+            self.ns["a"],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "hb0",
+            "netns",
+            self.ns["b"],
+        )
         for node in ("a", "b"):
             sh("ip", "-n", self.ns[node], "addr", "add", f"{NODE_HB[node]}/24", "dev", "hb0")
             sh("ip", "-n", self.ns[node], "link", "set", "hb0", "up")
         # the LAN answers before anything is started (no DAD on IPv4; bridge learning is instant)
         deadline = time.monotonic() + 10
-        while sh("ip", "netns", "exec", self.ns["c"], "ping", "-c", "1", "-W", "1", PING_NODE, check=False).returncode != 0:
+        while (
+            sh(
+                "ip", "netns", "exec", self.ns["c"], "ping", "-c", "1", "-W", "1", PING_NODE, check=False
+            ).returncode
+            != 0
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError("lab LAN does not come up")
 
-    def run_in(self, node: str, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    def run_in(
+        self, node: str, *argv: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess:
         return sh("ip", "netns", "exec", self.ns[node], *argv, check=check, timeout=timeout)
 
     def spawn(self, node: str, argv: list[str], log: str) -> subprocess.Popen:
         out = open(os.path.join(self.workdir, log), "ab")
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[node], *argv], stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[node], *argv],
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         out.close()
         self.procs.append(proc)
         return proc
@@ -123,12 +176,34 @@ class Lab:
 
     def lan_port(self, node: str, forwarding: bool) -> None:
         """Block a node's bridge port (its carrier stays up: only the ping node tells)."""
-        sh("bridge", "-n", self.ns["br"], "link", "set", "dev", f"{node}-lan", "state", "3" if forwarding else "0")
+        require("bridge")
+        sh(
+            "bridge",
+            "-n",
+            self.ns["br"],
+            "link",
+            "set",
+            "dev",
+            f"{node}-lan",
+            "state",
+            "3" if forwarding else "0",
+        )
 
     def isolate_nodes(self, on: bool) -> None:
         """a and b cannot reach each other over the LAN; both still reach the ping node and the client."""
+        require("bridge")
         for node in ("a", "b"):
-            sh("bridge", "-n", self.ns["br"], "link", "set", "dev", f"{node}-lan", "isolated", "on" if on else "off")
+            sh(
+                "bridge",
+                "-n",
+                self.ns["br"],
+                "link",
+                "set",
+                "dev",
+                f"{node}-lan",
+                "isolated",
+                "on" if on else "off",
+            )
 
     def pids(self, node: str) -> list[int]:
         r = sh("ip", "netns", "pids", self.ns[node], check=False)
@@ -165,6 +240,66 @@ class Lab:
         if other in self.ns:
             self.link(other, "hb0", True)
 
+    def mac(self, node: str, dev: str = "lan0") -> str:
+        return self.run_in(node, "cat", f"/sys/class/net/{dev}/address").stdout.strip()
+
+    def block_heartbeats(self, sender: str, on: bool) -> None:
+        """Drop every heartbeat ``sender`` sends to its peer, on every link (one-way loss).
+
+        A policy rule in the sender's namespace matches the UDP heartbeat port only, so the
+        mirror traffic (TCP) on the same links still flows."""
+        peer = "b" if sender == "a" else "a"
+        for pref, addr in ((100, NODE_HB[peer]), (101, NODE_LAN[peer])):
+            rule = [
+                "rule",
+                "del" if not on else "add",
+                "to",
+                addr,
+                "ipproto",
+                "udp",
+                "dport",
+                str(HEARTBEAT_PORT),
+                "blackhole",
+                "pref",
+                str(pref),
+            ]
+            sh("ip", "-n", self.ns[sender], *rule, check=on)
+
+    def block_ping_replies(self, node: str, on: bool) -> None:
+        """The ping node's echo replies to ``node`` are lost (a rule in the bridge's namespace)."""
+        pref = 110 if node == "a" else 111
+        rule = [
+            "rule",
+            "add" if on else "del",
+            "to",
+            NODE_LAN[node],
+            "ipproto",
+            "icmp",
+            "blackhole",
+            "pref",
+            str(pref),
+        ]
+        sh("ip", "-n", self.ns["br"], *rule, check=on)
+
+    def block_mirror(self, on: bool, port: int = 8730) -> None:
+        """Mirror traffic from a to b is lost (both ways on the mirror port; heartbeats flow)."""
+        for node, peer, pref in (("a", "b", 120), ("b", "a", 121)):
+            for direction in ("dport", "sport"):
+                rule = [
+                    "rule",
+                    "add" if on else "del",
+                    "to",
+                    NODE_HB[peer],
+                    "ipproto",
+                    "tcp",
+                    direction,
+                    str(port),
+                    "blackhole",
+                    "pref",
+                    str(pref),
+                ]
+                sh("ip", "-n", self.ns[node], *rule, check=on)
+
     def vip_on(self, node: str) -> bool:
         r = self.run_in(node, "ip", "-o", "-4", "addr", "show", "dev", "lan0", check=False)
         return f"inet {VIP}/" in r.stdout
@@ -200,12 +335,15 @@ class Lab:
 def service_commands(workdir: str) -> dict[str, str]:
     """Start/stop/monitor of the small TCP service (OCF exit codes); pid file per node."""
     pidfile = f"{workdir}/$HAWRAP_NODE.service.pid"
+    broken = f"{workdir}/$HAWRAP_NODE.service.broken"  # a test makes the service unable to start
     server = f"{sys.executable} -I -S {HERE}/tcp_service.py --port {SERVICE_PORT} --name $HAWRAP_NODE --pidfile {pidfile}"
     return {
         # the server writes its pid file once it listens; monitor then says running
-        "start": f"setsid {server} >/dev/null 2>&1 < /dev/null &",
+        "start": f"test -e {broken} && exit 1; setsid {server} >/dev/null 2>&1 < /dev/null &",
         "stop": f"test -f {pidfile} && kill $(cat {pidfile}); rm -f {pidfile}; exit 0",
-        "monitor": f"test -f {pidfile} && kill -0 $(cat {pidfile}) 2>/dev/null && exit 0 || exit 7",
+        # a killed server is a zombie until whoever inherited it reaps it (here PID 1, slowly):
+        # kill -0 would still find it, so its state is read instead
+        "monitor": f'test -f {pidfile} && grep -qs "^State:[[:space:]]*[RSD]" /proc/$(cat {pidfile})/status && exit 0 || exit 7',
     }
 
 
@@ -215,7 +353,9 @@ def write_config(lab: Lab, initdead: float = 1.0, extra: str = "", timing: str =
         f.write(secrets.token_hex(32))
     notify = os.path.join(lab.workdir, "notify.sh")
     with open(notify, "w") as f:
-        f.write(f'#!/bin/sh\necho "$(date +%s.%N) $2 $3 $4 $HAWRAP_EVENT $HAWRAP_MESSAGE" >> {lab.workdir}/notify.log\n')
+        f.write(
+            f'#!/bin/sh\necho "$(date +%s.%N) $2 $3 $4 $HAWRAP_EVENT $HAWRAP_MESSAGE" >> {lab.workdir}/notify.log\n'
+        )
     os.chmod(notify, 0o755)
     svc = service_commands(lab.workdir)
     text = f"""
@@ -237,12 +377,12 @@ port = {HEARTBEAT_PORT}
 [[node]]
 name = "a"
 lan_interface = "lan0"
-address = {{ hb = "{NODE_HB['a']}", lan = "{NODE_LAN['a']}" }}
+address = {{ hb = "{NODE_HB["a"]}", lan = "{NODE_LAN["a"]}" }}
 
 [[node]]
 name = "b"
 lan_interface = "lan0"
-address = {{ hb = "{NODE_HB['b']}", lan = "{NODE_LAN['b']}" }}
+address = {{ hb = "{NODE_HB["b"]}", lan = "{NODE_LAN["b"]}" }}
 
 [timing]
 initdead = {initdead}
@@ -295,7 +435,19 @@ class Hawrap:
             proc.wait()
 
     def cli(self, node: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return self.lab.run_in(node, sys.executable, "-m", "hawrap", *args, "--config", self.config, "--node", node, check=False, timeout=timeout)
+        return self.lab.run_in(
+            node,
+            sys.executable,
+            "-m",
+            "hawrap",
+            *args,
+            "--config",
+            self.config,
+            "--node",
+            node,
+            check=False,
+            timeout=timeout,
+        )
 
     def status(self, node: str) -> dict | None:
         r = self.cli(node, "status", "--json", timeout=10)
@@ -308,6 +460,17 @@ class Hawrap:
     def role(self, node: str) -> str | None:
         st = self.status(node)
         return st["role"] if st else None
+
+    def pids(self, node: str) -> dict[str, int]:
+        """The node's hawrap processes: supervisor, node process, heartbeat process."""
+        out = {"supervisor": self.procs[node].pid}
+        for pid in _children(out["supervisor"]):
+            if "hawrap" in _cmdline(pid):
+                out["node"] = pid
+                for child in _children(pid):
+                    if "hawrap.heartbeat" in _cmdline(child):
+                        out["heartbeat"] = child
+        return out
 
     def logs(self) -> str:
         out = []
@@ -324,7 +487,18 @@ class Probe:
     def __init__(self, lab: Lab, interval: float = 0.02, timeout: float = 0.25, name: str = "probe"):
         self.lab = lab
         self.out = os.path.join(lab.workdir, f"{name}.jsonl")
-        argv = [sys.executable, f"{HERE}/probe.py", "--target", f"{VIP}:{SERVICE_PORT}", "--interval", str(interval), "--timeout", str(timeout), "--out", self.out]
+        argv = [
+            sys.executable,
+            f"{HERE}/probe.py",
+            "--target",
+            f"{VIP}:{SERVICE_PORT}",
+            "--interval",
+            str(interval),
+            "--timeout",
+            str(timeout),
+            "--out",
+            self.out,
+        ]
         self.proc = lab.spawn("c", argv, f"{name}.log")
 
     def stop(self) -> list[ProbeResult]:
@@ -367,6 +541,108 @@ def first_answer_after(results: list[ProbeResult], t: float, node: str) -> Probe
         if r.start >= t and r.answer == node:
             return r
     return None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class Toggler:
+    """A fault switched on and off at random (Jepsen's nemesis in miniature): on for
+    U(*on) seconds, off for U(*off), until ``stop()``, which leaves it off.  ``spans`` are
+    the (start, end) monotonic times it was on."""
+
+    def __init__(self, apply, rng: random.Random, on: tuple[float, float], off: tuple[float, float]):
+        self.apply, self.rng, self.on, self.off = apply, rng, on, off
+        self.spans: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="toggler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.rng.uniform(*self.off)):
+            self.apply(True)
+            began = time.monotonic()
+            self._stop.wait(self.rng.uniform(*self.on))
+            self.apply(False)
+            self.spans.append((began, time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def duty(self) -> float:
+        if not self.spans:
+            return 0.0
+        return sum(b - a for a, b in self.spans) / (self.spans[-1][1] - self.spans[0][0] + 1e-9)
+
+
+# ---------------------------------------------------------------- mirrored trees
+
+
+MIRROR = [sys.executable, "-m", "mirror"]
+MIRROR_PORT = 8730
+
+
+def tree(lab: Lab, node: str) -> str:
+    return os.path.join(lab.workdir, "data", node)
+
+
+def mirror_section(lab: Lab) -> str:
+    """The [mirror] part of the configuration: one tree per node under the lab's workdir."""
+    secret = os.path.join(lab.workdir, "mirror-secret")
+    with open(secret, "w") as f:
+        f.write(secrets.token_hex(32))
+    for node in ("a", "b"):
+        os.makedirs(tree(lab, node), exist_ok=True)
+    command = ", ".join(f'"{c}"' for c in MIRROR)
+    return f"""
+[mirror]
+command = [{command}]
+secret_file = "{secret}"
+port = {MIRROR_PORT}
+link = "hb"
+alert_after = 2.0
+
+[[mirror.tree]]
+name = "data"
+path = "{lab.workdir}/data/{{node}}"
+lock_file = "{lab.workdir}/data/{{node}}.mirror.lock"
+"""
+
+
+def snapshot(root: str) -> dict[str, str]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".mirror"]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+            except FileNotFoundError:
+                pass  # replaced or deleted while we walked
+    return out
+
+
+def write_files(root: str, prefix: str, n: int, size: int = 100) -> None:
+    for i in range(n):
+        sub = os.path.join(root, f"d{i % 7}")
+        os.makedirs(sub, exist_ok=True)
+        with open(os.path.join(sub, f"{prefix}-{i}.bin"), "wb") as f:
+            f.write(os.urandom(size + i * 37))
 
 
 def wait_for(predicate, timeout: float, step: float = 0.05):

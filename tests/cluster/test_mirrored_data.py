@@ -7,14 +7,23 @@ themselves as soon as the engine lands.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import secrets
-import sys
 import time
 
 import pytest
-from lab import NODE_HB, Hawrap, Probe, wait_for, write_config
+from lab import (
+    MIRROR,
+    NODE_HB,
+    Hawrap,
+    Probe,
+    mirror_section,
+    snapshot,
+    tree,
+    wait_for,
+    write_config,
+    write_files,
+)
+from lab import MIRROR_PORT as PORT
 from test_failover import Cluster
 
 from hawrap.mirrorctl import engine_available
@@ -22,54 +31,10 @@ from mirror import epoch as mirror_epoch
 from mirror import lockfile
 from mirror.errors import EXIT_LOCKED, EXIT_STALE_EPOCH
 
-MIRROR = [sys.executable, "-m", "mirror"]
-PORT = 8730
-
-pytestmark = pytest.mark.skipif(not engine_available(tuple(MIRROR)), reason="waits for the mirror engine: 'mirror sync|serve|daemon --help' fails")
-
-
-def tree(lab, node: str) -> str:
-    return os.path.join(lab.workdir, "data", node)
-
-
-def mirror_section(lab) -> str:
-    secret = os.path.join(lab.workdir, "mirror-secret")
-    with open(secret, "w") as f:
-        f.write(secrets.token_hex(32))
-    for node in ("a", "b"):
-        os.makedirs(tree(lab, node), exist_ok=True)
-    command = ", ".join(f'"{c}"' for c in MIRROR)
-    return f"""
-[mirror]
-command = [{command}]
-secret_file = "{secret}"
-port = {PORT}
-link = "hb"
-
-[[mirror.tree]]
-name = "data"
-path = "{lab.workdir}/data/{{node}}"
-lock_file = "{lab.workdir}/data/{{node}}.mirror.lock"
-"""
-
-
-def snapshot(root: str) -> dict[str, str]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d != ".mirror"]
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
-def write_files(root: str, prefix: str, n: int) -> None:
-    for i in range(n):
-        sub = os.path.join(root, f"d{i % 7}")
-        os.makedirs(sub, exist_ok=True)
-        with open(os.path.join(sub, f"{prefix}-{i}.bin"), "wb") as f:
-            f.write(os.urandom(100 + i * 37))
+pytestmark = pytest.mark.skipif(
+    not engine_available(tuple(MIRROR)),
+    reason="waits for the mirror engine: 'mirror sync|serve|daemon --help' fails",
+)
 
 
 def converged(lab, timeout: float = 30.0) -> bool:
@@ -85,6 +50,8 @@ def mcluster(lab, rng):
     c.h.start("a")
     c.h.start("b")
     c.expect_roles(primary="a", other="secondary")
+    # b knows its copy up to date (a's daemon has made its first sync and said so)
+    assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
     c.probe = Probe(lab)
     yield c
     c.probe.stop()
@@ -146,11 +113,37 @@ def test_stale_former_primary_never_overwrites_newer_data(mcluster):
     lockfile.release(os.path.join(lab.workdir, "data", "b.mirror.lock"))
     lab.power_on("a")
     secret = os.path.join(lab.workdir, "mirror-secret")
-    serve = lab.spawn("b", [*MIRROR, "serve", "--listen", f"{NODE_HB['b']}:{PORT}", "--module", f"data={tree(lab, 'b')}", "--secret-file", secret, "--lock-file", os.path.join(lab.workdir, "data", "b.mirror.lock")], "serve-b.log")
+    serve = lab.spawn(
+        "b",
+        [
+            *MIRROR,
+            "serve",
+            "--listen",
+            f"{NODE_HB['b']}:{PORT}",
+            "--module",
+            f"data={tree(lab, 'b')}",
+            "--secret-file",
+            secret,
+            "--lock-file",
+            os.path.join(lab.workdir, "data", "b.mirror.lock"),
+        ],
+        "serve-b.log",
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
-            r = lab.run_in("a", *MIRROR, "sync", tree(lab, "a"), f"mirror://{NODE_HB['b']}:{PORT}/data", "--delete", "--secret-file", secret, check=False, timeout=60)
+            r = lab.run_in(
+                "a",
+                *MIRROR,
+                "sync",
+                tree(lab, "a"),
+                f"mirror://{NODE_HB['b']}:{PORT}/data",
+                "--delete",
+                "--secret-file",
+                secret,
+                check=False,
+                timeout=60,
+            )
             if r.returncode in (EXIT_STALE_EPOCH, 0) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)  # the receiver may still be starting
@@ -158,7 +151,18 @@ def test_stale_former_primary_never_overwrites_newer_data(mcluster):
         assert snapshot(tree(lab, "b")) == newest
         # and with b's lock present the refusal is the lock's
         lockfile.acquire(os.path.join(lab.workdir, "data", "b.mirror.lock"), reason="test")
-        r = lab.run_in("a", *MIRROR, "sync", tree(lab, "a"), f"mirror://{NODE_HB['b']}:{PORT}/data", "--delete", "--secret-file", secret, check=False, timeout=60)
+        r = lab.run_in(
+            "a",
+            *MIRROR,
+            "sync",
+            tree(lab, "a"),
+            f"mirror://{NODE_HB['b']}:{PORT}/data",
+            "--delete",
+            "--secret-file",
+            secret,
+            check=False,
+            timeout=60,
+        )
         assert r.returncode in (EXIT_LOCKED, EXIT_STALE_EPOCH)
         assert snapshot(tree(lab, "b")) == newest
     finally:
