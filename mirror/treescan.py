@@ -9,7 +9,7 @@ starts the source's walk before it has even loaded (``mirror.earlywalk``); a pla
 that root adopts it.
 
 With ``checksum=True`` the tree's last manifest in its state dir is read alongside the scan
-so unchanged files keep their digests (see ``mirror.scan_py``), and a new manifest is
+so unchanged files keep their digests (see ``mirror.scan``), and a new manifest is
 written as the scan goes and committed atomically once the whole tree has been seen.  A
 missing, stale or damaged cache only costs hashing time: it is reported and rebuilt.
 
@@ -35,7 +35,8 @@ import time
 from collections.abc import Iterator
 
 from . import earlywalk, fastpath
-from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key
+from .constants import MAX_TARGET
+from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key, entry_from_stat
 from .errors import ManifestError, display_path, fs_path
 from .statedir import STATE_DIR_NAME, ensure_state_dir, resolve_state_dir
 
@@ -305,8 +306,6 @@ class TreeScan:
 
     def _partial_listing(self, scanner, dir_path: bytes, names: list[bytes], excluder):
         """A listing of ``dir_path`` holding only ``names`` (those that exist), one lstat each."""
-        from .scan_py import MAX_TARGET, entry_from_stat
-
         fd = _open_below(self.root, dir_path)
         if fd is None:
             return None

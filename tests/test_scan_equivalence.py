@@ -1,7 +1,9 @@
-"""The compiled scanner and its pure-Python twin agree on every generated tree.
+"""The compiled scan kernels and their pure-Python twins agree on every generated tree.
 
-Same listings (order, entries, problems), same packed bytes, same digests, same comparison
-results, same verdict on packed input (accepted as equal listings, or both rejected).
+The walk (``mirror.scan.scan``) is run over each kernel: same listings (order, entries,
+problems), same packed bytes, same digests, same comparison results, same verdict on packed
+input (accepted as equal listings, or both rejected); the compiled background walk hands
+over exactly the listings of the walk.
 """
 
 from __future__ import annotations
@@ -15,32 +17,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mirror import fastpath
+from mirror import constants, fastpath
 from mirror.exclude import Excluder
+from mirror.scan import scan
 from tests.helpers import changing
 from tests.trees import build, tree_specs
 
 FAST = fastpath.compiled("scan")
 PURE = fastpath.pure("scan")
-FLAGS = PURE.CMP_OWNER | PURE.CMP_DIR_TIMES | PURE.CMP_LINK_TIMES
+FLAGS = constants.CMP_OWNER | constants.CMP_DIR_TIMES | constants.CMP_LINK_TIMES
 
 settings.register_profile("scan", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _snapshot(module, root: bytes, **kw):
-    return [(lst.path, lst.complete, list(lst), list(lst.problems), lst.pack()) for lst in module.scan(root, **kw)]
+    listings = scan(root, kernel=module, **kw)
+    return [(lst.path, lst.complete, list(lst), list(lst.problems), lst.pack()) for lst in listings]
 
 
 def _both(root: bytes, **kw):
     fast, pure = _snapshot(FAST, root, **kw), _snapshot(PURE, root, **kw)
     assert fast == pure
     return fast
-
-
-def test_constants_agree():
-    for name in dir(PURE):
-        if name.startswith(("CH_", "CMP_", "FLAG_")) or name in ("RECORD_SIZE", "FILE", "DIR", "SYMLINK"):
-            assert getattr(FAST, name) == getattr(PURE, name), name
 
 
 @settings(settings.get_profile("scan"))
@@ -73,17 +71,17 @@ def test_scan_with_excludes_equivalent(spec, patterns):
 @settings(settings.get_profile("scan"))
 @given(a=tree_specs(max_leaves=10), b=tree_specs(max_leaves=10), checksum=st.booleans())
 def test_compare_listings_equivalent(a, b, checksum):
-    flags = FLAGS | (PURE.CMP_CHECKSUM if checksum else 0)
+    flags = FLAGS | (constants.CMP_CHECKSUM if checksum else 0)
     with tempfile.TemporaryDirectory() as tmp:
         ra, rb = os.path.join(os.fsencode(tmp), b"a"), os.path.join(os.fsencode(tmp), b"b")
         os.mkdir(ra)
         os.mkdir(rb)
         build(ra, a)
         build(rb, b)
-        fast_a = {lst.path: lst for lst in FAST.scan(ra, checksum=checksum)}
-        fast_b = {lst.path: lst for lst in FAST.scan(rb, checksum=checksum)}
-        pure_a = {lst.path: lst for lst in PURE.scan(ra, checksum=checksum)}
-        pure_b = {lst.path: lst for lst in PURE.scan(rb, checksum=checksum)}
+        fast_a = {lst.path: lst for lst in scan(ra, kernel=FAST, checksum=checksum)}
+        fast_b = {lst.path: lst for lst in scan(rb, kernel=FAST, checksum=checksum)}
+        pure_a = {lst.path: lst for lst in scan(ra, kernel=PURE, checksum=checksum)}
+        pure_b = {lst.path: lst for lst in scan(rb, kernel=PURE, checksum=checksum)}
         for path in fast_a.keys() & fast_b.keys():
             got = FAST.compare_listings(fast_a[path], fast_b[path], flags)
             assert got == PURE.compare_listings(pure_a[path], pure_b[path], flags)
@@ -96,14 +94,18 @@ def test_digest_reuse_equivalent(spec, touch):
     with tempfile.TemporaryDirectory() as tmp:
         root = os.fsencode(tmp)
         files = build(root, spec)
-        previous = list(PURE.scan(root, checksum=True))
+        previous = list(scan(root, kernel=PURE, checksum=True))
         for rel in files[:touch]:
             with open(os.path.join(root, rel), "ab") as f:
                 f.write(b"more")
         racy_ns = 1_000_000_000 * 10**9  # files with later mtimes are hashed again
         fast_prev = [FAST.Listing.unpack(lst.path, *lst.pack(), 10**6) for lst in previous]
-        fast = [(lst.path, list(lst), lst.hashed) for lst in FAST.scan(root, checksum=True, previous=fast_prev, racy_ns=racy_ns)]
-        pure = [(lst.path, list(lst), lst.hashed) for lst in PURE.scan(root, checksum=True, previous=previous, racy_ns=racy_ns)]
+        runs = {
+            kernel: [(lst.path, list(lst), lst.hashed) for lst in scan(root, kernel=kernel, checksum=True,
+                                                                         previous=prev, racy_ns=racy_ns)]
+            for kernel, prev in ((FAST, fast_prev), (PURE, previous))
+        }  # fmt: skip
+        fast, pure = runs[FAST], runs[PURE]
         assert fast == pure
 
 
@@ -127,7 +129,7 @@ def test_unpack_roundtrip_of_real_tree(tmp_path):
     root = os.fsencode(tmp_path)
     build(root, {b"f": ("file", b"x", 0o644, 5), b"l": ("symlink", b"f"), b"d": ("dir", {}, 0o755)})
     for module in (FAST, PURE):
-        for listing in module.scan(root, checksum=True):
+        for listing in scan(root, checksum=True, kernel=module):
             again = module.Listing.unpack(listing.path, *listing.pack(), 100)
             assert list(again) == list(listing)
             assert again.pack() == listing.pack()
@@ -141,9 +143,9 @@ def test_fingerprint_equivalent_and_faithful(a, flags):
     with tempfile.TemporaryDirectory() as tmp:
         root = os.fsencode(tmp)
         build(root, a)
-        checksum = bool(flags & PURE.CMP_CHECKSUM)
-        fast = list(FAST.scan(root, checksum=checksum))
-        pure = list(PURE.scan(root, checksum=checksum))
+        checksum = bool(flags & constants.CMP_CHECKSUM)
+        fast = list(scan(root, kernel=FAST, checksum=checksum))
+        pure = list(scan(root, kernel=PURE, checksum=checksum))
         for f, p in zip(fast, pure, strict=True):
             assert f.fingerprint(flags) == p.fingerprint(flags)
             assert f.has_links() == p.has_links()
@@ -161,7 +163,7 @@ def test_fingerprint_sees_every_compared_field(tmp_path):
         "mtime": base._replace(mtime_ns=101), "digest": base._replace(digest=b"\x01" * 16),
         "name": base._replace(name=b"g"),
     }  # fmt: skip
-    flags = PURE.CMP_OWNER | PURE.CMP_CHECKSUM
+    flags = constants.CMP_OWNER | constants.CMP_CHECKSUM
     for module in (FAST, PURE):
         ref = module.Listing(b"", [base]).fingerprint(flags)
         for field, variant in variants.items():
@@ -193,7 +195,7 @@ def test_start_through_a_symlink_is_refused(tmp_path):
         import pytest
 
         with pytest.raises(OSError):
-            list(module.scan(os.fsencode(tmp_path), start=b"link"))
+            list(scan(os.fsencode(tmp_path), start=b"link", kernel=module))
 
 
 def _walked(module, root: bytes, **kw):

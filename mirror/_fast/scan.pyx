@@ -1,13 +1,16 @@
 # cython: language_level=3
-"""Compiled tree scanner: the fast path of ``mirror.scan_py`` (read that for the specification).
+"""The scan kernels, compiled; ``mirror/scan_py.py`` is their twin and specification.
 
-Each directory is listed with the GIL released: ``readdir`` on a descriptor opened with
-``openat(O_DIRECTORY | O_NOFOLLOW)`` relative to its parent, names sorted, every entry
-``fstatat(AT_SYMLINK_NOFOLLOW)``-ed and symlinks read, all into C arrays.  A ``Listing``
-keeps those arrays (80-byte records plus one string block) rather than a Python object per
-entry, so two trees can be scanned and compared with no per-entry allocation; ``Entry``
-tuples are built only when somebody indexes a listing.  With ``checksum=True`` regular files
-are hashed (xxh3-128) through the open directory descriptor, GIL released.
+``list_directory`` lists one directory with the GIL released: ``getdents64`` on a descriptor
+the caller opened, names sorted, every entry ``fstatat(AT_SYMLINK_NOFOLLOW)``-ed and symlinks
+read, all into C arrays.  A ``Listing`` keeps those arrays (80-byte records plus one string
+block) rather than a Python object per entry, so two trees can be scanned and compared with
+no per-entry allocation; ``Entry`` tuples are built only when somebody indexes a listing.
+``Hasher.fill_digests`` hashes a listing's files (xxh3-128) through the directory's
+descriptor, GIL released; ``compare_listings`` merges two listings of one directory;
+``background_scan`` walks a whole tree in a C thread that never takes the GIL.  The walk
+that calls the first two for excludes, digests and subtrees is ``mirror.scan``'s, in Python.
+The numbers shared with Python come from ``mirror/constants.py`` (``constants.pxi``).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -116,57 +119,7 @@ import sys as _sys
 if _sys.byteorder != "little":
     raise ImportError("mirror._fast.scan stores records in host order and supports little-endian hosts only")
 
-DEF REC_SIZE = 80
-DEF DIGEST_SIZE = 16
-DEF MAX_NAME = 255
-DEF MAX_TARGET = 4095
-DEF HASH_CHUNK = 262144  # fits L2 with room: hashing reads what read() just copied from cache, not RAM
-
-cdef enum:
-    FLAG_DIGEST_C = 1
-    CMP_CHECKSUM_C = 1
-    CMP_OWNER_C = 2
-    CMP_DIR_TIMES_C = 4
-    CMP_LINK_TIMES_C = 8
-    CH_KIND_C = 1
-    CH_SIZE_C = 2
-    CH_MTIME_C = 4
-    CH_MODE_C = 8
-    CH_UID_C = 16
-    CH_GID_C = 32
-    CH_TARGET_C = 64
-    CH_RDEV_C = 128
-    CH_DIGEST_C = 256
-    CH_NODIGEST_C = 512
-    CH_LINKED_C = 1024
-
-RECORD_SIZE = REC_SIZE
-FLAG_DIGEST = FLAG_DIGEST_C
-FILE, DIR, SYMLINK, FIFO, SOCKET, CHAR, BLOCK = range(1, 8)
-CMP_CHECKSUM = CMP_CHECKSUM_C
-CMP_OWNER = CMP_OWNER_C
-CMP_DIR_TIMES = CMP_DIR_TIMES_C
-CMP_LINK_TIMES = CMP_LINK_TIMES_C
-CH_KIND = CH_KIND_C
-CH_SIZE = CH_SIZE_C
-CH_MTIME = CH_MTIME_C
-CH_MODE = CH_MODE_C
-CH_UID = CH_UID_C
-CH_GID = CH_GID_C
-CH_TARGET = CH_TARGET_C
-CH_RDEV = CH_RDEV_C
-CH_DIGEST = CH_DIGEST_C
-CH_NODIGEST = CH_NODIGEST_C
-CH_LINKED = CH_LINKED_C
-
-cdef enum:
-    K_FILE = 1
-    K_DIR = 2
-    K_SYMLINK = 3
-    K_FIFO = 4
-    K_SOCKET = 5
-    K_CHAR = 6
-    K_BLOCK = 7
+include "constants.pxi"
 
 # Problem kinds recorded in C while the GIL is released, turned into text afterwards.
 cdef enum:
@@ -206,19 +159,19 @@ def bind_types(entry_type, problem_type):
 cdef inline int kind_of_mode(uint32_t mode) noexcept nogil:
     cdef uint32_t fmt = mode & S_IFMT
     if fmt == S_IFREG:
-        return K_FILE
+        return FILE
     if fmt == S_IFDIR:
-        return K_DIR
+        return DIR
     if fmt == S_IFLNK:
-        return K_SYMLINK
+        return SYMLINK
     if fmt == S_IFIFO:
-        return K_FIFO
+        return FIFO
     if fmt == S_IFSOCK:
-        return K_SOCKET
+        return SOCKET
     if fmt == S_IFCHR:
-        return K_CHAR
+        return CHAR
     if fmt == S_IFBLK:
-        return K_BLOCK
+        return BLOCK
     return 0
 
 
@@ -385,7 +338,7 @@ cdef class Listing:
                 raise MemoryError()
             memset(self.digests, 0, max(n, 1) * DIGEST_SIZE)
         memcpy(self.digests + i * DIGEST_SIZE, PyBytes_AS_STRING(digest), DIGEST_SIZE)
-        self.recs[i].flags |= FLAG_DIGEST_C
+        self.recs[i].flags |= FLAG_DIGEST
         return 0
 
     def __len__(self):
@@ -409,7 +362,7 @@ cdef class Listing:
     cdef object _entry(self, Py_ssize_t i):
         cdef rec_t *r = &self.recs[i]
         digest = None
-        if r.flags & FLAG_DIGEST_C:
+        if r.flags & FLAG_DIGEST:
             digest = PyBytes_FromStringAndSize(<char *>self.digests + i * DIGEST_SIZE, DIGEST_SIZE)
         return _Entry(
             PyBytes_FromStringAndSize(self.strings + r.name_off, r.name_len),
@@ -444,7 +397,7 @@ cdef class Listing:
         out = []
         for i in range(self.n):
             r = &self.recs[i]
-            if r.kind == K_DIR:
+            if r.kind == DIR:
                 out.append(PyBytes_FromStringAndSize(self.strings + r.name_off, r.name_len))
         return out
 
@@ -458,9 +411,9 @@ cdef class Listing:
         for i in range(self.n):
             r = &self.recs[i]
             counts[r.kind] += 1
-            if r.kind == K_FILE:
+            if r.kind == FILE:
                 file_bytes += r.size
-            if r.flags & FLAG_DIGEST_C:
+            if r.flags & FLAG_DIGEST:
                 digests += 1
         return [counts[k] for k in range(8)], file_bytes, digests
 
@@ -482,26 +435,26 @@ cdef class Listing:
             for i in range(self.n):
                 r = &self.recs[i]
                 kind = r.kind
-                if kind == K_FILE or kind == K_FIFO or kind == K_SOCKET or kind == K_CHAR or kind == K_BLOCK:
+                if kind == FILE or kind == FIFO or kind == SOCKET or kind == CHAR or kind == BLOCK:
                     mtime = r.mtime_ns
-                elif kind == K_DIR:
-                    mtime = r.mtime_ns if flags & CMP_DIR_TIMES_C else 0
+                elif kind == DIR:
+                    mtime = r.mtime_ns if flags & CMP_DIR_TIMES else 0
                 else:
-                    mtime = r.mtime_ns if flags & CMP_LINK_TIMES_C else 0
+                    mtime = r.mtime_ns if flags & CMP_LINK_TIMES else 0
                 put_u16(buf, r.name_len)
                 XXH3_128bits_update(state, buf, 2)
                 XXH3_128bits_update(state, self.strings + r.name_off, r.name_len)
                 buf[0] = <unsigned char>kind
-                put_u32(buf + 1, 0 if kind == K_SYMLINK else r.mode)
-                put_u32(buf + 5, r.uid if flags & CMP_OWNER_C else 0)
-                put_u32(buf + 9, r.gid if flags & CMP_OWNER_C else 0)
-                put_u64(buf + 13, <uint64_t>r.size if kind == K_FILE else 0)
+                put_u32(buf + 1, 0 if kind == SYMLINK else r.mode)
+                put_u32(buf + 5, r.uid if flags & CMP_OWNER else 0)
+                put_u32(buf + 9, r.gid if flags & CMP_OWNER else 0)
+                put_u64(buf + 13, <uint64_t>r.size if kind == FILE else 0)
                 put_u64(buf + 21, <uint64_t>mtime)
-                put_u64(buf + 29, r.rdev if (kind == K_CHAR or kind == K_BLOCK) else 0)
+                put_u64(buf + 29, r.rdev if (kind == CHAR or kind == BLOCK) else 0)
                 put_u32(buf + 37, r.target_len)
                 XXH3_128bits_update(state, buf, 41)
                 XXH3_128bits_update(state, self.strings + r.target_off, r.target_len)
-                if flags & CMP_CHECKSUM_C and kind == K_FILE and r.flags & FLAG_DIGEST_C:
+                if flags & CMP_CHECKSUM and kind == FILE and r.flags & FLAG_DIGEST:
                     buf[0] = 1
                     XXH3_128bits_update(state, buf, 1)
                     XXH3_128bits_update(state, self.digests + i * DIGEST_SIZE, DIGEST_SIZE)
@@ -515,7 +468,7 @@ cdef class Listing:
         """True if a regular file here has other hard links; see the twin."""
         cdef Py_ssize_t i
         for i in range(self.n):
-            if self.recs[i].kind == K_FILE and self.recs[i].nlink > 1:
+            if self.recs[i].kind == FILE and self.recs[i].nlink > 1:
                 return True
         return False
 
@@ -524,12 +477,12 @@ cdef class Listing:
         cdef Py_ssize_t i
         cdef bint any_digest = False
         for i in range(self.n):
-            if self.recs[i].flags & FLAG_DIGEST_C:
+            if self.recs[i].flags & FLAG_DIGEST:
                 any_digest = True
                 break
         return (
             PyBytes_FromStringAndSize(self.strings, self.strings_len),
-            PyBytes_FromStringAndSize(<char *>self.recs, self.n * REC_SIZE),
+            PyBytes_FromStringAndSize(<char *>self.recs, self.n * RECORD_SIZE),
             PyBytes_FromStringAndSize(<char *>self.digests, self.n * DIGEST_SIZE) if any_digest else b"",
         )
 
@@ -544,9 +497,9 @@ cdef class Listing:
         cdef const char *name
         cdef const char *prev = NULL
         cdef size_t prev_len = 0
-        if len(records) % REC_SIZE:
-            raise ValueError(f"record block of {len(records)} bytes is not a multiple of {REC_SIZE}")
-        count = len(records) // REC_SIZE
+        if len(records) % RECORD_SIZE:
+            raise ValueError(f"record block of {len(records)} bytes is not a multiple of {RECORD_SIZE}")
+        count = len(records) // RECORD_SIZE
         if count > max_entries:
             raise ValueError(f"{count} entries exceed the limit of {max_entries}")
         if len(digests) and len(digests) != count * DIGEST_SIZE:
@@ -555,11 +508,11 @@ cdef class Listing:
         listing.path = path
         listing.complete = True
         listing.problems = []
-        listing.recs = <rec_t *>malloc(max(count, 1) * REC_SIZE)
+        listing.recs = <rec_t *>malloc(max(count, 1) * RECORD_SIZE)
         listing.strings = <char *>malloc(max(slen, 1))
         if listing.recs == NULL or listing.strings == NULL:
             raise MemoryError()
-        memcpy(listing.recs, PyBytes_AS_STRING(records), count * REC_SIZE)
+        memcpy(listing.recs, PyBytes_AS_STRING(records), count * RECORD_SIZE)
         memcpy(listing.strings, s, slen)
         listing.strings_len = slen
         listing.n = count
@@ -570,7 +523,7 @@ cdef class Listing:
             memcpy(listing.digests, PyBytes_AS_STRING(digests), count * DIGEST_SIZE)
         for i in range(count):
             r = &listing.recs[i]
-            if r.kind < K_FILE or r.kind > K_BLOCK:
+            if r.kind < FILE or r.kind > BLOCK:
                 raise ValueError(f"entry {i}: unknown kind {r.kind}")
             if <size_t>r.name_off + r.name_len > slen or <size_t>r.target_off + r.target_len > slen:
                 raise ValueError(f"entry {i}: string offsets outside the string block")
@@ -584,10 +537,10 @@ cdef class Listing:
                     f"entry {i}: name {strings[r.name_off:r.name_off + r.name_len]!r} out of order or repeated")
             prev = name
             prev_len = r.name_len
-            if (r.target_len > MAX_TARGET or (r.target_len and r.kind != K_SYMLINK)
+            if (r.target_len > MAX_TARGET or (r.target_len and r.kind != SYMLINK)
                     or memchr_nul(s + r.target_off, r.target_len)):
                 raise ValueError(f"entry {i}: invalid symlink target")
-            if r.flags & ~FLAG_DIGEST_C or (r.flags & FLAG_DIGEST_C and (not len(digests) or r.kind != K_FILE)):
+            if r.flags & ~FLAG_DIGEST or (r.flags & FLAG_DIGEST and (not len(digests) or r.kind != FILE)):
                 raise ValueError(f"entry {i}: invalid flags {r.flags}")
             if r.mode > 0o7777:
                 raise ValueError(f"entry {i}: invalid mode {r.mode:o}")
@@ -651,7 +604,7 @@ cdef int add_problem(dirscan_t *d, Py_ssize_t index, int err, int what,
     return 0
 
 
-cdef int list_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d) except -1 nogil:
+cdef int read_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d) except -1 nogil:
     """readdir + sort + fstatat + readlinkat into ``d``.  The caller owns ``fd``."""
     cdef size_t nlen, count = 0, i, cap = 0
     cdef name_t *order
@@ -722,7 +675,7 @@ cdef int list_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d)
         offset = d.strings.len
         r.name_off = offset
         r.name_len = d.order[i].len
-        if kind == K_SYMLINK:
+        if kind == SYMLINK:
             tlen = readlinkat(fd, cname, target, MAX_TARGET + 1)
             if tlen < 0:
                 add_problem(d, i, errno, P_VANISHED if errno == ENOENT else P_READLINK,
@@ -747,7 +700,7 @@ cdef int list_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d)
         r.ino = st.st_ino
         r.dev = st.st_dev
         r.nlink = <uint32_t>st.st_nlink
-        r.rdev = st.st_rdev if (kind == K_CHAR or kind == K_BLOCK) else 0
+        r.rdev = st.st_rdev if (kind == CHAR or kind == BLOCK) else 0
         # Problems recorded for this sorted position refer to the record index from now on.
         d.n += 1
     return 0
@@ -803,8 +756,10 @@ cdef int hash_file(int dir_fd, const char *name, rec_t *r, unsigned char *out,
     return 0
 
 
-cdef class _Hasher:
-    """Per-scan hashing resources: an xxh3 state and a read buffer, reused for every file."""
+cdef class Hasher:
+    """Fills the digests of a listing's regular files; see ``mirror.scan_py.Hasher``.
+
+    One per scan: it keeps an xxh3 state and a read buffer for every file it hashes."""
     cdef XXH3_state_t *state
     cdef char *buf
 
@@ -822,6 +777,40 @@ cdef class _Hasher:
             XXH3_freeState(self.state)
         free(self.buf)
 
+    def fill_digests(self, int dir_fd, Listing listing, Listing previous, int64_t racy_ns):
+        """Give every regular file of ``listing`` (the directory open at ``dir_fd``) its digest."""
+        cdef Py_ssize_t i
+        cdef rec_t *r
+        cdef int err, what
+        cdef char cname[MAX_NAME + 1]
+        if listing.n == 0:
+            return
+        if listing.digests == NULL:
+            listing.digests = <unsigned char *>calloc(listing.n, DIGEST_SIZE)
+            if listing.digests == NULL:
+                raise MemoryError()
+        if previous is not None:
+            with nogil:
+                adopt_digests(listing, previous, racy_ns)
+        for i in range(listing.n):
+            r = &listing.recs[i]
+            if r.kind != FILE or r.flags & FLAG_DIGEST:
+                continue
+            memcpy(cname, listing.strings + r.name_off, r.name_len)
+            cname[r.name_len] = 0
+            with nogil:
+                err = hash_file(dir_fd, cname, r, listing.digests + i * DIGEST_SIZE, self.state, self.buf, &what)
+            listing.hashed += 1
+            if err == 0:
+                r.flags |= FLAG_DIGEST
+                continue
+            name = PyBytes_FromStringAndSize(cname, r.name_len)
+            path = listing.path + b"/" + name if listing.path else name
+            if err < 0:
+                listing.problems.append(_Problem(path, 0, _PROBLEM_TEXT[what]))
+            else:
+                listing.problems.append(_Problem(path, err, f"{_PROBLEM_TEXT[what]}: {os.strerror(err)}"))
+
 
 cdef int adopt_digests(Listing cur, Listing old, int64_t racy_ns) noexcept nogil:
     """Copy digests from ``old`` (same directory, last manifest) where the file is unchanged."""
@@ -829,6 +818,8 @@ cdef int adopt_digests(Listing cur, Listing old, int64_t racy_ns) noexcept nogil
     cdef rec_t *a
     cdef rec_t *b
     cdef int c
+    if old.digests == NULL:
+        return 0
     while i < cur.n and j < old.n:
         a = &cur.recs[i]
         b = &old.recs[j]
@@ -838,11 +829,11 @@ cdef int adopt_digests(Listing cur, Listing old, int64_t racy_ns) noexcept nogil
         elif c > 0:
             j += 1
         else:
-            if (a.kind == K_FILE and b.kind == K_FILE and b.flags & FLAG_DIGEST_C
+            if (a.kind == FILE and b.kind == FILE and b.flags & FLAG_DIGEST
                     and a.size == b.size and a.mtime_ns == b.mtime_ns and a.ctime_ns == b.ctime_ns
                     and a.ino == b.ino and a.mtime_ns < racy_ns):
                 memcpy(cur.digests + i * DIGEST_SIZE, old.digests + j * DIGEST_SIZE, DIGEST_SIZE)
-                a.flags |= FLAG_DIGEST_C
+                a.flags |= FLAG_DIGEST
             i += 1
             j += 1
     return 0
@@ -873,7 +864,7 @@ cdef Listing build_listing(bytes dir_path, dirscan_t *d, excluder):
             for i in range(d.n):
                 r = &d.recs[i]
                 name = PyBytes_FromStringAndSize(d.strings.data + r.name_off, r.name_len)
-                if excluder.excluded(dir_path + b"/" + name if dir_path else name, r.kind == K_DIR):
+                if excluder.excluded(dir_path + b"/" + name if dir_path else name, r.kind == DIR):
                     continue
                 d.recs[kept] = d.recs[i]
                 r = &d.recs[kept]
@@ -896,75 +887,25 @@ cdef Listing build_listing(bytes dir_path, dirscan_t *d, excluder):
     return listing
 
 
-cdef Listing scan_directory(int fd, bytes dir_path, skip, excluder, bint checksum, Listing old,
-                            int64_t racy_ns, _Hasher hasher):
+def list_directory(int dir_fd, bytes dir_path, *, skip=None, excluder=None):
+    """The listing of the directory open at ``dir_fd``; see ``mirror.scan_py.list_directory``."""
     cdef dirscan_t d
     cdef const char *skip_p = NULL
     cdef size_t skip_len = 0
-    cdef Listing listing
-    cdef Py_ssize_t i
-    cdef rec_t *r
-    cdef int err, what
-    cdef char cname[MAX_NAME + 1]
     memset(&d, 0, sizeof(d))
     if skip is not None:
         skip_p = <bytes>skip
         skip_len = len(skip)
     try:
         with nogil:
-            list_directory(fd, skip_p, skip_len, &d)
-        listing = build_listing(dir_path, &d, excluder)
+            read_directory(dir_fd, skip_p, skip_len, &d)
+        return build_listing(dir_path, &d, excluder)
     finally:
         dirscan_free(&d)
-    if not checksum or listing.n == 0:
-        return listing
-    listing.digests = <unsigned char *>malloc(listing.n * DIGEST_SIZE)
-    if listing.digests == NULL:
-        raise MemoryError()
-    memset(listing.digests, 0, listing.n * DIGEST_SIZE)
-    if old is not None:
-        with nogil:
-            adopt_digests(listing, old, racy_ns)
-    for i in range(listing.n):
-        r = &listing.recs[i]
-        if r.kind != K_FILE or r.flags & FLAG_DIGEST_C:
-            continue
-        memcpy(cname, listing.strings + r.name_off, r.name_len)
-        cname[r.name_len] = 0
-        with nogil:
-            err = hash_file(fd, cname, r, listing.digests + i * DIGEST_SIZE, hasher.state, hasher.buf, &what)
-        listing.hashed += 1
-        if err == 0:
-            r.flags |= FLAG_DIGEST_C
-            continue
-        name = PyBytes_FromStringAndSize(cname, r.name_len)
-        path = dir_path + b"/" + name if dir_path else name
-        if err < 0:
-            listing.problems.append(_Problem(path, 0, _PROBLEM_TEXT[what]))
-        else:
-            listing.problems.append(_Problem(path, err, f"{_PROBLEM_TEXT[what]}: {os.strerror(err)}"))
-    return listing
 
 
-cdef class _Previous:
-    """Walks the previous manifest's listings alongside the scan (both in canonical order)."""
-    cdef object it
-    cdef object head
-
-    def __init__(self, listings):
-        self.it = iter(listings) if listings is not None else iter(())
-        self.head = next(self.it, None)
-
-    cdef Listing find(self, bytes path):
-        key = path.replace(b"/", b"\0")
-        while self.head is not None and (<Listing>self.head).path.replace(b"/", b"\0") < key:
-            self.head = next(self.it, None)
-        if self.head is not None and (<Listing>self.head).path == path:
-            return <Listing>self.head
-        return None
-
-
-def _open_failure(bytes path, int err):
+def open_failure(bytes path, int err):
+    """The problem recorded for a directory that could not be opened to be listed."""
     if err == ENOENT:
         what = "vanished during scan"
     elif err == ENOTDIR or err == ELOOP:  # replaced by a file or a symlink since it was listed
@@ -972,76 +913,6 @@ def _open_failure(bytes path, int err):
     else:
         what = "cannot open directory"
     return _Problem(path, err, f"{what}: {os.strerror(err)}")
-
-
-def scan(bytes root, *, excluder=None, skip_at_root=None, bint checksum=False, previous=None,
-         int64_t racy_ns=0, bytes start=b""):
-    """Yield a ``Listing`` per directory under ``root``, depth first; see ``mirror.scan_py.scan``."""
-    cdef int root_fd, fd, child_fd, err = 0
-    cdef const char *croot = root
-    cdef const char *cname
-    cdef list stack
-    cdef Listing listing
-    cdef _Previous prev = _Previous(previous) if checksum else None
-    cdef _Hasher hasher = _Hasher() if checksum else None
-    cdef bytes name, child_path, dir_path
-    with nogil:
-        root_fd = openat(AT_FDCWD, croot, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if root_fd < 0:
-            err = errno
-    if root_fd < 0:
-        raise OSError(err, os.strerror(err), root)
-    if start:
-        for name in start.split(b"/"):
-            cname = name
-            with nogil:
-                fd = openat(root_fd, cname, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-                if fd < 0:
-                    err = errno
-                close(root_fd)
-                root_fd = fd
-            if fd < 0:
-                raise OSError(err, os.strerror(err), start)
-        skip_at_root = None
-    # One frame per open directory on the current branch: [fd, relative path, subdirectory
-    # names still to visit, reversed].  Open descriptors are bounded by the tree's depth.
-    stack = [[root_fd, start, []]]
-    try:
-        listing = scan_directory(root_fd, start, skip_at_root, excluder, checksum,
-                                 prev.find(start) if prev is not None else None, racy_ns, hasher)
-        stack[len(stack) - 1][2] = listing.subdirs()[::-1]
-        yield listing
-        while stack:
-            frame = stack[len(stack) - 1]
-            remaining = frame[2]
-            if not remaining:
-                stack.pop()
-                close(<int>frame[0])
-                continue
-            fd = frame[0]
-            dir_path = frame[1]
-            name = remaining.pop()
-            child_path = dir_path + b"/" + name if dir_path else name
-            cname = name
-            with nogil:
-                child_fd = openat(fd, cname, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-                if child_fd < 0:
-                    err = errno
-            if child_fd < 0:
-                listing = Listing.__new__(Listing)
-                listing.path = child_path
-                listing.complete = False
-                listing.problems = [_open_failure(child_path, err)]
-                yield listing
-                continue
-            stack.append([child_fd, child_path, []])
-            listing = scan_directory(child_fd, child_path, None, excluder, checksum,
-                                     prev.find(child_path) if prev is not None else None, racy_ns, hasher)
-            stack[len(stack) - 1][2] = listing.subdirs()[::-1]
-            yield listing
-    finally:
-        for frame in stack:
-            close(<int>frame[0])
 
 
 # -- background_scan: the whole walk in a thread that never takes the interpreter lock -------
@@ -1090,7 +961,7 @@ cdef int collect_subdirs(dirscan_t *d, frame_t *f) except -1 nogil:
     cdef size_t total = 0
     cdef rec_t *r
     for i in range(d.n):
-        if d.recs[i].kind == K_DIR:
+        if d.recs[i].kind == DIR:
             total += d.recs[i].name_len + 1
     f.cursor = 0
     f.end = total
@@ -1103,7 +974,7 @@ cdef int collect_subdirs(dirscan_t *d, frame_t *f) except -1 nogil:
     total = 0
     for i in range(d.n):
         r = &d.recs[i]
-        if r.kind == K_DIR:
+        if r.kind == DIR:
             memcpy(f.subdirs + total, d.strings.data + r.name_off, r.name_len)
             total += r.name_len
             f.subdirs[total] = 0
@@ -1194,7 +1065,7 @@ cdef class BackgroundScan:
                 listing = Listing.__new__(Listing)
                 listing.path = path
                 listing.complete = False
-                listing.problems = [_open_failure(path, node.open_err)]
+                listing.problems = [open_failure(path, node.open_err)]
                 return listing
             return build_listing(path, &node.d, None)
         finally:
@@ -1317,7 +1188,7 @@ cdef class BackgroundScan:
         if node == NULL:
             with gil:
                 raise MemoryError()
-        if list_directory(fd, skip, skip_len, &node.d) < 0 or collect_subdirs(&node.d, f) < 0:
+        if read_directory(fd, skip, skip_len, &node.d) < 0 or collect_subdirs(&node.d, f) < 0:
             dirscan_free(&node.d)
             free(node.path)
             free(node)
@@ -1384,41 +1255,41 @@ cdef inline uint32_t compare_recs(Listing sl, Py_ssize_t i, Listing dl, Py_ssize
     cdef rec_t *b = &dl.recs[j]
     cdef uint32_t bits = 0
     cdef int kind = a.kind
-    if (a.kind == K_FILE and a.nlink > 1) or (b.kind == K_FILE and b.nlink > 1):
-        bits |= CH_LINKED_C
+    if (a.kind == FILE and a.nlink > 1) or (b.kind == FILE and b.nlink > 1):
+        bits |= CH_LINKED
     if a.kind != b.kind:
-        return bits | CH_KIND_C
-    if kind != K_SYMLINK and a.mode != b.mode:
-        bits |= CH_MODE_C
-    if flags & CMP_OWNER_C:
+        return bits | CH_KIND
+    if kind != SYMLINK and a.mode != b.mode:
+        bits |= CH_MODE
+    if flags & CMP_OWNER:
         if a.uid != b.uid:
-            bits |= CH_UID_C
+            bits |= CH_UID
         if a.gid != b.gid:
-            bits |= CH_GID_C
-    if kind == K_FILE:
+            bits |= CH_GID
+    if kind == FILE:
         if a.size != b.size:
-            bits |= CH_SIZE_C
+            bits |= CH_SIZE
         if a.mtime_ns != b.mtime_ns:
-            bits |= CH_MTIME_C
-        if flags & CMP_CHECKSUM_C and a.size == b.size:
-            if not (a.flags & FLAG_DIGEST_C) or not (b.flags & FLAG_DIGEST_C):
-                bits |= CH_NODIGEST_C
+            bits |= CH_MTIME
+        if flags & CMP_CHECKSUM and a.size == b.size:
+            if not (a.flags & FLAG_DIGEST) or not (b.flags & FLAG_DIGEST):
+                bits |= CH_NODIGEST
             elif memcmp(sl.digests + i * DIGEST_SIZE, dl.digests + j * DIGEST_SIZE, DIGEST_SIZE) != 0:
-                bits |= CH_DIGEST_C
-    elif kind == K_DIR:
-        if flags & CMP_DIR_TIMES_C and a.mtime_ns != b.mtime_ns:
-            bits |= CH_MTIME_C
-    elif kind == K_SYMLINK:
+                bits |= CH_DIGEST
+    elif kind == DIR:
+        if flags & CMP_DIR_TIMES and a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME
+    elif kind == SYMLINK:
         if (a.target_len != b.target_len or memcmp(sl.strings + a.target_off, dl.strings + b.target_off,
                                                    a.target_len) != 0):
-            bits |= CH_TARGET_C
-        if flags & CMP_LINK_TIMES_C and a.mtime_ns != b.mtime_ns:
-            bits |= CH_MTIME_C
+            bits |= CH_TARGET
+        if flags & CMP_LINK_TIMES and a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME
     else:
-        if (kind == K_CHAR or kind == K_BLOCK) and a.rdev != b.rdev:
-            bits |= CH_RDEV_C
+        if (kind == CHAR or kind == BLOCK) and a.rdev != b.rdev:
+            bits |= CH_RDEV
         if a.mtime_ns != b.mtime_ns:
-            bits |= CH_MTIME_C
+            bits |= CH_MTIME
     return bits
 
 
@@ -1452,21 +1323,3 @@ def compare_listings(Listing src, Listing dst, int flags):
             i += 1
             j += 1
     return out
-
-
-def hash_file_at(int dir_fd, bytes name, entry):
-    """xxh3-128 of ``name`` in ``dir_fd`` if still as ``entry`` describes; see the twin."""
-    cdef rec_t r
-    cdef unsigned char out[DIGEST_SIZE]
-    cdef int err, what = 0
-    cdef _Hasher hasher = _Hasher()
-    cdef const char *cname = name
-    r.ino = entry[8]
-    r.size = entry[5]
-    r.mtime_ns = entry[6]
-    r.ctime_ns = entry[7]
-    with nogil:
-        err = hash_file(dir_fd, cname, &r, out, hasher.state, hasher.buf, &what)
-    if err == 0:
-        return PyBytes_FromStringAndSize(<char *>out, DIGEST_SIZE), 0, ""
-    return None, (err if err > 0 else 0), _PROBLEM_TEXT[what]
