@@ -17,7 +17,7 @@ hypothesis on generated trees.  See ``mirror.entry`` for the data model and the 
 * ``compare_listings(src, dst, flags)``: two listings of one directory merged by name.
 * ``background_scan(root, skip_at_root=)``: ``mirror.scan.scan(root, skip_at_root=...)``'s
   listings, walked in a thread of its own started at once (the compiled one walks in C
-  without ever taking the interpreter lock).
+  threads that never take the interpreter lock, more of them while the disk is read).
 """
 
 from __future__ import annotations
@@ -449,8 +449,14 @@ class BackgroundScan:
         self._ahead.put(_WALK_DONE)
 
 
-def background_scan(root: bytes, *, skip_at_root: bytes | None = None) -> BackgroundScan:
-    """Start scanning ``root`` now, in the background; see ``BackgroundScan``."""
+def background_scan(
+    root: bytes, *, skip_at_root: bytes | None = None, walkers: int = 1, max_walkers: int = 8
+) -> BackgroundScan:
+    """Start scanning ``root`` now, in the background; see ``BackgroundScan``.  The compiled
+    twin lists directories in ``walkers`` threads, growing to ``max_walkers`` while listings
+    wait on the disk; this one walks in one thread (the counts are only checked)."""
+    if not 1 <= walkers <= max_walkers <= 64:
+        raise ValueError(f"a walk takes 1 to 64 walkers, not {walkers} growing to {max_walkers}")
     return BackgroundScan(root, skip_at_root=skip_at_root)
 
 

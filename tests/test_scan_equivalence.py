@@ -215,11 +215,40 @@ def test_background_scan_equivalent(spec, skip):
         build(root, spec)
         expected = _both(root, skip_at_root=skip)
         assert _walked(FAST, root, skip_at_root=skip) == expected
+        assert _walked(FAST, root, skip_at_root=skip, walkers=4, max_walkers=4) == expected
+        assert _walked(FAST, root, skip_at_root=skip, walkers=2, max_walkers=2, _no_openat2=True) == expected
         assert _walked(PURE, root, skip_at_root=skip) == expected
 
 
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
+
+
+def _threads() -> int:
+    """Threads of this process, the compiled walkers (which Python does not see) included."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_background_scan_walkers_are_joined_however_the_walk_ends(tmp_path):
+    for i in range(50):
+        os.makedirs(tmp_path / f"d{i:02d}" / "e")
+    root = os.fsencode(tmp_path)
+    before = _threads()
+    walk = FAST.background_scan(root, walkers=6, max_walkers=6)
+    assert walk.walkers == 6
+    assert len(list(walk)) == 101
+    walk.close()  # run to its end, then closed
+    assert _threads() == before
+    walk = FAST.background_scan(root, walkers=6, max_walkers=6)
+    next(walk)
+    walk.close()  # abandoned after one listing
+    assert _threads() == before
+    walk = FAST.background_scan(root, walkers=6, max_walkers=6)
+    next(walk)
+    del walk  # dropped without close(): freeing it stops and joins its walkers
+    assert _threads() == before
+    with pytest.raises(ValueError):
+        FAST.background_scan(root, walkers=3, max_walkers=2)
 
 
 def test_background_scan_closed_early_lets_go_of_everything(tmp_path):
@@ -229,15 +258,38 @@ def test_background_scan_closed_early_lets_go_of_everything(tmp_path):
         deep = deep / f"d{i}"
         (deep / "x").mkdir(parents=True)
     root = os.fsencode(tmp_path)
-    for module in (FAST, PURE):
-        before = _open_fds()
-        walk = module.background_scan(root)
+    for module, walkers in ((FAST, 1), (FAST, 4), (PURE, 1)):
+        before, threads = _open_fds(), _threads()
+        walk = module.background_scan(root, walkers=walkers, max_walkers=walkers)
         first = next(walk)
         assert first.path == b"" and [e.name for e in first] == [b"d0"]
         walk.close()
         assert _open_fds() == before
+        # pthread_join: the compiled walkers are gone when close() returns (a Python thread
+        # may still be leaving the kernel after join()).
+        assert module is PURE or _threads() == threads
         assert list(walk) == []  # closed: nothing more is handed over
         assert not [t for t in threading.enumerate() if t.name == "treescan"]
+
+
+def test_background_scan_walks_paths_longer_than_path_max(tmp_path):
+    """Walkers open a directory by its path from the root; past PATH_MAX (4,096 bytes) the
+    kernel refuses a whole path, and the walk goes one component at a time instead."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(20):  # 20 levels of 250-byte names: a 5,000-byte relative path
+            os.mkdir(b"n" * 250, dir_fd=fd)
+            os.mknod(b"f", dir_fd=fd)
+            child = os.open(b"n" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+    root = os.fsencode(tmp_path)
+    expected = _both(root)
+    assert len(expected) == 21 and all(complete and not problems for _, complete, _, problems, _ in expected)
+    for no_openat2 in (False, True):
+        assert _walked(FAST, root, walkers=3, max_walkers=3, _no_openat2=no_openat2) == expected
 
 
 def test_background_scan_errors_arrive_in_order(tmp_path):
@@ -263,12 +315,13 @@ def test_background_scan_hands_over_a_directory_larger_than_its_lookahead(tmp_pa
     for i in range(70_000):
         os.close(os.open(big / f"{i:05d}", os.O_CREAT | os.O_WRONLY, 0o644))
     (tmp_path / "next" / "after").mkdir(parents=True)
-    walk = FAST.background_scan(os.fsencode(tmp_path))
-    try:
-        got = [(lst.path, len(lst)) for lst in walk]
-    finally:
-        walk.close()
-    assert got == [(b"", 2), (b"big", 70_000), (b"next", 1), (b"next/after", 0)]
+    for walkers in (1, 4):
+        walk = FAST.background_scan(os.fsencode(tmp_path), walkers=walkers, max_walkers=walkers)
+        try:
+            got = [(lst.path, len(lst)) for lst in walk]
+        finally:
+            walk.close()
+        assert got == [(b"", 2), (b"big", 70_000), (b"next", 1), (b"next/after", 0)]
 
 
 def test_background_scan_of_a_tree_changing_under_it(tmp_path):
@@ -294,8 +347,8 @@ def test_background_scan_of_a_tree_changing_under_it(tmp_path):
     said = 0
     with changing(churn):
         for _ in range(40):
-            for module in (FAST, PURE):
-                listings = _walked(module, root)
+            for module, walkers in ((FAST, 1), (FAST, 4), (PURE, 1)):
+                listings = _walked(module, root, walkers=walkers, max_walkers=walkers)
                 keys = [path.replace(b"/", b"\0") for path, *_ in listings]
                 assert keys == sorted(set(keys))
                 for _path, complete, _entries, problems, _packed in listings:
@@ -304,16 +357,50 @@ def test_background_scan_of_a_tree_changing_under_it(tmp_path):
     assert said  # the churn was seen: some directory vanished between its listing and its walk
 
 
+def test_background_scan_never_follows_a_directory_swapped_for_a_symlink(tmp_path):
+    """While the walk runs, directories of the tree are swapped for symlinks to a directory
+    outside it (and back): a walker opens each directory by its path from the root, and no
+    component of that path may be a symlink, so nothing outside is ever listed."""
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "OUTSIDE").write_bytes(b"")
+    tree = tmp_path / "tree"
+    for i in range(20):
+        (tree / f"d{i:02d}" / "sub" / "deeper").mkdir(parents=True)
+    root = os.fsencode(tree)
+
+    def swap(n):
+        d = tree / f"d{n % 20:02d}"
+        parked = tmp_path / "parked"
+        os.rename(d, parked)
+        os.symlink(outside, d)
+        os.unlink(d)
+        os.rename(parked, d)
+
+    seen = 0
+    ways = [(FAST, {"walkers": 4, "max_walkers": 4}), (FAST, {"walkers": 4, "max_walkers": 4, "_no_openat2": True}),
+            (FAST, {}), (PURE, {})]  # fmt: skip
+    with changing(swap):
+        for _ in range(40):
+            for module, kw in ways:
+                listings = _walked(module, root, **kw)
+                for _path, complete, entries, problems, _packed in listings:
+                    assert b"OUTSIDE" not in [e.name for e in entries]
+                    assert complete or problems
+                    seen += not complete
+    assert seen  # some walks met a swapped directory
+
+
 def test_background_scan_closed_from_another_thread_while_taken(tmp_path):
     """A scan abandoned from another thread (an error elsewhere in the sync) while its
     consumer is taking listings: the consumer just sees the end."""
     for i in range(200):
         os.makedirs(tmp_path / f"d{i:03d}" / "e")
     root = os.fsencode(tmp_path)
-    for module in (FAST, PURE):
+    for module, walkers in ((FAST, 1), (FAST, 4), (PURE, 1)):
         for _ in range(20):
             before = _open_fds()
-            walk = module.background_scan(root)
+            walk = module.background_scan(root, walkers=walkers, max_walkers=walkers)
             taken = []
 
             def take(walk=walk, taken=taken):
