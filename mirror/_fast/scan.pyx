@@ -1363,10 +1363,13 @@ cdef class BackgroundScan:
         cdef Listing listing
         with nogil:
             pthread_mutex_lock(&self.w.lock)
-            while not consumer_may_go(&self.w):
-                self.w.consumer_waiting = True
-                pthread_cond_wait(&self.w.ready, &self.w.lock)
-            self.w.consumer_waiting = False
+            # The next directory, if it is listed, goes at once; else this thread sleeps
+            # until a batch is ready behind it, not just that one.
+            if self.w.head != NULL and self.w.head.state != N_LISTED:
+                while not consumer_may_go(&self.w):
+                    self.w.consumer_waiting = True
+                    pthread_cond_wait(&self.w.ready, &self.w.lock)
+                self.w.consumer_waiting = False
             node = self.w.head
             if self.w.stopping or node == NULL or node.state != N_LISTED:
                 node = NULL
