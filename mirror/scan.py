@@ -9,8 +9,8 @@ directory (which to open, which digests the last manifest may lend) is done here
 Python.  ``background_scan(root)`` is the plain walk (no excludes, no digests) run ahead in
 a thread of its own: the compiled kernel does all of it in C without taking the GIL.
 
-The kernel's names that callers use (``Listing``, ``compare_listings``, ``Hasher``) and the
-shared constants (``mirror.constants``) are available here too.
+The kernel's names that callers use (``Listing``, ``compare_listings``, ``Hasher``,
+``pair_walks``) and the shared constants (``mirror.constants``) are available here too.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ Listing = _kernel.Listing
 Hasher = _kernel.Hasher
 compare_listings = _kernel.compare_listings
 list_directory = _kernel.list_directory
+pair_walks = _kernel.pair_walks
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

@@ -15,6 +15,9 @@ hypothesis on generated trees.  See ``mirror.entry`` for the data model and the 
   timestamp granularity of the previous scan could have changed again without its mtime
   moving: it is hashed again).
 * ``compare_listings(src, dst, flags)``: two listings of one directory merged by name.
+* ``pair_walks(src_walk, dst_walk, flags)``: two background walks' listings paired by
+  directory, the identical pairs compared and dropped (the compiled one never makes
+  Listings for them).
 * ``background_scan(root, skip_at_root=)``: ``mirror.scan.scan(root, skip_at_root=...)``'s
   listings, walked in a thread of its own started at once (the compiled one walks in C
   threads that never take the interpreter lock, more of them while the disk is read).
@@ -458,6 +461,74 @@ def background_scan(
     if not 1 <= walkers <= max_walkers <= 64:
         raise ValueError(f"a walk takes 1 to 64 walkers, not {walkers} growing to {max_walkers}")
     return BackgroundScan(root, skip_at_root=skip_at_root)
+
+
+class PairedWalks:
+    """Two background walks' listings paired by directory, less the identical pairs."""
+
+    def __init__(self, src: BackgroundScan, dst: BackgroundScan, flags: int):
+        self._src, self._dst = src, dst
+        self._a = self._b = None
+        self._a_end = self._b_end = False
+        self._flags = flags
+        self._totals = [[0] * 9, [0] * 9]
+
+    def __iter__(self) -> PairedWalks:
+        return self
+
+    def __next__(self) -> tuple[Listing | None, Listing | None]:
+        while True:
+            if self._a is None and not self._a_end:
+                self._a = next(self._src, None)
+                self._a_end = self._a is None
+            if self._b is None and not self._b_end:
+                self._b = next(self._dst, None)
+                self._b_end = self._b is None
+            a, b = self._a, self._b
+            if a is None and b is None:
+                raise StopIteration
+            if b is None or (a is not None and _key(a.path) < _key(b.path)):
+                self._a = None
+                return a, None
+            if a is None or _key(b.path) < _key(a.path):
+                self._b = None
+                return None, b
+            self._a = self._b = None
+            if _same_directory(a, b, self._flags):
+                for totals, listing in zip(self._totals, (a, b), strict=True):
+                    counts, file_bytes, _ = listing.totals()
+                    totals[0] += 1
+                    for kind in range(1, 8):
+                        totals[kind] += counts[kind]
+                    totals[8] += file_bytes
+                continue
+            return a, b
+
+    def skipped(self, side: int) -> tuple[int, list[int], int]:
+        """``(directories, [entries per kind, index = kind], bytes in files)`` of the
+        directories of ``side`` (0: src, 1: dst) left out so far."""
+        totals = self._totals[side]
+        return totals[0], [0] + totals[1:8], totals[8]
+
+
+def _key(path: bytes) -> bytes:
+    return path.replace(b"/", b"\0")
+
+
+def _same_directory(a: Listing, b: Listing, flags: int) -> bool:
+    return (
+        a.complete and b.complete and not a.problems and not b.problems
+        and len(a) == len(b) and not compare_listings(a, b, flags)
+    )  # fmt: skip
+
+
+def pair_walks(src: BackgroundScan, dst: BackgroundScan, flags: int) -> PairedWalks:
+    """The listings of two background walks paired by directory in canonical order, as
+    ``mirror.compare.align`` pairs them (``(src, None)``, ``(None, dst)``, ``(src, dst)``),
+    except that a pair of directories both listed whole, without a problem, in which
+    ``compare_listings(src, dst, flags)`` finds nothing (no change, no multiply-linked file)
+    is left out; ``skipped(side)`` counts what was left out of each."""
+    return PairedWalks(src, dst, flags)
 
 
 def compare_entries(a: Entry, b: Entry, flags: int) -> int:

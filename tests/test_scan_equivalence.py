@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 
@@ -421,3 +422,55 @@ def _expected_paths(n: int) -> list[bytes]:
     for i in range(n):
         paths += [b"d%03d" % i, b"d%03d/e" % i]
     return paths
+
+
+def _seen(listing):
+    return None if listing is None else (listing.path, list(listing), list(listing.problems))
+
+
+def _expected_pairs(ra: bytes, rb: bytes, flags: int):
+    """``compare.align``'s pairs of two walks, without the pairs ``pair_walks`` leaves out."""
+    from mirror.compare import align
+
+    kept, skipped = [], [[0] * 9, [0] * 9]
+    for a, b in align(scan(ra, kernel=PURE), scan(rb, kernel=PURE)):
+        if (a is not None and b is not None and a.complete and b.complete and not a.problems
+                and not b.problems and len(a) == len(b) and not PURE.compare_listings(a, b, flags)):
+            for side, listing in ((0, a), (1, b)):
+                counts, file_bytes, _ = listing.totals()
+                skipped[side][0] += 1
+                for kind in range(1, 8):
+                    skipped[side][kind] += counts[kind]
+                skipped[side][8] += file_bytes
+            continue
+        kept.append((_seen(a), _seen(b)))
+    return kept, [(t[0], [0] + t[1:8], t[8]) for t in skipped]
+
+
+@settings(settings.get_profile("scan"))
+@given(a=tree_specs(max_leaves=12), b=tree_specs(max_leaves=12), flags=st.sampled_from([FLAGS, 0, constants.CMP_OWNER]),
+       copy=st.booleans())  # fmt: skip
+def test_pair_walks_equivalent(a, b, flags, copy):
+    """Both kernels pair two walks exactly as ``align`` pairs them, leaving out the same
+    identical directories, and count what they left out the same."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ra, rb = os.path.join(os.fsencode(tmp), b"a"), os.path.join(os.fsencode(tmp), b"b")
+        os.mkdir(ra)
+        build(ra, a)
+        if copy:  # the replica mostly identical (most pairs are left out), b added below it
+            subprocess.run(["cp", "-a", os.fsdecode(ra), os.fsdecode(rb)], check=True)
+            os.mkdir(os.path.join(rb, b"extra-extra"))
+            build(os.path.join(rb, b"extra-extra"), b)
+        else:
+            os.mkdir(rb)
+            build(rb, b)
+        expected = _expected_pairs(ra, rb, flags)
+        for module, kw in ((FAST, {}), (FAST, {"walkers": 3, "max_walkers": 3}), (PURE, {})):
+            walks = [module.background_scan(r, **kw) for r in (ra, rb)]
+            try:
+                pairs = module.pair_walks(walks[0], walks[1], flags)
+                got = [(_seen(x), _seen(y)) for x, y in pairs]
+                assert (got, [pairs.skipped(0), pairs.skipped(1)]) == expected, module
+            finally:
+                for walk in walks:
+                    walk.close()

@@ -1358,9 +1358,15 @@ cdef class BackgroundScan:
         return self
 
     def __next__(self):
+        cdef wnode_t *node = self._take()
+        if node == NULL:
+            raise StopIteration
+        return listing_of(node)
+
+    cdef wnode_t *_take(self) except? NULL:
+        """The next directory, now the caller's (NULL at the end of the walk)."""
         cdef wnode_t *node = NULL
         cdef int error = 0
-        cdef Listing listing
         with nogil:
             pthread_mutex_lock(&self.w.lock)
             # The next directory, if it is listed, goes at once; else this thread sleeps
@@ -1387,18 +1393,7 @@ cdef class BackgroundScan:
             if self.root_err:
                 err, self.root_err = self.root_err, 0
                 raise OSError(err, os.strerror(err), self.root)
-            raise StopIteration
-        try:
-            path = PyBytes_FromStringAndSize(node.path, node.path_len)
-            if node.open_err:
-                listing = Listing.__new__(Listing)
-                listing.path = path
-                listing.complete = False
-                listing.problems = [open_failure(path, node.open_err)]
-                return listing
-            return build_listing(path, &node.d, None)
-        finally:
-            free_node(node)
+        return node
 
     cdef void _stop(self) noexcept:
         cdef int i, n
@@ -1442,6 +1437,132 @@ cdef class BackgroundScan:
             node = after
 
 
+cdef Listing listing_of(wnode_t *node):
+    """The Listing of a node taken from a walk; the node is freed."""
+    cdef Listing listing
+    try:
+        path = PyBytes_FromStringAndSize(node.path, node.path_len)
+        if node.open_err:
+            listing = Listing.__new__(Listing)
+            listing.path = path
+            listing.complete = False
+            listing.problems = [open_failure(path, node.open_err)]
+            return listing
+        return build_listing(path, &node.d, None)
+    finally:
+        free_node(node)
+
+
+cdef bint same_directory(wnode_t *a, wnode_t *b, int flags) noexcept nogil:
+    """Both listed whole, without a problem, and ``compare_listings`` would find nothing to
+    say (no change bits, no multiply-linked file: its hard-link group is followed in Python)."""
+    cdef Py_ssize_t i
+    cdef rec_t *x
+    cdef rec_t *y
+    if (a.open_err or b.open_err or a.d.dir_err or b.d.dir_err or a.d.nproblems or b.d.nproblems
+            or a.d.n != b.d.n):
+        return False
+    for i in range(a.d.n):
+        x = &a.d.recs[i]
+        y = &b.d.recs[i]
+        if (x.name_len != y.name_len
+                or memcmp(a.d.strings.data + x.name_off, b.d.strings.data + y.name_off, x.name_len) != 0
+                or compare_records(x, a.d.strings.data, NULL, y, b.d.strings.data, NULL, flags) != 0):
+            return False
+    return True
+
+
+cdef void add_totals(long long *totals, wnode_t *node) noexcept nogil:
+    """Count a node into ``totals``: [directories, entries of kind 1..7, bytes in files]."""
+    cdef Py_ssize_t i
+    totals[0] += 1
+    for i in range(node.d.n):
+        totals[node.d.recs[i].kind] += 1
+        if node.d.recs[i].kind == FILE:
+            totals[8] += node.d.recs[i].size
+
+
+cdef class PairedWalks:
+    """Two background walks' listings aligned by directory, as ``mirror.compare.align`` pairs
+    them, less the pairs of identical directories; see ``mirror.scan_py.pair_walks``."""
+    cdef BackgroundScan src
+    cdef BackgroundScan dst
+    cdef wnode_t *a
+    cdef wnode_t *b
+    cdef bint a_end
+    cdef bint b_end
+    cdef int flags
+    cdef long long totals[2][9]
+
+    def __cinit__(self):
+        self.a = self.b = NULL
+        memset(self.totals, 0, sizeof(self.totals))
+
+    def __init__(self, BackgroundScan src, BackgroundScan dst, int flags):
+        self.src = src
+        self.dst = dst
+        self.flags = flags
+
+    def __dealloc__(self):
+        if self.a != NULL:
+            free_node(self.a)
+        if self.b != NULL:
+            free_node(self.b)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef wnode_t *a
+        cdef wnode_t *b
+        cdef int c
+        while True:
+            if self.a == NULL and not self.a_end:
+                self.a = self.src._take()
+                self.a_end = self.a == NULL
+            if self.b == NULL and not self.b_end:
+                self.b = self.dst._take()
+                self.b_end = self.b == NULL
+            a, b = self.a, self.b
+            if a == NULL and b == NULL:
+                raise StopIteration
+            if b == NULL:
+                c = -1
+            elif a == NULL:
+                c = 1
+            else:
+                c = canonical_cmp(a.path, a.path_len, b.path, b.path_len)
+            if c < 0:
+                self.a = NULL
+                return listing_of(a), None
+            if c > 0:
+                self.b = NULL
+                return None, listing_of(b)
+            self.a = self.b = NULL
+            if same_directory(a, b, self.flags):
+                add_totals(self.totals[0], a)
+                add_totals(self.totals[1], b)
+                free_node(a)
+                free_node(b)
+                continue
+            try:
+                left = listing_of(a)
+            finally:
+                right = listing_of(b)
+            return left, right
+
+    def skipped(self, int side):
+        """``(directories, [entries per kind, index = kind], bytes in files)`` of the
+        directories of ``side`` (0: src, 1: dst) left out so far."""
+        cdef long long *t = self.totals[side]
+        return t[0], [0] + [t[k] for k in range(1, 8)], t[8]
+
+
+def pair_walks(BackgroundScan src, BackgroundScan dst, int flags):
+    """``src`` and ``dst``'s listings paired by directory, identical pairs left out; see the twin."""
+    return PairedWalks(src, dst, flags)
+
+
 def background_scan(bytes root, *, skip_at_root=None, int walkers=1, int max_walkers=DEFAULT_MAX_WALKERS,
                     bint _no_openat2=False):
     """Start scanning ``root`` now; see ``BackgroundScan`` and ``mirror.scan_py.background_scan``."""
@@ -1450,8 +1571,15 @@ def background_scan(bytes root, *, skip_at_root=None, int walkers=1, int max_wal
 
 
 cdef inline uint32_t compare_recs(Listing sl, Py_ssize_t i, Listing dl, Py_ssize_t j, int flags) noexcept nogil:
-    cdef rec_t *a = &sl.recs[i]
-    cdef rec_t *b = &dl.recs[j]
+    return compare_records(&sl.recs[i], sl.strings, sl.digests + i * DIGEST_SIZE if sl.digests != NULL else NULL,
+                           &dl.recs[j], dl.strings, dl.digests + j * DIGEST_SIZE if dl.digests != NULL else NULL,
+                           flags)
+
+
+cdef inline uint32_t compare_records(const rec_t *a, const char *a_strings, const unsigned char *a_digest,
+                                     const rec_t *b, const char *b_strings, const unsigned char *b_digest,
+                                     int flags) noexcept nogil:
+    """``compare_listings``' change bits for one pair of records (digests may be NULL)."""
     cdef uint32_t bits = 0
     cdef int kind = a.kind
     if (a.kind == FILE and a.nlink > 1) or (b.kind == FILE and b.nlink > 1):
@@ -1473,13 +1601,13 @@ cdef inline uint32_t compare_recs(Listing sl, Py_ssize_t i, Listing dl, Py_ssize
         if flags & CMP_CHECKSUM and a.size == b.size:
             if not (a.flags & FLAG_DIGEST) or not (b.flags & FLAG_DIGEST):
                 bits |= CH_NODIGEST
-            elif memcmp(sl.digests + i * DIGEST_SIZE, dl.digests + j * DIGEST_SIZE, DIGEST_SIZE) != 0:
+            elif memcmp(a_digest, b_digest, DIGEST_SIZE) != 0:
                 bits |= CH_DIGEST
     elif kind == DIR:
         if flags & CMP_DIR_TIMES and a.mtime_ns != b.mtime_ns:
             bits |= CH_MTIME
     elif kind == SYMLINK:
-        if (a.target_len != b.target_len or memcmp(sl.strings + a.target_off, dl.strings + b.target_off,
+        if (a.target_len != b.target_len or memcmp(a_strings + a.target_off, b_strings + b.target_off,
                                                    a.target_len) != 0):
             bits |= CH_TARGET
         if flags & CMP_LINK_TIMES and a.mtime_ns != b.mtime_ns:
