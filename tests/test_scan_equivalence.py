@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -474,3 +475,34 @@ def test_pair_walks_equivalent(a, b, flags, copy):
             finally:
                 for walk in walks:
                     walk.close()
+
+
+def test_background_walkers_block_every_signal(tmp_path):
+    """Signals go to the program's own threads (Python handles them in the main one), never to
+    a walker: each starts with all of them blocked.  A directory bigger than the walk's
+    lookahead, with subdirectories, keeps the walkers waiting for room while they are looked at."""
+    big = tmp_path / "big"
+    big.mkdir()
+    fd = os.open(big, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(66_000):
+            os.mknod(b"%05d" % i, dir_fd=fd)
+        for i in range(3):
+            os.mkdir(b"sub%d" % i, dir_fd=fd)
+    finally:
+        os.close(fd)
+    before = _threads()
+    walk = FAST.background_scan(os.fsencode(tmp_path), walkers=2, max_walkers=2)
+    try:
+        blocked = {}
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/status") as f:
+                fields = dict(line.split(":", 1) for line in f)
+            blocked[task] = int(fields["SigBlk"], 16)
+        assert len(blocked) == before + 2
+        walkers = [mask for task, mask in blocked.items() if int(task) != threading.get_native_id()]
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGALRM):
+            assert sum(1 for mask in walkers if mask >> (signum - 1) & 1) >= 2, signum
+        assert [lst.path for lst in walk] == [b"", b"big", b"big/sub0", b"big/sub1", b"big/sub2"]
+    finally:
+        walk.close()

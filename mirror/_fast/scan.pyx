@@ -962,6 +962,14 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_setname_np(pthread_t, const char *)
     pthread_t pthread_self()
 
+cdef extern from "<signal.h>" nogil:
+    ctypedef struct sigset_t:
+        pass
+    int sigfillset(sigset_t *)
+    int pthread_sigmask(int, const sigset_t *, sigset_t *)
+    enum:
+        SIG_SETMASK
+
 cdef extern from "<limits.h>" nogil:
     enum:
         PATH_MAX
@@ -1184,10 +1192,18 @@ cdef inline bint consumer_may_go(walk_t *w) noexcept nogil:
 
 
 cdef int start_walker(walk_t *w) noexcept nogil:
-    """Start one more walker (the caller holds the lock, or no walker runs yet)."""
+    """Start one more walker (the caller holds the lock, or no walker runs yet).  It starts
+    with every signal blocked: signals are for the program's own threads (Python runs its
+    handlers in the main one), and a walker's system calls are not to be interrupted."""
+    cdef sigset_t all_signals, before
+    cdef int rc
     if w.nthreads >= w.max_threads or w.stopping:
         return -1
-    if pthread_create(&w.threads[w.nthreads], NULL, walker, w) != 0:
+    sigfillset(&all_signals)
+    pthread_sigmask(SIG_SETMASK, &all_signals, &before)
+    rc = pthread_create(&w.threads[w.nthreads], NULL, walker, w)
+    pthread_sigmask(SIG_SETMASK, &before, NULL)
+    if rc != 0:
         w.max_threads = w.nthreads  # the system says no: do with what runs
         return -1
     w.nthreads += 1
