@@ -1008,22 +1008,23 @@ cdef extern from *:
     """
     int mirror_openat2_below(int dirfd, const char *path) nogil
 
-# Entries the walk may list ahead of its consumer (~5 MiB of records); a directory larger
-# than that is still handed over, alone.
-DEF AHEAD_ENTRIES = 65536
-# A waiting consumer is woken once this many entries (directories count one) are ready, not
-# for each directory: a wake-up per directory costs two futex calls and two context switches,
-# a quarter of the walk's own time on a tree of small directories.
-DEF WAKE_ENTRIES = 2048
-DEF MAX_WALKERS = 64
-
-# Threads listing directories for one walk.  With a warm cache a tree's walk is bound by its
-# system calls and two walks (source and replica) already fill two CPUs: one walker each,
-# extra ones only cost memory (an arena and a stack each).  With a cold cache each listing
-# waits on the disk, which serves several requests at once (two 52,000-entry trees here:
-# 1.14 s with one walker each, 0.59 s with eight).  So a walk starts with one walker and
-# adds one, up to the maximum, each time a listing had to read from the disk.
-DEF DEFAULT_MAX_WALKERS = 8
+cdef enum:
+    # Entries the walk may list ahead of its consumer (~5 MiB of records); a directory
+    # larger than that is still handed over, alone.
+    AHEAD_ENTRIES = 65536
+    # A waiting consumer is woken once this many entries (directories count one) are ready,
+    # not for each directory: a wake-up per directory costs two futex calls and two context
+    # switches, a quarter of the walk's own time on a tree of small directories.
+    WAKE_ENTRIES = 2048
+    MAX_WALKERS = 64
+    # Threads listing directories for one walk.  With a warm cache a tree's walk is bound
+    # by its system calls and two walks (source and replica) already fill two CPUs: one
+    # walker each, extra ones only cost memory (an arena and a stack each).  With a cold
+    # cache each listing waits on the disk, which serves several requests at once (two
+    # 52,000-entry trees here: 1.14 s with one walker each, 0.59 s with eight).  So a walk
+    # starts with one walker and adds one, up to this many, each time a listing had to read
+    # from the disk.
+    DEFAULT_MAX_WALKERS = 8
 
 cdef enum:
     N_WAITING = 0     # known (its parent was listed), not yet taken by a walker
