@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from mirror import constants, fastpath
 from mirror.exclude import Excluder
 from mirror.scan import scan
-from tests.helpers import changing
+from tests.helpers import changing, wait_until
 from tests.trees import build, tree_specs
 
 FAST = fastpath.compiled("scan")
@@ -477,32 +477,87 @@ def test_pair_walks_equivalent(a, b, flags, copy):
                     walk.close()
 
 
-def test_background_walkers_block_every_signal(tmp_path):
-    """Signals go to the program's own threads (Python handles them in the main one), never to
-    a walker: each starts with all of them blocked.  A directory bigger than the walk's
-    lookahead, with subdirectories, keeps the walkers waiting for room while they are looked at."""
-    big = tmp_path / "big"
-    big.mkdir()
-    fd = os.open(big, os.O_RDONLY | os.O_DIRECTORY)
+def _walkers_asleep() -> bool:
+    states = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if f.read().strip() == "treescan":
+                    states.append(fields[0])
+        except FileNotFoundError:
+            continue
+    return bool(states) and all(state == "S" for state in states)
+
+
+def _blocked_signals(task: str) -> int:
+    with open(f"/proc/self/task/{task}/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("SigBlk:")), 16)
+
+
+def test_background_scan_with_its_lookahead_full_beyond_the_next_directory(tmp_path):
+    """Two walkers: one lists a directory bigger than the lookahead while the other goes down a
+    chain of directories before it (deeper than PATH_MAX: opened one component at a time, so
+    slowly); then both stop for room with chain directories still to list before the big one.
+    The consumer reaching those must get them listed, not wait for room that only its taking
+    the big one would make.  Meanwhile the waiting walkers show their signal masks: every
+    signal blocked (Python handles signals in the main thread; a walker must never take one)."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        os.mkdir(b"big", dir_fd=fd)
+        big = os.open(b"big", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
         for i in range(66_000):
-            os.mknod(b"%05d" % i, dir_fd=fd)
-        for i in range(3):
-            os.mkdir(b"sub%d" % i, dir_fd=fd)
+            os.mknod(b"%05d" % i, dir_fd=big)
+        os.close(big)
+        os.mkdir(b"a", dir_fd=fd)
+        chain = os.open(b"a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        for _ in range(_CHAIN):
+            os.mkdir(b"x", dir_fd=chain)
+            child = os.open(b"x", os.O_RDONLY | os.O_DIRECTORY, dir_fd=chain)
+            os.close(chain)
+            chain = child
+        os.close(chain)
     finally:
         os.close(fd)
-    before = _threads()
+    threads_before = set(os.listdir("/proc/self/task"))
     walk = FAST.background_scan(os.fsencode(tmp_path), walkers=2, max_walkers=2)
+    taken: list[bytes] = []
+    consumer = threading.Thread(target=lambda: taken.extend(listing.path for listing in walk))
     try:
-        blocked = {}
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/status") as f:
-                fields = dict(line.split(":", 1) for line in f)
-            blocked[task] = int(fields["SigBlk"], 16)
-        assert len(blocked) == before + 2
-        walkers = [mask for task, mask in blocked.items() if int(task) != threading.get_native_id()]
+        wait_until(_walkers_asleep, timeout=60)  # the walk got as far as it can without us
+        walkers = set(os.listdir("/proc/self/task")) - threads_before
+        assert len(walkers) == 2
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGALRM):
-            assert sum(1 for mask in walkers if mask >> (signum - 1) & 1) >= 2, signum
-        assert [lst.path for lst in walk] == [b"", b"big", b"big/sub0", b"big/sub1", b"big/sub2"]
+            assert all(_blocked_signals(task) >> (signum - 1) & 1 for task in walkers), signum
+        consumer.start()
+        consumer.join(120)
+        assert not consumer.is_alive(), f"the walk stalled after {len(taken)} directories"
     finally:
         walk.close()
+        if consumer.is_alive():
+            consumer.join(10)
+        _remove_chain(tmp_path / "a")  # too deep for shutil.rmtree's recursion
+    assert len(taken) == 1 + 1 + _CHAIN + 1 and taken[-1] == b"big"
+
+
+_CHAIN = 2_500  # "a/x/x/...": 5,000 bytes at the bottom
+
+
+def _remove_chain(path) -> None:
+    """Remove a chain of single subdirectories ``x`` (with files), bottom up, without recursion."""
+    fds = [os.open(path, os.O_RDONLY | os.O_DIRECTORY)]
+    while True:
+        try:
+            fds.append(os.open(b"x", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+        except FileNotFoundError:
+            break
+    while fds:
+        fd = fds.pop()
+        for name in os.listdir(fd):
+            if name == "x":
+                os.rmdir(name, dir_fd=fd)
+            else:
+                os.unlink(name, dir_fd=fd)
+        os.close(fd)
+    os.rmdir(path)

@@ -1390,6 +1390,10 @@ cdef class BackgroundScan:
             # until a batch is ready behind it, not just that one.
             if self.w.head != NULL and self.w.head.state != N_LISTED:
                 while not consumer_may_go(&self.w):
+                    if self.w.head.state == N_WAITING and self.w.waiting_for_work:
+                        # Walkers that stopped for room (directories listed further on fill
+                        # it) must take this one: it is what everything waits for.
+                        pthread_cond_broadcast(&self.w.work)
                     self.w.consumer_waiting = True
                     pthread_cond_wait(&self.w.ready, &self.w.lock)
                 self.w.consumer_waiting = False
@@ -1401,7 +1405,8 @@ cdef class BackgroundScan:
             else:
                 self.w.head = node.next
                 self.w.queued -= node.d.n + 1
-                if self.w.waiting_for_work and self.w.queued <= AHEAD_ENTRIES // 2:
+                if self.w.waiting_for_work and (self.w.queued <= AHEAD_ENTRIES // 2 or (
+                        self.w.head != NULL and self.w.head.state == N_WAITING)):
                     pthread_cond_broadcast(&self.w.work)
             pthread_mutex_unlock(&self.w.lock)
         if node == NULL:
