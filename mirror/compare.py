@@ -192,7 +192,13 @@ def compare_trees(
             change, fields = _classify(scan, bits, options.checksum, Kind.DIR)
             summary.count(change)
             yield Change(b".", change, src_root_entry, dst_root_entry, fields)
-    yield from compare_pairs(align(src_listings, dst_listings), options, summary)
+    # Two whole-tree walks pair themselves, leaving out (in compiled code) the directories
+    # that are the same on both sides; anything else is aligned here.
+    pairing = getattr(src_listings, "pairs_with", None)
+    pairs = pairing(dst_listings, options.flags(scan)) if pairing is not None else None
+    if pairs is None:
+        pairs = align(src_listings, dst_listings)
+    yield from compare_pairs(pairs, options, summary)
 
 
 def compare_pairs(pairs: Iterable[tuple], options: CompareOptions, summary: CompareSummary) -> Iterator[Change]:

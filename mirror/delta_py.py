@@ -1,42 +1,25 @@
-"""Rolling-checksum delta engine, pure-Python twin: the readable specification.
+"""Pure-Python twin of the delta kernels ``mirror._fast.delta``: their readable specification.
 
-``mirror/_fast/delta.pyx`` implements exactly this, fast; both give identical signatures,
-identical ops and identical digests for the same input and seed (the test suite proves it).
-Use ``mirror.fastpath.choose("delta")`` rather than importing either module directly.
+``mirror.delta`` (the engine, written once) calls these; the compiled module must give the
+same sums and the same ops for the same input and seed (``tests/test_delta.py`` proves it
+with hypothesis).  The algorithm is rsync's: the receiver cuts its old file (the *basis*)
+into blocks and sends a *signature*, per block a weak rolling sum and a strong hash; the
+sender slides a window of one block over its new file, and where the weak sum of the window
+names a block and the strong hashes agree, it sends "copy that block" instead of the bytes.
 
-The algorithm is rsync's.  The receiver cuts its old file (the *basis*) into blocks and
-sends a *signature*: per block a weak rolling sum and a strong hash.  The sender slides a
-window of one block over its new file; where the weak sum of the window names a block and
-the strong hashes agree, it sends "copy that block" instead of the bytes.
-
-API (the same names in both modules)
-------------------------------------
-``signature(basis, *, block_size=None, strong_len=None, seed=None, size_hint=None) -> Signature``
-    Reads the binary stream ``basis`` to its end (``size_hint``, default the file's size,
-    only feeds the default block size and strong length).  ``Signature`` carries ``block_size,
-    strong_len, seed, basis_size, block_count`` and the packed sums ``weak`` (4 bytes per
-    block, little-endian) and ``strong`` (``strong_len`` bytes per block).  It is
-    serialised by ``mirror.deltafmt``.
-``delta(sig, new) -> Delta``
-    An iterator of ops over the binary stream ``new``, read in chunks: memory is bounded by
-    the signature, never by the file.  Ops are tuples ``(COPY, first_block, block_count)``
-    (a run of consecutive basis blocks, merged) and ``(LITERAL, data)``.  After exhaustion
-    ``Delta.digest`` is the 16-byte xxh3-128 of ``new`` and ``Delta.new_size`` its length.
-    ``sig=None`` means "no basis": every byte is literal (one code path for new files).
-``patch(basis, ops, out, *, block_size=None, basis_size=None, max_size=None) -> (digest, size)``
-    Applies ops to produce the new file on ``out``; returns the xxh3-128 digest and size of
-    what it wrote (compare them with ``Delta.digest``/``new_size``).  ``block_size`` and
-    ``basis_size`` default to the attributes of the same name on ``ops`` (a ``Delta`` or a
-    ``deltafmt`` reader has them).
-``Patcher(basis, out, block_size, basis_size, *, max_size=None)``
-    The incremental form for a receiver fed op by op: ``.apply(op)``, ``.finish() ->
-    (digest, size)``.  Every copy op is checked against the basis (block range, and the
-    basis file really being ``basis_size`` bytes) before anything is read or written;
-    ``max_size`` bounds the output (copy ops amplify: pass the size the manifest expects).
-``default_block_size(size)``, ``strong_len_for(size, block_size)``, ``weak_sum(data)``,
-``strong_hash(data, seed, strong_len)``: the rules and primitives below.
-Invalid ops and arguments raise ``ValueError`` with a message an administrator can act
-on; ``mirror.deltafmt`` turns them into ``FormatError`` for streams.
+Kernels
+-------
+``weak_sum(data) -> int``, ``strong_hash(data, seed) -> bytes``
+    The two sums below of one block.
+``sign_blocks(data, block_size, seed, strong_len) -> (weak, strong)``
+    Both sums of every block of ``data`` (the last may be short): ``weak`` 4 bytes
+    little-endian per block, ``strong`` the first ``strong_len`` bytes of the strong hash.
+``Matcher(sig)``, ``.feed(data) -> ops``, ``.finish() -> ops``
+    The matching loop over ``new``, fed in chunks of any size: each call returns the ops
+    the bytes so far decide (a pending literal and the current window stay inside), and
+    ``finish()`` the rest.  Ops are ``(COPY, first_block, block_count)`` (a run of
+    consecutive basis blocks, merged) and ``(LITERAL, data)``.  ``sig`` is read for
+    ``block_size, strong_len, seed, basis_size, block_count, weak, strong``.
 
 Weak sum
 --------
@@ -63,99 +46,15 @@ Matching rules (what makes both implementations produce the same ops)
   the work a hostile signature can cause); the first that agrees wins.
 * Consecutive matches of consecutive blocks are merged into one copy op.
 * A run of literal bytes is cut into pieces of ``MAX_LITERAL`` bytes from its start.
-
-Default block size: the cost model
-----------------------------------
-Bytes on the wire for a file of N bytes, blocks of B bytes, s-byte strong hashes and E
-edited places: ``T(B) = (N / B) * (4 + s)  +  E * B`` (signature + about one spoiled block
-of literals per edit; the edited bytes themselves do not depend on B).  T is smallest at
-``B* = sqrt(N * (4 + s) / E)``.  rsync takes E as a constant (B ~ sqrt(N)), so a 1 GiB file
-gets 32 KiB blocks and every small edit costs 32 KiB.  We assume instead that edits scale
-with the data, one per ``EDIT_SPACING`` (1 MiB) and at least one per file:
-``E = max(1, N / EDIT_SPACING)``.  Then B* = sqrt(min(N, EDIT_SPACING) * (4 + s)), about
-4 KiB for every file over 1 MiB.  The result is rounded to a multiple of 64 and clamped to
-[``MIN_DEFAULT_BLOCK``, ``MAX_BLOCK_SIZE``]; for huge files B is raised so the signature
-stays at most ``MAX_DEFAULT_BLOCKS`` blocks (memory and table size), trading bytes for
-bounded memory.  ``block_size=`` overrides the rule (any size in
-[``MIN_BLOCK_SIZE``, ``MAX_BLOCK_SIZE``]).
-
-Strong-hash length
-------------------
-A false match needs a strong-hash collision.  Per window position at most every block is a
-candidate (the weak sum is not counted on: it is easy to forge), so a file of N bytes
-against C blocks makes at most N * C comparisons, each false with probability 2^-(8 s).
-Keeping N * C * 2^-(8 s) below 2^-40 gives
-``s = ceil((40 + log2 N + log2 C) / 8)``, clamped to [``MIN_STRONG_LEN``, 16]: 11 bytes for
-1 GiB in 4 KiB blocks.
+* With no full block in the basis nothing can match while sliding: literal pieces leave
+  as soon as a full window lies beyond them, as the sliding loop would emit them.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import stat
-import sys
-from array import array
-from collections.abc import Iterable, Iterator
-from typing import BinaryIO
-
 import xxhash
 
-COPY = 0
-LITERAL = 1
-
-MIN_BLOCK_SIZE = 16
-MIN_DEFAULT_BLOCK = 512
-MAX_BLOCK_SIZE = 128 * 1024
-MAX_DEFAULT_BLOCKS = 1 << 22
-EDIT_SPACING = 1 << 20
-MIN_STRONG_LEN = 6
-MAX_STRONG_LEN = 16
-MAX_LITERAL = 256 * 1024
-MAX_CANDIDATES = 64
-DIGEST_LEN = 16
-
-# How much of ``new``/``basis`` is read per call (the ops do not depend on it).
-READ_CHUNK = 128 * 1024
-
-
-def strong_len_for(size: int, block_size: int) -> int:
-    """Bytes of strong hash so that a false match in a file of ``size`` bytes stays < 2^-40."""
-    _check_block_size(block_size)
-    blocks = max(1, -(-size // block_size))
-    bits = 40 + math.log2(max(1, size)) + math.log2(blocks)
-    return max(MIN_STRONG_LEN, min(MAX_STRONG_LEN, math.ceil(bits / 8)))
-
-
-def default_block_size(size: int) -> int:
-    """Block size minimising signature + delta bytes under the model in the module docstring."""
-    if size < 0:
-        raise ValueError(f"file size cannot be negative ({size})")
-    edits = max(1.0, size / EDIT_SPACING)
-    floor = max(MIN_DEFAULT_BLOCK, size / MAX_DEFAULT_BLOCKS)
-
-    def rounded(block: float) -> int:
-        return max(MIN_DEFAULT_BLOCK, min(MAX_BLOCK_SIZE, int(round(max(block, floor) / 64)) * 64))
-
-    def cost(block: int) -> float:
-        return -(-size // block) * (4 + strong_len_for(size, block)) + edits * block
-
-    # s depends on B (through log2 C), so try the optimum for every possible s and keep the
-    # cheapest; ties go to the larger block (fewer blocks, less work).
-    candidates = {
-        rounded(math.sqrt(size * (4 + s) / edits)) for s in range(MIN_STRONG_LEN, MAX_STRONG_LEN + 1)
-    }
-    return min(sorted(candidates, reverse=True), key=cost)
-
-
-def _check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
-        raise ValueError(f"block size {block_size!r} is outside {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE} bytes")
-
-
-def _check_strong_len(strong_len: int) -> None:
-    if not isinstance(strong_len, int) or not 1 <= strong_len <= MAX_STRONG_LEN:
-        raise ValueError(f"strong hash length {strong_len!r} is outside 1..{MAX_STRONG_LEN} bytes")
+from .constants import COPY, LITERAL, MAX_CANDIDATES, MAX_LITERAL, MAX_STRONG_LEN
 
 
 def weak_sum(data) -> int:
@@ -166,407 +65,172 @@ def weak_sum(data) -> int:
     return (a & 0xFFFF) | ((b & 0xFFFF) << 16)
 
 
-def strong_hash(data, seed: int, strong_len: int) -> bytes:
-    return xxhash.xxh3_128_digest(data, seed=seed)[:strong_len]
+def strong_hash(data, seed: int) -> bytes:
+    """The 16-byte seeded XXH3-128 of ``data`` (canonical byte order)."""
+    return xxhash.xxh3_128_digest(data, seed=seed)
 
 
-class Signature:
-    """The receiver's description of its basis: per block a weak sum and a strong hash."""
-
-    __slots__ = ("block_size", "strong_len", "seed", "basis_size", "block_count", "weak", "strong")
-
-    def __init__(
-        self, block_size: int, strong_len: int, seed: int, basis_size: int, weak: bytes, strong: bytes
-    ):
-        _check_block_size(block_size)
-        _check_strong_len(strong_len)
-        if not isinstance(seed, int) or not 0 <= seed < 1 << 64:
-            raise ValueError(f"signature seed {seed!r} is not a 64-bit unsigned integer")
-        if not isinstance(basis_size, int) or not 0 <= basis_size < 1 << 63:
-            raise ValueError(f"basis size {basis_size!r} is not a valid file size")
-        block_count = -(-basis_size // block_size)
-        if len(weak) != 4 * block_count or len(strong) != strong_len * block_count:
-            raise ValueError(
-                f"signature of a {basis_size}-byte basis in {block_size}-byte blocks needs "
-                f"{block_count} blocks, but carries {len(weak)} bytes of weak sums and "
-                f"{len(strong)} bytes of strong hashes"
-            )
-        self.block_size = block_size
-        self.strong_len = strong_len
-        self.seed = seed
-        self.basis_size = basis_size
-        self.block_count = block_count
-        self.weak = bytes(weak)
-        self.strong = bytes(strong)
-
-    def __eq__(self, other: object) -> bool:
-        if not hasattr(other, "weak") or not hasattr(other, "strong"):
-            return NotImplemented
-        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
-
-    def __hash__(self) -> int:
-        return hash((self.block_size, self.seed, self.basis_size, self.strong))
-
-    def __repr__(self) -> str:
-        return (
-            f"Signature(block_size={self.block_size}, strong_len={self.strong_len}, "
-            f"basis_size={self.basis_size}, block_count={self.block_count})"
-        )
-
-
-def _read_full(stream: BinaryIO, size: int) -> bytes:
-    """Up to ``size`` bytes; fewer only at end of stream (pipes return short reads)."""
-    parts = []
-    while size > 0:
-        piece = stream.read(size)
-        if not piece:
-            break
-        parts.append(piece)
-        size -= len(piece)
-    return b"".join(parts)
-
-
-def signature(
-    basis: BinaryIO,
-    *,
-    block_size: int | None = None,
-    strong_len: int | None = None,
-    seed: int | None = None,
-    size_hint: int | None = None,
-) -> Signature:
-    """The signature of the whole of ``basis`` (read from its current position to its end).
-
-    ``size_hint`` (default: the size of the file behind ``basis`` if it has one) only feeds
-    the default block size and strong length; a pipe without a hint gets the 1 MiB rule.
-    """
-    if size_hint is None:
-        size_hint = _remaining_size(basis)
-    if block_size is None:
-        block_size = default_block_size(size_hint if size_hint is not None else EDIT_SPACING)
-    _check_block_size(block_size)
-    if strong_len is None:
-        strong_len = strong_len_for(size_hint if size_hint is not None else 1 << 40, block_size)
-    _check_strong_len(strong_len)
-    if seed is None:
-        seed = int.from_bytes(os.urandom(8), "little")
-    weak = array("I")
+def sign_blocks(data, block_size: int, seed: int, strong_len: int) -> tuple[bytes, bytes]:
+    """``(weak, strong)`` of every block of ``data``; see the module docstring."""
+    if block_size < 1 or not 1 <= strong_len <= MAX_STRONG_LEN:
+        raise ValueError(f"cannot sign blocks of {block_size} bytes with {strong_len}-byte strong hashes")
+    weak = bytearray()
     strong = bytearray()
-    basis_size = 0
-    chunk_size = READ_CHUNK - READ_CHUNK % block_size
-    while True:
-        chunk = _read_full(basis, chunk_size)
-        basis_size += len(chunk)
-        for start in range(0, len(chunk), block_size):
-            block = chunk[start : start + block_size]
-            weak.append(weak_sum(block))
-            strong += strong_hash(block, seed, strong_len)
-        if len(chunk) < chunk_size:
-            break
-    if sys.byteorder == "big":
-        weak.byteswap()
-    return Signature(block_size, strong_len, seed, basis_size, weak.tobytes(), bytes(strong))
+    for start in range(0, len(data), block_size):
+        block = data[start : start + block_size]
+        weak += weak_sum(block).to_bytes(4, "little")
+        strong += strong_hash(block, seed)[:strong_len]
+    return bytes(weak), bytes(strong)
 
 
-def _remaining_size(stream: BinaryIO) -> int | None:
-    """Bytes from the current position to the end, for regular files; None for pipes."""
-    try:
-        st = os.fstat(stream.fileno())
-    except (AttributeError, OSError, ValueError):
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        return None
-    try:
-        if not stream.seekable():
-            return None
-        here = stream.tell()
-        end = stream.seek(0, 2)
-        stream.seek(here)
-        return end - here
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def _empty_signature() -> Signature:
-    return Signature(default_block_size(0), MIN_STRONG_LEN, 0, 0, b"", b"")
-
-
-class _Table:
-    """Weak sum -> blocks with that sum (ascending), for the full-size blocks of a signature."""
-
-    def __init__(self, sig: Signature):
-        weak = array("I", sig.weak)
-        if sys.byteorder == "big":
-            weak.byteswap()
-        self.full_blocks = sig.basis_size // sig.block_size
-        self.by_weak: dict[int, list[int]] = {}
-        for index in range(self.full_blocks):
-            self.by_weak.setdefault(weak[index], []).append(index)
-        self.strong_len = sig.strong_len
-        self.strong = sig.strong
-
-    def strong_of(self, block: int) -> bytes:
-        return self.strong[block * self.strong_len : (block + 1) * self.strong_len]
-
-
-class Delta:
-    """Iterator of ops turning the signature's basis into ``new``; see the module docstring."""
-
-    def __init__(self, sig: Signature | None, new: BinaryIO):
-        self.sig = sig if sig is not None else _empty_signature()
-        self.block_size = self.sig.block_size
-        self.basis_size = self.sig.basis_size
-        self.digest: bytes | None = None
-        self.new_size: int | None = None
-        self._ops = _delta_ops(self.sig, new, self)
-
-    def __iter__(self) -> Iterator[tuple]:
-        return self
-
-    def __next__(self) -> tuple:
-        return next(self._ops)
-
-
-def delta(sig: Signature | None, new: BinaryIO) -> Delta:
-    """The ops that rebuild ``new`` from the basis ``sig`` describes (lazy: iterate them)."""
-    return Delta(sig, new)
-
-
-def _literal_pieces(data: bytes) -> Iterator[tuple]:
+def _literal_pieces(data: bytes, ops: list) -> None:
     for start in range(0, len(data), MAX_LITERAL):
-        yield (LITERAL, data[start : start + MAX_LITERAL])
+        ops.append((LITERAL, data[start : start + MAX_LITERAL]))
 
 
-def _delta_ops(sig: Signature, new: BinaryIO, result: Delta) -> Iterator[tuple]:
-    """The matching loop: a generator over ``new`` keeping at most a literal piece and a block."""
-    block = sig.block_size
-    seed, strong_len = sig.seed, sig.strong_len
-    table = _Table(sig)
-    full_blocks = table.full_blocks
-    tail_len = sig.basis_size - full_blocks * block  # the basis's short final block, or 0
-    digest = xxhash.xxh3_128()
+class Matcher:
+    """The ops that turn the basis ``sig`` describes into the bytes fed in."""
 
-    # ``window`` holds the not yet emitted bytes of ``new``: pending literal bytes, then the
-    # current window of ``block`` bytes starting at ``pos``.  (The compiled version keeps
-    # them in one reused buffer; here a bytearray trimmed as literals are emitted.)
-    window = bytearray()
-    pos = 0  # window start, as an index into ``window``; window[:pos] is pending literal
-    new_size = 0
-    eof = False
-    run_first, run_count = -1, 0  # pending copy run
-    expected = -1  # block after the last match: tried first
-    weak_a = weak_b = 0
-    weak_valid = False
-
-    def fill(need: int) -> bool:
-        nonlocal eof, new_size
-        while len(window) < need and not eof:
-            chunk = new.read(READ_CHUNK)
-            if not chunk:
-                eof = True
-                break
-            digest.update(chunk)
-            new_size += len(chunk)
-            window.extend(chunk)
-        return len(window) >= need
-
-    if full_blocks == 0:
-        # Nothing the window could match: skip the rolling, emit the same pieces it would
-        # (a piece leaves once a full window lies beyond it).
-        while fill(MAX_LITERAL + block):
-            yield (LITERAL, bytes(window[:MAX_LITERAL]))
-            del window[:MAX_LITERAL]
-    while full_blocks and fill(pos + block):
-        match = -1
-        window_strong = None
-        if not weak_valid and 0 <= expected < full_blocks:
-            window_strong = strong_hash(window[pos : pos + block], seed, strong_len)
-            if window_strong == table.strong_of(expected):
-                match = expected
-        if match < 0:
-            if not weak_valid:
-                current = window[pos : pos + block]
-                weak_a = sum(current) & 0xFFFF
-                weak_b = sum((block - i) * x for i, x in enumerate(current)) & 0xFFFF
-                weak_valid = True
-            candidates = table.by_weak.get(weak_a | weak_b << 16, ())
-            for index in candidates[:MAX_CANDIDATES]:
-                if window_strong is None:
-                    window_strong = strong_hash(window[pos : pos + block], seed, strong_len)
-                if window_strong == table.strong_of(index):
-                    match = index
-                    break
-        if match >= 0:
-            if pos:
-                if run_count:
-                    yield (COPY, run_first, run_count)
-                    run_count = 0
-                yield from _literal_pieces(bytes(window[:pos]))
-            if run_count and run_first + run_count == match:
-                run_count += 1
-            else:
-                if run_count:
-                    yield (COPY, run_first, run_count)
-                run_first, run_count = match, 1
-            del window[: pos + block]
-            pos = 0
-            expected = match + 1
-            weak_valid = False
-            continue
-        # No match: slide the window one byte, if there is a byte to slide in.
-        expected = -1
-        if not fill(pos + block + 1):
-            break
-        out_byte, in_byte = window[pos], window[pos + block]
-        weak_a = (weak_a - out_byte + in_byte) & 0xFFFF
-        weak_b = (weak_b - block * out_byte + weak_a) & 0xFFFF
-        pos += 1
-        if pos == MAX_LITERAL:
-            if run_count:
-                yield (COPY, run_first, run_count)
-                run_count = 0
-            yield (LITERAL, bytes(window[:pos]))
-            del window[:pos]
-            pos = 0
-
-    # End of ``new`` (``eof`` is set): at most a block remains after the pending literal.
-    rest = bytes(window)
-    tail_at = len(rest) - tail_len
-    if (
-        tail_len
-        and tail_at >= 0
-        and strong_hash(rest[tail_at:], seed, strong_len) == table.strong_of(sig.block_count - 1)
-    ):
-        if tail_at:
-            if run_count:
-                yield (COPY, run_first, run_count)
-                run_count = 0
-            yield from _literal_pieces(rest[:tail_at])
-        if run_count and run_first + run_count == sig.block_count - 1:
-            run_count += 1
-        else:
-            if run_count:
-                yield (COPY, run_first, run_count)
-            run_first, run_count = sig.block_count - 1, 1
-        rest = b""
-    if rest:
-        if run_count:
-            yield (COPY, run_first, run_count)
-            run_count = 0
-        yield from _literal_pieces(rest)
-    if run_count:
-        yield (COPY, run_first, run_count)
-    result.digest = digest.digest()
-    result.new_size = new_size
-
-
-class Patcher:
-    """Rebuilds a file op by op; checks each op against the basis before touching it."""
-
-    def __init__(
-        self,
-        basis: BinaryIO | None,
-        out: BinaryIO,
-        block_size: int,
-        basis_size: int,
-        *,
-        max_size: int | None = None,
-    ):
-        _check_block_size(block_size)
-        if basis is None:
-            if basis_size:
-                raise ValueError(f"the delta needs a basis of {basis_size} bytes, but none was given")
-        else:
-            actual = _remaining_size(basis)
-            if actual is None:
-                raise ValueError("the basis must be a seekable regular file")
-            if actual != basis_size:
-                raise ValueError(
-                    f"the basis is {actual} bytes but the delta was made against a basis of "
-                    f"{basis_size} bytes: wrong or changed basis file"
-                )
-            self._basis_start = basis.tell()
-        self.basis = basis
-        self.out = out
-        self.block_size = block_size
-        self.basis_size = basis_size
-        self.block_count = -(-basis_size // block_size)
-        self.max_size = max_size
-        self.size = 0
-        self._digest = xxhash.xxh3_128()
+    def __init__(self, sig):
+        if sig.block_size < 1 or not 1 <= sig.strong_len <= MAX_STRONG_LEN or sig.basis_size < 0:
+            raise ValueError("invalid signature parameters")
+        block = sig.block_size
+        self._block = block
+        self._seed = sig.seed
+        self._strong_len = sig.strong_len
+        self._strong = sig.strong
+        self._block_count = -(-sig.basis_size // block)
+        self._full_blocks = sig.basis_size // block
+        if (
+            sig.block_count != self._block_count
+            or len(sig.weak) < 4 * self._full_blocks
+            or len(sig.strong) < sig.strong_len * self._block_count
+        ):
+            raise ValueError("signature sums do not cover its blocks")
+        self._tail_len = sig.basis_size - self._full_blocks * block  # the short final block, or 0
+        # Weak sum -> the full blocks with that sum, ascending.
+        self._by_weak: dict[int, list[int]] = {}
+        for index in range(self._full_blocks):
+            weak = int.from_bytes(sig.weak[4 * index : 4 * index + 4], "little")
+            self._by_weak.setdefault(weak, []).append(index)
+        # Bytes of ``new`` not yet emitted: the pending literal window[:pos], then the
+        # current window of ``block`` bytes starting at ``pos`` (once enough was fed).
+        self._window = bytearray()
+        self._pos = 0
+        self._run_first, self._run_count = -1, 0  # pending copy run
+        self._expected = -1  # block after the last match: tried first
+        self._weak_a = self._weak_b = 0
+        self._weak_valid = False  # the sums are those of the window at pos
         self._finished = False
 
-    def _grow(self, length: int) -> None:
-        if self.max_size is not None and self.size + length > self.max_size:
-            raise ValueError(f"the delta rebuilds more than the allowed {self.max_size} bytes")
-        self.size += length
+    def _strong_of(self, block: int) -> bytes:
+        return self._strong[block * self._strong_len : (block + 1) * self._strong_len]
 
-    def apply(self, op: tuple) -> None:
-        if self._finished:
-            raise ValueError("op applied after finish()")
-        if not isinstance(op, tuple | list) or not op:
-            raise ValueError(f"malformed delta op {op!r:.80}")
-        kind = op[0]
-        if kind == LITERAL and len(op) == 2:
-            data = op[1]
-            if not isinstance(data, bytes | bytearray | memoryview):
-                raise ValueError("literal op without bytes")
-            if len(data) > MAX_LITERAL:
-                raise ValueError(f"literal op of {len(data)} bytes exceeds the {MAX_LITERAL}-byte limit")
-            self._grow(len(data))
-            self._digest.update(data)
-            self.out.write(data)
-        elif kind == COPY and len(op) == 3:
-            first, count = op[1], op[2]
-            if not (isinstance(first, int) and isinstance(count, int)) or first < 0 or count < 1:
-                raise ValueError(f"copy op with invalid block range {first!r}+{count!r}")
-            if first + count > self.block_count:
-                raise ValueError(
-                    f"copy op asks for blocks {first}..{first + count - 1} but the basis has "
-                    f"{self.block_count} blocks"
-                )
-            start = first * self.block_size
-            end = min((first + count) * self.block_size, self.basis_size)
-            self._grow(end - start)
-            self._copy(start, end)
+    def _window_strong(self) -> bytes:
+        return strong_hash(self._window[self._pos : self._pos + self._block], self._seed)[: self._strong_len]
+
+    def _flush_run(self, ops: list) -> None:
+        if self._run_count:
+            ops.append((COPY, self._run_first, self._run_count))
+            self._run_count = 0
+
+    def _add_to_run(self, block: int, ops: list) -> None:
+        if self._run_count and self._run_first + self._run_count == block:
+            self._run_count += 1
         else:
-            raise ValueError(f"unknown delta op {op!r:.80}")
+            self._flush_run(ops)
+            self._run_first, self._run_count = block, 1
 
-    def _copy(self, start: int, end: int) -> None:
-        assert self.basis is not None
-        self.basis.seek(self._basis_start + start)
-        while start < end:
-            data = self.basis.read(min(READ_CHUNK, end - start))
-            if not data:
-                raise ValueError("the basis file shrank while the delta was applied")
-            self._digest.update(data)
-            self.out.write(data)
-            start += len(data)
+    def _emit_literal(self, data: bytes, ops: list) -> None:
+        if data:
+            self._flush_run(ops)
+            _literal_pieces(data, ops)
 
-    def finish(self) -> tuple[bytes, int]:
-        """(xxh3-128 digest, size) of everything written."""
+    def feed(self, data) -> list:
+        """The ops decided by the bytes of ``new`` fed so far, after ``data``."""
+        if self._finished:
+            raise ValueError("data fed after finish()")
+        self._window += data
+        ops: list = []
+        self._slide(ops, eof=False)
+        return ops
+
+    def finish(self) -> list:
+        """The last ops, once the whole of ``new`` was fed."""
+        if self._finished:
+            raise ValueError("finish() called twice")
         self._finished = True
-        return self._digest.digest(), self.size
+        ops: list = []
+        self._slide(ops, eof=True)
+        self._match_tail(ops)
+        return ops
 
+    def _slide(self, ops: list, eof: bool) -> None:
+        block, window = self._block, self._window
+        if not self._full_blocks:
+            # Nothing the window could match: the pieces the sliding loop would emit.
+            while len(window) >= MAX_LITERAL + block:
+                ops.append((LITERAL, bytes(window[:MAX_LITERAL])))
+                del window[:MAX_LITERAL]
+            return
+        while len(window) >= self._pos + block:
+            pos = self._pos
+            match = -1
+            window_strong = None
+            if not self._weak_valid and 0 <= self._expected < self._full_blocks:
+                window_strong = self._window_strong()
+                if window_strong == self._strong_of(self._expected):
+                    match = self._expected
+            if match < 0:
+                if not self._weak_valid:
+                    current = window[pos : pos + block]
+                    self._weak_a = sum(current) & 0xFFFF
+                    self._weak_b = sum((block - i) * x for i, x in enumerate(current)) & 0xFFFF
+                    self._weak_valid = True
+                candidates = self._by_weak.get(self._weak_a | self._weak_b << 16, ())
+                for index in candidates[:MAX_CANDIDATES]:
+                    if window_strong is None:
+                        window_strong = self._window_strong()
+                    if window_strong == self._strong_of(index):
+                        match = index
+                        break
+            if match >= 0:
+                self._emit_literal(bytes(window[:pos]), ops)
+                self._add_to_run(match, ops)
+                del window[: pos + block]
+                self._pos = 0
+                self._expected = match + 1
+                self._weak_valid = False
+                continue
+            # No match: slide the window one byte, once that byte is here.  (When it is not,
+            # this position's lookup is made again after the next feed: the same result.)
+            self._expected = -1
+            if len(window) < pos + block + 1:
+                return
+            out_byte, in_byte = window[pos], window[pos + block]
+            self._weak_a = (self._weak_a - out_byte + in_byte) & 0xFFFF
+            self._weak_b = (self._weak_b - block * out_byte + self._weak_a) & 0xFFFF
+            self._pos = pos = pos + 1
+            if pos == MAX_LITERAL:
+                self._emit_literal(bytes(window[:pos]), ops)
+                del window[:pos]
+                self._pos = 0
 
-def patch(
-    basis: BinaryIO | None,
-    ops: Iterable[tuple],
-    out: BinaryIO,
-    *,
-    block_size: int | None = None,
-    basis_size: int | None = None,
-    max_size: int | None = None,
-) -> tuple[bytes, int]:
-    """Write the file ``ops`` describe to ``out``; returns (digest, size) of what was written."""
-    if block_size is None:
-        block_size = getattr(ops, "block_size", None) or default_block_size(0)
-    if basis_size is None:
-        basis_size = getattr(ops, "basis_size", None)
-        if basis_size is None:
-            basis_size = 0 if basis is None else _remaining_size(basis)
-            if basis_size is None:
-                raise ValueError("the basis must be a seekable regular file")
-    patcher = Patcher(basis, out, block_size, basis_size, max_size=max_size)
-    for op in ops:
-        patcher.apply(op)
-    return patcher.finish()
+    def _match_tail(self, ops: list) -> None:
+        """End of ``new``: at most a block remains after the pending literal; the basis's
+        short final block may match its last bytes."""
+        rest = bytes(self._window)
+        self._window = bytearray()
+        tail_len = self._tail_len
+        tail_at = len(rest) - tail_len
+        last = self._block_count - 1
+        if (
+            tail_len
+            and tail_at >= 0
+            and strong_hash(rest[tail_at:], self._seed)[: self._strong_len] == self._strong_of(last)
+        ):
+            self._emit_literal(rest[:tail_at], ops)
+            self._add_to_run(last, ops)
+            rest = b""
+        self._emit_literal(rest, ops)
+        self._flush_run(ops)

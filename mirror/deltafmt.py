@@ -37,27 +37,21 @@ from typing import BinaryIO
 
 import msgpack
 
-from . import fastpath
+from .constants import COPY, DIGEST_SIZE, LITERAL, MAX_LITERAL, MAX_STRONG_LEN
+from .delta import Patcher, Signature
 from .errors import FormatError, IntegrityError, LimitExceeded
 
 SIGNATURE_MAGIC = b"HMIRSIG\n"
 DELTA_MAGIC = b"HMIRDLT\n"
 VERSION = 1
 
-COPY, LITERAL, END = 0, 1, 2
+END = 2  # the end record's tag, after the op tags COPY and LITERAL
 BATCH_BLOCKS = 65536
-MAX_STRONG_LEN = 16
-MAX_LITERAL = 256 * 1024
-DIGEST_LEN = 16
 # 2^24 blocks: a 64 GiB basis at 4 KiB blocks, 2 TiB at 128 KiB; about 330 MiB of signature.
 DEFAULT_MAX_BLOCKS = 1 << 24
 
 _SIGNATURE_KEYS = ("version", "block_size", "strong_len", "seed", "basis_size", "block_count")
 _DELTA_KEYS = ("version", "block_size", "basis_size")
-
-
-def _impl(impl):
-    return impl if impl is not None else fastpath.choose("delta")
 
 
 def _packer() -> msgpack.Packer:
@@ -148,8 +142,8 @@ def write_signature(sig, out: BinaryIO) -> int:
     return written
 
 
-def read_signature(stream: BinaryIO, *, max_blocks: int = DEFAULT_MAX_BLOCKS, impl=None):
-    """Read a whole signature stream; returns the chosen implementation's ``Signature``."""
+def read_signature(stream: BinaryIO, *, max_blocks: int = DEFAULT_MAX_BLOCKS) -> Signature:
+    """Read a whole signature stream into a ``mirror.delta.Signature``."""
     what = "signature"
     _check_magic(stream, SIGNATURE_MAGIC, what)
     unpacker = msgpack.Unpacker(
@@ -202,9 +196,7 @@ def read_signature(stream: BinaryIO, *, max_blocks: int = DEFAULT_MAX_BLOCKS, im
         remaining -= count
     _expect_end(unpacker, what)
     try:
-        return _impl(impl).Signature(
-            block_size, strong_len, header["seed"], basis_size, bytes(weak), bytes(strong)
-        )
+        return Signature(block_size, strong_len, header["seed"], basis_size, bytes(weak), bytes(strong))
     except ValueError as exc:
         raise FormatError(f"invalid signature: {exc}") from None
 
@@ -216,8 +208,8 @@ def signature_to_bytes(sig) -> bytes:
     return buffer.getvalue()
 
 
-def signature_from_bytes(data: bytes, *, max_blocks: int = DEFAULT_MAX_BLOCKS, impl=None):
-    return read_signature(io.BytesIO(data), max_blocks=max_blocks, impl=impl)
+def signature_from_bytes(data: bytes, *, max_blocks: int = DEFAULT_MAX_BLOCKS) -> Signature:
+    return read_signature(io.BytesIO(data), max_blocks=max_blocks)
 
 
 # ----------------------------------------------------------------------------- deltas
@@ -307,7 +299,7 @@ class DeltaReader:
                     not isinstance(size, int)
                     or size < 0
                     or not isinstance(digest, bytes)
-                    or len(digest) != DIGEST_LEN
+                    or len(digest) != DIGEST_SIZE
                 ):
                     raise FormatError("delta end record is malformed")
                 _expect_end(self._unpacker, what)
@@ -326,7 +318,6 @@ def patch_stream(
     stream: BinaryIO,
     out: BinaryIO,
     *,
-    impl=None,
     max_size: int | None = None,
 ) -> tuple[bytes, int]:
     """Apply the delta stream ``stream`` to ``basis`` into ``out`` and verify the result.
@@ -337,7 +328,7 @@ def patch_stream(
     """
     reader = DeltaReader(stream)
     try:
-        patcher = _impl(impl).Patcher(basis, out, reader.block_size, reader.basis_size, max_size=max_size)
+        patcher = Patcher(basis, out, reader.block_size, reader.basis_size, max_size=max_size)
         for op in reader:
             patcher.apply(op)
     except ValueError as exc:

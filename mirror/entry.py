@@ -1,7 +1,7 @@
 """What a scan records about one directory entry, and the order entries are visited in.
 
-Both scanner implementations (``mirror._fast.scan`` and ``mirror.scan_py``) produce
-``Entry`` tuples and ``ScanProblem`` records defined here, so their output compares equal.
+Both scan kernels (``mirror._fast.scan`` and its twin ``mirror.scan_py``) produce ``Entry``
+tuples and ``ScanProblem`` records defined here, so their output compares equal.
 
 Canonical order: a directory's entries are sorted by name bytes; directories are visited
 depth first in that order.  For whole relative paths this is the order of
@@ -12,19 +12,23 @@ memory bounded by the directory being looked at rather than by the tree.
 
 from __future__ import annotations
 
+import os
 import stat
 from enum import IntEnum
 from typing import NamedTuple
 
+from . import constants
+from .constants import DIGEST_SIZE, MAX_NAME, MAX_TARGET  # noqa: F401  (re-exported)
+
 
 class Kind(IntEnum):
-    FILE = 1
-    DIR = 2
-    SYMLINK = 3
-    FIFO = 4
-    SOCKET = 5
-    CHAR = 6
-    BLOCK = 7
+    FILE = constants.FILE
+    DIR = constants.DIR
+    SYMLINK = constants.SYMLINK
+    FIFO = constants.FIFO
+    SOCKET = constants.SOCKET
+    CHAR = constants.CHAR
+    BLOCK = constants.BLOCK
 
 
 KIND_OF_FMT = {
@@ -36,7 +40,6 @@ KIND_OF_FMT = {
     stat.S_IFCHR: Kind.CHAR,
     stat.S_IFBLK: Kind.BLOCK,
 }
-FMT_OF_KIND = {kind: fmt for fmt, kind in KIND_OF_FMT.items()}
 
 # One letter per kind, as ``rsync -i`` and ``find -printf %y`` use them.
 KIND_LETTER = {
@@ -48,10 +51,6 @@ KIND_LETTER = {
     Kind.CHAR: "D",
     Kind.BLOCK: "D",
 }
-
-MAX_NAME = 255  # NAME_MAX on Linux
-MAX_TARGET = 4095  # PATH_MAX - 1: the longest symlink target the kernel stores
-DIGEST_SIZE = 16  # xxh3-128
 
 
 class Entry(NamedTuple):
@@ -100,8 +99,12 @@ def canonical_key(path: bytes) -> bytes:
     return path.replace(b"/", b"\0")
 
 
-def is_valid_name(name: bytes) -> bool:
-    """A single path component as the kernel allows it: no ``/``, no NUL, not ``.``/``..``."""
-    return (
-        0 < len(name) <= MAX_NAME and b"/" not in name and b"\0" not in name and name not in (b".", b"..")
-    )
+def entry_from_stat(name: bytes, st: os.stat_result, target: bytes) -> Entry:
+    """The Entry for ``name`` from its lstat result (and symlink target); its kind must be
+    one of ``KIND_OF_FMT``'s."""
+    kind = KIND_OF_FMT[stat.S_IFMT(st.st_mode)]
+    rdev = st.st_rdev if kind in (Kind.CHAR, Kind.BLOCK) else 0
+    return Entry(
+        name, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
+        st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, rdev, target, None,
+    )  # fmt: skip

@@ -1,10 +1,13 @@
-"""The one place that picks the compiled ``mirror._fast`` modules or their pure-Python twins.
+"""The one place that binds the compiled kernels ``mirror._fast`` or their pure-Python twins.
 
-Each hot path exists twice with the same API: ``mirror/_fast/<name>.pyx`` (compiled) and
-``mirror/<name>_py.py`` (the readable specification).  Everything else imports the chosen
-module from here.  Falling back to the twin is loud: a warning once per module, and an
-error when ``MIRROR_REQUIRE_FAST=1`` (CI sets it).  ``MIRROR_FORCE_PURE=1`` selects the
-twins on purpose, for tests and for debugging.
+Each hot path is split in two: an engine module in Python, written once
+(``mirror/scan.py``: the walk; ``mirror/delta.py``: signatures, deltas, patches and their
+rules), and the kernels it calls, written twice with the same API
+(``mirror/_fast/<name>.pyx``, compiled, and ``mirror/<name>_py.py``, the readable
+specification).  An engine asks for its kernel here once, when it is imported.  Falling back
+to the twin is loud: a warning once per kernel, and an error when ``MIRROR_REQUIRE_FAST=1``
+(CI sets it).  ``MIRROR_FORCE_PURE=1`` selects the twins on purpose, for tests and for
+debugging.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from types import ModuleType
 
 from .errors import FastPathUnavailable
 
-_chosen: dict[str, ModuleType] = {}
+_bound: dict[str, ModuleType] = {}
 
 
 def env_flag(name: str) -> bool:
@@ -25,12 +28,12 @@ def env_flag(name: str) -> bool:
 
 
 def pure(name: str) -> ModuleType:
-    """The pure-Python twin of hot path ``name`` (``scan`` or ``delta``)."""
+    """The pure-Python twin of kernel ``name`` (``scan`` or ``delta``)."""
     return importlib.import_module(f"mirror.{name}_py")
 
 
 def compiled(name: str) -> ModuleType:
-    """The compiled module; raises ImportError when it was not built."""
+    """The compiled kernel; raises ImportError when it was not built."""
     module = importlib.import_module(f"mirror._fast.{name}")
     if hasattr(module, "bind_types"):
         # _fast imports nothing from mirror: hand it the shared result types instead.
@@ -40,9 +43,9 @@ def compiled(name: str) -> ModuleType:
     return module
 
 
-def choose(name: str) -> ModuleType:
-    """The implementation of ``name`` this process uses (cached after the first call)."""
-    module = _chosen.get(name)
+def kernel(name: str) -> ModuleType:
+    """The kernel module of ``name`` this process uses (chosen on the first call)."""
+    module = _bound.get(name)
     if module is not None:
         return module
     if env_flag("MIRROR_FORCE_PURE"):
@@ -62,9 +65,14 @@ def choose(name: str) -> ModuleType:
                 stacklevel=2,
             )
             module = pure(name)
-    _chosen[name] = module
+    _bound[name] = module
     return module
 
 
+def choose(name: str) -> ModuleType:
+    """The engine module ``mirror.<name>`` (``scan`` or ``delta``), its kernel bound."""
+    return importlib.import_module(f"mirror.{name}")
+
+
 def is_fast(name: str) -> bool:
-    return choose(name).__name__.startswith("mirror._fast.")
+    return kernel(name).__name__.startswith("mirror._fast.")

@@ -1,19 +1,26 @@
-"""Pure-Python twin of ``mirror._fast.scan``: the readable specification of the tree scanner.
+"""Pure-Python twin of the scan kernels ``mirror._fast.scan``: their readable specification.
 
 The compiled module must behave exactly like this one (same listings, entries, digests,
 problems and comparison results); ``tests/test_scan_equivalence.py`` checks it with
-hypothesis on generated trees.  See ``mirror.entry`` for the data model and the order.
+hypothesis on generated trees.  See ``mirror.entry`` for the data model and the order, and
+``mirror.scan`` for the walk that uses these kernels.
 
-``scan(root)`` walks the tree under ``root`` relative to directory file descriptors, never
-following a symlink below the root, and yields one ``Listing`` per directory, depth first,
-entries sorted by name.  With ``checksum=True`` it also fills the xxh3-128 digest of every
-regular file, reusing the digest recorded in ``previous`` (the same tree's last manifest,
-in the same order) while size, mtime_ns, ctime_ns and inode are unchanged and the file's
-mtime is older than ``racy_ns`` (a file modified within the timestamp granularity of the
-previous scan could have changed again without its mtime moving: it is hashed again).
-
-``background_scan(root)`` starts the same walk (no excluder, no digests) in a thread of its
-own and returns at once; its listings are then taken in the same order.
+* ``list_directory(dir_fd, dir_path, skip=, excluder=)``: one directory's ``Listing``,
+  entries sorted by name, each ``lstat``-ed (symlinks read); what could not be recorded is
+  in ``Listing.problems``.
+* ``Hasher().fill_digests(dir_fd, listing, previous, racy_ns)``: the xxh3-128 digest of
+  every regular file of a listing, reusing the digest recorded in ``previous`` (the same
+  directory in the tree's last manifest) while size, mtime_ns, ctime_ns and inode are
+  unchanged and the file's mtime is older than ``racy_ns`` (a file modified within the
+  timestamp granularity of the previous scan could have changed again without its mtime
+  moving: it is hashed again).
+* ``compare_listings(src, dst, flags)``: two listings of one directory merged by name.
+* ``pair_walks(src_walk, dst_walk, flags)``: two background walks' listings paired by
+  directory, the identical pairs compared and dropped (the compiled one never makes
+  Listings for them).
+* ``background_scan(root, skip_at_root=)``: ``mirror.scan.scan(root, skip_at_root=...)``'s
+  listings, walked in a thread of its own started at once (the compiled one walks in C
+  threads that never take the interpreter lock, more of them while the disk is read).
 """
 
 from __future__ import annotations
@@ -25,55 +32,47 @@ import stat
 import struct
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import xxhash
 
-# Bound by mirror.fastpath (bind_types) so both twins return the same classes.
-from .entry import Entry, ScanProblem
+from .constants import (
+    BLOCK,
+    CH_DIGEST,
+    CH_GID,
+    CH_KIND,
+    CH_LINKED,
+    CH_MODE,
+    CH_MTIME,
+    CH_NODIGEST,
+    CH_RDEV,
+    CH_SIZE,
+    CH_TARGET,
+    CH_UID,
+    CHAR,
+    CMP_CHECKSUM,
+    CMP_DIR_TIMES,
+    CMP_LINK_TIMES,
+    CMP_OWNER,
+    DIGEST_SIZE,
+    DIR,
+    FIFO,
+    FILE,
+    FLAG_DIGEST,
+    HASH_CHUNK,
+    MAX_NAME,
+    MAX_TARGET,
+    RECORD_SIZE,
+    SOCKET,
+    SYMLINK,
+)
+from .entry import KIND_OF_FMT, Entry, ScanProblem, entry_from_stat
 
-# Listing.pack() record layout, little-endian, 80 bytes per entry (pinned by a golden test).
+# Listing.pack() record layout, little-endian (pinned by a golden test).
 RECORD = struct.Struct("<qqqQQQIIIIIHBBII")
-RECORD_SIZE = RECORD.size
+assert RECORD.size == RECORD_SIZE
 _FINGERPRINT = struct.Struct("<H")
 _FINGERPRINT_FIELDS = struct.Struct("<BIIIqqQI")
-FLAG_DIGEST = 1
-DIGEST_SIZE = 16
-MAX_NAME = 255
-MAX_TARGET = 4095
-KIND_MIN, KIND_MAX = 1, 7
-FILE, DIR, SYMLINK, FIFO, SOCKET, CHAR, BLOCK = range(1, 8)
-
-_KIND_OF_FMT = {
-    stat.S_IFREG: FILE,
-    stat.S_IFDIR: DIR,
-    stat.S_IFLNK: SYMLINK,
-    stat.S_IFIFO: FIFO,
-    stat.S_IFSOCK: SOCKET,
-    stat.S_IFCHR: CHAR,
-    stat.S_IFBLK: BLOCK,
-}
-
-# compare_listings() flags
-CMP_CHECKSUM = 1  # regular files of equal size: compare digests instead of mtime for content
-CMP_OWNER = 2  # report uid/gid differences
-CMP_DIR_TIMES = 4  # report directory mtime differences
-CMP_LINK_TIMES = 8  # report symlink mtime differences
-
-# compare_listings() change bits
-CH_KIND = 1
-CH_SIZE = 2
-CH_MTIME = 4
-CH_MODE = 8
-CH_UID = 16
-CH_GID = 32
-CH_TARGET = 64
-CH_RDEV = 128
-CH_DIGEST = 256  # digests differ (checksum mode)
-CH_NODIGEST = 512  # checksum mode, but a side has no digest (it could not be hashed)
-CH_LINKED = 1024  # not a change: either side is a regular file with nlink > 1 (hard-link groups)
-
-HASH_CHUNK = 256 << 10  # stays in L2 between read() and hashing (4x faster than 1 MiB here)
 
 
 class Listing:
@@ -209,7 +208,7 @@ class Listing:
         for i, fields in enumerate(RECORD.iter_unpack(records)):
             (size, mtime_ns, ctime_ns, ino, dev, rdev, mode, uid, gid, nlink,
              name_off, name_len, kind, flags, target_off, target_len) = fields  # fmt: skip
-            if not KIND_MIN <= kind <= KIND_MAX:
+            if not FILE <= kind <= BLOCK:
                 raise ValueError(f"entry {i}: unknown kind {kind}")
             if name_off + name_len > len(strings) or target_off + target_len > len(strings):
                 raise ValueError(f"entry {i}: string offsets outside the string block")
@@ -231,26 +230,12 @@ class Listing:
         return cls(path, entries)
 
 
-def entry_from_stat(name: bytes, st: os.stat_result, target: bytes) -> Entry:
-    """The Entry for ``name`` from its lstat result (and symlink target)."""
-    kind = _KIND_OF_FMT[stat.S_IFMT(st.st_mode)]
-    rdev = st.st_rdev if kind in (CHAR, BLOCK) else 0
-    return Entry(
-        name, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
-        st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, rdev, target, None,
-    )  # fmt: skip
-
-
 def _problem(path: bytes, what: str, err: int) -> ScanProblem:
     return ScanProblem(path, err, f"{what}: {os.strerror(err)}")
 
 
 def _join(dir_path: bytes, name: bytes) -> bytes:
     return dir_path + b"/" + name if dir_path else name
-
-
-def _key(path: bytes) -> bytes:
-    return path.replace(b"/", b"\0")
 
 
 def _open_readonly_nofollow(name: bytes, dir_fd: int) -> int:
@@ -263,33 +248,61 @@ def _open_readonly_nofollow(name: bytes, dir_fd: int) -> int:
         return os.open(name, flags, dir_fd=dir_fd)
 
 
-def hash_file_at(dir_fd: int, name: bytes, entry: Entry) -> tuple[bytes | None, int, str]:
-    """xxh3-128 of the regular file ``name`` in ``dir_fd``, if it is still the file ``entry``
-    describes after reading it.  Returns ``(digest, 0, "")`` or ``(None, errno, what)``."""
-    try:
-        fd = _open_readonly_nofollow(name, dir_fd)
-    except OSError as exc:
-        if exc.errno == errno_mod.ENOENT:
-            return None, exc.errno, "vanished during scan"
-        return None, exc.errno, "cannot open file"
-    try:
-        hasher = xxhash.xxh3_128()
-        buf = bytearray(HASH_CHUNK)
-        view = memoryview(buf)
+class Hasher:
+    """Fills the digests of listings' regular files; one per scan (it keeps a read buffer)."""
+
+    def __init__(self):
+        self._buf = bytearray(HASH_CHUNK)
+
+    def fill_digests(self, dir_fd: int, listing: Listing, previous: Listing | None, racy_ns: int) -> None:
+        """Give every regular file of ``listing`` (the directory open at ``dir_fd``) its
+        digest: ``previous``'s where the file is unchanged and not racy (see the module
+        docstring), else the hash of its content.  A file that cannot be hashed, or changes
+        while it is, keeps no digest and gets a problem; ``listing.hashed`` counts the reads."""
+        entries = listing._entries
+        for i, e in enumerate(entries):
+            if e.kind != FILE:
+                continue
+            digest = _reusable_digest(e, previous, racy_ns)
+            if digest is None:
+                digest, err, what = self._hash_file(dir_fd, e)
+                listing.hashed += 1
+                if digest is None:
+                    message = f"{what}: {os.strerror(err)}" if err else what
+                    listing.problems.append(ScanProblem(_join(listing.path, e.name), err, message))
+                    continue
+            entries[i] = e._replace(digest=digest)
+
+    def _hash_file(self, dir_fd: int, entry: Entry) -> tuple[bytes | None, int, str]:
+        """xxh3-128 of the regular file ``entry`` names in ``dir_fd``, if it is still that
+        file after reading it.  Returns ``(digest, 0, "")`` or ``(None, errno, what)``."""
         try:
-            while True:
-                n = os.readv(fd, [buf])
-                if not n:
-                    break
-                hasher.update(view[:n])
-            st = os.fstat(fd)
+            fd = _open_readonly_nofollow(entry.name, dir_fd)
         except OSError as exc:
-            return None, exc.errno, "cannot read file"
-        if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (entry.ino, entry.size, entry.mtime_ns, entry.ctime_ns):
-            return None, 0, "changed while hashing"
-        return hasher.digest(), 0, ""
-    finally:
-        os.close(fd)
+            if exc.errno == errno_mod.ENOENT:
+                return None, exc.errno, "vanished during scan"
+            return None, exc.errno, "cannot open file"
+        try:
+            hasher = xxhash.xxh3_128()
+            buf = self._buf
+            view = memoryview(buf)
+            try:
+                while True:
+                    n = os.readv(fd, [buf])
+                    if not n:
+                        break
+                    hasher.update(view[:n])
+                st = os.fstat(fd)
+            except OSError as exc:
+                return None, exc.errno, "cannot read file"
+            finally:
+                view.release()
+            now = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if now != (entry.ino, entry.size, entry.mtime_ns, entry.ctime_ns):
+                return None, 0, "changed while hashing"
+            return hasher.digest(), 0, ""
+        finally:
+            os.close(fd)
 
 
 def _reusable_digest(entry: Entry, old: Listing | None, racy_ns: int) -> bytes | None:
@@ -312,35 +325,28 @@ def _reusable_digest(entry: Entry, old: Listing | None, racy_ns: int) -> bytes |
     return None
 
 
-class _Previous:
-    """Walks the previous manifest's listings alongside the scan (both in canonical order)."""
+def list_directory(dir_fd: int, dir_path: bytes, *, skip: bytes | None = None, excluder=None) -> Listing:
+    """The listing of the directory open at ``dir_fd`` (``dir_path`` relative to the root).
 
-    def __init__(self, listings: Iterable[Listing] | None):
-        self._it = iter(listings) if listings is not None else iter(())
-        self._head = next(self._it, None)
-
-    def find(self, path: bytes) -> Listing | None:
-        key = _key(path)
-        while self._head is not None and _key(self._head.path) < key:
-            self._head = next(self._it, None)
-        if self._head is not None and self._head.path == path:
-            return self._head
-        return None
-
-
-def _list_directory(fd: int, dir_path: bytes, excluder, skip: bytes | None, problems: list) -> list[Entry]:
+    Entries are sorted by name and ``lstat``-ed; a symlink's target is read (at most
+    MAX_TARGET bytes); kinds a listing cannot hold are left out.  ``skip`` names one entry
+    to leave out (the state dir at a root); ``excluder.excluded(relative_path, is_dir)``
+    leaves out more.  An entry that vanished or could not be read is a problem, not an
+    entry; a directory that could not be read gives an incomplete, empty listing.
+    """
+    problems: list[ScanProblem] = []
     try:
-        names = sorted(os.fsencode(n) for n in os.listdir(fd))
+        names = sorted(os.fsencode(n) for n in os.listdir(dir_fd))
     except OSError as exc:
-        problems.append(_problem(dir_path, "cannot read directory", exc.errno))
-        raise
+        problem = _problem(dir_path, "cannot read directory", exc.errno)
+        return Listing(dir_path, complete=False, problems=[problem])
     entries = []
     for name in names:
         if skip is not None and name == skip:
             continue
         path = _join(dir_path, name)
         try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
             what = "vanished during scan" if exc.errno == errno_mod.ENOENT else "cannot stat"
             problems.append(_problem(path, what, exc.errno))
@@ -348,77 +354,26 @@ def _list_directory(fd: int, dir_path: bytes, excluder, skip: bytes | None, prob
         target = b""
         if stat.S_ISLNK(st.st_mode):
             try:
-                target = os.readlink(name, dir_fd=fd)[:MAX_TARGET]
+                target = os.readlink(name, dir_fd=dir_fd)[:MAX_TARGET]
             except OSError as exc:
                 what = "vanished during scan" if exc.errno == errno_mod.ENOENT else "cannot read symlink"
                 problems.append(_problem(path, what, exc.errno))
                 continue
-        if stat.S_IFMT(st.st_mode) not in _KIND_OF_FMT:
+        if stat.S_IFMT(st.st_mode) not in KIND_OF_FMT:
             continue
         if excluder is not None and excluder.excluded(path, stat.S_ISDIR(st.st_mode)):
             continue
         entries.append(entry_from_stat(name, st, target))
-    return entries
+    return Listing(dir_path, entries, True, problems)
 
 
-def scan(
-    root: bytes,
-    *,
-    excluder=None,
-    skip_at_root: bytes | None = None,
-    checksum: bool = False,
-    previous: Iterable[Listing] | None = None,
-    racy_ns: int = 0,
-    start: bytes = b"",
-) -> Iterator[Listing]:
-    """Yield a ``Listing`` per directory under ``root`` (``root`` itself first), depth first.
-
-    ``excluder.excluded(relative_path, is_dir)`` leaves entries (and whole subtrees) out;
-    ``skip_at_root`` names one entry of the root to leave out (the state dir).  ``start``
-    scans only the subtree at that relative path (its listings keep paths relative to
-    ``root``); each of its components is opened without following a symlink.  Raises
-    OSError only if ``root`` (or ``start``) cannot be opened; everything below is reported
-    in ``Listing.problems``.
-    """
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    if start:
-        try:
-            for name in start.split(b"/"):
-                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
-                os.close(root_fd)
-                root_fd = fd
-        except OSError:
-            os.close(root_fd)
-            raise
-        skip_at_root = None
-    prev = _Previous(previous) if checksum else None
-    # One frame per open directory on the current branch: (fd, relative path, subdirectory
-    # names still to visit, in reverse).  Open fds are bounded by the depth of the tree.
-    stack: list[tuple[int, bytes, list[bytes]]] = [(root_fd, start, [])]
-    try:
-        listing = _scan_directory(root_fd, start, excluder, skip_at_root, prev, racy_ns)
-        stack[-1] = (root_fd, start, listing.subdirs()[::-1])
-        yield listing
-        while stack:
-            fd, dir_path, remaining = stack[-1]
-            if not remaining:
-                stack.pop()
-                os.close(fd)
-                continue
-            name = remaining.pop()
-            child_path = _join(dir_path, name)
-            try:
-                child_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except OSError as exc:
-                yield Listing(child_path, complete=False, problems=[_open_failure(child_path, exc.errno)])
-                continue
-            stack.append((child_fd, child_path, []))
-            listing = _scan_directory(child_fd, child_path, excluder, None, prev, racy_ns)
-            stack[-1] = (child_fd, child_path, listing.subdirs()[::-1])
-            yield listing
-    finally:
-        for fd, _, _ in stack:
-            os.close(fd)
+def open_failure(path: bytes, err: int) -> ScanProblem:
+    """The problem recorded for a directory that could not be opened to be listed."""
+    if err == errno_mod.ENOENT:
+        return _problem(path, "vanished during scan", err)
+    if err in (errno_mod.ENOTDIR, errno_mod.ELOOP):  # replaced by a file or a symlink since it was listed
+        return _problem(path, "changed during scan", err)
+    return _problem(path, "cannot open directory", err)
 
 
 # Listings background_scan may hold ahead of its consumer (the compiled twin counts entries).
@@ -427,7 +382,7 @@ _WALK_DONE = object()
 
 
 class BackgroundScan:
-    """``scan(root, skip_at_root=...)``'s listings, produced ahead by a thread of its own.
+    """``mirror.scan.scan(root, skip_at_root=...)``'s listings, produced ahead by a thread.
 
     The walk starts when the object is made: a caller starts it early and takes the
     listings later, in order.  An error that ends the walk (``root`` cannot be opened) is
@@ -445,7 +400,11 @@ class BackgroundScan:
         self._thread.start()
 
     def _run(self, skip_at_root: bytes | None) -> None:
-        walk = scan(self.root, skip_at_root=skip_at_root)
+        import sys
+
+        from .scan import scan  # the walk, run over this module's kernels
+
+        walk = scan(self.root, skip_at_root=skip_at_root, kernel=sys.modules[__name__])
         try:
             for listing in walk:
                 if not self._hand_over(listing):
@@ -493,42 +452,83 @@ class BackgroundScan:
         self._ahead.put(_WALK_DONE)
 
 
-def background_scan(root: bytes, *, skip_at_root: bytes | None = None) -> BackgroundScan:
-    """Start scanning ``root`` now, in the background; see ``BackgroundScan``."""
+def background_scan(
+    root: bytes, *, skip_at_root: bytes | None = None, walkers: int = 1, max_walkers: int = 8
+) -> BackgroundScan:
+    """Start scanning ``root`` now, in the background; see ``BackgroundScan``.  The compiled
+    twin lists directories in ``walkers`` threads, growing to ``max_walkers`` while listings
+    wait on the disk; this one walks in one thread (the counts are only checked)."""
+    if not 1 <= walkers <= max_walkers <= 64:
+        raise ValueError(f"a walk takes 1 to 64 walkers, not {walkers} growing to {max_walkers}")
     return BackgroundScan(root, skip_at_root=skip_at_root)
 
 
-def _open_failure(path: bytes, err: int) -> ScanProblem:
-    if err == errno_mod.ENOENT:
-        return _problem(path, "vanished during scan", err)
-    if err in (errno_mod.ENOTDIR, errno_mod.ELOOP):
-        return _problem(path, "changed during scan", err)
-    return _problem(path, "cannot open directory", err)
+class PairedWalks:
+    """Two background walks' listings paired by directory, less the identical pairs."""
 
+    def __init__(self, src: BackgroundScan, dst: BackgroundScan, flags: int):
+        self._src, self._dst = src, dst
+        self._a = self._b = None
+        self._a_end = self._b_end = False
+        self._flags = flags
+        self._totals = [[0] * 9, [0] * 9]
 
-def _scan_directory(fd: int, dir_path: bytes, excluder, skip, prev: _Previous | None, racy_ns: int) -> Listing:
-    problems: list[ScanProblem] = []
-    try:
-        entries = _list_directory(fd, dir_path, excluder, skip, problems)
-    except OSError:
-        return Listing(dir_path, complete=False, problems=problems)
-    hashed = 0
-    if prev is not None:
-        old = prev.find(dir_path)
-        for i, e in enumerate(entries):
-            if e.kind != FILE:
+    def __iter__(self) -> PairedWalks:
+        return self
+
+    def __next__(self) -> tuple[Listing | None, Listing | None]:
+        while True:
+            if self._a is None and not self._a_end:
+                self._a = next(self._src, None)
+                self._a_end = self._a is None
+            if self._b is None and not self._b_end:
+                self._b = next(self._dst, None)
+                self._b_end = self._b is None
+            a, b = self._a, self._b
+            if a is None and b is None:
+                raise StopIteration
+            if b is None or (a is not None and _key(a.path) < _key(b.path)):
+                self._a = None
+                return a, None
+            if a is None or _key(b.path) < _key(a.path):
+                self._b = None
+                return None, b
+            self._a = self._b = None
+            if _same_directory(a, b, self._flags):
+                for totals, listing in zip(self._totals, (a, b), strict=True):
+                    counts, file_bytes, _ = listing.totals()
+                    totals[0] += 1
+                    for kind in range(1, 8):
+                        totals[kind] += counts[kind]
+                    totals[8] += file_bytes
                 continue
-            digest = _reusable_digest(e, old, racy_ns)
-            if digest is None:
-                digest, err, what = hash_file_at(fd, e.name, e)
-                hashed += 1
-                if digest is None:
-                    problems.append(ScanProblem(_join(dir_path, e.name), err, f"{what}: {os.strerror(err)}" if err else what))
-                    continue
-            entries[i] = e._replace(digest=digest)
-    listing = Listing(dir_path, entries, True, problems)
-    listing.hashed = hashed
-    return listing
+            return a, b
+
+    def skipped(self, side: int) -> tuple[int, list[int], int]:
+        """``(directories, [entries per kind, index = kind], bytes in files)`` of the
+        directories of ``side`` (0: src, 1: dst) left out so far."""
+        totals = self._totals[side]
+        return totals[0], [0] + totals[1:8], totals[8]
+
+
+def _key(path: bytes) -> bytes:
+    return path.replace(b"/", b"\0")
+
+
+def _same_directory(a: Listing, b: Listing, flags: int) -> bool:
+    return (
+        a.complete and b.complete and not a.problems and not b.problems
+        and len(a) == len(b) and not compare_listings(a, b, flags)
+    )  # fmt: skip
+
+
+def pair_walks(src: BackgroundScan, dst: BackgroundScan, flags: int) -> PairedWalks:
+    """The listings of two background walks paired by directory in canonical order, as
+    ``mirror.compare.align`` pairs them (``(src, None)``, ``(None, dst)``, ``(src, dst)``),
+    except that a pair of directories both listed whole, without a problem, in which
+    ``compare_listings(src, dst, flags)`` finds nothing (no change, no multiply-linked file)
+    is left out; ``skipped(side)`` counts what was left out of each."""
+    return PairedWalks(src, dst, flags)
 
 
 def compare_entries(a: Entry, b: Entry, flags: int) -> int:

@@ -9,11 +9,15 @@ starts the source's walk before it has even loaded (``mirror.earlywalk``); a pla
 that root adopts it.
 
 With ``checksum=True`` the tree's last manifest in its state dir is read alongside the scan
-so unchanged files keep their digests (see ``mirror.scan_py``), and a new manifest is
+so unchanged files keep their digests (see ``mirror.scan``), and a new manifest is
 written as the scan goes and committed atomically once the whole tree has been seen.  A
 missing, stale or damaged cache only costs hashing time: it is reported and rebuilt.
 
 ``root`` may also be a saved manifest (``mirror scan --save``): its listings are replayed.
+
+Two plain scans can be taken together (``pairs_with``): their walks are paired by directory
+in compiled code, which compares identical directories and drops them without ever making
+Python objects for them; only the pairs that differ (or need a closer look) come out.
 
 ``scope`` limits the scan to what a live session needs (``Scope``): single entries, listed
 on their own (a *partial* listing of their directory: only those names, one ``lstat``
@@ -35,7 +39,8 @@ import time
 from collections.abc import Iterator
 
 from . import earlywalk, fastpath
-from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key
+from .constants import MAX_TARGET
+from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key, entry_from_stat
 from .errors import ManifestError, display_path, fs_path
 from .statedir import STATE_DIR_NAME, check_root, check_state_dir, ensure_state_dir, resolve_state_dir
 
@@ -73,6 +78,13 @@ class ScanStats:
         self.digests += digests
         self.hashed += getattr(listing, "hashed", 0)
         self.problems += len(listing.problems)
+
+    def add_unlisted(self, dirs: int, counts: list[int], file_bytes: int) -> None:
+        """Count directories that were compared without becoming listings (``pairs_with``)."""
+        self.dirs += dirs
+        for k, c in enumerate(counts):
+            self.counts[k] += c
+        self.file_bytes += file_bytes
 
     @property
     def entries(self) -> int:
@@ -179,6 +191,7 @@ class TreeScan:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._walk = None  # the scanner's own background walk, when it can do the whole job
+        self._paired_with = False  # its listings are taken through pairs_with()
 
     # -- producer ---------------------------------------------------------------------------
 
@@ -311,8 +324,6 @@ class TreeScan:
 
     def _partial_listing(self, scanner, dir_path: bytes, names: list[bytes], excluder):
         """A listing of ``dir_path`` holding only ``names`` (those that exist), one lstat each."""
-        from .scan_py import MAX_TARGET, entry_from_stat
-
         fd = _open_below(self.root, dir_path)
         if fd is None:
             return None
@@ -391,6 +402,37 @@ class TreeScan:
         """A whole tree, no digests, nothing excluded but the state dir at the root: what
         ``background_scan`` does on its own."""
         return not self.is_manifest and self.scope is None and not self.checksum and self._skip_rules() is None
+
+    def pairs_with(self, other, flags: int) -> Iterator | None:
+        """This tree's and ``other``'s listings paired by directory, as ``compare.align``
+        pairs them, except that pairs of identical directories (under the compare ``flags``)
+        are left out: the scan kernel compares those without making listings of them.  For
+        two plain whole-tree walks not yet taken; else None (pair them with ``align``)."""
+        if not isinstance(other, TreeScan):
+            return None
+        self.start()
+        other.start()
+        if self._walk is None or other._walk is None or self._walk is other._walk or self._paired_with:
+            return None
+        self._paired_with = other._paired_with = True  # the walks are the pairing's to take
+        return self._paired(other, (self._walk, other._walk), flags)
+
+    def _paired(self, other: TreeScan, walks: tuple, flags: int) -> Iterator:
+        started = time.perf_counter()
+        pairs = fastpath.choose("scan").pair_walks(walks[0], walks[1], flags)
+        try:
+            for a, b in pairs:
+                if a is not None:
+                    self._account(a)
+                if b is not None:
+                    other._account(b)
+                yield a, b
+            self.stats.add_unlisted(*pairs.skipped(0))
+            other.stats.add_unlisted(*pairs.skipped(1))
+        finally:
+            for walk in walks:
+                walk.close()
+        self.stats.seconds = other.stats.seconds = time.perf_counter() - started
 
     def _take_walk(self) -> Iterator:
         started = time.perf_counter()

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from mirror import fastpath
 from mirror.compare import CompareOptions, CompareSummary, compare_trees
 from mirror.treescan import TreeScan
 from tests.helpers import run_mirror
@@ -203,3 +204,41 @@ def test_streaming_compare_with_excludes(pair):
 def test_missing_tree_is_an_error(tmp_path):
     proc = run_mirror("diff", str(tmp_path / "nope"), str(tmp_path))
     assert proc.returncode == 2 and b"No such file or directory" in proc.stderr
+
+
+def _tree_with_links(root):
+    for d in range(30):
+        for f in range(10):
+            write(os.path.join(root, f"d{d:02d}", f"f{f}"), b"x" * (d + f), T0 + f)
+    os.link(os.path.join(root, "d03", "f1"), os.path.join(root, "d03", "linked"))
+    os.symlink("f1", os.path.join(root, "d04", "sym"))
+    for d in range(30):
+        os.utime(os.path.join(root, f"d{d:02d}"), ns=(T0, T0))
+
+
+def test_whole_tree_walks_pair_themselves_with_the_same_result(tmp_path):
+    """``mirror diff`` of two plain walks leaves identical directories to the scan kernel;
+    the changes, their order and both trees' counts are those of the listing-by-listing
+    comparison, hard-link groups included."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _tree_with_links(a)
+    subprocess.run(["cp", "-a", a, b], check=True)
+    write(os.path.join(b, "d07", "f3"), b"changed", T0)
+    os.unlink(os.path.join(b, "d12", "f0"))
+    write(os.path.join(a, "d20", "new", "n"), b"n")
+    os.utime(os.path.join(a, "d20"), ns=(T0, T0))
+
+    def run(paired: bool):
+        sides = [TreeScan(a), TreeScan(b)]
+        src, dst = sides if paired else [list(side) for side in sides]
+        summary = CompareSummary()
+        changes = list(compare_trees(src, dst, CompareOptions(), summary))
+        return changes, summary.counts, [(s.stats.dirs, s.stats.counts, s.stats.file_bytes) for s in sides]
+
+    assert run(True) == run(False)
+    src, dst = TreeScan(a), TreeScan(b)
+    pairs = list(src.pairs_with(dst, CompareOptions().flags(fastpath.choose("scan"))))
+    # d03 (a hard link), d07, d12, d20 and d20/new, and the root (its d20 changed): the
+    # 25 other directories were compared without becoming listings.
+    assert sorted((x or y).path for x, y in pairs) == [b"", b"d03", b"d07", b"d12", b"d20", b"d20/new"]
+    assert src.stats.dirs == dst.stats.dirs + 1 == 32

@@ -1,13 +1,17 @@
-"""The compiled scanner and its pure-Python twin agree on every generated tree.
+"""The compiled scan kernels and their pure-Python twins agree on every generated tree.
 
-Same listings (order, entries, problems), same packed bytes, same digests, same comparison
-results, same verdict on packed input (accepted as equal listings, or both rejected).
+The walk (``mirror.scan.scan``) is run over each kernel: same listings (order, entries,
+problems), same packed bytes, same digests, same comparison results, same verdict on packed
+input (accepted as equal listings, or both rejected); the compiled background walk hands
+over exactly the listings of the walk.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import threading
 
@@ -15,32 +19,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mirror import fastpath
+from mirror import constants, fastpath
 from mirror.exclude import Excluder
-from tests.helpers import changing
+from mirror.scan import scan
+from tests.helpers import changing, wait_until
 from tests.trees import build, tree_specs
 
 FAST = fastpath.compiled("scan")
 PURE = fastpath.pure("scan")
-FLAGS = PURE.CMP_OWNER | PURE.CMP_DIR_TIMES | PURE.CMP_LINK_TIMES
+FLAGS = constants.CMP_OWNER | constants.CMP_DIR_TIMES | constants.CMP_LINK_TIMES
 
 settings.register_profile("scan", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _snapshot(module, root: bytes, **kw):
-    return [(lst.path, lst.complete, list(lst), list(lst.problems), lst.pack()) for lst in module.scan(root, **kw)]
+    listings = scan(root, kernel=module, **kw)
+    return [(lst.path, lst.complete, list(lst), list(lst.problems), lst.pack()) for lst in listings]
 
 
 def _both(root: bytes, **kw):
     fast, pure = _snapshot(FAST, root, **kw), _snapshot(PURE, root, **kw)
     assert fast == pure
     return fast
-
-
-def test_constants_agree():
-    for name in dir(PURE):
-        if name.startswith(("CH_", "CMP_", "FLAG_")) or name in ("RECORD_SIZE", "FILE", "DIR", "SYMLINK"):
-            assert getattr(FAST, name) == getattr(PURE, name), name
 
 
 @settings(settings.get_profile("scan"))
@@ -73,17 +73,17 @@ def test_scan_with_excludes_equivalent(spec, patterns):
 @settings(settings.get_profile("scan"))
 @given(a=tree_specs(max_leaves=10), b=tree_specs(max_leaves=10), checksum=st.booleans())
 def test_compare_listings_equivalent(a, b, checksum):
-    flags = FLAGS | (PURE.CMP_CHECKSUM if checksum else 0)
+    flags = FLAGS | (constants.CMP_CHECKSUM if checksum else 0)
     with tempfile.TemporaryDirectory() as tmp:
         ra, rb = os.path.join(os.fsencode(tmp), b"a"), os.path.join(os.fsencode(tmp), b"b")
         os.mkdir(ra)
         os.mkdir(rb)
         build(ra, a)
         build(rb, b)
-        fast_a = {lst.path: lst for lst in FAST.scan(ra, checksum=checksum)}
-        fast_b = {lst.path: lst for lst in FAST.scan(rb, checksum=checksum)}
-        pure_a = {lst.path: lst for lst in PURE.scan(ra, checksum=checksum)}
-        pure_b = {lst.path: lst for lst in PURE.scan(rb, checksum=checksum)}
+        fast_a = {lst.path: lst for lst in scan(ra, kernel=FAST, checksum=checksum)}
+        fast_b = {lst.path: lst for lst in scan(rb, kernel=FAST, checksum=checksum)}
+        pure_a = {lst.path: lst for lst in scan(ra, kernel=PURE, checksum=checksum)}
+        pure_b = {lst.path: lst for lst in scan(rb, kernel=PURE, checksum=checksum)}
         for path in fast_a.keys() & fast_b.keys():
             got = FAST.compare_listings(fast_a[path], fast_b[path], flags)
             assert got == PURE.compare_listings(pure_a[path], pure_b[path], flags)
@@ -96,14 +96,18 @@ def test_digest_reuse_equivalent(spec, touch):
     with tempfile.TemporaryDirectory() as tmp:
         root = os.fsencode(tmp)
         files = build(root, spec)
-        previous = list(PURE.scan(root, checksum=True))
+        previous = list(scan(root, kernel=PURE, checksum=True))
         for rel in files[:touch]:
             with open(os.path.join(root, rel), "ab") as f:
                 f.write(b"more")
         racy_ns = 1_000_000_000 * 10**9  # files with later mtimes are hashed again
         fast_prev = [FAST.Listing.unpack(lst.path, *lst.pack(), 10**6) for lst in previous]
-        fast = [(lst.path, list(lst), lst.hashed) for lst in FAST.scan(root, checksum=True, previous=fast_prev, racy_ns=racy_ns)]
-        pure = [(lst.path, list(lst), lst.hashed) for lst in PURE.scan(root, checksum=True, previous=previous, racy_ns=racy_ns)]
+        runs = {
+            kernel: [(lst.path, list(lst), lst.hashed) for lst in scan(root, kernel=kernel, checksum=True,
+                                                                         previous=prev, racy_ns=racy_ns)]
+            for kernel, prev in ((FAST, fast_prev), (PURE, previous))
+        }  # fmt: skip
+        fast, pure = runs[FAST], runs[PURE]
         assert fast == pure
 
 
@@ -127,7 +131,7 @@ def test_unpack_roundtrip_of_real_tree(tmp_path):
     root = os.fsencode(tmp_path)
     build(root, {b"f": ("file", b"x", 0o644, 5), b"l": ("symlink", b"f"), b"d": ("dir", {}, 0o755)})
     for module in (FAST, PURE):
-        for listing in module.scan(root, checksum=True):
+        for listing in scan(root, checksum=True, kernel=module):
             again = module.Listing.unpack(listing.path, *listing.pack(), 100)
             assert list(again) == list(listing)
             assert again.pack() == listing.pack()
@@ -141,9 +145,9 @@ def test_fingerprint_equivalent_and_faithful(a, flags):
     with tempfile.TemporaryDirectory() as tmp:
         root = os.fsencode(tmp)
         build(root, a)
-        checksum = bool(flags & PURE.CMP_CHECKSUM)
-        fast = list(FAST.scan(root, checksum=checksum))
-        pure = list(PURE.scan(root, checksum=checksum))
+        checksum = bool(flags & constants.CMP_CHECKSUM)
+        fast = list(scan(root, kernel=FAST, checksum=checksum))
+        pure = list(scan(root, kernel=PURE, checksum=checksum))
         for f, p in zip(fast, pure, strict=True):
             assert f.fingerprint(flags) == p.fingerprint(flags)
             assert f.has_links() == p.has_links()
@@ -161,7 +165,7 @@ def test_fingerprint_sees_every_compared_field(tmp_path):
         "mtime": base._replace(mtime_ns=101), "digest": base._replace(digest=b"\x01" * 16),
         "name": base._replace(name=b"g"),
     }  # fmt: skip
-    flags = PURE.CMP_OWNER | PURE.CMP_CHECKSUM
+    flags = constants.CMP_OWNER | constants.CMP_CHECKSUM
     for module in (FAST, PURE):
         ref = module.Listing(b"", [base]).fingerprint(flags)
         for field, variant in variants.items():
@@ -193,7 +197,7 @@ def test_start_through_a_symlink_is_refused(tmp_path):
         import pytest
 
         with pytest.raises(OSError):
-            list(module.scan(os.fsencode(tmp_path), start=b"link"))
+            list(scan(os.fsencode(tmp_path), start=b"link", kernel=module))
 
 
 def _walked(module, root: bytes, **kw):
@@ -213,11 +217,40 @@ def test_background_scan_equivalent(spec, skip):
         build(root, spec)
         expected = _both(root, skip_at_root=skip)
         assert _walked(FAST, root, skip_at_root=skip) == expected
+        assert _walked(FAST, root, skip_at_root=skip, walkers=4, max_walkers=4) == expected
+        assert _walked(FAST, root, skip_at_root=skip, walkers=2, max_walkers=2, _no_openat2=True) == expected
         assert _walked(PURE, root, skip_at_root=skip) == expected
 
 
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
+
+
+def _threads() -> int:
+    """Threads of this process, the compiled walkers (which Python does not see) included."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_background_scan_walkers_are_joined_however_the_walk_ends(tmp_path):
+    for i in range(50):
+        os.makedirs(tmp_path / f"d{i:02d}" / "e")
+    root = os.fsencode(tmp_path)
+    before = _threads()
+    walk = FAST.background_scan(root, walkers=6, max_walkers=6)
+    assert walk.walkers == 6
+    assert len(list(walk)) == 101
+    walk.close()  # run to its end, then closed
+    assert _threads() == before
+    walk = FAST.background_scan(root, walkers=6, max_walkers=6)
+    next(walk)
+    walk.close()  # abandoned after one listing
+    assert _threads() == before
+    walk = FAST.background_scan(root, walkers=6, max_walkers=6)
+    next(walk)
+    del walk  # dropped without close(): freeing it stops and joins its walkers
+    assert _threads() == before
+    with pytest.raises(ValueError):
+        FAST.background_scan(root, walkers=3, max_walkers=2)
 
 
 def test_background_scan_closed_early_lets_go_of_everything(tmp_path):
@@ -227,15 +260,38 @@ def test_background_scan_closed_early_lets_go_of_everything(tmp_path):
         deep = deep / f"d{i}"
         (deep / "x").mkdir(parents=True)
     root = os.fsencode(tmp_path)
-    for module in (FAST, PURE):
-        before = _open_fds()
-        walk = module.background_scan(root)
+    for module, walkers in ((FAST, 1), (FAST, 4), (PURE, 1)):
+        before, threads = _open_fds(), _threads()
+        walk = module.background_scan(root, walkers=walkers, max_walkers=walkers)
         first = next(walk)
         assert first.path == b"" and [e.name for e in first] == [b"d0"]
         walk.close()
         assert _open_fds() == before
+        # pthread_join: the compiled walkers are gone when close() returns (a Python thread
+        # may still be leaving the kernel after join()).
+        assert module is PURE or _threads() == threads
         assert list(walk) == []  # closed: nothing more is handed over
         assert not [t for t in threading.enumerate() if t.name == "treescan"]
+
+
+def test_background_scan_walks_paths_longer_than_path_max(tmp_path):
+    """Walkers open a directory by its path from the root; past PATH_MAX (4,096 bytes) the
+    kernel refuses a whole path, and the walk goes one component at a time instead."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(20):  # 20 levels of 250-byte names: a 5,000-byte relative path
+            os.mkdir(b"n" * 250, dir_fd=fd)
+            os.mknod(b"f", dir_fd=fd)
+            child = os.open(b"n" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+    root = os.fsencode(tmp_path)
+    expected = _both(root)
+    assert len(expected) == 21 and all(complete and not problems for _, complete, _, problems, _ in expected)
+    for no_openat2 in (False, True):
+        assert _walked(FAST, root, walkers=3, max_walkers=3, _no_openat2=no_openat2) == expected
 
 
 def test_background_scan_errors_arrive_in_order(tmp_path):
@@ -261,12 +317,13 @@ def test_background_scan_hands_over_a_directory_larger_than_its_lookahead(tmp_pa
     for i in range(70_000):
         os.close(os.open(big / f"{i:05d}", os.O_CREAT | os.O_WRONLY, 0o644))
     (tmp_path / "next" / "after").mkdir(parents=True)
-    walk = FAST.background_scan(os.fsencode(tmp_path))
-    try:
-        got = [(lst.path, len(lst)) for lst in walk]
-    finally:
-        walk.close()
-    assert got == [(b"", 2), (b"big", 70_000), (b"next", 1), (b"next/after", 0)]
+    for walkers in (1, 4):
+        walk = FAST.background_scan(os.fsencode(tmp_path), walkers=walkers, max_walkers=walkers)
+        try:
+            got = [(lst.path, len(lst)) for lst in walk]
+        finally:
+            walk.close()
+        assert got == [(b"", 2), (b"big", 70_000), (b"next", 1), (b"next/after", 0)]
 
 
 def test_background_scan_of_a_tree_changing_under_it(tmp_path):
@@ -292,8 +349,8 @@ def test_background_scan_of_a_tree_changing_under_it(tmp_path):
     said = 0
     with changing(churn):
         for _ in range(40):
-            for module in (FAST, PURE):
-                listings = _walked(module, root)
+            for module, walkers in ((FAST, 1), (FAST, 4), (PURE, 1)):
+                listings = _walked(module, root, walkers=walkers, max_walkers=walkers)
                 keys = [path.replace(b"/", b"\0") for path, *_ in listings]
                 assert keys == sorted(set(keys))
                 for _path, complete, _entries, problems, _packed in listings:
@@ -302,16 +359,50 @@ def test_background_scan_of_a_tree_changing_under_it(tmp_path):
     assert said  # the churn was seen: some directory vanished between its listing and its walk
 
 
+def test_background_scan_never_follows_a_directory_swapped_for_a_symlink(tmp_path):
+    """While the walk runs, directories of the tree are swapped for symlinks to a directory
+    outside it (and back): a walker opens each directory by its path from the root, and no
+    component of that path may be a symlink, so nothing outside is ever listed."""
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "OUTSIDE").write_bytes(b"")
+    tree = tmp_path / "tree"
+    for i in range(20):
+        (tree / f"d{i:02d}" / "sub" / "deeper").mkdir(parents=True)
+    root = os.fsencode(tree)
+
+    def swap(n):
+        d = tree / f"d{n % 20:02d}"
+        parked = tmp_path / "parked"
+        os.rename(d, parked)
+        os.symlink(outside, d)
+        os.unlink(d)
+        os.rename(parked, d)
+
+    seen = 0
+    ways = [(FAST, {"walkers": 4, "max_walkers": 4}), (FAST, {"walkers": 4, "max_walkers": 4, "_no_openat2": True}),
+            (FAST, {}), (PURE, {})]  # fmt: skip
+    with changing(swap):
+        for _ in range(40):
+            for module, kw in ways:
+                listings = _walked(module, root, **kw)
+                for _path, complete, entries, problems, _packed in listings:
+                    assert b"OUTSIDE" not in [e.name for e in entries]
+                    assert complete or problems
+                    seen += not complete
+    assert seen  # some walks met a swapped directory
+
+
 def test_background_scan_closed_from_another_thread_while_taken(tmp_path):
     """A scan abandoned from another thread (an error elsewhere in the sync) while its
     consumer is taking listings: the consumer just sees the end."""
     for i in range(200):
         os.makedirs(tmp_path / f"d{i:03d}" / "e")
     root = os.fsencode(tmp_path)
-    for module in (FAST, PURE):
+    for module, walkers in ((FAST, 1), (FAST, 4), (PURE, 1)):
         for _ in range(20):
             before = _open_fds()
-            walk = module.background_scan(root)
+            walk = module.background_scan(root, walkers=walkers, max_walkers=walkers)
             taken = []
 
             def take(walk=walk, taken=taken):
@@ -332,3 +423,141 @@ def _expected_paths(n: int) -> list[bytes]:
     for i in range(n):
         paths += [b"d%03d" % i, b"d%03d/e" % i]
     return paths
+
+
+def _seen(listing):
+    return None if listing is None else (listing.path, list(listing), list(listing.problems))
+
+
+def _expected_pairs(ra: bytes, rb: bytes, flags: int):
+    """``compare.align``'s pairs of two walks, without the pairs ``pair_walks`` leaves out."""
+    from mirror.compare import align
+
+    kept, skipped = [], [[0] * 9, [0] * 9]
+    for a, b in align(scan(ra, kernel=PURE), scan(rb, kernel=PURE)):
+        if (a is not None and b is not None and a.complete and b.complete and not a.problems
+                and not b.problems and len(a) == len(b) and not PURE.compare_listings(a, b, flags)):
+            for side, listing in ((0, a), (1, b)):
+                counts, file_bytes, _ = listing.totals()
+                skipped[side][0] += 1
+                for kind in range(1, 8):
+                    skipped[side][kind] += counts[kind]
+                skipped[side][8] += file_bytes
+            continue
+        kept.append((_seen(a), _seen(b)))
+    return kept, [(t[0], [0] + t[1:8], t[8]) for t in skipped]
+
+
+@settings(settings.get_profile("scan"))
+@given(a=tree_specs(max_leaves=12), b=tree_specs(max_leaves=12), flags=st.sampled_from([FLAGS, 0, constants.CMP_OWNER]),
+       copy=st.booleans())  # fmt: skip
+def test_pair_walks_equivalent(a, b, flags, copy):
+    """Both kernels pair two walks exactly as ``align`` pairs them, leaving out the same
+    identical directories, and count what they left out the same."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ra, rb = os.path.join(os.fsencode(tmp), b"a"), os.path.join(os.fsencode(tmp), b"b")
+        os.mkdir(ra)
+        build(ra, a)
+        if copy:  # the replica mostly identical (most pairs are left out), b added below it
+            subprocess.run(["cp", "-a", os.fsdecode(ra), os.fsdecode(rb)], check=True)
+            os.mkdir(os.path.join(rb, b"extra-extra"))
+            build(os.path.join(rb, b"extra-extra"), b)
+        else:
+            os.mkdir(rb)
+            build(rb, b)
+        expected = _expected_pairs(ra, rb, flags)
+        for module, kw in ((FAST, {}), (FAST, {"walkers": 3, "max_walkers": 3}), (PURE, {})):
+            walks = [module.background_scan(r, **kw) for r in (ra, rb)]
+            try:
+                pairs = module.pair_walks(walks[0], walks[1], flags)
+                got = [(_seen(x), _seen(y)) for x, y in pairs]
+                assert (got, [pairs.skipped(0), pairs.skipped(1)]) == expected, module
+            finally:
+                for walk in walks:
+                    walk.close()
+
+
+def _walkers_asleep() -> bool:
+    states = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if f.read().strip() == "treescan":
+                    states.append(fields[0])
+        except FileNotFoundError:
+            continue
+    return bool(states) and all(state == "S" for state in states)
+
+
+def _blocked_signals(task: str) -> int:
+    with open(f"/proc/self/task/{task}/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("SigBlk:")), 16)
+
+
+def test_background_scan_with_its_lookahead_full_beyond_the_next_directory(tmp_path):
+    """Two walkers: one lists a directory bigger than the lookahead while the other goes down a
+    chain of directories before it (deeper than PATH_MAX: opened one component at a time, so
+    slowly); then both stop for room with chain directories still to list before the big one.
+    The consumer reaching those must get them listed, not wait for room that only its taking
+    the big one would make.  Meanwhile the waiting walkers show their signal masks: every
+    signal blocked (Python handles signals in the main thread; a walker must never take one)."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.mkdir(b"big", dir_fd=fd)
+        big = os.open(b"big", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        for i in range(66_000):
+            os.mknod(b"%05d" % i, dir_fd=big)
+        os.close(big)
+        os.mkdir(b"a", dir_fd=fd)
+        chain = os.open(b"a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        for _ in range(_CHAIN):
+            os.mkdir(b"x", dir_fd=chain)
+            child = os.open(b"x", os.O_RDONLY | os.O_DIRECTORY, dir_fd=chain)
+            os.close(chain)
+            chain = child
+        os.close(chain)
+    finally:
+        os.close(fd)
+    threads_before = set(os.listdir("/proc/self/task"))
+    walk = FAST.background_scan(os.fsencode(tmp_path), walkers=2, max_walkers=2)
+    taken: list[bytes] = []
+    consumer = threading.Thread(target=lambda: taken.extend(listing.path for listing in walk))
+    try:
+        wait_until(_walkers_asleep, timeout=60)  # the walk got as far as it can without us
+        walkers = set(os.listdir("/proc/self/task")) - threads_before
+        assert len(walkers) == 2
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGALRM):
+            assert all(_blocked_signals(task) >> (signum - 1) & 1 for task in walkers), signum
+        consumer.start()
+        consumer.join(120)
+        assert not consumer.is_alive(), f"the walk stalled after {len(taken)} directories"
+    finally:
+        walk.close()
+        if consumer.is_alive():
+            consumer.join(10)
+        _remove_chain(tmp_path / "a")  # too deep for shutil.rmtree's recursion
+    assert len(taken) == 1 + 1 + _CHAIN + 1 and taken[-1] == b"big"
+
+
+_CHAIN = 2_500  # "a/x/x/...": 5,000 bytes at the bottom
+
+
+def _remove_chain(path) -> None:
+    """Remove a chain of single subdirectories ``x`` (with files), bottom up, without recursion."""
+    fds = [os.open(path, os.O_RDONLY | os.O_DIRECTORY)]
+    while True:
+        try:
+            fds.append(os.open(b"x", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+        except FileNotFoundError:
+            break
+    while fds:
+        fd = fds.pop()
+        for name in os.listdir(fd):
+            if name == "x":
+                os.rmdir(name, dir_fd=fd)
+            else:
+                os.unlink(name, dir_fd=fd)
+        os.close(fd)
+    os.rmdir(path)

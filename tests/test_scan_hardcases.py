@@ -12,6 +12,7 @@ import pytest
 from mirror import fastpath
 from mirror.entry import Kind
 from mirror.manifest import ManifestHeader, ManifestReader, write_manifest
+from mirror.scan import scan as walk
 from tests.conftest import implementations
 from tests.helpers import WITHOUT_DAC, changing, is_root, run_mirror
 
@@ -50,10 +51,10 @@ def hard_tree(tmp_path):
     return root
 
 
-@pytest.mark.parametrize("scan", implementations("scan"))
-def test_hard_cases_are_all_recorded(scan, hard_tree):
+@pytest.mark.parametrize("kernel", implementations("scan"))
+def test_hard_cases_are_all_recorded(kernel, hard_tree):
     entries = {}
-    for listing in scan.scan(hard_tree, checksum=True):  # checksum: FIFOs must not be opened
+    for listing in walk(hard_tree, checksum=True, kernel=kernel):  # checksum: FIFOs must not be opened
         assert listing.complete and not listing.problems
         for e in listing:
             entries[(listing.path + b"/" if listing.path else b"") + e.name] = e
@@ -147,8 +148,8 @@ def test_unreadable_directory_is_reported_and_incomplete(tmp_path):
         os.chmod(os.path.join(a, b"secret"), 0o755)
 
 
-@pytest.mark.parametrize("scan", implementations("scan"))
-def test_file_changed_while_hashing_is_reported(scan, tmp_path):
+@pytest.mark.parametrize("kernel", implementations("scan"))
+def test_file_changed_while_hashing_is_reported(kernel, tmp_path):
     """The excluder runs after a file is stat()ed and before it is hashed: changing the file
     there is exactly the race a live tree produces."""
     root = os.fsencode(tmp_path)
@@ -163,7 +164,7 @@ def test_file_changed_while_hashing_is_reported(scan, tmp_path):
                     f.write(b" and after")
             return False
 
-    listing = next(iter(scan.scan(root, excluder=Meddler(), checksum=True)))
+    listing = next(iter(walk(root, excluder=Meddler(), checksum=True, kernel=kernel)))
     assert [(p.path, p.message) for p in listing.problems] == [(b"a", "changed while hashing")]
     assert listing[0].digest is None and listing[1].digest is not None
 

@@ -1,5 +1,6 @@
-"""Compiled hot paths (Cython).  Nothing here imports the rest of ``mirror``.
+"""Compiled kernels (Cython): the loops of ``mirror.scan`` and ``mirror.delta``.  Nothing here
+imports the rest of ``mirror``.
 
-Use ``mirror.fastpath.choose(name)`` rather than importing these modules directly: it falls
-back to the pure-Python twin ``mirror/<name>_py.py`` (loudly) when the build is missing.
+Use the engine modules, which get these through ``mirror.fastpath.kernel(name)``: it binds
+the pure-Python twin ``mirror/<name>_py.py`` instead (loudly) when the build is missing.
 """

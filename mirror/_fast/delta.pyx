@@ -1,44 +1,36 @@
 # cython: language_level=3
-"""Rolling-checksum delta engine, compiled: signature, delta and patch.
+"""The delta kernels, compiled; ``mirror/delta_py.py`` is their twin and specification.
 
-The specification is the pure-Python twin ``mirror/delta_py.py``: its module docstring
-states the API, the weak sum, the seeded strong hash, the matching rules that make both
-implementations emit identical ops, the cost model behind ``default_block_size`` and the
-rule of ``strong_len_for``.  This module implements the same names with the loops in C:
+``mirror.delta`` (Python, written once) owns the signature object, the block-size and
+strong-length rules, the reading of files and the patcher with its checks; it calls these
+loops, which must give exactly the twin's results:
 
-* ``signature``: Python reads the basis in chunks (``readinto`` a reused buffer) and one
-  nogil call per chunk computes the weak sum and the seeded XXH3-128 of every block.
-* ``Delta``: Python reads ``new`` into one reused buffer; a nogil state machine
-  (``_Matcher.scan``) slides the window over it and records ops, carrying the rolling
-  state across reads.  The buffer holds at most a pending literal piece, a window and a
-  read chunk, so memory is bounded by the signature (its table), never by the file.
-* The table: full blocks grouped into buckets by a multiplicative hash of their weak sum
-  with a random odd multiplier (a hostile signature cannot pile its blocks into one
-  bucket), ascending block order within a bucket.  In front of it a prefilter bitmap, 32
-  bits per bucket with two bits set per block in one 64-bit word, so about 0.4% of the
-  windows of unrelated data reach the buckets.
-* Sliding over unmatched data rolls a batch of positions first and probes the prefilter
-  for the batch afterwards (with prefetches), so the cache misses of the probes overlap
-  instead of stalling the rolling chain one by one.
-* ``Patcher``: copies basis ranges and literals to ``out`` through one reused buffer,
-  hashing what it writes with the GIL released.
+* ``weak_sum``, ``strong_hash``: rsync's weak sum and the seeded XXH3-128 of a block.
+* ``sign_blocks``: both sums of every block of a chunk, in one nogil call.
+* ``Matcher``: the sliding-window state machine over ``new``, fed chunk by chunk.  The
+  table: full blocks grouped into buckets by a multiplicative hash of their weak sum with a
+  random odd multiplier (a hostile signature cannot pile its blocks into one bucket),
+  ascending block order within a bucket.  In front of it a prefilter bitmap, 32 bits per
+  bucket with two bits set per block in one 64-bit word, so about 0.4% of the windows of
+  unrelated data reach the buckets.  Sliding over unmatched data rolls a batch of positions
+  first and probes the prefilter for the batch afterwards (with prefetches), so the cache
+  misses of the probes overlap instead of stalling the rolling chain one by one.
 
-Nothing here imports the rest of ``mirror``; errors are ``ValueError`` with the same
-messages as the twin's.
+Nothing here imports the rest of ``mirror``; the numbers shared with it come from
+``mirror/constants.py`` (``constants.pxi``).
 """
 
 cimport cython
 
-import math
 import os
-import mmap
-import stat
 
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memmove
+
+include "constants.pxi"
 
 cdef extern from *:
     """
@@ -130,27 +122,7 @@ cdef extern from *:
     XXH128_hash_t XXH3_128bits_digest(const XXH3_state_t* state) nogil
 
 
-COPY = 0
-LITERAL = 1
-
-MIN_BLOCK_SIZE = 16
-MIN_DEFAULT_BLOCK = 512
-MAX_BLOCK_SIZE = 128 * 1024
-MAX_DEFAULT_BLOCKS = 1 << 22
-EDIT_SPACING = 1 << 20
-MIN_STRONG_LEN = 6
-MAX_STRONG_LEN = 16
-MAX_LITERAL = 256 * 1024
-MAX_CANDIDATES = 64
-DIGEST_LEN = 16
-# Reads of 128 KiB keep the buffer in the L2 cache: measured 0.15 s per GiB from the page
-# cache against 0.46 s with 1 MiB reads (the copy then misses the cache twice).
-READ_CHUNK = 128 * 1024
-
-# The same limits as C constants for the nogil code (a test checks they agree).
 cdef enum:
-    C_MAX_LITERAL = 262144
-    C_MAX_CANDIDATES = 64
     # Ops one scan() call records before handing them to Python.
     OP_SLOTS = 256
     # A step of the matcher emits at most this many ops (end of file: run, pieces, run).
@@ -160,42 +132,11 @@ cdef enum:
     # The prefilter bitmap has 2^this bits per bucket of the table (see _build_table).
     PREFILTER_BITS_PER_BUCKET_LOG2 = 5
 
-if (C_MAX_LITERAL, C_MAX_CANDIDATES) != (MAX_LITERAL, MAX_CANDIDATES):
-    raise ImportError("mirror._fast.delta: C limits disagree with the Python ones")
-
 
 cdef enum ScanStatus:
     NEED_DATA = 0
     OPS_FULL = 1
     DONE = 2
-
-
-# ---------------------------------------------------------------------------------------
-# Parameters (plain Python: identical arithmetic to the twin's)
-
-def strong_len_for(size, block_size):
-    """Bytes of strong hash so that a false match in a file of ``size`` bytes stays < 2^-40."""
-    _check_block_size(block_size)
-    blocks = max(1, -(-size // block_size))
-    bits = 40 + math.log2(max(1, size)) + math.log2(blocks)
-    return max(MIN_STRONG_LEN, min(MAX_STRONG_LEN, math.ceil(bits / 8)))
-
-
-def default_block_size(size):
-    """Block size minimising signature + delta bytes under the twin's cost model."""
-    if size < 0:
-        raise ValueError(f"file size cannot be negative ({size})")
-    edits = max(1.0, size / EDIT_SPACING)
-    floor = max(MIN_DEFAULT_BLOCK, size / MAX_DEFAULT_BLOCKS)
-
-    def rounded(block):
-        return max(MIN_DEFAULT_BLOCK, min(MAX_BLOCK_SIZE, int(round(max(block, floor) / 64)) * 64))
-
-    def cost(block):
-        return -(-size // block) * (4 + strong_len_for(size, block)) + edits * block
-
-    candidates = {rounded(math.sqrt(size * (4 + s) / edits)) for s in range(MIN_STRONG_LEN, MAX_STRONG_LEN + 1)}
-    return min(sorted(candidates, reverse=True), key=cost)
 
 
 def _weak_sum_scalar(data):
@@ -210,65 +151,30 @@ def weak_sum(data):
     return hm_weak_block(&view[0] if len(data) else NULL, len(data))
 
 
-def strong_hash(data, seed, strong_len):
-    return _strong_py(data, seed)[:strong_len]
-
-
-def _strong_py(data, uint64_t seed):
+def strong_hash(data, uint64_t seed):
+    """The 16-byte seeded XXH3-128 of ``data`` (canonical byte order)."""
     cdef uint8_t digest[16]
     cdef const uint8_t[::1] view = memoryview(data).cast("B") if len(data) else None
     _strong(&view[0] if len(data) else NULL, len(data), seed, digest)
     return PyBytes_FromStringAndSize(<char*>digest, 16)
 
 
-def _check_block_size(block_size):
-    if not isinstance(block_size, int) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
-        raise ValueError(
-            f"block size {block_size!r} is outside {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE} bytes"
-        )
-
-
-def _check_strong_len(strong_len):
-    if not isinstance(strong_len, int) or not 1 <= strong_len <= MAX_STRONG_LEN:
-        raise ValueError(f"strong hash length {strong_len!r} is outside 1..{MAX_STRONG_LEN} bytes")
-
-
-def _remaining_size(stream):
-    """Bytes from the current position to the end, for regular files; None for pipes."""
-    try:
-        st = os.fstat(stream.fileno())
-    except (AttributeError, OSError, ValueError):
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        return None
-    try:
-        if not stream.seekable():
-            return None
-        here = stream.tell()
-        end = stream.seek(0, 2)
-        stream.seek(here)
-        return end - here
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def _read_full_into(stream, view):
-    """Fill ``view`` from ``stream``; fewer bytes only at end of stream."""
-    cdef Py_ssize_t got = 0, want = len(view)
-    readinto = getattr(stream, "readinto", None)
-    while got < want:
-        if readinto is not None:
-            n = readinto(view[got:])
-            if n is None:
-                raise BlockingIOError("non-blocking stream is not supported")
-        else:
-            data = stream.read(want - got)
-            n = len(data)
-            view[got : got + n] = data
-        if n == 0:
-            break
-        got += n
-    return got
+def sign_blocks(data, Py_ssize_t block_size, uint64_t seed, Py_ssize_t strong_len):
+    """``(weak, strong)`` of every block of ``data`` (the last may be short): 4 bytes
+    little-endian and ``strong_len`` bytes per block."""
+    cdef const uint8_t[::1] view = memoryview(data).cast("B") if len(data) else None
+    cdef Py_ssize_t length = len(data), nblocks
+    if block_size < 1 or not 1 <= strong_len <= MAX_STRONG_LEN:
+        raise ValueError(f"cannot sign blocks of {block_size} bytes with {strong_len}-byte strong hashes")
+    nblocks = (length + block_size - 1) // block_size
+    weak = bytearray(4 * nblocks)
+    strong = bytearray(strong_len * nblocks)
+    cdef uint8_t* weak_out = <uint8_t*>PyByteArray_AS_STRING(weak)
+    cdef uint8_t* strong_out = <uint8_t*>PyByteArray_AS_STRING(strong)
+    if length:
+        with nogil:
+            _sign_blocks(&view[0], length, block_size, seed, strong_len, weak_out, strong_out)
+    return bytes(weak), bytes(strong)
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,148 +220,8 @@ cdef void _sign_blocks(const uint8_t* data, Py_ssize_t length, Py_ssize_t block,
         k += 1
 
 
-# ---------------------------------------------------------------------------------------
-# Signature
-
-class Signature:
-    """The receiver's description of its basis: per block a weak sum and a strong hash."""
-
-    __slots__ = ("block_size", "strong_len", "seed", "basis_size", "block_count", "weak", "strong")
-
-    def __init__(self, block_size, strong_len, seed, basis_size, weak, strong):
-        _check_block_size(block_size)
-        _check_strong_len(strong_len)
-        if not isinstance(seed, int) or not 0 <= seed < 1 << 64:
-            raise ValueError(f"signature seed {seed!r} is not a 64-bit unsigned integer")
-        if not isinstance(basis_size, int) or not 0 <= basis_size < 1 << 63:
-            raise ValueError(f"basis size {basis_size!r} is not a valid file size")
-        block_count = -(-basis_size // block_size)
-        if len(weak) != 4 * block_count or len(strong) != strong_len * block_count:
-            raise ValueError(
-                f"signature of a {basis_size}-byte basis in {block_size}-byte blocks needs "
-                f"{block_count} blocks, but carries {len(weak)} bytes of weak sums and "
-                f"{len(strong)} bytes of strong hashes"
-            )
-        self.block_size = block_size
-        self.strong_len = strong_len
-        self.seed = seed
-        self.basis_size = basis_size
-        self.block_count = block_count
-        self.weak = bytes(weak)
-        self.strong = bytes(strong)
-
-    def __eq__(self, other):
-        if not hasattr(other, "weak") or not hasattr(other, "strong"):
-            return NotImplemented
-        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
-
-    def __hash__(self):
-        return hash((self.block_size, self.seed, self.basis_size, self.strong))
-
-    def __repr__(self):
-        return (
-            f"Signature(block_size={self.block_size}, strong_len={self.strong_len}, "
-            f"basis_size={self.basis_size}, block_count={self.block_count})"
-        )
-
-
-def signature(basis, *, block_size=None, strong_len=None, seed=None, size_hint=None):
-    """The signature of the whole of ``basis`` (from its current position to its end)."""
-    if size_hint is None:
-        size_hint = _remaining_size(basis)
-    if block_size is None:
-        block_size = default_block_size(size_hint if size_hint is not None else EDIT_SPACING)
-    _check_block_size(block_size)
-    if strong_len is None:
-        strong_len = strong_len_for(size_hint if size_hint is not None else 1 << 40, block_size)
-    _check_strong_len(strong_len)
-    if seed is None:
-        seed = int.from_bytes(os.urandom(8), "little")
-    if not isinstance(seed, int) or not 0 <= seed < 1 << 64:
-        raise ValueError(f"signature seed {seed!r} is not a 64-bit unsigned integer")
-
-    cdef Py_ssize_t block = block_size, sl = strong_len, chunk_size, got, nblocks
-    cdef uint64_t c_seed = seed
-    chunk_size = READ_CHUNK - READ_CHUNK % block
-    buf = _aligned(chunk_size)
-    view = memoryview(buf)
-    cdef uint8_t[::1] mv = buf
-    cdef const uint8_t* data = &mv[0]
-    cdef uint8_t* weak_out
-    cdef uint8_t* strong_out
-    weak_parts = []
-    strong_parts = []
-    basis_size = 0
-    try:
-        while True:
-            got = _read_full_into(basis, view)
-            if got:
-                nblocks = (got + block - 1) // block
-                weak = bytearray(4 * nblocks)
-                strong = bytearray(sl * nblocks)
-                weak_out = <uint8_t*>PyByteArray_AS_STRING(weak)
-                strong_out = <uint8_t*>PyByteArray_AS_STRING(strong)
-                with nogil:
-                    _sign_blocks(data, got, block, c_seed, sl, weak_out, strong_out)
-                weak_parts.append(weak)
-                strong_parts.append(strong)
-                basis_size += got
-            if got < chunk_size:
-                break
-    finally:
-        view.release()
-        _give_back(buf, chunk_size)
-    return Signature(block_size, strong_len, seed, basis_size, b"".join(weak_parts), b"".join(strong_parts))
-
-
-# Buffers given back by finished signatures, deltas and patches, for the next one: a sync
-# sends thousands of small files, and mapping then unmapping two buffers for each costs more
-# than the file (in a process with other threads running, every munmap interrupts them all
-# to flush their TLBs).  A few per size, for the few sizes used last (the sizes vary with
-# the block size: a long-lived daemon must not keep one set for each).  Only C-level dict
-# and list operations touch it, which no other thread can interleave with.
-_SPARE_BUFFERS = {}  # size -> [buffers]; the least recently used size first
-_SPARE_PER_SIZE = 4
-_SPARE_SIZES = 4
-
-
-def _aligned(Py_ssize_t size):
-    """A writable, page-aligned buffer (anonymous mmap) for reads to land in; its content is
-    whatever the last user left (every user reads only what it wrote)."""
-    size = max(size, 1)
-    try:
-        return _SPARE_BUFFERS[size].pop()
-    except (KeyError, IndexError):
-        return mmap.mmap(-1, size)
-
-
-cdef void _give_back(object buf, Py_ssize_t size) noexcept:
-    """Keep ``buf`` (from ``_aligned(size)``) for the next user: its last one is done with it."""
-    if buf is None:
-        return
-    size = max(size, 1)
-    try:
-        spare = _SPARE_BUFFERS.pop(size, None)
-        if spare is None:
-            spare = []
-            while len(_SPARE_BUFFERS) >= _SPARE_SIZES:
-                del _SPARE_BUFFERS[next(iter(_SPARE_BUFFERS))]
-        if len(spare) < _SPARE_PER_SIZE:
-            spare.append(buf)
-        _SPARE_BUFFERS[size] = spare  # now the most recently used size
-    except Exception:
-        pass  # at interpreter exit the module's globals may be gone: the buffer just goes
-
-
-def _empty_signature():
-    return Signature(default_block_size(0), MIN_STRONG_LEN, 0, 0, b"", b"")
-
-
-# ---------------------------------------------------------------------------------------
-# Delta
-
 @cython.final
-cdef class _Matcher:
+cdef class _Window:
     """The block table of a signature and the sliding-window state machine over ``new``."""
 
     # signature
@@ -488,15 +254,17 @@ cdef class _Matcher:
         self.entry_weak = NULL
 
     def __init__(self, sig):
-        cdef const uint8_t* weak = <const uint8_t*>PyBytes_AS_STRING(sig.weak)
+        cdef bytes weak_sums = sig.weak  # TypeError unless bytes: the pointers below need it
+        cdef bytes strong_sums = sig.strong
+        cdef const uint8_t* weak = <const uint8_t*>PyBytes_AS_STRING(weak_sums)
         self.block = sig.block_size
         self.strong_len = sig.strong_len
         self.seed = sig.seed
         self.block_count = sig.block_count
         self.full_blocks = sig.basis_size // sig.block_size
         self.tail_len = sig.basis_size - self.full_blocks * self.block
-        self._strong_ref = sig.strong
-        self.strong = <const uint8_t*>PyBytes_AS_STRING(sig.strong)
+        self._strong_ref = strong_sums
+        self.strong = <const uint8_t*>PyBytes_AS_STRING(strong_sums)
         self.mult = int.from_bytes(os.urandom(8), "little") | 1
         self.expected = -1
         self.run_first = -1
@@ -582,7 +350,7 @@ cdef class _Matcher:
         cdef int tried = 0
         while k < stop:
             if self.entry_weak[k] == w:
-                if tried == C_MAX_CANDIDATES:
+                if tried == MAX_CANDIDATES:
                     return -1
                 tried += 1
                 if not have_digest[0]:
@@ -618,7 +386,7 @@ cdef class _Matcher:
         if stop > start:
             self._flush_run()
         while start < stop:
-            n = stop - start if stop - start < C_MAX_LITERAL else C_MAX_LITERAL
+            n = stop - start if stop - start < MAX_LITERAL else MAX_LITERAL
             self._emit(1, start, n)
             start += n
 
@@ -657,11 +425,11 @@ cdef class _Matcher:
 
         if self.full_blocks == 0:
             # Nothing to match: the same literal pieces the rolling loop would emit.
-            while end - self.lit >= C_MAX_LITERAL + block:
+            while end - self.lit >= MAX_LITERAL + block:
                 if self.n_ops > OP_SLOTS - OP_RESERVE:
                     return OPS_FULL
-                self._emit(1, self.lit, C_MAX_LITERAL)
-                self.lit += C_MAX_LITERAL
+                self._emit(1, self.lit, MAX_LITERAL)
+                self.lit += MAX_LITERAL
             if not self.eof:
                 return NEED_DATA
             self._finish(buf)
@@ -730,7 +498,7 @@ cdef class _Matcher:
                     __builtin_prefetch(&bitmap[keys[i] >> bitmap_shift])
                 stop = -1
                 for i in range(n):
-                    if pos + 1 + i - lit == C_MAX_LITERAL:
+                    if pos + 1 + i - lit == MAX_LITERAL:
                         stop = i
                         break
                     w = (sum_a[i] & 0xFFFF) | (sum_b[i] << 16)
@@ -745,7 +513,7 @@ cdef class _Matcher:
                 pos += 1 + stop
                 a = sum_a[stop]
                 b = sum_b[stop]
-                if pos - lit == C_MAX_LITERAL:
+                if pos - lit == MAX_LITERAL:
                     self._emit_literal(lit, pos)
                     self.lit = lit = pos
                 break
@@ -764,288 +532,84 @@ cdef class _Matcher:
         return status
 
 
-cdef class Delta:
-    """Iterator of ops turning the signature's basis into ``new``; see the twin's docstring."""
+@cython.final
+cdef class Matcher:
+    """The ops that turn the basis ``sig`` describes into the bytes fed in; see the twin."""
 
-    cdef readonly object sig
-    cdef readonly Py_ssize_t block_size
-    cdef readonly object basis_size
-    cdef public object digest
-    cdef public object new_size
-    cdef object _new
-    cdef object _readinto
-    cdef object _buf
-    cdef object _view
-    cdef uint8_t[::1] _mv
-    cdef object _staging
-    cdef object _staging_view
-    cdef uint8_t[::1] _staging_mv
+    cdef _Window _w
     cdef uint8_t* _data
     cdef Py_ssize_t _capacity
-    cdef _Matcher _matcher
-    cdef list _ops
-    cdef Py_ssize_t _next_op
-    cdef bint _done
-    cdef XXH3_state_t* _hash
-    cdef uint64_t _size
-
-    def __cinit__(self):
-        self._hash = NULL
-
-    def __init__(self, sig, new):
-        self.sig = sig if sig is not None else _empty_signature()
-        self.block_size = self.sig.block_size
-        self.basis_size = self.sig.basis_size
-        self.digest = None
-        self.new_size = None
-        self._new = new
-        self._readinto = getattr(new, "readinto", None)
-        self._matcher = _Matcher(self.sig)
-        # Pending literal (< one piece) + window + the byte after it + a read chunk.
-        self._capacity = C_MAX_LITERAL + self.block_size + 1 + READ_CHUNK
-        self._buf = _aligned(self._capacity)
-        self._view = memoryview(self._buf)
-        self._mv = self._buf
-        self._data = &self._mv[0]
-        # Reads land page-aligned (in the window when it happens to be, else here first):
-        # the kernel copies into a misaligned buffer 2-3x slower.
-        self._staging = _aligned(READ_CHUNK)
-        self._staging_view = memoryview(self._staging)
-        self._staging_mv = self._staging
-        self._ops = []
-        self._next_op = 0
-        self._done = False
-        self._size = 0
-        self._hash = XXH3_createState()
-        if self._hash == NULL:
-            raise MemoryError()
-        XXH3_128bits_reset(self._hash)
-
-    def __dealloc__(self):
-        if self._hash != NULL:
-            XXH3_freeState(self._hash)
-        _give_back(self._buf, self._capacity)
-        _give_back(self._staging, READ_CHUNK)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        while self._next_op >= len(self._ops):
-            if self._done:
-                raise StopIteration
-            self._ops = []
-            self._next_op = 0
-            self._step()
-        op = self._ops[self._next_op]
-        self._next_op += 1
-        return op
-
-    cdef int _step(self) except -1:
-        cdef _Matcher m = self._matcher
-        cdef ScanStatus status
-        cdef int i
-        with nogil:
-            status = m.scan(self._data)
-        for i in range(m.n_ops):
-            if m.op_kind[i] == 0:
-                self._ops.append((COPY, m.op_x[i], m.op_y[i]))
-            else:
-                self._ops.append(
-                    (LITERAL, PyBytes_FromStringAndSize(<char*>self._data + m.op_x[i], m.op_y[i]))
-                )
-        m.n_ops = 0
-        if status == DONE:
-            self._finish()
-        elif status == NEED_DATA:
-            self._refill()
-        return 0
-
-    cdef int _refill(self) except -1:
-        cdef _Matcher m = self._matcher
-        cdef Py_ssize_t keep = m.end - m.lit, got
-        if m.lit:
-            memmove(self._data, self._data + m.lit, keep)
-            m.pos -= m.lit
-            m.end = keep
-            m.lit = 0
-        if self._readinto is not None:
-            if keep % 4096 == 0:
-                got = self._readinto(self._view[keep:])
-            else:
-                got = self._readinto(self._staging_view[: min(READ_CHUNK, self._capacity - keep)])
-                if got:
-                    memcpy(self._data + keep, &self._staging_mv[0], got)
-            if got is None:
-                raise BlockingIOError("non-blocking stream is not supported")
-        else:
-            chunk = self._new.read(self._capacity - keep)
-            got = len(chunk)
-            memcpy(self._data + keep, PyBytes_AS_STRING(chunk), got)
-        if got == 0:
-            m.eof = True
-            return 0
-        with nogil:
-            XXH3_128bits_update(self._hash, self._data + keep, got)
-        m.end = keep + got
-        self._size += got
-        return 0
-
-    cdef int _finish(self) except -1:
-        cdef XXH128_canonical_t canon
-        XXH128_canonicalFromHash(&canon, XXH3_128bits_digest(self._hash))
-        self.digest = PyBytes_FromStringAndSize(<char*>canon.digest, 16)
-        self.new_size = self._size
-        self._done = True
-        self._view.release()
-        self._staging_view.release()
-        self._new = None
-        self._readinto = None
-        return 0
-
-
-def delta(sig, new):
-    """The ops that rebuild ``new`` from the basis ``sig`` describes (lazy: iterate them)."""
-    return Delta(sig, new)
-
-
-# ---------------------------------------------------------------------------------------
-# Patch
-
-cdef class Patcher:
-    """Rebuilds a file op by op; checks each op against the basis before touching it."""
-
-    cdef readonly object basis
-    cdef readonly object out
-    cdef readonly Py_ssize_t block_size
-    cdef readonly object basis_size
-    cdef readonly object block_count
-    cdef readonly object max_size
-    cdef readonly object size
-    cdef object _basis_start
-    cdef object _buf
-    cdef object _view
-    cdef XXH3_state_t* _hash
     cdef bint _finished
 
     def __cinit__(self):
-        self._hash = NULL
+        self._data = NULL
 
-    def __init__(self, basis, out, block_size, basis_size, *, max_size=None):
-        _check_block_size(block_size)
-        if basis is None:
-            if basis_size:
-                raise ValueError(f"the delta needs a basis of {basis_size} bytes, but none was given")
-        else:
-            actual = _remaining_size(basis)
-            if actual is None:
-                raise ValueError("the basis must be a seekable regular file")
-            if actual != basis_size:
-                raise ValueError(
-                    f"the basis is {actual} bytes but the delta was made against a basis of "
-                    f"{basis_size} bytes: wrong or changed basis file"
-                )
-            self._basis_start = basis.tell()
-        self.basis = basis
-        self.out = out
-        self.block_size = block_size
-        self.basis_size = basis_size
-        self.block_count = -(-basis_size // block_size)
-        self.max_size = max_size
-        self.size = 0
-        self._finished = False
-        self._hash = XXH3_createState()
-        if self._hash == NULL:
+    def __init__(self, sig):
+        cdef Py_ssize_t block = sig.block_size, strong_len = sig.strong_len, count, full
+        # The engine's Signature checked these; they are checked again here only where a
+        # wrong value would make this code read outside its buffers.
+        if block < 1 or not 1 <= strong_len <= MAX_STRONG_LEN or sig.basis_size < 0:
+            raise ValueError("invalid signature parameters")
+        count = -(-sig.basis_size // block)
+        full = sig.basis_size // block
+        if sig.block_count != count or len(sig.weak) < 4 * full or len(sig.strong) < strong_len * count:
+            raise ValueError("signature sums do not cover its blocks")
+        self._w = _Window(sig)
+        # Pending literal (< one piece) + window + the byte after it + a fed chunk.
+        self._capacity = MAX_LITERAL + block + 1 + DELTA_READ_CHUNK
+        self._data = <uint8_t*>malloc(self._capacity)
+        if self._data == NULL:
             raise MemoryError()
-        XXH3_128bits_reset(self._hash)
+        self._finished = False
 
     def __dealloc__(self):
-        if self._hash != NULL:
-            XXH3_freeState(self._hash)
-        _give_back(self._buf, READ_CHUNK)
+        free(self._data)
 
-    def _grow(self, length):
-        if self.max_size is not None and self.size + length > self.max_size:
-            raise ValueError(f"the delta rebuilds more than the allowed {self.max_size} bytes")
-        self.size += length
-
-    cdef int _hash_update(self, const uint8_t* data, Py_ssize_t length) except -1:
-        with nogil:
-            XXH3_128bits_update(self._hash, data, length)
-        return 0
-
-    def apply(self, op):
-        if self._finished:
-            raise ValueError("op applied after finish()")
-        if not isinstance(op, (tuple, list)) or not op:
-            raise ValueError(f"malformed delta op {op!r:.80}")
-        kind = op[0]
+    def feed(self, data):
+        """The ops decided by the bytes of ``new`` read so far, after ``data``."""
         cdef const uint8_t[::1] view
-        if kind == LITERAL and len(op) == 2:
-            data = op[1]
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise ValueError("literal op without bytes")
-            if len(data) > MAX_LITERAL:
-                raise ValueError(f"literal op of {len(data)} bytes exceeds the {MAX_LITERAL}-byte limit")
-            self._grow(len(data))
-            if len(data):
-                view = memoryview(data).cast("B")
-                self._hash_update(&view[0], view.shape[0])
-            self.out.write(data)
-        elif kind == COPY and len(op) == 3:
-            first, count = op[1], op[2]
-            if not (isinstance(first, int) and isinstance(count, int)) or first < 0 or count < 1:
-                raise ValueError(f"copy op with invalid block range {first!r}+{count!r}")
-            if first + count > self.block_count:
-                raise ValueError(
-                    f"copy op asks for blocks {first}..{first + count - 1} but the basis has "
-                    f"{self.block_count} blocks"
-                )
-            start = first * self.block_size
-            end = min((first + count) * self.block_size, self.basis_size)
-            self._grow(end - start)
-            self._copy(start, end)
-        else:
-            raise ValueError(f"unknown delta op {op!r:.80}")
-
-    def _copy(self, start, end):
-        if self._buf is None:
-            self._buf = _aligned(READ_CHUNK)
-            self._view = memoryview(self._buf)
-        cdef uint8_t[::1] mv = self._buf
-        cdef const uint8_t* data = &mv[0]
-        cdef Py_ssize_t got
-        self.basis.seek(self._basis_start + start)
-        while start < end:
-            got = _read_full_into(self.basis, self._view[: min(READ_CHUNK, end - start)])
-            if got == 0:
-                raise ValueError("the basis file shrank while the delta was applied")
-            self._hash_update(data, got)
-            self.out.write(self._view[:got])
-            start += got
+        cdef Py_ssize_t length = len(data), done = 0, take
+        cdef _Window w = self._w
+        cdef list ops = []
+        if self._finished:
+            raise ValueError("data fed after finish()")
+        if length == 0:
+            return ops
+        view = memoryview(data).cast("B")
+        while done < length:
+            if w.lit:
+                memmove(self._data, self._data + w.lit, w.end - w.lit)
+                w.pos -= w.lit
+                w.end -= w.lit
+                w.lit = 0
+            take = min(length - done, self._capacity - w.end)
+            memcpy(self._data + w.end, &view[done], take)
+            w.end += take
+            done += take
+            self._run(ops)
+        return ops
 
     def finish(self):
-        """(xxh3-128 digest, size) of everything written."""
-        cdef XXH128_canonical_t canon
+        """The last ops, once the whole of ``new`` was fed."""
+        cdef list ops = []
+        if self._finished:
+            raise ValueError("finish() called twice")
         self._finished = True
-        XXH128_canonicalFromHash(&canon, XXH3_128bits_digest(self._hash))
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        return PyBytes_FromStringAndSize(<char*>canon.digest, 16), self.size
+        self._w.eof = True
+        self._run(ops)
+        return ops
 
-
-def patch(basis, ops, out, *, block_size=None, basis_size=None, max_size=None):
-    """Write the file ``ops`` describe to ``out``; returns (digest, size) of what was written."""
-    if block_size is None:
-        block_size = getattr(ops, "block_size", None) or default_block_size(0)
-    if basis_size is None:
-        basis_size = getattr(ops, "basis_size", None)
-        if basis_size is None:
-            basis_size = 0 if basis is None else _remaining_size(basis)
-            if basis_size is None:
-                raise ValueError("the basis must be a seekable regular file")
-    patcher = Patcher(basis, out, block_size, basis_size, max_size=max_size)
-    for op in ops:
-        patcher.apply(op)
-    return patcher.finish()
+    cdef int _run(self, list ops) except -1:
+        cdef _Window w = self._w
+        cdef ScanStatus status = OPS_FULL
+        cdef int i
+        while status == OPS_FULL:
+            with nogil:
+                status = w.scan(self._data)
+            for i in range(w.n_ops):
+                if w.op_kind[i] == 0:
+                    ops.append((COPY, w.op_x[i], w.op_y[i]))
+                else:
+                    ops.append((LITERAL, PyBytes_FromStringAndSize(<char*>self._data + w.op_x[i], w.op_y[i])))
+            w.n_ops = 0
+        return 0

@@ -1,38 +1,11 @@
 """Typed surface of mirror._fast.scan (the same API as mirror/scan_py.py, its specification)."""
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Final
 
 from mirror.entry import Entry, ScanProblem
 
-RECORD_SIZE: Final[int]  # bytes per packed entry record
-FLAG_DIGEST: Final[int]
-FILE: Final[int]
-DIR: Final[int]
-SYMLINK: Final[int]
-FIFO: Final[int]
-SOCKET: Final[int]
-CHAR: Final[int]
-BLOCK: Final[int]
-
-# compare_listings() flags
-CMP_CHECKSUM: Final[int]
-CMP_OWNER: Final[int]
-CMP_DIR_TIMES: Final[int]
-CMP_LINK_TIMES: Final[int]
-
-# compare_listings() change bits
-CH_KIND: Final[int]
-CH_SIZE: Final[int]
-CH_MTIME: Final[int]
-CH_MODE: Final[int]
-CH_UID: Final[int]
-CH_GID: Final[int]
-CH_TARGET: Final[int]
-CH_RDEV: Final[int]
-CH_DIGEST: Final[int]
-CH_NODIGEST: Final[int]
-CH_LINKED: Final[int]
+COMPILED_CONSTANTS: Final[dict[str, int]]  # mirror/constants.py as this module was built with it
 
 class Listing:
     """The entries of one directory, sorted by name (``path`` relative to the scanned root)."""
@@ -56,26 +29,38 @@ class Listing:
     @classmethod
     def unpack(cls, path: bytes, strings: bytes, records: bytes, digests: bytes, max_entries: int) -> Listing: ...
 
+class Hasher:
+    """Fills the digests of listings' regular files; one per scan."""
+
+    def __init__(self) -> None: ...
+    def fill_digests(self, dir_fd: int, listing: Listing, previous: Listing | None, racy_ns: int) -> None: ...
+
 def bind_types(entry_type: type, problem_type: type) -> None: ...
-def scan(
-    root: bytes,
-    *,
-    excluder=None,
-    skip_at_root: bytes | None = None,
-    checksum: bool = False,
-    previous: Iterable[Listing] | None = None,
-    racy_ns: int = 0,
-    start: bytes = b"",
-) -> Iterator[Listing]: ...
+def list_directory(dir_fd: int, dir_path: bytes, *, skip: bytes | None = None, excluder=None) -> Listing: ...
+def open_failure(path: bytes, err: int) -> ScanProblem: ...
+
 class BackgroundScan:
-    """``scan(root, skip_at_root=...)``'s listings, produced ahead by a thread of its own."""
+    """``mirror.scan.scan(root, skip_at_root=...)``'s listings, produced ahead by threads of its own."""
 
     root: bytes
-    def __init__(self, root: bytes, *, skip_at_root: bytes | None = None) -> None: ...
+    walkers: int  # walker threads started so far
+    def __init__(
+        self, root: bytes, *, skip_at_root: bytes | None = None, walkers: int = 1, max_walkers: int = 8
+    ) -> None: ...
     def __iter__(self) -> BackgroundScan: ...
     def __next__(self) -> Listing: ...
     def close(self) -> None: ...
 
-def background_scan(root: bytes, *, skip_at_root: bytes | None = None) -> BackgroundScan: ...
+def background_scan(
+    root: bytes, *, skip_at_root: bytes | None = None, walkers: int = 1, max_walkers: int = 8
+) -> BackgroundScan: ...
 def compare_listings(src: Listing, dst: Listing, flags: int) -> list[tuple[int, int, int]]: ...
-def hash_file_at(dir_fd: int, name: bytes, entry: Entry) -> tuple[bytes | None, int, str]: ...
+
+class PairedWalks:
+    """Two background walks' listings paired by directory, less the identical pairs."""
+
+    def __iter__(self) -> PairedWalks: ...
+    def __next__(self) -> tuple[Listing | None, Listing | None]: ...
+    def skipped(self, side: int) -> tuple[int, list[int], int]: ...
+
+def pair_walks(src: BackgroundScan, dst: BackgroundScan, flags: int) -> PairedWalks: ...

@@ -1,21 +1,24 @@
 # cython: language_level=3
-"""Compiled tree scanner: the fast path of ``mirror.scan_py`` (read that for the specification).
+"""The scan kernels, compiled; ``mirror/scan_py.py`` is their twin and specification.
 
-Each directory is listed with the GIL released: ``readdir`` on a descriptor opened with
-``openat(O_DIRECTORY | O_NOFOLLOW)`` relative to its parent, names sorted, every entry
-``fstatat(AT_SYMLINK_NOFOLLOW)``-ed and symlinks read, all into C arrays.  A ``Listing``
-keeps those arrays (80-byte records plus one string block) rather than a Python object per
-entry, so two trees can be scanned and compared with no per-entry allocation; ``Entry``
-tuples are built only when somebody indexes a listing.  With ``checksum=True`` regular files
-are hashed (xxh3-128) through the open directory descriptor, GIL released.
+``list_directory`` lists one directory with the GIL released: ``getdents64`` on a descriptor
+the caller opened, names sorted, every entry ``fstatat(AT_SYMLINK_NOFOLLOW)``-ed and symlinks
+read, all into C arrays.  A ``Listing`` keeps those arrays (80-byte records plus one string
+block) rather than a Python object per entry, so two trees can be scanned and compared with
+no per-entry allocation; ``Entry`` tuples are built only when somebody indexes a listing.
+``Hasher.fill_digests`` hashes a listing's files (xxh3-128) through the directory's
+descriptor, GIL released; ``compare_listings`` merges two listings of one directory;
+``background_scan`` walks a whole tree in a C thread that never takes the GIL.  The walk
+that calls the first two for excludes, digests and subtrees is ``mirror.scan``'s, in Python.
+The numbers shared with Python come from ``mirror/constants.py`` (``constants.pxi``).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.errno cimport EINTR, ELOOP, ENOENT, ENOTDIR, EPERM, errno
+from libc.errno cimport E2BIG, EAGAIN, EINTR, ELOOP, ENOENT, ENOMEM, ENOSYS, ENOTDIR, EPERM, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from posix.stdlib cimport posix_memalign
-from libc.string cimport memcmp, memcpy, memset, strlen
+from libc.string cimport memcmp, memcpy, memset, strchr, strlen
 from posix.stat cimport fstat, fstatat, struct_stat
 from posix.unistd cimport close, read
 
@@ -116,57 +119,7 @@ import sys as _sys
 if _sys.byteorder != "little":
     raise ImportError("mirror._fast.scan stores records in host order and supports little-endian hosts only")
 
-DEF REC_SIZE = 80
-DEF DIGEST_SIZE = 16
-DEF MAX_NAME = 255
-DEF MAX_TARGET = 4095
-DEF HASH_CHUNK = 262144  # fits L2 with room: hashing reads what read() just copied from cache, not RAM
-
-cdef enum:
-    FLAG_DIGEST_C = 1
-    CMP_CHECKSUM_C = 1
-    CMP_OWNER_C = 2
-    CMP_DIR_TIMES_C = 4
-    CMP_LINK_TIMES_C = 8
-    CH_KIND_C = 1
-    CH_SIZE_C = 2
-    CH_MTIME_C = 4
-    CH_MODE_C = 8
-    CH_UID_C = 16
-    CH_GID_C = 32
-    CH_TARGET_C = 64
-    CH_RDEV_C = 128
-    CH_DIGEST_C = 256
-    CH_NODIGEST_C = 512
-    CH_LINKED_C = 1024
-
-RECORD_SIZE = REC_SIZE
-FLAG_DIGEST = FLAG_DIGEST_C
-FILE, DIR, SYMLINK, FIFO, SOCKET, CHAR, BLOCK = range(1, 8)
-CMP_CHECKSUM = CMP_CHECKSUM_C
-CMP_OWNER = CMP_OWNER_C
-CMP_DIR_TIMES = CMP_DIR_TIMES_C
-CMP_LINK_TIMES = CMP_LINK_TIMES_C
-CH_KIND = CH_KIND_C
-CH_SIZE = CH_SIZE_C
-CH_MTIME = CH_MTIME_C
-CH_MODE = CH_MODE_C
-CH_UID = CH_UID_C
-CH_GID = CH_GID_C
-CH_TARGET = CH_TARGET_C
-CH_RDEV = CH_RDEV_C
-CH_DIGEST = CH_DIGEST_C
-CH_NODIGEST = CH_NODIGEST_C
-CH_LINKED = CH_LINKED_C
-
-cdef enum:
-    K_FILE = 1
-    K_DIR = 2
-    K_SYMLINK = 3
-    K_FIFO = 4
-    K_SOCKET = 5
-    K_CHAR = 6
-    K_BLOCK = 7
+include "constants.pxi"
 
 # Problem kinds recorded in C while the GIL is released, turned into text afterwards.
 cdef enum:
@@ -206,27 +159,26 @@ def bind_types(entry_type, problem_type):
 cdef inline int kind_of_mode(uint32_t mode) noexcept nogil:
     cdef uint32_t fmt = mode & S_IFMT
     if fmt == S_IFREG:
-        return K_FILE
+        return FILE
     if fmt == S_IFDIR:
-        return K_DIR
+        return DIR
     if fmt == S_IFLNK:
-        return K_SYMLINK
+        return SYMLINK
     if fmt == S_IFIFO:
-        return K_FIFO
+        return FIFO
     if fmt == S_IFSOCK:
-        return K_SOCKET
+        return SOCKET
     if fmt == S_IFCHR:
-        return K_CHAR
+        return CHAR
     if fmt == S_IFBLK:
-        return K_BLOCK
+        return BLOCK
     return 0
 
 
 cdef struct problem_t:
-    Py_ssize_t index      # entry (sorted position) the problem belongs to; -1: the directory
     int err
     int what
-    char *name            # points into the names buffer (valid while the buffer lives)
+    size_t name_off       # the entry's name, in the listing's problem_names
     uint16_t name_len
 
 
@@ -236,7 +188,11 @@ cdef struct buf_t:
     size_t cap
 
 
-cdef int buf_reserve(buf_t *b, size_t extra) except -1 nogil:
+# The nogil helpers report running out of memory by returning -1 (errno ENOMEM) rather than
+# raising: the walk's threads never hold the interpreter lock, so the caller that has it
+# raises MemoryError.
+
+cdef int buf_reserve(buf_t *b, size_t extra) noexcept nogil:
     cdef size_t cap
     cdef char *p
     if b.len + extra <= b.cap:
@@ -246,15 +202,15 @@ cdef int buf_reserve(buf_t *b, size_t extra) except -1 nogil:
         cap *= 2
     p = <char *>realloc(b.data, cap)
     if p == NULL:
-        with gil:
-            raise MemoryError()
+        return -1
     b.data = p
     b.cap = cap
     return 0
 
 
-cdef int buf_append(buf_t *b, const char *src, size_t n) except -1 nogil:
-    buf_reserve(b, n)
+cdef int buf_append(buf_t *b, const char *src, size_t n) noexcept nogil:
+    if buf_reserve(b, n) < 0:
+        return -1
     memcpy(b.data + b.len, src, n)
     b.len += n
     return 0
@@ -353,10 +309,10 @@ cdef class Listing:
                 target = e[12]
                 r.name_off = strings.len
                 r.name_len = len(name)
-                buf_append(&strings, name, len(name))
-                r.target_off = strings.len
+                r.target_off = strings.len + len(name)
                 r.target_len = len(target)
-                buf_append(&strings, target, len(target))
+                if buf_append(&strings, name, len(name)) < 0 or buf_append(&strings, target, len(target)) < 0:
+                    raise MemoryError()
                 r.kind = e[1]
                 r.mode = e[2]
                 r.uid = e[3]
@@ -385,7 +341,7 @@ cdef class Listing:
                 raise MemoryError()
             memset(self.digests, 0, max(n, 1) * DIGEST_SIZE)
         memcpy(self.digests + i * DIGEST_SIZE, PyBytes_AS_STRING(digest), DIGEST_SIZE)
-        self.recs[i].flags |= FLAG_DIGEST_C
+        self.recs[i].flags |= FLAG_DIGEST
         return 0
 
     def __len__(self):
@@ -409,7 +365,7 @@ cdef class Listing:
     cdef object _entry(self, Py_ssize_t i):
         cdef rec_t *r = &self.recs[i]
         digest = None
-        if r.flags & FLAG_DIGEST_C:
+        if r.flags & FLAG_DIGEST:
             digest = PyBytes_FromStringAndSize(<char *>self.digests + i * DIGEST_SIZE, DIGEST_SIZE)
         return _Entry(
             PyBytes_FromStringAndSize(self.strings + r.name_off, r.name_len),
@@ -444,7 +400,7 @@ cdef class Listing:
         out = []
         for i in range(self.n):
             r = &self.recs[i]
-            if r.kind == K_DIR:
+            if r.kind == DIR:
                 out.append(PyBytes_FromStringAndSize(self.strings + r.name_off, r.name_len))
         return out
 
@@ -458,9 +414,9 @@ cdef class Listing:
         for i in range(self.n):
             r = &self.recs[i]
             counts[r.kind] += 1
-            if r.kind == K_FILE:
+            if r.kind == FILE:
                 file_bytes += r.size
-            if r.flags & FLAG_DIGEST_C:
+            if r.flags & FLAG_DIGEST:
                 digests += 1
         return [counts[k] for k in range(8)], file_bytes, digests
 
@@ -482,26 +438,26 @@ cdef class Listing:
             for i in range(self.n):
                 r = &self.recs[i]
                 kind = r.kind
-                if kind == K_FILE or kind == K_FIFO or kind == K_SOCKET or kind == K_CHAR or kind == K_BLOCK:
+                if kind == FILE or kind == FIFO or kind == SOCKET or kind == CHAR or kind == BLOCK:
                     mtime = r.mtime_ns
-                elif kind == K_DIR:
-                    mtime = r.mtime_ns if flags & CMP_DIR_TIMES_C else 0
+                elif kind == DIR:
+                    mtime = r.mtime_ns if flags & CMP_DIR_TIMES else 0
                 else:
-                    mtime = r.mtime_ns if flags & CMP_LINK_TIMES_C else 0
+                    mtime = r.mtime_ns if flags & CMP_LINK_TIMES else 0
                 put_u16(buf, r.name_len)
                 XXH3_128bits_update(state, buf, 2)
                 XXH3_128bits_update(state, self.strings + r.name_off, r.name_len)
                 buf[0] = <unsigned char>kind
-                put_u32(buf + 1, 0 if kind == K_SYMLINK else r.mode)
-                put_u32(buf + 5, r.uid if flags & CMP_OWNER_C else 0)
-                put_u32(buf + 9, r.gid if flags & CMP_OWNER_C else 0)
-                put_u64(buf + 13, <uint64_t>r.size if kind == K_FILE else 0)
+                put_u32(buf + 1, 0 if kind == SYMLINK else r.mode)
+                put_u32(buf + 5, r.uid if flags & CMP_OWNER else 0)
+                put_u32(buf + 9, r.gid if flags & CMP_OWNER else 0)
+                put_u64(buf + 13, <uint64_t>r.size if kind == FILE else 0)
                 put_u64(buf + 21, <uint64_t>mtime)
-                put_u64(buf + 29, r.rdev if (kind == K_CHAR or kind == K_BLOCK) else 0)
+                put_u64(buf + 29, r.rdev if (kind == CHAR or kind == BLOCK) else 0)
                 put_u32(buf + 37, r.target_len)
                 XXH3_128bits_update(state, buf, 41)
                 XXH3_128bits_update(state, self.strings + r.target_off, r.target_len)
-                if flags & CMP_CHECKSUM_C and kind == K_FILE and r.flags & FLAG_DIGEST_C:
+                if flags & CMP_CHECKSUM and kind == FILE and r.flags & FLAG_DIGEST:
                     buf[0] = 1
                     XXH3_128bits_update(state, buf, 1)
                     XXH3_128bits_update(state, self.digests + i * DIGEST_SIZE, DIGEST_SIZE)
@@ -515,7 +471,7 @@ cdef class Listing:
         """True if a regular file here has other hard links; see the twin."""
         cdef Py_ssize_t i
         for i in range(self.n):
-            if self.recs[i].kind == K_FILE and self.recs[i].nlink > 1:
+            if self.recs[i].kind == FILE and self.recs[i].nlink > 1:
                 return True
         return False
 
@@ -524,12 +480,12 @@ cdef class Listing:
         cdef Py_ssize_t i
         cdef bint any_digest = False
         for i in range(self.n):
-            if self.recs[i].flags & FLAG_DIGEST_C:
+            if self.recs[i].flags & FLAG_DIGEST:
                 any_digest = True
                 break
         return (
             PyBytes_FromStringAndSize(self.strings, self.strings_len),
-            PyBytes_FromStringAndSize(<char *>self.recs, self.n * REC_SIZE),
+            PyBytes_FromStringAndSize(<char *>self.recs, self.n * RECORD_SIZE),
             PyBytes_FromStringAndSize(<char *>self.digests, self.n * DIGEST_SIZE) if any_digest else b"",
         )
 
@@ -544,9 +500,9 @@ cdef class Listing:
         cdef const char *name
         cdef const char *prev = NULL
         cdef size_t prev_len = 0
-        if len(records) % REC_SIZE:
-            raise ValueError(f"record block of {len(records)} bytes is not a multiple of {REC_SIZE}")
-        count = len(records) // REC_SIZE
+        if len(records) % RECORD_SIZE:
+            raise ValueError(f"record block of {len(records)} bytes is not a multiple of {RECORD_SIZE}")
+        count = len(records) // RECORD_SIZE
         if count > max_entries:
             raise ValueError(f"{count} entries exceed the limit of {max_entries}")
         if len(digests) and len(digests) != count * DIGEST_SIZE:
@@ -555,11 +511,11 @@ cdef class Listing:
         listing.path = path
         listing.complete = True
         listing.problems = []
-        listing.recs = <rec_t *>malloc(max(count, 1) * REC_SIZE)
+        listing.recs = <rec_t *>malloc(max(count, 1) * RECORD_SIZE)
         listing.strings = <char *>malloc(max(slen, 1))
         if listing.recs == NULL or listing.strings == NULL:
             raise MemoryError()
-        memcpy(listing.recs, PyBytes_AS_STRING(records), count * REC_SIZE)
+        memcpy(listing.recs, PyBytes_AS_STRING(records), count * RECORD_SIZE)
         memcpy(listing.strings, s, slen)
         listing.strings_len = slen
         listing.n = count
@@ -570,7 +526,7 @@ cdef class Listing:
             memcpy(listing.digests, PyBytes_AS_STRING(digests), count * DIGEST_SIZE)
         for i in range(count):
             r = &listing.recs[i]
-            if r.kind < K_FILE or r.kind > K_BLOCK:
+            if r.kind < FILE or r.kind > BLOCK:
                 raise ValueError(f"entry {i}: unknown kind {r.kind}")
             if <size_t>r.name_off + r.name_len > slen or <size_t>r.target_off + r.target_len > slen:
                 raise ValueError(f"entry {i}: string offsets outside the string block")
@@ -584,10 +540,10 @@ cdef class Listing:
                     f"entry {i}: name {strings[r.name_off:r.name_off + r.name_len]!r} out of order or repeated")
             prev = name
             prev_len = r.name_len
-            if (r.target_len > MAX_TARGET or (r.target_len and r.kind != K_SYMLINK)
+            if (r.target_len > MAX_TARGET or (r.target_len and r.kind != SYMLINK)
                     or memchr_nul(s + r.target_off, r.target_len)):
                 raise ValueError(f"entry {i}: invalid symlink target")
-            if r.flags & ~FLAG_DIGEST_C or (r.flags & FLAG_DIGEST_C and (not len(digests) or r.kind != K_FILE)):
+            if r.flags & ~FLAG_DIGEST or (r.flags & FLAG_DIGEST and (not len(digests) or r.kind != FILE)):
                 raise ValueError(f"entry {i}: invalid flags {r.flags}")
             if r.mode > 0o7777:
                 raise ValueError(f"entry {i}: invalid mode {r.mode:o}")
@@ -619,41 +575,54 @@ cdef struct dirscan_t:
     problem_t *problems
     Py_ssize_t nproblems
     Py_ssize_t problems_cap
+    buf_t problem_names
     int dir_err          # errno if the directory itself could not be read, else 0
-    buf_t names          # raw names from readdir (problems point into it)
-    name_t *order
+
+
+cdef struct scratch_t:
+    # A lister's working space, reused from one directory to the next.
+    buf_t names          # the names getdents64 returned
+    name_t *order        # (offset, length) of each, sorted
+    size_t order_cap
 
 
 cdef void dirscan_free(dirscan_t *d) noexcept nogil:
     free(d.recs)
     free(d.strings.data)
     free(d.problems)
-    free(d.names.data)
-    free(d.order)
+    free(d.problem_names.data)
+    memset(d, 0, sizeof(dirscan_t))
 
 
-cdef int add_problem(dirscan_t *d, Py_ssize_t index, int err, int what,
-                     char *name, uint16_t name_len) except -1 nogil:
+cdef void scratch_free(scratch_t *w) noexcept nogil:
+    free(w.names.data)
+    free(w.order)
+    memset(w, 0, sizeof(scratch_t))
+
+
+cdef int add_problem(dirscan_t *d, int err, int what, const char *name, uint16_t name_len) noexcept nogil:
     cdef problem_t *p
     if d.nproblems == d.problems_cap:
-        d.problems_cap = d.problems_cap * 2 if d.problems_cap else 8
-        p = <problem_t *>realloc(d.problems, d.problems_cap * sizeof(problem_t))
+        p = <problem_t *>realloc(d.problems, (d.problems_cap * 2 if d.problems_cap else 8) * sizeof(problem_t))
         if p == NULL:
-            with gil:
-                raise MemoryError()
+            return -1
         d.problems = p
-    d.problems[d.nproblems].index = index
-    d.problems[d.nproblems].err = err
-    d.problems[d.nproblems].what = what
-    d.problems[d.nproblems].name = name
-    d.problems[d.nproblems].name_len = name_len
+        d.problems_cap = d.problems_cap * 2 if d.problems_cap else 8
+    p = &d.problems[d.nproblems]
+    p.err = err
+    p.what = what
+    p.name_off = d.problem_names.len
+    p.name_len = name_len
+    if buf_append(&d.problem_names, name, name_len) < 0:
+        return -1
     d.nproblems += 1
     return 0
 
 
-cdef int list_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d) except -1 nogil:
-    """readdir + sort + fstatat + readlinkat into ``d``.  The caller owns ``fd``."""
-    cdef size_t nlen, count = 0, i, cap = 0
+cdef int read_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d, scratch_t *w) noexcept nogil:
+    """getdents64 + sort + fstatat + readlinkat into ``d``; 0, or -1 out of memory.  The
+    caller owns ``fd``."""
+    cdef size_t nlen, count = 0, i
     cdef name_t *order
     cdef struct_stat st
     cdef rec_t *r
@@ -661,13 +630,14 @@ cdef int list_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d)
     cdef ssize_t tlen
     cdef char cname[MAX_NAME + 1]
     cdef char target[MAX_TARGET + 1]
-    cdef size_t offset
+    cdef const char *name
 
     # getdents64 straight into a buffer: no DIR stream to set up, no duplicate descriptor.
     # The descriptor's offset moves, which is harmless: it is only used for *at() calls after.
     cdef char dents[65536]
     cdef ssize_t got, pos
     cdef linux_dirent64 *ent
+    w.names.len = 0
     while True:
         got = getdents64(fd, dents, sizeof(dents))
         if got < 0:
@@ -686,32 +656,34 @@ cdef int list_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d)
                 continue
             if skip != NULL and nlen == skip_len and memcmp(ent.d_name, skip, nlen) == 0:
                 continue
-            if count == cap:
-                cap = cap * 2 if cap else 64
-                order = <name_t *>realloc(d.order, cap * sizeof(name_t))
+            if count == w.order_cap:
+                order = <name_t *>realloc(w.order, (w.order_cap * 2 if w.order_cap else 256) * sizeof(name_t))
                 if order == NULL:
-                    with gil:
-                        raise MemoryError()
-                d.order = order
+                    return -1
+                w.order = order
+                w.order_cap = w.order_cap * 2 if w.order_cap else 256
             # Kept as (offset, length): the names buffer may move while it grows.
-            d.order[count].off = d.names.len
-            d.order[count].len = <uint16_t>nlen
-            buf_append(&d.names, ent.d_name, nlen)
+            w.order[count].off = w.names.len
+            w.order[count].len = <uint16_t>nlen
+            if buf_append(&w.names, ent.d_name, nlen) < 0:
+                return -1
             count += 1
     for i in range(count):
-        d.order[i].ptr = d.names.data + d.order[i].off
-    qsort(d.order, count, sizeof(name_t), compare_names)
+        w.order[i].ptr = w.names.data + w.order[i].off
+    qsort(w.order, count, sizeof(name_t), compare_names)
 
     d.recs = <rec_t *>malloc((count if count else 1) * sizeof(rec_t))
-    if d.recs == NULL:
-        with gil:
-            raise MemoryError()
+    if d.recs == NULL or buf_reserve(&d.strings, w.names.len) < 0:
+        return -1
     for i in range(count):
-        # d.names is NUL-free; make each name a C string for the *at() calls.
-        memcpy(cname, d.order[i].ptr, d.order[i].len)
-        cname[d.order[i].len] = 0
+        # The names are NUL-free; make each a C string for the *at() calls.
+        name = w.order[i].ptr
+        nlen = w.order[i].len
+        memcpy(cname, name, nlen)
+        cname[nlen] = 0
         if fstatat(fd, cname, &st, AT_SYMLINK_NOFOLLOW) != 0:
-            add_problem(d, i, errno, P_VANISHED if errno == ENOENT else P_STAT, d.order[i].ptr, d.order[i].len)
+            if add_problem(d, errno, P_VANISHED if errno == ENOENT else P_STAT, name, nlen) < 0:
+                return -1
             continue
         kind = kind_of_mode(st.st_mode)
         if kind == 0:
@@ -719,23 +691,23 @@ cdef int list_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d)
         r = &d.recs[d.n]
         r.flags = 0
         r.target_len = 0
-        offset = d.strings.len
-        r.name_off = offset
-        r.name_len = d.order[i].len
-        if kind == K_SYMLINK:
+        r.name_off = d.strings.len
+        r.name_len = nlen
+        if kind == SYMLINK:
             tlen = readlinkat(fd, cname, target, MAX_TARGET + 1)
             if tlen < 0:
-                add_problem(d, i, errno, P_VANISHED if errno == ENOENT else P_READLINK,
-                            d.order[i].ptr, d.order[i].len)
+                if add_problem(d, errno, P_VANISHED if errno == ENOENT else P_READLINK, name, nlen) < 0:
+                    return -1
                 continue
             if tlen > MAX_TARGET:
                 tlen = MAX_TARGET
-            buf_append(&d.strings, d.order[i].ptr, d.order[i].len)
-            r.target_off = d.strings.len
+            if buf_append(&d.strings, name, nlen) < 0 or buf_append(&d.strings, target, tlen) < 0:
+                return -1
+            r.target_off = r.name_off + nlen
             r.target_len = <uint32_t>tlen
-            buf_append(&d.strings, target, tlen)
         else:
-            buf_append(&d.strings, d.order[i].ptr, d.order[i].len)
+            if buf_append(&d.strings, name, nlen) < 0:
+                return -1
             r.target_off = d.strings.len
         r.kind = <uint8_t>kind
         r.mode = st.st_mode & 0o7777
@@ -747,8 +719,7 @@ cdef int list_directory(int fd, const char *skip, size_t skip_len, dirscan_t *d)
         r.ino = st.st_ino
         r.dev = st.st_dev
         r.nlink = <uint32_t>st.st_nlink
-        r.rdev = st.st_rdev if (kind == K_CHAR or kind == K_BLOCK) else 0
-        # Problems recorded for this sorted position refer to the record index from now on.
+        r.rdev = st.st_rdev if (kind == CHAR or kind == BLOCK) else 0
         d.n += 1
     return 0
 
@@ -803,8 +774,10 @@ cdef int hash_file(int dir_fd, const char *name, rec_t *r, unsigned char *out,
     return 0
 
 
-cdef class _Hasher:
-    """Per-scan hashing resources: an xxh3 state and a read buffer, reused for every file."""
+cdef class Hasher:
+    """Fills the digests of a listing's regular files; see ``mirror.scan_py.Hasher``.
+
+    One per scan: it keeps an xxh3 state and a read buffer for every file it hashes."""
     cdef XXH3_state_t *state
     cdef char *buf
 
@@ -822,6 +795,40 @@ cdef class _Hasher:
             XXH3_freeState(self.state)
         free(self.buf)
 
+    def fill_digests(self, int dir_fd, Listing listing, Listing previous, int64_t racy_ns):
+        """Give every regular file of ``listing`` (the directory open at ``dir_fd``) its digest."""
+        cdef Py_ssize_t i
+        cdef rec_t *r
+        cdef int err, what
+        cdef char cname[MAX_NAME + 1]
+        if listing.n == 0:
+            return
+        if listing.digests == NULL:
+            listing.digests = <unsigned char *>calloc(listing.n, DIGEST_SIZE)
+            if listing.digests == NULL:
+                raise MemoryError()
+        if previous is not None:
+            with nogil:
+                adopt_digests(listing, previous, racy_ns)
+        for i in range(listing.n):
+            r = &listing.recs[i]
+            if r.kind != FILE or r.flags & FLAG_DIGEST:
+                continue
+            memcpy(cname, listing.strings + r.name_off, r.name_len)
+            cname[r.name_len] = 0
+            with nogil:
+                err = hash_file(dir_fd, cname, r, listing.digests + i * DIGEST_SIZE, self.state, self.buf, &what)
+            listing.hashed += 1
+            if err == 0:
+                r.flags |= FLAG_DIGEST
+                continue
+            name = PyBytes_FromStringAndSize(cname, r.name_len)
+            path = listing.path + b"/" + name if listing.path else name
+            if err < 0:
+                listing.problems.append(_Problem(path, 0, _PROBLEM_TEXT[what]))
+            else:
+                listing.problems.append(_Problem(path, err, f"{_PROBLEM_TEXT[what]}: {os.strerror(err)}"))
+
 
 cdef int adopt_digests(Listing cur, Listing old, int64_t racy_ns) noexcept nogil:
     """Copy digests from ``old`` (same directory, last manifest) where the file is unchanged."""
@@ -829,6 +836,8 @@ cdef int adopt_digests(Listing cur, Listing old, int64_t racy_ns) noexcept nogil
     cdef rec_t *a
     cdef rec_t *b
     cdef int c
+    if old.digests == NULL:
+        return 0
     while i < cur.n and j < old.n:
         a = &cur.recs[i]
         b = &old.recs[j]
@@ -838,11 +847,11 @@ cdef int adopt_digests(Listing cur, Listing old, int64_t racy_ns) noexcept nogil
         elif c > 0:
             j += 1
         else:
-            if (a.kind == K_FILE and b.kind == K_FILE and b.flags & FLAG_DIGEST_C
+            if (a.kind == FILE and b.kind == FILE and b.flags & FLAG_DIGEST
                     and a.size == b.size and a.mtime_ns == b.mtime_ns and a.ctime_ns == b.ctime_ns
                     and a.ino == b.ino and a.mtime_ns < racy_ns):
                 memcpy(cur.digests + i * DIGEST_SIZE, old.digests + j * DIGEST_SIZE, DIGEST_SIZE)
-                a.flags |= FLAG_DIGEST_C
+                a.flags |= FLAG_DIGEST
             i += 1
             j += 1
     return 0
@@ -863,7 +872,7 @@ cdef Listing build_listing(bytes dir_path, dirscan_t *d, excluder):
         return listing
     for k in range(d.nproblems):
         p = &d.problems[k]
-        name = PyBytes_FromStringAndSize(p.name, p.name_len)
+        name = PyBytes_FromStringAndSize(d.problem_names.data + p.name_off, p.name_len)
         listing.problems.append(_Problem(
             dir_path + b"/" + name if dir_path else name, p.err, f"{_PROBLEM_TEXT[p.what]}: {os.strerror(p.err)}"))
     if excluder is not None and d.n:
@@ -873,11 +882,12 @@ cdef Listing build_listing(bytes dir_path, dirscan_t *d, excluder):
             for i in range(d.n):
                 r = &d.recs[i]
                 name = PyBytes_FromStringAndSize(d.strings.data + r.name_off, r.name_len)
-                if excluder.excluded(dir_path + b"/" + name if dir_path else name, r.kind == K_DIR):
+                if excluder.excluded(dir_path + b"/" + name if dir_path else name, r.kind == DIR):
                     continue
                 d.recs[kept] = d.recs[i]
                 r = &d.recs[kept]
-                buf_append(&strings, d.strings.data + r.name_off, r.name_len + r.target_len)
+                if buf_append(&strings, d.strings.data + r.name_off, r.name_len + r.target_len) < 0:
+                    raise MemoryError()
                 r.name_off = strings.len - r.name_len - r.target_len
                 r.target_off = r.name_off + r.name_len
                 kept += 1
@@ -896,75 +906,31 @@ cdef Listing build_listing(bytes dir_path, dirscan_t *d, excluder):
     return listing
 
 
-cdef Listing scan_directory(int fd, bytes dir_path, skip, excluder, bint checksum, Listing old,
-                            int64_t racy_ns, _Hasher hasher):
+def list_directory(int dir_fd, bytes dir_path, *, skip=None, excluder=None):
+    """The listing of the directory open at ``dir_fd``; see ``mirror.scan_py.list_directory``."""
     cdef dirscan_t d
+    cdef scratch_t w
     cdef const char *skip_p = NULL
     cdef size_t skip_len = 0
-    cdef Listing listing
-    cdef Py_ssize_t i
-    cdef rec_t *r
-    cdef int err, what
-    cdef char cname[MAX_NAME + 1]
+    cdef int rc
     memset(&d, 0, sizeof(d))
+    memset(&w, 0, sizeof(w))
     if skip is not None:
         skip_p = <bytes>skip
         skip_len = len(skip)
     try:
         with nogil:
-            list_directory(fd, skip_p, skip_len, &d)
-        listing = build_listing(dir_path, &d, excluder)
+            rc = read_directory(dir_fd, skip_p, skip_len, &d, &w)
+        if rc < 0:
+            raise MemoryError()
+        return build_listing(dir_path, &d, excluder)
     finally:
         dirscan_free(&d)
-    if not checksum or listing.n == 0:
-        return listing
-    listing.digests = <unsigned char *>malloc(listing.n * DIGEST_SIZE)
-    if listing.digests == NULL:
-        raise MemoryError()
-    memset(listing.digests, 0, listing.n * DIGEST_SIZE)
-    if old is not None:
-        with nogil:
-            adopt_digests(listing, old, racy_ns)
-    for i in range(listing.n):
-        r = &listing.recs[i]
-        if r.kind != K_FILE or r.flags & FLAG_DIGEST_C:
-            continue
-        memcpy(cname, listing.strings + r.name_off, r.name_len)
-        cname[r.name_len] = 0
-        with nogil:
-            err = hash_file(fd, cname, r, listing.digests + i * DIGEST_SIZE, hasher.state, hasher.buf, &what)
-        listing.hashed += 1
-        if err == 0:
-            r.flags |= FLAG_DIGEST_C
-            continue
-        name = PyBytes_FromStringAndSize(cname, r.name_len)
-        path = dir_path + b"/" + name if dir_path else name
-        if err < 0:
-            listing.problems.append(_Problem(path, 0, _PROBLEM_TEXT[what]))
-        else:
-            listing.problems.append(_Problem(path, err, f"{_PROBLEM_TEXT[what]}: {os.strerror(err)}"))
-    return listing
+        scratch_free(&w)
 
 
-cdef class _Previous:
-    """Walks the previous manifest's listings alongside the scan (both in canonical order)."""
-    cdef object it
-    cdef object head
-
-    def __init__(self, listings):
-        self.it = iter(listings) if listings is not None else iter(())
-        self.head = next(self.it, None)
-
-    cdef Listing find(self, bytes path):
-        key = path.replace(b"/", b"\0")
-        while self.head is not None and (<Listing>self.head).path.replace(b"/", b"\0") < key:
-            self.head = next(self.it, None)
-        if self.head is not None and (<Listing>self.head).path == path:
-            return <Listing>self.head
-        return None
-
-
-def _open_failure(bytes path, int err):
+def open_failure(bytes path, int err):
+    """The problem recorded for a directory that could not be opened to be listed."""
     if err == ENOENT:
         what = "vanished during scan"
     elif err == ENOTDIR or err == ELOOP:  # replaced by a file or a symlink since it was listed
@@ -974,83 +940,14 @@ def _open_failure(bytes path, int err):
     return _Problem(path, err, f"{what}: {os.strerror(err)}")
 
 
-def scan(bytes root, *, excluder=None, skip_at_root=None, bint checksum=False, previous=None,
-         int64_t racy_ns=0, bytes start=b""):
-    """Yield a ``Listing`` per directory under ``root``, depth first; see ``mirror.scan_py.scan``."""
-    cdef int root_fd, fd, child_fd, err = 0
-    cdef const char *croot = root
-    cdef const char *cname
-    cdef list stack
-    cdef Listing listing
-    cdef _Previous prev = _Previous(previous) if checksum else None
-    cdef _Hasher hasher = _Hasher() if checksum else None
-    cdef bytes name, child_path, dir_path
-    with nogil:
-        root_fd = openat(AT_FDCWD, croot, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if root_fd < 0:
-            err = errno
-    if root_fd < 0:
-        raise OSError(err, os.strerror(err), root)
-    if start:
-        for name in start.split(b"/"):
-            cname = name
-            with nogil:
-                fd = openat(root_fd, cname, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-                if fd < 0:
-                    err = errno
-                close(root_fd)
-                root_fd = fd
-            if fd < 0:
-                raise OSError(err, os.strerror(err), start)
-        skip_at_root = None
-    # One frame per open directory on the current branch: [fd, relative path, subdirectory
-    # names still to visit, reversed].  Open descriptors are bounded by the tree's depth.
-    stack = [[root_fd, start, []]]
-    try:
-        listing = scan_directory(root_fd, start, skip_at_root, excluder, checksum,
-                                 prev.find(start) if prev is not None else None, racy_ns, hasher)
-        stack[len(stack) - 1][2] = listing.subdirs()[::-1]
-        yield listing
-        while stack:
-            frame = stack[len(stack) - 1]
-            remaining = frame[2]
-            if not remaining:
-                stack.pop()
-                close(<int>frame[0])
-                continue
-            fd = frame[0]
-            dir_path = frame[1]
-            name = remaining.pop()
-            child_path = dir_path + b"/" + name if dir_path else name
-            cname = name
-            with nogil:
-                child_fd = openat(fd, cname, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-                if child_fd < 0:
-                    err = errno
-            if child_fd < 0:
-                listing = Listing.__new__(Listing)
-                listing.path = child_path
-                listing.complete = False
-                listing.problems = [_open_failure(child_path, err)]
-                yield listing
-                continue
-            stack.append([child_fd, child_path, []])
-            listing = scan_directory(child_fd, child_path, None, excluder, checksum,
-                                     prev.find(child_path) if prev is not None else None, racy_ns, hasher)
-            stack[len(stack) - 1][2] = listing.subdirs()[::-1]
-            yield listing
-    finally:
-        for frame in stack:
-            close(<int>frame[0])
-
-
-# -- background_scan: the whole walk in a thread that never takes the interpreter lock -------
+# -- background_scan: the whole walk in threads that never take the interpreter lock ---------
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
         pass
     ctypedef struct pthread_cond_t:
         pass
+    ctypedef unsigned long pthread_t
     int pthread_mutex_init(pthread_mutex_t *, const void *)
     int pthread_mutex_destroy(pthread_mutex_t *)
     int pthread_mutex_lock(pthread_mutex_t *)
@@ -1058,367 +955,690 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_init(pthread_cond_t *, const void *)
     int pthread_cond_destroy(pthread_cond_t *)
     int pthread_cond_wait(pthread_cond_t *, pthread_mutex_t *)
+    int pthread_cond_signal(pthread_cond_t *)
     int pthread_cond_broadcast(pthread_cond_t *)
+    int pthread_create(pthread_t *, const void *, void *(*)(void *) noexcept nogil, void *)
+    int pthread_join(pthread_t, void **)
+    int pthread_setname_np(pthread_t, const char *)
+    pthread_t pthread_self()
 
-# Entries the walk may list ahead of its consumer (~5 MiB of records); a directory larger
-# than that is still handed over, alone.
-DEF AHEAD_ENTRIES = 65536
-# A waiting consumer is woken once this many entries (directories count one) are ready, not
-# for each directory: a wake-up per directory costs two futex calls and two context switches,
-# a quarter of the walk's own time on a tree of small directories.
-DEF WAKE_ENTRIES = 2048
+cdef extern from "<signal.h>" nogil:
+    ctypedef struct sigset_t:
+        pass
+    int sigfillset(sigset_t *)
+    int pthread_sigmask(int, const sigset_t *, sigset_t *)
+    enum:
+        SIG_SETMASK
 
-cdef struct walked_t:
-    # One directory, listed by the walk and not yet taken by the consumer.
-    walked_t *next
-    char *path
+cdef extern from "<limits.h>" nogil:
+    enum:
+        PATH_MAX
+
+cdef extern from "<sys/resource.h>" nogil:
+    cdef struct rusage:
+        long ru_inblock
+    int RUSAGE_THREAD
+    int getrusage(int, rusage *)
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <string.h>
+    #include <sys/syscall.h>
+    #if defined(SYS_openat2) && defined(__has_include)
+    #if __has_include(<linux/openat2.h>)
+    #include <linux/openat2.h>
+    #define MIRROR_HAVE_OPENAT2 1
+    #endif
+    #endif
+    /* The directory at relative path `path` below `dirfd`, no component a symlink. */
+    static int mirror_openat2_below(int dirfd, const char *path) {
+    #ifdef MIRROR_HAVE_OPENAT2
+        struct open_how how;
+        memset(&how, 0, sizeof how);
+        how.flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+        how.resolve = RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH;
+        return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    #else
+        errno = ENOSYS;
+        return -1;
+    #endif
+    }
+    """
+    int mirror_openat2_below(int dirfd, const char *path) nogil
+
+cdef enum:
+    # Entries the walk may list ahead of its consumer (~5 MiB of records); a directory
+    # larger than that is still handed over, alone.
+    AHEAD_ENTRIES = 65536
+    # A waiting consumer is woken once this many entries (directories count one) are ready,
+    # not for each directory: a wake-up per directory costs two futex calls and two context
+    # switches, a quarter of the walk's own time on a tree of small directories.
+    WAKE_ENTRIES = 2048
+    MAX_WALKERS = 64
+    # Threads listing directories for one walk.  With a warm cache a tree's walk is bound
+    # by its system calls and two walks (source and replica) already fill two CPUs: one
+    # walker each, extra ones only cost memory (an arena and a stack each).  With a cold
+    # cache each listing waits on the disk, which serves several requests at once (two
+    # 52,000-entry trees here: 1.14 s with one walker each, 0.59 s with eight).  So a walk
+    # starts with one walker and adds one, up to this many, each time a listing had to read
+    # from the disk.
+    DEFAULT_MAX_WALKERS = 8
+
+cdef enum:
+    N_WAITING = 0     # known (its parent was listed), not yet taken by a walker
+    N_LISTING = 1
+    N_LISTED = 2
+
+cdef struct wnode_t:
+    # One directory of the walk, in canonical order: a node's subdirectories are linked in
+    # right after it when it is listed, so the list is always the depth-first order of
+    # what is known.
+    wnode_t *next
+    char *path           # relative to the root, NUL-terminated ("" for the root)
     size_t path_len
-    int open_err        # it could not be opened (the listing is incomplete); d is empty
+    int state
+    int open_err         # it could not be opened (the listing is incomplete); d is empty
     dirscan_t d
 
-cdef struct frame_t:
-    # One open directory on the walk's current branch.
-    int fd
-    size_t path_len     # its path is walk.path[:path_len]
-    char *subdirs       # its subdirectories' names, NUL-terminated, in sorted order
-    size_t cursor       # offset of the next one to visit
-    size_t end
+cdef struct walk_t:
+    pthread_mutex_t lock
+    pthread_cond_t work          # walkers wait here: for a directory to list, or for room
+    pthread_cond_t ready         # the consumer waits here
+    wnode_t *head                # the first node the consumer has not taken
+    wnode_t *pick                # the first node no walker took (all before it were)
+    Py_ssize_t queued            # entries (+1 per directory) taken by walkers, not by the consumer
+    int listing                  # nodes being listed
+    int waiting_for_work         # walkers waiting for a node or for room
+    bint consumer_waiting
+    bint stopping
+    int error                    # ENOMEM: the walk stopped early
+    int root_fd
+    char *skip                   # the root's entry to leave out, or NULL
+    size_t skip_len
+    bint no_openat2              # openat2 is refused here: open one component at a time
+    pthread_t threads[MAX_WALKERS]
+    int nthreads                 # walkers started
+    int max_threads
 
 
-cdef int collect_subdirs(dirscan_t *d, frame_t *f) except -1 nogil:
+cdef int canonical_cmp(const char *a, size_t alen, const char *b, size_t blen) noexcept nogil:
+    """Compare two relative paths in canonical (depth-first, name-sorted) order: '/' sorts
+    before every byte a name can hold."""
+    cdef size_t i, n = alen if alen < blen else blen
+    cdef unsigned char x, y
+    for i in range(n):
+        x = <unsigned char>a[i]
+        y = <unsigned char>b[i]
+        if x != y:
+            if x == b'/':
+                return -1
+            if y == b'/':
+                return 1
+            return -1 if x < y else 1
+    return (alen > blen) - (alen < blen)
+
+
+cdef int open_below(walk_t *w, const char *path) noexcept nogil:
+    """The directory at ``path`` (relative, non-empty) below the root, never through a
+    symlink: its descriptor, or -errno."""
+    cdef int fd, next_fd, err
+    cdef const char *start
+    cdef const char *slash
+    cdef char part[MAX_NAME + 1]
+    cdef size_t n
+    # A path the kernel would refuse whole (PATH_MAX) is opened one component at a time.
+    if not w.no_openat2 and strlen(path) < PATH_MAX:
+        fd = mirror_openat2_below(w.root_fd, path)
+        if fd >= 0:
+            return fd
+        err = errno
+        if err != ENOSYS and err != EPERM and err != E2BIG:
+            return -err
+        w.no_openat2 = True  # an old kernel or a filter; harmless if two walkers both see it
+    fd = w.root_fd
+    start = path
+    while True:
+        slash = strchr(start, b'/')
+        n = <size_t>(slash - start) if slash != NULL else strlen(start)
+        if n > MAX_NAME:
+            n = MAX_NAME
+        memcpy(part, start, n)
+        part[n] = 0
+        next_fd = openat(fd, part, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        err = errno
+        if fd != w.root_fd:
+            close(fd)
+        if next_fd < 0:
+            return -err
+        fd = next_fd
+        if slash == NULL:
+            return fd
+        start = slash + 1
+
+
+cdef wnode_t *new_node(const char *parent, size_t parent_len, const char *name, size_t name_len) noexcept nogil:
+    cdef wnode_t *node = <wnode_t *>calloc(1, sizeof(wnode_t))
+    cdef size_t at = 0
+    if node == NULL:
+        return NULL
+    node.path = <char *>malloc(parent_len + name_len + 2)
+    if node.path == NULL:
+        free(node)
+        return NULL
+    if parent_len:
+        memcpy(node.path, parent, parent_len)
+        node.path[parent_len] = b'/'
+        at = parent_len + 1
+    memcpy(node.path + at, name, name_len)
+    node.path_len = at + name_len
+    node.path[node.path_len] = 0
+    return node
+
+
+cdef void free_node(wnode_t *node) noexcept nogil:
+    dirscan_free(&node.d)
+    free(node.path)
+    free(node)
+
+
+cdef int list_node(walk_t *w, wnode_t *node, scratch_t *scratch, wnode_t **first, wnode_t **last) noexcept nogil:
+    """List ``node`` and make nodes of its subdirectories (``first``..``last``, linked, in
+    order); 0, or -1 out of memory."""
+    cdef int fd, rc
     cdef Py_ssize_t i
-    cdef size_t total = 0
     cdef rec_t *r
-    for i in range(d.n):
-        if d.recs[i].kind == K_DIR:
-            total += d.recs[i].name_len + 1
-    f.cursor = 0
-    f.end = total
-    if total == 0:
-        return 0
-    f.subdirs = <char *>malloc(total)
-    if f.subdirs == NULL:
-        with gil:
-            raise MemoryError()
-    total = 0
-    for i in range(d.n):
-        r = &d.recs[i]
-        if r.kind == K_DIR:
-            memcpy(f.subdirs + total, d.strings.data + r.name_off, r.name_len)
-            total += r.name_len
-            f.subdirs[total] = 0
-            total += 1
+    cdef wnode_t *child
+    first[0] = last[0] = NULL
+    if node.path_len == 0:
+        # The root: listed through the walk's own descriptor (only *at() calls use it after,
+        # so the offset getdents64 leaves does not matter).
+        rc = read_directory(w.root_fd, w.skip, w.skip_len, &node.d, scratch)
+    else:
+        fd = open_below(w, node.path)
+        if fd < 0:
+            node.open_err = -fd
+            return 0
+        rc = read_directory(fd, NULL, 0, &node.d, scratch)
+        close(fd)
+    if rc < 0:
+        return -1
+    for i in range(node.d.n):
+        r = &node.d.recs[i]
+        if r.kind != DIR:
+            continue
+        child = new_node(node.path, node.path_len, node.d.strings.data + r.name_off, r.name_len)
+        if child == NULL:
+            while first[0] != NULL:
+                child = first[0].next
+                free_node(first[0])
+                first[0] = child
+            return -1
+        if last[0] == NULL:
+            first[0] = child
+        else:
+            last[0].next = child
+        last[0] = child
     return 0
 
 
-cdef class BackgroundScan:
-    """``scan(root, skip_at_root=...)``'s listings, produced ahead by a thread of its own.
+cdef inline bint consumer_may_go(walk_t *w) noexcept nogil:
+    """What a waiting consumer waits for: the next directory, with more behind it."""
+    if w.head == NULL or w.stopping or w.error:
+        return True
+    if w.head.state != N_LISTED:
+        return False
+    return w.queued >= WAKE_ENTRIES or (w.pick == NULL and w.listing == 0)
 
-    The walk (open, list, stat, descend) runs entirely in C and never takes the interpreter
-    lock, so it keeps going while the consumer's thread runs Python (a start-up's imports,
-    the comparison, the writes).  Listings are built when taken.  At most
-    ``AHEAD_ENTRIES`` entries wait in between; one file descriptor is held per level of
-    the current branch, as ``scan`` does.  ``close()`` stops the walk; iterate once.
+
+cdef int start_walker(walk_t *w) noexcept nogil:
+    """Start one more walker (the caller holds the lock, or no walker runs yet).  It starts
+    with every signal blocked: signals are for the program's own threads (Python runs its
+    handlers in the main one), and a walker's system calls are not to be interrupted."""
+    cdef sigset_t all_signals, before
+    cdef int rc
+    if w.nthreads >= w.max_threads or w.stopping:
+        return -1
+    sigfillset(&all_signals)
+    pthread_sigmask(SIG_SETMASK, &all_signals, &before)
+    rc = pthread_create(&w.threads[w.nthreads], NULL, walker, w)
+    pthread_sigmask(SIG_SETMASK, &before, NULL)
+    if rc != 0:
+        w.max_threads = w.nthreads  # the system says no: do with what runs
+        return -1
+    w.nthreads += 1
+    return 0
+
+
+cdef long blocks_read() noexcept nogil:
+    """Blocks this thread read from the disk so far (0 without I/O accounting)."""
+    cdef rusage usage
+    if getrusage(RUSAGE_THREAD, &usage) != 0:
+        return 0
+    return usage.ru_inblock
+
+
+cdef void *walker(void *arg) noexcept nogil:
+    """One walker thread: take the first directory nobody took, list it, link its
+    subdirectories in after it; until every directory is listed or the walk stops."""
+    cdef walk_t *w = <walk_t *>arg
+    cdef scratch_t scratch
+    cdef wnode_t *node
+    cdef wnode_t *first
+    cdef wnode_t *last
+    cdef wnode_t *after
+    cdef int rc
+    cdef long read_before = 0
+    cdef bint waited_on_disk
+    memset(&scratch, 0, sizeof(scratch))
+    pthread_setname_np(pthread_self(), "treescan")
+    pthread_mutex_lock(&w.lock)
+    while not w.stopping:
+        node = w.pick
+        if node == NULL:
+            if w.listing == 0:
+                break  # nothing is being listed, so nothing more will be found
+            w.waiting_for_work += 1
+            pthread_cond_wait(&w.work, &w.lock)
+            w.waiting_for_work -= 1
+            continue
+        if node != w.head and w.queued >= AHEAD_ENTRIES:
+            # No room: what is ready must go first (the directory the consumer waits for is
+            # always taken, however much is queued).
+            if w.consumer_waiting:
+                pthread_cond_signal(&w.ready)
+            w.waiting_for_work += 1
+            pthread_cond_wait(&w.work, &w.lock)
+            w.waiting_for_work -= 1
+            continue
+        node.state = N_LISTING
+        w.listing += 1
+        w.queued += 1
+        after = node.next
+        while after != NULL and after.state != N_WAITING:
+            after = after.next
+        w.pick = after
+        waited_on_disk = False
+        pthread_mutex_unlock(&w.lock)
+
+        if w.nthreads < w.max_threads:
+            read_before = blocks_read()
+        rc = list_node(w, node, &scratch, &first, &last)
+        if w.nthreads < w.max_threads:
+            waited_on_disk = blocks_read() != read_before
+
+        pthread_mutex_lock(&w.lock)
+        w.listing -= 1
+        if rc < 0:
+            w.error = ENOMEM
+            w.stopping = True
+            break
+        if first != NULL:
+            last.next = node.next
+            node.next = first
+            # The children come before every node not taken yet, unless a node taken
+            # earlier (hence before this one) left some of its own children waiting.
+            if w.pick == NULL or canonical_cmp(first.path, first.path_len, w.pick.path, w.pick.path_len) < 0:
+                w.pick = first
+            if w.waiting_for_work:
+                pthread_cond_broadcast(&w.work)
+        node.state = N_LISTED
+        w.queued += node.d.n
+        if waited_on_disk and w.pick != NULL and not w.waiting_for_work:
+            start_walker(w)
+        if w.pick == NULL and w.listing == 0 and w.waiting_for_work:
+            pthread_cond_broadcast(&w.work)  # the walk is over: let the others leave
+        if w.consumer_waiting and consumer_may_go(w):
+            pthread_cond_signal(&w.ready)
+    if w.consumer_waiting:
+        pthread_cond_signal(&w.ready)
+    if w.stopping:
+        pthread_cond_broadcast(&w.work)
+    pthread_mutex_unlock(&w.lock)
+    scratch_free(&scratch)
+    return NULL
+
+
+cdef class BackgroundScan:
+    """``mirror.scan.scan(root, skip_at_root=...)``'s listings, produced ahead by threads.
+
+    The walk (open, list, stat) runs entirely in C, in ``threads`` threads that never take
+    the interpreter lock, so it keeps going while the consumer's thread runs Python (a
+    start-up's imports, the comparison, the writes), and the walkers wait on the disk
+    together when the cache is cold.  Each walker takes the first directory in canonical
+    order that nobody took, opens it from the root (``openat2`` with
+    ``RESOLVE_NO_SYMLINKS``, else one ``O_NOFOLLOW`` component at a time), lists it and links
+    its subdirectories in after it; the consumer takes the directories in that order, so the
+    listings come out exactly as ``scan``'s.  At most ``AHEAD_ENTRIES`` entries wait in
+    between, and a walker holds one directory descriptor at a time (the walk one more, the
+    root's).  ``close()`` stops the walk and joins its threads; iterate once.
     """
     cdef readonly bytes root
-    cdef object skip
-    cdef pthread_mutex_t lock
-    cdef pthread_cond_t changed     # the queue or the stop flag changed
-    cdef walked_t *head
-    cdef walked_t *tail
-    cdef Py_ssize_t queued          # entries (plus one per directory) waiting
-    cdef bint stopping
-    cdef bint finished
-    cdef bint taker_waiting         # the consumer waits for WAKE_ENTRIES (or the end)
-    cdef bint walker_waiting        # the walk waits for room
+    cdef walk_t w
     cdef int root_err
-    cdef object error               # what ended the walk early (MemoryError), raised in order
-    cdef object thread
-    # The walk's own state, touched only by its thread.
-    cdef frame_t *frames
-    cdef Py_ssize_t depth
-    cdef Py_ssize_t frames_cap
-    cdef buf_t path
 
     def __cinit__(self):
-        pthread_mutex_init(&self.lock, NULL)
-        pthread_cond_init(&self.changed, NULL)
+        memset(&self.w, 0, sizeof(walk_t))
+        self.w.root_fd = -1
+        pthread_mutex_init(&self.w.lock, NULL)
+        pthread_cond_init(&self.w.work, NULL)
+        pthread_cond_init(&self.w.ready, NULL)
 
-    def __init__(self, bytes root, *, skip_at_root=None):
-        import threading
-
+    def __init__(self, bytes root, *, skip_at_root=None, int walkers=1, int max_walkers=DEFAULT_MAX_WALKERS,
+                 bint _no_openat2=False):
+        cdef const char *croot = root
+        cdef wnode_t *node
+        cdef int fd, err = 0
         self.root = root
-        self.skip = skip_at_root
-        self.thread = threading.Thread(target=self._run, name="treescan", daemon=True)
-        self.thread.start()
+        if not 1 <= walkers <= max_walkers <= MAX_WALKERS:
+            raise ValueError(f"a walk takes 1 to {MAX_WALKERS} walkers, not {walkers} growing to {max_walkers}")
+        if skip_at_root is not None:
+            self.w.skip = <char *>malloc(len(skip_at_root) + 1)
+            if self.w.skip == NULL:
+                raise MemoryError()
+            memcpy(self.w.skip, <const char *><bytes>skip_at_root, len(skip_at_root))
+            self.w.skip_len = len(skip_at_root)
+        with nogil:
+            fd = openat(AT_FDCWD, croot, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            if fd < 0:
+                err = errno
+        if fd < 0:
+            self.root_err = err  # raised by the first next(), as a walk ending at once
+            return
+        self.w.root_fd = fd
+        node = new_node(NULL, 0, NULL, 0)
+        if node == NULL:
+            raise MemoryError()
+        self.w.head = self.w.pick = node
+        self.w.max_threads = max_walkers
+        self.w.no_openat2 = _no_openat2  # tests: the way kernels without openat2 are walked
+        with nogil:
+            pthread_mutex_lock(&self.w.lock)
+            while self.w.nthreads < walkers and start_walker(&self.w) == 0:
+                pass
+            pthread_mutex_unlock(&self.w.lock)
+        if self.w.nthreads == 0:
+            raise OSError(EAGAIN, "cannot start a thread to walk " + os.fsdecode(root))
 
     def __dealloc__(self):
+        self._stop()
         self._drop_queued()
-        free(self.frames)
-        free(self.path.data)
-        pthread_cond_destroy(&self.changed)
-        pthread_mutex_destroy(&self.lock)
+        if self.w.root_fd >= 0:
+            close(self.w.root_fd)
+        free(self.w.skip)
+        pthread_cond_destroy(&self.w.ready)
+        pthread_cond_destroy(&self.w.work)
+        pthread_mutex_destroy(&self.w.lock)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        cdef walked_t *node
-        cdef Listing listing
-        with nogil:
-            pthread_mutex_lock(&self.lock)
-            while self.head == NULL and not self.finished:
-                self.taker_waiting = True
-                pthread_cond_wait(&self.changed, &self.lock)
-            self.taker_waiting = False
-            node = self.head
-            if node != NULL:
-                self.head = node.next
-                if self.head == NULL:
-                    self.tail = NULL
-                self.queued -= node.d.n + 1
-                if self.walker_waiting and self.queued <= AHEAD_ENTRIES // 2:
-                    pthread_cond_broadcast(&self.changed)
-            pthread_mutex_unlock(&self.lock)
+        cdef wnode_t *node = self._take()
         if node == NULL:
-            if self.error is not None:
-                error, self.error = self.error, None
-                raise error
+            raise StopIteration
+        return listing_of(node)
+
+    cdef wnode_t *_take(self) except? NULL:
+        """The next directory, now the caller's (NULL at the end of the walk)."""
+        cdef wnode_t *node = NULL
+        cdef int error = 0
+        with nogil:
+            pthread_mutex_lock(&self.w.lock)
+            # The next directory, if it is listed, goes at once; else this thread sleeps
+            # until a batch is ready behind it, not just that one.
+            if self.w.head != NULL and self.w.head.state != N_LISTED:
+                while not consumer_may_go(&self.w):
+                    if self.w.head.state == N_WAITING and self.w.waiting_for_work:
+                        # Walkers that stopped for room (directories listed further on fill
+                        # it) must take this one: it is what everything waits for.
+                        pthread_cond_broadcast(&self.w.work)
+                    self.w.consumer_waiting = True
+                    pthread_cond_wait(&self.w.ready, &self.w.lock)
+                self.w.consumer_waiting = False
+            node = self.w.head
+            if self.w.stopping or node == NULL or node.state != N_LISTED:
+                node = NULL
+                error = self.w.error
+                self.w.error = 0
+            else:
+                self.w.head = node.next
+                self.w.queued -= node.d.n + 1
+                if self.w.waiting_for_work and (self.w.queued <= AHEAD_ENTRIES // 2 or (
+                        self.w.head != NULL and self.w.head.state == N_WAITING)):
+                    pthread_cond_broadcast(&self.w.work)
+            pthread_mutex_unlock(&self.w.lock)
+        if node == NULL:
+            if error:
+                raise MemoryError()
             if self.root_err:
                 err, self.root_err = self.root_err, 0
                 raise OSError(err, os.strerror(err), self.root)
-            raise StopIteration
-        try:
-            path = PyBytes_FromStringAndSize(node.path, node.path_len)
-            if node.open_err:
-                listing = Listing.__new__(Listing)
-                listing.path = path
-                listing.complete = False
-                listing.problems = [_open_failure(path, node.open_err)]
-                return listing
-            return build_listing(path, &node.d, None)
-        finally:
-            dirscan_free(&node.d)
-            free(node.path)
-            free(node)
-
-    def close(self):
-        """Stop the walk and wait for its thread; what it listed and nobody took is freed."""
-        with nogil:
-            pthread_mutex_lock(&self.lock)
-            self.stopping = True
-            pthread_cond_broadcast(&self.changed)
-            pthread_mutex_unlock(&self.lock)
-        if self.thread is not None:
-            self.thread.join()
-        self._drop_queued()
-
-    cdef void _drop_queued(self) noexcept:
-        cdef walked_t *node
-        cdef walked_t *after
-        with nogil:  # a consumer in another thread may be taking one at this moment
-            pthread_mutex_lock(&self.lock)
-            node = self.head
-            self.head = self.tail = NULL
-            self.queued = 0
-            pthread_mutex_unlock(&self.lock)
-        while node != NULL:
-            after = node.next
-            dirscan_free(&node.d)
-            free(node.path)
-            free(node)
-            node = after
-
-    def _run(self):
-        cdef const char *croot = self.root
-        cdef const char *skip_p = NULL
-        cdef size_t skip_len = 0
-        if self.skip is not None:
-            skip_p = <bytes>self.skip
-            skip_len = len(self.skip)
-        try:
-            with nogil:
-                self._walk(croot, skip_p, skip_len)
-        except BaseException as exc:  # MemoryError: handed to the consumer, after what was listed
-            self.error = exc
-        finally:
-            with nogil:
-                while self.depth > 0:
-                    self._pop()
-                pthread_mutex_lock(&self.lock)
-                self.finished = True
-                pthread_cond_broadcast(&self.changed)
-                pthread_mutex_unlock(&self.lock)
-
-    cdef int _walk(self, const char *croot, const char *skip_p, size_t skip_len) except -1 nogil:
-        cdef int fd, err
-        cdef frame_t *top
-        cdef walked_t *node
-        cdef char *name
-        cdef size_t name_len
-        fd = openat(AT_FDCWD, croot, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if fd < 0:
-            self.root_err = errno
-            return 0
-        if self._visit(fd, skip_p, skip_len) < 0:
-            return -1
-        while self.depth > 0 and not self._stop_requested():
-            top = &self.frames[self.depth - 1]
-            if top.cursor >= top.end:
-                self._pop()
-                continue
-            name = top.subdirs + top.cursor
-            name_len = strlen(name)
-            top.cursor += name_len + 1
-            self.path.len = top.path_len
-            if top.path_len:
-                buf_append(&self.path, "/", 1)
-            buf_append(&self.path, name, name_len)
-            fd = openat(top.fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-            if fd < 0:
-                err = errno
-                node = self._new_node(err)
-                if node == NULL:
-                    with gil:
-                        raise MemoryError()
-                self._hand_over(node)
-                continue
-            if self._visit(fd, NULL, 0) < 0:
-                return -1
-        return 0
-
-    cdef bint _stop_requested(self) noexcept nogil:
-        cdef bint stop
-        pthread_mutex_lock(&self.lock)
-        stop = self.stopping
-        pthread_mutex_unlock(&self.lock)
-        return stop
-
-    cdef int _visit(self, int fd, const char *skip, size_t skip_len) except -1 nogil:
-        """List the directory open at ``fd`` (its path in self.path), hand the listing over,
-        and push it as the new top of the branch (the frame owns ``fd`` from here)."""
-        cdef frame_t *f
-        cdef walked_t *node
-        if self.depth == self.frames_cap:
-            f = <frame_t *>realloc(self.frames, (self.frames_cap * 2 + 16) * sizeof(frame_t))
-            if f == NULL:
-                close(fd)
-                with gil:
-                    raise MemoryError()
-            self.frames = f
-            self.frames_cap = self.frames_cap * 2 + 16
-        f = &self.frames[self.depth]
-        f.fd = fd
-        f.path_len = self.path.len
-        f.subdirs = NULL
-        f.cursor = f.end = 0
-        self.depth += 1
-        node = self._new_node(0)
-        if node == NULL:
-            with gil:
-                raise MemoryError()
-        if list_directory(fd, skip, skip_len, &node.d) < 0 or collect_subdirs(&node.d, f) < 0:
-            dirscan_free(&node.d)
-            free(node.path)
-            free(node)
-            return -1
-        self._hand_over(node)
-        return 0
-
-    cdef walked_t *_new_node(self, int open_err) noexcept nogil:
-        cdef walked_t *node = <walked_t *>calloc(1, sizeof(walked_t))
-        if node == NULL:
-            return NULL
-        node.path = <char *>malloc(self.path.len + 1)
-        if node.path == NULL:
-            free(node)
-            return NULL
-        memcpy(node.path, self.path.data, self.path.len)
-        node.path_len = self.path.len
-        node.open_err = open_err
         return node
 
-    cdef void _pop(self) noexcept nogil:
-        cdef frame_t *f = &self.frames[self.depth - 1]
-        close(f.fd)
-        free(f.subdirs)
-        self.depth -= 1
+    cdef void _stop(self) noexcept:
+        cdef int i, n
+        with nogil:
+            pthread_mutex_lock(&self.w.lock)
+            self.w.stopping = True  # no walker is started after this
+            n = self.w.nthreads
+            pthread_cond_broadcast(&self.w.work)
+            pthread_cond_broadcast(&self.w.ready)
+            pthread_mutex_unlock(&self.w.lock)
+            for i in range(n):
+                pthread_join(self.w.threads[i], NULL)
+            self.w.nthreads = 0
 
-    cdef void _hand_over(self, walked_t *node) noexcept nogil:
-        """Queue ``node`` for the consumer, waiting while too much is queued (or drop it if
-        the walk was stopped meanwhile)."""
-        if node == NULL:
-            return
-        pthread_mutex_lock(&self.lock)
-        while (not self.stopping and self.queued > 0
-               and self.queued + node.d.n + 1 > AHEAD_ENTRIES):
-            self.walker_waiting = True
-            if self.taker_waiting:  # it waits for more than is queued: what is there must go
-                pthread_cond_broadcast(&self.changed)
-            pthread_cond_wait(&self.changed, &self.lock)
-        self.walker_waiting = False
-        if self.stopping:
-            pthread_mutex_unlock(&self.lock)
-            dirscan_free(&node.d)
-            free(node.path)
-            free(node)
-            return
-        if self.tail == NULL:
-            self.head = node
-        else:
-            self.tail.next = node
-        self.tail = node
-        self.queued += node.d.n + 1
-        if self.taker_waiting and self.queued >= WAKE_ENTRIES:
-            pthread_cond_broadcast(&self.changed)
-        pthread_mutex_unlock(&self.lock)
+    @property
+    def walkers(self):
+        """Walker threads started so far."""
+        return self.w.nthreads
+
+    def close(self):
+        """Stop the walk and join its threads; what it listed and nobody took is freed.  A
+        consumer waiting in another thread gets the end."""
+        self._stop()
+        self._drop_queued()
+        if self.w.root_fd >= 0:
+            close(self.w.root_fd)
+            self.w.root_fd = -1
+
+    cdef void _drop_queued(self) noexcept:
+        cdef wnode_t *node
+        cdef wnode_t *after
+        with nogil:  # a consumer in another thread may be looking at the list
+            pthread_mutex_lock(&self.w.lock)
+            node = self.w.head
+            self.w.head = self.w.pick = NULL
+            self.w.queued = 0
+            pthread_mutex_unlock(&self.w.lock)
+        while node != NULL:
+            after = node.next
+            free_node(node)
+            node = after
 
 
-def background_scan(bytes root, *, skip_at_root=None):
+cdef Listing listing_of(wnode_t *node):
+    """The Listing of a node taken from a walk; the node is freed."""
+    cdef Listing listing
+    try:
+        path = PyBytes_FromStringAndSize(node.path, node.path_len)
+        if node.open_err:
+            listing = Listing.__new__(Listing)
+            listing.path = path
+            listing.complete = False
+            listing.problems = [open_failure(path, node.open_err)]
+            return listing
+        return build_listing(path, &node.d, None)
+    finally:
+        free_node(node)
+
+
+cdef bint same_directory(wnode_t *a, wnode_t *b, int flags) noexcept nogil:
+    """Both listed whole, without a problem, and ``compare_listings`` would find nothing to
+    say (no change bits, no multiply-linked file: its hard-link group is followed in Python)."""
+    cdef Py_ssize_t i
+    cdef rec_t *x
+    cdef rec_t *y
+    if (a.open_err or b.open_err or a.d.dir_err or b.d.dir_err or a.d.nproblems or b.d.nproblems
+            or a.d.n != b.d.n):
+        return False
+    for i in range(a.d.n):
+        x = &a.d.recs[i]
+        y = &b.d.recs[i]
+        if (x.name_len != y.name_len
+                or memcmp(a.d.strings.data + x.name_off, b.d.strings.data + y.name_off, x.name_len) != 0
+                or compare_records(x, a.d.strings.data, NULL, y, b.d.strings.data, NULL, flags) != 0):
+            return False
+    return True
+
+
+cdef void add_totals(long long *totals, wnode_t *node) noexcept nogil:
+    """Count a node into ``totals``: [directories, entries of kind 1..7, bytes in files]."""
+    cdef Py_ssize_t i
+    totals[0] += 1
+    for i in range(node.d.n):
+        totals[node.d.recs[i].kind] += 1
+        if node.d.recs[i].kind == FILE:
+            totals[8] += node.d.recs[i].size
+
+
+cdef class PairedWalks:
+    """Two background walks' listings aligned by directory, as ``mirror.compare.align`` pairs
+    them, less the pairs of identical directories; see ``mirror.scan_py.pair_walks``."""
+    cdef BackgroundScan src
+    cdef BackgroundScan dst
+    cdef wnode_t *a
+    cdef wnode_t *b
+    cdef bint a_end
+    cdef bint b_end
+    cdef int flags
+    cdef long long totals[2][9]
+
+    def __cinit__(self):
+        self.a = self.b = NULL
+        memset(self.totals, 0, sizeof(self.totals))
+
+    def __init__(self, BackgroundScan src, BackgroundScan dst, int flags):
+        self.src = src
+        self.dst = dst
+        self.flags = flags
+
+    def __dealloc__(self):
+        if self.a != NULL:
+            free_node(self.a)
+        if self.b != NULL:
+            free_node(self.b)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef wnode_t *a
+        cdef wnode_t *b
+        cdef int c
+        while True:
+            if self.a == NULL and not self.a_end:
+                self.a = self.src._take()
+                self.a_end = self.a == NULL
+            if self.b == NULL and not self.b_end:
+                self.b = self.dst._take()
+                self.b_end = self.b == NULL
+            a, b = self.a, self.b
+            if a == NULL and b == NULL:
+                raise StopIteration
+            if b == NULL:
+                c = -1
+            elif a == NULL:
+                c = 1
+            else:
+                c = canonical_cmp(a.path, a.path_len, b.path, b.path_len)
+            if c < 0:
+                self.a = NULL
+                return listing_of(a), None
+            if c > 0:
+                self.b = NULL
+                return None, listing_of(b)
+            self.a = self.b = NULL
+            if same_directory(a, b, self.flags):
+                add_totals(self.totals[0], a)
+                add_totals(self.totals[1], b)
+                free_node(a)
+                free_node(b)
+                continue
+            try:
+                left = listing_of(a)
+            finally:
+                right = listing_of(b)
+            return left, right
+
+    def skipped(self, int side):
+        """``(directories, [entries per kind, index = kind], bytes in files)`` of the
+        directories of ``side`` (0: src, 1: dst) left out so far."""
+        cdef long long *t = self.totals[side]
+        return t[0], [0] + [t[k] for k in range(1, 8)], t[8]
+
+
+def pair_walks(BackgroundScan src, BackgroundScan dst, int flags):
+    """``src`` and ``dst``'s listings paired by directory, identical pairs left out; see the twin."""
+    return PairedWalks(src, dst, flags)
+
+
+def background_scan(bytes root, *, skip_at_root=None, int walkers=1, int max_walkers=DEFAULT_MAX_WALKERS,
+                    bint _no_openat2=False):
     """Start scanning ``root`` now; see ``BackgroundScan`` and ``mirror.scan_py.background_scan``."""
-    return BackgroundScan(root, skip_at_root=skip_at_root)
+    return BackgroundScan(root, skip_at_root=skip_at_root, walkers=walkers, max_walkers=max_walkers,
+                          _no_openat2=_no_openat2)
 
 
 cdef inline uint32_t compare_recs(Listing sl, Py_ssize_t i, Listing dl, Py_ssize_t j, int flags) noexcept nogil:
-    cdef rec_t *a = &sl.recs[i]
-    cdef rec_t *b = &dl.recs[j]
+    return compare_records(&sl.recs[i], sl.strings, sl.digests + i * DIGEST_SIZE if sl.digests != NULL else NULL,
+                           &dl.recs[j], dl.strings, dl.digests + j * DIGEST_SIZE if dl.digests != NULL else NULL,
+                           flags)
+
+
+cdef inline uint32_t compare_records(const rec_t *a, const char *a_strings, const unsigned char *a_digest,
+                                     const rec_t *b, const char *b_strings, const unsigned char *b_digest,
+                                     int flags) noexcept nogil:
+    """``compare_listings``' change bits for one pair of records (digests may be NULL)."""
     cdef uint32_t bits = 0
     cdef int kind = a.kind
-    if (a.kind == K_FILE and a.nlink > 1) or (b.kind == K_FILE and b.nlink > 1):
-        bits |= CH_LINKED_C
+    if (a.kind == FILE and a.nlink > 1) or (b.kind == FILE and b.nlink > 1):
+        bits |= CH_LINKED
     if a.kind != b.kind:
-        return bits | CH_KIND_C
-    if kind != K_SYMLINK and a.mode != b.mode:
-        bits |= CH_MODE_C
-    if flags & CMP_OWNER_C:
+        return bits | CH_KIND
+    if kind != SYMLINK and a.mode != b.mode:
+        bits |= CH_MODE
+    if flags & CMP_OWNER:
         if a.uid != b.uid:
-            bits |= CH_UID_C
+            bits |= CH_UID
         if a.gid != b.gid:
-            bits |= CH_GID_C
-    if kind == K_FILE:
+            bits |= CH_GID
+    if kind == FILE:
         if a.size != b.size:
-            bits |= CH_SIZE_C
+            bits |= CH_SIZE
         if a.mtime_ns != b.mtime_ns:
-            bits |= CH_MTIME_C
-        if flags & CMP_CHECKSUM_C and a.size == b.size:
-            if not (a.flags & FLAG_DIGEST_C) or not (b.flags & FLAG_DIGEST_C):
-                bits |= CH_NODIGEST_C
-            elif memcmp(sl.digests + i * DIGEST_SIZE, dl.digests + j * DIGEST_SIZE, DIGEST_SIZE) != 0:
-                bits |= CH_DIGEST_C
-    elif kind == K_DIR:
-        if flags & CMP_DIR_TIMES_C and a.mtime_ns != b.mtime_ns:
-            bits |= CH_MTIME_C
-    elif kind == K_SYMLINK:
-        if (a.target_len != b.target_len or memcmp(sl.strings + a.target_off, dl.strings + b.target_off,
+            bits |= CH_MTIME
+        if flags & CMP_CHECKSUM and a.size == b.size:
+            if not (a.flags & FLAG_DIGEST) or not (b.flags & FLAG_DIGEST):
+                bits |= CH_NODIGEST
+            elif memcmp(a_digest, b_digest, DIGEST_SIZE) != 0:
+                bits |= CH_DIGEST
+    elif kind == DIR:
+        if flags & CMP_DIR_TIMES and a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME
+    elif kind == SYMLINK:
+        if (a.target_len != b.target_len or memcmp(a_strings + a.target_off, b_strings + b.target_off,
                                                    a.target_len) != 0):
-            bits |= CH_TARGET_C
-        if flags & CMP_LINK_TIMES_C and a.mtime_ns != b.mtime_ns:
-            bits |= CH_MTIME_C
+            bits |= CH_TARGET
+        if flags & CMP_LINK_TIMES and a.mtime_ns != b.mtime_ns:
+            bits |= CH_MTIME
     else:
-        if (kind == K_CHAR or kind == K_BLOCK) and a.rdev != b.rdev:
-            bits |= CH_RDEV_C
+        if (kind == CHAR or kind == BLOCK) and a.rdev != b.rdev:
+            bits |= CH_RDEV
         if a.mtime_ns != b.mtime_ns:
-            bits |= CH_MTIME_C
+            bits |= CH_MTIME
     return bits
 
 
@@ -1452,21 +1672,3 @@ def compare_listings(Listing src, Listing dst, int flags):
             i += 1
             j += 1
     return out
-
-
-def hash_file_at(int dir_fd, bytes name, entry):
-    """xxh3-128 of ``name`` in ``dir_fd`` if still as ``entry`` describes; see the twin."""
-    cdef rec_t r
-    cdef unsigned char out[DIGEST_SIZE]
-    cdef int err, what = 0
-    cdef _Hasher hasher = _Hasher()
-    cdef const char *cname = name
-    r.ino = entry[8]
-    r.size = entry[5]
-    r.mtime_ns = entry[6]
-    r.ctime_ns = entry[7]
-    with nogil:
-        err = hash_file(dir_fd, cname, &r, out, hasher.state, hasher.buf, &what)
-    if err == 0:
-        return PyBytes_FromStringAndSize(<char *>out, DIGEST_SIZE), 0, ""
-    return None, (err if err > 0 else 0), _PROBLEM_TEXT[what]

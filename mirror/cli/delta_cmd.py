@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from .. import fastpath
+from .. import delta
 from ..deltafmt import DEFAULT_MAX_BLOCKS, read_signature, write_delta
 from ._files import check_one_stdin, open_input, write_output
 
@@ -30,10 +30,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     check_one_stdin(args.signature, args.new)
-    engine = fastpath.choose("delta")
     with open_input(args.signature) as stream:
-        sig = read_signature(stream, max_blocks=args.max_blocks, impl=engine)
+        sig = read_signature(stream, max_blocks=args.max_blocks)
     with open_input(args.new) as new:
-        digest, size = write_output(args.delta, lambda out: write_delta(engine.delta(sig, new), out))
+        digest, size = write_output(args.delta, lambda out: write_delta(delta.delta(sig, new), out))
     _log.info("delta: %d bytes of new file, digest %s", size, digest.hex())
     return 0

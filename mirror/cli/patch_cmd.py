@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 
-from .. import fastpath
 from ..deltafmt import patch_stream
 from ..errors import UsageError, fs_path
 from ._files import STDIO, open_input, permission_bits, write_output
@@ -31,11 +30,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.basis == STDIO:
         raise UsageError("BASIS cannot be stdin: patching seeks in it")
-    engine = fastpath.choose("delta")
     with open(fs_path(args.basis), "rb") as basis, open_input(args.delta) as delta:
         digest, size = write_output(
             args.out,
-            lambda out: patch_stream(basis, delta, out, impl=engine),
+            lambda out: patch_stream(basis, delta, out),
             mode=permission_bits(args.basis),
             durable=args.fsync,
         )

@@ -1,7 +1,7 @@
 """Write the signature of BASIS to SIG: the block sums a delta against BASIS is computed from.
 
 Like ``rdiff signature``.  '-' reads BASIS from stdin or writes SIG to stdout.  The block
-size defaults to the rule in mirror/delta_py.py (about 4 KiB for files over 1 MiB, to keep
+size defaults to the rule in mirror/delta.py (about 4 KiB for files over 1 MiB, to keep
 signature + delta bytes small); the strong-hash seed is random per signature.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from .. import fastpath
+from .. import delta
 from ..deltafmt import write_signature
 from ..errors import UsageError
 from ._files import open_input, write_output
@@ -25,10 +25,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    engine = fastpath.choose("delta")
     with open_input(args.basis) as basis:
         try:
-            sig = engine.signature(basis, block_size=args.block_size, strong_len=args.strong_len)
+            sig = delta.signature(basis, block_size=args.block_size, strong_len=args.strong_len)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     size = write_output(args.signature, lambda out: write_signature(sig, out))
