@@ -15,9 +15,12 @@ keepalive + TTL`` on our clock (give or take the two clocks' rates, which NTP ke
 stop serving plus the clock-rate allowance.  The watchdog only waits on a condition: nothing
 it does can block on the network.
 
-After ``on_lost`` the lease is abandoned for good (revoked when etcd answers again, which
-deletes its keys at once) and a new one is granted: a member never goes back to a lease it
-has given up on.
+After ``on_lost`` has returned the lease is abandoned for good (revoked when etcd answers
+again, which deletes its keys at once) and a new one is granted: a member never goes back to
+a lease it has given up on.  Not before it has returned: revoking frees the leader key, so a
+revoke sent while the node is still stopping (a link that heals at that moment) would let
+another member win while this one still serves; and no campaign can start on a new lease
+while the old term is being stopped.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class LeaseSession:
         self._granted_ttl = 0
         self._last_renewal = 0.0
         self._abandoned: list[tuple[int, float]] = []  # (lease, when it has surely expired anyway)
+        self._losing = False  # on_lost is running: no revoke, no new lease until it returns
         self._stopping = False
         self._keepalive = threading.Thread(target=self._keepalive_loop, name=f"{name}-keepalive", daemon=True)
         self._watchdog = threading.Thread(target=self._watchdog_loop, name=f"{name}-watchdog", daemon=True)
@@ -122,6 +126,8 @@ class LeaseSession:
         client = EtcdClient(self.conn)
         try:
             while not self._wait(0):
+                if self._wait_while_losing():
+                    return
                 self._revoke_abandoned(client)
                 lease, generation = self._grant(client)
                 if lease is None:
@@ -201,6 +207,13 @@ class LeaseSession:
         with self._cond:
             self._abandoned += keep
 
+    def _wait_while_losing(self) -> bool:
+        """Wait until the lease-lost callback has returned; True when stopping."""
+        with self._cond:
+            while self._losing and not self._stopping:
+                self._cond.wait()
+            return self._stopping
+
     def _wait(self, seconds: float) -> bool:
         """Sleep (woken by stop); True when stopping."""
         with self._cond:
@@ -223,9 +236,8 @@ class LeaseSession:
                     self._cond.wait(left)
                     continue
                 lease, self._lease = self._lease, None
-                self._abandoned.append(
-                    (lease, time.monotonic() + self._granted_ttl * (1 + CLOCK_RATE_TOLERANCE))
-                )
+                self._losing = True
+                expired_by = time.monotonic() + self._granted_ttl * (1 + CLOCK_RATE_TOLERANCE)
                 silent = time.monotonic() - self._last_renewal
                 self._cond.notify_all()
             reason = (
@@ -236,3 +248,8 @@ class LeaseSession:
                 self.on_lost(reason)
             except Exception:
                 log.exception("%s: the lease-lost callback failed", self.name)
+            finally:
+                with self._cond:
+                    self._losing = False
+                    self._abandoned.append((lease, expired_by))
+                    self._cond.notify_all()

@@ -96,6 +96,35 @@ def test_partitioned_leader_stops_serving_before_anyone_wins(lab, how):
         assert_safe(members, sampler)
 
 
+def test_link_healed_while_the_leader_stops_gives_no_one_the_key_before_it_has_stopped(lab):
+    """The cut heals just as the leader's watchdog fires, while it is still stopping (a slow
+    stop: services that take a second to go down).  Its given-up lease must not be revoked
+    (which frees the leader key at once) before the stop is done, or another member wins
+    while it still serves."""
+    members = start_all(lab, ttl=4, stop_budget=1.5, stop_delay=1.0)
+    sampler = Sampler(members)
+    try:
+        old = members.wait_leader()
+        cut_at = time.monotonic()
+        lab.partition(old, "blackhole")
+        assert wait_for(
+            lambda: any(e.event == "stop_serving" and e.t > cut_at for e in members.events(old)), 20, step=0.01
+        ), lab.logs()
+        lab.heal(old, "blackhole")
+        healed_at = time.monotonic()
+        stopped = wait_for(
+            lambda: next((e for e in members.events(old) if e.event == "stopped" and e.t > cut_at), None), 10
+        )
+        assert stopped, lab.logs()
+        new = members.wait_leader(timeout=30)
+        won = last_win(members, new)
+        print(f"healed {healed_at - cut_at:.2f} s after the cut; {old} stopped +{stopped.t - cut_at:.2f} s, "
+              f"{new} won +{won.t - cut_at:.2f} s")  # fmt: skip
+        assert new == old or won.t > stopped.t, "a member won while the old leader was still stopping"
+    finally:
+        assert_safe(members, sampler)
+
+
 def test_leader_whose_only_etcd_member_dies_stops_before_anyone_wins(lab):
     """Members that list only the etcd member beside them (a common deployment): the leader's
     etcd member killed leaves it without a quorum, the two others keep one."""
