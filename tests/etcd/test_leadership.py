@@ -108,7 +108,9 @@ def test_link_healed_while_the_leader_stops_gives_no_one_the_key_before_it_has_s
         cut_at = time.monotonic()
         lab.partition(old, "blackhole")
         assert wait_for(
-            lambda: any(e.event == "stop_serving" and e.t > cut_at for e in members.events(old)), 20, step=0.01
+            lambda: any(e.event == "stop_serving" and e.t > cut_at for e in members.events(old)),
+            20,
+            step=0.01,
         ), lab.logs()
         lab.heal(old, "blackhole")
         healed_at = time.monotonic()
