@@ -128,7 +128,10 @@ def test_a_stopped_server_ends_the_sync_in_the_middle_of_a_transfer(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "replica"
     src.mkdir()
     dst.mkdir()
-    (src / "big").write_bytes(os.urandom(8 << 20))
+    # 16 s of transfer at the limit: far more than the socket buffers hold, so the server
+    # stops in the middle however late a loaded machine delivers the SIGSTOP
+    content = os.urandom(32 << 20)
+    (src / "big").write_bytes(content)
     with mirror_server(tmp_path, {"m": str(dst)}) as server:
         proc = subprocess.Popen([*MIRROR, "sync", "--timeout", "2", "--bwlimit", "2M", "--secret-file",
                                  server.secret_file, str(src), server.url("m")], stderr=subprocess.PIPE)  # fmt: skip
@@ -144,6 +147,7 @@ def test_a_stopped_server_ends_the_sync_in_the_middle_of_a_transfer(tmp_path):
                 proc.kill()
                 proc.wait()
     assert proc.returncode == EXIT_TIMEOUT and b"timed out" in err, err
+    # the server, resumed, finds the stream cut short: nothing half-written reaches the name
     assert not (dst / "big").exists()
 
 
