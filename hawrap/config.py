@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from mirror import MirrorError, read_secret_file
+
 from .errors import ConfigError
 
 FAILBACK_POLICIES = ("manual", "auto")
@@ -492,17 +494,7 @@ def _opt_abs(base: str, p: str | None) -> str | None:
 
 def _read_secret(path: str, base: str, cluster: _Section) -> bytes:
     secret_file = cluster.get("secret_file", str)
-    full = _abs(base, secret_file)
     try:
-        with open(full, "rb") as f:
-            secret = f.read(4097).strip()
-    except OSError as exc:
-        cluster.fail("secret_file", f"cannot read {full}: {exc.strerror}")
-    if len(secret) < 16:
-        cluster.fail(
-            "secret_file",
-            f"{full} holds {len(secret)} bytes; at least 16 are needed (e.g. head -c 32 /dev/urandom | base64)",
-        )
-    if len(secret) > 4096:
-        cluster.fail("secret_file", f"{full} is larger than 4096 bytes")
-    return secret
+        return read_secret_file(_abs(base, secret_file))
+    except MirrorError as exc:
+        cluster.fail("secret_file", str(exc))

@@ -10,10 +10,10 @@ import os
 import tomllib
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, MirrorError
 from .privileges import Privileges
-from .protocol import load_secret
 from .receiver import ModuleConfig
+from .secretfile import read_secret_file
 
 DEFAULT_LISTEN = "0.0.0.0:8730"
 
@@ -89,7 +89,7 @@ def load_serve_config(path: str) -> ServeConfig:
         lock = t.get("lock_file", str, default_lock)
         state_dir = t.get("state_dir", str)
         modules[name] = ModuleConfig(
-            name=name, path=os.fsencode(module_path), secret=load_secret(secret_file),
+            name=name, path=os.fsencode(module_path), secret=_secret(path, f"modules.{name}.secret_file", secret_file),
             lock_file=os.fsencode(lock) if lock else None, read_only=t.get("read_only", bool, False),
             state_dir=os.fsencode(state_dir) if state_dir else None,
             privileges=Privileges(devices=t.get("allow_devices", bool, False), specials=t.get("allow_specials", bool, False),
@@ -102,6 +102,13 @@ def load_serve_config(path: str) -> ServeConfig:
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"{path}: 'timeout' must be positive")
     return ServeConfig(listen=listen, modules=modules, max_connections=max_conn, timeout=timeout)
+
+
+def _secret(file: str, key: str, secret_file: str) -> bytes:
+    try:
+        return read_secret_file(secret_file)
+    except MirrorError as exc:
+        raise ConfigError(f"{file}: {key!r}: {exc}") from None
 
 
 def load_daemon_config(path: str):

@@ -46,6 +46,7 @@ from .exclude import make_excluder
 from .guard import fs_identity
 from .journal import ENTRY, RENAME, Journal, Pending
 from .lockfile import is_locked
+from .secretfile import read_secret_file
 from .statedir import check_root, ensure_state_dir, resolve_state_dir
 from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
 from .transfer import Connection
@@ -359,7 +360,8 @@ class LivePair:
         self._set_state("connecting")
         c = self.config
         self._connection = Connection(
-            c.source, c.destination, delete=c.delete, excludes=c.excludes, secret_file=c.secret_file,
+            c.source, c.destination, delete=c.delete, excludes=c.excludes,
+            secret=read_secret_file(c.secret_file) if c.secret_file else None,
             lock_file=c.lock_file, state_dir=c.state_dir, cancel=self._cancel, keep_changes=False,
             max_delete=c.max_delete, allow_mass_delete=c.allow_mass_delete, timeout=c.timeout,
             contimeout=c.contimeout,

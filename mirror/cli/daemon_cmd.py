@@ -88,10 +88,27 @@ def _config_from_args(args):
     )  # fmt: skip
 
 
+def check_secrets(config, file: str | None) -> None:
+    """Every pair's secret file is usable (``mirror.secretfile``): refused now, not at the
+    first connection."""
+    from ..errors import ConfigError
+    from ..secretfile import SecretFileError, read_secret_file
+
+    for i, pair in enumerate(config.pairs):
+        if pair.secret_file:
+            try:
+                read_secret_file(pair.secret_file)
+            except SecretFileError as exc:
+                if file is None:
+                    raise
+                raise ConfigError(f"{file}: 'pair[{i}].secret_file': {exc}") from None
+
+
 def run(args) -> int:
     from ..daemon import Daemon
 
     config = _config_from_args(args)
+    check_secrets(config, args.config)
     notifier = SystemdNotifier.from_environment()
     daemon = Daemon(config)
     stop = threading.Event()

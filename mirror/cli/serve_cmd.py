@@ -18,9 +18,9 @@ import threading
 from ..config import load_serve_config, parse_listen
 from ..errors import MirrorError, UsageError
 from ..privileges import Privileges
-from ..protocol import load_secret
 from ..receiver import ModuleConfig
 from ..sdnotify import SystemdNotifier
+from ..secretfile import read_secret_file
 from ..statedir import check_root
 from ._common import add_privilege_arguments, privileges_from_args
 
@@ -55,7 +55,7 @@ def run(args) -> int:
             raise UsageError("no module to serve: give --module NAME=PATH (or --config FILE)")
         if not args.secret_file:
             raise UsageError("--secret-file is required: every client must prove it knows the secret")
-        secret = load_secret(args.secret_file)
+        secret = read_secret_file(args.secret_file)
         modules = {}
         for spec in args.module:
             name, sep, path = spec.partition("=")

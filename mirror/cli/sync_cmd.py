@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import UsageError
+from ..secretfile import read_secret_file
 from ._common import add_exclude_arguments, excluder_from_args, path_arg
 
 _UNITS = {"": 1024, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -78,11 +79,12 @@ def run(args) -> int:
         for line in item_lines(change):
             sys.stdout.write(line + "\n")
 
+    secret = read_secret_file(args.secret_file) if args.secret_file else None
     progress = _Progress() if args.progress else None
     try:
         result = sync(
             path_arg(args.src), path_arg(args.dst), delete=args.delete, checksum=args.checksum,
-            dry_run=args.dry_run, excludes=patterns, secret_file=args.secret_file, lock_file=args.lock_file,
+            dry_run=args.dry_run, excludes=patterns, secret=secret, lock_file=args.lock_file,
             dst_lock_file=args.dst_lock_file, state_dir=args.state_dir, bwlimit=args.bwlimit, rsh=args.rsh,
             remote_command=args.remote_command, remote_options=args.remote_option, fsync=not args.no_fsync, on_change=on_change if show else None,
             on_progress=progress.advance if progress else None,
