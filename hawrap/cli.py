@@ -8,6 +8,7 @@
   hawrap failover --config FILE --node NAME     planned switchover (stop writes, final sync, switch)
   hawrap failback --config FILE --node NAME     move the service back to the home node
   hawrap cleanup  --config FILE --node NAME     drop the VIP and stop services left behind
+  hawrap check    --config FILE [--node NAME]   check the configuration and this host; exit 0 valid, 2 not
   hawrap demo                                   two nodes on loopback, no root needed
 
 ``--node`` defaults to $HAWRAP_NODE, then to the node named like this host.
@@ -92,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cleanup", help="drop the VIP and stop services this node left behind")
     _common(p)
     p.add_argument("--force", action="store_true", help="even while hawrap runs for this node")
+    p = sub.add_parser(
+        "check",
+        help="check the configuration (and, for --node, this host) before anything runs",
+        description="Check the configuration file, then what it needs on this host: the node's "
+        "interfaces and addresses, arping and the other tools it names, the secret files (mode "
+        "0600, long enough), the mirrored trees. Every problem is listed, with file and key. "
+        "Exit status: 0 valid, 2 invalid.",
+    )
+    _common(p)
     p = sub.add_parser("demo", help="two nodes on loopback with a dummy VIP (no root)")
     _common(p, needs_config=False)
     p.add_argument("--workdir", help="keep the demo's files here (default: a temporary dir)")
@@ -127,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args.workdir, args.verbose)
+        if args.command == "check":
+            return cmd_check(args)
         cfg = config_mod.load(args.config)
         node = _node_name(cfg, args.node)
         setup_logging(args.verbose, node)
@@ -142,6 +154,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def cmd_check(args) -> int:
+    from .check import check
+
+    problems, notes = check(args.config, args.node)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    for note in notes:
+        print(f"hawrap check: note: {note}", file=sys.stderr)
+    if problems:
+        print(f"hawrap check: {args.config}: {len(problems)} problem{'s' if len(problems) > 1 else ''}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    print(f"hawrap check: {args.config}: valid")
+    return EXIT_OK
 
 
 def cmd_run(cfg, node, args) -> int:

@@ -111,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    args = _command_parser(name, module).parse_args(argv[1:])
+    parser = _command_parser(name, module)
+    args = parser.parse_args(argv[1:])
+    # What was given, not defaulted: an option that --config would silently override is refused.
+    args.given_options = {
+        action.option_strings[-1]
+        for action in parser._actions
+        if action.option_strings and getattr(args, action.dest, None) != action.default
+    } - {"--help", "--verbose", "--quiet", "--config", "--check"}
     setup_logging(args.verbose, args.quiet)
     from ..fdtable import raise_limit, reserve
 

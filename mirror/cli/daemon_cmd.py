@@ -57,6 +57,9 @@ def add_arguments(parser):
                         help="let the pair empty the replica or mirror a source that is not the tree the replica "
                              "mirrors (an unmounted or replaced source); dangerous on a daemon")
     add_exclude_arguments(parser)
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration (or SRC, DST and the options) and this host, list every "
+                             "problem, and exit: 0 valid, 2 invalid")  # fmt: skip
 
 
 def _config_from_args(args):
@@ -66,6 +69,9 @@ def _config_from_args(args):
     if args.config:
         if args.src or args.dst:
             raise UsageError("give either --config FILE or SRC DST, not both")
+        from ._check import refuse_conflicts
+
+        refuse_conflicts(args, set())
         return load_daemon_config(args.config)
     if not (args.src and args.dst):
         raise UsageError("need SRC and DST (or --config FILE)")
@@ -107,6 +113,8 @@ def check_secrets(config, file: str | None) -> None:
 def run(args) -> int:
     from ..daemon import Daemon
 
+    if args.check:
+        return _check(args)
     config = _config_from_args(args)
     check_secrets(config, args.config)
     notifier = SystemdNotifier.from_environment()
@@ -137,6 +145,29 @@ def run(args) -> int:
         notifier.stopping()
         daemon.stop()
     return 0
+
+
+def _check(args) -> int:
+    """``--check``: every problem of the configuration (or the arguments) and of this host."""
+    from ..config import read_daemon_config
+    from ..errors import MirrorError
+    from ._check import conflicts, daemon_host_problems, report
+
+    problems = conflicts(args, set())
+    if args.config:
+        if args.src or args.dst:
+            problems.append("SRC DST: cannot be combined with --config")
+        config, found = read_daemon_config(args.config)
+        problems += found.items
+    else:
+        try:
+            config = _config_from_args(args)
+        except MirrorError as exc:
+            config = None
+            problems.append(str(exc))
+    if config is not None:
+        problems += daemon_host_problems(config, args.config)
+    return report("daemon", args.config or "the command line", problems)
 
 
 class _Readiness:
