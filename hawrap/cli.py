@@ -229,6 +229,7 @@ def cmd_status(cfg, node, args) -> int:
             if info:
                 print(f"standby lock: {info.describe()}")
         return EXIT_NOT_RUNNING
+    st["mirror"]["trees"] = _mirror_trees(cfg, node)
     if args.json:
         print(json.dumps(st, indent=2))
         return EXIT_OK
@@ -276,14 +277,52 @@ def cmd_status(cfg, node, args) -> int:
             print(
                 f"  replica: {'in sync' if data['replica']['in_sync'] else 'NOT in sync: ' + data['replica']['detail']}"
             )
+    for service in st.get("services", []):
+        print(f"  service {service['name']}: {service['state']}, {service['failures']} failures")
     m = st["mirror"]
     if m["locked"]:
         print(f"  mirror: direction {m['direction']}, locks {m['locked']}, epochs {m['epochs']}")
+    for tree in m["trees"]:
+        if tree.get("daemon") is None:
+            continue
+        if tree["daemon"] != "running":
+            print(f"  mirror daemon of {tree['name']}: {tree['daemon']}")
+            continue
+        for pair in tree["pairs"]:
+            print(
+                f"  mirror {tree['name']}: {pair['state']}, lag {pair['lag_seconds']:.3f} s / {pair['lag_bytes']} "
+                f"bytes, {pair['pending']} pending"
+                + (f", {len(pair['failed_files'])} files failed" if pair.get("failed_files") else "")
+            )
     for t in st["transitions"][-5:]:
         print(
             f"  {time.strftime('%H:%M:%S', time.localtime(t['time']))} {t['from']} -> {t['to']}: {t['reason']}"
         )
     return EXIT_OK
+
+
+def _mirror_trees(cfg, node) -> list[dict]:
+    """Each mirrored tree's daemon as ``mirror status --json`` sees it (state, lag, failed
+    files); ``daemon`` is None where this node runs no daemon for it (it receives)."""
+    import subprocess
+
+    from .mirrorctl import resolve_trees
+
+    out = []
+    for tree in resolve_trees(cfg, node):
+        entry: dict = {"name": tree.name, "daemon": None}
+        try:
+            proc = subprocess.run(
+                [*cfg.mirror.command, "status", "--state-dir", tree.state_dir, "--json"],
+                capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            status = json.loads(proc.stdout) if proc.stdout else None
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            status = None
+        if status is not None:
+            entry.update(daemon=status["daemon"], pairs=status["pairs"])
+        out.append(entry)
+    return out
 
 
 def cmd_standby(cfg, node, args) -> int:
