@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import socket
@@ -109,13 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: int, node: str | None = None) -> None:
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    handler = logging.StreamHandler(sys.stderr)
-    who = f"hawrap[{node}]" if node else "hawrap"
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {who}: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    from mirror import configure_logging
+
+    configure_logging(f"hawrap[{node}]" if node else "hawrap", verbose)
 
 
 def _node_name(cfg: config_mod.ClusterConfig, given: str | None) -> str:

@@ -293,7 +293,7 @@ class Node:
                         continue  # a replaced child's last words, or nothing to decide
                 elif kind == "lan":
                     if payload.ok is not self.lan.ok and payload.ok is not None:
-                        log.info(
+                        (log.info if payload.ok else log.warning)(
                             "own LAN %s%s",
                             "healthy" if payload.ok else "unhealthy",
                             f": {payload.problem}" if payload.problem else "",
@@ -339,7 +339,9 @@ class Node:
         self.peer_alive = msg["alive"]
         self.links = msg["links"]
         if self.peer_alive != was_alive:
-            log.info("peer %s %s", self.peer_name, "heard" if self.peer_alive else "silent on every link")
+            (log.info if self.peer_alive else log.warning)(
+                "peer %s %s", self.peer_name, "heard" if self.peer_alive else "silent on every link"
+            )
         if self.peer_alive and was_alive:
             # One link lost while the peer is still heard on another: both carry on (a
             # point-to-point link cannot tell which NIC failed), the administrator is told.
@@ -365,7 +367,7 @@ class Node:
                 self.standby_lock_path(), reason=request.get("reason") or "hawrap standby"
             )
             self._pending_reply = {"reply": reply, "command": "standby"}
-            log.info("standby requested: %s", info.describe())
+            log.warning("standby requested: %s", info.describe())
             return "standby"
         if command == "resume":
             if self.lan.ok is not True:

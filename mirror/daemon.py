@@ -63,6 +63,9 @@ _BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 # a full sync again after these many seconds: a source mounted again resumes by itself.
 _HALT_BACKOFF = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SOURCE_CHECK_SECONDS = 1.0  # how often an idle pair checks its source is still the same filesystem
+# States an operator must see (logged as warnings); halted and fenced log an error of their own.
+ALERT_STATES = ("disconnected", "unreachable", "locked", "catching up")
+FALLING_BEHIND_SECONDS = 10.0  # the oldest change not mirrored for this long: a warning
 
 
 class _Halted(Exception):
@@ -156,6 +159,7 @@ class LivePair:
         self._last_source_check = 0.0
         self._halts = 0
         self._watch_stale = False  # the source's filesystem went away under the watches
+        self._behind = False  # warned that the pair falls behind
         if self.journal.replayed:
             log.info("%s: %d changes from the journal to replay", config.name, self.journal.replayed)
 
@@ -181,7 +185,10 @@ class LivePair:
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state != self.status.state:
-            log.info("%s: %s%s", self.config.name, state, f" ({error})" if error else "")
+            # Entering an alert state, and leaving one for live, is what an operator must see.
+            alert = state in ALERT_STATES or (state == "live" and self.status.state in ALERT_STATES + ("halted",))
+            log.log(logging.WARNING if alert else logging.INFO, "%s: %s%s", self.config.name, state,
+                    f" ({error})" if error else "")  # fmt: skip
             self.status.state = state
             self.status.since = time.time()
         if error is not None:
@@ -463,6 +470,14 @@ class LivePair:
         oldest = pending.oldest()
         st.lag_seconds = round(time.time() - oldest, 3) if oldest is not None else 0.0
         st.lag_bytes = self._pending_bytes(pending)
+        behind = st.lag_seconds > FALLING_BEHIND_SECONDS
+        if behind != self._behind:
+            self._behind = behind
+            if behind:
+                log.warning("%s: falling behind: %d changes pending, the oldest for %.0f s", self.config.name,
+                            st.pending, st.lag_seconds)  # fmt: skip
+            else:
+                log.info("%s: caught up", self.config.name)
         if self._latencies:
             ordered = sorted(self._latencies)
             st.latency_p50_ms = round(ordered[len(ordered) // 2] * 1000, 3)

@@ -85,12 +85,9 @@ def _command_parser(name: str, module) -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("mirror: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    from ..logsetup import configure_logging
+
+    configure_logging("mirror", verbose, quiet)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,7 +125,7 @@ def run(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     daemon.start()
-    log.warning("mirroring %s", ", ".join(f"{p.name}: {os.fsdecode(p.source)} -> {p.destination}" for p in config.pairs))
+    log.info("mirroring %s", ", ".join(f"{p.name}: {os.fsdecode(p.source)} -> {p.destination}" for p in config.pairs))
     readiness = _Readiness(notifier)
     try:
         while not stop.wait(0.2):

@@ -67,7 +67,7 @@ def run(args) -> int:
     if args.port_file:
         with open(args.port_file, "w") as f:
             f.write(f"{server.port}\n")
-    log.warning("serving %s on %s:%d", ", ".join(sorted(modules)), listen[0], server.port)
+    log.info("serving %s on %s:%d", ", ".join(sorted(modules)), listen[0], server.port)
     signal.signal(signal.SIGTERM, lambda *_: _stop(server, notifier))
     reloader = _Reloader(server, args, notifier)
     signal.signal(signal.SIGHUP, lambda *_: reloader.request())
