@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 _log = logging.getLogger("mirror")
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed by it
 
 
 def _terminal_columns() -> int:
@@ -122,7 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     raise_limit()  # a deep tree, a server's many sessions (see mirror/fdtable.py)
     reserve()  # while the process is one thread
     try:
-        return module.run(args)
+        code = module.run(args)
+        sys.stdout.flush()  # here, where a closed pipe is handled, not at exit
+        return code
+    except BrokenPipeError:
+        # `mirror diff | head`: the reader has what it wanted.  Quietly, like a tool killed by
+        # SIGPIPE (the shell's 141); stdout goes to /dev/null so the exit flush cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except MirrorError as exc:
         print(f"mirror {name}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -118,7 +118,12 @@ def run(args) -> int:
     config = _config_from_args(args)
     check_secrets(config, args.config)
     notifier = SystemdNotifier.from_environment()
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)
+    except OSError as exc:  # the metrics endpoint's address: say which, and where it was set
+        where = f"{args.config}: 'daemon.metrics'" if args.config else "--metrics"
+        host, port = config.metrics or ("", 0)
+        raise UsageError(f"{where}: cannot listen on {host}:{port}: {exc.strerror}") from None
     stop = threading.Event()
     reload_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -63,7 +63,11 @@ def run(args) -> int:
     for module in modules.values():
         check_root(module.path)  # a user's own .mirror at the root would be hidden: refused now
     notifier = SystemdNotifier.from_environment()
-    server = MirrorServer(listen, modules, max_conn, timeout=timeout)
+    try:
+        server = MirrorServer(listen, modules, max_conn, timeout=timeout)
+    except OSError as exc:  # "Address already in use" alone would not say which, nor where it was set
+        where = f"{args.config}: 'listen'" if args.config else "--listen"
+        raise UsageError(f"{where}: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror}") from None
     if args.port_file:
         with open(args.port_file, "w") as f:
             f.write(f"{server.port}\n")
