@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import textwrap
 import time
 
 from mirror import lockfile
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="hawrap",
-        description=__doc__.split("\n\n")[0],
+        description="hawrap: the two-node failover wrapper of hamirror (heartbeats, takeover, VIP, services, mirroring).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
@@ -135,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, needs_config: bool = True) -> argparse.ArgumentParser:
         help_, description, codes = COMMAND_HELP[name]
-        p = sub.add_parser(name, help=help_, description=description, epilog=f"exit status: {codes}")
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=f"{textwrap.fill(description, 88)}\n\n{textwrap.fill(f'Exit status: {codes}.', 88)}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _common(p, needs_config)
         return p
 

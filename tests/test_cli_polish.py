@@ -183,7 +183,7 @@ def test_hawrap_version_and_every_command_documents_its_exit_status():
 
     for name in COMMAND_HELP:
         proc = run(name, "--help")
-        assert proc.returncode == 0 and "exit status: 0" in proc.stdout, (name, proc.stdout)
+        assert proc.returncode == 0 and "Exit status: 0" in proc.stdout, (name, proc.stdout)
         assert name in top.stdout
 
 

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 _log = logging.getLogger("mirror")
+_DESCRIPTION = "hamirror: fast, verified file mirroring for two-node clusters."
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed by it
 
 
@@ -62,7 +63,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mirror",
-        description="hamirror: fast, verified file mirroring for two-node clusters.",
+        description=_DESCRIPTION,
         formatter_class=_HelpFormatter,
         epilog="commands:\n"
         + "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
@@ -82,6 +83,23 @@ def _command_parser(name: str, module) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     module.add_arguments(parser)
+    return parser
+
+
+def full_parser() -> argparse.ArgumentParser:
+    """Every command's parser under one: what the man page and shell completions are made
+    from (``packaging/gen_cli_docs.py``).  ``mirror`` itself parses lazily, one command's
+    parser at a time."""
+    parser = argparse.ArgumentParser(prog="mirror", description=_DESCRIPTION, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_, description=(module.__doc__ or help_).strip(),
+                           formatter_class=_HelpFormatter)  # fmt: skip
+        p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
+        p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+        module.add_arguments(p)
     return parser
 
 
