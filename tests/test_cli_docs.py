@@ -22,7 +22,9 @@ pytest.importorskip("shtab")
                     reason=f"generated with Python {gen_cli_docs.GENERATED_WITH}, whose argparse words help "
                            "its own way")  # fmt: skip
 def test_man_pages_and_completions_are_current():
-    proc = subprocess.run([sys.executable, SCRIPT, "--check"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--check"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stderr
 
 

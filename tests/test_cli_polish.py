@@ -77,7 +77,9 @@ def test_progress_prints_plain_lines_when_not_on_a_terminal(tmp_path):
     last = lines[-1]
     assert re.search(r"of 1\.9 MiB \(100%\), 20/20 files, .*/s, done in \d:\d\d:\d\d$", last), last
     for line in lines[:-1]:
-        assert re.search(r"found so far \(\d+%\), \d+/\d+ files, .*/s, ETA [-\d]:[-\d]{2}:[-\d]{2}$", line), line
+        assert re.search(r"found so far \(\d+%\), \d+/\d+ files, .*/s, ETA [-\d]:[-\d]{2}:[-\d]{2}$", line), (
+            line
+        )
 
 
 def test_progress_on_a_terminal_shows_percentage_and_eta(tmp_path):
@@ -115,7 +117,9 @@ def test_progress_on_a_terminal_shows_percentage_and_eta(tmp_path):
 def test_a_bad_bwlimit_is_a_usage_error(tmp_path, rate):
     (tmp_path / "src").mkdir()
     proc = run_mirror("sync", tmp_path / "src", tmp_path / "dst", "--bwlimit", rate)
-    assert proc.returncode == 2 and b"argument --bwlimit" in proc.stderr and b"Traceback" not in proc.stderr, proc
+    assert (
+        proc.returncode == 2 and b"argument --bwlimit" in proc.stderr and b"Traceback" not in proc.stderr
+    ), proc
     assert not (tmp_path / "dst").exists()
 
 
@@ -144,7 +148,9 @@ def test_diff_into_a_closed_pipe_exits_quietly(tmp_path, launcher):
     b.mkdir()
     for i in range(3000):
         (a / f"file-{i:05d}").write_bytes(b"x")
-    mirror = " ".join(MIRROR) if launcher == "module" else os.path.join(os.path.dirname(sys.executable), "mirror")
+    mirror = (
+        " ".join(MIRROR) if launcher == "module" else os.path.join(os.path.dirname(sys.executable), "mirror")
+    )
     if launcher == "script" and not os.path.exists(mirror):
         pytest.skip("the mirror console script is not installed next to this interpreter")
     proc = subprocess.run(["bash", "-c", f"{mirror} diff {a} {b} | head -1; echo \"exit=${{PIPESTATUS[0]}}\""],

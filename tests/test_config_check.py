@@ -16,7 +16,9 @@ HAWRAP = [sys.executable, "-m", "hawrap"]
 
 
 def run_hawrap(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*HAWRAP, *map(str, args)], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    return subprocess.run(
+        [*HAWRAP, *map(str, args)], capture_output=True, text=True, timeout=60, cwd=REPO, env=env
+    )
 
 
 def test_hawrap_check_accepts_a_valid_configuration(tmp_path):

@@ -175,7 +175,9 @@ def test_status_shows_each_service_state_and_failures(cluster):
         st = json.loads(nodes[node].command("status", "--json").stdout)
         return st["services"][0]
 
-    assert wait_for(lambda: service("alpha") == {"name": "demo-service", "state": "running", "failures": 0}, 10)
+    assert wait_for(
+        lambda: service("alpha") == {"name": "demo-service", "state": "running", "failures": 0}, 10
+    )
     assert service("beta")["state"] == "stopped"
     marker.unlink()  # the service dies: the monitor finds it, counts it, restarts it
     assert wait_for(lambda: service("alpha")["failures"] == 1 and marker.exists(), 10), _logs(tmp_path)

@@ -35,7 +35,9 @@ def _run_locked_daemon(tmp_path, journal: str | None) -> list[str]:
                                 stdout=subprocess.DEVNULL, env=env, cwd=REPO)  # fmt: skip
         try:
             status = src / ".mirror" / "mirror-daemon.status.json"
-            wait_until(lambda: status.exists() and json.loads(status.read_bytes())["pairs"][0]["state"] == "locked")
+            wait_until(
+                lambda: status.exists() and json.loads(status.read_bytes())["pairs"][0]["state"] == "locked"
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0

@@ -21,7 +21,10 @@ def _secret(tmp_path, data: bytes = GOOD, mode: int = 0o600, name: str = "secret
 
 def test_a_private_secret_file_gives_its_first_line(tmp_path):
     assert read_secret_file(str(_secret(tmp_path, GOOD + b"second line ignored\n"))) == GOOD.strip()
-    assert read_secret_file(os.fsencode(_secret(tmp_path, b"  0123456789abcdef  ", mode=0o400))) == b"0123456789abcdef"
+    assert (
+        read_secret_file(os.fsencode(_secret(tmp_path, b"  0123456789abcdef  ", mode=0o400)))
+        == b"0123456789abcdef"
+    )
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660, 0o602, 0o620])

@@ -94,7 +94,9 @@ def test_status_lists_the_files_that_failed(tmp_path):
     os.mkfifo(src / "pipe")  # the receiver refuses FIFOs unless --allow-specials: a failed entry
     with mirror_server(tmp_path, {"m": str(dst)}) as server:
         with live_daemon(src, server.url("m"), "--secret-file", server.secret_file):
-            wait_until(lambda: (p := _status(src)).returncode == 1 and b"failed: pipe" in p.stdout, timeout=60)
+            wait_until(
+                lambda: (p := _status(src)).returncode == 1 and b"failed: pipe" in p.stdout, timeout=60
+            )
             status = json.loads(_status(src, "--json").stdout)
             assert status["pairs"][0]["failed_files"][0][0] == "pipe"
             assert status["pairs"][0]["last_success"] is None
