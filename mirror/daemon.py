@@ -540,6 +540,9 @@ class Daemon:
         for pair in self.pairs.values():
             pair.stop()
             pair.status.state = "stopped"  # never "live" once the daemon is gone
+        status_thread = getattr(self, "_status_thread", None)
+        if status_thread is not None:
+            status_thread.join(timeout=5)  # its last "running" write must not come after ours
         self.write_status(stopped=True)
 
     @property
