@@ -139,7 +139,9 @@ def run(args) -> int:
                 if args.config:
                     notifier.reloading()
                     try:
-                        daemon.reload(load_daemon_config(args.config))
+                        new_config = load_daemon_config(args.config)
+                        check_secrets(new_config, args.config)
+                        daemon.reload(new_config)
                     except Exception as exc:  # a bad new config must not stop a running mirror
                         log.error("reload failed, keeping the running configuration: %s", exc)
                     readiness.reloaded()
