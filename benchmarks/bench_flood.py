@@ -136,6 +136,7 @@ def start_server(workdir: str, replica: str) -> tuple[subprocess.Popen, int, str
     secret = os.path.join(workdir, "secret")
     with open(secret, "wb") as f:
         f.write(SECRET + b"\n")
+    os.chmod(secret, 0o600)
     port_file = os.path.join(workdir, "port")
     proc = subprocess.Popen([*MIRROR, "serve", "--listen", "127.0.0.1:0", "--port-file", port_file, "--module",
                              f"m={replica}", "--secret-file", secret], stdout=subprocess.DEVNULL,

@@ -50,6 +50,7 @@ class Servers:
         self.secret = os.path.join(self.dir, "secret")
         with open(self.secret, "w") as f:
             f.write("benchmark-secret-123\n")
+        os.chmod(self.secret, 0o600)
         self.mirror_root, self.rsync_root = mirror_root, rsync_root
         self.mport, self.rport = free_port(), free_port()
         conf = os.path.join(self.dir, "rsyncd.conf")

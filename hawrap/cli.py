@@ -8,20 +8,25 @@
   hawrap failover --config FILE --node NAME     planned switchover (stop writes, final sync, switch)
   hawrap failback --config FILE --node NAME     move the service back to the home node
   hawrap cleanup  --config FILE --node NAME     drop the VIP and stop services left behind
+  hawrap check    --config FILE [--node NAME]   check the configuration and this host; exit 0 valid, 2 not
   hawrap demo                                   two nodes on loopback, no root needed
 
 ``--node`` defaults to $HAWRAP_NODE, then to the node named like this host.
+
+Exit status: 0 done; 1 the cluster did not do what was asked (refused, or not completed in
+time); 2 bad usage, configuration or I/O error; 3 hawrap does not run for this node.
+'hawrap COMMAND --help' says what each command returns.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import socket
 import sys
+import textwrap
 import time
 
 from mirror import lockfile
@@ -49,63 +54,130 @@ def _common(p: argparse.ArgumentParser, needs_config: bool = True) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
 
 
+# Each command: its one-line help, what it does, and its exit status (documented in --help).
+_EXIT_USAGE = "2 bad usage, configuration or I/O error"
+COMMAND_HELP: dict[str, tuple[str, str, str]] = {
+    "run": (
+        "run this node",
+        "Run this node of the cluster: heartbeats, takeover, services, mirroring. A supervisor "
+        "process restarts the node process if it dies or hangs, cleaning up (VIP, services, "
+        "mirror processes) first. Under systemd (Type=notify) it reports ready once the node "
+        "has decided its role.",
+        f"0 stopped (SIGTERM/SIGINT); 1 the node process failed too often; {_EXIT_USAGE}",
+    ),
+    "status": (
+        "roles, links, epoch, locks, services, mirror lag, last transitions",
+        "Show this node as its running hawrap sees it: role and why, own LAN, peer, links, VIP, "
+        "standby lock, data state, each service's state and failure count, each tree's mirror "
+        "daemon (state, lag, failed files) and the last transitions.",
+        f"0 shown; {_EXIT_USAGE}; 3 hawrap does not run for this node",
+    ),
+    "standby": (
+        "put this node in standby (writes the standby lock)",
+        "Put this node in standby: services stopped, VIP dropped, the standby lock written (a "
+        "node that boots with it stays in standby). The peer takes over if it can serve.",
+        f"0 done; 1 refused by the node; {_EXIT_USAGE}",
+    ),
+    "resume": (
+        "remove the standby lock after your checks: rejoin as secondary",
+        "Remove the standby lock: the node rejoins as secondary and the primary mirrors its "
+        "trees back. Refused, listing them, if this node holds changes its peer lacks.",
+        f"0 done; 1 refused (local changes, or by the node); {_EXIT_USAGE}",
+    ),
+    "force-primary": (
+        "serve this node's copy although it may lack the peer's latest changes",
+        "Make this node primary although its copy is not known up to date: says first since "
+        "when, and what may be lost; acts only with --accept-data-loss.",
+        f"0 primary; 1 refused, or not primary within --wait; {_EXIT_USAGE}; 3 hawrap does not run",
+    ),
+    "failover": (
+        "planned switchover to the other node",
+        "Planned switchover: writes stop here, a final sync mirrors everything to the peer, "
+        "then the peer takes over. Run on either node.",
+        f"0 switched; 1 refused, or not completed within --wait; {_EXIT_USAGE}; 3 hawrap does not run",
+    ),
+    "failback": (
+        "move the service back to the home node",
+        "A failover toward cluster.home, when the other node serves.",
+        f"0 switched; 1 refused, or not completed within --wait; {_EXIT_USAGE}; 3 hawrap does not run",
+    ),
+    "cleanup": (
+        "drop the VIP and stop services this node left behind",
+        "What the supervisor does after a crash: drop the VIP, stop the services and the "
+        "mirror processes. Refused while hawrap runs for the node, unless --force.",
+        f"0 clean; 1 something could not be stopped (each named); {_EXIT_USAGE}",
+    ),
+    "check": (
+        "check the configuration (and, for --node, this host) before anything runs",
+        "Check the configuration file, then what it needs on this host: the node's interfaces "
+        "and addresses, arping and the other tools it names, the secret files (mode 0600, long "
+        "enough), the mirrored trees. Every problem is listed, with file and key.",
+        "0 valid; 2 invalid (every problem listed)",
+    ),
+    "demo": (
+        "two nodes on loopback with a dummy VIP (no root)",
+        "Two nodes on loopback with a dummy VIP: watch an election, a failure and a takeover.",
+        "0 the demo passed; 1 it did not",
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(
         prog="hawrap",
-        description=__doc__.split("\n\n")[0],
+        description="hawrap: the two-node failover wrapper of hamirror (heartbeats, takeover, VIP, services, mirroring).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run this node")
-    _common(p)
+    parser.add_argument("--version", action="version", version=f"hawrap (hamirror) {version('hamirror')}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, needs_config: bool = True) -> argparse.ArgumentParser:
+        help_, description, codes = COMMAND_HELP[name]
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=f"{textwrap.fill(description, 88)}\n\n{textwrap.fill(f'Exit status: {codes}.', 88)}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _common(p, needs_config)
+        return p
+
+    p = command("run")
     p.add_argument(
         "--no-supervise", action="store_true", help="run the node process directly (no cleanup parent)"
     )
-    p = sub.add_parser("status", help="roles, links, epoch, locks, last transitions")
-    _common(p)
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("standby", help="put this node in standby (writes the standby lock)")
-    _common(p)
+    p = command("status")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p = command("standby")
     p.add_argument("--reason", default="", help="recorded in the standby lock")
-    p = sub.add_parser("resume", help="remove the standby lock after your checks: rejoin as secondary")
-    _common(p)
+    p = command("resume")
     p.add_argument(
         "--discard-local-changes", action="store_true",
         help="resume even though this node holds changes the peer lacks (they are listed; the resync replaces them)",
     )  # fmt: skip
-    p = sub.add_parser(
-        "force-primary", help="serve this node's copy although it may lack the peer's latest changes"
-    )
-    _common(p)
+    p = command("force-primary")
     p.add_argument(
         "--accept-data-loss", action="store_true", help="do it (without it: only say what may be lost)"
     )
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node to serve")
-    for name, text in (
-        ("failover", "planned switchover to the other node"),
-        ("failback", "move the service back to the home node"),
-    ):
-        p = sub.add_parser(name, help=text)
-        _common(p)
+    for name in ("failover", "failback"):
+        p = command(name)
         p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the switch to complete")
-    p = sub.add_parser("cleanup", help="drop the VIP and stop services this node left behind")
-    _common(p)
+    p = command("cleanup")
     p.add_argument("--force", action="store_true", help="even while hawrap runs for this node")
-    p = sub.add_parser("demo", help="two nodes on loopback with a dummy VIP (no root)")
-    _common(p, needs_config=False)
+    command("check")
+    p = command("demo", needs_config=False)
     p.add_argument("--workdir", help="keep the demo's files here (default: a temporary dir)")
     return parser
 
 
 def setup_logging(verbose: int, node: str | None = None) -> None:
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    handler = logging.StreamHandler(sys.stderr)
-    who = f"hawrap[{node}]" if node else "hawrap"
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {who}: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    from mirror import configure_logging
+
+    configure_logging(f"hawrap[{node}]" if node else "hawrap", verbose)
 
 
 def _node_name(cfg: config_mod.ClusterConfig, given: str | None) -> str:
@@ -127,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args.workdir, args.verbose)
+        if args.command == "check":
+            return cmd_check(args)
         cfg = config_mod.load(args.config)
         node = _node_name(cfg, args.node)
         setup_logging(args.verbose, node)
@@ -142,6 +216,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def cmd_check(args) -> int:
+    from .check import check
+
+    problems, notes = check(args.config, args.node)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    for note in notes:
+        print(f"hawrap check: note: {note}", file=sys.stderr)
+    if problems:
+        print(f"hawrap check: {args.config}: {len(problems)} problem{'s' if len(problems) > 1 else ''}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    print(f"hawrap check: {args.config}: valid")
+    return EXIT_OK
 
 
 def cmd_run(cfg, node, args) -> int:
@@ -201,6 +291,7 @@ def cmd_status(cfg, node, args) -> int:
             if info:
                 print(f"standby lock: {info.describe()}")
         return EXIT_NOT_RUNNING
+    st["mirror"]["trees"] = _mirror_trees(cfg, node)
     if args.json:
         print(json.dumps(st, indent=2))
         return EXIT_OK
@@ -248,14 +339,52 @@ def cmd_status(cfg, node, args) -> int:
             print(
                 f"  replica: {'in sync' if data['replica']['in_sync'] else 'NOT in sync: ' + data['replica']['detail']}"
             )
+    for service in st.get("services", []):
+        print(f"  service {service['name']}: {service['state']}, {service['failures']} failures")
     m = st["mirror"]
     if m["locked"]:
         print(f"  mirror: direction {m['direction']}, locks {m['locked']}, epochs {m['epochs']}")
+    for tree in m["trees"]:
+        if tree.get("daemon") is None:
+            continue
+        if tree["daemon"] != "running":
+            print(f"  mirror daemon of {tree['name']}: {tree['daemon']}")
+            continue
+        for pair in tree["pairs"]:
+            print(
+                f"  mirror {tree['name']}: {pair['state']}, lag {pair['lag_seconds']:.3f} s / {pair['lag_bytes']} "
+                f"bytes, {pair['pending']} pending"
+                + (f", {len(pair['failed_files'])} files failed" if pair.get("failed_files") else "")
+            )
     for t in st["transitions"][-5:]:
         print(
             f"  {time.strftime('%H:%M:%S', time.localtime(t['time']))} {t['from']} -> {t['to']}: {t['reason']}"
         )
     return EXIT_OK
+
+
+def _mirror_trees(cfg, node) -> list[dict]:
+    """Each mirrored tree's daemon as ``mirror status --json`` sees it (state, lag, failed
+    files); ``daemon`` is None where this node runs no daemon for it (it receives)."""
+    import subprocess
+
+    from .mirrorctl import resolve_trees
+
+    out = []
+    for tree in resolve_trees(cfg, node):
+        entry: dict = {"name": tree.name, "daemon": None}
+        try:
+            proc = subprocess.run(
+                [*cfg.mirror.command, "status", "--state-dir", tree.state_dir, "--json"],
+                capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            status = json.loads(proc.stdout) if proc.stdout else None
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            status = None
+        if status is not None:
+            entry.update(daemon=status["daemon"], pairs=status["pairs"])
+        out.append(entry)
+    return out
 
 
 def cmd_standby(cfg, node, args) -> int:

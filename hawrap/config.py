@@ -8,11 +8,14 @@ machine, as in the tests and the demo).  See ``examples/hawrap.toml`` for every 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
+
+from mirror import MirrorError, read_secret_file
 
 from .errors import ConfigError
 
@@ -190,20 +193,58 @@ class ClusterConfig:
         return self.mirror.link or self.links[0].name
 
 
-class _Section:
-    """Typed access to one TOML table; errors name the file and the dotted key."""
+class _Abort(Exception):
+    """A problem already recorded makes the rest of this part of the file unreadable."""
 
-    def __init__(self, path: str, prefix: str, data: Any):
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: [{prefix}] must be a table")
-        self.path, self.prefix, self.data = path, prefix, data
+
+class Problems:
+    """Every problem of one configuration file, each as ``FILE: KEY: message``; the file is
+    read to the end so that all of them are reported at once."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.items: list[str] = []
+
+    def add(self, key: str | None, message: str) -> None:
+        self.items.append(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
+
+    def part(self, read, fallback=None):
+        """``read()``, or ``fallback`` when it stopped on a problem it recorded."""
+        try:
+            return read()
+        except _Abort:
+            return fallback
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError("\n".join(self.items))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class _Section:
+    """Typed access to one TOML table; problems name the file and the dotted key.  A value of
+    the wrong type, or failing its check, is recorded and its default used (so the rest is
+    still checked); a missing required key or a malformed table ends the part being read."""
+
+    def __init__(self, problems: Problems, prefix: str, data: Any):
+        self.problems, self.prefix, self.data = problems, prefix, data
+        self.path = problems.path
         self._used: set[str] = set()
+        if not isinstance(data, dict):
+            problems.add(None, f"[{prefix}] must be a table")
+            raise _Abort
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def fail(self, name: str, message: str):
-        raise ConfigError(f"{self.path}: {self.key(name)}: {message}")
+        self.problems.add(self.key(name), message)
+        raise _Abort
+
+    def note(self, name: str, message: str) -> None:
+        self.problems.add(self.key(name), message)
 
     def get(self, name: str, kind, default=..., check=None):
         self._used.add(name)
@@ -216,33 +257,44 @@ class _Section:
             value = float(value)
         if kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            self.fail(name, f"must be {names}, not {type(value).__name__} {value!r}")
+            return self._bad(name, f"must be {names}, not {type(value).__name__} {value!r}", default)
         if check is not None:
             problem = check(value)
             if problem:
-                self.fail(name, problem)
+                return self._bad(name, problem, default)
         return value
+
+    def _bad(self, name: str, message: str, default):
+        if default is ...:
+            self.fail(name, message)
+        self.note(name, message)
+        return default
 
     def argv(self, name: str, default=...) -> tuple[str, ...]:
         value = self.get(name, (list, str), default)
         if isinstance(value, str):
             return (value,)
         if not all(isinstance(v, str) for v in value):
-            self.fail(name, "must be a list of strings")
+            return self._bad(name, "must be a list of strings", default)
         return tuple(value)
 
     def sub(self, name: str, default=...) -> _Section:
         value = self.get(name, dict, {} if default is ... else default)
-        return _Section(self.path, self.key(name), value)
+        return _Section(self.problems, self.key(name), value)
 
     def tables(self, name: str) -> list[_Section]:
         value = self.get(name, list, [])
-        return [_Section(self.path, f"{self.key(name)}[{i}]", v) for i, v in enumerate(value)]
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_Section(self.problems, f"{self.key(name)}[{i}]", v))
+            except _Abort:
+                pass
+        return out
 
     def finish(self) -> None:
-        unknown = sorted(set(self.data) - self._used)
-        if unknown:
-            raise ConfigError(f"{self.path}: unknown key {self.key(unknown[0])!r} (misspelt?)")
+        for name in sorted(set(self.data) - self._used):
+            self.problems.add(None, f"unknown key {self.key(name)!r} (misspelt?)")
 
 
 def _positive(value) -> str | None:
@@ -270,45 +322,108 @@ def _interface_address(value) -> str | None:
 
 
 def load(path: str) -> ClusterConfig:
-    """Read and validate ``path``; raise ConfigError naming the file and key on any problem."""
+    """Read and validate ``path``; raise ConfigError listing every problem, each naming the
+    file and the key."""
+    cfg, problems = read(path)
+    problems.raise_if_any()
+    assert cfg is not None
+    return cfg
+
+
+def read(path: str) -> tuple[ClusterConfig | None, Problems]:
+    """``path`` read and validated: the configuration (None if a part of it could not be read
+    at all) and every problem found (``hawrap check`` prints them all)."""
+    problems = Problems(path)
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from exc
+        problems.add(None, f"cannot read the configuration: {exc.strerror}")
+        return None, problems
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        problems.add(None, f"not valid TOML: {exc}")
+        return None, problems
     base = os.path.dirname(os.path.abspath(path))
-    top = _Section(path, "", doc)
+    top = _Section(problems, "", doc)
+    # Each part is read even when an earlier one had a problem; one that cannot be read at
+    # all leaves None and the configuration is not built.
+    parts: dict[str, Any] = {}
+    parts["cluster"] = problems.part(lambda: _cluster(top, base))
+    parts["links"] = problems.part(lambda: _links(top))
+    parts["nodes"] = problems.part(
+        lambda: (
+            _nodes(top, base, parts["links"], parts["cluster"])
+            if parts["links"] and parts["cluster"]
+            else None
+        )
+    )
+    parts["timing"] = problems.part(lambda: _timing(top, parts["cluster"]))
+    parts["vip"] = problems.part(lambda: _vip(top, doc, parts["timing"]))
+    parts["services"] = problems.part(lambda: _services(top))
+    parts["mirror"] = problems.part(lambda: _mirror(top, base, parts["links"] or []))
+    parts["notify"] = problems.part(lambda: _notify(top))
+    top.finish()
+    cluster = parts["cluster"]
+    if (
+        cluster
+        and parts["nodes"]
+        and cluster["home"] is not None
+        and cluster["home"] not in (n.name for n in parts["nodes"])
+    ):
+        problems.add("cluster.home", f"{cluster['home']!r} is not one of the nodes")
+    if any(value is None for key, value in parts.items() if key != "vip"):
+        return None, problems
+    return (
+        ClusterConfig(
+            path=path,
+            nodes=tuple(parts["nodes"]),
+            links=tuple(parts["links"]),
+            timing=parts["timing"],
+            vip=parts["vip"],
+            services=tuple(parts["services"]),
+            mirror=parts["mirror"],
+            notify=parts["notify"],
+            **{k: v for k, v in cluster.items() if k != "state_dir_template"},
+        ),
+        problems,
+    )
 
+
+def _cluster(top: _Section, base: str) -> dict:
     cluster = top.sub("cluster", ...)
-    name = cluster.get("name", str)
-    secret = _read_secret(path, base, cluster)
-    home = cluster.get("home", str, None)
-    failback = cluster.get(
+    out = {"name": cluster.get("name", str)}
+    out["secret"] = cluster.problems.part(lambda: _read_secret(base, cluster), b"")
+    out["home"] = cluster.get("home", str, None)
+    out["failback"] = cluster.get(
         "failback", str, "manual", lambda v: None if v in FAILBACK_POLICIES else f"one of {FAILBACK_POLICIES}"
     )
-    failback_delay = cluster.get("failback_delay", float, 10.0)
+    out["failback_delay"] = cluster.get("failback_delay", float, 10.0)
     ping_nodes = tuple(cluster.get("ping_nodes", list, []))
     for i, p in enumerate(ping_nodes):
         if not isinstance(p, str) or _ip(p):
-            cluster.fail("ping_nodes", f"entry {i} {p!r} is not an IP address")
-    state_dir_template = cluster.get("state_dir", str, "/var/lib/hawrap")
-    standby_lock = cluster.get("standby_lock", str, "{state_dir}/standby.lock")
+            cluster.note("ping_nodes", f"entry {i} {p!r} is not an IP address")
+    out["ping_nodes"] = tuple(p for p in ping_nodes if isinstance(p, str) and not _ip(p))
+    out["state_dir_template"] = cluster.get("state_dir", str, "/var/lib/hawrap")
+    out["standby_lock"] = cluster.get("standby_lock", str, "{state_dir}/standby.lock")
     cluster.finish()
+    return out
 
+
+def _links(top: _Section) -> list[LinkConfig]:
     links = []
     for sec in top.tables("link"):
         links.append(LinkConfig(name=sec.get("name", str), port=sec.get("port", int, 694, _port)))
         sec.finish()
     if not links:
-        raise ConfigError(
-            f"{path}: at least one [[link]] is required (a dedicated heartbeat link and the LAN)"
-        )
+        top.fail("link", "at least one [[link]] is required (a dedicated heartbeat link and the LAN)")
     link_names = [link.name for link in links]
     if len(set(link_names)) != len(link_names):
-        raise ConfigError(f"{path}: link names must be unique: {link_names}")
+        top.note("link", f"link names must be unique: {link_names}")
+    return links
 
+
+def _nodes(top: _Section, base: str, links: list[LinkConfig], cluster: dict) -> list[NodeConfig]:
+    state_dir_template = cluster["state_dir_template"]
     nodes = []
     for sec in top.tables("node"):
         node_name = sec.get("name", str)
@@ -334,12 +449,13 @@ def load(path: str) -> ClusterConfig:
         )
         sec.finish()
     if len(nodes) != 2 or nodes[0].name == nodes[1].name:
-        raise ConfigError(
-            f"{path}: exactly two [[node]] tables with different names are required (found {len(nodes)})"
+        top.fail(
+            "node", f"exactly two [[node]] tables with different names are required (found {len(nodes)})"
         )
-    if home is not None and home not in (n.name for n in nodes):
-        raise ConfigError(f"{path}: cluster.home: {home!r} is not one of the nodes")
+    return nodes
 
+
+def _timing(top: _Section, cluster: dict | None) -> Timing:
     t = top.sub("timing")
     timing = Timing(
         interval=t.get("interval", float, DEFAULT_INTERVAL, _positive),
@@ -359,66 +475,84 @@ def load(path: str) -> ClusterConfig:
         mlock=t.get("mlock", bool, True),
     )
     t.finish()
-    if ping_nodes and timing.ping_interval > (timing.deadtime - timing.interval) / 2:
-        raise ConfigError(
-            f"{path}: timing.ping_interval ({timing.ping_interval}) must be at most half of "
-            f"deadtime - interval ({timing.deadtime - timing.interval:g}): a takeover waits for a ping "
-            "answer to a probe sent after the peer fell silent"
+    if cluster and cluster["ping_nodes"] and timing.ping_interval > (timing.deadtime - timing.interval) / 2:
+        t.note(
+            "ping_interval",
+            f"{timing.ping_interval} must be at most half of deadtime - interval "
+            f"({timing.deadtime - timing.interval:g}): a takeover waits for a ping answer to a probe "
+            "sent after the peer fell silent",
         )
     if timing.watchdog < 2 * timing.deadtime:
-        raise ConfigError(
-            f"{path}: timing.watchdog ({timing.watchdog}) must be at least twice timing.deadtime "
-            f"({timing.deadtime}): the heartbeat process is judged frozen after that long"
+        t.note(
+            "watchdog",
+            f"{timing.watchdog} must be at least twice timing.deadtime ({timing.deadtime}): the "
+            "heartbeat process is judged frozen after that long",
         )
     if timing.deadtime < 2 * timing.interval:
-        raise ConfigError(
-            f"{path}: timing.deadtime ({timing.deadtime}) must be at least twice timing.interval "
-            f"({timing.interval}), or a single lost packet is a failover"
+        t.note(
+            "deadtime",
+            f"{timing.deadtime} must be at least twice timing.interval ({timing.interval}), or a "
+            "single lost packet is a failover",
         )
+    return timing
 
-    vip = None
-    if "vip" in doc:
-        v = top.sub("vip")
-        vip = VipConfig(
-            address=v.get("address", str, ..., _interface_address),
-            interface=v.get("interface", str, None),
-            kind=v.get("kind", str, "ip", lambda k: None if k in VIP_KINDS else f"one of {VIP_KINDS}"),
-            dad_timeout=v.get("dad_timeout", float, 0.05, _positive),
-            garp_count=v.get("garp_count", int, 3, _positive),
-            garp_interval=v.get("garp_interval", float, 0.5, _positive),
-            arping=v.get(
-                "arping",
-                str,
-                "builtin",
-                lambda k: None if k in ARPING_FLAVOURS else f"one of {ARPING_FLAVOURS}",
-            ),
-            lifetime=v.get("lifetime", int, 0, lambda x: None if x >= 0 else "must be >= 0"),
+
+def _vip(top: _Section, doc: dict, timing: Timing | None) -> VipConfig | None:
+    if "vip" not in doc:
+        return None
+    v = top.sub("vip")
+    vip = VipConfig(
+        address=v.get("address", str, ..., _interface_address),
+        interface=v.get("interface", str, None),
+        kind=v.get("kind", str, "ip", lambda k: None if k in VIP_KINDS else f"one of {VIP_KINDS}"),
+        dad_timeout=v.get("dad_timeout", float, 0.05, _positive),
+        garp_count=v.get("garp_count", int, 3, _positive),
+        garp_interval=v.get("garp_interval", float, 0.5, _positive),
+        arping=v.get(
+            "arping",
+            str,
+            "builtin",
+            lambda k: None if k in ARPING_FLAVOURS else f"one of {ARPING_FLAVOURS}",
+        ),
+        lifetime=v.get("lifetime", int, 0, lambda x: None if x >= 0 else "must be >= 0"),
+    )
+    v.finish()
+    if vip.kind == "ip" and ipaddress.ip_interface(vip.address).version == 6:
+        # Takeover checks the address with ARP and announces it with gratuitous ARP: IPv4 only.
+        v.note("address", f"{vip.address} is IPv6, but hawrap announces a VIP with ARP (IPv4) only")
+    if timing is not None and vip.lifetime and vip.lifetime < 2 * timing.monitor_interval:
+        v.note(
+            "lifetime",
+            f"{vip.lifetime} must be at least twice timing.monitor_interval "
+            f"({timing.monitor_interval:g}), which is how often the address is renewed",
         )
-        v.finish()
-    else:
-        top.get("vip", dict, None)
+    return vip
 
-    if vip is not None and vip.lifetime and vip.lifetime < 2 * timing.monitor_interval:
-        raise ConfigError(
-            f"{path}: vip.lifetime ({vip.lifetime}) must be at least twice timing.monitor_interval "
-            f"({timing.monitor_interval:g}), which is how often the address is renewed"
-        )
 
+def _services(top: _Section) -> list[ServiceConfig]:
     services = []
     for sec in top.tables("service"):
-        services.append(
-            ServiceConfig(
-                name=sec.get("name", str),
-                start=sec.argv("start"),
-                stop=sec.argv("stop"),
-                monitor=sec.argv("monitor"),
-                timeout=sec.get("timeout", float, 20.0, _positive),
-                shell=sec.get("shell", bool, False),
-            )
-        )
+        service = sec.problems.part(functools.partial(_service, sec))
         sec.finish()
+        if service is not None:
+            services.append(service)
+    return services
 
+
+def _service(sec: _Section) -> ServiceConfig:
+    return ServiceConfig(
+        name=sec.get("name", str),
+        start=sec.argv("start"),
+        stop=sec.argv("stop"),
+        monitor=sec.argv("monitor"),
+        timeout=sec.get("timeout", float, 20.0, _positive),
+        shell=sec.get("shell", bool, False),
+    )
+
+
+def _mirror(top: _Section, base: str, links: list[LinkConfig]) -> MirrorConfig:
     m = top.sub("mirror")
+    link_names = [link.name for link in links]
     trees = []
     for sec in m.tables("tree"):
         trees.append(
@@ -447,8 +581,11 @@ def load(path: str) -> ClusterConfig:
     )
     m.finish()
     if trees and mirror.secret_file is None:
-        raise ConfigError(f"{path}: mirror.secret_file is required when [[mirror.tree]] entries exist")
+        m.note("secret_file", "mirror.secret_file is required when [[mirror.tree]] entries exist")
+    return mirror
 
+
+def _notify(top: _Section) -> NotifyConfig:
     n = top.sub("notify")
     notify = NotifyConfig(
         command=n.argv("command", ()),
@@ -460,26 +597,8 @@ def load(path: str) -> ClusterConfig:
     )
     n.finish()
     if notify.smtp_host and not notify.mail_to:
-        raise ConfigError(f"{path}: notify.mail_to is required with notify.smtp_host")
-    top.finish()
-
-    return ClusterConfig(
-        path=path,
-        name=name,
-        secret=secret,
-        nodes=tuple(nodes),
-        links=tuple(links),
-        ping_nodes=ping_nodes,
-        home=home,
-        failback=failback,
-        failback_delay=failback_delay,
-        timing=timing,
-        vip=vip,
-        services=tuple(services),
-        mirror=mirror,
-        notify=notify,
-        standby_lock=standby_lock,
-    )
+        n.note("mail_to", "notify.mail_to is required with notify.smtp_host")
+    return notify
 
 
 def _abs(base: str, p: str) -> str:
@@ -490,19 +609,9 @@ def _opt_abs(base: str, p: str | None) -> str | None:
     return None if p is None else _abs(base, p)
 
 
-def _read_secret(path: str, base: str, cluster: _Section) -> bytes:
+def _read_secret(base: str, cluster: _Section) -> bytes:
     secret_file = cluster.get("secret_file", str)
-    full = _abs(base, secret_file)
     try:
-        with open(full, "rb") as f:
-            secret = f.read(4097).strip()
-    except OSError as exc:
-        cluster.fail("secret_file", f"cannot read {full}: {exc.strerror}")
-    if len(secret) < 16:
-        cluster.fail(
-            "secret_file",
-            f"{full} holds {len(secret)} bytes; at least 16 are needed (e.g. head -c 32 /dev/urandom | base64)",
-        )
-    if len(secret) > 4096:
-        cluster.fail("secret_file", f"{full} is larger than 4096 bytes")
-    return secret
+        return read_secret_file(_abs(base, secret_file))
+    except MirrorError as exc:
+        cluster.fail("secret_file", str(exc))

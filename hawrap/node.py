@@ -110,6 +110,8 @@ class Node:
         self.vip_seen = False  # VIP found up by the monitor while not primary
         self.resource_failure = ""  # a resource that could not be kept running here (fsm fact)
         self._restarts: list[float] = []
+        # Per service: what its last monitor found while primary, and how often it failed.
+        self.service_health = {s.name: {"running": None, "failures": 0} for s in cfg.services}
         self.replica = Replica(not self.mirror.trees, "not mirroring toward the peer")
         self.replica_in_sync = False  # the last value given to the state machine (and advertised)
         self.final_synced = False  # a planned switchover's final sync is done
@@ -291,7 +293,7 @@ class Node:
                         continue  # a replaced child's last words, or nothing to decide
                 elif kind == "lan":
                     if payload.ok is not self.lan.ok and payload.ok is not None:
-                        log.info(
+                        (log.info if payload.ok else log.warning)(
                             "own LAN %s%s",
                             "healthy" if payload.ok else "unhealthy",
                             f": {payload.problem}" if payload.problem else "",
@@ -337,7 +339,9 @@ class Node:
         self.peer_alive = msg["alive"]
         self.links = msg["links"]
         if self.peer_alive != was_alive:
-            log.info("peer %s %s", self.peer_name, "heard" if self.peer_alive else "silent on every link")
+            (log.info if self.peer_alive else log.warning)(
+                "peer %s %s", self.peer_name, "heard" if self.peer_alive else "silent on every link"
+            )
         if self.peer_alive and was_alive:
             # One link lost while the peer is still heard on another: both carry on (a
             # point-to-point link cannot tell which NIC failed), the administrator is told.
@@ -363,7 +367,7 @@ class Node:
                 self.standby_lock_path(), reason=request.get("reason") or "hawrap standby"
             )
             self._pending_reply = {"reply": reply, "command": "standby"}
-            log.info("standby requested: %s", info.describe())
+            log.warning("standby requested: %s", info.describe())
             return "standby"
         if command == "resume":
             if self.lan.ok is not True:
@@ -539,6 +543,9 @@ class Node:
                 return  # the state machine hands over (or keeps serving what still runs)
             failed = self.resources.failed()
             seen_at = time.monotonic()
+            for name, health in self.service_health.items():
+                health["running"] = name not in failed
+                health["failures"] += name in failed
             if not failed:
                 if self.resources.vip is not None:
                     self.resources.vip.refresh(seen_at)
@@ -675,6 +682,14 @@ class Node:
             "vip": {"address": self.cfg.vip.address, "present": self.resources.vip_present()}
             if self.cfg.vip
             else None,
+            "services": [
+                {
+                    "name": name,
+                    "state": _service_state(health["running"], s.serving),
+                    "failures": health["failures"],
+                }
+                for name, health in self.service_health.items()
+            ],
             "transitions": list(self.transitions),
             "pid": os.getpid(),
         }
@@ -701,3 +716,10 @@ class Node:
         self.lan_monitor.stop()
         self.notifier.close()
         log.info("node %s stopped", self.name)
+
+
+def _service_state(running: bool | None, serving: bool) -> str:
+    """A service as ``hawrap status`` shows it: by its last monitor while this node serves."""
+    if not serving:
+        return "stopped"
+    return {True: "running", False: "failed", None: "started"}[running]

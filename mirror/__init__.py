@@ -6,6 +6,8 @@ The public library API (documented in the README's "Library API"):
 - ``Receiver``, ``ModuleConfig``, ``StreamTransport``, ``LocalTransport``: embed a receiver;
 - ``MirrorServer``: what ``mirror serve`` runs;
 - ``compare_trees``, ``TreeScan``: what ``mirror diff`` runs;
+- ``configure_logging(who, verbose, quiet)``: log lines for the journal (priorities) or a terminal;
+- ``read_secret_file(path)``: a shared secret, by the strict-modes rule every command uses;
 - the errors of ``mirror.errors``.
 
 Names are imported on first use, so ``import mirror`` stays cheap.
@@ -35,6 +37,9 @@ _EXPORTS = {
     "AuthError": "mirror.errors",
     "ProtocolError": "mirror.errors",
     "UsageError": "mirror.errors",
+    "read_secret_file": "mirror.secretfile",
+    "SecretFileError": "mirror.secretfile",
+    "configure_logging": "mirror.logsetup",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,10 +10,10 @@ import os
 import tomllib
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, MirrorError
 from .privileges import Privileges
-from .protocol import load_secret
 from .receiver import ModuleConfig
+from .secretfile import read_secret_file
 
 DEFAULT_LISTEN = "0.0.0.0:8730"
 
@@ -33,15 +33,31 @@ def parse_listen(text: str, where: str = "--listen") -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-class _Table:
-    """Typed access to one TOML table with key-naming errors; unknown keys are refused."""
+class Problems:
+    """Every problem found in one configuration file, each ``FILE: message naming the key``:
+    the whole file is read so that all of them are reported at once."""
 
-    def __init__(self, data: dict, file: str, prefix: str, allowed: set[str]):
-        self.data, self.file, self.prefix = data, file, prefix
-        unknown = set(data) - allowed
-        if unknown:
-            raise ConfigError(f"{file}: unknown key {self._name(sorted(unknown)[0])!r} "
-                              f"(allowed: {', '.join(sorted(allowed))})")  # fmt: skip
+    def __init__(self, file: str):
+        self.file = file
+        self.items: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.items.append(f"{self.file}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError("\n".join(self.items))
+
+
+class _Table:
+    """Typed access to one TOML table with key-naming problems; unknown keys are problems.
+    A value of the wrong type is recorded and reads as None (or the default), so the rest of
+    the file is still checked."""
+
+    def __init__(self, data: dict, problems: Problems, prefix: str, allowed: set[str]):
+        self.data, self.problems, self.prefix = data, problems, prefix
+        for key in sorted(set(data) - allowed):
+            problems.add(f"unknown key {self._name(key)!r} (allowed: {', '.join(sorted(allowed))})")
 
     def _name(self, key: str) -> str:
         return f"{self.prefix}{key}"
@@ -49,121 +65,186 @@ class _Table:
     def get(self, key: str, kind: type, default=None, required: bool = False):
         if key not in self.data:
             if required:
-                raise ConfigError(f"{self.file}: missing required key {self._name(key)!r}")
+                self.problems.add(f"missing required key {self._name(key)!r}")
             return default
         value = self.data[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
             names = " or ".join(k.__name__ for k in kinds)
-            raise ConfigError(f"{self.file}: {self._name(key)!r} must be a {names}, got {value!r}")
+            self.problems.add(f"{self._name(key)!r} must be a {names}, got {value!r}")
+            return None if required else default
         return value
 
 
-def load_serve_config(path: str) -> ServeConfig:
+def _toml(path: str, problems: Problems) -> dict | None:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        problems.add(f"cannot read: {exc.strerror}")
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    top = _Table(data, path, "", {"listen", "secret_file", "lock_file", "max_connections", "timeout", "modules"})
-    listen = parse_listen(top.get("listen", str, DEFAULT_LISTEN), f"{path}: 'listen'")
+        problems.add(f"invalid TOML: {exc}")
+    return None
+
+
+def _listen(text: str, problems: Problems, key: str) -> tuple[str, int] | None:
+    try:
+        return parse_listen(text, f"{problems.file}: {key!r}")
+    except ConfigError as exc:
+        problems.items.append(str(exc))
+        return None
+
+
+def load_serve_config(path: str) -> ServeConfig:
+    """``mirror serve --config FILE``; ConfigError lists every problem of the file."""
+    config, problems = read_serve_config(path)
+    problems.raise_if_any()
+    return config
+
+
+def read_serve_config(path: str) -> tuple[ServeConfig | None, Problems]:
+    """The configuration (as far as it could be read; None if not at all) and every problem
+    found: only a configuration without problems may be used."""
+    problems = Problems(path)
+    data = _toml(path, problems)
+    if data is None:
+        return None, problems
+    top = _Table(data, problems, "", {"listen", "secret_file", "lock_file", "max_connections", "timeout", "modules"})
+    listen = _listen(top.get("listen", str, DEFAULT_LISTEN), problems, "listen")
     default_secret = top.get("secret_file", str)
     default_lock = top.get("lock_file", str)
     modules_table = top.get("modules", dict, required=True)
-    if not modules_table:
-        raise ConfigError(f"{path}: [modules] must define at least one module")
+    if modules_table == {}:
+        problems.add("[modules] must define at least one module")
     modules = {}
-    for name, table in modules_table.items():
+    secrets: dict[str, bytes | None] = {}
+    for name, table in (modules_table or {}).items():
         if not isinstance(table, dict):
-            raise ConfigError(f"{path}: 'modules.{name}' must be a table")
-        t = _Table(table, path, f"modules.{name}.", {"path", "secret_file", "lock_file", "read_only", "state_dir",
-                                                      "allow_devices", "allow_specials", "allow_setid", "keep_owners"})  # fmt: skip
+            problems.add(f"'modules.{name}' must be a table")
+            continue
+        t = _Table(table, problems, f"modules.{name}.", {"path", "secret_file", "lock_file", "read_only", "state_dir",
+                                                          "allow_devices", "allow_specials", "allow_setid",
+                                                          "keep_owners"})  # fmt: skip
         module_path = t.get("path", str, required=True)
-        if not os.path.isabs(module_path):
-            raise ConfigError(f"{path}: 'modules.{name}.path' must be absolute, got {module_path!r}")
+        if module_path is not None and not os.path.isabs(module_path):
+            problems.add(f"'modules.{name}.path' must be absolute, got {module_path!r}")
+            module_path = None
         secret_file = t.get("secret_file", str, default_secret)
+        secret = None
         if secret_file is None:
-            raise ConfigError(f"{path}: module {name!r} has no secret_file (set it for the module or at the top)")
+            problems.add(f"module {name!r} has no secret_file (set it for the module or at the top)")
+        else:
+            key = f"modules.{name}.secret_file" if "secret_file" in table else "secret_file"
+            if secret_file not in secrets:  # a shared file is read (and reported) once
+                try:
+                    secrets[secret_file] = read_secret_file(secret_file)
+                except MirrorError as exc:
+                    secrets[secret_file] = None
+                    problems.add(f"{key!r}: {exc}")
+            secret = secrets[secret_file]
         lock = t.get("lock_file", str, default_lock)
         state_dir = t.get("state_dir", str)
+        privileges = Privileges(devices=t.get("allow_devices", bool, False), specials=t.get("allow_specials", bool, False),
+                                setid=t.get("allow_setid", bool, False), owners=t.get("keep_owners", bool, False))  # fmt: skip
+        read_only = t.get("read_only", bool, False)
+        if module_path is None:
+            continue
         modules[name] = ModuleConfig(
-            name=name, path=os.fsencode(module_path), secret=load_secret(secret_file),
-            lock_file=os.fsencode(lock) if lock else None, read_only=t.get("read_only", bool, False),
-            state_dir=os.fsencode(state_dir) if state_dir else None,
-            privileges=Privileges(devices=t.get("allow_devices", bool, False), specials=t.get("allow_specials", bool, False),
-                                  setid=t.get("allow_setid", bool, False), owners=t.get("keep_owners", bool, False)),
+            name=name, path=os.fsencode(module_path), secret=secret or b"",
+            lock_file=os.fsencode(lock) if lock else None, read_only=read_only,
+            state_dir=os.fsencode(state_dir) if state_dir else None, privileges=privileges,
         )  # fmt: skip
     max_conn = top.get("max_connections", int, 64)
     if max_conn < 1:
-        raise ConfigError(f"{path}: 'max_connections' must be at least 1")
+        problems.add("'max_connections' must be at least 1")
     timeout = top.get("timeout", (int, float))
     if timeout is not None and timeout <= 0:
-        raise ConfigError(f"{path}: 'timeout' must be positive")
-    return ServeConfig(listen=listen, modules=modules, max_connections=max_conn, timeout=timeout)
+        problems.add("'timeout' must be positive")
+    if listen is None or not modules:
+        return None, problems
+    # With problems, what could be read is still returned: ``--check`` looks at this host for it.
+    return ServeConfig(listen=listen, modules=modules, max_connections=max_conn, timeout=timeout), problems
 
 
 def load_daemon_config(path: str):
-    """``mirror daemon --config FILE``: see examples/mirror-daemon.toml."""
+    """``mirror daemon --config FILE``: see examples/mirror-daemon.toml.  ConfigError lists
+    every problem of the file."""
+    config, problems = read_daemon_config(path)
+    problems.raise_if_any()
+    return config
+
+
+def read_daemon_config(path: str):
+    """The daemon's configuration (as far as it could be read; None if not at all) and every
+    problem found: only a configuration without problems may be used."""
     from .daemon import DaemonConfig, PairConfig
     from .statedir import default_state_dir
     from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
 
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    top = _Table(data, path, "", {"daemon", "pair"})
-    daemon = _Table(top.get("daemon", dict, {}), path, "daemon.",
+    problems = Problems(path)
+    data = _toml(path, problems)
+    if data is None:
+        return None, problems
+    top = _Table(data, problems, "", {"daemon", "pair"})
+    daemon = _Table(top.get("daemon", dict, {}), problems, "daemon.",
                     {"status_dir", "coalesce_ms", "open_file_delay", "metrics", "reconcile_interval", "timeout",
                      "contimeout"})  # fmt: skip
     timeouts = {}
     for key, default in (("timeout", DEFAULT_TIMEOUT), ("contimeout", DEFAULT_CONTIMEOUT)):
         value = daemon.get(key, (int, float), default)
         if value < 0:
-            raise ConfigError(f"{path}: 'daemon.{key}' must be 0 (none) or more seconds, got {value}")
+            problems.add(f"'daemon.{key}' must be 0 (none) or more seconds, got {value}")
         timeouts[key] = float(value)
     pairs_data = top.get("pair", list, required=True)
-    if not pairs_data:
-        raise ConfigError(f"{path}: at least one [[pair]] is required")
+    if pairs_data == []:
+        problems.add("at least one [[pair]] is required")
     pairs = []
-    for i, table in enumerate(pairs_data):
+    for i, table in enumerate(pairs_data or ()):
         if not isinstance(table, dict):
-            raise ConfigError(f"{path}: 'pair[{i}]' must be a table")
-        t = _Table(table, path, f"pair[{i}].",
+            problems.add(f"'pair[{i}]' must be a table")
+            continue
+        t = _Table(table, problems, f"pair[{i}].",
                    {"name", "source", "destination", "secret_file", "lock_file", "state_dir", "exclude", "delete",
                     "max_delete", "allow_mass_delete"})  # fmt: skip
         source = t.get("source", str, required=True)
-        if not os.path.isabs(source):
-            raise ConfigError(f"{path}: 'pair[{i}].source' must be absolute, got {source!r}")
+        if source is not None and not os.path.isabs(source):
+            problems.add(f"'pair[{i}].source' must be absolute, got {source!r}")
+            source = None
         excludes = t.get("exclude", list, [])
         if not all(isinstance(x, str) for x in excludes):
-            raise ConfigError(f"{path}: 'pair[{i}].exclude' must be a list of strings")
-        name = t.get("name", str, os.path.basename(source.rstrip("/")) or f"pair{i}")
+            problems.add(f"'pair[{i}].exclude' must be a list of strings")
+            excludes = []
+        name = t.get("name", str, os.path.basename((source or "").rstrip("/")) or f"pair{i}")
         if any(p.name == name for p in pairs):
-            raise ConfigError(f"{path}: two pairs are named {name!r} (set 'name')")
+            problems.add(f"two pairs are named {name!r} (set 'name')")
         lock, state = t.get("lock_file", str), t.get("state_dir", str)
         max_delete = t.get("max_delete", int)
         if max_delete is not None and max_delete < 0:
-            raise ConfigError(f"{path}: 'pair[{i}].max_delete' must be 0 or more, got {max_delete}")
+            problems.add(f"'pair[{i}].max_delete' must be 0 or more, got {max_delete}")
+        destination = t.get("destination", str, required=True)
+        secret_file = t.get("secret_file", str)
+        delete, allow_mass_delete = t.get("delete", bool, True), t.get("allow_mass_delete", bool, False)
+        if source is None or destination is None:
+            continue
         pairs.append(PairConfig(
-            name=name, source=os.fsencode(source), destination=t.get("destination", str, required=True),
-            secret_file=t.get("secret_file", str), lock_file=os.fsencode(lock) if lock else None,
+            name=name, source=os.fsencode(source), destination=destination,
+            secret_file=secret_file, lock_file=os.fsencode(lock) if lock else None,
             state_dir=os.fsencode(state) if state else None, excludes=tuple(os.fsencode(x) for x in excludes),
-            delete=t.get("delete", bool, True), max_delete=max_delete,
-            allow_mass_delete=t.get("allow_mass_delete", bool, False), **timeouts,
+            delete=delete, max_delete=max_delete, allow_mass_delete=allow_mass_delete, **timeouts,
         ))  # fmt: skip
     metrics = daemon.get("metrics", str)
+    metrics_listen = _listen(metrics, problems, "daemon.metrics") if metrics else None
     status_dir = daemon.get("status_dir", str)
+    coalesce = daemon.get("coalesce_ms", (int, float), 0.5)
+    open_file_delay = daemon.get("open_file_delay", (int, float), 1.0)
+    reconcile_interval = daemon.get("reconcile_interval", (int, float))
+    if not pairs:
+        return None, problems
     return DaemonConfig(
         pairs=tuple(pairs),
         status_dir=os.fsencode(status_dir) if status_dir else default_state_dir(pairs[0].source),
-        coalesce=daemon.get("coalesce_ms", (int, float), 0.5) / 1000,
-        open_file_delay=float(daemon.get("open_file_delay", (int, float), 1.0)),
-        metrics=parse_listen(metrics, f"{path}: 'daemon.metrics'") if metrics else None,
-        reconcile_interval=daemon.get("reconcile_interval", (int, float)),
-    )
+        coalesce=coalesce / 1000,
+        open_file_delay=float(open_file_delay),
+        metrics=metrics_listen,
+        reconcile_interval=reconcile_interval,
+    ), problems

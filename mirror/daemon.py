@@ -46,6 +46,7 @@ from .exclude import make_excluder
 from .guard import fs_identity
 from .journal import ENTRY, RENAME, Journal, Pending
 from .lockfile import is_locked
+from .secretfile import read_secret_file
 from .statedir import check_root, ensure_state_dir, resolve_state_dir
 from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
 from .transfer import Connection
@@ -62,6 +63,9 @@ _BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 # a full sync again after these many seconds: a source mounted again resumes by itself.
 _HALT_BACKOFF = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SOURCE_CHECK_SECONDS = 1.0  # how often an idle pair checks its source is still the same filesystem
+# States an operator must see (logged as warnings); halted and fenced log an error of their own.
+ALERT_STATES = ("disconnected", "unreachable", "locked", "catching up")
+FALLING_BEHIND_SECONDS = 10.0  # the oldest change not mirrored for this long: a warning
 
 
 class _Halted(Exception):
@@ -122,6 +126,9 @@ class PairStatus:
     failures: int = 0
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
+    last_success: float | None = None  # end of the last session in which no file failed
+    failed_files: list = field(default_factory=list)  # [[path, reason], ...] of the last session, at most 20
+    progress: dict | None = None  # during a full sync or catch-up: entries and bytes done (of total, if known)
 
 
 class LivePair:
@@ -152,6 +159,7 @@ class LivePair:
         self._last_source_check = 0.0
         self._halts = 0
         self._watch_stale = False  # the source's filesystem went away under the watches
+        self._behind = False  # warned that the pair falls behind
         if self.journal.replayed:
             log.info("%s: %d changes from the journal to replay", config.name, self.journal.replayed)
 
@@ -177,7 +185,10 @@ class LivePair:
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state != self.status.state:
-            log.info("%s: %s%s", self.config.name, state, f" ({error})" if error else "")
+            # Entering an alert state, and leaving one for live, is what an operator must see.
+            alert = state in ALERT_STATES or (state == "live" and self.status.state in ALERT_STATES + ("halted",))
+            log.log(logging.WARNING if alert else logging.INFO, "%s: %s%s", self.config.name, state,
+                    f" ({error})" if error else "")  # fmt: skip
             self.status.state = state
             self.status.since = time.time()
         if error is not None:
@@ -359,12 +370,23 @@ class LivePair:
         self._set_state("connecting")
         c = self.config
         self._connection = Connection(
-            c.source, c.destination, delete=c.delete, excludes=c.excludes, secret_file=c.secret_file,
+            c.source, c.destination, delete=c.delete, excludes=c.excludes,
+            secret=read_secret_file(c.secret_file) if c.secret_file else None,
             lock_file=c.lock_file, state_dir=c.state_dir, cancel=self._cancel, keep_changes=False,
             max_delete=c.max_delete, allow_mass_delete=c.allow_mass_delete, timeout=c.timeout,
-            contimeout=c.contimeout,
+            contimeout=c.contimeout, on_change=self._progress_entry, on_progress=self._progress_bytes,
         ).open()  # fmt: skip
         self._need_full = True  # whatever happened while we were apart: reconcile
+
+    def _progress_entry(self, change) -> None:
+        progress = self.status.progress
+        if progress is not None:
+            progress["entries"] += 1
+
+    def _progress_bytes(self, count: int) -> None:
+        progress = self.status.progress
+        if progress is not None:
+            progress["bytes"] += count
 
     def _disconnect(self) -> None:
         if self._connection is not None:
@@ -397,10 +419,13 @@ class LivePair:
             scope = Scope(entries=[p for p in entries if p], trees=batch.trees)
             self._set_state("catching up" if after_lock else "live")
         started = time.monotonic()
+        if full or after_lock:
+            self.status.progress = {"entries": 0, "bytes": 0, "entries_total": None if full else len(batch)}
         try:
             result = self._connection.session(scope=scope, renames=batch.renames)
         finally:
             self._last_session_end = time.monotonic()
+            self.status.progress = None
         done = time.time()
         self._after_lock = False
         if full:
@@ -419,6 +444,9 @@ class LivePair:
                 self._latencies.append(done - when)
         if self.metrics is not None:
             self.metrics.session(self.config.name, result, [done - w for p, w in entries.items() if p not in retry])
+        st.failed_files = [[display_path(path), reason] for path, reason in result.failed[:20]]
+        if not result.failed:
+            st.last_success = done
         if result.failed:
             st.last_error = f"{len(result.failed)} files failed, e.g. {display_path(result.failed[0][0])}: {result.failed[0][1]}"
         if result.deletions_refused:
@@ -442,6 +470,14 @@ class LivePair:
         oldest = pending.oldest()
         st.lag_seconds = round(time.time() - oldest, 3) if oldest is not None else 0.0
         st.lag_bytes = self._pending_bytes(pending)
+        behind = st.lag_seconds > FALLING_BEHIND_SECONDS
+        if behind != self._behind:
+            self._behind = behind
+            if behind:
+                log.warning("%s: falling behind: %d changes pending, the oldest for %.0f s", self.config.name,
+                            st.pending, st.lag_seconds)  # fmt: skip
+            else:
+                log.info("%s: caught up", self.config.name)
         if self._latencies:
             ordered = sorted(self._latencies)
             st.latency_p50_ms = round(ordered[len(ordered) // 2] * 1000, 3)
@@ -503,15 +539,21 @@ class Daemon:
         self._stop.set()
         for pair in self.pairs.values():
             pair.stop()
-        self.write_status()
+            pair.status.state = "stopped"  # never "live" once the daemon is gone
+        status_thread = getattr(self, "_status_thread", None)
+        if status_thread is not None:
+            status_thread.join(timeout=5)  # its last "running" write must not come after ours
+        self.write_status(stopped=True)
 
     @property
     def all_fenced(self) -> bool:
         return bool(self.pairs) and all(p.fenced for p in self.pairs.values())
 
-    def write_status(self) -> None:
+    def write_status(self, stopped: bool = False) -> None:
         status = {
             "pid": os.getpid(),
+            "pid_start": process_start(os.getpid()),
+            "state": "stopped" if stopped else "running",
             "updated": time.time(),
             "pairs": [pair.snapshot() for pair in self.pairs.values()],
         }
@@ -524,6 +566,17 @@ class Daemon:
                 self.write_status()
             except OSError as exc:
                 log.warning("cannot write the status file: %s", exc)
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), to tell it from a later process given the
+    same pid; None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # The command name (field 2) may hold spaces and parentheses: count from its end.
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def read_status(status_dir: bytes | str) -> dict:
@@ -540,8 +593,15 @@ class Metrics:
     def __init__(self, listen: tuple[str, int]):
         import prometheus_client as pc
 
+        from . import __version__
+
+        pc.disable_created_metrics()  # a *_created series per counter is noise to every dashboard
         self.registry = pc.CollectorRegistry()
         labels = ["pair"]
+        pc.Info("mirror_build", "The running hamirror", registry=self.registry).info({"version": __version__})
+        self.last_success = pc.Gauge("mirror_last_success_timestamp_seconds",
+                                     "When the last session without a failed file ended (Unix time)", labels,
+                                     registry=self.registry)  # fmt: skip
         self.pending = pc.Gauge("mirror_pending_changes", "Changes seen and not yet mirrored", labels, registry=self.registry)
         self.lag_seconds = pc.Gauge("mirror_lag_seconds", "Age of the oldest change not yet mirrored", labels,
                                     registry=self.registry)  # fmt: skip
@@ -557,14 +617,16 @@ class Metrics:
         self.server, self.thread = pc.start_http_server(listen[1], addr=listen[0], registry=self.registry)
 
     def state(self, pair: str, state: str) -> None:
-        for s in self.STATES:
-            self.state_gauge.labels(pair, s).set(1 if s == state else 0)
+        for s in self.STATES:  # label values in snake_case, as Prometheus expects
+            self.state_gauge.labels(pair, s.replace(" ", "_")).set(1 if s == state else 0)
 
     def session(self, pair: str, result, latencies: list[float]) -> None:
         self.sessions.labels(pair).inc()
         self.files.labels(pair).inc(result.stats.files_sent)
         self.bytes.labels(pair).inc(result.stats.wire_sent)
         self.failures.labels(pair).inc(len(result.failed))
+        if not result.failed:
+            self.last_success.labels(pair).set_to_current_time()
         for value in latencies:
             self.latency.labels(pair).observe(value)
 

@@ -97,6 +97,20 @@ def item_lines(change: Change) -> list[str]:
     return [f"{_flags(src, change, first)} {_display(change.path, src)}{link}"]
 
 
+def name_lines(change: Change) -> list[str]:
+    """``rsync -v``'s listing of one change: the name of an entry created, replaced or
+    deleted (a directory ends in ``/``, a symlink shows its target); none for an entry whose
+    attributes alone changed."""
+    if change.change == REMOVED:
+        return [f"deleting {_display(change.path, change.dst)}"]
+    if change.change == METADATA:
+        return []
+    assert change.src is not None
+    lines = [f"deleting {_display(change.path, change.dst)}"] if change.change == TYPE else []
+    link = f" => {escape_path(change.link_to)}" if change.link_to is not None else ""
+    return [*lines, f"{_display(change.path, change.src)}{link}"]
+
+
 def _path_fields(key: str, path: bytes) -> dict:
     out = {key: escape_path(path)}
     try:

@@ -18,6 +18,7 @@ def mirror_server(tmp_path, modules: dict[str, str], *extra: str, secret: bytes 
                   prefix: list[str] | None = None):  # fmt: skip
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(secret + b"\n")
+    secret_file.chmod(0o600)  # a secret readable by others is refused
     port_file = tmp_path / f"port-{time.monotonic_ns()}"
     argv = [*(prefix or []), sys.executable, "-m", "mirror", "serve", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
             "--secret-file", str(secret_file), *extra]  # fmt: skip

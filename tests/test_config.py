@@ -24,6 +24,7 @@ def _example_with(tmp_path, replace: dict[str, str]) -> str:
 def test_example_loads(tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("a-long-enough-secret\n")
+    secret.chmod(0o600)
     config = load_serve_config(_example_with(tmp_path, {"/etc/hamirror/secret": str(secret)}))
     assert config.listen == ("0.0.0.0", 8730)
     assert sorted(config.modules) == ["mail", "www"]
@@ -46,6 +47,7 @@ def test_example_loads(tmp_path):
 def test_mistakes_are_named(tmp_path, replace, message):
     secret = tmp_path / "secret"
     secret.write_text("a-long-enough-secret\n")
+    secret.chmod(0o600)
     replace = {"/etc/hamirror/secret": str(secret), **replace}
     path = _example_with(tmp_path, replace)
     with pytest.raises(ConfigError, match=message) as info:

@@ -115,7 +115,11 @@ def test_metrics_endpoint(trees, tmp_path):
 
         text = wait_until(lambda: (t := scrape()) and "mirror_change_latency_seconds_count" in t and t)
         assert 'mirror_pair_state{pair="src",state="live"} 1.0' in text
+        assert 'mirror_pair_state{pair="src",state="catching_up"} 0.0' in text  # label values in snake_case
         assert "mirror_sessions_total" in text
+        assert 'mirror_build_info{version="' in text
+        assert 'mirror_last_success_timestamp_seconds{pair="src"} 1' in text  # a Unix time, 1.7e9...
+        assert "_created" not in text
 
 
 def test_file_open_for_writing_is_mirrored_after_the_delay_and_on_close(trees):

@@ -30,6 +30,7 @@ address = { hb = "127.0.0.3" }
 
 def write(tmp_path, text, secret=b"0123456789abcdef0123"):
     (tmp_path / "secret").write_bytes(secret)
+    (tmp_path / "secret").chmod(0o600)
     path = tmp_path / "h.toml"
     path.write_text(text)
     return str(path)

@@ -58,6 +58,8 @@ def exits():
 def ctl(tmp_path, exits):
     (tmp_path / "secret").write_text("0123456789abcdef0123")
     (tmp_path / "msecret").write_text("x" * 32)
+    for name in ("secret", "msecret"):
+        (tmp_path / name).chmod(0o600)
     recorder = tmp_path / "fake-mirror"
     # a stand-in for the engine's CLI that records how it was called; "sync" exits with
     # the code in $TMP/sync-exit (0 by default), the others keep running like a daemon

@@ -165,3 +165,22 @@ def test_hawrap_demo():
     r = subprocess.run([sys.executable, "-m", "hawrap", "demo"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "took over in" in r.stdout and "summary: alpha primary, beta secondary" in r.stdout
+
+
+def test_status_shows_each_service_state_and_failures(cluster):
+    nodes, tmp_path, _ = cluster
+    marker = tmp_path / "alpha" / "service.running"
+
+    def service(node):
+        st = json.loads(nodes[node].command("status", "--json").stdout)
+        return st["services"][0]
+
+    assert wait_for(
+        lambda: service("alpha") == {"name": "demo-service", "state": "running", "failures": 0}, 10
+    )
+    assert service("beta")["state"] == "stopped"
+    marker.unlink()  # the service dies: the monitor finds it, counts it, restarts it
+    assert wait_for(lambda: service("alpha")["failures"] == 1 and marker.exists(), 10), _logs(tmp_path)
+    assert wait_for(lambda: service("alpha")["state"] == "running", 10)
+    text = nodes["alpha"].command("status").stdout
+    assert "service demo-service: running, 1 failures" in text, text

@@ -18,6 +18,7 @@ from mirror.journal import ENTRY, RENAME, Journal
 def mirrored_config(tmp_path) -> str:
     secret = tmp_path / "mirror-secret"
     secret.write_text("m" * 32)
+    secret.chmod(0o600)
     for node in ("alpha", "beta"):
         (tmp_path / "data" / node).mkdir(parents=True)
     extra = f"""

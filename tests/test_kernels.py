@@ -70,6 +70,7 @@ _EXERCISE = textwrap.dedent(
     secret = os.path.join(work, "secret")
     with open(secret, "wb") as f:
         f.write(b"kernel-test-secret-0123456789\n")
+    os.chmod(secret, 0o600)
     server = mirror.MirrorServer(("127.0.0.1", 0), {"m": mirror.ModuleConfig(
         "m", os.fsencode(rep), secret=b"kernel-test-secret-0123456789")})
     thread = threading.Thread(target=server.serve_forever)

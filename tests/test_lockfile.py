@@ -136,8 +136,8 @@ def test_cli_acquire_status_release(tmp_path):
     r = mirror_cli("lock", "acquire", path, "--reason", "admin check")
     assert r.returncode == 0, r.stderr
     assert "locked by" in r.stdout and "admin check" in r.stdout
-    r = mirror_cli("lock", "acquire", path, "--reason", "other")
-    assert r.returncode == 0 and "already held" in r.stdout and "admin check" in r.stdout
+    r = mirror_cli("lock", "acquire", path, "--reason", "other")  # held by someone else: exit 3
+    assert r.returncode == EXIT_LOCKED and "already held" in r.stdout and "admin check" in r.stdout
     r = mirror_cli("lock", "status", path, "--json")
     assert r.returncode == EXIT_LOCKED
     doc = json.loads(r.stdout)

@@ -149,6 +149,7 @@ def test_serve_flags_and_config_keys_grant_privileges(tmp_path):
     from mirror.config import load_serve_config
 
     (tmp_path / "secret").write_text("a-long-enough-secret\n")
+    (tmp_path / "secret").chmod(0o600)
     (tmp_path / "serve.toml").write_text(
         f'secret_file = "{tmp_path}/secret"\n[modules.m]\npath = "{tmp_path}"\nallow_devices = true\nkeep_owners = true\n'
     )

@@ -101,6 +101,7 @@ def test_serve_refuses_a_module_whose_mirror_dir_is_not_its_state(tmp_path):
                       os.devnull, check_codes=(2, 5))  # fmt: skip
     secret = tmp_path / "secret"
     secret.write_text("a-long-enough-secret\n")
+    secret.chmod(0o600)
     proc = run_mirror("serve", "--listen", "127.0.0.1:0", "--module", f"m={replica}", "--secret-file", secret)
     assert proc.returncode == 2 and b"notes.txt" in proc.stderr, proc
 

@@ -137,7 +137,8 @@ def test_wrong_secret_is_refused_and_nothing_written(hard_src, tmp_path):
     dst = tmp_path / "replica"
     dst.mkdir()
     bad = tmp_path / "bad-secret"
-    bad.write_text("not-the-secret\n")
+    bad.write_text("not-the-shared-secret\n")
+    bad.chmod(0o600)
     with mirror_server(tmp_path, {"m": str(dst)}) as server:
         proc = run_mirror("sync", hard_src, server.url("m"), "--secret-file", str(bad))
         assert proc.returncode == 5 and b"authentication failed" in proc.stderr

@@ -107,6 +107,7 @@ def test_a_receiver_silent_at_each_stage_ends_the_sync(tmp_path, stage):
     src = _tree(tmp_path)
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET + b"\n")
+    secret.chmod(0o600)
     with silent_receiver(stage) as receiver:
         started = time.monotonic()
         proc = run_mirror("sync", "--timeout", "1", "--secret-file", secret, src, receiver.url(),
@@ -200,6 +201,7 @@ def test_the_daemon_reports_a_silent_replica_unreachable_and_reconnects(tmp_path
     src = _tree(tmp_path)
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET + b"\n")
+    secret.chmod(0o600)
     status_file = src / ".mirror" / "mirror-daemon.status.json"
 
     def status():

@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 _log = logging.getLogger("mirror")
+_DESCRIPTION = "hamirror: fast, verified file mirroring for two-node clusters."
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed by it
 
 
 def _terminal_columns() -> int:
@@ -61,7 +63,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mirror",
-        description="hamirror: fast, verified file mirroring for two-node clusters.",
+        description=_DESCRIPTION,
         formatter_class=_HelpFormatter,
         epilog="commands:\n"
         + "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
@@ -84,13 +86,27 @@ def _command_parser(name: str, module) -> argparse.ArgumentParser:
     return parser
 
 
+def full_parser() -> argparse.ArgumentParser:
+    """Every command's parser under one: what the man page and shell completions are made
+    from (``packaging/gen_cli_docs.py``).  ``mirror`` itself parses lazily, one command's
+    parser at a time."""
+    parser = argparse.ArgumentParser(prog="mirror", description=_DESCRIPTION, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_, description=(module.__doc__ or help_).strip(),
+                           formatter_class=_HelpFormatter)  # fmt: skip
+        p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
+        p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+        module.add_arguments(p)
+    return parser
+
+
 def setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("mirror: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    from ..logsetup import configure_logging
+
+    configure_logging("mirror", verbose, quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,14 +127,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    args = _command_parser(name, module).parse_args(argv[1:])
+    parser = _command_parser(name, module)
+    args = parser.parse_args(argv[1:])
+    # What was given, not defaulted: an option that --config would silently override is refused.
+    args.given_options = {
+        action.option_strings[-1]
+        for action in parser._actions
+        if action.option_strings and getattr(args, action.dest, None) != action.default
+    } - {"--help", "--verbose", "--quiet", "--config", "--check"}
     setup_logging(args.verbose, args.quiet)
     from ..fdtable import raise_limit, reserve
 
     raise_limit()  # a deep tree, a server's many sessions (see mirror/fdtable.py)
     reserve()  # while the process is one thread
     try:
-        return module.run(args)
+        code = module.run(args)
+        sys.stdout.flush()  # here, where a closed pipe is handled, not at exit
+        return code
+    except BrokenPipeError:
+        # `mirror diff | head`: the reader has what it wanted.  Quietly, like a tool killed by
+        # SIGPIPE (the shell's 141); stdout goes to /dev/null so the exit flush cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except MirrorError as exc:
         print(f"mirror {name}: error: {exc}", file=sys.stderr)
         return exc.exit_code

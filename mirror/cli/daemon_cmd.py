@@ -57,6 +57,9 @@ def add_arguments(parser):
                         help="let the pair empty the replica or mirror a source that is not the tree the replica "
                              "mirrors (an unmounted or replaced source); dangerous on a daemon")
     add_exclude_arguments(parser)
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration (or SRC, DST and the options) and this host, list every "
+                             "problem, and exit: 0 valid, 2 invalid")  # fmt: skip
 
 
 def _config_from_args(args):
@@ -66,6 +69,9 @@ def _config_from_args(args):
     if args.config:
         if args.src or args.dst:
             raise UsageError("give either --config FILE or SRC DST, not both")
+        from ._check import refuse_conflicts
+
+        refuse_conflicts(args, set())
         return load_daemon_config(args.config)
     if not (args.src and args.dst):
         raise UsageError("need SRC and DST (or --config FILE)")
@@ -88,19 +94,43 @@ def _config_from_args(args):
     )  # fmt: skip
 
 
+def check_secrets(config, file: str | None) -> None:
+    """Every pair's secret file is usable (``mirror.secretfile``): refused now, not at the
+    first connection."""
+    from ..errors import ConfigError
+    from ..secretfile import SecretFileError, read_secret_file
+
+    for i, pair in enumerate(config.pairs):
+        if pair.secret_file:
+            try:
+                read_secret_file(pair.secret_file)
+            except SecretFileError as exc:
+                if file is None:
+                    raise
+                raise ConfigError(f"{file}: 'pair[{i}].secret_file': {exc}") from None
+
+
 def run(args) -> int:
     from ..daemon import Daemon
 
+    if args.check:
+        return _check(args)
     config = _config_from_args(args)
+    check_secrets(config, args.config)
     notifier = SystemdNotifier.from_environment()
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)
+    except OSError as exc:  # the metrics endpoint's address: say which, and where it was set
+        where = f"{args.config}: 'daemon.metrics'" if args.config else "--metrics"
+        host, port = config.metrics or ("", 0)
+        raise UsageError(f"{where}: cannot listen on {host}:{port}: {exc.strerror}") from None
     stop = threading.Event()
     reload_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     daemon.start()
-    log.warning("mirroring %s", ", ".join(f"{p.name}: {os.fsdecode(p.source)} -> {p.destination}" for p in config.pairs))
+    log.info("mirroring %s", ", ".join(f"{p.name}: {os.fsdecode(p.source)} -> {p.destination}" for p in config.pairs))
     readiness = _Readiness(notifier)
     try:
         while not stop.wait(0.2):
@@ -109,7 +139,9 @@ def run(args) -> int:
                 if args.config:
                     notifier.reloading()
                     try:
-                        daemon.reload(load_daemon_config(args.config))
+                        new_config = load_daemon_config(args.config)
+                        check_secrets(new_config, args.config)
+                        daemon.reload(new_config)
                     except Exception as exc:  # a bad new config must not stop a running mirror
                         log.error("reload failed, keeping the running configuration: %s", exc)
                     readiness.reloaded()
@@ -120,6 +152,29 @@ def run(args) -> int:
         notifier.stopping()
         daemon.stop()
     return 0
+
+
+def _check(args) -> int:
+    """``--check``: every problem of the configuration (or the arguments) and of this host."""
+    from ..config import read_daemon_config
+    from ..errors import MirrorError
+    from ._check import conflicts, daemon_host_problems, report
+
+    problems = conflicts(args, set())
+    if args.config:
+        if args.src or args.dst:
+            problems.append("SRC DST: cannot be combined with --config")
+        config, found = read_daemon_config(args.config)
+        problems += found.items
+    else:
+        try:
+            config = _config_from_args(args)
+        except MirrorError as exc:
+            config = None
+            problems.append(str(exc))
+    if config is not None:
+        problems += daemon_host_problems(config, args.config)
+    return report("daemon", args.config or "the command line", problems)
 
 
 class _Readiness:

@@ -3,9 +3,9 @@
 While the lock file exists, nothing is mirrored toward the other node: the sender stops
 sending and the receiver refuses writes.  The file records who took it, when and why.
 
-  mirror lock acquire PATH --reason "failover to node-b"
+  mirror lock acquire PATH --reason "failover to node-b"   (exit 0: taken, 3: already held)
   mirror lock status PATH          (exit 0: not locked, 3: locked)
-  mirror lock release PATH
+  mirror lock release PATH         (exit 0: released, or was not locked)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def run(args) -> int:
     if args.action == "acquire":
         info = lockfile.acquire(path, reason=args.reason)
         _show(args, info, "acquired" if info.created else "already held")
-        return EXIT_OK
+        return EXIT_OK if info.created else EXIT_LOCKED
     if args.action == "release":
         removed = lockfile.release(path)
         if args.json:

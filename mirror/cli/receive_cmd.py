@@ -12,8 +12,9 @@ import os
 import sys
 
 from ..errors import UsageError
-from ..protocol import StreamTransport, load_secret
+from ..protocol import StreamTransport
 from ..receiver import ModuleConfig, Receiver
+from ..secretfile import read_secret_file
 from ._common import add_privilege_arguments, privileges_from_args
 
 
@@ -31,7 +32,7 @@ def run(args) -> int:
     if not os.path.isdir(path):
         raise UsageError(f"{args.path} is not a directory")
     module = ModuleConfig(
-        name="", path=os.path.abspath(path), secret=load_secret(args.secret_file) if args.secret_file else None,
+        name="", path=os.path.abspath(path), secret=read_secret_file(args.secret_file) if args.secret_file else None,
         lock_file=os.fsencode(args.lock_file) if args.lock_file else None,
         state_dir=os.fsencode(args.state_dir) if args.state_dir else None, privileges=privileges_from_args(args),
     )  # fmt: skip

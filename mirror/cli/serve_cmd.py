@@ -15,12 +15,11 @@ import os
 import signal
 import threading
 
-from ..config import load_serve_config, parse_listen
+from ..config import DEFAULT_LISTEN, ServeConfig, load_serve_config, parse_listen, read_serve_config
 from ..errors import MirrorError, UsageError
-from ..privileges import Privileges
-from ..protocol import load_secret
 from ..receiver import ModuleConfig
 from ..sdnotify import SystemdNotifier
+from ..secretfile import read_secret_file
 from ..statedir import check_root
 from ._common import add_privilege_arguments, privileges_from_args
 
@@ -29,7 +28,7 @@ log = logging.getLogger("mirror.serve")
 
 def add_arguments(parser):
     parser.add_argument("--config", metavar="FILE", help="TOML configuration (instead of the options below)")
-    parser.add_argument("--listen", default="0.0.0.0:8730", help="ADDR:PORT to listen on (default 0.0.0.0:8730)")
+    parser.add_argument("--listen", help=f"ADDR:PORT to listen on (default {DEFAULT_LISTEN})")
     parser.add_argument("--module", action="append", default=[], metavar="NAME=PATH", help="a tree to serve")
     parser.add_argument("--secret-file", metavar="FILE", help="shared secret (first line of FILE)")
     parser.add_argument("--lock-file", metavar="PATH", help="refuse writes while this mirroring lock exists")
@@ -39,45 +38,40 @@ def add_arguments(parser):
                              "(default 30 s / 600 s; a live daemon may idle between sessions)")
     parser.add_argument("--port-file", metavar="FILE", help="write the port listened on to FILE (for --listen :0)")
     add_privilege_arguments(parser, "the --module trees")
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration (or the options) and this host, list every problem, "
+                             "and exit: 0 valid, 2 invalid")  # fmt: skip
+
+
+# What may accompany --config: run-time settings, not what the file defines.
+WITH_CONFIG = {"--timeout", "--port-file"}
 
 
 def run(args) -> int:
     from ..server import MirrorServer
+    from ._check import refuse_conflicts
 
+    if args.check:
+        return _check(args)
     if args.config:
-        if args.module or privileges_from_args(args) != Privileges():
-            raise UsageError("give modules (and what they allow) either with --config or with --module, not both")
+        refuse_conflicts(args, WITH_CONFIG)
         config = load_serve_config(args.config)
-        listen, modules, max_conn = config.listen, config.modules, config.max_connections
-        timeout = args.timeout if args.timeout is not None else config.timeout
     else:
-        if not args.module:
-            raise UsageError("no module to serve: give --module NAME=PATH (or --config FILE)")
-        if not args.secret_file:
-            raise UsageError("--secret-file is required: every client must prove it knows the secret")
-        secret = load_secret(args.secret_file)
-        modules = {}
-        for spec in args.module:
-            name, sep, path = spec.partition("=")
-            if not sep or not name or not path:
-                raise UsageError(f"--module: expected NAME=PATH, got {spec!r}")
-            if not os.path.isdir(path):
-                raise UsageError(f"--module {name}: {path} is not a directory")
-            modules[name] = ModuleConfig(
-                name=name, path=os.fsencode(os.path.abspath(path)), secret=secret,
-                lock_file=os.fsencode(args.lock_file) if args.lock_file else None, read_only=args.read_only,
-                privileges=privileges_from_args(args),
-            )  # fmt: skip
-        listen, max_conn = parse_listen(args.listen), 64
-        timeout = args.timeout
+        config = _config_from_args(args)
+    listen, modules, max_conn = config.listen, config.modules, config.max_connections
+    timeout = args.timeout if args.timeout is not None else config.timeout
     for module in modules.values():
         check_root(module.path)  # a user's own .mirror at the root would be hidden: refused now
     notifier = SystemdNotifier.from_environment()
-    server = MirrorServer(listen, modules, max_conn, timeout=timeout)
+    try:
+        server = MirrorServer(listen, modules, max_conn, timeout=timeout)
+    except OSError as exc:  # "Address already in use" alone would not say which, nor where it was set
+        where = f"{args.config}: 'listen'" if args.config else "--listen"
+        raise UsageError(f"{where}: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror}") from None
     if args.port_file:
         with open(args.port_file, "w") as f:
             f.write(f"{server.port}\n")
-    log.warning("serving %s on %s:%d", ", ".join(sorted(modules)), listen[0], server.port)
+    log.info("serving %s on %s:%d", ", ".join(sorted(modules)), listen[0], server.port)
     signal.signal(signal.SIGTERM, lambda *_: _stop(server, notifier))
     reloader = _Reloader(server, args, notifier)
     signal.signal(signal.SIGHUP, lambda *_: reloader.request())
@@ -91,6 +85,46 @@ def run(args) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def _config_from_args(args) -> ServeConfig:
+    if not args.module:
+        raise UsageError("no module to serve: give --module NAME=PATH (or --config FILE)")
+    if not args.secret_file:
+        raise UsageError("--secret-file is required: every client must prove it knows the secret")
+    secret = read_secret_file(args.secret_file)
+    modules = {}
+    for spec in args.module:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--module: expected NAME=PATH, got {spec!r}")
+        if not os.path.isdir(path):
+            raise UsageError(f"--module {name}: {path} is not a directory")
+        modules[name] = ModuleConfig(
+            name=name, path=os.fsencode(os.path.abspath(path)), secret=secret,
+            lock_file=os.fsencode(args.lock_file) if args.lock_file else None, read_only=args.read_only,
+            privileges=privileges_from_args(args),
+        )  # fmt: skip
+    return ServeConfig(listen=parse_listen(args.listen or DEFAULT_LISTEN), modules=modules)
+
+
+def _check(args) -> int:
+    """``--check``: every problem of the configuration (or the options) and of this host."""
+    from ._check import conflicts, report, serve_host_problems
+
+    problems = conflicts(args, WITH_CONFIG)
+    if args.config:
+        config, found = read_serve_config(args.config)
+        problems += found.items
+    else:
+        try:
+            config = _config_from_args(args)
+        except MirrorError as exc:
+            config = None
+            problems.append(str(exc))
+    if config is not None:
+        problems += serve_host_problems(config, args.config)
+    return report("serve", args.config or "the command line", problems)
 
 
 def _describe(server) -> str:

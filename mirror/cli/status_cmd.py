@@ -1,9 +1,19 @@
 """Show what `mirror daemon` is doing: per pair its state, last sync, pending changes,
-replication lag (seconds and bytes), latency and last error.
+replication lag (seconds and bytes), latency, progress of a first sync or catch-up, the
+files that failed and the last error.
 
 Reads the status file the daemon rewrites twice a second (in its status dir: --state-dir,
-or the status_dir of --config).  Exit status 0 if every pair is live, 1 otherwise (locked,
-disconnected, catching up, ...), 2 if no daemon status is found or it is stale.
+or the status_dir of --config), and checks that the daemon that wrote it still runs: a
+pair is never shown live for a daemon that stopped, died or hangs.
+
+Exit status (alert on anything but 0):
+  0  the daemon runs and every pair is live
+  1  the daemon runs, a pair is not live (syncing, catching up, locked, disconnected,
+     unreachable, halted, fenced) or files failed in its last session (they are listed)
+  2  no daemon status found, or bad usage
+  6  stopped: the daemon exited (SIGTERM, SIGINT, all pairs fenced) and said so
+  7  dead: the daemon's process is gone without saying so (killed, crashed)
+  8  stale: the process exists but has not written its status for 5 s (hung, or stopped)
 """
 
 from __future__ import annotations
@@ -14,12 +24,31 @@ import time
 from ..errors import EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK
 from ._common import path_arg, print_json
 
+EXIT_STOPPED = 6
+EXIT_DEAD = 7
+EXIT_STALE = 8
+STALE_SECONDS = 5.0  # the daemon writes every 0.5 s
+
 
 def add_arguments(parser):
     parser.add_argument("tree", nargs="?", help="a source tree of the daemon (its state dir holds the status)")
     parser.add_argument("--state-dir", metavar="DIR", help="the daemon's status dir")
     parser.add_argument("--config", metavar="FILE", help="the daemon's configuration (for its status dir)")
     parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def daemon_state(status: dict, now: float) -> str:
+    """running, stopped, dead or stale: what became of the daemon that wrote ``status``."""
+    from ..daemon import process_start
+
+    if status.get("state") == "stopped":
+        return "stopped"
+    started = process_start(status["pid"])
+    if started is None or (status.get("pid_start") is not None and started != status["pid_start"]):
+        return "dead"  # its pid is gone, or is another process's now
+    if now - status["updated"] > STALE_SECONDS:
+        return "stale"
+    return "running"
 
 
 def run(args) -> int:
@@ -42,22 +71,49 @@ def run(args) -> int:
     except FileNotFoundError:
         print(f"mirror status: no daemon status in {status_dir.decode(errors='replace')}", file=sys.stderr)
         return EXIT_ERROR
-    age = time.time() - status["updated"]
-    stale = age > 5
+    now = time.time()
+    age = now - status["updated"]
+    state = daemon_state(status, now)
+    if state != "running":
+        for p in status["pairs"]:  # what a pair was doing is history now, not its state
+            p["last_state"], p["state"] = p["state"], f"not mirroring (daemon {state})"
     if args.json:
-        print_json({**status, "age_seconds": round(age, 3), "stale": stale})
+        print_json({**status, "daemon": state, "age_seconds": round(age, 3), "stale": state == "stale"})
     else:
-        print(f"mirror daemon pid {status['pid']}, status {age:.1f} s old{' (STALE: not running?)' if stale else ''}")
-        for p in status["pairs"]:
-            last = time.strftime("%H:%M:%S", time.localtime(p["last_sync"])) if p["last_sync"] else "never"
-            print(f"{p['name']}: {p['state']} since {time.strftime('%H:%M:%S', time.localtime(p['since']))}")
-            print(f"  {p['source']} -> {p['destination']}")
-            print(f"  last sync {last}, {p['pending']} pending, lag {p['lag_seconds']:.3f} s / {p['lag_bytes']} bytes")
-            if p.get("latency_p50_ms") is not None:
-                print(f"  latency p50 {p['latency_p50_ms']} ms, p99 {p['latency_p99_ms']} ms; "
-                      f"{p['sessions']} sessions, {p['files_sent']} files, {p['failures']} failures")
-            if p.get("last_error"):
-                print(f"  last error: {p['last_error']}")
-    if stale:
-        return EXIT_ERROR
-    return EXIT_OK if all(p["state"] == "live" for p in status["pairs"]) else EXIT_DIFFERENT
+        _print(status, state, age)
+    if state != "running":
+        return {"stopped": EXIT_STOPPED, "dead": EXIT_DEAD, "stale": EXIT_STALE}[state]
+    healthy = all(p["state"] == "live" and not p.get("failed_files") for p in status["pairs"])
+    return EXIT_OK if healthy else EXIT_DIFFERENT
+
+
+def _print(status: dict, state: str, age: float) -> None:
+    written = time.strftime("%H:%M:%S", time.localtime(status["updated"]))
+    print({
+        "running": f"mirror daemon pid {status['pid']}: running (status {age:.1f} s old)",
+        "stopped": f"mirror daemon pid {status['pid']}: STOPPED at {written}",
+        "dead": f"mirror daemon pid {status['pid']}: DEAD: the process is gone without having stopped "
+                f"(killed or crashed); last status at {written}",
+        "stale": f"mirror daemon pid {status['pid']}: STALE: no status for {age:.1f} s (hung or stopped?)",
+    }[state])  # fmt: skip
+    for p in status["pairs"]:
+        last = time.strftime("%H:%M:%S", time.localtime(p["last_sync"])) if p["last_sync"] else "never"
+        was = f" (was {p['last_state']})" if "last_state" in p else ""
+        print(f"{p['name']}: {p['state']}{was} since {time.strftime('%H:%M:%S', time.localtime(p['since']))}")
+        print(f"  {p['source']} -> {p['destination']}")
+        success = p.get("last_success")
+        print(f"  last sync {last}, last without failures "
+              f"{time.strftime('%H:%M:%S', time.localtime(success)) if success else 'never'}, "
+              f"{p['pending']} pending, lag {p['lag_seconds']:.3f} s / {p['lag_bytes']} bytes")  # fmt: skip
+        progress = p.get("progress")
+        if progress:
+            total = progress.get("entries_total")
+            done = f"{progress['entries']} of {total}" if total is not None else f"{progress['entries']}"
+            print(f"  progress: {done} entries, {progress['bytes']} bytes done")
+        if p.get("latency_p50_ms") is not None:
+            print(f"  latency p50 {p['latency_p50_ms']} ms, p99 {p['latency_p99_ms']} ms; "
+                  f"{p['sessions']} sessions, {p['files_sent']} files, {p['failures']} failures")  # fmt: skip
+        for path, reason in p.get("failed_files") or ():
+            print(f"  failed: {path}: {reason}")
+        if p.get("last_error"):
+            print(f"  last error: {p['last_error']}")

@@ -17,29 +17,35 @@ from __future__ import annotations
 import sys
 
 from ..errors import UsageError
+from ..secretfile import read_secret_file
 from ._common import add_exclude_arguments, excluder_from_args, path_arg
 
 _UNITS = {"": 1024, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 
 def parse_rate(text: str) -> int:
-    """``--bwlimit``: bytes per second; a bare number is KiB/s, like rsync."""
+    """``--bwlimit``: bytes per second; a bare number is KiB/s, like rsync.  A bad value is a
+    usage error (argparse's: exit 2, the usage line, no traceback)."""
+    import argparse
+    import math
+
     t = text.strip().upper().removesuffix("/S").removesuffix("IB").removesuffix("B")
     unit = t[-1] if t and t[-1] in _UNITS else ""
     number = t[:-1] if unit else t
     try:
-        value = int(float(number) * _UNITS[unit])
+        amount = float(number)
     except ValueError:
-        raise UsageError(f"--bwlimit: cannot read {text!r} (examples: 500, 20M, 1G)") from None
-    if value <= 0:
-        raise UsageError("--bwlimit must be positive")
-    return value
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} (examples: 500, 20M, 1G)") from None
+    if not math.isfinite(amount) or amount <= 0 or int(amount * _UNITS[unit]) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive rate, got {text!r} (examples: 500, 20M, 1G)")
+    return int(amount * _UNITS[unit])
 
 
 def add_arguments(parser):
     parser.add_argument("src", help="the source tree")
     parser.add_argument("dst", help="destination: DIR, mirror://HOST:PORT/MODULE[/SUBPATH] or HOST:PATH")
     parser.add_argument("--delete", action="store_true", help="delete what is not in SRC from DST")
+    parser.add_argument("--mkpath", action="store_true", help="create DST's missing parent directories (local DST)")
     parser.add_argument("--checksum", "-c", action="store_true", help="compare content by digest, not size+mtime")
     parser.add_argument("-n", "--dry-run", action="store_true", help="only show what would change")
     parser.add_argument("-i", "--itemize-changes", action="store_true", help="print each change (as mirror diff)")
@@ -70,21 +76,28 @@ def run(args) -> int:
 
     excluder = excluder_from_args(args)
     patterns = [p.text for p in excluder.patterns] if excluder else []
-    show = (args.itemize_changes or args.dry_run) and not args.json
+    itemize = (args.itemize_changes or args.dry_run) and not args.json
+    names = args.verbose > 0 and not itemize and not args.json  # -v: rsync's list of names
+    show = itemize or names
 
     def on_change(change):
-        from ..itemize import item_lines
+        if progress is not None:
+            progress.found(change)
+        if show:
+            from ..itemize import item_lines, name_lines
 
-        for line in item_lines(change):
-            sys.stdout.write(line + "\n")
+            for line in (item_lines if itemize else name_lines)(change):
+                sys.stdout.write(line + "\n")
 
+    _check_destination_parent(args)
+    secret = read_secret_file(args.secret_file) if args.secret_file else None
     progress = _Progress() if args.progress else None
     try:
         result = sync(
             path_arg(args.src), path_arg(args.dst), delete=args.delete, checksum=args.checksum,
-            dry_run=args.dry_run, excludes=patterns, secret_file=args.secret_file, lock_file=args.lock_file,
+            dry_run=args.dry_run, excludes=patterns, secret=secret, lock_file=args.lock_file,
             dst_lock_file=args.dst_lock_file, state_dir=args.state_dir, bwlimit=args.bwlimit, rsh=args.rsh,
-            remote_command=args.remote_command, remote_options=args.remote_option, fsync=not args.no_fsync, on_change=on_change if show else None,
+            remote_command=args.remote_command, remote_options=args.remote_option, fsync=not args.no_fsync, on_change=on_change if show or progress else None,
             on_progress=progress.advance if progress else None,
             keep_changes=args.json,  # only --json prints them at the end; -i prints each as it goes
             max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete, timeout=args.timeout,
@@ -115,7 +128,10 @@ def run(args) -> int:
                 "seconds": round(s.seconds, 6),
             },
         })  # fmt: skip
-    elif args.stats:
+    elif names:
+        print(f"sent {s.wire_sent:,} bytes  received {s.wire_received:,} bytes  "
+              f"{s.files_sent} files sent, {s.deleted} deleted  speedup {s.speedup:.2f}")  # fmt: skip
+    if args.stats and not args.json:
         print(f"files: {s.files_seen} seen, {s.files_sent} sent ({s.files_delta} as deltas), "
               f"{s.other_changes} other changes, {s.deleted} deleted")
         print(f"bytes: {s.literal_bytes} literal, {s.matched_bytes} matched from the replica, "
@@ -163,6 +179,26 @@ def count_arg(text: str) -> int:
     return value
 
 
+def _check_destination_parent(args) -> None:
+    """rsync's rule: DST itself may be created, not the directories above it, unless --mkpath
+    (a typo in a path must not grow a new tree somewhere)."""
+    import os
+
+    from ..transfer import parse_destination
+
+    destination = parse_destination(path_arg(args.dst))
+    if destination.kind != "local":
+        return
+    parent = os.path.dirname(os.path.abspath(destination.path.rstrip(b"/") or b"/"))
+    if os.path.isdir(parent):
+        return
+    if not args.mkpath:
+        raise UsageError(f"{_show(destination.path)}: its parent directory {_show(parent)} does not exist "
+                         "(--mkpath creates it)")  # fmt: skip
+    if not args.dry_run:
+        os.makedirs(parent)
+
+
 def _show(path: bytes) -> str:
     from ..itemize import escape_path
 
@@ -170,27 +206,95 @@ def _show(path: bytes) -> str:
 
 
 class _Progress:
-    """A rich progress bar of bytes sent (the total is not known while the trees stream)."""
+    """``--progress``: bytes and files sent of those found to send so far, percentage, rate and
+    ETA, on stderr.  The trees stream (compared while they are scanned), so the total grows
+    until the scan ends, as with rsync's incremental recursion.  On a terminal a rich bar;
+    elsewhere (a log, a pipe) a plain line at most once a second, and one at the end."""
 
-    def __init__(self):
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TransferSpeedColumn,
-        )
+    PLAIN_EVERY = 1.0
 
-        self._bar = Progress(TextColumn("mirror sync"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                             TextColumn("{task.fields[files]} files"), TimeElapsedColumn(), transient=True)  # fmt: skip
-        self._bar.start()
-        self._task = self._bar.add_task("sync", total=None, files=0)
-        self._files = 0
+    def __init__(self, stream=None):
+        import time
+
+        self.stream = stream or sys.stderr
+        self.started = time.monotonic()
+        self.done_bytes = self.done_files = 0
+        self.total_bytes = self.total_files = 0
+        self._last_line = 0.0
+        self._bar = None
+        if self.stream.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._bar = Progress(TextColumn("mirror sync"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TextColumn("{task.fields[files]}"), TextColumn("ETA"),
+                                 TimeRemainingColumn(), console=Console(file=self.stream), transient=True)  # fmt: skip
+            self._bar.start()
+            self._task = self._bar.add_task("sync", total=0, files="")
+
+    def found(self, change) -> None:
+        """A change planned: a file whose content will be sent adds to the total."""
+        from ..compare import METADATA, REMOVED
+        from ..entry import Kind
+
+        src = change.src
+        if change.change in (METADATA, REMOVED) or src is None or src.kind != Kind.FILE or change.link_to is not None:
+            return
+        self.total_bytes += src.size
+        self.total_files += 1
+        self._update()
 
     def advance(self, size: int) -> None:
-        self._files += 1
-        self._bar.update(self._task, advance=size, files=self._files)
+        self.done_bytes += size
+        self.done_files += 1
+        self._update()
+
+    def _update(self, final: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done_bytes, total=max(self.total_bytes, self.done_bytes),
+                             files=f"{self.done_files}/{self.total_files} files")  # fmt: skip
+            return
+        if final or now - self._last_line >= self.PLAIN_EVERY:
+            self._last_line = now
+            self.stream.write(self.line(now - self.started, final) + "\n")
+            self.stream.flush()
+
+    def line(self, elapsed: float, final: bool = False) -> str:
+        total = max(self.total_bytes, self.done_bytes)
+        percent = 100.0 * self.done_bytes / total if total else 100.0
+        rate = self.done_bytes / elapsed if elapsed > 0 else 0.0
+        left = total - self.done_bytes
+        eta = "0:00:00" if not left else (_clock(left / rate) if rate else "-:--:--")
+        return (f"mirror sync: {_size(self.done_bytes)} of {_size(total)}{'' if final else ' found so far'} "
+                f"({percent:.0f}%), {self.done_files}/{self.total_files} files, {_size(rate)}/s, "
+                f"{'done in ' + _clock(elapsed) if final else 'ETA ' + eta}")  # fmt: skip
 
     def close(self) -> None:
-        self._bar.stop()
+        if self._bar is not None:
+            self._bar.stop()
+        else:
+            self._update(final=True)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -351,6 +351,7 @@ def write_config(lab: Lab, initdead: float = 1.0, extra: str = "", timing: str =
     secret = os.path.join(lab.workdir, "secret")
     with open(secret, "w") as f:
         f.write(secrets.token_hex(32))
+    os.chmod(secret, 0o600)
     notify = os.path.join(lab.workdir, "notify.sh")
     with open(notify, "w") as f:
         f.write(
@@ -605,6 +606,7 @@ def mirror_section(lab: Lab) -> str:
     secret = os.path.join(lab.workdir, "mirror-secret")
     with open(secret, "w") as f:
         f.write(secrets.token_hex(32))
+    os.chmod(secret, 0o600)
     for node in ("a", "b"):
         os.makedirs(tree(lab, node), exist_ok=True)
     command = ", ".join(f'"{c}"' for c in MIRROR)

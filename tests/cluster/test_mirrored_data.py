@@ -7,6 +7,7 @@ themselves as soon as the engine lands.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -168,3 +169,14 @@ def test_stale_former_primary_never_overwrites_newer_data(mcluster):
     finally:
         serve.terminate()
         serve.wait(10)
+
+
+def test_status_shows_the_mirror_state_and_lag(mcluster):
+    c = mcluster
+    r = c.h.cli("a", "status")
+    assert r.returncode == 0 and "mirror data: live, lag " in r.stdout, r.stdout
+    trees = json.loads(c.h.cli("a", "status", "--json").stdout)["mirror"]["trees"]
+    assert trees[0]["name"] == "data" and trees[0]["daemon"] == "running"
+    assert trees[0]["pairs"][0]["state"] == "live" and "lag_seconds" in trees[0]["pairs"][0]
+    # the secondary receives: it runs no daemon for the tree
+    assert json.loads(c.h.cli("b", "status", "--json").stdout)["mirror"]["trees"][0]["daemon"] is None

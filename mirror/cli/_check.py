@@ -1,0 +1,138 @@
+"""``mirror serve|daemon --check``: what a configuration would only reveal once it runs.
+
+The file's own problems come from ``mirror.config``; these add the options that contradict
+``--config`` and what depends on this host (trees, directories, addresses, secret files).
+Each problem names the file (or the option) and the key.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+
+from ..errors import EXIT_ERROR, EXIT_OK, MirrorError, UsageError, display_path
+
+
+def conflicts(args, allowed: set[str]) -> list[str]:
+    """Options that ``--config`` would silently override: each one a problem."""
+    if not args.config:
+        return []
+    return [f"{option}: cannot be combined with --config {args.config} (set it in the file)"
+            for option in sorted(args.given_options - allowed)]  # fmt: skip
+
+
+def refuse_conflicts(args, allowed: set[str]) -> None:
+    problems = conflicts(args, allowed)
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def report(command: str, what: str, problems: list[str]) -> int:
+    """Print the verdict of ``--check``: every problem, then a summary; the exit status."""
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"mirror {command}: {what}: {len(problems)} problem{'s' if len(problems) > 1 else ''}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    print(f"mirror {command}: {what}: valid")
+    return EXIT_OK
+
+
+def address_problem(host: str) -> str | None:
+    """Why this host cannot listen on ``host``, or None."""
+    if host in ("", "0.0.0.0", "::"):
+        return None
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"{host}: {exc.strerror}"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(address[:2] if family == socket.AF_INET else address)
+        except OSError as exc:
+            return (
+                f"{host} is not an address of this host" if exc.errno == errno.EADDRNOTAVAIL else exc.strerror
+            )
+    return None
+
+
+def _directory(where: str, path: bytes | None, what: str, problems: list[str]) -> None:
+    if path and not os.path.isdir(path):
+        problems.append(f"{where}: {what} {display_path(path)} is not a directory")
+
+
+def _parent(where: str, path: bytes | str | None, problems: list[str]) -> None:
+    if path:
+        parent = os.path.dirname(os.path.abspath(os.fsencode(path)))
+        if not os.path.isdir(parent):
+            problems.append(f"{where}: the directory {display_path(parent)} does not exist")
+
+
+def _tree(where: str, path: bytes, problems: list[str]) -> None:
+    from ..statedir import check_root
+
+    if not os.path.isdir(path):
+        problems.append(f"{where}: {display_path(path)} is not a directory")
+        return
+    try:
+        check_root(path)
+    except MirrorError as exc:
+        problems.append(f"{where}: {exc}")
+
+
+def serve_host_problems(config, file: str | None) -> list[str]:
+    problems: list[str] = []
+    for name, module in sorted(config.modules.items()):
+
+        def key(k: str, name=name) -> str:
+            if file:
+                return f"{file}: 'modules.{name}.{k}'"
+            return f"--module {name}" if k == "path" else f"--{k.replace('_', '-')}"
+
+        _tree(key("path"), module.path, problems)
+        _parent(key("lock_file"), module.lock_file, problems)
+        _directory(key("state_dir"), module.state_dir, "the state dir", problems)
+    problem = address_problem(config.listen[0])
+    if problem:
+        problems.append(f"{file}: 'listen': {problem}" if file else f"--listen: {problem}")
+    return problems
+
+
+def daemon_host_problems(config, where: str | None) -> list[str]:
+    from ..secretfile import read_secret_file
+    from ..transfer import parse_destination
+
+    problems: list[str] = []
+    for i, pair in enumerate(config.pairs):
+
+        def key(k: str, i=i) -> str:
+            return f"{where}: 'pair[{i}].{k}'" if where else f"--{k.replace('_', '-')}"
+
+        _tree(key("source") if where else "SRC", pair.source, problems)
+        if pair.secret_file:
+            try:
+                read_secret_file(pair.secret_file)
+            except MirrorError as exc:
+                problems.append(f"{key('secret_file')}: {exc}")
+        try:
+            destination = parse_destination(pair.destination)
+        except MirrorError as exc:
+            problems.append(f"{key('destination') if where else 'DST'}: {exc}")
+        else:
+            if destination.kind == "local":
+                _parent(
+                    key("destination") if where else "DST", destination.path.rstrip(b"/") or b"/", problems
+                )
+            elif destination.kind == "daemon" and not pair.secret_file:
+                problems.append(f"{key('secret_file')}: a mirror:// destination needs a secret file")
+        _parent(key("lock_file"), pair.lock_file, problems)
+        _directory(key("state_dir"), pair.state_dir, "the state dir", problems)
+    if config.metrics:
+        problem = address_problem(config.metrics[0])
+        if problem:
+            problems.append(f"{where}: 'daemon.metrics': {problem}" if where else f"--metrics: {problem}")
+    return problems
