@@ -140,10 +140,15 @@ def test_a_daemon_that_exits_is_restarted(ctl, monkeypatch):
     wait_calls(tmp, 2)
     first = c._procs[0].proc
     first.kill()
+
+    def restarted():
+        proc = c._procs[0].proc  # None between the exit and the restart
+        return proc is not None and proc is not first and proc.poll() is None
+
     deadline = time.monotonic() + 10
-    while (c._procs[0].proc is first or c._procs[0].proc.poll() is not None) and time.monotonic() < deadline:
+    while not restarted() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert c._procs[0].proc is not first
+    assert restarted()
 
 
 def test_final_sync_runs_sync_with_delete_and_reports_failure(ctl):
