@@ -160,7 +160,12 @@ def cmd_run(cfg, node, args) -> int:
     notifier = SystemdNotifier.from_environment()
     if os.environ.get(SUPERVISED_ENV) != str(os.getppid()):
         lock_fd = instance.acquire(cfg.node(node).state_dir)  # noqa: F841 (held until exit)
-    n = Node(cfg, node)
+    if cfg.backend == "etcd":
+        from .etcdnode import EtcdNode
+
+        n = EtcdNode(cfg, node)
+    else:
+        n = Node(cfg, node)
     n.on_role_change = lambda role, reason: _report_role(notifier, role, reason)
     notifier.status("init: waiting to hear the peer and to see the own LAN healthy")
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -161,6 +161,8 @@ class ClusterConfig:
     mirror: MirrorConfig
     notify: NotifyConfig
     standby_lock: str = field(default="{state_dir}/standby.lock")
+    backend: str = "two-node"  # or "etcd": leadership from etcd (hawrap.etcdconfig, docs/ETCD.md)
+    etcd: Any = None  # hawrap.etcdconfig.EtcdSettings with backend "etcd"
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -295,6 +297,14 @@ def load(path: str) -> ClusterConfig:
             cluster.fail("ping_nodes", f"entry {i} {p!r} is not an IP address")
     state_dir_template = cluster.get("state_dir", str, "/var/lib/hawrap")
     standby_lock = cluster.get("standby_lock", str, "{state_dir}/standby.lock")
+    from . import etcdconfig
+
+    backend = cluster.get(
+        "backend",
+        str,
+        "two-node",
+        lambda v: None if v in etcdconfig.BACKENDS else f"one of {etcdconfig.BACKENDS}",
+    )
     cluster.finish()
 
     links = []
@@ -333,7 +343,9 @@ def load(path: str) -> ClusterConfig:
             )
         )
         sec.finish()
-    if len(nodes) != 2 or nodes[0].name == nodes[1].name:
+    if backend == "etcd":
+        etcdconfig.check_nodes(path, [n.name for n in nodes])
+    elif len(nodes) != 2 or nodes[0].name == nodes[1].name:
         raise ConfigError(
             f"{path}: exactly two [[node]] tables with different names are required (found {len(nodes)})"
         )
@@ -461,6 +473,9 @@ def load(path: str) -> ClusterConfig:
     n.finish()
     if notify.smtp_host and not notify.mail_to:
         raise ConfigError(f"{path}: notify.mail_to is required with notify.smtp_host")
+    etcd = etcdconfig.parse(top.sub("etcd", ...), name, path) if backend == "etcd" else None
+    if etcd is None and "etcd" in doc:
+        raise ConfigError(f'{path}: [etcd] is only used with cluster.backend = "etcd"')
     top.finish()
 
     return ClusterConfig(
@@ -479,6 +494,8 @@ def load(path: str) -> ClusterConfig:
         mirror=mirror,
         notify=notify,
         standby_lock=standby_lock,
+        backend=backend,
+        etcd=etcd,
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 import signal
@@ -194,6 +195,11 @@ def _relay_stderr(proc: subprocess.Popen, name: str) -> str:
     return last[-300:]
 
 
+def _toml(value: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's (quotes, backslashes, control characters)."""
+    return json.dumps(value)
+
+
 @dataclass(frozen=True)
 class Replica:
     """Is the peer's copy receiving our changes live?  ``detail`` says what is not."""
@@ -203,15 +209,22 @@ class Replica:
 
 
 class MirrorControl:
-    def __init__(self, cfg: ClusterConfig, node: str, on_exit=None):
+    """``destinations``: the nodes a primary mirrors to.  Two-node mode: None, the peer, through
+    the configured ``mirror.daemon`` argv.  With several (the etcd backend): one daemon per tree
+    with a pair per destination, from a generated ``mirror daemon --config`` file."""
+
+    def __init__(self, cfg: ClusterConfig, node: str, on_exit=None, destinations: list[str] | None = None):
         self.cfg = cfg
         self.node = node
         self.on_exit = on_exit
         self.trees = resolve_trees(cfg, node)
-        self.peer = cfg.peer_of(node)
+        self.fan_out = destinations is not None
+        self.destinations = list(destinations) if destinations is not None else [cfg.peer_of(node).name]
+        self.peer = cfg.node(self.destinations[0]) if self.destinations else None
         self.me = cfg.node(node)
         link = cfg.mirror_link()
-        self.peer_address = self.peer.addresses[link]
+        self.addresses = {name: cfg.node(name).addresses[link] for name in self.destinations}
+        self.peer_address = self.addresses[self.peer.name] if self.peer else None
         self.my_address = self.me.addresses[link]
         self.direction: str | None = None
         self._procs: list[_Supervised] = []
@@ -252,6 +265,33 @@ class MirrorControl:
 
     # ---------------------------------------------------------- data
 
+    def _destination(self, tree: Tree, node: str) -> str:
+        return f"mirror://{self.addresses[node]}:{self.cfg.mirror.port}/{tree.name}"
+
+    def _fan_out_argv(self, tree: Tree) -> list[str]:
+        """``mirror daemon --config F``, F written here: one pair per destination, all with
+        the tree as source (each destination has its own position and state)."""
+        lines = [
+            "# written by hawrap: the fan-out of one tree, one pair per destination",
+            "[daemon]",
+            f"status_dir = {_toml(tree.state_dir)}",
+        ]
+        for node in self.destinations:
+            lines += [
+                "",
+                "[[pair]]",
+                f"name = {_toml(f'{tree.name}@{node}')}",
+                f"source = {_toml(tree.path)}",
+                f"destination = {_toml(self._destination(tree, node))}",
+                f"state_dir = {_toml(tree.state_dir)}",
+                f"lock_file = {_toml(tree.lock_file)}",
+            ]
+            if self.cfg.mirror.secret_file:
+                lines.append(f"secret_file = {_toml(self.cfg.mirror.secret_file)}")
+        path = os.path.join(self.me.state_dir, f"mirror-daemon-{tree.name}.toml")
+        atomic_write(path, ("\n".join(lines) + "\n").encode(), 0o600)
+        return [*self.cfg.mirror.command, "daemon", "--config", path]
+
     def _argv(self, template: tuple[str, ...], tree: Tree | None = None, **extra: str) -> list[str]:
         values = {
             "secret_file": self.cfg.mirror.secret_file or "",
@@ -260,9 +300,10 @@ class MirrorControl:
             **extra,
         }
         if tree is not None:
+            target = extra.pop("to", None) or (self.peer.name if self.peer else "")
             values.update(
                 src=tree.path,
-                dst=f"mirror://{self.peer_address}:{self.cfg.mirror.port}/{tree.name}",
+                dst=self._destination(tree, target) if target else "",
                 lock_file=tree.lock_file,
                 state_dir=tree.state_dir,
                 tree=tree.name,
@@ -292,9 +333,11 @@ class MirrorControl:
             self.direction = direction if self.trees else None
             return
         self.stop_processes()
-        if direction == "send":
+        if direction == "send" and self.fan_out and not self.destinations:
+            pass  # a cluster of one: nobody to mirror to
+        elif direction == "send":
             for t in self.trees:
-                argv = self._argv(self.cfg.mirror.daemon, t)
+                argv = self._fan_out_argv(t) if self.fan_out else self._argv(self.cfg.mirror.daemon, t)
                 self._procs.append(_Supervised(f"daemon {t.name}", argv, self.on_exit, self.me.state_dir))
         elif direction == "receive":
             self._procs.append(
@@ -317,23 +360,29 @@ class MirrorControl:
         for tree, proc in zip(self.trees, self._procs, strict=True):
             try:
                 status = read_status(tree.state_dir)
-                pair = status["pairs"][0]
+                pairs = status["pairs"]
+                if len(pairs) < max(1, len(self.destinations) if self.fan_out else 1):
+                    raise IndexError
             except (OSError, ValueError, KeyError, IndexError):
                 problems.append(f"{tree.name}: starting")
                 continue
             if status.get("updated", 0) < proc.started_at or now - status.get("updated", 0) > STATUS_STALE:
                 problems.append(f"{tree.name}: no fresh status from its daemon")
-            elif pair.get("state") != "live":
-                error = pair.get("last_error")
-                problems.append(f"{tree.name}: {pair.get('state')}" + (f" ({error})" if error else ""))
-            elif (pair.get("lag_seconds") or 0) > self.cfg.mirror.max_lag:
-                problems.append(f"{tree.name}: {pair['lag_seconds']:.1f} s behind")
+                continue
+            for pair in pairs:
+                where = pair.get("name", tree.name) if self.fan_out else tree.name
+                if pair.get("state") != "live":
+                    error = pair.get("last_error")
+                    problems.append(f"{where}: {pair.get('state')}" + (f" ({error})" if error else ""))
+                elif (pair.get("lag_seconds") or 0) > self.cfg.mirror.max_lag:
+                    problems.append(f"{where}: {pair['lag_seconds']:.1f} s behind")
         return Replica(not problems, "; ".join(problems) or "live")
 
-    def final_sync(self, timeout: float = 3600.0) -> None:
-        """One-shot ``mirror sync --delete`` of every tree toward the peer; raises on failure."""
+    def final_sync(self, timeout: float = 3600.0, to: str | None = None) -> None:
+        """One-shot ``mirror sync --delete`` of every tree toward the peer (or node ``to``);
+        raises on failure."""
         for t in self.trees:
-            argv = self._argv(self.cfg.mirror.sync, t)
+            argv = self._argv(self.cfg.mirror.sync, t, to=to or "")
             start = time.monotonic()
             try:
                 proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
@@ -343,6 +392,15 @@ class MirrorControl:
                 err = proc.stderr.decode(errors="replace").strip()[-500:]
                 raise HawrapError(f"final sync of {t.name} failed (exit {proc.returncode}): {err}")
             log.info("final sync of %s done in %.2f s", t.name, time.monotonic() - start)
+
+    def kill_processes(self) -> None:
+        """SIGKILL every mirror process's group now, without waiting (a node that must stop
+        serving at once); ``stop_processes`` reaps them later."""
+        for p in self._procs:
+            proc = p.proc
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
 
     def stop_processes(self) -> None:
         for p in self._procs:

@@ -1,0 +1,129 @@
+"""``hawrap run`` with ``backend = "etcd"`` on three nodes beside a real three-member etcd.
+
+Each node runs the real thing: hawrap's supervisor and node, the leader's VIP, its TCP
+service and its ``mirror daemon`` toward both replicas, each replica's ``mirror serve``.  The
+client's namespace probes the VIP every 20 ms and samples every 50 ms which MACs answer ARP
+for it; a thread reads every node's interface every 50 ms.  Faults: hawrap killed on the
+leader (SIGKILL of every process but its etcd member: its VIP is left on the interface, for
+the kernel to expire), the leader cut from the etcd majority by an ``ip rule`` blackhole (it
+still answers ARP: only its own stop takes the VIP away), a replica stopped while the leader
+writes.  Never two VIP holders, never an acknowledged file lost.  Times are printed
+(figures belong to benchmarks/).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from etcdlab import NODES, wait_for
+from hawraplab import Client, Hawrap, HawrapLab, missing, tree, write_config, write_files
+
+TTL = 4
+
+
+@pytest.fixture
+def hlab(tmp_path):
+    from etcdlab import can_run
+
+    why = can_run()
+    if why:
+        pytest.skip(why)
+    the_lab = HawrapLab(str(tmp_path))
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()
+
+
+def start_cluster(lab: HawrapLab, **kw) -> tuple[Hawrap, Client]:
+    hw = Hawrap(lab, write_config(lab, ttl=TTL, **kw))
+    client = Client(lab)
+    for node in NODES:
+        hw.start(node)
+    return hw, client
+
+
+def wait_leader(
+    hw: Hawrap, client: Client, since: float, not_from: str | None = None, timeout: float = 40
+) -> str:
+    """The node the client reaches through the VIP (its service answers its name)."""
+    first = wait_for(lambda: client.first_answer_after(since, not_from), timeout)
+    assert first, f"the VIP did not answer (excluding {not_from}) within {timeout} s\n{logs(hw)}"
+    return first.answer
+
+
+def wait_replicated(lab: HawrapLab, nodes, files: dict[str, str], timeout: float = 30) -> None:
+    """The files are on every node in ``nodes``: acknowledged, as the client is told."""
+    done = wait_for(lambda: not any(missing(tree(lab, n), files) for n in nodes), timeout, 0.1)
+    assert done, {n: missing(tree(lab, n), files)[:5] for n in nodes}
+
+
+def logs(hw: Hawrap) -> str:
+    return hw.lab.logs(tail=6000)
+
+
+def test_leader_killed_a_replica_with_every_acknowledged_file_takes_over(hlab):
+    hw, client = start_cluster(hlab)
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        replicas = [n for n in NODES if n != leader]
+        acked = write_files(tree(hlab, leader), "before", 40)
+        wait_replicated(hlab, replicas, acked)
+        killed_at = hw.kill(leader)
+        new = wait_leader(hw, client, killed_at, not_from=leader)
+        answered = client.first_answer_after(killed_at, leader)
+        print(f"hawrap killed on {leader} -> the VIP answers on {new} after {answered.end - killed_at:.2f} s")
+        assert new in replicas
+        assert not missing(tree(hlab, new), acked), "the new leader lacks acknowledged files"
+        # the new leader mirrors to the other replica
+        later = write_files(tree(hlab, new), "after", 10)
+        wait_replicated(hlab, [n for n in replicas if n != new], later)
+        # the old leader returns: a replica, and its copy becomes the new leader's
+        with open(os.path.join(tree(hlab, leader), "never-acknowledged.bin"), "wb") as f:
+            f.write(b"written on the old leader after its crash")
+        hw.start(leader)
+        wait_replicated(hlab, [leader], later)
+        assert wait_for(
+            lambda: not os.path.exists(os.path.join(tree(hlab, leader), "never-acknowledged.bin")), 30
+        )
+        assert not os.path.exists(os.path.join(tree(hlab, new), "never-acknowledged.bin"))
+        assert not missing(tree(hlab, new), later) and not missing(tree(hlab, new), acked)
+        assert client.answering(time.monotonic() - 1) == new
+        st = hw.status(leader)
+        assert st and st["role"] == "replica", st
+    finally:
+        client.stop()
+        for node in NODES:
+            hw.stop(node)
+    client.check(cut_off=frozenset())
+
+
+def test_leader_cut_from_the_etcd_majority_stops_serving_before_anyone_starts(hlab):
+    hw, client = start_cluster(hlab)
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        acked = write_files(tree(hlab, leader), "before", 20)
+        replicas = [n for n in NODES if n != leader]
+        wait_replicated(hlab, replicas, acked)
+        cut_at = time.monotonic()
+        hlab.partition(leader, "blackhole")  # its ARP answers still reach the client
+        new = wait_leader(hw, client, cut_at, not_from=leader)
+        assert new in replicas
+        held_old = [t for t, h in client.holding if leader in h and t > cut_at]
+        held_new = [t for t, h in client.holding if new in h and t > cut_at]
+        assert held_old and held_new
+        print(f"blackhole: {leader} dropped the VIP {held_old[-1] - cut_at:.2f} s after the cut, {new} took it "
+              f"{held_new[0] - cut_at:.2f} s after it")  # fmt: skip
+        assert held_old[-1] < held_new[0]
+        assert not missing(tree(hlab, new), acked)
+        hlab.heal(leader, "blackhole")
+        assert wait_for(lambda: (hw.status(leader) or {}).get("leader") == new, 30), logs(hw)
+        time.sleep(TTL)  # a window for a wrong re-election to show (sampled throughout)
+        assert client.answering(time.monotonic() - 0.5) == new
+    finally:
+        client.stop()
+        for node in NODES:
+            hw.stop(node)
+    client.check()
