@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _common(p)
         p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the switch to complete")
+        if name == "failover":
+            p.add_argument("--to", metavar="NODE", help="the new leader (etcd backend: required)")
     p = sub.add_parser("cleanup", help="drop the VIP and stop services this node left behind")
     _common(p)
     p.add_argument("--force", action="store_true", help="even while hawrap runs for this node")
@@ -185,6 +187,10 @@ def _report_role(notifier, role: str, reason: str) -> None:
 
 
 def cmd_status(cfg, node, args) -> int:
+    if cfg.backend == "etcd":
+        from .etcdadmin import status
+
+        return status(cfg, node, args.json)
     try:
         st = control.request(cfg.control_socket(node), "status")
     except NotRunning as exc:
@@ -279,7 +285,8 @@ def cmd_standby(cfg, node, args) -> int:
 def cmd_resume(cfg, node, args) -> int:
     from .unsynced import find
 
-    unsynced = find(cfg, node)
+    # with etcd, who leads next is decided by the positions the members publish
+    unsynced = find(cfg, node) if cfg.backend != "etcd" else None
     if unsynced:
         print(unsynced.describe(node))
         if not args.discard_local_changes:
@@ -382,6 +389,10 @@ def _origin(role_after_command: str | None, command: str) -> str | None:
 
 
 def cmd_failover(cfg, node, args) -> int:
+    if cfg.backend == "etcd":
+        from .etcdadmin import failover
+
+        return failover(cfg, args.to, args.wait)
     return _switch(cfg, node, args, "failover")
 
 

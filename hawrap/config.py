@@ -114,6 +114,9 @@ class MirrorConfig:
         "--delete",
         "--secret-file",
         "{secret_file}",
+        # the tree's epoch and identity are where the daemon keeps them
+        "--state-dir",
+        "{state_dir}",
     )
     serve: tuple[str, ...] = (
         "{mirror}", "serve", "--listen", "{listen}", "{modules}",

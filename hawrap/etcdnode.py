@@ -282,8 +282,10 @@ class EtcdNode(Listener):
             reply.put(self._command(request))
 
     def _raise_epochs(self, epoch: int) -> None:
+        """The term's epoch is above every epoch a member published (docs/ETCD.md): observing
+        it raises every tree.  A tree found above it is published, and the leader key raised."""
         mirror_epoch.observe_epoch(self.me.state_dir, epoch)
-        self.mirror.raise_epochs(epoch)
+        self.mirror.observe_epochs(epoch)
         self.epoch = mirror_epoch.read_epoch(self.me.state_dir)
 
     def _serve(self, epoch: int) -> None:

@@ -292,6 +292,34 @@ class MirrorControl:
         atomic_write(path, ("\n".join(lines) + "\n").encode(), 0o600)
         return [*self.cfg.mirror.command, "daemon", "--config", path]
 
+    def _serve_argv(self) -> list[str]:
+        """The receiver.  A tree whose state dir is not the default one needs it named, or the
+        receiver would keep the tree's epoch and identity apart from the daemon's (and refuse
+        the next primary): then ``mirror serve --config F``, F written here with each
+        module's state dir, and the privileges the default ``mirror.serve`` grants."""
+        if all(t.state_dir == os.fsdecode(resolve_state_dir(t.path, None)) for t in self.trees):
+            return self._argv(self.cfg.mirror.serve)
+        lines = [
+            "# written by hawrap: the receiver of this node's trees",
+            f"listen = {_toml(f'{self.my_address}:{self.cfg.mirror.port}')}",
+        ]
+        if self.cfg.mirror.secret_file:
+            lines.append(f"secret_file = {_toml(self.cfg.mirror.secret_file)}")
+        for t in self.trees:
+            lines += [
+                "",
+                f"[modules.{_toml(t.name)}]",
+                f"path = {_toml(t.path)}",
+                f"state_dir = {_toml(t.state_dir)}",
+                f"lock_file = {_toml(t.lock_file)}",
+                "keep_owners = true",
+                "allow_setid = true",
+                "allow_specials = true",
+            ]
+        path = os.path.join(self.me.state_dir, "mirror-serve.toml")
+        atomic_write(path, ("\n".join(lines) + "\n").encode(), 0o600)
+        return [*self.cfg.mirror.command, "serve", "--config", path]
+
     def _argv(self, template: tuple[str, ...], tree: Tree | None = None, **extra: str) -> list[str]:
         values = {
             "secret_file": self.cfg.mirror.secret_file or "",
@@ -340,9 +368,7 @@ class MirrorControl:
                 argv = self._fan_out_argv(t) if self.fan_out else self._argv(self.cfg.mirror.daemon, t)
                 self._procs.append(_Supervised(f"daemon {t.name}", argv, self.on_exit, self.me.state_dir))
         elif direction == "receive":
-            self._procs.append(
-                _Supervised("serve", self._argv(self.cfg.mirror.serve), self.on_exit, self.me.state_dir)
-            )
+            self._procs.append(_Supervised("serve", self._serve_argv(), self.on_exit, self.me.state_dir))
         self.direction = direction
 
     def replica(self) -> Replica:

@@ -66,6 +66,61 @@ class Pending:
         return min(self.entries.values(), default=None)
 
 
+def _scan(data: bytes) -> tuple[list, dict[bytes, int], int, int]:
+    """Decode a journal file: (change records in order, each destination's last checkpoint,
+    the last sequence number, the length of the whole records: a torn tail is not counted)."""
+    pos, last = 0, 0
+    now = time.time()
+    records: list[tuple[int, str, bytes, object, float]] = []
+    done: dict[bytes, int] = {}
+    while pos + _HEADER.size <= len(data):
+        length, check = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + length
+        if length > MAX_RECORD or end > len(data):
+            break
+        body = data[pos + _HEADER.size : end]
+        if xxhash.xxh3_64_intdigest(body) != check:
+            break
+        try:
+            seq, kind, path, other = msgpack.unpackb(body)
+        except (ValueError, msgpack.UnpackException, TypeError):
+            break
+        last = max(last, seq)
+        if kind == CHECKPOINT:
+            done[path] = max(done.get(path, 0), seq)
+        else:
+            records.append((seq, kind, path, other, now))
+        pos = end
+    return records, done, last, pos
+
+
+def _merge(records, done: int) -> Pending:
+    out = Pending(seq=records[-1][0] if records else done)
+    for _, kind, path, other, when in records:
+        if kind == ENTRY:
+            out.entries.setdefault(path, when)
+            if other:
+                out.trees.add(path)
+        elif kind == RENAME:
+            out.renames.append((path, other))
+            out.entries.setdefault(path, when)
+            out.entries.setdefault(other, when)
+    return out
+
+
+def read_pending(path: bytes) -> Pending:
+    """What a journal holds that at least one of its destinations has not had, read without
+    opening it for writing (a daemon may own it) and without cutting a torn tail."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return Pending()
+    records, done, _, _ = _scan(data)
+    floor = min(done.values(), default=0)
+    return _merge([r for r in records if r[0] > floor], floor)
+
+
 class Journal:
     """One tree's journal file, for one or more destinations (``cursors``: their names, as
     bytes; the default is the single unnamed one); thread-safe."""
@@ -109,33 +164,21 @@ class Journal:
         os.lseek(self._fd, good, os.SEEK_SET)
         self._size = good
         self.replayed = len(self._records)
+        if len(self._cursors) > 1 and self._unrecorded:
+            # every destination's position is in the file, a new one's too: a reader
+            # (``read_pending``) then knows what each destination still lacks
+            out = b"".join(self._encode(0, CHECKPOINT, c, None) for c in self._unrecorded)
+            os.write(self._fd, out)
+            self._size += len(out)
 
     def _parse(self, data: bytes) -> int:
-        pos = 0
-        now = time.time()
-        while pos + _HEADER.size <= len(data):
-            length, check = _HEADER.unpack_from(data, pos)
-            end = pos + _HEADER.size + length
-            if length > MAX_RECORD or end > len(data):
-                break
-            body = data[pos + _HEADER.size : end]
-            if xxhash.xxh3_64_intdigest(body) != check:
-                break
-            try:
-                seq, kind, path, other = msgpack.unpackb(body)
-            except (ValueError, msgpack.UnpackException, TypeError):
-                break
-            self._seq = max(self._seq, seq)
-            if kind == CHECKPOINT:
-                # a destination no longer configured holds nothing back
-                if path in self._done_at:
-                    self._done_at[path] = max(self._done_at[path], seq)
-            else:
-                self._records.append((seq, kind, path, other, now))
-            pos = end
+        records, done, self._seq, good = _scan(data)
+        self._unrecorded = [c for c in self._cursors if c not in done]
+        for cursor in self._done_at:  # a destination no longer configured holds nothing back
+            self._done_at[cursor] = done.get(cursor, 0)
         floor = self._done
-        self._records = [r for r in self._records if r[0] > floor]
-        return pos
+        self._records = [r for r in records if r[0] > floor]
+        return good
 
     @property
     def _done(self) -> int:
@@ -250,8 +293,8 @@ class Journal:
     def _compact(self) -> None:
         # every destination's position first, then the records someone still needs; the
         # positions also keep the sequence numbers rising across the rewrite
-        data = b"".join(self._encode(max(self._done_at[c], 0), CHECKPOINT, c, None) for c in self._cursors
-                        if self._done_at[c])  # fmt: skip
+        data = b"".join(self._encode(self._done_at[c], CHECKPOINT, c, None) for c in self._cursors
+                        if self._done_at[c] or len(self._cursors) > 1)  # fmt: skip
         data += b"".join(self._encode(seq, kind, path, other) for seq, kind, path, other, _ in self._records)
         if not data:
             data = self._encode(self._seq, CHECKPOINT, self._cursors[0], None)
@@ -270,17 +313,7 @@ class Journal:
         with self._lock:
             done = self._done_at[cursor]
             records = [r for r in self._records if r[0] > done and (up_to is None or r[0] <= up_to)]
-        out = Pending(seq=records[-1][0] if records else done)
-        for _, kind, path, other, when in records:
-            if kind == ENTRY:
-                out.entries.setdefault(path, when)
-                if other:
-                    out.trees.add(path)
-            elif kind == RENAME:
-                out.renames.append((path, other))
-                out.entries.setdefault(path, when)
-                out.entries.setdefault(other, when)
-        return out
+        return _merge(records, done)
 
     def take(self, cursor: bytes = b"") -> Pending:
         """The pending changes, handed to a session that will act on them: from now on a new

@@ -160,3 +160,21 @@ secret_file = "{rb.secret_file}"
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
             log.close()
+
+
+def test_read_pending_changes_nothing_in_the_file(tmp_path):
+    """hawrap lists what a replica lacks while a daemon may own the journal: reading must
+    neither truncate a torn tail nor need write access."""
+    path = os.fsencode(tmp_path / "journal-0789")
+    j = J.Journal(path, (b"a", b"b"))
+    j.append([(J.ENTRY, b"one", 0), (J.RENAME, b"old", b"new")])
+    j.checkpoint(j.take(b"a").seq, b"a")
+    j.close()
+    with open(path, "ab") as f:
+        f.write(b"\x30\x00\x00\x00torn")  # a record cut short by a crash
+    before = open(path, "rb").read()
+    os.chmod(path, 0o400)
+    pending = J.read_pending(path)
+    assert set(pending.entries) == {b"one", b"old", b"new"} and pending.renames == [(b"old", b"new")]
+    assert open(path, "rb").read() == before
+    assert J.read_pending(os.fsencode(tmp_path / "journal-absent")).entries == {}

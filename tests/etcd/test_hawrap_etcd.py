@@ -64,8 +64,12 @@ def logs(hw: Hawrap) -> str:
     return hw.lab.logs(tail=6000)
 
 
-def test_leader_killed_a_replica_with_every_acknowledged_file_takes_over(hlab):
-    hw, client = start_cluster(hlab)
+@pytest.mark.parametrize("state_dir", [None, "own-state-dir"])
+def test_leader_killed_a_replica_with_every_acknowledged_file_takes_over(hlab, state_dir):
+    """``own-state-dir``: the tree keeps its epoch and identity outside the tree; the
+    receivers must use it too, or the new leader is refused after the failover."""
+    where = None if state_dir is None else os.path.join(hlab.workdir, "tree-state", "{node}")
+    hw, client = start_cluster(hlab, state_dir=where)
     try:
         leader = wait_leader(hw, client, 0.0)
         replicas = [n for n in NODES if n != leader]
@@ -122,6 +126,94 @@ def test_leader_cut_from_the_etcd_majority_stops_serving_before_anyone_starts(hl
         assert wait_for(lambda: (hw.status(leader) or {}).get("leader") == new, 30), logs(hw)
         time.sleep(TTL)  # a window for a wrong re-election to show (sampled throughout)
         assert client.answering(time.monotonic() - 0.5) == new
+    finally:
+        client.stop()
+        for node in NODES:
+            hw.stop(node)
+    client.check()
+
+
+DOWN = float(os.environ.get("HAMIRROR_REPLICA_DOWN", "4"))
+
+
+def test_a_replica_stopped_catches_up_and_the_other_is_not_held_back(hlab):
+    """One replica's hawrap (and its receiver) is stopped for HAMIRROR_REPLICA_DOWN seconds
+    (the issue's scenario: a minute) while the leader keeps writing: the other replica gets
+    every round, the leader stays, and the stopped one catches up when it returns."""
+    hw, client = start_cluster(hlab)
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        away, other = [n for n in NODES if n != leader]
+        wait_replicated(hlab, [away, other], write_files(tree(hlab, leader), "start", 10))
+        hw.stop(away)
+        stopped, rounds, written = time.monotonic(), 0, {}
+        while time.monotonic() - stopped < DOWN or rounds < 3:
+            files = write_files(tree(hlab, leader), f"round{rounds}", 5)
+            written.update(files)
+            wait_replicated(hlab, [other], files, timeout=15)  # not held back by the absent one
+            rounds += 1
+        assert missing(tree(hlab, away), written), "the stopped replica cannot have received anything"
+        st = hw.status(leader)
+        assert st["role"] == "leader" and not st["mirror"]["replica"]["in_sync"], st
+        assert f"data@{away}" in st["mirror"]["replica"]["detail"]
+        hw.start(away)
+        wait_replicated(hlab, [away], written, timeout=60)
+        assert wait_for(
+            lambda: (hw.status(leader) or {}).get("mirror", {}).get("replica", {}).get("in_sync"), 30
+        )
+        assert client.answering(time.monotonic() - 0.5) == leader
+    finally:
+        client.stop()
+        for node in NODES:
+            hw.stop(node)
+    client.check()
+
+
+def test_one_etcd_member_killed_changes_nothing(hlab):
+    hw, client = start_cluster(hlab)
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        victim = leader  # the member beside the leader, the first endpoint of one node at least
+        hlab.kill_etcd(victim)
+        killed_at = time.monotonic()
+        time.sleep(3 * TTL)  # longer than any lease: a failover would show (sampled throughout)
+        answers = {r.answer for r in client.probes() if r.start > killed_at and r.answer}
+        assert answers == {leader}, answers
+        st = hw.status(leader)
+        assert st["role"] == "leader" and st["leadership"]["leading"], st
+        hlab.start_etcd(victim)
+    finally:
+        client.stop()
+        for node in NODES:
+            hw.stop(node)
+    client.check()
+
+
+def test_failover_to_a_named_node_and_the_standby_lock(hlab):
+    hw, client = start_cluster(hlab)
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        target, third = [n for n in NODES if n != leader]
+        files = write_files(tree(hlab, leader), "before", 20)
+        asked = time.monotonic()
+        r = hw.cli(third, "failover", "--to", target, "--wait", "40")
+        assert r.returncode == 0, r.stdout + r.stderr + logs(hw)
+        assert wait_leader(hw, client, asked, not_from=leader) == target
+        assert not missing(tree(hlab, target), files)
+        # the standby lock: the leader steps down, the other one takes over; while locked,
+        # the node is never elected
+        r = hw.cli(target, "standby", "--reason", "maintenance")
+        assert r.returncode == 0, r.stdout + r.stderr
+        locked_at = time.monotonic()
+        new = wait_leader(hw, client, locked_at, not_from=target)
+        assert new != target
+        status = hw.status(target)
+        assert status["role"] == "replica" and not status["eligible"]
+        assert hw.cli(new, "failover", "--to", target, "--wait", "10").returncode != 0  # refused: ineligible
+        assert hw.cli(target, "resume").returncode == 0
+        assert wait_for(lambda: (hw.status(target) or {}).get("eligible"), 10)
+        text = hw.cli(target, "status").stdout
+        assert "member" in text and "etcd http://" in text, text
     finally:
         client.stop()
         for node in NODES:
