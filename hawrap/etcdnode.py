@@ -100,9 +100,12 @@ class EtcdNode(Listener):
         self._term_lock = threading.Lock()
         self._term: int | None = None  # the epoch of the term this node may serve in
         self._serving = False  # the loop has started serving for the current term
+        self._began_serving = False  # it began to (until the stop is handled)
         self._vip_wanted = False  # the VIP is up for the current term (cleared under _term_lock)
         self._vip_renewed_for = 0.0  # the lease renewal the VIP's lifetime was last set from
         self._vip_keeper: threading.Thread | None = None
+        self._leader_epoch: int | None = None
+        self._rejoined_at: dict | None = None  # the trees' epochs when this node (re)joined as a replica
         self._stop = threading.Event()
         self.transitions: list[dict] = []
         self.progress = watchdog.Progress()
@@ -166,7 +169,6 @@ class EtcdNode(Listener):
         """``failover --to target``: stop serving entirely (the key moves as soon as the
         target has our position), then the final sync toward the target."""
         self._stop_now(f"handing over to {target}")
-        self.mirror.stop_processes()
         try:
             self.mirror.final_sync(FINAL_SYNC_TIMEOUT, to=target)
         except HawrapError as exc:
@@ -220,6 +222,7 @@ class EtcdNode(Listener):
         )  # fmt: skip
         # whatever a previous run left: this node serves nothing until etcd says it leads
         self._stop_now("starting")
+        self._rejoining()
         self._set_role(REPLICA, "following (no leader known yet)")
         self.mirror.set_direction("receive")
         if self.resources.vip is not None and self.resources.vip.cfg.kind == "ip":
@@ -246,6 +249,8 @@ class EtcdNode(Listener):
                     break
                 with self.progress.busy(FINAL_SYNC_TIMEOUT):
                     self._handle(kind, payload)
+                    if self._rejoined_at is not None:
+                        self._follow_epoch()
                     self._push_back_vip()
         finally:
             self.shutdown()
@@ -257,18 +262,21 @@ class EtcdNode(Listener):
             if self._term_is(payload):
                 self._raise_epochs(payload)
         elif kind == "stopped":
-            if self._serving and self._term is None:
-                self._serving = False
-                self.mirror.stop_processes()
-                self._set_role(REPLICA, f"stopped serving: {payload}")
+            if self._term is None:  # (not a new term begun since)
+                if self._began_serving:
+                    self._rejoining()
+                self._began_serving = self._serving = False
                 self.mirror.set_direction("receive")
+                self._set_role(REPLICA, f"stopped serving: {payload}")
         elif kind == "leader":
             leader = payload
             self.leader = leader.node if leader else None
+            self._leader_epoch = leader.epoch if leader else None
             if self._term is None:
                 self.mirror.set_direction("receive")
                 who = f"{leader.node} leads at epoch {leader.epoch}" if leader else "no leader"
                 self._set_role(REPLICA, who)
+                self._follow_epoch()
         elif kind == "lan":
             if payload.ok is not self.lan.ok and payload.ok is not None:
                 log.info("own LAN %s%s", "healthy" if payload.ok else "unhealthy",
@@ -280,6 +288,28 @@ class EtcdNode(Listener):
         elif kind == "cmd":
             request, reply = payload
             reply.put(self._command(request))
+
+    def _rejoining(self) -> None:
+        """This node's copy may lack the leader's changes (it just started, or it served): it
+        keeps the epoch of its data, and ranks below the replicas that followed, until the
+        leader's sessions reach it (see ``_follow_epoch``)."""
+        self._rejoined_at = self.mirror.epochs()
+
+    def _follow_epoch(self) -> None:
+        """A replica takes the leader's epoch, so that it fences a former primary at once and
+        ranks with the other replicas.  A rejoining one only once every tree has received a
+        session from a newer primary (the receiver raised its epoch, at most MAX_EPOCH_STEP
+        a session: the leader's full sync has begun)."""
+        epoch = self._leader_epoch
+        if epoch is None or self._term is not None:
+            return
+        if self._rejoined_at is not None:
+            now = self.mirror.epochs()
+            if any(not isinstance(now[t], int) or now[t] <= then for t, then in self._rejoined_at.items()):
+                return
+            log.info("the leader's sessions have reached every tree: following its epoch %d", epoch)
+            self._rejoined_at = None
+        self._raise_epochs(epoch)
 
     def _raise_epochs(self, epoch: int) -> None:
         """The term's epoch is above every epoch a member published (docs/ETCD.md): observing
@@ -294,9 +324,11 @@ class EtcdNode(Listener):
         if not self._term_is(epoch):
             return
         started = time.monotonic()
+        self._rejoined_at = None
+        self._began_serving = True  # from here its copy may hold changes no replica has
         try:
             self._raise_epochs(epoch)
-            self.mirror.stop_processes()  # the receiver: this node's trees are the source now
+            self.mirror.set_direction(None)  # the receiver: this node's trees are the source now
             if self.resources.vip is not None and not self._take_vip(epoch):
                 return
             for service in self.resources.services:

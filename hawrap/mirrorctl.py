@@ -137,6 +137,15 @@ class _Supervised:
                 self.on_exit(self.name, code, last)
             self._stop.wait(RESTART_DELAY)
 
+    def kill(self) -> None:
+        """SIGKILL now, not restarted, without waiting (``stop`` reaps it)."""
+        with self._spawn:
+            self._stop.set()
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (the engine finishes or abandons the current file cleanly), then SIGKILL."""
         with self._spawn:
@@ -422,11 +431,8 @@ class MirrorControl:
     def kill_processes(self) -> None:
         """SIGKILL every mirror process's group now, without waiting (a node that must stop
         serving at once); ``stop_processes`` reaps them later."""
-        for p in self._procs:
-            proc = p.proc
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+        for p in list(self._procs):
+            p.kill()
 
     def stop_processes(self) -> None:
         for p in self._procs:

@@ -97,6 +97,11 @@ def test_leader_killed_a_replica_with_every_acknowledged_file_takes_over(hlab, s
         assert client.answering(time.monotonic() - 1) == new
         st = hw.status(leader)
         assert st and st["role"] == "replica", st
+        # once the new leader's sessions reached it, it follows the new epoch like the others
+        epoch = hw.status(new)["epoch"]
+        assert wait_for(lambda: (hw.status(leader) or {}).get("position", {}).get("epoch") == epoch, 30), (
+            logs(hw)
+        )
     finally:
         client.stop()
         for node in NODES:
