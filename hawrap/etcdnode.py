@@ -39,7 +39,7 @@ from .errors import HawrapError, ResourceError
 from .etcdsession import CLOCK_RATE_TOLERANCE
 from .leadership import Leader, Leadership, Listener, Position
 from .links import LanHealth, LanMonitor
-from .mirrorctl import MirrorControl
+from .mirrorctl import MirrorControl, exit_alert
 from .node import build_resources
 from .notify import Notifier
 
@@ -105,6 +105,8 @@ class EtcdNode(Listener):
         self._vip_renewed_for = 0.0  # the lease renewal the VIP's lifetime was last set from
         self._vip_keeper: threading.Thread | None = None
         self._leader_epoch: int | None = None
+        self._mirror_exits: dict[str, int] = {}  # unexpected exits, per process (reset when it is replaced)
+        self._mirror_alerted: set[str] = set()
         self._rejoined_at: dict | None = None  # the trees' epochs when this node (re)joined as a replica
         self._stop = threading.Event()
         self.transitions: list[dict] = []
@@ -284,7 +286,11 @@ class EtcdNode(Listener):
             self.lan = payload
         elif kind == "mirror":
             name, code, message = payload
-            log.warning("mirror %s exited (%s): %s", name, code, message)
+            self._mirror_exits[name] = self._mirror_exits.get(name, 0) + 1
+            what = exit_alert(code, message, self._mirror_exits[name])
+            if what is not None and name not in self._mirror_alerted:
+                self._mirror_alerted.add(name)
+                self.notifier.notify("replication", f"mirror {name}: {what}", self.role, self.epoch)
         elif kind == "cmd":
             request, reply = payload
             reply.put(self._command(request))
@@ -338,6 +344,8 @@ class EtcdNode(Listener):
             if not self._term_is(epoch):
                 return
             self._serving = True
+            self._mirror_exits.clear()
+            self._mirror_alerted.clear()
             self.mirror.set_direction("send")
             if not self._term_is(epoch):  # the stop may have missed the daemon just started
                 self.mirror.kill_processes()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
 from mirror.atomicfile import atomic_write
+from mirror.errors import EXIT_AUTH, EXIT_CONNECT_TIMEOUT, EXIT_GUARD, EXIT_STALE_EPOCH, EXIT_TIMEOUT
 from mirror.statedir import resolve_state_dir
 
 from .config import ClusterConfig, TreeConfig
@@ -202,6 +203,29 @@ def _relay_stderr(proc: subprocess.Popen, name: str) -> str:
             os.write(2, raw)
     proc.stderr.close()
     return last[-300:]
+
+
+EXITS_BEFORE_ALERT = 3  # a mirror process that keeps exiting (its cause unknown) is reported
+
+
+def exit_alert(code: int | None, message: str, in_a_row: int) -> str | None:
+    """What to tell the administrator about a mirror process's exit, or None (yet): at once
+    when restarting cannot help (fenced, wrong secret, a guard refusing to destroy the
+    replica); after EXITS_BEFORE_ALERT exits in a row otherwise (a silent peer, say)."""
+    if code == EXIT_STALE_EPOCH:
+        return f"the peer refused our changes: its copy has a newer epoch than ours ({message})"
+    if code == EXIT_AUTH:
+        return f"authentication failed: mirror.secret_file differs between the nodes ({message})"
+    if code == EXIT_GUARD:
+        return (f"refused to destroy the replica (the source is not the tree the replica mirrors, or "
+                f"more deletions than allowed): nothing is mirrored until it is checked ({message})")  # fmt: skip
+    if in_a_row >= EXITS_BEFORE_ALERT:
+        if code in (EXIT_TIMEOUT, EXIT_CONNECT_TIMEOUT):
+            what = "the peer stayed silent" if code == EXIT_TIMEOUT else "no connection to the peer"
+            return f"exited {in_a_row} times in a row ({what}, exit {code}): {message}"
+        last = "could not start" if code is None else f"exit {code}"
+        return f"exited {in_a_row} times in a row (last: {last}): {message}"
+    return None
 
 
 def _toml(value: str) -> str:

@@ -131,3 +131,15 @@ def test_vip_lifetime_ends_before_the_watchdog_fires(valid_for, margin, expected
     if valid_for is not None and lifetime:
         # the kernel drops it at most a second late: still before valid_for - margin
         assert lifetime + 1 <= valid_for - margin
+
+
+@pytest.mark.parametrize(
+    "code, in_a_row, alerted",
+    [(4, 1, "newer epoch"), (5, 1, "authentication"), (25, 1, "refused to destroy"), (30, 1, None),
+     (30, 3, "stayed silent"), (35, 3, "no connection"), (2, 2, None), (2, 3, "exit 2"), (None, 3, "could not start")],
+)  # fmt: skip
+def test_mirror_exits_that_restarting_cannot_cure_are_reported_at_once(code, in_a_row, alerted):
+    from hawrap.mirrorctl import exit_alert
+
+    what = exit_alert(code, "the engine's last line", in_a_row)
+    assert (what is None) if alerted is None else (alerted in what and "the engine's last line" in what)
