@@ -41,7 +41,7 @@ from .errors import HawrapError
 log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0  # a mirror process that exits is restarted after this long
-STATUS_STALE = 2.0  # the daemon rewrites its status twice a second: older than this, it is stuck
+STATUS_STALE = 2.0  # the daemon rewrites its status at least twice a second: older than this, it is stuck
 
 
 @dataclass(frozen=True)
@@ -412,20 +412,20 @@ class MirrorControl:
             return Replica(True, "no mirrored trees")
         if self.direction != "send":
             return Replica(False, "not mirroring toward the peer")
-        from mirror.daemon import read_status
+        from mirror.daemon import load_status
 
         problems = []
         now = time.time()
         for tree, proc in zip(self.trees, self._procs, strict=True):
             try:
-                status = read_status(tree.state_dir)
-                pairs = status["pairs"]
+                status = load_status(tree.state_dir)
+                pairs = status.pairs
                 if len(pairs) < max(1, len(self.destinations) if self.fan_out else 1):
                     raise IndexError
-            except (OSError, ValueError, KeyError, IndexError):
+            except (OSError, ValueError, IndexError):
                 problems.append(f"{tree.name}: starting")
                 continue
-            if status.get("updated", 0) < proc.started_at or now - status.get("updated", 0) > STATUS_STALE:
+            if status.updated < proc.started_at or status.age(now) > STATUS_STALE:
                 problems.append(f"{tree.name}: no fresh status from its daemon")
                 continue
             for pair in pairs:

@@ -667,6 +667,39 @@ def read_status(status_dir: bytes | str) -> dict:
         return json.loads(f.read())
 
 
+@dataclass(frozen=True)
+class DaemonStatus:
+    """The daemon's status file, for programs (hawrap): rewritten at once on every change of
+    a pair's state, within STATUS_MIN_INTERVAL of a session, and at least every
+    STATUS_INTERVAL while the daemon runs."""
+
+    pid: int
+    updated: float  # time.time() of the write
+    pairs: tuple[dict, ...]  # one per destination: PairStatus's fields
+
+    def age(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.updated
+
+    def pair(self, name: str) -> dict | None:
+        return next((p for p in self.pairs if p.get("name") == name), None)
+
+
+def load_status(status_dir: bytes | str) -> DaemonStatus:
+    """The status a daemon wrote in ``status_dir``; OSError if there is none, ValueError
+    (naming the file) if it is not a daemon's status."""
+    path = os.path.join(fs_path(status_dir), STATUS_FILE)
+    with open(path, "rb") as f:
+        data = f.read(1 << 24)
+    try:
+        raw = json.loads(data)
+        pairs = raw["pairs"]
+        if not isinstance(pairs, list) or not all(isinstance(p, dict) for p in pairs):
+            raise ValueError("pairs")
+        return DaemonStatus(int(raw.get("pid", 0)), float(raw["updated"]), tuple(pairs))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{display_path(path)}: not a mirror daemon status ({exc})") from None
+
+
 class Metrics:
     """Prometheus metrics (``--metrics ADDR:PORT``), served by prometheus-client."""
 

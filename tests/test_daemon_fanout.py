@@ -18,6 +18,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from mirror import journal as J
 from tests.daemons import converged
 from tests.helpers import MIRROR, run_mirror
@@ -178,3 +180,16 @@ def test_read_pending_changes_nothing_in_the_file(tmp_path):
     assert set(pending.entries) == {b"one", b"old", b"new"} and pending.renames == [(b"old", b"new")]
     assert open(path, "rb").read() == before
     assert J.read_pending(os.fsencode(tmp_path / "journal-absent")).entries == {}
+
+
+def test_the_status_api_names_a_file_that_is_not_a_status(tmp_path):
+    from mirror.daemon import STATUS_FILE, load_status
+
+    with pytest.raises(FileNotFoundError):
+        load_status(str(tmp_path))
+    (tmp_path / STATUS_FILE.decode()).write_text('{"pid": 1, "updated": 5, "pairs": [{"name": "t@n2"}]}')
+    status = load_status(str(tmp_path))
+    assert status.pair("t@n2") == {"name": "t@n2"} and status.pair("t@n3") is None and status.age(15) == 10
+    (tmp_path / STATUS_FILE.decode()).write_text('{"pid": 1, "updated": 5, "pairs": "nope"}')
+    with pytest.raises(ValueError, match="not a mirror daemon status"):
+        load_status(str(tmp_path))
