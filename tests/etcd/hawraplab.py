@@ -148,8 +148,9 @@ class Hawrap:
         crashed machine's would be)."""
         proc = self.procs[node]
         t = time.monotonic()
+        etcd = self.lab.etcd.get(node)
         for pid in self.lab.pids(node):
-            if _cmdline(pid).find("etcd") < 0:
+            if etcd is None or pid != etcd.pid:  # `ip netns exec` execs etcd: the same pid
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -183,14 +184,6 @@ class Hawrap:
     def role(self, node: str) -> str | None:
         st = self.status(node)
         return st["role"] if st else None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @dataclass
