@@ -158,6 +158,15 @@ class Hawrap:
         proc.wait(10)
         return t
 
+    def freeze(self, node: str, on: bool) -> None:
+        """SIGSTOP / SIGCONT every process of the node, its etcd member included: a paused VM
+        (its kernel, which answers ARP for the VIP it holds, keeps running)."""
+        for pid in self.lab.pids(node):
+            try:
+                os.kill(pid, signal.SIGSTOP if on else signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def stop(self, node: str, timeout: float = 30) -> None:
         proc = self.procs.get(node)
         if proc is None or proc.poll() is not None:

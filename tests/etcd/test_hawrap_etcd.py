@@ -224,3 +224,36 @@ def test_failover_to_a_named_node_and_the_standby_lock(hlab):
         for node in NODES:
             hw.stop(node)
     client.check()
+
+
+def test_a_frozen_leader_loses_the_vip_before_anyone_takes_it(hlab):
+    """The whole leader node paused (SIGSTOP of every process, its etcd member too): it can
+    do nothing, but its kernel keeps answering ARP for the VIP until the address's lifetime
+    ends, which must come before its lease can expire for the others.  Thawed, it finds its
+    lease gone, stops, and follows the new leader."""
+    hw, client = start_cluster(hlab)
+    leader = None
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        acked = write_files(tree(hlab, leader), "before", 20)
+        wait_replicated(hlab, [n for n in NODES if n != leader], acked)
+        frozen_at = time.monotonic()
+        hw.freeze(leader, True)
+        new = wait_leader(hw, client, frozen_at, not_from=leader)
+        held_old = [t for t, h in client.holding if leader in h and t > frozen_at]
+        held_new = [t for t, h in client.holding if new in h and t > frozen_at]
+        assert held_new and (not held_old or held_old[-1] < held_new[0])
+        print(f"frozen {leader}: its VIP expired {held_old[-1] - frozen_at if held_old else 0:.2f} s after the freeze, "
+              f"{new} took it {held_new[0] - frozen_at:.2f} s after it")  # fmt: skip
+        assert not missing(tree(hlab, new), acked)
+        hw.freeze(leader, False)
+        assert wait_for(lambda: (hw.status(leader) or {}).get("leader") == new, 30), logs(hw)
+        time.sleep(1)
+        assert not hlab.vip_on(leader) and client.answering(time.monotonic() - 0.5) == new
+    finally:
+        if leader is not None:
+            hw.freeze(leader, False)
+        client.stop()
+        for node in NODES:
+            hw.stop(node)
+    client.check()
