@@ -98,7 +98,8 @@ class EtcdNode(Listener):
         self.epoch = mirror_epoch.read_epoch(self.me.state_dir)
         self.leader: str | None = None
         self._term_lock = threading.Lock()
-        self._term: int | None = None  # the epoch of the term this node may serve in
+        self._term: int | None = None  # the term this node may serve in (a count of elections)
+        self._terms = 0
         self._serving = False  # the loop has started serving for the current term
         self._began_serving = False  # it began to (until the stop is handled)
         self._vip_wanted = False  # the VIP is up for the current term (cleared under _term_lock)
@@ -145,15 +146,15 @@ class EtcdNode(Listener):
 
     def elected(self, epoch: int) -> None:
         with self._term_lock:
-            self._term = epoch
-        self.events.put(("elected", epoch))
+            self._terms += 1
+            self._term = term = self._terms
+        self.events.put(("elected", (term, epoch)))
 
     def epoch_raised(self, epoch: int) -> None:
         with self._term_lock:
-            if self._term is None:
-                return
-            self._term = epoch
-        self.events.put(("epoch", epoch))
+            term = self._term
+        if term is not None:
+            self.events.put(("epoch", (term, epoch)))
 
     def stop_serving(self, reason: str) -> None:
         """From the watchdog thread: drop the VIP and stop the services now."""
@@ -205,9 +206,9 @@ class EtcdNode(Listener):
         if was is not None:
             log.warning("stopped serving in %.0f ms", took * 1000)
 
-    def _term_is(self, epoch: int) -> bool:
+    def _term_is(self, term: int) -> bool:
         with self._term_lock:
-            return self._term == epoch
+            return self._term == term
 
     # ------------------------------------------------------------ the loop
 
@@ -259,10 +260,11 @@ class EtcdNode(Listener):
 
     def _handle(self, kind: str, payload) -> None:
         if kind == "elected":
-            self._serve(payload)
+            self._serve(*payload)
         elif kind == "epoch":
-            if self._term_is(payload):
-                self._raise_epochs(payload)
+            term, epoch = payload
+            if self._term_is(term):
+                self._raise_epochs(epoch)
         elif kind == "stopped":
             if self._term is None:  # (not a new term begun since)
                 if self._began_serving:
@@ -324,10 +326,10 @@ class EtcdNode(Listener):
         self.mirror.observe_epochs(epoch)
         self.epoch = mirror_epoch.read_epoch(self.me.state_dir)
 
-    def _serve(self, epoch: int) -> None:
+    def _serve(self, term: int, epoch: int) -> None:
         """Elected at ``epoch``: epochs, VIP, services, mirroring; abandoned (and undone) as
         soon as the term ends."""
-        if not self._term_is(epoch):
+        if not self._term_is(term):
             return
         started = time.monotonic()
         self._rejoined_at = None
@@ -335,19 +337,19 @@ class EtcdNode(Listener):
         try:
             self._raise_epochs(epoch)
             self.mirror.set_direction(None)  # the receiver: this node's trees are the source now
-            if self.resources.vip is not None and not self._take_vip(epoch):
+            if self.resources.vip is not None and not self._take_vip(term):
                 return
             for service in self.resources.services:
-                if not self._term_is(epoch):
+                if not self._term_is(term):
                     return
                 service.start()
-            if not self._term_is(epoch):
+            if not self._term_is(term):
                 return
             self._serving = True
             self._mirror_exits.clear()
             self._mirror_alerted.clear()
             self.mirror.set_direction("send")
-            if not self._term_is(epoch):  # the stop may have missed the daemon just started
+            if not self._term_is(term):  # the stop may have missed the daemon just started
                 self.mirror.kill_processes()
                 return
         except (ResourceError, HawrapError, MirrorError, OSError) as exc:
@@ -357,18 +359,18 @@ class EtcdNode(Listener):
             threading.Thread(target=self.leadership.resign, name="resign", daemon=True).start()
             return
         finally:
-            if not self._term_is(epoch):
+            if not self._term_is(term):
                 self._stop_now("the term ended while starting")
         self._set_role(LEADER, f"leader at epoch {epoch}")
         log.warning(
             "serving at epoch %d (%.0f ms after the election)", epoch, (time.monotonic() - started) * 1000
         )
 
-    def _take_vip(self, epoch: int) -> bool:
+    def _take_vip(self, term: int) -> bool:
         vip = self.resources.vip
         assert vip is not None
         while True:
-            if not self._term_is(epoch) or self._stop.is_set():
+            if not self._term_is(term) or self._stop.is_set():
                 return False
             try:
                 vip.check_free()
@@ -380,7 +382,7 @@ class EtcdNode(Listener):
         while True:
             lifetime = self._lifetime()
             with self._term_lock:
-                if self._term != epoch:
+                if self._term != term:
                     return False
                 if lifetime or vip.cfg.kind != "ip":
                     vip.start(check=False, lifetime=lifetime)
