@@ -584,11 +584,12 @@ class Daemon:
     def _start_group(self, key: tuple, group: tuple[PairConfig, ...]) -> None:
         feed = SourceFeed(list(group))
         pairs = [LivePair(pc, self.config, self.metrics, feed, self._state_changed) for pc in group]
+        for pair in pairs:  # listed before they run: a status written on their first change shows them all
+            self.pairs[pair.config.name] = pair
+        self._feeds[key] = (feed, group)
         feed.start()
         for pair in pairs:
             pair.start()
-            self.pairs[pair.config.name] = pair
-        self._feeds[key] = (feed, group)
 
     def _stop_group(self, key: tuple) -> None:
         feed, group = self._feeds.pop(key)
