@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("failover", "failback"):
         p = command(name)
         p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the switch to complete")
+        if name == "failover":
+            p.add_argument("--to", metavar="NODE", help="the new leader (etcd backend: required)")
     p = command("cleanup")
     p.add_argument("--force", action="store_true", help="even while hawrap runs for this node")
     command("check")
@@ -250,7 +252,12 @@ def cmd_run(cfg, node, args) -> int:
     notifier = SystemdNotifier.from_environment()
     if os.environ.get(SUPERVISED_ENV) != str(os.getppid()):
         lock_fd = instance.acquire(cfg.node(node).state_dir)  # noqa: F841 (held until exit)
-    n = Node(cfg, node)
+    if cfg.backend == "etcd":
+        from .etcdnode import EtcdNode
+
+        n = EtcdNode(cfg, node)
+    else:
+        n = Node(cfg, node)
     n.on_role_change = lambda role, reason: _report_role(notifier, role, reason)
     notifier.status("init: waiting to hear the peer and to see the own LAN healthy")
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -270,6 +277,10 @@ def _report_role(notifier, role: str, reason: str) -> None:
 
 
 def cmd_status(cfg, node, args) -> int:
+    if cfg.backend == "etcd":
+        from .etcdadmin import status
+
+        return status(cfg, node, args.json)
     try:
         st = control.request(cfg.control_socket(node), "status")
     except NotRunning as exc:
@@ -403,7 +414,8 @@ def cmd_standby(cfg, node, args) -> int:
 def cmd_resume(cfg, node, args) -> int:
     from .unsynced import find
 
-    unsynced = find(cfg, node)
+    # with etcd, who leads next is decided by the positions the members publish
+    unsynced = find(cfg, node) if cfg.backend != "etcd" else None
     if unsynced:
         print(unsynced.describe(node))
         if not args.discard_local_changes:
@@ -506,6 +518,10 @@ def _origin(role_after_command: str | None, command: str) -> str | None:
 
 
 def cmd_failover(cfg, node, args) -> int:
+    if cfg.backend == "etcd":
+        from .etcdadmin import failover
+
+        return failover(cfg, args.to, args.wait)
     return _switch(cfg, node, args, "failover")
 
 

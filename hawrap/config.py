@@ -117,6 +117,9 @@ class MirrorConfig:
         "--delete",
         "--secret-file",
         "{secret_file}",
+        # the tree's epoch and identity are where the daemon keeps them
+        "--state-dir",
+        "{state_dir}",
     )
     serve: tuple[str, ...] = (
         "{mirror}", "serve", "--listen", "{listen}", "{modules}",
@@ -164,6 +167,8 @@ class ClusterConfig:
     mirror: MirrorConfig
     notify: NotifyConfig
     standby_lock: str = field(default="{state_dir}/standby.lock")
+    backend: str = "two-node"  # or "etcd": leadership from etcd (hawrap.etcdconfig, docs/ETCD.md)
+    etcd: Any = None  # hawrap.etcdconfig.EtcdSettings with backend "etcd"
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -362,6 +367,7 @@ def read(path: str) -> tuple[ClusterConfig | None, Problems]:
     parts["services"] = problems.part(lambda: _services(top))
     parts["mirror"] = problems.part(lambda: _mirror(top, base, parts["links"] or []))
     parts["notify"] = problems.part(lambda: _notify(top))
+    parts["etcd"] = problems.part(lambda: _etcd(top, doc, parts["cluster"]), False)
     top.finish()
     cluster = parts["cluster"]
     if (
@@ -371,7 +377,10 @@ def read(path: str) -> tuple[ClusterConfig | None, Problems]:
         and cluster["home"] not in (n.name for n in parts["nodes"])
     ):
         problems.add("cluster.home", f"{cluster['home']!r} is not one of the nodes")
-    if any(value is None for key, value in parts.items() if key != "vip"):
+    if (
+        any(value is None for key, value in parts.items() if key not in ("vip", "etcd"))
+        or parts["etcd"] is False
+    ):
         return None, problems
     return (
         ClusterConfig(
@@ -383,6 +392,7 @@ def read(path: str) -> tuple[ClusterConfig | None, Problems]:
             services=tuple(parts["services"]),
             mirror=parts["mirror"],
             notify=parts["notify"],
+            etcd=parts["etcd"],
             **{k: v for k, v in cluster.items() if k != "state_dir_template"},
         ),
         problems,
@@ -405,6 +415,14 @@ def _cluster(top: _Section, base: str) -> dict:
     out["ping_nodes"] = tuple(p for p in ping_nodes if isinstance(p, str) and not _ip(p))
     out["state_dir_template"] = cluster.get("state_dir", str, "/var/lib/hawrap")
     out["standby_lock"] = cluster.get("standby_lock", str, "{state_dir}/standby.lock")
+    from . import etcdconfig  # the etcd modules load only where they are used
+
+    out["backend"] = cluster.get(
+        "backend",
+        str,
+        "two-node",
+        lambda v: None if v in etcdconfig.BACKENDS else f"one of {etcdconfig.BACKENDS}",
+    )
     cluster.finish()
     return out
 
@@ -448,7 +466,15 @@ def _nodes(top: _Section, base: str, links: list[LinkConfig], cluster: dict) -> 
             )
         )
         sec.finish()
-    if len(nodes) != 2 or nodes[0].name == nodes[1].name:
+    if cluster["backend"] == "etcd":
+        from . import etcdconfig
+
+        try:
+            etcdconfig.check_nodes(top.path, [n.name for n in nodes])
+        except ConfigError as exc:
+            top.problems.items.append(str(exc))
+            raise _Abort from None
+    elif len(nodes) != 2 or nodes[0].name == nodes[1].name:
         top.fail(
             "node", f"exactly two [[node]] tables with different names are required (found {len(nodes)})"
         )
@@ -599,6 +625,22 @@ def _notify(top: _Section) -> NotifyConfig:
     if notify.smtp_host and not notify.mail_to:
         n.note("mail_to", "notify.mail_to is required with notify.smtp_host")
     return notify
+
+
+def _etcd(top: _Section, doc: dict, cluster: dict | None):
+    """The ``[etcd]`` table, parsed by hawrap.etcdconfig; None with the two-node backend."""
+    if cluster is None or cluster["backend"] != "etcd":
+        if "etcd" in doc:
+            top.note("etcd", '[etcd] is only used with cluster.backend = "etcd"')
+        top.sub("etcd", {})  # marks the key as read
+        return None
+    from . import etcdconfig
+
+    try:
+        return etcdconfig.parse(top.sub("etcd", ...), cluster["name"], top.path)
+    except ConfigError as exc:
+        top.problems.items.append(str(exc))
+        raise _Abort from None
 
 
 def _abs(base: str, p: str) -> str:

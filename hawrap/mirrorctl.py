@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
 from mirror.atomicfile import atomic_write
+from mirror.errors import EXIT_AUTH, EXIT_CONNECT_TIMEOUT, EXIT_GUARD, EXIT_STALE_EPOCH, EXIT_TIMEOUT
 from mirror.statedir import resolve_state_dir
 
 from .config import ClusterConfig, TreeConfig
@@ -39,7 +41,7 @@ from .errors import HawrapError
 log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0  # a mirror process that exits is restarted after this long
-STATUS_STALE = 2.0  # the daemon rewrites its status twice a second: older than this, it is stuck
+STATUS_STALE = 2.0  # the daemon rewrites its status at least twice a second: older than this, it is stuck
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,15 @@ class _Supervised:
                 self.on_exit(self.name, code, last)
             self._stop.wait(RESTART_DELAY)
 
+    def kill(self) -> None:
+        """SIGKILL now, not restarted, without waiting (``stop`` reaps it)."""
+        with self._spawn:
+            self._stop.set()
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (the engine finishes or abandons the current file cleanly), then SIGKILL."""
         with self._spawn:
@@ -194,6 +205,34 @@ def _relay_stderr(proc: subprocess.Popen, name: str) -> str:
     return last[-300:]
 
 
+EXITS_BEFORE_ALERT = 3  # a mirror process that keeps exiting (its cause unknown) is reported
+
+
+def exit_alert(code: int | None, message: str, in_a_row: int) -> str | None:
+    """What to tell the administrator about a mirror process's exit, or None (yet): at once
+    when restarting cannot help (fenced, wrong secret, a guard refusing to destroy the
+    replica); after EXITS_BEFORE_ALERT exits in a row otherwise (a silent peer, say)."""
+    if code == EXIT_STALE_EPOCH:
+        return f"the peer refused our changes: its copy has a newer epoch than ours ({message})"
+    if code == EXIT_AUTH:
+        return f"authentication failed: mirror.secret_file differs between the nodes ({message})"
+    if code == EXIT_GUARD:
+        return (f"refused to destroy the replica (the source is not the tree the replica mirrors, or "
+                f"more deletions than allowed): nothing is mirrored until it is checked ({message})")  # fmt: skip
+    if in_a_row >= EXITS_BEFORE_ALERT:
+        if code in (EXIT_TIMEOUT, EXIT_CONNECT_TIMEOUT):
+            what = "the peer stayed silent" if code == EXIT_TIMEOUT else "no connection to the peer"
+            return f"exited {in_a_row} times in a row ({what}, exit {code}): {message}"
+        last = "could not start" if code is None else f"exit {code}"
+        return f"exited {in_a_row} times in a row (last: {last}): {message}"
+    return None
+
+
+def _toml(value: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's (quotes, backslashes, control characters)."""
+    return json.dumps(value)
+
+
 @dataclass(frozen=True)
 class Replica:
     """Is the peer's copy receiving our changes live?  ``detail`` says what is not."""
@@ -203,15 +242,22 @@ class Replica:
 
 
 class MirrorControl:
-    def __init__(self, cfg: ClusterConfig, node: str, on_exit=None):
+    """``destinations``: the nodes a primary mirrors to.  Two-node mode: None, the peer, through
+    the configured ``mirror.daemon`` argv.  With several (the etcd backend): one daemon per tree
+    with a pair per destination, from a generated ``mirror daemon --config`` file."""
+
+    def __init__(self, cfg: ClusterConfig, node: str, on_exit=None, destinations: list[str] | None = None):
         self.cfg = cfg
         self.node = node
         self.on_exit = on_exit
         self.trees = resolve_trees(cfg, node)
-        self.peer = cfg.peer_of(node)
+        self.fan_out = destinations is not None
+        self.destinations = list(destinations) if destinations is not None else [cfg.peer_of(node).name]
+        self.peer = cfg.node(self.destinations[0]) if self.destinations else None
         self.me = cfg.node(node)
         link = cfg.mirror_link()
-        self.peer_address = self.peer.addresses[link]
+        self.addresses = {name: cfg.node(name).addresses[link] for name in self.destinations}
+        self.peer_address = self.addresses[self.peer.name] if self.peer else None
         self.my_address = self.me.addresses[link]
         self.direction: str | None = None
         self._procs: list[_Supervised] = []
@@ -252,6 +298,61 @@ class MirrorControl:
 
     # ---------------------------------------------------------- data
 
+    def _destination(self, tree: Tree, node: str) -> str:
+        return f"mirror://{self.addresses[node]}:{self.cfg.mirror.port}/{tree.name}"
+
+    def _fan_out_argv(self, tree: Tree) -> list[str]:
+        """``mirror daemon --config F``, F written here: one pair per destination, all with
+        the tree as source (each destination has its own position and state)."""
+        lines = [
+            "# written by hawrap: the fan-out of one tree, one pair per destination",
+            "[daemon]",
+            f"status_dir = {_toml(tree.state_dir)}",
+        ]
+        for node in self.destinations:
+            lines += [
+                "",
+                "[[pair]]",
+                f"name = {_toml(f'{tree.name}@{node}')}",
+                f"source = {_toml(tree.path)}",
+                f"destination = {_toml(self._destination(tree, node))}",
+                f"state_dir = {_toml(tree.state_dir)}",
+                f"lock_file = {_toml(tree.lock_file)}",
+            ]
+            if self.cfg.mirror.secret_file:
+                lines.append(f"secret_file = {_toml(self.cfg.mirror.secret_file)}")
+        path = os.path.join(self.me.state_dir, f"mirror-daemon-{tree.name}.toml")
+        atomic_write(path, ("\n".join(lines) + "\n").encode(), 0o600)
+        return [*self.cfg.mirror.command, "daemon", "--config", path]
+
+    def _serve_argv(self) -> list[str]:
+        """The receiver.  A tree whose state dir is not the default one needs it named, or the
+        receiver would keep the tree's epoch and identity apart from the daemon's (and refuse
+        the next primary): then ``mirror serve --config F``, F written here with each
+        module's state dir, and the privileges the default ``mirror.serve`` grants."""
+        if all(t.state_dir == os.fsdecode(resolve_state_dir(t.path, None)) for t in self.trees):
+            return self._argv(self.cfg.mirror.serve)
+        lines = [
+            "# written by hawrap: the receiver of this node's trees",
+            f"listen = {_toml(f'{self.my_address}:{self.cfg.mirror.port}')}",
+        ]
+        if self.cfg.mirror.secret_file:
+            lines.append(f"secret_file = {_toml(self.cfg.mirror.secret_file)}")
+        for t in self.trees:
+            lines += [
+                "",
+                f"[modules.{_toml(t.name)}]",
+                f"path = {_toml(t.path)}",
+                f"state_dir = {_toml(t.state_dir)}",
+                f"lock_file = {_toml(t.lock_file)}",
+                "keep_owners = true",
+                "allow_setid = true",
+                "allow_specials = true",
+            ]
+        path = os.path.join(self.me.state_dir, "mirror-serve.toml")
+        atomic_write(path, ("\n".join(lines) + "\n").encode(), 0o600)
+        return [*self.cfg.mirror.command, "serve", "--config", path]
+
     def _argv(self, template: tuple[str, ...], tree: Tree | None = None, **extra: str) -> list[str]:
         values = {
             "secret_file": self.cfg.mirror.secret_file or "",
@@ -260,9 +361,10 @@ class MirrorControl:
             **extra,
         }
         if tree is not None:
+            target = extra.pop("to", None) or (self.peer.name if self.peer else "")
             values.update(
                 src=tree.path,
-                dst=f"mirror://{self.peer_address}:{self.cfg.mirror.port}/{tree.name}",
+                dst=self._destination(tree, target) if target else "",
                 lock_file=tree.lock_file,
                 state_dir=tree.state_dir,
                 tree=tree.name,
@@ -292,14 +394,14 @@ class MirrorControl:
             self.direction = direction if self.trees else None
             return
         self.stop_processes()
-        if direction == "send":
+        if direction == "send" and self.fan_out and not self.destinations:
+            pass  # a cluster of one: nobody to mirror to
+        elif direction == "send":
             for t in self.trees:
-                argv = self._argv(self.cfg.mirror.daemon, t)
+                argv = self._fan_out_argv(t) if self.fan_out else self._argv(self.cfg.mirror.daemon, t)
                 self._procs.append(_Supervised(f"daemon {t.name}", argv, self.on_exit, self.me.state_dir))
         elif direction == "receive":
-            self._procs.append(
-                _Supervised("serve", self._argv(self.cfg.mirror.serve), self.on_exit, self.me.state_dir)
-            )
+            self._procs.append(_Supervised("serve", self._serve_argv(), self.on_exit, self.me.state_dir))
         self.direction = direction
 
     def replica(self) -> Replica:
@@ -310,30 +412,36 @@ class MirrorControl:
             return Replica(True, "no mirrored trees")
         if self.direction != "send":
             return Replica(False, "not mirroring toward the peer")
-        from mirror.daemon import read_status
+        from mirror.daemon import load_status
 
         problems = []
         now = time.time()
         for tree, proc in zip(self.trees, self._procs, strict=True):
             try:
-                status = read_status(tree.state_dir)
-                pair = status["pairs"][0]
-            except (OSError, ValueError, KeyError, IndexError):
+                status = load_status(tree.state_dir)
+                pairs = status.pairs
+                if len(pairs) < max(1, len(self.destinations) if self.fan_out else 1):
+                    raise IndexError
+            except (OSError, ValueError, IndexError):
                 problems.append(f"{tree.name}: starting")
                 continue
-            if status.get("updated", 0) < proc.started_at or now - status.get("updated", 0) > STATUS_STALE:
+            if status.updated < proc.started_at or status.age(now) > STATUS_STALE:
                 problems.append(f"{tree.name}: no fresh status from its daemon")
-            elif pair.get("state") != "live":
-                error = pair.get("last_error")
-                problems.append(f"{tree.name}: {pair.get('state')}" + (f" ({error})" if error else ""))
-            elif (pair.get("lag_seconds") or 0) > self.cfg.mirror.max_lag:
-                problems.append(f"{tree.name}: {pair['lag_seconds']:.1f} s behind")
+                continue
+            for pair in pairs:
+                where = pair.get("name", tree.name) if self.fan_out else tree.name
+                if pair.get("state") != "live":
+                    error = pair.get("last_error")
+                    problems.append(f"{where}: {pair.get('state')}" + (f" ({error})" if error else ""))
+                elif (pair.get("lag_seconds") or 0) > self.cfg.mirror.max_lag:
+                    problems.append(f"{where}: {pair['lag_seconds']:.1f} s behind")
         return Replica(not problems, "; ".join(problems) or "live")
 
-    def final_sync(self, timeout: float = 3600.0) -> None:
-        """One-shot ``mirror sync --delete`` of every tree toward the peer; raises on failure."""
+    def final_sync(self, timeout: float = 3600.0, to: str | None = None) -> None:
+        """One-shot ``mirror sync --delete`` of every tree toward the peer (or node ``to``);
+        raises on failure."""
         for t in self.trees:
-            argv = self._argv(self.cfg.mirror.sync, t)
+            argv = self._argv(self.cfg.mirror.sync, t, to=to or "")
             start = time.monotonic()
             try:
                 proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
@@ -343,6 +451,12 @@ class MirrorControl:
                 err = proc.stderr.decode(errors="replace").strip()[-500:]
                 raise HawrapError(f"final sync of {t.name} failed (exit {proc.returncode}): {err}")
             log.info("final sync of %s done in %.2f s", t.name, time.monotonic() - start)
+
+    def kill_processes(self) -> None:
+        """SIGKILL every mirror process's group now, without waiting (a node that must stop
+        serving at once); ``stop_processes`` reaps them later."""
+        for p in list(self._procs):
+            p.kill()
 
     def stop_processes(self) -> None:
         for p in self._procs:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
 from mirror.atomicfile import atomic_write
-from mirror.errors import EXIT_AUTH, EXIT_STALE_EPOCH, MirrorError
+from mirror.errors import MirrorError
 
 from . import fsm, watchdog
 from .config import ClusterConfig
@@ -29,7 +29,7 @@ from .control import ControlServer
 from .errors import HawrapError, ResourceError
 from .heartbeat import HeartbeatChild, config_message
 from .links import LanHealth, LanMonitor
-from .mirrorctl import MirrorControl, Replica, stop_orphans
+from .mirrorctl import MirrorControl, Replica, exit_alert, stop_orphans
 from .notify import Notifier
 from .resources import ResourceGroup, Service, VirtualIP
 
@@ -44,7 +44,6 @@ RESTART_LIMIT = 3
 RESTART_WINDOW = 60.0
 ITERATION_BOUND = 30.0  # one round of the loop (state file fsyncs under disk load) may take this long
 FINAL_SYNC_TIMEOUT = 3600.0
-MIRROR_EXITS_BEFORE_ALERT = 3  # a mirror process that keeps exiting (its cause unknown) is reported
 REPLICA_CHECK_INTERVAL = 0.1  # how often the daemon's status is read while primary
 
 
@@ -585,14 +584,8 @@ class Node:
         self._mirror_exits[name] += 1
         if name in self._mirror_alerted:
             return
-        if code == EXIT_STALE_EPOCH:
-            what = f"the peer refused our changes: its copy has a newer epoch than ours ({message})"
-        elif code == EXIT_AUTH:
-            what = f"authentication failed: mirror.secret_file differs between the nodes ({message})"
-        elif self._mirror_exits[name] >= MIRROR_EXITS_BEFORE_ALERT:
-            last = "could not start" if code is None else f"exit {code}"
-            what = f"exited {self._mirror_exits[name]} times in a row (last: {last}): {message}"
-        else:
+        what = exit_alert(code, message, self._mirror_exits[name])
+        if what is None:
             return
         self._mirror_alerted.add(name)
         self._notify("replication", f"mirror {name}: {what}")

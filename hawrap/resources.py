@@ -295,16 +295,18 @@ class VirtualIP(Resource):
                 OCF_ERR_GENERIC,
             )
 
-    def start(self, check: bool = True) -> None:
-        """Add the address (after ``check_free`` unless the caller just did it) and announce it."""
+    def start(self, check: bool = True, lifetime: int | None = None) -> None:
+        """Add the address (after ``check_free`` unless the caller just did it) and announce it.
+        ``lifetime``: seconds before the kernel drops it unless refreshed (default ``vip.lifetime``)."""
         if self.cfg.kind == "dummy":
             self._dummy_start()
             return
         if check:
             self.check_free()
         args = ["addr", "add", self.cfg.address, "dev", self.interface]
-        if self.cfg.lifetime:
-            args += ["valid_lft", str(self.cfg.lifetime), "preferred_lft", str(self.cfg.lifetime)]
+        lifetime = self.cfg.lifetime if lifetime is None else lifetime
+        if lifetime:
+            args += ["valid_lft", str(lifetime), "preferred_lft", str(lifetime)]
         code, out = self._ip(*args)
         if code != 0 and not self.running():
             raise ResourceError(f"{self.name}: ip addr add failed: {out}", OCF_ERR_GENERIC)
@@ -350,7 +352,7 @@ class VirtualIP(Resource):
             self._garp_thread.join()
             self._garp_thread = None
 
-    def refresh(self, seen_at: float) -> None:
+    def refresh(self, seen_at: float, lifetime: int | None = None) -> None:
         """Renew the address lifetime (``lifetime`` > 0): a dead hawrap lets it expire.
 
         ``ip addr change`` adds the address if it is gone (the kernel ignores the missing
@@ -358,11 +360,12 @@ class VirtualIP(Resource):
         address was seen here (``seen_at``, monotonic), and it looks once more right before.
         A node that was frozen between the two, and whose address expired meanwhile (the
         peer may hold it now), would otherwise bring it back without any check."""
-        if self.cfg.kind != "ip" or not self.cfg.lifetime:
+        lifetime = self.cfg.lifetime if lifetime is None else lifetime
+        if self.cfg.kind != "ip" or not lifetime:
             return
         if time.monotonic() - seen_at > REFRESH_FRESH or not self.running():
             return
-        lifetime = str(self.cfg.lifetime)
+        lifetime = str(lifetime)
         self._ip(
             "addr",
             "change",

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from mirror.errors import display_path
-from mirror.journal import Journal
+from mirror.journal import read_pending
 
 from .config import ClusterConfig
 from .mirrorctl import resolve_trees
@@ -62,11 +62,7 @@ def journaled_paths(state_dir: str) -> list[str]:
     """The paths of every change recorded in the tree's journals and not checkpointed."""
     out: set[bytes] = set()
     for path in sorted(glob.glob(os.path.join(glob.escape(state_dir), "journal-*"))):
-        journal = Journal(os.fsencode(path))
-        try:
-            pending = journal.pending()
-        finally:
-            journal.close()
+        pending = read_pending(os.fsencode(path))
         out.update(pending.entries)
         out.update(pending.trees)
         for old, new in pending.renames:

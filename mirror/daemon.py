@@ -1,8 +1,11 @@
 """``mirror daemon``: live mirroring of one or more trees, change by change.
 
-Per pair (source tree -> destination), a ``LivePair`` thread:
+Per pair (source tree -> destination), a ``LivePair`` thread.  The pairs that mirror the
+same tree to several destinations (a fan-out) share one ``SourceFeed``: one watcher and one
+journal, in which each destination has its own position, so a slow or absent destination
+never holds the others back; the journal keeps a record until every destination has it.
 
-1. opens the pair's change journal and starts watching the tree (before anything else, so
+1. opens the change journal and starts watching the tree (before anything else, so
    no change can slip between the first scan and the first event);
 2. syncs the whole tree once (an unchanged replica costs one scan on each side);
 3. then, for every batch of changes the watcher reports (journaled and fsynced first),
@@ -63,6 +66,8 @@ _BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 # a full sync again after these many seconds: a source mounted again resumes by itself.
 _HALT_BACKOFF = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SOURCE_CHECK_SECONDS = 1.0  # how often an idle pair checks its source is still the same filesystem
+STATUS_INTERVAL = 0.5  # the status file is rewritten at least this often
+STATUS_MIN_INTERVAL = 0.1  # and after a session, within this (at most this often)
 # States an operator must see (logged as warnings); halted and fenced log an error of their own.
 ALERT_STATES = ("disconnected", "unreachable", "locked", "catching up")
 FALLING_BEHIND_SECONDS = 10.0  # the oldest change not mirrored for this long: a warning
@@ -95,6 +100,92 @@ class PairConfig:
     def journal_path(self) -> bytes:
         tag = xxhash.xxh3_64_hexdigest(self.destination.encode("utf-8", "surrogateescape"))
         return os.path.join(self.tree_state_dir, b"journal-" + tag.encode())
+
+    @property
+    def feed_key(self) -> tuple:
+        """Pairs with equal keys watch the same tree the same way: they share a feed."""
+        return (os.path.realpath(self.source), self.tree_state_dir, self.excludes)
+
+    @property
+    def cursor(self) -> bytes:
+        return self.name.encode("utf-8", "surrogateescape")
+
+
+class SourceFeed:
+    """One source tree's watcher and change journal, shared by the pairs that mirror it (one
+    per destination).  A change is journaled once, durably, and every pair is woken; each
+    pair checkpoints its own position (``Journal`` cursors)."""
+
+    def __init__(self, pairs: list[PairConfig]):
+        first = pairs[0]
+        check_root(first.source)
+        ensure_state_dir(first.tree_state_dir)
+        self.source = first.source
+        if len(pairs) == 1:
+            # one destination: the journal it has always had, its position unnamed
+            self.cursors = {first.name: b""}
+            path = first.journal_path
+        else:
+            self.cursors = {p.name: p.cursor for p in pairs}
+            tag = xxhash.xxh3_64_hexdigest(b"fan-out\0" + os.path.realpath(first.source))
+            path = os.path.join(first.tree_state_dir, b"journal-" + tag.encode())
+        self.journal = Journal(path, tuple(self.cursors.values()))
+        self._excluder = make_excluder(first.excludes)
+        self._pairs: list[LivePair] = []
+        self._lock = threading.Lock()
+        self.watcher = self._new_watcher()
+
+    def _new_watcher(self) -> Watcher:
+        return Watcher(self.source, self._on_changes, self._excluder.excluded if self._excluder else None)
+
+    def cursor(self, pair: PairConfig):
+        return self.journal.cursor(self.cursors[pair.name])
+
+    def subscribe(self, pair: LivePair) -> None:
+        with self._lock:
+            self._pairs.append(pair)
+
+    def start(self) -> None:
+        self.watcher.start()
+
+    def rewatch(self) -> None:
+        """The old watches died with the filesystem they were on: watch the tree again."""
+        with self._lock:
+            self.watcher.stop()
+            self.watcher = self._new_watcher()
+            self.watcher.start()
+            pairs = list(self._pairs)
+        for pair in pairs:
+            pair._need_full = True  # what changed before the new watches were in place
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        self.journal.close()
+
+    def _on_changes(self, changes) -> None:
+        """Runs in the watchdog thread: journal (durably) first, then wake the pairs."""
+        records = []
+        for c in changes:
+            if c.kind in (W_ENTRY, CLOSED):
+                records.append((ENTRY, c.path, 0))
+            elif c.kind == TREE:
+                records.append((ENTRY, c.path, 1))
+            elif c.kind == W_RENAME:
+                records.append((RENAME, c.path, c.other))
+            elif c.kind == RESCAN:
+                log.warning("%s: change events were lost (inotify overflow or watch limit): rescanning",
+                            display_path(self.source))  # fmt: skip
+                records.append((ENTRY, c.path, 1))
+        with self._lock:
+            pairs = list(self._pairs)
+        wake = [pair for pair in pairs if pair._saw(changes)]
+        # Written at once, made durable right after the pairs are woken: the fdatasync runs
+        # while the change is being mirrored, and the change is checkpointed only after both.
+        self.journal.append(records, sync=False)
+        for pair in wake:
+            with pair._cond:
+                pair._cond.notify_all()
+        self.journal.sync()
 
 
 @dataclass(frozen=True)
@@ -129,21 +220,25 @@ class PairStatus:
     last_success: float | None = None  # end of the last session in which no file failed
     failed_files: list = field(default_factory=list)  # [[path, reason], ...] of the last session, at most 20
     progress: dict | None = None  # during a full sync or catch-up: entries and bytes done (of total, if known)
+    mirrored_seq: int = 0  # this destination's position in the tree's journal
+    journal_seq: int = 0  # the newest change journaled
 
 
 class LivePair:
     """One source tree mirrored live to one destination (see the module docstring)."""
 
-    def __init__(self, config: PairConfig, daemon: DaemonConfig, metrics=None):
+    def __init__(self, config: PairConfig, daemon: DaemonConfig, metrics=None, feed: SourceFeed | None = None,
+                 on_state=None):  # fmt: skip
+        """``feed``: shared with the other pairs of the same tree (None: one of its own).
+        ``on_state()``: called after every change of state (the daemon writes its status)."""
         self.config = config
         self.daemon = daemon
         self.metrics = metrics
+        self.on_state = on_state
         self.status = PairStatus(config.name, display_path(config.source), config.destination)
-        check_root(config.source)
-        ensure_state_dir(config.tree_state_dir)
-        self.journal = Journal(config.journal_path)
-        excluder = make_excluder(config.excludes)
-        self.watcher = Watcher(config.source, self._on_changes, excluder.excluded if excluder else None)
+        self._own_feed = feed is None
+        self.feed = SourceFeed([config]) if feed is None else feed
+        self.journal = self.feed.cursor(config)
         self._cond = threading.Condition()
         self._open_files: dict[bytes, float] = {}
         self._stop = threading.Event()
@@ -154,19 +249,20 @@ class LivePair:
         self._connection: Connection | None = None
         self._thread = threading.Thread(target=self._run, name=f"pair-{config.name}", daemon=True)
         self.fenced = False
-        self._excluder = excluder
         self._source_fs: tuple[int, int] | None = None  # where the source was at the last full sync
         self._last_source_check = 0.0
         self._halts = 0
         self._watch_stale = False  # the source's filesystem went away under the watches
         self._behind = False  # warned that the pair falls behind
+        self.feed.subscribe(self)
         if self.journal.replayed:
             log.info("%s: %d changes from the journal to replay", config.name, self.journal.replayed)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.watcher.start()
+        if self._own_feed:
+            self.feed.start()
         self._thread.start()
 
     def stop(self) -> None:
@@ -175,16 +271,17 @@ class LivePair:
         with self._cond:
             self._cond.notify_all()
         self._thread.join(timeout=60)
-        self.watcher.stop()
         self._disconnect()
-        self.journal.close()
+        if self._own_feed:
+            self.feed.stop()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
     def _set_state(self, state: str, error: str | None = None) -> None:
-        if state != self.status.state:
+        changed = state != self.status.state
+        if changed:
             # Entering an alert state, and leaving one for live, is what an operator must see.
             alert = state in ALERT_STATES or (state == "live" and self.status.state in ALERT_STATES + ("halted",))
             log.log(logging.WARNING if alert else logging.INFO, "%s: %s%s", self.config.name, state,
@@ -195,42 +292,35 @@ class LivePair:
             self.status.last_error = error
         if self.metrics is not None:
             self.metrics.state(self.config.name, state)
+        if changed:
+            self._report(force=True)
+
+    def _report(self, force: bool = False) -> None:
+        """Tell the daemon to write its status: at once on a change of state (``force``),
+        soon after a session (what is pending changed)."""
+        if self.on_state is not None:
+            self.on_state(force)
 
     # -- changes from the watcher -----------------------------------------------------------
 
-    def _on_changes(self, changes) -> None:
-        """Runs in the watchdog thread: journal (durably) first, then wake the pair."""
-        records = []
+    def _saw(self, changes) -> bool:
+        """From the feed (the watchdog thread): note the files still open; True if the pair
+        must wake (a file still being written does not wake it: its close will)."""
         now = time.monotonic()
-        wake = False  # a file still being written does not wake the pair: its close will
+        wake = False
         for c in changes:
             wake = wake or not (c.kind == W_ENTRY and c.open)
             if c.kind == W_ENTRY:
-                records.append((ENTRY, c.path, 0))
                 if c.open:
                     self._open_files.setdefault(c.path, now)
             elif c.kind == CLOSED:
-                records.append((ENTRY, c.path, 0))
                 self._open_files.pop(c.path, None)
-            elif c.kind == TREE:
-                records.append((ENTRY, c.path, 1))
             elif c.kind == W_RENAME:
-                records.append((RENAME, c.path, c.other))
                 if c.path in self._open_files:
                     self._open_files[c.other] = self._open_files.pop(c.path)
-            elif c.kind == RESCAN:
-                log.warning("%s: change events were lost (inotify overflow or watch limit): rescanning",
-                            self.config.name)  # fmt: skip
-                records.append((ENTRY, c.path, 1))
-                if not c.path:
-                    self._need_full = True
-        # Written at once, made durable right after the pair is woken: the fdatasync runs
-        # while the change is being mirrored, and the change is checkpointed only after both.
-        self.journal.append(records, sync=False)
-        if wake:
-            with self._cond:
-                self._cond.notify_all()
-        self.journal.sync()
+            elif c.kind == RESCAN and not c.path:
+                self._need_full = True
+        return wake
 
     # -- the pair's loop --------------------------------------------------------------------
 
@@ -336,14 +426,12 @@ class LivePair:
             self._halts = 0
         if self._watch_stale:
             self._watch_stale = False
-            self.watcher.stop()
-            self.watcher = Watcher(self.config.source, self._on_changes,
-                                   self._excluder.excluded if self._excluder else None)  # fmt: skip
-            self.watcher.start()
-            self._need_full = True  # what changed before the new watches were in place
+            self.feed.rewatch()
 
     def _next_batch(self) -> Pending | None:
         """Wait for changes (and a short coalescing window); None to go round the loop again."""
+        if self.journal.overrun():
+            self._need_full = True  # too far behind: the journal let this destination go
         if self._need_full or getattr(self, "_after_lock", False):
             return self.journal.take()
         with self._cond:
@@ -452,6 +540,7 @@ class LivePair:
         if result.deletions_refused:
             raise _Halted(result.deletions_refused)  # the rest of the batch is mirrored, no deletion
         self._set_state("live")
+        self._report()
         return bool(result.failed)
 
     def _checkpoint(self, batch: Pending, keep: set[bytes]) -> None:
@@ -478,6 +567,7 @@ class LivePair:
                             st.pending, st.lag_seconds)  # fmt: skip
             else:
                 log.info("%s: caught up", self.config.name)
+        st.mirrored_seq, st.journal_seq = self.journal.position()
         if self._latencies:
             ordered = sorted(self._latencies)
             st.latency_p50_ms = round(ordered[len(ordered) // 2] * 1000, 3)
@@ -500,6 +590,14 @@ class LivePair:
         return total
 
 
+def _groups(pairs: tuple[PairConfig, ...]) -> dict[tuple, tuple[PairConfig, ...]]:
+    """The pairs by the tree they watch (a fan-out shares one feed), in configuration order."""
+    out: dict[tuple, list[PairConfig]] = {}
+    for pair in pairs:
+        out.setdefault(pair.feed_key, []).append(pair)
+    return {key: tuple(group) for key, group in out.items()}
+
+
 class Daemon:
     """All pairs of a configuration, the status file, metrics, reload."""
 
@@ -507,38 +605,56 @@ class Daemon:
         self.config = config
         self.metrics = Metrics(config.metrics) if config.metrics else None
         self.pairs: dict[str, LivePair] = {}
+        self._feeds: dict[tuple, tuple[SourceFeed, tuple[PairConfig, ...]]] = {}
         self._stop = threading.Event()
+        self._status_lock = threading.Lock()
+        self._dirty = threading.Event()
 
     def start(self) -> None:
         ensure_state_dir(self.config.status_dir)
-        for pair_config in self.config.pairs:
-            self._start_pair(pair_config)
+        for key, group in _groups(self.config.pairs).items():
+            self._start_group(key, group)
         self._status_thread = threading.Thread(target=self._write_status_loop, name="status", daemon=True)
         self._status_thread.start()
 
-    def _start_pair(self, pair_config: PairConfig) -> None:
-        pair = LivePair(pair_config, self.config, self.metrics)
-        pair.start()
-        self.pairs[pair_config.name] = pair
+    def _start_group(self, key: tuple, group: tuple[PairConfig, ...]) -> None:
+        feed = SourceFeed(list(group))
+        pairs = [LivePair(pc, self.config, self.metrics, feed, self._state_changed) for pc in group]
+        for pair in pairs:  # listed before they run: a status written on their first change shows them all
+            self.pairs[pair.config.name] = pair
+        self._feeds[key] = (feed, group)
+        feed.start()
+        for pair in pairs:
+            pair.start()
+
+    def _stop_group(self, key: tuple) -> None:
+        feed, group = self._feeds.pop(key)
+        for pc in group:
+            self.pairs.pop(pc.name).stop()
+        feed.stop()
 
     def reload(self, config: DaemonConfig) -> None:
-        """SIGHUP: stop removed or changed pairs, start new ones, keep the others running."""
-        old = {p.name: p for p in self.config.pairs}
-        new = {p.name: p for p in config.pairs}
-        for name, pair in list(self.pairs.items()):
-            if new.get(name) != old.get(name):
-                pair.stop()
-                del self.pairs[name]
+        """SIGHUP: stop the trees whose pairs were removed or changed, start new ones, keep
+        the others running (a tree's pairs share a feed: they restart together)."""
+        new = _groups(config.pairs)
+        for key, (_, group) in list(self._feeds.items()):
+            if new.get(key) != group:
+                self._stop_group(key)
         self.config = config
-        for name, pair_config in new.items():
-            if name not in self.pairs:
-                self._start_pair(pair_config)
-        log.info("configuration reloaded: %s", ", ".join(sorted(new)))
+        for key, group in new.items():
+            if key not in self._feeds:
+                self._start_group(key, group)
+        log.info("configuration reloaded: %s", ", ".join(sorted(p.name for p in config.pairs)))
 
     def stop(self) -> None:
         self._stop.set()
+        self._dirty.set()
+        for feed, group in self._feeds.values():
+            for pc in group:
+                self.pairs[pc.name].stop()
+            feed.stop()
+        self._feeds.clear()
         for pair in self.pairs.values():
-            pair.stop()
             pair.status.state = "stopped"  # never "live" once the daemon is gone
         status_thread = getattr(self, "_status_thread", None)
         if status_thread is not None:
@@ -549,23 +665,45 @@ class Daemon:
     def all_fenced(self) -> bool:
         return bool(self.pairs) and all(p.fenced for p in self.pairs.values())
 
-    def write_status(self, stopped: bool = False) -> None:
-        status = {
+    def status(self, stopped: bool = False) -> dict:
+        """What ``mirror status`` shows: every pair (one per destination) with its state,
+        position in the journal and lag."""
+        return {
             "pid": os.getpid(),
             "pid_start": process_start(os.getpid()),
             "state": "stopped" if stopped else "running",
             "updated": time.time(),
-            "pairs": [pair.snapshot() for pair in self.pairs.values()],
+            "pairs": [pair.snapshot() for pair in list(self.pairs.values())],
         }
-        atomic_write(os.path.join(self.config.status_dir, STATUS_FILE), json.dumps(status, indent=1).encode(),
-                     0o644, durable=False)  # fmt: skip
+
+    def write_status(self, stopped: bool = False) -> None:
+        with self._status_lock:
+            data = json.dumps(self.status(stopped), indent=1).encode()
+            atomic_write(os.path.join(self.config.status_dir, STATUS_FILE), data, 0o644, durable=False)
+
+    def _state_changed(self, urgent: bool) -> None:
+        """A pair changed state (``urgent``: the status file says so now, not at the next
+        periodic write: a reader such as hawrap decides on it), or ran a session (written
+        within STATUS_MIN_INTERVAL)."""
+        if not urgent:
+            self._dirty.set()
+            return
+        try:
+            self.write_status()
+        except OSError as exc:
+            log.warning("cannot write the status file: %s", exc)
 
     def _write_status_loop(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.is_set():
+            self._dirty.wait(STATUS_INTERVAL)
+            self._dirty.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.write_status()
             except OSError as exc:
                 log.warning("cannot write the status file: %s", exc)
+            self._stop.wait(STATUS_MIN_INTERVAL)
 
 
 def process_start(pid: int) -> int | None:
@@ -582,6 +720,39 @@ def process_start(pid: int) -> int | None:
 def read_status(status_dir: bytes | str) -> dict:
     with open(os.path.join(fs_path(status_dir), STATUS_FILE), "rb") as f:
         return json.loads(f.read())
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    """The daemon's status file, for programs (hawrap): rewritten at once on every change of
+    a pair's state, within STATUS_MIN_INTERVAL of a session, and at least every
+    STATUS_INTERVAL while the daemon runs."""
+
+    pid: int
+    updated: float  # time.time() of the write
+    pairs: tuple[dict, ...]  # one per destination: PairStatus's fields
+
+    def age(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.updated
+
+    def pair(self, name: str) -> dict | None:
+        return next((p for p in self.pairs if p.get("name") == name), None)
+
+
+def load_status(status_dir: bytes | str) -> DaemonStatus:
+    """The status a daemon wrote in ``status_dir``; OSError if there is none, ValueError
+    (naming the file) if it is not a daemon's status."""
+    path = os.path.join(fs_path(status_dir), STATUS_FILE)
+    with open(path, "rb") as f:
+        data = f.read(1 << 24)
+    try:
+        raw = json.loads(data)
+        pairs = raw["pairs"]
+        if not isinstance(pairs, list) or not all(isinstance(p, dict) for p in pairs):
+            raise ValueError("pairs")
+        return DaemonStatus(int(raw.get("pid", 0)), float(raw["updated"]), tuple(pairs))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{display_path(path)}: not a mirror daemon status ({exc})") from None
 
 
 class Metrics:

@@ -11,7 +11,13 @@ Record, little-endian::
     u32 length of body | u64 xxh3-64 of body | body = msgpack [seq, kind, path, other]
 
 kinds: ``e`` an entry changed (``other``: 1 if its whole subtree must be rescanned),
-``r`` a rename (``path`` -> ``other``), ``c`` checkpoint: every record up to ``seq`` is done.
+``r`` a rename (``path`` -> ``other``), ``c`` checkpoint: every record up to ``seq`` is done
+for the destination named in ``path`` (empty: the journal's only destination).
+
+One journal can serve several destinations (``mirror daemon`` fanning one tree out): each
+has its own position (its last checkpoint), a record is dropped once every destination has
+passed it, and a destination that falls so far behind that its records would exceed
+``MAX_RETAINED`` is let go (``overrun``): it is reconciled by a full sync instead.
 Reading stops at the first record that is short or fails its checksum (a write torn by a
 crash, which was never fsynced, so never acknowledged) and the file is cut there.
 """
@@ -36,6 +42,9 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<IQ")
 MAX_RECORD = 1 << 20
 COMPACT_BYTES = 16 << 20
+# A destination whose unmirrored records pass this many (it has been away long) no longer
+# holds them: it is reconciled by a full sync when it returns (see ``overrun``).
+MAX_RETAINED = 1_000_000
 
 ENTRY, RENAME, CHECKPOINT = "e", "r", "c"
 
@@ -57,21 +66,82 @@ class Pending:
         return min(self.entries.values(), default=None)
 
 
-class Journal:
-    """One pair's journal file; thread-safe."""
+def _scan(data: bytes) -> tuple[list, dict[bytes, int], int, int]:
+    """Decode a journal file: (change records in order, each destination's last checkpoint,
+    the last sequence number, the length of the whole records: a torn tail is not counted)."""
+    pos, last = 0, 0
+    now = time.time()
+    records: list[tuple[int, str, bytes, object, float]] = []
+    done: dict[bytes, int] = {}
+    while pos + _HEADER.size <= len(data):
+        length, check = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + length
+        if length > MAX_RECORD or end > len(data):
+            break
+        body = data[pos + _HEADER.size : end]
+        if xxhash.xxh3_64_intdigest(body) != check:
+            break
+        try:
+            seq, kind, path, other = msgpack.unpackb(body)
+        except (ValueError, msgpack.UnpackException, TypeError):
+            break
+        last = max(last, seq)
+        if kind == CHECKPOINT:
+            done[path] = max(done.get(path, 0), seq)
+        else:
+            records.append((seq, kind, path, other, now))
+        pos = end
+    return records, done, last, pos
 
-    def __init__(self, path: bytes):
+
+def _merge(records, done: int) -> Pending:
+    out = Pending(seq=records[-1][0] if records else done)
+    for _, kind, path, other, when in records:
+        if kind == ENTRY:
+            out.entries.setdefault(path, when)
+            if other:
+                out.trees.add(path)
+        elif kind == RENAME:
+            out.renames.append((path, other))
+            out.entries.setdefault(path, when)
+            out.entries.setdefault(other, when)
+    return out
+
+
+def read_pending(path: bytes) -> Pending:
+    """What a journal holds that at least one of its destinations has not had, read without
+    opening it for writing (a daemon may own it) and without cutting a torn tail."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return Pending()
+    records, done, _, _ = _scan(data)
+    floor = min(done.values(), default=0)
+    return _merge([r for r in records if r[0] > floor], floor)
+
+
+class Journal:
+    """One tree's journal file, for one or more destinations (``cursors``: their names, as
+    bytes; the default is the single unnamed one); thread-safe."""
+
+    def __init__(self, path: bytes, cursors: tuple[bytes, ...] = (b"",), max_retained: int = MAX_RETAINED):
         self.path = path
         self._lock = threading.Lock()
         self._seq = 0
-        self._done = 0
-        self._records: list[tuple[int, str, bytes, object, float]] = []  # pending, in order
+        if not cursors or len(set(cursors)) != len(cursors):
+            raise ValueError(f"journal {display_path(path)}: destinations must be distinct and at least one")
+        self._cursors = tuple(cursors)
+        self._max_retained = max_retained
+        self._done_at: dict[bytes, int] = dict.fromkeys(cursors, 0)  # per destination: its last checkpoint
+        self._overrun: set[bytes] = set()
+        self._records: list[tuple[int, str, bytes, object, float]] = []  # pending for someone, in order
         self._fd = -1
         self._size = 0
         self.replayed = 0
         # path -> (its "other" flag, seq of its newest record), while not checkpointed
         self._pending_entries: dict[bytes, tuple[int, int]] = {}
-        self._taken = 0  # the newest record handed to a session by take()
+        self._taken_at: dict[bytes, int] = dict.fromkeys(cursors, 0)  # the newest record each session took
         self._sync_lock = threading.Lock()
         self._synced = 0
         self._open()
@@ -94,30 +164,26 @@ class Journal:
         os.lseek(self._fd, good, os.SEEK_SET)
         self._size = good
         self.replayed = len(self._records)
+        if len(self._cursors) > 1 and self._unrecorded:
+            # every destination's position is in the file, a new one's too: a reader
+            # (``read_pending``) then knows what each destination still lacks
+            out = b"".join(self._encode(0, CHECKPOINT, c, None) for c in self._unrecorded)
+            os.write(self._fd, out)
+            self._size += len(out)
 
     def _parse(self, data: bytes) -> int:
-        pos = 0
-        now = time.time()
-        while pos + _HEADER.size <= len(data):
-            length, check = _HEADER.unpack_from(data, pos)
-            end = pos + _HEADER.size + length
-            if length > MAX_RECORD or end > len(data):
-                break
-            body = data[pos + _HEADER.size : end]
-            if xxhash.xxh3_64_intdigest(body) != check:
-                break
-            try:
-                seq, kind, path, other = msgpack.unpackb(body)
-            except (ValueError, msgpack.UnpackException, TypeError):
-                break
-            self._seq = max(self._seq, seq)
-            if kind == CHECKPOINT:
-                self._done = max(self._done, seq)
-                self._records = [r for r in self._records if r[0] > seq]
-            else:
-                self._records.append((seq, kind, path, other, now))
-            pos = end
-        return pos
+        records, done, self._seq, good = _scan(data)
+        self._unrecorded = [c for c in self._cursors if c not in done]
+        for cursor in self._done_at:  # a destination no longer configured holds nothing back
+            self._done_at[cursor] = done.get(cursor, 0)
+        floor = self._done
+        self._records = [r for r in records if r[0] > floor]
+        return good
+
+    @property
+    def _done(self) -> int:
+        """Done for every destination: records up to here are dropped."""
+        return min(self._done_at.values())
 
     def _index(self) -> None:
         self._pending_entries = {}
@@ -152,7 +218,8 @@ class Journal:
             out = bytearray()
             for kind, path, other in changes:
                 known = self._pending_entries.get(path) if kind == ENTRY else None
-                if known is not None and not force and known[1] > self._taken and known[0] >= (other or 0):
+                taken = max(self._taken_at.values())
+                if known is not None and not force and known[1] > taken and known[0] >= (other or 0):
                     continue
                 self._seq += 1
                 if kind == ENTRY:
@@ -177,28 +244,60 @@ class Journal:
             os.fdatasync(self._fd)
             self._synced = target
 
-    def checkpoint(self, seq: int) -> None:
-        """Everything up to ``seq`` is mirrored.  Not fsynced: losing it only replays more.
+    def checkpoint(self, seq: int, cursor: bytes = b"") -> None:
+        """Everything up to ``seq`` is mirrored to destination ``cursor``.  Not fsynced: losing
+        it only replays more.
 
         The records it covers are made durable first: a change is never marked done before
         the record that it was seen is safely on disk."""
         self.sync()
         with self._lock:
-            if seq <= self._done:
+            if seq <= self._done_at[cursor]:
                 return
-            self._done = seq
-            self._records = [r for r in self._records if r[0] > seq]
-            self._index()
-            record = self._encode(seq, CHECKPOINT, b"", None)
+            before = self._done
+            self._done_at[cursor] = seq
+            record = self._encode(seq, CHECKPOINT, cursor, None)
+            self._trim()
+            if self._done > before:
+                self._index()
             os.write(self._fd, record)
             self._size += len(record)
             if self._size > COMPACT_BYTES:
                 self._compact()
 
+    def _trim(self) -> None:
+        """Drop what every destination has passed; let go of a destination that holds more than
+        ``max_retained`` records on its own (it will be reconciled by a full sync)."""
+        newest = self._seq
+        while len(self._records) > self._max_retained and len(self._cursors) > 1:
+            slowest = min(self._cursors, key=lambda c: self._done_at[c])
+            if self._done_at[slowest] >= newest:
+                break
+            log.warning("journal %s: destination %s is %d records behind: it will be resynced in full",
+                        display_path(self.path), slowest.decode(errors="replace"),
+                        newest - self._done_at[slowest])  # fmt: skip
+            self._overrun.add(slowest)
+            self._done_at[slowest] = newest
+        floor = self._done
+        if self._records and self._records[0][0] <= floor:
+            self._records = [r for r in self._records if r[0] > floor]
+
+    def overrun(self, cursor: bytes = b"") -> bool:
+        """True once: ``cursor`` was let go (too far behind); its next session must be a full sync."""
+        with self._lock:
+            if cursor in self._overrun:
+                self._overrun.discard(cursor)
+                return True
+            return False
+
     def _compact(self) -> None:
-        data = b"".join(self._encode(seq, kind, path, other) for seq, kind, path, other, _ in self._records)
-        if not data:  # keep the sequence numbers rising across the rewrite
-            data = self._encode(self._seq, CHECKPOINT, b"", None)
+        # every destination's position first, then the records someone still needs; the
+        # positions also keep the sequence numbers rising across the rewrite
+        data = b"".join(self._encode(self._done_at[c], CHECKPOINT, c, None) for c in self._cursors
+                        if self._done_at[c] or len(self._cursors) > 1)  # fmt: skip
+        data += b"".join(self._encode(seq, kind, path, other) for seq, kind, path, other, _ in self._records)
+        if not data:
+            data = self._encode(self._seq, CHECKPOINT, self._cursors[0], None)
         atomic_write(self.path, data, 0o600)
         with self._sync_lock:
             os.close(self._fd)
@@ -209,28 +308,27 @@ class Journal:
         with self._lock:
             self._compact()
 
-    def pending(self, up_to: int | None = None) -> Pending:
-        """The changes not yet checkpointed (up to sequence ``up_to``), merged."""
+    def pending(self, up_to: int | None = None, cursor: bytes = b"") -> Pending:
+        """The changes not yet checkpointed for ``cursor`` (up to sequence ``up_to``), merged."""
         with self._lock:
-            records = [r for r in self._records if up_to is None or r[0] <= up_to]
-        out = Pending(seq=records[-1][0] if records else self._done)
-        for _, kind, path, other, when in records:
-            if kind == ENTRY:
-                out.entries.setdefault(path, when)
-                if other:
-                    out.trees.add(path)
-            elif kind == RENAME:
-                out.renames.append((path, other))
-                out.entries.setdefault(path, when)
-                out.entries.setdefault(other, when)
-        return out
+            done = self._done_at[cursor]
+            records = [r for r in self._records if r[0] > done and (up_to is None or r[0] <= up_to)]
+        return _merge(records, done)
 
-    def take(self) -> Pending:
+    def take(self, cursor: bytes = b"") -> Pending:
         """The pending changes, handed to a session that will act on them: from now on a new
         change to one of these entries is journaled again (see ``append``)."""
         with self._lock:
-            self._taken = taken = self._seq
-        return self.pending(up_to=taken)
+            self._taken_at[cursor] = taken = self._seq
+        return self.pending(up_to=taken, cursor=cursor)
+
+    def position(self, cursor: bytes = b"") -> tuple[int, int]:
+        """(the last sequence mirrored to ``cursor``, the newest sequence journaled)."""
+        with self._lock:
+            return self._done_at[cursor], self._seq
+
+    def cursor(self, name: bytes) -> JournalCursor:
+        return JournalCursor(self, name)
 
     @property
     def size(self) -> int:
@@ -241,3 +339,38 @@ class Journal:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+class JournalCursor:
+    """One destination's view of a shared journal: the ``Journal`` methods a pair uses, with
+    its own position."""
+
+    def __init__(self, journal: Journal, name: bytes):
+        if name not in journal._done_at:
+            raise ValueError(f"journal {display_path(journal.path)}: no destination {name!r}")
+        self.journal, self.name = journal, name
+
+    @property
+    def replayed(self) -> int:
+        return len(self.journal.pending(cursor=self.name))
+
+    def append(self, changes, when=None, force: bool = False, sync: bool = True) -> int:
+        return self.journal.append(changes, when, force=force, sync=sync)
+
+    def sync(self) -> None:
+        self.journal.sync()
+
+    def checkpoint(self, seq: int) -> None:
+        self.journal.checkpoint(seq, self.name)
+
+    def pending(self, up_to: int | None = None) -> Pending:
+        return self.journal.pending(up_to, self.name)
+
+    def take(self) -> Pending:
+        return self.journal.take(self.name)
+
+    def position(self) -> tuple[int, int]:
+        return self.journal.position(self.name)
+
+    def overrun(self) -> bool:
+        return self.journal.overrun(self.name)

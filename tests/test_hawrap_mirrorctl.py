@@ -14,6 +14,7 @@ from hawrap import config, mirrorctl
 from hawrap.errors import HawrapError
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
+from mirror.config import load_serve_config
 
 TEMPLATE = """
 [cluster]
@@ -128,7 +129,11 @@ def test_sending_runs_one_daemon_per_tree_and_stops_them(ctl):
     c.set_direction("receive")
     assert all(p.poll() is not None for p in procs)
     got = wait_calls(tmp, 3)
-    assert got[2] == f"serve --listen 203.0.113.1:9999 --module spool={tmp}/a/spool --module www={tmp}/a/www --secret-file {secret} --lock-file {tmp}/a.lock --keep-owners --allow-setid --allow-specials"
+    # www has a state dir of its own: the receiver gets every module's from a generated config
+    assert got[2] == f"serve --config {tmp}/state/a/mirror-serve.toml"
+    modules = load_serve_config(f"{tmp}/state/a/mirror-serve.toml").modules
+    assert modules["www"].state_dir == os.fsencode(f"{tmp}/a/www-state")
+    assert modules["spool"].state_dir == os.fsencode(f"{tmp}/a/spool/.mirror")
     c.set_direction(None)
     assert c._procs == []
 
@@ -156,7 +161,7 @@ def test_final_sync_runs_sync_with_delete_and_reports_failure(ctl):
     c.final_sync()
     assert (
         calls(tmp)[0]
-        == f"sync {tmp}/a/spool mirror://203.0.113.2:9999/spool --delete --secret-file {tmp}/msecret"
+        == f"sync {tmp}/a/spool mirror://203.0.113.2:9999/spool --delete --secret-file {tmp}/msecret --state-dir {tmp}/a/spool/.mirror"
     )
     (tmp / "sync-exit").write_text("4")
     with pytest.raises(HawrapError, match="final sync of spool failed \\(exit 4\\)"):

@@ -1,0 +1,532 @@
+"""One cluster node whose leadership comes from etcd (``[cluster] backend = "etcd"``).
+
+``hawrap.leadership`` decides who serves; this module carries it out on the node: the leader
+raises its trees' epochs to the term's epoch, takes the VIP, starts the services and mirrors
+every tree to every other node (``mirror daemon`` with one pair per destination); the others
+serve the trees to it (``mirror serve``).  See docs/ETCD.md.
+
+Threads.  The leadership's loop thread and its watchdog thread call the ``Listener`` methods;
+the node's own loop (``run``) starts serving and does the slow, ordered work.  Every way of
+*stopping* (``stop_serving`` from the watchdog, ``demoted`` and ``prepare_handover`` from the
+leadership loop) runs at once in the calling thread, because the leader key may pass to
+another member as soon as the call returns.  Serving is allowed only while ``_term`` names
+the current term: a stop clears it under ``_term_lock``, and the loop adds the VIP only under
+the same lock after checking it, so a stop always wins over a start in flight: the VIP
+cannot be added after a stop has begun.
+
+The VIP gets a kernel lifetime that ends before the watchdog's instant (the lease's last
+renewal + TTL - stop budget) and is renewed after each keepalive, so even a frozen node
+(SIGSTOP, a paused VM) loses it before its lease can expire for the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+
+from mirror import epoch as mirror_epoch
+from mirror import lockfile
+from mirror.errors import MirrorError
+
+from . import watchdog
+from .config import ClusterConfig
+from .control import ControlServer
+from .errors import HawrapError, ResourceError
+from .etcdsession import CLOCK_RATE_TOLERANCE
+from .leadership import Leader, Leadership, Listener, Position
+from .links import LanHealth, LanMonitor
+from .mirrorctl import MirrorControl, exit_alert
+from .node import build_resources
+from .notify import Notifier
+
+log = logging.getLogger(__name__)
+
+TICK = 0.05
+VIP_RETRY = 0.1  # the VIP still answers elsewhere (a frozen former leader): look again this often
+FINAL_SYNC_TIMEOUT = 3600.0
+# The kernel drops an expired IPv4 address from a timer rounded up to a whole second: a
+# lifetime this much shorter still ends before the watchdog's instant.
+KERNEL_EXPIRY_SLACK = 1
+
+LEADER, REPLICA, INIT = "leader", "replica", "init"
+
+
+def vip_lifetime(valid_for: float | None, margin: float) -> int:
+    """Whole seconds the VIP may live: it must be gone before the watchdog fires
+    (``valid_for - margin`` from now), despite the kernel's whole-second expiry timer.
+    0: too little time left to add or renew it."""
+    if valid_for is None:
+        return 0
+    return max(0, math.floor(valid_for - margin) - KERNEL_EXPIRY_SLACK)
+
+
+class EtcdNode(Listener):
+    def __init__(self, cfg: ClusterConfig, name: str):
+        if cfg.etcd is None:
+            raise HawrapError(f"{cfg.path}: cluster.backend is not etcd")
+        self.cfg = cfg
+        self.name = name
+        self.me = cfg.node(name)
+        self.others = [n.name for n in cfg.nodes if n.name != name]
+        os.makedirs(self.me.state_dir, mode=0o700, exist_ok=True)
+        self.settings = cfg.etcd
+        self.events: queue.Queue = queue.Queue()
+        self.mirror = MirrorControl(
+            cfg, name, on_exit=lambda *exit: self.events.put(("mirror", exit)), destinations=self.others
+        )
+        self.resources = build_resources(cfg, name)
+        self.notifier = Notifier(cfg.notify, cfg.name, name, ",".join(self.others))
+        self.lan = LanHealth(None)
+        self.lan_monitor = LanMonitor(
+            self.me.lan_interface,
+            cfg.ping_nodes,
+            lambda h: self.events.put(("lan", h)),
+            carrier_interval=cfg.timing.carrier_interval,
+            ping_interval=cfg.timing.ping_interval,
+            ping_timeout=cfg.timing.ping_timeout,
+            failures=cfg.timing.ping_failures,
+        )
+        timing = self.settings.timing
+        # the watchdog's own margin: the VIP must be gone by then
+        self.margin = timing.stop_budget + timing.ttl * CLOCK_RATE_TOLERANCE
+        self.role = INIT
+        self.reason = "starting"
+        self.epoch = mirror_epoch.read_epoch(self.me.state_dir)
+        self.leader: str | None = None
+        self._term_lock = threading.Lock()
+        self._term: int | None = None  # the term this node may serve in (a count of elections)
+        self._terms = 0
+        self._serving = False  # the loop has started serving for the current term
+        self._began_serving = False  # it began to (until the stop is handled)
+        self._vip_wanted = False  # the VIP is up for the current term (cleared under _term_lock)
+        self._vip_renewed_for = 0.0  # the lease renewal the VIP's lifetime was last set from
+        self._vip_keeper: threading.Thread | None = None
+        self._leader_epoch: int | None = None
+        self._mirror_exits: dict[str, int] = {}  # unexpected exits, per process (reset when it is replaced)
+        self._mirror_alerted: set[str] = set()
+        self._rejoined_at: dict | None = None  # the trees' epochs when this node (re)joined as a replica
+        self._stop = threading.Event()
+        self.transitions: list[dict] = []
+        self.progress = watchdog.Progress()
+        self.feeder: watchdog.Feeder | None = None
+        self.control: ControlServer | None = None
+        self.on_role_change = None
+        self.leadership = Leadership(
+            self.settings.conn,
+            self.settings.prefix,
+            name,
+            timing,
+            self,
+            position=self.position,
+            eligibility=self.eligibility,
+            expected=tuple(n.name for n in cfg.nodes),
+        )
+
+    # ------------------------------------------------------------ what leadership reads
+
+    def position(self) -> Position:
+        """The epoch of the data this node holds: its trees' lowest epoch (a replica's rises
+        with the sessions it received from a newer primary), or the node's own epoch
+        without trees."""
+        epochs = [mirror_epoch.read_epoch(t.state_dir) for t in self.mirror.trees]
+        return Position(min(epochs) if epochs else mirror_epoch.read_epoch(self.me.state_dir), 0)
+
+    def eligibility(self) -> str | None:
+        if lockfile.is_locked(self.cfg.standby_lock_path(self.name)):
+            return "standby lock present"
+        if self.lan.ok is False:
+            return f"own LAN unhealthy: {self.lan.problem}"
+        return None
+
+    # ------------------------------------------------------------ the listener
+
+    def elected(self, epoch: int) -> None:
+        with self._term_lock:
+            self._terms += 1
+            self._term = term = self._terms
+        self.events.put(("elected", (term, epoch)))
+
+    def epoch_raised(self, epoch: int) -> None:
+        with self._term_lock:
+            term = self._term
+        if term is not None:
+            self.events.put(("epoch", (term, epoch)))
+
+    def stop_serving(self, reason: str) -> None:
+        """From the watchdog thread: drop the VIP and stop the services now."""
+        self._stop_now(f"no etcd quorum: {reason}")
+        self.events.put(("stopped", reason))
+
+    def demoted(self, reason: str) -> None:
+        self._stop_now(reason)
+        self.events.put(("stopped", reason))
+
+    def leader_changed(self, leader: Leader | None) -> None:
+        self.events.put(("leader", leader))
+
+    def prepare_handover(self, target: str) -> bool:
+        """``failover --to target``: stop serving entirely (the key moves as soon as the
+        target has our position), then the final sync toward the target."""
+        self._stop_now(f"handing over to {target}")
+        try:
+            self.mirror.final_sync(FINAL_SYNC_TIMEOUT, to=target)
+        except HawrapError as exc:
+            log.error("final sync toward %s failed: %s", target, exc)
+            return False
+        return True
+
+    def handover_aborted(self, reason: str) -> None:
+        leading = self.leadership.leading
+        if leading is not None:
+            self.elected(leading.epoch)
+
+    # ------------------------------------------------------------ stopping: at once
+
+    def _stop_now(self, reason: str) -> None:
+        """Idempotent, from any thread: no serving from now on, VIP first."""
+        with self._term_lock:
+            was, self._term = self._term, None
+            self._vip_wanted = False
+        if was is not None:
+            log.warning("stop serving: %s", reason)
+        started = time.monotonic()
+        if self.resources.vip is not None:
+            try:
+                self.resources.vip.stop()
+            except ResourceError as exc:
+                log.error("%s", exc)
+        for error in self.resources.stop_services():
+            log.error("%s", error)
+        self.mirror.kill_processes()  # a node that does not lead sends nothing
+        took = time.monotonic() - started
+        if was is not None:
+            log.warning("stopped serving in %.0f ms", took * 1000)
+
+    def _term_is(self, term: int) -> bool:
+        with self._term_lock:
+            return self._term == term
+
+    # ------------------------------------------------------------ the loop
+
+    def start(self) -> None:
+        self.resources.prepare()
+        self.lan_monitor.start()
+        self.control = ControlServer(self.cfg.control_socket(self.name), self._control_request)
+        fd = os.environ.get(watchdog.ENV)
+        if fd is not None:
+            os.set_blocking(int(fd), False)
+        self.feeder = watchdog.Feeder(
+            None if fd is None else int(fd), self.cfg.timing.watchdog / 4, self.progress, self.cfg.timing.watchdog,
+            lambda: None,
+        )  # fmt: skip
+        # whatever a previous run left: this node serves nothing until etcd says it leads
+        self._stop_now("starting")
+        self._rejoining()
+        self._set_role(REPLICA, "following (no leader known yet)")
+        self.mirror.set_direction("receive")
+        if self.resources.vip is not None and self.resources.vip.cfg.kind == "ip":
+            self._vip_keeper = threading.Thread(target=self._keep_vip, name="vip-keeper", daemon=True)
+            self._vip_keeper.start()
+        self.leadership.start()
+        log.info("node %s started (etcd %s, prefix %s)", self.name, ",".join(self.settings.conn.endpoints),
+                 self.settings.prefix)  # fmt: skip
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.events.put(("stop", None))
+
+    def run(self) -> None:
+        self.start()
+        try:
+            while not self._stop.is_set():
+                try:
+                    kind, payload = self.events.get(timeout=TICK)
+                except queue.Empty:
+                    kind, payload = "tick", None
+                self.progress.beat()
+                if kind == "stop":
+                    break
+                with self.progress.busy(FINAL_SYNC_TIMEOUT):
+                    self._handle(kind, payload)
+                    if self._rejoined_at is not None:
+                        self._follow_epoch()
+                    self._push_back_vip()
+        finally:
+            self.shutdown()
+
+    def _handle(self, kind: str, payload) -> None:
+        if kind == "elected":
+            self._serve(*payload)
+        elif kind == "epoch":
+            term, epoch = payload
+            if self._term_is(term):
+                self._raise_epochs(epoch)
+        elif kind == "stopped":
+            if self._term is None:  # (not a new term begun since)
+                if self._began_serving:
+                    self._rejoining()
+                self._began_serving = self._serving = False
+                self.mirror.set_direction("receive")
+                self._set_role(REPLICA, f"stopped serving: {payload}")
+        elif kind == "leader":
+            leader = payload
+            self.leader = leader.node if leader else None
+            self._leader_epoch = leader.epoch if leader else None
+            if self._term is None:
+                self.mirror.set_direction("receive")
+                who = f"{leader.node} leads at epoch {leader.epoch}" if leader else "no leader"
+                self._set_role(REPLICA, who)
+                self._follow_epoch()
+        elif kind == "lan":
+            if payload.ok is not self.lan.ok and payload.ok is not None:
+                log.info("own LAN %s%s", "healthy" if payload.ok else "unhealthy",
+                         f": {payload.problem}" if payload.problem else "")  # fmt: skip
+            self.lan = payload
+        elif kind == "mirror":
+            name, code, message = payload
+            self._mirror_exits[name] = self._mirror_exits.get(name, 0) + 1
+            what = exit_alert(code, message, self._mirror_exits[name])
+            if what is not None and name not in self._mirror_alerted:
+                self._mirror_alerted.add(name)
+                self.notifier.notify("replication", f"mirror {name}: {what}", self.role, self.epoch)
+        elif kind == "cmd":
+            request, reply = payload
+            reply.put(self._command(request))
+
+    def _rejoining(self) -> None:
+        """This node's copy may lack the leader's changes (it just started, or it served): it
+        keeps the epoch of its data, and ranks below the replicas that followed, until the
+        leader's sessions reach it (see ``_follow_epoch``)."""
+        self._rejoined_at = self.mirror.epochs()
+
+    def _follow_epoch(self) -> None:
+        """A replica takes the leader's epoch, so that it fences a former primary at once and
+        ranks with the other replicas.  A rejoining one only once every tree has received a
+        session from a newer primary (the receiver raised its epoch, at most MAX_EPOCH_STEP
+        a session: the leader's full sync has begun)."""
+        epoch = self._leader_epoch
+        if epoch is None or self._term is not None:
+            return
+        if self._rejoined_at is not None:
+            now = self.mirror.epochs()
+            if any(not isinstance(now[t], int) or now[t] <= then for t, then in self._rejoined_at.items()):
+                return
+            log.info("the leader's sessions have reached every tree: following its epoch %d", epoch)
+            self._rejoined_at = None
+        self._raise_epochs(epoch)
+
+    def _raise_epochs(self, epoch: int) -> None:
+        """The term's epoch is above every epoch a member published (docs/ETCD.md): observing
+        it raises every tree.  A tree found above it is published, and the leader key raised."""
+        mirror_epoch.observe_epoch(self.me.state_dir, epoch)
+        self.mirror.observe_epochs(epoch)
+        self.epoch = mirror_epoch.read_epoch(self.me.state_dir)
+
+    def _serve(self, term: int, epoch: int) -> None:
+        """Elected at ``epoch``: epochs, VIP, services, mirroring; abandoned (and undone) as
+        soon as the term ends."""
+        if not self._term_is(term):
+            return
+        started = time.monotonic()
+        self._rejoined_at = None
+        self._began_serving = True  # from here its copy may hold changes no replica has
+        try:
+            self._raise_epochs(epoch)
+            self.mirror.set_direction(None)  # the receiver: this node's trees are the source now
+            if self.resources.vip is not None and not self._take_vip(term):
+                return
+            for service in self.resources.services:
+                if not self._term_is(term):
+                    return
+                service.start()
+            if not self._term_is(term):
+                return
+            self._serving = True
+            self._mirror_exits.clear()
+            self._mirror_alerted.clear()
+            self.mirror.set_direction("send")
+            if not self._term_is(term):  # the stop may have missed the daemon just started
+                self.mirror.kill_processes()
+                return
+        except (ResourceError, HawrapError, MirrorError, OSError) as exc:
+            log.error("starting to serve failed: %s: resigning", exc)
+            self.notifier.notify("error", f"could not serve at epoch {epoch}: {exc}", self.role, epoch)
+            self._stop_now(f"start failed: {exc}")
+            threading.Thread(target=self.leadership.resign, name="resign", daemon=True).start()
+            return
+        finally:
+            if not self._term_is(term):
+                self._stop_now("the term ended while starting")
+        self._set_role(LEADER, f"leader at epoch {epoch}")
+        log.warning(
+            "serving at epoch %d (%.0f ms after the election)", epoch, (time.monotonic() - started) * 1000
+        )
+
+    def _take_vip(self, term: int) -> bool:
+        vip = self.resources.vip
+        assert vip is not None
+        while True:
+            if not self._term_is(term) or self._stop.is_set():
+                return False
+            try:
+                vip.check_free()
+                break
+            except ResourceError as exc:
+                # a former leader frozen with it: its lifetime ends before its lease does
+                log.warning("%s", exc)
+                self._stop.wait(VIP_RETRY)
+        while True:
+            lifetime = self._lifetime()
+            with self._term_lock:
+                if self._term != term:
+                    return False
+                if lifetime or vip.cfg.kind != "ip":
+                    vip.start(check=False, lifetime=lifetime)
+                    self._vip_wanted = True
+                    self._vip_renewed_for = time.monotonic()
+                    return True
+            if self._stop.wait(TICK):
+                return False
+
+    def _lifetime(self) -> int:
+        return vip_lifetime(self.leadership.session.status()["valid_for"], self.margin)
+
+    def _keep_vip(self) -> None:
+        """Its own thread: after each keepalive, the VIP's lifetime again, so that it ends
+        before the watchdog fires; added back if it expired while the term is still ours (a
+        loop slowed down: the lease, not the address, says who may hold it)."""
+        vip = self.resources.vip
+        assert vip is not None and vip.cfg.kind == "ip"
+        while not self._stop.wait(TICK):
+            if not self._vip_wanted:
+                continue
+            last = self.leadership.session.status()["last_renewal_ago"]
+            if last is None:
+                continue
+            renewed_at = time.monotonic() - last
+            if renewed_at <= self._vip_renewed_for + 0.001:
+                continue
+            lifetime = self._lifetime()
+            if not lifetime:
+                continue
+            try:
+                present = vip.running()
+                seen = time.monotonic()
+                with self._term_lock:
+                    if not self._vip_wanted:
+                        continue
+                    if present:
+                        vip.refresh(seen, lifetime)
+                    else:
+                        log.warning("%s expired while this node leads: adding it again", vip.name)
+                        vip.start(check=False, lifetime=lifetime)
+                self._vip_renewed_for = renewed_at
+            except ResourceError as exc:
+                log.error("%s", exc)
+
+    def _push_back_vip(self) -> None:
+        """A node that does not lead and finds the VIP on its interface removes it."""
+        if self._term is not None or self.resources.vip is None:
+            return
+        now = time.monotonic()
+        if now < getattr(self, "_next_vip_check", 0.0):
+            return
+        self._next_vip_check = now + self.cfg.timing.monitor_interval
+        if self.resources.vip_present():
+            log.warning("%s found up on a node that does not lead: removing it", self.resources.vip.name)
+            self._stop_now("VIP found while not leading")
+
+    def _set_role(self, role: str, reason: str) -> None:
+        if (role, reason) == (self.role, self.reason):
+            return
+        if role != self.role:
+            self.transitions.append({"time": time.time(), "from": self.role, "to": role, "reason": reason})
+            del self.transitions[:-20]
+            log.warning("%s -> %s: %s", self.role, role, reason)
+            if self.on_role_change is not None:
+                self.on_role_change(role, reason)
+        self.role, self.reason = role, reason
+
+    # ------------------------------------------------------------ administration
+
+    def _control_request(self, request: dict) -> dict:
+        reply: queue.Queue = queue.Queue()
+        self.events.put(("cmd", (request, reply)))
+        try:
+            return reply.get(timeout=30)
+        except queue.Empty:
+            return {"ok": False, "error": "the node did not answer in time"}
+
+    def _command(self, request: dict) -> dict:
+        command = request.get("command")
+        lock = self.cfg.standby_lock_path(self.name)
+        if command == "status":
+            return self.status()
+        if command == "standby":
+            lockfile.acquire(lock, reason=request.get("reason") or "hawrap standby")
+            return {
+                "ok": True,
+                "role": self.role,
+                "reason": "standby lock written: this node leaves the elections",
+            }
+        if command == "resume":
+            lockfile.release(lock)
+            return {"ok": True, "role": self.role, "reason": "standby lock removed"}
+        return {"ok": False, "error": f"{command!r} is not available with the etcd backend"}
+
+    def status(self) -> dict:
+        return {
+            "ok": True,
+            "backend": "etcd",
+            "cluster": self.cfg.name,
+            "node": self.name,
+            "role": self.role,
+            "reason": self.reason,
+            "epoch": self.epoch,
+            "leader": self.leader if self._term is None else self.name,
+            "position": {"epoch": self.position().epoch, "seq": self.position().seq},
+            "eligible": self.eligibility() is None,
+            "leadership": self.leadership.status(),
+            "lan": {"ok": self.lan.ok, "problem": self.lan.problem},
+            "standby_lock": (lambda i: i.as_dict() if i else None)(
+                lockfile.status(self.cfg.standby_lock_path(self.name))
+            ),
+            "mirror": {
+                "direction": self.mirror.direction,
+                "destinations": self.mirror.destinations,
+                "epochs": self.mirror.epochs(),
+                "replica": (lambda r: {"in_sync": r.in_sync, "detail": r.detail})(self.mirror.replica())
+                if self.mirror.direction == "send"
+                else None,
+            },
+            "vip": {"address": self.cfg.vip.address, "present": self.resources.vip_present()}
+            if self.cfg.vip
+            else None,
+            "transitions": list(self.transitions),
+            "pid": os.getpid(),
+        }
+
+    # ------------------------------------------------------------ shutdown
+
+    def shutdown(self) -> None:
+        """Stop serving, then leave etcd (the lease revoked: our keys go at once)."""
+        if self.feeder:
+            self.feeder.stop()
+            self.feeder = None
+        if self.control:
+            self.control.close()
+            self.control = None
+        self._stop.set()
+        if self._vip_keeper is not None:
+            self._vip_keeper.join()
+        self._stop_now("shutting down")
+        self.leadership.stop(revoke=True)
+        self.resources.close()
+        self.mirror.close()
+        self.lan_monitor.stop()
+        self.notifier.close()
+        log.info("node %s stopped", self.name)

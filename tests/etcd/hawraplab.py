@@ -1,0 +1,317 @@
+"""Real ``hawrap run`` nodes on the etcd lab: three nodes, a VIP, a TCP service, mirrored trees,
+and a client.
+
+Topology: the etcd lab's (``etcdlab``: bridge, n1-n3 with an etcd member each on
+203.0.113.0/24) plus a client namespace ``c`` (203.0.113.50) on the same bridge.  The VIP is
+203.0.113.100; the service is tests/cluster/tcp_service.py (it answers its node's name); the
+client-side checks are tests/cluster/probe.py (a TCP connection to the VIP every 20 ms) and
+tests/cluster/sampler.py (every 50 ms: which MACs answer ARP for the VIP, does the service
+answer on each node's own address).  Each node mirrors ``data/NODE`` as tree ``data``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from etcdlab import ADDR, CLIENT_PORT, NODES, Lab, sh
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CLUSTER_TESTS = os.path.join(os.path.dirname(HERE), "cluster")
+CLIENT = "203.0.113.50"
+VIP = "203.0.113.100"
+SERVICE_PORT = 8080
+MIRROR_PORT = 8730
+SAMPLE_PERIOD = 0.05
+
+
+class HawrapLab(Lab):
+    """The etcd lab with a client namespace on the bridge."""
+
+    def _build(self) -> None:
+        self.ns["c"] = f"{self.p}-c"
+        super()._build()
+        sh("ip", "link", "add", "lan0", "netns", self.ns["c"], "type", "veth", "peer", "name", "c-lan",
+           "netns", self.ns["br"])  # fmt: skip
+        sh("ip", "-n", self.ns["br"], "link", "set", "c-lan", "master", "br0", "up")
+        sh("ip", "-n", self.ns["c"], "addr", "add", f"{CLIENT}/24", "dev", "lan0")
+        sh("ip", "-n", self.ns["c"], "link", "set", "lan0", "up")
+
+    def mac(self, node: str) -> str:
+        return self.run_in(node, "cat", "/sys/class/net/lan0/address").stdout.strip()
+
+    def vip_on(self, node: str) -> bool:
+        r = self.run_in(node, "ip", "-o", "-4", "addr", "show", "dev", "lan0", check=False)
+        return f"inet {VIP}/" in r.stdout
+
+    def pids(self, node: str) -> list[int]:
+        return [int(p) for p in sh("ip", "netns", "pids", self.ns[node], check=False).stdout.split()]
+
+
+def tree(lab: Lab, node: str) -> str:
+    return os.path.join(lab.workdir, "data", node)
+
+
+def write_config(lab: Lab, ttl: int = 4, stop_budget: float = 0.5, state_dir: str | None = None) -> str:
+    work = lab.workdir
+    secret, mirror_secret = os.path.join(work, "secret"), os.path.join(work, "mirror-secret")
+    for path in (secret, mirror_secret):
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(secrets.token_hex(32))
+    for node in NODES:
+        os.makedirs(tree(lab, node), exist_ok=True)
+    pidfile = f"{work}/$HAWRAP_NODE.service.pid"
+    server = (f"{sys.executable} -I -S {CLUSTER_TESTS}/tcp_service.py --port {SERVICE_PORT} --name $HAWRAP_NODE "
+              f"--pidfile {pidfile}")  # fmt: skip
+    endpoints = ", ".join(f'"http://{ADDR[n]}:{CLIENT_PORT}"' for n in NODES)
+    nodes = "\n".join(
+        f'[[node]]\nname = "{n}"\nlan_interface = "lan0"\naddress = {{ lan = "{ADDR[n]}" }}\n' for n in NODES
+    )
+    command = ", ".join(f'"{c}"' for c in (sys.executable, "-m", "mirror"))
+    tree_state = f'state_dir = "{state_dir}"' if state_dir else ""
+    text = f"""
+[cluster]
+name = "lab"
+backend = "etcd"
+secret_file = "{secret}"
+state_dir = "{work}/state/{{node}}"
+
+[[link]]
+name = "lan"
+port = 694
+
+{nodes}
+[timing]
+monitor_interval = 0.5
+
+[etcd]
+endpoints = [{endpoints}]
+ttl = {ttl}
+stop_budget = {stop_budget}
+request_timeout = 0.3
+initdead = {ttl}
+
+[vip]
+address = "{VIP}/24"
+
+[[service]]
+name = "tcp"
+shell = true
+start = 'setsid {server} >/dev/null 2>&1 < /dev/null &'
+stop = 'test -f {pidfile} && kill $(cat {pidfile}); rm -f {pidfile}; exit 0'
+monitor = 'test -f {pidfile} && grep -qs "^State:[[:space:]]*[RSD]" /proc/$(cat {pidfile})/status && exit 0 || exit 7'
+timeout = 10
+
+[mirror]
+command = [{command}]
+secret_file = "{mirror_secret}"
+port = {MIRROR_PORT}
+
+[[mirror.tree]]
+name = "data"
+path = "{work}/data/{{node}}"
+lock_file = "{work}/data/{{node}}.mirror.lock"
+{tree_state}
+"""
+    path = os.path.join(work, "hawrap.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+class Hawrap:
+    """``hawrap run`` (with its supervisor) on each node."""
+
+    def __init__(self, lab: HawrapLab, config: str):
+        self.lab = lab
+        self.config = config
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, node: str) -> None:
+        argv = [sys.executable, "-m", "hawrap", "run", "--config", self.config, "--node", node, "-v"]
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        self.procs[node] = self.lab.spawn(node, argv, f"hawrap-{node}.log", env=env)
+
+    def kill(self, node: str) -> float:
+        """SIGKILL hawrap's whole process group (supervisor, node, mirror processes started in
+        it): a crash of hawrap.  The VIP stays on the interface until its lifetime ends; the
+        service, started in a session of its own, keeps running (killed here too, as a
+        crashed machine's would be)."""
+        proc = self.procs[node]
+        t = time.monotonic()
+        etcd = self.lab.etcd.get(node)
+        for pid in self.lab.pids(node):
+            if etcd is None or pid != etcd.pid:  # `ip netns exec` execs etcd: the same pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        proc.wait(10)
+        return t
+
+    def freeze(self, node: str, on: bool) -> None:
+        """SIGSTOP / SIGCONT every process of the node, its etcd member included: a paused VM
+        (its kernel, which answers ARP for the VIP it holds, keeps running)."""
+        for pid in self.lab.pids(node):
+            try:
+                os.kill(pid, signal.SIGSTOP if on else signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, node: str, timeout: float = 30) -> None:
+        proc = self.procs.get(node)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def cli(self, node: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return self.lab.run_in(node, "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "hawrap", *args,
+                               "--config", self.config, "--node", node, check=False, timeout=timeout)  # fmt: skip
+
+    def status(self, node: str) -> dict | None:
+        r = self.cli(node, "status", "--json", timeout=20)
+        try:
+            st = json.loads(r.stdout)
+        except ValueError:
+            return None
+        return st if st.get("ok") else None
+
+    def role(self, node: str) -> str | None:
+        st = self.status(node)
+        return st["role"] if st else None
+
+
+@dataclass
+class ProbeResult:
+    start: float
+    end: float
+    answer: str | None
+
+
+class Client:
+    """Both client-side views, from the client's namespace: a TCP probe of the VIP every 20 ms
+    (who answers), and the ARP/service sampler every 50 ms (who claims the VIP)."""
+
+    def __init__(self, lab: HawrapLab):
+        self.lab = lab
+        self.macs = {lab.mac(n): n for n in NODES}
+        self.probe_out = os.path.join(lab.workdir, "probe.jsonl")
+        self.sampler_out = os.path.join(lab.workdir, "sampler.jsonl")
+        self.probe = lab.spawn("c", [sys.executable, f"{CLUSTER_TESTS}/probe.py", "--target", f"{VIP}:{SERVICE_PORT}",
+                                     "--interval", "0.02", "--timeout", "0.25", "--out", self.probe_out], "probe.log")  # fmt: skip
+        argv = [sys.executable, f"{CLUSTER_TESTS}/sampler.py", "--vip", VIP, "--port", str(SERVICE_PORT),
+                "--period", str(SAMPLE_PERIOD), "--out", self.sampler_out]  # fmt: skip
+        for n in NODES:
+            argv += ["--node", f"{n}={ADDR[n]}"]
+        self.sampler = lab.spawn("c", argv, "sampler.log")
+        self.holding: list[tuple[float, frozenset[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="vip-watch")
+        self._thread.start()
+
+    def _watch(self) -> None:
+        """Which nodes have the VIP on their interface, every 50 ms (the nodes' own view)."""
+        while not self._stop.is_set():
+            t = time.monotonic()
+            held = frozenset(n for n in NODES if self.lab.vip_on(n))
+            self.holding.append((t, held))
+            self._stop.wait(max(0.0, SAMPLE_PERIOD - (time.monotonic() - t)))
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+        for proc in (self.probe, self.sampler):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(10)
+
+    @staticmethod
+    def _lines(path: str) -> list[dict]:
+        out = []
+        try:
+            with open(path) as f:
+                for line in f:
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        pass
+        except FileNotFoundError:
+            pass
+        return out
+
+    def probes(self) -> list[ProbeResult]:
+        return sorted((ProbeResult(d["start"], d["end"], d["answer"]) for d in self._lines(self.probe_out)),
+                      key=lambda r: r.start)  # fmt: skip
+
+    def rounds(self) -> list[dict]:
+        return [r for r in self._lines(self.sampler_out) if "arp" in r]
+
+    def answering(self, since: float) -> str | None:
+        """The node that answered the newest probe started after ``since``."""
+        for r in reversed(self.probes()):
+            if r.start >= since and r.answer:
+                return r.answer
+        return None
+
+    def first_answer_after(self, t: float, not_from: str | None = None) -> ProbeResult | None:
+        for r in self.probes():
+            if r.start >= t and r.answer and r.answer != not_from:
+                return r
+        return None
+
+    def check(self, cut_off: frozenset[str] = frozenset()) -> dict:
+        """Over the whole run: never two VIP holders as the client sees them (two MACs
+        answering ARP in one round), never two nodes' interfaces holding it in one sample
+        (``cut_off``: nodes cut from the LAN, whose address nobody can reach, are left out
+        of that one), and the samplers never starved."""
+        rounds = self.rounds()
+        assert rounds and self.holding, "the samplers recorded nothing"
+        two_arp = [(r["t"], r["arp"]) for r in rounds if len(r["arp"]) > 1]
+        assert not two_arp, f"two nodes answered ARP for the VIP: {two_arp[:5]}"
+        both = [(t, sorted(h)) for t, h in self.holding if len(h - cut_off) > 1]
+        assert not both, f"the VIP was on two nodes' interfaces: {both[:5]}"
+        times = [r["t"] for r in rounds]
+        gap = max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+        assert gap < 0.5, f"the ARP sampler starved: {gap:.2f} s between two rounds"
+        return {"rounds": len(rounds), "samples": len(self.holding), "longest_gap": gap}
+
+
+def write_files(root: str, prefix: str, n: int, size: int = 200) -> dict[str, str]:
+    """``n`` files; returns their relative paths and digests (what the client was told is written)."""
+    out = {}
+    for i in range(n):
+        sub = os.path.join(root, f"d{i % 5}")
+        os.makedirs(sub, exist_ok=True)
+        data = os.urandom(size + i * 13)
+        with open(os.path.join(sub, f"{prefix}-{i}.bin"), "wb") as f:
+            f.write(data)
+        out[os.path.join(f"d{i % 5}", f"{prefix}-{i}.bin")] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def missing(root: str, files: dict[str, str]) -> list[str]:
+    """Which of ``files`` are not in ``root`` with their content."""
+    bad = []
+    for rel, digest in files.items():
+        try:
+            with open(os.path.join(root, rel), "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != digest:
+                    bad.append(rel)
+        except FileNotFoundError:
+            bad.append(rel)
+    return bad

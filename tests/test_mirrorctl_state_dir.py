@@ -1,0 +1,80 @@
+"""A tree with a state dir of its own: the receiver, the daemon and the final sync all use it,
+so the tree's epoch and identity stay in one place on a node (a split would make the replica
+refuse the next primary after a failover)."""
+
+from __future__ import annotations
+
+import os
+
+from hawrap import config
+from hawrap.mirrorctl import MirrorControl
+from mirror.config import load_serve_config
+
+CONFIG = """
+[cluster]
+name = "t"
+secret_file = "secret"
+state_dir = "{root}/state/{{node}}"
+[[link]]
+name = "hb"
+[[node]]
+name = "a"
+lan_interface = "lo"
+address = {{ hb = "127.0.0.2" }}
+[[node]]
+name = "b"
+lan_interface = "lo"
+address = {{ hb = "127.0.0.3" }}
+[mirror]
+secret_file = "secret"
+[[mirror.tree]]
+name = "spool"
+path = "{root}/{{node}}/spool"
+lock_file = "{root}/{{node}}/spool.lock"
+state_dir = "{root}/{{node}}/spool-state"
+[[mirror.tree]]
+name = "www"
+path = "{root}/{{node}}/www"
+lock_file = "{root}/{{node}}/www.lock"
+"""
+
+
+def load(tmp_path):
+    (tmp_path / "secret").write_bytes(b"0123456789abcdef0123")
+    path = tmp_path / "h.toml"
+    path.write_text(CONFIG.format(root=tmp_path))
+    return config.load(str(path))
+
+
+def test_the_receiver_is_told_each_tree_state_dir(tmp_path):
+    cfg = load(tmp_path)
+    ctl = MirrorControl(cfg, "a")
+    os.makedirs(cfg.node("a").state_dir)
+    argv = ctl._serve_argv()
+    assert argv[-3:-1] == ["serve", "--config"]
+    serve = load_serve_config(argv[-1])
+    assert serve.listen == ("127.0.0.2", cfg.mirror.port)
+    spool, www = serve.modules["spool"], serve.modules["www"]
+    assert spool.state_dir == os.fsencode(f"{tmp_path}/a/spool-state")
+    assert www.state_dir == os.fsencode(f"{tmp_path}/a/www/.mirror")
+    assert spool.path == os.fsencode(f"{tmp_path}/a/spool") and spool.lock_file == os.fsencode(
+        f"{tmp_path}/a/spool.lock"
+    )
+    assert spool.privileges.owners and spool.privileges.setid and spool.privileges.specials
+    assert not spool.privileges.devices
+
+
+def test_default_state_dirs_keep_the_configured_serve_command(tmp_path):
+    cfg = load(tmp_path)
+    cfg = config.ClusterConfig(**{**cfg.__dict__, "mirror": config.MirrorConfig(
+        **{**cfg.mirror.__dict__, "trees": tuple(config.TreeConfig(t.name, t.path, t.lock_file) for t in cfg.mirror.trees)})})  # fmt: skip
+    argv = MirrorControl(cfg, "a")._serve_argv()
+    assert "--module" in argv and "--config" not in argv
+
+
+def test_daemon_and_final_sync_pass_the_tree_state_dir(tmp_path):
+    cfg = load(tmp_path)
+    ctl = MirrorControl(cfg, "a")
+    for template in (cfg.mirror.daemon, cfg.mirror.sync):
+        argv = ctl._argv(template, ctl.trees[0])
+        assert argv[argv.index("--state-dir") + 1] == f"{tmp_path}/a/spool-state"
