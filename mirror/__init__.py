@@ -26,7 +26,7 @@ _EXPORTS = {
     "LocalTransport": "mirror.protocol",
     "MirrorServer": "mirror.server",
     "compare_trees": "mirror.compare",
-    "Change": "mirror.compare",
+    "Difference": "mirror.compare",
     "CompareOptions": "mirror.compare",
     "TreeScan": "mirror.treescan",
     "MirrorError": "mirror.errors",

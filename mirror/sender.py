@@ -41,9 +41,9 @@ from .compare import (
     REMOVED,
     TARGET,
     TYPE,
-    Change,
     CompareOptions,
     CompareSummary,
+    Difference,
     align,
     compare_pairs,
     root_entry,
@@ -117,7 +117,7 @@ class SendOutcome:
     __slots__ = ("changes", "failed", "problems", "stats", "receiver")
 
     def __init__(self):
-        self.changes: list[Change] = []
+        self.changes: list[Difference] = []
         self.failed: list[tuple[bytes, str]] = []
         self.problems: list[ScanProblem] = []
         self.stats = TransferStats()
@@ -236,10 +236,10 @@ class Sender:
         self.scan = fastpath.choose("scan")
         self.out = SendOutcome()
         self._req = 0
-        self._deferred: dict[int, tuple[Change, bytes]] = {}
+        self._deferred: dict[int, tuple[Difference, bytes]] = {}
         self._sig_batch: list = []
         self._sigs_in_flight = 0
-        self._late: list[Change] = []  # hard links: after every file is in place
+        self._late: list[Difference] = []  # hard links: after every file is in place
         self._deletes: list[bytes] = []
         self._touched_dirs: dict[bytes, Entry] = {}
         self._dir_entries: dict[bytes, Entry] = {}
@@ -575,7 +575,7 @@ class Sender:
 
     # -- acting on changes -----------------------------------------------------------------
 
-    def _act(self, change: Change) -> None:
+    def _act(self, change: Difference) -> None:
         if change.change == REMOVED:
             if self.o.delete:
                 self._note(change)
@@ -622,7 +622,7 @@ class Sender:
                 self.t.send([P.ATTRS, change.path, int(kind), _attrs(src)], flush=False)
             self.out.stats.other_changes += 1
 
-    def _note(self, change: Change) -> None:
+    def _note(self, change: Difference) -> None:
         if self.o.keep_changes:
             self.out.changes.append(change)
         if self.on_change is not None:
@@ -659,7 +659,7 @@ class Sender:
             info = status(lock)
             raise LockedError(f"mirroring lock present: {info.describe() if info else display_path(lock)}")
 
-    def _send_file(self, change: Change) -> None:
+    def _send_file(self, change: Difference) -> None:
         src, dst = change.src, change.dst
         threshold = self.o.delta_threshold
         if (dst is not None and dst.kind == Kind.FILE and change.change == CONTENT and dst.size >= threshold
@@ -710,7 +710,7 @@ class Sender:
                     raise ProtocolError(f"bad signature for {display_path(change.path)}: {exc}") from None
             self._stream_file(change, sig)
 
-    def _stream_file(self, change: Change, sig) -> None:
+    def _stream_file(self, change: Difference, sig) -> None:
         """Send one file, whole (``sig`` None) or as a delta; abandon it if it changes under us."""
         self._check_lock()
         path = change.path
@@ -811,7 +811,7 @@ class Sender:
             entry = self._lstat_entry(path)
             if entry is not None:
                 log.info("%s: sent again whole after a failed verification", display_path(path))
-                self._stream_file(Change(path, CONTENT, entry, None), None)
+                self._stream_file(Difference(path, CONTENT, entry, None), None)
         if retry:
             self._sync_point()
 
