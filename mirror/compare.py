@@ -201,7 +201,9 @@ def compare_trees(
     yield from compare_pairs(pairs, options, summary)
 
 
-def compare_pairs(pairs: Iterable[tuple], options: CompareOptions, summary: CompareSummary) -> Iterator[Difference]:
+def compare_pairs(
+    pairs: Iterable[tuple], options: CompareOptions, summary: CompareSummary
+) -> Iterator[Difference]:
     """The changes within aligned ``(src, dst)`` listing pairs (see ``align``), in order.
 
     A listing that is incomplete on either side makes its whole subtree unknown: it is

@@ -143,7 +143,10 @@ class Planner:
     def closing(self) -> list[Op]:
         """Deletions, then the times of every directory changed, deepest first."""
         ops, self._deletes = self._deletes, []
-        ops += [Op(ATTRS, path, self._touched[path]) for path in sorted(self._touched, key=canonical_key, reverse=True)]
+        ops += [
+            Op(ATTRS, path, self._touched[path])
+            for path in sorted(self._touched, key=canonical_key, reverse=True)
+        ]
         self._touched = {}
         return ops
 
