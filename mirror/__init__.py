@@ -3,7 +3,7 @@
 The public library API (documented in the README's "Library API"):
 
 - ``sync(src, dst, **options) -> SyncResult``: mirror a tree (local, ``mirror://``, ``HOST:PATH``);
-- ``Receiver``, ``ModuleConfig``, ``StreamTransport``, ``LocalTransport``: embed a receiver;
+- ``Receiver``, ``ModuleConfig``, ``StreamTransport``: embed a receiver;
 - ``MirrorServer``: what ``mirror serve`` runs;
 - ``compare_trees``, ``TreeScan``: what ``mirror diff`` runs;
 - the errors of ``mirror.errors``.
@@ -23,7 +23,6 @@ _EXPORTS = {
     "Receiver": "mirror.receiver",
     "ModuleConfig": "mirror.receiver",
     "StreamTransport": "mirror.protocol",
-    "LocalTransport": "mirror.protocol",
     "MirrorServer": "mirror.server",
     "compare_trees": "mirror.compare",
     "Difference": "mirror.compare",

@@ -108,7 +108,7 @@ def load_daemon_config(path: str):
     """``mirror daemon --config FILE``: see examples/mirror-daemon.toml."""
     from .daemon import DaemonConfig, PairConfig
     from .statedir import default_state_dir
-    from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
+    from .transfer import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
 
     try:
         with open(path, "rb") as f:

@@ -2,15 +2,15 @@
 
 Destinations:
 
-- ``/path/to/replica``: local mode, the same planner and writer in one process, the two
-  talking through an in-process transport (no sockets, no encoding; within a session the
-  receiver's handler runs in the sender's thread, see ``LocalTransport.handle_in_sender``);
-- ``mirror://HOST:PORT/MODULE[/SUBPATH]``: a ``mirror serve`` receiver over TCP;
+- ``/path/to/replica``: a local sync (``mirror.localsync``): both trees scanned here, the
+  differences planned and written straight to the replica, no protocol;
+- ``mirror://HOST:PORT/MODULE[/SUBPATH]``: a ``mirror serve`` server over TCP;
 - ``HOST:PATH``: ``mirror receive PATH`` started on HOST through a remote shell
   (``rsh="ssh -T"``), speaking the protocol over its stdin and stdout.
 
 The result says what changed, what failed and how many bytes crossed; the exit code it
 carries follows the CLI's: 0 done, 1 partial (some files failed), 2 error, 25 deletions refused.
+This module also holds what a sync is asked (``SenderOptions``) and the scans it starts.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from .errors import (
     EXIT_DIFFERENT,
@@ -26,20 +26,82 @@ from .errors import (
     EXIT_OK,
     ConnectError,
     ConnectTimeout,
-    MirrorError,
     UsageError,
     fs_path,
 )
-from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, LOCAL_DELTA_THRESHOLD, SenderOptions
-
-if TYPE_CHECKING:
-    from .sender import TransferStats
 
 # The sender, the receiver and the wire protocol are imported when a connection opens:
 # a sync has its scans running by then (see Connection.open).
 
 DEFAULT_PORT = 8730
 _URL = re.compile(r"^mirror://(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/(?P<module>[^/]+)(?:/(?P<sub>.*))?$")
+DELTA_THRESHOLD = 256 << 10  # smaller files are sent whole: a signature round trip costs more
+# A receiver silent this long (seconds) ends the sync (rsync's --timeout; it has none by
+# default, but a mirror must not hang): a receiver at work says so every third of it.
+DEFAULT_TIMEOUT = 120.0
+DEFAULT_CONTIMEOUT = 30.0  # rsync's --contimeout
+
+
+class SenderOptions(NamedTuple):
+    """What a sync is asked to do (``mirror.sync``'s keywords, checked).  Immutable; a
+    NamedTuple rather than a dataclass only because it loads faster."""
+
+    delete: bool = False
+    checksum: bool = False
+    dry_run: bool = False
+    excludes: tuple[bytes, ...] = ()
+    lock_file: bytes | None = None
+    state_dir: bytes | None = None
+    delta_threshold: int = DELTA_THRESHOLD  # a receiver's; a local sync always copies whole files
+    fsync: bool = True
+    secret: bytes | None = None
+    cancel: threading.Event | None = None  # set: abandon the file in flight and end the session
+    keep_changes: bool = True  # False: the result's ``changes`` stays empty (a big first sync's
+    # would hold an entry for every file of the tree); ``on_change`` still sees each one
+    max_delete: int | None = None  # a session deleting more entries deletes nothing (mirror.guard)
+    keepalive: float | None = None  # ask the receiver to say "alive" after this long quiet (a network peer)
+    allow_mass_delete: bool = False  # let the source and deletion guards through (and record the source anew)
+
+
+class TransferStats:
+    """What one session moved.  (A plain class: importing dataclasses costs start-up time.)"""
+
+    __slots__ = ("files_seen", "files_sent", "files_delta", "other_changes", "deleted", "literal_bytes",
+                 "matched_bytes", "size_of_sent_files", "wire_sent", "wire_received", "seconds")  # fmt: skip
+
+    def __init__(self):
+        self.files_seen = 0
+        self.files_sent = 0  # regular files whose content was sent (whole or delta)
+        self.files_delta = 0
+        self.other_changes = 0  # directories, symlinks, nodes, links, attributes
+        self.deleted = 0
+        self.literal_bytes = 0
+        self.matched_bytes = 0
+        self.size_of_sent_files = 0
+        self.wire_sent = 0
+        self.wire_received = 0
+        self.seconds = 0.0
+
+    def __repr__(self) -> str:
+        return "TransferStats(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
+
+    @property
+    def speedup(self) -> float:
+        """Size of the files brought up to date, per byte that crossed the wire (rsync's figure)."""
+        return self.size_of_sent_files / self.wire_sent if self.wire_sent else 0.0
+
+
+class SendOutcome:
+    """A session's changes, failures, scan problems, transfer figures and the replica's report."""
+
+    __slots__ = ("changes", "failed", "problems", "stats", "receiver")
+
+    def __init__(self):
+        self.changes: list = []
+        self.failed: list[tuple[bytes, str]] = []
+        self.problems: list = []
+        self.stats = TransferStats()
+        self.receiver: dict = {}
 
 
 class SyncResult:
@@ -53,7 +115,7 @@ class SyncResult:
         self.deletions_refused: str | None = (receiver or {}).get("deletions_refused") or None
         self.failed: list[tuple[bytes, str]] = failed if failed is not None else []
         self.problems: list = problems if problems is not None else []
-        self.stats: TransferStats = stats if stats is not None else _sender().TransferStats()
+        self.stats: TransferStats = stats if stats is not None else TransferStats()
         self.receiver: dict = receiver if receiver is not None else {}
         self.dry_run = dry_run
 
@@ -73,7 +135,7 @@ class SyncResult:
 
 
 class Destination(NamedTuple):
-    kind: str  # local | daemon | rsh
+    kind: str  # local | server | rsh
     path: bytes = b""
     host: str = ""
     port: int = DEFAULT_PORT
@@ -89,7 +151,7 @@ def parse_destination(text: str | bytes) -> Destination:
         if not m:
             raise UsageError(f"bad destination {decoded!r}: expected mirror://HOST[:PORT]/MODULE[/SUBPATH]")
         sub = (m.group("sub") or "").strip("/").encode("utf-8", "surrogateescape")
-        return Destination("daemon", host=m.group("host").strip("[]"), port=int(m.group("port") or DEFAULT_PORT),
+        return Destination("server", host=m.group("host").strip("[]"), port=int(m.group("port") or DEFAULT_PORT),
                            module=m.group("module"), subpath=sub)  # fmt: skip
     head, sep, tail = decoded.partition(":")
     if sep and head and "/" not in head:
@@ -171,8 +233,6 @@ class Connection:
 
             secret = load_secret(secret_file)
         self.dest = parse_destination(dst)
-        if delta_threshold is None and self.dest.kind == "local":
-            delta_threshold = LOCAL_DELTA_THRESHOLD
         for name, value in (("timeout", timeout), ("contimeout", contimeout)):
             if value is not None and value < 0:
                 raise UsageError(f"--{name} must be 0 (none) or more seconds, got {value}")
@@ -188,48 +248,77 @@ class Connection:
             **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
         )  # fmt: skip
         self.epoch = epoch
-        self._connect_args = (secret, dst_lock_file, bwlimit, rsh, remote_command, tuple(remote_options), timeout,
+        self._dst_lock_file = fs_path(dst_lock_file) if dst_lock_file else None
+        self._connect_args = (secret, bwlimit, rsh, remote_command, tuple(remote_options), timeout,
                               contimeout or None)  # fmt: skip
         self._callbacks = (on_change, on_progress)
         self.transport = None
         self._cleanup = None
-        self.sender = None
+        self.sender = None  # a receiver's, over the protocol
+        self.local = None  # a local replica's, written directly
+        self._writer = None
         self.welcome: dict = {}
 
     def open(self, *, whole_tree: bool = False) -> Connection:
-        """Connect and shake hands.  ``whole_tree``: the first session will be a whole-tree
-        one (``sync()``): its scans start first, so they run while the rest of the code
-        loads and the connection is made.  The source's always; a local destination's too,
-        under the replica's writer lock."""
-        from .fdtable import reserve
+        """Connect and shake hands (a local replica: take its writer lock).  ``whole_tree``:
+        the first session will be a whole-tree one (``sync()``): its scans start first, so
+        they run while the rest of the code loads and the connection is made.  The
+        source's always; a local destination's too, under the replica's writer lock."""
+        from .startup import reserve_descriptors
 
-        reserve()  # before the first thread starts (see fdtable)
+        reserve_descriptors()  # before the first thread starts
         local = self.dest.kind == "local"
         if local:
             os.makedirs(self.dest.path, exist_ok=True)
-        scans, writer = (_start_scans(self.src, self.dest.path if local else None, self.options)
-                         if whole_tree else (None, None))  # fmt: skip
+            from .statedir import check_root
+
+            check_root(self.dest.path)  # before the writer lock, which would write into a user's .mirror
+        writer = None
+        if local and not self.options.dry_run:  # a dry run writes nothing: no lock
+            from .statedir import resolve_state_dir
+            from .writerlock import WriterLock
+
+            writer = WriterLock.take(resolve_state_dir(self.dest.path, None), "local", "the destination")
         try:
-            transport, cleanup = _connect(self.dest, *self._connect_args, writer=writer)
+            scans = _start_scans(self.src, self.dest.path if local else None, self.options) if whole_tree else None
         except BaseException:
-            _abandon(scans, writer)
+            _abandon(None, writer)
+            raise
+        if local:
+            from .localsync import LocalSync
+            from .privileges import Privileges
+            from .receiver import ModuleConfig
+
+            # A local replica is no security boundary (the user could copy the files
+            # themselves): devices, special files, set-id bits and owners are all kept.
+            module = ModuleConfig(name="", path=self.dest.path, privileges=Privileges.everything(),
+                                  lock_file=self._dst_lock_file)  # fmt: skip
+            self._writer = writer
+            self.local = LocalSync(self.src, module, self.options, scans=scans, on_change=self._callbacks[0],
+                                   on_progress=self._callbacks[1])  # fmt: skip
+            return self
+        try:
+            transport, cleanup = _connect(self.dest, *self._connect_args)
+        except BaseException:
+            _abandon(scans, None)
             raise
         self.transport, self._cleanup = transport, cleanup
         try:
-            self.sender = _sender().Sender(
-                self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
-                on_change=self._callbacks[0], on_progress=self._callbacks[1],
-                local_dst=self.dest.path if local else None, scans=scans)  # fmt: skip
+            from .sender import Sender
+
+            self.sender = Sender(self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
+                                 on_change=self._callbacks[0], on_progress=self._callbacks[1],
+                                 source_scan=scans[0] if scans else None)  # fmt: skip
             self.welcome = self.sender.handshake()
         except BaseException:
-            _abandon(scans, None)  # the receiver thread owns the writer lock now
+            _abandon(scans, None)
             self.close()
             raise
         return self
 
     def session(self, scope=None, renames=()) -> SyncResult:
         """Bring the destination up to date (all of it, or ``scope``); see ``Sender.run``."""
-        if self.sender is None:
+        if self.sender is None and self.local is None:
             raise UsageError("connection is not open")
         if self.epoch is not None:
             epoch = self.epoch
@@ -238,11 +327,20 @@ class Connection:
             from .statedir import resolve_state_dir
 
             epoch = read_epoch(resolve_state_dir(self.src, self.options.state_dir))
-        outcome = self.sender.run(self.welcome, epoch, scope=scope, renames=renames)
+        if self.local is not None:
+            outcome = self.local.session(epoch, scope=scope, renames=renames)
+        else:
+            outcome = self.sender.run(self.welcome, epoch, scope=scope, renames=renames)
         return SyncResult(changes=outcome.changes, failed=outcome.failed, problems=outcome.problems,
                           stats=outcome.stats, receiver=outcome.receiver, dry_run=self.options.dry_run)  # fmt: skip
 
     def close(self) -> None:
+        if self.local is not None:
+            stop_scans(self.local.scans)
+            self.local = None
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -251,37 +349,42 @@ class Connection:
             self._cleanup = None
 
     def __enter__(self) -> Connection:
-        return self if self.transport is not None else self.open()
+        return self if (self.transport is not None or self.local is not None) else self.open()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def _sender():
-    from . import sender
+def source_scan(root: bytes, *, excludes=(), checksum=False, state_dir=None, dry_run=False, scope=None):
+    from .exclude import make_excluder
+    from .statedir import ensure_state_dir, resolve_state_dir
+    from .treescan import TreeScan
 
-    return sender
+    if checksum and not dry_run:
+        # Made now, not by the scan thread: creating it moves the root's mtime for a moment.
+        ensure_state_dir(resolve_state_dir(root, state_dir))
+    return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, state_dir=state_dir,
+                    scope=scope, background=scope is None).start()  # fmt: skip
+
+
+def replica_scan(root: bytes, *, excludes=(), checksum=False, scope=None):
+    """A local replica, scanned by the sync itself; its problems are named as a receiver's."""
+    from .exclude import make_excluder
+    from .treescan import TreeScan
+
+    return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, scope=scope,
+                    background=scope is None, problem_prefix="on the receiver: ").start()  # fmt: skip
+
+
+def stop_scans(scans) -> None:
+    """Abandon the scans of ``scans`` (None entries, or None itself, are skipped)."""
+    for scan in scans or ():
+        if scan is not None:
+            scan.stop()
 
 
 def _start_scans(src: bytes, local_dst: bytes | None, options):
-    """Start the source's scan, and for a local destination take the replica's writer lock
-    (a dry run writes nothing: no lock) and start the replica's scan too.
-
-    The lock comes first: no other sync may change the replica between its scan and our
-    writes.  The receiver is handed the lock and keeps it for the connection.  A remote
-    receiver scans its own tree, under its own lock, once the session starts."""
-    from .statedir import resolve_state_dir
-    from .syncscan import replica_scan, source_scan
-
-    writer = None
-    if local_dst is not None:
-        from .statedir import check_root
-
-        check_root(local_dst)  # before the writer lock, which would write into a user's .mirror
-    if local_dst is not None and not options.dry_run:
-        from .writerlock import WriterLock
-
-        writer = WriterLock.take(resolve_state_dir(local_dst, None), "local", "the destination")
+    """The source's scan, and a local destination's (a remote receiver scans its own)."""
     src_scan = None
     try:
         src_scan = source_scan(src, excludes=options.excludes, checksum=options.checksum,
@@ -289,46 +392,22 @@ def _start_scans(src: bytes, local_dst: bytes | None, options):
         dst_scan = None
         if local_dst is not None:
             dst_scan = replica_scan(local_dst, excludes=options.excludes, checksum=options.checksum)
-        return (src_scan, dst_scan), writer
+        return src_scan, dst_scan
     except BaseException:
-        _abandon((src_scan,), writer)
+        stop_scans((src_scan,))
         raise
 
 
 def _abandon(scans, writer) -> None:
-    from .syncscan import stop_scans
-
     stop_scans(scans)
     if writer is not None:
         writer.release()
 
 
-def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command, remote_options, timeout,
-             contimeout, writer=None):  # fmt: skip
-    from .protocol import LocalTransport, StreamTransport
+def _connect(dest: Destination, secret, bwlimit, rsh, remote_command, remote_options, timeout, contimeout):
+    from .protocol import StreamTransport
 
-    if dest.kind == "local":
-        from .receiver import ModuleConfig, Receiver
-
-        mine, theirs = LocalTransport.pair()
-        from .privileges import Privileges
-
-        # A local replica is no security boundary (the user could copy the files
-        # themselves): devices, special files, set-id bits and owners are all kept.
-        module = ModuleConfig(name="", path=dest.path, secret=None, privileges=Privileges.everything(),
-                              lock_file=fs_path(dst_lock_file) if dst_lock_file else None)  # fmt: skip
-        errors: list[BaseException] = []
-
-        def serve():
-            try:
-                Receiver(theirs, {"": module}, peer="local", writer=writer).serve()
-            except MirrorError as exc:
-                errors.append(exc)  # already reported to the sender as an error message
-
-        thread = threading.Thread(target=serve, name="local-receiver", daemon=True)
-        thread.start()
-        return mine, lambda: thread.join(timeout=30)
-    if dest.kind == "daemon":
+    if dest.kind == "server":
         import socket
 
         where = f"{dest.host}:{dest.port}"

@@ -17,8 +17,8 @@ from mirror import protocol as P
 from mirror.entry import Kind
 from mirror.epoch import bump_epoch, read_epoch
 from mirror.transfer import sync
+from tests.peers import ATTRS, RawSession
 from tests.snapshot import assert_mirrors
-from tests.test_review_peer import ATTRS, RawSession
 
 
 def _whole_file(req: int, path: bytes, data: bytes) -> list:

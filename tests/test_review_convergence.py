@@ -20,8 +20,8 @@ import mirror.treescan
 from mirror import fastpath, safefs
 from mirror.transfer import sync
 from tests.helpers import is_root
+from tests.peers import RawSession, temp_files
 from tests.snapshot import assert_mirrors
-from tests.test_review_peer import RawSession, temp_files
 
 
 def _chain(root, depth: int, name: bytes = b"d", leaf: bytes | None = b"leaf") -> None:

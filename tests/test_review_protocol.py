@@ -20,13 +20,13 @@ import pytest
 from mirror import protocol as P
 from mirror.errors import AuthError, LockedError, MirrorError, ProtocolError
 from mirror.lockfile import acquire
-from mirror.receiver import ModuleConfig, Receiver
+from mirror.receiver import ModuleConfig, Receiver, ReceiverSession
 from mirror.sender import Sender, SenderOptions
 from mirror.server import MirrorServer
 from mirror.transfer import sync
 from tests.helpers import REPO, run_mirror
+from tests.peers import RawSession
 from tests.servers import SECRET
-from tests.test_review_peer import RawSession
 
 
 @contextmanager
@@ -43,12 +43,14 @@ def _in_process_server(modules: dict):
 
 
 @contextmanager
-def _socket_pair_receiver(receiver_class, dst, **module_options):
-    """A receiver (``receiver_class``) on one end of a socket pair; yields the sender's transport."""
+def _socket_pair_receiver(session_class, dst, **module_options):
+    """A receiver whose sessions are ``session_class`` on one end of a socket pair; yields the
+    sender's transport."""
     a, b = socket.socketpair()
     receiver_end = P.StreamTransport(b.makefile("rb"), b.makefile("wb"), on_close=b.close)
     sender_end = P.StreamTransport(a.makefile("rb"), a.makefile("wb"), on_close=a.close)
-    receiver = receiver_class(receiver_end, {"m": ModuleConfig("m", os.fsencode(dst), **module_options)})
+    receiver = Receiver(receiver_end, {"m": ModuleConfig("m", os.fsencode(dst), **module_options)})
+    receiver.session_class = session_class
 
     def serve():
         try:
@@ -110,14 +112,14 @@ def test_receiver_with_a_secret_refuses_a_sender_without_one(tmp_path):
 # -- bounded input on the sender -------------------------------------------------------------
 
 
-class _FloodingReceiver(Receiver):
+class _FloodingSession(ReceiverSession):
     """Answers a signature request with an endless signature (parts with last=False)."""
 
     PARTS = 16
     frame = P.encode([P.SIGNATURE, 1, bytes(4 << 20), False])  # made before memory is traced
 
-    def _on_sig(self, message):
-        req = message[1][0][0]
+    def _on_sig(self, requests):
+        req = requests[0][0]
         frame = self.frame if req == 1 else P.encode([P.SIGNATURE, req, bytes(4 << 20), False])
         try:
             for _ in range(self.PARTS):
@@ -130,7 +132,7 @@ class _FloodingReceiver(Receiver):
 
 def test_sender_bounds_the_signature_it_accepts(tmp_path):
     src, dst = _changed_pair(tmp_path)
-    with _socket_pair_receiver(_FloodingReceiver, dst) as transport:
+    with _socket_pair_receiver(_FloodingSession, dst) as transport:
         tracemalloc.start()
         try:
             sender = Sender(os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m")
@@ -146,11 +148,11 @@ def test_sender_bounds_the_signature_it_accepts(tmp_path):
 # -- errors in the middle of a session -------------------------------------------------------
 
 
-class _LockAppearsOnSig(Receiver):
+class _LockAppearsOnSig(ReceiverSession):
     """Reports an error when asked for signatures and keeps reading, as the receiver's own
     summary thread does when its scan fails (a real lock race does the same, 1 run in 5)."""
 
-    def _on_sig(self, message):
+    def _on_sig(self, requests):
         self.t.send([P.ERROR, "LockedError", 3, "mirroring lock appeared on the receiver"])
 
 

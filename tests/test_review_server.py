@@ -22,9 +22,9 @@ from mirror import protocol as P
 from mirror.errors import MirrorError
 from mirror.transfer import sync
 from tests.helpers import is_root, wait_until
+from tests.peers import ATTRS, RawSession, temp_files
 from tests.servers import SECRET, mirror_server
 from tests.snapshot import assert_mirrors
-from tests.test_review_peer import ATTRS, RawSession, temp_files
 
 
 class _Busy(Exception):

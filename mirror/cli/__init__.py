@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     args = _command_parser(name, module).parse_args(argv[1:])
     setup_logging(args.verbose, args.quiet)
-    from ..fdtable import raise_limit, reserve
+    from ..startup import raise_limit, reserve_descriptors
 
-    raise_limit()  # a deep tree, a server's many sessions (see mirror/fdtable.py)
-    reserve()  # while the process is one thread
+    raise_limit()  # a deep tree, a server's many sessions (see mirror/startup.py)
+    reserve_descriptors()  # while the process is one thread
     try:
         return module.run(args)
     except MirrorError as exc:
