@@ -51,7 +51,9 @@ class LockWatch:
     """One mirroring lock file (and a cancel event), looked at every ``interval`` seconds at
     most unless forced: a single ``lstat``."""
 
-    def __init__(self, lock_file: bytes | None, where: str, *, interval: float = LOCK_CHECK_SECONDS, cancel=None):
+    def __init__(
+        self, lock_file: bytes | None, where: str, *, interval: float = LOCK_CHECK_SECONDS, cancel=None
+    ):
         self.lock_file = lock_file
         self.where = where
         self.interval = interval
@@ -71,7 +73,9 @@ class LockWatch:
         self._last = now
         if is_locked(self.lock_file):
             info = status(self.lock_file)
-            raise LockedError(f"mirroring lock {self.where}: {info.describe() if info else display_path(self.lock_file)}")
+            raise LockedError(
+                f"mirroring lock {self.where}: {info.describe() if info else display_path(self.lock_file)}"
+            )
 
 
 def admit(module, state_dir: bytes, *, epoch: int, dry_run: bool) -> int:
@@ -214,7 +218,9 @@ class ReplicaWriter:
             self._commit_pending()  # the file linked to, or the one replaced, is still queued
         try:
             linked = self.tree.lstat(target)
-            refusal = self.privileges.refusal(KIND_OF_FMT.get(stat.S_IFMT(linked.st_mode))) if linked else None
+            refusal = (
+                self.privileges.refusal(KIND_OF_FMT.get(stat.S_IFMT(linked.st_mode))) if linked else None
+            )
             if refusal:  # a second name for a node this module would not have made
                 self.fail(None, path, refusal)
                 return
@@ -278,7 +284,9 @@ class ReplicaWriter:
             self._commit_pending(dir_syncs)
             if (self._deletes or self._dir_attrs) and not self.dry_run:
                 self._locked_discard()
-            refused = review_deletions(self.tree, self._deletes, self.policy, self.keep) if self._deletes else None
+            refused = (
+                review_deletions(self.tree, self._deletes, self.policy, self.keep) if self._deletes else None
+            )
             for path in self._deletes if not (refused or self.dry_run) else ():
                 try:
                     kept = self.tree.remove(path, keep=self.keep)

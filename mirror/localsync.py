@@ -22,11 +22,11 @@ import time
 
 from .apply import LockWatch, ReplicaWriter, admit, record_epoch
 from .compare import CompareOptions, CompareSummary, align, compare_pairs, root_entry
-from .entry import Entry, Kind
+from .entry import Entry
 from .errors import Cancelled, LockedError, MirrorError, UnsafePathError, failure_reason
 from .exclude import make_excluder
 from .guard import DeletionPolicy, ReplicaGuard, SourceGuard
-from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Planner
+from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Planner, source_dir_entry
 from .safefs import ConfinedTree
 from .statedir import check_root, resolve_state_dir
 from .treescan import Scope
@@ -54,7 +54,8 @@ class LocalSync:
         self._reserved = module.reserved_in(module.path)
 
     def session(self, epoch: int, scope=None, renames=()):
-        from .transfer import SendOutcome, replica_scan, source_scan, stop_scans
+        from .records import SendOutcome
+        from .treescan import replica_scan, source_scan, stop_scans
 
         started = time.perf_counter()
         out = SendOutcome()
@@ -65,7 +66,9 @@ class LocalSync:
         o = self.o
         src_tree = dst_tree = writer = None
         try:
-            tree_id = self._source_guard.tree_id(deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
+            tree_id = self._source_guard.tree_id(
+                deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run
+            )
             src_tree = ConfinedTree(self.src)
             planned = []
             if renames and not o.dry_run:
@@ -205,7 +208,9 @@ class _Run:
             # device, and only the very file the scan saw (a swap since then is refused).
             f = self.src_tree.open_regular(path, expect=(entry.dev, entry.ino) if entry.ino else None)
         except (OSError, UnsafePathError) as exc:
-            self.out.failed.append((path, f"cannot open on the sender: {getattr(exc, 'strerror', None) or exc}"))
+            self.out.failed.append(
+                (path, f"cannot open on the sender: {getattr(exc, 'strerror', None) or exc}")
+            )
             return
         with f:
             fd = f.fileno()
@@ -227,7 +232,10 @@ class _Run:
             # Changed while read: by its times, or (within one timestamp tick, where the times
             # cannot tell) by reading another length than it had, e.g. truncated and rewritten.
             if (after.st_size, after.st_mtime_ns, after.st_ctime_ns, copied) != (
-                before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_size
+                before.st_size,
+                before.st_mtime_ns,
+                before.st_ctime_ns,
+                before.st_size,
             ):
                 self.writer.drop_file(commit)
                 self.out.failed.append((path, "changed while it was being copied; sync again to pick it up"))
@@ -242,13 +250,7 @@ class _Run:
             self.sync.on_progress(copied)
 
     def _dir_entry(self, path: bytes) -> Entry | None:
-        """A source directory no listing showed (a live session's partial listing)."""
-        try:
-            st = os.stat(self.src_tree.dir_fd(self.src_tree.parts(path) if path else []))
-        except (OSError, UnsafePathError):
-            return None
-        return Entry(os.path.basename(path), Kind.DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
-                     st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, 0, b"", None)  # fmt: skip
+        return source_dir_entry(self.src_tree, path)
 
 
 def _copy_range(src_fd: int, dst_fd: int, lock: LockWatch) -> int:
@@ -278,4 +280,3 @@ def _copy_range(src_fd: int, dst_fd: int, lock: LockWatch) -> int:
 
 def _attrs(entry: Entry) -> list:
     return [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
-

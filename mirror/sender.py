@@ -39,7 +39,7 @@ from .compare import (
     compare_pairs,
     root_entry,
 )
-from .entry import Entry, Kind, ScanProblem, canonical_key
+from .entry import Entry, ScanProblem, canonical_key, entry_from_stat
 from .errors import (
     AuthError,
     Cancelled,
@@ -54,12 +54,12 @@ from .errors import (
 )
 from .guard import DeletionPolicy, SourceGuard
 from .lockfile import is_locked, status
-from .plan import ATTRS, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op, Planner
+from .plan import ATTRS, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op, Planner, source_dir_entry
+from .records import DELTA_THRESHOLD, SenderOptions, SendOutcome, TransferStats
 from .renames import plan as plan_renames
 from .safefs import ConfinedTree
 from .statedir import resolve_state_dir
-from .transfer import DELTA_THRESHOLD, SenderOptions, SendOutcome, TransferStats, source_scan, stop_scans
-from .treescan import Scope, TreeScan
+from .treescan import Scope, TreeScan, source_scan, stop_scans
 
 log = logging.getLogger(__name__)
 
@@ -516,15 +516,7 @@ class Sender:
             self.on_change(change)
 
     def _dir_entry(self, path: bytes) -> Entry | None:
-        """A source directory no listing showed (a live session's partial listing)."""
-        try:
-            st = os.stat(self._src_tree.dir_fd(self._src_tree.parts(path) if path else []))
-        except (OSError, UnsafePathError):
-            return None
-        if not stat.S_ISDIR(st.st_mode):
-            return None
-        return Entry(os.path.basename(path), Kind.DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
-                     st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, 0, b"", None)  # fmt: skip
+        return source_dir_entry(self._src_tree, path)
 
     def _check_lock(self, force: bool = True) -> None:
         if self.o.cancel is not None and self.o.cancel.is_set():
@@ -683,12 +675,7 @@ class Sender:
             st = self._src_tree.lstat(path)
         except (OSError, UnsafePathError):
             return None
-        if st is None:
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        return Entry(os.path.basename(path), Kind.FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                     st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, 0, b"", None)  # fmt: skip
+        return entry_from_stat(os.path.basename(path), st, b"") if st is not None and stat.S_ISREG(st.st_mode) else None
 
     def _collect_failures(self) -> None:
         for message in self.reader.failed:

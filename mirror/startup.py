@@ -37,9 +37,24 @@ import threading
 # The options of these commands that take a value, as their argparse definitions say
 # (tests/test_startup.py checks this table against them).
 VALUE_OPTIONS = {
-    "sync": frozenset({"--secret-file", "--bwlimit", "--rsh", "--remote-command", "--lock-file",
-                       "--dst-lock-file", "--state-dir", "--exclude", "--exclude-from", "--max-delete",
-                       "-M", "--remote-option", "--timeout", "--contimeout"}),  # fmt: skip
+    "sync": frozenset(
+        {
+            "--secret-file",
+            "--bwlimit",
+            "--rsh",
+            "--remote-command",
+            "--lock-file",
+            "--dst-lock-file",
+            "--state-dir",
+            "--exclude",
+            "--exclude-from",
+            "--max-delete",
+            "-M",
+            "--remote-option",
+            "--timeout",
+            "--contimeout",
+        }
+    ),  # fmt: skip
     "diff": frozenset({"--state-dir", "--exclude", "--exclude-from"}),
 }
 

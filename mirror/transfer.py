@@ -10,130 +10,23 @@ Destinations:
 
 The result says what changed, what failed and how many bytes crossed; the exit code it
 carries follows the CLI's: 0 done, 1 partial (some files failed), 2 error, 25 deletions refused.
-This module also holds what a sync is asked (``SenderOptions``) and the scans it starts.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import threading
 from typing import NamedTuple
 
-from .errors import (
-    EXIT_DIFFERENT,
-    EXIT_GUARD,
-    EXIT_OK,
-    ConnectError,
-    ConnectTimeout,
-    UsageError,
-    fs_path,
-)
+from .errors import ConnectError, ConnectTimeout, UsageError, fs_path
+from .records import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, SenderOptions, SyncResult
+from .treescan import replica_scan, source_scan, stop_scans
 
 # The sender, the receiver and the wire protocol are imported when a connection opens:
 # a sync has its scans running by then (see Connection.open).
 
 DEFAULT_PORT = 8730
 _URL = re.compile(r"^mirror://(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/(?P<module>[^/]+)(?:/(?P<sub>.*))?$")
-DELTA_THRESHOLD = 256 << 10  # smaller files are sent whole: a signature round trip costs more
-# A receiver silent this long (seconds) ends the sync (rsync's --timeout; it has none by
-# default, but a mirror must not hang): a receiver at work says so every third of it.
-DEFAULT_TIMEOUT = 120.0
-DEFAULT_CONTIMEOUT = 30.0  # rsync's --contimeout
-
-
-class SenderOptions(NamedTuple):
-    """What a sync is asked to do (``mirror.sync``'s keywords, checked).  Immutable; a
-    NamedTuple rather than a dataclass only because it loads faster."""
-
-    delete: bool = False
-    checksum: bool = False
-    dry_run: bool = False
-    excludes: tuple[bytes, ...] = ()
-    lock_file: bytes | None = None
-    state_dir: bytes | None = None
-    delta_threshold: int = DELTA_THRESHOLD  # a receiver's; a local sync always copies whole files
-    fsync: bool = True
-    secret: bytes | None = None
-    cancel: threading.Event | None = None  # set: abandon the file in flight and end the session
-    keep_changes: bool = True  # False: the result's ``changes`` stays empty (a big first sync's
-    # would hold an entry for every file of the tree); ``on_change`` still sees each one
-    max_delete: int | None = None  # a session deleting more entries deletes nothing (mirror.guard)
-    keepalive: float | None = None  # ask the receiver to say "alive" after this long quiet (a network peer)
-    allow_mass_delete: bool = False  # let the source and deletion guards through (and record the source anew)
-
-
-class TransferStats:
-    """What one session moved.  (A plain class: importing dataclasses costs start-up time.)"""
-
-    __slots__ = ("files_seen", "files_sent", "files_delta", "other_changes", "deleted", "literal_bytes",
-                 "matched_bytes", "size_of_sent_files", "wire_sent", "wire_received", "seconds")  # fmt: skip
-
-    def __init__(self):
-        self.files_seen = 0
-        self.files_sent = 0  # regular files whose content was sent (whole or delta)
-        self.files_delta = 0
-        self.other_changes = 0  # directories, symlinks, nodes, links, attributes
-        self.deleted = 0
-        self.literal_bytes = 0
-        self.matched_bytes = 0
-        self.size_of_sent_files = 0
-        self.wire_sent = 0
-        self.wire_received = 0
-        self.seconds = 0.0
-
-    def __repr__(self) -> str:
-        return "TransferStats(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
-
-    @property
-    def speedup(self) -> float:
-        """Size of the files brought up to date, per byte that crossed the wire (rsync's figure)."""
-        return self.size_of_sent_files / self.wire_sent if self.wire_sent else 0.0
-
-
-class SendOutcome:
-    """A session's changes, failures, scan problems, transfer figures and the replica's report."""
-
-    __slots__ = ("changes", "failed", "problems", "stats", "receiver")
-
-    def __init__(self):
-        self.changes: list = []
-        self.failed: list[tuple[bytes, str]] = []
-        self.problems: list = []
-        self.stats = TransferStats()
-        self.receiver: dict = {}
-
-
-class SyncResult:
-    """What a sync did.  ``exit_code``: 0 done, 1 partial (see ``failed``/``problems``), 25
-    deletions refused (see ``deletions_refused``)."""
-
-    def __init__(self, changes=None, failed=None, problems=None, stats: TransferStats | None = None,
-                 receiver: dict | None = None, dry_run: bool = False):  # fmt: skip
-        self.changes: list = changes if changes is not None else []
-        # Why the replica's deletion guard did not delete (mirror.guard); None: it did, or none were asked.
-        self.deletions_refused: str | None = (receiver or {}).get("deletions_refused") or None
-        self.failed: list[tuple[bytes, str]] = failed if failed is not None else []
-        self.problems: list = problems if problems is not None else []
-        self.stats: TransferStats = stats if stats is not None else TransferStats()
-        self.receiver: dict = receiver if receiver is not None else {}
-        self.dry_run = dry_run
-
-    def __repr__(self) -> str:
-        return (f"SyncResult(exit_code={self.exit_code}, changes={len(self.changes)}, failed={len(self.failed)}, "
-                f"problems={len(self.problems)}, dry_run={self.dry_run})")  # fmt: skip
-
-    @property
-    def exit_code(self) -> int:
-        if self.deletions_refused:
-            return EXIT_GUARD
-        return EXIT_DIFFERENT if (self.failed or self.problems) else EXIT_OK
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == EXIT_OK
-
-
 class Destination(NamedTuple):
     kind: str  # local | server | rsh
     path: bytes = b""
@@ -353,34 +246,6 @@ class Connection:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def source_scan(root: bytes, *, excludes=(), checksum=False, state_dir=None, dry_run=False, scope=None):
-    from .exclude import make_excluder
-    from .statedir import ensure_state_dir, resolve_state_dir
-    from .treescan import TreeScan
-
-    if checksum and not dry_run:
-        # Made now, not by the scan thread: creating it moves the root's mtime for a moment.
-        ensure_state_dir(resolve_state_dir(root, state_dir))
-    return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, state_dir=state_dir,
-                    scope=scope, background=scope is None).start()  # fmt: skip
-
-
-def replica_scan(root: bytes, *, excludes=(), checksum=False, scope=None):
-    """A local replica, scanned by the sync itself; its problems are named as a receiver's."""
-    from .exclude import make_excluder
-    from .treescan import TreeScan
-
-    return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, scope=scope,
-                    background=scope is None, problem_prefix="on the receiver: ").start()  # fmt: skip
-
-
-def stop_scans(scans) -> None:
-    """Abandon the scans of ``scans`` (None entries, or None itself, are skipped)."""
-    for scan in scans or ():
-        if scan is not None:
-            scan.stop()
 
 
 def _start_scans(src: bytes, local_dst: bytes | None, options):

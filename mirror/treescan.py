@@ -567,3 +567,31 @@ def _chain_first(first, rest):
     if first is not None:
         yield first
         yield from rest
+
+
+# -- the scans a sync starts ------------------------------------------------------------
+
+
+def source_scan(root: bytes, *, excludes=(), checksum=False, state_dir=None, dry_run=False, scope=None):
+    from .exclude import make_excluder
+
+    if checksum and not dry_run:
+        # Made now, not by the scan thread: creating it moves the root's mtime for a moment.
+        ensure_state_dir(resolve_state_dir(root, state_dir))
+    return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, state_dir=state_dir,
+                    scope=scope, background=scope is None).start()  # fmt: skip
+
+
+def replica_scan(root: bytes, *, excludes=(), checksum=False, scope=None):
+    """A local replica, scanned by the sync itself; its problems are named as a receiver's."""
+    from .exclude import make_excluder
+
+    return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, scope=scope,
+                    background=scope is None, problem_prefix="on the receiver: ").start()  # fmt: skip
+
+
+def stop_scans(scans) -> None:
+    """Abandon the scans of ``scans`` (None entries, or None itself, are skipped)."""
+    for scan in scans or ():
+        if scan is not None:
+            scan.stop()
