@@ -31,7 +31,7 @@ from .safefs import ConfinedTree
 from .statedir import check_root, resolve_state_dir
 from .treescan import Scope
 
-COPY_CHUNK = 16 << 20  # bytes copied between two looks at the locks
+COPY_CHUNK = 4 << 20  # bytes copied between two looks at the locks (a slow disk still looks within 1 s)
 
 
 class LocalSync:
@@ -220,7 +220,7 @@ class _Run:
                 self.writer.fail(None, path, reason)
                 return
             try:
-                copied = _copy_range(fd, commit.file.fileno(), self.lock)
+                copied = _copy_range(fd, commit.file.fileno(), (self.lock, self.writer.lock))
                 after = os.fstat(fd)
             except OSError as exc:
                 self.writer.drop_file(commit)
@@ -253,7 +253,7 @@ class _Run:
         return source_dir_entry(self.src_tree, path)
 
 
-def _copy_range(src_fd: int, dst_fd: int, lock: LockWatch) -> int:
+def _copy_range(src_fd: int, dst_fd: int, locks: tuple[LockWatch, ...]) -> int:
     """Copy ``src_fd`` from its start to ``dst_fd`` in the kernel; the number of bytes."""
     copied = 0
     fallback = False
@@ -275,7 +275,8 @@ def _copy_range(src_fd: int, dst_fd: int, lock: LockWatch) -> int:
         if n == 0:
             return copied
         copied += n
-        lock.check(force=False)
+        for lock in locks:
+            lock.check(force=False)
 
 
 def _attrs(entry: Entry) -> list:
