@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from contextlib import contextmanager
 
 from mirror import protocol as P
-from mirror.errors import ProtocolError
+from mirror.errors import MirrorError, ProtocolError
 from mirror.receiver import ModuleConfig, Receiver
+from mirror.server import MirrorServer
 
 ATTRS = [0o644, 0, 0, 1_000_000_000_000_000_000]
 
@@ -137,3 +139,55 @@ class RawSession:
 def temp_files(root) -> list:
     tmp = os.path.join(os.fsencode(root), b".mirror", b"tmp")
     return sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []
+
+
+@contextmanager
+def in_process_server(modules: dict):
+    server = MirrorServer(("127.0.0.1", 0), modules)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="review-serve")
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextmanager
+def socket_pair_receiver(session_class, dst, **module_options):
+    """A receiver whose sessions are ``session_class`` on one end of a socket pair; yields the
+    sender's transport."""
+    a, b = socket.socketpair()
+    receiver_end = P.StreamTransport(b.makefile("rb"), b.makefile("wb"), on_close=b.close)
+    sender_end = P.StreamTransport(a.makefile("rb"), a.makefile("wb"), on_close=a.close)
+    receiver = Receiver(receiver_end, {"m": ModuleConfig("m", os.fsencode(dst), **module_options)})
+    receiver.session_class = session_class
+
+    def serve():
+        try:
+            receiver.serve()
+        except (MirrorError, OSError):
+            pass
+
+    thread = threading.Thread(target=serve, name="review-receiver")
+    thread.start()
+    try:
+        yield sender_end
+    finally:
+        sender_end.close()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
+def changed_pair(tmp_path, small_files: int = 0):
+    """src/a differs from dst/a (same size, so it goes as a delta with a low threshold)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (dst / "a").write_bytes(b"o" * 1000)
+    os.utime(dst / "a", ns=(10**18, 10**18))
+    (src / "a").write_bytes(b"n" * 1000)
+    for i in range(small_files):
+        (src / f"b{i:04d}").write_bytes(b"small")
+    return src, dst

@@ -1,10 +1,5 @@
-"""Review of issue 4: `mirror serve` under bad, idle and concurrent clients, and sessions
-that share a module (a dry run next to a writer, a read-only replica).
-
-``xfail(strict=True)`` marks a bug found in review.  The two
-timeout tests use ``mirror serve --timeout SECONDS`` (rsync's name for the same knob): the
-option does not exist yet, so they fail at start-up until the fix adds it.
-"""
+"""`mirror serve` under bad, idle and concurrent clients, and sessions that share a module (a
+dry run next to a writer, a read-only replica)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Review of issue 4: confinement of the receiver (and of the sender to its source tree).
-
-Each ``xfail(strict=True)`` test is a bug found in review: it
-fails on the code it was written against and turns red once fixed, as a reminder to drop
-the marker.  The other tests are attacks that are handled correctly and stay green.
-"""
+"""Confinement of the receiver to its module (and of the sender to its source tree): attacks
+from the wire on the state dir, links, symlinks and special files, and hostile names."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Review of issue 4: trees that must converge (an independent walk says the replica equals the
-source after one sync), including deep and long paths, excludes with --delete, hard links.
-
-``xfail(strict=True)`` marks a bug found in review.
-"""
+"""Trees that must converge (an independent walk says the replica equals the source after one
+sync), including deep and long paths, excludes with --delete, hard links."""
 
 from __future__ import annotations
 
