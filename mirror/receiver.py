@@ -153,6 +153,7 @@ class Receiver:
         self.can_chown = os.geteuid() == 0
         self.module: ModuleConfig | None = None
         self.sessions = 0
+        self.subpath = b""  # set by the handshake
         # The one-writer lock, taken at the first session that writes (or already held by
         # an embedding caller that scanned the replica before connecting: see transfer.py).
         self._writer = writer
