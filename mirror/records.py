@@ -57,7 +57,9 @@ class TransferStats:
         self.seconds = 0.0
 
     def __repr__(self) -> str:
-        return "TransferStats(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
+        return (
+            "TransferStats(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
+        )
 
     @property
     def speedup(self) -> float:

@@ -285,7 +285,8 @@ def _connect(dest: Destination, secret, bwlimit, rsh, remote_command, remote_opt
         sock.settimeout(timeout)  # every wait for the receiver, reading or writing
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rfile, wfile = sock.makefile("rb", buffering=1 << 20), sock.makefile("wb", buffering=1 << 20)
-        return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=sock.close, peer=f"the receiver at {where}",
+        return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=lambda: _hang_up(sock, timeout),
+                               peer=f"the receiver at {where}",
                                timeout_hint=f" after {timeout:g} s (--timeout)" if timeout else ""), lambda: None  # fmt: skip
     import shlex
     import subprocess
@@ -308,6 +309,23 @@ def _connect(dest: Destination, secret, bwlimit, rsh, remote_command, remote_opt
             proc.wait()
 
     return transport, reap
+
+
+def _hang_up(sock, timeout: float | None) -> None:
+    """Close our side, then wait (at most ``timeout``, 10 s) for the server to close its own:
+    it lets go of the module's writer lock first, so a sync that has returned leaves the
+    module free for the next writer."""
+    import socket
+
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(min(timeout or 10.0, 10.0))
+        while sock.recv(1 << 16):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 class _Buffered:

@@ -144,7 +144,9 @@ def temp_files(root) -> list:
 @contextmanager
 def in_process_server(modules: dict):
     server = MirrorServer(("127.0.0.1", 0), modules)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="review-serve")
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="review-serve"
+    )
     thread.start()
     try:
         yield server

@@ -47,7 +47,9 @@ def test_sender_bounds_the_signature_it_accepts(tmp_path):
     with socket_pair_receiver(_FloodingSession, dst) as transport:
         tracemalloc.start()
         try:
-            sender = Sender(os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m")
+            sender = Sender(
+                os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m"
+            )
             with pytest.raises(MirrorError):
                 sender.run(sender.handshake(), 0)
             _, peak = tracemalloc.get_traced_memory()
