@@ -3,7 +3,7 @@
 The public library API (documented in the README's "Library API"):
 
 - ``sync(src, dst, **options) -> SyncResult``: mirror a tree (local, ``mirror://``, ``HOST:PATH``);
-- ``Receiver``, ``ModuleConfig``, ``StreamTransport``, ``LocalTransport``: embed a receiver;
+- ``Receiver``, ``ModuleConfig``, ``StreamTransport``: embed a receiver;
 - ``MirrorServer``: what ``mirror serve`` runs;
 - ``compare_trees``, ``TreeScan``: what ``mirror diff`` runs;
 - ``configure_logging(who, verbose, quiet)``: log lines for the journal (priorities) or a terminal;
@@ -25,10 +25,9 @@ _EXPORTS = {
     "Receiver": "mirror.receiver",
     "ModuleConfig": "mirror.receiver",
     "StreamTransport": "mirror.protocol",
-    "LocalTransport": "mirror.protocol",
     "MirrorServer": "mirror.server",
     "compare_trees": "mirror.compare",
-    "Change": "mirror.compare",
+    "Difference": "mirror.compare",
     "CompareOptions": "mirror.compare",
     "TreeScan": "mirror.treescan",
     "MirrorError": "mirror.errors",

@@ -41,7 +41,7 @@ EARLY_WRITEBACK_BYTES = 256 << 10
 # Directory descriptors held for their fsync at the end of a session; more are opened again
 # then.  With a batch's files (two descriptors each) and both trees' caches, the smaller
 # stays well within the common soft limit of 1,024 open files; every `mirror` command
-# raises its limit (mirror.fdtable), which leaves room for the larger, and for overlapping
+# raises its limit (mirror.startup), which leaves room for the larger, and for overlapping
 # batches (up to five descriptors per file of a batch).
 DIR_SYNCS_HELD = 128
 DIR_SYNCS_HELD_RAISED = 512

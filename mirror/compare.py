@@ -5,7 +5,7 @@ directory by directory; inside a directory the compiled ``compare_listings`` mer
 name and reports only the entries that need attention.  Memory is bounded by the directory
 being compared plus the multiply-linked files seen so far.
 
-A ``Change`` says what would have to happen to the destination to make it equal the
+A ``Difference`` says what would have to happen to the destination to make it equal the
 source: ``added``, ``removed``, ``content`` (quick check: size or mtime differ; with
 ``checksum``: size or digest differ), ``metadata`` (mode, owner, group, mtime only),
 ``type`` (a file became a directory, ...), ``target`` (a symlink points elsewhere),
@@ -48,7 +48,7 @@ class CompareOptions(NamedTuple):
         )
 
 
-class Change(NamedTuple):
+class Difference(NamedTuple):
     path: bytes
     change: str
     src: Entry | None = None
@@ -175,8 +175,8 @@ def compare_trees(
     summary: CompareSummary | None = None,
     src_root_entry: Entry | None = None,
     dst_root_entry: Entry | None = None,
-) -> Iterator[Change]:
-    """Yield every ``Change`` that would make the destination equal the source, in order.
+) -> Iterator[Difference]:
+    """Yield every ``Difference`` that would make the destination equal the source, in order.
 
     Problems (unreadable or vanished entries, on either side) go to ``summary.problems``.
     """
@@ -191,7 +191,7 @@ def compare_trees(
         if bits:
             change, fields = _classify(scan, bits, options.checksum, Kind.DIR)
             summary.count(change)
-            yield Change(b".", change, src_root_entry, dst_root_entry, fields)
+            yield Difference(b".", change, src_root_entry, dst_root_entry, fields)
     # Two whole-tree walks pair themselves, leaving out (in compiled code) the directories
     # that are the same on both sides; anything else is aligned here.
     pairing = getattr(src_listings, "pairs_with", None)
@@ -201,7 +201,9 @@ def compare_trees(
     yield from compare_pairs(pairs, options, summary)
 
 
-def compare_pairs(pairs: Iterable[tuple], options: CompareOptions, summary: CompareSummary) -> Iterator[Change]:
+def compare_pairs(
+    pairs: Iterable[tuple], options: CompareOptions, summary: CompareSummary
+) -> Iterator[Difference]:
     """The changes within aligned ``(src, dst)`` listing pairs (see ``align``), in order.
 
     A listing that is incomplete on either side makes its whole subtree unknown: it is
@@ -229,38 +231,38 @@ def compare_pairs(pairs: Iterable[tuple], options: CompareOptions, summary: Comp
                 path = join(a.path, entry.name)
                 link_to = links.check(path, entry, None)
                 summary.count(ADDED)
-                yield Change(path, ADDED, entry, None, link_to=link_to)
+                yield Difference(path, ADDED, entry, None, link_to=link_to)
         else:
             for entry in b:
                 path = join(b.path, entry.name)
                 links.check(path, None, entry)
                 summary.count(REMOVED)
-                yield Change(path, REMOVED, None, entry)
+                yield Difference(path, REMOVED, None, entry)
 
 
-def _compare_pair(scan, a, b, flags, options, summary, links) -> Iterator[Change]:
+def _compare_pair(scan, a, b, flags, options, summary, links) -> Iterator[Difference]:
     for i, j, bits in scan.compare_listings(a, b, flags):
         s = a[i] if i >= 0 else None
         d = b[j] if j >= 0 else None
         path = join(a.path, (s or d).name)
         if d is None:
             summary.count(ADDED)
-            yield Change(path, ADDED, s, None, link_to=links.check(path, s, None))
+            yield Difference(path, ADDED, s, None, link_to=links.check(path, s, None))
             continue
         if s is None:
             links.check(path, None, d)
             summary.count(REMOVED)
-            yield Change(path, REMOVED, None, d)
+            yield Difference(path, REMOVED, None, d)
             continue
         link_to = links.check(path, s, d) if bits & scan.CH_LINKED else None
         changed = bits & ~scan.CH_LINKED
         if changed:
             change, fields = _classify(scan, changed, options.checksum, s.kind)
             summary.count(change)
-            yield Change(path, change, s, d, fields, link_to)
+            yield Difference(path, change, s, d, fields, link_to)
         elif link_to is not None:
             summary.count(HARDLINK)
-            yield Change(path, HARDLINK, s, d, frozenset({"link"}), link_to)
+            yield Difference(path, HARDLINK, s, d, frozenset({"link"}), link_to)
 
 
 def root_entry(root: bytes) -> Entry | None:

@@ -179,7 +179,7 @@ def read_daemon_config(path: str):
     problem found: only a configuration without problems may be used."""
     from .daemon import DaemonConfig, PairConfig
     from .statedir import default_state_dir
-    from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
+    from .transfer import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
 
     problems = Problems(path)
     data = _toml(path, problems)

@@ -51,8 +51,7 @@ from .journal import ENTRY, RENAME, Journal, Pending
 from .lockfile import is_locked
 from .secretfile import read_secret_file
 from .statedir import check_root, ensure_state_dir, resolve_state_dir
-from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
-from .transfer import Connection
+from .transfer import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, Connection
 from .treescan import Scope
 from .watch import CLOSED, RESCAN, TREE, Watcher
 from .watch import ENTRY as W_ENTRY

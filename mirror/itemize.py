@@ -27,7 +27,7 @@ import base64
 import re
 import unicodedata
 
-from .compare import ADDED, CONTENT, HARDLINK, METADATA, REMOVED, TARGET, TYPE, Change
+from .compare import ADDED, CONTENT, HARDLINK, METADATA, REMOVED, TARGET, TYPE, Difference
 from .entry import KIND_LETTER, Entry, Kind
 
 _PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*\Z")  # printable ASCII but backslash
@@ -66,14 +66,14 @@ def _display(path: bytes, entry: Entry | None) -> str:
 _ATTR_ORDER = (("s", "size"), ("t", "mtime"), ("p", "mode"), ("o", "uid"), ("g", "gid"))
 
 
-def _flags(entry: Entry, change: Change, first: str) -> str:
+def _flags(entry: Entry, change: Difference, first: str) -> str:
     fields = change.fields
     c = "c" if fields & {"digest", "digest-unknown", "target", "rdev"} else "."
     rest = "".join(letter if name in fields else "." for letter, name in _ATTR_ORDER)
     return first + KIND_LETTER[Kind(entry.kind)] + c + rest + "..."
 
 
-def item_lines(change: Change) -> list[str]:
+def item_lines(change: Difference) -> list[str]:
     """The itemized line(s) for one change."""
     if change.change == REMOVED:
         return [f"*deleting   {_display(change.path, change.dst)}"]
@@ -121,7 +121,7 @@ def _path_fields(key: str, path: bytes) -> dict:
     return out
 
 
-def change_json(change: Change) -> dict:
+def change_json(change: Difference) -> dict:
     entry = change.src if change.src is not None else change.dst
     out = _path_fields("path", change.path)
     out.update(

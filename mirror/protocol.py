@@ -6,23 +6,23 @@ length is checked against ``MAX_FRAME`` before anything is allocated, and the bo
 decoded with limits on every string, array and map, so a hostile peer costs at most one
 frame of memory before it is cut off.  ``docs/PROTOCOL.md`` describes the exchange.
 
-In local mode the same messages travel through in-process queues (``LocalTransport``):
-one planner and one writer, whichever side of a network they run on.
+``checked(message)`` turns each frame a receiver accepts in a session into a checked
+record, through one table (``_SESSION_FRAMES``): a frame of unknown kind, the wrong number
+of fields, or a field of the wrong type or out of its bounds ends the session.
 """
 
 from __future__ import annotations
 
-import collections
-import queue
 import select
 import struct
 import threading
 import time
 from typing import BinaryIO
 
+from . import constants as K
 from .errors import AuthError, LimitExceeded, PeerTimeout, ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 SOFTWARE = "hamirror/0.1"
 MAX_FRAME = 8 << 20  # a listing part, a signature or a literal chunk fits well below this
 # Before the peer has proved it knows the secret, nothing larger is read: a hello with a
@@ -50,8 +50,8 @@ CHALLENGE, WELCOME, READY, SUMMARY, SUMMARY_END, LISTING, SIGNATURE, SIG_FAILED,
 ALIVE = "alive"  # the receiver is still at work (sent during a session when it has been quiet)
 
 
-# msgpack is imported by the first frame: a local sync passes messages as objects and never
-# loads it (nor the datetime module it pulls in).
+# msgpack is imported by the first frame: a local sync never loads it (nor the datetime
+# module it pulls in).
 
 
 def encode(message: list | tuple) -> bytes:
@@ -191,205 +191,6 @@ class StreamTransport:
             self._on_close()
 
 
-_END_OF_STREAM = object()  # what LocalTransport.close() leaves in the other end's inbox
-
-
-class LocalTransport:
-    """One end of an in-process pair: the same messages, no encoding, no sockets.
-
-    Like a stream's write buffer, messages sent with ``flush=False`` are held and handed
-    over together at the next flush (or once ``BATCH_MESSAGES`` or ``BATCH_BYTES`` are held):
-    one queue hand-off, one wake-up of the other thread, per batch instead of per message.
-    Or none at all: a receiver in a session has its handler run by the sending thread itself
-    (``handle_in_sender``), so a local sync's sender and receiver stop taking the
-    interpreter's lock from each other at every system call.  Until the session has sent
-    ``DIRECT_BYTES``: a big transfer goes back to batches, so that the sender's reading and
-    the receiver's writing and fsyncs overlap in two threads again.
-
-    ``close()`` says this end will send nothing more (the other end's ``recv`` returns None
-    once it has read everything before it) and will not read on: the other end's ``send``
-    then fails instead of waiting forever on a full queue (a receiver that stopped on an
-    error must not leave its sender blocked)."""
-
-    BATCH_MESSAGES = 512
-    BATCH_BYTES = 1 << 20
-    # S4's 235 changes carry 2.9 MB; S3 (6 GB) ran about 10% slower in one thread.
-    DIRECT_BYTES = 8 << 20
-
-    def __init__(self, inbox: queue.Queue, outbox: queue.Queue, mine: threading.Event, peers: threading.Event):
-        self._inbox = inbox
-        self._outbox = outbox
-        self._closed = mine
-        self._peer_closed = peers
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self._peer_done = False
-        self._held: list = []  # sent, not yet handed over
-        self._held_bytes = 0
-        self._send_lock = threading.Lock()  # two threads of one end may send (a summary, replies)
-        self._arrived: collections.deque = collections.deque()  # handed over, not yet received
-        self._peer: LocalTransport | None = None
-        self._handler = None  # set by the other end's handle_in_sender: sends run it here
-        self._handled: _Handled | None = None
-        self._handled_bytes = 0
-
-    @classmethod
-    def pair(cls, depth: int = 32) -> tuple[LocalTransport, LocalTransport]:
-        """Two connected ends; at most ``depth`` batches wait in each direction."""
-        a_to_b: queue.Queue = queue.Queue(maxsize=depth)
-        b_to_a: queue.Queue = queue.Queue(maxsize=depth)
-        a_closed, b_closed = threading.Event(), threading.Event()
-        a, b = cls(b_to_a, a_to_b, a_closed, b_closed), cls(a_to_b, b_to_a, b_closed, a_closed)
-        a._peer, b._peer = b, a
-        return a, b
-
-    def send(self, message: list | tuple, flush: bool = True) -> None:
-        # No encoding here; count what the frame would carry, for the transfer statistics.
-        size = 16 + sum(len(x) for x in message if isinstance(x, bytes))
-        with self._send_lock:
-            self.bytes_sent += size
-            if self._handler is not None:
-                self._handled_bytes += size
-                if self._handled_bytes <= self.DIRECT_BYTES:
-                    self._run_handler(list(message))
-                    return
-                self._stop_handling(QUEUED)  # a big transfer: batches again, from this message on
-            self._held.append(list(message))
-            self._held_bytes += size
-            if flush or len(self._held) >= self.BATCH_MESSAGES or self._held_bytes >= self.BATCH_BYTES:
-                self._hand_over()
-
-    def handle_in_sender(self, handler) -> str:
-        """Have the other end's sends run ``handler(message)`` in the sending thread, in order.
-        Called by the receiving end, which waits meanwhile: an in-process peer's messages then
-        cost no hand-over to another thread and back.  Returns ``ENDED`` once the handler
-        returned True (the session's end), ``CLOSED`` if the other end closed first, or
-        ``QUEUED`` when the other end went back to handing over batches (``DIRECT_BYTES``):
-        ``recv`` the rest.  A handler's exception is raised here.
-
-        What the other end sent before is handled first, here, under its send lock."""
-        peer = self._peer
-        done = _Handled()
-        # A sender blocked on our full queue holds its send lock: make room while waiting.
-        while not peer._send_lock.acquire(timeout=0.01):
-            self._take_arrived()
-        try:
-            peer._handler, peer._handled, peer._handled_bytes = handler, done, 0
-            self._take_arrived()
-            waiting = list(self._arrived)
-            self._arrived.clear()
-            waiting.extend(peer._held)
-            peer._held, peer._held_bytes = [], 0
-            for i, message in enumerate(waiting):
-                if peer._handler is None:  # ended: what follows is for later
-                    self._arrived.extend(waiting[i:])
-                    break
-                peer._run_handler(message)
-            if peer._handler is not None and (self._peer_done or peer._closed.is_set()):
-                peer._stop_handling(CLOSED)
-        finally:
-            peer._send_lock.release()
-        done.wait()
-        if done.error is not None:
-            raise done.error
-        return done.outcome
-
-    def _take_arrived(self) -> None:
-        """Move every batch already handed over to ``_arrived``, without waiting."""
-        while not self._peer_done:
-            try:
-                batch = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if batch is _END_OF_STREAM:
-                self._peer_done = True
-            else:
-                self._arrived.extend(batch)
-
-    def _run_handler(self, message: list) -> None:
-        """Under ``_send_lock``: the other end's handler, on one message this end sent."""
-        try:
-            if self._handler(message):
-                self._stop_handling(ENDED)
-        except Exception as exc:  # the receiving end's error: raised in its own thread
-            self._stop_handling(CLOSED, exc)
-        except BaseException:  # this thread is interrupted: the session ends unfinished
-            self._stop_handling(CLOSED)
-            raise
-
-    def _stop_handling(self, outcome: str, error: BaseException | None = None) -> None:
-        """Under ``_send_lock``: sends queue again; the other end's ``handle_in_sender`` returns."""
-        self._handler = None
-        self._handled.finish(outcome, error)
-
-    def flush(self) -> None:
-        with self._send_lock:
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        if not self._held:
-            return
-        batch, self._held, self._held_bytes = self._held, [], 0
-        while True:
-            try:
-                self._outbox.put(batch, timeout=0.1)
-                return
-            except queue.Full:
-                if self._peer_closed.is_set():
-                    raise ProtocolError("the other side has stopped") from None
-
-    def recv(self) -> list | None:
-        if self._arrived:
-            return self._arrived.popleft()
-        while not self._peer_done:
-            try:
-                batch = self._inbox.get(timeout=0.05 if self._peer_closed.is_set() else 0.2)
-            except queue.Empty:
-                if self._peer_closed.is_set():
-                    return None
-                continue
-            if batch is _END_OF_STREAM:
-                self._peer_done = True
-                break
-            self._arrived.extend(batch)
-            return self._arrived.popleft()
-        return None
-
-    def close(self) -> None:
-        self._closed.set()
-        with self._send_lock:
-            if self._handler is not None:  # the other end waits in handle_in_sender
-                self._stop_handling(CLOSED)
-        batch, self._held = self._held, []
-        try:
-            if batch:
-                self._outbox.put_nowait(batch)
-            # Wakes the other end at once (it would otherwise notice the close at its next poll).
-            self._outbox.put_nowait(_END_OF_STREAM)
-        except queue.Full:
-            pass
-
-
-# How a ``handle_in_sender`` ended.
-ENDED, CLOSED, QUEUED = "ended", "closed", "queued"
-
-
-class _Handled:
-    """How a ``handle_in_sender`` ended: one of the outcomes above, and an error if any."""
-
-    def __init__(self):
-        self._event = threading.Event()
-        self.outcome = CLOSED
-        self.error: BaseException | None = None
-
-    def finish(self, outcome: str, error: BaseException | None = None) -> None:
-        self.outcome, self.error = outcome, error
-        self._event.set()
-
-    def wait(self) -> None:
-        self._event.wait()
-
-
 class RateLimiter:
     """Token bucket for ``--bwlimit`` (bytes per second), with a quarter second of burst."""
 
@@ -436,6 +237,97 @@ def verify(expected: bytes, got, who: str) -> None:
 
 
 # -- field checks for decoded messages --------------------------------------------------------
+
+MAX_PATH = 65536
+MAX_TARGET = 4095
+MAX_REQUESTS = 4096  # paths per 'want', requests per 'sig'
+
+
+def _path(value) -> bytes:
+    return want_bytes(value, "path", MAX_PATH)
+
+
+def _req(value) -> int:
+    return want_int(value, "request id")
+
+
+def _attrs(value) -> list:
+    """``[mode, uid, gid, mtime_ns]``."""
+    if not isinstance(value, list) or len(value) != 4:
+        raise ProtocolError("bad attributes")
+    return [want_int(value[0], "mode", 0, 0o7777), want_int(value[1], "uid", 0, 2**32 - 1),
+            want_int(value[2], "gid", 0, 2**32 - 1), want_int(value[3], "mtime", -(2**63), 2**63 - 1)]  # fmt: skip
+
+
+def _target(value) -> bytes:
+    target = want_bytes(value, "target", MAX_TARGET)
+    if not target or b"\0" in target:
+        raise ProtocolError("bad symlink target")
+    return target
+
+
+def _list(check, what: str):
+    def checked_list(value) -> list:
+        if not isinstance(value, list) or len(value) > MAX_REQUESTS:
+            raise ProtocolError(f"bad {what!r} list")
+        return [check(item) for item in value]
+
+    return checked_list
+
+
+def _sig_request(value) -> tuple[int, bytes]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ProtocolError("bad 'sig' request")
+    return _req(value[0]), _path(value[1])
+
+
+def _one_of(*allowed, what: str):
+    def one(value):
+        if value not in allowed or isinstance(value, bool):
+            raise ProtocolError(f"bad {what} {value!r}")
+        return value
+
+    return one
+
+
+def _bounded(what: str, lo: int = 0, hi: int = 2**63 - 1):
+    return lambda value: want_int(value, what, lo, hi)
+
+
+def _any(value):
+    return value
+
+
+# Every frame a sender may send within a session: its fields and how each is checked.
+_SESSION_FRAMES = {
+    WANT: (_list(_path, "want"),),
+    SIG: (_list(_sig_request, "sig"),),
+    FILE: (_req, _path, _attrs, _one_of("whole", "delta", what="file mode"), _bounded("block size", 0, 1 << 30),
+           _bounded("basis size")),  # fmt: skip
+    DATA: (_req, lambda v: want_bytes(v, "data", MAX_CHUNK)),
+    COPY: (_req, _bounded("block index"), _bounded("block count", 1)),
+    FILE_END: (_req, lambda v: want_bytes(v, "digest", 16), _bounded("size")),
+    FILE_ABORT: (_req, _any),
+    MKDIR: (_path, _attrs),
+    SYMLINK: (_path, _target, _attrs),
+    NODE: (_path, _one_of(K.FIFO, K.SOCKET, K.CHAR, K.BLOCK, what="node kind"), _bounded("rdev"), _attrs),
+    HARDLINK: (_path, lambda v: want_bytes(v, "link target", MAX_PATH)),
+    ATTRS: (_path, _one_of(*range(K.FILE, K.BLOCK + 1), what="kind"), _attrs),
+    DELETE: (_path,),
+    PING: (_any,),
+    END: (_any,),
+}
+
+
+def checked(message: list) -> list:
+    """A session frame's fields (after its kind), each checked (see ``_SESSION_FRAMES``)."""
+    fields = _SESSION_FRAMES.get(message[0])
+    if fields is None:
+        raise ProtocolError(f"unexpected message {message[0]!r}")
+    if len(message) != len(fields) + 1:
+        raise ProtocolError(f"malformed {message[0]!r} message ({len(message)} fields, expected {len(fields) + 1})")
+    return [check(value) for check, value in zip(fields, message[1:], strict=True)]
+
 
 
 def want_bytes(value, what: str, max_len: int = MAX_FRAME) -> bytes:

@@ -23,7 +23,6 @@ stops with ``LockedError``.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import queue
@@ -34,21 +33,13 @@ import time
 from . import fastpath
 from . import protocol as P
 from .compare import (
-    ADDED,
-    CONTENT,
-    HARDLINK,
-    METADATA,
-    REMOVED,
-    TARGET,
-    TYPE,
-    Change,
     CompareOptions,
     CompareSummary,
-    align,
+    Difference,
     compare_pairs,
     root_entry,
 )
-from .entry import Entry, Kind, ScanProblem, canonical_key, join
+from .entry import Entry, ScanProblem, canonical_key, entry_from_stat
 from .errors import (
     AuthError,
     Cancelled,
@@ -63,12 +54,12 @@ from .errors import (
 )
 from .guard import DeletionPolicy, SourceGuard
 from .lockfile import is_locked, status
+from .plan import ATTRS, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op, Planner, source_dir_entry
+from .records import DELTA_THRESHOLD, SenderOptions, SendOutcome, TransferStats
 from .renames import plan as plan_renames
 from .safefs import ConfinedTree
 from .statedir import resolve_state_dir
-from .syncoptions import DELTA_THRESHOLD, SenderOptions
-from .syncscan import replica_scan, source_scan, stop_scans
-from .treescan import Scope, TreeScan
+from .treescan import Scope, TreeScan, source_scan, stop_scans
 
 log = logging.getLogger(__name__)
 
@@ -81,47 +72,6 @@ FLUSH_SECONDS = 0.005
 _ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "AuthError": AuthError,
            "SourceGuardError": SourceGuardError}
 __all__ = ["DELTA_THRESHOLD", "Sender", "SenderOptions", "SendOutcome", "TransferStats"]
-
-
-class TransferStats:
-    """What one session moved.  (A plain class: see the note in receiver.py on dataclasses.)"""
-
-    __slots__ = ("files_seen", "files_sent", "files_delta", "other_changes", "deleted", "literal_bytes",
-                 "matched_bytes", "size_of_sent_files", "wire_sent", "wire_received", "seconds")  # fmt: skip
-
-    def __init__(self):
-        self.files_seen = 0
-        self.files_sent = 0  # regular files whose content was sent (whole or delta)
-        self.files_delta = 0
-        self.other_changes = 0  # directories, symlinks, nodes, links, attributes
-        self.deleted = 0
-        self.literal_bytes = 0
-        self.matched_bytes = 0
-        self.size_of_sent_files = 0
-        self.wire_sent = 0
-        self.wire_received = 0
-        self.seconds = 0.0
-
-    def __repr__(self) -> str:
-        return "TransferStats(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
-
-    @property
-    def speedup(self) -> float:
-        """Size of the files brought up to date, per byte that crossed the wire (rsync's figure)."""
-        return self.size_of_sent_files / self.wire_sent if self.wire_sent else 0.0
-
-
-class SendOutcome:
-    """A session's changes, failures, scan problems, transfer figures and the receiver's report."""
-
-    __slots__ = ("changes", "failed", "problems", "stats", "receiver")
-
-    def __init__(self):
-        self.changes: list[Change] = []
-        self.failed: list[tuple[bytes, str]] = []
-        self.problems: list[ScanProblem] = []
-        self.stats = TransferStats()
-        self.receiver: dict = {}
 
 
 class _Reader(threading.Thread):
@@ -216,17 +166,11 @@ class Sender:
     """Push one tree to a receiver over ``transport``; ``run()`` returns a ``SendOutcome``."""
 
     def __init__(self, src_root: bytes, transport, options: SenderOptions, *, module: str = "",
-                 subpath: bytes = b"", on_change=None, on_progress=None, local_dst: bytes | None = None,
-                 scans: tuple[TreeScan, TreeScan | None] | None = None):  # fmt: skip
+                 subpath: bytes = b"", on_change=None, on_progress=None,
+                 source_scan: TreeScan | None = None):  # fmt: skip
         self.root = src_root
-        # Local mode: the destination tree is in this process's reach, so it is scanned here
-        # and compared directly (as ``mirror diff`` does) instead of through the receiver's
-        # summary; the receiver, told so at ``start``, only writes.
-        self.local_dst = local_dst
-        self._dst_tree: TreeScan | None = None
-        # First session: the (source, replica) scans the caller started already (the
-        # replica's only in local mode: a remote receiver scans its own).
-        self._started_scans = scans
+        # First session: the source's scan, started by the caller already.
+        self._started_scan = source_scan
         self.t = transport
         self.o = options
         self.module = module
@@ -236,17 +180,13 @@ class Sender:
         self.scan = fastpath.choose("scan")
         self.out = SendOutcome()
         self._req = 0
-        self._deferred: dict[int, tuple[Change, bytes]] = {}
+        self._deferred: dict[int, Op] = {}
         self._sig_batch: list = []
         self._sigs_in_flight = 0
-        self._late: list[Change] = []  # hard links: after every file is in place
-        self._deletes: list[bytes] = []
-        self._touched_dirs: dict[bytes, Entry] = {}
-        self._dir_entries: dict[bytes, Entry] = {}
+        self.planner: Planner | None = None
         self._last_lock_check = 0.0
         self._last_flush = 0.0
         self._retried: set[bytes] = set()
-        self._src_leaders: dict[tuple[int, int], bytes] = {}
         self._src_tree: ConfinedTree | None = None
         self._source_guard = SourceGuard(src_root, resolve_state_dir(src_root, options.state_dir))
 
@@ -291,12 +231,7 @@ class Sender:
         self._deferred.clear()
         self._sig_batch = []
         self._sigs_in_flight = 0
-        self._late = []
-        self._deletes = []
-        self._touched_dirs = {}
-        self._dir_entries = {}
         self._retried = set()
-        self._src_leaders = {}
 
     def run(self, welcome: dict, epoch: int, scope=None, renames=()) -> SendOutcome:
         """One session: make the receiver's tree (or the part in ``scope``) equal ours.
@@ -313,11 +248,10 @@ class Sender:
         self.compare = CompareOptions(checksum=self.o.checksum, owner=owner)
         self.flags = self.compare.flags(self.scan)
         self._root = root_entry(self.root)
-        started_scans, self._started_scans = self._started_scans, None
-        if started_scans is not None and (self._scoped or renames):
-            stop_scans(started_scans)  # they cover the whole tree, before any rename: not this session's
-            started_scans = None
-        tree = None
+        tree, self._started_scan = self._started_scan, None
+        if tree is not None and (self._scoped or renames):
+            tree.stop()  # it covers the whole tree, before any rename: not this session's
+            tree = None
         try:
             # Before anything is compared: a deleting session from a root that is not the tree
             # it was (an unmounted mount point) is refused here.
@@ -331,9 +265,7 @@ class Sender:
                 planned, moved_dirs = plan_renames(renames, self._src_tree)
                 if moved_dirs and scope is not None:
                     scope = Scope(scope.entries, scope.trees | moved_dirs)
-            if started_scans is not None:
-                tree, self._dst_tree = started_scans
-            else:
+            if tree is None:
                 tree = source_scan(self.root, excludes=self.o.excludes, checksum=self.o.checksum,
                                    state_dir=self.o.state_dir, dry_run=self.o.dry_run, scope=scope)  # fmt: skip
             return self._run_session(tree, epoch, owner, scope, planned, started, sent_before,
@@ -342,8 +274,7 @@ class Sender:
             if self._src_tree is not None:
                 self._src_tree.close()
                 self._src_tree = None
-            stop_scans((tree, self._dst_tree) if tree is not None else started_scans)  # none left running
-            self._dst_tree = None
+            stop_scans((tree,))  # none left running
 
     def _run_session(self, tree, epoch, owner, scope, renames, started, sent_before, received_before) -> SendOutcome:
         self._check_lock()
@@ -351,36 +282,37 @@ class Sender:
             "epoch": epoch, "delete": self.o.delete, "checksum": self.o.checksum, "dry_run": self.o.dry_run,
             "flags": self.flags, "owner": owner, "excludes": list(self.o.excludes), "no_fsync": not self.o.fsync,
             "scope": scope.as_wire() if scope is not None and not scope.everything else None,
-            "renames": renames, "summary": self.local_dst is None, "tree": self._tree_id, "keepalive": self.o.keepalive,
+            "renames": renames, "tree": self._tree_id, "keepalive": self.o.keepalive,
             "deletions": DeletionPolicy(self.o.max_delete, self.o.allow_mass_delete).as_wire(),
         }])  # fmt: skip
         ready = self._expect(P.READY)[1]
-        if self.local_dst is not None and self._dst_tree is None:
-            # Scanned only now: READY says the receiver has done the session's renames.
-            self._dst_tree = replica_scan(self.local_dst, excludes=self.o.excludes, checksum=self.o.checksum,
-                                          scope=scope)  # fmt: skip
-        self._compare_root(ready.get("root"))
+        self.planner = Planner(delete=self.o.delete, dry_run=self.o.dry_run, delta_threshold=self.o.delta_threshold,
+                               dir_entry=self._dir_entry)  # fmt: skip
+        self.planner.root(self._root, self._root_differs(ready.get("root")))
         reader = _Reader(self.t)
         reader.start()
         self.reader = reader
         summary = CompareSummary()
         try:
-            self._root_attrs()
-            if not self.o.dry_run:
-                for old, new, _ in renames:  # done on the receiver: both directories' times changed
-                    self._touch_parent(old)
-                    self._touch_parent(new)
+            for old, new, _ in renames:  # done on the receiver: both directories' times changed
+                self.planner.renamed(old, new)
             for change in compare_pairs(self._pairs(tree), self.compare, summary):
-                self._act(change)
+                ops = self.planner.plan(change)
+                if ops is None:
+                    continue
+                self._note(change)
+                for op in ops:
+                    self._send(op)
                 self._serve_signatures(block=False)
             self._serve_signatures(block=True)
-            if not self.o.dry_run:
-                self._finish_content()
-            elif self._deletes:
-                # A dry run's deletions go to the receiver too, which only reviews them: its
-                # deletion guard's verdict is part of what a dry run shows.
-                for path in self._deletes:
-                    self.t.send([P.DELETE, path], flush=False)
+            for op in self.planner.links():
+                self._check_lock()
+                self._send(op)
+            self._retry_mismatches()
+            self._check_lock()
+            for op in self.planner.closing():
+                self._send(op)
+            self.out.stats.other_changes = self.planner.other_changes
             self.t.send([P.END, {}])
             self.t.flush()
             self.out.receiver = reader.get(reader.results)
@@ -415,20 +347,16 @@ class Sender:
         except (MirrorError, OSError):
             pass
 
-    def _root_attrs(self) -> None:
-        if self._root is not None:
-            self._dir_entries[b""] = self._root
-
-    def _compare_root(self, dst_attrs) -> None:
-        """The root directory's own mode, owner and mtime (the receiver reported its root's)."""
+    def _root_differs(self, dst_attrs) -> bool:
+        """Whether the root's own mode, owner or mtime differ (the receiver reported its root's)."""
         entry = self._root
         if entry is None or not isinstance(dst_attrs, list) or len(dst_attrs) != 4:
-            return
+            return False
         mine = [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
         if not self.compare.owner:
             mine[1:3] = dst_attrs[1:3]
-        if mine != dst_attrs:
-            self._touched_dirs[b""] = entry
+        return mine != dst_attrs
+
     # -- pairing src listings with the receiver's ------------------------------------------
 
     def _summary_items(self):
@@ -447,9 +375,6 @@ class Sender:
         listings, so the answers are usually here by the time the comparison reaches them.
         A scoped (live) session is a handful of listings that all come unasked: no thread.
         """
-        if self._dst_tree is not None:
-            yield from self._pairs_direct(tree, self._dst_tree)
-            return
         if self._scoped:
             for src, dst in self._match(tree, eager=True):
                 yield from self._resolve(src, dst)
@@ -485,14 +410,6 @@ class Sender:
             walker.join()
         if error:
             raise error[0]
-
-    def _pairs_direct(self, tree: TreeScan, dst_tree: TreeScan):
-        """Local mode: our listings against the destination's own, scanned here."""
-        for src, dst in align(tree, dst_tree):
-            if src is None:  # only there: its parent's listing deletes it
-                self.out.problems.extend(dst.problems)
-                continue
-            yield from self._resolve(src, dst)
 
     def _match(self, tree: TreeScan, eager: bool):
         """Our listings against the receiver's summary: ``(src, dst)`` where dst is a listing,
@@ -534,8 +451,7 @@ class Sender:
         if dst is _WANTED:
             self.t.flush()
             dst = self._receive_listing(src.path)
-        for name in src.subdirs():  # only the directories become Entry tuples (not every file)
-            self._dir_entries[join(src.path, name)] = src[src.index(name)]
+        self.planner.listing(src)
         self.out.stats.files_seen += len(src)
         now = time.monotonic()
         if now - self._last_flush >= FLUSH_SECONDS:
@@ -575,75 +491,32 @@ class Sender:
 
     # -- acting on changes -----------------------------------------------------------------
 
-    def _act(self, change: Change) -> None:
-        if change.change == REMOVED:
-            if self.o.delete:
-                self._note(change)
-                self._deletes.append(change.path)
-                if not self.o.dry_run:
-                    self._touch_parent(change.path)
-            return
-        self._note(change)
-        if self.o.dry_run:
-            return
-        self._touch_parent(change.path)
-        src = change.src
-        kind = src.kind
-        if kind == Kind.FILE and src.nlink > 1 and change.link_to is None and change.change != METADATA:
-            # A second name of a file whose content changed: link it to the first name again
-            # (which gets the new content) rather than sending the content twice.
-            leader = self._src_leaders.setdefault((src.dev, src.ino), change.path)
-            if leader != change.path:
-                change = change._replace(link_to=leader)
-        if change.link_to is not None and change.link_to != change.path:
-            self._late.append(change)  # a hard link to a file that may still be on its way
-            return
-        if change.change in (ADDED, TYPE, HARDLINK) or (change.change in (CONTENT, TARGET)):
-            if kind == Kind.FILE:
-                self._send_file(change)
-            elif kind == Kind.DIR:
-                self.t.send([P.MKDIR, change.path, _attrs(src)], flush=False)
-                self._touched_dirs[change.path] = src
-                self.out.stats.other_changes += 1
-            elif kind == Kind.SYMLINK:
-                self.t.send([P.SYMLINK, change.path, src.target, _attrs(src)], flush=False)
-                self.out.stats.other_changes += 1
-            else:
-                self.t.send([P.NODE, change.path, int(kind), src.rdev, _attrs(src)], flush=False)
-                self.out.stats.other_changes += 1
-        elif change.change == METADATA and kind == Kind.FILE and change.dst is not None and change.dst.nlink != src.nlink:
-            # The replica's file shares its inode with another name (maybe outside the tree):
-            # a chmod in place would change that one too.  A new copy breaks the link.
-            self._send_file(change)
-        elif change.change == METADATA:
-            if kind == Kind.DIR:
-                self._touched_dirs[change.path] = src
-            else:
-                self.t.send([P.ATTRS, change.path, int(kind), _attrs(src)], flush=False)
-            self.out.stats.other_changes += 1
+    def _send(self, op) -> None:
+        """One planned operation, encoded as its frame."""
+        entry, path = op.entry, op.path
+        if op.kind in (WHOLE, DELTA):
+            self._send_file(op)
+        elif op.kind == MKDIR:
+            self.t.send([P.MKDIR, path, _attrs(entry)], flush=False)
+        elif op.kind == SYMLINK:
+            self.t.send([P.SYMLINK, path, entry.target, _attrs(entry)], flush=False)
+        elif op.kind == SPECIAL:
+            self.t.send([P.NODE, path, int(entry.kind), entry.rdev, _attrs(entry)], flush=False)
+        elif op.kind == LINK:
+            self.t.send([P.HARDLINK, path, op.link_to], flush=False)
+        elif op.kind == ATTRS:
+            self.t.send([P.ATTRS, path, int(entry.kind), _attrs(entry)], flush=False)
+        else:
+            self.t.send([P.DELETE, path], flush=False)
 
-    def _note(self, change: Change) -> None:
+    def _note(self, change: Difference) -> None:
         if self.o.keep_changes:
             self.out.changes.append(change)
         if self.on_change is not None:
             self.on_change(change)
 
-    def _touch_parent(self, path: bytes) -> None:
-        """Our writes change the parent directory's mtime on the receiver: set it back last."""
-        parent = path.rpartition(b"/")[0]
-        if parent in self._touched_dirs:
-            return
-        entry = self._dir_entries.get(parent)
-        if entry is None:  # a partial listing (live session): its directory was not listed
-            try:
-                st = os.stat(self._src_tree.dir_fd(self._src_tree.parts(parent) if parent else []))
-            except (OSError, UnsafePathError):
-                return
-            if not stat.S_ISDIR(st.st_mode):
-                return
-            entry = Entry(os.path.basename(parent), Kind.DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                          st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, 0, b"", None)  # fmt: skip
-        self._touched_dirs[parent] = entry
+    def _dir_entry(self, path: bytes) -> Entry | None:
+        return source_dir_entry(self._src_tree, path)
 
     def _check_lock(self, force: bool = True) -> None:
         if self.o.cancel is not None and self.o.cancel.is_set():
@@ -659,23 +532,20 @@ class Sender:
             info = status(lock)
             raise LockedError(f"mirroring lock present: {info.describe() if info else display_path(lock)}")
 
-    def _send_file(self, change: Change) -> None:
-        src, dst = change.src, change.dst
-        threshold = self.o.delta_threshold
-        if (dst is not None and dst.kind == Kind.FILE and change.change == CONTENT and dst.size >= threshold
-                and src.size >= threshold):  # fmt: skip
+    def _send_file(self, op) -> None:
+        if op.kind == DELTA:
             self._req += 1
-            self._deferred[self._req] = (change, b"")
+            self._deferred[self._req] = op
             # The receiver's default blocks are at least 512 bytes, 4 + 16 bytes each at most.
-            self.reader.sig_limits[self._req] = 4096 + (dst.size // 512 + 2) * 24
-            self._sig_batch.append([self._req, change.path])
+            self.reader.sig_limits[self._req] = 4096 + (op.basis.size // 512 + 2) * 24
+            self._sig_batch.append([self._req, op.path])
             self._sigs_in_flight += 1
             if len(self._sig_batch) >= SIG_BATCH:
                 self._flush_sig_requests()
             if self._sigs_in_flight >= MAX_SIGS_IN_FLIGHT:
                 self._serve_signatures(block=True, until=MAX_SIGS_IN_FLIGHT // 2)
             return
-        self._stream_file(change, None)
+        self._stream_file(op, None)
 
     def _flush_sig_requests(self) -> None:
         if self._sig_batch:
@@ -699,7 +569,7 @@ class Sender:
                     raise item.exc
                 req, sig_bytes, reason = item
             self._sigs_in_flight -= 1
-            change, _ = self._deferred.pop(req)
+            op = self._deferred.pop(req)
             sig = None
             if sig_bytes is not None:
                 try:
@@ -707,14 +577,14 @@ class Sender:
 
                     sig = deltafmt.signature_from_bytes(sig_bytes)
                 except MirrorError as exc:
-                    raise ProtocolError(f"bad signature for {display_path(change.path)}: {exc}") from None
-            self._stream_file(change, sig)
+                    raise ProtocolError(f"bad signature for {display_path(op.path)}: {exc}") from None
+            self._stream_file(op, sig)
 
-    def _stream_file(self, change: Change, sig) -> None:
+    def _stream_file(self, op, sig) -> None:
         """Send one file, whole (``sig`` None) or as a delta; abandon it if it changes under us."""
         self._check_lock()
-        path = change.path
-        src = change.src
+        path = op.path
+        src = op.entry
         try:
             # One component at a time, never through a symlink, never opening a FIFO or a
             # device, and only the very file the scan saw (a swap since then is refused).
@@ -771,21 +641,6 @@ class Sender:
             if self.on_progress is not None:
                 self.on_progress(ops.new_size)
 
-    def _finish_content(self) -> None:
-        """Hard links, then retries of mismatched files, then deletions and directory times."""
-        for change in self._late:
-            self._check_lock()
-            self.t.send([P.HARDLINK, change.path, change.link_to], flush=False)
-            self.out.stats.other_changes += 1
-        self._retry_mismatches()
-        self._check_lock()
-        for path in self._deletes:
-            self.t.send([P.DELETE, path], flush=False)
-        if self._touched_dirs:
-            for path in sorted(self._touched_dirs, key=canonical_key):
-                self.t.send([P.ATTRS, path, int(Kind.DIR), _attrs(self._touched_dirs[path])], flush=False)
-        self._touched_dirs.clear()
-
     def _sync_point(self) -> None:
         """Wait until the receiver has processed everything sent so far (its failures are in)."""
         self._pings = getattr(self, "_pings", 0) + 1
@@ -811,7 +666,7 @@ class Sender:
             entry = self._lstat_entry(path)
             if entry is not None:
                 log.info("%s: sent again whole after a failed verification", display_path(path))
-                self._stream_file(Change(path, CONTENT, entry, None), None)
+                self._stream_file(Op(WHOLE, path, entry), None)
         if retry:
             self._sync_point()
 
@@ -820,12 +675,7 @@ class Sender:
             st = self._src_tree.lstat(path)
         except (OSError, UnsafePathError):
             return None
-        if st is None:
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        return Entry(os.path.basename(path), Kind.FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                     st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, 0, b"", None)  # fmt: skip
+        return entry_from_stat(os.path.basename(path), st, b"") if st is not None and stat.S_ISREG(st.st_mode) else None
 
     def _collect_failures(self) -> None:
         for message in self.reader.failed:
@@ -838,8 +688,3 @@ _DISCARD = object()
 
 def _attrs(entry: Entry) -> list:
     return [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
-
-
-def counts(changes) -> dict:
-    out = collections.Counter(c.change for c in changes)
-    return dict(out)

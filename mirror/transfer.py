@@ -2,10 +2,9 @@
 
 Destinations:
 
-- ``/path/to/replica``: local mode, the same planner and writer in one process, the two
-  talking through an in-process transport (no sockets, no encoding; within a session the
-  receiver's handler runs in the sender's thread, see ``LocalTransport.handle_in_sender``);
-- ``mirror://HOST:PORT/MODULE[/SUBPATH]``: a ``mirror serve`` receiver over TCP;
+- ``/path/to/replica``: a local sync (``mirror.localsync``): both trees scanned here, the
+  differences planned and written straight to the replica, no protocol;
+- ``mirror://HOST:PORT/MODULE[/SUBPATH]``: a ``mirror serve`` server over TCP;
 - ``HOST:PATH``: ``mirror receive PATH`` started on HOST through a remote shell
   (``rsh="ssh -T"``), speaking the protocol over its stdin and stdout.
 
@@ -17,63 +16,19 @@ from __future__ import annotations
 
 import os
 import re
-import threading
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-from .errors import (
-    EXIT_DIFFERENT,
-    EXIT_GUARD,
-    EXIT_OK,
-    ConnectError,
-    ConnectTimeout,
-    MirrorError,
-    UsageError,
-    fs_path,
-)
-from .syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, LOCAL_DELTA_THRESHOLD, SenderOptions
-
-if TYPE_CHECKING:
-    from .sender import TransferStats
+from .errors import ConnectError, ConnectTimeout, UsageError, fs_path
+from .records import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, SenderOptions, SyncResult
+from .treescan import replica_scan, source_scan, stop_scans
 
 # The sender, the receiver and the wire protocol are imported when a connection opens:
 # a sync has its scans running by then (see Connection.open).
 
 DEFAULT_PORT = 8730
 _URL = re.compile(r"^mirror://(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/(?P<module>[^/]+)(?:/(?P<sub>.*))?$")
-
-
-class SyncResult:
-    """What a sync did.  ``exit_code``: 0 done, 1 partial (see ``failed``/``problems``), 25
-    deletions refused (see ``deletions_refused``)."""
-
-    def __init__(self, changes=None, failed=None, problems=None, stats: TransferStats | None = None,
-                 receiver: dict | None = None, dry_run: bool = False):  # fmt: skip
-        self.changes: list = changes if changes is not None else []
-        # Why the replica's deletion guard did not delete (mirror.guard); None: it did, or none were asked.
-        self.deletions_refused: str | None = (receiver or {}).get("deletions_refused") or None
-        self.failed: list[tuple[bytes, str]] = failed if failed is not None else []
-        self.problems: list = problems if problems is not None else []
-        self.stats: TransferStats = stats if stats is not None else _sender().TransferStats()
-        self.receiver: dict = receiver if receiver is not None else {}
-        self.dry_run = dry_run
-
-    def __repr__(self) -> str:
-        return (f"SyncResult(exit_code={self.exit_code}, changes={len(self.changes)}, failed={len(self.failed)}, "
-                f"problems={len(self.problems)}, dry_run={self.dry_run})")  # fmt: skip
-
-    @property
-    def exit_code(self) -> int:
-        if self.deletions_refused:
-            return EXIT_GUARD
-        return EXIT_DIFFERENT if (self.failed or self.problems) else EXIT_OK
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == EXIT_OK
-
-
 class Destination(NamedTuple):
-    kind: str  # local | daemon | rsh
+    kind: str  # local | server | rsh
     path: bytes = b""
     host: str = ""
     port: int = DEFAULT_PORT
@@ -89,7 +44,7 @@ def parse_destination(text: str | bytes) -> Destination:
         if not m:
             raise UsageError(f"bad destination {decoded!r}: expected mirror://HOST[:PORT]/MODULE[/SUBPATH]")
         sub = (m.group("sub") or "").strip("/").encode("utf-8", "surrogateescape")
-        return Destination("daemon", host=m.group("host").strip("[]"), port=int(m.group("port") or DEFAULT_PORT),
+        return Destination("server", host=m.group("host").strip("[]"), port=int(m.group("port") or DEFAULT_PORT),
                            module=m.group("module"), subpath=sub)  # fmt: skip
     head, sep, tail = decoded.partition(":")
     if sep and head and "/" not in head:
@@ -171,8 +126,6 @@ class Connection:
 
             secret = load_secret(secret_file)
         self.dest = parse_destination(dst)
-        if delta_threshold is None and self.dest.kind == "local":
-            delta_threshold = LOCAL_DELTA_THRESHOLD
         for name, value in (("timeout", timeout), ("contimeout", contimeout)):
             if value is not None and value < 0:
                 raise UsageError(f"--{name} must be 0 (none) or more seconds, got {value}")
@@ -188,48 +141,77 @@ class Connection:
             **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
         )  # fmt: skip
         self.epoch = epoch
-        self._connect_args = (secret, dst_lock_file, bwlimit, rsh, remote_command, tuple(remote_options), timeout,
+        self._dst_lock_file = fs_path(dst_lock_file) if dst_lock_file else None
+        self._connect_args = (secret, bwlimit, rsh, remote_command, tuple(remote_options), timeout,
                               contimeout or None)  # fmt: skip
         self._callbacks = (on_change, on_progress)
         self.transport = None
         self._cleanup = None
-        self.sender = None
+        self.sender = None  # a receiver's, over the protocol
+        self.local = None  # a local replica's, written directly
+        self._writer = None
         self.welcome: dict = {}
 
     def open(self, *, whole_tree: bool = False) -> Connection:
-        """Connect and shake hands.  ``whole_tree``: the first session will be a whole-tree
-        one (``sync()``): its scans start first, so they run while the rest of the code
-        loads and the connection is made.  The source's always; a local destination's too,
-        under the replica's writer lock."""
-        from .fdtable import reserve
+        """Connect and shake hands (a local replica: take its writer lock).  ``whole_tree``:
+        the first session will be a whole-tree one (``sync()``): its scans start first, so
+        they run while the rest of the code loads and the connection is made.  The
+        source's always; a local destination's too, under the replica's writer lock."""
+        from .startup import reserve_descriptors
 
-        reserve()  # before the first thread starts (see fdtable)
+        reserve_descriptors()  # before the first thread starts
         local = self.dest.kind == "local"
         if local:
             os.makedirs(self.dest.path, exist_ok=True)
-        scans, writer = (_start_scans(self.src, self.dest.path if local else None, self.options)
-                         if whole_tree else (None, None))  # fmt: skip
+            from .statedir import check_root
+
+            check_root(self.dest.path)  # before the writer lock, which would write into a user's .mirror
+        writer = None
+        if local and not self.options.dry_run:  # a dry run writes nothing: no lock
+            from .statedir import resolve_state_dir
+            from .writerlock import WriterLock
+
+            writer = WriterLock.take(resolve_state_dir(self.dest.path, None), "local", "the destination")
         try:
-            transport, cleanup = _connect(self.dest, *self._connect_args, writer=writer)
+            scans = _start_scans(self.src, self.dest.path if local else None, self.options) if whole_tree else None
         except BaseException:
-            _abandon(scans, writer)
+            _abandon(None, writer)
+            raise
+        if local:
+            from .localsync import LocalSync
+            from .privileges import Privileges
+            from .receiver import ModuleConfig
+
+            # A local replica is no security boundary (the user could copy the files
+            # themselves): devices, special files, set-id bits and owners are all kept.
+            module = ModuleConfig(name="", path=self.dest.path, privileges=Privileges.everything(),
+                                  lock_file=self._dst_lock_file)  # fmt: skip
+            self._writer = writer
+            self.local = LocalSync(self.src, module, self.options, scans=scans, on_change=self._callbacks[0],
+                                   on_progress=self._callbacks[1])  # fmt: skip
+            return self
+        try:
+            transport, cleanup = _connect(self.dest, *self._connect_args)
+        except BaseException:
+            _abandon(scans, None)
             raise
         self.transport, self._cleanup = transport, cleanup
         try:
-            self.sender = _sender().Sender(
-                self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
-                on_change=self._callbacks[0], on_progress=self._callbacks[1],
-                local_dst=self.dest.path if local else None, scans=scans)  # fmt: skip
+            from .sender import Sender
+
+            self.sender = Sender(self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
+                                 on_change=self._callbacks[0], on_progress=self._callbacks[1],
+                                 source_scan=scans[0] if scans else None)  # fmt: skip
             self.welcome = self.sender.handshake()
         except BaseException:
-            _abandon(scans, None)  # the receiver thread owns the writer lock now
+            _abandon(scans, None)
             self.close()
             raise
         return self
 
     def session(self, scope=None, renames=()) -> SyncResult:
         """Bring the destination up to date (all of it, or ``scope``); see ``Sender.run``."""
-        if self.sender is None:
+        if self.sender is None and self.local is None:
             raise UsageError("connection is not open")
         if self.epoch is not None:
             epoch = self.epoch
@@ -238,11 +220,20 @@ class Connection:
             from .statedir import resolve_state_dir
 
             epoch = read_epoch(resolve_state_dir(self.src, self.options.state_dir))
-        outcome = self.sender.run(self.welcome, epoch, scope=scope, renames=renames)
+        if self.local is not None:
+            outcome = self.local.session(epoch, scope=scope, renames=renames)
+        else:
+            outcome = self.sender.run(self.welcome, epoch, scope=scope, renames=renames)
         return SyncResult(changes=outcome.changes, failed=outcome.failed, problems=outcome.problems,
                           stats=outcome.stats, receiver=outcome.receiver, dry_run=self.options.dry_run)  # fmt: skip
 
     def close(self) -> None:
+        if self.local is not None:
+            stop_scans(self.local.scans)
+            self.local = None
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -251,37 +242,14 @@ class Connection:
             self._cleanup = None
 
     def __enter__(self) -> Connection:
-        return self if self.transport is not None else self.open()
+        return self if (self.transport is not None or self.local is not None) else self.open()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def _sender():
-    from . import sender
-
-    return sender
-
-
 def _start_scans(src: bytes, local_dst: bytes | None, options):
-    """Start the source's scan, and for a local destination take the replica's writer lock
-    (a dry run writes nothing: no lock) and start the replica's scan too.
-
-    The lock comes first: no other sync may change the replica between its scan and our
-    writes.  The receiver is handed the lock and keeps it for the connection.  A remote
-    receiver scans its own tree, under its own lock, once the session starts."""
-    from .statedir import resolve_state_dir
-    from .syncscan import replica_scan, source_scan
-
-    writer = None
-    if local_dst is not None:
-        from .statedir import check_root
-
-        check_root(local_dst)  # before the writer lock, which would write into a user's .mirror
-    if local_dst is not None and not options.dry_run:
-        from .writerlock import WriterLock
-
-        writer = WriterLock.take(resolve_state_dir(local_dst, None), "local", "the destination")
+    """The source's scan, and a local destination's (a remote receiver scans its own)."""
     src_scan = None
     try:
         src_scan = source_scan(src, excludes=options.excludes, checksum=options.checksum,
@@ -289,46 +257,22 @@ def _start_scans(src: bytes, local_dst: bytes | None, options):
         dst_scan = None
         if local_dst is not None:
             dst_scan = replica_scan(local_dst, excludes=options.excludes, checksum=options.checksum)
-        return (src_scan, dst_scan), writer
+        return src_scan, dst_scan
     except BaseException:
-        _abandon((src_scan,), writer)
+        stop_scans((src_scan,))
         raise
 
 
 def _abandon(scans, writer) -> None:
-    from .syncscan import stop_scans
-
     stop_scans(scans)
     if writer is not None:
         writer.release()
 
 
-def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_command, remote_options, timeout,
-             contimeout, writer=None):  # fmt: skip
-    from .protocol import LocalTransport, StreamTransport
+def _connect(dest: Destination, secret, bwlimit, rsh, remote_command, remote_options, timeout, contimeout):
+    from .protocol import StreamTransport
 
-    if dest.kind == "local":
-        from .receiver import ModuleConfig, Receiver
-
-        mine, theirs = LocalTransport.pair()
-        from .privileges import Privileges
-
-        # A local replica is no security boundary (the user could copy the files
-        # themselves): devices, special files, set-id bits and owners are all kept.
-        module = ModuleConfig(name="", path=dest.path, secret=None, privileges=Privileges.everything(),
-                              lock_file=fs_path(dst_lock_file) if dst_lock_file else None)  # fmt: skip
-        errors: list[BaseException] = []
-
-        def serve():
-            try:
-                Receiver(theirs, {"": module}, peer="local", writer=writer).serve()
-            except MirrorError as exc:
-                errors.append(exc)  # already reported to the sender as an error message
-
-        thread = threading.Thread(target=serve, name="local-receiver", daemon=True)
-        thread.start()
-        return mine, lambda: thread.join(timeout=30)
-    if dest.kind == "daemon":
+    if dest.kind == "server":
         import socket
 
         where = f"{dest.host}:{dest.port}"
@@ -341,7 +285,8 @@ def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_comm
         sock.settimeout(timeout)  # every wait for the receiver, reading or writing
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rfile, wfile = sock.makefile("rb", buffering=1 << 20), sock.makefile("wb", buffering=1 << 20)
-        return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=sock.close, peer=f"the receiver at {where}",
+        return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=lambda: _hang_up(sock, timeout),
+                               peer=f"the receiver at {where}",
                                timeout_hint=f" after {timeout:g} s (--timeout)" if timeout else ""), lambda: None  # fmt: skip
     import shlex
     import subprocess
@@ -364,6 +309,23 @@ def _connect(dest: Destination, secret, dst_lock_file, bwlimit, rsh, remote_comm
             proc.wait()
 
     return transport, reap
+
+
+def _hang_up(sock, timeout: float | None) -> None:
+    """Close our side, then wait (at most ``timeout``, 10 s) for the server to close its own:
+    it lets go of the module's writer lock first, so a sync that has returned leaves the
+    module free for the next writer."""
+    import socket
+
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(min(timeout or 10.0, 10.0))
+        while sock.recv(1 << 16):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 class _Buffered:

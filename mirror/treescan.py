@@ -5,7 +5,7 @@ through a bounded queue: memory stays bounded by the queue, not the tree.  A pla
 (the whole tree, no digests, no excludes) is the scanner's own ``background_scan``: the
 compiled one walks in C without ever taking the interpreter lock, so two trees are scanned
 at once on two cores while the sync's Python runs beside them.  The ``mirror`` command
-starts the source's walk before it has even loaded (``mirror.earlywalk``); a plain scan of
+starts the source's walk before it has even loaded (``mirror.startup``); a plain scan of
 that root adopts it.
 
 With ``checksum=True`` the tree's last manifest in its state dir is read alongside the scan
@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from . import earlywalk, fastpath
+from . import fastpath, startup
 from .constants import MAX_TARGET
 from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key, entry_from_stat
 from .errors import ManifestError, display_path, fs_path
@@ -356,7 +356,7 @@ class TreeScan:
         """Start scanning now (in the background), before the listings are asked for."""
         if not self.background or self._thread is not None or self._walk is not None:
             return self
-        early = earlywalk.take(self.root)  # started by mirror.launch before the program loaded
+        early = startup.take_walk(self.root)  # started before the program loaded
         if self._plain():
             # The whole walk in the scanner's own thread: the compiled one never takes the
             # interpreter lock, so it runs at full speed beside the sync's Python.
@@ -567,3 +567,31 @@ def _chain_first(first, rest):
     if first is not None:
         yield first
         yield from rest
+
+
+# -- the scans a sync starts ------------------------------------------------------------
+
+
+def source_scan(root: bytes, *, excludes=(), checksum=False, state_dir=None, dry_run=False, scope=None):
+    from .exclude import make_excluder
+
+    if checksum and not dry_run:
+        # Made now, not by the scan thread: creating it moves the root's mtime for a moment.
+        ensure_state_dir(resolve_state_dir(root, state_dir))
+    return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, state_dir=state_dir,
+                    scope=scope, background=scope is None).start()  # fmt: skip
+
+
+def replica_scan(root: bytes, *, excludes=(), checksum=False, scope=None):
+    """A local replica, scanned by the sync itself; its problems are named as a receiver's."""
+    from .exclude import make_excluder
+
+    return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, scope=scope,
+                    background=scope is None, problem_prefix="on the receiver: ").start()  # fmt: skip
+
+
+def stop_scans(scans) -> None:
+    """Abandon the scans of ``scans`` (None entries, or None itself, are skipped)."""
+    for scan in scans or ():
+        if scan is not None:
+            scan.stop()

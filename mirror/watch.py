@@ -13,7 +13,7 @@ only logs, and the daemon must know about:
 ``rescan`` changes, so the daemon rescans instead of trusting a stream with holes in it.
 Those classes are watchdog's internals, not its API: pyproject.toml pins the exact version
 this was written and tested against, and tests/test_watch_pin.py lists what is relied on.
-Changes are reported as ``Change(kind, path, other)`` with paths relative to the root:
+Changes are reported as ``FsEvent(kind, path, other)`` with paths relative to the root:
 
 - ``entry``: this entry (file, directory, symlink ...) may differ; ``open`` is true while a
   regular file is still being written (a modify without its close yet);
@@ -64,7 +64,7 @@ warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWa
 ENTRY, CLOSED, TREE, RENAME, RESCAN = "entry", "closed", "tree", "rename", "rescan"
 
 
-class Change(NamedTuple):
+class FsEvent(NamedTuple):
     kind: str
     path: bytes
     other: bytes | None = None
@@ -147,13 +147,13 @@ class _Observer(BaseObserver):
 
 
 class Watcher:
-    """Reports changes below ``root`` to ``on_change(list[Change])`` from a watchdog thread.
+    """Reports changes below ``root`` to ``on_change(list[FsEvent])`` from a watchdog thread.
 
     ``excluded(path, is_dir)`` filters paths (the tree's exclude rules); the state dir is
     never reported.  ``start()`` returns once the watches are in place.
     """
 
-    def __init__(self, root: bytes, on_change: Callable[[list[Change]], None], excluded=None):
+    def __init__(self, root: bytes, on_change: Callable[[list[FsEvent]], None], excluded=None):
         self.root = os.path.realpath(root)
         self.on_change = on_change
         self.excluded = excluded
@@ -186,7 +186,7 @@ class Watcher:
             return None
         return rel
 
-    def report(self, changes: list[Change]) -> None:
+    def report(self, changes: list[FsEvent]) -> None:
         """Pass ``changes`` on, minus excluded paths (whether an excluded path is a directory is
         not known here: dir-only rules are applied again by the scan, which knows)."""
         excluded = self.excluded
@@ -207,7 +207,7 @@ class _Handler(FileSystemEventHandler):
     def dispatch(self, event: FileSystemEvent) -> None:
         w = self.w
         if isinstance(event, _LostEvents):
-            w.report([Change(RESCAN, b"")])
+            w.report([FsEvent(RESCAN, b"")])
             return
         if event.is_synthetic or isinstance(event, DirModifiedEvent):
             # Synthetic events repeat, entry by entry, a directory creation or rename that is
@@ -220,22 +220,22 @@ class _Handler(FileSystemEventHandler):
         if isinstance(event, (FileMovedEvent, DirMovedEvent)):
             dst = w.relative(event.dest_path)
             if src and dst:
-                w.report([Change(RENAME, src, dst), Change(ENTRY, src), Change(ENTRY, dst)])
+                w.report([FsEvent(RENAME, src, dst), FsEvent(ENTRY, src), FsEvent(ENTRY, dst)])
             elif dst:  # moved in from outside the tree (or from the state dir)
-                w.report([Change(ENTRY, dst)] + ([Change(TREE, dst)] if event.is_directory else []))
+                w.report([FsEvent(ENTRY, dst)] + ([FsEvent(TREE, dst)] if event.is_directory else []))
             elif src:  # moved out of the tree
-                w.report([Change(ENTRY, src)])
+                w.report([FsEvent(ENTRY, src)])
             return
         if not src:
             return
         if isinstance(event, DirCreatedEvent):
-            w.report([Change(ENTRY, src), Change(TREE, src)])
+            w.report([FsEvent(ENTRY, src), FsEvent(TREE, src)])
         elif isinstance(event, FileClosedEvent):
-            w.report([Change(CLOSED, src)])
+            w.report([FsEvent(CLOSED, src)])
         elif isinstance(event, (FileModifiedEvent, FileCreatedEvent)):
-            w.report([Change(ENTRY, src, open=_is_regular(event.src_path))])
+            w.report([FsEvent(ENTRY, src, open=_is_regular(event.src_path))])
         else:  # deleted, attributes changed
-            w.report([Change(ENTRY, src)])
+            w.report([FsEvent(ENTRY, src)])
 
 
 def _is_regular(path: str) -> bool:

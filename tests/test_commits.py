@@ -17,8 +17,8 @@ from mirror import protocol as P
 from mirror.commits import BATCH_FILES as BATCH
 from mirror.commits import DIR_SYNCS_HELD_RAISED
 from tests.helpers import REPO, run_mirror
+from tests.peers import ATTRS, RawSession, temp_files
 from tests.snapshot import assert_mirrors
-from tests.test_review_peer import ATTRS, RawSession, temp_files
 
 _CREATED = re.compile(rb'^openat\(.*"(\.hamirror\.[0-9a-f]+\.tmp)", [A-Z_|]*O_CREAT')
 _FSYNC = re.compile(rb"^fsync\(\d+<([^>]*)>")

@@ -18,9 +18,9 @@ from mirror.errors import EXIT_GUARD, SourceGuardError
 from mirror.transfer import sync
 from tests.daemons import converged, live_daemon
 from tests.helpers import is_root, run_mirror, wait_until
+from tests.peers import RawSession
 from tests.servers import SECRET, mirror_server
 from tests.snapshot import assert_mirrors, snapshot
-from tests.test_review_peer import RawSession
 
 FILES = 101
 

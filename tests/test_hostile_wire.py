@@ -13,6 +13,7 @@ import xxhash
 from mirror import protocol as P
 from mirror.entry import Kind
 from mirror.epoch import MAX_EPOCH, MAX_EPOCH_STEP, bump_epoch, read_epoch
+from mirror.errors import ProtocolError
 from tests.helpers import is_root
 from tests.servers import SECRET, mirror_server
 
@@ -66,6 +67,15 @@ class WireSession:
                 failed.append(reply)
 
     def close(self):
+        """Hang up and wait for the server to close its end: it has let go of the module's
+        writer lock by then, so the next session may take it."""
+        try:
+            self.t.flush()
+            self.sock.shutdown(socket.SHUT_WR)
+            while self.sock.recv(1 << 16):
+                pass
+        except (OSError, ProtocolError):
+            pass
         self.t.close()
 
 

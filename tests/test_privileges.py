@@ -18,8 +18,8 @@ from mirror.errors import StaleEpochError
 from mirror.privileges import Privileges
 from mirror.transfer import sync
 from tests.helpers import is_root, run_mirror
+from tests.peers import RawSession
 from tests.servers import SECRET, mirror_server
-from tests.test_review_peer import RawSession
 
 needs_root = pytest.mark.skipif(not is_root(), reason="device nodes and owners need root")
 DEV_MEM = os.makedev(1, 1)

@@ -13,8 +13,8 @@ from mirror.renames import plan
 from mirror.safefs import ConfinedTree
 from mirror.transfer import Connection
 from mirror.treescan import Scope
+from tests.peers import RawSession
 from tests.snapshot import assert_mirrors
-from tests.test_review_peer import RawSession
 
 
 def _expect_file(data: bytes, mtime_ns: int) -> list:

@@ -54,17 +54,16 @@ def test_local_sync_mirrors_hard_cases_exactly(hard_src, tmp_path):
     assert result.ok, (result.failed, result.problems)
     assert_mirrors(hard_src, dst)
     _modify(hard_src)
-    result = sync(hard_src, dst, delete=True, delta_threshold=256 << 10)  # a receiver's default
+    result = sync(hard_src, dst, delete=True)
     assert result.ok, (result.failed, result.problems)
     assert_mirrors(hard_src, dst)
-    assert result.stats.files_delta == 1  # big.bin went as a delta
-    assert result.stats.literal_bytes < 200_000
     again = sync(hard_src, dst, delete=True)
     assert again.ok and again.changes == [] and again.stats.files_sent == 0
 
 
-def test_local_mode_sends_whole_files(hard_src, tmp_path):
+def test_local_mode_copies_whole_files(hard_src, tmp_path):
     # As rsync does between two local trees: a delta would only read the replica's copy twice.
+    # (Deltas are tested against a real server: test_sync_through_real_server.)
     dst = tmp_path / "dst"
     assert sync(hard_src, dst).ok
     _modify(hard_src)
@@ -74,25 +73,31 @@ def test_local_mode_sends_whole_files(hard_src, tmp_path):
     assert stats["files_delta"] == 0 and stats["matched_bytes"] == 0
     assert stats["literal_bytes"] >= 3 << 20  # big.bin, whole
     assert_mirrors(hard_src, dst)
+    with open(os.path.join(hard_src, b"big.bin"), "r+b") as f:
+        f.write(b"another edit")
+    stats = sync(hard_src, dst, delta_threshold=1024).stats  # a receiver's option: no delta here
+    assert stats.files_delta == 0 and stats.literal_bytes >= 3 << 20
+    assert_mirrors(hard_src, dst)
 
 
-def test_a_local_sync_bigger_than_the_in_thread_limit(tmp_path):
-    # A local session's first DIRECT_BYTES are written by the sender's own thread, the rest
-    # by the receiver's (so that reading and writing overlap): one session does both.
-    from mirror.protocol import LocalTransport
+def test_a_local_sync_of_big_files_linked_and_replaced(tmp_path):
+    # Files larger than a copy chunk, a hard link to one and a symlink, then half of them
+    # rewritten and the others' small neighbours deleted.
+    from mirror.localsync import COPY_CHUNK
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
-    chunk = 1 << 20
-    for i in range(LocalTransport.DIRECT_BYTES // chunk + 4):
+    chunk = COPY_CHUNK + 4096
+    count = 6
+    for i in range(count):
         (src / f"big{i:02d}").write_bytes(os.urandom(chunk))
         (src / f"small{i:02d}").write_bytes(b"%d" % i)
     os.link(src / "big00", src / "zz-linked")
     os.symlink("big01", src / "zz-symlink")
     result = sync(src, dst)
-    assert result.ok and result.stats.files_sent > LocalTransport.DIRECT_BYTES // chunk
+    assert result.ok and result.stats.files_sent == 2 * count
     assert_mirrors(src, dst)
-    for i in range(0, LocalTransport.DIRECT_BYTES // chunk + 4, 2):
+    for i in range(0, count, 2):
         (src / f"big{i:02d}").write_bytes(os.urandom(chunk))
         (src / f"small{i:02d}").unlink()
     result = sync(src, dst, delete=True)

@@ -23,8 +23,8 @@ from mirror.receiver import ModuleConfig, Receiver
 from mirror.transfer import sync
 from tests.daemons import live_daemon
 from tests.helpers import MIRROR, run_mirror, wait_until
+from tests.peers import in_process_server
 from tests.servers import SECRET, mirror_server
-from tests.test_review_protocol import _in_process_server
 
 
 class SilentReceiver:
@@ -192,7 +192,7 @@ def test_a_slow_receiver_says_it_is_alive_and_is_not_cut_off(tmp_path, monkeypat
     monkeypatch.setattr(mirror.server, "Receiver", _SlowCommit)
     src, dst = _tree(tmp_path), tmp_path / "replica"
     dst.mkdir()
-    with _in_process_server({"m": ModuleConfig("m", os.fsencode(dst), secret=SECRET)}) as server:
+    with in_process_server({"m": ModuleConfig("m", os.fsencode(dst), secret=SECRET)}) as server:
         result = sync(src, f"mirror://127.0.0.1:{server.port}/m", secret=SECRET, timeout=1)
     assert result.ok and (dst / "f").read_text() == "data"
 

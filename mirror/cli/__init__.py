@@ -136,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         if action.option_strings and getattr(args, action.dest, None) != action.default
     } - {"--help", "--verbose", "--quiet", "--config", "--check"}
     setup_logging(args.verbose, args.quiet)
-    from ..fdtable import raise_limit, reserve
+    from ..startup import raise_limit, reserve_descriptors
 
-    raise_limit()  # a deep tree, a server's many sessions (see mirror/fdtable.py)
-    reserve()  # while the process is one thread
+    raise_limit()  # a deep tree, a server's many sessions (see mirror/startup.py)
+    reserve_descriptors()  # while the process is one thread
     try:
         code = module.run(args)
         sys.stdout.flush()  # here, where a closed pipe is handled, not at exit

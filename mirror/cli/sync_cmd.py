@@ -146,7 +146,7 @@ def run(args) -> int:
 
 
 def add_timeout_arguments(parser) -> None:
-    from ..syncoptions import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
+    from ..transfer import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT
 
     parser.add_argument("--timeout", type=seconds_arg, default=DEFAULT_TIMEOUT, metavar="S",
                         help=f"end when the receiver stays silent S seconds (default {DEFAULT_TIMEOUT:g}; 0: never)")

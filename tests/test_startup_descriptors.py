@@ -1,4 +1,4 @@
-"""fdtable.reserve: the descriptor table grown up front, nothing left open, nothing closed."""
+"""startup.reserve_descriptors: the descriptor table grown up front, nothing left open, nothing closed."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def _run(code: str, prefix: list[str] | None = None) -> str:
 def test_reserve_grows_the_table_and_leaves_nothing_open():
     out = _run(
         """
-        from mirror import fdtable
+        from mirror import startup
         before, count = fd_size(), open_count()
-        fdtable.reserve()
+        startup.reserve_descriptors()
         print(before, fd_size(), open_count() - count)
         """
     )
@@ -52,10 +52,10 @@ def test_reserve_grows_the_table_and_leaves_nothing_open():
 def test_reserve_never_closes_a_descriptor_in_use_at_the_top():
     out = _run(
         """
-        from mirror import fdtable
+        from mirror import startup
         fd = os.open("/proc", os.O_RDONLY)  # not "/", which reserve itself opens
         os.dup2(fd, 1023)  # the very number reserve asks for
-        fdtable.reserve()
+        startup.reserve_descriptors()
         print(os.fstat(1023).st_ino == os.fstat(fd).st_ino, fd_size())
         """
     )
@@ -67,9 +67,9 @@ def test_reserve_never_closes_a_descriptor_in_use_at_the_top():
 def test_reserve_stays_within_a_lower_limit(limit):
     out = _run(
         """
-        from mirror import fdtable
+        from mirror import startup
         count = open_count()
-        fdtable.reserve()
+        startup.reserve_descriptors()
         print(fd_size(), open_count() - count)
         """,
         prefix=["prlimit", f"--nofile={limit}:{limit}", "--"],

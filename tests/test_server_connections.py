@@ -1,10 +1,5 @@
-"""Review of issue 4: `mirror serve` under bad, idle and concurrent clients, and sessions
-that share a module (a dry run next to a writer, a read-only replica).
-
-``xfail(strict=True)`` marks a bug found in review.  The two
-timeout tests use ``mirror serve --timeout SECONDS`` (rsync's name for the same knob): the
-option does not exist yet, so they fail at start-up until the fix adds it.
-"""
+"""`mirror serve` under bad, idle and concurrent clients, and sessions that share a module (a
+dry run next to a writer, a read-only replica)."""
 
 from __future__ import annotations
 
@@ -22,9 +17,9 @@ from mirror import protocol as P
 from mirror.errors import MirrorError
 from mirror.transfer import sync
 from tests.helpers import is_root, wait_until
+from tests.peers import ATTRS, RawSession, temp_files
 from tests.servers import SECRET, mirror_server
 from tests.snapshot import assert_mirrors
-from tests.test_review_peer import ATTRS, RawSession, temp_files
 
 
 class _Busy(Exception):

@@ -1,4 +1,4 @@
-"""The console script's head start (mirror.launch, mirror.earlywalk) and its quick exit."""
+"""The console script's head start (mirror.startup) and its quick exit."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from mirror import earlywalk, launch
+from mirror import startup
 from mirror.cli import COMMANDS, _command_parser
 from mirror.exclude import Excluder
 from mirror.treescan import TreeScan
 from tests.helpers import run_mirror
 
 
-@pytest.mark.parametrize("command", sorted(launch.VALUE_OPTIONS))
+@pytest.mark.parametrize("command", sorted(startup.VALUE_OPTIONS))
 def test_value_options_match_the_commands_parsers(command):
     """The table the launcher reads the command line with is the parsers' own truth."""
     parser = _command_parser(command, importlib.import_module(COMMANDS[command][0]))
@@ -27,7 +27,7 @@ def test_value_options_match_the_commands_parsers(command):
         for name in action.option_strings
         if action.nargs != 0  # store_true, count, help: no value
     }
-    assert takes_value == launch.VALUE_OPTIONS[command]
+    assert takes_value == startup.VALUE_OPTIONS[command]
     assert [a.dest for a in parser._actions if not a.option_strings] == ["src", "dst"]
 
 
@@ -48,7 +48,7 @@ def test_value_options_match_the_commands_parsers(command):
     ],
 )
 def test_source_argument(argv, source):
-    assert launch.source_argument(argv) == source
+    assert startup.source_argument(argv) == source
 
 
 def _tree(tmp_path, name):
@@ -60,11 +60,11 @@ def _tree(tmp_path, name):
 
 def test_a_plain_scan_adopts_the_early_walk(tmp_path):
     root = _tree(tmp_path, "src")
-    earlywalk.start(root)
-    early = earlywalk._walks[root]
+    startup.start_walk(root)
+    early = startup._walks[root]
     scan = TreeScan(root).start()
     try:
-        assert scan._walk is early and earlywalk.take(root) is None
+        assert scan._walk is early and startup.take_walk(root) is None
         assert [listing.path for listing in scan] == [b"", b"d", b"d/e"]
     finally:
         scan.stop()
@@ -74,21 +74,21 @@ def test_a_plain_scan_adopts_the_early_walk(tmp_path):
 def test_any_other_scan_stops_the_early_walk(tmp_path, options):
     """A scan with digests or excludes is not what the early walk does: it is stopped."""
     root = _tree(tmp_path, "src")
-    earlywalk.start(root)
-    early = earlywalk._walks[root]
+    startup.start_walk(root)
+    early = startup._walks[root]
     scan = TreeScan(root, **options).start()
     scan.stop()
-    assert earlywalk.take(root) is None
+    assert startup.take_walk(root) is None
     assert list(early) == []  # closed
 
 
 def test_discard_closes_what_nobody_took(tmp_path):
     roots = [_tree(tmp_path, "a"), _tree(tmp_path, "b")]
     for root in roots:
-        earlywalk.start(root)
-    walks = list(earlywalk._walks.values())
-    earlywalk.discard()
-    assert earlywalk._walks == {} and all(list(w) == [] for w in walks)
+        startup.start_walk(root)
+    walks = list(startup._walks.values())
+    startup.discard_walks()
+    assert startup._walks == {} and all(list(w) == [] for w in walks)
 
 
 def test_sync_and_diff_through_the_console_script_with_a_head_start(tmp_path):
@@ -110,14 +110,14 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_quick_exit_flushes_and_keeps_the_exit_code():
-    proc = _python("import sys; from mirror.launch import _exit; sys.stdout.write('unflushed'); _exit(3)")
+    proc = _python("import sys; from mirror.startup import _exit; sys.stdout.write('unflushed'); _exit(3)")
     assert (proc.returncode, proc.stdout) == (3, "unflushed")
 
 
 def test_the_quick_exit_waits_for_a_thread_still_working():
     proc = _python(
         "import threading, time\n"
-        "from mirror.launch import _exit\n"
+        "from mirror.startup import _exit\n"
         "threading.Thread(target=lambda: (time.sleep(0.2), print('finished'))).start()\n"
         "_exit(4)\n"
     )
@@ -127,7 +127,7 @@ def test_the_quick_exit_waits_for_a_thread_still_working():
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
 def test_the_descriptor_table_is_grown_before_the_early_walk_starts(tmp_path):
     """Growing the table of a process with threads waits for an RCU grace period (see
-    mirror.fdtable): the launcher grows it while the process is still one thread."""
+    mirror.startup): the launcher grows it while the process is still one thread."""
     src, dst = _tree(tmp_path, "src"), _tree(tmp_path, "dst")
     log = tmp_path / "strace.log"
     proc = run_mirror("diff", src, dst, prefix=["strace", "-f", "-qq", "-o", str(log), "-e", "trace=fcntl,clone,clone3"])

@@ -1,9 +1,5 @@
-"""Review of issue 4: confinement of the receiver (and of the sender to its source tree).
-
-Each ``xfail(strict=True)`` test is a bug found in review: it
-fails on the code it was written against and turns red once fixed, as a reminder to drop
-the marker.  The other tests are attacks that are handled correctly and stay green.
-"""
+"""Confinement of the receiver to its module (and of the sender to its source tree): attacks
+from the wire on the state dir, links, symlinks and special files, and hostile names."""
 
 from __future__ import annotations
 
@@ -17,8 +13,8 @@ from mirror import protocol as P
 from mirror.entry import Kind
 from mirror.epoch import bump_epoch, read_epoch
 from mirror.transfer import sync
+from tests.peers import ATTRS, RawSession
 from tests.snapshot import assert_mirrors
-from tests.test_review_peer import ATTRS, RawSession
 
 
 def _whole_file(req: int, path: bytes, data: bytes) -> list:

@@ -1,8 +1,5 @@
-"""Review of issue 4: trees that must converge (an independent walk says the replica equals the
-source after one sync), including deep and long paths, excludes with --delete, hard links.
-
-``xfail(strict=True)`` marks a bug found in review.
-"""
+"""Trees that must converge (an independent walk says the replica equals the source after one
+sync), including deep and long paths, excludes with --delete, hard links."""
 
 from __future__ import annotations
 
@@ -20,8 +17,8 @@ import mirror.treescan
 from mirror import fastpath, safefs
 from mirror.transfer import sync
 from tests.helpers import is_root
+from tests.peers import RawSession, temp_files
 from tests.snapshot import assert_mirrors
-from tests.test_review_peer import RawSession, temp_files
 
 
 def _chain(root, depth: int, name: bytes = b"d", leaf: bytes | None = b"leaf") -> None:

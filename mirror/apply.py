@@ -1,0 +1,321 @@
+"""The replica writer: a session's operations carried out on the replica, safely.
+
+The same writer serves a local sync (called directly by ``mirror.localsync``) and a remote
+one (called by ``mirror.receiver`` with the records it decoded from the wire).  It owns
+what keeps the replica whole, whoever asks:
+
+- every path is confined to the tree (``safefs.ConfinedTree``): no symlink is followed,
+  nothing outside is reached;
+- new files arrive as temporary files, committed in batches (``mirror.commits``): data
+  durable before its rename, renames durable before the session reports done;
+- the mirroring lock: before every change (at most every ``LOCK_CHECK_SECONDS``) and before
+  every batch is renamed into place; if it appears, what is pending is discarded and the
+  session ends with ``LockedError``;
+- the module's privilege policy (devices, special files, set-id bits) by what the entry is
+  on the replica, not what the sender calls it;
+- the order of a session: one file at a time, nothing but reviewed deletions in a dry run,
+  deletions and directory times once all content is in place;
+- the deletion guard (``mirror.guard``): all the session's deletions, or none.
+
+``admit`` is the session's door (epoch, lock, read-only module), ``record_epoch`` what a
+newer sender leaves behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+import time
+
+from .commits import Batches, DirSyncs
+from .entry import KIND_OF_FMT, Kind
+from .epoch import MAX_EPOCH_STEP, observe_epoch, read_epoch
+from .errors import (
+    LockedError,
+    MirrorError,
+    ProtocolError,
+    StaleEpochError,
+    UnsafePathError,
+    display_path,
+    failure_reason,
+)
+from .guard import review_deletions
+from .lockfile import is_locked, status
+
+log = logging.getLogger(__name__)
+
+LOCK_CHECK_SECONDS = 0.1
+
+
+class LockWatch:
+    """One mirroring lock file (and a cancel event), looked at every ``interval`` seconds at
+    most unless forced: a single ``lstat``."""
+
+    def __init__(
+        self, lock_file: bytes | None, where: str, *, interval: float = LOCK_CHECK_SECONDS, cancel=None
+    ):
+        self.lock_file = lock_file
+        self.where = where
+        self.interval = interval
+        self.cancel = cancel
+        self._last = 0.0
+
+    def check(self, force: bool = True) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            from .errors import Cancelled
+
+            raise Cancelled("stopping: the file in flight was abandoned, finished files were kept")
+        if not self.lock_file:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        if is_locked(self.lock_file):
+            info = status(self.lock_file)
+            raise LockedError(
+                f"mirroring lock {self.where}: {info.describe() if info else display_path(self.lock_file)}"
+            )
+
+
+def admit(module, state_dir: bytes, *, epoch: int, dry_run: bool) -> int:
+    """Whether a session may write to ``module`` (raises if not); the replica's epoch."""
+    mine = read_epoch(state_dir)
+    if epoch < mine:
+        raise StaleEpochError(f"refused: the sender's tree epoch {epoch} is older than this replica's {mine} "
+                              "(a stale former primary must not overwrite newer data)")  # fmt: skip
+    LockWatch(module.lock_file, "on the receiver, session refused").check()
+    if module.read_only and not dry_run:
+        raise MirrorError(f"module {module.name!r} is read-only: only a dry run is allowed")
+    return mine
+
+
+def record_epoch(module, state_dir: bytes, epoch: int, mine: int, peer: str) -> int:
+    """A newer sender's epoch, recorded: at most ``MAX_EPOCH_STEP`` higher per session, so
+    that whoever holds the secret cannot fence the module for good with epoch 2^63-1."""
+    if epoch <= mine:
+        return mine
+    recorded = min(epoch, mine + MAX_EPOCH_STEP)
+    log.warning("%s: epoch raised from %d to %d by %s%s", module.name or display_path(module.path), mine, recorded,
+                peer, f" (it shows {epoch}; at most +{MAX_EPOCH_STEP} per session)" if recorded < epoch else "")  # fmt: skip
+    return observe_epoch(state_dir, recorded)
+
+
+class ReplicaWriter:
+    """Carries out one session's operations on ``tree`` (see the module docstring).
+
+    ``failed(req, path, reason)`` hears of each entry that could not be written (the
+    session goes on); ``keep(path, is_dir)`` names the excluded entries a deletion spares."""
+
+    def __init__(self, tree, *, privileges, lock: LockWatch, owner: bool, sync_writes: bool, dry_run: bool,
+                 policy, keep=None, failed=None):  # fmt: skip
+        self.tree = tree
+        self.privileges = privileges
+        self.lock = lock
+        self.owner = owner
+        self.sync_writes = sync_writes
+        self.dry_run = dry_run
+        self.policy = policy
+        self.keep = keep
+        self._failed = failed
+        self.files = 0
+        self.bytes_written = 0
+        self.deleted = 0
+        self.failures: list = []
+        self.in_flight = None  # the Commit of the file being written: one at a time
+        self.batches = Batches(tree, sync_writes=sync_writes, failed=self.fail, committed=self._committed)
+        self._deletes: list[bytes] = []
+        self._dir_attrs: list[tuple[bytes, list]] = []
+
+    def fail(self, req, path: bytes, reason: str) -> None:
+        self.failures.append([path, reason])
+        if self._failed is not None:
+            self._failed(req, path, reason)
+
+    def _change(self, what: str) -> None:
+        """Every change passes here: the order of a session, then the lock."""
+        if self.dry_run:
+            raise ProtocolError(f"{what!r} in a dry run")
+        if self.in_flight is not None:
+            raise ProtocolError(f"{what!r} before the previous file ended")
+        self.lock.check(force=False)
+
+    def _locked_discard(self) -> None:
+        """Before files are renamed into place: the mirroring lock discards them instead."""
+        try:
+            self.lock.check()
+        except LockedError:
+            self.discard()
+            raise
+
+    # -- files -----------------------------------------------------------------------------
+
+    def new_file(self, path: bytes):
+        """``(commit, None)``: a temporary file for ``path``; ``(None, reason)`` when it
+        cannot be made (an unsafe name raises: the session ends)."""
+        self._change("file")
+        self.tree.parts(path)
+        try:
+            self.in_flight = self.tree.new_file(path)
+        except (OSError, UnsafePathError) as exc:
+            return None, failure_reason(exc)
+        return self.in_flight, None
+
+    def commit_file(self, commit, attrs: list, size: int, req=None) -> None:
+        """The file's content is complete and verified: give it its attributes and queue
+        it for the batch's commit."""
+        self.in_flight = None
+        mode, uid, gid, mtime_ns = attrs
+        try:
+            commit.finish(self.privileges.file_mode(mode), uid, gid, mtime_ns, self.owner)
+        except OSError as exc:
+            commit.discard()
+            self.fail(req, commit.path, failure_reason(exc))
+            return
+        if self.batches.add(commit, size):
+            self._locked_discard()
+            self.batches.hand_over()
+
+    def drop_file(self, commit) -> None:
+        self.in_flight = None
+        if commit is not None:
+            commit.discard()
+
+    def _committed(self, size: int) -> None:
+        self.files += 1
+        self.bytes_written += size
+
+    # -- other entries ---------------------------------------------------------------------
+
+    def mkdir(self, path: bytes, attrs: list) -> None:
+        self._change("mkdir")
+        try:
+            self.tree.make_dir(path, attrs[0])
+        except (OSError, UnsafePathError) as exc:
+            self.fail(None, path, failure_reason(exc))
+
+    def special(self, path: bytes, kind: int, attrs: list, target: bytes = b"", rdev: int = 0) -> None:
+        """A symlink (``target``), FIFO, socket or device node (``rdev``)."""
+        self._change("symlink" if kind == Kind.SYMLINK else "node")
+        self.tree.parts(path)
+        refusal = self.privileges.refusal(kind)
+        if refusal:
+            self.fail(None, path, refusal)
+            return
+        if self.batches.holds(path):
+            self._commit_pending()  # it replaces a file (or a directory of files) still queued
+        try:
+            self.tree.make_special(path, kind, target=target, rdev=rdev)
+            self.tree.set_attrs(path, kind, *attrs, owner=self.owner)
+            self.files += 1
+        except (OSError, UnsafePathError) as exc:
+            self.fail(None, path, failure_reason(exc))
+
+    def link(self, path: bytes, target: bytes) -> None:
+        self._change("hardlink")
+        self.tree.parts(path)
+        if self.batches.holds(target) or self.batches.holds(path):
+            self._commit_pending()  # the file linked to, or the one replaced, is still queued
+        try:
+            linked = self.tree.lstat(target)
+            refusal = (
+                self.privileges.refusal(KIND_OF_FMT.get(stat.S_IFMT(linked.st_mode))) if linked else None
+            )
+            if refusal:  # a second name for a node this module would not have made
+                self.fail(None, path, refusal)
+                return
+            self.tree.make_special(path, Kind.FILE, link_to=target)
+            self.files += 1
+        except (OSError, UnsafePathError) as exc:
+            self.fail(None, path, failure_reason(exc))
+
+    def set_attrs(self, path: bytes, kind: int, attrs: list) -> None:
+        self._change("attrs")
+        if path:
+            self.tree.parts(path)
+        if kind == Kind.DIR:
+            self._dir_attrs.append((path, attrs))  # once everything inside it has changed
+            return
+        try:
+            # What is there decides, not what the sender calls it: no chmod of a device node
+            # that is there (a world-writable /dev/sda) in a module without devices.
+            there = self.tree.lstat(path)
+            actual = KIND_OF_FMT.get(stat.S_IFMT(there.st_mode), kind) if there is not None else kind
+            refusal = self.privileges.refusal(kind) or self.privileges.refusal(actual)
+            if refusal:
+                self.fail(None, path, refusal)
+                return
+            if actual == Kind.FILE:
+                attrs = [self.privileges.file_mode(attrs[0]), *attrs[1:]]
+            self.tree.set_attrs(path, kind, *attrs, owner=self.owner)
+        except (OSError, UnsafePathError) as exc:
+            self.fail(None, path, failure_reason(exc))
+
+    def delete(self, path: bytes) -> None:
+        """Queued: the deletion guard reviews them all at ``finish``."""
+        if self.in_flight is not None:
+            raise ProtocolError("'delete' before the previous file ended")
+        self.tree.parts(path)
+        self._deletes.append(path)
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def finish_files(self) -> None:
+        """Commit the files queued so far, and nothing else (a lock or a cancel stopped the
+        sender: what is whole is kept; deletions and directory times wait for next time)."""
+        if self.in_flight is not None:
+            self.drop_file(self.in_flight)
+        self._commit_pending()
+
+    def _commit_pending(self, dir_syncs: DirSyncs | None = None) -> None:
+        """Commit every file queued so far (its directories to ``dir_syncs`` if given)."""
+        if not self.batches.empty:
+            self._locked_discard()
+            self.batches.drain(dir_syncs)
+
+    def finish(self) -> str | None:
+        """Commit what is queued, then the deletions (unless the guard refuses them: its
+        reason is returned), then the directory times; every directory changed is fsynced
+        once, after its last change."""
+        if self.in_flight is not None:
+            raise ProtocolError("'end' in the middle of a file")
+        dir_syncs = DirSyncs(self.sync_writes, self.tree, self.fail)
+        try:
+            self._commit_pending(dir_syncs)
+            if (self._deletes or self._dir_attrs) and not self.dry_run:
+                self._locked_discard()
+            refused = (
+                review_deletions(self.tree, self._deletes, self.policy, self.keep) if self._deletes else None
+            )
+            for path in self._deletes if not (refused or self.dry_run) else ():
+                try:
+                    kept = self.tree.remove(path, keep=self.keep)
+                    self.deleted += 1
+                    if kept:  # excluded entries inside a deleted directory stay, like rsync
+                        self.fail(None, path, f"cannot delete non-empty directory: {len(kept)} excluded "
+                                              f"entries kept inside, e.g. {display_path(kept[0])}")  # fmt: skip
+                except FileNotFoundError:
+                    pass
+                except (OSError, UnsafePathError) as exc:
+                    self.fail(None, path, failure_reason(exc))
+                dir_syncs.add(path.rpartition(b"/")[0])
+            for path, attrs in self._dir_attrs:
+                try:
+                    self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
+                except (OSError, UnsafePathError) as exc:
+                    self.fail(None, path, failure_reason(exc))
+                dir_syncs.add(path)
+            dir_syncs.sync()
+        finally:
+            dir_syncs.close()
+        return refused
+
+    def discard(self) -> None:
+        """Drop everything not yet renamed into place (the session ends without it)."""
+        self.batches.discard()
+        if self.in_flight is not None:
+            self.drop_file(self.in_flight)
+
+    def result(self, refused: str | None) -> dict:
+        return {"files": self.files, "bytes": self.bytes_written, "deleted": self.deleted,
+                "failed": self.failures[:1000], "failed_count": len(self.failures), "deletions_refused": refused}  # fmt: skip

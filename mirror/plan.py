@@ -1,0 +1,175 @@
+"""The planner (rsync's generator): compared pairs in, typed operations out.
+
+``Planner.plan(change)`` turns each ``compare.Difference`` into the operations that make
+the replica's entry equal the source's, at once, as the comparison streams.  What must wait
+is held back and handed out, in order, by the two closing calls:
+
+1. content first: files (whole, or a delta against the replica's copy when both are at
+   least ``delta_threshold`` bytes), directories, symlinks, special files, attributes;
+   the first name of a multiply-linked file (its *leader*) gets the content;
+2. ``links()``: the other names of linked files, once every leader is in place;
+3. ``closing()``: deletions, after all new content (a file moved elsewhere in the tree
+   arrives before its old name goes), then the times of every directory the session
+   changed, last (each write inside a directory moves its mtime).
+
+A dry run plans deletions only (the replica's deletion guard reviews them) and nothing
+else.  Every ordering rule of a session is here; the writer (``mirror.apply``) carries the
+operations out in the order given, locally or after a trip over the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from typing import NamedTuple
+
+from .compare import ADDED, CONTENT, HARDLINK, METADATA, REMOVED, TARGET, TYPE, Difference
+from .entry import Entry, Kind, canonical_key, entry_from_stat, join
+from .errors import UnsafePathError
+
+WHOLE, DELTA, MKDIR, SYMLINK, SPECIAL, LINK, ATTRS, DELETE = (
+    "whole", "delta", "mkdir", "symlink", "special", "link", "attrs", "delete",
+)  # fmt: skip
+_NEW_CONTENT = frozenset({ADDED, TYPE, HARDLINK, CONTENT, TARGET})
+
+
+class Op(NamedTuple):
+    """One operation on the replica: ``kind`` (one of the constants above), the path, the
+    source's entry (its kind and attributes; None for a deletion), and for ``link`` the
+    path linked to, for ``delta`` the replica's entry (the basis)."""
+
+    kind: str
+    path: bytes
+    entry: Entry | None = None
+    link_to: bytes | None = None
+    basis: Entry | None = None
+
+
+class Planner:
+    """Plans one session.  ``dir_entry(path)``: the source's directory at ``path`` when no
+    listing of its parent was seen (a live session's partial listing), or None."""
+
+    def __init__(self, *, delete: bool, dry_run: bool, delta_threshold: int,
+                 dir_entry: Callable[[bytes], Entry | None] | None = None):  # fmt: skip
+        self.delete = delete
+        self.dry_run = dry_run
+        self.delta_threshold = delta_threshold
+        self._dir_entry = dir_entry
+        self.other_changes = 0  # directories, symlinks, nodes, links, attributes planned
+        self.deletions = 0
+        self._dirs: dict[bytes, Entry] = {}  # source directories seen in listings
+        self._touched: dict[bytes, Entry] = {}  # directories whose times are set last
+        self._leaders: dict[tuple[int, int], bytes] = {}
+        self._links: list[Op] = []
+        self._deletes: list[Op] = []
+        self._gone: set[bytes] = set()  # directories deleted with their subtrees
+
+    def listing(self, listing) -> None:
+        """A source listing about to be compared: its subdirectories' entries are what a
+        change inside them restores at the end."""
+        for name in listing.subdirs():
+            self._dirs[join(listing.path, name)] = listing[listing.index(name)]
+
+    def root(self, entry: Entry | None, differs: bool) -> None:
+        """The source root's own entry; ``differs``: the replica's root attributes differ."""
+        if entry is not None:
+            self._dirs[b""] = entry
+            if differs and not self.dry_run:
+                self._touched[b""] = entry
+
+    def renamed(self, old: bytes, new: bytes) -> None:
+        """A rename done on the replica before the comparison: both parents changed."""
+        if not self.dry_run:
+            self._touch_parent(old)
+            self._touch_parent(new)
+
+    def plan(self, change: Difference) -> list[Op] | None:
+        """The operations to do now for ``change`` (later ones are held back); None when
+        the change is left alone (a removal without ``delete``)."""
+        if change.change == REMOVED:
+            if not self.delete:
+                return None
+            if change.dst.kind == Kind.DIR:
+                self._gone.add(change.path)
+            if change.path.rpartition(b"/")[0] in self._gone:
+                return []  # goes with its directory, and is counted with it by the deletion guard
+            self._deletes.append(Op(DELETE, change.path))
+            self.deletions += 1
+            if not self.dry_run:
+                self._touch_parent(change.path)
+            return []
+        if self.dry_run:
+            return []
+        self._touch_parent(change.path)
+        src, path, link_to = change.src, change.path, change.link_to
+        if src.kind == Kind.FILE and src.nlink > 1 and link_to is None and change.change != METADATA:
+            # A second name of a file whose content changed: linked to the first name again
+            # (which gets the new content) rather than sent twice.
+            leader = self._leaders.setdefault((src.dev, src.ino), path)
+            link_to = leader if leader != path else None
+        if link_to is not None and link_to != path:
+            self._links.append(Op(LINK, path, src, link_to))
+            self.other_changes += 1
+            return []
+        if change.change in _NEW_CONTENT:
+            return [self._create(change)]
+        if src.kind == Kind.FILE and change.dst is not None and change.dst.nlink != src.nlink:
+            # The replica's file shares its inode with another name (maybe outside the tree):
+            # a chmod in place would change that one too; a new copy breaks the link.
+            return [Op(WHOLE, path, src)]
+        self.other_changes += 1
+        if src.kind == Kind.DIR:
+            self._touched[path] = src
+            return []
+        return [Op(ATTRS, path, src)]
+
+    def _create(self, change: Difference) -> Op:
+        src, dst, path = change.src, change.dst, change.path
+        if src.kind == Kind.FILE:
+            threshold = self.delta_threshold
+            if (change.change == CONTENT and dst is not None and dst.kind == Kind.FILE and dst.size >= threshold
+                    and src.size >= threshold):  # fmt: skip
+                return Op(DELTA, path, src, basis=dst)
+            return Op(WHOLE, path, src)
+        self.other_changes += 1
+        if src.kind == Kind.DIR:
+            self._touched[path] = src
+            return Op(MKDIR, path, src)
+        return Op(SYMLINK if src.kind == Kind.SYMLINK else SPECIAL, path, src)
+
+    def links(self) -> list[Op]:
+        """Second names of linked files: after every file's content is planned."""
+        links, self._links = self._links, []
+        return links
+
+    def closing(self) -> list[Op]:
+        """Deletions, then the times of every directory changed, deepest first."""
+        ops, self._deletes = self._deletes, []
+        ops += [
+            Op(ATTRS, path, self._touched[path])
+            for path in sorted(self._touched, key=canonical_key, reverse=True)
+        ]
+        self._touched = {}
+        return ops
+
+    def _touch_parent(self, path: bytes) -> None:
+        """A write in a directory moves its mtime on the replica: set it back last."""
+        parent = path.rpartition(b"/")[0]
+        if parent in self._touched:
+            return
+        entry = self._dirs.get(parent)
+        if entry is None and self._dir_entry is not None:
+            entry = self._dir_entry(parent)
+        if entry is not None:
+            self._touched[parent] = entry
+
+
+def source_dir_entry(tree, path: bytes) -> Entry | None:
+    """The source directory at ``path`` in ``tree`` (a ``ConfinedTree``), for a planner's
+    ``dir_entry`` when no listing showed it; None if it is not a directory there now."""
+    try:
+        st = os.stat(tree.dir_fd(tree.parts(path) if path else []))
+    except (OSError, UnsafePathError):
+        return None
+    return entry_from_stat(os.path.basename(path), st, b"") if stat.S_ISDIR(st.st_mode) else None

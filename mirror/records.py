@@ -1,0 +1,110 @@
+"""What a sync is asked (``SenderOptions``) and what it answers (``SyncResult``, with its
+``TransferStats``): the records a local sync, a remote sender and the caller share.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+from .errors import EXIT_DIFFERENT, EXIT_GUARD, EXIT_OK
+
+DELTA_THRESHOLD = 256 << 10  # smaller files are sent whole: a signature round trip costs more
+# A receiver silent this long (seconds) ends the sync (rsync's --timeout; it has none by
+# default, but a mirror must not hang): a receiver at work says so every third of it.
+DEFAULT_TIMEOUT = 120.0
+DEFAULT_CONTIMEOUT = 30.0  # rsync's --contimeout
+
+
+class SenderOptions(NamedTuple):
+    """What a sync is asked to do (``mirror.sync``'s keywords, checked).  Immutable; a
+    NamedTuple rather than a dataclass only because it loads faster."""
+
+    delete: bool = False
+    checksum: bool = False
+    dry_run: bool = False
+    excludes: tuple[bytes, ...] = ()
+    lock_file: bytes | None = None
+    state_dir: bytes | None = None
+    delta_threshold: int = DELTA_THRESHOLD  # a receiver's; a local sync always copies whole files
+    fsync: bool = True
+    secret: bytes | None = None
+    cancel: threading.Event | None = None  # set: abandon the file in flight and end the session
+    keep_changes: bool = True  # False: the result's ``changes`` stays empty (a big first sync's
+    # would hold an entry for every file of the tree); ``on_change`` still sees each one
+    max_delete: int | None = None  # a session deleting more entries deletes nothing (mirror.guard)
+    keepalive: float | None = None  # ask the receiver to say "alive" after this long quiet (a network peer)
+    allow_mass_delete: bool = False  # let the source and deletion guards through (and record the source anew)
+
+
+class TransferStats:
+    """What one session moved.  (A plain class: importing dataclasses costs start-up time.)"""
+
+    __slots__ = ("files_seen", "files_sent", "files_delta", "other_changes", "deleted", "literal_bytes",
+                 "matched_bytes", "size_of_sent_files", "wire_sent", "wire_received", "seconds")  # fmt: skip
+
+    def __init__(self):
+        self.files_seen = 0
+        self.files_sent = 0  # regular files whose content was sent (whole or delta)
+        self.files_delta = 0
+        self.other_changes = 0  # directories, symlinks, nodes, links, attributes
+        self.deleted = 0
+        self.literal_bytes = 0
+        self.matched_bytes = 0
+        self.size_of_sent_files = 0
+        self.wire_sent = 0
+        self.wire_received = 0
+        self.seconds = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            "TransferStats(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
+        )
+
+    @property
+    def speedup(self) -> float:
+        """Size of the files brought up to date, per byte that crossed the wire (rsync's figure)."""
+        return self.size_of_sent_files / self.wire_sent if self.wire_sent else 0.0
+
+
+class SendOutcome:
+    """A session's changes, failures, scan problems, transfer figures and the replica's report."""
+
+    __slots__ = ("changes", "failed", "problems", "stats", "receiver")
+
+    def __init__(self):
+        self.changes: list = []
+        self.failed: list[tuple[bytes, str]] = []
+        self.problems: list = []
+        self.stats = TransferStats()
+        self.receiver: dict = {}
+
+
+class SyncResult:
+    """What a sync did.  ``exit_code``: 0 done, 1 partial (see ``failed``/``problems``), 25
+    deletions refused (see ``deletions_refused``)."""
+
+    def __init__(self, changes=None, failed=None, problems=None, stats: TransferStats | None = None,
+                 receiver: dict | None = None, dry_run: bool = False):  # fmt: skip
+        self.changes: list = changes if changes is not None else []
+        # Why the replica's deletion guard did not delete (mirror.guard); None: it did, or none were asked.
+        self.deletions_refused: str | None = (receiver or {}).get("deletions_refused") or None
+        self.failed: list[tuple[bytes, str]] = failed if failed is not None else []
+        self.problems: list = problems if problems is not None else []
+        self.stats: TransferStats = stats if stats is not None else TransferStats()
+        self.receiver: dict = receiver if receiver is not None else {}
+        self.dry_run = dry_run
+
+    def __repr__(self) -> str:
+        return (f"SyncResult(exit_code={self.exit_code}, changes={len(self.changes)}, failed={len(self.failed)}, "
+                f"problems={len(self.problems)}, dry_run={self.dry_run})")  # fmt: skip
+
+    @property
+    def exit_code(self) -> int:
+        if self.deletions_refused:
+            return EXIT_GUARD
+        return EXIT_DIFFERENT if (self.failed or self.problems) else EXIT_OK
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == EXIT_OK

@@ -1,0 +1,83 @@
+"""A receiver against a sender that breaks the session's order: every abuse ends the session
+cleanly, with nothing half-written and the module free for the next writer."""
+
+from __future__ import annotations
+
+from mirror import protocol as P
+from mirror.errors import MirrorError
+from tests.peers import ATTRS, RawSession, temp_files
+
+
+def _module(tmp_path):
+    root = tmp_path / "module"
+    root.mkdir()
+    (root / "keep").write_bytes(b"old content")
+    return root
+
+
+def _assert_clean_refusal(session: RawSession, root, words: str) -> None:
+    session.close()
+    error = session.error()
+    assert error is not None and error[1] == "ProtocolError" and words in error[3], session.replies
+    assert temp_files(root) == []
+    assert (root / "keep").read_bytes() == b"old content"
+    # The writer lock went with the session: the next writer gets in.
+    after = RawSession(root, start={})
+    assert after.ready[0] == P.READY, after.ready
+    after.drain_summary()
+    assert after.end()[0] == P.RESULT
+
+
+def test_second_file_before_file_end_is_refused(tmp_path):
+    root = _module(tmp_path)
+    s = RawSession(root, start={})
+    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 1, b"half"],
+           [P.FILE, 2, b"other", ATTRS, "whole", 0, 0])  # fmt: skip
+    _assert_clean_refusal(s, root, "before the previous file ended")
+
+
+def test_end_in_the_middle_of_a_file_is_refused(tmp_path):
+    root = _module(tmp_path)
+    s = RawSession(root, start={})
+    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 1, b"half"], [P.END, {}])
+    _assert_clean_refusal(s, root, "in the middle of a file")
+
+
+def test_repeated_start_inside_a_session_is_refused(tmp_path):
+    root = _module(tmp_path)
+    s = RawSession(root, start={})
+    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.START, {"epoch": 0}])
+    _assert_clean_refusal(s, root, "unexpected message 'start'")
+
+
+def test_data_for_another_request_is_refused(tmp_path):
+    root = _module(tmp_path)
+    s = RawSession(root, start={})
+    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 2, b"x"])
+    _assert_clean_refusal(s, root, "not started")
+
+
+def test_file_end_with_wrong_digest_is_reported_never_committed(tmp_path):
+    root = _module(tmp_path)
+    s = RawSession(root, start={})
+    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 1, b"new content"],
+           [P.FILE_END, 1, b"\0" * 16, 11])  # fmt: skip
+    result = s.end()
+    assert result[0] == P.RESULT and result[1]["failed_count"] == 1, s.replies
+    assert any(m[0] == P.FAILED and m[3].startswith("mismatch") for m in s.replies)
+    assert (root / "keep").read_bytes() == b"old content"
+    assert temp_files(root) == []
+
+
+def test_peer_vanishing_mid_file_leaves_no_temp_and_frees_the_module(tmp_path):
+    root = _module(tmp_path)
+    s = RawSession(root, start={})
+    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 1, b"x" * 1000])
+    s.close()
+    assert s.errors and all(isinstance(e, MirrorError) for e in s.errors)
+    assert temp_files(root) == []
+    assert (root / "keep").read_bytes() == b"old content"
+    after = RawSession(root, start={})
+    assert after.ready[0] == P.READY
+    after.drain_summary()
+    after.end()

@@ -1,0 +1,33 @@
+"""The remote shell transport: the destination path reaches the remote shell quoted."""
+
+from __future__ import annotations
+
+import sys
+
+from tests.helpers import run_mirror
+
+# -- the remote shell transport --------------------------------------------------------------
+
+_SSH_LIKE = """#!/bin/sh
+# What ssh does with a remote command: drop the host, join the arguments with spaces and
+# hand the line to the remote user's shell, in the remote user's home directory.
+shift
+cd '{home}' || exit 1
+exec sh -c "$*"
+"""
+
+
+def test_remote_path_reaches_the_remote_shell_quoted(tmp_path):
+    rsh = tmp_path / "ssh-like"
+    rsh.write_text(_SSH_LIKE.format(home=tmp_path))
+    rsh.chmod(0o755)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    remote = f"{sys.executable} -m mirror"
+    for name in ("replica; touch CANARY", "with space"):
+        proc = run_mirror("sync", "--rsh", str(rsh), "--remote-command", remote, str(src),
+                          f"somehost:{tmp_path / name}")  # fmt: skip
+        assert not (tmp_path / "CANARY").exists(), "the destination path was run as a shell command"
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / name / "f").read_bytes() == b"x"

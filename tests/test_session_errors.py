@@ -1,0 +1,151 @@
+"""A session's errors seen from both ends: a receiver's flood of signature bytes is bounded on
+the sender, a receiver's error in the middle of a session is reported as itself, a receiver
+that stops never hangs a sync, and its mirroring lock stops every change within a second."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+
+import pytest
+
+from mirror import protocol as P
+from mirror.errors import LockedError, MirrorError, ProtocolError
+from mirror.lockfile import acquire
+from mirror.receiver import ReceiverSession
+from mirror.sender import Sender, SenderOptions
+from tests.helpers import REPO
+from tests.peers import RawSession, changed_pair, socket_pair_receiver
+
+# -- bounded input on the sender -------------------------------------------------------------
+
+
+class _FloodingSession(ReceiverSession):
+    """Answers a signature request with an endless signature (parts with last=False)."""
+
+    PARTS = 16
+    frame = P.encode([P.SIGNATURE, 1, bytes(4 << 20), False])  # made before memory is traced
+
+    def _on_sig(self, requests):
+        req = requests[0][0]
+        frame = self.frame if req == 1 else P.encode([P.SIGNATURE, req, bytes(4 << 20), False])
+        try:
+            for _ in range(self.PARTS):
+                self.t.wfile.write(frame)
+            self.t.send([P.SIGNATURE, req, b"not a signature", True])
+        except (OSError, MirrorError):
+            pass
+        raise ProtocolError("flood sent")
+
+
+def test_sender_bounds_the_signature_it_accepts(tmp_path):
+    src, dst = changed_pair(tmp_path)
+    with socket_pair_receiver(_FloodingSession, dst) as transport:
+        tracemalloc.start()
+        try:
+            sender = Sender(
+                os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m"
+            )
+            with pytest.raises(MirrorError):
+                sender.run(sender.handshake(), 0)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    # The basis is 1000 bytes: its signature is a few dozen bytes, not 64 MiB.
+    assert peak < 32 << 20, f"the sender held {peak >> 20} MiB of signature"
+
+
+# -- errors in the middle of a session -------------------------------------------------------
+
+
+class _LockAppearsOnSig(ReceiverSession):
+    """Reports an error when asked for signatures and keeps reading, as the receiver's own
+    summary thread does when its scan fails (a real lock race does the same, 1 run in 5)."""
+
+    def _on_sig(self, requests):
+        self.t.send([P.ERROR, "LockedError", 3, "mirroring lock appeared on the receiver"])
+
+
+def test_receiver_error_while_signatures_are_in_flight_is_reported_as_itself(tmp_path):
+    src, dst = changed_pair(tmp_path, small_files=20)
+
+    def wait_for_the_reader_to_see_the_error(change):
+        if change.path != b"a":
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(
+                t.name == "sender-reader" and t.is_alive() for t in threading.enumerate()
+            ):
+                time.sleep(0.005)
+
+    with socket_pair_receiver(_LockAppearsOnSig, dst) as transport:
+        sender = Sender(os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m",
+                        on_change=wait_for_the_reader_to_see_the_error)  # fmt: skip
+        with pytest.raises(LockedError):
+            sender.run(sender.handshake(), 0)
+
+
+_LOCAL_SYNC_WITH_LOCK = """
+import os, sys
+from mirror.errors import LockedError
+from mirror.lockfile import acquire
+from mirror.transfer import sync
+src, dst, lock = sys.argv[1:4]
+def take_lock(change):
+    if not os.path.exists(lock):
+        acquire(os.fsencode(lock), reason="takeover on the replica's node")
+try:
+    sync(src, dst, dst_lock_file=lock, on_change=take_lock, fsync=False)
+except LockedError:
+    sys.exit(3)
+"""
+
+
+def test_local_sync_does_not_hang_when_the_receiver_stops(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(450):  # the receiver stops at its first commit batch (256 files), the rest fills the queue
+        (src / f"f{i:04d}").write_bytes(b"x")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _LOCAL_SYNC_WITH_LOCK, str(src), str(tmp_path / "dst"),
+                               str(tmp_path / "lock")], cwd=REPO, capture_output=True, timeout=6)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("local sync hung after the receiver's mirroring lock appeared")
+    assert proc.returncode == 3, proc.stderr
+
+
+def test_short_file_abort_gets_a_protocol_error(tmp_path):
+    root = tmp_path / "module"
+    root.mkdir()
+    s = RawSession(root, start={})
+    s.drain_summary()
+    s.send(["file_abort"])
+    s.close()
+    assert all(isinstance(e, MirrorError) for e in s.errors), s.errors
+    assert s.error() is not None and s.error()[1] == "ProtocolError", s.replies
+
+
+def test_receiver_lock_stops_every_change_within_a_second(tmp_path):
+    root = tmp_path / "module"
+    root.mkdir()
+    lock = os.fsencode(tmp_path / "mirror.lock")
+    s = RawSession(root, lock_file=lock, start={})
+    s.drain_summary()
+    acquire(lock, reason="takeover")
+    locked_at = time.monotonic()
+    stopped_at = None
+    i = 0
+    while time.monotonic() - locked_at < 2.0:
+        s.send([P.SYMLINK, b"l%d" % i, b"target", [0o777, 0, 0, 0]], [P.MKDIR, b"d%d" % i, [0o755, 0, 0, 0]],
+               [P.PING, i])  # fmt: skip
+        reply = s.until(P.PONG)
+        if reply is None or reply[0] == P.ERROR:
+            stopped_at = time.monotonic()
+            break
+        i += 1
+    s.close()
+    assert stopped_at is not None and stopped_at - locked_at <= 1.2, f"{i} changes applied under the lock"
+    assert s.error()[1] == "LockedError"
