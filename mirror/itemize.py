@@ -97,7 +97,7 @@ def item_lines(change: Difference) -> list[str]:
     return [f"{_flags(src, change, first)} {_display(change.path, src)}{link}"]
 
 
-def name_lines(change: Change) -> list[str]:
+def name_lines(change: Difference) -> list[str]:
     """``rsync -v``'s listing of one change: the name of an entry created, replaced or
     deleted (a directory ends in ``/``, a symlink shows its target); none for an entry whose
     attributes alone changed."""
