@@ -27,7 +27,7 @@ from .errors import Cancelled, LockedError, MirrorError, UnsafePathError, failur
 from .exclude import make_excluder
 from .guard import DeletionPolicy, ReplicaGuard, SourceGuard
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Planner, source_dir_entry
-from .safefs import ConfinedTree
+from .safefs import ConfinedTree, settled_stat
 from .statedir import check_root, resolve_state_dir
 from .treescan import Scope
 
@@ -214,7 +214,10 @@ class _Run:
             return
         with f:
             fd = f.fileno()
-            before = os.fstat(fd)
+            before = settled_stat(fd)
+            if before is None:
+                self.out.failed.append((path, "changed while it was being copied; sync again to pick it up"))
+                return
             commit, reason = self.writer.new_file(path)
             if commit is None:
                 self.writer.fail(None, path, reason)

@@ -20,6 +20,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -571,3 +572,23 @@ def fsync_all(fds: list[int]) -> None:
         worker.join()
     if errors:
         raise errors[0]
+
+
+# A file's times come from the kernel's coarse clock, one tick (1-10 ms) at a time: two writes
+# within one tick leave the same mtime and ctime, so a copy made in that tick cannot be told
+# from a whole one by its times.  A file changed less than this long ago is let settle first.
+SETTLE_NS = 10_000_000
+SETTLE_TRIES = 3
+
+
+def settled_stat(fd: int) -> os.stat_result | None:
+    """``fstat(fd)`` once the file's last change is at least ``SETTLE_NS`` old, so that any
+    change from now on moves its ctime; None if it kept changing (it is being written)."""
+    for _ in range(SETTLE_TRIES):
+        st = os.fstat(fd)
+        wait = st.st_ctime_ns + SETTLE_NS - time.time_ns()
+        if wait <= 0:
+            return st
+        time.sleep(wait / 1e9)
+    st = os.fstat(fd)
+    return st if st.st_ctime_ns + SETTLE_NS <= time.time_ns() else None

@@ -57,7 +57,7 @@ from .lockfile import is_locked, status
 from .plan import ATTRS, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op, Planner, source_dir_entry
 from .records import DELTA_THRESHOLD, SenderOptions, SendOutcome, TransferStats
 from .renames import plan as plan_renames
-from .safefs import ConfinedTree
+from .safefs import ConfinedTree, settled_stat
 from .statedir import resolve_state_dir
 from .treescan import Scope, TreeScan, source_scan, stop_scans
 
@@ -594,7 +594,10 @@ class Sender:
             return
         with f:
             fd = f.fileno()
-            before = os.fstat(fd)
+            before = settled_stat(fd)
+            if before is None:
+                self.out.failed.append((path, "changed while it was being sent; sync again to pick it up"))
+                return
             if not stat.S_ISREG(before.st_mode):
                 self.out.failed.append((path, "changed type on the sender since the scan"))
                 return
