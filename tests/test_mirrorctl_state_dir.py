@@ -41,6 +41,7 @@ lock_file = "{root}/{{node}}/www.lock"
 
 def load(tmp_path):
     (tmp_path / "secret").write_bytes(b"0123456789abcdef0123")
+    (tmp_path / "secret").chmod(0o600)
     path = tmp_path / "h.toml"
     path.write_text(CONFIG.format(root=tmp_path))
     return config.load(str(path))

@@ -247,9 +247,14 @@ def test_a_frozen_leader_loses_the_vip_before_anyone_takes_it(hlab):
               f"{new} took it {held_new[0] - frozen_at:.2f} s after it")  # fmt: skip
         assert not missing(tree(hlab, new), acked)
         hw.freeze(leader, False)
-        assert wait_for(lambda: (hw.status(leader) or {}).get("leader") == new, 30), logs(hw)
-        time.sleep(1)
-        assert not hlab.vip_on(leader) and client.answering(time.monotonic() - 0.5) == new
+        # Thawed, it follows the new leader.  With etcd before the fix of etcd-io/etcd#15247
+        # (Debian 12 ships 3.4.23) the thawed etcd member, the raft leader when frozen, revokes
+        # every lease as it resumes, the new leader's too: the new leader then stops and any
+        # member may win again (docs/ETCD.md).  Either way one leader serves the VIP, and the
+        # samplers (client.check) never see two holders.
+        assert wait_for(lambda: (hw.status(leader) or {}).get("leader") in NODES, 30), logs(hw)
+        now_leading = hw.status(leader)["leader"]
+        assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == now_leading, 30), logs(hw)
     finally:
         if leader is not None:
             hw.freeze(leader, False)
