@@ -346,12 +346,3 @@ def want_len(message: list, n: int) -> list:
     if len(message) != n:
         raise ProtocolError(f"malformed {message[0]!r} message ({len(message)} fields, expected {n})")
     return message
-
-
-def load_secret(path: str) -> bytes:
-    """A shared secret from a file: its first line, which must not be empty."""
-    with open(path, "rb") as f:
-        secret = f.read(4096).split(b"\n", 1)[0].strip()
-    if len(secret) < 8:
-        raise AuthError(f"{path}: the shared secret must be at least 8 bytes on its first line")
-    return secret

@@ -122,9 +122,9 @@ class Connection:
         if not os.path.isdir(self.src):
             raise UsageError(f"source {self.src.decode(errors='replace')!r} is not a directory")
         if secret is None and secret_file:
-            from .protocol import load_secret
+            from .secretfile import read_secret_file  # the one rule for every secret file
 
-            secret = load_secret(secret_file)
+            secret = read_secret_file(secret_file)
         self.dest = parse_destination(dst)
         for name, value in (("timeout", timeout), ("contimeout", contimeout)):
             if value is not None and value < 0:
