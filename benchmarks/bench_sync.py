@@ -91,7 +91,9 @@ def restore_from(reference: str, target: str):
     then flush it, so no run pays for the previous one's writeback."""
 
     def prepare():
-        subprocess.run(["rsync", "-a", "--delete", reference + "/", target + "/"], check=True)
+        # the reference's state dir stays out: it records the tree the reference mirrors, and the
+        # source guard rightly refuses a replica that says it mirrors another tree
+        subprocess.run(["rsync", "-a", "--delete", "--exclude=/.mirror/", reference + "/", target + "/"], check=True)
         os.sync()
 
     return prepare
@@ -166,6 +168,9 @@ def s4_source(a: str) -> str:
     a4 = os.path.join(os.path.dirname(a), "A4")
     if not os.path.isdir(a4):
         subprocess.run(["cp", "-a", a, a4 + ".tmp"], check=True)
+        # A's state (its tree identity above all) belongs to A: a copy that kept it would be
+        # refused by the source guard as a tree that moved.
+        shutil.rmtree(os.path.join(a4 + ".tmp", ".mirror"), ignore_errors=True)
         print(corpus.mutate(a4 + ".tmp", seed=3), file=sys.stderr)
         os.rename(a4 + ".tmp", a4)
     return a4
