@@ -41,6 +41,25 @@ def report(command: str, what: str, problems: list[str]) -> int:
     return EXIT_OK
 
 
+def check(command: str, args, problems: list[str], read_config, from_args, host_problems) -> int:
+    """``mirror serve|daemon --check``: the configuration file (``read_config``) or the options
+    (``from_args``), then this host (``host_problems``); every problem reported at once."""
+    from ..errors import MirrorError
+
+    if args.config:
+        config, found = read_config(args.config)
+        problems += found.items
+    else:
+        try:
+            config = from_args(args)
+        except MirrorError as exc:
+            config = None
+            problems.append(str(exc))
+    if config is not None:
+        problems += host_problems(config, args.config)
+    return report(command, args.config or "the command line", problems)
+
+
 def address_problem(host: str) -> str | None:
     """Why this host cannot listen on ``host``, or None."""
     if host in ("", "0.0.0.0", "::"):

@@ -157,24 +157,12 @@ def run(args) -> int:
 def _check(args) -> int:
     """``--check``: every problem of the configuration (or the arguments) and of this host."""
     from ..config import read_daemon_config
-    from ..errors import MirrorError
-    from ._check import conflicts, daemon_host_problems, report
+    from ._check import check, conflicts, daemon_host_problems
 
     problems = conflicts(args, set())
-    if args.config:
-        if args.src or args.dst:
-            problems.append("SRC DST: cannot be combined with --config")
-        config, found = read_daemon_config(args.config)
-        problems += found.items
-    else:
-        try:
-            config = _config_from_args(args)
-        except MirrorError as exc:
-            config = None
-            problems.append(str(exc))
-    if config is not None:
-        problems += daemon_host_problems(config, args.config)
-    return report("daemon", args.config or "the command line", problems)
+    if args.config and (args.src or args.dst):
+        problems.append("SRC DST: cannot be combined with --config")
+    return check("daemon", args, problems, read_daemon_config, _config_from_args, daemon_host_problems)
 
 
 class _Readiness:

@@ -110,21 +110,10 @@ def _config_from_args(args) -> ServeConfig:
 
 def _check(args) -> int:
     """``--check``: every problem of the configuration (or the options) and of this host."""
-    from ._check import conflicts, report, serve_host_problems
+    from ._check import check, conflicts, serve_host_problems
 
-    problems = conflicts(args, WITH_CONFIG)
-    if args.config:
-        config, found = read_serve_config(args.config)
-        problems += found.items
-    else:
-        try:
-            config = _config_from_args(args)
-        except MirrorError as exc:
-            config = None
-            problems.append(str(exc))
-    if config is not None:
-        problems += serve_host_problems(config, args.config)
-    return report("serve", args.config or "the command line", problems)
+    return check("serve", args, conflicts(args, WITH_CONFIG), read_serve_config, _config_from_args,
+                 serve_host_problems)  # fmt: skip
 
 
 def _describe(server) -> str:
