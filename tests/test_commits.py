@@ -3,6 +3,7 @@ one is fsynced (mirror.commits): what is renamed into place is always on disk fi
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
@@ -16,40 +17,60 @@ import xxhash
 from mirror import protocol as P
 from mirror.commits import BATCH_FILES as BATCH
 from mirror.commits import DIR_SYNCS_HELD_RAISED
+from mirror.safefs import syncfs
 from tests.helpers import REPO, run_mirror
 from tests.peers import ATTRS, RawSession, temp_files
 from tests.snapshot import assert_mirrors
 
 _CREATED = re.compile(rb'^openat\(.*"(\.hamirror\.[0-9a-f]+\.tmp)", [A-Z_|]*O_CREAT')
-_FSYNC = re.compile(rb"^fsync\(\d+<([^>]*)>")
+_FSYNC = re.compile(rb"^(fsync|syncfs)\(\d+<([^>]*)>")
+_WRITTEN = re.compile(rb"^(?:write\(|pwrite64\(|copy_file_range\(\d+<[^>]*>, NULL, )\d+<([^>]*)>")
 _RENAMED = re.compile(rb'^renameat2?\(\d+<[^>]*>, "([^"]*)", \d+<([^>]*)>, "[^"]*"\) = 0')
 
 
-def _commit_events(log: bytes):
-    """From ``strace -f -y`` output of openat, fsync and renameat: for each temporary file
-    the line where it was created and where it was renamed, the line where each fsync
-    finished (by the path its descriptor had), and where each directory's fsyncs started."""
-    created, renamed, fsynced, dir_fsyncs = {}, {}, {}, {}
-    unfinished = {}
+def strace_calls(log: bytes):
+    """``strace -f`` output as (line it started on, line it returned on, the whole call),
+    an interrupted call (``<unfinished ...>`` ... ``<... resumed>``) joined into one."""
+    started = {}
     for i, line in enumerate(log.splitlines()):
         pid, _, call = line.partition(b" ")
         call = call.strip()
-        if call.startswith(b"<... fsync resumed>"):
-            path = unfinished.pop(pid)
-            fsynced.setdefault(path, i)
-            continue
+        if call.startswith(b"<... "):
+            first, head = started.pop(pid)
+            yield first, i, head + call.partition(b"resumed>")[2]
+        elif call.endswith(b"<unfinished ...>"):
+            started[pid] = (i, call[: -len(b"<unfinished ...>")].rstrip())
+        else:
+            yield i, i, call
+
+
+def _commit_events(log: bytes):
+    """From ``strace -f -y`` output of openat, the writes, fsync, syncfs and renameat: for
+    each temporary file the line where it was created, where its data was last written and
+    where it was renamed; where each fsync finished (by the path its descriptor had); and
+    each syncfs as (started, finished)."""
+    created, written, renamed, fsynced, syncfs, dir_fsyncs = {}, {}, {}, {}, [], {}
+    for first, last, call in strace_calls(log):
         if (m := _FSYNC.match(call)) is not None:
-            path = m.group(1)
-            dir_fsyncs.setdefault(path, []).append(i)
-            if call.endswith(b"<unfinished ...>"):
-                unfinished[pid] = path
+            if m.group(1) == b"syncfs":
+                syncfs.append((first, last))
             else:
-                fsynced.setdefault(path, i)
+                fsynced.setdefault(m.group(2), last)
+                dir_fsyncs.setdefault(m.group(2), []).append(first)
+        elif (m := _WRITTEN.match(call)) is not None:
+            written[m.group(1)] = last
         elif (m := _CREATED.match(call)) is not None:
-            created[m.group(1)] = i
+            created[m.group(1)] = first
         elif (m := _RENAMED.match(call)) is not None:
-            renamed[m.group(1)] = (i, m.group(2))
-    return created, renamed, fsynced, dir_fsyncs
+            renamed[m.group(1)] = (first, m.group(2))
+    return created, written, renamed, fsynced, syncfs, dir_fsyncs
+
+
+def durable_between(after: int, before: int, path: bytes, fsynced: dict, syncfs: list) -> bool:
+    """Whether ``path`` was made durable by a call that began after line ``after`` and
+    returned before line ``before``: its own fsync, or a syncfs of the filesystem."""
+    done = fsynced.get(path)
+    return (done is not None and after < done < before) or any(after < s and e < before for s, e in syncfs)
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
@@ -60,21 +81,23 @@ def test_each_file_is_on_disk_before_it_is_renamed_while_the_next_batch_is_writt
         for i in range(300):  # 900 files: three full batches and a last partial one
             (src / f"d{d}" / f"f{i:03d}").write_bytes(b"%d %d\n" % (d, i) * (i + 1))
     log = tmp_path / "strace.log"
-    traced = ["strace", "-f", "-qq", "-y", "-s", "256", "-o", str(log), "-e", "trace=openat,fsync,renameat,renameat2,fadvise64"]
+    traced = ["strace", "-f", "-qq", "-y", "-s", "256", "-o", str(log), "-e",
+              "trace=openat,write,pwrite64,copy_file_range,fsync,syncfs,renameat,renameat2,fadvise64"]  # fmt: skip
     proc = run_mirror("sync", src, dst, prefix=traced)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_mirrors(src, dst)
-    created, renamed, fsynced, dir_fsyncs = _commit_events(log.read_bytes())
+    created, written, renamed, fsynced, syncfs, dir_fsyncs = _commit_events(log.read_bytes())
     assert len(renamed) == 900 and set(renamed) <= set(created)
     temp_dir = os.fsencode(dst / ".mirror" / "tmp")
     for temp, (line, _) in renamed.items():
-        finished = fsynced.get(temp_dir + b"/" + temp)
-        assert finished is not None and finished < line, (temp, finished, line)
+        path = temp_dir + b"/" + temp
+        assert path in written, temp
+        assert durable_between(written[path], line, path, fsynced, syncfs), (temp, written[path], line)
     last_rename = {}
     for line, directory in renamed.values():
         last_rename[directory] = max(line, last_rename.get(directory, 0))
     for directory, line in last_rename.items():
-        assert any(start > line for start in dir_fsyncs.get(directory, [])), directory
+        assert durable_between(line, 1 << 62, directory, {d: max(v) for d, v in dir_fsyncs.items()}, syncfs), directory
     # The overlap (when the open-file limit can be raised for it): the first batch is renamed
     # only once the second is written.
     if resource.getrlimit(resource.RLIMIT_NOFILE)[1] >= 8 * DIR_SYNCS_HELD_RAISED:
@@ -159,3 +182,9 @@ def test_a_hard_link_to_a_queued_file_links_the_new_content(tmp_path):
     assert result[0] == P.RESULT and result[1]["failed"] == [], result
     assert (root / "b").read_bytes() == b"new content"
     assert os.stat(root / "a").st_ino == os.stat(root / "b").st_ino
+
+
+def test_a_failed_syncfs_is_an_error_with_its_reason():
+    with pytest.raises(OSError) as failed:
+        syncfs(-1)
+    assert failed.value.errno == errno.EBADF and "syncfs" in str(failed.value)

@@ -15,6 +15,7 @@ import pytest
 from mirror.epoch import bump_epoch
 from mirror.errors import AuthError, LockedError, MirrorError, StaleEpochError
 from mirror.lockfile import acquire
+from mirror.safefs import SYNCFS_FROM
 from mirror.transfer import parse_destination, sync
 from mirror.writerlock import WriterLock
 from tests.helpers import MIRROR, is_root, run_mirror, wait_until
@@ -347,32 +348,32 @@ def test_a_sync_that_changes_more_directories_than_the_descriptor_limit(tmp_path
     assert_mirrors(src, dst)
 
 
-_TRACED = "fsync,renameat,renameat2,unlinkat,utimensat,mkdirat"
+_TRACED = "fsync,syncfs,renameat,renameat2,unlinkat,utimensat,mkdirat"
 _FIRST_FD = re.compile(rb'^(\w+)\(\d+<([^>]*)>(?:, (NULL|"[^"]*"))?')
 _RENAME_TARGET = re.compile(rb'^renameat2?\(\d+<[^>]*>, "[^"]*", \d+<([^>]*)>')
 
 
 def _directory_changes_and_fsyncs(log: bytes):
-    """From ``strace -f -y`` output: [(line, "change"|"fsync", path)] in the order the calls
-    were made (a change counts when it returned, an fsync when it started)."""
+    """From ``strace -f -y`` output: [(line, "change"|"fsync"|"syncfs", path)] in the order
+    the calls were made (a change counts when it returned, an fsync or syncfs when it started)."""
     events, started = [], {}
     for i, line in enumerate(log.splitlines()):
         pid, _, call = line.partition(b" ")
         call = call.strip()
         if call.startswith(b"<... "):
             call = started.pop(pid)  # a change that returned counts from here, an fsync did
-            if call.startswith(b"fsync("):
+            if call.startswith((b"fsync(", b"syncfs(")):
                 continue
         elif call.endswith(b"<unfinished ...>"):
             started[pid] = call
-            if not call.startswith(b"fsync("):
+            if not call.startswith((b"fsync(", b"syncfs(")):
                 continue
         m = _FIRST_FD.match(call)
         if m is None:
             continue
         name, fd_path, arg = m.groups()
-        if name == b"fsync":
-            events.append((i, "fsync", fd_path))
+        if name in (b"fsync", b"syncfs"):
+            events.append((i, name.decode(), fd_path))
         elif name in (b"renameat", b"renameat2"):
             events.append((i, "change", _RENAME_TARGET.match(call).group(1)))
         elif name == b"utimensat" and arg == b"NULL":
@@ -383,18 +384,19 @@ def _directory_changes_and_fsyncs(log: bytes):
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
-def test_each_changed_directory_is_fsynced_once_after_its_last_change(tmp_path):
+@pytest.mark.parametrize("count", [SYNCFS_FROM // 2, 200])
+def test_each_changed_directory_is_made_durable_after_its_last_change(tmp_path, count):
     # Invariant 1 ends with "fsync the directory": after the rename, and after anything else
     # the session changes in it (deletions, its restored times), or that change may not
-    # survive a crash.  Once is enough: 200 directories, more than the receiver holds
-    # descriptors for at a time.
+    # survive a crash.  A few directories are fsynced, each once; many (200: more than the
+    # receiver holds descriptors for at a time) by a syncfs of their filesystem.
     src, dst = tmp_path / "src", tmp_path / "dst"
-    for i in range(200):
+    for i in range(count):
         (src / f"d{i:03d}").mkdir(parents=True)
         (src / f"d{i:03d}" / "f").write_bytes(b"old")
         (src / f"d{i:03d}" / "g").write_bytes(b"gone soon")
     assert run_mirror("sync", src, dst).returncode == 0
-    for i in range(200):
+    for i in range(count):
         (src / f"d{i:03d}" / "f").write_bytes(b"new content %d" % i)
         if i % 2:
             (src / f"d{i:03d}" / "g").unlink()
@@ -404,18 +406,22 @@ def test_each_changed_directory_is_fsynced_once_after_its_last_change(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_mirrors(src, dst)
     events = _directory_changes_and_fsyncs(log.read_bytes())
-    directories = {os.fsencode(dst / f"d{i:03d}") for i in range(200)}
+    directories = {os.fsencode(dst / f"d{i:03d}") for i in range(count)}
     last_change, fsyncs = {}, {}
+    syncfs = [line for line, what, _ in events if what == "syncfs"]
     for line, what, path in events:
         if path in directories:
             if what == "change":
                 last_change[path] = line
-            else:
+            elif what == "fsync":
                 fsyncs.setdefault(path, []).append(line)
     assert set(last_change) == directories  # every one changed: a new f, its times, half lost g
     for path in directories:
-        assert len(fsyncs.get(path, [])) == 1, (path, fsyncs.get(path))
-        assert fsyncs[path][0] > last_change[path], path
+        assert len(fsyncs.get(path, [])) <= 1, (path, fsyncs.get(path))  # never twice
+        after = [line for line in fsyncs.get(path, []) + syncfs if line > last_change[path]]
+        assert after, path
+    # which of the two it was: fsyncs for a few, a syncfs for many
+    assert bool(syncfs) == (count >= SYNCFS_FROM)
 
 
 def test_parse_destination():
