@@ -114,7 +114,8 @@ class Batches:
             directories.close()
             raise
         self._fsyncing, self._filling, self._filling_bytes = self._filling, [], 0
-        self._worker = _Job([commit.file.fileno() for commit, _ in self._fsyncing], directories)
+        self._worker = _Job([commit.file.fileno() for commit, _ in self._fsyncing], sum(size for _, size in self._fsyncing),
+                            directories)  # fmt: skip
 
     def drain(self, dir_syncs: DirSyncs | None = None) -> None:
         """Commit everything queued now: data durable, renamed, renames durable.
@@ -130,7 +131,7 @@ class Batches:
             self._fsyncing = []
             if self._filling:
                 if self.sync_writes:  # if it fails they stay queued, for discard() to drop
-                    fsync_all([commit.file.fileno() for commit, _ in self._filling])
+                    fsync_all([commit.file.fileno() for commit, _ in self._filling], self._filling_bytes)
                 filling, self._filling, self._filling_bytes = self._filling, [], 0
                 self._rename_into(filling, dir_syncs)
             if own:
@@ -205,16 +206,17 @@ class _Job:
     """In a thread of its own: fsync a batch's files, then the directories the batch before
     it was renamed into; ``error`` after ``join``."""
 
-    def __init__(self, files: list[int], directories: DirSyncs):
+    def __init__(self, files: list[int], nbytes: int, directories: DirSyncs):
         self.error: BaseException | None = None
         self._files = files
+        self._nbytes = nbytes
         self._directories = directories
         self._thread = threading.Thread(target=self._run, name="commit", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            fsync_all(self._files)
+            fsync_all(self._files, self._nbytes)
             self._directories.sync()
         except BaseException as exc:
             self.error = exc
@@ -301,4 +303,3 @@ def _identity(fd: int) -> tuple[int, int]:
     mount below the root has its own inode numbers)."""
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
-

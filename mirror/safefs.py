@@ -34,8 +34,10 @@ TEMP_SUFFIX = b".tmp"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FD_CACHE = 128  # directory descriptors kept open per tree
 _FSYNC_THREADS = 8
-# From this many descriptors on, one syncfs per filesystem replaces their fsyncs (see fsync_all).
+# From this many descriptors on, one syncfs per filesystem replaces their fsyncs (see fsync_all),
+# while the machine holds at most this much dirty data beyond the batch's own.
 SYNCFS_FROM = 16
+SYNCFS_OTHERS_MAX = 32 << 20
 _REAPER_INLINE = 8  # replaced files a tree frees itself before it starts its reaper thread
 _REAPER_BACKLOG = 1024  # replaced files held for the reaper at most; beyond, released inline
 
@@ -547,16 +549,18 @@ def _unlink_quietly(dir_fd: int, name: bytes) -> None:
         pass
 
 
-def fsync_all(fds: list[int]) -> None:
-    """Make what the descriptors refer to durable (data and metadata, like fsync on each).
+def fsync_all(fds: list[int], nbytes: int = 0) -> None:
+    """Make what the descriptors refer to durable (data and metadata, like fsync on each);
+    ``nbytes``: how much data they hold, if known.
 
     A few are fsynced in parallel, so the filesystem folds them into few journal commits.
     From ``SYNCFS_FROM`` on, one ``syncfs`` per filesystem does it instead: one writeback
     pass and one journal commit for the whole batch, where many small files' fsyncs cost a
-    commit round each.  Its price is that it also writes back other processes' dirty data
-    on that filesystem, which the kernel would write within its expiry time anyway.
+    commit round each.  But syncfs writes back every dirty page of the file system, other
+    processes' too: it is used only while the machine's dirty data beyond the batch's own is
+    small (``SYNCFS_OTHERS_MAX``), so a busy server never waits for someone else's writes.
     syncfs reports writeback errors since Linux 5.8 (errors since the descriptor was opened)."""
-    if len(fds) >= SYNCFS_FROM:
+    if len(fds) >= SYNCFS_FROM and dirty_bytes() <= nbytes + SYNCFS_OTHERS_MAX:
         one_per_fs: dict[int, int] = {}
         for fd in fds:
             one_per_fs.setdefault(os.fstat(fd).st_dev, fd)
@@ -584,6 +588,16 @@ def fsync_all(fds: list[int]) -> None:
         worker.join()
     if errors:
         raise errors[0]
+
+
+def dirty_bytes() -> int:
+    """The machine's page cache waiting to be written or being written (``/proc/meminfo``)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 1 << 62  # unknown: assume the worst
+    return sum(int(line.split()[1]) << 10 for line in lines if line.startswith((b"Dirty:", b"Writeback:")))
 
 
 _libc_syncfs = None

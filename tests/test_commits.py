@@ -188,3 +188,33 @@ def test_a_failed_syncfs_is_an_error_with_its_reason():
     with pytest.raises(OSError) as failed:
         syncfs(-1)
     assert failed.value.errno == errno.EBADF and "syncfs" in str(failed.value)
+
+
+_BUSY_MACHINE = """
+import os, sys
+from mirror.safefs import SYNCFS_OTHERS_MAX, dirty_bytes, fsync_all
+work = sys.argv[1]
+with open(os.path.join(work, "someone-else"), "wb") as f:  # written, never fsynced
+    for _ in range(4 * SYNCFS_OTHERS_MAX >> 20):
+        f.write(os.urandom(1 << 20))
+assert dirty_bytes() > 2 * SYNCFS_OTHERS_MAX, dirty_bytes()
+fds = []
+for i in range(40):
+    fd = os.open(os.path.join(work, f"f{i}"), os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"ours %d" % i)
+    fds.append(fd)
+fsync_all(fds, nbytes=400)
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
+def test_a_batch_is_fsynced_file_by_file_while_the_machine_has_much_else_to_write(tmp_path):
+    # syncfs would make the batch wait for someone else's 128 MiB: each file is fsynced instead.
+    log = tmp_path / "strace.log"
+    proc = subprocess.run(["strace", "-f", "-qq", "-o", str(log), "-e", "trace=fsync,syncfs",
+                           sys.executable, "-c", _BUSY_MACHINE, str(tmp_path)],
+                          cwd=REPO, capture_output=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calls = [line.split(None, 1)[1] for line in log.read_bytes().splitlines() if b"resumed>" not in line]
+    assert sum(call.startswith(b"fsync(") for call in calls) == 40
+    assert not any(call.startswith(b"syncfs(") for call in calls)
