@@ -1,7 +1,7 @@
 """S1n, S3, S4 (and the delta threshold) side by side with rsync and cp -a.
 
     python -m benchmarks.bench_sync --workdir /work/bench [--files 50000 --bytes 6G]
-                                    [--runs 5] [--scenarios S1n,S3,S4,S4f,threshold]
+                                    [--runs 5] [--scenarios S1n,S3,S4,S4f,threshold] [--cold]
 
 - S1n: an unchanged replica over loopback: `mirror sync A mirror://127.0.0.1:P/m` against
   `rsync -a --delete A/ rsync://127.0.0.1:Q/m/` (an rsync daemon started here).
@@ -33,7 +33,16 @@ import time
 
 from benchmarks import corpus
 from benchmarks.bench_compare import ensure_corpus
-from benchmarks.harness import MIRROR, Case, dentry_cache_note, have, measure, table
+from benchmarks.harness import (
+    MIRROR,
+    Case,
+    dentry_cache_note,
+    drop_caches,
+    have,
+    measure,
+    paired_ratio,
+    table,
+)
 
 
 def free_port() -> int:
@@ -107,13 +116,15 @@ def reset_from(snapshot: str, target: str):
     return prepare
 
 
-def empty(*dirs: str, flush: bool = False):
+def empty(*dirs: str, flush: bool = False, cold: bool = False):
     def prepare():
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
             os.makedirs(d)
         if flush:  # no run pays for the writeback of the one before
             os.sync()
+        if cold:  # the source read from disk, as a first mirror of a tree finds it
+            drop_caches()
 
     return prepare
 
@@ -218,6 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--scenarios", default="S1n,S4,S3")
+    ap.add_argument("--cold", action="store_true", help="S3: drop the page cache before every run (root)")
     args = ap.parse_args(argv)
     if not (have("rsync") and have("cp")):
         return 2
@@ -285,7 +297,7 @@ def main(argv=None) -> int:
 
     if "S3" in scenarios:
         dst = os.path.join(base, "B3")
-        prep = empty(dst, flush=True)
+        prep = empty(dst, flush=True, cold=args.cold)
         prep()
         servers = Servers(args.workdir, dst, dst)
         try:
@@ -303,12 +315,10 @@ def main(argv=None) -> int:
             ]
             results = measure(cases, max(1, args.runs // 2), warmup=0)
             print(table(results, "rsync -a A/ B3/ (local)", "S3: initial mirror into an empty replica"))
-            cp, cp_sync = results["cp -a A/. B3/"].median, results["cp -a A/. B3/ && sync"].median
-            ours = results["mirror sync A B3 (local)"].median
-            print(f"\nmirror local / cp -a: {ours / cp:.3f} "
-                  f"(--no-fsync: {results['mirror sync --no-fsync A B3 (local)'].median / cp:.3f}); "
-                  f"mirror local / (cp -a && sync): {ours / cp_sync:.3f}; "
-                  f"mirror local / (rsync -a && sync): {ours / results['rsync -a A/ B3/ && sync'].median:.3f}")
+            ours = results["mirror sync A B3 (local)"]
+            for peer in ("cp -a A/. B3/", "cp -a A/. B3/ && sync", "rsync -a A/ B3/ && sync"):
+                print(f"\nmirror sync A B3 (local) / ({peer}): paired {paired_ratio(ours, results[peer]):.3f}", end="")
+            print(f"\n\npage cache: {'dropped before every run' if args.cold else 'warm'}")
             print()
         finally:
             servers.close()
