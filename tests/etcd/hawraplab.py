@@ -158,6 +158,24 @@ class Hawrap:
         proc.wait(10)
         return t
 
+    def leftovers(self, node: str) -> list[str]:
+        """The processes running in ``node``'s namespace besides its etcd member (after
+        hawrap stopped there: none), with their command lines."""
+        etcd = self.lab.etcd.get(node)
+        out = []
+        for pid in self.lab.pids(node):
+            if etcd is not None and pid == etcd.pid:
+                continue
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    if f"PPid:\t{os.getpid()}\n" in f.read():
+                        continue  # the lab's own look inside the namespace (``ip addr show``)
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    out.append(f"{pid}: " + f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+            except OSError:
+                pass  # gone meanwhile
+        return out
+
     def freeze(self, node: str, on: bool) -> None:
         """SIGSTOP / SIGCONT every process of the node, its etcd member included: a paused VM
         (its kernel, which answers ARP for the VIP it holds, keeps running)."""

@@ -155,7 +155,11 @@ def test_a_replica_stopped_catches_up_and_the_other_is_not_held_back(hlab):
         leader = wait_leader(hw, client, 0.0)
         away, other = [n for n in NODES if n != leader]
         wait_replicated(hlab, [away, other], write_files(tree(hlab, leader), "start", 10))
+        began = time.monotonic()
         hw.stop(away)
+        print(f"hawrap stop of {away} took {time.monotonic() - began:.2f} s")
+        left = hw.leftovers(away)
+        assert not left, f"hawrap's stop left processes running on {away}: {left}\n{logs(hw)}"
         stopped, rounds, written = time.monotonic(), 0, {}
         while time.monotonic() - stopped < DOWN or rounds < 3:
             files = write_files(tree(hlab, leader), f"round{rounds}", 5)
