@@ -185,16 +185,33 @@ class Hawrap:
             except ProcessLookupError:
                 pass
 
-    def stop(self, node: str, timeout: float = 30) -> None:
+    def stop(self, node: str, timeout: float = 30) -> str:
+        """SIGTERM to hawrap (supervisor and node process), SIGKILL to both after ``timeout``.
+        Says how it ended: "stopped" is the only orderly way."""
         proc = self.procs.get(node)
-        if proc is None or proc.poll() is not None:
-            return
+        if proc is None:
+            return "not started"
+        if proc.poll() is not None:
+            return f"had exited ({proc.returncode})"
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            return f"killed: still running {timeout:g} s after SIGTERM"
+        return "stopped"
+
+    def kill_hawrap(self, node: str) -> None:
+        """SIGKILL to hawrap's process group alone (supervisor and node process): the mirror
+        processes, in sessions of their own, are not in it."""
+        proc = self.procs[node]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def mirror_pids(self, node: str) -> list[int]:
+        """The ``mirror`` processes running in ``node``'s namespace."""
+        return [int(line.split(":", 1)[0]) for line in self.leftovers(node) if " -m mirror " in line]
 
     def cli(self, node: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return self.lab.run_in(node, "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "hawrap", *args,

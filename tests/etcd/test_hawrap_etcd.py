@@ -14,6 +14,7 @@ writes.  Never two VIP holders, never an acknowledged file lost.  Times are prin
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -156,8 +157,9 @@ def test_a_replica_stopped_catches_up_and_the_other_is_not_held_back(hlab):
         away, other = [n for n in NODES if n != leader]
         wait_replicated(hlab, [away, other], write_files(tree(hlab, leader), "start", 10))
         began = time.monotonic()
-        hw.stop(away)
+        how = hw.stop(away)
         print(f"hawrap stop of {away} took {time.monotonic() - began:.2f} s")
+        assert how == "stopped", f"{how}\n{logs(hw)}"
         left = hw.leftovers(away)
         assert not left, f"hawrap's stop left processes running on {away}: {left}\n{logs(hw)}"
         stopped, rounds, written = time.monotonic(), 0, {}
@@ -175,6 +177,34 @@ def test_a_replica_stopped_catches_up_and_the_other_is_not_held_back(hlab):
         assert wait_for(
             lambda: (hw.status(leader) or {}).get("mirror", {}).get("replica", {}).get("in_sync"), 30
         )
+        assert client.answering(time.monotonic() - 0.5) == leader
+    finally:
+        client.stop()
+        for node in NODES:
+            hw.stop(node)
+    client.check()
+
+
+def test_hawrap_stopped_or_killed_on_a_replica_leaves_no_mirror_process(hlab):
+    """One replica's receiver is frozen (SIGSTOP) when its hawrap is stopped: the stop still
+    ends, by itself, and leaves nothing running.  The other replica's hawrap (supervisor and
+    node process, not the receiver in its session) is killed with SIGKILL: the receiver dies
+    with it, although no supervisor is left to clean up.  The leader serves throughout."""
+    hw, client = start_cluster(hlab)
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        frozen, killed = [n for n in NODES if n != leader]
+        wait_replicated(hlab, [frozen, killed], write_files(tree(hlab, leader), "start", 10))
+        receiver = hw.mirror_pids(frozen)
+        assert receiver, hw.leftovers(frozen)
+        for pid in receiver:
+            os.kill(pid, signal.SIGSTOP)
+        how = hw.stop(frozen)
+        assert how == "stopped", f"{how}\n{logs(hw)}"
+        assert not hw.leftovers(frozen)
+        assert hw.mirror_pids(killed), hw.leftovers(killed)
+        hw.kill_hawrap(killed)
+        assert wait_for(lambda: not hw.mirror_pids(killed), 10), hw.leftovers(killed)
         assert client.answering(time.monotonic() - 0.5) == leader
     finally:
         client.stop()
