@@ -2,10 +2,12 @@
 
 A Python signal handler runs in the main thread between two bytecodes, so it may interrupt
 the node's loop while that thread holds a lock: the events queue's (inside ``get``, which
-the loop calls twenty times a second) or the stop event's.  A handler that takes the same
+the loop calls twenty times a second), the stop event's, or the same lock taken by the
+handler that the signal interrupts (SIGTERM to hawrap's process group comes twice to the
+node process: from the kill, and forwarded by the supervisor).  A handler that takes such a
 lock (``Queue.put``, ``Event.set``) waits for itself forever: the node never stops, and its
-mirror processes go on after the supervisor gives up on it.  Here the real signal is sent
-while the real node object's locks are held, for both backends.
+mirror processes go on after hawrap is killed.  Here the real signal is sent while the real
+node object's locks are held, for both backends.
 """
 
 from __future__ import annotations

@@ -142,11 +142,6 @@ def test_leader_cut_from_the_etcd_majority_stops_serving_before_anyone_starts(hl
 DOWN = float(os.environ.get("HAMIRROR_REPLICA_DOWN", "4"))
 
 
-# Out of CI's default run for now: in 1 of 4 full runs the stopped replica still received the
-# leader's rounds, i.e. its receiver (a process in its own session) outlived `hawrap`'s stop.
-# Suspected: the stop took longer than the lab's 30 s and the group SIGKILL spared the receiver;
-# to be found and fixed, then this marker removed.  Run it with `-m slow`.
-@pytest.mark.slow
 def test_a_replica_stopped_catches_up_and_the_other_is_not_held_back(hlab):
     """One replica's hawrap (and its receiver) is stopped for HAMIRROR_REPLICA_DOWN seconds
     (the issue's scenario: a minute) while the leader keeps writing: the other replica gets
