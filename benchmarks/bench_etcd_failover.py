@@ -4,6 +4,7 @@ replication lag to each of the two replicas under a steady write load.
 Needs root (network namespaces), etcd and etcd3gw.  Run as:
 
     python -m benchmarks.bench_etcd_failover --trials 10 [--ttl 4] [--fault hawrap|power] [--json OUT]
+    python -m benchmarks.bench_etcd_failover --compare --trials 10 [--ttl 4] [--systems etcd,two-node,keepalived]
 
 The lab is tests/etcd/hawraplab.py: a three-member etcd cluster in namespaces, real
 ``hawrap run`` nodes beside it (VIP, the TCP service of tests/cluster, a fan-out mirror
@@ -15,8 +16,13 @@ VIP stays until the kernel expires it); ``power``: its link goes down and every 
 dies, its etcd member included.  The killed node is started again and rejoins as a replica
 before the next trial, which kills the new leader.
 
-The lag phase writes a file every ``--write-interval`` on the leader for ``--lag-seconds``
-and records, per replica, when each file appears there (polled every 5 ms).
+The lag phase writes a file every 50 ms on the leader for 20 s and records, per replica,
+when each file appears there (polled every 5 ms).
+
+``--compare`` measures instead the etcd mode beside the two-node mode and keepalived, in the
+same namespaces with the same client (``SharedLab``: the etcd lab plus a heartbeat link and a
+ping address), the primary losing power, ``--trials`` rounds of one trial per system in a
+shuffled order; ``--systems`` picks among etcd, two-node, keepalived, keepalived-fast.
 """
 
 from __future__ import annotations
@@ -179,11 +185,7 @@ class SharedLab(H.HawrapLab):
 
     def _build(self) -> None:
         super()._build()
-        E.sh("ip", "link", "add", "hb0", "netns", self.ns["n1"], "type", "veth", "peer", "name", "hb0",
-             "netns", self.ns["n2"])  # fmt: skip
-        for node, addr in HB.items():
-            E.sh("ip", "-n", self.ns[node], "addr", "add", f"{addr}/24", "dev", "hb0")
-            E.sh("ip", "-n", self.ns[node], "link", "set", "hb0", "up")
+        self.add_link("hb0", HB)
         E.sh("ip", "-n", self.ns["br"], "addr", "add", f"{PING_NODE}/24", "dev", "br0")
 
 

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from etcdlab import ADDR, CLIENT_PORT, NODES, Lab, sh
+from etcdlab import ADDR, CLIENT_PORT, NODES, Lab
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -37,14 +37,11 @@ SAMPLE_PERIOD = 0.05
 class HawrapLab(Lab):
     """The etcd lab with a client namespace on the bridge."""
 
+    NAMESPACES = (*NODES, "c")
+
     def _build(self) -> None:
-        self.ns["c"] = f"{self.p}-c"
         super()._build()
-        sh("ip", "link", "add", "lan0", "netns", self.ns["c"], "type", "veth", "peer", "name", "c-lan",
-           "netns", self.ns["br"])  # fmt: skip
-        sh("ip", "-n", self.ns["br"], "link", "set", "c-lan", "master", "br0", "up")
-        sh("ip", "-n", self.ns["c"], "addr", "add", f"{CLIENT}/24", "dev", "lan0")
-        sh("ip", "-n", self.ns["c"], "link", "set", "lan0", "up")
+        self.join_bridge("c", CLIENT)
 
     def mac(self, node: str) -> str:
         return self.run_in(node, "cat", "/sys/class/net/lan0/address").stdout.strip()
@@ -52,9 +49,6 @@ class HawrapLab(Lab):
     def vip_on(self, node: str) -> bool:
         r = self.run_in(node, "ip", "-o", "-4", "addr", "show", "dev", "lan0", check=False)
         return f"inet {VIP}/" in r.stdout
-
-    def pids(self, node: str) -> list[int]:
-        return [int(p) for p in sh("ip", "netns", "pids", self.ns[node], check=False).stdout.split()]
 
 
 def tree(lab: Lab, node: str) -> str:
