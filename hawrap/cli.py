@@ -260,10 +260,16 @@ def cmd_run(cfg, node, args) -> int:
         n = Node(cfg, node)
     n.on_role_change = lambda role, reason: _report_role(notifier, role, reason)
     notifier.status("init: waiting to hear the peer and to see the own LAN healthy")
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: (notifier.stopping(), n.stop()))
+    stop_on_signals(n, notifier)
     n.run()
     return EXIT_OK
+
+
+def stop_on_signals(n, notifier) -> None:
+    """SIGTERM and SIGINT stop the node ``n`` in order, through ``request_stop``: the only
+    call that is safe in a handler interrupting the node's own loop."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: (notifier.stopping(), n.request_stop()))
 
 
 def _report_role(notifier, role: str, reason: str) -> None:

@@ -110,6 +110,7 @@ class EtcdNode(Listener):
         self._mirror_alerted: set[str] = set()
         self._rejoined_at: dict | None = None  # the trees' epochs when this node (re)joined as a replica
         self._stop = threading.Event()
+        self._stop_requested = False  # by a signal (``request_stop``)
         self.transitions: list[dict] = []
         self.progress = watchdog.Progress()
         self.feeder: watchdog.Feeder | None = None
@@ -239,10 +240,17 @@ class EtcdNode(Listener):
         self._stop.set()
         self.events.put(("stop", None))
 
+    def request_stop(self) -> None:
+        """``stop`` from a signal handler: a plain store the loop sees within TICK.  The handler
+        runs in the main thread between two bytecodes, possibly while that thread holds the
+        events queue's lock (inside ``get``) or the stop event's: ``put`` or ``set`` there
+        would wait for it forever, and the node would never stop."""
+        self._stop_requested = True
+
     def run(self) -> None:
         self.start()
         try:
-            while not self._stop.is_set():
+            while not (self._stop_requested or self._stop.is_set()):
                 try:
                     kind, payload = self.events.get(timeout=TICK)
                 except queue.Empty:

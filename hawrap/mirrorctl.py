@@ -19,10 +19,12 @@ Placeholders in the configured argv: ``{mirror}`` (the mirror command, spliced),
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -41,6 +43,7 @@ from .errors import HawrapError
 log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0  # a mirror process that exits is restarted after this long
+STOP_GRACE = 5.0  # after SIGTERM, a mirror process has this long to finish cleanly, then SIGKILL
 STATUS_STALE = 2.0  # the daemon rewrites its status at least twice a second: older than this, it is stuck
 
 
@@ -82,6 +85,36 @@ def engine_available(command: tuple[str, ...] = ("mirror",)) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def parent_death_prefix() -> tuple[str, ...]:
+    """``setpriv --pdeathsig KILL --`` (util-linux), spliced before every long-running mirror
+    command: the kernel kills the process as soon as the thread that started it dies, so a
+    node process killed with SIGKILL (or by the OOM killer) leaves no receiver or daemon
+    mirroring on its own, even when no supervisor is left to clean up.  The signal is set in
+    the child before it execs, which ``subprocess`` can only do from Python in a forked copy
+    of this multi-threaded process (``preexec_fn``: unsafe).  Empty where setpriv is missing
+    or too old: then the pid files and ``stop_orphans`` are the only cleanup."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ()
+    try:
+        probe = subprocess.run(
+            [setpriv, "--pdeathsig", "KILL", "--", "true"], capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return (setpriv, "--pdeathsig", "KILL", "--") if probe.returncode == 0 else ()
+
+
+def _signal_group(proc: subprocess.Popen, *signums: int) -> None:
+    """Signal the process's group (the process and whatever it started), if not yet reaped."""
+    for signum in signums:
+        if proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+
 class _Supervised:
     """A long-running mirror process, restarted after RESTART_DELAY if it exits.
     ``on_exit(name, code, message)`` hears of every unexpected exit (code None: it could not
@@ -109,8 +142,13 @@ class _Supervised:
                     if self._stop.is_set():
                         return
                     self.started_at = time.time()
+                    # started from this thread, which lives as long as the process: the
+                    # parent-death signal fires when the node process dies, not before
                     self.proc = subprocess.Popen(
-                        self.argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+                        [*parent_death_prefix(), *self.argv],
+                        stdin=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        start_new_session=True,
                     )
             except OSError as exc:
                 log.error("mirror %s: cannot start %s: %s", self.name, self.argv[0], exc.strerror)
@@ -138,31 +176,52 @@ class _Supervised:
                 self.on_exit(self.name, code, last)
             self._stop.wait(RESTART_DELAY)
 
+    def _halt(self) -> subprocess.Popen | None:
+        """No (re)start from now on; the current process, if any."""
+        with self._spawn:
+            self._stop.set()
+            return self.proc
+
     def kill(self) -> None:
         """SIGKILL now, not restarted, without waiting (``stop`` reaps it)."""
-        with self._spawn:
-            self._stop.set()
-            proc = self.proc
+        proc = self._halt()
         if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _signal_group(proc, signal.SIGKILL)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (the engine finishes or abandons the current file cleanly), then SIGKILL."""
-        with self._spawn:
-            self._stop.set()
-            proc = self.proc
+    def terminate(self) -> None:
+        """SIGTERM (the engine finishes or abandons the current file cleanly), not restarted,
+        without waiting.  SIGCONT after it: a stopped process (SIGSTOP, a debugger) would
+        otherwise hold the signal pending until the grace ran out."""
+        proc = self._halt()
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            _signal_group(proc, signal.SIGTERM, signal.SIGCONT)
+
+    def reap(self, deadline: float) -> None:
+        """Wait for the process until ``deadline`` (time.monotonic()), then SIGKILL it."""
+        proc = self.proc
+        if proc is not None:
             try:
-                proc.wait(timeout)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self._thread.join(timeout)
-        if self.pid_file:
+                log.warning(
+                    "mirror %s (pid %d) ignored SIGTERM for %g s: SIGKILL", self.name, proc.pid, STOP_GRACE
+                )
+                _signal_group(proc, signal.SIGKILL)
+                try:
+                    proc.wait(STOP_GRACE)
+                except subprocess.TimeoutExpired:  # in an uninterruptible sleep (a hung disk)
+                    log.error(
+                        "mirror %s (pid %d) survives SIGKILL (uninterruptible sleep?)", self.name, proc.pid
+                    )
+        self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        if self.pid_file and (proc is None or proc.returncode is not None):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.pid_file)
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns once it is gone."""
+        self.terminate()
+        self.reap(time.monotonic() + grace)
 
 
 def stop_orphans(pid_dir: str, timeout: float = 10.0) -> list[str]:
@@ -179,8 +238,9 @@ def stop_orphans(pid_dir: str, timeout: float = 10.0) -> list[str]:
         except (OSError, ValueError):
             alive = False
         if alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
+            for signum in (signal.SIGTERM, signal.SIGCONT):  # SIGCONT: a stopped one acts on it
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signum)
             deadline = time.monotonic() + timeout
             while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -458,9 +518,14 @@ class MirrorControl:
         for p in list(self._procs):
             p.kill()
 
-    def stop_processes(self) -> None:
+    def stop_processes(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM to every mirror process at once, SIGKILL to those still there after
+        ``grace``: the stop takes at most about ``grace``, however many trees."""
         for p in self._procs:
-            p.stop()
+            p.terminate()
+        deadline = time.monotonic() + grace
+        for p in self._procs:
+            p.reap(deadline)
         self._procs = []
 
     def close(self) -> None:

@@ -127,6 +127,7 @@ class Node:
         self._last_iteration = time.monotonic()
         self._pending_reply: dict | None = None
         self._stop = threading.Event()
+        self._stop_requested = False  # by a signal (``request_stop``)
         self._advertised: dict | None = None
         self._next_monitor = 0.0
         # Called with (role, reason) on every change of role, from the node's loop (systemd's
@@ -274,11 +275,17 @@ class Node:
         self._stop.set()
         self.events.put(("stop", None))
 
+    def request_stop(self) -> None:
+        """``stop`` from a signal handler: a plain store the loop sees within TICK.  The handler
+        runs in the main thread between two bytecodes, possibly while that thread holds the
+        events queue's lock (inside ``get``): ``put`` there would wait for it forever."""
+        self._stop_requested = True
+
     def run(self) -> None:
         """Until ``stop()``; then an orderly shutdown (resources stopped, VIP dropped)."""
         self.start()
         try:
-            while not self._stop.is_set():
+            while not (self._stop_requested or self._stop.is_set()):
                 try:
                     kind, payload = self.events.get(timeout=TICK)
                 except queue.Empty:
@@ -311,6 +318,7 @@ class Node:
                     self._monitor()
                     self._watch_replication()
         finally:
+            self._stop.set()  # (the heartbeat's exit is expected from here on)
             self.shutdown()
 
     def _heartbeat_message(self, msg: dict) -> bool:

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 MAX_RESTARTS = 5  # within RESTART_WINDOW seconds; more means a crash loop: give up
 RESTART_WINDOW = 60.0
 RESTART_DELAY = 0.5
+# A node process that has not stopped this long after SIGTERM is killed, and what it may
+# have left is cleaned up (its mirror processes die with it): before systemd's own
+# TimeoutStopSec (60 s in packaging/systemd/hawrap@.service) would kill the whole unit.
+STOP_TIMEOUT = 45.0
 
 
 def supervise(cfg: ClusterConfig, node: str, child_argv: list[str]) -> int:
@@ -68,9 +72,11 @@ def supervise(cfg: ClusterConfig, node: str, child_argv: list[str]) -> int:
                 child = subprocess.Popen(child_argv, env=env, pass_fds=(child_end,))
             finally:
                 os.close(child_end)
+            if stopping:  # SIGTERM came while it was being started: ``forward`` did not see it
+                child.send_signal(signal.SIGTERM)
             log.info("node process started (pid %d)", child.pid)
             try:
-                frozen = watchdog.watch(child, keepalive, cfg.timing.watchdog, lambda: stopping)
+                frozen = watchdog.watch(child, keepalive, cfg.timing.watchdog, lambda: stopping, STOP_TIMEOUT)
             finally:
                 os.close(keepalive)
             code = child.returncode
@@ -81,6 +87,8 @@ def supervise(cfg: ClusterConfig, node: str, child_argv: list[str]) -> int:
                     "watchdog", f"{why}; cleaning up (VIP, services) and starting a new one", "unknown", 0
                 )
             if stopping:
+                if code == -signal.SIGKILL:
+                    log.error("node process %d did not stop within %g s: killed", child.pid, STOP_TIMEOUT)
                 if code != 0:
                     _cleanup(cfg, node, f"node process exited {code} while stopping")
                 return 0 if code in (0, -signal.SIGTERM) else 1

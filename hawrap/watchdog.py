@@ -92,10 +92,18 @@ class Feeder:
         self._thread.join()
 
 
-def watch(proc: subprocess.Popen, fd: int, timeout: float, stopping: Callable[[], bool]) -> bool:
+def watch(
+    proc: subprocess.Popen,
+    fd: int,
+    timeout: float,
+    stopping: Callable[[], bool],
+    stop_timeout: float | None = None,
+) -> bool:
     """Wait for ``proc`` to exit; kill it (SIGKILL) if it sends no keepalive on ``fd`` for
     ``timeout`` seconds (``STARTUP_GRACE`` for the first).  Returns True if it was killed
-    for that.  While ``stopping()``, it is only waited for (an orderly stop takes its time)."""
+    for that.  While ``stopping()``, it is only waited for (an orderly stop takes its time),
+    for at most ``stop_timeout`` seconds: then it is killed too (returns False)."""
+    stop_began: float | None = None
     last = time.monotonic()
     limit = max(timeout, STARTUP_GRACE)
     open_ = True
@@ -115,17 +123,27 @@ def watch(proc: subprocess.Popen, fd: int, timeout: float, stopping: Callable[[]
             last = now  # we were not running (frozen with it, or starved): no verdict on that gap
         if proc.poll() is not None:
             return False
-        if stopping() or time.monotonic() - last < limit:
+        if stopping():
+            stop_began = now if stop_began is None else stop_began
+            if stop_timeout is None or now - stop_began < stop_timeout:
+                continue
+            _kill(proc)
+            return False
+        if time.monotonic() - last < limit:
             continue
         if open_ and _drain(fd)[0]:  # queued while we were not scheduled
             last, limit = time.monotonic(), timeout
             continue
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _kill(proc)
         return True
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        proc.send_signal(signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _drain(fd: int) -> tuple[bool, bool]:

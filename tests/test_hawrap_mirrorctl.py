@@ -3,9 +3,13 @@ commands built from the configured templates and run as real processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -68,7 +72,8 @@ def ctl(tmp_path, exits):
         f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n'
         f'if [ "$1" = sync ]; then exit $(cat {tmp_path}/sync-exit 2>/dev/null || echo 0); fi\n'
         f'if [ "$1" = daemon ] && [ -f {tmp_path}/daemon-exit ]; then echo "mirror daemon: refused: stale epoch" >&2; exit $(cat {tmp_path}/daemon-exit); fi\n'
-        "trap 'exit 0' TERM\nwhile :; do sleep 0.05; done\n"
+        f"if [ -f {tmp_path}/ignore-term ]; then trap '' TERM; else trap 'exit 0' TERM; fi\n"
+        "while :; do sleep 0.05; done\n"
     )
     recorder.chmod(0o755)
     for sub in ("a/spool", "a/www", "state/a"):
@@ -92,6 +97,15 @@ def wait_calls(tmp_path, n, timeout=10):
     while len(calls(tmp_path)) < n and time.monotonic() < deadline:
         time.sleep(0.02)
     return calls(tmp_path)
+
+
+def started(c, timeout=10):
+    """The processes ``c`` runs, once each is started (the stand-in may record its call
+    before the starting thread has stored its handle)."""
+    deadline = time.monotonic() + timeout
+    while any(p.proc is None for p in c._procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [p.proc for p in c._procs]
 
 
 def test_trees_resolved_per_node(ctl):
@@ -125,7 +139,7 @@ def test_sending_runs_one_daemon_per_tree_and_stops_them(ctl):
         f"daemon {tmp}/a/spool mirror://203.0.113.2:9999/spool --secret-file {secret} --lock-file {tmp}/a.lock --state-dir {tmp}/a/spool/.mirror",
         f"daemon {tmp}/a/www mirror://203.0.113.2:9999/www --secret-file {secret} --lock-file {tmp}/a.lock --state-dir {tmp}/a/www-state",
     ])  # fmt: skip
-    procs = [p.proc for p in c._procs]
+    procs = started(c)
     c.set_direction("receive")
     assert all(p.poll() is not None for p in procs)
     got = wait_calls(tmp, 3)
@@ -143,7 +157,7 @@ def test_a_daemon_that_exits_is_restarted(ctl, monkeypatch):
     monkeypatch.setattr(mirrorctl, "RESTART_DELAY", 0.05)
     c.set_direction("send")
     wait_calls(tmp, 2)
-    first = c._procs[0].proc
+    first = started(c)[0]
     first.kill()
 
     def restarted():
@@ -224,7 +238,7 @@ def test_mirror_processes_left_by_a_dead_node_are_stopped_by_cleanup(ctl):
     c, tmp = ctl
     c.set_direction("send")
     wait_calls(tmp, 2)
-    pids = [p.proc.pid for p in c._procs]
+    pids = [p.pid for p in started(c)]
     assert sorted(os.listdir(tmp / "state" / "a")) == ["mirror-daemon-spool.pid", "mirror-daemon-www.pid"]
     stopped = mirrorctl.stop_orphans(str(tmp / "state" / "a"))  # as if the node process had died
     assert len(stopped) == 2 and os.listdir(tmp / "state" / "a") == []
@@ -234,3 +248,85 @@ def test_mirror_processes_left_by_a_dead_node_are_stopped_by_cleanup(ctl):
         not os.path.exists(f"/proc/{pid}/cmdline") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
         for pid in pids
     )
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_stopped_receiver_is_continued_and_stops_on_sigterm(ctl):
+    """A receiver frozen by SIGSTOP (with everything it started) holds SIGTERM pending: the
+    stop continues it, so that it exits cleanly on SIGTERM (the stand-in's trap exits 0)
+    instead of waiting out the grace for SIGKILL."""
+    c, tmp = ctl
+    c.set_direction("receive")
+    wait_calls(tmp, 1)
+    proc = started(c)[0]
+    os.killpg(proc.pid, signal.SIGSTOP)
+    assert _wait(lambda: open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
+    c.stop_processes(grace=60)
+    assert proc.returncode == 0, f"exit {proc.returncode}: it did not act on SIGTERM"
+    assert not os.path.exists(tmp / "state" / "a" / "mirror-serve.pid")
+
+
+def test_a_receiver_ignoring_sigterm_is_killed_after_the_grace(ctl):
+    c, tmp = ctl
+    (tmp / "ignore-term").write_text("")
+    c.set_direction("receive")
+    wait_calls(tmp, 1)
+    proc = started(c)[0]
+    c.stop_processes(grace=0.5)
+    assert proc.returncode == -signal.SIGKILL and not _alive(proc.pid)
+    assert c._procs == []
+
+
+PARENT = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from hawrap import config, mirrorctl
+c = mirrorctl.MirrorControl(config.load({config!r}), "a")
+c.set_direction({direction!r})
+while not all(p.proc is not None for p in c._procs):
+    time.sleep(0.01)
+print(" ".join(str(p.proc.pid) for p in c._procs), flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("direction", ["receive", "send"])
+def test_mirror_processes_die_with_a_node_process_killed_by_sigkill(ctl, direction):
+    """A node process killed with SIGKILL (no supervisor left to clean up): the kernel kills
+    its receiver or daemons with it (parent-death signal), none mirrors on its own."""
+    if not mirrorctl.parent_death_prefix():
+        pytest.skip("util-linux setpriv with --pdeathsig is not installed")
+    c, tmp = ctl
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mirrorctl.__file__)))
+    script = PARENT.format(root=root, config=c.cfg.path, direction=direction)
+    node = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in node.stdout.readline().split()]
+        assert pids and all(_alive(p) for p in pids)
+        node.kill()
+        node.wait(10)
+        assert _wait(lambda: not any(_alive(p) for p in pids)), [p for p in pids if _alive(p)]
+    finally:
+        node.kill()
+        node.wait(10)
+        node.stdout.close()
+        for p in pids if "pids" in locals() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)

@@ -79,3 +79,23 @@ def test_progress_is_healthy_while_beating_or_inside_a_declared_bound():
         with p.busy(1):  # a shorter inner bound does not cut the outer one
             assert p.busy_until > time.monotonic() + 5
     assert p.healthy(0.5)  # leaving a bound counts as progress
+
+
+# A node process that ignores SIGTERM (a stop that hangs) but keeps feeding its keepalives.
+STUCK = """
+import os, subprocess, sys
+from hawrap import watchdog
+r, w = os.pipe()
+feeder = "import os, signal, time\\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\\nprint(flush=True)\\nwhile True:\\n    os.write({w}, b'.')\\n    time.sleep(0.1)\\n"
+child = subprocess.Popen([sys.executable, "-c", feeder.format(w=w)], pass_fds=(w,), stdout=subprocess.PIPE)
+os.close(w)
+child.stdout.readline()  # SIGTERM is ignored from here on
+child.send_signal(15)
+killed = watchdog.watch(child, r, 5.0, lambda: True, stop_timeout=0.5)
+print(f"{killed} {child.returncode}", flush=True)
+"""
+
+
+def test_a_node_process_that_does_not_stop_is_killed_after_the_stop_timeout():
+    proc = subprocess.run([sys.executable, "-c", STUCK], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == f"False {-signal.SIGKILL}", proc.stderr

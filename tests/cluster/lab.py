@@ -15,7 +15,6 @@ the lab's namespaces and deletes them.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
@@ -28,6 +27,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+
+if os.path.dirname(os.path.dirname(os.path.abspath(__file__))) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+
+# sh and wait_for are re-exported: the cluster tests and S6 take them from here
+from netlab import NetLab, netns_unavailable, sh, wait_for  # noqa: E402, F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAN_PREFIX = "198.51.100"
@@ -42,17 +47,9 @@ HEARTBEAT_PORT = 694
 
 def can_run() -> str | None:
     """None if namespaces can be made here, else why not (for pytest.skip)."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    for tool, package in (("ip", "iproute2"), ("ping", "iputils-ping")):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (Debian: {package}; see packaging/debian-packages.txt)"
-    probe = f"hwprobe{os.getpid()}"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"ip netns is unavailable here: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
+    if shutil.which("ping") is None:
+        return "ping is not installed (Debian: iputils-ping; see packaging/debian-packages.txt)"
+    return netns_unavailable(f"hwprobe{os.getpid()}")
 
 
 def require(*tools: str) -> None:
@@ -64,13 +61,6 @@ def require(*tools: str) -> None:
             pytest.skip(f"{tool} is not installed")
 
 
-def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
-
-
 @dataclass
 class ProbeResult:
     start: float  # monotonic, same clock as the test process
@@ -78,68 +68,19 @@ class ProbeResult:
     answer: str | None  # the node name that answered, None for a failure
 
 
-class Lab:
+class Lab(NetLab):
     def __init__(self, workdir: str, prefix: str | None = None):
-        self.workdir = workdir
-        self.p = prefix or f"hw{secrets.token_hex(3)}"
-        self.ns = {k: f"{self.p}-{k}" for k in ("br", "a", "b", "c")}
-        self.procs: list[subprocess.Popen] = []
-        self.closed = False
-        atexit.register(self.close)
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(workdir, prefix or f"hw{secrets.token_hex(3)}", ("a", "b", "c"))
 
     # ------------------------------------------------------------ topology
 
     def _build(self) -> None:
-        for ns in self.ns.values():
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        br = self.ns["br"]
-        sh("ip", "-n", br, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0")
-        sh("ip", "-n", br, "link", "set", "br0", "up")
-        sh("ip", "-n", br, "addr", "add", f"{PING_NODE}/24", "dev", "br0")
+        self.add_namespaces()
+        self.add_bridge()
+        sh("ip", "-n", self.ns["br"], "addr", "add", f"{PING_NODE}/24", "dev", "br0")
         for node, addr in (("a", NODE_LAN["a"]), ("b", NODE_LAN["b"]), ("c", CLIENT)):
-            # both ends are created directly inside their namespaces: never in the host's
-            sh(
-                "ip",
-                "link",
-                "add",
-                "lan0",
-                "netns",
-                self.ns[node],
-                "type",
-                "veth",
-                "peer",
-                "name",
-                f"{node}-lan",
-                "netns",
-                br,
-            )
-            sh("ip", "-n", br, "link", "set", f"{node}-lan", "master", "br0", "up")
-            sh("ip", "-n", self.ns[node], "addr", "add", f"{addr}/24", "dev", "lan0")
-            sh("ip", "-n", self.ns[node], "link", "set", "lan0", "up")
-        sh(
-            "ip",
-            "link",
-            "add",
-            "hb0",
-            "netns",
-            self.ns["a"],
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "hb0",
-            "netns",
-            self.ns["b"],
-        )
-        for node in ("a", "b"):
-            sh("ip", "-n", self.ns[node], "addr", "add", f"{NODE_HB[node]}/24", "dev", "hb0")
-            sh("ip", "-n", self.ns[node], "link", "set", "hb0", "up")
+            self.join_bridge(node, addr)
+        self.add_link("hb0", NODE_HB)
         # the LAN answers before anything is started (no DAD on IPv4; bridge learning is instant)
         deadline = time.monotonic() + 10
         while (
@@ -150,24 +91,6 @@ class Lab:
         ):
             if time.monotonic() > deadline:
                 raise RuntimeError("lab LAN does not come up")
-
-    def run_in(
-        self, node: str, *argv: str, check: bool = True, timeout: float = 30
-    ) -> subprocess.CompletedProcess:
-        return sh("ip", "netns", "exec", self.ns[node], *argv, check=check, timeout=timeout)
-
-    def spawn(self, node: str, argv: list[str], log: str) -> subprocess.Popen:
-        out = open(os.path.join(self.workdir, log), "ab")
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns[node], *argv],
-            stdout=out,
-            stderr=out,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        out.close()
-        self.procs.append(proc)
-        return proc
 
     # ------------------------------------------------------------ failures
 
@@ -204,24 +127,6 @@ class Lab:
                 "isolated",
                 "on" if on else "off",
             )
-
-    def pids(self, node: str) -> list[int]:
-        r = sh("ip", "netns", "pids", self.ns[node], check=False)
-        return [int(p) for p in r.stdout.split()]
-
-    def kill_all(self, node: str) -> None:
-        """SIGKILL every process in the node's namespace, until none is left."""
-        for _ in range(50):
-            pids = self.pids(node)
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.02)
-        raise RuntimeError(f"processes in {self.ns[node]} survive SIGKILL: {self.pids(node)}")
 
     def power_off(self, node: str) -> None:
         """As if the machine lost power: its links go dark and all its processes die."""
@@ -307,26 +212,6 @@ class Lab:
     def _reap(self) -> None:
         for proc in self.procs:
             proc.poll()
-
-    # ------------------------------------------------------------ teardown
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for node in self.ns:
-            try:
-                self.kill_all(node)
-            except Exception:
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except Exception:
-                pass
-        for ns in self.ns.values():
-            sh("ip", "netns", "del", ns, check=False)
-        atexit.unregister(self.close)
 
 
 # ---------------------------------------------------------------- hawrap in the lab
@@ -645,14 +530,3 @@ def write_files(root: str, prefix: str, n: int, size: int = 100) -> None:
         os.makedirs(sub, exist_ok=True)
         with open(os.path.join(sub, f"{prefix}-{i}.bin"), "wb") as f:
             f.write(os.urandom(size + i * 37))
-
-
-def wait_for(predicate, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(step)

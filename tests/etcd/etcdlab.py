@@ -17,7 +17,6 @@ or silently by its bridge port blocking.  Data dirs live under the test's tmp di
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import secrets
@@ -31,6 +30,12 @@ from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+if os.path.dirname(HERE) not in sys.path:
+    sys.path.insert(0, os.path.dirname(HERE))  # tests/: the shared namespace helpers
+
+# sh and wait_for are re-exported: the etcd tests and benchmarks take them from here
+from netlab import NetLab, netns_unavailable, sh, wait_for  # noqa: E402, F401
+
 NODES = ("n1", "n2", "n3")
 ADDR = {"n1": "203.0.113.11", "n2": "203.0.113.12", "n3": "203.0.113.13"}
 LAN = "203.0.113.0/24"
@@ -45,23 +50,7 @@ def can_run() -> str | None:
         import etcd3gw  # noqa: F401
     except ImportError:
         return "etcd3gw is not installed (pip install 'hamirror[etcd]')"
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    if shutil.which("ip") is None:
-        return "iproute2 (ip) is not installed"
-    probe = f"h19probe{os.getpid()}"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"ip netns is unavailable here: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
+    return netns_unavailable(f"h19probe{os.getpid()}")
 
 
 def endpoints_for(node: str) -> list[str]:
@@ -71,80 +60,24 @@ def endpoints_for(node: str) -> list[str]:
     ]
 
 
-def wait_for(predicate, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(step)
+class Lab(NetLab):
+    NAMESPACES = NODES  # besides the bridge's
 
-
-class Lab:
     def __init__(self, workdir: str, prefix: str | None = None):
-        self.workdir = workdir
-        self.p = prefix or f"h19{secrets.token_hex(3)}"
-        self.ns = {k: f"{self.p}-{k}" for k in ("br", *NODES)}
         self.etcd: dict[str, subprocess.Popen] = {}
-        self.procs: list[subprocess.Popen] = []
-        self.closed = False
-        atexit.register(self.close)
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(workdir, prefix or f"h19{secrets.token_hex(3)}", self.NAMESPACES)
 
     # ------------------------------------------------------------ topology
 
     def _build(self) -> None:
-        for ns in self.ns.values():
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        br = self.ns["br"]
-        sh("ip", "-n", br, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0")
-        sh("ip", "-n", br, "link", "set", "br0", "up")
+        self.add_namespaces()
+        self.add_bridge()
         for node in NODES:
-            # both ends are created directly inside their namespaces: never in the host's
-            sh(
-                "ip",
-                "link",
-                "add",
-                "lan0",
-                "netns",
-                self.ns[node],
-                "type",
-                "veth",
-                "peer",
-                "name",
-                f"{node}-lan",
-                "netns",
-                br,
-            )
-            sh("ip", "-n", br, "link", "set", f"{node}-lan", "master", "br0", "up")
-            sh("ip", "-n", self.ns[node], "addr", "add", f"{ADDR[node]}/24", "dev", "lan0")
-            sh("ip", "-n", self.ns[node], "link", "set", "lan0", "up")
+            self.join_bridge(node, ADDR[node])
         for node in NODES:
             self.start_etcd(node, new=True)
         if not wait_for(lambda: all(self.etcd_healthy(n) for n in NODES), 30, 0.2):
             raise RuntimeError(f"the etcd cluster did not come up\n{self.logs()}")
-
-    def run_in(
-        self, node: str, *argv: str, check: bool = True, timeout: float = 30
-    ) -> subprocess.CompletedProcess:
-        return sh("ip", "netns", "exec", self.ns[node], *argv, check=check, timeout=timeout)
-
-    def spawn(self, node: str, argv: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
-        out = open(os.path.join(self.workdir, log), "ab")
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns[node], *argv],
-            stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
-        )  # fmt: skip
-        out.close()
-        self.procs.append(proc)
-        return proc
 
     # ------------------------------------------------------------ etcd
 
@@ -216,41 +149,6 @@ class Lab:
             sh("ip", "-n", self.ns[node], "addr", "replace", f"{ADDR[node]}/24", "dev", "lan0")
         elif how == "bridge-block":
             sh("bridge", "-n", self.ns["br"], "link", "set", "dev", f"{node}-lan", "state", "3")
-
-    # ------------------------------------------------------------ teardown
-
-    def logs(self, tail: int = 4000) -> str:
-        out = []
-        for name in sorted(os.listdir(self.workdir)):
-            if name.endswith(".log"):
-                with open(os.path.join(self.workdir, name), errors="replace") as f:
-                    out.append(f"==== {name}\n" + f.read()[-tail:])
-        return "\n".join(out)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except Exception:
-                pass
-        for node in self.ns:  # anything started in a namespace by other means
-            for pid in sh("ip", "netns", "pids", self.ns[node], check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-        for ns in self.ns.values():
-            sh("ip", "netns", "del", ns, check=False)
-        atexit.unregister(self.close)
 
 
 # ---------------------------------------------------------------- hamirror members in the lab

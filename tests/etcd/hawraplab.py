@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from etcdlab import ADDR, CLIENT_PORT, NODES, Lab, sh
+from etcdlab import ADDR, CLIENT_PORT, NODES, Lab
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -37,14 +37,11 @@ SAMPLE_PERIOD = 0.05
 class HawrapLab(Lab):
     """The etcd lab with a client namespace on the bridge."""
 
+    NAMESPACES = (*NODES, "c")
+
     def _build(self) -> None:
-        self.ns["c"] = f"{self.p}-c"
         super()._build()
-        sh("ip", "link", "add", "lan0", "netns", self.ns["c"], "type", "veth", "peer", "name", "c-lan",
-           "netns", self.ns["br"])  # fmt: skip
-        sh("ip", "-n", self.ns["br"], "link", "set", "c-lan", "master", "br0", "up")
-        sh("ip", "-n", self.ns["c"], "addr", "add", f"{CLIENT}/24", "dev", "lan0")
-        sh("ip", "-n", self.ns["c"], "link", "set", "lan0", "up")
+        self.join_bridge("c", CLIENT)
 
     def mac(self, node: str) -> str:
         return self.run_in(node, "cat", "/sys/class/net/lan0/address").stdout.strip()
@@ -52,9 +49,6 @@ class HawrapLab(Lab):
     def vip_on(self, node: str) -> bool:
         r = self.run_in(node, "ip", "-o", "-4", "addr", "show", "dev", "lan0", check=False)
         return f"inet {VIP}/" in r.stdout
-
-    def pids(self, node: str) -> list[int]:
-        return [int(p) for p in sh("ip", "netns", "pids", self.ns[node], check=False).stdout.split()]
 
 
 def tree(lab: Lab, node: str) -> str:
@@ -158,6 +152,24 @@ class Hawrap:
         proc.wait(10)
         return t
 
+    def leftovers(self, node: str) -> list[str]:
+        """The processes running in ``node``'s namespace besides its etcd member (after
+        hawrap stopped there: none), with their command lines."""
+        etcd = self.lab.etcd.get(node)
+        out = []
+        for pid in self.lab.pids(node):
+            if etcd is not None and pid == etcd.pid:
+                continue
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    if f"PPid:\t{os.getpid()}\n" in f.read():
+                        continue  # the lab's own look inside the namespace (``ip addr show``)
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    out.append(f"{pid}: " + f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+            except OSError:
+                pass  # gone meanwhile
+        return out
+
     def freeze(self, node: str, on: bool) -> None:
         """SIGSTOP / SIGCONT every process of the node, its etcd member included: a paused VM
         (its kernel, which answers ARP for the VIP it holds, keeps running)."""
@@ -167,16 +179,33 @@ class Hawrap:
             except ProcessLookupError:
                 pass
 
-    def stop(self, node: str, timeout: float = 30) -> None:
+    def stop(self, node: str, timeout: float = 30) -> str:
+        """SIGTERM to hawrap (supervisor and node process), SIGKILL to both after ``timeout``.
+        Says how it ended: "stopped" is the only orderly way."""
         proc = self.procs.get(node)
-        if proc is None or proc.poll() is not None:
-            return
+        if proc is None:
+            return "not started"
+        if proc.poll() is not None:
+            return f"had exited ({proc.returncode})"
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            return f"killed: still running {timeout:g} s after SIGTERM"
+        return "stopped"
+
+    def kill_hawrap(self, node: str) -> None:
+        """SIGKILL to hawrap's process group alone (supervisor and node process): the mirror
+        processes, in sessions of their own, are not in it."""
+        proc = self.procs[node]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def mirror_pids(self, node: str) -> list[int]:
+        """The ``mirror`` processes running in ``node``'s namespace."""
+        return [int(line.split(":", 1)[0]) for line in self.leftovers(node) if " -m mirror " in line]
 
     def cli(self, node: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return self.lab.run_in(node, "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "hawrap", *args,
