@@ -286,8 +286,10 @@ class Members:
         return leader
 
     def serving_intervals(self, open_until: float | None) -> list[tuple[str, float, float | None]]:
-        """(node, elected at, stopped at) per term: stopped when ``stopped``/``demoted`` was
-        recorded, or when the process was killed; None (or ``open_until``) while it serves."""
+        """(node, from, until) per stretch of serving: from ``elected`` (or ``handover_aborted``,
+        which takes serving up again), until ``stopped``/``demoted``/``prepare_handover`` (a
+        hand-over stops serving before the key moves) was recorded, or the process was killed;
+        None (or ``open_until``) while it serves."""
         out = []
         for node in NODES:
             items = [(e.t, e.event) for e in self.events(node)] + [
@@ -295,9 +297,9 @@ class Members:
             ]
             start = None
             for t, event in sorted(items):
-                if event == "elected" and start is None:
+                if event in ("elected", "handover_aborted") and start is None:
                     start = t
-                elif event in ("stopped", "demoted", "killed") and start is not None:
+                elif event in ("stopped", "demoted", "prepare_handover", "killed") and start is not None:
                     out.append((node, start, t))
                     start = None
             if start is not None:
