@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from .applied import Applied
 from .atomicfile import atomic_write
 from .errors import (
     Cancelled,
@@ -221,6 +222,15 @@ class PairStatus:
     progress: dict | None = None  # during a full sync or catch-up: entries and bytes done (of total, if known)
     mirrored_seq: int = 0  # this destination's position in the tree's journal
     journal_seq: int = 0  # the newest change journaled
+    # What the replica's receiver says it has applied: {"epoch", "seq", "journal"} (None:
+    # not known yet, or nothing recorded), and how far behind the newest change that is.
+    applied: dict | None = None
+    lag_entries: int | None = None
+    # How the last (re)connection caught up: {"how": "journal" or "full", "reason", "from",
+    # "changes", "at"}; and how many of each so far.
+    catch_up: dict | None = None
+    journal_catch_ups: int = 0
+    full_syncs: int = 0
 
 
 class LivePair:
@@ -253,6 +263,12 @@ class LivePair:
         self._halts = 0
         self._watch_stale = False  # the source's filesystem went away under the watches
         self._behind = False  # warned that the pair falls behind
+        # What the replica has applied (its receiver's record), and what keeps a scoped
+        # session from claiming it covers the journal up to its batch: paths deferred or
+        # failed since the record (``_outstanding``), a subtree left unread (``_gap``).
+        self._replica: Applied | None = None
+        self._outstanding: set[bytes] = set()
+        self._gap = False
         self.feed.subscribe(self)
         if self.journal.replayed:
             log.info("%s: %d changes from the journal to replay", config.name, self.journal.replayed)
@@ -337,7 +353,8 @@ class LivePair:
                 batch = self._next_batch()
                 if batch is None:
                     continue
-                self._connect()
+                if self._connect():
+                    batch = self.journal.take()  # from the replica's own position on
                 full = self._need_full
                 reconcile_due = self.daemon.reconcile_interval and time.monotonic() - last_full > self.daemon.reconcile_interval
                 failed = self._session(batch, full=full or bool(reconcile_due))
@@ -451,9 +468,11 @@ class LivePair:
         oldest = min(self._open_files.values())
         return max(0.01, self.daemon.open_file_delay - (time.monotonic() - oldest))
 
-    def _connect(self) -> None:
+    def _connect(self) -> bool:
+        """Connect if not connected; True if the new connection catches up from the journal
+        (the pair's position was moved to the replica's), False otherwise."""
         if self._connection is not None:
-            return
+            return False
         self._set_state("connecting")
         c = self.config
         self._connection = Connection(
@@ -463,7 +482,49 @@ class LivePair:
             max_delete=c.max_delete, allow_mass_delete=c.allow_mass_delete, timeout=c.timeout,
             contimeout=c.contimeout, on_change=self._progress_entry, on_progress=self._progress_bytes,
         ).open()  # fmt: skip
-        self._need_full = True  # whatever happened while we were apart: reconcile
+        self._replica = _applied(self._connection.welcome.get("applied"))
+        self._outstanding.clear()
+        reason = self._replay_refused()
+        if reason is None and self.journal.rewind(self._replica.seq):
+            changes = len(self.journal.pending())
+            self._caught_up("journal", f"the replica has sequence {self._replica.seq} of this journal",
+                            self._replica.seq, changes)  # fmt: skip
+            return True
+        # whatever happened while we were apart: reconcile the whole tree
+        self._caught_up("full", reason or "the journal no longer holds what the replica lacks", None, None)
+        self._need_full = True
+        return False
+
+    def _replay_refused(self) -> str | None:
+        """Why the journal cannot bring the replica up to date (None: it can)."""
+        rec = self._replica
+        if self._need_full:
+            return "a full sync is due (first sync, lost events, or a halt)"
+        if getattr(self, "_after_lock", False):
+            return "after a mirroring lock the whole tree is reconciled"
+        if self._connection.local is not None:
+            return "a local replica keeps no record of what it applied"
+        if rec is None:
+            return "the replica has no record of what it applied"
+        if rec.journal != self.journal.token:
+            return "the replica's record is not of this journal"
+        from .epoch import read_epoch
+
+        epoch = read_epoch(self.config.tree_state_dir)
+        if rec.epoch != epoch:
+            return f"the replica's record is of epoch {rec.epoch}, this tree is at {epoch}"
+        return None
+
+    def _caught_up(self, how: str, reason: str, start: int | None, changes: int | None) -> None:
+        st = self.status
+        st.catch_up = {"how": how, "reason": reason, "from": start, "changes": changes, "at": time.time()}
+        if how == "journal":
+            st.journal_catch_ups += 1
+            log.info("%s: catching up from the journal: %d changes after sequence %d", self.config.name,
+                     changes, start)  # fmt: skip
+        else:
+            st.full_syncs += 1
+            log.info("%s: full sync: %s", self.config.name, reason)
 
     def _progress_entry(self, change) -> None:
         progress = self.status.progress
@@ -508,8 +569,9 @@ class LivePair:
         started = time.monotonic()
         if full or after_lock:
             self.status.progress = {"entries": 0, "bytes": 0, "entries_total": None if full else len(batch)}
+        claim = self._claim(batch, full, waiting, entries)
         try:
-            result = self._connection.session(scope=scope, renames=batch.renames)
+            result = self._connection.session(scope=scope, renames=batch.renames, journal=claim)
         finally:
             self._last_session_end = time.monotonic()
             self.status.progress = None
@@ -519,6 +581,7 @@ class LivePair:
             self._need_full = False
         retry = {path for path, _ in result.failed}
         self._checkpoint(batch, waiting | retry)
+        self._note_applied(result, claim, batch, full, waiting | retry, entries)
         st = self.status
         st.sessions += 1
         st.last_sync = done
@@ -543,11 +606,48 @@ class LivePair:
         return bool(result.failed)
 
     def _checkpoint(self, batch: Pending, keep: set[bytes]) -> None:
-        """Mark ``batch`` done, re-journaling what it could not finish (so a crash keeps it)."""
+        """Mark ``batch`` done, re-journaling what it could not finish (so a crash keeps it):
+        a file still open, a file that failed (in a subtree compared whole too)."""
         if keep:
-            self.journal.append([(ENTRY, p, 0) for p in sorted(keep) if p in batch.entries or p in self._open_files],
-                                force=True)  # fmt: skip
+            self.journal.append([(ENTRY, p, 0) for p in sorted(keep)], force=True)
         self.journal.checkpoint(batch.seq)
+
+    def _claim(self, batch: Pending, full: bool, waiting: set[bytes], entries: dict) -> dict | None:
+        """What the session covers of the journal (``start``'s ``seq``, ``base`` and
+        ``journal``), for the receiver to record once it completes; None: nothing.
+
+        A full sync covers every record up to its batch.  A scoped one continues from the
+        replica's record: it covers up to its batch only if every change since that record
+        is in it or was mirrored by a session that completed (nothing deferred or failed
+        since is left out, no subtree went unread), and it defers no file of its own."""
+        token = self.journal.token
+        if full:
+            return {"seq": batch.seq, "base": None, "journal": token}
+        rec = self._replica
+        if waiting or rec is None or rec.journal != token:
+            return None
+        start = self.journal.position()[0]
+        if start > rec.seq:  # the gap between the record and this batch holds only retried paths
+            if self._gap or any(not _within(p, entries, batch.trees) for p in self._outstanding):
+                return None
+        return {"seq": batch.seq, "base": rec.seq, "journal": token}
+
+    def _note_applied(self, result, claim: dict | None, batch: Pending, full: bool, kept: set[bytes],
+                      entries: dict) -> None:  # fmt: skip
+        """The receiver's record after a session, and what still keeps the next from claiming."""
+        rec = _applied(result.receiver.get("applied"))
+        if rec is not None or "applied" in result.receiver:
+            self._replica = rec
+        if claim is not None and rec is not None and (rec.seq, rec.journal) == (claim["seq"], claim["journal"]):
+            self._outstanding = set(kept)  # recorded: everything up to the batch is there
+            self._gap = False
+            return
+        if full and not result.failed and not result.problems:
+            self._outstanding.clear()
+        else:
+            self._outstanding -= {p for p in self._outstanding if _within(p, entries, batch.trees)}
+        self._outstanding |= kept
+        self._gap = self._gap or bool(result.problems) or bool(result.deletions_refused)
 
     # -- status -------------------------------------------------------------------------------
 
@@ -567,6 +667,9 @@ class LivePair:
             else:
                 log.info("%s: caught up", self.config.name)
         st.mirrored_seq, st.journal_seq = self.journal.position()
+        rec = self._replica
+        st.applied = rec._asdict() if rec is not None else None
+        st.lag_entries = max(0, st.journal_seq - rec.seq) if rec is not None and rec.journal == self.journal.token else None
         if self._latencies:
             ordered = sorted(self._latencies)
             st.latency_p50_ms = round(ordered[len(ordered) // 2] * 1000, 3)
@@ -587,6 +690,23 @@ class LivePair:
             if not os.path.isdir(os.path.join(self.config.source, path)):
                 total += st.st_size
         return total
+
+
+def _applied(value) -> Applied | None:
+    """A receiver's ``applied`` field (``[epoch, seq, journal]``), None if absent or malformed."""
+    if not isinstance(value, list) or len(value) != 3:
+        return None
+    epoch, seq, journal = value
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, seq))
+    return Applied(epoch, seq, journal) if ints and isinstance(journal, str) else None
+
+
+def _within(path: bytes, entries, trees) -> bool:
+    """Whether a scoped session over ``entries`` and subtrees ``trees`` looks at ``path``."""
+    if path in entries or path in trees or b"" in trees:
+        return True
+    parts = path.split(b"/")
+    return any(b"/".join(parts[:i]) in trees for i in range(1, len(parts)))
 
 
 def _groups(pairs: tuple[PairConfig, ...]) -> dict[tuple, tuple[PairConfig, ...]]:

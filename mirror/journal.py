@@ -144,6 +144,10 @@ class Journal:
         self._taken_at: dict[bytes, int] = dict.fromkeys(cursors, 0)  # the newest record each session took
         self._sync_lock = threading.Lock()
         self._synced = 0
+        # Names this run of the journal (changes are journaled only while it is watched): a
+        # replica's applied record carrying it was written by a session of this run, so its
+        # sequence can be replayed from (see ``rewind``).
+        self.token = os.urandom(8).hex()
         self._open()
         self._index()
 
@@ -322,6 +326,20 @@ class Journal:
             self._taken_at[cursor] = taken = self._seq
         return self.pending(up_to=taken, cursor=cursor)
 
+    def rewind(self, seq: int, cursor: bytes = b"") -> bool:
+        """Move ``cursor``'s position to ``seq`` (what its destination says it has applied),
+        back or forth, so that its next batch replays every record after ``seq``.  False
+        if the journal cannot: ``seq`` is past the newest record, or records after it were
+        dropped (every destination had them, or this one was let go: ``overrun``)."""
+        with self._lock:
+            if seq > self._seq or seq < self._done or cursor in self._overrun:
+                return False
+            if seq <= self._done_at[cursor]:
+                self._done_at[cursor] = seq  # the records after it are all still held
+                return True
+        self.checkpoint(seq, cursor)
+        return True
+
     def position(self, cursor: bytes = b"") -> tuple[int, int]:
         """(the last sequence mirrored to ``cursor``, the newest sequence journaled)."""
         with self._lock:
@@ -371,6 +389,13 @@ class JournalCursor:
 
     def position(self) -> tuple[int, int]:
         return self.journal.position(self.name)
+
+    def rewind(self, seq: int) -> bool:
+        return self.journal.rewind(seq, self.name)
+
+    @property
+    def token(self) -> str:
+        return self.journal.token
 
     def overrun(self) -> bool:
         return self.journal.overrun(self.name)
