@@ -48,7 +48,7 @@ from .errors import (
 )
 from .exclude import make_excluder
 from .guard import fs_identity
-from .journal import ENTRY, RENAME, Journal, Pending
+from .journal import ENTRY, MAX_RETAINED, RENAME, Journal, Pending
 from .lockfile import is_locked
 from .secretfile import read_secret_file
 from .statedir import check_root, ensure_state_dir, resolve_state_dir
@@ -116,7 +116,7 @@ class SourceFeed:
     per destination).  A change is journaled once, durably, and every pair is woken; each
     pair checkpoints its own position (``Journal`` cursors)."""
 
-    def __init__(self, pairs: list[PairConfig]):
+    def __init__(self, pairs: list[PairConfig], max_retained: int = MAX_RETAINED):
         first = pairs[0]
         check_root(first.source)
         ensure_state_dir(first.tree_state_dir)
@@ -129,7 +129,7 @@ class SourceFeed:
             self.cursors = {p.name: p.cursor for p in pairs}
             tag = xxhash.xxh3_64_hexdigest(b"fan-out\0" + os.path.realpath(first.source))
             path = os.path.join(first.tree_state_dir, b"journal-" + tag.encode())
-        self.journal = Journal(path, tuple(self.cursors.values()))
+        self.journal = Journal(path, tuple(self.cursors.values()), max_retained=max_retained)
         self._excluder = make_excluder(first.excludes)
         self._pairs: list[LivePair] = []
         self._lock = threading.Lock()
@@ -196,6 +196,9 @@ class DaemonConfig:
     open_file_delay: float = 1.0
     metrics: tuple[str, int] | None = None
     reconcile_interval: float | None = None  # a full sync this often (None: only when needed)
+    # A destination away while the others take more than this many changes is let go: a
+    # full sync when it returns, instead of a replay of the journal (``Journal.max_retained``).
+    journal_retain: int = MAX_RETAINED
 
 
 @dataclass
@@ -246,7 +249,7 @@ class LivePair:
         self.on_state = on_state
         self.status = PairStatus(config.name, display_path(config.source), config.destination)
         self._own_feed = feed is None
-        self.feed = SourceFeed([config]) if feed is None else feed
+        self.feed = SourceFeed([config], daemon.journal_retain) if feed is None else feed
         self.journal = self.feed.cursor(config)
         self._cond = threading.Condition()
         self._open_files: dict[bytes, float] = {}
@@ -448,6 +451,7 @@ class LivePair:
         """Wait for changes (and a short coalescing window); None to go round the loop again."""
         if self.journal.overrun():
             self._need_full = True  # too far behind: the journal let this destination go
+            self._let_go = True
         if self._need_full or getattr(self, "_after_lock", False):
             return self.journal.take()
         with self._cond:
@@ -498,6 +502,8 @@ class LivePair:
     def _replay_refused(self) -> str | None:
         """Why the journal cannot bring the replica up to date (None: it can)."""
         rec = self._replica
+        if getattr(self, "_let_go", False):
+            return f"more than {self.daemon.journal_retain} changes behind: the journal let this destination go"
         if self._need_full:
             return "a full sync is due (first sync, lost events, or a halt)"
         if getattr(self, "_after_lock", False):
@@ -579,6 +585,7 @@ class LivePair:
         self._after_lock = False
         if full:
             self._need_full = False
+            self._let_go = False
         retry = {path for path, _ in result.failed}
         self._checkpoint(batch, waiting | retry)
         self._note_applied(result, claim, batch, full, waiting | retry, entries)
@@ -737,7 +744,7 @@ class Daemon:
         self._status_thread.start()
 
     def _start_group(self, key: tuple, group: tuple[PairConfig, ...]) -> None:
-        feed = SourceFeed(list(group))
+        feed = SourceFeed(list(group), self.config.journal_retain)
         pairs = [LivePair(pc, self.config, self.metrics, feed, self._state_changed) for pc in group]
         for pair in pairs:  # listed before they run: a status written on their first change shows them all
             self.pairs[pair.config.name] = pair

@@ -273,18 +273,22 @@ class Journal:
         """Drop what every destination has passed; let go of a destination that holds more than
         ``max_retained`` records on its own (it will be reconciled by a full sync)."""
         newest = self._seq
-        while len(self._records) > self._max_retained and len(self._cursors) > 1:
+        while True:
+            floor = self._done
+            if self._records and self._records[0][0] <= floor:
+                self._records = [r for r in self._records if r[0] > floor]
+            # only the slowest destination is let go, then what the others still need is
+            # counted again: a destination within the bound is never let go with it
+            if len(self._records) <= self._max_retained or len(self._cursors) < 2:
+                return
             slowest = min(self._cursors, key=lambda c: self._done_at[c])
             if self._done_at[slowest] >= newest:
-                break
+                return
             log.warning("journal %s: destination %s is %d records behind: it will be resynced in full",
                         display_path(self.path), slowest.decode(errors="replace"),
                         newest - self._done_at[slowest])  # fmt: skip
             self._overrun.add(slowest)
             self._done_at[slowest] = newest
-        floor = self._done
-        if self._records and self._records[0][0] <= floor:
-            self._records = [r for r in self._records if r[0] > floor]
 
     def overrun(self, cursor: bytes = b"") -> bool:
         """True once: ``cursor`` was let go (too far behind); its next session must be a full sync."""

@@ -1,0 +1,155 @@
+"""A destination that comes back catches up from the journal, not by a full sync: the daemon
+compares what the replica's receiver says it applied (``welcome``'s ``applied``) with its
+journal, and replays only the changes after it, unless the journal no longer holds them.
+
+The receivers are real ``mirror serve`` processes frozen with SIGSTOP (a silent peer) while
+the tree changes; a sampler reads the replica's applied record every 20 ms throughout and
+checks it never goes back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+
+from mirror.applied import read_applied
+from tests.daemons import converged
+from tests.helpers import MIRROR
+from tests.servers import mirror_server
+from tests.test_daemon_fanout import wait_pairs
+
+
+class AppliedSampler:
+    """Reads a replica's applied record every 20 ms; fails if it ever goes back."""
+
+    def __init__(self, replica):
+        self.state = os.fsencode(replica / ".mirror")
+        self.samples: list[tuple[int, int]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="applied-sampler")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            rec = read_applied(self.state)
+            if rec is None:
+                continue
+            point = (rec.epoch, rec.seq)
+            if self.samples and point < self.samples[-1]:
+                self.errors.append(f"the applied record went back from {self.samples[-1]} to {point}")
+            self.samples.append(point)
+
+
+def _daemon(tmp_path, src, servers: dict, *daemon_lines: str):
+    config = tmp_path / "daemon.toml"
+    text = "[daemon]\ntimeout = 2\ncontimeout = 2\n" + "".join(f"{line}\n" for line in daemon_lines)
+    for name, (server, _) in servers.items():
+        text += f"""
+[[pair]]
+name = "{name}"
+source = "{src}"
+destination = "{server.url("m")}"
+secret_file = "{server.secret_file}"
+"""
+    config.write_text(text)
+    log = open(tmp_path / "daemon.log", "ab")
+    return subprocess.Popen([*MIRROR, "daemon", "--config", str(config), "-v"], stdout=log, stderr=log), log
+
+
+def _change(src, round_: int, n: int) -> None:
+    for i in range(n):
+        (src / f"r{round_}-{i}").write_bytes(os.urandom(200))
+    (src / "renamed").mkdir(exist_ok=True)
+    os.replace(src / f"r{round_}-0", src / "renamed" / f"r{round_}")
+    (src / "base0").unlink(missing_ok=True)
+    (src / "base1").write_bytes(os.urandom(100))
+
+
+def _stop_and_resume(server, src, others, round_: int, n: int, condition, rounds: int = 1) -> None:
+    """Freeze ``server``'s receiver, change the tree (``rounds`` of ``n`` files; the other
+    replicas keep up with each), wait until the daemon's status says ``condition``, then let
+    it go on."""
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        for r in range(rounds):
+            _change(src, round_ * 100 + r, n)
+            for replica in others:
+                converged(src, replica, timeout=30)
+        wait_pairs(src, condition, timeout=30)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+
+
+def test_a_stopped_destination_catches_up_from_the_journal(tmp_path):
+    src, a = tmp_path / "src", tmp_path / "a"
+    src.mkdir()
+    a.mkdir()
+    for i in range(30):
+        (src / f"base{i}").write_bytes(os.urandom(300))
+    with mirror_server(tmp_path, {"m": str(a)}) as ra, AppliedSampler(a) as sampler:
+        daemon, log = _daemon(tmp_path, src, {"to-a": (ra, a)})
+        try:
+            converged(src, a)
+            pairs = wait_pairs(src, lambda p: p["to-a"]["state"] == "live" and p["to-a"]["lag_entries"] == 0)
+            first = pairs["to-a"]
+            assert first["catch_up"]["how"] == "full" and first["full_syncs"] == 1
+            assert first["applied"]["seq"] == first["journal_seq"]
+            for round_ in range(2):
+                _stop_and_resume(ra, src, [], round_, 20,
+                                 lambda p: p["to-a"]["state"] in ("unreachable", "disconnected"))  # fmt: skip
+                converged(src, a, timeout=60)
+                pairs = wait_pairs(src, lambda p, r=round_: p["to-a"]["journal_catch_ups"] == r + 1
+                                   and p["to-a"]["state"] == "live" and p["to-a"]["lag_entries"] == 0)  # fmt: skip
+                pair = pairs["to-a"]
+                assert pair["catch_up"]["how"] == "journal", pair["catch_up"]
+                assert pair["catch_up"]["changes"] > 0
+                assert pair["full_syncs"] == 1  # only the first sync was a full one
+                assert pair["applied"]["seq"] == pair["journal_seq"] == read_applied(os.fsencode(a / ".mirror")).seq
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+            log.close()
+        assert not sampler.errors, sampler.errors
+        assert len({s for s in sampler.samples}) >= 3  # it moved on with the catch-ups
+    text = (tmp_path / "daemon.log").read_text()
+    assert text.count("catching up from the journal") == 2, text
+
+
+def test_a_destination_older_than_retention_gets_a_full_sync(tmp_path):
+    src, a, b = tmp_path / "src", tmp_path / "a", tmp_path / "b"
+    for d in (src, a, b):
+        d.mkdir()
+    for i in range(10):
+        (src / f"base{i}").write_bytes(os.urandom(300))
+    with mirror_server(tmp_path, {"m": str(a)}) as ra, mirror_server(tmp_path, {"m": str(b)}) as rb:
+        daemon, log = _daemon(tmp_path, src, {"to-a": (ra, a), "to-b": (rb, b)}, "journal_retain = 30")
+        try:
+            converged(src, a)
+            converged(src, b)
+            wait_pairs(src, lambda p: all(x["state"] == "live" and x["lag_entries"] == 0 for x in p.values()))
+            # b away while the tree takes far more changes than the journal holds for it
+            _stop_and_resume(rb, src, [a], 0, 10,
+                             lambda p: p["to-b"]["state"] in ("unreachable", "disconnected")
+                             and p["to-a"]["pending"] == 0, rounds=6)  # fmt: skip
+            converged(src, b, timeout=60)
+            pairs = wait_pairs(src, lambda p: p["to-b"]["full_syncs"] == 2 and p["to-b"]["state"] == "live"
+                               and p["to-b"]["lag_entries"] == 0)  # fmt: skip
+            assert "let this destination go" in pairs["to-b"]["catch_up"]["reason"], pairs["to-b"]["catch_up"]
+            assert pairs["to-b"]["journal_catch_ups"] == 0
+            assert pairs["to-a"]["full_syncs"] == 1  # the other destination was never held back
+            converged(src, a)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+            log.close()
+    text = (tmp_path / "daemon.log").read_text()
+    assert "destination to-b is" in text and "destination to-a is" not in text, text
