@@ -848,6 +848,18 @@ def read_status(status_dir: bytes | str) -> dict:
         return json.loads(f.read())
 
 
+def journal_head(status_dir: bytes | str) -> int:
+    """The newest journal sequence a daemon's status in ``status_dir`` shows (the highest
+    over its pairs: a tree's pairs share one journal); 0 if there is no status.  A primary's
+    own position (hawrap): what a replica with all its data has applied."""
+    try:
+        status = load_status(status_dir)
+    except (OSError, ValueError):
+        return 0
+    heads = [p.get("journal_seq") for p in status.pairs]
+    return max([h for h in heads if isinstance(h, int) and not isinstance(h, bool) and h >= 0], default=0)
+
+
 @dataclass(frozen=True)
 class DaemonStatus:
     """The daemon's status file, for programs (hawrap): rewritten at once on every change of

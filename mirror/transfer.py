@@ -76,9 +76,10 @@ def sync(src, dst, **options) -> SyncResult:
     that is not the tree the replica mirrors, ...); files that could not be sent or written are
     reported in the result (``exit_code`` 1) while the rest is mirrored.
     """
+    journal = options.pop("journal", None)  # what the sync covers of the source's journal (Connection.session)
     connection = Connection(src, dst, **options)
     with connection.open(whole_tree=True):
-        return connection.session()
+        return connection.session(journal=journal)
 
 
 class Connection:
