@@ -272,6 +272,10 @@ class LivePair:
         self._replica: Applied | None = None
         self._outstanding: set[bytes] = set()
         self._gap = False
+        # A full sync the replica could not record because it took only part of our epoch
+        # (``MAX_EPOCH_STEP`` a session): another one is due then (monotonic time).
+        self._epoch_resync_at: float | None = None
+        self._epoch_resyncs = 0
         self.feed.subscribe(self)
         if self.journal.replayed:
             log.info("%s: %d changes from the journal to replay", config.name, self.journal.replayed)
@@ -449,6 +453,9 @@ class LivePair:
 
     def _next_batch(self) -> Pending | None:
         """Wait for changes (and a short coalescing window); None to go round the loop again."""
+        if self._epoch_resync_at is not None and time.monotonic() >= self._epoch_resync_at:
+            self._epoch_resync_at = None
+            self._need_full = True
         if self.journal.overrun():
             self._need_full = True  # too far behind: the journal let this destination go
             self._let_go = True
@@ -648,7 +655,17 @@ class LivePair:
         if claim is not None and rec is not None and (rec.seq, rec.journal) == (claim["seq"], claim["journal"]):
             self._outstanding = set(kept)  # recorded: everything up to the batch is there
             self._gap = False
+            self._epoch_resyncs = 0
             return
+        clean = not result.failed and not result.problems and not result.deletions_refused
+        if full and clean and claim is not None:
+            from .epoch import read_epoch
+
+            if rec is None or rec.epoch < read_epoch(self.config.tree_state_dir):
+                # the replica raised its epoch by at most MAX_EPOCH_STEP: sync again (soon,
+                # then less often) until it holds ours and records what it has
+                self._epoch_resyncs += 1
+                self._epoch_resync_at = time.monotonic() + min(60.0, 0.5 * 2**self._epoch_resyncs)
         if full and not result.failed and not result.problems:
             self._outstanding.clear()
         else:

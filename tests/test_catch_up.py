@@ -153,3 +153,27 @@ def test_a_destination_older_than_retention_gets_a_full_sync(tmp_path):
             log.close()
     text = (tmp_path / "daemon.log").read_text()
     assert "destination to-b is" in text and "destination to-a is" not in text, text
+
+
+def test_a_replica_far_below_our_epoch_is_synced_again_until_it_records_it(tmp_path):
+    """A session raises a replica's epoch by at most MAX_EPOCH_STEP, and a session the
+    replica could not take at our epoch records nothing: the daemon syncs again, backing off,
+    until it holds our epoch and has recorded what it applied, with no change to send."""
+    from mirror.epoch import MAX_EPOCH_STEP, bump_epoch, read_epoch
+
+    src, a = tmp_path / "src", tmp_path / "a"
+    src.mkdir()
+    a.mkdir()
+    (src / "f").write_text("x")
+    epoch = 2 * MAX_EPOCH_STEP + 3
+    bump_epoch(os.fsencode(src / ".mirror"), to=epoch)
+    with mirror_server(tmp_path, {"m": str(a)}) as ra:
+        daemon, log = _daemon(tmp_path, src, {"to-a": (ra, a)})
+        try:
+            pairs = wait_pairs(src, lambda p: (p["to-a"]["applied"] or {}).get("epoch") == epoch)
+            assert read_epoch(os.fsencode(a / ".mirror")) == epoch
+            assert pairs["to-a"]["sessions"] >= 3 and pairs["to-a"]["lag_entries"] == 0
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+            log.close()
