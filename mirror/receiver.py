@@ -314,6 +314,7 @@ class Receiver:
         try:
             session = self.session_class(self, tree, opts, policy, dry_run, mine)
             session.covers = None if dry_run or self.subpath else covers
+            session.reports_applied = not self.subpath  # the record is the whole module's
             session.run()
         finally:
             tree.close()
@@ -369,6 +370,7 @@ class ReceiverSession:
         # (Applied, base): what the session covers of the sender's journal if it completes
         # (set by the receiver; None: nothing to record)
         self.covers: tuple[Applied, int | None] | None = None
+        self.reports_applied = False
         self._scan_problems = False
         self.handlers = {
             P.WANT: self._send_listings, P.SIG: self._on_sig, P.FILE: self._on_file, P.DATA: self._on_data,
@@ -433,11 +435,13 @@ class ReceiverSession:
     def _record_applied(self, clean: bool) -> list | None:
         """After a session whose every change is committed (``clean``: nothing failed or was
         left out on either side, no deletion refused), record what it covers of the sender's
-        journal; the record now (None if there is none)."""
-        if self.covers is None:
+        journal; the record now (None if there is none, or the session is a subpath's)."""
+        if not self.reports_applied:
             return None
-        value, base = self.covers
         current = read_applied(self.state_dir)
+        if self.covers is None:
+            return current.as_wire() if current is not None else None
+        value, base = self.covers
         if clean:
             # A session that continues from ``base`` covers the journal only if everything
             # up to ``base`` was already here: after an earlier batch failed, the replica's

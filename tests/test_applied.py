@@ -63,8 +63,11 @@ def test_a_complete_session_is_recorded_and_reported_at_the_handshake(tmp_path):
             assert result.ok and read_applied(_state(dst)) == Applied(7, 45, TOKEN)
             # a scoped batch that does not say where it continues from records nothing
             (src / "d" / "f2").write_bytes(b"new")
-            assert conn.session(Scope(entries=[b"d/f2"]), journal={"seq": 50, "journal": TOKEN}).ok
+            result = conn.session(Scope(entries=[b"d/f2"]), journal={"seq": 50, "journal": TOKEN})
+            assert result.ok and result.receiver["applied"] == [7, 45, TOKEN]  # reported all the same
             assert read_applied(_state(dst)) == Applied(7, 45, TOKEN)
+            result = conn.session(Scope(entries=[b"d/f2"]))
+            assert result.receiver["applied"] == [7, 45, TOKEN]
             # the ordering hazard: a batch that continues from a point the replica never
             # reached (an earlier batch failed) must not be recorded as covering its seq
             (src / "d" / "f3").write_bytes(b"new")

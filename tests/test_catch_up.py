@@ -103,6 +103,16 @@ def test_a_stopped_destination_catches_up_from_the_journal(tmp_path):
             first = pairs["to-a"]
             assert first["catch_up"]["how"] == "full" and first["full_syncs"] == 1
             assert first["applied"]["seq"] == first["journal_seq"]
+            # live: a burst of changes, files still open among them; once it is mirrored the
+            # replica's record reaches the journal's head
+            for i in range(40):
+                with open(src / f"live{i}", "wb") as f:
+                    f.write(os.urandom(100))
+                    if i % 10 == 0:
+                        os.fsync(f.fileno())
+            converged(src, a)
+            pairs = wait_pairs(src, lambda p: p["to-a"]["state"] == "live" and p["to-a"]["lag_entries"] == 0)
+            assert pairs["to-a"]["applied"]["seq"] == pairs["to-a"]["journal_seq"] > first["journal_seq"]
             for round_ in range(2):
                 _stop_and_resume(ra, src, [], round_, 20,
                                  lambda p: p["to-a"]["state"] in ("unreachable", "disconnected"))  # fmt: skip
