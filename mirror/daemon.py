@@ -248,6 +248,7 @@ class LivePair:
         self.metrics = metrics
         self.on_state = on_state
         self.status = PairStatus(config.name, display_path(config.source), config.destination)
+        self._labels = (config.name, config.destination)  # the metrics' pair and destination
         self._own_feed = feed is None
         self.feed = SourceFeed([config], daemon.journal_retain) if feed is None else feed
         self.journal = self.feed.cursor(config)
@@ -313,7 +314,7 @@ class LivePair:
         if error is not None:
             self.status.last_error = error
         if self.metrics is not None:
-            self.metrics.state(self.config.name, state)
+            self.metrics.state(self._labels, state)
         if changed:
             self._report(force=True)
 
@@ -607,7 +608,7 @@ class LivePair:
             if path not in retry:
                 self._latencies.append(done - when)
         if self.metrics is not None:
-            self.metrics.session(self.config.name, result, [done - w for p, w in entries.items() if p not in retry])
+            self.metrics.session(self._labels, result, [done - w for p, w in entries.items() if p not in retry])
         st.failed_files = [[display_path(path), reason] for path, reason in result.failed[:20]]
         if not result.failed:
             st.last_success = done
@@ -699,7 +700,8 @@ class LivePair:
             st.latency_p50_ms = round(ordered[len(ordered) // 2] * 1000, 3)
             st.latency_p99_ms = round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3)
         if self.metrics is not None:
-            self.metrics.lag(self.config.name, st.pending, st.lag_seconds, st.lag_bytes)
+            self.metrics.lag(self._labels, st.pending, st.lag_seconds, st.lag_bytes)
+            self.metrics.applied(self._labels, rec, st.lag_entries, st.journal_catch_ups, st.full_syncs)
         return st.__dict__.copy()
 
     def _pending_bytes(self, pending: Pending) -> int:
@@ -923,7 +925,7 @@ class Metrics:
 
         pc.disable_created_metrics()  # a *_created series per counter is noise to every dashboard
         self.registry = pc.CollectorRegistry()
-        labels = ["pair"]
+        labels = ["pair", "destination"]
         pc.Info("mirror_build", "The running hamirror", registry=self.registry).info({"version": __version__})
         self.last_success = pc.Gauge("mirror_last_success_timestamp_seconds",
                                      "When the last session without a failed file ended (Unix time)", labels,
@@ -939,24 +941,43 @@ class Metrics:
         self.latency = pc.Histogram("mirror_change_latency_seconds", "From the change seen to it committed on the replica",
                                     labels, registry=self.registry,
                                     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))  # fmt: skip
-        self.state_gauge = pc.Gauge("mirror_pair_state", "1 for the pair's current state", ["pair", "state"], registry=self.registry)
+        self.state_gauge = pc.Gauge("mirror_pair_state", "1 for the pair's current state", [*labels, "state"],
+                                    registry=self.registry)  # fmt: skip
+        self.applied_epoch = pc.Gauge("mirror_applied_epoch", "The epoch of what the destination has applied",
+                                      labels, registry=self.registry)  # fmt: skip
+        self.applied_seq = pc.Gauge("mirror_applied_seq", "The journal sequence the destination has applied",
+                                    labels, registry=self.registry)  # fmt: skip
+        self.lag_entries = pc.Gauge("mirror_lag_entries", "Journal entries the destination has not applied "
+                                    "(-1: unknown)", labels, registry=self.registry)  # fmt: skip
+        self.catch_ups = pc.Gauge("mirror_catch_ups", "How (re)connections caught up so far, by journal replay or "
+                                  "full sync", [*labels, "how"], registry=self.registry)  # fmt: skip
         self.server, self.thread = pc.start_http_server(listen[1], addr=listen[0], registry=self.registry)
 
-    def state(self, pair: str, state: str) -> None:
+    # ``labels``: (pair, destination)
+
+    def state(self, labels: tuple[str, str], state: str) -> None:
         for s in self.STATES:  # label values in snake_case, as Prometheus expects
-            self.state_gauge.labels(pair, s.replace(" ", "_")).set(1 if s == state else 0)
+            self.state_gauge.labels(*labels, s.replace(" ", "_")).set(1 if s == state else 0)
 
-    def session(self, pair: str, result, latencies: list[float]) -> None:
-        self.sessions.labels(pair).inc()
-        self.files.labels(pair).inc(result.stats.files_sent)
-        self.bytes.labels(pair).inc(result.stats.wire_sent)
-        self.failures.labels(pair).inc(len(result.failed))
+    def session(self, labels: tuple[str, str], result, latencies: list[float]) -> None:
+        self.sessions.labels(*labels).inc()
+        self.files.labels(*labels).inc(result.stats.files_sent)
+        self.bytes.labels(*labels).inc(result.stats.wire_sent)
+        self.failures.labels(*labels).inc(len(result.failed))
         if not result.failed:
-            self.last_success.labels(pair).set_to_current_time()
+            self.last_success.labels(*labels).set_to_current_time()
         for value in latencies:
-            self.latency.labels(pair).observe(value)
+            self.latency.labels(*labels).observe(value)
 
-    def lag(self, pair: str, pending: int, seconds: float, size: int) -> None:
-        self.pending.labels(pair).set(pending)
-        self.lag_seconds.labels(pair).set(seconds)
-        self.lag_bytes.labels(pair).set(size)
+    def lag(self, labels: tuple[str, str], pending: int, seconds: float, size: int) -> None:
+        self.pending.labels(*labels).set(pending)
+        self.lag_seconds.labels(*labels).set(seconds)
+        self.lag_bytes.labels(*labels).set(size)
+
+    def applied(self, labels: tuple[str, str], rec: Applied | None, lag_entries: int | None, replays: int,
+                full: int) -> None:  # fmt: skip
+        self.applied_epoch.labels(*labels).set(rec.epoch if rec is not None else 0)
+        self.applied_seq.labels(*labels).set(rec.seq if rec is not None else 0)
+        self.lag_entries.labels(*labels).set(lag_entries if lag_entries is not None else -1)
+        self.catch_ups.labels(*labels, "journal").set(replays)
+        self.catch_ups.labels(*labels, "full").set(full)

@@ -10,14 +10,26 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
+import urllib.request
 
 from mirror.applied import read_applied
 from tests.daemons import converged
-from tests.helpers import MIRROR
+from tests.helpers import MIRROR, run_mirror
 from tests.servers import mirror_server
 from tests.test_daemon_fanout import wait_pairs
+
+
+def _scrape(port: int, destination: str) -> dict:
+    """The daemon's metrics for ``destination``: {(name, how label or None): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(s.name, s.labels.get("how")): s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.labels.get("destination") == destination}  # fmt: skip
 
 
 class AppliedSampler:
@@ -95,8 +107,11 @@ def test_a_stopped_destination_catches_up_from_the_journal(tmp_path):
     a.mkdir()
     for i in range(30):
         (src / f"base{i}").write_bytes(os.urandom(300))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     with mirror_server(tmp_path, {"m": str(a)}) as ra, AppliedSampler(a) as sampler:
-        daemon, log = _daemon(tmp_path, src, {"to-a": (ra, a)})
+        daemon, log = _daemon(tmp_path, src, {"to-a": (ra, a)}, f'metrics = "127.0.0.1:{port}"')
         try:
             converged(src, a)
             pairs = wait_pairs(src, lambda p: p["to-a"]["state"] == "live" and p["to-a"]["lag_entries"] == 0)
@@ -124,6 +139,12 @@ def test_a_stopped_destination_catches_up_from_the_journal(tmp_path):
                 assert pair["catch_up"]["changes"] > 0
                 assert pair["full_syncs"] == 1  # only the first sync was a full one
                 assert pair["applied"]["seq"] == pair["journal_seq"] == read_applied(os.fsencode(a / ".mirror")).seq
+            text = run_mirror("status", str(src)).stdout.decode()
+            assert f"applied epoch 0 seq {pair['journal_seq']} of journal seq {pair['journal_seq']}, 0 entries behind" in text
+            assert "last caught up by journal replay of" in text and "2 replays, 1 full syncs" in text, text
+            metrics = _scrape(port, ra.url("m"))
+            assert metrics["mirror_catch_ups", "journal"] == 2 and metrics["mirror_catch_ups", "full"] == 1
+            assert metrics["mirror_lag_entries", None] == 0
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
