@@ -653,6 +653,8 @@ class LivePair:
         rec = _applied(result.receiver.get("applied"))
         if rec is not None or "applied" in result.receiver:
             self._replica = rec
+            # what the replica lacks since its record stays in the journal for a replay
+            self.journal.hold(rec.seq if rec is not None and rec.journal == self.journal.token else None)
         if claim is not None and rec is not None and (rec.seq, rec.journal) == (claim["seq"], claim["journal"]):
             self._outstanding = set(kept)  # recorded: everything up to the batch is there
             self._gap = False

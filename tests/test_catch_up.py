@@ -208,3 +208,34 @@ def test_a_replica_far_below_our_epoch_is_synced_again_until_it_records_it(tmp_p
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
             log.close()
+
+
+def test_the_journal_holds_what_a_replica_lacks_past_its_checkpoint_within_the_bound(tmp_path):
+    """A session that deferred a file (still open) is checkpointed while the replica's record
+    stays behind: the records after the record are held so a reconnection replays them; past
+    the bound the hold goes and the reconnection resyncs in full (rewind refused)."""
+    from mirror import journal as J
+
+    j = J.Journal(os.fsencode(tmp_path / "journal-0a"), (b"x", b"y"), max_retained=5)
+    first = j.append([(J.ENTRY, b"a", 0)])
+    for c in (b"x", b"y"):
+        j.checkpoint(j.take(c).seq, c)
+    j.hold(first, b"x")  # x's replica recorded ``first``
+    j.append([(J.ENTRY, b"open", 0)])
+    for c in (b"x", b"y"):
+        j.checkpoint(j.take(c).seq, c)  # x's session deferred "open": its record stays at first
+    assert j.rewind(first, b"x") and set(j.pending(cursor=b"x").entries) == {b"open"}
+    j.checkpoint(j.take(b"x").seq, b"x")
+    j.hold(None, b"x")
+    assert not j.rewind(first, b"x")  # nothing held: dropped at y's and x's checkpoints
+    j.hold(j.position(b"x")[0], b"x")
+    held_from = j.position(b"x")[0]
+    j.append([(J.ENTRY, b"later", 0)])
+    j.checkpoint(j.take(b"x").seq, b"x")
+    for i in range(10):  # both keep up, but x's replica records nothing (say every session defers a file)
+        j.append([(J.ENTRY, b"f%d" % i, 0)])
+        for c in (b"x", b"y"):
+            j.checkpoint(j.take(c).seq, c)
+    assert not j.rewind(held_from, b"x")  # the hold went past the bound
+    assert not j.overrun(b"x")  # x itself keeps up: it is not let go, only its hold goes
+    j.close()
