@@ -18,6 +18,12 @@ lock exists (here, or on the receiver) nothing is sent and changes keep being jo
 when it goes, the journal is caught up first (time proportional to the changes), then the
 whole tree is reconciled.  A lost connection is retried with backoff; an older epoch than
 the receiver's (``StaleEpochError``) stops the pair for good: a fenced node must not retry.
+
+Each session tells the receiver what it covers of the journal (``_claim``), and the receiver
+records it once the session committed everything (``mirror.applied``, docs/PROTOCOL.md).
+On reconnection the receiver reports that record: if it is of this journal run, at the
+tree's epoch, and the journal still holds every change after it, only those are replayed
+(a scoped session); otherwise the whole tree is synced (``_replay_refused`` says why).
 SIGTERM abandons the file in flight cleanly; SIGHUP reloads the configuration.
 """
 
@@ -277,6 +283,7 @@ class LivePair:
         # (``MAX_EPOCH_STEP`` a session): another one is due then (monotonic time).
         self._epoch_resync_at: float | None = None
         self._epoch_resyncs = 0
+        self._let_go = False  # the journal let this destination go: its next sync is a full one
         self.feed.subscribe(self)
         if self.journal.replayed:
             log.info("%s: %d changes from the journal to replay", config.name, self.journal.replayed)
@@ -510,7 +517,7 @@ class LivePair:
     def _replay_refused(self) -> str | None:
         """Why the journal cannot bring the replica up to date (None: it can)."""
         rec = self._replica
-        if getattr(self, "_let_go", False):
+        if self._let_go:
             return f"more than {self.daemon.journal_retain} changes behind: the journal let this destination go"
         if self._need_full:
             return "a full sync is due (first sync, lost events, or a halt)"
