@@ -10,7 +10,9 @@ sender sends into a checked record (``protocol.checked``: every length, integer 
 bounded) that it hands to the replica writer (``mirror.apply``), the same writer a local
 sync calls directly.  New content goes to a temporary file and is verified against the
 sender's whole-file xxh3-128 here, every delta op against its basis, before the writer
-may commit it; a mismatch is reported, never committed.
+may commit it; a mismatch is reported, never committed.  A session that committed
+everything records what it covers of the sender's journal (``mirror.applied``); the
+handshake and every result report that record.
 
 The class is embeddable: give it a transport (``mirror.protocol``) and a module table.
 """
