@@ -107,7 +107,9 @@ def one_config(work: str, files: int, changes: int, runs: int, retain: int | Non
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--files", type=int, default=20000)
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--runs", type=int, default=5)

@@ -74,7 +74,9 @@ def test_a_complete_session_is_recorded_and_reported_at_the_handshake(tmp_path):
             result = conn.session(Scope(entries=[b"d/f3"]), journal={"seq": 60, "base": 50, "journal": TOKEN})
             assert result.ok and result.receiver["applied"] == [7, 45, TOKEN]
             # nor a batch of another journal run
-            result = conn.session(Scope(entries=[b"d/f3"]), journal={"seq": 70, "base": 45, "journal": "f" * 16})
+            result = conn.session(
+                Scope(entries=[b"d/f3"]), journal={"seq": 70, "base": 45, "journal": "f" * 16}
+            )
             assert read_applied(_state(dst)) == Applied(7, 45, TOKEN)
             # a plain full sync (no seq) never lowers it
             assert conn.session().ok and read_applied(_state(dst)) == Applied(7, 45, TOKEN)

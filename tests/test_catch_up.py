@@ -138,9 +138,16 @@ def test_a_stopped_destination_catches_up_from_the_journal(tmp_path):
                 assert pair["catch_up"]["how"] == "journal", pair["catch_up"]
                 assert pair["catch_up"]["changes"] > 0
                 assert pair["full_syncs"] == 1  # only the first sync was a full one
-                assert pair["applied"]["seq"] == pair["journal_seq"] == read_applied(os.fsencode(a / ".mirror")).seq
+                assert (
+                    pair["applied"]["seq"]
+                    == pair["journal_seq"]
+                    == read_applied(os.fsencode(a / ".mirror")).seq
+                )
             text = run_mirror("status", str(src)).stdout.decode()
-            assert f"applied epoch 0 seq {pair['journal_seq']} of journal seq {pair['journal_seq']}, 0 entries behind" in text
+            assert (
+                f"applied epoch 0 seq {pair['journal_seq']} of journal seq {pair['journal_seq']}, 0 entries behind"
+                in text
+            )
             assert "last caught up by journal replay of" in text and "2 replays, 1 full syncs" in text, text
             metrics = _scrape(port, ra.url("m"))
             assert metrics["mirror_catch_ups", "journal"] == 2 and metrics["mirror_catch_ups", "full"] == 1
