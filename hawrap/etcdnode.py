@@ -30,6 +30,8 @@ import time
 
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
+from mirror.applied import read_applied
+from mirror.daemon import journal_head
 from mirror.errors import MirrorError
 
 from . import watchdog
@@ -130,11 +132,24 @@ class EtcdNode(Listener):
     # ------------------------------------------------------------ what leadership reads
 
     def position(self) -> Position:
-        """The epoch of the data this node holds: its trees' lowest epoch (a replica's rises
-        with the sessions it received from a newer primary), or the node's own epoch
-        without trees."""
-        epochs = [mirror_epoch.read_epoch(t.state_dir) for t in self.mirror.trees]
-        return Position(min(epochs) if epochs else mirror_epoch.read_epoch(self.me.state_dir), 0)
+        """What this node's data is (docs/ETCD.md): on a node serving (or handing over), its
+        trees' epoch and its daemons' journal head; on a replica, what its receiver recorded
+        as applied (``mirror.applied``), the lowest over its trees, (0, 0) for a tree with
+        no record.  Without trees: the node's own epoch.  ``fence``: the highest epoch any
+        tree holds."""
+        trees = self.mirror.trees
+        epochs = [mirror_epoch.read_epoch(t.state_dir) for t in trees]
+        fence = max(epochs + [mirror_epoch.read_epoch(self.me.state_dir)])
+        if not trees:
+            return Position(mirror_epoch.read_epoch(self.me.state_dir), 0, fence)
+        if self._began_serving:
+            return Position(min(epochs), min(journal_head(t.state_dir) for t in trees), fence)
+        points = []
+        for t in trees:
+            rec = read_applied(t.state_dir)
+            points.append((rec.epoch, rec.seq) if rec is not None else (0, 0))
+        epoch, seq = min(points)
+        return Position(epoch, seq, fence)
 
     def eligibility(self) -> str | None:
         if lockfile.is_locked(self.cfg.standby_lock_path(self.name)):

@@ -119,10 +119,19 @@ class Timing:
 @dataclass(frozen=True, order=True)
 class Position:
     """What a member has applied: the epoch of the primary it came from, then that primary's
-    journal sequence.  Ordered: a higher epoch is newer data whatever the sequence."""
+    journal sequence.  Ordered: a higher epoch is newer data whatever the sequence.
+
+    ``fence``: the highest epoch on the member's trees (the fencing token they hold), which
+    may be above the epoch of the data (a replica takes the leader's epoch before its
+    sessions arrive).  Not part of the order: it only keeps every new term's epoch above it."""
 
     epoch: int = 0
     seq: int = 0
+    fence: int = field(default=0, compare=False)
+
+    @property
+    def top_epoch(self) -> int:
+        return max(self.epoch, self.fence)
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,7 @@ class Member:
             {
                 "epoch": self.position.epoch,
                 "seq": self.position.seq,
+                "fence": self.position.fence,
                 "eligible": self.eligible,
                 "reason": self.reason,
                 "yielding": self.yielding,
@@ -223,8 +233,8 @@ def _json(kv: KeyValue, problems: list[str]) -> dict | None:
     return data
 
 
-def _int(data: dict, key: str) -> int:
-    value = data[key]
+def _int(data: dict, key: str, default: int | None = None) -> int:
+    value = data[key] if default is None or key in data else default
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(key)
     value = int(value)
@@ -267,7 +277,7 @@ def parse_snapshot(keys: Keys, revision: int, ranges: list[list[KeyValue]]) -> S
         try:
             members[name] = Member(
                 name=name,
-                position=Position(_int(data, "epoch"), _int(data, "seq")),
+                position=Position(_int(data, "epoch"), _int(data, "seq"), _int(data, "fence", 0)),
                 eligible=data["eligible"] is True,
                 reason=str(data.get("reason", ""))[:200],
                 yielding=data.get("yielding") is True,
@@ -310,7 +320,7 @@ def campaign_verdict(me: Member, others: list[Member], failover_to: str | None =
 
 def new_floor(floor: int, members: list[Member]) -> int:
     """The floor for a new holder: no published epoch may reach the new epoch."""
-    return max([floor] + [m.position.epoch for m in members])
+    return max([floor] + [m.position.top_epoch for m in members])
 
 
 def _pos(p: Position) -> str:
@@ -649,7 +659,7 @@ class Leadership:
         if snap.failover is not None:
             self._hand_over(client, snap, leader)
             return
-        higher = max((m.position.epoch for m in snap.members.values()), default=0)
+        higher = max((m.position.top_epoch for m in snap.members.values()), default=0)
         if higher > leader.epoch:
             self._raise_epoch(client, snap, leader, higher)
 

@@ -500,8 +500,15 @@ class MirrorControl:
     def final_sync(self, timeout: float = 3600.0, to: str | None = None) -> None:
         """One-shot ``mirror sync --delete`` of every tree toward the peer (or node ``to``);
         raises on failure."""
+        from mirror.daemon import journal_head
+
         for t in self.trees:
             argv = self._argv(self.cfg.mirror.sync, t, to=to or "")
+            head = journal_head(t.state_dir) if self.fan_out else 0
+            if head:
+                # its daemon is stopped: the sync covers the journal up to its head, and the
+                # target then publishes the position this node hands over with
+                argv += ["--journal-seq", str(head)]
             start = time.monotonic()
             try:
                 proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)

@@ -188,7 +188,7 @@ def read_daemon_config(path: str):
     top = _Table(data, problems, "", {"daemon", "pair"})
     daemon = _Table(top.get("daemon", dict, {}), problems, "daemon.",
                     {"status_dir", "coalesce_ms", "open_file_delay", "metrics", "reconcile_interval", "timeout",
-                     "contimeout"})  # fmt: skip
+                     "contimeout", "journal_retain"})  # fmt: skip
     timeouts = {}
     for key, default in (("timeout", DEFAULT_TIMEOUT), ("contimeout", DEFAULT_CONTIMEOUT)):
         value = daemon.get(key, (int, float), default)
@@ -238,6 +238,11 @@ def read_daemon_config(path: str):
     coalesce = daemon.get("coalesce_ms", (int, float), 0.5)
     open_file_delay = daemon.get("open_file_delay", (int, float), 1.0)
     reconcile_interval = daemon.get("reconcile_interval", (int, float))
+    from .journal import MAX_RETAINED
+
+    journal_retain = daemon.get("journal_retain", int, MAX_RETAINED)
+    if journal_retain < 1:
+        problems.add(f"'daemon.journal_retain' must be 1 or more changes, got {journal_retain}")
     if not pairs:
         return None, problems
     return DaemonConfig(
@@ -247,4 +252,5 @@ def read_daemon_config(path: str):
         open_file_delay=float(open_file_delay),
         metrics=metrics_listen,
         reconcile_interval=reconcile_interval,
+        journal_retain=max(1, journal_retain),
     ), problems

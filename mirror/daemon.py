@@ -18,6 +18,12 @@ lock exists (here, or on the receiver) nothing is sent and changes keep being jo
 when it goes, the journal is caught up first (time proportional to the changes), then the
 whole tree is reconciled.  A lost connection is retried with backoff; an older epoch than
 the receiver's (``StaleEpochError``) stops the pair for good: a fenced node must not retry.
+
+Each session tells the receiver what it covers of the journal (``_claim``), and the receiver
+records it once the session committed everything (``mirror.applied``, docs/PROTOCOL.md).
+On reconnection the receiver reports that record: if it is of this journal run, at the
+tree's epoch, and the journal still holds every change after it, only those are replayed
+(a scoped session); otherwise the whole tree is synced (``_replay_refused`` says why).
 SIGTERM abandons the file in flight cleanly; SIGHUP reloads the configuration.
 """
 
@@ -33,6 +39,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from .applied import Applied
 from .atomicfile import atomic_write
 from .errors import (
     Cancelled,
@@ -47,7 +54,7 @@ from .errors import (
 )
 from .exclude import make_excluder
 from .guard import fs_identity
-from .journal import ENTRY, RENAME, Journal, Pending
+from .journal import ENTRY, MAX_RETAINED, RENAME, Journal, Pending
 from .lockfile import is_locked
 from .secretfile import read_secret_file
 from .statedir import check_root, ensure_state_dir, resolve_state_dir
@@ -115,7 +122,7 @@ class SourceFeed:
     per destination).  A change is journaled once, durably, and every pair is woken; each
     pair checkpoints its own position (``Journal`` cursors)."""
 
-    def __init__(self, pairs: list[PairConfig]):
+    def __init__(self, pairs: list[PairConfig], max_retained: int = MAX_RETAINED):
         first = pairs[0]
         check_root(first.source)
         ensure_state_dir(first.tree_state_dir)
@@ -128,7 +135,7 @@ class SourceFeed:
             self.cursors = {p.name: p.cursor for p in pairs}
             tag = xxhash.xxh3_64_hexdigest(b"fan-out\0" + os.path.realpath(first.source))
             path = os.path.join(first.tree_state_dir, b"journal-" + tag.encode())
-        self.journal = Journal(path, tuple(self.cursors.values()))
+        self.journal = Journal(path, tuple(self.cursors.values()), max_retained=max_retained)
         self._excluder = make_excluder(first.excludes)
         self._pairs: list[LivePair] = []
         self._lock = threading.Lock()
@@ -195,6 +202,9 @@ class DaemonConfig:
     open_file_delay: float = 1.0
     metrics: tuple[str, int] | None = None
     reconcile_interval: float | None = None  # a full sync this often (None: only when needed)
+    # A destination away while the others take more than this many changes is let go: a
+    # full sync when it returns, instead of a replay of the journal (``Journal.max_retained``).
+    journal_retain: int = MAX_RETAINED
 
 
 @dataclass
@@ -221,6 +231,15 @@ class PairStatus:
     progress: dict | None = None  # during a full sync or catch-up: entries and bytes done (of total, if known)
     mirrored_seq: int = 0  # this destination's position in the tree's journal
     journal_seq: int = 0  # the newest change journaled
+    # What the replica's receiver says it has applied: {"epoch", "seq", "journal"} (None:
+    # not known yet, or nothing recorded), and how far behind the newest change that is.
+    applied: dict | None = None
+    lag_entries: int | None = None
+    # How the last (re)connection caught up: {"how": "journal" or "full", "reason", "from",
+    # "changes", "at"}; and how many of each so far.
+    catch_up: dict | None = None
+    journal_catch_ups: int = 0
+    full_syncs: int = 0
 
 
 class LivePair:
@@ -235,8 +254,9 @@ class LivePair:
         self.metrics = metrics
         self.on_state = on_state
         self.status = PairStatus(config.name, display_path(config.source), config.destination)
+        self._labels = (config.name, config.destination)  # the metrics' pair and destination
         self._own_feed = feed is None
-        self.feed = SourceFeed([config]) if feed is None else feed
+        self.feed = SourceFeed([config], daemon.journal_retain) if feed is None else feed
         self.journal = self.feed.cursor(config)
         self._cond = threading.Condition()
         self._open_files: dict[bytes, float] = {}
@@ -253,6 +273,17 @@ class LivePair:
         self._halts = 0
         self._watch_stale = False  # the source's filesystem went away under the watches
         self._behind = False  # warned that the pair falls behind
+        # What the replica has applied (its receiver's record), and what keeps a scoped
+        # session from claiming it covers the journal up to its batch: paths deferred or
+        # failed since the record (``_outstanding``), a subtree left unread (``_gap``).
+        self._replica: Applied | None = None
+        self._outstanding: set[bytes] = set()
+        self._gap = False
+        # A full sync the replica could not record because it took only part of our epoch
+        # (``MAX_EPOCH_STEP`` a session): another one is due then (monotonic time).
+        self._epoch_resync_at: float | None = None
+        self._epoch_resyncs = 0
+        self._let_go = False  # the journal let this destination go: its next sync is a full one
         self.feed.subscribe(self)
         if self.journal.replayed:
             log.info("%s: %d changes from the journal to replay", config.name, self.journal.replayed)
@@ -290,7 +321,7 @@ class LivePair:
         if error is not None:
             self.status.last_error = error
         if self.metrics is not None:
-            self.metrics.state(self.config.name, state)
+            self.metrics.state(self._labels, state)
         if changed:
             self._report(force=True)
 
@@ -337,7 +368,8 @@ class LivePair:
                 batch = self._next_batch()
                 if batch is None:
                     continue
-                self._connect()
+                if self._connect():
+                    batch = self.journal.take()  # from the replica's own position on
                 full = self._need_full
                 reconcile_due = self.daemon.reconcile_interval and time.monotonic() - last_full > self.daemon.reconcile_interval
                 failed = self._session(batch, full=full or bool(reconcile_due))
@@ -429,8 +461,12 @@ class LivePair:
 
     def _next_batch(self) -> Pending | None:
         """Wait for changes (and a short coalescing window); None to go round the loop again."""
+        if self._epoch_resync_at is not None and time.monotonic() >= self._epoch_resync_at:
+            self._epoch_resync_at = None
+            self._need_full = True
         if self.journal.overrun():
             self._need_full = True  # too far behind: the journal let this destination go
+            self._let_go = True
         if self._need_full or getattr(self, "_after_lock", False):
             return self.journal.take()
         with self._cond:
@@ -451,9 +487,11 @@ class LivePair:
         oldest = min(self._open_files.values())
         return max(0.01, self.daemon.open_file_delay - (time.monotonic() - oldest))
 
-    def _connect(self) -> None:
+    def _connect(self) -> bool:
+        """Connect if not connected; True if the new connection catches up from the journal
+        (the pair's position was moved to the replica's), False otherwise."""
         if self._connection is not None:
-            return
+            return False
         self._set_state("connecting")
         c = self.config
         self._connection = Connection(
@@ -463,7 +501,51 @@ class LivePair:
             max_delete=c.max_delete, allow_mass_delete=c.allow_mass_delete, timeout=c.timeout,
             contimeout=c.contimeout, on_change=self._progress_entry, on_progress=self._progress_bytes,
         ).open()  # fmt: skip
-        self._need_full = True  # whatever happened while we were apart: reconcile
+        self._replica = _applied(self._connection.welcome.get("applied"))
+        self._outstanding.clear()
+        reason = self._replay_refused()
+        if reason is None and self.journal.rewind(self._replica.seq):
+            changes = len(self.journal.pending())
+            self._caught_up("journal", f"the replica has sequence {self._replica.seq} of this journal",
+                            self._replica.seq, changes)  # fmt: skip
+            return True
+        # whatever happened while we were apart: reconcile the whole tree
+        self._caught_up("full", reason or "the journal no longer holds what the replica lacks", None, None)
+        self._need_full = True
+        return False
+
+    def _replay_refused(self) -> str | None:
+        """Why the journal cannot bring the replica up to date (None: it can)."""
+        rec = self._replica
+        if self._let_go:
+            return f"more than {self.daemon.journal_retain} changes behind: the journal let this destination go"
+        if self._need_full:
+            return "a full sync is due (first sync, lost events, or a halt)"
+        if getattr(self, "_after_lock", False):
+            return "after a mirroring lock the whole tree is reconciled"
+        if self._connection.local is not None:
+            return "a local replica keeps no record of what it applied"
+        if rec is None:
+            return "the replica has no record of what it applied"
+        if rec.journal != self.journal.token:
+            return "the replica's record is not of this journal"
+        from .epoch import read_epoch
+
+        epoch = read_epoch(self.config.tree_state_dir)
+        if rec.epoch != epoch:
+            return f"the replica's record is of epoch {rec.epoch}, this tree is at {epoch}"
+        return None
+
+    def _caught_up(self, how: str, reason: str, start: int | None, changes: int | None) -> None:
+        st = self.status
+        st.catch_up = {"how": how, "reason": reason, "from": start, "changes": changes, "at": time.time()}
+        if how == "journal":
+            st.journal_catch_ups += 1
+            log.info("%s: catching up from the journal: %d changes after sequence %d", self.config.name,
+                     changes, start)  # fmt: skip
+        else:
+            st.full_syncs += 1
+            log.info("%s: full sync: %s", self.config.name, reason)
 
     def _progress_entry(self, change) -> None:
         progress = self.status.progress
@@ -508,8 +590,9 @@ class LivePair:
         started = time.monotonic()
         if full or after_lock:
             self.status.progress = {"entries": 0, "bytes": 0, "entries_total": None if full else len(batch)}
+        claim = self._claim(batch, full, waiting, entries)
         try:
-            result = self._connection.session(scope=scope, renames=batch.renames)
+            result = self._connection.session(scope=scope, renames=batch.renames, journal=claim)
         finally:
             self._last_session_end = time.monotonic()
             self.status.progress = None
@@ -517,8 +600,10 @@ class LivePair:
         self._after_lock = False
         if full:
             self._need_full = False
+            self._let_go = False
         retry = {path for path, _ in result.failed}
         self._checkpoint(batch, waiting | retry)
+        self._note_applied(result, claim, batch, full, waiting | retry, entries)
         st = self.status
         st.sessions += 1
         st.last_sync = done
@@ -530,7 +615,7 @@ class LivePair:
             if path not in retry:
                 self._latencies.append(done - when)
         if self.metrics is not None:
-            self.metrics.session(self.config.name, result, [done - w for p, w in entries.items() if p not in retry])
+            self.metrics.session(self._labels, result, [done - w for p, w in entries.items() if p not in retry])
         st.failed_files = [[display_path(path), reason] for path, reason in result.failed[:20]]
         if not result.failed:
             st.last_success = done
@@ -543,11 +628,60 @@ class LivePair:
         return bool(result.failed)
 
     def _checkpoint(self, batch: Pending, keep: set[bytes]) -> None:
-        """Mark ``batch`` done, re-journaling what it could not finish (so a crash keeps it)."""
+        """Mark ``batch`` done, re-journaling what it could not finish (so a crash keeps it):
+        a file still open, a file that failed (in a subtree compared whole too)."""
         if keep:
-            self.journal.append([(ENTRY, p, 0) for p in sorted(keep) if p in batch.entries or p in self._open_files],
-                                force=True)  # fmt: skip
+            self.journal.append([(ENTRY, p, 0) for p in sorted(keep)], force=True)
         self.journal.checkpoint(batch.seq)
+
+    def _claim(self, batch: Pending, full: bool, waiting: set[bytes], entries: dict) -> dict | None:
+        """What the session covers of the journal (``start``'s ``seq``, ``base`` and
+        ``journal``), for the receiver to record once it completes; None: nothing.
+
+        A full sync covers every record up to its batch.  A scoped one continues from the
+        replica's record: it covers up to its batch only if every change since that record
+        is in it or was mirrored by a session that completed (nothing deferred or failed
+        since is left out, no subtree went unread), and it defers no file of its own."""
+        token = self.journal.token
+        if full:
+            return {"seq": batch.seq, "base": None, "journal": token}
+        rec = self._replica
+        if waiting or rec is None or rec.journal != token:
+            return None
+        start = self.journal.position()[0]
+        if start > rec.seq:  # the gap between the record and this batch holds only retried paths
+            if self._gap or any(not _within(p, entries, batch.trees) for p in self._outstanding):
+                return None
+        return {"seq": batch.seq, "base": rec.seq, "journal": token}
+
+    def _note_applied(self, result, claim: dict | None, batch: Pending, full: bool, kept: set[bytes],
+                      entries: dict) -> None:  # fmt: skip
+        """The receiver's record after a session, and what still keeps the next from claiming."""
+        rec = _applied(result.receiver.get("applied"))
+        if rec is not None or "applied" in result.receiver:
+            self._replica = rec
+            # what the replica lacks since its record stays in the journal for a replay
+            self.journal.hold(rec.seq if rec is not None and rec.journal == self.journal.token else None)
+        if claim is not None and rec is not None and (rec.seq, rec.journal) == (claim["seq"], claim["journal"]):
+            self._outstanding = set(kept)  # recorded: everything up to the batch is there
+            self._gap = False
+            self._epoch_resyncs = 0
+            return
+        clean = not result.failed and not result.problems and not result.deletions_refused
+        if full and clean and claim is not None:
+            from .epoch import read_epoch
+
+            if rec is None or rec.epoch < read_epoch(self.config.tree_state_dir):
+                # the replica raised its epoch by at most MAX_EPOCH_STEP: sync again (soon,
+                # then less often) until it holds ours and records what it has
+                self._epoch_resyncs += 1
+                self._epoch_resync_at = time.monotonic() + min(60.0, 0.5 * 2**self._epoch_resyncs)
+        if full and not result.failed and not result.problems:
+            self._outstanding.clear()
+        else:
+            self._outstanding -= {p for p in self._outstanding if _within(p, entries, batch.trees)}
+        self._outstanding |= kept
+        self._gap = self._gap or bool(result.problems) or bool(result.deletions_refused)
 
     # -- status -------------------------------------------------------------------------------
 
@@ -567,12 +701,16 @@ class LivePair:
             else:
                 log.info("%s: caught up", self.config.name)
         st.mirrored_seq, st.journal_seq = self.journal.position()
+        rec = self._replica
+        st.applied = rec._asdict() if rec is not None else None
+        st.lag_entries = max(0, st.journal_seq - rec.seq) if rec is not None and rec.journal == self.journal.token else None
         if self._latencies:
             ordered = sorted(self._latencies)
             st.latency_p50_ms = round(ordered[len(ordered) // 2] * 1000, 3)
             st.latency_p99_ms = round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3)
         if self.metrics is not None:
-            self.metrics.lag(self.config.name, st.pending, st.lag_seconds, st.lag_bytes)
+            self.metrics.lag(self._labels, st.pending, st.lag_seconds, st.lag_bytes)
+            self.metrics.applied(self._labels, rec, st.lag_entries, st.journal_catch_ups, st.full_syncs)
         return st.__dict__.copy()
 
     def _pending_bytes(self, pending: Pending) -> int:
@@ -587,6 +725,23 @@ class LivePair:
             if not os.path.isdir(os.path.join(self.config.source, path)):
                 total += st.st_size
         return total
+
+
+def _applied(value) -> Applied | None:
+    """A receiver's ``applied`` field (``[epoch, seq, journal]``), None if absent or malformed."""
+    if not isinstance(value, list) or len(value) != 3:
+        return None
+    epoch, seq, journal = value
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, seq))
+    return Applied(epoch, seq, journal) if ints and isinstance(journal, str) else None
+
+
+def _within(path: bytes, entries, trees) -> bool:
+    """Whether a scoped session over ``entries`` and subtrees ``trees`` looks at ``path``."""
+    if path in entries or path in trees or b"" in trees:
+        return True
+    parts = path.split(b"/")
+    return any(b"/".join(parts[:i]) in trees for i in range(1, len(parts)))
 
 
 def _groups(pairs: tuple[PairConfig, ...]) -> dict[tuple, tuple[PairConfig, ...]]:
@@ -617,7 +772,7 @@ class Daemon:
         self._status_thread.start()
 
     def _start_group(self, key: tuple, group: tuple[PairConfig, ...]) -> None:
-        feed = SourceFeed(list(group))
+        feed = SourceFeed(list(group), self.config.journal_retain)
         pairs = [LivePair(pc, self.config, self.metrics, feed, self._state_changed) for pc in group]
         for pair in pairs:  # listed before they run: a status written on their first change shows them all
             self.pairs[pair.config.name] = pair
@@ -721,6 +876,18 @@ def read_status(status_dir: bytes | str) -> dict:
         return json.loads(f.read())
 
 
+def journal_head(status_dir: bytes | str) -> int:
+    """The newest journal sequence a daemon's status in ``status_dir`` shows (the highest
+    over its pairs: a tree's pairs share one journal); 0 if there is no status.  A primary's
+    own position (hawrap): what a replica with all its data has applied."""
+    try:
+        status = load_status(status_dir)
+    except (OSError, ValueError):
+        return 0
+    heads = [p.get("journal_seq") for p in status.pairs]
+    return max([h for h in heads if isinstance(h, int) and not isinstance(h, bool) and h >= 0], default=0)
+
+
 @dataclass(frozen=True)
 class DaemonStatus:
     """The daemon's status file, for programs (hawrap): rewritten at once on every change of
@@ -767,7 +934,7 @@ class Metrics:
 
         pc.disable_created_metrics()  # a *_created series per counter is noise to every dashboard
         self.registry = pc.CollectorRegistry()
-        labels = ["pair"]
+        labels = ["pair", "destination"]
         pc.Info("mirror_build", "The running hamirror", registry=self.registry).info({"version": __version__})
         self.last_success = pc.Gauge("mirror_last_success_timestamp_seconds",
                                      "When the last session without a failed file ended (Unix time)", labels,
@@ -783,24 +950,43 @@ class Metrics:
         self.latency = pc.Histogram("mirror_change_latency_seconds", "From the change seen to it committed on the replica",
                                     labels, registry=self.registry,
                                     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))  # fmt: skip
-        self.state_gauge = pc.Gauge("mirror_pair_state", "1 for the pair's current state", ["pair", "state"], registry=self.registry)
+        self.state_gauge = pc.Gauge("mirror_pair_state", "1 for the pair's current state", [*labels, "state"],
+                                    registry=self.registry)  # fmt: skip
+        self.applied_epoch = pc.Gauge("mirror_applied_epoch", "The epoch of what the destination has applied",
+                                      labels, registry=self.registry)  # fmt: skip
+        self.applied_seq = pc.Gauge("mirror_applied_seq", "The journal sequence the destination has applied",
+                                    labels, registry=self.registry)  # fmt: skip
+        self.lag_entries = pc.Gauge("mirror_lag_entries", "Journal entries the destination has not applied "
+                                    "(-1: unknown)", labels, registry=self.registry)  # fmt: skip
+        self.catch_ups = pc.Gauge("mirror_catch_ups", "How (re)connections caught up so far, by journal replay or "
+                                  "full sync", [*labels, "how"], registry=self.registry)  # fmt: skip
         self.server, self.thread = pc.start_http_server(listen[1], addr=listen[0], registry=self.registry)
 
-    def state(self, pair: str, state: str) -> None:
+    # ``labels``: (pair, destination)
+
+    def state(self, labels: tuple[str, str], state: str) -> None:
         for s in self.STATES:  # label values in snake_case, as Prometheus expects
-            self.state_gauge.labels(pair, s.replace(" ", "_")).set(1 if s == state else 0)
+            self.state_gauge.labels(*labels, s.replace(" ", "_")).set(1 if s == state else 0)
 
-    def session(self, pair: str, result, latencies: list[float]) -> None:
-        self.sessions.labels(pair).inc()
-        self.files.labels(pair).inc(result.stats.files_sent)
-        self.bytes.labels(pair).inc(result.stats.wire_sent)
-        self.failures.labels(pair).inc(len(result.failed))
+    def session(self, labels: tuple[str, str], result, latencies: list[float]) -> None:
+        self.sessions.labels(*labels).inc()
+        self.files.labels(*labels).inc(result.stats.files_sent)
+        self.bytes.labels(*labels).inc(result.stats.wire_sent)
+        self.failures.labels(*labels).inc(len(result.failed))
         if not result.failed:
-            self.last_success.labels(pair).set_to_current_time()
+            self.last_success.labels(*labels).set_to_current_time()
         for value in latencies:
-            self.latency.labels(pair).observe(value)
+            self.latency.labels(*labels).observe(value)
 
-    def lag(self, pair: str, pending: int, seconds: float, size: int) -> None:
-        self.pending.labels(pair).set(pending)
-        self.lag_seconds.labels(pair).set(seconds)
-        self.lag_bytes.labels(pair).set(size)
+    def lag(self, labels: tuple[str, str], pending: int, seconds: float, size: int) -> None:
+        self.pending.labels(*labels).set(pending)
+        self.lag_seconds.labels(*labels).set(seconds)
+        self.lag_bytes.labels(*labels).set(size)
+
+    def applied(self, labels: tuple[str, str], rec: Applied | None, lag_entries: int | None, replays: int,
+                full: int) -> None:  # fmt: skip
+        self.applied_epoch.labels(*labels).set(rec.epoch if rec is not None else 0)
+        self.applied_seq.labels(*labels).set(rec.seq if rec is not None else 0)
+        self.lag_entries.labels(*labels).set(lag_entries if lag_entries is not None else -1)
+        self.catch_ups.labels(*labels, "journal").set(replays)
+        self.catch_ups.labels(*labels, "full").set(full)

@@ -142,8 +142,15 @@ class Journal:
         # path -> (its "other" flag, seq of its newest record), while not checkpointed
         self._pending_entries: dict[bytes, tuple[int, int]] = {}
         self._taken_at: dict[bytes, int] = dict.fromkeys(cursors, 0)  # the newest record each session took
+        # per destination: what its replica recorded as applied, when below its checkpoint (the
+        # records after it are kept, so a reconnection can replay them: ``hold``, ``rewind``)
+        self._held: dict[bytes, int | None] = {}
         self._sync_lock = threading.Lock()
         self._synced = 0
+        # Names this run of the journal (changes are journaled only while it is watched): a
+        # replica's applied record carrying it was written by a session of this run, so its
+        # sequence can be replayed from (see ``rewind``).
+        self.token = os.urandom(8).hex()
         self._open()
         self._index()
 
@@ -182,8 +189,18 @@ class Journal:
 
     @property
     def _done(self) -> int:
-        """Done for every destination: records up to here are dropped."""
+        """Done for every destination: records up to here are dropped (unless held)."""
         return min(self._done_at.values())
+
+    def _kept_from(self, cursor: bytes) -> int:
+        held = self._held.get(cursor)
+        return self._done_at[cursor] if held is None else min(held, self._done_at[cursor])
+
+    @property
+    def _floor(self) -> int:
+        """Records up to here are dropped: every destination has them, and none holds them
+        for a replay (``hold``)."""
+        return min(self._kept_from(c) for c in self._cursors)
 
     def _index(self) -> None:
         self._pending_entries = {}
@@ -254,11 +271,11 @@ class Journal:
         with self._lock:
             if seq <= self._done_at[cursor]:
                 return
-            before = self._done
+            before = self._floor
             self._done_at[cursor] = seq
             record = self._encode(seq, CHECKPOINT, cursor, None)
             self._trim()
-            if self._done > before:
+            if self._floor > before:
                 self._index()
             os.write(self._fd, record)
             self._size += len(record)
@@ -269,18 +286,25 @@ class Journal:
         """Drop what every destination has passed; let go of a destination that holds more than
         ``max_retained`` records on its own (it will be reconciled by a full sync)."""
         newest = self._seq
-        while len(self._records) > self._max_retained and len(self._cursors) > 1:
-            slowest = min(self._cursors, key=lambda c: self._done_at[c])
-            if self._done_at[slowest] >= newest:
-                break
+        while True:
+            floor = self._floor
+            if self._records and self._records[0][0] <= floor:
+                self._records = [r for r in self._records if r[0] > floor]
+            # only the slowest destination is let go, then what the others still need is
+            # counted again: a destination within the bound is never let go with it
+            if len(self._records) <= self._max_retained:
+                return
+            slowest = min(self._cursors, key=self._kept_from)
+            if self._held.get(slowest) is not None and self._held[slowest] < self._done_at[slowest]:
+                self._held[slowest] = None  # only kept for a replay: a reconnection resyncs in full
+                continue
+            if self._done_at[slowest] >= newest or len(self._cursors) < 2:
+                return
             log.warning("journal %s: destination %s is %d records behind: it will be resynced in full",
                         display_path(self.path), slowest.decode(errors="replace"),
                         newest - self._done_at[slowest])  # fmt: skip
             self._overrun.add(slowest)
             self._done_at[slowest] = newest
-        floor = self._done
-        if self._records and self._records[0][0] <= floor:
-            self._records = [r for r in self._records if r[0] > floor]
 
     def overrun(self, cursor: bytes = b"") -> bool:
         """True once: ``cursor`` was let go (too far behind); its next session must be a full sync."""
@@ -321,6 +345,32 @@ class Journal:
         with self._lock:
             self._taken_at[cursor] = taken = self._seq
         return self.pending(up_to=taken, cursor=cursor)
+
+    def rewind(self, seq: int, cursor: bytes = b"") -> bool:
+        """Move ``cursor``'s position to ``seq`` (what its destination says it has applied),
+        back or forth, so that its next batch replays every record after ``seq``.  False
+        if the journal cannot: ``seq`` is past the newest record, or records after it were
+        dropped (every destination had them, or this one was let go: ``overrun``)."""
+        with self._lock:
+            if seq > self._seq or seq < self._floor or cursor in self._overrun:
+                return False
+            if seq <= self._done_at[cursor]:
+                self._done_at[cursor] = seq  # the records after it are all still held
+                return True
+        self.checkpoint(seq, cursor)
+        return True
+
+    def hold(self, seq: int | None, cursor: bytes = b"") -> None:
+        """Keep the records after ``seq`` (what ``cursor``'s replica recorded as applied, below
+        its checkpoint when a session deferred or failed a file) for a replay after a
+        reconnection; None: keep nothing for it beyond its checkpoint.  Bounded like the
+        rest: past ``max_retained`` the hold is dropped."""
+        with self._lock:
+            before = self._floor
+            self._held[cursor] = seq
+            if self._floor > before:
+                self._trim()
+                self._index()
 
     def position(self, cursor: bytes = b"") -> tuple[int, int]:
         """(the last sequence mirrored to ``cursor``, the newest sequence journaled)."""
@@ -371,6 +421,16 @@ class JournalCursor:
 
     def position(self) -> tuple[int, int]:
         return self.journal.position(self.name)
+
+    def rewind(self, seq: int) -> bool:
+        return self.journal.rewind(seq, self.name)
+
+    def hold(self, seq: int | None) -> None:
+        self.journal.hold(seq, self.name)
+
+    @property
+    def token(self) -> str:
+        return self.journal.token
 
     def overrun(self) -> bool:
         return self.journal.overrun(self.name)

@@ -22,7 +22,7 @@ from typing import BinaryIO
 from . import constants as K
 from .errors import AuthError, LimitExceeded, PeerTimeout, ProtocolError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 SOFTWARE = "hamirror/0.1"
 MAX_FRAME = 8 << 20  # a listing part, a signature or a literal chunk fits well below this
 # Before the peer has proved it knows the secret, nothing larger is read: a hello with a

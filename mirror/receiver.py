@@ -10,7 +10,9 @@ sender sends into a checked record (``protocol.checked``: every length, integer 
 bounded) that it hands to the replica writer (``mirror.apply``), the same writer a local
 sync calls directly.  New content goes to a temporary file and is verified against the
 sender's whole-file xxh3-128 here, every delta op against its basis, before the writer
-may commit it; a mismatch is reported, never committed.
+may commit it; a mismatch is reported, never committed.  A session that committed
+everything records what it covers of the sender's journal (``mirror.applied``); the
+handshake and every result report that record.
 
 The class is embeddable: give it a transport (``mirror.protocol``) and a module table.
 """
@@ -26,6 +28,7 @@ import xxhash
 
 from . import fastpath
 from . import protocol as P
+from .applied import MAX_TOKEN, Applied, read_applied, record_applied
 from .apply import LockWatch, ReplicaWriter, admit, record_epoch
 from .entry import Kind
 from .epoch import read_epoch
@@ -254,8 +257,11 @@ class Receiver:
             self._admit()
         if hasattr(self.t, "max_frame"):
             self.t.max_frame = P.MAX_FRAME
+        state_dir = self.module.resolved_state_dir
+        # What this replica has applied, for the whole module only (a subpath is part of it)
+        applied = read_applied(state_dir) if not self.subpath else None
         self.t.send([P.WELCOME, {
-            "proof": proof, "epoch": read_epoch(self.module.resolved_state_dir),
+            "proof": proof, "epoch": read_epoch(state_dir), "applied": applied.as_wire() if applied else None,
             "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE,
         }])  # fmt: skip
 
@@ -290,6 +296,7 @@ class Receiver:
                           dry_run=dry_run, peer=self.peer)  # fmt: skip
         if not dry_run:
             mine = record_epoch(module, state_dir, epoch, mine, self.peer)
+        covers = _covers(opts, epoch, mine, scoped=opts.get("scope") is not None)
         root = fs_path(module.path)
         if self.subpath:
             root = self._ensure_subpath(root, dry_run)
@@ -307,7 +314,10 @@ class Receiver:
                 self._keepalive = _Keepalive(self.t)
             self._keepalive.begin(keepalive)
         try:
-            self.session_class(self, tree, opts, policy, dry_run, mine).run()
+            session = self.session_class(self, tree, opts, policy, dry_run, mine)
+            session.covers = None if dry_run or self.subpath else covers
+            session.reports_applied = not self.subpath  # the record is the whole module's
+            session.run()
         finally:
             tree.close()
             if self._keepalive is not None:
@@ -359,6 +369,11 @@ class ReceiverSession:
         )  # fmt: skip
         self.listings: dict[bytes, object] = {}
         self.incoming: _Incoming | None = None
+        # (Applied, base): what the session covers of the sender's journal if it completes
+        # (set by the receiver; None: nothing to record)
+        self.covers: tuple[Applied, int | None] | None = None
+        self.reports_applied = False
+        self._scan_problems = False
         self.handlers = {
             P.WANT: self._send_listings, P.SIG: self._on_sig, P.FILE: self._on_file, P.DATA: self._on_data,
             P.COPY: self._on_copy, P.FILE_END: self._on_file_end, P.FILE_ABORT: self._on_file_abort,
@@ -396,6 +411,7 @@ class ReceiverSession:
                     raise ProtocolError("sender closed the connection in the middle of a session")
                 fields = P.checked(message)
                 if message[0] == P.END:
+                    complete = isinstance(fields[0], dict) and fields[0].get("complete") is True
                     break
                 self.handlers[message[0]](*fields)
             if summarizer is not None:
@@ -413,7 +429,36 @@ class ReceiverSession:
             raise summary_error[0]
         if refused:
             log.warning("%s: %s", self.peer, refused)
-        self.t.send([P.RESULT, self.writer.result(refused)])
+        result = self.writer.result(refused)
+        clean = complete and not refused and not result["failed_count"] and not self._scan_problems
+        result["applied"] = self._record_applied(clean)
+        self.t.send([P.RESULT, result])
+
+    def _record_applied(self, clean: bool) -> list | None:
+        """After a session whose every change is committed (``clean``: nothing failed or was
+        left out on either side, no deletion refused), record what it covers of the sender's
+        journal; the record now (None if there is none, or the session is a subpath's)."""
+        if not self.reports_applied:
+            return None
+        current = read_applied(self.state_dir)
+        if self.covers is None:
+            return current.as_wire() if current is not None else None
+        value, base = self.covers
+        if clean:
+            # A session that continues from ``base`` covers the journal only if everything
+            # up to ``base`` was already here: after an earlier batch failed, the replica's
+            # record stays below it and a later batch must not jump over the gap.
+            joined = base is None or (current is not None and current.epoch == value.epoch
+                                      and current.journal == value.journal and current.seq >= base)  # fmt: skip
+            if joined:
+                try:
+                    current = record_applied(self.state_dir, value)
+                except OSError as exc:
+                    log.warning("%s: cannot record the applied position: %s", self.peer, exc)
+            else:
+                log.info("%s: session from journal sequence %d not recorded: this replica has %s", self.peer, base,
+                         f"{current.seq} of {current.journal or 'a plain sync'}" if current else "no record")  # fmt: skip
+        return current.as_wire() if current is not None else None
 
     def _failed(self, req, path: bytes, reason: str) -> None:
         self.t.send([P.FAILED, req, path, reason])
@@ -436,6 +481,7 @@ class ReceiverSession:
             if batch:
                 self._send_summary_batch(batch, eager)
             problems = [[p.path, p.errno, p.message] for p in tree_scan.problems]
+            self._scan_problems = bool(problems)  # a subtree left alone: the session covers less
             self.t.send([P.SUMMARY_END, {"dirs": tree_scan.stats.dirs, "problems": problems[:1000]}])
         except BaseException as exc:  # reported by the session, after the main loop ends
             error.append(exc)
@@ -587,6 +633,23 @@ class ReceiverSession:
 
     def _on_attrs(self, path: bytes, kind: int, attrs: list) -> None:
         self.writer.set_attrs(path, kind, attrs)
+
+
+def _covers(opts: dict, epoch: int, mine: int, scoped: bool) -> tuple[Applied, int | None] | None:
+    """What a session's ``start`` says it covers of the sender's journal: (the position to
+    record once it completes, the sequence it continues from or None for the whole tree).
+    None when it cannot be recorded: a scoped session that does not say where it continues
+    from, or a sender whose epoch this replica could not take in full (its sequence belongs
+    to a primary the record would not name)."""
+    seq = P.want_int(opts.get("seq") or 0, "seq")
+    base = opts.get("base")
+    base = None if base is None else P.want_int(base, "base")
+    journal = opts.get("journal") or ""
+    if not isinstance(journal, str) or len(journal) > MAX_TOKEN:
+        raise ProtocolError(f"bad journal: expected a string of at most {MAX_TOKEN} characters")
+    if (scoped and base is None) or epoch != mine:
+        return None
+    return Applied(epoch, seq, journal), base
 
 
 def _keepalive_interval(value) -> float | None:

@@ -233,12 +233,13 @@ class Sender:
         self._sigs_in_flight = 0
         self._retried = set()
 
-    def run(self, welcome: dict, epoch: int, scope=None, renames=()) -> SendOutcome:
+    def run(self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None) -> SendOutcome:
         """One session: make the receiver's tree (or the part in ``scope``) equal ours.
 
         ``scope`` (a ``treescan.Scope``) limits both scans, for the live daemon; ``renames``
-        (old, new) pairs are done on the receiver first.  The connection stays usable for
-        the next session.
+        (old, new) pairs are done on the receiver first.  ``journal``: the ``seq``, ``base``
+        and ``journal`` fields of ``start`` (what the session covers of the source's
+        journal, docs/PROTOCOL.md).  The connection stays usable for the next session.
         """
         started = time.perf_counter()
         self._reset_session()
@@ -269,14 +270,15 @@ class Sender:
                 tree = source_scan(self.root, excludes=self.o.excludes, checksum=self.o.checksum,
                                    state_dir=self.o.state_dir, dry_run=self.o.dry_run, scope=scope)  # fmt: skip
             return self._run_session(tree, epoch, owner, scope, planned, started, sent_before,
-                                     received_before)  # fmt: skip
+                                     received_before, journal)  # fmt: skip
         finally:
             if self._src_tree is not None:
                 self._src_tree.close()
                 self._src_tree = None
             stop_scans((tree,))  # none left running
 
-    def _run_session(self, tree, epoch, owner, scope, renames, started, sent_before, received_before) -> SendOutcome:
+    def _run_session(self, tree, epoch, owner, scope, renames, started, sent_before, received_before,
+                     journal=None) -> SendOutcome:  # fmt: skip
         self._check_lock()
         self.t.send([P.START, {
             "epoch": epoch, "delete": self.o.delete, "checksum": self.o.checksum, "dry_run": self.o.dry_run,
@@ -284,6 +286,7 @@ class Sender:
             "scope": scope.as_wire() if scope is not None and not scope.everything else None,
             "renames": renames, "tree": self._tree_id, "keepalive": self.o.keepalive,
             "deletions": DeletionPolicy(self.o.max_delete, self.o.allow_mass_delete).as_wire(),
+            **(journal or {}),
         }])  # fmt: skip
         ready = self._expect(P.READY)[1]
         self.planner = Planner(delete=self.o.delete, dry_run=self.o.dry_run, delta_threshold=self.o.delta_threshold,
@@ -313,7 +316,10 @@ class Sender:
             for op in self.planner.closing():
                 self._send(op)
             self.out.stats.other_changes = self.planner.other_changes
-            self.t.send([P.END, {}])
+            # complete: nothing was left out on this side, so the receiver may record the
+            # session's journal sequence as applied (mirror.applied)
+            complete = not self.out.failed and not summary.problems and not self.out.problems
+            self.t.send([P.END, {"complete": complete}])
             self.t.flush()
             self.out.receiver = reader.get(reader.results)
         except (LockedError, Cancelled):

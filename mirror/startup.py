@@ -49,6 +49,7 @@ VALUE_OPTIONS = {
             "--exclude",
             "--exclude-from",
             "--max-delete",
+            "--journal-seq",
             "-M",
             "--remote-option",
             "--timeout",

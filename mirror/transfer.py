@@ -76,9 +76,10 @@ def sync(src, dst, **options) -> SyncResult:
     that is not the tree the replica mirrors, ...); files that could not be sent or written are
     reported in the result (``exit_code`` 1) while the rest is mirrored.
     """
+    journal = options.pop("journal", None)  # what the sync covers of the source's journal (Connection.session)
     connection = Connection(src, dst, **options)
     with connection.open(whole_tree=True):
-        return connection.session()
+        return connection.session(journal=journal)
 
 
 class Connection:
@@ -209,8 +210,9 @@ class Connection:
             raise
         return self
 
-    def session(self, scope=None, renames=()) -> SyncResult:
-        """Bring the destination up to date (all of it, or ``scope``); see ``Sender.run``."""
+    def session(self, scope=None, renames=(), journal: dict | None = None) -> SyncResult:
+        """Bring the destination up to date (all of it, or ``scope``); see ``Sender.run``
+        (``journal``: what the session covers of the source's journal, remote only)."""
         if self.sender is None and self.local is None:
             raise UsageError("connection is not open")
         if self.epoch is not None:
@@ -223,7 +225,7 @@ class Connection:
         if self.local is not None:
             outcome = self.local.session(epoch, scope=scope, renames=renames)
         else:
-            outcome = self.sender.run(self.welcome, epoch, scope=scope, renames=renames)
+            outcome = self.sender.run(self.welcome, epoch, scope=scope, renames=renames, journal=journal)
         return SyncResult(changes=outcome.changes, failed=outcome.failed, problems=outcome.problems,
                           stats=outcome.stats, receiver=outcome.receiver, dry_run=self.options.dry_run)  # fmt: skip
 

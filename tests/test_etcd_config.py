@@ -144,3 +144,56 @@ def test_mirror_exits_that_restarting_cannot_cure_are_reported_at_once(code, in_
 
     what = exit_alert(code, "the engine's last line", in_a_row)
     assert (what is None) if alerted is None else (alerted in what and "the engine's last line" in what)
+
+
+def test_a_node_publishes_what_it_applied_and_a_primary_its_journal_head(tmp_path, monkeypatch):
+    """position(): a replica's is its receiver's record (the lowest over its trees; none:
+    (0, 0)), whatever epoch its trees took; a node serving publishes its epoch and its
+    daemon's journal head; the fence is the highest epoch any tree holds."""
+    from hawrap.etcdnode import EtcdNode
+
+    (tmp_path / "data").mkdir()
+    trees = "".join(f"""
+[[mirror.tree]]
+name = "{name}"
+path = "{tmp_path}/data/{name}-{{node}}"
+lock_file = "{tmp_path}/{name}-{{node}}.lock"
+""" for name in ("spool", "mail"))  # fmt: skip
+    cfg = config.load(write(tmp_path, ETCD + '[etcd]\nendpoints = ["http://127.0.0.1:2379"]\n[mirror]\n'
+                            'secret_file = "secret"\n' + trees))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    node = EtcdNode(cfg, "n2")
+    try:
+        _positions(node)
+    finally:
+        node.notifier.close()
+
+
+def _positions(node) -> None:
+    import json
+
+    from hawrap.leadership import Position
+    from mirror.applied import Applied, record_applied
+    from mirror.daemon import STATUS_FILE
+    from mirror.epoch import bump_epoch
+
+    spool, mail = (os.fsencode(t.state_dir) for t in node.mirror.trees)
+    for t in node.mirror.trees:
+        os.makedirs(t.path)
+    assert node.position() == Position(0, 0)
+    bump_epoch(spool, to=9)  # the leader's epoch, taken before any session arrived
+    record_applied(spool, Applied(7, 500, "a"))
+    assert node.position() == Position(0, 0) and node.position().fence == 9  # mail has no record yet
+    record_applied(mail, Applied(7, 420, "a"))
+    assert node.position() == Position(7, 420)
+    record_applied(mail, Applied(7, 650, "a"))
+    assert node.position() == Position(7, 500)
+    # serving: its trees' epoch and the journal head its daemons show
+    node._began_serving = True
+    bump_epoch(mail, to=9)
+    for state, head in ((spool, 40), (mail, 35)):
+        status = {"pid": 1, "updated": 0, "pairs": [{"name": "x@n1", "journal_seq": head},
+                                                    {"name": "x@n3", "journal_seq": head}]}  # fmt: skip
+        with open(os.path.join(state, STATUS_FILE), "w") as f:
+            json.dump(status, f)
+    assert node.position() == Position(9, 35)

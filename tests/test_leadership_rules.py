@@ -169,3 +169,28 @@ def test_connection_settings_are_checked_naming_the_key(tmp_path):
         ).check()
     with pytest.raises(ConfigError, match="plain http but TLS"):
         EtcdConnection(("http://127.0.0.1:2379",), ca_file=__file__).check()
+
+
+def test_a_higher_sequence_at_the_same_epoch_wins_and_a_higher_epoch_wins_whatever_the_sequence():
+    behind = Member("b", Position(7, 120), True)
+    ahead = Member("c", Position(7, 121), True)
+    assert campaign_verdict(ahead, [behind]) is None
+    assert "c is more up to date (7/121 > 7/120)" in campaign_verdict(behind, [ahead])
+    newer = Member("d", Position(8, 0), True)
+    assert campaign_verdict(newer, [behind, ahead]) is None and campaign_verdict(ahead, [newer]) is not None
+
+
+@given(st.integers(0, 2**40), st.integers(0, 2**40), st.integers(0, 2**40))
+def test_the_fence_keeps_the_new_epoch_above_every_tree_but_does_not_rank(floor, epoch, fence):
+    """A replica whose trees took the leader's epoch before its sessions arrived publishes
+    the epoch of its data and, apart, the fence: the next term's epoch is above the fence."""
+    m = Member("a", Position(epoch, 5, fence=fence), True)
+    assert new_floor(floor, [m]) >= max(epoch, fence)
+    assert Position(epoch, 5, fence=fence) == Position(epoch, 5)
+    keys = Keys("/hamirror/x")
+    snap = parse_snapshot(keys, 12, [[], [], [kv(keys.member("a"), m.value(), 77, 11)], []])
+    assert snap.members["a"].position.fence == fence
+    # a record from before the fence existed still decodes
+    old = json.dumps({"epoch": epoch, "seq": 5, "eligible": True, "lease": "77"}).encode()
+    snap = parse_snapshot(keys, 12, [[], [], [kv(keys.member("a"), old, 77, 11)], []])
+    assert snap.members["a"].position == Position(epoch, 5) and snap.members["a"].position.fence == 0

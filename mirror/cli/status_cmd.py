@@ -1,6 +1,7 @@
 """Show what `mirror daemon` is doing: per pair its state, last sync, pending changes,
-replication lag (seconds and bytes), latency, progress of a first sync or catch-up, the
-files that failed and the last error.
+replication lag (seconds and bytes), what the destination has applied (its position in the
+journal, and the lag in entries), how it last caught up (journal replay or full sync),
+latency, progress of a first sync or catch-up, the files that failed and the last error.
 
 Reads the status file the daemon rewrites twice a second (in its status dir: --state-dir,
 or the status_dir of --config), and checks that the daemon that wrote it still runs: a
@@ -105,6 +106,7 @@ def _print(status: dict, state: str, age: float) -> None:
         print(f"  last sync {last}, last without failures "
               f"{time.strftime('%H:%M:%S', time.localtime(success)) if success else 'never'}, "
               f"{p['pending']} pending, lag {p['lag_seconds']:.3f} s / {p['lag_bytes']} bytes")  # fmt: skip
+        print(f"  {_applied_line(p)}")
         progress = p.get("progress")
         if progress:
             total = progress.get("entries_total")
@@ -117,3 +119,22 @@ def _print(status: dict, state: str, age: float) -> None:
             print(f"  failed: {path}: {reason}")
         if p.get("last_error"):
             print(f"  last error: {p['last_error']}")
+
+
+def _applied_line(p: dict) -> str:
+    """The destination's applied position (its receiver's record) and its lag in journal
+    entries; how its last (re)connection caught up."""
+    applied = p.get("applied")
+    if applied:
+        where = f"applied epoch {applied['epoch']} seq {applied['seq']} of journal seq {p.get('journal_seq', 0)}"
+        lag = p.get("lag_entries")
+        where += f", {lag} entries behind" if lag is not None else " (of another journal run: not comparable)"
+    else:
+        where = f"applied: unknown (no record on the destination yet), journal seq {p.get('journal_seq', 0)}"
+    catch_up = p.get("catch_up")
+    if catch_up:
+        how = ("journal replay" + (f" of {catch_up['changes']} changes" if catch_up.get("changes") is not None else "")
+               if catch_up["how"] == "journal" else f"full sync ({catch_up['reason']})")  # fmt: skip
+        where += f"; last caught up by {how}"
+        where += f"; {p.get('journal_catch_ups', 0)} replays, {p.get('full_syncs', 0)} full syncs"
+    return where

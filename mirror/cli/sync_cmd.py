@@ -62,6 +62,9 @@ def add_arguments(parser):
     parser.add_argument("--dst-lock-file", metavar="PATH", help="local DST only: the receiving side's lock file")
     parser.add_argument("--state-dir", metavar="DIR", help="SRC's state dir (epoch, digest cache)")
     parser.add_argument("--no-fsync", action="store_true", help="skip fsync on the receiver (tests, scratch copies)")
+    parser.add_argument("--journal-seq", type=count_arg, metavar="N",
+                        help="mirror://: the source's journal sequence this sync covers (its daemon stopped, "
+                             "nothing journaled since): a complete sync has the receiver record it as applied")
     add_timeout_arguments(parser)
     parser.add_argument("--max-delete", type=count_arg, metavar="N",
                         help="with --delete: a sync that would delete more than N entries deletes none (exit 25)")
@@ -102,6 +105,7 @@ def run(args) -> int:
             keep_changes=args.json,  # only --json prints them at the end; -i prints each as it goes
             max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete, timeout=args.timeout,
             contimeout=args.contimeout,
+            journal={"seq": args.journal_seq, "base": None, "journal": ""} if args.journal_seq else None,
         )  # fmt: skip
     finally:
         if progress:

@@ -110,6 +110,77 @@ def test_leader_killed_a_replica_with_every_acknowledged_file_takes_over(hlab, s
     client.check(cut_off=frozenset())
 
 
+def receivers(lab: HawrapLab, node: str) -> list[int]:
+    """The node's ``mirror serve`` processes (by their command line)."""
+    out = []
+    for pid in lab.pids(node):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"mirror" in argv and b"serve" in argv:
+            out.append(pid)
+    return out
+
+
+def published(hw: Hawrap, on: str) -> dict[str, tuple[int, int]]:
+    """Every member's published (epoch, seq), as ``hawrap status`` on node ``on`` reads etcd."""
+    st = hw.status(on) or {}
+    members = (st.get("etcd_view") or {}).get("members") or []
+    return {m["name"]: (m["epoch"], m["seq"]) for m in members}
+
+
+def test_a_replica_that_stopped_applying_is_never_promoted_over_one_that_has_everything(hlab):
+    """Replica B's receiver is frozen (SIGSTOP: it applies nothing, its hawrap is alive and
+    eligible) while the leader writes files that C acknowledges; then the leader is killed.
+    C publishes a higher sequence at the same epoch: C is promoted, never B (the client,
+    probing the VIP every 20 ms, never reaches B), and C has every acknowledged file."""
+    hw, client = start_cluster(hlab)
+    frozen: list[int] = []
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        b, c = [n for n in NODES if n != leader]
+        acked = write_files(tree(hlab, leader), "before", 10)
+        wait_replicated(hlab, [b, c], acked)
+        frozen = receivers(hlab, b)
+        assert frozen, f"no mirror serve on {b}"
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        for i in range(3):
+            files = write_files(tree(hlab, leader), f"during{i}", 10)
+            wait_replicated(hlab, [c], files)  # acknowledged: on C
+            acked.update(files)
+        assert missing(tree(hlab, b), acked), "the frozen replica cannot have applied them"
+        # C's position is ahead of B's at the same epoch, as etcd holds them
+        ahead = wait_for(lambda: (lambda p: p.get(c, (0, 0)) > p.get(b, (0, 0)) and p[c][0] == p[b][0])(
+            published(hw, leader)), 30, 0.2)  # fmt: skip
+        assert ahead, (published(hw, leader), logs(hw))
+        positions = published(hw, leader)
+        print(f"published before the kill: {positions}")
+        killed_at = hw.kill(leader)
+        new = wait_leader(hw, client, killed_at, not_from=leader)
+        answered = client.first_answer_after(killed_at, leader)
+        print(f"hawrap killed on {leader} -> the VIP answers on {new} after {answered.end - killed_at:.2f} s")
+        assert new == c, f"{new} was promoted while {c} had every acknowledged change\n{logs(hw)}"
+        assert not missing(tree(hlab, c), acked), "the new leader lacks acknowledged files"
+        time.sleep(TTL)  # a window for a wrong election to show (the client samples throughout)
+        assert b not in {r.answer for r in client.probes()}, "the replica that was behind served"
+        assert client.answering(time.monotonic() - 0.5) == c
+        st = hw.status(b)
+        assert st and st["role"] == "replica", st
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        client.stop()
+        for node in NODES:
+            hw.stop(node)
+    client.check()
+
+
 def test_leader_cut_from_the_etcd_majority_stops_serving_before_anyone_starts(hlab):
     hw, client = start_cluster(hlab)
     try:
