@@ -211,10 +211,7 @@ class Receiver:
             self._set_timeout(seconds)
 
     def _send_error(self, exc: MirrorError) -> None:
-        try:
-            self.t.send([P.ERROR, type(exc).__name__, exc.exit_code, str(exc)])
-        except (MirrorError, OSError):
-            pass
+        _send_error(self.t, type(exc).__name__, exc.exit_code, str(exc))
 
     def _handshake(self) -> None:
         if hasattr(self.t, "max_frame"):
@@ -439,10 +436,7 @@ class ReceiverSession:
             self.t.send([P.SUMMARY_END, {"dirs": tree_scan.stats.dirs, "problems": problems[:1000]}])
         except BaseException as exc:  # reported by the session, after the main loop ends
             error.append(exc)
-            try:
-                self.t.send([P.ERROR, type(exc).__name__, 2, f"receiver scan failed: {exc}"])
-            except (MirrorError, OSError):
-                pass
+            _send_error(self.t, type(exc).__name__, 2, f"receiver scan failed: {exc}")
 
     def _send_summary_batch(self, batch: list, eager: bool) -> None:
         self.t.send([P.SUMMARY, batch], flush=not eager)
@@ -517,29 +511,25 @@ class ReceiverSession:
         return incoming
 
     def _on_data(self, req: int, data: bytes) -> None:
-        incoming = self._current(req)
-        if incoming.failed:
-            return
-        try:
-            if incoming.patcher is not None:
-                incoming.patcher.apply((1, data))
-            else:
-                incoming.hasher.update(data)
-                incoming.commit.file.write(data)
-            incoming.size += len(data)
-        except ValueError as exc:
-            raise ProtocolError(f"{display_path(incoming.path)}: {exc}") from None
-        except OSError as exc:
-            incoming.failed = failure_reason(exc)
+        self._content(req, (1, data))
 
     def _on_copy(self, req: int, first: int, count: int) -> None:
+        self._content(req, (0, first, count))
+
+    def _content(self, req: int, op: tuple) -> None:
+        """A literal (``(1, data)``) or a copy of basis blocks (``(0, first, count)``)."""
         incoming = self._current(req)
         if incoming.failed:
             return
-        if incoming.patcher is None:
+        if incoming.patcher is None and op[0] == 0:
             raise ProtocolError("'copy' for a file sent whole")
         try:
-            incoming.patcher.apply((0, first, count))
+            if incoming.patcher is not None:
+                incoming.patcher.apply(op)
+            else:
+                incoming.hasher.update(op[1])
+                incoming.commit.file.write(op[1])
+                incoming.size += len(op[1])
         except ValueError as exc:
             raise ProtocolError(f"{display_path(incoming.path)}: {exc}") from None
         except OSError as exc:
@@ -587,6 +577,14 @@ class ReceiverSession:
 
     def _on_attrs(self, path: bytes, kind: int, attrs: list) -> None:
         self.writer.set_attrs(path, kind, attrs)
+
+
+def _send_error(transport, name: str, exit_code: int, text: str) -> None:
+    """The ``error`` frame, if the connection still takes it (the error is raised anyway)."""
+    try:
+        transport.send([P.ERROR, name, exit_code, text])
+    except (MirrorError, OSError):
+        pass
 
 
 def _keepalive_interval(value) -> float | None:
