@@ -7,17 +7,21 @@ import os
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import mirror.compare
+import mirror.localsync
 import mirror.sender
 import mirror.treescan
 from mirror import fastpath, safefs
+from mirror.receiver import ModuleConfig
 from mirror.transfer import sync
 from tests.helpers import is_root
-from tests.peers import RawSession, temp_files
+from tests.peers import RawSession, in_process_server, temp_files
 from tests.snapshot import assert_mirrors
 
 
@@ -55,6 +59,16 @@ def _read_chain_leaf(root, depth: int, name: bytes = b"d") -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+@contextmanager
+def _destination(where: str, dst):
+    """``dst`` as a local destination, or as a module of a receiver in this process."""
+    if where == "local":
+        yield dst
+        return
+    with in_process_server({"m": ModuleConfig("m", os.fsencode(dst))}) as server:
+        yield f"mirror://127.0.0.1:{server.server_address[1]}/m"
 
 
 def _remove(*paths) -> None:
@@ -259,11 +273,14 @@ def test_a_subpath_checksum_sync_keeps_its_cache_out_of_the_content(tmp_path):
     assert sorted(os.listdir(root / "a")) == ["f"]
 
 
-def test_first_checksum_sync_copies_the_real_root_time(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_first_checksum_sync_copies_the_real_root_time(tmp_path, monkeypatch, where):
     # Fault injection: the real steps of ensure_state_dir with the window between them held
-    # open, so the race that happens by chance happens every time.
+    # open, and the root read inside that window by whichever driver this sync uses, so the
+    # race that happens by chance happens every time.
     created = threading.Event()
-    real_root_entry = mirror.sender.root_entry
+    reads_in_window = []
+    real_root_entry = mirror.compare.root_entry
 
     def ensure_state_dir_slowly(path):
         path = os.fsencode(path)
@@ -278,15 +295,19 @@ def test_first_checksum_sync_copies_the_real_root_time(tmp_path, monkeypatch):
         return path
 
     def root_entry_after_creation(root):
-        created.wait(1.0)
+        reads_in_window.append(created.wait(1.0))
         return real_root_entry(root)
 
     monkeypatch.setattr(mirror.treescan, "ensure_state_dir", ensure_state_dir_slowly)
-    monkeypatch.setattr(mirror.sender, "root_entry", root_entry_after_creation)
+    driver = mirror.localsync if where == "local" else mirror.sender
+    monkeypatch.setattr(driver, "root_entry", root_entry_after_creation)
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
+    dst.mkdir()
     (src / "f").write_bytes(b"x")
     os.utime(src, ns=(10**18, 10**18))
-    assert sync(src, dst, checksum=True).ok
+    with _destination(where, dst) as url:
+        assert sync(src, url, checksum=True).ok
+    assert reads_in_window and all(reads_in_window)  # the injection reached the driver's read
     assert os.stat(src).st_mtime_ns == 10**18
     assert os.stat(dst).st_mtime_ns == 10**18
