@@ -117,15 +117,22 @@ def test_local_sync_does_not_hang_when_the_receiver_stops(tmp_path):
     assert proc.returncode == 3, proc.stderr
 
 
-def test_short_file_abort_gets_a_protocol_error(tmp_path):
+@pytest.mark.parametrize("kind", sorted(P._SESSION_FRAMES))
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_a_frame_with_the_wrong_number_of_fields_is_refused_as_malformed(tmp_path, kind, extra):
+    # The frame table's field count is what refuses it: an IndexError or a failed unpacking
+    # further in would also end the session, but as the receiver's "internal error".
     root = tmp_path / "module"
     root.mkdir()
+    fields = len(P._SESSION_FRAMES[kind]) + extra
     s = RawSession(root, start={})
     s.drain_summary()
-    s.send(["file_abort"])
+    s.send([kind, *[0] * fields])
     s.close()
     assert all(isinstance(e, MirrorError) for e in s.errors), s.errors
-    assert s.error() is not None and s.error()[1] == "ProtocolError", s.replies
+    error = s.error()
+    assert error is not None and error[1] == "ProtocolError", s.replies
+    assert error[3].startswith(f"malformed {kind!r} message"), error
 
 
 def test_receiver_lock_stops_every_change_within_a_second(tmp_path):
