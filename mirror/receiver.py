@@ -35,7 +35,7 @@ from .guard import ReplicaGuard, session_guard
 from .privileges import Privileges
 from .renames import apply as apply_renames
 from .renames import parse as parse_renames
-from .safefs import ConfinedTree, split_path
+from .safefs import ConfinedTree
 from .statedir import check_root, resolve_state_dir
 from .treescan import Scope, TreeScan
 from .writerlock import WriterLock
@@ -232,11 +232,8 @@ class Receiver:
         client_nonce = P.want_bytes(info.get("nonce"), "nonce", P.NONCE_SIZE)
         self.module = module
         self.can_chown = self.can_chown and self.module.privileges.owners
+        # Checked as a path of the tree (never into the state dir) when a session opens it.
         self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
-        if self.subpath:
-            reserved = self._reserved_in(fs_path(self.module.path))
-            if reserved is not None and split_path(self.subpath)[: reserved.count(b"/") + 1] == reserved.split(b"/"):
-                raise UnsafePathError("refused subpath: the receiver's state dir is not content")
         server_nonce = os.urandom(P.NONCE_SIZE)
         secret = self.module.secret
         self.t.send([P.CHALLENGE, {"proto": P.PROTOCOL_VERSION, "nonce": server_nonce, "auth": secret is not None}])

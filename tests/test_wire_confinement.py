@@ -34,6 +34,9 @@ def test_wire_cannot_plant_a_symlink_at_the_writer_lock(tmp_path):
     s.drain_summary()
     s.send([P.SYMLINK, b".mirror/writer.lock", os.fsencode(victim), [0o777, 0, 0, 0]])
     s.end()
+    assert s.error() is not None and s.error()[1] == "UnsafePathError", s.replies
+    # Refused as a name, not only defused when the lock is next opened (without following).
+    assert not os.path.islink(root / ".mirror" / "writer.lock")
     RawSession(root, start={}).close()  # any later session: takes the writer lock
     assert victim.read_bytes() == b"root:x:0:0::/root:/bin/sh\n"
 
