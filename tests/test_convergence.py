@@ -7,7 +7,6 @@ import os
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,10 +17,9 @@ import mirror.localsync
 import mirror.sender
 import mirror.treescan
 from mirror import fastpath, safefs
-from mirror.receiver import ModuleConfig
 from mirror.transfer import sync
 from tests.helpers import is_root
-from tests.peers import RawSession, in_process_server, temp_files
+from tests.peers import RawSession, destination, temp_files
 from tests.snapshot import assert_mirrors
 
 
@@ -59,16 +57,6 @@ def _read_chain_leaf(root, depth: int, name: bytes = b"d") -> bytes | None:
         return None
     finally:
         os.close(fd)
-
-
-@contextmanager
-def _destination(where: str, dst):
-    """``dst`` as a local destination, or as a module of a receiver in this process."""
-    if where == "local":
-        yield dst
-        return
-    with in_process_server({"m": ModuleConfig("m", os.fsencode(dst))}) as server:
-        yield f"mirror://127.0.0.1:{server.server_address[1]}/m"
 
 
 def _remove(*paths) -> None:
@@ -306,7 +294,7 @@ def test_first_checksum_sync_copies_the_real_root_time(tmp_path, monkeypatch, wh
     dst.mkdir()
     (src / "f").write_bytes(b"x")
     os.utime(src, ns=(10**18, 10**18))
-    with _destination(where, dst) as url:
+    with destination(where, dst) as url:
         assert sync(src, url, checksum=True).ok
     assert reads_in_window and all(reads_in_window)  # the injection reached the driver's read
     assert os.stat(src).st_mtime_ns == 10**18

@@ -12,8 +12,9 @@ import xxhash
 from mirror import protocol as P
 from mirror.entry import Kind
 from mirror.epoch import bump_epoch, read_epoch
+from mirror.privileges import Privileges
 from mirror.transfer import sync
-from tests.peers import ATTRS, RawSession
+from tests.peers import ATTRS, RawSession, destination
 from tests.snapshot import assert_mirrors
 
 
@@ -108,7 +109,8 @@ def test_subpath_through_a_symlink_is_refused_in_a_dry_run(tmp_path):
 # -- hard links, symlinks and special files in the replica ---------------------------------
 
 
-def test_metadata_change_never_reaches_a_hard_link_outside(tmp_path):
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_metadata_change_never_reaches_a_hard_link_outside(tmp_path, where):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
@@ -120,7 +122,8 @@ def test_metadata_change_never_reaches_a_hard_link_outside(tmp_path):
     (src / "tool").write_bytes(b"#!/bin/ok\n")  # same size and mtime: only the mode differs
     os.chmod(src / "tool", 0o4755)
     os.utime(src / "tool", ns=(10**18, 10**18))
-    result = sync(src, dst)
+    with destination(where, dst, privileges=Privileges.everything()) as url:
+        result = sync(src, url)
     assert result.ok
     assert os.stat(victim).st_mode & 0o7777 == 0o755  # never made setuid through the link
     assert_mirrors(src, dst)
@@ -205,7 +208,8 @@ def test_signature_request_never_opens_a_fifo(tmp_path):
     assert not was_opened, "the receiver opened a FIFO (for a device node that open can have side effects)"
 
 
-def test_sender_never_reads_through_a_directory_swapped_for_a_symlink(tmp_path):
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_sender_never_reads_through_a_directory_swapped_for_a_symlink(tmp_path, where):
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "d").mkdir(parents=True)
     (src / "d" / "secret").write_bytes(b"decoy")
@@ -218,7 +222,8 @@ def test_sender_never_reads_through_a_directory_swapped_for_a_symlink(tmp_path):
             os.rename(src / "d", tmp_path / "d.old")
             os.symlink(private, src / "d")
 
-    result = sync(src, dst, on_change=swap)
+    with destination(where, dst) as url:
+        result = sync(src, url, on_change=swap)
     assert not (dst / "d" / "secret").exists() or (dst / "d" / "secret").read_bytes() != b"TOP SECRET"
     assert not result.ok  # the vanished file is reported
 
