@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import xxhash
@@ -181,26 +182,37 @@ def test_rename_to_a_deep_path_moves_the_named_entry(tmp_path):
         assert f.read() == b"M"
 
 
+def _waiting_for_a_reader(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked opening a FIFO for writing (no reader has opened it)."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
+            return f.read() == "wait_for_partner"
+    except FileNotFoundError:  # the thread is gone: its open returned
+        return False
+
+
 def test_signature_request_never_opens_a_fifo(tmp_path):
     root = tmp_path / "module"
     root.mkdir()
     fifo = root / "pipe"
     os.mkfifo(fifo)
-    opened = threading.Event()
 
     def writer():  # blocks until somebody opens the FIFO for reading
-        fd = os.open(fifo, os.O_WRONLY)
-        opened.set()
-        os.close(fd)
+        os.close(os.open(fifo, os.O_WRONLY))
 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 10
+    while not _waiting_for_a_reader(thread):
+        assert time.monotonic() < deadline, "the writer never blocked in its open"
+        time.sleep(0.005)
     s = RawSession(root, start={})
     s.drain_summary()
     s.send([P.SIG, [[1, b"pipe"]]])
     reply = s.until(P.SIG_FAILED)
     s.end()
-    was_opened = opened.is_set()
+    # Read from the kernel, not from the thread's own report: that one can come late.
+    was_opened = not _waiting_for_a_reader(thread)
     if not was_opened:  # release the writer thread
         os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
     thread.join(timeout=10)
