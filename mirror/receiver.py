@@ -48,6 +48,9 @@ MAX_EXCLUDES = 1000
 MAX_PATTERN = 1024
 SIGNATURE_PART = 4 << 20
 HAS_LINKS, INCOMPLETE = P.HAS_LINKS, P.INCOMPLETE
+# What may come between a file's 'file' and its end: its content, and the requests for
+# listings that the sender's pairing thread sends meanwhile.
+_WITHIN_A_FILE = frozenset({P.DATA, P.COPY, P.FILE_END, P.FILE_ABORT, P.WANT})
 
 
 class ModuleConfig(NamedTuple):
@@ -389,13 +392,14 @@ class ReceiverSession:
                 if message is None:
                     raise ProtocolError("sender closed the connection in the middle of a session")
                 fields = P.checked(message)
+                if self.incoming is not None and message[0] not in _WITHIN_A_FILE:
+                    # One file at a time, its frames uninterrupted (even one that failed).
+                    raise ProtocolError(f"{message[0]!r} in the middle of a file")
                 if message[0] == P.END:
                     break
                 self.handlers[message[0]](*fields)
             if summarizer is not None:
                 summarizer.join()
-            if self.incoming is not None:
-                raise ProtocolError("'end' in the middle of a file")
             refused = self.writer.finish()
         except BaseException:
             self.writer.discard()
@@ -477,8 +481,6 @@ class ReceiverSession:
     # -- file content: verified here, written by the writer ---------------------------------
 
     def _on_file(self, req: int, path: bytes, attrs: list, mode: str, block_size: int, basis_size: int) -> None:
-        if self.incoming is not None:
-            raise ProtocolError("'file' before the previous file ended")
         commit, reason = self.writer.new_file(path)
         incoming = self.incoming = _Incoming(req, path, attrs, commit, failed=reason)
         if commit is None:
