@@ -96,9 +96,11 @@ def test_deleting_a_directory_keeps_the_excluded_files_in_it(tmp_path):
 # -- hard links ----------------------------------------------------------------------------
 
 
-def test_relinking_after_a_failed_leader_leaves_no_temporary_file(tmp_path):
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_relinking_after_a_failed_leader_leaves_no_temporary_file(tmp_path, where):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
+    dst.mkdir()
     (src / "a").write_bytes(b"v1")
     os.link(src / "a", src / "b")
     assert sync(src, dst).ok
@@ -108,7 +110,9 @@ def test_relinking_after_a_failed_leader_leaves_no_temporary_file(tmp_path):
         if change.path == b"a":
             os.rename(src / "a", tmp_path / "a.moved")
 
-    result = sync(src, dst, on_change=leader_vanishes)
+    with destination(where, dst) as url:
+        result = sync(src, url, on_change=leader_vanishes)
+    assert temp_files(dst) == []
     assert [path for path, _ in result.failed] == [b"a"]
     assert sorted(os.listdir(dst)) == [".mirror", "a", "b"]
 
