@@ -43,7 +43,6 @@ import time
 
 from . import fastpath
 from . import protocol as P
-from .apply import LockWatch
 from .compare import CompareOptions, CompareSummary, Difference, compare_pairs, root_entry
 from .entry import Entry, ScanProblem, canonical_key, entry_from_stat
 from .errors import (
@@ -59,6 +58,7 @@ from .errors import (
     display_path,
 )
 from .guard import DeletionPolicy, SourceGuard
+from .lockfile import LockWatch
 from .plan import ATTRS, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op, Planner, source_dir_entry
 from .records import DELTA_THRESHOLD, SenderOptions, SendOutcome, TransferStats
 from .renames import plan as plan_renames
