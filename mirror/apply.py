@@ -8,7 +8,7 @@ what keeps the replica whole, whoever asks:
   nothing outside is reached;
 - new files arrive as temporary files, committed in batches (``mirror.commits``): data
   durable before its rename, renames durable before the session reports done;
-- the mirroring lock: before every change (at most every ``LOCK_CHECK_SECONDS``) and before
+- the mirroring lock: before every change (at most every ``lockfile.LOCK_CHECK_SECONDS``) and before
   every batch is renamed into place; if it appears, what is pending is discarded and the
   session ends with ``LockedError``;
 - the module's privilege policy (devices, special files, set-id bits) by what the entry is
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import stat
-import time
 
 from .commits import Batches, DirSyncs
 from .entry import KIND_OF_FMT, Kind
@@ -40,43 +39,9 @@ from .errors import (
     failure_reason,
 )
 from .guard import review_deletions
-from .lockfile import is_locked, status
+from .lockfile import LockWatch
 
 log = logging.getLogger(__name__)
-
-LOCK_CHECK_SECONDS = 0.1
-
-
-class LockWatch:
-    """One mirroring lock file (and a cancel event), looked at every ``interval`` seconds at
-    most unless forced: a single ``lstat``."""
-
-    def __init__(
-        self, lock_file: bytes | None, where: str, *, interval: float = LOCK_CHECK_SECONDS, cancel=None
-    ):
-        self.lock_file = lock_file
-        self.where = where
-        self.interval = interval
-        self.cancel = cancel
-        self._last = 0.0
-
-    def check(self, force: bool = True) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            from .errors import Cancelled
-
-            raise Cancelled("stopping: the file in flight was abandoned, finished files were kept")
-        if not self.lock_file:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < self.interval:
-            return
-        self._last = now
-        if is_locked(self.lock_file):
-            info = status(self.lock_file)
-            raise LockedError(
-                f"mirroring lock {self.where}: {info.describe() if info else display_path(self.lock_file)}"
-            )
-
 
 def admit(module, state_dir: bytes, *, epoch: int, dry_run: bool) -> int:
     """Whether a session may write to ``module`` (raises if not); the replica's epoch."""

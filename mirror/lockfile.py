@@ -17,7 +17,7 @@ import time
 from typing import NamedTuple
 
 from .atomicfile import fsync_directory, temp_name_for
-from .errors import MirrorError, display_path, fs_path, os_error_message
+from .errors import LockedError, MirrorError, display_path, fs_path, os_error_message
 
 #: A lock file larger than this is not parsed (it still locks).
 MAX_LOCK_FILE_SIZE = 64 * 1024
@@ -178,3 +178,37 @@ def _parse(path: bytes, data: bytes) -> LockInfo:
     except (ValueError, KeyError, TypeError) as exc:
         return _garbled(path, f"not a lock record ({exc.__class__.__name__}: {exc})")
     return LockInfo(path=path, host=host, pid=pid, time=float(when), reason=reason)
+
+
+# How often a session looks at the lock at most, unless forced (a single lstat).
+LOCK_CHECK_SECONDS = 0.1
+
+
+class LockWatch:
+    """One mirroring lock file (and a cancel event), looked at every ``interval`` seconds at
+    most unless forced: the one check every driver of a session (the sender, a local sync,
+    the replica writer) makes before a change and during a long file."""
+
+    def __init__(self, lock_file: bytes | None, where: str, *, interval: float = LOCK_CHECK_SECONDS, cancel=None):
+        self.lock_file = lock_file
+        self.where = where
+        self.interval = interval
+        self.cancel = cancel
+        self._last = 0.0
+
+    def check(self, force: bool = True) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            from .errors import Cancelled
+
+            raise Cancelled("stopping: the file in flight was abandoned, finished files were kept")
+        if not self.lock_file:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        if is_locked(self.lock_file):
+            info = status(self.lock_file)
+            raise LockedError(
+                f"mirroring lock {self.where}: {info.describe() if info else display_path(self.lock_file)}"
+            )

@@ -118,9 +118,16 @@ class StreamTransport:
         frame = encode(message)
         if self._limiter is not None:
             self._limiter.take(len(frame))
+        self._write(frame, flush)
+
+    def flush(self) -> None:
+        self._write(b"", True)
+
+    def _write(self, frame: bytes, flush: bool) -> None:
         with self._send_lock:
             try:
-                self.wfile.write(frame)
+                if frame:
+                    self.wfile.write(frame)
                 if flush:
                     self.wfile.flush()
             except TimeoutError:
@@ -128,15 +135,6 @@ class StreamTransport:
             except (BrokenPipeError, ConnectionError, ValueError) as exc:
                 raise ProtocolError(f"connection lost while sending: {exc}") from None
             self.bytes_sent += len(frame)
-
-    def flush(self) -> None:
-        with self._send_lock:
-            try:
-                self.wfile.flush()
-            except TimeoutError:
-                raise self._timed_out("we sent (it stopped reading)") from None
-            except (BrokenPipeError, ConnectionError, ValueError) as exc:
-                raise ProtocolError(f"connection lost while sending: {exc}") from None
 
     def recv(self) -> list | None:
         """The next message, or None at a clean end of stream (between frames)."""

@@ -38,7 +38,7 @@ from .guard import ReplicaGuard, session_guard
 from .privileges import Privileges
 from .renames import apply as apply_renames
 from .renames import parse as parse_renames
-from .safefs import ConfinedTree, split_path
+from .safefs import ConfinedTree
 from .statedir import check_root, resolve_state_dir
 from .treescan import Scope, TreeScan
 from .writerlock import WriterLock
@@ -51,6 +51,9 @@ MAX_EXCLUDES = 1000
 MAX_PATTERN = 1024
 SIGNATURE_PART = 4 << 20
 HAS_LINKS, INCOMPLETE = P.HAS_LINKS, P.INCOMPLETE
+# What may come between a file's 'file' and its end: its content, and the requests for
+# listings that the sender's pairing thread sends meanwhile.
+_WITHIN_A_FILE = frozenset({P.DATA, P.COPY, P.FILE_END, P.FILE_ABORT, P.WANT})
 
 
 class ModuleConfig(NamedTuple):
@@ -214,10 +217,7 @@ class Receiver:
             self._set_timeout(seconds)
 
     def _send_error(self, exc: MirrorError) -> None:
-        try:
-            self.t.send([P.ERROR, type(exc).__name__, exc.exit_code, str(exc)])
-        except (MirrorError, OSError):
-            pass
+        _send_error(self.t, type(exc).__name__, exc.exit_code, str(exc))
 
     def _handshake(self) -> None:
         if hasattr(self.t, "max_frame"):
@@ -238,11 +238,8 @@ class Receiver:
         client_nonce = P.want_bytes(info.get("nonce"), "nonce", P.NONCE_SIZE)
         self.module = module
         self.can_chown = self.can_chown and self.module.privileges.owners
+        # Checked as a path of the tree (never into the state dir) when a session opens it.
         self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
-        if self.subpath:
-            reserved = self._reserved_in(fs_path(self.module.path))
-            if reserved is not None and split_path(self.subpath)[: reserved.count(b"/") + 1] == reserved.split(b"/"):
-                raise UnsafePathError("refused subpath: the receiver's state dir is not content")
         server_nonce = os.urandom(P.NONCE_SIZE)
         secret = self.module.secret
         self.t.send([P.CHALLENGE, {"proto": P.PROTOCOL_VERSION, "nonce": server_nonce, "auth": secret is not None}])
@@ -410,14 +407,15 @@ class ReceiverSession:
                 if message is None:
                     raise ProtocolError("sender closed the connection in the middle of a session")
                 fields = P.checked(message)
+                if self.incoming is not None and message[0] not in _WITHIN_A_FILE:
+                    # One file at a time, its frames uninterrupted (even one that failed).
+                    raise ProtocolError(f"{message[0]!r} in the middle of a file")
                 if message[0] == P.END:
                     complete = isinstance(fields[0], dict) and fields[0].get("complete") is True
                     break
                 self.handlers[message[0]](*fields)
             if summarizer is not None:
                 summarizer.join()
-            if self.incoming is not None:
-                raise ProtocolError("'end' in the middle of a file")
             refused = self.writer.finish()
         except BaseException:
             self.writer.discard()
@@ -485,10 +483,7 @@ class ReceiverSession:
             self.t.send([P.SUMMARY_END, {"dirs": tree_scan.stats.dirs, "problems": problems[:1000]}])
         except BaseException as exc:  # reported by the session, after the main loop ends
             error.append(exc)
-            try:
-                self.t.send([P.ERROR, type(exc).__name__, 2, f"receiver scan failed: {exc}"])
-            except (MirrorError, OSError):
-                pass
+            _send_error(self.t, type(exc).__name__, 2, f"receiver scan failed: {exc}")
 
     def _send_summary_batch(self, batch: list, eager: bool) -> None:
         self.t.send([P.SUMMARY, batch], flush=not eager)
@@ -532,8 +527,6 @@ class ReceiverSession:
     # -- file content: verified here, written by the writer ---------------------------------
 
     def _on_file(self, req: int, path: bytes, attrs: list, mode: str, block_size: int, basis_size: int) -> None:
-        if self.incoming is not None:
-            raise ProtocolError("'file' before the previous file ended")
         commit, reason = self.writer.new_file(path)
         incoming = self.incoming = _Incoming(req, path, attrs, commit, failed=reason)
         if commit is None:
@@ -563,29 +556,25 @@ class ReceiverSession:
         return incoming
 
     def _on_data(self, req: int, data: bytes) -> None:
-        incoming = self._current(req)
-        if incoming.failed:
-            return
-        try:
-            if incoming.patcher is not None:
-                incoming.patcher.apply((1, data))
-            else:
-                incoming.hasher.update(data)
-                incoming.commit.file.write(data)
-            incoming.size += len(data)
-        except ValueError as exc:
-            raise ProtocolError(f"{display_path(incoming.path)}: {exc}") from None
-        except OSError as exc:
-            incoming.failed = failure_reason(exc)
+        self._content(req, (1, data))
 
     def _on_copy(self, req: int, first: int, count: int) -> None:
+        self._content(req, (0, first, count))
+
+    def _content(self, req: int, op: tuple) -> None:
+        """A literal (``(1, data)``) or a copy of basis blocks (``(0, first, count)``)."""
         incoming = self._current(req)
         if incoming.failed:
             return
-        if incoming.patcher is None:
+        if incoming.patcher is None and op[0] == 0:
             raise ProtocolError("'copy' for a file sent whole")
         try:
-            incoming.patcher.apply((0, first, count))
+            if incoming.patcher is not None:
+                incoming.patcher.apply(op)
+            else:
+                incoming.hasher.update(op[1])
+                incoming.commit.file.write(op[1])
+                incoming.size += len(op[1])
         except ValueError as exc:
             raise ProtocolError(f"{display_path(incoming.path)}: {exc}") from None
         except OSError as exc:
@@ -650,6 +639,14 @@ def _covers(opts: dict, epoch: int, mine: int, scoped: bool) -> tuple[Applied, i
     if (scoped and base is None) or epoch != mine:
         return None
     return Applied(epoch, seq, journal), base
+
+
+def _send_error(transport, name: str, exit_code: int, text: str) -> None:
+    """The ``error`` frame, if the connection still takes it (the error is raised anyway)."""
+    try:
+        transport.send([P.ERROR, name, exit_code, text])
+    except (MirrorError, OSError):
+        pass
 
 
 def _keepalive_interval(value) -> float | None:

@@ -1,5 +1,16 @@
 """The sending end of a sync: scan, plan, and stream changes to a receiver, pipelined.
 
+Three objects, one job each (rsync's split):
+
+- ``Sender``, the connection: the transport, the handshake, the reader thread that sorts
+  the receiver's messages, and what a lost connection means (the receiver's own error,
+  when it sent one, says more than "connection lost");
+- ``SendSession``, one session: the guards, both scans, pairing our listings with the
+  receiver's, the comparison and the planner's calls, the retry of a mismatch, the
+  session's figures;
+- ``FileEncoder``: the planner's operations as frames, a file whole or as a delta against
+  the signature the receiver sends for it.
+
 The exchange (``docs/PROTOCOL.md``):
 
 1. Both trees are scanned at once: the sender's here, the receiver's over there.  The
@@ -32,13 +43,7 @@ import time
 
 from . import fastpath
 from . import protocol as P
-from .compare import (
-    CompareOptions,
-    CompareSummary,
-    Difference,
-    compare_pairs,
-    root_entry,
-)
+from .compare import CompareOptions, CompareSummary, Difference, compare_pairs, root_entry
 from .entry import Entry, ScanProblem, canonical_key, entry_from_stat
 from .errors import (
     AuthError,
@@ -53,7 +58,7 @@ from .errors import (
     display_path,
 )
 from .guard import DeletionPolicy, SourceGuard
-from .lockfile import is_locked, status
+from .lockfile import LockWatch
 from .plan import ATTRS, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op, Planner, source_dir_entry
 from .records import DELTA_THRESHOLD, SenderOptions, SendOutcome, TransferStats
 from .renames import plan as plan_renames
@@ -65,13 +70,13 @@ log = logging.getLogger(__name__)
 
 MAX_SIGS_IN_FLIGHT = 64
 SIG_BATCH = 32
-LOCK_CHECK_SECONDS = 0.1
 # What is buffered goes out at least this often while the trees are compared: the receiver
 # verifies and commits files while the scans go on, rather than all at the end.
 FLUSH_SECONDS = 0.005
 _ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "AuthError": AuthError,
-           "SourceGuardError": SourceGuardError}
-__all__ = ["DELTA_THRESHOLD", "Sender", "SenderOptions", "SendOutcome", "TransferStats"]
+           "SourceGuardError": SourceGuardError}  # fmt: skip
+__all__ = ["DELTA_THRESHOLD", "FileEncoder", "SendSession", "Sender", "SenderOptions", "SendOutcome",
+           "TransferStats"]  # fmt: skip
 
 
 class _Reader(threading.Thread):
@@ -138,8 +143,12 @@ class _Reader(threading.Thread):
             for q in (self.summary, self.listings, self.signatures, self.pongs, self.results):
                 q.put(_Failure(exc))
 
-    def get(self, q: queue.Queue):
-        item = q.get()
+    def get(self, q: queue.Queue, block: bool = True):
+        """The next item of ``q`` (None if ``block`` is false and there is none yet)."""
+        try:
+            item = q.get(block)
+        except queue.Empty:
+            return None
         if isinstance(item, _Failure):
             q.put(item)  # keep waking later waiters too
             raise item.exc
@@ -163,41 +172,28 @@ def remote_error(message: list) -> MirrorError:
 
 
 class Sender:
-    """Push one tree to a receiver over ``transport``; ``run()`` returns a ``SendOutcome``."""
+    """A connection to one receiver: ``handshake()``, then ``run()`` per session (a
+    ``SendSession``), each returning a ``SendOutcome``."""
 
     def __init__(self, src_root: bytes, transport, options: SenderOptions, *, module: str = "",
                  subpath: bytes = b"", on_change=None, on_progress=None,
                  source_scan: TreeScan | None = None):  # fmt: skip
         self.root = src_root
-        # First session: the source's scan, started by the caller already.
-        self._started_scan = source_scan
         self.t = transport
         self.o = options
         self.module = module
         self.subpath = subpath
         self.on_change = on_change
         self.on_progress = on_progress
-        self.scan = fastpath.choose("scan")
-        self.out = SendOutcome()
-        self._req = 0
-        self._deferred: dict[int, Op] = {}
-        self._sig_batch: list = []
-        self._sigs_in_flight = 0
-        self.planner: Planner | None = None
-        self._last_lock_check = 0.0
-        self._last_flush = 0.0
-        self._retried: set[bytes] = set()
-        self._src_tree: ConfinedTree | None = None
-        self._source_guard = SourceGuard(src_root, resolve_state_dir(src_root, options.state_dir))
-
-    # -- handshake -------------------------------------------------------------------------
+        self.source_guard = SourceGuard(src_root, resolve_state_dir(src_root, options.state_dir))
+        # First session: the source's scan, started by the caller already.
+        self._started_scan = source_scan
 
     def handshake(self) -> dict:
         nonce = os.urandom(P.NONCE_SIZE)
         self.t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": self.module, "subpath": self.subpath,
                                "nonce": nonce, "software": P.SOFTWARE}])  # fmt: skip
-        challenge = self._expect(P.CHALLENGE)
-        info = challenge[1]
+        info = self.expect(P.CHALLENGE)
         secret = self.o.secret
         if info.get("auth") and secret is None:
             raise AuthError("the receiver requires a shared secret (--secret-file)")
@@ -207,12 +203,13 @@ class Sender:
             raise AuthError("the receiver did not ask for the shared secret: refusing to send to it")
         proof = P.client_proof(secret, info["nonce"], nonce, self.module) if info.get("auth") else b""
         self.t.send([P.AUTH, {"proof": proof}])
-        welcome = self._expect(P.WELCOME)[1]
+        welcome = self.expect(P.WELCOME)
         if info.get("auth"):
             P.verify(P.server_proof(secret, info["nonce"], nonce, self.module), welcome.get("proof"), "the receiver")
         return welcome
 
-    def _expect(self, kind: str) -> list:
+    def expect(self, kind: str) -> dict:
+        """The next message, which must be ``[kind, {...}]``: its dict."""
         message = self.t.recv()
         while message is not None and message[0] == P.ALIVE:  # sent as the last session ended
             message = self.t.recv()
@@ -222,16 +219,7 @@ class Sender:
             raise remote_error(message)
         if message[0] != kind or len(message) != 2 or not isinstance(message[1], dict):
             raise ProtocolError(f"expected {kind!r} from the receiver, got {message[0]!r}")
-        return message
-
-    # -- session ---------------------------------------------------------------------------
-
-    def _reset_session(self) -> None:
-        self.out = SendOutcome()
-        self._deferred.clear()
-        self._sig_batch = []
-        self._sigs_in_flight = 0
-        self._retried = set()
+        return message[1]
 
     def run(self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None) -> SendOutcome:
         """One session: make the receiver's tree (or the part in ``scope``) equal ours.
@@ -241,89 +229,23 @@ class Sender:
         and ``journal`` fields of ``start`` (what the session covers of the source's
         journal, docs/PROTOCOL.md).  The connection stays usable for the next session.
         """
-        started = time.perf_counter()
-        self._reset_session()
-        self._scoped = scope is not None and not scope.everything
-        sent_before, received_before = self.t.bytes_sent, self.t.bytes_received
-        owner = bool(welcome.get("can_chown")) and os.geteuid() == 0
-        self.compare = CompareOptions(checksum=self.o.checksum, owner=owner)
-        self.flags = self.compare.flags(self.scan)
-        self._root = root_entry(self.root)
         tree, self._started_scan = self._started_scan, None
-        if tree is not None and (self._scoped or renames):
-            tree.stop()  # it covers the whole tree, before any rename: not this session's
-            tree = None
-        try:
-            # Before anything is compared: a deleting session from a root that is not the tree
-            # it was (an unmounted mount point) is refused here.
-            self._tree_id = self._source_guard.tree_id(deleting=self.o.delete, allow=self.o.allow_mass_delete,
-                                                       dry_run=self.o.dry_run)  # fmt: skip
-            self._src_tree = ConfinedTree(self.root)
-            planned: list = []
-            if renames and not self.o.dry_run:
-                # Each rename carries what its new name must hold; a renamed directory's new
-                # subtree is compared whole (what it holds on the replica may be older).
-                planned, moved_dirs = plan_renames(renames, self._src_tree)
-                if moved_dirs and scope is not None:
-                    scope = Scope(scope.entries, scope.trees | moved_dirs)
-            if tree is None:
-                tree = source_scan(self.root, excludes=self.o.excludes, checksum=self.o.checksum,
-                                   state_dir=self.o.state_dir, dry_run=self.o.dry_run, scope=scope)  # fmt: skip
-            return self._run_session(tree, epoch, owner, scope, planned, started, sent_before,
-                                     received_before, journal)  # fmt: skip
-        finally:
-            if self._src_tree is not None:
-                self._src_tree.close()
-                self._src_tree = None
-            stop_scans((tree,))  # none left running
+        return SendSession(self, welcome, scope).run(tree, epoch, renames, journal)
 
-    def _run_session(self, tree, epoch, owner, scope, renames, started, sent_before, received_before,
-                     journal=None) -> SendOutcome:  # fmt: skip
-        self._check_lock()
-        self.t.send([P.START, {
-            "epoch": epoch, "delete": self.o.delete, "checksum": self.o.checksum, "dry_run": self.o.dry_run,
-            "flags": self.flags, "owner": owner, "excludes": list(self.o.excludes), "no_fsync": not self.o.fsync,
-            "scope": scope.as_wire() if scope is not None and not scope.everything else None,
-            "renames": renames, "tree": self._tree_id, "keepalive": self.o.keepalive,
-            "deletions": DeletionPolicy(self.o.max_delete, self.o.allow_mass_delete).as_wire(),
-            **(journal or {}),
-        }])  # fmt: skip
-        ready = self._expect(P.READY)[1]
-        self.planner = Planner(delete=self.o.delete, dry_run=self.o.dry_run, delta_threshold=self.o.delta_threshold,
-                               dir_entry=self._dir_entry)  # fmt: skip
-        self.planner.root(self._root, self._root_differs(ready.get("root")))
+    def exchange(self, body):
+        """``body(reader)`` with the receiver's messages read by a thread meanwhile; whatever
+        ends it, the reader is gone afterwards and the error raised is the most telling one."""
         reader = _Reader(self.t)
         reader.start()
-        self.reader = reader
-        summary = CompareSummary()
         try:
-            for old, new, _ in renames:  # done on the receiver: both directories' times changed
-                self.planner.renamed(old, new)
-            for change in compare_pairs(self._pairs(tree), self.compare, summary):
-                ops = self.planner.plan(change)
-                if ops is None:
-                    continue
-                self._note(change)
-                for op in ops:
-                    self._send(op)
-                self._serve_signatures(block=False)
-            self._serve_signatures(block=True)
-            for op in self.planner.links():
-                self._check_lock()
-                self._send(op)
-            self._retry_mismatches()
-            self._check_lock()
-            for op in self.planner.closing():
-                self._send(op)
-            self.out.stats.other_changes = self.planner.other_changes
-            # complete: nothing was left out on this side, so the receiver may record the
-            # session's journal sequence as applied (mirror.applied)
-            complete = not self.out.failed and not summary.problems and not self.out.problems
-            self.t.send([P.END, {"complete": complete}])
-            self.t.flush()
-            self.out.receiver = reader.get(reader.results)
+            result = body(reader)
         except (LockedError, Cancelled):
-            self._end_quietly()
+            # Stopped by a lock: let the receiver commit what it verified, then end.
+            try:
+                self.t.send([P.END, {}])
+                reader.get(reader.results)
+            except (MirrorError, OSError):
+                pass
             reader.join(timeout=5)
             raise
         except BaseException as exc:
@@ -335,7 +257,77 @@ class Sender:
                 raise reader.error from exc
             raise
         reader.join(timeout=5)
-        self._collect_failures()
+        return result
+
+
+class SendSession:
+    """One session (``start`` ... ``end``) on a ``Sender``'s connection: scan, pair with the
+    receiver's summary, compare, plan; the operations go to a ``FileEncoder``."""
+
+    def __init__(self, conn: Sender, welcome: dict, scope):
+        self.conn = conn
+        self.t = conn.t
+        self.o = conn.o
+        self.scope = scope
+        self.scoped = scope is not None and not scope.everything
+        self.owner = bool(welcome.get("can_chown")) and os.geteuid() == 0
+        self.compare = CompareOptions(checksum=self.o.checksum, owner=self.owner)
+        self.scan = fastpath.choose("scan")
+        self.flags = self.compare.flags(self.scan)
+        self.lock = LockWatch(self.o.lock_file, "present", cancel=self.o.cancel)
+        self.out = SendOutcome()
+        self.src_tree: ConfinedTree | None = None
+        self.planner: Planner | None = None
+        self.encoder: FileEncoder | None = None
+        self.reader: _Reader | None = None
+        self._last_flush = 0.0
+        self._pings = 0
+        self._retried: set[bytes] = set()
+
+    def run(self, tree: TreeScan | None, epoch: int, renames, journal: dict | None = None) -> SendOutcome:
+        started = time.perf_counter()
+        sent_before, received_before = self.t.bytes_sent, self.t.bytes_received
+        scope, o = self.scope, self.o
+        root = root_entry(self.conn.root)
+        if tree is not None and (self.scoped or renames):
+            tree.stop()  # it covers the whole tree, before any rename: not this session's
+            tree = None
+        try:
+            # Before anything is compared: a deleting session from a root that is not the tree
+            # it was (an unmounted mount point) is refused here.
+            tree_id = self.conn.source_guard.tree_id(deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
+            self.src_tree = ConfinedTree(self.conn.root)
+            planned: list = []
+            if renames and not o.dry_run:
+                # Each rename carries what its new name must hold; a renamed directory's new
+                # subtree is compared whole (what it holds on the replica may be older).
+                planned, moved_dirs = plan_renames(renames, self.src_tree)
+                if moved_dirs and scope is not None:
+                    scope = Scope(scope.entries, scope.trees | moved_dirs)
+            if tree is None:
+                tree = source_scan(self.conn.root, excludes=o.excludes, checksum=o.checksum, state_dir=o.state_dir,
+                                   dry_run=o.dry_run, scope=scope)  # fmt: skip
+            self.lock.check()
+            self.t.send([P.START, {
+                "epoch": epoch, "delete": o.delete, "checksum": o.checksum, "dry_run": o.dry_run,
+                "flags": self.flags, "owner": self.owner, "excludes": list(o.excludes), "no_fsync": not o.fsync,
+                "scope": scope.as_wire() if self.scoped else None,
+                "renames": planned, "tree": tree_id, "keepalive": o.keepalive,
+                "deletions": DeletionPolicy(o.max_delete, o.allow_mass_delete).as_wire(),
+                **(journal or {}),
+            }])  # fmt: skip
+            ready = self.conn.expect(P.READY)
+            self.planner = Planner(delete=o.delete, dry_run=o.dry_run, delta_threshold=o.delta_threshold,
+                                   dir_entry=lambda path: source_dir_entry(self.src_tree, path))  # fmt: skip
+            self.planner.root(root, _root_differs(root, ready.get("root"), self.owner))
+            summary = CompareSummary()
+            self.out.receiver = self.conn.exchange(lambda reader: self._exchange(reader, tree, planned, summary))
+        finally:
+            if self.src_tree is not None:
+                self.src_tree.close()
+            stop_scans((tree,))  # none left running
+        for message in self.reader.failed:
+            self.out.failed.append((message[2], message[3]))
         self.out.problems.extend(summary.problems)
         stats = self.out.stats
         stats.deleted = self.out.receiver.get("deleted", 0)
@@ -344,26 +336,44 @@ class Sender:
         stats.seconds = time.perf_counter() - started
         return self.out
 
-    def _end_quietly(self) -> None:
-        """After a lock stopped us: let the receiver commit what it verified, then end."""
-        try:
-            self.t.send([P.END, {}])
-            self.t.flush()
-            self.reader.get(self.reader.results)
-        except (MirrorError, OSError):
-            pass
+    def _exchange(self, reader: _Reader, tree: TreeScan, renames: list, summary: CompareSummary) -> dict:
+        """Everything from the summary to the receiver's result, while ``reader`` reads."""
+        self.reader = reader
+        encoder = self.encoder = FileEncoder(self.t, self.src_tree, reader, self.lock, self.out.stats,
+                                             self.out.failed, self.conn.on_progress)  # fmt: skip
+        planner = self.planner
+        for old, new, _ in renames:  # done on the receiver: both directories' times changed
+            planner.renamed(old, new)
+        for change in compare_pairs(self._pairs(tree), self.compare, summary):
+            ops = planner.plan(change)
+            if ops is None:
+                continue
+            self._note(change)
+            for op in ops:
+                encoder.send(op)
+            encoder.serve_signatures(block=False)
+        encoder.serve_signatures(block=True)
+        for op in planner.links():
+            self.lock.check()
+            encoder.send(op)
+        self._retry_mismatches()
+        self.lock.check()
+        for op in planner.closing():
+            encoder.send(op)
+        self.out.stats.other_changes = planner.other_changes
+        # complete: nothing was left out on this side, so the receiver may record the
+        # session's journal sequence as applied (mirror.applied)
+        complete = not self.out.failed and not summary.problems and not self.out.problems
+        self.t.send([P.END, {"complete": complete}])
+        return reader.get(reader.results)
 
-    def _root_differs(self, dst_attrs) -> bool:
-        """Whether the root's own mode, owner or mtime differ (the receiver reported its root's)."""
-        entry = self._root
-        if entry is None or not isinstance(dst_attrs, list) or len(dst_attrs) != 4:
-            return False
-        mine = [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
-        if not self.compare.owner:
-            mine[1:3] = dst_attrs[1:3]
-        return mine != dst_attrs
+    def _note(self, change: Difference) -> None:
+        if self.o.keep_changes:
+            self.out.changes.append(change)
+        if self.conn.on_change is not None:
+            self.conn.on_change(change)
 
-    # -- pairing src listings with the receiver's ------------------------------------------
+    # -- pairing our listings with the receiver's ------------------------------------------
 
     def _summary_items(self):
         while True:
@@ -381,7 +391,7 @@ class Sender:
         listings, so the answers are usually here by the time the comparison reaches them.
         A scoped (live) session is a handful of listings that all come unasked: no thread.
         """
-        if self._scoped:
+        if self.scoped:
             for src, dst in self._match(tree, eager=True):
                 yield from self._resolve(src, dst)
             return
@@ -484,24 +494,80 @@ class Sender:
                 raise ProtocolError(f"bad listing for {display_path(path)}: {exc}") from None
             if last:
                 break
-        if len(parts) == 1:
-            listing = parts[0]
-        else:
-            entries = [e for part in parts for e in part]
-            if any(a.name >= b.name for a, b in zip(entries, entries[1:], strict=False)):
-                raise ProtocolError(f"listing parts of {display_path(path)} out of order")
-            listing = self.scan.Listing(path, entries)
         if not complete:
-            listing = self.scan.Listing(path, complete=False)
-        return listing
+            return self.scan.Listing(path, complete=False)
+        if len(parts) == 1:
+            return parts[0]
+        entries = [e for part in parts for e in part]
+        if any(a.name >= b.name for a, b in zip(entries, entries[1:], strict=False)):
+            raise ProtocolError(f"listing parts of {display_path(path)} out of order")
+        return self.scan.Listing(path, entries)
 
-    # -- acting on changes -----------------------------------------------------------------
+    # -- a delta whose basis changed meanwhile, sent again whole ----------------------------
 
-    def _send(self, op) -> None:
-        """One planned operation, encoded as its frame."""
+    def _sync_point(self) -> None:
+        """Wait until the receiver has processed everything sent so far (its failures are in)."""
+        self._pings += 1
+        self.t.send([P.PING, self._pings])
+        while self.reader.get(self.reader.pongs) != self._pings:
+            pass
+
+    def _retry_mismatches(self) -> None:
+        if not self.out.stats.files_delta:
+            # Only a delta can fail for a reason a second try fixes (its basis changed); any
+            # other failure comes with the result.  No barrier, no round trip.
+            return
+        self._sync_point()
+        retry = []
+        for message in self.reader.failed:
+            path, reason = message[2], message[3]
+            if reason.startswith(("mismatch", "basis-")) and path not in self._retried:
+                retry.append(path)
+        for path in retry:
+            self._retried.add(path)
+            self.reader.failed = [m for m in self.reader.failed if m[2] != path]
+            entry = self._lstat_entry(path)
+            if entry is not None:
+                log.info("%s: sent again whole after a failed verification", display_path(path))
+                self.encoder.stream_file(Op(WHOLE, path, entry), None)
+        if retry:
+            self._sync_point()
+
+    def _lstat_entry(self, path: bytes) -> Entry | None:
+        try:
+            st = self.src_tree.lstat(path)
+        except (OSError, UnsafePathError):
+            return None
+        return entry_from_stat(os.path.basename(path), st, b"") if st is not None and stat.S_ISREG(st.st_mode) else None
+
+
+class FileEncoder:
+    """The planner's operations as frames: an entry is one frame; a file is streamed whole,
+    or, for a delta, once the receiver's signature of its copy has arrived (requested in
+    batches, the next files sent meanwhile).  Counts what it sent in ``stats``; a file it
+    could not send goes to ``failed`` (the session goes on)."""
+
+    def __init__(self, transport, src_tree: ConfinedTree, reader: _Reader, lock: LockWatch, stats: TransferStats,
+                 failed: list, on_progress=None):  # fmt: skip
+        self.t = transport
+        self.src_tree = src_tree
+        self.reader = reader
+        self.lock = lock
+        self.stats = stats
+        self.failed = failed
+        self.on_progress = on_progress
+        self.delta = fastpath.choose("delta")
+        self._req = 0
+        self._deferred: dict[int, Op] = {}
+        self._sig_batch: list = []
+
+    def send(self, op: Op) -> None:
+        """One planned operation, encoded as its frame (a delta waits for its signature)."""
         entry, path = op.entry, op.path
-        if op.kind in (WHOLE, DELTA):
-            self._send_file(op)
+        if op.kind == WHOLE:
+            self.stream_file(op, None)
+        elif op.kind == DELTA:
+            self._request_signature(op)
         elif op.kind == MKDIR:
             self.t.send([P.MKDIR, path, _attrs(entry)], flush=False)
         elif op.kind == SYMLINK:
@@ -515,66 +581,32 @@ class Sender:
         else:
             self.t.send([P.DELETE, path], flush=False)
 
-    def _note(self, change: Difference) -> None:
-        if self.o.keep_changes:
-            self.out.changes.append(change)
-        if self.on_change is not None:
-            self.on_change(change)
-
-    def _dir_entry(self, path: bytes) -> Entry | None:
-        return source_dir_entry(self._src_tree, path)
-
-    def _check_lock(self, force: bool = True) -> None:
-        if self.o.cancel is not None and self.o.cancel.is_set():
-            raise Cancelled("stopping: the file in flight was abandoned, finished files were kept")
-        lock = self.o.lock_file
-        if not lock:
-            return
-        now = time.monotonic()
-        if not force and now - self._last_lock_check < LOCK_CHECK_SECONDS:
-            return
-        self._last_lock_check = now
-        if is_locked(lock):
-            info = status(lock)
-            raise LockedError(f"mirroring lock present: {info.describe() if info else display_path(lock)}")
-
-    def _send_file(self, op) -> None:
-        if op.kind == DELTA:
-            self._req += 1
-            self._deferred[self._req] = op
-            # The receiver's default blocks are at least 512 bytes, 4 + 16 bytes each at most.
-            self.reader.sig_limits[self._req] = 4096 + (op.basis.size // 512 + 2) * 24
-            self._sig_batch.append([self._req, op.path])
-            self._sigs_in_flight += 1
-            if len(self._sig_batch) >= SIG_BATCH:
-                self._flush_sig_requests()
-            if self._sigs_in_flight >= MAX_SIGS_IN_FLIGHT:
-                self._serve_signatures(block=True, until=MAX_SIGS_IN_FLIGHT // 2)
-            return
-        self._stream_file(op, None)
+    def _request_signature(self, op: Op) -> None:
+        self._req += 1
+        self._deferred[self._req] = op
+        # The receiver's default blocks are at least 512 bytes, 4 + 16 bytes each at most.
+        self.reader.sig_limits[self._req] = 4096 + (op.basis.size // 512 + 2) * 24
+        self._sig_batch.append([self._req, op.path])
+        if len(self._sig_batch) >= SIG_BATCH:
+            self._flush_sig_requests()
+        if len(self._deferred) >= MAX_SIGS_IN_FLIGHT:
+            self.serve_signatures(block=True, until=MAX_SIGS_IN_FLIGHT // 2)
 
     def _flush_sig_requests(self) -> None:
         if self._sig_batch:
             self.t.send([P.SIG, self._sig_batch], flush=True)
             self._sig_batch = []
 
-    def _serve_signatures(self, block: bool, until: int = 0) -> None:
+    def serve_signatures(self, block: bool, until: int = 0) -> None:
         """Send the delta-encoded files whose signatures have arrived (all of them if ``block``)."""
         self._flush_sig_requests()
-        while self._sigs_in_flight > until:
+        while len(self._deferred) > until:
             if block:
                 self.t.flush()
-                req, sig_bytes, reason = self.reader.get(self.reader.signatures)
-            else:
-                try:
-                    item = self.reader.signatures.get_nowait()
-                except queue.Empty:
-                    return
-                if isinstance(item, _Failure):
-                    self.reader.signatures.put(item)
-                    raise item.exc
-                req, sig_bytes, reason = item
-            self._sigs_in_flight -= 1
+            item = self.reader.get(self.reader.signatures, block)
+            if item is None:
+                return
+            req, sig_bytes, _reason = item
             op = self._deferred.pop(req)
             sig = None
             if sig_bytes is not None:
@@ -584,56 +616,54 @@ class Sender:
                     sig = deltafmt.signature_from_bytes(sig_bytes)
                 except MirrorError as exc:
                     raise ProtocolError(f"bad signature for {display_path(op.path)}: {exc}") from None
-            self._stream_file(op, sig)
+            self.stream_file(op, sig)
 
-    def _stream_file(self, op, sig) -> None:
+    def stream_file(self, op: Op, sig) -> None:
         """Send one file, whole (``sig`` None) or as a delta; abandon it if it changes under us."""
-        self._check_lock()
-        path = op.path
-        src = op.entry
+        self.lock.check()
+        path, src = op.path, op.entry
         try:
             # One component at a time, never through a symlink, never opening a FIFO or a
             # device, and only the very file the scan saw (a swap since then is refused).
-            f = self._src_tree.open_regular(path, expect=(src.dev, src.ino) if src.ino else None)
+            f = self.src_tree.open_regular(path, expect=(src.dev, src.ino) if src.ino else None)
         except (OSError, UnsafePathError) as exc:
-            self.out.failed.append((path, f"cannot open on the sender: {getattr(exc, 'strerror', None) or exc}"))
+            self.failed.append((path, f"cannot open on the sender: {getattr(exc, 'strerror', None) or exc}"))
             return
         with f:
             fd = f.fileno()
             before = settled_stat(fd)
             if before is None:
-                self.out.failed.append((path, "changed while it was being sent; sync again to pick it up"))
+                self.failed.append((path, "changed while it was being sent; sync again to pick it up"))
                 return
             if not stat.S_ISREG(before.st_mode):
-                self.out.failed.append((path, "changed type on the sender since the scan"))
+                self.failed.append((path, "changed type on the sender since the scan"))
                 return
             self._req += 1
             req = self._req
             attrs = [stat.S_IMODE(before.st_mode), before.st_uid, before.st_gid, before.st_mtime_ns]
-            stats = self.out.stats
+            stats = self.stats
             if sig is not None:
                 self.t.send([P.FILE, req, path, attrs, "delta", sig.block_size, sig.basis_size], flush=False)
-                ops = fastpath.choose("delta").delta(sig, f)
                 block = sig.block_size
             else:
                 self.t.send([P.FILE, req, path, attrs, "whole", 0, 0], flush=False)
-                ops = fastpath.choose("delta").delta(None, f)
                 block = 1
+            ops = self.delta.delta(sig, f)
             try:
-                for op in ops:
-                    if op[0] == 1:
-                        self.t.send([P.DATA, req, bytes(op[1])], flush=False)
-                        stats.literal_bytes += len(op[1])
+                for op_ in ops:
+                    if op_[0] == 1:
+                        self.t.send([P.DATA, req, bytes(op_[1])], flush=False)
+                        stats.literal_bytes += len(op_[1])
                     else:
-                        self.t.send([P.COPY, req, op[1], op[2]], flush=False)
-                        stats.matched_bytes += min(op[2] * block, sig.basis_size - op[1] * block)
-                    self._check_lock(force=False)
+                        self.t.send([P.COPY, req, op_[1], op_[2]], flush=False)
+                        stats.matched_bytes += min(op_[2] * block, sig.basis_size - op_[1] * block)
+                    self.lock.check(force=False)
                 after = os.fstat(fd)
             except (LockedError, Cancelled, OSError) as exc:
                 self.t.send([P.FILE_ABORT, req, "read error" if isinstance(exc, OSError) else "stopped"])
                 if not isinstance(exc, OSError):
                     raise
-                self.out.failed.append((path, f"read error on the sender: {exc.strerror}"))
+                self.failed.append((path, f"read error on the sender: {exc.strerror}"))
                 return
             # Changed while read: by its times, or (within one timestamp tick, where the times
             # cannot tell) by reading another length than it had, e.g. truncated and rewritten.
@@ -641,7 +671,7 @@ class Sender:
                 before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_size
             ):
                 self.t.send([P.FILE_ABORT, req, "changed while sending"])
-                self.out.failed.append((path, "changed while it was being sent; sync again to pick it up"))
+                self.failed.append((path, "changed while it was being sent; sync again to pick it up"))
                 return
             self.t.send([P.FILE_END, req, ops.digest, ops.new_size], flush=False)
             stats.files_sent += 1
@@ -650,46 +680,6 @@ class Sender:
             if self.on_progress is not None:
                 self.on_progress(ops.new_size)
 
-    def _sync_point(self) -> None:
-        """Wait until the receiver has processed everything sent so far (its failures are in)."""
-        self._pings = getattr(self, "_pings", 0) + 1
-        token = self._pings
-        self.t.send([P.PING, token])
-        while self.reader.get(self.reader.pongs) != token:
-            pass
-
-    def _retry_mismatches(self) -> None:
-        if not self.out.stats.files_delta:
-            # Only a delta can fail for a reason a second try fixes (its basis changed); any
-            # other failure comes with the result.  No barrier, no round trip.
-            return
-        self._sync_point()
-        retry = []
-        for message in self.reader.failed:
-            path, reason = message[2], message[3]
-            if (reason.startswith(("mismatch", "basis-")) and path not in self._retried):
-                retry.append(path)
-        for path in retry:
-            self._retried.add(path)
-            self.reader.failed = [m for m in self.reader.failed if m[2] != path]
-            entry = self._lstat_entry(path)
-            if entry is not None:
-                log.info("%s: sent again whole after a failed verification", display_path(path))
-                self._stream_file(Op(WHOLE, path, entry), None)
-        if retry:
-            self._sync_point()
-
-    def _lstat_entry(self, path: bytes) -> Entry | None:
-        try:
-            st = self._src_tree.lstat(path)
-        except (OSError, UnsafePathError):
-            return None
-        return entry_from_stat(os.path.basename(path), st, b"") if st is not None and stat.S_ISREG(st.st_mode) else None
-
-    def _collect_failures(self) -> None:
-        for message in self.reader.failed:
-            self.out.failed.append((message[2], message[3]))
-
 
 _WANTED = object()
 _DISCARD = object()
@@ -697,3 +687,13 @@ _DISCARD = object()
 
 def _attrs(entry: Entry) -> list:
     return [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
+
+
+def _root_differs(entry: Entry | None, dst_attrs, owner: bool) -> bool:
+    """Whether the root's own mode, owner or mtime differ (the receiver reported its root's)."""
+    if entry is None or not isinstance(dst_attrs, list) or len(dst_attrs) != 4:
+        return False
+    mine = _attrs(entry)
+    if not owner:
+        mine[1:3] = dst_attrs[1:3]
+    return mine != dst_attrs

@@ -290,6 +290,7 @@ def _connect(dest: Destination, secret, bwlimit, rsh, remote_command, remote_opt
         return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=lambda: _hang_up(sock, timeout),
                                peer=f"the receiver at {where}",
                                timeout_hint=f" after {timeout:g} s (--timeout)" if timeout else ""), lambda: None  # fmt: skip
+    import io
     import shlex
     import subprocess
 
@@ -299,7 +300,8 @@ def _connect(dest: Destination, secret, bwlimit, rsh, remote_command, remote_opt
     remote_line = f"{remote_command} receive{options} -- {shlex.quote(os.fsdecode(dest.path))}"
     argv = shlex.split(rsh) + [dest.host, remote_line]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    transport = StreamTransport(proc.stdout, _Buffered(proc.stdin), bwlimit=bwlimit, read_timeout=timeout,
+    # Frames are small and many: buffered here, flushed when the protocol says so.
+    transport = StreamTransport(proc.stdout, io.BufferedWriter(proc.stdin, 1 << 20), bwlimit=bwlimit, read_timeout=timeout,
                                 peer=f"the receiver on {dest.host}",
                                 timeout_hint=f" after {timeout:g} s (--timeout)" if timeout else "")  # fmt: skip
 
@@ -328,21 +330,3 @@ def _hang_up(sock, timeout: float | None) -> None:
         pass
     finally:
         sock.close()
-
-
-class _Buffered:
-    """A write buffer in front of a pipe, flushed explicitly (frames are small and many)."""
-
-    def __init__(self, raw):
-        import io
-
-        self._f = io.BufferedWriter(raw, 1 << 20)
-
-    def write(self, data):
-        return self._f.write(data)
-
-    def flush(self):
-        self._f.flush()
-
-    def close(self):
-        self._f.close()

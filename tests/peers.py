@@ -157,6 +157,17 @@ def in_process_server(modules: dict):
 
 
 @contextmanager
+def destination(where: str, dst, **module_options):
+    """``dst`` as a sync's destination: ``"local"`` (the path itself) or ``"remote"`` (a
+    module of a real server in this process, over loopback TCP)."""
+    if where == "local":
+        yield dst
+        return
+    with in_process_server({"m": ModuleConfig("m", os.fsencode(dst), **module_options)}) as server:
+        yield f"mirror://127.0.0.1:{server.server_address[1]}/m"
+
+
+@contextmanager
 def socket_pair_receiver(session_class, dst, **module_options):
     """A receiver whose sessions are ``session_class`` on one end of a socket pair; yields the
     sender's transport."""

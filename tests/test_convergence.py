@@ -12,12 +12,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import mirror.compare
+import mirror.localsync
 import mirror.sender
 import mirror.treescan
 from mirror import fastpath, safefs
 from mirror.transfer import sync
 from tests.helpers import is_root
-from tests.peers import RawSession, temp_files
+from tests.peers import RawSession, destination, temp_files
 from tests.snapshot import assert_mirrors
 
 
@@ -94,9 +96,11 @@ def test_deleting_a_directory_keeps_the_excluded_files_in_it(tmp_path):
 # -- hard links ----------------------------------------------------------------------------
 
 
-def test_relinking_after_a_failed_leader_leaves_no_temporary_file(tmp_path):
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_relinking_after_a_failed_leader_leaves_no_temporary_file(tmp_path, where):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
+    dst.mkdir()
     (src / "a").write_bytes(b"v1")
     os.link(src / "a", src / "b")
     assert sync(src, dst).ok
@@ -106,7 +110,9 @@ def test_relinking_after_a_failed_leader_leaves_no_temporary_file(tmp_path):
         if change.path == b"a":
             os.rename(src / "a", tmp_path / "a.moved")
 
-    result = sync(src, dst, on_change=leader_vanishes)
+    with destination(where, dst) as url:
+        result = sync(src, url, on_change=leader_vanishes)
+    assert temp_files(dst) == []
     assert [path for path, _ in result.failed] == [b"a"]
     assert sorted(os.listdir(dst)) == [".mirror", "a", "b"]
 
@@ -259,11 +265,14 @@ def test_a_subpath_checksum_sync_keeps_its_cache_out_of_the_content(tmp_path):
     assert sorted(os.listdir(root / "a")) == ["f"]
 
 
-def test_first_checksum_sync_copies_the_real_root_time(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_first_checksum_sync_copies_the_real_root_time(tmp_path, monkeypatch, where):
     # Fault injection: the real steps of ensure_state_dir with the window between them held
-    # open, so the race that happens by chance happens every time.
+    # open, and the root read inside that window by whichever driver this sync uses, so the
+    # race that happens by chance happens every time.
     created = threading.Event()
-    real_root_entry = mirror.sender.root_entry
+    reads_in_window = []
+    real_root_entry = mirror.compare.root_entry
 
     def ensure_state_dir_slowly(path):
         path = os.fsencode(path)
@@ -278,15 +287,19 @@ def test_first_checksum_sync_copies_the_real_root_time(tmp_path, monkeypatch):
         return path
 
     def root_entry_after_creation(root):
-        created.wait(1.0)
+        reads_in_window.append(created.wait(1.0))
         return real_root_entry(root)
 
     monkeypatch.setattr(mirror.treescan, "ensure_state_dir", ensure_state_dir_slowly)
-    monkeypatch.setattr(mirror.sender, "root_entry", root_entry_after_creation)
+    driver = mirror.localsync if where == "local" else mirror.sender
+    monkeypatch.setattr(driver, "root_entry", root_entry_after_creation)
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
+    dst.mkdir()
     (src / "f").write_bytes(b"x")
     os.utime(src, ns=(10**18, 10**18))
-    assert sync(src, dst, checksum=True).ok
+    with destination(where, dst) as url:
+        assert sync(src, url, checksum=True).ok
+    assert reads_in_window and all(reads_in_window)  # the injection reached the driver's read
     assert os.stat(src).st_mtime_ns == 10**18
     assert os.stat(dst).st_mtime_ns == 10**18

@@ -3,6 +3,8 @@ cleanly, with nothing half-written and the module free for the next writer."""
 
 from __future__ import annotations
 
+import pytest
+
 from mirror import protocol as P
 from mirror.errors import MirrorError
 from tests.peers import ATTRS, RawSession, temp_files
@@ -28,19 +30,28 @@ def _assert_clean_refusal(session: RawSession, root, words: str) -> None:
     assert after.end()[0] == P.RESULT
 
 
-def test_second_file_before_file_end_is_refused(tmp_path):
-    root = _module(tmp_path)
-    s = RawSession(root, start={})
-    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 1, b"half"],
-           [P.FILE, 2, b"other", ATTRS, "whole", 0, 0])  # fmt: skip
-    _assert_clean_refusal(s, root, "before the previous file ended")
+_BETWEEN_FILES = {
+    P.FILE: [P.FILE, 2, b"other", ATTRS, "whole", 0, 0],
+    P.MKDIR: [P.MKDIR, b"d", ATTRS],
+    P.SYMLINK: [P.SYMLINK, b"l", b"target", ATTRS],
+    P.NODE: [P.NODE, b"n", 4, 0, ATTRS],  # a FIFO
+    P.HARDLINK: [P.HARDLINK, b"h", b"keep"],
+    P.ATTRS: [P.ATTRS, b"keep", 1, ATTRS],
+    P.DELETE: [P.DELETE, b"keep"],
+    P.SIG: [P.SIG, [[7, b"keep"]]],
+    P.PING: [P.PING, 1],
+    P.END: [P.END, {}],
+}
 
 
-def test_end_in_the_middle_of_a_file_is_refused(tmp_path):
+@pytest.mark.parametrize("kind", sorted(_BETWEEN_FILES))
+@pytest.mark.parametrize("first", [b"new", b"keep/under-a-file"])  # made, or failed to be made
+def test_anything_but_content_in_the_middle_of_a_file_is_refused(tmp_path, kind, first):
     root = _module(tmp_path)
     s = RawSession(root, start={})
-    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 1, b"half"], [P.END, {}])
-    _assert_clean_refusal(s, root, "in the middle of a file")
+    s.send([P.FILE, 1, first, ATTRS, "whole", 0, 0], [P.DATA, 1, b"half"], _BETWEEN_FILES[kind])
+    _assert_clean_refusal(s, root, f"{kind!r} in the middle of a file")
+    assert not (root / "new").exists()
 
 
 def test_repeated_start_inside_a_session_is_refused(tmp_path):

@@ -93,39 +93,52 @@ import os, sys
 from mirror.errors import LockedError
 from mirror.lockfile import acquire
 from mirror.transfer import sync
-src, dst, lock = sys.argv[1:4]
-def take_lock(change):
+src, dst, lock, which = sys.argv[1:5]
+def take_lock(change):  # reported before the change is carried out
     if not os.path.exists(lock):
-        acquire(os.fsencode(lock), reason="takeover on the replica's node")
+        acquire(os.fsencode(lock), reason="takeover")
 try:
-    sync(src, dst, dst_lock_file=lock, on_change=take_lock, fsync=False)
+    sync(src, dst, on_change=take_lock, fsync=False, **{which: lock})
 except LockedError:
     sys.exit(3)
 """
 
 
-def test_local_sync_does_not_hang_when_the_receiver_stops(tmp_path):
-    src = tmp_path / "src"
+@pytest.mark.parametrize("which", ["dst_lock_file", "lock_file"])
+def test_local_sync_stops_when_a_mirroring_lock_appears(tmp_path, which):
+    # The lock appears as the first change is planned: a local sync (the writer called
+    # directly, no receiver thread) stops with exit 3, in bounded time, and nothing of the
+    # 450 files reaches the replica.
+    src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
-    for i in range(450):  # the receiver stops at its first commit batch (256 files), the rest fills the queue
+    for i in range(450):  # more than a commit batch (256 files)
         (src / f"f{i:04d}").write_bytes(b"x")
     try:
-        proc = subprocess.run([sys.executable, "-c", _LOCAL_SYNC_WITH_LOCK, str(src), str(tmp_path / "dst"),
-                               str(tmp_path / "lock")], cwd=REPO, capture_output=True, timeout=6)  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", _LOCAL_SYNC_WITH_LOCK, str(src), str(dst),
+                               str(tmp_path / "lock"), which], cwd=REPO, capture_output=True, timeout=30)  # fmt: skip
     except subprocess.TimeoutExpired:
-        pytest.fail("local sync hung after the receiver's mirroring lock appeared")
+        pytest.fail("local sync hung after the mirroring lock appeared")
     assert proc.returncode == 3, proc.stderr
+    assert sorted(os.listdir(dst)) == [".mirror"]
+    assert os.listdir(dst / ".mirror" / "tmp") == []
 
 
-def test_short_file_abort_gets_a_protocol_error(tmp_path):
+@pytest.mark.parametrize("kind", sorted(P._SESSION_FRAMES))
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_a_frame_with_the_wrong_number_of_fields_is_refused_as_malformed(tmp_path, kind, extra):
+    # The frame table's field count is what refuses it: an IndexError or a failed unpacking
+    # further in would also end the session, but as the receiver's "internal error".
     root = tmp_path / "module"
     root.mkdir()
+    fields = len(P._SESSION_FRAMES[kind]) + extra
     s = RawSession(root, start={})
     s.drain_summary()
-    s.send(["file_abort"])
+    s.send([kind, *[0] * fields])
     s.close()
     assert all(isinstance(e, MirrorError) for e in s.errors), s.errors
-    assert s.error() is not None and s.error()[1] == "ProtocolError", s.replies
+    error = s.error()
+    assert error is not None and error[1] == "ProtocolError", s.replies
+    assert error[3].startswith(f"malformed {kind!r} message"), error
 
 
 def test_receiver_lock_stops_every_change_within_a_second(tmp_path):

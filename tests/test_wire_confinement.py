@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import xxhash
@@ -12,8 +13,9 @@ import xxhash
 from mirror import protocol as P
 from mirror.entry import Kind
 from mirror.epoch import bump_epoch, read_epoch
+from mirror.privileges import Privileges
 from mirror.transfer import sync
-from tests.peers import ATTRS, RawSession
+from tests.peers import ATTRS, RawSession, destination
 from tests.snapshot import assert_mirrors
 
 
@@ -34,6 +36,9 @@ def test_wire_cannot_plant_a_symlink_at_the_writer_lock(tmp_path):
     s.drain_summary()
     s.send([P.SYMLINK, b".mirror/writer.lock", os.fsencode(victim), [0o777, 0, 0, 0]])
     s.end()
+    assert s.error() is not None and s.error()[1] == "UnsafePathError", s.replies
+    # Refused as a name, not only defused when the lock is next opened (without following).
+    assert not os.path.islink(root / ".mirror" / "writer.lock")
     RawSession(root, start={}).close()  # any later session: takes the writer lock
     assert victim.read_bytes() == b"root:x:0:0::/root:/bin/sh\n"
 
@@ -105,7 +110,8 @@ def test_subpath_through_a_symlink_is_refused_in_a_dry_run(tmp_path):
 # -- hard links, symlinks and special files in the replica ---------------------------------
 
 
-def test_metadata_change_never_reaches_a_hard_link_outside(tmp_path):
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_metadata_change_never_reaches_a_hard_link_outside(tmp_path, where):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
@@ -117,7 +123,8 @@ def test_metadata_change_never_reaches_a_hard_link_outside(tmp_path):
     (src / "tool").write_bytes(b"#!/bin/ok\n")  # same size and mtime: only the mode differs
     os.chmod(src / "tool", 0o4755)
     os.utime(src / "tool", ns=(10**18, 10**18))
-    result = sync(src, dst)
+    with destination(where, dst, privileges=Privileges.everything()) as url:
+        result = sync(src, url)
     assert result.ok
     assert os.stat(victim).st_mode & 0o7777 == 0o755  # never made setuid through the link
     assert_mirrors(src, dst)
@@ -175,26 +182,37 @@ def test_rename_to_a_deep_path_moves_the_named_entry(tmp_path):
         assert f.read() == b"M"
 
 
+def _waiting_for_a_reader(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked opening a FIFO for writing (no reader has opened it)."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
+            return f.read() == "wait_for_partner"
+    except FileNotFoundError:  # the thread is gone: its open returned
+        return False
+
+
 def test_signature_request_never_opens_a_fifo(tmp_path):
     root = tmp_path / "module"
     root.mkdir()
     fifo = root / "pipe"
     os.mkfifo(fifo)
-    opened = threading.Event()
 
     def writer():  # blocks until somebody opens the FIFO for reading
-        fd = os.open(fifo, os.O_WRONLY)
-        opened.set()
-        os.close(fd)
+        os.close(os.open(fifo, os.O_WRONLY))
 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 10
+    while not _waiting_for_a_reader(thread):
+        assert time.monotonic() < deadline, "the writer never blocked in its open"
+        time.sleep(0.005)
     s = RawSession(root, start={})
     s.drain_summary()
     s.send([P.SIG, [[1, b"pipe"]]])
     reply = s.until(P.SIG_FAILED)
     s.end()
-    was_opened = opened.is_set()
+    # Read from the kernel, not from the thread's own report: that one can come late.
+    was_opened = not _waiting_for_a_reader(thread)
     if not was_opened:  # release the writer thread
         os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
     thread.join(timeout=10)
@@ -202,7 +220,8 @@ def test_signature_request_never_opens_a_fifo(tmp_path):
     assert not was_opened, "the receiver opened a FIFO (for a device node that open can have side effects)"
 
 
-def test_sender_never_reads_through_a_directory_swapped_for_a_symlink(tmp_path):
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_sender_never_reads_through_a_directory_swapped_for_a_symlink(tmp_path, where):
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "d").mkdir(parents=True)
     (src / "d" / "secret").write_bytes(b"decoy")
@@ -215,7 +234,8 @@ def test_sender_never_reads_through_a_directory_swapped_for_a_symlink(tmp_path):
             os.rename(src / "d", tmp_path / "d.old")
             os.symlink(private, src / "d")
 
-    result = sync(src, dst, on_change=swap)
+    with destination(where, dst) as url:
+        result = sync(src, url, on_change=swap)
     assert not (dst / "d" / "secret").exists() or (dst / "d" / "secret").read_bytes() != b"TOP SECRET"
     assert not result.ok  # the vanished file is reported
 
