@@ -261,7 +261,10 @@ def main(argv=None) -> int:
         a4 = s4_source(a)
         dst = os.path.join(base, "B4")
         if not os.path.isdir(dst):
-            subprocess.run(["cp", "-a", b, dst], check=True)
+            subprocess.run(["cp", "-a", b, dst + ".tmp"], check=True)
+            # B's state records the tree B mirrors (A); B4 mirrors A4 (see s4_source)
+            shutil.rmtree(os.path.join(dst + ".tmp", ".mirror"), ignore_errors=True)
+            os.rename(dst + ".tmp", dst)
         reset = restore_from(b, dst)
         reset()
         servers = Servers(args.workdir, dst, dst)
