@@ -124,12 +124,17 @@ class _Reader(threading.Thread):
                         self.signatures.put((message[1], b"".join(self._sig_parts), None))
                         self._sig_parts, self._sig_size = [], 0
                 elif kind == P.SIG_FAILED:
-                    self.signatures.put((message[1], None, message[2]))
-                elif kind == P.FAILED:
-                    self.failed.append(message)
+                    P.want_len(message, 3)
+                    self.signatures.put((message[1], None, _text(message[2], "reason")))
+                elif kind == P.FAILED:  # (path, reason)
+                    P.want_len(message, 4)
+                    self.failed.append((P.want_bytes(message[2], "failed path"), _text(message[3], "reason")))
                 elif kind == P.PONG:
-                    self.pongs.put(message[1])
+                    self.pongs.put(P.want_len(message, 2)[1])
                 elif kind == P.RESULT:
+                    P.want_len(message, 2)
+                    if not isinstance(message[1], dict):
+                        raise ProtocolError("bad result: expected a map")
                     self.results.put(message[1])
                     return
                 elif kind == P.ALIVE:
@@ -153,6 +158,12 @@ class _Reader(threading.Thread):
             q.put(item)  # keep waking later waiters too
             raise item.exc
         return item
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str) or len(value) > P.MAX_FRAME:
+        raise ProtocolError(f"bad {what}: expected a string")
+    return value
 
 
 class _Failure:
@@ -326,8 +337,7 @@ class SendSession:
             if self.src_tree is not None:
                 self.src_tree.close()
             stop_scans((tree,))  # none left running
-        for message in self.reader.failed:
-            self.out.failed.append((message[2], message[3]))
+        self.out.failed.extend(self.reader.failed)
         self.out.problems.extend(summary.problems)
         stats = self.out.stats
         stats.deleted = self.out.receiver.get("deleted", 0)
@@ -519,13 +529,12 @@ class SendSession:
             return
         self._sync_point()
         retry = []
-        for message in self.reader.failed:
-            path, reason = message[2], message[3]
+        for path, reason in self.reader.failed:
             if reason.startswith(("mismatch", "basis-")) and path not in self._retried:
                 retry.append(path)
         for path in retry:
             self._retried.add(path)
-            self.reader.failed = [m for m in self.reader.failed if m[2] != path]
+            self.reader.failed = [f for f in self.reader.failed if f[0] != path]
             entry = self._lstat_entry(path)
             if entry is not None:
                 log.info("%s: sent again whole after a failed verification", display_path(path))

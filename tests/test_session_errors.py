@@ -162,3 +162,33 @@ def test_receiver_lock_stops_every_change_within_a_second(tmp_path):
     s.close()
     assert stopped_at is not None and stopped_at - locked_at <= 1.2, f"{i} changes applied under the lock"
     assert s.error()[1] == "LockedError"
+
+
+# -- what the receiver answers is checked like what it is sent -------------------------------
+
+_BAD_REPLIES = {
+    "failed, short": [P.FAILED, 1],
+    "failed, path not bytes": [P.FAILED, 1, 7, "reason"],
+    "failed, reason not text": [P.FAILED, 1, b"f", b"reason"],
+    "sig_failed, short": [P.SIG_FAILED, 1],
+    "pong, long": [P.PONG, 1, 2],
+    "result, not a map": [P.RESULT, "all done"],
+}
+
+
+@pytest.mark.parametrize("reply", list(_BAD_REPLIES))
+def test_a_malformed_reply_from_the_receiver_is_a_protocol_error_not_a_crash(tmp_path, reply):
+    # A hostile (authenticated) receiver answers a file with a malformed frame: the sender
+    # ends with a clear protocol error, never an IndexError or AttributeError at the session's end.
+    frame = _BAD_REPLIES[reply]
+
+    class _BadReply(ReceiverSession):
+        def _on_file(self, req, path, attrs, mode, block_size, basis_size):
+            self.t.send(frame)
+            super()._on_file(req, path, attrs, mode, block_size, basis_size)
+
+    src, dst = changed_pair(tmp_path)
+    with socket_pair_receiver(_BadReply, dst) as transport:
+        sender = Sender(os.fsencode(src), transport, SenderOptions(fsync=False), module="m")
+        with pytest.raises(ProtocolError, match="bad |malformed"):
+            sender.run(sender.handshake(), 0)
