@@ -6,7 +6,10 @@ straight to the replica writer (``mirror.apply``), which keeps every invariant a
 keeps: confined paths, atomic and durable commits, the mirroring lock, the guards.
 
 A file is copied by the kernel (``copy_file_range``), read once and never hashed: there is
-no wire to verify across.  What end-to-end verification catches remotely, a source file
+no wire to verify across.  The next files (up to ``READ_AHEAD_*``) are opened and asked from
+the disk (``POSIX_FADV_WILLNEED``) before their turn, so a cold source is read while earlier
+files are copied; they are copied in the planner's order, all before links, deletions and
+directory times.  What end-to-end verification catches remotely, a source file
 that changes while it is copied, is caught here by its size, mtime and ctime before and
 after the copy, and by the number of bytes copied: such a file is never committed as if it
 were whole (it is reported; the next sync picks it up).  The mirroring locks (the source's
@@ -16,6 +19,7 @@ long copy.
 
 from __future__ import annotations
 
+import collections
 import os
 import stat
 import time
@@ -32,6 +36,12 @@ from .statedir import check_root, resolve_state_dir
 from .treescan import Scope
 
 COPY_CHUNK = 4 << 20  # bytes copied between two looks at the locks (a slow disk still looks within 1 s)
+# Files opened and asked from the disk (WILLNEED) before their turn to be copied: a cold source
+# is read while earlier files are copied, not one wait per file.  At most this many files, this
+# many bytes of each, this many bytes in all.
+READ_AHEAD_FILES = 32
+READ_AHEAD_PER_FILE = 8 << 20
+READ_AHEAD_BYTES = 64 << 20
 
 
 class LocalSync:
@@ -106,7 +116,10 @@ class LocalSync:
                                    policy=DeletionPolicy(o.max_delete, o.allow_mass_delete),
                                    keep=keep.excluded if keep is not None else None)  # fmt: skip
             run = _Run(self, out, src_tree, writer)
-            run.plan(scans, compare, planned, owner)
+            try:
+                run.plan(scans, compare, planned, owner)
+            finally:
+                run.close()
             out.receiver = writer.result(writer.finish())
         except (LockedError, Cancelled):
             if writer is not None:
@@ -138,6 +151,8 @@ class _Run:
         self.lock = sync._source_lock
         self.planner = Planner(delete=sync.o.delete, dry_run=sync.o.dry_run, delta_threshold=1 << 63,
                                dir_entry=self._dir_entry)  # fmt: skip
+        self.ahead: collections.deque = collections.deque()  # (path, entry, open source file, bytes asked)
+        self.ahead_bytes = 0
 
     def plan(self, scans, compare: CompareOptions, renames, owner: bool) -> None:
         from . import fastpath
@@ -166,6 +181,7 @@ class _Run:
                 self.sync.on_change(change)
             for op in ops:
                 self._do(op)
+        self._copy_ahead(0, 0)  # links, deletions and directory times come after all new content
         for op in planner.links():
             self._do(op)
         self.lock.check()
@@ -187,7 +203,7 @@ class _Run:
     def _do(self, op) -> None:
         writer, entry = self.writer, op.entry
         if op.kind in (WHOLE, DELTA):
-            self._copy(op.path, entry)
+            self._queue_copy(op.path, entry)
         elif op.kind == MKDIR:
             writer.mkdir(op.path, _attrs(entry))
         elif op.kind in (SYMLINK, SPECIAL):
@@ -200,8 +216,9 @@ class _Run:
         elif op.kind == DELETE:
             writer.delete(op.path)
 
-    def _copy(self, path: bytes, entry: Entry) -> None:
-        """One file, copied whole by the kernel; abandoned if it changes while copied."""
+    def _queue_copy(self, path: bytes, entry: Entry) -> None:
+        """Open the file now and ask the disk for its start; copy it once the files before it
+        are copied and the window is full (``READ_AHEAD_*``)."""
         self.lock.check()
         try:
             # One component at a time, never through a symlink, never opening a FIFO or a
@@ -212,7 +229,30 @@ class _Run:
                 (path, f"cannot open on the sender: {getattr(exc, 'strerror', None) or exc}")
             )
             return
+        asked = min(entry.size, READ_AHEAD_PER_FILE)
+        if asked:
+            os.posix_fadvise(f.fileno(), 0, asked, os.POSIX_FADV_WILLNEED)
+        self.ahead.append((path, entry, f, asked))
+        self.ahead_bytes += asked
+        self._copy_ahead(READ_AHEAD_FILES, READ_AHEAD_BYTES)
+
+    def _copy_ahead(self, files: int, size: int) -> None:
+        """Copy the oldest queued files until at most ``files`` and ``size`` bytes are left."""
+        while self.ahead and (len(self.ahead) > files or self.ahead_bytes > size):
+            path, entry, f, asked = self.ahead.popleft()
+            self.ahead_bytes -= asked
+            self._copy(path, f)
+
+    def close(self) -> None:
+        """Let go of the files still queued (the session ended early)."""
+        while self.ahead:
+            self.ahead.popleft()[2].close()
+        self.ahead_bytes = 0
+
+    def _copy(self, path: bytes, f) -> None:
+        """One open file, copied whole by the kernel; abandoned if it changes while copied."""
         with f:
+            self.lock.check()
             fd = f.fileno()
             before = settled_stat(fd)
             if before is None:

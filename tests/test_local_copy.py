@@ -128,3 +128,28 @@ def test_the_replica_lock_stops_a_local_copy_within_a_second(tmp_path, when):
     assert stopped <= 1.0, f"the copy went on for {stopped:.2f} s under the lock"
     assert sorted(os.listdir(dst)) == [".mirror"]  # nothing was committed under the lock
     assert os.listdir(dst / ".mirror" / "tmp") == []
+
+
+def test_files_opened_ahead_of_their_copy_are_let_go_when_the_lock_ends_the_sync(tmp_path):
+    # A local sync opens the next files before their turn (read-ahead): a sync the mirroring
+    # lock stops half-way must close them, not leave them open with the error.
+    src, dst, lock = tmp_path / "src", tmp_path / "dst", tmp_path / "lock"
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i:03d}").write_bytes(b"%d" % i * 100)
+    seen = []
+
+    def take_lock_half_way(change):
+        seen.append(change)
+        if len(seen) == 150:
+            acquire(os.fsencode(lock), reason="takeover")
+
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(LockedError) as stopped:
+        sync(src, dst, dst_lock_file=lock, on_change=take_lock_half_way)
+    left = [os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - before
+            if os.path.exists(f"/proc/self/fd/{fd}")]  # fmt: skip
+    assert not [p for p in left if p.startswith(str(src))], left
+    assert stopped.value is not None and len(seen) >= 150
+    written = [name for name in os.listdir(dst) if name != ".mirror"]
+    assert len(written) < 300
