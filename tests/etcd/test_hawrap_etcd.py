@@ -13,6 +13,7 @@ writes.  Never two VIP holders, never an acknowledged file lost.  Times are prin
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -131,6 +132,17 @@ def published(hw: Hawrap, on: str) -> dict[str, tuple[int, int]]:
     return {m["name"]: (m["epoch"], m["seq"]) for m in members}
 
 
+def daemon_pairs(lab: HawrapLab, node: str) -> list[dict]:
+    """What the node's ``mirror daemon`` says of each destination (its status file)."""
+    try:
+        with open(os.path.join(tree(lab, node), ".mirror", "mirror-daemon.status.json")) as f:
+            pairs = json.load(f)["pairs"]
+    except (OSError, ValueError, KeyError) as exc:
+        return [{"error": repr(exc)}]
+    keys = ("name", "state", "journal_seq", "mirrored_seq", "applied", "catch_up", "pending", "last_error")
+    return [{k: p.get(k) for k in keys} for p in pairs]
+
+
 def test_a_replica_that_stopped_applying_is_never_promoted_over_one_that_has_everything(hlab):
     """Replica B's receiver is frozen (SIGSTOP: it applies nothing, its hawrap is alive and
     eligible) while the leader writes files that C acknowledges; then the leader is killed.
@@ -143,6 +155,11 @@ def test_a_replica_that_stopped_applying_is_never_promoted_over_one_that_has_eve
         b, c = [n for n in NODES if n != leader]
         acked = write_files(tree(hlab, leader), "before", 10)
         wait_replicated(hlab, [b, c], acked)
+        # both replicas have recorded what they applied, at the leader's epoch: B's record is
+        # the one the frozen receiver leaves behind
+        level = wait_for(lambda: (lambda p: p.get(b) == p.get(c) and p.get(b, (0, 0))[0] > 0)(
+            published(hw, leader)), 30, 0.2)  # fmt: skip
+        assert level, (published(hw, leader), daemon_pairs(hlab, leader), logs(hw))
         frozen = receivers(hlab, b)
         assert frozen, f"no mirror serve on {b}"
         for pid in frozen:
@@ -155,7 +172,7 @@ def test_a_replica_that_stopped_applying_is_never_promoted_over_one_that_has_eve
         # C's position is ahead of B's at the same epoch, as etcd holds them
         ahead = wait_for(lambda: (lambda p: p.get(c, (0, 0)) > p.get(b, (0, 0)) and p[c][0] == p[b][0])(
             published(hw, leader)), 30, 0.2)  # fmt: skip
-        assert ahead, (published(hw, leader), logs(hw))
+        assert ahead, (published(hw, leader), daemon_pairs(hlab, leader), logs(hw))
         positions = published(hw, leader)
         print(f"published before the kill: {positions}")
         killed_at = hw.kill(leader)
