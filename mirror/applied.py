@@ -15,15 +15,13 @@ it may not have.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-from contextlib import contextmanager
 from typing import NamedTuple
 
 from .atomicfile import atomic_write
 from .errors import FormatError, display_path, fs_path
-from .statedir import ensure_state_dir
+from .statedir import read_state_file, state_lock
 
 APPLIED_FILE = b"applied"
 _LOCK_FILE = b"applied.lock"
@@ -57,15 +55,13 @@ def read_applied(state_dir: bytes | str) -> Applied | None:
     """The recorded position, None if none was ever recorded."""
     path = applied_path(state_dir)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
+        data = read_state_file(path, 4096)
     except OSError as exc:
         raise AppliedError(
             f"{display_path(path)}: cannot read the applied position: {exc.strerror}"
         ) from None
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(4096)
+    if data is None:
+        return None
     try:
         raw = json.loads(data)
         value = Applied(raw["epoch"], raw["seq"], raw.get("journal", ""))
@@ -92,23 +88,10 @@ def record_applied(state_dir: bytes | str, value: Applied) -> Applied:
     returns the record now."""
     if not _valid(*value):
         raise ValueError(f"invalid applied position {value!r}")
-    with _locked(state_dir):
+    with state_lock(state_dir, _LOCK_FILE):
         current = read_applied(state_dir)
         if not newer(value, current):
             return current
         data = json.dumps({"epoch": value.epoch, "seq": value.seq, "journal": value.journal}).encode() + b"\n"
         atomic_write(applied_path(state_dir), data, 0o644)
         return value
-
-
-@contextmanager
-def _locked(state_dir: bytes | str):
-    directory = ensure_state_dir(fs_path(state_dir))
-    fd = os.open(
-        os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-    )
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

@@ -11,14 +11,12 @@ not a number is an error: silently treating it as 0 would let a stale primary th
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
-from contextlib import contextmanager
 
 from .atomicfile import atomic_write
 from .errors import FormatError, display_path, fs_path
-from .statedir import ensure_state_dir
+from .statedir import read_state_file, state_lock
 
 EPOCH_FILE = b"epoch"
 _LOCK_FILE = b"epoch.lock"
@@ -44,13 +42,11 @@ def read_epoch(state_dir: bytes | str) -> int:
     """The recorded epoch, 0 if none was ever recorded."""
     path = epoch_path(state_dir)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return 0
+        data = read_state_file(path, 64)
     except OSError as exc:
         raise EpochError(f"{display_path(path)}: cannot read the epoch: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(64)
+    if data is None:
+        return 0
     if not _EPOCH_RE.match(data):
         raise EpochError(
             f"{display_path(path)}: corrupt epoch file (expected a decimal number, found {data[:32]!r}); "
@@ -66,7 +62,7 @@ def read_epoch(state_dir: bytes | str) -> int:
 def bump_epoch(state_dir: bytes | str, to: int | None = None) -> int:
     """Raise the epoch by one (a takeover), or to ``to``, and return the new value, durably
     written.  ``to`` must be above the current epoch."""
-    with _locked(state_dir):
+    with state_lock(state_dir, _LOCK_FILE):
         current = read_epoch(state_dir)
         new = current + 1 if to is None else to
         if new > MAX_EPOCH:
@@ -82,7 +78,7 @@ def observe_epoch(state_dir: bytes | str, n: int) -> int:
     """Record that epoch ``n`` exists (seen from a sender); never lowers.  Returns the epoch now."""
     if not isinstance(n, int) or n < 0 or n > MAX_EPOCH:
         raise ValueError(f"invalid epoch {n!r}")
-    with _locked(state_dir):
+    with state_lock(state_dir, _LOCK_FILE):
         current = read_epoch(state_dir)
         if n > current:
             _write(state_dir, n)
@@ -92,14 +88,3 @@ def observe_epoch(state_dir: bytes | str, n: int) -> int:
 
 def _write(state_dir: bytes | str, value: int) -> None:
     atomic_write(epoch_path(state_dir), b"%d\n" % value, 0o644)
-
-
-@contextmanager
-def _locked(state_dir: bytes | str):
-    directory = ensure_state_dir(fs_path(state_dir))
-    fd = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

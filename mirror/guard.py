@@ -38,6 +38,7 @@ import xxhash
 
 from .atomicfile import atomic_write
 from .errors import SourceGuardError, UnsafePathError, display_path
+from .statedir import read_state_file
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +100,13 @@ def load(state_dir: bytes) -> TreeIdentity | None:
     guards the replica: it must not silently become a new one)."""
     path = os.path.join(state_dir, IDENTITY_FILE)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
+        data = read_state_file(path, _MAX_IDENTITY + 1)
     except OSError as exc:
         raise SourceGuardError(
             f"{display_path(path)}: cannot read the tree identity: {exc.strerror}"
         ) from None
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(_MAX_IDENTITY + 1)
+    if data is None:
+        return None
     try:
         record = json.loads(data)
         tree_id = record["tree"]

@@ -16,9 +16,11 @@ reads or writes a tree.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import stat
+from contextlib import contextmanager
 
 from .errors import MirrorError, StateDirError, display_path, fs_path
 
@@ -71,6 +73,31 @@ def ensure_state_dir(path: bytes) -> bytes:
         except OSError:
             pass  # not ours to change (another owner): the cost is one reported mtime difference
     return path
+
+
+def read_state_file(path: bytes, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes of a small state file, None if it does not exist.  It is never
+    followed through a symlink nor waited on (a FIFO planted in its place); other errors are
+    the caller's to name."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit)
+
+
+@contextmanager
+def state_lock(state_dir: bytes | str, name: bytes):
+    """Hold the advisory lock ``name`` in the state dir (made if needed): one writer of a
+    state file at a time, so a read-check-write never goes back."""
+    directory = ensure_state_dir(fs_path(state_dir))
+    fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _mark(path: bytes) -> bool:
