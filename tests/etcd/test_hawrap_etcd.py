@@ -209,6 +209,9 @@ def test_leader_cut_from_the_etcd_majority_stops_serving_before_anyone_starts(hl
         hlab.partition(leader, "blackhole")  # its ARP answers still reach the client
         new = wait_leader(hw, client, cut_at, not_from=leader)
         assert new in replicas
+        # the interface sampler's round that sees the VIP on the new leader may end after the
+        # probe that reached it: await it
+        assert wait_for(lambda: any(new in h for t, h in list(client.holding) if t > cut_at), 10)
         held_old = [t for t, h in client.holding if leader in h and t > cut_at]
         held_new = [t for t, h in client.holding if new in h and t > cut_at]
         assert held_old and held_new
