@@ -96,7 +96,7 @@ def test_leader_killed_a_replica_with_every_acknowledged_file_takes_over(hlab, s
         )
         assert not os.path.exists(os.path.join(tree(hlab, new), "never-acknowledged.bin"))
         assert not missing(tree(hlab, new), later) and not missing(tree(hlab, new), acked)
-        assert client.answering(time.monotonic() - 1) == new
+        assert wait_for(lambda: client.answering(time.monotonic() - 1) == new, 10)
         st = hw.status(leader)
         assert st and st["role"] == "replica", st
         # once the new leader's sessions reached it, it follows the new epoch like the others
@@ -183,7 +183,7 @@ def test_a_replica_that_stopped_applying_is_never_promoted_over_one_that_has_eve
         assert not missing(tree(hlab, c), acked), "the new leader lacks acknowledged files"
         time.sleep(TTL)  # a window for a wrong election to show (the client samples throughout)
         assert b not in {r.answer for r in client.probes()}, "the replica that was behind served"
-        assert client.answering(time.monotonic() - 0.5) == c
+        assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == c, 10)
         st = hw.status(b)
         assert st and st["role"] == "replica", st
     finally:
@@ -222,7 +222,7 @@ def test_leader_cut_from_the_etcd_majority_stops_serving_before_anyone_starts(hl
         hlab.heal(leader, "blackhole")
         assert wait_for(lambda: (hw.status(leader) or {}).get("leader") == new, 30), logs(hw)
         time.sleep(TTL)  # a window for a wrong re-election to show (sampled throughout)
-        assert client.answering(time.monotonic() - 0.5) == new
+        assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == new, 10)
     finally:
         client.stop()
         for node in NODES:
@@ -263,7 +263,7 @@ def test_a_replica_stopped_catches_up_and_the_other_is_not_held_back(hlab):
         assert wait_for(
             lambda: (hw.status(leader) or {}).get("mirror", {}).get("replica", {}).get("in_sync"), 30
         )
-        assert client.answering(time.monotonic() - 0.5) == leader
+        assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == leader, 10)
     finally:
         client.stop()
         for node in NODES:
@@ -291,7 +291,7 @@ def test_hawrap_stopped_or_killed_on_a_replica_leaves_no_mirror_process(hlab):
         assert hw.mirror_pids(killed), hw.leftovers(killed)
         hw.kill_hawrap(killed)
         assert wait_for(lambda: not hw.mirror_pids(killed), 10), hw.leftovers(killed)
-        assert client.answering(time.monotonic() - 0.5) == leader
+        assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == leader, 10)
     finally:
         client.stop()
         for node in NODES:
