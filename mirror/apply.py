@@ -48,18 +48,6 @@ from .statedir import check_root
 log = logging.getLogger(__name__)
 
 
-def admit(module, state_dir: bytes, *, epoch: int, dry_run: bool) -> int:
-    """Whether a session may write to ``module`` (raises if not); the replica's epoch."""
-    mine = read_epoch(state_dir)
-    if epoch < mine:
-        raise StaleEpochError(f"refused: the sender's tree epoch {epoch} is older than this replica's {mine} "
-                              "(a stale former primary must not overwrite newer data)")  # fmt: skip
-    LockWatch(module.lock_file, "on the receiver, session refused").check()
-    if module.read_only and not dry_run:
-        raise MirrorError(f"module {module.name!r} is read-only: only a dry run is allowed")
-    return mine
-
-
 def record_epoch(module, state_dir: bytes, epoch: int, mine: int, peer: str) -> int:
     """A newer sender's epoch, recorded: at most ``MAX_EPOCH_STEP`` higher per session, so
     that whoever holds the secret cannot fence the module for good with epoch 2^63-1."""
@@ -91,7 +79,13 @@ class ReplicaAdmission:
         tree; ``take_writer()`` (the one-writer lock) runs before anything is recorded.
         The replica's epoch, a newer sender's recorded."""
         check_root(self.module.path)  # its .mirror is never content: it must be hamirror's
-        mine = admit(self.module, self.state_dir, epoch=epoch, dry_run=dry_run)
+        mine = read_epoch(self.state_dir)
+        if epoch < mine:
+            raise StaleEpochError(f"refused: the sender's tree epoch {epoch} is older than this replica's {mine} "
+                                  "(a stale former primary must not overwrite newer data)")  # fmt: skip
+        LockWatch(self.module.lock_file, "on the receiver, session refused").check()
+        if self.module.read_only and not dry_run:
+            raise MirrorError(f"module {self.module.name!r} is read-only: only a dry run is allowed")
         if take_writer is not None and not dry_run:
             take_writer()
         # A deleting sender from another tree (its source unmounted, say) changes nothing here.

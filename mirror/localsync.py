@@ -1,20 +1,13 @@
 """A sync between two local trees: scan both, compare, plan, write; no protocol.
 
 Both trees are walked at once (``TreeScan.pairs_with`` drops identical directories in
-compiled code), the differences go through the planner (``mirror.plan``) and its operations
-straight to the replica writer (``mirror.apply``), which keeps every invariant a receiver
-keeps: confined paths, atomic and durable commits, the mirroring lock, the guards.
-
-A file is copied by the kernel (``copy_file_range``), read once and never hashed: there is
-no wire to verify across.  The next files (up to ``READ_AHEAD_*``) are opened and asked from
-the disk (``POSIX_FADV_WILLNEED``) before their turn, so a cold source is read while earlier
-files are copied; they are copied in the planner's order, all before links, deletions and
-directory times.  What end-to-end verification catches remotely, a source file
-that changes while it is copied, is caught here by its size, mtime and ctime before and
-after the copy, and by the number of bytes copied: such a file is never committed as if it
-were whole (it is reported; the next sync picks it up).  The mirroring locks (the source's
-and the replica's) are looked at before every file and every ``LOCK_CHECK_SECONDS`` of a
-long copy.
+compiled code); the planner's operations go straight to the replica writer
+(``mirror.apply``), which keeps every invariant a receiver keeps.  A file is copied by the
+kernel (``copy_file_range``), read once and never hashed: a source file that changes while
+it is copied is caught by its size, mtime and ctime before and after, and by the length
+copied, and never committed (``docs/ARCHITECTURE.md``, "The local invariant").  The next
+files (up to ``READ_AHEAD_*``) are opened and asked from the disk (``POSIX_FADV_WILLNEED``)
+before their turn, so a cold source is read while earlier files are copied.
 """
 
 from __future__ import annotations

@@ -1,35 +1,16 @@
 """The sending end of a sync: scan, plan, and stream changes to a receiver, pipelined.
 
-Three objects, one job each (rsync's split):
-
-- ``Sender``, the connection: the transport, the handshake, the reader thread that sorts
-  the receiver's messages, and what a lost connection means (the receiver's own error,
-  when it sent one, says more than "connection lost");
-- ``SendSession``, one session: the guards, both scans, pairing our listings with the
-  receiver's, the comparison and the planner's calls, the retry of a mismatch, the
-  session's figures;
-- ``FileEncoder``: the planner's operations as frames, a file whole or as a delta against
-  the signature the receiver sends for it.
-
-The exchange (``docs/PROTOCOL.md``):
-
-1. Both trees are scanned at once: the sender's here, the receiver's over there.  The
-   receiver streams a *summary*: per directory, a 16-byte fingerprint of exactly what the
-   comparison looks at.  A directory whose fingerprint matches the sender's is unchanged
-   and costs nothing more; only for the others is the receiver's listing asked for
-   (``want``), in batches, while the summary is still arriving.
-2. The aligned listing pairs go through the same comparison as ``mirror diff``; each
-   change becomes an operation: a whole file, a delta against the replica's copy (above
-   ``delta_threshold`` bytes, with block signatures requested in batches and the next files
-   sent while they are computed), a directory, a symlink, a node, attributes, a hard link.
-3. Hard links, deletions and directory attributes go last; a ``ping`` collects the
-   receiver's verdict on every file so far, files whose digest did not match are sent again
-   whole (once), and ``end`` asks the receiver to commit and report.
+Three objects, one job each (rsync's split): ``Sender``, the connection (the transport,
+the handshake, the reader thread that sorts the receiver's messages, and what a lost
+connection means: the receiver's own error, when it sent one, says more than "connection
+lost"); ``SendSession``, one session (a ``sourcesession.SourceSession``: pairing our
+listings with the receiver's summary, the retry of a mismatch); ``FileEncoder``, the
+planner's operations as frames, a file whole or as a delta against the receiver's
+signature.  The exchange is ``docs/PROTOCOL.md``'s.
 
 Nothing waits for a round trip per file: file data flows while listings and signatures are
-on their way.  The mirroring lock file is checked before every file and during long ones;
-if it appears, the file in flight is abandoned, the session ends cleanly and the sync
-stops with ``LockedError``.
+on their way.  If the mirroring lock appears, the file in flight is abandoned, the session
+ends cleanly and the sync stops with ``LockedError``.
 """
 
 from __future__ import annotations
@@ -60,7 +41,7 @@ from .errors import (
 from .guard import DeletionPolicy, SourceGuard
 from .lockfile import LockWatch
 from .plan import ATTRS, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op
-from .records import DELTA_THRESHOLD, SenderOptions, SendOutcome, TransferStats
+from .records import DELTA_THRESHOLD, SenderOptions, SyncResult, TransferStats
 from .safefs import ConfinedTree
 from .sourcesession import (
     CHANGED,
@@ -83,8 +64,7 @@ SIG_BATCH = 32
 FLUSH_SECONDS = 0.005
 _ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "AuthError": AuthError,
            "SourceGuardError": SourceGuardError}  # fmt: skip
-__all__ = ["DELTA_THRESHOLD", "FileEncoder", "SendSession", "Sender", "SenderOptions", "SendOutcome",
-           "TransferStats"]  # fmt: skip
+__all__ = ["DELTA_THRESHOLD", "FileEncoder", "SendSession", "Sender", "SenderOptions", "TransferStats"]
 
 
 class _Reader(threading.Thread):
@@ -192,7 +172,7 @@ def remote_error(message: list) -> MirrorError:
 
 class Sender:
     """A connection to one receiver: ``handshake()``, then ``run()`` per session (a
-    ``SendSession``), each returning a ``SendOutcome``."""
+    ``SendSession``), each returning a ``SyncResult``."""
 
     def __init__(self, src_root: bytes, transport, options: SenderOptions, *, module: str = "",
                  subpath: bytes = b"", on_change=None, on_progress=None,
@@ -240,7 +220,7 @@ class Sender:
             raise ProtocolError(f"expected {kind!r} from the receiver, got {message[0]!r}")
         return message[1]
 
-    def run(self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None) -> SendOutcome:
+    def run(self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None) -> SyncResult:
         """One session: make the receiver's tree (or the part in ``scope``) equal ours.
 
         ``scope`` (a ``treescan.Scope``) limits both scans, for the live daemon; ``renames``
@@ -302,7 +282,7 @@ class SendSession(SourceSession):
         self._pings = 0
         self._retried: set[bytes] = set()
 
-    def run(self, tree: TreeScan | None, epoch: int, renames, journal: dict | None = None) -> SendOutcome:
+    def run(self, tree: TreeScan | None, epoch: int, renames, journal: dict | None = None) -> SyncResult:
         sent_before, received_before = self.t.bytes_sent, self.t.bytes_received
         o = self.o
         try:

@@ -20,7 +20,7 @@ from .entry import Entry
 from .errors import UnsafePathError
 from .lockfile import LockWatch
 from .plan import Planner, source_dir_entry
-from .records import SendOutcome
+from .records import SyncResult
 from .renames import plan as plan_renames
 from .safefs import ConfinedTree, settled_stat
 from .treescan import Scope, source_scan, stop_scans
@@ -39,7 +39,7 @@ class SourceSession:
         self.guard = guard
         self.on_change = on_change
         self.started = time.perf_counter()
-        self.out = SendOutcome()
+        self.out = SyncResult(dry_run=options.dry_run)
         self.lock = LockWatch(options.lock_file, "present", cancel=options.cancel)
         self.src_tree: ConfinedTree | None = None
         self.scans: list = []
@@ -141,7 +141,7 @@ class SourceSession:
     def links_done(self) -> None:
         pass
 
-    def finish(self, replica_result: dict, failed) -> SendOutcome:
+    def finish(self, replica_result: dict, failed) -> SyncResult:
         """The outcome, with the replica's report and the files it could not take."""
         self.out.receiver = replica_result
         self.out.failed.extend(failed)

@@ -223,11 +223,8 @@ class Connection:
 
             epoch = read_epoch(resolve_state_dir(self.src, self.options.state_dir))
         if self.local is not None:
-            outcome = self.local.session(epoch, scope=scope, renames=renames)
-        else:
-            outcome = self.sender.run(self.welcome, epoch, scope=scope, renames=renames, journal=journal)
-        return SyncResult(changes=outcome.changes, failed=outcome.failed, problems=outcome.problems,
-                          stats=outcome.stats, receiver=outcome.receiver, dry_run=self.options.dry_run)  # fmt: skip
+            return self.local.session(epoch, scope=scope, renames=renames)
+        return self.sender.run(self.welcome, epoch, scope=scope, renames=renames, journal=journal)
 
     def close(self) -> None:
         if self.local is not None:
