@@ -74,9 +74,7 @@ class LocalSync:
 
                 apply_renames(dst_tree, [tuple(item) for item in planned])
             if run.scans[1] is None:
-                run.scans[1] = replica_scan(
-                    self.module.path, excludes=o.excludes, checksum=o.checksum, scope=scope
-                )
+                run.scans[1] = replica_scan(self.module.path, o, scope)
             owner = os.geteuid() == 0
             keep = make_excluder(o.excludes)
             writer = run.writer = ReplicaWriter(dst_tree, privileges=self.module.privileges,

@@ -189,18 +189,16 @@ class Receiver:
                 self._timeout(self._session_timeout)
                 self._session(message)
                 self.sessions += 1
-        except MirrorError as exc:
-            self._send_error(exc)
-            raise
-        except OSError as exc:
-            # A set-up or disk error that ends the session: the sender hears why.
-            error = MirrorError(f"receiver: {exc}")
-            self._send_error(error)
-            raise error from exc
         except Exception as exc:
-            log.exception("receiver for %s: internal error", self.peer)
-            error = ProtocolError(f"receiver internal error: {type(exc).__name__}: {exc}")
-            self._send_error(error)
+            error = exc
+            if isinstance(exc, OSError):  # a set-up or disk error that ends the session
+                error = MirrorError(f"receiver: {exc}")
+            elif not isinstance(exc, MirrorError):
+                log.exception("receiver for %s: internal error", self.peer)
+                error = ProtocolError(f"receiver internal error: {type(exc).__name__}: {exc}")
+            _send_error(self.t, type(error).__name__, error.exit_code, str(error))  # the sender hears why
+            if error is exc:
+                raise
             raise error from exc
         finally:
             if self._writer is not None:  # first: the next writer may be waiting for it
@@ -213,9 +211,6 @@ class Receiver:
     def _timeout(self, seconds: float | None) -> None:
         if self._set_timeout is not None:
             self._set_timeout(seconds)
-
-    def _send_error(self, exc: MirrorError) -> None:
-        _send_error(self.t, type(exc).__name__, exc.exit_code, str(exc))
 
     def _handshake(self) -> None:
         if hasattr(self.t, "max_frame"):

@@ -69,14 +69,7 @@ class SourceSession:
             if moved_dirs and scope is not None:
                 scope = Scope(scope.entries, scope.trees | moved_dirs)
         if self.scans[0] is None:
-            self.scans[0] = source_scan(
-                self.root,
-                excludes=o.excludes,
-                checksum=o.checksum,
-                state_dir=o.state_dir,
-                dry_run=o.dry_run,
-                scope=scope,
-            )
+            self.scans[0] = source_scan(self.root, o, scope)
         return tree_id, planned, scope
 
     def close(self) -> None:

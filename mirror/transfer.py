@@ -251,12 +251,8 @@ def _start_scans(src: bytes, local_dst: bytes | None, options):
     """The source's scan, and a local destination's (a remote receiver scans its own)."""
     src_scan = None
     try:
-        src_scan = source_scan(src, excludes=options.excludes, checksum=options.checksum,
-                               state_dir=options.state_dir, dry_run=options.dry_run)  # fmt: skip
-        dst_scan = None
-        if local_dst is not None:
-            dst_scan = replica_scan(local_dst, excludes=options.excludes, checksum=options.checksum)
-        return src_scan, dst_scan
+        src_scan = source_scan(src, options)
+        return src_scan, replica_scan(local_dst, options) if local_dst is not None else None
     except BaseException:
         stop_scans((src_scan,))
         raise
