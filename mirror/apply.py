@@ -99,6 +99,13 @@ class ReplicaAdmission:
         self._cleaned = self._cleaned or clean
         return tree
 
+    def writer(self, tree: ConfinedTree, excluder, **options) -> ReplicaWriter:
+        """A session's writer on ``tree``, under the module's privileges and lock file; the
+        entries ``excluder`` excludes are spared by deletions."""
+        lock = LockWatch(self.module.lock_file, "appeared on the receiver")
+        keep = excluder.excluded if excluder is not None else None
+        return ReplicaWriter(tree, privileges=self.module.privileges, lock=lock, keep=keep, **options)
+
     def reserved_in(self, root: bytes) -> bytes | None:
         """``module.reserved_in(root)``, worked out once per connection: it resolves both
         paths (an lstat per component), which a live session's latency should not pay."""

@@ -76,12 +76,11 @@ class LocalSync:
             if run.scans[1] is None:
                 run.scans[1] = replica_scan(self.module.path, o, scope)
             owner = os.geteuid() == 0
-            keep = make_excluder(o.excludes)
-            writer = run.writer = ReplicaWriter(dst_tree, privileges=self.module.privileges,
-                                                lock=LockWatch(self.module.lock_file, "appeared on the receiver"),
-                                                owner=owner, sync_writes=o.fsync, dry_run=o.dry_run,
-                                                policy=DeletionPolicy(o.max_delete, o.allow_mass_delete),
-                                                keep=keep.excluded if keep is not None else None)  # fmt: skip
+            policy = DeletionPolicy(o.max_delete, o.allow_mass_delete)
+            excluder = make_excluder(o.excludes)
+            writer = run.writer = self._replica.writer(
+                dst_tree, excluder, owner=owner, sync_writes=o.fsync, dry_run=o.dry_run, policy=policy
+            )
             try:
                 run.plan(CompareOptions(checksum=o.checksum, owner=owner), planned, owner)
             finally:

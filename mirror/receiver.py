@@ -29,7 +29,7 @@ import xxhash
 from . import fastpath
 from . import protocol as P
 from .applied import MAX_TOKEN, Applied, read_applied, record_applied
-from .apply import LockWatch, ReplicaAdmission, ReplicaWriter
+from .apply import ReplicaAdmission
 from .entry import Kind
 from .epoch import read_epoch
 from .errors import MirrorError, ProtocolError, UnsafePathError, display_path, failure_reason, fs_path
@@ -166,7 +166,7 @@ class Receiver:
         # (set_timeout, seconds): how long the peer may stay silent in a session; none between
         # sessions (a live daemon's connection idles), none at all for in-process transports.
         self._set_timeout, self._session_timeout = timeouts if timeouts else (None, None)
-        self._replica: ReplicaAdmission | None = None  # set by the handshake
+        self.replica: ReplicaAdmission | None = None  # set by the handshake
         self._keepalive: _Keepalive | None = None
 
     # -- connection ------------------------------------------------------------------------
@@ -230,7 +230,7 @@ class Receiver:
             raise ProtocolError(f"unknown module {name!r}")
         client_nonce = P.want_bytes(info.get("nonce"), "nonce", P.NONCE_SIZE)
         self.module = module
-        self._replica = ReplicaAdmission(module, self.peer)
+        self.replica = ReplicaAdmission(module, self.peer)
         self.can_chown = self.can_chown and self.module.privileges.owners
         # Checked as a path of the tree (never into the state dir) when a session opens it.
         self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
@@ -272,14 +272,14 @@ class Receiver:
         epoch = P.want_int(opts.get("epoch", 0), "epoch")
         tree_id, policy = session_guard(opts)
         keepalive = _keepalive_interval(opts.get("keepalive"))
-        mine = self._replica.admit(epoch, tree_id, deleting=bool(opts.get("delete")), allow=policy.allow_mass_delete,
+        mine = self.replica.admit(epoch, tree_id, deleting=bool(opts.get("delete")), allow=policy.allow_mass_delete,
                                    dry_run=dry_run, take_writer=self._take_writer)  # fmt: skip
         covers = _covers(opts, epoch, mine, scoped=opts.get("scope") is not None)
         root = fs_path(self.module.path)
         if self.subpath:
             root = self._ensure_subpath(root, dry_run)
         try:
-            tree = self._replica.open_tree(root, dry_run)
+            tree = self.replica.open_tree(root, dry_run)
         except OSError as exc:
             raise MirrorError(f"receiver cannot open its tree: {exc}") from None
         if keepalive is not None:
@@ -297,7 +297,7 @@ class Receiver:
                 self._keepalive.end()  # nothing may follow the result
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
-        tree = ConfinedTree(root, reserved=self._replica.reserved_in(root))
+        tree = ConfinedTree(root, reserved=self.replica.reserved_in(root))
         try:
             parts = tree.parts(self.subpath)
             for i in range(1, len(parts) + 1):
@@ -333,13 +333,15 @@ class ReceiverSession:
                 tree.parts(path)
         self.state_dir = receiver.module.resolved_state_dir
         self.renames = parse_renames(opts.get("renames", [])) if not dry_run else []
-        module = receiver.module
-        self.writer = ReplicaWriter(
-            tree, privileges=module.privileges, lock=LockWatch(module.lock_file, "appeared on the receiver"),
-            owner=bool(opts.get("owner")) and receiver.can_chown, sync_writes=not opts.get("no_fsync", False),
-            dry_run=dry_run, policy=policy, keep=self.excluder.excluded if self.excluder is not None else None,
+        self.writer = receiver.replica.writer(
+            tree,
+            self.excluder,
+            owner=bool(opts.get("owner")) and receiver.can_chown,
+            sync_writes=not opts.get("no_fsync", False),
+            dry_run=dry_run,
+            policy=policy,
             failed=self._failed,
-        )  # fmt: skip
+        )
         self.listings: dict[bytes, object] = {}
         self.incoming: _Incoming | None = None
         # (Applied, base): what the session covers of the sender's journal if it completes
