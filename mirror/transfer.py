@@ -94,9 +94,6 @@ class Connection:
         src,
         dst,
         *,
-        delete: bool = False,
-        checksum: bool = False,
-        dry_run: bool = False,
         excludes=(),
         secret: bytes | None = None,
         secret_file: str | None = None,
@@ -108,17 +105,16 @@ class Connection:
         remote_command: str = "mirror",
         remote_options=(),
         delta_threshold: int | None = None,
-        fsync: bool = True,
         epoch: int | None = None,
         on_change=None,
         on_progress=None,
-        cancel=None,
-        keep_changes: bool = True,
-        max_delete: int | None = None,
-        allow_mass_delete: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
         contimeout: float | None = DEFAULT_CONTIMEOUT,
+        **options,
     ):
+        """``options``: the fields of ``records.SenderOptions`` passed as they are (``delete``,
+        ``checksum``, ``dry_run``, ``fsync``, ``cancel``, ``keep_changes``, ``max_delete``,
+        ``allow_mass_delete``); the others are checked or converted here."""
         self.src = fs_path(src)
         if not os.path.isdir(self.src):
             raise UsageError(f"source {self.src.decode(errors='replace')!r} is not a directory")
@@ -135,11 +131,9 @@ class Connection:
         # (a long commit, deletions), so only a stopped, hung or vanished one times out.
         keepalive = timeout / 3 if timeout and self.dest.kind != "local" else None
         self.options = SenderOptions(
-            delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
-            lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
-            fsync=fsync, secret=secret, cancel=cancel, keep_changes=keep_changes, max_delete=max_delete,
-            allow_mass_delete=allow_mass_delete, keepalive=keepalive,
-            **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
+            excludes=tuple(fs_path(p) for p in excludes), lock_file=fs_path(lock_file) if lock_file else None,
+            state_dir=fs_path(state_dir) if state_dir else None, secret=secret, keepalive=keepalive,
+            **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}), **options,
         )  # fmt: skip
         self.epoch = epoch
         self._dst_lock_file = fs_path(dst_lock_file) if dst_lock_file else None
