@@ -50,7 +50,6 @@ LISTING_PART = 32768  # entries per listing message (a larger directory is sent 
 MAX_EXCLUDES = 1000
 MAX_PATTERN = 1024
 SIGNATURE_PART = 4 << 20
-HAS_LINKS, INCOMPLETE = P.HAS_LINKS, P.INCOMPLETE
 # What may come between a file's 'file' and its end: its content, and the requests for
 # listings that the sender's pairing thread sends meanwhile.
 _WITHIN_A_FILE = frozenset({P.DATA, P.COPY, P.FILE_END, P.FILE_ABORT, P.WANT})
@@ -460,7 +459,7 @@ class ReceiverSession:
             batch = []
             for listing in tree_scan:
                 self.listings[listing.path] = listing
-                flags = (HAS_LINKS if listing.has_links() else 0) | (0 if listing.complete else INCOMPLETE)
+                flags = (P.HAS_LINKS if listing.has_links() else 0) | (0 if listing.complete else P.INCOMPLETE)
                 batch.append([listing.path, listing.fingerprint(self.flags), flags])
                 if len(batch) >= SUMMARY_BATCH:
                     self._send_summary_batch(batch, eager)

@@ -16,10 +16,10 @@ import stat
 import time
 
 from .compare import CompareSummary, compare_pairs, root_entry
-from .entry import Entry
+from .entry import Entry, entry_from_stat
 from .errors import UnsafePathError
 from .lockfile import LockWatch
-from .plan import Planner, source_dir_entry
+from .plan import Planner
 from .records import SyncResult
 from .renames import plan as plan_renames
 from .safefs import ConfinedTree, settled_stat
@@ -47,7 +47,7 @@ class SourceSession:
             delete=options.delete,
             dry_run=options.dry_run,
             delta_threshold=delta_threshold,
-            dir_entry=lambda path: source_dir_entry(self.src_tree, path),
+            dir_entry=self._dir_entry,
         )
 
     def open(self, scans, scope, renames):
@@ -76,6 +76,15 @@ class SourceSession:
         if self.src_tree is not None:
             self.src_tree.close()
         stop_scans(self.scans)
+
+    def _dir_entry(self, path: bytes) -> Entry | None:
+        """The source directory at ``path`` when no listing showed it (a live session's
+        partial listing); None if it is not a directory there now."""
+        try:
+            st = os.stat(self.src_tree.dir_fd(self.src_tree.parts(path) if path else []))
+        except (OSError, UnsafePathError):
+            return None
+        return entry_from_stat(os.path.basename(path), st, b"") if stat.S_ISDIR(st.st_mode) else None
 
     def plan_root(self, replica_attrs, owner: bool) -> None:
         """The source root's entry to the planner; ``replica_attrs``: the replica root's
