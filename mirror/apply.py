@@ -93,6 +93,8 @@ class ReplicaAdmission:
         return mine if dry_run else record_epoch(self.module, self.state_dir, epoch, mine, self.peer)
 
     def open_tree(self, root: bytes, dry_run: bool) -> ConfinedTree:
+        # Leftover temporary files (a crashed writer's) are removed once the writer lock is
+        # ours; a dry run has no temporary files and touches nothing.
         clean = not dry_run and not self._cleaned
         temp_dir = None if dry_run else os.path.join(self.state_dir, b"tmp")
         tree = ConfinedTree(root, temp_dir=temp_dir, clean=clean, reserved=self.reserved_in(root))
