@@ -17,13 +17,14 @@ what keeps the replica whole, whoever asks:
   deletions and directory times once all content is in place;
 - the deletion guard (``mirror.guard``): all the session's deletions, or none.
 
-``admit`` is the session's door (epoch, lock, read-only module), ``record_epoch`` what a
-newer sender leaves behind.
+``ReplicaAdmission`` is a session's door (epoch, lock, read-only module, replica guard),
+for a receiver and a local sync alike; ``record_epoch`` what a newer sender leaves behind.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import stat
 
 from .commits import Batches, DirSyncs
@@ -37,22 +38,14 @@ from .errors import (
     UnsafePathError,
     display_path,
     failure_reason,
+    fs_path,
 )
-from .guard import review_deletions
+from .guard import ReplicaGuard, review_deletions
 from .lockfile import LockWatch
+from .safefs import ConfinedTree
+from .statedir import check_root
 
 log = logging.getLogger(__name__)
-
-def admit(module, state_dir: bytes, *, epoch: int, dry_run: bool) -> int:
-    """Whether a session may write to ``module`` (raises if not); the replica's epoch."""
-    mine = read_epoch(state_dir)
-    if epoch < mine:
-        raise StaleEpochError(f"refused: the sender's tree epoch {epoch} is older than this replica's {mine} "
-                              "(a stale former primary must not overwrite newer data)")  # fmt: skip
-    LockWatch(module.lock_file, "on the receiver, session refused").check()
-    if module.read_only and not dry_run:
-        raise MirrorError(f"module {module.name!r} is read-only: only a dry run is allowed")
-    return mine
 
 
 def record_epoch(module, state_dir: bytes, epoch: int, mine: int, peer: str) -> int:
@@ -64,6 +57,63 @@ def record_epoch(module, state_dir: bytes, epoch: int, mine: int, peer: str) -> 
     log.warning("%s: epoch raised from %d to %d by %s%s", module.name or display_path(module.path), mine, recorded,
                 peer, f" (it shows {epoch}; at most +{MAX_EPOCH_STEP} per session)" if recorded < epoch else "")  # fmt: skip
     return observe_epoch(state_dir, recorded)
+
+
+class ReplicaAdmission:
+    """The way into one module's replica for a connection's sessions (a receiver's or a
+    local sync's): ``admit`` each session, then ``open_tree``; a crashed writer's leftover
+    temporary files are removed by the first session that writes."""
+
+    def __init__(self, module, peer: str):
+        self.module = module
+        self.peer = peer
+        self.state_dir = module.resolved_state_dir
+        self.guard = ReplicaGuard(fs_path(module.path), self.state_dir)
+        self._cleaned = False
+        self._reserved: dict[bytes, bytes | None] = {}
+
+    def admit(
+        self, epoch: int, tree_id, *, deleting: bool, allow: bool, dry_run: bool, take_writer=None
+    ) -> int:
+        """Refuse a stale epoch, a locked or read-only module, a deleting sender from another
+        tree; ``take_writer()`` (the one-writer lock) runs before anything is recorded.
+        The replica's epoch, a newer sender's recorded."""
+        check_root(self.module.path)  # its .mirror is never content: it must be hamirror's
+        mine = read_epoch(self.state_dir)
+        if epoch < mine:
+            raise StaleEpochError(f"refused: the sender's tree epoch {epoch} is older than this replica's {mine} "
+                                  "(a stale former primary must not overwrite newer data)")  # fmt: skip
+        LockWatch(self.module.lock_file, "on the receiver, session refused").check()
+        if self.module.read_only and not dry_run:
+            raise MirrorError(f"module {self.module.name!r} is read-only: only a dry run is allowed")
+        if take_writer is not None and not dry_run:
+            take_writer()
+        # A deleting sender from another tree (its source unmounted, say) changes nothing here.
+        self.guard.admit(tree_id, deleting=deleting, allow=allow, dry_run=dry_run, peer=self.peer)
+        return mine if dry_run else record_epoch(self.module, self.state_dir, epoch, mine, self.peer)
+
+    def open_tree(self, root: bytes, dry_run: bool) -> ConfinedTree:
+        # Leftover temporary files (a crashed writer's) are removed once the writer lock is
+        # ours; a dry run has no temporary files and touches nothing.
+        clean = not dry_run and not self._cleaned
+        temp_dir = None if dry_run else os.path.join(self.state_dir, b"tmp")
+        tree = ConfinedTree(root, temp_dir=temp_dir, clean=clean, reserved=self.reserved_in(root))
+        self._cleaned = self._cleaned or clean
+        return tree
+
+    def writer(self, tree: ConfinedTree, excluder, **options) -> ReplicaWriter:
+        """A session's writer on ``tree``, under the module's privileges and lock file; the
+        entries ``excluder`` excludes are spared by deletions."""
+        lock = LockWatch(self.module.lock_file, "appeared on the receiver")
+        keep = excluder.excluded if excluder is not None else None
+        return ReplicaWriter(tree, privileges=self.module.privileges, lock=lock, keep=keep, **options)
+
+    def reserved_in(self, root: bytes) -> bytes | None:
+        """``module.reserved_in(root)``, worked out once per connection: it resolves both
+        paths (an lstat per component), which a live session's latency should not pay."""
+        if root not in self._reserved:
+            self._reserved[root] = self.module.reserved_in(root)
+        return self._reserved[root]
 
 
 class ReplicaWriter:

@@ -19,14 +19,11 @@ operations out in the order given, locally or after a trip over the wire.
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Callable
 from typing import NamedTuple
 
 from .compare import ADDED, CONTENT, HARDLINK, METADATA, REMOVED, TARGET, TYPE, Difference
-from .entry import Entry, Kind, canonical_key, entry_from_stat, join
-from .errors import UnsafePathError
+from .entry import Entry, Kind, canonical_key, join
 
 WHOLE, DELTA, MKDIR, SYMLINK, SPECIAL, LINK, ATTRS, DELETE = (
     "whole", "delta", "mkdir", "symlink", "special", "link", "attrs", "delete",
@@ -163,13 +160,3 @@ class Planner:
             entry = self._dir_entry(parent)
         if entry is not None:
             self._touched[parent] = entry
-
-
-def source_dir_entry(tree, path: bytes) -> Entry | None:
-    """The source directory at ``path`` in ``tree`` (a ``ConfinedTree``), for a planner's
-    ``dir_entry`` when no listing showed it; None if it is not a directory there now."""
-    try:
-        st = os.stat(tree.dir_fd(tree.parts(path) if path else []))
-    except (OSError, UnsafePathError):
-        return None
-    return entry_from_stat(os.path.basename(path), st, b"") if stat.S_ISDIR(st.st_mode) else None

@@ -29,17 +29,17 @@ import xxhash
 from . import fastpath
 from . import protocol as P
 from .applied import MAX_TOKEN, Applied, read_applied, record_applied
-from .apply import LockWatch, ReplicaWriter, admit, record_epoch
+from .apply import ReplicaAdmission
 from .entry import Kind
 from .epoch import read_epoch
 from .errors import MirrorError, ProtocolError, UnsafePathError, display_path, failure_reason, fs_path
 from .exclude import make_excluder
-from .guard import ReplicaGuard, session_guard
+from .guard import session_guard
 from .privileges import Privileges
 from .renames import apply as apply_renames
 from .renames import parse as parse_renames
 from .safefs import ConfinedTree
-from .statedir import check_root, resolve_state_dir
+from .statedir import resolve_state_dir
 from .treescan import Scope, TreeScan
 from .writerlock import WriterLock
 
@@ -50,7 +50,6 @@ LISTING_PART = 32768  # entries per listing message (a larger directory is sent 
 MAX_EXCLUDES = 1000
 MAX_PATTERN = 1024
 SIGNATURE_PART = 4 << 20
-HAS_LINKS, INCOMPLETE = P.HAS_LINKS, P.INCOMPLETE
 # What may come between a file's 'file' and its end: its content, and the requests for
 # listings that the sender's pairing thread sends meanwhile.
 _WITHIN_A_FILE = frozenset({P.DATA, P.COPY, P.FILE_END, P.FILE_ABORT, P.WANT})
@@ -166,10 +165,8 @@ class Receiver:
         # (set_timeout, seconds): how long the peer may stay silent in a session; none between
         # sessions (a live daemon's connection idles), none at all for in-process transports.
         self._set_timeout, self._session_timeout = timeouts if timeouts else (None, None)
-        self._cleaned = False
-        self._guard: ReplicaGuard | None = None
+        self.replica: ReplicaAdmission | None = None  # set by the handshake
         self._keepalive: _Keepalive | None = None
-        self._reserved: dict[bytes, bytes | None] = {}  # root -> the state dir inside it, if any
 
     # -- connection ------------------------------------------------------------------------
 
@@ -191,18 +188,16 @@ class Receiver:
                 self._timeout(self._session_timeout)
                 self._session(message)
                 self.sessions += 1
-        except MirrorError as exc:
-            self._send_error(exc)
-            raise
-        except OSError as exc:
-            # A set-up or disk error that ends the session: the sender hears why.
-            error = MirrorError(f"receiver: {exc}")
-            self._send_error(error)
-            raise error from exc
         except Exception as exc:
-            log.exception("receiver for %s: internal error", self.peer)
-            error = ProtocolError(f"receiver internal error: {type(exc).__name__}: {exc}")
-            self._send_error(error)
+            error = exc
+            if isinstance(exc, OSError):  # a set-up or disk error that ends the session
+                error = MirrorError(f"receiver: {exc}")
+            elif not isinstance(exc, MirrorError):
+                log.exception("receiver for %s: internal error", self.peer)
+                error = ProtocolError(f"receiver internal error: {type(exc).__name__}: {exc}")
+            _send_error(self.t, type(error).__name__, error.exit_code, str(error))  # the sender hears why
+            if error is exc:
+                raise
             raise error from exc
         finally:
             if self._writer is not None:  # first: the next writer may be waiting for it
@@ -215,9 +210,6 @@ class Receiver:
     def _timeout(self, seconds: float | None) -> None:
         if self._set_timeout is not None:
             self._set_timeout(seconds)
-
-    def _send_error(self, exc: MirrorError) -> None:
-        _send_error(self.t, type(exc).__name__, exc.exit_code, str(exc))
 
     def _handshake(self) -> None:
         if hasattr(self.t, "max_frame"):
@@ -237,6 +229,7 @@ class Receiver:
             raise ProtocolError(f"unknown module {name!r}")
         client_nonce = P.want_bytes(info.get("nonce"), "nonce", P.NONCE_SIZE)
         self.module = module
+        self.replica = ReplicaAdmission(module, self.peer)
         self.can_chown = self.can_chown and self.module.privileges.owners
         # Checked as a path of the tree (never into the state dir) when a session opens it.
         self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
@@ -262,50 +255,32 @@ class Receiver:
             "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE,
         }])  # fmt: skip
 
-    def _reserved_in(self, root: bytes) -> bytes | None:
-        """``module.reserved_in(root)``, worked out once per connection: it resolves both
-        paths (an lstat per component), which a live session's latency should not pay."""
-        if root not in self._reserved:
-            self._reserved[root] = self.module.reserved_in(root)
-        return self._reserved[root]
+    def _take_writer(self) -> None:
+        if self._writer is None:
+            # Held for the rest of the connection: the live daemon's sessions follow one
+            # another on one connection, and it stays the module's one writer meanwhile.
+            where = f"module {self.module.name!r}"
+            self._writer = WriterLock.take(self.module.resolved_state_dir, self.peer, where)
 
     # -- session ---------------------------------------------------------------------------
 
     def _session(self, start: list) -> None:
         P.want_len(start, 2)
         opts = start[1] if isinstance(start[1], dict) else {}
-        module = self.module
-        state_dir = module.resolved_state_dir
-        check_root(module.path)  # its .mirror is never content: it must be hamirror's, not hidden user files
         dry_run = bool(opts.get("dry_run"))
         epoch = P.want_int(opts.get("epoch", 0), "epoch")
-        mine = admit(module, state_dir, epoch=epoch, dry_run=dry_run)
         tree_id, policy = session_guard(opts)
         keepalive = _keepalive_interval(opts.get("keepalive"))
-        if not dry_run and self._writer is None:
-            # Held for the rest of the connection: the live daemon's sessions follow one
-            # another on one connection, and it stays the module's one writer meanwhile.
-            self._writer = WriterLock.take(state_dir, self.peer, f"module {module.name!r}")
-        if self._guard is None:
-            self._guard = ReplicaGuard(fs_path(module.path), state_dir)
-        # A deleting sender from another tree (its source unmounted, say) changes nothing here.
-        self._guard.admit(tree_id, deleting=bool(opts.get("delete")), allow=policy.allow_mass_delete,
-                          dry_run=dry_run, peer=self.peer)  # fmt: skip
-        if not dry_run:
-            mine = record_epoch(module, state_dir, epoch, mine, self.peer)
+        mine = self.replica.admit(epoch, tree_id, deleting=bool(opts.get("delete")), allow=policy.allow_mass_delete,
+                                   dry_run=dry_run, take_writer=self._take_writer)  # fmt: skip
         covers = _covers(opts, epoch, mine, scoped=opts.get("scope") is not None)
-        root = fs_path(module.path)
+        root = fs_path(self.module.path)
         if self.subpath:
             root = self._ensure_subpath(root, dry_run)
-        # Leftover temporary files (a crashed writer's) are removed once the writer lock is
-        # ours; a dry run has no temporary files and touches nothing.
-        clean = not dry_run and not self._cleaned
         try:
-            tree = ConfinedTree(root, temp_dir=None if dry_run else os.path.join(state_dir, b"tmp"), clean=clean,
-                                reserved=self._reserved_in(root))  # fmt: skip
+            tree = self.replica.open_tree(root, dry_run)
         except OSError as exc:
             raise MirrorError(f"receiver cannot open its tree: {exc}") from None
-        self._cleaned = self._cleaned or clean
         if keepalive is not None:
             if self._keepalive is None:
                 self._keepalive = _Keepalive(self.t)
@@ -321,7 +296,7 @@ class Receiver:
                 self._keepalive.end()  # nothing may follow the result
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
-        tree = ConfinedTree(root, reserved=self._reserved_in(root))
+        tree = ConfinedTree(root, reserved=self.replica.reserved_in(root))
         try:
             parts = tree.parts(self.subpath)
             for i in range(1, len(parts) + 1):
@@ -357,13 +332,15 @@ class ReceiverSession:
                 tree.parts(path)
         self.state_dir = receiver.module.resolved_state_dir
         self.renames = parse_renames(opts.get("renames", [])) if not dry_run else []
-        module = receiver.module
-        self.writer = ReplicaWriter(
-            tree, privileges=module.privileges, lock=LockWatch(module.lock_file, "appeared on the receiver"),
-            owner=bool(opts.get("owner")) and receiver.can_chown, sync_writes=not opts.get("no_fsync", False),
-            dry_run=dry_run, policy=policy, keep=self.excluder.excluded if self.excluder is not None else None,
+        self.writer = receiver.replica.writer(
+            tree,
+            self.excluder,
+            owner=bool(opts.get("owner")) and receiver.can_chown,
+            sync_writes=not opts.get("no_fsync", False),
+            dry_run=dry_run,
+            policy=policy,
             failed=self._failed,
-        )  # fmt: skip
+        )
         self.listings: dict[bytes, object] = {}
         self.incoming: _Incoming | None = None
         # (Applied, base): what the session covers of the sender's journal if it completes
@@ -371,13 +348,24 @@ class ReceiverSession:
         self.covers: tuple[Applied, int | None] | None = None
         self.reports_applied = False
         self._scan_problems = False
+        writer = self.writer
+        # Each frame's fields, checked (protocol.checked), to the method that handles them.
         self.handlers = {
-            P.WANT: self._send_listings, P.SIG: self._on_sig, P.FILE: self._on_file, P.DATA: self._on_data,
-            P.COPY: self._on_copy, P.FILE_END: self._on_file_end, P.FILE_ABORT: self._on_file_abort,
-            P.MKDIR: self.writer.mkdir, P.SYMLINK: self._on_symlink, P.NODE: self._on_node,
-            P.HARDLINK: self.writer.link, P.ATTRS: self._on_attrs, P.DELETE: self.writer.delete,
+            P.WANT: self._send_listings,
+            P.SIG: self._on_sig,
+            P.FILE: self._on_file,
+            P.DATA: lambda req, data: self._content(req, (1, data)),
+            P.COPY: lambda req, first, count: self._content(req, (0, first, count)),
+            P.FILE_END: self._on_file_end,
+            P.FILE_ABORT: self._on_file_abort,
+            P.MKDIR: writer.mkdir,
+            P.SYMLINK: lambda path, target, attrs: writer.special(path, Kind.SYMLINK, attrs, target=target),
+            P.NODE: lambda path, kind, rdev, attrs: writer.special(path, kind, attrs, rdev=rdev),
+            P.HARDLINK: writer.link,
+            P.ATTRS: writer.set_attrs,
+            P.DELETE: writer.delete,
             P.PING: lambda token: self.t.send([P.PONG, token]),
-        }  # fmt: skip
+        }
 
     def run(self) -> None:
         # The live daemon saw these renames on the source: done here first, where the
@@ -471,7 +459,7 @@ class ReceiverSession:
             batch = []
             for listing in tree_scan:
                 self.listings[listing.path] = listing
-                flags = (HAS_LINKS if listing.has_links() else 0) | (0 if listing.complete else INCOMPLETE)
+                flags = (P.HAS_LINKS if listing.has_links() else 0) | (0 if listing.complete else P.INCOMPLETE)
                 batch.append([listing.path, listing.fingerprint(self.flags), flags])
                 if len(batch) >= SUMMARY_BATCH:
                     self._send_summary_batch(batch, eager)
@@ -555,12 +543,6 @@ class ReceiverSession:
             raise ProtocolError("file data for a file that was not started")
         return incoming
 
-    def _on_data(self, req: int, data: bytes) -> None:
-        self._content(req, (1, data))
-
-    def _on_copy(self, req: int, first: int, count: int) -> None:
-        self._content(req, (0, first, count))
-
     def _content(self, req: int, op: tuple) -> None:
         """A literal (``(1, data)``) or a copy of basis blocks (``(0, first, count)``)."""
         incoming = self._current(req)
@@ -611,17 +593,6 @@ class ReceiverSession:
             self.writer.fail(incoming.req, incoming.path, failed)
             return
         self.writer.commit_file(incoming.commit, incoming.attrs, size, req)
-
-    # -- other entries ---------------------------------------------------------------------
-
-    def _on_symlink(self, path: bytes, target: bytes, attrs: list) -> None:
-        self.writer.special(path, Kind.SYMLINK, attrs, target=target)
-
-    def _on_node(self, path: bytes, kind: int, rdev: int, attrs: list) -> None:
-        self.writer.special(path, kind, attrs, rdev=rdev)
-
-    def _on_attrs(self, path: bytes, kind: int, attrs: list) -> None:
-        self.writer.set_attrs(path, kind, attrs)
 
 
 def _covers(opts: dict, epoch: int, mine: int, scoped: bool) -> tuple[Applied, int | None] | None:

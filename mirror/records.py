@@ -67,33 +67,23 @@ class TransferStats:
         return self.size_of_sent_files / self.wire_sent if self.wire_sent else 0.0
 
 
-class SendOutcome:
-    """A session's changes, failures, scan problems, transfer figures and the replica's report."""
+class SyncResult:
+    """What a sync did: its changes, failures, scan problems, transfer figures and the
+    replica's report.  ``exit_code``: 0 done, 1 partial (see ``failed``/``problems``), 25
+    deletions refused (see ``deletions_refused``)."""
 
-    __slots__ = ("changes", "failed", "problems", "stats", "receiver")
-
-    def __init__(self):
+    def __init__(self, dry_run: bool = False):
         self.changes: list = []
         self.failed: list[tuple[bytes, str]] = []
         self.problems: list = []
         self.stats = TransferStats()
         self.receiver: dict = {}
-
-
-class SyncResult:
-    """What a sync did.  ``exit_code``: 0 done, 1 partial (see ``failed``/``problems``), 25
-    deletions refused (see ``deletions_refused``)."""
-
-    def __init__(self, changes=None, failed=None, problems=None, stats: TransferStats | None = None,
-                 receiver: dict | None = None, dry_run: bool = False):  # fmt: skip
-        self.changes: list = changes if changes is not None else []
-        # Why the replica's deletion guard did not delete (mirror.guard); None: it did, or none were asked.
-        self.deletions_refused: str | None = (receiver or {}).get("deletions_refused") or None
-        self.failed: list[tuple[bytes, str]] = failed if failed is not None else []
-        self.problems: list = problems if problems is not None else []
-        self.stats: TransferStats = stats if stats is not None else TransferStats()
-        self.receiver: dict = receiver if receiver is not None else {}
         self.dry_run = dry_run
+
+    @property
+    def deletions_refused(self) -> str | None:
+        """Why the replica's deletion guard did not delete (mirror.guard); None: it did, or none were asked."""
+        return self.receiver.get("deletions_refused") or None
 
     def __repr__(self) -> str:
         return (f"SyncResult(exit_code={self.exit_code}, changes={len(self.changes)}, failed={len(self.failed)}, "

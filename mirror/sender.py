@@ -1,35 +1,16 @@
 """The sending end of a sync: scan, plan, and stream changes to a receiver, pipelined.
 
-Three objects, one job each (rsync's split):
-
-- ``Sender``, the connection: the transport, the handshake, the reader thread that sorts
-  the receiver's messages, and what a lost connection means (the receiver's own error,
-  when it sent one, says more than "connection lost");
-- ``SendSession``, one session: the guards, both scans, pairing our listings with the
-  receiver's, the comparison and the planner's calls, the retry of a mismatch, the
-  session's figures;
-- ``FileEncoder``: the planner's operations as frames, a file whole or as a delta against
-  the signature the receiver sends for it.
-
-The exchange (``docs/PROTOCOL.md``):
-
-1. Both trees are scanned at once: the sender's here, the receiver's over there.  The
-   receiver streams a *summary*: per directory, a 16-byte fingerprint of exactly what the
-   comparison looks at.  A directory whose fingerprint matches the sender's is unchanged
-   and costs nothing more; only for the others is the receiver's listing asked for
-   (``want``), in batches, while the summary is still arriving.
-2. The aligned listing pairs go through the same comparison as ``mirror diff``; each
-   change becomes an operation: a whole file, a delta against the replica's copy (above
-   ``delta_threshold`` bytes, with block signatures requested in batches and the next files
-   sent while they are computed), a directory, a symlink, a node, attributes, a hard link.
-3. Hard links, deletions and directory attributes go last; a ``ping`` collects the
-   receiver's verdict on every file so far, files whose digest did not match are sent again
-   whole (once), and ``end`` asks the receiver to commit and report.
+Three objects, one job each (rsync's split): ``Sender``, the connection (the transport,
+the handshake, the reader thread that sorts the receiver's messages, and what a lost
+connection means: the receiver's own error, when it sent one, says more than "connection
+lost"); ``SendSession``, one session (a ``sourcesession.SourceSession``: pairing our
+listings with the receiver's summary, the retry of a mismatch); ``FileEncoder``, the
+planner's operations as frames, a file whole or as a delta against the receiver's
+signature.  The exchange is ``docs/PROTOCOL.md``'s.
 
 Nothing waits for a round trip per file: file data flows while listings and signatures are
-on their way.  The mirroring lock file is checked before every file and during long ones;
-if it appears, the file in flight is abandoned, the session ends cleanly and the sync
-stops with ``LockedError``.
+on their way.  If the mirroring lock appears, the file in flight is abandoned, the session
+ends cleanly and the sync stops with ``LockedError``.
 """
 
 from __future__ import annotations
@@ -43,7 +24,7 @@ import time
 
 from . import fastpath
 from . import protocol as P
-from .compare import CompareOptions, CompareSummary, Difference, compare_pairs, root_entry
+from .compare import CompareOptions
 from .entry import Entry, ScanProblem, canonical_key, entry_from_stat
 from .errors import (
     AuthError,
@@ -59,12 +40,20 @@ from .errors import (
 )
 from .guard import DeletionPolicy, SourceGuard
 from .lockfile import LockWatch
-from .plan import ATTRS, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op, Planner, source_dir_entry
-from .records import DELTA_THRESHOLD, SenderOptions, SendOutcome, TransferStats
-from .renames import plan as plan_renames
-from .safefs import ConfinedTree, settled_stat
+from .plan import ATTRS, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op
+from .records import DELTA_THRESHOLD, SenderOptions, SyncResult, TransferStats
+from .safefs import ConfinedTree
+from .sourcesession import (
+    CHANGED,
+    SourceSession,
+    changed_while_read,
+    entry_attrs,
+    open_source,
+    settled_source,
+    stat_attrs,
+)
 from .statedir import resolve_state_dir
-from .treescan import Scope, TreeScan, source_scan, stop_scans
+from .treescan import TreeScan
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +64,7 @@ SIG_BATCH = 32
 FLUSH_SECONDS = 0.005
 _ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "AuthError": AuthError,
            "SourceGuardError": SourceGuardError}  # fmt: skip
-__all__ = ["DELTA_THRESHOLD", "FileEncoder", "SendSession", "Sender", "SenderOptions", "SendOutcome",
-           "TransferStats"]  # fmt: skip
+__all__ = ["DELTA_THRESHOLD", "FileEncoder", "SendSession", "Sender", "SenderOptions", "TransferStats"]
 
 
 class _Reader(threading.Thread):
@@ -184,7 +172,7 @@ def remote_error(message: list) -> MirrorError:
 
 class Sender:
     """A connection to one receiver: ``handshake()``, then ``run()`` per session (a
-    ``SendSession``), each returning a ``SendOutcome``."""
+    ``SendSession``), each returning a ``SyncResult``."""
 
     def __init__(self, src_root: bytes, transport, options: SenderOptions, *, module: str = "",
                  subpath: bytes = b"", on_change=None, on_progress=None,
@@ -232,7 +220,7 @@ class Sender:
             raise ProtocolError(f"expected {kind!r} from the receiver, got {message[0]!r}")
         return message[1]
 
-    def run(self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None) -> SendOutcome:
+    def run(self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None) -> SyncResult:
         """One session: make the receiver's tree (or the part in ``scope``) equal ours.
 
         ``scope`` (a ``treescan.Scope``) limits both scans, for the live daemon; ``renames``
@@ -271,53 +259,34 @@ class Sender:
         return result
 
 
-class SendSession:
+class SendSession(SourceSession):
     """One session (``start`` ... ``end``) on a ``Sender``'s connection: scan, pair with the
     receiver's summary, compare, plan; the operations go to a ``FileEncoder``."""
 
     def __init__(self, conn: Sender, welcome: dict, scope):
+        o = conn.o
+        super().__init__(
+            conn.root, o, conn.source_guard, delta_threshold=o.delta_threshold, on_change=conn.on_change
+        )
         self.conn = conn
         self.t = conn.t
-        self.o = conn.o
         self.scope = scope
         self.scoped = scope is not None and not scope.everything
         self.owner = bool(welcome.get("can_chown")) and os.geteuid() == 0
-        self.compare = CompareOptions(checksum=self.o.checksum, owner=self.owner)
-        self.scan = fastpath.choose("scan")
-        self.flags = self.compare.flags(self.scan)
-        self.lock = LockWatch(self.o.lock_file, "present", cancel=self.o.cancel)
-        self.out = SendOutcome()
-        self.src_tree: ConfinedTree | None = None
-        self.planner: Planner | None = None
+        self.compare = CompareOptions(checksum=o.checksum, owner=self.owner)
+        self.kernel = fastpath.choose("scan")
+        self.flags = self.compare.flags(self.kernel)
         self.encoder: FileEncoder | None = None
         self.reader: _Reader | None = None
         self._last_flush = 0.0
         self._pings = 0
         self._retried: set[bytes] = set()
 
-    def run(self, tree: TreeScan | None, epoch: int, renames, journal: dict | None = None) -> SendOutcome:
-        started = time.perf_counter()
+    def run(self, tree: TreeScan | None, epoch: int, renames, journal: dict | None = None) -> SyncResult:
         sent_before, received_before = self.t.bytes_sent, self.t.bytes_received
-        scope, o = self.scope, self.o
-        root = root_entry(self.conn.root)
-        if tree is not None and (self.scoped or renames):
-            tree.stop()  # it covers the whole tree, before any rename: not this session's
-            tree = None
+        o = self.o
         try:
-            # Before anything is compared: a deleting session from a root that is not the tree
-            # it was (an unmounted mount point) is refused here.
-            tree_id = self.conn.source_guard.tree_id(deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
-            self.src_tree = ConfinedTree(self.conn.root)
-            planned: list = []
-            if renames and not o.dry_run:
-                # Each rename carries what its new name must hold; a renamed directory's new
-                # subtree is compared whole (what it holds on the replica may be older).
-                planned, moved_dirs = plan_renames(renames, self.src_tree)
-                if moved_dirs and scope is not None:
-                    scope = Scope(scope.entries, scope.trees | moved_dirs)
-            if tree is None:
-                tree = source_scan(self.conn.root, excludes=o.excludes, checksum=o.checksum, state_dir=o.state_dir,
-                                   dry_run=o.dry_run, scope=scope)  # fmt: skip
+            tree_id, planned, scope = self.open((tree,), self.scope, renames)
             self.lock.check()
             self.t.send([P.START, {
                 "epoch": epoch, "delete": o.delete, "checksum": o.checksum, "dry_run": o.dry_run,
@@ -327,61 +296,38 @@ class SendSession:
                 "deletions": DeletionPolicy(o.max_delete, o.allow_mass_delete).as_wire(),
                 **(journal or {}),
             }])  # fmt: skip
-            ready = self.conn.expect(P.READY)
-            self.planner = Planner(delete=o.delete, dry_run=o.dry_run, delta_threshold=o.delta_threshold,
-                                   dir_entry=lambda path: source_dir_entry(self.src_tree, path))  # fmt: skip
-            self.planner.root(root, _root_differs(root, ready.get("root"), self.owner))
-            summary = CompareSummary()
-            self.out.receiver = self.conn.exchange(lambda reader: self._exchange(reader, tree, planned, summary))
+            self.plan_root(self.conn.expect(P.READY).get("root"), self.owner)
+            result = self.conn.exchange(lambda reader: self._exchange(reader, planned))
         finally:
-            if self.src_tree is not None:
-                self.src_tree.close()
-            stop_scans((tree,))  # none left running
-        self.out.failed.extend(self.reader.failed)
-        self.out.problems.extend(summary.problems)
+            self.close()
         stats = self.out.stats
-        stats.deleted = self.out.receiver.get("deleted", 0)
         stats.wire_sent = self.t.bytes_sent - sent_before
         stats.wire_received = self.t.bytes_received - received_before
-        stats.seconds = time.perf_counter() - started
-        return self.out
+        return self.finish(result, self.reader.failed)
 
-    def _exchange(self, reader: _Reader, tree: TreeScan, renames: list, summary: CompareSummary) -> dict:
+    def _exchange(self, reader: _Reader, renames: list) -> dict:
         """Everything from the summary to the receiver's result, while ``reader`` reads."""
         self.reader = reader
-        encoder = self.encoder = FileEncoder(self.t, self.src_tree, reader, self.lock, self.out.stats,
-                                             self.out.failed, self.conn.on_progress)  # fmt: skip
-        planner = self.planner
-        for old, new, _ in renames:  # done on the receiver: both directories' times changed
-            planner.renamed(old, new)
-        for change in compare_pairs(self._pairs(tree), self.compare, summary):
-            ops = planner.plan(change)
-            if ops is None:
-                continue
-            self._note(change)
-            for op in ops:
-                encoder.send(op)
-            encoder.serve_signatures(block=False)
-        encoder.serve_signatures(block=True)
-        for op in planner.links():
-            self.lock.check()
-            encoder.send(op)
-        self._retry_mismatches()
-        self.lock.check()
-        for op in planner.closing():
-            encoder.send(op)
-        self.out.stats.other_changes = planner.other_changes
+        self.encoder = FileEncoder(self.t, self.src_tree, reader, self.lock, self.out.stats, self.out.failed,
+                                   self.conn.on_progress)  # fmt: skip
+        self.drive(self._pairs(self.scans[0]), self.compare, renames)
         # complete: nothing was left out on this side, so the receiver may record the
         # session's journal sequence as applied (mirror.applied)
-        complete = not self.out.failed and not summary.problems and not self.out.problems
+        complete = not self.out.failed and not self.out.problems
         self.t.send([P.END, {"complete": complete}])
         return reader.get(reader.results)
 
-    def _note(self, change: Difference) -> None:
-        if self.o.keep_changes:
-            self.out.changes.append(change)
-        if self.conn.on_change is not None:
-            self.conn.on_change(change)
+    def do(self, op: Op) -> None:
+        self.encoder.send(op)
+
+    def changed(self) -> None:
+        self.encoder.serve_signatures(block=False)
+
+    def content_done(self) -> None:
+        self.encoder.serve_signatures(block=True)
+
+    def links_done(self) -> None:
+        self._retry_mismatches()
 
     # -- pairing our listings with the receiver's ------------------------------------------
 
@@ -459,7 +405,7 @@ class SendSession:
                 if eager:
                     yield s, _WANTED  # the receiver sends every listing unasked
                 elif flags & P.INCOMPLETE:
-                    yield s, self.scan.Listing(path, complete=False)
+                    yield s, self.kernel.Listing(path, complete=False)
                 elif fingerprint == s.fingerprint(self.flags) and not flags & P.HAS_LINKS and not s.has_links():
                     yield s, s  # unchanged: compares equal to itself
                 else:
@@ -477,8 +423,7 @@ class SendSession:
         if dst is _WANTED:
             self.t.flush()
             dst = self._receive_listing(src.path)
-        self.planner.listing(src)
-        self.out.stats.files_seen += len(src)
+        self.listed(src)
         now = time.monotonic()
         if now - self._last_flush >= FLUSH_SECONDS:
             self._last_flush = now
@@ -499,19 +444,19 @@ class SendSession:
             if got_path != path:
                 raise ProtocolError("listing arrived out of order")
             try:
-                parts.append(self.scan.Listing.unpack(path, strings, records, digests, 1 << 20))
+                parts.append(self.kernel.Listing.unpack(path, strings, records, digests, 1 << 20))
             except ValueError as exc:
                 raise ProtocolError(f"bad listing for {display_path(path)}: {exc}") from None
             if last:
                 break
         if not complete:
-            return self.scan.Listing(path, complete=False)
+            return self.kernel.Listing(path, complete=False)
         if len(parts) == 1:
             return parts[0]
         entries = [e for part in parts for e in part]
         if any(a.name >= b.name for a, b in zip(entries, entries[1:], strict=False)):
             raise ProtocolError(f"listing parts of {display_path(path)} out of order")
-        return self.scan.Listing(path, entries)
+        return self.kernel.Listing(path, entries)
 
     # -- a delta whose basis changed meanwhile, sent again whole ----------------------------
 
@@ -578,15 +523,15 @@ class FileEncoder:
         elif op.kind == DELTA:
             self._request_signature(op)
         elif op.kind == MKDIR:
-            self.t.send([P.MKDIR, path, _attrs(entry)], flush=False)
+            self.t.send([P.MKDIR, path, entry_attrs(entry)], flush=False)
         elif op.kind == SYMLINK:
-            self.t.send([P.SYMLINK, path, entry.target, _attrs(entry)], flush=False)
+            self.t.send([P.SYMLINK, path, entry.target, entry_attrs(entry)], flush=False)
         elif op.kind == SPECIAL:
-            self.t.send([P.NODE, path, int(entry.kind), entry.rdev, _attrs(entry)], flush=False)
+            self.t.send([P.NODE, path, int(entry.kind), entry.rdev, entry_attrs(entry)], flush=False)
         elif op.kind == LINK:
             self.t.send([P.HARDLINK, path, op.link_to], flush=False)
         elif op.kind == ATTRS:
-            self.t.send([P.ATTRS, path, int(entry.kind), _attrs(entry)], flush=False)
+            self.t.send([P.ATTRS, path, int(entry.kind), entry_attrs(entry)], flush=False)
         else:
             self.t.send([P.DELETE, path], flush=False)
 
@@ -630,32 +575,24 @@ class FileEncoder:
     def stream_file(self, op: Op, sig) -> None:
         """Send one file, whole (``sig`` None) or as a delta; abandon it if it changes under us."""
         self.lock.check()
-        path, src = op.path, op.entry
-        try:
-            # One component at a time, never through a symlink, never opening a FIFO or a
-            # device, and only the very file the scan saw (a swap since then is refused).
-            f = self.src_tree.open_regular(path, expect=(src.dev, src.ino) if src.ino else None)
-        except (OSError, UnsafePathError) as exc:
-            self.failed.append((path, f"cannot open on the sender: {getattr(exc, 'strerror', None) or exc}"))
+        path = op.path
+        f = open_source(self.src_tree, path, op.entry, self.failed)
+        if f is None:
             return
         with f:
             fd = f.fileno()
-            before = settled_stat(fd)
+            before = settled_source(fd, path, self.failed, "sent")
             if before is None:
-                self.failed.append((path, "changed while it was being sent; sync again to pick it up"))
-                return
-            if not stat.S_ISREG(before.st_mode):
-                self.failed.append((path, "changed type on the sender since the scan"))
                 return
             self._req += 1
             req = self._req
-            attrs = [stat.S_IMODE(before.st_mode), before.st_uid, before.st_gid, before.st_mtime_ns]
             stats = self.stats
             if sig is not None:
-                self.t.send([P.FILE, req, path, attrs, "delta", sig.block_size, sig.basis_size], flush=False)
+                self.t.send([P.FILE, req, path, stat_attrs(before), "delta", sig.block_size, sig.basis_size],
+                            flush=False)  # fmt: skip
                 block = sig.block_size
             else:
-                self.t.send([P.FILE, req, path, attrs, "whole", 0, 0], flush=False)
+                self.t.send([P.FILE, req, path, stat_attrs(before), "whole", 0, 0], flush=False)
                 block = 1
             ops = self.delta.delta(sig, f)
             try:
@@ -667,20 +604,16 @@ class FileEncoder:
                         self.t.send([P.COPY, req, op_[1], op_[2]], flush=False)
                         stats.matched_bytes += min(op_[2] * block, sig.basis_size - op_[1] * block)
                     self.lock.check(force=False)
-                after = os.fstat(fd)
+                changed = changed_while_read(fd, before, ops.new_size)
             except (LockedError, Cancelled, OSError) as exc:
                 self.t.send([P.FILE_ABORT, req, "read error" if isinstance(exc, OSError) else "stopped"])
                 if not isinstance(exc, OSError):
                     raise
                 self.failed.append((path, f"read error on the sender: {exc.strerror}"))
                 return
-            # Changed while read: by its times, or (within one timestamp tick, where the times
-            # cannot tell) by reading another length than it had, e.g. truncated and rewritten.
-            if (after.st_size, after.st_mtime_ns, after.st_ctime_ns, ops.new_size) != (
-                before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_size
-            ):
+            if changed:
                 self.t.send([P.FILE_ABORT, req, "changed while sending"])
-                self.failed.append((path, "changed while it was being sent; sync again to pick it up"))
+                self.failed.append((path, CHANGED.format("sent")))
                 return
             self.t.send([P.FILE_END, req, ops.digest, ops.new_size], flush=False)
             stats.files_sent += 1
@@ -693,16 +626,3 @@ class FileEncoder:
 _WANTED = object()
 _DISCARD = object()
 
-
-def _attrs(entry: Entry) -> list:
-    return [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
-
-
-def _root_differs(entry: Entry | None, dst_attrs, owner: bool) -> bool:
-    """Whether the root's own mode, owner or mtime differ (the receiver reported its root's)."""
-    if entry is None or not isinstance(dst_attrs, list) or len(dst_attrs) != 4:
-        return False
-    mine = _attrs(entry)
-    if not owner:
-        mine[1:3] = dst_attrs[1:3]
-    return mine != dst_attrs

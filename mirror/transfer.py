@@ -94,9 +94,6 @@ class Connection:
         src,
         dst,
         *,
-        delete: bool = False,
-        checksum: bool = False,
-        dry_run: bool = False,
         excludes=(),
         secret: bytes | None = None,
         secret_file: str | None = None,
@@ -108,17 +105,16 @@ class Connection:
         remote_command: str = "mirror",
         remote_options=(),
         delta_threshold: int | None = None,
-        fsync: bool = True,
         epoch: int | None = None,
         on_change=None,
         on_progress=None,
-        cancel=None,
-        keep_changes: bool = True,
-        max_delete: int | None = None,
-        allow_mass_delete: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
         contimeout: float | None = DEFAULT_CONTIMEOUT,
+        **options,
     ):
+        """``options``: the fields of ``records.SenderOptions`` passed as they are (``delete``,
+        ``checksum``, ``dry_run``, ``fsync``, ``cancel``, ``keep_changes``, ``max_delete``,
+        ``allow_mass_delete``); the others are checked or converted here."""
         self.src = fs_path(src)
         if not os.path.isdir(self.src):
             raise UsageError(f"source {self.src.decode(errors='replace')!r} is not a directory")
@@ -135,11 +131,9 @@ class Connection:
         # (a long commit, deletions), so only a stopped, hung or vanished one times out.
         keepalive = timeout / 3 if timeout and self.dest.kind != "local" else None
         self.options = SenderOptions(
-            delete=delete, checksum=checksum, dry_run=dry_run, excludes=tuple(fs_path(p) for p in excludes),
-            lock_file=fs_path(lock_file) if lock_file else None, state_dir=fs_path(state_dir) if state_dir else None,
-            fsync=fsync, secret=secret, cancel=cancel, keep_changes=keep_changes, max_delete=max_delete,
-            allow_mass_delete=allow_mass_delete, keepalive=keepalive,
-            **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}),
+            excludes=tuple(fs_path(p) for p in excludes), lock_file=fs_path(lock_file) if lock_file else None,
+            state_dir=fs_path(state_dir) if state_dir else None, secret=secret, keepalive=keepalive,
+            **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}), **options,
         )  # fmt: skip
         self.epoch = epoch
         self._dst_lock_file = fs_path(dst_lock_file) if dst_lock_file else None
@@ -223,11 +217,8 @@ class Connection:
 
             epoch = read_epoch(resolve_state_dir(self.src, self.options.state_dir))
         if self.local is not None:
-            outcome = self.local.session(epoch, scope=scope, renames=renames)
-        else:
-            outcome = self.sender.run(self.welcome, epoch, scope=scope, renames=renames, journal=journal)
-        return SyncResult(changes=outcome.changes, failed=outcome.failed, problems=outcome.problems,
-                          stats=outcome.stats, receiver=outcome.receiver, dry_run=self.options.dry_run)  # fmt: skip
+            return self.local.session(epoch, scope=scope, renames=renames)
+        return self.sender.run(self.welcome, epoch, scope=scope, renames=renames, journal=journal)
 
     def close(self) -> None:
         if self.local is not None:
@@ -254,12 +245,8 @@ def _start_scans(src: bytes, local_dst: bytes | None, options):
     """The source's scan, and a local destination's (a remote receiver scans its own)."""
     src_scan = None
     try:
-        src_scan = source_scan(src, excludes=options.excludes, checksum=options.checksum,
-                               state_dir=options.state_dir, dry_run=options.dry_run)  # fmt: skip
-        dst_scan = None
-        if local_dst is not None:
-            dst_scan = replica_scan(local_dst, excludes=options.excludes, checksum=options.checksum)
-        return src_scan, dst_scan
+        src_scan = source_scan(src, options)
+        return src_scan, replica_scan(local_dst, options) if local_dst is not None else None
     except BaseException:
         stop_scans((src_scan,))
         raise

@@ -572,21 +572,22 @@ def _chain_first(first, rest):
 # -- the scans a sync starts ------------------------------------------------------------
 
 
-def source_scan(root: bytes, *, excludes=(), checksum=False, state_dir=None, dry_run=False, scope=None):
+def source_scan(root: bytes, options, scope=None):
+    """The source tree, scanned as a sync's ``options`` (``records.SenderOptions``) say."""
     from .exclude import make_excluder
 
-    if checksum and not dry_run:
+    if options.checksum and not options.dry_run:
         # Made now, not by the scan thread: creating it moves the root's mtime for a moment.
-        ensure_state_dir(resolve_state_dir(root, state_dir))
-    return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, state_dir=state_dir,
-                    scope=scope, background=scope is None).start()  # fmt: skip
+        ensure_state_dir(resolve_state_dir(root, options.state_dir))
+    return TreeScan(root, excluder=make_excluder(options.excludes), checksum=options.checksum,
+                    state_dir=options.state_dir, scope=scope, background=scope is None).start()  # fmt: skip
 
 
-def replica_scan(root: bytes, *, excludes=(), checksum=False, scope=None):
+def replica_scan(root: bytes, options, scope=None):
     """A local replica, scanned by the sync itself; its problems are named as a receiver's."""
     from .exclude import make_excluder
 
-    return TreeScan(root, excluder=make_excluder(excludes), checksum=checksum, scope=scope,
+    return TreeScan(root, excluder=make_excluder(options.excludes), checksum=options.checksum, scope=scope,
                     background=scope is None, problem_prefix="on the receiver: ").start()  # fmt: skip
 
 

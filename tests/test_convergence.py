@@ -13,8 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mirror.compare
-import mirror.localsync
-import mirror.sender
+import mirror.sourcesession
 import mirror.treescan
 from mirror import fastpath, safefs
 from mirror.transfer import sync
@@ -291,8 +290,7 @@ def test_first_checksum_sync_copies_the_real_root_time(tmp_path, monkeypatch, wh
         return real_root_entry(root)
 
     monkeypatch.setattr(mirror.treescan, "ensure_state_dir", ensure_state_dir_slowly)
-    driver = mirror.localsync if where == "local" else mirror.sender
-    monkeypatch.setattr(driver, "root_entry", root_entry_after_creation)
+    monkeypatch.setattr(mirror.sourcesession, "root_entry", root_entry_after_creation)
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()

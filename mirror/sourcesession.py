@@ -1,0 +1,192 @@
+"""One session from a source tree, whoever carries its operations out: what a local sync
+(``mirror.localsync``) and a sender (``mirror.sender``) share.
+
+``SourceSession`` asks the source guard first (a deleting session from a root that is not
+the tree it was, an unmounted mount point, is refused before anything is compared), plans
+the renames the live daemon saw, starts the scan, then drives the planner: compared pairs
+in, each operation handed to ``do`` at once, then the hard links, then deletions and
+directory times.  ``open_source`` and ``changed_while_read`` are the one rule for reading a
+source file: the very file the scan saw, never passed on as whole if it changed meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+from .compare import CompareSummary, compare_pairs, root_entry
+from .entry import Entry, entry_from_stat
+from .errors import UnsafePathError
+from .lockfile import LockWatch
+from .plan import Planner
+from .records import SyncResult
+from .renames import plan as plan_renames
+from .safefs import ConfinedTree, settled_stat
+from .treescan import Scope, source_scan, stop_scans
+
+CHANGED = "changed while it was being {}; sync again to pick it up"
+
+
+class SourceSession:
+    """The source side of one session.  A subclass carries the operations out (``do``) and
+    may act once per change (``changed``), once content is planned (``content_done``) and
+    once links are (``links_done``)."""
+
+    def __init__(self, root: bytes, options, guard, *, delta_threshold: int, on_change=None):
+        self.root = root
+        self.o = options
+        self.guard = guard
+        self.on_change = on_change
+        self.started = time.perf_counter()
+        self.out = SyncResult(dry_run=options.dry_run)
+        self.lock = LockWatch(options.lock_file, "present", cancel=options.cancel)
+        self.src_tree: ConfinedTree | None = None
+        self.scans: list = []
+        self.planner = Planner(
+            delete=options.delete,
+            dry_run=options.dry_run,
+            delta_threshold=delta_threshold,
+            dir_entry=self._dir_entry,
+        )
+
+    def open(self, scans, scope, renames):
+        """``(tree id, renames planned, scope)``; the source tree opened and its scan started.
+        ``scans``: scans of the whole tree started ahead (the source's first), used only by a
+        whole-tree session without renames; ``close()`` stops them in any case."""
+        o = self.o
+        self.scans = list(scans)
+        if (scope is not None and not scope.everything) or renames:
+            stop_scans(self.scans)  # they cover the whole tree, before any rename: not this session's
+            self.scans = [None] * len(self.scans)
+        tree_id = self.guard.tree_id(deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
+        self.src_tree = ConfinedTree(self.root)
+        planned: list = []
+        if renames and not o.dry_run:
+            # Each rename carries what its new name must hold; a renamed directory's new
+            # subtree is compared whole (what it holds on the replica may be older).
+            planned, moved_dirs = plan_renames(renames, self.src_tree)
+            if moved_dirs and scope is not None:
+                scope = Scope(scope.entries, scope.trees | moved_dirs)
+        if self.scans[0] is None:
+            self.scans[0] = source_scan(self.root, o, scope)
+        return tree_id, planned, scope
+
+    def close(self) -> None:
+        if self.src_tree is not None:
+            self.src_tree.close()
+        stop_scans(self.scans)
+
+    def _dir_entry(self, path: bytes) -> Entry | None:
+        """The source directory at ``path`` when no listing showed it (a live session's
+        partial listing); None if it is not a directory there now."""
+        try:
+            st = os.stat(self.src_tree.dir_fd(self.src_tree.parts(path) if path else []))
+        except (OSError, UnsafePathError):
+            return None
+        return entry_from_stat(os.path.basename(path), st, b"") if stat.S_ISDIR(st.st_mode) else None
+
+    def plan_root(self, replica_attrs, owner: bool) -> None:
+        """The source root's entry to the planner; ``replica_attrs``: the replica root's
+        ``[mode, uid, gid, mtime_ns]`` (its times are set last if they differ)."""
+        entry = root_entry(self.root)
+        differs = False
+        if entry is not None and isinstance(replica_attrs, list) and len(replica_attrs) == 4:
+            mine = entry_attrs(entry)
+            if not owner:
+                mine[1:3] = replica_attrs[1:3]
+            differs = mine != replica_attrs
+        self.planner.root(entry, differs)
+
+    def listed(self, listing) -> None:
+        """A source listing about to be compared."""
+        self.planner.listing(listing)
+        self.out.stats.files_seen += len(listing)
+
+    def drive(self, pairs, compare, renames) -> None:
+        """Compare ``pairs`` and carry out the planner's operations, in its order."""
+        planner, out = self.planner, self.out
+        for old, new, _ in renames:  # done on the replica first: both directories' times changed
+            planner.renamed(old, new)
+        summary = CompareSummary()
+        for change in compare_pairs(pairs, compare, summary):
+            ops = planner.plan(change)
+            if ops is None:
+                continue
+            if self.o.keep_changes:
+                out.changes.append(change)
+            if self.on_change is not None:
+                self.on_change(change)
+            for op in ops:
+                self.do(op)
+            self.changed()
+        self.content_done()  # links, deletions and directory times come after all new content
+        for op in planner.links():
+            self.lock.check()
+            self.do(op)
+        self.links_done()
+        self.lock.check()
+        for op in planner.closing():
+            self.do(op)
+        out.problems.extend(summary.problems)
+        out.stats.other_changes = planner.other_changes
+
+    def do(self, op) -> None:
+        raise NotImplementedError
+
+    def changed(self) -> None:
+        pass
+
+    def content_done(self) -> None:
+        pass
+
+    def links_done(self) -> None:
+        pass
+
+    def finish(self, replica_result: dict, failed) -> SyncResult:
+        """The outcome, with the replica's report and the files it could not take."""
+        self.out.receiver = replica_result
+        self.out.failed.extend(failed)
+        self.out.stats.deleted = replica_result.get("deleted", 0)
+        self.out.stats.seconds = time.perf_counter() - self.started
+        return self.out
+
+
+def open_source(tree: ConfinedTree, path: bytes, entry: Entry, failed: list):
+    """The file the scan saw at ``path``, open for reading; None if it cannot be (the reason
+    goes to ``failed``).  One component at a time, never through a symlink, never opening
+    a FIFO or a device, and only the very file the scan saw (a swap since then is refused)."""
+    try:
+        return tree.open_regular(path, expect=(entry.dev, entry.ino) if entry.ino else None)
+    except (OSError, UnsafePathError) as exc:
+        failed.append((path, f"cannot open on the sender: {getattr(exc, 'strerror', None) or exc}"))
+        return None
+
+
+def settled_source(fd: int, path: bytes, failed: list, verb: str) -> os.stat_result | None:
+    """The open source file's stat before it is read; None if it keeps changing."""
+    before = settled_stat(fd)
+    if before is None:
+        failed.append((path, CHANGED.format(verb)))
+    return before
+
+
+def changed_while_read(fd: int, before: os.stat_result, length: int) -> bool:
+    """Whether the file changed while read: by its times, or (within one timestamp tick,
+    where the times cannot tell) by reading another length than it had, e.g. truncated
+    and rewritten."""
+    after = os.fstat(fd)
+    return (after.st_size, after.st_mtime_ns, after.st_ctime_ns, length) != (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ctime_ns,
+        before.st_size,
+    )
+
+
+def stat_attrs(st: os.stat_result) -> list:
+    return [stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns]
+
+
+def entry_attrs(entry: Entry) -> list:
+    return [entry.mode, entry.uid, entry.gid, entry.mtime_ns]
