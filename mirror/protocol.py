@@ -180,13 +180,20 @@ class StreamTransport:
         return b"".join(chunks)
 
     def close(self) -> None:
-        for f in (self.wfile, self.rfile):
-            try:
-                f.close()
-            except (OSError, ValueError):
-                pass
+        """Close our side.  ``on_close`` (a socket's hang-up) comes before the read side is
+        closed: it ends a read blocked in another thread, which closing the buffered reader
+        would otherwise wait for."""
+        self._close(self.wfile)
         if self._on_close is not None:
             self._on_close()
+        self._close(self.rfile)
+
+    @staticmethod
+    def _close(f) -> None:
+        try:
+            f.close()
+        except (OSError, ValueError):
+            pass
 
 
 class RateLimiter:
@@ -317,9 +324,77 @@ _SESSION_FRAMES = {
 }
 
 
-def checked(message: list) -> list:
+def _text(what: str):
+    def text(value) -> str:
+        if not isinstance(value, str) or len(value) > MAX_FRAME:
+            raise ProtocolError(f"bad {what}: expected a string")
+        return value
+
+    return text
+
+
+def _flag(what: str):
+    def flag(value) -> bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"bad {what}: expected true or false")
+        return value
+
+    return flag
+
+
+def _map(value) -> dict:
+    if not isinstance(value, dict):
+        raise ProtocolError("bad result: expected a map")
+    return value
+
+
+def _summary_item(value) -> list:
+    """``[directory, fingerprint, flags]``."""
+    if not isinstance(value, list) or len(value) != 3:
+        raise ProtocolError("bad summary item")
+    flags = want_int(value[2], "summary flags", 0, 255)
+    return [_path(value[0]), want_bytes(value[1], "fingerprint", 16), flags]
+
+
+def _problem(value) -> list:
+    """``[path, errno, message]``: a directory the receiver could not read."""
+    if not isinstance(value, list) or len(value) != 3:
+        raise ProtocolError("bad scan problem")
+    return [_path(value[0]), want_int(value[1], "errno", 0, 4095), _text("scan problem")(value[2])]
+
+
+def _summary_end(value) -> dict:
+    if not isinstance(value, dict):
+        raise ProtocolError("bad summary end: expected a map")
+    return {**value, "problems": _list(_problem, "problems")(value.get("problems", []))}
+
+
+def _block(what: str):
+    return lambda value: want_bytes(value, what)
+
+
+# Every frame a receiver may answer within a session (but ``error``, which ends it).
+_REPLY_FRAMES = {
+    SUMMARY: (_list(_summary_item, "summary"),),
+    SUMMARY_END: (_summary_end,),
+    LISTING: (_path, _block("names"), _block("records"), _block("digests"), _flag("complete"), _flag("last")),
+    SIGNATURE: (_req, _block("signature part"), _flag("last")),
+    SIG_FAILED: (_req, _text("reason")),
+    FAILED: (_req, _path, _text("reason")),
+    PONG: (_any,),
+    RESULT: (_map,),
+    ALIVE: (),
+}
+
+
+def checked_reply(message: list) -> list:
+    """A receiver's frame's fields (after its kind), each checked (see ``_REPLY_FRAMES``)."""
+    return checked(message, _REPLY_FRAMES)
+
+
+def checked(message: list, frames: dict = _SESSION_FRAMES) -> list:
     """A session frame's fields (after its kind), each checked (see ``_SESSION_FRAMES``)."""
-    fields = _SESSION_FRAMES.get(message[0])
+    fields = frames.get(message[0])
     if fields is None:
         raise ProtocolError(f"unexpected message {message[0]!r}")
     if len(message) != len(fields) + 1:

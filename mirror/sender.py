@@ -91,50 +91,44 @@ class _Reader(threading.Thread):
                 if message is None:
                     raise ProtocolError("the receiver closed the connection")
                 kind = message[0]
+                if kind == P.ERROR:
+                    raise remote_error(message)
+                fields = P.checked_reply(message)
                 if kind == P.SUMMARY:
-                    for item in message[1]:
+                    for item in fields[0]:
                         self.summary.put(item)
                 elif kind == P.SUMMARY_END:
-                    self.summary.put(("end", message[1]))
+                    self.summary.put(("end", fields[0]))
                 elif kind == P.LISTING:
-                    self.listings.put(message)
+                    self.listings.put(fields)
                 elif kind == P.SIGNATURE:
-                    P.want_len(message, 4)
-                    part = P.want_bytes(message[2], "signature part")
-                    limit = self.sig_limits.get(message[1])
-                    if limit is None:
-                        raise ProtocolError("a signature nobody asked for")
-                    self._sig_size += len(part)
-                    if self._sig_size > limit:
-                        raise LimitExceeded(f"signature larger than its basis allows ({limit} bytes)")
-                    self._sig_parts.append(part)
-                    if message[3]:
-                        self.signatures.put((message[1], b"".join(self._sig_parts), None))
-                        self._sig_parts, self._sig_size = [], 0
+                    self._signature_part(*fields)
                 elif kind == P.SIG_FAILED:
-                    P.want_len(message, 3)
-                    self.signatures.put((message[1], None, _text(message[2], "reason")))
-                elif kind == P.FAILED:  # (path, reason)
-                    P.want_len(message, 4)
-                    self.failed.append((P.want_bytes(message[2], "failed path"), _text(message[3], "reason")))
+                    self.signatures.put((fields[0], None, fields[1]))
+                elif kind == P.FAILED:  # (request, path, reason)
+                    self.failed.append((fields[1], fields[2]))
                 elif kind == P.PONG:
-                    self.pongs.put(P.want_len(message, 2)[1])
+                    self.pongs.put(fields[0])
                 elif kind == P.RESULT:
-                    P.want_len(message, 2)
-                    if not isinstance(message[1], dict):
-                        raise ProtocolError("bad result: expected a map")
-                    self.results.put(message[1])
+                    self.results.put(fields[0])
                     return
-                elif kind == P.ALIVE:
-                    pass  # the receiver is at work: its silence is not a hang
-                elif kind == P.ERROR:
-                    raise remote_error(message)
-                else:
-                    raise ProtocolError(f"unexpected message from the receiver: {kind!r}")
+                # ALIVE: the receiver is at work; its silence is not a hang
         except BaseException as exc:
             self.error = exc
             for q in (self.summary, self.listings, self.signatures, self.pongs, self.results):
                 q.put(_Failure(exc))
+
+    def _signature_part(self, req: int, part: bytes, last: bool) -> None:
+        limit = self.sig_limits.get(req)
+        if limit is None:
+            raise ProtocolError("a signature nobody asked for")
+        self._sig_size += len(part)
+        if self._sig_size > limit:
+            raise LimitExceeded(f"signature larger than its basis allows ({limit} bytes)")
+        self._sig_parts.append(part)
+        if last:
+            self.signatures.put((req, b"".join(self._sig_parts), None))
+            self._sig_parts, self._sig_size = [], 0
 
     def get(self, q: queue.Queue, block: bool = True):
         """The next item of ``q`` (None if ``block`` is false and there is none yet)."""
@@ -148,12 +142,6 @@ class _Reader(threading.Thread):
         return item
 
 
-def _text(value, what: str) -> str:
-    if not isinstance(value, str) or len(value) > P.MAX_FRAME:
-        raise ProtocolError(f"bad {what}: expected a string")
-    return value
-
-
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
@@ -161,7 +149,7 @@ class _Failure:
 
 def remote_error(message: list) -> MirrorError:
     """The receiver's ``error`` message as the matching local exception."""
-    name = message[1] if len(message) > 1 else "MirrorError"
+    name = message[1] if len(message) > 1 and isinstance(message[1], str) else "MirrorError"
     text = message[3] if len(message) > 3 else "receiver error"
     exc_type = _ERRORS.get(name, MirrorError)
     exc = exc_type(f"receiver: {text}")
@@ -434,9 +422,7 @@ class SendSession(SourceSession):
         """The receiver's listing of ``path`` (the next one to arrive; None: take and drop it)."""
         parts = []
         while True:
-            message = self.reader.get(self.reader.listings)
-            P.want_len(message, 7)
-            _, got_path, strings, records, digests, complete, last = message
+            got_path, strings, records, digests, complete, last = self.reader.get(self.reader.listings)
             if path is None:
                 if last:
                     return None

@@ -14,6 +14,7 @@ from mirror import protocol as P
 from mirror.errors import MirrorError, ProtocolError
 from mirror.receiver import ModuleConfig, Receiver
 from mirror.server import MirrorServer
+from mirror.transfer import _hang_up
 
 ATTRS = [0o644, 0, 0, 1_000_000_000_000_000_000]
 
@@ -173,7 +174,8 @@ def socket_pair_receiver(session_class, dst, **module_options):
     sender's transport."""
     a, b = socket.socketpair()
     receiver_end = P.StreamTransport(b.makefile("rb"), b.makefile("wb"), on_close=b.close)
-    sender_end = P.StreamTransport(a.makefile("rb"), a.makefile("wb"), on_close=a.close)
+    # the sender's end hangs up as a sync's connection to a server does (mirror/transfer.py)
+    sender_end = P.StreamTransport(a.makefile("rb"), a.makefile("wb"), on_close=lambda: _hang_up(a, 10))
     receiver = Receiver(receiver_end, {"m": ModuleConfig("m", os.fsencode(dst), **module_options)})
     receiver.session_class = session_class
 

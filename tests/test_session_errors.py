@@ -192,3 +192,90 @@ def test_a_malformed_reply_from_the_receiver_is_a_protocol_error_not_a_crash(tmp
         sender = Sender(os.fsencode(src), transport, SenderOptions(fsync=False), module="m")
         with pytest.raises(ProtocolError, match="bad |malformed"):
             sender.run(sender.handshake(), 0)
+
+
+# The pairing's replies: the summary, its end, a directory's listing, a signature.  Each
+# case replaces the first frame of its kind that the real receiver sends.
+_BAD_PAIRING = {
+    "summary, not a list": [P.SUMMARY, {"a": 1}],
+    "summary item, short": [P.SUMMARY, [[b""]]],
+    "summary item, path not bytes": [P.SUMMARY, [["", b"f" * 16, 0]]],
+    "summary item, flags not an integer": [P.SUMMARY, [[b"", b"f" * 16, "links"]]],
+    "summary end, not a map": [P.SUMMARY_END, [1, 2]],
+    "summary end, problem not a triple": [P.SUMMARY_END, {"problems": [[b"x", 5]]}],
+    "summary end, problem text not text": [P.SUMMARY_END, {"problems": [[b"x", 5, 7]]}],
+    "listing, short": [P.LISTING, b""],
+    "listing, records not bytes": [P.LISTING, b"", b"", 7, b"", True, True],
+    "listing, last not a boolean": [P.LISTING, b"", b"", b"", b"", True, "yes"],
+    "signature, request not an integer": [P.SIGNATURE, [1], b"", True],
+}
+
+
+class _Replacing:
+    """The receiver's transport, but the first frame of ``kind`` is replaced by ``frame``."""
+
+    def __init__(self, t, kind: str, frame: list):
+        self.t, self.kind, self.frame = t, kind, frame
+
+    def send(self, message, flush: bool = True) -> None:
+        if self.kind is not None and message[0] == self.kind:
+            message, self.kind = self.frame, None
+        self.t.send(message, flush)
+
+    def __getattr__(self, name):
+        return getattr(self.t, name)
+
+
+@pytest.mark.parametrize("reply", [*_BAD_PAIRING, "error, name not text"])
+def test_a_malformed_pairing_reply_is_a_protocol_error_not_a_crash(tmp_path, reply):
+    # A hostile receiver's summary, listing or signature of the wrong shape ends the session
+    # with a protocol error naming the frame (before: a hang, a TypeError, or nothing at all);
+    # its error frame of the wrong shape is still its error.
+    kind, frame = P.SIGNATURE, [P.ERROR, ["OSError"], 2, "no basis"]
+    error, match = MirrorError, "receiver: no basis"
+    if reply in _BAD_PAIRING:
+        frame = _BAD_PAIRING[reply]
+        kind, error, match = frame[0], ProtocolError, "bad |malformed"
+
+    class _BadPairing(ReceiverSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.t = _Replacing(self.t, kind, frame)
+
+    src, dst = changed_pair(tmp_path)
+    (src / "d").mkdir()
+    (src / "d" / "f").write_bytes(b"new")
+    with socket_pair_receiver(_BadPairing, dst) as transport:
+        options = SenderOptions(delta_threshold=1, fsync=False)
+        sender = Sender(os.fsencode(src), transport, options, module="m")
+        with pytest.raises(error, match=match):
+            sender.run(sender.handshake(), 0)
+
+
+def test_a_session_that_fails_on_the_sender_ends_while_the_receiver_waits_in_silence(tmp_path, monkeypatch):
+    # The sender fails in the middle of the pairing (a fault injected in the comparison) while
+    # its reader thread waits for the receiver, which waits for the sender: hanging up must
+    # wake that read rather than wait for it (closing the buffered reader first waited forever).
+    from mirror import sender as sender_mod
+
+    def broken(self, src, dst):
+        raise RuntimeError("injected: the comparison failed")
+        yield
+
+    monkeypatch.setattr(sender_mod.SendSession, "_resolve", broken)
+    src, dst = changed_pair(tmp_path)
+    outcome: list = []
+
+    def run():
+        with socket_pair_receiver(ReceiverSession, dst) as transport:
+            sender = Sender(os.fsencode(src), transport, SenderOptions(fsync=False), module="m")
+            try:
+                sender.run(sender.handshake(), 0)
+            except RuntimeError as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="failing-sender", daemon=True)
+    thread.start()
+    thread.join(timeout=30)  # a hang detector, not a speed bound
+    assert not thread.is_alive(), "the failed session hung on its own hang-up"
+    assert outcome and "injected" in str(outcome[0])
