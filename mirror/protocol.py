@@ -380,7 +380,7 @@ _REPLY_FRAMES = {
     LISTING: (_path, _block("names"), _block("records"), _block("digests"), _flag("complete"), _flag("last")),
     SIGNATURE: (_req, _block("signature part"), _flag("last")),
     SIG_FAILED: (_req, _text("reason")),
-    FAILED: (_req, _path, _text("reason")),
+    FAILED: (lambda v: None if v is None else _req(v), _path, _text("reason")),  # None: not a file's
     PONG: (_any,),
     RESULT: (_map,),
     ALIVE: (),
