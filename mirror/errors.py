@@ -62,6 +62,11 @@ class ProtocolError(MirrorError):
     """The peer broke the wire protocol; the connection is closed."""
 
 
+class ConnectionLost(ProtocolError):
+    """The connection broke while we sent: the peer's own error, if it sent one first, says
+    why."""
+
+
 class PeerTimeout(ProtocolError):
     """The peer sent nothing (or took nothing) for longer than the I/O timeout: it is stopped,
     hung or gone.  The connection is closed."""

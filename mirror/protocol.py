@@ -20,7 +20,7 @@ import time
 from typing import BinaryIO
 
 from . import constants as K
-from .errors import AuthError, LimitExceeded, PeerTimeout, ProtocolError
+from .errors import AuthError, ConnectionLost, LimitExceeded, PeerTimeout, ProtocolError
 
 PROTOCOL_VERSION = 4
 SOFTWARE = "hamirror/0.1"
@@ -133,7 +133,7 @@ class StreamTransport:
             except TimeoutError:
                 raise self._timed_out("we sent (it stopped reading)") from None
             except (BrokenPipeError, ConnectionError, ValueError) as exc:
-                raise ProtocolError(f"connection lost while sending: {exc}") from None
+                raise ConnectionLost(f"connection lost while sending: {exc}") from None
             self.bytes_sent += len(frame)
 
     def recv(self) -> list | None:

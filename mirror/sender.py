@@ -29,9 +29,11 @@ from .entry import Entry, ScanProblem, canonical_key, entry_from_stat
 from .errors import (
     AuthError,
     Cancelled,
+    ConnectionLost,
     LimitExceeded,
     LockedError,
     MirrorError,
+    PeerTimeout,
     ProtocolError,
     SourceGuardError,
     StaleEpochError,
@@ -238,7 +240,8 @@ class Sender:
         except BaseException as exc:
             self.t.close()  # the session is lost: wake the reader now rather than in 5 s
             reader.join(timeout=5)
-            if isinstance(exc, ProtocolError) and isinstance(reader.error, MirrorError) and reader.error is not exc:
+            lost = isinstance(exc, (ConnectionLost, PeerTimeout))
+            if lost and isinstance(reader.error, MirrorError) and reader.error is not exc:
                 # We failed to send because the receiver stopped: its own reason says more
                 # (a LockedError, exit 3, rather than "connection lost").
                 raise reader.error from exc
@@ -320,12 +323,19 @@ class SendSession(SourceSession):
     # -- pairing our listings with the receiver's ------------------------------------------
 
     def _summary_items(self):
+        """The receiver's summary items, each directory once and in canonical order (the
+        pairing walks both sides in that order)."""
+        last = None
         while True:
             item = self.reader.get(self.reader.summary)
             if isinstance(item, tuple):
                 for path, errno_, message in item[1].get("problems", []):
                     self.out.problems.append(ScanProblem(path, errno_, "on the receiver: " + message))
                 return
+            key = canonical_key(item[0])
+            if last is not None and key <= last:
+                raise ProtocolError(f"bad summary: {display_path(item[0])} out of order or repeated")
+            last = key
             yield item
 
     def _pairs(self, tree: TreeScan):

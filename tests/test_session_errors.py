@@ -201,6 +201,8 @@ _BAD_PAIRING = {
     "summary item, short": [P.SUMMARY, [[b""]]],
     "summary item, path not bytes": [P.SUMMARY, [["", b"f" * 16, 0]]],
     "summary item, flags not an integer": [P.SUMMARY, [[b"", b"f" * 16, "links"]]],
+    "summary items out of order": [P.SUMMARY, [[b"d", b"f" * 16, 0], [b"", b"f" * 16, 0]]],
+    "summary item repeated": [P.SUMMARY, [[b"", b"f" * 16, 0], [b"", b"f" * 16, 0]]],
     "summary end, not a map": [P.SUMMARY_END, [1, 2]],
     "summary end, problem not a triple": [P.SUMMARY_END, {"problems": [[b"x", 5]]}],
     "summary end, problem text not text": [P.SUMMARY_END, {"problems": [[b"x", 5, 7]]}],
@@ -243,7 +245,8 @@ def test_a_malformed_pairing_reply_is_a_protocol_error_not_a_crash(tmp_path, rep
             self.t = _Replacing(self.t, kind, frame)
 
     src, dst = changed_pair(tmp_path)
-    (src / "d").mkdir()
+    for tree in (src, dst):  # a directory the receiver lists too: the pairing asks for it
+        (tree / "d").mkdir()
     (src / "d" / "f").write_bytes(b"new")
     with socket_pair_receiver(_BadPairing, dst) as transport:
         options = SenderOptions(delta_threshold=1, fsync=False)
