@@ -113,7 +113,7 @@ class LocalSession(SourceSession):
         )
         self.sync = sync
         self.writer: ReplicaWriter | None = None
-        self.ahead: collections.deque = collections.deque()  # (path, entry, open source file, bytes asked)
+        self.ahead: collections.deque = collections.deque()  # (path, open source file, bytes asked)
         self.ahead_bytes = 0
 
     def plan(self, compare: CompareOptions, renames, owner: bool) -> None:
@@ -162,21 +162,21 @@ class LocalSession(SourceSession):
         asked = min(entry.size, READ_AHEAD_PER_FILE)
         if asked:
             os.posix_fadvise(f.fileno(), 0, asked, os.POSIX_FADV_WILLNEED)
-        self.ahead.append((path, entry, f, asked))
+        self.ahead.append((path, f, asked))
         self.ahead_bytes += asked
         self._copy_ahead(READ_AHEAD_FILES, READ_AHEAD_BYTES)
 
     def _copy_ahead(self, files: int, size: int) -> None:
         """Copy the oldest queued files until at most ``files`` and ``size`` bytes are left."""
         while self.ahead and (len(self.ahead) > files or self.ahead_bytes > size):
-            path, entry, f, asked = self.ahead.popleft()
+            path, f, asked = self.ahead.popleft()
             self.ahead_bytes -= asked
             self._copy(path, f)
 
     def close_ahead(self) -> None:
         """Let go of the files still queued (the session ended early)."""
         while self.ahead:
-            self.ahead.popleft()[2].close()
+            self.ahead.popleft()[1].close()
         self.ahead_bytes = 0
 
     def _copy(self, path: bytes, f) -> None:

@@ -323,8 +323,8 @@ class SendSession(SourceSession):
     # -- pairing our listings with the receiver's ------------------------------------------
 
     def _summary_items(self):
-        """The receiver's summary items, each directory once and in canonical order (the
-        pairing walks both sides in that order)."""
+        """``(canonical key, item)`` for the receiver's summary items, each directory once and
+        in canonical order (the pairing walks both sides in that order)."""
         last = None
         while True:
             item = self.reader.get(self.reader.summary)
@@ -336,7 +336,7 @@ class SendSession(SourceSession):
             if last is not None and key <= last:
                 raise ProtocolError(f"bad summary: {display_path(item[0])} out of order or repeated")
             last = key
-            yield item
+            yield key, item
 
     def _pairs(self, tree: TreeScan):
         """``(src, dst)`` listing pairs in canonical order; dst fetched only where it differs.
@@ -384,20 +384,19 @@ class SendSession(SourceSession):
     def _match(self, tree: TreeScan, eager: bool):
         """Our listings against the receiver's summary: ``(src, dst)`` where dst is a listing,
         None (absent there), ``_WANTED`` (its listing is on its way) or ``_DISCARD``."""
-        src_iter = iter(tree)
+        src_iter = ((canonical_key(listing.path), listing) for listing in tree)
         summary = self._summary_items()
-        s = next(src_iter, None)
-        d = next(summary, None)
+        s_key, s = next(src_iter, (None, None))
+        d_key, d = next(summary, (None, None))
         while s is not None or d is not None:
-            s_key = canonical_key(s.path) if s is not None else None
-            d_key = canonical_key(d[0]) if d is not None else None
-            if d_key is None or (s_key is not None and s_key < d_key):
+            if d is None or (s is not None and s_key < d_key):
                 yield s, None
-                s = next(src_iter, None)
-            elif s_key is None or d_key < s_key:
+                s_key, s = next(src_iter, (None, None))
+            elif s is None or d_key < s_key:
                 if eager:
                     yield None, _DISCARD  # its listing comes anyway: skip it in order
-                d = next(summary, None)  # only on the receiver: its parent's listing deletes it
+                # only on the receiver: its parent's listing deletes it
+                d_key, d = next(summary, (None, None))
             else:
                 path, fingerprint, flags = d
                 if eager:
@@ -409,8 +408,8 @@ class SendSession(SourceSession):
                 else:
                     self.t.send([P.WANT, [path]], flush=False)
                     yield s, _WANTED
-                s = next(src_iter, None)
-                d = next(summary, None)
+                s_key, s = next(src_iter, (None, None))
+                d_key, d = next(summary, (None, None))
         for _ in summary:
             pass
 
