@@ -282,3 +282,37 @@ def test_a_session_that_fails_on_the_sender_ends_while_the_receiver_waits_in_sil
     thread.join(timeout=30)  # a hang detector, not a speed bound
     assert not thread.is_alive(), "the failed session hung on its own hang-up"
     assert outcome and "injected" in str(outcome[0])
+
+
+# -- a delta whose basis changed on the receiver is sent again whole ---------------------------
+
+
+class _BasisChangesAfterSig(ReceiverSession):
+    """Another writer grows each basis on the replica right after its signature was sent:
+    the delta then no longer fits its basis (``basis-changed``)."""
+
+    grown: list = []
+
+    def _on_sig(self, requests):
+        super()._on_sig(requests)
+        for _req, path in requests:
+            with open(os.path.join(self.tree.root, path), "ab") as f:
+                f.write(b"appended by another writer")
+            self.grown.append(path)
+
+
+def test_a_delta_whose_basis_changed_is_sent_again_whole(tmp_path):
+    src, dst = changed_pair(tmp_path, small_files=3)
+    for i in range(3):  # more deltas: each is retried once, whole, and nothing else is resent
+        (dst / f"c{i}").write_bytes(b"o" * 3000)
+        (src / f"c{i}").write_bytes(b"n" * 3000)
+    _BasisChangesAfterSig.grown = []
+    with socket_pair_receiver(_BasisChangesAfterSig, dst) as transport:
+        sender = Sender(os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m")
+        result = sender.run(sender.handshake(), 0)
+    assert sorted(_BasisChangesAfterSig.grown) == [b"a", b"c0", b"c1", b"c2"]
+    assert result.failed == []
+    for name in ["a", "c0", "c1", "c2", "b0000", "b0001", "b0002"]:
+        assert (dst / name).read_bytes() == (src / name).read_bytes(), name
+    # 4 deltas that failed on the receiver, then the same 4 whole; 3 new small files
+    assert (result.stats.files_delta, result.stats.files_sent) == (4, 11)
