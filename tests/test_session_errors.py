@@ -308,7 +308,9 @@ def test_a_delta_whose_basis_changed_is_sent_again_whole(tmp_path):
         (src / f"c{i}").write_bytes(b"n" * 3000)
     _BasisChangesAfterSig.grown = []
     with socket_pair_receiver(_BasisChangesAfterSig, dst) as transport:
-        sender = Sender(os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m")
+        sender = Sender(
+            os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m"
+        )
         result = sender.run(sender.handshake(), 0)
     assert sorted(_BasisChangesAfterSig.grown) == [b"a", b"c0", b"c1", b"c2"]
     assert result.failed == []
