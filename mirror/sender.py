@@ -25,7 +25,7 @@ import time
 from . import fastpath
 from . import protocol as P
 from .compare import CompareOptions
-from .entry import Entry, ScanProblem, canonical_key, entry_from_stat
+from .entry import ScanProblem, canonical_key
 from .errors import (
     AuthError,
     Cancelled,
@@ -37,12 +37,11 @@ from .errors import (
     ProtocolError,
     SourceGuardError,
     StaleEpochError,
-    UnsafePathError,
     display_path,
 )
 from .guard import DeletionPolicy, SourceGuard
 from .lockfile import LockWatch
-from .plan import ATTRS, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op
+from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op
 from .records import DELTA_THRESHOLD, SenderOptions, SyncResult, TransferStats
 from .safefs import ConfinedTree
 from .sourcesession import (
@@ -64,8 +63,16 @@ SIG_BATCH = 32
 # What is buffered goes out at least this often while the trees are compared: the receiver
 # verifies and commits files while the scans go on, rather than all at the end.
 FLUSH_SECONDS = 0.005
-_ERRORS = {"StaleEpochError": StaleEpochError, "LockedError": LockedError, "AuthError": AuthError,
-           "SourceGuardError": SourceGuardError}  # fmt: skip
+_ERRORS = {exc.__name__: exc for exc in (StaleEpochError, LockedError, AuthError, SourceGuardError)}
+# An entry's operation as its frame (docs/PROTOCOL.md).
+_ENTRY_FRAMES = {
+    MKDIR: lambda op: [P.MKDIR, op.path, entry_attrs(op.entry)],
+    SYMLINK: lambda op: [P.SYMLINK, op.path, op.entry.target, entry_attrs(op.entry)],
+    SPECIAL: lambda op: [P.NODE, op.path, int(op.entry.kind), op.entry.rdev, entry_attrs(op.entry)],
+    LINK: lambda op: [P.HARDLINK, op.path, op.link_to],
+    ATTRS: lambda op: [P.ATTRS, op.path, int(op.entry.kind), entry_attrs(op.entry)],
+    DELETE: lambda op: [P.DELETE, op.path],
+}
 __all__ = ["DELTA_THRESHOLD", "FileEncoder", "SendSession", "Sender", "SenderOptions", "TransferStats"]
 
 
@@ -75,50 +82,35 @@ class _Reader(threading.Thread):
     def __init__(self, transport):
         super().__init__(name="sender-reader", daemon=True)
         self.t = transport
-        self.summary: queue.Queue = queue.Queue()
-        self.listings: queue.Queue = queue.Queue()
-        self.signatures: queue.Queue = queue.Queue()
-        self.pongs: queue.Queue = queue.Queue()
-        self.results: queue.Queue = queue.Queue()
+        self.summary, self.listings, self.signatures, self.pongs, self.results = (queue.Queue() for _ in range(5))
         self.failed: list = []
         self.error: BaseException | None = None
         self._sig_parts: list[bytes] = []
         self._sig_size = 0
         self.sig_limits: dict[int, int] = {}  # request -> largest signature its basis can have
+        # Each reply's checked fields (protocol.checked_reply) to where they go.
+        self._handlers = {
+            P.SUMMARY: lambda items: [self.summary.put(item) for item in items],
+            P.SUMMARY_END: self.summary.put,  # a map, where the items are lists
+            P.LISTING: lambda *fields: self.listings.put(fields),
+            P.SIGNATURE: self._signature_part,
+            P.SIG_FAILED: lambda req, reason: self.signatures.put((req, None)),
+            P.FAILED: lambda _req, path, reason: self.failed.append((path, reason)),
+            P.PONG: self.pongs.put,
+            P.RESULT: self.results.put,
+        }
 
     def run(self) -> None:
         try:
-            while True:
-                message = self.t.recv()
-                if message is None:
-                    raise ProtocolError("the receiver closed the connection")
+            kind = None
+            while kind != P.RESULT:
+                message = receive(self.t)
                 kind = message[0]
-                if kind == P.ERROR:
-                    raise remote_error(message)
-                fields = P.checked_reply(message)
-                if kind == P.SUMMARY:
-                    for item in fields[0]:
-                        self.summary.put(item)
-                elif kind == P.SUMMARY_END:
-                    self.summary.put(("end", fields[0]))
-                elif kind == P.LISTING:
-                    self.listings.put(fields)
-                elif kind == P.SIGNATURE:
-                    self._signature_part(*fields)
-                elif kind == P.SIG_FAILED:
-                    self.signatures.put((fields[0], None, fields[1]))
-                elif kind == P.FAILED:  # (request, path, reason)
-                    self.failed.append((fields[1], fields[2]))
-                elif kind == P.PONG:
-                    self.pongs.put(fields[0])
-                elif kind == P.RESULT:
-                    self.results.put(fields[0])
-                    return
-                # ALIVE: the receiver is at work; its silence is not a hang
+                self._handlers[kind](*P.checked_reply(message))
         except BaseException as exc:
             self.error = exc
             for q in (self.summary, self.listings, self.signatures, self.pongs, self.results):
-                q.put(_Failure(exc))
+                q.put(exc)
 
     def _signature_part(self, req: int, part: bytes, last: bool) -> None:
         limit = self.sig_limits.get(req)
@@ -129,7 +121,7 @@ class _Reader(threading.Thread):
             raise LimitExceeded(f"signature larger than its basis allows ({limit} bytes)")
         self._sig_parts.append(part)
         if last:
-            self.signatures.put((req, b"".join(self._sig_parts), None))
+            self.signatures.put((req, b"".join(self._sig_parts)))
             self._sig_parts, self._sig_size = [], 0
 
     def get(self, q: queue.Queue, block: bool = True):
@@ -138,26 +130,28 @@ class _Reader(threading.Thread):
             item = q.get(block)
         except queue.Empty:
             return None
-        if isinstance(item, _Failure):
+        if isinstance(item, BaseException):
             q.put(item)  # keep waking later waiters too
-            raise item.exc
+            raise item
         return item
 
 
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-def remote_error(message: list) -> MirrorError:
-    """The receiver's ``error`` message as the matching local exception."""
+def receive(transport) -> list:
+    """The receiver's next message (``alive``, sent while it works, skipped); its ``error``
+    raised as the matching local exception."""
+    message = transport.recv()
+    while message is not None and message[0] == P.ALIVE:
+        message = transport.recv()
+    if message is None:
+        raise ProtocolError("the receiver closed the connection")
+    if message[0] != P.ERROR:
+        return message
     name = message[1] if len(message) > 1 and isinstance(message[1], str) else "MirrorError"
-    text = message[3] if len(message) > 3 else "receiver error"
     exc_type = _ERRORS.get(name, MirrorError)
-    exc = exc_type(f"receiver: {text}")
+    exc = exc_type(f"receiver: {message[3] if len(message) > 3 else 'receiver error'}")
     if exc_type is MirrorError and len(message) > 2 and isinstance(message[2], int):
         exc.exit_code = message[2]
-    return exc
+    raise exc
 
 
 class Sender:
@@ -199,13 +193,7 @@ class Sender:
 
     def expect(self, kind: str) -> dict:
         """The next message, which must be ``[kind, {...}]``: its dict."""
-        message = self.t.recv()
-        while message is not None and message[0] == P.ALIVE:  # sent as the last session ended
-            message = self.t.recv()
-        if message is None:
-            raise ProtocolError(f"the receiver closed the connection (expected {kind!r})")
-        if message[0] == P.ERROR:
-            raise remote_error(message)
+        message = receive(self.t)
         if message[0] != kind or len(message) != 2 or not isinstance(message[1], dict):
             raise ProtocolError(f"expected {kind!r} from the receiver, got {message[0]!r}")
         return message[1]
@@ -270,8 +258,6 @@ class SendSession(SourceSession):
         self.encoder: FileEncoder | None = None
         self.reader: _Reader | None = None
         self._last_flush = 0.0
-        self._pings = 0
-        self._retried: set[bytes] = set()
 
     def run(self, tree: TreeScan | None, epoch: int, renames, journal: dict | None = None) -> SyncResult:
         sent_before, received_before = self.t.bytes_sent, self.t.bytes_received
@@ -311,15 +297,6 @@ class SendSession(SourceSession):
     def do(self, op: Op) -> None:
         self.encoder.send(op)
 
-    def changed(self) -> None:
-        self.encoder.serve_signatures(block=False)
-
-    def content_done(self) -> None:
-        self.encoder.serve_signatures(block=True)
-
-    def links_done(self) -> None:
-        self._retry_mismatches()
-
     # -- pairing our listings with the receiver's ------------------------------------------
 
     def _summary_items(self):
@@ -328,8 +305,8 @@ class SendSession(SourceSession):
         last = None
         while True:
             item = self.reader.get(self.reader.summary)
-            if isinstance(item, tuple):
-                for path, errno_, message in item[1].get("problems", []):
+            if isinstance(item, dict):  # the summary's end
+                for path, errno_, message in item["problems"]:
                     self.out.problems.append(ScanProblem(path, errno_, "on the receiver: " + message))
                 return
             key = canonical_key(item[0])
@@ -339,22 +316,31 @@ class SendSession(SourceSession):
             yield key, item
 
     def _pairs(self, tree: TreeScan):
-        """``(src, dst)`` listing pairs in canonical order; dst fetched only where it differs.
+        """``(src, dst)`` listing pairs in canonical order; dst fetched only where it differs."""
+        matched = self._match(tree)
+        for src, dst in matched if self.scoped else self._ahead(matched):
+            if isinstance(dst, bytes):  # the path of the receiver's listing on its way
+                self.t.flush()
+                dst = self._receive_listing(dst)
+            if src is None:
+                continue  # only on the receiver: its parent's listing deletes it
+            self.listed(src)
+            now = time.monotonic()
+            if now - self._last_flush >= FLUSH_SECONDS:
+                self._last_flush = now
+                self.t.flush()
+            yield src, dst
 
-        For a whole tree a helper thread walks ahead, matching fingerprints and asking for
-        listings, so the answers are usually here by the time the comparison reaches them.
-        A scoped (live) session is a handful of listings that all come unasked: no thread.
-        """
-        if self.scoped:
-            for src, dst in self._match(tree, eager=True):
-                yield from self._resolve(src, dst)
-            return
+    def _ahead(self, matched):
+        """``matched``, run by a helper thread that walks ahead: for a whole tree it matches
+        fingerprints and asks for listings, so the answers are usually here by the time the
+        comparison reaches them.  (A scoped session's few listings all come unasked.)"""
         ahead: queue.Queue = queue.Queue(maxsize=1024)
         error: list[BaseException] = []
 
         def walk():
             try:
-                for item in self._match(tree, eager=False):
+                for item in matched:
                     ahead.put(item)
                     if ahead.qsize() == 1:
                         self.t.flush()  # the consumer may be waiting on what is buffered
@@ -375,15 +361,17 @@ class SendSession(SourceSession):
                     item = ahead.get()
                 if item is None:
                     break
-                yield from self._resolve(*item)
+                yield item
         finally:
             walker.join()
         if error:
             raise error[0]
 
-    def _match(self, tree: TreeScan, eager: bool):
+    def _match(self, tree: TreeScan):
         """Our listings against the receiver's summary: ``(src, dst)`` where dst is a listing,
-        None (absent there), ``_WANTED`` (its listing is on its way) or ``_DISCARD``."""
+        None (absent there) or the path of the receiver's listing on its way (src None: it
+        is taken and dropped, in order)."""
+        eager = self.scoped  # the receiver sends every listing unasked
         src_iter = ((canonical_key(listing.path), listing) for listing in tree)
         summary = self._summary_items()
         s_key, s = next(src_iter, (None, None))
@@ -394,56 +382,36 @@ class SendSession(SourceSession):
                 s_key, s = next(src_iter, (None, None))
             elif s is None or d_key < s_key:
                 if eager:
-                    yield None, _DISCARD  # its listing comes anyway: skip it in order
-                # only on the receiver: its parent's listing deletes it
+                    yield None, d[0]
                 d_key, d = next(summary, (None, None))
             else:
                 path, fingerprint, flags = d
                 if eager:
-                    yield s, _WANTED  # the receiver sends every listing unasked
+                    yield s, path
                 elif flags & P.INCOMPLETE:
                     yield s, self.kernel.Listing(path, complete=False)
                 elif fingerprint == s.fingerprint(self.flags) and not flags & P.HAS_LINKS and not s.has_links():
                     yield s, s  # unchanged: compares equal to itself
                 else:
                     self.t.send([P.WANT, [path]], flush=False)
-                    yield s, _WANTED
+                    yield s, path
                 s_key, s = next(src_iter, (None, None))
                 d_key, d = next(summary, (None, None))
         for _ in summary:
             pass
 
-    def _resolve(self, src, dst):
-        if dst is _DISCARD:
-            self._receive_listing(None)
-            return
-        if dst is _WANTED:
-            self.t.flush()
-            dst = self._receive_listing(src.path)
-        self.listed(src)
-        now = time.monotonic()
-        if now - self._last_flush >= FLUSH_SECONDS:
-            self._last_flush = now
-            self.t.flush()
-        yield src, dst
-
-    def _receive_listing(self, path: bytes | None):
-        """The receiver's listing of ``path`` (the next one to arrive; None: take and drop it)."""
+    def _receive_listing(self, path: bytes):
+        """The receiver's listing of ``path``, the next one to arrive (in parts if large)."""
         parts = []
-        while True:
+        last = False
+        while not last:
             got_path, strings, records, digests, complete, last = self.reader.get(self.reader.listings)
-            if path is None:
-                if last:
-                    return None
-                continue
             if got_path != path:
                 raise ProtocolError("listing arrived out of order")
             try:
                 parts.append(self.kernel.Listing.unpack(path, strings, records, digests, 1 << 20))
             except ValueError as exc:
                 raise ProtocolError(f"bad listing for {display_path(path)}: {exc}") from None
-            if last:
-                break
         if not complete:
             return self.kernel.Listing(path, complete=False)
         if len(parts) == 1:
@@ -455,39 +423,25 @@ class SendSession(SourceSession):
 
     # -- a delta whose basis changed meanwhile, sent again whole ----------------------------
 
-    def _sync_point(self) -> None:
-        """Wait until the receiver has processed everything sent so far (its failures are in)."""
-        self._pings += 1
-        self.t.send([P.PING, self._pings])
-        while self.reader.get(self.reader.pongs) != self._pings:
-            pass
-
-    def _retry_mismatches(self) -> None:
+    def content_done(self) -> None:
+        """Every delta sent; those whose basis changed on the receiver meanwhile are sent
+        again whole, before the hard links to them."""
+        self.encoder.serve_signatures(block=True)
         if not self.out.stats.files_delta:
             # Only a delta can fail for a reason a second try fixes (its basis changed); any
             # other failure comes with the result.  No barrier, no round trip.
             return
-        self._sync_point()
-        retry = []
-        for path, reason in self.reader.failed:
-            if reason.startswith(("mismatch", "basis-")) and path not in self._retried:
-                retry.append(path)
+        reader = self.reader
+        self.t.send([P.PING, 0])
+        reader.get(reader.pongs)  # the receiver has processed everything sent: its failures are in
+        mismatched = [path for path, reason in reader.failed if reason.startswith(("mismatch", "basis-"))]
+        retry = dict.fromkeys(mismatched)
+        reader.failed = [f for f in reader.failed if f[0] not in retry]
         for path in retry:
-            self._retried.add(path)
-            self.reader.failed = [f for f in self.reader.failed if f[0] != path]
-            entry = self._lstat_entry(path)
+            entry = self.entry_at(path, stat.S_ISREG)
             if entry is not None:
                 log.info("%s: sent again whole after a failed verification", display_path(path))
                 self.encoder.stream_file(Op(WHOLE, path, entry), None)
-        if retry:
-            self._sync_point()
-
-    def _lstat_entry(self, path: bytes) -> Entry | None:
-        try:
-            st = self.src_tree.lstat(path)
-        except (OSError, UnsafePathError):
-            return None
-        return entry_from_stat(os.path.basename(path), st, b"") if st is not None and stat.S_ISREG(st.st_mode) else None
 
 
 class FileEncoder:
@@ -511,24 +465,15 @@ class FileEncoder:
         self._sig_batch: list = []
 
     def send(self, op: Op) -> None:
-        """One planned operation, encoded as its frame (a delta waits for its signature)."""
-        entry, path = op.entry, op.path
+        """One planned operation, encoded as its frame (a delta waits for its signature); then
+        the deltas whose signatures are in."""
         if op.kind == WHOLE:
             self.stream_file(op, None)
         elif op.kind == DELTA:
             self._request_signature(op)
-        elif op.kind == MKDIR:
-            self.t.send([P.MKDIR, path, entry_attrs(entry)], flush=False)
-        elif op.kind == SYMLINK:
-            self.t.send([P.SYMLINK, path, entry.target, entry_attrs(entry)], flush=False)
-        elif op.kind == SPECIAL:
-            self.t.send([P.NODE, path, int(entry.kind), entry.rdev, entry_attrs(entry)], flush=False)
-        elif op.kind == LINK:
-            self.t.send([P.HARDLINK, path, op.link_to], flush=False)
-        elif op.kind == ATTRS:
-            self.t.send([P.ATTRS, path, int(entry.kind), entry_attrs(entry)], flush=False)
         else:
-            self.t.send([P.DELETE, path], flush=False)
+            self.t.send(_ENTRY_FRAMES[op.kind](op), flush=False)
+        self.serve_signatures(block=False)
 
     def _request_signature(self, op: Op) -> None:
         self._req += 1
@@ -555,7 +500,7 @@ class FileEncoder:
             item = self.reader.get(self.reader.signatures, block)
             if item is None:
                 return
-            req, sig_bytes, _reason = item
+            req, sig_bytes = item  # sig_bytes None: the receiver has no basis now (sent whole)
             op = self._deferred.pop(req)
             sig = None
             if sig_bytes is not None:
@@ -616,8 +561,3 @@ class FileEncoder:
             stats.size_of_sent_files += ops.new_size
             if self.on_progress is not None:
                 self.on_progress(ops.new_size)
-
-
-_WANTED = object()
-_DISCARD = object()
-

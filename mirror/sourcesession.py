@@ -29,9 +29,8 @@ CHANGED = "changed while it was being {}; sync again to pick it up"
 
 
 class SourceSession:
-    """The source side of one session.  A subclass carries the operations out (``do``) and
-    may act once per change (``changed``), once content is planned (``content_done``) and
-    once links are (``links_done``)."""
+    """The source side of one session.  A subclass carries the operations out (``do``, and
+    ``content_done`` once all new content is planned)."""
 
     def __init__(self, root: bytes, options, guard, *, delta_threshold: int, on_change=None):
         self.root = root
@@ -47,7 +46,7 @@ class SourceSession:
             delete=options.delete,
             dry_run=options.dry_run,
             delta_threshold=delta_threshold,
-            dir_entry=self._dir_entry,
+            dir_entry=lambda path: self.entry_at(path, stat.S_ISDIR),
         )
 
     def open(self, scans, scope, renames):
@@ -77,14 +76,15 @@ class SourceSession:
             self.src_tree.close()
         stop_scans(self.scans)
 
-    def _dir_entry(self, path: bytes) -> Entry | None:
-        """The source directory at ``path`` when no listing showed it (a live session's
-        partial listing); None if it is not a directory there now."""
+    def entry_at(self, path: bytes, is_kind) -> Entry | None:
+        """The source's entry at ``path`` now if ``is_kind(mode)`` (e.g. ``stat.S_ISDIR``), else
+        None: a directory no listing showed (a live session's partial listing), a file sent
+        again."""
         try:
-            st = os.stat(self.src_tree.dir_fd(self.src_tree.parts(path) if path else []))
+            st = self.src_tree.lstat(path) if path else os.stat(self.src_tree.root_fd)
         except (OSError, UnsafePathError):
             return None
-        return entry_from_stat(os.path.basename(path), st, b"") if stat.S_ISDIR(st.st_mode) else None
+        return entry_from_stat(os.path.basename(path), st, b"") if st is not None and is_kind(st.st_mode) else None
 
     def plan_root(self, replica_attrs, owner: bool) -> None:
         """The source root's entry to the planner; ``replica_attrs``: the replica root's
@@ -119,12 +119,10 @@ class SourceSession:
                 self.on_change(change)
             for op in ops:
                 self.do(op)
-            self.changed()
         self.content_done()  # links, deletions and directory times come after all new content
         for op in planner.links():
             self.lock.check()
             self.do(op)
-        self.links_done()
         self.lock.check()
         for op in planner.closing():
             self.do(op)
@@ -134,14 +132,8 @@ class SourceSession:
     def do(self, op) -> None:
         raise NotImplementedError
 
-    def changed(self) -> None:
-        pass
-
     def content_done(self) -> None:
-        pass
-
-    def links_done(self) -> None:
-        pass
+        """All new content handed to ``do``: carry it out before links and deletions."""
 
     def finish(self, replica_result: dict, failed) -> SyncResult:
         """The outcome, with the replica's report and the files it could not take."""

@@ -261,11 +261,10 @@ def test_a_session_that_fails_on_the_sender_ends_while_the_receiver_waits_in_sil
     # wake that read rather than wait for it (closing the buffered reader first waited forever).
     from mirror import sender as sender_mod
 
-    def broken(self, src, dst):
+    def broken(self, listing):
         raise RuntimeError("injected: the comparison failed")
-        yield
 
-    monkeypatch.setattr(sender_mod.SendSession, "_resolve", broken)
+    monkeypatch.setattr(sender_mod.SendSession, "listed", broken)
     src, dst = changed_pair(tmp_path)
     outcome: list = []
 
