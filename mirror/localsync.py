@@ -81,10 +81,7 @@ class LocalSync:
             writer = run.writer = self._replica.writer(
                 dst_tree, excluder, owner=owner, sync_writes=o.fsync, dry_run=o.dry_run, policy=policy
             )
-            try:
-                run.plan(CompareOptions(checksum=o.checksum, owner=owner), planned, owner)
-            finally:
-                run.close_ahead()
+            run.plan(CompareOptions(checksum=o.checksum, owner=owner), planned, owner)
             result = writer.result(writer.finish())
         except (LockedError, Cancelled):
             if writer is not None:
@@ -124,15 +121,7 @@ class LocalSession(SourceSession):
         self.plan_root(entry_attrs(replica_root) if replica_root is not None else None, owner)
         self.lock.check()
         pairs = src_scan.pairs_with(dst_scan, compare.flags(fastpath.choose("scan")))
-        self.drive(self._listed(pairs if pairs is not None else align(src_scan, dst_scan)), compare, renames)
-
-    def _listed(self, pairs):
-        for src, dst in pairs:
-            if src is None:  # only on the replica: its parent's listing deletes it
-                self.out.problems.extend(dst.problems)
-                continue
-            self.listed(src)
-            yield src, dst
+        self.drive(pairs if pairs is not None else align(src_scan, dst_scan), compare, renames)
 
     def do(self, op) -> None:
         writer, entry = self.writer, op.entry
@@ -173,11 +162,10 @@ class LocalSession(SourceSession):
             self.ahead_bytes -= asked
             self._copy(path, f)
 
-    def close_ahead(self) -> None:
-        """Let go of the files still queued (the session ended early)."""
-        while self.ahead:
-            self.ahead.popleft()[1].close()
-        self.ahead_bytes = 0
+    def close(self) -> None:
+        for _path, f, _asked in self.ahead:  # still queued: the session ended early
+            f.close()
+        super().close()
 
     def _copy(self, path: bytes, f) -> None:
         """One open file, copied whole by the kernel; abandoned if it changes while copied."""

@@ -322,9 +322,6 @@ class SendSession(SourceSession):
             if isinstance(dst, bytes):  # the path of the receiver's listing on its way
                 self.t.flush()
                 dst = self._receive_listing(dst)
-            if src is None:
-                continue  # only on the receiver: its parent's listing deletes it
-            self.listed(src)
             now = time.monotonic()
             if now - self._last_flush >= FLUSH_SECONDS:
                 self._last_flush = now
@@ -527,13 +524,9 @@ class FileEncoder:
             self._req += 1
             req = self._req
             stats = self.stats
-            if sig is not None:
-                self.t.send([P.FILE, req, path, stat_attrs(before), "delta", sig.block_size, sig.basis_size],
-                            flush=False)  # fmt: skip
-                block = sig.block_size
-            else:
-                self.t.send([P.FILE, req, path, stat_attrs(before), "whole", 0, 0], flush=False)
-                block = 1
+            how = ["delta", sig.block_size, sig.basis_size] if sig is not None else ["whole", 0, 0]
+            self.t.send([P.FILE, req, path, stat_attrs(before), *how], flush=False)
+            block = sig.block_size if sig is not None else 1
             ops = self.delta.delta(sig, f)
             try:
                 for op_ in ops:

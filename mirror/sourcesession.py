@@ -98,10 +98,16 @@ class SourceSession:
             differs = mine != replica_attrs
         self.planner.root(entry, differs)
 
-    def listed(self, listing) -> None:
-        """A source listing about to be compared."""
-        self.planner.listing(listing)
-        self.out.stats.files_seen += len(listing)
+    def _listed(self, pairs):
+        """``pairs``, each source listing counted and shown to the planner; a directory only
+        on the replica is left out (its parent's listing deletes it)."""
+        for src, dst in pairs:
+            if src is None:
+                self.out.problems.extend(dst.problems)
+                continue
+            self.planner.listing(src)
+            self.out.stats.files_seen += len(src)
+            yield src, dst
 
     def drive(self, pairs, compare, renames) -> None:
         """Compare ``pairs`` and carry out the planner's operations, in its order."""
@@ -109,7 +115,7 @@ class SourceSession:
         for old, new, _ in renames:  # done on the replica first: both directories' times changed
             planner.renamed(old, new)
         summary = CompareSummary()
-        for change in compare_pairs(pairs, compare, summary):
+        for change in compare_pairs(self._listed(pairs), compare, summary):
             ops = planner.plan(change)
             if ops is None:
                 continue

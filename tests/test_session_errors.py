@@ -261,10 +261,10 @@ def test_a_session_that_fails_on_the_sender_ends_while_the_receiver_waits_in_sil
     # wake that read rather than wait for it (closing the buffered reader first waited forever).
     from mirror import sender as sender_mod
 
-    def broken(self, listing):
+    def broken(self, path):
         raise RuntimeError("injected: the comparison failed")
 
-    monkeypatch.setattr(sender_mod.SendSession, "listed", broken)
+    monkeypatch.setattr(sender_mod.SendSession, "_receive_listing", broken)
     src, dst = changed_pair(tmp_path)
     outcome: list = []
 
