@@ -13,8 +13,10 @@ before their turn, so a cold source is read while earlier files are copied.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 
+from . import fastpath
 from .apply import LockWatch, ReplicaAdmission, ReplicaWriter
 from .compare import CompareOptions, align, root_entry
 from .entry import Entry
@@ -22,6 +24,7 @@ from .errors import Cancelled, LockedError, MirrorError, failure_reason
 from .exclude import make_excluder
 from .guard import DeletionPolicy, SourceGuard
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE
+from .records import SyncResult
 from .sourcesession import (
     CHANGED,
     SourceSession,
@@ -56,49 +59,11 @@ class LocalSync:
         self.on_change = on_change
         self.on_progress = on_progress
         self.source_guard = SourceGuard(src, resolve_state_dir(src, options.state_dir))
-        self._replica = ReplicaAdmission(module, "local")
+        self.replica = ReplicaAdmission(module, "local")
 
-    def session(self, epoch: int, scope=None, renames=()):
+    def session(self, epoch: int, scope=None, renames=()) -> SyncResult:
         scans, self.scans = self.scans or (None, None), None
-        o = self.o
-        run = LocalSession(self)
-        dst_tree = writer = None
-        try:
-            tree_id, planned, scope = run.open(scans, scope, renames)
-            self._replica.admit(
-                epoch, tree_id, deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run
-            )
-            dst_tree = self._replica.open_tree(self.module.path, o.dry_run)
-            if planned:
-                from .renames import apply as apply_renames
-
-                apply_renames(dst_tree, [tuple(item) for item in planned])
-            if run.scans[1] is None:
-                run.scans[1] = replica_scan(self.module.path, o, scope)
-            owner = os.geteuid() == 0
-            policy = DeletionPolicy(o.max_delete, o.allow_mass_delete)
-            excluder = make_excluder(o.excludes)
-            writer = run.writer = self._replica.writer(
-                dst_tree, excluder, owner=owner, sync_writes=o.fsync, dry_run=o.dry_run, policy=policy
-            )
-            run.plan(CompareOptions(checksum=o.checksum, owner=owner), planned, owner)
-            result = writer.result(writer.finish())
-        except (LockedError, Cancelled):
-            if writer is not None:
-                try:
-                    writer.finish_files()  # what is whole and verified is kept
-                except MirrorError:
-                    pass
-            raise
-        except BaseException:
-            if writer is not None:
-                writer.discard()
-            raise
-        finally:
-            if dst_tree is not None:
-                dst_tree.close()
-            run.close()
-        return run.finish(result, [tuple(f) for f in writer.failures])
+        return LocalSession(self).run(scans, epoch, scope, renames)
 
 
 class LocalSession(SourceSession):
@@ -113,15 +78,43 @@ class LocalSession(SourceSession):
         self.ahead: collections.deque = collections.deque()  # (path, open source file, bytes asked)
         self.ahead_bytes = 0
 
-    def plan(self, compare: CompareOptions, renames, owner: bool) -> None:
-        from . import fastpath
+    def run(self, scans, epoch: int, scope, renames) -> SyncResult:
+        o, sync = self.o, self.sync
+        dst_tree = writer = None
+        try:
+            tree_id, planned, scope = self.open(scans, scope, renames)
+            sync.replica.admit(epoch, tree_id, deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
+            dst_tree = sync.replica.open_tree(sync.module.path, o.dry_run)
+            if planned:
+                from .renames import apply as apply_renames
 
-        src_scan, dst_scan = self.scans
-        replica_root = root_entry(self.sync.module.path)
-        self.plan_root(entry_attrs(replica_root) if replica_root is not None else None, owner)
-        self.lock.check()
-        pairs = src_scan.pairs_with(dst_scan, compare.flags(fastpath.choose("scan")))
-        self.drive(pairs if pairs is not None else align(src_scan, dst_scan), compare, renames)
+                apply_renames(dst_tree, [tuple(item) for item in planned])
+            src_scan, dst_scan = self.scans
+            if dst_scan is None:
+                dst_scan = self.scans[1] = replica_scan(sync.module.path, o, scope)
+            owner = os.geteuid() == 0
+            policy = DeletionPolicy(o.max_delete, o.allow_mass_delete)
+            writer = self.writer = sync.replica.writer(dst_tree, make_excluder(o.excludes), owner=owner,
+                                                       sync_writes=o.fsync, dry_run=o.dry_run, policy=policy)  # fmt: skip
+            replica_root = root_entry(sync.module.path)
+            self.plan_root(entry_attrs(replica_root) if replica_root is not None else None, owner)
+            self.lock.check()
+            compare = CompareOptions(checksum=o.checksum, owner=owner)
+            pairs = src_scan.pairs_with(dst_scan, compare.flags(fastpath.choose("scan")))
+            self.drive(pairs if pairs is not None else align(src_scan, dst_scan), compare, planned)
+            result = writer.result(writer.finish())
+        except BaseException as exc:
+            if writer is not None and isinstance(exc, (LockedError, Cancelled)):
+                with contextlib.suppress(MirrorError):
+                    writer.finish_files()  # what is whole and verified is kept
+            elif writer is not None:
+                writer.discard()
+            raise
+        finally:
+            if dst_tree is not None:
+                dst_tree.close()
+            self.close()
+        return self.finish(result, [tuple(f) for f in writer.failures])
 
     def do(self, op) -> None:
         writer, entry = self.writer, op.entry
