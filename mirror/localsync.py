@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 
 from . import fastpath
@@ -26,7 +27,6 @@ from .guard import DeletionPolicy, SourceGuard
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE
 from .records import SyncResult
 from .sourcesession import (
-    CHANGED,
     SourceSession,
     changed_while_read,
     entry_attrs,
@@ -44,6 +44,7 @@ COPY_CHUNK = 4 << 20  # bytes copied between two looks at the locks (a slow disk
 READ_AHEAD_FILES = 32
 READ_AHEAD_PER_FILE = 8 << 20
 READ_AHEAD_BYTES = 64 << 20
+_NO_COPY_RANGE = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 class LocalSync:
@@ -79,12 +80,12 @@ class LocalSession(SourceSession):
         self.ahead_bytes = 0
 
     def run(self, scans, epoch: int, scope, renames) -> SyncResult:
-        o, sync = self.o, self.sync
+        o, sync, replica = self.o, self.sync, self.sync.replica
         dst_tree = writer = None
         try:
             tree_id, planned, scope = self.open(scans, scope, renames)
-            sync.replica.admit(epoch, tree_id, deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
-            dst_tree = sync.replica.open_tree(sync.module.path, o.dry_run)
+            replica.admit(epoch, tree_id, deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
+            dst_tree = replica.open_tree(sync.module.path, o.dry_run)
             if planned:
                 from .renames import apply as apply_renames
 
@@ -94,8 +95,8 @@ class LocalSession(SourceSession):
                 dst_scan = self.scans[1] = replica_scan(sync.module.path, o, scope)
             owner = os.geteuid() == 0
             policy = DeletionPolicy(o.max_delete, o.allow_mass_delete)
-            writer = self.writer = sync.replica.writer(dst_tree, make_excluder(o.excludes), owner=owner,
-                                                       sync_writes=o.fsync, dry_run=o.dry_run, policy=policy)  # fmt: skip
+            writer = self.writer = replica.writer(dst_tree, make_excluder(o.excludes), owner=owner,
+                                                  sync_writes=o.fsync, dry_run=o.dry_run, policy=policy)  # fmt: skip
             replica_root = root_entry(sync.module.path)
             self.plan_root(entry_attrs(replica_root) if replica_root is not None else None, owner)
             self.lock.check()
@@ -174,7 +175,7 @@ class LocalSession(SourceSession):
                 return
             try:
                 copied = _copy_range(fd, commit.file.fileno(), (self.lock, self.writer.lock))
-                changed = changed_while_read(fd, before, copied)
+                changed = changed_while_read(fd, before, copied, path, self.out.failed, "copied")
             except OSError as exc:
                 self.writer.drop_file(commit)
                 self.writer.fail(None, path, f"cannot copy: {failure_reason(exc)}")
@@ -184,7 +185,6 @@ class LocalSession(SourceSession):
                 raise
             if changed:
                 self.writer.drop_file(commit)
-                self.out.failed.append((path, CHANGED.format("copied")))
                 return
             self.writer.commit_file(commit, stat_attrs(before), copied)
         stats = self.out.stats
@@ -196,27 +196,25 @@ class LocalSession(SourceSession):
 
 
 def _copy_range(src_fd: int, dst_fd: int, locks: tuple[LockWatch, ...]) -> int:
-    """Copy ``src_fd`` from its start to ``dst_fd`` in the kernel; the number of bytes."""
+    """Copy ``src_fd`` from its start to ``dst_fd`` in the kernel; the number of bytes.
+    ``copy_file_range`` where the file systems allow it, else ``sendfile`` (e.g. across
+    two kinds of file system)."""
     copied = 0
-    fallback = False
+    copy = os.copy_file_range
     while True:
-        if not fallback:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, COPY_CHUNK)
-            except OSError as exc:
-                if exc.errno not in (18, 22, 38, 95) or copied:  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
-                    raise
-                fallback = True
-                continue
-        else:
-            data = os.read(src_fd, 1 << 20)
-            n = len(data)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(dst_fd, view) :]
+        try:
+            n = copy(src_fd, dst_fd, COPY_CHUNK)
+        except OSError as exc:
+            if copy is _sendfile or exc.errno not in _NO_COPY_RANGE or copied:
+                raise
+            copy = _sendfile
+            continue
         if n == 0:
             return copied
         copied += n
         for lock in locks:
             lock.check(force=False)
 
+
+def _sendfile(src_fd: int, dst_fd: int, count: int) -> int:
+    return os.sendfile(dst_fd, src_fd, None, count)

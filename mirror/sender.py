@@ -45,7 +45,6 @@ from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op
 from .records import DELTA_THRESHOLD, SenderOptions, SyncResult, TransferStats
 from .safefs import ConfinedTree
 from .sourcesession import (
-    CHANGED,
     SourceSession,
     changed_while_read,
     entry_attrs,
@@ -82,7 +81,9 @@ class _Reader(threading.Thread):
     def __init__(self, transport):
         super().__init__(name="sender-reader", daemon=True)
         self.t = transport
-        self.summary, self.listings, self.signatures, self.pongs, self.results = (queue.Queue() for _ in range(5))
+        self.summary, self.listings, self.signatures, self.pongs, self.results = (
+            queue.Queue() for _ in range(5)
+        )
         self.failed: list = []
         self.error: BaseException | None = None
         self._sig_parts: list[bytes] = []
@@ -188,7 +189,8 @@ class Sender:
         self.t.send([P.AUTH, {"proof": proof}])
         welcome = self.expect(P.WELCOME)
         if info.get("auth"):
-            P.verify(P.server_proof(secret, info["nonce"], nonce, self.module), welcome.get("proof"), "the receiver")
+            expected = P.server_proof(secret, info["nonce"], nonce, self.module)
+            P.verify(expected, welcome.get("proof"), "the receiver")
         return welcome
 
     def expect(self, kind: str) -> dict:
@@ -198,7 +200,9 @@ class Sender:
             raise ProtocolError(f"expected {kind!r} from the receiver, got {message[0]!r}")
         return message[1]
 
-    def run(self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None) -> SyncResult:
+    def run(
+        self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None
+    ) -> SyncResult:
         """One session: make the receiver's tree (or the part in ``scope``) equal ours.
 
         ``scope`` (a ``treescan.Scope``) limits both scans, for the live daemon; ``renames``
@@ -387,7 +391,7 @@ class SendSession(SourceSession):
                     yield s, path
                 elif flags & P.INCOMPLETE:
                     yield s, self.kernel.Listing(path, complete=False)
-                elif fingerprint == s.fingerprint(self.flags) and not flags & P.HAS_LINKS and not s.has_links():
+                elif fingerprint == s.fingerprint(self.flags) and not (flags & P.HAS_LINKS or s.has_links()):
                     yield s, s  # unchanged: compares equal to itself
                 else:
                     self.t.send([P.WANT, [path]], flush=False)
@@ -537,7 +541,7 @@ class FileEncoder:
                         self.t.send([P.COPY, req, op_[1], op_[2]], flush=False)
                         stats.matched_bytes += min(op_[2] * block, sig.basis_size - op_[1] * block)
                     self.lock.check(force=False)
-                changed = changed_while_read(fd, before, ops.new_size)
+                changed = changed_while_read(fd, before, ops.new_size, path, self.failed, "sent")
             except (LockedError, Cancelled, OSError) as exc:
                 self.t.send([P.FILE_ABORT, req, "read error" if isinstance(exc, OSError) else "stopped"])
                 if not isinstance(exc, OSError):
@@ -546,7 +550,6 @@ class FileEncoder:
                 return
             if changed:
                 self.t.send([P.FILE_ABORT, req, "changed while sending"])
-                self.failed.append((path, CHANGED.format("sent")))
                 return
             self.t.send([P.FILE_END, req, ops.digest, ops.new_size], flush=False)
             stats.files_sent += 1

@@ -84,7 +84,9 @@ class SourceSession:
             st = self.src_tree.lstat(path) if path else os.stat(self.src_tree.root_fd)
         except (OSError, UnsafePathError):
             return None
-        return entry_from_stat(os.path.basename(path), st, b"") if st is not None and is_kind(st.st_mode) else None
+        if st is None or not is_kind(st.st_mode):
+            return None
+        return entry_from_stat(os.path.basename(path), st, b"")
 
     def plan_root(self, replica_attrs, owner: bool) -> None:
         """The source root's entry to the planner; ``replica_attrs``: the replica root's
@@ -169,17 +171,20 @@ def settled_source(fd: int, path: bytes, failed: list, verb: str) -> os.stat_res
     return before
 
 
-def changed_while_read(fd: int, before: os.stat_result, length: int) -> bool:
-    """Whether the file changed while read: by its times, or (within one timestamp tick,
-    where the times cannot tell) by reading another length than it had, e.g. truncated
-    and rewritten."""
-    after = os.fstat(fd)
-    return (after.st_size, after.st_mtime_ns, after.st_ctime_ns, length) != (
-        before.st_size,
-        before.st_mtime_ns,
-        before.st_ctime_ns,
-        before.st_size,
-    )
+def changed_while_read(
+    fd: int, before: os.stat_result, length: int, path: bytes, failed: list, verb: str
+) -> bool:
+    """Whether the file changed while read (then the reason goes to ``failed``): by its
+    times, or (within one timestamp tick, where the times cannot tell) by reading another
+    length than it had, e.g. truncated and rewritten."""
+    if _identity(os.fstat(fd)) == _identity(before) and length == before.st_size:
+        return False
+    failed.append((path, CHANGED.format(verb)))
+    return True
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def stat_attrs(st: os.stat_result) -> list:

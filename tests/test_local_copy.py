@@ -153,3 +153,27 @@ def test_files_opened_ahead_of_their_copy_are_let_go_when_the_lock_ends_the_sync
     assert stopped.value is not None and len(seen) >= 150
     written = [name for name in os.listdir(dst) if name != ".mirror"]
     assert len(written) < 300
+
+
+def test_a_copy_between_two_kinds_of_file_system_falls_back_and_stays_whole(tmp_path):
+    # copy_file_range refuses a source on tmpfs and a replica on another file system
+    # (EXDEV): the copy falls back, and every file, empty to several chunks, arrives whole.
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no tmpfs beside the test's directory")
+    import shutil
+    import tempfile
+
+    src = tempfile.mkdtemp(prefix="hamirror-src-", dir=shm)
+    try:
+        sizes = {"empty": 0, "small": 100, "chunks": (9 << 20) + 7}
+        for name, size in sizes.items():
+            with open(os.path.join(src, name), "wb") as f:
+                f.write(os.urandom(size))
+        result = sync(src, tmp_path / "dst")
+        assert result.ok and result.stats.files_sent == len(sizes)
+        for name in sizes:
+            with open(os.path.join(src, name), "rb") as f:
+                assert (tmp_path / "dst" / name).read_bytes() == f.read(), name
+    finally:
+        shutil.rmtree(src)
