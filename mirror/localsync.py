@@ -53,7 +53,7 @@ class LocalSync:
     plans and writes one pass (a ``LocalSession``)."""
 
     def __init__(self, src: bytes, module, options, *, scans=None, on_change=None, on_progress=None):
-        self.src = src
+        self.root = src
         self.module = module
         self.o = options
         self.scans = scans  # (source, replica) scans started by the caller for the first session
@@ -71,16 +71,13 @@ class LocalSession(SourceSession):
     """One local session: pairs in, operations carried out on the replica writer."""
 
     def __init__(self, sync: LocalSync):
-        super().__init__(
-            sync.src, sync.o, sync.source_guard, delta_threshold=1 << 63, on_change=sync.on_change
-        )
-        self.sync = sync
+        super().__init__(sync, delta_threshold=1 << 63)
         self.writer: ReplicaWriter | None = None
         self.ahead: collections.deque = collections.deque()  # (path, open source file, bytes asked)
         self.ahead_bytes = 0
 
     def run(self, scans, epoch: int, scope, renames) -> SyncResult:
-        o, sync, replica = self.o, self.sync, self.sync.replica
+        o, sync, replica = self.o, self.conn, self.conn.replica
         dst_tree = writer = None
         try:
             tree_id, planned, scope = self.open(scans, scope, renames)
@@ -191,8 +188,8 @@ class LocalSession(SourceSession):
         stats.files_sent += 1
         stats.literal_bytes += copied
         stats.size_of_sent_files += copied
-        if self.sync.on_progress is not None:
-            self.sync.on_progress(copied)
+        if self.conn.on_progress is not None:
+            self.conn.on_progress(copied)
 
 
 def _copy_range(src_fd: int, dst_fd: int, locks: tuple[LockWatch, ...]) -> int:

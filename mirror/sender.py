@@ -15,6 +15,7 @@ ends cleanly and the sync stops with ``LockedError``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -219,15 +220,12 @@ class Sender:
         reader = _Reader(self.t)
         reader.start()
         try:
-            result = body(reader)
+            return body(reader)
         except (LockedError, Cancelled):
             # Stopped by a lock: let the receiver commit what it verified, then end.
-            try:
+            with contextlib.suppress(MirrorError, OSError):
                 self.t.send([P.END, {}])
                 reader.get(reader.results)
-            except (MirrorError, OSError):
-                pass
-            reader.join(timeout=5)
             raise
         except BaseException as exc:
             self.t.close()  # the session is lost: wake the reader now rather than in 5 s
@@ -238,8 +236,8 @@ class Sender:
                 # (a LockedError, exit 3, rather than "connection lost").
                 raise reader.error from exc
             raise
-        reader.join(timeout=5)
-        return result
+        finally:
+            reader.join(timeout=5)
 
 
 class SendSession(SourceSession):
@@ -247,11 +245,8 @@ class SendSession(SourceSession):
     receiver's summary, compare, plan; the operations go to a ``FileEncoder``."""
 
     def __init__(self, conn: Sender, welcome: dict, scope):
-        o = conn.o
-        super().__init__(
-            conn.root, o, conn.source_guard, delta_threshold=o.delta_threshold, on_change=conn.on_change
-        )
-        self.conn = conn
+        super().__init__(conn, delta_threshold=conn.o.delta_threshold)
+        o = self.o
         self.t = conn.t
         self.scope = scope
         self.scoped = scope is not None and not scope.everything

@@ -32,11 +32,11 @@ class SourceSession:
     """The source side of one session.  A subclass carries the operations out (``do``, and
     ``content_done`` once all new content is planned)."""
 
-    def __init__(self, root: bytes, options, guard, *, delta_threshold: int, on_change=None):
-        self.root = root
-        self.o = options
-        self.guard = guard
-        self.on_change = on_change
+    def __init__(self, conn, *, delta_threshold: int):
+        self.conn = conn  # a Sender or a LocalSync: root, o, source_guard, on_change, on_progress
+        self.root = conn.root
+        self.o = options = conn.o
+        self.guard = conn.source_guard
         self.started = time.perf_counter()
         self.out = SyncResult(dry_run=options.dry_run)
         self.lock = LockWatch(options.lock_file, "present", cancel=options.cancel)
@@ -113,7 +113,7 @@ class SourceSession:
 
     def drive(self, pairs, compare, renames) -> None:
         """Compare ``pairs`` and carry out the planner's operations, in its order."""
-        planner, out = self.planner, self.out
+        planner, out, on_change = self.planner, self.out, self.conn.on_change
         for old, new, _ in renames:  # done on the replica first: both directories' times changed
             planner.renamed(old, new)
         summary = CompareSummary()
@@ -123,8 +123,8 @@ class SourceSession:
                 continue
             if self.o.keep_changes:
                 out.changes.append(change)
-            if self.on_change is not None:
-                self.on_change(change)
+            if on_change is not None:
+                on_change(change)
             for op in ops:
                 self.do(op)
         self.content_done()  # links, deletions and directory times come after all new content
