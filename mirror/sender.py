@@ -59,7 +59,6 @@ from .treescan import TreeScan
 log = logging.getLogger(__name__)
 
 MAX_SIGS_IN_FLIGHT = 64
-SIG_BATCH = 32
 # What is buffered goes out at least this often while the trees are compared: the receiver
 # verifies and commits files while the scans go on, rather than all at the end.
 FLUSH_SECONDS = 0.005
@@ -442,8 +441,8 @@ class SendSession(SourceSession):
 
 class FileEncoder:
     """The planner's operations as frames: an entry is one frame; a file is streamed whole,
-    or, for a delta, once the receiver's signature of its copy has arrived (requested in
-    batches, the next files sent meanwhile).  Counts what it sent in ``stats``; a file it
+    or, for a delta, once the receiver's signature of its copy has arrived (requested at
+    once, the next files sent meanwhile).  Counts what it sent in ``stats``; a file it
     could not send goes to ``failed`` (the session goes on)."""
 
     def __init__(self, transport, src_tree: ConfinedTree, reader: _Reader, lock: LockWatch, stats: TransferStats,
@@ -458,7 +457,6 @@ class FileEncoder:
         self.delta = fastpath.choose("delta")
         self._req = 0
         self._deferred: dict[int, Op] = {}
-        self._sig_batch: list = []
 
     def send(self, op: Op) -> None:
         """One planned operation, encoded as its frame (a delta waits for its signature); then
@@ -476,20 +474,12 @@ class FileEncoder:
         self._deferred[self._req] = op
         # The receiver's default blocks are at least 512 bytes, 4 + 16 bytes each at most.
         self.reader.sig_limits[self._req] = 4096 + (op.basis.size // 512 + 2) * 24
-        self._sig_batch.append([self._req, op.path])
-        if len(self._sig_batch) >= SIG_BATCH:
-            self._flush_sig_requests()
+        self.t.send([P.SIG, [[self._req, op.path]]])  # asked at once: the next files go meanwhile
         if len(self._deferred) >= MAX_SIGS_IN_FLIGHT:
             self.serve_signatures(block=True, until=MAX_SIGS_IN_FLIGHT // 2)
 
-    def _flush_sig_requests(self) -> None:
-        if self._sig_batch:
-            self.t.send([P.SIG, self._sig_batch], flush=True)
-            self._sig_batch = []
-
     def serve_signatures(self, block: bool, until: int = 0) -> None:
         """Send the delta-encoded files whose signatures have arrived (all of them if ``block``)."""
-        self._flush_sig_requests()
         while len(self._deferred) > until:
             if block:
                 self.t.flush()
