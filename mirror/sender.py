@@ -213,13 +213,14 @@ class Sender:
         tree, self._started_scan = self._started_scan, None
         return SendSession(self, welcome, scope).run(tree, epoch, renames, journal)
 
-    def exchange(self, body):
-        """``body(reader)`` with the receiver's messages read by a thread meanwhile; whatever
-        ends it, the reader is gone afterwards and the error raised is the most telling one."""
+    @contextlib.contextmanager
+    def reading(self):
+        """A thread reading the receiver's messages (a ``_Reader``) while the block sends;
+        whatever ends it, the reader is gone afterwards and the error is the most telling."""
         reader = _Reader(self.t)
         reader.start()
         try:
-            return body(reader)
+            yield reader
         except (LockedError, Cancelled):
             # Stopped by a lock: let the receiver commit what it verified, then end.
             with contextlib.suppress(MirrorError, OSError):
@@ -272,25 +273,22 @@ class SendSession(SourceSession):
                 **(journal or {}),
             }])  # fmt: skip
             self.plan_root(self.conn.expect(P.READY).get("root"), self.owner)
-            result = self.conn.exchange(lambda reader: self._exchange(reader, planned))
+            with self.conn.reading() as reader:  # from the summary to the receiver's result
+                self.reader = reader
+                self.encoder = FileEncoder(self.t, self.src_tree, reader, self.lock, self.out.stats,
+                                           self.out.failed, self.conn.on_progress)  # fmt: skip
+                self.drive(self._pairs(self.scans[0]), self.compare, planned)
+                # complete: nothing was left out on this side, so the receiver may record the
+                # session's journal sequence as applied (mirror.applied)
+                complete = not self.out.failed and not self.out.problems
+                self.t.send([P.END, {"complete": complete}])
+                result = reader.get(reader.results)
         finally:
             self.close()
         stats = self.out.stats
         stats.wire_sent = self.t.bytes_sent - sent_before
         stats.wire_received = self.t.bytes_received - received_before
         return self.finish(result, self.reader.failed)
-
-    def _exchange(self, reader: _Reader, renames: list) -> dict:
-        """Everything from the summary to the receiver's result, while ``reader`` reads."""
-        self.reader = reader
-        self.encoder = FileEncoder(self.t, self.src_tree, reader, self.lock, self.out.stats, self.out.failed,
-                                   self.conn.on_progress)  # fmt: skip
-        self.drive(self._pairs(self.scans[0]), self.compare, renames)
-        # complete: nothing was left out on this side, so the receiver may record the
-        # session's journal sequence as applied (mirror.applied)
-        complete = not self.out.failed and not self.out.problems
-        self.t.send([P.END, {"complete": complete}])
-        return reader.get(reader.results)
 
     def do(self, op: Op) -> None:
         self.encoder.send(op)
@@ -366,7 +364,6 @@ class SendSession(SourceSession):
         """Our listings against the receiver's summary: ``(src, dst)`` where dst is a listing,
         None (absent there) or the path of the receiver's listing on its way (src None: it
         is taken and dropped, in order)."""
-        eager = self.scoped  # the receiver sends every listing unasked
         src_iter = ((canonical_key(listing.path), listing) for listing in tree)
         summary = self._summary_items()
         s_key, s = next(src_iter, (None, None))
@@ -376,12 +373,12 @@ class SendSession(SourceSession):
                 yield s, None
                 s_key, s = next(src_iter, (None, None))
             elif s is None or d_key < s_key:
-                if eager:
+                if self.scoped:  # the receiver sends every listing unasked
                     yield None, d[0]
                 d_key, d = next(summary, (None, None))
             else:
                 path, fingerprint, flags = d
-                if eager:
+                if self.scoped:
                     yield s, path
                 elif flags & P.INCOMPLETE:
                     yield s, self.kernel.Listing(path, complete=False)
