@@ -329,7 +329,6 @@ class SendSession(SourceSession):
         fingerprints and asks for listings, so the answers are usually here by the time the
         comparison reaches them.  (A scoped session's few listings all come unasked.)"""
         ahead: queue.Queue = queue.Queue(maxsize=1024)
-        error: list[BaseException] = []
 
         def walk():
             try:
@@ -338,10 +337,9 @@ class SendSession(SourceSession):
                     if ahead.qsize() == 1:
                         self.t.flush()  # the consumer may be waiting on what is buffered
                 self.t.flush()
-            except BaseException as exc:
-                error.append(exc)
-            finally:
                 ahead.put(None)
+            except BaseException as exc:
+                ahead.put(exc)
 
         walker = threading.Thread(target=walk, name="sender-pairs", daemon=True)
         walker.start()
@@ -353,12 +351,12 @@ class SendSession(SourceSession):
                     self.t.flush()  # whatever is buffered may be what the receiver waits for
                     item = ahead.get()
                 if item is None:
-                    break
+                    return
+                if isinstance(item, BaseException):
+                    raise item
                 yield item
         finally:
             walker.join()
-        if error:
-            raise error[0]
 
     def _match(self, tree: TreeScan):
         """Our listings against the receiver's summary: ``(src, dst)`` where dst is a listing,
