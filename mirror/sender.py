@@ -95,7 +95,7 @@ class _Reader(threading.Thread):
             P.SUMMARY_END: self.summary.put,  # a map, where the items are lists
             P.LISTING: lambda *fields: self.listings.put(fields),
             P.SIGNATURE: self._signature_part,
-            P.SIG_FAILED: lambda req, reason: self.signatures.put((req, None)),
+            P.SIG_FAILED: lambda req, reason: self._signature(req, None),
             P.FAILED: lambda _req, path, reason: self.failed.append((path, reason)),
             P.PONG: self.pongs.put,
             P.RESULT: self.results.put,
@@ -116,14 +116,20 @@ class _Reader(threading.Thread):
     def _signature_part(self, req: int, part: bytes, last: bool) -> None:
         limit = self.sig_limits.get(req)
         if limit is None:
-            raise ProtocolError("a signature nobody asked for")
+            raise ProtocolError("a signature nobody asked for (or answered twice)")
         self._sig_size += len(part)
         if self._sig_size > limit:
             raise LimitExceeded(f"signature larger than its basis allows ({limit} bytes)")
         self._sig_parts.append(part)
         if last:
-            self.signatures.put((req, b"".join(self._sig_parts)))
+            self._signature(req, b"".join(self._sig_parts))
             self._sig_parts, self._sig_size = [], 0
+
+    def _signature(self, req: int, sig_bytes: bytes | None) -> None:
+        """The answer to ``req``: its signature (None: the receiver has no basis now)."""
+        if self.sig_limits.pop(req, None) is None:
+            raise ProtocolError("a signature nobody asked for (or answered twice)")
+        self.signatures.put((req, sig_bytes))
 
     def get(self, q: queue.Queue, block: bool = True):
         """The next item of ``q`` (None if ``block`` is false and there is none yet)."""

@@ -317,3 +317,35 @@ def test_a_delta_whose_basis_changed_is_sent_again_whole(tmp_path):
         assert (dst / name).read_bytes() == (src / name).read_bytes(), name
     # 4 deltas that failed on the receiver, then the same 4 whole; 3 new small files
     assert (result.stats.files_delta, result.stats.files_sent) == (4, 11)
+
+
+class _SignsTwice(ReceiverSession):
+    """Answers each signature request, then answers it again: with the same signature, or
+    with a failure for a request never made."""
+
+    again: str = "signature"
+
+    def _on_sig(self, requests):
+        super()._on_sig(requests)
+        for req, _path in requests:
+            if self.again == "signature":
+                super()._on_sig([[req, _path]])
+            else:
+                self.t.send([P.SIG_FAILED, req + 1000, "no basis"])
+
+
+@pytest.mark.parametrize("again", ["signature", "sig_failed"])
+def test_a_signature_answered_twice_or_never_asked_is_a_protocol_error_not_a_crash(tmp_path, again):
+    # A hostile receiver answers a request twice, or one never made: a clear protocol error,
+    # never a KeyError from the sender's table of requests in flight.
+    src, dst = changed_pair(tmp_path)
+    for i in range(3):  # deltas still waiting for their signatures when the extra one comes
+        (dst / f"c{i}").write_bytes(b"o" * 3000)
+        (src / f"c{i}").write_bytes(b"n" * 3000)
+    _SignsTwice.again = again
+    with socket_pair_receiver(_SignsTwice, dst) as transport:
+        sender = Sender(
+            os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m"
+        )
+        with pytest.raises(ProtocolError, match="nobody asked for"):
+            sender.run(sender.handshake(), 0)
