@@ -170,18 +170,16 @@ class LocalSession(SourceSession):
             if commit is None:
                 self.writer.fail(None, path, reason)
                 return
+            whole = False  # until copied and found unchanged: else the copy is dropped
             try:
                 copied = _copy_range(fd, commit.file.fileno(), (self.lock, self.writer.lock))
-                changed = changed_while_read(fd, before, copied, path, self.out.failed, "copied")
+                whole = not changed_while_read(fd, before, copied, path, self.out.failed, "copied")
             except OSError as exc:
-                self.writer.drop_file(commit)
                 self.writer.fail(None, path, f"cannot copy: {failure_reason(exc)}")
-                return
-            except BaseException:
-                self.writer.drop_file(commit)
-                raise
-            if changed:
-                self.writer.drop_file(commit)
+            finally:
+                if not whole:
+                    self.writer.drop_file(commit)
+            if not whole:
                 return
             self.writer.commit_file(commit, stat_attrs(before), copied)
         stats = self.out.stats
