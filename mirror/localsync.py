@@ -26,6 +26,7 @@ from .exclude import make_excluder
 from .guard import DeletionPolicy, SourceGuard
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE
 from .records import SyncResult
+from .renames import apply as apply_renames
 from .sourcesession import (
     SourceSession,
     changed_while_read,
@@ -83,10 +84,7 @@ class LocalSession(SourceSession):
             tree_id, planned, scope = self.open(scans, scope, renames)
             replica.admit(epoch, tree_id, deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
             dst_tree = replica.open_tree(sync.module.path, o.dry_run)
-            if planned:
-                from .renames import apply as apply_renames
-
-                apply_renames(dst_tree, [tuple(item) for item in planned])
+            apply_renames(dst_tree, planned)  # first, as a receiver does
             src_scan, dst_scan = self.scans
             if dst_scan is None:
                 dst_scan = self.scans[1] = replica_scan(sync.module.path, o, scope)
