@@ -3,9 +3,8 @@
 Both trees are walked at once (``TreeScan.pairs_with`` drops identical directories in
 compiled code); the planner's operations go straight to the replica writer
 (``mirror.apply``), which keeps every invariant a receiver keeps.  A file is copied by the
-kernel (``copy_file_range``), read once and never hashed: a source file that changes while
-it is copied is caught by its size, mtime and ctime before and after, and by the length
-copied, and never committed (``docs/ARCHITECTURE.md``, "The local invariant").  The next
+kernel, read once and never hashed; one that changes while it is copied is never committed
+(``docs/ARCHITECTURE.md``, "The local invariant").  The next
 files (up to ``READ_AHEAD_*``) are opened and asked from the disk (``POSIX_FADV_WILLNEED``)
 before their turn, so a cold source is read while earlier files are copied.
 """

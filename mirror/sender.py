@@ -1,12 +1,8 @@
 """The sending end of a sync: scan, plan, and stream changes to a receiver, pipelined.
 
-Three objects, one job each (rsync's split): ``Sender``, the connection (the transport,
-the handshake, the reader thread that sorts the receiver's messages, and what a lost
-connection means: the receiver's own error, when it sent one, says more than "connection
-lost"); ``SendSession``, one session (a ``sourcesession.SourceSession``: pairing our
-listings with the receiver's summary, the retry of a mismatch); ``FileEncoder``, the
-planner's operations as frames, a file whole or as a delta against the receiver's
-signature.  The exchange is ``docs/PROTOCOL.md``'s.
+Three objects, one job each (``docs/ARCHITECTURE.md``): ``Sender``, the connection;
+``SendSession``, one session (a ``sourcesession.SourceSession``); ``FileEncoder``, the
+planner's operations as frames.  The exchange is ``docs/PROTOCOL.md``'s.
 
 Nothing waits for a round trip per file: file data flows while listings and signatures are
 on their way.  If the mirroring lock appears, the file in flight is abandoned, the session

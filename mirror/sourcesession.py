@@ -2,11 +2,10 @@
 (``mirror.localsync``) and a sender (``mirror.sender``) share.
 
 ``SourceSession`` asks the source guard first (a deleting session from a root that is not
-the tree it was, an unmounted mount point, is refused before anything is compared), plans
-the renames the live daemon saw, starts the scan, then drives the planner: compared pairs
-in, each operation handed to ``do`` at once, then the hard links, then deletions and
-directory times.  ``open_source`` and ``changed_while_read`` are the one rule for reading a
-source file: the very file the scan saw, never passed on as whole if it changed meanwhile.
+the tree it was, an unmounted mount point, is refused before anything is compared), then
+drives the planner in its order (``docs/ARCHITECTURE.md``).  ``open_source`` and
+``changed_while_read`` are the one rule for reading a source file: the very file the scan
+saw, never passed on as whole if it changed meanwhile.
 """
 
 from __future__ import annotations
