@@ -63,8 +63,7 @@ class LocalSync:
         self.replica = ReplicaAdmission(module, "local")
 
     def session(self, epoch: int, scope=None, renames=()) -> SyncResult:
-        scans, self.scans = self.scans or (None, None), None
-        return LocalSession(self).run(scans, epoch, scope, renames)
+        return LocalSession(self).run(epoch, scope, renames)
 
 
 class LocalSession(SourceSession):
@@ -76,11 +75,11 @@ class LocalSession(SourceSession):
         self.ahead: collections.deque = collections.deque()  # (path, open source file, bytes asked)
         self.ahead_bytes = 0
 
-    def run(self, scans, epoch: int, scope, renames) -> SyncResult:
+    def run(self, epoch: int, scope, renames) -> SyncResult:
         o, sync, replica = self.o, self.conn, self.conn.replica
         dst_tree = writer = None
         try:
-            tree_id, planned, scope = self.open(scans, scope, renames)
+            tree_id, planned, scope = self.open(scope, renames)
             replica.admit(epoch, tree_id, deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
             dst_tree = replica.open_tree(sync.module.path, o.dry_run)
             apply_renames(dst_tree, planned)  # first, as a receiver does

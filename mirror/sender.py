@@ -39,7 +39,7 @@ from .errors import (
 from .guard import DeletionPolicy, SourceGuard
 from .lockfile import LockWatch
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op
-from .records import DELTA_THRESHOLD, SenderOptions, SyncResult, TransferStats
+from .records import SenderOptions, SyncResult, TransferStats
 from .safefs import ConfinedTree
 from .sourcesession import (
     SourceSession,
@@ -68,7 +68,7 @@ _ENTRY_FRAMES = {
     ATTRS: lambda op: [P.ATTRS, op.path, int(op.entry.kind), entry_attrs(op.entry)],
     DELETE: lambda op: [P.DELETE, op.path],
 }
-__all__ = ["DELTA_THRESHOLD", "FileEncoder", "SendSession", "Sender", "SenderOptions", "TransferStats"]
+__all__ = ["FileEncoder", "SendSession", "Sender", "SenderOptions", "TransferStats"]
 
 
 class _Reader(threading.Thread):
@@ -172,8 +172,7 @@ class Sender:
         self.on_change = on_change
         self.on_progress = on_progress
         self.source_guard = SourceGuard(src_root, resolve_state_dir(src_root, options.state_dir))
-        # First session: the source's scan, started by the caller already.
-        self._started_scan = source_scan
+        self.scans = (source_scan, None)  # the first session's, started by the caller
 
     def handshake(self) -> dict:
         nonce = os.urandom(P.NONCE_SIZE)
@@ -212,8 +211,7 @@ class Sender:
         and ``journal`` fields of ``start`` (what the session covers of the source's
         journal, docs/PROTOCOL.md).  The connection stays usable for the next session.
         """
-        tree, self._started_scan = self._started_scan, None
-        return SendSession(self, welcome, scope).run(tree, epoch, renames, journal)
+        return SendSession(self, welcome, scope).run(epoch, renames, journal)
 
     @contextlib.contextmanager
     def reading(self):
@@ -260,11 +258,11 @@ class SendSession(SourceSession):
         self.reader: _Reader | None = None
         self._last_flush = 0.0
 
-    def run(self, tree: TreeScan | None, epoch: int, renames, journal: dict | None = None) -> SyncResult:
+    def run(self, epoch: int, renames, journal: dict | None = None) -> SyncResult:
         sent_before, received_before = self.t.bytes_sent, self.t.bytes_received
         o = self.o
         try:
-            tree_id, planned, scope = self.open((tree,), self.scope, renames)
+            tree_id, planned, scope = self.open(self.scope, renames)
             self.lock.check()
             self.t.send([P.START, {
                 "epoch": epoch, "delete": o.delete, "checksum": o.checksum, "dry_run": o.dry_run,

@@ -48,15 +48,17 @@ class SourceSession:
             dir_entry=lambda path: self.entry_at(path, stat.S_ISDIR),
         )
 
-    def open(self, scans, scope, renames):
+    def open(self, scope, renames):
         """``(tree id, renames planned, scope)``; the source tree opened and its scan started.
-        ``scans``: scans of the whole tree started ahead (the source's first), used only by a
-        whole-tree session without renames; ``close()`` stops them in any case."""
+        The connection's ``scans`` (source, replica), of the whole tree started ahead, go to
+        its first session, used only if it is a whole-tree one without renames; ``close()``
+        stops them in any case."""
         o = self.o
-        self.scans = list(scans)
+        scans, self.conn.scans = self.conn.scans, None
+        self.scans = list(scans or (None, None))
         if (scope is not None and not scope.everything) or renames:
             stop_scans(self.scans)  # they cover the whole tree, before any rename: not this session's
-            self.scans = [None] * len(self.scans)
+            self.scans = [None, None]
         tree_id = self.guard.tree_id(deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
         self.src_tree = ConfinedTree(self.root)
         planned: list = []
@@ -135,9 +137,6 @@ class SourceSession:
             self.do(op)
         out.problems.extend(summary.problems)
         out.stats.other_changes = planner.other_changes
-
-    def do(self, op) -> None:
-        raise NotImplementedError
 
     def content_done(self) -> None:
         """All new content handed to ``do``: carry it out before links and deletions."""
