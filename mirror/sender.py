@@ -139,22 +139,24 @@ class _Reader(threading.Thread):
         return item
 
 
-def receive(transport) -> list:
+def receive(transport, kind: str | None = None) -> list:
     """The receiver's next message (``alive``, sent while it works, skipped); its ``error``
-    raised as the matching local exception."""
+    raised as the matching local exception.  With ``kind``, it must be ``[kind, {...}]``."""
     message = transport.recv()
     while message is not None and message[0] == P.ALIVE:
         message = transport.recv()
     if message is None:
         raise ProtocolError("the receiver closed the connection")
-    if message[0] != P.ERROR:
-        return message
-    name = message[1] if len(message) > 1 and isinstance(message[1], str) else "MirrorError"
-    exc_type = _ERRORS.get(name, MirrorError)
-    exc = exc_type(f"receiver: {message[3] if len(message) > 3 else 'receiver error'}")
-    if exc_type is MirrorError and len(message) > 2 and isinstance(message[2], int):
-        exc.exit_code = message[2]
-    raise exc
+    if message[0] == P.ERROR:
+        name = message[1] if len(message) > 1 and isinstance(message[1], str) else "MirrorError"
+        exc_type = _ERRORS.get(name, MirrorError)
+        exc = exc_type(f"receiver: {message[3] if len(message) > 3 else 'receiver error'}")
+        if exc_type is MirrorError and len(message) > 2 and isinstance(message[2], int):
+            exc.exit_code = message[2]
+        raise exc
+    if kind is not None and (message[0] != kind or len(message) != 2 or not isinstance(message[1], dict)):
+        raise ProtocolError(f"expected {kind!r} from the receiver, got {message[0]!r}")
+    return message
 
 
 class Sender:
@@ -178,7 +180,7 @@ class Sender:
         nonce = os.urandom(P.NONCE_SIZE)
         self.t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": self.module, "subpath": self.subpath,
                                "nonce": nonce, "software": P.SOFTWARE}])  # fmt: skip
-        info = self.expect(P.CHALLENGE)
+        info = receive(self.t, P.CHALLENGE)[1]
         secret = self.o.secret
         if info.get("auth") and secret is None:
             raise AuthError("the receiver requires a shared secret (--secret-file)")
@@ -188,18 +190,11 @@ class Sender:
             raise AuthError("the receiver did not ask for the shared secret: refusing to send to it")
         proof = P.client_proof(secret, info["nonce"], nonce, self.module) if info.get("auth") else b""
         self.t.send([P.AUTH, {"proof": proof}])
-        welcome = self.expect(P.WELCOME)
+        welcome = receive(self.t, P.WELCOME)[1]
         if info.get("auth"):
             expected = P.server_proof(secret, info["nonce"], nonce, self.module)
             P.verify(expected, welcome.get("proof"), "the receiver")
         return welcome
-
-    def expect(self, kind: str) -> dict:
-        """The next message, which must be ``[kind, {...}]``: its dict."""
-        message = receive(self.t)
-        if message[0] != kind or len(message) != 2 or not isinstance(message[1], dict):
-            raise ProtocolError(f"expected {kind!r} from the receiver, got {message[0]!r}")
-        return message[1]
 
     def run(
         self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None
@@ -272,7 +267,7 @@ class SendSession(SourceSession):
                 "deletions": DeletionPolicy(o.max_delete, o.allow_mass_delete).as_wire(),
                 **(journal or {}),
             }])  # fmt: skip
-            self.plan_root(self.conn.expect(P.READY).get("root"), self.owner)
+            self.plan_root(receive(self.t, P.READY)[1].get("root"), self.owner)
             with self.conn.reading() as reader:  # from the summary to the receiver's result
                 self.reader = reader
                 self.encoder = FileEncoder(self.t, self.src_tree, reader, self.lock, self.out.stats,
