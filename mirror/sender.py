@@ -241,12 +241,11 @@ class SendSession(SourceSession):
 
     def __init__(self, conn: Sender, welcome: dict, scope):
         super().__init__(conn, delta_threshold=conn.o.delta_threshold)
-        o = self.o
         self.t = conn.t
         self.scope = scope
         self.scoped = scope is not None and not scope.everything
         self.owner = bool(welcome.get("can_chown")) and os.geteuid() == 0
-        self.compare = CompareOptions(checksum=o.checksum, owner=self.owner)
+        self.compare = CompareOptions(checksum=self.o.checksum, owner=self.owner)
         self.kernel = fastpath.choose("scan")
         self.flags = self.compare.flags(self.kernel)
         self.encoder: FileEncoder | None = None
@@ -275,8 +274,7 @@ class SendSession(SourceSession):
                 self.drive(self._pairs(self.scans[0]), self.compare, planned)
                 # complete: nothing was left out on this side, so the receiver may record the
                 # session's journal sequence as applied (mirror.applied)
-                complete = not self.out.failed and not self.out.problems
-                self.t.send([P.END, {"complete": complete}])
+                self.t.send([P.END, {"complete": not self.out.failed and not self.out.problems}])
                 result = reader.get(reader.results)
         finally:
             self.close()
