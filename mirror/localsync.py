@@ -18,7 +18,7 @@ import os
 
 from . import fastpath
 from .apply import LockWatch, ReplicaAdmission, ReplicaWriter
-from .compare import CompareOptions, align, root_entry
+from .compare import CompareOptions, align
 from .entry import Entry
 from .errors import Cancelled, LockedError, MirrorError, failure_reason
 from .exclude import make_excluder
@@ -90,8 +90,7 @@ class LocalSession(SourceSession):
             policy = DeletionPolicy(o.max_delete, o.allow_mass_delete)
             writer = self.writer = replica.writer(dst_tree, make_excluder(o.excludes), owner=owner,
                                                   sync_writes=o.fsync, dry_run=o.dry_run, policy=policy)  # fmt: skip
-            replica_root = root_entry(sync.module.path)
-            self.plan_root(entry_attrs(replica_root) if replica_root is not None else None, owner)
+            self.plan_root(stat_attrs(os.stat(dst_tree.root_fd)), owner)  # as a receiver's ready says
             self.lock.check()
             compare = CompareOptions(checksum=o.checksum, owner=owner)
             pairs = src_scan.pairs_with(dst_scan, compare.flags(fastpath.choose("scan")))
