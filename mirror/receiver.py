@@ -28,7 +28,7 @@ import xxhash
 
 from . import fastpath
 from . import protocol as P
-from .applied import MAX_TOKEN, Applied, read_applied, record_applied
+from .applied import Applied, read_applied, record_applied
 from .apply import ReplicaAdmission
 from .entry import Kind
 from .epoch import read_epoch
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 
 SUMMARY_BATCH = 256  # directories per summary message
 LISTING_PART = 32768  # entries per listing message (a larger directory is sent in parts)
-MAX_EXCLUDES = 1000
-MAX_PATTERN = 1024
 SIGNATURE_PART = 4 << 20
 # What may come between a file's 'file' and its end: its content, and the requests for
 # listings that the sender's pairing thread sends meanwhile.
@@ -82,66 +80,95 @@ class ModuleConfig(NamedTuple):
 
 
 class _Incoming:
-    """The file being received."""
+    """The file being received: written to its temporary file (``commit``) as its frames
+    come, rebuilt against its basis by a ``Patcher`` or, sent whole, hashed as written;
+    verified against the sender's digest at its end.  ``failed``: why it will not be."""
 
-    __slots__ = ("req", "path", "attrs", "commit", "patcher", "hasher", "basis", "size", "failed")
+    __slots__ = ("req", "path", "attrs", "commit", "failed", "patcher", "basis", "hasher", "size")
 
-    def __init__(self, req: int, path: bytes, attrs: list, commit, failed: str | None = None):
+    def __init__(self, req: int, path: bytes, attrs: list, commit, failed: str | None):
         self.req = req
         self.path = path
         self.attrs = attrs
         self.commit = commit
-        self.patcher = None
-        self.hasher = None
-        self.basis = None
-        self.size = 0
         self.failed = failed
+        self.patcher = None
+        self.basis = None
+        self.hasher = xxhash.xxh3_128()
+        self.size = 0
+
+    def open_basis(self, tree: ConfinedTree, block_size: int, basis_size: int) -> None:
+        if not block_size:
+            raise ProtocolError("bad block size: expected an integer in [1, 1073741824]")
+        try:
+            self.basis = tree.open_regular(self.path)
+            self.patcher = fastpath.choose("delta").Patcher(self.basis, self.commit.file, block_size, basis_size)
+        except (OSError, UnsafePathError) as exc:
+            self.failed = "basis-gone: " + failure_reason(exc)
+        except ValueError as exc:
+            self.failed = f"basis-changed: {exc}"
+
+    def write(self, op: tuple) -> None:
+        """A literal (``(1, data)``) or a copy of basis blocks (``(0, first, count)``)."""
+        if self.failed:
+            return
+        if self.patcher is None and op[0] == 0:
+            raise ProtocolError("'copy' for a file sent whole")
+        try:
+            if self.patcher is not None:
+                self.patcher.apply(op)
+            else:
+                self.hasher.update(op[1])
+                self.commit.file.write(op[1])
+                self.size += len(op[1])
+        except ValueError as exc:
+            raise ProtocolError(f"{display_path(self.path)}: {exc}") from None
+        except OSError as exc:
+            self.failed = failure_reason(exc)
+
+    def verify(self, digest: bytes, size: int) -> str | None:
+        """Why the file must not be committed, or None: it is what the sender sent."""
+        if self.failed:
+            return self.failed
+        try:
+            got = self.patcher.finish() if self.patcher is not None else (self.hasher.digest(), self.size)
+        except ValueError as exc:
+            return f"mismatch: {exc}"
+        except OSError as exc:
+            return failure_reason(exc)
+        return None if tuple(got) == (digest, size) else "mismatch: content does not match the sender's digest"
+
+    def close(self) -> None:
+        if self.basis is not None:
+            self.basis.close()
 
 
-class _Keepalive:
+class _Keepalive(threading.Thread):
     """Says ``alive`` to the sender whenever a session has sent nothing for ``interval``
     seconds (a long commit, deletions of a big tree, the signature of a big file), so that
-    the sender's timeout catches only a receiver that is stopped, hung or gone.  One thread
-    per connection, started by the first session that asks; quiet between sessions (the
-    sender does not read then)."""
+    the sender's timeout catches only a receiver that is stopped, hung or gone.  One per
+    session, stopped before its result: nothing follows the result."""
 
-    def __init__(self, transport):
+    def __init__(self, transport, interval: float):
+        super().__init__(name="receiver-keepalive", daemon=True)
         self.t = transport
-        self._lock = threading.Lock()
-        self._active = False
-        self._interval = 1.0
-        self._seen = 0
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.interval = interval
+        self.stopped = threading.Event()
 
-    def begin(self, interval: float) -> None:
-        with self._lock:
-            self._interval, self._active, self._seen = interval, True, self.t.bytes_sent
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="receiver-keepalive", daemon=True)
-            self._thread.start()
-
-    def end(self) -> None:
-        """The session is over (its result goes next): nothing more until the next one."""
-        with self._lock:
-            self._active = False
+    def run(self) -> None:
+        seen = self.t.bytes_sent
+        while not self.stopped.wait(self.interval):
+            if self.t.bytes_sent == seen:
+                try:
+                    self.t.send([P.ALIVE])
+                except (MirrorError, OSError):
+                    return
+            seen = self.t.bytes_sent
 
     def stop(self) -> None:
-        self._stopped.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self._interval):
-            with self._lock:
-                if not self._active:
-                    continue
-                if self.t.bytes_sent == self._seen:
-                    try:
-                        self.t.send([P.ALIVE])
-                    except (MirrorError, OSError):
-                        return
-                self._seen = self.t.bytes_sent
+        """Once it returns, the thread sends nothing more (a send under way has ended)."""
+        self.stopped.set()
+        self.join()
 
 
 class Receiver:
@@ -166,7 +193,6 @@ class Receiver:
         # sessions (a live daemon's connection idles), none at all for in-process transports.
         self._set_timeout, self._session_timeout = timeouts if timeouts else (None, None)
         self.replica: ReplicaAdmission | None = None  # set by the handshake
-        self._keepalive: _Keepalive | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -203,8 +229,6 @@ class Receiver:
             if self._writer is not None:  # first: the next writer may be waiting for it
                 self._writer.release()
                 self._writer = None
-            if self._keepalive is not None:
-                self._keepalive.stop()
             self.t.close()
 
     def _timeout(self, seconds: float | None) -> None:
@@ -214,12 +238,7 @@ class Receiver:
     def _handshake(self) -> None:
         if hasattr(self.t, "max_frame"):
             self.t.max_frame = P.PREAUTH_MAX_FRAME
-        hello = self.t.recv()
-        if hello is None:
-            raise ProtocolError("peer closed the connection before saying hello")
-        if hello[0] != P.HELLO or len(hello) != 2 or not isinstance(hello[1], dict):
-            raise ProtocolError("expected 'hello'")
-        info = hello[1]
+        info = self._expect(P.HELLO)
         if info.get("proto") != P.PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {info.get('proto')!r} is not supported (this receiver speaks "
                                 f"version {P.PROTOCOL_VERSION})")  # fmt: skip
@@ -236,12 +255,10 @@ class Receiver:
         server_nonce = os.urandom(P.NONCE_SIZE)
         secret = self.module.secret
         self.t.send([P.CHALLENGE, {"proto": P.PROTOCOL_VERSION, "nonce": server_nonce, "auth": secret is not None}])
-        auth = self.t.recv()
-        if auth is None or auth[0] != P.AUTH or len(auth) != 2 or not isinstance(auth[1], dict):
-            raise ProtocolError("expected 'auth'")
+        auth = self._expect(P.AUTH)
         proof = b""
         if secret is not None:
-            P.verify(P.client_proof(secret, server_nonce, client_nonce, name), auth[1].get("proof"), self.peer)
+            P.verify(P.client_proof(secret, server_nonce, client_nonce, name), auth.get("proof"), self.peer)
             proof = P.server_proof(secret, server_nonce, client_nonce, name)
         if self._admit is not None:
             self._admit()
@@ -255,6 +272,13 @@ class Receiver:
             "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE,
         }])  # fmt: skip
 
+    def _expect(self, kind: str) -> dict:
+        """The next message, which must be ``[kind, {...}]``: its map."""
+        message = self.t.recv()
+        if message is None or message[0] != kind or len(message) != 2 or not isinstance(message[1], dict):
+            raise ProtocolError(f"expected {kind!r}" + (", but the peer closed the connection" if message is None else ""))
+        return message[1]
+
     def _take_writer(self) -> None:
         if self._writer is None:
             # Held for the rest of the connection: the live daemon's sessions follow one
@@ -265,15 +289,11 @@ class Receiver:
     # -- session ---------------------------------------------------------------------------
 
     def _session(self, start: list) -> None:
-        P.want_len(start, 2)
-        opts = start[1] if isinstance(start[1], dict) else {}
-        dry_run = bool(opts.get("dry_run"))
-        epoch = P.want_int(opts.get("epoch", 0), "epoch")
+        opts = P.checked_start(start)
+        dry_run = opts["dry_run"]
         tree_id, policy = session_guard(opts)
-        keepalive = _keepalive_interval(opts.get("keepalive"))
-        mine = self.replica.admit(epoch, tree_id, deleting=bool(opts.get("delete")), allow=policy.allow_mass_delete,
+        mine = self.replica.admit(opts["epoch"], tree_id, deleting=opts["delete"], allow=policy.allow_mass_delete,
                                    dry_run=dry_run, take_writer=self._take_writer)  # fmt: skip
-        covers = _covers(opts, epoch, mine, scoped=opts.get("scope") is not None)
         root = fs_path(self.module.path)
         if self.subpath:
             root = self._ensure_subpath(root, dry_run)
@@ -281,19 +301,16 @@ class Receiver:
             tree = self.replica.open_tree(root, dry_run)
         except OSError as exc:
             raise MirrorError(f"receiver cannot open its tree: {exc}") from None
+        keepalive = _Keepalive(self.t, opts["keepalive"]) if opts["keepalive"] is not None else None
         if keepalive is not None:
-            if self._keepalive is None:
-                self._keepalive = _Keepalive(self.t)
-            self._keepalive.begin(keepalive)
+            keepalive.start()
         try:
-            session = self.session_class(self, tree, opts, policy, dry_run, mine)
-            session.covers = None if dry_run or self.subpath else covers
-            session.reports_applied = not self.subpath  # the record is the whole module's
-            session.run()
+            result = self.session_class(self, tree, opts, policy, mine).run()
         finally:
             tree.close()
-            if self._keepalive is not None:
-                self._keepalive.end()  # nothing may follow the result
+            if keepalive is not None:
+                keepalive.stop()
+        self.t.send([P.RESULT, result])
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
         tree = ConfinedTree(root, reserved=self.replica.reserved_in(root))
@@ -314,39 +331,34 @@ class ReceiverSession:
     listings and signatures on request, and every content frame checked
     (``protocol.checked``) and handed to the replica writer (``mirror.apply``)."""
 
-    def __init__(self, receiver: Receiver, tree: ConfinedTree, opts: dict, policy, dry_run: bool, epoch: int):
+    def __init__(self, receiver: Receiver, tree: ConfinedTree, opts: dict, policy, epoch: int):
         self.t = receiver.t
         self.peer = receiver.peer
         self.tree = tree
         self.epoch = epoch
-        self.flags = P.want_int(opts.get("flags", 0), "flags", 0, 15)
-        excludes = opts.get("excludes", [])
-        if not isinstance(excludes, list) or not all(isinstance(p, bytes) for p in excludes):
-            raise ProtocolError("bad excludes")
-        if len(excludes) > MAX_EXCLUDES or any(len(p) > MAX_PATTERN for p in excludes):
-            raise ProtocolError(f"too many or too long exclude patterns (at most {MAX_EXCLUDES} of {MAX_PATTERN} bytes)")
-        self.excluder = make_excluder(excludes)
+        self.flags = opts["flags"]
+        self.excluder = make_excluder(opts["excludes"])
         self.scope = Scope.from_wire(opts["scope"]) if opts.get("scope") is not None else None
         for path in (self.scope.entries | self.scope.trees) if self.scope is not None else ():
             if path:
                 tree.parts(path)
         self.state_dir = receiver.module.resolved_state_dir
+        dry_run = opts["dry_run"]
         self.renames = parse_renames(opts.get("renames", [])) if not dry_run else []
-        self.writer = receiver.replica.writer(
-            tree,
-            self.excluder,
-            owner=bool(opts.get("owner")) and receiver.can_chown,
-            sync_writes=not opts.get("no_fsync", False),
-            dry_run=dry_run,
-            policy=policy,
-            failed=self._failed,
-        )
+        self.writer = receiver.replica.writer(tree, self.excluder, owner=opts["owner"] and receiver.can_chown,
+                                              sync_writes=not opts["no_fsync"], dry_run=dry_run, policy=policy,
+                                              failed=self._failed)  # fmt: skip
         self.listings: dict[bytes, object] = {}
         self.incoming: _Incoming | None = None
-        # (Applied, base): what the session covers of the sender's journal if it completes
-        # (set by the receiver; None: nothing to record)
+        self.reports_applied = not receiver.subpath  # the record is the whole module's
+        # What the session covers of the sender's journal if it completes: (the position to
+        # record, the sequence it continues from or None for a whole tree).  None: nothing
+        # to record (a dry run; a scoped session that does not say where it continues from;
+        # a sender whose epoch this replica could not take in full: its sequence belongs to
+        # a primary the record would not name).
         self.covers: tuple[Applied, int | None] | None = None
-        self.reports_applied = False
+        if self.reports_applied and not dry_run and opts["epoch"] == epoch and (self.scope is None or opts["base"] is not None):
+            self.covers = Applied(epoch, opts["seq"], opts["journal"]), opts["base"]
         self._scan_problems = False
         writer = self.writer
         # Each frame's fields, checked (protocol.checked), to the method that handles them.
@@ -354,10 +366,10 @@ class ReceiverSession:
             P.WANT: self._send_listings,
             P.SIG: self._on_sig,
             P.FILE: self._on_file,
-            P.DATA: lambda req, data: self._content(req, (1, data)),
-            P.COPY: lambda req, first, count: self._content(req, (0, first, count)),
+            P.DATA: lambda req, data: self._current(req).write((1, data)),
+            P.COPY: lambda req, first, count: self._current(req).write((0, first, count)),
             P.FILE_END: self._on_file_end,
-            P.FILE_ABORT: self._on_file_abort,
+            P.FILE_ABORT: lambda req, _reason: self.writer.drop_file(self._current(req, end=True).commit),
             P.MKDIR: writer.mkdir,
             P.SYMLINK: lambda path, target, attrs: writer.special(path, Kind.SYMLINK, attrs, target=target),
             P.NODE: lambda path, kind, rdev, attrs: writer.special(path, kind, attrs, rdev=rdev),
@@ -367,7 +379,8 @@ class ReceiverSession:
             P.PING: lambda token: self.t.send([P.PONG, token]),
         }
 
-    def run(self) -> None:
+    def run(self) -> dict:
+        """The session, up to its ``end``; its result (the receiver sends it)."""
         # The live daemon saw these renames on the source: done here first, where the
         # replica's old entry holds what the new name must (mirror.renames).
         apply_renames(self.tree, self.renames)
@@ -418,7 +431,7 @@ class ReceiverSession:
         result = self.writer.result(refused)
         clean = complete and not refused and not result["failed_count"] and not self._scan_problems
         result["applied"] = self._record_applied(clean)
-        self.t.send([P.RESULT, result])
+        return result
 
     def _record_applied(self, clean: bool) -> list | None:
         """After a session whose every change is committed (``clean``: nothing failed or was
@@ -516,100 +529,28 @@ class ReceiverSession:
 
     def _on_file(self, req: int, path: bytes, attrs: list, mode: str, block_size: int, basis_size: int) -> None:
         commit, reason = self.writer.new_file(path)
-        incoming = self.incoming = _Incoming(req, path, attrs, commit, failed=reason)
-        if commit is None:
-            return
-        if mode == "delta":
-            if not block_size:
-                raise ProtocolError("bad block size: expected an integer in [1, 1073741824]")
-            try:
-                basis = self.tree.open_regular(path)
-            except (OSError, UnsafePathError) as exc:
-                incoming.failed = "basis-gone: " + failure_reason(exc)
-                return
-            try:
-                incoming.patcher = fastpath.choose("delta").Patcher(basis, commit.file, block_size, basis_size)
-            except ValueError as exc:
-                basis.close()
-                incoming.failed = f"basis-changed: {exc}"
-                return
-            incoming.basis = basis
-        else:
-            incoming.hasher = xxhash.xxh3_128()
+        self.incoming = _Incoming(req, path, attrs, commit, reason)
+        if commit is not None and mode == "delta":
+            self.incoming.open_basis(self.tree, block_size, basis_size)
 
-    def _current(self, req) -> _Incoming:
+    def _current(self, req, end: bool = False) -> _Incoming:
+        """The file ``req``'s frames are for (no longer current at its ``end``)."""
         incoming = self.incoming
         if incoming is None or req != incoming.req:
             raise ProtocolError("file data for a file that was not started")
+        if end:
+            self.incoming = None
+            incoming.close()
         return incoming
 
-    def _content(self, req: int, op: tuple) -> None:
-        """A literal (``(1, data)``) or a copy of basis blocks (``(0, first, count)``)."""
-        incoming = self._current(req)
-        if incoming.failed:
-            return
-        if incoming.patcher is None and op[0] == 0:
-            raise ProtocolError("'copy' for a file sent whole")
-        try:
-            if incoming.patcher is not None:
-                incoming.patcher.apply(op)
-            else:
-                incoming.hasher.update(op[1])
-                incoming.commit.file.write(op[1])
-                incoming.size += len(op[1])
-        except ValueError as exc:
-            raise ProtocolError(f"{display_path(incoming.path)}: {exc}") from None
-        except OSError as exc:
-            incoming.failed = failure_reason(exc)
-
-    def _on_file_abort(self, req: int, _reason) -> None:
-        incoming = self._current(req)
-        self._close_basis(incoming)
-        self.writer.drop_file(incoming.commit)
-
-    def _close_basis(self, incoming: _Incoming) -> None:
-        self.incoming = None
-        if incoming.basis is not None:
-            incoming.basis.close()
-
     def _on_file_end(self, req: int, digest: bytes, size: int) -> None:
-        incoming = self._current(req)
-        failed = incoming.failed
-        if not failed:
-            try:
-                if incoming.patcher is not None:
-                    got, got_size = incoming.patcher.finish()
-                else:
-                    got, got_size = incoming.hasher.digest(), incoming.size
-                if (got, got_size) != (digest, size):
-                    failed = "mismatch: content does not match the sender's digest"
-            except ValueError as exc:
-                failed = f"mismatch: {exc}"
-            except OSError as exc:
-                failed = failure_reason(exc)
-        self._close_basis(incoming)
+        incoming = self._current(req, end=True)
+        failed = incoming.verify(digest, size)
         if failed:
             self.writer.drop_file(incoming.commit)
-            self.writer.fail(incoming.req, incoming.path, failed)
-            return
-        self.writer.commit_file(incoming.commit, incoming.attrs, size, req)
-
-
-def _covers(opts: dict, epoch: int, mine: int, scoped: bool) -> tuple[Applied, int | None] | None:
-    """What a session's ``start`` says it covers of the sender's journal: (the position to
-    record once it completes, the sequence it continues from or None for the whole tree).
-    None when it cannot be recorded: a scoped session that does not say where it continues
-    from, or a sender whose epoch this replica could not take in full (its sequence belongs
-    to a primary the record would not name)."""
-    seq = P.want_int(opts.get("seq") or 0, "seq")
-    base = opts.get("base")
-    base = None if base is None else P.want_int(base, "base")
-    journal = opts.get("journal") or ""
-    if not isinstance(journal, str) or len(journal) > MAX_TOKEN:
-        raise ProtocolError(f"bad journal: expected a string of at most {MAX_TOKEN} characters")
-    if (scoped and base is None) or epoch != mine:
-        return None
-    return Applied(epoch, seq, journal), base
+            self.writer.fail(req, incoming.path, failed)
+        else:
+            self.writer.commit_file(incoming.commit, incoming.attrs, size, req)
 
 
 def _send_error(transport, name: str, exit_code: int, text: str) -> None:
@@ -618,14 +559,6 @@ def _send_error(transport, name: str, exit_code: int, text: str) -> None:
         transport.send([P.ERROR, name, exit_code, text])
     except (MirrorError, OSError):
         pass
-
-
-def _keepalive_interval(value) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.05 <= value <= 3600:
-        raise ProtocolError("bad keepalive: expected seconds in [0.05, 3600]")
-    return float(value)
 
 
 Receiver.session_class = ReceiverSession
