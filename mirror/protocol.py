@@ -274,15 +274,6 @@ def _int(what: str, lo: int = 0, hi: int = _INT64):
     return lambda value: want_int(value, what, lo, hi)
 
 
-def _typed(kind: type, what: str, expected: str):
-    def check(value):
-        if not isinstance(value, kind):
-            raise ProtocolError(f"bad {what}: expected {expected}")
-        return value
-
-    return check
-
-
 def _text(what: str, max_len: int = MAX_FRAME):
     def text(value) -> str:
         if not isinstance(value, str) or len(value) > max_len:
@@ -351,9 +342,14 @@ def _any(value):
 
 _path = _bytes("path", MAX_PATH)
 _req = _int("request id")
-_flag = _typed(bool, "flag", "true or false")
 _attrs = _tuple("attributes", _int("mode", 0, 0o7777), _int("uid", 0, 2**32 - 1), _int("gid", 0, 2**32 - 1),
                 _int("mtime", -(2**63), _INT64))  # fmt: skip
+
+
+def _flag(value) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError("bad flag: expected true or false")
+    return value
 
 
 def _target(value) -> bytes:

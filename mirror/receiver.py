@@ -69,11 +69,6 @@ class ModuleConfig(NamedTuple):
     def resolved_state_dir(self) -> bytes:
         return resolve_state_dir(self.path, self.state_dir)
 
-    def reserved_in(self, root: bytes) -> bytes | None:
-        """The state dir's path relative to ``root`` if it lies inside it (never content)."""
-        inside = os.path.relpath(os.path.realpath(self.resolved_state_dir), os.path.realpath(root))
-        return None if inside == b"." or inside.startswith(b"..") else inside
-
 
 # Plain classes rather than dataclasses: importing ``dataclasses`` (and ``inspect`` with it)
 # would cost every sync more start-up time than the rest of the receiver.
@@ -182,7 +177,7 @@ class Receiver:
         self._admit = admit
         self.modules = modules
         self.peer = peer
-        self.can_chown = os.geteuid() == 0
+        self.can_chown = False  # set by the handshake, like the module
         self.module: ModuleConfig | None = None
         self.sessions = 0
         self.subpath = b""  # set by the handshake
@@ -191,7 +186,7 @@ class Receiver:
         self._writer = writer
         # (set_timeout, seconds): how long the peer may stay silent in a session; none between
         # sessions (a live daemon's connection idles), none at all for in-process transports.
-        self._set_timeout, self._session_timeout = timeouts if timeouts else (None, None)
+        self._set_timeout, self._session_timeout = timeouts if timeouts else (lambda seconds: None, None)
         self.replica: ReplicaAdmission | None = None  # set by the handshake
 
     # -- connection ------------------------------------------------------------------------
@@ -201,7 +196,7 @@ class Receiver:
         try:
             self._handshake()
             while True:
-                self._timeout(None)
+                self._set_timeout(None)
                 message = self.t.recv()
                 if message is None:
                     return
@@ -211,7 +206,7 @@ class Receiver:
                     # The server reloaded its modules since the handshake and this one changed
                     # or went: no session may run on the old settings.
                     raise MirrorError(f"module {self.module.name!r} was reconfigured; reconnect")
-                self._timeout(self._session_timeout)
+                self._set_timeout(self._session_timeout)
                 self._session(message)
                 self.sessions += 1
         except Exception as exc:
@@ -231,10 +226,6 @@ class Receiver:
                 self._writer = None
             self.t.close()
 
-    def _timeout(self, seconds: float | None) -> None:
-        if self._set_timeout is not None:
-            self._set_timeout(seconds)
-
     def _handshake(self) -> None:
         if hasattr(self.t, "max_frame"):
             self.t.max_frame = P.PREAUTH_MAX_FRAME
@@ -249,7 +240,7 @@ class Receiver:
         client_nonce = P.want_bytes(info.get("nonce"), "nonce", P.NONCE_SIZE)
         self.module = module
         self.replica = ReplicaAdmission(module, self.peer)
-        self.can_chown = self.can_chown and self.module.privileges.owners
+        self.can_chown = os.geteuid() == 0 and module.privileges.owners
         # Checked as a path of the tree (never into the state dir) when a session opens it.
         self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
         server_nonce = os.urandom(P.NONCE_SIZE)
@@ -440,10 +431,8 @@ class ReceiverSession:
         if not self.reports_applied:
             return None
         current = read_applied(self.state_dir)
-        if self.covers is None:
-            return current.as_wire() if current is not None else None
-        value, base = self.covers
-        if clean:
+        if clean and self.covers is not None:
+            value, base = self.covers
             # A session that continues from ``base`` covers the journal only if everything
             # up to ``base`` was already here: after an earlier batch failed, the replica's
             # record stays below it and a later batch must not jump over the gap.
