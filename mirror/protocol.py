@@ -261,9 +261,7 @@ def want_bytes(value, what: str, max_len: int = MAX_FRAME) -> bytes:
 
 
 def want_int(value, what: str, lo: int = 0, hi: int = _INT64) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ProtocolError(f"bad {what}: expected an integer in [{lo}, {hi}]")
-    return value
+    return _int(what, lo, hi)(value)
 
 
 def _bytes(what: str, max_len: int = MAX_FRAME):
@@ -271,7 +269,12 @@ def _bytes(what: str, max_len: int = MAX_FRAME):
 
 
 def _int(what: str, lo: int = 0, hi: int = _INT64):
-    return lambda value: want_int(value, what, lo, hi)
+    def integer(value) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise ProtocolError(f"bad {what}: expected an integer in [{lo}, {hi}]")
+        return value
+
+    return integer
 
 
 def _text(what: str, max_len: int = MAX_FRAME):
@@ -307,7 +310,7 @@ def _tuple(what: str, *checks):
     def fields(value) -> list:
         if not isinstance(value, list) or len(value) != len(checks):
             raise ProtocolError(f"bad {what}")
-        return [check(item) for check, item in zip(checks, value, strict=True)]
+        return [check(item) for check, item in zip(checks, value, strict=False)]  # the length is checked
 
     return fields
 

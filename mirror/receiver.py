@@ -2,7 +2,7 @@
 
 ``Receiver`` serves one connection: handshake (protocol version, shared-secret challenge in
 both directions, module), then sessions (``start`` ... ``end``) until the peer hangs up;
-it holds only the connection's state (module, writer lock, replica guard, keep-alive).
+it holds only the connection's state (module, writer lock, replica guard).
 
 A ``ReceiverSession`` serves one session: it scans the replica and streams a per-directory
 summary, answers requests for listings and block signatures, and turns every frame the
@@ -200,8 +200,6 @@ class Receiver:
                 message = self.t.recv()
                 if message is None:
                     return
-                if message[0] != P.START:
-                    raise ProtocolError(f"expected 'start', got {message[0]!r}")
                 if self.modules.get(self.module.name) != self.module:
                     # The server reloaded its modules since the handshake and this one changed
                     # or went: no session may run on the old settings.
@@ -336,9 +334,10 @@ class ReceiverSession:
         self.state_dir = receiver.module.resolved_state_dir
         dry_run = opts["dry_run"]
         self.renames = parse_renames(opts.get("renames", [])) if not dry_run else []
-        self.writer = receiver.replica.writer(tree, self.excluder, owner=opts["owner"] and receiver.can_chown,
-                                              sync_writes=not opts["no_fsync"], dry_run=dry_run, policy=policy,
-                                              failed=self._failed)  # fmt: skip
+        self.writer = receiver.replica.writer(
+            tree, self.excluder, owner=opts["owner"] and receiver.can_chown, sync_writes=not opts["no_fsync"],
+            dry_run=dry_run, policy=policy, failed=lambda req, path, why: self.t.send([P.FAILED, req, path, why]),
+        )  # fmt: skip
         self.listings: dict[bytes, object] = {}
         self.incoming: _Incoming | None = None
         self.reports_applied = not receiver.subpath  # the record is the whole module's
@@ -406,13 +405,11 @@ class ReceiverSession:
                     complete = isinstance(fields[0], dict) and fields[0].get("complete") is True
                     break
                 self.handlers[message[0]](*fields)
-            if summarizer is not None:
-                summarizer.join()
             refused = self.writer.finish()
         except BaseException:
             self.writer.discard()
             raise
-        finally:
+        finally:  # before its outcome is read
             if summarizer is not None and summarizer.ident is not None:
                 summarizer.join()
         if summary_error:
@@ -447,9 +444,6 @@ class ReceiverSession:
                 log.info("%s: session from journal sequence %d not recorded: this replica has %s", self.peer, base,
                          f"{current.seq} of {current.journal or 'a plain sync'}" if current else "no record")  # fmt: skip
         return current.as_wire() if current is not None else None
-
-    def _failed(self, req, path: bytes, reason: str) -> None:
-        self.t.send([P.FAILED, req, path, reason])
 
     # -- what the sender asks for ----------------------------------------------------------
 
@@ -486,14 +480,12 @@ class ReceiverSession:
             listing = self.listings.get(path)
             if listing is None:
                 raise ProtocolError(f"'want' for a directory the summary did not list: {display_path(path)}")
-            if len(listing) <= LISTING_PART:
-                self.t.send([P.LISTING, listing.path, *listing.pack(), listing.complete, True], flush=False)
-                continue
-            entries = list(listing)
-            for start in range(0, len(entries), LISTING_PART):
-                part = scan.Listing(listing.path, entries[start : start + LISTING_PART])
-                last = start + LISTING_PART >= len(entries)
-                self.t.send([P.LISTING, listing.path, *part.pack(), listing.complete, last], flush=False)
+            parts = [listing]
+            if len(listing) > LISTING_PART:
+                entries = list(listing)
+                parts = [scan.Listing(path, entries[i : i + LISTING_PART]) for i in range(0, len(entries), LISTING_PART)]
+            for i, part in enumerate(parts, 1):
+                self.t.send([P.LISTING, path, *part.pack(), listing.complete, i == len(parts)], flush=False)
         self.t.flush()
 
     def _on_sig(self, requests: list) -> None:
