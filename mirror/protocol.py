@@ -156,14 +156,12 @@ class StreamTransport:
                 if self._deadline is not None:
                     left = self._deadline - time.monotonic()
                     if left <= 0:
-                        raise PeerTimeout(f"{self.peer} did not finish its handshake in time")
+                        raise TimeoutError
                     self._settimeout(left)
                     chunk = self.rfile.read1(n - got)  # one raw read: the time left is checked again
                 else:
-                    if self._read_timeout is not None:
-                        ready, _, _ = select.select([self.rfile], [], [], self._read_timeout)
-                        if not ready:
-                            raise TimeoutError
+                    if self._read_timeout is not None and not select.select([self.rfile], [], [], self._read_timeout)[0]:
+                        raise TimeoutError
                     chunk = self.rfile.read(n - got)
             except TimeoutError:
                 if self._deadline is not None:

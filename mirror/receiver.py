@@ -350,6 +350,7 @@ class ReceiverSession:
         if self.reports_applied and not dry_run and opts["epoch"] == epoch and (self.scope is None or opts["base"] is not None):
             self.covers = Applied(epoch, opts["seq"], opts["journal"]), opts["base"]
         self._scan_problems = False
+        self._summary_error: BaseException | None = None
         writer = self.writer
         # Each frame's fields, checked (protocol.checked), to the method that handles them.
         self.handlers = {
@@ -378,21 +379,18 @@ class ReceiverSession:
         tree_scan = TreeScan(self.tree.root, excluder=self.excluder, checksum=bool(self.flags & scan.CMP_CHECKSUM),
                              state_dir=self.state_dir, use_cache=True, scope=self.scope,
                              background=self.scope is None)  # fmt: skip
-        summary_error: list[BaseException] = []
         # A whole tree is summarised by a thread while requests are served; a scoped (live)
         # session's few listings are sent at once, before the first request can come, and
         # follow the summary unasked.
-        summarizer = None
-        if self.scope is None:
-            summarizer = threading.Thread(target=self._send_summary, args=(tree_scan, summary_error), name="summary")
+        summarizer = threading.Thread(target=self._send_summary, args=(tree_scan,), name="summary")
         root_st = os.stat(self.tree.root_fd)
         root_attrs = [root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid, root_st.st_mtime_ns]
-        self.t.send([P.READY, {"epoch": self.epoch, "root": root_attrs}], flush=summarizer is not None)
+        self.t.send([P.READY, {"epoch": self.epoch, "root": root_attrs}], flush=self.scope is None)
         try:
-            if summarizer is not None:
+            if self.scope is None:
                 summarizer.start()
             else:
-                self._send_summary(tree_scan, summary_error)
+                self._send_summary(tree_scan)
             while True:
                 message = self.t.recv()
                 if message is None:
@@ -410,10 +408,10 @@ class ReceiverSession:
             self.writer.discard()
             raise
         finally:  # before its outcome is read
-            if summarizer is not None and summarizer.ident is not None:
+            if summarizer.ident is not None:
                 summarizer.join()
-        if summary_error:
-            raise summary_error[0]
+        if self._summary_error is not None:
+            raise self._summary_error
         if refused:
             log.warning("%s: %s", self.peer, refused)
         result = self.writer.result(refused)
@@ -447,7 +445,7 @@ class ReceiverSession:
 
     # -- what the sender asks for ----------------------------------------------------------
 
-    def _send_summary(self, tree_scan: TreeScan, error: list) -> None:
+    def _send_summary(self, tree_scan: TreeScan) -> None:
         """The summary, a fingerprint per directory; for a scoped (live) session also every
         listing right after its summary item: they are small, and it saves a round trip."""
         eager = self.scope is not None
@@ -466,7 +464,7 @@ class ReceiverSession:
             self._scan_problems = bool(problems)  # a subtree left alone: the session covers less
             self.t.send([P.SUMMARY_END, {"dirs": tree_scan.stats.dirs, "problems": problems[:1000]}])
         except BaseException as exc:  # reported by the session, after the main loop ends
-            error.append(exc)
+            self._summary_error = exc
             _send_error(self.t, type(exc).__name__, 2, f"receiver scan failed: {exc}")
 
     def _send_summary_batch(self, batch: list, eager: bool) -> None:
