@@ -382,12 +382,12 @@ _SESSION_FRAMES = {
 
 # A session's ``start`` options (docs/PROTOCOL.md); ``scope``, ``renames``, ``tree`` and
 # ``deletions`` are checked by the modules that use them (treescan, renames, guard).
-_START = {START: (_map("start options",
+_START_OPTIONS = dict(
     epoch=(0, _int("epoch")), flags=(0, _int("flags", 0, 15)), dry_run=(False, bool), delete=(False, bool),
     owner=(False, bool), no_fsync=(False, bool), keepalive=(None, _seconds("keepalive", 0.05, 3600)),
     excludes=([], _list("excludes", _bytes("exclude pattern", MAX_PATTERN), MAX_EXCLUDES)),
     seq=(0, _int("seq")), base=(None, _int("base")), journal=("", _text("journal", MAX_TOKEN)),
-),)}  # fmt: skip
+)  # fmt: skip
 
 # Every frame a receiver may answer within a session (but ``error``, which ends it).
 _REPLY_FRAMES = {
@@ -409,9 +409,10 @@ def checked_reply(message: list) -> list:
     return checked(message, _REPLY_FRAMES)
 
 
-def checked_start(message: list) -> dict:
-    """A ``start`` frame's options, checked, with the defaults of those it leaves out."""
-    return checked(message, _START)[0]
+def checked_start(message: list, **more) -> dict:
+    """A ``start`` frame's options, checked (``more``: the caller's, ``key=(default, check)``),
+    with the defaults of those it leaves out."""
+    return checked(message, {START: (_map("start options", **_START_OPTIONS, **more),)})[0]
 
 
 def checked(message: list, frames: dict = _SESSION_FRAMES) -> list:

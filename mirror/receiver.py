@@ -278,7 +278,7 @@ class Receiver:
     # -- session ---------------------------------------------------------------------------
 
     def _session(self, start: list) -> None:
-        opts = P.checked_start(start)
+        opts = P.checked_start(start, scope=(None, Scope.from_wire), renames=([], parse_renames))
         dry_run = opts["dry_run"]
         tree_id, policy = session_guard(opts)
         mine = self.replica.admit(opts["epoch"], tree_id, deleting=opts["delete"], allow=policy.allow_mass_delete,
@@ -327,13 +327,13 @@ class ReceiverSession:
         self.epoch = epoch
         self.flags = opts["flags"]
         self.excluder = make_excluder(opts["excludes"])
-        self.scope = Scope.from_wire(opts["scope"]) if opts.get("scope") is not None else None
+        self.scope = opts["scope"]
         for path in (self.scope.entries | self.scope.trees) if self.scope is not None else ():
             if path:
                 tree.parts(path)
         self.state_dir = receiver.module.resolved_state_dir
         dry_run = opts["dry_run"]
-        self.renames = parse_renames(opts.get("renames", [])) if not dry_run else []
+        self.renames = opts["renames"] if not dry_run else []
         self.writer = receiver.replica.writer(
             tree, self.excluder, owner=opts["owner"] and receiver.can_chown, sync_writes=not opts["no_fsync"],
             dry_run=dry_run, policy=policy, failed=lambda req, path, why: self.t.send([P.FAILED, req, path, why]),
