@@ -253,44 +253,37 @@ _INT64 = 2**63 - 1
 
 
 def want_bytes(value, what: str, max_len: int = MAX_FRAME) -> bytes:
-    if not isinstance(value, bytes) or len(value) > max_len:
-        raise ProtocolError(f"bad {what}: expected bytes of at most {max_len}")
-    return value
+    return _bytes(what, max_len)(value)
 
 
 def want_int(value, what: str, lo: int = 0, hi: int = _INT64) -> int:
     return _int(what, lo, hi)(value)
 
 
-def _bytes(what: str, max_len: int = MAX_FRAME):
-    return lambda value: want_bytes(value, what, max_len)
+def _bytes(what: str, max_len: int = MAX_FRAME, kind: type = bytes):
+    expected = f"{'bytes' if kind is bytes else 'a string'} of at most {max_len}"
 
-
-def _int(what: str, lo: int = 0, hi: int = _INT64):
-    def integer(value) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            raise ProtocolError(f"bad {what}: expected an integer in [{lo}, {hi}]")
+    def sized(value):
+        if not isinstance(value, kind) or len(value) > max_len:
+            raise ProtocolError(f"bad {what}: expected {expected}")
         return value
 
-    return integer
+    return sized
+
+
+def _int(what: str, lo: int = 0, hi: int = _INT64, kind: type | tuple = int):
+    expected = f"{'an integer' if kind is int else 'a number'} in [{lo}, {hi}]"
+
+    def number(value):
+        if not isinstance(value, kind) or isinstance(value, bool) or not lo <= value <= hi:
+            raise ProtocolError(f"bad {what}: expected {expected}")
+        return value
+
+    return number
 
 
 def _text(what: str, max_len: int = MAX_FRAME):
-    def text(value) -> str:
-        if not isinstance(value, str) or len(value) > max_len:
-            raise ProtocolError(f"bad {what}: expected a string of at most {max_len} characters")
-        return value
-
-    return text
-
-
-def _seconds(what: str, lo: float, hi: float):
-    def seconds(value) -> float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-            raise ProtocolError(f"bad {what}: expected seconds in [{lo}, {hi}]")
-        return float(value)
-
-    return seconds
+    return _bytes(what, max_len, str)
 
 
 def _one_of(what: str, *allowed):
@@ -384,7 +377,7 @@ _SESSION_FRAMES = {
 # ``deletions`` are checked by the modules that use them (treescan, renames, guard).
 _START_OPTIONS = dict(
     epoch=(0, _int("epoch")), flags=(0, _int("flags", 0, 15)), dry_run=(False, bool), delete=(False, bool),
-    owner=(False, bool), no_fsync=(False, bool), keepalive=(None, _seconds("keepalive", 0.05, 3600)),
+    owner=(False, bool), no_fsync=(False, bool), keepalive=(None, _int("keepalive", 0.05, 3600, (int, float))),
     excludes=([], _list("excludes", _bytes("exclude pattern", MAX_PATTERN), MAX_EXCLUDES)),
     seq=(0, _int("seq")), base=(None, _int("base")), journal=("", _text("journal", MAX_TOKEN)),
 )  # fmt: skip
