@@ -142,13 +142,15 @@ class _Keepalive(threading.Thread):
     """Says ``alive`` to the sender whenever a session has sent nothing for ``interval``
     seconds (a long commit, deletions of a big tree, the signature of a big file), so that
     the sender's timeout catches only a receiver that is stopped, hung or gone.  One per
-    session, stopped before its result: nothing follows the result."""
+    session (none if it asks for none), stopped before its result: nothing follows it."""
 
-    def __init__(self, transport, interval: float):
+    def __init__(self, transport, interval: float | None):
         super().__init__(name="receiver-keepalive", daemon=True)
         self.t = transport
         self.interval = interval
         self.stopped = threading.Event()
+        if interval is not None:
+            self.start()
 
     def run(self) -> None:
         seen = self.t.bytes_sent
@@ -163,7 +165,8 @@ class _Keepalive(threading.Thread):
     def stop(self) -> None:
         """Once it returns, the thread sends nothing more (a send under way has ended)."""
         self.stopped.set()
-        self.join()
+        if self.ident is not None:
+            self.join()
 
 
 class Receiver:
@@ -290,15 +293,12 @@ class Receiver:
             tree = self.replica.open_tree(root, dry_run)
         except OSError as exc:
             raise MirrorError(f"receiver cannot open its tree: {exc}") from None
-        keepalive = _Keepalive(self.t, opts["keepalive"]) if opts["keepalive"] is not None else None
-        if keepalive is not None:
-            keepalive.start()
+        keepalive = _Keepalive(self.t, opts["keepalive"])
         try:
             result = self.session_class(self, tree, opts, policy, mine).run()
         finally:
             tree.close()
-            if keepalive is not None:
-                keepalive.stop()
+            keepalive.stop()
         self.t.send([P.RESULT, result])
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
@@ -324,6 +324,7 @@ class ReceiverSession:
         self.t = receiver.t
         self.peer = receiver.peer
         self.tree = tree
+        self.opts = opts
         self.epoch = epoch
         self.flags = opts["flags"]
         self.excluder = make_excluder(opts["excludes"])
@@ -341,14 +342,6 @@ class ReceiverSession:
         self.listings: dict[bytes, object] = {}
         self.incoming: _Incoming | None = None
         self.reports_applied = not receiver.subpath  # the record is the whole module's
-        # What the session covers of the sender's journal if it completes: (the position to
-        # record, the sequence it continues from or None for a whole tree).  None: nothing
-        # to record (a dry run; a scoped session that does not say where it continues from;
-        # a sender whose epoch this replica could not take in full: its sequence belongs to
-        # a primary the record would not name).
-        self.covers: tuple[Applied, int | None] | None = None
-        if self.reports_applied and not dry_run and opts["epoch"] == epoch and (self.scope is None or opts["base"] is not None):
-            self.covers = Applied(epoch, opts["seq"], opts["journal"]), opts["base"]
         self._scan_problems = False
         self._summary_error: BaseException | None = None
         writer = self.writer
@@ -426,8 +419,12 @@ class ReceiverSession:
         if not self.reports_applied:
             return None
         current = read_applied(self.state_dir)
-        if clean and self.covers is not None:
-            value, base = self.covers
+        o = self.opts
+        # Nothing to record after a dry run, a scoped session that does not say where it
+        # continues from, or a sender whose epoch this replica could not take in full (its
+        # sequence belongs to a primary the record would not name).
+        if clean and not o["dry_run"] and o["epoch"] == self.epoch and (self.scope is None or o["base"] is not None):
+            value, base = Applied(self.epoch, o["seq"], o["journal"]), o["base"]
             # A session that continues from ``base`` covers the journal only if everything
             # up to ``base`` was already here: after an earlier batch failed, the replica's
             # record stays below it and a later batch must not jump over the gap.
