@@ -297,9 +297,7 @@ class ReplicaWriter:
             self._commit_pending(dir_syncs)
             if (self._deletes or self._dir_attrs) and not self.dry_run:
                 self._locked_discard()
-            refused = (
-                review_deletions(self.tree, self._deletes, self.policy, self.keep) if self._deletes else None
-            )
+            refused = review_deletions(self.tree, self._deletes, self.policy, self.keep)
             for path in self._deletes if not (refused or self.dry_run) else ():
                 try:
                     kept = self.tree.remove(path, keep=self.keep)
