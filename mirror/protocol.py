@@ -160,7 +160,8 @@ class StreamTransport:
                     self._settimeout(left)
                     chunk = self.rfile.read1(n - got)  # one raw read: the time left is checked again
                 else:
-                    if self._read_timeout is not None and not select.select([self.rfile], [], [], self._read_timeout)[0]:
+                    timeout = self._read_timeout
+                    if timeout is not None and not select.select([self.rfile], [], [], timeout)[0]:
                         raise TimeoutError
                     chunk = self.rfile.read(n - got)
             except TimeoutError:
@@ -382,11 +383,13 @@ _START_OPTIONS = dict(
     seq=(0, _int("seq")), base=(None, _int("base")), journal=("", _text("journal", MAX_TOKEN)),
 )  # fmt: skip
 
+_summary_item = _tuple("summary item", _path, _bytes("fingerprint", 16), _int("summary flags", 0, 255))
+_problem = _tuple("scan problem", _path, _int("errno", 0, 4095), _text("scan problem"))
+
 # Every frame a receiver may answer within a session (but ``error``, which ends it).
 _REPLY_FRAMES = {
-    SUMMARY: (_list("summary", _tuple("summary item", _path, _bytes("fingerprint", 16), _int("summary flags", 0, 255))),),
-    SUMMARY_END: (_map("summary end", problems=([], _list("problems", _tuple(
-        "scan problem", _path, _int("errno", 0, 4095), _text("scan problem"))))),),  # fmt: skip
+    SUMMARY: (_list("summary", _summary_item),),
+    SUMMARY_END: (_map("summary end", problems=([], _list("problems", _problem))),),
     LISTING: (_path, _bytes("names"), _bytes("records"), _bytes("digests"), _flag, _flag),
     SIGNATURE: (_req, _bytes("signature part"), _flag),
     SIG_FAILED: (_req, _text("reason")),

@@ -97,7 +97,7 @@ class _Incoming:
             raise ProtocolError("bad block size: expected an integer in [1, 1073741824]")
         try:
             self.basis = tree.open_regular(self.path)
-            self.patcher = fastpath.choose("delta").Patcher(self.basis, self.commit.file, block_size, basis_size)
+            self.patcher = fastpath.choose("delta").Patcher(self.basis, self.commit.file, block_size, basis_size)  # fmt: skip
         except (OSError, UnsafePathError) as exc:
             self.failed = "basis-gone: " + failure_reason(exc)
         except ValueError as exc:
@@ -131,7 +131,7 @@ class _Incoming:
             return f"mismatch: {exc}"
         except OSError as exc:
             return failure_reason(exc)
-        return None if tuple(got) == (digest, size) else "mismatch: content does not match the sender's digest"
+        return None if tuple(got) == (digest, size) else "mismatch: content does not match the sender's digest"  # fmt: skip
 
     def close(self) -> None:
         if self.basis is not None:
@@ -268,7 +268,7 @@ class Receiver:
         """The next message, which must be ``[kind, {...}]``: its map."""
         message = self.t.recv()
         if message is None or message[0] != kind or len(message) != 2 or not isinstance(message[1], dict):
-            raise ProtocolError(f"expected {kind!r}" + (", but the peer closed the connection" if message is None else ""))
+            raise ProtocolError(f"expected {kind!r}" + (", but the peer closed the connection" if message is None else ""))  # fmt: skip
         return message[1]
 
     def _take_writer(self) -> None:
@@ -423,7 +423,7 @@ class ReceiverSession:
         # Nothing to record after a dry run, a scoped session that does not say where it
         # continues from, or a sender whose epoch this replica could not take in full (its
         # sequence belongs to a primary the record would not name).
-        if clean and not o["dry_run"] and o["epoch"] == self.epoch and (self.scope is None or o["base"] is not None):
+        if clean and not o["dry_run"] and o["epoch"] == self.epoch and (self.scope is None or o["base"] is not None):  # fmt: skip
             value, base = Applied(self.epoch, o["seq"], o["journal"]), o["base"]
             # A session that continues from ``base`` covers the journal only if everything
             # up to ``base`` was already here: after an earlier batch failed, the replica's
@@ -478,7 +478,7 @@ class ReceiverSession:
             parts = [listing]
             if len(listing) > LISTING_PART:
                 entries = list(listing)
-                parts = [scan.Listing(path, entries[i : i + LISTING_PART]) for i in range(0, len(entries), LISTING_PART)]
+                parts = [scan.Listing(path, entries[i : i + LISTING_PART]) for i in range(0, len(entries), LISTING_PART)]  # fmt: skip
             for i, part in enumerate(parts, 1):
                 self.t.send([P.LISTING, path, *part.pack(), listing.complete, i == len(parts)], flush=False)
         self.t.flush()

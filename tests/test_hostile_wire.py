@@ -146,7 +146,10 @@ def test_malformed_session_options_over_the_wire_are_refused(server, opts):
     assert read_epoch(os.fsencode(server.replica / ".mirror")) == 0
 
 
-@pytest.mark.parametrize("start", [[P.START, "all"], [P.START], [P.START, {}, {}], [P.MKDIR, b"d", [0o755, 0, 0, T]]])
+_NOT_A_START = [[P.START, "all"], [P.START], [P.START, {}, {}], [P.MKDIR, b"d", [0o755, 0, 0, T]]]
+
+
+@pytest.mark.parametrize("start", _NOT_A_START)
 def test_a_session_that_does_not_open_with_a_start_map_is_refused(server, start):
     s = WireSession(server.port)
     s.t.send(start)
