@@ -316,9 +316,7 @@ class Receiver:
 
 
 class ReceiverSession:
-    """One session (``start`` ... ``end``) on a connection: the replica's scan and summary,
-    listings and signatures on request, and every content frame checked
-    (``protocol.checked``) and handed to the replica writer (``mirror.apply``)."""
+    """One session (``start`` ... ``end``) on a connection (see the module docstring)."""
 
     def __init__(self, receiver: Receiver, tree: ConfinedTree, opts: dict, policy, epoch: int):
         self.t = receiver.t
@@ -413,21 +411,17 @@ class ReceiverSession:
         return result
 
     def _record_applied(self, clean: bool) -> list | None:
-        """After a session whose every change is committed (``clean``: nothing failed or was
-        left out on either side, no deletion refused), record what it covers of the sender's
-        journal; the record now (None if there is none, or the session is a subpath's)."""
+        """After a ``clean`` session (every change committed, nothing left out on either side),
+        record what it covers of the sender's journal, by the rules of docs/PROTOCOL.md ("What
+        a replica has applied"); the record now (None if there is none, or for a subpath)."""
         if not self.reports_applied:
             return None
         current = read_applied(self.state_dir)
         o = self.opts
-        # Nothing to record after a dry run, a scoped session that does not say where it
-        # continues from, or a sender whose epoch this replica could not take in full (its
-        # sequence belongs to a primary the record would not name).
+        # Not after a dry run, a scoped session without a base, or an epoch taken only in part.
         if clean and not o["dry_run"] and o["epoch"] == self.epoch and (self.scope is None or o["base"] is not None):  # fmt: skip
             value, base = Applied(self.epoch, o["seq"], o["journal"]), o["base"]
-            # A session that continues from ``base`` covers the journal only if everything
-            # up to ``base`` was already here: after an earlier batch failed, the replica's
-            # record stays below it and a later batch must not jump over the gap.
+            # Never over a gap: a session that continues from ``base`` needs a record that reaches it.
             joined = base is None or (current is not None and current.epoch == value.epoch
                                       and current.journal == value.journal and current.seq >= base)  # fmt: skip
             if joined:
