@@ -249,7 +249,7 @@ MAX_TARGET = 4095
 MAX_REQUESTS = 4096  # paths per 'want', requests per 'sig'
 MAX_EXCLUDES = 1000
 MAX_PATTERN = 1024
-MAX_TOKEN = 64  # a journal token (mirror.applied)
+MAX_TOKEN = 64  # a journal token: mirror.applied's limit (a test keeps them equal)
 _INT64 = 2**63 - 1
 
 
@@ -376,12 +376,19 @@ _SESSION_FRAMES = {
 
 # A session's ``start`` options (docs/PROTOCOL.md); ``scope``, ``renames``, ``tree`` and
 # ``deletions`` are checked by the modules that use them (treescan, renames, guard).
-_START_OPTIONS = dict(
-    epoch=(0, _int("epoch")), flags=(0, _int("flags", 0, 15)), dry_run=(False, bool), delete=(False, bool),
-    owner=(False, bool), no_fsync=(False, bool), keepalive=(None, _int("keepalive", 0.05, 3600, (int, float))),
-    excludes=([], _list("excludes", _bytes("exclude pattern", MAX_PATTERN), MAX_EXCLUDES)),
-    seq=(0, _int("seq")), base=(None, _int("base")), journal=("", _text("journal", MAX_TOKEN)),
-)  # fmt: skip
+_START_OPTIONS = {
+    "epoch": (0, _int("epoch")),
+    "flags": (0, _int("flags", 0, 15)),
+    "dry_run": (False, bool),
+    "delete": (False, bool),
+    "owner": (False, bool),
+    "no_fsync": (False, bool),
+    "keepalive": (None, _int("keepalive", 0.05, 3600, (int, float))),
+    "excludes": ([], _list("excludes", _bytes("exclude pattern", MAX_PATTERN), MAX_EXCLUDES)),
+    "seq": (0, _int("seq")),
+    "base": (None, _int("base")),
+    "journal": ("", _text("journal", MAX_TOKEN)),
+}
 
 _summary_item = _tuple("summary item", _path, _bytes("fingerprint", 16), _int("summary flags", 0, 255))
 _problem = _tuple("scan problem", _path, _int("errno", 0, 4095), _text("scan problem"))

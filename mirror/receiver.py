@@ -334,9 +334,14 @@ class ReceiverSession:
         dry_run = opts["dry_run"]
         self.renames = opts["renames"] if not dry_run else []
         self.writer = receiver.replica.writer(
-            tree, self.excluder, owner=opts["owner"] and receiver.can_chown, sync_writes=not opts["no_fsync"],
-            dry_run=dry_run, policy=policy, failed=lambda req, path, why: self.t.send([P.FAILED, req, path, why]),
-        )  # fmt: skip
+            tree,
+            self.excluder,
+            owner=opts["owner"] and receiver.can_chown,
+            sync_writes=not opts["no_fsync"],
+            dry_run=dry_run,
+            policy=policy,
+            failed=lambda req, path, reason: self.t.send([P.FAILED, req, path, reason]),
+        )
         self.listings: dict[bytes, object] = {}
         self.incoming: _Incoming | None = None
         self.reports_applied = not receiver.subpath  # the record is the whole module's
