@@ -341,10 +341,13 @@ _attrs = _tuple("attributes", _int("mode", 0, 0o7777), _int("uid", 0, 2**32 - 1)
                 _int("mtime", -(2**63), _INT64))  # fmt: skip
 
 
-def _flag(value) -> bool:
-    if not isinstance(value, bool):
-        raise ProtocolError("bad flag: expected true or false")
-    return value
+def _flag(what: str):
+    def flag(value) -> bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"bad {what}: expected true or false")
+        return value
+
+    return flag
 
 
 def _target(value) -> bytes:
@@ -397,8 +400,8 @@ _problem = _tuple("scan problem", _path, _int("errno", 0, 4095), _text("scan pro
 _REPLY_FRAMES = {
     SUMMARY: (_list("summary", _summary_item),),
     SUMMARY_END: (_map("summary end", problems=([], _list("problems", _problem))),),
-    LISTING: (_path, _bytes("names"), _bytes("records"), _bytes("digests"), _flag, _flag),
-    SIGNATURE: (_req, _bytes("signature part"), _flag),
+    LISTING: (_path, _bytes("names"), _bytes("records"), _bytes("digests"), _flag("complete"), _flag("last")),
+    SIGNATURE: (_req, _bytes("signature part"), _flag("last")),
     SIG_FAILED: (_req, _text("reason")),
     FAILED: (lambda v: None if v is None else _req(v), _path, _text("reason")),  # None: not a file's
     PONG: (_any,),
