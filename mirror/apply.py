@@ -18,7 +18,7 @@ what keeps the replica whole, whoever asks:
 - the deletion guard (``mirror.guard``): all the session's deletions, or none.
 
 ``ReplicaAdmission`` is a session's door (epoch, lock, read-only module, replica guard),
-for a receiver and a local sync alike; ``record_epoch`` what a newer sender leaves behind.
+for a receiver and a local sync alike.
 """
 
 from __future__ import annotations
@@ -46,17 +46,6 @@ from .safefs import ConfinedTree
 from .statedir import check_root
 
 log = logging.getLogger(__name__)
-
-
-def record_epoch(module, state_dir: bytes, epoch: int, mine: int, peer: str) -> int:
-    """A newer sender's epoch, recorded: at most ``MAX_EPOCH_STEP`` higher per session, so
-    that whoever holds the secret cannot fence the module for good with epoch 2^63-1."""
-    if epoch <= mine:
-        return mine
-    recorded = min(epoch, mine + MAX_EPOCH_STEP)
-    log.warning("%s: epoch raised from %d to %d by %s%s", module.name or display_path(module.path), mine, recorded,
-                peer, f" (it shows {epoch}; at most +{MAX_EPOCH_STEP} per session)" if recorded < epoch else "")  # fmt: skip
-    return observe_epoch(state_dir, recorded)
 
 
 class ReplicaAdmission:
@@ -90,7 +79,15 @@ class ReplicaAdmission:
             take_writer()
         # A deleting sender from another tree (its source unmounted, say) changes nothing here.
         self.guard.admit(tree_id, deleting=deleting, allow=allow, dry_run=dry_run, peer=self.peer)
-        return mine if dry_run else record_epoch(self.module, self.state_dir, epoch, mine, self.peer)
+        if dry_run or epoch <= mine:
+            return mine
+        # A newer sender's epoch is recorded at most MAX_EPOCH_STEP higher per session, so
+        # that whoever holds the secret cannot fence the module for good with epoch 2^63-1.
+        recorded = min(epoch, mine + MAX_EPOCH_STEP)
+        where = self.module.name or display_path(self.module.path)
+        log.warning("%s: epoch raised from %d to %d by %s%s", where, mine, recorded, self.peer,
+                    f" (it shows {epoch}; at most +{MAX_EPOCH_STEP} per session)" if recorded < epoch else "")  # fmt: skip
+        return observe_epoch(self.state_dir, recorded)
 
     def open_tree(self, root: bytes, dry_run: bool) -> ConfinedTree:
         # Leftover temporary files (a crashed writer's) are removed once the writer lock is
@@ -109,10 +106,12 @@ class ReplicaAdmission:
         return ReplicaWriter(tree, privileges=self.module.privileges, lock=lock, keep=keep, **options)
 
     def reserved_in(self, root: bytes) -> bytes | None:
-        """``module.reserved_in(root)``, worked out once per connection: it resolves both
-        paths (an lstat per component), which a live session's latency should not pay."""
+        """The state dir's path relative to ``root`` if it lies inside it (never content);
+        worked out once per connection: it resolves both paths (an lstat per component),
+        which a live session's latency should not pay."""
         if root not in self._reserved:
-            self._reserved[root] = self.module.reserved_in(root)
+            inside = os.path.relpath(os.path.realpath(self.state_dir), os.path.realpath(root))
+            self._reserved[root] = None if inside == b"." or inside.startswith(b"..") else inside
         return self._reserved[root]
 
 
@@ -278,8 +277,7 @@ class ReplicaWriter:
     def finish_files(self) -> None:
         """Commit the files queued so far, and nothing else (a lock or a cancel stopped the
         sender: what is whole is kept; deletions and directory times wait for next time)."""
-        if self.in_flight is not None:
-            self.drop_file(self.in_flight)
+        self.drop_file(self.in_flight)
         self._commit_pending()
 
     def _commit_pending(self, dir_syncs: DirSyncs | None = None) -> None:
@@ -299,9 +297,7 @@ class ReplicaWriter:
             self._commit_pending(dir_syncs)
             if (self._deletes or self._dir_attrs) and not self.dry_run:
                 self._locked_discard()
-            refused = (
-                review_deletions(self.tree, self._deletes, self.policy, self.keep) if self._deletes else None
-            )
+            refused = review_deletions(self.tree, self._deletes, self.policy, self.keep)
             for path in self._deletes if not (refused or self.dry_run) else ():
                 try:
                     kept = self.tree.remove(path, keep=self.keep)
@@ -328,8 +324,7 @@ class ReplicaWriter:
     def discard(self) -> None:
         """Drop everything not yet renamed into place (the session ends without it)."""
         self.batches.discard()
-        if self.in_flight is not None:
-            self.drop_file(self.in_flight)
+        self.drop_file(self.in_flight)
 
     def result(self, refused: str | None) -> dict:
         return {"files": self.files, "bytes": self.bytes_written, "deleted": self.deleted,

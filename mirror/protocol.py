@@ -156,14 +156,13 @@ class StreamTransport:
                 if self._deadline is not None:
                     left = self._deadline - time.monotonic()
                     if left <= 0:
-                        raise PeerTimeout(f"{self.peer} did not finish its handshake in time")
+                        raise TimeoutError
                     self._settimeout(left)
                     chunk = self.rfile.read1(n - got)  # one raw read: the time left is checked again
                 else:
-                    if self._read_timeout is not None:
-                        ready, _, _ = select.select([self.rfile], [], [], self._read_timeout)
-                        if not ready:
-                            raise TimeoutError
+                    timeout = self._read_timeout
+                    if timeout is not None and not select.select([self.rfile], [], [], timeout)[0]:
+                        raise TimeoutError
                     chunk = self.rfile.read(n - got)
             except TimeoutError:
                 if self._deadline is not None:
@@ -242,51 +241,53 @@ def verify(expected: bytes, got, who: str) -> None:
 
 
 # -- field checks for decoded messages --------------------------------------------------------
+# Each check takes a decoded value and returns it (converted where said), or raises
+# ProtocolError naming the field; the tables below are built from a few of them.
 
 MAX_PATH = 65536
 MAX_TARGET = 4095
 MAX_REQUESTS = 4096  # paths per 'want', requests per 'sig'
+MAX_EXCLUDES = 1000
+MAX_PATTERN = 1024
+MAX_TOKEN = 64  # a journal token: mirror.applied's limit (a test keeps them equal)
+_INT64 = 2**63 - 1
 
 
-def _path(value) -> bytes:
-    return want_bytes(value, "path", MAX_PATH)
+def want_bytes(value, what: str, max_len: int = MAX_FRAME) -> bytes:
+    return _bytes(what, max_len)(value)
 
 
-def _req(value) -> int:
-    return want_int(value, "request id")
+def want_int(value, what: str, lo: int = 0, hi: int = _INT64) -> int:
+    return _int(what, lo, hi)(value)
 
 
-def _attrs(value) -> list:
-    """``[mode, uid, gid, mtime_ns]``."""
-    if not isinstance(value, list) or len(value) != 4:
-        raise ProtocolError("bad attributes")
-    return [want_int(value[0], "mode", 0, 0o7777), want_int(value[1], "uid", 0, 2**32 - 1),
-            want_int(value[2], "gid", 0, 2**32 - 1), want_int(value[3], "mtime", -(2**63), 2**63 - 1)]  # fmt: skip
+def _bytes(what: str, max_len: int = MAX_FRAME, kind: type = bytes):
+    expected = f"{'bytes' if kind is bytes else 'a string'} of at most {max_len}"
+
+    def sized(value):
+        if not isinstance(value, kind) or len(value) > max_len:
+            raise ProtocolError(f"bad {what}: expected {expected}")
+        return value
+
+    return sized
 
 
-def _target(value) -> bytes:
-    target = want_bytes(value, "target", MAX_TARGET)
-    if not target or b"\0" in target:
-        raise ProtocolError("bad symlink target")
-    return target
+def _int(what: str, lo: int = 0, hi: int = _INT64, kind: type | tuple = int):
+    expected = f"{'an integer' if kind is int else 'a number'} in [{lo}, {hi}]"
+
+    def number(value):
+        if not isinstance(value, kind) or isinstance(value, bool) or not lo <= value <= hi:
+            raise ProtocolError(f"bad {what}: expected {expected}")
+        return value
+
+    return number
 
 
-def _list(check, what: str):
-    def checked_list(value) -> list:
-        if not isinstance(value, list) or len(value) > MAX_REQUESTS:
-            raise ProtocolError(f"bad {what!r} list")
-        return [check(item) for item in value]
-
-    return checked_list
+def _text(what: str, max_len: int = MAX_FRAME):
+    return _bytes(what, max_len, str)
 
 
-def _sig_request(value) -> tuple[int, bytes]:
-    if not isinstance(value, list) or len(value) != 2:
-        raise ProtocolError("bad 'sig' request")
-    return _req(value[0]), _path(value[1])
-
-
-def _one_of(*allowed, what: str):
+def _one_of(what: str, *allowed):
     def one(value):
         if value not in allowed or isinstance(value, bool):
             raise ProtocolError(f"bad {what} {value!r}")
@@ -295,42 +296,49 @@ def _one_of(*allowed, what: str):
     return one
 
 
-def _bounded(what: str, lo: int = 0, hi: int = 2**63 - 1):
-    return lambda value: want_int(value, what, lo, hi)
+def _tuple(what: str, *checks):
+    """A list of exactly these fields."""
+
+    def fields(value) -> list:
+        if not isinstance(value, list) or len(value) != len(checks):
+            raise ProtocolError(f"bad {what}")
+        return [check(item) for check, item in zip(checks, value, strict=False)]  # the length is checked
+
+    return fields
+
+
+def _list(what: str, check, max_len: int = MAX_REQUESTS):
+    def items(value) -> list:
+        if not isinstance(value, list) or len(value) > max_len:
+            raise ProtocolError(f"bad {what!r} list: expected at most {max_len} items")
+        return [check(item) for item in value]
+
+    return items
+
+
+def _map(what: str, **fields):
+    """A map whose named ``fields`` (``(default, check)``; nil is the default) are checked;
+    other keys pass unchecked."""
+
+    def checked_map(value) -> dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"bad {what}: expected a map")
+        out = dict(value)
+        for key, (default, check) in fields.items():
+            out[key] = default if value.get(key) is None else check(value[key])
+        return out
+
+    return checked_map
 
 
 def _any(value):
     return value
 
 
-# Every frame a sender may send within a session: its fields and how each is checked.
-_SESSION_FRAMES = {
-    WANT: (_list(_path, "want"),),
-    SIG: (_list(_sig_request, "sig"),),
-    FILE: (_req, _path, _attrs, _one_of("whole", "delta", what="file mode"), _bounded("block size", 0, 1 << 30),
-           _bounded("basis size")),  # fmt: skip
-    DATA: (_req, lambda v: want_bytes(v, "data", MAX_CHUNK)),
-    COPY: (_req, _bounded("block index"), _bounded("block count", 1)),
-    FILE_END: (_req, lambda v: want_bytes(v, "digest", 16), _bounded("size")),
-    FILE_ABORT: (_req, _any),
-    MKDIR: (_path, _attrs),
-    SYMLINK: (_path, _target, _attrs),
-    NODE: (_path, _one_of(K.FIFO, K.SOCKET, K.CHAR, K.BLOCK, what="node kind"), _bounded("rdev"), _attrs),
-    HARDLINK: (_path, lambda v: want_bytes(v, "link target", MAX_PATH)),
-    ATTRS: (_path, _one_of(*range(K.FILE, K.BLOCK + 1), what="kind"), _attrs),
-    DELETE: (_path,),
-    PING: (_any,),
-    END: (_any,),
-}
-
-
-def _text(what: str):
-    def text(value) -> str:
-        if not isinstance(value, str) or len(value) > MAX_FRAME:
-            raise ProtocolError(f"bad {what}: expected a string")
-        return value
-
-    return text
+_path = _bytes("path", MAX_PATH)
+_req = _int("request id")
+_attrs = _tuple("attributes", _int("mode", 0, 0o7777), _int("uid", 0, 2**32 - 1), _int("gid", 0, 2**32 - 1),
+                _int("mtime", -(2**63), _INT64))  # fmt: skip
 
 
 def _flag(what: str):
@@ -342,47 +350,62 @@ def _flag(what: str):
     return flag
 
 
-def _map(value) -> dict:
-    if not isinstance(value, dict):
-        raise ProtocolError("bad result: expected a map")
-    return value
+def _target(value) -> bytes:
+    target = want_bytes(value, "target", MAX_TARGET)
+    if not target or b"\0" in target:
+        raise ProtocolError("bad symlink target")
+    return target
 
 
-def _summary_item(value) -> list:
-    """``[directory, fingerprint, flags]``."""
-    if not isinstance(value, list) or len(value) != 3:
-        raise ProtocolError("bad summary item")
-    flags = want_int(value[2], "summary flags", 0, 255)
-    return [_path(value[0]), want_bytes(value[1], "fingerprint", 16), flags]
+# Every frame a sender may send within a session: its fields and how each is checked.
+_SESSION_FRAMES = {
+    WANT: (_list("want", _path),),
+    SIG: (_list("sig", _tuple("'sig' request", _req, _path)),),
+    FILE: (_req, _path, _attrs, _one_of("file mode", "whole", "delta"), _int("block size", 0, 1 << 30),
+           _int("basis size")),  # fmt: skip
+    DATA: (_req, _bytes("data", MAX_CHUNK)),
+    COPY: (_req, _int("block index"), _int("block count", 1)),
+    FILE_END: (_req, _bytes("digest", 16), _int("size")),
+    FILE_ABORT: (_req, _any),
+    MKDIR: (_path, _attrs),
+    SYMLINK: (_path, _target, _attrs),
+    NODE: (_path, _one_of("node kind", K.FIFO, K.SOCKET, K.CHAR, K.BLOCK), _int("rdev"), _attrs),
+    HARDLINK: (_path, _bytes("link target", MAX_PATH)),
+    ATTRS: (_path, _one_of("kind", *range(K.FILE, K.BLOCK + 1)), _attrs),
+    DELETE: (_path,),
+    PING: (_any,),
+    END: (_any,),
+}
 
+# A session's ``start`` options (docs/PROTOCOL.md); ``scope``, ``renames``, ``tree`` and
+# ``deletions`` are checked by the modules that use them (treescan, renames, guard).
+_START_OPTIONS = {
+    "epoch": (0, _int("epoch")),
+    "flags": (0, _int("flags", 0, 15)),
+    "dry_run": (False, bool),
+    "delete": (False, bool),
+    "owner": (False, bool),
+    "no_fsync": (False, bool),
+    "keepalive": (None, _int("keepalive", 0.05, 3600, (int, float))),
+    "excludes": ([], _list("excludes", _bytes("exclude pattern", MAX_PATTERN), MAX_EXCLUDES)),
+    "seq": (0, _int("seq")),
+    "base": (None, _int("base")),
+    "journal": ("", _text("journal", MAX_TOKEN)),
+}
 
-def _problem(value) -> list:
-    """``[path, errno, message]``: a directory the receiver could not read."""
-    if not isinstance(value, list) or len(value) != 3:
-        raise ProtocolError("bad scan problem")
-    return [_path(value[0]), want_int(value[1], "errno", 0, 4095), _text("scan problem")(value[2])]
-
-
-def _summary_end(value) -> dict:
-    if not isinstance(value, dict):
-        raise ProtocolError("bad summary end: expected a map")
-    return {**value, "problems": _list(_problem, "problems")(value.get("problems", []))}
-
-
-def _block(what: str):
-    return lambda value: want_bytes(value, what)
-
+_summary_item = _tuple("summary item", _path, _bytes("fingerprint", 16), _int("summary flags", 0, 255))
+_problem = _tuple("scan problem", _path, _int("errno", 0, 4095), _text("scan problem"))
 
 # Every frame a receiver may answer within a session (but ``error``, which ends it).
 _REPLY_FRAMES = {
-    SUMMARY: (_list(_summary_item, "summary"),),
-    SUMMARY_END: (_summary_end,),
-    LISTING: (_path, _block("names"), _block("records"), _block("digests"), _flag("complete"), _flag("last")),
-    SIGNATURE: (_req, _block("signature part"), _flag("last")),
+    SUMMARY: (_list("summary", _summary_item),),
+    SUMMARY_END: (_map("summary end", problems=([], _list("problems", _problem))),),
+    LISTING: (_path, _bytes("names"), _bytes("records"), _bytes("digests"), _flag("complete"), _flag("last")),
+    SIGNATURE: (_req, _bytes("signature part"), _flag("last")),
     SIG_FAILED: (_req, _text("reason")),
     FAILED: (lambda v: None if v is None else _req(v), _path, _text("reason")),  # None: not a file's
     PONG: (_any,),
-    RESULT: (_map,),
+    RESULT: (_map("result"),),
     ALIVE: (),
 }
 
@@ -390,6 +413,12 @@ _REPLY_FRAMES = {
 def checked_reply(message: list) -> list:
     """A receiver's frame's fields (after its kind), each checked (see ``_REPLY_FRAMES``)."""
     return checked(message, _REPLY_FRAMES)
+
+
+def checked_start(message: list, **more) -> dict:
+    """A ``start`` frame's options, checked (``more``: the caller's, ``key=(default, check)``),
+    with the defaults of those it leaves out."""
+    return checked(message, {START: (_map("start options", **_START_OPTIONS, **more),)})[0]
 
 
 def checked(message: list, frames: dict = _SESSION_FRAMES) -> list:
@@ -400,22 +429,3 @@ def checked(message: list, frames: dict = _SESSION_FRAMES) -> list:
     if len(message) != len(fields) + 1:
         raise ProtocolError(f"malformed {message[0]!r} message ({len(message)} fields, expected {len(fields) + 1})")
     return [check(value) for check, value in zip(fields, message[1:], strict=True)]
-
-
-
-def want_bytes(value, what: str, max_len: int = MAX_FRAME) -> bytes:
-    if not isinstance(value, bytes) or len(value) > max_len:
-        raise ProtocolError(f"bad {what}: expected bytes of at most {max_len}")
-    return value
-
-
-def want_int(value, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ProtocolError(f"bad {what}: expected an integer in [{lo}, {hi}]")
-    return value
-
-
-def want_len(message: list, n: int) -> list:
-    if len(message) != n:
-        raise ProtocolError(f"malformed {message[0]!r} message ({len(message)} fields, expected {n})")
-    return message

@@ -2,7 +2,7 @@
 
 ``Receiver`` serves one connection: handshake (protocol version, shared-secret challenge in
 both directions, module), then sessions (``start`` ... ``end``) until the peer hangs up;
-it holds only the connection's state (module, writer lock, replica guard, keep-alive).
+it holds only the connection's state (module, writer lock, replica guard).
 
 A ``ReceiverSession`` serves one session: it scans the replica and streams a per-directory
 summary, answers requests for listings and block signatures, and turns every frame the
@@ -28,7 +28,7 @@ import xxhash
 
 from . import fastpath
 from . import protocol as P
-from .applied import MAX_TOKEN, Applied, read_applied, record_applied
+from .applied import Applied, read_applied, record_applied
 from .apply import ReplicaAdmission
 from .entry import Kind
 from .epoch import read_epoch
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 
 SUMMARY_BATCH = 256  # directories per summary message
 LISTING_PART = 32768  # entries per listing message (a larger directory is sent in parts)
-MAX_EXCLUDES = 1000
-MAX_PATTERN = 1024
 SIGNATURE_PART = 4 << 20
 # What may come between a file's 'file' and its end: its content, and the requests for
 # listings that the sender's pairing thread sends meanwhile.
@@ -71,77 +69,104 @@ class ModuleConfig(NamedTuple):
     def resolved_state_dir(self) -> bytes:
         return resolve_state_dir(self.path, self.state_dir)
 
-    def reserved_in(self, root: bytes) -> bytes | None:
-        """The state dir's path relative to ``root`` if it lies inside it (never content)."""
-        inside = os.path.relpath(os.path.realpath(self.resolved_state_dir), os.path.realpath(root))
-        return None if inside == b"." or inside.startswith(b"..") else inside
-
 
 # Plain classes rather than dataclasses: importing ``dataclasses`` (and ``inspect`` with it)
 # would cost every sync more start-up time than the rest of the receiver.
 
 
 class _Incoming:
-    """The file being received."""
+    """The file being received: written to its temporary file (``commit``) as its frames
+    come, rebuilt against its basis by a ``Patcher`` or, sent whole, hashed as written;
+    verified against the sender's digest at its end.  ``failed``: why it will not be."""
 
-    __slots__ = ("req", "path", "attrs", "commit", "patcher", "hasher", "basis", "size", "failed")
+    __slots__ = ("req", "path", "attrs", "commit", "failed", "patcher", "basis", "hasher", "size")
 
-    def __init__(self, req: int, path: bytes, attrs: list, commit, failed: str | None = None):
+    def __init__(self, req: int, path: bytes, attrs: list, commit, failed: str | None):
         self.req = req
         self.path = path
         self.attrs = attrs
         self.commit = commit
-        self.patcher = None
-        self.hasher = None
-        self.basis = None
-        self.size = 0
         self.failed = failed
+        self.patcher = None
+        self.basis = None
+        self.hasher = xxhash.xxh3_128()
+        self.size = 0
+
+    def open_basis(self, tree: ConfinedTree, block_size: int, basis_size: int) -> None:
+        if not block_size:
+            raise ProtocolError("bad block size: expected an integer in [1, 1073741824]")
+        try:
+            self.basis = tree.open_regular(self.path)
+            self.patcher = fastpath.choose("delta").Patcher(self.basis, self.commit.file, block_size, basis_size)  # fmt: skip
+        except (OSError, UnsafePathError) as exc:
+            self.failed = "basis-gone: " + failure_reason(exc)
+        except ValueError as exc:
+            self.failed = f"basis-changed: {exc}"
+
+    def write(self, op: tuple) -> None:
+        """A literal (``(1, data)``) or a copy of basis blocks (``(0, first, count)``)."""
+        if self.failed:
+            return
+        if self.patcher is None and op[0] == 0:
+            raise ProtocolError("'copy' for a file sent whole")
+        try:
+            if self.patcher is not None:
+                self.patcher.apply(op)
+            else:
+                self.hasher.update(op[1])
+                self.commit.file.write(op[1])
+                self.size += len(op[1])
+        except ValueError as exc:
+            raise ProtocolError(f"{display_path(self.path)}: {exc}") from None
+        except OSError as exc:
+            self.failed = failure_reason(exc)
+
+    def verify(self, digest: bytes, size: int) -> str | None:
+        """Why the file must not be committed, or None: it is what the sender sent."""
+        if self.failed:
+            return self.failed
+        try:
+            got = self.patcher.finish() if self.patcher is not None else (self.hasher.digest(), self.size)
+        except ValueError as exc:
+            return f"mismatch: {exc}"
+        except OSError as exc:
+            return failure_reason(exc)
+        return None if tuple(got) == (digest, size) else "mismatch: content does not match the sender's digest"  # fmt: skip
+
+    def close(self) -> None:
+        if self.basis is not None:
+            self.basis.close()
 
 
-class _Keepalive:
+class _Keepalive(threading.Thread):
     """Says ``alive`` to the sender whenever a session has sent nothing for ``interval``
     seconds (a long commit, deletions of a big tree, the signature of a big file), so that
-    the sender's timeout catches only a receiver that is stopped, hung or gone.  One thread
-    per connection, started by the first session that asks; quiet between sessions (the
-    sender does not read then)."""
+    the sender's timeout catches only a receiver that is stopped, hung or gone.  One per
+    session (none if it asks for none), stopped before its result: nothing follows it."""
 
-    def __init__(self, transport):
+    def __init__(self, transport, interval: float | None):
+        super().__init__(name="receiver-keepalive", daemon=True)
         self.t = transport
-        self._lock = threading.Lock()
-        self._active = False
-        self._interval = 1.0
-        self._seen = 0
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.interval = interval
+        self.stopped = threading.Event()
+        if interval is not None:
+            self.start()
 
-    def begin(self, interval: float) -> None:
-        with self._lock:
-            self._interval, self._active, self._seen = interval, True, self.t.bytes_sent
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="receiver-keepalive", daemon=True)
-            self._thread.start()
-
-    def end(self) -> None:
-        """The session is over (its result goes next): nothing more until the next one."""
-        with self._lock:
-            self._active = False
+    def run(self) -> None:
+        seen = self.t.bytes_sent
+        while not self.stopped.wait(self.interval):
+            if self.t.bytes_sent == seen:
+                try:
+                    self.t.send([P.ALIVE])
+                except (MirrorError, OSError):
+                    return
+            seen = self.t.bytes_sent
 
     def stop(self) -> None:
-        self._stopped.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self._interval):
-            with self._lock:
-                if not self._active:
-                    continue
-                if self.t.bytes_sent == self._seen:
-                    try:
-                        self.t.send([P.ALIVE])
-                    except (MirrorError, OSError):
-                        return
-                self._seen = self.t.bytes_sent
+        """Once it returns, the thread sends nothing more (a send under way has ended)."""
+        self.stopped.set()
+        if self.ident is not None:
+            self.join()
 
 
 class Receiver:
@@ -155,7 +180,7 @@ class Receiver:
         self._admit = admit
         self.modules = modules
         self.peer = peer
-        self.can_chown = os.geteuid() == 0
+        self.can_chown = False  # set by the handshake, like the module
         self.module: ModuleConfig | None = None
         self.sessions = 0
         self.subpath = b""  # set by the handshake
@@ -164,9 +189,8 @@ class Receiver:
         self._writer = writer
         # (set_timeout, seconds): how long the peer may stay silent in a session; none between
         # sessions (a live daemon's connection idles), none at all for in-process transports.
-        self._set_timeout, self._session_timeout = timeouts if timeouts else (None, None)
+        self._set_timeout, self._session_timeout = timeouts if timeouts else (lambda seconds: None, None)
         self.replica: ReplicaAdmission | None = None  # set by the handshake
-        self._keepalive: _Keepalive | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -175,17 +199,15 @@ class Receiver:
         try:
             self._handshake()
             while True:
-                self._timeout(None)
+                self._set_timeout(None)
                 message = self.t.recv()
                 if message is None:
                     return
-                if message[0] != P.START:
-                    raise ProtocolError(f"expected 'start', got {message[0]!r}")
                 if self.modules.get(self.module.name) != self.module:
                     # The server reloaded its modules since the handshake and this one changed
                     # or went: no session may run on the old settings.
                     raise MirrorError(f"module {self.module.name!r} was reconfigured; reconnect")
-                self._timeout(self._session_timeout)
+                self._set_timeout(self._session_timeout)
                 self._session(message)
                 self.sessions += 1
         except Exception as exc:
@@ -203,23 +225,12 @@ class Receiver:
             if self._writer is not None:  # first: the next writer may be waiting for it
                 self._writer.release()
                 self._writer = None
-            if self._keepalive is not None:
-                self._keepalive.stop()
             self.t.close()
-
-    def _timeout(self, seconds: float | None) -> None:
-        if self._set_timeout is not None:
-            self._set_timeout(seconds)
 
     def _handshake(self) -> None:
         if hasattr(self.t, "max_frame"):
             self.t.max_frame = P.PREAUTH_MAX_FRAME
-        hello = self.t.recv()
-        if hello is None:
-            raise ProtocolError("peer closed the connection before saying hello")
-        if hello[0] != P.HELLO or len(hello) != 2 or not isinstance(hello[1], dict):
-            raise ProtocolError("expected 'hello'")
-        info = hello[1]
+        info = self._expect(P.HELLO)
         if info.get("proto") != P.PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {info.get('proto')!r} is not supported (this receiver speaks "
                                 f"version {P.PROTOCOL_VERSION})")  # fmt: skip
@@ -230,18 +241,16 @@ class Receiver:
         client_nonce = P.want_bytes(info.get("nonce"), "nonce", P.NONCE_SIZE)
         self.module = module
         self.replica = ReplicaAdmission(module, self.peer)
-        self.can_chown = self.can_chown and self.module.privileges.owners
+        self.can_chown = os.geteuid() == 0 and module.privileges.owners
         # Checked as a path of the tree (never into the state dir) when a session opens it.
         self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
         server_nonce = os.urandom(P.NONCE_SIZE)
         secret = self.module.secret
         self.t.send([P.CHALLENGE, {"proto": P.PROTOCOL_VERSION, "nonce": server_nonce, "auth": secret is not None}])
-        auth = self.t.recv()
-        if auth is None or auth[0] != P.AUTH or len(auth) != 2 or not isinstance(auth[1], dict):
-            raise ProtocolError("expected 'auth'")
+        auth = self._expect(P.AUTH)
         proof = b""
         if secret is not None:
-            P.verify(P.client_proof(secret, server_nonce, client_nonce, name), auth[1].get("proof"), self.peer)
+            P.verify(P.client_proof(secret, server_nonce, client_nonce, name), auth.get("proof"), self.peer)
             proof = P.server_proof(secret, server_nonce, client_nonce, name)
         if self._admit is not None:
             self._admit()
@@ -255,6 +264,13 @@ class Receiver:
             "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE,
         }])  # fmt: skip
 
+    def _expect(self, kind: str) -> dict:
+        """The next message, which must be ``[kind, {...}]``: its map."""
+        message = self.t.recv()
+        if message is None or message[0] != kind or len(message) != 2 or not isinstance(message[1], dict):
+            raise ProtocolError(f"expected {kind!r}" + (", but the peer closed the connection" if message is None else ""))  # fmt: skip
+        return message[1]
+
     def _take_writer(self) -> None:
         if self._writer is None:
             # Held for the rest of the connection: the live daemon's sessions follow one
@@ -265,15 +281,11 @@ class Receiver:
     # -- session ---------------------------------------------------------------------------
 
     def _session(self, start: list) -> None:
-        P.want_len(start, 2)
-        opts = start[1] if isinstance(start[1], dict) else {}
-        dry_run = bool(opts.get("dry_run"))
-        epoch = P.want_int(opts.get("epoch", 0), "epoch")
+        opts = P.checked_start(start, scope=(None, Scope.from_wire), renames=([], parse_renames))
+        dry_run = opts["dry_run"]
         tree_id, policy = session_guard(opts)
-        keepalive = _keepalive_interval(opts.get("keepalive"))
-        mine = self.replica.admit(epoch, tree_id, deleting=bool(opts.get("delete")), allow=policy.allow_mass_delete,
+        mine = self.replica.admit(opts["epoch"], tree_id, deleting=opts["delete"], allow=policy.allow_mass_delete,
                                    dry_run=dry_run, take_writer=self._take_writer)  # fmt: skip
-        covers = _covers(opts, epoch, mine, scoped=opts.get("scope") is not None)
         root = fs_path(self.module.path)
         if self.subpath:
             root = self._ensure_subpath(root, dry_run)
@@ -281,19 +293,13 @@ class Receiver:
             tree = self.replica.open_tree(root, dry_run)
         except OSError as exc:
             raise MirrorError(f"receiver cannot open its tree: {exc}") from None
-        if keepalive is not None:
-            if self._keepalive is None:
-                self._keepalive = _Keepalive(self.t)
-            self._keepalive.begin(keepalive)
+        keepalive = _Keepalive(self.t, opts["keepalive"])
         try:
-            session = self.session_class(self, tree, opts, policy, dry_run, mine)
-            session.covers = None if dry_run or self.subpath else covers
-            session.reports_applied = not self.subpath  # the record is the whole module's
-            session.run()
+            result = self.session_class(self, tree, opts, policy, mine).run()
         finally:
             tree.close()
-            if self._keepalive is not None:
-                self._keepalive.end()  # nothing may follow the result
+            keepalive.stop()
+        self.t.send([P.RESULT, result])
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
         tree = ConfinedTree(root, reserved=self.replica.reserved_in(root))
@@ -310,54 +316,47 @@ class Receiver:
 
 
 class ReceiverSession:
-    """One session (``start`` ... ``end``) on a connection: the replica's scan and summary,
-    listings and signatures on request, and every content frame checked
-    (``protocol.checked``) and handed to the replica writer (``mirror.apply``)."""
+    """One session (``start`` ... ``end``) on a connection (see the module docstring)."""
 
-    def __init__(self, receiver: Receiver, tree: ConfinedTree, opts: dict, policy, dry_run: bool, epoch: int):
+    def __init__(self, receiver: Receiver, tree: ConfinedTree, opts: dict, policy, epoch: int):
         self.t = receiver.t
         self.peer = receiver.peer
         self.tree = tree
+        self.opts = opts
         self.epoch = epoch
-        self.flags = P.want_int(opts.get("flags", 0), "flags", 0, 15)
-        excludes = opts.get("excludes", [])
-        if not isinstance(excludes, list) or not all(isinstance(p, bytes) for p in excludes):
-            raise ProtocolError("bad excludes")
-        if len(excludes) > MAX_EXCLUDES or any(len(p) > MAX_PATTERN for p in excludes):
-            raise ProtocolError(f"too many or too long exclude patterns (at most {MAX_EXCLUDES} of {MAX_PATTERN} bytes)")
-        self.excluder = make_excluder(excludes)
-        self.scope = Scope.from_wire(opts["scope"]) if opts.get("scope") is not None else None
+        self.flags = opts["flags"]
+        self.excluder = make_excluder(opts["excludes"])
+        self.scope = opts["scope"]
         for path in (self.scope.entries | self.scope.trees) if self.scope is not None else ():
             if path:
                 tree.parts(path)
         self.state_dir = receiver.module.resolved_state_dir
-        self.renames = parse_renames(opts.get("renames", [])) if not dry_run else []
+        dry_run = opts["dry_run"]
+        self.renames = opts["renames"] if not dry_run else []
         self.writer = receiver.replica.writer(
             tree,
             self.excluder,
-            owner=bool(opts.get("owner")) and receiver.can_chown,
-            sync_writes=not opts.get("no_fsync", False),
+            owner=opts["owner"] and receiver.can_chown,
+            sync_writes=not opts["no_fsync"],
             dry_run=dry_run,
             policy=policy,
-            failed=self._failed,
+            failed=lambda req, path, reason: self.t.send([P.FAILED, req, path, reason]),
         )
         self.listings: dict[bytes, object] = {}
         self.incoming: _Incoming | None = None
-        # (Applied, base): what the session covers of the sender's journal if it completes
-        # (set by the receiver; None: nothing to record)
-        self.covers: tuple[Applied, int | None] | None = None
-        self.reports_applied = False
+        self.reports_applied = not receiver.subpath  # the record is the whole module's
         self._scan_problems = False
+        self._summary_error: BaseException | None = None
         writer = self.writer
         # Each frame's fields, checked (protocol.checked), to the method that handles them.
         self.handlers = {
             P.WANT: self._send_listings,
             P.SIG: self._on_sig,
             P.FILE: self._on_file,
-            P.DATA: lambda req, data: self._content(req, (1, data)),
-            P.COPY: lambda req, first, count: self._content(req, (0, first, count)),
+            P.DATA: lambda req, data: self._current(req).write((1, data)),
+            P.COPY: lambda req, first, count: self._current(req).write((0, first, count)),
             P.FILE_END: self._on_file_end,
-            P.FILE_ABORT: self._on_file_abort,
+            P.FILE_ABORT: lambda req, _reason: self.writer.drop_file(self._current(req, end=True).commit),
             P.MKDIR: writer.mkdir,
             P.SYMLINK: lambda path, target, attrs: writer.special(path, Kind.SYMLINK, attrs, target=target),
             P.NODE: lambda path, kind, rdev, attrs: writer.special(path, kind, attrs, rdev=rdev),
@@ -367,7 +366,8 @@ class ReceiverSession:
             P.PING: lambda token: self.t.send([P.PONG, token]),
         }
 
-    def run(self) -> None:
+    def run(self) -> dict:
+        """The session, up to its ``end``; its result (the receiver sends it)."""
         # The live daemon saw these renames on the source: done here first, where the
         # replica's old entry holds what the new name must (mirror.renames).
         apply_renames(self.tree, self.renames)
@@ -375,21 +375,18 @@ class ReceiverSession:
         tree_scan = TreeScan(self.tree.root, excluder=self.excluder, checksum=bool(self.flags & scan.CMP_CHECKSUM),
                              state_dir=self.state_dir, use_cache=True, scope=self.scope,
                              background=self.scope is None)  # fmt: skip
-        summary_error: list[BaseException] = []
         # A whole tree is summarised by a thread while requests are served; a scoped (live)
         # session's few listings are sent at once, before the first request can come, and
         # follow the summary unasked.
-        summarizer = None
-        if self.scope is None:
-            summarizer = threading.Thread(target=self._send_summary, args=(tree_scan, summary_error), name="summary")
+        summarizer = threading.Thread(target=self._send_summary, args=(tree_scan,), name="summary")
         root_st = os.stat(self.tree.root_fd)
         root_attrs = [root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid, root_st.st_mtime_ns]
-        self.t.send([P.READY, {"epoch": self.epoch, "root": root_attrs}], flush=summarizer is not None)
+        self.t.send([P.READY, {"epoch": self.epoch, "root": root_attrs}], flush=self.scope is None)
         try:
-            if summarizer is not None:
+            if self.scope is None:
                 summarizer.start()
             else:
-                self._send_summary(tree_scan, summary_error)
+                self._send_summary(tree_scan)
             while True:
                 message = self.t.recv()
                 if message is None:
@@ -402,38 +399,34 @@ class ReceiverSession:
                     complete = isinstance(fields[0], dict) and fields[0].get("complete") is True
                     break
                 self.handlers[message[0]](*fields)
-            if summarizer is not None:
-                summarizer.join()
             refused = self.writer.finish()
         except BaseException:
             self.writer.discard()
             raise
-        finally:
-            if summarizer is not None and summarizer.ident is not None:
+        finally:  # before its outcome is read
+            if summarizer.ident is not None:
                 summarizer.join()
-        if summary_error:
-            raise summary_error[0]
+        if self._summary_error is not None:
+            raise self._summary_error
         if refused:
             log.warning("%s: %s", self.peer, refused)
         result = self.writer.result(refused)
         clean = complete and not refused and not result["failed_count"] and not self._scan_problems
         result["applied"] = self._record_applied(clean)
-        self.t.send([P.RESULT, result])
+        return result
 
     def _record_applied(self, clean: bool) -> list | None:
-        """After a session whose every change is committed (``clean``: nothing failed or was
-        left out on either side, no deletion refused), record what it covers of the sender's
-        journal; the record now (None if there is none, or the session is a subpath's)."""
+        """After a ``clean`` session (every change committed, nothing left out on either side),
+        record what it covers of the sender's journal, by the rules of docs/PROTOCOL.md ("What
+        a replica has applied"); the record now (None if there is none, or for a subpath)."""
         if not self.reports_applied:
             return None
         current = read_applied(self.state_dir)
-        if self.covers is None:
-            return current.as_wire() if current is not None else None
-        value, base = self.covers
-        if clean:
-            # A session that continues from ``base`` covers the journal only if everything
-            # up to ``base`` was already here: after an earlier batch failed, the replica's
-            # record stays below it and a later batch must not jump over the gap.
+        o = self.opts
+        # Not after a dry run, a scoped session without a base, or an epoch taken only in part.
+        if clean and not o["dry_run"] and o["epoch"] == self.epoch and (self.scope is None or o["base"] is not None):  # fmt: skip
+            value, base = Applied(self.epoch, o["seq"], o["journal"]), o["base"]
+            # Never over a gap: a session that continues from ``base`` needs a record that reaches it.
             joined = base is None or (current is not None and current.epoch == value.epoch
                                       and current.journal == value.journal and current.seq >= base)  # fmt: skip
             if joined:
@@ -446,12 +439,9 @@ class ReceiverSession:
                          f"{current.seq} of {current.journal or 'a plain sync'}" if current else "no record")  # fmt: skip
         return current.as_wire() if current is not None else None
 
-    def _failed(self, req, path: bytes, reason: str) -> None:
-        self.t.send([P.FAILED, req, path, reason])
-
     # -- what the sender asks for ----------------------------------------------------------
 
-    def _send_summary(self, tree_scan: TreeScan, error: list) -> None:
+    def _send_summary(self, tree_scan: TreeScan) -> None:
         """The summary, a fingerprint per directory; for a scoped (live) session also every
         listing right after its summary item: they are small, and it saves a round trip."""
         eager = self.scope is not None
@@ -470,7 +460,7 @@ class ReceiverSession:
             self._scan_problems = bool(problems)  # a subtree left alone: the session covers less
             self.t.send([P.SUMMARY_END, {"dirs": tree_scan.stats.dirs, "problems": problems[:1000]}])
         except BaseException as exc:  # reported by the session, after the main loop ends
-            error.append(exc)
+            self._summary_error = exc
             _send_error(self.t, type(exc).__name__, 2, f"receiver scan failed: {exc}")
 
     def _send_summary_batch(self, batch: list, eager: bool) -> None:
@@ -484,14 +474,12 @@ class ReceiverSession:
             listing = self.listings.get(path)
             if listing is None:
                 raise ProtocolError(f"'want' for a directory the summary did not list: {display_path(path)}")
-            if len(listing) <= LISTING_PART:
-                self.t.send([P.LISTING, listing.path, *listing.pack(), listing.complete, True], flush=False)
-                continue
-            entries = list(listing)
-            for start in range(0, len(entries), LISTING_PART):
-                part = scan.Listing(listing.path, entries[start : start + LISTING_PART])
-                last = start + LISTING_PART >= len(entries)
-                self.t.send([P.LISTING, listing.path, *part.pack(), listing.complete, last], flush=False)
+            parts = [listing]
+            if len(listing) > LISTING_PART:
+                entries = list(listing)
+                parts = [scan.Listing(path, entries[i : i + LISTING_PART]) for i in range(0, len(entries), LISTING_PART)]  # fmt: skip
+            for i, part in enumerate(parts, 1):
+                self.t.send([P.LISTING, path, *part.pack(), listing.complete, i == len(parts)], flush=False)
         self.t.flush()
 
     def _on_sig(self, requests: list) -> None:
@@ -516,100 +504,28 @@ class ReceiverSession:
 
     def _on_file(self, req: int, path: bytes, attrs: list, mode: str, block_size: int, basis_size: int) -> None:
         commit, reason = self.writer.new_file(path)
-        incoming = self.incoming = _Incoming(req, path, attrs, commit, failed=reason)
-        if commit is None:
-            return
-        if mode == "delta":
-            if not block_size:
-                raise ProtocolError("bad block size: expected an integer in [1, 1073741824]")
-            try:
-                basis = self.tree.open_regular(path)
-            except (OSError, UnsafePathError) as exc:
-                incoming.failed = "basis-gone: " + failure_reason(exc)
-                return
-            try:
-                incoming.patcher = fastpath.choose("delta").Patcher(basis, commit.file, block_size, basis_size)
-            except ValueError as exc:
-                basis.close()
-                incoming.failed = f"basis-changed: {exc}"
-                return
-            incoming.basis = basis
-        else:
-            incoming.hasher = xxhash.xxh3_128()
+        self.incoming = _Incoming(req, path, attrs, commit, reason)
+        if commit is not None and mode == "delta":
+            self.incoming.open_basis(self.tree, block_size, basis_size)
 
-    def _current(self, req) -> _Incoming:
+    def _current(self, req, end: bool = False) -> _Incoming:
+        """The file ``req``'s frames are for (no longer current at its ``end``)."""
         incoming = self.incoming
         if incoming is None or req != incoming.req:
             raise ProtocolError("file data for a file that was not started")
+        if end:
+            self.incoming = None
+            incoming.close()
         return incoming
 
-    def _content(self, req: int, op: tuple) -> None:
-        """A literal (``(1, data)``) or a copy of basis blocks (``(0, first, count)``)."""
-        incoming = self._current(req)
-        if incoming.failed:
-            return
-        if incoming.patcher is None and op[0] == 0:
-            raise ProtocolError("'copy' for a file sent whole")
-        try:
-            if incoming.patcher is not None:
-                incoming.patcher.apply(op)
-            else:
-                incoming.hasher.update(op[1])
-                incoming.commit.file.write(op[1])
-                incoming.size += len(op[1])
-        except ValueError as exc:
-            raise ProtocolError(f"{display_path(incoming.path)}: {exc}") from None
-        except OSError as exc:
-            incoming.failed = failure_reason(exc)
-
-    def _on_file_abort(self, req: int, _reason) -> None:
-        incoming = self._current(req)
-        self._close_basis(incoming)
-        self.writer.drop_file(incoming.commit)
-
-    def _close_basis(self, incoming: _Incoming) -> None:
-        self.incoming = None
-        if incoming.basis is not None:
-            incoming.basis.close()
-
     def _on_file_end(self, req: int, digest: bytes, size: int) -> None:
-        incoming = self._current(req)
-        failed = incoming.failed
-        if not failed:
-            try:
-                if incoming.patcher is not None:
-                    got, got_size = incoming.patcher.finish()
-                else:
-                    got, got_size = incoming.hasher.digest(), incoming.size
-                if (got, got_size) != (digest, size):
-                    failed = "mismatch: content does not match the sender's digest"
-            except ValueError as exc:
-                failed = f"mismatch: {exc}"
-            except OSError as exc:
-                failed = failure_reason(exc)
-        self._close_basis(incoming)
+        incoming = self._current(req, end=True)
+        failed = incoming.verify(digest, size)
         if failed:
             self.writer.drop_file(incoming.commit)
-            self.writer.fail(incoming.req, incoming.path, failed)
-            return
-        self.writer.commit_file(incoming.commit, incoming.attrs, size, req)
-
-
-def _covers(opts: dict, epoch: int, mine: int, scoped: bool) -> tuple[Applied, int | None] | None:
-    """What a session's ``start`` says it covers of the sender's journal: (the position to
-    record once it completes, the sequence it continues from or None for the whole tree).
-    None when it cannot be recorded: a scoped session that does not say where it continues
-    from, or a sender whose epoch this replica could not take in full (its sequence belongs
-    to a primary the record would not name)."""
-    seq = P.want_int(opts.get("seq") or 0, "seq")
-    base = opts.get("base")
-    base = None if base is None else P.want_int(base, "base")
-    journal = opts.get("journal") or ""
-    if not isinstance(journal, str) or len(journal) > MAX_TOKEN:
-        raise ProtocolError(f"bad journal: expected a string of at most {MAX_TOKEN} characters")
-    if (scoped and base is None) or epoch != mine:
-        return None
-    return Applied(epoch, seq, journal), base
+            self.writer.fail(req, incoming.path, failed)
+        else:
+            self.writer.commit_file(incoming.commit, incoming.attrs, size, req)
 
 
 def _send_error(transport, name: str, exit_code: int, text: str) -> None:
@@ -618,14 +534,6 @@ def _send_error(transport, name: str, exit_code: int, text: str) -> None:
         transport.send([P.ERROR, name, exit_code, text])
     except (MirrorError, OSError):
         pass
-
-
-def _keepalive_interval(value) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.05 <= value <= 3600:
-        raise ProtocolError("bad keepalive: expected seconds in [0.05, 3600]")
-    return float(value)
 
 
 Receiver.session_class = ReceiverSession

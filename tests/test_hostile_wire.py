@@ -127,13 +127,36 @@ def test_a_huge_epoch_over_the_wire_rises_by_a_bounded_step(server):
     {"deletions": {"max_delete": "all"}},
     {"keepalive": 0},
     {"keepalive": 10**9},
+    {"excludes": [b"*.tmp"] * 1001},
+    {"excludes": [b"x" * 1025]},
+    {"excludes": ["*.tmp"]},
+    {"flags": 16},
+    {"epoch": "1"},
+    {"seq": -1},
+    {"base": "40"},
+    {"journal": "j" * 65},
 ])  # fmt: skip
 def test_malformed_session_options_over_the_wire_are_refused(server, opts):
+    # From a newer sender: refused before anything is recorded, its epoch included.
     s = WireSession(server.port)
-    reply = s.start(**opts)
+    reply = s.start(**{"epoch": 5, **opts})
     s.close()
     assert reply[0] == P.ERROR and reply[1] == "ProtocolError", reply
     assert (server.replica / "keep").read_text() == "replica data" and not (server.replica / "moved").exists()
+    assert read_epoch(os.fsencode(server.replica / ".mirror")) == 0
+
+
+_NOT_A_START = [[P.START, "all"], [P.START], [P.START, {}, {}], [P.MKDIR, b"d", [0o755, 0, 0, T]]]
+
+
+@pytest.mark.parametrize("start", _NOT_A_START)
+def test_a_session_that_does_not_open_with_a_start_map_is_refused(server, start):
+    s = WireSession(server.port)
+    s.t.send(start)
+    reply = s.recv()
+    s.close()
+    assert reply[0] == P.ERROR and reply[1] == "ProtocolError", reply
+    assert sorted(os.listdir(server.replica)) in ([".mirror", "keep"], ["keep"])
 
 
 def test_a_rename_over_the_wire_needs_the_right_content(server):

@@ -19,11 +19,11 @@ import pytest
 
 from mirror import protocol as P
 from mirror.errors import EXIT_CONNECT_TIMEOUT, EXIT_TIMEOUT, ConnectTimeout, PeerTimeout
-from mirror.receiver import ModuleConfig, Receiver
+from mirror.receiver import ModuleConfig, Receiver, ReceiverSession
 from mirror.transfer import sync
 from tests.daemons import live_daemon
 from tests.helpers import MIRROR, run_mirror, wait_until
-from tests.peers import in_process_server
+from tests.peers import RawSession, in_process_server
 from tests.servers import SECRET, mirror_server
 
 
@@ -178,12 +178,19 @@ def test_no_connection_within_contimeout(tmp_path):
         listener.close()
 
 
-class _SlowCommit(Receiver):
-    """A receiver whose end of session takes 3 s (a big commit, a huge deletion)."""
+class _SlowEnd(ReceiverSession):
+    """A session whose end takes ``delay`` seconds more (a big commit, a huge deletion)."""
 
-    def _finish_session(self):
-        time.sleep(3)
-        super()._finish_session()
+    delay = 3.0
+
+    def run(self) -> dict:
+        result = super().run()
+        time.sleep(self.delay)  # the slow work itself, not a wait for a condition
+        return result
+
+
+class _SlowCommit(Receiver):
+    session_class = _SlowEnd
 
 
 def test_a_slow_receiver_says_it_is_alive_and_is_not_cut_off(tmp_path, monkeypatch):
@@ -195,6 +202,31 @@ def test_a_slow_receiver_says_it_is_alive_and_is_not_cut_off(tmp_path, monkeypat
     with in_process_server({"m": ModuleConfig("m", os.fsencode(dst), secret=SECRET)}) as server:
         result = sync(src, f"mirror://127.0.0.1:{server.port}/m", secret=SECRET, timeout=1)
     assert result.ok and (dst / "f").read_text() == "data"
+
+
+def test_alive_comes_while_a_session_works_and_never_after_its_result(tmp_path):
+    # Sampled over many sessions on one connection: while each one's end is slow the
+    # receiver says alive, and the first frame after its result is the next session's
+    # ready (an alive racing the result would come first).
+    class QuickSlowEnd(_SlowEnd):
+        delay = 0.3
+
+    root = tmp_path / "module"
+    root.mkdir()
+    s = RawSession(root)
+    s.receiver.session_class = QuickSlowEnd
+    for _ in range(int(os.environ.get("HAMIRROR_TRIALS", "8"))):
+        assert s.start(keepalive=0.05)[0] == P.READY, s.ready
+        s.drain_summary()
+        s.send([P.END, {"complete": True}])
+        frames = []
+        while not frames or frames[-1][0] not in (P.RESULT, P.ERROR):
+            frames.append(s.next())
+        assert frames[-1][0] == P.RESULT, frames
+        assert {f[0] for f in frames[:-1]} == {P.ALIVE}, frames
+        time.sleep(0.15)  # quiet between sessions for three keepalive intervals: nothing may come
+    s.close()
+    assert not s.errors, s.errors
 
 
 def test_the_daemon_reports_a_silent_replica_unreachable_and_reconnects(tmp_path):
