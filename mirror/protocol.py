@@ -20,6 +20,7 @@ import time
 from typing import BinaryIO
 
 from . import constants as K
+from .applied import MAX_TOKEN  # the journal token a replica records
 from .errors import AuthError, ConnectionLost, LimitExceeded, PeerTimeout, ProtocolError
 
 PROTOCOL_VERSION = 4
@@ -245,11 +246,9 @@ def verify(expected: bytes, got, who: str) -> None:
 # ProtocolError naming the field; the tables below are built from a few of them.
 
 MAX_PATH = 65536
-MAX_TARGET = 4095
 MAX_REQUESTS = 4096  # paths per 'want', requests per 'sig'
 MAX_EXCLUDES = 1000
 MAX_PATTERN = 1024
-MAX_TOKEN = 64  # a journal token: mirror.applied's limit (a test keeps them equal)
 _INT64 = 2**63 - 1
 
 
@@ -336,6 +335,7 @@ def _any(value):
 
 
 _path = _bytes("path", MAX_PATH)
+_symlink_target = _bytes("target", K.MAX_TARGET)
 _req = _int("request id")
 _attrs = _tuple("attributes", _int("mode", 0, 0o7777), _int("uid", 0, 2**32 - 1), _int("gid", 0, 2**32 - 1),
                 _int("mtime", -(2**63), _INT64))  # fmt: skip
@@ -351,7 +351,7 @@ def _flag(what: str):
 
 
 def _target(value) -> bytes:
-    target = want_bytes(value, "target", MAX_TARGET)
+    target = _symlink_target(value)
     if not target or b"\0" in target:
         raise ProtocolError("bad symlink target")
     return target

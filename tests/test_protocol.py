@@ -77,12 +77,6 @@ def _still_serves(server, src, dst):
     assert_mirrors(src, dst)
 
 
-def test_the_wire_takes_the_journal_tokens_a_replica_records():
-    from mirror import applied
-
-    assert P.MAX_TOKEN == applied.MAX_TOKEN
-
-
 def test_garbage_truncated_and_oversized_frames(served):
     server, src, dst, _ = served
     rss_before = _rss_kib(server.proc.pid)
