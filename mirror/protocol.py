@@ -315,16 +315,20 @@ def _list(what: str, check, max_len: int = MAX_REQUESTS):
     return items
 
 
+REQUIRED = object()  # a ``_map`` field's default: it must be there
+
+
 def _map(what: str, **fields):
-    """A map whose named ``fields`` (``(default, check)``; nil is the default) are checked;
-    other keys pass unchecked."""
+    """A map whose named ``fields`` (``(default, check)``; nil is the default, unless the
+    default is ``REQUIRED``) are checked; other keys pass unchecked."""
 
     def checked_map(value) -> dict:
         if not isinstance(value, dict):
             raise ProtocolError(f"bad {what}: expected a map")
         out = dict(value)
         for key, (default, check) in fields.items():
-            out[key] = default if value.get(key) is None else check(value[key])
+            given = value.get(key)
+            out[key] = default if given is None and default is not REQUIRED else check(given)
         return out
 
     return checked_map
@@ -410,6 +414,43 @@ _REPLY_FRAMES = {
 }
 
 
+# The handshake's frames and a session's ``ready``, each one map (docs/PROTOCOL.md): the
+# fields either end relies on.  ``proto`` is compared by the receiver, ``applied`` read by
+# the live daemon, each with its own message.
+_nonce = (REQUIRED, _bytes("nonce", NONCE_SIZE))
+_proof_field = (b"", _bytes("proof", 64))
+_GREETINGS = {
+    HELLO: (
+        _map(
+            "hello",
+            module=(REQUIRED, _text("module", 1024)),
+            subpath=(b"", _bytes("subpath", 4096)),
+            nonce=_nonce,
+        ),
+    ),
+    CHALLENGE: (_map("challenge", nonce=_nonce, auth=(False, _flag("auth"))),),
+    AUTH: (_map("auth", proof=_proof_field),),
+    WELCOME: (
+        _map(
+            "welcome",
+            proof=_proof_field,
+            epoch=(0, _int("epoch")),
+            read_only=(False, _flag("read_only")),
+            can_chown=(False, _flag("can_chown")),
+        ),
+    ),
+    READY: (_map("ready", epoch=(0, _int("epoch")), root=(None, _attrs)),),
+}
+
+
+def checked_greeting(message: list | None, kind: str) -> dict:
+    """``message``, which must be a ``kind`` frame (see ``_GREETINGS``): its map, checked."""
+    if message is None or message[0] != kind:
+        got = "the end of the connection" if message is None else repr(message[0])
+        raise ProtocolError(f"expected {kind!r}, got {got}")
+    return checked(message, _GREETINGS)[0]
+
+
 def checked_reply(message: list) -> list:
     """A receiver's frame's fields (after its kind), each checked (see ``_REPLY_FRAMES``)."""
     return checked(message, _REPLY_FRAMES)
@@ -427,5 +468,7 @@ def checked(message: list, frames: dict = _SESSION_FRAMES) -> list:
     if fields is None:
         raise ProtocolError(f"unexpected message {message[0]!r}")
     if len(message) != len(fields) + 1:
-        raise ProtocolError(f"malformed {message[0]!r} message ({len(message)} fields, expected {len(fields) + 1})")
+        raise ProtocolError(
+            f"malformed {message[0]!r} message ({len(message)} fields, expected {len(fields) + 1})"
+        )
     return [check(value) for check, value in zip(fields, message[1:], strict=True)]

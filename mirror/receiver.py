@@ -234,23 +234,22 @@ class Receiver:
         if info.get("proto") != P.PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {info.get('proto')!r} is not supported (this receiver speaks "
                                 f"version {P.PROTOCOL_VERSION})")  # fmt: skip
-        name = info.get("module")
-        module = self.modules.get(name) if isinstance(name, str) else None
+        name, client_nonce = info["module"], info["nonce"]
+        module = self.modules.get(name)
         if module is None:
             raise ProtocolError(f"unknown module {name!r}")
-        client_nonce = P.want_bytes(info.get("nonce"), "nonce", P.NONCE_SIZE)
         self.module = module
         self.replica = ReplicaAdmission(module, self.peer)
         self.can_chown = os.geteuid() == 0 and module.privileges.owners
         # Checked as a path of the tree (never into the state dir) when a session opens it.
-        self.subpath = P.want_bytes(info.get("subpath", b""), "subpath", 4096)
+        self.subpath = info["subpath"]
         server_nonce = os.urandom(P.NONCE_SIZE)
         secret = self.module.secret
         self.t.send([P.CHALLENGE, {"proto": P.PROTOCOL_VERSION, "nonce": server_nonce, "auth": secret is not None}])
         auth = self._expect(P.AUTH)
         proof = b""
         if secret is not None:
-            P.verify(P.client_proof(secret, server_nonce, client_nonce, name), auth.get("proof"), self.peer)
+            P.verify(P.client_proof(secret, server_nonce, client_nonce, name), auth["proof"], self.peer)
             proof = P.server_proof(secret, server_nonce, client_nonce, name)
         if self._admit is not None:
             self._admit()
@@ -265,11 +264,8 @@ class Receiver:
         }])  # fmt: skip
 
     def _expect(self, kind: str) -> dict:
-        """The next message, which must be ``[kind, {...}]``: its map."""
-        message = self.t.recv()
-        if message is None or message[0] != kind or len(message) != 2 or not isinstance(message[1], dict):
-            raise ProtocolError(f"expected {kind!r}" + (", but the peer closed the connection" if message is None else ""))  # fmt: skip
-        return message[1]
+        """The next message, which must be a ``kind`` frame: its map, checked."""
+        return P.checked_greeting(self.t.recv(), kind)
 
     def _take_writer(self) -> None:
         if self._writer is None:

@@ -139,9 +139,10 @@ class _Reader(threading.Thread):
         return item
 
 
-def receive(transport, kind: str | None = None) -> list:
+def receive(transport, kind: str | None = None):
     """The receiver's next message (``alive``, sent while it works, skipped); its ``error``
-    raised as the matching local exception.  With ``kind``, it must be ``[kind, {...}]``."""
+    raised as the matching local exception.  With ``kind``, it must be a ``kind`` frame:
+    its map, checked (``protocol.checked_greeting``)."""
     message = transport.recv()
     while message is not None and message[0] == P.ALIVE:
         message = transport.recv()
@@ -154,9 +155,10 @@ def receive(transport, kind: str | None = None) -> list:
         if exc_type is MirrorError and len(message) > 2 and isinstance(message[2], int):
             exc.exit_code = message[2]
         raise exc
-    if kind is not None and (message[0] != kind or len(message) != 2 or not isinstance(message[1], dict)):
-        raise ProtocolError(f"expected {kind!r} from the receiver, got {message[0]!r}")
-    return message
+    try:
+        return message if kind is None else P.checked_greeting(message, kind)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{getattr(transport, 'peer', 'the receiver')}: {exc}") from None
 
 
 class Sender:
@@ -180,7 +182,7 @@ class Sender:
         nonce = os.urandom(P.NONCE_SIZE)
         self.t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": self.module, "subpath": self.subpath,
                                "nonce": nonce, "software": P.SOFTWARE}])  # fmt: skip
-        info = receive(self.t, P.CHALLENGE)[1]
+        info = receive(self.t, P.CHALLENGE)
         secret = self.o.secret
         if info.get("auth") and secret is None:
             raise AuthError("the receiver requires a shared secret (--secret-file)")
@@ -190,10 +192,10 @@ class Sender:
             raise AuthError("the receiver did not ask for the shared secret: refusing to send to it")
         proof = P.client_proof(secret, info["nonce"], nonce, self.module) if info.get("auth") else b""
         self.t.send([P.AUTH, {"proof": proof}])
-        welcome = receive(self.t, P.WELCOME)[1]
+        welcome = receive(self.t, P.WELCOME)
         if info.get("auth"):
             expected = P.server_proof(secret, info["nonce"], nonce, self.module)
-            P.verify(expected, welcome.get("proof"), "the receiver")
+            P.verify(expected, welcome["proof"], "the receiver")
         return welcome
 
     def run(
@@ -266,7 +268,7 @@ class SendSession(SourceSession):
                 "deletions": DeletionPolicy(o.max_delete, o.allow_mass_delete).as_wire(),
                 **(journal or {}),
             }])  # fmt: skip
-            self.plan_root(receive(self.t, P.READY)[1].get("root"), self.owner)
+            self.plan_root(receive(self.t, P.READY)["root"], self.owner)
             with self.conn.reading() as reader:  # from the summary to the receiver's result
                 self.reader = reader
                 self.encoder = FileEncoder(self.t, self.src_tree, reader, self.lock, self.out.stats,
