@@ -409,7 +409,18 @@ _REPLY_FRAMES = {
     SIG_FAILED: (_req, _text("reason")),
     FAILED: (lambda v: None if v is None else _req(v), _path, _text("reason")),  # None: not a file's
     PONG: (_any,),
-    RESULT: (_map("result"),),
+    RESULT: (
+        _map(
+            "result",
+            files=(0, _int("files")),
+            bytes=(0, _int("bytes")),
+            deleted=(0, _int("deleted")),
+            failed=([], _list("failed", _tuple("failure", _path, _text("reason")), 1000)),
+            failed_count=(0, _int("failed_count")),
+            deletions_refused=(None, _text("deletions_refused")),
+            applied=(None, _tuple("applied", _int("epoch"), _int("seq"), _text("journal", MAX_TOKEN))),
+        ),
+    ),
     ALIVE: (),
 }
 

@@ -1,4 +1,4 @@
-"""The handshake's frames (and a session's ``ready``) are checked at both ends like every
+"""The handshake's frames (and a session's ``ready`` and ``result``) are checked at both ends like every
 session frame: a malformed one ends the connection with an error naming the peer and the
 field, never a traceback, and the honest end stays usable.
 
@@ -52,7 +52,13 @@ class ScriptedReceiver:
                     t.send(self.bad)
                     break
                 t.send(frame)
-                t.recv()  # auth, start: not checked, this receiver only plays its part
+                if frame[0] != P.READY:
+                    t.recv()  # auth, start: not checked, this receiver only plays its part
+            else:  # a session with nothing on this side, and ``bad`` as its result
+                t.send([P.SUMMARY_END, {"problems": []}])
+                while (message := t.recv()) is not None and message[0] != P.END:
+                    pass
+                t.send(self.bad)
             while t.recv() is not None:
                 pass
         except (OSError, P.ProtocolError):
@@ -180,3 +186,29 @@ def test_a_malformed_hello_is_refused_by_name_and_the_server_goes_on(tmp_path, h
         proc = _sync(src, server.url("m"), tmp_path / "secret")
         assert proc.returncode == 0, proc.stderr
     assert (dst / "f").read_bytes() == b"payload"
+
+
+@pytest.mark.parametrize(
+    "result, field",
+    [
+        ({"deleted": "x"}, "deleted"),
+        ({"deleted": -1}, "deleted"),
+        ({"files": "a"}, "files"),
+        ({"failed_count": 2.5}, "failed_count"),
+        ({"failed": "x"}, "failed"),
+        ({"failed": [[b"p"]]}, "failure"),
+        ({"deletions_refused": 5}, "deletions_refused"),
+        ({"applied": "zz"}, "applied"),
+        ({"applied": [1, 2]}, "applied"),
+        ({"applied": [1, -2, ""]}, "seq"),
+    ],
+)
+def test_a_malformed_result_ends_the_sync_with_a_named_error_not_a_wrong_report(tmp_path, result, field):
+    src, secret = _source(tmp_path)
+    receiver = ScriptedReceiver([P.RESULT, {"files": 1, "bytes": 7, "deleted": 0, **result}])
+    try:
+        proc = _sync(src, f"mirror://127.0.0.1:{receiver.sock.getsockname()[1]}/m", secret)
+    finally:
+        receiver.close()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: bad" in proc.stderr and field in proc.stderr, proc.stderr
