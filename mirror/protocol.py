@@ -397,6 +397,7 @@ _START_OPTIONS = {
     "journal": ("", _text("journal", MAX_TOKEN)),
 }
 
+_applied = (None, _tuple("applied", _int("epoch"), _int("seq"), _text("journal", MAX_TOKEN)))
 _summary_item = _tuple("summary item", _path, _bytes("fingerprint", 16), _int("summary flags", 0, 255))
 _problem = _tuple("scan problem", _path, _int("errno", 0, 4095), _text("scan problem"))
 
@@ -418,7 +419,7 @@ _REPLY_FRAMES = {
             failed=([], _list("failed", _tuple("failure", _path, _text("reason")), 1000)),
             failed_count=(0, _int("failed_count")),
             deletions_refused=(None, _text("deletions_refused")),
-            applied=(None, _tuple("applied", _int("epoch"), _int("seq"), _text("journal", MAX_TOKEN))),
+            applied=_applied,
         ),
     ),
     ALIVE: (),
@@ -426,8 +427,7 @@ _REPLY_FRAMES = {
 
 
 # The handshake's frames and a session's ``ready``, each one map (docs/PROTOCOL.md): the
-# fields either end relies on.  ``proto`` is compared by the receiver, ``applied`` read by
-# the live daemon, each with its own message.
+# fields either end relies on (``proto`` is compared by the receiver, with its own message).
 _nonce = (REQUIRED, _bytes("nonce", NONCE_SIZE))
 _proof_field = (b"", _bytes("proof", 64))
 _GREETINGS = {
@@ -448,6 +448,7 @@ _GREETINGS = {
             epoch=(0, _int("epoch")),
             read_only=(False, _flag("read_only")),
             can_chown=(False, _flag("can_chown")),
+            applied=_applied,
         ),
     ),
     READY: (_map("ready", epoch=(0, _int("epoch")), root=(None, _attrs)),),

@@ -120,6 +120,8 @@ def _welcome(**fields):
         (_welcome(can_chown="x"), "can_chown"),
         (_welcome(read_only=1), "read_only"),
         (_welcome(proof=b"p" * 65), "proof"),
+        (_welcome(applied=[0, 0]), "applied"),
+        (_welcome(applied=[0, 0, 7]), "journal"),
         ([P.READY, 7], "ready"),
         ([P.READY, {"epoch": 0, "root": "x"}], "attributes"),
         ([P.READY, {"epoch": 0, "root": [0o755, 0, 0]}], "attributes"),
