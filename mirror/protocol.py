@@ -13,6 +13,7 @@ of fields, or a field of the wrong type or out of its bounds ends the session.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import struct
 import threading
@@ -127,8 +128,7 @@ class StreamTransport:
     def _write(self, frame: bytes, flush: bool) -> None:
         with self._send_lock:
             try:
-                if frame:
-                    self.wfile.write(frame)
+                self.wfile.write(frame)
                 if flush:
                     self.wfile.flush()
             except TimeoutError:
@@ -183,17 +183,12 @@ class StreamTransport:
         """Close our side.  ``on_close`` (a socket's hang-up) comes before the read side is
         closed: it ends a read blocked in another thread, which closing the buffered reader
         would otherwise wait for."""
-        self._close(self.wfile)
+        with contextlib.suppress(OSError, ValueError):
+            self.wfile.close()
         if self._on_close is not None:
             self._on_close()
-        self._close(self.rfile)
-
-    @staticmethod
-    def _close(f) -> None:
-        try:
-            f.close()
-        except (OSError, ValueError):
-            pass
+        with contextlib.suppress(OSError, ValueError):
+            self.rfile.close()
 
 
 class RateLimiter:
@@ -368,10 +363,7 @@ _SESSION_FRAMES = {
 _START_OPTIONS = {
     "epoch": (0, _int("epoch")),
     "flags": (0, _int("flags", 0, 15)),
-    "dry_run": (False, bool),
-    "delete": (False, bool),
-    "owner": (False, bool),
-    "no_fsync": (False, bool),
+    **dict.fromkeys(("dry_run", "delete", "owner", "no_fsync"), (False, bool)),
     "keepalive": (None, _int("keepalive", 0.05, 3600, (int, float))),
     "excludes": ([], _list("excludes", _bytes("exclude pattern", MAX_PATTERN), MAX_EXCLUDES)),
     "seq": (0, _int("seq")),
@@ -392,18 +384,10 @@ _REPLY_FRAMES = {
     SIG_FAILED: (_req, _text("reason")),
     FAILED: (lambda v: None if v is None else _req(v), _path, _text("reason")),  # None: not a file's
     PONG: (_any,),
-    RESULT: (
-        _map(
-            "result",
-            files=(0, _int("files")),
-            bytes=(0, _int("bytes")),
-            deleted=(0, _int("deleted")),
-            failed=([], _list("failed", _tuple("failure", _path, _text("reason")), 1000)),
-            failed_count=(0, _int("failed_count")),
-            deletions_refused=(None, _text("deletions_refused")),
-            applied=_applied,
-        ),
-    ),
+    RESULT: (_map("result", files=(0, _int("files")), bytes=(0, _int("bytes")), deleted=(0, _int("deleted")),
+                  failed=([], _list("failed", _tuple("failure", _path, _text("reason")), 1000)),
+                  failed_count=(0, _int("failed_count")), deletions_refused=(None, _text("deletions_refused")),
+                  applied=_applied),),  # fmt: skip
     ALIVE: (),
 }
 
@@ -413,26 +397,12 @@ _REPLY_FRAMES = {
 _nonce = (REQUIRED, _bytes("nonce", NONCE_SIZE))
 _proof_field = (b"", _bytes("proof", 64))
 _GREETINGS = {
-    HELLO: (
-        _map(
-            "hello",
-            module=(REQUIRED, _text("module", 1024)),
-            subpath=(b"", _bytes("subpath", 4096)),
-            nonce=_nonce,
-        ),
-    ),
+    HELLO: (_map("hello", module=(REQUIRED, _text("module", 1024)), subpath=(b"", _bytes("subpath", 4096)),
+                 nonce=_nonce),),  # fmt: skip
     CHALLENGE: (_map("challenge", nonce=_nonce, auth=(False, _flag("auth"))),),
     AUTH: (_map("auth", proof=_proof_field),),
-    WELCOME: (
-        _map(
-            "welcome",
-            proof=_proof_field,
-            epoch=(0, _int("epoch")),
-            read_only=(False, _flag("read_only")),
-            can_chown=(False, _flag("can_chown")),
-            applied=_applied,
-        ),
-    ),
+    WELCOME: (_map("welcome", proof=_proof_field, epoch=(0, _int("epoch")), read_only=(False, _flag("read_only")),
+                   can_chown=(False, _flag("can_chown")), applied=_applied),),  # fmt: skip
     READY: (_map("ready", epoch=(0, _int("epoch")), root=(None, _attrs)),),
 }
 

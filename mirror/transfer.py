@@ -28,6 +28,8 @@ from .treescan import replica_scan, source_scan, stop_scans
 
 DEFAULT_PORT = 8730
 _URL = re.compile(r"^mirror://(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/(?P<module>[^/]+)(?:/(?P<sub>.*))?$")
+
+
 class Destination(NamedTuple):
     kind: str  # local | server | rsh
     path: bytes = b""
@@ -162,7 +164,15 @@ class Connection:
                 if local:
                     scans[1] = replica_scan(self.dest.path, self.options)
             if local:
-                self.local = self._local_sync(scans if whole_tree else None)
+                from .localsync import LocalSync
+                from .privileges import Privileges
+                from .receiver import ModuleConfig
+
+                # A local replica is no security boundary (the user could copy the files
+                # themselves): devices, special files, set-id bits and owners are all kept.
+                module = ModuleConfig(name="", path=self.dest.path, privileges=Privileges.everything(),
+                                      lock_file=self._dst_lock_file)  # fmt: skip
+                self.local = LocalSync(self.src, module, self.options, scans=scans, **self._callbacks)
             else:
                 from .sender import Sender
 
@@ -174,25 +184,13 @@ class Connection:
             self._held = held.pop_all()
         return self
 
-    def _local_sync(self, scans):
-        from .localsync import LocalSync
-        from .privileges import Privileges
-        from .receiver import ModuleConfig
-
-        # A local replica is no security boundary (the user could copy the files
-        # themselves): devices, special files, set-id bits and owners are all kept.
-        module = ModuleConfig(name="", path=self.dest.path, privileges=Privileges.everything(),
-                              lock_file=self._dst_lock_file)  # fmt: skip
-        return LocalSync(self.src, module, self.options, scans=scans, **self._callbacks)
-
     def session(self, scope=None, renames=(), journal: dict | None = None) -> SyncResult:
         """Bring the destination up to date (all of it, or ``scope``); see ``Sender.run``
         (``journal``: what the session covers of the source's journal, remote only)."""
         if self.sender is None and self.local is None:
             raise UsageError("connection is not open")
-        if self.epoch is not None:
-            epoch = self.epoch
-        else:
+        epoch = self.epoch
+        if epoch is None:
             from .epoch import read_epoch
             from .statedir import resolve_state_dir
 
