@@ -256,7 +256,7 @@ def want_int(value, what: str, lo: int = 0, hi: int = _INT64) -> int:
 
 
 def _check(what: str, expected: str, ok):
-    """The check that a value is ``ok(value)``, the value as it is."""
+    """A check that passes a value on as it is when ``ok(value)``, else names ``what``."""
 
     def check(value):
         if ok(value):
