@@ -14,6 +14,7 @@ carries follows the CLI's: 0 done, 1 partial (some files failed), 2 error, 25 de
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import NamedTuple
@@ -27,6 +28,8 @@ from .treescan import replica_scan, source_scan, stop_scans
 
 DEFAULT_PORT = 8730
 _URL = re.compile(r"^mirror://(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/(?P<module>[^/]+)(?:/(?P<sub>.*))?$")
+
+
 class Destination(NamedTuple):
     kind: str  # local | server | rsh
     path: bytes = b""
@@ -53,23 +56,8 @@ def parse_destination(text: str | bytes) -> Destination:
 
 
 def sync(src, dst, **options) -> SyncResult:
-    """Make ``dst`` a verified copy of the tree ``src``; see the module docstring.
-
-    Options: ``delete``, ``checksum``, ``dry_run``, ``excludes``, ``secret`` or
-    ``secret_file``, ``lock_file`` (this node's mirroring lock), ``dst_lock_file`` (local
-    destination only), ``state_dir``, ``bwlimit`` (bytes/s), ``rsh``, ``remote_command``,
-    ``remote_options`` (for ``HOST:PATH``: options of the remote ``mirror receive``, e.g.
-    ``["--keep-owners"]``),
-    ``delta_threshold`` (files at least this large on both sides go as deltas; default 256 KiB
-    to a receiver, never to a local directory), ``fsync``, ``epoch``, ``on_change(change)``,
-    ``on_progress(bytes)``,
-    ``keep_changes`` (default True; False leaves ``result.changes`` empty, which saves a few
-    hundred bytes per changed entry: a first sync of a big tree changes every entry),
-    ``timeout`` (seconds a receiver may stay silent, default 120; 0 or None: no limit) and
-    ``contimeout`` (seconds to connect, default 30): ``PeerTimeout`` (exit 30),
-    ``ConnectTimeout`` (exit 35); ``max_delete`` and ``allow_mass_delete`` (the deletion guard, ``mirror.guard``: a sync
-    that would delete every entry of a non-empty replica, or more than ``max_delete``
-    entries, deletes nothing and says why in ``result.deletions_refused``, exit code 25).
+    """Make ``dst`` a verified copy of the tree ``src``; see the module docstring, and README's
+    "Library API" for the options.
 
     Raises ``MirrorError`` subclasses for what ends the job (``LockedError``,
     ``StaleEpochError``, ``AuthError``, ``SourceGuardError``: a deleting sync from a source
@@ -137,15 +125,12 @@ class Connection:
         )  # fmt: skip
         self.epoch = epoch
         self._dst_lock_file = fs_path(dst_lock_file) if dst_lock_file else None
-        self._connect_args = (secret, bwlimit, rsh, remote_command, tuple(remote_options), timeout,
-                              contimeout or None)  # fmt: skip
-        self._callbacks = (on_change, on_progress)
-        self.transport = None
-        self._cleanup = None
+        self._connect_args = (bwlimit, rsh, remote_command, tuple(remote_options), timeout, contimeout or None)
+        self._callbacks = {"on_change": on_change, "on_progress": on_progress}
         self.sender = None  # a receiver's, over the protocol
         self.local = None  # a local replica's, written directly
-        self._writer = None
         self.welcome: dict = {}
+        self._held = contextlib.ExitStack()  # what the open connection holds: let go by close()
 
     def open(self, *, whole_tree: bool = False) -> Connection:
         """Connect and shake hands (a local replica: take its writer lock).  ``whole_tree``:
@@ -161,47 +146,42 @@ class Connection:
             from .statedir import check_root
 
             check_root(self.dest.path)  # before the writer lock, which would write into a user's .mirror
-        writer = None
-        if local and not self.options.dry_run:  # a dry run writes nothing: no lock
-            from .statedir import resolve_state_dir
-            from .writerlock import WriterLock
+        # Each lock, scan, process and stream is let go of as soon as it is held, should
+        # anything after it fail; once open, by close().
+        with contextlib.ExitStack() as held:
+            if local and not self.options.dry_run:  # a dry run writes nothing: no lock
+                from .statedir import resolve_state_dir
+                from .writerlock import WriterLock
 
-            writer = WriterLock.take(resolve_state_dir(self.dest.path, None), "local", "the destination")
-        try:
-            scans = _start_scans(self.src, self.dest.path if local else None, self.options) if whole_tree else None
-        except BaseException:
-            _abandon(None, writer)
-            raise
-        if local:
-            from .localsync import LocalSync
-            from .privileges import Privileges
-            from .receiver import ModuleConfig
+                state_dir = resolve_state_dir(self.dest.path, None)
+                held.callback(WriterLock.take(state_dir, "local", "the destination").release)
+            # The source's scan, and a local destination's (a remote receiver scans its own);
+            # a session that takes them stops them too, which is harmless.
+            scans = [None, None]
+            held.callback(stop_scans, scans)
+            if whole_tree:
+                scans[0] = source_scan(self.src, self.options)
+                if local:
+                    scans[1] = replica_scan(self.dest.path, self.options)
+            if local:
+                from .localsync import LocalSync
+                from .privileges import Privileges
+                from .receiver import ModuleConfig
 
-            # A local replica is no security boundary (the user could copy the files
-            # themselves): devices, special files, set-id bits and owners are all kept.
-            module = ModuleConfig(name="", path=self.dest.path, privileges=Privileges.everything(),
-                                  lock_file=self._dst_lock_file)  # fmt: skip
-            self._writer = writer
-            self.local = LocalSync(self.src, module, self.options, scans=scans, on_change=self._callbacks[0],
-                                   on_progress=self._callbacks[1])  # fmt: skip
-            return self
-        try:
-            transport, cleanup = _connect(self.dest, *self._connect_args)
-        except BaseException:
-            _abandon(scans, None)
-            raise
-        self.transport, self._cleanup = transport, cleanup
-        try:
-            from .sender import Sender
+                # A local replica is no security boundary (the user could copy the files
+                # themselves): devices, special files, set-id bits and owners are all kept.
+                module = ModuleConfig(name="", path=self.dest.path, privileges=Privileges.everything(),
+                                      lock_file=self._dst_lock_file)  # fmt: skip
+                self.local = LocalSync(self.src, module, self.options, scans=scans, **self._callbacks)
+            else:
+                from .sender import Sender
 
-            self.sender = Sender(self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
-                                 on_change=self._callbacks[0], on_progress=self._callbacks[1],
-                                 source_scan=scans[0] if scans else None)  # fmt: skip
-            self.welcome = self.sender.handshake()
-        except BaseException:
-            _abandon(scans, None)
-            self.close()
-            raise
+                transport = _connect(self.dest, held, *self._connect_args)
+                sender = Sender(self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
+                                source_scan=scans[0], **self._callbacks)  # fmt: skip
+                self.welcome = sender.handshake()
+                self.sender = sender
+            self._held = held.pop_all()
         return self
 
     def session(self, scope=None, renames=(), journal: dict | None = None) -> SyncResult:
@@ -209,9 +189,8 @@ class Connection:
         (``journal``: what the session covers of the source's journal, remote only)."""
         if self.sender is None and self.local is None:
             raise UsageError("connection is not open")
-        if self.epoch is not None:
-            epoch = self.epoch
-        else:
+        epoch = self.epoch
+        if epoch is None:
             from .epoch import read_epoch
             from .statedir import resolve_state_dir
 
@@ -221,46 +200,22 @@ class Connection:
         return self.sender.run(self.welcome, epoch, scope=scope, renames=renames, journal=journal)
 
     def close(self) -> None:
-        if self.local is not None:
-            stop_scans(self.local.scans)
-            self.local = None
-        if self._writer is not None:
-            self._writer.release()
-            self._writer = None
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
-        if self._cleanup is not None:
-            self._cleanup()
-            self._cleanup = None
+        self.sender = self.local = None
+        self._held.close()
 
     def __enter__(self) -> Connection:
-        return self if (self.transport is not None or self.local is not None) else self.open()
+        return self if (self.sender is not None or self.local is not None) else self.open()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def _start_scans(src: bytes, local_dst: bytes | None, options):
-    """The source's scan, and a local destination's (a remote receiver scans its own)."""
-    src_scan = None
-    try:
-        src_scan = source_scan(src, options)
-        return src_scan, replica_scan(local_dst, options) if local_dst is not None else None
-    except BaseException:
-        stop_scans((src_scan,))
-        raise
-
-
-def _abandon(scans, writer) -> None:
-    stop_scans(scans)
-    if writer is not None:
-        writer.release()
-
-
-def _connect(dest: Destination, secret, bwlimit, rsh, remote_command, remote_options, timeout, contimeout):
+def _connect(dest: Destination, held: contextlib.ExitStack, bwlimit, rsh, remote_command, remote_options, timeout,
+             contimeout):  # fmt: skip
+    """A transport to ``dest``'s receiver; its clean-up (and the remote shell's) goes on ``held``."""
     from .protocol import StreamTransport
 
+    streams = {"bwlimit": bwlimit, "timeout_hint": f" after {timeout:g} s (--timeout)" if timeout else ""}
     if dest.kind == "server":
         import socket
 
@@ -271,35 +226,40 @@ def _connect(dest: Destination, secret, bwlimit, rsh, remote_command, remote_opt
             raise ConnectTimeout(f"cannot connect to {where}: no answer within {contimeout:g} s (--contimeout)") from None
         except OSError as exc:
             raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        held.callback(sock.close)
         sock.settimeout(timeout)  # every wait for the receiver, reading or writing
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rfile, wfile = sock.makefile("rb", buffering=1 << 20), sock.makefile("wb", buffering=1 << 20)
-        return StreamTransport(rfile, wfile, bwlimit=bwlimit, on_close=lambda: _hang_up(sock, timeout),
-                               peer=f"the receiver at {where}",
-                               timeout_hint=f" after {timeout:g} s (--timeout)" if timeout else ""), lambda: None  # fmt: skip
-    import io
-    import shlex
+        transport = StreamTransport(rfile, wfile, on_close=lambda: _hang_up(sock, timeout),
+                                    peer=f"the receiver at {where}", **streams)  # fmt: skip
+    else:
+        import io
+        import shlex
+        import subprocess
+
+        # ssh joins its arguments into one line for the remote shell: the path must be quoted,
+        # or a space breaks it and shell syntax in it runs over there.
+        options = "".join(" " + shlex.quote(o) for o in remote_options)
+        remote_line = f"{remote_command} receive{options} -- {shlex.quote(os.fsdecode(dest.path))}"
+        proc = subprocess.Popen(shlex.split(rsh) + [dest.host, remote_line], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
+        held.callback(_reap, proc)
+        # Frames are small and many: buffered here, flushed when the protocol says so.
+        transport = StreamTransport(proc.stdout, io.BufferedWriter(proc.stdin, 1 << 20), read_timeout=timeout,
+                                    peer=f"the receiver on {dest.host}", **streams)  # fmt: skip
+    held.callback(transport.close)
+    return transport
+
+
+def _reap(proc) -> None:
+    """Wait for the remote shell (its end of the pipes closed) to exit; kill it if it will not."""
     import subprocess
 
-    # ssh joins its arguments into one line for the remote shell: the path must be quoted,
-    # or a space breaks it and shell syntax in it runs over there.
-    options = "".join(" " + shlex.quote(o) for o in remote_options)
-    remote_line = f"{remote_command} receive{options} -- {shlex.quote(os.fsdecode(dest.path))}"
-    argv = shlex.split(rsh) + [dest.host, remote_line]
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    # Frames are small and many: buffered here, flushed when the protocol says so.
-    transport = StreamTransport(proc.stdout, io.BufferedWriter(proc.stdin, 1 << 20), bwlimit=bwlimit, read_timeout=timeout,
-                                peer=f"the receiver on {dest.host}",
-                                timeout_hint=f" after {timeout:g} s (--timeout)" if timeout else "")  # fmt: skip
-
-    def reap():
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    return transport, reap
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _hang_up(sock, timeout: float | None) -> None:

@@ -191,3 +191,16 @@ def test_receiver_fuzz_never_escapes_or_crashes(tmp_path_factory, messages):
     assert sorted(p.name for p in base.iterdir()) == ["module", "outside"]
 
 
+
+
+def test_bwlimit_holds_the_rate_beyond_a_quarter_second_of_burst():
+    # A slow limit must hold from the first quarter second on, whatever the frame limit.
+    import io
+
+    rate = 200_000
+    transport = P.StreamTransport(io.BytesIO(), io.BytesIO(), bwlimit=rate)
+    started = time.monotonic()
+    for _ in range(10):
+        transport.send([P.DATA, 1, b"x" * 20_000])
+    elapsed = time.monotonic() - started
+    assert elapsed >= (transport.bytes_sent - rate / 4) / rate * 0.95

@@ -175,6 +175,61 @@ def test_a_refused_remote_sync_leaves_no_scan_running(hard_src, tmp_path):
     assert_mirrors(hard_src, dst)
 
 
+
+def _corrupt_epoch(root: bytes) -> None:
+    os.makedirs(os.path.join(root, b".mirror"), exist_ok=True)
+    with open(os.path.join(root, b".mirror", b"epoch"), "w") as f:
+        f.write("not a number")
+
+
+def test_a_remote_sync_that_fails_before_its_session_stops_the_scan(hard_src, tmp_path, monkeypatch):
+    # The source's scan starts before the connection: a sync that ends before its session
+    # takes the scan (here: the source's epoch cannot be read) must stop it.  A queue of one
+    # listing keeps an unconsumed scan's thread waiting.
+    import mirror.treescan as treescan
+
+    monkeypatch.setattr(treescan, "_QUEUE_BATCHES", 1)
+    monkeypatch.setattr(treescan, "_BATCH_ENTRIES", 1)
+    _corrupt_epoch(hard_src)
+    dst = tmp_path / "replica"
+    dst.mkdir()
+    with mirror_server(tmp_path, {"m": str(dst)}, *TRUSTING) as server:
+        with pytest.raises(MirrorError, match="corrupt epoch file"):
+            sync(hard_src, server.url("m"), secret_file=server.secret_file, excludes=[b"nothing-matches"])
+        assert not [t for t in threading.enumerate() if t.name == "treescan"]
+
+
+def test_local_sync_that_fails_after_taking_the_replica_lets_it_go(hard_src, tmp_path, monkeypatch):
+    import mirror.treescan as treescan
+
+    monkeypatch.setattr(treescan, "_QUEUE_BATCHES", 1)
+    monkeypatch.setattr(treescan, "_BATCH_ENTRIES", 1)
+    _corrupt_epoch(hard_src)
+    dst = os.path.join(os.fsencode(tmp_path), b"dst")
+    with pytest.raises(MirrorError, match="corrupt epoch file"):
+        sync(hard_src, dst, excludes=[b"nothing-matches"])
+    assert not [t for t in threading.enumerate() if t.name == "treescan"]
+    WriterLock.take(os.path.join(dst, b".mirror"), "the next sync", "the replica").release()
+
+
+def test_a_remote_shell_whose_command_fails_leaves_no_scan_or_child(hard_src, tmp_path, monkeypatch):
+    import mirror.treescan as treescan
+
+    monkeypatch.setattr(treescan, "_QUEUE_BATCHES", 1)
+    monkeypatch.setattr(treescan, "_BATCH_ENTRIES", 1)
+    for rsh in ("false", str(tmp_path / "no-such-shell")):
+        with pytest.raises((MirrorError, OSError)):
+            sync(hard_src, f"somehost:{tmp_path / 'dst'}", rsh=rsh, excludes=[b"nothing-matches"])
+        assert not [t for t in threading.enumerate() if t.name == "treescan"]
+        assert not _children_of_this_process()
+
+
+def _children_of_this_process() -> list[int]:
+    pid = os.getpid()
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
 def test_dry_run_lists_changes_and_writes_nothing(hard_src, tmp_path):
     dst = tmp_path / "replica"
     sync(hard_src, dst)
