@@ -241,8 +241,12 @@ def _connect(dest: Destination, held: contextlib.ExitStack, bwlimit, rsh, remote
         # or a space breaks it and shell syntax in it runs over there.
         options = "".join(" " + shlex.quote(o) for o in remote_options)
         remote_line = f"{remote_command} receive{options} -- {shlex.quote(os.fsdecode(dest.path))}"
-        proc = subprocess.Popen(shlex.split(rsh) + [dest.host, remote_line], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
+        try:
+            proc = subprocess.Popen(shlex.split(rsh) + [dest.host, remote_line], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
+        except OSError as exc:
+            raise ConnectError(f"cannot start the remote shell {rsh!r} for {dest.host}: "
+                               f"{exc.strerror or exc}") from None  # fmt: skip
         held.callback(_reap, proc)
         # Frames are small and many: buffered here, flushed when the protocol says so.
         transport = StreamTransport(proc.stdout, io.BufferedWriter(proc.stdin, 1 << 20), read_timeout=timeout,

@@ -31,3 +31,22 @@ def test_remote_path_reaches_the_remote_shell_quoted(tmp_path):
         assert not (tmp_path / "CANARY").exists(), "the destination path was run as a shell command"
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / name / "f").read_bytes() == b"x"
+
+
+def test_a_remote_shell_that_cannot_start_is_a_connect_error_naming_it(tmp_path):
+    from mirror import sync
+    from mirror.errors import ConnectError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    missing = str(tmp_path / "no-such-ssh")
+    try:
+        sync(str(src), f"somehost:{tmp_path / 'replica'}", rsh=missing)
+    except ConnectError as exc:
+        assert missing in str(exc) and "somehost" in str(exc), exc
+    else:
+        raise AssertionError("a sync through a remote shell that does not exist succeeded")
+    proc = run_mirror("sync", "--rsh", missing, str(src), f"somehost:{tmp_path / 'replica'}")
+    assert proc.returncode == 2, proc
+    assert b"cannot start the remote shell" in proc.stderr and b"Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "replica").exists()
