@@ -61,6 +61,14 @@ def test_repeated_start_inside_a_session_is_refused(tmp_path):
     _assert_clean_refusal(s, root, "unexpected message 'start'")
 
 
+@pytest.mark.parametrize("path", [b"new", b"keep/under-a-file"])  # made, or failed to be made
+def test_a_delta_with_no_block_size_is_refused(tmp_path, path):
+    root = _module(tmp_path)
+    s = RawSession(root, start={})
+    s.send([P.FILE, 1, path, ATTRS, "delta", 0, 11], [P.DATA, 1, b"x"], [P.FILE_END, 1, b"\0" * 16, 1])
+    _assert_clean_refusal(s, root, "bad block size")
+
+
 def test_data_for_another_request_is_refused(tmp_path):
     root = _module(tmp_path)
     s = RawSession(root, start={})
