@@ -18,7 +18,7 @@ what keeps the replica whole, whoever asks:
 - the deletion guard (``mirror.guard``): all the session's deletions, or none.
 
 ``ReplicaAdmission`` is a session's door (epoch, lock, read-only module, replica guard),
-for a receiver and a local sync alike.
+for a receiver and a local sync alike, into a module (``ModuleConfig``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import stat
+from typing import NamedTuple
 
 from .commits import Batches, DirSyncs
 from .entry import KIND_OF_FMT, Kind
@@ -43,10 +44,28 @@ from .errors import (
 )
 from .guard import ReplicaGuard, review_deletions
 from .lockfile import LockWatch
+from .privileges import Privileges
 from .safefs import ConfinedTree
-from .statedir import check_root
+from .statedir import check_root, resolve_state_dir
 
 log = logging.getLogger(__name__)
+
+
+class ModuleConfig(NamedTuple):
+    """One tree a receiver serves (or a local sync writes to)."""
+
+    name: str
+    path: bytes
+    secret: bytes | None = None
+    lock_file: bytes | None = None
+    read_only: bool = False
+    state_dir: bytes | None = None
+    # Device nodes, FIFOs and sockets, setuid/setgid bits, owners: none unless granted.
+    privileges: Privileges = Privileges()
+
+    @property
+    def resolved_state_dir(self) -> bytes:
+        return resolve_state_dir(self.path, self.state_dir)
 
 
 class ReplicaAdmission:

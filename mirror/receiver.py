@@ -20,26 +20,24 @@ The class is embeddable: give it a transport (``mirror.protocol``) and a module 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
-from typing import NamedTuple
 
 from . import fastpath
 from . import protocol as P
 from .applied import Applied, read_applied, record_applied
-from .apply import ReplicaAdmission
+from .apply import ModuleConfig, ReplicaAdmission  # ModuleConfig: imported from here too
 from .constants import COPY, LITERAL
 from .entry import Kind
 from .epoch import read_epoch
 from .errors import MirrorError, ProtocolError, UnsafePathError, display_path, failure_reason, fs_path
 from .exclude import make_excluder
 from .guard import session_guard
-from .privileges import Privileges
 from .renames import apply as apply_renames
 from .renames import parse as parse_renames
 from .safefs import ConfinedTree
-from .statedir import resolve_state_dir
 from .treescan import Scope, TreeScan
 from .writerlock import WriterLock
 
@@ -51,23 +49,6 @@ SIGNATURE_PART = 4 << 20
 # A file's frames, between its 'file' and its end (the sender's pairing thread may also
 # send its requests for listings meanwhile).
 _CONTENT = frozenset({P.DATA, P.COPY, P.FILE_END, P.FILE_ABORT})
-
-
-class ModuleConfig(NamedTuple):
-    """One tree a receiver serves."""
-
-    name: str
-    path: bytes
-    secret: bytes | None = None
-    lock_file: bytes | None = None
-    read_only: bool = False
-    state_dir: bytes | None = None
-    # Device nodes, FIFOs and sockets, setuid/setgid bits, owners: none unless granted.
-    privileges: Privileges = Privileges()
-
-    @property
-    def resolved_state_dir(self) -> bytes:
-        return resolve_state_dir(self.path, self.state_dir)
 
 
 @contextlib.contextmanager
@@ -370,27 +351,22 @@ class ReceiverSession:
         listing right after its summary item: they are small, and it saves a round trip."""
         eager = self.scope is not None
         try:
-            batch = []
-            for listing in tree_scan:
-                self.listings[listing.path] = listing
-                flags = (P.HAS_LINKS if listing.has_links() else 0) | (0 if listing.complete else P.INCOMPLETE)
-                batch.append([listing.path, listing.fingerprint(self.flags), flags])
-                if len(batch) >= SUMMARY_BATCH:
-                    self._send_summary_batch(batch, eager)
-                    batch = []
-            if batch:
-                self._send_summary_batch(batch, eager)
+            listings = iter(tree_scan)
+            while batch := list(itertools.islice(listings, SUMMARY_BATCH)):
+                # Known before the sender sees them in the summary and asks for them.
+                self.listings.update((listing.path, listing) for listing in batch)
+                items = [[listing.path, listing.fingerprint(self.flags),
+                          (P.HAS_LINKS if listing.has_links() else 0) | (0 if listing.complete else P.INCOMPLETE)]
+                         for listing in batch]  # fmt: skip
+                self.t.send([P.SUMMARY, items], flush=not eager)
+                if eager:
+                    self._send_listings([listing.path for listing in batch])
             problems = [[p.path, p.errno, p.message] for p in tree_scan.problems]
             self._scan_problems = bool(problems)  # a subtree left alone: the session covers less
             self.t.send([P.SUMMARY_END, {"dirs": tree_scan.stats.dirs, "problems": problems[:1000]}])
         except BaseException as exc:  # reported by the session, after the main loop ends
             self._summary_error = exc
             _send_error(self.t, type(exc).__name__, 2, f"receiver scan failed: {exc}")
-
-    def _send_summary_batch(self, batch: list, eager: bool) -> None:
-        self.t.send([P.SUMMARY, batch], flush=not eager)
-        if eager:
-            self._send_listings([item[0] for item in batch])
 
     def _send_listings(self, paths: list) -> None:
         scan = fastpath.choose("scan")
