@@ -238,14 +238,12 @@ class ReceiverSession:
             if path:
                 tree.parts(path)
         self.state_dir = receiver.module.resolved_state_dir
-        dry_run = opts["dry_run"]
-        self.renames = opts["renames"] if not dry_run else []
-        self.writer = receiver.replica.writer(
+        writer = self.writer = receiver.replica.writer(
             tree,
             self.excluder,
             owner=opts["owner"] and receiver.can_chown,
             sync_writes=not opts["no_fsync"],
-            dry_run=dry_run,
+            dry_run=opts["dry_run"],
             policy=policy,
             failed=lambda req, path, reason: self.t.send([P.FAILED, req, path, reason]),
         )
@@ -253,7 +251,6 @@ class ReceiverSession:
         self.reports_applied = not receiver.subpath  # the record is the whole module's
         self._scan_problems = False
         self._summary_error: BaseException | None = None
-        writer = self.writer
         # Each frame's fields, checked (protocol.checked), to the method that handles them.
         self.handlers = {
             P.WANT: self._send_listings,
@@ -272,7 +269,8 @@ class ReceiverSession:
         """The session, up to its ``end``; its result (the receiver sends it)."""
         # The live daemon saw these renames on the source: done here first, where the
         # replica's old entry holds what the new name must (mirror.renames).
-        apply_renames(self.tree, self.renames)
+        if not self.opts["dry_run"]:
+            apply_renames(self.tree, self.opts["renames"])
         scan = fastpath.choose("scan")
         tree_scan = TreeScan(self.tree.root, excluder=self.excluder, checksum=bool(self.flags & scan.CMP_CHECKSUM),
                              state_dir=self.state_dir, use_cache=True, scope=self.scope,
@@ -413,11 +411,10 @@ class ReceiverSession:
         elif not block_size:
             raise ProtocolError("bad block size: expected an integer in [1, 1073741824]")
         commit, failed = self.writer.new_file(path)
-        basis = None
-        try:
+        with contextlib.ExitStack() as basis_open:
             if commit is not None:
                 try:
-                    basis = self.tree.open_regular(path) if mode == "delta" else None
+                    basis = basis_open.enter_context(self.tree.open_regular(path)) if mode == "delta" else None
                     patcher = delta.Patcher(basis, commit.file, block_size, basis_size)
                 except (OSError, UnsafePathError) as exc:
                     failed = "basis-gone: " + failure_reason(exc)
@@ -442,9 +439,6 @@ class ReceiverSession:
                     raise ProtocolError(f"{display_path(path)}: {exc}") from None
                 except OSError as exc:
                     failed = failure_reason(exc)
-        finally:
-            if basis is not None:
-                basis.close()
         if kind == P.FILE_ABORT:  # the source file changed while it was read, or a lock appeared
             self.writer.drop_file(commit)
         elif failed or patcher.finish() != tuple(fields[1:]):
@@ -456,10 +450,8 @@ class ReceiverSession:
 
 def _send_error(transport, name: str, exit_code: int, text: str) -> None:
     """The ``error`` frame, if the connection still takes it (the error is raised anyway)."""
-    try:
+    with contextlib.suppress(MirrorError, OSError):
         transport.send([P.ERROR, name, exit_code, text])
-    except (MirrorError, OSError):
-        pass
 
 
 Receiver.session_class = ReceiverSession
