@@ -201,24 +201,18 @@ class Receiver:
             tree = self.replica.open_tree(root, dry_run)
         except OSError as exc:
             raise MirrorError(f"receiver cannot open its tree: {exc}") from None
-        try:
-            with _keeping_alive(self.t, opts["keepalive"]):
-                result = self.session_class(self, tree, opts, policy, mine).run()
-        finally:
-            tree.close()
+        with contextlib.closing(tree), _keeping_alive(self.t, opts["keepalive"]):
+            result = self.session_class(self, tree, opts, policy, mine).run()
         self.t.send([P.RESULT, result])
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
-        tree = ConfinedTree(root, reserved=self.replica.reserved_in(root))
-        try:
+        """The subpath's directory below ``root``, never through a symlink: made where it is
+        missing, unless in a dry run (where it must be there)."""
+        with contextlib.closing(ConfinedTree(root, reserved=self.replica.reserved_in(root))) as tree:
             parts = tree.parts(self.subpath)
-            for i in range(1, len(parts) + 1):
-                if not dry_run:
-                    tree.make_dir(b"/".join(parts[:i]), 0o755)
-                else:
-                    tree.dir_fd(parts[:i])
-        finally:
-            tree.close()
+            for i in range(1, len(parts) + 1) if not dry_run else ():
+                tree.make_dir(b"/".join(parts[:i]), 0o755)
+            tree.dir_fd(parts)
         return os.path.join(root, self.subpath)
 
 
