@@ -112,10 +112,9 @@ class ReplicaAdmission:
     def open_tree(self, root: bytes, dry_run: bool) -> ConfinedTree:
         # Leftover temporary files (a crashed writer's) are removed once the writer lock is
         # ours; a dry run has no temporary files and touches nothing.
-        clean = not dry_run and not self._cleaned
         temp_dir = None if dry_run else os.path.join(self.state_dir, b"tmp")
-        tree = ConfinedTree(root, temp_dir=temp_dir, clean=clean, reserved=self.reserved_in(root))
-        self._cleaned = self._cleaned or clean
+        tree = ConfinedTree(root, temp_dir=temp_dir, clean=not self._cleaned, reserved=self.reserved_in(root))
+        self._cleaned = self._cleaned or not dry_run
         return tree
 
     def writer(self, tree: ConfinedTree, excluder, **options) -> ReplicaWriter:
@@ -304,8 +303,7 @@ class ReplicaWriter:
         once, after its last change."""
         if self.in_flight is not None:
             raise ProtocolError("'end' in the middle of a file")
-        dir_syncs = DirSyncs(self.sync_writes, self.tree, self.fail)
-        try:
+        with contextlib.closing(DirSyncs(self.sync_writes, self.tree, self.fail)) as dir_syncs:
             self.finish_files(dir_syncs)
             if (self._deletes or self._dir_attrs) and not self.dry_run:
                 self._locked_discard()
@@ -323,8 +321,6 @@ class ReplicaWriter:
                     self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
                 dir_syncs.add(path)
             dir_syncs.sync()
-        finally:
-            dir_syncs.close()
         return refused
 
     def discard(self) -> None:
