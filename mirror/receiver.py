@@ -183,8 +183,7 @@ class Receiver:
         if self._writer is None:
             # Held for the rest of the connection: the live daemon's sessions follow one
             # another on one connection, and it stays the module's one writer meanwhile.
-            where = f"module {self.module.name!r}"
-            self._writer = WriterLock.take(self.module.resolved_state_dir, self.peer, where)
+            self._writer = WriterLock.take(self.module.resolved_state_dir, self.peer, f"module {self.module.name!r}")
 
     # -- session ---------------------------------------------------------------------------
 
