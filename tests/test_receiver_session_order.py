@@ -76,6 +76,15 @@ def test_data_for_another_request_is_refused(tmp_path):
     _assert_clean_refusal(s, root, "not started")
 
 
+@pytest.mark.parametrize("frame", [[P.DATA, 1, b"x"], [P.COPY, 1, 0, 1], [P.FILE_END, 1, b"\0" * 16, 0],
+                                   [P.FILE_ABORT, 1, "changed"]])  # fmt: skip
+def test_file_content_with_no_file_started_is_refused(tmp_path, frame):
+    root = _module(tmp_path)
+    s = RawSession(root, start={})
+    s.send(frame)
+    _assert_clean_refusal(s, root, "not started")
+
+
 def test_file_end_with_wrong_digest_is_reported_never_committed(tmp_path):
     root = _module(tmp_path)
     s = RawSession(root, start={})
