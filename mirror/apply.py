@@ -18,14 +18,16 @@ what keeps the replica whole, whoever asks:
 - the deletion guard (``mirror.guard``): all the session's deletions, or none.
 
 ``ReplicaAdmission`` is a session's door (epoch, lock, read-only module, replica guard),
-for a receiver and a local sync alike.
+for a receiver and a local sync alike, into a module (``ModuleConfig``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
+from typing import NamedTuple
 
 from .commits import Batches, DirSyncs
 from .entry import KIND_OF_FMT, Kind
@@ -42,10 +44,28 @@ from .errors import (
 )
 from .guard import ReplicaGuard, review_deletions
 from .lockfile import LockWatch
+from .privileges import Privileges
 from .safefs import ConfinedTree
-from .statedir import check_root
+from .statedir import check_root, resolve_state_dir
 
 log = logging.getLogger(__name__)
+
+
+class ModuleConfig(NamedTuple):
+    """One tree a receiver serves (or a local sync writes to)."""
+
+    name: str
+    path: bytes
+    secret: bytes | None = None
+    lock_file: bytes | None = None
+    read_only: bool = False
+    state_dir: bytes | None = None
+    # Device nodes, FIFOs and sockets, setuid/setgid bits, owners: none unless granted.
+    privileges: Privileges = Privileges()
+
+    @property
+    def resolved_state_dir(self) -> bytes:
+        return resolve_state_dir(self.path, self.state_dir)
 
 
 class ReplicaAdmission:
@@ -92,10 +112,9 @@ class ReplicaAdmission:
     def open_tree(self, root: bytes, dry_run: bool) -> ConfinedTree:
         # Leftover temporary files (a crashed writer's) are removed once the writer lock is
         # ours; a dry run has no temporary files and touches nothing.
-        clean = not dry_run and not self._cleaned
         temp_dir = None if dry_run else os.path.join(self.state_dir, b"tmp")
-        tree = ConfinedTree(root, temp_dir=temp_dir, clean=clean, reserved=self.reserved_in(root))
-        self._cleaned = self._cleaned or clean
+        tree = ConfinedTree(root, temp_dir=temp_dir, clean=not self._cleaned, reserved=self.reserved_in(root))
+        self._cleaned = self._cleaned or not dry_run
         return tree
 
     def writer(self, tree: ConfinedTree, excluder, **options) -> ReplicaWriter:
@@ -146,13 +165,31 @@ class ReplicaWriter:
         if self._failed is not None:
             self._failed(req, path, reason)
 
-    def _change(self, what: str) -> None:
-        """Every change passes here: the order of a session, then the lock."""
-        if self.dry_run:
+    def _change(self, what: str, path: bytes | None, in_dry_run: bool = False) -> None:
+        """Every change passes here: the order of a session, the lock, then its path (an
+        unsafe one ends the session)."""
+        if self.dry_run and not in_dry_run:
             raise ProtocolError(f"{what!r} in a dry run")
         if self.in_flight is not None:
             raise ProtocolError(f"{what!r} before the previous file ended")
         self.lock.check(force=False)
+        if path is not None:
+            self.tree.parts(path)
+
+    @contextlib.contextmanager
+    def _entry(self, path: bytes):
+        """One entry's change: one that cannot be made is reported, and the session goes on."""
+        try:
+            yield
+        except (OSError, UnsafePathError) as exc:
+            self.fail(None, path, failure_reason(exc))
+
+    def _refused(self, path: bytes, *kinds) -> bool:
+        """An entry of a kind the module does not grant (each of ``kinds``): reported, not made."""
+        refusal = next(filter(None, map(self.privileges.refusal, kinds)), None)
+        if refusal:
+            self.fail(None, path, refusal)
+        return refusal is not None
 
     def _locked_discard(self) -> None:
         """Before files are renamed into place: the mirroring lock discards them instead."""
@@ -167,8 +204,7 @@ class ReplicaWriter:
     def new_file(self, path: bytes):
         """``(commit, None)``: a temporary file for ``path``; ``(None, reason)`` when it
         cannot be made (an unsafe name raises: the session ends)."""
-        self._change("file")
-        self.tree.parts(path)
+        self._change("file", path)
         try:
             self.in_flight = self.tree.new_file(path)
         except (OSError, UnsafePathError) as exc:
@@ -202,86 +238,61 @@ class ReplicaWriter:
     # -- other entries ---------------------------------------------------------------------
 
     def mkdir(self, path: bytes, attrs: list) -> None:
-        self._change("mkdir")
-        try:
+        self._change("mkdir", path)
+        with self._entry(path):
             self.tree.make_dir(path, attrs[0])
-        except (OSError, UnsafePathError) as exc:
-            self.fail(None, path, failure_reason(exc))
 
     def special(self, path: bytes, kind: int, attrs: list, target: bytes = b"", rdev: int = 0) -> None:
         """A symlink (``target``), FIFO, socket or device node (``rdev``)."""
-        self._change("symlink" if kind == Kind.SYMLINK else "node")
-        self.tree.parts(path)
-        refusal = self.privileges.refusal(kind)
-        if refusal:
-            self.fail(None, path, refusal)
+        self._change("symlink" if kind == Kind.SYMLINK else "node", path)
+        if self._refused(path, kind):
             return
         if self.batches.holds(path):
-            self._commit_pending()  # it replaces a file (or a directory of files) still queued
-        try:
+            self.finish_files()  # it replaces a file (or a directory of files) still queued
+        with self._entry(path):
             self.tree.make_special(path, kind, target=target, rdev=rdev)
             self.tree.set_attrs(path, kind, *attrs, owner=self.owner)
             self.files += 1
-        except (OSError, UnsafePathError) as exc:
-            self.fail(None, path, failure_reason(exc))
 
     def link(self, path: bytes, target: bytes) -> None:
-        self._change("hardlink")
-        self.tree.parts(path)
+        self._change("hardlink", path)
         if self.batches.holds(target) or self.batches.holds(path):
-            self._commit_pending()  # the file linked to, or the one replaced, is still queued
-        try:
+            self.finish_files()  # the file linked to, or the one replaced, is still queued
+        with self._entry(path):
             linked = self.tree.lstat(target)
-            refusal = (
-                self.privileges.refusal(KIND_OF_FMT.get(stat.S_IFMT(linked.st_mode))) if linked else None
-            )
-            if refusal:  # a second name for a node this module would not have made
-                self.fail(None, path, refusal)
-                return
-            self.tree.make_special(path, Kind.FILE, link_to=target)
-            self.files += 1
-        except (OSError, UnsafePathError) as exc:
-            self.fail(None, path, failure_reason(exc))
+            # A second name for a node this module would not have made is refused.
+            if not self._refused(path, KIND_OF_FMT.get(stat.S_IFMT(linked.st_mode)) if linked else None):
+                self.tree.make_special(path, Kind.FILE, link_to=target)
+                self.files += 1
 
     def set_attrs(self, path: bytes, kind: int, attrs: list) -> None:
-        self._change("attrs")
-        if path:
-            self.tree.parts(path)
+        self._change("attrs", path or None)  # the tree's root comes as the empty path
         if kind == Kind.DIR:
             self._dir_attrs.append((path, attrs))  # once everything inside it has changed
             return
-        try:
+        with self._entry(path):
             # What is there decides, not what the sender calls it: no chmod of a device node
             # that is there (a world-writable /dev/sda) in a module without devices.
             there = self.tree.lstat(path)
             actual = KIND_OF_FMT.get(stat.S_IFMT(there.st_mode), kind) if there is not None else kind
-            refusal = self.privileges.refusal(kind) or self.privileges.refusal(actual)
-            if refusal:
-                self.fail(None, path, refusal)
+            if self._refused(path, kind, actual):
                 return
             if actual == Kind.FILE:
                 attrs = [self.privileges.file_mode(attrs[0]), *attrs[1:]]
             self.tree.set_attrs(path, kind, *attrs, owner=self.owner)
-        except (OSError, UnsafePathError) as exc:
-            self.fail(None, path, failure_reason(exc))
 
     def delete(self, path: bytes) -> None:
-        """Queued: the deletion guard reviews them all at ``finish``."""
-        if self.in_flight is not None:
-            raise ProtocolError("'delete' before the previous file ended")
-        self.tree.parts(path)
+        """Queued (a dry run's too, to be reviewed): the deletion guard reviews them all at ``finish``."""
+        self._change("delete", path, in_dry_run=True)
         self._deletes.append(path)
 
     # -- the end ---------------------------------------------------------------------------
 
-    def finish_files(self) -> None:
-        """Commit the files queued so far, and nothing else (a lock or a cancel stopped the
-        sender: what is whole is kept; deletions and directory times wait for next time)."""
+    def finish_files(self, dir_syncs: DirSyncs | None = None) -> None:
+        """Commit the files queued so far (their directories to ``dir_syncs`` if given), the
+        one being written dropped.  Alone, when a lock or a cancel stopped the sender: what
+        is whole is kept; deletions and directory times wait for next time."""
         self.drop_file(self.in_flight)
-        self._commit_pending()
-
-    def _commit_pending(self, dir_syncs: DirSyncs | None = None) -> None:
-        """Commit every file queued so far (its directories to ``dir_syncs`` if given)."""
         if not self.batches.empty:
             self._locked_discard()
             self.batches.drain(dir_syncs)
@@ -292,33 +303,24 @@ class ReplicaWriter:
         once, after its last change."""
         if self.in_flight is not None:
             raise ProtocolError("'end' in the middle of a file")
-        dir_syncs = DirSyncs(self.sync_writes, self.tree, self.fail)
-        try:
-            self._commit_pending(dir_syncs)
+        with contextlib.closing(DirSyncs(self.sync_writes, self.tree, self.fail)) as dir_syncs:
+            self.finish_files(dir_syncs)
             if (self._deletes or self._dir_attrs) and not self.dry_run:
                 self._locked_discard()
             refused = review_deletions(self.tree, self._deletes, self.policy, self.keep)
             for path in self._deletes if not (refused or self.dry_run) else ():
-                try:
+                with self._entry(path), contextlib.suppress(FileNotFoundError):
                     kept = self.tree.remove(path, keep=self.keep)
                     self.deleted += 1
                     if kept:  # excluded entries inside a deleted directory stay, like rsync
                         self.fail(None, path, f"cannot delete non-empty directory: {len(kept)} excluded "
                                               f"entries kept inside, e.g. {display_path(kept[0])}")  # fmt: skip
-                except FileNotFoundError:
-                    pass
-                except (OSError, UnsafePathError) as exc:
-                    self.fail(None, path, failure_reason(exc))
                 dir_syncs.add(path.rpartition(b"/")[0])
             for path, attrs in self._dir_attrs:
-                try:
+                with self._entry(path):
                     self.tree.set_attrs(path, Kind.DIR, *attrs, owner=self.owner)
-                except (OSError, UnsafePathError) as exc:
-                    self.fail(None, path, failure_reason(exc))
                 dir_syncs.add(path)
             dir_syncs.sync()
-        finally:
-            dir_syncs.close()
         return refused
 
     def discard(self) -> None:

@@ -19,27 +19,25 @@ The class is embeddable: give it a transport (``mirror.protocol``) and a module 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import threading
-from typing import NamedTuple
-
-import xxhash
 
 from . import fastpath
 from . import protocol as P
 from .applied import Applied, read_applied, record_applied
-from .apply import ReplicaAdmission
+from .apply import ModuleConfig, ReplicaAdmission  # ModuleConfig: imported from here too
+from .constants import COPY, LITERAL
 from .entry import Kind
 from .epoch import read_epoch
 from .errors import MirrorError, ProtocolError, UnsafePathError, display_path, failure_reason, fs_path
 from .exclude import make_excluder
 from .guard import session_guard
-from .privileges import Privileges
 from .renames import apply as apply_renames
 from .renames import parse as parse_renames
 from .safefs import ConfinedTree
-from .statedir import resolve_state_dir
 from .treescan import Scope, TreeScan
 from .writerlock import WriterLock
 
@@ -48,125 +46,39 @@ log = logging.getLogger(__name__)
 SUMMARY_BATCH = 256  # directories per summary message
 LISTING_PART = 32768  # entries per listing message (a larger directory is sent in parts)
 SIGNATURE_PART = 4 << 20
-# What may come between a file's 'file' and its end: its content, and the requests for
-# listings that the sender's pairing thread sends meanwhile.
-_WITHIN_A_FILE = frozenset({P.DATA, P.COPY, P.FILE_END, P.FILE_ABORT, P.WANT})
+# A file's frames, between its 'file' and its end (the sender's pairing thread may also
+# send its requests for listings meanwhile).
+_CONTENT = frozenset({P.DATA, P.COPY, P.FILE_END, P.FILE_ABORT})
 
 
-class ModuleConfig(NamedTuple):
-    """One tree a receiver serves."""
-
-    name: str
-    path: bytes
-    secret: bytes | None = None
-    lock_file: bytes | None = None
-    read_only: bool = False
-    state_dir: bytes | None = None
-    # Device nodes, FIFOs and sockets, setuid/setgid bits, owners: none unless granted.
-    privileges: Privileges = Privileges()
-
-    @property
-    def resolved_state_dir(self) -> bytes:
-        return resolve_state_dir(self.path, self.state_dir)
-
-
-# Plain classes rather than dataclasses: importing ``dataclasses`` (and ``inspect`` with it)
-# would cost every sync more start-up time than the rest of the receiver.
-
-
-class _Incoming:
-    """The file being received: written to its temporary file (``commit``) as its frames
-    come, rebuilt against its basis by a ``Patcher`` or, sent whole, hashed as written;
-    verified against the sender's digest at its end.  ``failed``: why it will not be."""
-
-    __slots__ = ("req", "path", "attrs", "commit", "failed", "patcher", "basis", "hasher", "size")
-
-    def __init__(self, req: int, path: bytes, attrs: list, commit, failed: str | None):
-        self.req = req
-        self.path = path
-        self.attrs = attrs
-        self.commit = commit
-        self.failed = failed
-        self.patcher = None
-        self.basis = None
-        self.hasher = xxhash.xxh3_128()
-        self.size = 0
-
-    def open_basis(self, tree: ConfinedTree, block_size: int, basis_size: int) -> None:
-        if not block_size:
-            raise ProtocolError("bad block size: expected an integer in [1, 1073741824]")
-        try:
-            self.basis = tree.open_regular(self.path)
-            self.patcher = fastpath.choose("delta").Patcher(self.basis, self.commit.file, block_size, basis_size)  # fmt: skip
-        except (OSError, UnsafePathError) as exc:
-            self.failed = "basis-gone: " + failure_reason(exc)
-        except ValueError as exc:
-            self.failed = f"basis-changed: {exc}"
-
-    def write(self, op: tuple) -> None:
-        """A literal (``(1, data)``) or a copy of basis blocks (``(0, first, count)``)."""
-        if self.failed:
-            return
-        if self.patcher is None and op[0] == 0:
-            raise ProtocolError("'copy' for a file sent whole")
-        try:
-            if self.patcher is not None:
-                self.patcher.apply(op)
-            else:
-                self.hasher.update(op[1])
-                self.commit.file.write(op[1])
-                self.size += len(op[1])
-        except ValueError as exc:
-            raise ProtocolError(f"{display_path(self.path)}: {exc}") from None
-        except OSError as exc:
-            self.failed = failure_reason(exc)
-
-    def verify(self, digest: bytes, size: int) -> str | None:
-        """Why the file must not be committed, or None: it is what the sender sent."""
-        if self.failed:
-            return self.failed
-        try:
-            got = self.patcher.finish() if self.patcher is not None else (self.hasher.digest(), self.size)
-        except ValueError as exc:
-            return f"mismatch: {exc}"
-        except OSError as exc:
-            return failure_reason(exc)
-        return None if tuple(got) == (digest, size) else "mismatch: content does not match the sender's digest"  # fmt: skip
-
-    def close(self) -> None:
-        if self.basis is not None:
-            self.basis.close()
-
-
-class _Keepalive(threading.Thread):
+@contextlib.contextmanager
+def _keeping_alive(transport, interval: float | None):
     """Says ``alive`` to the sender whenever a session has sent nothing for ``interval``
     seconds (a long commit, deletions of a big tree, the signature of a big file), so that
-    the sender's timeout catches only a receiver that is stopped, hung or gone.  One per
-    session (none if it asks for none), stopped before its result: nothing follows it."""
+    the sender's timeout catches only a receiver that is stopped, hung or gone.  Stopped
+    before the session's result: nothing follows it."""
+    if interval is None:
+        yield
+        return
+    stopped = threading.Event()
 
-    def __init__(self, transport, interval: float | None):
-        super().__init__(name="receiver-keepalive", daemon=True)
-        self.t = transport
-        self.interval = interval
-        self.stopped = threading.Event()
-        if interval is not None:
-            self.start()
-
-    def run(self) -> None:
-        seen = self.t.bytes_sent
-        while not self.stopped.wait(self.interval):
-            if self.t.bytes_sent == seen:
+    def run() -> None:
+        seen = transport.bytes_sent
+        while not stopped.wait(interval):
+            if transport.bytes_sent == seen:
                 try:
-                    self.t.send([P.ALIVE])
+                    transport.send([P.ALIVE])
                 except (MirrorError, OSError):
                     return
-            seen = self.t.bytes_sent
+            seen = transport.bytes_sent
 
-    def stop(self) -> None:
-        """Once it returns, the thread sends nothing more (a send under way has ended)."""
-        self.stopped.set()
-        if self.ident is not None:
-            self.join()
+    thread = threading.Thread(target=run, name="receiver-keepalive", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        thread.join()  # a send under way has ended
 
 
 class Receiver:
@@ -271,8 +183,7 @@ class Receiver:
         if self._writer is None:
             # Held for the rest of the connection: the live daemon's sessions follow one
             # another on one connection, and it stays the module's one writer meanwhile.
-            where = f"module {self.module.name!r}"
-            self._writer = WriterLock.take(self.module.resolved_state_dir, self.peer, where)
+            self._writer = WriterLock.take(self.module.resolved_state_dir, self.peer, f"module {self.module.name!r}")
 
     # -- session ---------------------------------------------------------------------------
 
@@ -289,25 +200,18 @@ class Receiver:
             tree = self.replica.open_tree(root, dry_run)
         except OSError as exc:
             raise MirrorError(f"receiver cannot open its tree: {exc}") from None
-        keepalive = _Keepalive(self.t, opts["keepalive"])
-        try:
+        with contextlib.closing(tree), _keeping_alive(self.t, opts["keepalive"]):
             result = self.session_class(self, tree, opts, policy, mine).run()
-        finally:
-            tree.close()
-            keepalive.stop()
         self.t.send([P.RESULT, result])
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
-        tree = ConfinedTree(root, reserved=self.replica.reserved_in(root))
-        try:
+        """The subpath's directory below ``root``, never through a symlink: made where it is
+        missing, unless in a dry run (where it must be there)."""
+        with contextlib.closing(ConfinedTree(root, reserved=self.replica.reserved_in(root))) as tree:
             parts = tree.parts(self.subpath)
-            for i in range(1, len(parts) + 1):
-                if not dry_run:
-                    tree.make_dir(b"/".join(parts[:i]), 0o755)
-                else:
-                    tree.dir_fd(parts[:i])
-        finally:
-            tree.close()
+            for i in range(1, len(parts) + 1) if not dry_run else ():
+                tree.make_dir(b"/".join(parts[:i]), 0o755)
+            tree.dir_fd(parts)
         return os.path.join(root, self.subpath)
 
 
@@ -327,32 +231,24 @@ class ReceiverSession:
             if path:
                 tree.parts(path)
         self.state_dir = receiver.module.resolved_state_dir
-        dry_run = opts["dry_run"]
-        self.renames = opts["renames"] if not dry_run else []
-        self.writer = receiver.replica.writer(
+        writer = self.writer = receiver.replica.writer(
             tree,
             self.excluder,
             owner=opts["owner"] and receiver.can_chown,
             sync_writes=not opts["no_fsync"],
-            dry_run=dry_run,
+            dry_run=opts["dry_run"],
             policy=policy,
             failed=lambda req, path, reason: self.t.send([P.FAILED, req, path, reason]),
         )
         self.listings: dict[bytes, object] = {}
-        self.incoming: _Incoming | None = None
         self.reports_applied = not receiver.subpath  # the record is the whole module's
         self._scan_problems = False
         self._summary_error: BaseException | None = None
-        writer = self.writer
         # Each frame's fields, checked (protocol.checked), to the method that handles them.
         self.handlers = {
             P.WANT: self._send_listings,
             P.SIG: self._on_sig,
             P.FILE: self._on_file,
-            P.DATA: lambda req, data: self._current(req).write((1, data)),
-            P.COPY: lambda req, first, count: self._current(req).write((0, first, count)),
-            P.FILE_END: self._on_file_end,
-            P.FILE_ABORT: lambda req, _reason: self.writer.drop_file(self._current(req, end=True).commit),
             P.MKDIR: writer.mkdir,
             P.SYMLINK: lambda path, target, attrs: writer.special(path, Kind.SYMLINK, attrs, target=target),
             P.NODE: lambda path, kind, rdev, attrs: writer.special(path, kind, attrs, rdev=rdev),
@@ -366,7 +262,8 @@ class ReceiverSession:
         """The session, up to its ``end``; its result (the receiver sends it)."""
         # The live daemon saw these renames on the source: done here first, where the
         # replica's old entry holds what the new name must (mirror.renames).
-        apply_renames(self.tree, self.renames)
+        if not self.opts["dry_run"]:
+            apply_renames(self.tree, self.opts["renames"])
         scan = fastpath.choose("scan")
         tree_scan = TreeScan(self.tree.root, excluder=self.excluder, checksum=bool(self.flags & scan.CMP_CHECKSUM),
                              state_dir=self.state_dir, use_cache=True, scope=self.scope,
@@ -384,17 +281,13 @@ class ReceiverSession:
             else:
                 self._send_summary(tree_scan)
             while True:
-                message = self.t.recv()
-                if message is None:
-                    raise ProtocolError("sender closed the connection in the middle of a session")
-                fields = P.checked(message)
-                if self.incoming is not None and message[0] not in _WITHIN_A_FILE:
-                    # One file at a time, its frames uninterrupted (even one that failed).
-                    raise ProtocolError(f"{message[0]!r} in the middle of a file")
-                if message[0] == P.END:
+                kind, fields = self._next()
+                if kind == P.END:
                     complete = isinstance(fields[0], dict) and fields[0].get("complete") is True
                     break
-                self.handlers[message[0]](*fields)
+                if kind not in self.handlers:  # a file's content: _on_file reads it
+                    raise ProtocolError(f"{kind!r}: file data for a file that was not started")
+                self.handlers[kind](*fields)
             refused = self.writer.finish()
         except BaseException:
             self.writer.discard()
@@ -410,6 +303,13 @@ class ReceiverSession:
         clean = complete and not refused and not result["failed_count"] and not self._scan_problems
         result["applied"] = self._record_applied(clean)
         return result
+
+    def _next(self) -> tuple[str, list]:
+        """The sender's next frame: its kind and its checked fields."""
+        message = self.t.recv()
+        if message is None:
+            raise ProtocolError("sender closed the connection in the middle of a session")
+        return message[0], P.checked(message)
 
     def _record_applied(self, clean: bool) -> list | None:
         """After a ``clean`` session (every change committed, nothing left out on either side),
@@ -442,27 +342,22 @@ class ReceiverSession:
         listing right after its summary item: they are small, and it saves a round trip."""
         eager = self.scope is not None
         try:
-            batch = []
-            for listing in tree_scan:
-                self.listings[listing.path] = listing
-                flags = (P.HAS_LINKS if listing.has_links() else 0) | (0 if listing.complete else P.INCOMPLETE)
-                batch.append([listing.path, listing.fingerprint(self.flags), flags])
-                if len(batch) >= SUMMARY_BATCH:
-                    self._send_summary_batch(batch, eager)
-                    batch = []
-            if batch:
-                self._send_summary_batch(batch, eager)
+            listings = iter(tree_scan)
+            while batch := list(itertools.islice(listings, SUMMARY_BATCH)):
+                # Known before the sender sees them in the summary and asks for them.
+                self.listings.update((listing.path, listing) for listing in batch)
+                items = [[listing.path, listing.fingerprint(self.flags),
+                          (P.HAS_LINKS if listing.has_links() else 0) | (0 if listing.complete else P.INCOMPLETE)]
+                         for listing in batch]  # fmt: skip
+                self.t.send([P.SUMMARY, items], flush=not eager)
+                if eager:
+                    self._send_listings([listing.path for listing in batch])
             problems = [[p.path, p.errno, p.message] for p in tree_scan.problems]
             self._scan_problems = bool(problems)  # a subtree left alone: the session covers less
             self.t.send([P.SUMMARY_END, {"dirs": tree_scan.stats.dirs, "problems": problems[:1000]}])
         except BaseException as exc:  # reported by the session, after the main loop ends
             self._summary_error = exc
             _send_error(self.t, type(exc).__name__, 2, f"receiver scan failed: {exc}")
-
-    def _send_summary_batch(self, batch: list, eager: bool) -> None:
-        self.t.send([P.SUMMARY, batch], flush=not eager)
-        if eager:
-            self._send_listings([item[0] for item in batch])
 
     def _send_listings(self, paths: list) -> None:
         scan = fastpath.choose("scan")
@@ -499,37 +394,57 @@ class ReceiverSession:
     # -- file content: verified here, written by the writer ---------------------------------
 
     def _on_file(self, req: int, path: bytes, attrs: list, mode: str, block_size: int, basis_size: int) -> None:
-        commit, reason = self.writer.new_file(path)
-        self.incoming = _Incoming(req, path, attrs, commit, reason)
-        if commit is not None and mode == "delta":
-            self.incoming.open_basis(self.tree, block_size, basis_size)
-
-    def _current(self, req, end: bool = False) -> _Incoming:
-        """The file ``req``'s frames are for (no longer current at its ``end``)."""
-        incoming = self.incoming
-        if incoming is None or req != incoming.req:
-            raise ProtocolError("file data for a file that was not started")
-        if end:
-            self.incoming = None
-            incoming.close()
-        return incoming
-
-    def _on_file_end(self, req: int, digest: bytes, size: int) -> None:
-        incoming = self._current(req, end=True)
-        failed = incoming.verify(digest, size)
-        if failed:
-            self.writer.drop_file(incoming.commit)
-            self.writer.fail(req, incoming.path, failed)
+        """A file, its frames read here up to its end, even when it cannot be written: only
+        its content and the sender's requests for listings may come meanwhile.  A patcher
+        rebuilds it (against its basis for a delta) and hashes what it writes; the writer
+        commits it only if that is what the sender's digest says."""
+        delta = fastpath.choose("delta")
+        if mode == "whole":  # no basis: every byte comes as data
+            block_size, basis_size = delta.MIN_BLOCK_SIZE, 0
+        elif not block_size:
+            raise ProtocolError("bad block size: expected an integer in [1, 1073741824]")
+        commit, failed = self.writer.new_file(path)
+        with contextlib.ExitStack() as basis_open:
+            if commit is not None:
+                try:
+                    basis = basis_open.enter_context(self.tree.open_regular(path)) if mode == "delta" else None
+                    patcher = delta.Patcher(basis, commit.file, block_size, basis_size)
+                except (OSError, UnsafePathError) as exc:
+                    failed = "basis-gone: " + failure_reason(exc)
+                except ValueError as exc:
+                    failed = f"basis-changed: {exc}"
+            while True:
+                kind, fields = self._next()
+                if kind == P.WANT:
+                    self._send_listings(*fields)
+                    continue
+                if kind not in _CONTENT:  # one file at a time, its frames uninterrupted
+                    raise ProtocolError(f"{kind!r} in the middle of a file")
+                if fields[0] != req:
+                    raise ProtocolError("file data for a file that was not started")
+                if kind in (P.FILE_END, P.FILE_ABORT):
+                    break
+                if failed:
+                    continue
+                try:
+                    patcher.apply((LITERAL, fields[1]) if kind == P.DATA else (COPY, *fields[1:]))
+                except ValueError as exc:
+                    raise ProtocolError(f"{display_path(path)}: {exc}") from None
+                except OSError as exc:
+                    failed = failure_reason(exc)
+        if kind == P.FILE_ABORT:  # the source file changed while it was read, or a lock appeared
+            self.writer.drop_file(commit)
+        elif failed or patcher.finish() != tuple(fields[1:]):
+            self.writer.drop_file(commit)
+            self.writer.fail(req, path, failed or "mismatch: content does not match the sender's digest")
         else:
-            self.writer.commit_file(incoming.commit, incoming.attrs, size, req)
+            self.writer.commit_file(commit, attrs, fields[2], req)
 
 
 def _send_error(transport, name: str, exit_code: int, text: str) -> None:
     """The ``error`` frame, if the connection still takes it (the error is raised anyway)."""
-    try:
+    with contextlib.suppress(MirrorError, OSError):
         transport.send([P.ERROR, name, exit_code, text])
-    except (MirrorError, OSError):
-        pass
 
 
 Receiver.session_class = ReceiverSession

@@ -61,10 +61,27 @@ def test_repeated_start_inside_a_session_is_refused(tmp_path):
     _assert_clean_refusal(s, root, "unexpected message 'start'")
 
 
+@pytest.mark.parametrize("path", [b"new", b"keep/under-a-file"])  # made, or failed to be made
+def test_a_delta_with_no_block_size_is_refused(tmp_path, path):
+    root = _module(tmp_path)
+    s = RawSession(root, start={})
+    s.send([P.FILE, 1, path, ATTRS, "delta", 0, 11], [P.DATA, 1, b"x"], [P.FILE_END, 1, b"\0" * 16, 1])
+    _assert_clean_refusal(s, root, "bad block size")
+
+
 def test_data_for_another_request_is_refused(tmp_path):
     root = _module(tmp_path)
     s = RawSession(root, start={})
     s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 2, b"x"])
+    _assert_clean_refusal(s, root, "not started")
+
+
+@pytest.mark.parametrize("frame", [[P.DATA, 1, b"x"], [P.COPY, 1, 0, 1], [P.FILE_END, 1, b"\0" * 16, 0],
+                                   [P.FILE_ABORT, 1, "changed"]])  # fmt: skip
+def test_file_content_with_no_file_started_is_refused(tmp_path, frame):
+    root = _module(tmp_path)
+    s = RawSession(root, start={})
+    s.send(frame)
     _assert_clean_refusal(s, root, "not started")
 
 

@@ -164,6 +164,27 @@ def test_receiver_lock_stops_every_change_within_a_second(tmp_path):
     assert s.error()[1] == "LockedError"
 
 
+def test_receiver_lock_stops_a_dry_run_s_deletions_too(tmp_path):
+    # A dry run sends its deletions to be reviewed: each is a change like any other, and
+    # a lock that appears meanwhile ends the session.
+    root = tmp_path / "module"
+    root.mkdir()
+    (root / "keep").write_bytes(b"old")
+    lock = os.fsencode(tmp_path / "mirror.lock")
+    s = RawSession(root, lock_file=lock, start={"dry_run": True, "delete": True})
+    s.drain_summary()
+    acquire(lock, reason="takeover")
+    locked_at = time.monotonic()
+    while time.monotonic() - locked_at < 2.0:
+        s.send([P.DELETE, b"keep"], [P.PING, 0])
+        reply = s.until(P.PONG)
+        if reply is None or reply[0] == P.ERROR:
+            break
+    s.close()
+    assert s.error() is not None and s.error()[1] == "LockedError", s.replies
+    assert (root / "keep").read_bytes() == b"old"
+
+
 # -- what the receiver answers is checked like what it is sent -------------------------------
 
 _BAD_REPLIES = {

@@ -308,6 +308,20 @@ def test_unacceptable_names_end_the_session_with_nothing_written(tmp_path, path)
     assert os.listdir(root / ".mirror" / "tmp") == []
 
 
+@pytest.mark.parametrize("path", [b"../escape", b"/escape", b"a/./b", b"", b".mirror/tmp/d"])
+def test_an_unacceptable_directory_name_ends_the_session(tmp_path, path):
+    # As for every other entry: a mkdir the receiver may not make is the sender's error.
+    root = tmp_path / "module"
+    root.mkdir()
+    s = RawSession(root, start={})
+    s.drain_summary()
+    s.send([P.MKDIR, path, ATTRS])
+    s.end()
+    error = s.error()
+    assert error is not None and error[1] in ("UnsafePathError", "ProtocolError"), s.replies
+    assert sorted(os.listdir(root)) == [".mirror"] and sorted(os.listdir(tmp_path)) == ["module"]
+
+
 def test_names_with_newlines_and_invalid_utf8_cross_unchanged(tmp_path):
     root = tmp_path / "module"
     root.mkdir()
