@@ -10,9 +10,9 @@ import os
 import tomllib
 from dataclasses import dataclass
 
+from .apply import ModuleConfig
 from .errors import ConfigError, MirrorError
 from .privileges import Privileges
-from .receiver import ModuleConfig
 from .secretfile import read_secret_file
 
 DEFAULT_LISTEN = "0.0.0.0:8730"

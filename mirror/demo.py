@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .apply import ModuleConfig
 from .compare import CompareOptions, CompareSummary, compare_trees, root_entry
 from .daemon import DaemonConfig, LivePair, PairConfig
 from .itemize import item_lines
-from .receiver import ModuleConfig
 from .server import MirrorServer
 from .treescan import TreeScan
 

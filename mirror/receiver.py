@@ -28,7 +28,7 @@ import threading
 from . import fastpath
 from . import protocol as P
 from .applied import Applied, read_applied, record_applied
-from .apply import ModuleConfig, ReplicaAdmission  # ModuleConfig: imported from here too
+from .apply import ModuleConfig, ReplicaAdmission
 from .constants import COPY, LITERAL
 from .entry import Kind
 from .epoch import read_epoch

@@ -29,9 +29,10 @@ import threading
 import time
 from collections.abc import Mapping
 
+from .apply import ModuleConfig
 from .errors import MirrorError
 from .protocol import StreamTransport
-from .receiver import ModuleConfig, Receiver
+from .receiver import Receiver
 
 log = logging.getLogger(__name__)
 

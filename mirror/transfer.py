@@ -164,9 +164,9 @@ class Connection:
                 if local:
                     scans[1] = replica_scan(self.dest.path, self.options)
             if local:
+                from .apply import ModuleConfig
                 from .localsync import LocalSync
                 from .privileges import Privileges
-                from .receiver import ModuleConfig
 
                 # A local replica is no security boundary (the user could copy the files
                 # themselves): devices, special files, set-id bits and owners are all kept.

@@ -11,8 +11,9 @@ import threading
 from contextlib import contextmanager
 
 from mirror import protocol as P
+from mirror.apply import ModuleConfig
 from mirror.errors import MirrorError, ProtocolError
-from mirror.receiver import ModuleConfig, Receiver
+from mirror.receiver import Receiver
 from mirror.server import MirrorServer
 from mirror.transfer import _hang_up
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from mirror.apply import ModuleConfig
 from mirror.errors import AuthError
-from mirror.receiver import ModuleConfig
 from mirror.transfer import sync
 from tests.peers import in_process_server
 from tests.servers import SECRET

@@ -18,8 +18,9 @@ from contextlib import contextmanager
 import pytest
 
 from mirror import protocol as P
+from mirror.apply import ModuleConfig
 from mirror.errors import EXIT_CONNECT_TIMEOUT, EXIT_TIMEOUT, ConnectTimeout, PeerTimeout
-from mirror.receiver import ModuleConfig, Receiver, ReceiverSession
+from mirror.receiver import Receiver, ReceiverSession
 from mirror.transfer import sync
 from tests.daemons import live_daemon
 from tests.helpers import MIRROR, run_mirror, wait_until

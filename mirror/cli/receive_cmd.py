@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import sys
 
+from ..apply import ModuleConfig
 from ..errors import UsageError
 from ..protocol import StreamTransport
-from ..receiver import ModuleConfig, Receiver
+from ..receiver import Receiver
 from ..secretfile import read_secret_file
 from ._common import add_privilege_arguments, privileges_from_args
 

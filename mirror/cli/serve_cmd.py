@@ -15,9 +15,9 @@ import os
 import signal
 import threading
 
+from ..apply import ModuleConfig
 from ..config import DEFAULT_LISTEN, ServeConfig, load_serve_config, parse_listen, read_serve_config
 from ..errors import MirrorError, UsageError
-from ..receiver import ModuleConfig
 from ..sdnotify import SystemdNotifier
 from ..secretfile import read_secret_file
 from ..statedir import check_root
