@@ -312,7 +312,7 @@ class SendSession(SourceSession):
             with self.conn.reading() as reader:  # from the summary to the receiver's result
                 self.reader = reader
                 self.encoder = FileEncoder(self, reader)
-                with self._pairing(self.scans[0]) as pairs:
+                with contextlib.closing(self._pairs(self.scans[0])) as pairs:
                     self.drive(pairs, self.compare, planned)
                 # complete: nothing was left out on this side, so the receiver may record the
                 # session's journal sequence as applied (mirror.applied)
@@ -329,12 +329,11 @@ class SendSession(SourceSession):
 
     # -- pairing our listings with the receiver's ------------------------------------------
 
-    @contextlib.contextmanager
-    def _pairing(self, tree: TreeScan):
+    def _pairs(self, tree: TreeScan):
         """``(src, dst)`` listing pairs in canonical order, dst fetched only where it differs.
         A thread pairs ahead (``_match``): it asks for listings, so the answers are usually
-        here by the time the comparison reaches them.  However the session ends, the thread
-        is gone before anything else is sent."""
+        here by the time the comparison reaches them.  Closed, however the session ends,
+        the thread is gone before anything else is sent."""
         ahead: queue.Queue = queue.Queue(maxsize=PAIRS_AHEAD)
         stop = threading.Event()
 
@@ -354,7 +353,25 @@ class SendSession(SourceSession):
         walker = threading.Thread(target=walk, name="sender-pairs", daemon=True)
         walker.start()
         try:
-            yield self._handed_over(ahead)
+            while True:
+                try:
+                    item = ahead.get(timeout=FLUSH_SECONDS)
+                except queue.Empty:
+                    self.t.flush()  # whatever is buffered may be what the receiver waits for
+                    item = ahead.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                src, dst = item
+                if isinstance(dst, bytes):  # the path of the receiver's listing on its way
+                    self.t.flush()
+                    dst = self._receive_listing(dst)
+                now = time.monotonic()
+                if now - self._last_flush >= FLUSH_SECONDS:
+                    self._last_flush = now
+                    self.t.flush()
+                yield src, dst
         finally:
             # Stopped, the thread puts one more item at most: room is made for it, and a
             # wait for the summary is woken.
@@ -364,27 +381,6 @@ class SendSession(SourceSession):
                 while True:
                     ahead.get_nowait()
             walker.join()
-
-    def _handed_over(self, ahead: queue.Queue):
-        while True:
-            try:
-                item = ahead.get(timeout=FLUSH_SECONDS)
-            except queue.Empty:
-                self.t.flush()  # whatever is buffered may be what the receiver waits for
-                item = ahead.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            src, dst = item
-            if isinstance(dst, bytes):  # the path of the receiver's listing on its way
-                self.t.flush()
-                dst = self._receive_listing(dst)
-            now = time.monotonic()
-            if now - self._last_flush >= FLUSH_SECONDS:
-                self._last_flush = now
-                self.t.flush()
-            yield src, dst
 
     def _summary(self):
         """The receiver's summary items, each directory once and in canonical order (the
