@@ -54,7 +54,6 @@ class Planner:
         self.delta_threshold = delta_threshold
         self._dir_entry = dir_entry
         self.other_changes = 0  # directories, symlinks, nodes, links, attributes planned
-        self.deletions = 0
         self._dirs: dict[bytes, Entry] = {}  # source directories seen in listings
         self._touched: dict[bytes, Entry] = {}  # directories whose times are set last
         self._leaders: dict[tuple[int, int], bytes] = {}
@@ -92,7 +91,6 @@ class Planner:
             if change.path.rpartition(b"/")[0] in self._gone:
                 return []  # goes with its directory, and is counted with it by the deletion guard
             self._deletes.append(Op(DELETE, change.path))
-            self.deletions += 1
             if not self.dry_run:
                 self._touch_parent(change.path)
             return []
