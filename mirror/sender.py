@@ -39,7 +39,7 @@ from .errors import (
 )
 from .guard import DeletionPolicy, SourceGuard
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op
-from .records import SenderOptions, SyncResult, TransferStats
+from .records import SenderOptions, SyncResult
 from .sourcesession import (
     SourceSession,
     changed_while_read,
@@ -69,7 +69,7 @@ _ENTRY_FRAMES = {
     ATTRS: lambda op: [P.ATTRS, op.path, int(op.entry.kind), entry_attrs(op.entry)],
     DELETE: lambda op: [P.DELETE, op.path],
 }
-__all__ = ["FileEncoder", "SendSession", "Sender", "SenderOptions", "TransferStats"]
+__all__ = ["FileEncoder", "SendSession", "Sender", "SenderOptions"]
 
 
 class _Reader(threading.Thread):
