@@ -40,14 +40,7 @@ from .errors import (
 from .guard import DeletionPolicy, SourceGuard
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op
 from .records import SenderOptions, SyncResult
-from .sourcesession import (
-    SourceSession,
-    changed_while_read,
-    entry_attrs,
-    open_source,
-    settled_source,
-    stat_attrs,
-)
+from .sourcesession import SourceSession, entry_attrs, stat_attrs
 from .statedir import resolve_state_dir
 from .treescan import TreeScan
 
@@ -281,6 +274,8 @@ class SendSession(SourceSession):
     """One session (``start`` ... ``end``) on a ``Sender``'s connection: scan, pair with the
     receiver's summary, compare, plan; the operations go to a ``FileEncoder``."""
 
+    passes_on = "sent"
+
     def __init__(self, conn: Sender, welcome: dict, scope):
         super().__init__(conn, delta_threshold=conn.o.delta_threshold)
         self.t = conn.t
@@ -468,7 +463,8 @@ class FileEncoder:
     could not send goes to ``failed`` (the session goes on)."""
 
     def __init__(self, session: SendSession, reader: _Reader):
-        self.t, self.src_tree, self.lock = session.t, session.src_tree, session.lock
+        self.session = session  # the source file read by its rule
+        self.t, self.lock = session.t, session.lock
         self.stats, self.failed = session.out.stats, session.out.failed
         self.on_progress = session.conn.on_progress
         self.reader = reader
@@ -511,12 +507,12 @@ class FileEncoder:
         """Send one file, whole (``sig`` None) or as a delta; abandon it if it changes under us."""
         self.lock.check()
         path = op.path
-        f = open_source(self.src_tree, path, op.entry, self.failed)
+        f = self.session.open_file(path, op.entry)
         if f is None:
             return
         with f:
             fd = f.fileno()
-            before = settled_source(fd, path, self.failed, "sent")
+            before = self.session.settled(fd, path)
             if before is None:
                 return
             self._req += 1
@@ -535,7 +531,7 @@ class FileEncoder:
                         self.t.send([P.COPY, req, op_[1], op_[2]], flush=False)
                         stats.matched_bytes += min(op_[2] * block, sig.basis_size - op_[1] * block)
                     self.lock.check(force=False)
-                changed = changed_while_read(fd, before, ops.new_size, path, self.failed, "sent")
+                changed = self.session.changed_while_read(fd, before, ops.new_size, path)
             except (LockedError, Cancelled, OSError) as exc:
                 self.t.send([P.FILE_ABORT, req, "read error" if isinstance(exc, OSError) else "stopped"])
                 if not isinstance(exc, OSError):
