@@ -135,18 +135,12 @@ class Planner:
 
     def links(self) -> list[Op]:
         """Second names of linked files: after every file's content is planned."""
-        links, self._links = self._links, []
-        return links
+        return self._links
 
     def closing(self) -> list[Op]:
         """Deletions, then the times of every directory changed, deepest first."""
-        ops, self._deletes = self._deletes, []
-        ops += [
-            Op(ATTRS, path, self._touched[path])
-            for path in sorted(self._touched, key=canonical_key, reverse=True)
-        ]
-        self._touched = {}
-        return ops
+        deepest_first = sorted(self._touched, key=canonical_key, reverse=True)
+        return self._deletes + [Op(ATTRS, path, self._touched[path]) for path in deepest_first]
 
     def _touch_parent(self, path: bytes) -> None:
         """A write in a directory moves its mtime on the replica: set it back last."""

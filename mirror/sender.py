@@ -77,8 +77,7 @@ class _Reader(threading.Thread):
         self.failed: list = []
         self.error: BaseException | None = None
         self.ended = False  # the session's end is sent: its result may come
-        self._sig_parts: list[bytes] = []
-        self._sig_size = 0
+        self._sig_parts: list[bytes] = []  # the signature coming in
         # request -> (path, the largest signature its basis can have)
         self.sig_requests: dict[int, tuple[bytes, int]] = {}
         # Each reply's checked fields (protocol.checked_reply) to where they go.
@@ -129,15 +128,14 @@ class _Reader(threading.Thread):
 
     def _signature_part(self, req: int, part: bytes, last: bool) -> None:
         _path, limit = self._asked(req)
-        self._sig_size += len(part)
-        if self._sig_size > limit:
-            raise LimitExceeded(f"signature larger than its basis allows ({limit} bytes)")
         self._sig_parts.append(part)
+        if sum(map(len, self._sig_parts)) > limit:
+            raise LimitExceeded(f"signature larger than its basis allows ({limit} bytes)")
         # Each part is a frame held until the last: as many as the largest signature needs.
         if len(self._sig_parts) > -(-limit // SIGNATURE_PART):
             raise ProtocolError("a signature in more parts than its size needs")
         if last:
-            sig_bytes, self._sig_parts, self._sig_size = b"".join(self._sig_parts), [], 0
+            sig_bytes, self._sig_parts = b"".join(self._sig_parts), []
             self._signature(req, sig_bytes)
 
     def _signature(self, req: int, sig_bytes: bytes | None) -> None:
