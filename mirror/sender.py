@@ -395,20 +395,20 @@ class SendSession(SourceSession):
         """Our listings against the receiver's summary: ``(src, dst)`` where dst is a listing,
         None (absent there) or the path of the receiver's listing on its way (src None: it
         is taken and dropped, in order)."""
-        for src, item in align(tree, self._summary()):
-            if item is None:
-                yield src, None
+        for s, d in align(tree, self._summary()):
+            if d is None:
+                yield s, None
             elif self.scoped:  # the receiver sends every listing unasked
-                yield src, item.path
-            elif src is None:
+                yield s, d.path
+            elif s is None:
                 continue  # deleted with its parent, whose listing shows it
-            elif item.flags & P.INCOMPLETE:
-                yield src, self.kernel.Listing(item.path, complete=False)
-            elif item.fingerprint == src.fingerprint(self.flags) and not (item.flags & P.HAS_LINKS or src.has_links()):
-                yield src, src  # unchanged: compares equal to itself
+            elif d.flags & P.INCOMPLETE:
+                yield s, self.kernel.Listing(d.path, complete=False)
+            elif d.fingerprint == s.fingerprint(self.flags) and not (d.flags & P.HAS_LINKS or s.has_links()):
+                yield s, s  # unchanged: compares equal to itself
             else:
-                self.t.send([P.WANT, [item.path]], flush=False)
-                yield src, item.path
+                self.t.send([P.WANT, [d.path]], flush=False)
+                yield s, d.path
 
     def _receive_listing(self, path: bytes):
         """The receiver's listing of ``path``, the next one to arrive (in parts if large)."""

@@ -38,6 +38,7 @@ class SourceSession:
         self.conn = conn  # a Sender or a LocalSync: root, o, source_guard, on_change, on_progress
         self.root = conn.root
         self.o = options = conn.o
+        self.guard = conn.source_guard
         self.started = time.perf_counter()
         self.out = SyncResult(dry_run=options.dry_run)
         self.lock = LockWatch(options.lock_file, "present", cancel=options.cancel)
@@ -61,7 +62,7 @@ class SourceSession:
         if (scope is not None and not scope.everything) or renames:
             stop_scans(self.scans)  # they cover the whole tree, before any rename: not this session's
             self.scans = [None, None]
-        tree_id = self.conn.source_guard.tree_id(deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
+        tree_id = self.guard.tree_id(deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
         self.src_tree = ConfinedTree(self.root)
         planned: list = []
         if renames and not o.dry_run:
@@ -151,7 +152,8 @@ class SourceSession:
         try:
             return self.src_tree.open_regular(path, expect=(entry.dev, entry.ino) if entry.ino else None)
         except (OSError, UnsafePathError) as exc:
-            self.out.failed.append((path, f"cannot open on the sender: {getattr(exc, 'strerror', None) or exc}"))
+            reason = getattr(exc, "strerror", None) or exc
+            self.out.failed.append((path, f"cannot open on the sender: {reason}"))
             return None
 
     def settled(self, fd: int, path: bytes) -> os.stat_result | None:

@@ -383,8 +383,12 @@ def test_a_signature_in_more_parts_than_its_size_needs_ends_the_session(tmp_path
     src, dst = changed_pair(tmp_path)
     with socket_pair_receiver(ReceiverSession, dst) as transport:
         transport.peer = "the receiver at review"  # as mirror.transfer names it
-        sender = Sender(os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m")
-        with pytest.raises(ProtocolError, match="^the receiver at review: a signature in more parts than its size needs"):
+        sender = Sender(
+            os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m"
+        )
+        with pytest.raises(
+            ProtocolError, match="^the receiver at review: a signature in more parts than its size needs"
+        ):
             sender.run(sender.handshake(), 0)
 
 
