@@ -26,14 +26,7 @@ from .guard import DeletionPolicy, SourceGuard
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE
 from .records import SyncResult
 from .renames import apply as apply_renames
-from .sourcesession import (
-    SourceSession,
-    changed_while_read,
-    entry_attrs,
-    open_source,
-    settled_source,
-    stat_attrs,
-)
+from .sourcesession import SourceSession, entry_attrs, stat_attrs
 from .statedir import resolve_state_dir
 from .treescan import replica_scan
 
@@ -68,6 +61,8 @@ class LocalSync:
 
 class LocalSession(SourceSession):
     """One local session: pairs in, operations carried out on the replica writer."""
+
+    passes_on = "copied"
 
     def __init__(self, sync: LocalSync):
         super().__init__(sync, delta_threshold=1 << 63)
@@ -131,7 +126,7 @@ class LocalSession(SourceSession):
         """Open the file now and ask the disk for its start; copy it once the files before it
         are copied and the window is full (``READ_AHEAD_*``)."""
         self.lock.check()
-        f = open_source(self.src_tree, path, entry, self.out.failed)
+        f = self.open_file(path, entry)
         if f is None:
             return
         asked = min(entry.size, READ_AHEAD_PER_FILE)
@@ -158,7 +153,7 @@ class LocalSession(SourceSession):
         with f:
             self.lock.check()
             fd = f.fileno()
-            before = settled_source(fd, path, self.out.failed, "copied")
+            before = self.settled(fd, path)
             if before is None:
                 return
             commit, reason = self.writer.new_file(path)
@@ -168,7 +163,7 @@ class LocalSession(SourceSession):
             whole = False  # until copied and found unchanged: else the copy is dropped
             try:
                 copied = _copy_range(fd, commit.file.fileno(), (self.lock, self.writer.lock))
-                whole = not changed_while_read(fd, before, copied, path, self.out.failed, "copied")
+                whole = not self.changed_while_read(fd, before, copied, path)
             except OSError as exc:
                 self.writer.fail(None, path, f"cannot copy: {failure_reason(exc)}")
             finally:

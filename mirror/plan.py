@@ -54,7 +54,6 @@ class Planner:
         self.delta_threshold = delta_threshold
         self._dir_entry = dir_entry
         self.other_changes = 0  # directories, symlinks, nodes, links, attributes planned
-        self.deletions = 0
         self._dirs: dict[bytes, Entry] = {}  # source directories seen in listings
         self._touched: dict[bytes, Entry] = {}  # directories whose times are set last
         self._leaders: dict[tuple[int, int], bytes] = {}
@@ -92,7 +91,6 @@ class Planner:
             if change.path.rpartition(b"/")[0] in self._gone:
                 return []  # goes with its directory, and is counted with it by the deletion guard
             self._deletes.append(Op(DELETE, change.path))
-            self.deletions += 1
             if not self.dry_run:
                 self._touch_parent(change.path)
             return []
@@ -137,18 +135,12 @@ class Planner:
 
     def links(self) -> list[Op]:
         """Second names of linked files: after every file's content is planned."""
-        links, self._links = self._links, []
-        return links
+        return self._links
 
     def closing(self) -> list[Op]:
         """Deletions, then the times of every directory changed, deepest first."""
-        ops, self._deletes = self._deletes, []
-        ops += [
-            Op(ATTRS, path, self._touched[path])
-            for path in sorted(self._touched, key=canonical_key, reverse=True)
-        ]
-        self._touched = {}
-        return ops
+        deepest_first = sorted(self._touched, key=canonical_key, reverse=True)
+        return self._deletes + [Op(ATTRS, path, self._touched[path]) for path in deepest_first]
 
     def _touch_parent(self, path: bytes) -> None:
         """A write in a directory moves its mtime on the replica: set it back last."""

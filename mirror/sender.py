@@ -18,10 +18,11 @@ import queue
 import stat
 import threading
 import time
+from typing import NamedTuple
 
 from . import fastpath
 from . import protocol as P
-from .compare import CompareOptions
+from .compare import CompareOptions, align
 from .entry import ScanProblem, canonical_key
 from .errors import (
     AuthError,
@@ -37,24 +38,17 @@ from .errors import (
     display_path,
 )
 from .guard import DeletionPolicy, SourceGuard
-from .lockfile import LockWatch
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op
-from .records import SenderOptions, SyncResult, TransferStats
-from .safefs import ConfinedTree
-from .sourcesession import (
-    SourceSession,
-    changed_while_read,
-    entry_attrs,
-    open_source,
-    settled_source,
-    stat_attrs,
-)
+from .records import SenderOptions, SyncResult
+from .sourcesession import SourceSession, entry_attrs, stat_attrs
 from .statedir import resolve_state_dir
 from .treescan import TreeScan
 
 log = logging.getLogger(__name__)
 
 MAX_SIGS_IN_FLIGHT = 64
+SIGNATURE_PART = 4 << 20  # a signature's bytes per frame, as the receiver sends them (mirror.receiver)
+PAIRS_AHEAD = 1024  # pairs the pairing thread holds ready: their source listings are in memory
 # What is buffered goes out at least this often while the trees are compared: the receiver
 # verifies and commits files while the scans go on, rather than all at the end.
 FLUSH_SECONDS = 0.005
@@ -68,7 +62,7 @@ _ENTRY_FRAMES = {
     ATTRS: lambda op: [P.ATTRS, op.path, int(op.entry.kind), entry_attrs(op.entry)],
     DELETE: lambda op: [P.DELETE, op.path],
 }
-__all__ = ["FileEncoder", "SendSession", "Sender", "SenderOptions", "TransferStats"]
+__all__ = ["FileEncoder", "SendSession", "Sender", "SenderOptions"]
 
 
 class _Reader(threading.Thread):
@@ -82,9 +76,10 @@ class _Reader(threading.Thread):
         )
         self.failed: list = []
         self.error: BaseException | None = None
-        self._sig_parts: list[bytes] = []
-        self._sig_size = 0
-        self.sig_limits: dict[int, int] = {}  # request -> largest signature its basis can have
+        self.ended = False  # the session's end is sent: its result may come
+        self._sig_parts: list[bytes] = []  # the signature coming in
+        # request -> (path, the largest signature its basis can have)
+        self.sig_requests: dict[int, tuple[bytes, int]] = {}
         # Each reply's checked fields (protocol.checked_reply) to where they go.
         self._handlers = {
             P.SUMMARY: lambda items: [self.summary.put(item) for item in items],
@@ -94,7 +89,7 @@ class _Reader(threading.Thread):
             P.SIG_FAILED: lambda req, reason: self._signature(req, None),
             P.FAILED: lambda _req, path, reason: self.failed.append((path, reason)),
             P.PONG: self.pongs.put,
-            P.RESULT: self.results.put,
+            P.RESULT: self._result,
         }
 
     def run(self) -> None:
@@ -103,29 +98,58 @@ class _Reader(threading.Thread):
             while kind != P.RESULT:
                 message = receive(self.t)
                 kind = message[0]
-                self._handlers[kind](*P.checked_reply(message))
+                try:
+                    fields = P.checked_reply(message)  # an unknown kind too, before its handler
+                    self._handlers[kind](*fields)
+                except ProtocolError as exc:
+                    raise ProtocolError(f"{self.t.peer}: {exc}") from None
         except BaseException as exc:
             self.error = exc
             for q in (self.summary, self.listings, self.signatures, self.pongs, self.results):
                 q.put(exc)
 
-    def _signature_part(self, req: int, part: bytes, last: bool) -> None:
-        limit = self.sig_limits.get(req)
-        if limit is None:
+    def _result(self, result: dict) -> None:
+        if not self.ended:  # the sender still waits for something else: it would wait forever
+            raise ProtocolError("a result before the session's end")
+        self.results.put(result)
+
+    def end(self, fields: dict) -> dict:
+        """Send the session's ``end``; the receiver's result."""
+        self.ended = True
+        self.t.send([P.END, fields])
+        return self.get(self.results)
+
+    def _asked(self, req: int, answered: bool = False) -> tuple[bytes, int]:
+        """``req``'s path and largest signature; ``answered``: no longer in flight."""
+        asked = self.sig_requests.pop(req, None) if answered else self.sig_requests.get(req)
+        if asked is None:
             raise ProtocolError("a signature nobody asked for (or answered twice)")
-        self._sig_size += len(part)
-        if self._sig_size > limit:
-            raise LimitExceeded(f"signature larger than its basis allows ({limit} bytes)")
+        return asked
+
+    def _signature_part(self, req: int, part: bytes, last: bool) -> None:
+        _path, limit = self._asked(req)
         self._sig_parts.append(part)
+        if sum(map(len, self._sig_parts)) > limit:
+            raise LimitExceeded(f"signature larger than its basis allows ({limit} bytes)")
+        # Each part is a frame held until the last: as many as the largest signature needs.
+        if len(self._sig_parts) > -(-limit // SIGNATURE_PART):
+            raise ProtocolError("a signature in more parts than its size needs")
         if last:
-            self._signature(req, b"".join(self._sig_parts))
-            self._sig_parts, self._sig_size = [], 0
+            sig_bytes, self._sig_parts = b"".join(self._sig_parts), []
+            self._signature(req, sig_bytes)
 
     def _signature(self, req: int, sig_bytes: bytes | None) -> None:
-        """The answer to ``req``: its signature (None: the receiver has no basis now)."""
-        if self.sig_limits.pop(req, None) is None:
-            raise ProtocolError("a signature nobody asked for (or answered twice)")
-        self.signatures.put((req, sig_bytes))
+        """The answer to ``req``, decoded: its signature (None: the receiver has no basis now)."""
+        path, _limit = self._asked(req, answered=True)
+        sig = None
+        if sig_bytes is not None:
+            from . import deltafmt  # msgpack: only a session with deltas loads it
+
+            try:
+                sig = deltafmt.signature_from_bytes(sig_bytes)
+            except MirrorError as exc:
+                raise ProtocolError(f"bad signature for {display_path(path)}: {exc}") from None
+        self.signatures.put((req, sig))
 
     def get(self, q: queue.Queue, block: bool = True):
         """The next item of ``q`` (None if ``block`` is false and there is none yet)."""
@@ -221,8 +245,7 @@ class Sender:
         except (LockedError, Cancelled):
             # Stopped by a lock: let the receiver commit what it verified, then end.
             with contextlib.suppress(MirrorError, OSError):
-                self.t.send([P.END, {}])
-                reader.get(reader.results)
+                reader.end({})
             raise
         except BaseException as exc:
             self.t.close()  # the session is lost: wake the reader now rather than in 5 s
@@ -237,9 +260,19 @@ class Sender:
             reader.join(timeout=5)
 
 
+class _SummaryItem(NamedTuple):
+    """A directory of the receiver's summary."""
+
+    path: bytes
+    fingerprint: bytes
+    flags: int
+
+
 class SendSession(SourceSession):
     """One session (``start`` ... ``end``) on a ``Sender``'s connection: scan, pair with the
     receiver's summary, compare, plan; the operations go to a ``FileEncoder``."""
+
+    passes_on = "sent"
 
     def __init__(self, conn: Sender, welcome: dict, scope):
         super().__init__(conn, delta_threshold=conn.o.delta_threshold)
@@ -271,13 +304,12 @@ class SendSession(SourceSession):
             self.plan_root(receive(self.t, P.READY)["root"], self.owner)
             with self.conn.reading() as reader:  # from the summary to the receiver's result
                 self.reader = reader
-                self.encoder = FileEncoder(self.t, self.src_tree, reader, self.lock, self.out.stats,
-                                           self.out.failed, self.conn.on_progress)  # fmt: skip
-                self.drive(self._pairs(self.scans[0]), self.compare, planned)
+                self.encoder = FileEncoder(self, reader)
+                with contextlib.closing(self._pairs(self.scans[0])) as pairs:
+                    self.drive(pairs, self.compare, planned)
                 # complete: nothing was left out on this side, so the receiver may record the
                 # session's journal sequence as applied (mirror.applied)
-                self.t.send([P.END, {"complete": not self.out.failed and not self.out.problems}])
-                result = reader.get(reader.results)
+                result = reader.end({"complete": not self.out.failed and not self.out.problems})
         finally:
             self.close()
         stats = self.out.stats
@@ -290,45 +322,20 @@ class SendSession(SourceSession):
 
     # -- pairing our listings with the receiver's ------------------------------------------
 
-    def _summary_items(self):
-        """``(canonical key, item)`` for the receiver's summary items, each directory once and
-        in canonical order (the pairing walks both sides in that order)."""
-        last = None
-        while True:
-            item = self.reader.get(self.reader.summary)
-            if isinstance(item, dict):  # the summary's end
-                for path, errno_, message in item["problems"]:
-                    self.out.problems.append(ScanProblem(path, errno_, "on the receiver: " + message))
-                return
-            key = canonical_key(item[0])
-            if last is not None and key <= last:
-                raise ProtocolError(f"bad summary: {display_path(item[0])} out of order or repeated")
-            last = key
-            yield key, item
-
     def _pairs(self, tree: TreeScan):
-        """``(src, dst)`` listing pairs in canonical order; dst fetched only where it differs."""
-        matched = self._match(tree)
-        for src, dst in matched if self.scoped else self._ahead(matched):
-            if isinstance(dst, bytes):  # the path of the receiver's listing on its way
-                self.t.flush()
-                dst = self._receive_listing(dst)
-            now = time.monotonic()
-            if now - self._last_flush >= FLUSH_SECONDS:
-                self._last_flush = now
-                self.t.flush()
-            yield src, dst
-
-    def _ahead(self, matched):
-        """``matched``, run by a helper thread that walks ahead: for a whole tree it matches
-        fingerprints and asks for listings, so the answers are usually here by the time the
-        comparison reaches them.  (A scoped session's few listings all come unasked.)"""
-        ahead: queue.Queue = queue.Queue(maxsize=1024)
+        """``(src, dst)`` listing pairs in canonical order, dst fetched only where it differs.
+        A thread pairs ahead (``_match``): it asks for listings, so the answers are usually
+        here by the time the comparison reaches them.  Closed, however the session ends,
+        the thread is gone before anything else is sent."""
+        ahead: queue.Queue = queue.Queue(maxsize=PAIRS_AHEAD)
+        stop = threading.Event()
 
         def walk():
             try:
-                for item in matched:
+                for item in self._match(tree):
                     ahead.put(item)
+                    if stop.is_set():
+                        return
                     if ahead.qsize() == 1:
                         self.t.flush()  # the consumer may be waiting on what is buffered
                 self.t.flush()
@@ -341,7 +348,7 @@ class SendSession(SourceSession):
         try:
             while True:
                 try:
-                    item = ahead.get(timeout=0.005)
+                    item = ahead.get(timeout=FLUSH_SECONDS)
                 except queue.Empty:
                     self.t.flush()  # whatever is buffered may be what the receiver waits for
                     item = ahead.get()
@@ -349,41 +356,59 @@ class SendSession(SourceSession):
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                src, dst = item
+                if isinstance(dst, bytes):  # the path of the receiver's listing on its way
+                    self.t.flush()
+                    dst = self._receive_listing(dst)
+                now = time.monotonic()
+                if now - self._last_flush >= FLUSH_SECONDS:
+                    self._last_flush = now
+                    self.t.flush()
+                yield src, dst
         finally:
+            # Stopped, the thread puts one more item at most: room is made for it, and a
+            # wait for the summary is woken.
+            stop.set()
+            self.reader.summary.put(Cancelled("the session ended"))
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    ahead.get_nowait()
             walker.join()
+
+    def _summary(self):
+        """The receiver's summary items, each directory once and in canonical order (the
+        pairing walks both sides in that order); its end's problems go to the session's."""
+        last = None
+        while True:
+            item = self.reader.get(self.reader.summary)
+            if isinstance(item, dict):  # the summary's end
+                for path, errno_, message in item["problems"]:
+                    self.out.problems.append(ScanProblem(path, errno_, "on the receiver: " + message))
+                return
+            key = canonical_key(item[0])
+            if last is not None and key <= last:
+                raise ProtocolError(f"bad summary: {display_path(item[0])} out of order or repeated")
+            last = key
+            yield _SummaryItem(*item)
 
     def _match(self, tree: TreeScan):
         """Our listings against the receiver's summary: ``(src, dst)`` where dst is a listing,
         None (absent there) or the path of the receiver's listing on its way (src None: it
         is taken and dropped, in order)."""
-        src_iter = ((canonical_key(listing.path), listing) for listing in tree)
-        summary = self._summary_items()
-        s_key, s = next(src_iter, (None, None))
-        d_key, d = next(summary, (None, None))
-        while s is not None or d is not None:
-            if d is None or (s is not None and s_key < d_key):
+        for s, d in align(tree, self._summary()):
+            if d is None:
                 yield s, None
-                s_key, s = next(src_iter, (None, None))
-            elif s is None or d_key < s_key:
-                if self.scoped:  # the receiver sends every listing unasked
-                    yield None, d[0]
-                d_key, d = next(summary, (None, None))
+            elif self.scoped:  # the receiver sends every listing unasked
+                yield s, d.path
+            elif s is None:
+                continue  # deleted with its parent, whose listing shows it
+            elif d.flags & P.INCOMPLETE:
+                yield s, self.kernel.Listing(d.path, complete=False)
+            elif d.fingerprint == s.fingerprint(self.flags) and not (d.flags & P.HAS_LINKS or s.has_links()):
+                yield s, s  # unchanged: compares equal to itself
             else:
-                path, fingerprint, flags = d
-                if self.scoped:
-                    yield s, path
-                elif flags & P.INCOMPLETE:
-                    yield s, self.kernel.Listing(path, complete=False)
-                elif fingerprint == s.fingerprint(self.flags) and not (flags & P.HAS_LINKS or s.has_links()):
-                    yield s, s  # unchanged: compares equal to itself
-                else:
-                    self.t.send([P.WANT, [path]], flush=False)
-                    yield s, path
-                s_key, s = next(src_iter, (None, None))
-                d_key, d = next(summary, (None, None))
-        for _ in summary:
-            pass
+                self.t.send([P.WANT, [d.path]], flush=False)
+                yield s, d.path
 
     def _receive_listing(self, path: bytes):
         """The receiver's listing of ``path``, the next one to arrive (in parts if large)."""
@@ -435,15 +460,12 @@ class FileEncoder:
     once, the next files sent meanwhile).  Counts what it sent in ``stats``; a file it
     could not send goes to ``failed`` (the session goes on)."""
 
-    def __init__(self, transport, src_tree: ConfinedTree, reader: _Reader, lock: LockWatch, stats: TransferStats,
-                 failed: list, on_progress=None):  # fmt: skip
-        self.t = transport
-        self.src_tree = src_tree
+    def __init__(self, session: SendSession, reader: _Reader):
+        self.session = session  # the source file read by its rule
+        self.t, self.lock = session.t, session.lock
+        self.stats, self.failed = session.out.stats, session.out.failed
+        self.on_progress = session.conn.on_progress
         self.reader = reader
-        self.lock = lock
-        self.stats = stats
-        self.failed = failed
-        self.on_progress = on_progress
         self.delta = fastpath.choose("delta")
         self._req = 0
         self._deferred: dict[int, Op] = {}
@@ -463,7 +485,7 @@ class FileEncoder:
         self._req += 1
         self._deferred[self._req] = op
         # The receiver's default blocks are at least 512 bytes, 4 + 16 bytes each at most.
-        self.reader.sig_limits[self._req] = 4096 + (op.basis.size // 512 + 2) * 24
+        self.reader.sig_requests[self._req] = (op.path, 4096 + (op.basis.size // 512 + 2) * 24)
         self.t.send([P.SIG, [[self._req, op.path]]])  # asked at once: the next files go meanwhile
         if len(self._deferred) >= MAX_SIGS_IN_FLIGHT:
             self.serve_signatures(block=True, until=MAX_SIGS_IN_FLIGHT // 2)
@@ -476,28 +498,19 @@ class FileEncoder:
             item = self.reader.get(self.reader.signatures, block)
             if item is None:
                 return
-            req, sig_bytes = item  # sig_bytes None: the receiver has no basis now (sent whole)
-            op = self._deferred.pop(req)
-            sig = None
-            if sig_bytes is not None:
-                try:
-                    from . import deltafmt  # msgpack: only a session with deltas loads it
-
-                    sig = deltafmt.signature_from_bytes(sig_bytes)
-                except MirrorError as exc:
-                    raise ProtocolError(f"bad signature for {display_path(op.path)}: {exc}") from None
-            self.stream_file(op, sig)
+            req, sig = item  # sig None: the receiver has no basis now (sent whole)
+            self.stream_file(self._deferred.pop(req), sig)
 
     def stream_file(self, op: Op, sig) -> None:
         """Send one file, whole (``sig`` None) or as a delta; abandon it if it changes under us."""
         self.lock.check()
         path = op.path
-        f = open_source(self.src_tree, path, op.entry, self.failed)
+        f = self.session.open_file(path, op.entry)
         if f is None:
             return
         with f:
             fd = f.fileno()
-            before = settled_source(fd, path, self.failed, "sent")
+            before = self.session.settled(fd, path)
             if before is None:
                 return
             self._req += 1
@@ -516,7 +529,7 @@ class FileEncoder:
                         self.t.send([P.COPY, req, op_[1], op_[2]], flush=False)
                         stats.matched_bytes += min(op_[2] * block, sig.basis_size - op_[1] * block)
                     self.lock.check(force=False)
-                changed = changed_while_read(fd, before, ops.new_size, path, self.failed, "sent")
+                changed = self.session.changed_while_read(fd, before, ops.new_size, path)
             except (LockedError, Cancelled, OSError) as exc:
                 self.t.send([P.FILE_ABORT, req, "read error" if isinstance(exc, OSError) else "stopped"])
                 if not isinstance(exc, OSError):

@@ -3,9 +3,9 @@
 
 ``SourceSession`` asks the source guard first (a deleting session from a root that is not
 the tree it was, an unmounted mount point, is refused before anything is compared), then
-drives the planner in its order (``docs/ARCHITECTURE.md``).  ``open_source`` and
-``changed_while_read`` are the one rule for reading a source file: the very file the scan
-saw, never passed on as whole if it changed meanwhile.
+drives the planner in its order (``docs/ARCHITECTURE.md``).  ``open_file``, ``settled``
+and ``changed_while_read`` are the one rule for reading a source file: the very file the
+scan saw, never passed on as whole if it changed meanwhile.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ CHANGED = "changed while it was being {}; sync again to pick it up"
 
 class SourceSession:
     """The source side of one session.  A subclass carries the operations out (``do``, and
-    ``content_done`` once all new content is planned)."""
+    ``content_done`` once all new content is planned); ``passes_on``: what it does with a
+    file's content, for the reason a changed one is not passed on ("sent", "copied")."""
+
+    passes_on = ""
 
     def __init__(self, conn, *, delta_threshold: int):
         self.conn = conn  # a Sender or a LocalSync: root, o, source_guard, on_change, on_progress
@@ -141,6 +144,34 @@ class SourceSession:
     def content_done(self) -> None:
         """All new content handed to ``do``: carry it out before links and deletions."""
 
+    def open_file(self, path: bytes, entry: Entry):
+        """The file the scan saw at ``path``, open for reading; None if it cannot be (the
+        reason goes to the failures).  One component at a time, never through a symlink,
+        never opening a FIFO or a device, and only the very file the scan saw (a swap since
+        then is refused)."""
+        try:
+            return self.src_tree.open_regular(path, expect=(entry.dev, entry.ino) if entry.ino else None)
+        except (OSError, UnsafePathError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            self.out.failed.append((path, f"cannot open on the sender: {reason}"))
+            return None
+
+    def settled(self, fd: int, path: bytes) -> os.stat_result | None:
+        """The open source file's stat before it is read; None if it keeps changing."""
+        before = settled_stat(fd)
+        if before is None:
+            self.out.failed.append((path, CHANGED.format(self.passes_on)))
+        return before
+
+    def changed_while_read(self, fd: int, before: os.stat_result, length: int, path: bytes) -> bool:
+        """Whether the file changed while read (then the reason goes to the failures): by
+        its times, or (within one timestamp tick, where the times cannot tell) by reading
+        another length than it had, e.g. truncated and rewritten."""
+        if _identity(os.fstat(fd)) == _identity(before) and length == before.st_size:
+            return False
+        self.out.failed.append((path, CHANGED.format(self.passes_on)))
+        return True
+
     def finish(self, replica_result: dict, failed) -> SyncResult:
         """The outcome, with the replica's report and the files it could not take."""
         self.out.receiver = replica_result
@@ -148,37 +179,6 @@ class SourceSession:
         self.out.stats.deleted = replica_result.get("deleted", 0)
         self.out.stats.seconds = time.perf_counter() - self.started
         return self.out
-
-
-def open_source(tree: ConfinedTree, path: bytes, entry: Entry, failed: list):
-    """The file the scan saw at ``path``, open for reading; None if it cannot be (the reason
-    goes to ``failed``).  One component at a time, never through a symlink, never opening
-    a FIFO or a device, and only the very file the scan saw (a swap since then is refused)."""
-    try:
-        return tree.open_regular(path, expect=(entry.dev, entry.ino) if entry.ino else None)
-    except (OSError, UnsafePathError) as exc:
-        failed.append((path, f"cannot open on the sender: {getattr(exc, 'strerror', None) or exc}"))
-        return None
-
-
-def settled_source(fd: int, path: bytes, failed: list, verb: str) -> os.stat_result | None:
-    """The open source file's stat before it is read; None if it keeps changing."""
-    before = settled_stat(fd)
-    if before is None:
-        failed.append((path, CHANGED.format(verb)))
-    return before
-
-
-def changed_while_read(
-    fd: int, before: os.stat_result, length: int, path: bytes, failed: list, verb: str
-) -> bool:
-    """Whether the file changed while read (then the reason goes to ``failed``): by its
-    times, or (within one timestamp tick, where the times cannot tell) by reading another
-    length than it had, e.g. truncated and rewritten."""
-    if _identity(os.fstat(fd)) == _identity(before) and length == before.st_size:
-        return False
-    failed.append((path, CHANGED.format(verb)))
-    return True
 
 
 def _identity(st: os.stat_result) -> tuple:

@@ -4,6 +4,7 @@ that stops never hangs a sync, and its mirroring lock stops every change within 
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from mirror import protocol as P
 from mirror.errors import LockedError, MirrorError, ProtocolError
-from mirror.lockfile import acquire
+from mirror.lockfile import acquire, release
 from mirror.receiver import ReceiverSession
 from mirror.sender import Sender, SenderOptions
 from tests.helpers import REPO
@@ -91,7 +92,7 @@ def test_receiver_error_while_signatures_are_in_flight_is_reported_as_itself(tmp
 _LOCAL_SYNC_WITH_LOCK = """
 import os, sys
 from mirror.errors import LockedError
-from mirror.lockfile import acquire
+from mirror.lockfile import acquire, release
 from mirror.transfer import sync
 src, dst, lock, which = sys.argv[1:5]
 def take_lock(change):  # reported before the change is carried out
@@ -194,6 +195,7 @@ _BAD_REPLIES = {
     "sig_failed, short": [P.SIG_FAILED, 1],
     "pong, long": [P.PONG, 1, 2],
     "result, not a map": [P.RESULT, "all done"],
+    "a kind no receiver sends": ["bogus", 1],
 }
 
 
@@ -211,7 +213,7 @@ def test_a_malformed_reply_from_the_receiver_is_a_protocol_error_not_a_crash(tmp
     src, dst = changed_pair(tmp_path)
     with socket_pair_receiver(_BadReply, dst) as transport:
         sender = Sender(os.fsencode(src), transport, SenderOptions(fsync=False), module="m")
-        with pytest.raises(ProtocolError, match="bad |malformed"):
+        with pytest.raises(ProtocolError, match="bad |malformed|unexpected message 'bogus'"):
             sender.run(sender.handshake(), 0)
 
 
@@ -370,3 +372,113 @@ def test_a_signature_answered_twice_or_never_asked_is_a_protocol_error_not_a_cra
         )
         with pytest.raises(ProtocolError, match="nobody asked for"):
             sender.run(sender.handshake(), 0)
+
+
+# -- a session that ends early never hangs, and what it ends with names the receiver ----------
+
+
+def _run_in_thread(target, what: str) -> list:
+    """``target()``'s outcome (its value or exception), run in a thread; fails if it hangs."""
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(target())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="review-sender", daemon=True)
+    thread.start()
+    thread.join(timeout=60)  # a hang detector, not a speed bound
+    assert not thread.is_alive(), f"the sync hung: {what}"
+    return outcome
+
+
+def test_a_signature_in_more_parts_than_its_size_needs_ends_the_session(tmp_path, monkeypatch):
+    # A hostile receiver splits the basis's real signature into one-byte parts: each part
+    # costs the sender a frame's worth of memory, so parts are bounded by what the largest
+    # signature the basis allows needs (one part here), not only their bytes.
+    from mirror import receiver as receiver_mod
+
+    monkeypatch.setattr(receiver_mod, "SIGNATURE_PART", 1)
+    src, dst = changed_pair(tmp_path)
+    with socket_pair_receiver(ReceiverSession, dst) as transport:
+        transport.peer = "the receiver at review"  # as mirror.transfer names it
+        sender = Sender(
+            os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m"
+        )
+        with pytest.raises(
+            ProtocolError, match="^the receiver at review: a signature in more parts than its size needs"
+        ):
+            sender.run(sender.handshake(), 0)
+
+
+class _ResultFirst(ReceiverSession):
+    """Sends its ``result`` where the summary should be, then waits for the sender."""
+
+    def _send_summary(self, tree_scan):
+        self.t.send([P.RESULT, {}])
+
+
+def test_a_result_before_the_sessions_end_is_a_protocol_error_not_a_hang(tmp_path):
+    src, dst = changed_pair(tmp_path)
+
+    def sync():
+        with socket_pair_receiver(_ResultFirst, dst) as transport:
+            transport.peer = "the receiver at review"
+            sender = Sender(os.fsencode(src), transport, SenderOptions(fsync=False), module="m")
+            sender.run(sender.handshake(), 0)
+
+    (outcome,) = _run_in_thread(sync, "a result came before the end")
+    assert isinstance(outcome, ProtocolError), outcome
+    assert str(outcome) == "the receiver at review: a result before the session's end"
+
+
+def _handing_over(thread_name: str) -> bool:
+    """Whether the thread ``thread_name`` waits to put an item in a full queue."""
+    for thread in threading.enumerate():
+        frame = sys._current_frames().get(thread.ident) if thread.name == thread_name else None
+        while frame is not None:
+            if frame.f_code.co_name == "put" and frame.f_code.co_filename.endswith("queue.py"):
+                return True
+            frame = frame.f_back
+    return False
+
+
+def test_a_session_stopped_by_the_lock_while_pairing_ahead_ends_and_the_next_one_works(tmp_path):
+    # The lock stops the session at its first file, while the pairing thread has more than
+    # its queue holds (1,024 pairs) still to hand over: it must stop too, and send nothing
+    # into the next session.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "a").write_bytes(b"first in the root's listing")
+    for i in range(1100):
+        (src / f"d{i:04d}").mkdir()
+    lock = os.fsencode(tmp_path / "mirror.lock")
+
+    def take_lock(change):  # once the pairing thread waits for room in its queue
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _handing_over("sender-pairs"):
+            time.sleep(0.005)
+        if not os.path.exists(lock):
+            acquire(lock, reason="takeover")
+
+    def two_sessions():
+        with socket_pair_receiver(ReceiverSession, dst) as transport:
+            options = SenderOptions(fsync=False, lock_file=lock)
+            sender = Sender(os.fsencode(src), transport, options, module="m", on_change=take_lock)
+            welcome = sender.handshake()
+            with pytest.raises(LockedError):
+                sender.run(welcome, 0)
+            gc.collect()  # the stopped session's pairing, if anything still held it
+            pairing = [t for t in threading.enumerate() if t.name == "sender-pairs"]
+            assert not pairing, "the pairing thread outlived its session"
+            release(lock)
+            sender.on_change = None
+            return sender.run(welcome, 0)
+
+    (result,) = _run_in_thread(two_sessions, "stopped by the lock while pairing ahead")
+    assert not isinstance(result, BaseException), result
+    assert result.ok, result.failed
+    assert sorted(os.listdir(dst)) == sorted(os.listdir(src))  # each has its .mirror
