@@ -24,6 +24,7 @@ from .errors import Cancelled, LockedError, MirrorError, failure_reason
 from .exclude import make_excluder
 from .guard import DeletionPolicy, SourceGuard
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE
+from .ratelimit import RateLimiter
 from .records import SyncResult
 from .renames import apply as apply_renames
 from .sourcesession import SourceSession, entry_attrs, stat_attrs
@@ -45,7 +46,7 @@ class LocalSync:
     connection's state (guards, first-session clean-up) lives here; each ``session()``
     plans and writes one pass (a ``LocalSession``)."""
 
-    def __init__(self, src: bytes, module, options, *, scans=None, on_change=None, on_progress=None):
+    def __init__(self, src: bytes, module, options, *, scans=None, on_change=None, on_progress=None, bwlimit=None):
         self.root = src
         self.module = module
         self.o = options
@@ -54,6 +55,7 @@ class LocalSync:
         self.on_progress = on_progress
         self.source_guard = SourceGuard(src, resolve_state_dir(src, options.state_dir))
         self.replica = ReplicaAdmission(module, "local")
+        self.limiter = RateLimiter(bwlimit) if bwlimit else None  # --bwlimit: bytes per second copied
 
     def session(self, epoch: int, scope=None, renames=()) -> SyncResult:
         return LocalSession(self).run(epoch, scope, renames)
@@ -162,7 +164,7 @@ class LocalSession(SourceSession):
                 return
             whole = False  # until copied and found unchanged: else the copy is dropped
             try:
-                copied = _copy_range(fd, commit.file.fileno(), (self.lock, self.writer.lock))
+                copied = _copy_range(fd, commit.file.fileno(), (self.lock, self.writer.lock), self.conn.limiter)
                 whole = not self.changed_while_read(fd, before, copied, path)
             except OSError as exc:
                 self.writer.fail(None, path, f"cannot copy: {failure_reason(exc)}")
@@ -180,15 +182,16 @@ class LocalSession(SourceSession):
             self.conn.on_progress(copied)
 
 
-def _copy_range(src_fd: int, dst_fd: int, locks: tuple[LockWatch, ...]) -> int:
+def _copy_range(src_fd: int, dst_fd: int, locks: tuple[LockWatch, ...], limiter: RateLimiter | None) -> int:
     """Copy ``src_fd`` from its start to ``dst_fd`` in the kernel; the number of bytes.
     ``copy_file_range`` where the file systems allow it, else ``sendfile`` (e.g. across
-    two kinds of file system)."""
+    two kinds of file system).  Under a ``limiter``, in chunks of at most its burst."""
     copied = 0
     copy = os.copy_file_range
+    chunk = COPY_CHUNK if limiter is None else min(COPY_CHUNK, max(4096, int(limiter.rate * limiter.BURST)))
     while True:
         try:
-            n = copy(src_fd, dst_fd, COPY_CHUNK)
+            n = copy(src_fd, dst_fd, chunk)
         except OSError as exc:
             if copy is _sendfile or exc.errno not in _NO_COPY_RANGE or copied:
                 raise
@@ -197,6 +200,8 @@ def _copy_range(src_fd: int, dst_fd: int, locks: tuple[LockWatch, ...]) -> int:
         if n == 0:
             return copied
         copied += n
+        if limiter is not None:
+            limiter.take(n)
         for lock in locks:
             lock.check(force=False)
 

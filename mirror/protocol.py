@@ -23,6 +23,7 @@ from typing import BinaryIO
 from . import constants as K
 from .applied import MAX_TOKEN  # the journal token a replica records
 from .errors import AuthError, ConnectionLost, LimitExceeded, PeerTimeout, ProtocolError
+from .ratelimit import RateLimiter
 
 PROTOCOL_VERSION = 4
 SOFTWARE = "hamirror/0.1"
@@ -31,6 +32,7 @@ MAX_FRAME = 8 << 20  # a listing part, a signature or a literal chunk fits well 
 # 4 KiB subpath fits; an anonymous connection costs a few KiB, not a frame's 8 MiB.
 PREAUTH_MAX_FRAME = 8 << 10
 MAX_CHUNK = 256 << 10  # literal data per "data" message
+SIGNATURE_PART = 4 << 20  # a signature's bytes per "signature" message (a big one spans several)
 NONCE_SIZE = 32
 # Summary flags per directory
 HAS_LINKS = 1  # holds a multiply-linked file: its listing is always exchanged
@@ -189,26 +191,6 @@ class StreamTransport:
             self._on_close()
         with contextlib.suppress(OSError, ValueError):
             self.rfile.close()
-
-
-class RateLimiter:
-    """``--bwlimit`` (bytes per second): a token bucket with a quarter second of burst, held as
-    the time its debt is paid (``free_at``): a frame waits until it is paid for."""
-
-    BURST = 0.25  # seconds
-
-    def __init__(self, rate: int):
-        self.rate = rate
-        self.free_at = 0.0  # long past: the bucket starts full
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> None:
-        with self._lock:
-            now = time.monotonic()
-            self.free_at = max(self.free_at, now - self.BURST) + n / self.rate
-            wait = self.free_at - now
-        if wait > 0:
-            time.sleep(wait)
 
 
 def _proof(secret: bytes, role: bytes, first: bytes, second: bytes, module: str) -> bytes:

@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 SUMMARY_BATCH = 256  # directories per summary message
 LISTING_PART = 32768  # entries per listing message (a larger directory is sent in parts)
-SIGNATURE_PART = 4 << 20
 # A file's frames, between its 'file' and its end (the sender's pairing thread may also
 # send its requests for listings meanwhile).
 _CONTENT = frozenset({P.DATA, P.COPY, P.FILE_END, P.FILE_ABORT})
@@ -218,6 +217,8 @@ class Receiver:
 class ReceiverSession:
     """One session (``start`` ... ``end``) on a connection (see the module docstring)."""
 
+    signature_part = P.SIGNATURE_PART
+
     def __init__(self, receiver: Receiver, tree: ConfinedTree, opts: dict, policy, epoch: int):
         self.t = receiver.t
         self.peer = receiver.peer
@@ -386,9 +387,9 @@ class ReceiverSession:
 
             data = deltafmt.signature_to_bytes(sig)
             # A big file's signature spans several frames; the sender joins them in order.
-            for start in range(0, max(len(data), 1), SIGNATURE_PART):
-                last = start + SIGNATURE_PART >= len(data)
-                self.t.send([P.SIGNATURE, req, data[start : start + SIGNATURE_PART], last], flush=False)
+            part = self.signature_part
+            for start in range(0, max(len(data), 1), part):
+                self.t.send([P.SIGNATURE, req, data[start : start + part], start + part >= len(data)], flush=False)
         self.t.flush()
 
     # -- file content: verified here, written by the writer ---------------------------------

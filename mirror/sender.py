@@ -47,7 +47,6 @@ from .treescan import TreeScan
 log = logging.getLogger(__name__)
 
 MAX_SIGS_IN_FLIGHT = 64
-SIGNATURE_PART = 4 << 20  # a signature's bytes per frame, as the receiver sends them (mirror.receiver)
 PAIRS_AHEAD = 1024  # pairs the pairing thread holds ready: their source listings are in memory
 # What is buffered goes out at least this often while the trees are compared: the receiver
 # verifies and commits files while the scans go on, rather than all at the end.
@@ -132,7 +131,7 @@ class _Reader(threading.Thread):
         if sum(map(len, self._sig_parts)) > limit:
             raise LimitExceeded(f"signature larger than its basis allows ({limit} bytes)")
         # Each part is a frame held until the last: as many as the largest signature needs.
-        if len(self._sig_parts) > -(-limit // SIGNATURE_PART):
+        if len(self._sig_parts) > -(-limit // P.SIGNATURE_PART):
             raise ProtocolError("a signature in more parts than its size needs")
         if last:
             sig_bytes, self._sig_parts = b"".join(self._sig_parts), []

@@ -172,7 +172,8 @@ class Connection:
                 # themselves): devices, special files, set-id bits and owners are all kept.
                 module = ModuleConfig(name="", path=self.dest.path, privileges=Privileges.everything(),
                                       lock_file=self._dst_lock_file)  # fmt: skip
-                self.local = LocalSync(self.src, module, self.options, scans=scans, **self._callbacks)
+                self.local = LocalSync(self.src, module, self.options, scans=scans, bwlimit=self._connect_args[0],
+                                       **self._callbacks)  # fmt: skip
             else:
                 from .sender import Sender
 

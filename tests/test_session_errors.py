@@ -398,9 +398,7 @@ def test_a_signature_in_more_parts_than_its_size_needs_ends_the_session(tmp_path
     # A hostile receiver splits the basis's real signature into one-byte parts: each part
     # costs the sender a frame's worth of memory, so parts are bounded by what the largest
     # signature the basis allows needs (one part here), not only their bytes.
-    from mirror import receiver as receiver_mod
-
-    monkeypatch.setattr(receiver_mod, "SIGNATURE_PART", 1)
+    monkeypatch.setattr(ReceiverSession, "signature_part", 1)
     src, dst = changed_pair(tmp_path)
     with socket_pair_receiver(ReceiverSession, dst) as transport:
         transport.peer = "the receiver at review"  # as mirror.transfer names it

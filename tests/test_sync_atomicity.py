@@ -67,6 +67,8 @@ def test_killed_sender_leaves_no_torn_file_and_next_sync_completes(tmp_path):
             # Kill it at a random moment once it has begun writing.
             wait_until(lambda: os.path.isdir(dst / ".mirror" / "tmp") and os.listdir(dst / ".mirror" / "tmp"))
             time.sleep(rng.uniform(0, 1.5))
+            # --bwlimit makes the copy last seconds: the kill lands in the middle of it.
+            assert proc.poll() is None, "the sync ended before it could be killed"
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             assert not reader.torn, reader.torn
