@@ -76,7 +76,8 @@ class _Reader(threading.Thread):
         self.failed: list = []
         self.error: BaseException | None = None
         self.ended = False  # the session's end is sent: its result may come
-        self._sig_parts: list[bytes] = []  # the signature coming in
+        self._sig_parts: list[bytes] = []  # the signature coming in, and its request
+        self._sig_req = 0
         # request -> (path, the largest signature its basis can have)
         self.sig_requests: dict[int, tuple[bytes, int]] = {}
         # Each reply's checked fields (protocol.checked_reply) to where they go.
@@ -127,6 +128,9 @@ class _Reader(threading.Thread):
 
     def _signature_part(self, req: int, part: bytes, last: bool) -> None:
         _path, limit = self._asked(req)
+        if self._sig_parts and req != self._sig_req:  # one file's parts would pass for another's
+            raise ProtocolError("a signature's parts interleaved with another's")
+        self._sig_req = req
         self._sig_parts.append(part)
         if sum(map(len, self._sig_parts)) > limit:
             raise LimitExceeded(f"signature larger than its basis allows ({limit} bytes)")

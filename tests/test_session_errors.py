@@ -411,6 +411,39 @@ def test_a_signature_in_more_parts_than_its_size_needs_ends_the_session(tmp_path
             sender.run(sender.handshake(), 0)
 
 
+class _InterleavingSession(ReceiverSession):
+    """Starts the first file's signature, then finishes it under the second file's request."""
+
+    started = None
+
+    def _on_sig(self, requests):
+        from mirror import deltafmt, fastpath
+
+        for req, path in requests:
+            with self.tree.open_regular(path) as basis:
+                data = deltafmt.signature_to_bytes(fastpath.choose("delta").signature(basis))
+            if self.started is None:
+                self.started = data
+                self.t.send([P.SIGNATURE, req, data[: len(data) // 2], False])
+            else:
+                self.t.send([P.SIGNATURE, req, self.started[len(self.started) // 2 :], True])
+
+
+def test_a_signatures_parts_interleaved_with_anothers_end_the_session(tmp_path, monkeypatch):
+    # Joined, they would make a whole signature of the first file pass for the second's, and
+    # the first request would wait for an answer forever.
+    monkeypatch.setattr(P, "SIGNATURE_PART", 64)  # small parts: two of them within the count allowed
+    src, dst = changed_pair(tmp_path)
+    (dst / "b").write_bytes(b"p" * 1000)
+    (src / "b").write_bytes(b"q" * 1000)
+    with socket_pair_receiver(_InterleavingSession, dst) as transport:
+        transport.peer = "the receiver at review"
+        sender = Sender(os.fsencode(src), transport, SenderOptions(delta_threshold=1, fsync=False), module="m")
+        outcome = _run_in_thread(lambda: sender.run(sender.handshake(), 0), "interleaved signature parts")
+    assert isinstance(outcome[0], ProtocolError), outcome
+    assert str(outcome[0]).startswith("the receiver at review: a signature's parts interleaved"), outcome
+
+
 class _ResultFirst(ReceiverSession):
     """Sends its ``result`` where the summary should be, then waits for the sender."""
 
