@@ -125,6 +125,7 @@ class Connection:
         )  # fmt: skip
         self.epoch = epoch
         self._dst_lock_file = fs_path(dst_lock_file) if dst_lock_file else None
+        self._bwlimit = bwlimit
         self._connect_args = (bwlimit, rsh, remote_command, tuple(remote_options), timeout, contimeout or None)
         self._callbacks = {"on_change": on_change, "on_progress": on_progress}
         self.sender = None  # a receiver's, over the protocol
@@ -172,7 +173,7 @@ class Connection:
                 # themselves): devices, special files, set-id bits and owners are all kept.
                 module = ModuleConfig(name="", path=self.dest.path, privileges=Privileges.everything(),
                                       lock_file=self._dst_lock_file)  # fmt: skip
-                self.local = LocalSync(self.src, module, self.options, scans=scans, bwlimit=self._connect_args[0],
+                self.local = LocalSync(self.src, module, self.options, scans=scans, bwlimit=self._bwlimit,
                                        **self._callbacks)  # fmt: skip
             else:
                 from .sender import Sender
