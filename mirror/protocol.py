@@ -345,7 +345,7 @@ _SESSION_FRAMES = {
 _START_OPTIONS = {
     "epoch": (0, _int("epoch")),
     "flags": (0, _int("flags", 0, 15)),
-    **dict.fromkeys(("dry_run", "delete", "owner", "no_fsync"), (False, bool)),
+    **{name: (False, _flag(name)) for name in ("dry_run", "delete", "owner", "no_fsync")},
     "keepalive": (None, _int("keepalive", 0.05, 3600, (int, float))),
     "excludes": ([], _list("excludes", _bytes("exclude pattern", MAX_PATTERN), MAX_EXCLUDES)),
     "seq": (0, _int("seq")),

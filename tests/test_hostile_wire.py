@@ -159,6 +159,17 @@ def test_a_session_that_does_not_open_with_a_start_map_is_refused(server, start)
     assert sorted(os.listdir(server.replica)) in ([".mirror", "keep"], ["keep"])
 
 
+@pytest.mark.parametrize("opts", [{"delete": "false"}, {"delete": 1}, {"dry_run": "no"}, {"owner": []}])
+def test_a_start_whose_switch_is_not_true_or_false_is_refused(server, opts):
+    # "false" as a string is truthy: read leniently, it would turn deletions on.
+    s = WireSession(server.port)
+    reply = s.start(**opts)
+    s.close()
+    assert reply[0] == P.ERROR and reply[1] == "ProtocolError", reply
+    assert "true or false" in reply[3], reply
+    assert (server.replica / "keep").read_text() == "replica data"
+
+
 def test_a_rename_over_the_wire_needs_the_right_content(server):
     data = b"replica data"
     mtime = os.stat(server.replica / "keep").st_mtime_ns
