@@ -18,6 +18,7 @@ BLOCK = 7
 
 MAX_NAME = 255  # NAME_MAX on Linux
 MAX_TARGET = 4095  # PATH_MAX - 1: the longest symlink target the kernel stores
+MAX_ENTRIES_PER_DIR = 4_000_000  # the most a directory read from a manifest or a peer may hold
 DIGEST_SIZE = 16  # xxh3-128
 
 # Packed listing records (``Listing.pack``): 80 bytes each; bit 0 of ``flags`` says the

@@ -30,6 +30,7 @@ from typing import BinaryIO
 import msgpack
 import xxhash
 
+from . import constants as K
 from . import fastpath
 from .atomicfile import AtomicFile
 from .entry import canonical_key
@@ -39,7 +40,7 @@ MAGIC = b"HAMIRMAN"
 VERSION = 1
 
 # Limits checked before anything read is kept (the file may be hostile or damaged).
-MAX_ENTRIES_PER_DIR = 4_000_000
+MAX_ENTRIES_PER_DIR = K.MAX_ENTRIES_PER_DIR
 MAX_STRINGS = MAX_ENTRIES_PER_DIR * 300
 MAX_PATH = 64 * 1024
 

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import NamedTuple
 
+from . import constants as K
 from . import fastpath
 from . import protocol as P
 from .compare import CompareOptions, align
@@ -415,8 +416,7 @@ class SendSession(SourceSession):
 
     def _receive_listing(self, path: bytes):
         """The receiver's listing of ``path``, the next one to arrive (in parts if large)."""
-        parts = []
-        last = False
+        parts, count, last = [], 0, False
         while not last:
             got_path, strings, records, digests, complete, last = self.reader.get(self.reader.listings)
             if got_path != path:
@@ -425,6 +425,10 @@ class SendSession(SourceSession):
                 parts.append(self.kernel.Listing.unpack(path, strings, records, digests, 1 << 20))
             except ValueError as exc:
                 raise ProtocolError(f"bad listing for {display_path(path)}: {exc}") from None
+            count += len(parts[-1])
+            if count > K.MAX_ENTRIES_PER_DIR:  # parts without end would hold the sender's memory
+                raise LimitExceeded(f"{self.t.peer}: listing of {display_path(path or b'.')} over "
+                                    f"{K.MAX_ENTRIES_PER_DIR} entries")  # fmt: skip
         if not complete:
             return self.kernel.Listing(path, complete=False)
         if len(parts) == 1:

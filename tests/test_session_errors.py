@@ -15,7 +15,7 @@ import tracemalloc
 import pytest
 
 from mirror import protocol as P
-from mirror.errors import LockedError, MirrorError, ProtocolError
+from mirror.errors import LimitExceeded, LockedError, MirrorError, ProtocolError
 from mirror.lockfile import acquire, release
 from mirror.receiver import ReceiverSession
 from mirror.sender import Sender, SenderOptions
@@ -513,3 +513,29 @@ def test_a_session_stopped_by_the_lock_while_pairing_ahead_ends_and_the_next_one
     assert not isinstance(result, BaseException), result
     assert result.ok, result.failed
     assert sorted(os.listdir(dst)) == sorted(os.listdir(src))  # each has its .mirror
+
+
+class _EndlessListing(ReceiverSession):
+    """Answers a ``want`` with the directory's listing in parts that never end."""
+
+    def _send_listings(self, paths):
+        listing = self.listings[paths[0]]
+        for _ in range(10_000):  # far more than the sender may hold, short of forever
+            self.t.send([P.LISTING, paths[0], *listing.pack(), True, False])
+
+
+def test_a_listing_in_parts_without_end_is_cut_off_at_the_directory_limit(tmp_path, monkeypatch):
+    # Each part is a frame the sender keeps until the last: a receiver that never sends the
+    # last would hold the sender's memory without bound.
+    from mirror import constants
+
+    monkeypatch.setattr(constants, "MAX_ENTRIES_PER_DIR", 100)
+    src, dst = changed_pair(tmp_path)
+    for i in range(20):
+        (dst / f"old{i:02d}").write_bytes(b"x")
+    with socket_pair_receiver(_EndlessListing, dst) as transport:
+        transport.peer = "the receiver at review"
+        sender = Sender(os.fsencode(src), transport, SenderOptions(fsync=False), module="m")
+        outcome = _run_in_thread(lambda: sender.run(sender.handshake(), 0), "a listing without end")
+    assert isinstance(outcome[0], LimitExceeded), outcome
+    assert str(outcome[0]) == "the receiver at review: listing of . over 100 entries", outcome
