@@ -1,4 +1,5 @@
-"""The benchmark harness's arithmetic and S4f's trees (benchmarks/harness.py, bench_sync.py).
+"""The benchmark harness's arithmetic and S4f's trees (benchmarks/harness.py, bench_sync.py,
+side_by_side.py).
 
 Nothing here is timed for speed: these check that the figures in benchmarks/RESULTS.md are
 computed as their tables say, and that S4f's small trees hold what S4 changes, and only that.
@@ -65,3 +66,15 @@ def test_s4_fixed_trees_hold_only_what_s4_changes(tmp_path):
     assert files(os.path.join(base, "B4f")) == ["d/e/new.txt", "d/edited.txt"]
     with open(os.path.join(base, "B4f", "d/edited.txt"), "rb") as f:
         assert f.read() == b"new content"
+
+
+def test_side_by_side_resets_before_every_command_and_pairs_against_the_last(tmp_path, capsys):
+    from benchmarks.side_by_side import main
+
+    log = tmp_path / "log"
+    a, b = (f"sh -c 'echo {name} >> {log}'" for name in "ab")
+    main(["--runs", "2", "--reset", f"echo reset >> {log}", a, b])
+    assert log.read_text().split() == ["reset", "a", "reset", "b"] * 3  # a warm-up round, then two
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {a}", f"| {b}"]
+    assert rows[1].split(" | ")[5] == "1.000"  # the peer against itself
