@@ -258,22 +258,20 @@ def test_lost_frames_end_the_sync_and_the_server_frees_the_module_by_its_own_tim
 
 
 def test_a_flapping_link_never_tears_a_file_nor_hangs_the_sync(net, site, rng):
-    """Down for less than --timeout, a few times: each sync either completes or fails with
-    a clear error, in bounded time; a failed one is followed by a sync that converges."""
+    """Down for well under --timeout, a few times: each sync either completes or fails with
+    a clear error (TCP's retransmission backoff can stretch a short outage past it), in
+    bounded time; a failed one is followed by a sync that converges."""
     for trial in range(TRIALS):
-        version = 3 + trial
-        site.version(version)
+        site.version(2 + trial)
         proc = site.start_sync("--bwlimit", BWLIMIT)
         site.transferring(proc)
-        flapping = Toggler(
-            lambda on: net.receiver_link(not on), rng, on=(0.3, 0.4 * TIMEOUT * 2), off=(0.1, 0.6)
-        )
+        flapping = Toggler(lambda on: net.receiver_link(not on), rng, on=(0.2, TIMEOUT / 3), off=(0.3, 1.0))
         try:
             wait_for(lambda f=flapping, p=proc: len(f.spans) >= 3 or p.poll() is not None, timeout=60)
         finally:
             flapping.stop()
         code, out = site.finish(proc)
-        print(f"trial {trial}: exit {code} after flaps {[round(b - a, 2) for a, b in flapping.spans]}")
+        print(f"trial {trial}: exit {code} after flaps {[round(b - a, 2) for a, b in flapping.spans]}: {out}")
         if code == 0:
             assert_mirrors(site.src, site.dst)
         else:
