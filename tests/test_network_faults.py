@@ -12,30 +12,28 @@ HAMIRROR_NET_TRIALS raises the number of flapping trials (2 by default).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import secrets
-import threading
 import time
 
 import pytest
 
-from mirror.errors import EXIT_TIMEOUT
+from mirror.errors import EXIT_TIMEOUT, MirrorError
 from mirror.writerlock import WriterLock
 from tests.daemons import converged, live_daemon
 from tests.helpers import MIRROR, wait_until
 from tests.netlab import NetLab, Toggler, netns_unavailable, wait_for
 from tests.servers import mirror_server
 from tests.snapshot import assert_mirrors
+from tests.test_sync_atomicity import FILES, _Reader, _write_version
 
 SENDER, RECEIVER = "198.51.100.21", "198.51.100.22"  # documentation range, inside the lab only
 TIMEOUT = 3  # the sender's --timeout
-FILES = 8
-SIZE = 512 * 1024
-BWLIMIT = "1M"  # a version of the tree takes about 4 s to send
+BWLIMIT = "1M"  # a version of the tree (test_sync_atomicity's: 6 MiB) takes about 6 s to send
 TRIALS = int(os.environ.get("HAMIRROR_NET_TRIALS", "2"))
+VERSIONS = range(1, TRIALS + 2)  # the versions of the tree a test writes, in turn
 
 WHY_NOT = netns_unavailable(f"hmprobe{os.getpid()}")
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
@@ -63,44 +61,6 @@ class TwoHosts(NetLab):
         self.link("br", "r-lan", up)
 
 
-def _content(i: int, version: int) -> bytes:
-    seed = hashlib.sha256(b"%d-%d" % (i, version)).digest()
-    return (seed * (SIZE // len(seed) + 1))[: SIZE + version * 7]
-
-
-def _write_version(root, version: int) -> None:
-    for i in range(FILES):
-        (root / f"f{i:02d}").write_bytes(_content(i, version))
-
-
-class Reader(threading.Thread):
-    """Reads every replica file over and over; records any content that is no version the
-    source had (``versions`` grows as the test writes new ones)."""
-
-    def __init__(self, root):
-        super().__init__(daemon=True)
-        self.root = root
-        self.valid: dict[int, set[bytes]] = {i: set() for i in range(FILES)}
-        self.torn: list[str] = []
-        self.reads = 0
-        self.stop = threading.Event()
-
-    def allow(self, version: int) -> None:
-        for i in range(FILES):
-            self.valid[i].add(_content(i, version))
-
-    def run(self):
-        while not self.stop.is_set():
-            for i in range(FILES):
-                try:
-                    data = (self.root / f"f{i:02d}").read_bytes()
-                except FileNotFoundError:
-                    continue
-                self.reads += 1
-                if data not in self.valid[i]:
-                    self.torn.append(f"f{i:02d}: {len(data)} bytes")
-
-
 @pytest.fixture
 def net(tmp_path):
     lab = TwoHosts(str(tmp_path))
@@ -116,15 +76,14 @@ class Site:
 
     def __init__(self, net: TwoHosts, tmp_path, server):
         self.net = net
-        self.tmp = tmp_path
         self.src, self.dst = tmp_path / "src", tmp_path / "replica"
         self.server = server
         self.url = server.url("m")
         self.runs = 0
-        self.reader = Reader(self.dst)
+        self.reader = _Reader(self.dst, VERSIONS)  # any content but theirs is torn
 
     def version(self, version: int) -> None:
-        self.reader.allow(version)
+        assert version in VERSIONS
         _write_version(self.src, version)
 
     def start_sync(self, *extra: str):
@@ -211,6 +170,7 @@ def _ends_by_its_timeout(site, proc, fault_at: float) -> str:
 
 
 def test_a_link_down_for_good_ends_the_sync_within_its_timeout_and_the_next_sync_converges(net, site):
+    """The receiver's cable pulled mid-transfer: nothing comes back, not even a reset."""
     site.version(2)
     proc = site.start_sync("--bwlimit", BWLIMIT)
     site.transferring(proc)
@@ -247,7 +207,7 @@ def test_lost_frames_end_the_sync_and_the_server_frees_the_module_by_its_own_tim
     def free() -> bool:
         try:
             WriterLock.take(state_dir, "the test", "the replica").release()
-        except Exception:
+        except MirrorError:
             return False
         return True
 
@@ -288,6 +248,9 @@ def rng():
 
 
 def test_the_daemon_across_a_link_down_for_seconds_reports_unreachable_and_converges(net, site, tmp_path):
+    """The link goes down under a live daemon, which then has changes to send: it reports
+    the replica unreachable, and once the link is back it reconnects (the server has let go
+    of its old connection's writer lock) and the replica converges."""
     status_file = site.src / ".mirror" / "mirror-daemon.status.json"
 
     def status() -> dict:
@@ -304,7 +267,6 @@ def test_the_daemon_across_a_link_down_for_seconds_reports_unreachable_and_conve
         pair = wait_until(lambda: status().get("state") == "unreachable" and status(), timeout=60)
         assert "timed out" in pair["last_error"] and RECEIVER in pair["last_error"], pair
         net.receiver_link(True)
-        up = time.monotonic()
         converged(site.src, site.dst, timeout=60)
-        print("converged", time.monotonic() - up, status())
+        wait_until(lambda: status().get("state") == "live", timeout=60)
         assert daemon.proc.poll() is None, daemon.log_text()
