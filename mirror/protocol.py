@@ -88,15 +88,23 @@ class StreamTransport:
     A socket's timeout (``settimeout``, its owner's) bounds each wait for the peer; a
     stream that has none (a pipe) is given ``read_timeout``: each read waits at most that
     long for the peer to send something.  Either ends in ``PeerTimeout``.  ``max_frame``
-    bounds the next frames (smaller before the peer has authenticated)."""
+    bounds the next frames (smaller before the peer has authenticated).  ``on_abort`` (a
+    socket's shutdown) ends the connection at the first timeout, so that a thread reading or
+    writing meanwhile stops at once with that same ``PeerTimeout`` and ``close`` has nothing
+    left to wait for; ``abort_when_silent`` false: only when the peer stops reading (a peer
+    that went silent may still read why it is dropped)."""
 
     def __init__(self, rfile: BinaryIO, wfile: BinaryIO, *, bwlimit: int | None = None, on_close=None,
-                 read_timeout: float | None = None, peer: str = "the peer", timeout_hint: str = ""):  # fmt: skip
+                 read_timeout: float | None = None, peer: str = "the peer", timeout_hint: str = "",
+                 on_abort=None, abort_when_silent: bool = True):  # fmt: skip
         self.rfile = rfile
         self.wfile = wfile
         self._send_lock = threading.Lock()
         self._limiter = RateLimiter(bwlimit) if bwlimit else None
         self._on_close = on_close
+        self._on_abort = on_abort
+        self._abort_when_silent = abort_when_silent
+        self.timed_out: PeerTimeout | None = None
         self._read_timeout = read_timeout
         self.peer = peer
         self.timeout_hint = timeout_hint  # e.g. " (--timeout 120)": what set it, for the message
@@ -114,9 +122,14 @@ class StreamTransport:
         if settimeout is not None:
             self._settimeout = settimeout
 
-    def _timed_out(self, waiting: str) -> PeerTimeout:
-        return PeerTimeout(f"{self.peer} did not answer while {waiting}: it timed out{self.timeout_hint}; "
-                           "it is stopped, hung or unreachable")  # fmt: skip
+    def _timed_out(self, waiting: str, silent: bool) -> PeerTimeout:
+        if self.timed_out is None:
+            self.timed_out = PeerTimeout(f"{self.peer} did not answer while {waiting}: it timed out{self.timeout_hint}; "
+                                         "it is stopped, hung or unreachable")  # fmt: skip
+        if self._on_abort is not None and (self._abort_when_silent or not silent):
+            with contextlib.suppress(OSError):
+                self._on_abort()
+        return self.timed_out
 
     def send(self, message: list | tuple, flush: bool = True) -> None:
         frame = encode(message)
@@ -134,9 +147,9 @@ class StreamTransport:
                 if flush:
                     self.wfile.flush()
             except TimeoutError:
-                raise self._timed_out("we sent (it stopped reading)") from None
+                raise self._timed_out("we sent (it stopped reading)", silent=False) from None
             except (BrokenPipeError, ConnectionError, ValueError) as exc:
-                raise ConnectionLost(f"connection lost while sending: {exc}") from None
+                raise self.timed_out or ConnectionLost(f"connection lost while sending: {exc}") from None
             self.bytes_sent += len(frame)
 
     def recv(self) -> list | None:
@@ -170,9 +183,11 @@ class StreamTransport:
             except TimeoutError:
                 if self._deadline is not None:
                     raise PeerTimeout(f"{self.peer} did not finish its handshake in time") from None
-                raise self._timed_out("we waited for it") from None
+                raise self._timed_out("we waited for it", silent=True) from None
             except (ConnectionError, ValueError, OSError) as exc:
-                raise ProtocolError(f"connection lost while receiving: {exc}") from None
+                raise self.timed_out or ProtocolError(f"connection lost while receiving: {exc}") from None
+            if not chunk and self.timed_out is not None:  # aborted by another thread's timeout
+                raise self.timed_out
             if not chunk:
                 if at_boundary and got == 0:
                     return None

@@ -146,8 +146,11 @@ class _Handler(socketserver.BaseRequestHandler):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             keepalive(sock)
             peer = f"{self.client_address[0]}:{self.client_address[1]}"
+            # A client that stops reading is dropped at once (no thread waits on it any longer,
+            # so the writer lock goes); one silent too long is told why first.
             transport = StreamTransport(sock.makefile("rb", buffering=1 << 20), sock.makefile("wb", buffering=1 << 20),
-                                        peer=f"client {peer}")  # fmt: skip
+                                        peer=f"client {peer}", on_abort=lambda: sock.shutdown(socket.SHUT_RDWR),
+                                        abort_when_silent=False)  # fmt: skip
             transport.set_deadline(started + server.handshake_deadline, sock.settimeout)
 
             def admit():

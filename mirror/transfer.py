@@ -233,6 +233,7 @@ def _connect(dest: Destination, held: contextlib.ExitStack, bwlimit, rsh, remote
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rfile, wfile = sock.makefile("rb", buffering=1 << 20), sock.makefile("wb", buffering=1 << 20)
         transport = StreamTransport(rfile, wfile, on_close=lambda: _hang_up(sock, timeout),
+                                    on_abort=lambda: sock.shutdown(socket.SHUT_RDWR),
                                     peer=f"the receiver at {where}", **streams)  # fmt: skip
     else:
         import io

@@ -13,9 +13,11 @@ from tests.snapshot import snapshot
 
 
 @contextmanager
-def live_daemon(src, dst, *extra: str, log_path=None, check_exit: bool = True):
+def live_daemon(src, dst, *extra: str, log_path=None, check_exit: bool = True, prefix: list[str] | None = None):
+    """``prefix`` runs it under another command (``ip netns exec NS``: in a network namespace)."""
     log = open(log_path or os.path.join(os.path.dirname(str(src)), "daemon.log"), "ab")
-    proc = subprocess.Popen([*MIRROR, "daemon", str(src), str(dst), "-v", *extra], stdout=log, stderr=log)
+    proc = subprocess.Popen([*(prefix or []), *MIRROR, "daemon", str(src), str(dst), "-v", *extra], stdout=log,
+                            stderr=log)  # fmt: skip
     handle = DaemonProcess(proc, str(src), log.name)
     try:
         yield handle

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 
@@ -34,6 +36,36 @@ def wait_for(predicate, timeout: float, step: float = 0.05):
         if time.monotonic() >= deadline:
             return None
         time.sleep(step)
+
+
+class Toggler:
+    """A fault switched on and off at random (Jepsen's nemesis in miniature): on for
+    U(*on) seconds, off for U(*off), until ``stop()``, which leaves it off.  ``spans`` are
+    the (start, end) monotonic times it was on."""
+
+    def __init__(self, apply, rng: random.Random, on: tuple[float, float], off: tuple[float, float]):
+        self.apply, self.rng, self.on, self.off = apply, rng, on, off
+        self.spans: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="toggler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.rng.uniform(*self.off)):
+            self.apply(True)
+            began = time.monotonic()
+            self._stop.wait(self.rng.uniform(*self.on))
+            self.apply(False)
+            self.spans.append((began, time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def duty(self) -> float:
+        if not self.spans:
+            return 0.0
+        return sum(b - a for a, b in self.spans) / (self.spans[-1][1] - self.spans[0][0] + 1e-9)
 
 
 def netns_unavailable(probe: str) -> str | None:
@@ -111,6 +143,19 @@ class NetLab:
         for node, addr in ((a, addr_a), (b, addr_b)):
             sh("ip", "-n", self.ns[node], "addr", "add", f"{addr}/{prefix_len}", "dev", dev)
             sh("ip", "-n", self.ns[node], "link", "set", dev, "up")
+
+    # ------------------------------------------------------------ failures
+
+    def link(self, node: str, dev: str, up: bool) -> None:
+        """``dev`` in the node's namespace down (its carrier, and its peer's, goes) or up."""
+        sh("ip", "-n", self.ns[node], "link", "set", dev, "up" if up else "down")
+
+    def drop_to(self, node: str, address: str, on: bool, pref: int = 200) -> None:
+        """Every packet ``node`` sends to ``address`` is lost, TCP's acknowledgements included,
+        while the other direction flows (one-way loss): a blackhole policy rule in the node's
+        namespace, which no socket there is told about."""
+        sh("ip", "-n", self.ns[node], "rule", "add" if on else "del", "to", address, "blackhole", "pref", str(pref),
+           check=on)  # fmt: skip
 
     # ------------------------------------------------------------ processes
 

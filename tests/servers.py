@@ -15,12 +15,14 @@ TRUSTING = ("--allow-devices", "--allow-specials", "--allow-setid", "--keep-owne
 
 @contextmanager
 def mirror_server(tmp_path, modules: dict[str, str], *extra: str, secret: bytes = SECRET,
-                  prefix: list[str] | None = None):  # fmt: skip
+                  prefix: list[str] | None = None, host: str = "127.0.0.1"):  # fmt: skip
+    """``prefix`` runs the server under another command (``ip netns exec NS`` puts it in a
+    network namespace, where it listens on ``host``)."""
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(secret + b"\n")
     secret_file.chmod(0o600)  # a secret readable by others is refused
     port_file = tmp_path / f"port-{time.monotonic_ns()}"
-    argv = [*(prefix or []), sys.executable, "-m", "mirror", "serve", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+    argv = [*(prefix or []), sys.executable, "-m", "mirror", "serve", "--listen", f"{host}:0", "--port-file", str(port_file),
             "--secret-file", str(secret_file), *extra]  # fmt: skip
     for name, path in modules.items():
         argv += ["--module", f"{name}={path}"]
@@ -33,7 +35,7 @@ def mirror_server(tmp_path, modules: dict[str, str], *extra: str, secret: bytes 
                 raise RuntimeError(f"mirror serve did not start: {(tmp_path / 'server.log').read_text()}")
             time.sleep(0.02)
         port = int(port_file.read_text())
-        yield Server(port, str(secret_file), proc)
+        yield Server(port, str(secret_file), proc, host)
     finally:
         proc.terminate()
         try:
@@ -45,13 +47,14 @@ def mirror_server(tmp_path, modules: dict[str, str], *extra: str, secret: bytes 
 
 
 class Server:
-    def __init__(self, port: int, secret_file: str, proc):
+    def __init__(self, port: int, secret_file: str, proc, host: str = "127.0.0.1"):
+        self.host = host
         self.port = port
         self.secret_file = secret_file
         self.proc = proc
 
     def url(self, module: str) -> str:
-        return f"mirror://127.0.0.1:{self.port}/{module}"
+        return f"mirror://{self.host}:{self.port}/{module}"
 
     @property
     def alive(self) -> bool:

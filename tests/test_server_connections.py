@@ -16,6 +16,7 @@ import xxhash
 from mirror import protocol as P
 from mirror.errors import MirrorError
 from mirror.transfer import sync
+from mirror.writerlock import WriterLock
 from tests.helpers import is_root, wait_until
 from tests.peers import ATTRS, RawSession, temp_files
 from tests.servers import SECRET, mirror_server
@@ -110,6 +111,38 @@ def test_a_silent_writer_does_not_hold_the_module_forever(tmp_path, trees):
             silent.close()
         assert result.ok
     assert_mirrors(src, dst)
+
+
+def test_a_writer_that_stops_reading_frees_the_module_within_the_server_timeout(tmp_path):
+    """A client that asks for much and reads nothing (a stopped sender, or its side of the
+    link lost): the first send that times out ends the connection, and the writer lock goes
+    with it, instead of each thread still sending (the keepalive, the error frame) waiting
+    out a --timeout of its own."""
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    for i in range(1000):
+        (dst / f"a-file-with-a-longish-name-{i:04d}").touch()
+    with mirror_server(tmp_path, {"m": str(dst)}, "--timeout", "3") as server:
+        t = _tcp_session(server.port)
+        try:
+            while t.recv()[0] != P.SUMMARY_END:
+                pass
+            t.send([P.WANT, [b""] * P.MAX_REQUESTS])  # megabytes of listings, never read
+            asked = time.monotonic()
+
+            def free() -> bool:
+                try:
+                    WriterLock.take(os.fsencode(dst / ".mirror"), "the test", "the replica").release()
+                except MirrorError:
+                    return False
+                return True
+
+            wait_until(free, timeout=60, interval=0.05)
+            took = time.monotonic() - asked
+        finally:
+            t.close()
+    # One --timeout for the blocked send (the server's buffers filled at once), not three.
+    assert took < 2 * 3 - 0.5, f"the module stayed busy {took:.1f} s"
 
 
 # -- sessions sharing a module ---------------------------------------------------------------

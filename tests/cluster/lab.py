@@ -18,21 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
 if os.path.dirname(os.path.dirname(os.path.abspath(__file__))) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
-# sh and wait_for are re-exported: the cluster tests and S6 take them from here
-from netlab import NetLab, netns_unavailable, sh, wait_for  # noqa: E402, F401
+# sh, wait_for and Toggler are re-exported: the cluster tests and S6 take them from here
+from netlab import NetLab, Toggler, netns_unavailable, sh, wait_for  # noqa: E402, F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAN_PREFIX = "198.51.100"
@@ -93,9 +91,6 @@ class Lab(NetLab):
                 raise RuntimeError("lab LAN does not come up")
 
     # ------------------------------------------------------------ failures
-
-    def link(self, node: str, dev: str, up: bool) -> None:
-        sh("ip", "-n", self.ns[node], "link", "set", dev, "up" if up else "down")
 
     def lan_port(self, node: str, forwarding: bool) -> None:
         """Block a node's bridge port (its carrier stays up: only the ping node tells)."""
@@ -443,36 +438,6 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-class Toggler:
-    """A fault switched on and off at random (Jepsen's nemesis in miniature): on for
-    U(*on) seconds, off for U(*off), until ``stop()``, which leaves it off.  ``spans`` are
-    the (start, end) monotonic times it was on."""
-
-    def __init__(self, apply, rng: random.Random, on: tuple[float, float], off: tuple[float, float]):
-        self.apply, self.rng, self.on, self.off = apply, rng, on, off
-        self.spans: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="toggler", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.rng.uniform(*self.off)):
-            self.apply(True)
-            began = time.monotonic()
-            self._stop.wait(self.rng.uniform(*self.on))
-            self.apply(False)
-            self.spans.append((began, time.monotonic()))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def duty(self) -> float:
-        if not self.spans:
-            return 0.0
-        return sum(b - a for a, b in self.spans) / (self.spans[-1][1] - self.spans[0][0] + 1e-9)
 
 
 # ---------------------------------------------------------------- mirrored trees
