@@ -1,0 +1,384 @@
+"""The receiving end killed (SIGKILL) or frozen (SIGSTOP) while it commits.
+
+A nemesis mutates the source with every kind of change the replica writer makes (new and
+rewritten files, some large enough to go as deltas, deletions of files and of whole
+directories, type changes, hard-link groups gaining and losing members, renames, directory
+times, many symlinks), starts a sync and kills the receiver at a random moment in the
+middle of it.  A reader polls the replica throughout: every entry at a name must be
+something the source had at that name (a file's content hashed whole, a symlink's
+target), never a part, a temporary name, or another name's content.  After each kill the
+sender ends with a clear error, a restarted receiver takes the next sync (the writer lock
+died with the killed one), and that sync converges and leaves no temporary file.
+
+``HAMIRROR_RECEIVER_CRASH_TRIALS`` sets the number of killed `mirror serve` sessions (4 by
+default); run 50 or more before touching the replica writer, commits or safefs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+from tests.helpers import MIRROR, REPO, wait_until
+from tests.servers import mirror_server
+from tests.snapshot import assert_mirrors
+
+TRIALS = int(os.environ.get("HAMIRROR_RECEIVER_CRASH_TRIALS", "4"))
+BIG = 320 << 10  # over the sender's delta threshold (records.DELTA_THRESHOLD): rewritten as deltas
+SYMLINKS = 3000  # retargeted every trial: many short make_special windows for a kill to land in
+TEMP_PREFIX = b".hamirror."
+
+
+def _versioned(logical: str, version: int, body: bytes) -> bytes:
+    return b"%s v%d %d\n" % (logical.encode(), version, len(body)) + body
+
+
+class Source:
+    """The source tree and what it ever held at each name, when a sync started: a file's
+    content hash, a symlink's target, or 'a directory'."""
+
+    def __init__(self, root: str, rng: random.Random):
+        self.root = root
+        self.rng = rng
+        self.history: dict[bytes, set] = {}
+        self.version = 0
+        self.links = 0
+        for top in ("f", "big", "d", "t", "h", "s"):
+            os.makedirs(os.path.join(root, top))
+        for i in range(SYMLINKS // 100):
+            os.makedirs(os.path.join(root, "s", str(i)))
+        for i in range(8):
+            self._write(f"big/b{i}", rng.randbytes(BIG + rng.randrange(4096)))
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def _write(self, rel: str, body: bytes) -> None:
+        """Saved editor-style: written beside, renamed over (the source is still at sync time)."""
+        tmp = self.path(rel) + ".saving"
+        with open(tmp, "wb") as f:
+            f.write(_versioned(rel, self.version, body))
+        os.rename(tmp, self.path(rel))
+
+    def _names(self, top: str) -> list[str]:
+        return sorted(os.listdir(self.path(top)))
+
+    def mutate(self, bulk: int) -> list[tuple[bytes, bytes]]:
+        """One trial's changes; ``bulk`` new bytes of whole files (the session's length).
+        Returns the renames made, as the live daemon would report them."""
+        self.version += 1
+        rng, v = self.rng, self.version
+        renames = []
+        # New and rewritten small files, some deleted, some renamed.
+        for i in rng.sample(range(60), 20):
+            self._write(f"f/a{i}", rng.randbytes(rng.choice((0, 10, 3000, 40_000))))
+        for name in rng.sample(self._names("f"), 4):
+            if rng.random() < 0.5:
+                os.unlink(self.path(f"f/{name}"))
+            else:
+                new = f"f/r{v}_{name}"
+                os.rename(self.path(f"f/{name}"), self.path(new))
+                renames.append((f"f/{name}".encode(), new.encode()))
+        # Large files: a few blocks changed (a delta), and fresh ones carrying the bulk.
+        for name in rng.sample(self._names("big"), 3):
+            with open(self.path(f"big/{name}"), "rb") as f:
+                body = bytearray(f.read().partition(b"\n")[2])
+            at = rng.randrange(len(body) - 5000)
+            body[at : at + 5000] = rng.randbytes(5000)
+            self._write(f"big/{name}", bytes(body))
+        for name in self._names("big"):
+            if name.startswith("n"):
+                os.unlink(self.path(f"big/{name}"))
+        for i in range(bulk // BIG):
+            self._write(f"big/n{v}_{i}", rng.randbytes(BIG))
+        # Whole directories made, deleted and renamed.
+        for name in self._names("d"):
+            if rng.random() < 0.4:
+                _rmtree(self.path(f"d/{name}"))
+            elif rng.random() < 0.3:
+                new = f"d/m{v}_{name}"
+                os.rename(self.path(f"d/{name}"), self.path(new))
+                renames.append((f"d/{name}".encode(), new.encode()))
+        for j in range(2):
+            os.makedirs(self.path(f"d/x{v}_{j}/sub"))
+            for k in range(5):
+                self._write(f"d/x{v}_{j}/sub/g{k}", rng.randbytes(rng.randrange(2000)))
+        # Type changes: file -> directory -> symlink -> file.
+        for i in range(6):
+            rel = self.path(f"t/e{i}")
+            st = os.lstat(rel) if os.path.lexists(rel) else None
+            if st is None or stat.S_ISLNK(st.st_mode):
+                if st is not None:
+                    os.unlink(rel)
+                self._write(f"t/e{i}", rng.randbytes(100))
+            elif stat.S_ISREG(st.st_mode):
+                os.unlink(rel)
+                os.makedirs(rel + "/in")
+                self._write(f"t/e{i}/in/x", rng.randbytes(100))
+            else:
+                _rmtree(rel)
+                os.symlink(f"target-{v}", rel)
+        # Hard-link groups gaining and losing members.
+        for g in range(4):
+            members = [n for n in self._names("h") if n.startswith(f"g{g}_")]
+            if not members:
+                self._write(f"h/g{g}_0", rng.randbytes(rng.randrange(5000)))
+                members = [f"g{g}_0"]
+            for _ in range(rng.randrange(3)):
+                self.links += 1
+                os.link(self.path(f"h/{members[0]}"), self.path(f"h/g{g}_{self.links}"))
+            for name in rng.sample(members, min(len(members) - 1, rng.randrange(3))):
+                os.unlink(self.path(f"h/{name}"))
+        # Symlinks retargeted: many short replacements.
+        for i in range(SYMLINKS):
+            rel = self.path(f"s/{i % (SYMLINKS // 100)}/l{i}")
+            if os.path.lexists(rel):
+                os.unlink(rel)
+            os.symlink(f"to-{i}-{v}", rel)
+        # Directory times, last: nothing below changes after them.
+        for top in ("f", "big", "d", "t", "h"):
+            t = 1_600_000_000 + v * 1000 + rng.randrange(1000)
+            os.utime(self.path(top), (t, t))
+        self.record()
+        return renames
+
+    def record(self) -> None:
+        """Add what the source holds now to the history (it does not change while a sync runs)."""
+        root = os.fsencode(self.root)
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                full = os.path.join(dirpath, name)
+                self.history.setdefault(os.path.relpath(full, root), set()).add(_signature(full))
+
+
+def _signature(full: bytes):
+    """What a name holds: ('d',), ('l', target) or ('f', content hash); None if it changed
+    kind under us or is gone."""
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:  # ELOOP: a symlink
+        try:
+            return ("l", os.readlink(full))
+        except OSError:
+            return None
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            return ("d",)
+        h = hashlib.sha1()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+        return ("f", h.hexdigest())
+    finally:
+        os.close(fd)
+
+
+def _rmtree(path: str) -> None:
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for name in filenames:
+            os.unlink(os.path.join(dirpath, name))
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            os.unlink(full) if os.path.islink(full) else os.rmdir(full)
+    os.rmdir(path)
+
+
+class Reader(threading.Thread):
+    """Walks the replica over and over; records every entry at a name that is not something
+    the source had there (``history``)."""
+
+    def __init__(self, root: str, history: dict):
+        super().__init__(name="replica-reader", daemon=True)
+        self.root = os.fsencode(root)
+        self.history = history
+        self.stop = threading.Event()
+        self.bad: list[tuple] = []
+        self.reads = 0
+
+    def run(self):
+        while not self.stop.is_set():
+            for dirpath, dirnames, filenames in os.walk(self.root):
+                if dirpath == self.root and b".mirror" in dirnames:
+                    dirnames.remove(b".mirror")
+                for name in dirnames + filenames:
+                    full = os.path.join(dirpath, name)
+                    rel = os.path.relpath(full, self.root)
+                    got = _signature(full)
+                    if got is None:
+                        continue
+                    self.reads += 1
+                    if got not in self.history.get(rel, ()):
+                        self.bad.append((rel, got))
+
+
+def _temp_names(root) -> list[bytes]:
+    """Temporary entries in the replica outside its state dir."""
+    root = os.fsencode(root)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == root and b".mirror" in dirnames:
+            dirnames.remove(b".mirror")
+        out += [os.path.join(dirpath, n) for n in dirnames + filenames if n.startswith(TEMP_PREFIX)]
+    return out
+
+
+def _committing(dst) -> bool:
+    tmp = os.path.join(dst, ".mirror", "tmp")
+    return os.path.isdir(tmp) and bool(os.listdir(tmp))
+
+
+# A sender that hands the receiver the renames it made, as the live daemon does (mirror.renames),
+# and exits with the CLI's code for what ended it.
+_RENAMING_SENDER = """
+import sys
+from mirror.errors import MirrorError
+from mirror.transfer import Connection
+src, url, secret, bwlimit, *pairs = sys.argv[1:]
+renames = [(pairs[i].encode(), pairs[i + 1].encode()) for i in range(0, len(pairs), 2)]
+try:
+    with Connection(src, url, secret_file=secret, bwlimit=int(bwlimit), delete=True).open(whole_tree=True) as c:
+        result = c.session(renames=renames)
+except MirrorError as exc:
+    print(f"sender: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+sys.exit(result.exit_code)
+"""
+
+
+def _start_sync(src: Source, server, renames, trial: int) -> subprocess.Popen:
+    bwlimit = 1 << 20
+    if trial % 2:
+        pairs = [p.decode() for pair in renames for p in pair]
+        argv = [sys.executable, "-c", _RENAMING_SENDER, src.root, server.url("m"), server.secret_file, str(bwlimit),
+                *pairs]  # fmt: skip
+    else:
+        argv = [*MIRROR, "sync", "--delete", "--bwlimit", str(bwlimit // 1024), "--secret-file", server.secret_file,
+                src.root, server.url("m")]  # fmt: skip
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _sync(src: str, dst: str, *args: str, check: int | None = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*MIRROR, "sync", "--delete", *args, src, dst], cwd=REPO, capture_output=True,
+                          timeout=120)  # fmt: skip
+    if check is not None:
+        assert proc.returncode == check, proc
+    return proc
+
+
+def _assert_clean_error(proc: subprocess.Popen, codes=(2,), says=(b"connection", b"receiver")) -> bytes:
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.returncode in codes, (proc.returncode, err)
+    assert b"Traceback" not in err and any(word in err for word in says), err
+    return err
+
+
+def test_receiver_killed_mid_session_never_exposes_a_foreign_entry_and_the_next_sync_converges(tmp_path):
+    rng = random.Random(int(os.environ.get("HAMIRROR_RECEIVER_CRASH_SEED", "27")))
+    src = Source(str(tmp_path / "src"), rng)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    src.record()
+    reader = Reader(str(dst), src.history)
+    reader.start()
+    try:
+        with mirror_server(tmp_path, {"m": str(dst)}) as server:
+            _sync(src.root, server.url("m"), "--secret-file", server.secret_file)
+        for trial in range(TRIALS):
+            renames = src.mutate(bulk=rng.randrange(3, 6) * BIG)
+            with mirror_server(tmp_path, {"m": str(dst)}) as server:
+                proc = _start_sync(src, server, renames, trial)
+                wait_until(lambda: _committing(dst) or proc.poll() is not None)  # noqa: B023
+                time.sleep(rng.uniform(0, 0.5))
+                assert proc.poll() is None, "the sync ended before its receiver could be killed"
+                server.proc.send_signal(signal.SIGKILL)
+                server.proc.wait()
+                proc.wait(timeout=60)
+                _assert_clean_error(proc)
+            assert not _temp_names(dst), f"trial {trial}: the killed receiver left {_temp_names(dst)}"
+            # A new server (the lock died with the old one) takes the next sync, which converges.
+            with mirror_server(tmp_path, {"m": str(dst)}) as server:
+                _sync(src.root, server.url("m"), "--secret-file", server.secret_file)
+            assert_mirrors(src.root, dst)
+            assert os.listdir(dst / ".mirror" / "tmp") == []
+            assert not reader.bad, f"trial {trial}: the reader saw {reader.bad[:5]}"
+    finally:
+        reader.stop.set()
+        reader.join()
+    assert not reader.bad, reader.bad[:5]
+    assert reader.reads > 1000
+
+
+def test_killed_receiver_leaves_no_temporary_name_in_the_replica(tmp_path):
+    """A symlink or hard link is made under a temporary name, then renamed over its target.
+    Made beside the target, that name was an entry of the replica the source never had:
+    listed by any reader meanwhile, and left there by a killed receiver (without --delete,
+    for good).  Made in the state dir's tmp/, it is never seen, and the next session
+    removes it."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    n, dirs = 20_000, 20
+    for d in range(dirs):
+        os.makedirs(src / f"s{d}")
+    dst.mkdir()
+
+    def retarget(v: int) -> None:
+        for i in range(n):
+            link = src / f"s{i % dirs}" / f"l{i}"
+            if v:
+                link.unlink()
+            os.symlink(f"t{i}-{v}", link)
+
+    def begun(v: int) -> bool:  # some links of this version are in the replica already
+        for i in range(0, n, 499):
+            try:
+                if os.readlink(dst / f"s{i % dirs}" / f"l{i}").endswith(f"-{v}"):
+                    return True
+            except FileNotFoundError:
+                pass
+        return False
+
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def list_replica() -> None:
+        while not stop.is_set():
+            seen.extend(_temp_names(dst))
+
+    retarget(0)
+    rng = random.Random(5)
+    lister = threading.Thread(target=list_replica, daemon=True)
+    lister.start()
+    try:
+        for v in range(4):
+            with mirror_server(tmp_path, {"m": str(dst)}) as server:
+                secret = ("--secret-file", server.secret_file)
+                argv = [*MIRROR, "sync", "--no-fsync", *secret, str(src), server.url("m")]
+                if v == 0:
+                    subprocess.run(argv, cwd=REPO, check=True)
+                else:
+                    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                    wait_until(lambda: begun(v) or proc.poll() is not None, interval=0.001)  # noqa: B023
+                    time.sleep(rng.uniform(0, 0.1))
+                    assert proc.poll() is None, "the sync ended before its receiver could be killed"
+                    server.proc.send_signal(signal.SIGKILL)
+                    server.proc.wait()
+                    proc.wait(timeout=60)
+                    _assert_clean_error(proc)
+                    assert not _temp_names(dst), f"kill {v}: the replica holds {_temp_names(dst)[:3]}"
+            retarget(v + 1)
+        with mirror_server(tmp_path, {"m": str(dst)}) as server:
+            _sync(str(src), server.url("m"), "--secret-file", server.secret_file)
+    finally:
+        stop.set()
+        lister.join()
+    assert not seen, f"a reader of the replica listed {seen[:3]}"
+    assert_mirrors(src, dst)
+    assert os.listdir(dst / ".mirror" / "tmp") == []
