@@ -156,7 +156,8 @@ class ReplicaWriter:
         self.deleted = 0
         self.failures: list = []
         self.in_flight = None  # the Commit of the file being written: one at a time
-        self.batches = Batches(tree, sync_writes=sync_writes, failed=self.fail, committed=self._committed)
+        self.batches = Batches(tree, sync_writes=sync_writes, failed=self.fail, committed=self._committed,
+                               before_rename=self._locked_discard)  # fmt: skip
         self._deletes: list[bytes] = []
         self._dir_attrs: list[tuple[bytes, list]] = []
 
@@ -192,7 +193,8 @@ class ReplicaWriter:
         return refusal is not None
 
     def _locked_discard(self) -> None:
-        """Before files are renamed into place: the mirroring lock discards them instead."""
+        """Before files are renamed into place (once their data is durable: the wait for the
+        disk may be long) or anything deleted: the mirroring lock discards them instead."""
         try:
             self.lock.check()
         except LockedError:
@@ -223,7 +225,6 @@ class ReplicaWriter:
             self.fail(req, commit.path, failure_reason(exc))
             return
         if self.batches.add(commit, size):
-            self._locked_discard()
             self.batches.hand_over()
 
     def drop_file(self, commit) -> None:
@@ -294,7 +295,6 @@ class ReplicaWriter:
         is whole is kept; deletions and directory times wait for next time."""
         self.drop_file(self.in_flight)
         if not self.batches.empty:
-            self._locked_discard()
             self.batches.drain(dir_syncs)
 
     def finish(self) -> str | None:

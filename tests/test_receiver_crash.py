@@ -382,3 +382,50 @@ def test_killed_receiver_leaves_no_temporary_name_in_the_replica(tmp_path):
     assert not seen, f"a reader of the replica listed {seen[:3]}"
     assert_mirrors(src, dst)
     assert os.listdir(dst / ".mirror" / "tmp") == []
+
+
+def test_mirroring_lock_made_while_the_receiver_waits_for_the_disk_stops_the_batch_it_waited_for(tmp_path):
+    """A receiver renames a full batch once the disk has its data: a slow fsync (here every
+    fsync and syncfs held 0.5 s by strace, a disk that stalls or a receiver frozen there) is a
+    wait between the mirroring lock's check and the renames.  A lock made meanwhile (a
+    takeover: this node becomes the primary) must stop them: the lock is checked again
+    once the wait is over.  It was checked only before it, and a whole batch went in under
+    the lock."""
+    from mirror.commits import BATCH_FILES
+    from mirror.lockfile import acquire
+
+    src, dst, lock = tmp_path / "src", tmp_path / "dst", tmp_path / "mirror.lock"
+    src.mkdir()
+    dst.mkdir()
+    old = 1_000_000_000
+    for i in range(2 * BATCH_FILES + 50):
+        (src / f"f{i:04d}").write_bytes(b"%d\n" % i)
+        os.utime(src / f"f{i:04d}", (old, old))
+    stall = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync,syncfs",
+             "-e", "inject=fsync,syncfs:delay_enter=500000"]  # fmt: skip
+    tmp = dst / ".mirror" / "tmp"
+
+    def second_batch_verified() -> bool:
+        # Both batches written and given their times: the second one's lock check is done,
+        # and the receiver waits for the first one's fsync (held by strace) to rename it.
+        try:
+            names = os.listdir(tmp)
+            return len(names) >= 2 * BATCH_FILES and all(os.stat(tmp / n).st_mtime == old for n in names)
+        except FileNotFoundError:
+            return False
+
+    with mirror_server(tmp_path, {"m": str(dst)}, "--lock-file", str(lock), prefix=stall) as server:
+        proc = subprocess.Popen([*MIRROR, "sync", "--secret-file", server.secret_file, str(src), server.url("m")],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        wait_until(lambda: second_batch_verified() or proc.poll() is not None, interval=0.002)
+        assert proc.poll() is None and not [n for n in os.listdir(dst) if n.startswith("f")]
+        acquire(os.fsencode(lock), reason="takeover")
+        wait_until(lambda: proc.poll() is not None, timeout=60)
+        err = _assert_clean_error(proc, codes=(3,), says=(b"lock",))
+        # strace itself is stopped by its tracee's exit only: the server is told first.
+        with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+            for child in f.read().split():
+                os.kill(int(child), signal.SIGTERM)
+        server.proc.wait(timeout=30)
+    mirrored = [n for n in os.listdir(dst) if n.startswith("f")]
+    assert not mirrored, f"{len(mirrored)} files went in under the mirroring lock ({err!r})"
