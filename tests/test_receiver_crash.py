@@ -16,6 +16,7 @@ default); run 50 or more before touching the replica writer, commits or safefs.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
@@ -27,8 +28,8 @@ import threading
 import time
 
 from tests.helpers import MIRROR, REPO, wait_until
-from tests.servers import mirror_server
-from tests.snapshot import assert_mirrors
+from tests.servers import REMOTE_MIRROR, fake_rsh, mirror_server
+from tests.snapshot import assert_mirrors, snapshot
 
 TRIALS = int(os.environ.get("HAMIRROR_RECEIVER_CRASH_TRIALS", "4"))
 BIG = 320 << 10  # over the sender's delta threshold (records.DELTA_THRESHOLD): rewritten as deltas
@@ -324,7 +325,7 @@ def test_killed_receiver_leaves_no_temporary_name_in_the_replica(tmp_path):
     for good).  Made in the state dir's tmp/, it is never seen, and the next session
     removes it."""
     src, dst = tmp_path / "src", tmp_path / "dst"
-    n, dirs = 20_000, 20
+    n, dirs = 12_000, 20
     for d in range(dirs):
         os.makedirs(src / f"s{d}")
     dst.mkdir()
@@ -429,3 +430,127 @@ def test_mirroring_lock_made_while_the_receiver_waits_for_the_disk_stops_the_bat
         server.proc.wait(timeout=30)
     mirrored = [n for n in os.listdir(dst) if n.startswith("f")]
     assert not mirrored, f"{len(mirrored)} files went in under the mirroring lock ({err!r})"
+
+
+def _writer_lock_free(dst) -> bool:
+    """Whether no receiver holds the replica's writer lock (mirror.writerlock), asked without
+    keeping it."""
+    fd = os.open(os.path.join(dst, ".mirror", "writer.lock"), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except FileNotFoundError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def test_frozen_receiver_keeps_the_module_until_it_wakes_and_writes_nothing_after_it_lets_go(tmp_path):
+    """A `mirror serve` frozen (SIGSTOP) in the middle of a commit: its sender gives up
+    (--timeout, exit 30).  A new sync into the same tree by another way (`mirror receive`
+    over a remote shell) is refused at once, naming the frozen holder, and writes nothing:
+    the frozen one still holds the module's writer lock, with its verified files and
+    their renames pending.  Woken (SIGCONT), it finds its sender gone, drops or finishes
+    what it held and lets go; the next sync converges, and nothing changes after it."""
+    rng = random.Random(41)
+    src = Source(str(tmp_path / "src"), rng)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    src.record()
+    reader = Reader(str(dst), src.history)
+    reader.start()
+    rsh = ("--rsh", fake_rsh(tmp_path), "--remote-command", REMOTE_MIRROR)
+    try:
+        with mirror_server(tmp_path, {"m": str(dst)}) as server:
+            secret = ("--secret-file", server.secret_file)
+            _sync(src.root, server.url("m"), *secret)
+            src.mutate(bulk=5 * BIG)
+            argv = [*MIRROR, "sync", "--delete", "--timeout", "2", "--bwlimit", "1024", *secret, src.root,
+                    server.url("m")]  # fmt: skip
+            proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            wait_until(lambda: _committing(dst) or proc.poll() is not None)
+            time.sleep(rng.uniform(0, 0.4))
+            assert proc.poll() is None, "the sync ended before its receiver could be frozen"
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                proc.wait(timeout=60)
+                _assert_clean_error(proc, codes=(30,), says=(b"--timeout",))
+                frozen = snapshot(dst)
+                src.mutate(bulk=BIG)
+                refused = _sync(src.root, f"somehost:{dst}", *rsh, check=2)
+                assert b"busy" in refused.stderr and f"pid {server.proc.pid} ".encode() in refused.stderr, refused
+                assert snapshot(dst) == frozen, "the refused sync wrote into the replica"
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            wait_until(lambda: _writer_lock_free(dst))
+            _sync(src.root, f"somehost:{dst}", *rsh)
+            assert_mirrors(src.root, dst)
+            assert os.listdir(dst / ".mirror" / "tmp") == []
+            # The woken server serves on, and had nothing left to write.
+            _sync(src.root, server.url("m"), *secret)
+            assert_mirrors(src.root, dst)
+            assert reader.reads > 100
+    finally:
+        reader.stop.set()
+        reader.join()
+    assert not reader.bad, reader.bad[:5]
+
+
+def test_remote_shell_receiver_killed_mid_session(tmp_path):
+    """`mirror receive` started over a remote shell, killed (SIGKILL) mid-session: the
+    sender ends with a clear error, and the next sync through the shell converges."""
+    rng = random.Random(43)
+    src = Source(str(tmp_path / "src"), rng)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    src.record()
+    reader = Reader(str(dst), src.history)
+    reader.start()
+    rsh = ("--rsh", fake_rsh(tmp_path), "--remote-command", REMOTE_MIRROR)
+    remote = f"somehost:{dst}"
+    try:
+        _sync(src.root, remote, *rsh)
+        for trial in range(2):
+            src.mutate(bulk=rng.randrange(3, 6) * BIG)
+            argv = [*MIRROR, "sync", "--delete", "--bwlimit", "1024", *rsh, src.root, remote]
+            proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            wait_until(lambda: _committing(dst) or proc.poll() is not None)  # noqa: B023
+            time.sleep(rng.uniform(0, 0.4))
+            assert proc.poll() is None, "the sync ended before its receiver could be killed"
+            receivers = [p for p in _descendants(proc.pid) if b"receive" in _cmdline(p)]
+            assert receivers, "no receiver under the remote shell"
+            for pid in receivers:
+                os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+            _assert_clean_error(proc)
+            assert not _temp_names(dst), _temp_names(dst)
+            _sync(src.root, remote, *rsh)
+            assert_mirrors(src.root, dst)
+            assert os.listdir(dst / ".mirror" / "tmp") == []
+            assert not reader.bad, f"trial {trial}: the reader saw {reader.bad[:5]}"
+    finally:
+        reader.stop.set()
+        reader.join()
+    assert not reader.bad, reader.bad[:5]
