@@ -325,7 +325,7 @@ def test_killed_receiver_leaves_no_temporary_name_in_the_replica(tmp_path):
     for good).  Made in the state dir's tmp/, it is never seen, and the next session
     removes it."""
     src, dst = tmp_path / "src", tmp_path / "dst"
-    n, dirs = 12_000, 20
+    n, dirs = 8_000, 20
     for d in range(dirs):
         os.makedirs(src / f"s{d}")
     dst.mkdir()
@@ -358,7 +358,7 @@ def test_killed_receiver_leaves_no_temporary_name_in_the_replica(tmp_path):
     lister = threading.Thread(target=list_replica, daemon=True)
     lister.start()
     try:
-        for v in range(4):
+        for v in range(3):
             with mirror_server(tmp_path, {"m": str(dst)}) as server:
                 secret = ("--secret-file", server.secret_file)
                 argv = [*MIRROR, "sync", "--no-fsync", *secret, str(src), server.url("m")]
