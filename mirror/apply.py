@@ -309,6 +309,7 @@ class ReplicaWriter:
                 self._locked_discard()
             refused = review_deletions(self.tree, self._deletes, self.policy, self.keep)
             for path in self._deletes if not (refused or self.dry_run) else ():
+                self.lock.check(force=False)  # a lock made meanwhile (a takeover) stops those left
                 with self._entry(path), contextlib.suppress(FileNotFoundError):
                     kept = self.tree.remove(path, keep=self.keep)
                     self.deleted += 1

@@ -554,3 +554,41 @@ def test_remote_shell_receiver_killed_mid_session(tmp_path):
         reader.stop.set()
         reader.join()
     assert not reader.bad, reader.bad[:5]
+
+
+def test_mirroring_lock_made_during_deletions_stops_those_left(tmp_path):
+    """A session's deletions come last, all in a row: a receiver slow there (every unlink
+    held 0.1 s by strace, or a receiver frozen and woken after a takeover) went on deleting
+    in a tree whose mirroring lock had appeared, where the new primary's service may have
+    written since.  The lock stops what is left within its check interval."""
+    from mirror.lockfile import acquire
+
+    src, dst, lock = tmp_path / "src", tmp_path / "dst", tmp_path / "mirror.lock"
+    src.mkdir()
+    dst.mkdir()
+    count = 40
+    for i in range(count):
+        (src / f"f{i:02d}").write_bytes(b"x")
+    slow = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=unlinkat", "-e", "inject=unlinkat:delay_enter=100000"]
+
+    def left() -> int:
+        return len([n for n in os.listdir(dst) if n.startswith("f")])
+
+    with mirror_server(tmp_path, {"m": str(dst)}, "--lock-file", str(lock), prefix=slow) as server:
+        secret = ("--secret-file", server.secret_file)
+        _sync(str(src), server.url("m"), *secret)
+        for i in range(count):
+            (src / f"f{i:02d}").unlink()
+        argv = [*MIRROR, "sync", "--delete", "--allow-mass-delete", *secret, str(src), server.url("m")]
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: left() < count - 2 or proc.poll() is not None, interval=0.002)
+        acquire(os.fsencode(lock), reason="takeover")
+        at_lock = left()
+        wait_until(lambda: proc.poll() is not None, timeout=60)
+        _assert_clean_error(proc, codes=(3,), says=(b"lock",))
+        with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+            for child in f.read().split():
+                os.kill(int(child), signal.SIGTERM)
+        server.proc.wait(timeout=30)
+    # One deletion may be under way when the lock appears, one more before its check is due.
+    assert left() >= at_lock - 3, f"{at_lock - left()} of {at_lock} entries deleted under the mirroring lock"
