@@ -157,7 +157,7 @@ class ReplicaWriter:
         self.failures: list = []
         self.in_flight = None  # the Commit of the file being written: one at a time
         self.batches = Batches(tree, sync_writes=sync_writes, failed=self.fail, committed=self._committed,
-                               before_rename=self._locked_discard)  # fmt: skip
+                               before_rename=self._locked_discard, between=lambda: lock.check(force=False))  # fmt: skip
         self._deletes: list[bytes] = []
         self._dir_attrs: list[tuple[bytes, list]] = []
 

@@ -61,13 +61,15 @@ class Batches:
     ``committed(size)`` of each one that was: both in the caller's thread, never the
     worker's (the transport and the statistics are the caller's).  ``before_rename()`` runs
     once the data is durable, right before each round of renames (after the wait for the
-    disk, however long): it may raise to stop them (the caller then calls ``discard``)."""
+    disk, however long), ``between()`` before each rename (it must be cheap): either may
+    raise to stop them (the caller then calls ``discard``)."""
 
     def __init__(self, tree: ConfinedTree, *, sync_writes: bool, failed: Callable, committed: Callable,
-                 before_rename: Callable = lambda: None):  # fmt: skip
+                 before_rename: Callable = lambda: None, between: Callable = lambda: None):  # fmt: skip
         self.tree = tree
         self.sync_writes = sync_writes
         self._before_rename = before_rename
+        self._between = between
         # The worker fsyncs a batch's directories through a DirSyncs that holds them all
         # (one per file at most), so it never opens one through the tree's cache, which
         # only the caller's thread may use.
@@ -180,6 +182,7 @@ class Batches:
         renamed: list[Commit] = []
         try:
             for commit, size in batch:
+                self._between()
                 self._unqueue(commit.path)
                 try:
                     commit.commit()

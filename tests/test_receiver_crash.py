@@ -592,3 +592,39 @@ def test_mirroring_lock_made_during_deletions_stops_those_left(tmp_path):
         server.proc.wait(timeout=30)
     # One deletion may be under way when the lock appears, one more before its check is due.
     assert left() >= at_lock - 3, f"{at_lock - left()} of {at_lock} entries deleted under the mirroring lock"
+
+
+def test_mirroring_lock_made_while_a_batch_is_renamed_stops_the_rest_of_it(tmp_path):
+    """A batch's renames (up to 256 files) in a row: a receiver slow there (every rename held
+    20 ms by strace, or a receiver frozen among them and woken after a takeover) renamed
+    the rest of the batch into a tree whose mirroring lock had appeared.  The lock stops
+    them within its check interval; the files not renamed are dropped."""
+    from mirror.commits import BATCH_FILES
+    from mirror.lockfile import acquire
+
+    src, dst, lock = tmp_path / "src", tmp_path / "dst", tmp_path / "mirror.lock"
+    src.mkdir()
+    dst.mkdir()
+    for i in range(BATCH_FILES // 2):
+        (src / f"f{i:03d}").write_bytes(b"%d\n" % i)
+    slow = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=rename,renameat,renameat2",
+            "-e", "inject=rename,renameat,renameat2:delay_enter=20000"]  # fmt: skip
+
+    def mirrored() -> int:
+        return len([n for n in os.listdir(dst) if n.startswith("f")])
+
+    with mirror_server(tmp_path, {"m": str(dst)}, "--lock-file", str(lock), prefix=slow) as server:
+        argv = [*MIRROR, "sync", "--secret-file", server.secret_file, str(src), server.url("m")]
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: mirrored() > 2 or proc.poll() is not None, interval=0.002)
+        acquire(os.fsencode(lock), reason="takeover")
+        at_lock = mirrored()
+        wait_until(lambda: proc.poll() is not None, timeout=60)
+        _assert_clean_error(proc, codes=(3,), says=(b"lock",))
+        with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+            for child in f.read().split():
+                os.kill(int(child), signal.SIGTERM)
+        server.proc.wait(timeout=30)
+    # 0.1 s between checks: at most a few more renames of 20 ms each.
+    assert mirrored() <= at_lock + 8, f"{mirrored() - at_lock} files renamed in under the mirroring lock"
+    assert os.listdir(dst / ".mirror" / "tmp") == []
