@@ -8,9 +8,9 @@ what keeps the replica whole, whoever asks:
   nothing outside is reached;
 - new files arrive as temporary files, committed in batches (``mirror.commits``): data
   durable before its rename, renames durable before the session reports done;
-- the mirroring lock: before every change (at most every ``lockfile.LOCK_CHECK_SECONDS``) and before
-  every batch is renamed into place; if it appears, what is pending is discarded and the
-  session ends with ``LockedError``;
+- the mirroring lock: before every change, rename and deletion (at most every
+  ``lockfile.LOCK_CHECK_SECONDS``) and before every batch is renamed into place, once its data
+  is durable; if it appears, what is pending is discarded and the session ends with ``LockedError``;
 - the module's privilege policy (devices, special files, set-id bits) by what the entry is
   on the replica, not what the sender calls it;
 - the order of a session: one file at a time, nothing but reviewed deletions in a dry run,
