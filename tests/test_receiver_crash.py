@@ -405,6 +405,9 @@ def test_mirroring_lock_made_while_the_receiver_waits_for_the_disk_stops_the_bat
     stall = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync,syncfs",
              "-e", "inject=fsync,syncfs:delay_enter=500000"]  # fmt: skip
     tmp = dst / ".mirror" / "tmp"
+    # Other tests' dirty data would make a batch fsync its files one by one (safefs.fsync_all),
+    # each held 0.5 s, instead of one syncfs.
+    os.sync()
 
     def second_batch_verified() -> bool:
         # Both batches written and given their times: the second one's lock check is done,
