@@ -20,12 +20,15 @@ import fcntl
 import hashlib
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 from tests.helpers import MIRROR, REPO, wait_until
 from tests.servers import REMOTE_MIRROR, fake_rsh, mirror_server
@@ -35,6 +38,8 @@ TRIALS = int(os.environ.get("HAMIRROR_RECEIVER_CRASH_TRIALS", "4"))
 BIG = 320 << 10  # over the sender's delta threshold (records.DELTA_THRESHOLD): rewritten as deltas
 SYMLINKS = 3000  # retargeted every trial: many short make_special windows for a kill to land in
 TEMP_PREFIX = b".hamirror."
+# strace holds a receiver's system calls: a disk that stalls, a receiver slow at the wrong moment.
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 
 
 def _versioned(logical: str, version: int, body: bytes) -> bytes:
@@ -385,6 +390,7 @@ def test_killed_receiver_leaves_no_temporary_name_in_the_replica(tmp_path):
     assert os.listdir(dst / ".mirror" / "tmp") == []
 
 
+@needs_strace
 def test_mirroring_lock_made_while_the_receiver_waits_for_the_disk_stops_the_batch_it_waited_for(tmp_path):
     """A receiver renames a full batch once the disk has its data: a slow fsync (here every
     fsync and syncfs held 0.5 s by strace, a disk that stalls or a receiver frozen there) is a
@@ -559,6 +565,7 @@ def test_remote_shell_receiver_killed_mid_session(tmp_path):
     assert not reader.bad, reader.bad[:5]
 
 
+@needs_strace
 def test_mirroring_lock_made_during_deletions_stops_those_left(tmp_path):
     """A session's deletions come last, all in a row: a receiver slow there (every unlink
     held 0.1 s by strace, or a receiver frozen and woken after a takeover) went on deleting
@@ -597,6 +604,7 @@ def test_mirroring_lock_made_during_deletions_stops_those_left(tmp_path):
     assert left() >= at_lock - 3, f"{at_lock - left()} of {at_lock} entries deleted under the mirroring lock"
 
 
+@needs_strace
 def test_mirroring_lock_made_while_a_batch_is_renamed_stops_the_rest_of_it(tmp_path):
     """A batch's renames (up to 256 files) in a row: a receiver slow there (every rename held
     20 ms by strace, or a receiver frozen among them and woken after a takeover) renamed
