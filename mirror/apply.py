@@ -8,9 +8,9 @@ what keeps the replica whole, whoever asks:
   nothing outside is reached;
 - new files arrive as temporary files, committed in batches (``mirror.commits``): data
   durable before its rename, renames durable before the session reports done;
-- the mirroring lock: before every change (at most every ``lockfile.LOCK_CHECK_SECONDS``) and before
-  every batch is renamed into place; if it appears, what is pending is discarded and the
-  session ends with ``LockedError``;
+- the mirroring lock: before every change, rename and deletion (at most every
+  ``lockfile.LOCK_CHECK_SECONDS``) and before every batch is renamed into place, once its data
+  is durable; if it appears, what is pending is discarded and the session ends with ``LockedError``;
 - the module's privilege policy (devices, special files, set-id bits) by what the entry is
   on the replica, not what the sender calls it;
 - the order of a session: one file at a time, nothing but reviewed deletions in a dry run,
@@ -156,7 +156,8 @@ class ReplicaWriter:
         self.deleted = 0
         self.failures: list = []
         self.in_flight = None  # the Commit of the file being written: one at a time
-        self.batches = Batches(tree, sync_writes=sync_writes, failed=self.fail, committed=self._committed)
+        self.batches = Batches(tree, sync_writes=sync_writes, failed=self.fail, committed=self._committed,
+                               before_rename=self._locked_discard, between=lambda: lock.check(force=False))  # fmt: skip
         self._deletes: list[bytes] = []
         self._dir_attrs: list[tuple[bytes, list]] = []
 
@@ -192,7 +193,8 @@ class ReplicaWriter:
         return refusal is not None
 
     def _locked_discard(self) -> None:
-        """Before files are renamed into place: the mirroring lock discards them instead."""
+        """Before files are renamed into place (once their data is durable: the wait for the
+        disk may be long) or anything deleted: the mirroring lock discards them instead."""
         try:
             self.lock.check()
         except LockedError:
@@ -223,7 +225,6 @@ class ReplicaWriter:
             self.fail(req, commit.path, failure_reason(exc))
             return
         if self.batches.add(commit, size):
-            self._locked_discard()
             self.batches.hand_over()
 
     def drop_file(self, commit) -> None:
@@ -294,7 +295,6 @@ class ReplicaWriter:
         is whole is kept; deletions and directory times wait for next time."""
         self.drop_file(self.in_flight)
         if not self.batches.empty:
-            self._locked_discard()
             self.batches.drain(dir_syncs)
 
     def finish(self) -> str | None:
@@ -309,6 +309,7 @@ class ReplicaWriter:
                 self._locked_discard()
             refused = review_deletions(self.tree, self._deletes, self.policy, self.keep)
             for path in self._deletes if not (refused or self.dry_run) else ():
+                self.lock.check(force=False)  # a lock made meanwhile (a takeover) stops those left
                 with self._entry(path), contextlib.suppress(FileNotFoundError):
                     kept = self.tree.remove(path, keep=self.keep)
                     self.deleted += 1

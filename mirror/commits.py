@@ -59,11 +59,17 @@ class Batches:
 
     ``failed(None, path, reason)`` is told of a file that could not be renamed into place,
     ``committed(size)`` of each one that was: both in the caller's thread, never the
-    worker's (the transport and the statistics are the caller's)."""
+    worker's (the transport and the statistics are the caller's).  ``before_rename()`` runs
+    once the data is durable, right before each round of renames (after the wait for the
+    disk, however long), ``between()`` before each rename (it must be cheap): either may
+    raise to stop them (the caller then calls ``discard``)."""
 
-    def __init__(self, tree: ConfinedTree, *, sync_writes: bool, failed: Callable, committed: Callable):
+    def __init__(self, tree: ConfinedTree, *, sync_writes: bool, failed: Callable, committed: Callable,
+                 before_rename: Callable = lambda: None, between: Callable = lambda: None):  # fmt: skip
         self.tree = tree
         self.sync_writes = sync_writes
+        self._before_rename = before_rename
+        self._between = between
         # The worker fsyncs a batch's directories through a DirSyncs that holds them all
         # (one per file at most), so it never opens one through the tree's cache, which
         # only the caller's thread may use.
@@ -107,6 +113,7 @@ class Batches:
             self.drain()
             return
         self._wait()  # the batch the worker had is durable, the one before renamed durably
+        self._before_rename()
         directories = DirSyncs(True, self.tree, self._failed)
         try:
             self._rename_into(self._fsyncing, directories)
@@ -123,6 +130,9 @@ class Batches:
         With ``dir_syncs`` the directories are handed to it instead of fsynced here: the
         caller changes more in them first (the end of a session), then fsyncs each once."""
         self._wait()
+        if self.sync_writes and self._filling:  # if it fails they stay queued, for discard() to drop
+            fsync_all([commit.file.fileno() for commit, _ in self._filling], self._filling_bytes)
+        self._before_rename()
         own = dir_syncs is None
         if own:
             dir_syncs = DirSyncs(self.sync_writes, self.tree, self._failed)
@@ -130,8 +140,6 @@ class Batches:
             self._rename_into(self._fsyncing, dir_syncs)
             self._fsyncing = []
             if self._filling:
-                if self.sync_writes:  # if it fails they stay queued, for discard() to drop
-                    fsync_all([commit.file.fileno() for commit, _ in self._filling], self._filling_bytes)
                 filling, self._filling, self._filling_bytes = self._filling, [], 0
                 self._rename_into(filling, dir_syncs)
             if own:
@@ -174,6 +182,7 @@ class Batches:
         renamed: list[Commit] = []
         try:
             for commit, size in batch:
+                self._between()
                 self._unqueue(commit.path)
                 try:
                     commit.commit()

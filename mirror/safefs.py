@@ -216,14 +216,19 @@ class ConfinedTree:
     def new_file(self, path: bytes) -> Commit:
         """A temporary file that ``Commit.commit()`` renames to ``path``."""
         dir_fd, name = self.parent(path)
-        if self.temp_dir_fd is not None and self._mount_of(dir_fd) == self._temp_mount:
-            temp_fd = self.temp_dir_fd
-        else:
-            temp_fd = dir_fd  # another mount below the root: rename must stay within one
+        temp_fd = self._temp_dir_for(dir_fd)
         temp = _temp_name()
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=temp_fd)  # fmt: skip
         return Commit(self, path, dir_fd, name, temp_fd, temp, fd)
+
+    def _temp_dir_for(self, dir_fd: int) -> int:
+        """Where a temporary entry for a name in ``dir_fd`` is made: the temp dir, whose
+        leftovers a crashed session's successor removes, unless ``dir_fd`` is on another
+        mount (rename must stay within one): then beside its target."""
+        if self.temp_dir_fd is not None and self._mount_of(dir_fd) == self._temp_mount:
+            return self.temp_dir_fd
+        return dir_fd
 
     def _mount_of(self, dir_fd: int) -> int:
         """``mount_id`` of a descriptor from ``dir_fd()`` (valid while it stays cached)."""
@@ -252,27 +257,30 @@ class ConfinedTree:
         made under a temporary name beside it, then renamed over whatever was there."""
         parent, name = self.parent(path)
         dir_fd = os.dup(parent)  # resolving ``link_to`` below may close the cached one
+        # In the temp dir when it can be: a temporary name beside the target, left by a
+        # killed receiver, would be an entry of the replica that the source never had.
+        temp_fd = self.temp_dir_fd if self._temp_dir_for(parent) != parent else dir_fd
         temp = _temp_name()
         try:
             if link_to is not None:
                 src_dir, src_name = self.parent(link_to)
-                os.link(src_name, temp, src_dir_fd=src_dir, dst_dir_fd=dir_fd, follow_symlinks=False)
+                os.link(src_name, temp, src_dir_fd=src_dir, dst_dir_fd=temp_fd, follow_symlinks=False)
             elif kind == Kind.SYMLINK:
-                os.symlink(target, temp, dir_fd=dir_fd)
+                os.symlink(target, temp, dir_fd=temp_fd)
             elif kind in (Kind.FIFO, Kind.SOCKET):
                 fmt = stat.S_IFIFO if kind == Kind.FIFO else stat.S_IFSOCK
-                os.mknod(temp, 0o600 | fmt, dir_fd=dir_fd)
+                os.mknod(temp, 0o600 | fmt, dir_fd=temp_fd)
             elif kind in (Kind.CHAR, Kind.BLOCK):
                 fmt = stat.S_IFCHR if kind == Kind.CHAR else stat.S_IFBLK
-                os.mknod(temp, 0o600 | fmt, rdev, dir_fd=dir_fd)
+                os.mknod(temp, 0o600 | fmt, rdev, dir_fd=temp_fd)
             else:
                 raise ValueError(f"make_special: kind {kind}")
             try:
-                self._replace(dir_fd, temp, dir_fd, name, path)
+                self._replace(temp_fd, temp, dir_fd, name, path)
             finally:
                 # rename() of a hard link over a name of the same inode does nothing: the
                 # temporary name would stay behind.
-                _unlink_quietly(dir_fd, temp)
+                _unlink_quietly(temp_fd, temp)
         finally:
             os.close(dir_fd)
 
