@@ -1,0 +1,301 @@
+"""A full disk wherever a sync writes: the replica's data and state, locally and to a receiver,
+and the source's state dir.
+
+Small real file systems (tmpfs with ``size=``/``nr_inodes=``, an ext4 image on a loop device:
+they run out differently) are filled to the last few KB or inodes before a sync.  Whatever
+fails, the claims are the same:
+
+- nothing half-written is ever visible at a final name (a reader thread polls the replica
+  throughout the sync);
+- the error names the file (or the state file) and the exit code is the documented one
+  (README: 1 partial, 2 error);
+- no temporary file is left in the replica's ``.mirror/tmp`` (nor a state file's temp);
+- what the replica had stays intact, its state stays readable, and once space is freed the
+  next sync is accepted and converges.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from mirror.applied import read_applied
+from mirror.epoch import read_epoch
+from mirror.guard import load as load_identity
+from tests.daemons import live_daemon
+from tests.helpers import run_mirror, wait_until
+from tests.servers import mirror_server
+from tests.snapshot import assert_mirrors
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting small file systems needs root")
+
+
+# -- small file systems ------------------------------------------------------------------------
+
+
+@contextmanager
+def small_fs(where: Path, kind: str, *, size_kb: int, inodes: int | None = None):
+    """A fresh file system of ``kind`` ("tmpfs" or "ext4") mounted at ``where``; unmounted
+    (and its loop device freed) however the block ends."""
+    where.mkdir()
+    if kind == "tmpfs":
+        opts = f"size={size_kb}k" + (f",nr_inodes={inodes}" if inodes else "")
+        cmd = ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)]
+    else:
+        image = where.parent / (where.name + ".img")
+        with open(image, "wb") as f:
+            f.truncate(size_kb << 10)
+        mkfs = ["mkfs.ext4", "-q", "-F", "-b", "1024", "-m", "0", "-E", "nodiscard,lazy_itable_init=0"]
+        if inodes:
+            mkfs += ["-N", str(inodes)]
+        if shutil.which("mkfs.ext4") is None or subprocess.run([*mkfs, str(image)], capture_output=True).returncode:
+            pytest.skip("cannot make an ext4 image here (mkfs.ext4)")
+        cmd = ["mount", "-o", "loop", str(image), str(where)]
+    proc = subprocess.run(cmd, capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount {kind} here: {proc.stderr.decode(errors='replace').strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["sync", "-f", str(where)], capture_output=True)
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(mount: Path, leave: int = 0) -> Path:
+    """Fill ``mount``'s space with one file, then give back about ``leave`` bytes; the file
+    (outside the tree under test) is removed to free the space again."""
+    filler = mount / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in (1 << 20, 64 << 10, 4 << 10, 1 << 10):
+            while True:
+                try:
+                    os.write(fd, b"\0" * chunk)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+        size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    os.truncate(filler, max(0, size - leave))
+    os.sync()
+    return filler
+
+
+def fill_inodes(mount: Path, leave: int = 0) -> Path:
+    """Use up ``mount``'s inodes with empty files, but ``leave``."""
+    filler = mount / "inode-filler"
+    filler.mkdir()
+    made = []
+    for i in range(1 << 20):
+        try:
+            fd = os.open(filler / str(i), os.O_CREAT | os.O_WRONLY, 0o600)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            break
+        os.close(fd)
+        made.append(i)
+    for i in made[len(made) - leave:] if leave else ():
+        os.unlink(filler / str(i))
+    return filler
+
+
+def free(filler: Path) -> None:
+    if filler.is_dir():
+        shutil.rmtree(filler)
+    else:
+        filler.unlink()
+
+
+# -- what the replica shows while a sync runs ---------------------------------------------------
+
+
+def digests(root: Path) -> dict[bytes, str]:
+    """path -> sha256 of each regular file under ``root`` (its state dir left out)."""
+    out = {}
+    root_b = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(root_b):
+        if dirpath == root_b and b".mirror" in dirnames:
+            dirnames.remove(b".mirror")
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if os.path.isfile(full) and not os.path.islink(full):
+                with open(full, "rb") as f:
+                    out[os.path.relpath(full, root_b)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+class Watcher:
+    """Polls the replica in a thread of its own for as long as the block runs: every regular
+    file at a final name must be whole, the replica's old version or the source's."""
+
+    def __init__(self, replica: Path, *versions: dict[bytes, str]):
+        self.replica = os.fsencode(replica)
+        self.allowed: dict[bytes, set[str]] = {}
+        for version in versions:
+            for path, digest in version.items():
+                self.allowed.setdefault(path, set()).add(digest)
+        self.bad: list = []
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                seen = digests(self.replica)
+            except OSError:
+                continue  # a file renamed or deleted under the walk: the next poll sees it
+            self.polls += 1
+            for path, digest in seen.items():
+                if digest not in self.allowed.get(path, ()):
+                    self.bad.append((path, digest))
+
+
+def assert_state_whole(replica: Path, *, expect_identity: bool = True) -> None:
+    """The replica's state dir: every state file readable, no temporary file anywhere in it."""
+    state = replica / ".mirror"
+    read_epoch(os.fsencode(state))  # raises on a torn or empty file
+    read_applied(os.fsencode(state))
+    identity = load_identity(os.fsencode(state))
+    if expect_identity:
+        assert identity is not None
+    left = [n for n in os.listdir(state) if n.endswith(".tmp")]
+    assert left == [], f"temporary state files left behind: {left}"
+    if (state / "tmp").exists():
+        assert os.listdir(state / "tmp") == [], "received files' temporaries left behind"
+
+
+def small_files(root: Path, count: int, size: int, dirs: int = 8, tag: bytes = b"") -> None:
+    for i in range(count):
+        d = root / f"d{i % dirs}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i:05d}").write_bytes((tag + b"%08d" % i) * (size // 8))
+
+
+class Target:
+    """Where a sync writes: the directory itself (local), or a `mirror serve` module of it."""
+
+    def __init__(self, mode: str, replica: Path, tmp_path: Path):
+        self.mode, self.replica, self.tmp_path = mode, replica, tmp_path
+
+    @contextmanager
+    def running(self):
+        if self.mode == "local":
+            yield self
+            return
+        (self.tmp_path / "srv").mkdir(exist_ok=True)
+        with mirror_server(self.tmp_path / "srv", {"m": str(self.replica)}) as server:
+            self.server = server
+            yield self
+
+    def sync(self, src: Path, *extra: str):
+        if self.mode == "local":
+            return run_mirror("sync", *extra, src, self.replica)
+        return run_mirror("sync", *extra, src, self.server.url("m"), "--secret-file", self.server.secret_file)
+
+    def server_log(self) -> str:
+        log = self.tmp_path / "srv" / "server.log"
+        return log.read_text(errors="replace") if log.exists() else ""
+
+
+def no_traceback(proc, target: Target) -> None:
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
+    assert "Traceback" not in target.server_log(), target.server_log()
+
+
+MODES = ["local", "remote"]
+
+
+# -- 1. space runs out in the middle of many small files ------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
+@pytest.mark.parametrize("mode", MODES)
+def test_space_running_out_among_many_small_files_fails_them_by_name_and_the_next_sync_converges(
+    tmp_path, kind, mode
+):
+    src = tmp_path / "src"
+    small_files(src, 60, 2000, tag=b"old")
+    with small_fs(tmp_path / "fs", kind, size_kb=8192) as fs:
+        replica = fs / "replica"
+        replica.mkdir()
+        target = Target(mode, replica, tmp_path)
+        with target.running():
+            assert target.sync(src).returncode == 0
+            old = digests(replica)
+            # 600 new files of 6 KB (3.6 MB) and every old one changed, into ~600 KB of room:
+            # the batches (256 files) run out of space part of the way through.
+            for i in range(60):
+                (src / f"d{i % 8}" / f"f{i:05d}").write_bytes(b"new%05d" % i * 500)
+            small_files(src / "more", 600, 6000, tag=b"more")
+            filler = fill(fs, leave=600 << 10)
+            with Watcher(replica, old, digests(src)) as watcher:
+                proc = target.sync(src, "--delete")
+            no_traceback(proc, target)
+            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+            assert proc.returncode == 1, proc.stderr.decode(errors="replace")[-2000:]
+            assert b"ENOSPC" in proc.stderr and b"more/d" in proc.stderr
+            assert_state_whole(replica)
+            # What the replica had is there, old or new, whole.
+            now = digests(replica)
+            for path in old:
+                assert path in now
+            free(filler)
+            proc = target.sync(src, "--delete")
+            assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+            assert_mirrors(src, replica)
+            assert_state_whole(replica)
+
+
+# -- 2. inodes run out while making directories, symlinks and files --------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inodes_running_out_among_directories_symlinks_and_files(tmp_path, mode):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "keep").write_bytes(b"kept")
+    with small_fs(tmp_path / "fs", "tmpfs", size_kb=8192, inodes=4000) as fs:
+        replica = fs / "replica"
+        replica.mkdir()
+        target = Target(mode, replica, tmp_path)
+        with target.running():
+            assert target.sync(src).returncode == 0
+            old = digests(replica)
+            for i in range(120):
+                d = src / f"dir{i:03d}"
+                d.mkdir()
+                (d / "file").write_bytes(b"file %d" % i)
+                os.symlink(f"../dir{i:03d}/file", d / "link")
+                (d / "sub").mkdir()
+            filler = fill_inodes(fs, leave=150)
+            with Watcher(replica, old, digests(src)) as watcher:
+                proc = target.sync(src)
+            no_traceback(proc, target)
+            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+            assert proc.returncode == 1, proc.stderr.decode(errors="replace")[-2000:]
+            assert b"ENOSPC" in proc.stderr and b"dir" in proc.stderr
+            assert (replica / "keep").read_bytes() == b"kept"
+            assert_state_whole(replica)
+            free(filler)
+            proc = target.sync(src)
+            assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+            assert_mirrors(src, replica)
