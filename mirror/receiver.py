@@ -124,7 +124,8 @@ class Receiver:
         except Exception as exc:
             error = exc
             if isinstance(exc, OSError):  # a set-up or disk error that ends the session
-                error = MirrorError(f"receiver: {exc}")
+                where = f"{display_path(exc.filename)}: " if exc.filename else ""  # the sender says "receiver: "
+                error = MirrorError(f"{where}{exc.strerror or exc}")
             elif not isinstance(exc, MirrorError):
                 log.exception("receiver for %s: internal error", self.peer)
                 error = ProtocolError(f"receiver internal error: {type(exc).__name__}: {exc}")

@@ -30,8 +30,7 @@ import pytest
 from mirror.applied import read_applied
 from mirror.epoch import read_epoch
 from mirror.guard import load as load_identity
-from tests.daemons import live_daemon
-from tests.helpers import run_mirror, wait_until
+from tests.helpers import run_mirror
 from tests.servers import mirror_server
 from tests.snapshot import assert_mirrors
 
@@ -298,4 +297,163 @@ def test_inodes_running_out_among_directories_symlinks_and_files(tmp_path, mode)
             free(filler)
             proc = target.sync(src)
             assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+            assert_mirrors(src, replica)
+
+
+# -- 3. space runs out exactly when the replica's state is written ----------------------------------
+
+
+def few_files(src: Path, tag: bytes = b"v1") -> None:
+    for i in range(12):
+        d = src / f"d{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(tag + b" %d " % i * 300)
+
+
+def state_of(replica: Path) -> bytes:
+    return os.fsencode(replica / ".mirror")
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_full_disk_when_a_newer_epoch_is_recorded_refuses_the_session_by_name_and_keeps_the_old_epoch(
+    tmp_path, mode, kind
+):
+    src = tmp_path / "src"
+    few_files(src)
+    with small_fs(tmp_path / "fs", kind, size_kb=1024 if kind == "tmpfs" else 4096) as fs:
+        replica = fs / "replica"
+        replica.mkdir()
+        target = Target(mode, replica, tmp_path)
+        with target.running():
+            assert target.sync(src).returncode == 0
+            old, old_epoch = digests(replica), read_epoch(state_of(replica))
+            assert run_mirror("epoch", "bump", src).returncode == 0  # a takeover: the replica must record it
+            few_files(src, b"v2")
+            filler = fill(fs)
+            with Watcher(replica, old, digests(src)) as watcher:
+                proc = target.sync(src, "--delete")
+            no_traceback(proc, target)
+            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+            assert proc.returncode == 2, proc.stderr.decode(errors="replace")
+            assert b".mirror/epoch: No space left on device" in proc.stderr
+            assert b"epoch raised" not in proc.stderr and "epoch raised" not in target.server_log()
+            assert read_epoch(state_of(replica)) == old_epoch
+            assert digests(replica) == old  # refused before anything was written
+            assert_state_whole(replica)
+            free(filler)
+            proc = target.sync(src, "--delete")
+            assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+            assert read_epoch(state_of(replica)) == old_epoch + 1
+            assert_mirrors(src, replica)
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_first_sync_to_a_full_disk_names_the_state_it_cannot_write_and_leaves_no_torn_state(tmp_path, mode, kind):
+    src = tmp_path / "src"
+    few_files(src)
+    with small_fs(tmp_path / "fs", kind, size_kb=1024 if kind == "tmpfs" else 4096) as fs:
+        replica = fs / "replica"
+        replica.mkdir()
+        filler = fill(fs)
+        target = Target(mode, replica, tmp_path)
+        with target.running():
+            proc = target.sync(src)
+            no_traceback(proc, target)
+            assert proc.returncode == 2, proc.stderr.decode(errors="replace")
+            # The state dir, its marker, the writer lock, the tree identity: whichever could
+            # not be written is named.
+            assert b"/replica/.mirror" in proc.stderr and b"No space left on device" in proc.stderr
+            assert set(os.listdir(replica)) <= {".mirror"}
+            state = replica / ".mirror"
+            if state.exists():
+                marker = state / "HAMIRROR-STATE"
+                assert not marker.exists() or b"hamirror's state" in marker.read_bytes()  # never an empty marker
+                assert_state_whole(replica, expect_identity=False)
+            free(filler)
+            proc = target.sync(src)
+            assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+            assert_mirrors(src, replica)
+            assert b"hamirror's state" in (state / "HAMIRROR-STATE").read_bytes()
+            assert_state_whole(replica)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_digest_cache_that_cannot_be_written_costs_the_cache_not_the_sync(tmp_path, mode):
+    src = tmp_path / "src"
+    small_files(src, 1500, 16)  # a cache of some tens of KB
+    with small_fs(tmp_path / "fs", "tmpfs", size_kb=16384) as fs:
+        replica = fs / "replica"
+        replica.mkdir()
+        target = Target(mode, replica, tmp_path)
+        with target.running():
+            assert target.sync(src).returncode == 0
+            filler = fill(fs)
+            proc = target.sync(src, "--checksum")
+            no_traceback(proc, target)
+            assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+            if mode == "local":
+                assert b"cannot write the digest cache" in proc.stderr and b".manifest" in proc.stderr
+            else:
+                assert "cannot write the digest cache" in target.server_log()
+            assert_state_whole(replica)
+            assert not [n for n in os.listdir(replica / ".mirror") if n.endswith(".manifest")]
+            assert_mirrors(src, replica)
+            free(filler)
+            assert target.sync(src, "--checksum").returncode == 0
+            assert [n for n in os.listdir(replica / ".mirror") if n.endswith(".manifest")]
+
+
+# -- 4. the replica's disk is full before the sync starts ------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_sync_that_only_deletes_works_on_a_full_replica(tmp_path, mode, kind):
+    src = tmp_path / "src"
+    small_files(src, 80, 3000)
+    with small_fs(tmp_path / "fs", kind, size_kb=4096) as fs:
+        replica = fs / "replica"
+        replica.mkdir()
+        target = Target(mode, replica, tmp_path)
+        with target.running():
+            assert target.sync(src).returncode == 0
+            for i in range(0, 80, 2):
+                (src / f"d{i % 8}" / f"f{i:05d}").unlink()
+            filler = fill(fs)
+            with Watcher(replica, digests(replica)) as watcher:
+                proc = target.sync(src, "--delete")
+            no_traceback(proc, target)
+            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+            assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+            assert_mirrors(src, replica)
+            assert_state_whole(replica)
+            free(filler)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_on_a_full_replica_the_deletions_still_free_space_so_the_next_sync_converges_unaided(tmp_path, mode):
+    src = tmp_path / "src"
+    small_files(src, 80, 6000)
+    with small_fs(tmp_path / "fs", "tmpfs", size_kb=4096) as fs:
+        replica = fs / "replica"
+        replica.mkdir()
+        target = Target(mode, replica, tmp_path)
+        with target.running():
+            assert target.sync(src).returncode == 0
+            old = digests(replica)
+            for i in range(80):
+                (src / f"d{i % 8}" / f"f{i:05d}").unlink()
+            small_files(src / "new", 40, 6000, tag=b"new")
+            fill(fs)  # never freed: the deletions make the room
+            with Watcher(replica, old, digests(src)) as watcher:
+                proc = target.sync(src, "--delete")
+            no_traceback(proc, target)
+            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+            assert proc.returncode == 1, proc.stderr.decode(errors="replace")
+            assert b"new/d" in proc.stderr and b"ENOSPC" in proc.stderr
+            assert_state_whole(replica)
+            proc = target.sync(src, "--delete")
+            assert proc.returncode == 0, proc.stderr.decode(errors="replace")
             assert_mirrors(src, replica)
