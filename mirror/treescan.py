@@ -592,7 +592,10 @@ def source_scan(root: bytes, options, scope=None):
 
     if options.checksum and not options.dry_run:
         # Made now, not by the scan thread: creating it moves the root's mtime for a moment.
-        ensure_state_dir(resolve_state_dir(root, options.state_dir))
+        try:
+            ensure_state_dir(resolve_state_dir(root, options.state_dir))
+        except OSError:
+            pass  # a full disk: the scan goes without its digest cache, and says so
     return TreeScan(root, excluder=make_excluder(options.excludes), checksum=options.checksum,
                     state_dir=options.state_dir, scope=scope, background=scope is None).start()  # fmt: skip
 

@@ -30,7 +30,9 @@ import pytest
 from mirror.applied import read_applied
 from mirror.epoch import read_epoch
 from mirror.guard import load as load_identity
-from tests.helpers import run_mirror
+from mirror.journal import _scan as scan_journal
+from tests.daemons import converged, live_daemon
+from tests.helpers import run_mirror, wait_until
 from tests.servers import mirror_server
 from tests.snapshot import assert_mirrors
 
@@ -457,3 +459,75 @@ def test_on_a_full_replica_the_deletions_still_free_space_so_the_next_sync_conve
             proc = target.sync(src, "--delete")
             assert proc.returncode == 0, proc.stderr.decode(errors="replace")
             assert_mirrors(src, replica)
+
+
+# -- 5. the source's state dir is full -------------------------------------------------------------
+
+
+def assert_source_state_whole(state: Path) -> None:
+    """The source's state: no temporary file, the tree identity absent or whole, every journal
+    readable to its end (a reader stops at the first torn record: nothing may follow one)."""
+    if not state.exists():
+        return  # not even the directory could be made
+    names = os.listdir(state)
+    assert [n for n in names if n.endswith(".tmp")] == []
+    load_identity(os.fsencode(state))
+    marker = state / "HAMIRROR-STATE"
+    assert not marker.exists() or b"hamirror's state" in marker.read_bytes()
+    for name in names:
+        if name.startswith("journal-"):
+            data = (state / name).read_bytes()
+            assert scan_journal(data)[3] == len(data), f"{name}: a torn record at {scan_journal(data)[3]} of {len(data)}"
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
+def test_a_local_sync_from_a_source_whose_state_dir_is_full_goes_on_and_records_its_identity_later(tmp_path, kind):
+    dst = tmp_path / "dst"
+    with small_fs(tmp_path / "fs", kind, size_kb=4096) as fs:
+        src = fs / "src"
+        small_files(src, 300, 100)  # a digest cache of some KB
+        filler = fill(fs)
+        proc = run_mirror("sync", "--checksum", "--delete", src, dst)
+        assert b"Traceback" not in proc.stderr
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        assert b"cannot record the tree identity" in proc.stderr
+        assert_mirrors(src, dst)
+        assert_source_state_whole(src / ".mirror")
+        assert load_identity(os.fsencode(src / ".mirror")) is None
+        free(filler)
+        (src / "d0" / "f00000").write_bytes(b"changed")
+        proc = run_mirror("sync", "--checksum", "--delete", src, dst)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        assert_mirrors(src, dst)
+        assert load_identity(os.fsencode(src / ".mirror")) is not None
+        assert_source_state_whole(src / ".mirror")
+
+
+def test_a_daemon_whose_state_dir_fills_up_keeps_mirroring_and_never_tears_its_journal(tmp_path):
+    # The journal is appended to as changes are seen: on a full disk a write is refused, or
+    # (tmpfs, ext4: the rest of a page or block) cut short.  The watcher's thread must not die
+    # of it (no change would be seen again), nor a part of a record stay in the file (every
+    # later record would be lost to the next reader).
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    small_files(src, 20, 100)
+    with small_fs(tmp_path / "fs", "tmpfs", size_kb=1024) as fs:
+        state = fs / "state"
+        with live_daemon(src, dst, "--state-dir", state) as daemon:
+            converged(src, dst)
+            journal = wait_until(lambda: [n for n in os.listdir(state) if n.startswith("journal-")])[0]
+            (src / "first").write_bytes(b"first")
+            converged(src, dst)
+            filler = fill(fs)
+            for i in range(100):  # records of ~200 bytes: the journal's last page fills, then none is left
+                (src / f"while-full-{i:03d}-{'x' * 160}").write_bytes(b"%d" % i)
+            with Watcher(dst, digests(src)):
+                converged(src, dst)
+            free(filler)
+            for i in range(10):
+                (src / f"after-{i}").write_bytes(b"after %d" % i)
+            converged(src, dst)
+            assert "Traceback" not in daemon.log_text(), daemon.log_text()[-3000:]
+            assert "cannot write it" in daemon.log_text()
+        assert_source_state_whole(state)
+        data = (state / journal).read_bytes()
+        assert data, "the journal is written again once there is room"
