@@ -266,6 +266,37 @@ def test_space_running_out_among_many_small_files_fails_them_by_name_and_the_nex
             assert_state_whole(replica)
 
 
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_that_fits_only_in_part_is_failed_never_committed_short(tmp_path, kind, mode):
+    # One page (tmpfs) or two blocks (ext4) left: the receiver's write of a file's data takes
+    # a part and returns short.  Its digest, taken of what was sent, matches all the same: the
+    # short count itself must fail the file, or a truncated file is committed.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "old").write_bytes(b"old content" * 100)
+    with small_fs(tmp_path / "fs", kind, size_kb=4096) as fs:
+        replica = fs / "replica"
+        replica.mkdir()
+        target = Target(mode, replica, tmp_path)
+        with target.running():
+            assert target.sync(src).returncode == 0
+            old = digests(replica)
+            (src / "old").write_bytes(os.urandom(9000))
+            (src / "new").write_bytes(os.urandom(9000))
+            fill(fs, leave=4096 if kind == "tmpfs" else 2048)
+            with Watcher(replica, old, digests(src)) as watcher:
+                proc = target.sync(src)
+            no_traceback(proc, target)
+            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+            assert proc.returncode == 1, proc.stderr.decode(errors="replace")
+            assert b"ENOSPC" in proc.stderr
+            now = digests(replica)
+            assert now.get(b"old") == old[b"old"]
+            assert b"new" not in now, "a truncated file was committed"
+            assert_state_whole(replica)
+
+
 # -- 2. inodes run out while making directories, symlinks and files --------------------------------
 
 
