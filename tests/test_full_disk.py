@@ -562,3 +562,24 @@ def test_a_daemon_whose_state_dir_fills_up_keeps_mirroring_and_never_tears_its_j
         assert_source_state_whole(state)
         data = (state / journal).read_bytes()
         assert data, "the journal is written again once there is room"
+
+
+def test_a_journal_write_cut_short_by_a_full_disk_hides_no_later_record(tmp_path):
+    from mirror.journal import ENTRY, Journal, read_pending
+
+    with small_fs(tmp_path / "fs", "tmpfs", size_kb=1024) as fs:
+        path = os.fsencode(fs / "journal-test")
+        journal = Journal(path)
+        try:
+            journal.append([(ENTRY, b"before", 0)])
+            filler = fill(fs)
+            # The journal's page has room for part of this batch: the write is cut short.
+            journal.append([(ENTRY, b"while-full-%04d-" % i + b"x" * 100, 0) for i in range(60)])
+            free(filler)
+            journal.append([(ENTRY, b"after", 0)])
+        finally:
+            journal.close()
+        data = open(path, "rb").read()
+        assert scan_journal(data)[3] == len(data), "a torn record was left in the journal"
+        pending = read_pending(path)
+        assert b"before" in pending.entries and b"after" in pending.entries
