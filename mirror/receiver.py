@@ -331,7 +331,8 @@ class ReceiverSession:
                 try:
                     current = record_applied(self.state_dir, value)
                 except OSError as exc:
-                    log.warning("%s: cannot record the applied position: %s", self.peer, exc)
+                    log.warning("%s: cannot record the applied position: %s: %s", self.peer,
+                                display_path(exc.filename or self.state_dir), exc.strerror)  # fmt: skip
             else:
                 log.info("%s: session from journal sequence %d not recorded: this replica has %s", self.peer, base,
                          f"{current.seq} of {current.journal or 'a plain sync'}" if current else "no record")  # fmt: skip

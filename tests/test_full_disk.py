@@ -583,3 +583,30 @@ def test_a_journal_write_cut_short_by_a_full_disk_hides_no_later_record(tmp_path
         assert scan_journal(data)[3] == len(data), "a torn record was left in the journal"
         pending = read_pending(path)
         assert b"before" in pending.entries and b"after" in pending.entries
+
+
+def test_a_receiver_that_cannot_record_what_it_applied_keeps_the_old_record_and_records_again_later(tmp_path):
+    src = tmp_path / "src"
+    small_files(src, 20, 100)
+    with small_fs(tmp_path / "fs", "tmpfs", size_kb=1024) as fs:
+        replica = fs / "replica"
+        replica.mkdir()
+        (tmp_path / "srv").mkdir()
+        with mirror_server(tmp_path / "srv", {"m": str(replica)}) as server, \
+                live_daemon(src, server.url("m"), "--secret-file", server.secret_file) as daemon:  # fmt: skip
+            converged(src, replica)
+            first = wait_until(lambda: read_applied(state_of(replica)))
+            filler = fill(fs)
+            # Only permissions change: the session needs no room but for the applied record's rewrite.
+            os.chmod(src / "d0" / "f00000", 0o600)
+            converged(src, replica)
+            log = tmp_path / "srv" / "server.log"
+            wait_until(lambda: "cannot record the applied position" in log.read_text(errors="replace"))
+            assert ".mirror/applied: No space left on device" in log.read_text(errors="replace")
+            assert read_applied(state_of(replica)) == first
+            assert_state_whole(replica)
+            free(filler)
+            (src / "after").write_bytes(b"after")
+            converged(src, replica)
+            wait_until(lambda: read_applied(state_of(replica)).seq > first.seq)
+            assert "Traceback" not in daemon.log_text() + log.read_text(errors="replace")
