@@ -300,12 +300,13 @@ def test_a_file_that_fits_only_in_part_is_failed_never_committed_short(tmp_path,
 # -- 2. inodes run out while making directories, symlinks and files --------------------------------
 
 
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
 @pytest.mark.parametrize("mode", MODES)
-def test_inodes_running_out_among_directories_symlinks_and_files(tmp_path, mode):
+def test_inodes_running_out_among_directories_symlinks_and_files(tmp_path, mode, kind):
     src = tmp_path / "src"
     src.mkdir()
     (src / "keep").write_bytes(b"kept")
-    with small_fs(tmp_path / "fs", "tmpfs", size_kb=8192, inodes=4000) as fs:
+    with small_fs(tmp_path / "fs", kind, size_kb=8192, inodes=4000) as fs:
         replica = fs / "replica"
         replica.mkdir()
         target = Target(mode, replica, tmp_path)
@@ -559,6 +560,7 @@ def test_a_daemon_whose_state_dir_fills_up_keeps_mirroring_and_never_tears_its_j
             converged(src, dst)
             assert "Traceback" not in daemon.log_text(), daemon.log_text()[-3000:]
             assert "cannot write it" in daemon.log_text()
+            assert "cannot write the status file: " + str(state) in daemon.log_text()  # named, not a bytes repr
         assert_source_state_whole(state)
         data = (state / journal).read_bytes()
         assert data, "the journal is written again once there is room"
