@@ -104,10 +104,11 @@ class ReplicaAdmission:
         # A newer sender's epoch is recorded at most MAX_EPOCH_STEP higher per session, so
         # that whoever holds the secret cannot fence the module for good with epoch 2^63-1.
         recorded = min(epoch, mine + MAX_EPOCH_STEP)
+        now = observe_epoch(self.state_dir, recorded)  # said once it is recorded (a full disk fails it)
         where = self.module.name or display_path(self.module.path)
         log.warning("%s: epoch raised from %d to %d by %s%s", where, mine, recorded, self.peer,
                     f" (it shows {epoch}; at most +{MAX_EPOCH_STEP} per session)" if recorded < epoch else "")  # fmt: skip
-        return observe_epoch(self.state_dir, recorded)
+        return now
 
     def open_tree(self, root: bytes, dry_run: bool) -> ConfinedTree:
         # Leftover temporary files (a crashed writer's) are removed once the writer lock is

@@ -43,7 +43,10 @@ class AtomicFile:
         self._file: BinaryIO | None = None
 
     def __enter__(self) -> BinaryIO:
-        fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+        try:
+            fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+        except OSError as exc:
+            raise self._named(exc) from None
         self._file = os.fdopen(fd, "wb")
         return self._file
 
@@ -60,11 +63,19 @@ class AtomicFile:
                 os.rename(self._temp, self.path)
                 if self.durable:
                     fsync_directory(self._directory)
+        except OSError as exc:
+            self.discard()
+            raise self._named(exc) from None
         except BaseException:
             self.discard()
             raise
         if exc_type is not None:
             self.discard()
+
+    def _named(self, exc: OSError) -> OSError:
+        """The error named after the file being replaced (a write's or an fsync's names none,
+        and the temporary file's name means nothing to the user): ``epoch: No space left``."""
+        return OSError(exc.errno, exc.strerror, self.path)
 
     def discard(self) -> None:
         try:

@@ -51,6 +51,7 @@ from .errors import (
     StaleEpochError,
     display_path,
     fs_path,
+    os_error_message,
 )
 from .exclude import make_excluder
 from .guard import fs_identity
@@ -845,7 +846,7 @@ class Daemon:
         try:
             self.write_status()
         except OSError as exc:
-            log.warning("cannot write the status file: %s", exc)
+            log.warning("cannot write the status file: %s", os_error_message(exc))
 
     def _write_status_loop(self) -> None:
         while not self._stop.is_set():
@@ -856,7 +857,7 @@ class Daemon:
             try:
                 self.write_status()
             except OSError as exc:
-                log.warning("cannot write the status file: %s", exc)
+                log.warning("cannot write the status file: %s", os_error_message(exc))
             self._stop.wait(STATUS_MIN_INTERVAL)
 
 

@@ -63,6 +63,7 @@ Keeping N * C * 2^-(8 s) below 2^-40 gives
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
@@ -224,6 +225,21 @@ def _give_back(buf: mmap.mmap | None, size: int) -> None:
     if len(spare) < _SPARE_PER_SIZE:
         spare.append(buf)
     _SPARE_BUFFERS[size] = spare  # now the most recently used size
+
+
+def _write_all(stream: BinaryIO, data) -> None:
+    """Write all of ``data``.  An unbuffered file (the receiver's) may take only a part when
+    its disk fills; the rest is written, or its error (ENOSPC) raised: a short write ignored
+    would commit a truncated file whose digest, taken of what was sent, still matches."""
+    written = stream.write(data)
+    if written is None or written >= len(data):
+        return
+    with memoryview(data) as view:
+        while written < len(view):
+            n = stream.write(view[written:])
+            if not n:
+                raise OSError(errno.EIO, "a write wrote nothing")
+            written += n
 
 
 def _read_into(stream: BinaryIO, view: memoryview) -> int:
@@ -439,7 +455,7 @@ class Patcher:
                 raise ValueError(f"literal op of {len(data)} bytes exceeds the {MAX_LITERAL}-byte limit")
             self._grow(len(data))
             self._digest.update(data)
-            self.out.write(data)
+            _write_all(self.out, data)
         elif kind == COPY and len(op) == 3:
             first, count = op[1], op[2]
             if not (isinstance(first, int) and isinstance(count, int)) or first < 0 or count < 1:
@@ -467,7 +483,7 @@ class Patcher:
                 if not got:
                     raise ValueError("the basis file shrank while the delta was applied")
                 self._digest.update(view[:got])
-                self.out.write(view[:got])
+                _write_all(self.out, view[:got])
                 start += got
 
     def finish(self) -> tuple[bytes, int]:

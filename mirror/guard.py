@@ -145,6 +145,7 @@ class SourceGuard:
         self.root = root
         self.state_dir = state_dir
         self._identity: TreeIdentity | None = None
+        self._unrecorded = False  # said once that the identity cannot be recorded (a full disk)
 
     def tree_id(self, *, deleting: bool, allow: bool, dry_run: bool) -> str | None:
         """The tree id to show the replica; raises ``SourceGuardError`` when a deleting session
@@ -181,8 +182,10 @@ class SourceGuard:
             save(self.state_dir, identity)
             return True
         except OSError as exc:
-            log.warning("%s: cannot record the tree identity (%s); the source guard relies on the replica's alone",
-                        display_path(self.state_dir), exc.strerror)  # fmt: skip
+            (log.debug if self._unrecorded else log.warning)(
+                "%s: cannot record the tree identity (%s); the source guard relies on the replica's alone",
+                display_path(self.state_dir), exc.strerror)  # fmt: skip
+            self._unrecorded = True
             return False
 
 

@@ -24,6 +24,7 @@ crash, which was never fsynced, so never acknowledged) and the file is cut there
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -147,6 +148,7 @@ class Journal:
         self._held: dict[bytes, int | None] = {}
         self._sync_lock = threading.Lock()
         self._synced = 0
+        self._unwritten = False  # a write failed (a full disk) and none succeeded since
         # Names this run of the journal (changes are journaled only while it is watched): a
         # replica's applied record carrying it was written by a session of this run, so its
         # sequence can be replayed from (see ``rewind``).
@@ -174,9 +176,7 @@ class Journal:
         if len(self._cursors) > 1 and self._unrecorded:
             # every destination's position is in the file, a new one's too: a reader
             # (``read_pending``) then knows what each destination still lacks
-            out = b"".join(self._encode(0, CHECKPOINT, c, None) for c in self._unrecorded)
-            os.write(self._fd, out)
-            self._size += len(out)
+            self._append(b"".join(self._encode(0, CHECKPOINT, c, None) for c in self._unrecorded))
 
     def _parse(self, data: bytes) -> int:
         records, done, self._seq, good = _scan(data)
@@ -245,8 +245,7 @@ class Journal:
                 self._records.append((self._seq, kind, path, other, when))
             if not out:
                 return self._seq
-            os.write(self._fd, out)
-            self._size += len(out)
+            self._append(out)
             seq = self._seq
         if sync:
             self.sync()
@@ -277,10 +276,37 @@ class Journal:
             self._trim()
             if self._floor > before:
                 self._index()
-            os.write(self._fd, record)
-            self._size += len(record)
+            self._append(record)
             if self._size > COMPACT_BYTES:
-                self._compact()
+                try:
+                    self._compact()
+                except OSError as exc:  # a full disk: the journal stays as it is, only larger
+                    log.warning("journal %s: cannot compact it: %s", display_path(self.path), exc.strerror)
+
+    def _append(self, out: bytes) -> None:
+        """Append records whole or not at all.  A part (a full disk) would hide every later
+        record from the next reader, which stops at the first torn one, so it is cut off.
+        Records that could not be written stay in memory: this run still mirrors them, and a
+        restart after a crash begins with a full sync; only the warning says they are not durable."""
+        try:
+            written = os.write(self._fd, out)
+        except OSError as exc:
+            written, error = 0, exc.strerror
+        else:
+            error = None if written == len(out) else os.strerror(errno.ENOSPC)
+        if error is None:
+            self._size += written
+            if self._unwritten:
+                log.warning("journal %s: written again", display_path(self.path))
+                self._unwritten = False
+            return
+        if written:
+            os.ftruncate(self._fd, self._size)
+            os.lseek(self._fd, self._size, os.SEEK_SET)
+        if not self._unwritten:
+            log.warning("journal %s: cannot write it (%s): changes are mirrored, but not journaled until it can be",
+                        display_path(self.path), error)  # fmt: skip
+            self._unwritten = True
 
     def _trim(self) -> None:
         """Drop what every destination has passed; let go of a destination that holds more than

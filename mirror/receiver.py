@@ -124,7 +124,8 @@ class Receiver:
         except Exception as exc:
             error = exc
             if isinstance(exc, OSError):  # a set-up or disk error that ends the session
-                error = MirrorError(f"receiver: {exc}")
+                where = f"{display_path(exc.filename)}: " if exc.filename else ""  # the sender says "receiver: "
+                error = MirrorError(f"{where}{exc.strerror or exc}")
             elif not isinstance(exc, MirrorError):
                 log.exception("receiver for %s: internal error", self.peer)
                 error = ProtocolError(f"receiver internal error: {type(exc).__name__}: {exc}")
@@ -330,7 +331,8 @@ class ReceiverSession:
                 try:
                     current = record_applied(self.state_dir, value)
                 except OSError as exc:
-                    log.warning("%s: cannot record the applied position: %s", self.peer, exc)
+                    log.warning("%s: cannot record the applied position: %s: %s", self.peer,
+                                display_path(exc.filename or self.state_dir), exc.strerror)  # fmt: skip
             else:
                 log.info("%s: session from journal sequence %d not recorded: this replica has %s", self.peer, base,
                          f"{current.seq} of {current.journal or 'a plain sync'}" if current else "no record")  # fmt: skip

@@ -15,6 +15,7 @@ reads or writes a tree.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -109,9 +110,17 @@ def _mark(path: bytes) -> bool:
     except OSError:
         return False  # a read-only tree: recognised all the same
     try:
-        os.write(fd, _MARKER_TEXT)
+        written = os.write(fd, _MARKER_TEXT)
+    except OSError:
+        written = 0
     finally:
         os.close(fd)
+    if written != len(_MARKER_TEXT):
+        # A full disk: no torn marker is left (the state dir is recognised by what it holds
+        # meanwhile, and marked by the next command that can).
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(path, MARKER))
+        return False
     return True
 
 

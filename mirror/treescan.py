@@ -498,9 +498,20 @@ class _CacheUpdate:
     def _open(self) -> None:
         self.writer = self.scan._open_cache_writer(self.path, self.started_ns)
         held, self.held = self.held or [], None
-        if self.writer is not None:
-            for listing in held:
-                self.writer.add(listing)
+        for listing in held:
+            self._write("add", listing)
+
+    def _write(self, step: str, *args) -> None:
+        """The writer's ``step``; a cache that cannot be written (a full disk) is given up,
+        never the scan: a lost cache only costs hashing time."""
+        if self.writer is None:
+            return
+        try:
+            getattr(self.writer, step)(*args)
+        except OSError as exc:
+            log.warning("cannot write the digest cache %s (%s); continuing without it",
+                        display_path(self.path), exc.strerror)  # fmt: skip
+            self.abort()
 
     def add(self, listing) -> None:
         if self.held is not None:
@@ -508,23 +519,26 @@ class _CacheUpdate:
             self.held_entries += len(listing) + 1
             if listing.hashed or self.held_entries > _HOLD_ENTRIES:
                 self._open()
-        elif self.writer is not None:
-            self.writer.add(listing)
+        else:
+            self._write("add", listing)
 
     def finish(self) -> None:
         unchanged = self.scan.stats.hashed == 0 and self.scan.stats.cache == "warm"
         if self.held is not None and not unchanged:
             self._open()  # e.g. the old cache turned out damaged half-way
-        if self.writer is None:
-            return
         if unchanged:
-            self.writer.abort()
+            self.abort()
         else:
-            self.writer.commit()
+            self._write("commit")
+            self.writer = None
 
     def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.abort()  # its temporary file is removed even if the close fails
+            except OSError:
+                pass
 
 
 @functools.lru_cache(maxsize=64)
@@ -578,7 +592,10 @@ def source_scan(root: bytes, options, scope=None):
 
     if options.checksum and not options.dry_run:
         # Made now, not by the scan thread: creating it moves the root's mtime for a moment.
-        ensure_state_dir(resolve_state_dir(root, options.state_dir))
+        try:
+            ensure_state_dir(resolve_state_dir(root, options.state_dir))
+        except OSError:
+            pass  # a full disk: the scan goes without its digest cache, and says so
     return TreeScan(root, excluder=make_excluder(options.excludes), checksum=options.checksum,
                     state_dir=options.state_dir, scope=scope, background=scope is None).start()  # fmt: skip
 

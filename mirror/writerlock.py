@@ -47,8 +47,11 @@ class WriterLock:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
             os.close(fd)
             return holder or "unknown holder"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} for {self.who} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} for {self.who} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock is held all the same, only its holder goes unnamed
         self.fd = fd
         return None
 
