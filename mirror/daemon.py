@@ -763,6 +763,7 @@ class Daemon:
         self._feeds: dict[tuple, tuple[SourceFeed, tuple[PairConfig, ...]]] = {}
         self._stop = threading.Event()
         self._status_lock = threading.Lock()
+        self._status_unwritten = False  # a status write failed (a full disk), none succeeded since
         self._dirty = threading.Event()
 
     def start(self) -> None:
@@ -843,10 +844,21 @@ class Daemon:
         if not urgent:
             self._dirty.set()
             return
+        self._try_write_status()
+
+    def _try_write_status(self) -> None:
+        """``write_status``, its failure said once until a write succeeds again (it is retried
+        every STATUS_MIN_INTERVAL: a full disk would fill the log too)."""
         try:
             self.write_status()
         except OSError as exc:
-            log.warning("cannot write the status file: %s", os_error_message(exc))
+            if not self._status_unwritten:
+                log.warning("cannot write the status file: %s", os_error_message(exc))
+            self._status_unwritten = True
+            return
+        if self._status_unwritten:
+            log.warning("the status file is written again")
+            self._status_unwritten = False
 
     def _write_status_loop(self) -> None:
         while not self._stop.is_set():
@@ -854,10 +866,7 @@ class Daemon:
             self._dirty.clear()
             if self._stop.is_set():
                 return
-            try:
-                self.write_status()
-            except OSError as exc:
-                log.warning("cannot write the status file: %s", os_error_message(exc))
+            self._try_write_status()
             self._stop.wait(STATUS_MIN_INTERVAL)
 
 

@@ -153,7 +153,7 @@ class SourceSession:
             return self.src_tree.open_regular(path, expect=(entry.dev, entry.ino) if entry.ino else None)
         except (OSError, UnsafePathError) as exc:
             reason = getattr(exc, "strerror", None) or exc
-            self.out.failed.append((path, f"cannot open on the sender: {reason}"))
+            self.out.failed.append((path, f"cannot open in the source: {reason}"))
             return None
 
     def settled(self, fd: int, path: bytes) -> os.stat_result | None:
