@@ -217,6 +217,18 @@ class Target:
         return log.read_text(errors="replace") if log.exists() else ""
 
 
+@contextmanager
+def replica_on_small_fs(tmp_path: Path, mode: str, kind: str, **fs_options):
+    """A replica on a small file system of ``kind`` and a ``Target`` of ``mode`` writing to it,
+    running: ``(fs, replica, target)``."""
+    with small_fs(tmp_path / "fs", kind, **fs_options) as fs:
+        replica = fs / "replica"
+        replica.mkdir()
+        target = Target(mode, replica, tmp_path)
+        with target.running():
+            yield fs, replica, target
+
+
 def no_traceback(proc, target: Target) -> None:
     assert b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
     assert "Traceback" not in target.server_log(), target.server_log()
@@ -235,35 +247,31 @@ def test_space_running_out_among_many_small_files_fails_them_by_name_and_the_nex
 ):
     src = tmp_path / "src"
     small_files(src, 60, 2000, tag=b"old")
-    with small_fs(tmp_path / "fs", kind, size_kb=8192) as fs:
-        replica = fs / "replica"
-        replica.mkdir()
-        target = Target(mode, replica, tmp_path)
-        with target.running():
-            assert target.sync(src).returncode == 0
-            old = digests(replica)
-            # 600 new files of 6 KB (3.6 MB) and every old one changed, into ~600 KB of room:
-            # the batches (256 files) run out of space part of the way through.
-            for i in range(60):
-                (src / f"d{i % 8}" / f"f{i:05d}").write_bytes(b"new%05d" % i * 500)
-            small_files(src / "more", 600, 6000, tag=b"more")
-            filler = fill(fs, leave=600 << 10)
-            with Watcher(replica, old, digests(src)) as watcher:
-                proc = target.sync(src, "--delete")
-            no_traceback(proc, target)
-            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
-            assert proc.returncode == 1, proc.stderr.decode(errors="replace")[-2000:]
-            assert b"ENOSPC" in proc.stderr and b"more/d" in proc.stderr
-            assert_state_whole(replica)
-            # What the replica had is there, old or new, whole.
-            now = digests(replica)
-            for path in old:
-                assert path in now
-            free(filler)
+    with replica_on_small_fs(tmp_path, mode, kind, size_kb=8192) as (fs, replica, target):
+        assert target.sync(src).returncode == 0
+        old = digests(replica)
+        # 600 new files of 6 KB (3.6 MB) and every old one changed, into ~600 KB of room:
+        # the batches (256 files) run out of space part of the way through.
+        for i in range(60):
+            (src / f"d{i % 8}" / f"f{i:05d}").write_bytes(b"new%05d" % i * 500)
+        small_files(src / "more", 600, 6000, tag=b"more")
+        filler = fill(fs, leave=600 << 10)
+        with Watcher(replica, old, digests(src)) as watcher:
             proc = target.sync(src, "--delete")
-            assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
-            assert_mirrors(src, replica)
-            assert_state_whole(replica)
+        no_traceback(proc, target)
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert proc.returncode == 1, proc.stderr.decode(errors="replace")[-2000:]
+        assert b"ENOSPC" in proc.stderr and b"more/d" in proc.stderr
+        assert_state_whole(replica)
+        # What the replica had is there, old or new, whole.
+        now = digests(replica)
+        for path in old:
+            assert path in now
+        free(filler)
+        proc = target.sync(src, "--delete")
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+        assert_mirrors(src, replica)
+        assert_state_whole(replica)
 
 
 @pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
@@ -275,26 +283,22 @@ def test_a_file_that_fits_only_in_part_is_failed_never_committed_short(tmp_path,
     src = tmp_path / "src"
     src.mkdir()
     (src / "old").write_bytes(b"old content" * 100)
-    with small_fs(tmp_path / "fs", kind, size_kb=4096) as fs:
-        replica = fs / "replica"
-        replica.mkdir()
-        target = Target(mode, replica, tmp_path)
-        with target.running():
-            assert target.sync(src).returncode == 0
-            old = digests(replica)
-            (src / "old").write_bytes(os.urandom(9000))
-            (src / "new").write_bytes(os.urandom(9000))
-            fill(fs, leave=4096 if kind == "tmpfs" else 2048)
-            with Watcher(replica, old, digests(src)) as watcher:
-                proc = target.sync(src)
-            no_traceback(proc, target)
-            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
-            assert proc.returncode == 1, proc.stderr.decode(errors="replace")
-            assert b"ENOSPC" in proc.stderr
-            now = digests(replica)
-            assert now.get(b"old") == old[b"old"]
-            assert b"new" not in now, "a truncated file was committed"
-            assert_state_whole(replica)
+    with replica_on_small_fs(tmp_path, mode, kind, size_kb=4096) as (fs, replica, target):
+        assert target.sync(src).returncode == 0
+        old = digests(replica)
+        (src / "old").write_bytes(os.urandom(9000))
+        (src / "new").write_bytes(os.urandom(9000))
+        fill(fs, leave=4096 if kind == "tmpfs" else 2048)
+        with Watcher(replica, old, digests(src)) as watcher:
+            proc = target.sync(src)
+        no_traceback(proc, target)
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert proc.returncode == 1, proc.stderr.decode(errors="replace")
+        assert b"ENOSPC" in proc.stderr
+        now = digests(replica)
+        assert now.get(b"old") == old[b"old"]
+        assert b"new" not in now, "a truncated file was committed"
+        assert_state_whole(replica)
 
 
 # -- 2. inodes run out while making directories, symlinks and files --------------------------------
@@ -306,32 +310,28 @@ def test_inodes_running_out_among_directories_symlinks_and_files(tmp_path, mode,
     src = tmp_path / "src"
     src.mkdir()
     (src / "keep").write_bytes(b"kept")
-    with small_fs(tmp_path / "fs", kind, size_kb=8192, inodes=4000) as fs:
-        replica = fs / "replica"
-        replica.mkdir()
-        target = Target(mode, replica, tmp_path)
-        with target.running():
-            assert target.sync(src).returncode == 0
-            old = digests(replica)
-            for i in range(120):
-                d = src / f"dir{i:03d}"
-                d.mkdir()
-                (d / "file").write_bytes(b"file %d" % i)
-                os.symlink(f"../dir{i:03d}/file", d / "link")
-                (d / "sub").mkdir()
-            filler = fill_inodes(fs, leave=150)
-            with Watcher(replica, old, digests(src)) as watcher:
-                proc = target.sync(src)
-            no_traceback(proc, target)
-            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
-            assert proc.returncode == 1, proc.stderr.decode(errors="replace")[-2000:]
-            assert b"ENOSPC" in proc.stderr and b"dir" in proc.stderr
-            assert (replica / "keep").read_bytes() == b"kept"
-            assert_state_whole(replica)
-            free(filler)
+    with replica_on_small_fs(tmp_path, mode, kind, size_kb=8192, inodes=4000) as (fs, replica, target):
+        assert target.sync(src).returncode == 0
+        old = digests(replica)
+        for i in range(120):
+            d = src / f"dir{i:03d}"
+            d.mkdir()
+            (d / "file").write_bytes(b"file %d" % i)
+            os.symlink(f"../dir{i:03d}/file", d / "link")
+            (d / "sub").mkdir()
+        filler = fill_inodes(fs, leave=150)
+        with Watcher(replica, old, digests(src)) as watcher:
             proc = target.sync(src)
-            assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
-            assert_mirrors(src, replica)
+        no_traceback(proc, target)
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert proc.returncode == 1, proc.stderr.decode(errors="replace")[-2000:]
+        assert b"ENOSPC" in proc.stderr and b"dir" in proc.stderr
+        assert (replica / "keep").read_bytes() == b"kept"
+        assert_state_whole(replica)
+        free(filler)
+        proc = target.sync(src)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+        assert_mirrors(src, replica)
 
 
 # -- 3. space runs out exactly when the replica's state is written ----------------------------------
@@ -355,31 +355,28 @@ def test_a_full_disk_when_a_newer_epoch_is_recorded_refuses_the_session_by_name_
 ):
     src = tmp_path / "src"
     few_files(src)
-    with small_fs(tmp_path / "fs", kind, size_kb=1024 if kind == "tmpfs" else 4096) as fs:
-        replica = fs / "replica"
-        replica.mkdir()
-        target = Target(mode, replica, tmp_path)
-        with target.running():
-            assert target.sync(src).returncode == 0
-            old, old_epoch = digests(replica), read_epoch(state_of(replica))
-            assert run_mirror("epoch", "bump", src).returncode == 0  # a takeover: the replica must record it
-            few_files(src, b"v2")
-            filler = fill(fs)
-            with Watcher(replica, old, digests(src)) as watcher:
-                proc = target.sync(src, "--delete")
-            no_traceback(proc, target)
-            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
-            assert proc.returncode == 2, proc.stderr.decode(errors="replace")
-            assert b".mirror/epoch: No space left on device" in proc.stderr
-            assert b"epoch raised" not in proc.stderr and "epoch raised" not in target.server_log()
-            assert read_epoch(state_of(replica)) == old_epoch
-            assert digests(replica) == old  # refused before anything was written
-            assert_state_whole(replica)
-            free(filler)
+    size_kb = 1024 if kind == "tmpfs" else 4096
+    with replica_on_small_fs(tmp_path, mode, kind, size_kb=size_kb) as (fs, replica, target):
+        assert target.sync(src).returncode == 0
+        old, old_epoch = digests(replica), read_epoch(state_of(replica))
+        assert run_mirror("epoch", "bump", src).returncode == 0  # a takeover: the replica must record it
+        few_files(src, b"v2")
+        filler = fill(fs)
+        with Watcher(replica, old, digests(src)) as watcher:
             proc = target.sync(src, "--delete")
-            assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-            assert read_epoch(state_of(replica)) == old_epoch + 1
-            assert_mirrors(src, replica)
+        no_traceback(proc, target)
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert proc.returncode == 2, proc.stderr.decode(errors="replace")
+        assert b".mirror/epoch: No space left on device" in proc.stderr
+        assert b"epoch raised" not in proc.stderr and "epoch raised" not in target.server_log()
+        assert read_epoch(state_of(replica)) == old_epoch
+        assert digests(replica) == old  # refused before anything was written
+        assert_state_whole(replica)
+        free(filler)
+        proc = target.sync(src, "--delete")
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        assert read_epoch(state_of(replica)) == old_epoch + 1
+        assert_mirrors(src, replica)
 
 
 @pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
@@ -417,26 +414,22 @@ def test_a_first_sync_to_a_full_disk_names_the_state_it_cannot_write_and_leaves_
 def test_a_digest_cache_that_cannot_be_written_costs_the_cache_not_the_sync(tmp_path, mode):
     src = tmp_path / "src"
     small_files(src, 1500, 16)  # a cache of some tens of KB
-    with small_fs(tmp_path / "fs", "tmpfs", size_kb=16384) as fs:
-        replica = fs / "replica"
-        replica.mkdir()
-        target = Target(mode, replica, tmp_path)
-        with target.running():
-            assert target.sync(src).returncode == 0
-            filler = fill(fs)
-            proc = target.sync(src, "--checksum")
-            no_traceback(proc, target)
-            assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
-            if mode == "local":
-                assert b"cannot write the digest cache" in proc.stderr and b".manifest" in proc.stderr
-            else:
-                assert "cannot write the digest cache" in target.server_log()
-            assert_state_whole(replica)
-            assert not [n for n in os.listdir(replica / ".mirror") if n.endswith(".manifest")]
-            assert_mirrors(src, replica)
-            free(filler)
-            assert target.sync(src, "--checksum").returncode == 0
-            assert [n for n in os.listdir(replica / ".mirror") if n.endswith(".manifest")]
+    with replica_on_small_fs(tmp_path, mode, "tmpfs", size_kb=16384) as (fs, replica, target):
+        assert target.sync(src).returncode == 0
+        filler = fill(fs)
+        proc = target.sync(src, "--checksum")
+        no_traceback(proc, target)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+        if mode == "local":
+            assert b"cannot write the digest cache" in proc.stderr and b".manifest" in proc.stderr
+        else:
+            assert "cannot write the digest cache" in target.server_log()
+        assert_state_whole(replica)
+        assert not [n for n in os.listdir(replica / ".mirror") if n.endswith(".manifest")]
+        assert_mirrors(src, replica)
+        free(filler)
+        assert target.sync(src, "--checksum").returncode == 0
+        assert [n for n in os.listdir(replica / ".mirror") if n.endswith(".manifest")]
 
 
 # -- 4. the replica's disk is full before the sync starts ------------------------------------------
@@ -447,50 +440,42 @@ def test_a_digest_cache_that_cannot_be_written_costs_the_cache_not_the_sync(tmp_
 def test_a_sync_that_only_deletes_works_on_a_full_replica(tmp_path, mode, kind):
     src = tmp_path / "src"
     small_files(src, 80, 3000)
-    with small_fs(tmp_path / "fs", kind, size_kb=4096) as fs:
-        replica = fs / "replica"
-        replica.mkdir()
-        target = Target(mode, replica, tmp_path)
-        with target.running():
-            assert target.sync(src).returncode == 0
-            for i in range(0, 80, 2):
-                (src / f"d{i % 8}" / f"f{i:05d}").unlink()
-            filler = fill(fs)
-            with Watcher(replica, digests(replica)) as watcher:
-                proc = target.sync(src, "--delete")
-            no_traceback(proc, target)
-            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
-            assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-            assert_mirrors(src, replica)
-            assert_state_whole(replica)
-            free(filler)
+    with replica_on_small_fs(tmp_path, mode, kind, size_kb=4096) as (fs, replica, target):
+        assert target.sync(src).returncode == 0
+        for i in range(0, 80, 2):
+            (src / f"d{i % 8}" / f"f{i:05d}").unlink()
+        filler = fill(fs)
+        with Watcher(replica, digests(replica)) as watcher:
+            proc = target.sync(src, "--delete")
+        no_traceback(proc, target)
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        assert_mirrors(src, replica)
+        assert_state_whole(replica)
+        free(filler)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_on_a_full_replica_the_deletions_still_free_space_so_the_next_sync_converges_unaided(tmp_path, mode):
     src = tmp_path / "src"
     small_files(src, 80, 6000)
-    with small_fs(tmp_path / "fs", "tmpfs", size_kb=4096) as fs:
-        replica = fs / "replica"
-        replica.mkdir()
-        target = Target(mode, replica, tmp_path)
-        with target.running():
-            assert target.sync(src).returncode == 0
-            old = digests(replica)
-            for i in range(80):
-                (src / f"d{i % 8}" / f"f{i:05d}").unlink()
-            small_files(src / "new", 40, 6000, tag=b"new")
-            fill(fs)  # never freed: the deletions make the room
-            with Watcher(replica, old, digests(src)) as watcher:
-                proc = target.sync(src, "--delete")
-            no_traceback(proc, target)
-            assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
-            assert proc.returncode == 1, proc.stderr.decode(errors="replace")
-            assert b"new/d" in proc.stderr and b"ENOSPC" in proc.stderr
-            assert_state_whole(replica)
+    with replica_on_small_fs(tmp_path, mode, "tmpfs", size_kb=4096) as (fs, replica, target):
+        assert target.sync(src).returncode == 0
+        old = digests(replica)
+        for i in range(80):
+            (src / f"d{i % 8}" / f"f{i:05d}").unlink()
+        small_files(src / "new", 40, 6000, tag=b"new")
+        fill(fs)  # never freed: the deletions make the room
+        with Watcher(replica, old, digests(src)) as watcher:
             proc = target.sync(src, "--delete")
-            assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-            assert_mirrors(src, replica)
+        no_traceback(proc, target)
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert proc.returncode == 1, proc.stderr.decode(errors="replace")
+        assert b"new/d" in proc.stderr and b"ENOSPC" in proc.stderr
+        assert_state_whole(replica)
+        proc = target.sync(src, "--delete")
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        assert_mirrors(src, replica)
 
 
 # -- 5. the source's state dir is full -------------------------------------------------------------
