@@ -28,6 +28,7 @@ still align.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -535,10 +536,8 @@ class _CacheUpdate:
     def abort(self) -> None:
         writer, self.writer = self.writer, None
         if writer is not None:
-            try:
+            with contextlib.suppress(OSError):
                 writer.abort()  # its temporary file is removed even if the close fails
-            except OSError:
-                pass
 
 
 @functools.lru_cache(maxsize=64)
@@ -592,10 +591,8 @@ def source_scan(root: bytes, options, scope=None):
 
     if options.checksum and not options.dry_run:
         # Made now, not by the scan thread: creating it moves the root's mtime for a moment.
-        try:
+        with contextlib.suppress(OSError):  # a full disk: the scan goes without its digest cache, and says so
             ensure_state_dir(resolve_state_dir(root, options.state_dir))
-        except OSError:
-            pass  # a full disk: the scan goes without its digest cache, and says so
     return TreeScan(root, excluder=make_excluder(options.excludes), checksum=options.checksum,
                     state_dir=options.state_dir, scope=scope, background=scope is None).start()  # fmt: skip
 

@@ -7,6 +7,7 @@ The file records who holds it, for the refusal message.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -47,11 +48,9 @@ class WriterLock:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
             os.close(fd)
             return holder or "unknown holder"
-        try:
+        with contextlib.suppress(OSError):  # a full disk: the lock is held all the same, its holder unnamed
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} for {self.who} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
-        except OSError:
-            pass  # a full disk: the lock is held all the same, only its holder goes unnamed
         self.fd = fd
         return None
 
