@@ -22,15 +22,20 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 from contextlib import contextmanager
 
 import pytest
 
+from mirror.applied import read_applied
 from mirror.journal import _scan as scan_journal
+from mirror.safefs import SYNCFS_FROM
 from tests.daemons import converged, live_daemon
-from tests.helpers import wait_until
+from tests.helpers import run_mirror, wait_until
+from tests.replica_checks import Watcher, assert_state_whole, digests
 from tests.servers import mirror_server
+from tests.snapshot import assert_mirrors
 
 FIU_RUN = shutil.which("fiu-run")
 needs_fiu = pytest.mark.skipif(FIU_RUN is None or shutil.which("fiu-ctrl") is None,
@@ -60,20 +65,72 @@ class Faults:
 
 FSYNC, FDATASYNC = "posix/io/sync/fsync", "posix/io/sync/fdatasync"
 
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
+
+
+def strace_failing(log, call: str, code: str = "EIO", path=None) -> list[str]:
+    """A prefix that runs a command whose ``call`` (fsync, syncfs) fails with ``code``: every
+    such call, or (``path``) those on that file or directory only.  The log marks each
+    injected failure ``(INJECTED)``."""
+    only = ["-P", str(path)] if path is not None else []
+    return ["strace", "-f", "--seccomp-bpf", "-qq", "-o", str(log), *only, "-e", f"trace={call}",
+            "-e", f"inject={call}:error={code}"]  # fmt: skip
+
+
+def injected(log) -> int:
+    return log.read_bytes().count(b"(INJECTED)")
+
 
 # -- the live daemon's journal ---------------------------------------------------------------------
 
 
 @contextmanager
-def destination(tmp_path, mode: str, replica):
-    """What a daemon or a sync is given for ``replica``: the directory (local), or a `mirror
-    serve` module of it (remote), with the options that go with it."""
+def destination(tmp_path, mode: str, replica, prefix: list[str] | None = None):
+    """``(arguments, server)``: what a daemon or a sync is given for ``replica``, the directory
+    (local, no server), or a `mirror serve` module of it (remote: its server run under
+    ``prefix``) with the options that go with it."""
     if mode == "local":
-        yield [str(replica)]
+        yield [str(replica)], None
         return
     (tmp_path / "srv").mkdir(exist_ok=True)
-    with mirror_server(tmp_path / "srv", {"m": str(replica)}) as server:
-        yield [server.url("m"), "--secret-file", server.secret_file]
+    with mirror_server(tmp_path / "srv", {"m": str(replica)}, prefix=prefix) as server:
+        yield [server.url("m"), "--secret-file", server.secret_file], server
+        # strace ends with its tracee only: the server is told first (fiu-run execs it: none).
+        with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+            traced = [int(child) for child in f.read().split()]
+        for child in traced:
+            os.kill(child, signal.SIGTERM)
+        if traced:
+            server.proc.wait(timeout=30)
+
+
+def server_log(tmp_path) -> str:
+    log = tmp_path / "srv" / "server.log"
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+def write_files(root, contents: dict[str, bytes]) -> None:
+    for path, data in contents.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+
+
+def no_traceback(proc, tmp_path) -> None:
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
+    assert "Traceback" not in server_log(tmp_path), server_log(tmp_path)
+
+
+def applied_seq(replica) -> int | None:
+    record = read_applied(os.fsencode(replica / ".mirror"))
+    return record.seq if record is not None else None
+
+
+def sent(proc) -> set[str]:
+    """The files a sync's ``-i`` output says it sent."""
+    return {line.split(" ", 1)[1] for line in proc.stdout.decode().splitlines() if line.startswith(">f")}
+
+
+MODES = ["local", "remote"]
 
 
 @needs_fiu
@@ -89,7 +146,7 @@ def test_a_daemon_whose_journal_cannot_be_made_durable_keeps_mirroring_says_so_o
     (src / "d" / "first").write_bytes(b"first")
     dst.mkdir()
     faults = Faults(tmp_path)
-    with destination(tmp_path, mode, dst) as target, live_daemon(src, *target, prefix=faults.prefix()) as daemon:
+    with destination(tmp_path, mode, dst) as (target, _), live_daemon(src, *target, prefix=faults.prefix()) as daemon:
         converged(src, dst)
         faults.enable(daemon.proc.pid, FDATASYNC)
         for i in range(10):
@@ -122,3 +179,147 @@ def test_a_daemon_whose_journal_cannot_be_made_durable_keeps_mirroring_says_so_o
     for name in journals:
         data = (state / name).read_bytes()
         assert scan_journal(data)[3] == len(data), f"{name}: a torn record"
+
+
+# -- the files a sync commits ----------------------------------------------------------------------
+
+OLD = {"d0/a": b"old a" * 100, "d0/b": b"old b", "d1/c": b"old c" * 50, "d1/gone": b"to be deleted"}
+# Changed and new files: fewer than SYNCFS_FROM, so each is fsynced by itself (libfiu's fault).
+NEW = {"d0/a": b"new a" * 120, "d1/c": b"new c", "d0/new": b"new file" * 10, "d2/new": b"in a new directory"}
+assert len(NEW) < SYNCFS_FROM
+
+
+@needs_fiu
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
+@pytest.mark.parametrize("mode", MODES)
+def test_files_whose_fsync_fails_are_failed_by_name_never_committed_and_written_again_next_time(tmp_path, mode, code):
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    write_files(src, OLD)
+    replica.mkdir()
+    faults = Faults(tmp_path)
+    # The server runs under fiu-run from the start, its fault switched on for one sync only.
+    with destination(tmp_path, mode, replica, prefix=faults.prefix()) as (target, server):
+
+        def sync(*options, prefix=None):
+            return run_mirror("sync", "--delete", *options, src, *target, prefix=prefix)
+
+        assert sync("--journal-seq", "1").returncode == 0
+        old = digests(replica)
+        write_files(src, NEW)
+        os.unlink(src / "d1" / "gone")
+        if server is not None:
+            faults.enable(server.proc.pid, FSYNC, code)
+        with Watcher(replica, old, digests(src)) as watcher:
+            proc = sync("--journal-seq", "2", prefix=faults.prefix(FSYNC, code=code) if server is None else None)
+        if server is not None:
+            faults.disable(server.proc.pid, FSYNC)
+        no_traceback(proc, tmp_path)
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        err = proc.stderr.decode(errors="replace")
+        assert proc.returncode == 1, err  # partial: the files that failed are named
+        name = errno.errorcode[code]
+        for path in NEW:
+            assert f"failed: {path}: {name}: fsync: {os.strerror(code)}" in err, err
+        # None of them at its final name: the old content stays, the new files are not there.
+        now = digests(replica)
+        assert now[b"d0/a"] == old[b"d0/a"] and now[b"d1/c"] == old[b"d1/c"]
+        assert b"d0/new" not in now and not (replica / "d2" / "new").exists()
+        # Deletions still run (they need no fsync to be done, only to be durable: their
+        # directory is named as one whose fsync failed).
+        assert not (replica / "d1" / "gone").exists()
+        assert "d1: cannot make the directory durable" in err, err
+        assert_state_whole(replica)
+        if mode == "remote":
+            # A session with failed files records nothing: it did not even try.
+            assert applied_seq(replica) == 1
+            assert "cannot record the applied position" not in server_log(tmp_path)
+        # Without the fault: every file that failed is written again (its temporary file is
+        # gone, never fsynced a second time), and the replica is the source's.
+        proc = sync("--journal-seq", "3", "-i")
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        assert set(NEW) <= sent(proc), proc.stdout
+        assert_mirrors(src, replica)
+        assert_state_whole(replica)
+        if mode == "remote":
+            assert applied_seq(replica) == 3
+
+
+# A batch of SYNCFS_FROM files or more is made durable by one syncfs, unless the machine has
+# much other data waiting to be written (safefs.fsync_all): pinned to none here, so that the
+# test means syncfs whoever else runs on the machine.
+_NO_OTHER_DIRTY_DATA = "import mirror.safefs\nmirror.safefs.dirty_bytes = lambda: 0\n"
+
+
+@needs_strace
+@pytest.mark.parametrize("mode", MODES)
+def test_a_batch_whose_syncfs_fails_is_failed_file_by_file_and_written_again_next_time(tmp_path, mode):
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    write_files(src, {"keep": b"kept"})
+    replica.mkdir()
+    new = {f"d/f{i:02d}": b"file %d" % i * (i + 1) for i in range(SYNCFS_FROM + 4)}
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_NO_OTHER_DIRTY_DATA)
+    log = tmp_path / "strace.log"
+    faulty = ["env", f"PYTHONPATH={site}", *strace_failing(log, "syncfs")]
+    with destination(tmp_path, mode, replica) as (target, _):
+        assert run_mirror("sync", src, *target).returncode == 0
+    write_files(src, new)
+    old = digests(replica)
+    with destination(tmp_path, mode, replica, prefix=faulty if mode == "remote" else None) as (target, _):
+        with Watcher(replica, old, digests(src)) as watcher:
+            proc = run_mirror("sync", src, *target, prefix=faulty if mode == "local" else None)
+    no_traceback(proc, tmp_path)
+    assert injected(log) >= 1, log.read_text()  # the batch's syncfs, and it failed
+    assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 1, err
+    for path in new:  # which file lost data a syncfs does not say: all of them failed
+        assert f"failed: {path}: EIO: syncfs: Input/output error" in err, err
+    assert digests(replica) == old
+    assert_state_whole(replica)
+    with destination(tmp_path, mode, replica) as (target, _):
+        proc = run_mirror("sync", "-i", src, *target)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert set(new) <= sent(proc)
+    assert_mirrors(src, replica)
+
+
+# -- the directories their names are in --------------------------------------------------------------
+
+
+@needs_strace
+@pytest.mark.parametrize("mode", MODES)
+def test_a_directory_whose_fsync_fails_is_named_and_the_session_claims_no_success(tmp_path, mode):
+    # Only d1's fsync fails: its new files' data is durable and they are renamed into it,
+    # but the renames may not survive a crash.
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    write_files(src, OLD)
+    replica.mkdir()
+    log = tmp_path / "strace.log"
+    faulty = strace_failing(log, "fsync", path=replica / "d1")
+    with destination(tmp_path, mode, replica) as (target, _):
+        assert run_mirror("sync", "--journal-seq", "1", src, *target).returncode == 0
+    old = digests(replica)
+    write_files(src, {"d1/new": b"new in d1", "d1/c": b"changed c", "d0/new": b"new in d0"})
+    with destination(tmp_path, mode, replica, prefix=faulty if mode == "remote" else None) as (target, _):
+        with Watcher(replica, old, digests(src)) as watcher:
+            proc = run_mirror("sync", "--journal-seq", "2", src, *target, prefix=faulty if mode == "local" else None)
+    no_traceback(proc, tmp_path)
+    assert injected(log) >= 1, log.read_text()
+    assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 1, err
+    assert "failed: d1: cannot make the directory durable: EIO: fsync: Input/output error" in err, err
+    assert err.count("failed: ") == 1, err  # the files themselves are whole and in place
+    assert digests(replica) == digests(src)
+    assert_state_whole(replica)
+    if mode == "remote":
+        assert applied_seq(replica) == 1
+        assert "cannot record the applied position" not in server_log(tmp_path)
+    with destination(tmp_path, mode, replica) as (target, _):
+        proc = run_mirror("sync", "--journal-seq", "3", src, *target)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert_mirrors(src, replica)
+    if mode == "remote":
+        assert applied_seq(replica) == 3
