@@ -29,6 +29,9 @@ from contextlib import contextmanager
 import pytest
 
 from mirror.applied import read_applied
+from mirror.commits import BATCH_FILES
+from mirror.epoch import read_epoch
+from mirror.guard import load as load_identity
 from mirror.journal import _scan as scan_journal
 from mirror.safefs import SYNCFS_FROM
 from tests.daemons import converged, live_daemon
@@ -252,11 +255,14 @@ _NO_OTHER_DIRTY_DATA = "import mirror.safefs\nmirror.safefs.dirty_bytes = lambda
 
 @needs_strace
 @pytest.mark.parametrize("mode", MODES)
-def test_a_batch_whose_syncfs_fails_is_failed_file_by_file_and_written_again_next_time(tmp_path, mode):
+def test_batches_whose_syncfs_fails_are_failed_file_by_file_and_written_again_next_time(tmp_path, mode):
+    # Three batches: two handed over to the commit thread (one syncfs each, while the next
+    # batch is written), the last one at the end of the session; none of them small enough
+    # for fsyncs of its own.
     src, replica = tmp_path / "src", tmp_path / "replica"
     write_files(src, {"keep": b"kept"})
     replica.mkdir()
-    new = {f"d/f{i:02d}": b"file %d" % i * (i + 1) for i in range(SYNCFS_FROM + 4)}
+    new = {f"d{i % 3}/f{i:03d}": b"file %d" % i * (i % 50 + 1) for i in range(2 * BATCH_FILES + SYNCFS_FROM + 4)}
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(_NO_OTHER_DIRTY_DATA)
@@ -270,7 +276,7 @@ def test_a_batch_whose_syncfs_fails_is_failed_file_by_file_and_written_again_nex
         with Watcher(replica, old, digests(src)) as watcher:
             proc = run_mirror("sync", src, *target, prefix=faulty if mode == "local" else None)
     no_traceback(proc, tmp_path)
-    assert injected(log) >= 1, log.read_text()  # the batch's syncfs, and it failed
+    assert injected(log) == 3, log.read_text()  # each batch's syncfs, and it failed
     assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == 1, err
@@ -289,10 +295,12 @@ def test_a_batch_whose_syncfs_fails_is_failed_file_by_file_and_written_again_nex
 
 
 @needs_strace
+@pytest.mark.parametrize("batches", [1, 3])
 @pytest.mark.parametrize("mode", MODES)
-def test_a_directory_whose_fsync_fails_is_named_and_the_session_claims_no_success(tmp_path, mode):
+def test_a_directory_whose_fsync_fails_is_named_and_the_session_claims_no_success(tmp_path, mode, batches):
     # Only d1's fsync fails: its new files' data is durable and they are renamed into it,
-    # but the renames may not survive a crash.
+    # but the renames may not survive a crash.  Three batches: the directories of the first
+    # two are fsynced by the commit thread, while the next batch is written.
     src, replica = tmp_path / "src", tmp_path / "replica"
     write_files(src, OLD)
     replica.mkdir()
@@ -301,7 +309,8 @@ def test_a_directory_whose_fsync_fails_is_named_and_the_session_claims_no_succes
     with destination(tmp_path, mode, replica) as (target, _):
         assert run_mirror("sync", "--journal-seq", "1", src, *target).returncode == 0
     old = digests(replica)
-    write_files(src, {"d1/new": b"new in d1", "d1/c": b"changed c", "d0/new": b"new in d0"})
+    write_files(src, {"d1/c": b"changed c", "d0/new": b"new in d0"})
+    write_files(src, {f"d1/new{i:03d}": b"new %d in d1" % i for i in range(1 if batches == 1 else 2 * BATCH_FILES + 1)})
     with destination(tmp_path, mode, replica, prefix=faulty if mode == "remote" else None) as (target, _):
         with Watcher(replica, old, digests(src)) as watcher:
             proc = run_mirror("sync", "--journal-seq", "2", src, *target, prefix=faulty if mode == "local" else None)
@@ -311,7 +320,9 @@ def test_a_directory_whose_fsync_fails_is_named_and_the_session_claims_no_succes
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == 1, err
     assert "failed: d1: cannot make the directory durable: EIO: fsync: Input/output error" in err, err
-    assert err.count("failed: ") == 1, err  # the files themselves are whole and in place
+    # Only d1, once for each of its fsyncs (with three batches, the commit thread's too):
+    # the files are whole and in place.
+    assert err.count("failed: ") == err.count("failed: d1: ") == injected(log) >= min(batches, 2), err
     assert digests(replica) == digests(src)
     assert_state_whole(replica)
     if mode == "remote":
@@ -323,3 +334,93 @@ def test_a_directory_whose_fsync_fails_is_named_and_the_session_claims_no_succes
     assert_mirrors(src, replica)
     if mode == "remote":
         assert applied_seq(replica) == 3
+
+
+# -- the state files: the epoch, the applied record, the tree identity --------------------------------
+#
+# Each is replaced atomically (mirror.atomicfile): a temporary file fsynced, renamed over the
+# old one, the directory fsynced.  Either fsync failing must leave the previous content (or
+# none) in place and say which file could not be written.
+
+
+def state_fault(how: str, tmp_path, state_dir) -> list[str]:
+    """A prefix under which the state file's fsync fails (libfiu: every fsync of the process),
+    or its directory's (strace: that directory's only, after the rename)."""
+    if how == "file":
+        return Faults(tmp_path).prefix(FSYNC)
+    return strace_failing(tmp_path / "strace.log", "fsync", path=state_dir)
+
+
+def assert_fired(how: str, tmp_path) -> None:
+    if how == "directory":
+        assert injected(tmp_path / "strace.log") >= 1
+
+
+def temporaries(state_dir) -> list[str]:
+    return [name for name in os.listdir(state_dir) if name.endswith(".tmp")]
+
+
+STATE_FAULTS = [pytest.param("file", marks=needs_fiu), pytest.param("directory", marks=needs_strace)]
+
+
+@pytest.mark.parametrize("how", STATE_FAULTS)
+def test_an_epoch_bump_that_cannot_be_made_durable_fails_by_name_and_keeps_the_old_epoch(tmp_path, how):
+    # A takeover: the new primary's epoch must be on disk before it acts as the primary.
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    state = tree / ".mirror"
+    assert run_mirror("epoch", "bump", tree).stdout == b"1\n"
+    proc = run_mirror("epoch", "bump", tree, prefix=state_fault(how, tmp_path, state))
+    assert_fired(how, tmp_path)
+    assert proc.returncode == 2 and proc.stdout == b"", proc
+    assert f"{state}/epoch: Input/output error".encode() in proc.stderr, proc.stderr
+    assert read_epoch(os.fsencode(state)) == 1
+    assert temporaries(state) == []
+    assert run_mirror("epoch", "bump", tree).stdout == b"2\n"
+
+
+@pytest.mark.parametrize("how", STATE_FAULTS)
+def test_an_applied_record_that_cannot_be_made_durable_stays_as_it_was(tmp_path, how):
+    # A session with nothing to change: the record is all it writes.  The replica holds the
+    # data; it only ranks lower until a record can be written (tests/test_full_disk.py too).
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    write_files(src, OLD)
+    replica.mkdir()
+    with destination(tmp_path, "remote", replica) as (target, _):
+        assert run_mirror("sync", "--journal-seq", "1", src, *target).returncode == 0
+    with destination(tmp_path, "remote", replica, prefix=state_fault(how, tmp_path, replica / ".mirror")) as (target, _):
+        proc = run_mirror("sync", "--journal-seq", "2", src, *target)
+    assert_fired(how, tmp_path)
+    no_traceback(proc, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"cannot record the applied position: {replica}/.mirror/applied: Input/output error" in server_log(tmp_path)
+    assert applied_seq(replica) == 1
+    assert_state_whole(replica)
+    with destination(tmp_path, "remote", replica) as (target, _):
+        assert run_mirror("sync", "--journal-seq", "3", src, *target).returncode == 0
+    assert applied_seq(replica) == 3
+
+
+@pytest.mark.parametrize("how", STATE_FAULTS)
+def test_a_first_sync_whose_tree_identity_cannot_be_made_durable_is_refused_by_name(tmp_path, how):
+    # The replica records which tree it mirrors before anything is written (the source guard);
+    # an identity that may not survive a crash would let another tree's deletions in later.
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    write_files(src, OLD)
+    replica.mkdir()
+    state = replica / ".mirror"
+    # The source's identity is recorded by a first sync elsewhere: this one only reads it.
+    assert run_mirror("sync", src, tmp_path / "elsewhere").returncode == 0
+    proc = run_mirror("sync", "--delete", src, replica, prefix=state_fault(how, tmp_path, state))
+    assert_fired(how, tmp_path)
+    assert b"Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert f"{state}/tree-identity: Input/output error".encode() in proc.stderr, proc.stderr
+    assert os.listdir(replica) == [".mirror"]  # refused before anything was written
+    assert load_identity(os.fsencode(state)) is None
+    assert temporaries(state) == []
+    assert not (state / "tmp").exists() or os.listdir(state / "tmp") == []
+    proc = run_mirror("sync", "--delete", src, replica)
+    assert proc.returncode == 0, proc.stderr
+    assert_mirrors(src, replica)
+    assert_state_whole(replica)
