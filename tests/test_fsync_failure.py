@@ -424,3 +424,21 @@ def test_a_first_sync_whose_tree_identity_cannot_be_made_durable_is_refused_by_n
     assert proc.returncode == 0, proc.stderr
     assert_mirrors(src, replica)
     assert_state_whole(replica)
+
+
+@pytest.mark.parametrize("how", STATE_FAULTS)
+def test_a_mirroring_lock_that_cannot_be_made_durable_is_not_taken_and_says_which(tmp_path, how):
+    # The lock a takeover writes on the replica's node: an acquire that fails must not leave
+    # a lock behind that its caller believes it does not hold.
+    where = tmp_path / "locks"
+    where.mkdir()
+    lock = where / "mirror.lock"
+    proc = run_mirror("lock", "acquire", lock, prefix=state_fault(how, tmp_path, where))
+    assert_fired(how, tmp_path)
+    assert proc.returncode == 2, proc
+    assert f"cannot create the lock {lock}: Input/output error".encode() in proc.stderr, proc.stderr
+    assert os.listdir(where) == []
+    assert run_mirror("lock", "acquire", lock).returncode == 0
+    if how == "directory":
+        proc = run_mirror("lock", "release", lock, prefix=state_fault(how, tmp_path, where))
+        assert proc.returncode == 2 and f"{lock}: Input/output error".encode() in proc.stderr, proc
