@@ -507,6 +507,29 @@ def test_a_journal_write_cut_short_by_a_full_disk_hides_no_later_record(tmp_path
         assert b"before" in pending.entries and b"after" in pending.entries
 
 
+def test_journal_records_a_full_disk_refused_are_written_once_there_is_room(tmp_path, monkeypatch):
+    # The records a full disk refused stay in memory; the journal must not call itself durable
+    # again (a later append that fits, and its fdatasync) until they are in the file too.
+    from mirror import journal as journal_module
+    from mirror.journal import ENTRY, Journal, read_pending
+
+    monkeypatch.setattr(journal_module, "REWRITE_RETRY", 0.0)  # rewritten at the first sync that can
+    with small_fs(tmp_path / "fs", "tmpfs", size_kb=1024) as fs:
+        path = os.fsencode(fs / "journal-test")
+        journal = Journal(path)
+        try:
+            journal.append([(ENTRY, b"before", 0)])
+            filler = fill(fs)
+            refused = [b"while-full-%04d-" % i + b"x" * 100 for i in range(60)]
+            journal.append([(ENTRY, name, 0) for name in refused])
+            free(filler)
+            journal.append([(ENTRY, b"after", 0)])
+        finally:
+            journal.close()
+        pending = read_pending(path)
+        assert {b"before", b"after", *refused} <= set(pending.entries)
+
+
 def test_a_receiver_that_cannot_record_what_it_applied_keeps_the_old_record_and_records_again_later(tmp_path):
     src = tmp_path / "src"
     small_files(src, 20, 100)
