@@ -20,6 +20,7 @@ running daemon) makes the replica equal.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ import pytest
 
 from mirror.applied import read_applied
 from mirror.commits import BATCH_FILES
+from mirror.daemon import read_status
 from mirror.epoch import read_epoch
 from mirror.guard import load as load_identity
 from mirror.journal import _scan as scan_journal
@@ -118,6 +120,10 @@ def write_files(root, contents: dict[str, bytes]) -> None:
         (root / path).write_bytes(data)
 
 
+def digests_of(contents: dict[str, bytes]) -> dict[bytes, str]:
+    return {path.encode(): hashlib.sha256(data).hexdigest() for path, data in contents.items()}
+
+
 def no_traceback(proc, tmp_path) -> None:
     assert b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
     assert "Traceback" not in server_log(tmp_path), server_log(tmp_path)
@@ -182,6 +188,38 @@ def test_a_daemon_whose_journal_cannot_be_made_durable_keeps_mirroring_says_so_o
         assert os.stat(journal).st_ino != before  # a new file, not the old one fsynced again
     data = journal.read_bytes()
     assert scan_journal(data)[3] == len(data), "a torn record"
+
+
+
+@needs_fiu
+def test_a_daemon_whose_replica_cannot_fsync_keeps_the_files_pending_and_they_arrive_once_it_can(tmp_path):
+    # The live path of the files' fault: the receiver fails the files by name, the pair keeps
+    # them journaled and retries them (with backoff), the replica records nothing past them.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_files(src, OLD)
+    dst.mkdir()
+    faults = Faults(tmp_path)
+    with destination(tmp_path, "remote", dst, prefix=faults.prefix()) as (target, server), \
+            live_daemon(src, *target) as daemon:  # fmt: skip
+        converged(src, dst)
+        recorded = wait_until(lambda: read_applied(os.fsencode(dst / ".mirror")))
+        faults.enable(server.proc.pid, FSYNC)
+        with Watcher(dst, digests(dst), digests(src) | digests_of(NEW)) as watcher:
+            write_files(src, NEW)
+
+            def failed() -> set[str]:
+                pairs = read_status(os.fsencode(src / ".mirror"))["pairs"]
+                return {path for path, reason in pairs[0]["failed_files"] if "EIO: fsync: Input/output error" in reason}
+
+            wait_until(lambda: failed() & set(NEW))
+            assert failed() <= set(NEW) | {"", "d0", "d1", "d2"}  # the files, and directories
+            assert read_applied(os.fsencode(dst / ".mirror")).seq == recorded.seq
+            assert not (dst / "d0" / "new").exists() and (dst / "d0" / "a").read_bytes() == OLD["d0/a"]
+            faults.disable(server.proc.pid, FSYNC)
+            converged(src, dst)
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        wait_until(lambda: read_applied(os.fsencode(dst / ".mirror")).seq > recorded.seq)
+        assert "Traceback" not in daemon.log_text() + server_log(tmp_path)
 
 
 # -- the files a sync commits ----------------------------------------------------------------------
