@@ -279,7 +279,7 @@ class DirSyncs:
     def __init__(self, enabled: bool, tree: ConfinedTree, fail):
         self.enabled = enabled
         self.tree = tree
-        self.fail = fail  # fail(None, path, reason): a directory that cannot be opened is said
+        self.fail = fail  # fail(None, path, reason): a directory that cannot be opened or fsynced is said
         self.limit = held_at_most()
         self._held: dict[tuple[int, int], tuple[int, bytes]] = {}  # (st_dev, st_ino) -> (our descriptor, path)
         self._paths: dict[bytes, bool] = {}  # every directory added: held, or to open again

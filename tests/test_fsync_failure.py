@@ -1,6 +1,6 @@
-"""A failing fsync or fdatasync wherever hamirror makes something durable: the files a sync
-commits on the replica, the directories their names are in, the replica's and the source's
-state files, the live daemon's journal.
+"""A failing fsync, fdatasync or syncfs wherever hamirror makes something durable: the files a
+sync commits on the replica, the directories their names are in, the live daemon's journal,
+the state files (epoch, applied record, tree identity, mirroring lock).
 
 The faults are real failures of a real ``mirror`` process's system calls:
 
@@ -10,6 +10,9 @@ The faults are real failures of a real ``mirror`` process's system calls:
   that mean per-file fsyncs keep their batches smaller.
 - strace injects the errors libfiu cannot: a failing ``syncfs``, or the fsync of one
   directory only (``-P PATH``); its log shows each injected call.
+
+Each test shows its fault fired: strace's log counts the injected calls, and libfiu's errno
+(which nothing else on these tests' disks returns) is in the output it is checked against.
 
 Whatever fails, the claims are those of a full disk (tests/test_full_disk.py): nothing is
 committed as durable that is not, the error names the file, no temporary file is left, the
@@ -86,7 +89,7 @@ def injected(log) -> int:
     return log.read_bytes().count(b"(INJECTED)")
 
 
-# -- the live daemon's journal ---------------------------------------------------------------------
+# -- where the tests write -------------------------------------------------------------------------
 
 
 @contextmanager
@@ -140,86 +143,6 @@ def sent(proc) -> set[str]:
 
 
 MODES = ["local", "remote"]
-
-
-@needs_fiu
-@pytest.mark.parametrize("mode", ["local", "remote"])
-def test_a_daemon_whose_journal_cannot_be_made_durable_keeps_mirroring_says_so_once_and_rewrites_it(tmp_path, mode):
-    # The journal's fdatasync is the daemon's only one (a local replica's files are fsynced):
-    # it runs in the watcher's thread, right after the pairs are woken, and in the pair's
-    # before each checkpoint.  The watcher's thread must not die of it: no change would be
-    # seen again (a remote pair, whose replica records what it applied, runs no full sync
-    # that would hide it).
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    (src / "d").mkdir(parents=True)
-    (src / "d" / "first").write_bytes(b"first")
-    dst.mkdir()
-    faults = Faults(tmp_path)
-    state = src / ".mirror"
-    with destination(tmp_path, mode, dst) as (target, _), live_daemon(src, *target, prefix=faults.prefix()) as daemon:
-        converged(src, dst)
-        journal = next(state / name for name in os.listdir(state) if name.startswith("journal-"))
-        before = os.stat(journal).st_ino
-        faults.enable(daemon.proc.pid, FDATASYNC)
-        for i in range(10):
-            (src / "d" / f"while-failing-{i}").write_bytes(b"%d" % i)
-        converged(src, dst, timeout=20)
-        (src / "d" / "first").write_bytes(b"changed while failing")
-        converged(src, dst, timeout=20)
-        faults.disable(daemon.proc.pid, FDATASYNC)
-        for i in range(10):
-            (src / "d" / f"after-{i}").write_bytes(b"after %d" % i)
-        converged(src, dst, timeout=20)
-        os.unlink(src / "d" / "while-failing-0")
-        (src / "later").write_bytes(b"still seen")
-        converged(src, dst, timeout=20)
-        log = daemon.log_text()
-        assert "Traceback" not in log, log[-3000:]
-        assert "Input/output error" in log  # the injected failure, as the kernel gives it
-        # Said once; no reconnection, no full sync after the first: mirroring went on as usual.
-        assert log.count("cannot make it durable") == 1, log[-3000:]
-        assert "disconnected" not in log and log.count("full sync:") == 1, log[-3000:]
-        # Written whole again at a change (at most every REWRITE_RETRY seconds), said once.
-        more = iter(range(1000))
-        wait_until(lambda: (src / f"more-{next(more)}").write_bytes(b"more") and "journaled durably again"
-                   in daemon.log_text(), interval=0.1)  # fmt: skip
-        converged(src, dst)
-        assert daemon.log_text().count("journaled durably again") == 1, daemon.log_text()
-        assert os.stat(journal).st_ino != before  # a new file, not the old one fsynced again
-    data = journal.read_bytes()
-    assert scan_journal(data)[3] == len(data), "a torn record"
-
-
-
-@needs_fiu
-def test_a_daemon_whose_replica_cannot_fsync_keeps_the_files_pending_and_they_arrive_once_it_can(tmp_path):
-    # The live path of the files' fault: the receiver fails the files by name, the pair keeps
-    # them journaled and retries them (with backoff), the replica records nothing past them.
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    write_files(src, OLD)
-    dst.mkdir()
-    faults = Faults(tmp_path)
-    with destination(tmp_path, "remote", dst, prefix=faults.prefix()) as (target, server), \
-            live_daemon(src, *target) as daemon:  # fmt: skip
-        converged(src, dst)
-        recorded = wait_until(lambda: read_applied(os.fsencode(dst / ".mirror")))
-        faults.enable(server.proc.pid, FSYNC)
-        with Watcher(dst, digests(dst), digests(src) | digests_of(NEW)) as watcher:
-            write_files(src, NEW)
-
-            def failed() -> set[str]:
-                pairs = read_status(os.fsencode(src / ".mirror"))["pairs"]
-                return {path for path, reason in pairs[0]["failed_files"] if "EIO: fsync: Input/output error" in reason}
-
-            wait_until(lambda: failed() & set(NEW))
-            assert failed() <= set(NEW) | {"", "d0", "d1", "d2"}  # the files, and directories
-            assert read_applied(os.fsencode(dst / ".mirror")).seq == recorded.seq
-            assert not (dst / "d0" / "new").exists() and (dst / "d0" / "a").read_bytes() == OLD["d0/a"]
-            faults.disable(server.proc.pid, FSYNC)
-            converged(src, dst)
-        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
-        wait_until(lambda: read_applied(os.fsencode(dst / ".mirror")).seq > recorded.seq)
-        assert "Traceback" not in daemon.log_text() + server_log(tmp_path)
 
 
 # -- the files a sync commits ----------------------------------------------------------------------
@@ -374,11 +297,93 @@ def test_a_directory_whose_fsync_fails_is_named_and_the_session_claims_no_succes
         assert applied_seq(replica) == 3
 
 
-# -- the state files: the epoch, the applied record, the tree identity --------------------------------
+# -- the live daemon ------------------------------------------------------------------------------------
+
+
+@needs_fiu
+@pytest.mark.parametrize("mode", MODES)
+def test_a_daemon_whose_journal_cannot_be_made_durable_keeps_mirroring_says_so_once_and_rewrites_it(tmp_path, mode):
+    # The journal's fdatasync is the daemon's only one (a local replica's files are fsynced):
+    # it runs in the watcher's thread, right after the pairs are woken, and in the pair's
+    # before each checkpoint.  The watcher's thread must not die of it: no change would be
+    # seen again (a remote pair, whose replica records what it applied, runs no full sync
+    # that would hide it).
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "first").write_bytes(b"first")
+    dst.mkdir()
+    faults = Faults(tmp_path)
+    state = src / ".mirror"
+    with destination(tmp_path, mode, dst) as (target, _), live_daemon(src, *target, prefix=faults.prefix()) as daemon:
+        converged(src, dst)
+        journal = next(state / name for name in os.listdir(state) if name.startswith("journal-"))
+        before = os.stat(journal).st_ino
+        faults.enable(daemon.proc.pid, FDATASYNC)
+        for i in range(10):
+            (src / "d" / f"while-failing-{i}").write_bytes(b"%d" % i)
+        converged(src, dst, timeout=20)
+        (src / "d" / "first").write_bytes(b"changed while failing")
+        converged(src, dst, timeout=20)
+        faults.disable(daemon.proc.pid, FDATASYNC)
+        for i in range(10):
+            (src / "d" / f"after-{i}").write_bytes(b"after %d" % i)
+        converged(src, dst, timeout=20)
+        os.unlink(src / "d" / "while-failing-0")
+        (src / "later").write_bytes(b"still seen")
+        converged(src, dst, timeout=20)
+        log = daemon.log_text()
+        assert "Traceback" not in log, log[-3000:]
+        assert "Input/output error" in log  # the injected failure, as the kernel gives it
+        # Said once; no reconnection, no full sync after the first: mirroring went on as usual.
+        assert log.count("cannot make it durable") == 1, log[-3000:]
+        assert "disconnected" not in log and log.count("full sync:") == 1, log[-3000:]
+        # Written whole again at a change (at most every REWRITE_RETRY seconds), said once.
+        more = iter(range(1000))
+        wait_until(lambda: (src / f"more-{next(more)}").write_bytes(b"more") and "journaled durably again"
+                   in daemon.log_text(), interval=0.1)  # fmt: skip
+        converged(src, dst)
+        assert daemon.log_text().count("journaled durably again") == 1, daemon.log_text()
+        assert os.stat(journal).st_ino != before  # a new file, not the old one fsynced again
+    data = journal.read_bytes()
+    assert scan_journal(data)[3] == len(data), "a torn record"
+
+
+@needs_fiu
+def test_a_daemon_whose_replica_cannot_fsync_keeps_the_files_pending_and_they_arrive_once_it_can(tmp_path):
+    # The live path of the files' fault: the receiver fails the files by name, the pair keeps
+    # them journaled and retries them (with backoff), the replica records nothing past them.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_files(src, OLD)
+    dst.mkdir()
+    faults = Faults(tmp_path)
+    with destination(tmp_path, "remote", dst, prefix=faults.prefix()) as (target, server), \
+            live_daemon(src, *target) as daemon:  # fmt: skip
+        converged(src, dst)
+        recorded = wait_until(lambda: read_applied(os.fsencode(dst / ".mirror")))
+        faults.enable(server.proc.pid, FSYNC)
+        with Watcher(dst, digests(dst), digests(src) | digests_of(NEW)) as watcher:
+            write_files(src, NEW)
+
+            def failed() -> set[str]:
+                pairs = read_status(os.fsencode(src / ".mirror"))["pairs"]
+                return {path for path, reason in pairs[0]["failed_files"] if "EIO: fsync: Input/output error" in reason}
+
+            wait_until(lambda: failed() & set(NEW))
+            assert failed() <= set(NEW) | {"", "d0", "d1", "d2"}  # the files, and directories
+            assert read_applied(os.fsencode(dst / ".mirror")).seq == recorded.seq
+            assert not (dst / "d0" / "new").exists() and (dst / "d0" / "a").read_bytes() == OLD["d0/a"]
+            faults.disable(server.proc.pid, FSYNC)
+            converged(src, dst)
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        wait_until(lambda: read_applied(os.fsencode(dst / ".mirror")).seq > recorded.seq)
+        assert "Traceback" not in daemon.log_text() + server_log(tmp_path)
+
+
+# -- the state files: the epoch, the applied record, the tree identity, the mirroring lock ---------
 #
-# Each is replaced atomically (mirror.atomicfile): a temporary file fsynced, renamed over the
-# old one, the directory fsynced.  Either fsync failing must leave the previous content (or
-# none) in place and say which file could not be written.
+# Each is written atomically: a temporary file fsynced, renamed over the old one (the lock:
+# linked to its name), the directory fsynced.  Either fsync failing must leave the previous
+# content (or none) in place and say which file could not be written.
 
 
 def state_fault(how: str, tmp_path, state_dir) -> list[str]:
