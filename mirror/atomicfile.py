@@ -3,8 +3,8 @@
 The new content goes to a temporary file in the same directory, is fsynced, renamed over
 the target, and the directory is fsynced so the rename itself survives a crash.  If
 anything fails, the temporary file is removed and the target is untouched; if it is the
-directory's fsync, the rename is undone (the previous content, held by a second name meanwhile,
-is put back): the caller is told the write failed, so the file must not show it.
+directory's fsync, the rename is undone (the previous content, held by a second name
+meanwhile, is put back): the caller is told the write failed, so the file must not show it.
 """
 
 from __future__ import annotations
