@@ -2,11 +2,14 @@
 
 The new content goes to a temporary file in the same directory, is fsynced, renamed over
 the target, and the directory is fsynced so the rename itself survives a crash.  If
-anything fails, the temporary file is removed and the target is untouched.
+anything fails, the temporary file is removed and the target is untouched; if it is the
+directory's fsync, the rename is undone (the previous content, held by a second name
+meanwhile, is put back): the caller is told the write failed, so the file must not show it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import BinaryIO
 
@@ -60,9 +63,10 @@ class AtomicFile:
             self._file.close()
             if exc_type is None:
                 os.chmod(self._temp, self.mode)
-                os.rename(self._temp, self.path)
                 if self.durable:
-                    fsync_directory(self._directory)
+                    self._replace_durably()
+                else:
+                    os.rename(self._temp, self.path)
         except OSError as exc:
             self.discard()
             raise self._named(exc) from None
@@ -71,6 +75,33 @@ class AtomicFile:
             raise
         if exc_type is not None:
             self.discard()
+
+    def _replace_durably(self) -> None:
+        """Rename the temporary file over the target and fsync the directory; if that fsync
+        fails, put the previous content back (or remove the new file, if there was none)."""
+        previous = os.path.join(self._directory, temp_name_for(os.path.basename(self.path)))
+        try:
+            os.link(self.path, previous)
+            existed = kept = True
+        except FileNotFoundError:
+            existed = kept = False
+        except OSError:  # no hard links here (e.g. vfat): if the fsync fails, the new content stays
+            existed, kept = True, False
+        try:
+            os.rename(self._temp, self.path)
+            try:
+                fsync_directory(self._directory)
+            except OSError:
+                if kept:
+                    os.rename(previous, self.path)
+                    kept = False
+                elif not existed:
+                    os.unlink(self.path)
+                raise
+        finally:
+            if kept:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(previous)
 
     def _named(self, exc: OSError) -> OSError:
         """The error named after the file being replaced (a write's or an fsync's names none,

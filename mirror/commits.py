@@ -14,7 +14,10 @@ by the worker together with that next batch's files:
     batch k:  written ─► worker: fsync files ─► renamed ─► worker: fsync its directories
                          (while k+1 is written)            (while k+2 is written)
 
-Nothing is renamed before its data is durable, and ``drain`` leaves nothing in flight.
+Nothing is renamed before its data is durable, and ``drain`` leaves nothing in flight.  A
+file whose fsync fails is never renamed: it is failed by name and its temporary file
+removed, so the next session writes it again (fsyncing it again could succeed without its
+data, see ``safefs.fsync_all``); a directory whose fsync fails is failed by name too.
 Without ``overlap`` (no fsyncs asked for, or an open-file limit too low to hold a
 descriptor for each directory of a batch) a full batch is committed at once, in the
 receiver's thread.
@@ -57,7 +60,8 @@ def held_at_most() -> int:
 class Batches:
     """The verified files of a session on their way in (see the module docstring).
 
-    ``failed(None, path, reason)`` is told of a file that could not be renamed into place,
+    ``failed(None, path, reason)`` is told of a file that could not be made durable or
+    renamed into place (and of a directory that could not be made durable),
     ``committed(size)`` of each one that was: both in the caller's thread, never the
     worker's (the transport and the statistics are the caller's).  ``before_rename()`` runs
     once the data is durable, right before each round of renames (after the wait for the
@@ -112,9 +116,10 @@ class Batches:
         if not self.overlap:
             self.drain()
             return
-        self._wait()  # the batch the worker had is durable, the one before renamed durably
+        self._wait()  # the batch the worker had is durable (less what failed), the one before renamed durably
         self._before_rename()
-        directories = DirSyncs(True, self.tree, self._failed)
+        said_later: list = []  # the worker's failures, said in this thread once it is done
+        directories = DirSyncs(True, self.tree, lambda *failure: said_later.append(failure))
         try:
             self._rename_into(self._fsyncing, directories)
         except BaseException:
@@ -122,7 +127,7 @@ class Batches:
             raise
         self._fsyncing, self._filling, self._filling_bytes = self._filling, [], 0
         self._worker = _Job([commit.file.fileno() for commit, _ in self._fsyncing], sum(size for _, size in self._fsyncing),
-                            directories)  # fmt: skip
+                            directories, said_later)  # fmt: skip
 
     def drain(self, dir_syncs: DirSyncs | None = None) -> None:
         """Commit everything queued now: data durable, renamed, renames durable.
@@ -130,8 +135,9 @@ class Batches:
         With ``dir_syncs`` the directories are handed to it instead of fsynced here: the
         caller changes more in them first (the end of a session), then fsyncs each once."""
         self._wait()
-        if self.sync_writes and self._filling:  # if it fails they stay queued, for discard() to drop
-            fsync_all([commit.file.fileno() for commit, _ in self._filling], self._filling_bytes)
+        if self.sync_writes and self._filling:  # if it raises they stay queued, for discard() to drop
+            failed = fsync_all([commit.file.fileno() for commit, _ in self._filling], self._filling_bytes)
+            self._filling = self._durable(self._filling, failed)
         self._before_rename()
         own = dir_syncs is None
         if own:
@@ -160,12 +166,32 @@ class Batches:
         self._paths.clear()
 
     def _wait(self) -> None:
-        """Wait for the worker; its fsync error is raised here (``discard`` cleans up)."""
+        """Wait for the worker; the files it could not make durable are failed and dropped,
+        anything else it raised is raised here (``discard`` cleans up)."""
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.join()
+            for failure in worker.said_later:
+                self._failed(*failure)
             if worker.error is not None:
                 raise worker.error
+            self._fsyncing = self._durable(self._fsyncing, worker.failed)
+
+    def _durable(self, batch: list[tuple[Commit, int]], failed: dict) -> list[tuple[Commit, int]]:
+        """``batch`` less the files whose fsync failed (``failed``: by descriptor): those are
+        said, and dropped with their temporary files."""
+        if not failed:
+            return batch
+        durable = []
+        for commit, size in batch:
+            error = failed.get(commit.file.fileno())
+            if error is None:
+                durable.append((commit, size))
+                continue
+            self._unqueue(commit.path)
+            commit.discard()
+            self._failed(None, commit.path, failure_reason(error))
+        return durable
 
     def _rename_into(self, batch: list[tuple[Commit, int]], dir_syncs: DirSyncs) -> None:
         """Rename a batch whose data is durable into place; the directories it changed go
@@ -213,10 +239,14 @@ class Batches:
 
 class _Job:
     """In a thread of its own: fsync a batch's files, then the directories the batch before
-    it was renamed into; ``error`` after ``join``."""
+    it was renamed into.  After ``join``: ``failed``, the files that could not be made
+    durable (by descriptor), ``said_later``, the directories' failures (``DirSyncs``'s
+    ``fail`` collects them there), and ``error``, anything raised."""
 
-    def __init__(self, files: list[int], nbytes: int, directories: DirSyncs):
+    def __init__(self, files: list[int], nbytes: int, directories: DirSyncs, said_later: list):
         self.error: BaseException | None = None
+        self.failed: dict = {}
+        self.said_later = said_later
         self._files = files
         self._nbytes = nbytes
         self._directories = directories
@@ -225,7 +255,7 @@ class _Job:
 
     def _run(self) -> None:
         try:
-            fsync_all(self._files, self._nbytes)
+            self.failed = fsync_all(self._files, self._nbytes)
             self._directories.sync()
         except BaseException as exc:
             self.error = exc
@@ -242,14 +272,16 @@ class DirSyncs:
 
     A descriptor is kept for each (duplicated while the change's own is at hand), but at most
     ``held_at_most()``: a session that changes thousands of directories must not run out of
-    descriptors.  Those beyond are opened again by ``sync``, and fsynced in groups as large."""
+    descriptors.  Those beyond are opened again by ``sync``, and fsynced in groups as large.
+    A directory that cannot be opened or fsynced is said (``fail``): its changes may not
+    survive a crash."""
 
     def __init__(self, enabled: bool, tree: ConfinedTree, fail):
         self.enabled = enabled
         self.tree = tree
-        self.fail = fail  # fail(None, path, reason): a directory that cannot be opened is said
+        self.fail = fail  # fail(None, path, reason): a directory that cannot be opened or fsynced is said
         self.limit = held_at_most()
-        self._held: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> our descriptor
+        self._held: dict[tuple[int, int], tuple[int, bytes]] = {}  # (st_dev, st_ino) -> (our descriptor, path)
         self._paths: dict[bytes, bool] = {}  # every directory added: held, or to open again
 
     def add(self, path: bytes, fd: int | None = None) -> None:
@@ -262,23 +294,23 @@ class DirSyncs:
             self._hold(self._held, path, fd)
 
     def sync(self) -> None:
-        """fsync them all (a failed fsync raises)."""
-        _fsync_and_close(self._held)
-        later: dict[tuple[int, int], int] = {}
+        """fsync them all."""
+        self._fsync_and_close(self._held)
+        later: dict[tuple[int, int], tuple[int, bytes]] = {}
         try:
             for path, held in self._paths.items():
                 if not held:
                     self._hold(later, path, None)
                     if len(later) >= self.limit:
-                        _fsync_and_close(later)
-            _fsync_and_close(later)
+                        self._fsync_and_close(later)
+            self._fsync_and_close(later)
         finally:
-            for fd in later.values():
+            for fd, _ in later.values():
                 os.close(fd)
 
     def close(self) -> None:
         """Let go of what is still held (after an error: not fsynced)."""
-        for fd in self._held.values():
+        for fd, _ in self._held.values():
             os.close(fd)
         self._held.clear()
         self._paths.clear()
@@ -294,17 +326,19 @@ class DirSyncs:
                 return
         key = _identity(fd)
         if key not in held:
-            held[key] = os.dup(fd)  # the tree's cache may close its own before the fsync
+            held[key] = (os.dup(fd), path)  # the tree's cache may close its own before the fsync
 
-
-def _fsync_and_close(held: dict) -> None:
-    fds = list(held.values())
-    held.clear()
-    try:
-        fsync_all(fds)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    def _fsync_and_close(self, held: dict) -> None:
+        directories = list(held.values())
+        held.clear()
+        try:
+            failed = fsync_all([fd for fd, _ in directories])
+        finally:
+            for fd, _ in directories:
+                os.close(fd)
+        for fd, path in directories:
+            if fd in failed:
+                self.fail(None, path, f"cannot make the directory durable: {failure_reason(failed[fd])}")
 
 
 def _identity(fd: int) -> tuple[int, int]:

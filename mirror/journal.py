@@ -20,10 +20,17 @@ passed it, and a destination that falls so far behind that its records would exc
 ``MAX_RETAINED`` is let go (``overrun``): it is reconciled by a full sync instead.
 Reading stops at the first record that is short or fails its checksum (a write torn by a
 crash, which was never fsynced, so never acknowledged) and the file is cut there.
+
+A write or an fdatasync that fails leaves the file untrustworthy: a part of a record may be
+in it, and after a failed fdatasync the kernel may have dropped records it then calls
+written, so that a later fdatasync succeeds without them ("fsyncgate").  The records stay in
+memory (this run still mirrors them) and the journal is written whole into a new file as
+soon as it can be; until then nothing in it is called durable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -46,6 +53,9 @@ COMPACT_BYTES = 16 << 20
 # A destination whose unmirrored records pass this many (it has been away long) no longer
 # holds them: it is reconciled by a full sync when it returns (see ``overrun``).
 MAX_RETAINED = 1_000_000
+# A journal that could not be written or made durable is written whole again at a sync at
+# most this often: it may hold many records, and the disk may still be failing.
+REWRITE_RETRY = 1.0
 
 ENTRY, RENAME, CHECKPOINT = "e", "r", "c"
 
@@ -148,7 +158,8 @@ class Journal:
         self._held: dict[bytes, int | None] = {}
         self._sync_lock = threading.Lock()
         self._synced = 0
-        self._unwritten = False  # a write failed (a full disk) and none succeeded since
+        self._lost = False  # a write or an fdatasync failed: the file is untrustworthy until rewritten
+        self._rewrite_tried = 0.0
         # Names this run of the journal (changes are journaled only while it is watched): a
         # replica's applied record carrying it was written by a session of this run, so its
         # sequence can be replayed from (see ``rewind``).
@@ -252,20 +263,47 @@ class Journal:
         return seq
 
     def sync(self) -> None:
-        """Make every record written so far durable (one fdatasync covers them all)."""
+        """Make every record written so far durable (one fdatasync covers them all).  A journal
+        that cannot be is said once and written whole again when it can be (see the module
+        docstring); nothing is raised: the changes are mirrored all the same."""
         with self._sync_lock:
             target = self._seq
             if target <= self._synced:
                 return
-            os.fdatasync(self._fd)
-            self._synced = target
+            if not self._lost:
+                try:
+                    os.fdatasync(self._fd)
+                except OSError as exc:
+                    self._lose(f"cannot make it durable ({exc.strerror})")
+                else:
+                    self._synced = target
+                    return
+        self._rewrite()
+
+    def _lose(self, why: str) -> None:
+        """The file can no longer be trusted to hold every record: say so once."""
+        if not self._lost:
+            self._lost = True
+            self._rewrite_tried = time.monotonic()
+            log.warning("journal %s: %s: changes are mirrored, but not journaled durably until it is rewritten",
+                        display_path(self.path), why)  # fmt: skip
+
+    def _rewrite(self) -> None:
+        """Write the journal whole into a new file, at most every REWRITE_RETRY seconds."""
+        with self._lock:
+            if not self._lost or time.monotonic() - self._rewrite_tried < REWRITE_RETRY:
+                return
+            self._rewrite_tried = time.monotonic()
+            with contextlib.suppress(OSError):  # still failing: tried again later
+                self._compact()
 
     def checkpoint(self, seq: int, cursor: bytes = b"") -> None:
         """Everything up to ``seq`` is mirrored to destination ``cursor``.  Not fsynced: losing
         it only replays more.
 
         The records it covers are made durable first: a change is never marked done before
-        the record that it was seen is safely on disk."""
+        the record that it was seen is safely on disk (unless the journal cannot be made
+        durable: it is rewritten whole, this checkpoint with it, once it can be)."""
         self.sync()
         with self._lock:
             if seq <= self._done_at[cursor]:
@@ -286,8 +324,8 @@ class Journal:
     def _append(self, out: bytes) -> None:
         """Append records whole or not at all.  A part (a full disk) would hide every later
         record from the next reader, which stops at the first torn one, so it is cut off.
-        Records that could not be written stay in memory: this run still mirrors them, and a
-        restart after a crash begins with a full sync; only the warning says they are not durable."""
+        Records that could not be written stay in memory: this run still mirrors them, and
+        the journal is written whole again once it can be (``sync``)."""
         try:
             written = os.write(self._fd, out)
         except OSError as exc:
@@ -296,17 +334,12 @@ class Journal:
             error = None if written == len(out) else os.strerror(errno.ENOSPC)
         if error is None:
             self._size += written
-            if self._unwritten:
-                log.warning("journal %s: written again", display_path(self.path))
-                self._unwritten = False
             return
         if written:
-            os.ftruncate(self._fd, self._size)
-            os.lseek(self._fd, self._size, os.SEEK_SET)
-        if not self._unwritten:
-            log.warning("journal %s: cannot write it (%s): changes are mirrored, but not journaled until it can be",
-                        display_path(self.path), error)  # fmt: skip
-            self._unwritten = True
+            with contextlib.suppress(OSError):  # else the part stays until the rewrite replaces the file
+                os.ftruncate(self._fd, self._size)
+                os.lseek(self._fd, self._size, os.SEEK_SET)
+        self._lose(f"cannot write it ({error})")
 
     def _trim(self) -> None:
         """Drop what every destination has passed; let go of a destination that holds more than
@@ -349,10 +382,19 @@ class Journal:
         if not data:
             data = self._encode(self._seq, CHECKPOINT, self._cursors[0], None)
         atomic_write(self.path, data, 0o600)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except OSError as exc:  # appends would go on to the old file, no longer the journal
+            self._lose(f"cannot open it again ({exc.strerror})")
+            raise
         with self._sync_lock:
             os.close(self._fd)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self._fd = fd
+            self._synced = self._seq  # every record still needed is in the new file, fsynced
         self._size = len(data)
+        if self._lost:
+            self._lost = False
+            log.warning("journal %s: rewritten whole: changes are journaled durably again", display_path(self.path))
 
     def compact(self) -> None:
         with self._lock:

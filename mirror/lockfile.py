@@ -117,6 +117,8 @@ def acquire(path: bytes | str, reason: str = "", owner: tuple[str, int] | None =
         try:
             os.write(fd, content)
             os.fsync(fd)
+        except OSError as exc:
+            raise MirrorError(f"cannot create the lock {os_error_message(exc, path)}") from exc
         finally:
             os.close(fd)
         # link() fails with EEXIST if the lock exists: creation is exclusive and a reader
@@ -135,7 +137,11 @@ def acquire(path: bytes | str, reason: str = "", owner: tuple[str, int] | None =
             os.unlink(temp)
         except FileNotFoundError:
             pass
-    fsync_directory(directory)
+    try:
+        fsync_directory(directory)
+    except OSError as exc:  # not taken, as the error says: a crash could lose it
+        os.unlink(path)
+        raise MirrorError(f"cannot create the lock {os_error_message(exc, path)}") from exc
     return LockInfo(path=path, host=host, pid=pid, time=now, reason=reason, created=True)
 
 
@@ -150,7 +156,10 @@ def release(path: bytes | str) -> bool:
         raise MirrorError(f"cannot release the lock: {display_path(path)} is a directory") from exc
     except OSError as exc:
         raise MirrorError(f"cannot release the lock {os_error_message(exc, path)}") from exc
-    fsync_directory(os.path.dirname(path) or b".")
+    try:
+        fsync_directory(os.path.dirname(path) or b".")
+    except OSError as exc:
+        raise MirrorError(f"released the lock, but a crash could bring it back: {os_error_message(exc, path)}") from exc
     return True
 
 

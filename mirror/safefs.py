@@ -557,9 +557,12 @@ def _unlink_quietly(dir_fd: int, name: bytes) -> None:
         pass
 
 
-def fsync_all(fds: list[int], nbytes: int = 0) -> None:
+def fsync_all(fds: list[int], nbytes: int = 0) -> dict[int, OSError]:
     """Make what the descriptors refer to durable (data and metadata, like fsync on each);
-    ``nbytes``: how much data they hold, if known.
+    ``nbytes``: how much data they hold, if known.  Returns those that could not be made
+    durable, each with its error.  What they hold must be written again, never fsynced again:
+    after a failed fsync the kernel may call the lost pages written, and a second fsync then
+    succeeds without them.
 
     A few are fsynced in parallel, so the filesystem folds them into few journal commits.
     From ``SYNCFS_FROM`` on, one ``syncfs`` per filesystem does it instead: one writeback
@@ -567,35 +570,42 @@ def fsync_all(fds: list[int], nbytes: int = 0) -> None:
     commit round each.  But syncfs writes back every dirty page of the file system, other
     processes' too: it is used only while the machine's dirty data beyond the batch's own is
     small (``SYNCFS_OTHERS_MAX``), so a busy server never waits for someone else's writes.
-    syncfs reports writeback errors since Linux 5.8 (errors since the descriptor was opened)."""
+    syncfs reports writeback errors since Linux 5.8 (errors since the descriptor was opened),
+    not whose: a failed syncfs fails every descriptor on its filesystem."""
+    failed: dict[int, OSError] = {}
     if len(fds) >= SYNCFS_FROM and dirty_bytes() <= nbytes + SYNCFS_OTHERS_MAX:
-        one_per_fs: dict[int, int] = {}
+        by_fs: dict[int, list[int]] = {}
         for fd in fds:
-            one_per_fs.setdefault(os.fstat(fd).st_dev, fd)
-        for fd in one_per_fs.values():
-            syncfs(fd)
-        return
+            by_fs.setdefault(os.fstat(fd).st_dev, []).append(fd)
+        for same_fs in by_fs.values():
+            try:
+                syncfs(same_fs[0])
+            except OSError as exc:
+                failed.update(dict.fromkeys(same_fs, exc))
+        return failed
     if len(fds) <= 2:
         for fd in fds:
-            os.fsync(fd)
-        return
+            _fsync(fd, failed)
+        return failed
     pending = iter(fds)  # a list iterator hands each item to exactly one thread
-    errors: list[OSError] = []
 
     def work() -> None:
         for fd in pending:
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                errors.append(exc)
+            _fsync(fd, failed)
 
     workers = [threading.Thread(target=work, name="fsync", daemon=True) for _ in range(min(_FSYNC_THREADS, len(fds)))]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    if errors:
-        raise errors[0]
+    return failed
+
+
+def _fsync(fd: int, failed: dict[int, OSError]) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        failed[fd] = OSError(exc.errno, f"fsync: {exc.strerror}")
 
 
 def dirty_bytes() -> int:

@@ -17,11 +17,9 @@ fails, the claims are the same:
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import subprocess
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from mirror.guard import load as load_identity
 from mirror.journal import _scan as scan_journal
 from tests.daemons import converged, live_daemon
 from tests.helpers import run_mirror, wait_until
+from tests.replica_checks import Watcher, assert_state_whole, digests
 from tests.servers import mirror_server
 from tests.snapshot import assert_mirrors
 
@@ -115,73 +114,6 @@ def free(filler: Path) -> None:
         shutil.rmtree(filler)
     else:
         filler.unlink()
-
-
-# -- what the replica shows while a sync runs ---------------------------------------------------
-
-
-def digests(root: Path) -> dict[bytes, str]:
-    """path -> sha256 of each regular file under ``root`` (its state dir left out)."""
-    out = {}
-    root_b = os.fsencode(root)
-    for dirpath, dirnames, filenames in os.walk(root_b):
-        if dirpath == root_b and b".mirror" in dirnames:
-            dirnames.remove(b".mirror")
-        for name in filenames:
-            full = os.path.join(dirpath, name)
-            if os.path.isfile(full) and not os.path.islink(full):
-                with open(full, "rb") as f:
-                    out[os.path.relpath(full, root_b)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
-class Watcher:
-    """Polls the replica in a thread of its own for as long as the block runs: every regular
-    file at a final name must be whole, the replica's old version or the source's."""
-
-    def __init__(self, replica: Path, *versions: dict[bytes, str]):
-        self.replica = os.fsencode(replica)
-        self.allowed: dict[bytes, set[str]] = {}
-        for version in versions:
-            for path, digest in version.items():
-                self.allowed.setdefault(path, set()).add(digest)
-        self.bad: list = []
-        self.polls = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                seen = digests(self.replica)
-            except OSError:
-                continue  # a file renamed or deleted under the walk: the next poll sees it
-            self.polls += 1
-            for path, digest in seen.items():
-                if digest not in self.allowed.get(path, ()):
-                    self.bad.append((path, digest))
-
-
-def assert_state_whole(replica: Path, *, expect_identity: bool = True) -> None:
-    """The replica's state dir: every state file readable, no temporary file anywhere in it."""
-    state = replica / ".mirror"
-    read_epoch(os.fsencode(state))  # raises on a torn or empty file
-    read_applied(os.fsencode(state))
-    identity = load_identity(os.fsencode(state))
-    if expect_identity:
-        assert identity is not None
-    left = [n for n in os.listdir(state) if n.endswith(".tmp")]
-    assert left == [], f"temporary state files left behind: {left}"
-    if (state / "tmp").exists():
-        assert os.listdir(state / "tmp") == [], "received files' temporaries left behind"
 
 
 def small_files(root: Path, count: int, size: int, dirs: int = 8, tag: bytes = b"") -> None:
@@ -573,6 +505,29 @@ def test_a_journal_write_cut_short_by_a_full_disk_hides_no_later_record(tmp_path
         assert scan_journal(data)[3] == len(data), "a torn record was left in the journal"
         pending = read_pending(path)
         assert b"before" in pending.entries and b"after" in pending.entries
+
+
+def test_journal_records_a_full_disk_refused_are_written_once_there_is_room(tmp_path, monkeypatch):
+    # The records a full disk refused stay in memory; the journal must not call itself durable
+    # again (a later append that fits, and its fdatasync) until they are in the file too.
+    from mirror import journal as journal_module
+    from mirror.journal import ENTRY, Journal, read_pending
+
+    monkeypatch.setattr(journal_module, "REWRITE_RETRY", 0.0)  # rewritten at the first sync that can
+    with small_fs(tmp_path / "fs", "tmpfs", size_kb=1024) as fs:
+        path = os.fsencode(fs / "journal-test")
+        journal = Journal(path)
+        try:
+            journal.append([(ENTRY, b"before", 0)])
+            filler = fill(fs)
+            refused = [b"while-full-%04d-" % i + b"x" * 100 for i in range(60)]
+            journal.append([(ENTRY, name, 0) for name in refused])
+            free(filler)
+            journal.append([(ENTRY, b"after", 0)])
+        finally:
+            journal.close()
+        pending = read_pending(path)
+        assert {b"before", b"after", *refused} <= set(pending.entries)
 
 
 def test_a_receiver_that_cannot_record_what_it_applied_keeps_the_old_record_and_records_again_later(tmp_path):

@@ -111,7 +111,7 @@ def run(args) -> int:
         if progress:
             progress.close()
     for path, reason in result.failed:
-        print(f"mirror sync: failed: {_show(path)}: {reason}", file=sys.stderr)
+        print(f"mirror sync: failed: {_show(path) or './'}: {reason}", file=sys.stderr)  # the root: as -i shows it
     for problem in result.problems:
         print(f"mirror sync: warning: {_show(problem.path)}: {problem.message}", file=sys.stderr)
     s = result.stats

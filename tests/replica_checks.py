@@ -1,0 +1,77 @@
+"""What a replica shows while a sync that meets a fault runs, and what its state dir holds
+after it (tests/test_full_disk.py, tests/test_fsync_failure.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+from mirror.applied import read_applied
+from mirror.epoch import read_epoch
+from mirror.guard import load as load_identity
+
+
+def digests(root: Path) -> dict[bytes, str]:
+    """path -> sha256 of each regular file under ``root`` (its state dir left out)."""
+    out = {}
+    root_b = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(root_b):
+        if dirpath == root_b and b".mirror" in dirnames:
+            dirnames.remove(b".mirror")
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if os.path.isfile(full) and not os.path.islink(full):
+                with open(full, "rb") as f:
+                    out[os.path.relpath(full, root_b)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+class Watcher:
+    """Polls the replica in a thread of its own for as long as the block runs: every regular
+    file at a final name must be whole, the replica's old version or the source's."""
+
+    def __init__(self, replica: Path, *versions: dict[bytes, str]):
+        self.replica = os.fsencode(replica)
+        self.allowed: dict[bytes, set[str]] = {}
+        for version in versions:
+            for path, digest in version.items():
+                self.allowed.setdefault(path, set()).add(digest)
+        self.bad: list = []
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                seen = digests(self.replica)
+            except OSError:
+                continue  # a file renamed or deleted under the walk: the next poll sees it
+            self.polls += 1
+            for path, digest in seen.items():
+                if digest not in self.allowed.get(path, ()):
+                    self.bad.append((path, digest))
+
+
+def assert_state_whole(replica: Path, *, expect_identity: bool = True) -> None:
+    """The replica's state dir: every state file readable, no temporary file anywhere in it."""
+    state = replica / ".mirror"
+    read_epoch(os.fsencode(state))  # raises on a torn or empty file
+    read_applied(os.fsencode(state))
+    identity = load_identity(os.fsencode(state))
+    if expect_identity:
+        assert identity is not None
+    left = [n for n in os.listdir(state) if n.endswith(".tmp")]
+    assert left == [], f"temporary state files left behind: {left}"
+    if (state / "tmp").exists():
+        assert os.listdir(state / "tmp") == [], "received files' temporaries left behind"
