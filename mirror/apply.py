@@ -330,6 +330,9 @@ class ReplicaWriter:
         self.batches.discard()
         self.drop_file(self.in_flight)
 
-    def result(self, refused: str | None) -> dict:
+    def result(self, refused: str | None, epoch: int) -> dict:
+        """The session's report; ``epoch``: the replica's after it (a sender behind it learns
+        whether the replica holds its epoch yet: it is raised a bounded step per session)."""
         return {"files": self.files, "bytes": self.bytes_written, "deleted": self.deleted,
-                "failed": self.failures[:1000], "failed_count": len(self.failures), "deletions_refused": refused}  # fmt: skip
+                "failed": self.failures[:1000], "failed_count": len(self.failures), "deletions_refused": refused,
+                "epoch": epoch}  # fmt: skip

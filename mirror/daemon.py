@@ -672,9 +672,12 @@ class LivePair:
         if full and clean and claim is not None:
             from .epoch import read_epoch
 
-            if rec is None or rec.epoch < read_epoch(self.config.tree_state_dir):
+            held = result.receiver.get("epoch")  # the replica's after the session
+            if held is None and rec is not None:
+                held = rec.epoch  # a receiver too old to say: its record's
+            if held is None or held < read_epoch(self.config.tree_state_dir):
                 # the replica raised its epoch by at most MAX_EPOCH_STEP: sync again (soon,
-                # then less often) until it holds ours and records what it has
+                # then less often) until it holds ours
                 self._epoch_resyncs += 1
                 self._epoch_resync_at = time.monotonic() + min(60.0, 0.5 * 2**self._epoch_resyncs)
         if full and not result.failed and not result.problems:

@@ -77,7 +77,7 @@ class LocalSession(SourceSession):
         dst_tree = writer = None
         try:
             tree_id, planned, scope = self.open(scope, renames)
-            replica.admit(epoch, tree_id, deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
+            held = replica.admit(epoch, tree_id, deleting=o.delete, allow=o.allow_mass_delete, dry_run=o.dry_run)
             dst_tree = replica.open_tree(sync.module.path, o.dry_run)
             apply_renames(dst_tree, planned)  # first, as a receiver does
             src_scan, dst_scan = self.scans
@@ -92,7 +92,7 @@ class LocalSession(SourceSession):
             compare = CompareOptions(checksum=o.checksum, owner=owner)
             pairs = src_scan.pairs_with(dst_scan, compare.flags(fastpath.choose("scan")))
             self.drive(pairs if pairs is not None else align(src_scan, dst_scan), compare, planned)
-            result = writer.result(writer.finish())
+            result = writer.result(writer.finish(), held)
         except BaseException as exc:
             if writer is not None and isinstance(exc, (LockedError, Cancelled)):
                 with contextlib.suppress(MirrorError):

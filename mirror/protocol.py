@@ -384,7 +384,7 @@ _REPLY_FRAMES = {
     RESULT: (_map("result", files=(0, _int("files")), bytes=(0, _int("bytes")), deleted=(0, _int("deleted")),
                   failed=([], _list("failed", _tuple("failure", _path, _text("reason")), 1000)),
                   failed_count=(0, _int("failed_count")), deletions_refused=(None, _text("deletions_refused")),
-                  applied=_applied),),  # fmt: skip
+                  applied=_applied, epoch=(None, _int("epoch"))),),  # fmt: skip
     ALIVE: (),
 }
 

@@ -301,7 +301,7 @@ class ReceiverSession:
             raise self._summary_error
         if refused:
             log.warning("%s: %s", self.peer, refused)
-        result = self.writer.result(refused)
+        result = self.writer.result(refused, self.epoch)
         clean = complete and not refused and not result["failed_count"] and not self._scan_problems
         result["applied"] = self._record_applied(clean)
         return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -85,6 +86,35 @@ def test_through_a_real_server_and_status(trees, tmp_path):
             proc = run_mirror("status", str(src))
             assert proc.returncode == 0 and b"live" in proc.stdout
             assert d.proc.poll() is None
+
+
+@pytest.mark.parametrize("where", ["local", "subpath"])
+def test_an_idle_daemon_whose_replica_keeps_no_applied_record_stays_idle(trees, tmp_path, where):
+    """A replica that keeps no applied record (a local one, or a module's subpath) held the
+    daemon in a loop of full syncs, backing off to one a minute, for as long as it ran: it
+    was taken for a replica still below our epoch.  It now says its epoch in its result."""
+    src, dst = trees
+    dst.mkdir()
+    with contextlib.ExitStack() as stack:
+        if where == "local":
+            replica, destination, extra = dst, str(dst), ()
+        else:
+            server = stack.enter_context(mirror_server(tmp_path, {"m": str(dst)}))
+            replica, destination, extra = dst / "sub", server.url("m") + "/sub", ("--secret-file", server.secret_file)
+        stack.enter_context(live_daemon(src, destination, *extra))
+        converged(src, replica)
+        first = wait_until(lambda: _live_status(src))["pairs"][0]["sessions"]
+        # The loop's next full syncs came 1 s and 3 s after the first: none may come.
+        with pytest.raises(AssertionError, match="condition not met"):
+            wait_until(lambda: _sessions(src) > first, timeout=4)
+        (src / "docs" / "new").write_text("new")
+        converged(src, replica)
+        assert _sessions(src) > first
+
+
+def _sessions(src) -> int:
+    proc = run_mirror("status", str(src), "--json")
+    return json.loads(proc.stdout)["pairs"][0]["sessions"] if proc.returncode == 0 else 0
 
 
 def _live_status(src):
