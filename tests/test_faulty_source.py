@@ -1,0 +1,82 @@
+"""A source file system that fails under a sync, as users meet it: a disk with bad sectors, a
+flaky network mount.  The source is a FUSE pass-through (``tests/faultyfs.py``) that fails
+reads, stats and directory listings with EIO, reads files shorter or longer than their size
+says, or blocks a read (a hung mount), per path, while real ``mirror sync`` processes run
+against it, locally and to a `mirror serve` on loopback.
+
+Whatever fails, the claims are the replica's:
+
+- a file that cannot be read whole is failed by name (exit 1); its old copy on the replica
+  is untouched, never truncated nor partly new (a reader polls the replica throughout);
+- what the sync cannot see on the source (a directory it cannot list or stat, the root
+  itself) is never deleted from the replica, even with ``--delete``; the sync says so and
+  exits non-zero, and once the fault is gone the next sync converges;
+- no temporary file is left in the replica's ``.mirror/tmp``.
+
+Each test asserts its fault fired (the file system counts the operations it failed).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.faultyfs import faulty_fs
+from tests.snapshot import assert_mirrors
+from tests.test_full_disk import MODES, Target, Watcher, assert_state_whole, digests, no_traceback
+
+
+@contextmanager
+def faulty_source(tmp_path: Path, mode: str):
+    """``(fs, replica, target)``: a faulty source file system, and a ``Target`` of ``mode``
+    writing to the replica, running."""
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    target = Target(mode, replica, tmp_path)
+    with faulty_fs(tmp_path) as fs, target.running():
+        yield fs, replica, target
+
+
+def write_tree(root: Path, tag: bytes) -> None:
+    """A few directories of small files, and one big file (4 MiB: read in several pieces)."""
+    for d in ("docs", "mail", "mail/cur"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+        for i in range(5):
+            (root / d / f"f{i}").write_bytes(tag + b" %s %d " % (d.encode(), i) * 200)
+    (root / "big").write_bytes(tag * ((4 << 20) // len(tag)))
+
+
+def err(proc) -> str:
+    return proc.stderr.decode(errors="replace")
+
+
+# -- 1. a read error in the middle of a file -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_read_error_in_the_middle_of_a_file_fails_it_by_name_and_keeps_the_old_copy(tmp_path, mode):
+    with faulty_source(tmp_path, mode) as (fs, replica, target):
+        write_tree(fs.backing, b"old!")
+        assert target.sync(fs.mount).returncode == 0
+        old = digests(replica)
+        write_tree(fs.backing, b"new!")
+        fs.fault("big", "read_eio", at=2 << 20)  # half of it reads; then the disk fails
+        with Watcher(replica, old, digests(fs.backing)) as watcher:
+            proc = target.sync(fs.mount, "--delete")
+        no_traceback(proc, target)
+        assert fs.count("big", "read_eio") > 0
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert proc.returncode == 1, err(proc)
+        assert "failed: big:" in err(proc) and "Input/output error" in err(proc), err(proc)
+        now = digests(replica)
+        assert now[b"big"] == old[b"big"]
+        for path, digest in digests(fs.backing).items():  # the rest is mirrored
+            if path != b"big":
+                assert now[path] == digest, path
+        assert_state_whole(replica)
+        fs.clear()
+        proc = target.sync(fs.mount, "--delete")
+        assert proc.returncode == 0, err(proc)
+        assert_mirrors(fs.backing, replica)
