@@ -118,7 +118,7 @@ def faulty_fs(tmp_path: Path):
     fs = FaultyFS(backing, mount, control, proc, log)
     try:
         deadline = time.monotonic() + 30
-        while not (os.path.ismount(mount) and control.exists()):
+        while not (_mounted(mount) and control.exists()):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"faultyfs did not mount: {fs.log()}")
             time.sleep(0.01)
@@ -126,6 +126,7 @@ def faulty_fs(tmp_path: Path):
     finally:
         if proc.poll() is None:
             with contextlib.suppress(OSError, RuntimeError, ValueError):
+                fs.clear()  # a failing root would fail the unmount's own look at it
                 fs.release()
         _unmount(mount)
         try:
@@ -133,13 +134,21 @@ def faulty_fs(tmp_path: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            _unmount(mount)  # the kernel's side of a file system whose process is gone
+
+
+def _mounted(mount: Path) -> bool:
+    """From the mount table: a stat of the mount point may fail (that is the point here)."""
+    where = os.fsencode(mount).replace(b"\\", b"\\134").replace(b" ", b"\\040")
+    with open("/proc/self/mounts", "rb") as f:
+        return any(line.split(b" ")[1] == where for line in f)
 
 
 def _unmount(mount: Path) -> None:
     for cmd in (["fusermount3", "-u", "-q", str(mount)], ["umount", str(mount)], ["umount", "-l", str(mount)]):
-        if not os.path.ismount(mount):
+        if not _mounted(mount):
             return
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(cmd, capture_output=True, timeout=10)
 
 

@@ -18,13 +18,15 @@ Each test asserts its fault fired (the file system counts the operations it fail
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.faultyfs import faulty_fs
-from tests.snapshot import assert_mirrors
+from tests.helpers import run_mirror
+from tests.snapshot import assert_mirrors, snapshot
 from tests.test_full_disk import MODES, Target, Watcher, assert_state_whole, digests, no_traceback
 
 
@@ -80,3 +82,46 @@ def test_a_read_error_in_the_middle_of_a_file_fails_it_by_name_and_keeps_the_old
         proc = target.sync(fs.mount, "--delete")
         assert proc.returncode == 0, err(proc)
         assert_mirrors(fs.backing, replica)
+
+
+# -- 3. what cannot be seen on the source is not deleted from the replica ---------------------------
+
+
+UNREADABLE = [("mail", "readdir_eio"), ("mail", "opendir_eio"), ("mail", "getattr_eio"), ("mail/f2", "getattr_eio")]
+
+
+@pytest.mark.parametrize(("path", "fault"), UNREADABLE, ids=[f"{p}-{f}" for p, f in UNREADABLE])
+@pytest.mark.parametrize("mode", MODES)
+def test_what_cannot_be_read_on_the_source_keeps_its_replica_copy_with_delete(tmp_path, mode, path, fault):
+    with faulty_source(tmp_path, mode) as (fs, replica, target):
+        write_tree(fs.backing, b"v1")
+        assert target.sync(fs.mount).returncode == 0
+        before = snapshot(replica)
+        (fs.backing / "docs" / "f0").unlink()  # a real deletion elsewhere: it still goes
+        fs.fault(path, fault)
+        proc = target.sync(fs.mount, "--delete")
+        no_traceback(proc, target)
+        assert fs.count(path, fault) > 0
+        assert proc.returncode == 1, err(proc)
+        assert f"warning: {path}: " in err(proc) and "Input/output error" in err(proc), err(proc)
+        after = snapshot(replica)
+        lost = sorted(p for p in before if p.startswith(b"mail") and p not in after)
+        assert lost == [], f"deleted from the replica although unreadable on the source: {lost}"
+        assert b"docs/f0" not in after
+        assert_state_whole(replica)
+        fs.clear()
+        proc = target.sync(fs.mount, "--delete")
+        assert proc.returncode == 0, err(proc)
+        assert_mirrors(fs.backing, replica)
+
+
+@pytest.mark.parametrize(("path", "fault"), [(b"", "readdir_eio"), *UNREADABLE])
+def test_diff_does_not_call_what_it_cannot_read_deleted(tmp_path, path, fault):
+    with faulty_fs(tmp_path) as fs:
+        write_tree(fs.backing, b"v1")
+        shutil.copytree(fs.backing, tmp_path / "copy", symlinks=True)
+        fs.fault(path, fault)
+        proc = run_mirror("diff", fs.mount, tmp_path / "copy")
+        assert fs.count(path, fault) > 0
+        assert proc.returncode == 2, err(proc)
+        assert b"deleting" not in proc.stdout, proc.stdout.decode(errors="replace")
