@@ -287,11 +287,14 @@ def _compare_pair(scan, a, b, flags, options, summary, links, unseen) -> Iterato
             yield Difference(path, HARDLINK, s, d, frozenset({"link"}), link_to)
 
 
-def root_entry(root: bytes) -> Entry | None:
-    """The root directory itself as an Entry (named ``.``), to compare its mode/owner/mtime."""
+def root_entry(root: bytes, problems: list | None = None) -> Entry | None:
+    """The root directory itself as an Entry (named ``.``), to compare its mode/owner/mtime;
+    None if it cannot be stat'ed (then a problem is added to ``problems``, if given)."""
     try:
         st = os.stat(root)
-    except OSError:
+    except OSError as exc:
+        if problems is not None:
+            problems.append(ScanProblem(b"", exc.errno, f"cannot stat: {exc.strerror}"))
         return None
     return Entry(b".", Kind.DIR, st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_size,
                  st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, 0, b"", None)  # fmt: skip

@@ -206,7 +206,7 @@ def _check_destination_parent(args) -> None:
 def _show(path: bytes) -> str:
     from ..itemize import escape_path
 
-    return escape_path(path)
+    return escape_path(path or b".")  # the root's own problem (an unreadable root) names it
 
 
 class _Progress:
