@@ -8,7 +8,8 @@ however the block ends.  Faults, by relative path (``b""`` is the root):
 
 - ``read_eio``, ``at``: a read reaching byte ``at`` of the file fails with EIO;
 - ``short``, ``at``: the file reads as if it ended at byte ``at`` (its size says more);
-- ``long``, ``extra``: the file says it is ``extra`` bytes shorter than it reads;
+- ``long``, ``extra``: the file says it is ``extra`` bytes shorter than it reads (counted:
+  the stats that said so);
 - ``getattr_eio``: stat fails with EIO (also the lookup of the name from its directory);
 - ``opendir_eio``, ``readdir_eio``: opening or listing the directory fails with EIO;
 - ``hang``: a read blocks until ``release()`` (a hung mount).
@@ -206,6 +207,7 @@ def serve(backing: str, mount: str, control: str) -> None:
                 attrs[f"st_{name}"] = attrs.pop(f"st_{name}_ns")
             long = fault(r, "long")
             if long is not None and attrs["st_size"]:
+                fired(r, "long")
                 attrs["st_size"] = max(0, attrs["st_size"] - long["extra"])
             return attrs
 

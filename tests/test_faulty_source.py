@@ -85,6 +85,38 @@ def test_a_read_error_in_the_middle_of_a_file_fails_it_by_name_and_keeps_the_old
         assert_mirrors(fs.backing, replica)
 
 
+# -- 2. a file that reads shorter or longer than its size says --------------------------------------
+
+
+LENGTHS = {"short": ({"at": 100_000}, "read only 100000 of its 300000 bytes"),
+           "long": ({"extra": 1000}, "reads on past its size (299000 bytes)")}
+
+
+@pytest.mark.parametrize("fault", LENGTHS)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_that_reads_another_length_than_its_size_is_never_committed(tmp_path, mode, fault):
+    with faulty_source(tmp_path, mode) as (fs, replica, target):
+        write_tree(fs.backing, b"old!")
+        assert target.sync(fs.mount).returncode == 0
+        old = digests(replica)
+        (fs.backing / "big").write_bytes(b"new!" * (300_000 // 4))
+        args, reason = LENGTHS[fault]
+        fs.fault("big", fault, **args)
+        with Watcher(replica, old) as watcher:  # no version of "big" but the old one, ever
+            proc = target.sync(fs.mount)
+        no_traceback(proc, target)
+        assert fs.count("big", fault) > 0
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert proc.returncode == 1, err(proc)
+        assert f"failed: big: {reason}" in err(proc), err(proc)
+        assert digests(replica)[b"big"] == old[b"big"]
+        assert_state_whole(replica)
+        fs.clear()
+        proc = target.sync(fs.mount)
+        assert proc.returncode == 0, err(proc)
+        assert_mirrors(fs.backing, replica)
+
+
 # -- 3. what cannot be seen on the source is not deleted from the replica ---------------------------
 
 
