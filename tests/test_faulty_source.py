@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.faultyfs import faulty_fs
-from tests.helpers import run_mirror
+from tests.helpers import MIRROR, REPO, run_mirror, wait_until
+from tests.servers import mirror_server
 from tests.snapshot import assert_mirrors, snapshot
 from tests.test_full_disk import MODES, Target, Watcher, assert_state_whole, digests, no_traceback
 
@@ -150,7 +153,7 @@ def test_what_cannot_be_read_on_the_source_keeps_its_replica_copy_with_delete(tm
 
 # An unreadable root: listed, the sync goes on over nothing (exit 1); not opened or not
 # stat'ed, it stops before the replica is touched (exit 2).  Either way it is named.
-ROOT_FAULTS = {"readdir_eio": (1, "warning: .: cannot read directory: Input/output error"),
+ROOT_FAULTS = {"readdir_eio": (1, "warning: ./: cannot read directory: Input/output error"),
                "opendir_eio": (2, "mnt: Input/output error"),
                "getattr_eio": (2, "mnt: Input/output error")}  # fmt: skip
 
@@ -186,5 +189,101 @@ def test_diff_does_not_call_what_it_cannot_read_deleted_nor_identical(tmp_path, 
         proc = run_mirror("diff", fs.mount, tmp_path / "copy")
         assert fs.count(path, fault) > 0
         assert proc.returncode == 2, err(proc)  # incomplete: never "identical"
-        assert f"warning: src: {os.fsdecode(path or b'.')}: " in err(proc), err(proc)
+        assert f"warning: src: {os.fsdecode(path) or './'}: " in err(proc), err(proc)
         assert b"deleting" not in proc.stdout, proc.stdout.decode(errors="replace")
+
+
+# -- 4. a hung source: a read that blocks -------------------------------------------------------------
+
+
+def start_sync(src: Path, dst: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([*MIRROR, "sync", *extra, str(src), dst], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def test_a_local_sync_hung_on_its_source_holds_the_replica_until_sigterm_ends_it(tmp_path):
+    with faulty_source(tmp_path, "local") as (fs, replica, target):
+        write_tree(fs.backing, b"old!")
+        assert target.sync(fs.mount).returncode == 0
+        old = digests(replica)
+        write_tree(fs.backing, b"new!")
+        fs.fault("big", "hang")
+        with Watcher(replica, old, digests(fs.backing)) as watcher:
+            hung = start_sync(fs.mount, str(replica), "--lock-file", str(tmp_path / "stop"))
+            try:
+                wait_until(lambda: fs.blocked() > 0 or hung.poll() is not None)
+                assert hung.poll() is None
+                # A second writer is refused while the hung one holds the replica.
+                other = run_mirror("sync", fs.mount, replica, check_codes=range(256))
+                assert other.returncode == 2 and "busy" in err(other), err(other)
+                # The mirroring lock cannot reach a sync blocked in the kernel.
+                (tmp_path / "stop").write_text("failover")
+                with pytest.raises(subprocess.TimeoutExpired):
+                    hung.wait(timeout=1)
+                hung.terminate()  # SIGTERM, fatal for a process blocked on FUSE
+                hung.wait(timeout=10)
+            finally:
+                if hung.poll() is None:
+                    hung.kill()
+                hung.wait()
+                hung.stdout.close()
+                hung.stderr.close()
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert digests(replica)[b"big"] == old[b"big"]
+        fs.clear()
+        fs.release()
+        (tmp_path / "stop").unlink()
+        proc = target.sync(fs.mount, "--delete")
+        assert proc.returncode == 0, err(proc)
+        assert_mirrors(fs.backing, replica)
+        assert_state_whole(replica)  # the killed sync's temporary is gone
+
+
+def test_a_sender_hung_on_its_source_loses_the_module_after_the_servers_timeout(tmp_path):
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    (tmp_path / "srv").mkdir()
+    with faulty_fs(tmp_path) as fs, mirror_server(tmp_path / "srv", {"m": str(replica)}, "--timeout", "2") as server:
+        url, secret = server.url("m"), ("--secret-file", server.secret_file)
+        write_tree(fs.backing, b"old!")
+        assert run_mirror("sync", *secret, fs.mount, url).returncode == 0
+        old = digests(replica)
+        write_tree(fs.backing, b"new!")
+        fs.fault("big", "hang")
+        with Watcher(replica, old, digests(fs.backing)) as watcher:
+            hung = start_sync(fs.mount, url, *secret)
+            try:
+                wait_until(lambda: fs.blocked() > 0 or hung.poll() is not None)
+                assert hung.poll() is None
+                # The server drops the silent session after its --timeout and frees the module
+                # for the next sync.  That one leaves the hung file alone: the kernel holds
+                # the pages being read locked, and any other reader of them would hang too,
+                # beyond even SIGKILL.
+                started = time.monotonic()
+                proc = wait_until(lambda: _synced(fs.mount, url, *secret, "--exclude", "big"), timeout=20)
+                assert proc.returncode == 0 and time.monotonic() - started < 10, err(proc)
+                assert hung.poll() is None  # still blocked in the kernel, holding nothing
+            finally:
+                fs.release()
+                try:
+                    hung.wait(timeout=30)
+                finally:
+                    if hung.poll() is None:
+                        hung.kill()
+                        hung.wait()
+                    hung_err = hung.stderr.read().decode(errors="replace")
+                    hung.stdout.close()
+                    hung.stderr.close()
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert hung.returncode != 0 and "Traceback" not in hung_err, hung_err
+        assert digests(replica)[b"big"] == old[b"big"]
+        fs.clear()
+        assert run_mirror("sync", *secret, fs.mount, url).returncode == 0
+        assert_mirrors(fs.backing, replica)
+        assert_state_whole(replica)
+
+
+def _synced(src: Path, url: str, *extra: str):
+    """A sync's result if it ran, None while the module is busy."""
+    proc = run_mirror("sync", *extra, src, url, check_codes=range(256))
+    return None if "busy" in err(proc) else proc
