@@ -18,6 +18,7 @@ Each test asserts its fault fired (the file system counts the operations it fail
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemons import converged, live_daemon
 from tests.faultyfs import faulty_fs
 from tests.helpers import MIRROR, REPO, run_mirror, wait_until
 from tests.servers import mirror_server
@@ -287,3 +289,36 @@ def _synced(src: Path, url: str, *extra: str):
     """A sync's result if it ran, None while the module is busy."""
     proc = run_mirror("sync", *extra, src, url, check_codes=range(256))
     return None if "busy" in err(proc) else proc
+
+
+# -- the live daemon ----------------------------------------------------------------------------------
+
+
+def daemon_status(src: Path) -> dict | None:
+    """The daemon's one pair, once it has finished a session and mirrors live."""
+    proc = run_mirror("status", src, "--json", check_codes=range(256))
+    if not proc.stdout:
+        return None
+    pair = json.loads(proc.stdout)["pairs"][0]
+    return {**pair, "exit": proc.returncode} if pair["last_sync"] and pair["state"] == "live" else None
+
+
+def test_the_live_daemon_keeps_what_it_cannot_read_and_names_it_in_its_status(tmp_path):
+    with faulty_source(tmp_path, "local") as (fs, replica, target):
+        write_tree(fs.backing, b"v1")
+        assert target.sync(fs.mount).returncode == 0
+        before = snapshot(replica)
+        fs.fault("mail", "getattr_eio")
+        with live_daemon(fs.mount, replica, log_path=tmp_path / "daemon.log"):  # it deletes by default
+            status = wait_until(lambda: daemon_status(fs.mount))
+            assert fs.count("mail", "getattr_eio") > 0
+            after = snapshot(replica)
+            assert [p for p in before if p.startswith(b"mail") and p not in after] == []
+            assert status["exit"] == 1, status  # not healthy: part of the tree is not mirrored
+            assert ["mail", "cannot stat: Input/output error"] in status["failed_files"], status
+        # A directory it could not read when it started is not watched (watchdog skips it
+        # without a word): its changes wait for the next full sync, a restart's.
+        fs.clear()
+        (fs.mount / "mail" / "new").write_bytes(b"written once the disk is back")
+        with live_daemon(fs.mount, replica, log_path=tmp_path / "daemon.log"):
+            converged(fs.backing, replica)
