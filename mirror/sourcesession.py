@@ -160,8 +160,13 @@ class SourceSession:
             return None
 
     def settled(self, fd: int, path: bytes) -> os.stat_result | None:
-        """The open source file's stat before it is read; None if it keeps changing."""
-        before = settled_stat(fd)
+        """The open source file's stat before it is read; None if it keeps changing or
+        cannot be stat'ed (a failing file system, a file gone stale on a network mount)."""
+        try:
+            before = settled_stat(fd)
+        except OSError as exc:
+            self.out.failed.append((path, f"cannot stat in the source: {exc.strerror}"))
+            return None
         if before is None:
             self.out.failed.append((path, CHANGED.format(self.passes_on)))
         return before

@@ -11,6 +11,9 @@ however the block ends.  Faults, by relative path (``b""`` is the root):
 - ``long``, ``extra``: the file says it is ``extra`` bytes shorter than it reads (counted:
   the stats that said so);
 - ``getattr_eio``: stat fails with EIO (also the lookup of the name from its directory);
+- ``fstat_eio``: once the file is opened, its stats fail with EIO (``fstat`` of the open
+  file; before, its name stats, with a ctime of now, so that a reader waiting for it to
+  settle stats it again, past the kernel's cache of its attributes);
 - ``opendir_eio``, ``readdir_eio``: opening or listing the directory fails with EIO;
 - ``hang``: a read blocks until ``release()`` (a hung mount).
 
@@ -38,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-FAULTS = ("read_eio", "short", "long", "getattr_eio", "opendir_eio", "readdir_eio", "hang")
+FAULTS = ("read_eio", "short", "long", "getattr_eio", "fstat_eio", "opendir_eio", "readdir_eio", "hang")
 
 
 # -- the client a test uses ---------------------------------------------------------------------
@@ -187,6 +190,7 @@ def serve(backing: str, mount: str, control: str) -> None:
         def __init__(self):
             self.root = os.fsencode(os.path.realpath(backing))
             self.paths: dict[int, bytes] = {}  # open file -> its relative path (read may get no path)
+            self.open_once: set[bytes] = set()  # files opened for reading since their fstat_eio was set
 
         def real(self, path: str) -> bytes:
             r = rel(path)
@@ -200,11 +204,18 @@ def serve(backing: str, mount: str, control: str) -> None:
         def getattr(self, path, fi=None):
             r = rel(path)
             eio(r, "getattr_eio")
+            if r in self.open_once and fault(r, "fstat_eio") is not None:
+                fired(r, "fstat_eio")
+                raise fuse.FuseOSError(errno.EIO)
             st = os.fstat(fi.fh) if fi is not None else os.lstat(self.real(path))
             attrs = {k: getattr(st, k) for k in ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size",
                                                   "st_rdev", "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")}
             for name in ("atime", "mtime", "ctime"):
                 attrs[f"st_{name}"] = attrs.pop(f"st_{name}_ns")
+            if fault(r, "fstat_eio") is not None:
+                # Just changed, it says: a reader waits for it to settle and stats it again
+                # through the open file, past the kernel's cache of its attributes.
+                attrs["st_ctime"] = time.time_ns()
             long = fault(r, "long")
             if long is not None and attrs["st_size"]:
                 fired(r, "long")
@@ -233,6 +244,8 @@ def serve(backing: str, mount: str, control: str) -> None:
         def _opened(self, path, fi, fd):
             r = rel(path)
             self.paths[fd] = r
+            if fault(r, "fstat_eio") is not None:
+                self.open_once.add(r)
             fi.fh = fd
             # Past the size it says, only a direct read reaches us: the page cache stops at it.
             fi.direct_io = fault(r, "long") is not None
@@ -326,6 +339,7 @@ def serve(backing: str, mount: str, control: str) -> None:
                         path = request["clear"]
                         for key in [k for k in faults if path is None or k[0] == bytes.fromhex(path)]:
                             del faults[key]
+                            ops.open_once.discard(key[0])
                     elif "count" in request:
                         reply = counts.get((bytes.fromhex(request["count"]), request["kind"]), 0)
                     elif "blocked" in request:
@@ -334,12 +348,13 @@ def serve(backing: str, mount: str, control: str) -> None:
                     released.set()
                 conn.sendall(json.dumps(reply).encode() + b"\n")
 
+    ops = Faulty()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(control + ".new")
     server.listen(16)
     threading.Thread(target=control_loop, args=(server,), daemon=True).start()
     os.rename(control + ".new", control)  # ready when it has its name
-    fuse.FUSE(Faulty(), mount, foreground=True, fsname="faultyfs", raw_fi=True)
+    fuse.FUSE(ops, mount, foreground=True, fsname="faultyfs", raw_fi=True)
 
 
 if __name__ == "__main__":

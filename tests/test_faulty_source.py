@@ -60,21 +60,27 @@ def err(proc) -> str:
     return proc.stderr.decode(errors="replace")
 
 
-# -- 1. a read error in the middle of a file -------------------------------------------------------
+# -- 1. a file that fails while it is read ------------------------------------------------------------
 
 
+# Half of it reads, then the disk fails; none of it reads; it opens, then cannot be stat'ed.
+READ_FAULTS = {"middle": ("read_eio", {"at": 2 << 20}), "start": ("read_eio", {"at": 0}), "fstat": ("fstat_eio", {})}
+
+
+@pytest.mark.parametrize("where", READ_FAULTS)
 @pytest.mark.parametrize("mode", MODES)
-def test_a_read_error_in_the_middle_of_a_file_fails_it_by_name_and_keeps_the_old_copy(tmp_path, mode):
+def test_a_file_that_fails_while_read_fails_by_name_and_keeps_the_old_copy(tmp_path, mode, where):
     with faulty_source(tmp_path, mode) as (fs, replica, target):
         write_tree(fs.backing, b"old!")
         assert target.sync(fs.mount).returncode == 0
         old = digests(replica)
         write_tree(fs.backing, b"new!")
-        fs.fault("big", "read_eio", at=2 << 20)  # half of it reads; then the disk fails
+        fault, args = READ_FAULTS[where]
+        fs.fault("big", fault, **args)
         with Watcher(replica, old, digests(fs.backing)) as watcher:
             proc = target.sync(fs.mount, "--delete")
         no_traceback(proc, target)
-        assert fs.count("big", "read_eio") > 0
+        assert fs.count("big", fault) > 0
         assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
         assert proc.returncode == 1, err(proc)
         assert "failed: big:" in err(proc) and "Input/output error" in err(proc), err(proc)
