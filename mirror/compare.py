@@ -19,7 +19,6 @@ is not gone: it is never reported removed, so a sync never deletes its replica c
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
@@ -226,7 +225,7 @@ def compare_pairs(
             if listing is not None:
                 summary.problems.extend(listing.problems)
         if a is not None:
-            unseen.update(p.path for p in a.problems if p.errno != errno.ENOENT)
+            unseen.update(p.path for p in a.problems if p.unreadable)
         if skip_prefix is not None and key.startswith(skip_prefix):
             continue
         skip_prefix = None

@@ -617,8 +617,9 @@ class LivePair:
                 self._latencies.append(done - when)
         if self.metrics is not None:
             self.metrics.session(self._labels, result, [done - w for p, w in entries.items() if p not in retry])
-        # What could not be read on the source (a failing disk) is not mirrored either: named alike.
-        missed = [*result.failed, *((p.path, p.message) for p in result.problems)]
+        # What could not be read (a failing disk) is not mirrored either: named alike.  What
+        # vanished or changed under the scan is not: its own event follows.
+        missed = [*result.failed, *((p.path, p.message) for p in result.problems if p.unreadable)]
         st.failed_files = [[display_path(path) or "./", reason] for path, reason in missed[:20]]
         if not missed:
             st.last_success = done

@@ -99,7 +99,8 @@ def test_a_file_that_fails_while_read_fails_by_name_and_keeps_the_old_copy(tmp_p
 # -- 2. a file that reads shorter or longer than its size says --------------------------------------
 
 
-LENGTHS = {"short": ({"at": 100_000}, "read only 100000 of its 300000 bytes"),
+# How much of a short file a copy reads depends on the kernel's page cache: "only N of".
+LENGTHS = {"short": ({"at": 100_000}, "of its 300000 bytes: changed while it was being"),
            "long": ({"extra": 1000}, "reads on past its size (299000 bytes)")}
 
 
@@ -119,7 +120,7 @@ def test_a_file_that_reads_another_length_than_its_size_is_never_committed(tmp_p
         assert fs.count("big", fault) > 0
         assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
         assert proc.returncode == 1, err(proc)
-        assert f"failed: big: {reason}" in err(proc), err(proc)
+        assert "failed: big: " in err(proc) and reason in err(proc), err(proc)
         assert digests(replica)[b"big"] == old[b"big"]
         assert_state_whole(replica)
         fs.clear()
