@@ -12,7 +12,9 @@ source: ``added``, ``removed``, ``content`` (quick check: size or mtime differ; 
 ``hardlink`` (the path is not in the same hard-link group on both sides).
 
 A directory that could not be read on either side makes the comparison incomplete below it:
-its subtree is skipped on both sides and the problem is reported, never guessed at.
+its subtree is skipped on both sides and the problem is reported, never guessed at.  A
+source entry that could not be looked at (its ``stat`` failed: a bad sector, a flaky mount)
+is not gone: it is never reported removed, so a sync never deletes its replica copy.
 """
 
 from __future__ import annotations
@@ -207,25 +209,33 @@ def compare_pairs(
     """The changes within aligned ``(src, dst)`` listing pairs (see ``align``), in order.
 
     A listing that is incomplete on either side makes its whole subtree unknown: it is
-    skipped on both sides (its problems are in ``summary.problems``).
+    skipped on both sides (its problems are in ``summary.problems``).  So is a source entry
+    that is there but could not be looked at (a ``stat`` that failed, not one that found it
+    gone): it is never reported removed, nor anything below it.
     """
     scan = fastpath.choose("scan")
     flags = options.flags(scan)
     links = _HardLinks()
     skip_prefix: bytes | None = None  # canonical key prefix of an incomplete subtree
+    unseen: set[bytes] = set()  # source paths that exist but could not be looked at
     for a, b in pairs:
-        key = canonical_key((a if a is not None else b).path)
+        path = (a if a is not None else b).path
+        key = canonical_key(path)
         for listing in (a, b):
             if listing is not None:
                 summary.problems.extend(listing.problems)
+        if a is not None:
+            unseen.update(p.path for p in a.problems if p.unreadable)
         if skip_prefix is not None and key.startswith(skip_prefix):
             continue
         skip_prefix = None
         if (a is not None and not a.complete) or (b is not None and not b.complete):
-            skip_prefix = key + b"\0"
+            skip_prefix = key + b"\0" if path else b""  # the root's subtree is everything
+            continue
+        if unseen and _below(path, unseen):
             continue
         if a is not None and b is not None:
-            yield from _compare_pair(scan, a, b, flags, options, summary, links)
+            yield from _compare_pair(scan, a, b, flags, options, summary, links, unseen)
         elif a is not None:
             for entry in a:
                 path = join(a.path, entry.name)
@@ -240,7 +250,16 @@ def compare_pairs(
                 yield Difference(path, REMOVED, None, entry)
 
 
-def _compare_pair(scan, a, b, flags, options, summary, links) -> Iterator[Difference]:
+def _below(path: bytes, paths: set[bytes]) -> bool:
+    """Whether ``path`` is one of ``paths`` or inside one of them."""
+    while path:
+        if path in paths:
+            return True
+        path = path.rpartition(b"/")[0]
+    return False
+
+
+def _compare_pair(scan, a, b, flags, options, summary, links, unseen) -> Iterator[Difference]:
     for i, j, bits in scan.compare_listings(a, b, flags):
         s = a[i] if i >= 0 else None
         d = b[j] if j >= 0 else None
@@ -250,6 +269,8 @@ def _compare_pair(scan, a, b, flags, options, summary, links) -> Iterator[Differ
             yield Difference(path, ADDED, s, None, link_to=links.check(path, s, None))
             continue
         if s is None:
+            if path in unseen:
+                continue  # not gone: unreadable on the source, its problem says so
             links.check(path, None, d)
             summary.count(REMOVED)
             yield Difference(path, REMOVED, None, d)
@@ -265,11 +286,14 @@ def _compare_pair(scan, a, b, flags, options, summary, links) -> Iterator[Differ
             yield Difference(path, HARDLINK, s, d, frozenset({"link"}), link_to)
 
 
-def root_entry(root: bytes) -> Entry | None:
-    """The root directory itself as an Entry (named ``.``), to compare its mode/owner/mtime."""
+def root_entry(root: bytes, problems: list | None = None) -> Entry | None:
+    """The root directory itself as an Entry (named ``.``), to compare its mode/owner/mtime;
+    None if it cannot be stat'ed (then a problem is added to ``problems``, if given)."""
     try:
         st = os.stat(root)
-    except OSError:
+    except OSError as exc:
+        if problems is not None:
+            problems.append(ScanProblem(b"", exc.errno, f"cannot stat: {exc.strerror}"))
         return None
     return Entry(b".", Kind.DIR, st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_size,
                  st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, 0, b"", None)  # fmt: skip

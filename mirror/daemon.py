@@ -617,11 +617,14 @@ class LivePair:
                 self._latencies.append(done - when)
         if self.metrics is not None:
             self.metrics.session(self._labels, result, [done - w for p, w in entries.items() if p not in retry])
-        st.failed_files = [[display_path(path), reason] for path, reason in result.failed[:20]]
-        if not result.failed:
+        # What could not be read (a failing disk) is not mirrored either: named alike.  What
+        # vanished or changed under the scan is not: its own event follows.
+        missed = [*result.failed, *((p.path, p.message) for p in result.problems if p.unreadable)]
+        st.failed_files = [[display_path(path) or "./", reason] for path, reason in missed[:20]]
+        if not missed:
             st.last_success = done
-        if result.failed:
-            st.last_error = f"{len(result.failed)} files failed, e.g. {display_path(result.failed[0][0])}: {result.failed[0][1]}"
+        if missed:
+            st.last_error = f"{len(missed)} files failed, e.g. {display_path(missed[0][0]) or './'}: {missed[0][1]}"
         if result.deletions_refused:
             raise _Halted(result.deletions_refused)  # the rest of the batch is mirrored, no deletion
         self._set_state("live")

@@ -12,6 +12,7 @@ memory bounded by the directory being looked at rather than by the tree.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from enum import IntEnum
@@ -87,6 +88,12 @@ class ScanProblem(NamedTuple):
     path: bytes
     errno: int
     message: str
+
+    @property
+    def unreadable(self) -> bool:
+        """The entry is there but could not be read (EIO, ...): not one that vanished or
+        changed under the scan, which the next look (or an inotify event) settles."""
+        return self.errno not in (0, errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
 def join(dir_path: bytes, name: bytes) -> bytes:

@@ -165,7 +165,10 @@ class LocalSession(SourceSession):
             whole = False  # until copied and found unchanged: else the copy is dropped
             try:
                 copied = _copy_range(fd, commit.file.fileno(), (self.lock, self.writer.lock), self.conn.limiter)
-                whole = not self.changed_while_read(fd, before, copied, path)
+                # The kernel's copy stops at the size it knows: a file that reads on past it
+                # (its file system says the wrong size) is no more whole than a short one.
+                read_on = len(os.pread(fd, 1, copied))
+                whole = not self.changed_while_read(fd, before, copied + read_on, path)
             except OSError as exc:
                 self.writer.fail(None, path, f"cannot copy: {failure_reason(exc)}")
             finally:

@@ -25,6 +25,9 @@ from .safefs import ConfinedTree, settled_stat
 from .treescan import Scope, source_scan, stop_scans
 
 CHANGED = "changed while it was being {}; sync again to pick it up"
+# Another length read than the size, the times unchanged: rewritten within one timestamp
+# tick, or a failing file system (a bad disk, a flaky mount).
+CHANGED_OR_FAILED = "changed while it was being {}, or its file system failed; sync again to pick it up"
 
 
 class SourceSession:
@@ -157,8 +160,13 @@ class SourceSession:
             return None
 
     def settled(self, fd: int, path: bytes) -> os.stat_result | None:
-        """The open source file's stat before it is read; None if it keeps changing."""
-        before = settled_stat(fd)
+        """The open source file's stat before it is read; None if it keeps changing or
+        cannot be stat'ed (a failing file system, a file gone stale on a network mount)."""
+        try:
+            before = settled_stat(fd)
+        except OSError as exc:
+            self.out.failed.append((path, f"cannot stat in the source: {exc.strerror}"))
+            return None
         if before is None:
             self.out.failed.append((path, CHANGED.format(self.passes_on)))
         return before
@@ -166,10 +174,18 @@ class SourceSession:
     def changed_while_read(self, fd: int, before: os.stat_result, length: int, path: bytes) -> bool:
         """Whether the file changed while read (then the reason goes to the failures): by
         its times, or (within one timestamp tick, where the times cannot tell) by reading
-        another length than it had, e.g. truncated and rewritten."""
-        if _identity(os.fstat(fd)) == _identity(before) and length == before.st_size:
+        another length than it had, e.g. truncated and rewritten, or cut short by its file
+        system."""
+        size = before.st_size
+        if _identity(os.fstat(fd)) != _identity(before):
+            reason = CHANGED.format(self.passes_on)
+        elif length < size:
+            reason = f"read only {length} of its {size} bytes: " + CHANGED_OR_FAILED.format(self.passes_on)
+        elif length > size:
+            reason = f"reads on past its size ({size} bytes): " + CHANGED_OR_FAILED.format(self.passes_on)
+        else:
             return False
-        self.out.failed.append((path, CHANGED.format(self.passes_on)))
+        self.out.failed.append((path, reason))
         return True
 
     def finish(self, replica_result: dict, failed) -> SyncResult:

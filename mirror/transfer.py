@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from typing import NamedTuple
 
-from .errors import ConnectError, ConnectTimeout, UsageError, fs_path
+from .errors import ConnectError, ConnectTimeout, MirrorError, UsageError, fs_path, os_error_message
 from .records import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, SenderOptions, SyncResult
 from .treescan import replica_scan, source_scan, stop_scans
 
@@ -104,7 +105,13 @@ class Connection:
         ``checksum``, ``dry_run``, ``fsync``, ``cancel``, ``keep_changes``, ``max_delete``,
         ``allow_mass_delete``); the others are checked or converted here."""
         self.src = fs_path(src)
-        if not os.path.isdir(self.src):
+        try:
+            is_dir = stat.S_ISDIR(os.stat(self.src).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            is_dir = False
+        except OSError as exc:  # there, but unreadable (EIO): not "not a directory"
+            raise MirrorError(f"source {os_error_message(exc, self.src)}") from None
+        if not is_dir:
             raise UsageError(f"source {self.src.decode(errors='replace')!r} is not a directory")
         if secret is None and secret_file:
             from .secretfile import read_secret_file  # the one rule for every secret file

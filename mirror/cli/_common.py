@@ -32,13 +32,14 @@ def warn_problem(command: str, problem: ScanProblem, side: str = "") -> None:
     from ..itemize import escape_path
 
     where = f"{side}: " if side else ""
-    print(f"mirror {command}: warning: {where}{escape_path(problem.path)}: {problem.message}", file=sys.stderr)
+    print(f"mirror {command}: warning: {where}{escape_path(problem.path) or './'}: {problem.message}",
+          file=sys.stderr)  # fmt: skip
 
 
 def problem_json(problem: ScanProblem) -> dict:
     from ..itemize import escape_path
 
-    return {"path": escape_path(problem.path), "errno": problem.errno, "message": problem.message}
+    return {"path": escape_path(problem.path) or "./", "errno": problem.errno, "message": problem.message}
 
 
 def print_json(obj) -> None:

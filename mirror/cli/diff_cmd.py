@@ -55,7 +55,7 @@ def run(args) -> int:
 
     options = CompareOptions(checksum=args.checksum, owner=not args.no_owner, dir_times=not args.no_dir_times)
     summary = CompareSummary()
-    roots = [None if side.is_manifest else root_entry(side.root) for side in sides]
+    roots = [None if side.is_manifest else root_entry(side.root, side.problems) for side in sides]
     changes = compare_trees(src, dst, options, summary, roots[0], roots[1])
     out = sys.stdout
     collected = []

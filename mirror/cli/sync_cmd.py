@@ -113,7 +113,7 @@ def run(args) -> int:
     for path, reason in result.failed:
         print(f"mirror sync: failed: {_show(path) or './'}: {reason}", file=sys.stderr)  # the root: as -i shows it
     for problem in result.problems:
-        print(f"mirror sync: warning: {_show(problem.path)}: {problem.message}", file=sys.stderr)
+        print(f"mirror sync: warning: {_show(problem.path) or './'}: {problem.message}", file=sys.stderr)  # ./: the root
     s = result.stats
     if args.json:
         from ..itemize import change_json
@@ -123,7 +123,7 @@ def run(args) -> int:
             "ok": result.ok, "dry_run": result.dry_run, "deletions_refused": result.deletions_refused,
             "changes": [change_json(c) for c in result.changes],
             "failed": [{"path": _show(p), "reason": r} for p, r in result.failed],
-            "problems": [{"path": _show(p.path), "message": p.message} for p in result.problems],
+            "problems": [{"path": _show(p.path) or "./", "message": p.message} for p in result.problems],
             "stats": {
                 "files_seen": s.files_seen, "files_sent": s.files_sent, "files_delta": s.files_delta,
                 "other_changes": s.other_changes, "deleted": s.deleted, "literal_bytes": s.literal_bytes,

@@ -1,0 +1,331 @@
+"""A source file system that fails under a sync, as users meet it: a disk with bad sectors, a
+flaky network mount.  The source is a FUSE pass-through (``tests/faultyfs.py``) that fails
+reads, stats and directory listings with EIO, reads files shorter or longer than their size
+says, or blocks a read (a hung mount), per path, while real ``mirror sync`` processes run
+against it, locally and to a `mirror serve` on loopback.
+
+Whatever fails, the claims are the replica's:
+
+- a file that cannot be read whole is failed by name (exit 1); its old copy on the replica
+  is untouched, never truncated nor partly new (a reader polls the replica throughout);
+- what the sync cannot see on the source (a directory it cannot list or stat, the root
+  itself) is never deleted from the replica, even with ``--delete``; the sync says so and
+  exits non-zero, and once the fault is gone the next sync converges;
+- no temporary file is left in the replica's ``.mirror/tmp``.
+
+Each test asserts its fault fired (the file system counts the operations it failed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import converged, live_daemon
+from tests.faultyfs import faulty_fs
+from tests.helpers import MIRROR, REPO, run_mirror, wait_until
+from tests.servers import mirror_server
+from tests.snapshot import assert_mirrors, snapshot
+from tests.test_full_disk import MODES, Target, Watcher, assert_state_whole, digests, no_traceback
+
+
+@contextmanager
+def faulty_source(tmp_path: Path, mode: str):
+    """``(fs, replica, target)``: a faulty source file system, and a ``Target`` of ``mode``
+    writing to the replica, running."""
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    target = Target(mode, replica, tmp_path)
+    with faulty_fs(tmp_path) as fs, target.running():
+        yield fs, replica, target
+
+
+def write_tree(root: Path, tag: bytes) -> None:
+    """A few directories of small files, and one big file (4 MiB: read in several pieces)."""
+    for d in ("docs", "mail", "mail/cur"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+        for i in range(5):
+            (root / d / f"f{i}").write_bytes(tag + b" %s %d " % (d.encode(), i) * 200)
+    (root / "big").write_bytes(tag * ((4 << 20) // len(tag)))
+
+
+def err(proc) -> str:
+    return proc.stderr.decode(errors="replace")
+
+
+# -- 1. a file that fails while it is read ------------------------------------------------------------
+
+
+# Half of it reads, then the disk fails; none of it reads; it opens, then cannot be stat'ed.
+READ_FAULTS = {"middle": ("read_eio", {"at": 2 << 20}), "start": ("read_eio", {"at": 0}), "fstat": ("fstat_eio", {})}
+
+
+@pytest.mark.parametrize("where", READ_FAULTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_that_fails_while_read_fails_by_name_and_keeps_the_old_copy(tmp_path, mode, where):
+    with faulty_source(tmp_path, mode) as (fs, replica, target):
+        write_tree(fs.backing, b"old!")
+        assert target.sync(fs.mount).returncode == 0
+        old = digests(replica)
+        write_tree(fs.backing, b"new!")
+        fault, args = READ_FAULTS[where]
+        fs.fault("big", fault, **args)
+        with Watcher(replica, old, digests(fs.backing)) as watcher:
+            proc = target.sync(fs.mount, "--delete")
+        no_traceback(proc, target)
+        assert fs.count("big", fault) > 0
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert proc.returncode == 1, err(proc)
+        assert "failed: big:" in err(proc) and "Input/output error" in err(proc), err(proc)
+        now = digests(replica)
+        assert now[b"big"] == old[b"big"]
+        for path, digest in digests(fs.backing).items():  # the rest is mirrored
+            if path != b"big":
+                assert now[path] == digest, path
+        assert_state_whole(replica)
+        fs.clear()
+        proc = target.sync(fs.mount, "--delete")
+        assert proc.returncode == 0, err(proc)
+        assert_mirrors(fs.backing, replica)
+
+
+# -- 2. a file that reads shorter or longer than its size says --------------------------------------
+
+
+# How much of a short file a copy reads depends on the kernel's page cache: "only N of".
+LENGTHS = {"short": ({"at": 100_000}, "of its 300000 bytes: changed while it was being"),
+           "long": ({"extra": 1000}, "reads on past its size (299000 bytes)")}
+
+
+@pytest.mark.parametrize("fault", LENGTHS)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_that_reads_another_length_than_its_size_is_never_committed(tmp_path, mode, fault):
+    with faulty_source(tmp_path, mode) as (fs, replica, target):
+        write_tree(fs.backing, b"old!")
+        assert target.sync(fs.mount).returncode == 0
+        old = digests(replica)
+        (fs.backing / "big").write_bytes(b"new!" * (300_000 // 4))
+        args, reason = LENGTHS[fault]
+        fs.fault("big", fault, **args)
+        with Watcher(replica, old) as watcher:  # no version of "big" but the old one, ever
+            proc = target.sync(fs.mount)
+        no_traceback(proc, target)
+        assert fs.count("big", fault) > 0
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert proc.returncode == 1, err(proc)
+        assert "failed: big: " in err(proc) and reason in err(proc), err(proc)
+        assert digests(replica)[b"big"] == old[b"big"]
+        assert_state_whole(replica)
+        fs.clear()
+        proc = target.sync(fs.mount)
+        assert proc.returncode == 0, err(proc)
+        assert_mirrors(fs.backing, replica)
+
+
+# -- 3. what cannot be seen on the source is not deleted from the replica ---------------------------
+
+
+UNREADABLE = [("mail", "readdir_eio"), ("mail", "opendir_eio"), ("mail", "getattr_eio"), ("mail/f2", "getattr_eio")]
+
+
+@pytest.mark.parametrize(("path", "fault"), UNREADABLE, ids=[f"{p}-{f}" for p, f in UNREADABLE])
+@pytest.mark.parametrize("mode", MODES)
+def test_what_cannot_be_read_on_the_source_keeps_its_replica_copy_with_delete(tmp_path, mode, path, fault):
+    with faulty_source(tmp_path, mode) as (fs, replica, target):
+        write_tree(fs.backing, b"v1")
+        assert target.sync(fs.mount).returncode == 0
+        before = snapshot(replica)
+        (fs.backing / "docs" / "f0").unlink()  # a real deletion elsewhere: it still goes
+        fs.fault(path, fault)
+        proc = target.sync(fs.mount, "--delete")
+        no_traceback(proc, target)
+        assert fs.count(path, fault) > 0
+        assert proc.returncode == 1, err(proc)
+        assert f"warning: {path}: " in err(proc) and "Input/output error" in err(proc), err(proc)
+        after = snapshot(replica)
+        lost = sorted(p for p in before if p.startswith(b"mail") and p not in after)
+        assert lost == [], f"deleted from the replica although unreadable on the source: {lost}"
+        assert b"docs/f0" not in after
+        assert_state_whole(replica)
+        fs.clear()
+        proc = target.sync(fs.mount, "--delete")
+        assert proc.returncode == 0, err(proc)
+        assert_mirrors(fs.backing, replica)
+
+
+# An unreadable root: listed, the sync goes on over nothing (exit 1); not opened or not
+# stat'ed, it stops before the replica is touched (exit 2).  Either way it is named.
+ROOT_FAULTS = {"readdir_eio": (1, "warning: ./: cannot read directory: Input/output error"),
+               "opendir_eio": (2, "mnt: Input/output error"),
+               "getattr_eio": (2, "mnt: Input/output error")}  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", ROOT_FAULTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_source_root_that_cannot_be_read_deletes_nothing(tmp_path, mode, fault):
+    with faulty_source(tmp_path, mode) as (fs, replica, target):
+        write_tree(fs.backing, b"v1")
+        assert target.sync(fs.mount).returncode == 0
+        before = snapshot(replica)
+        (fs.backing / "docs" / "f0").unlink()
+        fs.fault(b"", fault)
+        proc = target.sync(fs.mount, "--delete")
+        no_traceback(proc, target)
+        assert fs.count(b"", fault) > 0
+        code, message = ROOT_FAULTS[fault]
+        assert proc.returncode == code and message in err(proc), err(proc)
+        assert snapshot(replica) == before
+        assert_state_whole(replica)
+        fs.clear()
+        proc = target.sync(fs.mount, "--delete")
+        assert proc.returncode == 0, err(proc)
+        assert_mirrors(fs.backing, replica)
+
+
+@pytest.mark.parametrize(("path", "fault"), [(b"", "readdir_eio"), (b"", "getattr_eio"), *UNREADABLE])
+def test_diff_does_not_call_what_it_cannot_read_deleted_nor_identical(tmp_path, path, fault):
+    with faulty_fs(tmp_path) as fs:
+        write_tree(fs.backing, b"v1")
+        shutil.copytree(fs.backing, tmp_path / "copy", symlinks=True)
+        fs.fault(path, fault)
+        proc = run_mirror("diff", fs.mount, tmp_path / "copy")
+        assert fs.count(path, fault) > 0
+        assert proc.returncode == 2, err(proc)  # incomplete: never "identical"
+        assert f"warning: src: {os.fsdecode(path) or './'}: " in err(proc), err(proc)
+        assert b"deleting" not in proc.stdout, proc.stdout.decode(errors="replace")
+
+
+# -- 4. a hung source: a read that blocks -------------------------------------------------------------
+
+
+def start_sync(src: Path, dst: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([*MIRROR, "sync", *extra, str(src), dst], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def test_a_local_sync_hung_on_its_source_holds_the_replica_until_sigterm_ends_it(tmp_path):
+    with faulty_source(tmp_path, "local") as (fs, replica, target):
+        write_tree(fs.backing, b"old!")
+        assert target.sync(fs.mount).returncode == 0
+        old = digests(replica)
+        write_tree(fs.backing, b"new!")
+        fs.fault("big", "hang")
+        with Watcher(replica, old, digests(fs.backing)) as watcher:
+            hung = start_sync(fs.mount, str(replica), "--lock-file", str(tmp_path / "stop"))
+            try:
+                wait_until(lambda: fs.blocked() > 0 or hung.poll() is not None)
+                assert hung.poll() is None
+                # A second writer is refused while the hung one holds the replica.
+                other = run_mirror("sync", fs.mount, replica, check_codes=range(256))
+                assert other.returncode == 2 and "busy" in err(other), err(other)
+                # The mirroring lock cannot reach a sync blocked in the kernel.
+                (tmp_path / "stop").write_text("failover")
+                with pytest.raises(subprocess.TimeoutExpired):
+                    hung.wait(timeout=1)
+                hung.terminate()  # SIGTERM, fatal for a process blocked on FUSE
+                hung.wait(timeout=10)
+            finally:
+                if hung.poll() is None:
+                    hung.kill()
+                hung.wait()
+                hung.stdout.close()
+                hung.stderr.close()
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert digests(replica)[b"big"] == old[b"big"]
+        fs.clear()
+        fs.release()
+        (tmp_path / "stop").unlink()
+        proc = target.sync(fs.mount, "--delete")
+        assert proc.returncode == 0, err(proc)
+        assert_mirrors(fs.backing, replica)
+        assert_state_whole(replica)  # the killed sync's temporary is gone
+
+
+def test_a_sender_hung_on_its_source_loses_the_module_after_the_servers_timeout(tmp_path):
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    (tmp_path / "srv").mkdir()
+    with faulty_fs(tmp_path) as fs, mirror_server(tmp_path / "srv", {"m": str(replica)}, "--timeout", "2") as server:
+        url, secret = server.url("m"), ("--secret-file", server.secret_file)
+        write_tree(fs.backing, b"old!")
+        assert run_mirror("sync", *secret, fs.mount, url).returncode == 0
+        old = digests(replica)
+        write_tree(fs.backing, b"new!")
+        fs.fault("big", "hang")
+        with Watcher(replica, old, digests(fs.backing)) as watcher:
+            hung = start_sync(fs.mount, url, *secret)
+            try:
+                wait_until(lambda: fs.blocked() > 0 or hung.poll() is not None)
+                assert hung.poll() is None
+                # The server drops the silent session after its --timeout and frees the module
+                # for the next sync.  That one leaves the hung file alone: the kernel holds
+                # the pages being read locked, and any other reader of them would hang too,
+                # beyond even SIGKILL.
+                started = time.monotonic()
+                proc = wait_until(lambda: _synced(fs.mount, url, *secret, "--exclude", "big"), timeout=20)
+                assert proc.returncode == 0 and time.monotonic() - started < 10, err(proc)
+                assert hung.poll() is None  # still blocked in the kernel, holding nothing
+            finally:
+                fs.release()
+                try:
+                    hung.wait(timeout=30)
+                finally:
+                    if hung.poll() is None:
+                        hung.kill()
+                        hung.wait()
+                    hung_err = hung.stderr.read().decode(errors="replace")
+                    hung.stdout.close()
+                    hung.stderr.close()
+        assert watcher.polls > 0 and watcher.bad == [], watcher.bad[:5]
+        assert hung.returncode != 0 and "Traceback" not in hung_err, hung_err
+        assert digests(replica)[b"big"] == old[b"big"]
+        fs.clear()
+        assert run_mirror("sync", *secret, fs.mount, url).returncode == 0
+        assert_mirrors(fs.backing, replica)
+        assert_state_whole(replica)
+
+
+def _synced(src: Path, url: str, *extra: str):
+    """A sync's result if it ran, None while the module is busy."""
+    proc = run_mirror("sync", *extra, src, url, check_codes=range(256))
+    return None if "busy" in err(proc) else proc
+
+
+# -- the live daemon ----------------------------------------------------------------------------------
+
+
+def daemon_status(src: Path) -> dict | None:
+    """The daemon's one pair, once it has finished a session and mirrors live."""
+    proc = run_mirror("status", src, "--json", check_codes=range(256))
+    if not proc.stdout:
+        return None
+    pair = json.loads(proc.stdout)["pairs"][0]
+    return {**pair, "exit": proc.returncode} if pair["last_sync"] and pair["state"] == "live" else None
+
+
+def test_the_live_daemon_keeps_what_it_cannot_read_and_names_it_in_its_status(tmp_path):
+    with faulty_source(tmp_path, "local") as (fs, replica, target):
+        write_tree(fs.backing, b"v1")
+        assert target.sync(fs.mount).returncode == 0
+        before = snapshot(replica)
+        fs.fault("mail", "getattr_eio")
+        with live_daemon(fs.mount, replica, log_path=tmp_path / "daemon.log"):  # it deletes by default
+            status = wait_until(lambda: daemon_status(fs.mount))
+            assert fs.count("mail", "getattr_eio") > 0
+            after = snapshot(replica)
+            assert [p for p in before if p.startswith(b"mail") and p not in after] == []
+            assert status["exit"] == 1, status  # not healthy: part of the tree is not mirrored
+            assert ["mail", "cannot stat: Input/output error"] in status["failed_files"], status
+        # A directory it could not read when it started is not watched (watchdog skips it
+        # without a word): its changes wait for the next full sync, a restart's.
+        fs.clear()
+        (fs.mount / "mail" / "new").write_bytes(b"written once the disk is back")
+        with live_daemon(fs.mount, replica, log_path=tmp_path / "daemon.log"):
+            converged(fs.backing, replica)
