@@ -57,6 +57,12 @@ def fuse_unavailable() -> str | None:
         return f"cannot open /dev/fuse: {exc.strerror}"
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         return "not root and no fusermount3"
+    return None
+
+
+def binding_missing() -> str | None:
+    """Why mfusepy cannot load libfuse 3 here, or None: both come with README's test
+    command (the ``test`` extra, packaging/debian-packages.txt), so a test fails on it."""
     probe = subprocess.run([sys.executable, "-c", "import mfusepy"], capture_output=True, env=_env())
     if probe.returncode != 0:
         lines = probe.stderr.decode(errors="replace").strip().splitlines()
@@ -113,6 +119,9 @@ def faulty_fs(tmp_path: Path):
     reason = fuse_unavailable()
     if reason is not None:
         pytest.skip(f"FUSE is unavailable: {reason}")
+    missing = binding_missing()
+    if missing is not None:
+        pytest.fail(f"{missing} (install with README's test command)")
     backing, mount, control, log = (tmp_path / n for n in ("backing", "mnt", "faultyfs.sock", "faultyfs.log"))
     backing.mkdir()
     mount.mkdir()

@@ -1,16 +1,20 @@
-"""What a replica shows while a sync that meets a fault runs, and what its state dir holds
-after it (tests/test_full_disk.py, tests/test_fsync_failure.py)."""
+"""What a replica shows while a sync that meets a fault runs, what its state dir holds after
+it, and a ``Target`` that syncs to it locally or through a server (tests/test_full_disk.py,
+tests/test_fsync_failure.py, tests/test_faulty_source.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from mirror.applied import read_applied
 from mirror.epoch import read_epoch
 from mirror.guard import load as load_identity
+from tests.helpers import run_mirror
+from tests.servers import mirror_server
 
 
 def digests(root: Path) -> dict[bytes, str]:
@@ -75,3 +79,37 @@ def assert_state_whole(replica: Path, *, expect_identity: bool = True) -> None:
     assert left == [], f"temporary state files left behind: {left}"
     if (state / "tmp").exists():
         assert os.listdir(state / "tmp") == [], "received files' temporaries left behind"
+
+
+class Target:
+    """Where a sync writes: the directory itself (local), or a `mirror serve` module of it."""
+
+    def __init__(self, mode: str, replica: Path, tmp_path: Path):
+        self.mode, self.replica, self.tmp_path = mode, replica, tmp_path
+
+    @contextmanager
+    def running(self):
+        if self.mode == "local":
+            yield self
+            return
+        (self.tmp_path / "srv").mkdir(exist_ok=True)
+        with mirror_server(self.tmp_path / "srv", {"m": str(self.replica)}) as server:
+            self.server = server
+            yield self
+
+    def sync(self, src: Path, *extra: str):
+        if self.mode == "local":
+            return run_mirror("sync", *extra, src, self.replica)
+        return run_mirror("sync", *extra, src, self.server.url("m"), "--secret-file", self.server.secret_file)
+
+    def server_log(self) -> str:
+        log = self.tmp_path / "srv" / "server.log"
+        return log.read_text(errors="replace") if log.exists() else ""
+
+
+def no_traceback(proc, target: Target) -> None:
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
+    assert "Traceback" not in target.server_log(), target.server_log()
+
+
+MODES = ["local", "remote"]

@@ -31,9 +31,9 @@ import pytest
 from tests.daemons import converged, live_daemon
 from tests.faultyfs import faulty_fs
 from tests.helpers import MIRROR, REPO, run_mirror, wait_until
+from tests.replica_checks import MODES, Target, Watcher, assert_state_whole, digests, no_traceback
 from tests.servers import mirror_server
 from tests.snapshot import assert_mirrors, snapshot
-from tests.test_full_disk import MODES, Target, Watcher, assert_state_whole, digests, no_traceback
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from mirror.guard import load as load_identity
 from mirror.journal import _scan as scan_journal
 from tests.daemons import converged, live_daemon
 from tests.helpers import run_mirror, wait_until
-from tests.replica_checks import Watcher, assert_state_whole, digests
+from tests.replica_checks import MODES, Target, Watcher, assert_state_whole, digests, no_traceback
 from tests.servers import mirror_server
 from tests.snapshot import assert_mirrors
 
@@ -123,32 +123,6 @@ def small_files(root: Path, count: int, size: int, dirs: int = 8, tag: bytes = b
         (d / f"f{i:05d}").write_bytes((tag + b"%08d" % i) * (size // 8))
 
 
-class Target:
-    """Where a sync writes: the directory itself (local), or a `mirror serve` module of it."""
-
-    def __init__(self, mode: str, replica: Path, tmp_path: Path):
-        self.mode, self.replica, self.tmp_path = mode, replica, tmp_path
-
-    @contextmanager
-    def running(self):
-        if self.mode == "local":
-            yield self
-            return
-        (self.tmp_path / "srv").mkdir(exist_ok=True)
-        with mirror_server(self.tmp_path / "srv", {"m": str(self.replica)}) as server:
-            self.server = server
-            yield self
-
-    def sync(self, src: Path, *extra: str):
-        if self.mode == "local":
-            return run_mirror("sync", *extra, src, self.replica)
-        return run_mirror("sync", *extra, src, self.server.url("m"), "--secret-file", self.server.secret_file)
-
-    def server_log(self) -> str:
-        log = self.tmp_path / "srv" / "server.log"
-        return log.read_text(errors="replace") if log.exists() else ""
-
-
 @contextmanager
 def replica_on_small_fs(tmp_path: Path, mode: str, kind: str, **fs_options):
     """A replica on a small file system of ``kind`` and a ``Target`` of ``mode`` writing to it,
@@ -161,12 +135,6 @@ def replica_on_small_fs(tmp_path: Path, mode: str, kind: str, **fs_options):
             yield fs, replica, target
 
 
-def no_traceback(proc, target: Target) -> None:
-    assert b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
-    assert "Traceback" not in target.server_log(), target.server_log()
-
-
-MODES = ["local", "remote"]
 
 
 # -- 1. space runs out in the middle of many small files ------------------------------------------
