@@ -29,6 +29,30 @@ def fsync_directory(path: bytes) -> None:
         os.close(fd)
 
 
+def make_dirs(path: bytes, mode: int = 0o777) -> None:
+    """``os.makedirs(path, mode, exist_ok=True)``, each directory it makes durable: its
+    parent is fsynced once it is there, so a crash cannot take away a directory that a sync
+    has since called written (a new replica, its state dir)."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent in (path, b""):
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue  # made meanwhile by someone else, who makes it durable
+        try:
+            fsync_directory(os.path.dirname(directory))
+        except OSError as exc:  # named after the directory that may not survive a crash
+            raise OSError(exc.errno, exc.strerror, directory) from None
+
+
 class AtomicFile:
     """Context manager yielding a binary file; on clean exit it replaces ``path``.
 

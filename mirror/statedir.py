@@ -23,6 +23,7 @@ import re
 import stat
 from contextlib import contextmanager
 
+from .atomicfile import make_dirs
 from .errors import MirrorError, StateDirError, display_path, fs_path
 
 STATE_DIR_NAME = b".mirror"
@@ -66,7 +67,7 @@ def ensure_state_dir(path: bytes) -> bytes:
         before = os.stat(parent)
     except OSError:
         before = None
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    make_dirs(os.path.abspath(path), 0o700)
     _mark(path)
     if before is not None:
         try:

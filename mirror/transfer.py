@@ -150,7 +150,9 @@ class Connection:
         reserve_descriptors()  # before the first thread starts
         local = self.dest.kind == "local"
         if local:
-            os.makedirs(self.dest.path, exist_ok=True)
+            from .atomicfile import make_dirs
+
+            make_dirs(os.path.abspath(self.dest.path))
             from .statedir import check_root
 
             check_root(self.dest.path)  # before the writer lock, which would write into a user's .mirror

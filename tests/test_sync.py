@@ -480,6 +480,38 @@ def test_each_changed_directory_is_made_durable_after_its_last_change(tmp_path, 
         assert not syncfs  # a few directories: their own fsyncs, never the whole file system's
 
 
+_MKDIR = re.compile(rb'^mkdir(?:at)?\((?:AT_FDCWD(?:<[^>]*>)?, )?"([^"]*)", \d+\) = 0')
+_FSYNC = re.compile(rb"^fsync\(\d+<([^>]*)>")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
+def test_each_directory_a_sync_makes_is_durable_in_its_parent(tmp_path):
+    # A crash must not take away a directory a sync has since written into: the replica
+    # made by --mkpath (with the parents it makes) and its state dir are each fsynced in
+    # their parent after they are made.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"content")
+    dst = tmp_path / "new" / "deeper" / "replica"
+    log = tmp_path / "strace.log"
+    traced = ["strace", "-f", "-qq", "-y", "-s", "512", "-o", str(log), "-e", "trace=mkdir,mkdirat,fsync"]
+    proc = run_mirror("sync", "--mkpath", src, dst, prefix=traced)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_mirrors(src, dst)
+    made, fsynced = {}, {}
+    for i, line in enumerate(log.read_bytes().splitlines()):
+        call = line.partition(b" ")[2].strip()
+        if m := _MKDIR.match(call):
+            made[m.group(1)] = i
+        elif m := _FSYNC.match(call):
+            fsynced.setdefault(m.group(1), []).append(i)
+    wanted = [os.fsencode(p) for p in (tmp_path / "new", dst.parent, dst, dst / ".mirror")]
+    assert set(wanted) <= set(made), made
+    for path in wanted:
+        parent = os.path.dirname(path)
+        assert any(i > made[path] for i in fsynced.get(parent, [])), (path, fsynced.get(parent))
+
+
 def test_parse_destination():
     assert parse_destination("mirror://h:99/mod/a/b").subpath == b"a/b"
     assert parse_destination("mirror://h/mod").port == 8730

@@ -12,6 +12,7 @@ import os
 import sys
 
 from ..apply import ModuleConfig
+from ..atomicfile import make_dirs
 from ..errors import UsageError
 from ..protocol import StreamTransport
 from ..receiver import Receiver
@@ -29,7 +30,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     path = os.fsencode(args.path)
-    os.makedirs(path, exist_ok=True)
+    make_dirs(os.path.abspath(path))
     if not os.path.isdir(path):
         raise UsageError(f"{args.path} is not a directory")
     module = ModuleConfig(

@@ -200,7 +200,9 @@ def _check_destination_parent(args) -> None:
         raise UsageError(f"{_show(destination.path)}: its parent directory {_show(parent)} does not exist "
                          "(--mkpath creates it)")  # fmt: skip
     if not args.dry_run:
-        os.makedirs(parent)
+        from ..atomicfile import make_dirs
+
+        make_dirs(parent)
 
 
 def _show(path: bytes) -> str:
