@@ -206,11 +206,13 @@ class Receiver:
 
     def _ensure_subpath(self, root: bytes, dry_run: bool) -> bytes:
         """The subpath's directory below ``root``, never through a symlink: made where it is
-        missing, unless in a dry run (where it must be there)."""
+        missing (each one fsynced in its parent), unless in a dry run (where it must be there)."""
         with contextlib.closing(ConfinedTree(root, reserved=self.replica.reserved_in(root))) as tree:
             parts = tree.parts(self.subpath)
             for i in range(1, len(parts) + 1) if not dry_run else ():
-                tree.make_dir(b"/".join(parts[:i]), 0o755)
+                if tree.lstat(b"/".join(parts[:i])) is None:
+                    tree.make_dir(b"/".join(parts[:i]), 0o755)
+                    os.fsync(tree.dir_fd(parts[: i - 1]))
             tree.dir_fd(parts)
         return os.path.join(root, self.subpath)
 

@@ -480,7 +480,7 @@ def test_each_changed_directory_is_made_durable_after_its_last_change(tmp_path, 
         assert not syncfs  # a few directories: their own fsyncs, never the whole file system's
 
 
-_MKDIR = re.compile(rb'^mkdir(?:at)?\((?:AT_FDCWD(?:<[^>]*>)?, )?"([^"]*)", \d+\) = 0')
+_MKDIR = re.compile(rb'^mkdir(?:at)?\((?:AT_FDCWD(?:<[^>]*>)?, |\d+<([^>]*)>, )?"([^"]*)", \d+\) = 0')
 _FSYNC = re.compile(rb"^fsync\(\d+<([^>]*)>")
 
 
@@ -502,12 +502,38 @@ def test_each_directory_a_sync_makes_is_durable_in_its_parent(tmp_path):
     for i, line in enumerate(log.read_bytes().splitlines()):
         call = line.partition(b" ")[2].strip()
         if m := _MKDIR.match(call):
-            made[m.group(1)] = i
+            made[os.path.join(m.group(1) or b"", m.group(2))] = i
         elif m := _FSYNC.match(call):
             fsynced.setdefault(m.group(1), []).append(i)
     wanted = [os.fsencode(p) for p in (tmp_path / "new", dst.parent, dst, dst / ".mirror")]
     assert set(wanted) <= set(made), made
     for path in wanted:
+        parent = os.path.dirname(path)
+        assert any(i > made[path] for i in fsynced.get(parent, [])), (path, fsynced.get(parent))
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
+def test_each_directory_a_subpath_session_makes_is_durable_in_its_parent(tmp_path):
+    # The same for the directories a receiver makes for a mirror://HOST/MODULE/SUBPATH.
+    src, module = tmp_path / "src", tmp_path / "module"
+    src.mkdir()
+    module.mkdir()
+    (src / "f").write_bytes(b"content")
+    log = tmp_path / "strace.log"
+    traced = ["strace", "-f", "-qq", "-y", "-s", "512", "-o", str(log), "-e", "trace=mkdir,mkdirat,fsync"]
+    with mirror_server(tmp_path, {"m": str(module)}, prefix=traced) as server:
+        proc = run_mirror("sync", src, server.url("m") + "/a/b", "--secret-file", server.secret_file)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_mirrors(src, module / "a" / "b")
+    made, fsynced = {}, {}
+    for i, line in enumerate(log.read_bytes().splitlines()):
+        call = line.partition(b" ")[2].strip()
+        if m := _MKDIR.match(call):
+            made[os.path.join(m.group(1) or b"", m.group(2))] = i
+        elif m := _FSYNC.match(call):
+            fsynced.setdefault(m.group(1), []).append(i)
+    for path in (os.fsencode(module / "a"), os.fsencode(module / "a" / "b")):
+        assert path in made, made
         parent = os.path.dirname(path)
         assert any(i > made[path] for i in fsynced.get(parent, [])), (path, fsynced.get(parent))
 
