@@ -6,10 +6,10 @@ only logs, and the daemon must know about:
 
 - an inotify queue overflow (the kernel dropped events): watchdog 7.1 rebuilds its watches
   and discards what was pending;
-- a watch it could not add (``max_user_watches`` reached, ENOSPC) while it reads events:
-  that subtree goes unwatched.  (A directory below the root it cannot watch while it sets
-  the watches up, at the start or after an overflow, it passes over without a word: not
-  hooked yet, see docs/DESIGN.md invariant 6.)
+- a watch it could not add (``max_user_watches`` reached, ENOSPC): that subtree goes
+  unwatched.  Only one raised out of its event loop is caught below; watchdog 7.1 passes
+  over a directory below the root it cannot watch (``InotifyWatchGroup._add_callback``)
+  without a word, at the start or later: not hooked yet (docs/DESIGN.md, invariant 6).
 
 ``Watcher`` hooks both (a subclassed watch group and emitter) and reports them as
 ``rescan`` changes, so the daemon rescans instead of trusting a stream with holes in it.
