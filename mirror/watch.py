@@ -6,13 +6,14 @@ only logs, and the daemon must know about:
 
 - an inotify queue overflow (the kernel dropped events): watchdog 7.1 rebuilds its watches
   and discards what was pending;
-- a watch it could not add (``max_user_watches`` reached, ENOSPC): that subtree goes
-  unwatched.  Only one raised out of its event loop is caught below; watchdog 7.1 passes
-  over a directory below the root it cannot watch (``InotifyWatchGroup._add_callback``)
-  without a word, at the start or later: not hooked yet (docs/DESIGN.md, invariant 6).
+- a directory below the root it cannot watch (``max_user_watches`` reached, a failing
+  disk), at the start or later: watchdog passes over it without a word, and its changes
+  would go unseen.  The watch group here keeps those directories (``unwatched``), says so,
+  and the ``Watcher`` tries them again every ``REWATCH_SECONDS``.
 
 ``Watcher`` hooks both (a subclassed watch group and emitter) and reports them as
-``rescan`` changes, so the daemon rescans instead of trusting a stream with holes in it.
+``rescan`` changes, so the daemon rescans instead of trusting a stream with holes in it
+(again once a directory that could not be watched is).
 Those classes are watchdog's internals, not its API: pyproject.toml pins the exact version
 this was written and tested against, and tests/test_watch_pin.py lists what is relied on.
 Changes are reported as ``FsEvent(kind, path, other)`` with paths relative to the root:
@@ -27,6 +28,7 @@ Changes are reported as ``FsEvent(kind, path, other)`` with paths relative to th
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -55,6 +57,7 @@ from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
 from watchdog.observers.inotify_c import InotifyEvent
 from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
+from .errors import display_path
 from .statedir import STATE_DIR_NAME
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,10 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 ENTRY, CLOSED, TREE, RENAME, RESCAN = "entry", "closed", "tree", "rename", "rescan"
+# Directories that could not be watched are tried again (and rescanned) after this long,
+# then less often while they stay unwatched, up to REWATCH_MAX_SECONDS.
+REWATCH_SECONDS = 5.0
+REWATCH_MAX_SECONDS = 60.0
 
 
 class FsEvent(NamedTuple):
@@ -88,12 +95,64 @@ class _FoundInNewDirectory(InotifyEvent):
 
 
 class _WatchGroup(InotifyWatchGroup):
+    """watchdog's watch group, but a directory it cannot watch is kept in ``unwatched`` (path:
+    why) and heard of (``unwatched_hook``), not passed over."""
+
     overflow_hook: Callable[[], None] | None = None
+    unwatched_hook: Callable[[], None] | None = None
 
     def on_queue_overflow(self) -> None:
         super().on_queue_overflow()
         if self.overflow_hook is not None:
             self.overflow_hook()
+
+    @property
+    def unwatched(self) -> dict[bytes, str]:
+        return self.__dict__.setdefault("_unwatched", {})  # filled while the base class sets up
+
+    def _add_all_callbacks(self, path: bytes) -> None:
+        self._add_callback(path)
+        if self.is_recursive and path in self._active_callbacks_by_path:
+            # A directory that cannot be listed hides its subdirectories: not watched either.
+            for root, dirnames, _ in os.walk(path, onerror=lambda exc: self._unwatchable(exc.filename, exc)):
+                for dirname in dirnames:
+                    full_path = os.path.join(root, dirname)
+                    if not os.path.islink(full_path):
+                        self._add_callback(full_path)
+
+    def _add_callback(self, path: bytes) -> None:
+        try:
+            wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
+        except OSError as exc:
+            if path == self.path:
+                raise
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # gone: its deletion is an event
+                self._unwatchable(path, exc)
+            return
+        self.unwatched.pop(path, None)
+        self._active_callbacks_by_path[path] = wd
+        self._active_callbacks_by_watch[wd] = path
+
+    def _unwatchable(self, path, exc: OSError) -> None:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return
+        first = not self.unwatched  # one rescan covers them all; the retries rescan again
+        self.unwatched[os.fsencode(path)] = exc.strerror or str(exc)
+        if first and self.unwatched_hook is not None:
+            self.unwatched_hook()
+
+    def rewatch(self) -> list[bytes]:
+        """Try the unwatched directories again; all of them tried (the caller rescans them)."""
+        with self._lock:
+            tried, hook = list(self.unwatched), self.unwatched_hook
+            self.unwatched_hook = None  # one that fails again is said by the caller's rescan
+            try:
+                for path in tried:
+                    self.unwatched.pop(path, None)
+                    self._add_all_callbacks(path)
+            finally:
+                self.unwatched_hook = hook
+            return tried
 
     def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
         return [_FoundInNewDirectory(e.wd, e.mask, e.cookie, e.name) for e in super()._recursive_simulate(src_path)]
@@ -109,6 +168,9 @@ class _Emitter(InotifyEmitter):
             event_mask=self.get_event_mask_from_filter(), follow_symlink=False,
         )  # fmt: skip
         self._inotify.overflow_hook = lambda: self.queue_event(_LostEvents(self.watch.path))
+        self._inotify.unwatched_hook = lambda: self.queue_event(_LostEvents(self.watch.path))
+        if self._inotify.unwatched:  # found while the watches were first set up
+            self.queue_event(_LostEvents(self.watch.path))
 
     def build_and_queue_event(self, event, *, full_events: bool = False) -> None:
         if isinstance(event, PathedInotifyEvent) and isinstance(event.ev, _FoundInNewDirectory):
@@ -161,6 +223,8 @@ class Watcher:
         self.excluded = excluded
         self._observer: _Observer | None = None
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._rewatcher: threading.Thread | None = None
 
     def start(self) -> None:
         handler = _Handler(self)
@@ -169,12 +233,45 @@ class Watcher:
         observer.schedule(handler, os.fsdecode(self.root), recursive=True, event_filter=_EVENTS)
         observer.start()
         self._observer = observer
+        self._rewatcher = threading.Thread(target=self._rewatch, args=(observer,), name="rewatch", daemon=True)
+        self._rewatcher.start()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._rewatcher is not None:
+            self._rewatcher.join(timeout=10)
+            self._rewatcher = None
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=10)
             self._observer = None
+
+    def _rewatch(self, observer: _Observer) -> None:
+        """Say which directories could not be watched, and try them again (``REWATCH_*``):
+        each one tried is scanned whole, for what changed in it while it was not watched."""
+        said, delay = 0, REWATCH_SECONDS
+        while True:
+            groups = [group for e in list(observer.emitters) if isinstance(group := getattr(e, "_inotify", None),
+                                                                          _WatchGroup)]  # fmt: skip
+            unwatched = {path: why for group in groups for path, why in group.unwatched.items()}
+            if len(unwatched) > said:
+                path, why = next(iter(unwatched.items()))
+                log.warning("%s: %d %s cannot be watched, e.g. %s: %s; each is scanned whole when it is tried "
+                            "again (after %g s, then less often); if the watch limit is reached, raise "
+                            "fs.inotify.max_user_watches", display_path(self.root), len(unwatched),
+                            "directory" if len(unwatched) == 1 else "directories", display_path(path), why,
+                            REWATCH_SECONDS)  # fmt: skip
+            elif said and not unwatched:
+                log.warning("%s: every directory is watched again", display_path(self.root))
+            said = len(unwatched)
+            if not unwatched:
+                delay = REWATCH_SECONDS
+            if self._stopping.wait(delay):
+                return
+            tried = [self.relative(os.fsdecode(path)) for group in groups for path in group.rewatch()]
+            self.report([FsEvent(TREE, path) for path in tried if path])
+            if unwatched:
+                delay = min(delay * 2, REWATCH_MAX_SECONDS)
 
     def relative(self, path: str) -> bytes | None:
         """``path`` relative to the root, or None if it is outside or in the state dir."""

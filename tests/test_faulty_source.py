@@ -323,9 +323,14 @@ def test_the_live_daemon_keeps_what_it_cannot_read_and_names_it_in_its_status(tm
             assert [p for p in before if p.startswith(b"mail") and p not in after] == []
             assert status["exit"] == 1, status  # not healthy: part of the tree is not mirrored
             assert ["mail", "cannot stat: Input/output error"] in status["failed_files"], status
-        # A directory it could not read when it started is not watched (watchdog skips it
-        # without a word): its changes wait for the next full sync, a restart's.
-        fs.clear()
-        (fs.mount / "mail" / "new").write_bytes(b"written once the disk is back")
-        with live_daemon(fs.mount, replica, log_path=tmp_path / "daemon.log"):
+            # A directory it could not watch (watchdog passed over it without a word) is
+            # named, tried again and scanned whole once it can be: its changes arrive while
+            # the same daemon runs, no restart.
+            wait_until(lambda: "cannot be watched, e.g. " in (tmp_path / "daemon.log").read_text())
+            assert f"{fs.mount}/mail: Input/output error" in (tmp_path / "daemon.log").read_text()
+            fs.clear()
+            (fs.mount / "mail" / "new").write_bytes(b"written once the disk is back")
+            converged(fs.backing, replica)
+            wait_until(lambda: "is watched again" in (tmp_path / "daemon.log").read_text())
+            (fs.mount / "mail" / "newer").write_bytes(b"seen by its watch")
             converged(fs.backing, replica)

@@ -40,8 +40,18 @@ def test_the_internals_mirror_watch_hooks_are_there():
     from watchdog.observers import inotify, inotify_c, inotify_move_event_grouper
 
     group = inotify.InotifyWatchGroup
-    for name in ("on_queue_overflow", "_recursive_simulate", "read_event"):
+    for name in ("on_queue_overflow", "_recursive_simulate", "read_event", "_add_all_callbacks", "_add_callback"):
         assert callable(getattr(group, name, None)), f"InotifyWatchGroup.{name} is gone"
+    # _add_callback is replaced (watchdog's passes over a directory it cannot watch): what
+    # the replacement uses of the group and of its inotify descriptor must still be there.
+    source = inspect.getsource(group)
+    for attribute in ("self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)",
+                      "self._active_callbacks_by_path[path] = wd", "self._active_callbacks_by_watch[wd] = path",
+                      "with self._lock:", "self._add_all_callbacks(src_path)"):  # fmt: skip
+        assert attribute in source, f"InotifyWatchGroup no longer does {attribute}"
+    from watchdog.observers.api import BaseObserver
+
+    assert isinstance(getattr(BaseObserver, "emitters", None), property), "BaseObserver.emitters is gone"
     assert {"is_recursive", "event_mask", "follow_symlink"} <= set(inspect.signature(group).parameters)
 
     emitter = inotify.InotifyEmitter
