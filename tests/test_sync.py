@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 
@@ -520,9 +521,18 @@ def test_each_directory_a_subpath_session_makes_is_durable_in_its_parent(tmp_pat
     module.mkdir()
     (src / "f").write_bytes(b"content")
     log = tmp_path / "strace.log"
-    traced = ["strace", "-f", "-qq", "-y", "-s", "512", "-o", str(log), "-e", "trace=mkdir,mkdirat,fsync"]
-    with mirror_server(tmp_path, {"m": str(module)}, prefix=traced) as server:
-        proc = run_mirror("sync", src, server.url("m") + "/a/b", "--secret-file", server.secret_file)
+    with mirror_server(tmp_path, {"m": str(module)}) as server:
+        # Attached to the running server (strace as its prefix would outlive it, detached).
+        threads = os.listdir(f"/proc/{server.proc.pid}/task")
+        tracer = subprocess.Popen(["strace", "-f", "-y", "-s", "512", "-o", str(log), "-e", "trace=mkdir,mkdirat,fsync",
+                                   *(f"-p{tid}" for tid in threads)], stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            for _ in threads:
+                assert b"attached" in tracer.stderr.readline()
+            proc = run_mirror("sync", src, server.url("m") + "/a/b", "--secret-file", server.secret_file)
+        finally:
+            tracer.send_signal(signal.SIGINT)  # detaches
+            tracer.wait(timeout=30)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_mirrors(src, module / "a" / "b")
     made, fsynced = {}, {}
