@@ -468,9 +468,6 @@ class Commit:
         os.fchmod(fd, mode)  # after chown, which clears set-id bits
         os.utime(fd, ns=(mtime_ns, mtime_ns))
 
-    def fsync(self) -> None:
-        os.fsync(self.file.fileno())
-
     def start_writeback(self) -> None:
         """Start writing the data to disk now, without waiting: the batch's fsync then finds it
         mostly written, and the disk works while the next files arrive.  (On Linux,

@@ -9,7 +9,8 @@ only logs, and the daemon must know about:
 - a directory below the root it cannot watch (``max_user_watches`` reached, a failing
   disk), at the start or later: watchdog passes over it without a word, and its changes
   would go unseen.  The watch group here keeps those directories (``unwatched``), says so,
-  and the ``Watcher`` tries them again every ``REWATCH_SECONDS``.
+  and the ``Watcher`` tries them again, and scans them whole, after ``REWATCH_SECONDS``, then
+  less often.
 
 ``Watcher`` hooks both (a subclassed watch group and emitter) and reports them as
 ``rescan`` changes, so the daemon rescans instead of trusting a stream with holes in it
@@ -114,7 +115,7 @@ class _WatchGroup(InotifyWatchGroup):
         self._add_callback(path)
         if self.is_recursive and path in self._active_callbacks_by_path:
             # A directory that cannot be listed hides its subdirectories: not watched either.
-            for root, dirnames, _ in os.walk(path, onerror=lambda exc: self._unwatchable(exc.filename, exc)):
+            for root, dirnames, _ in os.walk(path, onerror=lambda exc: self._unwatchable(exc.filename or path, exc)):
                 for dirname in dirnames:
                     full_path = os.path.join(root, dirname)
                     if not os.path.islink(full_path):
@@ -253,7 +254,8 @@ class Watcher:
         while True:
             groups = [group for e in list(observer.emitters) if isinstance(group := getattr(e, "_inotify", None),
                                                                           _WatchGroup)]  # fmt: skip
-            unwatched = {path: why for group in groups for path, why in group.unwatched.items()}
+            # dict() copies in one step: watchdog's thread may add to it meanwhile.
+            unwatched = {path: why for group in groups for path, why in dict(group.unwatched).items()}
             if len(unwatched) > said:
                 path, why = next(iter(unwatched.items()))
                 log.warning("%s: %d %s cannot be watched, e.g. %s: %s; each is scanned whole when it is tried "
@@ -268,8 +270,11 @@ class Watcher:
                 delay = REWATCH_SECONDS
             if self._stopping.wait(delay):
                 return
-            tried = [self.relative(os.fsdecode(path)) for group in groups for path in group.rewatch()]
-            self.report([FsEvent(TREE, path) for path in tried if path])
+            try:
+                tried = [self.relative(os.fsdecode(path)) for group in groups for path in group.rewatch()]
+                self.report([FsEvent(TREE, path) for path in tried if path])
+            except Exception:  # the next round tries again; a dead thread would never
+                log.exception("%s: trying the unwatched directories again failed", display_path(self.root))
             if unwatched:
                 delay = min(delay * 2, REWATCH_MAX_SECONDS)
 
