@@ -485,6 +485,21 @@ _MKDIR = re.compile(rb'^mkdir(?:at)?\((?:AT_FDCWD(?:<[^>]*>)?, |\d+<([^>]*)>, )?
 _FSYNC = re.compile(rb"^fsync\(\d+<([^>]*)>")
 
 
+def _assert_made_durably(log, directories) -> None:
+    """From ``strace -f -y`` output: each of ``directories`` was made, and its parent fsynced after."""
+    made, fsynced = {}, {}
+    for i, line in enumerate(log.read_bytes().splitlines()):
+        call = line.partition(b" ")[2].strip()
+        if m := _MKDIR.match(call):
+            made[os.path.join(m.group(1) or b"", m.group(2))] = i
+        elif m := _FSYNC.match(call):
+            fsynced.setdefault(m.group(1), []).append(i)
+    for path in map(os.fsencode, directories):
+        assert path in made, (path, made)
+        parent = os.path.dirname(path)
+        assert any(i > made[path] for i in fsynced.get(parent, [])), (path, fsynced.get(parent))
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
 def test_each_directory_a_sync_makes_is_durable_in_its_parent(tmp_path):
     # A crash must not take away a directory a sync has since written into: the replica
@@ -499,18 +514,7 @@ def test_each_directory_a_sync_makes_is_durable_in_its_parent(tmp_path):
     proc = run_mirror("sync", "--mkpath", src, dst, prefix=traced)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_mirrors(src, dst)
-    made, fsynced = {}, {}
-    for i, line in enumerate(log.read_bytes().splitlines()):
-        call = line.partition(b" ")[2].strip()
-        if m := _MKDIR.match(call):
-            made[os.path.join(m.group(1) or b"", m.group(2))] = i
-        elif m := _FSYNC.match(call):
-            fsynced.setdefault(m.group(1), []).append(i)
-    wanted = [os.fsencode(p) for p in (tmp_path / "new", dst.parent, dst, dst / ".mirror")]
-    assert set(wanted) <= set(made), made
-    for path in wanted:
-        parent = os.path.dirname(path)
-        assert any(i > made[path] for i in fsynced.get(parent, [])), (path, fsynced.get(parent))
+    _assert_made_durably(log, [tmp_path / "new", dst.parent, dst, dst / ".mirror"])
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (CI installs it)")
@@ -535,17 +539,7 @@ def test_each_directory_a_subpath_session_makes_is_durable_in_its_parent(tmp_pat
             tracer.wait(timeout=30)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_mirrors(src, module / "a" / "b")
-    made, fsynced = {}, {}
-    for i, line in enumerate(log.read_bytes().splitlines()):
-        call = line.partition(b" ")[2].strip()
-        if m := _MKDIR.match(call):
-            made[os.path.join(m.group(1) or b"", m.group(2))] = i
-        elif m := _FSYNC.match(call):
-            fsynced.setdefault(m.group(1), []).append(i)
-    for path in (os.fsencode(module / "a"), os.fsencode(module / "a" / "b")):
-        assert path in made, made
-        parent = os.path.dirname(path)
-        assert any(i > made[path] for i in fsynced.get(parent, [])), (path, fsynced.get(parent))
+    _assert_made_durably(log, [module / "a", module / "a" / "b"])
 
 
 def test_parse_destination():
