@@ -603,8 +603,12 @@ class LivePair:
             self._need_full = False
             self._let_go = False
         retry = {path for path, _ in result.failed}
-        self._checkpoint(batch, waiting | retry)
-        self._note_applied(result, claim, batch, full, waiting | retry, entries)
+        # What either side could not read (a failing disk) is not mirrored: tried again like a
+        # failed file, a directory whole, since no event may ever come for it.
+        unread = {p.path for p in result.problems if p.unreadable}
+        kept = waiting | retry | unread
+        self._checkpoint(batch, kept, trees=unread)
+        self._note_applied(result, claim, batch, full, kept, entries)
         st = self.status
         st.sessions += 1
         st.last_sync = done
@@ -612,11 +616,10 @@ class LivePair:
         st.files_sent += result.stats.files_sent
         st.bytes_sent += result.stats.wire_sent
         st.failures += len(result.failed)
-        for path, when in entries.items():
-            if path not in retry:
-                self._latencies.append(done - when)
+        latencies = [done - when for path, when in entries.items() if path not in kept]
+        self._latencies.extend(latencies)
         if self.metrics is not None:
-            self.metrics.session(self._labels, result, [done - w for p, w in entries.items() if p not in retry])
+            self.metrics.session(self._labels, result, latencies)
         # What could not be read (a failing disk) is not mirrored either: named alike.  What
         # vanished or changed under the scan is not: its own event follows.
         missed = [*result.failed, *((p.path, p.message) for p in result.problems if p.unreadable)]
@@ -629,13 +632,14 @@ class LivePair:
             raise _Halted(result.deletions_refused)  # the rest of the batch is mirrored, no deletion
         self._set_state("live")
         self._report()
-        return bool(result.failed)
+        return bool(missed)
 
-    def _checkpoint(self, batch: Pending, keep: set[bytes]) -> None:
+    def _checkpoint(self, batch: Pending, keep: set[bytes], trees: set[bytes] = frozenset()) -> None:
         """Mark ``batch`` done, re-journaling what it could not finish (so a crash keeps it):
-        a file still open, a file that failed (in a subtree compared whole too)."""
+        a file still open, a file that failed (in a subtree compared whole too); those of
+        ``trees`` are to be compared whole."""
         if keep:
-            self.journal.append([(ENTRY, p, 0) for p in sorted(keep)], force=True)
+            self.journal.append([(ENTRY, p, int(p in trees)) for p in sorted(keep)], force=True)
         self.journal.checkpoint(batch.seq)
 
     def _claim(self, batch: Pending, full: bool, waiting: set[bytes], entries: dict) -> dict | None:

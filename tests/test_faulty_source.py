@@ -334,3 +334,28 @@ def test_the_live_daemon_keeps_what_it_cannot_read_and_names_it_in_its_status(tm
             wait_until(lambda: "is watched again" in (tmp_path / "daemon.log").read_text())
             (fs.mount / "mail" / "newer").write_bytes(b"seen by its watch")
             converged(fs.backing, replica)
+
+
+# What the source could not read once, with nothing changing afterwards: no event will come for
+# it, so only the daemon's own retry brings the replica up to date once the disk is back.
+TRANSIENT = {"file": ("docs/f1", "getattr_eio"), "listing": ("mail/cur", "readdir_eio"),
+             "directory": ("mail/cur", "opendir_eio")}  # fmt: skip
+
+
+@pytest.mark.parametrize("what", TRANSIENT)
+def test_the_live_daemon_mirrors_what_it_could_not_read_once_the_fault_is_gone(tmp_path, what):
+    path, fault = TRANSIENT[what]
+    with faulty_source(tmp_path, "local") as (fs, replica, target):
+        write_tree(fs.backing, b"v1")
+        assert target.sync(fs.mount).returncode == 0
+        write_tree(fs.backing, b"v2")  # behind the watcher's back: its start-up sync finds it
+        fs.fault(path, fault)
+        with live_daemon(fs.mount, replica):
+            status = wait_until(lambda: daemon_status(fs.mount))
+            assert fs.count(path, fault) > 0
+            assert status["exit"] == 1 and [p for p, _ in status["failed_files"]] == [path], status
+            assert digests(replica)[b"docs/f0"] == digests(fs.backing)[b"docs/f0"]  # the rest is mirrored
+            fs.clear()
+            converged(fs.backing, replica, timeout=30)
+            status = wait_until(lambda: (s := daemon_status(fs.mount)) and s["exit"] == 0 and s)
+            assert status["failed_files"] == [], status
