@@ -16,6 +16,8 @@ the filesystem it was found on (``statvfs`` ``f_fsid`` and the root's inode).
 - A replica records the tree id of the first sender that writes to it, and refuses a
   deleting session from another tree.  When the replica becomes the source (a failover),
   it goes on as the same tree, so the old primary, its replica now, still recognises it.
+- A replica whose state dir is apart from the tree refuses every session while its root is
+  not where it was recorded (unmounted): its records must not pass for its data.
 
 **The deletion guard** (deletions are refused, everything else goes on; the result says why,
 exit 25).  The replica's writer reviews the session's deletions before it does any: a plan
@@ -86,6 +88,14 @@ class TreeIdentity(NamedTuple):
 def fs_identity(root: bytes) -> tuple[int, int]:
     """The filesystem ``root`` is on, and which directory of it: (f_fsid, inode)."""
     return os.statvfs(root).f_fsid, os.stat(root).st_ino
+
+
+def _fs_of(root: bytes) -> tuple[int, int] | None:
+    """``fs_identity``, None where ``root`` cannot be looked at (it is not the one recorded)."""
+    try:
+        return fs_identity(root)
+    except OSError:
+        return None
 
 
 def new_tree_id(fs: tuple[int, int]) -> str:
@@ -191,35 +201,48 @@ class SourceGuard:
 
 class ReplicaGuard:
     """The receiver's side: the tree id this replica mirrors (recorded at its first writing
-    session), checked against every deleting sender."""
+    session), checked against every deleting sender; and where the replica was then,
+    checked before every session: with its state dir outside the tree, an unmounted replica
+    keeps its records (the journal position it applied), which must not pass for its data.
+    A state dir inside the tree goes wherever the tree goes: it is not checked."""
 
     def __init__(self, root: bytes, state_dir: bytes):
         self.root = root
         self.state_dir = state_dir
         self._identity: TreeIdentity | None = None
+        inside = os.path.relpath(os.path.realpath(state_dir), os.path.realpath(root))
+        self._apart = inside == b".." or inside.startswith(b"../")
 
     def admit(self, tree_id, *, deleting: bool, allow: bool, dry_run: bool, peer: str) -> None:
+        identity = self._identity or load(self.state_dir)
+        moved = self._apart and identity is not None and identity.fs is not None and _fs_of(self.root) != identity.fs
+        if moved and not allow:
+            raise SourceGuardError(
+                f"refused: the replica {display_path(self.root)} is not on the filesystem it was on when it first "
+                f"mirrored (recorded in {display_path(os.path.join(self.state_dir, IDENTITY_FILE))}): is it "
+                "unmounted, or another filesystem mounted in its place? Nothing was written. If the replica really "
+                "moved, sync once with --allow-mass-delete to record its new place"
+            )
         if tree_id is None:
             return  # a source that could not record an identity: the deletion guard still holds
-        identity = self._identity or load(self.state_dir)
-        if identity is not None and identity.tree_id == tree_id:
+        other = identity is not None and identity.tree_id != tree_id
+        if identity is not None and not other and not moved:
             self._identity = identity
             return
-        if identity is not None and deleting and not allow:
+        if other and deleting and not allow:
             raise SourceGuardError(
                 f"refused: this replica mirrors tree {identity.tree_id} (recorded in "
                 f"{display_path(os.path.join(self.state_dir, IDENTITY_FILE))}), the sender's tree is {tree_id}: "
                 "the sender's source lost its state (unmounted?) or is another tree. Nothing was written or "
                 "deleted. If the sender is right, sync once with --allow-mass-delete"
             )
-        if dry_run or (identity is not None and not deleting):
+        if dry_run or (other and not deleting):
             return  # a plain copy from another tree does not make this replica its mirror
         identity = TreeIdentity(tree_id, fs_identity(self.root))
         save(self.state_dir, identity)
         if self._identity is not None or allow:
-            log.warning(
-                "%s: this replica now mirrors tree %s (from %s)", display_path(self.root), tree_id, peer
-            )
+            log.warning("%s: this replica now mirrors tree %s (from %s)%s", display_path(self.root), tree_id, peer,
+                        " on its new filesystem" if moved else "")  # fmt: skip
         self._identity = identity
 
 

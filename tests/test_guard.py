@@ -386,3 +386,119 @@ def test_a_dry_run_peer_can_write_nothing(tmp_path):
     assert s.until(P.RESULT)[0] == P.ERROR
     s.close()
     assert not (root / "planted").exists()
+
+
+# -- a replica whose filesystem is not there --------------------------------------------------------
+#
+# A module may keep its state dir apart from its tree (hawrap's trees can): unmounted, the replica
+# is an empty directory of the filesystem below, while its records (the tree it mirrors, its epoch,
+# the journal position it applied) still say it holds the data.
+
+
+def _ext4(tmp_path):
+    image = tmp_path / "replica.img"
+    subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    return image
+
+
+def _mount(image, where) -> None:
+    subprocess.run(["mount", "-o", "loop", str(image), str(where)], check=True)
+
+
+@contextmanager
+def _replica_server(tmp_path):
+    """``(replica, server, image)``: a module on an ext4 image mounted at ``replica``, its state
+    dir apart; unmounted at the end if still mounted."""
+    replica, image = tmp_path / "replica", _ext4(tmp_path)
+    replica.mkdir()
+    (tmp_path / "srv").mkdir()
+    _mount(image, replica)
+    try:
+        with mirror_server(tmp_path / "srv", {"m": str(replica)}, state_dirs={"m": str(tmp_path / "state")}) as server:
+            yield replica, server, image
+    finally:
+        if os.path.ismount(replica):
+            umount(replica, lazy=True)
+
+
+UNMOUNTED = "is not on the filesystem it was on when it first mirrored"
+
+
+@needs_root
+def test_a_sync_to_an_unmounted_replica_is_refused_and_writes_nothing_there(tmp_path):
+    src = tmp_path / "src"
+    _fill(src)
+    with _replica_server(tmp_path) as (replica, server, image):
+        url, secret = server.url("m"), ("--secret-file", server.secret_file)
+        assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0
+        umount(replica)
+        (src / "d0" / "new").write_text("written while the replica is away")
+        for extra in (["--delete"], [], ["--delete", "--dry-run"]):
+            proc = run_mirror("sync", *extra, *secret, src, url, check_codes=(EXIT_GUARD,))
+            assert UNMOUNTED in proc.stderr.decode() and str(replica) in proc.stderr.decode(), proc.stderr
+            assert os.listdir(replica) == []  # not a file, not even the replica's .mirror
+        with tmpfs(replica):  # another filesystem mounted in its place
+            proc = run_mirror("sync", "--delete", *secret, src, url, check_codes=(EXIT_GUARD,))
+            assert UNMOUNTED in proc.stderr.decode(), proc.stderr
+            assert os.listdir(replica) == []
+        _mount(image, replica)  # back: mirrored as if nothing happened
+        assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0
+        assert_mirrors(src, replica)
+
+
+@needs_root
+def test_a_replica_that_really_moved_is_taken_with_allow_mass_delete(tmp_path):
+    src = tmp_path / "src"
+    _fill(src)
+    with _replica_server(tmp_path) as (replica, server, image):
+        url, secret = server.url("m"), ("--secret-file", server.secret_file)
+        assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0
+        umount(replica)
+        with tmpfs(replica):  # a new, empty disk for it
+            run_mirror("sync", "--delete", *secret, src, url, check_codes=(EXIT_GUARD,))
+            proc = run_mirror("sync", "--delete", "--allow-mass-delete", *secret, src, url)
+            assert proc.returncode == 0, proc.stderr
+            assert_mirrors(src, replica)
+            (src / "d1" / "later").write_text("on the new disk")
+            assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0  # recorded: no override
+            assert_mirrors(src, replica)
+
+
+@needs_root
+def test_a_replica_with_its_state_inside_may_move_to_another_filesystem(tmp_path):
+    """Its records go wherever the tree goes: a copy on a new disk is the replica."""
+    src, old = tmp_path / "src", tmp_path / "old"
+    _fill(src)
+    assert sync(src, old, delete=True).ok
+    with tmpfs(tmp_path / "new") as new:
+        subprocess.run(["cp", "-a", f"{old}/.", str(new)], check=True)
+        (src / "d2" / "later").write_text("after the move")
+        assert sync(src, new, delete=True).ok
+        assert_mirrors(src, new)
+
+
+@needs_root
+def test_the_live_daemon_halts_on_an_unmounted_replica_and_resumes_once_it_is_back(tmp_path):
+    src = tmp_path / "src"
+    _fill(src)
+    seen: list[list[str]] = []  # what the mount point ever held while the disk was away
+
+    def halted():
+        if not os.path.ismount(replica):
+            seen.append(os.listdir(replica))
+        return _status(src).get("state") == "halted" and _status(src)
+
+    with _replica_server(tmp_path) as (replica, server, image):
+        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file) as d:
+            converged(src, replica)
+            umount(replica)  # between two sessions the receiver holds nothing open in it
+            (src / "d0" / "new").write_text("written while the replica is away")
+            status = wait_until(halted, timeout=60)
+            assert UNMOUNTED in status["last_error"], status
+            assert run_mirror("status", src, check_codes=(1,)).returncode == 1
+            assert seen and all(entries == [] for entries in seen), seen
+            _mount(image, replica)
+            converged(src, replica)
+            wait_until(lambda: _status(src).get("state") == "live", timeout=60)
+        assert "halted" in d.log_text() and "resumes" in d.log_text()
