@@ -359,7 +359,9 @@ class EtcdNode(Listener):
         self._began_serving = True  # from here its copy may hold changes no replica has
         try:
             self._raise_epochs(epoch)
-            self.mirror.set_direction(None)  # the receiver: this node's trees are the source now
+            # The receiver killed where it stands (fsm.StopReceiver): this node's trees are the source now.
+            self.mirror.stop_receiver()
+            self.mirror.set_direction(None)
             if self.resources.vip is not None and not self._take_vip(term):
                 return
             for service in self.resources.services:

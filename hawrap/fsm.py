@@ -221,6 +221,13 @@ class SetMirrorDirection(Action):
     direction: str | None  # "send" (mirror daemon toward the peer), "receive" (serve), None
 
 
+@dataclass(frozen=True)
+class StopReceiver(Action):
+    """At a takeover, after the mirroring lock and before the services: the receiver is
+    killed where it stands.  The lock stops only a receiver that runs; one frozen, or held
+    in the middle of an operation by a slow disk, would carry it out in the tree now served."""
+
+
 # ---------------------------------------------------------------- ranking
 
 
@@ -628,6 +635,7 @@ def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
         actions.append(AcquireMirrorLock(f"takeover by {s.node}: {reason}"))
     actions += [
         RaiseEpoch(new_epoch),
+        StopReceiver(),
         StartResources(),
         SetMirrorDirection("send"),
         Notify("takeover", f"{reason}: now primary at epoch {new_epoch}"),

@@ -196,19 +196,18 @@ class _Supervised:
         if proc is not None and proc.poll() is None:
             _signal_group(proc, signal.SIGTERM, signal.SIGCONT)
 
-    def reap(self, deadline: float) -> None:
-        """Wait for the process until ``deadline`` (time.monotonic()), then SIGKILL it."""
+    def reap(self, deadline: float, after_kill: float = STOP_GRACE) -> None:
+        """Wait for the process until ``deadline`` (time.monotonic()), then SIGKILL it and
+        wait ``after_kill`` seconds more."""
         proc = self.proc
         if proc is not None:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning(
-                    "mirror %s (pid %d) ignored SIGTERM for %g s: SIGKILL", self.name, proc.pid, STOP_GRACE
-                )
+                log.warning("mirror %s (pid %d) has not exited: SIGKILL", self.name, proc.pid)
                 _signal_group(proc, signal.SIGKILL)
                 try:
-                    proc.wait(STOP_GRACE)
+                    proc.wait(after_kill)
                 except subprocess.TimeoutExpired:  # in an uninterruptible sleep (a hung disk)
                     log.error(
                         "mirror %s (pid %d) survives SIGKILL (uninterruptible sleep?)", self.name, proc.pid
@@ -524,6 +523,21 @@ class MirrorControl:
         serving at once); ``stop_processes`` reaps them later."""
         for p in list(self._procs):
             p.kill()
+
+    def stop_receiver(self, wait: float = 1.0) -> None:
+        """Kill the receiver now (SIGKILL) and reap it, waiting ``wait`` seconds at most: a
+        takeover's step before the services start (``fsm.StopReceiver``).  No grace is
+        needed: the replica stays whole (atomic renames; the next writer removes the
+        temporaries), and the mirroring lock, taken first, would discard its uncommitted
+        files anyway.  One stuck in the kernel (a hung disk) is left for ``stop_processes``."""
+        if self.direction != "receive":
+            return
+        self.kill_processes()
+        deadline = time.monotonic() + wait
+        for p in self._procs:
+            p.reap(deadline, after_kill=0.0)
+        self._procs = [p for p in self._procs if p.proc is not None and p.proc.poll() is None]
+        self.direction = None
 
     def stop_processes(self, grace: float = STOP_GRACE) -> None:
         """SIGTERM to every mirror process at once, SIGKILL to those still there after

@@ -491,6 +491,8 @@ class Node:
         elif isinstance(action, fsm.CheckAddressFree):
             if self.resources.vip is not None:
                 self.resources.vip.check_free()
+        elif isinstance(action, fsm.StopReceiver):
+            self.mirror.stop_receiver()
         elif isinstance(action, fsm.StartResources):
             self.resources.start(checked=True)
             self.vip_seen = False

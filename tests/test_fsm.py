@@ -30,6 +30,7 @@ from hawrap.fsm import (
     Reply,
     SetMirrorDirection,
     StartResources,
+    StopReceiver,
     StopResources,
     WriteStandbyLock,
 )
@@ -82,7 +83,7 @@ def kinds(actions):
 def test_primary_dies_secondary_takes_over_with_lock_epoch_vip_notify():
     s, acts = fsm.decide(state(SECONDARY, epoch=4), facts(p=None), POLICY)
     assert s.role == PRIMARY and s.epoch == 5 and s.owns_epoch and s.mirror_locked
-    assert kinds(acts)[:4] == [CheckAddressFree, AcquireMirrorLock, RaiseEpoch, StartResources]
+    assert kinds(acts)[:5] == [CheckAddressFree, AcquireMirrorLock, RaiseEpoch, StopReceiver, StartResources]
     assert acts[2].to == 5 and isinstance(acts[-1], Notify)
 
 
@@ -580,7 +581,11 @@ class Sim:
                 self.nodes[1 - i].data = node.data
                 node.replica_ok = True
             if isinstance(a, StartResources):
+                # the receiver is gone before anything is served: the lock reaches only a running one
+                assert node.direction != "receive", (node.state, actions)
                 node.serving = True
+            elif isinstance(a, StopReceiver):
+                node.direction = None if node.direction == "receive" else node.direction
             elif isinstance(a, StopResources):
                 node.serving = False
             elif isinstance(a, WriteStandbyLock):
