@@ -229,6 +229,12 @@ class PairStatus:
     latency_p99_ms: float | None = None
     last_success: float | None = None  # end of the last session in which no file failed
     failed_files: list = field(default_factory=list)  # [[path, reason], ...] of the last session, at most 20
+    # Source directories that cannot be watched (their changes arrive only when they are
+    # tried again and rescanned): how many, [[path, reason], ...] of at most 20, and when
+    # the next try is due (Unix time; None: none unwatched).
+    unwatched_count: int = 0
+    unwatched_dirs: list = field(default_factory=list)
+    rewatch_at: float | None = None
     progress: dict | None = None  # during a full sync or catch-up: entries and bytes done (of total, if known)
     mirrored_seq: int = 0  # this destination's position in the tree's journal
     journal_seq: int = 0  # the newest change journaled
@@ -715,6 +721,11 @@ class LivePair:
         rec = self._replica
         st.applied = rec._asdict() if rec is not None else None
         st.lag_entries = max(0, st.journal_seq - rec.seq) if rec is not None and rec.journal == self.journal.token else None
+        watcher = self.feed.watcher
+        unwatched = watcher.unwatched()
+        st.unwatched_count = len(unwatched)
+        st.unwatched_dirs = [[display_path(path) or "./", why] for path, why in sorted(unwatched.items())[:20]]
+        st.rewatch_at = watcher.retry_at if unwatched else None
         if self._latencies:
             ordered = sorted(self._latencies)
             st.latency_p50_ms = round(ordered[len(ordered) // 2] * 1000, 3)
@@ -722,6 +733,7 @@ class LivePair:
         if self.metrics is not None:
             self.metrics.lag(self._labels, st.pending, st.lag_seconds, st.lag_bytes)
             self.metrics.applied(self._labels, rec, st.lag_entries, st.journal_catch_ups, st.full_syncs)
+            self.metrics.unwatched(self._labels, st.unwatched_count)
         return st.__dict__.copy()
 
     def _pending_bytes(self, pending: Pending) -> int:
@@ -980,6 +992,9 @@ class Metrics:
                                     "(-1: unknown)", labels, registry=self.registry)  # fmt: skip
         self.catch_ups = pc.Gauge("mirror_catch_ups", "How (re)connections caught up so far, by journal replay or "
                                   "full sync", [*labels, "how"], registry=self.registry)  # fmt: skip
+        self.unwatched_dirs = pc.Gauge("mirror_unwatched_directories", "Source directories that cannot be watched: "
+                                       "their changes arrive by a rescan, up to a minute late", labels,
+                                       registry=self.registry)  # fmt: skip
         self.server, self.thread = pc.start_http_server(listen[1], addr=listen[0], registry=self.registry)
 
     # ``labels``: (pair, destination)
@@ -1010,3 +1025,6 @@ class Metrics:
         self.lag_entries.labels(*labels).set(lag_entries if lag_entries is not None else -1)
         self.catch_ups.labels(*labels, "journal").set(replays)
         self.catch_ups.labels(*labels, "full").set(full)
+
+    def unwatched(self, labels: tuple[str, str], count: int) -> None:
+        self.unwatched_dirs.labels(*labels).set(count)

@@ -10,7 +10,7 @@ only logs, and the daemon must know about:
   disk), at the start or later: watchdog passes over it without a word, and its changes
   would go unseen.  The watch group here keeps those directories (``unwatched``), says so,
   and the ``Watcher`` tries them again, and scans them whole, after ``REWATCH_SECONDS``, then
-  less often.
+  less often; ``Watcher.unwatched()`` and ``retry_at`` tell the daemon's status.
 
 ``Watcher`` hooks both (a subclassed watch group and emitter) and reports them as
 ``rescan`` changes, so the daemon rescans instead of trusting a stream with holes in it
@@ -33,6 +33,7 @@ import errno
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ ENTRY, CLOSED, TREE, RENAME, RESCAN = "entry", "closed", "tree", "rename", "resc
 # then less often while they stay unwatched, up to REWATCH_MAX_SECONDS.
 REWATCH_SECONDS = 5.0
 REWATCH_MAX_SECONDS = 60.0
+WATCH_LIMIT_REASON = "inotify watch limit reached (fs.inotify.max_user_watches)"
 
 
 class FsEvent(NamedTuple):
@@ -101,6 +103,7 @@ class _WatchGroup(InotifyWatchGroup):
 
     overflow_hook: Callable[[], None] | None = None
     unwatched_hook: Callable[[], None] | None = None
+    _retrying: dict[bytes, str] | None = None  # during ``rewatch``: what fails again
 
     def on_queue_overflow(self) -> None:
         super().on_queue_overflow()
@@ -130,29 +133,42 @@ class _WatchGroup(InotifyWatchGroup):
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # gone: its deletion is an event
                 self._unwatchable(path, exc)
             return
-        self.unwatched.pop(path, None)
+        if self._retrying is None:  # a retry settles its directories once done (``rewatch``)
+            self.unwatched.pop(path, None)
         self._active_callbacks_by_path[path] = wd
         self._active_callbacks_by_watch[wd] = path
 
     def _unwatchable(self, path, exc: OSError) -> None:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return
+        # inotify_add_watch's ENOSPC is the watch limit: named with the sysctl that raises it
+        # (`mirror status` gives its hint on that name).
+        why = WATCH_LIMIT_REASON if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        if self._retrying is not None:  # said by the caller's rescan
+            self._retrying[os.fsencode(path)] = why
+            return
         first = not self.unwatched  # one rescan covers them all; the retries rescan again
-        self.unwatched[os.fsencode(path)] = exc.strerror or str(exc)
+        self.unwatched[os.fsencode(path)] = why
         if first and self.unwatched_hook is not None:
             self.unwatched_hook()
 
     def rewatch(self) -> list[bytes]:
-        """Try the unwatched directories again; all of them tried (the caller rescans them)."""
+        """Try the unwatched directories again; all of them tried (the caller rescans them).
+        One that fails again stays in ``unwatched`` throughout (the daemon's status reads it
+        meanwhile, and a retry on a failing disk may take seconds)."""
         with self._lock:
-            tried, hook = list(self.unwatched), self.unwatched_hook
-            self.unwatched_hook = None  # one that fails again is said by the caller's rescan
+            tried, done, failed = list(self.unwatched), [], {}
+            self._retrying = failed
             try:
                 for path in tried:
-                    self.unwatched.pop(path, None)
                     self._add_all_callbacks(path)
-            finally:
-                self.unwatched_hook = hook
+                    done.append(path)
+            finally:  # an error leaves the untried ones for the next round
+                self._retrying = None
+                self.unwatched.update(failed)
+                for path in done:
+                    if path not in failed:
+                        self.unwatched.pop(path, None)
             return tried
 
     def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
@@ -226,6 +242,7 @@ class Watcher:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._rewatcher: threading.Thread | None = None
+        self.retry_at: float | None = None  # when the unwatched directories are tried next (Unix time)
 
     def start(self) -> None:
         handler = _Handler(self)
@@ -252,8 +269,7 @@ class Watcher:
         each one tried is scanned whole, for what changed in it while it was not watched."""
         said, delay = 0, REWATCH_SECONDS
         while True:
-            groups = [group for e in list(observer.emitters) if isinstance(group := getattr(e, "_inotify", None),
-                                                                          _WatchGroup)]  # fmt: skip
+            groups = _groups(observer)
             # dict() copies in one step: watchdog's thread may add to it meanwhile.
             unwatched = {path: why for group in groups for path, why in dict(group.unwatched).items()}
             if len(unwatched) > said:
@@ -268,6 +284,7 @@ class Watcher:
             said = len(unwatched)
             if not unwatched:
                 delay = REWATCH_SECONDS
+            self.retry_at = time.time() + delay
             if self._stopping.wait(delay):
                 return
             try:
@@ -277,6 +294,30 @@ class Watcher:
                 log.exception("%s: trying the unwatched directories again failed", display_path(self.root))
             if unwatched:
                 delay = min(delay * 2, REWATCH_MAX_SECONDS)
+
+    def unwatched(self) -> dict[bytes, str]:
+        """The directories that cannot be watched now, relative to the root (``b""``: the
+        root), with why; not those excluded, whose changes are not mirrored anyway."""
+        observer = self._observer
+        if observer is None:
+            return {}
+        out, seen = {}, {}
+        for group in _groups(observer):
+            for path, why in dict(group.unwatched).items():  # copied in one step, as in _rewatch
+                rel = self.relative(os.fsdecode(path))
+                if rel is not None and not self._excluded_dir(rel, seen):
+                    out[rel] = why
+        return out
+
+    def _excluded_dir(self, rel: bytes, seen: dict[bytes, bool]) -> bool:
+        """Whether directory ``rel`` or one above it is excluded (a scan does not go below an
+        excluded directory, but watchdog watches there too); ``seen`` caches the answers."""
+        if not rel or self.excluded is None:
+            return False
+        if rel not in seen:
+            parent = rel.rpartition(b"/")[0]
+            seen[rel] = self.excluded(rel, True) or self._excluded_dir(parent, seen)
+        return seen[rel]
 
     def relative(self, path: str) -> bytes | None:
         """``path`` relative to the root, or None if it is outside or in the state dir."""
@@ -302,6 +343,10 @@ class Watcher:
             ]  # fmt: skip
         if changes:
             self.on_change(changes)
+
+
+def _groups(observer: _Observer) -> list[_WatchGroup]:
+    return [group for e in list(observer.emitters) if isinstance(group := getattr(e, "_inotify", None), _WatchGroup)]
 
 
 class _Handler(FileSystemEventHandler):

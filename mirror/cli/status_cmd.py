@@ -1,7 +1,9 @@
 """Show what `mirror daemon` is doing: per pair its state, last sync, pending changes,
 replication lag (seconds and bytes), what the destination has applied (its position in the
 journal, and the lag in entries), how it last caught up (journal replay or full sync),
-latency, progress of a first sync or catch-up, the files that failed and the last error.
+latency, progress of a first sync or catch-up, the files that failed, the directories of
+the source it cannot watch (their changes arrive only by a rescan, up to a minute late) and
+the last error.
 
 Reads the status file the daemon rewrites twice a second (in its status dir: --state-dir,
 or the status_dir of --config), and checks that the daemon that wrote it still runs: a
@@ -10,7 +12,8 @@ pair is never shown live for a daemon that stopped, died or hangs.
 Exit status (alert on anything but 0):
   0  the daemon runs and every pair is live
   1  the daemon runs, a pair is not live (syncing, catching up, locked, disconnected,
-     unreachable, halted, fenced) or files failed in its last session (they are listed)
+     unreachable, halted, fenced), files failed in its last session, or directories of
+     its source cannot be watched (they are listed)
   2  no daemon status found, or bad usage
   6  stopped: the daemon exited (SIGTERM, SIGINT, all pairs fenced) and said so
   7  dead: the daemon's process is gone without saying so (killed, crashed)
@@ -84,7 +87,8 @@ def run(args) -> int:
         _print(status, state, age)
     if state != "running":
         return {"stopped": EXIT_STOPPED, "dead": EXIT_DEAD, "stale": EXIT_STALE}[state]
-    healthy = all(p["state"] == "live" and not p.get("failed_files") for p in status["pairs"])
+    healthy = all(p["state"] == "live" and not p.get("failed_files") and not p.get("unwatched_count")
+                  for p in status["pairs"])  # fmt: skip
     return EXIT_OK if healthy else EXIT_DIFFERENT
 
 
@@ -117,8 +121,29 @@ def _print(status: dict, state: str, age: float) -> None:
                   f"{p['sessions']} sessions, {p['files_sent']} files, {p['failures']} failures")  # fmt: skip
         for path, reason in p.get("failed_files") or ():
             print(f"  failed: {path}: {reason}")
+        _print_unwatched(p)
         if p.get("last_error"):
             print(f"  last error: {p['last_error']}")
+
+
+UNWATCHED_SHOWN = 5  # --json lists up to 20
+
+
+def _print_unwatched(p: dict) -> None:
+    count = p.get("unwatched_count") or 0
+    if not count:
+        return
+    retry = p.get("rewatch_at")
+    print(f"  not watched: {count} {'directory' if count == 1 else 'directories'} of the source; changes there "
+          f"arrive by rescan, up to a minute late"
+          + (f" (next try {time.strftime('%H:%M:%S', time.localtime(retry))})" if retry else ""))  # fmt: skip
+    shown = p.get("unwatched_dirs") or []
+    for path, reason in shown[:UNWATCHED_SHOWN]:
+        print(f"    {path}: {reason}")
+    if count > min(len(shown), UNWATCHED_SHOWN):
+        print(f"    ... and {count - min(len(shown), UNWATCHED_SHOWN)} more")
+    if any("max_user_watches" in reason for _, reason in shown):
+        print("    the inotify watch limit is reached: raise the fs.inotify.max_user_watches sysctl")
 
 
 def _applied_line(p: dict) -> str:
