@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 
 import pytest
@@ -180,3 +182,50 @@ def test_status_shows_the_mirror_state_and_lag(mcluster):
     assert trees[0]["pairs"][0]["state"] == "live" and "lag_seconds" in trees[0]["pairs"][0]
     # the secondary receives: it runs no daemon for the tree
     assert json.loads(c.h.cli("b", "status", "--json").stdout)["mirror"]["trees"][0]["daemon"] is None
+
+
+def test_a_frozen_receiver_is_gone_before_the_takeover_serves_anything(mcluster):
+    """b's receiver is frozen (SIGSTOP: a debugger, a stalled cgroup) when a loses power.  The
+    mirroring lock b takes cannot reach a frozen process, which would carry out the operation it
+    stopped in (a rename past its last look at the lock) once continued.  So b kills it before
+    its services start: a reader polling every millisecond never sees b's service up while the
+    receiver exists, and the receiver never runs again (it is not continued)."""
+    c, lab = mcluster, mcluster.lab
+    with open(os.path.join(lab.workdir, "state", "b", "mirror-serve.pid")) as f:
+        pid = int(f.read())
+    service = os.path.join(lab.workdir, "b.service.pid")
+    overlap: list[float] = []  # when b's service was seen up while the receiver existed
+    seen = threading.Event()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            alive, up = _state(pid) not in ("", "Z"), os.path.exists(service)
+            if up and alive:
+                overlap.append(time.monotonic())
+            if up:
+                seen.set()
+            time.sleep(0.001)
+
+    os.kill(pid, signal.SIGSTOP)
+    assert wait_for(lambda: _state(pid) == "T", 10)
+    sampler = threading.Thread(target=sample, name="sampler", daemon=True)
+    sampler.start()
+    try:
+        lab.power_off("a")
+        assert wait_for(lambda: c.h.role("b") == "primary", 10), c.h.logs()
+        assert seen.wait(10), c.h.logs()
+        assert wait_for(lambda: _state(pid) in ("", "Z"), 10), "the frozen receiver was left"
+    finally:
+        stop.set()
+        sampler.join()
+    assert overlap == [], f"b served for {overlap[-1] - overlap[0]:.3f} s while its receiver existed"
+
+
+def _state(pid: int) -> str:
+    """The process's state letter (R, S, D, T stopped, Z...); "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
