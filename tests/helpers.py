@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
+import time
 
 MIRROR = [sys.executable, "-m", "mirror"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +36,6 @@ def is_root() -> bool:
 
 def wait_until(condition, timeout: float = 30.0, interval: float = 0.01):
     """Poll ``condition`` until it is true (returns its value) or fail after ``timeout``."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -48,22 +46,97 @@ def wait_until(condition, timeout: float = 30.0, interval: float = 0.01):
         time.sleep(interval)
 
 
-@contextmanager
-def changing(step):
-    """Call ``step(n)`` for n = 0, 1, 2, ... in a thread of its own while the block runs (a
-    tree changing under a scan)."""
-    stop = threading.Event()
+class PollingThread:
+    """Calls ``sample()`` over and over in a thread of its own from ``start()`` (or the start
+    of a ``with`` block) until ``stop()`` (or the block's end), a round every ``interval``
+    seconds from the start of the last one (0: back to back).
 
-    def run():
-        n = 0
-        while not stop.is_set():
-            step(n)
-            n += 1
+    ``polls`` counts the rounds whose ``sample()`` returned anything but False (False: the
+    round saw nothing, e.g. a file gone under the walk).  An exception in ``sample()`` ends
+    the thread and is raised again in the test by ``stop()`` or ``wait_polls()``: a sampler
+    that died quietly would leave its checks vacuous.  ``stopping`` is set once it is told
+    to stop (a round that waits should wait on it)."""
 
-    worker = threading.Thread(target=run)
-    worker.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        worker.join()
+    interval = 0.0
+
+    def __init__(self, sample=None, *, interval: float | None = None, name: str | None = None):
+        if sample is not None:
+            self.sample = sample
+        if interval is not None:
+            self.interval = interval
+        self.polls = 0
+        self.error: BaseException | None = None
+        self.stopping = threading.Event()
+        self._raised = False
+        self._busy = False
+        self._progress = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=name or type(self).__name__, daemon=True)
+
+    def sample(self) -> bool | None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                began = time.monotonic()
+                with self._progress:
+                    self._busy = True
+                seen = self.sample()
+                with self._progress:
+                    self._busy = False
+                    if seen is not False:
+                        self.polls += 1
+                    self._progress.notify_all()
+                if self.interval:
+                    self.stopping.wait(max(0.0, began + self.interval - time.monotonic()))
+        except BaseException as exc:
+            exc.add_note(f"raised in the {self._thread.name} thread")
+            self.error = exc
+        finally:
+            with self._progress:
+                self._progress.notify_all()
+
+    def _raise_error(self) -> None:
+        if self.error is not None and not self._raised:
+            self._raised = True
+            raise self.error
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stops the thread and waits for it; raises the exception that ended it, if any (once:
+        stopping again does nothing)."""
+        self.stopping.set()
+        if self._thread.ident is not None:
+            self._thread.join()
+        self._raise_error()
+
+    def wait_polls(self, n: int = 1, timeout: float = 30.0) -> None:
+        """Returns once ``n`` more rounds, each begun after this call, have completed."""
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            # a round under way began before the call: it does not count
+            target = self.polls + n + self._busy
+            while self.polls < target:
+                self._raise_error()
+                if not self._thread.is_alive():
+                    raise AssertionError(f"{self._thread.name} is not running")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{self._thread.name}: not {n} more polls within {timeout} s")
+                self._progress.wait(left)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def changing(step) -> PollingThread:
+    """Calls ``step(n)`` for n = 0, 1, 2, ... in a thread of its own while the ``with`` block
+    runs (a tree changing under a scan)."""
+    changer = PollingThread(lambda: step(changer.polls), name="changing")
+    return changer

@@ -15,8 +15,9 @@ import random
 import shutil
 import signal
 import subprocess
-import threading
 import time
+
+from helpers import PollingThread
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -38,34 +39,45 @@ def wait_for(predicate, timeout: float, step: float = 0.05):
         time.sleep(step)
 
 
-class Toggler:
+class Toggler(PollingThread):
     """A fault switched on and off at random (Jepsen's nemesis in miniature): on for
     U(*on) seconds, off for U(*off), until ``stop()``, which leaves it off.  ``spans`` are
     the (start, end) monotonic times it was on."""
 
     def __init__(self, apply, rng: random.Random, on: tuple[float, float], off: tuple[float, float]):
+        super().__init__(name="toggler")
         self.apply, self.rng, self.on, self.off = apply, rng, on, off
         self.spans: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="toggler", daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.rng.uniform(*self.off)):
-            self.apply(True)
-            began = time.monotonic()
-            self._stop.wait(self.rng.uniform(*self.on))
-            self.apply(False)
-            self.spans.append((began, time.monotonic()))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self):
+        if self.stopping.wait(self.rng.uniform(*self.off)):
+            return False
+        self.apply(True)
+        began = time.monotonic()
+        self.stopping.wait(self.rng.uniform(*self.on))
+        self.apply(False)
+        self.spans.append((began, time.monotonic()))
 
     def duty(self) -> float:
         if not self.spans:
             return 0.0
         return sum(b - a for a, b in self.spans) / (self.spans[-1][1] - self.spans[0][0] + 1e-9)
+
+
+class VipWatch(PollingThread):
+    """Which of ``nodes`` have the VIP on their interface (``vip_on(node)``), every ``period``
+    seconds: ``holding`` lists (time, frozenset of those nodes)."""
+
+    def __init__(self, vip_on, nodes: tuple[str, ...], period: float):
+        super().__init__(interval=period, name="vip-watch")
+        self.vip_on, self.nodes = vip_on, nodes
+        self.holding: list[tuple[float, frozenset[str]]] = []
+        self.start()
+
+    def sample(self) -> None:
+        t = time.monotonic()
+        self.holding.append((t, frozenset(n for n in self.nodes if self.vip_on(n))))
 
 
 def netns_unavailable(probe: str) -> str | None:

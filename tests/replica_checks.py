@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from mirror.applied import read_applied
 from mirror.epoch import read_epoch
 from mirror.guard import load as load_identity
-from tests.helpers import run_mirror
+from tests.helpers import PollingThread, run_mirror
 from tests.servers import mirror_server
 
 
@@ -32,39 +31,27 @@ def digests(root: Path) -> dict[bytes, str]:
     return out
 
 
-class Watcher:
+class Watcher(PollingThread):
     """Polls the replica in a thread of its own for as long as the block runs: every regular
     file at a final name must be whole, the replica's old version or the source's."""
 
     def __init__(self, replica: Path, *versions: dict[bytes, str]):
+        super().__init__()
         self.replica = os.fsencode(replica)
         self.allowed: dict[bytes, set[str]] = {}
         for version in versions:
             for path, digest in version.items():
                 self.allowed.setdefault(path, set()).add(digest)
         self.bad: list = []
-        self.polls = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                seen = digests(self.replica)
-            except OSError:
-                continue  # a file renamed or deleted under the walk: the next poll sees it
-            self.polls += 1
-            for path, digest in seen.items():
-                if digest not in self.allowed.get(path, ()):
-                    self.bad.append((path, digest))
+    def sample(self):
+        try:
+            seen = digests(self.replica)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return False  # a name renamed, deleted or replaced under the walk: the next poll sees it
+        for path, digest in seen.items():
+            if digest not in self.allowed.get(path, ()):
+                self.bad.append((path, digest))
 
 
 def assert_state_whole(replica: Path, *, expect_identity: bool = True) -> None:

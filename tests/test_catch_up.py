@@ -12,12 +12,11 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import urllib.request
 
 from mirror.applied import read_applied
 from tests.daemons import converged
-from tests.helpers import MIRROR, run_mirror
+from tests.helpers import MIRROR, PollingThread, run_mirror
 from tests.servers import mirror_server
 from tests.test_daemon_fanout import wait_pairs
 
@@ -32,33 +31,25 @@ def _scrape(port: int, destination: str) -> dict:
             if s.labels.get("destination") == destination}  # fmt: skip
 
 
-class AppliedSampler:
+class AppliedSampler(PollingThread):
     """Reads a replica's applied record every 20 ms; fails if it ever goes back."""
 
+    interval = 0.02
+
     def __init__(self, replica):
+        super().__init__()
         self.state = os.fsencode(replica / ".mirror")
         self.samples: list[tuple[int, int]] = []
         self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="applied-sampler")
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
-        while not self._stop.wait(0.02):
-            rec = read_applied(self.state)
-            if rec is None:
-                continue
-            point = (rec.epoch, rec.seq)
-            if self.samples and point < self.samples[-1]:
-                self.errors.append(f"the applied record went back from {self.samples[-1]} to {point}")
-            self.samples.append(point)
+    def sample(self):
+        rec = read_applied(self.state)
+        if rec is None:
+            return False
+        point = (rec.epoch, rec.seq)
+        if self.samples and point < self.samples[-1]:
+            self.errors.append(f"the applied record went back from {self.samples[-1]} to {point}")
+        self.samples.append(point)
 
 
 def _daemon(tmp_path, src, servers: dict, *daemon_lines: str):
@@ -156,8 +147,9 @@ def test_a_stopped_destination_catches_up_from_the_journal(tmp_path):
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
             log.close()
-        assert not sampler.errors, sampler.errors
-        assert len({s for s in sampler.samples}) >= 3  # it moved on with the catch-ups
+        sampler.wait_polls()  # the record as the daemon left it
+    assert not sampler.errors, sampler.errors
+    assert len(set(sampler.samples)) >= 3  # it moved on with the catch-ups
     text = (tmp_path / "daemon.log").read_text()
     assert text.count("catching up from the journal") == 2, text
 

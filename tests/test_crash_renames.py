@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 import random
 import signal
-import threading
 import time
 
 import pytest
 import xxhash
 
 from tests.daemons import converged, live_daemon
+from tests.helpers import PollingThread
 from tests.servers import mirror_server
 
 TRIALS = int(os.environ.get("HAMIRROR_CRASH_TRIALS", "15"))
@@ -70,25 +70,20 @@ def logical_name(rel: str) -> str | None:
     return None
 
 
-class Writer(threading.Thread):
+class Writer(PollingThread):
     """Saves editor-style (write NAME.tmp, rename over NAME) and delivers mail maildir-style
     (write tmp/ID, rename to new/ID, later to cur/ID:2,S, sometimes delete)."""
 
     def __init__(self, src, rng: random.Random):
-        super().__init__(name="crash-writer", daemon=True)
+        super().__init__(name="crash-writer")
         self.src = src
         self.rng = rng
-        self.stop = threading.Event()
         self.versions: dict[str, int] = {}
         self.messages = 0
         self.new: list[str] = []
         self.cur: list[str] = []
 
-    def run(self):
-        while not self.stop.is_set():
-            self.step()
-
-    def step(self):
+    def sample(self):
         rng = self.rng
         op = rng.random()
         if op < 0.5:
@@ -115,38 +110,36 @@ class Writer(threading.Thread):
             os.unlink(os.path.join(self.src, "cur", mid + ":2,S"))
 
 
-class Reader(threading.Thread):
+class Reader(PollingThread):
     """Reads every final name of the replica over and over; records anything that is not a
     complete version of that name."""
 
     def __init__(self, root):
-        super().__init__(name="crash-reader", daemon=True)
+        super().__init__(name="crash-reader")
         self.root = root
-        self.stop = threading.Event()
         self.bad: list[tuple] = []
         self.reads = 0
 
-    def run(self):
-        while not self.stop.is_set():
-            for top in ("ed", "new", "cur"):
+    def sample(self) -> None:
+        for top in ("ed", "new", "cur"):
+            try:
+                names = os.listdir(os.path.join(self.root, top))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                rel = f"{top}/{name}"
+                want = logical_name(rel)
+                if want is None:
+                    continue
                 try:
-                    names = os.listdir(os.path.join(self.root, top))
+                    with open(os.path.join(self.root, rel), "rb") as f:
+                        data = f.read()
                 except FileNotFoundError:
                     continue
-                for name in names:
-                    rel = f"{top}/{name}"
-                    want = logical_name(rel)
-                    if want is None:
-                        continue
-                    try:
-                        with open(os.path.join(self.root, rel), "rb") as f:
-                            data = f.read()
-                    except FileNotFoundError:
-                        continue
-                    self.reads += 1
-                    got = parse_version(data)
-                    if got is None or got[0] != want:
-                        self.bad.append((rel, len(data), data[:40]))
+                self.reads += 1
+                got = parse_version(data)
+                if got is None or got[0] != want:
+                    self.bad.append((rel, len(data), data[:40]))
 
 
 def _seed_tree(src, rng: random.Random) -> None:
@@ -166,29 +159,23 @@ def crash_trial(tmp_path, seed: int, destination=None, dst=None, extra=()) -> di
     src, dst = base / "src", dst or base / "dst"
     os.makedirs(src)
     _seed_tree(str(src), rng)
-    reader = Reader(str(dst))
-    reader.start()
     writer = Writer(str(src), random.Random(seed * 7919))
     log = str(base / "daemon.log")
-    try:
-        with live_daemon(src, destination or dst, *extra, log_path=log) as d:
-            converged(src, dst)
-            writer.start()
-            time.sleep(rng.uniform(0.05, 1.2))
-            d.proc.send_signal(signal.SIGKILL)
-            d.proc.wait()
-        time.sleep(rng.uniform(0, 0.3))  # the writer goes on while nothing mirrors
-        with live_daemon(src, destination or dst, *extra, log_path=log):
-            time.sleep(rng.uniform(0.05, 0.5))
-            writer.stop.set()
-            writer.join()
-            converged(src, dst, timeout=120)
-    finally:
-        writer.stop.set()
-        if writer.ident is not None:
-            writer.join()
-        reader.stop.set()
-        reader.join()
+    with Reader(str(dst)) as reader:
+        try:
+            with live_daemon(src, destination or dst, *extra, log_path=log) as d:
+                converged(src, dst)
+                writer.start()
+                time.sleep(rng.uniform(0.05, 1.2))
+                d.proc.send_signal(signal.SIGKILL)
+                d.proc.wait()
+            time.sleep(rng.uniform(0, 0.3))  # the writer goes on while nothing mirrors
+            with live_daemon(src, destination or dst, *extra, log_path=log):
+                time.sleep(rng.uniform(0.05, 0.5))
+                writer.stop()
+                converged(src, dst, timeout=120)
+        finally:
+            writer.stop()
     assert not reader.bad, f"seed {seed}: the reader saw {reader.bad[:5]} (log: {log})"
     return {"reads": reader.reads}
 

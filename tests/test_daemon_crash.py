@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.daemons import converged, live_daemon
+from tests.helpers import PollingThread
 
 CHANGES = 1000
 
@@ -42,30 +43,29 @@ def _valid(name: str, data: bytes) -> bool:
     return data == _content(i, version)
 
 
-class _Reader(threading.Thread):
+class _Reader(PollingThread):
     def __init__(self, root):
-        super().__init__(daemon=True)
+        super().__init__(name="replica-reader")
         self.root = root
-        self.stop = threading.Event()
         self.torn: list[str] = []
         self.reads = 0
 
-    def run(self):
-        while not self.stop.is_set():
-            try:
-                names = os.listdir(self.root)
-            except FileNotFoundError:
+    def sample(self):
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return False
+        for name in names:
+            if not name.startswith("f"):
                 continue
-            for name in names:
-                if not name.startswith("f"):
-                    continue
-                try:
-                    data = open(os.path.join(self.root, name), "rb").read()
-                except (FileNotFoundError, IsADirectoryError):
-                    continue
-                self.reads += 1
-                if not _valid(name, data):
-                    self.torn.append((name, len(data), data[:24]))
+            try:
+                with open(os.path.join(self.root, name), "rb") as f:
+                    data = f.read()
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            self.reads += 1
+            if not _valid(name, data):
+                self.torn.append((name, len(data), data[:24]))
 
 
 def _burst(src, rng: random.Random, versions: dict) -> None:
@@ -98,9 +98,7 @@ def _trial(tmp_path, seed: int) -> None:
     versions: dict[int, int] = {}
     for i in range(0, 200, 2):
         (src / f"f{i}").write_bytes(_content(i, 0))
-    reader = _Reader(dst)
-    reader.start()
-    try:
+    with _Reader(dst) as reader:
         with live_daemon(src, dst, log_path=str(tmp_path / f"d{seed}.log")) as d:
             converged(src, dst)
             writer = threading.Thread(target=_burst, args=(src, rng, versions))
@@ -111,9 +109,6 @@ def _trial(tmp_path, seed: int) -> None:
             writer.join()
         with live_daemon(src, dst, log_path=str(tmp_path / f"d{seed}.log")):
             converged(src, dst, timeout=120)
-    finally:
-        reader.stop.set()
-        reader.join()
     assert not reader.torn, reader.torn[:10]
     assert not list((dst / ".mirror" / "tmp").iterdir())
 

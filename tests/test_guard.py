@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import time
 from contextlib import ExitStack, contextmanager
 
@@ -17,7 +16,7 @@ from mirror import protocol as P
 from mirror.errors import EXIT_GUARD, SourceGuardError
 from mirror.transfer import sync
 from tests.daemons import converged, live_daemon
-from tests.helpers import is_root, run_mirror, wait_until
+from tests.helpers import PollingThread, is_root, run_mirror, wait_until
 from tests.peers import RawSession
 from tests.servers import SECRET, mirror_server
 from tests.snapshot import assert_mirrors, snapshot
@@ -46,32 +45,31 @@ def _files(root) -> int:
     return sum(1 for k, v in snapshot(root).items() if v[0] == "file")
 
 
-class ReplicaWatch(threading.Thread):
-    """Counts the replica's files every 20 ms; ``fewest`` is the least it ever saw."""
+class ReplicaWatch(PollingThread):
+    """Counts the replica's files every 20 ms from the start of the block (one count done
+    when it begins); ``fewest`` is the least it ever saw."""
+
+    interval = 0.02
 
     def __init__(self, root):
-        super().__init__(name="replica-watch", daemon=True)
+        super().__init__(name="replica-watch")
         self.root = str(root)
-        self.stop = threading.Event()
         self.fewest = None
-        self.samples = 0
 
-    def run(self):
-        while not self.stop.wait(0.02):
-            count = 0
-            for _, _, names in os.walk(self.root):
-                count += sum(1 for n in names if n.startswith("f"))
-            self.samples += 1
-            self.fewest = count if self.fewest is None else min(self.fewest, count)
+    def sample(self) -> None:
+        count = 0
+        for _, _, names in os.walk(self.root):
+            count += sum(1 for n in names if n.startswith("f"))
+        self.fewest = count if self.fewest is None else min(self.fewest, count)
 
     def __enter__(self):
-        self.start()
-        wait_until(lambda: self.samples > 0)
+        super().__enter__()
+        try:
+            self.wait_polls()
+        except BaseException:
+            self.stop()
+            raise
         return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.join()
 
 
 @contextmanager
@@ -329,7 +327,7 @@ def test_daemon_halts_when_its_source_is_unmounted_and_resumes_when_it_is_back(t
             wait_until(lambda: _status(src, state_dir).get("state") == "live", timeout=60)
             (src / "d0" / "after").write_text("mirrored again")
             wait_until(lambda: (dst / "d0" / "after").exists(), timeout=30)
-        assert watch.fewest == FILES and watch.samples > 10, status
+        assert watch.fewest == FILES and watch.polls > 10, status
     finally:
         subprocess.run(["umount", "-l", str(src)], capture_output=True)
 

@@ -12,7 +12,7 @@ import pytest
 from mirror.errors import LockedError
 from mirror.lockfile import acquire
 from mirror.transfer import sync
-from tests.helpers import wait_until
+from tests.helpers import PollingThread, changing, wait_until
 
 SIZE = 8 << 20
 # One page per write: a writer preempted inside one write() has set the file's ctime already
@@ -43,48 +43,34 @@ def test_a_file_rewritten_while_copied_is_never_committed_torn(tmp_path):
     big = src / "big"
     big.write_bytes(b"\0" * SIZE)
     assert sync(src, dst).ok
-    stop = threading.Event()
     torn: list[bytes] = []
 
-    def rewrite():
+    def rewrite(n: int) -> None:
         # Each version is one byte value throughout, written over the old one in place, a
         # chunk at a time: a copy that catches it halfway holds two values.
-        version = 0
+        chunk = bytes([n % 255 + 1]) * CHUNK
         with open(big, "r+b") as f:
-            while not stop.is_set():
-                version = version % 255 + 1
-                f.seek(0)
-                chunk = bytes([version]) * CHUNK
-                for i in range(SIZE // CHUNK):
-                    f.write(chunk)
-                    f.flush()
-                    if i % 64 == 0:
-                        time.sleep(0.0005)
+            for i in range(SIZE // CHUNK):
+                f.write(chunk)
+                f.flush()
+                if i % 64 == 0:
+                    time.sleep(0.0005)
 
     def read_replica():
-        while not stop.is_set():
-            try:
-                data = (dst / "big").read_bytes()
-            except FileNotFoundError:
-                continue
-            if not _a_state_the_source_had(data):
-                torn.append((data[:4], data[-4:]))
-            time.sleep(0.01)
+        try:
+            data = (dst / "big").read_bytes()
+        except FileNotFoundError:
+            return False
+        if not _a_state_the_source_had(data):
+            torn.append((data[:4], data[-4:]))
 
-    threads = [threading.Thread(target=rewrite), threading.Thread(target=read_replica)]
-    for t in threads:
-        t.start()
     refused = committed = 0
-    try:
+    with changing(rewrite), PollingThread(read_replica, interval=0.01, name="replica-reader"):
         for _ in range(TRIALS):
             result = sync(src, dst, fsync=False)
             reasons = [reason for path, reason in result.failed if path == b"big"]
             refused += any("changed while it was being copied" in r for r in reasons)
             committed += result.stats.files_sent
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     assert not torn, f"a torn copy was committed: {torn[:3]}"
     assert _a_state_the_source_had((dst / "big").read_bytes())
     # The check under test ran: copies were caught changing (and some went through whole).

@@ -145,12 +145,8 @@ def site(net, tmp_path, server_options):
         s.version(1)
         code, out = s.finish(s.start_sync())
         assert code == 0, out
-        s.reader.start()
-        try:
+        with s.reader:
             yield s
-        finally:
-            s.reader.stop.set()
-            s.reader.join()
     assert not s.reader.torn, s.reader.torn
     assert s.reader.reads > FILES
 

@@ -25,12 +25,11 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from tests.helpers import MIRROR, REPO, wait_until
+from tests.helpers import MIRROR, REPO, PollingThread, wait_until
 from tests.servers import REMOTE_MIRROR, fake_rsh, mirror_server
 from tests.snapshot import assert_mirrors, snapshot
 
@@ -197,32 +196,30 @@ def _rmtree(path: str) -> None:
     os.rmdir(path)
 
 
-class Reader(threading.Thread):
+class Reader(PollingThread):
     """Walks the replica over and over; records every entry at a name that is not something
     the source had there (``history``)."""
 
     def __init__(self, root: str, history: dict):
-        super().__init__(name="replica-reader", daemon=True)
+        super().__init__(name="replica-reader")
         self.root = os.fsencode(root)
         self.history = history
-        self.stop = threading.Event()
         self.bad: list[tuple] = []
         self.reads = 0
 
-    def run(self):
-        while not self.stop.is_set():
-            for dirpath, dirnames, filenames in os.walk(self.root):
-                if dirpath == self.root and b".mirror" in dirnames:
-                    dirnames.remove(b".mirror")
-                for name in dirnames + filenames:
-                    full = os.path.join(dirpath, name)
-                    rel = os.path.relpath(full, self.root)
-                    got = _signature(full)
-                    if got is None:
-                        continue
-                    self.reads += 1
-                    if got not in self.history.get(rel, ()):
-                        self.bad.append((rel, got))
+    def sample(self) -> None:
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            if dirpath == self.root and b".mirror" in dirnames:
+                dirnames.remove(b".mirror")
+            for name in dirnames + filenames:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, self.root)
+                got = _signature(full)
+                if got is None:
+                    continue
+                self.reads += 1
+                if got not in self.history.get(rel, ()):
+                    self.bad.append((rel, got))
 
 
 def _temp_names(root) -> list[bytes]:
@@ -293,9 +290,7 @@ def test_receiver_killed_mid_session_never_exposes_a_foreign_entry_and_the_next_
     dst = tmp_path / "dst"
     dst.mkdir()
     src.record()
-    reader = Reader(str(dst), src.history)
-    reader.start()
-    try:
+    with Reader(str(dst), src.history) as reader:
         with mirror_server(tmp_path, {"m": str(dst)}) as server:
             _sync(src.root, server.url("m"), "--secret-file", server.secret_file)
         for trial in range(TRIALS):
@@ -316,9 +311,6 @@ def test_receiver_killed_mid_session_never_exposes_a_foreign_entry_and_the_next_
             assert_mirrors(src.root, dst)
             assert os.listdir(dst / ".mirror" / "tmp") == []
             assert not reader.bad, f"trial {trial}: the reader saw {reader.bad[:5]}"
-    finally:
-        reader.stop.set()
-        reader.join()
     assert not reader.bad, reader.bad[:5]
     assert reader.reads > 1000
 
@@ -352,17 +344,9 @@ def test_killed_receiver_leaves_no_temporary_name_in_the_replica(tmp_path):
         return False
 
     seen: list[bytes] = []
-    stop = threading.Event()
-
-    def list_replica() -> None:
-        while not stop.is_set():
-            seen.extend(_temp_names(dst))
-
     retarget(0)
     rng = random.Random(5)
-    lister = threading.Thread(target=list_replica, daemon=True)
-    lister.start()
-    try:
+    with PollingThread(lambda: seen.extend(_temp_names(dst)), name="replica-lister"):
         for v in range(3):
             with mirror_server(tmp_path, {"m": str(dst)}) as server:
                 secret = ("--secret-file", server.secret_file)
@@ -382,9 +366,6 @@ def test_killed_receiver_leaves_no_temporary_name_in_the_replica(tmp_path):
             retarget(v + 1)
         with mirror_server(tmp_path, {"m": str(dst)}) as server:
             _sync(str(src), server.url("m"), "--secret-file", server.secret_file)
-    finally:
-        stop.set()
-        lister.join()
     assert not seen, f"a reader of the replica listed {seen[:3]}"
     assert_mirrors(src, dst)
     assert os.listdir(dst / ".mirror" / "tmp") == []
@@ -488,10 +469,8 @@ def test_frozen_receiver_keeps_the_module_until_it_wakes_and_writes_nothing_afte
     dst = tmp_path / "dst"
     dst.mkdir()
     src.record()
-    reader = Reader(str(dst), src.history)
-    reader.start()
     rsh = ("--rsh", fake_rsh(tmp_path), "--remote-command", REMOTE_MIRROR)
-    try:
+    with Reader(str(dst), src.history) as reader:
         with mirror_server(tmp_path, {"m": str(dst)}) as server:
             secret = ("--secret-file", server.secret_file)
             _sync(src.root, server.url("m"), *secret)
@@ -521,9 +500,6 @@ def test_frozen_receiver_keeps_the_module_until_it_wakes_and_writes_nothing_afte
             _sync(src.root, server.url("m"), *secret)
             assert_mirrors(src.root, dst)
             assert reader.reads > 100
-    finally:
-        reader.stop.set()
-        reader.join()
     assert not reader.bad, reader.bad[:5]
 
 
@@ -535,11 +511,9 @@ def test_remote_shell_receiver_killed_mid_session(tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
     src.record()
-    reader = Reader(str(dst), src.history)
-    reader.start()
     rsh = ("--rsh", fake_rsh(tmp_path), "--remote-command", REMOTE_MIRROR)
     remote = f"somehost:{dst}"
-    try:
+    with Reader(str(dst), src.history) as reader:
         _sync(src.root, remote, *rsh)
         for trial in range(2):
             src.mutate(bulk=rng.randrange(3, 6) * BIG)
@@ -559,9 +533,6 @@ def test_remote_shell_receiver_killed_mid_session(tmp_path):
             assert_mirrors(src.root, dst)
             assert os.listdir(dst / ".mirror" / "tmp") == []
             assert not reader.bad, f"trial {trial}: the reader saw {reader.bad[:5]}"
-    finally:
-        reader.stop.set()
-        reader.join()
     assert not reader.bad, reader.bad[:5]
 
 

@@ -7,11 +7,10 @@ import os
 import random
 import signal
 import subprocess
-import threading
 import time
 
 from mirror.transfer import sync
-from tests.helpers import MIRROR, wait_until
+from tests.helpers import MIRROR, PollingThread, wait_until
 from tests.snapshot import assert_mirrors
 
 FILES = 24
@@ -28,27 +27,25 @@ def _write_version(root, version: int) -> None:
         (root / f"f{i:02d}").write_bytes(_content(i, version))
 
 
-class _Reader(threading.Thread):
+class _Reader(PollingThread):
     """Reads every replica file over and over; records any content that is no valid version."""
 
     def __init__(self, root, versions):
-        super().__init__(daemon=True)
+        super().__init__(name="replica-reader")
         self.root = root
         self.valid = {i: {_content(i, v) for v in versions} for i in range(FILES)}
         self.torn: list[str] = []
         self.reads = 0
-        self.stop = threading.Event()
 
-    def run(self):
-        while not self.stop.is_set():
-            for i in range(FILES):
-                try:
-                    data = (self.root / f"f{i:02d}").read_bytes()
-                except FileNotFoundError:
-                    continue
-                self.reads += 1
-                if data not in self.valid[i]:
-                    self.torn.append(f"f{i:02d}: {len(data)} bytes")
+    def sample(self) -> None:
+        for i in range(FILES):
+            try:
+                data = (self.root / f"f{i:02d}").read_bytes()
+            except FileNotFoundError:
+                continue
+            self.reads += 1
+            if data not in self.valid[i]:
+                self.torn.append(f"f{i:02d}: {len(data)} bytes")
 
 
 def test_killed_sender_leaves_no_torn_file_and_next_sync_completes(tmp_path):
@@ -57,9 +54,7 @@ def test_killed_sender_leaves_no_torn_file_and_next_sync_completes(tmp_path):
     _write_version(src, 1)
     assert sync(src, dst).ok
     rng = random.Random(7)
-    reader = _Reader(dst, versions=(1, 2, 3, 4))
-    reader.start()
-    try:
+    with _Reader(dst, versions=(1, 2, 3, 4)) as reader:
         for version in (2, 3, 4):
             _write_version(src, version)
             proc = subprocess.Popen([*MIRROR, "sync", str(src), str(dst), "--bwlimit", "1M"],
@@ -76,8 +71,5 @@ def test_killed_sender_leaves_no_torn_file_and_next_sync_completes(tmp_path):
         assert result.ok
         assert_mirrors(src, dst)
         assert os.listdir(dst / ".mirror" / "tmp") == []
-    finally:
-        reader.stop.set()
-        reader.join()
     assert not reader.torn, reader.torn
     assert reader.reads > FILES

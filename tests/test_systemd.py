@@ -15,14 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from hawrap.demo import write_demo_config
 from tests.daemons import converged
-from tests.helpers import MIRROR, REPO, run_mirror, wait_until
+from tests.helpers import MIRROR, REPO, PollingThread, run_mirror, wait_until
 from tests.servers import SECRET
 from tests.snapshot import snapshot
 
@@ -314,7 +313,6 @@ def test_live_daemon_on_a_reconfigured_module_reconnects_under_the_new_settings(
                               env=_env(notify_socket), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     daemon = None
     leaked: list[str] = []
-    stop_watching = threading.Event()
     try:
         notify_socket.expect("READY", "1")
         url = f"mirror://127.0.0.1:{int(port_file.read_text())}/a"
@@ -327,19 +325,12 @@ def test_live_daemon_on_a_reconfigured_module_reconnects_under_the_new_settings(
         notify_socket.expect("READY", "1")
 
         def watch_old_tree():  # the old tree must never see a change made after the reload
-            while not stop_watching.is_set():
-                if (t["A"] / "after").exists():
-                    leaked.append("after")
-                stop_watching.wait(0.01)
+            if (t["A"] / "after").exists():
+                leaked.append("after")
 
-        watcher = threading.Thread(target=watch_old_tree)
-        watcher.start()
-        try:
+        with PollingThread(watch_old_tree, interval=0.01, name="old-tree-watch"):
             (t["src"] / "after").write_bytes(b"made after the reload\n")
             converged(t["src"], t["A2"])
-        finally:
-            stop_watching.set()
-            watcher.join()
         assert not leaked and not (t["A"] / "after").exists()
     finally:
         if daemon is not None:

@@ -11,9 +11,7 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 
@@ -23,43 +21,40 @@ from mirror.errors import EXIT_CONNECT_TIMEOUT, EXIT_TIMEOUT, ConnectTimeout, Pe
 from mirror.receiver import Receiver, ReceiverSession
 from mirror.transfer import sync
 from tests.daemons import live_daemon
-from tests.helpers import MIRROR, run_mirror, wait_until
+from tests.helpers import MIRROR, PollingThread, run_mirror, wait_until
 from tests.peers import RawSession, in_process_server
 from tests.servers import SECRET, mirror_server
 
 
-class SilentReceiver:
+class SilentReceiver(PollingThread):
     """A real TCP server speaking the real protocol up to ``stage``, then silent (it keeps
     the connection open and reads nothing more): ``hello`` (says nothing at all after the
     hello), ``auth`` (after the challenge), ``start`` (after the welcome), ``summary`` (after
-    ``ready``)."""
+    ``ready``).  It serves while the ``with`` block runs."""
 
     def __init__(self, stage: str):
+        super().__init__(name="silent-receiver")
         self.stage = stage
         self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)  # to see ``stopping`` between connections
         self.port = self.sock.getsockname()[1]
         self.connections = 0
         self._held: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="silent-receiver", daemon=True)
-        self._thread.start()
 
     def url(self) -> str:
         return f"mirror://127.0.0.1:{self.port}/m"
 
-    def _serve(self):
-        self.sock.settimeout(0.05)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self.connections += 1
-            self._held.append(conn)
-            try:
-                self._talk(conn)
-            except (OSError, P.ProtocolError):
-                pass
+    def sample(self):
+        try:
+            conn, _ = self.sock.accept()
+        except TimeoutError:
+            return False
+        self.connections += 1
+        self._held.append(conn)
+        try:
+            self._talk(conn)
+        except (OSError, P.ProtocolError):
+            pass  # the sender gave up on a silent receiver: what the tests make it do
 
     def _talk(self, conn: socket.socket) -> None:
         conn.settimeout(10)
@@ -79,21 +74,13 @@ class SilentReceiver:
             return
         t.send([P.READY, {"epoch": 0, "root": [0o755, 0, 0, 0]}])
 
-    def close(self):
-        self._stop.set()
-        self._thread.join()
-        for conn in self._held:
-            conn.close()
-        self.sock.close()
-
-
-@contextmanager
-def silent_receiver(stage: str):
-    receiver = SilentReceiver(stage)
-    try:
-        yield receiver
-    finally:
-        receiver.close()
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            for conn in self._held:
+                conn.close()
+            self.sock.close()
 
 
 def _tree(tmp_path):
@@ -109,7 +96,7 @@ def test_a_receiver_silent_at_each_stage_ends_the_sync(tmp_path, stage):
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET + b"\n")
     secret.chmod(0o600)
-    with silent_receiver(stage) as receiver:
+    with SilentReceiver(stage) as receiver:
         started = time.monotonic()
         proc = run_mirror("sync", "--timeout", "1", "--secret-file", secret, src, receiver.url(),
                           check_codes=(EXIT_TIMEOUT,), timeout=60)  # fmt: skip
@@ -120,7 +107,7 @@ def test_a_receiver_silent_at_each_stage_ends_the_sync(tmp_path, stage):
 
 def test_the_library_raises_peer_timeout(tmp_path):
     src = _tree(tmp_path)
-    with silent_receiver("summary") as receiver, pytest.raises(PeerTimeout):
+    with SilentReceiver("summary") as receiver, pytest.raises(PeerTimeout):
         sync(src, receiver.url(), secret=SECRET, timeout=0.5)
 
 
@@ -243,7 +230,7 @@ def test_the_daemon_reports_a_silent_replica_unreachable_and_reconnects(tmp_path
         except (FileNotFoundError, ValueError):
             return {}
 
-    with silent_receiver("summary") as receiver:
+    with SilentReceiver("summary") as receiver:
         with live_daemon(src, receiver.url(), "--secret-file", str(secret), "--timeout", "1"):
             pair = wait_until(lambda: status().get("state") == "unreachable" and status(), timeout=60)
             assert "timed out" in pair["last_error"]

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 
 from lab import HERE, NODE_LAN, SERVICE_PORT, VIP, Lab
+from netlab import VipWatch
 
 PERIOD = 0.05
 STALE_MARGIN = 0.15  # an announcement this close to a sample showing the holding is not stale
@@ -61,33 +59,16 @@ class Safety:
         for node in ("a", "b"):
             argv += ["--node", f"{node}={NODE_LAN[node]}"]
         self.proc = lab.spawn("c", argv, "sampler.log")
-        self.holding: list[tuple[float, frozenset[str]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="vip-watch", daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            t = time.monotonic()
-            held = frozenset(n for n in ("a", "b") if self._vip_on(n))
-            self.holding.append((t, held))
-            self._stop.wait(max(0.0, PERIOD - (time.monotonic() - t)))
-
-    def _vip_on(self, node: str) -> bool:
-        r = subprocess.run(
-            ["ip", "-n", self.lab.ns[node], "-o", "-4", "addr", "show", "dev", "lan0"],
-            capture_output=True,
-            text=True,
-        )
-        return f"inet {VIP}/" in r.stdout
+        self.vip = VipWatch(lab.vip_on, ("a", "b"), PERIOD)
+        self.holding = self.vip.holding
 
     def stop(self) -> None:
-        if not self._stop.is_set():
-            self._stop.set()
-            self._thread.join()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        try:
+            self.vip.stop()
+        finally:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                self.proc.wait(10)
 
     def rounds(self) -> list[dict]:
         out = []

@@ -24,7 +24,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -32,6 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 if os.path.dirname(HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(HERE))  # tests/: the shared namespace helpers
+
+from helpers import PollingThread  # noqa: E402
 
 # sh and wait_for are re-exported: the etcd tests and benchmarks take them from here
 from netlab import NetLab, netns_unavailable, sh, wait_for  # noqa: E402, F401
@@ -318,26 +319,19 @@ def overlaps(intervals: list[tuple[str, float, float | None]]) -> list[tuple]:
     return bad
 
 
-class Sampler:
+class Sampler(PollingThread):
     """Who serves, sampled every ``interval`` from the members' marker files (a second view,
     beside the events' exact times): ``max_serving`` must stay at most 1."""
 
     def __init__(self, members: Members, interval: float = 0.02):
+        super().__init__(interval=interval, name="serving-sampler")
         self.members = members
-        self.interval = interval
         self.samples: list[tuple[float, tuple[str, ...]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="serving-sampler")
-        self._thread.start()
+        self.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            serving = tuple(n for n in NODES if os.path.exists(self.members.path("serving", n)))
-            self.samples.append((time.monotonic(), serving))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        serving = tuple(n for n in NODES if os.path.exists(self.members.path("serving", n)))
+        self.samples.append((time.monotonic(), serving))
 
     @property
     def max_serving(self) -> int:

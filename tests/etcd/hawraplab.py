@@ -18,11 +18,11 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
 from etcdlab import ADDR, CLIENT_PORT, NODES, Lab
+from netlab import VipWatch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -247,27 +247,17 @@ class Client:
         for n in NODES:
             argv += ["--node", f"{n}={ADDR[n]}"]
         self.sampler = lab.spawn("c", argv, "sampler.log")
-        self.holding: list[tuple[float, frozenset[str]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="vip-watch")
-        self._thread.start()
-
-    def _watch(self) -> None:
-        """Which nodes have the VIP on their interface, every 50 ms (the nodes' own view)."""
-        while not self._stop.is_set():
-            t = time.monotonic()
-            held = frozenset(n for n in NODES if self.lab.vip_on(n))
-            self.holding.append((t, held))
-            self._stop.wait(max(0.0, SAMPLE_PERIOD - (time.monotonic() - t)))
+        self.vip = VipWatch(lab.vip_on, NODES, SAMPLE_PERIOD)  # the nodes' own view
+        self.holding = self.vip.holding
 
     def stop(self) -> None:
-        if not self._stop.is_set():
-            self._stop.set()
-            self._thread.join()
-        for proc in (self.probe, self.sampler):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(10)
+        try:
+            self.vip.stop()
+        finally:
+            for proc in (self.probe, self.sampler):
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(10)
 
     @staticmethod
     def _lines(path: str) -> list[dict]:
