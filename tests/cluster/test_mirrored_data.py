@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from helpers import PollingThread
 from lab import (
     MIRROR,
     NODE_HB,
@@ -196,30 +197,22 @@ def test_a_frozen_receiver_is_gone_before_the_takeover_serves_anything(mcluster)
     service = os.path.join(lab.workdir, "b.service.pid")
     overlap: list[float] = []  # when b's service was seen up while the receiver existed
     seen = threading.Event()
-    stop = threading.Event()
 
     def sample() -> None:
-        while not stop.is_set():
-            alive, up = _state(pid) not in ("", "Z"), os.path.exists(service)
-            if up and alive:
-                overlap.append(time.monotonic())
-            if up:
-                seen.set()
-            time.sleep(0.001)
+        alive, up = _state(pid) not in ("", "Z"), os.path.exists(service)
+        if up and alive:
+            overlap.append(time.monotonic())
+        if up:
+            seen.set()
 
     os.kill(pid, signal.SIGSTOP)
     assert wait_for(lambda: _state(pid) == "T", 10)
-    sampler = threading.Thread(target=sample, name="sampler", daemon=True)
-    sampler.start()
-    try:
+    with PollingThread(sample, interval=0.001) as sampler:
         lab.power_off("a")
         assert wait_for(lambda: c.h.role("b") == "primary", 10), c.h.logs()
         assert seen.wait(10), c.h.logs()
         assert wait_for(lambda: _state(pid) in ("", "Z"), 10), "the frozen receiver was left"
-    finally:
-        stop.set()
-        sampler.join()
-    assert overlap == [], f"b served for {overlap[-1] - overlap[0]:.3f} s while its receiver existed"
+    assert sampler.polls > 0 and overlap == [], f"b served {overlap[-1] - overlap[0]:.3f} s beside its receiver"
 
 
 def _state(pid: int) -> str:
