@@ -69,7 +69,7 @@ COMMAND_HELP: dict[str, tuple[str, str, str]] = {
         "roles, links, epoch, locks, services, mirror lag, last transitions",
         "Show this node as its running hawrap sees it: role and why, own LAN, peer, links, VIP, "
         "standby lock, data state, each service's state and failure count, each tree's mirror "
-        "daemon (state, lag, failed files) and the last transitions.",
+        "daemon (state, lag, failed files, directories not watched) and the last transitions.",
         f"0 shown; {_EXIT_USAGE}; 3 hawrap does not run for this node",
     ),
     "standby": (
@@ -372,6 +372,7 @@ def cmd_status(cfg, node, args) -> int:
                 f"  mirror {tree['name']}: {pair['state']}, lag {pair['lag_seconds']:.3f} s / {pair['lag_bytes']} "
                 f"bytes, {pair['pending']} pending"
                 + (f", {len(pair['failed_files'])} files failed" if pair.get("failed_files") else "")
+                + (f", {pair['unwatched_count']} directories not watched" if pair.get("unwatched_count") else "")
             )
     for t in st["transitions"][-5:]:
         print(
