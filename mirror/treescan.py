@@ -23,7 +23,7 @@ Python objects for them; only the pairs that differ (or need a closer look) come
 on their own (a *partial* listing of their directory: only those names, one ``lstat``
 each, however large the directory), and whole subtrees (a new directory, a rescan after
 an inotify overflow).  Both ends of a session scan the same scope, so their listings
-still align.
+still align.  As in a whole scan, nothing below an excluded directory is listed.
 """
 
 from __future__ import annotations
@@ -294,10 +294,13 @@ class TreeScan:
         self.stats.seconds = time.perf_counter() - started
 
     def _produce_scoped(self, scanner) -> Iterator:
+        from .exclude import excluded_dir
+
         excluder = self._skip_rules()
+        seen: dict[bytes, bool] = {}
         for path, is_tree, names in self.scope.units():
-            if excluder is not None and path and excluder.excluded(path, True):
-                continue
+            if excluder is not None and excluded_dir(excluder.excluded, path, seen):
+                continue  # a whole scan never goes there: neither does this one
             if is_tree:
                 try:
                     listings = scanner.scan(self.root, excluder=excluder, skip_at_root=STATE_DIR_NAME, start=path)
