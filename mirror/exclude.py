@@ -121,6 +121,19 @@ class Excluder:
         return f"Excluder({[p.text for p in self.patterns]!r})"
 
 
+def excluded_dir(excluded, path: bytes, seen: dict[bytes, bool] | None = None) -> bool:
+    """Whether directory ``path`` or one above it is excluded by ``excluded(path, is_dir)``
+    (an ``Excluder``'s): what a scan, which never descends into an excluded directory, does
+    not reach.  ``seen`` caches the answers over many calls."""
+    if not path:
+        return False
+    if seen is None:
+        seen = {}
+    if path not in seen:
+        seen[path] = excluded(path, True) or excluded_dir(excluded, path.rpartition(b"/")[0], seen)
+    return seen[path]
+
+
 def read_pattern_file(path: str) -> list[bytes]:
     """Patterns from a file, one per line; blank lines and lines starting with ``#`` skipped."""
     with open(path, "rb") as f:

@@ -10,7 +10,8 @@ Python.  ``background_scan(root)`` is the plain walk (no excludes, no digests) r
 a thread of its own: the compiled kernel does all of it in C without taking the GIL.
 
 The kernel's names that callers use (``Listing``, ``compare_listings``, ``Hasher``,
-``pair_walks``) and the shared constants (``mirror.constants``) are available here too.
+``pair_walks``, ``open_failure``) and the shared constants (``mirror.constants``) are
+available here too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ Hasher = _kernel.Hasher
 compare_listings = _kernel.compare_listings
 list_directory = _kernel.list_directory
 pair_walks = _kernel.pair_walks
+open_failure = _kernel.open_failure
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

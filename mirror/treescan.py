@@ -23,7 +23,8 @@ Python objects for them; only the pairs that differ (or need a closer look) come
 on their own (a *partial* listing of their directory: only those names, one ``lstat``
 each, however large the directory), and whole subtrees (a new directory, a rescan after
 an inotify overflow).  Both ends of a session scan the same scope, so their listings
-still align.
+still align.  As in a whole scan, nothing below an excluded directory is listed, and a
+directory that cannot be opened is an incomplete listing with its problem, not an error.
 """
 
 from __future__ import annotations
@@ -294,21 +295,25 @@ class TreeScan:
         self.stats.seconds = time.perf_counter() - started
 
     def _produce_scoped(self, scanner) -> Iterator:
+        from .exclude import excluded_dir
+
         excluder = self._skip_rules()
+        seen: dict[bytes, bool] = {}
         for path, is_tree, names in self.scope.units():
-            if excluder is not None and path and excluder.excluded(path, True):
-                continue
+            if excluder is not None and excluded_dir(excluder.excluded, path, seen):
+                continue  # a whole scan never goes there: neither does this one
             if is_tree:
                 try:
                     listings = scanner.scan(self.root, excluder=excluder, skip_at_root=STATE_DIR_NAME, start=path)
                     for listing in listings:
                         self._account(listing)
                         yield listing
-                except (FileNotFoundError, NotADirectoryError):
-                    continue  # gone, or no longer a directory: its own entry says so
-                except OSError as exc:
-                    if exc.errno != errno.ELOOP:
-                        raise
+                except OSError as exc:  # only ever raised before the first listing
+                    if exc.errno in _GONE:
+                        continue  # gone, or no longer a directory: its own entry says so
+                    listing = self._unreadable(scanner, path, exc.errno)
+                    self._account(listing)
+                    yield listing
                 continue
             listing = self._partial_listing(scanner, path, names, excluder)
             if listing is not None:
@@ -323,9 +328,20 @@ class TreeScan:
         self.stats.add(listing)
         self.problems.extend(listing.problems)
 
+    def _unreadable(self, scanner, path: bytes, err: int):
+        """The listing of directory ``path``, there but not to be opened (a failing disk), as a
+        whole scan has it: incomplete, so its subtree is compared on neither side and deleted
+        nowhere, with an unreadable problem, named once (the parent's listing names it already
+        if it could not stat it)."""
+        said = any(p.path == path and p.unreadable for p in self.problems)
+        return scanner.Listing(path, complete=False, problems=[] if said else [scanner.open_failure(path, err)])
+
     def _partial_listing(self, scanner, dir_path: bytes, names: list[bytes], excluder):
         """A listing of ``dir_path`` holding only ``names`` (those that exist), one lstat each."""
-        fd = _open_below(self.root, dir_path)
+        try:
+            fd = _open_below(self.root, dir_path)
+        except OSError as exc:
+            return self._unreadable(scanner, dir_path, exc.errno)
         if fd is None:
             return None
         entries, problems = [], []
@@ -552,6 +568,10 @@ def _state_dir_inside(root: bytes, state_dir: bytes) -> bytes | None:
     return inside
 
 
+# A directory the scope names that is no longer one to scan: its own entry says what it is now.
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
 def _open_below(root: bytes, rel: bytes) -> int | None:
     """Descriptor of directory ``rel`` under ``root``, never through a symlink; None if gone."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -562,7 +582,7 @@ def _open_below(root: bytes, rel: bytes) -> int | None:
             fd = child
     except OSError as exc:
         os.close(fd)
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        if exc.errno in _GONE:
             return None
         raise
     return fd

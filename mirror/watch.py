@@ -60,6 +60,7 @@ from watchdog.observers.inotify_c import InotifyEvent
 from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
 from .errors import display_path
+from .exclude import excluded_dir
 from .statedir import STATE_DIR_NAME
 
 log = logging.getLogger(__name__)
@@ -312,12 +313,7 @@ class Watcher:
     def _excluded_dir(self, rel: bytes, seen: dict[bytes, bool]) -> bool:
         """Whether directory ``rel`` or one above it is excluded (a scan does not go below an
         excluded directory, but watchdog watches there too); ``seen`` caches the answers."""
-        if not rel or self.excluded is None:
-            return False
-        if rel not in seen:
-            parent = rel.rpartition(b"/")[0]
-            seen[rel] = self.excluded(rel, True) or self._excluded_dir(parent, seen)
-        return seen[rel]
+        return self.excluded is not None and excluded_dir(self.excluded, rel, seen)
 
     def relative(self, path: str) -> bytes | None:
         """``path`` relative to the root, or None if it is outside or in the state dir."""
@@ -332,15 +328,26 @@ class Watcher:
         return rel
 
     def report(self, changes: list[FsEvent]) -> None:
-        """Pass ``changes`` on, minus excluded paths (whether an excluded path is a directory is
-        not known here: dir-only rules are applied again by the scan, which knows)."""
+        """Pass ``changes`` on, minus excluded paths and everything below an excluded directory
+        (whether an excluded path is itself a directory is not known here: dir-only rules are
+        applied again by the scan, which knows)."""
         excluded = self.excluded
         if excluded is not None:
-            changes = [
-                c for c in changes
-                if not (c.kind == RENAME and (excluded(c.path, False) or excluded(c.other, False)))
-                and not (c.kind != RENAME and c.path and excluded(c.path, c.kind == TREE))
-            ]  # fmt: skip
+            seen: dict[bytes, bool] = {}
+
+            def out(path: bytes, is_dir: bool) -> bool:
+                return bool(path) and (excluded(path, is_dir) or self._excluded_dir(path.rpartition(b"/")[0], seen))
+
+            kept = []
+            for c in changes:
+                if c.kind != RENAME:
+                    if not out(c.path, c.kind == TREE):
+                        kept.append(c)
+                elif not out(c.other, False):
+                    # From an excluded place, nothing of it is on the replica: it is new there,
+                    # a directory scanned whole (its own entry comes with it, as for any rename).
+                    kept.append(c if not out(c.path, False) else FsEvent(TREE, c.other))
+            changes = kept
         if changes:
             self.on_change(changes)
 

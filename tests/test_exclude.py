@@ -1,7 +1,10 @@
-"""Exclude patterns select exactly what rsync's --exclude selects (checked against real rsync)."""
+"""Exclude patterns select exactly what rsync's --exclude selects (checked against real rsync),
+and nothing below an excluded directory is looked at, whatever asks: a whole scan, a scoped
+one (the live daemon's, on either end of its session), the daemon's watcher."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +14,13 @@ import pytest
 from mirror import fastpath
 from mirror.errors import UsageError
 from mirror.exclude import Excluder, Pattern
+from mirror.transfer import Connection
+from mirror.treescan import Scope, TreeScan
+from tests.daemons import live_daemon
+from tests.helpers import run_mirror, wait_until
+from tests.replica_checks import MODES, Target
+from tests.servers import SECRET
+from tests.snapshot import snapshot
 
 TREE = [
     "a.tmp", "b.txt", "cache/", "cache/x.tmp", "cache/keep.txt", "src/", "src/cache/", "src/cache/y",
@@ -79,3 +89,127 @@ def test_non_utf8_names_can_be_excluded():
 def test_empty_pattern_is_refused(bad):
     with pytest.raises(UsageError):
         Pattern(bad)
+
+
+# -- below an excluded directory --------------------------------------------------------------
+
+
+def _scoped(root: str, pattern: str, scope: Scope) -> set[str]:
+    out = set()
+    for listing in TreeScan(os.fsencode(root), excluder=Excluder([pattern]), scope=scope, background=False):
+        assert listing.problems == [], listing.problems
+        for e in listing:
+            path = (listing.path + b"/" if listing.path else b"") + e.name
+            out.add(path.decode() + ("/" if e.kind == 2 else ""))
+    return out
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_a_scoped_scan_selects_what_the_whole_scan_does(tree, pattern):
+    """Each entry and each subtree of the tree scanned on its own (as the live daemon scans
+    what changed) lists only what the whole scan lists: nothing below a directory it leaves
+    out, however deep, under the same rules (anchored or not, directories only)."""
+    whole = _ours(tree, pattern)
+    seen = set()
+    for rel in TREE:
+        path = rel.rstrip("/").encode()
+        entry = _scoped(tree, pattern, Scope(entries=[path]))
+        assert entry <= whole, (rel, entry - whole)
+        seen |= entry
+        if rel.endswith("/"):
+            subtree = _scoped(tree, pattern, Scope(trees=[path]))
+            assert subtree <= whole, (rel, subtree - whole)
+            seen |= subtree
+    assert seen == whole
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_scoped_session_below_an_excluded_directory_does_nothing_on_either_end(tmp_path, mode):
+    """A scope naming what is below an excluded directory (a new directory there, its files)
+    is passed over by the sender's scan and the receiver's alike: nothing is made on the
+    replica, nothing fails."""
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    (src / "cache").mkdir(parents=True)
+    replica.mkdir()
+    (src / "top").write_text("top")
+    target = Target(mode, replica, tmp_path)
+    with target.running():
+        dst = str(replica) if mode == "local" else target.server.url("m")
+        secret = None if mode == "local" else SECRET
+        with Connection(src, dst, delete=True, excludes=[b"cache/"], secret=secret) as conn:
+            assert conn.session().ok
+            (src / "cache" / "new" / "deeper").mkdir(parents=True)
+            (src / "cache" / "new" / "f").write_text("f")
+            (src / "cache" / "new" / "deeper" / "g").write_text("g")
+            scope = Scope(entries=[b"cache/new", b"cache/new/f", b"cache/new/deeper", b"cache/new/deeper/g"],
+                          trees=[b"cache/new", b"cache/new/deeper"])  # fmt: skip
+            result = conn.session(scope)
+            assert (result.failed, result.problems) == ([], []), (result.failed, result.problems)
+            assert result.changes == [] and result.stats.files_seen == 0
+    assert sorted(os.listdir(replica)) == [".mirror", "top"]
+
+
+def _pair(src) -> dict:
+    proc = run_mirror("status", src, "--json", check_codes=range(256))
+    pair = json.loads(proc.stdout)["pairs"][0] if proc.stdout else {}
+    return {**pair, "exit": proc.returncode}
+
+
+def _healthy(src) -> dict | None:
+    """The daemon's pair once it mirrors live with nothing pending nor failed (exit 0)."""
+    pair = _pair(src)
+    ok = pair.get("state") == "live" and pair["last_sync"] and pair["pending"] == 0 and pair["exit"] == 0
+    return pair if ok and pair["failed_files"] == [] else None
+
+
+def _outside(root, excluded: tuple[bytes, ...]) -> dict:
+    """``root``'s snapshot without the excluded subtrees."""
+    return {k: v for k, v in snapshot(root).items()
+            if not any(k == x or k.startswith(x + b"/") for x in excluded)}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_live_daemon_journals_mirrors_and_fails_nothing_below_an_excluded_directory(tmp_path, mode):
+    """New directories below excluded ones (a directory-only pattern, an anchored one), deep
+    ones, files in them, a rename there: none of it is journaled, scanned or failed (the
+    daemon failed on such a directory on every retry, for good), and the pair stays healthy.
+    What is moved out of an excluded directory arrives whole; what is moved in is gone."""
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    (src / "docs").mkdir(parents=True)
+    (src / "docs" / "a").write_text("a")
+    (src / "cache").mkdir()
+    (src / "cache" / "old").write_text("old")
+    (src / "build" / "obj").mkdir(parents=True)
+    replica.mkdir()
+    excluded = (b"cache", b"build")
+    target = Target(mode, replica, tmp_path)
+    with target.running():
+        if mode == "local":
+            dst, extra = str(replica), ()
+        else:
+            dst, extra = target.server.url("m"), ("--secret-file", target.server.secret_file)
+        with live_daemon(src, dst, *extra, "--exclude", "cache/", "--exclude", "/build",
+                         log_path=tmp_path / "daemon.log") as d:  # fmt: skip
+            start = wait_until(lambda: _healthy(src))
+            (src / "cache" / "newdir" / "deep").mkdir(parents=True)
+            for i in range(200):
+                (src / "cache" / "newdir" / f"f{i}").write_text(f"f{i}")
+            (src / "cache" / "newdir" / "deep" / "g").write_text("g")
+            (src / "cache" / "old").write_text("rewritten")
+            os.rename(src / "cache" / "newdir" / "f0", src / "cache" / "newdir" / "renamed")
+            (src / "build" / "obj" / "sub").mkdir()
+            (src / "build" / "obj" / "sub" / "x.o").write_bytes(b"o")
+            (src / "docs" / "marker").write_text("after them")
+            pair = wait_until(lambda: (replica / "docs" / "marker").exists() and _healthy(src), timeout=20)
+            # Only the marker was journaled: the watcher passed over everything else.
+            assert pair["journal_seq"] - start["journal_seq"] < 20, (start, pair)
+            assert _outside(src, excluded) == _outside(replica, excluded)
+            assert not (replica / "cache").exists() and not (replica / "build").exists()
+
+            os.rename(src / "cache" / "newdir", src / "moved")  # out of the excluded directory
+            os.rename(src / "docs" / "a", src / "cache" / "a")  # into it
+            wait_until(lambda: _healthy(src) and _outside(src, excluded) == _outside(replica, excluded), timeout=20)
+            assert (replica / "moved" / "deep" / "g").read_text() == "g" and len(os.listdir(replica / "moved")) == 201
+            assert not (replica / "docs" / "a").exists()
+            log = d.log_text()
+            assert "Traceback" not in log and "cache/newdir" not in log and "build/obj" not in log, log

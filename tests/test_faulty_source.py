@@ -359,3 +359,73 @@ def test_the_live_daemon_mirrors_what_it_could_not_read_once_the_fault_is_gone(t
             converged(fs.backing, replica, timeout=30)
             status = wait_until(lambda: (s := daemon_status(fs.mount)) and s["exit"] == 0 and s)
             assert status["failed_files"] == [], status
+
+
+# -- the live daemon: a nested directory it cannot read, tried again in scoped sessions ------------
+# What the daemon could not read is tried again in a scoped session, a directory as a subtree of its
+# own.  A subtree whose root cannot be stat'ed, opened or listed is an unreadable problem there, as in
+# a whole scan: named in the status, kept on the replica, tried again on the same connection, never
+# an error that drops the connection and syncs the whole tree again on every retry.
+
+NESTED_FAULTS = ["getattr_eio", "opendir_eio", "readdir_eio"]
+
+
+@pytest.mark.parametrize("fault", NESTED_FAULTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_the_live_daemon_retries_a_nested_directory_it_cannot_read_without_a_full_sync(tmp_path, mode, fault):
+    with faulty_source(tmp_path, mode) as (fs, replica, target):
+        write_tree(fs.backing, b"v1")
+        assert target.sync(fs.mount).returncode == 0
+        old = digests(replica)
+        write_tree(fs.backing, b"v2")  # behind the watcher's back: its start-up sync finds it
+        fs.fault("mail/cur", fault)
+        if mode == "local":
+            dst, extra = str(replica), ()
+        else:
+            dst, extra = target.server.url("m"), ("--secret-file", target.server.secret_file)
+        with live_daemon(fs.mount, dst, *extra, log_path=tmp_path / "daemon.log") as d:
+            # The start-up sync, then two tries of mail/cur alone.
+            status = wait_until(lambda: (s := daemon_status(fs.mount)) and s["sessions"] >= 3 and s, timeout=30)
+            tried = fs.count("mail/cur", fault)
+            assert tried >= 3, tried
+            assert status["exit"] == 1 and [p for p, _ in status["failed_files"]] == ["mail/cur"], status
+            assert (status["full_syncs"], status["journal_catch_ups"]) == (1, 0), status  # one connection
+            now = digests(replica)
+            for path, digest in digests(fs.backing).items():  # the rest is mirrored, mail/cur kept as it was
+                assert now[path] == (old[path] if path.startswith(b"mail/cur/") else digest), path
+            fs.clear()
+            converged(fs.backing, replica, timeout=40)  # by the next try: nothing changed since
+            status = wait_until(lambda: (s := daemon_status(fs.mount)) and s["exit"] == 0 and s, timeout=60)
+            assert status["failed_files"] == [] and status["pending"] == 0, status
+            assert (status["full_syncs"], status["journal_catch_ups"]) == (1, 0), status
+            log = d.log_text()
+            assert "disconnected" not in log and "Traceback" not in log, log
+        assert "Traceback" not in target.server_log(), target.server_log()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_change_in_a_directory_the_live_daemon_cannot_open_waits_for_it_on_the_same_connection(tmp_path, mode):
+    """A file written in a directory that then fails to open: the scoped session's listing of
+    the directory (the changed name alone) is an unreadable problem too."""
+    with faulty_source(tmp_path, mode) as (fs, replica, target):
+        write_tree(fs.backing, b"v1")
+        if mode == "local":
+            dst, extra = str(replica), ()
+        else:
+            dst, extra = target.server.url("m"), ("--secret-file", target.server.secret_file)
+        with live_daemon(fs.mount, dst, *extra, log_path=tmp_path / "daemon.log") as d:
+            wait_until(lambda: (s := daemon_status(fs.mount)) and s["exit"] == 0)
+            old = digests(replica)
+            fs.fault("mail/cur", "opendir_eio")
+            (fs.mount / "mail" / "cur" / "f1").write_bytes(b"v2")  # a lookup, not an opendir: it works
+            status = wait_until(lambda: (s := daemon_status(fs.mount)) and s["failed_files"] and s, timeout=30)
+            assert fs.count("mail/cur", "opendir_eio") > 0
+            assert status["exit"] == 1 and [p for p, _ in status["failed_files"]] == ["mail/cur"], status
+            assert digests(replica) == old
+            fs.clear()
+            converged(fs.backing, replica, timeout=40)  # by the next try: nothing changed since
+            status = wait_until(lambda: (s := daemon_status(fs.mount)) and s["exit"] == 0 and s, timeout=60)
+            assert (status["full_syncs"], status["journal_catch_ups"]) == (1, 0), status  # one connection
+            log = d.log_text()
+            assert "disconnected" not in log and "Traceback" not in log, log
+        assert "Traceback" not in target.server_log(), target.server_log()
