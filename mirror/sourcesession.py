@@ -17,6 +17,7 @@ import time
 from .compare import CompareSummary, compare_pairs, root_entry
 from .entry import Entry, entry_from_stat
 from .errors import UnsafePathError
+from .exclude import make_excluder
 from .lockfile import LockWatch
 from .plan import Planner
 from .records import SyncResult
@@ -190,6 +191,12 @@ class SourceSession:
 
     def finish(self, replica_result: dict, failed) -> SyncResult:
         """The outcome, with the replica's report and the files it could not take."""
+        excluder = make_excluder(self.o.excludes)
+        if excluder is not None:
+            # An excluded entry whose stat failed (its kind unknown: it may be excluded as a
+            # directory) is no failure: the comparison has already kept it from deletion.
+            self.out.problems = [p for p in self.out.problems
+                                 if not (excluder.excluded(p.path, True) or excluder.excluded(p.path, False))]  # fmt: skip
         self.out.receiver = replica_result
         self.out.failed.extend(failed)
         self.out.stats.deleted = replica_result.get("deleted", 0)

@@ -429,3 +429,25 @@ def test_a_change_in_a_directory_the_live_daemon_cannot_open_waits_for_it_on_the
             log = d.log_text()
             assert "disconnected" not in log and "Traceback" not in log, log
         assert "Traceback" not in target.server_log(), target.server_log()
+
+
+# -- an excluded entry that cannot be read ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_excluded_directory_that_cannot_be_stated_is_no_failure(tmp_path, mode):
+    """``--exclude cache/`` and a ``cache`` whose stat fails: its kind unknown, it may be the
+    excluded directory; it is not named, not failed (exit 0), and the replica's copy stays."""
+    with faulty_source(tmp_path, mode) as (fs, replica, target):
+        write_tree(fs.backing, b"v1")
+        (fs.backing / "cache").mkdir()
+        (fs.backing / "cache" / "blob").write_bytes(b"cached")
+        assert target.sync(fs.mount).returncode == 0  # cache mirrored before it was excluded
+        write_tree(fs.backing, b"v2")
+        fs.fault("cache", "getattr_eio")
+        proc = target.sync(fs.mount, "--delete", "--exclude", "cache/")
+        assert fs.count("cache", "getattr_eio") > 0
+        assert proc.returncode == 0 and b"cache" not in proc.stderr, proc.stderr
+        assert (replica / "cache" / "blob").read_bytes() == b"cached"
+        assert digests(replica)[b"docs/f0"] == digests(fs.backing)[b"docs/f0"]
+        no_traceback(proc, target)
