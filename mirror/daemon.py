@@ -76,7 +76,7 @@ SOURCE_CHECK_SECONDS = 1.0  # how often an idle pair checks its source is still 
 STATUS_INTERVAL = 0.5  # the status file is rewritten at least this often
 STATUS_MIN_INTERVAL = 0.1  # and after a session, within this (at most this often)
 # States an operator must see (logged as warnings); halted and fenced log an error of their own.
-ALERT_STATES = ("disconnected", "unreachable", "locked", "catching up")
+ALERT_STATES = ("disconnected", "unreachable", "locked", "catching up", "error")
 FALLING_BEHIND_SECONDS = 10.0  # the oldest change not mirrored for this long: a warning
 
 
@@ -415,6 +415,15 @@ class LivePair:
                 failures += 1
                 self._set_state("disconnected", str(exc))
                 self._disconnect()
+                self._wait(_BACKOFF[min(failures - 1, len(_BACKOFF) - 1)])
+            except Exception as exc:
+                # A bug must not end the pair's thread: the status would go on saying what it
+                # said last ("live") while nothing is mirrored.  Said, then tried again whole.
+                failures += 1
+                log.exception("%s: internal error; the pair starts again with a full sync", self.config.name)
+                self._set_state("error", f"internal error: {type(exc).__name__}: {exc}")
+                self._disconnect()
+                self._need_full = True
                 self._wait(_BACKOFF[min(failures - 1, len(_BACKOFF) - 1)])
 
     def _wait(self, seconds: float) -> None:
@@ -957,7 +966,7 @@ class Metrics:
     """Prometheus metrics (``--metrics ADDR:PORT``), served by prometheus-client."""
 
     STATES = ("starting", "connecting", "syncing", "live", "catching up", "locked", "disconnected", "unreachable",
-              "halted", "fenced")
+              "halted", "fenced", "error")
 
     def __init__(self, listen: tuple[str, int]):
         import prometheus_client as pc

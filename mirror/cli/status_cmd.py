@@ -12,7 +12,7 @@ pair is never shown live for a daemon that stopped, died or hangs.
 Exit status (alert on anything but 0):
   0  the daemon runs and every pair is live
   1  the daemon runs, a pair is not live (syncing, catching up, locked, disconnected,
-     unreachable, halted, fenced), files failed in its last session, or directories of
+     unreachable, halted, fenced, error: an internal error, tried again), files failed in its last session, or directories of
      its source cannot be watched (they are listed)
   2  no daemon status found, or bad usage
   6  stopped: the daemon exited (SIGTERM, SIGINT, all pairs fenced) and said so
