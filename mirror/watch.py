@@ -361,6 +361,15 @@ class _Handler(FileSystemEventHandler):
         self.w = watcher
 
     def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            self._dispatch(event)
+        except Exception:
+            # watchdog's dispatching thread ends on an exception: every later change would go
+            # unseen while the daemon says it is live.  The event is lost instead: a rescan.
+            log.exception("%s: a change event could not be handled: rescanning", display_path(self.w.root))
+            self.w.report([FsEvent(RESCAN, b"")])
+
+    def _dispatch(self, event: FileSystemEvent) -> None:
         w = self.w
         if isinstance(event, _LostEvents):
             w.report([FsEvent(RESCAN, b"")])

@@ -285,41 +285,65 @@ def test_config_file_and_sighup_reload(tmp_path):
     assert "configuration reloaded" in (tmp_path / "daemon.log").read_text()
 
 
-# The daemon with one bug put in its way: the first session of each pair raises what no handler
-# expects (an injected fault: no real input is known to do it, which is why it is a bug).
-_BUGGY_DAEMON = """
+# The daemon with one bug put in its way (an injected fault: no real input is known to cause it,
+# which is why it would be a bug): the code patches one method, then runs `mirror daemon`.
+_PATCHED_DAEMON = """
 import sys
-import mirror.daemon as daemon
-real, raised = daemon.LivePair._session, []
-def session(self, *args, **kwargs):
-    if not raised:
+import {module} as patched
+real, raised = patched.{cls}.{method}, []
+def buggy(self, *args, **kwargs):
+    if not raised and ({when}):
         raised.append(1)
         raise RuntimeError("injected bug")
     return real(self, *args, **kwargs)
-daemon.LivePair._session = session
+patched.{cls}.{method} = buggy
 from mirror.cli import main
 sys.exit(main())
 """
+
+
+@contextlib.contextmanager
+def _buggy_daemon(tmp_path, src, dst, **patch):
+    """A `mirror daemon` process with ``patch`` (module, cls, method, when) applied; its log."""
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _PATCHED_DAEMON.format(**patch), "daemon", str(src), str(dst),
+                                 "-v"], cwd=REPO, stdout=log, stderr=log)  # fmt: skip
+        try:
+            yield log_path
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def test_an_internal_error_in_a_pair_is_said_and_the_pair_goes_on(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     (src / "a").write_text("first")
-    log_path = tmp_path / "daemon.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-c", _BUGGY_DAEMON, "daemon", str(src), str(dst), "-v"],
-                                cwd=REPO, stdout=log, stderr=log)  # fmt: skip
-        try:
-            wait_until(lambda: "injected bug" in log_path.read_text())
-            converged(src, dst)  # tried again: the replica is made whole all the same
-            (src / "b").write_text("live again")
-            converged(src, dst)
-            status = run_mirror("status", src, "--json")
-            pair = json.loads(status.stdout)["pairs"][0]
-            assert pair["state"] == "live" and "injected bug" in pair["last_error"], pair
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    with _buggy_daemon(tmp_path, src, dst, module="mirror.daemon", cls="LivePair", method="_session",
+                       when="True") as log_path:  # fmt: skip
+        wait_until(lambda: "injected bug" in log_path.read_text())
+        converged(src, dst)  # tried again: the replica is made whole all the same
+        (src / "b").write_text("live again")
+        converged(src, dst)
+        pair = json.loads(run_mirror("status", src, "--json").stdout)["pairs"][0]
+        assert pair["state"] == "live" and "injected bug" in pair["last_error"], pair
     text = log_path.read_text()
     assert "internal error; the pair starts again with a full sync" in text and "Traceback" in text, text
+
+
+def test_an_internal_error_handling_a_change_event_costs_a_rescan_not_the_watch(tmp_path):
+    """watchdog's dispatching thread ends on an exception: without the handler's guard, every
+    later change went unseen while the status said live."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "a").write_text("first")
+    with _buggy_daemon(tmp_path, src, dst, module="mirror.watch", cls="Watcher", method="report",
+                       when='any(c.path == b"trip" for c in args[0])') as log_path:  # fmt: skip
+        converged(src, dst)
+        (src / "trip").write_text("its event meets the bug")
+        wait_until(lambda: "injected bug" in log_path.read_text())
+        converged(src, dst)  # by the rescan
+        (src / "later").write_text("still watched")
+        converged(src, dst)
+    assert "a change event could not be handled: rescanning" in log_path.read_text()
