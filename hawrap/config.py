@@ -101,6 +101,7 @@ class TreeConfig:
     path: str
     lock_file: str
     state_dir: str | None = None
+    require_mount: bool = False  # the path is a mount point: its receiver refuses while nothing is mounted there
 
 
 @dataclass(frozen=True)
@@ -587,6 +588,7 @@ def _mirror(top: _Section, base: str, links: list[LinkConfig]) -> MirrorConfig:
                 path=sec.get("path", str),
                 lock_file=sec.get("lock_file", str),
                 state_dir=sec.get("state_dir", str, None),
+                require_mount=sec.get("require_mount", bool, False),
             )
         )
         sec.finish()

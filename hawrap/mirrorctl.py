@@ -55,6 +55,7 @@ class Tree:
     path: str
     lock_file: str
     state_dir: str
+    require_mount: bool = False
 
 
 def resolve_trees(cfg: ClusterConfig, node: str) -> list[Tree]:
@@ -62,7 +63,8 @@ def resolve_trees(cfg: ClusterConfig, node: str) -> list[Tree]:
     for t in cfg.mirror.trees:
         sub = _sub(t, node)
         out.append(
-            Tree(sub.name, sub.path, sub.lock_file, os.fsdecode(resolve_state_dir(sub.path, sub.state_dir)))
+            Tree(sub.name, sub.path, sub.lock_file, os.fsdecode(resolve_state_dir(sub.path, sub.state_dir)),
+                 sub.require_mount)
         )
     return out
 
@@ -71,7 +73,8 @@ def _sub(t: TreeConfig, node: str) -> TreeConfig:
     def r(v):
         return None if v is None else v.replace("{node}", node)
 
-    return TreeConfig(name=t.name, path=r(t.path), lock_file=r(t.lock_file), state_dir=r(t.state_dir))
+    return TreeConfig(name=t.name, path=r(t.path), lock_file=r(t.lock_file), state_dir=r(t.state_dir),
+                      require_mount=t.require_mount)
 
 
 def engine_available(command: tuple[str, ...] = ("mirror",)) -> bool:
@@ -387,9 +390,11 @@ class MirrorControl:
     def _serve_argv(self) -> list[str]:
         """The receiver.  A tree whose state dir is not the default one needs it named, or the
         receiver would keep the tree's epoch and identity apart from the daemon's (and refuse
-        the next primary): then ``mirror serve --config F``, F written here with each
-        module's state dir, and the privileges the default ``mirror.serve`` grants."""
-        if all(t.state_dir == os.fsdecode(resolve_state_dir(t.path, None)) for t in self.trees):
+        the next primary); one that must be a mount point says so (``require_mount``): then
+        ``mirror serve --config F``, F written here with each module's state dir, and the
+        privileges the default ``mirror.serve`` grants."""
+        default = all(t.state_dir == os.fsdecode(resolve_state_dir(t.path, None)) for t in self.trees)
+        if default and not any(t.require_mount for t in self.trees):
             return self._argv(self.cfg.mirror.serve)
         lines = [
             "# written by hawrap: the receiver of this node's trees",
@@ -407,6 +412,7 @@ class MirrorControl:
                 "keep_owners = true",
                 "allow_setid = true",
                 "allow_specials = true",
+                *(["require_mount = true"] if t.require_mount else []),
             ]
         path = os.path.join(self.me.state_dir, "mirror-serve.toml")
         atomic_write(path, ("\n".join(lines) + "\n").encode(), 0o600)

@@ -36,13 +36,14 @@ from .errors import (
     LockedError,
     MirrorError,
     ProtocolError,
+    SourceGuardError,
     StaleEpochError,
     UnsafePathError,
     display_path,
     failure_reason,
     fs_path,
 )
-from .guard import ReplicaGuard, review_deletions
+from .guard import ReplicaGuard, is_mount_point, review_deletions
 from .lockfile import LockWatch
 from .privileges import Privileges
 from .safefs import ConfinedTree
@@ -62,6 +63,8 @@ class ModuleConfig(NamedTuple):
     state_dir: bytes | None = None
     # Device nodes, FIFOs and sockets, setuid/setgid bits, owners: none unless granted.
     privileges: Privileges = Privileges()
+    # ``path`` is a mount point: while nothing is mounted there, every session is refused.
+    require_mount: bool = False
 
     @property
     def resolved_state_dir(self) -> bytes:
@@ -87,6 +90,9 @@ class ReplicaAdmission:
         """Refuse a stale epoch, a locked or read-only module, a deleting sender from another
         tree; ``take_writer()`` (the one-writer lock) runs before anything is recorded.
         The replica's epoch, a newer sender's recorded."""
+        if self.module.require_mount and not is_mount_point(self.module.path):
+            raise SourceGuardError(f"refused: the replica {display_path(self.module.path)} is not a mount point "
+                                   "(require_mount): is its filesystem not mounted? Nothing was written")  # fmt: skip
         check_root(self.module.path)  # its .mirror is never content: it must be hamirror's
         mine = read_epoch(self.state_dir)
         if epoch < mine:

@@ -124,7 +124,7 @@ def read_serve_config(path: str) -> tuple[ServeConfig | None, Problems]:
             continue
         t = _Table(table, problems, f"modules.{name}.", {"path", "secret_file", "lock_file", "read_only", "state_dir",
                                                           "allow_devices", "allow_specials", "allow_setid",
-                                                          "keep_owners"})  # fmt: skip
+                                                          "keep_owners", "require_mount"})  # fmt: skip
         module_path = t.get("path", str, required=True)
         if module_path is not None and not os.path.isabs(module_path):
             problems.add(f"'modules.{name}.path' must be absolute, got {module_path!r}")
@@ -147,12 +147,14 @@ def read_serve_config(path: str) -> tuple[ServeConfig | None, Problems]:
         privileges = Privileges(devices=t.get("allow_devices", bool, False), specials=t.get("allow_specials", bool, False),
                                 setid=t.get("allow_setid", bool, False), owners=t.get("keep_owners", bool, False))  # fmt: skip
         read_only = t.get("read_only", bool, False)
+        require_mount = t.get("require_mount", bool, False)
         if module_path is None:
             continue
         modules[name] = ModuleConfig(
             name=name, path=os.fsencode(module_path), secret=secret or b"",
             lock_file=os.fsencode(lock) if lock else None, read_only=read_only,
             state_dir=os.fsencode(state_dir) if state_dir else None, privileges=privileges,
+            require_mount=require_mount,
         )  # fmt: skip
     max_conn = top.get("max_connections", int, 64)
     if max_conn < 1:

@@ -90,6 +90,22 @@ def fs_identity(root: bytes) -> tuple[int, int]:
     return os.statvfs(root).f_fsid, os.stat(root).st_ino
 
 
+def is_mount_point(path: bytes) -> bool:
+    """Whether a filesystem is mounted at ``path`` (by the kernel's mount table, which also
+    knows a bind mount of a directory of the same filesystem; ``os.path.ismount`` does not)."""
+    real = os.path.realpath(path)
+    try:
+        with open(b"/proc/self/mountinfo", "rb") as f:
+            table = f.read()
+    except OSError:
+        return os.path.ismount(real)
+    # The fifth field is the mount point, with space, tab, newline and backslash octal-escaped.
+    escaped = real
+    for char in (b"\\", b" ", b"\t", b"\n"):
+        escaped = escaped.replace(char, b"\\%03o" % ord(char))
+    return any(line.split(b" ")[4] == escaped for line in table.splitlines() if line.count(b" ") >= 4)
+
+
 def _fs_of(root: bytes) -> tuple[int, int] | None:
     """``fs_identity``, None where ``root`` cannot be looked at (it is not the one recorded)."""
     try:

@@ -16,20 +16,20 @@ TRUSTING = ("--allow-devices", "--allow-specials", "--allow-setid", "--keep-owne
 
 @contextmanager
 def mirror_server(tmp_path, modules: dict[str, str], *extra: str, secret: bytes = SECRET,
-                  prefix: list[str] | None = None, host: str = "127.0.0.1", state_dirs: dict[str, str] | None = None):  # fmt: skip
+                  prefix: list[str] | None = None, host: str = "127.0.0.1", settings: dict[str, dict] | None = None):  # fmt: skip
     """``prefix`` runs the server under another command (``ip netns exec NS`` puts it in a
-    network namespace, where it listens on ``host``); ``state_dirs``: a module's state dir
-    apart from its tree (set in a configuration file: there is no option for it)."""
+    network namespace, where it listens on ``host``); ``settings``: a module's keys of a
+    configuration file (``state_dir``: there is no option for it), which is then used."""
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(secret + b"\n")
     secret_file.chmod(0o600)  # a secret readable by others is refused
     port_file = tmp_path / f"port-{time.monotonic_ns()}"
     argv = [*(prefix or []), sys.executable, "-m", "mirror", "serve", "--port-file", str(port_file), *extra]
-    if state_dirs:
+    if settings:
         config = [f"listen = {json.dumps(f'{host}:0')}", f"secret_file = {json.dumps(str(secret_file))}"]
         for name, path in modules.items():
             config += [f"[modules.{name}]", f"path = {json.dumps(str(path))}"]
-            config += [f"state_dir = {json.dumps(str(state_dirs[name]))}"] if name in state_dirs else []
+            config += [f"{key} = {json.dumps(value)}" for key, value in settings.get(name, {}).items()]
         (tmp_path / "serve.toml").write_text("\n".join(config) + "\n")
         argv += ["--config", str(tmp_path / "serve.toml")]
     else:

@@ -413,7 +413,7 @@ def _replica_server(tmp_path):
     (tmp_path / "srv").mkdir()
     _mount(image, replica)
     try:
-        with mirror_server(tmp_path / "srv", {"m": str(replica)}, state_dirs={"m": str(tmp_path / "state")}) as server:
+        with mirror_server(tmp_path / "srv", {"m": str(replica)}, settings={"m": {"state_dir": str(tmp_path / "state")}}) as server:
             yield replica, server, image
     finally:
         if os.path.ismount(replica):
@@ -500,3 +500,49 @@ def test_the_live_daemon_halts_on_an_unmounted_replica_and_resumes_once_it_is_ba
             converged(src, replica)
             wait_until(lambda: _status(src).get("state") == "live", timeout=60)
         assert "halted" in d.log_text() and "resumes" in d.log_text()
+
+
+# A module that must be a mount point (``require_mount``): the only guard for a replica whose state
+# dir is inside it, which an unmounted replica has lost (it would be a new, empty replica).
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["config", "option"])
+def test_a_module_that_must_be_a_mount_point_refuses_every_session_while_nothing_is_mounted(tmp_path, how):
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    _fill(src)
+    replica.mkdir()
+    (tmp_path / "srv").mkdir()
+    extra, settings = ((), {"m": {"require_mount": True}}) if how == "config" else (("--require-mount",), None)
+    with mirror_server(tmp_path / "srv", {"m": str(replica)}, *extra, settings=settings) as server:
+        url, secret = server.url("m"), ("--secret-file", server.secret_file)
+        for delete in (["--delete"], []):
+            proc = run_mirror("sync", *delete, *secret, src, url, check_codes=(EXIT_GUARD,))
+            assert "is not a mount point (require_mount)" in proc.stderr.decode(), proc.stderr
+            assert os.listdir(replica) == []  # the filesystem below is not filled, nor given a .mirror
+        with tmpfs(replica):
+            assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0
+            assert_mirrors(src, replica)
+        run_mirror("sync", "--delete", *secret, src, url, check_codes=(EXIT_GUARD,))
+        assert os.listdir(replica) == []
+    # --check names the module whose filesystem is not there
+    if how == "option":
+        proc = run_mirror("serve", "--check", "--module", f"m={replica}", "--require-mount", *secret,
+                          check_codes=(2,))  # fmt: skip
+        assert f"--require-mount: nothing is mounted at {replica}" in proc.stderr.decode(), proc.stderr
+
+
+@needs_root
+def test_a_bind_mount_of_a_directory_of_the_same_filesystem_is_a_mount_point(tmp_path):
+    from mirror.guard import is_mount_point
+
+    disk, where = tmp_path / "disk", tmp_path / "mount point with space"
+    disk.mkdir()
+    where.mkdir()
+    assert not is_mount_point(os.fsencode(where)) and not os.path.ismount(where)
+    subprocess.run(["mount", "--bind", str(disk), str(where)], check=True)
+    try:
+        assert is_mount_point(os.fsencode(where))  # os.path.ismount cannot tell (same device)
+    finally:
+        umount(where)
+    assert not is_mount_point(os.fsencode(where))

@@ -1,6 +1,7 @@
 """A tree with a state dir of its own: the receiver, the daemon and the final sync all use it,
 so the tree's epoch and identity stay in one place on a node (a split would make the replica
-refuse the next primary after a failover)."""
+refuse the next primary after a failover).  A tree that must be a mount point: its receiver
+is told so."""
 
 from __future__ import annotations
 
@@ -79,3 +80,26 @@ def test_daemon_and_final_sync_pass_the_tree_state_dir(tmp_path):
     for template in (cfg.mirror.daemon, cfg.mirror.sync):
         argv = ctl._argv(template, ctl.trees[0])
         assert argv[argv.index("--state-dir") + 1] == f"{tmp_path}/a/spool-state"
+
+
+def test_a_tree_that_must_be_a_mount_point_is_told_to_the_receiver(tmp_path):
+    cfg = load(tmp_path)
+    trees = (config.TreeConfig("spool", f"{tmp_path}/{{node}}/spool", f"{tmp_path}/{{node}}/spool.lock",
+                               require_mount=True),)  # fmt: skip
+    cfg = config.ClusterConfig(**{**cfg.__dict__, "mirror": config.MirrorConfig(**{**cfg.mirror.__dict__, "trees": trees})})
+    ctl = MirrorControl(cfg, "a")
+    os.makedirs(cfg.node("a").state_dir)
+    argv = ctl._serve_argv()
+    assert argv[-3:-1] == ["serve", "--config"]  # the default state dir, but a setting only a file holds
+    spool = load_serve_config(argv[-1]).modules["spool"]
+    assert spool.require_mount and spool.path == os.fsencode(f"{tmp_path}/a/spool")
+    assert spool.state_dir == os.fsencode(f"{tmp_path}/a/spool/.mirror")
+
+
+def test_require_mount_is_read_from_the_cluster_configuration(tmp_path):
+    (tmp_path / "secret").write_bytes(b"0123456789abcdef0123")
+    (tmp_path / "secret").chmod(0o600)
+    path = tmp_path / "h.toml"
+    path.write_text(CONFIG.format(root=tmp_path) + "require_mount = true\n")  # the last tree's, www
+    trees = {t.name: t for t in config.load(str(path)).mirror.trees}
+    assert trees["www"].require_mount and not trees["spool"].require_mount

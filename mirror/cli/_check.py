@@ -13,6 +13,7 @@ import socket
 import sys
 
 from ..errors import EXIT_ERROR, EXIT_OK, MirrorError, UsageError, display_path
+from ..guard import is_mount_point
 
 
 def conflicts(args, allowed: set[str]) -> list[str]:
@@ -113,6 +114,8 @@ def serve_host_problems(config, file: str | None) -> list[str]:
             return f"--module {name}" if k == "path" else f"--{k.replace('_', '-')}"
 
         _tree(key("path"), module.path, problems)
+        if module.require_mount and os.path.isdir(module.path) and not is_mount_point(module.path):
+            problems.append(f"{key('require_mount')}: nothing is mounted at {display_path(module.path)}")
         _parent(key("lock_file"), module.lock_file, problems)
         _directory(key("state_dir"), module.state_dir, "the state dir", problems)
     problem = address_problem(config.listen[0])

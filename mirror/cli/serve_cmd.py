@@ -38,6 +38,8 @@ def add_arguments(parser):
                              "(default 30 s / 600 s; a live daemon may idle between sessions)")
     parser.add_argument("--port-file", metavar="FILE", help="write the port listened on to FILE (for --listen :0)")
     add_privilege_arguments(parser, "the --module trees")
+    parser.add_argument("--require-mount", action="store_true",
+                        help="each --module PATH is a mount point: refuse every session while nothing is mounted there")  # fmt: skip
     parser.add_argument("--check", action="store_true",
                         help="check the configuration (or the options) and this host, list every problem, "
                              "and exit: 0 valid, 2 invalid")  # fmt: skip
@@ -103,7 +105,7 @@ def _config_from_args(args) -> ServeConfig:
         modules[name] = ModuleConfig(
             name=name, path=os.fsencode(os.path.abspath(path)), secret=secret,
             lock_file=os.fsencode(args.lock_file) if args.lock_file else None, read_only=args.read_only,
-            privileges=privileges_from_args(args),
+            privileges=privileges_from_args(args), require_mount=args.require_mount,
         )  # fmt: skip
     return ServeConfig(listen=parse_listen(args.listen or DEFAULT_LISTEN), modules=modules)
 
