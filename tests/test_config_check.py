@@ -37,6 +37,7 @@ def test_hawrap_check_lists_every_problem_with_file_and_key(tmp_path):
         + '[vip]\naddress = "2001:db8::10/64"\ninterface = "nosuch1"\narping = "auto"\n'
         + f'[mirror]\nsecret_file = "msecret"\n[[mirror.tree]]\nname = "t"\npath = "{tree}/{{node}}"\n'
         + f'lock_file = "{tmp_path}/gone/lock"\n'
+        + f'[[mirror.tree]]\nname = "u"\npath = "{tmp_path}"\nlock_file = "{tmp_path}/lock"\nrequire_mount = true\n'
     )  # fmt: skip
     path = write(tmp_path, text)
     (tmp_path / "secret").chmod(0o640)
@@ -58,6 +59,7 @@ def test_hawrap_check_lists_every_problem_with_file_and_key(tmp_path):
         "mirror.secret_file": "at least 16",
         "mirror.tree[0].path": "is not a directory",
         "mirror.tree[0].lock_file": "does not exist",
+        "mirror.tree[1].require_mount": f"nothing is mounted at {tmp_path}",
     }
     lines = proc.stderr.splitlines()
     for key, message in expected.items():
