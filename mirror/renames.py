@@ -27,7 +27,6 @@ import stat
 
 import xxhash
 
-from . import protocol as P
 from .errors import ProtocolError, UnsafePathError, display_path
 from .safefs import ConfinedTree
 
@@ -98,6 +97,8 @@ def _digest(f) -> bytes:
 
 def parse(value) -> list[tuple[bytes, bytes, list]]:
     """The receiver's side: the ``renames`` of a ``start`` message, checked."""
+    from . import protocol as P  # the wire's checks; a local sync never loads them
+
     if not isinstance(value, list) or len(value) > MAX_RENAMES:
         raise ProtocolError("bad renames")
     out = []
