@@ -439,6 +439,8 @@ def test_a_daemon_whose_state_dir_fills_up_keeps_mirroring_and_never_tears_its_j
                 (src / f"while-full-{i:03d}-{'x' * 160}").write_bytes(b"%d" % i)
             with Watcher(dst, digests(src)):
                 converged(src, dst)
+            # The status is rewritten every 0.5 s: one write at least meets the full disk.
+            wait_until(lambda: "cannot write the status file" in daemon.log_text())
             free(filler)
             for i in range(10):
                 (src / f"after-{i}").write_bytes(b"after %d" % i)
