@@ -72,6 +72,9 @@ _BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 # A halted pair (its source is not the tree it mirrors, or its deletions were refused) tries
 # a full sync again after these many seconds: a source mounted again resumes by itself.
 _HALT_BACKOFF = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# How long a stop waits for the pairs' sessions to end, all together: well within systemd's
+# TimeoutStopSec (30 s in packaging/systemd/mirror-daemon.service), so the status says "stopped".
+STOP_SECONDS = 10.0
 SOURCE_CHECK_SECONDS = 1.0  # how often an idle pair checks its source is still the same filesystem
 STATUS_INTERVAL = 0.5  # the status file is rewritten at least this often
 STATUS_MIN_INTERVAL = 0.1  # and after a session, within this (at most this often)
@@ -302,12 +305,25 @@ class LivePair:
             self.feed.start()
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, deadline: float | None = None) -> None:
+        """End the pair: its session abandons the file in flight; waited for until ``deadline``
+        (``time.monotonic()``; by default STOP_SECONDS from now)."""
+        self.request_stop()
+        self.finish_stop(time.monotonic() + STOP_SECONDS if deadline is None else deadline)
+
+    def request_stop(self) -> None:
         self._stop.set()
         self._cancel.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=60)
+
+    def finish_stop(self, deadline: float) -> None:
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            # Held in the kernel (a hung source or disk): the process leaves it behind when it
+            # exits; the replica keeps every file whole, and the next start cleans up.
+            log.error("%s: did not stop within %g s (%s; a hung source or disk?): left behind", self.config.name,
+                      STOP_SECONDS, self.status.state)  # fmt: skip
         self._disconnect()
         if self._own_feed:
             self.feed.stop()
@@ -816,9 +832,17 @@ class Daemon:
 
     def _stop_group(self, key: tuple) -> None:
         feed, group = self._feeds.pop(key)
-        for pc in group:
-            self.pairs.pop(pc.name).stop()
+        self._stop_pairs([self.pairs.pop(pc.name) for pc in group])
         feed.stop()
+
+    @staticmethod
+    def _stop_pairs(pairs: list[LivePair]) -> None:
+        """Stop ``pairs`` at once, then wait for them against one deadline (not one each)."""
+        for pair in pairs:
+            pair.request_stop()
+        deadline = time.monotonic() + STOP_SECONDS
+        for pair in pairs:
+            pair.finish_stop(deadline)
 
     def reload(self, config: DaemonConfig) -> None:
         """SIGHUP: stop the trees whose pairs were removed or changed, start new ones, keep
@@ -836,9 +860,8 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
         self._dirty.set()
-        for feed, group in self._feeds.values():
-            for pc in group:
-                self.pairs[pc.name].stop()
+        self._stop_pairs([self.pairs[pc.name] for _, group in self._feeds.values() for pc in group])
+        for feed, _group in self._feeds.values():
             feed.stop()
         self._feeds.clear()
         for pair in self.pairs.values():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from contextlib import contextmanager
@@ -451,3 +452,46 @@ def test_an_excluded_directory_that_cannot_be_stated_is_no_failure(tmp_path, mod
         assert (replica / "cache" / "blob").read_bytes() == b"cached"
         assert digests(replica)[b"docs/f0"] == digests(fs.backing)[b"docs/f0"]
         no_traceback(proc, target)
+
+
+# -- the live daemon stopped while a read hangs --------------------------------------------------------
+
+
+def test_a_live_daemon_held_by_a_hung_source_stops_within_systemds_timeout(tmp_path):
+    """SIGTERM while a pair's session is held in the kernel by a read that never returns: the
+    daemon waits for its pairs 10 s at most (not a minute each), says which it left behind,
+    and exits with its status saying "stopped" (exit 6), before systemd's TimeoutStopSec (30 s)
+    would kill it and leave it "dead"."""
+    from mirror.daemon import STOP_SECONDS
+
+    with faulty_source(tmp_path, "local") as (fs, replica, target):
+        write_tree(fs.backing, b"v1")
+        fs.fault("big", "hang")
+        try:
+            with live_daemon(fs.mount, replica, log_path=tmp_path / "daemon.log") as d:
+                # Its first sync's copy of "big" waits in the kernel for the hung read (state D);
+                # the read itself may be the kernel's read-ahead's.
+                wait_until(lambda: fs.blocked() > 0 and "D" in _task_states(d.proc.pid))
+                started = time.monotonic()
+                d.proc.send_signal(signal.SIGTERM)
+                d.proc.wait(timeout=25)
+                assert time.monotonic() - started >= STOP_SECONDS - 1  # it did wait for the session
+                assert "did not stop within" in d.log_text(), d.log_text()[-2000:]
+        finally:
+            fs.release()
+        proc = run_mirror("status", fs.mount, check_codes=(6,))
+        assert b"stopped" in proc.stdout, proc.stdout
+        assert (replica / "big").exists() is False  # never committed in part
+
+
+def _task_states(pid: int) -> list[str]:
+    """The state letter of each thread of process ``pid`` (D: waiting in the kernel, unkillable
+    but by a fatal signal)."""
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            pass  # the thread ended
+    return states
