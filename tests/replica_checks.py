@@ -89,6 +89,12 @@ class Target:
             return run_mirror("sync", *extra, src, self.replica)
         return run_mirror("sync", *extra, src, self.server.url("m"), "--secret-file", self.server.secret_file)
 
+    def daemon_args(self) -> list[str]:
+        """`mirror daemon`'s destination and options for this target."""
+        if self.mode == "local":
+            return [str(self.replica)]
+        return [self.server.url("m"), "--secret-file", self.server.secret_file]
+
     def server_log(self) -> str:
         log = self.tmp_path / "srv" / "server.log"
         return log.read_text(errors="replace") if log.exists() else ""

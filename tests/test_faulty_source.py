@@ -380,11 +380,7 @@ def test_the_live_daemon_retries_a_nested_directory_it_cannot_read_without_a_ful
         old = digests(replica)
         write_tree(fs.backing, b"v2")  # behind the watcher's back: its start-up sync finds it
         fs.fault("mail/cur", fault)
-        if mode == "local":
-            dst, extra = str(replica), ()
-        else:
-            dst, extra = target.server.url("m"), ("--secret-file", target.server.secret_file)
-        with live_daemon(fs.mount, dst, *extra, log_path=tmp_path / "daemon.log") as d:
+        with live_daemon(fs.mount, *target.daemon_args(), log_path=tmp_path / "daemon.log") as d:
             # The start-up sync, then two tries of mail/cur alone.
             status = wait_until(lambda: (s := daemon_status(fs.mount)) and s["sessions"] >= 3 and s, timeout=30)
             tried = fs.count("mail/cur", fault)
@@ -410,11 +406,7 @@ def test_a_change_in_a_directory_the_live_daemon_cannot_open_waits_for_it_on_the
     the directory (the changed name alone) is an unreadable problem too."""
     with faulty_source(tmp_path, mode) as (fs, replica, target):
         write_tree(fs.backing, b"v1")
-        if mode == "local":
-            dst, extra = str(replica), ()
-        else:
-            dst, extra = target.server.url("m"), ("--secret-file", target.server.secret_file)
-        with live_daemon(fs.mount, dst, *extra, log_path=tmp_path / "daemon.log") as d:
+        with live_daemon(fs.mount, *target.daemon_args(), log_path=tmp_path / "daemon.log") as d:
             wait_until(lambda: (s := daemon_status(fs.mount)) and s["exit"] == 0)
             old = digests(replica)
             fs.fault("mail/cur", "opendir_eio")

@@ -400,24 +400,38 @@ def _ext4(tmp_path):
     return image
 
 
-def _mount(image, where) -> None:
-    subprocess.run(["mount", "-o", "loop", str(image), str(where)], check=True)
+class _Replica:
+    """A filled source ``src`` mirrored (with ``--delete``) to a `mirror serve` module on an
+    ext4 image mounted at ``path``, the module's state dir apart; ``sync`` syncs again."""
+
+    def __init__(self, tmp_path, server, image):
+        self.src, self.path, self.server, self.image = tmp_path / "src", tmp_path / "replica", server, image
+
+    def sync(self, *options: str, codes=(0,)):
+        return run_mirror("sync", *options, "--secret-file", self.server.secret_file, self.src, self.server.url("m"),
+                          check_codes=codes)  # fmt: skip
+
+    def mount(self) -> None:
+        subprocess.run(["mount", "-o", "loop", str(self.image), str(self.path)], check=True)
 
 
 @contextmanager
-def _replica_server(tmp_path):
-    """``(replica, server, image)``: a module on an ext4 image mounted at ``replica``, its state
-    dir apart; unmounted at the end if still mounted."""
-    replica, image = tmp_path / "replica", _ext4(tmp_path)
-    replica.mkdir()
+def _replica_on_a_disk(tmp_path):
+    """A ``_Replica``, mirrored once; unmounted at the end if still mounted."""
+    _fill(tmp_path / "src")
+    (tmp_path / "replica").mkdir()
     (tmp_path / "srv").mkdir()
-    _mount(image, replica)
+    image = _ext4(tmp_path)
+    settings = {"m": {"state_dir": str(tmp_path / "state")}}
     try:
-        with mirror_server(tmp_path / "srv", {"m": str(replica)}, settings={"m": {"state_dir": str(tmp_path / "state")}}) as server:
-            yield replica, server, image
+        with mirror_server(tmp_path / "srv", {"m": str(tmp_path / "replica")}, settings=settings) as server:
+            replica = _Replica(tmp_path, server, image)
+            replica.mount()
+            replica.sync("--delete")
+            yield replica
     finally:
-        if os.path.ismount(replica):
-            umount(replica, lazy=True)
+        if os.path.ismount(tmp_path / "replica"):
+            umount(tmp_path / "replica", lazy=True)
 
 
 UNMOUNTED = "is not on the filesystem it was on when it first mirrored"
@@ -425,42 +439,33 @@ UNMOUNTED = "is not on the filesystem it was on when it first mirrored"
 
 @needs_root
 def test_a_sync_to_an_unmounted_replica_is_refused_and_writes_nothing_there(tmp_path):
-    src = tmp_path / "src"
-    _fill(src)
-    with _replica_server(tmp_path) as (replica, server, image):
-        url, secret = server.url("m"), ("--secret-file", server.secret_file)
-        assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0
-        umount(replica)
-        (src / "d0" / "new").write_text("written while the replica is away")
+    with _replica_on_a_disk(tmp_path) as replica:
+        umount(replica.path)
+        (replica.src / "d0" / "new").write_text("written while the replica is away")
         for extra in (["--delete"], [], ["--delete", "--dry-run"]):
-            proc = run_mirror("sync", *extra, *secret, src, url, check_codes=(EXIT_GUARD,))
-            assert UNMOUNTED in proc.stderr.decode() and str(replica) in proc.stderr.decode(), proc.stderr
-            assert os.listdir(replica) == []  # not a file, not even the replica's .mirror
-        with tmpfs(replica):  # another filesystem mounted in its place
-            proc = run_mirror("sync", "--delete", *secret, src, url, check_codes=(EXIT_GUARD,))
+            proc = replica.sync(*extra, codes=(EXIT_GUARD,))
+            assert UNMOUNTED in proc.stderr.decode() and str(replica.path) in proc.stderr.decode(), proc.stderr
+            assert os.listdir(replica.path) == []  # not a file, not even the replica's .mirror
+        with tmpfs(replica.path):  # another filesystem mounted in its place
+            proc = replica.sync("--delete", codes=(EXIT_GUARD,))
             assert UNMOUNTED in proc.stderr.decode(), proc.stderr
-            assert os.listdir(replica) == []
-        _mount(image, replica)  # back: mirrored as if nothing happened
-        assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0
-        assert_mirrors(src, replica)
+            assert os.listdir(replica.path) == []
+        replica.mount()  # back: mirrored as if nothing happened
+        replica.sync("--delete")
+        assert_mirrors(replica.src, replica.path)
 
 
 @needs_root
 def test_a_replica_that_really_moved_is_taken_with_allow_mass_delete(tmp_path):
-    src = tmp_path / "src"
-    _fill(src)
-    with _replica_server(tmp_path) as (replica, server, image):
-        url, secret = server.url("m"), ("--secret-file", server.secret_file)
-        assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0
-        umount(replica)
-        with tmpfs(replica):  # a new, empty disk for it
-            run_mirror("sync", "--delete", *secret, src, url, check_codes=(EXIT_GUARD,))
-            proc = run_mirror("sync", "--delete", "--allow-mass-delete", *secret, src, url)
-            assert proc.returncode == 0, proc.stderr
-            assert_mirrors(src, replica)
-            (src / "d1" / "later").write_text("on the new disk")
-            assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0  # recorded: no override
-            assert_mirrors(src, replica)
+    with _replica_on_a_disk(tmp_path) as replica:
+        umount(replica.path)
+        with tmpfs(replica.path):  # a new, empty disk for it
+            replica.sync("--delete", codes=(EXIT_GUARD,))
+            replica.sync("--delete", "--allow-mass-delete")
+            assert_mirrors(replica.src, replica.path)
+            (replica.src / "d1" / "later").write_text("on the new disk")
+            replica.sync("--delete")  # recorded: no override
+            assert_mirrors(replica.src, replica.path)
 
 
 @needs_root
@@ -478,26 +483,25 @@ def test_a_replica_with_its_state_inside_may_move_to_another_filesystem(tmp_path
 
 @needs_root
 def test_the_live_daemon_halts_on_an_unmounted_replica_and_resumes_once_it_is_back(tmp_path):
-    src = tmp_path / "src"
-    _fill(src)
+    src, path = tmp_path / "src", tmp_path / "replica"
     seen: list[list[str]] = []  # what the mount point ever held while the disk was away
 
     def halted():
-        if not os.path.ismount(replica):
-            seen.append(os.listdir(replica))
+        if not os.path.ismount(path):
+            seen.append(os.listdir(path))
         return _status(src).get("state") == "halted" and _status(src)
 
-    with _replica_server(tmp_path) as (replica, server, image):
-        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file) as d:
-            converged(src, replica)
-            umount(replica)  # between two sessions the receiver holds nothing open in it
+    with _replica_on_a_disk(tmp_path) as replica:
+        with live_daemon(src, replica.server.url("m"), "--secret-file", replica.server.secret_file) as d:
+            converged(src, path)
+            umount(path)  # between two sessions the receiver holds nothing open in it
             (src / "d0" / "new").write_text("written while the replica is away")
             status = wait_until(halted, timeout=60)
             assert UNMOUNTED in status["last_error"], status
             assert run_mirror("status", src, check_codes=(1,)).returncode == 1
             assert seen and all(entries == [] for entries in seen), seen
-            _mount(image, replica)
-            converged(src, replica)
+            replica.mount()
+            converged(src, path)
             wait_until(lambda: _status(src).get("state") == "live", timeout=60)
         assert "halted" in d.log_text() and "resumes" in d.log_text()
 
