@@ -616,6 +616,9 @@ class LivePair:
         else:
             if not entries and not batch.trees and not batch.renames:
                 self._checkpoint(batch, waiting)
+                # Only files still open: wait for their delay (a change or a close wakes the
+                # pair sooner), not round the loop re-journaling them.
+                self._wait(self._open_file_timeout())
                 return False
             scope = Scope(entries=[p for p in entries if p], trees=batch.trees)
             self._set_state("catching up" if after_lock else "live")

@@ -347,3 +347,28 @@ def test_an_internal_error_handling_a_change_event_costs_a_rescan_not_the_watch(
         (src / "later").write_text("still watched")
         converged(src, dst)
     assert "a change event could not be handled: rescanning" in log_path.read_text()
+
+
+def test_a_file_held_open_is_waited_for_without_spinning(tmp_path):
+    """A file open for writing waits for its close or ``--open-file-delay``; meanwhile the pair
+    re-journaled it and went round its loop again at once, thousands of times a second
+    (fdatasync each time): the journal grew by ~100 KB a second, a core half busy."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "a").write_text("first")
+
+    def journal_bytes() -> int:
+        return sum(p.stat().st_size for p in (src / ".mirror").glob("journal-*"))
+
+    with live_daemon(src, dst, "--open-file-delay", "30"):
+        converged(src, dst)
+        before = journal_bytes()
+        with open(src / "open.log", "w") as f:
+            f.write("partial")
+            f.flush()
+            (src / "b").write_text("a change beside it, mirrored at once")
+            wait_until(lambda: (dst / "b").exists())
+            time.sleep(2)  # a window to watch the open file's wait in: nothing to await
+            assert not (dst / "open.log").exists()
+            assert journal_bytes() - before < 2048, journal_bytes() - before
+        converged(src, dst)  # closed: mirrored
