@@ -270,6 +270,7 @@ class LivePair:
         self.journal = self.feed.cursor(config)
         self._cond = threading.Condition()
         self._open_files: dict[bytes, float] = {}
+        self._missed: dict[bytes, str] = {}  # what the last session could not mirror, and why (logged once)
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._need_full = True
@@ -662,11 +663,24 @@ class LivePair:
             st.last_success = done
         if missed:
             st.last_error = f"{len(missed)} files failed, e.g. {display_path(missed[0][0]) or './'}: {missed[0][1]}"
+        self._log_missed(missed)
         if result.deletions_refused:
             raise _Halted(result.deletions_refused)  # the rest of the batch is mirrored, no deletion
         self._set_state("live")
         self._report()
         return bool(missed)
+
+    def _log_missed(self, missed: list) -> None:
+        """Each file that newly fails (or could not be read) is logged, with why, and each one
+        mirrored again after failing; not again at every retry of the same failure."""
+        now = {path: reason for path, reason in missed}
+        for path, reason in now.items():
+            if self._missed.get(path) != reason:
+                log.warning("%s: %s: not mirrored: %s (tried again)", self.config.name, display_path(path) or "./",
+                            reason)  # fmt: skip
+        for path in self._missed.keys() - now.keys():
+            log.info("%s: %s: mirrored again", self.config.name, display_path(path) or "./")
+        self._missed = now
 
     def _checkpoint(self, batch: Pending, keep: set[bytes], trees: set[bytes] = frozenset()) -> None:
         """Mark ``batch`` done, re-journaling what it could not finish (so a crash keeps it):

@@ -351,7 +351,7 @@ def test_the_live_daemon_mirrors_what_it_could_not_read_once_the_fault_is_gone(t
         assert target.sync(fs.mount).returncode == 0
         write_tree(fs.backing, b"v2")  # behind the watcher's back: its start-up sync finds it
         fs.fault(path, fault)
-        with live_daemon(fs.mount, replica):
+        with live_daemon(fs.mount, replica) as d:
             status = wait_until(lambda: daemon_status(fs.mount))
             assert fs.count(path, fault) > 0
             assert status["exit"] == 1 and [p for p, _ in status["failed_files"]] == [path], status
@@ -360,6 +360,9 @@ def test_the_live_daemon_mirrors_what_it_could_not_read_once_the_fault_is_gone(t
             converged(fs.backing, replica, timeout=30)
             status = wait_until(lambda: (s := daemon_status(fs.mount)) and s["exit"] == 0 and s)
             assert status["failed_files"] == [], status
+            # In the log too: once when it failed (not at each try), once when it was mirrored again.
+            log = d.log_text()
+            assert log.count(f"{path}: not mirrored: ") == 1 and f"{path}: mirrored again" in log, log[-3000:]
 
 
 # -- the live daemon: a nested directory it cannot read, tried again in scoped sessions ------------
