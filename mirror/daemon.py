@@ -75,6 +75,7 @@ _HALT_BACKOFF = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # How long a stop waits for the pairs' sessions to end, all together: well within systemd's
 # TimeoutStopSec (30 s in packaging/systemd/mirror-daemon.service), so the status says "stopped".
 STOP_SECONDS = 10.0
+RETRY_MAX_SECONDS = 30.0  # a file that keeps failing is tried at least this often
 SOURCE_CHECK_SECONDS = 1.0  # how often an idle pair checks its source is still the same filesystem
 STATUS_INTERVAL = 0.5  # the status file is rewritten at least this often
 STATUS_MIN_INTERVAL = 0.1  # and after a session, within this (at most this often)
@@ -271,6 +272,7 @@ class LivePair:
         self._cond = threading.Condition()
         self._open_files: dict[bytes, float] = {}
         self._missed: dict[bytes, str] = {}  # what the last session could not mirror, and why (logged once)
+        self._retry: dict[bytes, tuple[float, int]] = {}  # failed path -> (when it is due again, failures)
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._need_full = True
@@ -514,6 +516,36 @@ class LivePair:
         pending = self.journal.take()
         return pending if len(pending) else None
 
+    def _not_due(self, batch: Pending, now: float) -> set[bytes]:
+        """The paths of ``batch`` that failed before and are not due to be tried again (but
+        for a rename's, which goes with it)."""
+        if not self._retry:
+            return set()
+        renamed = {path for rename in batch.renames for path in rename}
+        return {p for p in batch.entries.keys() | batch.trees if self._retry.get(p, (0.0, 0))[0] > now} - renamed
+
+    def _schedule_retries(self, failed: set[bytes], tried) -> None:
+        """Each path that failed again is tried next after a backoff of its own (0.5 s, doubling
+        up to RETRY_MAX_SECONDS): a busy tree's sessions would otherwise read it, and send it,
+        again each time.  ``tried``: the paths the session covered (None: all of them)."""
+        now = time.monotonic()
+        if tried is None:
+            self._retry = {p: self._retry[p] for p in failed if p in self._retry}
+        else:
+            for path in tried - failed:
+                self._retry.pop(path, None)
+        for path in failed:
+            rounds = self._retry.get(path, (0.0, 0))[1]
+            self._retry[path] = (now + min(RETRY_MAX_SECONDS, 0.5 * 2**rounds), rounds + 1)
+
+    def _idle_timeout(self, now: float, deferred: set[bytes]) -> float:
+        """How long a pair with nothing to do now may wait: until a file open for writing is
+        due anyway, or one of the failed ``deferred`` is due again."""
+        due = [self._retry[p][0] for p in deferred]
+        if self._open_files:
+            due.append(min(self._open_files.values()) + self.daemon.open_file_delay)
+        return max(0.01, min(due) - now) if due else 1.0
+
     def _open_file_timeout(self) -> float:
         if not self._open_files:
             return 1.0
@@ -605,7 +637,9 @@ class LivePair:
         for p in list(self._open_files):
             if p not in waiting:
                 self._open_files[p] = now  # mirrored now; if still open, again after the delay
-        entries = {p: t for p, t in batch.entries.items() if p not in waiting}
+        deferred = set() if full else self._not_due(batch, now)
+        entries = {p: t for p, t in batch.entries.items() if p not in waiting and p not in deferred}
+        trees = batch.trees - deferred
         after_lock = getattr(self, "_after_lock", False)
         if full and after_lock and len(batch):
             # Catch up from the journal first (proportional to the changes), reconcile after.
@@ -615,18 +649,18 @@ class LivePair:
             scope = None
             self._set_state("syncing")
         else:
-            if not entries and not batch.trees and not batch.renames:
-                self._checkpoint(batch, waiting)
-                # Only files still open: wait for their delay (a change or a close wakes the
-                # pair sooner), not round the loop re-journaling them.
-                self._wait(self._open_file_timeout())
+            if not entries and not trees and not batch.renames:
+                self._checkpoint(batch, waiting | deferred, trees=batch.trees & deferred)
+                # Only files still open, or failed ones not due again: wait for the first of
+                # them (a change or a close wakes the pair sooner), not round the loop.
+                self._wait(self._idle_timeout(now, deferred))
                 return False
-            scope = Scope(entries=[p for p in entries if p], trees=batch.trees)
+            scope = Scope(entries=[p for p in entries if p], trees=trees)
             self._set_state("catching up" if after_lock else "live")
         started = time.monotonic()
         if full or after_lock:
             self.status.progress = {"entries": 0, "bytes": 0, "entries_total": None if full else len(batch)}
-        claim = self._claim(batch, full, waiting, entries)
+        claim = self._claim(batch, full, waiting | deferred, entries)
         try:
             result = self._connection.session(scope=scope, renames=batch.renames, journal=claim)
         finally:
@@ -641,9 +675,10 @@ class LivePair:
         # What either side could not read (a failing disk) is not mirrored: tried again like a
         # failed file, a directory whole, since no event may ever come for it.
         unread = {p.path for p in result.problems if p.unreadable}
-        kept = waiting | retry | unread
-        self._checkpoint(batch, kept, trees=unread)
+        kept = waiting | deferred | retry | unread
+        self._checkpoint(batch, kept, trees=unread | (batch.trees & deferred))
         self._note_applied(result, claim, batch, full, kept, entries)
+        self._schedule_retries(retry | unread, None if full else entries.keys() | trees)
         st = self.status
         st.sessions += 1
         st.last_sync = done

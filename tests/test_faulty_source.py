@@ -490,3 +490,29 @@ def _task_states(pid: int) -> list[str]:
         except OSError:
             pass  # the thread ended
     return states
+
+
+# -- a file that keeps failing, in a busy tree ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_that_keeps_failing_is_tried_at_its_own_pace_in_a_busy_tree(tmp_path, mode):
+    """Every session of a busy tree carried the failed file along: a big file whose disk fails
+    was read again (and, to a receiver, sent again) at each one, every few milliseconds.  Now it
+    is tried after its own backoff (0.5 s, doubling), whatever else changes meanwhile."""
+    with faulty_source(tmp_path, mode) as (fs, replica, target):
+        write_tree(fs.backing, b"v1")
+        assert target.sync(fs.mount).returncode == 0
+        write_tree(fs.backing, b"v2")
+        fs.fault("big", "read_eio", at=1 << 20)
+        with live_daemon(fs.mount, *target.daemon_args(), log_path=tmp_path / "daemon.log") as d:
+            wait_until(lambda: (s := daemon_status(fs.mount)) and s["failed_files"])
+            tried = fs.count("big", "read_eio")
+            for i in range(60):  # 3 s of changes beside it, 60 sessions or so
+                (fs.mount / "docs" / f"busy-{i}").write_bytes(b"%d" % i)
+                wait_until(lambda i=i: (replica / "docs" / f"busy-{i}").exists())
+            again = fs.count("big", "read_eio") - tried
+            assert 1 <= again <= 10, again  # tries at about 0.5, 1.5, 3.5 s, not one per session
+            fs.clear()
+            converged(fs.backing, replica, timeout=60)  # by its next try
+            assert "Traceback" not in d.log_text()
