@@ -47,7 +47,7 @@ from .guard import ReplicaGuard, is_mount_point, review_deletions
 from .lockfile import LockWatch
 from .privileges import Privileges
 from .safefs import ConfinedTree
-from .statedir import check_root, resolve_state_dir
+from .statedir import check_root, resolve_state_dir, state_dir_below
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,8 @@ class ReplicaAdmission:
         worked out once per connection: it resolves both paths (an lstat per component),
         which a live session's latency should not pay."""
         if root not in self._reserved:
-            inside = os.path.relpath(os.path.realpath(self.state_dir), os.path.realpath(root))
-            self._reserved[root] = None if inside == b"." or inside.startswith(b"..") else inside
+            inside = state_dir_below(root, self.state_dir)
+            self._reserved[root] = None if inside == b"." else inside
         return self._reserved[root]
 
 

@@ -40,7 +40,7 @@ import xxhash
 
 from .atomicfile import atomic_write
 from .errors import SourceGuardError, UnsafePathError, display_path
-from .statedir import read_state_file
+from .statedir import read_state_file, state_dir_below
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +226,7 @@ class ReplicaGuard:
         self.root = root
         self.state_dir = state_dir
         self._identity: TreeIdentity | None = None
-        inside = os.path.relpath(os.path.realpath(state_dir), os.path.realpath(root))
-        self._apart = inside == b".." or inside.startswith(b"../")
+        self._apart = state_dir_below(root, state_dir) is None
 
     def admit(self, tree_id, *, deleting: bool, allow: bool, dry_run: bool, peer: str) -> None:
         identity = self._identity or load(self.state_dir)

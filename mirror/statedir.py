@@ -53,6 +53,14 @@ def resolve_state_dir(root: bytes | str, state_dir: bytes | str | None) -> bytes
     return fs_path(state_dir) if state_dir is not None else default_state_dir(root)
 
 
+def state_dir_below(root: bytes, state_dir: bytes) -> bytes | None:
+    """Where ``state_dir`` lies below ``root``: its path relative to it (``b"."``: the root
+    itself), None if it lies apart.  Both are resolved (an lstat per component: callers on a
+    live session's path keep the answer)."""
+    inside = os.path.relpath(os.path.realpath(state_dir), os.path.realpath(root))
+    return None if inside == b".." or inside.startswith(b"../") else inside
+
+
 def ensure_state_dir(path: bytes) -> bytes:
     """Create the state dir if needed (with its marker).  Creating ``<root>/.mirror`` would bump
     the root's mtime and make the tree look modified to the next comparison, so the parent's

@@ -44,7 +44,14 @@ from . import fastpath, startup
 from .constants import MAX_TARGET
 from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key, entry_from_stat
 from .errors import ManifestError, display_path, fs_path
-from .statedir import STATE_DIR_NAME, check_root, check_state_dir, ensure_state_dir, resolve_state_dir
+from .statedir import (
+    STATE_DIR_NAME,
+    check_root,
+    check_state_dir,
+    ensure_state_dir,
+    resolve_state_dir,
+    state_dir_below,
+)
 
 log = logging.getLogger(__name__)
 
@@ -560,12 +567,8 @@ class _CacheUpdate:
 def _state_dir_inside(root: bytes, state_dir: bytes) -> bytes | None:
     """The state dir's path inside ``root`` when it is elsewhere than ``.mirror`` (cached: a
     live session asks every time, and realpath costs an lstat per component)."""
-    real_root = os.path.realpath(root)
-    real_state = os.path.realpath(state_dir)
-    inside = os.path.relpath(real_state, real_root)
-    if real_state == os.path.join(real_root, STATE_DIR_NAME) or inside.startswith(b".."):
-        return None
-    return inside
+    inside = state_dir_below(root, state_dir)
+    return None if inside == STATE_DIR_NAME else inside
 
 
 # A directory the scope names that is no longer one to scan: its own entry says what it is now.

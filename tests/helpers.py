@@ -30,6 +30,17 @@ def run_mirror(*args, prefix: list[str] | None = None, check_codes=(0, 1, 2, 3, 
 
 
 
+def process_state(pid: int, tid: int | None = None) -> str:
+    """The state letter of process ``pid`` (or of its thread ``tid``): R, S, D (waiting in the
+    kernel), T (stopped), Z...; "" once it is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        with open(path) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
 def is_root() -> bool:
     return os.geteuid() == 0
 

@@ -31,7 +31,7 @@ import pytest
 
 from tests.daemons import converged, live_daemon
 from tests.faultyfs import faulty_fs
-from tests.helpers import MIRROR, REPO, run_mirror, wait_until
+from tests.helpers import MIRROR, REPO, process_state, run_mirror, wait_until
 from tests.replica_checks import MODES, Target, Watcher, assert_state_whole, digests, no_traceback
 from tests.servers import mirror_server
 from tests.snapshot import assert_mirrors, snapshot
@@ -61,6 +61,16 @@ def err(proc) -> str:
     return proc.stderr.decode(errors="replace")
 
 
+def mirrored_then_changed(fs, replica: Path, sync) -> dict[bytes, str]:
+    """The source written and mirrored (``sync(src)`` must succeed), then written anew behind
+    the replica's back; the replica's digests as mirrored."""
+    write_tree(fs.backing, b"old!")
+    assert sync(fs.mount).returncode == 0
+    old = digests(replica)
+    write_tree(fs.backing, b"new!")
+    return old
+
+
 # -- 1. a file that fails while it is read ------------------------------------------------------------
 
 
@@ -72,10 +82,7 @@ READ_FAULTS = {"middle": ("read_eio", {"at": 2 << 20}), "start": ("read_eio", {"
 @pytest.mark.parametrize("mode", MODES)
 def test_a_file_that_fails_while_read_fails_by_name_and_keeps_the_old_copy(tmp_path, mode, where):
     with faulty_source(tmp_path, mode) as (fs, replica, target):
-        write_tree(fs.backing, b"old!")
-        assert target.sync(fs.mount).returncode == 0
-        old = digests(replica)
-        write_tree(fs.backing, b"new!")
+        old = mirrored_then_changed(fs, replica, target.sync)
         fault, args = READ_FAULTS[where]
         fs.fault("big", fault, **args)
         with Watcher(replica, old, digests(fs.backing)) as watcher:
@@ -213,10 +220,7 @@ def start_sync(src: Path, dst: str, *extra: str) -> subprocess.Popen:
 
 def test_a_local_sync_hung_on_its_source_holds_the_replica_until_sigterm_ends_it(tmp_path):
     with faulty_source(tmp_path, "local") as (fs, replica, target):
-        write_tree(fs.backing, b"old!")
-        assert target.sync(fs.mount).returncode == 0
-        old = digests(replica)
-        write_tree(fs.backing, b"new!")
+        old = mirrored_then_changed(fs, replica, target.sync)
         fs.fault("big", "hang")
         with Watcher(replica, old, digests(fs.backing)) as watcher:
             hung = start_sync(fs.mount, str(replica), "--lock-file", str(tmp_path / "stop"))
@@ -255,10 +259,7 @@ def test_a_sender_hung_on_its_source_loses_the_module_after_the_servers_timeout(
     (tmp_path / "srv").mkdir()
     with faulty_fs(tmp_path) as fs, mirror_server(tmp_path / "srv", {"m": str(replica)}, "--timeout", "2") as server:
         url, secret = server.url("m"), ("--secret-file", server.secret_file)
-        write_tree(fs.backing, b"old!")
-        assert run_mirror("sync", *secret, fs.mount, url).returncode == 0
-        old = digests(replica)
-        write_tree(fs.backing, b"new!")
+        old = mirrored_then_changed(fs, replica, lambda src: run_mirror("sync", *secret, src, url))
         fs.fault("big", "hang")
         with Watcher(replica, old, digests(fs.backing)) as watcher:
             hung = start_sync(fs.mount, url, *secret)
@@ -347,9 +348,7 @@ TRANSIENT = {"file": ("docs/f1", "getattr_eio"), "listing": ("mail/cur", "readdi
 def test_the_live_daemon_mirrors_what_it_could_not_read_once_the_fault_is_gone(tmp_path, what):
     path, fault = TRANSIENT[what]
     with faulty_source(tmp_path, "local") as (fs, replica, target):
-        write_tree(fs.backing, b"v1")
-        assert target.sync(fs.mount).returncode == 0
-        write_tree(fs.backing, b"v2")  # behind the watcher's back: its start-up sync finds it
+        mirrored_then_changed(fs, replica, target.sync)  # the daemon's start-up sync finds the change
         fs.fault(path, fault)
         with live_daemon(fs.mount, replica) as d:
             status = wait_until(lambda: daemon_status(fs.mount))
@@ -378,10 +377,7 @@ NESTED_FAULTS = ["getattr_eio", "opendir_eio", "readdir_eio"]
 @pytest.mark.parametrize("mode", MODES)
 def test_the_live_daemon_retries_a_nested_directory_it_cannot_read_without_a_full_sync(tmp_path, mode, fault):
     with faulty_source(tmp_path, mode) as (fs, replica, target):
-        write_tree(fs.backing, b"v1")
-        assert target.sync(fs.mount).returncode == 0
-        old = digests(replica)
-        write_tree(fs.backing, b"v2")  # behind the watcher's back: its start-up sync finds it
+        old = mirrored_then_changed(fs, replica, target.sync)  # the daemon's start-up sync finds the change
         fs.fault("mail/cur", fault)
         with live_daemon(fs.mount, *target.daemon_args(), log_path=tmp_path / "daemon.log") as d:
             # The start-up sync, then two tries of mail/cur alone.
@@ -466,7 +462,8 @@ def test_a_live_daemon_held_by_a_hung_source_stops_within_systemds_timeout(tmp_p
             with live_daemon(fs.mount, replica, log_path=tmp_path / "daemon.log") as d:
                 # Its first sync's copy of "big" waits in the kernel for the hung read (state D);
                 # the read itself may be the kernel's read-ahead's.
-                wait_until(lambda: fs.blocked() > 0 and "D" in _task_states(d.proc.pid))
+                tasks = f"/proc/{d.proc.pid}/task"
+                wait_until(lambda: fs.blocked() > 0 and "D" in [process_state(d.proc.pid, int(t)) for t in os.listdir(tasks)])
                 started = time.monotonic()
                 d.proc.send_signal(signal.SIGTERM)
                 d.proc.wait(timeout=25)
@@ -479,19 +476,6 @@ def test_a_live_daemon_held_by_a_hung_source_stops_within_systemds_timeout(tmp_p
         assert (replica / "big").exists() is False  # never committed in part
 
 
-def _task_states(pid: int) -> list[str]:
-    """The state letter of each thread of process ``pid`` (D: waiting in the kernel, unkillable
-    but by a fatal signal)."""
-    states = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                states.append(f.read().rsplit(")", 1)[1].split()[0])
-        except OSError:
-            pass  # the thread ended
-    return states
-
-
 # -- a file that keeps failing, in a busy tree ---------------------------------------------------------
 
 
@@ -501,9 +485,7 @@ def test_a_file_that_keeps_failing_is_tried_at_its_own_pace_in_a_busy_tree(tmp_p
     was read again (and, to a receiver, sent again) at each one, every few milliseconds.  Now it
     is tried after its own backoff (0.5 s, doubling), whatever else changes meanwhile."""
     with faulty_source(tmp_path, mode) as (fs, replica, target):
-        write_tree(fs.backing, b"v1")
-        assert target.sync(fs.mount).returncode == 0
-        write_tree(fs.backing, b"v2")
+        mirrored_then_changed(fs, replica, target.sync)
         fs.fault("big", "read_eio", at=1 << 20)
         with live_daemon(fs.mount, *target.daemon_args(), log_path=tmp_path / "daemon.log") as d:
             wait_until(lambda: (s := daemon_status(fs.mount)) and s["failed_files"])

@@ -456,21 +456,31 @@ def test_a_daemon_whose_state_dir_fills_up_keeps_mirroring_and_never_tears_its_j
         assert data, "the journal is written again once there is room"
 
 
+def _journal_through_a_full_disk(fs) -> tuple[bytes, list[bytes]]:
+    """A journal on ``fs`` given a record, then a batch while the disk is full (the journal's
+    page has room for part of it: the write is refused or cut short), then one more once there
+    is room; its path, and the batch's names."""
+    from mirror.journal import ENTRY, Journal
+
+    path = os.fsencode(fs / "journal-test")
+    batch = [b"while-full-%04d-" % i + b"x" * 100 for i in range(60)]
+    journal = Journal(path)
+    try:
+        journal.append([(ENTRY, b"before", 0)])
+        filler = fill(fs)
+        journal.append([(ENTRY, name, 0) for name in batch])
+        free(filler)
+        journal.append([(ENTRY, b"after", 0)])
+    finally:
+        journal.close()
+    return path, batch
+
+
 def test_a_journal_write_cut_short_by_a_full_disk_hides_no_later_record(tmp_path):
-    from mirror.journal import ENTRY, Journal, read_pending
+    from mirror.journal import read_pending
 
     with small_fs(tmp_path / "fs", "tmpfs", size_kb=1024) as fs:
-        path = os.fsencode(fs / "journal-test")
-        journal = Journal(path)
-        try:
-            journal.append([(ENTRY, b"before", 0)])
-            filler = fill(fs)
-            # The journal's page has room for part of this batch: the write is cut short.
-            journal.append([(ENTRY, b"while-full-%04d-" % i + b"x" * 100, 0) for i in range(60)])
-            free(filler)
-            journal.append([(ENTRY, b"after", 0)])
-        finally:
-            journal.close()
+        path, _batch = _journal_through_a_full_disk(fs)
         data = open(path, "rb").read()
         assert scan_journal(data)[3] == len(data), "a torn record was left in the journal"
         pending = read_pending(path)
@@ -481,21 +491,11 @@ def test_journal_records_a_full_disk_refused_are_written_once_there_is_room(tmp_
     # The records a full disk refused stay in memory; the journal must not call itself durable
     # again (a later append that fits, and its fdatasync) until they are in the file too.
     from mirror import journal as journal_module
-    from mirror.journal import ENTRY, Journal, read_pending
+    from mirror.journal import read_pending
 
     monkeypatch.setattr(journal_module, "REWRITE_RETRY", 0.0)  # rewritten at the first sync that can
     with small_fs(tmp_path / "fs", "tmpfs", size_kb=1024) as fs:
-        path = os.fsencode(fs / "journal-test")
-        journal = Journal(path)
-        try:
-            journal.append([(ENTRY, b"before", 0)])
-            filler = fill(fs)
-            refused = [b"while-full-%04d-" % i + b"x" * 100 for i in range(60)]
-            journal.append([(ENTRY, name, 0) for name in refused])
-            free(filler)
-            journal.append([(ENTRY, b"after", 0)])
-        finally:
-            journal.close()
+        path, refused = _journal_through_a_full_disk(fs)
         pending = read_pending(path)
         assert {b"before", b"after", *refused} <= set(pending.entries)
 

@@ -19,6 +19,7 @@ from hawrap.errors import HawrapError
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
 from mirror.config import load_serve_config
+from tests.helpers import process_state
 
 TEMPLATE = """
 [cluster]
@@ -252,11 +253,7 @@ def test_mirror_processes_left_by_a_dead_node_are_stopped_by_cleanup(ctl):
 
 def _alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return process_state(pid) not in ("", "Z")
 
 
 def _wait(predicate, timeout: float = 10.0) -> bool:
@@ -277,7 +274,7 @@ def test_a_stopped_receiver_is_continued_and_stops_on_sigterm(ctl):
     wait_calls(tmp, 1)
     proc = started(c)[0]
     os.killpg(proc.pid, signal.SIGSTOP)
-    assert _wait(lambda: open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
+    assert _wait(lambda: process_state(proc.pid) == "T")
     c.stop_processes(grace=60)
     assert proc.returncode == 0, f"exit {proc.returncode}: it did not act on SIGTERM"
     assert not os.path.exists(tmp / "state" / "a" / "mirror-serve.pid")

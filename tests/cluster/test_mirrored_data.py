@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from helpers import PollingThread
+from helpers import PollingThread, process_state
 from lab import (
     MIRROR,
     NODE_HB,
@@ -199,26 +199,18 @@ def test_a_frozen_receiver_is_gone_before_the_takeover_serves_anything(mcluster)
     seen = threading.Event()
 
     def sample() -> None:
-        alive, up = _state(pid) not in ("", "Z"), os.path.exists(service)
+        alive, up = process_state(pid) not in ("", "Z"), os.path.exists(service)
         if up and alive:
             overlap.append(time.monotonic())
         if up:
             seen.set()
 
     os.kill(pid, signal.SIGSTOP)
-    assert wait_for(lambda: _state(pid) == "T", 10)
+    assert wait_for(lambda: process_state(pid) == "T", 10)
     with PollingThread(sample, interval=0.001) as sampler:
         lab.power_off("a")
         assert wait_for(lambda: c.h.role("b") == "primary", 10), c.h.logs()
         assert seen.wait(10), c.h.logs()
-        assert wait_for(lambda: _state(pid) in ("", "Z"), 10), "the frozen receiver was left"
+        assert wait_for(lambda: process_state(pid) in ("", "Z"), 10), "the frozen receiver was left"
     assert sampler.polls > 0 and overlap == [], f"b served {overlap[-1] - overlap[0]:.3f} s beside its receiver"
 
-
-def _state(pid: int) -> str:
-    """The process's state letter (R, S, D, T stopped, Z...); "" once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
