@@ -635,18 +635,55 @@ def syncfs(fd: int) -> None:
 
 # A file's times come from the kernel's coarse clock, one tick (1-10 ms) at a time: two writes
 # within one tick leave the same mtime and ctime, so a copy made in that tick cannot be told
-# from a whole one by its times.  A file changed less than this long ago is let settle first.
+# from a whole one by its times.  A file changed less than this long ago is let settle first,
+# unless its file system gives a change right after a stat a finer time (Linux's multigrain
+# timestamps): there any change after the stat before a read shows.
 SETTLE_NS = 10_000_000
 SETTLE_TRIES = 3
+PROBE_ROUNDS = 16
+CLOCK_REALTIME_COARSE = 5  # Linux's clock id: the clock a file's times are taken from
 
 
-def settled_stat(fd: int) -> os.stat_result | None:
-    """``fstat(fd)`` once the file's last change is at least ``SETTLE_NS`` old, so that any
-    change from now on moves its ctime; None if it kept changing (it is being written)."""
+def fine_ctime_device(directory: bytes) -> int | None:
+    """The device of ``directory``'s file system if there a change right after a stat always
+    moves a file's ctime; None if not, or if it cannot be told (``directory`` not writable).
+    Measured on an unnamed file (``O_TMPFILE``: nothing appears, nothing is left behind), in
+    rounds of stat, one-byte write, stat: each round must be shorter than a quarter of the
+    clock's tick (a slower one may straddle a tick and proves nothing)."""
+    try:
+        tick = int(time.clock_getres(CLOCK_REALTIME_COARSE) * 1e9)
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError:
+        return None
+    try:
+        fast = 0
+        for _ in range(4 * PROBE_ROUNDS):
+            start = time.monotonic_ns()
+            before = os.fstat(fd).st_ctime_ns
+            os.write(fd, b"\0")
+            after = os.fstat(fd)
+            if time.monotonic_ns() - start > tick // 4:
+                continue
+            if after.st_ctime_ns == before:
+                return None
+            fast += 1
+            if fast == PROBE_ROUNDS:
+                return after.st_dev
+        return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def settled_stat(fd: int, fine_device: int | None = None) -> os.stat_result | None:
+    """``fstat(fd)`` once any change from now on moves the file's ctime: at once on
+    ``fine_device`` (``fine_ctime_device``), else once its last change is at least
+    ``SETTLE_NS`` old; None if it kept changing (it is being written)."""
     for _ in range(SETTLE_TRIES):
         st = os.fstat(fd)
         wait = st.st_ctime_ns + SETTLE_NS - time.time_ns()
-        if wait <= 0:
+        if wait <= 0 or st.st_dev == fine_device:
             return st
         time.sleep(wait / 1e9)
     st = os.fstat(fd)

@@ -22,7 +22,7 @@ from .lockfile import LockWatch
 from .plan import Planner
 from .records import SyncResult
 from .renames import plan as plan_renames
-from .safefs import ConfinedTree, settled_stat
+from .safefs import ConfinedTree, fine_ctime_device, settled_stat
 from .treescan import Scope, source_scan, stop_scans
 
 CHANGED = "changed while it was being {}; sync again to pick it up"
@@ -48,6 +48,8 @@ class SourceSession:
         self.lock = LockWatch(options.lock_file, "present", cancel=options.cancel)
         self.src_tree: ConfinedTree | None = None
         self.scans: list = []
+        self._fine_device: int | None = None  # safefs.fine_ctime_device, measured at the first read
+        self._measured = False
         self.planner = Planner(
             delete=options.delete,
             dry_run=options.dry_run,
@@ -163,8 +165,10 @@ class SourceSession:
     def settled(self, fd: int, path: bytes) -> os.stat_result | None:
         """The open source file's stat before it is read; None if it keeps changing or
         cannot be stat'ed (a failing file system, a file gone stale on a network mount)."""
+        if not self._measured:  # in the state dir: nothing shows in the tree
+            self._measured, self._fine_device = True, fine_ctime_device(self.guard.state_dir)
         try:
-            before = settled_stat(fd)
+            before = settled_stat(fd, self._fine_device)
         except OSError as exc:
             self.out.failed.append((path, f"cannot stat in the source: {exc.strerror}"))
             return None

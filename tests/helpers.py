@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 MIRROR = [sys.executable, "-m", "mirror"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,3 +152,15 @@ def changing(step) -> PollingThread:
     runs (a tree changing under a scan)."""
     changer = PollingThread(lambda: step(changer.polls), name="changing")
     return changer
+
+
+@contextmanager
+def mounted(path, fstype: str = "tmpfs", options: str = "size=32m"):
+    """A real file system of ``fstype`` mounted at ``path`` (root only); unmounted at the end
+    if still there."""
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", fstype, *(["-o", options] if options else []), fstype, str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

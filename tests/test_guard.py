@@ -16,7 +16,7 @@ from mirror import protocol as P
 from mirror.errors import EXIT_GUARD, SourceGuardError
 from mirror.transfer import sync
 from tests.daemons import converged, live_daemon
-from tests.helpers import PollingThread, is_root, run_mirror, wait_until
+from tests.helpers import PollingThread, is_root, mounted, run_mirror, wait_until
 from tests.peers import RawSession
 from tests.servers import SECRET, mirror_server
 from tests.snapshot import assert_mirrors, snapshot
@@ -70,17 +70,6 @@ class ReplicaWatch(PollingThread):
             self.stop()
             raise
         return self
-
-
-@contextmanager
-def tmpfs(path):
-    """A real filesystem mounted at ``path`` (root only); unmounted at the end if still there."""
-    path.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def umount(path, lazy: bool = False) -> None:
@@ -154,7 +143,7 @@ def test_sync_delete_from_an_unmounted_source_is_refused(tmp_path, state, leftov
         (src / "d0").mkdir()
         (src / "d0" / "f0").write_text("an old file left under the mount point")
     extra = ["--state-dir", str(tmp_path / "state")] if state == "elsewhere" else []
-    with tmpfs(src):
+    with mounted(src):
         _fill(src)
         run_mirror("sync", "--delete", *extra, src, dst, check_codes=(0,))
         before = _content(dst)
@@ -169,7 +158,7 @@ def test_a_plain_copy_from_an_unmounted_source_does_not_make_it_the_tree(tmp_pat
     src, dst, state = tmp_path / "src", tmp_path / "dst", tmp_path / "state"
     src.mkdir()
     (src / "old").write_text("left under the mount point")
-    with tmpfs(src):
+    with mounted(src):
         _fill(src)
         run_mirror("sync", "--delete", "--state-dir", state, src, dst, check_codes=(0,))
         umount(src)
@@ -184,7 +173,7 @@ def test_sync_delete_from_an_unmounted_source_over_the_wire(tmp_path):
     src, replica = tmp_path / "src", tmp_path / "replica"
     src.mkdir()
     replica.mkdir()
-    with mirror_server(tmp_path, {"m": str(replica)}) as server, tmpfs(src):
+    with mirror_server(tmp_path, {"m": str(replica)}) as server, mounted(src):
         _fill(src)
         args = ("--secret-file", server.secret_file, src, server.url("m"))
         run_mirror("sync", "--delete", *args, check_codes=(0,))
@@ -283,7 +272,7 @@ def test_daemon_on_an_unmounted_source_over_the_wire_halts(tmp_path):
     src.mkdir()
     replica.mkdir()
     with mirror_server(tmp_path, {"m": str(replica)}) as server:
-        with tmpfs(src):
+        with mounted(src):
             _fill(src)
             assert sync(src, server.url("m"), delete=True, secret=SECRET).ok
             umount(src)
@@ -446,7 +435,7 @@ def test_a_sync_to_an_unmounted_replica_is_refused_and_writes_nothing_there(tmp_
             proc = replica.sync(*extra, codes=(EXIT_GUARD,))
             assert UNMOUNTED in proc.stderr.decode() and str(replica.path) in proc.stderr.decode(), proc.stderr
             assert os.listdir(replica.path) == []  # not a file, not even the replica's .mirror
-        with tmpfs(replica.path):  # another filesystem mounted in its place
+        with mounted(replica.path):  # another filesystem mounted in its place
             proc = replica.sync("--delete", codes=(EXIT_GUARD,))
             assert UNMOUNTED in proc.stderr.decode(), proc.stderr
             assert os.listdir(replica.path) == []
@@ -459,7 +448,7 @@ def test_a_sync_to_an_unmounted_replica_is_refused_and_writes_nothing_there(tmp_
 def test_a_replica_that_really_moved_is_taken_with_allow_mass_delete(tmp_path):
     with _replica_on_a_disk(tmp_path) as replica:
         umount(replica.path)
-        with tmpfs(replica.path):  # a new, empty disk for it
+        with mounted(replica.path):  # a new, empty disk for it
             replica.sync("--delete", codes=(EXIT_GUARD,))
             replica.sync("--delete", "--allow-mass-delete")
             assert_mirrors(replica.src, replica.path)
@@ -474,7 +463,7 @@ def test_a_replica_with_its_state_inside_may_move_to_another_filesystem(tmp_path
     src, old = tmp_path / "src", tmp_path / "old"
     _fill(src)
     assert sync(src, old, delete=True).ok
-    with tmpfs(tmp_path / "new") as new:
+    with mounted(tmp_path / "new") as new:
         subprocess.run(["cp", "-a", f"{old}/.", str(new)], check=True)
         (src / "d2" / "later").write_text("after the move")
         assert sync(src, new, delete=True).ok
@@ -524,7 +513,7 @@ def test_a_module_that_must_be_a_mount_point_refuses_every_session_while_nothing
             proc = run_mirror("sync", *delete, *secret, src, url, check_codes=(EXIT_GUARD,))
             assert "is not a mount point (require_mount)" in proc.stderr.decode(), proc.stderr
             assert os.listdir(replica) == []  # the filesystem below is not filled, nor given a .mirror
-        with tmpfs(replica):
+        with mounted(replica):
             assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0
             assert_mirrors(src, replica)
         run_mirror("sync", "--delete", *secret, src, url, check_codes=(EXIT_GUARD,))
