@@ -642,11 +642,27 @@ SETTLE_NS = 10_000_000
 SETTLE_TRIES = 3
 PROBE_ROUNDS = 16
 CLOCK_REALTIME_COARSE = 5  # Linux's clock id: the clock a file's times are taken from
+# The file systems that may have multigrain times, by statfs magic: ext4, xfs, btrfs, tmpfs.
+# Only local ones: a network file system's times are its server's, and its client may
+# answer a stat from its cache, which tells the server nothing.
+MULTIGRAIN_CANDIDATES = {0xEF53, 0x58465342, 0x9123683E, 0x01021994}
+
+
+def fs_magic(fd: int) -> int:
+    """``fstatfs(fd).f_type``: which kind of file system holds ``fd`` (Python has no binding)."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes; f_type comes first
+    if ctypes.CDLL(None, use_errno=True).fstatfs(fd, buf) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"fstatfs: {os.strerror(code)}")
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def fine_ctime_device(directory: bytes) -> int | None:
     """The device of ``directory``'s file system if there a change right after a stat always
-    moves a file's ctime; None if not, or if it cannot be told (``directory`` not writable).
+    moves a file's ctime; None if not, or if it cannot be told (``directory`` not writable,
+    a file system not in ``MULTIGRAIN_CANDIDATES``).
     Measured on an unnamed file (``O_TMPFILE``: nothing appears, nothing is left behind), in
     rounds of stat, one-byte write, stat: each round must be shorter than a quarter of the
     clock's tick (a slower one may straddle a tick and proves nothing)."""
@@ -656,6 +672,8 @@ def fine_ctime_device(directory: bytes) -> int | None:
     except OSError:
         return None
     try:
+        if fs_magic(fd) not in MULTIGRAIN_CANDIDATES:
+            return None
         fast = 0
         for _ in range(4 * PROBE_ROUNDS):
             start = time.monotonic_ns()

@@ -6,7 +6,8 @@ clock tick at a time) the file is let settle before it is read; on one with mult
 Each trial rewrites a file just before the sync reads it and again just after, within
 microseconds: with the same size, only its times can tell the next sync that it changed.
 Without the settle on ramfs, the second rewrite keeps the first one's times and the replica
-stays stale for good."""
+stays stale for good.  ramfs is no multigrain candidate (``safefs.MULTIGRAIN_CANDIDATES``);
+it is made one here, so that what decides is the measurement of its times."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 
 import pytest
 
+from mirror import safefs
 from mirror.safefs import CLOCK_REALTIME_COARSE, SETTLE_NS, fine_ctime_device, settled_stat
 from mirror.transfer import sync
 from tests.helpers import is_root, mounted
@@ -24,6 +26,7 @@ from tests.servers import mirror_server
 TRIALS = 12
 SIZE = 4096
 TICK_NS = int(time.clock_getres(CLOCK_REALTIME_COARSE) * 1e9)
+RAMFS_MAGIC = 0x858458F6
 
 needs_root = pytest.mark.skipif(not is_root(), reason="mounts a tmpfs and a ramfs")
 
@@ -92,7 +95,9 @@ def _trials(src, replica, dest, **options) -> list[_Rewriter]:
 @needs_root
 @pytest.mark.parametrize("fstype", ["ramfs", "tmpfs"])
 @pytest.mark.parametrize("where", ["local", "remote"])
-def test_a_change_right_after_a_read_reaches_the_replica_on_the_next_sync(tmp_path, fstype, where):
+def test_a_change_right_after_a_read_reaches_the_replica_on_the_next_sync(tmp_path, monkeypatch, fstype, where):
+    # ramfs made a candidate: the measurement itself must find its times coarse.
+    monkeypatch.setattr(safefs, "MULTIGRAIN_CANDIDATES", safefs.MULTIGRAIN_CANDIDATES | {RAMFS_MAGIC})
     # The replica on the same file system: writes to a multigrain one elsewhere would move
     # the coarse clock's times too (Linux keeps them no older than the finer times it gave).
     with mounted(tmp_path / "fs", fstype, "size=32m" if fstype == "tmpfs" else "") as fs:
@@ -114,15 +119,19 @@ def test_a_change_right_after_a_read_reaches_the_replica_on_the_next_sync(tmp_pa
 
 
 @needs_root
-def test_multigrain_times_are_measured_per_file_system(tmp_path):
+def test_multigrain_times_are_measured_per_file_system(tmp_path, monkeypatch):
     """The measurement is of the file system the directory is on: a file elsewhere settles;
-    a directory that cannot take a file tells nothing."""
+    a file system that is no candidate, or a directory that cannot take a file, tells nothing."""
     with mounted(tmp_path / "ram", "ramfs", "") as ram, mounted(tmp_path / "tmp") as tmp:
         assert fine_ctime_device(os.fsencode(ram)) is None
+        monkeypatch.setattr(safefs, "MULTIGRAIN_CANDIDATES", safefs.MULTIGRAIN_CANDIDATES | {RAMFS_MAGIC})
+        assert fine_ctime_device(os.fsencode(ram)) is None, "measured: ramfs's times are coarse"
         device = fine_ctime_device(os.fsencode(tmp))
         if device is None:
             pytest.skip("this kernel gives tmpfs no multigrain times (Linux < 6.13)")
         assert device == os.stat(tmp).st_dev
+        monkeypatch.setattr(safefs, "MULTIGRAIN_CANDIDATES", set())
+        assert fine_ctime_device(os.fsencode(tmp)) is None, "tmpfs measured though no candidate"
         (ram / "f").write_bytes(b"new")
         fd = os.open(ram / "f", os.O_RDONLY)
         try:
