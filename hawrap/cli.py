@@ -339,6 +339,8 @@ def cmd_status(cfg, node, args) -> int:
     if st["vip"]:
         print(f"  vip {st['vip']['address']}: {'here' if st['vip']['present'] else 'not here'}")
     print(f"  standby lock: {st['standby_lock']['reason'] if st['standby_lock'] else 'none'}")
+    if st.get("unfit"):
+        print(f"  UNFIT TO SERVE: {st['unfit']} (rejoins once it is over)")
     data = st.get("data") or {}
     if data.get("guarded"):
         if data["uptodate"]:

@@ -156,7 +156,7 @@ class EtcdNode(Listener):
             return "standby lock present"
         if self.lan.ok is False:
             return f"own LAN unhealthy: {self.lan.problem}"
-        return None
+        return self.mirror.unmounted() or None
 
     # ------------------------------------------------------------ the listener
 
@@ -514,7 +514,8 @@ class EtcdNode(Listener):
             "epoch": self.epoch,
             "leader": self.leader if self._term is None else self.name,
             "position": {"epoch": self.position().epoch, "seq": self.position().seq},
-            "eligible": self.eligibility() is None,
+            "eligible": (why_not := self.eligibility()) is None,
+            "ineligible_because": why_not,
             "leadership": self.leadership.status(),
             "lan": {"ok": self.lan.ok, "problem": self.lan.problem},
             "standby_lock": (lambda i: i.as_dict() if i else None)(

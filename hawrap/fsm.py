@@ -15,7 +15,9 @@ Roles:
 * ``releasing``  planned switchover in progress: services stopped, final sync done, VIP
                  dropped; waits for the peer to announce itself primary.
 * ``standby``    out of service (standby lock present, LAN failure, fenced after a takeover it
-                 missed, or lost a split brain); only ``hawrap resume`` brings it back.
+                 missed, or lost a split brain); only ``hawrap resume`` brings it back.  Or
+                 unfit to serve (a tree that must be a mount point has nothing mounted): it
+                 rejoins by itself once that is over, keeping its claim on its data.
 
 The data state (with mirrored trees; DRBD's "Outdated" in spirit).  The primary says in
 every heartbeat whether its replica is in sync (its mirror daemon live and at most
@@ -32,7 +34,7 @@ are persisted.  A node serves on its own only with data it knows to be the newes
 The safety rules, each one asserted by the property tests:
 
 * A node starts serving only when its own LAN is healthy (carrier and ping node), its
-  standby lock is absent, and the peer is either silent on every link or says it is not
+  standby lock is absent, it is fit to serve (its trees mounted), and the peer is either silent on every link or says it is not
   serving (it released, went to standby, or is an idle secondary that ranks lower).
 * Every takeover starts with the address check and is all or nothing.
 * If both ever serve while hearing each other, the lower rank (standby lock first, then
@@ -85,6 +87,9 @@ class Facts:
     resource_failure: str = ""
     # Primary: the replica receives our changes live; releasing: the final sync is done.
     replica_in_sync: bool = False
+    # Why this node cannot serve now, a fault of its own host ("" while fit): a tree that
+    # must be a mount point has nothing mounted, so its services would write under it.
+    unfit: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ class State:
     # this round, ``notified`` the last one notified, so each is notified once, not per round.
     alert: str = ""
     notified: str = ""
+    unfit: str = ""  # in standby for this (Facts.unfit), not by a lock: rejoins once it is over
 
     @property
     def serving(self) -> bool:
@@ -237,7 +243,7 @@ def rank(standby: bool, uptodate: bool, epoch: int, owns_epoch: bool, home: bool
 
 
 def my_rank(s: State, f: Facts, p: Policy) -> tuple:
-    return rank(f.standby_lock, s.uptodate or not p.data_guard, s.epoch, s.owns_epoch, s.is_home, s.node)
+    return rank(f.standby_lock or bool(f.unfit), s.uptodate or not p.data_guard, s.epoch, s.owns_epoch, s.is_home, s.node)
 
 
 def peer_rank(peer: PeerView, p: Policy) -> tuple:
@@ -308,6 +314,9 @@ def peer_can_serve(peer: PeerView | None, p: Policy | None = None) -> bool:
 def _decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
     if f.standby_lock and s.role != STANDBY:
         return _go_standby(s, "the standby lock is present", write_lock=False)
+    if f.unfit and s.role != STANDBY:
+        state, actions = _go_standby(s, f.unfit, write_lock=False)
+        return replace(state, unfit=f.unfit), actions
     in_grace = s.role == INIT and f.now < s.started + p.initdead
     alerts: list[Action] = []
     if f.lan_ok is False and s.role != STANDBY and not in_grace:
@@ -583,9 +592,19 @@ def _releasing(s: State, f: Facts, p: Policy):
 
 def _standby(s: State, f: Facts, p: Policy):
     if f.standby_lock:
+        s = replace(s, unfit="")  # the administrator's standby now: only a resume ends it
         if f.command is not None:
             return s, [Reply(False, f"{f.command}: this node is in standby; run 'hawrap resume' first")]
         return s, []
+    if f.unfit:
+        if f.command is not None:
+            return s, [Reply(False, f"{f.command}: refused: {f.unfit}")]
+        return replace(s, reason=f.unfit), []
+    if s.unfit:
+        if f.lan_ok is not True:
+            return s, []
+        # Rejoined by itself: what it held alone (owns_epoch, peer_outdated) stays its own.
+        return _become_secondary(replace(s, unfit=""), f.peer, f"fit to serve again (was: {s.unfit})")
     if f.lan_ok is False:
         reason = f"resume refused: own LAN unhealthy: {f.lan_problem or 'carrier or ping node lost'}"
         return replace(s, reason=reason), [WriteStandbyLock(reason), Notify("standby", reason)]
@@ -627,7 +646,7 @@ def _takeover(s: State, f: Facts, *, lock: bool, reason: str):
     way), ``takeover_refused`` returns to the state before.  Every caller has checked LAN
     health and that the peer does not serve; the asserts make a future caller that forgets
     fail the property tests loudly."""
-    assert f.lan_ok is True and not f.standby_lock
+    assert f.lan_ok is True and not f.standby_lock and not f.unfit
     assert f.peer is None or not f.peer.serving
     new_epoch = _next_epoch(s, f.peer.epoch if f.peer else 0)
     actions: list[Action] = [CheckAddressFree()]

@@ -324,6 +324,14 @@ class MirrorControl:
         self.direction: str | None = None
         self._procs: list[_Supervised] = []
 
+    def unmounted(self) -> str:
+        """Why this node cannot serve its trees now: those that must be mount points and have
+        nothing mounted ("" if none).  Read from the kernel's mount table at every call."""
+        from mirror.guard import is_mount_point
+
+        missing = [t.path for t in self.trees if t.require_mount and not is_mount_point(os.fsencode(t.path))]
+        return f"nothing is mounted at {', '.join(missing)} (require_mount)" if missing else ""
+
     # ---------------------------------------------------------- locks and epochs
 
     def acquire_locks(self, reason: str) -> None:

@@ -112,6 +112,7 @@ class Node:
         # Per service: what its last monitor found while primary, and how often it failed.
         self.service_health = {s.name: {"running": None, "failures": 0} for s in cfg.services}
         self.replica = Replica(not self.mirror.trees, "not mirroring toward the peer")
+        self.unfit = ""  # fsm.Facts.unfit, as last seen
         self.replica_in_sync = False  # the last value given to the state machine (and advertised)
         self.final_synced = False  # a planned switchover's final sync is done
         self._replica_bad_since: float | None = None
@@ -201,6 +202,7 @@ class Node:
                 home=self.cfg.home == self.peer_name, uptodate=p["uptodate"], in_sync=p["in_sync"],
             )  # fmt: skip
         now = time.monotonic()
+        self.unfit = self.mirror.unmounted()  # also advertised: the peer then counts on us for nothing
         if not self.mirror.trees:
             in_sync = True
         elif self.state.role == fsm.RELEASING:
@@ -219,6 +221,7 @@ class Node:
             lan_problem=self.lan.problem,
             peer=peer,
             standby_lock=lockfile.is_locked(self.standby_lock_path()),
+            unfit=self.unfit,
             command=command,
             resource_failure=self.resource_failure,
             replica_in_sync=in_sync,
@@ -385,6 +388,10 @@ class Node:
                     }
                 )
                 return None
+            unfit = self.mirror.unmounted()
+            if unfit:  # the node rejoins by itself once that is over
+                reply.put({"ok": False, "error": f"resume refused: {unfit}"})
+                return None
             removed = lockfile.release(self.standby_lock_path())
             self._pending_reply = {"reply": reply, "command": "resume", "removed": removed}
             return "resume"
@@ -525,7 +532,7 @@ class Node:
             "role": s.role,
             "epoch": s.epoch,
             "owns_epoch": s.owns_epoch,
-            "standby": lockfile.is_locked(self.standby_lock_path()),
+            "standby": lockfile.is_locked(self.standby_lock_path()) or bool(self.unfit),
             "lan_ok": self.lan.ok,
             "serving": s.serving or self.vip_seen,
             "request": s.request,
@@ -667,6 +674,7 @@ class Node:
             "links": self.links,
             "link_stats": (self.peer_msg or {}).get("stats", {}),
             "standby_lock": (lambda i: i.as_dict() if i else None)(lockfile.status(self.standby_lock_path())),
+            "unfit": self.unfit or None,
             "mirror": {
                 "direction": self.mirror.direction,
                 "locked": self.mirror.locked(),

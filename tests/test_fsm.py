@@ -63,8 +63,8 @@ def state(role=SECONDARY, epoch=1, owns=False, home=True, **kw):
     )
 
 
-def facts(now=10.0, lan_ok=True, p=None, lock=False, command=None):
-    return Facts(now=now, lan_ok=lan_ok, peer=p, standby_lock=lock, command=command, lan_problem="test")
+def facts(now=10.0, lan_ok=True, p=None, lock=False, command=None, unfit=""):
+    return Facts(now=now, lan_ok=lan_ok, peer=p, standby_lock=lock, command=command, lan_problem="test", unfit=unfit)
 
 
 def lan_fault(s, f, p=None):
@@ -427,6 +427,41 @@ def test_rank_puts_a_node_known_up_to_date_first():
     assert mine < fsm.peer_rank(peer(SECONDARY, epoch=3, uptodate=True), GUARD)
 
 
+UNMOUNTED = "nothing is mounted at /srv/mail (require_mount)"
+
+
+def test_a_node_unfit_to_serve_stops_serving_at_once_and_never_takes_over():
+    for role in (PRIMARY, RELEASING):
+        s, acts = fsm.decide(state(role, owns=True), facts(p=peer(SECONDARY), unfit=UNMOUNTED), POLICY)
+        assert s.role == STANDBY and s.unfit == UNMOUNTED and s.reason == UNMOUNTED
+        assert kinds(acts)[0] == StopResources and WriteStandbyLock not in kinds(acts) and Notify in kinds(acts)
+    for s in (state(SECONDARY), state(INIT, epoch=3)):  # a dead primary, a boot with the mount missing
+        s, acts = fsm.decide(s, facts(p=None, unfit=UNMOUNTED), POLICY)
+        assert s.role == STANDBY and StartResources not in kinds(acts)
+        s, acts = fsm.decide(s, facts(now=30, p=None, unfit=UNMOUNTED, command="force-primary"), POLICY)
+        assert s.role == STANDBY and acts == [Reply(False, f"force-primary: refused: {UNMOUNTED}")]
+    # and it ranks below a fit peer while both serve
+    assert fsm.my_rank(state(PRIMARY, epoch=9), facts(unfit=UNMOUNTED), POLICY) < fsm.peer_rank(peer(PRIMARY), POLICY)
+
+
+def test_a_node_fit_again_rejoins_by_itself_keeping_its_claim_on_its_data():
+    # A degraded primary (its peer outdated) whose disk went away: what it holds alone is
+    # still its own once the disk is back, unlike after an administrator's resume.
+    s = state(PRIMARY, epoch=5, owns=True, uptodate=True, peer_outdated=True)
+    s, _ = fsm.decide(s, facts(p=peer(SECONDARY, epoch=5, uptodate=False), unfit=UNMOUNTED), GUARD)
+    assert s.role == STANDBY and s.mirror_locked
+    s, acts = fsm.decide(s, facts(now=11, lan_ok=None, p=peer(SECONDARY, epoch=5, uptodate=False)), GUARD)
+    assert s.role == STANDBY and acts == []  # its LAN verdict first
+    s, acts = fsm.decide(s, facts(now=12, p=peer(SECONDARY, epoch=5, uptodate=False)), GUARD)
+    assert s.role == SECONDARY and s.owns_epoch and s.peer_outdated and s.unfit == ""
+    assert ReleaseMirrorLock in kinds(acts) and WriteStandbyLock not in kinds(acts)
+    # the administrator's standby meanwhile makes it the administrator's to end
+    s = state(STANDBY, epoch=5, owns=True, unfit=UNMOUNTED, mirror_locked=True)
+    s, _ = fsm.decide(s, facts(lock=True, unfit=UNMOUNTED), POLICY)
+    s, _ = fsm.decide(s, facts(lock=False), POLICY)
+    assert s.role == SECONDARY and not s.owns_epoch
+
+
 # ------------------------------------------------------------ two machines, random faults
 
 STEP = 0.1  # one heartbeat interval
@@ -451,11 +486,12 @@ class SimNode:
     persisted: fsm.State | None = None  # node-state.json
     data: frozenset = frozenset()  # the writes this node's tree holds
     replica_ok: bool = False  # serving: the peer's tree got every write; releasing: final sync done
+    mounted: bool = True  # its tree's disk (a tree that must be a mount point)
 
     def advertised(self) -> PeerView:
         s = self.state
         return PeerView(
-            name=self.name, role=s.role, epoch=s.epoch, owns_epoch=s.owns_epoch, standby=self.lock,
+            name=self.name, role=s.role, epoch=s.epoch, owns_epoch=s.owns_epoch, standby=self.lock or not self.mounted,
             lan_ok=self.lan_ok, serving=self.serving, request=s.request, home=self.home, uptodate=s.uptodate,
             in_sync=self.replica_ok and (self.serving or s.role == RELEASING),
         )  # fmt: skip
@@ -495,16 +531,19 @@ class Sim:
         for i, node in enumerate(self.nodes):
             if node.state.role != RELEASING:
                 node.replica_ok = False
-            if not node.serving:
+            if not node.serving or not node.mounted:  # unmounted: it stops serving at its next step
                 continue
             number = len(self.writes) + 1
-            self.writes[number] = (node.name, self.hears(1 - i))
-            node.data |= {number}
             other = self.nodes[1 - i]
+            # Known to the peer: made while it heard us, and did not serve its own branch
+            # (in a split brain the writes of each side are that side's, until one stops).
+            self.writes[number] = (node.name, self.hears(1 - i) and not other.serving)
+            node.data |= {number}
             if (
                 self.mirror_path()
                 and node.direction == "send"
                 and other.direction == "receive"
+                and other.mounted  # its receiver refuses while nothing is mounted
                 and not (node.mirror_lock or other.mirror_lock or node.epoch_file < other.epoch_file)
             ):
                 other.data = node.data  # a sync with --delete: the replica becomes the source
@@ -524,14 +563,15 @@ class Sim:
             alive = node.last_heard is not None and self.step_no - node.last_heard < DEADTIME_STEPS
             f = Facts(
                 now=now, lan_ok=node.lan_ok, peer=node.view if alive else None, standby_lock=node.lock,
-                command=node.command, replica_in_sync=node.replica_ok,
+                command=node.command, replica_in_sync=node.replica_ok, unfit="" if node.mounted else UNMOUNTED,
             )  # fmt: skip
             node.command = None
             before = node.state
             new, actions = fsm.decide(before, f, self.policy)
             if StartResources in kinds(actions):
-                # safety: never take over with an unhealthy LAN, a standby lock, or a serving peer heard
-                assert f.lan_ok is True and not f.standby_lock, (f, before)
+                # safety: never take over with an unhealthy LAN, a standby lock, an unmounted
+                # tree, or a serving peer heard
+                assert f.lan_ok is True and not f.standby_lock and node.mounted, (f, before)
                 assert f.peer is None or not f.peer.serving, (f, before)
             node.state = new
             serving_before = node.serving
@@ -543,14 +583,16 @@ class Sim:
                     self.check_newest(i)
             node.persisted = node.state
             assert node.serving == (node.state.role == PRIMARY), (node.state, actions)
+            assert node.mounted or not node.serving, (node.state, actions)
             assert node.state.epoch == node.epoch_file, (node.state, node.epoch_file, actions)
             assert node.direction == node.state.direction, (node.state, node.direction, actions)
             self.log.append((self.step_no, node.name, before.role, node.state.role))
 
     def check_newest(self, i: int) -> None:
         """A node that starts serving on its own holds every write that still exists, except
-        writes it could not have known of: made by a peer it did not hear at that moment
-        (a partition: the writer then loses the split brain and waits for the administrator)."""
+        writes it could not have known of: made by a peer it did not hear at that moment, or
+        that served too (a partition: the writer then loses the split brain and waits for the
+        administrator)."""
         node = self.nodes[i]
         alive = set().union(*(n.data for n in self.nodes)) - self.discarded
         missing = sorted(w for w in alive - node.data if self.writes[w][1] or self.writes[w][0] == node.name)
@@ -628,7 +670,8 @@ EVENTS = st.sampled_from(
     ["hb_down", "hb_up", "lanpath_down", "lanpath_up", "a_lan_down", "a_lan_up", "b_lan_down", "b_lan_up",
      "a_restart", "b_restart", "a_failover", "b_failover", "a_failback", "b_failback", "a_standby", "b_standby",
      "a_resume", "b_resume", "sync_fails", "sync_ok", "a_mute", "b_mute", "a_unmute", "b_unmute",
-     "start_fails", "start_ok", "mirror_cut", "mirror_ok", "a_force", "b_force", "wait", "wait", "wait"]
+     "start_fails", "start_ok", "mirror_cut", "mirror_ok", "a_force", "b_force", "a_unmount", "b_unmount",
+     "a_mount", "b_mount", "wait", "wait", "wait"]
 )  # fmt: skip
 
 
@@ -677,6 +720,8 @@ def apply(sim: Sim, event: str):
             node.lock = True
         elif what == "resume":
             sim.resume(idx[who])
+        elif what in ("unmount", "mount"):
+            node.mounted = what == "mount"
 
 
 def new_sim(policy: Policy = POLICY) -> Sim:
@@ -690,7 +735,7 @@ def converge(sim: Sim, steps: int = 120):
     sim.hb_up = sim.lan_path_up = True
     sim.sync_fails = sim.start_fails = sim.mirror_cut = False
     for n in sim.nodes:
-        n.lan_ok, n.muted = True, False
+        n.lan_ok, n.muted, n.mounted = True, False, True
     for _ in range(steps):
         sim.step()
 

@@ -55,7 +55,8 @@ def tree(lab: Lab, node: str) -> str:
     return os.path.join(lab.workdir, "data", node)
 
 
-def write_config(lab: Lab, ttl: int = 4, stop_budget: float = 0.5, state_dir: str | None = None) -> str:
+def write_config(lab: Lab, ttl: int = 4, stop_budget: float = 0.5, state_dir: str | None = None,
+                 require_mount: bool = False) -> str:  # fmt: skip
     work = lab.workdir
     secret, mirror_secret = os.path.join(work, "secret"), os.path.join(work, "mirror-secret")
     for path in (secret, mirror_secret):
@@ -115,6 +116,7 @@ name = "data"
 path = "{work}/data/{{node}}"
 lock_file = "{work}/data/{{node}}.mirror.lock"
 {tree_state}
+{"require_mount = true" if require_mount else ""}
 """
     path = os.path.join(work, "hawrap.toml")
     with open(path, "w") as f:

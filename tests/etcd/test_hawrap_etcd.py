@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -348,6 +349,39 @@ def test_failover_to_a_named_node_and_the_standby_lock(hlab):
         client.stop()
         for node in NODES:
             hw.stop(node)
+    client.check()
+
+
+def test_a_member_whose_tree_is_not_mounted_steps_down_and_is_not_elected_until_it_is(hlab):
+    """Each node's tree is a bind-mounted disk (``require_mount``); the leader's is unmounted
+    in its own mount namespace, under its services: it steps down, another member is
+    elected, and it is eligible again once mounted."""
+    binds = []
+    for node in NODES:
+        disk = os.path.join(hlab.workdir, "disks", node)
+        os.makedirs(disk)
+        os.makedirs(tree(hlab, node))
+        subprocess.run(["mount", "--bind", disk, tree(hlab, node)], check=True)
+        binds.append(tree(hlab, node))
+    hw, client = start_cluster(hlab, require_mount=True)
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        in_leader = ["nsenter", "-t", str(hw.procs[leader].pid), "-m"]
+        unmounted = time.monotonic()
+        subprocess.run([*in_leader, "umount", "-l", tree(hlab, leader)], check=True)
+        new = wait_leader(hw, client, unmounted, not_from=leader)
+        status = hw.status(leader)
+        assert not status["eligible"] and "nothing is mounted at" in status["ineligible_because"], status
+        assert hw.cli(new, "failover", "--to", leader, "--wait", "10").returncode != 0  # refused: ineligible
+        subprocess.run([*in_leader, "mount", "--bind", os.path.join(hlab.workdir, "disks", leader),
+                        tree(hlab, leader)], check=True)  # fmt: skip
+        assert wait_for(lambda: (hw.status(leader) or {}).get("eligible"), 10), logs(hw)
+    finally:
+        client.stop()
+        for node in NODES:
+            hw.stop(node)
+        for path in binds:
+            subprocess.run(["umount", "-l", path], capture_output=True)
     client.check()
 
 
