@@ -637,8 +637,11 @@ def syncfs(fd: int) -> None:
 # within one tick leave the same mtime and ctime, so a copy made in that tick cannot be told
 # from a whole one by its times.  A file changed less than this long ago is let settle first,
 # unless its file system gives a change right after a stat a finer time (Linux's multigrain
-# timestamps): there any change after the stat before a read shows.
+# timestamps): there any change after the stat before a read shows.  A file system that keeps
+# whole seconds (ext4 with 128-byte inodes, ext3, HFS+) shows it in every ctime: there a file
+# settles for a second.
 SETTLE_NS = 10_000_000
+WHOLE_SECOND = 1_000_000_000
 SETTLE_TRIES = 3
 PROBE_ROUNDS = 16
 CLOCK_REALTIME_COARSE = 5  # Linux's clock id: the clock a file's times are taken from
@@ -694,15 +697,36 @@ def fine_ctime_device(directory: bytes) -> int | None:
         os.close(fd)
 
 
+def settle_ns(st: os.stat_result, fine_device: int | None = None) -> int:
+    """How long after its last change the file ``st`` is let settle before it is read: none on
+    ``fine_device`` (``fine_ctime_device``), a second where its ctime is a whole second (a
+    ns-grained one is so once in a billion: that file waits a second for nothing)."""
+    if st.st_dev == fine_device:
+        return 0
+    return WHOLE_SECOND if st.st_ctime_ns % WHOLE_SECOND == 0 else SETTLE_NS
+
+
 def settled_stat(fd: int, fine_device: int | None = None) -> os.stat_result | None:
-    """``fstat(fd)`` once any change from now on moves the file's ctime: at once on
-    ``fine_device`` (``fine_ctime_device``), else once its last change is at least
-    ``SETTLE_NS`` old; None if it kept changing (it is being written)."""
-    for _ in range(SETTLE_TRIES):
-        st = os.fstat(fd)
-        wait = st.st_ctime_ns + SETTLE_NS - time.time_ns()
-        if wait <= 0 or st.st_dev == fine_device:
-            return st
-        time.sleep(wait / 1e9)
+    """``fstat(fd)`` once any change from now on moves the file's times (``settle_ns``); None
+    if it kept changing (it is being written).  Times come from the coarse clock, so it is
+    the clock that must have moved past them (the precise one runs up to a tick ahead)."""
     st = os.fstat(fd)
-    return st if st.st_ctime_ns + SETTLE_NS <= time.time_ns() else None
+    changes = 0
+    while True:
+        grain = settle_ns(st, fine_device)
+        now = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+        wait = st.st_ctime_ns + grain - now
+        if wait <= 0:
+            return st
+        # A ctime ahead of the clock (the clock was set back) is waited for a grain at most:
+        # a change after that gets an earlier time, another one all the same.
+        ahead = st.st_ctime_ns > now
+        time.sleep(min(wait, grain) / 1e9)
+        again = os.fstat(fd)
+        if (again.st_ctime_ns, again.st_mtime_ns, again.st_size) != (st.st_ctime_ns, st.st_mtime_ns, st.st_size):
+            changes += 1
+            if changes >= SETTLE_TRIES:
+                return None
+        elif ahead:
+            return again
+        st = again

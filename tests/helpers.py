@@ -164,3 +164,17 @@ def mounted(path, fstype: str = "tmpfs", options: str = "size=32m"):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextmanager
+def ext4_image(path, image, *mkfs_options: str, size: str = "64M"):
+    """A fresh ext4 file system in ``image`` (``mkfs_options``: e.g. ``-I 128``, whose inodes
+    keep whole seconds only), loop-mounted at ``path`` (root only); unmounted at the end."""
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", *mkfs_options, str(image)], check=True, capture_output=True)
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

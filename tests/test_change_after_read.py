@@ -1,6 +1,7 @@
 """A source file changed right after it was read is mirrored by the next sync, however soon
 the change came (``safefs.settled_stat``): on a file system with coarse times (ramfs, one
-clock tick at a time) the file is let settle before it is read; on one with multigrain times
+clock tick at a time; ext4 with 128-byte inodes, whole seconds) the file is let settle
+before it is read (a tick, a second); on one with multigrain times
 (tmpfs, ext4 on Linux 6.13 and later) the stat before the read is enough, and nothing waits.
 
 Each trial rewrites a file just before the sync reads it and again just after, within
@@ -13,14 +14,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 
 import pytest
 
 from mirror import safefs
-from mirror.safefs import CLOCK_REALTIME_COARSE, SETTLE_NS, fine_ctime_device, settled_stat
+from mirror.safefs import CLOCK_REALTIME_COARSE, SETTLE_NS, WHOLE_SECOND, fine_ctime_device, settled_stat
 from mirror.transfer import sync
-from tests.helpers import is_root, mounted
+from tests.helpers import ext4_image, is_root, mounted
 from tests.servers import mirror_server
 
 TRIALS = 12
@@ -40,15 +42,15 @@ class _Rewriter:
     ``first`` is passed on, ``target`` is rewritten (the version the sync then reads); once
     ``target`` is, it is rewritten again.  Records the times of both rewrites."""
 
-    def __init__(self, target, n: int):
-        self.target, self.n = target, n
+    def __init__(self, target, n: int, step: int):
+        self.target, self.n, self.step = target, n, step
         self.calls = 0
         self.mtimes: list[int] = []
 
     def __call__(self, _size: int) -> None:
         self.calls += 1
         if self.calls == 1:
-            _next_tick()  # the read and the second rewrite then fall within the first's tick
+            _next_tick(step=self.step)  # the read and the second rewrite then fall within the first's step
         if self.calls <= 2:
             fd = os.open(self.target, os.O_WRONLY)
             try:
@@ -58,28 +60,30 @@ class _Rewriter:
                 os.close(fd)
 
 
-def _next_tick(after: int | None = None) -> int:
-    """Wait for the coarse clock (a file's times on ramfs) to tick (past ``after``)."""
+def _next_tick(after: int | None = None, step: int = TICK_NS) -> int:
+    """Wait until the coarse clock (a file's times on ramfs) has passed the ``step`` (a tick,
+    or the second of a file system that keeps whole seconds) holding ``after`` (default: now)."""
     start = time.clock_gettime_ns(CLOCK_REALTIME_COARSE) if after is None else after
-    while (now := time.clock_gettime_ns(CLOCK_REALTIME_COARSE)) <= start:
+    end = (start // step + 1) * step if step > TICK_NS else start + 1
+    while (now := time.clock_gettime_ns(CLOCK_REALTIME_COARSE)) < end:
         pass
     return now
 
 
-def _trials(src, replica, dest, **options) -> list[_Rewriter]:
+def _trials(src, replica, dest, trials: int, step: int, **options) -> list[_Rewriter]:
     """Each trial: ``a`` and ``f`` changed, one sync to ``dest`` with the rewrites, one more
-    sync; the ``replica`` must hold what the source holds."""
+    sync; the ``replica`` must hold what the source holds.  ``step``: the source's times."""
     (src / "a").write_bytes(b"0")
     (src / "f").write_bytes(_version(0))
     assert sync(src, dest, **options).ok
     done = []
-    for trial in range(TRIALS):
+    for trial in range(trials):
         n = 3 * trial + 1
-        # The test's own change must show: it comes a tick after the last rewrite.
-        _next_tick(os.stat(src / "f").st_mtime_ns)
+        # The test's own change must show: it comes a step after the last rewrite.
+        _next_tick(os.stat(src / "f").st_mtime_ns, step)
         (src / "a").write_bytes(str(n).encode())
         (src / "f").write_bytes(_version(n))  # what the scan sees: f is to be copied
-        rewriter = _Rewriter(src / "f", n)
+        rewriter = _Rewriter(src / "f", n, step)
         result = sync(src, dest, on_progress=rewriter, **options)
         assert result.ok, result.failed
         assert rewriter.calls == 2, "both files were to be copied, a before f"
@@ -92,26 +96,33 @@ def _trials(src, replica, dest, **options) -> list[_Rewriter]:
     return done
 
 
+def _file_system(tmp_path, fstype: str):
+    if fstype == "ext4-128":  # 128-byte inodes: times in whole seconds
+        return ext4_image(tmp_path / "fs", tmp_path / "fs.img", "-I", "128")
+    return mounted(tmp_path / "fs", fstype, "size=32m" if fstype == "tmpfs" else "")
+
+
 @needs_root
-@pytest.mark.parametrize("fstype", ["ramfs", "tmpfs"])
+@pytest.mark.parametrize("fstype", ["ramfs", "tmpfs", "ext4-128"])
 @pytest.mark.parametrize("where", ["local", "remote"])
 def test_a_change_right_after_a_read_reaches_the_replica_on_the_next_sync(tmp_path, monkeypatch, fstype, where):
     # ramfs made a candidate: the measurement itself must find its times coarse.
     monkeypatch.setattr(safefs, "MULTIGRAIN_CANDIDATES", safefs.MULTIGRAIN_CANDIDATES | {RAMFS_MAGIC})
+    trials, step = (3, WHOLE_SECOND) if fstype == "ext4-128" else (TRIALS, TICK_NS)
     # The replica on the same file system: writes to a multigrain one elsewhere would move
     # the coarse clock's times too (Linux keeps them no older than the finer times it gave).
-    with mounted(tmp_path / "fs", fstype, "size=32m" if fstype == "tmpfs" else "") as fs:
+    with _file_system(tmp_path, fstype) as fs:
         src, dst = fs / "src", fs / "dst"
         (src / ".mirror").mkdir(parents=True)  # where the source's file system is measured
         dst.mkdir()
         fine = fine_ctime_device(os.fsencode(src / ".mirror")) is not None
-        if fstype == "ramfs":
-            assert not fine, "ramfs takes a file's times from the coarse clock"
+        if fstype != "tmpfs":
+            assert not fine, f"{fstype} takes a file's times from the coarse clock"
         if where == "local":
-            rewrites = _trials(src, dst, dst)
+            rewrites = _trials(src, dst, dst, trials, step)
         else:
             with mirror_server(tmp_path, {"m": str(dst)}) as server:
-                rewrites = _trials(src, dst, server.url("m"), secret_file=server.secret_file)
+                rewrites = _trials(src, dst, server.url("m"), trials, step, secret_file=server.secret_file)
     if fine:
         # The fault reached the case it is about: a rewrite within one tick of the version
         # read, which only the finer time told apart (nothing waited).
@@ -142,3 +153,26 @@ def test_multigrain_times_are_measured_per_file_system(tmp_path, monkeypatch):
         assert fine_ctime_device(os.fsencode(tmp_path / "missing")) is None
         subprocess.run(["mount", "-o", "remount,ro", str(tmp)], check=True)
         assert fine_ctime_device(os.fsencode(tmp)) is None
+
+
+@needs_root
+def test_a_ctime_ahead_of_the_clock_is_waited_for_one_settle_at_most(tmp_path):
+    """A clock set back (NTP, a resumed VM) leaves files changed just before with times ahead
+    of it: their settle must not wait for the clock to catch up (an hour here)."""
+    with ext4_image(tmp_path / "fs", tmp_path / "fs.img") as fs:
+        (fs / "f").write_bytes(b"changed before the clock was set back")
+    ahead = int(time.time()) + 3600
+    subprocess.run(["debugfs", "-w", "-R", f"set_inode_field /f ctime @{ahead}", str(tmp_path / "fs.img")],
+                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(["mount", "-o", "loop", str(tmp_path / "fs.img"), str(tmp_path / "fs")], check=True)
+    try:
+        fd = os.open(tmp_path / "fs" / "f", os.O_RDONLY)
+        assert os.fstat(fd).st_ctime_ns // WHOLE_SECOND == ahead
+        done: list = []
+        waiter = threading.Thread(target=lambda: done.append(settled_stat(fd)), daemon=True)
+        waiter.start()
+        waiter.join(timeout=60)  # liveness, not speed: the old rule slept the hour
+        assert done and done[0] is not None, "the settle waited for the clock to reach the file's ctime"
+        os.close(fd)
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "fs")], capture_output=True)

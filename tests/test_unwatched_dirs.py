@@ -13,13 +13,18 @@ watches it, and the status no longer names it.  The tries come 5 s after the sta
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import urllib.request
 
+import pytest
+
+from mirror.watch import REWATCH_SECONDS
 from tests.daemons import live_daemon
 from tests.faultyfs import faulty_fs
-from tests.helpers import run_mirror, wait_until
+from tests.helpers import is_root, run_mirror, wait_until
+from tests.snapshot import snapshot
 
 
 def _pair(src) -> dict:
@@ -102,6 +107,44 @@ def test_status_names_a_directory_the_daemon_cannot_watch_until_it_is_watched_ag
             # Watched now (no directory is left to rescan): a change in it arrives by its watch.
             (fs.mount / "mail" / "cur" / "new").write_bytes(b"seen by its watch")
             wait_until(lambda: (replica / "mail" / "cur" / "new").exists(), timeout=4)
+
+
+def _watch_limited(watches: int) -> list[str]:
+    """A prefix that runs a command in a user namespace of its own whose inotify watch limit
+    is ``watches`` (Linux 5.11 and later count watches per user namespace): a real ENOSPC
+    from ``inotify_add_watch``, without touching the machine's own limit."""
+    script = f'echo {watches} > /proc/sys/user/max_inotify_watches && exec "$@"'
+    return ["unshare", "--user", "--map-root-user", "sh", "-c", script, "sh"]
+
+
+@pytest.mark.skipif(not is_root(), reason="the tree is root's, mapped into the user namespace")
+def test_past_the_watch_limit_every_change_still_arrives_and_the_status_names_the_sysctl(tmp_path):
+    from mirror.watch import WATCH_LIMIT_REASON
+
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    for i in range(40):
+        (src / f"d{i:02}" / "sub").mkdir(parents=True)
+        (src / f"d{i:02}" / "f").write_bytes(b"%d" % i)
+    with live_daemon(src, replica, prefix=_watch_limited(16), log_path=tmp_path / "daemon.log") as daemon:
+        pair = wait_until(lambda: (p := _pair(src)).get("state") == "live" and p["last_sync"] and p)
+        assert pair["exit"] == 1 and pair["unwatched_count"] > 40, pair  # the limit, not the disk
+        assert all(why == WATCH_LIMIT_REASON for _, why in pair["unwatched_dirs"]), pair
+        text = run_mirror("status", src, check_codes=(1,)).stdout.decode()
+        assert "raise the fs.inotify.max_user_watches sysctl" in text, text
+        unwatched = {os.fsencode(path) for path, _ in pair["unwatched_dirs"]}
+        watched = next(f"d{i:02}" for i in range(40) if b"d%02d" % i not in unwatched)
+        blind = next(path.decode() for path in sorted(unwatched) if path.count(b"/") == 0)
+        # A change where a watch is arrives by it; one where none could be set, by the
+        # rescan that comes with each try to watch it again.
+        (src / watched / "new").write_bytes(b"by its watch")
+        (src / blind / "sub" / "deep").mkdir()
+        (src / blind / "sub" / "deep" / "new").write_bytes(b"by a rescan")
+        (src / blind / "f").unlink()
+        wait_until(lambda: (replica / watched / "new").exists(), timeout=10)
+        wait_until(lambda: (replica / blind / "sub" / "deep" / "new").exists(), timeout=3 * REWATCH_SECONDS)
+        wait_until(lambda: not (replica / blind / "f").exists(), timeout=10)
+        assert daemon.proc.poll() is None, daemon.log_text()
+    assert snapshot(replica) == snapshot(src)
 
 
 def test_the_watch_limit_is_named_with_the_sysctl_that_raises_it(capsys):
