@@ -30,6 +30,7 @@ Changes are reported as ``FsEvent(kind, path, other)`` with paths relative to th
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import threading
@@ -100,11 +101,17 @@ class _FoundInNewDirectory(InotifyEvent):
 
 class _WatchGroup(InotifyWatchGroup):
     """watchdog's watch group, but a directory it cannot watch is kept in ``unwatched`` (path:
-    why) and heard of (``unwatched_hook``), not passed over."""
+    why) and heard of (``unwatched_hook``), not passed over; and one ``skip_dir(path)`` names
+    (the state dir, an excluded one) is not watched, nor anything below it: its changes are
+    not mirrored, and watches are a limited resource (``max_user_watches``)."""
 
     overflow_hook: Callable[[], None] | None = None
     unwatched_hook: Callable[[], None] | None = None
     _retrying: dict[bytes, str] | None = None  # during ``rewatch``: what fails again
+
+    def __init__(self, *args, skip_dir: Callable[[bytes], bool] | None = None, **kwargs):
+        self.skip_dir = skip_dir or (lambda path: False)  # before the base class sets up its watches
+        super().__init__(*args, **kwargs)
 
     def on_queue_overflow(self) -> None:
         super().on_queue_overflow()
@@ -116,10 +123,13 @@ class _WatchGroup(InotifyWatchGroup):
         return self.__dict__.setdefault("_unwatched", {})  # filled while the base class sets up
 
     def _add_all_callbacks(self, path: bytes) -> None:
+        if path != self.path and self.skip_dir(path):
+            return
         self._add_callback(path)
         if self.is_recursive and path in self._active_callbacks_by_path:
             # A directory that cannot be listed hides its subdirectories: not watched either.
             for root, dirnames, _ in os.walk(path, onerror=lambda exc: self._unwatchable(exc.filename or path, exc)):
+                dirnames[:] = [d for d in dirnames if not self.skip_dir(os.path.join(root, d))]  # nor walked
                 for dirname in dirnames:
                     full_path = os.path.join(root, dirname)
                     if not os.path.islink(full_path):
@@ -177,13 +187,18 @@ class _WatchGroup(InotifyWatchGroup):
 
 
 class _Emitter(InotifyEmitter):
-    """InotifyEmitter that reports queue overflows and failed watches as ``_LostEvents``."""
+    """InotifyEmitter that reports queue overflows and failed watches as ``_LostEvents``;
+    ``skip_dir``: the directories its watch group leaves unwatched."""
+
+    def __init__(self, *args, skip_dir: Callable[[bytes], bool] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip_dir = skip_dir
 
     def on_thread_start(self) -> None:
         path = os.fsencode(self.watch.path)
         self._inotify = _WatchGroup(
             self._inotify_fd, path, is_recursive=self.watch.is_recursive,
-            event_mask=self.get_event_mask_from_filter(), follow_symlink=False,
+            event_mask=self.get_event_mask_from_filter(), follow_symlink=False, skip_dir=self.skip_dir,
         )  # fmt: skip
         self._inotify.overflow_hook = lambda: self.queue_event(_LostEvents(self.watch.path))
         self._inotify.unwatched_hook = lambda: self.queue_event(_LostEvents(self.watch.path))
@@ -224,8 +239,8 @@ _EVENTS = [
 
 
 class _Observer(BaseObserver):
-    def __init__(self):
-        super().__init__(emitter_class=_Emitter)
+    def __init__(self, skip_dir: Callable[[bytes], bool]):
+        super().__init__(emitter_class=functools.partial(_Emitter, skip_dir=skip_dir))
 
 
 class Watcher:
@@ -247,7 +262,7 @@ class Watcher:
 
     def start(self) -> None:
         handler = _Handler(self)
-        observer = _Observer()
+        observer = _Observer(self._not_watched)
         # Not IN_OPEN nor IN_CLOSE_NOWRITE: the daemon's own reads would wake it for nothing.
         observer.schedule(handler, os.fsdecode(self.root), recursive=True, event_filter=_EVENTS)
         observer.start()
@@ -309,6 +324,12 @@ class Watcher:
                 if rel is not None and not self._excluded_dir(rel, seen):
                     out[rel] = why
         return out
+
+    def _not_watched(self, path: bytes) -> bool:
+        """A directory not to watch, nor below it: the state dir, an excluded one (its parent's
+        watch still tells of it appearing, going, or being renamed to a name that is not)."""
+        rel = self.relative(os.fsdecode(path))
+        return rel is None or (bool(rel) and self.excluded is not None and self.excluded(rel, True))
 
     def _excluded_dir(self, rel: bytes, seen: dict[bytes, bool]) -> bool:
         """Whether directory ``rel`` or one above it is excluded (a scan does not go below an

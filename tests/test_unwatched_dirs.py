@@ -147,6 +147,37 @@ def test_past_the_watch_limit_every_change_still_arrives_and_the_status_names_th
     assert snapshot(replica) == snapshot(src)
 
 
+@pytest.mark.skipif(not is_root(), reason="the tree is root's, mapped into the user namespace")
+def test_excluded_directories_spend_no_watches(tmp_path):
+    """Ten directories, each with a kept subtree and an excluded ``cache/`` of 30: watching
+    the caches too would pass the limit (64 watches) before the walk reached most kept ones.
+    Not watched, they leave every kept directory watched; a cache renamed to a kept name is
+    watched from then on."""
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    for i in range(10):
+        (src / f"d{i}" / "sub" / "deeper").mkdir(parents=True)
+        for j in range(30):
+            (src / f"d{i}" / "cache" / f"c{j}").mkdir(parents=True)
+    kept = 1 + 10 * 3  # the root, and each d, d/sub, d/sub/deeper
+    limit = kept + 31 + 2  # and one cache renamed to a kept name, with a margin: not 341
+    with live_daemon(src, replica, "--exclude", "cache/", prefix=_watch_limited(limit),
+                     log_path=tmp_path / "daemon.log") as daemon:  # fmt: skip
+        pair = wait_until(lambda: (p := _pair(src)).get("state") == "live" and p["last_sync"] and p)
+        assert pair["exit"] == 0 and not pair.get("unwatched_count"), pair
+        for i in range(10):  # each arrives by its watch: none is left to a rescan
+            (src / f"d{i}" / "sub" / "deeper" / "new").write_bytes(b"%d" % i)
+        wait_until(lambda: all((replica / f"d{i}" / "sub" / "deeper" / "new").exists() for i in range(10)),
+                   timeout=10)  # fmt: skip
+        assert not (replica / "d0" / "cache").exists()
+        (src / "d0" / "cache").rename(src / "d0" / "kept")  # now mirrored, and watched
+        wait_until(lambda: (replica / "d0" / "kept" / "c29").is_dir(), timeout=10)
+        (src / "d0" / "kept" / "c7" / "later").write_bytes(b"by the watch of a renamed directory")
+        wait_until(lambda: (replica / "d0" / "kept" / "c7" / "later").exists(), timeout=10)
+        pair = _pair(src)
+        assert pair["exit"] == 0 and not pair.get("unwatched_count"), pair
+        assert daemon.proc.poll() is None, daemon.log_text()
+
+
 def test_the_watch_limit_is_named_with_the_sysctl_that_raises_it(capsys):
     """What inotify's ENOSPC gives the status (not reproduced for real: the limit is the whole
     machine's), and how `mirror status` shows many directories."""
