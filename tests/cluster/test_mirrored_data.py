@@ -45,18 +45,23 @@ def converged(lab, timeout: float = 30.0) -> bool:
     return bool(wait_for(lambda: snapshot(tree(lab, "a")) == snapshot(tree(lab, "b")), timeout, 0.2))
 
 
-@pytest.fixture
-def mcluster(lab, rng):
-    extra = mirror_section(lab)
-    c = Cluster(lab, rng, start=False)
-    c.config = write_config(lab, extra=extra)
-    c.h = Hawrap(lab, c.config)
+def start_mirrored(c: Cluster, extra: str) -> None:
+    """Start hawrap on both nodes of ``c`` with ``extra`` (a [mirror] section): a primary, b
+    a secondary that knows its copy up to date; a client probing the VIP."""
+    c.config = write_config(c.lab, extra=extra)
+    c.h = Hawrap(c.lab, c.config)
     c.h.start("a")
     c.h.start("b")
     c.expect_roles(primary="a", other="secondary")
     # b knows its copy up to date (a's daemon has made its first sync and said so)
     assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
-    c.probe = Probe(lab)
+    c.probe = Probe(c.lab)
+
+
+@pytest.fixture
+def mcluster(lab, rng):
+    c = Cluster(lab, rng, start=False)
+    start_mirrored(c, mirror_section(lab))
     yield c
     c.probe.stop()
     for node in ("a", "b"):

@@ -13,9 +13,9 @@ import time
 
 import pytest
 from helpers import PollingThread
-from lab import MIRROR, Hawrap, Probe, mirror_section, snapshot, tree, wait_for, write_config, write_files
+from lab import MIRROR, mirror_section, snapshot, tree, wait_for, write_files
 from test_failover import Cluster
-from test_mirrored_data import converged
+from test_mirrored_data import converged, start_mirrored
 
 from hawrap.mirrorctl import engine_available
 
@@ -62,13 +62,7 @@ def rcluster(lab, rng):
         mounted.append(tree(lab, node))
     c = Cluster(lab, rng, start=False)
     try:
-        c.config = write_config(lab, extra=extra)
-        c.h = Hawrap(lab, c.config)
-        c.h.start("a")
-        c.h.start("b")
-        c.expect_roles(primary="a", other="secondary")
-        assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
-        c.probe = Probe(lab)
+        start_mirrored(c, extra)
         c.served_by("a")
         yield c
     finally:
