@@ -34,8 +34,9 @@ are persisted.  A node serves on its own only with data it knows to be the newes
 The safety rules, each one asserted by the property tests:
 
 * A node starts serving only when its own LAN is healthy (carrier and ping node), its
-  standby lock is absent, it is fit to serve (its trees mounted), and the peer is either silent on every link or says it is not
-  serving (it released, went to standby, or is an idle secondary that ranks lower).
+  standby lock is absent, it is fit to serve (its trees mounted), and the peer is either
+  silent on every link or says it is not serving (it released, went to standby, or is an
+  idle secondary that ranks lower).
 * Every takeover starts with the address check and is all or nothing.
 * If both ever serve while hearing each other, the lower rank (standby lock first, then
   knowing its data up to date, then epoch, then who owns the epoch, then the home node,

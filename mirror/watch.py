@@ -30,7 +30,6 @@ Changes are reported as ``FsEvent(kind, path, other)`` with paths relative to th
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import threading
@@ -240,7 +239,7 @@ _EVENTS = [
 
 class _Observer(BaseObserver):
     def __init__(self, skip_dir: Callable[[bytes], bool]):
-        super().__init__(emitter_class=functools.partial(_Emitter, skip_dir=skip_dir))
+        super().__init__(emitter_class=_Emitter, skip_dir=skip_dir)  # passed on to each emitter
 
 
 class Watcher:

@@ -52,6 +52,8 @@ def test_the_internals_mirror_watch_hooks_are_there():
     from watchdog.observers.api import BaseObserver
 
     assert isinstance(getattr(BaseObserver, "emitters", None), property), "BaseObserver.emitters is gone"
+    # The observer's extra keywords (our skip_dir) are passed on to each emitter it makes.
+    assert "**self._emitter_kwargs," in inspect.getsource(BaseObserver.schedule), "BaseObserver.schedule changed"
     assert {"is_recursive", "event_mask", "follow_symlink"} <= set(inspect.signature(group).parameters)
 
     emitter = inotify.InotifyEmitter
