@@ -332,7 +332,8 @@ class Watcher:
 
     def _excluded_dir(self, rel: bytes, seen: dict[bytes, bool]) -> bool:
         """Whether directory ``rel`` or one above it is excluded (a scan does not go below an
-        excluded directory, but watchdog watches there too); ``seen`` caches the answers."""
+        excluded directory; a kept one renamed to an excluded name keeps its watches, which
+        still report); ``seen`` caches the answers."""
         return self.excluded is not None and excluded_dir(self.excluded, rel, seen)
 
     def relative(self, path: str) -> bytes | None:
