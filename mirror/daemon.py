@@ -722,7 +722,8 @@ class LivePair:
         a file still open, a file that failed (in a subtree compared whole too); those of
         ``trees`` are to be compared whole."""
         if keep:
-            self.journal.append([(ENTRY, p, int(p in trees)) for p in sorted(keep)], force=True)
+            first_seen = [(ENTRY, p, int(p in trees), _first_seen(batch, p)) for p in sorted(keep)]
+            self.journal.append(first_seen, force=True)
         self.journal.checkpoint(batch.seq)
 
     def _claim(self, batch: Pending, full: bool, waiting: set[bytes], entries: dict) -> dict | None:
@@ -842,6 +843,17 @@ def _within(path: bytes, entries, trees) -> bool:
         return True
     parts = path.split(b"/")
     return any(b"/".join(parts[:i]) in trees for i in range(1, len(parts)))
+
+
+def _first_seen(batch: Pending, path: bytes) -> float:
+    """When ``path``'s change was first seen: its own entry's time, else (a file found in a
+    subtree compared whole) its nearest directory's, else the batch's oldest."""
+    parts = path.split(b"/")
+    for i in range(len(parts), -1, -1):
+        seen = batch.entries.get(b"/".join(parts[:i]))
+        if seen is not None:
+            return seen
+    return batch.oldest() or time.time()
 
 
 def _groups(pairs: tuple[PairConfig, ...]) -> dict[tuple, tuple[PairConfig, ...]]:

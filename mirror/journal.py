@@ -229,6 +229,8 @@ class Journal:
     def append(self, changes: list[tuple[str, bytes, object]], when: float | None = None, force: bool = False,
                sync: bool = True) -> int:
         """Record ``(kind, path, other)`` changes durably; returns the last sequence number.
+        A change may carry a fourth item, when it was first seen (a change kept for a retry:
+        its lag goes on from then, not from the retry); else ``when`` (default: now).
 
         An entry already pending (seen, not yet taken by a session) adds nothing durable and is
         not written again: a new file's created, modified and closed events cost one
@@ -244,7 +246,7 @@ class Journal:
         when = time.time() if when is None else when
         with self._lock:
             out = bytearray()
-            for kind, path, other in changes:
+            for kind, path, other, *seen in changes:
                 known = self._pending_entries.get(path) if kind == ENTRY else None
                 taken = max(self._taken_at.values())
                 if known is not None and not force and known[1] > taken and known[0] >= (other or 0):
@@ -253,7 +255,7 @@ class Journal:
                 if kind == ENTRY:
                     self._pending_entries[path] = (max(known[0] if known else 0, other or 0), self._seq)
                 out += self._encode(self._seq, kind, path, other)
-                self._records.append((self._seq, kind, path, other, when))
+                self._records.append((self._seq, kind, path, other, seen[0] if seen else when))
             if not out:
                 return self._seq
             self._append(out)
