@@ -30,7 +30,7 @@ SIZE = 4096
 TICK_NS = int(time.clock_getres(CLOCK_REALTIME_COARSE) * 1e9)
 RAMFS_MAGIC = 0x858458F6
 
-needs_root = pytest.mark.skipif(not is_root(), reason="mounts a tmpfs and a ramfs")
+needs_root = pytest.mark.skipif(not is_root(), reason="mounts a tmpfs, a ramfs and ext4 images")
 
 
 def _version(n: int) -> bytes:
@@ -38,9 +38,9 @@ def _version(n: int) -> bytes:
 
 
 class _Rewriter:
-    """``on_progress`` for a sync that copies ``first`` then ``target`` (in that order): once
-    ``first`` is passed on, ``target`` is rewritten (the version the sync then reads); once
-    ``target`` is, it is rewritten again.  Records the times of both rewrites."""
+    """``on_progress`` for a sync that copies ``a`` then ``target`` (in that order): once ``a``
+    is passed on, ``target`` is rewritten (the version the sync then reads); once ``target``
+    is, it is rewritten again.  Records the times of both rewrites."""
 
     def __init__(self, target, n: int, step: int):
         self.target, self.n, self.step = target, n, step
