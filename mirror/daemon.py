@@ -507,7 +507,7 @@ class LivePair:
         with self._cond:
             pending = self.journal.pending()
             if not len(pending):
-                self._cond.wait(timeout=self._open_file_timeout())
+                self._cond.wait(timeout=self._idle_timeout(time.monotonic(), set()))
                 return None
         if self.daemon.coalesce and time.monotonic() - self._last_session_end < 0.05:
             # Busy (a session ended a moment ago): wait a little to take the burst in one session.
@@ -545,12 +545,6 @@ class LivePair:
         if self._open_files:
             due.append(min(self._open_files.values()) + self.daemon.open_file_delay)
         return max(0.01, min(due) - now) if due else 1.0
-
-    def _open_file_timeout(self) -> float:
-        if not self._open_files:
-            return 1.0
-        oldest = min(self._open_files.values())
-        return max(0.01, self.daemon.open_file_delay - (time.monotonic() - oldest))
 
     def _connect(self) -> bool:
         """Connect if not connected; True if the new connection catches up from the journal

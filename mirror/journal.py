@@ -226,7 +226,7 @@ class Journal:
         body = msgpack.packb([seq, kind, path, other], use_bin_type=True)
         return _HEADER.pack(len(body), xxhash.xxh3_64_intdigest(body)) + body
 
-    def append(self, changes: list[tuple[str, bytes, object]], when: float | None = None, force: bool = False,
+    def append(self, changes: list[tuple], when: float | None = None, force: bool = False,
                sync: bool = True) -> int:
         """Record ``(kind, path, other)`` changes durably; returns the last sequence number.
         A change may carry a fourth item, when it was first seen (a change kept for a retry:
@@ -246,9 +246,9 @@ class Journal:
         when = time.time() if when is None else when
         with self._lock:
             out = bytearray()
+            taken = max(self._taken_at.values())
             for kind, path, other, *seen in changes:
                 known = self._pending_entries.get(path) if kind == ENTRY else None
-                taken = max(self._taken_at.values())
                 if known is not None and not force and known[1] > taken and known[0] >= (other or 0):
                     continue
                 self._seq += 1

@@ -16,6 +16,7 @@ when the target directory is on another filesystem, beside the target under a hi
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import queue
 import stat
@@ -615,22 +616,28 @@ def dirty_bytes() -> int:
     return sum(int(line.split()[1]) << 10 for line in lines if line.startswith((b"Dirty:", b"Writeback:")))
 
 
-_libc_syncfs = None
+@functools.cache
+def _libc():
+    """The C library, for the calls Python has no binding for (loaded at the first one)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syncfs.argtypes = (ctypes.c_int,)
+    libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    return libc
+
+
+def _libc_error(call: str) -> OSError:
+    import ctypes
+
+    code = ctypes.get_errno()
+    return OSError(code, f"{call}: {os.strerror(code)}")
 
 
 def syncfs(fd: int) -> None:
     """``syncfs(2)``: flush the whole filesystem holding ``fd`` (Python has no binding)."""
-    global _libc_syncfs
-    if _libc_syncfs is None:
-        import ctypes
-
-        _libc_syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-        _libc_syncfs.argtypes = (ctypes.c_int,)
-    if _libc_syncfs(fd) != 0:
-        import ctypes
-
-        code = ctypes.get_errno()
-        raise OSError(code, f"syncfs: {os.strerror(code)}")
+    if _libc().syncfs(fd) != 0:
+        raise _libc_error("syncfs")
 
 
 # A file's times come from the kernel's coarse clock, one tick (1-10 ms) at a time: two writes
@@ -656,9 +663,8 @@ def fs_magic(fd: int) -> int:
     import ctypes
 
     buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes; f_type comes first
-    if ctypes.CDLL(None, use_errno=True).fstatfs(fd, buf) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"fstatfs: {os.strerror(code)}")
+    if _libc().fstatfs(fd, buf) != 0:
+        raise _libc_error("fstatfs")
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 

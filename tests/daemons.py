@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 from contextlib import contextmanager
 
-from tests.helpers import MIRROR
+from tests.helpers import MIRROR, run_mirror
 from tests.snapshot import snapshot
 
 
@@ -59,3 +60,10 @@ def converged(src, dst, timeout: float = 60.0) -> float:
     a, b = last
     diff = {k: (a.get(k), b.get(k)) for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k)}
     raise AssertionError(f"replica did not converge in {timeout} s: {dict(list(diff.items())[:8])}")
+
+
+def pair_status(src) -> dict:
+    """The daemon's one pair as `mirror status --json` shows it, with the exit status."""
+    proc = run_mirror("status", src, "--json", check_codes=range(256))
+    pair = json.loads(proc.stdout)["pairs"][0] if proc.stdout else {}
+    return {**pair, "exit": proc.returncode}

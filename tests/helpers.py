@@ -155,26 +155,30 @@ def changing(step) -> PollingThread:
 
 
 @contextmanager
-def mounted(path, fstype: str = "tmpfs", options: str = "size=32m"):
-    """A real file system of ``fstype`` mounted at ``path`` (root only); unmounted at the end
-    if still there."""
+def _mounted(argv: list[str], path):
+    """``path`` mounted by ``argv`` (root only); unmounted at the end if still there."""
     path.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", fstype, *(["-o", options] if options else []), fstype, str(path)], check=True)
+    subprocess.run(argv, check=True)
     try:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-@contextmanager
+def mounted(path, fstype: str = "tmpfs", options: str = "size=32m"):
+    """A real file system of ``fstype`` mounted at ``path`` (root only); unmounted at the end
+    if still there."""
+    return _mounted(["mount", "-t", fstype, *(["-o", options] if options else []), fstype, str(path)], path)
+
+
+def loop_mounted(image, path):
+    """The file system in ``image`` loop-mounted at ``path`` (root only); unmounted at the end."""
+    return _mounted(["mount", "-o", "loop", str(image), str(path)], path)
+
+
 def ext4_image(path, image, *mkfs_options: str, size: str = "64M"):
     """A fresh ext4 file system in ``image`` (``mkfs_options``: e.g. ``-I 128``, whose inodes
     keep whole seconds only), loop-mounted at ``path`` (root only); unmounted at the end."""
     subprocess.run(["truncate", "-s", size, str(image)], check=True)
     subprocess.run(["mkfs.ext4", "-q", *mkfs_options, str(image)], check=True, capture_output=True)
-    path.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    return loop_mounted(image, path)

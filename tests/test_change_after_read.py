@@ -22,7 +22,7 @@ import pytest
 from mirror import safefs
 from mirror.safefs import CLOCK_REALTIME_COARSE, SETTLE_NS, WHOLE_SECOND, fine_ctime_device, settled_stat
 from mirror.transfer import sync
-from tests.helpers import ext4_image, is_root, mounted
+from tests.helpers import ext4_image, is_root, loop_mounted, mounted
 from tests.servers import mirror_server
 
 TRIALS = 12
@@ -164,9 +164,8 @@ def test_a_ctime_ahead_of_the_clock_is_waited_for_one_settle_at_most(tmp_path):
     ahead = int(time.time()) + 3600
     subprocess.run(["debugfs", "-w", "-R", f"set_inode_field /f ctime @{ahead}", str(tmp_path / "fs.img")],
                    check=True, capture_output=True)  # fmt: skip
-    subprocess.run(["mount", "-o", "loop", str(tmp_path / "fs.img"), str(tmp_path / "fs")], check=True)
-    try:
-        fd = os.open(tmp_path / "fs" / "f", os.O_RDONLY)
+    with loop_mounted(tmp_path / "fs.img", tmp_path / "fs") as fs:
+        fd = os.open(fs / "f", os.O_RDONLY)
         assert os.fstat(fd).st_ctime_ns // WHOLE_SECOND == ahead
         done: list = []
         waiter = threading.Thread(target=lambda: done.append(settled_stat(fd)), daemon=True)
@@ -174,5 +173,3 @@ def test_a_ctime_ahead_of_the_clock_is_waited_for_one_settle_at_most(tmp_path):
         waiter.join(timeout=60)  # liveness, not speed: the old rule slept the hour
         assert done and done[0] is not None, "the settle waited for the clock to reach the file's ctime"
         os.close(fd)
-    finally:
-        subprocess.run(["umount", "-l", str(tmp_path / "fs")], capture_output=True)

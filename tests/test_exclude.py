@@ -4,7 +4,6 @@ one (the live daemon's, on either end of its session), the daemon's watcher."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,8 +15,8 @@ from mirror.errors import UsageError
 from mirror.exclude import Excluder, Pattern
 from mirror.transfer import Connection
 from mirror.treescan import Scope, TreeScan
-from tests.daemons import live_daemon
-from tests.helpers import run_mirror, wait_until
+from tests.daemons import live_daemon, pair_status
+from tests.helpers import wait_until
 from tests.replica_checks import MODES, Target
 from tests.servers import SECRET
 from tests.snapshot import snapshot
@@ -149,15 +148,10 @@ def test_a_scoped_session_below_an_excluded_directory_does_nothing_on_either_end
     assert sorted(os.listdir(replica)) == [".mirror", "top"]
 
 
-def _pair(src) -> dict:
-    proc = run_mirror("status", src, "--json", check_codes=range(256))
-    pair = json.loads(proc.stdout)["pairs"][0] if proc.stdout else {}
-    return {**pair, "exit": proc.returncode}
-
 
 def _healthy(src) -> dict | None:
     """The daemon's pair once it mirrors live with nothing pending nor failed (exit 0)."""
-    pair = _pair(src)
+    pair = pair_status(src)
     ok = pair.get("state") == "live" and pair["last_sync"] and pair["pending"] == 0 and pair["exit"] == 0
     return pair if ok and pair["failed_files"] == [] else None
 

@@ -8,23 +8,17 @@ up to date).  Sampled throughout, not only at the end."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
 
 import pytest
 
-from tests.daemons import live_daemon
-from tests.helpers import PollingThread, ext4_image, is_root, run_mirror, wait_until
+from tests.daemons import live_daemon, pair_status
+from tests.helpers import PollingThread, ext4_image, is_root, wait_until
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="mounts an ext4 image")
 
-
-def _pair(src) -> dict:
-    proc = run_mirror("status", src, "--json", check_codes=range(256))
-    pair = json.loads(proc.stdout)["pairs"][0] if proc.stdout else {}
-    return {**pair, "exit": proc.returncode}
 
 
 def test_a_replica_gone_read_only_is_reported_behind_for_as_long_as_it_lasts(tmp_path):
@@ -37,7 +31,7 @@ def test_a_replica_gone_read_only_is_reported_behind_for_as_long_as_it_lasts(tmp
         device = subprocess.run(["findmnt", "-no", "SOURCE", str(replica)], capture_output=True, text=True,
                                 check=True).stdout.strip()  # fmt: skip
         with live_daemon(src, replica, log_path=tmp_path / "daemon.log") as daemon:
-            wait_until(lambda: (p := _pair(src)).get("state") == "live" and p["last_sync"])
+            wait_until(lambda: (p := pair_status(src)).get("state") == "live" and p["last_sync"])
             with open(f"/sys/fs/ext4/{os.path.basename(device)}/trigger_fs_error", "w") as f:
                 f.write("test: the replica's disk fails\n")
             options = subprocess.run(["findmnt", "-no", "OPTIONS", str(replica)], capture_output=True, text=True)
@@ -47,12 +41,12 @@ def test_a_replica_gone_read_only_is_reported_behind_for_as_long_as_it_lasts(tmp
             lags: list[tuple[float, float]] = []  # (when, lag) while the pair reports the change
 
             def sample() -> None:
-                pair = _pair(src)
+                pair = pair_status(src)
                 if pair.get("pending"):
                     lags.append((time.time(), pair["lag_seconds"]))
 
             with PollingThread(sample, interval=0.2):
-                pair = wait_until(lambda: (p := _pair(src))["exit"] == 1 and p["failed_files"] and p, timeout=20)
+                pair = wait_until(lambda: (p := pair_status(src))["exit"] == 1 and p["failed_files"] and p, timeout=20)
                 assert any("EROFS" in why or "Read-only" in why for _, why in pair["failed_files"]), pair
                 wait_until(lambda: lags and lags[-1][1] > 6, timeout=30)
             assert not (replica / "new").exists()

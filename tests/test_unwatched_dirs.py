@@ -12,7 +12,6 @@ watches it, and the status no longer names it.  The tries come 5 s after the sta
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -21,17 +20,10 @@ import urllib.request
 import pytest
 
 from mirror.watch import REWATCH_SECONDS
-from tests.daemons import live_daemon
+from tests.daemons import live_daemon, pair_status
 from tests.faultyfs import faulty_fs
 from tests.helpers import is_root, run_mirror, wait_until
 from tests.snapshot import snapshot
-
-
-def _pair(src) -> dict:
-    """The daemon's one pair as `mirror status --json` shows it, with the exit status."""
-    proc = run_mirror("status", src, "--json", check_codes=range(256))
-    pair = json.loads(proc.stdout)["pairs"][0] if proc.stdout else {}
-    return {**pair, "exit": proc.returncode}
 
 
 def _free_port() -> int:
@@ -63,7 +55,7 @@ def test_status_names_a_directory_the_daemon_cannot_watch_until_it_is_watched_ag
         fs.fault("cache", "getattr_eio")  # not watched either, but excluded: not mirrored anyway
         with live_daemon(fs.mount, replica, "--exclude", "cache/", "--metrics", f"127.0.0.1:{port}",
                          log_path=tmp_path / "daemon.log"):  # fmt: skip
-            pair = wait_until(lambda: (p := _pair(fs.mount)).get("state") == "live" and p["last_sync"] and p)
+            pair = wait_until(lambda: (p := pair_status(fs.mount)).get("state") == "live" and p["last_sync"] and p)
             assert fs.count("mail", "getattr_eio") > 0 and fs.count("cache", "getattr_eio") > 0
             assert pair.get("unwatched_count") == 1, pair
             assert pair["unwatched_dirs"] == [["mail", "Input/output error"]], pair
@@ -81,7 +73,7 @@ def test_status_names_a_directory_the_daemon_cannot_watch_until_it_is_watched_ag
 
             # A try that fails again keeps it named, and the next one comes later.
             first_try = pair["rewatch_at"]
-            pair = wait_until(lambda: (p := _pair(fs.mount))["rewatch_at"] != first_try and p, timeout=20)
+            pair = wait_until(lambda: (p := pair_status(fs.mount))["rewatch_at"] != first_try and p, timeout=20)
             assert pair["unwatched_dirs"] == [["mail", "Input/output error"]] and pair["exit"] == 1, pair
             assert pair["rewatch_at"] - first_try > 5, (first_try, pair)
 
@@ -92,12 +84,12 @@ def test_status_names_a_directory_the_daemon_cannot_watch_until_it_is_watched_ag
 
             def clean_session():
                 (fs.mount / "docs" / "tick").write_bytes(b"%f" % time.time())
-                p = _pair(fs.mount)
+                p = pair_status(fs.mount)
                 return p if p["state"] == "live" and p["failed_files"] == [] else None
 
             pair = wait_until(clean_session)
             assert pair["unwatched_count"] == 1 and pair["exit"] == 1, pair
-            pair = wait_until(lambda: (p := _pair(fs.mount))["exit"] == 0 and p)  # the next try watches it
+            pair = wait_until(lambda: (p := pair_status(fs.mount))["exit"] == 0 and p)  # the next try watches it
             assert (pair["unwatched_count"], pair["unwatched_dirs"], pair["rewatch_at"]) == (0, [], None), pair
             text = run_mirror("status", fs.mount)
             assert "not watched" not in text.stdout.decode(), text.stdout.decode()
@@ -126,7 +118,7 @@ def test_past_the_watch_limit_every_change_still_arrives_and_the_status_names_th
         (src / f"d{i:02}" / "sub").mkdir(parents=True)
         (src / f"d{i:02}" / "f").write_bytes(b"%d" % i)
     with live_daemon(src, replica, prefix=_watch_limited(16), log_path=tmp_path / "daemon.log") as daemon:
-        pair = wait_until(lambda: (p := _pair(src)).get("state") == "live" and p["last_sync"] and p)
+        pair = wait_until(lambda: (p := pair_status(src)).get("state") == "live" and p["last_sync"] and p)
         assert pair["exit"] == 1 and pair["unwatched_count"] > 40, pair  # the limit, not the disk
         assert all(why == WATCH_LIMIT_REASON for _, why in pair["unwatched_dirs"]), pair
         text = run_mirror("status", src, check_codes=(1,)).stdout.decode()
@@ -162,7 +154,7 @@ def test_excluded_directories_spend_no_watches(tmp_path):
     limit = kept + 31 + 2  # and one cache renamed to a kept name, with a margin: not 341
     with live_daemon(src, replica, "--exclude", "cache/", prefix=_watch_limited(limit),
                      log_path=tmp_path / "daemon.log") as daemon:  # fmt: skip
-        pair = wait_until(lambda: (p := _pair(src)).get("state") == "live" and p["last_sync"] and p)
+        pair = wait_until(lambda: (p := pair_status(src)).get("state") == "live" and p["last_sync"] and p)
         assert pair["exit"] == 0 and not pair.get("unwatched_count"), pair
         for i in range(10):  # each arrives by its watch: none is left to a rescan
             (src / f"d{i}" / "sub" / "deeper" / "new").write_bytes(b"%d" % i)
@@ -173,7 +165,7 @@ def test_excluded_directories_spend_no_watches(tmp_path):
         wait_until(lambda: (replica / "d0" / "kept" / "c29").is_dir(), timeout=10)
         (src / "d0" / "kept" / "c7" / "later").write_bytes(b"by the watch of a renamed directory")
         wait_until(lambda: (replica / "d0" / "kept" / "c7" / "later").exists(), timeout=10)
-        pair = _pair(src)
+        pair = pair_status(src)
         assert pair["exit"] == 0 and not pair.get("unwatched_count"), pair
         assert daemon.proc.poll() is None, daemon.log_text()
 

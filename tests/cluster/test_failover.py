@@ -34,6 +34,13 @@ class Cluster:
             self.probe = Probe(lab)
             self.served_by("a")
 
+    def stop(self) -> None:
+        """The client's probes, then hawrap on both nodes."""
+        if self.probe:
+            self.probe.stop()
+        for node in ("a", "b"):
+            self.h.stop(node)
+
     def random_phase(self) -> float:
         """Sleep a random part of the heartbeat cycle; return the injection time."""
         time.sleep(self.rng.uniform(0, INTERVAL))
@@ -83,10 +90,7 @@ class Cluster:
 def cluster(lab, rng):
     c = Cluster(lab, rng)
     yield c
-    if c.probe:
-        c.probe.stop()
-    for node in ("a", "b"):
-        c.h.stop(node)
+    c.stop()
 
 
 @pytest.mark.parametrize("arp", ["builtin", "arping-tool"])

@@ -63,9 +63,7 @@ def mcluster(lab, rng):
     c = Cluster(lab, rng, start=False)
     start_mirrored(c, mirror_section(lab))
     yield c
-    c.probe.stop()
-    for node in ("a", "b"):
-        c.h.stop(node)
+    c.stop()
 
 
 def test_failover_keeps_newest_data_and_resume_resyncs(mcluster):

@@ -66,10 +66,7 @@ def rcluster(lab, rng):
         c.served_by("a")
         yield c
     finally:
-        if c.probe:
-            c.probe.stop()
-        for node in ("a", "b"):
-            c.h.stop(node)
+        c.stop()
         for path in mounted:
             subprocess.run(["umount", "-l", path], capture_output=True)
 

@@ -48,6 +48,13 @@ def start_cluster(lab: HawrapLab, **kw) -> tuple[Hawrap, Client]:
     return hw, client
 
 
+def stop_cluster(hw: Hawrap, client: Client) -> None:
+    """The client's probes, then hawrap on every node."""
+    client.stop()
+    for node in NODES:
+        hw.stop(node)
+
+
 def wait_leader(
     hw: Hawrap, client: Client, since: float, not_from: str | None = None, timeout: float = 40
 ) -> str:
@@ -106,9 +113,7 @@ def test_leader_killed_a_replica_with_every_acknowledged_file_takes_over(hlab, s
             logs(hw)
         )
     finally:
-        client.stop()
-        for node in NODES:
-            hw.stop(node)
+        stop_cluster(hw, client)
     client.check(cut_off=frozenset())
 
 
@@ -193,9 +198,7 @@ def test_a_replica_that_stopped_applying_is_never_promoted_over_one_that_has_eve
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        client.stop()
-        for node in NODES:
-            hw.stop(node)
+        stop_cluster(hw, client)
     client.check()
 
 
@@ -225,9 +228,7 @@ def test_leader_cut_from_the_etcd_majority_stops_serving_before_anyone_starts(hl
         time.sleep(TTL)  # a window for a wrong re-election to show (sampled throughout)
         assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == new, 10)
     finally:
-        client.stop()
-        for node in NODES:
-            hw.stop(node)
+        stop_cluster(hw, client)
     client.check()
 
 
@@ -266,9 +267,7 @@ def test_a_replica_stopped_catches_up_and_the_other_is_not_held_back(hlab):
         )
         assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == leader, 10)
     finally:
-        client.stop()
-        for node in NODES:
-            hw.stop(node)
+        stop_cluster(hw, client)
     client.check()
 
 
@@ -294,9 +293,7 @@ def test_hawrap_stopped_or_killed_on_a_replica_leaves_no_mirror_process(hlab):
         assert wait_for(lambda: not hw.mirror_pids(killed), 10), hw.leftovers(killed)
         assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == leader, 10)
     finally:
-        client.stop()
-        for node in NODES:
-            hw.stop(node)
+        stop_cluster(hw, client)
     client.check()
 
 
@@ -314,9 +311,7 @@ def test_one_etcd_member_killed_changes_nothing(hlab):
         assert st["role"] == "leader" and st["leadership"]["leading"], st
         hlab.start_etcd(victim)
     finally:
-        client.stop()
-        for node in NODES:
-            hw.stop(node)
+        stop_cluster(hw, client)
     client.check()
 
 
@@ -346,9 +341,7 @@ def test_failover_to_a_named_node_and_the_standby_lock(hlab):
         text = hw.cli(target, "status").stdout
         assert "member" in text and "etcd http://" in text, text
     finally:
-        client.stop()
-        for node in NODES:
-            hw.stop(node)
+        stop_cluster(hw, client)
     client.check()
 
 
@@ -377,9 +370,7 @@ def test_a_member_whose_tree_is_not_mounted_steps_down_and_is_not_elected_until_
                         tree(hlab, leader)], check=True)  # fmt: skip
         assert wait_for(lambda: (hw.status(leader) or {}).get("eligible"), 10), logs(hw)
     finally:
-        client.stop()
-        for node in NODES:
-            hw.stop(node)
+        stop_cluster(hw, client)
         for path in binds:
             subprocess.run(["umount", "-l", path], capture_output=True)
     client.check()
@@ -419,7 +410,5 @@ def test_a_frozen_leader_loses_the_vip_before_anyone_takes_it(hlab):
     finally:
         if leader is not None:
             hw.freeze(leader, False)
-        client.stop()
-        for node in NODES:
-            hw.stop(node)
+        stop_cluster(hw, client)
     client.check()
