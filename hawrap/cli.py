@@ -81,7 +81,9 @@ COMMAND_HELP: dict[str, tuple[str, str, str]] = {
     "resume": (
         "remove the standby lock after your checks: rejoin as secondary",
         "Remove the standby lock: the node rejoins as secondary and the primary mirrors its "
-        "trees back. Refused, listing them, if this node holds changes its peer lacks.",
+        "trees back. Refused, listing them, if this node holds changes its peer lacks. With "
+        "--new-disk, a require_mount tree's disk that replaces the old one is taken as the "
+        "tree's (refused while any is unmounted, or when none is new).",
         f"0 done; 1 refused (local changes, or by the node); {_EXIT_USAGE}",
     ),
     "force-primary": (
@@ -157,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--discard-local-changes", action="store_true",
         help="resume even though this node holds changes the peer lacks (they are listed; the resync replaces them)",
+    )  # fmt: skip
+    p.add_argument(
+        "--new-disk", action="store_true",
+        help="a require_mount tree's disk was replaced on purpose: take it as the tree's, to be mirrored over in full "
+             "(this node's copy counts as outdated until then)",
     )  # fmt: skip
     p = command("force-primary")
     p.add_argument(
@@ -341,6 +348,8 @@ def cmd_status(cfg, node, args) -> int:
     print(f"  standby lock: {st['standby_lock']['reason'] if st['standby_lock'] else 'none'}")
     if st.get("unfit"):
         print(f"  UNFIT TO SERVE: {st['unfit']} (rejoins once it is over)")
+    if (st.get("data") or {}).get("new_disks"):
+        print(f"  new disk of {', '.join(st['data']['new_disks'])}: outdated until the peer has mirrored onto it")
     data = st.get("data") or {}
     if data.get("guarded"):
         if data["uptodate"]:
@@ -436,8 +445,11 @@ def cmd_resume(cfg, node, args) -> int:
             return EXIT_FAILED
         print(f"{node}: --discard-local-changes: resuming; {unsynced.peer}'s copy replaces the above")
     try:
-        answer = control.request(cfg.control_socket(node), "resume")
+        answer = control.request(cfg.control_socket(node), "resume", **({"new_disk": True} if args.new_disk else {}))
     except NotRunning:
+        if args.new_disk:
+            print(f"{node} is not running: start it, then run 'hawrap resume --new-disk'", file=sys.stderr)
+            return EXIT_FAILED
         removed = lockfile.release(cfg.standby_lock_path(node))
         print(f"{node} is not running; standby lock {'removed' if removed else 'was not present'}")
         return EXIT_OK

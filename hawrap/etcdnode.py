@@ -156,7 +156,7 @@ class EtcdNode(Listener):
             return "standby lock present"
         if self.lan.ok is False:
             return f"own LAN unhealthy: {self.lan.problem}"
-        return self.mirror.unmounted() or None
+        return self.mirror.disks.unfit() or None
 
     # ------------------------------------------------------------ the listener
 
@@ -499,6 +499,11 @@ class EtcdNode(Listener):
                 "reason": "standby lock written: this node leaves the elections",
             }
         if command == "resume":
+            if request.get("new_disk"):
+                try:  # its position goes with the old disk's records: elected only once caught up
+                    self.mirror.disks.adopt()
+                except HawrapError as exc:
+                    return {"ok": False, "error": f"resume --new-disk refused: {exc}"}
             lockfile.release(lock)
             return {"ok": True, "role": self.role, "reason": "standby lock removed"}
         return {"ok": False, "error": f"{command!r} is not available with the etcd backend"}

@@ -16,8 +16,10 @@ Roles:
                  dropped; waits for the peer to announce itself primary.
 * ``standby``    out of service (standby lock present, LAN failure, fenced after a takeover it
                  missed, or lost a split brain); only ``hawrap resume`` brings it back.  Or
-                 unfit to serve (a tree that must be a mount point has nothing mounted): it
-                 rejoins by itself once that is over, keeping its claim on its data.
+                 unfit to serve (a tree that must be a mount point has nothing mounted, or
+                 another disk than its own): it rejoins by itself once that is over, keeping
+                 its claim on its data (a new disk adopted by the administrator gives it up,
+                 and counts as outdated until the peer has mirrored onto it in full).
 
 The data state (with mirrored trees; DRBD's "Outdated" in spirit).  The primary says in
 every heartbeat whether its replica is in sync (its mirror daemon live and at most
@@ -89,8 +91,12 @@ class Facts:
     # Primary: the replica receives our changes live; releasing: the final sync is done.
     replica_in_sync: bool = False
     # Why this node cannot serve now, a fault of its own host ("" while fit): a tree that
-    # must be a mount point has nothing mounted, so its services would write under it.
+    # must be a mount point has nothing mounted, or another disk than the tree's, so its
+    # services would write under it (hawrap.treedisk).
     unfit: str = ""
+    # A tree's disk was replaced (``resume --new-disk``) and the peer has not yet mirrored
+    # onto it in full: nothing this node knew of its copy holds until then.
+    copy_incomplete: bool = False
 
 
 @dataclass(frozen=True)
@@ -271,6 +277,10 @@ def _data_state(s: State, f: Facts) -> State:
     peer_serves = peer is not None and (peer.serving or peer.role in (PRIMARY, RELEASING))
     if s.role == PRIMARY or (s.role == RELEASING and not peer_serves):
         return replace(s, uptodate=True, peer_outdated=not f.replica_in_sync)
+    if f.copy_incomplete:
+        # The peer's word that its replica is in sync may predate the new disk (an idle
+        # connection to the receiver it replaced): only the copy's own record counts.
+        return replace(s, uptodate=False, owns_epoch=False, peer_outdated=False)
     if peer_serves:
         # what we hold that the peer lacks is gone once its copy has replaced ours
         return replace(s, uptodate=peer.in_sync, peer_outdated=s.peer_outdated and not peer.in_sync)

@@ -39,6 +39,7 @@ from mirror.statedir import resolve_state_dir
 
 from .config import ClusterConfig, TreeConfig
 from .errors import HawrapError
+from .treedisk import TreeDisks
 
 log = logging.getLogger(__name__)
 
@@ -323,14 +324,7 @@ class MirrorControl:
         self.my_address = self.me.addresses[link]
         self.direction: str | None = None
         self._procs: list[_Supervised] = []
-
-    def unmounted(self) -> str:
-        """Why this node cannot serve its trees now: those that must be mount points and have
-        nothing mounted ("" if none).  Read from the kernel's mount table at every call."""
-        from mirror.guard import is_mount_point
-
-        missing = [t.path for t in self.trees if t.require_mount and not is_mount_point(os.fsencode(t.path))]
-        return f"nothing is mounted at {', '.join(missing)} (require_mount)" if missing else ""
+        self.disks = TreeDisks(self.trees, self.me.state_dir)  # unfit to serve while one is not the tree's
 
     # ---------------------------------------------------------- locks and epochs
 

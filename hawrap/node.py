@@ -202,7 +202,7 @@ class Node:
                 home=self.cfg.home == self.peer_name, uptodate=p["uptodate"], in_sync=p["in_sync"],
             )  # fmt: skip
         now = time.monotonic()
-        self.unfit = self.mirror.unmounted()  # also advertised: the peer then counts on us for nothing
+        self.unfit = self.mirror.disks.unfit()  # also advertised: the peer then counts on us for nothing
         if not self.mirror.trees:
             in_sync = True
         elif self.state.role == fsm.RELEASING:
@@ -222,6 +222,7 @@ class Node:
             peer=peer,
             standby_lock=lockfile.is_locked(self.standby_lock_path()),
             unfit=self.unfit,
+            copy_incomplete=bool(self.mirror.disks.incomplete()),
             command=command,
             resource_failure=self.resource_failure,
             replica_in_sync=in_sync,
@@ -388,7 +389,13 @@ class Node:
                     }
                 )
                 return None
-            unfit = self.mirror.unmounted()
+            if request.get("new_disk"):
+                try:
+                    self.mirror.disks.adopt()
+                except HawrapError as exc:
+                    reply.put({"ok": False, "error": f"resume --new-disk refused: {exc}"})
+                    return None
+            unfit = self.mirror.disks.unfit()
             if unfit:  # the node rejoins by itself once that is over
                 reply.put({"ok": False, "error": f"resume refused: {unfit}"})
                 return None
@@ -686,6 +693,7 @@ class Node:
                 "outdated_since": self.persisted.get("outdated_since"),
                 "peer_outdated": s.peer_outdated,
                 "peer_outdated_since": self.persisted.get("peer_outdated_since"),
+                "new_disks": self.mirror.disks.incomplete(),  # adopted, not yet mirrored onto
                 "replica": {"in_sync": self.replica.in_sync, "detail": self.replica.detail}
                 if self.mirror.direction == "send"
                 else None,

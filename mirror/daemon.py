@@ -44,6 +44,7 @@ from .atomicfile import atomic_write
 from .errors import (
     Cancelled,
     ConnectError,
+    ConnectionLost,
     LockedError,
     MirrorError,
     PeerTimeout,
@@ -507,7 +508,13 @@ class LivePair:
         with self._cond:
             pending = self.journal.pending()
             if not len(pending):
+                if self._connection is None:
+                    # Lost while idle: connected again at once, so that "live" stays true (the
+                    # replica's record then says what it lacks, if it changed meanwhile).
+                    return self.journal.take()
                 self._cond.wait(timeout=self._idle_timeout(time.monotonic(), set()))
+                if self._connection.hung_up():
+                    raise ConnectionLost(f"{self.config.destination}: the receiver ended the connection while idle")
                 return None
         if self.daemon.coalesce and time.monotonic() - self._last_session_end < 0.05:
             # Busy (a session ended a moment ago): wait a little to take the burst in one session.
@@ -644,6 +651,8 @@ class LivePair:
             self._set_state("syncing")
         else:
             if not entries and not trees and not batch.renames:
+                if self.status.state == "connecting":
+                    self._set_state("live")  # connected again with nothing to send
                 self._checkpoint(batch, waiting | deferred, trees=batch.trees & deferred)
                 # Only files still open, or failed ones not due again: wait for the first of
                 # them (a change or a close wakes the pair sooner), not round the loop.

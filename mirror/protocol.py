@@ -82,6 +82,16 @@ def decode(body: bytes) -> list:
     return message
 
 
+def keepalive(sock, idle: int = 60, interval: int = 10, count: int = 6) -> None:
+    """TCP keepalive: a peer that vanished (power loss, half-open connection) is noticed."""
+    import socket
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
 class StreamTransport:
     """Messages over a pair of binary streams (a socket's files, or a child's stdio).
 
@@ -195,6 +205,17 @@ class StreamTransport:
             chunks.append(chunk)
             got += len(chunk)
         return b"".join(chunks)
+
+    def hung_up(self) -> bool:
+        """Between sessions, when the peer owes nothing: whether the connection has ended
+        (closed, reset, given up by TCP keepalive) or the peer sent something unasked.  A
+        poll of the read side that does not wait."""
+        try:
+            poller = select.poll()
+            poller.register(self.rfile.fileno(), select.POLLIN)
+        except (OSError, ValueError):
+            return True
+        return bool(poller.poll(0))
 
     def close(self) -> None:
         """Close our side.  ``on_close`` (a socket's hang-up) comes before the read side is

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 
 from .apply import ModuleConfig
 from .errors import MirrorError
-from .protocol import StreamTransport
+from .protocol import StreamTransport, keepalive
 from .receiver import Receiver
 
 log = logging.getLogger(__name__)
@@ -188,11 +188,3 @@ class _CurrentModules(Mapping):
 
     def __len__(self) -> int:
         return len(self._server.modules)
-
-
-def keepalive(sock: socket.socket, idle: int = 60, interval: int = 10, count: int = 6) -> None:
-    """TCP keepalive: a peer that vanished (power loss, half-open connection) is noticed."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
-        if hasattr(socket, name):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)

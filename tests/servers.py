@@ -16,24 +16,26 @@ TRUSTING = ("--allow-devices", "--allow-specials", "--allow-setid", "--keep-owne
 
 @contextmanager
 def mirror_server(tmp_path, modules: dict[str, str], *extra: str, secret: bytes = SECRET,
-                  prefix: list[str] | None = None, host: str = "127.0.0.1", settings: dict[str, dict] | None = None):  # fmt: skip
+                  prefix: list[str] | None = None, host: str = "127.0.0.1", settings: dict[str, dict] | None = None,
+                  port: int = 0):  # fmt: skip
     """``prefix`` runs the server under another command (``ip netns exec NS`` puts it in a
     network namespace, where it listens on ``host``); ``settings``: a module's keys of a
-    configuration file (``state_dir``: there is no option for it), which is then used."""
+    configuration file (``state_dir``: there is no option for it), which is then used;
+    ``port``: the one a server that went away listened on (0: any free one)."""
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(secret + b"\n")
     secret_file.chmod(0o600)  # a secret readable by others is refused
     port_file = tmp_path / f"port-{time.monotonic_ns()}"
     argv = [*(prefix or []), sys.executable, "-m", "mirror", "serve", "--port-file", str(port_file), *extra]
     if settings:
-        config = [f"listen = {json.dumps(f'{host}:0')}", f"secret_file = {json.dumps(str(secret_file))}"]
+        config = [f"listen = {json.dumps(f'{host}:{port}')}", f"secret_file = {json.dumps(str(secret_file))}"]
         for name, path in modules.items():
             config += [f"[modules.{name}]", f"path = {json.dumps(str(path))}"]
             config += [f"{key} = {json.dumps(value)}" for key, value in settings.get(name, {}).items()]
         (tmp_path / "serve.toml").write_text("\n".join(config) + "\n")
         argv += ["--config", str(tmp_path / "serve.toml")]
     else:
-        argv += ["--listen", f"{host}:0", "--secret-file", str(secret_file)]
+        argv += ["--listen", f"{host}:{port}", "--secret-file", str(secret_file)]
         for name, path in modules.items():
             argv += ["--module", f"{name}={path}"]
     log = open(tmp_path / "server.log", "ab")

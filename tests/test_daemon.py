@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +113,32 @@ def test_an_idle_daemon_whose_replica_keeps_no_applied_record_stays_idle(trees, 
         (src / "docs" / "new").write_text("new")
         converged(src, replica)
         assert _sessions(src) > first
+
+
+def test_an_idle_daemon_whose_receiver_came_back_on_an_emptied_replica_fills_it(trees, tmp_path):
+    """The receiver's host came back with a blank disk while the daemon had nothing to send
+    (a standby's failed disk replaced): its idle connection ended with the old receiver, so
+    it no longer says "live", connects again by itself, finds the replica's record gone and
+    fills it, with no change in the source to wake it."""
+    src, dst = trees
+    dst.mkdir()
+    with contextlib.ExitStack() as first, contextlib.ExitStack() as daemon:
+        server = first.enter_context(mirror_server(tmp_path, {"m": str(dst)}))
+        daemon.enter_context(live_daemon(src, server.url("m"), "--secret-file", server.secret_file))
+        converged(src, dst)
+        wait_until(lambda: _live_status(src))
+        first.close()  # the receiver goes away with its host
+        wait_until(lambda: _state(src) in ("disconnected", "unreachable"), timeout=10)
+        shutil.rmtree(dst)
+        dst.mkdir()
+        with mirror_server(tmp_path, {"m": str(dst)}, port=server.port):
+            converged(src, dst, timeout=30)
+            wait_until(lambda: _live_status(src), timeout=10)
+
+
+def _state(src) -> str:
+    proc = run_mirror("status", str(src), "--json")
+    return json.loads(proc.stdout)["pairs"][0]["state"] if proc.stdout else ""
 
 
 def _sessions(src) -> int:

@@ -462,6 +462,29 @@ def test_a_node_fit_again_rejoins_by_itself_keeping_its_claim_on_its_data():
     assert s.role == SECONDARY and not s.owns_epoch
 
 
+def test_a_new_disk_not_yet_mirrored_onto_gives_up_every_claim_and_trusts_no_stale_word():
+    # A degraded primary whose disk failed and was replaced: nothing it held alone is here
+    # any more; with its peer dead it must not serve the new disk on its own.
+    wrong = "/srv/spool holds no tree, not tree 0123 that this node held there"
+    s = state(PRIMARY, epoch=5, owns=True, uptodate=True, peer_outdated=True)
+    s, _ = fsm.decide(s, facts(p=None, unfit=wrong), GUARD)
+    assert s.role == STANDBY and s.unfit == wrong
+    adopted = Facts(now=12, lan_ok=True, peer=None, standby_lock=False, copy_incomplete=True)
+    s, acts = fsm.decide(s, adopted, GUARD)
+    assert s.role == SECONDARY and not (s.uptodate or s.owns_epoch or s.peer_outdated), s
+    assert ReleaseMirrorLock in kinds(acts)
+    for now in (13, 30, 300):  # the peer stays dead: the data guard keeps it from serving
+        s, acts = fsm.decide(s, replace(adopted, now=now), GUARD)
+        assert s.role == SECONDARY and StartResources not in kinds(acts)
+    # the serving peer's word that its replica is in sync may predate the new disk
+    serving = peer(PRIMARY, epoch=7, in_sync=True)
+    s, _ = fsm.decide(s, replace(adopted, now=301, peer=serving), GUARD)
+    assert not s.uptodate
+    # once the copy's own record shows a session applied, the peer's word counts again
+    s, _ = fsm.decide(s, facts(now=302, p=serving), GUARD)
+    assert s.uptodate
+
+
 # ------------------------------------------------------------ two machines, random faults
 
 STEP = 0.1  # one heartbeat interval

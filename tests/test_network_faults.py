@@ -266,3 +266,29 @@ def test_the_daemon_across_a_link_down_for_seconds_reports_unreachable_and_conve
         converged(site.src, site.dst, timeout=60)
         wait_until(lambda: status().get("state") == "live", timeout=60)
         assert daemon.proc.poll() is None, daemon.log_text()
+
+
+def test_an_idle_daemon_notices_a_silent_receiver_and_comes_back_by_itself(net, site, tmp_path):
+    """The receiver's cable is pulled while the daemon has nothing to send: nothing closes
+    the connection (no FIN, no RST), yet "live" must not outlast the receiver (hawrap counts
+    a live replica as up to date): TCP keepalive ends the idle connection within seconds.
+    The cable back, the daemon connects again by itself, with no change to send."""
+    status_file = site.src / ".mirror" / "mirror-daemon.status.json"
+
+    def state() -> str:
+        try:
+            return json.loads(status_file.read_text())["pairs"][0]["state"]
+        except (FileNotFoundError, ValueError, KeyError, IndexError):
+            return ""
+
+    with live_daemon(site.src, site.url, "--secret-file", site.server.secret_file, "--timeout", str(TIMEOUT),
+                     log_path=tmp_path / "daemon.log", prefix=["ip", "netns", "exec", net.ns["s"]]) as daemon:  # fmt: skip
+        wait_until(lambda: state() == "live", timeout=60)
+        net.receiver_link(False)
+        cut = time.monotonic()
+        wait_until(lambda: state() != "live", timeout=30)
+        noticed = time.monotonic() - cut
+        net.receiver_link(True)
+        wait_until(lambda: state() == "live", timeout=60)
+        assert daemon.proc.poll() is None, daemon.log_text()
+    print(f"an idle connection to a silent receiver ended after {noticed:.1f} s")

@@ -1,0 +1,154 @@
+"""Whether each tree that must be a mount point (``require_mount``) has its own disk mounted.
+
+A node must not serve a tree, nor count its copy as one, when the disk under it is not the
+tree's: nothing mounted (the empty mount point), or another file system mounted in its
+place (device names swapped at boot, a spare disk, another cluster's disk).  Two records
+tell the tree's disk from another:
+
+- the tree's identity (``tree-identity`` in its state dir, ``mirror.guard``): with the state
+  dir apart from the tree, it names the file system the tree was on (``f_fsid`` and the
+  root's inode), which another disk does not match;
+- the tree id this node has seen on the disk, kept in the node's state dir
+  (``trees-held.json``): with the state dir in the tree, it travels with the disk, and
+  another disk shows another tree id or none.
+
+A disk that replaces the tree's on purpose (the old one failed) is adopted by the
+administrator (``hawrap resume --new-disk``): its records are dropped so that the peer
+mirrors its copy over it in full, and this node's copy counts as outdated until the
+replica's own record says a session has been applied to it (``applied`` in its state dir):
+the peer's word alone may predate the new disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from mirror.applied import APPLIED_FILE
+from mirror.atomicfile import atomic_write
+from mirror.errors import SourceGuardError
+from mirror.guard import IDENTITY_FILE, TreeIdentity, fs_identity, is_mount_point, load
+from mirror.statedir import state_dir_below
+
+from .errors import HawrapError
+
+log = logging.getLogger(__name__)
+
+HELD_FILE = "trees-held.json"
+ADOPT_HINT = "if this disk replaces the tree's on purpose, run 'hawrap resume --new-disk'"
+
+
+class TreeDisks:
+    """The disks of ``trees`` (``mirrorctl.Tree``), checked at every call of ``unfit``; the
+    tree ids held, recorded in ``state_dir`` as soon as a fit tree shows one."""
+
+    def __init__(self, trees, state_dir: str):
+        self.trees = [t for t in trees if t.require_mount]
+        self.path = os.path.join(state_dir, HELD_FILE)
+        self.held: dict[str, str] = {}
+        self.adopted: set[str] = set()  # new disks no session has been applied to yet
+        self._load()
+
+    def unfit(self) -> str:
+        """Why this node cannot serve its trees now ("" if it can)."""
+        return "; ".join(problem for t in self.trees if (problem := self._problem(t)))
+
+    def incomplete(self) -> list[str]:
+        """The trees whose new disk has not been mirrored onto yet."""
+        done = {t.name for t in self.trees if t.name in self.adopted
+                and os.path.exists(os.path.join(t.state_dir, os.fsdecode(APPLIED_FILE)))}  # fmt: skip
+        if done:
+            self.adopted -= done
+            try:
+                self._save()
+            except OSError as exc:  # an adopted disk found mirrored again after a restart
+                log.warning("%s: cannot record that %s is mirrored (%s)", self.path, ", ".join(done), exc.strerror)
+        return sorted(self.adopted)
+
+    def adopt(self) -> list[str]:
+        """The mounted trees whose disk is not the held one become the tree's new disks: the
+        held id is forgotten and the tree's identity and applied position are removed (the
+        next sender records its tree, and compares everything).  Returns their names; raises
+        ``HawrapError`` while a tree has nothing mounted, or when every disk is the tree's."""
+        missing = [t.path for t in self.trees if not is_mount_point(os.fsencode(t.path))]
+        if missing:
+            raise HawrapError(f"nothing is mounted at {', '.join(missing)}: mount the new disk first")
+        adopted = []
+        for t in self.trees:
+            problem = self._problem(t)
+            if not problem:
+                continue
+            for name in (IDENTITY_FILE, APPLIED_FILE):
+                try:
+                    os.unlink(os.path.join(os.fsencode(t.state_dir), name))
+                except FileNotFoundError:
+                    pass
+            self.held.pop(t.name, None)
+            self.adopted.add(t.name)
+            log.warning("%s: adopted a new disk at %s (was: %s)", t.name, t.path, problem)
+            adopted.append(t.name)
+        if not adopted:
+            raise HawrapError("every tree's disk is the one this node holds: nothing to adopt")
+        try:
+            self._save()
+        except OSError as exc:
+            raise HawrapError(f"{self.path}: cannot record the new disks: {exc.strerror}") from None
+        return adopted
+
+    def _problem(self, t) -> str:
+        path, state_dir = os.fsencode(t.path), os.fsencode(t.state_dir)
+        if not is_mount_point(path):
+            return f"nothing is mounted at {t.path} (require_mount)"
+        try:
+            identity = load(state_dir)
+        except SourceGuardError as exc:
+            return str(exc)
+        record = os.path.join(t.state_dir, os.fsdecode(IDENTITY_FILE))
+        if identity is not None and identity.fs is not None and state_dir_below(path, state_dir) is None:
+            try:
+                here = fs_identity(path)
+            except OSError:
+                here = None
+            if here != identity.fs:
+                return (f"another file system is mounted at {t.path} than the one recorded in {record}: "
+                        f"{ADOPT_HINT}")  # fmt: skip
+        held = self.held.get(t.name)
+        if held is None:
+            if identity is not None:
+                self._hold(t.name, identity)
+            return ""
+        if identity is None or identity.tree_id != held:
+            found = f"tree {identity.tree_id}" if identity else f"no tree ({record} missing)"
+            return (f"{t.path} holds {found}, not tree {held} that this node held there (recorded in {self.path}): "
+                    f"another disk mounted in its place? {ADOPT_HINT}")  # fmt: skip
+        return ""
+
+    def _hold(self, name: str, identity: TreeIdentity) -> None:
+        self.held[name] = identity.tree_id
+        try:
+            self._save()
+        except OSError as exc:  # tried again at the next call
+            del self.held[name]
+            log.warning("%s: cannot record the tree id held (%s)", self.path, exc.strerror)
+            return
+        log.info("%s: holds tree %s", name, identity.tree_id)
+
+    def _save(self) -> None:
+        record = {"held": self.held, "adopted": sorted(self.adopted)}
+        atomic_write(self.path, json.dumps(record, sort_keys=True).encode() + b"\n", 0o600)
+
+    def _load(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read(1 << 16))
+            held, adopted = data["held"], data["adopted"]
+            if not (isinstance(held, dict) and all(isinstance(v, str) for v in held.values())
+                    and isinstance(adopted, list) and all(isinstance(v, str) for v in adopted)):  # fmt: skip
+                raise ValueError("not a record of tree ids")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: unreadable (%s); the tree ids held are recorded again", self.path, exc)
+            return
+        self.held, self.adopted = held, set(adopted)
