@@ -243,7 +243,7 @@ class EtcdNode(Listener):
         self._stop_now("starting")
         self._rejoining()
         self._set_role(REPLICA, "following (no leader known yet)")
-        self.mirror.set_direction("receive")
+        self._receive()
         if self.resources.vip is not None and self.resources.vip.cfg.kind == "ip":
             self._vip_keeper = threading.Thread(target=self._keep_vip, name="vip-keeper", daemon=True)
             self._vip_keeper.start()
@@ -275,11 +275,18 @@ class EtcdNode(Listener):
                     break
                 with self.progress.busy(FINAL_SYNC_TIMEOUT):
                     self._handle(kind, payload)
+                    if self._term is None:
+                        self._receive()
                     if self._rejoined_at is not None:
                         self._follow_epoch()
                     self._push_back_vip()
         finally:
             self.shutdown()
+
+    def _receive(self) -> None:
+        """A replica receives, unless a tree's disk is not its own (its receiver would let
+        the leader's mirroring overwrite another disk): then nothing until it is."""
+        self.mirror.set_direction(None if self.mirror.disks.unfit() else "receive")
 
     def _handle(self, kind: str, payload) -> None:
         if kind == "elected":
@@ -293,14 +300,14 @@ class EtcdNode(Listener):
                 if self._began_serving:
                     self._rejoining()
                 self._began_serving = self._serving = False
-                self.mirror.set_direction("receive")
+                self._receive()
                 self._set_role(REPLICA, f"stopped serving: {payload}")
         elif kind == "leader":
             leader = payload
             self.leader = leader.node if leader else None
             self._leader_epoch = leader.epoch if leader else None
             if self._term is None:
-                self.mirror.set_direction("receive")
+                self._receive()
                 who = f"{leader.node} leads at epoch {leader.epoch}" if leader else "no leader"
                 self._set_role(REPLICA, who)
                 self._follow_epoch()

@@ -102,6 +102,7 @@ class Receiver:
         # sessions (a live daemon's connection idles), none at all for in-process transports.
         self._set_timeout, self._session_timeout = timeouts if timeouts else (lambda seconds: None, None)
         self.replica: ReplicaAdmission | None = None  # set by the handshake
+        self._root: tuple[int, int] | None = None  # the tree's directory at the handshake
 
     # -- connection ------------------------------------------------------------------------
 
@@ -168,7 +169,9 @@ class Receiver:
         if hasattr(self.t, "max_frame"):
             self.t.max_frame = P.MAX_FRAME
         state_dir = self.module.resolved_state_dir
-        # What this replica has applied, for the whole module only (a subpath is part of it)
+        # What this replica has applied, for the whole module only (a subpath is part of it):
+        # true of the directory the tree is now, which each session checks is still there.
+        self._root = _directory_identity(self.module.path)
         applied = read_applied(state_dir) if not self.subpath else None
         self.t.send([P.WELCOME, {
             "proof": proof, "epoch": read_epoch(state_dir), "applied": applied.as_wire() if applied else None,
@@ -191,6 +194,11 @@ class Receiver:
         opts = P.checked_start(start, scope=(None, Scope.from_wire), renames=([], parse_renames))
         dry_run = opts["dry_run"]
         tree_id, policy = session_guard(opts)
+        if _directory_identity(self.module.path) != self._root:
+            # A sender that goes on from what the welcome said would leave the rest out.
+            raise MirrorError(f"the replica {display_path(self.module.path)} is no longer the directory this "
+                              "connection began with (another file system mounted in its place, or replaced): "
+                              "nothing was written; connect again")  # fmt: skip
         mine = self.replica.admit(opts["epoch"], tree_id, deleting=opts["delete"], allow=policy.allow_mass_delete,
                                    dry_run=dry_run, take_writer=self._take_writer)  # fmt: skip
         root = fs_path(self.module.path)
@@ -215,6 +223,14 @@ class Receiver:
                     os.fsync(tree.dir_fd(parts[: i - 1]))
             tree.dir_fd(parts)
         return os.path.join(root, self.subpath)
+
+
+def _directory_identity(path: bytes) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class ReceiverSession:

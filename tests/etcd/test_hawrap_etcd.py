@@ -369,10 +369,33 @@ def test_a_member_whose_tree_is_not_mounted_steps_down_and_is_not_elected_until_
         subprocess.run([*in_leader, "mount", "--bind", os.path.join(hlab.workdir, "disks", leader),
                         tree(hlab, leader)], check=True)  # fmt: skip
         assert wait_for(lambda: (hw.status(leader) or {}).get("eligible"), 10), logs(hw)
+        # its disk replaced by a blank one: ineligible until adopted, then filled by the leader
+        early = write_files(tree(hlab, new), "before-new-disk", 10)
+        assert wait_for(lambda: not missing(os.path.join(hlab.workdir, "disks", leader), early), 30), logs(hw)
+        blank = os.path.join(hlab.workdir, "disks", "blank")
+        os.makedirs(blank)
+        subprocess.run([*in_leader, "umount", "-l", tree(hlab, leader)], check=True)
+        subprocess.run([*in_leader, "mount", "--bind", blank, tree(hlab, leader)], check=True)
+        assert wait_for(lambda: "holds no tree" in ((hw.status(leader) or {}).get("ineligible_because") or ""), 10)
+        # it receives nothing meanwhile: the new leader's pair toward it finds no receiver
+        during = write_files(tree(hlab, new), "while-blank", 5)
+
+        def pair_down() -> bool:
+            detail = ((hw.status(new) or {}).get("mirror", {}).get("replica") or {}).get("detail", "")
+            return f"@{leader}" in detail and ("unreachable" in detail or "disconnected" in detail)
+
+        assert wait_for(pair_down, 20), logs(hw)
+        assert os.listdir(blank) == []
+        r = hw.cli(leader, "resume", "--new-disk")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert wait_for(lambda: (hw.status(leader) or {}).get("eligible"), 10), logs(hw)
+        acked = write_files(tree(hlab, new), "after-new-disk", 10)
+        assert wait_for(lambda: not missing(blank, early | during | acked), 30), logs(hw)
     finally:
         stop_cluster(hw, client)
         for path in binds:
-            subprocess.run(["umount", "-l", path], capture_output=True)
+            while subprocess.run(["umount", "-l", path], capture_output=True).returncode == 0:
+                pass
     client.check()
 
 
