@@ -486,6 +486,9 @@ def cmd_force_primary(cfg, node, args) -> int:
             f"may be lost: they are not in this copy. If {peer['name']} comes back, it goes to standby, and"
         )
         print("'hawrap resume' there lists what it holds before anything of it is replaced.")
+    if data.get("new_disks"):
+        print(f"The new disk of {', '.join(data['new_disks'])} has not been mirrored onto yet: it may hold "
+              "little or nothing of the tree.")  # fmt: skip
     if not args.accept_data_loss:
         print(
             f"{node}: nothing done; run 'hawrap force-primary --accept-data-loss' to serve this copy",
