@@ -112,15 +112,14 @@ def _host(cfg: config_mod.ClusterConfig, node: str, problems: config_mod.Problem
         problem = _local_address_problem(address)
         if problem:
             problems.add(f"node[{index}].address.{link}", f"{address}: {problem} (this host is {node})")
-    from mirror.guard import is_mount_point
-
     from .mirrorctl import resolve_trees
+    from .treedisk import TreeDisks
 
     for i, tree in enumerate(resolve_trees(cfg, node)):
         if not os.path.isdir(tree.path):
             problems.add(f"mirror.tree[{i}].path", f"{tree.path} is not a directory on this host ({node})")
-        elif tree.require_mount and not is_mount_point(os.fsencode(tree.path)):
-            problems.add(f"mirror.tree[{i}].require_mount", f"nothing is mounted at {tree.path} on this host ({node})")
+        elif tree.require_mount and (problem := TreeDisks([tree], me.state_dir, record=False).unfit()):
+            problems.add(f"mirror.tree[{i}].require_mount", f"{problem} (on this host, {node})")
         parent = os.path.dirname(tree.lock_file) or "."
         if not os.path.isdir(parent):
             problems.add(f"mirror.tree[{i}].lock_file", f"its directory {parent} does not exist on this host")

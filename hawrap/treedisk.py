@@ -41,9 +41,11 @@ ADOPT_HINT = "if this disk replaces the tree's on purpose, run 'hawrap resume --
 
 class TreeDisks:
     """The disks of ``trees`` (``mirrorctl.Tree``), checked at every call of ``unfit``; the
-    tree ids held, recorded in ``state_dir`` as soon as a fit tree shows one."""
+    tree ids held, recorded in ``state_dir`` as soon as a fit tree shows one (unless
+    ``record`` is false: ``hawrap check`` only reads)."""
 
-    def __init__(self, trees, state_dir: str):
+    def __init__(self, trees, state_dir: str, record: bool = True):
+        self.record = record
         self.trees = [t for t in trees if t.require_mount]
         self.path = os.path.join(state_dir, HELD_FILE)
         self.held: dict[str, str] = {}
@@ -115,7 +117,7 @@ class TreeDisks:
                         f"{ADOPT_HINT}")  # fmt: skip
         held = self.held.get(t.name)
         if held is None:
-            if identity is not None:
+            if identity is not None and self.record:
                 self._hold(t.name, identity)
             return ""
         if identity is None or identity.tree_id != held:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 from helpers import is_root, run_mirror
 from servers import mirror_server
+from test_hawrap_config import MINIMAL, write
 
 from hawrap.errors import HawrapError
 from hawrap.mirrorctl import Tree
@@ -138,3 +140,22 @@ def test_a_garbled_record_of_held_trees_is_recorded_again(place):
     disks = TreeDisks([tree_at(place)], str(place / "node-state"))
     assert disks.unfit() == ""
     assert list(json.loads((place / "node-state" / HELD_FILE).read_text())["held"]) == ["data"]
+
+
+def test_hawrap_check_names_another_disk_and_records_nothing(place):
+    own, blank = disk(place, "own"), disk(place, "blank")
+    mirrored(disk(place, "primary", 2), own)
+    mount(place, own)
+    node_state = place / "state" / "a"
+    node_state.mkdir(parents=True)
+    config = write(place, MINIMAL.replace('secret_file = "secret"', f'secret_file = "secret"\nstate_dir = "{place}/state/{{node}}"')
+                   + f'[mirror]\nsecret_file = "secret"\n[[mirror.tree]]\nname = "data"\npath = "{place}/tree"\n'
+                   + f'lock_file = "{place}/data.lock"\nrequire_mount = true\n')  # fmt: skip
+    check = [sys.executable, "-m", "hawrap", "check", "--config", config, "--node", "a"]
+    assert subprocess.run(check, capture_output=True, text=True).returncode == 0
+    assert not (node_state / HELD_FILE).exists()  # a check records nothing
+    TreeDisks([tree_at(place)], str(node_state)).unfit()  # the node, running, holds the tree
+    mount(place, blank)
+    proc = subprocess.run(check, capture_output=True, text=True)
+    assert proc.returncode == 2 and "mirror.tree[0].require_mount" in proc.stderr, proc
+    assert f"{place}/tree holds no tree" in proc.stderr and "--new-disk" in proc.stderr, proc.stderr
