@@ -72,6 +72,7 @@ class PeerView:
     home: bool
     uptodate: bool = True  # its copy is known to hold every change (see the module docstring)
     in_sync: bool = True  # serving: its replica (our copy) receives its changes live
+    copy_incomplete: bool = False  # its new disk is not yet mirrored onto (Facts.copy_incomplete)
 
 
 @dataclass(frozen=True)
@@ -244,19 +245,21 @@ class StopReceiver(Action):
 # ---------------------------------------------------------------- ranking
 
 
-def rank(standby: bool, uptodate: bool, epoch: int, owns_epoch: bool, home: bool, name: str) -> tuple:
-    """Total order deciding who serves when both could: both nodes compute the same answer."""
-    return (not standby, uptodate, epoch, owns_epoch, home, name)
+def rank(standby: bool, uptodate: bool, whole: bool, epoch: int, owns_epoch: bool, home: bool, name: str) -> tuple:
+    """Total order deciding who serves when both could: both nodes compute the same answer.
+    ``whole``: no new disk waits to be mirrored onto (a blank disk's epoch says nothing of
+    what it holds)."""
+    return (not standby, uptodate, whole, epoch, owns_epoch, home, name)
 
 
 def my_rank(s: State, f: Facts, p: Policy) -> tuple:
-    return rank(f.standby_lock or bool(f.unfit), s.uptodate or not p.data_guard, s.epoch, s.owns_epoch, s.is_home, s.node)
+    return rank(f.standby_lock or bool(f.unfit), s.uptodate or not p.data_guard, not f.copy_incomplete, s.epoch,
+                s.owns_epoch, s.is_home, s.node)  # fmt: skip
 
 
 def peer_rank(peer: PeerView, p: Policy) -> tuple:
-    return rank(
-        peer.standby, peer.uptodate or not p.data_guard, peer.epoch, peer.owns_epoch, peer.home, peer.name
-    )
+    return rank(peer.standby, peer.uptodate or not p.data_guard, not peer.copy_incomplete, peer.epoch,
+                peer.owns_epoch, peer.home, peer.name)  # fmt: skip
 
 
 # ---------------------------------------------------------------- transitions

@@ -105,6 +105,7 @@ class HeartbeatEngine:
         self.state: dict = {
             "role": "init", "epoch": 0, "owns_epoch": False, "standby": False,
             "lan_ok": None, "serving": False, "request": None, "uptodate": False, "in_sync": False,
+            "incomplete": False,
         }  # fmt: skip
         self.peer_fields: dict | None = None
         self.report_interval: float = cfg.get("report_interval", STATS_INTERVAL)
@@ -236,6 +237,7 @@ class HeartbeatEngine:
                     "links",
                     "uptodate",
                     "in_sync",
+                    "incomplete",
                 )
             }
         snapshot = (links, peer)

@@ -113,6 +113,7 @@ class Node:
         self.service_health = {s.name: {"running": None, "failures": 0} for s in cfg.services}
         self.replica = Replica(not self.mirror.trees, "not mirroring toward the peer")
         self.unfit = ""  # fsm.Facts.unfit, as last seen
+        self.copy_incomplete = False  # fsm.Facts.copy_incomplete, as last seen
         self.replica_in_sync = False  # the last value given to the state machine (and advertised)
         self.final_synced = False  # a planned switchover's final sync is done
         self._replica_bad_since: float | None = None
@@ -200,9 +201,11 @@ class Node:
                 name=self.peer_name, role=p["role"], epoch=p["epoch"], owns_epoch=p["owns_epoch"],
                 standby=p["standby"], lan_ok=p["lan_ok"], serving=p["serving"], request=p["request"],
                 home=self.cfg.home == self.peer_name, uptodate=p["uptodate"], in_sync=p["in_sync"],
+                copy_incomplete=p.get("incomplete", False),
             )  # fmt: skip
         now = time.monotonic()
         self.unfit = self.mirror.disks.unfit()  # also advertised: the peer then counts on us for nothing
+        self.copy_incomplete = bool(self.mirror.disks.incomplete())  # advertised: we rank below a whole copy
         if not self.mirror.trees:
             in_sync = True
         elif self.state.role == fsm.RELEASING:
@@ -222,7 +225,7 @@ class Node:
             peer=peer,
             standby_lock=lockfile.is_locked(self.standby_lock_path()),
             unfit=self.unfit,
-            copy_incomplete=bool(self.mirror.disks.incomplete()),
+            copy_incomplete=self.copy_incomplete,
             command=command,
             resource_failure=self.resource_failure,
             replica_in_sync=in_sync,
@@ -545,6 +548,7 @@ class Node:
             "request": s.request,
             "uptodate": s.uptodate,
             "in_sync": self.replica_in_sync and s.role in (fsm.PRIMARY, fsm.RELEASING),
+            "incomplete": self.copy_incomplete,
         }
         if state != self._advertised and self.heartbeat is not None:
             self.heartbeat.update(state)

@@ -53,6 +53,10 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "uptodate": (bool,),
     "in_sync": (bool,),
 }
+# Fields a peer of the same version may leave out (an older release), with their value then.
+OPTIONAL: dict[str, tuple[tuple[type, ...], object]] = {
+    "incomplete": ((bool,), False),  # a new disk not yet mirrored onto (hawrap.treedisk)
+}
 
 
 def encode(secret: bytes, fields: dict) -> bytes:
@@ -88,6 +92,10 @@ def decode(secret: bytes, packet: bytes) -> dict:
             raise WireError(f"heartbeat field {name!r} missing")
         value = fields[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise WireError(f"heartbeat field {name!r} has type {type(value).__name__}")
+    for name, (types, default) in OPTIONAL.items():
+        value = fields.setdefault(name, default)
+        if not isinstance(value, types):
             raise WireError(f"heartbeat field {name!r} has type {type(value).__name__}")
     if fields["v"] != VERSION:
         raise WireError(

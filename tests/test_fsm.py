@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hawrap import fsm
@@ -510,13 +510,14 @@ class SimNode:
     data: frozenset = frozenset()  # the writes this node's tree holds
     replica_ok: bool = False  # serving: the peer's tree got every write; releasing: final sync done
     mounted: bool = True  # its tree's disk (a tree that must be a mount point)
+    new_disk: bool = False  # adopted by the administrator, no session applied to it yet
 
     def advertised(self) -> PeerView:
         s = self.state
         return PeerView(
             name=self.name, role=s.role, epoch=s.epoch, owns_epoch=s.owns_epoch, standby=self.lock or not self.mounted,
             lan_ok=self.lan_ok, serving=self.serving, request=s.request, home=self.home, uptodate=s.uptodate,
-            in_sync=self.replica_ok and (self.serving or s.role == RELEASING),
+            in_sync=self.replica_ok and (self.serving or s.role == RELEASING), copy_incomplete=self.new_disk,
         )  # fmt: skip
 
     def disk(self) -> tuple:
@@ -570,6 +571,7 @@ class Sim:
                 and not (node.mirror_lock or other.mirror_lock or node.epoch_file < other.epoch_file)
             ):
                 other.data = node.data  # a sync with --delete: the replica becomes the source
+                other.new_disk = False  # its record of the session applied
                 node.replica_ok = True
 
     def mirror_path(self) -> bool:
@@ -587,6 +589,7 @@ class Sim:
             f = Facts(
                 now=now, lan_ok=node.lan_ok, peer=node.view if alive else None, standby_lock=node.lock,
                 command=node.command, replica_in_sync=node.replica_ok, unfit="" if node.mounted else UNMOUNTED,
+                copy_incomplete=node.new_disk,
             )  # fmt: skip
             node.command = None
             before = node.state
@@ -644,6 +647,7 @@ class Sim:
                 return
             if isinstance(a, FinalSync):
                 self.nodes[1 - i].data = node.data
+                self.nodes[1 - i].new_disk = False
                 node.replica_ok = True
             if isinstance(a, StartResources):
                 # the receiver is gone before anything is served: the lock reaches only a running one
@@ -685,6 +689,17 @@ class Sim:
             self.discarded |= node.data - other.data
         node.lock = False
 
+    def replace_disk(self, i: int) -> None:
+        """A node's disk fails and is replaced by a blank one: a serving node first loses it
+        (unfit, it stops); one that does not serve gets the new disk, adopted by the
+        administrator (``resume --new-disk``).  What only the old disk held is lost."""
+        node, other = self.nodes[i], self.nodes[1 - i]
+        if node.serving:
+            node.mounted = False
+            return
+        self.discarded |= node.data - other.data
+        node.data, node.mounted, node.new_disk = frozenset(), True, True
+
     def both_serving(self) -> bool:
         return all(n.serving for n in self.nodes)
 
@@ -694,7 +709,7 @@ EVENTS = st.sampled_from(
      "a_restart", "b_restart", "a_failover", "b_failover", "a_failback", "b_failback", "a_standby", "b_standby",
      "a_resume", "b_resume", "sync_fails", "sync_ok", "a_mute", "b_mute", "a_unmute", "b_unmute",
      "start_fails", "start_ok", "mirror_cut", "mirror_ok", "a_force", "b_force", "a_unmount", "b_unmount",
-     "a_mount", "b_mount", "wait", "wait", "wait"]
+     "a_mount", "b_mount", "a_newdisk", "b_newdisk", "wait", "wait", "wait"]
 )  # fmt: skip
 
 
@@ -745,6 +760,8 @@ def apply(sim: Sim, event: str):
             sim.resume(idx[who])
         elif what in ("unmount", "mount"):
             node.mounted = what == "mount"
+        elif what == "newdisk":
+            sim.replace_disk(idx[who])
 
 
 def new_sim(policy: Policy = POLICY) -> Sim:
@@ -769,6 +786,9 @@ def converge(sim: Sim, steps: int = 120):
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(st.lists(st.tuples(EVENTS, st.integers(1, 12)), max_size=25), st.booleans())
+# The primary's disk fails while its peer is outdated, and is replaced: its blank disk must
+# not win on its epoch against the only copy left.
+@example([("hb_down", 2), ("a_unmount", 1), ("a_newdisk", 1)], True)
 def test_random_faults_never_end_in_split_brain(script, mirrored):
     """With mirrored trees (``mirrored``: the data guard on), also: a node that starts serving
     on its own holds every write it could have known of (Sim.check_newest)."""

@@ -30,6 +30,7 @@ def fields(node="b", link="hb", boot=b"B" * 16, seq=1, peer_boot=None, **kw):
         "v": 2, "cluster": "c", "node": node, "link": link, "boot": boot, "seq": seq, "peer_boot": peer_boot,
         "role": "primary", "epoch": 3, "owns_epoch": True, "standby": False, "lan_ok": True,
         "serving": True, "request": None, "links": {"hb": True}, "uptodate": True, "in_sync": True,
+        "incomplete": False,
     }  # fmt: skip
     base.update(kw)
     return base
@@ -38,6 +39,15 @@ def fields(node="b", link="hb", boot=b"B" * 16, seq=1, peer_boot=None, **kw):
 def test_roundtrip():
     f = fields()
     assert wire.decode(SECRET, wire.encode(SECRET, f)) == f
+    assert wire.decode(SECRET, wire.encode(SECRET, fields(incomplete=True)))["incomplete"] is True
+
+
+def test_an_older_peer_without_the_optional_fields_is_heard_with_their_defaults():
+    older = fields()
+    del older["incomplete"]  # a release before new disks were adopted
+    assert wire.decode(SECRET, wire.encode(SECRET, older))["incomplete"] is False
+    with pytest.raises(WireError, match="'incomplete' has type int"):
+        wire.decode(SECRET, wire.encode(SECRET, fields(incomplete=1)))
 
 
 def test_wrong_secret_and_tampering_are_rejected():
