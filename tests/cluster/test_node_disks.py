@@ -257,10 +257,12 @@ def test_a_replaced_disk_is_adopted_and_mirrored_over_in_full(rcluster):
         assert c.h.status("b")["data"]["outdated_since"] is not None
         assert c.h.status("b")["data"]["new_disks"] == ["data"]
         assert "new disk of data: outdated" in c.h.cli("b", "status").stdout
+        assert wait_for(lambda: c.h.status("a")["peer"].get("incomplete") is True, 5)  # heard by the peer
     finally:
         os.kill(daemon, signal.SIGCONT)
     assert wait_for(lambda: snapshot(new) == snapshot(tree(lab, "a")), 30, 0.2), c.h.logs()
     assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
     assert c.h.status("b")["data"]["new_disks"] == []
+    assert wait_for(lambda: c.h.status("a")["peer"].get("incomplete") is False, 5)
     r = c.h.cli("b", "resume", "--new-disk")
     assert r.returncode != 0 and "nothing to adopt" in r.stdout + r.stderr, r.stdout + r.stderr
