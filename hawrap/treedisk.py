@@ -28,7 +28,7 @@ import os
 from mirror.applied import APPLIED_FILE
 from mirror.atomicfile import atomic_write
 from mirror.errors import SourceGuardError
-from mirror.guard import IDENTITY_FILE, TreeIdentity, fs_identity, is_mount_point, load
+from mirror.guard import IDENTITY_FILE, TreeIdentity, is_mount_point, load, on_recorded_fs
 from mirror.statedir import state_dir_below
 
 from .errors import HawrapError
@@ -108,11 +108,7 @@ class TreeDisks:
             return str(exc)
         record = os.path.join(t.state_dir, os.fsdecode(IDENTITY_FILE))
         if identity is not None and identity.fs is not None and state_dir_below(path, state_dir) is None:
-            try:
-                here = fs_identity(path)
-            except OSError:
-                here = None
-            if here != identity.fs:
+            if not on_recorded_fs(identity, path):
                 return (f"another file system is mounted at {t.path} than the one recorded in {record}: "
                         f"{ADOPT_HINT}")  # fmt: skip
         held = self.held.get(t.name)

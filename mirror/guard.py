@@ -6,7 +6,9 @@ in the way of a session that deletes (``sync --delete``, the live daemon):
 
 **The source guard** (the whole session is refused, ``SourceGuardError``, exit 25).  Each
 tree has an identity, recorded in its state dir (``tree-identity``): a random tree id, and
-the filesystem it was found on (``statvfs`` ``f_fsid`` and the root's inode).
+the filesystem it was found on (``statvfs`` ``f_fsid`` and the root's inode, and the
+filesystem's UUID where the kernel tells it: xfs's ``f_fsid`` is its device number, which
+changes when disks are found in another order at boot, while its UUID does not).
 
 - A source records its identity at its first sync (a tree id derived from where it is, so
   two state dirs of one tree agree).  Later, a root on another filesystem, or another root
@@ -83,11 +85,52 @@ def session_guard(opts: dict) -> tuple[str | None, DeletionPolicy]:
 class TreeIdentity(NamedTuple):
     tree_id: str
     fs: tuple[int, int] | None  # (f_fsid, root inode) where the tree was found
+    uuid: str | None = None  # that filesystem's UUID (hex), where the kernel tells it
 
 
 def fs_identity(root: bytes) -> tuple[int, int]:
     """The filesystem ``root`` is on, and which directory of it: (f_fsid, inode)."""
     return os.statvfs(root).f_fsid, os.stat(root).st_ino
+
+
+_FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]}), Linux 6.5
+
+
+def fs_uuid(root: bytes) -> str | None:
+    """The UUID of the filesystem ``root`` is on (hex), None where the kernel or the
+    filesystem has none to tell (or an all-zero one)."""
+    import fcntl
+
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        buf = bytearray(17)
+        fcntl.ioctl(fd, _FS_IOC_GETFSUUID, buf, True)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    uuid = bytes(buf[1 : 1 + min(buf[0], 16)])
+    return uuid.hex() if uuid.strip(b"\0") else None
+
+
+def where_found(root: bytes) -> tuple[tuple[int, int], str | None]:
+    """``fs_identity`` and ``fs_uuid`` of ``root``: what a new identity records."""
+    return fs_identity(root), fs_uuid(root)
+
+
+def on_recorded_fs(identity: TreeIdentity, root: bytes) -> bool:
+    """Whether ``root`` is the directory ``identity`` was found at: the same filesystem (by
+    UUID where both tell one, else by ``f_fsid``) and the same root inode."""
+    try:
+        fsid, ino = fs_identity(root)
+    except OSError:
+        return False
+    if identity.uuid is not None and (uuid := fs_uuid(root)) is not None:
+        return (uuid, ino) == (identity.uuid, identity.fs[1])
+    return (fsid, ino) == identity.fs
 
 
 def is_mount_point(path: bytes) -> bool:
@@ -104,14 +147,6 @@ def is_mount_point(path: bytes) -> bool:
     for char in (b"\\", b" ", b"\t", b"\n"):
         escaped = escaped.replace(char, b"\\%03o" % ord(char))
     return any(line.split(b" ")[4] == escaped for line in table.splitlines() if line.count(b" ") >= 4)
-
-
-def _fs_of(root: bytes) -> tuple[int, int] | None:
-    """``fs_identity``, None where ``root`` cannot be looked at (it is not the one recorded)."""
-    try:
-        return fs_identity(root)
-    except OSError:
-        return None
 
 
 def new_tree_id(fs: tuple[int, int]) -> str:
@@ -137,6 +172,7 @@ def load(state_dir: bytes) -> TreeIdentity | None:
         record = json.loads(data)
         tree_id = record["tree"]
         fs = record.get("fs")
+        uuid = record.get("uuid")
         if (
             not isinstance(tree_id, str)
             or len(tree_id) != 32
@@ -147,12 +183,15 @@ def load(state_dir: bytes) -> TreeIdentity | None:
             isinstance(fs, list) and len(fs) == 2 and all(isinstance(x, int) for x in fs)
         ):
             raise ValueError("bad filesystem identity")
+        if uuid is not None and not (fs is not None and isinstance(uuid, str) and len(uuid) == 32
+                                     and all(c in "0123456789abcdef" for c in uuid)):  # fmt: skip
+            raise ValueError("bad filesystem uuid")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SourceGuardError(
             f"{display_path(path)}: damaged tree identity ({exc}); remove it only if you are sure this tree "
             "is the one its replica mirrors (the next sync then records it again)"
         ) from None
-    return TreeIdentity(tree_id, tuple(fs) if fs is not None else None)
+    return TreeIdentity(tree_id, tuple(fs) if fs is not None else None, uuid)
 
 
 def save(state_dir: bytes, identity: TreeIdentity) -> None:
@@ -160,12 +199,14 @@ def save(state_dir: bytes, identity: TreeIdentity) -> None:
 
     ensure_state_dir(state_dir)
     record = {"tree": identity.tree_id, "fs": list(identity.fs) if identity.fs else None}
+    if identity.uuid is not None:
+        record["uuid"] = identity.uuid
     atomic_write(os.path.join(state_dir, IDENTITY_FILE), json.dumps(record).encode() + b"\n", 0o644)
 
 
 class SourceGuard:
     """The sender's side: this source's tree id, and whether its root is still the tree it
-    was (checked before every session: a ``stat`` and a ``statvfs``)."""
+    was (checked before every session: a ``stat``, a ``statvfs``, and the UUID where recorded)."""
 
     def __init__(self, root: bytes, state_dir: bytes):
         self.root = root
@@ -177,16 +218,17 @@ class SourceGuard:
         """The tree id to show the replica; raises ``SourceGuardError`` when a deleting session
         would run from a root that is not the recorded tree.  None: no identity could be
         recorded (a state dir that cannot be written): the replica's own guard still holds."""
-        current = fs_identity(self.root)
-        identity = self._identity or load(self.state_dir)
+        cached = self._identity
+        identity = cached or load(self.state_dir)
         if identity is None or identity.fs is None:
             # The first sync of this tree: record where it is.
-            identity = TreeIdentity(identity.tree_id if identity else new_tree_id(current), current)
+            current, uuid = where_found(self.root)
+            identity = TreeIdentity(identity.tree_id if identity else new_tree_id(current), current, uuid)
             if dry_run:
                 return identity.tree_id
             if not self._record(identity):
                 return None
-        elif identity.fs != current:
+        elif not on_recorded_fs(identity, self.root):
             if deleting and not allow:
                 raise SourceGuardError(
                     f"refused: the source {display_path(self.root)} is not on the filesystem it was on when it was "
@@ -198,8 +240,10 @@ class SourceGuard:
                 # Only the administrator's override records a new place: a plain copy from the
                 # directory under an unmounted mount point must not make it the tree.
                 return identity.tree_id
-            identity = TreeIdentity(identity.tree_id, current)
+            identity = TreeIdentity(identity.tree_id, *where_found(self.root))
             self._record(identity)
+        elif cached is None and not dry_run:
+            identity = _with_uuid(identity, self.root, self._record)
         self._identity = identity
         return identity.tree_id
 
@@ -229,8 +273,9 @@ class ReplicaGuard:
         self._apart = state_dir_below(root, state_dir) is None
 
     def admit(self, tree_id, *, deleting: bool, allow: bool, dry_run: bool, peer: str) -> None:
-        identity = self._identity or load(self.state_dir)
-        moved = self._apart and identity is not None and identity.fs is not None and _fs_of(self.root) != identity.fs
+        cached = self._identity
+        identity = cached or load(self.state_dir)
+        moved = self._apart and identity is not None and identity.fs is not None and not on_recorded_fs(identity, self.root)
         if moved and not allow:
             raise SourceGuardError(
                 f"refused: the replica {display_path(self.root)} is not on the filesystem it was on when it first "
@@ -242,6 +287,8 @@ class ReplicaGuard:
             return  # a source that could not record an identity: the deletion guard still holds
         other = identity is not None and identity.tree_id != tree_id
         if identity is not None and not other and not moved:
+            if cached is None and self._apart and not dry_run:
+                identity = _with_uuid(identity, self.root, lambda new: save(self.state_dir, new))
             self._identity = identity
             return
         if other and deleting and not allow:
@@ -253,12 +300,22 @@ class ReplicaGuard:
             )
         if dry_run or (other and not deleting):
             return  # a plain copy from another tree does not make this replica its mirror
-        identity = TreeIdentity(tree_id, fs_identity(self.root))
+        identity = TreeIdentity(tree_id, *where_found(self.root))
         save(self.state_dir, identity)
         if self._identity is not None or allow:
             log.warning("%s: this replica now mirrors tree %s (from %s)%s", display_path(self.root), tree_id, peer,
                         " on its new filesystem" if moved else "")  # fmt: skip
         self._identity = identity
+
+
+def _with_uuid(identity: TreeIdentity, root: bytes, record) -> TreeIdentity:
+    """An identity recorded without its filesystem's UUID (before UUIDs were kept, found on
+    its recorded ``f_fsid``), recorded again with it where the kernel tells one."""
+    if identity.uuid is not None or identity.fs is None or (uuid := fs_uuid(root)) is None:
+        return identity
+    identity = identity._replace(uuid=uuid)
+    record(identity)
+    return identity
 
 
 def review_deletions(tree, deletes: list[bytes], policy: DeletionPolicy, keep=None) -> str | None:

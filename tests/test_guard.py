@@ -16,7 +16,7 @@ from mirror import protocol as P
 from mirror.errors import EXIT_GUARD, SourceGuardError
 from mirror.transfer import sync
 from tests.daemons import converged, live_daemon
-from tests.helpers import PollingThread, is_root, mounted, run_mirror, wait_until
+from tests.helpers import PollingThread, is_root, loop_mounted, mounted, run_mirror, wait_until
 from tests.peers import RawSession
 from tests.servers import SECRET, mirror_server
 from tests.snapshot import assert_mirrors, snapshot
@@ -539,3 +539,52 @@ def test_a_bind_mount_of_a_directory_of_the_same_filesystem_is_a_mount_point(tmp
     finally:
         umount(where)
     assert not is_mount_point(os.fsencode(where))
+
+
+@contextmanager
+def _xfs_on_another_device(image, where):
+    """``image`` (xfs) mounted at ``where`` through a loop device other than the first free
+    one: as after a boot that found the disks in another order."""
+    pad = where.parent / f"{where.name}.pad"
+    subprocess.run(["truncate", "-s", "1M", str(pad)], check=True)
+    taken = subprocess.run(["losetup", "-f", "--show", str(pad)], check=True, capture_output=True, text=True)
+    try:
+        with loop_mounted(image, where):
+            yield where
+    finally:
+        subprocess.run(["losetup", "-d", taken.stdout.strip()], check=True)
+
+
+@pytest.mark.skipif(not is_root(), reason="loop mounts need root")
+def test_an_xfs_source_found_on_another_device_number_is_still_the_tree(tmp_path):
+    """xfs's f_fsid is its device number: the same disk found in another order at boot
+    (mounted by UUID, as it should be) passed for another filesystem, and every deleting
+    session was refused.  The filesystem's UUID says it is the same; another xfs is not."""
+    src, dst, state = tmp_path / "src", tmp_path / "dst", tmp_path / "state"
+    images = [tmp_path / "xfs.img", tmp_path / "other-xfs.img"]
+    for image in images:
+        subprocess.run(["truncate", "-s", "300M", str(image)], check=True)
+        subprocess.run(["mkfs.xfs", "-q", str(image)], check=True)
+    dst.mkdir()
+
+    def synced(*extra: str) -> int:
+        return run_mirror("sync", str(src) + "/", str(dst), "--delete", "--no-fsync", "--state-dir", str(state),
+                          *extra, check_codes=(0, EXIT_GUARD)).returncode  # fmt: skip
+
+    with loop_mounted(images[0], src):
+        _fill(src, 20)
+        assert synced() == 0
+        fsid = os.statvfs(src).f_fsid
+        recorded = json.loads((state / "tree-identity").read_text())
+        assert len(recorded["uuid"]) == 32, recorded
+        # as a release that kept no UUID recorded it: found on its f_fsid, the UUID is added
+        (state / "tree-identity").write_text(json.dumps({"tree": recorded["tree"], "fs": recorded["fs"]}))
+        assert synced() == 0
+        assert json.loads((state / "tree-identity").read_text()) == recorded
+    with _xfs_on_another_device(images[0], src):
+        assert os.statvfs(src).f_fsid != fsid  # the precondition: another device number
+        (src / "after-boot").write_text("new")
+        assert synced() == 0 and (dst / "after-boot").exists()
+    with loop_mounted(images[1], src):
+        assert synced() == EXIT_GUARD
+        assert _content(dst)  # nothing deleted
