@@ -72,8 +72,8 @@ def sync(src, dst, **options) -> SyncResult:
 
 
 # TCP keepalive of a connection to a server (idle s, interval s, probes): a live daemon's
-# connection idles between changes; a receiver that lost power is noticed within ~5 s, one
-# that came back (a reboot, a new disk) at the first probe, which it resets.
+# connection idles between changes; a receiver that lost power is noticed within about 6 s,
+# one that came back (a reboot, a new disk) at the first probe, which it resets.
 KEEPALIVE = (2, 1, 3)
 
 
@@ -217,7 +217,7 @@ class Connection:
         return self.sender.run(self.welcome, epoch, scope=scope, renames=renames, journal=journal)
 
     def hung_up(self) -> bool:
-        """Between sessions: the receiver's end of an open connection is gone (``hung_up``)."""
+        """Between sessions: whether the receiver's end of the connection is gone."""
         return self.sender is not None and self.sender.t.hung_up()
 
     def close(self) -> None:
