@@ -102,10 +102,16 @@ def rcluster(lab, rng):
                 pass
 
 
-def test_the_primarys_disk_gone_it_hands_over_and_rejoins_once_mounted(rcluster):
+@pytest.mark.parametrize("fault", ["unmounted", "another disk"])
+def test_the_primarys_disk_gone_it_hands_over_and_rejoins_once_mounted(rcluster, fault):
+    """Unmounted under its services, or another disk mounted in its place (a spare with a
+    file of its own): a stops serving at once, b serves, a receives nothing meanwhile."""
     c, lab = rcluster, rcluster.lab
     write_files(tree(lab, "a"), "before", 100)
     assert converged(lab), c.h.logs()
+    spare = _spare(lab, "spare", {"its-own": b"the spare's file\n"})
+    on_spare = snapshot(spare)
+    why = "nothing is mounted at" if fault == "unmounted" else "holds no tree"
     service = os.path.join(lab.workdir, "a.service.pid")
     service_up: list[float] = []  # when a's service was seen running
 
@@ -117,24 +123,30 @@ def test_the_primarys_disk_gone_it_hands_over_and_rejoins_once_mounted(rcluster)
         assert wait_for(lambda: service_up, 10)
         t0 = time.monotonic()
         _unmount(c, "a")
+        if fault == "another disk":
+            _in_node(c, "a", "mount", "--bind", spare, tree(lab, "a"))
         assert wait_for(lambda: c.h.role("a") == "standby", 10), c.h.logs()
         standby_seen = time.monotonic()
         st = c.h.status("a")
-        assert "nothing is mounted at" in (st["unfit"] or "") and "nothing is mounted at" in st["reason"], st
+        assert why in (st["unfit"] or "") and why in st["reason"], st
         c.served_by("b", since=t0)
         # b serves, and writes: its mirroring toward a waits for a's disk
         write_files(tree(lab, "b"), "while-a-unmounted", 20)
         r = c.h.cli("a", "resume")
-        assert r.returncode != 0 and "nothing is mounted" in r.stdout + r.stderr, r.stdout + r.stderr
-        assert _under_mount_point(c, "a") == [], "something was written under a's empty mount point"
+        assert r.returncode != 0 and why in r.stdout + r.stderr, r.stdout + r.stderr
+        if fault == "unmounted":
+            assert _under_mount_point(c, "a") == [], "something was written under a's empty mount point"
+        else:
+            assert snapshot(spare) == on_spare, "something was written to the spare disk"
+            _in_node(c, "a", "umount", "-l", tree(lab, "a"))
         remounted = time.monotonic()
         _mount(c, "a")
     ran = [t for t in service_up if standby_seen <= t <= remounted]
-    assert sampler.polls > 100 and ran == [], f"a's service ran {len(ran)} times while its tree was unmounted"
+    assert sampler.polls > 100 and ran == [], f"a's service ran {len(ran)} times while its tree was {fault}"
     # a rejoins by itself, and gets what b wrote meanwhile
     c.expect_roles(primary="b", other="secondary")
-    assert converged(lab), c.h.logs()
-    assert snapshot(tree(lab, "a")) == snapshot(tree(lab, "b"))
+    assert wait_for(lambda: snapshot(_disk(lab, "a")) == snapshot(tree(lab, "b")), 30, 0.2), c.h.logs()
+    assert snapshot(spare) == on_spare
 
 
 def test_a_secondary_whose_disk_is_missing_never_takes_over(rcluster):
