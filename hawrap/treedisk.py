@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 
 from mirror.applied import APPLIED_FILE
 from mirror.atomicfile import atomic_write
@@ -39,6 +40,32 @@ HELD_FILE = "trees-held.json"
 ADOPT_HINT = "if this disk replaces the tree's on purpose, run 'hawrap resume --new-disk'"
 
 
+class MountTable:
+    """Whether a path is a mount point, from the kernel's mount table read again only when
+    the kernel says it changed (``poll`` on ``/proc/self/mountinfo``: ``POLLPRI`` once per
+    change): the node asks at every step, and a host with thousands of mounts has a table of
+    megabytes."""
+
+    def __init__(self):
+        try:
+            self._file = open("/proc/self/mountinfo", "rb", buffering=0)  # held open: polled
+        except OSError:
+            self._file = None
+        self._poll = select.poll()
+        if self._file is not None:
+            self._poll.register(self._file, select.POLLPRI)
+        self._known: dict[bytes, bool] = {}
+
+    def is_mount_point(self, path: bytes) -> bool:
+        if self._file is None:
+            return is_mount_point(path)
+        if self._poll.poll(0):
+            self._known.clear()
+        if path not in self._known:
+            self._known[path] = is_mount_point(path)
+        return self._known[path]
+
+
 class TreeDisks:
     """The disks of ``trees`` (``mirrorctl.Tree``), checked at every call of ``unfit``; the
     tree ids held, recorded in ``state_dir`` as soon as a fit tree shows one (unless
@@ -50,6 +77,7 @@ class TreeDisks:
         self.path = os.path.join(state_dir, HELD_FILE)
         self.held: dict[str, str] = {}
         self.adopted: set[str] = set()  # new disks no session has been applied to yet
+        self.mounts = MountTable()
         self._load()
 
     def unfit(self) -> str:
@@ -73,7 +101,7 @@ class TreeDisks:
         held id is forgotten and the tree's identity and applied position are removed (the
         next sender records its tree, and compares everything).  Returns their names; raises
         ``HawrapError`` while a tree has nothing mounted, or when every disk is the tree's."""
-        missing = [t.path for t in self.trees if not is_mount_point(os.fsencode(t.path))]
+        missing = [t.path for t in self.trees if not self.mounts.is_mount_point(os.fsencode(t.path))]
         if missing:
             raise HawrapError(f"nothing is mounted at {', '.join(missing)}: mount the new disk first")
         adopted = []
@@ -100,7 +128,7 @@ class TreeDisks:
 
     def _problem(self, t) -> str:
         path, state_dir = os.fsencode(t.path), os.fsencode(t.state_dir)
-        if not is_mount_point(path):
+        if not self.mounts.is_mount_point(path):
             return f"nothing is mounted at {t.path} (require_mount)"
         try:
             identity = load(state_dir)

@@ -17,7 +17,7 @@ from test_hawrap_config import MINIMAL, write
 
 from hawrap.errors import HawrapError
 from hawrap.mirrorctl import Tree
-from hawrap.treedisk import HELD_FILE, TreeDisks
+from hawrap.treedisk import HELD_FILE, MountTable, TreeDisks
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="bind mounts need root")
 
@@ -159,3 +159,15 @@ def test_hawrap_check_names_another_disk_and_records_nothing(place):
     proc = subprocess.run(check, capture_output=True, text=True)
     assert proc.returncode == 2 and "mirror.tree[0].require_mount" in proc.stderr, proc
     assert f"{place}/tree holds no tree" in proc.stderr and "--new-disk" in proc.stderr, proc.stderr
+
+
+def test_the_mount_table_is_read_again_at_each_change_and_only_then(place):
+    """The node asks at every step; the table is cached between changes, never past one."""
+    table = MountTable()
+    where = place / "tree"
+    assert table.is_mount_point(os.fsencode(where)) is False
+    for _ in range(3):
+        mount(place, disk(place, f"d{_}"))
+        assert table.is_mount_point(os.fsencode(where)) is True
+        subprocess.run(["umount", str(where)], check=True)
+        assert table.is_mount_point(os.fsencode(where)) is False
