@@ -21,6 +21,7 @@ the peer's word alone may predate the new disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import select
 
 from mirror.applied import APPLIED_FILE
 from mirror.atomicfile import atomic_write
+from mirror.epoch import observe_epoch, read_epoch
 from mirror.errors import SourceGuardError
 from mirror.guard import IDENTITY_FILE, TreeIdentity, is_mount_point, load, on_recorded_fs
 from mirror.statedir import state_dir_below
@@ -74,6 +76,7 @@ class TreeDisks:
     def __init__(self, trees, state_dir: str, record: bool = True):
         self.record = record
         self.trees = [t for t in trees if t.require_mount]
+        self.state_dir = state_dir  # the node's: its epoch, and the tree ids held
         self.path = os.path.join(state_dir, HELD_FILE)
         self.held: dict[str, str] = {}
         self.adopted: set[str] = set()  # new disks no session has been applied to yet
@@ -109,11 +112,7 @@ class TreeDisks:
             problem = self._problem(t)
             if not problem:
                 continue
-            for name in (IDENTITY_FILE, APPLIED_FILE):
-                try:
-                    os.unlink(os.path.join(os.fsencode(t.state_dir), name))
-                except FileNotFoundError:
-                    pass
+            self._forget_disk(t)
             self.held.pop(t.name, None)
             self.adopted.add(t.name)
             log.warning("%s: adopted a new disk at %s (was: %s)", t.name, t.path, problem)
@@ -125,6 +124,24 @@ class TreeDisks:
         except OSError as exc:
             raise HawrapError(f"{self.path}: cannot record the new disks: {exc.strerror}") from None
         return adopted
+
+    def _forget_disk(self, t) -> None:
+        """What the tree's state dir says of the disk goes: its identity and what was applied
+        to it; a state dir on the disk itself (another tree's, another cluster's) also its
+        journals, digest cache and epoch, which is set to this node's (a higher one would
+        fence this cluster's primary off the new disk)."""
+        state_dir = os.fsencode(t.state_dir)
+        names = [IDENTITY_FILE, APPLIED_FILE]
+        on_disk = state_dir_below(os.fsencode(t.path), state_dir) is not None
+        if on_disk:
+            names += [b"epoch", b"mirror-daemon.status.json"]
+            with contextlib.suppress(FileNotFoundError):
+                names += [n for n in os.listdir(state_dir) if n.startswith((b"journal-", b"digests-"))]
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(state_dir, name))
+        if on_disk and os.path.isdir(state_dir) and (epoch := read_epoch(self.state_dir)):
+            observe_epoch(state_dir, epoch)
 
     def _problem(self, t) -> str:
         path, state_dir = os.fsencode(t.path), os.fsencode(t.state_dir)

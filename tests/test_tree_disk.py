@@ -18,6 +18,7 @@ from test_hawrap_config import MINIMAL, write
 from hawrap.errors import HawrapError
 from hawrap.mirrorctl import Tree
 from hawrap.treedisk import HELD_FILE, MountTable, TreeDisks
+from mirror.epoch import bump_epoch, observe_epoch, read_epoch
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="bind mounts need root")
 
@@ -111,13 +112,20 @@ def test_a_new_disk_adopted_is_mirrored_over_in_full(place):
         disks.adopt()
 
     mount(place, new)
-    mirrored(disk(place, "elsewhere", 1), str(place / "tree"))  # the new disk held another tree
+    mirrored(disk(place, "elsewhere", 1), str(place / "tree"))  # the new disk held another tree,
+    bump_epoch(place / "tree" / ".mirror", 500)  # of a cluster at a higher epoch than this one's 7
+    (place / "tree" / ".mirror" / "journal-0000000000000001").write_bytes(b"another tree's journal")
+    observe_epoch(place / "node-state", 7)
+    bump_epoch(place / "disks" / "primary" / ".mirror", 7)
     assert "holds tree " in disks.unfit()
-    refused = run_mirror("sync", primary + "/", str(place / "tree"), "--delete", "--no-fsync", check_codes=(25,))
-    assert b"refused: this replica mirrors tree" in refused.stderr
+    # as it is, the primary is refused: stale against that cluster's epoch, or another tree
+    refused = run_mirror("sync", primary + "/", str(place / "tree"), "--delete", "--no-fsync", check_codes=(4, 25))
+    assert b"refused" in refused.stderr
     assert disks.adopt() == ["data"]
     assert disks.unfit() == "" and disks.incomplete() == ["data"]
     assert not os.path.exists(place / "tree" / ".mirror" / "tree-identity")
+    assert read_epoch(place / "tree" / ".mirror") == 7  # not 500: it would fence the primary off
+    assert not any(n.startswith("journal-") for n in os.listdir(place / "tree" / ".mirror"))
     # hawrap restarted meanwhile: the new disk is still to be mirrored onto
     assert TreeDisks([tree_at(place)], str(place / "node-state")).incomplete() == ["data"]
     # the primary's deleting sync over the network (a receiver records what it applied) is

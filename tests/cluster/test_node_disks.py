@@ -22,6 +22,7 @@ from test_failover import Cluster
 from test_mirrored_data import converged, start_mirrored
 
 from hawrap.mirrorctl import engine_available
+from mirror.epoch import bump_epoch
 
 pytestmark = pytest.mark.skipif(
     not engine_available(tuple(MIRROR)), reason="needs the mirror engine ('mirror serve|daemon --help')"
@@ -242,15 +243,21 @@ def test_a_secondary_that_boots_with_another_disk_receives_nothing_into_it(rclus
     assert snapshot(other) == before
 
 
-def test_a_replaced_disk_is_adopted_and_mirrored_over_in_full(rcluster):
-    """The secondary's disk failed and was replaced by a blank one: refused as it is, then
-    taken by the administrator (``resume --new-disk``), its copy outdated until the
-    primary has mirrored everything onto it."""
+@pytest.mark.parametrize("spare", ["blank", "another cluster's"])
+def test_a_replaced_disk_is_adopted_and_mirrored_over_in_full(rcluster, spare):
+    """The secondary's disk failed and was replaced by a blank one, or by one that served
+    another cluster (its own tree, at a much higher epoch, which would fence this cluster's
+    primary off it): refused as it is, then taken by the administrator (``resume
+    --new-disk``), its copy outdated until the primary has mirrored everything onto it."""
     c, lab = rcluster, rcluster.lab
     write_files(tree(lab, "a"), "before", 40)
     assert converged(lab), c.h.logs()
     lab.power_off("b")
     new = _spare(lab, "new")
+    if spare != "blank":
+        elsewhere = _spare(lab, "elsewhere", {"theirs/x": b"another cluster's file\n"})
+        subprocess.run([*MIRROR, "sync", elsewhere + "/", new, "--delete", "--no-fsync"], check=True)
+        bump_epoch(os.path.join(new, ".mirror"), 500)
     _boot_with(lab, "b", new)
     lab.power_on("b")
     c.h.start("b")
