@@ -40,9 +40,10 @@ The safety rules, each one asserted by the property tests:
   silent on every link or says it is not serving (it released, went to standby, or is an
   idle secondary that ranks lower).
 * Every takeover starts with the address check and is all or nothing.
-* If both ever serve while hearing each other, the lower rank (standby lock first, then
-  knowing its data up to date, then epoch, then who owns the epoch, then the home node,
-  then the name) stops at once.
+* If both ever serve while hearing each other, the lower rank (standby lock or unfit first,
+  then knowing its data up to date, then a whole copy rather than a new disk not yet
+  mirrored onto, then epoch, then who owns the epoch, then the home node, then the name)
+  stops at once.
 """
 
 from __future__ import annotations
