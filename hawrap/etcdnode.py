@@ -364,6 +364,7 @@ class EtcdNode(Listener):
         started = time.monotonic()
         self._rejoined_at = None
         self._began_serving = True  # from here its copy may hold changes no replica has
+        self.mirror.disks.served()
         try:
             self._raise_epochs(epoch)
             # The receiver killed where it stands (fsm.StopReceiver): this node's trees are the source now.

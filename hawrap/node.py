@@ -421,6 +421,8 @@ class Node:
         self._execute(actions, facts, before)
         if self.state.role != fsm.PRIMARY:
             self.resource_failure, self._restarts = "", []
+        else:
+            self.mirror.disks.served()
         if self._persisted_changed():
             self._save_state()
             if self.state.role != before.role:

@@ -99,6 +99,16 @@ class TreeDisks:
                 log.warning("%s: cannot record that %s is mirrored (%s)", self.path, ", ".join(done), exc.strerror)
         return sorted(self.adopted)
 
+    def served(self) -> None:
+        """This node serves its trees: a new disk is the tree's copy from now on (the changes
+        made on it exist nowhere else), not one waiting to be mirrored onto."""
+        if self.adopted:
+            self.adopted.clear()
+            try:
+                self._save()
+            except OSError as exc:  # said again at the next step that serves
+                log.warning("%s: cannot record that the new disks are served (%s)", self.path, exc.strerror)
+
     def adopt(self) -> list[str]:
         """The mounted trees whose disk is not the held one become the tree's new disks: the
         held id is forgotten and the tree's identity and applied position are removed (the

@@ -653,6 +653,7 @@ class Sim:
                 # the receiver is gone before anything is served: the lock reaches only a running one
                 assert node.direction != "receive", (node.state, actions)
                 node.serving = True
+                node.new_disk = False  # served: the tree's copy from now on (TreeDisks.served)
             elif isinstance(a, StopReceiver):
                 node.direction = None if node.direction == "receive" else node.direction
             elif isinstance(a, StopResources):
@@ -789,6 +790,8 @@ def converge(sim: Sim, steps: int = 120):
 # The primary's disk fails while its peer is outdated, and is replaced: its blank disk must
 # not win on its epoch against the only copy left.
 @example([("hb_down", 2), ("a_unmount", 1), ("a_newdisk", 1)], True)
+# A new disk served (forced) holds the newest writes: it is no longer one to be mirrored onto.
+@example([("hb_down", 1), ("a_newdisk", 1), ("b_newdisk", 1), ("b_force", 1), ("hb_down", 1), ("b_newdisk", 1)], True)
 def test_random_faults_never_end_in_split_brain(script, mirrored):
     """With mirrored trees (``mirrored``: the data guard on), also: a node that starts serving
     on its own holds every write it could have known of (Sim.check_newest)."""

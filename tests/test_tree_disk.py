@@ -179,3 +179,18 @@ def test_the_mount_table_is_read_again_at_each_change_and_only_then(place):
         assert table.is_mount_point(os.fsencode(where)) is True
         subprocess.run(["umount", str(where)], check=True)
         assert table.is_mount_point(os.fsencode(where)) is False
+
+
+def test_a_new_disk_served_is_the_trees_copy_from_then_on(place):
+    """Forced primary on a new disk: what it writes there exists nowhere else, so it is no
+    longer a disk waiting to be mirrored onto (which would rank it below an older copy)."""
+    own = disk(place, "own")
+    mirrored(disk(place, "primary", 1), own)
+    mount(place, own)
+    disks = TreeDisks([tree_at(place)], str(place / "node-state"))
+    assert disks.unfit() == ""
+    mount(place, disk(place, "new"))
+    assert disks.adopt() == ["data"] and disks.incomplete() == ["data"]
+    disks.served()
+    assert disks.incomplete() == []
+    assert TreeDisks([tree_at(place)], str(place / "node-state")).incomplete() == []  # recorded
