@@ -6,8 +6,8 @@ place (device names swapped at boot, a spare disk, another cluster's disk).  Two
 tell the tree's disk from another:
 
 - the tree's identity (``tree-identity`` in its state dir, ``mirror.guard``): with the state
-  dir apart from the tree, it names the file system the tree was on (``f_fsid`` and the
-  root's inode), which another disk does not match;
+  dir apart from the tree, it names the file system the tree was on (its UUID where the
+  kernel tells it, else ``f_fsid``, and the root's inode), which another disk does not match;
 - the tree id this node has seen on the disk, kept in the node's state dir
   (``trees-held.json``): with the state dir in the tree, it travels with the disk, and
   another disk shows another tree id or none.
