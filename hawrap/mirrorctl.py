@@ -291,6 +291,17 @@ def exit_alert(code: int | None, message: str, in_a_row: int) -> str | None:
     return None
 
 
+def _write_generated(path: str, lines: list[str]) -> None:
+    """A generated configuration file, written only when it would change: the same one as
+    the last start is used as it is, even from a full file system."""
+    data = ("\n".join(lines) + "\n").encode()
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            if f.read(len(data) + 1) == data:
+                return
+    atomic_write(path, data, 0o600)
+
+
 def _toml(value: str) -> str:
     """A TOML basic string: JSON's escapes are TOML's (quotes, backslashes, control characters)."""
     return json.dumps(value)
@@ -386,7 +397,7 @@ class MirrorControl:
             if self.cfg.mirror.secret_file:
                 lines.append(f"secret_file = {_toml(self.cfg.mirror.secret_file)}")
         path = os.path.join(self.me.state_dir, f"mirror-daemon-{tree.name}.toml")
-        atomic_write(path, ("\n".join(lines) + "\n").encode(), 0o600)
+        _write_generated(path, lines)
         return [*self.cfg.mirror.command, "daemon", "--config", path]
 
     def _serve_argv(self) -> list[str]:
@@ -417,7 +428,7 @@ class MirrorControl:
                 *(["require_mount = true"] if t.require_mount else []),
             ]
         path = os.path.join(self.me.state_dir, "mirror-serve.toml")
-        atomic_write(path, ("\n".join(lines) + "\n").encode(), 0o600)
+        _write_generated(path, lines)
         return [*self.cfg.mirror.command, "serve", "--config", path]
 
     def _argv(self, template: tuple[str, ...], tree: Tree | None = None, **extra: str) -> list[str]:

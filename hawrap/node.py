@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
-from mirror.atomicfile import atomic_write
-from mirror.errors import MirrorError
+from mirror.atomicfile import write_record
+from mirror.errors import MirrorError, os_error_message
 
 from . import fsm, watchdog
 from .config import ClusterConfig
@@ -113,6 +113,7 @@ class Node:
         self.service_health = {s.name: {"running": None, "failures": 0} for s in cfg.services}
         self.replica = Replica(not self.mirror.trees, "not mirroring toward the peer")
         self.unfit = ""  # fsm.Facts.unfit, as last seen
+        self.state_unsaved = ""  # why node-state.json could not be written, while it cannot
         self.copy_incomplete = False  # fsm.Facts.copy_incomplete, as last seen
         self.replica_in_sync = False  # the last value given to the state machine (and advertised)
         self.final_synced = False  # a planned switchover's final sync is done
@@ -163,7 +164,11 @@ class Node:
             return {}
 
     def _save_state(self) -> None:
-        """node-state.json, written (fsynced) before the heartbeat says anything it implies."""
+        """node-state.json, written (fsynced) before the heartbeat says anything it implies.
+        A file system that cannot take it (read-only, failing) does not stop the node: its
+        services run on as its state says, the write is tried again at every step, and the
+        administrator is told that a restart meanwhile would start from the state last
+        written."""
         s, old, now = self.state, self.persisted, time.time()
 
         def since(key: str, flag: bool, flag_before: bool) -> float | None:
@@ -179,7 +184,20 @@ class Node:
             "outdated_since": since("outdated_since", not s.uptodate, bool(old) and not old.get("uptodate", False)),
             "peer_outdated_since": since("peer_outdated_since", s.peer_outdated, old.get("peer_outdated", False)),
         }  # fmt: skip
-        atomic_write(self._state_path(), json.dumps(data).encode() + b"\n", 0o600)
+        try:
+            # a full file system too: rewritten in place, the format allows trailing blanks
+            write_record(self._state_path(), json.dumps(data).encode() + b"\n", 0o600, filler=b" ")
+        except OSError as exc:
+            problem = os_error_message(exc, self._state_path())
+            if problem != self.state_unsaved:
+                self._notify("error", f"cannot record this node's state, {problem}: going on as it "
+                                      "says, trying again at every step; a restart meanwhile would "
+                                      "start from the state last recorded")  # fmt: skip
+            self.state_unsaved = problem
+            return
+        if self.state_unsaved:
+            log.warning("this node's state is recorded again in %s", self._state_path())
+            self.state_unsaved = ""
         self.persisted = data
 
     def _persisted_changed(self) -> bool:
@@ -688,6 +706,7 @@ class Node:
             "link_stats": (self.peer_msg or {}).get("stats", {}),
             "standby_lock": (lambda i: i.as_dict() if i else None)(lockfile.status(self.standby_lock_path())),
             "unfit": self.unfit or None,
+            "state_unsaved": self.state_unsaved or None,
             "mirror": {
                 "direction": self.mirror.direction,
                 "locked": self.mirror.locked(),

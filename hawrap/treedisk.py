@@ -28,7 +28,7 @@ import os
 import select
 
 from mirror.applied import APPLIED_FILE
-from mirror.atomicfile import atomic_write
+from mirror.atomicfile import write_record
 from mirror.epoch import observe_epoch, read_epoch
 from mirror.errors import SourceGuardError
 from mirror.guard import IDENTITY_FILE, TreeIdentity, is_mount_point, load, on_recorded_fs
@@ -189,7 +189,7 @@ class TreeDisks:
 
     def _save(self) -> None:
         record = {"held": self.held, "adopted": sorted(self.adopted)}
-        atomic_write(self.path, json.dumps(record, sort_keys=True).encode() + b"\n", 0o600)
+        write_record(self.path, json.dumps(record, sort_keys=True).encode() + b"\n", 0o600, filler=b" ")
 
     def _load(self) -> None:
         try:

@@ -5,12 +5,19 @@ the target, and the directory is fsynced so the rename itself survives a crash. 
 anything fails, the temporary file is removed and the target is untouched; if it is the
 directory's fsync, the rename is undone (the previous content, held by a second name
 meanwhile, is put back): the caller is told the write failed, so the file must not show it.
+
+A small state record (an epoch, a node's role) must be written on a full file system too,
+where no new file can get a block: ``write_record`` then rewrites the old record in place,
+within its first sector, a write that disks make whole or not at all (PostgreSQL keeps its
+control file under 512 bytes for the same reason).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from typing import BinaryIO
 
 from .errors import fs_path
@@ -142,3 +149,46 @@ class AtomicFile:
 def atomic_write(path: bytes | str, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
     with AtomicFile(path, mode, durable=durable) as f:
         f.write(data)
+
+
+SECTOR = 512  # the largest write a disk makes whole or not at all
+
+
+def write_record(path: bytes | str, data: bytes, mode: int = 0o644, *, filler: bytes | None = None) -> None:
+    """``atomic_write`` for a small state record that must not be lost to a full file system:
+    when no new file can be made (ENOSPC, EDQUOT), a record of at most ``SECTOR`` bytes is
+    written over the old one's first sector and fdatasynced.  A shorter record is padded with
+    ``filler`` to the old one's length (None: the format allows none, so it is not written in
+    place).  Anything else fails as ``atomic_write`` does."""
+    try:
+        atomic_write(path, data, mode)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not _rewrite_in_place(fs_path(path), data, filler):
+            raise
+
+
+def _rewrite_in_place(path: bytes, data: bytes, filler: bytes | None) -> bool:
+    """Whether ``data`` could replace ``path``'s content without a new block; raises if the
+    write itself fails."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        # An empty file has no block to write into; past one sector the write could be torn.
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0 or max(st.st_size, len(data)) > SECTOR:
+            return False
+        if len(data) < st.st_size:
+            if filler is None:
+                return False
+            data += filler * (st.st_size - len(data))
+        try:
+            if os.pwrite(fd, data, 0) != len(data):
+                raise OSError(errno.EIO, "short write")
+            os.fdatasync(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, path) from None
+        return True
+    finally:
+        os.close(fd)

@@ -3,7 +3,9 @@
 The epoch lives in the tree's state dir (``<root>/.mirror/epoch`` by default) as a decimal
 number on one line.  It only ever rises: ``bump_epoch`` on a takeover, ``observe_epoch`` when
 a receiver sees a sender with a newer one.  Each change is written atomically and fsynced,
-under an advisory lock so that two concurrent bumps give two different epochs.
+under an advisory lock so that two concurrent bumps give two different epochs; on a full
+file system it is rewritten in place (``atomicfile.write_record``), so that a takeover can
+still fence a tree whose disk is full.
 
 A missing file means epoch 0 (a tree that never had an owner).  A file that exists but is
 not a number is an error: silently treating it as 0 would let a stale primary through.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 
-from .atomicfile import atomic_write
+from .atomicfile import write_record
 from .errors import FormatError, display_path, fs_path
 from .statedir import read_state_file, state_lock
 
@@ -87,4 +89,5 @@ def observe_epoch(state_dir: bytes | str, n: int) -> int:
 
 
 def _write(state_dir: bytes | str, value: int) -> None:
-    atomic_write(epoch_path(state_dir), b"%d\n" % value, 0o644)
+    # Never shorter than the value it replaces: it only rises.
+    write_record(epoch_path(state_dir), b"%d\n" % value, 0o644)

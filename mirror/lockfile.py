@@ -118,7 +118,9 @@ def acquire(path: bytes | str, reason: str = "", owner: tuple[str, int] | None =
             os.write(fd, content)
             os.fsync(fd)
         except OSError as exc:
-            raise MirrorError(f"cannot create the lock {os_error_message(exc, path)}") from exc
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise MirrorError(f"cannot create the lock {os_error_message(exc, path)}") from exc
+            return _acquire_empty(path, host, pid, now, reason)
         finally:
             os.close(fd)
         # link() fails with EEXIST if the lock exists: creation is exclusive and a reader
@@ -143,6 +145,26 @@ def acquire(path: bytes | str, reason: str = "", owner: tuple[str, int] | None =
         os.unlink(path)
         raise MirrorError(f"cannot create the lock {os_error_message(exc, path)}") from exc
     return LockInfo(path=path, host=host, pid=pid, time=now, reason=reason, created=True)
+
+
+def _acquire_empty(path: bytes, host: str, pid: int, now: float, reason: str) -> LockInfo:
+    """On a file system with no block left for its content, the lock is taken as an empty
+    file (an inode only): its existence is what locks, and a takeover must not fail for want
+    of a line saying who took it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return status(path) or acquire(path, reason, (host, pid))
+    except OSError as exc:
+        raise MirrorError(f"cannot create the lock {os_error_message(exc, path)}") from exc
+    os.close(fd)
+    try:
+        fsync_directory(os.path.dirname(path) or b".")
+    except OSError as exc:  # not taken, as the error says: a crash could lose it
+        os.unlink(path)
+        raise MirrorError(f"cannot create the lock {os_error_message(exc, path)}") from exc
+    return LockInfo(path=path, host=host, pid=pid, time=now, reason=reason, created=True,
+                    problem="taken empty: its file system is full")  # fmt: skip
 
 
 def release(path: bytes | str) -> bool:

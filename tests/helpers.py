@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -182,3 +184,36 @@ def ext4_image(path, image, *mkfs_options: str, size: str = "64M"):
     subprocess.run(["truncate", "-s", size, str(image)], check=True)
     subprocess.run(["mkfs.ext4", "-q", *mkfs_options, str(image)], check=True, capture_output=True)
     return loop_mounted(image, path)
+
+
+def fill_file_system(directory) -> None:
+    """Fill ``directory``'s file system to its last block with a file ``filler`` there, and
+    prove it: not even a one-byte file can be written (run as root, with no reserve left
+    for root, e.g. ext4 ``-m 0``)."""
+    with open(os.path.join(directory, "filler"), "ab", buffering=0) as f:
+        for size in (1 << 20, 4096):
+            with contextlib.suppress(OSError):
+                while f.write(b"\0" * size):
+                    pass
+        # ext4 holds blocks back for delayed writes until they are synced: fill those too
+        while True:
+            written = 0
+            with contextlib.suppress(OSError):
+                while f.write(b"\0"):
+                    written += 1
+            with contextlib.suppress(OSError):
+                os.fsync(f.fileno())
+            if not written:
+                break
+    probe = os.path.join(directory, "probe")
+    try:
+        with open(probe, "wb", buffering=0) as f:
+            f.write(b"x")
+            os.fsync(f.fileno())
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    else:
+        raise AssertionError(f"{directory} is not full")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)

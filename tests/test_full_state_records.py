@@ -1,0 +1,87 @@
+"""Small state records on a file system with no block left: the epoch, a node's state and the
+mirroring lock are still written (a takeover must not fail for want of a block), and nothing
+else is.  On real file systems, ext4 (1 KiB blocks at this size, no reserve) and tmpfs, filled
+to their last block by root."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+
+from mirror import epoch, lockfile
+from mirror.atomicfile import SECTOR, write_record
+from tests.helpers import ext4_image, fill_file_system, is_root, mounted
+
+pytestmark = pytest.mark.skipif(not is_root(), reason="mounts file systems")
+
+
+@pytest.fixture(params=["ext4", "tmpfs"])
+def full(request, tmp_path):
+    """A directory on a small file system of each kind, and a function filling it."""
+    place = tmp_path / "fs"
+    if request.param == "ext4":
+        context = ext4_image(place, tmp_path / "fs.img", "-m", "0", size="4M")
+    else:
+        context = mounted(place, "tmpfs", "size=1m")
+    with context:
+        yield place
+
+
+def _entries(directory) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n not in ("filler", "lost+found"))
+
+
+def test_a_record_is_rewritten_in_place_when_no_new_file_fits(full):
+    path = full / "node-state.json"
+    path.write_bytes(json.dumps({"role": "secondary", "epoch": 7, "peer_outdated": False}).encode() + b"\n")
+    fill_file_system(full)
+    shorter = json.dumps({"role": "primary", "epoch": 8}).encode() + b"\n"
+    write_record(path, shorter, 0o600, filler=b" ")
+    assert path.read_bytes().rstrip(b" ") == shorter  # padded to the old length
+    assert json.loads(path.read_bytes()) == {"role": "primary", "epoch": 8}
+    longer = json.dumps({"role": "primary", "epoch": 8, "peer_outdated": True, "time": 1.5}).encode() + b"\n"
+    write_record(path, longer, 0o600, filler=b" ")
+    assert path.read_bytes() == longer
+    assert _entries(full) == ["node-state.json"]  # no temporary file left
+
+
+def test_a_record_past_one_sector_or_that_cannot_be_padded_is_not_written(full):
+    path = full / "record"
+    old = b"x" * 100
+    path.write_bytes(old)
+    fill_file_system(full)
+    for data, filler in ((b"y" * (SECTOR + 1), b" "), (b"y" * 50, None)):
+        with pytest.raises(OSError) as raised:
+            write_record(path, data, filler=filler)
+        assert raised.value.errno == errno.ENOSPC and raised.value.filename == bytes(path), raised.value
+        assert path.read_bytes() == old
+    # a record that was never written has no block to be written into
+    with pytest.raises(OSError) as raised:
+        write_record(full / "new", b"1\n")
+    assert raised.value.errno == errno.ENOSPC
+    assert _entries(full) == ["record"]
+
+
+def test_the_epoch_rises_on_a_full_file_system(full):
+    epoch.observe_epoch(full, 9)
+    fill_file_system(full)
+    assert epoch.bump_epoch(full) == 10  # one digit more
+    assert epoch.observe_epoch(full, 12) == 12
+    assert epoch.read_epoch(full) == 12
+    assert (full / "epoch").read_bytes() == b"12\n"
+
+
+def test_the_mirroring_lock_is_taken_empty_on_a_full_file_system(full):
+    path = full / "data.lock"
+    fill_file_system(full)
+    info = lockfile.acquire(path, reason="takeover by b")
+    assert info.created and info.problem and "full" in info.problem, info
+    assert lockfile.is_locked(path) and path.stat().st_size == 0
+    held = lockfile.status(path)
+    assert held.problem and not held.created, held  # it locks; it cannot say who took it
+    assert not lockfile.acquire(path, reason="again").created
+    assert _entries(full) == ["data.lock"]
+    assert lockfile.release(path) and not lockfile.is_locked(path)
