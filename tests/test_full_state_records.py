@@ -85,3 +85,20 @@ def test_the_mirroring_lock_is_taken_empty_on_a_full_file_system(full):
     assert not lockfile.acquire(path, reason="again").created
     assert _entries(full) == ["data.lock"]
     assert lockfile.release(path) and not lockfile.is_locked(path)
+
+
+def test_a_generated_configuration_unchanged_is_used_from_a_full_file_system(full):
+    """hawrap writes ``mirror serve|daemon --config`` files when it starts the processes: the
+    same file as last time is not written again, so a full /var does not stop them."""
+    from hawrap.mirrorctl import _write_generated
+
+    path = str(full / "mirror-serve.toml")
+    _write_generated(path, ['listen = "10.0.0.1:8730"', "[modules.data]"])
+    inode = os.stat(path).st_ino
+    fill_file_system(full)
+    _write_generated(path, ['listen = "10.0.0.1:8730"', "[modules.data]"])
+    assert os.stat(path).st_ino == inode
+    with pytest.raises(OSError) as raised:  # a changed one is written, or the error says why not
+        _write_generated(path, ['listen = "10.0.0.2:8730"', "[modules.data]"])
+    assert raised.value.errno == errno.ENOSPC
+    assert (full / "mirror-serve.toml").read_text() == 'listen = "10.0.0.1:8730"\n[modules.data]\n'
