@@ -348,6 +348,8 @@ def cmd_status(cfg, node, args) -> int:
     print(f"  standby lock: {st['standby_lock']['reason'] if st['standby_lock'] else 'none'}")
     if st.get("unfit"):
         print(f"  UNFIT TO SERVE: {st['unfit']} (rejoins once it is over)")
+    if st.get("state_unsaved"):
+        print(f"  STATE NOT RECORDED: {st['state_unsaved']} (a restart now would start from the state last recorded)")
     if (st.get("data") or {}).get("new_disks"):
         print(f"  new disk of {', '.join(st['data']['new_disks'])}: outdated until the peer has mirrored onto it")
     data = st.get("data") or {}

@@ -136,6 +136,8 @@ def test_a_primary_whose_state_dir_fails_keeps_serving_and_says_so(fcluster):
     assert "node-state.json" in st["state_unsaved"] and "Read-only" in st["state_unsaved"], st
     assert st["data"]["peer_outdated"] and st["role"] == "primary", st
     assert c.notified("cannot record this node's state", 10), c.h.logs()
+    shown = c.h.cli("a", "status").stdout
+    assert "STATE NOT RECORDED" in shown and "node-state.json" in shown, shown
     assert not _node_state(lab, "a")["peer_outdated"]  # nothing could be written
     seen = time.monotonic()
     assert wait_for(lambda: len([r for r in c.probe.results() if r.start > seen + 2]) >= 20, 10)
