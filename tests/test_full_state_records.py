@@ -102,3 +102,17 @@ def test_a_generated_configuration_unchanged_is_used_from_a_full_file_system(ful
         _write_generated(path, ['listen = "10.0.0.2:8730"', "[modules.data]"])
     assert raised.value.errno == errno.ENOSPC
     assert (full / "mirror-serve.toml").read_text() == 'listen = "10.0.0.1:8730"\n[modules.data]\n'
+
+
+def test_the_epoch_rises_when_no_inode_is_left(tmp_path):
+    """A spool of many small files (a Maildir) runs out of inodes before blocks: the
+    temporary file cannot be made, and the record is rewritten in place all the same."""
+    place = tmp_path / "fs"
+    with mounted(place, "tmpfs", "size=4m,nr_inodes=64"):
+        epoch.observe_epoch(place, 3)
+        with pytest.raises(OSError) as raised:
+            for i in range(100):
+                (place / f"mail{i}").touch()
+        assert raised.value.errno == errno.ENOSPC
+        assert epoch.bump_epoch(place) == 4
+        assert epoch.read_epoch(place) == 4
