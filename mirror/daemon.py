@@ -506,16 +506,18 @@ class LivePair:
         if self._need_full or getattr(self, "_after_lock", False):
             return self.journal.take()
         with self._cond:
-            pending = self.journal.pending()
-            if not len(pending):
+            idle = not len(self.journal.pending())
+            if idle:
                 if self._connection is None:
                     # Lost while idle: connected again at once, so that "live" stays true (the
                     # replica's record then says what it lacks, if it changed meanwhile).
                     return self.journal.take()
                 self._cond.wait(timeout=self._idle_timeout(time.monotonic(), set()))
-                if self._connection.hung_up():
-                    raise ConnectionLost(f"{self.config.destination}: the receiver ended the connection while idle")
-                return None
+        if idle:  # outside the lock: the watcher must never wait for the network
+            if self._connection.hung_up():
+                raise ConnectionLost(f"{self.config.destination}: the receiver ended the connection while idle")
+            self._connection.idle()
+            return None
         if self.daemon.coalesce and time.monotonic() - self._last_session_end < 0.05:
             # Busy (a session ended a moment ago): wait a little to take the burst in one session.
             # After a quiet spell a change is sent at once.

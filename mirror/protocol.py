@@ -52,6 +52,13 @@ CHALLENGE, WELCOME, READY, SUMMARY, SUMMARY_END, LISTING, SIGNATURE, SIG_FAILED,
     "failed", "pong", "result", "error",
 )  # fmt: skip
 ALIVE = "alive"  # the receiver is still at work (sent during a session when it has been quiet)
+IDLE = "idle"  # between sessions: the sender is still there, with nothing to send
+# A sender that says so in its hello sends ``idle`` this often between sessions; a receiver
+# that heard nothing for IDLE_MISSED of them ends the connection (its writer lock with it):
+# a sender that vanished with the network (no FIN, no reset) leaves no receiver holding the
+# replica for the hours a remote shell's TCP keepalive may take.
+IDLE_INTERVAL = 5.0
+IDLE_MISSED = 4
 
 
 # msgpack is imported by the first frame: a local sync never loads it (nor the datetime
@@ -123,6 +130,11 @@ class StreamTransport:
         self.bytes_received = 0
         self._deadline: float | None = None
         self._settimeout = None
+
+    def set_read_timeout(self, seconds: float | None) -> None:
+        """A pipe's ``read_timeout`` from now on (None: reads wait for ever).  Its reader must
+        be unbuffered: a wait for the pipe would not see bytes already in a buffer."""
+        self._read_timeout = seconds
 
     def set_deadline(self, when: float | None, settimeout=None) -> None:
         """Until ``when`` (``time.monotonic()``), no read waits past it, however slowly the
@@ -416,11 +428,11 @@ _nonce = (REQUIRED, _bytes("nonce", NONCE_SIZE))
 _proof_field = (b"", _bytes("proof", 64))
 _GREETINGS = {
     HELLO: (_map("hello", module=(REQUIRED, _text("module", 1024)), subpath=(b"", _bytes("subpath", 4096)),
-                 nonce=_nonce),),  # fmt: skip
+                 nonce=_nonce, idle=(None, _int("idle", 0.05, 3600, (int, float)))),),  # fmt: skip
     CHALLENGE: (_map("challenge", nonce=_nonce, auth=(False, _flag("auth"))),),
     AUTH: (_map("auth", proof=_proof_field),),
     WELCOME: (_map("welcome", proof=_proof_field, epoch=(0, _int("epoch")), read_only=(False, _flag("read_only")),
-                   can_chown=(False, _flag("can_chown")), applied=_applied),),  # fmt: skip
+                   can_chown=(False, _flag("can_chown")), applied=_applied, idle=(False, _flag("idle"))),),  # fmt: skip
     READY: (_map("ready", epoch=(0, _int("epoch")), root=(None, _attrs)),),
 }
 

@@ -103,6 +103,7 @@ class Receiver:
         self._set_timeout, self._session_timeout = timeouts if timeouts else (lambda seconds: None, None)
         self.replica: ReplicaAdmission | None = None  # set by the handshake
         self._root: tuple[int, int] | None = None  # the tree's directory at the handshake
+        self._idle_limit: float | None = None  # between sessions, for a sender that says it is there
 
     # -- connection ------------------------------------------------------------------------
 
@@ -111,10 +112,12 @@ class Receiver:
         try:
             self._handshake()
             while True:
-                self._set_timeout(None)
+                self._set_timeout(self._idle_limit)
                 message = self.t.recv()
                 if message is None:
                     return
+                if message[0] == P.IDLE:
+                    continue
                 if self.modules.get(self.module.name) != self.module:
                     # The server reloaded its modules since the handshake and this one changed
                     # or went: no session may run on the old settings.
@@ -156,6 +159,8 @@ class Receiver:
         self.can_chown = os.geteuid() == 0 and module.privileges.owners
         # Checked as a path of the tree (never into the state dir) when a session opens it.
         self.subpath = info["subpath"]
+        if info["idle"] is not None:
+            self._idle_limit = info["idle"] * P.IDLE_MISSED
         server_nonce = os.urandom(P.NONCE_SIZE)
         secret = self.module.secret
         self.t.send([P.CHALLENGE, {"proto": P.PROTOCOL_VERSION, "nonce": server_nonce, "auth": secret is not None}])
@@ -175,7 +180,7 @@ class Receiver:
         applied = read_applied(state_dir) if not self.subpath else None
         self.t.send([P.WELCOME, {
             "proof": proof, "epoch": read_epoch(state_dir), "applied": applied.as_wire() if applied else None,
-            "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE,
+            "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE, "idle": True,
         }])  # fmt: skip
 
     def _expect(self, kind: str) -> dict:

@@ -205,11 +205,12 @@ class Sender:
         self.on_progress = on_progress
         self.source_guard = SourceGuard(src_root, resolve_state_dir(src_root, options.state_dir))
         self.scans = (source_scan, None)  # the first session's, started by the caller
+        self._idle_frames, self._idle_sent = False, 0.0
 
     def handshake(self) -> dict:
         nonce = os.urandom(P.NONCE_SIZE)
         self.t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": self.module, "subpath": self.subpath,
-                               "nonce": nonce, "software": P.SOFTWARE}])  # fmt: skip
+                               "nonce": nonce, "software": P.SOFTWARE, "idle": P.IDLE_INTERVAL}])  # fmt: skip
         info = receive(self.t, P.CHALLENGE)
         secret = self.o.secret
         if info.get("auth") and secret is None:
@@ -224,7 +225,15 @@ class Sender:
         if info.get("auth"):
             expected = P.server_proof(secret, info["nonce"], nonce, self.module)
             P.verify(expected, welcome["proof"], "the receiver")
+        self._idle_frames = welcome["idle"]  # an older receiver takes none between sessions
         return welcome
+
+    def idle(self) -> None:
+        """Between sessions: tell the receiver we are still here, every ``IDLE_INTERVAL``."""
+        now = time.monotonic()
+        if self._idle_frames and now - self._idle_sent >= P.IDLE_INTERVAL:
+            self.t.send([P.IDLE])
+            self._idle_sent = now
 
     def run(
         self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None

@@ -220,6 +220,11 @@ class Connection:
         """Between sessions: whether the receiver's end of the connection is gone."""
         return self.sender is not None and self.sender.t.hung_up()
 
+    def idle(self) -> None:
+        """Between sessions, often: the receiver hears that we are still here (``Sender.idle``)."""
+        if self.sender is not None:
+            self.sender.idle()
+
     def close(self) -> None:
         self.sender = self.local = None
         self._held.close()
@@ -264,8 +269,15 @@ def _connect(dest: Destination, held: contextlib.ExitStack, bwlimit, rsh, remote
         # or a space breaks it and shell syntax in it runs over there.
         options = "".join(" " + shlex.quote(o) for o in remote_options)
         remote_line = f"{remote_command} receive{options} -- {shlex.quote(os.fsdecode(dest.path))}"
+        argv = shlex.split(rsh)
+        if argv and os.path.basename(argv[0]) == "ssh":
+            # After the user's options, which ssh takes first: a vanished host ends ssh (and
+            # the connection) within seconds, not at TCP's keepalive hours later.
+            argv += ["-o", f"ServerAliveInterval={KEEPALIVE[0]}", "-o", f"ServerAliveCountMax={KEEPALIVE[2]}"]
+            if contimeout:
+                argv += ["-o", f"ConnectTimeout={max(1, round(contimeout))}"]
         try:
-            proc = subprocess.Popen(shlex.split(rsh) + [dest.host, remote_line], stdin=subprocess.PIPE,
+            proc = subprocess.Popen(argv + [dest.host, remote_line], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
         except OSError as exc:
             raise ConnectError(f"cannot start the remote shell {rsh!r} for {dest.host}: "

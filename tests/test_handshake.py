@@ -123,6 +123,7 @@ def _welcome(**fields):
         (_welcome(proof=b"p" * 65), "proof"),
         (_welcome(applied=[0, 0]), "applied"),
         (_welcome(applied=[0, 0, 7]), "journal"),
+        (_welcome(idle="yes"), "idle"),
         ([P.READY, 7], "ready"),
         ([P.READY, {"epoch": 0, "root": "x"}], "attributes"),
         ([P.READY, {"epoch": 0, "root": [0o755, 0, 0]}], "attributes"),
@@ -176,6 +177,8 @@ def _raw_hello(port: int, hello: dict) -> list | None:
         ({"nonce": b"n" * 32}, "module"),
         ({"module": "m", "nonce": b"n" * 32, "subpath": b"s" * 4097}, "subpath"),
         ({"module": "m", "nonce": b"n" * 32, "subpath": "text"}, "subpath"),
+        ({"module": "m", "nonce": b"n" * 32, "idle": "often"}, "idle"),
+        ({"module": "m", "nonce": b"n" * 32, "idle": 0.001}, "idle"),  # a limit of 4 ms would drop every sender
     ],
 )
 def test_a_malformed_hello_is_refused_by_name_and_the_server_goes_on(tmp_path, hello, field):

@@ -113,6 +113,51 @@ def test_a_silent_writer_does_not_hold_the_module_forever(tmp_path, trees):
     assert_mirrors(src, dst)
 
 
+def _between_sessions(port: int, idle: float) -> P.StreamTransport:
+    """A raw sender that says it sends ``idle`` frames every ``idle`` s, has run one session
+    (the module's writer lock is its own) and is now between sessions."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    t = P.StreamTransport(sock.makefile("rb"), sock.makefile("wb"), on_close=sock.close)
+    nonce = os.urandom(32)
+    t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": "m", "nonce": nonce, "idle": idle}])
+    challenge = t.recv()
+    t.send([P.AUTH, {"proof": P.client_proof(SECRET, challenge[1]["nonce"], nonce, "m")}])
+    welcome = t.recv()
+    assert welcome[0] == P.WELCOME and welcome[1]["idle"] is True, welcome
+    t.send([P.START, {"epoch": 0, "flags": 0, "no_fsync": True}])
+    assert t.recv()[0] == P.READY
+    t.send([P.END, {}])
+    while (reply := t.recv())[0] != P.RESULT:
+        assert reply[0] != P.ERROR, reply
+    return t
+
+
+def test_a_sender_that_stops_saying_it_is_there_lets_the_module_go_between_sessions(tmp_path, trees):
+    """Between sessions a connection may idle for ever (no --timeout), but not a sender that
+    said it would send ``idle`` frames and stopped: it vanished with its network, and the
+    module's writer lock goes with its connection, after IDLE_MISSED of its intervals."""
+    src, dst = trees
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        talking = _between_sessions(server.port, idle=0.2)
+        try:
+            deadline = time.monotonic() + 2.0  # 10 intervals, 2.5 limits
+            while time.monotonic() < deadline:
+                talking.send([P.IDLE])
+                time.sleep(0.1)
+            with pytest.raises(MirrorError, match="busy"):  # still its writer: it said it is there
+                sync(src, server.url("m"), secret=SECRET, fsync=False)
+        finally:
+            talking.close()
+        silent = _between_sessions(server.port, idle=0.2)
+        try:
+            gone = silent.recv()  # told why, then closed
+            assert gone[0] == P.ERROR and "timed out" in gone[3], gone
+            assert _sync_eventually(src, server, seconds=5).ok
+        finally:
+            silent.close()
+    assert_mirrors(src, dst)
+
+
 def test_a_writer_that_stops_reading_frees_the_module_within_the_server_timeout(tmp_path):
     """A client that asks for much and reads nothing (a stopped sender, or its side of the
     link lost): the first send that times out ends the connection, and the writer lock goes

@@ -41,6 +41,8 @@ def run(args) -> int:
     # The protocol owns stdout: anything else printed there would corrupt it.
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=1 << 20)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    transport = StreamTransport(sys.stdin.buffer, out)
-    Receiver(transport, {"": module}, peer="stdio").serve()
+    # Unbuffered: between sessions a read waits at most the sender's idle limit for the pipe.
+    transport = StreamTransport(os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0), out,
+                                peer="the sender (stdin)")  # fmt: skip
+    Receiver(transport, {"": module}, peer="stdio", timeouts=(transport.set_read_timeout, None)).serve()
     return 0
