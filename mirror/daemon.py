@@ -447,8 +447,16 @@ class LivePair:
                 self._wait(_BACKOFF[min(failures - 1, len(_BACKOFF) - 1)])
 
     def _wait(self, seconds: float) -> None:
-        with self._cond:
-            self._cond.wait(timeout=seconds)
+        """Until ``seconds`` pass or a change or stop wakes the pair; an open connection is
+        kept alive meanwhile (the receiver ends one silent for long, see ``Sender.idle``)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            with self._cond:
+                woken = self._cond.wait(timeout=min(left, 1.0))
+            if self._connection is not None:
+                self._connection.idle()
+            if woken or self._stop.is_set():
+                return
 
     # -- the guards (mirror.guard) ------------------------------------------------------------
 

@@ -32,7 +32,15 @@ from .apply import ModuleConfig, ReplicaAdmission
 from .constants import COPY, LITERAL
 from .entry import Kind
 from .epoch import read_epoch
-from .errors import MirrorError, ProtocolError, UnsafePathError, display_path, failure_reason, fs_path
+from .errors import (
+    MirrorError,
+    PeerTimeout,
+    ProtocolError,
+    UnsafePathError,
+    display_path,
+    failure_reason,
+    fs_path,
+)
 from .exclude import make_excluder
 from .guard import session_guard
 from .renames import apply as apply_renames
@@ -113,7 +121,14 @@ class Receiver:
             self._handshake()
             while True:
                 self._set_timeout(self._idle_limit)
-                message = self.t.recv()
+                try:
+                    message = self.t.recv()
+                except PeerTimeout:
+                    if self._idle_limit is None:
+                        raise
+                    raise PeerTimeout(f"{self.peer} said nothing for {self._idle_limit:g} s between sessions "
+                                      f"(it said it would every {self._idle_limit / P.IDLE_MISSED:g} s): "
+                                      "taken for gone") from None  # fmt: skip
                 if message is None:
                     return
                 if message[0] == P.IDLE:

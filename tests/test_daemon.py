@@ -265,6 +265,31 @@ def test_lock_stops_propagation_within_a_second_and_release_catches_up(trees, tm
         converged(src, dst)
 
 
+def test_a_connection_kept_through_a_long_lock_is_not_dropped_by_the_receiver(trees, tmp_path):
+    """A receiver ends a connection whose sender stops saying it is there between sessions
+    (IDLE_INTERVAL * IDLE_MISSED s): a daemon waiting out its mirroring lock, longer than
+    that, still says it, and catches up on the same connection once the lock goes."""
+    from mirror.protocol import IDLE_INTERVAL, IDLE_MISSED
+
+    src, dst = trees
+    dst.mkdir()
+    lock = tmp_path / "mirror.lock"
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file, "--lock-file", str(lock)) as d:
+            converged(src, dst)
+            sessions = _sessions(src)
+            acquire(os.fsencode(lock), reason="test: a long maintenance")
+            wait_until(lambda: _state(src) == "locked")
+            (src / "during-the-lock").write_bytes(b"journaled, sent once the lock goes")
+            time.sleep(IDLE_INTERVAL * IDLE_MISSED + 3)  # past the receiver's limit: nothing to await
+            release(os.fsencode(lock))
+            wait_until(lambda: (dst / "during-the-lock").exists())
+            assert _sessions(src) > sessions
+            assert d.proc.poll() is None
+        log = (tmp_path / "server.log").read_text()
+        assert "connection closed" not in log and "connection lost" not in log, log
+
+
 def test_stale_epoch_sender_is_refused(trees):
     src, dst = trees
     run_mirror("sync", str(src), str(dst))
