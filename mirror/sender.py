@@ -195,7 +195,7 @@ class Sender:
 
     def __init__(self, src_root: bytes, transport, options: SenderOptions, *, module: str = "",
                  subpath: bytes = b"", on_change=None, on_progress=None,
-                 source_scan: TreeScan | None = None):  # fmt: skip
+                 source_scan: TreeScan | None = None, idle_frames: bool = False):  # fmt: skip
         self.root = src_root
         self.t = transport
         self.o = options
@@ -205,12 +205,16 @@ class Sender:
         self.on_progress = on_progress
         self.source_guard = SourceGuard(src_root, resolve_state_dir(src_root, options.state_dir))
         self.scans = (source_scan, None)  # the first session's, started by the caller
+        # Over a pipe only (a remote shell): on a socket, data in flight would keep TCP's
+        # keepalive, which finds a vanished receiver within seconds, from ever probing.
+        self._announce_idle = idle_frames
         self._idle_frames, self._idle_sent = False, 0.0
 
     def handshake(self) -> dict:
         nonce = os.urandom(P.NONCE_SIZE)
         self.t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": self.module, "subpath": self.subpath,
-                               "nonce": nonce, "software": P.SOFTWARE, "idle": P.IDLE_INTERVAL}])  # fmt: skip
+                               "nonce": nonce, "software": P.SOFTWARE,
+                               **({"idle": P.IDLE_INTERVAL} if self._announce_idle else {})}])  # fmt: skip
         info = receive(self.t, P.CHALLENGE)
         secret = self.o.secret
         if info.get("auth") and secret is None:
@@ -225,7 +229,7 @@ class Sender:
         if info.get("auth"):
             expected = P.server_proof(secret, info["nonce"], nonce, self.module)
             P.verify(expected, welcome["proof"], "the receiver")
-        self._idle_frames = welcome["idle"]  # an older receiver takes none between sessions
+        self._idle_frames = self._announce_idle and welcome["idle"]  # an older receiver takes none
         return welcome
 
     def idle(self) -> None:

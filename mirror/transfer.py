@@ -195,7 +195,7 @@ class Connection:
 
                 transport = _connect(self.dest, held, *self._connect_args)
                 sender = Sender(self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
-                                source_scan=scans[0], **self._callbacks)  # fmt: skip
+                                source_scan=scans[0], idle_frames=self.dest.kind == "rsh", **self._callbacks)  # fmt: skip
                 self.welcome = sender.handshake()
                 self.sender = sender
             self._held = held.pop_all()

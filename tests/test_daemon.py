@@ -266,28 +266,33 @@ def test_lock_stops_propagation_within_a_second_and_release_catches_up(trees, tm
 
 
 def test_a_connection_kept_through_a_long_lock_is_not_dropped_by_the_receiver(trees, tmp_path):
-    """A receiver ends a connection whose sender stops saying it is there between sessions
-    (IDLE_INTERVAL * IDLE_MISSED s): a daemon waiting out its mirroring lock, longer than
-    that, still says it, and catches up on the same connection once the lock goes."""
+    """Over a remote shell, a receiver ends a connection whose sender stops saying it is
+    there between sessions (IDLE_INTERVAL * IDLE_MISSED s): a daemon waiting out its
+    mirroring lock, longer than that, still says it, and catches up on the same connection
+    once the lock goes.  The remote shell is an ``ssh`` that runs the remote command here."""
     from mirror.protocol import IDLE_INTERVAL, IDLE_MISSED
 
     src, dst = trees
-    dst.mkdir()
+    calls = tmp_path / "ssh-calls"
+    fake = tmp_path / "bin" / "ssh"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nfor last; do :; done\nexec sh -c "$last"\n')
+    fake.chmod(0o755)
+    path = f"{fake.parent}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
     lock = tmp_path / "mirror.lock"
-    with mirror_server(tmp_path, {"m": str(dst)}) as server:
-        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file, "--lock-file", str(lock)) as d:
-            converged(src, dst)
-            sessions = _sessions(src)
-            acquire(os.fsencode(lock), reason="test: a long maintenance")
-            wait_until(lambda: _state(src) == "locked")
-            (src / "during-the-lock").write_bytes(b"journaled, sent once the lock goes")
-            time.sleep(IDLE_INTERVAL * IDLE_MISSED + 3)  # past the receiver's limit: nothing to await
-            release(os.fsencode(lock))
-            wait_until(lambda: (dst / "during-the-lock").exists())
-            assert _sessions(src) > sessions
-            assert d.proc.poll() is None
-        log = (tmp_path / "server.log").read_text()
-        assert "connection closed" not in log and "connection lost" not in log, log
+    with live_daemon(src, f"localhost:{dst}", "--lock-file", str(lock), prefix=["env", f"PATH={path}"]) as d:
+        converged(src, dst)
+        acquire(os.fsencode(lock), reason="test: a long maintenance")
+        wait_until(lambda: _state(src) == "locked")
+        (src / "during-the-lock").write_bytes(b"journaled, sent once the lock goes")
+        time.sleep(IDLE_INTERVAL * IDLE_MISSED + 3)  # past the receiver's limit: nothing to await
+        release(os.fsencode(lock))
+        wait_until(lambda: (dst / "during-the-lock").exists())
+        assert d.proc.poll() is None
+        log = d.log_text()
+    assert "ServerAliveInterval=2" in calls.read_text()
+    assert len(calls.read_text().splitlines()) == 1, f"the daemon connected again: {calls.read_text()}\n{log}"
+    assert "taken for gone" not in log, log
 
 
 def test_stale_epoch_sender_is_refused(trees):
