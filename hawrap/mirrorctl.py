@@ -132,7 +132,7 @@ class _Supervised:
         # process killed with SIGKILL would leave it running, mirroring on its own.
         self.pid_file = os.path.join(pid_dir, f"mirror-{name.replace(' ', '-')}.pid") if pid_dir else None
         self.proc: subprocess.Popen | None = None
-        self.started_at = 0.0  # time.time() of the current process's start
+        self.starts = 0  # how many processes were started: which one a status is from
         self._stop = threading.Event()
         # Held while a process is started: ``stop`` then either sees it, or prevents it.
         self._spawn = threading.Lock()
@@ -145,7 +145,7 @@ class _Supervised:
                 with self._spawn:
                     if self._stop.is_set():
                         return
-                    self.started_at = time.time()
+                    self.starts += 1
                     # started from this thread, which lives as long as the process: the
                     # parent-death signal fires when the node process dies, not before
                     self.proc = subprocess.Popen(
@@ -307,6 +307,28 @@ def _toml(value: str) -> str:
     return json.dumps(value)
 
 
+class StatusWatch:
+    """Whether a daemon's status file is fresh, judged on this process's monotonic clock: the
+    wall-clock time written in it may step (NTP, a clock set wrong at boot) and must not make
+    a live replica pass for dead, nor a dead daemon for live, for as long as the step."""
+
+    def __init__(self):
+        self.start = -1  # the daemon process (``_Supervised.starts``) the rest is about
+        self.before: float | None = None  # the time its file said when first read: maybe a previous process's
+        self.last: float | None = None
+        self.changed = 0.0  # time.monotonic() when ``last`` was first read
+
+    def fresh(self, start: int, updated: float) -> bool:
+        """``updated``, just read from the file of the daemon started ``start``-th: fresh if
+        it has changed since that daemon started and within STATUS_STALE seconds."""
+        now = time.monotonic()
+        if start != self.start:
+            self.start, self.before, self.last, self.changed = start, updated, updated, now
+        elif updated != self.last:
+            self.last, self.changed = updated, now
+        return self.last != self.before and now - self.changed <= STATUS_STALE
+
+
 @dataclass(frozen=True)
 class Replica:
     """Is the peer's copy receiving our changes live?  ``detail`` says what is not."""
@@ -336,6 +358,7 @@ class MirrorControl:
         self.direction: str | None = None
         self._procs: list[_Supervised] = []
         self.disks = TreeDisks(self.trees, self.me.state_dir)  # unfit to serve while one is not the tree's
+        self._status_seen = {t.name: StatusWatch() for t in self.trees}
 
     # ---------------------------------------------------------- locks and epochs
 
@@ -493,7 +516,6 @@ class MirrorControl:
         from mirror.daemon import load_status
 
         problems = []
-        now = time.time()
         for tree, proc in zip(self.trees, self._procs, strict=True):
             try:
                 status = load_status(tree.state_dir)
@@ -503,7 +525,7 @@ class MirrorControl:
             except (OSError, ValueError, IndexError):
                 problems.append(f"{tree.name}: starting")
                 continue
-            if status.updated < proc.started_at or status.age(now) > STATUS_STALE:
+            if not self._status_seen[tree.name].fresh(proc.starts, status.updated):
                 problems.append(f"{tree.name}: no fresh status from its daemon")
                 continue
             for pair in pairs:

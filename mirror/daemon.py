@@ -287,6 +287,9 @@ class LivePair:
         self._halts = 0
         self._watch_stale = False  # the source's filesystem went away under the watches
         self._behind = False  # warned that the pair falls behind
+        # The oldest pending change's journaled time, and when (time.monotonic()) it was first
+        # seen oldest, less its age then: what its age is measured from from then on.
+        self._oldest: tuple[float, float] | None = None
         # What the replica has applied (its receiver's record), and what keeps a scoped
         # session from claiming it covers the journal up to its batch: paths deferred or
         # failed since the record (``_outstanding``), a subtree left unread (``_gap``).
@@ -793,12 +796,24 @@ class LivePair:
 
     # -- status -------------------------------------------------------------------------------
 
+    def _lag(self, oldest: float | None) -> float:
+        """The age of the oldest change not mirrored.  Its time is the wall clock's (journaled,
+        it outlives the process), but once seen the age runs on the monotonic clock: a wall
+        clock stepped back (NTP, a clock set wrong at boot) must not make a stuck replica look
+        caught up for as long as the step, nor one stepped forward make it look behind."""
+        if oldest is None:
+            self._oldest = None
+            return 0.0
+        now = time.monotonic()
+        if self._oldest is None or self._oldest[0] != oldest:
+            self._oldest = (oldest, now - max(0.0, time.time() - oldest))
+        return now - self._oldest[1]
+
     def snapshot(self) -> dict:
         pending = self.journal.pending()
         st = self.status
         st.pending = len(pending)
-        oldest = pending.oldest()
-        st.lag_seconds = round(time.time() - oldest, 3) if oldest is not None else 0.0
+        st.lag_seconds = round(self._lag(pending.oldest()), 3)
         st.lag_bytes = self._pending_bytes(pending)
         behind = st.lag_seconds > FALLING_BEHIND_SECONDS
         if behind != self._behind:

@@ -19,7 +19,7 @@ from hawrap.errors import HawrapError
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
 from mirror.config import load_serve_config
-from tests.helpers import process_state
+from tests.helpers import process_state, wait_until
 
 TEMPLATE = """
 [cluster]
@@ -224,15 +224,29 @@ def test_replica_state_from_the_daemons_status(ctl):
     c.set_direction("send")
     (tmp / "a" / "www-state").mkdir()
     www = tmp / "a" / "www-state" / "mirror-daemon.status.json"
-    www.write_text(json.dumps({"updated": time.time(), "pairs": [{"state": "live", "lag_seconds": 0.1}]}))
-    _status(tmp)
-    assert c.replica().in_sync
-    _status(tmp, lag=5.0)  # live, but further behind than mirror.max_lag
-    assert c.replica() == mirrorctl.Replica(False, "spool: 5.0 s behind")
-    _status(tmp, state="disconnected")
-    assert c.replica() == mirrorctl.Replica(False, "spool: disconnected (connection refused)")
-    _status(tmp, updated=time.time() - 10)  # a daemon that stopped writing its status
+
+    def written(updated=None, **spool):
+        """Both daemons write their status (``updated``: the wall-clock time they write)."""
+        when = time.time() if updated is None else updated
+        www.write_text(json.dumps({"updated": when, "pairs": [{"state": "live", "lag_seconds": 0.1}]}))
+        _status(tmp, updated=when, **spool)
+
+    written()
+    # what the files say when the daemons have just started may be their predecessors'
     assert not c.replica().in_sync and "no fresh status" in c.replica().detail
+    written()
+    assert c.replica().in_sync
+    written(lag=5.0)  # live, but further behind than mirror.max_lag
+    assert c.replica() == mirrorctl.Replica(False, "spool: 5.0 s behind")
+    written(state="disconnected")
+    assert c.replica() == mirrorctl.Replica(False, "spool: disconnected (connection refused)")
+    # the wall clock stepped back an hour: a status written since is as fresh as any
+    written(updated=time.time() - 3600)
+    assert c.replica().in_sync
+    # a daemon that stops writing its status is stale STATUS_STALE s on, whatever time it wrote
+    written(updated=time.time() + 3600)
+    assert c.replica().in_sync
+    wait_until(lambda: "no fresh status" in c.replica().detail, timeout=mirrorctl.STATUS_STALE + 5)
 
 
 def test_mirror_processes_left_by_a_dead_node_are_stopped_by_cleanup(ctl):

@@ -119,7 +119,9 @@ def test_a_receiver_over_ssh_lets_the_replica_go_when_its_sender_goes_silent(net
                     break
                 assert "busy" in sync.stderr, sync.stderr
                 refused += 1
-                assert time.monotonic() - frozen < 60, f"the replica is still held: {sync.stderr}\n{sshd.log_text()}"
+                assert time.monotonic() - frozen < 60, (
+                    f"the replica is still held: {sync.stderr}\n{sshd.log_text()}"
+                )
                 time.sleep(1)
             let_go = time.monotonic() - frozen
         finally:

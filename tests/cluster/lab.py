@@ -299,9 +299,9 @@ class Hawrap:
         self.config = config
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, node: str) -> None:
+    def start(self, node: str, env: dict | None = None) -> None:
         argv = [sys.executable, "-m", "hawrap", "run", "--config", self.config, "--node", node, "-v"]
-        self.procs[node] = self.lab.spawn(node, argv, f"hawrap-{node}.log")
+        self.procs[node] = self.lab.spawn(node, argv, f"hawrap-{node}.log", env=env)
 
     def stop(self, node: str, timeout: float = 20) -> None:
         proc = self.procs.get(node)
