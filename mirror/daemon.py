@@ -975,6 +975,7 @@ class Daemon:
             "pid_start": process_start(os.getpid()),
             "state": "stopped" if stopped else "running",
             "updated": time.time(),
+            "monotonic": time.monotonic(),  # this boot's: what a reader on this machine measures age with
             "pairs": [pair.snapshot() for pair in list(self.pairs.values())],
         }
 
@@ -1051,11 +1052,9 @@ class DaemonStatus:
     STATUS_INTERVAL while the daemon runs."""
 
     pid: int
-    updated: float  # time.time() of the write
+    updated: float  # time.time() of the write: a wall clock may step, so a reader judges
+    # freshness by seeing it change (hawrap.mirrorctl.StatusWatch), not by its value
     pairs: tuple[dict, ...]  # one per destination: PairStatus's fields
-
-    def age(self, now: float | None = None) -> float:
-        return (time.time() if now is None else now) - self.updated
 
     def pair(self, name: str) -> dict | None:
         return next((p for p in self.pairs if p.get("name") == name), None)

@@ -41,18 +41,22 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-def daemon_state(status: dict, now: float) -> str:
-    """running, stopped, dead or stale: what became of the daemon that wrote ``status``."""
+def daemon_state(status: dict) -> tuple[str, float]:
+    """running, stopped, dead or stale: what became of the daemon that wrote ``status``; and
+    how old the status is.  A running daemon's age is read on the monotonic clock, which it
+    shares with us (the same boot: its process is still there), so that a wall clock stepped
+    back does not pass a hung daemon off as running for as long as the step."""
     from ..daemon import process_start
 
+    age = time.time() - status["updated"]
     if status.get("state") == "stopped":
-        return "stopped"
+        return "stopped", age
     started = process_start(status["pid"])
     if started is None or (status.get("pid_start") is not None and started != status["pid_start"]):
-        return "dead"  # its pid is gone, or is another process's now
-    if now - status["updated"] > STALE_SECONDS:
-        return "stale"
-    return "running"
+        return "dead", age  # its pid is gone, or is another process's now
+    if isinstance(status.get("monotonic"), int | float):
+        age = time.monotonic() - status["monotonic"]
+    return ("stale" if age > STALE_SECONDS else "running"), age
 
 
 def run(args) -> int:
@@ -75,9 +79,7 @@ def run(args) -> int:
     except FileNotFoundError:
         print(f"mirror status: no daemon status in {status_dir.decode(errors='replace')}", file=sys.stderr)
         return EXIT_ERROR
-    now = time.time()
-    age = now - status["updated"]
-    state = daemon_state(status, now)
+    state, age = daemon_state(status)
     if state != "running":
         for p in status["pairs"]:  # what a pair was doing is history now, not its state
             p["last_state"], p["state"] = p["state"], f"not mirroring (daemon {state})"
