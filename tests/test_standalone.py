@@ -76,3 +76,15 @@ def test_the_design_benchmark_and_history_documents_are_there():
         text = f.read()
     for scenario in ("S1", "S1n", "S2", "S3", "S4", "S4d", "S5", "S6", "S7", "S8"):
         assert f"| {scenario} |" in text, f"docs/BENCHMARKS.md does not define {scenario}"
+
+
+def test_no_two_test_modules_share_a_name():
+    """The tests are no package: pytest imports each module by its file name, and a second
+    module of the same name (tests/x/test_a.py beside tests/test_a.py) stops the collection
+    of the whole run."""
+    seen: dict[str, str] = {}
+    for path in sorted(_tracked_text_files()):
+        name = os.path.basename(path)
+        if path.startswith("tests/") and name.startswith("test_") and name.endswith(".py"):
+            assert name not in seen, f"{path} and {seen[name]} share a module name"
+            seen[name] = path
