@@ -9,7 +9,9 @@ meanwhile, is put back): the caller is told the write failed, so the file must n
 A small state record (an epoch, a node's role) must be written on a full file system too,
 where no new file can get a block: ``write_record`` then rewrites the old record in place,
 within its first sector, a write that disks make whole or not at all (PostgreSQL keeps its
-control file under 512 bytes for the same reason).
+control file under 512 bytes for the same reason).  A file rewritten often and read by
+others (the daemon's status) is written over a spare beside it that is then swapped with it
+(``write_swapped``): it too changes on a full file system.
 """
 
 from __future__ import annotations
@@ -192,3 +194,39 @@ def _rewrite_in_place(path: bytes, data: bytes, filler: bytes | None) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def write_swapped(path: bytes | str, data: bytes, mode: int = 0o644) -> None:
+    """Replace a file rewritten often for readers (a status) so that, once it has been
+    written twice, no write needs a new block: ``data`` goes over a spare file beside it
+    (``.NAME.spare``), which is then swapped with it in one step (``safefs.exchange``).  A
+    reader opening the file sees the old content or the new, as after a rename.  The content
+    is padded with blanks to the spare's length (JSON readers skip them); a spare too short
+    for it grows by half again.  Not durable: a crash may leave either content.  Where the
+    file system cannot swap, the spare is renamed over the file instead."""
+    from .safefs import exchange
+
+    path = fs_path(path)
+    directory, name = os.path.split(path)
+    spare = os.path.join(directory, b"." + name + b".spare")
+    try:
+        fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
+    try:
+        size = os.fstat(fd).st_size
+        if len(data) > size:
+            size = len(data) + len(data) // 2
+        padded = data + b" " * (size - len(data))
+        if os.pwrite(fd, padded, 0) != size:
+            raise OSError(errno.EIO, "short write")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
+    finally:
+        os.close(fd)
+    try:
+        exchange(spare, path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(exc.errno, exc.strerror, path) from None
+        os.rename(spare, path)  # the first write, or no swapping here: no spare is kept

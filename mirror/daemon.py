@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from .applied import Applied
-from .atomicfile import atomic_write
+from .atomicfile import write_swapped
 from .errors import (
     Cancelled,
     ConnectError,
@@ -982,7 +982,8 @@ class Daemon:
     def write_status(self, stopped: bool = False) -> None:
         with self._status_lock:
             data = json.dumps(self.status(stopped), indent=1).encode()
-            atomic_write(os.path.join(self.config.status_dir, STATUS_FILE), data, 0o644, durable=False)
+            # swapped, not replaced: a full disk must not freeze what hawrap reads of the replica
+            write_swapped(os.path.join(self.config.status_dir, STATUS_FILE), data, 0o644)
 
     def _state_changed(self, urgent: bool) -> None:
         """A pair changed state (``urgent``: the status file says so now, not at the next

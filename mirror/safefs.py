@@ -624,6 +624,7 @@ def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syncfs.argtypes = (ctypes.c_int,)
     libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    libc.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
     return libc
 
 
@@ -632,6 +633,18 @@ def _libc_error(call: str) -> OSError:
 
     code = ctypes.get_errno()
     return OSError(code, f"{call}: {os.strerror(code)}")
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: bytes, b: bytes) -> None:
+    """Swap the files named ``a`` and ``b`` in one step (``renameat2`` RENAME_EXCHANGE): each
+    name shows the other's content at once, and no block is allocated.  OSError EINVAL where
+    the file system cannot (NFS, vfat), ENOENT when either is missing."""
+    if _libc().renameat2(_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_EXCHANGE) != 0:
+        raise _libc_error("renameat2")
 
 
 def syncfs(fd: int) -> None:

@@ -37,7 +37,7 @@ _MARKER_TEXT = (
 # What hamirror writes in a state dir (a state dir holding only these is recognised as one).
 _KNOWN = frozenset({
     MARKER, b"epoch", b"epoch.lock", b"writer.lock", b"tmp", b"mirror-daemon.status.json", b"tree-identity",
-    b"applied", b"applied.lock",
+    b"applied", b"applied.lock", b".mirror-daemon.status.json.spare",
 })  # fmt: skip
 _KNOWN_PATTERN = re.compile(
     rb"\A(journal-[0-9a-f]{1,16}|digests-[0-9a-f]{1,16}\.manifest|\..{1,210}\.[0-9a-f]{12}\.tmp)\Z", re.DOTALL

@@ -12,8 +12,8 @@ import os
 import pytest
 
 from mirror import epoch, lockfile
-from mirror.atomicfile import SECTOR, write_record
-from tests.helpers import ext4_image, fill_file_system, is_root, mounted
+from mirror.atomicfile import SECTOR, write_record, write_swapped
+from tests.helpers import PollingThread, ext4_image, fill_file_system, is_root, mounted
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="mounts file systems")
 
@@ -116,3 +116,30 @@ def test_the_epoch_rises_when_no_inode_is_left(tmp_path):
         assert raised.value.errno == errno.ENOSPC
         assert epoch.bump_epoch(place) == 4
         assert epoch.read_epoch(place) == 4
+
+
+def test_a_status_rewritten_by_swapping_changes_on_a_full_file_system_and_reads_whole(full):
+    """The daemon's status: written twice before the disk fills, it is rewritten after, and a
+    reader polling it meanwhile never sees anything but a whole status."""
+    path = full / "mirror-daemon.status.json"
+    for i in range(2):
+        write_swapped(path, json.dumps({"updated": i, "pairs": [{"state": "live"}]}).encode())
+    fill_file_system(full)
+    torn: list[bytes] = []
+    reads = 0
+
+    def read() -> None:
+        nonlocal reads
+        data = path.read_bytes()
+        reads += 1
+        try:
+            json.loads(data)
+        except ValueError:
+            torn.append(data)
+
+    with PollingThread(read, interval=0):
+        for i in range(2, 2000):
+            write_swapped(path, json.dumps({"updated": i, "pairs": [{"state": "live"}] * (i % 3)}).encode())
+    assert json.loads(path.read_bytes())["updated"] == 1999
+    assert reads > 100 and not torn, torn[:3]
+    assert _entries(full) == [".mirror-daemon.status.json.spare", "mirror-daemon.status.json"]

@@ -17,7 +17,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import ext4_image, fill_file_system
+from helpers import PollingThread, ext4_image, fill_file_system
 from lab import MIRROR, mirror_section, tree, wait_for, write_files
 from test_failover import Cluster
 from test_mirrored_data import converged, start_mirrored
@@ -73,11 +73,18 @@ def fcluster(lab, rng):
 
 
 def test_a_spool_full_on_both_nodes_does_not_stop_the_takeover(fcluster):
-    """The takeover writes the tree's epoch in the tree's state dir, on the full disk."""
+    """A spool full for a while: the primary's daemon still says the replica is live (its
+    status file is swapped, never replaced), so b stays up to date, sampled all along; then
+    the takeover writes the tree's epoch in the tree's state dir, on the full disk."""
     c, lab = fcluster, fcluster.lab
     epoch = c.h.status("b")["epoch"]
     for node in ("a", "b"):
         fill_file_system(os.path.join(tree(lab, node), ".mirror"))  # the state dir: no session touches it
+    uptodate: list[bool] = []
+    with PollingThread(lambda: uptodate.append(c.h.status("b")["data"]["uptodate"]), interval=0.2) as sampler:
+        full = time.monotonic()  # past mirror.alert_after (2 s), after which b would be outdated
+        assert wait_for(lambda: time.monotonic() - full > 6 and sampler.polls > 20, 20)
+    assert uptodate and all(uptodate), uptodate
     t0 = time.monotonic()
     lab.power_off("a")
     c.served_by("b", since=t0, timeout=15)
