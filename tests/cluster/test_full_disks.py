@@ -169,3 +169,17 @@ def test_a_primary_that_cannot_write_its_state_records_it_once_it_can(fcluster):
     assert c.h.status("a")["state_unsaved"] is None
     c.no_failed_probe_since(t0)
     c.served_by("a", since=t0)
+
+
+def test_a_node_whose_state_dir_is_full_when_it_starts_joins_the_cluster(fcluster):
+    """/var filled up while b was down (or hawrap restarted): b starts, rejoins as the
+    secondary, its copy up to date, and can take over."""
+    c, lab = fcluster, fcluster.lab
+    c.h.stop("b")
+    fill_file_system(_state_dir(lab, "b"))
+    c.h.start("b")
+    assert wait_for(lambda: c.h.role("b") == "secondary", 20), c.h.logs()
+    assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+    t0 = time.monotonic()
+    lab.power_off("a")
+    c.served_by("b", since=t0, timeout=15)
