@@ -280,6 +280,7 @@ class EtcdNode(Listener):
                     if self._rejoined_at is not None:
                         self._follow_epoch()
                     self._push_back_vip()
+                    self._restart_stuck_daemons()
         finally:
             self.shutdown()
 
@@ -460,6 +461,17 @@ class EtcdNode(Listener):
                 self._vip_renewed_for = renewed_at
             except ResourceError as exc:
                 log.error("%s", exc)
+
+    def _restart_stuck_daemons(self) -> None:
+        """While leading: a mirror daemon whose status stopped changing is started again
+        (``MirrorControl.restart_stuck``), checked every monitor interval."""
+        now = time.monotonic()
+        if self._term is None or now < getattr(self, "_next_daemon_check", 0.0):
+            return
+        self._next_daemon_check = now + self.cfg.timing.monitor_interval
+        self.mirror.replica()  # reads each daemon's status
+        for restarted in self.mirror.restart_stuck():
+            self.notifier.notify("error", restarted, self.role, self.epoch)
 
     def _push_back_vip(self) -> None:
         """A node that does not lead and finds the VIP on its interface removes it."""

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0  # a mirror process that exits is restarted after this long
 STOP_GRACE = 5.0  # after SIGTERM, a mirror process has this long to finish cleanly, then SIGKILL
+STUCK_SECONDS = 10.0  # a daemon whose status has not changed this long is killed and started again
 STATUS_STALE = 2.0  # the daemon rewrites its status at least twice a second: older than this, it is stuck
 
 
@@ -186,6 +187,13 @@ class _Supervised:
             self._stop.set()
             return self.proc
 
+    def restart(self) -> None:
+        """SIGKILL the current process: it is started again, as after any exit."""
+        with self._spawn:
+            proc = None if self._stop.is_set() else self.proc
+        if proc is not None and proc.poll() is None:
+            _signal_group(proc, signal.SIGKILL)
+
     def kill(self) -> None:
         """SIGKILL now, not restarted, without waiting (``stop`` reaps it)."""
         proc = self._halt()
@@ -313,6 +321,7 @@ class StatusWatch:
     a live replica pass for dead, nor a dead daemon for live, for as long as the step."""
 
     def __init__(self):
+        self.restarts = 0  # killed as stuck since its status last changed: the next wait doubles
         self.start = -1  # the daemon process (``_Supervised.starts``) the rest is about
         self.before: float | None = None  # the time its file said when first read: maybe a previous process's
         self.last: float | None = None
@@ -325,8 +334,14 @@ class StatusWatch:
         if start != self.start:
             self.start, self.before, self.last, self.changed = start, updated, updated, now
         elif updated != self.last:
-            self.last, self.changed = updated, now
+            self.last, self.changed, self.restarts = updated, now, 0
         return self.last != self.before and now - self.changed <= STATUS_STALE
+
+    def stuck(self, start: int) -> float | None:
+        """How long the status of the daemon started ``start``-th has not changed, once that
+        is past STUCK_SECONDS (doubled at each restart that did not help); else None."""
+        silent = time.monotonic() - self.changed
+        return silent if start == self.start and silent > STUCK_SECONDS * 2**self.restarts else None
 
 
 @dataclass(frozen=True)
@@ -536,6 +551,24 @@ class MirrorControl:
                 elif (pair.get("lag_seconds") or 0) > self.cfg.mirror.max_lag:
                     problems.append(f"{where}: {pair['lag_seconds']:.1f} s behind")
         return Replica(not problems, "; ".join(problems) or "live")
+
+    def restart_stuck(self) -> list[str]:
+        """While sending: each daemon whose status stopped changing (hung, or stopped: a
+        SIGSTOP, a frozen cgroup) is killed and so started again, which syncs the replica
+        whole; what was done, for the administrator.  Call after ``replica``, which reads the
+        statuses."""
+        if self.direction != "send" or not self.trees:
+            return []
+        done = []
+        for tree, proc in zip(self.trees, self._procs, strict=True):
+            watch = self._status_seen[tree.name]
+            silent = watch.stuck(proc.starts)
+            if silent is not None:
+                watch.restarts += 1
+                proc.restart()
+                done.append(f"the mirror daemon of {tree.name}: its status has not changed for {silent:.0f} s "
+                            "(hung or stopped): killed, to be started again")  # fmt: skip
+        return done
 
     def final_sync(self, timeout: float = 3600.0, to: str | None = None) -> None:
         """One-shot ``mirror sync --delete`` of every tree toward the peer (or node ``to``);

@@ -649,6 +649,8 @@ class Node:
             self._replica_bad_since = None
             return
         self.replica = self.mirror.replica()
+        for restarted in self.mirror.restart_stuck():
+            self._notify("error", restarted)
         if self.replica.in_sync:
             if self._replication_alerted:
                 self._notify("replication-restored", f"the replica on {self.peer_name} is live again")

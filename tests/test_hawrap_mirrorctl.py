@@ -341,3 +341,16 @@ def test_mirror_processes_die_with_a_node_process_killed_by_sigkill(ctl, directi
         for p in pids if "pids" in locals() else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_a_status_that_stops_changing_is_stuck_after_a_wait_that_doubles_with_each_restart():
+    watch = mirrorctl.StatusWatch()
+    assert watch.fresh(1, 100.0) is False  # what the file said when the daemon started
+    assert watch.fresh(1, 100.5) is True and watch.stuck(1) is None
+    watch.changed -= mirrorctl.STUCK_SECONDS + 1  # no change seen since: as if that long ago
+    assert watch.stuck(1) is not None and watch.stuck(0) is None  # (another daemon's: not this one's)
+    watch.restarts += 1  # killed; started again (start 2), and still nothing changes
+    assert watch.fresh(2, 100.5) is False and watch.stuck(2) is None
+    watch.changed -= 2 * mirrorctl.STUCK_SECONDS + 1
+    assert watch.stuck(2) > 2 * mirrorctl.STUCK_SECONDS
+    assert watch.fresh(2, 101.0) is True and watch.restarts == 0  # it writes again

@@ -30,7 +30,7 @@ from lab import (
 from lab import MIRROR_PORT as PORT
 from test_failover import Cluster
 
-from hawrap.mirrorctl import engine_available
+from hawrap.mirrorctl import STUCK_SECONDS, engine_available
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
 from mirror.errors import EXIT_LOCKED, EXIT_STALE_EPOCH
@@ -217,3 +217,22 @@ def test_a_frozen_receiver_is_gone_before_the_takeover_serves_anything(mcluster)
         assert wait_for(lambda: process_state(pid) in ("", "Z"), 10), "the frozen receiver was left"
     assert sampler.polls > 0 and overlap == [], f"b served {overlap[-1] - overlap[0]:.3f} s beside its receiver"
 
+
+
+def test_a_frozen_daemon_is_started_again_and_the_standby_catches_up(mcluster):
+    """a's mirror daemon frozen (SIGSTOP: a debugger, a frozen cgroup; a deadlock looks the
+    same from outside): nothing reaches b, whose copy is counted outdated.  hawrap sees the
+    daemon's status stop changing, kills it after STUCK_SECONDS and starts it again: what a
+    wrote meanwhile reaches b, b is up to date again, and the administrator is told."""
+    c, lab = mcluster, mcluster.lab
+    write_files(tree(lab, "a"), "before", 20)
+    assert converged(lab), c.h.logs()
+    with open(os.path.join(lab.workdir, "state", "a", "mirror-daemon-data.pid")) as f:
+        frozen = int(f.read())
+    os.kill(frozen, signal.SIGSTOP)
+    write_files(tree(lab, "a"), "while-frozen", 20)
+    assert wait_for(lambda: not c.h.status("b")["data"]["uptodate"], 10), c.h.logs()
+    assert wait_for(lambda: process_state(frozen) in ("", "Z"), STUCK_SECONDS + 10), "the frozen daemon was left"
+    assert converged(lab), c.h.logs()
+    assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+    assert c.notified("killed, to be started again", 5), c.h.logs()
