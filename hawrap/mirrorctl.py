@@ -134,6 +134,7 @@ class _Supervised:
         self.pid_file = os.path.join(pid_dir, f"mirror-{name.replace(' ', '-')}.pid") if pid_dir else None
         self.proc: subprocess.Popen | None = None
         self.starts = 0  # how many processes were started: which one a status is from
+        self.started = 0.0  # time.monotonic() of the current process's start
         self._stop = threading.Event()
         # Held while a process is started: ``stop`` then either sees it, or prevents it.
         self._spawn = threading.Lock()
@@ -147,6 +148,7 @@ class _Supervised:
                     if self._stop.is_set():
                         return
                     self.starts += 1
+                    self.started = time.monotonic()
                     # started from this thread, which lives as long as the process: the
                     # parent-death signal fires when the node process dies, not before
                     self.proc = subprocess.Popen(
@@ -316,9 +318,11 @@ def _toml(value: str) -> str:
 
 
 class StatusWatch:
-    """Whether a daemon's status file is fresh, judged on this process's monotonic clock: the
-    wall-clock time written in it may step (NTP, a clock set wrong at boot) and must not make
-    a live replica pass for dead, nor a dead daemon for live, for as long as the step."""
+    """Whether a daemon's status file is fresh, judged on the monotonic clock: the wall-clock
+    time written in it may step (NTP, a clock set wrong at boot) and must not make a live
+    replica pass for dead, nor a dead daemon for live, for as long as the step.  A status that
+    carries the daemon's monotonic time is judged by it (the daemon runs on this machine, in
+    this boot); an older daemon's, by whether it was seen to change lately."""
 
     def __init__(self):
         self.restarts = 0  # killed as stuck since its status last changed: the next wait doubles
@@ -327,14 +331,17 @@ class StatusWatch:
         self.last: float | None = None
         self.changed = 0.0  # time.monotonic() when ``last`` was first read
 
-    def fresh(self, start: int, updated: float) -> bool:
-        """``updated``, just read from the file of the daemon started ``start``-th: fresh if
-        it has changed since that daemon started and within STATUS_STALE seconds."""
+    def fresh(self, start: int, updated: float, written: float | None = None, started: float = 0.0) -> bool:
+        """``updated`` (and ``written``, its monotonic time), just read from the file of the
+        daemon started ``start``-th (at ``started``, monotonic): fresh if written by that
+        daemon within STATUS_STALE seconds."""
         now = time.monotonic()
         if start != self.start:
             self.start, self.before, self.last, self.changed = start, updated, updated, now
         elif updated != self.last:
             self.last, self.changed, self.restarts = updated, now, 0
+        if written is not None:
+            return started <= written and now - written <= STATUS_STALE
         return self.last != self.before and now - self.changed <= STATUS_STALE
 
     def stuck(self, start: int) -> float | None:
@@ -540,7 +547,7 @@ class MirrorControl:
             except (OSError, ValueError, IndexError):
                 problems.append(f"{tree.name}: starting")
                 continue
-            if not self._status_seen[tree.name].fresh(proc.starts, status.updated):
+            if not self._status_seen[tree.name].fresh(proc.starts, status.updated, status.monotonic, proc.started):
                 problems.append(f"{tree.name}: no fresh status from its daemon")
                 continue
             for pair in pairs:

@@ -1054,8 +1054,9 @@ class DaemonStatus:
 
     pid: int
     updated: float  # time.time() of the write: a wall clock may step, so a reader judges
-    # freshness by seeing it change (hawrap.mirrorctl.StatusWatch), not by its value
+    # freshness by ``monotonic``, or by seeing it change (hawrap.mirrorctl.StatusWatch)
     pairs: tuple[dict, ...]  # one per destination: PairStatus's fields
+    monotonic: float | None = None  # time.monotonic() of the write (this boot's clock); None: an older daemon
 
     def pair(self, name: str) -> dict | None:
         return next((p for p in self.pairs if p.get("name") == name), None)
@@ -1072,7 +1073,9 @@ def load_status(status_dir: bytes | str) -> DaemonStatus:
         pairs = raw["pairs"]
         if not isinstance(pairs, list) or not all(isinstance(p, dict) for p in pairs):
             raise ValueError("pairs")
-        return DaemonStatus(int(raw.get("pid", 0)), float(raw["updated"]), tuple(pairs))
+        mono = raw.get("monotonic")
+        mono = float(mono) if isinstance(mono, int | float) and not isinstance(mono, bool) else None
+        return DaemonStatus(int(raw.get("pid", 0)), float(raw["updated"]), tuple(pairs), mono)
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{display_path(path)}: not a mirror daemon status ({exc})") from None
 

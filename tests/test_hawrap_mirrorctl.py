@@ -354,3 +354,13 @@ def test_a_status_that_stops_changing_is_stuck_after_a_wait_that_doubles_with_ea
     watch.changed -= 2 * mirrorctl.STUCK_SECONDS + 1
     assert watch.stuck(2) > 2 * mirrorctl.STUCK_SECONDS
     assert watch.fresh(2, 101.0) is True and watch.restarts == 0  # it writes again
+
+
+def test_a_status_with_the_daemons_monotonic_time_is_judged_by_it_at_the_first_look():
+    started = time.monotonic()
+    watch = mirrorctl.StatusWatch()
+    # written by this daemon just now: fresh at once, whatever the wall-clock time says
+    assert watch.fresh(1, time.time() - 3600, time.monotonic(), started)
+    # written before this daemon started (a predecessor's), or too long ago: not fresh
+    assert not mirrorctl.StatusWatch().fresh(1, time.time(), started - 1, started)
+    assert not mirrorctl.StatusWatch().fresh(1, time.time(), time.monotonic() - mirrorctl.STATUS_STALE - 1, 0.0)
