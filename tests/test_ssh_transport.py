@@ -19,23 +19,16 @@ import time
 
 import pytest
 
+from tests import test_network_faults
 from tests.daemons import converged, live_daemon
 from tests.helpers import MIRROR, wait_until
 from tests.netlab import netns_unavailable
 from tests.sshd import ssh_server, sshd_unavailable
-from tests.test_network_faults import RECEIVER, TwoHosts
+from tests.test_network_faults import RECEIVER
 
 WHY_NOT = sshd_unavailable() or netns_unavailable(f"hmprobe{os.getpid()}")
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
-
-
-@pytest.fixture
-def net(tmp_path):
-    lab = TwoHosts(str(tmp_path))
-    try:
-        yield lab
-    finally:
-        lab.close()
+net = test_network_faults.net  # the fixture: the sender's and the receiver's hosts on one bridge
 
 
 @pytest.fixture
