@@ -207,7 +207,7 @@ def read_daemon_config(path: str):
             continue
         t = _Table(table, problems, f"pair[{i}].",
                    {"name", "source", "destination", "secret_file", "lock_file", "state_dir", "exclude", "delete",
-                    "max_delete", "allow_mass_delete"})  # fmt: skip
+                    "max_delete", "allow_mass_delete", "rsh", "remote_command"})  # fmt: skip
         source = t.get("source", str, required=True)
         if source is not None and not os.path.isabs(source):
             problems.add(f"'pair[{i}].source' must be absolute, got {source!r}")
@@ -226,13 +226,15 @@ def read_daemon_config(path: str):
         destination = t.get("destination", str, required=True)
         secret_file = t.get("secret_file", str)
         delete, allow_mass_delete = t.get("delete", bool, True), t.get("allow_mass_delete", bool, False)
+        rsh, remote_command = t.get("rsh", str, "ssh -T"), t.get("remote_command", str, "mirror")
         if source is None or destination is None:
             continue
         pairs.append(PairConfig(
             name=name, source=os.fsencode(source), destination=destination,
             secret_file=secret_file, lock_file=os.fsencode(lock) if lock else None,
             state_dir=os.fsencode(state) if state else None, excludes=tuple(os.fsencode(x) for x in excludes),
-            delete=delete, max_delete=max_delete, allow_mass_delete=allow_mass_delete, **timeouts,
+            delete=delete, max_delete=max_delete, allow_mass_delete=allow_mass_delete, rsh=rsh,
+            remote_command=remote_command, **timeouts,
         ))  # fmt: skip
     metrics = daemon.get("metrics", str)
     metrics_listen = _listen(metrics, problems, "daemon.metrics") if metrics else None

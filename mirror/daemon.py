@@ -103,6 +103,8 @@ class PairConfig:
     allow_mass_delete: bool = False  # let the source and deletion guards through (mirror.guard)
     timeout: float | None = DEFAULT_TIMEOUT  # a receiver silent this long is unreachable (0/None: never)
     contimeout: float | None = DEFAULT_CONTIMEOUT
+    rsh: str = "ssh -T"  # HOST:PATH: the remote shell, and the mirror command it runs over there
+    remote_command: str = "mirror"
 
     @property
     def tree_state_dir(self) -> bytes:
@@ -578,7 +580,8 @@ class LivePair:
             secret=read_secret_file(c.secret_file) if c.secret_file else None,
             lock_file=c.lock_file, state_dir=c.state_dir, cancel=self._cancel, keep_changes=False,
             max_delete=c.max_delete, allow_mass_delete=c.allow_mass_delete, timeout=c.timeout,
-            contimeout=c.contimeout, on_change=self._progress_entry, on_progress=self._progress_bytes,
+            contimeout=c.contimeout, rsh=c.rsh, remote_command=c.remote_command, on_change=self._progress_entry,
+            on_progress=self._progress_bytes,
         ).open()  # fmt: skip
         self._replica = _applied(self._connection.welcome.get("applied"))
         self._outstanding.clear()

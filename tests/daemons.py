@@ -15,9 +15,11 @@ from tests.snapshot import snapshot
 
 @contextmanager
 def live_daemon(src, dst, *extra: str, log_path=None, check_exit: bool = True, prefix: list[str] | None = None):
-    """``prefix`` runs it under another command (``ip netns exec NS``: in a network namespace)."""
+    """``prefix`` runs it under another command (``ip netns exec NS``: in a network namespace);
+    ``dst`` None: its pairs come from ``--config`` in ``extra`` (``src`` is still the tree)."""
     log = open(log_path or os.path.join(os.path.dirname(str(src)), "daemon.log"), "ab")
-    proc = subprocess.Popen([*(prefix or []), *MIRROR, "daemon", str(src), str(dst), "-v", *extra], stdout=log,
+    pair = [str(src), str(dst)] if dst is not None else []
+    proc = subprocess.Popen([*(prefix or []), *MIRROR, "daemon", *pair, "-v", *extra], stdout=log,
                             stderr=log)  # fmt: skip
     handle = DaemonProcess(proc, str(src), log.name)
     try:

@@ -76,6 +76,9 @@ def test_daemon_config_mistakes_are_named(tmp_path):
     bad.write_text('[[pair]]\nsource = "/srv"\ndestination = "/x"\ndelete = "yes"\n')
     with pytest.raises(ConfigError, match=r"'pair\[0\].delete' must be a bool"):
         load_daemon_config(str(bad))
+    bad.write_text('[[pair]]\nsource = "/srv"\ndestination = "h:/x"\nrsh = 5\n')
+    with pytest.raises(ConfigError, match=r"'pair\[0\].rsh' must be a str"):
+        load_daemon_config(str(bad))
     bad.write_text('[[pair]]\nsource = "srv"\ndestination = "/x"\n')
     with pytest.raises(ConfigError, match="must be absolute"):
         load_daemon_config(str(bad))

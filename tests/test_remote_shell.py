@@ -50,3 +50,28 @@ def test_a_remote_shell_that_cannot_start_is_a_connect_error_naming_it(tmp_path)
     assert proc.returncode == 2, proc
     assert b"cannot start the remote shell" in proc.stderr and b"Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "replica").exists()
+
+
+def test_the_daemon_runs_the_remote_shell_and_command_it_is_given(tmp_path):
+    """``mirror daemon --rsh --remote-command`` (``rsh``, ``remote_command`` in a pair of its
+    configuration), as ``mirror sync`` takes them: a remote mirror off the remote PATH, a
+    remote shell with options of its own."""
+    from tests.daemons import converged, live_daemon
+
+    rsh = tmp_path / "ssh-like"
+    rsh.write_text(_SSH_LIKE.format(home=tmp_path))
+    rsh.chmod(0o755)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    remote = f"{sys.executable} -m mirror"
+    with live_daemon(src, f"somehost:{tmp_path / 'replica'}", "--rsh", str(rsh), "--remote-command", remote):
+        converged(src, tmp_path / "replica")
+    config = tmp_path / "daemon.toml"
+    config.write_text(
+        f'[[pair]]\nsource = "{src}"\ndestination = "somehost:{tmp_path / "second"}"\n'
+        f'rsh = "{rsh}"\nremote_command = "{remote}"\n'
+    )
+    with live_daemon(src, None, "--config", str(config)):
+        (src / "g").write_bytes(b"y")
+        converged(src, tmp_path / "second")

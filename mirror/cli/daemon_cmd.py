@@ -49,6 +49,8 @@ def add_arguments(parser):
     parser.add_argument("--coalesce-ms", type=float, default=0.5, help="gather changes this long (default 0.5)")
     parser.add_argument("--open-file-delay", type=float, default=1.0,
                         help="mirror a file still open for writing after this many seconds (default 1)")
+    parser.add_argument("--rsh", default="ssh -T", help="remote shell for HOST:PATH (default 'ssh -T')")
+    parser.add_argument("--remote-command", default="mirror", help="the mirror command on the remote host")
     parser.add_argument("--no-delete", action="store_true", help="do not delete on the replica what SRC deleted")
     add_timeout_arguments(parser)
     parser.add_argument("--max-delete", type=count_arg, metavar="N",
@@ -85,7 +87,7 @@ def _config_from_args(args):
         secret_file=args.secret_file, lock_file=path_arg(args.lock_file) if args.lock_file else None,
         state_dir=state_dir, excludes=tuple(p.text for p in excluder.patterns) if excluder else (),
         delete=not args.no_delete, max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete,
-        timeout=args.timeout, contimeout=args.contimeout,
+        timeout=args.timeout, contimeout=args.contimeout, rsh=args.rsh, remote_command=args.remote_command,
     )  # fmt: skip
     return DaemonConfig(
         pairs=(pair,), status_dir=path_arg(args.status_dir) if args.status_dir else resolve_state_dir(src, state_dir),
