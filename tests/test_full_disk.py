@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from mirror.applied import read_applied
+from mirror.daemon import load_status
 from mirror.epoch import read_epoch
 from mirror.guard import load as load_identity
 from mirror.journal import _scan as scan_journal
@@ -439,21 +440,44 @@ def test_a_daemon_whose_state_dir_fills_up_keeps_mirroring_and_never_tears_its_j
                 (src / f"while-full-{i:03d}-{'x' * 160}").write_bytes(b"%d" % i)
             with Watcher(dst, digests(src)):
                 converged(src, dst)
-            # The status is rewritten every 0.5 s: one write at least meets the full disk.
-            wait_until(lambda: "cannot write the status file" in daemon.log_text())
+            # The status (rewritten every 0.5 s, swapped with a spare) goes on changing on the full disk.
+            written = load_status(state).pairs[0]["sessions"]
+            (src / "last-while-full").write_bytes(b"x")
+            wait_until(lambda: load_status(state).pairs[0]["sessions"] > written)
             free(filler)
             for i in range(10):
                 (src / f"after-{i}").write_bytes(b"after %d" % i)
             converged(src, dst)
             assert "Traceback" not in daemon.log_text(), daemon.log_text()[-3000:]
             assert "cannot write it" in daemon.log_text()
-            log = daemon.log_text()
-            assert "cannot write the status file: " + str(state) in log  # named, not a bytes repr
-            # Said once per stretch of failures, not at every retry (every 0.2 s while full).
-            assert log.count("cannot write the status file") - log.count("the status file is written again") in (0, 1)
+            assert "cannot write the status file" not in daemon.log_text()
         assert_source_state_whole(state)
         data = (state / journal).read_bytes()
         assert data, "the journal is written again once there is room"
+
+
+def test_a_status_file_that_cannot_be_written_is_said_once_per_stretch_of_failures(tmp_path):
+    """Its directory refuses the swap (made immutable: a read-only /run would too): the
+    failure is named once, not at every retry, and the status is written again once it can."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    small_files(src, 5, 100)
+    with small_fs(tmp_path / "fs", "tmpfs", size_kb=1024) as fs:
+        status = fs / "status"
+        status.mkdir()
+        with live_daemon(src, dst, "--status-dir", status) as daemon:
+            converged(src, dst)
+            subprocess.run(["chattr", "+i", str(status)], check=True)
+            try:
+                wait_until(lambda: "cannot write the status file" in daemon.log_text())
+                before = daemon.log_text().count("cannot write the status file")
+                (src / "while-refused").write_bytes(b"x")  # sessions and state changes: more writes
+                converged(src, dst)
+            finally:
+                subprocess.run(["chattr", "-i", str(status)], check=True)
+            wait_until(lambda: "the status file is written again" in daemon.log_text())
+            log = daemon.log_text()
+            assert "cannot write the status file: " + str(status) in log  # named, not a bytes repr
+            assert before == 1 and log.count("cannot write the status file") == 1, log[-3000:]
 
 
 def _journal_through_a_full_disk(fs) -> tuple[bytes, list[bytes]]:
