@@ -202,12 +202,24 @@ def write_swapped(path: bytes | str, data: bytes, mode: int = 0o644) -> None:
     (``.NAME.spare``), which is then swapped with it in one step (``safefs.exchange``).  A
     reader opening the file sees the old content or the new, as after a rename.  The content
     is padded with blanks to the spare's length (JSON readers skip them); a spare too short
-    for it grows by half again.  Not durable: a crash may leave either content.  Where the
-    file system cannot swap, the spare is renamed over the file instead."""
-    from .safefs import exchange
+    for it grows by half again.  Not durable: a crash may leave either content.  Only on the
+    local file systems known to swap as asked (``safefs.SWAPPING_FILE_SYSTEMS``: a FUSE file
+    system may carry the swap out as a plain rename and still report it done); elsewhere,
+    ``atomic_write``."""
+    from .safefs import SWAPPING_FILE_SYSTEMS, exchange, fs_magic
 
     path = fs_path(path)
     directory, name = os.path.split(path)
+    try:
+        dir_fd = os.open(directory or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            swaps = fs_magic(dir_fd) in SWAPPING_FILE_SYSTEMS
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
+    if not swaps:
+        return atomic_write(path, data, mode, durable=False)
     spare = os.path.join(directory, b"." + name + b".spare")
     try:
         fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -229,4 +241,4 @@ def write_swapped(path: bytes | str, data: bytes, mode: int = 0o644) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(exc.errno, exc.strerror, path) from None
-        os.rename(spare, path)  # the first write, or no swapping here: no spare is kept
+        os.rename(spare, path)  # the first write, or no swapping after all: no spare is kept

@@ -637,6 +637,11 @@ def _libc_error(call: str) -> OSError:
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+# The local file systems whose behaviour the engine relies on, by statfs magic: ext4, xfs,
+# btrfs, tmpfs.  ``exchange`` is carried out as asked there (a FUSE file system may report a
+# plain rename as a swap).
+KNOWN_LOCAL_FILE_SYSTEMS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0x01021994})
+SWAPPING_FILE_SYSTEMS = KNOWN_LOCAL_FILE_SYSTEMS
 
 
 def exchange(a: bytes, b: bytes) -> None:
@@ -668,7 +673,7 @@ CLOCK_REALTIME_COARSE = 5  # Linux's clock id: the clock a file's times are take
 # The file systems that may have multigrain times, by statfs magic: ext4, xfs, btrfs, tmpfs.
 # Only local ones: a network file system's times are its server's, and its client may
 # answer a stat from its cache, which tells the server nothing.
-MULTIGRAIN_CANDIDATES = {0xEF53, 0x58465342, 0x9123683E, 0x01021994}
+MULTIGRAIN_CANDIDATES = KNOWN_LOCAL_FILE_SYSTEMS
 
 
 def fs_magic(fd: int) -> int:

@@ -177,9 +177,17 @@ def test_a_node_whose_state_dir_is_full_when_it_starts_joins_the_cluster(fcluste
     c, lab = fcluster, fcluster.lab
     c.h.stop("b")
     fill_file_system(_state_dir(lab, "b"))
+    restarted = time.time()
     c.h.start("b")
     assert wait_for(lambda: c.h.role("b") == "secondary", 20), c.h.logs()
-    assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+
+    def settled() -> bool:
+        """a's daemon live on a connection to b's new receiver, and b told its copy is up to
+        date (its own status says so from the start: what it recorded before)."""
+        pair = c.h.status("a")["mirror"]["trees"][0]["pairs"][0]
+        return pair["state"] == "live" and pair["since"] > restarted and c.h.status("b")["data"]["uptodate"]
+
+    assert wait_for(settled, 30), c.h.logs()
     t0 = time.monotonic()
     lab.power_off("a")
     c.served_by("b", since=t0, timeout=15)
