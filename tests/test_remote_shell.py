@@ -17,14 +17,19 @@ exec sh -c "$*"
 """
 
 
-def test_remote_path_reaches_the_remote_shell_quoted(tmp_path):
+def _ssh_like_and_source(tmp_path):
+    """The ssh stand-in, a one-file source, and this Python's mirror as the remote command."""
     rsh = tmp_path / "ssh-like"
     rsh.write_text(_SSH_LIKE.format(home=tmp_path))
     rsh.chmod(0o755)
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"x")
-    remote = f"{sys.executable} -m mirror"
+    return rsh, src, f"{sys.executable} -m mirror"
+
+
+def test_remote_path_reaches_the_remote_shell_quoted(tmp_path):
+    rsh, src, remote = _ssh_like_and_source(tmp_path)
     for name in ("replica; touch CANARY", "with space"):
         proc = run_mirror("sync", "--rsh", str(rsh), "--remote-command", remote, str(src),
                           f"somehost:{tmp_path / name}")  # fmt: skip
@@ -58,13 +63,7 @@ def test_the_daemon_runs_the_remote_shell_and_command_it_is_given(tmp_path):
     remote shell with options of its own."""
     from tests.daemons import converged, live_daemon
 
-    rsh = tmp_path / "ssh-like"
-    rsh.write_text(_SSH_LIKE.format(home=tmp_path))
-    rsh.chmod(0o755)
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_bytes(b"x")
-    remote = f"{sys.executable} -m mirror"
+    rsh, src, remote = _ssh_like_and_source(tmp_path)
     with live_daemon(src, f"somehost:{tmp_path / 'replica'}", "--rsh", str(rsh), "--remote-command", remote):
         converged(src, tmp_path / "replica")
     config = tmp_path / "daemon.toml"
