@@ -21,6 +21,7 @@ time); 2 bad usage, configuration or I/O error; 3 hawrap does not run for this n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -434,6 +435,13 @@ def cmd_standby(cfg, node, args) -> int:
 def cmd_resume(cfg, node, args) -> int:
     from .unsynced import find
 
+    if not args.new_disk:
+        # A node unfit to serve refuses anyway: say what to fix first, before what a resume loses.
+        with contextlib.suppress(NotRunning):
+            unfit = control.request(cfg.control_socket(node), "status").get("unfit")
+            if unfit:
+                print(f"{node}: resume refused: {unfit}", file=sys.stderr)
+                return EXIT_FAILED
     # with etcd, who leads next is decided by the positions the members publish
     unsynced = find(cfg, node) if cfg.backend != "etcd" else None
     if unsynced:

@@ -280,6 +280,10 @@ def _data_state(s: State, f: Facts) -> State:
     peer = f.peer
     peer_serves = peer is not None and (peer.serving or peer.role in (PRIMARY, RELEASING))
     if s.role == PRIMARY or (s.role == RELEASING and not peer_serves):
+        if f.unfit:
+            # The replica's verdict is about a tree that is gone: what we hold alone is what
+            # the verdicts from before the disk went said (and the daemon's journals).
+            return replace(s, uptodate=True)
         return replace(s, uptodate=True, peer_outdated=not f.replica_in_sync)
     if f.copy_incomplete:
         # The peer's word that its replica is in sync may predate the new disk (an idle

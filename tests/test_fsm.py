@@ -444,6 +444,17 @@ def test_a_node_unfit_to_serve_stops_serving_at_once_and_never_takes_over():
     assert fsm.my_rank(state(PRIMARY, epoch=9), facts(unfit=UNMOUNTED), POLICY) < fsm.peer_rank(peer(PRIMARY), POLICY)
 
 
+def test_a_primary_whose_disk_goes_claims_no_changes_of_its_own_for_it():
+    # The daemon mirroring a tree that was unmounted says its replica is not in sync: that
+    # is the fault itself, not changes the peer lacks (a resume would otherwise be refused
+    # for them, and a lone restart would take this node's copy for the only one).
+    for outdated in (False, True):
+        s = state(PRIMARY, epoch=5, owns=True, uptodate=True, peer_outdated=outdated)
+        f = replace(facts(p=peer(SECONDARY, epoch=5), unfit=UNMOUNTED), replica_in_sync=False)
+        s, _ = fsm.decide(s, f, GUARD)
+        assert s.role == STANDBY and s.peer_outdated is outdated
+
+
 def test_a_node_fit_again_rejoins_by_itself_keeping_its_claim_on_its_data():
     # A degraded primary (its peer outdated) whose disk went away: what it holds alone is
     # still its own once the disk is back, unlike after an administrator's resume.

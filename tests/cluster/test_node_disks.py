@@ -23,6 +23,7 @@ from test_mirrored_data import converged, start_mirrored
 
 from hawrap.mirrorctl import engine_available
 from mirror.epoch import bump_epoch
+from mirror.journal import ENTRY, Journal
 
 pytestmark = pytest.mark.skipif(
     not engine_available(tuple(MIRROR)), reason="needs the mirror engine ('mirror serve|daemon --help')"
@@ -135,6 +136,16 @@ def test_the_primarys_disk_gone_it_hands_over_and_rejoins_once_mounted(rcluster,
         write_files(tree(lab, "b"), "while-a-unmounted", 20)
         r = c.h.cli("a", "resume")
         assert r.returncode != 0 and why in r.stdout + r.stderr, r.stdout + r.stderr
+        # With changes of its own on its disk as well, the disk is what it names: a resume
+        # cannot happen before that is fixed (the journal is seen through this namespace,
+        # where a's disk is still mounted)
+        journal = os.path.join(_disk(lab, "a"), ".mirror", "journal-00000000000000aa")
+        j = Journal(os.fsencode(journal))
+        j.append([(ENTRY, b"written-before-the-unmount", 0)])
+        j.close()
+        r = c.h.cli("a", "resume")
+        os.unlink(journal)
+        assert r.returncode != 0 and why in r.stderr and "lacks" not in r.stdout, r.stdout + r.stderr
         if fault == "unmounted":
             assert _under_mount_point(c, "a") == [], "something was written under a's empty mount point"
         else:
