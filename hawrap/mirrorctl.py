@@ -47,6 +47,7 @@ RESTART_DELAY = 1.0  # a mirror process that exits is restarted after this long
 STOP_GRACE = 5.0  # after SIGTERM, a mirror process has this long to finish cleanly, then SIGKILL
 STUCK_SECONDS = 10.0  # a daemon whose status has not changed this long is killed and started again
 STATUS_STALE = 2.0  # the daemon rewrites its status at least twice a second: older than this, it is stuck
+PROBE_TIMEOUT = 5.0  # a receiver that has not answered a hello this long is hung or stopped
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,69 @@ class StatusWatch:
         return silent if start == self.start and silent > STUCK_SECONDS * 2**self.restarts else None
 
 
+def receiver_silent(address: str, port: int, module: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """Why the receiver at ``address:port`` is hung or stopped: it took the connection (the
+    kernel does that for a stopped process too) and sent nothing back to a hello within
+    ``timeout`` seconds.  '' when it answered (a challenge or a refusal: either is a process
+    at work), and when nothing listens (its supervisor restarts a process that exited).  The
+    connection ends before any secret is used."""
+    import socket
+
+    from mirror import protocol as P
+
+    hello = P.encode([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": module, "nonce": os.urandom(P.NONCE_SIZE),
+                                "software": P.SOFTWARE}])  # fmt: skip
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as sock:
+            sock.sendall(hello)
+            sock.recv(1)  # its first byte, or the end of the connection
+    except TimeoutError:
+        return f"it did not answer a hello within {timeout:g} s"
+    except OSError:
+        pass
+    return ""
+
+
+class ReceiverWatch:
+    """While this node receives from a primary that says its replica is not in sync: is this
+    node's receiver the cause?  A receiver that hangs (a deadlock) or is stopped (SIGSTOP, a
+    frozen cgroup) never exits, and this node's copy would stay outdated, so unable to take
+    over, until an administrator came.  After STUCK_SECONDS of that, the receiver is probed
+    (``receiver_silent``, in a thread of its own: the node's loop never waits on it); one that
+    does not answer is to be killed, and the wait doubles while restarts do not help."""
+
+    def __init__(self, probe):
+        self._probe = probe  # () -> str: why the receiver is silent, '' if it answered
+        self.since: float | None = None  # the primary has said "not in sync" since then
+        self.restarts = 0
+        self._running: tuple[threading.Thread, list[str]] | None = None  # a probe, and where it answers
+
+    def check(self, outdated: bool) -> str:
+        """``outdated``: the primary says now that its replica is not in sync.  Returns why the
+        receiver must be killed, once per silent probe; '' otherwise."""
+        now = time.monotonic()
+        if not outdated:
+            self.since, self.restarts, self._running = None, 0, None  # a probe under way is forgotten
+            return ""
+        if self.since is None:
+            self.since = now
+        if self._running is not None:
+            thread, answer = self._running
+            if thread.is_alive():
+                return ""
+            self._running = None
+            self.restarts += bool(answer[0])
+            self.since = now  # the next probe after another wait
+            return answer[0]
+        if now - self.since > STUCK_SECONDS * 2**self.restarts:
+            answer = [""]
+            thread = threading.Thread(target=lambda: answer.__setitem__(0, self._probe()), name="receiver-probe",
+                                      daemon=True)  # fmt: skip
+            self._running = (thread, answer)
+            thread.start()
+        return ""
+
+
 @dataclass(frozen=True)
 class Replica:
     """Is the peer's copy receiving our changes live?  ``detail`` says what is not."""
@@ -576,6 +640,17 @@ class MirrorControl:
                 done.append(f"the mirror daemon of {tree.name}: its status has not changed for {silent:.0f} s "
                             "(hung or stopped): killed, to be started again")  # fmt: skip
         return done
+
+    def receiver_watch(self) -> ReceiverWatch:
+        """A ``ReceiverWatch`` of this node's receiver, probed on the first tree's module."""
+        name = self.trees[0].name if self.trees else ""
+        return ReceiverWatch(lambda: receiver_silent(self.my_address, self.cfg.mirror.port, name))
+
+    def restart_receiver(self) -> None:
+        """While receiving: kill the receiver; its supervisor starts it again."""
+        if self.direction == "receive":
+            for p in self._procs:
+                p.restart()
 
     def final_sync(self, timeout: float = 3600.0, to: str | None = None) -> None:
         """One-shot ``mirror sync --delete`` of every tree toward the peer (or node ``to``);

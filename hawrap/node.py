@@ -124,6 +124,7 @@ class Node:
         )  # unexpected exits in a row, per process
         self._mirror_alerted: set[str] = set()
         self._next_replica_check = 0.0
+        self._receiver_watch = self.mirror.receiver_watch()  # while receiving: is the receiver hung?
         self.transitions: collections.deque = collections.deque(maxlen=20)
         self.progress = watchdog.Progress()
         self.feeder: watchdog.Feeder | None = None
@@ -640,11 +641,19 @@ class Node:
 
     def _watch_replication(self) -> None:
         """While sending: is the replica live?  Told once when it has not been for
-        mirror.alert_after seconds while the peer could receive, and again when it recovers."""
+        mirror.alert_after seconds while the peer could receive, and again when it recovers.
+        While receiving from a primary whose replica is not live: is our receiver the cause
+        (``ReceiverWatch``)?"""
         now = time.monotonic()
         if now < self._next_replica_check:
             return
         self._next_replica_check = now + REPLICA_CHECK_INTERVAL
+        peer = self.peer_msg.get("peer") if self.peer_alive and self.peer_msg else None
+        told = self.mirror.direction == "receive" and bool(peer) and peer["role"] == fsm.PRIMARY and not peer["in_sync"]
+        silent = self._receiver_watch.check(told)
+        if silent:
+            self.mirror.restart_receiver()
+            self._notify("error", f"the mirror receiver: {silent} (hung or stopped): killed, to be started again")
         if self.mirror.direction != "send":
             self._replica_bad_since = None
             return

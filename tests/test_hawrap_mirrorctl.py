@@ -364,3 +364,60 @@ def test_a_status_with_the_daemons_monotonic_time_is_judged_by_it_at_the_first_l
     # written before this daemon started (a predecessor's), or too long ago: not fresh
     assert not mirrorctl.StatusWatch().fresh(1, time.time(), started - 1, started)
     assert not mirrorctl.StatusWatch().fresh(1, time.time(), time.monotonic() - mirrorctl.STATUS_STALE - 1, 0.0)
+
+
+def test_a_receiver_that_does_not_answer_a_hello_is_found_silent(tmp_path):
+    """The probe of a secondary's receiver, on a real ``mirror serve``: at work, it answers
+    (a challenge, or a refusal for a module it does not serve); stopped (SIGSTOP: the kernel
+    still takes the connection), it is silent; nothing listening is its supervisor's case."""
+    from tests.servers import mirror_server
+
+    (tmp_path / "data").mkdir()
+    with mirror_server(tmp_path, {"data": str(tmp_path / "data")}) as server:
+        assert mirrorctl.receiver_silent(server.host, server.port, "data") == ""
+        assert mirrorctl.receiver_silent(server.host, server.port, "no-such-module") == ""
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            why = mirrorctl.receiver_silent(server.host, server.port, "data", timeout=0.5)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert why == "it did not answer a hello within 0.5 s"
+        port = server.port
+    assert mirrorctl.receiver_silent("127.0.0.1", port, "data", timeout=0.5) == ""
+
+
+def test_a_silent_receiver_is_reported_once_per_probe_and_the_wait_doubles(tmp_path, monkeypatch):
+    """ReceiverWatch over a real receiver: probed only after the primary has said "not in
+    sync" for STUCK_SECONDS, in a thread; silent: reported once, and the next probe waits
+    twice as long; answering: never reported; the primary in sync again: all forgotten."""
+    from tests.servers import mirror_server
+
+    monkeypatch.setattr(mirrorctl, "STUCK_SECONDS", 0.3)
+    (tmp_path / "data").mkdir()
+    with mirror_server(tmp_path, {"data": str(tmp_path / "data")}) as server:
+        watch = mirrorctl.ReceiverWatch(lambda: mirrorctl.receiver_silent(server.host, server.port, "data", 0.3))
+        reports: list[tuple[float, str]] = []
+
+        def run(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                why = watch.check(True)
+                if why:
+                    reports.append((time.monotonic(), why))
+                time.sleep(0.01)
+
+        run(1.0)  # answering: probed (after 0.3 s, then again) and never reported
+        assert reports == [] and watch.restarts == 0
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            run(2.2)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        # silent: the first probe may have started before the stop; each report ends a 0.3 s
+        # probe, and the wait before the next one doubles
+        assert 1 <= len(reports) <= 3 and watch.restarts == len(reports), reports
+        assert reports[0][1] == "it did not answer a hello within 0.3 s"
+        gaps = [b[0] - a[0] for a, b in zip(reports, reports[1:], strict=False)]
+        assert all(gap > 0.6 for gap in gaps), gaps
+        watch.check(False)
+        assert watch.restarts == 0 and watch.since is None

@@ -236,3 +236,23 @@ def test_a_frozen_daemon_is_started_again_and_the_standby_catches_up(mcluster):
     assert converged(lab), c.h.logs()
     assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
     assert c.notified("killed, to be started again", 5), c.h.logs()
+
+
+def test_a_frozen_receiver_is_started_again_and_the_standby_catches_up(mcluster):
+    """b's receiver frozen (SIGSTOP, a frozen cgroup; a deadlock looks the same from outside)
+    while a serves: nothing reaches b, whose copy is counted outdated, so that b could not
+    take over.  b sees a say so for STUCK_SECONDS, probes its receiver, finds it silent, kills
+    it and starts it again: what a wrote meanwhile reaches b, b is up to date again, and the
+    administrator is told."""
+    c, lab = mcluster, mcluster.lab
+    write_files(tree(lab, "a"), "before", 20)
+    assert converged(lab), c.h.logs()
+    with open(os.path.join(lab.workdir, "state", "b", "mirror-serve.pid")) as f:
+        frozen = int(f.read())
+    os.kill(frozen, signal.SIGSTOP)
+    write_files(tree(lab, "a"), "while-frozen", 20)
+    assert wait_for(lambda: not c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+    assert wait_for(lambda: process_state(frozen) in ("", "Z"), STUCK_SECONDS + 20), "the frozen receiver was left"
+    assert converged(lab), c.h.logs()
+    assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+    assert c.notified("the mirror receiver: it did not answer a hello", 5), c.h.logs()
