@@ -12,12 +12,14 @@ The random faults run ``HAWRAP_TRIALS`` times (1 in CI) with a seed printed on f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
 
 import pytest
+from helpers import PollingThread
 from lab import (
     MIRROR,
     Hawrap,
@@ -437,6 +439,108 @@ def test_replication_link_cut(fc):
     no_outage_since(c, t0)
     c.safety.check()
     c.record("mirror traffic cut for 3 s", t0, w0, healed)
+
+
+class _Pause:
+    """SIGSTOP to what ``pid()`` names now, SIGCONT to that same process when the pause ends
+    (one restarted meanwhile is not the one paused); ``group``: its whole process group."""
+
+    def __init__(self, pid, group: bool = False):
+        self.pid, self.group, self.paused = pid, group, None
+
+    def __call__(self, on: bool) -> None:
+        send = os.killpg if self.group else os.kill
+        if on:
+            with contextlib.suppress(OSError, ValueError):
+                self.paused = self.pid()
+                send(self.paused, signal.SIGSTOP)
+        elif self.paused is not None:
+            with contextlib.suppress(ProcessLookupError):
+                send(self.paused, signal.SIGCONT)
+            self.paused = None
+
+
+def _pid_file(c: FaultCluster, node: str, name: str):
+    def read() -> int:
+        with open(os.path.join(c.lab.workdir, "state", node, name)) as f:
+            return int(f.read())
+
+    return read
+
+
+def _kill(pid):
+    def apply(on: bool) -> None:
+        if on:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(pid(), signal.SIGKILL)
+
+    return apply
+
+
+def test_random_faults_that_overlap(fc):
+    """Jepsen's nemesis: nine faults switched on and off at random, each on its own clock,
+    so that they overlap in every order: heartbeats of either node lost, mirror traffic
+    lost, a's daemon, b's receiver, and either node's whole hawrap paused, a's daemon and
+    b's receiver killed (their supervisors start them again).  Meanwhile a
+    client writes a file every 20 ms on a (each whole: written aside, renamed in), and a
+    reader polls b's copy.  None of these faults silences the VIP, so the roles and epochs
+    never change; b never shows a file other than whole; once the faults stop, every file a
+    wrote is on b, b is up to date, and one node held the VIP at every moment."""
+    c = fc
+    epochs = (c.epoch("a"), c.epoch("b"))
+    src, dst = tree(c.lab, "a"), tree(c.lab, "b")
+    written: dict[str, bytes] = {}
+    torn: list[tuple[str, int]] = []
+
+    def body(name: str) -> bytes:
+        return (name * 200).encode()
+
+    def write() -> None:
+        name = f"nemesis-{len(written):05d}"
+        with open(os.path.join(src, ".tmp-" + name), "wb") as f:
+            f.write(body(name))
+        os.rename(os.path.join(src, ".tmp-" + name), os.path.join(src, name))
+        written[name] = body(name)
+
+    def read() -> None:
+        for name in os.listdir(dst):
+            if name.startswith("nemesis-"):
+                with contextlib.suppress(FileNotFoundError), open(os.path.join(dst, name), "rb") as f:
+                    data = f.read()
+                    if data != body(name):
+                        torn.append((name, len(data)))
+
+    short, calm = (0.2, 3.0), (0.5, 4.0)
+    t0, w0 = now_both()
+    with PollingThread(write, interval=0.02) as writer, PollingThread(read, interval=0.01) as reader:
+        nemesis = [
+            Toggler(lambda on: c.lab.block_heartbeats("a", on), c.rng, on=short, off=calm),
+            Toggler(lambda on: c.lab.block_heartbeats("b", on), c.rng, on=short, off=calm),
+            Toggler(lambda on: c.lab.block_mirror(on), c.rng, on=short, off=calm),
+            Toggler(_Pause(_pid_file(c, "a", "mirror-daemon-data.pid")), c.rng, on=(0.5, 4.0), off=calm),
+            Toggler(_Pause(_pid_file(c, "b", "mirror-serve.pid")), c.rng, on=(0.5, 4.0), off=calm),
+            Toggler(_Pause(lambda: c.h.pids("a")["supervisor"], group=True), c.rng, on=(0.2, 2.0), off=(2.0, 6.0)),
+            Toggler(_Pause(lambda: c.h.pids("b")["supervisor"], group=True), c.rng, on=(0.2, 2.0), off=(2.0, 6.0)),
+            Toggler(_kill(_pid_file(c, "a", "mirror-daemon-data.pid")), c.rng, on=(0.0, 0.0), off=(2.0, 8.0)),
+            Toggler(_kill(_pid_file(c, "b", "mirror-serve.pid")), c.rng, on=(0.0, 0.0), off=(2.0, 8.0)),
+        ]
+        time.sleep(12.0 * TRIALS)  # the faults' run
+        for t in nemesis:
+            t.stop()
+        healed = time.monotonic()
+        writer.stop()
+        # everything a wrote reaches b, each file whole, by itself
+        assert wait_for(lambda: all(os.path.exists(os.path.join(dst, n)) for n in written), 30, 0.1), c.h.logs()
+        reader.wait_polls(2)
+    c.expect_roles(primary="a", other="secondary")
+    assert (c.epoch("a"), c.epoch("b")) == epochs, "a takeover was tried through a VIP that answered"
+    assert reader.polls > 100 and torn == [], f"b showed {len(torn)} files not whole: {torn[:5]}"
+    assert snapshot(src) == snapshot(dst)
+    assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+    c.replicates("a", "b")
+    c.safety.check()
+    spans = {i: len(t.spans) for i, t in enumerate(nemesis)}
+    c.record("nine faults on and off at random, overlapping", t0, w0, healed, files=len(written), faults=spans)
 
 
 # ---------------------------------------------------------------- crashes
