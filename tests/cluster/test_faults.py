@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -541,6 +542,110 @@ def test_random_faults_that_overlap(fc):
     c.safety.check()
     spans = {i: len(t.spans) for i, t in enumerate(nemesis)}
     c.record("nine faults on and off at random, overlapping", t0, w0, healed, files=len(written), faults=spans)
+
+
+def test_random_failovers_under_writes(fc):
+    """Failovers back and forth under a client that writes a whole file every 20 ms to
+    whichever node serves, and a reader polling the other node's copy: at a random moment
+    the serving node loses power, or its hawrap is killed -9, or its LAN goes down.  Each
+    time the other takes over with every file its copy was ever seen to hold (nothing a
+    takeover or the returning node's resync removes), the returning node is resumed (what it
+    wrote after its last mirrored change is given up, as the administrator is told) and then
+    holds exactly the survivor's tree; epochs only rise; one VIP holder as clients see it."""
+    c = fc
+    writes: dict[str, int] = {"to": 0}  # which tree the client writes to; None while nobody serves
+    target: list[str | None] = ["a"]
+    seen: dict[str, set[str]] = {"a": set(), "b": set()}  # names each copy was seen holding while receiving
+    watching: list[str | None] = ["b"]
+    gate = threading.Lock()
+
+    def body(name: str) -> bytes:
+        return (name * 100).encode()
+
+    def write() -> None:
+        with gate:  # a write under way ends before the target changes
+            node = target[0]
+            if node is None:
+                return False
+            writes["to"] += 1
+            name = f"client-{writes['to']:05d}"
+            root = tree(c.lab, node)
+            with open(os.path.join(root, ".tmp-" + name), "wb") as f:
+                f.write(body(name))
+            os.rename(os.path.join(root, ".tmp-" + name), os.path.join(root, name))
+
+    def aim(node: str | None) -> None:
+        with gate:
+            target[0] = node
+
+    def read() -> None:
+        node = watching[0]
+        if node is None:
+            return False
+        root = tree(c.lab, node)
+        for name in os.listdir(root):
+            if name.startswith("client-"):
+                with contextlib.suppress(FileNotFoundError), open(os.path.join(root, name), "rb") as f:
+                    assert f.read() == body(name), f"{node} showed {name} not whole"
+                seen[node].add(name)
+
+    primary, other = "a", "b"
+    epochs = [c.epoch("a")]
+    figures = []
+    t_start, w_start = now_both()
+    with PollingThread(write, interval=0.02) as writer, PollingThread(read, interval=0.02) as reader:
+        for cycle in range(3 * TRIALS):
+            fault = c.rng.choice(["power off", "hawrap killed -9", "LAN down"])
+            time.sleep(c.rng.uniform(0.2, 2.0))
+            reader.wait_polls(1)
+            held = set(seen[other])  # what the standby's copy was seen holding before the fault
+            t0 = time.monotonic()
+            aim(None)
+            if fault == "power off":
+                c.lab.power_off(primary)
+            elif fault == "hawrap killed -9":
+                os.kill(c.h.status(primary)["pid"], signal.SIGKILL)
+            else:
+                c.lab.link(primary, "lan0", False)
+            watching[0] = None
+            assert wait_for(lambda o=other: c.h.role(o) == "primary", 10), f"cycle {cycle}, {fault}\n{c.h.logs()}"
+            took = time.monotonic() - t0
+            c.served_by(other, since=t0)
+            missing = held - set(os.listdir(tree(c.lab, other)))
+            assert not missing, f"cycle {cycle}, {fault}: the new primary lost {sorted(missing)[:5]}"
+            aim(other)
+            if fault == "power off":
+                c.lab.power_on(primary)
+                c.h.start(primary)
+            elif fault == "LAN down":
+                c.lab.link(primary, "lan0", True)
+            assert wait_for(lambda p=primary: c.h.role(p) in ("standby", "secondary"), 20), c.h.logs()
+            discarded = 0
+            if c.h.role(primary) == "standby":
+                r = c.h.cli(primary, "resume")
+                if r.returncode != EXIT_OK:  # it holds what it wrote last: the administrator gives it up
+                    assert "lacks" in r.stdout, r.stdout + r.stderr
+                    discarded = r.stdout.count("\n")
+                    r = c.h.cli(primary, "resume", "--discard-local-changes")
+                assert r.returncode == EXIT_OK, r.stdout + r.stderr
+            c.expect_roles(primary=other, other="secondary")
+            watching[0] = primary
+            # the returning node holds the survivor's tree, the client writing on meanwhile
+            aim(None)
+            assert wait_for(lambda p=primary, o=other: snapshot(tree(c.lab, p)) == snapshot(tree(c.lab, o)), 30, 0.1), (
+                f"cycle {cycle}, {fault}\n{c.h.logs()}"
+            )
+            assert wait_for(lambda p=primary: c.h.status(p)["data"]["uptodate"], 20), c.h.logs()
+            missing = seen[other] - set(os.listdir(tree(c.lab, other)))
+            assert not missing, f"cycle {cycle}, {fault}: the resync removed {sorted(missing)[:5]} from the primary"
+            aim(other)
+            epochs.append(c.epoch(other))
+            figures.append({"fault": fault, "takeover_seconds": round(took, 3), "resume_listed_lines": discarded})
+            primary, other = other, primary
+    assert epochs == sorted(set(epochs)), f"epochs did not strictly rise: {epochs}"
+    assert writer.polls > 100 and reader.polls > 100
+    c.safety.check(strict=False)  # a node powered off or cut off keeps its address until it boots or sees it
+    c.record("random failovers under writes", t_start, w_start, cycles=figures)
 
 
 # ---------------------------------------------------------------- crashes
