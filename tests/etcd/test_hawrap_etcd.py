@@ -435,3 +435,33 @@ def test_a_frozen_leader_loses_the_vip_before_anyone_takes_it(hlab):
             hw.freeze(leader, False)
         stop_cluster(hw, client)
     client.check()
+
+
+def test_a_frozen_daemon_on_the_leader_is_started_again_and_the_replicas_catch_up(hlab):
+    """The leader's mirror daemon frozen (SIGSTOP; a deadlock looks the same from outside):
+    its status stops changing, the leader counts its replicas not in sync, and after
+    STUCK_SECONDS kills it; its supervisor starts it again, and what the leader wrote
+    meanwhile reaches both replicas.  The leader serves throughout."""
+    from hawrap.mirrorctl import STUCK_SECONDS
+
+    hw, client = start_cluster(hlab)
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        replicas = [n for n in NODES if n != leader]
+        wait_replicated(hlab, replicas, write_files(tree(hlab, leader), "start", 10))
+        frozen = hw.mirror_pids(leader)
+        assert frozen, hw.leftovers(leader)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        written = write_files(tree(hlab, leader), "while-frozen", 10)
+        assert wait_for(lambda: not (hw.status(leader) or {})["mirror"]["replica"]["in_sync"], 10), logs(hw)
+        assert wait_for(lambda: not set(frozen) & set(hw.mirror_pids(leader)), STUCK_SECONDS + 20), (
+            f"the frozen daemon was left\n{logs(hw)}"
+        )
+        wait_replicated(hlab, replicas, written, timeout=60)
+        assert wait_for(lambda: (hw.status(leader) or {}).get("mirror", {}).get("replica", {}).get("in_sync"), 30)
+        assert "killed, to be started again" in logs(hw)
+        assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == leader, 10)
+    finally:
+        stop_cluster(hw, client)
+    client.check()
