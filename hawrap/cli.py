@@ -57,6 +57,7 @@ def _common(p: argparse.ArgumentParser, needs_config: bool = True) -> None:
 
 # Each command: its one-line help, what it does, and its exit status (documented in --help).
 _EXIT_USAGE = "2 bad usage, configuration or I/O error"
+UNAUTHENTICATED_RECENT = 10.0  # seconds: a packet that failed authentication this recently is news
 COMMAND_HELP: dict[str, tuple[str, str, str]] = {
     "run": (
         "run this node",
@@ -336,6 +337,11 @@ def cmd_status(cfg, node, args) -> int:
         )
     else:
         print(f"  peer {peer['name']}: silent on every link")
+        refused = [link for link, stats in st["link_stats"].items() if len(stats) > 5 and stats[5] is not None
+                   and stats[5] <= UNAUTHENTICATED_RECENT]  # fmt: skip
+        if refused:
+            print(f"  ... but packets from its address fail authentication on {', '.join(refused)}: "
+                  "are both nodes' heartbeat secrets the same?")  # fmt: skip
     for link, up in st["links"].items():
         stats = st["link_stats"].get(link)
         extra = (

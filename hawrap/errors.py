@@ -43,3 +43,7 @@ class ResourceError(HawrapError):
 
 class WireError(HawrapError):
     """A heartbeat packet is malformed, too large, or fails authentication; it is dropped."""
+
+
+class WireAuthError(WireError):
+    """A heartbeat packet whose MAC is not the shared secret's: another secret, or forged."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import msgpack
 
 from . import wire
-from .errors import WireError
+from .errors import WireAuthError, WireError
 
 PR_SET_PDEATHSIG = 1
 MCL_CURRENT, MCL_FUTURE = 1, 2
@@ -62,6 +62,7 @@ class LinkSocket:
     received: int = 0
     dropped: int = 0
     max_gap: float = 0.0  # longest time between two accepted packets (how close to the dead time)
+    unauthenticated: float | None = None  # when a packet from the peer's address last failed authentication
 
 
 def _libc():
@@ -153,6 +154,8 @@ class HeartbeatEngine:
                 fields = wire.decode(self.secret, packet)
             except WireError as exc:
                 link.dropped += 1
+                if isinstance(exc, WireAuthError):
+                    link.unauthenticated = now
                 self._note("wire", f"link {link.name}: dropped a packet from {addr[0]}: {exc}")
                 continue
             verdict = self.tracker.check(fields, link.name)
@@ -246,7 +249,10 @@ class HeartbeatEngine:
         message = {
             "t": "peer", "alive": alive, "links": links, "peer": peer,
             "boot": self.boot.hex(), "peer_boot": self.tracker.current_boot.hex() if self.tracker.current_boot else None,
-            "stats": {n: [lk.sent, lk.received, lk.dropped, lk.send_errors, round(lk.max_gap * 1000, 1)] for n, lk in self.links.items()},
+            # the last item: seconds since a packet from the peer's address failed authentication
+            "stats": {n: [lk.sent, lk.received, lk.dropped, lk.send_errors, round(lk.max_gap * 1000, 1),
+                          None if lk.unauthenticated is None else round(now - lk.unauthenticated, 1)]
+                      for n, lk in self.links.items()},
         }  # fmt: skip
         try:
             self.control.send(msgpack.packb(message, use_bin_type=True))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from .errors import WireError
+from .errors import WireAuthError, WireError
 
 MAGIC = b"HW1"
 VERSION = 2  # 2: the data state (uptodate, in_sync)
@@ -77,7 +77,7 @@ def decode(secret: bytes, packet: bytes) -> dict:
     body = packet[len(MAGIC) + MAC_SIZE :]
     expected = hmac.new(secret, MAGIC + body, hashlib.sha256).digest()
     if not hmac.compare_digest(mac, expected):
-        raise WireError("authentication failed (wrong shared secret, or a forged packet)")
+        raise WireAuthError("authentication failed (wrong shared secret, or a forged packet)")
     try:
         fields = msgpack.unpackb(
             body, raw=False, strict_map_key=True,

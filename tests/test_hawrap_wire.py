@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hawrap import wire
-from hawrap.errors import WireError
+from hawrap.errors import WireAuthError, WireError
 from hawrap.heartbeat import HeartbeatEngine
 
 SECRET = b"s" * 32
@@ -52,7 +52,7 @@ def test_an_older_peer_without_the_optional_fields_is_heard_with_their_defaults(
 
 def test_wrong_secret_and_tampering_are_rejected():
     packet = wire.encode(SECRET, fields())
-    with pytest.raises(WireError, match="authentication"):
+    with pytest.raises(WireAuthError, match="authentication"):
         wire.decode(b"x" * 32, packet)
     tampered = bytearray(packet)
     tampered[-3] ^= 1
@@ -242,6 +242,8 @@ def test_spoofed_packets_from_the_peer_address_are_dropped():
         forger.close()
         report = a.expect(lambda m: m["stats"]["hb"][2] > 0)
         assert report["alive"] is False and report["stats"]["hb"][1] == 0
+        # and how recently a packet from the peer's address failed authentication, for status
+        assert 0 <= report["stats"]["hb"][5] < 5
     finally:
         a.close()
 

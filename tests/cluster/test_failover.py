@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+from helpers import PollingThread
 from lab import VIP, Hawrap, Probe, first_answer_after, outages, require, wait_for, write_config
 
 INTERVAL = 0.05  # the default heartbeat interval
@@ -297,6 +298,46 @@ def test_kill9_of_hawrap_supervisor_removes_the_vip(cluster):
     assert wait_for(lambda: c.h.role("a") in ("standby", "secondary"), 10), c.h.logs()
     c.only_vip_holder("b")
     c.report("hawrap killed -9 on the primary", t0, "b")
+
+
+def test_a_node_restarted_with_another_heartbeat_secret_never_takes_over(cluster):
+    """b restarted with another heartbeat secret (a key changed on one node only): neither
+    accepts the other's heartbeats, so each hears its peer silent.  a serves on, b never
+    takes the VIP (its takeover would stop at the ARP check, and a node that never heard
+    its peer is not trusted alone), and each node's status says why it hears nothing."""
+    c = cluster
+    c.h.stop("b")
+    other = os.path.join(c.lab.workdir, "another-secret")
+    with open(other, "w") as f:
+        f.write(os.urandom(32).hex())
+    os.chmod(other, 0o600)
+    with open(c.config) as f:
+        text = f.read()
+    mine = f'secret_file = "{c.lab.workdir}/secret"'
+    assert mine in text
+    config_b = os.path.join(c.lab.workdir, "hawrap-b.toml")
+    with open(config_b, "w") as f:
+        f.write(text.replace(mine, f'secret_file = "{other}"'))
+    t0 = time.monotonic()
+    c.h.config = config_b
+    try:
+        c.h.start("b")
+    finally:
+        c.h.config = c.config
+    vip_on_b: list[float] = []
+
+    def sample() -> None:
+        if c.lab.vip_on("b"):
+            vip_on_b.append(time.monotonic())
+
+    hint = "packets from its address fail authentication"
+    with PollingThread(sample, interval=0.02) as sampler:
+        for node in ("a", "b"):
+            assert wait_for(lambda n=node: hint in c.h.cli(n, "status").stdout, 15), c.h.cli(node, "status").stdout
+        time.sleep(max(0.0, t0 + 5.0 - time.monotonic()))  # watched well past b's initdead (1 s)
+    assert sampler.polls > 50 and vip_on_b == [], f"b held the VIP {len(vip_on_b)} times"
+    assert c.h.role("a") == "primary"
+    c.no_failed_probe_since(t0)
 
 
 def test_everything_killed_vip_expires_and_duplicate_check_waits(lab, rng):
