@@ -620,6 +620,8 @@ def test_random_failovers_under_writes(fc):
             elif fault == "LAN down":
                 c.lab.link(primary, "lan0", True)
             assert wait_for(lambda p=primary: c.h.role(p) in ("standby", "secondary"), 20), c.h.logs()
+            # as the administrator checks before resuming: its LAN is healthy again
+            assert wait_for(lambda p=primary: (c.h.status(p) or {}).get("lan", {}).get("ok") is True, 20), c.h.logs()
             discarded = 0
             if c.h.role(primary) == "standby":
                 r = c.h.cli(primary, "resume")
