@@ -80,6 +80,7 @@ class EtcdNode(Listener):
         self.mirror = MirrorControl(
             cfg, name, on_exit=lambda *exit: self.events.put(("mirror", exit)), destinations=self.others
         )
+        self._receiver_watch = self.mirror.receiver_watch()  # while receiving: is the receiver hung?
         self.resources = build_resources(cfg, name)
         self.notifier = Notifier(cfg.notify, cfg.name, name, ",".join(self.others))
         self.lan = LanHealth(None)
@@ -281,6 +282,7 @@ class EtcdNode(Listener):
                         self._follow_epoch()
                     self._push_back_vip()
                     self._restart_stuck_daemons()
+                    self._restart_silent_receiver()
         finally:
             self.shutdown()
 
@@ -461,6 +463,16 @@ class EtcdNode(Listener):
                 self._vip_renewed_for = renewed_at
             except ResourceError as exc:
                 log.error("%s", exc)
+
+    def _restart_silent_receiver(self) -> None:
+        """While receiving: a receiver that does not answer a hello is killed and started
+        again (``ReceiverWatch``): hung or stopped, it would leave this replica behind for
+        good, and a replica behind is not elected, until an administrator came."""
+        silent = self._receiver_watch.check(self.mirror.direction == "receive")
+        if silent:
+            self.mirror.restart_receiver()
+            self.notifier.notify("error", f"the mirror receiver: {silent} (hung or stopped): killed, to be started again",
+                                 self.role, self.epoch)  # fmt: skip
 
     def _restart_stuck_daemons(self) -> None:
         """While leading: a mirror daemon whose status stopped changing is started again

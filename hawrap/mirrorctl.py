@@ -381,7 +381,9 @@ class ReceiverWatch:
     frozen cgroup) never exits, and this node's copy would stay outdated, so unable to take
     over, until an administrator came.  After STUCK_SECONDS of that, the receiver is probed
     (``receiver_silent``, in a thread of its own: the node's loop never waits on it); one that
-    does not answer is to be killed, and the wait doubles while restarts do not help."""
+    does not answer is to be killed, and the wait doubles while restarts do not help (one
+    that answers starts the count again).  The etcd backend's replicas, which hear no such
+    word from their leader, probe every STUCK_SECONDS while they receive."""
 
     def __init__(self, probe):
         self._probe = probe  # () -> str: why the receiver is silent, '' if it answered
@@ -403,7 +405,7 @@ class ReceiverWatch:
             if thread.is_alive():
                 return ""
             self._running = None
-            self.restarts += bool(answer[0])
+            self.restarts = self.restarts + 1 if answer[0] else 0
             self.since = now  # the next probe after another wait
             return answer[0]
         if now - self.since > STUCK_SECONDS * 2**self.restarts:

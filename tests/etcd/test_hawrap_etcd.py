@@ -465,3 +465,31 @@ def test_a_frozen_daemon_on_the_leader_is_started_again_and_the_replicas_catch_u
     finally:
         stop_cluster(hw, client)
     client.check()
+
+
+def test_a_frozen_receiver_on_a_replica_is_started_again_and_catches_up(hlab):
+    """A replica's receiver frozen (SIGSTOP; a deadlock looks the same from outside): it
+    never exits, so nothing restarted it, and the replica fell behind for good.  Its hawrap
+    probes it every STUCK_SECONDS, finds it silent, kills it; its supervisor starts it again
+    and the replica gets what the leader wrote meanwhile.  The leader serves throughout."""
+    from hawrap.mirrorctl import PROBE_TIMEOUT, STUCK_SECONDS
+
+    hw, client = start_cluster(hlab)
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        frozen_node, other = [n for n in NODES if n != leader]
+        wait_replicated(hlab, [frozen_node, other], write_files(tree(hlab, leader), "start", 10))
+        frozen = hw.mirror_pids(frozen_node)
+        assert frozen, hw.leftovers(frozen_node)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        written = write_files(tree(hlab, leader), "while-frozen", 10)
+        wait_replicated(hlab, [other], written)
+        assert wait_for(lambda: not set(frozen) & set(hw.mirror_pids(frozen_node)),
+                        2 * STUCK_SECONDS + PROBE_TIMEOUT + 10), f"the frozen receiver was left\n{logs(hw)}"  # fmt: skip
+        wait_replicated(hlab, [frozen_node], written, timeout=60)
+        assert "the mirror receiver: it did not answer a hello" in logs(hw)
+        assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == leader, 10)
+    finally:
+        stop_cluster(hw, client)
+    client.check()
