@@ -389,7 +389,8 @@ def test_a_receiver_that_does_not_answer_a_hello_is_found_silent(tmp_path):
 def test_a_silent_receiver_is_reported_once_per_probe_and_the_wait_doubles(tmp_path, monkeypatch):
     """ReceiverWatch over a real receiver: probed only after the primary has said "not in
     sync" for STUCK_SECONDS, in a thread; silent: reported once, and the next probe waits
-    twice as long; answering: never reported; the primary in sync again: all forgotten."""
+    twice as long; answering: never reported, and the count starts again; the primary in
+    sync again: all forgotten."""
     from tests.servers import mirror_server
 
     monkeypatch.setattr(mirrorctl, "STUCK_SECONDS", 0.3)
@@ -419,5 +420,11 @@ def test_a_silent_receiver_is_reported_once_per_probe_and_the_wait_doubles(tmp_p
         assert reports[0][1] == "it did not answer a hello within 0.3 s"
         gaps = [b[0] - a[0] for a, b in zip(reports, reports[1:], strict=False)]
         assert all(gap > 0.6 for gap in gaps), gaps
+        # answering again: the next probe starts the count again
+        end = time.monotonic() + 0.3 * 2**watch.restarts + 2.0
+        while watch.restarts and time.monotonic() < end:
+            assert watch.check(True) == ""
+            time.sleep(0.01)
+        assert watch.restarts == 0
         watch.check(False)
-        assert watch.restarts == 0 and watch.since is None
+        assert watch.since is None
