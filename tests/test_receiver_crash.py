@@ -16,9 +16,11 @@ default); run 50 or more before touching the replica writer, commits or safefs.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
+import platform
 import random
 import shutil
 import signal
@@ -29,7 +31,7 @@ import time
 
 import pytest
 
-from tests.helpers import MIRROR, REPO, PollingThread, wait_until
+from tests.helpers import MIRROR, REPO, PollingThread, process_state, wait_until
 from tests.servers import REMOTE_MIRROR, fake_rsh, mirror_server
 from tests.snapshot import assert_mirrors, snapshot
 
@@ -371,10 +373,14 @@ def test_killed_receiver_leaves_no_temporary_name_in_the_replica(tmp_path):
     assert os.listdir(dst / ".mirror" / "tmp") == []
 
 
+# fsync, fdatasync, syncfs: the numbers /proc/PID/task/TID/syscall shows, per machine
+_SYNC_CALLS = {"x86_64": {74, 75, 306}, "aarch64": {82, 83, 267}}
+
+
 @needs_strace
 def test_mirroring_lock_made_while_the_receiver_waits_for_the_disk_stops_the_batch_it_waited_for(tmp_path):
     """A receiver renames a full batch once the disk has its data: a slow fsync (here every
-    fsync and syncfs held 0.5 s by strace, a disk that stalls or a receiver frozen there) is a
+    fsync and syncfs held 2 s by strace, a disk that stalls or a receiver frozen there) is a
     wait between the mirroring lock's check and the renames.  A lock made meanwhile (a
     takeover: this node becomes the primary) must stop them: the lock is checked again
     once the wait is over.  It was checked only before it, and a whole batch went in under
@@ -390,10 +396,10 @@ def test_mirroring_lock_made_while_the_receiver_waits_for_the_disk_stops_the_bat
         (src / f"f{i:04d}").write_bytes(b"%d\n" % i)
         os.utime(src / f"f{i:04d}", (old, old))
     stall = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync,syncfs",
-             "-e", "inject=fsync,syncfs:delay_enter=500000"]  # fmt: skip
+             "-e", "inject=fsync,syncfs:delay_enter=2000000"]  # fmt: skip
     tmp = dst / ".mirror" / "tmp"
     # Other tests' dirty data would make a batch fsync its files one by one (safefs.fsync_all),
-    # each held 0.5 s, instead of one syncfs.
+    # each held 2 s, instead of one syncfs.
     os.sync()
 
     def second_batch_verified() -> bool:
@@ -405,10 +411,31 @@ def test_mirroring_lock_made_while_the_receiver_waits_for_the_disk_stops_the_bat
         except FileNotFoundError:
             return False
 
+    syncs = _SYNC_CALLS.get(platform.machine())
+
+    def held_at_a_sync(tracer: int) -> bool:
+        # A thread of the receiver held by strace in an fsync or syncfs (a tracing stop in one
+        # of those calls; strace stops its tracee at other calls too, briefly).  Without it, on
+        # a loaded machine the first batch may be durable already, its renames under way when
+        # the lock is made (the lock is then honoured within its one-second bound, not at once).
+        with open(f"/proc/{tracer}/task/{tracer}/children") as f:
+            receivers = [int(pid) for pid in f.read().split()]
+        for pid in receivers:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    if process_state(pid, int(tid)) != "t":
+                        continue
+                    with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                        call = f.read().split()[0]
+                    if syncs is None or (call.isdigit() and int(call) in syncs):
+                        return True
+        return False
+
     with mirror_server(tmp_path, {"m": str(dst)}, "--lock-file", str(lock), prefix=stall) as server:
         proc = subprocess.Popen([*MIRROR, "sync", "--secret-file", server.secret_file, str(src), server.url("m")],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-        wait_until(lambda: second_batch_verified() or proc.poll() is not None, interval=0.002)
+        wait_until(lambda: (second_batch_verified() and held_at_a_sync(server.proc.pid)) or proc.poll() is not None,
+                   interval=0.002)  # fmt: skip
         assert proc.poll() is None and not [n for n in os.listdir(dst) if n.startswith("f")]
         acquire(os.fsencode(lock), reason="takeover")
         wait_until(lambda: proc.poll() is not None, timeout=60)
