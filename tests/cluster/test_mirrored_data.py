@@ -30,7 +30,7 @@ from lab import (
 from lab import MIRROR_PORT as PORT
 from test_failover import Cluster
 
-from hawrap.mirrorctl import STUCK_SECONDS, engine_available
+from hawrap.mirrorctl import PROBE_TIMEOUT, STUCK_SECONDS, engine_available
 from mirror import epoch as mirror_epoch
 from mirror import lockfile
 from mirror.errors import EXIT_LOCKED, EXIT_STALE_EPOCH
@@ -219,40 +219,34 @@ def test_a_frozen_receiver_is_gone_before_the_takeover_serves_anything(mcluster)
 
 
 
-def test_a_frozen_daemon_is_started_again_and_the_standby_catches_up(mcluster):
-    """a's mirror daemon frozen (SIGSTOP: a debugger, a frozen cgroup; a deadlock looks the
-    same from outside): nothing reaches b, whose copy is counted outdated.  hawrap sees the
-    daemon's status stop changing, kills it after STUCK_SECONDS and starts it again: what a
-    wrote meanwhile reaches b, b is up to date again, and the administrator is told."""
-    c, lab = mcluster, mcluster.lab
-    write_files(tree(lab, "a"), "before", 20)
-    assert converged(lab), c.h.logs()
-    with open(os.path.join(lab.workdir, "state", "a", "mirror-daemon-data.pid")) as f:
-        frozen = int(f.read())
-    os.kill(frozen, signal.SIGSTOP)
-    write_files(tree(lab, "a"), "while-frozen", 20)
-    assert wait_for(lambda: not c.h.status("b")["data"]["uptodate"], 10), c.h.logs()
-    assert wait_for(lambda: process_state(frozen) in ("", "Z"), STUCK_SECONDS + 10), "the frozen daemon was left"
-    assert converged(lab), c.h.logs()
-    assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
-    assert c.notified("killed, to be started again", 5), c.h.logs()
+# the frozen process: on which node, its pid file, how long until it is killed, what is told
+_FROZEN = {
+    "daemon": ("a", "mirror-daemon-data.pid", STUCK_SECONDS + 10, "killed, to be started again"),
+    "receiver": ("b", "mirror-serve.pid", STUCK_SECONDS + PROBE_TIMEOUT + 15,
+                 "the mirror receiver: it did not answer a hello"),
+}  # fmt: skip
 
 
-def test_a_frozen_receiver_is_started_again_and_the_standby_catches_up(mcluster):
-    """b's receiver frozen (SIGSTOP, a frozen cgroup; a deadlock looks the same from outside)
-    while a serves: nothing reaches b, whose copy is counted outdated, so that b could not
-    take over.  b sees a say so for STUCK_SECONDS, probes its receiver, finds it silent, kills
-    it and starts it again: what a wrote meanwhile reaches b, b is up to date again, and the
-    administrator is told."""
+@pytest.mark.parametrize("process", ["daemon", "receiver"])
+def test_a_frozen_mirror_process_is_started_again_and_the_standby_catches_up(mcluster, process):
+    """a's mirror daemon, or b's receiver, frozen (SIGSTOP: a debugger, a frozen cgroup; a
+    deadlock looks the same from outside) while a serves: it never exits, nothing reaches b,
+    whose copy is counted outdated, so that b could not take over.  The daemon: a sees its
+    status stop changing and kills it after STUCK_SECONDS.  The receiver (the primary cannot
+    restart a process on b): b hears a say its replica is not in sync for STUCK_SECONDS,
+    probes its receiver, finds it silent, kills it.  Either is started again by its
+    supervisor: what a wrote meanwhile reaches b, b is up to date again, the administrator
+    is told."""
     c, lab = mcluster, mcluster.lab
+    node, pid_file, within, told = _FROZEN[process]
     write_files(tree(lab, "a"), "before", 20)
     assert converged(lab), c.h.logs()
-    with open(os.path.join(lab.workdir, "state", "b", "mirror-serve.pid")) as f:
+    with open(os.path.join(lab.workdir, "state", node, pid_file)) as f:
         frozen = int(f.read())
     os.kill(frozen, signal.SIGSTOP)
     write_files(tree(lab, "a"), "while-frozen", 20)
     assert wait_for(lambda: not c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
-    assert wait_for(lambda: process_state(frozen) in ("", "Z"), STUCK_SECONDS + 20), "the frozen receiver was left"
+    assert wait_for(lambda: process_state(frozen) in ("", "Z"), within), f"the frozen {process} was left"
     assert converged(lab), c.h.logs()
     assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
-    assert c.notified("the mirror receiver: it did not answer a hello", 5), c.h.logs()
+    assert c.notified(told, 5), c.h.logs()

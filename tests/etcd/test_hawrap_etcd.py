@@ -437,58 +437,37 @@ def test_a_frozen_leader_loses_the_vip_before_anyone_takes_it(hlab):
     client.check()
 
 
-def test_a_frozen_daemon_on_the_leader_is_started_again_and_the_replicas_catch_up(hlab):
-    """The leader's mirror daemon frozen (SIGSTOP; a deadlock looks the same from outside):
-    its status stops changing, the leader counts its replicas not in sync, and after
-    STUCK_SECONDS kills it; its supervisor starts it again, and what the leader wrote
-    meanwhile reaches both replicas.  The leader serves throughout."""
-    from hawrap.mirrorctl import STUCK_SECONDS
+@pytest.mark.parametrize("process", ["daemon", "receiver"])
+def test_a_frozen_mirror_process_is_started_again_and_the_replicas_catch_up(hlab, process):
+    """The leader's mirror daemon, or a replica's receiver, frozen (SIGSTOP; a deadlock looks
+    the same from outside): it never exits.  The daemon: its status stops changing, the
+    leader counts its replicas not in sync and kills it after STUCK_SECONDS.  The receiver:
+    its replica's hawrap probes it every STUCK_SECONDS, finds it silent and kills it (before,
+    the replica fell behind for good).  Its supervisor starts it again, and the replicas get
+    what the leader wrote meanwhile.  The leader serves throughout."""
+    from hawrap.mirrorctl import PROBE_TIMEOUT, STUCK_SECONDS
 
     hw, client = start_cluster(hlab)
     try:
         leader = wait_leader(hw, client, 0.0)
         replicas = [n for n in NODES if n != leader]
         wait_replicated(hlab, replicas, write_files(tree(hlab, leader), "start", 10))
-        frozen = hw.mirror_pids(leader)
-        assert frozen, hw.leftovers(leader)
+        node = leader if process == "daemon" else replicas[0]
+        frozen = hw.mirror_pids(node)
+        assert frozen, hw.leftovers(node)
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         written = write_files(tree(hlab, leader), "while-frozen", 10)
-        assert wait_for(lambda: not (hw.status(leader) or {})["mirror"]["replica"]["in_sync"], 10), logs(hw)
-        assert wait_for(lambda: not set(frozen) & set(hw.mirror_pids(leader)), STUCK_SECONDS + 20), (
-            f"the frozen daemon was left\n{logs(hw)}"
+        if process == "daemon":
+            assert wait_for(lambda: not (hw.status(leader) or {})["mirror"]["replica"]["in_sync"], 10), logs(hw)
+        else:
+            wait_replicated(hlab, replicas[1:], written)  # the other replica is not held back
+        assert wait_for(lambda: not set(frozen) & set(hw.mirror_pids(node)), 2 * STUCK_SECONDS + PROBE_TIMEOUT + 10), (
+            f"the frozen {process} was left\n{logs(hw)}"
         )
         wait_replicated(hlab, replicas, written, timeout=60)
-        assert wait_for(lambda: (hw.status(leader) or {}).get("mirror", {}).get("replica", {}).get("in_sync"), 30)
-        assert "killed, to be started again" in logs(hw)
-        assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == leader, 10)
-    finally:
-        stop_cluster(hw, client)
-    client.check()
-
-
-def test_a_frozen_receiver_on_a_replica_is_started_again_and_catches_up(hlab):
-    """A replica's receiver frozen (SIGSTOP; a deadlock looks the same from outside): it
-    never exits, so nothing restarted it, and the replica fell behind for good.  Its hawrap
-    probes it every STUCK_SECONDS, finds it silent, kills it; its supervisor starts it again
-    and the replica gets what the leader wrote meanwhile.  The leader serves throughout."""
-    from hawrap.mirrorctl import PROBE_TIMEOUT, STUCK_SECONDS
-
-    hw, client = start_cluster(hlab)
-    try:
-        leader = wait_leader(hw, client, 0.0)
-        frozen_node, other = [n for n in NODES if n != leader]
-        wait_replicated(hlab, [frozen_node, other], write_files(tree(hlab, leader), "start", 10))
-        frozen = hw.mirror_pids(frozen_node)
-        assert frozen, hw.leftovers(frozen_node)
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
-        written = write_files(tree(hlab, leader), "while-frozen", 10)
-        wait_replicated(hlab, [other], written)
-        assert wait_for(lambda: not set(frozen) & set(hw.mirror_pids(frozen_node)),
-                        2 * STUCK_SECONDS + PROBE_TIMEOUT + 10), f"the frozen receiver was left\n{logs(hw)}"  # fmt: skip
-        wait_replicated(hlab, [frozen_node], written, timeout=60)
-        assert "the mirror receiver: it did not answer a hello" in logs(hw)
+        told = "killed, to be started again" if process == "daemon" else "the mirror receiver: it did not answer a hello"
+        assert told in logs(hw)
         assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == leader, 10)
     finally:
         stop_cluster(hw, client)
