@@ -544,6 +544,51 @@ def test_random_faults_that_overlap(fc):
     c.record("nine faults on and off at random, overlapping", t0, w0, healed, files=len(written), faults=spans)
 
 
+@pytest.mark.parametrize("fault", ["power off", "hawrap killed -9", "LAN down"])
+def test_the_primary_fails_while_its_standby_is_outdated(fc, fault):
+    """A double fault: mirror traffic is lost (b knows its copy outdated), then the primary
+    loses power, or its hawrap is killed -9, or its LAN goes down.  b holds a copy without
+    a's last changes: it must not serve it on its own.  Sampled throughout: b never holds
+    the VIP, no client is ever answered by b.  Once a is back (booted, restarted by its
+    supervisor, or its LAN up) it serves again, and when the mirror traffic flows b gets
+    everything and is up to date."""
+    c = fc
+    c.lab.block_mirror(True)
+    write_files(tree(c.lab, "a"), "not-mirrored", 5)
+    assert wait_for(lambda: c.h.status("b")["data"]["uptodate"] is False, 10), c.h.logs()
+    vip_on_b: list[float] = []
+
+    def sample() -> None:
+        if c.lab.vip_on("b"):
+            vip_on_b.append(time.monotonic())
+
+    t0, w0 = now_both()
+    with PollingThread(sample, interval=0.02) as sampler:
+        if fault == "power off":
+            c.lab.power_off("a")
+        elif fault == "hawrap killed -9":
+            os.kill(c.h.status("a")["pid"], signal.SIGKILL)
+        else:
+            c.lab.link("a", "lan0", False)
+        time.sleep(4.0)  # the fault's duration: well past the dead time and lan_hold
+        assert c.h.role("b") == "secondary", c.h.logs()
+        if fault == "power off":
+            c.lab.power_on("a")
+            c.h.start("a")
+        elif fault == "LAN down":
+            c.lab.link("a", "lan0", True)
+        healed = time.monotonic()
+        c.expect_roles(primary="a", other="secondary")
+        c.served_by("a", since=healed)
+    assert sampler.polls > 100 and vip_on_b == [], f"b held the VIP {len(vip_on_b)} times"
+    assert [r for r in c.probe.results() if r.start >= t0 and r.answer == "b"] == []
+    c.lab.block_mirror(False)
+    assert wait_for(lambda: snapshot(tree(c.lab, "a")) == snapshot(tree(c.lab, "b")), 30, 0.2), c.h.logs()
+    assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+    c.safety.check(strict=False)  # a powered-off node's namespace keeps its address until it boots
+    c.record(f"{fault} on the primary while its standby is outdated", t0, w0, healed)
+
+
 def test_random_failovers_under_writes(fc):
     """Failovers back and forth under a client that writes a whole file every 20 ms to
     whichever node serves, and a reader polling the other node's copy: at a random moment
