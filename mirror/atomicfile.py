@@ -203,17 +203,17 @@ def write_swapped(path: bytes | str, data: bytes, mode: int = 0o644) -> None:
     reader opening the file sees the old content or the new, as after a rename.  The content
     is padded with blanks to the spare's length (JSON readers skip them); a spare too short
     for it grows by half again.  Not durable: a crash may leave either content.  Only on the
-    local file systems known to swap as asked (``safefs.SWAPPING_FILE_SYSTEMS``: a FUSE file
+    local file systems known to swap as asked (``safefs.KNOWN_LOCAL_FILE_SYSTEMS``: a FUSE file
     system may carry the swap out as a plain rename and still report it done); elsewhere,
     ``atomic_write``."""
-    from .safefs import SWAPPING_FILE_SYSTEMS, exchange, fs_magic
+    from .safefs import KNOWN_LOCAL_FILE_SYSTEMS, exchange, fs_magic
 
     path = fs_path(path)
     directory, name = os.path.split(path)
     try:
         dir_fd = os.open(directory or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            swaps = fs_magic(dir_fd) in SWAPPING_FILE_SYSTEMS
+            swaps = fs_magic(dir_fd) in KNOWN_LOCAL_FILE_SYSTEMS
         finally:
             os.close(dir_fd)
     except OSError as exc:

@@ -641,7 +641,6 @@ _RENAME_EXCHANGE = 2
 # btrfs, tmpfs.  ``exchange`` is carried out as asked there (a FUSE file system may report a
 # plain rename as a swap).
 KNOWN_LOCAL_FILE_SYSTEMS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0x01021994})
-SWAPPING_FILE_SYSTEMS = KNOWN_LOCAL_FILE_SYSTEMS
 
 
 def exchange(a: bytes, b: bytes) -> None:
