@@ -44,8 +44,12 @@ class Op(NamedTuple):
 
 
 class Planner:
-    """Plans one session.  ``dir_entry(path)``: the source's directory at ``path`` when no
-    listing of its parent was seen (a live session's partial listing), or None."""
+    """Plans one session.  ``dir_entry(path)``: the source's directory at ``path`` as it is
+    now, or None (not a directory now).  It stands in for a listing of its parent that was not
+    seen (a live session's partial listing), and gives the times set last: a directory's
+    entry in its parent's listing predates its own listing, so a name made in it between the
+    two would arrive with the times from before it, and that name's own event would later
+    find nothing to change."""
 
     def __init__(self, *, delete: bool, dry_run: bool, delta_threshold: int,
                  dir_entry: Callable[[bytes], Entry | None] | None = None):  # fmt: skip
@@ -140,7 +144,13 @@ class Planner:
     def closing(self) -> list[Op]:
         """Deletions, then the times of every directory changed, deepest first."""
         deepest_first = sorted(self._touched, key=canonical_key, reverse=True)
-        return self._deletes + [Op(ATTRS, path, self._touched[path]) for path in deepest_first]
+        return self._deletes + [Op(ATTRS, path, self._now(path)) for path in deepest_first]
+
+    def _now(self, path: bytes) -> Entry:
+        """Directory ``path``'s entry read again, after its listing (see the class docstring);
+        the one planned with if it is no longer a directory (its own event follows)."""
+        entry = self._dir_entry(path) if self._dir_entry is not None else None
+        return entry if entry is not None else self._touched[path]
 
     def _touch_parent(self, path: bytes) -> None:
         """A write in a directory moves its mtime on the replica: set it back last."""

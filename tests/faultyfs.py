@@ -15,7 +15,8 @@ however the block ends.  Faults, by relative path (``b""`` is the root):
   file; before, its name stats, with a ctime of now, so that a reader waiting for it to
   settle stats it again, past the kernel's cache of its attributes);
 - ``opendir_eio``, ``readdir_eio``: opening or listing the directory fails with EIO;
-- ``hang``: a read blocks until ``release()`` (a hung mount).
+- ``hang``: a read of the file, or the opening of the directory, blocks until ``release()``
+  (a hung mount; or a scan held at a chosen point while the test changes the backing tree).
 
 Each fault counts the operations it failed (``count(path, kind)``): a test asserts its
 fault fired, so a fault that today's code never meets cannot pass for a fault handled.
@@ -99,7 +100,7 @@ class FaultyFS:
         return self._ask({"count": os.fsencode(path).hex(), "kind": kind})
 
     def blocked(self) -> int:
-        """Reads blocked by ``hang`` now."""
+        """Reads and directory opens blocked by ``hang`` now."""
         return self._ask({"blocked": True})
 
     def release(self) -> None:
@@ -199,6 +200,15 @@ def serve(backing: str, mount: str, control: str) -> None:
             fired(path, kind)
             raise fuse.FuseOSError(errno.EIO)
 
+    def hang(path: bytes) -> None:
+        if fault(path, "hang") is not None and not released.is_set():
+            fired(path, "hang")
+            with lock:
+                blocked[0] += 1
+            released.wait(600)
+            with lock:
+                blocked[0] -= 1
+
     class Faulty(fuse.Operations):
         use_ns = True
 
@@ -241,7 +251,9 @@ def serve(backing: str, mount: str, control: str) -> None:
             return os.fsdecode(os.readlink(self.real(path)))
 
         def opendir(self, path):
-            eio(rel(path), "opendir_eio")
+            r = rel(path)
+            eio(r, "opendir_eio")
+            hang(r)
             return 0
 
         def readdir(self, path, fh):
@@ -275,13 +287,7 @@ def serve(backing: str, mount: str, control: str) -> None:
         def read(self, path, size, offset, fi):
             fh = fi.fh
             r = self.paths.get(fh, rel(path))
-            if fault(r, "hang") is not None and not released.is_set():
-                fired(r, "hang")
-                with lock:
-                    blocked[0] += 1
-                released.wait(600)
-                with lock:
-                    blocked[0] -= 1
+            hang(r)
             bad = fault(r, "read_eio")
             if bad is not None and offset + size > bad["at"]:
                 fired(r, "read_eio")
