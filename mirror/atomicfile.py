@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import signal
 import stat
+import time
 from typing import BinaryIO
 
 from .errors import fs_path
@@ -205,7 +208,13 @@ def write_swapped(path: bytes | str, data: bytes, mode: int = 0o644) -> None:
     for it grows by half again.  Not durable: a crash may leave either content.  Only on the
     local file systems known to swap as asked (``safefs.KNOWN_LOCAL_FILE_SYSTEMS``: a FUSE file
     system may carry the swap out as a plain rename and still report it done); elsewhere,
-    ``atomic_write``."""
+    ``atomic_write``.
+
+    The spare is the file as it was before the last swap: a slow reader may still hold it
+    open.  It is not written over then (the reader would see the next content arrive under
+    it): after a moment's wait it is set aside, left to that reader, and a new spare made
+    (which needs a block).  Telling that it is held takes a lease, which only a process that
+    ignores SIGIO may do (the lease's break signals its holder); otherwise it is not told."""
     from .safefs import KNOWN_LOCAL_FILE_SYSTEMS, exchange, fs_magic
 
     path = fs_path(path)
@@ -222,7 +231,7 @@ def write_swapped(path: bytes | str, data: bytes, mode: int = 0o644) -> None:
         return atomic_write(path, data, mode, durable=False)
     spare = os.path.join(directory, b"." + name + b".spare")
     try:
-        fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        fd = _open_spare(spare, mode)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, path) from None
     try:
@@ -242,3 +251,34 @@ def write_swapped(path: bytes | str, data: bytes, mode: int = 0o644) -> None:
         if exc.errno not in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(exc.errno, exc.strerror, path) from None
         os.rename(spare, path)  # the first write, or no swapping after all: no spare is kept
+
+
+# How long a write waits for a reader to let go of the spare before setting it aside.
+SPARE_HELD_WAIT_SECONDS = 0.1
+
+
+def _open_spare(spare: bytes, mode: int) -> int:
+    """The spare, open for writing, held by no reader (see ``write_swapped``)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(spare, flags, mode)
+    deadline = time.monotonic() + SPARE_HELD_WAIT_SECONDS
+    while _held_elsewhere(fd):
+        if time.monotonic() > deadline:
+            os.close(fd)
+            os.unlink(spare)  # the reader keeps its copy, which nothing writes again
+            return os.open(spare, flags | os.O_EXCL, mode)
+        time.sleep(0.002)
+    return fd
+
+
+def _held_elsewhere(fd: int) -> bool:
+    """Whether another open file holds ``fd``'s file: a write lease, taken and let go at
+    once, is refused then.  False when it cannot be told (SIGIO not ignored, leases off)."""
+    if signal.getsignal(signal.SIGIO) is not signal.SIG_IGN:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as exc:
+        return exc.errno == errno.EAGAIN
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False

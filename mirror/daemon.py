@@ -1033,8 +1033,17 @@ def process_start(pid: int) -> int | None:
 
 
 def read_status(status_dir: bytes | str) -> dict:
-    with open(os.path.join(fs_path(status_dir), STATUS_FILE), "rb") as f:
-        return json.loads(f.read())
+    """The daemon's status; read again if it came torn (a read that began before two
+    rewrites and whose reader was not told apart, see ``atomicfile.write_swapped``)."""
+    path = os.path.join(fs_path(status_dir), STATUS_FILE)
+    for attempt in (1, 2, 3):
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            return json.loads(data)
+        except ValueError:
+            if attempt == 3:
+                raise
 
 
 def journal_head(status_dir: bytes | str) -> int:

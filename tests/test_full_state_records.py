@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 
 import pytest
 
@@ -118,7 +119,46 @@ def test_the_epoch_rises_when_no_inode_is_left(tmp_path):
         assert epoch.read_epoch(place) == 4
 
 
-def test_a_status_rewritten_by_swapping_changes_on_a_full_file_system_and_reads_whole(full):
+@pytest.fixture
+def sigio_ignored():
+    """SIGIO ignored, as the daemon has it: ``write_swapped`` may then tell a held spare."""
+    before = signal.signal(signal.SIGIO, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGIO, before)
+
+
+def _status(i: int) -> bytes:
+    return json.dumps({"updated": i, "pairs": [{"state": "live"}] * (i % 3)}).encode()
+
+
+def test_a_reader_holding_the_status_across_two_rewrites_keeps_what_it_opened(full, sigio_ignored):
+    """The second rewrite after a reader opened the status would go over the very file it
+    holds (the spare is the file as it was before the last swap): the reader saw the new
+    content arrive under it, torn if it came mid-read.  The held spare is set aside instead;
+    on a full disk its replacement gets no block, and the status stays as it was until the
+    reader lets go."""
+    path = full / "mirror-daemon.status.json"
+    for i in range(3):
+        write_swapped(path, _status(i))
+    with open(path, "rb") as reader:
+        write_swapped(path, _status(3))
+        write_swapped(path, _status(4))
+        assert json.loads(reader.read())["updated"] == 2
+    assert json.loads(path.read_bytes())["updated"] == 4
+    fill_file_system(full)
+    with open(path, "rb") as reader:
+        write_swapped(path, _status(5))
+        with pytest.raises(OSError) as raised:
+            write_swapped(path, _status(6))
+        assert raised.value.errno == errno.ENOSPC and os.fsencode(path) == os.fsencode(raised.value.filename)
+        assert json.loads(reader.read())["updated"] == 4
+    assert json.loads(path.read_bytes())["updated"] == 5
+    write_swapped(path, _status(7))  # the set-aside file's blocks are free once it is let go
+    assert json.loads(path.read_bytes())["updated"] == 7
+    assert _entries(full) == [".mirror-daemon.status.json.spare", "mirror-daemon.status.json"]
+
+
+def test_a_status_rewritten_by_swapping_changes_on_a_full_file_system_and_reads_whole(full, sigio_ignored):
     """The daemon's status: written twice before the disk fills, it is rewritten after, and a
     reader polling it meanwhile never sees anything but a whole status."""
     path = full / "mirror-daemon.status.json"
@@ -139,7 +179,7 @@ def test_a_status_rewritten_by_swapping_changes_on_a_full_file_system_and_reads_
 
     with PollingThread(read, interval=0):
         for i in range(2, 2000):
-            write_swapped(path, json.dumps({"updated": i, "pairs": [{"state": "live"}] * (i % 3)}).encode())
+            write_swapped(path, _status(i))
     assert json.loads(path.read_bytes())["updated"] == 1999
     assert reads > 100 and not torn, torn[:3]
     assert _entries(full) == [".mirror-daemon.status.json.spare", "mirror-daemon.status.json"]

@@ -161,3 +161,34 @@ def test_a_catch_up_shows_its_progress_of_the_journaled_changes(tmp_path):
             _wait_live(src)
             assert pair()["progress"] is None
             converged(src, dst)
+
+
+def test_a_reader_holding_the_status_file_keeps_what_it_opened_while_the_daemon_rewrites_it(tmp_path):
+    """The daemon rewrites its status (at least twice a second) over a spare that it swaps in:
+    the spare is the file as it was before the last swap, so a reader holding it open (hawrap,
+    a monitoring script, slow or stopped) saw the next content but one arrive under it, torn
+    if mid-read.  The daemon tells it is held (a lease, SIGIO ignored) and sets it aside."""
+    from mirror.daemon import STATUS_FILE
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    path = src / ".mirror" / STATUS_FILE.decode()
+    with live_daemon(src, tmp_path / "dst") as d:
+        _wait_live(src)
+        with open(path, "rb") as reader:
+            held = os.fstat(reader.fileno()).st_ino
+            opened = reader.read()
+
+            def set_aside() -> bool:
+                assert os.pread(reader.fileno(), 1 << 20, 0) == opened  # never written under the reader
+                try:  # the spare's name is made again as it is set aside
+                    present = {os.stat(path).st_ino, os.stat(path.with_name(f".{path.name}.spare")).st_ino}
+                except FileNotFoundError:
+                    return False
+                return held not in present
+
+            wait_until(set_aside, timeout=30)
+        assert d.proc.poll() is None
+        assert _status(src).returncode == 0
+        assert "cannot write the status file" not in d.log_text()

@@ -131,6 +131,9 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    # The status file's writer tells a reader still holding its spare by a lease
+    # (``atomicfile.write_swapped``): one broken while held signals SIGIO, not to end us.
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
     daemon.start()
     log.info("mirroring %s", ", ".join(f"{p.name}: {os.fsdecode(p.source)} -> {p.destination}" for p in config.pairs))
     readiness = _Readiness(notifier)
