@@ -674,7 +674,7 @@ class LivePair:
                 # them (a change or a close wakes the pair sooner), not round the loop.
                 self._wait(self._idle_timeout(now, deferred))
                 return False
-            scope = Scope(entries=[p for p in entries if p], trees=trees)
+            scope = Scope(entries=_with_directories(entries), trees=trees)
             self._set_state("catching up" if after_lock else "live")
         started = time.monotonic()
         if full or after_lock:
@@ -874,6 +874,15 @@ def _within(path: bytes, entries, trees) -> bool:
         return True
     parts = path.split(b"/")
     return any(b"/".join(parts[:i]) in trees for i in range(1, len(parts)))
+
+
+def _with_directories(entries) -> list[bytes]:
+    """``entries`` and the directories holding them: a name made or removed in a directory
+    moved its times, which only the directory's own entry (in its parent's listing) shows; a
+    name made and gone before the session looks (maildir's ``tmp/``, an editor's swap file)
+    leaves nothing else there to compare.  The root's times are compared at every session."""
+    names = {p for p in entries if p}
+    return sorted(names | {p.rpartition(b"/")[0] for p in names} - {b""})
 
 
 def _first_seen(batch: Pending, path: bytes) -> float:

@@ -54,6 +54,34 @@ def test_every_kind_of_change_arrives(trees):
         assert "Traceback" not in d.log_text()
 
 
+@pytest.mark.parametrize("where", ["local", "server"])
+def test_names_made_and_gone_before_the_daemon_looks_leave_their_directorys_times_mirrored(tmp_path, where):
+    """Maildir delivers into ``tmp/`` and renames into ``new/``; an editor makes and removes its
+    swap file.  When the session looks, such a name is gone from the source and was never on
+    the replica: nothing in its directory differs, yet the directory's times moved, and the
+    replica kept the old ones for good (no later event is about them)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in ("Maildir/tmp", "Maildir/new", "Maildir/cur"):
+        (src / d).mkdir(parents=True)
+    with contextlib.ExitStack() as stack:
+        target: list[str] = [str(dst)]
+        if where == "server":
+            dst.mkdir()
+            (tmp_path / "srv").mkdir()
+            server = stack.enter_context(mirror_server(tmp_path / "srv", {"m": str(dst)}))
+            target = [server.url("m"), "--secret-file", server.secret_file]
+        stack.enter_context(live_daemon(src, *target))
+        converged(src, dst)
+        for i in range(20):
+            delivered = src / "Maildir" / "tmp" / f"{i}.host"
+            delivered.write_bytes(b"message %d" % i)
+            os.rename(delivered, src / "Maildir" / "new" / f"{i}.host")
+            swap = src / "Maildir" / ".new.swp"
+            swap.write_bytes(b"editing")
+            swap.unlink()
+        converged(src, dst)
+
+
 def test_a_file_changed_again_while_it_is_mirrored_arrives(trees):
     """Appends that land while the previous version is in flight are not lost (no restart, no
     reconcile: the live path alone must carry every change)."""
