@@ -78,6 +78,9 @@ _HALT_BACKOFF = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 STOP_SECONDS = 10.0
 RETRY_MAX_SECONDS = 30.0  # a file that keeps failing is tried at least this often
 SOURCE_CHECK_SECONDS = 1.0  # how often an idle pair checks its source is still the same filesystem
+# A scoped session that gave a linked file new content (or a name) without seeing its other
+# names is followed by a whole-tree compare, which links them again: at most this often.
+LINKS_RESYNC_SECONDS = 10.0
 STATUS_INTERVAL = 0.5  # the status file is rewritten at least this often
 STATUS_MIN_INTERVAL = 0.1  # and after a session, within this (at most this often)
 # States an operator must see (logged as warnings); halted and fenced log an error of their own.
@@ -302,6 +305,8 @@ class LivePair:
         # (``MAX_EPOCH_STEP`` a session): another one is due then (monotonic time).
         self._epoch_resync_at: float | None = None
         self._epoch_resyncs = 0
+        self._links_resync_at: float | None = None  # see LINKS_RESYNC_SECONDS (monotonic time)
+        self._links_resynced = -LINKS_RESYNC_SECONDS
         self._let_go = False  # the journal let this destination go: its next sync is a full one
         self.feed.subscribe(self)
         if self.journal.replayed:
@@ -513,6 +518,9 @@ class LivePair:
         if self._epoch_resync_at is not None and time.monotonic() >= self._epoch_resync_at:
             self._epoch_resync_at = None
             self._need_full = True
+        if self._links_resync_at is not None and time.monotonic() >= self._links_resync_at:
+            self._links_resync_at, self._links_resynced = None, time.monotonic()
+            self._need_full = True
         if self.journal.overrun():
             self._need_full = True  # too far behind: the journal let this destination go
             self._let_go = True
@@ -690,6 +698,11 @@ class LivePair:
         if full:
             self._need_full = False
             self._let_go = False
+        if not full and result.unseen_links and self._links_resync_at is None:
+            # Their other names on the replica still hold the old file.
+            self._links_resync_at = max(time.monotonic(), self._links_resynced + LINKS_RESYNC_SECONDS)
+            log.info("%s: %d linked files changed whose other names were not in the session: a whole-tree "
+                     "compare links them", self.config.name, result.unseen_links)  # fmt: skip
         retry = {path for path, _ in result.failed}
         # What either side could not read (a failing disk) is not mirrored: tried again like a
         # failed file, a directory whole, since no event may ever come for it.

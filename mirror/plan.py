@@ -61,6 +61,8 @@ class Planner:
         self._dirs: dict[bytes, Entry] = {}  # source directories seen in listings
         self._touched: dict[bytes, Entry] = {}  # directories whose times are set last
         self._leaders: dict[tuple[int, int], bytes] = {}
+        # Of each multiply-linked file given content or a name: (its names planned, its nlink).
+        self._names: dict[tuple[int, int], tuple[int, int]] = {}
         self._links: list[Op] = []
         self._deletes: list[Op] = []
         self._gone: set[bytes] = set()  # directories deleted with their subtrees
@@ -102,6 +104,8 @@ class Planner:
             return []
         self._touch_parent(change.path)
         src, path, link_to = change.src, change.path, change.link_to
+        if src.kind == Kind.FILE and src.nlink > 1 and change.change != METADATA:
+            self._names[(src.dev, src.ino)] = (self._names.get((src.dev, src.ino), (0, 0))[0] + 1, src.nlink)
         if src.kind == Kind.FILE and src.nlink > 1 and link_to is None and change.change != METADATA:
             # A second name of a file whose content changed: linked to the first name again
             # (which gets the new content) rather than sent twice.
@@ -136,6 +140,12 @@ class Planner:
             self._touched[path] = src
             return Op(MKDIR, path, src)
         return Op(SYMLINK if src.kind == Kind.SYMLINK else SPECIAL, path, src)
+
+    def unseen_links(self) -> int:
+        """Files given new content or a new name whose other names this session did not plan
+        (a scoped session sees only its own entries): their other names on the replica are
+        still the old file, until a whole-tree compare links them."""
+        return sum(1 for planned, nlink in self._names.values() if planned < nlink)
 
     def links(self) -> list[Op]:
         """Second names of linked files: after every file's content is planned."""

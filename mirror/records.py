@@ -79,6 +79,7 @@ class SyncResult:
         self.stats = TransferStats()
         self.receiver: dict = {}
         self.dry_run = dry_run
+        self.unseen_links = 0  # see ``plan.Planner.unseen_links``
 
     @property
     def deletions_refused(self) -> str | None:

@@ -146,6 +146,7 @@ class SourceSession:
             self.do(op)
         out.problems.extend(summary.problems)
         out.stats.other_changes = planner.other_changes
+        out.unseen_links = planner.unseen_links()
 
     def content_done(self) -> None:
         """All new content handed to ``do``: carry it out before links and deletions."""

@@ -82,6 +82,43 @@ def test_names_made_and_gone_before_the_daemon_looks_leave_their_directorys_time
         converged(src, dst)
 
 
+LINK_CHANGES = ["edited in place", "edited in place, other name elsewhere", "a new name", "a new name in a new directory"]
+
+
+@pytest.mark.parametrize("where", ["local", "server"])
+@pytest.mark.parametrize("change", LINK_CHANGES)
+def test_a_linked_file_changed_while_the_daemon_runs_keeps_its_names_linked_on_the_replica(tmp_path, where, change):
+    """A session sees only the changed names: a linked file edited through one name got its
+    new content on the replica under that name alone, as a new file, while its other names
+    there kept the old content (what a failover would then serve); a new name made with
+    link() arrived as a copy (a mail store that links one message into many mailboxes would
+    need its size again on the standby).  A whole-tree compare now follows, which links them."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in ("d", "e"):
+        (src / d).mkdir(parents=True)
+    (src / "d" / "a").write_bytes(b"one message, delivered to two mailboxes")
+    if change.startswith("edited"):
+        os.link(src / "d" / "a", src / ("e" if "elsewhere" in change else "d") / "b")
+    with contextlib.ExitStack() as stack:
+        target: list[str] = [str(dst)]
+        if where == "server":
+            dst.mkdir()
+            (tmp_path / "srv").mkdir()
+            server = stack.enter_context(mirror_server(tmp_path / "srv", {"m": str(dst)}))
+            target = [server.url("m"), "--secret-file", server.secret_file]
+        stack.enter_context(live_daemon(src, *target))
+        converged(src, dst)
+        if change.startswith("edited"):
+            with open(src / "d" / "a", "r+b") as f:
+                f.write(b"ONE MESSAGE")
+        elif change == "a new name":
+            os.link(src / "d" / "a", src / "e" / "b")
+        else:
+            (src / "n").mkdir()
+            os.link(src / "d" / "a", src / "n" / "b")
+        converged(src, dst)
+
+
 def test_a_file_changed_again_while_it_is_mirrored_arrives(trees):
     """Appends that land while the previous version is in flight are not lost (no restart, no
     reconcile: the live path alone must carry every change)."""
