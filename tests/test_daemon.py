@@ -54,6 +54,20 @@ def test_every_kind_of_change_arrives(trees):
         assert "Traceback" not in d.log_text()
 
 
+@contextlib.contextmanager
+def _live(tmp_path, src, dst, where: str):
+    """A live daemon mirroring ``src`` to ``dst`` directly (local) or through a `mirror serve`."""
+    if where == "local":
+        with live_daemon(src, dst):
+            yield
+        return
+    dst.mkdir()
+    (tmp_path / "srv").mkdir()
+    with mirror_server(tmp_path / "srv", {"m": str(dst)}) as server:
+        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file):
+            yield
+
+
 @pytest.mark.parametrize("where", ["local", "server"])
 def test_names_made_and_gone_before_the_daemon_looks_leave_their_directorys_times_mirrored(tmp_path, where):
     """Maildir delivers into ``tmp/`` and renames into ``new/``; an editor makes and removes its
@@ -63,14 +77,7 @@ def test_names_made_and_gone_before_the_daemon_looks_leave_their_directorys_time
     src, dst = tmp_path / "src", tmp_path / "dst"
     for d in ("Maildir/tmp", "Maildir/new", "Maildir/cur"):
         (src / d).mkdir(parents=True)
-    with contextlib.ExitStack() as stack:
-        target: list[str] = [str(dst)]
-        if where == "server":
-            dst.mkdir()
-            (tmp_path / "srv").mkdir()
-            server = stack.enter_context(mirror_server(tmp_path / "srv", {"m": str(dst)}))
-            target = [server.url("m"), "--secret-file", server.secret_file]
-        stack.enter_context(live_daemon(src, *target))
+    with _live(tmp_path, src, dst, where):
         converged(src, dst)
         for i in range(20):
             delivered = src / "Maildir" / "tmp" / f"{i}.host"
@@ -99,14 +106,7 @@ def test_a_linked_file_changed_while_the_daemon_runs_keeps_its_names_linked_on_t
     (src / "d" / "a").write_bytes(b"one message, delivered to two mailboxes")
     if change.startswith("edited"):
         os.link(src / "d" / "a", src / ("e" if "elsewhere" in change else "d") / "b")
-    with contextlib.ExitStack() as stack:
-        target: list[str] = [str(dst)]
-        if where == "server":
-            dst.mkdir()
-            (tmp_path / "srv").mkdir()
-            server = stack.enter_context(mirror_server(tmp_path / "srv", {"m": str(dst)}))
-            target = [server.url("m"), "--secret-file", server.secret_file]
-        stack.enter_context(live_daemon(src, *target))
+    with _live(tmp_path, src, dst, where):
         converged(src, dst)
         if change.startswith("edited"):
             with open(src / "d" / "a", "r+b") as f:
