@@ -105,12 +105,13 @@ class Planner:
         self._touch_parent(change.path)
         src, path, link_to = change.src, change.path, change.link_to
         if src.kind == Kind.FILE and src.nlink > 1 and change.change != METADATA:
-            self._names[(src.dev, src.ino)] = (self._names.get((src.dev, src.ino), (0, 0))[0] + 1, src.nlink)
-        if src.kind == Kind.FILE and src.nlink > 1 and link_to is None and change.change != METADATA:
-            # A second name of a file whose content changed: linked to the first name again
-            # (which gets the new content) rather than sent twice.
-            leader = self._leaders.setdefault((src.dev, src.ino), path)
-            link_to = leader if leader != path else None
+            key = (src.dev, src.ino)
+            self._names[key] = (self._names.get(key, (0, 0))[0] + 1, src.nlink)
+            if link_to is None:
+                # A second name of a file whose content changed: linked to the first name
+                # again (which gets the new content) rather than sent twice.
+                leader = self._leaders.setdefault(key, path)
+                link_to = leader if leader != path else None
         if link_to is not None and link_to != path:
             self._links.append(Op(LINK, path, src, link_to))
             self.other_changes += 1
