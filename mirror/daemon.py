@@ -301,12 +301,12 @@ class LivePair:
         self._replica: Applied | None = None
         self._outstanding: set[bytes] = set()
         self._gap = False
-        # A full sync the replica could not record because it took only part of our epoch
-        # (``MAX_EPOCH_STEP`` a session): another one is due then (monotonic time).
-        self._epoch_resync_at: float | None = None
+        # A full sync due then (monotonic time, ``_full_at``): the last one could not be
+        # recorded, the replica taking only part of our epoch (``MAX_EPOCH_STEP`` a session),
+        # or a session missed a linked file's other names.
+        self._full_due_at: float | None = None
         self._epoch_resyncs = 0
-        self._links_resync_at: float | None = None  # see LINKS_RESYNC_SECONDS (monotonic time)
-        self._links_resynced = -LINKS_RESYNC_SECONDS
+        self._links_resync_at = -LINKS_RESYNC_SECONDS  # the last one asked (LINKS_RESYNC_SECONDS)
         self._let_go = False  # the journal let this destination go: its next sync is a full one
         self.feed.subscribe(self)
         if self.journal.replayed:
@@ -515,11 +515,8 @@ class LivePair:
 
     def _next_batch(self) -> Pending | None:
         """Wait for changes (and a short coalescing window); None to go round the loop again."""
-        if self._epoch_resync_at is not None and time.monotonic() >= self._epoch_resync_at:
-            self._epoch_resync_at = None
-            self._need_full = True
-        if self._links_resync_at is not None and time.monotonic() >= self._links_resync_at:
-            self._links_resync_at, self._links_resynced = None, time.monotonic()
+        if self._full_due_at is not None and time.monotonic() >= self._full_due_at:
+            self._full_due_at = None
             self._need_full = True
         if self.journal.overrun():
             self._need_full = True  # too far behind: the journal let this destination go
@@ -545,6 +542,10 @@ class LivePair:
             time.sleep(self.daemon.coalesce)
         pending = self.journal.take()
         return pending if len(pending) else None
+
+    def _full_at(self, when: float) -> None:
+        """A full sync due at ``when`` (monotonic time), unless one is due sooner."""
+        self._full_due_at = when if self._full_due_at is None else min(self._full_due_at, when)
 
     def _not_due(self, batch: Pending, now: float) -> set[bytes]:
         """The paths of ``batch`` that failed before and are not due to be tried again (but
@@ -698,9 +699,10 @@ class LivePair:
         if full:
             self._need_full = False
             self._let_go = False
-        if not full and result.unseen_links and self._links_resync_at is None:
+        if not full and result.unseen_links and self._links_resync_at <= time.monotonic():
             # Their other names on the replica still hold the old file.
-            self._links_resync_at = max(time.monotonic(), self._links_resynced + LINKS_RESYNC_SECONDS)
+            self._links_resync_at = max(time.monotonic(), self._links_resync_at + LINKS_RESYNC_SECONDS)
+            self._full_at(self._links_resync_at)
             log.info("%s: %d linked files changed whose other names were not in the session: a whole-tree "
                      "compare links them", self.config.name, result.unseen_links)  # fmt: skip
         retry = {path for path, _ in result.failed}
@@ -802,7 +804,7 @@ class LivePair:
                 # the replica raised its epoch by at most MAX_EPOCH_STEP: sync again (soon,
                 # then less often) until it holds ours
                 self._epoch_resyncs += 1
-                self._epoch_resync_at = time.monotonic() + min(60.0, 0.5 * 2**self._epoch_resyncs)
+                self._full_at(time.monotonic() + min(60.0, 0.5 * 2**self._epoch_resyncs))
         if full and not result.failed and not result.problems:
             self._outstanding.clear()
         else:
