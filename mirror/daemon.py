@@ -307,6 +307,9 @@ class LivePair:
         self._full_due_at: float | None = None
         self._epoch_resyncs = 0
         self._links_resync_at = -LINKS_RESYNC_SECONDS  # the last one asked (LINKS_RESYNC_SECONDS)
+        # The watcher saw a file with other names change since the last full sync began: its
+        # other names changed too, though no event names them.
+        self._links_changed = False
         self._let_go = False  # the journal let this destination go: its next sync is a full one
         self.feed.subscribe(self)
         if self.journal.replayed:
@@ -380,6 +383,8 @@ class LivePair:
             if c.kind == W_ENTRY:
                 if c.open:
                     self._open_files.setdefault(c.path, now)
+                if c.linked:
+                    self._links_changed = True
             elif c.kind == CLOSED:
                 self._open_files.pop(c.path, None)
             elif c.kind == W_RENAME:
@@ -673,6 +678,7 @@ class LivePair:
             self._need_full = True
         if full:
             scope = None
+            self._links_changed = False  # this sync compares every name
             self._set_state("syncing")
         else:
             if not entries and not trees and not batch.renames:
@@ -699,12 +705,13 @@ class LivePair:
         if full:
             self._need_full = False
             self._let_go = False
-        if not full and result.unseen_links and self._links_resync_at <= time.monotonic():
-            # Their other names on the replica still hold the old file.
+        if not full and (result.unseen_links or self._links_changed) and self._full_due_at is None:
+            # Their other names on the replica still hold the old file.  A full sync already
+            # due starts after every change seen so far, so it covers them too.
             self._links_resync_at = max(time.monotonic(), self._links_resync_at + LINKS_RESYNC_SECONDS)
             self._full_at(self._links_resync_at)
-            log.info("%s: %d linked files changed whose other names were not in the session: a whole-tree "
-                     "compare links them", self.config.name, result.unseen_links)  # fmt: skip
+            log.info("%s: a file with other names (hard links) changed, and not all of them were in the "
+                     "session: a whole-tree compare follows", self.config.name)  # fmt: skip
         retry = {path for path, _ in result.failed}
         # What either side could not read (a failing disk) is not mirrored: tried again like a
         # failed file, a directory whole, since no event may ever come for it.

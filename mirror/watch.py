@@ -20,7 +20,8 @@ this was written and tested against, and tests/test_watch_pin.py lists what is r
 Changes are reported as ``FsEvent(kind, path, other)`` with paths relative to the root:
 
 - ``entry``: this entry (file, directory, symlink ...) may differ; ``open`` is true while a
-  regular file is still being written (a modify without its close yet);
+  regular file is still being written (a modify without its close yet); ``linked``: it is a
+  file with other names (hard links), which changed with it though no event names them;
 - ``closed``: a file open for writing was closed (mirror it now);
 - ``tree``: a directory appeared (created or moved in): scan it whole;
 - ``rename``: ``path`` became ``other``, both inside the tree;
@@ -82,6 +83,7 @@ class FsEvent(NamedTuple):
     path: bytes
     other: bytes | None = None
     open: bool = False
+    linked: bool = False
 
 
 class _LostEvents(DirModifiedEvent):
@@ -147,6 +149,20 @@ class _WatchGroup(InotifyWatchGroup):
             self.unwatched.pop(path, None)
         self._active_callbacks_by_path[path] = wd
         self._active_callbacks_by_watch[wd] = path
+
+    def _move_watches(self, move_src_path: bytes, move_dst_path: bytes) -> bool:
+        """watchdog moves a renamed directory's watches with it.  A directory made in it just
+        before the rename was tried at its old path, gone by then: it is watched here, at its
+        new one (the rename's own scan of the moved subtree comes after this)."""
+        moved = super()._move_watches(move_src_path, move_dst_path)
+        if moved and self.is_recursive:
+            for root, dirnames, _ in os.walk(move_dst_path, onerror=lambda exc: self._unwatchable(exc.filename, exc)):
+                dirnames[:] = [d for d in dirnames if not self.skip_dir(os.path.join(root, d))]
+                for dirname in dirnames:
+                    full_path = os.path.join(root, dirname)
+                    if full_path not in self._active_callbacks_by_path and not os.path.islink(full_path):
+                        self._add_callback(full_path)
+        return moved
 
     def _unwatchable(self, path, exc: OSError) -> None:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -419,15 +435,18 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(event, FileClosedEvent):
             w.report([FsEvent(CLOSED, src)])
         elif isinstance(event, (FileModifiedEvent, FileCreatedEvent)):
-            w.report([FsEvent(ENTRY, src, open=_is_regular(event.src_path))])
+            nlink = _regular_links(event.src_path)
+            w.report([FsEvent(ENTRY, src, open=nlink > 0, linked=nlink > 1)])
         else:  # deleted, attributes changed
             w.report([FsEvent(ENTRY, src)])
 
 
-def _is_regular(path: str) -> bool:
+def _regular_links(path: str) -> int:
+    """The link count of the regular file at ``path`` now; 0 if it is none (or gone)."""
     try:
         import stat
 
-        return stat.S_ISREG(os.lstat(path).st_mode)
+        st = os.lstat(path)
     except OSError:
-        return False
+        return 0
+    return st.st_nlink if stat.S_ISREG(st.st_mode) else 0

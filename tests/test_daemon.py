@@ -17,7 +17,7 @@ import pytest
 
 from mirror.epoch import bump_epoch
 from mirror.lockfile import acquire, release
-from tests.daemons import converged, live_daemon
+from tests.daemons import converged, live_daemon, pair_status
 from tests.helpers import REPO, run_mirror, wait_until
 from tests.servers import mirror_server
 from tests.snapshot import snapshot
@@ -117,6 +117,67 @@ def test_a_linked_file_changed_while_the_daemon_runs_keeps_its_names_linked_on_t
             (src / "n").mkdir()
             os.link(src / "d" / "a", src / "n" / "b")
         converged(src, dst)
+
+
+@pytest.mark.parametrize("gone", ["unlinked", "its directory removed", "renamed over"])
+def test_a_linked_file_edited_through_a_name_that_is_gone_before_its_session_reaches_its_other_names(
+    tmp_path, gone
+):
+    """Edited in place through one name, which is then removed before a session looks: the
+    session finds nothing at that name, and no event names the others, which hold the new
+    content on the source and kept the old one on the replica for good.  The watcher sees
+    that the edited file had other names; a whole-tree compare follows.  The receiver is
+    held (SIGSTOP) in a session meanwhile, so that the edit and the removal reach the next
+    one together, as under load."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in ("d", "e"):
+        (src / d).mkdir(parents=True)
+    (src / "d" / "a").write_bytes(b"one message, delivered to two mailboxes")
+    os.link(src / "d" / "a", src / "e" / "second-name")
+    dst.mkdir()
+    (tmp_path / "srv").mkdir()
+    with mirror_server(tmp_path / "srv", {"m": str(dst)}) as server:
+        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file):
+            converged(src, dst)
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                (src / "z").write_bytes(b"a session that waits for the receiver")
+                with open(src / "e" / "second-name", "r+b") as f:
+                    f.write(b"ONE MESSAGE")
+                wait_until(lambda: pair_status(src).get("pending", 0) >= 2, timeout=20)  # both journaled
+                if gone == "unlinked":
+                    os.unlink(src / "e" / "second-name")
+                elif gone == "its directory removed":
+                    shutil.rmtree(src / "e")
+                else:
+                    (src / "e" / "other").write_bytes(b"another file")
+                    os.rename(src / "e" / "other", src / "e" / "second-name")
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            converged(src, dst, timeout=30)
+
+
+def test_a_directory_made_just_before_its_parent_is_renamed_is_watched_at_its_new_place(tmp_path):
+    """The watcher hears of a new directory after the fact; when its parent has been renamed
+    meanwhile, the directory is not at the path it was made at any more, so it went
+    unwatched: every later change in it was lost while the daemon said it was live.  The
+    daemon is held (SIGSTOP) so that its watcher reads both events late, as a busy one does."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "a" / "b").mkdir(parents=True)
+    with live_daemon(src, dst) as d:
+        converged(src, dst)
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            (src / "a" / "b" / "c").mkdir()
+            os.rename(src / "a", src / "x")
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        converged(src, dst)
+        (src / "x" / "b" / "c" / "f").write_bytes(b"made in the new directory")
+        (src / "x" / "b" / "c" / "g").mkdir()
+        converged(src, dst, timeout=15)
+        (src / "x" / "b" / "c" / "g" / "h").write_bytes(b"and one level below")
+        converged(src, dst, timeout=15)
 
 
 def test_a_file_changed_again_while_it_is_mirrored_arrives(trees):
