@@ -136,7 +136,9 @@ class _WatchGroup(InotifyWatchGroup):
                     if not os.path.islink(full_path):
                         self._add_callback(full_path)
 
-    def _add_callback(self, path: bytes) -> None:
+    def _add_callback(self, path: bytes, known: bool = True) -> None:
+        """``known`` false: a directory already watched under another path (its rename not
+        read yet) keeps that path, which the rename's event corrects."""
         try:
             wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
         except OSError as exc:
@@ -147,8 +149,35 @@ class _WatchGroup(InotifyWatchGroup):
             return
         if self._retrying is None:  # a retry settles its directories once done (``rewatch``)
             self.unwatched.pop(path, None)
+        if not known and wd in self._active_callbacks_by_watch:
+            return
         self._active_callbacks_by_path[path] = wd
         self._active_callbacks_by_watch[wd] = path
+
+    def on_event(self, event) -> None:
+        self._survive(super().on_event, event)
+
+    def on_watch_deleted(self, wd) -> None:
+        self._survive(super().on_watch_deleted, wd)
+
+    def _survive(self, handle, arg) -> None:
+        """watchdog's inotify thread, shared by every watch, ends on an exception from a
+        handler (a state of its bookkeeping of paths it did not foresee, raced by renames and
+        deletions): every later change would go unseen while the daemon says it is live.
+        Handled as lost events instead: the watches are rebuilt and the tree rescanned."""
+        try:
+            handle(arg)
+        except Exception:
+            log.exception("%s: a watch event could not be handled: watching again and rescanning",
+                          display_path(self.path))  # fmt: skip
+            self.on_queue_overflow()
+
+    def _remove_watch_internally(self, wd) -> None:
+        # A path can have been given to a newer watch (the directory replaced) before the old
+        # watch's end is read: that path then stays with the newer one.
+        path = self._active_callbacks_by_watch.pop(wd, None)
+        if path is not None and self._active_callbacks_by_path.get(path) == wd:
+            del self._active_callbacks_by_path[path]
 
     def _move_watches(self, move_src_path: bytes, move_dst_path: bytes) -> bool:
         """watchdog moves a renamed directory's watches with it.  A directory made in it just
@@ -161,7 +190,7 @@ class _WatchGroup(InotifyWatchGroup):
                 for dirname in dirnames:
                     full_path = os.path.join(root, dirname)
                     if full_path not in self._active_callbacks_by_path and not os.path.islink(full_path):
-                        self._add_callback(full_path)
+                        self._add_callback(full_path, known=False)
         return moved
 
     def _unwatchable(self, path, exc: OSError) -> None:

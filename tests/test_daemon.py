@@ -552,6 +552,25 @@ def test_an_internal_error_handling_a_change_event_costs_a_rescan_not_the_watch(
     assert "a change event could not be handled: rescanning" in log_path.read_text()
 
 
+def test_an_internal_error_reading_a_watch_event_costs_a_rescan_not_the_watch(tmp_path):
+    """watchdog's inotify thread, which reads the events of every watch, ends on an exception
+    from its bookkeeping of paths (a first version of the walk of a renamed directory here
+    left a path to two watches, and the random changes of tests/test_daemon_random_changes.py
+    found it): every later change went unseen while the status said live."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    with _buggy_daemon(tmp_path, src, dst, module="mirror.watch", cls="_WatchGroup", method="_move_watches",
+                       when='args[1].endswith(b"/trip")') as log_path:  # fmt: skip
+        converged(src, dst)
+        os.rename(src / "d", src / "trip")  # its event meets the bug
+        wait_until(lambda: "injected bug" in log_path.read_text())
+        converged(src, dst)  # by the rescan
+        (src / "trip" / "later").write_text("still watched")
+        (src / "later").write_text("still watched")
+        converged(src, dst)
+    assert "a watch event could not be handled: watching again and rescanning" in log_path.read_text()
+
+
 def test_a_file_held_open_is_waited_for_without_spinning(tmp_path):
     """A file open for writing waits for its close or ``--open-file-delay``; meanwhile the pair
     re-journaled it and went round its loop again at once, thousands of times a second

@@ -40,8 +40,12 @@ def test_the_internals_mirror_watch_hooks_are_there():
     from watchdog.observers import inotify, inotify_c, inotify_move_event_grouper
 
     group = inotify.InotifyWatchGroup
-    for name in ("on_queue_overflow", "_recursive_simulate", "read_event", "_add_all_callbacks", "_add_callback"):
+    for name in ("on_queue_overflow", "_recursive_simulate", "read_event", "_add_all_callbacks", "_add_callback",
+                 "on_event", "on_watch_deleted", "_move_watches", "_remove_watch_internally"):  # fmt: skip
         assert callable(getattr(group, name, None)), f"InotifyWatchGroup.{name} is gone"
+    # _move_watches is extended: it must still report whether the source was watched, and be
+    # what a paired move calls; _remove_watch_internally is replaced, over the same two maps.
+    assert "source_was_watched = move_src_path is not None and self._move_watches(" in inspect.getsource(group)
     # _add_callback is replaced (watchdog's passes over a directory it cannot watch): what
     # the replacement uses of the group and of its inotify descriptor must still be there.
     source = inspect.getsource(group)
