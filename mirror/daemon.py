@@ -705,11 +705,12 @@ class LivePair:
         if full:
             self._need_full = False
             self._let_go = False
-        if not full and (result.unseen_links or self._links_changed) and self._full_due_at is None:
-            # Their other names on the replica still hold the old file.  A full sync already
-            # due starts after every change seen so far, so it covers them too.
-            self._links_resync_at = max(time.monotonic(), self._links_resync_at + LINKS_RESYNC_SECONDS)
-            self._full_at(self._links_resync_at)
+        when, due = max(time.monotonic(), self._links_resync_at + LINKS_RESYNC_SECONDS), self._full_due_at
+        if not full and (result.unseen_links or self._links_changed) and (due is None or due > when):
+            # Their other names on the replica still hold the old file.  A full sync due by
+            # then starts after every change seen so far: it covers them too.
+            self._links_resync_at = when
+            self._full_at(when)
             log.info("%s: a file with other names (hard links) changed, and not all of them were in the "
                      "session: a whole-tree compare follows", self.config.name)  # fmt: skip
         retry = {path for path, _ in result.failed}
