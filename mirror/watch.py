@@ -22,6 +22,7 @@ Changes are reported as ``FsEvent(kind, path, other)`` with paths relative to th
 - ``entry``: this entry (file, directory, symlink ...) may differ; ``open`` is true while a
   regular file is still being written (a modify without its close yet); ``linked``: it is a
   file with other names (hard links), which changed with it though no event names them;
+  ``named``: it was made or removed (its directory's listing, and times, changed);
 - ``closed``: a file open for writing was closed (mirror it now);
 - ``tree``: a directory appeared (created or moved in): scan it whole;
 - ``rename``: ``path`` became ``other``, both inside the tree;
@@ -84,6 +85,7 @@ class FsEvent(NamedTuple):
     other: bytes | None = None
     open: bool = False
     linked: bool = False
+    named: bool = False
 
 
 class _LostEvents(DirModifiedEvent):
@@ -409,6 +411,10 @@ class Watcher:
                 if c.kind != RENAME:
                     if not out(c.path, c.kind == TREE):
                         kept.append(c)
+                    elif c.named and (parent := c.path.rpartition(b"/")[0]) and not out(parent, True):
+                        # Not mirrored, but its directory's times moved all the same (a sync
+                        # sets them; the root's are compared at every session).
+                        kept.append(FsEvent(ENTRY, parent))
                 elif not out(c.other, False):
                     # From an excluded place, nothing of it is on the replica: it is new there,
                     # a directory scanned whole (its own entry comes with it, as for any rename).
@@ -451,23 +457,24 @@ class _Handler(FileSystemEventHandler):
         if isinstance(event, (FileMovedEvent, DirMovedEvent)):
             dst = w.relative(event.dest_path)
             if src and dst:
-                w.report([FsEvent(RENAME, src, dst), FsEvent(ENTRY, src), FsEvent(ENTRY, dst)])
+                w.report([FsEvent(RENAME, src, dst), FsEvent(ENTRY, src, named=True), FsEvent(ENTRY, dst, named=True)])
             elif dst:  # moved in from outside the tree (or from the state dir)
-                w.report([FsEvent(ENTRY, dst)] + ([FsEvent(TREE, dst)] if event.is_directory else []))
+                w.report([FsEvent(ENTRY, dst, named=True)] + ([FsEvent(TREE, dst)] if event.is_directory else []))
             elif src:  # moved out of the tree
-                w.report([FsEvent(ENTRY, src)])
+                w.report([FsEvent(ENTRY, src, named=True)])
             return
         if not src:
             return
         if isinstance(event, DirCreatedEvent):
-            w.report([FsEvent(ENTRY, src), FsEvent(TREE, src)])
+            w.report([FsEvent(ENTRY, src, named=True), FsEvent(TREE, src)])
         elif isinstance(event, FileClosedEvent):
             w.report([FsEvent(CLOSED, src)])
         elif isinstance(event, (FileModifiedEvent, FileCreatedEvent)):
             nlink = _regular_links(event.src_path)
-            w.report([FsEvent(ENTRY, src, open=nlink > 0, linked=nlink > 1)])
+            named = isinstance(event, FileCreatedEvent)
+            w.report([FsEvent(ENTRY, src, open=nlink > 0, linked=nlink > 1, named=named)])
         else:  # deleted, attributes changed
-            w.report([FsEvent(ENTRY, src)])
+            w.report([FsEvent(ENTRY, src, named=not isinstance(event, (FileAttribEvent, DirAttribEvent)))])
 
 
 def _regular_links(path: str) -> int:

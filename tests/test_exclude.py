@@ -207,3 +207,33 @@ def test_the_live_daemon_journals_mirrors_and_fails_nothing_below_an_excluded_di
             assert not (replica / "docs" / "a").exists()
             log = d.log_text()
             assert "Traceback" not in log and "cache/newdir" not in log and "build/obj" not in log, log
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_name_excluded_from_the_live_mirror_still_moves_its_directorys_times_there(tmp_path, mode):
+    """An excluded name made, renamed or removed in a mirrored directory changes that
+    directory's times, as `mirror sync` sets them; the daemon dropped the excluded name's
+    event, so the replica kept the old times until something else changed there."""
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "keep").write_text("kept")
+    replica.mkdir()
+
+    def mirrored() -> bool:
+        def without_tmp(root):
+            return {k: v for k, v in snapshot(root).items() if not any(p.endswith(b".tmp") for p in k.split(b"/"))}
+
+        return without_tmp(src) == without_tmp(replica)
+
+    target = Target(mode, replica, tmp_path)
+    with target.running(), live_daemon(src, *target.daemon_args(), "--exclude", "*.tmp",
+                                       log_path=tmp_path / "daemon.log"):  # fmt: skip
+        wait_until(mirrored, timeout=20)
+        for change in (lambda: (src / "d" / "x.tmp").write_text("excluded"),
+                       lambda: os.rename(src / "d" / "x.tmp", src / "d" / "y.tmp"),
+                       lambda: os.unlink(src / "d" / "y.tmp"),
+                       lambda: (src / "d" / "c.tmp").mkdir(),
+                       lambda: (src / "d" / "c.tmp").rmdir()):  # fmt: skip
+            change()
+            wait_until(mirrored, timeout=20)
+        assert not [n for n in os.listdir(replica / "d") if n.endswith(".tmp")]
