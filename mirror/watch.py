@@ -130,13 +130,18 @@ class _WatchGroup(InotifyWatchGroup):
             return
         self._add_callback(path)
         if self.is_recursive and path in self._active_callbacks_by_path:
-            # A directory that cannot be listed hides its subdirectories: not watched either.
-            for root, dirnames, _ in os.walk(path, onerror=lambda exc: self._unwatchable(exc.filename or path, exc)):
-                dirnames[:] = [d for d in dirnames if not self.skip_dir(os.path.join(root, d))]  # nor walked
-                for dirname in dirnames:
-                    full_path = os.path.join(root, dirname)
-                    if not os.path.islink(full_path):
-                        self._add_callback(full_path)
+            for subdir in self._subdirs(path):
+                self._add_callback(subdir)
+
+    def _subdirs(self, path: bytes):
+        """The directories below ``path`` to watch: not symlinks, not ``skip_dir``'s (nor
+        below them).  One that cannot be listed hides its own: it is said unwatchable."""
+        for root, dirnames, _ in os.walk(path, onerror=lambda exc: self._unwatchable(exc.filename or path, exc)):
+            dirnames[:] = [d for d in dirnames if not self.skip_dir(os.path.join(root, d))]  # nor walked
+            for dirname in dirnames:
+                full_path = os.path.join(root, dirname)
+                if not os.path.islink(full_path):
+                    yield full_path
 
     def _add_callback(self, path: bytes, known: bool = True) -> None:
         """``known`` false: a directory already watched under another path (its rename not
@@ -187,12 +192,9 @@ class _WatchGroup(InotifyWatchGroup):
         new one (the rename's own scan of the moved subtree comes after this)."""
         moved = super()._move_watches(move_src_path, move_dst_path)
         if moved and self.is_recursive:
-            for root, dirnames, _ in os.walk(move_dst_path, onerror=lambda exc: self._unwatchable(exc.filename, exc)):
-                dirnames[:] = [d for d in dirnames if not self.skip_dir(os.path.join(root, d))]
-                for dirname in dirnames:
-                    full_path = os.path.join(root, dirname)
-                    if full_path not in self._active_callbacks_by_path and not os.path.islink(full_path):
-                        self._add_callback(full_path, known=False)
+            for subdir in self._subdirs(move_dst_path):
+                if subdir not in self._active_callbacks_by_path:
+                    self._add_callback(subdir, known=False)
         return moved
 
     def _unwatchable(self, path, exc: OSError) -> None:

@@ -25,7 +25,7 @@ import pytest
 
 from tests.daemons import converged, live_daemon
 from tests.helpers import PollingThread
-from tests.servers import mirror_server
+from tests.replica_checks import MODES, Target
 
 TRIALS = int(os.environ.get("HAMIRROR_RANDOM_TRIALS", "1"))
 BURSTS = 4
@@ -232,17 +232,6 @@ class _Reader(PollingThread):
                     self.torn.append(os.path.relpath(path, self.root))
 
 
-def _destination(stack: contextlib.ExitStack, tmp_path, dst, where: str) -> list[str]:
-    """The daemon's destination and options: ``dst`` itself, or a `mirror serve` of it that
-    outlives the daemon."""
-    if where == "local":
-        return [str(dst)]
-    dst.mkdir()
-    (tmp_path / "srv").mkdir()
-    server = stack.enter_context(mirror_server(tmp_path / "srv", {"m": str(dst)}))
-    return [server.url("m"), "--secret-file", server.secret_file]
-
-
 def _trial(tmp_path, where: str, seed: int, kill: bool = False) -> None:
     """``kill``: in one burst, at a random change, the daemon is killed (SIGKILL), and started
     again after the burst."""
@@ -254,8 +243,9 @@ def _trial(tmp_path, where: str, seed: int, kill: bool = False) -> None:
     for _ in range(30):
         tree.change()
     kill_at = (rng.randrange(BURSTS), rng.randrange(OPS_PER_BURST)) if kill else None
+    dst.mkdir()
     with contextlib.ExitStack() as stack:
-        target = _destination(stack, tmp_path, dst, where)
+        target = stack.enter_context(Target(where, dst, tmp_path).running()).daemon_args()
         d = stack.enter_context(live_daemon(src, *target))
         reader = stack.enter_context(_Reader(dst, tree.contents))
         converged(src, dst)
@@ -294,13 +284,13 @@ def _trial(tmp_path, where: str, seed: int, kill: bool = False) -> None:
     assert reader.files > 0
 
 
-@pytest.mark.parametrize("where", ["local", "server"])
+@pytest.mark.parametrize("where", MODES)
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_random_changes_in_bursts_converge_exactly(tmp_path, where, trial):
     _trial(tmp_path, where, seed=1000 + trial)
 
 
-@pytest.mark.parametrize("where", ["local", "server"])
+@pytest.mark.parametrize("where", MODES)
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_random_changes_with_the_daemon_killed_in_a_burst_converge_exactly(tmp_path, where, trial):
     """The journal replayed after a kill -9 (nested directories renamed, links, kinds swapped)."""
