@@ -58,6 +58,7 @@ from .exclude import make_excluder
 from .guard import fs_identity
 from .journal import ENTRY, MAX_RETAINED, RENAME, Journal, Pending
 from .lockfile import is_locked
+from .protocol import MAX_FRAME
 from .secretfile import read_secret_file
 from .statedir import check_root, ensure_state_dir, resolve_state_dir
 from .transfer import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, Connection
@@ -86,6 +87,11 @@ STATUS_MIN_INTERVAL = 0.1  # and after a session, within this (at most this ofte
 # States an operator must see (logged as warnings); halted and fenced log an error of their own.
 ALERT_STATES = ("disconnected", "unreachable", "locked", "catching up", "error")
 FALLING_BEHIND_SECONDS = 10.0  # the oldest change not mirrored for this long: a warning
+# A scoped session names its paths and renames in its ``start`` frame.  Past these, a batch
+# (a destination back after a mass delivery, a restore, a mass rename) would never fit the
+# frame or the receiver's limits: the whole tree is compared instead, cheaper by then anyway.
+SESSION_PATHS_MAX = 100_000
+SESSION_BYTES_MAX = MAX_FRAME // 2
 
 
 class _Halted(Exception):
@@ -664,6 +670,14 @@ class LivePair:
     def _session(self, batch: Pending, full: bool) -> bool:
         """Mirror ``batch`` (or everything): then checkpoint it, keeping what must wait."""
         now = time.monotonic()
+        after_lock = getattr(self, "_after_lock", False)
+        if full and after_lock and len(batch):
+            # Catch up from the journal first (proportional to the changes), reconcile after.
+            full = False
+            self._need_full = True
+        if not full and not _fits_a_session(batch):
+            self._caught_up("full", f"{len(batch)} changes are more than one session names", None, None)
+            full = True
         waiting = {p for p, t in self._open_files.items() if now - t < self.daemon.open_file_delay}
         for p in list(self._open_files):
             if p not in waiting:
@@ -671,11 +685,6 @@ class LivePair:
         deferred = set() if full else self._not_due(batch, now)
         entries = {p: t for p, t in batch.entries.items() if p not in waiting and p not in deferred}
         trees = batch.trees - deferred
-        after_lock = getattr(self, "_after_lock", False)
-        if full and after_lock and len(batch):
-            # Catch up from the journal first (proportional to the changes), reconcile after.
-            full = False
-            self._need_full = True
         if full:
             scope = None
             self._links_changed = False  # this sync compares every name
@@ -695,8 +704,10 @@ class LivePair:
         if full or after_lock:
             self.status.progress = {"entries": 0, "bytes": 0, "entries_total": None if full else len(batch)}
         claim = self._claim(batch, full, waiting | deferred, entries)
+        # A whole-tree compare needs no rename to be right: too many are left to it.
+        renames = batch.renames if scope is not None or _fits_a_session(Pending(renames=batch.renames)) else []
         try:
-            result = self._connection.session(scope=scope, renames=batch.renames, journal=claim)
+            result = self._connection.session(scope=scope, renames=renames, journal=claim)
         finally:
             self._last_session_end = time.monotonic()
             self.status.progress = None
@@ -906,6 +917,18 @@ def _with_directories(entries) -> list[bytes]:
     leaves nothing else there to compare.  The root's times are compared at every session."""
     names = {p for p in entries if p}
     return sorted(names | {p.rpartition(b"/")[0] for p in names} - {b""})
+
+
+def _fits_a_session(batch: Pending) -> bool:
+    """Whether a scoped session's ``start`` can name ``batch`` within the frame and the
+    receiver's limits: each entry with its directory, each renamed directory's new path
+    in the scope too, and a renamed file's expectation a few dozen bytes."""
+    paths = 2 * len(batch.entries) + len(batch.trees) + 2 * len(batch.renames)
+    if paths > SESSION_PATHS_MAX:
+        return False
+    size = sum(2 * len(p) + 10 for p in batch.entries) + sum(len(p) + 5 for p in batch.trees)
+    size += sum(2 * (len(old) + len(new)) + 64 for old, new in batch.renames)
+    return size <= SESSION_BYTES_MAX
 
 
 def _first_seen(batch: Pending, path: bytes) -> float:

@@ -238,3 +238,53 @@ def test_the_journal_holds_what_a_replica_lacks_past_its_checkpoint_within_the_b
     assert not j.rewind(held_from, b"x")  # the hold went past the bound
     assert not j.overrun(b"x")  # x itself keeps up: it is not let go, only its hold goes
     j.close()
+
+
+def _long_dir(root, depth: int = 14):
+    """A directory ``depth`` levels of 250-byte names below ``root`` (a path of ~3.5 KB):
+    a few thousand names there are more than one ``start`` frame holds."""
+    path = root
+    for level in range(depth):
+        path = path / (f"{level:02d}" + "d" * 248)
+    path.mkdir(parents=True)
+    return path
+
+
+def test_a_destination_that_comes_back_to_more_changes_than_a_session_can_name_catches_up_whole(tmp_path):
+    """A scoped session names every changed path and rename in its ``start`` frame; a
+    replica away while thousands of files with long paths arrived and were renamed (or
+    hundreds of thousands of short ones) would get a frame over the limit at every try, for
+    good.  Past what one frame holds, the daemon compares the whole tree instead, and leaves
+    the renames to it when they alone are too many."""
+    src, a = tmp_path / "src", tmp_path / "a"
+    src.mkdir()
+    a.mkdir()
+    deep = _long_dir(src)
+    for i in range(1200):
+        (deep / (f"{i:04d}" + "o" * 196)).write_bytes(b"%d" % i)
+    with mirror_server(tmp_path, {"m": str(a)}) as ra:
+        daemon, log = _daemon(tmp_path, src, {"to-a": (ra, a)})
+        try:
+            converged(src, a)
+            wait_pairs(src, lambda p: p["to-a"]["state"] == "live" and p["to-a"]["lag_entries"] == 0)
+            os.kill(ra.proc.pid, signal.SIGSTOP)
+            try:
+                # 1,200 renames of ~3.7 KB paths: 9 MB; 2,600 new files: 9.6 MB; the frame: 8 MiB
+                for i in range(1200):
+                    os.rename(deep / (f"{i:04d}" + "o" * 196), deep / (f"{i:04d}" + "r" * 196))
+                for i in range(2600):
+                    (deep / (f"{i:04d}" + "f" * 196)).write_bytes(b"%d" % i)
+                wait_pairs(src, lambda p: p["to-a"]["state"] in ("unreachable", "disconnected")
+                           and p["to-a"]["pending"] >= 3800)  # fmt: skip
+            finally:
+                os.kill(ra.proc.pid, signal.SIGCONT)
+            converged(src, a, timeout=60)
+            pairs = wait_pairs(src, lambda p: p["to-a"]["state"] == "live" and p["to-a"]["lag_entries"] == 0)
+            assert pairs["to-a"]["full_syncs"] == 2, pairs["to-a"]  # the first sync, and this one
+            assert "more than one session names" in pairs["to-a"]["catch_up"]["reason"], pairs["to-a"]
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+            log.close()
+    text = (tmp_path / "daemon.log").read_text()
+    assert "exceeds the frame limit" not in text, text[-3000:]
