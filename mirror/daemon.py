@@ -60,6 +60,7 @@ from .journal import ENTRY, MAX_RETAINED, RENAME, Journal, Pending
 from .lockfile import is_locked
 from .protocol import MAX_FRAME
 from .secretfile import read_secret_file
+from .sourcestate import StateDirKeeper
 from .statedir import check_root, ensure_state_dir, resolve_state_dir
 from .transfer import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, Connection
 from .treescan import Scope
@@ -153,6 +154,7 @@ class SourceFeed:
             tag = xxhash.xxh3_64_hexdigest(b"fan-out\0" + os.path.realpath(first.source))
             path = os.path.join(first.tree_state_dir, b"journal-" + tag.encode())
         self.journal = Journal(path, tuple(self.cursors.values()), max_retained=max_retained)
+        self.state = StateDirKeeper(first.tree_state_dir, self.journal)
         self._excluder = make_excluder(first.excludes)
         self._pairs: list[LivePair] = []
         self._lock = threading.Lock()
@@ -432,6 +434,8 @@ class LivePair:
                 else:
                     self._failed_rounds = 0
             except StaleEpochError as exc:
+                if self.feed.state.check():
+                    continue  # it read epoch 0 from a state dir removed under it, now made again
                 self._set_state("fenced", str(exc))
                 self.fenced = True
                 log.error("%s: %s; this pair stops (a fenced node must not mirror)", self.config.name, exc)
@@ -484,7 +488,8 @@ class LivePair:
     def _check_source(self) -> None:
         """An unmounted source reports no event at all: its watches just die.  So an idle pair
         checks, every SOURCE_CHECK_SECONDS, that its root is still where the last full sync
-        found it (a ``stat`` and a ``statvfs``)."""
+        found it (a ``stat`` and a ``statvfs``), and that its state dir is still there
+        (``sourcestate``)."""
         now = time.monotonic()
         if self._source_fs is None or now - self._last_source_check < SOURCE_CHECK_SECONDS:
             return
@@ -498,6 +503,7 @@ class LivePair:
             self._watch_stale = True
             raise _Halted(f"the source {display_path(self.config.source)} is no longer the filesystem it was "
                           f"({reason})")  # fmt: skip
+        self.feed.state.check()
 
     def _halt(self, reason: str) -> None:
         """Stop mirroring this pair (nothing more is sent, the replica's writer lock is let go
@@ -514,9 +520,11 @@ class LivePair:
 
     def _resumed(self) -> None:
         """A full sync passed the guards: remember where the source is; after a halt caused by
-        its filesystem going away, watch the tree again (the old watches died with it)."""
+        its filesystem going away, watch the tree again (the old watches died with it); the
+        tree's identity, recorded by the first one, is remembered at once."""
         self._source_fs = fs_identity(self.config.source)
         self._last_source_check = time.monotonic()
+        self.feed.state.check()
         if self._halts:
             log.warning("%s: the guards pass again: mirroring resumes", self.config.name)
             self._halts = 0

@@ -4,6 +4,7 @@ a user's own ``.mirror`` is refused, with a message naming it, by every command.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 
@@ -12,7 +13,9 @@ import pytest
 from mirror.errors import StateDirError
 from mirror.statedir import MARKER, check_root, ensure_state_dir
 from mirror.transfer import sync
+from tests.daemons import converged, live_daemon, pair_status
 from tests.helpers import MIRROR, run_mirror, wait_until
+from tests.replica_checks import MODES, Target
 from tests.servers import mirror_server
 from tests.snapshot import snapshot
 
@@ -134,3 +137,48 @@ def test_daemon_refuses_a_source_with_a_users_mirror_dir(tmp_path):
     assert proc.returncode == 2 and b"notes.txt" in err, err
     assert not dst.exists() or not (dst / "d").exists()
     wait_until(lambda: True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_state_dir_removed_under_the_live_daemon_is_made_again_with_what_it_held(tmp_path, mode):
+    """``rm -r SRC/.mirror`` (a clean-up script, a restore) while the daemon runs: the epoch
+    that fences former primaries, the tree id the replica knows and the journal would be
+    gone.  The daemon puts them back from what it read there, and goes on mirroring: the
+    next session does not present epoch 0 (which the replica refuses: the pair fenced for
+    good), and a restart is not refused either."""
+    from mirror.epoch import read_epoch
+    from mirror.guard import load
+
+    src, dst = _trees(tmp_path)
+    dst.mkdir()
+    state = os.fsencode(src / ".mirror")
+    run_mirror("epoch", "bump", "--to", "3", src)  # a tree that has been through failovers
+    target = Target(mode, dst, tmp_path)
+    with target.running():
+        where, *options = target.daemon_args()
+        with live_daemon(src, where, *options) as daemon:
+            converged(src, dst)
+            wait_until(lambda: pair_status(src).get("sessions"))  # the first full sync is over
+            identity = load(state)
+            for round_ in range(2):
+                shutil.rmtree(src / ".mirror")
+                if round_:  # idle: the daemon's check of its source finds it gone
+                    wait_until(lambda: os.path.exists(os.path.join(state, b"epoch")), timeout=30)
+                # at once, the first time: the session after it reads the epoch, gone
+                (src / "d" / f"new{round_}").write_text("new")
+                converged(src, dst)
+                wait_until(lambda: pair_status(src).get("state") == "live", timeout=30)
+                assert read_epoch(state) == 3
+                assert load(state).tree_id == identity.tree_id
+                assert [n for n in os.listdir(state) if n.startswith(b"journal-")], os.listdir(state)
+            (src / "d" / "f").write_text("changed")
+            converged(src, dst)
+        assert daemon.proc.returncode == 0, daemon.log_text()
+        text = daemon.log_text()
+        assert text.count("the state dir was removed while the daemon ran: made again") == 2, text
+        assert "fenced" not in text and "Traceback" not in text, text
+        (src / "d" / "after").write_text("the daemon started again")
+        with live_daemon(src, where, *options) as daemon:
+            converged(src, dst)
+            wait_until(lambda: pair_status(src).get("state") == "live", timeout=30)
+        assert daemon.proc.returncode == 0 and "fenced" not in daemon.log_text(), daemon.log_text()
