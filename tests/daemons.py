@@ -46,13 +46,15 @@ class DaemonProcess:
             return f.read()
 
 
-def converged(src, dst, timeout: float = 60.0) -> float:
-    """Wait until ``dst`` mirrors ``src`` exactly (independent walk); returns the seconds waited."""
+def converged(src, dst, timeout: float = 60.0, view=None) -> float:
+    """Wait until ``dst`` mirrors ``src`` exactly (independent walk); returns the seconds waited.
+    ``view``: what of a snapshot is compared (e.g. without excluded names)."""
     start = time.monotonic()
     last = None
+    view = view or (lambda snap: snap)
     while time.monotonic() - start < timeout:
         try:
-            a, b = snapshot(src), snapshot(dst)
+            a, b = view(snapshot(src)), view(snapshot(dst))
         except (FileNotFoundError, NotADirectoryError):
             a, b = None, "racing"
         if a == b:

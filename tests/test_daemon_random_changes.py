@@ -7,7 +7,10 @@ far below the daemon's periodic reconcile: what only a full reconcile would repa
 a divergence.  The daemon is held (SIGSTOP) for runs of changes, so that its watcher reads
 their events late, as a busy one does; in a second test it is also killed (SIGKILL) once,
 and started again.  A reader reads the replica's files throughout: never a content the
-source did not have.  Each trial's changes are listed in a failure.
+source did not have.  In a third test some names are excluded (``*.tmp``: files and
+directories made, written, renamed to and from included names, linked to included files)
+and the replica must equal the source without them.  Each trial's changes are listed in a
+failure.
 
 CI runs one seed per test and mode; ``HAMIRROR_RANDOM_TRIALS=N`` runs N."""
 
@@ -32,16 +35,29 @@ BURSTS = 4
 OPS_PER_BURST = 60
 # Far below the daemon's reconcile interval; above its follow-up compare of linked files.
 CONVERGE_SECONDS = 30.0
+EXCLUDED = ".tmp"  # the excludes test's pattern: *.tmp
+
+
+def _without_excluded(snap: dict) -> dict:
+    """A snapshot without the ``*.tmp`` names and what is below them; a hard-link group
+    named by its first name left (the source's may be an excluded one)."""
+    kept = {k: v for k, v in snap.items() if not any(part.endswith(EXCLUDED.encode()) for part in k.split(b"/"))}
+    leaders: dict[bytes, bytes] = {}
+    for k in sorted(kept):
+        if kept[k][0] == "file":
+            leaders.setdefault(kept[k][5], k)
+    return {k: v[:5] + (leaders[v[5]],) if v[0] == "file" else v for k, v in kept.items()}
 
 
 class _Tree:
     """The source tree and a random change to it; each change is appended to ``log``."""
 
-    def __init__(self, root, rng: random.Random, log: list):
+    def __init__(self, root, rng: random.Random, log: list, excluded_share: float = 0.0):
         self.root = root
         self.rng = rng
         self.log = log
         self.n = 0
+        self.excluded_share = excluded_share  # of new names, the share ending in EXCLUDED
         # Names a file with other names was changed through, this burst: none of them is
         # removed or renamed away in it (see ``spared``).
         self.written_links: set[str] = set()
@@ -69,7 +85,8 @@ class _Tree:
 
     def _new_name(self, parent: str) -> str:
         self.n += 1
-        return os.path.join(parent, f"n{self.n}")
+        suffix = EXCLUDED if self.rng.random() < self.excluded_share else ""
+        return os.path.join(parent, f"n{self.n}{suffix}")
 
     def _content(self) -> bytes:
         size = self.rng.choice([0, 1, 100, 4000, 70_000, 300_000])  # the largest sent as deltas
@@ -232,23 +249,26 @@ class _Reader(PollingThread):
                     self.torn.append(os.path.relpath(path, self.root))
 
 
-def _trial(tmp_path, where: str, seed: int, kill: bool = False) -> None:
+def _trial(tmp_path, where: str, seed: int, kill: bool = False, excludes: bool = False) -> None:
     """``kill``: in one burst, at a random change, the daemon is killed (SIGKILL), and started
-    again after the burst."""
+    again after the burst.  ``excludes``: a quarter of the new names are excluded."""
     rng = random.Random(seed)
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     log: list[str] = []
-    tree = _Tree(str(src), rng, log)
+    tree = _Tree(str(src), rng, log, excluded_share=0.25 if excludes else 0.0)
+    view = _without_excluded if excludes else None
     for _ in range(30):
         tree.change()
     kill_at = (rng.randrange(BURSTS), rng.randrange(OPS_PER_BURST)) if kill else None
     dst.mkdir()
     with contextlib.ExitStack() as stack:
         target = stack.enter_context(Target(where, dst, tmp_path).running()).daemon_args()
+        if excludes:
+            target += ["--exclude", "*" + EXCLUDED]
         d = stack.enter_context(live_daemon(src, *target))
         reader = stack.enter_context(_Reader(dst, tree.contents))
-        converged(src, dst)
+        converged(src, dst, view=view)
         for burst in range(BURSTS):
             log.append(f"-- burst {burst}")
             tree.written_links.clear()  # the watcher has read every event of the last burst
@@ -275,7 +295,7 @@ def _trial(tmp_path, where: str, seed: int, kill: bool = False) -> None:
             elif held:
                 d.proc.send_signal(signal.SIGCONT)
             try:
-                converged(src, dst, timeout=CONVERGE_SECONDS)
+                converged(src, dst, timeout=CONVERGE_SECONDS, view=view)
             except AssertionError as exc:
                 raise AssertionError(f"seed {seed}, {where}, burst {burst}: {exc}\nchanges:\n" + "\n".join(log)) from None
         assert "Traceback" not in d.log_text()
@@ -295,3 +315,11 @@ def test_random_changes_in_bursts_converge_exactly(tmp_path, where, trial):
 def test_random_changes_with_the_daemon_killed_in_a_burst_converge_exactly(tmp_path, where, trial):
     """The journal replayed after a kill -9 (nested directories renamed, links, kinds swapped)."""
     _trial(tmp_path, where, seed=2000 + trial, kill=True)
+
+
+@pytest.mark.parametrize("where", MODES)
+@pytest.mark.parametrize("trial", range(TRIALS))
+def test_random_changes_with_excluded_names_converge_exactly_without_them(tmp_path, where, trial):
+    """Temporary names renamed into place, included files renamed to excluded names and
+    back, excluded directories holding included-looking names, links across the line."""
+    _trial(tmp_path, where, seed=3000 + trial, excludes=True)
