@@ -14,6 +14,9 @@ import socket
 import subprocess
 import urllib.request
 
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
 from mirror.applied import read_applied
 from tests.daemons import converged
 from tests.helpers import MIRROR, PollingThread, run_mirror
@@ -288,3 +291,50 @@ def test_a_destination_that_comes_back_to_more_changes_than_a_session_can_name_c
             log.close()
     text = (tmp_path / "daemon.log").read_text()
     assert "exceeds the frame limit" not in text, text[-3000:]
+
+
+def _paths(tag: str, count: int, length: int) -> list[bytes]:
+    """``count`` distinct relative paths of ``length`` bytes (at least 8), names of at most 250."""
+    out = []
+    n = -(-(length + 1) // 251)  # names, each followed by a slash but the last
+    sizes = [(length - (n - 1)) // n + (i < (length - (n - 1)) % n) for i in range(n)]
+    for i in range(count):
+        head = f"{tag}{i}".encode()
+        names = [head.ljust(sizes[0], b"y")] + [b"x" * size for size in sizes[1:]]
+        out.append(b"/".join(names))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_a_batch_the_daemon_sends_as_one_session_fits_the_start_frame_and_the_receivers_limits(data):
+    """Whatever mix of changed paths, subtrees and renames ``_fits_a_session`` lets through
+    as one scoped session, the sender's ``start`` (the scope with each entry's directory,
+    the renames with their expectations, a renamed directory's new path in the scope)
+    encodes within the frame, and the receiver's checks take it."""
+    from mirror import protocol as P
+    from mirror.daemon import _fits_a_session, _with_directories
+    from mirror.journal import Pending
+    from mirror.renames import FILE, parse
+    from mirror.treescan import Scope
+
+    def sizes(what: str, most: int):
+        length = data.draw(st.integers(8, 4000), label=f"{what} length")
+        return length, data.draw(st.integers(0, min(most, 6_000_000 // length)), label=f"{what} count")
+
+    entry_len, entries = sizes("entry", 60_000)
+    tree_len, trees = sizes("subtree", 20_000)
+    rename_len, renames = sizes("rename", 30_000)
+    moves = list(zip(_paths("o", renames, rename_len), _paths("n", renames, rename_len), strict=True))
+    batch = Pending(entries=dict.fromkeys(_paths("e", entries, entry_len), 0.0),
+                    trees=set(_paths("t", trees, tree_len)), renames=moves)  # fmt: skip
+    assume(_fits_a_session(batch))
+    scope = Scope(entries=_with_directories(batch.entries), trees=batch.trees | {new for _, new in moves})
+    planned = [[old, new, [FILE, 2**40, 2**62, b"d" * 16]] for old, new in moves]
+    frame = P.encode([P.START, {"epoch": 2**40, "delete": True, "checksum": False, "dry_run": False, "flags": 15,
+                                "owner": True, "excludes": [], "no_fsync": False, "scope": scope.as_wire(),
+                                "renames": planned, "tree": "0" * 32, "keepalive": 10.0, "deletions": None,
+                                "seq": 2**40, "base": 2**40, "journal": "j" * 32}])  # fmt: skip
+    assert len(frame) <= P.MAX_FRAME
+    start = P.decode(frame[P._HEADER.size :])
+    P.checked_start(start, scope=(None, Scope.from_wire), renames=([], parse))
