@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from .commits import Batches, DirSyncs
 from .entry import KIND_OF_FMT, Kind
-from .epoch import MAX_EPOCH_STEP, observe_epoch, read_epoch
+from .epoch import MAX_EPOCH_STEP, fencing_epoch, observe_epoch
 from .errors import (
     LockedError,
     MirrorError,
@@ -94,7 +94,7 @@ class ReplicaAdmission:
             raise SourceGuardError(f"refused: the replica {display_path(self.module.path)} is not a mount point "
                                    "(require_mount): is its filesystem not mounted? Nothing was written")  # fmt: skip
         check_root(self.module.path)  # its .mirror is never content: it must be hamirror's
-        mine = read_epoch(self.state_dir)
+        mine = fencing_epoch(self.state_dir)
         if epoch < mine:
             raise StaleEpochError(f"refused: the sender's tree epoch {epoch} is older than this replica's {mine} "
                                   "(a stale former primary must not overwrite newer data)")  # fmt: skip

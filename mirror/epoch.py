@@ -9,16 +9,23 @@ still fence a tree whose disk is full.
 
 A missing file means epoch 0 (a tree that never had an owner).  A file that exists but is
 not a number is an error: silently treating it as 0 would let a stale primary through.
+A replica's epoch as a running process knows it (``fencing_epoch``) is also never below what
+it has read or recorded there: the file removed under a server (with its state dir, say)
+does not open the door to a former primary.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 
 from .atomicfile import write_record
 from .errors import FormatError, display_path, fs_path
-from .statedir import read_state_file, state_lock
+from .statedir import ensure_state_dir, read_state_file, state_lock
+
+log = logging.getLogger(__name__)
 
 EPOCH_FILE = b"epoch"
 _LOCK_FILE = b"epoch.lock"
@@ -30,6 +37,8 @@ MAX_EPOCH = 2**63 - 1
 # 2^63-1 and fence the module for good: a node raises its own epoch past whatever was set
 # (``mirror epoch bump --to``), and that rises by at most this much per session.
 MAX_EPOCH_STEP = 16
+_seen: dict[bytes, int] = {}  # state dir -> the highest epoch this process read or recorded there
+_seen_lock = threading.Lock()
 
 
 class EpochError(FormatError):
@@ -84,8 +93,31 @@ def observe_epoch(state_dir: bytes | str, n: int) -> int:
         current = read_epoch(state_dir)
         if n > current:
             _write(state_dir, n)
-            return n
+        now = max(n, current)
+    _remember(state_dir, now)
+    return now
+
+
+def fencing_epoch(state_dir: bytes | str) -> int:
+    """A replica's epoch, to refuse an older sender by: ``read_epoch``, but never below what
+    this process read or recorded there before.  A lower one on disk (the file or its state
+    dir removed under a running server) is written back, with a warning."""
+    current = read_epoch(state_dir)
+    with _seen_lock:
+        seen = _seen.get(fs_path(state_dir), 0)
+    if current >= seen:
+        _remember(state_dir, current)
         return current
+    log.warning("%s: epoch %d, below the %d this process saw there (the file or its state dir removed?): "
+                "%d written back", display_path(epoch_path(state_dir)), current, seen, seen)  # fmt: skip
+    ensure_state_dir(fs_path(state_dir))
+    return observe_epoch(state_dir, seen)
+
+
+def _remember(state_dir: bytes | str, n: int) -> None:
+    with _seen_lock:
+        key = fs_path(state_dir)
+        _seen[key] = max(_seen.get(key, 0), n)
 
 
 def _write(state_dir: bytes | str, value: int) -> None:

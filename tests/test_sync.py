@@ -321,6 +321,34 @@ def test_stale_epoch_is_fenced(hard_src, tmp_path):
     assert sync(hard_src, dst, delete=True).ok  # a newer epoch is accepted and recorded
 
 
+def test_a_server_whose_replica_state_dir_is_removed_still_fences_the_epoch_it_has_seen(tmp_path):
+    """The replica's state dir removed while `mirror serve` runs (a clean-up script): its
+    epoch file goes with it, and the next sender would be measured against epoch 0.  The
+    server remembers the highest epoch each module has shown: a former primary at an older
+    epoch is still refused (nothing written), and the epoch is written back."""
+    from mirror.epoch import read_epoch
+
+    new, old, dst = tmp_path / "new", tmp_path / "old", tmp_path / "dst"
+    for d in (new, old, dst):
+        d.mkdir()
+    (new / "f").write_text("the newest data")
+    (old / "f").write_text("a former primary's older data")
+    bump_epoch(os.fsencode(new / ".mirror"), to=3)
+    bump_epoch(os.fsencode(old / ".mirror"), to=2)
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        secret = ["--secret-file", server.secret_file]
+        assert run_mirror("sync", str(new), server.url("m"), *secret).returncode == 0
+        shutil.rmtree(dst / ".mirror")
+        proc = run_mirror("sync", str(old), server.url("m"), *secret)
+        assert proc.returncode == 4 and b"older than this replica's 3" in proc.stderr, proc.stderr
+        assert (dst / "f").read_text() == "the newest data"
+        assert read_epoch(os.fsencode(dst / ".mirror")) == 3
+        (new / "f").write_text("newer still")
+        assert run_mirror("sync", str(new), server.url("m"), *secret).returncode == 0
+        assert (dst / "f").read_text() == "newer still"
+    assert "written back" in (tmp_path / "server.log").read_text()
+
+
 def test_one_writer_per_module(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
