@@ -107,15 +107,18 @@ def _scan(data: bytes) -> tuple[list, dict[bytes, int], int, int]:
 
 def _merge(records, done: int) -> Pending:
     out = Pending(seq=records[-1][0] if records else done)
+    entries = out.entries
     for _, kind, path, other, when in records:
+        # An entry's time is the earliest of its records': a change kept for a retry is
+        # journaled again after the events that came during its session.
         if kind == ENTRY:
-            out.entries.setdefault(path, when)
+            entries[path] = min(when, entries.get(path, when))
             if other:
                 out.trees.add(path)
         elif kind == RENAME:
             out.renames.append((path, other))
-            out.entries.setdefault(path, when)
-            out.entries.setdefault(other, when)
+            entries[path] = min(when, entries.get(path, when))
+            entries[other] = min(when, entries.get(other, when))
     return out
 
 

@@ -81,3 +81,19 @@ def test_change_to_an_entry_in_flight_survives_the_checkpoint(tmp_path):
     assert set(j.pending().entries) == {b"notes.txt"}
     j.append([(J.ENTRY, b"notes.txt", 0)])  # pending and not taken: deduplicated again
     assert j.pending().seq == 2
+
+
+def test_a_change_kept_for_a_retry_keeps_its_first_seen_time_though_newer_events_came_first(tmp_path):
+    """A file that keeps changing while it is copied fails ("changed while it was being
+    copied") and is kept, with the time it was first seen, after the events its writer made
+    during the session.  Its pending time must stay the first one: the lag (the status,
+    hawrap's verdict on the standby) grows for as long as the file is not mirrored, instead
+    of starting again from the newest write at every session."""
+    j = J.Journal(os.fsencode(tmp_path / "j"))
+    j.append([(J.ENTRY, b"log", 0)], when=100.0)
+    batch = j.take()  # a session starts copying it
+    j.append([(J.ENTRY, b"log", 0)], when=200.0)  # written again meanwhile
+    j.append([(J.ENTRY, b"log", 0, 100.0)], force=True)  # the session failed it: kept
+    j.checkpoint(batch.seq)
+    assert j.pending().entries == {b"log": 100.0}
+    j.close()
