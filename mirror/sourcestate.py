@@ -4,8 +4,8 @@ one) while the daemon runs.
 
 What is put back is what the daemon read there a moment before.  Without it the next
 session would present epoch 0, which every replica holding a later one refuses (the pair
-fenced, with a message blaming a stale former primary), and after a restart a new tree id;
-the journal would be a file nobody can open again.  Nothing is put back where the state
+fenced, with a message blaming a stale former primary), and the journal would be a file
+nobody can open again.  Nothing is put back where the state
 dir's parent is no longer the directory it was (an unmounted source: the pair halts on
 that, and writing into the empty mount point would be wrong).
 """
