@@ -842,8 +842,9 @@ class LivePair:
     # -- status -------------------------------------------------------------------------------
 
     def _lag(self, oldest: float | None) -> float:
-        """The age of the oldest change not mirrored.  Its time is the wall clock's (journaled,
-        it outlives the process), but once seen the age runs on the monotonic clock: a wall
+        """The age of the oldest change not mirrored.  Its time is the wall clock's (the time a
+        record is kept with; a journal read at start-up dates its records then), but once seen
+        the age runs on the monotonic clock: a wall
         clock stepped back (NTP, a clock set wrong at boot) must not make a stuck replica look
         caught up for as long as the step, nor one stepped forward make it look behind."""
         if oldest is None:
