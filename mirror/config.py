@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .apply import ModuleConfig
 from .errors import ConfigError, MirrorError
+from .exclude import pattern_problem
 from .privileges import Privileges
 from .secretfile import read_secret_file
 
@@ -216,6 +217,8 @@ def read_daemon_config(path: str):
         if not all(isinstance(x, str) for x in excludes):
             problems.add(f"'pair[{i}].exclude' must be a list of strings")
             excludes = []
+        elif problem := pattern_problem([os.fsencode(x) for x in excludes]):
+            problems.add(f"'pair[{i}].exclude': {problem}")
         name = t.get("name", str, os.path.basename((source or "").rstrip("/")) or f"pair{i}")
         if any(p.name == name for p in pairs):
             problems.add(f"two pairs are named {name!r} (set 'name')")

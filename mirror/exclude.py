@@ -22,6 +22,11 @@ from collections.abc import Iterable
 
 from .errors import UsageError
 
+# What a receiver takes in a session's ``start`` (docs/PROTOCOL.md), and so what every
+# command takes: excludes that work locally work to any destination.
+MAX_PATTERNS = 1000
+MAX_PATTERN_BYTES = 1024
+
 
 def _glob_to_regex(glob: bytes) -> bytes:
     out = bytearray()
@@ -138,7 +143,24 @@ def read_pattern_file(path: str) -> list[bytes]:
     """Patterns from a file, one per line; blank lines and lines starting with ``#`` skipped."""
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
-    return [line.rstrip(b"\r") for line in lines if line.strip() and not line.startswith(b"#")]
+    out = []
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.startswith(b"#"):
+            out.append(line.rstrip(b"\r"))
+            if len(out[-1]) > MAX_PATTERN_BYTES:
+                raise UsageError(f"{path}: line {number}: a pattern of {len(out[-1])} bytes (at most "
+                                 f"{MAX_PATTERN_BYTES})")  # fmt: skip
+    return out
+
+
+def pattern_problem(patterns: list[bytes]) -> str | None:
+    """Why ``patterns`` are more than a sync takes (None: they are not)."""
+    if len(patterns) > MAX_PATTERNS:
+        return f"{len(patterns)} exclude patterns (at most {MAX_PATTERNS})"
+    longest = max(patterns, key=len, default=b"")
+    if len(longest) > MAX_PATTERN_BYTES:
+        return f"an exclude pattern of {len(longest)} bytes (at most {MAX_PATTERN_BYTES})"
+    return None
 
 
 def make_excluder(patterns: Iterable[bytes | str]) -> Excluder | None:

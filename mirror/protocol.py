@@ -23,6 +23,7 @@ from typing import BinaryIO
 from . import constants as K
 from .applied import MAX_TOKEN  # the journal token a replica records
 from .errors import AuthError, ConnectionLost, LimitExceeded, PeerTimeout, ProtocolError
+from .exclude import MAX_PATTERN_BYTES, MAX_PATTERNS
 from .ratelimit import RateLimiter
 
 PROTOCOL_VERSION = 4
@@ -272,8 +273,8 @@ def verify(expected: bytes, got, who: str) -> None:
 
 MAX_PATH = 65536
 MAX_REQUESTS = 4096  # paths per 'want', requests per 'sig'
-MAX_EXCLUDES = 1000
-MAX_PATTERN = 1024
+MAX_EXCLUDES = MAX_PATTERNS
+MAX_PATTERN = MAX_PATTERN_BYTES
 _INT64 = 2**63 - 1
 
 

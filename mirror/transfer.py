@@ -21,6 +21,7 @@ import stat
 from typing import NamedTuple
 
 from .errors import ConnectError, ConnectTimeout, MirrorError, UsageError, fs_path, os_error_message
+from .exclude import pattern_problem
 from .records import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, SenderOptions, SyncResult
 from .treescan import replica_scan, source_scan, stop_scans
 
@@ -127,6 +128,8 @@ class Connection:
         for name, value in (("timeout", timeout), ("contimeout", contimeout)):
             if value is not None and value < 0:
                 raise UsageError(f"--{name} must be 0 (none) or more seconds, got {value}")
+        if problem := pattern_problem([fs_path(p) for p in excludes]):
+            raise UsageError(f"excludes: {problem}")
         timeout = timeout or None  # 0: none, as rsync's
         # A network receiver says it is alive a few times per timeout while it works on its own
         # (a long commit, deletions), so only a stopped, hung or vanished one times out.

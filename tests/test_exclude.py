@@ -16,7 +16,7 @@ from mirror.exclude import Excluder, Pattern
 from mirror.transfer import Connection
 from mirror.treescan import Scope, TreeScan
 from tests.daemons import live_daemon, pair_status
-from tests.helpers import wait_until
+from tests.helpers import run_mirror, wait_until
 from tests.replica_checks import MODES, Target
 from tests.servers import SECRET
 from tests.snapshot import snapshot
@@ -237,3 +237,39 @@ def test_a_name_excluded_from_the_live_mirror_still_moves_its_directorys_times_t
             change()
             wait_until(mirrored, timeout=20)
         assert not [n for n in os.listdir(replica / "d") if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_more_excludes_than_a_receiver_takes_are_refused_up_front_for_every_destination(tmp_path, mode):
+    """A receiver takes at most 1,000 patterns of at most 1,024 bytes in a session's start.
+    A longer list (a generated --exclude-from) used to work locally and fail remotely after
+    connecting, and a daemon with it failed every session for good: now every command refuses
+    it before doing anything, naming the option, the file and line, or the key."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "f").write_text("x")
+    many = tmp_path / "many-patterns"
+    many.write_text("# generated\n" + "".join(f"build-{i}/\n" for i in range(1001)))
+    long_line = tmp_path / "long-pattern"
+    long_line.write_text("*.tmp\n\n" + "x" * 1025 + "\n")
+    target = Target(mode, dst, tmp_path)
+    with target.running():
+        where, *options = target.daemon_args()
+        for args, message in (
+            (["--exclude-from", many], "--exclude/--exclude-from: 1001 exclude patterns (at most 1000)"),
+            (["--exclude", "*.o", "--exclude-from", long_line], f"{long_line}: line 3: a pattern of 1025 bytes"),
+        ):
+            for command in (["sync", src, where, *options], ["daemon", src, where, *options]):
+                proc = run_mirror(*command, *args, check_codes=range(256))
+                assert proc.returncode == 2 and message in proc.stderr.decode(), (command, proc.stderr)
+        assert not (dst / "f").exists()
+        config = tmp_path / "daemon.toml"
+        patterns = ", ".join(f'"p{i}"' for i in range(1001))
+        config.write_text(f'[[pair]]\nsource = "{src}"\ndestination = "{dst}"\nexclude = [{patterns}]\n')
+        proc = run_mirror("daemon", "--config", config, "--check", check_codes=range(256))
+        assert proc.returncode == 2, proc
+        assert f"{config}: 'pair[0].exclude': 1001 exclude patterns (at most 1000)" in proc.stderr.decode()
+        many.write_text("".join(f"build-{i}/\n" for i in range(1000)))  # at the limit: taken
+        assert run_mirror("sync", src, where, *options, "--exclude-from", many).returncode == 0
+        assert (dst / "f").read_text() == "x"

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from ..entry import ScanProblem
-from ..errors import display_path
-from ..exclude import make_excluder, read_pattern_file
+from ..errors import UsageError, display_path
+from ..exclude import make_excluder, pattern_problem, read_pattern_file
 
 
 def add_exclude_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,9 @@ def excluder_from_args(args):
     patterns = [p.encode("utf-8", "surrogateescape") for p in args.exclude]
     for path in args.exclude_from:
         patterns.extend(read_pattern_file(path))
+    problem = pattern_problem(patterns)
+    if problem:
+        raise UsageError(f"--exclude/--exclude-from: {problem}")
     return make_excluder(patterns)
 
 
