@@ -20,6 +20,15 @@ MAX_NAME = 255  # NAME_MAX on Linux
 MAX_TARGET = 4095  # PATH_MAX - 1: the longest symlink target the kernel stores
 MAX_ENTRIES_PER_DIR = 4_000_000  # the most a directory read from a manifest or a peer may hold
 DIGEST_SIZE = 16  # xxh3-128
+# The longest relative path, and the most components, a receiver takes (``safefs``).  A
+# scan does not list a directory where a name could pass the length, nor one deeper than
+# LISTED_DEPTH_MAX components: a chain of directories a user made that deep is left out with
+# a problem, not the whole sync failed.  No real tree is that deep, and the compiled walk
+# opens each directory from the root: its cost grows with the square of the depth.
+MAX_PATH_BYTES = 64 * 1024
+MAX_DEPTH = 4096
+LISTED_PATH_MAX = MAX_PATH_BYTES - MAX_NAME - 1
+LISTED_DEPTH_MAX = 1023
 
 # Packed listing records (``Listing.pack``): 80 bytes each; bit 0 of ``flags`` says the
 # entry carries a digest.

@@ -25,11 +25,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from .constants import MAX_DEPTH, MAX_PATH_BYTES
 from .entry import MAX_NAME, Kind
 from .errors import UnsafePathError, display_path
 
-MAX_PATH_BYTES = 64 * 1024
-MAX_DEPTH = 4096
 TEMP_PREFIX = b".hamirror."
 TEMP_SUFFIX = b".tmp"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -16,12 +16,14 @@ available here too.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable, Iterator
 from types import ModuleType
 
 from . import fastpath
 from .constants import *  # noqa: F403  (CMP_*, CH_*, kinds: what callers compare with)
+from .constants import LISTED_DEPTH_MAX, LISTED_PATH_MAX
 from .entry import canonical_key, join
 
 _kernel = fastpath.kernel("scan")
@@ -33,6 +35,13 @@ pair_walks = _kernel.pair_walks
 open_failure = _kernel.open_failure
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def too_deep(path: bytes) -> bool:
+    """Whether the walk leaves directory ``path`` unlisted: a name in it could pass the path
+    length or depth a receiver takes.  It is reported like one that cannot be opened
+    (``ENAMETOOLONG``), incomplete, so nothing below it is deleted on the other side."""
+    return len(path) > LISTED_PATH_MAX or path.count(b"/") >= LISTED_DEPTH_MAX
 
 
 class _Previous:
@@ -98,6 +107,9 @@ def scan(
     # names still to visit, in reverse).  Open descriptors are bounded by the tree's depth.
     stack: list[tuple[int, bytes, list[bytes]]] = [(root_fd, start, [])]
     try:
+        if start and too_deep(start):
+            yield k.Listing(start, complete=False, problems=[k.open_failure(start, errno.ENAMETOOLONG)])
+            return
         listing = listed(root_fd, start, skip_at_root)
         stack[-1] = (root_fd, start, listing.subdirs()[::-1])
         yield listing
@@ -110,6 +122,8 @@ def scan(
             name = remaining.pop()
             child_path = join(dir_path, name)
             try:
+                if too_deep(child_path):
+                    raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
                 child_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 yield k.Listing(child_path, complete=False, problems=[k.open_failure(child_path, exc.errno)])

@@ -58,7 +58,7 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
-from watchdog.observers.inotify_c import InotifyEvent
+from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
 from .errors import display_path
@@ -77,6 +77,7 @@ ENTRY, CLOSED, TREE, RENAME, RESCAN = "entry", "closed", "tree", "rename", "resc
 REWATCH_SECONDS = 5.0
 REWATCH_MAX_SECONDS = 60.0
 WATCH_LIMIT_REASON = "inotify watch limit reached (fs.inotify.max_user_watches)"
+_PATH_MAX = 4096  # inotify_add_watch takes an absolute path: less than this, with its NUL
 
 
 class FsEvent(NamedTuple):
@@ -116,8 +117,17 @@ class _WatchGroup(InotifyWatchGroup):
         self.skip_dir = skip_dir or (lambda path: False)  # before the base class sets up its watches
         super().__init__(*args, **kwargs)
 
+    def __repr__(self) -> str:
+        # watchdog formats a watch's repr, its callbacks' (bound to this) included, in the
+        # (ignored) warning it builds each time a watched directory is watched again: the
+        # dataclass's repr of every path held made that quadratic in the watches.
+        return f"<_WatchGroup {self.path!r}>"
+
     def on_queue_overflow(self) -> None:
-        super().on_queue_overflow()
+        try:
+            super().on_queue_overflow()  # the watches rebuilt
+        except Exception:  # in the inotify thread, which must not end: the rescan still comes
+            log.exception("%s: the watches could not all be set again", display_path(self.path))
         if self.overflow_hook is not None:
             self.overflow_hook()
 
@@ -135,13 +145,27 @@ class _WatchGroup(InotifyWatchGroup):
 
     def _subdirs(self, path: bytes):
         """The directories below ``path`` to watch: not symlinks, not ``skip_dir``'s (nor
-        below them).  One that cannot be listed hides its own: it is said unwatchable."""
-        for root, dirnames, _ in os.walk(path, onerror=lambda exc: self._unwatchable(exc.filename or path, exc)):
-            dirnames[:] = [d for d in dirnames if not self.skip_dir(os.path.join(root, d))]  # nor walked
-            for dirname in dirnames:
-                full_path = os.path.join(root, dirname)
-                if not os.path.islink(full_path):
-                    yield full_path
+        below them).  One that cannot be listed hides its own: it is said unwatchable; so is
+        one whose path inotify cannot take (PATH_MAX), and nothing below it is walked.  The
+        walk keeps its own stack: a chain of directories a user made thousands deep must not
+        overflow the interpreter's."""
+        stack = [path]
+        while stack:
+            top = stack.pop()
+            try:
+                with os.scandir(top) as it:
+                    found = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+            except OSError as exc:
+                self._unwatchable(top, exc)
+                continue
+            for full_path in sorted(found, reverse=True):
+                if self.skip_dir(full_path):
+                    continue  # nor walked
+                if len(full_path) >= _PATH_MAX:
+                    self._unwatchable(full_path, OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)))
+                    continue
+                yield full_path
+                stack.append(full_path)
 
     def _add_callback(self, path: bytes, known: bool = True) -> None:
         """``known`` false: a directory already watched under another path (its rename not
@@ -231,7 +255,25 @@ class _WatchGroup(InotifyWatchGroup):
             return tried
 
     def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
-        return [_FoundInNewDirectory(e.wd, e.mask, e.cookie, e.name) for e in super()._recursive_simulate(src_path)]
+        """What a directory just made holds, as made events of its watched directories (the
+        base class's, with a walk of its own stack and no deeper than inotify watches)."""
+        events = []
+        stack = [src_path]
+        while stack:
+            top = stack.pop()
+            wd = self._active_callbacks_by_path.get(top)
+            try:
+                with os.scandir(top) as it:
+                    found = [(e.name, e.path, e.is_dir(follow_symlinks=False)) for e in it]
+            except OSError:
+                continue  # gone, or not to be listed: its own event, or the rescan, says so
+            for name, path, is_dir in found:
+                if wd is not None:  # not watched: its own made event reports it when it is
+                    mask = InotifyConstants.IN_CREATE | (InotifyConstants.IN_ISDIR if is_dir else 0)
+                    events.append(_FoundInNewDirectory(wd, mask, 0, name))
+                if is_dir and len(path) < _PATH_MAX:
+                    stack.append(path)
+        return events
 
 
 class _Emitter(InotifyEmitter):

@@ -8,6 +8,7 @@ over exactly the listings of the walk.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -294,6 +295,68 @@ def test_background_scan_walks_paths_longer_than_path_max(tmp_path):
         assert _walked(FAST, root, walkers=3, max_walkers=3, _no_openat2=no_openat2) == expected
 
 
+def _chain(fd: int, name: bytes, levels: int) -> bytes:
+    """``levels`` nested directories named ``name`` below the directory open at ``fd``, a
+    file in the deepest; the path of the deepest, relative to ``fd``'s."""
+    fd = os.dup(fd)
+    try:
+        for _ in range(levels):
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.mknod(b"leaf", dir_fd=fd)
+    finally:
+        os.close(fd)
+    return b"/".join([name] * levels)
+
+
+def test_a_directory_too_deep_for_a_receiver_is_left_unlisted_by_every_walk(tmp_path):
+    """A chain of directories a user made deeper than a walk lists (1,024 levels), or whose
+    paths pass what a receiver takes (64 KiB), is not listed from the directory on where a
+    name could pass the limit: that directory comes as incomplete, with a problem, in every
+    walk and from every start, and the rest of the tree as usual."""
+    root = os.fsencode(tmp_path)
+    try:
+        _too_deep_walks(root)
+    finally:  # pytest's own clean-up (shutil.rmtree) recurses once per level
+        subprocess.run(["rm", "-rf", "--", tmp_path / "levels", tmp_path / "long"], check=True)
+
+
+def _too_deep_walks(root: bytes) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.mkdir(b"levels", dir_fd=fd)
+        os.mkdir(b"long", dir_fd=fd)
+        os.mknod(b"plain", dir_fd=fd)
+        sub = os.open(b"levels", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        levels = b"levels/" + _chain(sub, b"d", constants.LISTED_DEPTH_MAX + 5)
+        os.close(sub)
+        sub = os.open(b"long", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        long = b"long/" + _chain(sub, b"n" * 250, 265)
+        os.close(sub)
+    finally:
+        os.close(fd)
+    expected = _both(root)
+    cut = [(path, problems) for path, complete, _, problems, _ in expected if not complete]
+    first_unlisted_level = b"/".join(levels.split(b"/")[: constants.LISTED_DEPTH_MAX + 1])
+    first_unlisted_long = b"/".join(long.split(b"/")[: 1 + (constants.LISTED_PATH_MAX - 5) // 251 + 1])
+    assert [path for path, _ in cut] == [first_unlisted_level, first_unlisted_long]
+    for path, problems in cut:
+        assert [(p.path, p.errno) for p in problems] == [(path, errno.ENAMETOOLONG)]
+        assert "too deep to mirror" in problems[0].message and problems[0].unreadable
+    listed = [path for path, complete, *_ in expected if complete]  # every name in them fits
+    assert max(len(p) for p in listed) <= constants.LISTED_PATH_MAX
+    assert max(p.count(b"/") + 1 for p in listed) <= constants.LISTED_DEPTH_MAX
+    assert max(len(p) for p, *_ in expected) <= constants.MAX_PATH_BYTES
+    assert _walked(FAST, root) == expected
+    assert _walked(FAST, root, walkers=3, max_walkers=3, _no_openat2=True) == expected
+    assert _walked(PURE, root) == expected
+    parent = first_unlisted_level.rpartition(b"/")[0]
+    assert _both(root, start=parent) == [x for x in expected if x[0] == parent or x[0].startswith(parent + b"/")]
+    assert _both(root, start=first_unlisted_level) == [x for x in expected if x[0] == first_unlisted_level]
+
+
 def test_background_scan_errors_arrive_in_order(tmp_path):
     for module in (FAST, PURE):
         walk = module.background_scan(os.fsencode(tmp_path / "missing"))
@@ -513,8 +576,8 @@ def test_background_scan_with_its_lookahead_full_beyond_the_next_directory(tmp_p
         os.mkdir(b"a", dir_fd=fd)
         chain = os.open(b"a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
         for _ in range(_CHAIN):
-            os.mkdir(b"x", dir_fd=chain)
-            child = os.open(b"x", os.O_RDONLY | os.O_DIRECTORY, dir_fd=chain)
+            os.mkdir(_LINK, dir_fd=chain)
+            child = os.open(_LINK, os.O_RDONLY | os.O_DIRECTORY, dir_fd=chain)
             os.close(chain)
             chain = child
         os.close(chain)
@@ -541,21 +604,22 @@ def test_background_scan_with_its_lookahead_full_beyond_the_next_directory(tmp_p
     assert len(taken) == 1 + 1 + _CHAIN + 1 and taken[-1] == b"big"
 
 
-_CHAIN = 2_500  # "a/x/x/...": 5,000 bytes at the bottom
+# "a/xxxxxxx/xxxxxxx/...": 8,000 bytes at the bottom, within the depth a walk lists
+_CHAIN, _LINK = 1_000, b"x" * 7
 
 
 def _remove_chain(path) -> None:
-    """Remove a chain of single subdirectories ``x`` (with files), bottom up, without recursion."""
+    """Remove a chain of single subdirectories ``_LINK`` (with files), bottom up, without recursion."""
     fds = [os.open(path, os.O_RDONLY | os.O_DIRECTORY)]
     while True:
         try:
-            fds.append(os.open(b"x", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+            fds.append(os.open(_LINK, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
         except FileNotFoundError:
             break
     while fds:
         fd = fds.pop()
         for name in os.listdir(fd):
-            if name == "x":
+            if name == os.fsdecode(_LINK):
                 os.rmdir(name, dir_fd=fd)
             else:
                 os.unlink(name, dir_fd=fd)

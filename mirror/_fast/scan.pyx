@@ -14,7 +14,7 @@ The numbers shared with Python come from ``mirror/constants.py`` (``constants.px
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.errno cimport E2BIG, EAGAIN, EINTR, ELOOP, ENOENT, ENOMEM, ENOSYS, ENOTDIR, EPERM, errno
+from libc.errno cimport E2BIG, EAGAIN, EINTR, ELOOP, ENAMETOOLONG, ENOENT, ENOMEM, ENOSYS, ENOTDIR, EPERM, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from posix.stdlib cimport posix_memalign
@@ -935,6 +935,8 @@ def open_failure(bytes path, int err):
         what = "vanished during scan"
     elif err == ENOTDIR or err == ELOOP:  # replaced by a file or a symlink since it was listed
         what = "changed during scan"
+    elif err == ENAMETOOLONG:  # the walk's own verdict (too_deep)
+        what = "not listed: too deep to mirror (1,024 levels, or a path near 64 KiB)"
     else:
         what = "cannot open directory"
     return _Problem(path, err, f"{what}: {os.strerror(err)}")
@@ -1137,6 +1139,19 @@ cdef wnode_t *new_node(const char *parent, size_t parent_len, const char *name, 
     return node
 
 
+cdef bint too_deep(const char *path, size_t path_len) noexcept nogil:
+    """``mirror.scan.too_deep``: a directory the walk leaves unlisted (a name in it could
+    pass the path length or depth a receiver takes)."""
+    cdef size_t i, slashes = 0
+    if path_len > LISTED_PATH_MAX:
+        return True
+    if path_len < 2 * LISTED_DEPTH_MAX - 1:  # too short to hold that many slashes
+        return False
+    for i in range(path_len):
+        slashes += path[i] == b'/'
+    return slashes >= LISTED_DEPTH_MAX
+
+
 cdef void free_node(wnode_t *node) noexcept nogil:
     dirscan_free(&node.d)
     free(node.path)
@@ -1155,6 +1170,9 @@ cdef int list_node(walk_t *w, wnode_t *node, scratch_t *scratch, wnode_t **first
         # The root: listed through the walk's own descriptor (only *at() calls use it after,
         # so the offset getdents64 leaves does not matter).
         rc = read_directory(w.root_fd, w.skip, w.skip_len, &node.d, scratch)
+    elif too_deep(node.path, node.path_len):
+        node.open_err = ENAMETOOLONG
+        return 0
     else:
         fd = open_below(w, node.path)
         if fd < 0:
