@@ -19,7 +19,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from . import constants
-from .constants import DIGEST_SIZE, MAX_NAME, MAX_TARGET  # noqa: F401  (re-exported)
+from .constants import DIGEST_SIZE, LISTED_DEPTH_MAX, LISTED_PATH_MAX, MAX_NAME, MAX_TARGET  # noqa: F401  (re-exported)
 
 
 class Kind(IntEnum):
@@ -99,6 +99,13 @@ class ScanProblem(NamedTuple):
 def join(dir_path: bytes, name: bytes) -> bytes:
     """Relative path of ``name`` inside the directory at relative path ``dir_path``."""
     return dir_path + b"/" + name if dir_path else name
+
+
+def too_deep(path: bytes) -> bool:
+    """Whether a scan leaves directory ``path`` unlisted (``constants.LISTED_*``): it is
+    reported like one that cannot be opened (``ENAMETOOLONG``), incomplete, so nothing below
+    it is deleted on the other side."""
+    return len(path) > LISTED_PATH_MAX or path.count(b"/") >= LISTED_DEPTH_MAX
 
 
 def canonical_key(path: bytes) -> bytes:

@@ -23,8 +23,7 @@ from types import ModuleType
 
 from . import fastpath
 from .constants import *  # noqa: F403  (CMP_*, CH_*, kinds: what callers compare with)
-from .constants import LISTED_DEPTH_MAX, LISTED_PATH_MAX
-from .entry import canonical_key, join
+from .entry import canonical_key, join, too_deep
 
 _kernel = fastpath.kernel("scan")
 Listing = _kernel.Listing
@@ -35,13 +34,6 @@ pair_walks = _kernel.pair_walks
 open_failure = _kernel.open_failure
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def too_deep(path: bytes) -> bool:
-    """Whether the walk leaves directory ``path`` unlisted: a name in it could pass the path
-    length or depth a receiver takes.  It is reported like one that cannot be opened
-    (``ENAMETOOLONG``), incomplete, so nothing below it is deleted on the other side."""
-    return len(path) > LISTED_PATH_MAX or path.count(b"/") >= LISTED_DEPTH_MAX
 
 
 class _Previous:

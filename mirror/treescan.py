@@ -42,7 +42,7 @@ from collections.abc import Iterator
 
 from . import fastpath, startup
 from .constants import MAX_TARGET
-from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key, entry_from_stat
+from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key, entry_from_stat, too_deep
 from .errors import ManifestError, display_path, fs_path
 from .statedir import (
     STATE_DIR_NAME,
@@ -345,6 +345,8 @@ class TreeScan:
 
     def _partial_listing(self, scanner, dir_path: bytes, names: list[bytes], excluder):
         """A listing of ``dir_path`` holding only ``names`` (those that exist), one lstat each."""
+        if dir_path and too_deep(dir_path):  # as a whole scan has it: not listed
+            return self._unreadable(scanner, dir_path, errno.ENAMETOOLONG)
         try:
             fd = _open_below(self.root, dir_path)
         except OSError as exc:

@@ -104,3 +104,27 @@ def test_the_live_daemon_goes_on_mirroring_beside_a_chain_too_deep(trees, tmp_pa
                 assert pair["exit"] in (0, 1), pair
             text = daemon.log_text()
             assert "too deep to mirror" in text and "Traceback" not in text, text[-2000:]
+
+
+def test_a_scoped_scan_does_not_list_what_a_whole_scan_leaves_out(trees):
+    """The live daemon's scoped sessions (a changed name, a subtree compared again) meet a
+    too-deep directory as a whole scan does: incomplete, with the problem, nothing listed."""
+    import errno
+
+    from mirror.treescan import Scope, TreeScan
+
+    src, _ = trees
+    (src / "levels").mkdir()
+    _chain(src, "levels", b"d", LISTED_DEPTH_MAX + 3)
+    deepest_listed = b"/".join([b"levels"] + [b"d"] * (LISTED_DEPTH_MAX - 1))
+    first_unlisted = deepest_listed + b"/d"
+    for scope in (Scope(entries=[first_unlisted + b"/d"]), Scope(trees=[first_unlisted]),
+                  Scope(entries=[deepest_listed + b"/d"])):  # fmt: skip
+        listings = list(TreeScan(os.fsencode(src), scope=scope, background=False))
+        unlisted = [lst for lst in listings if lst.path == first_unlisted]
+        if scope.entries == {deepest_listed + b"/d"}:  # its directory is listed: the name is in it
+            assert [lst.path for lst in listings] == [deepest_listed] and listings[0].complete
+            assert [e.name for e in listings[0]] == [b"d"]
+            continue
+        assert len(unlisted) == 1 and not unlisted[0].complete and len(unlisted[0]) == 0, scope
+        assert [(p.path, p.errno) for p in unlisted[0].problems] == [(first_unlisted, errno.ENAMETOOLONG)]

@@ -1140,7 +1140,7 @@ cdef wnode_t *new_node(const char *parent, size_t parent_len, const char *name, 
 
 
 cdef bint too_deep(const char *path, size_t path_len) noexcept nogil:
-    """``mirror.scan.too_deep``: a directory the walk leaves unlisted (a name in it could
+    """``mirror.entry.too_deep``: a directory the walk leaves unlisted (a name in it could
     pass the path length or depth a receiver takes)."""
     cdef size_t i, slashes = 0
     if path_len > LISTED_PATH_MAX:
