@@ -24,7 +24,7 @@ from mirror import constants, fastpath
 from mirror.exclude import Excluder
 from mirror.scan import scan
 from tests.helpers import changing, wait_until
-from tests.trees import build, tree_specs
+from tests.trees import build, chain, tree_specs
 
 FAST = fastpath.compiled("scan")
 PURE = fastpath.pure("scan")
@@ -295,22 +295,6 @@ def test_background_scan_walks_paths_longer_than_path_max(tmp_path):
         assert _walked(FAST, root, walkers=3, max_walkers=3, _no_openat2=no_openat2) == expected
 
 
-def _chain(fd: int, name: bytes, levels: int) -> bytes:
-    """``levels`` nested directories named ``name`` below the directory open at ``fd``, a
-    file in the deepest; the path of the deepest, relative to ``fd``'s."""
-    fd = os.dup(fd)
-    try:
-        for _ in range(levels):
-            os.mkdir(name, dir_fd=fd)
-            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        os.mknod(b"leaf", dir_fd=fd)
-    finally:
-        os.close(fd)
-    return b"/".join([name] * levels)
-
-
 def test_a_directory_too_deep_for_a_receiver_is_left_unlisted_by_every_walk(tmp_path):
     """A chain of directories a user made deeper than a walk lists (1,024 levels), or whose
     paths pass what a receiver takes (64 KiB), is not listed from the directory on where a
@@ -324,19 +308,10 @@ def test_a_directory_too_deep_for_a_receiver_is_left_unlisted_by_every_walk(tmp_
 
 
 def _too_deep_walks(root: bytes) -> None:
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.mkdir(b"levels", dir_fd=fd)
-        os.mkdir(b"long", dir_fd=fd)
-        os.mknod(b"plain", dir_fd=fd)
-        sub = os.open(b"levels", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        levels = b"levels/" + _chain(sub, b"d", constants.LISTED_DEPTH_MAX + 5)
-        os.close(sub)
-        sub = os.open(b"long", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        long = b"long/" + _chain(sub, b"n" * 250, 265)
-        os.close(sub)
-    finally:
-        os.close(fd)
+    for top in (b"levels", b"long", b"plain"):
+        os.mkdir(os.path.join(root, top))
+    levels = b"levels/" + chain(os.path.join(root, b"levels"), b"d", constants.LISTED_DEPTH_MAX + 5)
+    long = b"long/" + chain(os.path.join(root, b"long"), b"n" * 250, 265)
     expected = _both(root)
     cut = [(path, problems) for path, complete, _, problems, _ in expected if not complete]
     first_unlisted_level = b"/".join(levels.split(b"/")[: constants.LISTED_DEPTH_MAX + 1])

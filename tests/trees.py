@@ -73,3 +73,21 @@ def _build(root: bytes, rel: bytes, spec: dict, files: list[bytes]) -> None:
             os.link(os.path.join(root, node[1]), path)
     for path in dir_times:
         os.utime(path, ns=(10**18, 10**18))
+
+
+def chain(parent, name: bytes, levels: int) -> bytes:
+    """``levels`` nested directories ``name`` below the directory ``parent`` (a path), made one
+    level at a time (a path past PATH_MAX cannot be named whole), a file ``leaf`` in the
+    deepest; the deepest's path relative to ``parent``."""
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        with open(os.open(b"leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(b"at the bottom")
+    finally:
+        os.close(fd)
+    return b"/".join([name] * levels)
