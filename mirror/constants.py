@@ -24,11 +24,12 @@ DIGEST_SIZE = 16  # xxh3-128
 # scan does not list a directory where a name could pass the length, nor one deeper than
 # LISTED_DEPTH_MAX components: a chain of directories a user made that deep is left out with
 # a problem, not the whole sync failed.  No real tree is that deep, and the compiled walk
-# opens each directory from the root: its cost grows with the square of the depth.
+# opens each directory from the root, one component at a time past PATH_MAX: its cost grows
+# with the square of the depth there.
 MAX_PATH_BYTES = 64 * 1024
 MAX_DEPTH = 4096
 LISTED_PATH_MAX = MAX_PATH_BYTES - MAX_NAME - 1
-LISTED_DEPTH_MAX = 1023
+LISTED_DEPTH_MAX = 2047
 
 # Packed listing records (``Listing.pack``): 80 bytes each; bit 0 of ``flags`` says the
 # entry carries a digest.

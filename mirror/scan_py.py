@@ -374,7 +374,7 @@ def open_failure(path: bytes, err: int) -> ScanProblem:
     if err in (errno_mod.ENOTDIR, errno_mod.ELOOP):  # replaced by a file or a symlink since it was listed
         return _problem(path, "changed during scan", err)
     if err == errno_mod.ENAMETOOLONG:  # the walk's own verdict (mirror.entry.too_deep)
-        return _problem(path, "not listed: too deep to mirror (1,024 levels, or a path near 64 KiB)", err)
+        return _problem(path, "not listed: too deep to mirror (2,048 levels, or a path near 64 KiB)", err)
     return _problem(path, "cannot open directory", err)
 
 

@@ -296,7 +296,7 @@ def test_background_scan_walks_paths_longer_than_path_max(tmp_path):
 
 
 def test_a_directory_too_deep_for_a_receiver_is_left_unlisted_by_every_walk(tmp_path):
-    """A chain of directories a user made deeper than a walk lists (1,024 levels), or whose
+    """A chain of directories a user made deeper than a walk lists (2,048 levels), or whose
     paths pass what a receiver takes (64 KiB), is not listed from the directory on where a
     name could pass the limit: that directory comes as incomplete, with a problem, in every
     walk and from every start, and the rest of the tree as usual."""

@@ -936,7 +936,7 @@ def open_failure(bytes path, int err):
     elif err == ENOTDIR or err == ELOOP:  # replaced by a file or a symlink since it was listed
         what = "changed during scan"
     elif err == ENAMETOOLONG:  # the walk's own verdict (too_deep)
-        what = "not listed: too deep to mirror (1,024 levels, or a path near 64 KiB)"
+        what = "not listed: too deep to mirror (2,048 levels, or a path near 64 KiB)"
     else:
         what = "cannot open directory"
     return _Problem(path, err, f"{what}: {os.strerror(err)}")
