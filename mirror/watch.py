@@ -146,26 +146,18 @@ class _WatchGroup(InotifyWatchGroup):
     def _subdirs(self, path: bytes):
         """The directories below ``path`` to watch: not symlinks, not ``skip_dir``'s (nor
         below them).  One that cannot be listed hides its own: it is said unwatchable; so is
-        one whose path inotify cannot take (PATH_MAX), and nothing below it is walked.  The
-        walk keeps its own stack: a chain of directories a user made thousands deep must not
-        overflow the interpreter's."""
-        stack = [path]
-        while stack:
-            top = stack.pop()
-            try:
-                with os.scandir(top) as it:
-                    found = [e.path for e in it if e.is_dir(follow_symlinks=False)]
-            except OSError as exc:
-                self._unwatchable(top, exc)
-                continue
-            for full_path in sorted(found, reverse=True):
-                if self.skip_dir(full_path):
-                    continue  # nor walked
-                if len(full_path) >= _PATH_MAX:
-                    self._unwatchable(full_path, OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)))
-                    continue
-                yield full_path
-                stack.append(full_path)
+        one whose path inotify cannot take (PATH_MAX), and nothing below it is walked."""
+
+        def watchable(subdir: bytes) -> bool:
+            if self.skip_dir(subdir):
+                return False  # nor walked
+            if len(subdir) >= _PATH_MAX:
+                self._unwatchable(subdir, OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)))
+                return False
+            return True
+
+        for _, _, subdirs in _listings(path, watchable, self._unwatchable):
+            yield from subdirs
 
     def _add_callback(self, path: bytes, known: bool = True) -> None:
         """``known`` false: a directory already watched under another path (its rename not
@@ -256,24 +248,37 @@ class _WatchGroup(InotifyWatchGroup):
 
     def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
         """What a directory just made holds, as made events of its watched directories (the
-        base class's, with a walk of its own stack and no deeper than inotify watches)."""
+        base class's, with ``_listings``' walk: no deeper than inotify watches)."""
         events = []
-        stack = [src_path]
-        while stack:
-            top = stack.pop()
+        # One that cannot be listed (gone): its own event, or the rescan, says so.
+        for top, found, _ in _listings(src_path, lambda path: len(path) < _PATH_MAX, lambda path, exc: None):
             wd = self._active_callbacks_by_path.get(top)
-            try:
-                with os.scandir(top) as it:
-                    found = [(e.name, e.path, e.is_dir(follow_symlinks=False)) for e in it]
-            except OSError:
-                continue  # gone, or not to be listed: its own event, or the rescan, says so
-            for name, path, is_dir in found:
-                if wd is not None:  # not watched: its own made event reports it when it is
-                    mask = InotifyConstants.IN_CREATE | (InotifyConstants.IN_ISDIR if is_dir else 0)
-                    events.append(_FoundInNewDirectory(wd, mask, 0, name))
-                if is_dir and len(path) < _PATH_MAX:
-                    stack.append(path)
+            if wd is None:
+                continue  # not watched: its own made event reports it when it is
+            for name, _, is_dir in found:
+                mask = InotifyConstants.IN_CREATE | (InotifyConstants.IN_ISDIR if is_dir else 0)
+                events.append(_FoundInNewDirectory(wd, mask, 0, name))
         return events
+
+
+def _listings(top: bytes, descend: Callable[[bytes], bool], on_error: Callable[[bytes, OSError], None]):
+    """``(directory, [(name, path, is_dir)], subdirectories walked)`` for ``top`` and each
+    directory below it that ``descend(path)`` lets in, never through a symlink; a directory
+    is listed only after its parent's item was handled.  The walk keeps its own stack: a
+    chain of directories a user made thousands deep must not overflow the interpreter's.
+    ``on_error(path, exc)``: one that cannot be listed."""
+    stack = [top]
+    while stack:
+        path = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                found = [(e.name, e.path, e.is_dir(follow_symlinks=False)) for e in it]
+        except OSError as exc:
+            on_error(path, exc)
+            continue
+        subdirs = [sub for _, sub, is_dir in sorted(found, reverse=True) if is_dir and descend(sub)]
+        yield path, found, subdirs
+        stack.extend(subdirs)
 
 
 class _Emitter(InotifyEmitter):

@@ -20,23 +20,7 @@ from mirror.transfer import sync
 from tests.helpers import is_root
 from tests.peers import RawSession, destination, temp_files
 from tests.snapshot import assert_mirrors
-
-
-def _chain(root, depth: int, name: bytes = b"d", leaf: bytes | None = b"leaf") -> None:
-    """``root/name/name/.../leaf`` made through directory descriptors (no path length limit)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(depth):
-            os.mkdir(name, dir_fd=fd)
-            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        if leaf is not None:
-            out = os.open(b"leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-            os.write(out, leaf)
-            os.close(out)
-    finally:
-        os.close(fd)
+from tests.trees import chain
 
 
 def _read_chain_leaf(root, depth: int, name: bytes = b"d") -> bytes | None:
@@ -173,7 +157,7 @@ def test_a_tree_deeper_than_the_recursion_limit_is_mirrored(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     try:
-        _chain(src, 1100)
+        chain(src, b"d", 1100)
         result = sync(src, dst, fsync=False)
         assert result.ok, (result.failed[:3], result.problems[:3])
         assert _read_chain_leaf(dst, 1100) == b"leaf"
@@ -187,7 +171,7 @@ def test_a_file_replaces_a_directory_deeper_than_the_recursion_limit(tmp_path):
     (dst / "x").mkdir(parents=True)
     try:
         (src / "x").write_bytes(b"now a file")
-        _chain(dst / "x", 1200, leaf=None)
+        chain(dst / "x", b"d", 1200, leaf=None)
         result = None
         try:
             result = sync(src, dst, delete=True, fsync=False)
@@ -203,7 +187,7 @@ def test_a_file_replaces_a_directory_deeper_than_the_recursion_limit(tmp_path):
 def test_paths_longer_than_path_max_are_mirrored(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
-    _chain(src, 20, name=b"n" * 250, leaf=b"deep content")  # a 5 KB relative path
+    chain(src, b"n" * 250, 20, leaf=b"deep content")  # a 5 KB relative path
     result = sync(src, dst, fsync=False)
     assert result.ok, [(len(p), why) for p, why in result.failed]
     assert _read_chain_leaf(dst, 20, name=b"n" * 250) == b"deep content"

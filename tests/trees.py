@@ -75,10 +75,10 @@ def _build(root: bytes, rel: bytes, spec: dict, files: list[bytes]) -> None:
         os.utime(path, ns=(10**18, 10**18))
 
 
-def chain(parent, name: bytes, levels: int) -> bytes:
+def chain(parent, name: bytes, levels: int, leaf: bytes | None = b"leaf") -> bytes:
     """``levels`` nested directories ``name`` below the directory ``parent`` (a path), made one
-    level at a time (a path past PATH_MAX cannot be named whole), a file ``leaf`` in the
-    deepest; the deepest's path relative to ``parent``."""
+    level at a time (a path past PATH_MAX cannot be named whole), a file ``leaf`` holding
+    ``leaf`` in the deepest (None: none); the deepest's path relative to ``parent``."""
     fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for _ in range(levels):
@@ -86,8 +86,9 @@ def chain(parent, name: bytes, levels: int) -> bytes:
             child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = child
-        with open(os.open(b"leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
-            f.write(b"at the bottom")
+        if leaf is not None:
+            with open(os.open(b"leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+                f.write(leaf)
     finally:
         os.close(fd)
     return b"/".join([name] * levels)
