@@ -36,6 +36,7 @@ OPS_PER_BURST = 60
 # Far below the daemon's reconcile interval; above its follow-up compare of linked files.
 CONVERGE_SECONDS = 30.0
 EXCLUDED = ".tmp"  # the excludes test's pattern: *.tmp
+PAGE = 4096
 
 
 def _without_excluded(snap: dict) -> dict:
@@ -61,8 +62,10 @@ class _Tree:
         # Names a file with other names was changed through, this burst: none of them is
         # removed or renamed away in it (see ``spared``).
         self.written_links: set[str] = set()
-        # Every content a file of the tree has had (an in-place rewrite passes through empty).
+        # Every content a file of the tree has had (an in-place rewrite passes through empty);
+        # of them, those it had only in the middle of a write call.
         self.contents = {hashlib.sha256(b"").digest()}
+        self.midwrite: set[bytes] = set()
 
     def _all(self, kind: str) -> list[str]:
         out = []
@@ -92,13 +95,22 @@ class _Tree:
         size = self.rng.choice([0, 1, 100, 4000, 70_000, 300_000])  # the largest sent as deltas
         return self.rng.randbytes(size)
 
-    def _hold(self, data: bytes) -> None:
-        """``data`` is about to be a file's content: the reader may see it from now on."""
+    def _hold(self, data: bytes, written_from: int) -> None:
+        """``data`` is about to be a file's content, written by one write call from offset
+        ``written_from``: the reader may see it from now on, and every state the file passes
+        through on the way.  The kernel copies a write into the file a page at a time and
+        moves its size each time (its times once, first): a reader, or the daemon, can read
+        the file stopped after any page, a true state of it, though never a whole one."""
         self.contents.add(hashlib.sha256(data).digest())
+        for end in range((written_from // PAGE + 1) * PAGE, len(data), PAGE):
+            digest = hashlib.sha256(data[:end]).digest()
+            self.contents.add(digest)
+            self.midwrite.add(digest)
 
     def _content_to_hold(self) -> bytes:
+        """A content to write into an empty file."""
         data = self._content()
-        self._hold(data)
+        self._hold(data, written_from=0)
         return data
 
     def change(self) -> None:
@@ -133,14 +145,15 @@ class _Tree:
             path = rng.choice(files)
             more = self._content()
             with open(full(path), "rb") as f:
-                self._hold(f.read() + more)
+                old = f.read()
+            self._hold(old + more, written_from=len(old))
             with open(full(path), "ab") as f:
                 f.write(more)
         elif op == "truncate":
             path = rng.choice(files)
             with open(full(path), "rb") as f:
                 data = f.read()
-            self._hold(data[: len(data) // 2])
+            self._hold(data[: len(data) // 2], written_from=len(data) // 2)
             os.truncate(full(path), len(data) // 2)
         elif op == "replace_by_rename":
             path = rng.choice(gone_files)
@@ -225,13 +238,15 @@ class _Tree:
 
 class _Reader(PollingThread):
     """Reads every file of the replica over and over: each must hold a content its source
-    had, whole (never a part, never a mix)."""
+    had (never a part of one, never a mix); ``midwrite`` counts the reads of a state the
+    source had only in the middle of a write, which the daemon copied then."""
 
-    def __init__(self, root, contents: set):
+    def __init__(self, root, tree: _Tree):
         super().__init__(name="replica-reader")
-        self.root, self.contents = str(root), contents
+        self.root, self.tree = str(root), tree
         self.torn: list = []
         self.files = 0
+        self.midwrite = 0
 
     def sample(self):
         for dirpath, dirnames, filenames in os.walk(self.root):
@@ -241,12 +256,15 @@ class _Reader(PollingThread):
                 path = os.path.join(dirpath, name)
                 try:
                     with open(path, "rb") as f:  # a symlink's target is never there: it fails
-                        digest = hashlib.sha256(f.read()).digest()
+                        data = f.read()
+                    digest = hashlib.sha256(data).digest()
                 except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                     continue
                 self.files += 1
-                if digest not in self.contents:
-                    self.torn.append(os.path.relpath(path, self.root))
+                if digest not in self.tree.contents:
+                    self.torn.append((os.path.relpath(path, self.root), len(data)))
+                elif digest in self.tree.midwrite:
+                    self.midwrite += 1
 
 
 def _trial(tmp_path, where: str, seed: int, kill: bool = False, excludes: bool = False) -> None:
@@ -267,7 +285,7 @@ def _trial(tmp_path, where: str, seed: int, kill: bool = False, excludes: bool =
         if excludes:
             target += ["--exclude", "*" + EXCLUDED]
         d = stack.enter_context(live_daemon(src, *target))
-        reader = stack.enter_context(_Reader(dst, tree.contents))
+        reader = stack.enter_context(_Reader(dst, tree))
         converged(src, dst, view=view)
         for burst in range(BURSTS):
             log.append(f"-- burst {burst}")
@@ -300,7 +318,13 @@ def _trial(tmp_path, where: str, seed: int, kill: bool = False, excludes: bool =
                 raise AssertionError(f"seed {seed}, {where}, burst {burst}: {exc}\nchanges:\n" + "\n".join(log)) from None
         assert "Traceback" not in d.log_text()
         reader.wait_polls(1)
-    assert not reader.torn, f"seed {seed}, {where}: read from the replica, content the source never had: {reader.torn[:5]}"
+    if reader.torn:
+        first = reader.torn[0][0]
+        history = [line for line in log if line.startswith("--") or first in line]
+        raise AssertionError(
+            f"seed {seed}, {where}: read from the replica, content the source never had (path, size): {reader.torn[:5]}"
+            f" ({reader.midwrite} reads of a state it had in the middle of a write); changes:\n" + "\n".join(history)
+        )
     assert reader.files > 0
 
 
