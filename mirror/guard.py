@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import stat
+import threading
 from typing import NamedTuple
 
 import xxhash
@@ -259,6 +260,12 @@ class SourceGuard:
             return False
 
 
+# The identity each replica state dir held, as this process last read or recorded it: kept
+# when the directory is removed under a running server (``ReplicaGuard._recorded``).
+_replica_identities: dict[bytes, TreeIdentity] = {}
+_replica_identities_lock = threading.Lock()
+
+
 class ReplicaGuard:
     """The receiver's side: the tree id this replica mirrors (recorded at its first writing
     session), checked against every deleting sender; and where the replica was then,
@@ -274,7 +281,7 @@ class ReplicaGuard:
 
     def admit(self, tree_id, *, deleting: bool, allow: bool, dry_run: bool, peer: str) -> None:
         cached = self._identity
-        identity = cached or load(self.state_dir)
+        identity = cached or self._recorded(dry_run)
         moved = self._apart and identity is not None and identity.fs is not None and not on_recorded_fs(identity, self.root)
         if moved and not allow:
             raise SourceGuardError(
@@ -288,7 +295,7 @@ class ReplicaGuard:
         other = identity is not None and identity.tree_id != tree_id
         if identity is not None and not other and not moved:
             if cached is None and self._apart and not dry_run:
-                identity = _with_uuid(identity, self.root, lambda new: save(self.state_dir, new))
+                identity = _with_uuid(identity, self.root, self._record)
             self._identity = identity
             return
         if other and deleting and not allow:
@@ -301,11 +308,46 @@ class ReplicaGuard:
         if dry_run or (other and not deleting):
             return  # a plain copy from another tree does not make this replica its mirror
         identity = TreeIdentity(tree_id, *where_found(self.root))
-        save(self.state_dir, identity)
+        self._record(identity)
         if self._identity is not None or allow:
             log.warning("%s: this replica now mirrors tree %s (from %s)%s", display_path(self.root), tree_id, peer,
                         " on its new filesystem" if moved else "")  # fmt: skip
         self._identity = identity
+
+
+    def _recorded(self, dry_run: bool) -> TreeIdentity | None:
+        """The identity recorded in the state dir; when it is gone but this process saw one
+        there (the file or its state dir removed under a running server) and the replica
+        holds anything, that one, written back (not by a dry run): another tree's deleting
+        sender must still be refused.  (A root's inode number does not tell a replica made
+        anew: the one just freed is given again.)"""
+        identity = load(self.state_dir)
+        with _replica_identities_lock:
+            if identity is not None:
+                _replica_identities[self.state_dir] = identity
+                return identity
+            identity = _replica_identities.get(self.state_dir)
+        if identity is not None and not self._holds_content():
+            return None  # the replica made anew (empty): nothing of it to guard
+        if identity is not None:
+            path = display_path(os.path.join(self.state_dir, IDENTITY_FILE))
+            log.warning("%s: gone (its state dir removed?); the tree %s this process saw there %s", path,
+                        identity.tree_id, "is still this replica's" if dry_run else "written back")  # fmt: skip
+            if not dry_run:
+                save(self.state_dir, identity)
+        return identity
+
+    def _holds_content(self) -> bool:
+        try:
+            with os.scandir(self.root) as it:
+                return any(self._apart or e.name != b".mirror" for e in it)
+        except OSError:
+            return True  # cannot tell: guarded
+
+    def _record(self, identity: TreeIdentity) -> None:
+        save(self.state_dir, identity)
+        with _replica_identities_lock:
+            _replica_identities[self.state_dir] = identity
 
 
 def _with_uuid(identity: TreeIdentity, root: bytes, record) -> TreeIdentity:

@@ -206,7 +206,8 @@ class Receiver:
         if self._writer is None:
             # Held for the rest of the connection: the live daemon's sessions follow one
             # another on one connection, and it stays the module's one writer meanwhile.
-            self._writer = WriterLock.take(self.module.resolved_state_dir, self.peer, f"module {self.module.name!r}")
+            self._writer = WriterLock.take(self.module.resolved_state_dir, fs_path(self.module.path), self.peer,
+                                           f"module {self.module.name!r}")  # fmt: skip
 
     # -- session ---------------------------------------------------------------------------
 

@@ -173,7 +173,7 @@ class Connection:
                 from .writerlock import WriterLock
 
                 state_dir = resolve_state_dir(self.dest.path, None)
-                held.callback(WriterLock.take(state_dir, "local", "the destination").release)
+                held.callback(WriterLock.take(state_dir, self.dest.path, "local", "the destination").release)
             # The source's scan, and a local destination's (a remote receiver scans its own);
             # a session that takes them stops them too, which is harmless.
             scans = [None, None]

@@ -1,8 +1,14 @@
-"""One writer per replica: an exclusive ``flock`` on ``<state dir>/writer.lock``.
+"""One writer per replica: an exclusive ``flock`` on the replica's root directory, and one on
+``<state dir>/writer.lock``, which records who holds it.
 
 A receiver takes it before its first write and holds it for the rest of its connection.
 The lock dies with the process holding it, so a crashed sync never blocks the next one.
-The file records who holds it, for the refusal message.
+
+The root's lock is the one that holds when the state dir is removed under a writer (a
+clean-up script, a restore): the file it held locked is then unlinked, and a second writer
+would make a new one and take it.  ``writer.lock`` alone is still honoured (an older
+hamirror locks only it), and names the holder for the refusal message.  A file system
+that cannot lock a directory (some network ones) has the file's lock only.
 """
 
 from __future__ import annotations
@@ -17,17 +23,23 @@ import time
 from .errors import MirrorError, display_path
 from .statedir import ensure_state_dir
 
+LOCK_NAME = b"writer.lock"
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN)
+
 
 class WriterLock:
-    def __init__(self, state_dir: bytes, who: str):
-        self.path = os.path.join(state_dir, b"writer.lock")
+    def __init__(self, state_dir: bytes, root: bytes, who: str):
+        self.path = os.path.join(state_dir, LOCK_NAME)
+        self.root = root
         self.who = who
         self.fd: int | None = None
+        self.root_fd: int | None = None
 
     @classmethod
-    def take(cls, state_dir: bytes, who: str, what: str) -> WriterLock:
-        """The lock on ``state_dir`` (created if needed), or a clear refusal naming its holder."""
-        lock = cls(ensure_state_dir(state_dir), who)
+    def take(cls, state_dir: bytes, root: bytes, who: str, what: str) -> WriterLock:
+        """The lock on the replica ``root`` whose state dir is ``state_dir`` (made if
+        needed), or a clear refusal naming its holder."""
+        lock = cls(ensure_state_dir(state_dir), os.fsencode(root), who)
         holder = lock.acquire()
         if holder is not None:
             raise MirrorError(f"{what} is busy: another sync is writing to it ({holder})")
@@ -35,26 +47,90 @@ class WriterLock:
 
     def acquire(self) -> str | None:
         """Take the lock: None, or (when another process holds it) what its file says."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY, 0o600)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise MirrorError(f"{display_path(self.path)}: not a regular file")
+        root_fd = _lock_directory(self.root)
+        if root_fd == -1:
+            return self._holder() or "unknown holder: its writer.lock was removed"
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                os.close(fd)
-                raise
-            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
-            return holder or "unknown holder"
+            fd = self._lock_file()
+        except BaseException:
+            if root_fd is not None:
+                os.close(root_fd)
+            raise
+        if isinstance(fd, str):
+            if root_fd is not None:
+                os.close(root_fd)
+            return fd
         with contextlib.suppress(OSError):  # a full disk: the lock is held all the same, its holder unnamed
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} for {self.who} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
-        self.fd = fd
+        self.fd, self.root_fd = fd, root_fd
         return None
 
+    def _lock_file(self) -> int | str:
+        """``writer.lock`` open and locked, or what its holder wrote.  Locked only while it
+        is still the file at its path: one unlinked between the open and the lock (its
+        holder's state dir removed) is opened again."""
+        for _ in range(3):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY, 0o600)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise MirrorError(f"{display_path(self.path)}: not a regular file")
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in _BUSY:
+                        raise
+                    holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+                    os.close(fd)
+                    return holder or "unknown holder"
+                if _same_file(fd, self.path):
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        raise MirrorError(f"{display_path(self.path)}: removed again at every try to lock it")
+
+    def _holder(self) -> str | None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            return os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or None
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        for name in ("fd", "root_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+
+def _lock_directory(path: bytes) -> int | None:
+    """``path`` open and locked: its descriptor; -1 when another process holds it; None when
+    its file system cannot lock a directory."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in _BUSY:
+            return -1
+        if exc.errno in (errno.ENOLCK, errno.EBADF, errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+    return fd
+
+
+def _same_file(fd: int, path: bytes) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)

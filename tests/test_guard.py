@@ -542,17 +542,26 @@ def test_a_bind_mount_of_a_directory_of_the_same_filesystem_is_a_mount_point(tmp
 
 
 @contextmanager
-def _xfs_on_another_device(image, where):
-    """``image`` (xfs) mounted at ``where`` through a loop device other than the first free
-    one: as after a boot that found the disks in another order."""
-    pad = where.parent / f"{where.name}.pad"
-    subprocess.run(["truncate", "-s", "1M", str(pad)], check=True)
-    taken = subprocess.run(["losetup", "-f", "--show", str(pad)], check=True, capture_output=True, text=True)
+def _xfs_on_another_device(image, where, fsid: int):
+    """``image`` (xfs) mounted at ``where`` through a loop device other than the one whose
+    ``f_fsid`` was ``fsid``: as after a boot that found the disks in another order.  Loop
+    devices ahead of it are taken by small pads (the one just unmounted may still be on its
+    way out, and is then not the first free one: the image would get it again)."""
+    pads = []
     try:
-        with loop_mounted(image, where):
-            yield where
+        for n in range(4):
+            pad = where.parent / f"{where.name}.pad{n}"
+            subprocess.run(["truncate", "-s", "1M", str(pad)], check=True)
+            taken = subprocess.run(["losetup", "-f", "--show", str(pad)], check=True, capture_output=True, text=True)
+            pads.append(taken.stdout.strip())
+            with loop_mounted(image, where):
+                if os.statvfs(where).f_fsid != fsid:
+                    yield where
+                    return
+        raise AssertionError(f"the image came back on the loop device it was on, past pads {pads}")
     finally:
-        subprocess.run(["losetup", "-d", taken.stdout.strip()], check=True)
+        for device in pads:
+            subprocess.run(["losetup", "-d", device], check=True)
 
 
 @pytest.mark.skipif(not is_root(), reason="loop mounts need root")
@@ -581,8 +590,7 @@ def test_an_xfs_source_found_on_another_device_number_is_still_the_tree(tmp_path
         (state / "tree-identity").write_text(json.dumps({"tree": recorded["tree"], "fs": recorded["fs"]}))
         assert synced() == 0
         assert json.loads((state / "tree-identity").read_text()) == recorded
-    with _xfs_on_another_device(images[0], src):
-        assert os.statvfs(src).f_fsid != fsid  # the precondition: another device number
+    with _xfs_on_another_device(images[0], src, fsid):
         (src / "after-boot").write_text("new")
         assert synced() == 0 and (dst / "after-boot").exists()
     with loop_mounted(images[1], src):

@@ -202,7 +202,7 @@ def test_lost_frames_end_the_sync_and_the_server_frees_the_module_by_its_own_tim
 
     def free() -> bool:
         try:
-            WriterLock.take(state_dir, "the test", "the replica").release()
+            WriterLock.take(state_dir, os.fsencode(site.dst), "the test", "the replica").release()
         except MirrorError:
             return False
         return True

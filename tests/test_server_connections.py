@@ -177,7 +177,7 @@ def test_a_writer_that_stops_reading_frees_the_module_within_the_server_timeout(
 
             def free() -> bool:
                 try:
-                    WriterLock.take(os.fsencode(dst / ".mirror"), "the test", "the replica").release()
+                    WriterLock.take(os.fsencode(dst / ".mirror"), os.fsencode(dst), "the test", "the replica").release()
                 except MirrorError:
                     return False
                 return True

@@ -25,6 +25,10 @@ def _user_mirror_dir(root) -> None:
     (root / ".mirror" / "notes.txt").write_text("my own files, not hamirror's")
 
 
+def _below_root(snap: dict) -> dict:
+    return {k: v for k, v in snap.items() if k != b"."}
+
+
 def _trees(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "d").mkdir(parents=True)
@@ -182,3 +186,33 @@ def test_a_state_dir_removed_under_the_live_daemon_is_made_again_with_what_it_he
             converged(src, dst)
             wait_until(lambda: pair_status(src).get("state") == "live", timeout=30)
         assert daemon.proc.returncode == 0 and "fenced" not in daemon.log_text(), daemon.log_text()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_replica_state_dir_removed_under_its_writer_still_keeps_a_second_writer_out(tmp_path, mode):
+    """The one-writer lock lived only in the replica's state dir: ``rm -r DST/.mirror`` under
+    a live daemon unlinked the file its writer held locked, and a second sync (a split
+    brain's other primary, a mistaken manual sync) made a new one, took it, and wrote into
+    the replica at the same time: here, with ``--delete``, another tree's content over it.
+    The second writer must be refused for as long as the first one holds the replica."""
+    src, dst = _trees(tmp_path)
+    other = tmp_path / "other"
+    (other / "x").mkdir(parents=True)
+    (other / "x" / "y").write_text("another tree")
+    dst.mkdir()
+    target = Target(mode, dst, tmp_path)
+    with target.running():
+        where, *options = target.daemon_args()
+        with live_daemon(src, where, *options) as daemon:
+            converged(src, dst)
+            wait_until(lambda: pair_status(src).get("state") == "live", timeout=30)
+            refused = target.sync(other, "--delete")
+            assert refused.returncode == 2 and b"busy" in refused.stderr, refused
+            shutil.rmtree(dst / ".mirror")  # the root's time moves: not compared from here on
+            refused = target.sync(other, "--delete")
+            assert refused.returncode == 2 and b"busy" in refused.stderr, refused
+            assert _below_root(snapshot(dst)) == _below_root(snapshot(src))
+            (src / "d" / "after").write_text("mirrored on by the writer that holds the replica")
+            converged(src, dst, view=_below_root)
+        assert "Traceback" not in daemon.log_text(), daemon.log_text()
+    assert not (dst / "x").exists()

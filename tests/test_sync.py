@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from mirror.epoch import bump_epoch
-from mirror.errors import AuthError, LockedError, MirrorError, StaleEpochError
+from mirror.errors import EXIT_GUARD, AuthError, LockedError, MirrorError, StaleEpochError
 from mirror.lockfile import acquire
 from mirror.safefs import SYNCFS_FROM
 from mirror.transfer import parse_destination, sync
@@ -210,7 +210,7 @@ def test_local_sync_that_fails_after_taking_the_replica_lets_it_go(hard_src, tmp
     with pytest.raises(MirrorError, match="corrupt epoch file"):
         sync(hard_src, dst, excludes=[b"nothing-matches"])
     assert not [t for t in threading.enumerate() if t.name == "treescan"]
-    WriterLock.take(os.path.join(dst, b".mirror"), "the next sync", "the replica").release()
+    WriterLock.take(os.path.join(dst, b".mirror"), dst, "the next sync", "the replica").release()
 
 
 def test_a_remote_shell_whose_command_fails_leaves_no_scan_or_child(hard_src, tmp_path, monkeypatch):
@@ -349,6 +349,39 @@ def test_a_server_whose_replica_state_dir_is_removed_still_fences_the_epoch_it_h
     assert "written back" in (tmp_path / "server.log").read_text()
 
 
+def test_a_server_whose_replica_state_dir_is_removed_still_knows_the_tree_it_mirrors(tmp_path):
+    """The same clean-up takes the replica's record of the tree it mirrors: the next
+    deleting sender of another tree (a source whose mount did not come up, another
+    primary's tree) would be let in, and would delete what it does not have.  The server
+    remembers the tree each module mirrors: it is still refused, and the record written
+    back.  A replica directory made anew is a new replica."""
+    from mirror.guard import load
+
+    mine, another, dst = tmp_path / "mine", tmp_path / "another", tmp_path / "dst"
+    for d in (mine, another, dst):
+        d.mkdir()
+    for i in range(5):
+        (mine / f"f{i}").write_text("the tree this replica mirrors")
+    (another / "g").write_text("another tree")
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        secret = ["--secret-file", server.secret_file]
+        assert run_mirror("sync", "--delete", str(mine), server.url("m"), *secret).returncode == 0
+        recorded = load(os.fsencode(dst / ".mirror")).tree_id
+        shutil.rmtree(dst / ".mirror")
+        proc = run_mirror("sync", "--delete", str(another), server.url("m"), *secret, check_codes=(EXIT_GUARD,))
+        assert proc.returncode == EXIT_GUARD and b"this replica mirrors tree" in proc.stderr, proc.stderr
+        assert sorted(os.listdir(dst)) == [".mirror"] + [f"f{i}" for i in range(5)]
+        assert load(os.fsencode(dst / ".mirror")).tree_id == recorded
+        (mine / "f0").write_text("newer")
+        assert run_mirror("sync", "--delete", str(mine), server.url("m"), *secret).returncode == 0
+        assert (dst / "f0").read_text() == "newer"
+        shutil.rmtree(dst)  # the replica made anew, for another tree: nothing to guard
+        dst.mkdir()
+        assert run_mirror("sync", "--delete", str(another), server.url("m"), *secret).returncode == 0
+        assert load(os.fsencode(dst / ".mirror")).tree_id != recorded
+    assert "written back" in (tmp_path / "server.log").read_text()
+
+
 def test_one_writer_per_module(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -379,7 +412,7 @@ def test_one_writer_per_module(tmp_path):
 def test_local_sync_refuses_and_writes_nothing_while_another_writer_holds_the_replica(hard_src, tmp_path):
     dst = os.path.join(os.fsencode(tmp_path), b"dst")
     os.mkdir(dst)
-    other = WriterLock.take(os.path.join(dst, b".mirror"), "another sync", "the replica")
+    other = WriterLock.take(os.path.join(dst, b".mirror"), dst, "another sync", "the replica")
     try:
         before = snapshot(dst)
         with pytest.raises(MirrorError, match="is busy: another sync is writing to it"):
