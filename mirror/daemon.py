@@ -29,6 +29,7 @@ SIGTERM abandons the file in flight cleanly; SIGHUP reloads the configuration.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -318,6 +319,15 @@ class LivePair:
         # The watcher saw a file with other names change since the last full sync began: its
         # other names changed too, though no event names them.
         self._links_changed = False
+        # Files changed in place (content or attributes) since a session covered them: (a
+        # number per change, so that one during the session that covers a path is not
+        # forgotten with it; whether the name was gone when the watcher read it).  A name among them whose replica file had other
+        # names, and that the source has no more (or holds another file at), or one gone then
+        # below a directory the source has no more, may have been written through before it
+        # went (``plan.Planner.replaced``): its other names changed too.
+        self._written: dict[bytes, tuple[int, bool]] = {}
+        self._writes = itertools.count()
+        self._written_lock = threading.Lock()  # the watcher's thread writes it too
         self._let_go = False  # the journal let this destination go: its next sync is a full one
         self.feed.subscribe(self)
         if self.journal.replayed:
@@ -393,6 +403,9 @@ class LivePair:
                     self._open_files.setdefault(c.path, now)
                 if c.linked:
                     self._links_changed = True
+                if c.written:
+                    with self._written_lock:
+                        self._written[c.path] = (next(self._writes), c.gone)
             elif c.kind == CLOSED:
                 self._open_files.pop(c.path, None)
             elif c.kind == W_RENAME:
@@ -696,6 +709,8 @@ class LivePair:
         if full:
             scope = None
             self._links_changed = False  # this sync compares every name
+            with self._written_lock:
+                self._written.clear()
             self._set_state("syncing")
         else:
             if not entries and not trees and not batch.renames:
@@ -712,6 +727,8 @@ class LivePair:
         if full or after_lock:
             self.status.progress = {"entries": 0, "bytes": 0, "entries_total": None if full else len(batch)}
         claim = self._claim(batch, full, waiting | deferred, entries)
+        with self._written_lock:
+            written = {p: n for p, n in self._written.items() if p in entries}
         # A whole-tree compare needs no rename to be right: too many are left to it.
         renames = batch.renames if scope is not None or _fits_a_session(Pending(renames=batch.renames)) else []
         try:
@@ -725,7 +742,12 @@ class LivePair:
             self._need_full = False
             self._let_go = False
         when, due = max(time.monotonic(), self._links_resync_at + LINKS_RESYNC_SECONDS), self._full_due_at
-        if not full and (result.unseen_links or self._links_changed) and (due is None or due > when):
+        with self._written_lock:
+            for path, n in written.items():
+                if self._written.get(path) == n:  # not written again meanwhile
+                    del self._written[path]
+        written_through = _written_through(written, result.replaced)
+        if not full and (result.unseen_links or self._links_changed or written_through) and (due is None or due > when):
             # Their other names on the replica still hold the old file.  A full sync due by
             # then starts after every change seen so far: it covers them too.
             self._links_resync_at = when
@@ -926,6 +948,23 @@ def _with_directories(entries) -> list[bytes]:
     leaves nothing else there to compare.  The root's times are compared at every session."""
     names = {p for p in entries if p}
     return sorted(names | {p.rpartition(b"/")[0] for p in names} - {b""})
+
+
+def _written_through(written: dict[bytes, tuple[int, bool]], replaced: list[bytes]) -> bool:
+    """Whether a file written (``Pair._written``) may have had other names that changed with
+    it unseen: written through a name ``replaced``, or gone when read, below a directory
+    ``replaced``."""
+    if not replaced or not written:
+        return False
+    replaced = set(replaced)
+    for path, (_, gone) in written.items():
+        if path in replaced:
+            return True
+        while gone and b"/" in path:
+            path = path.rpartition(b"/")[0]
+            if path in replaced:
+                return True
+    return False
 
 
 def _fits_a_session(batch: Pending) -> bool:

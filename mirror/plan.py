@@ -66,6 +66,7 @@ class Planner:
         self._links: list[Op] = []
         self._deletes: list[Op] = []
         self._gone: set[bytes] = set()  # directories deleted with their subtrees
+        self.replaced: list[bytes] = []  # see ``links``
 
     def listing(self, listing) -> None:
         """A source listing about to be compared: its subdirectories' entries are what a
@@ -89,6 +90,11 @@ class Planner:
     def plan(self, change: Difference) -> list[Op] | None:
         """The operations to do now for ``change`` (later ones are held back); None when
         the change is left alone (a removal without ``delete``)."""
+        dst = change.dst
+        if dst is not None and change.change in (REMOVED, CONTENT, TYPE) and (
+            dst.kind == Kind.DIR or dst.kind == Kind.FILE and dst.nlink > 1
+        ):
+            self.replaced.append(change.path)
         if change.change == REMOVED:
             if not self.delete:
                 return None
@@ -147,6 +153,12 @@ class Planner:
         (a scoped session sees only its own entries): their other names on the replica are
         still the old file, until a whole-tree compare links them."""
         return sum(1 for planned, nlink in self._names.values() if planned < nlink)
+
+    # ``replaced``: names whose replica entry was a file with other names, or a directory, that
+    # the source has no more or holds something else at.  A file written through such a name
+    # (or below such a directory) before it went may have had other names, which changed too,
+    # and no event names them: the live daemon, which knows what was written, then compares
+    # the whole tree.
 
     def links(self) -> list[Op]:
         """Second names of linked files: after every file's content is planned."""

@@ -80,6 +80,7 @@ class SyncResult:
         self.receiver: dict = {}
         self.dry_run = dry_run
         self.unseen_links = 0  # see ``plan.Planner.unseen_links``
+        self.replaced: list[bytes] = []  # see ``plan.Planner.replaced``
 
     @property
     def deletions_refused(self) -> str | None:

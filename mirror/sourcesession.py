@@ -147,6 +147,7 @@ class SourceSession:
         out.problems.extend(summary.problems)
         out.stats.other_changes = planner.other_changes
         out.unseen_links = planner.unseen_links()
+        out.replaced = planner.replaced
 
     def content_done(self) -> None:
         """All new content handed to ``do``: carry it out before links and deletions."""

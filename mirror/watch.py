@@ -22,6 +22,9 @@ Changes are reported as ``FsEvent(kind, path, other)`` with paths relative to th
 - ``entry``: this entry (file, directory, symlink ...) may differ; ``open`` is true while a
   regular file is still being written (a modify without its close yet); ``linked``: it is a
   file with other names (hard links), which changed with it though no event names them;
+  ``written``: a file's content or attributes were changed in place (through a name that
+  may have had other names: ``plan.Planner.replaced`` tells, should the name go); ``gone``:
+  and the name was no regular file any more when the event was read;
   ``named``: it was made or removed (its directory's listing, and times, changed);
 - ``closed``: a file open for writing was closed (mirror it now);
 - ``tree``: a directory appeared (created or moved in): scan it whole;
@@ -87,6 +90,8 @@ class FsEvent(NamedTuple):
     open: bool = False
     linked: bool = False
     named: bool = False
+    written: bool = False
+    gone: bool = False
 
 
 class _LostEvents(DirModifiedEvent):
@@ -521,9 +526,11 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(event, (FileModifiedEvent, FileCreatedEvent)):
             nlink = _regular_links(event.src_path)
             named = isinstance(event, FileCreatedEvent)
-            w.report([FsEvent(ENTRY, src, open=nlink > 0, linked=nlink > 1, named=named)])
-        else:  # deleted, attributes changed
-            w.report([FsEvent(ENTRY, src, named=not isinstance(event, (FileAttribEvent, DirAttribEvent)))])
+            w.report([FsEvent(ENTRY, src, open=nlink > 0, linked=nlink > 1, named=named, written=True, gone=nlink == 0)])
+        elif isinstance(event, FileAttribEvent):
+            w.report([FsEvent(ENTRY, src, written=True, gone=_regular_links(event.src_path) == 0)])
+        else:  # deleted, a directory's attributes changed
+            w.report([FsEvent(ENTRY, src, named=not isinstance(event, DirAttribEvent))])
 
 
 def _regular_links(path: str) -> int:

@@ -58,14 +58,14 @@ def test_every_kind_of_change_arrives(trees):
 def _live(tmp_path, src, dst, where: str):
     """A live daemon mirroring ``src`` to ``dst`` directly (local) or through a `mirror serve`."""
     if where == "local":
-        with live_daemon(src, dst):
-            yield
+        with live_daemon(src, dst) as daemon:
+            yield daemon
         return
     dst.mkdir()
     (tmp_path / "srv").mkdir()
     with mirror_server(tmp_path / "srv", {"m": str(dst)}) as server:
-        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file):
-            yield
+        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file) as daemon:
+            yield daemon
 
 
 @pytest.mark.parametrize("where", ["local", "server"])
@@ -155,6 +155,43 @@ def test_a_linked_file_edited_through_a_name_that_is_gone_before_its_session_rea
             finally:
                 server.proc.send_signal(signal.SIGCONT)
             converged(src, dst, timeout=30)
+
+
+@pytest.mark.parametrize("where", ["local", "server"])
+@pytest.mark.parametrize(
+    "gone", ["unlinked", "renamed over", "renamed away", "moved out of the tree", "its directory removed"]
+)
+def test_a_linked_file_edited_through_a_name_gone_before_the_watcher_reads_the_edit(tmp_path, where, gone):
+    """As above, but the daemon itself is held (SIGSTOP), as a starved one is: when its
+    watcher reads the edit, the name is already gone, and its link count with it; nothing
+    said the file had other names, which kept the old content on the replica until the next
+    full sync.  The session now finds that the replica's file at that name had other names
+    (or that the directory it was in is gone): a whole-tree compare follows."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in ("d", "e"):
+        (src / d).mkdir(parents=True)
+    (src / "d" / "a").write_bytes(b"one message, delivered to two mailboxes")
+    os.link(src / "d" / "a", src / "e" / "second-name")
+    with _live(tmp_path, src, dst, where) as daemon:
+        converged(src, dst)
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            with open(src / "e" / "second-name", "r+b") as f:
+                f.write(b"ONE MESSAGE")
+            if gone == "unlinked":
+                os.unlink(src / "e" / "second-name")
+            elif gone == "renamed over":
+                (src / "e" / "other").write_bytes(b"another file")
+                os.rename(src / "e" / "other", src / "e" / "second-name")
+            elif gone == "renamed away":
+                os.rename(src / "e" / "second-name", src / "d" / "third-name")
+            elif gone == "moved out of the tree":
+                os.rename(src / "e" / "second-name", tmp_path / "outside")
+            else:
+                shutil.rmtree(src / "e")
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        converged(src, dst, timeout=30)
 
 
 def test_a_directory_made_just_before_its_parent_is_renamed_is_watched_at_its_new_place(tmp_path):

@@ -1,7 +1,8 @@
 """A live daemon under random changes of every kind a tree sees, in bursts that overlap its
 sessions: nested directories made, renamed and removed, files written in place, by rename,
 appended and cut short, hard links made and edited through either name, symlinks pointed
-elsewhere, kinds swapped, modes and times set.  After each burst the replica must become
+elsewhere, kinds swapped, modes and times set (a linked file's names removed or renamed away
+after it was changed through them, too).  After each burst the replica must become
 exactly the source (contents, modes, times of files and directories, links), within a bound
 far below the daemon's periodic reconcile: what only a full reconcile would repair counts as
 a divergence.  The daemon is held (SIGSTOP) for runs of changes, so that its watcher reads
@@ -59,9 +60,6 @@ class _Tree:
         self.log = log
         self.n = 0
         self.excluded_share = excluded_share  # of new names, the share ending in EXCLUDED
-        # Names a file with other names was changed through, this burst: none of them is
-        # removed or renamed away in it (see ``spared``).
-        self.written_links: set[str] = set()
         # Every content a file of the tree has had (an in-place rewrite passes through empty);
         # of them, those it had only in the middle of a write call.
         self.contents = {hashlib.sha256(b"").digest()}
@@ -123,12 +121,11 @@ class _Tree:
         )  # fmt: skip
         full = lambda p: os.path.join(self.root, p)  # noqa: E731
         sub_dirs = [d for d in dirs if d]
-        gone_files, gone_dirs = [f for f in files if self.spared(f)], [d for d in sub_dirs if self.spared(d)]
         if op in ("overwrite", "append", "truncate", "hardlink", "chmod", "utime") and not files:
             op = "write_new"
-        if op in ("replace_by_rename", "unlink", "rename_file", "file_to_dir") and not gone_files:
+        if op in ("replace_by_rename", "unlink", "rename_file", "file_to_dir") and not files:
             op = "write_new"
-        if op in ("dir_utime", "dir_chmod") and not sub_dirs or op in ("rmtree", "rename_dir", "dir_to_file") and not gone_dirs:
+        if op in ("dir_utime", "dir_chmod", "rmtree", "rename_dir", "dir_to_file") and not sub_dirs:
             op = "mkdir"
         if op == "retarget" and not self._all("symlink"):
             op = "symlink"
@@ -156,13 +153,13 @@ class _Tree:
             self._hold(data[: len(data) // 2], written_from=len(data) // 2)
             os.truncate(full(path), len(data) // 2)
         elif op == "replace_by_rename":
-            path = rng.choice(gone_files)
+            path = rng.choice(files)
             tmp = full(path) + ".tmp"
             with open(tmp, "wb") as f:
                 f.write(self._content_to_hold())
             os.rename(tmp, full(path))
         elif op == "unlink":
-            path = rng.choice(gone_files)
+            path = rng.choice(files)
             os.unlink(full(path))
         elif op == "mkdir":
             path = self._new_name(rng.choice(dirs))
@@ -171,18 +168,18 @@ class _Tree:
                 with open(full(os.path.join(path, "inside")), "wb") as f:
                     f.write(self._content_to_hold())
         elif op == "rmtree":
-            path = rng.choice(gone_dirs)
+            path = rng.choice(sub_dirs)
             shutil.rmtree(full(path))
         elif op == "rename_dir":
-            path = rng.choice(gone_dirs)
+            path = rng.choice(sub_dirs)
             targets = [d for d in dirs if d != path and not (d + "/").startswith(path + "/")]
             new = self._new_name(rng.choice(targets))
             os.rename(full(path), full(new))
             path = f"{path} -> {new}"
         elif op == "rename_file":
-            old = rng.choice(gone_files)
-            if rng.random() < 0.5 and len(gone_files) > 1:
-                new = rng.choice([f for f in gone_files if f != old])  # over another file
+            old = rng.choice(files)
+            if rng.random() < 0.5 and len(files) > 1:
+                new = rng.choice([f for f in files if f != old])  # over another file
             else:
                 new = self._new_name(rng.choice(dirs))
             os.rename(full(old), full(new))
@@ -214,26 +211,15 @@ class _Tree:
             path = rng.choice(sub_dirs)
             os.chmod(full(path), rng.choice([0o700, 0o755, 0o750]))
         elif op == "file_to_dir":
-            path = rng.choice(gone_files)
+            path = rng.choice(files)
             os.unlink(full(path))
             os.mkdir(full(path))
         elif op == "dir_to_file":
-            path = rng.choice(gone_dirs)
+            path = rng.choice(sub_dirs)
             shutil.rmtree(full(path))
             with open(full(path), "wb") as f:
                 f.write(self._content_to_hold())
         self.log.append(f"{op} {path}")
-        if op in ("overwrite", "append", "truncate", "chmod", "utime") and os.lstat(full(path)).st_nlink > 1:
-            self.written_links.add(path)
-
-    def spared(self, path: str) -> bool:
-        """Whether ``path`` may be removed or renamed away in this burst.  inotify names only
-        the name a file was changed through: when that name is gone before the watcher reads
-        the event, nothing tells that the file's other names changed too (the daemon's
-        follow-up compare needs the link count it reads then), and only a full sync
-        (``reconcile_interval``, a restart) brings them up to date.  A known limit, not tried
-        here."""
-        return not any(w == path or w.startswith(path + "/") for w in self.written_links)
 
 
 class _Reader(PollingThread):
@@ -289,7 +275,6 @@ def _trial(tmp_path, where: str, seed: int, kill: bool = False, excludes: bool =
         converged(src, dst, view=view)
         for burst in range(BURSTS):
             log.append(f"-- burst {burst}")
-            tree.written_links.clear()  # the watcher has read every event of the last burst
             held = False
             for i in range(OPS_PER_BURST):
                 # The daemon held (SIGSTOP) now and then: its watcher reads a run of events

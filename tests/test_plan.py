@@ -165,3 +165,26 @@ def test_the_root_times_are_restored_when_they_differ_or_something_inside_change
         write(src / "f", b"new", T0 + 1)
     ops, _ = plan_all(src, dst)
     assert ([op.path for op in ops if op.kind == ATTRS] == [b""]) is changed
+
+
+def test_names_whose_replica_file_had_other_names_or_a_directory_are_told_when_removed_or_replaced(tmp_path):
+    """The live daemon needs them: a file written through such a name (or below such a
+    directory) before it went may have had other names, which changed too, and no event
+    names them."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for root in (src, dst):
+        write(root / "keep", b"the same")
+        write(root / "plain", b"one name on the replica")
+    write(dst / "linked", b"two names on the replica")
+    os.link(dst / "linked", dst / "other-name")
+    write(dst / "replaced", b"two names on the replica")
+    os.link(dst / "replaced", dst / "its-other-name")
+    write(src / "other-name", b"two names on the replica")
+    write(src / "its-other-name", b"two names on the replica")
+    write(src / "replaced", b"another file at that name")
+    os.unlink(src / "plain")
+    write(dst / "gone-dir" / "inside", b"a directory the source has no more")
+    write(dst / "dir-to-file" / "inside", b"a directory that is a file on the source")
+    write(src / "dir-to-file", b"a file")
+    _, planner = plan_all(src, dst)
+    assert sorted(planner.replaced) == [b"dir-to-file", b"gone-dir", b"linked", b"replaced"]
