@@ -50,15 +50,13 @@ class WriterLock:
         root_fd = _lock_directory(self.root)
         if root_fd == -1:
             return self._holder() or "unknown holder: its writer.lock was removed"
+        fd: int | str | None = None
         try:
             fd = self._lock_file()
-        except BaseException:
-            if root_fd is not None:
-                os.close(root_fd)
-            raise
+        finally:
+            if not isinstance(fd, int) and root_fd is not None:
+                os.close(root_fd)  # refused, or failed
         if isinstance(fd, str):
-            if root_fd is not None:
-                os.close(root_fd)
             return fd
         with contextlib.suppress(OSError):  # a full disk: the lock is held all the same, its holder unnamed
             os.ftruncate(fd, 0)
