@@ -8,7 +8,8 @@ The root's lock is the one that holds when the state dir is removed under a writ
 clean-up script, a restore): the file it held locked is then unlinked, and a second writer
 would make a new one and take it.  ``writer.lock`` alone is still honoured (an older
 hamirror locks only it), and names the holder for the refusal message.  A file system
-that cannot lock a directory (some network ones) has the file's lock only.
+that cannot lock a directory (some network ones), or a root its writer cannot open for
+reading, has the file's lock only.
 """
 
 from __future__ import annotations
@@ -111,8 +112,12 @@ class WriterLock:
 
 def _lock_directory(path: bytes) -> int | None:
     """``path`` open and locked: its descriptor; -1 when another process holds it; None when
-    its file system cannot lock a directory."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    its file system cannot lock a directory, or it cannot be opened for reading (a root
+    this user may write in but not list)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
