@@ -314,6 +314,8 @@ class LivePair:
         # recorded, the replica taking only part of our epoch (``MAX_EPOCH_STEP`` a session),
         # or a session missed a linked file's other names.
         self._full_due_at: float | None = None
+        self._recheck_due = False  # one is due (``_full_due_at``, ``reconcile_interval``)
+        self._last_full = time.monotonic()  # the end of the last full sync (or the start)
         self._epoch_resyncs = 0
         self._links_resync_at = -LINKS_RESYNC_SECONDS  # the last one asked (LINKS_RESYNC_SECONDS)
         # The watcher saw a file with other names change since the last full sync began: its
@@ -419,7 +421,6 @@ class LivePair:
 
     def _run(self) -> None:
         failures = 0
-        last_full = 0.0
         while not self._stop.is_set():
             try:
                 if self.config.lock_file and is_locked(self.config.lock_file):
@@ -433,11 +434,12 @@ class LivePair:
                     continue
                 if self._connect():
                     batch = self.journal.take()  # from the replica's own position on
-                full = self._need_full
-                reconcile_due = self.daemon.reconcile_interval and time.monotonic() - last_full > self.daemon.reconcile_interval
-                failed = self._session(batch, full=full or bool(reconcile_due))
-                if full or reconcile_due:
-                    last_full = time.monotonic()
+                full = self._need_full or self._recheck_due
+                # A compare of a replica kept up to date (nothing else calls for it) leaves the
+                # pair live: hawrap counts a standby up to date only while its pair is.
+                recheck = not self._need_full and self.status.state == "live"
+                failed = self._session(batch, full=full, recheck=recheck)
+                if full:
                     self._resumed()
                 failures = 0
                 if failed:
@@ -547,13 +549,16 @@ class LivePair:
 
     def _next_batch(self) -> Pending | None:
         """Wait for changes (and a short coalescing window); None to go round the loop again."""
-        if self._full_due_at is not None and time.monotonic() >= self._full_due_at:
+        now = time.monotonic()
+        if self._full_due_at is not None and now >= self._full_due_at:
             self._full_due_at = None
-            self._need_full = True
+            self._recheck_due = True
+        if self.daemon.reconcile_interval and now - self._last_full >= self.daemon.reconcile_interval:
+            self._recheck_due = True
         if self.journal.overrun():
             self._need_full = True  # too far behind: the journal let this destination go
             self._let_go = True
-        if self._need_full or getattr(self, "_after_lock", False):
+        if self._need_full or self._recheck_due or getattr(self, "_after_lock", False):
             return self.journal.take()
         with self._cond:
             idle = not len(self.journal.pending())
@@ -688,8 +693,9 @@ class LivePair:
                 pass
             self._connection = None
 
-    def _session(self, batch: Pending, full: bool) -> bool:
-        """Mirror ``batch`` (or everything): then checkpoint it, keeping what must wait."""
+    def _session(self, batch: Pending, full: bool, recheck: bool = False) -> bool:
+        """Mirror ``batch`` (or everything): then checkpoint it, keeping what must wait.
+        ``recheck``: a full sync of a live pair that nothing but a schedule calls for."""
         now = time.monotonic()
         after_lock = getattr(self, "_after_lock", False)
         if full and after_lock and len(batch):
@@ -711,7 +717,7 @@ class LivePair:
             self._links_changed = False  # this sync compares every name
             with self._written_lock:
                 self._written.clear()
-            self._set_state("syncing")
+            self._set_state("live" if recheck else "syncing")
         else:
             if not entries and not trees and not batch.renames:
                 if self.status.state == "connecting":
@@ -739,8 +745,9 @@ class LivePair:
         done = time.time()
         self._after_lock = False
         if full:
-            self._need_full = False
+            self._need_full = self._recheck_due = False
             self._let_go = False
+            self._last_full = time.monotonic()
         when, due = max(time.monotonic(), self._links_resync_at + LINKS_RESYNC_SECONDS), self._full_due_at
         with self._written_lock:
             for path, n in written.items():

@@ -631,3 +631,57 @@ def test_a_file_held_open_is_waited_for_without_spinning(tmp_path):
             assert not (dst / "open.log").exists()
             assert journal_bytes() - before < 2048, journal_bytes() - before
         converged(src, dst)  # closed: mirrored
+
+
+def test_a_whole_tree_compare_while_live_keeps_the_pair_live(tmp_path):
+    """A whole-tree compare of a pair that is live (``reconcile_interval``, the follow-up of a
+    linked file's change) checks a replica that is up to date: the pair said ``syncing``
+    meanwhile, and hawrap, which counts a standby up to date only while its pair is live,
+    told the standby it was outdated, for as long as each compare lasted: a primary lost
+    then was not taken over from without the administrator.  Its lag still counts (a change
+    that waits for the compare ages), so a compare slower than ``max_lag`` still says so.
+    And an idle tree was never compared: the interval was looked at only when a change came."""
+    import subprocess
+
+    from mirror.daemon import load_status
+    from tests.helpers import MIRROR
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in range(40):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(250):
+            (src / f"d{d}" / f"f{f}").write_bytes(b"%d" % f)
+    status_dir = tmp_path / "status"
+    config = tmp_path / "d.toml"
+    config.write_text(f'[daemon]\nstatus_dir = "{status_dir}"\nreconcile_interval = 0.5\n'
+                      f'[[pair]]\nsource = "{src}"\ndestination = "{dst}"\n')  # fmt: skip
+    log = open(tmp_path / "daemon.log", "wb")
+    proc = subprocess.Popen([*MIRROR, "daemon", "--config", str(config), "-v"], stdout=log, stderr=log)
+    try:
+        converged(src, dst)
+        wait_until(lambda: load_status(status_dir).pairs[0]["state"] == "live", timeout=30)
+        seen = set()
+
+        def sample(seconds: float, write: bool) -> int:
+            """Sessions run meanwhile; the states seen added to ``seen``."""
+            before = load_status(status_dir).pairs[0]["sessions"]
+            deadline, n = time.monotonic() + seconds, 0
+            while time.monotonic() < deadline:
+                seen.add(load_status(status_dir).pairs[0]["state"])
+                if write and (n := n + 1) % 10 == 0:
+                    (src / "d1" / f"new{n}").write_text("a change while compares run")
+                time.sleep(0.01)
+            return load_status(status_dir).pairs[0]["sessions"] - before
+
+        assert sample(3, write=False) >= 3  # an idle tree is compared too
+        sample(3, write=True)
+        assert seen == {"live"}, seen
+        (src / "d0" / "later").write_text("still mirrored")
+        converged(src, dst)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
