@@ -323,10 +323,11 @@ class LivePair:
         self._links_changed = False
         # Files changed in place (content or attributes) since a session covered them: (a
         # number per change, so that one during the session that covers a path is not
-        # forgotten with it; whether the name was gone when the watcher read it).  A name among them whose replica file had other
-        # names, and that the source has no more (or holds another file at), or one gone then
-        # below a directory the source has no more, may have been written through before it
-        # went (``plan.Planner.replaced``): its other names changed too.
+        # forgotten with it; whether the name was gone when the watcher read it).  One of
+        # them at a name whose replica file had other names, and that the source has no more
+        # (or holds another file at), or gone then and below a directory the source has no
+        # more, may have been changed through that name before it went
+        # (``plan.Planner.replaced``): its other names changed too.
         self._written: dict[bytes, tuple[int, bool]] = {}
         self._writes = itertools.count()
         self._written_lock = threading.Lock()  # the watcher's thread writes it too
@@ -958,9 +959,9 @@ def _with_directories(entries) -> list[bytes]:
 
 
 def _written_through(written: dict[bytes, tuple[int, bool]], replaced: list[bytes]) -> bool:
-    """Whether a file written (``Pair._written``) may have had other names that changed with
-    it unseen: written through a name ``replaced``, or gone when read, below a directory
-    ``replaced``."""
+    """Whether a file changed in place (``LivePair._written``) may have had other names that
+    changed with it unseen: changed through a name ``replaced``, or gone when read, below a
+    directory ``replaced``."""
     if not replaced or not written:
         return False
     replaced = set(replaced)

@@ -314,7 +314,6 @@ class ReplicaGuard:
                         " on its new filesystem" if moved else "")  # fmt: skip
         self._identity = identity
 
-
     def _recorded(self, dry_run: bool) -> TreeIdentity | None:
         """The identity recorded in the state dir; when it is gone but this process saw one
         there (the file or its state dir removed under a running server) and the replica

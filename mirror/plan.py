@@ -66,7 +66,11 @@ class Planner:
         self._links: list[Op] = []
         self._deletes: list[Op] = []
         self._gone: set[bytes] = set()  # directories deleted with their subtrees
-        self.replaced: list[bytes] = []  # see ``links``
+        # Names whose replica entry was a file with other names, or a directory, that the
+        # source has no more or holds something else at: a file changed through one (or below
+        # one) before it went may have had other names, which changed too, unseen (the live
+        # daemon, which knows what was changed, then compares the whole tree).
+        self.replaced: list[bytes] = []
 
     def listing(self, listing) -> None:
         """A source listing about to be compared: its subdirectories' entries are what a
@@ -153,12 +157,6 @@ class Planner:
         (a scoped session sees only its own entries): their other names on the replica are
         still the old file, until a whole-tree compare links them."""
         return sum(1 for planned, nlink in self._names.values() if planned < nlink)
-
-    # ``replaced``: names whose replica entry was a file with other names, or a directory, that
-    # the source has no more or holds something else at.  A file written through such a name
-    # (or below such a directory) before it went may have had other names, which changed too,
-    # and no event names them: the live daemon, which knows what was written, then compares
-    # the whole tree.
 
     def links(self) -> list[Op]:
         """Second names of linked files: after every file's content is planned."""

@@ -526,7 +526,8 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(event, (FileModifiedEvent, FileCreatedEvent)):
             nlink = _regular_links(event.src_path)
             named = isinstance(event, FileCreatedEvent)
-            w.report([FsEvent(ENTRY, src, open=nlink > 0, linked=nlink > 1, named=named, written=True, gone=nlink == 0)])
+            w.report([FsEvent(ENTRY, src, open=nlink > 0, linked=nlink > 1, named=named, written=not named,
+                              gone=nlink == 0)])  # fmt: skip
         elif isinstance(event, FileAttribEvent):
             w.report([FsEvent(ENTRY, src, written=True, gone=_regular_links(event.src_path) == 0)])
         else:  # deleted, a directory's attributes changed
