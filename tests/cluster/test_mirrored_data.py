@@ -250,3 +250,44 @@ def test_a_frozen_mirror_process_is_started_again_and_the_standby_catches_up(mcl
     assert converged(lab), c.h.logs()
     assert wait_for(lambda: c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
     assert c.notified(told, 5), c.h.logs()
+
+
+def test_a_primary_lost_while_its_daemon_compares_the_whole_tree_is_taken_over_from(mcluster):
+    """A file with two names changed through one of them makes a's daemon compare the whole
+    tree after its session (at most every 10 s).  Such a compare checks a replica that is up
+    to date, but the pair said ``syncing`` meanwhile, a's heartbeats said its replica was not
+    in sync, and b counted its copy outdated: a lost then was not taken over from without the
+    administrator.  Here the compare is held by b's receiver, frozen (SIGSTOP); b's view of
+    its copy is sampled meanwhile, then a loses power: b takes over on its own."""
+    from mirror.daemon import load_status
+
+    c, lab = mcluster, mcluster.lab
+    a, b = tree(lab, "a"), tree(lab, "b")
+    status = os.path.join(a, ".mirror")
+    write_files(a, "before", 50)
+    with open(os.path.join(a, "mail"), "wb") as f:
+        f.write(b"one message in two mailboxes")
+    os.link(os.path.join(a, "mail"), os.path.join(a, "d0", "same-mail"))
+    assert converged(lab), c.h.logs()  # the new name's session, and the compare it calls for at once
+    with open(os.path.join(a, "mail"), "r+b") as f:
+        f.write(b"ONE")  # its compare is due 10 s after the last one
+    assert wait_for(lambda: open(os.path.join(b, "mail"), "rb").read().startswith(b"ONE"), 10), c.h.logs()
+    sessions: list = []
+
+    def settled() -> bool:  # the change's sessions (its modify, its close) are over
+        pair = load_status(status).pairs[0]
+        sessions.append((pair["sessions"], pair["pending"], pair["progress"]))
+        return len(sessions) > 4 and len(set(sessions[-5:])) == 1 and sessions[-1][1:] == (0, None)
+
+    assert wait_for(settled, 8, 0.2), sessions
+    with open(os.path.join(lab.workdir, "state", "b", "mirror-serve.pid")) as f:
+        receiver = int(f.read())
+    os.kill(receiver, signal.SIGSTOP)  # the compare to come waits for it
+    assert wait_for(lambda: load_status(status).pairs[0]["progress"] is not None, 20), load_status(status).pairs[0]
+    views, until = [], time.monotonic() + 2  # several of a's heartbeats (every 0.5 s)
+    while time.monotonic() < until:
+        views.append(c.h.status("b")["data"]["uptodate"])
+    assert len(views) > 1 and all(views), (views, c.h.logs())
+    assert load_status(status).pairs[0]["progress"] is not None  # still comparing
+    lab.power_off("a")
+    assert wait_for(lambda: c.h.role("b") == "primary", 10), c.h.logs()
