@@ -87,9 +87,13 @@ def test_the_replica_lock_stops_a_local_copy_within_a_second(tmp_path, when):
     lock = tmp_path / "replica.lock"
     outcome: list = []
 
+    # Copying: paced at 8 MB/s (4 s a file), so that the lock surely comes in the middle of a
+    # file's copy, which must notice it, not after the batch was committed or between files.
+    bwlimit = 8 << 20 if when == "copying" else None
+
     def run():
         try:
-            outcome.append(sync(src, dst, dst_lock_file=lock, on_progress=progress))
+            outcome.append(sync(src, dst, dst_lock_file=lock, on_progress=progress, bwlimit=bwlimit))
         except LockedError as exc:
             outcome.append(exc)
 
