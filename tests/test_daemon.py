@@ -489,10 +489,6 @@ def test_forced_inotify_overflow_is_followed_by_a_rescan(trees):
 
 
 def test_config_file_and_sighup_reload(tmp_path):
-    import subprocess
-
-    from tests.helpers import MIRROR
-
     a, b = tmp_path / "a", tmp_path / "b"
     for src in (a, b):
         (src / "sub").mkdir(parents=True)
@@ -506,9 +502,7 @@ def test_config_file_and_sighup_reload(tmp_path):
         config.write_text(text)
 
     write_config([a])
-    log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([*MIRROR, "daemon", "--config", str(config), "-v"], stdout=log, stderr=log)
-    try:
+    with _config_daemon(config, tmp_path / "daemon.log") as proc:
         converged(a, tmp_path / "a-replica")
         write_config([a, b])
         proc.send_signal(signal.SIGHUP)
@@ -517,12 +511,22 @@ def test_config_file_and_sighup_reload(tmp_path):
         converged(a, tmp_path / "a-replica")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
     assert "configuration reloaded" in (tmp_path / "daemon.log").read_text()
+
+
+@contextlib.contextmanager
+def _config_daemon(config, log_path):
+    """`mirror daemon --config CONFIG -v` logging to ``log_path``; killed if still running."""
+    from tests.helpers import MIRROR
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*MIRROR, "daemon", "--config", str(config), "-v"], stdout=log, stderr=log)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 # The daemon with one bug put in its way (an injected fault: no real input is known to cause it,
@@ -641,10 +645,8 @@ def test_a_whole_tree_compare_while_live_keeps_the_pair_live(tmp_path):
     then was not taken over from without the administrator.  Its lag still counts (a change
     that waits for the compare ages), so a compare slower than ``max_lag`` still says so.
     And an idle tree was never compared: the interval was looked at only when a change came."""
-    import subprocess
 
     from mirror.daemon import load_status
-    from tests.helpers import MIRROR
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     for d in range(40):
@@ -655,9 +657,7 @@ def test_a_whole_tree_compare_while_live_keeps_the_pair_live(tmp_path):
     config = tmp_path / "d.toml"
     config.write_text(f'[daemon]\nstatus_dir = "{status_dir}"\nreconcile_interval = 0.5\n'
                       f'[[pair]]\nsource = "{src}"\ndestination = "{dst}"\n')  # fmt: skip
-    log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([*MIRROR, "daemon", "--config", str(config), "-v"], stdout=log, stderr=log)
-    try:
+    with _config_daemon(config, tmp_path / "daemon.log") as proc:
         converged(src, dst)
         wait_until(lambda: load_status(status_dir).pairs[0]["state"] == "live", timeout=30)
         seen = set()
@@ -680,8 +680,3 @@ def test_a_whole_tree_compare_while_live_keeps_the_pair_live(tmp_path):
         converged(src, dst)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
