@@ -244,7 +244,12 @@ def read_daemon_config(path: str):
     status_dir = daemon.get("status_dir", str)
     coalesce = daemon.get("coalesce_ms", (int, float), 0.5)
     open_file_delay = daemon.get("open_file_delay", (int, float), 1.0)
-    reconcile_interval = daemon.get("reconcile_interval", (int, float))
+    for key, value in (("coalesce_ms", coalesce), ("open_file_delay", open_file_delay)):
+        if not value >= 0:
+            problems.add(f"'daemon.{key}' must be 0 or more, got {value}")
+    reconcile_interval = daemon.get("reconcile_interval", (int, float), 0)
+    if not reconcile_interval >= 0:
+        problems.add(f"'daemon.reconcile_interval' must be 0 (never) or more seconds, got {reconcile_interval}")
     from .journal import MAX_RETAINED
 
     journal_retain = daemon.get("journal_retain", int, MAX_RETAINED)
@@ -258,6 +263,6 @@ def read_daemon_config(path: str):
         coalesce=coalesce / 1000,
         open_file_delay=float(open_file_delay),
         metrics=metrics_listen,
-        reconcile_interval=reconcile_interval,
+        reconcile_interval=reconcile_interval if reconcile_interval > 0 else None,
         journal_retain=max(1, journal_retain),
     ), problems

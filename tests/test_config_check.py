@@ -143,6 +143,7 @@ def test_mirror_daemon_check_lists_every_problem(tmp_path):
     config = tmp_path / "daemon.toml"
     config.write_text(
         f'[daemon]\nmetrics = "198.51.100.9:9100"\ncoalesce_ms = "fast"\njournal_retain = 0\n'
+        f'reconcile_interval = -60\nopen_file_delay = -1\n'
         f'[[pair]]\nsource = "{src}"\ndestination = "{tmp_path}/no/parent/dst"\nlock_file = "{tmp_path}/x/lock"\n'
         f'[[pair]]\nname = "b"\nsource = "{tmp_path}/absent"\ndestination = "mirror://127.0.0.1/m"\n'
         f'secret_file = "{secret}"\ndeletee = true\n'
@@ -155,6 +156,8 @@ def test_mirror_daemon_check_lists_every_problem(tmp_path):
         f"{config}: unknown key 'pair[1].deletee'",
         f"{config}: 'daemon.coalesce_ms' must be a int or float",
         f"{config}: 'daemon.journal_retain' must be 1 or more changes, got 0",
+        f"{config}: 'daemon.reconcile_interval' must be 0 (never) or more seconds, got -60",
+        f"{config}: 'daemon.open_file_delay' must be 0 or more, got -1",
         f"{config}: 'pair[0].destination': the directory {tmp_path}/no/parent does not exist",
         f"{config}: 'pair[0].lock_file': the directory {tmp_path}/x does not exist",
         f"{config}: 'pair[1].source': {tmp_path}/absent is not a directory",

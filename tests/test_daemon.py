@@ -55,17 +55,33 @@ def test_every_kind_of_change_arrives(trees):
 
 
 @contextlib.contextmanager
-def _live(tmp_path, src, dst, where: str):
+def _live(tmp_path, src, dst, where: str, *extra: str):
     """A live daemon mirroring ``src`` to ``dst`` directly (local) or through a `mirror serve`."""
     if where == "local":
-        with live_daemon(src, dst) as daemon:
+        with live_daemon(src, dst, *extra) as daemon:
             yield daemon
         return
     dst.mkdir()
     (tmp_path / "srv").mkdir()
     with mirror_server(tmp_path / "srv", {"m": str(dst)}) as server:
-        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file) as daemon:
+        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file, *extra) as daemon:
             yield daemon
+
+
+@pytest.mark.parametrize("where", ["local", "server"])
+def test_the_reconcile_interval_repairs_what_no_event_told_on_an_idle_tree(trees, tmp_path, where):
+    """``--reconcile-interval``: a replica changed behind the daemon's back (edited or cleaned
+    by hand, a restore) is repaired by the next whole-tree compare, with no change in the
+    source to wake the pair, which stays live meanwhile."""
+    src, dst = trees
+    with _live(tmp_path, src, dst, where, "--reconcile-interval", "0.5"):
+        converged(src, dst)
+        wait_until(lambda: _live_status(src))
+        os.unlink(dst / "docs" / "d1")
+        (dst / "docs" / "d2").write_text("edited on the replica")
+        (dst / "stray").write_text("not in the source")
+        converged(src, dst, timeout=30)
+        assert _state(src) == "live"
 
 
 @pytest.mark.parametrize("where", ["local", "server"])

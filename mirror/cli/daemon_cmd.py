@@ -32,7 +32,7 @@ from ..config import load_daemon_config, parse_listen
 from ..errors import EXIT_STALE_EPOCH, UsageError
 from ..sdnotify import SystemdNotifier
 from ._common import add_exclude_arguments, excluder_from_args, path_arg
-from .sync_cmd import add_timeout_arguments, count_arg
+from .sync_cmd import add_timeout_arguments, count_arg, milliseconds_arg, seconds_arg
 
 log = logging.getLogger("mirror.daemon")
 
@@ -46,9 +46,13 @@ def add_arguments(parser):
     parser.add_argument("--state-dir", metavar="DIR", help="SRC's state dir (epoch, journal; default SRC/.mirror)")
     parser.add_argument("--status-dir", metavar="DIR", help="where the status file is written (default: state dir)")
     parser.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics here")
-    parser.add_argument("--coalesce-ms", type=float, default=0.5, help="gather changes this long (default 0.5)")
-    parser.add_argument("--open-file-delay", type=float, default=1.0,
+    parser.add_argument("--coalesce-ms", type=milliseconds_arg, default=0.5, metavar="MS",
+                        help="gather changes this long (default 0.5)")
+    parser.add_argument("--open-file-delay", type=seconds_arg, default=1.0, metavar="S",
                         help="mirror a file still open for writing after this many seconds (default 1)")
+    parser.add_argument("--reconcile-interval", type=seconds_arg, default=0.0, metavar="S",
+                        help="compare the whole tree every S seconds, besides the compares after a reconnect "
+                             "or a lock: repairs what no event told (default 0: never)")  # fmt: skip
     parser.add_argument("--rsh", default="ssh -T", help="remote shell for HOST:PATH (default 'ssh -T')")
     parser.add_argument("--remote-command", default="mirror", help="the mirror command on the remote host")
     parser.add_argument("--no-delete", action="store_true", help="do not delete on the replica what SRC deleted")
@@ -93,6 +97,7 @@ def _config_from_args(args):
         pairs=(pair,), status_dir=path_arg(args.status_dir) if args.status_dir else resolve_state_dir(src, state_dir),
         coalesce=args.coalesce_ms / 1000, open_file_delay=args.open_file_delay,
         metrics=parse_listen(args.metrics, "--metrics") if args.metrics else None,
+        reconcile_interval=args.reconcile_interval or None,
     )  # fmt: skip
 
 

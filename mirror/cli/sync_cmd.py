@@ -158,7 +158,7 @@ def add_timeout_arguments(parser) -> None:
                         help=f"give up connecting to mirror:// after S seconds (default {DEFAULT_CONTIMEOUT:g})")
 
 
-def seconds_arg(text: str) -> float:
+def seconds_arg(text: str, unit: str = "seconds") -> float:
     import argparse
 
     try:
@@ -166,8 +166,12 @@ def seconds_arg(text: str) -> float:
     except ValueError:
         value = -1.0
     if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds (0 or more), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {unit} (0 or more), got {text!r}")
     return value
+
+
+def milliseconds_arg(text: str) -> float:
+    return seconds_arg(text, "milliseconds")
 
 
 def count_arg(text: str) -> int:
