@@ -132,6 +132,7 @@ class MirrorConfig:
     daemon: tuple[str, ...] = (
         "{mirror}", "daemon", "{src}", "{dst}", "--secret-file", "{secret_file}",
         "--lock-file", "{lock_file}", "--state-dir", "{state_dir}",
+        "--reconcile-interval", "{reconcile_interval}",
     )  # fmt: skip
     trees: tuple[TreeConfig, ...] = ()
     # The replica counts as up to date (the standby may take over on its own) while the
@@ -139,6 +140,10 @@ class MirrorConfig:
     max_lag: float = 2.0
     # Replication not live for this long while the peer could receive: the administrator is told.
     alert_after: float = 10.0
+    # The daemon compares the whole tree this often (seconds; 0: never), besides the compares
+    # after a reconnect or a lock: what no event told (a replica changed by hand, a lost
+    # event) is repaired within this time, a standby kept exact.
+    reconcile_interval: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -305,6 +310,10 @@ class _Section:
 
 def _positive(value) -> str | None:
     return None if value > 0 else "must be greater than 0"
+
+
+def _not_negative(value) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
 
 
 def _port(value) -> str | None:
@@ -606,6 +615,7 @@ def _mirror(top: _Section, base: str, links: list[LinkConfig]) -> MirrorConfig:
         trees=tuple(trees),
         max_lag=m.get("max_lag", float, defaults.max_lag, _positive),
         alert_after=m.get("alert_after", float, defaults.alert_after, _positive),
+        reconcile_interval=m.get("reconcile_interval", float, defaults.reconcile_interval, _not_negative),
     )
     m.finish()
     if trees and mirror.secret_file is None:

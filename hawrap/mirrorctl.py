@@ -13,7 +13,8 @@ for moving data.  hawrap never copies a file itself.
 
 Placeholders in the configured argv: ``{mirror}`` (the mirror command, spliced),
 ``{src}``, ``{dst}``, ``{secret_file}``, ``{lock_file}``, ``{state_dir}``, ``{listen}``,
-``{tree}``, ``{modules}`` (spliced as ``--module NAME=PATH`` pairs), ``{node}``.
+``{tree}``, ``{modules}`` (spliced as ``--module NAME=PATH`` pairs), ``{node}``,
+``{reconcile_interval}`` (``mirror.reconcile_interval``, seconds).
 """
 
 from __future__ import annotations
@@ -494,6 +495,7 @@ class MirrorControl:
             "# written by hawrap: the fan-out of one tree, one pair per destination",
             "[daemon]",
             f"status_dir = {_toml(tree.state_dir)}",
+            f"reconcile_interval = {self.cfg.mirror.reconcile_interval!r}",
         ]
         for node in self.destinations:
             lines += [
@@ -547,6 +549,7 @@ class MirrorControl:
             "secret_file": self.cfg.mirror.secret_file or "",
             "listen": f"{self.my_address}:{self.cfg.mirror.port}",
             "node": self.node,
+            "reconcile_interval": f"{self.cfg.mirror.reconcile_interval:g}",
             **extra,
         }
         if tree is not None:

@@ -120,6 +120,7 @@ lock_file = "{tmp_path}/spool-{{node}}.lock"
     ]
     assert {p.source for p in daemon.pairs} == {os.fsencode(f'{tmp_path}/data/n2 "quoted"')}
     assert daemon.status_dir == os.fsencode(ctl.trees[0].state_dir)
+    assert daemon.reconcile_interval == 3600  # mirror.reconcile_interval's default
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ def test_example_loads(tmp_path):
     assert [n.name for n in cfg.nodes] == ["alpha", "beta"]
     assert cfg.timing.interval == 0.05 and cfg.timing.deadtime == 0.25
     assert cfg.timing.lan_hold == 1.0 and cfg.timing.watchdog == 2.0
-    assert cfg.mirror.max_lag == 2.0 and cfg.mirror.alert_after == 10.0
+    assert cfg.mirror.max_lag == 2.0 and cfg.mirror.alert_after == 10.0 and cfg.mirror.reconcile_interval == 3600
     assert cfg.vip.ip == "198.51.100.100" and cfg.vip_interface("alpha") == "eth0"
     assert cfg.services[0].monitor[0] == "sh" and cfg.mirror.trees[0].name == "spool"
     assert cfg.peer_of("alpha").name == "beta"
@@ -67,6 +67,7 @@ def test_minimal_defaults(tmp_path):
         (lambda t: t + "[timing]\ninterval = 0.3\ndeadtime = 0.5\n", "at least twice"),
         (lambda t: t + "[timing]\ninterval = -1\n", "timing.interval: must be greater than 0"),
         (lambda t: t + "[timing]\nintervall = 1\n", "unknown key 'timing.intervall'"),
+        (lambda t: t + "[mirror]\nreconcile_interval = -1\n", "mirror.reconcile_interval: must be 0 or more"),
         (lambda t: t.replace('"127.0.0.3"', '"nope"'), "node[1].address.hb: 'nope' is not an IP address"),
         (lambda t: t + '[vip]\naddress = "198.51.100.1"\n', "vip.address: needs a prefix length"),
         (lambda t: t + '[vip]\naddress = "198.51.100.1/24"\nkind = "magic"\n', "vip.kind"),

@@ -137,8 +137,8 @@ def test_sending_runs_one_daemon_per_tree_and_stops_them(ctl):
     got = wait_calls(tmp, 2)
     secret = f"{tmp}/msecret"
     assert sorted(got) == sorted([
-        f"daemon {tmp}/a/spool mirror://203.0.113.2:9999/spool --secret-file {secret} --lock-file {tmp}/a.lock --state-dir {tmp}/a/spool/.mirror",
-        f"daemon {tmp}/a/www mirror://203.0.113.2:9999/www --secret-file {secret} --lock-file {tmp}/a.lock --state-dir {tmp}/a/www-state",
+        f"daemon {tmp}/a/spool mirror://203.0.113.2:9999/spool --secret-file {secret} --lock-file {tmp}/a.lock --state-dir {tmp}/a/spool/.mirror --reconcile-interval 3600",
+        f"daemon {tmp}/a/www mirror://203.0.113.2:9999/www --secret-file {secret} --lock-file {tmp}/a.lock --state-dir {tmp}/a/www-state --reconcile-interval 3600",
     ])  # fmt: skip
     procs = started(c)
     c.set_direction("receive")
