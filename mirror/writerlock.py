@@ -79,7 +79,7 @@ class WriterLock:
                 except OSError as exc:
                     if exc.errno not in _BUSY:
                         raise
-                    holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+                    holder = _holder_line(fd)
                     os.close(fd)
                     return holder or "unknown holder"
                 if _same_file(fd, self.path):
@@ -96,7 +96,7 @@ class WriterLock:
         except OSError:
             return None
         try:
-            return os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or None
+            return _holder_line(fd) or None
         except OSError:
             return None
         finally:
@@ -128,6 +128,11 @@ def _lock_directory(path: bytes) -> int | None:
             return None
         raise
     return fd
+
+
+def _holder_line(fd: int) -> str:
+    """What the holder of an open ``writer.lock`` wrote in it (``acquire``)."""
+    return os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
 
 
 def _same_file(fd: int, path: bytes) -> bool:
