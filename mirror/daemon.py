@@ -266,6 +266,11 @@ class PairStatus:
     catch_up: dict | None = None
     journal_catch_ups: int = 0
     full_syncs: int = 0
+    # Entries a scheduled whole-tree compare (``reconcile_interval``) found different though
+    # no change was seen in the source (the replica changed behind the daemon's back, or an
+    # event was lost): how many so far, and at most 20 paths of the last compare that found any.
+    unseen_repaired: int = 0
+    last_unseen: list = field(default_factory=list)
 
 
 class LivePair:
@@ -315,6 +320,10 @@ class LivePair:
         # or a session missed a linked file's other names.
         self._full_due_at: float | None = None
         self._recheck_due = False  # one is due (``_full_due_at``, ``reconcile_interval``)
+        # The due one is reconcile_interval's alone: what it finds was told by no event (a
+        # linked file's follow-up finds the other names it is for).  Its differences, then.
+        self._reconcile_due = False
+        self._differences: list[bytes] | None = None
         self._last_full = time.monotonic()  # the end of the last full sync (or the start)
         self._epoch_resyncs = 0
         self._links_resync_at = -LINKS_RESYNC_SECONDS  # the last one asked (LINKS_RESYNC_SECONDS)
@@ -553,8 +562,9 @@ class LivePair:
         now = time.monotonic()
         if self._full_due_at is not None and now >= self._full_due_at:
             self._full_due_at = None
-            self._recheck_due = True
+            self._recheck_due, self._reconcile_due = True, False
         if self.daemon.reconcile_interval and now - self._last_full >= self.daemon.reconcile_interval:
+            self._reconcile_due = not self._recheck_due or self._reconcile_due
             self._recheck_due = True
         if self.journal.overrun():
             self._need_full = True  # too far behind: the journal let this destination go
@@ -677,6 +687,8 @@ class LivePair:
             log.info("%s: full sync: %s", self.config.name, reason)
 
     def _progress_entry(self, change) -> None:
+        if self._differences is not None:
+            self._differences.append(change.path)
         progress = self.status.progress
         if progress is not None:
             progress["entries"] += 1
@@ -738,6 +750,8 @@ class LivePair:
             written = {p: n for p, n in self._written.items() if p in entries}
         # A whole-tree compare needs no rename to be right: too many are left to it.
         renames = batch.renames if scope is not None or _fits_a_session(Pending(renames=batch.renames)) else []
+        self._differences = [] if recheck and self._reconcile_due and not self._links_changed else None
+        began = time.time()
         try:
             result = self._connection.session(scope=scope, renames=renames, journal=claim)
         finally:
@@ -745,8 +759,11 @@ class LivePair:
             self.status.progress = None
         done = time.time()
         self._after_lock = False
+        if self._differences is not None:
+            self._report_unseen(self._differences, batch, began)
+            self._differences = None
         if full:
-            self._need_full = self._recheck_due = False
+            self._need_full = self._recheck_due = self._reconcile_due = False
             self._let_go = False
             self._last_full = time.monotonic()
         when, due = max(time.monotonic(), self._links_resync_at + LINKS_RESYNC_SECONDS), self._full_due_at
@@ -795,6 +812,47 @@ class LivePair:
         self._set_state("live")
         self._report()
         return bool(missed)
+
+    def _report_unseen(self, differences: list[bytes], batch: Pending, began: float) -> None:
+        """What a scheduled whole-tree compare changed on the replica that no change seen in
+        the source accounts for (the batch it carried, those journaled meanwhile, the
+        directories holding them, and what changed in the source since just before the compare
+        began, its event perhaps still on its way): said, since a replica written to behind
+        the daemon's back may mean a service running on the standby."""
+        if not differences:
+            return
+        later = self.journal.pending()
+        told = set(batch.entries) | set(later.entries)
+        trees = batch.trees | later.trees
+        for old, new in batch.renames + later.renames:
+            trees |= {old, new}
+        holding = {b""}
+        for path in told | trees:
+            while path:
+                path = os.path.dirname(path)
+                holding.add(path)
+        unseen = [p for p in differences if p not in told and p not in holding
+                  and not any(p == t or p.startswith(t + b"/") for t in trees)
+                  and not self._changed_in_source_since(p, began - 1.0)]  # fmt: skip
+        if not unseen:
+            return
+        st = self.status
+        st.unseen_repaired += len(unseen)
+        st.last_unseen = [display_path(p) for p in unseen[:20]]
+        log.warning("%s: a scheduled whole-tree compare found %d entries of the replica different with no change "
+                    "seen in the source (changed on the replica behind the daemon's back, or an event was lost), "
+                    "e.g. %s: made like the source again", self.config.name, len(unseen),
+                    ", ".join(st.last_unseen[:5]))  # fmt: skip
+
+    def _changed_in_source_since(self, path: bytes, when: float) -> bool:
+        """Whether the source's ``path`` (or, gone, its directory) changed at ``when`` or later."""
+        while True:
+            try:
+                return os.lstat(os.path.join(self.config.source, path)).st_ctime >= when
+            except OSError:
+                if not path:
+                    return True  # the source itself is gone: nothing to tell
+                path = os.path.dirname(path)
 
     def _log_missed(self, missed: list) -> None:
         """Each file that newly fails (or could not be read) is logged, with why, and each one

@@ -124,6 +124,10 @@ def _print(status: dict, state: str, age: float) -> None:
         for path, reason in p.get("failed_files") or ():
             print(f"  failed: {path}: {reason}")
         _print_unwatched(p)
+        if p.get("unseen_repaired"):
+            shown = p.get("last_unseen") or []
+            print(f"  repaired by scheduled compares, no change seen in the source: {p['unseen_repaired']} entries "
+                  f"(last: {', '.join(shown[:UNWATCHED_SHOWN])}{', ...' if len(shown) > UNWATCHED_SHOWN else ''})")  # fmt: skip
         if p.get("last_error"):
             print(f"  last error: {p['last_error']}")
 
