@@ -484,6 +484,8 @@ class EtcdNode(Listener):
         self.mirror.replica()  # reads each daemon's status
         for restarted in self.mirror.restart_stuck():
             self.notifier.notify("error", restarted, self.role, self.epoch)
+        for diverged in self.mirror.diverged():
+            self.notifier.notify("replica-diverged", diverged, self.role, self.epoch)
 
     def _push_back_vip(self) -> None:
         """A node that does not lead and finds the VIP on its interface removes it."""

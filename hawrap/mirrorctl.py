@@ -448,6 +448,11 @@ class MirrorControl:
         self._procs: list[_Supervised] = []
         self.disks = TreeDisks(self.trees, self.me.state_dir)  # unfit to serve while one is not the tree's
         self._status_seen = {t.name: StatusWatch() for t in self.trees}
+        # Each pair's count of entries its scheduled compares repaired with no change seen in
+        # the source (``mirror status``'s unseen_repaired), as last read with its daemon's pid;
+        # and what rose since.
+        self._unseen: dict[str, tuple[int, int]] = {}
+        self._diverged: list[str] = []
 
     # ---------------------------------------------------------- locks and epochs
 
@@ -621,12 +626,30 @@ class MirrorControl:
                 continue
             for pair in pairs:
                 where = pair.get("name", tree.name) if self.fan_out else tree.name
+                self._note_unseen(where, status.pid, pair)
                 if pair.get("state") != "live":
                     error = pair.get("last_error")
                     problems.append(f"{where}: {pair.get('state')}" + (f" ({error})" if error else ""))
                 elif (pair.get("lag_seconds") or 0) > self.cfg.mirror.max_lag:
                     problems.append(f"{where}: {pair['lag_seconds']:.1f} s behind")
         return Replica(not problems, "; ".join(problems) or "live")
+
+    def _note_unseen(self, where: str, pid: int, pair: dict) -> None:
+        count, (last_pid, before) = pair.get("unseen_repaired") or 0, self._unseen.get(where, (pid, 0))
+        if last_pid != pid:
+            before = 0  # another daemon (started again) counts from 0
+        if count > before:
+            n, shown = count - before, ", ".join(pair.get("last_unseen") or [])
+            self._diverged.append(f"the copy of {where} on the peer was found changed where the tree was not "
+                                  f"({n} {'entry' if n == 1 else 'entries'}, e.g. {shown}): written to behind "
+                                  "the mirror (a service running there?); made like this node's again")  # fmt: skip
+        self._unseen[where] = (pid, count)
+
+    def diverged(self) -> list[str]:
+        """What the daemons' scheduled compares repaired on the peer's copy that no change here
+        accounts for, since the last call (read by ``replica``), for the administrator."""
+        told, self._diverged = self._diverged, []
+        return told
 
     def restart_stuck(self) -> list[str]:
         """While sending: each daemon whose status stopped changing (hung, or stopped: a

@@ -660,6 +660,8 @@ class Node:
         self.replica = self.mirror.replica()
         for restarted in self.mirror.restart_stuck():
             self._notify("error", restarted)
+        for diverged in self.mirror.diverged():
+            self._notify("replica-diverged", diverged)
         if self.replica.in_sync:
             if self._replication_alerted:
                 self._notify("replication-restored", f"the replica on {self.peer_name} is live again")

@@ -204,7 +204,7 @@ def test_an_exiting_daemon_is_reported_with_its_code_and_last_words(ctl, exits, 
     assert code == 4 and message == "mirror daemon: refused: stale epoch"
 
 
-def _status(tmp, state="live", lag=0.0, updated=None):
+def _status(tmp, state="live", lag=0.0, updated=None, unseen=0, pid=1):
     path = tmp / "a" / "spool" / ".mirror" / "mirror-daemon.status.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     pair = {
@@ -212,9 +212,11 @@ def _status(tmp, state="live", lag=0.0, updated=None):
         "state": state,
         "lag_seconds": lag,
         "last_error": "connection refused" if state != "live" else None,
+        "unseen_repaired": unseen,
+        "last_unseen": ["new/1", "cur/2"][:unseen],
     }
     path.write_text(
-        json.dumps({"pid": 1, "updated": time.time() if updated is None else updated, "pairs": [pair]})
+        json.dumps({"pid": pid, "updated": time.time() if updated is None else updated, "pairs": [pair]})
     )
 
 
@@ -247,6 +249,29 @@ def test_replica_state_from_the_daemons_status(ctl):
     written(updated=time.time() + 3600)
     assert c.replica().in_sync
     wait_until(lambda: "no fresh status" in c.replica().detail, timeout=mirrorctl.STATUS_STALE + 5)
+
+
+def test_a_peer_copy_found_changed_behind_the_mirror_is_told_once(ctl):
+    """The daemon's scheduled compares count what they repaired with no change seen here
+    (``unseen_repaired``): each rise is told to the administrator once, and a daemon started
+    again counts from 0."""
+    c, tmp = ctl
+    c.set_direction("send")
+    (tmp / "a" / "www-state").mkdir()
+    www = tmp / "a" / "www-state" / "mirror-daemon.status.json"
+
+    def told_after(unseen: int, pid: int = 1) -> list[str]:
+        www.write_text(json.dumps({"updated": time.time(), "pairs": [{"state": "live", "lag_seconds": 0}]}))
+        _status(tmp, unseen=unseen, pid=pid)
+        c.replica()
+        return c.diverged()
+
+    assert [told_after(n) for n in (0, 0)] == [[], []]
+    told = told_after(2)
+    assert len(told) == 1 and "spool" in told[0] and "2 entries, e.g. new/1, cur/2" in told[0], told
+    assert told_after(2) == []
+    told = told_after(1, pid=2)  # its daemon started again
+    assert len(told) == 1 and "(1 entry, e.g. new/1)" in told[0], told
 
 
 def test_mirror_processes_left_by_a_dead_node_are_stopped_by_cleanup(ctl):
