@@ -760,7 +760,8 @@ class LivePair:
         done = time.time()
         self._after_lock = False
         if self._differences is not None:
-            self._report_unseen(self._differences, batch, began)
+            failed = {path for path, _ in result.failed} | {p.path for p in result.problems}
+            self._report_unseen([p for p in self._differences if p not in failed], batch, began)
             self._differences = None
         if full:
             self._need_full = self._recheck_due = self._reconcile_due = False
@@ -814,11 +815,12 @@ class LivePair:
         return bool(missed)
 
     def _report_unseen(self, differences: list[bytes], batch: Pending, began: float) -> None:
-        """What a scheduled whole-tree compare changed on the replica that no change seen in
-        the source accounts for (the batch it carried, those journaled meanwhile, the
-        directories holding them, and what changed in the source since just before the compare
-        began, its event perhaps still on its way): said, since a replica written to behind
-        the daemon's back may mean a service running on the standby."""
+        """What a scheduled whole-tree compare changed on the replica (not what it failed to:
+        a file it cannot read, a device node the receiver refuses, differs at every compare)
+        that no change seen in the source accounts for (the batch it carried, those journaled
+        meanwhile, the directories holding them, and what changed in the source since just
+        before the compare began, its event perhaps still on its way): said, since a replica
+        written to behind the daemon's back may mean a service running on the standby."""
         if not differences:
             return
         later = self.journal.pending()

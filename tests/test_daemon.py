@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -259,6 +260,21 @@ def test_a_file_changed_again_while_it_is_mirrored_arrives(trees):
             wait_until(lambda: (dst / "docs" / "log").exists()
                        and (dst / "docs" / "log").read_bytes() == log.read_bytes(), timeout=10)  # fmt: skip
         converged(src, dst, timeout=10)
+
+
+def test_what_the_replica_refuses_at_every_compare_is_not_taken_for_a_change_behind_the_daemons_back(
+    trees, tmp_path
+):
+    """A device node the receiver refuses (no --allow-devices) differs at every scheduled
+    compare: it is a failure, said as one, never an entry "repaired" on a replica changed by
+    someone else."""
+    src, dst = trees
+    os.mknod(src / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    with _live(tmp_path, src, dst, "server", "--reconcile-interval", "0.2"):
+        # (a session with a failure is followed by a wait that doubles: 1 s, 2 s, 4 s)
+        pair = wait_until(lambda: (p := pair_status(src)).get("sessions", 0) >= 4 and p, timeout=30)
+        assert any(path == "null" for path, _ in pair["failed_files"]), pair
+        assert pair["unseen_repaired"] == 0, pair
 
 
 def test_through_a_real_server_and_status(trees, tmp_path):
