@@ -14,6 +14,9 @@ Tools, each in turn on the same source/replica pair (one running at a time):
 - ``mirror-local``: ``mirror daemon SRC DST`` with DST a local directory;
 - ``mirror-serve``: ``mirror daemon SRC mirror://127.0.0.1:P/m`` with a ``mirror serve``
   receiver on loopback;
+- ``mirror-reconcile``: ``mirror-local`` comparing the whole tree every ``--reconcile-interval``
+  seconds (1 by default: far more often than anyone would, to show what a compare costs the
+  changes made meanwhile);
 - ``lsyncd``: ``lsyncd -nodaemon CONF``, ``default.rsync`` at its fastest setting
   (``delay = 0``) to a local target.  Its rsync does not fsync; mirror fsyncs every commit
   (file data before the rename, the directory after it).
@@ -63,7 +66,7 @@ IN_CLOEXEC = 0o2000000
 IN_NONBLOCK = 0o4000
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of NUL-padded name)
 
-TOOLS = ("mirror-local", "mirror-serve", "lsyncd")
+TOOLS = ("mirror-local", "mirror-serve", "lsyncd")  # the default run; also mirror-reconcile
 PEER = "lsyncd"
 TAG = "s4d"  # every file the benchmark writes starts with this (cleanup finds them by it)
 
@@ -420,14 +423,22 @@ def prepare_pair(corpus: str, workdir: str) -> tuple[str, str]:
     return pair[0], pair[1]
 
 
-def make_tool(name: str, src: str, dst: str, workdir: str, env: dict) -> Tool:
+class MirrorReconcilingDaemon(MirrorDaemon):
+    """``mirror-local`` with ``--reconcile-interval``: its whole-tree compares run among the writes."""
+
+    name = "mirror-reconcile"
+
+
+def make_tool(name: str, src: str, dst: str, workdir: str, env: dict, reconcile_interval: float = 1.0) -> Tool:
     if name == "mirror-local":
         return MirrorDaemon(src, dst, workdir, env)
+    if name == "mirror-reconcile":
+        return MirrorReconcilingDaemon(src, dst, workdir, env, extra=("--reconcile-interval", f"{reconcile_interval:g}"))
     if name == "mirror-serve":
         return MirrorServeDaemon(src, dst, workdir, env)
     if name == "lsyncd":
         return Lsyncd(src, dst, workdir, env)
-    raise SystemExit(f"unknown tool {name!r} (known: {', '.join(TOOLS)})")
+    raise SystemExit(f"unknown tool {name!r} (known: {', '.join(TOOLS)}, mirror-reconcile)")
 
 
 def run(args) -> dict:
@@ -440,7 +451,7 @@ def run(args) -> dict:
         names.remove("lsyncd")
     env = dict(os.environ, MIRROR_REQUIRE_FAST="1")
     env.pop("PYTHONPATH", None)
-    tools = [make_tool(n, src, dst, workdir, env) for n in names]
+    tools = [make_tool(n, src, dst, workdir, env, args.reconcile_interval) for n in names]
     dirs = pick_dirs(src, args.dirs)
     remove_written([src, dst], dirs)
     modes = {"back-to-back": (args.back_to_back, 0.0), "paced": (args.paced, args.interval)}
@@ -576,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", help="the tree to copy (cp -a) into WORKDIR/src and WORKDIR/dst when missing")
     ap.add_argument("--workdir", help="holds src, dst, the tools' state, configs and logs")
     ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--reconcile-interval", type=float, default=1.0,
+                    help="mirror-reconcile: seconds between its whole-tree compares (default 1)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--back-to-back", type=int, default=60, help="back-to-back writes per tool per round")
     ap.add_argument("--paced", type=int, default=20, help="paced writes per tool per round")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 
-from benchmarks.bench_live import MirrorDaemon, measure_latencies, percentile, pick_dirs, remove_written
+import pytest
+
+from benchmarks.bench_live import make_tool, measure_latencies, percentile, pick_dirs, remove_written
 
 
 def _tree(root) -> None:
@@ -20,11 +22,12 @@ def _tree(root) -> None:
                 f.write(os.urandom(100 + i))
 
 
-def test_measures_every_write_back_to_back_and_paced(tmp_path):
+@pytest.mark.parametrize("name", ["mirror-local", "mirror-reconcile"])
+def test_measures_every_write_back_to_back_and_paced(tmp_path, name):
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     _tree(src)
     os.makedirs(dst)  # empty: the daemon's first sync fills it
-    tool = MirrorDaemon(src, dst, str(tmp_path), env=dict(os.environ))
+    tool = make_tool(name, src, dst, str(tmp_path), dict(os.environ), reconcile_interval=0.05)
     dirs = pick_dirs(src, 2)
     assert len(dirs) == 2 and all(os.path.isdir(os.path.join(src, d)) for d in dirs)
     tool.start()
