@@ -841,6 +841,8 @@ class LivePair:
         st = self.status
         st.unseen_repaired += len(unseen)
         st.last_unseen = [display_path(p) for p in unseen[:20]]
+        if self.metrics is not None:
+            self.metrics.unseen.labels(*self._labels).inc(len(unseen))
         log.warning("%s: a scheduled whole-tree compare found %d entries of the replica different with no change "
                     "seen in the source (changed on the replica behind the daemon's back, or an event was lost), "
                     "e.g. %s: made like the source again", self.config.name, len(unseen),
@@ -1305,6 +1307,9 @@ class Metrics:
         self.unwatched_dirs = pc.Gauge("mirror_unwatched_directories", "Source directories that cannot be watched: "
                                        "their changes arrive by a rescan, up to a minute late", labels,
                                        registry=self.registry)  # fmt: skip
+        self.unseen = pc.Counter("mirror_unseen_repaired", "Entries scheduled whole-tree compares found different on "
+                                 "the replica with no change seen in the source (changed behind the daemon's back)",
+                                 labels, registry=self.registry)  # fmt: skip
         self.server, self.thread = pc.start_http_server(listen[1], addr=listen[0], registry=self.registry)
 
     # ``labels``: (pair, destination)
