@@ -271,6 +271,10 @@ class PairStatus:
     # event was lost): how many so far, and at most 20 paths of the last compare that found any.
     unseen_repaired: int = 0
     last_unseen: list = field(default_factory=list)
+    # When the last whole-tree compare ended with nothing left out (Unix time): the replica
+    # was then found whole, whatever no event told; and the interval of the scheduled ones.
+    last_compare: float | None = None
+    reconcile_interval: float | None = None
 
 
 class LivePair:
@@ -284,7 +288,8 @@ class LivePair:
         self.daemon = daemon
         self.metrics = metrics
         self.on_state = on_state
-        self.status = PairStatus(config.name, display_path(config.source), config.destination)
+        self.status = PairStatus(config.name, display_path(config.source), config.destination,
+                                 reconcile_interval=daemon.reconcile_interval)  # fmt: skip
         self._labels = (config.name, config.destination)  # the metrics' pair and destination
         self._own_feed = feed is None
         self.feed = SourceFeed([config], daemon.journal_retain) if feed is None else feed
@@ -805,6 +810,8 @@ class LivePair:
         st.failed_files = [[display_path(path) or "./", reason] for path, reason in missed[:20]]
         if not missed:
             st.last_success = done
+            if full and not result.problems and not result.deletions_refused:
+                st.last_compare = done
         if missed:
             st.last_error = f"{len(missed)} files failed, e.g. {display_path(missed[0][0]) or './'}: {missed[0][1]}"
         self._log_missed(missed)

@@ -99,6 +99,10 @@ def test_the_reconcile_interval_repairs_what_no_event_told_on_an_idle_tree(trees
         assert pair["state"] == "live" and pair["exit"] == 0 and pair["last_unseen"], pair
         text = run_mirror("status", str(src)).stdout.decode()
         assert "repaired by scheduled compares, no change seen in the source" in text, text
+        # When the replica was last found whole, and how often: the compares go on.
+        assert "one every 0.5 s" in text and "last whole-tree compare never" not in text, text
+        first = pair["last_compare"]
+        wait_until(lambda: pair_status(src)["last_compare"] > first)
 
         def counted() -> float:
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

@@ -113,6 +113,7 @@ def _print(status: dict, state: str, age: float) -> None:
               f"{time.strftime('%H:%M:%S', time.localtime(success)) if success else 'never'}, "
               f"{p['pending']} pending, lag {p['lag_seconds']:.3f} s / {p['lag_bytes']} bytes")  # fmt: skip
         print(f"  {_applied_line(p)}")
+        print(f"  {_compare_line(p)}")
         progress = p.get("progress")
         if progress:
             total = progress.get("entries_total")
@@ -150,6 +151,14 @@ def _print_unwatched(p: dict) -> None:
         print(f"    ... and {count - min(len(shown), UNWATCHED_SHOWN)} more")
     if any("max_user_watches" in reason for _, reason in shown):
         print("    the inotify watch limit is reached: raise the fs.inotify.max_user_watches sysctl")
+
+
+def _compare_line(p: dict) -> str:
+    """When the replica was last found whole by a whole-tree compare, and how often one is due."""
+    last = p.get("last_compare")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "never"
+    interval = p.get("reconcile_interval")
+    return f"last whole-tree compare {when}, " + (f"one every {interval:g} s" if interval else "none scheduled")
 
 
 def _applied_line(p: dict) -> str:
