@@ -393,6 +393,8 @@ def cmd_status(cfg, node, args) -> int:
                 f"bytes, {pair['pending']} pending"
                 + (f", {len(pair['failed_files'])} files failed" if pair.get("failed_files") else "")
                 + (f", {pair['unwatched_count']} directories not watched" if pair.get("unwatched_count") else "")
+                + (", last whole-tree compare " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(pair["last_compare"]))
+                   if pair.get("last_compare") else "")  # fmt: skip
             )
     for t in st["transitions"][-5:]:
         print(

@@ -181,6 +181,7 @@ def test_status_shows_the_mirror_state_and_lag(mcluster):
     c = mcluster
     r = c.h.cli("a", "status")
     assert r.returncode == 0 and "mirror data: live, lag " in r.stdout, r.stdout
+    assert ", last whole-tree compare 20" in r.stdout, r.stdout  # the first sync compared it whole
     trees = json.loads(c.h.cli("a", "status", "--json").stdout)["mirror"]["trees"]
     assert trees[0]["name"] == "data" and trees[0]["daemon"] == "running"
     assert trees[0]["pairs"][0]["state"] == "live" and "lag_seconds" in trees[0]["pairs"][0]
