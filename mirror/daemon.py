@@ -324,11 +324,11 @@ class LivePair:
         # recorded, the replica taking only part of our epoch (``MAX_EPOCH_STEP`` a session),
         # or a session missed a linked file's other names.
         self._full_due_at: float | None = None
-        self._recheck_due = False  # one is due (``_full_due_at``, ``reconcile_interval``)
-        # The due one is reconcile_interval's alone: what it finds was told by no event (a
-        # linked file's follow-up finds the other names it is for).  Its differences, then.
-        self._reconcile_due = False
-        self._differences: list[bytes] | None = None
+        # Why one is due, if one is: "follow-up" (``_full_due_at``) or "schedule"
+        # (``reconcile_interval``, alone: what it finds was told by no event, while a linked
+        # file's follow-up finds the other names it is for).
+        self._recheck_due: str | None = None
+        self._differences: list[bytes] | None = None  # what a scheduled one changes, while it runs
         self._last_full = time.monotonic()  # the end of the last full sync (or the start)
         self._epoch_resyncs = 0
         self._links_resync_at = -LINKS_RESYNC_SECONDS  # the last one asked (LINKS_RESYNC_SECONDS)
@@ -449,7 +449,7 @@ class LivePair:
                     continue
                 if self._connect():
                     batch = self.journal.take()  # from the replica's own position on
-                full = self._need_full or self._recheck_due
+                full = self._need_full or self._recheck_due is not None
                 # A compare of a replica kept up to date (nothing else calls for it) leaves the
                 # pair live: hawrap counts a standby up to date only while its pair is.
                 recheck = not self._need_full and self.status.state == "live"
@@ -567,10 +567,9 @@ class LivePair:
         now = time.monotonic()
         if self._full_due_at is not None and now >= self._full_due_at:
             self._full_due_at = None
-            self._recheck_due, self._reconcile_due = True, False
+            self._recheck_due = "follow-up"
         if self.daemon.reconcile_interval and now - self._last_full >= self.daemon.reconcile_interval:
-            self._reconcile_due = not self._recheck_due or self._reconcile_due
-            self._recheck_due = True
+            self._recheck_due = self._recheck_due or "schedule"
         if self.journal.overrun():
             self._need_full = True  # too far behind: the journal let this destination go
             self._let_go = True
@@ -755,7 +754,7 @@ class LivePair:
             written = {p: n for p, n in self._written.items() if p in entries}
         # A whole-tree compare needs no rename to be right: too many are left to it.
         renames = batch.renames if scope is not None or _fits_a_session(Pending(renames=batch.renames)) else []
-        self._differences = [] if recheck and self._reconcile_due and not self._links_changed else None
+        self._differences = [] if recheck and self._recheck_due == "schedule" and not self._links_changed else None
         began = time.time()
         try:
             result = self._connection.session(scope=scope, renames=renames, journal=claim)
@@ -769,7 +768,7 @@ class LivePair:
             self._report_unseen([p for p in self._differences if p not in failed], batch, began)
             self._differences = None
         if full:
-            self._need_full = self._recheck_due = self._reconcile_due = False
+            self._need_full, self._recheck_due = False, None
             self._let_go = False
             self._last_full = time.monotonic()
         when, due = max(time.monotonic(), self._links_resync_at + LINKS_RESYNC_SECONDS), self._full_due_at

@@ -451,8 +451,9 @@ def tree(lab: Lab, node: str) -> str:
     return os.path.join(lab.workdir, "data", node)
 
 
-def mirror_section(lab: Lab) -> str:
-    """The [mirror] part of the configuration: one tree per node under the lab's workdir."""
+def mirror_section(lab: Lab, keys: str = "") -> str:
+    """The [mirror] part of the configuration: one tree per node under the lab's workdir;
+    ``keys``: more lines of the [mirror] table."""
     secret = os.path.join(lab.workdir, "mirror-secret")
     with open(secret, "w") as f:
         f.write(secrets.token_hex(32))
@@ -467,7 +468,7 @@ secret_file = "{secret}"
 port = {MIRROR_PORT}
 link = "hb"
 alert_after = 2.0
-
+{keys}
 [[mirror.tree]]
 name = "data"
 path = "{lab.workdir}/data/{{node}}"

@@ -298,7 +298,7 @@ def test_a_primary_lost_while_its_daemon_compares_the_whole_tree_is_taken_over_f
 def reconciling(lab, rng):
     """As ``mcluster``, with a's daemon comparing the whole tree every second."""
     c = Cluster(lab, rng, start=False)
-    start_mirrored(c, mirror_section(lab).replace("alert_after = 2.0\n", "alert_after = 2.0\nreconcile_interval = 1.0\n"))
+    start_mirrored(c, mirror_section(lab, "reconcile_interval = 1.0"))
     yield c
     c.stop()
 
