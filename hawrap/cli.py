@@ -3,7 +3,7 @@
   hawrap run      --config FILE --node NAME     run this node (under its supervisor)
   hawrap status   --config FILE --node NAME [--json]
   hawrap standby  --config FILE --node NAME [--reason TEXT]
-  hawrap resume   --config FILE --node NAME [--discard-local-changes]
+  hawrap resume   --config FILE --node NAME [--discard-local-changes | --keep-local-changes [DIR]]
   hawrap force-primary --config FILE --node NAME [--accept-data-loss]
   hawrap failover --config FILE --node NAME     planned switchover (stop writes, final sync, switch)
   hawrap failback --config FILE --node NAME     move the service back to the home node
@@ -83,10 +83,12 @@ COMMAND_HELP: dict[str, tuple[str, str, str]] = {
     "resume": (
         "remove the standby lock after your checks: rejoin as secondary",
         "Remove the standby lock: the node rejoins as secondary and the primary mirrors its "
-        "trees back. Refused, listing them, if this node holds changes its peer lacks. With "
+        "trees back. Refused, listing them, if this node holds changes its peer lacks, unless "
+        "--keep-local-changes copies them aside first or --discard-local-changes gives them up. With "
         "--new-disk, a require_mount tree's disk that replaces the old one is taken as the "
         "tree's (refused while any is unmounted, or when none is new).",
-        f"0 done; 1 refused (local changes, or by the node); {_EXIT_USAGE}",
+        f"0 done; 1 refused (local changes, or by the node); {_EXIT_USAGE} (with --keep-local-changes: a "
+        "copy that could not be made, nothing resumed)",
     ),
     "force-primary": (
         "serve this node's copy although it may lack the peer's latest changes",
@@ -158,9 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("standby")
     p.add_argument("--reason", default="", help="recorded in the standby lock")
     p = command("resume")
-    p.add_argument(
+    local = p.add_mutually_exclusive_group()
+    local.add_argument(
         "--discard-local-changes", action="store_true",
         help="resume even though this node holds changes the peer lacks (they are listed; the resync replaces them)",
+    )  # fmt: skip
+    local.add_argument(
+        "--keep-local-changes", nargs="?", const="", default=None, metavar="DIR",
+        help="copy the changes this node holds that the peer lacks into DIR/TREE (default: each tree's state dir, "
+             "kept/TIME), durably, then resume (nothing is resumed if a copy fails)",
     )  # fmt: skip
     p.add_argument(
         "--new-disk", action="store_true",
@@ -440,6 +448,30 @@ def cmd_standby(cfg, node, args) -> int:
     return EXIT_OK if answer.get("ok") else EXIT_FAILED
 
 
+def _keep_local_changes(cfg, node, unsynced, base: str | None) -> bool:
+    """Copy aside what ``unsynced`` lists (``hawrap resume --keep-local-changes``): True once
+    every copy is durable; False, said on stderr, if one could not be made."""
+    from .mirrorctl import resolve_trees
+    from .setaside import SetAsideError, check_dest, keep_unsynced
+
+    trees = resolve_trees(cfg, node)
+    if base is not None:
+        why = check_dest(base, trees)
+        if why:
+            print(f"{node}: --keep-local-changes: {why}; nothing resumed", file=sys.stderr)
+            return False
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    try:
+        kept = keep_unsynced(trees, unsynced.since, base, stamp)
+    except SetAsideError as exc:
+        print(f"{node}: --keep-local-changes: {exc}; nothing resumed", file=sys.stderr)
+        return False
+    print(f"{node}: kept a copy of the above:")
+    for k in kept:
+        print(k.describe())
+    return True
+
+
 def cmd_resume(cfg, node, args) -> int:
     from .unsynced import find
 
@@ -451,17 +483,27 @@ def cmd_resume(cfg, node, args) -> int:
                 print(f"{node}: resume refused: {unfit}", file=sys.stderr)
                 return EXIT_FAILED
     # with etcd, who leads next is decided by the positions the members publish
+    if args.keep_local_changes is not None and cfg.backend == "etcd":
+        print(f"{node}: --keep-local-changes: not available with the etcd backend (nothing is listed)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
     unsynced = find(cfg, node) if cfg.backend != "etcd" else None
     if unsynced:
         print(unsynced.describe(node))
-        if not args.discard_local_changes:
+        if args.keep_local_changes is not None:
+            if not _keep_local_changes(cfg, node, unsynced, args.keep_local_changes or None):
+                return EXIT_ERROR
+            print(f"{node}: resuming; {unsynced.peer}'s copy replaces the above (copies kept)")
+        elif not args.discard_local_changes:
             print(
-                f"{node}: not resumed. Keep what you need (copy it aside, or make {node} primary again with "
-                f"its data), then run 'hawrap resume --discard-local-changes'",
+                f"{node}: not resumed. 'hawrap resume --keep-local-changes [DIR]' copies them aside first; "
+                f"or keep what you need yourself (or make {node} primary again with its data), then run "
+                f"'hawrap resume --discard-local-changes'",
                 file=sys.stderr,
             )
             return EXIT_FAILED
-        print(f"{node}: --discard-local-changes: resuming; {unsynced.peer}'s copy replaces the above")
+        else:
+            print(f"{node}: --discard-local-changes: resuming; {unsynced.peer}'s copy replaces the above")
     try:
         answer = control.request(cfg.control_socket(node), "resume", **({"new_disk": True} if args.new_disk else {}))
     except NotRunning:

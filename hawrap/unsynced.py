@@ -58,16 +58,26 @@ class Unsynced:
         return "\n".join(lines)
 
 
-def journaled_paths(state_dir: str) -> list[str]:
-    """The paths of every change recorded in the tree's journals and not checkpointed."""
-    out: set[bytes] = set()
+def journaled(state_dir: str) -> tuple[set[bytes], set[bytes]]:
+    """The paths of every change recorded in the tree's journals and not checkpointed:
+    ``(entries, subtrees)``.  A rename's new name counts as a subtree (a directory moved
+    there brings everything below it), its old name as an entry."""
+    entries: set[bytes] = set()
+    subtrees: set[bytes] = set()
     for path in sorted(glob.glob(os.path.join(glob.escape(state_dir), "journal-*"))):
         pending = read_pending(os.fsencode(path))
-        out.update(pending.entries)
-        out.update(pending.trees)
+        entries.update(pending.entries)
+        subtrees.update(pending.trees)
         for old, new in pending.renames:
-            out.update((old, new))
-    return sorted(display_path(p) for p in out if p)
+            entries.add(old)
+            subtrees.add(new)
+    return entries - {b""}, subtrees - {b""}
+
+
+def journaled_paths(state_dir: str) -> list[str]:
+    """The journaled paths for humans (see ``journaled``)."""
+    entries, subtrees = journaled(state_dir)
+    return sorted(display_path(p) for p in entries | subtrees)
 
 
 def find(cfg: ClusterConfig, node: str) -> Unsynced:

@@ -10,9 +10,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from hawrap import config, unsynced
 from hawrap.demo import write_demo_config
 from mirror.journal import ENTRY, RENAME, Journal
+from tests.test_full_disk import small_fs
 
 
 def mirrored_config(tmp_path) -> str:
@@ -90,3 +93,142 @@ def test_resume_refuses_without_the_flag_and_says_what_would_be_replaced(tmp_pat
     r = resume(path, "--discard-local-changes")
     assert r.returncode == 0, r.stderr
     assert not lock.exists() and "replaces the above" in r.stdout
+
+
+def kept_dirs(tmp_path, node="alpha") -> list:
+    base = tmp_path / "data" / node / ".mirror" / "kept"
+    return sorted(base.iterdir()) if base.exists() else []
+
+
+def standby_lock(tmp_path):
+    (tmp_path / "alpha").mkdir(exist_ok=True)
+    lock = tmp_path / "alpha" / "standby.lock"
+    lock.write_text("{}")
+    return lock
+
+
+def test_resume_keeps_a_durable_copy_of_what_the_journals_list_then_resumes(tmp_path):
+    """``--keep-local-changes``: every journaled path still here is copied aside (content,
+    mode, times; a symlink as a symlink, never followed; a directory renamed here with all
+    below it; one journaled by itself without its content) before the lock goes."""
+    path = mirrored_config(tmp_path)
+    lock = standby_lock(tmp_path)
+    root = tmp_path / "data" / "alpha"
+    (root / "spool").mkdir()
+    (root / "spool" / "unsent").write_bytes(b"mail that beta never got\n" * 1000)
+    os.chmod(root / "spool" / "unsent", 0o640)
+    os.utime(root / "spool" / "unsent", ns=(1_600_000_000_123_456_789,) * 2)
+    (root / "spool" / "old").write_bytes(b"mirrored long ago")
+    os.symlink("../../outside", root / "link")
+    (root / "moved" / "x").mkdir(parents=True)
+    (root / "moved" / "x" / "y").write_bytes(b"deep")
+    (root / "own").mkdir()
+    (root / "own" / "child").write_bytes(b"not listed")
+    (tmp_path / "outside").write_bytes(b"outside the tree")
+    os.mkfifo(root / "fifo")
+    os.mkdir(os.fsencode(root) + b"/caf\xe9")
+    (root / "sneaky").symlink_to(tmp_path)  # a journaled path through it names nothing here
+    j = journal_of(tmp_path)
+    j.append([(ENTRY, b"spool/unsent", 0), (ENTRY, b"link", 0), (RENAME, b"was", b"moved"),
+              (ENTRY, b"own", 0), (ENTRY, b"gone", 0), (ENTRY, b"fifo", 0), (ENTRY, b"caf\xe9", 0),
+              (ENTRY, b"sneaky/outside", 0)])  # fmt: skip
+    j.close()
+
+    r = resume(path, "--keep-local-changes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not lock.exists() and "copies kept" in r.stdout
+    [kept] = kept_dirs(tmp_path)
+    copy = kept / "spool" / "unsent"
+    assert copy.read_bytes() == (root / "spool" / "unsent").read_bytes()
+    st = copy.stat()
+    assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640, 1_600_000_000_123_456_789)
+    assert not (kept / "spool" / "old").exists()  # not listed: mirrored already
+    assert os.readlink(kept / "link") == "../../outside"
+    assert (kept / "moved" / "x" / "y").read_bytes() == b"deep"
+    assert (kept / "own").is_dir() and not (kept / "own" / "child").exists()
+    assert os.path.isdir(os.fsencode(kept) + b"/caf\xe9")
+    assert not (kept / "fifo").exists() and not (kept / "sneaky").exists()
+    assert not (kept / "was").exists()
+    out = r.stdout
+    assert "3 listed paths no longer exist here" in out and "gone" in out and "sneaky/outside" in out
+    assert "1 special files not copied" in out and "fifo" in out
+    assert str(kept) in out
+    # the tree itself is untouched, its state dir not copied
+    assert (root / "spool" / "unsent").exists() and not (kept / ".mirror").exists()
+
+
+def test_resume_keeps_into_a_directory_of_the_administrators_choice(tmp_path):
+    path = mirrored_config(tmp_path)
+    lock = standby_lock(tmp_path)
+    (tmp_path / "data" / "alpha" / "new").write_bytes(b"x" * 5000)
+    j = journal_of(tmp_path)
+    j.append([(ENTRY, b"new", 0)])
+    j.close()
+    r = resume(path, "--keep-local-changes", str(tmp_path / "saved"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "saved" / "data" / "new").read_bytes() == b"x" * 5000
+    assert not lock.exists() and not kept_dirs(tmp_path)
+
+
+def test_a_degraded_primary_keeps_everything_changed_since_its_peer_was_outdated(tmp_path):
+    """No journal lists what was written while no daemon watched: with the node's data state
+    saying since when the peer lacks its changes, every entry changed from then on is kept,
+    nothing older, and never the tree's own state dir."""
+    path = mirrored_config(tmp_path)
+    lock = standby_lock(tmp_path)
+    root = tmp_path / "data" / "alpha"
+    (root / "before").write_bytes(b"the peer has this")
+    old = (root / "before").stat().st_ctime_ns
+    probe = root / "probe"
+    # a file's ctime comes from a coarse clock: wait (by condition) for it to move on
+    while True:
+        probe.write_bytes(b"")
+        if probe.stat().st_ctime_ns > old + 1_000_000:
+            break
+    since = (probe.stat().st_ctime_ns - 1000) / 1e9
+    probe.unlink()
+    (root / "d").mkdir()
+    (root / "d" / "after").write_bytes(b"written while beta was outdated")
+    journal_of(tmp_path).close()  # a state dir with content, changed now
+    (tmp_path / "alpha" / "node-state.json").write_text(
+        json.dumps({"role": "standby", "peer_outdated": True, "peer_outdated_since": since})
+    )
+    r = resume(path, "--keep-local-changes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    [kept] = kept_dirs(tmp_path)
+    assert (kept / "d" / "after").read_bytes() == b"written while beta was outdated"
+    assert not (kept / "before").exists() and not (kept / ".mirror").exists()
+    assert not lock.exists()
+
+
+def test_a_copy_inside_the_tree_is_refused_and_nothing_resumes(tmp_path):
+    path = mirrored_config(tmp_path)
+    lock = standby_lock(tmp_path)
+    (tmp_path / "data" / "alpha" / "new").write_bytes(b"x")
+    j = journal_of(tmp_path)
+    j.append([(ENTRY, b"new", 0)])
+    j.close()
+    r = resume(path, "--keep-local-changes", str(tmp_path / "data" / "alpha" / "saved"))
+    assert r.returncode == 2 and "inside tree data" in r.stderr and "nothing resumed" in r.stderr
+    assert lock.exists() and not (tmp_path / "data" / "alpha" / "saved").exists()
+    r = resume(path, "--keep-local-changes", "--discard-local-changes")
+    assert r.returncode == 2 and lock.exists()  # one or the other
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small file system needs root")
+def test_a_copy_that_does_not_fit_resumes_nothing(tmp_path):
+    """The copies go to a file system that fills up: the file is named, nothing resumes, the
+    lock stays and the tree is as it was."""
+    path = mirrored_config(tmp_path)
+    lock = standby_lock(tmp_path)
+    body = os.urandom(1 << 20)
+    (tmp_path / "data" / "alpha" / "big").write_bytes(body)
+    j = journal_of(tmp_path)
+    j.append([(ENTRY, b"big", 0)])
+    j.close()
+    with small_fs(tmp_path / "small", "tmpfs", size_kb=256) as small:
+        r = resume(path, "--keep-local-changes", str(small))
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "copying big" in r.stderr and "No space left" in r.stderr and "nothing resumed" in r.stderr
+        assert lock.exists() and (tmp_path / "data" / "alpha" / "big").read_bytes() == body
+        assert not [n for n in os.listdir(small / "data") if n.startswith(".hamirror.")]  # no temp left

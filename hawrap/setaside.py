@@ -1,0 +1,250 @@
+"""Copies of what a node holds that its peer lacks, made by ``hawrap resume
+--keep-local-changes`` before the resync lets the peer's copy replace it.
+
+What is copied is what ``unsynced`` lists: every path the mirror daemon's journals hold
+unmirrored (a directory journaled as a whole tree, or renamed, with everything below it;
+one journaled as an entry by itself), and, when the node served while its peer's copy was
+outdated, every entry of the tree whose inode changed (ctime) since then.  A journaled path
+that no longer exists was removed here; the resync brings the peer's copy of it back, so it
+is only named.
+
+The tree is read through a ``ConfinedTree``: no symlink in it is followed, and its state
+dir is left out.  Copies keep content, permissions, times and (as root) owners; a symlink is
+copied as a symlink; a device, FIFO or socket is named, not copied; hard links among kept
+files become separate files.  They are written into a new directory of their own, and one
+``syncfs`` makes them durable before the caller lets anything replace the originals.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from mirror.entry import Kind
+from mirror.errors import UnsafePathError, display_path
+from mirror.safefs import ConfinedTree, syncfs
+from mirror.statedir import state_dir_below
+
+from .unsynced import journaled
+
+_COPY_CHUNK = 8 << 20
+
+
+class SetAsideError(Exception):
+    """A copy could not be made (named in the message); nothing may replace the originals."""
+
+
+@dataclass
+class Kept:
+    """What one tree's copy holds, and what it could not."""
+
+    tree: str
+    dest: str
+    files: int = 0
+    symlinks: int = 0
+    dirs: int = 0
+    size: int = 0
+    absent: list[bytes] = field(default_factory=list)  # listed, but removed here since
+    special: list[bytes] = field(default_factory=list)  # devices, FIFOs, sockets: named only
+
+    def describe(self) -> str:
+        text = (
+            f"  tree {self.tree}: {self.files} files ({self.size} bytes), {self.symlinks} symlinks, "
+            f"{self.dirs} directories copied to {self.dest}"
+        )
+        if self.absent:
+            text += f"\n  {len(self.absent)} listed paths no longer exist here (the resync brings the peer's back):"
+            text += "".join(f"\n    {display_path(p)}" for p in self.absent[:20])
+        if self.special:
+            text += f"\n  {len(self.special)} special files not copied:"
+            text += "".join(f"\n    {display_path(p)}" for p in self.special[:20])
+        return text
+
+
+def changed_since(root: str, state_dir: str, since: float) -> set[bytes]:
+    """Every entry below ``root`` whose ctime is at or after ``since`` (the state dir left
+    out), walked through descriptors without following a symlink."""
+    since_ns = int(since * 1e9)
+    tree = _source(root, state_dir)
+    found: set[bytes] = set()
+    try:
+        for path, st in _walk(tree, b""):
+            if st.st_ctime_ns >= since_ns:
+                found.add(path)
+    finally:
+        tree.close()
+    return found
+
+
+def keep(name: str, root: str, state_dir: str, entries: set[bytes], subtrees: set[bytes],
+         dest: str) -> Kept:  # fmt: skip
+    """Copy ``entries`` (directories by themselves) and ``subtrees`` (with everything below)
+    of the tree at ``root`` into ``dest``, a directory made here (it must not exist), and make
+    the copies durable.  SetAsideError names what could not be copied."""
+    kept = Kept(name, dest)
+    try:
+        os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
+        os.mkdir(dest, 0o700)
+    except OSError as exc:
+        raise SetAsideError(f"cannot make {dest}: {exc.strerror}") from None
+    src = _source(root, state_dir)
+    out = ConfinedTree(os.fsencode(dest))
+    dirs: dict[bytes, os.stat_result] = {}
+    current = b""
+    try:
+        for path in sorted(entries | subtrees):
+            current = path
+            st = _lstat(src, path)
+            if st is None:
+                kept.absent.append(path)
+                continue
+            _make_parents(src, out, path, dirs)
+            if stat.S_ISDIR(st.st_mode) and path in subtrees:
+                for current, sub_st in [(path, st), *_walk(src, path)]:
+                    _copy_entry(src, out, current, sub_st, kept, dirs)
+            else:
+                _copy_entry(src, out, path, st, kept, dirs)
+        # deepest first: making an entry in a directory changes its times
+        for current in sorted(dirs, key=lambda p: p.count(b"/"), reverse=True):
+            st = dirs[current]
+            out.set_attrs(current, Kind.DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                          _as_root())  # fmt: skip
+        current = b""
+        syncfs(out.root_fd)
+    except (UnsafePathError, OSError) as exc:
+        what = f"copying {display_path(current)}" if current else "making the copies durable"
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SetAsideError(f"tree {name}: {what} into {dest}: {why}") from None
+    finally:
+        out.close()
+        src.close()
+    return kept
+
+
+def _as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _source(root: str, state_dir: str) -> ConfinedTree:
+    inside = state_dir_below(os.fsencode(root), os.fsencode(state_dir))
+    return ConfinedTree(os.fsencode(root), reserved=None if inside in (None, b".") else inside)
+
+
+def _lstat(tree: ConfinedTree, path: bytes) -> os.stat_result | None:
+    """The entry at ``path``, None if it is gone (or a component on the way no longer is a
+    directory: what the journal named is not there)."""
+    try:
+        return tree.lstat(path)
+    except (UnsafePathError, FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _walk(tree: ConfinedTree, top: bytes):
+    """``(path, stat)`` of every entry below directory ``top`` (b"": the root), parents first,
+    never through a symlink, the reserved state dir left out."""
+    stack = [top]
+    while stack:
+        current = stack.pop()
+        fd = os.dup(tree.dir_fd(tree.parts(current) if current else []))
+        try:
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
+            for name in names:
+                path = current + b"/" + name if current else name
+                if tree.reserved is not None and path.split(b"/") == tree.reserved:
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield path, st
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(path)
+        finally:
+            os.close(fd)
+
+
+def _make_parents(src: ConfinedTree, out: ConfinedTree, path: bytes, dirs: dict) -> None:
+    parts = path.split(b"/")
+    for i in range(1, len(parts)):
+        parent = b"/".join(parts[:i])
+        if parent not in dirs:
+            dirs[parent] = src.lstat(parent)
+            out.make_dir(parent, 0o700)
+
+
+def _copy_entry(src: ConfinedTree, out: ConfinedTree, path: bytes, st: os.stat_result, kept: Kept,
+                dirs: dict) -> None:  # fmt: skip
+    owner = _as_root()
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISDIR(st.st_mode):
+        if path not in dirs:
+            dirs[path] = st
+            out.make_dir(path, 0o700)
+            kept.dirs += 1
+    elif stat.S_ISREG(st.st_mode):
+        with src.open_regular(path, (st.st_dev, st.st_ino)) as f:
+            commit = out.new_file(path)
+            try:
+                _copy_content(f.fileno(), commit.file.fileno(), st.st_size)
+                commit.finish(mode, st.st_uid, st.st_gid, st.st_mtime_ns, owner)
+                commit.commit()
+            finally:
+                commit.discard()
+        kept.files += 1
+        kept.size += st.st_size
+    elif stat.S_ISLNK(st.st_mode):
+        dir_fd, name = src.parent(path)
+        target = os.readlink(name, dir_fd=dir_fd)
+        out.make_special(path, Kind.SYMLINK, target)
+        out.set_attrs(path, Kind.SYMLINK, mode, st.st_uid, st.st_gid, st.st_mtime_ns, owner)
+        kept.symlinks += 1
+    else:
+        kept.special.append(path)
+
+
+def _copy_content(src_fd: int, out_fd: int, size: int) -> None:
+    """All ``size`` bytes of ``src_fd`` into ``out_fd``: a write cut short by a full disk is
+    continued until it fails (ENOSPC), never taken for the end of the file."""
+    done = 0
+    while done < size:
+        n = os.sendfile(out_fd, src_fd, done, min(size - done, _COPY_CHUNK))
+        if n == 0:
+            raise OSError(errno.EIO, f"the file ended at {done} of its {size} bytes while copied")
+        done += n
+
+
+def check_dest(dest: str, trees) -> str | None:
+    """Why ``dest`` cannot hold the copies (inside a tree, where the resync would delete
+    it), or None.  Below a tree's own state dir is fine: nothing mirrors or deletes there."""
+    real = os.path.realpath(dest)
+    for tree in trees:
+        root = os.path.realpath(tree.path)
+        if os.path.commonpath([real, root]) != root:
+            continue
+        state = os.path.realpath(tree.state_dir)
+        if os.path.commonpath([real, state]) == state and real != state:
+            continue
+        return f"{dest} is inside tree {tree.name} ({tree.path}): the resync would replace it"
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        return f"{dest} exists and is not a directory"
+    return None
+
+
+
+
+def keep_unsynced(trees, since: float | None, base: str | None, stamp: str) -> list[Kept]:
+    """Copy what each tree holds that the peer lacks (its journals; with ``since``, every
+    entry changed from then on) into ``base/<tree>``, or without ``base`` into the tree's
+    state dir, ``kept/<stamp>``.  Trees with nothing to keep are left out."""
+    out = []
+    for tree in trees:
+        entries, subtrees = journaled(tree.state_dir)
+        if since is not None:
+            entries |= changed_since(tree.path, tree.state_dir, since)
+        if not entries and not subtrees:
+            continue
+        dest = os.path.join(base, tree.name) if base else os.path.join(tree.state_dir, "kept", stamp)
+        out.append(keep(tree.name, tree.path, tree.state_dir, entries, subtrees, dest))
+    return out
