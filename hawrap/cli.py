@@ -469,6 +469,9 @@ def _keep_local_changes(cfg, node, unsynced, base: str | None) -> bool:
     print(f"{node}: kept a copy of the above:")
     for k in kept:
         print(k.describe())
+    if unsynced.since is not None:
+        print(f"  (what {unsynced.peer} lacks from before then, if it never received it, e.g. an initial sync cut "
+              f"short, is not known here: copy the trees yourself if that may be so)")  # fmt: skip
     return True
 
 

@@ -4,7 +4,9 @@
 What is copied is what ``unsynced`` lists: every path the mirror daemon's journals hold
 unmirrored (a directory journaled as a whole tree, or renamed, with everything below it;
 one journaled as an entry by itself), and, when the node served while its peer's copy was
-outdated, every entry of the tree whose inode changed (ctime) since then.  A journaled path
+outdated, every entry of the tree whose inode changed (ctime) since then.  (Entries older
+than that which the peer never received, as after an initial sync cut short, are not known
+here; the command says so.)  A journaled path
 that no longer exists was removed here; the resync brings the peer's copy of it back, so it
 is only named.
 
@@ -30,6 +32,9 @@ from mirror.statedir import state_dir_below
 from .unsynced import journaled
 
 _COPY_CHUNK = 8 << 20
+# A file's ctime comes from the kernel's coarse clock, up to a tick (10 ms at HZ=100) behind
+# the time ``since`` was read from: entries changed this much earlier are kept too.
+CTIME_SLACK = 0.05
 
 
 class SetAsideError(Exception):
@@ -242,7 +247,7 @@ def keep_unsynced(trees, since: float | None, base: str | None, stamp: str) -> l
     for tree in trees:
         entries, subtrees = journaled(tree.state_dir)
         if since is not None:
-            entries |= changed_since(tree.path, tree.state_dir, since)
+            entries |= changed_since(tree.path, tree.state_dir, since - CTIME_SLACK)
         if not entries and not subtrees:
             continue
         dest = os.path.join(base, tree.name) if base else os.path.join(tree.state_dir, "kept", stamp)

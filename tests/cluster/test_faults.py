@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -589,14 +590,28 @@ def test_the_primary_fails_while_its_standby_is_outdated(fc, fault):
     c.record(f"{fault} on the primary while its standby is outdated", t0, w0, healed)
 
 
+def check_kept(root: str, held: dict[str, str], listing: str) -> int:
+    """``hawrap resume --keep-local-changes`` copied every listed file the node held, whole
+    (each one's digest as the node held it before the resume); returns how many it copied."""
+    [kept] = os.listdir(os.path.join(root, ".mirror", "kept"))
+    copies = snapshot(os.path.join(root, ".mirror", "kept", kept))
+    listed = {line.strip() for line in listing.split("kept a copy")[0].splitlines() if line.startswith("    ")}
+    for path in listed & held.keys():
+        assert copies.get(path) == held[path], f"{path}: not kept as held\n{listing}"
+    assert all(held.get(path) == digest for path, digest in copies.items()), listing
+    shutil.rmtree(os.path.join(root, ".mirror", "kept"))  # the administrator has dealt with it
+    return len(copies)
+
+
 def test_random_failovers_under_writes(fc):
     """Failovers back and forth under a client that writes a whole file every 20 ms to
     whichever node serves, and a reader polling the other node's copy: at a random moment
     the serving node loses power, or its hawrap is killed -9, or its LAN goes down.  Each
     time the other takes over with every file its copy was ever seen to hold (nothing a
     takeover or the returning node's resync removes), the returning node is resumed (what it
-    wrote after its last mirrored change is given up, as the administrator is told) and then
-    holds exactly the survivor's tree; epochs only rise; one VIP holder as clients see it."""
+    wrote after its last mirrored change, listed, is copied aside with --keep-local-changes,
+    whole) and then holds exactly the survivor's tree; epochs only rise; one VIP holder as
+    clients see it."""
     c = fc
     writes: dict[str, int] = {"to": 0}  # which tree the client writes to; None while nobody serves
     target: list[str | None] = ["a"]
@@ -667,13 +682,15 @@ def test_random_failovers_under_writes(fc):
             assert wait_for(lambda p=primary: c.h.role(p) in ("standby", "secondary"), 20), c.h.logs()
             # as the administrator checks before resuming: its LAN is healthy again
             assert wait_for(lambda p=primary: (c.h.status(p) or {}).get("lan", {}).get("ok") is True, 20), c.h.logs()
-            discarded = 0
+            kept = 0
             if c.h.role(primary) == "standby":
+                held_here = snapshot(tree(c.lab, primary))
                 r = c.h.cli(primary, "resume")
-                if r.returncode != EXIT_OK:  # it holds what it wrote last: the administrator gives it up
+                if r.returncode != EXIT_OK:  # it holds what it wrote last: the administrator keeps a copy
                     assert "lacks" in r.stdout, r.stdout + r.stderr
-                    discarded = r.stdout.count("\n")
-                    r = c.h.cli(primary, "resume", "--discard-local-changes")
+                    r = c.h.cli(primary, "resume", "--keep-local-changes")
+                    assert r.returncode == EXIT_OK, r.stdout + r.stderr
+                    kept = check_kept(tree(c.lab, primary), held_here, r.stdout)
                 assert r.returncode == EXIT_OK, r.stdout + r.stderr
             c.expect_roles(primary=other, other="secondary")
             watching[0] = primary
@@ -687,7 +704,7 @@ def test_random_failovers_under_writes(fc):
             assert not missing, f"cycle {cycle}, {fault}: the resync removed {sorted(missing)[:5]} from the primary"
             aim(other)
             epochs.append(c.epoch(other))
-            figures.append({"fault": fault, "takeover_seconds": round(took, 3), "resume_listed_lines": discarded})
+            figures.append({"fault": fault, "takeover_seconds": round(took, 3), "kept_files": kept})
             primary, other = other, primary
     assert epochs == sorted(set(epochs)), f"epochs did not strictly rise: {epochs}"
     assert writer.polls > 100 and reader.polls > 100
