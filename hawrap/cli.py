@@ -466,7 +466,7 @@ def _keep_local_changes(cfg, node, unsynced, base: str | None) -> bool:
     except SetAsideError as exc:
         print(f"{node}: --keep-local-changes: {exc}; nothing resumed", file=sys.stderr)
         return False
-    print(f"{node}: kept a copy of the above:")
+    print(f"{node}: kept a copy of the above:" if kept else f"{node}: nothing of the above is here to copy")
     for k in kept:
         print(k.describe())
     if unsynced.since is not None:
