@@ -476,7 +476,8 @@ def _keep_local_changes(cfg, node, unsynced, base: str | None) -> bool:
 
 
 def cmd_resume(cfg, node, args) -> int:
-    from .unsynced import find
+    from .mirrorctl import resolve_trees
+    from .unsynced import find, settle
 
     if not args.new_disk:
         # A node unfit to serve refuses anyway: say what to fix first, before what a resume loses.
@@ -485,11 +486,11 @@ def cmd_resume(cfg, node, args) -> int:
             if unfit:
                 print(f"{node}: resume refused: {unfit}", file=sys.stderr)
                 return EXIT_FAILED
-    # with etcd, who leads next is decided by the positions the members publish
     if args.keep_local_changes is not None and cfg.backend == "etcd":
         print(f"{node}: --keep-local-changes: not available with the etcd backend (nothing is listed)",
               file=sys.stderr)  # fmt: skip
         return EXIT_ERROR
+    # with etcd, who leads next is decided by the positions the members publish
     unsynced = find(cfg, node) if cfg.backend != "etcd" else None
     if unsynced:
         print(unsynced.describe(node))
@@ -507,6 +508,9 @@ def cmd_resume(cfg, node, args) -> int:
             return EXIT_FAILED
         else:
             print(f"{node}: --discard-local-changes: resuming; {unsynced.peer}'s copy replaces the above")
+        for problem in settle(resolve_trees(cfg, node)):
+            print(f"{node}: cannot mark the journal as dealt with, {problem}: a later resume lists it again",
+                  file=sys.stderr)  # fmt: skip
     try:
         answer = control.request(cfg.control_socket(node), "resume", **({"new_disk": True} if args.new_disk else {}))
     except NotRunning:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from mirror.errors import display_path
 from mirror.journal import read_pending
+from mirror.journal import settle as settle_journal
 
 from .config import ClusterConfig
 from .mirrorctl import resolve_trees
@@ -78,6 +79,20 @@ def journaled_paths(state_dir: str) -> list[str]:
     """The journaled paths for humans (see ``journaled``)."""
     entries, subtrees = journaled(state_dir)
     return sorted(display_path(p) for p in entries | subtrees)
+
+
+def settle(trees) -> list[str]:
+    """What a resume decided (copied aside, or given up) is not listed again: every tree's
+    journals are marked done (no daemon runs on a node that is not serving).  Returns the
+    problems met, each naming its journal; the journals concerned are listed again."""
+    problems = []
+    for tree in trees:
+        for path in sorted(glob.glob(os.path.join(glob.escape(tree.state_dir), "journal-*"))):
+            try:
+                settle_journal(os.fsencode(path))
+            except OSError as exc:
+                problems.append(f"{path}: {exc.strerror}")
+    return problems
 
 
 def find(cfg: ClusterConfig, node: str) -> Unsynced:

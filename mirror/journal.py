@@ -135,6 +135,26 @@ def read_pending(path: bytes) -> Pending:
     return _merge([r for r in records if r[0] > floor], floor)
 
 
+def settle(path: bytes) -> int:
+    """Mark every record of the journal at ``path`` done for each of its destinations, durably.
+    Only with no daemon on it: its changes were kept aside or given up, and the tree is to
+    become a copy of another's.  Returns the sequence settled, 0 if nothing was pending."""
+    pending = read_pending(path)
+    if not len(pending):
+        return 0
+    with open(path, "rb") as f:
+        _, done, _, _ = _scan(f.read())
+    cursors = tuple(done) or (b"",)
+    journal = Journal(path, cursors)
+    try:
+        for cursor in cursors:
+            journal.checkpoint(pending.seq, cursor)
+        os.fsync(journal._fd)
+    finally:
+        journal.close()
+    return pending.seq
+
+
 class Journal:
     """One tree's journal file, for one or more destinations (``cursors``: their names, as
     bytes; the default is the single unnamed one); thread-safe."""

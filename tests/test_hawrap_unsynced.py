@@ -94,6 +94,7 @@ def test_resume_refuses_without_the_flag_and_says_what_would_be_replaced(tmp_pat
     r = resume(path, "--discard-local-changes")
     assert r.returncode == 0, r.stderr
     assert not lock.exists() and "replaces the above" in r.stdout
+    assert not unsynced.find(config.load(path), "alpha")  # given up: not listed again
 
 
 def kept_dirs(tmp_path, node="alpha") -> list:
@@ -156,6 +157,11 @@ def test_resume_keeps_a_durable_copy_of_what_the_journals_list_then_resumes(tmp_
     assert str(kept) in out
     # the tree itself is untouched, its state dir not copied
     assert (root / "spool" / "unsent").exists() and not (kept / ".mirror").exists()
+    # kept: not listed, nor copied, again
+    assert not unsynced.find(config.load(path), "alpha")
+    lock.write_text("{}")
+    r = resume(path)
+    assert r.returncode == 0 and len(kept_dirs(tmp_path)) == 1, r.stdout + r.stderr
 
 
 def test_resume_keeps_into_a_directory_of_the_administrators_choice(tmp_path):

@@ -97,3 +97,24 @@ def test_a_change_kept_for_a_retry_keeps_its_first_seen_time_though_newer_events
     j.checkpoint(batch.seq)
     assert j.pending().entries == {b"log": 100.0}
     j.close()
+
+
+def test_settle_marks_everything_done_for_every_destination(tmp_path):
+    """A journal whose changes were kept aside or given up (``hawrap resume``): nothing is
+    pending afterwards for any of its destinations, and new changes journal on from there."""
+    path = os.fsencode(tmp_path / "j")
+    assert J.settle(path) == 0  # no journal: nothing to do, nothing made
+    assert not os.path.exists(path)
+    j = J.Journal(path, cursors=(b"b", b"c"))
+    seq = j.append([(J.ENTRY, b"a", 0), (J.RENAME, b"x", b"y")])
+    j.checkpoint(seq, b"b")  # mirrored to b only
+    later = j.append([(J.ENTRY, b"later", 1)])
+    j.close()
+    assert set(J.read_pending(path).entries) == {b"a", b"x", b"y", b"later"}
+    assert J.settle(path) == later
+    assert not len(J.read_pending(path)) and J.settle(path) == 0
+    again = J.Journal(path, cursors=(b"b", b"c"))
+    assert not len(again.pending(cursor=b"b")) and not len(again.pending(cursor=b"c"))
+    assert again.append([(J.ENTRY, b"new", 0)]) > later
+    again.close()
+    assert set(J.read_pending(path).entries) == {b"new"}
