@@ -41,15 +41,18 @@ from .errors import HawrapError, ResourceError
 from .etcdsession import CLOCK_RATE_TOLERANCE
 from .leadership import Leader, Leadership, Listener, Position
 from .links import LanHealth, LanMonitor
-from .mirrorctl import MirrorControl, exit_alert
+from .mirrorctl import MirrorControl, exit_alert, resolve_trees
 from .node import build_resources
 from .notify import Notifier
+from .setaside import SetAsideError, keep_unsynced
+from .unsynced import settle
 
 log = logging.getLogger(__name__)
 
 TICK = 0.05
 VIP_RETRY = 0.1  # the VIP still answers elsewhere (a frozen former leader): look again this often
 FINAL_SYNC_TIMEOUT = 3600.0
+KEEP_RETRY = 30.0  # seconds between attempts to copy unconfirmed changes aside
 # The kernel drops an expired IPv4 address from a timer rounded up to a whole second: a
 # lifetime this much shorter still ends before the watchdog's instant.
 KERNEL_EXPIRY_SLACK = 1
@@ -112,6 +115,8 @@ class EtcdNode(Listener):
         self._mirror_exits: dict[str, int] = {}  # unexpected exits, per process (reset when it is replaced)
         self._mirror_alerted: set[str] = set()
         self._rejoined_at: dict | None = None  # the trees' epochs when this node (re)joined as a replica
+        self._keep_retry_at = 0.0  # a copy aside that failed is tried again from then on
+        self._keep_failed: str | None = None
         self._stop = threading.Event()
         self._stop_requested = False  # by a signal (``request_stop``)
         self.transitions: list[dict] = []
@@ -288,8 +293,47 @@ class EtcdNode(Listener):
 
     def _receive(self) -> None:
         """A replica receives, unless a tree's disk is not its own (its receiver would let
-        the leader's mirroring overwrite another disk): then nothing until it is."""
-        self.mirror.set_direction(None if self.mirror.disks.unfit() else "receive")
+        the leader's mirroring overwrite another disk): then nothing until it is.  Before it
+        starts to receive, what this node journaled as a leader and no replica confirmed is
+        copied aside (``_keep_unconfirmed``): the leader's copy is about to replace it."""
+        if self.mirror.disks.unfit():
+            self.mirror.set_direction(None)
+            return
+        if self.mirror.direction != "receive":
+            self.mirror.set_direction(None)  # its daemons stopped: their journals hold still
+            if not self._keep_unconfirmed():
+                return
+        self.mirror.set_direction("receive")
+
+    def _keep_unconfirmed(self) -> bool:
+        """Copy aside (``hawrap/setaside.py``, into each tree's state dir, ``kept/TIME``) the
+        changes this node's journals hold that no replica confirmed, then settle the
+        journals; the administrator is told where.  False while a copy cannot be made (told
+        once, tried again every KEEP_RETRY seconds): this node does not receive meanwhile."""
+        now = time.monotonic()
+        if now < self._keep_retry_at:
+            return False
+        trees = resolve_trees(self.cfg, self.name)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        try:
+            kept = keep_unsynced(trees, None, None, stamp, had_by_none=True)
+        except SetAsideError as exc:
+            self._keep_retry_at = now + KEEP_RETRY
+            if self._keep_failed != str(exc):
+                self.notifier.notify("error", f"changes no replica confirmed cannot be kept aside, {exc}: this node "
+                                              f"does not receive until they are (tried every {KEEP_RETRY:g} s)",
+                                     self.role, self.epoch)  # fmt: skip
+            self._keep_failed = str(exc)
+            return False
+        self._keep_failed = None
+        for problem in settle(trees):
+            log.error("cannot mark the journal as dealt with, %s: its changes are kept again next time", problem)
+        if kept:
+            text = "; ".join(k.describe().strip().replace("\n", " ") for k in kept)
+            self.notifier.notify("local-changes-kept", f"changes made here as leader that no replica confirmed, "
+                                                       f"copied aside before the leader's copy replaces them: {text}",
+                                 self.role, self.epoch)  # fmt: skip
+        return True
 
     def _handle(self, kind: str, payload) -> None:
         if kind == "elected":

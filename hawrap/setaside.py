@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from dataclasses import dataclass, field
 
@@ -121,10 +122,15 @@ def keep(name: str, root: str, state_dir: str, entries: set[bytes], subtrees: se
     except (UnsafePathError, OSError) as exc:
         what = f"copying {display_path(current)}" if current else "making the copies durable"
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise SetAsideError(f"tree {name}: {what} into {dest}: {why}") from None
+        failed = SetAsideError(f"tree {name}: {what} into {dest}: {why}")
+    else:
+        failed = None
     finally:
         out.close()
         src.close()
+    if failed is not None:
+        shutil.rmtree(dest, ignore_errors=True)  # no copy half made: the next attempt starts anew
+        raise failed
     return kept
 
 
@@ -239,13 +245,13 @@ def check_dest(dest: str, trees) -> str | None:
 
 
 
-def keep_unsynced(trees, since: float | None, base: str | None, stamp: str) -> list[Kept]:
-    """Copy what each tree holds that the peer lacks (its journals; with ``since``, every
-    entry changed from then on) into ``base/<tree>``, or without ``base`` into the tree's
-    state dir, ``kept/<stamp>``.  Trees with nothing to keep are left out."""
+def keep_unsynced(trees, since: float | None, base: str | None, stamp: str, *, had_by_none: bool = False) -> list[Kept]:
+    """Copy what each tree holds that the peer lacks (its journals, see ``journaled``; with
+    ``since``, every entry changed from then on) into ``base/<tree>``, or without ``base``
+    into the tree's state dir, ``kept/<stamp>``.  Trees with nothing to keep are left out."""
     out = []
     for tree in trees:
-        entries, subtrees = journaled(tree.state_dir)
+        entries, subtrees = journaled(tree.state_dir, had_by_none=had_by_none)
         if since is not None:
             entries |= changed_since(tree.path, tree.state_dir, since - CTIME_SLACK)
         if not entries and not subtrees:

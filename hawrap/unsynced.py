@@ -59,14 +59,15 @@ class Unsynced:
         return "\n".join(lines)
 
 
-def journaled(state_dir: str) -> tuple[set[bytes], set[bytes]]:
-    """The paths of every change recorded in the tree's journals and not checkpointed:
-    ``(entries, subtrees)``.  A rename's new name counts as a subtree (a directory moved
-    there brings everything below it), its old name as an entry."""
+def journaled(state_dir: str, *, had_by_none: bool = False) -> tuple[set[bytes], set[bytes]]:
+    """The paths of every change recorded in the tree's journals and not checkpointed (for
+    some destination; with ``had_by_none``, for any): ``(entries, subtrees)``.  A rename's new
+    name counts as a subtree (a directory moved there brings everything below it), its old
+    name as an entry."""
     entries: set[bytes] = set()
     subtrees: set[bytes] = set()
     for path in sorted(glob.glob(os.path.join(glob.escape(state_dir), "journal-*"))):
-        pending = read_pending(os.fsencode(path))
+        pending = read_pending(os.fsencode(path), had_by_none=had_by_none)
         entries.update(pending.entries)
         subtrees.update(pending.trees)
         for old, new in pending.renames:

@@ -122,16 +122,17 @@ def _merge(records, done: int) -> Pending:
     return out
 
 
-def read_pending(path: bytes) -> Pending:
-    """What a journal holds that at least one of its destinations has not had, read without
-    opening it for writing (a daemon may own it) and without cutting a torn tail."""
+def read_pending(path: bytes, *, had_by_none: bool = False) -> Pending:
+    """What a journal holds that at least one of its destinations has not had (with
+    ``had_by_none``: that none has had), read without opening it for writing (a daemon may
+    own it) and without cutting a torn tail."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return Pending()
     records, done, _, _ = _scan(data)
-    floor = min(done.values(), default=0)
+    floor = (max if had_by_none else min)(done.values(), default=0)
     return _merge([r for r in records if r[0] > floor], floor)
 
 

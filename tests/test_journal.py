@@ -111,6 +111,7 @@ def test_settle_marks_everything_done_for_every_destination(tmp_path):
     later = j.append([(J.ENTRY, b"later", 1)])
     j.close()
     assert set(J.read_pending(path).entries) == {b"a", b"x", b"y", b"later"}
+    assert set(J.read_pending(path, had_by_none=True).entries) == {b"later"}  # b has the rest
     assert J.settle(path) == later
     assert not len(J.read_pending(path)) and J.settle(path) == 0
     again = J.Journal(path, cursors=(b"b", b"c"))

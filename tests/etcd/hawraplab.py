@@ -73,6 +73,10 @@ def write_config(lab: Lab, ttl: int = 4, stop_budget: float = 0.5, state_dir: st
     )
     command = ", ".join(f'"{c}"' for c in (sys.executable, "-m", "mirror"))
     tree_state = f'state_dir = "{state_dir}"' if state_dir else ""
+    notify = os.path.join(work, "notify.sh")
+    with open(notify, "w") as f:
+        f.write(f'#!/bin/sh\necho "$(date +%s.%N) $HAWRAP_NODE $HAWRAP_EVENT $HAWRAP_MESSAGE" >> {work}/notify.log\n')
+    os.chmod(notify, 0o755)
     text = f"""
 [cluster]
 name = "lab"
@@ -117,6 +121,9 @@ path = "{work}/data/{{node}}"
 lock_file = "{work}/data/{{node}}.mirror.lock"
 {tree_state}
 {"require_mount = true" if require_mount else ""}
+
+[notify]
+command = ["{notify}"]
 """
     path = os.path.join(work, "hawrap.toml")
     with open(path, "w") as f:

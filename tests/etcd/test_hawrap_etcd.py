@@ -202,6 +202,68 @@ def test_a_replica_that_stopped_applying_is_never_promoted_over_one_that_has_eve
     client.check()
 
 
+def unconfirmed(lab: HawrapLab, node: str) -> set[str]:
+    """What the node's journals hold that no replica confirmed."""
+    from mirror.journal import read_pending
+
+    state = os.path.join(tree(lab, node), ".mirror")
+    out: set[str] = set()
+    for name in os.listdir(state):
+        if name.startswith("journal-"):
+            out |= {os.fsdecode(p) for p in read_pending(os.fsencode(os.path.join(state, name)), had_by_none=True).entries}
+    return out
+
+
+def test_a_leader_killed_with_changes_no_replica_confirmed_keeps_them_aside_when_it_returns(hlab):
+    """Both replicas' receivers frozen, the leader journals files no replica can confirm,
+    then its hawrap is killed and the receivers go on.  A replica leads; the old leader
+    returns as a replica, and before the new leader's copy replaces its tree it copies
+    those files aside (whole, into its tree's state dir), and says so once: a restart
+    does not copy them again."""
+    hw, client = start_cluster(hlab)
+    frozen: list[int] = []
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        replicas = [n for n in NODES if n != leader]
+        acked = write_files(tree(hlab, leader), "before", 10)
+        wait_replicated(hlab, replicas, acked)
+        frozen = [pid for n in replicas for pid in receivers(hlab, n)]
+        assert len(frozen) >= 2, "no mirror serve on the replicas"
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        alone = write_files(tree(hlab, leader), "unconfirmed", 6, size=5000)
+        assert wait_for(lambda: set(alone) <= unconfirmed(hlab, leader), 10, 0.05), unconfirmed(hlab, leader)
+        killed_at = hw.kill(leader)
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        frozen = []
+        new = wait_leader(hw, client, killed_at, not_from=leader)
+        assert new in replicas and set(missing(tree(hlab, new), alone)) == set(alone)
+        hw.start(leader)
+        # the new leader's copy replaces the tree (its receiver starts once the copies are made)
+        assert wait_for(lambda: set(missing(tree(hlab, leader), alone)) == set(alone), 30, 0.1), logs(hw)
+        kept_root = os.path.join(tree(hlab, leader), ".mirror", "kept")
+        [stamp] = os.listdir(kept_root)
+        assert not missing(os.path.join(kept_root, stamp), alone), "a kept copy is not whole"
+        assert wait_for(lambda: (hw.status(leader) or {}).get("role") == "replica", 10)
+        notes = open(os.path.join(hlab.workdir, "notify.log")).read()
+        assert notes.count("local-changes-kept") == 1 and stamp in notes, notes
+        # a restart finds nothing left to keep
+        hw.stop(leader)
+        hw.start(leader)
+        assert wait_for(lambda: receivers(hlab, leader), 30, 0.1), logs(hw)
+        assert os.listdir(kept_root) == [stamp]
+        assert open(os.path.join(hlab.workdir, "notify.log")).read().count("local-changes-kept") == 1
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        stop_cluster(hw, client)
+    client.check()
+
+
 def test_leader_cut_from_the_etcd_majority_stops_serving_before_anyone_starts(hlab):
     hw, client = start_cluster(hlab)
     try:
