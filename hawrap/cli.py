@@ -300,6 +300,9 @@ def _report_role(notifier, role: str, reason: str) -> None:
 
 
 def cmd_status(cfg, node, args) -> int:
+    from .mirrorctl import resolve_trees
+    from .setaside import describe_kept, kept_copies
+
     if cfg.backend == "etcd":
         from .etcdadmin import status
 
@@ -317,6 +320,7 @@ def cmd_status(cfg, node, args) -> int:
                         "running": False,
                         "error": str(exc),
                         "standby_lock": info.as_dict() if info else None,
+                        "kept": kept_copies(resolve_trees(cfg, node)),
                     }
                 )
             )
@@ -324,8 +328,11 @@ def cmd_status(cfg, node, args) -> int:
             print(f"{node}: not running ({exc})")
             if info:
                 print(f"standby lock: {info.describe()}")
+            for line in describe_kept(kept_copies(resolve_trees(cfg, node))):
+                print(line)
         return EXIT_NOT_RUNNING
     st["mirror"]["trees"] = _mirror_trees(cfg, node)
+    st["mirror"]["kept"] = kept_copies(resolve_trees(cfg, node))
     if args.json:
         print(json.dumps(st, indent=2))
         return EXIT_OK
@@ -404,6 +411,8 @@ def cmd_status(cfg, node, args) -> int:
                 + (", last whole-tree compare " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(pair["last_compare"]))
                    if pair.get("last_compare") else "")  # fmt: skip
             )
+    for line in describe_kept(m["kept"]):
+        print(line)
     for t in st["transitions"][-5:]:
         print(
             f"  {time.strftime('%H:%M:%S', time.localtime(t['time']))} {t['from']} -> {t['to']}: {t['reason']}"

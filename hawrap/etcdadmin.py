@@ -15,6 +15,8 @@ from . import control
 from .config import ClusterConfig
 from .errors import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, HawrapError, NotRunning
 from .leadership import describe, request_failover
+from .mirrorctl import resolve_trees
+from .setaside import describe_kept, kept_copies
 
 
 def status(cfg: ClusterConfig, node: str, as_json: bool) -> int:
@@ -24,6 +26,9 @@ def status(cfg: ClusterConfig, node: str, as_json: bool) -> int:
     except NotRunning as exc:
         local = {"ok": False, "node": node, "running": False, "error": str(exc)}
     cluster = describe(settings.conn, settings.prefix)
+    kept = kept_copies(resolve_trees(cfg, node))
+    if local.get("ok"):
+        local["mirror"]["kept"] = kept
     if as_json:
         print(json.dumps({**local, "etcd_view": cluster}, indent=2))
         return EXIT_OK if local.get("ok") else EXIT_NOT_RUNNING
@@ -38,6 +43,8 @@ def status(cfg: ClusterConfig, node: str, as_json: bool) -> int:
             print(f"  replicas {', '.join(m['destinations'])}: {'in sync' if r['in_sync'] else r['detail']}")
         lock = local.get("standby_lock")
         print(f"  standby lock: {lock['reason'] if lock else 'none'}")
+        for line in describe_kept(kept):
+            print(line)
         for t in local["transitions"][-5:]:
             print(
                 f"  {time.strftime('%H:%M:%S', time.localtime(t['time']))} {t['from']} -> {t['to']}: {t['reason']}"

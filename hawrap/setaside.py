@@ -259,3 +259,27 @@ def keep_unsynced(trees, since: float | None, base: str | None, stamp: str, *, h
         dest = os.path.join(base, tree.name) if base else os.path.join(tree.state_dir, "kept", stamp)
         out.append(keep(tree.name, tree.path, tree.state_dir, entries, subtrees, dest))
     return out
+
+
+def kept_copies(trees) -> dict[str, list[str]]:
+    """Each tree's copies kept aside in its state dir (``kept/TIME``), oldest first; they
+    stay until the administrator removes them."""
+    out = {}
+    for tree in trees:
+        base = os.path.join(tree.state_dir, "kept")
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            continue
+        if names:
+            out[tree.name] = [os.path.join(base, n) for n in names]
+    return out
+
+
+def describe_kept(kept: dict[str, list[str]]) -> list[str]:
+    """``hawrap status`` lines for ``kept_copies``."""
+    return [
+        f"  kept aside from {name}: {len(paths)} copies of local changes the peer's copy replaced, the latest "
+        f"{paths[-1]} (remove them once dealt with)"
+        for name, paths in kept.items()
+    ]

@@ -157,6 +157,10 @@ def test_resume_keeps_a_durable_copy_of_what_the_journals_list_then_resumes(tmp_
     assert str(kept) in out
     # the tree itself is untouched, its state dir not copied
     assert (root / "spool" / "unsent").exists() and not (kept / ".mirror").exists()
+    # said by ``hawrap status`` until the administrator removes it
+    argv = [sys.executable, "-m", "hawrap", "status", "--config", path, "--node", "alpha"]
+    shown = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout
+    assert f"kept aside from data: 1 copies of local changes the peer's copy replaced, the latest {kept}" in shown
     # kept: not listed, nor copied, again
     assert not unsynced.find(config.load(path), "alpha")
     lock.write_text("{}")

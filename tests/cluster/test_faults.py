@@ -690,6 +690,8 @@ def test_random_failovers_under_writes(fc):
                     assert "lacks" in r.stdout, r.stdout + r.stderr
                     r = c.h.cli(primary, "resume", "--keep-local-changes")
                     assert r.returncode == EXIT_OK, r.stdout + r.stderr
+                    shown = c.h.cli(primary, "status").stdout
+                    assert "kept aside from data: 1 copies" in shown, shown
                     kept = check_kept(tree(c.lab, primary), held_here, r.stdout)
                 assert r.returncode == EXIT_OK, r.stdout + r.stderr
             c.expect_roles(primary=other, other="secondary")

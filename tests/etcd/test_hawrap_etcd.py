@@ -248,6 +248,8 @@ def test_a_leader_killed_with_changes_no_replica_confirmed_keeps_them_aside_when
         assert wait_for(lambda: (hw.status(leader) or {}).get("role") == "replica", 10)
         notes = open(os.path.join(hlab.workdir, "notify.log")).read()
         assert notes.count("local-changes-kept") == 1 and stamp in notes, notes
+        shown = hw.cli(leader, "status").stdout
+        assert "kept aside from data: 1 copies" in shown and stamp in shown, shown
         # a restart finds nothing left to keep
         hw.stop(leader)
         hw.start(leader)
