@@ -1,14 +1,14 @@
-"""Copies of what a node holds that its peer lacks, made by ``hawrap resume
---keep-local-changes`` before the resync lets the peer's copy replace it.
+"""Copies of what a node holds that its peer lacks, made before the peer's copy replaces
+it: by ``hawrap resume --keep-local-changes``, and by an etcd member about to receive
+after it led.
 
 What is copied is what ``unsynced`` lists: every path the mirror daemon's journals hold
 unmirrored (a directory journaled as a whole tree, or renamed, with everything below it;
 one journaled as an entry by itself), and, when the node served while its peer's copy was
-outdated, every entry of the tree whose inode changed (ctime) since then.  (Entries older
-than that which the peer never received, as after an initial sync cut short, are not known
-here; the command says so.)  A journaled path
-that no longer exists was removed here; the resync brings the peer's copy of it back, so it
-is only named.
+outdated, every entry of the tree whose inode changed (ctime) since then.  Entries older
+than that which the peer never received (an initial sync cut short) are not known here.
+A journaled path that no longer exists was removed here; the peer's copy of it comes back,
+so it is only named.
 
 The tree is read through a ``ConfinedTree``: no symlink in it is followed, and its state
 dir is left out.  Copies keep content, permissions, times and (as root) owners; a symlink is
@@ -243,9 +243,8 @@ def check_dest(dest: str, trees) -> str | None:
     return None
 
 
-
-
-def keep_unsynced(trees, since: float | None, base: str | None, stamp: str, *, had_by_none: bool = False) -> list[Kept]:
+def keep_unsynced(trees, since: float | None, base: str | None, stamp: str, *,
+                  had_by_none: bool = False) -> list[Kept]:  # fmt: skip
     """Copy what each tree holds that the peer lacks (its journals, see ``journaled``; with
     ``since``, every entry changed from then on) into ``base/<tree>``, or without ``base``
     into the tree's state dir, ``kept/<stamp>``.  Trees with nothing to keep are left out."""
@@ -256,9 +255,18 @@ def keep_unsynced(trees, since: float | None, base: str | None, stamp: str, *, h
             entries |= changed_since(tree.path, tree.state_dir, since - CTIME_SLACK)
         if not entries and not subtrees:
             continue
-        dest = os.path.join(base, tree.name) if base else os.path.join(tree.state_dir, "kept", stamp)
+        dest = os.path.join(base, tree.name) if base else _unused(os.path.join(tree.state_dir, "kept", stamp))
         out.append(keep(tree.name, tree.path, tree.state_dir, entries, subtrees, dest))
     return out
+
+
+def _unused(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``... if taken (two copies within a second)."""
+    candidate, n = path, 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
 
 
 def kept_copies(trees) -> dict[str, list[str]]:
