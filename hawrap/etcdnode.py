@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 TICK = 0.05
 VIP_RETRY = 0.1  # the VIP still answers elsewhere (a frozen former leader): look again this often
 FINAL_SYNC_TIMEOUT = 3600.0
-KEEP_RETRY = 30.0  # seconds between attempts to copy unconfirmed changes aside
+KEEP_RETRY = 5.0  # seconds between attempts to copy unconfirmed changes aside
 # The kernel drops an expired IPv4 address from a timer rounded up to a whole second: a
 # lifetime this much shorter still ends before the watchdog's instant.
 KERNEL_EXPIRY_SLACK = 1
@@ -319,11 +319,11 @@ class EtcdNode(Listener):
             kept = keep_unsynced(trees, None, None, stamp, had_by_none=True)
         except SetAsideError as exc:
             self._keep_retry_at = now + KEEP_RETRY
-            if self._keep_failed != str(exc):
+            if self._keep_failed != exc.cause:
                 self.notifier.notify("error", f"changes no replica confirmed cannot be kept aside, {exc}: this node "
                                               f"does not receive until they are (tried every {KEEP_RETRY:g} s)",
                                      self.role, self.epoch)  # fmt: skip
-            self._keep_failed = str(exc)
+            self._keep_failed = exc.cause
             return False
         self._keep_failed = None
         for problem in settle(trees):

@@ -39,7 +39,12 @@ CTIME_SLACK = 0.05
 
 
 class SetAsideError(Exception):
-    """A copy could not be made (named in the message); nothing may replace the originals."""
+    """A copy could not be made (named in the message); nothing may replace the originals.
+    ``cause``: the message without the copy's own directory, the same at every attempt."""
+
+    def __init__(self, message: str, cause: str = ""):
+        super().__init__(message)
+        self.cause = cause or message
 
 
 @dataclass
@@ -122,7 +127,7 @@ def keep(name: str, root: str, state_dir: str, entries: set[bytes], subtrees: se
     except (UnsafePathError, OSError) as exc:
         what = f"copying {display_path(current)}" if current else "making the copies durable"
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        failed = SetAsideError(f"tree {name}: {what} into {dest}: {why}")
+        failed = SetAsideError(f"tree {name}: {what} into {dest}: {why}", f"tree {name}: {what}: {why}")
     else:
         failed = None
     finally:

@@ -23,6 +23,8 @@ import pytest
 from etcdlab import NODES, wait_for
 from hawraplab import Client, Hawrap, HawrapLab, missing, tree, write_config, write_files
 
+from hawrap.etcdnode import KEEP_RETRY
+
 TTL = 4
 
 
@@ -202,11 +204,19 @@ def test_a_replica_that_stopped_applying_is_never_promoted_over_one_that_has_eve
     client.check()
 
 
-def unconfirmed(lab: HawrapLab, node: str) -> set[str]:
-    """What the node's journals hold that no replica confirmed."""
+def notes(lab: HawrapLab) -> str:
+    """What the nodes notified so far (the configuration's notify command appends it)."""
+    try:
+        with open(os.path.join(lab.workdir, "notify.log")) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def unconfirmed(state: str) -> set[str]:
+    """What the journals in a tree's state dir hold that no replica confirmed."""
     from mirror.journal import read_pending
 
-    state = os.path.join(tree(lab, node), ".mirror")
     out: set[str] = set()
     for name in os.listdir(state):
         if name.startswith("journal-"):
@@ -214,25 +224,37 @@ def unconfirmed(lab: HawrapLab, node: str) -> set[str]:
     return out
 
 
-def test_a_leader_killed_with_changes_no_replica_confirmed_keeps_them_aside_when_it_returns(hlab):
+@pytest.mark.parametrize("disk", ["room", "full"])
+def test_a_leader_killed_with_changes_no_replica_confirmed_keeps_them_aside_when_it_returns(hlab, disk):
     """Both replicas' receivers frozen, the leader journals files no replica can confirm,
     then its hawrap is killed and the receivers go on.  A replica leads; the old leader
     returns as a replica, and before the new leader's copy replaces its tree it copies
     those files aside (whole, into its tree's state dir), and says so once: a restart
-    does not copy them again."""
-    hw, client = start_cluster(hlab)
+    does not copy them again.  ``full``: the state dirs are small disks the copies do not
+    fit on; the old leader receives nothing (sampled) until there is room, says so once,
+    then keeps them and receives."""
+    where, mounts = None, []
+    if disk == "full":
+        for node in NODES:
+            state = os.path.join(hlab.workdir, "tree-state", node)
+            os.makedirs(state)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", state], check=True)
+            mounts.append(state)
+        where = os.path.join(hlab.workdir, "tree-state", "{node}")
+    hw, client = start_cluster(hlab, state_dir=where)
     frozen: list[int] = []
     try:
         leader = wait_leader(hw, client, 0.0)
         replicas = [n for n in NODES if n != leader]
+        state_dir = os.path.join(tree(hlab, leader), ".mirror") if where is None else where.format(node=leader)
         acked = write_files(tree(hlab, leader), "before", 10)
         wait_replicated(hlab, replicas, acked)
         frozen = [pid for n in replicas for pid in receivers(hlab, n)]
         assert len(frozen) >= 2, "no mirror serve on the replicas"
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
-        alone = write_files(tree(hlab, leader), "unconfirmed", 6, size=5000)
-        assert wait_for(lambda: set(alone) <= unconfirmed(hlab, leader), 10, 0.05), unconfirmed(hlab, leader)
+        alone = write_files(tree(hlab, leader), "unconfirmed", 6, size=200_000)
+        assert wait_for(lambda: set(alone) <= unconfirmed(state_dir), 10, 0.05), unconfirmed(state_dir)
         killed_at = hw.kill(leader)
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
@@ -240,14 +262,22 @@ def test_a_leader_killed_with_changes_no_replica_confirmed_keeps_them_aside_when
         new = wait_leader(hw, client, killed_at, not_from=leader)
         assert new in replicas and set(missing(tree(hlab, new), alone)) == set(alone)
         hw.start(leader)
+        if disk == "full":
+            assert wait_for(lambda: "cannot be kept aside" in notes(hlab), 30, 0.1), logs(hw)
+            until = time.monotonic() + 2 * KEEP_RETRY
+            while time.monotonic() < until:  # sampled: nothing of them replaced, nothing received
+                assert not missing(tree(hlab, leader), alone) and not receivers(hlab, leader), logs(hw)
+                time.sleep(0.1)
+            subprocess.run(["mount", "-o", "remount,size=16m", state_dir], check=True)
         # the new leader's copy replaces the tree (its receiver starts once the copies are made)
         assert wait_for(lambda: set(missing(tree(hlab, leader), alone)) == set(alone), 30, 0.1), logs(hw)
-        kept_root = os.path.join(tree(hlab, leader), ".mirror", "kept")
+        kept_root = os.path.join(state_dir, "kept")
         [stamp] = os.listdir(kept_root)
         assert not missing(os.path.join(kept_root, stamp), alone), "a kept copy is not whole"
         assert wait_for(lambda: (hw.status(leader) or {}).get("role") == "replica", 10)
-        notes = open(os.path.join(hlab.workdir, "notify.log")).read()
-        assert notes.count("local-changes-kept") == 1 and stamp in notes, notes
+        told = notes(hlab)
+        assert told.count("local-changes-kept") == 1 and stamp in told, told
+        assert told.count("cannot be kept aside") == (disk == "full"), told  # told once
         shown = hw.cli(leader, "status").stdout
         assert "kept aside from data: 1 copies" in shown and stamp in shown, shown
         # a restart finds nothing left to keep
@@ -255,7 +285,7 @@ def test_a_leader_killed_with_changes_no_replica_confirmed_keeps_them_aside_when
         hw.start(leader)
         assert wait_for(lambda: receivers(hlab, leader), 30, 0.1), logs(hw)
         assert os.listdir(kept_root) == [stamp]
-        assert open(os.path.join(hlab.workdir, "notify.log")).read().count("local-changes-kept") == 1
+        assert notes(hlab).count("local-changes-kept") == 1
     finally:
         for pid in frozen:
             try:
@@ -263,6 +293,8 @@ def test_a_leader_killed_with_changes_no_replica_confirmed_keeps_them_aside_when
             except ProcessLookupError:
                 pass
         stop_cluster(hw, client)
+        for path in mounts:
+            subprocess.run(["umount", "-l", path], check=False)
     client.check()
 
 
