@@ -283,7 +283,10 @@ def test_a_destination_that_comes_back_to_more_changes_than_a_session_can_name_c
                 os.kill(ra.proc.pid, signal.SIGCONT)
             converged(src, a, timeout=60)
             pairs = wait_pairs(src, lambda p: p["to-a"]["state"] == "live" and p["to-a"]["lag_entries"] == 0)
-            assert pairs["to-a"]["full_syncs"] == 2, pairs["to-a"]  # the first sync, and this one
+            # the first sync, and this one (counted when begun: one cut short, as when the
+            # continued receiver is still busy with its old session on a loaded machine, is
+            # begun and counted again)
+            assert pairs["to-a"]["full_syncs"] >= 2, pairs["to-a"]
             assert "more than one session names" in pairs["to-a"]["catch_up"]["reason"], pairs["to-a"]
         finally:
             daemon.send_signal(signal.SIGTERM)
