@@ -496,8 +496,8 @@ def cmd_resume(cfg, node, args) -> int:
                 print(f"{node}: resume refused: {unfit}", file=sys.stderr)
                 return EXIT_FAILED
     if args.keep_local_changes is not None and cfg.backend == "etcd":
-        print(f"{node}: --keep-local-changes: not available with the etcd backend (nothing is listed)",
-              file=sys.stderr)  # fmt: skip
+        print(f"{node}: --keep-local-changes: not with the etcd backend, where a member about to receive keeps "
+              f"aside itself what no replica confirmed ('hawrap status' names the copies)", file=sys.stderr)  # fmt: skip
         return EXIT_ERROR
     # with etcd, who leads next is decided by the positions the members publish
     unsynced = find(cfg, node) if cfg.backend != "etcd" else None
