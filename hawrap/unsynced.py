@@ -59,6 +59,11 @@ class Unsynced:
         return "\n".join(lines)
 
 
+def _journals(state_dir: str) -> list[str]:
+    """The journal files in a tree's state dir (one per daemon configuration)."""
+    return sorted(glob.glob(os.path.join(glob.escape(state_dir), "journal-*")))
+
+
 def journaled(state_dir: str, *, had_by_none: bool = False) -> tuple[set[bytes], set[bytes]]:
     """The paths of every change recorded in the tree's journals and not checkpointed (for
     some destination; with ``had_by_none``, for any): ``(entries, subtrees)``.  A rename's new
@@ -66,7 +71,7 @@ def journaled(state_dir: str, *, had_by_none: bool = False) -> tuple[set[bytes],
     name as an entry."""
     entries: set[bytes] = set()
     subtrees: set[bytes] = set()
-    for path in sorted(glob.glob(os.path.join(glob.escape(state_dir), "journal-*"))):
+    for path in _journals(state_dir):
         pending = read_pending(os.fsencode(path), had_by_none=had_by_none)
         entries.update(pending.entries)
         subtrees.update(pending.trees)
@@ -88,7 +93,7 @@ def settle(trees) -> list[str]:
     problems met, each naming its journal; the journals concerned are listed again."""
     problems = []
     for tree in trees:
-        for path in sorted(glob.glob(os.path.join(glob.escape(tree.state_dir), "journal-*"))):
+        for path in _journals(tree.state_dir):
             try:
                 settle_journal(os.fsencode(path))
             except OSError as exc:
