@@ -133,6 +133,15 @@ def receivers(lab: HawrapLab, node: str) -> list[int]:
     return out
 
 
+def go_on(pids: list[int]) -> None:
+    """SIGCONT to every process of ``pids`` still there."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def published(hw: Hawrap, on: str) -> dict[str, tuple[int, int]]:
     """Every member's published (epoch, seq), as ``hawrap status`` on node ``on`` reads etcd."""
     st = hw.status(on) or {}
@@ -195,11 +204,7 @@ def test_a_replica_that_stopped_applying_is_never_promoted_over_one_that_has_eve
         st = hw.status(b)
         assert st and st["role"] == "replica", st
     finally:
-        for pid in frozen:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        go_on(frozen)
         stop_cluster(hw, client)
     client.check()
 
@@ -256,8 +261,7 @@ def test_a_leader_killed_with_changes_no_replica_confirmed_keeps_them_aside_when
         alone = write_files(tree(hlab, leader), "unconfirmed", 6, size=200_000)
         assert wait_for(lambda: set(alone) <= unconfirmed(state_dir), 10, 0.05), unconfirmed(state_dir)
         killed_at = hw.kill(leader)
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+        go_on(frozen)
         frozen = []
         new = wait_leader(hw, client, killed_at, not_from=leader)
         assert new in replicas and set(missing(tree(hlab, new), alone)) == set(alone)
@@ -287,11 +291,7 @@ def test_a_leader_killed_with_changes_no_replica_confirmed_keeps_them_aside_when
         assert os.listdir(kept_root) == [stamp]
         assert notes(hlab).count("local-changes-kept") == 1
     finally:
-        for pid in frozen:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        go_on(frozen)
         stop_cluster(hw, client)
         for path in mounts:
             subprocess.run(["umount", "-l", path], check=False)
