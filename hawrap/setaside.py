@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 
 from mirror.entry import Kind
 from mirror.errors import UnsafePathError, display_path
+from mirror.localsync import copy_range
 from mirror.safefs import ConfinedTree, syncfs
 from mirror.statedir import state_dir_below
 
 from .unsynced import journaled
 
-_COPY_CHUNK = 8 << 20
 # A file's ctime comes from the kernel's coarse clock, up to a tick (10 ms at HZ=100) behind
 # the time ``since`` was read from: entries changed this much earlier are kept too.
 CTIME_SLACK = 0.05
@@ -221,14 +221,11 @@ def _copy_entry(src: ConfinedTree, out: ConfinedTree, path: bytes, st: os.stat_r
 
 
 def _copy_content(src_fd: int, out_fd: int, size: int) -> None:
-    """All ``size`` bytes of ``src_fd`` into ``out_fd``: a write cut short by a full disk is
-    continued until it fails (ENOSPC), never taken for the end of the file."""
-    done = 0
-    while done < size:
-        n = os.sendfile(out_fd, src_fd, done, min(size - done, _COPY_CHUNK))
-        if n == 0:
-            raise OSError(errno.EIO, f"the file ended at {done} of its {size} bytes while copied")
-        done += n
+    """The file's ``size`` bytes into ``out_fd``, in the kernel (a reflink where the file
+    system shares blocks); a write cut short by a full disk is continued until it fails."""
+    copied = copy_range(src_fd, out_fd, (), None)
+    if copied != size:
+        raise OSError(errno.EIO, f"{copied} bytes read of its {size}: it changed while copied")
 
 
 def check_dest(dest: str, trees) -> str | None:

@@ -164,7 +164,7 @@ class LocalSession(SourceSession):
                 return
             whole = False  # until copied and found unchanged: else the copy is dropped
             try:
-                copied = _copy_range(fd, commit.file.fileno(), (self.lock, self.writer.lock), self.conn.limiter)
+                copied = copy_range(fd, commit.file.fileno(), (self.lock, self.writer.lock), self.conn.limiter)
                 # The kernel's copy stops at the size it knows: a file that reads on past it
                 # (its file system says the wrong size) is no more whole than a short one.
                 read_on = len(os.pread(fd, 1, copied))
@@ -185,7 +185,7 @@ class LocalSession(SourceSession):
             self.conn.on_progress(copied)
 
 
-def _copy_range(src_fd: int, dst_fd: int, locks: tuple[LockWatch, ...], limiter: RateLimiter | None) -> int:
+def copy_range(src_fd: int, dst_fd: int, locks: tuple[LockWatch, ...], limiter: RateLimiter | None) -> int:
     """Copy ``src_fd`` from its start to ``dst_fd`` in the kernel; the number of bytes.
     ``copy_file_range`` where the file systems allow it, else ``sendfile`` (e.g. across
     two kinds of file system).  Under a ``limiter``, in chunks of at most its burst."""
