@@ -632,6 +632,13 @@ class MirrorControl:
                     problems.append(f"{where}: {pair.get('state')}" + (f" ({error})" if error else ""))
                 elif (pair.get("lag_seconds") or 0) > self.cfg.mirror.max_lag:
                     problems.append(f"{where}: {pair['lag_seconds']:.1f} s behind")
+                elif pair.get("unwatched_count"):
+                    # Their changes arrive only by the daemon's rescans, up to a minute late,
+                    # and count in no lag: the standby's copy is not bounded by max_lag.
+                    dirs = pair.get("unwatched_dirs") or []
+                    problems.append(f"{where}: {pair['unwatched_count']} source directories not watched, their "
+                                    f"changes late by up to a minute" + (f" (e.g. {dirs[0][0]}: {dirs[0][1]})"
+                                                                          if dirs else ""))  # fmt: skip
         return Replica(not problems, "; ".join(problems) or "live")
 
     def _note_unseen(self, where: str, pid: int, pair: dict) -> None:

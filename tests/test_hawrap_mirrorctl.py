@@ -204,7 +204,7 @@ def test_an_exiting_daemon_is_reported_with_its_code_and_last_words(ctl, exits, 
     assert code == 4 and message == "mirror daemon: refused: stale epoch"
 
 
-def _status(tmp, state="live", lag=0.0, updated=None, unseen=0, pid=1):
+def _status(tmp, state="live", lag=0.0, updated=None, unseen=0, pid=1, unwatched=0):
     path = tmp / "a" / "spool" / ".mirror" / "mirror-daemon.status.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     pair = {
@@ -214,6 +214,8 @@ def _status(tmp, state="live", lag=0.0, updated=None, unseen=0, pid=1):
         "last_error": "connection refused" if state != "live" else None,
         "unseen_repaired": unseen,
         "last_unseen": ["new/1", "cur/2"][:unseen],
+        "unwatched_count": unwatched,
+        "unwatched_dirs": [["cur", "the inotify watch limit"]][:unwatched],
     }
     path.write_text(
         json.dumps({"pid": pid, "updated": time.time() if updated is None else updated, "pairs": [pair]})
@@ -242,6 +244,11 @@ def test_replica_state_from_the_daemons_status(ctl):
     assert c.replica() == mirrorctl.Replica(False, "spool: 5.0 s behind")
     written(state="disconnected")
     assert c.replica() == mirrorctl.Replica(False, "spool: disconnected (connection refused)")
+    # live and caught up, but a directory it cannot watch sends its changes by rescans only
+    written(unwatched=1)
+    assert c.replica() == mirrorctl.Replica(
+        False, "spool: 1 source directories not watched, their changes late by up to a minute "
+               "(e.g. cur: the inotify watch limit)")  # fmt: skip
     # the wall clock stepped back an hour: a status written since is as fresh as any
     written(updated=time.time() - 3600)
     assert c.replica().in_sync
