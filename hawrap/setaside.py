@@ -29,9 +29,8 @@ from mirror.entry import Kind
 from mirror.errors import UnsafePathError, display_path
 from mirror.localsync import copy_range
 from mirror.safefs import ConfinedTree, syncfs
-from mirror.statedir import state_dir_below
 
-from .unsynced import journaled
+from .unsynced import changed_since, journaled, recent_changes, source_tree, walk
 
 # A file's ctime comes from the kernel's coarse clock, up to a tick (10 ms at HZ=100) behind
 # the time ``since`` was read from: entries changed this much earlier are kept too.
@@ -74,21 +73,6 @@ class Kept:
         return text
 
 
-def changed_since(root: str, state_dir: str, since: float) -> set[bytes]:
-    """Every entry below ``root`` whose ctime is at or after ``since`` (the state dir left
-    out), walked through descriptors without following a symlink."""
-    since_ns = int(since * 1e9)
-    tree = _source(root, state_dir)
-    found: set[bytes] = set()
-    try:
-        for path, st in _walk(tree, b""):
-            if st.st_ctime_ns >= since_ns:
-                found.add(path)
-    finally:
-        tree.close()
-    return found
-
-
 def keep(name: str, root: str, state_dir: str, entries: set[bytes], subtrees: set[bytes],
          dest: str) -> Kept:  # fmt: skip
     """Copy ``entries`` (directories by themselves) and ``subtrees`` (with everything below)
@@ -100,7 +84,7 @@ def keep(name: str, root: str, state_dir: str, entries: set[bytes], subtrees: se
         os.mkdir(dest, 0o700)
     except OSError as exc:
         raise SetAsideError(f"cannot make {dest}: {exc.strerror}") from None
-    src = _source(root, state_dir)
+    src = source_tree(root, state_dir)
     out = ConfinedTree(os.fsencode(dest))
     dirs: dict[bytes, os.stat_result] = {}
     current = b""
@@ -113,7 +97,7 @@ def keep(name: str, root: str, state_dir: str, entries: set[bytes], subtrees: se
                 continue
             _make_parents(src, out, path, dirs)
             if stat.S_ISDIR(st.st_mode) and path in subtrees:
-                for current, sub_st in [(path, st), *_walk(src, path)]:
+                for current, sub_st in [(path, st), *walk(src, path)]:
                     _copy_entry(src, out, current, sub_st, kept, dirs)
             else:
                 _copy_entry(src, out, path, st, kept, dirs)
@@ -143,11 +127,6 @@ def _as_root() -> bool:
     return os.geteuid() == 0
 
 
-def _source(root: str, state_dir: str) -> ConfinedTree:
-    inside = state_dir_below(os.fsencode(root), os.fsencode(state_dir))
-    return ConfinedTree(os.fsencode(root), reserved=None if inside in (None, b".") else inside)
-
-
 def _lstat(tree: ConfinedTree, path: bytes) -> os.stat_result | None:
     """The entry at ``path``, None if it is gone (or a component on the way no longer is a
     directory: what the journal named is not there)."""
@@ -155,30 +134,6 @@ def _lstat(tree: ConfinedTree, path: bytes) -> os.stat_result | None:
         return tree.lstat(path)
     except (UnsafePathError, FileNotFoundError, NotADirectoryError):
         return None
-
-
-def _walk(tree: ConfinedTree, top: bytes):
-    """``(path, stat)`` of every entry below directory ``top`` (b"": the root), parents first,
-    never through a symlink, the reserved state dir left out."""
-    stack = [top]
-    while stack:
-        current = stack.pop()
-        fd = os.dup(tree.dir_fd(tree.parts(current) if current else []))
-        try:
-            names = sorted(os.fsencode(n) for n in os.listdir(fd))
-            for name in names:
-                path = current + b"/" + name if current else name
-                if tree.reserved is not None and path.split(b"/") == tree.reserved:
-                    continue
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                yield path, st
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(path)
-        finally:
-            os.close(fd)
 
 
 def _make_parents(src: ConfinedTree, out: ConfinedTree, path: bytes, dirs: dict) -> None:
@@ -247,12 +202,16 @@ def check_dest(dest: str, trees) -> str | None:
 
 def keep_unsynced(trees, since: float | None, base: str | None, stamp: str, *,
                   had_by_none: bool = False) -> list[Kept]:  # fmt: skip
-    """Copy what each tree holds that the peer lacks (its journals, see ``journaled``; with
-    ``since``, every entry changed from then on) into ``base/<tree>``, or without ``base``
-    into the tree's state dir, ``kept/<stamp>``.  Trees with nothing to keep are left out."""
+    """Copy what each tree holds that the peer lacks (its journals, see ``journaled``; the
+    files changed just before its daemon was killed, see ``recent_changes``; with ``since``,
+    every entry changed from then on) into ``base/<tree>``, or without ``base`` into the
+    tree's state dir, ``kept/<stamp>``.  Trees with nothing to keep are left out."""
     out = []
     for tree in trees:
         entries, subtrees = journaled(tree.state_dir, had_by_none=had_by_none)
+        recent = recent_changes(tree, since)
+        if recent is not None:
+            entries |= recent[1]
         if since is not None:
             entries |= changed_since(tree.path, tree.state_dir, since - CTIME_SLACK)
         if not entries and not subtrees:

@@ -16,18 +16,26 @@ from __future__ import annotations
 import glob
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
+from mirror.applied import applied_path
+from mirror.daemon import STATUS_FILE
 from mirror.errors import display_path
 from mirror.journal import read_pending
 from mirror.journal import settle as settle_journal
+from mirror.safefs import ConfinedTree
+from mirror.statedir import state_dir_below
 
 from .config import ClusterConfig
 from .mirrorctl import resolve_trees
 from .node import STATE_FILE
 
 SHOWN = 20  # paths printed per tree; the count says how many there are
+# A change made this long before its daemon last wrote its status may not have reached the
+# journal when the daemon was killed (its watcher had not read the event yet).
+RECENT_MARGIN = 2.0
 
 
 @dataclass
@@ -35,9 +43,11 @@ class Unsynced:
     peer: str
     since: float | None = None  # served while the peer's copy was outdated, since then
     journaled: dict[str, list[str]] = field(default_factory=dict)  # tree -> paths never mirrored
+    # tree -> (when its daemon was last heard, files changed from RECENT_MARGIN before then)
+    recent: dict[str, tuple[float, set[bytes]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return self.since is not None or any(self.journaled.values())
+        return self.since is not None or any(self.journaled.values()) or bool(self.recent)
 
     def describe(self, node: str) -> str:
         lines = [
@@ -56,6 +66,14 @@ class Unsynced:
             lines += [f"    {p}" for p in paths[:SHOWN]]
             if len(paths) > SHOWN:
                 lines.append(f"    ... and {len(paths) - SHOWN} more")
+        for tree, (heard, paths) in self.recent.items():
+            when = time.strftime("%H:%M:%S", time.localtime(heard))
+            lines.append(f"  tree {tree}: {len(paths)} files changed in the last {RECENT_MARGIN:g} s before its "
+                         f"mirror daemon stopped without a word ({when}), perhaps never journaled:")  # fmt: skip
+            shown = sorted(display_path(p) for p in paths)
+            lines += [f"    {p}" for p in shown[:SHOWN]]
+            if len(shown) > SHOWN:
+                lines.append(f"    ... and {len(shown) - SHOWN} more")
         return "\n".join(lines)
 
 
@@ -101,6 +119,85 @@ def settle(trees) -> list[str]:
     return problems
 
 
+def changed_since(root: str, state_dir: str, since: float, files_only: bool = False) -> set[bytes]:
+    """Every entry below ``root`` whose ctime is at or after ``since`` (the state dir left
+    out; with ``files_only``, directories too), walked through descriptors without following
+    a symlink."""
+    since_ns = int(since * 1e9)
+    tree = source_tree(root, state_dir)
+    found: set[bytes] = set()
+    try:
+        for path, st in walk(tree, b""):
+            if st.st_ctime_ns >= since_ns and not (files_only and stat.S_ISDIR(st.st_mode)):
+                found.add(path)
+    finally:
+        tree.close()
+    return found
+
+
+def source_tree(root: str, state_dir: str) -> ConfinedTree:
+    """The tree at ``root`` for reading without following a symlink, its state dir left out."""
+    inside = state_dir_below(os.fsencode(root), os.fsencode(state_dir))
+    return ConfinedTree(os.fsencode(root), reserved=None if inside in (None, b".") else inside)
+
+
+def walk(tree: ConfinedTree, top: bytes):
+    """``(path, stat)`` of every entry below directory ``top`` (b"": the root), parents first,
+    never through a symlink, the reserved state dir left out."""
+    stack = [top]
+    while stack:
+        current = stack.pop()
+        fd = os.dup(tree.dir_fd(tree.parts(current) if current else []))
+        try:
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
+            for name in names:
+                path = current + b"/" + name if current else name
+                if tree.reserved is not None and path.split(b"/") == tree.reserved:
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield path, st
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(path)
+        finally:
+            os.close(fd)
+
+
+def last_heard(state_dir: str) -> float | None:
+    """When the tree's mirror daemon last wrote its status, if it was still running then
+    (killed, or its node lost power: a clean stop journals every change it saw) and ran
+    here after the tree last received (the receiver's applied record): changes made just
+    before may never have reached its journal.  None otherwise."""
+    try:
+        with open(os.path.join(state_dir, os.fsdecode(STATUS_FILE))) as f:
+            status = json.load(f)
+        heard = float(status["updated"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if status.get("state") == "stopped":
+        return None
+    try:
+        received = os.stat(applied_path(state_dir)).st_mtime
+    except OSError:
+        received = None
+    return heard if received is None or heard > received else None
+
+
+def recent_changes(tree, since: float | None) -> tuple[float, set[bytes]] | None:
+    """The files of ``tree`` changed in the last RECENT_MARGIN seconds before its daemon was
+    last heard (``last_heard``), not journaled; None if there is no such moment, or if
+    ``since`` (the node served alone from then on) already covers it."""
+    heard = last_heard(tree.state_dir)
+    if heard is None or (since is not None and since <= heard - RECENT_MARGIN):
+        return None
+    entries, subtrees = journaled(tree.state_dir)
+    paths = changed_since(tree.path, tree.state_dir, heard - RECENT_MARGIN, files_only=True)
+    paths = {p for p in paths - entries if not any(p.startswith(t + b"/") for t in subtrees)}
+    return (heard, paths) if paths else None
+
+
 def find(cfg: ClusterConfig, node: str) -> Unsynced:
     found = Unsynced(cfg.peer_of(node).name)
     try:
@@ -112,4 +209,7 @@ def find(cfg: ClusterConfig, node: str) -> Unsynced:
         found.since = state.get("peer_outdated_since") or state.get("time") or 0.0
     for tree in resolve_trees(cfg, node):
         found.journaled[tree.name] = journaled_paths(tree.state_dir)
+        recent = recent_changes(tree, found.since)
+        if recent is not None:
+            found.recent[tree.name] = recent
     return found

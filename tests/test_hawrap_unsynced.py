@@ -244,3 +244,42 @@ def test_a_copy_that_does_not_fit_resumes_nothing(tmp_path):
         assert "copying big" in r.stderr and "No space left" in r.stderr and "nothing resumed" in r.stderr
         assert lock.exists() and (tmp_path / "data" / "alpha" / "big").read_bytes() == body
         assert os.listdir(small) == []  # no copy half made
+
+
+def daemon_status(tmp_path, state: str, node="alpha") -> None:
+    """The tree's mirror daemon status file as a daemon leaves it: ``running`` when it was
+    killed (or its node lost power), ``stopped`` after a clean stop."""
+    status = tmp_path / "data" / node / ".mirror" / "mirror-daemon.status.json"
+    status.parent.mkdir(exist_ok=True)
+    status.write_text(json.dumps({"pid": 1, "state": state, "updated": time.time(), "pairs": []}))
+
+
+def test_files_changed_just_before_the_daemon_was_killed_are_listed_and_kept(tmp_path):
+    """A write whose event the watcher had not read when the daemon was killed is in no
+    journal: the files changed in the last seconds before the daemon was last heard are
+    listed, and kept, as well; not after a clean stop, nor once the tree has received since."""
+    path = mirrored_config(tmp_path)
+    lock = standby_lock(tmp_path)
+    root = tmp_path / "data" / "alpha"
+    (root / "spool").mkdir()
+    (root / "spool" / "last").write_bytes(b"written as the node died")
+    (root / "journaled").write_bytes(b"seen")
+    j = journal_of(tmp_path)
+    j.append([(ENTRY, b"journaled", 0)])
+    j.close()
+    daemon_status(tmp_path, "stopped")
+    found = unsynced.find(config.load(path), "alpha")
+    assert found.journaled == {"data": ["journaled"]} and not found.recent  # a clean stop journals all it saw
+    daemon_status(tmp_path, "running")
+    found = unsynced.find(config.load(path), "alpha")
+    assert found.recent["data"][1] == {b"spool/last"}  # not the journaled one, nor the directory
+    r = resume(path)
+    assert r.returncode == 1 and "perhaps never journaled" in r.stdout and "spool/last" in r.stdout, r.stdout
+    r = resume(path, "--keep-local-changes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    [kept] = kept_dirs(tmp_path)
+    assert (kept / "spool" / "last").read_bytes() == b"written as the node died"
+    assert (kept / "journaled").read_bytes() == b"seen" and not lock.exists()
+    # once the tree has received a session (its applied record written since), nothing is recent
+    (root / ".mirror" / "applied").write_text("{}")
+    assert not unsynced.find(config.load(path), "alpha")

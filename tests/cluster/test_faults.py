@@ -590,9 +590,9 @@ def test_the_primary_fails_while_its_standby_is_outdated(fc, fault):
     c.record(f"{fault} on the primary while its standby is outdated", t0, w0, healed)
 
 
-def check_kept(root: str, held: dict[str, str], listing: str) -> int:
+def check_kept(root: str, held: dict[str, str], listing: str) -> dict[str, str]:
     """``hawrap resume --keep-local-changes`` copied every listed file the node held, whole
-    (each one's digest as the node held it before the resume); returns how many it copied."""
+    (each one's digest as the node held it before the resume); returns the copies."""
     [kept] = os.listdir(os.path.join(root, ".mirror", "kept"))
     copies = snapshot(os.path.join(root, ".mirror", "kept", kept))
     listed = {line.strip() for line in listing.split("kept a copy")[0].splitlines() if line.startswith("    ")}
@@ -600,7 +600,7 @@ def check_kept(root: str, held: dict[str, str], listing: str) -> int:
         assert copies.get(path) == held[path], f"{path}: not kept as held\n{listing}"
     assert all(held.get(path) == digest for path, digest in copies.items()), listing
     shutil.rmtree(os.path.join(root, ".mirror", "kept"))  # the administrator has dealt with it
-    return len(copies)
+    return copies
 
 
 def test_random_failovers_under_writes(fc):
@@ -682,7 +682,8 @@ def test_random_failovers_under_writes(fc):
             assert wait_for(lambda p=primary: c.h.role(p) in ("standby", "secondary"), 20), c.h.logs()
             # as the administrator checks before resuming: its LAN is healthy again
             assert wait_for(lambda p=primary: (c.h.status(p) or {}).get("lan", {}).get("ok") is True, 20), c.h.logs()
-            kept = 0
+            kept: dict[str, str] = {}
+            held_here = None
             if c.h.role(primary) == "standby":
                 held_here = snapshot(tree(c.lab, primary))
                 r = c.h.cli(primary, "resume")
@@ -704,9 +705,15 @@ def test_random_failovers_under_writes(fc):
             assert wait_for(lambda p=primary: c.h.status(p)["data"]["uptodate"], 20), c.h.logs()
             missing = seen[other] - set(os.listdir(tree(c.lab, other)))
             assert not missing, f"cycle {cycle}, {fault}: the resync removed {sorted(missing)[:5]} from the primary"
+            if held_here is not None:
+                # what the client wrote to the returning node and the survivor lacks is copied aside, never
+                # replaced without a word (its last writes before the fault included)
+                survivor = set(os.listdir(tree(c.lab, other)))
+                gone = {p for p in held_here if p.startswith("client-") and p not in survivor}
+                assert gone <= kept.keys(), f"cycle {cycle}, {fault}: replaced, not kept: {sorted(gone - kept.keys())}"
             aim(other)
             epochs.append(c.epoch(other))
-            figures.append({"fault": fault, "takeover_seconds": round(took, 3), "kept_files": kept})
+            figures.append({"fault": fault, "takeover_seconds": round(took, 3), "kept_files": len(kept)})
             primary, other = other, primary
     assert epochs == sorted(set(epochs)), f"epochs did not strictly rise: {epochs}"
     assert writer.polls > 100 and reader.polls > 100
