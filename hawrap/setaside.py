@@ -213,7 +213,7 @@ def keep_unsynced(trees, since: float | None, base: str | None, stamp: str, *,
         if recent is not None:
             entries |= recent[1]
         if since is not None:
-            entries |= changed_since(tree.path, tree.state_dir, since - CTIME_SLACK)
+            entries |= changed_since(tree.path, tree.state_dir, since - CTIME_SLACK).keys()
         if not entries and not subtrees:
             continue
         dest = os.path.join(base, tree.name) if base else _unused(os.path.join(tree.state_dir, "kept", stamp))

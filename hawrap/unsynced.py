@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from mirror.applied import applied_path
 from mirror.daemon import STATUS_FILE
 from mirror.errors import display_path
-from mirror.journal import read_pending
+from mirror.journal import read_pending, recorded_times
 from mirror.journal import settle as settle_journal
 from mirror.safefs import ConfinedTree
 from mirror.statedir import state_dir_below
@@ -68,8 +68,8 @@ class Unsynced:
                 lines.append(f"    ... and {len(paths) - SHOWN} more")
         for tree, (heard, paths) in self.recent.items():
             when = time.strftime("%H:%M:%S", time.localtime(heard))
-            lines.append(f"  tree {tree}: {len(paths)} files changed in the last {RECENT_MARGIN:g} s before its "
-                         f"mirror daemon stopped without a word ({when}), perhaps never journaled:")  # fmt: skip
+            lines.append(f"  tree {tree}: {len(paths)} files changed as its mirror daemon was killed (last heard "
+                         f"at {when}) that its watcher never recorded:")  # fmt: skip
             shown = sorted(display_path(p) for p in paths)
             lines += [f"    {p}" for p in shown[:SHOWN]]
             if len(shown) > SHOWN:
@@ -119,17 +119,17 @@ def settle(trees) -> list[str]:
     return problems
 
 
-def changed_since(root: str, state_dir: str, since: float, files_only: bool = False) -> set[bytes]:
+def changed_since(root: str, state_dir: str, since: float, files_only: bool = False) -> dict[bytes, int]:
     """Every entry below ``root`` whose ctime is at or after ``since`` (the state dir left
-    out; with ``files_only``, directories too), walked through descriptors without following
-    a symlink."""
+    out; with ``files_only``, directories too), with its ctime (ns), walked through
+    descriptors without following a symlink."""
     since_ns = int(since * 1e9)
     tree = source_tree(root, state_dir)
-    found: set[bytes] = set()
+    found: dict[bytes, int] = {}
     try:
         for path, st in walk(tree, b""):
             if st.st_ctime_ns >= since_ns and not (files_only and stat.S_ISDIR(st.st_mode)):
-                found.add(path)
+                found[path] = st.st_ctime_ns
     finally:
         tree.close()
     return found
@@ -186,15 +186,27 @@ def last_heard(state_dir: str) -> float | None:
 
 
 def recent_changes(tree, since: float | None) -> tuple[float, set[bytes]] | None:
-    """The files of ``tree`` changed in the last RECENT_MARGIN seconds before its daemon was
-    last heard (``last_heard``), not journaled; None if there is no such moment, or if
-    ``since`` (the node served alone from then on) already covers it."""
+    """The files of ``tree`` changed from RECENT_MARGIN seconds before its daemon was last
+    heard (``last_heard``) on whose last change no journal record follows (a record's time
+    comes after the change it tells of): ``(heard, paths)``; None if there is no such moment
+    or no such file, or if ``since`` (the node served alone from then on) covers it."""
     heard = last_heard(tree.state_dir)
     if heard is None or (since is not None and since <= heard - RECENT_MARGIN):
         return None
     entries, subtrees = journaled(tree.state_dir)
-    paths = changed_since(tree.path, tree.state_dir, heard - RECENT_MARGIN, files_only=True)
-    paths = {p for p in paths - entries if not any(p.startswith(t + b"/") for t in subtrees)}
+    seen: dict[bytes, float] = {}
+    for journal in _journals(tree.state_dir):
+        for path, when in recorded_times(os.fsencode(journal)).items():
+            seen[path] = max(seen.get(path, 0.0), when)
+    paths = set()
+    for path, ctime_ns in changed_since(tree.path, tree.state_dir, heard - RECENT_MARGIN, files_only=True).items():
+        if path in entries or any(path.startswith(t + b"/") for t in subtrees):
+            continue  # listed as journaled
+        if seen.get(path, 0.0) * 1e9 >= ctime_ns:
+            # its last change was recorded (and mirrored: it is not pending); a change within
+            # a clock tick after a record can pass for recorded (ctime's clock is coarser)
+            continue
+        paths.add(path)
     return (heard, paths) if paths else None
 
 

@@ -8,7 +8,7 @@ atomically, with just the pending records).
 
 Record, little-endian::
 
-    u32 length of body | u64 xxh3-64 of body | body = msgpack [seq, kind, path, other]
+    u32 length of body | u64 xxh3-64 of body | body = msgpack [seq, kind, path, other, time]
 
 kinds: ``e`` an entry changed (``other``: 1 if its whole subtree must be rescanned),
 ``r`` a rename (``path`` -> ``other``), ``c`` checkpoint: every record up to ``seq`` is done
@@ -77,6 +77,29 @@ class Pending:
         return min(self.entries.values(), default=None)
 
 
+def _bodies(data: bytes):
+    """``(fields, end)`` of each whole record of a journal file, in order, up to the first
+    short one or one that fails its checksum.  ``time`` (the fifth field, the wall-clock time
+    the change was recorded) is absent from the records of older journals."""
+    pos = 0
+    while pos + _HEADER.size <= len(data):
+        length, check = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + length
+        if length > MAX_RECORD or end > len(data):
+            return
+        body = data[pos + _HEADER.size : end]
+        if xxhash.xxh3_64_intdigest(body) != check:
+            return
+        try:
+            fields = msgpack.unpackb(body)
+        except (ValueError, msgpack.UnpackException, TypeError):
+            return
+        if not isinstance(fields, list) or len(fields) < 4:
+            return
+        yield fields, end
+        pos = end
+
+
 def _scan(data: bytes) -> tuple[list, dict[bytes, int], int, int]:
     """Decode a journal file: (change records in order, each destination's last checkpoint,
     the last sequence number, the length of the whole records: a torn tail is not counted)."""
@@ -84,18 +107,7 @@ def _scan(data: bytes) -> tuple[list, dict[bytes, int], int, int]:
     now = time.time()
     records: list[tuple[int, str, bytes, object, float]] = []
     done: dict[bytes, int] = {}
-    while pos + _HEADER.size <= len(data):
-        length, check = _HEADER.unpack_from(data, pos)
-        end = pos + _HEADER.size + length
-        if length > MAX_RECORD or end > len(data):
-            break
-        body = data[pos + _HEADER.size : end]
-        if xxhash.xxh3_64_intdigest(body) != check:
-            break
-        try:
-            seq, kind, path, other = msgpack.unpackb(body)
-        except (ValueError, msgpack.UnpackException, TypeError):
-            break
+    for (seq, kind, path, other, *_), end in _bodies(data):
         last = max(last, seq)
         if kind == CHECKPOINT:
             done[path] = max(done.get(path, 0), seq)
@@ -103,6 +115,24 @@ def _scan(data: bytes) -> tuple[list, dict[bytes, int], int, int]:
             records.append((seq, kind, path, other, now))
         pos = end
     return records, done, last, pos
+
+
+def recorded_times(path: bytes) -> dict[bytes, float]:
+    """For each path a change record of the journal at ``path`` names (mirrored or not; until
+    the file is compacted), the latest time one was recorded: a change of that path made
+    before then was seen by the watcher.  Records without a time count for nothing."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return {}
+    out: dict[bytes, float] = {}
+    for (_seq, kind, name, other, *rest), _end in _bodies(data):
+        if kind == CHECKPOINT or not rest or not isinstance(rest[0], float | int):
+            continue
+        for p in (name, other) if kind == RENAME else (name,):
+            out[p] = max(out.get(p, 0.0), float(rest[0]))
+    return out
 
 
 def _merge(records, done: int) -> Pending:
@@ -246,8 +276,9 @@ class Journal:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _encode(self, seq: int, kind: str, path: bytes, other) -> bytes:
-        body = msgpack.packb([seq, kind, path, other], use_bin_type=True)
+    def _encode(self, seq: int, kind: str, path: bytes, other, when: float | None = None) -> bytes:
+        body = msgpack.packb([seq, kind, path, other] if when is None else [seq, kind, path, other, when],
+                             use_bin_type=True)  # fmt: skip
         return _HEADER.pack(len(body), xxhash.xxh3_64_intdigest(body)) + body
 
     def append(self, changes: list[tuple], when: float | None = None, force: bool = False,
@@ -278,7 +309,7 @@ class Journal:
                 self._seq += 1
                 if kind == ENTRY:
                     self._pending_entries[path] = (max(known[0] if known else 0, other or 0), self._seq)
-                out += self._encode(self._seq, kind, path, other)
+                out += self._encode(self._seq, kind, path, other, when)
                 self._records.append((self._seq, kind, path, other, seen[0] if seen else when))
             if not out:
                 return self._seq
@@ -404,7 +435,7 @@ class Journal:
         # positions also keep the sequence numbers rising across the rewrite
         data = b"".join(self._encode(self._done_at[c], CHECKPOINT, c, None) for c in self._cursors
                         if self._done_at[c] or len(self._cursors) > 1)  # fmt: skip
-        data += b"".join(self._encode(seq, kind, path, other) for seq, kind, path, other, _ in self._records)
+        data += b"".join(self._encode(seq, kind, path, other, when) for seq, kind, path, other, when in self._records)
         if not data:
             data = self._encode(self._seq, CHECKPOINT, self._cursors[0], None)
         atomic_write(self.path, data, 0o600)

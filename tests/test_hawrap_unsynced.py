@@ -15,6 +15,7 @@ import pytest
 
 from hawrap import config, setaside, unsynced
 from hawrap.demo import write_demo_config
+from mirror import journal as J
 from mirror.journal import ENTRY, RENAME, Journal
 from tests.test_full_disk import small_fs
 
@@ -264,17 +265,26 @@ def test_files_changed_just_before_the_daemon_was_killed_are_listed_and_kept(tmp
     (root / "spool").mkdir()
     (root / "spool" / "last").write_bytes(b"written as the node died")
     (root / "journaled").write_bytes(b"seen")
+    (root / "mirrored").write_bytes(b"seen and mirrored")
+    (root / "again").write_bytes(b"seen and mirrored, then changed")
     j = journal_of(tmp_path)
+    seq = j.append([(ENTRY, b"mirrored", 0), (ENTRY, b"again", 0)])
+    j.checkpoint(seq)
     j.append([(ENTRY, b"journaled", 0)])
     j.close()
+    recorded = J.recorded_times(os.fsencode(root / ".mirror" / "journal-0123456789abcdef"))[b"again"]
+    while (root / "again").stat().st_ctime <= recorded:  # ctime's clock is coarser: wait for it to pass
+        (root / "again").write_bytes(b"changed after its record, never recorded")
+        time.sleep(0.005)
     daemon_status(tmp_path, "stopped")
     found = unsynced.find(config.load(path), "alpha")
     assert found.journaled == {"data": ["journaled"]} and not found.recent  # a clean stop journals all it saw
     daemon_status(tmp_path, "running")
     found = unsynced.find(config.load(path), "alpha")
-    assert found.recent["data"][1] == {b"spool/last"}  # not the journaled one, nor the directory
+    # not the journaled one, nor the one mirrored since its last change, nor the directory
+    assert found.recent["data"][1] == {b"spool/last", b"again"}
     r = resume(path)
-    assert r.returncode == 1 and "perhaps never journaled" in r.stdout and "spool/last" in r.stdout, r.stdout
+    assert r.returncode == 1 and "its watcher never recorded" in r.stdout and "spool/last" in r.stdout, r.stdout
     r = resume(path, "--keep-local-changes")
     assert r.returncode == 0, r.stdout + r.stderr
     [kept] = kept_dirs(tmp_path)

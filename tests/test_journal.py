@@ -119,3 +119,27 @@ def test_settle_marks_everything_done_for_every_destination(tmp_path):
     assert again.append([(J.ENTRY, b"new", 0)]) > later
     again.close()
     assert set(J.read_pending(path).entries) == {b"new"}
+
+
+def test_records_carry_their_time_and_older_records_without_one_still_read(tmp_path):
+    """A change record carries the time it was written (after the change it tells of); one
+    from an older journal has none: it is still replayed, and tells no time."""
+    import time
+
+    import msgpack
+    import xxhash
+
+    path = os.fsencode(tmp_path / "j")
+    body = msgpack.packb([1, J.ENTRY, b"old", 0], use_bin_type=True)
+    with open(path, "wb") as f:
+        f.write(J._HEADER.pack(len(body), xxhash.xxh3_64_intdigest(body)) + body)
+    assert set(J.read_pending(path).entries) == {b"old"}  # replayed as ever
+    before = time.time()
+    j = J.Journal(path)
+    seq = j.append([(J.ENTRY, b"new", 0), (J.RENAME, b"a", b"b")])
+    j.checkpoint(seq)  # mirrored: still in the file, with its time, until compacted
+    j.close()
+    times = J.recorded_times(path)
+    assert set(times) == {b"new", b"a", b"b"} and all(before <= t <= time.time() for t in times.values())
+    assert set(J.Journal(path).pending().entries) == set()  # "old" was covered by the checkpoint too
+    assert J.recorded_times(os.fsencode(tmp_path / "none")) == {}
