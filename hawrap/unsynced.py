@@ -165,16 +165,19 @@ def walk(tree: ConfinedTree, top: bytes):
             os.close(fd)
 
 
-def last_heard(state_dir: str) -> float | None:
+def last_heard(state_dir: str) -> tuple[float, float | None] | None:
     """When the tree's mirror daemon last wrote its status, if it was still running then
     (killed, or its node lost power: a clean stop journals every change it saw) and ran
     here after the tree last received (the receiver's applied record): changes made just
-    before may never have reached its journal.  None otherwise."""
+    before may never have reached its journal.  With it, when its last whole-tree compare
+    of every destination ended (None if one has had none): a change before then that no
+    record tells of was made before the watcher started, and that compare mirrored it."""
     try:
         with open(os.path.join(state_dir, os.fsdecode(STATUS_FILE))) as f:
             status = json.load(f)
         heard = float(status["updated"])
-    except (OSError, ValueError, KeyError, TypeError):
+        compares = [pair.get("last_compare") for pair in status.get("pairs") or []]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if status.get("state") == "stopped":
         return None
@@ -182,16 +185,23 @@ def last_heard(state_dir: str) -> float | None:
         received = os.stat(applied_path(state_dir)).st_mtime
     except OSError:
         received = None
-    return heard if received is None or heard > received else None
+    if received is not None and heard <= received:
+        return None
+    compared = min(compares) if compares and all(isinstance(c, float | int) for c in compares) else None
+    return heard, compared
 
 
 def recent_changes(tree, since: float | None) -> tuple[float, set[bytes]] | None:
     """The files of ``tree`` changed from RECENT_MARGIN seconds before its daemon was last
-    heard (``last_heard``) on whose last change no journal record follows (a record's time
-    comes after the change it tells of): ``(heard, paths)``; None if there is no such moment
-    or no such file, or if ``since`` (the node served alone from then on) covers it."""
-    heard = last_heard(tree.state_dir)
-    if heard is None or (since is not None and since <= heard - RECENT_MARGIN):
+    heard (``last_heard``) whose last change no journal record tells of (a record's time
+    comes after the change it tells of), nor the daemon's last whole-tree compare:
+    ``(heard, paths)``; None if there is no such moment or no such file, or if ``since``
+    (the node served alone from then on) covers it."""
+    found = last_heard(tree.state_dir)
+    if found is None:
+        return None
+    heard, compared = found
+    if since is not None and since <= heard - RECENT_MARGIN:
         return None
     entries, subtrees = journaled(tree.state_dir)
     seen: dict[bytes, float] = {}
@@ -202,6 +212,8 @@ def recent_changes(tree, since: float | None) -> tuple[float, set[bytes]] | None
     for path, ctime_ns in changed_since(tree.path, tree.state_dir, heard - RECENT_MARGIN, files_only=True).items():
         if path in entries or any(path.startswith(t + b"/") for t in subtrees):
             continue  # listed as journaled
+        if compared is not None and ctime_ns < compared * 1e9:
+            continue  # recorded since (the watcher ran throughout), or mirrored by that compare
         if seen.get(path, 0.0) * 1e9 >= ctime_ns:
             # its last change was recorded (and mirrored: it is not pending); a change within
             # a clock tick after a record can pass for recorded (ctime's clock is coarser)

@@ -247,12 +247,14 @@ def test_a_copy_that_does_not_fit_resumes_nothing(tmp_path):
         assert os.listdir(small) == []  # no copy half made
 
 
-def daemon_status(tmp_path, state: str, node="alpha") -> None:
+def daemon_status(tmp_path, state: str, node="alpha", compared: float | None = None) -> None:
     """The tree's mirror daemon status file as a daemon leaves it: ``running`` when it was
-    killed (or its node lost power), ``stopped`` after a clean stop."""
+    killed (or its node lost power), ``stopped`` after a clean stop; ``compared``: when its
+    last whole-tree compare ended."""
     status = tmp_path / "data" / node / ".mirror" / "mirror-daemon.status.json"
     status.parent.mkdir(exist_ok=True)
-    status.write_text(json.dumps({"pid": 1, "state": state, "updated": time.time(), "pairs": []}))
+    pairs = [{"name": "data", "state": "live", "last_compare": compared}]
+    status.write_text(json.dumps({"pid": 1, "state": state, "updated": time.time(), "pairs": pairs}))
 
 
 def test_files_changed_just_before_the_daemon_was_killed_are_listed_and_kept(tmp_path):
@@ -279,6 +281,10 @@ def test_files_changed_just_before_the_daemon_was_killed_are_listed_and_kept(tmp
     daemon_status(tmp_path, "stopped")
     found = unsynced.find(config.load(path), "alpha")
     assert found.journaled == {"data": ["journaled"]} and not found.recent  # a clean stop journals all it saw
+    # a whole-tree compare that ended after them mirrored them (the watcher ran throughout)
+    daemon_status(tmp_path, "running", compared=time.time() + 0.1)
+    found = unsynced.find(config.load(path), "alpha")
+    assert found.journaled == {"data": ["journaled"]} and not found.recent
     daemon_status(tmp_path, "running")
     found = unsynced.find(config.load(path), "alpha")
     # not the journaled one, nor the one mirrored since its last change, nor the directory
