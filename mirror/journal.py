@@ -30,6 +30,7 @@ soon as it can be; until then nothing in it is called durable.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -118,20 +119,35 @@ def _scan(data: bytes) -> tuple[list, dict[bytes, int], int, int]:
 
 
 def recorded_times(path: bytes) -> dict[bytes, float]:
-    """For each path a change record of the journal at ``path`` names (mirrored or not; until
-    the file is compacted), the latest time one was recorded: a change of that path made
-    before then was seen by the watcher.  Records without a time count for nothing."""
+    """For each path a change record of the journal at ``path`` names (until the file is
+    compacted), until when its changes were seen: the time of its latest record (written
+    after the change it tells of), or of the first checkpoint past that record (a change
+    made before a session took the record was not recorded again, and that session mirrored
+    it; one made after would have a record of its own).  Records without a time (older
+    journals) count for nothing."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return {}
     out: dict[bytes, float] = {}
-    for (_seq, kind, name, other, *rest), _end in _bodies(data):
-        if kind == CHECKPOINT or not rest or not isinstance(rest[0], float | int):
+    latest: dict[bytes, int] = {}  # path -> the sequence of its latest record
+    waiting: collections.deque[tuple[int, bytes]] = collections.deque()  # records no checkpoint passed yet
+    for (seq, kind, name, other, *rest), _end in _bodies(data):
+        when = float(rest[0]) if rest and isinstance(rest[0], float | int) else None
+        if kind == CHECKPOINT:
+            if when is not None:
+                while waiting and waiting[0][0] <= seq:
+                    done, p = waiting.popleft()
+                    if latest.get(p) == done:
+                        out[p] = max(out.get(p, 0.0), when)
+            continue
+        if when is None:
             continue
         for p in (name, other) if kind == RENAME else (name,):
-            out[p] = max(out.get(p, 0.0), float(rest[0]))
+            out[p] = max(out.get(p, 0.0), when)
+            latest[p] = seq
+            waiting.append((seq, p))
     return out
 
 
@@ -367,7 +383,7 @@ class Journal:
                 return
             before = self._floor
             self._done_at[cursor] = seq
-            record = self._encode(seq, CHECKPOINT, cursor, None)
+            record = self._encode(seq, CHECKPOINT, cursor, None, time.time())
             self._trim()
             if self._floor > before:
                 self._index()

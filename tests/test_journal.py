@@ -137,9 +137,14 @@ def test_records_carry_their_time_and_older_records_without_one_still_read(tmp_p
     before = time.time()
     j = J.Journal(path)
     seq = j.append([(J.ENTRY, b"new", 0), (J.RENAME, b"a", b"b")])
+    assert all(before <= t <= time.time() for t in J.recorded_times(path).values())
+    later = j.append([(J.ENTRY, b"pending", 0)])
+    taken = time.time()
     j.checkpoint(seq)  # mirrored: still in the file, with its time, until compacted
     j.close()
     times = J.recorded_times(path)
-    assert set(times) == {b"new", b"a", b"b"} and all(before <= t <= time.time() for t in times.values())
-    assert set(J.Journal(path).pending().entries) == set()  # "old" was covered by the checkpoint too
+    # seen until the checkpoint past their record: a session took them after any change since
+    assert set(times) == {b"new", b"a", b"b", b"pending"} and later > seq
+    assert all(taken <= times[p] <= time.time() for p in (b"new", b"a", b"b")) and times[b"pending"] < taken
+    assert set(J.Journal(path).pending().entries) == {b"pending"}  # "old" was covered by the checkpoint too
     assert J.recorded_times(os.fsencode(tmp_path / "none")) == {}
