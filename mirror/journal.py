@@ -12,7 +12,11 @@ Record, little-endian::
 
 kinds: ``e`` an entry changed (``other``: 1 if its whole subtree must be rescanned),
 ``r`` a rename (``path`` -> ``other``), ``c`` checkpoint: every record up to ``seq`` is done
-for the destination named in ``path`` (empty: the journal's only destination).
+for the destination named in ``path`` (empty: the journal's only destination).  ``time``:
+the wall-clock time the record was written, after the change it tells of (a checkpoint's:
+when that session was done); records of older journals have none.  (An older hamirror
+takes a record with a time for a torn one and cuts the file there: after a downgrade its
+daemon's first whole-tree compare covers what those records named.)
 
 One journal can serve several destinations (``mirror daemon`` fanning one tree out): each
 has its own position (its last checkpoint), a record is dropped once every destination has
