@@ -204,22 +204,33 @@ def recent_changes(tree, since: float | None) -> tuple[float, set[bytes]] | None
     if since is not None and since <= heard - RECENT_MARGIN:
         return None
     entries, subtrees = journaled(tree.state_dir)
-    seen: dict[bytes, float] = {}
+    named: dict[bytes, float] = {}
+    whole: dict[bytes, float] = {}
     for journal in _journals(tree.state_dir):
-        for path, when in recorded_times(os.fsencode(journal)).items():
-            seen[path] = max(seen.get(path, 0.0), when)
+        for mine, theirs in zip((named, whole), recorded_times(os.fsencode(journal)), strict=True):
+            for path, when in theirs.items():
+                mine[path] = max(mine.get(path, 0.0), when)
     paths = set()
     for path, ctime_ns in changed_since(tree.path, tree.state_dir, heard - RECENT_MARGIN, files_only=True).items():
         if path in entries or any(path.startswith(t + b"/") for t in subtrees):
             continue  # listed as journaled
         if compared is not None and ctime_ns < compared * 1e9:
             continue  # recorded since (the watcher ran throughout), or mirrored by that compare
-        if seen.get(path, 0.0) * 1e9 >= ctime_ns:
-            # its last change was recorded (and mirrored: it is not pending); a change within
-            # a clock tick after a record can pass for recorded (ctime's clock is coarser)
+        # Its last change was recorded, by name or within a directory recorded whole (and
+        # mirrored: it is not pending).  A change within a clock tick after a record can
+        # pass for recorded (ctime's clock is coarser).
+        told = [named.get(path, 0.0)] + [whole.get(d, 0.0) for d in _ancestors(path)]
+        if max(told) * 1e9 >= ctime_ns:
             continue
         paths.add(path)
     return (heard, paths) if paths else None
+
+
+def _ancestors(path: bytes):
+    """``a/b/c`` -> ``a/b``, ``a``."""
+    while b"/" in path:
+        path = path.rsplit(b"/", 1)[0]
+        yield path
 
 
 def find(cfg: ClusterConfig, node: str) -> Unsynced:

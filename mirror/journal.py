@@ -122,37 +122,45 @@ def _scan(data: bytes) -> tuple[list, dict[bytes, int], int, int]:
     return records, done, last, pos
 
 
-def recorded_times(path: bytes) -> dict[bytes, float]:
+def recorded_times(path: bytes) -> tuple[dict[bytes, float], dict[bytes, float]]:
     """For each path a change record of the journal at ``path`` names (until the file is
     compacted), until when its changes were seen: the time of its latest record (written
     after the change it tells of), or of the first checkpoint past that record (a change
     made before a session took the record was not recorded again, and that session mirrored
-    it; one made after would have a record of its own).  Records without a time (older
-    journals) count for nothing."""
+    it; one made after would have a record of its own).  Two maps: every path named, and the
+    directories named whole (a subtree to rescan, a rename's new name), whose records tell
+    of everything below them.  Records without a time (older journals) count for nothing."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return {}
-    out: dict[bytes, float] = {}
-    latest: dict[bytes, int] = {}  # path -> the sequence of its latest record
-    waiting: collections.deque[tuple[int, bytes]] = collections.deque()  # records no checkpoint passed yet
+        return {}, {}
+    named: dict[bytes, float] = {}
+    whole: dict[bytes, float] = {}
+    latest: dict[tuple[bytes, bool], int] = {}  # (path, whole) -> the sequence of its latest record
+    waiting: collections.deque[tuple[int, bytes, bool]] = collections.deque()  # records no checkpoint passed yet
+
+    def seen(p: bytes, is_whole: bool, when: float) -> None:
+        target = whole if is_whole else named
+        target[p] = max(target.get(p, 0.0), when)
+
     for (seq, kind, name, other, *rest), _end in _bodies(data):
         when = float(rest[0]) if rest and isinstance(rest[0], float | int) else None
         if kind == CHECKPOINT:
             if when is not None:
                 while waiting and waiting[0][0] <= seq:
-                    done, p = waiting.popleft()
-                    if latest.get(p) == done:
-                        out[p] = max(out.get(p, 0.0), when)
+                    done, p, is_whole = waiting.popleft()
+                    if latest.get((p, is_whole)) == done:
+                        seen(p, is_whole, when)
             continue
         if when is None:
             continue
-        for p in (name, other) if kind == RENAME else (name,):
-            out[p] = max(out.get(p, 0.0), when)
-            latest[p] = seq
-            waiting.append((seq, p))
-    return out
+        names = [(name, False), (other, False), (other, True)] if kind == RENAME else [(name, bool(other))]
+        for p, is_whole in names:
+            seen(p, is_whole, when)
+            latest[(p, is_whole)] = seq
+            waiting.append((seq, p, is_whole))
+    return named, whole
 
 
 def _merge(records, done: int) -> Pending:

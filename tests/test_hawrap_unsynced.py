@@ -269,12 +269,14 @@ def test_files_changed_just_before_the_daemon_was_killed_are_listed_and_kept(tmp
     (root / "journaled").write_bytes(b"seen")
     (root / "mirrored").write_bytes(b"seen and mirrored")
     (root / "again").write_bytes(b"seen and mirrored, then changed")
+    (root / "newdir").mkdir()
+    (root / "newdir" / "inside").write_bytes(b"in a directory seen whole, mirrored")
     j = journal_of(tmp_path)
-    seq = j.append([(ENTRY, b"mirrored", 0), (ENTRY, b"again", 0)])
+    seq = j.append([(ENTRY, b"mirrored", 0), (ENTRY, b"again", 0), (ENTRY, b"newdir", 1)])
     j.checkpoint(seq)
     j.append([(ENTRY, b"journaled", 0)])
     j.close()
-    recorded = J.recorded_times(os.fsencode(root / ".mirror" / "journal-0123456789abcdef"))[b"again"]
+    recorded = J.recorded_times(os.fsencode(root / ".mirror" / "journal-0123456789abcdef"))[0][b"again"]
     while (root / "again").stat().st_ctime <= recorded:  # ctime's clock is coarser: wait for it to pass
         (root / "again").write_bytes(b"changed after its record, never recorded")
         time.sleep(0.005)

@@ -137,14 +137,15 @@ def test_records_carry_their_time_and_older_records_without_one_still_read(tmp_p
     before = time.time()
     j = J.Journal(path)
     seq = j.append([(J.ENTRY, b"new", 0), (J.RENAME, b"a", b"b")])
-    assert all(before <= t <= time.time() for t in J.recorded_times(path).values())
+    assert all(before <= t <= time.time() for t in J.recorded_times(path)[0].values())
     later = j.append([(J.ENTRY, b"pending", 0)])
     taken = time.time()
     j.checkpoint(seq)  # mirrored: still in the file, with its time, until compacted
     j.close()
-    times = J.recorded_times(path)
+    times, whole = J.recorded_times(path)
     # seen until the checkpoint past their record: a session took them after any change since
     assert set(times) == {b"new", b"a", b"b", b"pending"} and later > seq
     assert all(taken <= times[p] <= time.time() for p in (b"new", b"a", b"b")) and times[b"pending"] < taken
+    assert set(whole) == {b"b"}  # a rename's new name is a directory's whole, perhaps
     assert set(J.Journal(path).pending().entries) == {b"pending"}  # "old" was covered by the checkpoint too
-    assert J.recorded_times(os.fsencode(tmp_path / "none")) == {}
+    assert J.recorded_times(os.fsencode(tmp_path / "none")) == ({}, {})

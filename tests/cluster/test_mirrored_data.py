@@ -83,7 +83,8 @@ def test_failover_keeps_newest_data_and_resume_resyncs(mcluster):
     assert wait_for(lambda: c.h.role("a") == "standby", 15), c.h.logs()
     time.sleep(1.0)
     assert snapshot(tree(lab, "b")) == newest  # nothing flowed back from the stale node
-    assert c.h.cli("a", "resume").returncode == 0
+    r = c.h.cli("a", "resume")
+    assert r.returncode == 0, r.stdout + r.stderr
     assert converged(lab), "resync after resume did not bring the survivor's changes back"
     assert snapshot(tree(lab, "a")) == newest
     assert c.h.cli("a", "failback").returncode == 0
