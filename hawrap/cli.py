@@ -300,8 +300,8 @@ def _report_role(notifier, role: str, reason: str) -> None:
 
 
 def cmd_status(cfg, node, args) -> int:
+    from .kept import describe_kept, kept_copies
     from .mirrorctl import resolve_trees
-    from .setaside import describe_kept, kept_copies
 
     if cfg.backend == "etcd":
         from .etcdadmin import status

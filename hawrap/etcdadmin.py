@@ -14,9 +14,9 @@ import time
 from . import control
 from .config import ClusterConfig
 from .errors import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, HawrapError, NotRunning
+from .kept import describe_kept, kept_copies
 from .leadership import describe, request_failover
 from .mirrorctl import resolve_trees
-from .setaside import describe_kept, kept_copies
 
 
 def status(cfg: ClusterConfig, node: str, as_json: bool) -> int:

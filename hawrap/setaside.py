@@ -30,6 +30,7 @@ from mirror.errors import UnsafePathError, display_path
 from mirror.localsync import copy_range
 from mirror.safefs import ConfinedTree, syncfs
 
+from .kept import new_copy_dir
 from .unsynced import changed_since, journaled, recent_changes, source_tree, walk
 
 # A file's ctime comes from the kernel's coarse clock, up to a tick (10 ms at HZ=100) behind
@@ -216,39 +217,6 @@ def keep_unsynced(trees, since: float | None, base: str | None, stamp: str, *,
             entries |= changed_since(tree.path, tree.state_dir, since - CTIME_SLACK).keys()
         if not entries and not subtrees:
             continue
-        dest = os.path.join(base, tree.name) if base else _unused(os.path.join(tree.state_dir, "kept", stamp))
+        dest = os.path.join(base, tree.name) if base else new_copy_dir(tree.state_dir, stamp)
         out.append(keep(tree.name, tree.path, tree.state_dir, entries, subtrees, dest))
     return out
-
-
-def _unused(path: str) -> str:
-    """``path``, or ``path-2``, ``path-3``... if taken (two copies within a second)."""
-    candidate, n = path, 1
-    while os.path.lexists(candidate):
-        n += 1
-        candidate = f"{path}-{n}"
-    return candidate
-
-
-def kept_copies(trees) -> dict[str, list[str]]:
-    """Each tree's copies kept aside in its state dir (``kept/TIME``), oldest first; they
-    stay until the administrator removes them."""
-    out = {}
-    for tree in trees:
-        base = os.path.join(tree.state_dir, "kept")
-        try:
-            names = sorted(os.listdir(base))
-        except OSError:
-            continue
-        if names:
-            out[tree.name] = [os.path.join(base, n) for n in names]
-    return out
-
-
-def describe_kept(kept: dict[str, list[str]]) -> list[str]:
-    """``hawrap status`` lines for ``kept_copies``."""
-    return [
-        f"  kept aside from {name}: {len(paths)} copies of local changes the peer's copy replaced, the latest "
-        f"{paths[-1]} (remove them once dealt with)"
-        for name, paths in kept.items()
-    ]
