@@ -1,14 +1,19 @@
-"""What this node holds that its peer lacks, before ``hawrap resume`` lets the peer's copy
-replace it (the resync mirrors the survivor's trees over this node's, deletions included).
+"""What this node holds that its peer lacks, before the peer's copy replaces it (``hawrap
+resume``: the resync mirrors the survivor's trees over this node's, deletions included; an
+etcd member about to receive).
 
-Two sources, both on this node's disk, so the answer is available with hawrap stopped:
+Three sources, all on this node's disk, so the answer is available with hawrap stopped:
 
 * the mirror daemon's journals (``mirror.journal``): every change its watcher saw and never
   confirmed mirrored, by path;
+* the files changed as a killed daemon died that no journal record covers (its watcher had
+  not read their events): ``recent_changes``;
 * the node's data state (``node-state.json``): whether it served while its peer's copy did
   not receive its changes (``peer_outdated``, since when).  Then everything changed here
   since that moment is missing on the peer, journaled or not (an initial sync cut short, or
   changes made while no daemon watched, are not in any journal).
+
+The tree is walked here too (``walk``: through descriptors, never following a symlink).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class Unsynced:
     peer: str
     since: float | None = None  # served while the peer's copy was outdated, since then
     journaled: dict[str, list[str]] = field(default_factory=dict)  # tree -> paths never mirrored
-    # tree -> (when its daemon was last heard, files changed from RECENT_MARGIN before then)
+    # tree -> (when its killed daemon was last heard, the files changed then that no record covers)
     recent: dict[str, tuple[float, set[bytes]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -60,21 +65,21 @@ class Unsynced:
             )
             lines.append("  everything changed here since then is missing there (journaled or not)")
         for tree, paths in self.journaled.items():
-            if not paths:
-                continue
-            lines.append(f"  tree {tree}: {len(paths)} changes journaled and never mirrored:")
-            lines += [f"    {p}" for p in paths[:SHOWN]]
-            if len(paths) > SHOWN:
-                lines.append(f"    ... and {len(paths) - SHOWN} more")
+            if paths:
+                lines.append(f"  tree {tree}: {len(paths)} changes journaled and never mirrored:")
+                lines += _listed(paths)
         for tree, (heard, paths) in self.recent.items():
             when = time.strftime("%H:%M:%S", time.localtime(heard))
             lines.append(f"  tree {tree}: {len(paths)} files changed as its mirror daemon was killed (last heard "
                          f"at {when}) that its watcher never recorded:")  # fmt: skip
-            shown = sorted(display_path(p) for p in paths)
-            lines += [f"    {p}" for p in shown[:SHOWN]]
-            if len(shown) > SHOWN:
-                lines.append(f"    ... and {len(shown) - SHOWN} more")
+            lines += _listed(sorted(display_path(p) for p in paths))
         return "\n".join(lines)
+
+
+def _listed(paths: list[str]) -> list[str]:
+    """The first SHOWN of ``paths``, indented, and how many more there are."""
+    more = [f"    ... and {len(paths) - SHOWN} more"] if len(paths) > SHOWN else []
+    return [f"    {p}" for p in paths[:SHOWN]] + more
 
 
 def _journals(state_dir: str) -> list[str]:
