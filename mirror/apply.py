@@ -11,6 +11,9 @@ what keeps the replica whole, whoever asks:
 - the mirroring lock: before every change, rename and deletion (at most every
   ``lockfile.LOCK_CHECK_SECONDS``) and before every batch is renamed into place, once its data
   is durable; if it appears, what is pending is discarded and the session ends with ``LockedError``;
+- the epoch, at the same moments (``SessionFence``): once the replica holds an epoch above the
+  sender's (a newer primary's session raised it, or its node followed a new leader), nothing
+  more of the session is renamed into place, and it ends with ``StaleEpochError``;
 - the module's privilege policy (devices, special files, set-id bits) by what the entry is
   on the replica, not what the sender calls it;
 - the order of a session: one file at a time, nothing but reviewed deletions in a dry run,
@@ -31,7 +34,7 @@ from typing import NamedTuple
 
 from .commits import Batches, DirSyncs
 from .entry import KIND_OF_FMT, Kind
-from .epoch import MAX_EPOCH_STEP, fencing_epoch, observe_epoch
+from .epoch import MAX_EPOCH_STEP, fencing_epoch, observe_epoch, read_epoch
 from .errors import (
     LockedError,
     MirrorError,
@@ -124,10 +127,11 @@ class ReplicaAdmission:
         self._cleaned = self._cleaned or not dry_run
         return tree
 
-    def writer(self, tree: ConfinedTree, excluder, **options) -> ReplicaWriter:
-        """A session's writer on ``tree``, under the module's privileges and lock file; the
-        entries ``excluder`` excludes are spared by deletions."""
-        lock = LockWatch(self.module.lock_file, "appeared on the receiver")
+    def writer(self, tree: ConfinedTree, excluder, epoch: int, **options) -> ReplicaWriter:
+        """A session's writer on ``tree``, for a sender at ``epoch``, under the module's
+        privileges, lock file and epoch; the entries ``excluder`` excludes are spared by
+        deletions."""
+        lock = SessionFence(self.module.lock_file, self.state_dir, epoch, self.peer)
         keep = excluder.excluded if excluder is not None else None
         return ReplicaWriter(tree, privileges=self.module.privileges, lock=lock, keep=keep, **options)
 
@@ -139,6 +143,29 @@ class ReplicaAdmission:
             inside = state_dir_below(root, self.state_dir)
             self._reserved[root] = None if inside == b"." else inside
         return self._reserved[root]
+
+
+class SessionFence(LockWatch):
+    """What stops a session's writer: the mirroring lock, and an epoch above the sender's.
+
+    Admission refuses an older sender; this fences one admitted before the epoch rose.  A
+    primary frozen in the middle of a session, and thawed after another node took over,
+    would otherwise go on committing its files on a replica that already follows the new
+    primary (until the session ended), and its journal would count them as received there."""
+
+    def __init__(self, lock_file: bytes | None, state_dir: bytes, epoch: int, peer: str):
+        super().__init__(lock_file, "appeared on the receiver")
+        self.state_dir = state_dir
+        self.epoch = epoch
+        self.peer = peer
+
+    def look(self) -> None:
+        super().look()
+        now = read_epoch(self.state_dir)
+        if now > self.epoch:
+            raise StaleEpochError(f"stopped: this replica's epoch rose to {now} during the session of {self.peer}, "
+                                  f"whose tree epoch is {self.epoch} (a newer primary took over); what was not "
+                                  "yet in place was dropped")  # fmt: skip
 
 
 class ReplicaWriter:

@@ -85,7 +85,7 @@ class LocalSession(SourceSession):
                 dst_scan = self.scans[1] = replica_scan(sync.module.path, o, scope)
             owner = os.geteuid() == 0
             policy = DeletionPolicy(o.max_delete, o.allow_mass_delete)
-            writer = self.writer = replica.writer(dst_tree, make_excluder(o.excludes), owner=owner,
+            writer = self.writer = replica.writer(dst_tree, make_excluder(o.excludes), epoch, owner=owner,
                                                   sync_writes=o.fsync, dry_run=o.dry_run, policy=policy)  # fmt: skip
             self.plan_root(stat_attrs(os.stat(dst_tree.root_fd)), owner)  # as a receiver's ready says
             self.lock.check()

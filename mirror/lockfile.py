@@ -232,13 +232,15 @@ class LockWatch:
             from .errors import Cancelled
 
             raise Cancelled("stopping: the file in flight was abandoned, finished files were kept")
-        if not self.lock_file:
-            return
         now = time.monotonic()
         if not force and now - self._last < self.interval:
             return
         self._last = now
-        if is_locked(self.lock_file):
+        self.look()
+
+    def look(self) -> None:
+        """The check itself, whatever the interval (a subclass looks at more)."""
+        if self.lock_file and is_locked(self.lock_file):
             info = status(self.lock_file)
             raise LockedError(
                 f"mirroring lock {self.where}: {info.describe() if info else display_path(self.lock_file)}"

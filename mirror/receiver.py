@@ -275,6 +275,7 @@ class ReceiverSession:
         writer = self.writer = receiver.replica.writer(
             tree,
             self.excluder,
+            opts["epoch"],
             owner=opts["owner"] and receiver.can_chown,
             sync_writes=not opts["no_fsync"],
             dry_run=opts["dry_run"],

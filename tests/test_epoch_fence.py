@@ -1,0 +1,170 @@
+"""A session admitted before the replica's epoch rose commits nothing once it has.
+
+Admission refuses a sender older than the replica.  These tests raise the replica's epoch
+while a session is under way, as a node that follows a new primary does, and check that
+the session that was admitted earlier (a former primary frozen, then thawed) commits no
+file and deletes nothing after that, ends with StaleEpochError, and leaves the module free
+for the newer primary."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import xxhash
+
+from mirror import protocol as P
+from mirror.epoch import bump_epoch, read_epoch
+from mirror.errors import EXIT_STALE_EPOCH
+from tests.daemons import converged, live_daemon
+from tests.helpers import wait_until
+from tests.peers import ATTRS, RawSession, temp_files
+from tests.servers import mirror_server
+
+
+def _file(req: int, path: bytes, data: bytes) -> list:
+    return [[P.FILE, req, path, ATTRS, "whole", 0, 0], [P.DATA, req, data],
+            [P.FILE_END, req, xxhash.xxh3_128_digest(data), len(data)]]  # fmt: skip
+
+
+def _names(root) -> set[str]:
+    return {name for name in os.listdir(root) if name != ".mirror"}
+
+
+@pytest.mark.parametrize("fsync", [False, True], ids=["no-fsync", "fsync"])
+def test_a_session_commits_nothing_after_the_replica_s_epoch_rises_past_its_sender_s(tmp_path, fsync):
+    root = tmp_path / "module"
+    root.mkdir()
+    (root / "keep").write_bytes(b"the newer primary's")
+    state_dir = os.fsencode(root / ".mirror")
+    bump_epoch(state_dir, to=5)
+    s = RawSession(root, start={"epoch": 5, "no_fsync": not fsync, "delete": True})
+    assert s.ready[0] == P.READY, s.ready
+    s.drain_summary()
+    # Two batches and more: the first is committed while the session goes on (with fsync,
+    # a batch is renamed into place once the next one is full).
+    before = [b"before-%03d" % i for i in range(560)]
+    for req, path in enumerate(before, 1):
+        s.send(*_file(req, path, path * 10))
+    s.send([P.PING, 1])
+    assert s.until(P.PONG)[0] == P.PONG, s.replies
+    wait_until(lambda: len(_names(root)) >= 256)  # the first batch committed
+    bump_epoch(state_dir, to=6)  # a node that follows the new primary raised it
+    raised = _names(root)
+    after = [b"after-%03d" % i for i in range(300)]
+    for req, path in enumerate(after, 1000):
+        s.send(*_file(req, path, path * 10))
+    s.send([P.DELETE, b"keep"])
+    reply = s.end()
+    assert reply is not None and reply[0] == P.ERROR and reply[1] == "StaleEpochError", s.replies
+    assert "epoch rose to 6" in reply[3], reply
+    # Of what the session sent once the epoch rose, nothing is in place: the queued files
+    # were dropped (no temporary file left) and the deletion not made.
+    assert _names(root) <= raised | {p.decode() for p in before}
+    assert not any(name.startswith("after-") for name in _names(root))
+    assert (root / "keep").read_bytes() == b"the newer primary's"
+    assert temp_files(root) == []
+    assert read_epoch(state_dir) == 6
+    # The former primary is refused from now on; the newer one gets in (the writer lock went).
+    stale = RawSession(root, start={"epoch": 5})
+    assert stale.ready[0] == P.ERROR and stale.ready[1] == "StaleEpochError", stale.ready
+    stale.close()
+    newer = RawSession(root, start={"epoch": 6})
+    assert newer.ready[0] == P.READY, newer.ready
+    newer.drain_summary()
+    assert newer.end()[0] == P.RESULT
+
+
+def test_a_sync_frozen_mid_transfer_and_thawed_after_a_takeover_commits_nothing_more(tmp_path):
+    """The user's view: `mirror sync` to a `mirror serve` replica, frozen (SIGSTOP) in the
+    middle of its transfer; the replica's epoch rises meanwhile; thawed, the sync exits 4
+    and a reader polling the replica sees no new file from it after the rise."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3000):
+        (src / f"f{i:04d}").write_bytes(os.urandom(16 << 10))
+    bump_epoch(os.fsencode(src / ".mirror"), to=3)
+    dst = tmp_path / "replica"
+    dst.mkdir()
+    replica_state = os.fsencode(dst / ".mirror")
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        sync = subprocess.Popen([sys.executable, "-m", "mirror", "sync", str(src), server.url("m"),
+                                 "--secret-file", server.secret_file],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            wait_until(lambda: len(_names(dst)) >= 256 or sync.poll() is not None, timeout=60)
+            os.kill(sync.pid, signal.SIGSTOP)
+            assert sync.poll() is None, "the sync finished before it could be frozen"
+            bump_epoch(replica_state, to=4)
+            raised_at = time.monotonic()
+            seen: dict[str, float] = {name: 0.0 for name in _names(dst)}
+            stop = threading.Event()
+
+            def poll_replica() -> None:
+                while not stop.is_set():
+                    now = time.monotonic()
+                    for name in _names(dst):
+                        seen.setdefault(name, now)
+                    stop.wait(0.01)
+
+            reader = threading.Thread(target=poll_replica)
+            reader.start()
+            try:
+                os.kill(sync.pid, signal.SIGCONT)
+                _, err = sync.communicate(timeout=120)
+            finally:
+                stop.set()
+                reader.join()
+        finally:
+            if sync.poll() is None:
+                os.kill(sync.pid, signal.SIGCONT)
+                sync.kill()
+                sync.wait()
+        assert sync.returncode == EXIT_STALE_EPOCH, err
+        assert b"epoch rose to 4" in err, err
+        late = sorted(name for name, when in seen.items() if when > raised_at + 1.0)
+        assert late == [], f"{len(late)} files committed more than 1 s after the epoch rose, e.g. {late[:3]}"
+        assert len(_names(dst)) < 3000
+        assert temp_files(dst) == []
+        # The sender of the newer epoch gets in and finishes the replica.
+        bump_epoch(os.fsencode(src / ".mirror"), to=4)
+        done = subprocess.run([sys.executable, "-m", "mirror", "sync", str(src), server.url("m"),
+                               "--secret-file", server.secret_file], capture_output=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert _names(dst) == _names(src)
+
+
+def test_a_live_daemon_whose_own_epoch_rose_with_the_replica_s_goes_on_unfenced(tmp_path):
+    """A primary whose epoch is raised in place (etcd: a member published a higher one) and
+    a replica that follows the new epoch before the primary's daemon reads it: the session
+    under way is stopped by the replica, and the daemon goes on at the new epoch instead of
+    taking itself for a fenced former primary."""
+    src = tmp_path / "src"
+    src.mkdir()
+    dst = tmp_path / "replica"
+    dst.mkdir()
+    bump_epoch(os.fsencode(src / ".mirror"), to=5)
+    bump_epoch(os.fsencode(dst / ".mirror"), to=5)
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file) as daemon:
+            (src / "first").write_bytes(b"the daemon is live")
+            wait_until(lambda: (dst / "first").exists(), timeout=60)
+            for i in range(3000):
+                (src / f"f{i:04d}").write_bytes(os.urandom(16 << 10))
+            wait_until(lambda: len(_names(dst)) > 256, timeout=60)
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                assert len(_names(dst)) < 3001, "the daemon was done before its receiver could be frozen"
+                bump_epoch(os.fsencode(dst / ".mirror"), to=6)  # the replica follows first
+                bump_epoch(os.fsencode(src / ".mirror"), to=6)
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            converged(src, dst, timeout=120)
+            assert daemon.proc.poll() is None, daemon.log_text()
+            assert "fenced" not in daemon.log_text(), daemon.log_text()
+    assert read_epoch(os.fsencode(dst / ".mirror")) == 6
