@@ -92,7 +92,7 @@ class Receiver:
     """Serve one connection (see the module docstring); each session is a ``session_class``."""
 
     def __init__(self, transport, modules: dict[str, ModuleConfig], *, peer: str = "local",
-                 writer: WriterLock | None = None, timeouts=None, admit=None):  # fmt: skip
+                 writer: WriterLock | None = None, timeouts=None, admit=None, hang_up=None):  # fmt: skip
         self.t = transport
         # Called once the peer has proved it knows the secret (a server counts it among its
         # authenticated connections, or refuses it: too many); until then frames are small.
@@ -106,6 +106,7 @@ class Receiver:
         # The one-writer lock, taken at the first session that writes (or already held by
         # an embedding caller that scanned the replica before connecting: see transfer.py).
         self._writer = writer
+        self._hang_up = hang_up  # ends this connection: a sender at a newer epoch takes the module
         # (set_timeout, seconds): how long the peer may stay silent in a session; none between
         # sessions (a live daemon's connection idles), none at all for in-process transports.
         self._set_timeout, self._session_timeout = timeouts if timeouts else (lambda seconds: None, None)
@@ -202,12 +203,14 @@ class Receiver:
         """The next message, which must be a ``kind`` frame: its map, checked."""
         return P.checked_greeting(self.t.recv(), kind)
 
-    def _take_writer(self) -> None:
+    def _take_writer(self, epoch: int) -> None:
         if self._writer is None:
             # Held for the rest of the connection: the live daemon's sessions follow one
             # another on one connection, and it stays the module's one writer meanwhile.
             self._writer = WriterLock.take(self.module.resolved_state_dir, fs_path(self.module.path), self.peer,
-                                           f"module {self.module.name!r}")  # fmt: skip
+                                           f"module {self.module.name!r}", epoch=epoch,
+                                           hang_up=self._hang_up)  # fmt: skip
+        self._writer.epoch = epoch
 
     # -- session ---------------------------------------------------------------------------
 
@@ -221,7 +224,7 @@ class Receiver:
                               "connection began with (another file system mounted in its place, or replaced): "
                               "nothing was written; connect again")  # fmt: skip
         mine = self.replica.admit(opts["epoch"], tree_id, deleting=opts["delete"], allow=policy.allow_mass_delete,
-                                   dry_run=dry_run, take_writer=self._take_writer)  # fmt: skip
+                                   dry_run=dry_run, take_writer=lambda: self._take_writer(opts["epoch"]))  # fmt: skip
         root = fs_path(self.module.path)
         if self.subpath:
             root = self._ensure_subpath(root, dry_run)

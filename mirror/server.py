@@ -161,7 +161,8 @@ class _Handler(socketserver.BaseRequestHandler):
 
             try:
                 receiver = Receiver(transport, _CurrentModules(server), peer=peer, admit=admit,
-                                    timeouts=(sock.settimeout, server.io_timeout or SESSION_TIMEOUT))  # fmt: skip
+                                    timeouts=(sock.settimeout, server.io_timeout or SESSION_TIMEOUT),
+                                    hang_up=lambda: sock.shutdown(socket.SHUT_RDWR))  # fmt: skip
                 receiver.serve()
                 log.info("%s: done (%d sessions)", peer, receiver.sessions)
             except MirrorError as exc:

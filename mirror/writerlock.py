@@ -4,6 +4,13 @@
 A receiver takes it before its first write and holds it for the rest of its connection.
 The lock dies with the process holding it, so a crashed sync never blocks the next one.
 
+A sender at a newer epoch does not wait for a connection of this process that holds the
+lock for an older one: that writer's connection is hung up (``hang_up``) and the lock
+passed on.  Its sender is a former primary, frozen or cut off in the middle of a session
+or idle between two, which every new session would refuse anyway; waiting for its
+connection to time out (minutes in a session) would keep the new primary's changes from
+this replica meanwhile.
+
 The root's lock is the one that holds when the state dir is removed under a writer (a
 clean-up script, a restore): the file it held locked is then unlinked, and a second writer
 would make a new one and take it.  ``writer.lock`` alone is still honoured (an older
@@ -17,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
+import threading
 import time
 
 from .errors import MirrorError, display_path
@@ -26,6 +35,13 @@ from .statedir import ensure_state_dir
 
 LOCK_NAME = b"writer.lock"
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN)
+# How long a newer sender waits for the stale writer it hung up on to let go (it drops
+# what it had not yet renamed into place, or ends the batch it was renaming).
+HANG_UP_WAIT = 10.0
+
+log = logging.getLogger(__name__)
+_held: dict[bytes, WriterLock] = {}  # writer.lock path -> this process's holder
+_held_lock = threading.Lock()
 
 
 class WriterLock:
@@ -35,15 +51,25 @@ class WriterLock:
         self.who = who
         self.fd: int | None = None
         self.root_fd: int | None = None
+        self.epoch: int | None = None  # the epoch of the sender whose sessions hold it
+        self.hang_up = None  # ends the holder's connection (a newer sender takes its place)
+        self._released = threading.Event()
 
     @classmethod
-    def take(cls, state_dir: bytes, root: bytes, who: str, what: str) -> WriterLock:
+    def take(cls, state_dir: bytes, root: bytes, who: str, what: str, *, epoch: int | None = None,
+             hang_up=None) -> WriterLock:  # fmt: skip
         """The lock on the replica ``root`` whose state dir is ``state_dir`` (made if
-        needed), or a clear refusal naming its holder."""
+        needed), or a clear refusal naming its holder.  For a sender at ``epoch``, a holder
+        in this process at an older one is hung up on first; ``hang_up`` is this one's."""
         lock = cls(ensure_state_dir(state_dir), os.fsencode(root), who)
         holder = lock.acquire()
+        if holder is not None and epoch is not None and _hang_up_older(lock.path, epoch, who):
+            holder = lock.acquire()
         if holder is not None:
             raise MirrorError(f"{what} is busy: another sync is writing to it ({holder})")
+        lock.epoch, lock.hang_up = epoch, hang_up
+        with _held_lock:
+            _held[lock.path] = lock
         return lock
 
     def acquire(self) -> str | None:
@@ -103,11 +129,29 @@ class WriterLock:
             os.close(fd)
 
     def release(self) -> None:
+        with _held_lock:
+            if _held.get(self.path) is self:
+                del _held[self.path]
         for name in ("fd", "root_fd"):
             fd = getattr(self, name)
             if fd is not None:
                 os.close(fd)
                 setattr(self, name, None)
+        self._released.set()
+
+
+def _hang_up_older(path: bytes, epoch: int, who: str) -> bool:
+    """Hang up on this process's holder of ``path`` if its sender's epoch is below
+    ``epoch``; whether it let go within ``HANG_UP_WAIT``."""
+    with _held_lock:
+        holder = _held.get(path)
+    if holder is None or holder.hang_up is None or holder.epoch is None or holder.epoch >= epoch:
+        return False
+    log.warning("%s: hung up on %s, a writer at epoch %d, for %s at epoch %d", display_path(path), holder.who,
+                holder.epoch, who, epoch)  # fmt: skip
+    with contextlib.suppress(OSError):
+        holder.hang_up()
+    return holder._released.wait(HANG_UP_WAIT)
 
 
 def _lock_directory(path: bytes) -> int | None:

@@ -35,7 +35,8 @@ class RawSession:
         self.client = _transport(mine, "the receiver")
         server_end = _transport(theirs, "the review peer")
         module = ModuleConfig("", os.fsencode(root), lock_file=lock_file, **(module_options or {}))
-        self.receiver = Receiver(server_end, {"": module}, peer="review")
+        self.receiver = Receiver(server_end, {"": module}, peer="review",
+                                 hang_up=lambda: theirs.shutdown(socket.SHUT_RDWR))  # as mirror serve's
         self.errors: list[BaseException] = []
         self.replies: list[list] = []
         self.thread = threading.Thread(target=self._serve, name="review-receiver", daemon=True)

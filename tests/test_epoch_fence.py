@@ -168,3 +168,78 @@ def test_a_live_daemon_whose_own_epoch_rose_with_the_replica_s_goes_on_unfenced(
             assert daemon.proc.poll() is None, daemon.log_text()
             assert "fenced" not in daemon.log_text(), daemon.log_text()
     assert read_epoch(os.fsencode(dst / ".mirror")) == 6
+
+
+def test_a_sender_at_a_newer_epoch_hangs_up_on_a_stale_writer_and_takes_the_module(tmp_path):
+    """A former primary frozen in the middle of a file holds the module's writer lock; the
+    new primary's session does not wait for its connection to time out (10 minutes in a
+    session): the stale writer is hung up on, its file dropped, and the newer one gets in
+    at once.  A sender at the same epoch still finds the module busy."""
+    root = tmp_path / "module"
+    root.mkdir()
+    (root / "keep").write_bytes(b"before")
+    stale = RawSession(root, start={"epoch": 5})
+    assert stale.ready[0] == P.READY, stale.ready
+    stale.drain_summary()
+    # Admitted, it holds the writer lock; it stops in the middle of a file.
+    stale.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 1, b"half of the stale primary's"])
+    same = RawSession(root, start={"epoch": 5})
+    assert same.ready[0] == P.ERROR and "busy" in same.ready[3], same.ready
+    same.close()
+    newer = RawSession(root, start={"epoch": 6})
+    assert newer.ready[0] == P.READY, newer.ready
+    newer.drain_summary()
+    newer.send(*_file(1, b"keep", b"the newer primary's"))
+    reply = newer.end()
+    assert reply[0] == P.RESULT and reply[1]["files"] == 1, newer.replies
+    # The stale writer's connection is gone, its file never committed.
+    assert stale.next() is None
+    stale.close()
+    assert stale.errors, "the stale writer's receiver ended without an error"
+    assert (root / "keep").read_bytes() == b"the newer primary's"
+    assert temp_files(root) == []
+    assert read_epoch(os.fsencode(root / ".mirror")) == 6
+
+
+def test_a_new_primary_s_sync_gets_in_while_a_former_primary_s_sync_is_frozen_mid_transfer(tmp_path):
+    """`mirror serve`: a sync frozen (SIGSTOP) in the middle of its transfer holds the
+    module; a sync from another tree at a newer epoch is not refused as busy: it hangs up
+    on the frozen one and makes the replica its copy.  Thawed, the former one changes
+    nothing (its connection is gone; a new one is refused for its epoch)."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root, count in ((old, 3000), (new, 50)):
+        root.mkdir()
+        for i in range(count):
+            (root / f"{root.name}-{i:04d}").write_bytes(os.urandom(16 << 10))
+    bump_epoch(os.fsencode(old / ".mirror"), to=3)
+    bump_epoch(os.fsencode(new / ".mirror"), to=4)
+    dst = tmp_path / "replica"
+    dst.mkdir()
+    with mirror_server(tmp_path, {"m": str(dst)}) as server:
+        secret = ["--secret-file", server.secret_file]
+        frozen = subprocess.Popen([sys.executable, "-m", "mirror", "sync", str(old), server.url("m"), *secret],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            wait_until(lambda: len(_names(dst)) >= 256 or frozen.poll() is not None, timeout=60)
+            os.kill(frozen.pid, signal.SIGSTOP)
+            assert frozen.poll() is None, "the sync finished before it could be frozen"
+            # (another tree than the replica's: its guard wants --allow-mass-delete)
+            newer = subprocess.run([sys.executable, "-m", "mirror", "sync", "--delete", "--allow-mass-delete", str(new),
+                                    server.url("m"), *secret], capture_output=True, timeout=120)  # fmt: skip
+            assert newer.returncode == 0, newer.stderr
+            assert _names(dst) == _names(new)
+            os.kill(frozen.pid, signal.SIGCONT)
+            _, err = frozen.communicate(timeout=120)
+        finally:
+            if frozen.poll() is None:
+                os.kill(frozen.pid, signal.SIGCONT)
+                frozen.kill()
+                frozen.wait()
+        assert frozen.returncode != 0, err
+        assert _names(dst) == _names(new)
+        assert temp_files(dst) == []
+        again = subprocess.run([sys.executable, "-m", "mirror", "sync", str(old), server.url("m"), *secret],
+                               capture_output=True)  # fmt: skip
+        assert again.returncode == EXIT_STALE_EPOCH, again.stderr
+        assert _names(dst) == _names(new)
+    assert b"hung up on" in (tmp_path / "server.log").read_bytes()
