@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -567,4 +568,81 @@ def test_a_frozen_mirror_process_is_started_again_and_the_replicas_catch_up(hlab
         assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == leader, 10)
     finally:
         stop_cluster(hw, client)
+    client.check()
+
+
+def queued_to_receiver(lab: HawrapLab, node: str) -> int:
+    """Bytes waiting, unread, in the node's receiver's connections (its Recv-Q)."""
+    from hawraplab import MIRROR_PORT
+
+    out = subprocess.run(["ip", "netns", "exec", lab.ns[node], "ss", "-tnH", "state", "established",
+                          f"( sport = :{MIRROR_PORT} )"], capture_output=True, text=True).stdout  # fmt: skip
+    return sum(int(line.split()[0]) for line in out.splitlines() if line.split())
+
+
+def test_a_leader_frozen_in_a_session_neither_holds_back_nor_writes_to_the_replicas_once_another_leads(hlab):
+    """The leader's sessions toward both replicas begin (their receivers frozen a moment, so
+    its ``start`` waits unread), then the leader's hawrap and mirror processes are frozen
+    (SIGSTOP; its etcd member runs on), holding each replica's module in a session.  A
+    replica is elected: its changes reach the other replica while the former leader is still
+    frozen (the receiver hangs up on the older epoch's connection instead of waiting out its
+    session timeout, ten minutes).  Thawed, the former leader writes nothing to either
+    replica (sampled throughout), and keeps aside, when it returns as a replica, the files
+    its frozen sessions never delivered."""
+    hw, client = start_cluster(hlab)
+    receivers_frozen: list[int] = []
+    leader_frozen: list[int] = []
+    stop = threading.Event()
+    seen: list[tuple[str, str]] = []
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        replicas = [n for n in NODES if n != leader]
+        state_dir = os.path.join(tree(hlab, leader), ".mirror")
+        wait_replicated(hlab, replicas, write_files(tree(hlab, leader), "before", 10))
+        receivers_frozen = [pid for n in replicas for pid in receivers(hlab, n)]
+        for pid in receivers_frozen:
+            os.kill(pid, signal.SIGSTOP)
+        stale = write_files(tree(hlab, leader), "stale", 20, size=100_000)
+        assert wait_for(lambda: set(stale) <= unconfirmed(state_dir), 10, 0.05), unconfirmed(state_dir)
+        # each replica holds the leader's session start, unread
+        assert wait_for(lambda: all(queued_to_receiver(hlab, n) for n in replicas), 10, 0.02), logs(hw)
+        etcd = hlab.etcd.get(leader)
+        leader_frozen = [pid for pid in hlab.pids(leader) if etcd is None or pid != etcd.pid]
+        for pid in leader_frozen:
+            os.kill(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        go_on(receivers_frozen)
+        receivers_frozen = []
+
+        def sample() -> None:  # no file of the frozen sessions ever shows on a replica
+            while not stop.is_set():
+                for n in replicas:
+                    for rel in stale:
+                        if os.path.exists(os.path.join(tree(hlab, n), rel)):
+                            seen.append((n, rel))
+                stop.wait(0.05)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        new = wait_leader(hw, client, frozen_at, not_from=leader)
+        other = next(n for n in replicas if n != new)
+        after = write_files(tree(hlab, new), "after", 10)
+        wait_replicated(hlab, [other], after, timeout=30)
+        took = time.monotonic() - frozen_at
+        print(f"{leader} frozen in a session: {new} leads, its changes on {other} {took:.1f} s after the freeze")
+        go_on(leader_frozen)
+        leader_frozen = []
+        # back as a replica: the stale files kept aside, the tree the new leader's
+        assert wait_for(lambda: (hw.status(leader) or {}).get("role") == "replica", 30), logs(hw)
+        wait_replicated(hlab, [leader], after, timeout=60)
+        assert wait_for(lambda: set(missing(tree(hlab, leader), stale)) == set(stale), 30, 0.1), logs(hw)
+        [stamp] = os.listdir(os.path.join(state_dir, "kept"))
+        assert not missing(os.path.join(state_dir, "kept", stamp), stale), "a kept copy is not whole"
+        later = write_files(tree(hlab, new), "later", 5)
+        wait_replicated(hlab, NODES, later)
+    finally:
+        stop.set()
+        go_on(receivers_frozen + leader_frozen)
+        stop_cluster(hw, client)
+    assert not seen, f"files of the frozen leader's sessions reached a replica: {seen[:5]}"
     client.check()
