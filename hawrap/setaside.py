@@ -31,7 +31,7 @@ from mirror.localsync import copy_range
 from mirror.safefs import ConfinedTree, syncfs
 
 from .kept import new_copy_dir
-from .unsynced import changed_since, journaled, recent_changes, source_tree, walk
+from .unsynced import changed_since, journaled, listed, recent_changes, source_tree, walk
 
 # A file's ctime comes from the kernel's coarse clock, up to a tick (10 ms at HZ=100) behind
 # the time ``since`` was read from: entries changed this much earlier are kept too.
@@ -67,10 +67,10 @@ class Kept:
         )
         if self.absent:
             text += f"\n  {len(self.absent)} listed paths no longer exist here (the resync brings the peer's back):"
-            text += "".join(f"\n    {display_path(p)}" for p in self.absent[:20])
+            text += "".join(f"\n{line}" for line in listed([display_path(p) for p in self.absent]))
         if self.special:
             text += f"\n  {len(self.special)} special files not copied:"
-            text += "".join(f"\n    {display_path(p)}" for p in self.special[:20])
+            text += "".join(f"\n{line}" for line in listed([display_path(p) for p in self.special]))
         return text
 
 
@@ -91,6 +91,8 @@ def keep(name: str, root: str, state_dir: str, entries: set[bytes], subtrees: se
     current = b""
     try:
         for path in sorted(entries | subtrees):
+            if _below_any(path, subtrees):
+                continue  # copied with the subtree it lies in (sorted: that one came first)
             current = path
             st = _lstat(src, path)
             if st is None:
@@ -122,6 +124,11 @@ def keep(name: str, root: str, state_dir: str, entries: set[bytes], subtrees: se
         shutil.rmtree(dest, ignore_errors=True)  # no copy half made: the next attempt starts anew
         raise failed
     return kept
+
+
+def _below_any(path: bytes, subtrees: set[bytes]) -> bool:
+    parts = path.split(b"/")
+    return any(b"/".join(parts[:i]) in subtrees for i in range(1, len(parts)))
 
 
 def _as_root() -> bool:

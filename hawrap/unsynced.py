@@ -26,18 +26,17 @@ import time
 from dataclasses import dataclass, field
 
 from mirror.applied import applied_path
-from mirror.daemon import STATUS_FILE
 from mirror.errors import display_path
 from mirror.journal import read_pending, recorded_times
 from mirror.journal import settle as settle_journal
 from mirror.safefs import ConfinedTree
-from mirror.statedir import state_dir_below
+from mirror.statedir import STATUS_FILE, state_dir_below
 
 from .config import ClusterConfig
 from .mirrorctl import resolve_trees
 from .node import STATE_FILE
 
-SHOWN = 20  # paths printed per tree; the count says how many there are
+SHOWN = 20  # paths printed per list; the count says how many there are
 # A change made this long before its daemon last wrote its status may not have reached the
 # journal when the daemon was killed (its watcher had not read the event yet).
 RECENT_MARGIN = 2.0
@@ -67,17 +66,18 @@ class Unsynced:
         for tree, paths in self.journaled.items():
             if paths:
                 lines.append(f"  tree {tree}: {len(paths)} changes journaled and never mirrored:")
-                lines += _listed(paths)
+                lines += listed(paths)
         for tree, (heard, paths) in self.recent.items():
             when = time.strftime("%H:%M:%S", time.localtime(heard))
             lines.append(f"  tree {tree}: {len(paths)} files changed as its mirror daemon was killed (last heard "
                          f"at {when}) that its watcher never recorded:")  # fmt: skip
-            lines += _listed(sorted(display_path(p) for p in paths))
+            lines += listed(sorted(display_path(p) for p in paths))
         return "\n".join(lines)
 
 
-def _listed(paths: list[str]) -> list[str]:
-    """The first SHOWN of ``paths``, indented, and how many more there are."""
+def listed(paths: list[str]) -> list[str]:
+    """The first SHOWN of ``paths``, indented as an item of a listing, and how many more
+    there are."""
     more = [f"    ... and {len(paths) - SHOWN} more"] if len(paths) > SHOWN else []
     return [f"    {p}" for p in paths[:SHOWN]] + more
 

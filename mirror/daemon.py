@@ -62,7 +62,7 @@ from .lockfile import is_locked
 from .protocol import MAX_FRAME
 from .secretfile import read_secret_file
 from .sourcestate import StateDirKeeper
-from .statedir import check_root, ensure_state_dir, resolve_state_dir
+from .statedir import STATUS_FILE, check_root, ensure_state_dir, resolve_state_dir
 from .transfer import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, Connection
 from .treescan import Scope
 from .watch import CLOSED, RESCAN, TREE, Watcher
@@ -71,7 +71,6 @@ from .watch import RENAME as W_RENAME
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = b"mirror-daemon.status.json"
 _BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 # A halted pair (its source is not the tree it mirrors, or its deletions were refused) tries
 # a full sync again after these many seconds: a source mounted again resumes by itself.

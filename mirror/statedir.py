@@ -28,6 +28,7 @@ from .errors import MirrorError, StateDirError, display_path, fs_path
 
 STATE_DIR_NAME = b".mirror"
 MARKER = b"HAMIRROR-STATE"
+STATUS_FILE = b"mirror-daemon.status.json"  # the daemon's status, in its status dir (the state dir by default)
 _MARKER_TEXT = (
     b"This directory is hamirror's state for the tree it lies in: digest cache, epoch, change\n"
     b"journal, tree identity, temporary files of files being received.  hamirror never mirrors\n"

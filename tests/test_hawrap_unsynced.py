@@ -132,7 +132,7 @@ def test_resume_keeps_a_durable_copy_of_what_the_journals_list_then_resumes(tmp_
     os.mkdir(os.fsencode(root) + b"/caf\xe9")
     (root / "sneaky").symlink_to(tmp_path)  # a journaled path through it names nothing here
     j = journal_of(tmp_path)
-    j.append([(ENTRY, b"spool/unsent", 0), (ENTRY, b"link", 0), (RENAME, b"was", b"moved"),
+    j.append([(ENTRY, b"spool/unsent", 0), (ENTRY, b"link", 0), (RENAME, b"was", b"moved"), (ENTRY, b"moved/x/y", 0),
               (ENTRY, b"own", 0), (ENTRY, b"gone", 0), (ENTRY, b"fifo", 0), (ENTRY, b"caf\xe9", 0),
               (ENTRY, b"sneaky/outside", 0)])  # fmt: skip
     j.close()
@@ -153,6 +153,7 @@ def test_resume_keeps_a_durable_copy_of_what_the_journals_list_then_resumes(tmp_
     assert not (kept / "fifo").exists() and not (kept / "sneaky").exists()
     assert not (kept / "was").exists()
     out = r.stdout
+    assert "tree data: 2 files (" in out, out  # moved/x/y once, though listed and below a renamed directory
     assert "3 listed paths no longer exist here" in out and "gone" in out and "sneaky/outside" in out
     assert "1 special files not copied" in out and "fifo" in out
     assert str(kept) in out
