@@ -208,8 +208,8 @@ class Receiver:
             # Held for the rest of the connection: the live daemon's sessions follow one
             # another on one connection, and it stays the module's one writer meanwhile.
             self._writer = WriterLock.take(self.module.resolved_state_dir, fs_path(self.module.path), self.peer,
-                                           f"module {self.module.name!r}", epoch=epoch,
-                                           hang_up=self._hang_up)  # fmt: skip
+                                           f"module {self.module.name!r}", epoch=epoch, hang_up=self._hang_up,
+                                           replica_epoch=read_epoch(self.module.resolved_state_dir))  # fmt: skip
         self._writer.epoch = epoch
 
     # -- session ---------------------------------------------------------------------------

@@ -4,12 +4,14 @@
 A receiver takes it before its first write and holds it for the rest of its connection.
 The lock dies with the process holding it, so a crashed sync never blocks the next one.
 
-A sender at a newer epoch does not wait for a connection of this process that holds the
-lock for an older one: that writer's connection is hung up (``hang_up``) and the lock
-passed on.  Its sender is a former primary, frozen or cut off in the middle of a session
-or idle between two, which every new session would refuse anyway; waiting for its
-connection to time out (minutes in a session) would keep the new primary's changes from
-this replica meanwhile.
+A writer of this process whose sender's epoch is below the replica's is already fenced: it
+can commit nothing more (``apply.SessionFence``) and no new session of it is admitted.  A
+sender at the replica's epoch does not wait for its connection to time out (minutes in a
+session), which would keep the new primary's changes from this replica meanwhile: the
+fenced writer's connection is hung up on (``hang_up``) and the lock passed on.  Its sender
+is a former primary, frozen or cut off in the middle of a session or idle between two.  A
+sender's claim of a newer epoch alone hangs up on nobody: the replica must hold it first
+(its node follows the new primary, or an earlier session recorded it).
 
 The root's lock is the one that holds when the state dir is removed under a writer (a
 clean-up script, a restore): the file it held locked is then unlinked, and a second writer
@@ -57,13 +59,15 @@ class WriterLock:
 
     @classmethod
     def take(cls, state_dir: bytes, root: bytes, who: str, what: str, *, epoch: int | None = None,
-             hang_up=None) -> WriterLock:  # fmt: skip
+             replica_epoch: int | None = None, hang_up=None) -> WriterLock:  # fmt: skip
         """The lock on the replica ``root`` whose state dir is ``state_dir`` (made if
-        needed), or a clear refusal naming its holder.  For a sender at ``epoch``, a holder
-        in this process at an older one is hung up on first; ``hang_up`` is this one's."""
+        needed), or a clear refusal naming its holder.  A holder in this process fenced off
+        (its sender's epoch below ``replica_epoch``, the replica's) is hung up on first.
+        ``epoch`` and ``hang_up`` are this taker's: its sender's epoch, and what ends its
+        connection."""
         lock = cls(ensure_state_dir(state_dir), os.fsencode(root), who)
         holder = lock.acquire()
-        if holder is not None and epoch is not None and _hang_up_older(lock.path, epoch, who):
+        if holder is not None and replica_epoch is not None and _hang_up_fenced(lock.path, replica_epoch, who):
             holder = lock.acquire()
         if holder is not None:
             raise MirrorError(f"{what} is busy: another sync is writing to it ({holder})")
@@ -140,15 +144,15 @@ class WriterLock:
         self._released.set()
 
 
-def _hang_up_older(path: bytes, epoch: int, who: str) -> bool:
+def _hang_up_fenced(path: bytes, replica_epoch: int, who: str) -> bool:
     """Hang up on this process's holder of ``path`` if its sender's epoch is below
-    ``epoch``; whether it let go within ``HANG_UP_WAIT``."""
+    ``replica_epoch``; whether it let go within ``HANG_UP_WAIT``."""
     with _held_lock:
         holder = _held.get(path)
-    if holder is None or holder.hang_up is None or holder.epoch is None or holder.epoch >= epoch:
+    if holder is None or holder.hang_up is None or holder.epoch is None or holder.epoch >= replica_epoch:
         return False
-    log.warning("%s: hung up on %s, a writer at epoch %d, for %s at epoch %d", display_path(path), holder.who,
-                holder.epoch, who, epoch)  # fmt: skip
+    log.warning("%s: hung up on %s, a writer at epoch %d below the replica's %d, for %s", display_path(path),
+                holder.who, holder.epoch, replica_epoch, who)  # fmt: skip
     with contextlib.suppress(OSError):
         holder.hang_up()
     return holder._released.wait(HANG_UP_WAIT)

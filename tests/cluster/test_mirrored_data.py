@@ -338,3 +338,68 @@ def test_a_standby_copy_written_to_behind_the_mirror_is_made_exact_and_told(reco
     assert "replica-diverged" in notes and "d0/stray" in notes, notes
     assert notes.count("replica-diverged") == 1, notes  # told once: the later compares found nothing
     assert len(views) > 3 and all(views), views
+
+
+def test_split_brain_with_writes_on_both_sides_loses_neither(mcluster):
+    """a and b cut from each other (both still reach the ping node and the client): both
+    serve, and each is written to, one file on both sides with different content.  When the
+    cut heals, a (the lower epoch) goes to standby, and nothing flows either way until the
+    administrator says so: sampled every 50 ms, b never shows a file only a wrote, and a
+    keeps its own writes.  ``hawrap resume`` on a lists a's writes and refuses;
+    ``--keep-local-changes`` copies them aside whole (a's version of the file both wrote
+    too), then a holds exactly b's tree."""
+    c, lab = mcluster, mcluster.lab
+    write_files(tree(lab, "a"), "before", 30)
+    assert converged(lab)
+    shared = os.path.join("d0", "before-0.bin")
+    c.lab.isolate_nodes(True)
+    c.lab.link("a", "hb0", False)
+    assert wait_for(lambda: c.h.role("b") == "primary", 10), c.h.logs()
+    assert c.h.role("a") == "primary"  # both serve while cut off: unavoidable here
+    write_files(tree(lab, "a"), "only-on-a", 20)
+    write_files(tree(lab, "b"), "only-on-b", 20)
+    for node in ("a", "b"):
+        with open(os.path.join(tree(lab, node), shared), "wb") as f:
+            f.write(f"written on {node} during the split".encode())
+    a_wrote = {p: d for p, d in snapshot(tree(lab, "a")).items() if "only-on-a" in p or p == shared}
+    b_tree = snapshot(tree(lab, "b"))
+    seen_on_b: set[str] = set()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            now = snapshot(tree(lab, "b"))
+            seen_on_b.update(p for p in now if "only-on-a" in p)
+            if now.get(shared) != b_tree[shared]:
+                seen_on_b.add(shared)
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        c.lab.isolate_nodes(False)
+        c.lab.link("a", "hb0", True)
+        assert wait_for(lambda: c.h.role("a") == "standby", 10), c.h.logs()
+        assert "split brain" in c.h.status("a")["reason"]
+        assert c.h.role("b") == "primary"
+        # a's copy is its own until the administrator decides
+        held = snapshot(tree(lab, "a"))
+        assert all(held.get(p) == d for p, d in a_wrote.items())
+        r = c.h.cli("a", "resume")
+        assert r.returncode != 0 and "lacks" in r.stdout, r.stdout + r.stderr
+        listing = r.stdout
+        assert "only-on-a-0.bin" in listing and shared in listing, listing
+        assert all(held.get(p) == d for p, d in a_wrote.items())
+        r = c.h.cli("a", "resume", "--keep-local-changes")
+        assert r.returncode == 0, r.stdout + r.stderr
+        c.expect_roles(primary="b", other="secondary")
+        assert converged(lab), "a did not take b's copy after the resume"
+    finally:
+        stop.set()
+        sampler.join()
+    assert not seen_on_b, f"b showed what only a wrote: {sorted(seen_on_b)[:5]}"
+    [kept] = os.listdir(os.path.join(tree(lab, "a"), ".mirror", "kept"))
+    copies = snapshot(os.path.join(tree(lab, "a"), ".mirror", "kept", kept))
+    lost = [p for p, d in a_wrote.items() if copies.get(p) != d]
+    assert not lost, f"a's writes during the split neither on b nor kept: {lost[:5]}\n{listing}"
+    assert snapshot(tree(lab, "b")).get(shared) == b_tree[shared]
