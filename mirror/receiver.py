@@ -106,7 +106,7 @@ class Receiver:
         # The one-writer lock, taken at the first session that writes (or already held by
         # an embedding caller that scanned the replica before connecting: see transfer.py).
         self._writer = writer
-        self._hang_up = hang_up  # ends this connection: a sender at a newer epoch takes the module
+        self._hang_up = hang_up  # ends this connection, once fenced, for a sender at the replica's epoch
         # (set_timeout, seconds): how long the peer may stay silent in a session; none between
         # sessions (a live daemon's connection idles), none at all for in-process transports.
         self._set_timeout, self._session_timeout = timeouts if timeouts else (lambda seconds: None, None)
