@@ -34,9 +34,8 @@ from typing import NamedTuple
 
 from .commits import Batches, DirSyncs
 from .entry import KIND_OF_FMT, Kind
-from .epoch import MAX_EPOCH_STEP, fencing_epoch, observe_epoch, read_epoch
+from .epoch import MAX_EPOCH_STEP, fencing_epoch, observe_epoch
 from .errors import (
-    LockedError,
     MirrorError,
     ProtocolError,
     SourceGuardError,
@@ -161,7 +160,7 @@ class SessionFence(LockWatch):
 
     def look(self) -> None:
         super().look()
-        now = read_epoch(self.state_dir)
+        now = fencing_epoch(self.state_dir)
         if now > self.epoch:
             raise StaleEpochError(f"stopped: this replica's epoch rose to {now} during the session of {self.peer}, "
                                   f"whose tree epoch is {self.epoch} (a newer primary took over); what was not "
@@ -228,10 +227,11 @@ class ReplicaWriter:
 
     def _locked_discard(self) -> None:
         """Before files are renamed into place (once their data is durable: the wait for the
-        disk may be long) or anything deleted: the mirroring lock discards them instead."""
+        disk may be long) or anything deleted: the mirroring lock, or an epoch above the
+        sender's, discards them instead."""
         try:
             self.lock.check()
-        except LockedError:
+        except MirrorError:
             self.discard()
             raise
 

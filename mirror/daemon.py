@@ -465,9 +465,6 @@ class LivePair:
             except StaleEpochError as exc:
                 if self.feed.state.check():
                     continue  # it read epoch 0 from a state dir removed under it, now made again
-                if self._own_epoch_rose():
-                    self._disconnect()
-                    continue
                 self._set_state("fenced", str(exc))
                 self.fenced = True
                 log.error("%s: %s; this pair stops (a fenced node must not mirror)", self.config.name, exc)
@@ -711,24 +708,6 @@ class LivePair:
             except (MirrorError, OSError):
                 pass
             self._connection = None
-
-    def _own_epoch_rose(self) -> bool:
-        """A session stopped by the replica's epoch while this tree's rose past the one it
-        presented: its node raised it in place (the same primary, a new epoch), and the
-        replica followed first.  Not fenced: the next session presents the new epoch, and
-        the receiver admits it or not."""
-        from .epoch import EpochError, read_epoch
-
-        sent = getattr(self._connection, "session_epoch", None)
-        try:
-            now = read_epoch(self.config.tree_state_dir)
-        except EpochError:
-            return False
-        if sent is None or now <= sent:
-            return False
-        log.info("%s: the replica's epoch rose in a session, as this tree's did (%d to %d): on at the new one",
-                 self.config.name, sent, now)  # fmt: skip
-        return True
 
     def _session(self, batch: Pending, full: bool, recheck: bool = False) -> bool:
         """Mirror ``batch`` (or everything): then checkpoint it, keeping what must wait.

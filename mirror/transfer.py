@@ -140,7 +140,6 @@ class Connection:
             **({"delta_threshold": delta_threshold} if delta_threshold is not None else {}), **options,
         )  # fmt: skip
         self.epoch = epoch
-        self.session_epoch: int | None = None  # the epoch the last session presented
         self._dst_lock_file = fs_path(dst_lock_file) if dst_lock_file else None
         self._bwlimit = bwlimit
         self._connect_args = (bwlimit, rsh, remote_command, tuple(remote_options), timeout, contimeout or None)
@@ -216,7 +215,6 @@ class Connection:
             from .statedir import resolve_state_dir
 
             epoch = read_epoch(resolve_state_dir(self.src, self.options.state_dir))
-        self.session_epoch = epoch
         if self.local is not None:
             return self.local.session(epoch, scope=scope, renames=renames)
         return self.sender.run(self.welcome, epoch, scope=scope, renames=renames, journal=journal)

@@ -21,7 +21,6 @@ import xxhash
 from mirror import protocol as P
 from mirror.epoch import bump_epoch, read_epoch
 from mirror.errors import EXIT_STALE_EPOCH
-from tests.daemons import converged, live_daemon
 from tests.helpers import wait_until
 from tests.peers import ATTRS, RawSession, temp_files
 from tests.servers import mirror_server
@@ -139,37 +138,6 @@ def test_a_sync_frozen_mid_transfer_and_thawed_after_a_takeover_commits_nothing_
         assert _names(dst) == _names(src)
 
 
-def test_a_live_daemon_whose_own_epoch_rose_with_the_replica_s_goes_on_unfenced(tmp_path):
-    """A primary whose epoch is raised in place (etcd: a member published a higher one) and
-    a replica that follows the new epoch before the primary's daemon reads it: the session
-    under way is stopped by the replica, and the daemon goes on at the new epoch instead of
-    taking itself for a fenced former primary."""
-    src = tmp_path / "src"
-    src.mkdir()
-    dst = tmp_path / "replica"
-    dst.mkdir()
-    bump_epoch(os.fsencode(src / ".mirror"), to=5)
-    bump_epoch(os.fsencode(dst / ".mirror"), to=5)
-    with mirror_server(tmp_path, {"m": str(dst)}) as server:
-        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file) as daemon:
-            (src / "first").write_bytes(b"the daemon is live")
-            wait_until(lambda: (dst / "first").exists(), timeout=60)
-            for i in range(3000):
-                (src / f"f{i:04d}").write_bytes(os.urandom(16 << 10))
-            wait_until(lambda: len(_names(dst)) > 256, timeout=60)
-            server.proc.send_signal(signal.SIGSTOP)
-            try:
-                assert len(_names(dst)) < 3001, "the daemon was done before its receiver could be frozen"
-                bump_epoch(os.fsencode(dst / ".mirror"), to=6)  # the replica follows first
-                bump_epoch(os.fsencode(src / ".mirror"), to=6)
-            finally:
-                server.proc.send_signal(signal.SIGCONT)
-            converged(src, dst, timeout=120)
-            assert daemon.proc.poll() is None, daemon.log_text()
-            assert "fenced" not in daemon.log_text(), daemon.log_text()
-    assert read_epoch(os.fsencode(dst / ".mirror")) == 6
-
-
 def test_a_writer_fenced_off_is_hung_up_on_for_a_sender_at_the_replica_s_epoch(tmp_path):
     """A former primary frozen in the middle of a file holds the module's writer lock.  Once
     the replica holds a newer epoch (its node follows the new primary), the new primary's
@@ -250,3 +218,38 @@ def test_a_new_primary_s_sync_gets_in_while_a_former_primary_s_sync_is_frozen_mi
     # still worked through what the sender had sent before the freeze.
     log = (tmp_path / "server.log").read_bytes()
     assert b"hung up on" in log or b"epoch rose to 4 during the session" in log, log
+
+
+_LOCAL_SYNC_FENCED_AS_IT_STOPS = """
+import os, sys
+from mirror.epoch import bump_epoch
+from mirror.errors import LockedError
+from mirror.lockfile import acquire
+from mirror.transfer import sync
+src, dst, lock = sys.argv[1:4]
+changes = []
+def fence_and_lock(change):  # reported before the change is carried out
+    changes.append(change)
+    if len(changes) == 300:  # a batch committed, the next one queued
+        bump_epoch(os.path.join(os.fsencode(dst), b".mirror"), to=9)
+        acquire(os.fsencode(lock), reason="takeover")
+try:
+    sync(src, dst, on_change=fence_and_lock, fsync=False, lock_file=lock)
+except LockedError:
+    sys.exit(3)
+"""
+
+
+def test_a_local_sync_stopped_by_its_lock_as_the_replica_s_epoch_rises_keeps_no_temporary_file(tmp_path):
+    """A local sync stopped by its mirroring lock keeps the files already whole, committing
+    them; if the replica's epoch rose meanwhile they are dropped instead, and none of their
+    temporary files stays behind."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(450):
+        (src / f"f{i:04d}").write_bytes(b"x")
+    proc = subprocess.run([sys.executable, "-c", _LOCAL_SYNC_FENCED_AS_IT_STOPS, str(src), str(dst),
+                           str(tmp_path / "lock")], capture_output=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert len(_names(dst)) == 256  # the first batch, committed before the rise
+    assert os.listdir(dst / ".mirror" / "tmp") == []
