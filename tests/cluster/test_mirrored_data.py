@@ -221,6 +221,44 @@ def test_a_frozen_receiver_is_gone_before_the_takeover_serves_anything(mcluster)
 
 
 
+def test_a_receiver_frozen_in_the_middle_of_a_batch_leaves_only_whole_files_to_the_survivor(mcluster):
+    """b's receiver frozen while a's burst of new files is half through it (some committed,
+    more queued or on their way), then a loses power.  b takes over with every file of the
+    burst either whole or absent, never torn or half-renamed, sampled from the freeze to
+    after its service starts; and the receiver is killed, never continued."""
+    c, lab = mcluster, mcluster.lab
+    with open(os.path.join(lab.workdir, "state", "b", "mirror-serve.pid")) as f:
+        pid = int(f.read())
+    write_files(tree(lab, "a"), "burst", 600, size=60_000)
+    written = {p: d for p, d in snapshot(tree(lab, "a")).items() if "burst" in p}
+
+    def arrived() -> int:  # names only: hashing each round would be slower than the burst
+        return sum(1 for d, _, names in os.walk(tree(lab, "b")) for n in names
+                   if os.path.relpath(os.path.join(d, n), tree(lab, "b")) in written)  # fmt: skip
+
+    assert wait_for(lambda: arrived() > 0, 30, 0.005), c.h.logs()
+    os.kill(pid, signal.SIGSTOP)
+    assert wait_for(lambda: process_state(pid) == "T", 10)
+    frozen_with = arrived()
+    torn: list[str] = []
+
+    def sample() -> None:
+        for path, digest in snapshot(tree(lab, "b")).items():
+            if path in written and digest != written[path]:
+                torn.append(path)
+
+    with PollingThread(sample, interval=0.01) as sampler:
+        lab.power_off("a")
+        assert wait_for(lambda: c.h.role("b") == "primary", 10), c.h.logs()
+        assert wait_for(lambda: process_state(pid) in ("", "Z"), 10), "the frozen receiver was left"
+        assert wait_for(lambda: os.path.exists(os.path.join(lab.workdir, "b.service.pid")), 10), c.h.logs()
+    assert sampler.polls > 0 and not torn, f"torn files on the survivor: {sorted(set(torn))[:5]}"
+    held = snapshot(tree(lab, "b"))
+    assert all(held[p] == written[p] for p in held if p in written)
+    print(f"frozen with {frozen_with} of {len(written)} files of the burst in place; the survivor holds "
+          f"{sum(1 for p in held if p in written)}")  # fmt: skip
+
+
 # the frozen process: on which node, its pid file, how long until it is killed, what is told
 _FROZEN = {
     "daemon": ("a", "mirror-daemon-data.pid", STUCK_SECONDS + 10, "killed, to be started again"),
