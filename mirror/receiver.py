@@ -210,7 +210,8 @@ class Receiver:
             self._writer = WriterLock.take(self.module.resolved_state_dir, fs_path(self.module.path), self.peer,
                                            f"module {self.module.name!r}", epoch=epoch, hang_up=self._hang_up,
                                            replica_epoch=read_epoch(self.module.resolved_state_dir))  # fmt: skip
-        self._writer.epoch = epoch
+        else:
+            self._writer.epoch = epoch  # this connection's later sessions
 
     # -- session ---------------------------------------------------------------------------
 
