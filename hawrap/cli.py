@@ -86,7 +86,9 @@ COMMAND_HELP: dict[str, tuple[str, str, str]] = {
         "trees back. Refused, listing them, if this node holds changes its peer lacks, unless "
         "--keep-local-changes copies them aside first or --discard-local-changes gives them up. With "
         "--new-disk, a require_mount tree's disk that replaces the old one is taken as the "
-        "tree's (refused while any is unmounted, or when none is new).",
+        "tree's (refused while any is unmounted, or when none is new). With the etcd backend, "
+        "--discard-local-changes also lets a member held for holding changes the leader never had "
+        "(a double failure, see 'hawrap status') receive the leader's copy.",
         f"0 done; 1 refused (local changes, or by the node); {_EXIT_USAGE} (with --keep-local-changes: a "
         "copy that could not be made, nothing resumed)",
     ),
@@ -497,7 +499,9 @@ def cmd_resume(cfg, node, args) -> int:
                 return EXIT_FAILED
     if args.keep_local_changes is not None and cfg.backend == "etcd":
         print(f"{node}: --keep-local-changes: not with the etcd backend, where a member about to receive keeps "
-              f"aside itself what no replica confirmed ('hawrap status' names the copies)", file=sys.stderr)  # fmt: skip
+              f"aside itself what no replica confirmed ('hawrap status' names the copies); a member held because "
+              f"it holds changes the leader never had cannot tell which files they are: copy what you need "
+              f"from its trees, then run 'hawrap resume --discard-local-changes'", file=sys.stderr)  # fmt: skip
         return EXIT_ERROR
     # with etcd, who leads next is decided by the positions the members publish
     unsynced = find(cfg, node) if cfg.backend != "etcd" else None
@@ -521,7 +525,8 @@ def cmd_resume(cfg, node, args) -> int:
             print(f"{node}: cannot mark the journal as dealt with, {problem}: a later resume lists it again",
                   file=sys.stderr)  # fmt: skip
     try:
-        answer = control.request(cfg.control_socket(node), "resume", **({"new_disk": True} if args.new_disk else {}))
+        flags = {"new_disk": args.new_disk, "discard_local_changes": args.discard_local_changes}
+        answer = control.request(cfg.control_socket(node), "resume", **{k: True for k, v in flags.items() if v})
     except NotRunning:
         if args.new_disk:
             print(f"{node} is not running: start it, then run 'hawrap resume --new-disk'", file=sys.stderr)

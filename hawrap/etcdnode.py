@@ -39,7 +39,7 @@ from .config import ClusterConfig
 from .control import ControlServer
 from .errors import HawrapError, ResourceError
 from .etcdsession import CLOCK_RATE_TOLERANCE
-from .leadership import Leader, Leadership, Listener, Position
+from .leadership import Leader, Leadership, Listener, Position, Start
 from .links import LanHealth, LanMonitor
 from .mirrorctl import MirrorControl, exit_alert, resolve_trees
 from .node import build_resources
@@ -112,6 +112,10 @@ class EtcdNode(Listener):
         self._vip_renewed_for = 0.0  # the lease renewal the VIP's lifetime was last set from
         self._vip_keeper: threading.Thread | None = None
         self._leader_epoch: int | None = None
+        self._leader_known = False  # etcd was read once: ``leader`` says who leads, if anyone
+        self._leader_start: Start | None = None  # where the leader's data stood when its term began
+        self._held: str | None = None  # why this node does not receive: it holds what the leader lacks
+        self._let_go: tuple | None = None  # the term whose leader may replace it (``resume --discard-local-changes``)
         self._mirror_exits: dict[str, int] = {}  # unexpected exits, per process (reset when it is replaced)
         self._mirror_alerted: set[str] = set()
         self._rejoined_at: dict | None = None  # the trees' epochs when this node (re)joined as a replica
@@ -133,6 +137,7 @@ class EtcdNode(Listener):
             position=self.position,
             eligibility=self.eligibility,
             expected=tuple(n.name for n in cfg.nodes),
+            tree_positions=self.tree_positions,
         )
 
     # ------------------------------------------------------------ what leadership reads
@@ -156,6 +161,17 @@ class EtcdNode(Listener):
             points.append((rec.epoch, rec.seq) if rec is not None else (0, 0))
         epoch, seq = min(points)
         return Position(epoch, seq, fence)
+
+    def tree_positions(self) -> dict[str, tuple[int, int]]:
+        """Each tree's position, as ``position`` ranks the node by the lowest of them."""
+        out = {}
+        for t in self.mirror.trees:
+            if self._began_serving:
+                out[t.name] = (mirror_epoch.read_epoch(t.state_dir), journal_head(t.state_dir))
+            else:
+                rec = read_applied(t.state_dir)
+                out[t.name] = (rec.epoch, rec.seq) if rec is not None else (0, 0)
+        return out
 
     def eligibility(self) -> str | None:
         if lockfile.is_locked(self.cfg.standby_lock_path(self.name)):
@@ -293,17 +309,41 @@ class EtcdNode(Listener):
 
     def _receive(self) -> None:
         """A replica receives, unless a tree's disk is not its own (its receiver would let
-        the leader's mirroring overwrite another disk): then nothing until it is.  Before it
-        starts to receive, what this node journaled as a leader and no replica confirmed is
-        copied aside (``_keep_unconfirmed``): the leader's copy is about to replace it."""
+        the leader's mirroring overwrite another disk): then nothing until it is.  It starts
+        to receive once etcd was read (the leader's start is known, so is whether this node
+        holds more, ``_hold``), after copying aside what this node journaled as a leader and
+        the leader lacks (``_keep_unconfirmed``): the leader's copy is about to replace it."""
         if self.mirror.disks.unfit():
             self.mirror.set_direction(None)
             return
         if self.mirror.direction != "receive":
             self.mirror.set_direction(None)  # its daemons stopped: their journals hold still
-            if not self._keep_unconfirmed():
+            if not self._leader_known or self._hold() or not self._keep_unconfirmed():
                 return
         self.mirror.set_direction("receive")
+
+    def _hold(self) -> bool:
+        """True while this node must not receive: a tree holds data from before the leader's
+        term that is past where the leader's copy stood when its term began (the replicas
+        that had it, and the leader that wrote it, died together).  This node does not know
+        which files those are, so it keeps its copy whole, tells the administrator once, and
+        waits for ``hawrap resume --discard-local-changes`` (docs/ETCD.md, "A double failure")."""
+        start = self._leader_start
+        term = (self.leader, start)
+        ahead = start.ahead(self.tree_positions()) if start is not None and self._let_go != term else {}
+        if not ahead:
+            self._held = None
+            return False
+        what = ", ".join(f"{name} at {a[0]}/{a[1]} (the leader's from {b[0]}/{b[1]})" for name, (a, b) in sorted(ahead.items()))
+        held = (f"holds changes the leader {self.leader} never had: {what}; not receiving, so that nothing of them "
+                f"is replaced. Copy what you need from this node's trees, then run 'hawrap resume "
+                f"--discard-local-changes' here")  # fmt: skip
+        if held != self._held:
+            log.error("%s", held)
+            self.notifier.notify("replica-ahead", held, self.role, self.epoch)
+            self._held = held
+            self._set_role(REPLICA, f"held: {held}")
+        return True
 
     def _keep_unconfirmed(self) -> bool:
         """Copy aside (``hawrap/setaside.py``, into each tree's state dir, ``kept/TIME``) the
@@ -316,7 +356,7 @@ class EtcdNode(Listener):
         trees = resolve_trees(self.cfg, self.name)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         try:
-            kept = keep_unsynced(trees, None, None, stamp, had_by_none=True)
+            kept = keep_unsynced(trees, None, None, stamp, had_by_none=True, lacking=self.leader)
         except SetAsideError as exc:
             self._keep_retry_at = now + KEEP_RETRY
             if self._keep_failed != exc.cause:
@@ -351,12 +391,14 @@ class EtcdNode(Listener):
                 self._set_role(REPLICA, f"stopped serving: {payload}")
         elif kind == "leader":
             leader = payload
+            self._leader_known = True
             self.leader = leader.node if leader else None
             self._leader_epoch = leader.epoch if leader else None
+            self._leader_start = leader.start if leader else None
             if self._term is None:
                 self._receive()
                 who = f"{leader.node} leads at epoch {leader.epoch}" if leader else "no leader"
-                self._set_role(REPLICA, who)
+                self._set_role(REPLICA, f"held: {self._held}" if self._held else who)
                 self._follow_epoch()
         elif kind == "lan":
             if payload.ok is not self.lan.ok and payload.ok is not None:
@@ -583,6 +625,13 @@ class EtcdNode(Listener):
                 except HawrapError as exc:
                     return {"ok": False, "error": f"resume --new-disk refused: {exc}"}
             lockfile.release(lock)
+            if self._held and request.get("discard_local_changes"):
+                self._let_go = (self.leader, self._leader_start)
+                self._held = None
+                self._receive()
+                self._set_role(REPLICA, f"{self.leader} leads: its copy replaces what this node held")
+            elif self._held:
+                return {"ok": False, "error": f"standby lock removed; {self._held}"}
             return {"ok": True, "role": self.role, "reason": "standby lock removed"}
         return {"ok": False, "error": f"{command!r} is not available with the etcd backend"}
 
@@ -594,6 +643,7 @@ class EtcdNode(Listener):
             "node": self.name,
             "role": self.role,
             "reason": self.reason,
+            "held": self._held,
             "epoch": self.epoch,
             "leader": self.leader if self._term is None else self.name,
             "position": {"epoch": self.position().epoch, "seq": self.position().seq},

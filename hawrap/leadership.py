@@ -4,8 +4,10 @@ The design, key layout and timing rules are in docs/ETCD.md; in short, under ``p
 
 ``members/NAME``  each member's record under its own lease: what it has applied (its
                   ``Position``: epoch, sequence), whether it may lead, and its lease id.
-``leader``        ``{"node": NAME, "floor": F}`` under the holder's lease.  Created with a
-                  transaction that requires it to be absent (create_revision == 0).
+``leader``        ``{"node": NAME, "floor": F, "from": START}`` under the holder's lease.
+                  Created with a transaction that requires it to be absent
+                  (create_revision == 0).  START: where the holder's data stood when its
+                  term began (``Start``), for members that come back with more.
 ``epoch-floor``   F, no lease: only ever rises.
 ``failover``      an administrator's ``failover --to NODE``, under a short lease of its own;
 ``failover-result`` the leader's refusal of it, under the same lease.
@@ -163,11 +165,56 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Start:
+    """Where a leader's data stood when its term began: ``trees``, each tree's position
+    (epoch, sequence) as its member ranks it; ``floor``, the epoch floor its term was given
+    (every epoch of data from before the term is at most that, as far as the members
+    published; data this leader sent is above it).  A member coming back with a tree
+    ahead of this holds changes the leader never had (``ahead``)."""
+
+    floor: int
+    trees: dict[str, tuple[int, int]]
+
+    def value(self) -> dict:
+        return {"floor": self.floor, "trees": {name: list(pos) for name, pos in sorted(self.trees.items())}}
+
+    def ahead(self, mine: dict[str, tuple[int, int]]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+        """The trees of ``mine`` (a member's own positions) holding data from before this
+        term that is past where the leader's copy stood: ``{tree: (mine, the leader's)}``."""
+        out = {}
+        for name, pos in mine.items():
+            theirs = self.trees.get(name)
+            if theirs is not None and pos[0] <= self.floor and pos > theirs:
+                out[name] = (pos, theirs)
+        return out
+
+
+def parse_start(data, problems: list[str], key: str) -> Start | None:
+    """A leader key's ``from``; absent (an older hamirror wrote the key) or not ours: None."""
+    if data is None:
+        return None
+    try:
+        if not isinstance(data, dict) or not isinstance(data.get("trees"), dict):
+            raise ValueError("not an object with trees")
+        trees = {}
+        for name, pos in data["trees"].items():
+            if not isinstance(pos, list) or len(pos) != 2:
+                raise ValueError(f"trees.{name}"[:80])
+            where = f"trees.{name}"[:80]
+            trees[str(name)] = (_number(pos[0], where), _number(pos[1], where))
+        return Start(_int(data, "floor"), trees)
+    except ValueError as exc:
+        problems.append(f"etcd key {key}: bad 'from' ({exc}): members coming back are not compared with it")
+        return None
+
+
+@dataclass(frozen=True)
 class Leader:
     node: str
     floor: int
     lease: int
     mod_revision: int
+    start: Start | None = None
 
     @property
     def epoch(self) -> int:
@@ -234,12 +281,18 @@ def _json(kv: KeyValue, problems: list[str]) -> dict | None:
 
 
 def _int(data: dict, key: str, default: int | None = None) -> int:
-    value = data[key] if default is None or key in data else default
+    return _number(data[key] if default is None or key in data else default, key)
+
+
+def _number(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(key)
-    value = int(value)
+        raise ValueError(name)
+    try:
+        value = int(value)
+    except ValueError:
+        raise ValueError(name) from None
     if value < 0 or value > MAX_NUMBER:
-        raise ValueError(key)
+        raise ValueError(name)
     return value
 
 
@@ -256,7 +309,8 @@ def parse_snapshot(keys: Keys, revision: int, ranges: list[list[KeyValue]]) -> S
                 node = data["node"]
                 if not isinstance(node, str):
                     raise ValueError("node")
-                leader = Leader(node, _int(data, "floor"), leader_raw.lease, leader_raw.mod_revision)
+                start = parse_start(data.get("from"), problems, leader_raw.key)
+                leader = Leader(node, _int(data, "floor"), leader_raw.lease, leader_raw.mod_revision, start)
         except (KeyError, ValueError) as exc:
             problems.append(f"etcd key {leader_raw.key}: bad or missing field {exc}")
     floor: int | None = 0
@@ -323,6 +377,16 @@ def new_floor(floor: int, members: list[Member]) -> int:
     return max([floor] + [m.position.top_epoch for m in members])
 
 
+def leader_value(node: str, floor: int, start: Start | None) -> bytes:
+    """The leader key's value; a ``from`` too large for a record is left out (nobody is
+    then compared with it) rather than making the key unreadable."""
+    value = {"node": node, "floor": floor}
+    if start is not None:
+        value["from"] = start.value()
+    raw = json.dumps(value).encode()
+    return raw if len(raw) <= MAX_VALUE else json.dumps({"node": node, "floor": floor}).encode()
+
+
 def _pos(p: Position) -> str:
     return f"{p.epoch}/{p.seq}"
 
@@ -374,11 +438,14 @@ class Leadership:
         position=lambda: Position(),
         eligibility=lambda: None,
         expected: tuple[str, ...] = (),
+        tree_positions=lambda: {},
     ):
         """``position()``: what this member has applied, now.  ``eligibility()``: None if it may
         lead, else why not (standby lock present, LAN down...).  Both are called from the loop
         thread every ``poll_interval`` and must be quick.  ``expected``: every configured
-        member's name (ends the start-up wait early once all have published)."""
+        member's name (ends the start-up wait early once all have published).
+        ``tree_positions()``: each tree's position, written into the leader key as its term's
+        ``Start`` when this member takes the key (elected, or handing it over)."""
         conn.check()
         timing.check(conn)
         self.conn = conn
@@ -388,6 +455,7 @@ class Leadership:
         self.listener = listener
         self.position = position
         self.eligibility = eligibility
+        self.tree_positions = tree_positions
         self.expected = frozenset(expected)
         self._started = 0.0
         self.session = LeaseSession(
@@ -619,13 +687,14 @@ class Leadership:
             # our record is alive under our lease
             compare(self.keys.member(self.name), "LEASE", "EQUAL", me.lease),
         ]
-        value = json.dumps({"node": self.name, "floor": floor}).encode()
+        start = Start(floor, self.tree_positions())
+        value = leader_value(self.name, floor, start)
         success = [put_op(self.keys.leader, value, me.lease), put_op(self.keys.floor, str(floor).encode())]
         result = client.txn(compares, success, deadline=self._deadline())
         if not result.succeeded:
             self._verdict = "lost the campaign transaction (someone else won, or a record changed)"
             return
-        self._take(Leader(self.name, floor, me.lease, result.revision), generation, "won the election")
+        self._take(Leader(self.name, floor, me.lease, result.revision, start), generation, "won the election")
 
     def _take(self, leader: Leader, generation: int, how: str) -> None:
         with self._lock:
@@ -689,7 +758,7 @@ class Leadership:
         log.warning(
             "%s: a member published epoch %d > ours (%d): raising the epoch", self.name, higher, leader.epoch
         )
-        value = json.dumps({"node": self.name, "floor": floor}).encode()
+        value = leader_value(self.name, floor, leader.start)
         client.txn(
             [
                 compare(self.keys.leader, "MOD", "EQUAL", leader.mod_revision),
@@ -761,7 +830,8 @@ class Leadership:
                 return
             self._stop.wait(self.timing.poll_interval)
         floor = new_floor(snap.floor or 0, list(snap.members.values()))
-        value = json.dumps({"node": target_name, "floor": floor}).encode()
+        # the target caught up with this leader's trees: its term starts from them
+        value = leader_value(target_name, floor, Start(floor, self.tree_positions()))
         compares = [
             compare(self.keys.leader, "MOD", "EQUAL", leader.mod_revision),
             compare(self.keys.member(target_name), "LEASE", "EQUAL", target.lease),
@@ -861,6 +931,7 @@ def describe(conn: EtcdConnection, prefix: str) -> dict:
         "revision": snap.revision,
         "leader": leader.node if leader else None,
         "epoch": leader.epoch if leader else None,
+        "from": leader.start.value() if leader and leader.start else None,
         "floor": snap.floor,
         "members": members,
         "failover": snap.failover,

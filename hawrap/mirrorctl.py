@@ -62,6 +62,12 @@ class Tree:
     require_mount: bool = False
 
 
+def fan_out_pair(tree: str, node: str) -> str:
+    """The name of the pair mirroring ``tree`` to ``node`` in a fan-out daemon (etcd mode),
+    which is also that destination's cursor in the tree's journal."""
+    return f"{tree}@{node}"
+
+
 def resolve_trees(cfg: ClusterConfig, node: str) -> list[Tree]:
     out = []
     for t in cfg.mirror.trees:
@@ -506,7 +512,7 @@ class MirrorControl:
             lines += [
                 "",
                 "[[pair]]",
-                f"name = {_toml(f'{tree.name}@{node}')}",
+                f"name = {_toml(fan_out_pair(tree.name, node))}",
                 f"source = {_toml(tree.path)}",
                 f"destination = {_toml(self._destination(tree, node))}",
                 f"state_dir = {_toml(tree.state_dir)}",

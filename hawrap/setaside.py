@@ -31,6 +31,7 @@ from mirror.localsync import copy_range
 from mirror.safefs import ConfinedTree, syncfs
 
 from .kept import new_copy_dir
+from .mirrorctl import fan_out_pair
 from .unsynced import changed_since, journaled, listed, recent_changes, source_tree, walk
 
 # A file's ctime comes from the kernel's coarse clock, up to a tick (10 ms at HZ=100) behind
@@ -209,14 +210,17 @@ def check_dest(dest: str, trees) -> str | None:
 
 
 def keep_unsynced(trees, since: float | None, base: str | None, stamp: str, *,
-                  had_by_none: bool = False) -> list[Kept]:  # fmt: skip
+                  had_by_none: bool = False, lacking: str | None = None) -> list[Kept]:  # fmt: skip
     """Copy what each tree holds that the peer lacks (its journals, see ``journaled``; the
     files changed just before its daemon was killed, see ``recent_changes``; with ``since``,
     every entry changed from then on) into ``base/<tree>``, or without ``base`` into the
-    tree's state dir, ``kept/<stamp>``.  Trees with nothing to keep are left out."""
+    tree's state dir, ``kept/<stamp>``.  ``lacking``: a node whose position in the journals
+    counts too (the new leader: what it never had is kept, whoever else had it).  Trees
+    with nothing to keep are left out."""
     out = []
     for tree in trees:
-        entries, subtrees = journaled(tree.state_dir, had_by_none=had_by_none)
+        cursor = fan_out_pair(tree.name, lacking).encode() if lacking else None
+        entries, subtrees = journaled(tree.state_dir, had_by_none=had_by_none, lacking=cursor)
         recent = recent_changes(tree, since)
         if recent is not None:
             entries |= recent[1]

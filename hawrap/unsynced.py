@@ -87,15 +87,15 @@ def _journals(state_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(glob.escape(state_dir), "journal-*")))
 
 
-def journaled(state_dir: str, *, had_by_none: bool = False) -> tuple[set[bytes], set[bytes]]:
+def journaled(state_dir: str, *, had_by_none: bool = False, lacking: bytes | None = None) -> tuple[set[bytes], set[bytes]]:
     """The paths of every change recorded in the tree's journals and not checkpointed (for
-    some destination; with ``had_by_none``, for any): ``(entries, subtrees)``.  A rename's new
-    name counts as a subtree (a directory moved there brings everything below it), its old
-    name as an entry."""
+    some destination; with ``had_by_none``, for any; and with ``lacking``, a destination's
+    cursor, for that one either): ``(entries, subtrees)``.  A rename's new name counts as a
+    subtree (a directory moved there brings everything below it), its old name as an entry."""
     entries: set[bytes] = set()
     subtrees: set[bytes] = set()
     for path in _journals(state_dir):
-        pending = read_pending(os.fsencode(path), had_by_none=had_by_none)
+        pending = read_pending(os.fsencode(path), had_by_none=had_by_none, lacking=lacking)
         entries.update(pending.entries)
         subtrees.update(pending.trees)
         for old, new in pending.renames:

@@ -180,10 +180,11 @@ def _merge(records, done: int) -> Pending:
     return out
 
 
-def read_pending(path: bytes, *, had_by_none: bool = False) -> Pending:
+def read_pending(path: bytes, *, had_by_none: bool = False, lacking: bytes | None = None) -> Pending:
     """What a journal holds that at least one of its destinations has not had (with
-    ``had_by_none``: that none has had), read without opening it for writing (a daemon may
-    own it) and without cutting a torn tail."""
+    ``had_by_none``: that none has had; and with ``lacking``, a cursor, what that
+    destination has not had either), read without opening it for writing (a daemon may own
+    it) and without cutting a torn tail."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -191,6 +192,9 @@ def read_pending(path: bytes, *, had_by_none: bool = False) -> Pending:
         return Pending()
     records, done, _, _ = _scan(data)
     floor = (max if had_by_none else min)(done.values(), default=0)
+    if lacking is not None:
+        # a journal with one destination names none (b"")
+        floor = min(floor, done.get(lacking, done.get(b"", 0) if set(done) == {b""} else 0))
     return _merge([r for r in records if r[0] > floor], floor)
 
 

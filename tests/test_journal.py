@@ -99,6 +99,32 @@ def test_a_change_kept_for_a_retry_keeps_its_first_seen_time_though_newer_events
     j.close()
 
 
+def test_what_one_destination_lacks_counts_even_when_another_had_it(tmp_path):
+    """A former leader coming back after a double failure: the changes b confirmed are not
+    on c, the new leader, and b is gone too; asked for what c lacks, they are listed
+    beside those nobody had.  A destination never checkpointed lacks everything, and a
+    journal with a single, unnamed destination answers for it."""
+    path = os.fsencode(tmp_path / "j")
+    j = J.Journal(path, cursors=(b"mail@b", b"mail@c"))
+    first = j.append([(J.ENTRY, b"old", 0)])
+    j.checkpoint(first, b"mail@c")
+    confirmed = j.append([(J.ENTRY, b"confirmed-by-b", 0)])
+    j.checkpoint(confirmed, b"mail@b")
+    j.append([(J.ENTRY, b"nobody", 0)])
+    j.close()
+    assert set(J.read_pending(path, had_by_none=True).entries) == {b"nobody"}
+    lacked = J.read_pending(path, had_by_none=True, lacking=b"mail@c")
+    assert set(lacked.entries) == {b"confirmed-by-b", b"nobody"}
+    assert set(J.read_pending(path, had_by_none=True, lacking=b"mail@d").entries) == {
+        b"old", b"confirmed-by-b", b"nobody"}  # fmt: skip
+    single = os.fsencode(tmp_path / "single")
+    j = J.Journal(single)
+    j.checkpoint(j.append([(J.ENTRY, b"had", 0)]))
+    j.append([(J.ENTRY, b"not-had", 0)])
+    j.close()
+    assert set(J.read_pending(single, had_by_none=True, lacking=b"mail@c").entries) == {b"not-had"}
+
+
 def test_settle_marks_everything_done_for_every_destination(tmp_path):
     """A journal whose changes were kept aside or given up (``hawrap resume``): nothing is
     pending afterwards for any of its destinations, and new changes journal on from there."""

@@ -15,9 +15,11 @@ from hawrap.leadership import (
     Keys,
     Member,
     Position,
+    Start,
     Timing,
     campaign_verdict,
     check_name,
+    leader_value,
     new_floor,
     parse_snapshot,
 )
@@ -194,3 +196,35 @@ def test_the_fence_keeps_the_new_epoch_above_every_tree_but_does_not_rank(floor,
     old = json.dumps({"epoch": epoch, "seq": 5, "eligible": True, "lease": "77"}).encode()
     snap = parse_snapshot(keys, 12, [[], [], [kv(keys.member("a"), old, 77, 11)], []])
     assert snap.members["a"].position == Position(epoch, 5) and snap.members["a"].position.fence == 0
+
+
+def test_a_member_back_with_data_past_the_leaders_start_is_ahead_and_data_from_the_leader_is_not():
+    """A double failure: the leader that wrote 7/91-100 and the replica that confirmed them
+    died; c, at 7/90, was elected with the floor 7.  The confirming replica back at 7/100 is
+    ahead on that tree; at 7/90 or below it is not, nor once it holds the new leader's data
+    (an epoch above the floor), nor on a tree the leader's start does not name."""
+    start = Start(7, {"mail": (7, 90), "www": (6, 400)})
+    assert start.ahead({"mail": (7, 100), "www": (6, 400)}) == {"mail": ((7, 100), (7, 90))}
+    assert start.ahead({"mail": (7, 90), "www": (6, 12)}) == {}
+    assert start.ahead({"mail": (9, 3), "www": (8, 0)}) == {}  # sent by the new leader (epoch > floor)
+    assert start.ahead({"www": (7, 0)}) == {"www": ((7, 0), (6, 400))}  # a term the leader had nothing of
+    assert start.ahead({"other": (7, 500)}) == {}
+
+
+def test_the_leader_keys_start_round_trips_and_a_hostile_one_is_ignored_naming_the_key():
+    keys = Keys("/hamirror/x")
+    start = Start(30, {"mail": (7, 90), "www": (0, 0)})
+    snap = parse_snapshot(keys, 12, [[kv(keys.leader, leader_value("a", 30, start), 77, 9)], [], [], []])
+    assert snap.problems == [] and snap.leader.start == start and snap.leader.epoch == 39
+    old = json.dumps({"node": "a", "floor": 30}).encode()  # written by an older hamirror
+    snap = parse_snapshot(keys, 12, [[kv(keys.leader, old, 77, 9)], [], [], []])
+    assert snap.problems == [] and snap.leader.start is None
+    for bad in ({"floor": 1, "trees": {"mail": [1]}}, {"floor": 1, "trees": {"mail": [-1, 2]}},
+                {"floor": "x", "trees": {}}, {"trees": {"mail": [2**62 + 1, 0]}, "floor": 1}, [1, 2]):  # fmt: skip
+        raw = json.dumps({"node": "a", "floor": 30, "from": bad}).encode()
+        snap = parse_snapshot(keys, 12, [[kv(keys.leader, raw, 77, 9)], [], [], []])
+        assert snap.leader.node == "a" and snap.leader.start is None  # the leader is still known
+        assert any(keys.leader in p and "from" in p for p in snap.problems), snap.problems
+    # a start too large for a record is left out rather than making the key unreadable
+    huge = Start(1, {f"t{i:04}": (1, 1) for i in range(400)})
+    assert json.loads(leader_value("a", 1, huge)) == {"node": "a", "floor": 1}

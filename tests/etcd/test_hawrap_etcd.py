@@ -70,7 +70,7 @@ def wait_leader(
 def wait_replicated(lab: HawrapLab, nodes, files: dict[str, str], timeout: float = 30) -> None:
     """The files are on every node in ``nodes``: acknowledged, as the client is told."""
     done = wait_for(lambda: not any(missing(tree(lab, n), files) for n in nodes), timeout, 0.1)
-    assert done, {n: missing(tree(lab, n), files)[:5] for n in nodes}
+    assert done, f"{ {n: missing(tree(lab, n), files)[:5] for n in nodes} }\n{lab.logs(tail=6000)}"
 
 
 def logs(hw: Hawrap) -> str:
@@ -296,6 +296,68 @@ def test_a_leader_killed_with_changes_no_replica_confirmed_keeps_them_aside_when
         stop_cluster(hw, client)
         for path in mounts:
             subprocess.run(["umount", "-l", path], check=False)
+    client.check()
+
+
+def test_a_double_failure_loses_nothing_the_dead_replica_confirmed(hlab):
+    """Replica C's receiver is frozen while the leader L writes files that B confirms; then
+    hawrap is killed on L and on B together, and C, which never had them, is elected.  B
+    comes back holding them and does not receive (sampled: nothing of them replaced, no
+    receiver), tells the administrator once, and ``hawrap resume`` is refused until
+    ``--discard-local-changes``.  L comes back and, before C's copy replaces its tree,
+    keeps them aside whole, though a replica had confirmed them.  Both end with C's tree."""
+    hw, client = start_cluster(hlab)
+    frozen: list[int] = []
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        b, c = [n for n in NODES if n != leader]
+        state_dir = os.path.join(tree(hlab, leader), ".mirror")
+        wait_replicated(hlab, [b, c], write_files(tree(hlab, leader), "before", 10))
+        frozen = receivers(hlab, c)
+        assert frozen, f"no mirror serve on {c}"
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        confirmed = write_files(tree(hlab, leader), "confirmed", 8, size=50_000)
+        wait_replicated(hlab, [b], confirmed)
+        # b's confirmation is in the leader's journal and b's position is published above c's
+        assert wait_for(lambda: not set(confirmed) & unconfirmed(state_dir), 30, 0.05), unconfirmed(state_dir)
+        assert wait_for(lambda: (lambda p: p.get(b, (0, 0)) > p.get(c, (0, 0)))(published(hw, leader)), 30, 0.1), (
+            published(hw, leader), logs(hw))  # fmt: skip
+        killed_at = hw.kill(leader)
+        hw.kill(b)
+        go_on(frozen)
+        frozen = []
+        assert wait_leader(hw, client, killed_at, not_from=leader) == c
+        assert set(missing(tree(hlab, c), confirmed)) == set(confirmed), "c was to lack them"
+        after = write_files(tree(hlab, c), "after", 5)
+        # b returns: held, its copy kept whole
+        hw.start(b)
+        assert wait_for(lambda: "replica-ahead" in notes(hlab), 30, 0.1), logs(hw)
+        assert wait_for(lambda: (hw.status(b) or {}).get("held"), 10, 0.1), hw.status(b)
+        until = time.monotonic() + 3 * TTL  # c's daemon retries b within 10 s (its backoff)
+        while time.monotonic() < until:
+            assert not missing(tree(hlab, b), confirmed) and not receivers(hlab, b), logs(hw)
+            time.sleep(0.1)
+        shown = hw.cli(b, "status").stdout
+        assert "held: holds changes the leader" in shown and c in shown, shown
+        refused = hw.cli(b, "resume")
+        assert refused.returncode == 1 and "--discard-local-changes" in refused.stderr, refused
+        assert not missing(tree(hlab, b), confirmed)
+        # the former leader returns: what c never had is kept aside before c's copy replaces it
+        hw.start(leader)
+        wait_replicated(hlab, [leader], after, timeout=60)
+        assert wait_for(lambda: set(missing(tree(hlab, leader), confirmed)) == set(confirmed), 30, 0.1), logs(hw)
+        [stamp] = os.listdir(os.path.join(state_dir, "kept"))
+        assert not missing(os.path.join(state_dir, "kept", stamp), confirmed), "a kept copy is not whole"
+        # the administrator lets b's copy go
+        let_go = hw.cli(b, "resume", "--discard-local-changes")
+        assert let_go.returncode == 0, let_go
+        wait_replicated(hlab, [b], after, timeout=60)
+        assert wait_for(lambda: set(missing(tree(hlab, b), confirmed)) == set(confirmed), 30, 0.1), logs(hw)
+        assert notes(hlab).count("replica-ahead") == 1, notes(hlab)
+    finally:
+        go_on(frozen)
+        stop_cluster(hw, client)
     client.check()
 
 
