@@ -34,6 +34,8 @@ def status(cfg: ClusterConfig, node: str, as_json: bool) -> int:
         return EXIT_OK if local.get("ok") else EXIT_NOT_RUNNING
     if local.get("ok"):
         print(f"{node} ({cfg.name}, etcd): {local['role']}, epoch {local['epoch']} - {local['reason']}")
+        if local.get("held"):
+            print(f"  held: {local['held']}")
         vip = local.get("vip")
         if vip:
             print(f"  vip {vip['address']}: {'here' if vip['present'] else 'not here'}")

@@ -342,7 +342,6 @@ class EtcdNode(Listener):
             log.error("%s", held)
             self.notifier.notify("replica-ahead", held, self.role, self.epoch)
             self._held = held
-            self._set_role(REPLICA, f"held: {held}")
         return True
 
     def _keep_unconfirmed(self) -> bool:
@@ -398,7 +397,7 @@ class EtcdNode(Listener):
             if self._term is None:
                 self._receive()
                 who = f"{leader.node} leads at epoch {leader.epoch}" if leader else "no leader"
-                self._set_role(REPLICA, f"held: {self._held}" if self._held else who)
+                self._set_role(REPLICA, who)
                 self._follow_epoch()
         elif kind == "lan":
             if payload.ok is not self.lan.ok and payload.ok is not None:
