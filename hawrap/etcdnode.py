@@ -112,7 +112,6 @@ class EtcdNode(Listener):
         self._vip_renewed_for = 0.0  # the lease renewal the VIP's lifetime was last set from
         self._vip_keeper: threading.Thread | None = None
         self._leader_epoch: int | None = None
-        self._leader_known = False  # etcd was read once: ``leader`` says who leads, if anyone
         self._leader_start: Start | None = None  # where the leader's data stood when its term began
         self._held: str | None = None  # why this node does not receive: it holds what the leader lacks
         self._let_go: tuple | None = None  # the term whose leader may replace it (``resume --discard-local-changes``)
@@ -310,15 +309,15 @@ class EtcdNode(Listener):
     def _receive(self) -> None:
         """A replica receives, unless a tree's disk is not its own (its receiver would let
         the leader's mirroring overwrite another disk): then nothing until it is.  It starts
-        to receive once etcd was read (the leader's start is known, so is whether this node
-        holds more, ``_hold``), after copying aside what this node journaled as a leader and
-        the leader lacks (``_keep_unconfirmed``): the leader's copy is about to replace it."""
+        to receive once another member leads (etcd says who, and where its data stood: is
+        this node's ahead, ``_hold``?), after copying aside what this node journaled as a
+        leader and that member lacks (``_keep_unconfirmed``): its copy is about to replace it."""
         if self.mirror.disks.unfit():
             self.mirror.set_direction(None)
             return
         if self.mirror.direction != "receive":
             self.mirror.set_direction(None)  # its daemons stopped: their journals hold still
-            if not self._leader_known or self._hold() or not self._keep_unconfirmed():
+            if self.leader is None or self._hold() or not self._keep_unconfirmed():
                 return
         self.mirror.set_direction("receive")
 
@@ -390,7 +389,6 @@ class EtcdNode(Listener):
                 self._set_role(REPLICA, f"stopped serving: {payload}")
         elif kind == "leader":
             leader = payload
-            self._leader_known = True
             self.leader = leader.node if leader else None
             self._leader_epoch = leader.epoch if leader else None
             self._leader_start = leader.start if leader else None
@@ -451,6 +449,8 @@ class EtcdNode(Listener):
             return
         started = time.monotonic()
         self._rejoined_at = None
+        # the former leader is no one to receive from once this term ends: etcd tells who is next
+        self.leader = self._leader_epoch = self._leader_start = None
         self._began_serving = True  # from here its copy may hold changes no replica has
         self.mirror.disks.served()
         try:
