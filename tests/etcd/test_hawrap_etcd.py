@@ -697,7 +697,9 @@ def test_a_leader_frozen_in_a_session_neither_holds_back_nor_writes_to_the_repli
         leader_frozen = []
         # back as a replica: the stale files kept aside, the tree the new leader's
         assert wait_for(lambda: (hw.status(leader) or {}).get("role") == "replica", 30), logs(hw)
-        wait_replicated(hlab, [leader], after, timeout=60)
+        back = wait_for(lambda: not missing(tree(hlab, leader), after), 60, 0.1)
+        assert back, (f"{leader} lacks {missing(tree(hlab, leader), after)}; {new}'s pairs: {daemon_pairs(hlab, new)}; "
+                      f"{leader}: {hw.status(leader)}; receivers {receivers(hlab, leader)}\n{logs(hw)}")  # fmt: skip
         assert wait_for(lambda: set(missing(tree(hlab, leader), stale)) == set(stale), 30, 0.1), logs(hw)
         [stamp] = os.listdir(os.path.join(state_dir, "kept"))
         assert not missing(os.path.join(state_dir, "kept", stamp), stale), "a kept copy is not whole"
