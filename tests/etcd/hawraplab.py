@@ -46,6 +46,22 @@ class HawrapLab(Lab):
     def mac(self, node: str) -> str:
         return self.run_in(node, "cat", "/sys/class/net/lan0/address").stdout.strip()
 
+    def node_pids(self, node: str) -> list[int]:
+        """The processes of ``node``: those in its namespace, without this test's own looks
+        inside it (``ip addr show``, run by the samplers' threads): freezing one of those
+        would stop a sampler, not the node."""
+        spawned = {p.pid for p in self.procs}
+        out = []
+        for pid in self.pids(node):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    if f"PPid:\t{os.getpid()}\n" in f.read() and pid not in spawned:
+                        continue
+            except OSError:
+                continue  # gone meanwhile
+            out.append(pid)
+        return out
+
     def vip_on(self, node: str) -> bool:
         r = self.run_in(node, "ip", "-o", "-4", "addr", "show", "dev", "lan0", check=False)
         return f"inet {VIP}/" in r.stdout
@@ -182,7 +198,7 @@ class Hawrap:
     def freeze(self, node: str, on: bool) -> None:
         """SIGSTOP / SIGCONT every process of the node, its etcd member included: a paused VM
         (its kernel, which answers ARP for the VIP it holds, keeps running)."""
-        for pid in self.lab.pids(node):
+        for pid in self.lab.node_pids(node):
             try:
                 os.kill(pid, signal.SIGSTOP if on else signal.SIGCONT)
             except ProcessLookupError:

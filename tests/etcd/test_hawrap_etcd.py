@@ -670,7 +670,7 @@ def test_a_leader_frozen_in_a_session_neither_holds_back_nor_writes_to_the_repli
         # each replica holds the leader's session start, unread
         assert wait_for(lambda: all(queued_to_receiver(hlab, n) for n in replicas), 10, 0.02), logs(hw)
         etcd = hlab.etcd.get(leader)
-        leader_frozen = [pid for pid in hlab.pids(leader) if etcd is None or pid != etcd.pid]
+        leader_frozen = [pid for pid in hlab.node_pids(leader) if etcd is None or pid != etcd.pid]
         for pid in leader_frozen:
             os.kill(pid, signal.SIGSTOP)
         frozen_at = time.monotonic()
