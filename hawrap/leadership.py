@@ -198,9 +198,9 @@ def parse_start(data, problems: list[str], key: str) -> Start | None:
             raise ValueError("not an object with trees")
         trees = {}
         for name, pos in data["trees"].items():
-            if not isinstance(pos, list) or len(pos) != 2:
-                raise ValueError(f"trees.{name}"[:80])
             where = f"trees.{name}"[:80]
+            if not isinstance(pos, list) or len(pos) != 2:
+                raise ValueError(where)
             trees[str(name)] = (_number(pos[0], where), _number(pos[1], where))
         return Start(_int(data, "floor"), trees)
     except ValueError as exc:
