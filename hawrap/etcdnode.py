@@ -569,6 +569,8 @@ class EtcdNode(Listener):
         self.mirror.replica()  # reads each daemon's status
         for restarted in self.mirror.restart_stuck():
             self.notifier.notify("error", restarted, self.role, self.epoch)
+        for restarted in self.mirror.restart_fenced():
+            log.warning("%s", restarted)
         for diverged in self.mirror.diverged():
             self.notifier.notify("replica-diverged", diverged, self.role, self.epoch)
 

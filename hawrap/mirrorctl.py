@@ -682,6 +682,34 @@ class MirrorControl:
                             "(hung or stopped): killed, to be started again")  # fmt: skip
         return done
 
+    def restart_fenced(self) -> list[str]:
+        """While sending as the leader: each daemon with a pair a replica refused as older
+        (``fenced``: that pair stops for good) is started again once its tree's epoch is
+        above the one the pair was refused at.  Only the leader's in-place raise moves a
+        serving node's trees (docs/ETCD.md): a replica that took the raised epoch first
+        refused the pair, and the daemon started again sends at the new epoch.  What was
+        done, for the log."""
+        if self.direction != "send" or not self.trees:
+            return []
+        from mirror.daemon import load_status
+
+        done = []
+        for tree, proc in zip(self.trees, self._procs, strict=True):
+            try:
+                status = load_status(tree.state_dir)
+            except (OSError, ValueError):
+                continue
+            if proc.proc is None or status.pid != proc.proc.pid:
+                continue  # a status of the process before (or none yet from this one)
+            epoch = mirror_epoch.read_epoch(tree.state_dir)
+            refused = [p.get("name") for p in status.pairs if p.get("state") == "fenced"
+                       and isinstance(p.get("fenced_epoch"), int) and p["fenced_epoch"] < epoch]  # fmt: skip
+            if refused:
+                proc.restart()
+                done.append(f"the mirror daemon of {tree.name}: {', '.join(map(str, refused))} refused at an epoch "
+                            f"below the tree's {epoch} (raised in place): started again")  # fmt: skip
+        return done
+
     def receiver_watch(self) -> ReceiverWatch:
         """A ``ReceiverWatch`` of this node's receiver, probed on the first tree's module."""
         name = self.trees[0].name if self.trees else ""

@@ -274,6 +274,10 @@ class PairStatus:
     # was then found whole, whatever no event told; and the interval of the scheduled ones.
     last_compare: float | None = None
     reconcile_interval: float | None = None
+    # The epoch this pair sent at when the replica refused it as older (it then stops for
+    # good; hawrap starts the daemon again once the tree's epoch is above it: see
+    # ``MirrorControl.restart_fenced``).
+    fenced_epoch: int | None = None
 
 
 class LivePair:
@@ -465,6 +469,7 @@ class LivePair:
             except StaleEpochError as exc:
                 if self.feed.state.check():
                     continue  # it read epoch 0 from a state dir removed under it, now made again
+                self.status.fenced_epoch = exc.sent_epoch
                 self._set_state("fenced", str(exc))
                 self.fenced = True
                 log.error("%s: %s; this pair stops (a fenced node must not mirror)", self.config.name, exc)

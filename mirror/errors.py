@@ -97,9 +97,11 @@ class LockedError(MirrorError):
 
 
 class StaleEpochError(MirrorError):
-    """The sender's tree epoch is older than the receiver's: a stale primary is fenced off."""
+    """The sender's tree epoch is older than the receiver's: a stale primary is fenced off.
+    ``sent_epoch``: the epoch the refused session was sent at, where the sender knows it."""
 
     exit_code = EXIT_STALE_EPOCH
+    sent_epoch: int | None = None
 
 
 class SourceGuardError(MirrorError):

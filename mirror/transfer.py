@@ -20,7 +20,15 @@ import re
 import stat
 from typing import NamedTuple
 
-from .errors import ConnectError, ConnectTimeout, MirrorError, UsageError, fs_path, os_error_message
+from .errors import (
+    ConnectError,
+    ConnectTimeout,
+    MirrorError,
+    StaleEpochError,
+    UsageError,
+    fs_path,
+    os_error_message,
+)
 from .exclude import pattern_problem
 from .records import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, SenderOptions, SyncResult
 from .treescan import replica_scan, source_scan, stop_scans
@@ -215,9 +223,13 @@ class Connection:
             from .statedir import resolve_state_dir
 
             epoch = read_epoch(resolve_state_dir(self.src, self.options.state_dir))
-        if self.local is not None:
-            return self.local.session(epoch, scope=scope, renames=renames)
-        return self.sender.run(self.welcome, epoch, scope=scope, renames=renames, journal=journal)
+        try:
+            if self.local is not None:
+                return self.local.session(epoch, scope=scope, renames=renames)
+            return self.sender.run(self.welcome, epoch, scope=scope, renames=renames, journal=journal)
+        except StaleEpochError as exc:
+            exc.sent_epoch = epoch
+            raise
 
     def hung_up(self) -> bool:
         """Between sessions: whether the receiver's end of the connection is gone."""

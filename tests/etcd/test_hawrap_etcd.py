@@ -361,6 +361,42 @@ def test_a_double_failure_loses_nothing_the_dead_replica_confirmed(hlab):
     client.check()
 
 
+def test_a_replica_that_took_a_raised_epoch_first_is_mirrored_to_again(hlab):
+    """Replica b's tree is given an epoch above the term's (a member that kept a higher
+    one) while the leader's hawrap is paused: its daemon's next session to b is refused as
+    older, and that pair stops for good (a fenced sender must not retry).  Thawed, the
+    leader raises the term's epoch above b's in place and starts its daemon again: what it
+    wrote, and writes next, reaches b; nobody else leads meanwhile."""
+    from mirror.epoch import observe_epoch
+
+    hw, client = start_cluster(hlab)
+    paused = None
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        b, c = [n for n in NODES if n != leader]
+        wait_replicated(hlab, [b, c], write_files(tree(hlab, leader), "before", 5))
+        epoch = hw.status(leader)["epoch"]
+        paused = hw.procs[leader].pid
+        os.killpg(paused, signal.SIGSTOP)  # hawrap's supervisor and node; its mirror daemon runs on
+        observe_epoch(os.path.join(tree(hlab, b), ".mirror"), epoch + 50)
+        during = write_files(tree(hlab, leader), "during", 3)
+        fenced = wait_for(lambda: any(p.get("state") == "fenced" and str(p.get("name")).endswith(f"@{b}")
+                                      for p in daemon_pairs(hlab, leader)), 5, 0.02)  # fmt: skip
+        os.killpg(paused, signal.SIGCONT)
+        paused = None
+        assert fenced, daemon_pairs(hlab, leader)
+        wait_replicated(hlab, [b, c], during, timeout=30)
+        after = write_files(tree(hlab, leader), "after", 5)
+        wait_replicated(hlab, [b, c], after)
+        assert hw.status(leader)["epoch"] > epoch + 50, "the term's epoch was not raised in place"
+        assert {r.answer for r in client.probes()} <= {leader, None}, "another node served"
+    finally:
+        if paused is not None:
+            os.killpg(paused, signal.SIGCONT)
+        stop_cluster(hw, client)
+    client.check()
+
+
 def test_leader_cut_from_the_etcd_majority_stops_serving_before_anyone_starts(hlab):
     hw, client = start_cluster(hlab)
     try:
