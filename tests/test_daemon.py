@@ -527,6 +527,11 @@ def test_stale_epoch_sender_is_refused(trees):
         assert d.proc.wait(timeout=60) == 4
         assert "fenced" in d.log_text()
     assert snapshot(dst) == before
+    from mirror.daemon import load_status
+    from mirror.epoch import read_epoch
+
+    [pair] = load_status(src / ".mirror").pairs  # the epoch it was refused at, for hawrap
+    assert pair["fenced_epoch"] == read_epoch(src / ".mirror"), pair
 
 
 def test_forced_inotify_overflow_is_followed_by_a_rescan(trees):
