@@ -32,7 +32,7 @@ from mirror import epoch as mirror_epoch
 from mirror import lockfile
 from mirror.applied import read_applied
 from mirror.daemon import journal_head
-from mirror.errors import MirrorError
+from mirror.errors import EXIT_STALE_EPOCH, MirrorError
 
 from . import watchdog
 from .config import ClusterConfig
@@ -53,6 +53,9 @@ TICK = 0.05
 VIP_RETRY = 0.1  # the VIP still answers elsewhere (a frozen former leader): look again this often
 FINAL_SYNC_TIMEOUT = 3600.0
 KEEP_RETRY = 5.0  # seconds between attempts to copy unconfirmed changes aside
+# A leader's daemon refused as older is told of only if that lasts this long: the term's
+# in-place raise reaches the replicas before this node's own trees (docs/ETCD.md).
+REFUSED_GRACE = 10.0
 # The kernel drops an expired IPv4 address from a timer rounded up to a whole second: a
 # lifetime this much shorter still ends before the watchdog's instant.
 KERNEL_EXPIRY_SLACK = 1
@@ -117,6 +120,7 @@ class EtcdNode(Listener):
         self._let_go: tuple | None = None  # the term whose leader may replace it (``resume --discard-local-changes``)
         self._mirror_exits: dict[str, int] = {}  # unexpected exits, per process (reset when it is replaced)
         self._mirror_alerted: set[str] = set()
+        self._refused_since: dict[str, tuple[float, str]] = {}  # while leading: daemon -> (first refusal, why)
         self._rejoined_at: dict | None = None  # the trees' epochs when this node (re)joined as a replica
         self._keep_retry_at = 0.0  # a copy aside that failed is tried again from then on
         self._keep_failed: str | None = None
@@ -404,6 +408,9 @@ class EtcdNode(Listener):
             self.lan = payload
         elif kind == "mirror":
             name, code, message = payload
+            if code == EXIT_STALE_EPOCH and self._term is not None:
+                self._refused_since.setdefault(name, (time.monotonic(), message))
+                return  # told in ``_restart_stuck_daemons`` if it lasts
             self._mirror_exits[name] = self._mirror_exits.get(name, 0) + 1
             what = exit_alert(code, message, self._mirror_exits[name])
             if what is not None and name not in self._mirror_alerted:
@@ -469,6 +476,7 @@ class EtcdNode(Listener):
             self._serving = True
             self._mirror_exits.clear()
             self._mirror_alerted.clear()
+            self._refused_since.clear()
             self.mirror.set_direction("send")
             if not self._term_is(term):  # the stop may have missed the daemon just started
                 self.mirror.kill_processes()
@@ -571,6 +579,23 @@ class EtcdNode(Listener):
             self.notifier.notify("error", restarted, self.role, self.epoch)
         for restarted in self.mirror.restart_fenced():
             log.warning("%s", restarted)
+        self._tell_lasting_refusals()
+
+    def _tell_lasting_refusals(self) -> None:
+        """A daemon that exited refused as older while this node leads is started again (at
+        the tree's epoch then); the administrator is told only if a replica still refuses it
+        REFUSED_GRACE seconds on: the term's in-place raise explains a shorter one."""
+        for name, (since, message) in list(self._refused_since.items()):
+            refused = self.mirror.refused(name)
+            if refused is False:
+                del self._refused_since[name]
+                log.info("mirror %s: no longer refused as older (the term's epoch was raised in place)", name)
+            elif time.monotonic() - since > REFUSED_GRACE:
+                del self._refused_since[name]
+                if name not in self._mirror_alerted:
+                    self._mirror_alerted.add(name)
+                    what = exit_alert(EXIT_STALE_EPOCH, message, 1)
+                    self.notifier.notify("replication", f"mirror {name}: {what}", self.role, self.epoch)
         for diverged in self.mirror.diverged():
             self.notifier.notify("replica-diverged", diverged, self.role, self.epoch)
 

@@ -710,6 +710,23 @@ class MirrorControl:
                             f"below the tree's {epoch} (raised in place): started again")  # fmt: skip
         return done
 
+    def refused(self, name: str) -> bool | None:
+        """Whether the mirror process ``name`` (a daemon) now running has a pair a replica
+        refused as older, by its status; None while it has written none."""
+        from mirror.daemon import load_status
+
+        for tree, proc in zip(self.trees, self._procs, strict=False):
+            if proc.name != name or self.direction != "send":
+                continue
+            try:
+                status = load_status(tree.state_dir)
+            except (OSError, ValueError):
+                return None
+            if proc.proc is None or status.pid != proc.proc.pid:
+                return None
+            return any(p.get("state") == "fenced" for p in status.pairs)
+        return None
+
     def receiver_watch(self) -> ReceiverWatch:
         """A ``ReceiverWatch`` of this node's receiver, probed on the first tree's module."""
         name = self.trees[0].name if self.trees else ""
