@@ -157,7 +157,7 @@ def daemon_pairs(lab: HawrapLab, node: str) -> list[dict]:
             pairs = json.load(f)["pairs"]
     except (OSError, ValueError, KeyError) as exc:
         return [{"error": repr(exc)}]
-    keys = ("name", "state", "journal_seq", "mirrored_seq", "applied", "catch_up", "pending", "last_error")
+    keys = ("name", "state", "journal_seq", "mirrored_seq", "applied", "catch_up", "pending", "last_error", "fenced_epoch")
     return [{k: p.get(k) for k in keys} for p in pairs]
 
 
