@@ -242,7 +242,7 @@ class EtcdNode(Listener):
                 log.error("%s", exc)
         for error in self.resources.stop_services():
             log.error("%s", error)
-        self.mirror.kill_processes()  # a node that does not lead sends nothing
+        self.mirror.kill_senders()  # a node that does not lead sends nothing
         took = time.monotonic() - started
         if was is not None:
             log.warning("stopped serving in %.0f ms", took * 1000)

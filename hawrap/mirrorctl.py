@@ -766,6 +766,14 @@ class MirrorControl:
         for p in list(self._procs):
             p.kill()
 
+    def kill_senders(self) -> None:
+        """SIGKILL every mirror daemon's group now (a node that stops serving sends nothing);
+        the receiver, a replica's, is left running: a stop that comes after the node began
+        to receive again must not leave it a replica with no receiver."""
+        for p in list(self._procs):
+            if p.name.startswith("daemon "):
+                p.kill()
+
     def stop_receiver(self, wait: float = 1.0) -> None:
         """Kill the receiver now (SIGKILL) and reap it, waiting ``wait`` seconds at most: a
         takeover's step before the services start (``fsm.StopReceiver``).  No grace is
