@@ -412,10 +412,7 @@ class EtcdNode(Listener):
                 self._refused_since.setdefault(name, (time.monotonic(), message))
                 return  # told in ``_restart_stuck_daemons`` if it lasts
             self._mirror_exits[name] = self._mirror_exits.get(name, 0) + 1
-            what = exit_alert(code, message, self._mirror_exits[name])
-            if what is not None and name not in self._mirror_alerted:
-                self._mirror_alerted.add(name)
-                self.notifier.notify("replication", f"mirror {name}: {what}", self.role, self.epoch)
+            self._alert_mirror(name, exit_alert(code, message, self._mirror_exits[name]))
         elif kind == "cmd":
             request, reply = payload
             reply.put(self._command(request))
@@ -592,10 +589,13 @@ class EtcdNode(Listener):
                 log.info("mirror %s: no longer refused as older (the term's epoch was raised in place)", name)
             elif time.monotonic() - since > REFUSED_GRACE:
                 del self._refused_since[name]
-                if name not in self._mirror_alerted:
-                    self._mirror_alerted.add(name)
-                    what = exit_alert(EXIT_STALE_EPOCH, message, 1)
-                    self.notifier.notify("replication", f"mirror {name}: {what}", self.role, self.epoch)
+                self._alert_mirror(name, exit_alert(EXIT_STALE_EPOCH, message, 1))
+
+    def _alert_mirror(self, name: str, what: str | None) -> None:
+        """Tell the administrator of mirror process ``name`` once per episode (until it is replaced)."""
+        if what is not None and name not in self._mirror_alerted:
+            self._mirror_alerted.add(name)
+            self.notifier.notify("replication", f"mirror {name}: {what}", self.role, self.epoch)
         for diverged in self.mirror.diverged():
             self.notifier.notify("replica-diverged", diverged, self.role, self.epoch)
 

@@ -689,18 +689,8 @@ class MirrorControl:
         serving node's trees (docs/ETCD.md): a replica that took the raised epoch first
         refused the pair, and the daemon started again sends at the new epoch.  What was
         done, for the log."""
-        if self.direction != "send" or not self.trees:
-            return []
-        from mirror.daemon import load_status
-
         done = []
-        for tree, proc in zip(self.trees, self._procs, strict=True):
-            try:
-                status = load_status(tree.state_dir)
-            except (OSError, ValueError):
-                continue
-            if proc.proc is None or status.pid != proc.proc.pid:
-                continue  # a status of the process before (or none yet from this one)
+        for tree, proc, status in self._daemon_statuses():
             epoch = mirror_epoch.read_epoch(tree.state_dir)
             refused = [p.get("name") for p in status.pairs if p.get("state") == "fenced"
                        and isinstance(p.get("fenced_epoch"), int) and p["fenced_epoch"] < epoch]  # fmt: skip
@@ -713,19 +703,25 @@ class MirrorControl:
     def refused(self, name: str) -> bool | None:
         """Whether the mirror process ``name`` (a daemon) now running has a pair a replica
         refused as older, by its status; None while it has written none."""
+        for _, proc, status in self._daemon_statuses():
+            if proc.name == name:
+                return any(p.get("state") == "fenced" for p in status.pairs)
+        return None
+
+    def _daemon_statuses(self):
+        """While sending: ``(tree, process, status)`` for each daemon whose current process
+        has written its status (one from the process before, or none yet, is left out)."""
+        if self.direction != "send":
+            return
         from mirror.daemon import load_status
 
-        for tree, proc in zip(self.trees, self._procs, strict=False):
-            if proc.name != name or self.direction != "send":
-                continue
+        for tree, proc in zip(self.trees, self._procs, strict=True):
             try:
                 status = load_status(tree.state_dir)
             except (OSError, ValueError):
-                return None
-            if proc.proc is None or status.pid != proc.proc.pid:
-                return None
-            return any(p.get("state") == "fenced" for p in status.pairs)
-        return None
+                continue
+            if proc.proc is not None and status.pid == proc.proc.pid:
+                yield tree, proc, status
 
     def receiver_watch(self) -> ReceiverWatch:
         """A ``ReceiverWatch`` of this node's receiver, probed on the first tree's module."""
