@@ -482,8 +482,12 @@ class MirrorControl:
             mirror_epoch.observe_epoch(t.state_dir, at_least)
 
     def observe_epochs(self, n: int) -> None:
+        """Every tree's epoch reaches at least ``n``, except a tree with another disk mounted in
+        its place (``TreeDisks``): that disk is not the tree's, and a blank one stays blank."""
+        unfit = self.disks.unfit_trees()
         for t in self.trees:
-            mirror_epoch.observe_epoch(t.state_dir, n)
+            if t.name not in unfit:
+                mirror_epoch.observe_epoch(t.state_dir, n)
 
     def epochs(self) -> dict[str, int | str]:
         out: dict[str, int | str] = {}

@@ -87,6 +87,10 @@ class TreeDisks:
         """Why this node cannot serve its trees now ("" if it can)."""
         return "; ".join(problem for t in self.trees if (problem := self._problem(t)))
 
+    def unfit_trees(self) -> set[str]:
+        """The names of the trees whose disk is not theirs now (``unfit``): nothing is written there."""
+        return {t.name for t in self.trees if self._problem(t)}
+
     def incomplete(self) -> list[str]:
         """The trees whose new disk has not been mirrored onto yet."""
         done = {t.name for t in self.trees if t.name in self.adopted

@@ -82,7 +82,7 @@ class ReplicaAdmission:
         self.module = module
         self.peer = peer
         self.state_dir = module.resolved_state_dir
-        self.guard = ReplicaGuard(fs_path(module.path), self.state_dir)
+        self.guard = ReplicaGuard(fs_path(module.path), self.state_dir, mounted=module.require_mount)
         self._cleaned = False
         self._reserved: dict[bytes, bytes | None] = {}
 
@@ -95,6 +95,7 @@ class ReplicaAdmission:
         if self.module.require_mount and not is_mount_point(self.module.path):
             raise SourceGuardError(f"refused: the replica {display_path(self.module.path)} is not a mount point "
                                    "(require_mount): is its filesystem not mounted? Nothing was written")  # fmt: skip
+        self.guard.same_disk(allow)
         check_root(self.module.path)  # its .mirror is never content: it must be hamirror's
         mine = fencing_epoch(self.state_dir)
         if epoch < mine:
@@ -107,6 +108,7 @@ class ReplicaAdmission:
             take_writer()
         # A deleting sender from another tree (its source unmounted, say) changes nothing here.
         self.guard.admit(tree_id, deleting=deleting, allow=allow, dry_run=dry_run, peer=self.peer)
+        self.guard.remember_disk()
         if dry_run or epoch <= mine:
             return mine
         # A newer sender's epoch is recorded at most MAX_EPOCH_STEP higher per session, so

@@ -263,6 +263,10 @@ class SourceGuard:
 # The identity each replica state dir held, as this process last read or recorded it: kept
 # when the directory is removed under a running server (``ReplicaGuard._recorded``).
 _replica_identities: dict[bytes, TreeIdentity] = {}
+# The directory (``fs_identity``) each mounted replica (``require_mount``) held its tree on,
+# as this process last admitted a session there: another disk mounted in its place is
+# refused until the server starts again (``ReplicaGuard.same_disk``).
+_replica_disks: dict[bytes, tuple[tuple[int, int], str]] = {}
 _replica_identities_lock = threading.Lock()
 
 
@@ -273,11 +277,54 @@ class ReplicaGuard:
     keeps its records (the journal position it applied), which must not pass for its data.
     A state dir inside the tree goes wherever the tree goes: it is not checked."""
 
-    def __init__(self, root: bytes, state_dir: bytes):
+    def __init__(self, root: bytes, state_dir: bytes, mounted: bool = False):
         self.root = root
         self.state_dir = state_dir
+        self.mounted = mounted  # ``require_mount``: its disk is the tree's, not any disk mounted there
         self._identity: TreeIdentity | None = None
         self._apart = state_dir_below(root, state_dir) is None
+
+    def same_disk(self, allow: bool) -> None:
+        """For a mounted replica, before anything is read or written there: refuse another
+        disk mounted in place of the one this process admitted sessions of a tree onto (a
+        blank one, or another tree's), unless ``allow``.  A blank disk under a running server
+        would otherwise be filled in the moments before whoever watches the mount (hawrap)
+        stops the server; the administrator accepts a new disk by starting the server again.
+        The same tree mounted again (its ``tree-identity`` says so) is accepted."""
+        if not self.mounted:
+            return
+        with _replica_identities_lock:
+            seen = _replica_disks.get(self.root)
+        if seen is None:
+            return
+        where, tree_id = seen
+        try:
+            now = fs_identity(self.root)
+        except OSError:
+            now = None
+        if now == where:
+            return
+        identity = load(self.state_dir)
+        if (identity is not None and identity.tree_id == tree_id) or allow:
+            return
+        holds = f"tree {identity.tree_id}" if identity is not None else "no tree (no tree-identity)"
+        raise SourceGuardError(
+            f"refused: the replica {display_path(self.root)} is another disk than the one this server mirrored "
+            f"tree {tree_id} onto (require_mount); it holds {holds}. Nothing was written. If this disk is meant "
+            "to be the replica now, start the server again (or sync once with --allow-mass-delete)"
+        )
+
+    def remember_disk(self) -> None:
+        """After an admitted session: the disk a mounted replica's tree is on, for ``same_disk``."""
+        identity = self._identity or load(self.state_dir)
+        if not self.mounted or identity is None:
+            return
+        try:
+            where = fs_identity(self.root)
+        except OSError:
+            return
+        with _replica_identities_lock:
+            _replica_disks[self.root] = (where, identity.tree_id)
 
     def admit(self, tree_id, *, deleting: bool, allow: bool, dry_run: bool, peer: str) -> None:
         cached = self._identity

@@ -250,7 +250,7 @@ class Receiver:
         return os.path.join(root, self.subpath)
 
 
-def _directory_identity(path: bytes) -> tuple[int, int] | None:
+def _directory_identity(path: bytes | int) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -276,6 +276,7 @@ class ReceiverSession:
             if path:
                 tree.parts(path)
         self.state_dir = receiver.module.resolved_state_dir
+        self.module_path = fs_path(receiver.module.path)
         writer = self.writer = receiver.replica.writer(
             tree,
             self.excluder,
@@ -372,6 +373,7 @@ class ReceiverSession:
             joined = base is None or (current is not None and current.epoch == value.epoch
                                       and current.journal == value.journal and current.seq >= base)  # fmt: skip
             if joined:
+                self._check_still_the_replica()
                 try:
                     current = record_applied(self.state_dir, value)
                 except OSError as exc:
@@ -381,6 +383,17 @@ class ReceiverSession:
                 log.info("%s: session from journal sequence %d not recorded: this replica has %s", self.peer, base,
                          f"{current.seq} of {current.journal or 'a plain sync'}" if current else "no record")  # fmt: skip
         return current.as_wire() if current is not None else None
+
+    def _check_still_the_replica(self) -> None:
+        """The session wrote through descriptors of the tree it opened; its record is written
+        by path.  Another disk mounted at the module's path meanwhile must not be given a
+        position it holds nothing of (with its state dir inside, a blank disk would then call
+        itself caught up): refused instead, the sender connects again and is told what the
+        disk now there holds."""
+        if _directory_identity(self.module_path) != _directory_identity(self.tree.root_fd):
+            raise MirrorError(f"the replica {display_path(self.module_path)} is no longer the directory this session "
+                              "wrote to (another file system mounted in its place?): what it applied is not recorded "
+                              "there; connect again")  # fmt: skip
 
     # -- what the sender asks for ----------------------------------------------------------
 

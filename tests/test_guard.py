@@ -16,7 +16,7 @@ from mirror import protocol as P
 from mirror.errors import EXIT_GUARD, SourceGuardError
 from mirror.transfer import sync
 from tests.daemons import converged, live_daemon
-from tests.helpers import PollingThread, is_root, loop_mounted, mounted, run_mirror, wait_until
+from tests.helpers import MIRROR, REPO, PollingThread, is_root, loop_mounted, mounted, run_mirror, wait_until
 from tests.peers import RawSession
 from tests.servers import SECRET, mirror_server
 from tests.snapshot import assert_mirrors, snapshot
@@ -523,6 +523,99 @@ def test_a_module_that_must_be_a_mount_point_refuses_every_session_while_nothing
         proc = run_mirror("serve", "--check", "--module", f"m={replica}", "--require-mount", *secret,
                           check_codes=(2,))  # fmt: skip
         assert f"--require-mount: nothing is mounted at {replica}" in proc.stderr.decode(), proc.stderr
+
+
+@contextmanager
+def _bound(disk, where):
+    """``disk`` (a directory) bind-mounted at ``where``; unmounted at the end if still there."""
+    subprocess.run(["mount", "--bind", str(disk), str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@needs_root
+@pytest.mark.parametrize("other", ["blank", "files of its own", "another tree's replica"])
+def test_another_disk_mounted_under_a_running_server_is_refused_until_it_starts_again(tmp_path, other):
+    """A mounted replica (``require_mount``) swapped under a running ``mirror serve`` (a spare
+    disk, another machine's): each new connection is welcomed on the new disk, so without a
+    check across connections the next session fills it (or deletes in it) in the moments
+    before whoever watches the mount stops the server.  Refused, with nothing written there,
+    not even its ``.mirror``; the tree's own disk mounted again is mirrored as before; a
+    server started again takes the new disk as the replica."""
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    own, spare = tmp_path / "own", tmp_path / "spare"
+    for d in (replica, own, spare):
+        d.mkdir()
+    _fill(src)
+    if other == "files of its own":
+        (spare / "theirs").write_bytes(b"not this tree's\n")
+    elif other == "another tree's replica":
+        (tmp_path / "theirs").mkdir()
+        (tmp_path / "theirs" / "theirs").write_bytes(b"another tree's\n")
+        assert run_mirror("sync", tmp_path / "theirs", spare).returncode == 0
+    before = snapshot(spare)
+    settings = {"m": {"require_mount": True}}
+    (tmp_path / "srv").mkdir()
+    with mirror_server(tmp_path / "srv", {"m": str(replica)}, settings=settings) as server:
+        url, secret = server.url("m"), ("--secret-file", server.secret_file)
+        with _bound(own, replica):
+            assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0
+            assert_mirrors(src, replica)
+        with _bound(spare, replica):
+            for delete in (["--delete"], [], ["--dry-run"]):
+                proc = run_mirror("sync", *delete, *secret, src, url, check_codes=(EXIT_GUARD,))
+                err = proc.stderr.decode()
+                assert "is another disk than the one this server mirrored tree" in err, err
+                assert ("holds tree " if other == "another tree's replica" else "holds no tree") in err, err
+                assert snapshot(spare) == before  # nothing written, not even a .mirror
+        (src / "d0" / "new").write_bytes(b"after\n")
+        with _bound(own, replica):  # its own disk back: mirrored as before
+            assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0
+            assert_mirrors(src, replica)
+    with mirror_server(tmp_path / "srv", {"m": str(replica)}, settings=settings) as server:
+        url, secret = server.url("m"), ("--secret-file", server.secret_file)
+        with _bound(spare, replica):  # started again: the administrator took the new disk
+            args = ["--allow-mass-delete"] if other != "blank" else []
+            assert run_mirror("sync", "--delete", *args, *secret, src, url).returncode == 0
+            assert_mirrors(src, replica)
+
+
+@needs_root
+def test_a_disk_mounted_in_the_replicas_place_during_a_session_is_given_no_record(tmp_path):
+    """A session writes through the descriptors of the tree it opened, and records what it
+    applied (``.mirror/applied``) by path at its end.  Another disk mounted at the replica's
+    path meanwhile (no ``require_mount`` here: its state dir is inside, so a blank disk is a
+    new replica) must not be given that record: it would call itself caught up while holding
+    nothing, and the next sender would send only what came after.  The session fails
+    ("connect again") and the blank disk stays blank."""
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    own, spare = tmp_path / "own", tmp_path / "spare"
+    for d in (src, replica, own, spare):
+        d.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    _fill(src, 10)
+    (tmp_path / "srv").mkdir()
+    with mirror_server(tmp_path / "srv", {"m": str(replica)}) as server, _bound(own, replica):
+        url, secret = server.url("m"), ("--secret-file", server.secret_file)
+        # 1 MiB/s: the big file takes about 3 s, and the disk is swapped while it comes
+        sync = subprocess.Popen([*MIRROR, "sync", "--bwlimit", "1M", *secret, str(src), url],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)  # fmt: skip
+        try:
+            temp = own / ".mirror" / "tmp"
+            assert wait_until(lambda: temp.is_dir() and any(p.stat().st_size for p in temp.iterdir()), 20)
+            umount(replica, lazy=True)
+            subprocess.run(["mount", "--bind", str(spare), str(replica)], check=True)
+            _, err = sync.communicate(timeout=60)
+        finally:
+            sync.kill()
+        assert sync.returncode != 0, err
+        assert b"is no longer the directory this session wrote to" in err, err
+        assert os.listdir(spare) == []  # no .mirror/applied, nothing at all
+        # the next sync sees the blank disk for what it is: everything is sent
+        assert run_mirror("sync", *secret, src, url).returncode == 0
+        assert_mirrors(src, spare)
 
 
 @needs_root

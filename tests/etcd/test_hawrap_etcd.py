@@ -567,6 +567,7 @@ def test_a_member_whose_tree_is_not_mounted_steps_down_and_is_not_elected_until_
         subprocess.run([*in_leader, "umount", "-l", tree(hlab, leader)], check=True)
         new = wait_leader(hw, client, unmounted, not_from=leader)
         status = hw.status(leader)
+        assert status is not None, logs(hw)
         assert not status["eligible"] and "nothing is mounted at" in status["ineligible_because"], status
         assert hw.cli(new, "failover", "--to", leader, "--wait", "10").returncode != 0  # refused: ineligible
         subprocess.run([*in_leader, "mount", "--bind", os.path.join(hlab.workdir, "disks", leader),
@@ -588,9 +589,10 @@ def test_a_member_whose_tree_is_not_mounted_steps_down_and_is_not_elected_until_
             return f"@{leader}" in detail and ("unreachable" in detail or "disconnected" in detail)
 
         assert wait_for(pair_down, 20), logs(hw)
-        assert os.listdir(blank) == []
+        written = sorted(os.path.relpath(os.path.join(d, n), blank) for d, dirs, files in os.walk(blank) for n in dirs + files)
+        assert written == [], f"{written}\n{logs(hw)}"
         r = hw.cli(leader, "resume", "--new-disk")
-        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.returncode == 0, r.stdout + r.stderr + logs(hw)
         assert wait_for(lambda: (hw.status(leader) or {}).get("eligible"), 10), logs(hw)
         acked = write_files(tree(hlab, new), "after-new-disk", 10)
         assert wait_for(lambda: not missing(blank, early | during | acked), 30), logs(hw)
