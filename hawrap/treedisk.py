@@ -22,10 +22,12 @@ the peer's word alone may predate the new disk.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import select
+import threading
 
 from mirror.applied import APPLIED_FILE
 from mirror.atomicfile import write_record
@@ -68,10 +70,20 @@ class MountTable:
         return self._known[path]
 
 
+def _one_at_a_time(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class TreeDisks:
     """The disks of ``trees`` (``mirrorctl.Tree``), checked at every call of ``unfit``; the
     tree ids held, recorded in ``state_dir`` as soon as a fit tree shows one (unless
-    ``record`` is false: ``hawrap check`` only reads)."""
+    ``record`` is false: ``hawrap check`` only reads).  Asked from several threads (the
+    node's loop, the leadership's campaign, the control socket): one at a time."""
 
     def __init__(self, trees, state_dir: str, record: bool = True):
         self.record = record
@@ -81,16 +93,20 @@ class TreeDisks:
         self.held: dict[str, str] = {}
         self.adopted: set[str] = set()  # new disks no session has been applied to yet
         self.mounts = MountTable()
+        self._lock = threading.RLock()
         self._load()
 
+    @_one_at_a_time
     def unfit(self) -> str:
         """Why this node cannot serve its trees now ("" if it can)."""
         return "; ".join(problem for t in self.trees if (problem := self._problem(t)))
 
+    @_one_at_a_time
     def unfit_trees(self) -> set[str]:
         """The names of the trees whose disk is not theirs now (``unfit``): nothing is written there."""
         return {t.name for t in self.trees if self._problem(t)}
 
+    @_one_at_a_time
     def incomplete(self) -> list[str]:
         """The trees whose new disk has not been mirrored onto yet."""
         done = {t.name for t in self.trees if t.name in self.adopted
@@ -103,6 +119,7 @@ class TreeDisks:
                 log.warning("%s: cannot record that %s is mirrored (%s)", self.path, ", ".join(done), exc.strerror)
         return sorted(self.adopted)
 
+    @_one_at_a_time
     def served(self) -> None:
         """This node serves its trees: a new disk is the tree's copy from now on (the changes
         made on it exist nowhere else), not one waiting to be mirrored onto."""
@@ -113,6 +130,7 @@ class TreeDisks:
             except OSError as exc:  # said again at the next step that serves
                 log.warning("%s: cannot record that the new disks are served (%s)", self.path, exc.strerror)
 
+    @_one_at_a_time
     def adopt(self) -> list[str]:
         """The mounted trees whose disk is not the held one become the tree's new disks: the
         held id is forgotten and the tree's identity and applied position are removed (the

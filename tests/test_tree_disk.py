@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 from helpers import is_root, run_mirror
@@ -179,6 +180,40 @@ def test_the_mount_table_is_read_again_at_each_change_and_only_then(place):
         assert table.is_mount_point(os.fsencode(where)) is True
         subprocess.run(["umount", str(where)], check=True)
         assert table.is_mount_point(os.fsencode(where)) is False
+
+
+def test_the_disks_are_asked_from_several_threads_at_once(place):
+    """The node's loop, the leadership's campaign and the control socket all ask whether the
+    disks are fit; two polls of the mount table at once raised "concurrent poll()
+    invocation" and the node process died (its supervisor started it again, the
+    administrator's commands meanwhile said it was not running)."""
+    mount(place, disk(place, "own"))
+    disks = TreeDisks([tree_at(place)], str(place / "node-state"))
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            try:
+                disks.unfit()
+                disks.unfit_trees()
+            except BaseException as exc:  # noqa: BLE001 - any one of them is the failure
+                failures.append(exc)
+                return
+
+    askers = [threading.Thread(target=ask) for _ in range(3)]
+    for t in askers:
+        t.start()
+    try:
+        for i in range(30):  # each change makes every asker read the table again
+            if failures:
+                break
+            mount(place, disk(place, f"d{i}"))
+    finally:
+        stop.set()
+        for t in askers:
+            t.join()
+    assert failures == []
 
 
 def test_a_new_disk_served_is_the_trees_copy_from_then_on(place):
