@@ -132,7 +132,7 @@ class ReplicaAdmission:
         """A session's writer on ``tree``, for a sender at ``epoch``, under the module's
         privileges, lock file and epoch; the entries ``excluder`` excludes are spared by
         deletions."""
-        lock = SessionFence(self.module.lock_file, self.state_dir, epoch, self.peer)
+        lock = SessionFence(self.module.lock_file, self.state_dir, epoch, self.peer, replica=fs_path(self.module.path))
         keep = excluder.excluded if excluder is not None else None
         return ReplicaWriter(tree, privileges=self.module.privileges, lock=lock, keep=keep, **options)
 
@@ -147,26 +147,51 @@ class ReplicaAdmission:
 
 
 class SessionFence(LockWatch):
-    """What stops a session's writer: the mirroring lock, and an epoch above the sender's.
+    """What stops a session's writer: the mirroring lock, an epoch above the sender's, and
+    another directory at the replica's path than the one the session began on.
 
     Admission refuses an older sender; this fences one admitted before the epoch rose.  A
     primary frozen in the middle of a session, and thawed after another node took over,
     would otherwise go on committing its files on a replica that already follows the new
-    primary (until the session ended), and its journal would count them as received there."""
+    primary (until the session ended), and its journal would count them as received there.
 
-    def __init__(self, lock_file: bytes | None, state_dir: bytes, epoch: int, peer: str):
+    The session writes through descriptors of the tree it opened, but its state files
+    (epoch, applied) by path: with another disk mounted at ``replica`` meanwhile, they would
+    land on that disk (a blank one given an epoch, or the record of a session it holds
+    nothing of).  The session stops instead, before any state file is read or written."""
+
+    def __init__(self, lock_file: bytes | None, state_dir: bytes, epoch: int, peer: str, replica: bytes | None = None):
         super().__init__(lock_file, "appeared on the receiver")
         self.state_dir = state_dir
         self.epoch = epoch
         self.peer = peer
+        self.replica = replica
+        self._began_on = directory_identity(replica) if replica is not None else None
+
+    def check_replica(self) -> None:
+        """Raise if ``replica`` is no longer the directory the session began on."""
+        if self.replica is not None and directory_identity(self.replica) != self._began_on:
+            raise MirrorError(f"stopped: the replica {display_path(self.replica)} is no longer the directory this "
+                              "session wrote to (another file system mounted in its place?): nothing more is written "
+                              "or recorded there; connect again")  # fmt: skip
 
     def look(self) -> None:
         super().look()
+        self.check_replica()
         now = fencing_epoch(self.state_dir)
         if now > self.epoch:
             raise StaleEpochError(f"stopped: this replica's epoch rose to {now} during the session of {self.peer}, "
                                   f"whose tree epoch is {self.epoch} (a newer primary took over); what was not "
                                   "yet in place was dropped")  # fmt: skip
+
+
+def directory_identity(path: bytes) -> tuple[int, int] | None:
+    """Which directory ``path`` names now (device, inode); None if none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class ReplicaWriter:

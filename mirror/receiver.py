@@ -28,7 +28,7 @@ import threading
 from . import fastpath
 from . import protocol as P
 from .applied import Applied, read_applied, record_applied
-from .apply import ModuleConfig, ReplicaAdmission
+from .apply import ModuleConfig, ReplicaAdmission, directory_identity
 from .constants import COPY, LITERAL
 from .entry import Kind
 from .epoch import read_epoch
@@ -192,7 +192,7 @@ class Receiver:
         state_dir = self.module.resolved_state_dir
         # What this replica has applied, for the whole module only (a subpath is part of it):
         # true of the directory the tree is now, which each session checks is still there.
-        self._root = _directory_identity(self.module.path)
+        self._root = directory_identity(self.module.path)
         applied = read_applied(state_dir) if not self.subpath else None
         self.t.send([P.WELCOME, {
             "proof": proof, "epoch": read_epoch(state_dir), "applied": applied.as_wire() if applied else None,
@@ -219,7 +219,7 @@ class Receiver:
         opts = P.checked_start(start, scope=(None, Scope.from_wire), renames=([], parse_renames))
         dry_run = opts["dry_run"]
         tree_id, policy = session_guard(opts)
-        if _directory_identity(self.module.path) != self._root:
+        if directory_identity(self.module.path) != self._root:
             # A sender that goes on from what the welcome said would leave the rest out.
             raise MirrorError(f"the replica {display_path(self.module.path)} is no longer the directory this "
                               "connection began with (another file system mounted in its place, or replaced): "
@@ -250,12 +250,6 @@ class Receiver:
         return os.path.join(root, self.subpath)
 
 
-def _directory_identity(path: bytes | int) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 class ReceiverSession:
@@ -276,7 +270,6 @@ class ReceiverSession:
             if path:
                 tree.parts(path)
         self.state_dir = receiver.module.resolved_state_dir
-        self.module_path = fs_path(receiver.module.path)
         writer = self.writer = receiver.replica.writer(
             tree,
             self.excluder,
@@ -373,7 +366,7 @@ class ReceiverSession:
             joined = base is None or (current is not None and current.epoch == value.epoch
                                       and current.journal == value.journal and current.seq >= base)  # fmt: skip
             if joined:
-                self._check_still_the_replica()
+                self.writer.lock.check_replica()  # the record goes by path: to the disk the session wrote to
                 try:
                     current = record_applied(self.state_dir, value)
                 except OSError as exc:
@@ -383,17 +376,6 @@ class ReceiverSession:
                 log.info("%s: session from journal sequence %d not recorded: this replica has %s", self.peer, base,
                          f"{current.seq} of {current.journal or 'a plain sync'}" if current else "no record")  # fmt: skip
         return current.as_wire() if current is not None else None
-
-    def _check_still_the_replica(self) -> None:
-        """The session wrote through descriptors of the tree it opened; its record is written
-        by path.  Another disk mounted at the module's path meanwhile must not be given a
-        position it holds nothing of (with its state dir inside, a blank disk would then call
-        itself caught up): refused instead, the sender connects again and is told what the
-        disk now there holds."""
-        if _directory_identity(self.module_path) != _directory_identity(self.tree.root_fd):
-            raise MirrorError(f"the replica {display_path(self.module_path)} is no longer the directory this session "
-                              "wrote to (another file system mounted in its place?): what it applied is not recorded "
-                              "there; connect again")  # fmt: skip
 
     # -- what the sender asks for ----------------------------------------------------------
 

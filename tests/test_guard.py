@@ -584,18 +584,22 @@ def test_another_disk_mounted_under_a_running_server_is_refused_until_it_starts_
 
 @needs_root
 def test_a_disk_mounted_in_the_replicas_place_during_a_session_is_given_no_record(tmp_path):
-    """A session writes through the descriptors of the tree it opened, and records what it
-    applied (``.mirror/applied``) by path at its end.  Another disk mounted at the replica's
-    path meanwhile (no ``require_mount`` here: its state dir is inside, so a blank disk is a
-    new replica) must not be given that record: it would call itself caught up while holding
-    nothing, and the next sender would send only what came after.  The session fails
-    ("connect again") and the blank disk stays blank."""
+    """A session writes through the descriptors of the tree it opened, but reads and writes
+    its state files by path: the epoch (looked at during the session, written back when
+    found lower than the server saw) and what it applied (``.mirror/applied``, at its end).
+    Another disk mounted at the replica's path meanwhile (no ``require_mount`` here: its
+    state dir is inside, so a blank disk is a new replica) must get neither: with the record
+    it would call itself caught up while holding nothing, and the next sender would send
+    only what came after.  The session stops ("connect again") and the blank disk stays
+    blank."""
     src, replica = tmp_path / "src", tmp_path / "replica"
     own, spare = tmp_path / "own", tmp_path / "spare"
     for d in (src, replica, own, spare):
         d.mkdir()
     (src / "big").write_bytes(os.urandom(3 << 20))
     _fill(src, 10)
+    # epoch 3: the server remembers it, and a session that read the blank disk's 0 would write it back there
+    assert run_mirror("epoch", "bump", src, "--to", "3").returncode == 0
     (tmp_path / "srv").mkdir()
     with mirror_server(tmp_path / "srv", {"m": str(replica)}) as server, _bound(own, replica):
         url, secret = server.url("m"), ("--secret-file", server.secret_file)
