@@ -20,6 +20,8 @@ changes when disks are found in another order at boot, while its UUID does not).
   it goes on as the same tree, so the old primary, its replica now, still recognises it.
 - A replica whose state dir is apart from the tree refuses every session while its root is
   not where it was recorded (unmounted): its records must not pass for its data.
+- A replica that must be a mount point (``require_mount``) refuses, while its server runs,
+  another disk mounted in place of the one it mirrored the tree onto (``same_disk``).
 
 **The deletion guard** (deletions are refused, everything else goes on; the result says why,
 exit 25).  The replica's writer reviews the session's deletions before it does any: a plan
