@@ -318,8 +318,10 @@ class ReplicaGuard:
 
     def remember_disk(self) -> None:
         """After an admitted session: the disk a mounted replica's tree is on, for ``same_disk``."""
+        if not self.mounted:
+            return
         identity = self._identity or load(self.state_dir)
-        if not self.mounted or identity is None:
+        if identity is None:
             return
         try:
             where = fs_identity(self.root)
