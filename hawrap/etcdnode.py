@@ -590,14 +590,14 @@ class EtcdNode(Listener):
             elif time.monotonic() - since > REFUSED_GRACE:
                 del self._refused_since[name]
                 self._alert_mirror(name, exit_alert(EXIT_STALE_EPOCH, message, 1))
+        for diverged in self.mirror.diverged():
+            self.notifier.notify("replica-diverged", diverged, self.role, self.epoch)
 
     def _alert_mirror(self, name: str, what: str | None) -> None:
         """Tell the administrator of mirror process ``name`` once per episode (until it is replaced)."""
         if what is not None and name not in self._mirror_alerted:
             self._mirror_alerted.add(name)
             self.notifier.notify("replication", f"mirror {name}: {what}", self.role, self.epoch)
-        for diverged in self.mirror.diverged():
-            self.notifier.notify("replica-diverged", diverged, self.role, self.epoch)
 
     def _push_back_vip(self) -> None:
         """A node that does not lead and finds the VIP on its interface removes it."""
