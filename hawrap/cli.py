@@ -77,7 +77,9 @@ COMMAND_HELP: dict[str, tuple[str, str, str]] = {
     "standby": (
         "put this node in standby (writes the standby lock)",
         "Put this node in standby: services stopped, VIP dropped, the standby lock written (a "
-        "node that boots with it stays in standby). The peer takes over if it can serve.",
+        "node that boots with it stays in standby). The peer takes over if it can serve. With "
+        "the etcd backend a leader first makes the final sync toward the most up-to-date "
+        "eligible member and hands it the leadership, as failover --to does.",
         f"0 done; 1 refused by the node; {_EXIT_USAGE}",
     ),
     "resume": (

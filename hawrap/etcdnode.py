@@ -124,6 +124,8 @@ class EtcdNode(Listener):
         self._rejoined_at: dict | None = None  # the trees' epochs when this node (re)joined as a replica
         self._keep_retry_at = 0.0  # a copy aside that failed is tried again from then on
         self._keep_failed: str | None = None
+        # (target, when its final sync began) of a hand-over whose final sync succeeded
+        self._handed: tuple[str, float] | None = None
         self._stop = threading.Event()
         self._stop_requested = False  # by a signal (``request_stop``)
         self.transitions: list[dict] = []
@@ -141,6 +143,7 @@ class EtcdNode(Listener):
             eligibility=self.eligibility,
             expected=tuple(n.name for n in cfg.nodes),
             tree_positions=self.tree_positions,
+            leaving=self.leaving,
         )
 
     # ------------------------------------------------------------ what leadership reads
@@ -183,6 +186,15 @@ class EtcdNode(Listener):
             return f"own LAN unhealthy: {self.lan.problem}"
         return self.mirror.disks.unfit() or None
 
+    def leaving(self) -> bool:
+        """The standby lock is all that keeps this node from leading: as leader it can still
+        hand over, its final sync reaching the others over a healthy LAN from its own disks."""
+        return (
+            lockfile.is_locked(self.cfg.standby_lock_path(self.name))
+            and self.lan.ok is not False
+            and not self.mirror.disks.unfit()
+        )
+
     # ------------------------------------------------------------ the listener
 
     def elected(self, epoch: int) -> None:
@@ -210,17 +222,21 @@ class EtcdNode(Listener):
         self.events.put(("leader", leader))
 
     def prepare_handover(self, target: str) -> bool:
-        """``failover --to target``: stop serving entirely (the key moves as soon as the
-        target has our position), then the final sync toward the target."""
+        """A hand-over (``failover --to target``, or the standby lock on the leader): stop
+        serving entirely (the key moves as soon as the target has our position), then the
+        final sync toward the target."""
         self._stop_now(f"handing over to {target}")
+        began = time.time()
         try:
             self.mirror.final_sync(FINAL_SYNC_TIMEOUT, to=target)
         except HawrapError as exc:
             log.error("final sync toward %s failed: %s", target, exc)
             return False
+        self._handed = (target, began)
         return True
 
     def handover_aborted(self, reason: str) -> None:
+        self._handed = None
         leading = self.leadership.leading
         if leading is not None:
             self.elected(leading.epoch)
@@ -357,8 +373,10 @@ class EtcdNode(Listener):
             return False
         trees = resolve_trees(self.cfg, self.name)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        # handed over to this leader: its final sync gave it every file from before it began
+        synced = self._handed[1] if self._handed is not None and self._handed[0] == self.leader else None
         try:
-            kept = keep_unsynced(trees, None, None, stamp, had_by_none=True, lacking=self.leader)
+            kept = keep_unsynced(trees, None, None, stamp, had_by_none=True, lacking=self.leader, synced_whole=synced)
         except SetAsideError as exc:
             self._keep_retry_at = now + KEEP_RETRY
             if self._keep_failed != exc.cause:
@@ -368,6 +386,7 @@ class EtcdNode(Listener):
             self._keep_failed = exc.cause
             return False
         self._keep_failed = None
+        self._handed = None
         for problem in settle(trees):
             log.error("cannot mark the journal as dealt with, %s: its changes are kept again next time", problem)
         if kept:
@@ -453,6 +472,7 @@ class EtcdNode(Listener):
             return
         started = time.monotonic()
         self._rejoined_at = None
+        self._handed = None  # it serves again: what it writes from now on is its own
         # the former leader is no one to receive from once this term ends: etcd tells who is next
         self.leader = self._leader_epoch = self._leader_start = None
         self._began_serving = True  # from here its copy may hold changes no replica has
@@ -639,11 +659,15 @@ class EtcdNode(Listener):
             return self.status()
         if command == "standby":
             lockfile.acquire(lock, reason=request.get("reason") or "hawrap standby")
+            leading = self.leadership.leading is not None
             return {
                 "ok": True,
                 "role": self.role,
-                "reason": "standby lock written: this node leaves the elections",
-            }
+                "reason": "standby lock written: this node "
+                + ("hands over to the most up-to-date eligible member after a final sync, then "
+                   if leading and self.leaving() else "")
+                + "leaves the elections",
+            }  # fmt: skip
         if command == "resume":
             if request.get("new_disk"):
                 try:  # its position goes with the old disk's records: elected only once caught up

@@ -416,8 +416,8 @@ class Listener:
         """Another member leads (or nobody): follow it, observe its epoch."""
 
     def prepare_handover(self, target: str) -> bool:
-        """``failover --to target``: stop the services, make the final sync toward ``target``.
-        Return False to refuse."""
+        """A hand-over (``failover --to target``, or ``leaving``): stop the services, make
+        the final sync toward ``target``.  Return False to refuse."""
         return True
 
     def handover_aborted(self, reason: str) -> None:
@@ -439,13 +439,17 @@ class Leadership:
         eligibility=lambda: None,
         expected: tuple[str, ...] = (),
         tree_positions=lambda: {},
+        leaving=lambda: False,
     ):
         """``position()``: what this member has applied, now.  ``eligibility()``: None if it may
         lead, else why not (standby lock present, LAN down...).  Both are called from the loop
         thread every ``poll_interval`` and must be quick.  ``expected``: every configured
         member's name (ends the start-up wait early once all have published).
         ``tree_positions()``: each tree's position, written into the leader key as its term's
-        ``Start`` when this member takes the key (elected, or handing it over)."""
+        ``Start`` when this member takes the key (elected, or handing it over).
+        ``leaving()``: True when the member is ineligible on purpose only (the standby
+        lock): holding the key, it then hands it over as ``failover --to`` does, to the most
+        up-to-date eligible member, before it steps down."""
         conn.check()
         timing.check(conn)
         self.conn = conn
@@ -456,6 +460,7 @@ class Leadership:
         self.position = position
         self.eligibility = eligibility
         self.tree_positions = tree_positions
+        self.leaving = leaving
         self.expected = frozenset(expected)
         self._started = 0.0
         self.session = LeaseSession(
@@ -590,7 +595,7 @@ class Leadership:
         leader = snap.leader
         mine = leader is not None and leader.node == self.name and leader.lease == lease
         if mine:
-            self._as_holder(client, snap, me, generation)
+            self._as_holder(client, snap, me, others, generation)
             return
         with self._lock:
             lost, self._leading = self._leading, None
@@ -709,9 +714,14 @@ class Leadership:
 
     # ------------------------------------------------------------ holding the key
 
-    def _as_holder(self, client: EtcdClient, snap: Snapshot, me: Member, generation: int) -> None:
+    def _as_holder(
+        self, client: EtcdClient, snap: Snapshot, me: Member, others: list[Member], generation: int
+    ) -> None:
         leader = snap.leader
         assert leader is not None
+        if not me.eligible and not self._resign.is_set() and self.leaving():
+            self._leave(client, leader, me, others)
+            return
         if not me.eligible or self._resign.is_set():
             self._step_down(client, leader, me.reason if not me.eligible else "resigned")
             return
@@ -752,6 +762,24 @@ class Leadership:
         if self._resign.is_set():
             self._resign.clear()
             self._resigned.set()
+
+    def _leave(self, client: EtcdClient, leader: Leader, me: Member, others: list[Member]) -> None:
+        """The standby lock on the leader: what it holds goes to the most up-to-date eligible
+        member first (final sync, then the key), so that nothing it served is missing from
+        the next leader.  With no such member, or a hand-over that fails, it steps down
+        without one (the election picks the successor; what no replica has is kept aside
+        when this node receives again)."""
+        eligible = [m for m in others if m.eligible]
+        if not eligible:
+            self._step_down(client, leader, f"{me.reason}; no eligible member to hand over to")
+            return
+        target = max(eligible, key=lambda m: (m.position, m.name)).name
+        log.warning("%s: %s: handing over to %s before stepping down", self.name, me.reason, target)
+        done, message = self._transfer(client, leader, target)
+        if done is None:
+            return  # the watchdog stopped us
+        if not done:
+            self._step_down(client, leader, f"{me.reason}; hand-over to {target} {message}")
 
     def _raise_epoch(self, client: EtcdClient, snap: Snapshot, leader: Leader, higher: int) -> None:
         floor = max(higher, snap.floor or 0)
@@ -797,37 +825,41 @@ class Leadership:
                 + (f"not eligible ({target.reason})" if target else "not a live member"),
             )
             return
+        done, message = self._transfer(client, leader, target_name)
+        if done is not None:
+            answer(done, message)
+        if done is False:
+            self.listener.handover_aborted(message)
+
+    def _transfer(self, client: EtcdClient, leader: Leader, target_name: str) -> tuple[bool | None, str]:
+        """Stop serving, make the final sync toward ``target_name``, wait until it publishes a
+        position at least this leader's, then move the key to it in one transaction.
+        (True, message) once it holds the key; (False, why) if the hand-over did not happen and
+        the key is still ours (this member no longer serves; the caller decides what next);
+        (None, why) if the watchdog stopped us meanwhile."""
         try:
             prepared = self.listener.prepare_handover(target_name)
         except Exception as exc:
             log.exception("%s: preparing the hand-over failed", self.name)
-            prepared, why = False, f"preparing failed: {exc}"
-        else:
-            why = "refused by this node (see its log)"
+            return False, f"preparing failed: {exc}"
         if not prepared:
-            answer(False, why)
-            self.listener.handover_aborted(why)
-            return
+            return False, "refused by this node (see its log)"
         mine = self.position()
         deadline = time.monotonic() + self.timing.handover_timeout
         while True:
             if not self.session.valid(self._leading_generation):
-                return  # the watchdog stopped us; the request stays for the next leader
+                return None, "the watchdog stopped this member"  # the request stays for the next leader
             snap = self._read(client)
             target = snap.members.get(target_name)
             if target is None or not target.eligible:
-                self.listener.handover_aborted(f"{target_name} went away")
-                answer(False, f"aborted: {target_name} is no longer an eligible member")
-                return
+                return False, f"aborted: {target_name} is no longer an eligible member"
             if target.position >= mine:
                 break
             if time.monotonic() >= deadline or self._stop.is_set():
-                self.listener.handover_aborted(f"{target_name} did not catch up")
-                answer(
-                    False,
-                    f"aborted: {target_name} at {_pos(target.position)} did not reach {_pos(mine)} within {self.timing.handover_timeout:g} s",
+                return False, (
+                    f"aborted: {target_name} at {_pos(target.position)} did not reach {_pos(mine)} "
+                    f"within {self.timing.handover_timeout:g} s"
                 )
-                return
             self._stop.wait(self.timing.poll_interval)
         floor = new_floor(snap.floor or 0, list(snap.members.values()))
         # the target caught up with this leader's trees: its term starts from them
@@ -857,11 +889,11 @@ class Leadership:
             self._leading = None
         if done:
             self._verdict = f"handed over to {target_name}"
-            answer(True, f"{target_name} leads now")
             self.listener.demoted(f"handed over to {target_name}")
-        else:
-            self.listener.demoted(f"hand-over to {target_name} failed")
-            # the next round finds the key still ours (and takes it up again) or gone
+            return True, f"{target_name} leads now"
+        self.listener.demoted(f"hand-over to {target_name} failed")
+        # the next round finds the key still ours (and takes it up again) or gone
+        return None, f"hand-over to {target_name} failed"
 
 
 # ---------------------------------------------------------------- administration

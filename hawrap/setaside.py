@@ -209,21 +209,26 @@ def check_dest(dest: str, trees) -> str | None:
     return None
 
 
-def keep_unsynced(trees, since: float | None, base: str | None, stamp: str, *,
-                  had_by_none: bool = False, lacking: str | None = None) -> list[Kept]:  # fmt: skip
+def keep_unsynced(trees, since: float | None, base: str | None, stamp: str, *, had_by_none: bool = False,
+                  lacking: str | None = None, synced_whole: float | None = None) -> list[Kept]:  # fmt: skip
     """Copy what each tree holds that the peer lacks (its journals, see ``journaled``; the
     files changed just before its daemon was killed, see ``recent_changes``; with ``since``,
     every entry changed from then on) into ``base/<tree>``, or without ``base`` into the
     tree's state dir, ``kept/<stamp>``.  ``lacking``: a node whose position in the journals
-    counts too (the new leader: what it never had is kept, whoever else had it).  Trees
-    with nothing to keep are left out."""
+    counts too (the new leader: what it never had is kept, whoever else had it).
+    ``synced_whole``: when a sync of every tree toward ``lacking`` began, the node's writers
+    stopped (a hand-over's final sync): it has everything from before, so only what changed
+    from then on is kept.  Trees with nothing to keep are left out."""
     out = []
     for tree in trees:
-        cursor = fan_out_pair(tree.name, lacking).encode() if lacking else None
-        entries, subtrees = journaled(tree.state_dir, had_by_none=had_by_none, lacking=cursor)
-        recent = recent_changes(tree, since)
-        if recent is not None:
-            entries |= recent[1]
+        if synced_whole is not None:
+            entries, subtrees = set(changed_since(tree.path, tree.state_dir, synced_whole - CTIME_SLACK)), set()
+        else:
+            cursor = fan_out_pair(tree.name, lacking).encode() if lacking else None
+            entries, subtrees = journaled(tree.state_dir, had_by_none=had_by_none, lacking=cursor)
+            recent = recent_changes(tree, since)
+            if recent is not None:
+                entries |= recent[1]
         if since is not None:
             entries |= changed_since(tree.path, tree.state_dir, since - CTIME_SLACK).keys()
         if not entries and not subtrees:

@@ -302,3 +302,33 @@ def test_files_changed_just_before_the_daemon_was_killed_are_listed_and_kept(tmp
     # once the tree has received a session (its applied record written since), nothing is recent
     (root / ".mirror" / "applied").write_text("{}")
     assert not unsynced.find(config.load(path), "alpha")
+
+
+def test_after_a_hand_over_only_what_changed_once_its_final_sync_began_is_kept(tmp_path):
+    """A hand-over's final sync gave the new leader the whole tree as it stood once the
+    services had stopped: what the journals list and what the killed daemon may have missed
+    is on it, and is not copied aside again; a file changed after the sync began is."""
+    from hawrap.mirrorctl import resolve_trees
+
+    cfg = config.load(mirrored_config(tmp_path))
+    root = tmp_path / "data" / "alpha"
+    (root / "spool").mkdir()
+    (root / "spool" / "last").write_bytes(b"written as the daemon was killed")
+    (root / "journaled").write_bytes(b"journaled, never confirmed")
+    j = journal_of(tmp_path)
+    j.append([(ENTRY, b"journaled", 0)])
+    j.close()
+    daemon_status(tmp_path, "running")
+    before = max(p.stat().st_ctime for p in (root / "spool", root / "spool" / "last", root / "journaled"))
+    while time.time() <= before + setaside.CTIME_SLACK:  # ctime's clock is coarser: let it pass
+        time.sleep(0.01)
+    began = time.time()
+    while not (root / "late").exists() or (root / "late").stat().st_ctime < began:
+        (root / "late").write_bytes(b"written after the final sync began")
+        time.sleep(0.005)
+    trees = resolve_trees(cfg, "alpha")
+    [kept] = setaside.keep_unsynced(trees, None, None, "handed", had_by_none=True, synced_whole=began)
+    assert sorted(os.listdir(kept.dest)) == ["late"], kept.describe()
+    # the same tree without the hand-over: the journal's and the killed daemon's are kept too
+    [kept] = setaside.keep_unsynced(trees, None, None, "plain", had_by_none=True)
+    assert {"journaled", "late", "spool"} <= set(os.listdir(kept.dest)), kept.describe()

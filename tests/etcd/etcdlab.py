@@ -162,6 +162,7 @@ class Event:
     event: str
     epoch: int | None = None
     reason: str = ""
+    target: str = ""  # prepare_handover's
 
 
 class Members:
@@ -267,7 +268,7 @@ class Members:
                             d = json.loads(line)
                         except ValueError:
                             continue  # a line being written
-                        out.append(Event(d["t"], n, d["event"], d.get("epoch"), d.get("reason", "")))
+                        out.append(Event(d["t"], n, d["event"], d.get("epoch"), d.get("reason", ""), d.get("target", "")))
             except FileNotFoundError:
                 pass
         return sorted(out, key=lambda e: e.t)

@@ -126,6 +126,7 @@ def main(argv: list[str]) -> int:
     leadership = Leadership(
         conn, args.prefix, args.name, Timing(ttl=args.ttl, stop_budget=args.stop_budget, handover_timeout=args.handover_timeout), recorder,
         position=lambda: read_position(position_file), eligibility=eligibility, expected=tuple(args.expect),
+        leaving=lambda: lockfile.is_locked(standby_lock),
     )  # fmt: skip
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

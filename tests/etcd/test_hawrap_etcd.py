@@ -539,11 +539,57 @@ def test_failover_to_a_named_node_and_the_standby_lock(hlab):
         status = hw.status(target)
         assert status["role"] == "replica" and not status["eligible"]
         assert hw.cli(new, "failover", "--to", target, "--wait", "10").returncode != 0  # refused: ineligible
-        assert hw.cli(target, "resume").returncode == 0
+        r = hw.cli(target, "resume")
+        assert r.returncode == 0, r.stdout + r.stderr + logs(hw)
         assert wait_for(lambda: (hw.status(target) or {}).get("eligible"), 10)
         text = hw.cli(target, "status").stdout
         assert "member" in text and "etcd http://" in text, text
     finally:
+        stop_cluster(hw, client)
+    client.check()
+
+
+def test_standby_on_the_leader_hands_over_what_it_served_before_it_steps_down(hlab):
+    """The leader's mirror daemon frozen (SIGSTOP: nothing written on the leader reaches a
+    replica) while files are written there, then ``hawrap standby`` on the leader.  It stops
+    serving, makes the final sync toward the most up-to-date replica and hands it the key:
+    the new leader has every file when it first answers for the VIP.  The old leader, now a
+    replica, resumes at once: not held, nothing kept aside, nothing of its files lost."""
+    hw, client = start_cluster(hlab)
+    frozen: list[int] = []
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        replicas = [n for n in NODES if n != leader]
+        wait_replicated(hlab, replicas, write_files(tree(hlab, leader), "start", 10))
+        frozen = hw.mirror_pids(leader)
+        assert frozen, hw.leftovers(leader)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        served = write_files(tree(hlab, leader), "served", 20)
+        assert all(set(missing(tree(hlab, n), served)) == set(served) for n in replicas)
+        asked = time.monotonic()
+        r = hw.cli(leader, "standby", "--reason", "maintenance")
+        assert r.returncode == 0 and "hands over" in r.stdout, r.stdout + r.stderr
+        new = wait_leader(hw, client, asked, not_from=leader)
+        assert not missing(tree(hlab, new), served), f"the new leader lacks what {leader} served\n{logs(hw)}"
+        print(f"standby on {leader} -> {new} answers {client.first_answer_after(asked, leader).end - asked:.2f} s later")
+        go_on(frozen)
+        frozen = []
+        assert wait_for(lambda: (hw.status(leader) or {}).get("role") == "replica", 10), logs(hw)
+        r = hw.cli(leader, "resume")
+        assert r.returncode == 0, r.stdout + r.stderr + logs(hw)
+        assert wait_for(lambda: (hw.status(leader) or {}).get("eligible"), 10), logs(hw)
+        later = write_files(tree(hlab, new), "after", 5)
+        wait_replicated(hlab, NODES, later)
+        assert not missing(tree(hlab, leader), served)
+        assert not os.path.exists(os.path.join(tree(hlab, leader), ".mirror", "kept")), os.listdir(
+            os.path.join(tree(hlab, leader), ".mirror")
+        )
+        told = notes(hlab)
+        assert "replica-ahead" not in told and "local-changes-kept" not in told, told
+        assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == new, 10)
+    finally:
+        go_on(frozen)
         stop_cluster(hw, client)
     client.check()
 

@@ -303,6 +303,45 @@ def test_standby_lock_keeps_a_member_out_of_elections(lab):
         assert_safe(members, sampler)
 
 
+def test_standby_lock_on_the_leader_hands_the_key_to_the_most_up_to_date_member_first(lab):
+    """The standby lock on the leader: it makes the final sync toward the most up-to-date
+    eligible member and hands it the key, as ``failover --to`` does, so that the next term
+    starts from the leader's data.  A member that does not catch up within the hand-over
+    timeout gets nothing from it: the leader steps down without a hand-over and never
+    serves again meanwhile, and the election picks the successor."""
+    members = Members(lab)
+    for node, seq in (("n1", 30), ("n2", 20), ("n3", 10)):
+        members.set_position(node, 7, seq)
+    members = start_all(lab, handover_timeout=3.0)
+    sampler = Sampler(members)
+    try:
+        assert members.wait_leader() == "n1"
+        epoch = last_win(members, "n1").epoch
+        members.set_position("n2", 7, 30)  # n2 caught up; n3 stays behind
+        t = time.monotonic()
+        members.set_standby("n1", True)
+        assert members.wait_leader(not_in=("n1",)) == "n2", lab.logs()
+        won = last_win(members, "n2")
+        handed = [e for e in members.events("n1") if e.event == "prepare_handover" and e.t > t]
+        assert [e.target for e in handed] == ["n2"], members.events("n1")
+        assert handed[0].t < won.t and won.epoch > epoch
+        assert any(e.event == "demoted" and e.reason == "handed over to n2" for e in members.events("n1"))
+        print(f"standby on the leader: {won.t - t:.2f} s from the lock to the new leader")
+        # the next one that is the most up to date does not catch up: no hand-over, a plain step-down
+        members.set_standby("n1", False)
+        assert wait_for(lambda: (members.record("n1") or {}).get("eligible") is True, 10)
+        members.set_position("n2", 7, 50)
+        t = time.monotonic()
+        members.set_standby("n2", True)
+        assert members.wait_leader(not_in=("n2",)) == "n1", "n1 is the most up-to-date eligible member"
+        tried = [e for e in members.events("n2") if e.t > t]
+        assert [e.target for e in tried if e.event == "prepare_handover"] == ["n1"], tried
+        assert [e for e in tried if e.event == "demoted" and "did not reach" in e.reason], tried
+        assert not [e for e in tried if e.event in ("elected", "handover_aborted")], "it served again"
+    finally:
+        assert_safe(members, sampler)
+
+
 def test_failover_to_moves_the_key_to_an_up_to_date_member(lab):
     members = start_all(lab, handover_timeout=3.0)
     sampler = Sampler(members)
