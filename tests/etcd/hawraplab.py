@@ -72,7 +72,7 @@ def tree(lab: Lab, node: str) -> str:
 
 
 def write_config(lab: Lab, ttl: int = 4, stop_budget: float = 0.5, state_dir: str | None = None,
-                 require_mount: bool = False) -> str:  # fmt: skip
+                 require_mount: bool = False, reconcile_interval: float | None = None) -> str:  # fmt: skip
     work = lab.workdir
     secret, mirror_secret = os.path.join(work, "secret"), os.path.join(work, "mirror-secret")
     for path in (secret, mirror_secret):
@@ -130,6 +130,7 @@ timeout = 10
 command = [{command}]
 secret_file = "{mirror_secret}"
 port = {MIRROR_PORT}
+{f"reconcile_interval = {reconcile_interval}" if reconcile_interval is not None else ""}
 
 [[mirror.tree]]
 name = "data"

@@ -161,6 +161,15 @@ def daemon_pairs(lab: HawrapLab, node: str) -> list[dict]:
     return [{k: p.get(k) for k in keys} for p in pairs]
 
 
+def daemon_pairs_full(lab: HawrapLab, node: str) -> list[dict]:
+    """Every field the node's ``mirror daemon`` status shows of each destination."""
+    try:
+        with open(os.path.join(tree(lab, node), ".mirror", "mirror-daemon.status.json")) as f:
+            return json.load(f)["pairs"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def test_a_replica_that_stopped_applying_is_never_promoted_over_one_that_has_everything(hlab):
     """Replica B's receiver is frozen (SIGSTOP: it applies nothing, its hawrap is alive and
     eligible) while the leader writes files that C acknowledges; then the leader is killed.
@@ -590,6 +599,56 @@ def test_standby_on_the_leader_hands_over_what_it_served_before_it_steps_down(hl
         assert wait_for(lambda: client.answering(time.monotonic() - 0.5) == new, 10)
     finally:
         go_on(frozen)
+        stop_cluster(hw, client)
+    client.check()
+
+
+def tree_files(root: str) -> dict[str, bytes]:
+    """Every file below ``root`` but the state dir, with its content."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if x != ".mirror"]
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                out[os.path.relpath(os.path.join(d, name), root)] = f.read()
+    return out
+
+
+def test_a_replica_written_to_behind_the_mirror_is_made_exact_and_told_once(hlab):
+    """One replica's copy changed behind the mirror (a file edited, one removed, a stray one
+    left: a service started there by mistake, a restore by hand): nothing on the leader
+    tells its daemon.  The daemon's scheduled compare of that replica
+    (``mirror.reconcile_interval``) makes it exact again, and the leader tells the
+    administrator once (``replica-diverged``, naming the tree, the node and a path); the
+    compares after it find nothing.  The other replica is left alone."""
+    hw, client = start_cluster(hlab, reconcile_interval=1.0)
+    try:
+        leader = wait_leader(hw, client, 0.0)
+        b, c = [n for n in NODES if n != leader]
+        wait_replicated(hlab, [b, c], write_files(tree(hlab, leader), "mail", 20))
+        # a change on the leader within a second of a compare may have its event on the way
+        # and is not reported: the leader's tree is left older than that
+        root = tree(hlab, leader)
+        newest = max(os.lstat(os.path.join(d, n)).st_ctime for d, ds, fs in os.walk(root) for n in [".", *ds, *fs])
+        assert wait_for(lambda: time.time() - newest > 1.5, 5)
+        before_c = tree_files(tree(hlab, c))
+        victims = sorted(tree_files(tree(hlab, b)))[:2]
+        with open(os.path.join(tree(hlab, b), victims[0]), "r+b") as f:
+            f.write(b"written on the replica")
+        os.unlink(os.path.join(tree(hlab, b), victims[1]))
+        with open(os.path.join(tree(hlab, b), "d0", "stray"), "wb") as f:
+            f.write(b"not on the leader")
+        assert wait_for(lambda: tree_files(tree(hlab, b)) == tree_files(root), 30, 0.2), logs(hw)
+        assert wait_for(lambda: "replica-diverged" in notes(hlab), 15, 0.1), notes(hlab) + logs(hw)
+        told = [line for line in notes(hlab).splitlines() if "replica-diverged" in line]
+        assert len(told) == 1 and f"data@{b}" in told[0], told
+        # two more compares of b's copy, now exact, tell nothing more
+        sessions = lambda: next((p.get("sessions") or 0 for p in daemon_pairs_full(hlab, leader) if p.get("name") == f"data@{b}"), 0)  # noqa: E731
+        done = sessions()
+        assert wait_for(lambda: sessions() >= done + 2, 15, 0.1), daemon_pairs(hlab, leader)
+        assert notes(hlab).count("replica-diverged") == 1, notes(hlab)
+        assert tree_files(tree(hlab, c)) == before_c
+    finally:
         stop_cluster(hw, client)
     client.check()
 
