@@ -636,7 +636,8 @@ class MirrorControl:
                 continue
             for pair in pairs:
                 where = pair.get("name", tree.name) if self.fan_out else tree.name
-                self._note_unseen(where, status.pid, pair)
+                copy = f"{tree.name} on {where.rpartition('@')[2]}" if self.fan_out else f"{tree.name} on the peer"
+                self._note_unseen(where, copy, status.pid, pair)
                 if pair.get("state") != "live":
                     error = pair.get("last_error")
                     problems.append(f"{where}: {pair.get('state')}" + (f" ({error})" if error else ""))
@@ -651,13 +652,13 @@ class MirrorControl:
                                                                           if dirs else ""))  # fmt: skip
         return Replica(not problems, "; ".join(problems) or "live")
 
-    def _note_unseen(self, where: str, pid: int, pair: dict) -> None:
+    def _note_unseen(self, where: str, copy: str, pid: int, pair: dict) -> None:
         count, (last_pid, before) = pair.get("unseen_repaired") or 0, self._unseen.get(where, (pid, 0))
         if last_pid != pid:
             before = 0  # another daemon (started again) counts from 0
         if count > before:
             n, shown = count - before, ", ".join(pair.get("last_unseen") or [])
-            self._diverged.append(f"the copy of {where} on the peer was found changed where the tree was not "
+            self._diverged.append(f"the copy of {copy} was found changed where the tree was not "
                                   f"({n} {'entry' if n == 1 else 'entries'}, e.g. {shown}): written to behind "
                                   "the mirror (a service running there?); made like this node's again")  # fmt: skip
         self._unseen[where] = (pid, count)
