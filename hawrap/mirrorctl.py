@@ -49,6 +49,10 @@ STOP_GRACE = 5.0  # after SIGTERM, a mirror process has this long to finish clea
 STUCK_SECONDS = 10.0  # a daemon whose status has not changed this long is killed and started again
 STATUS_STALE = 2.0  # the daemon rewrites its status at least twice a second: older than this, it is stuck
 PROBE_TIMEOUT = 5.0  # a receiver that has not answered a hello this long is hung or stopped
+# A hand-over's final sync gives up on a receiver silent this long (a live one says it is
+# alive every third of it): the services are down while it waits, so a frozen target, or
+# one whose node is paused, must not hold them for the engine's default two minutes.
+FINAL_SYNC_SILENCE = 15.0
 
 
 @dataclass(frozen=True)
@@ -741,11 +745,11 @@ class MirrorControl:
 
     def final_sync(self, timeout: float = 3600.0, to: str | None = None) -> None:
         """One-shot ``mirror sync --delete`` of every tree toward the peer (or node ``to``);
-        raises on failure."""
+        raises on failure, a receiver silent for FINAL_SYNC_SILENCE included."""
         from mirror.daemon import journal_head
 
         for t in self.trees:
-            argv = self._argv(self.cfg.mirror.sync, t, to=to or "")
+            argv = self._argv(self.cfg.mirror.sync, t, to=to or "") + ["--timeout", f"{FINAL_SYNC_SILENCE:g}"]
             head = journal_head(t.state_dir) if self.fan_out else 0
             if head:
                 # its daemon is stopped: the sync covers the journal up to its head, and the

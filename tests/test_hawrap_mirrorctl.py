@@ -177,6 +177,7 @@ def test_final_sync_runs_sync_with_delete_and_reports_failure(ctl):
     assert (
         calls(tmp)[0]
         == f"sync {tmp}/a/spool mirror://203.0.113.2:9999/spool --delete --secret-file {tmp}/msecret --state-dir {tmp}/a/spool/.mirror"
+        f" --timeout {mirrorctl.FINAL_SYNC_SILENCE:g}"  # a frozen receiver holds the hand-over 15 s, not 2 min
     )
     (tmp / "sync-exit").write_text("4")
     with pytest.raises(HawrapError, match="final sync of spool failed \\(exit 4\\)"):
