@@ -150,24 +150,19 @@ def published(hw: Hawrap, on: str) -> dict[str, tuple[int, int]]:
     return {m["name"]: (m["epoch"], m["seq"]) for m in members}
 
 
-def daemon_pairs(lab: HawrapLab, node: str) -> list[dict]:
-    """What the node's ``mirror daemon`` says of each destination (its status file)."""
-    try:
-        with open(os.path.join(tree(lab, node), ".mirror", "mirror-daemon.status.json")) as f:
-            pairs = json.load(f)["pairs"]
-    except (OSError, ValueError, KeyError) as exc:
-        return [{"error": repr(exc)}]
-    keys = ("name", "state", "journal_seq", "mirrored_seq", "applied", "catch_up", "pending", "last_error", "fenced_epoch")
-    return [{k: p.get(k) for k in keys} for p in pairs]
-
-
 def daemon_pairs_full(lab: HawrapLab, node: str) -> list[dict]:
-    """Every field the node's ``mirror daemon`` status shows of each destination."""
+    """Every field the node's ``mirror daemon`` status file shows of each destination."""
     try:
         with open(os.path.join(tree(lab, node), ".mirror", "mirror-daemon.status.json")) as f:
             return json.load(f)["pairs"]
-    except (OSError, ValueError, KeyError):
-        return []
+    except (OSError, ValueError, KeyError) as exc:
+        return [{"error": repr(exc)}]
+
+
+def daemon_pairs(lab: HawrapLab, node: str) -> list[dict]:
+    """What the node's ``mirror daemon`` says of each destination, the fields that matter here."""
+    keys = ("name", "state", "journal_seq", "mirrored_seq", "applied", "catch_up", "pending", "last_error", "fenced_epoch")
+    return [p if "error" in p else {k: p.get(k) for k in keys} for p in daemon_pairs_full(lab, node)]
 
 
 def test_a_replica_that_stopped_applying_is_never_promoted_over_one_that_has_everything(hlab):
@@ -604,13 +599,17 @@ def test_standby_on_the_leader_hands_over_what_it_served_before_it_steps_down(hl
 
 
 def tree_files(root: str) -> dict[str, bytes]:
-    """Every file below ``root`` but the state dir, with its content."""
+    """Every file below ``root`` but the state dir, with its content; one replaced or
+    removed while the walk reads (a compare repairing the tree) is left out."""
     out = {}
     for d, dirs, files in os.walk(root):
         dirs[:] = [x for x in dirs if x != ".mirror"]
         for name in files:
-            with open(os.path.join(d, name), "rb") as f:
-                out[os.path.relpath(os.path.join(d, name), root)] = f.read()
+            try:
+                with open(os.path.join(d, name), "rb") as f:
+                    out[os.path.relpath(os.path.join(d, name), root)] = f.read()
+            except FileNotFoundError:
+                pass
     return out
 
 
