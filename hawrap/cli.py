@@ -77,9 +77,12 @@ COMMAND_HELP: dict[str, tuple[str, str, str]] = {
     "standby": (
         "put this node in standby (writes the standby lock)",
         "Put this node in standby: services stopped, VIP dropped, the standby lock written (a "
-        "node that boots with it stays in standby). The peer takes over if it can serve. With "
-        "the etcd backend a leader first makes the final sync toward the most up-to-date "
-        "eligible member and hands it the leadership, as failover --to does.",
+        "node that boots with it stays in standby). A primary whose peer is a healthy secondary "
+        "hands over first, as failover does (services stopped, a final sync, then the peer takes "
+        "over with every change), and is in standby whatever comes of it; otherwise the peer "
+        "takes over if its copy is known up to date. With the etcd backend a leader first makes "
+        "the final sync toward the most up-to-date eligible member and hands it the leadership, "
+        "as failover --to does.",
         f"0 done; 1 refused by the node; {_EXIT_USAGE}",
     ),
     "resume": (
@@ -458,6 +461,15 @@ def cmd_standby(cfg, node, args) -> int:
         print(f"{node} is not running; standby lock written: {info.describe()}")
         return EXIT_OK
     print(f"{node}: {answer.get('role')}" + (f" ({answer['reason']})" if answer.get("reason") else ""))
+    if answer.get("ok") and answer.get("role") == "releasing":
+        # the final sync is done and the VIP dropped: wait for the peer to take over
+        deadline = time.monotonic() + cfg.timing.handover_timeout + 5
+        while time.monotonic() < deadline:
+            st = control.request(cfg.control_socket(node), "status")
+            if st["role"] != "releasing":
+                print(f"{node}: {st['role']} ({st['reason']})")
+                break
+            time.sleep(0.1)
     return EXIT_OK if answer.get("ok") else EXIT_FAILED
 
 
@@ -475,7 +487,7 @@ def _keep_local_changes(cfg, node, unsynced, base: str | None) -> bool:
             return False
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     try:
-        kept = keep_unsynced(trees, unsynced.since, base, stamp)
+        kept = keep_unsynced(trees, unsynced.since, base, stamp, synced_whole=unsynced.synced_whole)
     except SetAsideError as exc:
         print(f"{node}: --keep-local-changes: {exc}; nothing resumed", file=sys.stderr)
         return False

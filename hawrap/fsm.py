@@ -13,7 +13,9 @@ Roles:
 * ``secondary``  healthy, not serving; takes over when the primary dies, gives up, or hands over.
 * ``primary``    serving: holds the virtual IP, runs the services, mirrors toward the peer.
 * ``releasing``  planned switchover in progress: services stopped, final sync done, VIP
-                 dropped; waits for the peer to announce itself primary.
+                 dropped; waits for the peer to announce itself primary.  A primary given
+                 the standby lock goes this way too when its peer can take over, and ends
+                 in standby whatever comes of it.
 * ``standby``    out of service (standby lock present, LAN failure, fenced after a takeover it
                  missed, or lost a split brain); only ``hawrap resume`` brings it back.  Or
                  unfit to serve (a tree that must be a mount point has nothing mounted, or
@@ -332,7 +334,7 @@ def peer_can_serve(peer: PeerView | None, p: Policy | None = None) -> bool:
 
 def _decide(s: State, f: Facts, p: Policy) -> tuple[State, list[Action]]:
     if f.standby_lock and s.role != STANDBY:
-        return _go_standby(s, "the standby lock is present", write_lock=False)
+        return _standby_lock(s, f, p)
     if f.unfit and s.role != STANDBY:
         state, actions = _go_standby(s, f.unfit, write_lock=False)
         return replace(state, unfit=f.unfit), actions
@@ -574,24 +576,25 @@ def _primary(s: State, f: Facts, p: Policy):
         if f.command is not None:
             actions.append(Reply(False, message))
         return s, actions + ([Notify("switchover-refused", message)] if f.command else [])
-    s = replace(
-        s,
-        role=RELEASING,
-        handover_deadline=f.now + p.handover_timeout,
-        request=None,
-        reason=wanted,
-        direction=None,
-    )
-    actions += [
-        Notify("releasing", f"{wanted}: stopping services, final sync, dropping the VIP"),
+    s, more = _release(s, f, p, wanted)
+    actions += more
+    if f.command is not None:
+        actions.append(Reply(True, f"{wanted} started"))
+    return s, actions
+
+
+def _release(s: State, f: Facts, p: Policy, why: str) -> tuple[State, list[Action]]:
+    """Hand over to the peer: services stopped, the final sync, the VIP dropped; the peer
+    takes over once it sees us releasing with the sync done (our heartbeat's ``in_sync``)."""
+    state = replace(s, role=RELEASING, handover_deadline=f.now + p.handover_timeout, request=None, reason=why,
+                    direction=None)  # fmt: skip
+    return state, [
+        Notify("releasing", f"{why}: stopping services, final sync, dropping the VIP"),
         StopServices(),
         SetMirrorDirection(None),
         FinalSync(),
         StopResources(),
     ]
-    if f.command is not None:
-        actions.append(Reply(True, f"{wanted} started"))
-    return s, actions
 
 
 def _releasing(s: State, f: Facts, p: Policy):
@@ -607,6 +610,47 @@ def _releasing(s: State, f: Facts, p: Policy):
     if s.handover_deadline is not None and f.now >= s.handover_deadline and not peer.serving:
         return _takeover(s, f, lock=False, reason="switchover timed out: resuming service here")
     return s, []
+
+
+def _standby_lock(s: State, f: Facts, p: Policy):
+    """The standby lock on a node not yet in standby.  A primary whose peer is a healthy
+    secondary hands over first, as a planned switchover does, so that the peer serves with
+    every change made here, even those the daemon had not sent yet; the lock then keeps this
+    node from serving again, whatever comes of the hand-over.  Anything else (a LAN or a
+    disk of its own failing, no peer able to take over) goes to standby at once."""
+    if s.role == PRIMARY and _may_hand_over(s, f):
+        return _release(s, f, p, "the standby lock is present: handing over to the peer first")
+    if s.role != RELEASING:
+        return _go_standby(s, "the standby lock is present", write_lock=False)
+    peer = f.peer
+    if peer is not None and (peer.role == PRIMARY or peer.serving) and peer.epoch > s.epoch:
+        return _go_standby(s, f"the standby lock is present; {peer.name} took over", write_lock=False)
+    if f.lan_ok is False or f.unfit:
+        why = f.unfit or f"own LAN unhealthy: {f.lan_problem or 'carrier or ping node lost'}"
+        return _go_standby(s, f"the standby lock is present; the hand-over was cut short ({why})", write_lock=False)
+    if peer is None:
+        return _go_standby(s, "the standby lock is present; the peer went silent during the hand-over, so "
+                              "nobody serves", write_lock=False)  # fmt: skip
+    if s.handover_deadline is not None and f.now >= s.handover_deadline:
+        return _go_standby(s, f"the standby lock is present; {peer.name} did not take over within "
+                              f"{p.handover_timeout:g} s, so nobody serves", write_lock=False)  # fmt: skip
+    return s, []
+
+
+def _may_hand_over(s: State, f: Facts) -> bool:
+    """A primary may hand over before it stands by: it is fit to serve and its LAN healthy
+    (its copy and its path to the peer are sound), and the peer is a healthy secondary with a
+    whole copy (one that would not take over from a releasing node would leave nobody
+    serving until the hand-over times out)."""
+    peer = f.peer
+    return (
+        f.lan_ok is True
+        and not f.unfit
+        and not s.mirror_locked
+        and peer_can_serve(peer)
+        and not peer.serving
+        and not peer.copy_incomplete
+    )
 
 
 def _standby(s: State, f: Facts, p: Policy):
@@ -734,7 +778,12 @@ def takeover_failed(
 
 
 def release_failed(s: State, f: Facts, p: Policy, error: str) -> tuple[State, list[Action]]:
-    """The final sync (or a stop) failed during a planned switchover: keep serving here."""
+    """The final sync (or a stop) failed during a planned switchover: keep serving here; or,
+    handing over for the standby lock, go to standby (the peer lacks changes made here, so
+    it does not take over on its own: nobody serves until the administrator acts)."""
+    if f.standby_lock:
+        return _go_standby(s, f"the standby lock is present; the hand-over's final sync failed: {error}",
+                           write_lock=False)  # fmt: skip
     state = replace(
         s, role=PRIMARY, handover_deadline=None, reason=f"switchover aborted: {error}", direction="send"
     )

@@ -32,11 +32,11 @@ from .links import LanHealth, LanMonitor
 from .mirrorctl import MirrorControl, Replica, exit_alert, stop_orphans
 from .notify import Notifier
 from .resources import ResourceGroup, Service, VirtualIP
+from .unsynced import STATE_FILE, settle
 
 log = logging.getLogger(__name__)
 
 TICK = 0.05  # timeouts (initdead, handover, retry) are checked at least this often
-STATE_FILE = "node-state.json"
 HEARTBEAT_RESTARTS = 5  # heartbeat process deaths tolerated (per run) before giving up
 # A resource that fails more often than this within RESTART_WINDOW seconds is a crash loop:
 # the node hands over to a peer able to serve instead of restarting it again.
@@ -117,6 +117,10 @@ class Node:
         self.copy_incomplete = False  # fsm.Facts.copy_incomplete, as last seen
         self.replica_in_sync = False  # the last value given to the state machine (and advertised)
         self.final_synced = False  # a planned switchover's final sync is done
+        # When the last hand-over's final sync began (wall clock), until this node sends or
+        # receives again: the peer has everything changed here before (``hawrap resume``).
+        synced_whole = persisted.get("synced_whole")
+        self.synced_whole = float(synced_whole) if isinstance(synced_whole, int | float) else None
         self._replica_bad_since: float | None = None
         self._replication_alerted = False
         self._mirror_exits: collections.Counter = (
@@ -184,6 +188,7 @@ class Node:
             # since when our copy has not been known complete; since when the peer's has lacked ours
             "outdated_since": since("outdated_since", not s.uptodate, bool(old) and not old.get("uptodate", False)),
             "peer_outdated_since": since("peer_outdated_since", s.peer_outdated, old.get("peer_outdated", False)),
+            "synced_whole": self.synced_whole,
         }  # fmt: skip
         try:
             # a full file system too: rewritten in place, the format allows trailing blanks
@@ -203,8 +208,9 @@ class Node:
 
     def _persisted_changed(self) -> bool:
         s, old = self.state, self.persisted
-        return (s.role, s.epoch, s.owns_epoch, s.uptodate, s.peer_outdated) != (
-            old.get("role"), old.get("epoch"), old.get("owns_epoch"), old.get("uptodate", False), old.get("peer_outdated", False)
+        return (s.role, s.epoch, s.owns_epoch, s.uptodate, s.peer_outdated, self.synced_whole) != (
+            old.get("role"), old.get("epoch"), old.get("owns_epoch"), old.get("uptodate", False), old.get("peer_outdated", False),
+            old.get("synced_whole"),
         )  # fmt: skip
 
     # ------------------------------------------------------------ facts
@@ -458,7 +464,10 @@ class Node:
                     self.on_role_change(self.state.role, self.state.reason)
         if command in ("standby", "resume") and self._pending_reply:
             pending, self._pending_reply = self._pending_reply, None
-            ok = (self.state.role == fsm.STANDBY) if command == "standby" else self.state.role != fsm.STANDBY
+            if command == "standby":  # releasing: it hands over first, standby whatever comes of it
+                ok = self.state.role in (fsm.STANDBY, fsm.RELEASING)
+            else:
+                ok = self.state.role != fsm.STANDBY
             pending["reply"].put({"ok": ok, "role": self.state.role, "reason": self.state.reason})
         elif fsm_command and self._pending_reply:  # its reply was in the actions a failure cut short
             pending, self._pending_reply = self._pending_reply, None
@@ -546,9 +555,15 @@ class Node:
                 log.warning("%s is not here: not announcing it", self.resources.vip.name)
         elif isinstance(action, fsm.FinalSync):
             self.final_synced = False
+            began = time.time()  # the services and the daemons are stopped
             self.mirror.final_sync(FINAL_SYNC_TIMEOUT)
-            self.final_synced = True
+            self.final_synced, self.synced_whole = True, began
+            # every journaled change was made before the sync began: the peer has it now
+            for problem in settle(self.mirror.trees):
+                log.warning("cannot mark the journal as mirrored after the final sync, %s", problem)
         elif isinstance(action, fsm.SetMirrorDirection):
+            if action.direction is not None:
+                self.synced_whole = None
             if action.direction == "send":
                 self.final_synced = False
             self.mirror.set_direction(action.direction)

@@ -32,11 +32,7 @@ from mirror.safefs import ConfinedTree, syncfs
 
 from .kept import new_copy_dir
 from .mirrorctl import fan_out_pair
-from .unsynced import changed_since, journaled, listed, recent_changes, source_tree, walk
-
-# A file's ctime comes from the kernel's coarse clock, up to a tick (10 ms at HZ=100) behind
-# the time ``since`` was read from: entries changed this much earlier are kept too.
-CTIME_SLACK = 0.05
+from .unsynced import CTIME_SLACK, changed_since, journaled, listed, recent_changes, source_tree, walk
 
 
 class SetAsideError(Exception):

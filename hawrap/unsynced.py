@@ -34,12 +34,15 @@ from mirror.statedir import STATUS_FILE, state_dir_below
 
 from .config import ClusterConfig
 from .mirrorctl import resolve_trees
-from .node import STATE_FILE
 
+STATE_FILE = "node-state.json"  # the two-node mode's node state (hawrap.node)
 SHOWN = 20  # paths printed per list; the count says how many there are
 # A change made this long before its daemon last wrote its status may not have reached the
 # journal when the daemon was killed (its watcher had not read the event yet).
 RECENT_MARGIN = 2.0
+# A file's ctime comes from the kernel's coarse clock, up to a tick (10 ms at HZ=100) behind
+# the time ``since`` was read from: entries changed this much earlier count too.
+CTIME_SLACK = 0.05
 
 
 @dataclass
@@ -49,9 +52,14 @@ class Unsynced:
     journaled: dict[str, list[str]] = field(default_factory=dict)  # tree -> paths never mirrored
     # tree -> (when its killed daemon was last heard, the files changed then that no record covers)
     recent: dict[str, tuple[float, set[bytes]]] = field(default_factory=dict)
+    # A hand-over's final sync gave the peer everything from before this moment (wall clock);
+    # tree -> the entries changed since, which it may lack.
+    synced_whole: float | None = None
+    after_sync: dict[str, set[bytes]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return self.since is not None or any(self.journaled.values()) or bool(self.recent)
+        return (self.since is not None or any(self.journaled.values()) or bool(self.recent)
+                or any(self.after_sync.values()))  # fmt: skip
 
     def describe(self, node: str) -> str:
         lines = [
@@ -72,6 +80,12 @@ class Unsynced:
             lines.append(f"  tree {tree}: {len(paths)} files changed as its mirror daemon was killed (last heard "
                          f"at {when}) that its watcher never recorded:")  # fmt: skip
             lines += listed(sorted(display_path(p) for p in paths))
+        for tree, paths in self.after_sync.items():
+            if paths:
+                when = time.strftime("%H:%M:%S", time.localtime(self.synced_whole))
+                lines.append(f"  tree {tree}: {len(paths)} entries changed after the hand-over's final sync "
+                             f"toward {self.peer} began (at {when}):")  # fmt: skip
+                lines += listed(sorted(display_path(p) for p in paths))
         return "\n".join(lines)
 
 
@@ -247,6 +261,13 @@ def find(cfg: ClusterConfig, node: str) -> Unsynced:
         state = {}
     if isinstance(state, dict) and state.get("peer_outdated"):
         found.since = state.get("peer_outdated_since") or state.get("time") or 0.0
+    synced = state.get("synced_whole") if isinstance(state, dict) else None
+    if isinstance(synced, int | float) and not isinstance(synced, bool):
+        # the journals and the killed daemon's last changes are all older: the peer has them
+        found.synced_whole = float(synced)
+        for tree in resolve_trees(cfg, node):
+            found.after_sync[tree.name] = set(changed_since(tree.path, tree.state_dir, synced - CTIME_SLACK))
+        return found
     for tree in resolve_trees(cfg, node):
         found.journaled[tree.name] = journaled_paths(tree.state_dir)
         recent = recent_changes(tree, found.since)

@@ -164,6 +164,55 @@ def test_boot_with_standby_lock_stays_standby():
     assert s2.role == STANDBY and acts2 == []
 
 
+def test_standby_lock_on_a_primary_hands_over_first_then_stands_by_whatever_happens():
+    """The lock on a primary whose peer is a healthy secondary: services stopped, final
+    sync, VIP dropped (a planned switchover), then standby once the peer serves, when it
+    does not within the hand-over timeout, or when it goes silent; never serving again."""
+    primary = state(PRIMARY, epoch=3, owns=True)
+    s, acts = fsm.decide(primary, facts(lock=True, p=peer(SECONDARY, epoch=3)), POLICY)
+    assert s.role == RELEASING and s.handover_deadline == 10.0 + POLICY.handover_timeout
+    assert kinds(acts)[1:] == [fsm.StopServices, SetMirrorDirection, FinalSync, StopResources]
+    assert WriteStandbyLock not in kinds(acts)
+    # still handing over: nothing more
+    s2, acts = fsm.decide(s, facts(now=11, lock=True, p=peer(SECONDARY, epoch=3)), POLICY)
+    assert s2 == s and acts == []
+    # the peer took over: standby, receiving nothing (the mirroring lock)
+    done, acts = fsm.decide(s, facts(now=11, lock=True, p=peer(PRIMARY, epoch=4, owns=True)), POLICY)
+    assert done.role == STANDBY and done.mirror_locked and AcquireMirrorLock in kinds(acts)
+    assert "took over" in done.reason and StartResources not in kinds(acts)
+    for late in (
+        facts(now=12.5, lock=True, p=peer(SECONDARY, epoch=3)),  # past the hand-over timeout
+        facts(now=11, lock=True, p=None),  # the peer went silent
+        facts(now=11, lock=True, lan_ok=False, p=peer(SECONDARY, epoch=3)),  # our LAN failed
+        facts(now=11, lock=True, unfit="tree data: nothing mounted", p=peer(SECONDARY, epoch=3)),
+    ):
+        out, acts = fsm.decide(s, late, POLICY)
+        assert out.role == STANDBY and StartResources not in kinds(acts), late
+    # the final sync failed: standby, not serving again
+    out, acts = fsm.release_failed(s, facts(now=11, lock=True, p=peer(SECONDARY, epoch=3)), POLICY, "exit 30")
+    assert out.role == STANDBY and StartResources not in kinds(acts) and "exit 30" in out.reason
+    # without the lock the same failure keeps serving here (a failover)
+    out, acts = fsm.release_failed(s, facts(now=11, p=peer(SECONDARY, epoch=3)), POLICY, "exit 30")
+    assert out.role == PRIMARY and StartResources in kinds(acts)
+
+
+def test_standby_lock_on_a_primary_whose_peer_cannot_take_over_stands_by_at_once():
+    primary = state(PRIMARY, epoch=3, owns=True)
+    for f in (
+        facts(lock=True, p=None),
+        facts(lock=True, p=peer(STANDBY, standby=True)),
+        facts(lock=True, p=peer(SECONDARY, lan_ok=False)),
+        facts(lock=True, p=peer(SECONDARY, copy_incomplete=True)),  # it would not take over
+        facts(lock=True, lan_ok=False, p=peer(SECONDARY)),
+        facts(lock=True, unfit="tree data: nothing mounted", p=peer(SECONDARY)),
+    ):
+        s, acts = fsm.decide(primary, f, POLICY)
+        assert s.role == STANDBY and FinalSync not in kinds(acts), f
+    # a primary that holds its mirroring lock (the peer has not rejoined yet) sends nothing
+    s, acts = fsm.decide(replace(primary, mirror_locked=True), facts(lock=True, p=peer(SECONDARY)), POLICY)
+    assert s.role == STANDBY and FinalSync not in kinds(acts)
+
+
 def test_serving_peer_with_standby_lock_is_pushed_back():
     s, acts = fsm.decide(
         state(PRIMARY, epoch=5, owns=True),
@@ -544,6 +593,7 @@ class Sim:
     sync_fails: bool = False
     start_fails: bool = False  # a service cannot start (a takeover fails after its address check)
     mirror_cut: bool = False  # mirror traffic lost (heartbeats still flow)
+    stalled: bool = False  # the mirror daemons send nothing (frozen); a final sync still works
     policy: Policy = POLICY
     writes: dict = field(default_factory=dict)  # write number -> (writer, heard by the other node)
     discarded: set = field(default_factory=set)  # writes an administrator gave up (force-primary)
@@ -576,6 +626,7 @@ class Sim:
             node.data |= {number}
             if (
                 self.mirror_path()
+                and not self.stalled
                 and node.direction == "send"
                 and other.direction == "receive"
                 and other.mounted  # its receiver refuses while nothing is mounted
@@ -721,7 +772,7 @@ EVENTS = st.sampled_from(
      "a_restart", "b_restart", "a_failover", "b_failover", "a_failback", "b_failback", "a_standby", "b_standby",
      "a_resume", "b_resume", "sync_fails", "sync_ok", "a_mute", "b_mute", "a_unmute", "b_unmute",
      "start_fails", "start_ok", "mirror_cut", "mirror_ok", "a_force", "b_force", "a_unmount", "b_unmount",
-     "a_mount", "b_mount", "a_newdisk", "b_newdisk", "wait", "wait", "wait"]
+     "a_mount", "b_mount", "a_newdisk", "b_newdisk", "stall", "unstall", "wait", "wait", "wait"]
 )  # fmt: skip
 
 
@@ -747,6 +798,8 @@ def apply(sim: Sim, event: str):
         sim.mirror_cut = True
     elif event == "mirror_ok":
         sim.mirror_cut = False
+    elif event in ("stall", "unstall"):
+        sim.stalled = event == "stall"
     elif event == "wait":
         pass
     else:
@@ -785,7 +838,7 @@ def new_sim(policy: Policy = POLICY) -> Sim:
 
 def converge(sim: Sim, steps: int = 120):
     sim.hb_up = sim.lan_path_up = True
-    sim.sync_fails = sim.start_fails = sim.mirror_cut = False
+    sim.sync_fails = sim.start_fails = sim.mirror_cut = sim.stalled = False
     for n in sim.nodes:
         n.lan_ok, n.muted, n.mounted = True, False, True
     for _ in range(steps):
@@ -884,3 +937,27 @@ def test_simulated_primary_death_and_resume_flow():
     a.command = "failback"
     converge(sim, 20)
     assert a.serving and b.state.role == SECONDARY
+
+
+def test_standby_of_a_primary_whose_daemon_lags_gives_the_peer_every_write():
+    """The primary's daemon sends nothing (frozen) while clients write: its peer's copy is
+    outdated and would not take over on its own.  The standby lock makes the primary hand
+    over: the peer serves every write, the old primary stands by, and a resume gives up
+    nothing.  (Without the hand-over nobody served: the peer said it was outdated.)"""
+    sim = new_sim(GUARD)
+    converge(sim, 30)
+    a, b = sim.nodes
+    sim.stalled = True
+    for _ in range(5):
+        sim.step()
+    assert a.data - b.data and not b.state.uptodate  # writes only a holds
+    a.lock = True  # hawrap standby
+    for _ in range(10):
+        sim.step()
+        assert not (a.serving and b.serving)
+    assert b.serving and a.state.role == STANDBY, sim.log[-6:]
+    assert a.data <= b.data, sorted(a.data - b.data)
+    sim.resume(0)
+    assert not sim.discarded
+    converge(sim, 20)
+    assert b.serving and a.state.role == SECONDARY and a.data == b.data

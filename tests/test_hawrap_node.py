@@ -96,8 +96,9 @@ def test_standby_resume_failover_failback(cluster):
     nodes, tmp_path, notify_log = cluster
     alpha, beta = nodes["alpha"], nodes["beta"]
     r = alpha.command("standby", "--reason", "disk check")
-    assert r.returncode == 0 and "standby" in r.stdout
-    assert wait_for(lambda: role(beta) == "primary", 5)
+    # the primary hands over first (a planned switchover), then stands by
+    assert r.returncode == 0 and "releasing" in r.stdout and "beta took over" in r.stdout, r.stdout
+    assert role(alpha) == "standby" and role(beta) == "primary"
     assert serving(tmp_path, "alpha") == (False, False)
     lock = json.loads(alpha.command("status", "--json").stdout)["standby_lock"]
     assert lock["reason"] == "disk check"

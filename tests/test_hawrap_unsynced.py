@@ -332,3 +332,43 @@ def test_after_a_hand_over_only_what_changed_once_its_final_sync_began_is_kept(t
     # the same tree without the hand-over: the journal's and the killed daemon's are kept too
     [kept] = setaside.keep_unsynced(trees, None, None, "plain", had_by_none=True)
     assert {"journaled", "late", "spool"} <= set(os.listdir(kept.dest)), kept.describe()
+
+
+def test_two_node_resume_after_a_standby_hand_over_lists_only_what_changed_after_its_final_sync(tmp_path):
+    """A primary put in standby hands over first (a final sync); its node state records when
+    that sync began.  ``hawrap resume`` then lists neither its journals nor what its killed
+    daemon may have missed (the peer has them), only what changed after the sync began, and
+    ``--keep-local-changes`` copies only that aside."""
+    path = mirrored_config(tmp_path)
+    lock = standby_lock(tmp_path)
+    root = tmp_path / "data" / "alpha"
+    (root / "spool").mkdir()
+    (root / "spool" / "last").write_bytes(b"written as the daemon was killed")
+    (root / "journaled").write_bytes(b"journaled, never confirmed by the killed daemon")
+    j = journal_of(tmp_path)
+    j.append([(ENTRY, b"journaled", 0)])
+    j.close()
+    daemon_status(tmp_path, "running")
+    before = max(p.stat().st_ctime for p in (root, root / "spool", root / "spool" / "last", root / "journaled"))
+    while time.time() <= before + unsynced.CTIME_SLACK:  # ctime's clock is coarser: let it pass
+        time.sleep(0.01)
+    began = time.time()
+    state = tmp_path / "alpha" / "node-state.json"
+    state.write_text(json.dumps({"role": "standby", "peer_outdated": False, "synced_whole": began}))
+    assert not unsynced.find(config.load(path), "alpha")
+    # without the record, the journal and the killed daemon's last file are listed
+    state.write_text(json.dumps({"role": "standby", "peer_outdated": False}))
+    assert unsynced.find(config.load(path), "alpha").journaled == {"data": ["journaled"]}
+    state.write_text(json.dumps({"role": "standby", "peer_outdated": False, "synced_whole": began}))
+    while not (root / "late").exists() or (root / "late").stat().st_ctime < began:
+        (root / "late").write_bytes(b"written after the final sync began")
+        time.sleep(0.005)
+    r = resume(path)
+    assert r.returncode == 1 and "changed after the hand-over's final sync toward beta began" in r.stdout, r.stdout
+    listed = [line.strip() for line in r.stdout.splitlines() if line.startswith("    ")]
+    assert "late" in listed and "journaled" not in listed and "spool/last" not in listed, r.stdout
+    assert lock.exists()
+    r = resume(path, "--keep-local-changes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    [kept] = kept_dirs(tmp_path)
+    assert sorted(os.listdir(kept)) == ["late"] and not lock.exists()

@@ -102,6 +102,46 @@ def test_planned_failover_loses_no_data(mcluster):
     assert snapshot(tree(lab, "b")) == snapshot(tree(lab, "a"))
 
 
+def test_standby_on_the_primary_hands_over_what_its_daemon_had_not_sent(mcluster):
+    """``hawrap standby`` on a primary whose mirror daemon is behind (frozen: SIGSTOP) while
+    30 files were written that b lacks, so that b counts its copy outdated.  Standing by at
+    once would leave them on a alone: b would not take over on its own (nobody serving) and
+    a's ``resume`` would list them.  a hands over first: services stopped, a final sync, the
+    VIP dropped; b serves every file a served from its first answer (sampled throughout);
+    a stands by; its ``resume`` lists nothing and it receives b's writes."""
+    c, lab = mcluster, mcluster.lab
+    a, b = tree(lab, "a"), tree(lab, "b")
+    write_files(a, "before", 20)
+    assert converged(lab), c.h.logs()
+    with open(os.path.join(lab.workdir, "state", "a", "mirror-daemon-data.pid")) as f:
+        os.kill(int(f.read()), signal.SIGSTOP)
+    write_files(a, "unsent", 30)
+    served = snapshot(a)
+    assert wait_for(lambda: not c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+    assert snapshot(b) != served  # b lacks them (the daemon is killed as stuck only later)
+    first_served: dict = {}
+
+    def sample():  # b's copy the first time b holds the VIP
+        if "tree" not in first_served and lab.vip_on("b"):
+            first_served["tree"] = snapshot(b)
+
+    t0 = time.monotonic()
+    with PollingThread(sample) as sampler:
+        r = c.h.cli("a", "standby", "--reason", "maintenance")
+        assert r.returncode == 0 and "b took over" in r.stdout, r.stdout + r.stderr + c.h.logs()
+        assert wait_for(lambda: "tree" in first_served, 10), c.h.logs()
+    assert sampler.polls > 1
+    assert first_served["tree"] == served, "b served without what a served"
+    c.served_by("b", since=t0)
+    c.report("standby of a primary whose daemon is behind", t0, "b")
+    assert c.h.role("a") == "standby" and c.h.status("a")["standby_lock"]["reason"] == "maintenance"
+    write_files(b, "after", 10)
+    r = c.h.cli("a", "resume")
+    assert r.returncode == 0 and "holds changes" not in r.stdout, r.stdout + r.stderr
+    assert converged(lab), c.h.logs()
+    assert snapshot(a) == snapshot(b) and not os.path.exists(os.path.join(a, ".mirror", "kept"))
+
+
 def test_stale_former_primary_never_overwrites_newer_data(mcluster):
     c, lab = mcluster, mcluster.lab
     write_files(tree(lab, "a"), "v1", 20)
