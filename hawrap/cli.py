@@ -500,6 +500,20 @@ def _keep_local_changes(cfg, node, unsynced, base: str | None) -> bool:
     return True
 
 
+def _outdated_peer_note(cfg, node) -> str:
+    """When the peer does not serve and knows its copy outdated (it heard this node say it
+    holds changes the peer lacks), a resume replaces nothing by itself: this node ranks
+    first and serves again.  Said, so that the listing's warning is not taken for the whole
+    story; the flags are still asked for (the peer could be made primary first)."""
+    with contextlib.suppress(NotRunning, HawrapError):
+        peer = control.request(cfg.control_socket(node), "status").get("peer") or {}
+        if peer.get("alive") and not peer.get("serving") and peer.get("role") != "primary" and not peer.get("uptodate", True):
+            return (f"{node}: {peer['name']} does not serve and knows its copy lacks these changes: once resumed, "
+                    f"{node} ranks first and serves them again, unless {peer['name']} is made primary first "
+                    f"('hawrap force-primary' there)")  # fmt: skip
+    return ""
+
+
 def cmd_resume(cfg, node, args) -> int:
     from .mirrorctl import resolve_trees
     from .unsynced import find, settle
@@ -521,6 +535,9 @@ def cmd_resume(cfg, node, args) -> int:
     unsynced = find(cfg, node) if cfg.backend != "etcd" else None
     if unsynced:
         print(unsynced.describe(node))
+        note = _outdated_peer_note(cfg, node)
+        if note:
+            print(note)
         if args.keep_local_changes is not None:
             if not _keep_local_changes(cfg, node, unsynced, args.keep_local_changes or None):
                 return EXIT_ERROR

@@ -27,7 +27,10 @@ The data state (with mirrored trees; DRBD's "Outdated" in spirit).  The primary 
 every heartbeat whether its replica is in sync (its mirror daemon live and at most
 ``mirror.max_lag`` behind).  A secondary is ``uptodate`` while the serving primary says so;
 a primary whose replica is not in sync knows its peer is outdated (``peer_outdated``).  Both
-are persisted.  A node serves on its own only with data it knows to be the newest:
+are persisted, and every heartbeat carries ``peer_outdated`` as ``ahead``: a node that hears
+its peer say so counts its own copy outdated whatever the peer's role (a former primary in
+standby, or just started, still knows what it wrote).  A node serves on its own only with
+data it knows to be the newest:
 
 * a secondary takes over from a dead (or standby, or releasing) primary only if it is
   uptodate: the normal failover stays as fast as the dead time;
@@ -76,6 +79,7 @@ class PeerView:
     uptodate: bool = True  # its copy is known to hold every change (see the module docstring)
     in_sync: bool = True  # serving: its replica (our copy) receives its changes live
     copy_incomplete: bool = False  # its new disk is not yet mirrored onto (Facts.copy_incomplete)
+    ahead: bool = False  # it holds changes our copy lacks (its ``peer_outdated``), whatever its role
 
 
 @dataclass(frozen=True)
@@ -293,7 +297,12 @@ def _data_state(s: State, f: Facts) -> State:
         return replace(s, uptodate=False, owns_epoch=False, peer_outdated=False)
     if peer_serves:
         # what we hold that the peer lacks is gone once its copy has replaced ours
-        return replace(s, uptodate=peer.in_sync, peer_outdated=s.peer_outdated and not peer.in_sync)
+        s = replace(s, uptodate=peer.in_sync, peer_outdated=s.peer_outdated and not peer.in_sync)
+    if peer is not None and peer.ahead:
+        # It served while our copy did not get its changes (we were down, or cut off), and
+        # it says so from any role: a peer in standby or just started does not serve, so
+        # nothing above tells us, and the copy we last knew up to date is not any more.
+        s = replace(s, uptodate=False)
     return s
 
 

@@ -106,7 +106,7 @@ class HeartbeatEngine:
         self.state: dict = {
             "role": "init", "epoch": 0, "owns_epoch": False, "standby": False,
             "lan_ok": None, "serving": False, "request": None, "uptodate": False, "in_sync": False,
-            "incomplete": False,
+            "incomplete": False, "ahead": False,
         }  # fmt: skip
         self.peer_fields: dict | None = None
         self.report_interval: float = cfg.get("report_interval", STATS_INTERVAL)
@@ -241,6 +241,7 @@ class HeartbeatEngine:
                     "uptodate",
                     "in_sync",
                     "incomplete",
+                    "ahead",
                 )
             }
         snapshot = (links, peer)

@@ -226,7 +226,7 @@ class Node:
                 name=self.peer_name, role=p["role"], epoch=p["epoch"], owns_epoch=p["owns_epoch"],
                 standby=p["standby"], lan_ok=p["lan_ok"], serving=p["serving"], request=p["request"],
                 home=self.cfg.home == self.peer_name, uptodate=p["uptodate"], in_sync=p["in_sync"],
-                copy_incomplete=p.get("incomplete", False),
+                copy_incomplete=p.get("incomplete", False), ahead=p.get("ahead", False),
             )  # fmt: skip
         now = time.monotonic()
         self.unfit = self.mirror.disks.unfit()  # also advertised: the peer then counts on us for nothing
@@ -585,6 +585,7 @@ class Node:
             "uptodate": s.uptodate,
             "in_sync": self.replica_in_sync and s.role in (fsm.PRIMARY, fsm.RELEASING),
             "incomplete": self.copy_incomplete,
+            "ahead": s.peer_outdated,
         }
         if state != self._advertised and self.heartbeat is not None:
             self.heartbeat.update(state)

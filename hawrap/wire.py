@@ -56,6 +56,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
 # Fields a peer of the same version may leave out (an older release), with their value then.
 OPTIONAL: dict[str, tuple[tuple[type, ...], object]] = {
     "incomplete": ((bool,), False),  # a new disk not yet mirrored onto (hawrap.treedisk)
+    "ahead": ((bool,), False),  # it served while its peer's copy did not get its changes
 }
 
 

@@ -571,6 +571,7 @@ class SimNode:
     replica_ok: bool = False  # serving: the peer's tree got every write; releasing: final sync done
     mounted: bool = True  # its tree's disk (a tree that must be a mount point)
     new_disk: bool = False  # adopted by the administrator, no session applied to it yet
+    down: bool = False  # powered off: it neither steps nor is heard; powered on, it restarts
 
     def advertised(self) -> PeerView:
         s = self.state
@@ -578,6 +579,7 @@ class SimNode:
             name=self.name, role=s.role, epoch=s.epoch, owns_epoch=s.owns_epoch, standby=self.lock or not self.mounted,
             lan_ok=self.lan_ok, serving=self.serving, request=s.request, home=self.home, uptodate=s.uptodate,
             in_sync=self.replica_ok and (self.serving or s.role == RELEASING), copy_incomplete=self.new_disk,
+            ahead=s.peer_outdated,
         )  # fmt: skip
 
     def disk(self) -> tuple:
@@ -604,7 +606,8 @@ class Sim:
         return self.hb_up or lan
 
     def hears(self, i: int) -> bool:
-        return self.connected() and not self.nodes[1 - i].muted
+        other = self.nodes[1 - i]
+        return self.connected() and not other.muted and not other.down and not self.nodes[i].down
 
     def answers_arp(self, i: int) -> bool:
         """Node i's address check: the other node holds the VIP and the LAN carries ARP."""
@@ -645,6 +648,8 @@ class Sim:
         self.write_and_replicate()
         adverts = [n.advertised() for n in self.nodes]
         for i, node in enumerate(self.nodes):
+            if node.down:
+                continue
             if self.hears(i):
                 node.last_heard, node.view = self.step_no, adverts[1 - i]
             alive = node.last_heard is not None and self.step_no - node.last_heard < DEADTIME_STEPS
@@ -668,7 +673,7 @@ class Sim:
                 if node.state.reason == "forced by the administrator":  # what it lacked is given up
                     self.discarded |= set().union(*(n.data for n in self.nodes)) - node.data
                 else:
-                    self.check_newest(i)
+                    self.check_newest(i, heard=f.peer is not None and self.hears(i))
             node.persisted = node.state
             assert node.serving == (node.state.role == PRIMARY), (node.state, actions)
             assert node.mounted or not node.serving, (node.state, actions)
@@ -676,14 +681,18 @@ class Sim:
             assert node.direction == node.state.direction, (node.state, node.direction, actions)
             self.log.append((self.step_no, node.name, before.role, node.state.role))
 
-    def check_newest(self, i: int) -> None:
+    def check_newest(self, i: int, heard: bool) -> None:
         """A node that starts serving on its own holds every write that still exists, except
         writes it could not have known of: made by a peer it did not hear at that moment, or
         that served too (a partition: the writer then loses the split brain and waits for the
-        administrator)."""
-        node = self.nodes[i]
+        administrator), unless it hears that peer now (down or cut off then, the writer can
+        tell it since)."""
+        node, other = self.nodes[i], self.nodes[1 - i]
         alive = set().union(*(n.data for n in self.nodes)) - self.discarded
-        missing = sorted(w for w in alive - node.data if self.writes[w][1] or self.writes[w][0] == node.name)
+        missing = sorted(
+            w for w in alive - node.data
+            if self.writes[w][1] or self.writes[w][0] == node.name or (heard and w in other.data)
+        )  # fmt: skip
         assert not missing, (f"{node.name} serves without writes {missing} it knew of", self.log[-12:])
 
     def execute(self, i: int, actions: list, f: Facts, before: fsm.State) -> None:
@@ -731,6 +740,14 @@ class Sim:
             elif isinstance(a, SetMirrorDirection):
                 node.direction = a.direction
 
+    def power(self, i: int, on: bool) -> None:
+        node = self.nodes[i]
+        if on and node.down:
+            node.down = False
+            self.restart(i)
+        elif not on:
+            node.down, node.serving = True, False
+
     def restart(self, i):
         node = self.nodes[i]
         saved = node.persisted or node.state
@@ -772,7 +789,7 @@ EVENTS = st.sampled_from(
      "a_restart", "b_restart", "a_failover", "b_failover", "a_failback", "b_failback", "a_standby", "b_standby",
      "a_resume", "b_resume", "sync_fails", "sync_ok", "a_mute", "b_mute", "a_unmute", "b_unmute",
      "start_fails", "start_ok", "mirror_cut", "mirror_ok", "a_force", "b_force", "a_unmount", "b_unmount",
-     "a_mount", "b_mount", "a_newdisk", "b_newdisk", "stall", "unstall", "wait", "wait", "wait"]
+     "a_mount", "b_mount", "a_newdisk", "b_newdisk", "stall", "unstall", "a_down", "b_down", "a_up", "b_up", "wait", "wait", "wait"]
 )  # fmt: skip
 
 
@@ -815,6 +832,8 @@ def apply(sim: Sim, event: str):
             node.muted = False
         elif what == "restart":
             sim.restart(idx[who])
+        elif what in ("down", "up"):
+            sim.power(idx[who], what == "up")
         elif what in ("failover", "failback"):
             node.command = what
         elif what == "force":
@@ -839,8 +858,9 @@ def new_sim(policy: Policy = POLICY) -> Sim:
 def converge(sim: Sim, steps: int = 120):
     sim.hb_up = sim.lan_path_up = True
     sim.sync_fails = sim.start_fails = sim.mirror_cut = sim.stalled = False
-    for n in sim.nodes:
+    for i, n in enumerate(sim.nodes):
         n.lan_ok, n.muted, n.mounted = True, False, True
+        sim.power(i, True)
     for _ in range(steps):
         sim.step()
 
@@ -856,6 +876,9 @@ def converge(sim: Sim, steps: int = 120):
 @example([("hb_down", 2), ("a_unmount", 1), ("a_newdisk", 1)], True)
 # A new disk served (forced) holds the newest writes: it is no longer one to be mirrored onto.
 @example([("hb_down", 1), ("a_newdisk", 1), ("b_newdisk", 1), ("b_force", 1), ("hb_down", 1), ("b_newdisk", 1)], True)
+# The secondary powered off after the primary's writes stopped reaching it: back, it must
+# hear from the primary (its ``ahead``) that the copy it last knew up to date is not.
+@example([("lanpath_down", 2), ("a_mute", 6), ("b_down", 1)], True)
 def test_random_faults_never_end_in_split_brain(script, mirrored):
     """With mirrored trees (``mirrored``: the data guard on), also: a node that starts serving
     on its own holds every write it could have known of (Sim.check_newest)."""
@@ -961,3 +984,29 @@ def test_standby_of_a_primary_whose_daemon_lags_gives_the_peer_every_write():
     assert not sim.discarded
     converge(sim, 20)
     assert b.serving and a.state.role == SECONDARY and a.data == b.data
+
+
+def test_a_node_back_from_power_off_does_not_serve_what_a_peer_in_standby_says_is_old():
+    """b is powered off; a serves on alone (its writes reach nobody), then the administrator
+    puts a in standby (nobody serves: b is off).  b boots knowing its copy up to date from
+    before: a's heartbeats (``ahead``) tell it that it is not, so b does not serve it.
+    Resumed, a serves again, every write kept.  (Before, b served its old copy.)"""
+    sim = new_sim(GUARD)
+    converge(sim, 30)
+    a, b = sim.nodes
+    sim.power(1, False)
+    for _ in range(DEADTIME_STEPS + 5):
+        sim.step()
+    alone = a.data - b.data
+    assert a.serving and a.state.peer_outdated and alone
+    a.lock = True  # hawrap standby: the peer is silent, so at once
+    sim.step()
+    assert a.state.role == STANDBY and not a.serving
+    sim.power(1, True)
+    for _ in range(30):
+        sim.step()
+        assert not b.serving, sim.log[-4:]
+    assert not b.state.uptodate
+    sim.resume(0)  # nobody else serves: a's copy is not replaced, whatever resume offered
+    converge(sim, 30)
+    assert a.serving and alone <= b.data, sim.log[-6:]

@@ -30,7 +30,7 @@ def fields(node="b", link="hb", boot=b"B" * 16, seq=1, peer_boot=None, **kw):
         "v": 2, "cluster": "c", "node": node, "link": link, "boot": boot, "seq": seq, "peer_boot": peer_boot,
         "role": "primary", "epoch": 3, "owns_epoch": True, "standby": False, "lan_ok": True,
         "serving": True, "request": None, "links": {"hb": True}, "uptodate": True, "in_sync": True,
-        "incomplete": False,
+        "incomplete": False, "ahead": False,
     }  # fmt: skip
     base.update(kw)
     return base
@@ -40,12 +40,15 @@ def test_roundtrip():
     f = fields()
     assert wire.decode(SECRET, wire.encode(SECRET, f)) == f
     assert wire.decode(SECRET, wire.encode(SECRET, fields(incomplete=True)))["incomplete"] is True
+    assert wire.decode(SECRET, wire.encode(SECRET, fields(ahead=True)))["ahead"] is True
 
 
 def test_an_older_peer_without_the_optional_fields_is_heard_with_their_defaults():
     older = fields()
     del older["incomplete"]  # a release before new disks were adopted
-    assert wire.decode(SECRET, wire.encode(SECRET, older))["incomplete"] is False
+    del older["ahead"]  # a release before peers said they held changes the other lacks
+    heard = wire.decode(SECRET, wire.encode(SECRET, older))
+    assert heard["incomplete"] is False and heard["ahead"] is False
     with pytest.raises(WireError, match="'incomplete' has type int"):
         wire.decode(SECRET, wire.encode(SECRET, fields(incomplete=1)))
 

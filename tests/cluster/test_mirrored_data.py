@@ -142,6 +142,37 @@ def test_standby_on_the_primary_hands_over_what_its_daemon_had_not_sent(mcluster
     assert snapshot(a) == snapshot(b) and not os.path.exists(os.path.join(a, ".mirror", "kept"))
 
 
+def test_a_node_that_starts_while_its_peer_stands_by_with_newer_data_does_not_serve(mcluster):
+    """b's hawrap stopped (a reboot, say); a serves on alone, writing 20 files b lacks, then
+    is put in standby (nobody to hand over to: at once, nobody serves).  b starts knowing its
+    copy up to date from before.  a's heartbeats say that a holds changes b lacks, so b
+    counts its copy outdated, says so, and never takes the VIP (sampled).  a, resumed (what
+    it held copied aside first), ranks first and serves again; b gets every file."""
+    c, lab = mcluster, mcluster.lab
+    a, b = tree(lab, "a"), tree(lab, "b")
+    write_files(a, "before", 10)
+    assert converged(lab), c.h.logs()
+    c.h.stop("b")
+    assert wait_for(lambda: not c.h.status("a")["peer"]["alive"], 10), c.h.logs()
+    write_files(a, "alone", 20)
+    served = snapshot(a)
+    assert wait_for(lambda: c.h.status("a")["data"]["peer_outdated"], 10), c.h.logs()
+    r = c.h.cli("a", "standby")
+    assert r.returncode == 0 and "a: standby" in r.stdout, r.stdout + r.stderr
+    held: list = []
+    with PollingThread(lambda: held.append(lab.vip_on("b")), interval=0.02) as sampler:
+        c.h.start("b")
+        assert c.notified("the peer is in standby, and this node's copy may lack", 20), c.h.logs()
+        assert c.h.status("b")["data"]["uptodate"] is False and c.h.role("b") != "primary"
+    assert sampler.polls > 10 and not any(held), "b took the VIP with its old copy"
+    assert snapshot(b) != served
+    r = c.h.cli("a", "resume", "--keep-local-changes")
+    assert r.returncode == 0 and "b does not serve and knows its copy lacks these changes" in r.stdout, r.stdout
+    c.expect_roles(primary="a", other="secondary")
+    assert converged(lab), c.h.logs()
+    assert snapshot(b) == served
+
+
 def test_stale_former_primary_never_overwrites_newer_data(mcluster):
     c, lab = mcluster, mcluster.lab
     write_files(tree(lab, "a"), "v1", 20)
