@@ -142,6 +142,45 @@ def test_standby_on_the_primary_hands_over_what_its_daemon_had_not_sent(mcluster
     assert snapshot(a) == snapshot(b) and not os.path.exists(os.path.join(a, ".mirror", "kept"))
 
 
+def test_standby_whose_final_sync_meets_a_frozen_receiver_leaves_no_one_serving_old_data(mcluster):
+    """b's mirror receiver frozen (SIGSTOP) while a writes 10 files b lacks, then ``hawrap
+    standby`` on a: its hand-over's final sync gets no answer and gives up (after
+    FINAL_SYNC_SILENCE, 15 s, or when b's probe replaces the receiver, whichever comes
+    first); a stands by all the same (the lock), saying so.  b, whose copy
+    lacks a's last files, never takes the VIP (sampled throughout),
+    and says it is outdated.  a, resumed, serves again and b gets every file once its
+    receiver is replaced."""
+    from hawrap.mirrorctl import FINAL_SYNC_SILENCE
+
+    c, lab = mcluster, mcluster.lab
+    a, b = tree(lab, "a"), tree(lab, "b")
+    write_files(a, "before", 10)
+    assert converged(lab), c.h.logs()
+    with open(os.path.join(lab.workdir, "state", "b", "mirror-serve.pid")) as f:
+        os.kill(int(f.read()), signal.SIGSTOP)
+    write_files(a, "unsent", 10)
+    served = snapshot(a)
+    assert wait_for(lambda: not c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+    held: list = []
+    with PollingThread(lambda: held.append(lab.vip_on("b")), interval=0.05) as sampler:
+        t0 = time.monotonic()
+        r = c.h.cli("a", "standby")
+        took = time.monotonic() - t0
+        assert r.returncode == 0 and "final sync failed" in r.stdout, r.stdout + r.stderr + c.h.logs()
+        assert c.h.role("a") == "standby"
+        assert c.notified("the peer went to standby, and this node's copy may lack", 10), c.h.logs()
+        assert c.h.role("b") != "primary" and c.h.status("b")["data"]["uptodate"] is False
+    assert sampler.polls > 10 and not any(held), "b took the VIP without a's last files"
+    # given up when silent for FINAL_SYNC_SILENCE, or sooner if b's own probe replaced the receiver
+    assert took < FINAL_SYNC_SILENCE + 10, took
+    print(f"standby with a frozen receiver: a stood by {took:.1f} s after the command")
+    r = c.h.cli("a", "resume", "--keep-local-changes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    c.expect_roles(primary="a", other="secondary")
+    assert converged(lab, 60), c.h.logs()
+    assert snapshot(b) == served
+
+
 def test_a_node_that_starts_while_its_peer_stands_by_with_newer_data_does_not_serve(mcluster):
     """b's hawrap stopped (a reboot, say); a serves on alone, writing 20 files b lacks, then
     is put in standby (nobody to hand over to: at once, nobody serves).  b starts knowing its
