@@ -304,13 +304,10 @@ def test_files_changed_just_before_the_daemon_was_killed_are_listed_and_kept(tmp
     assert not unsynced.find(config.load(path), "alpha")
 
 
-def test_after_a_hand_over_only_what_changed_once_its_final_sync_began_is_kept(tmp_path):
-    """A hand-over's final sync gave the new leader the whole tree as it stood once the
-    services had stopped: what the journals list and what the killed daemon may have missed
-    is on it, and is not copied aside again; a file changed after the sync began is."""
-    from hawrap.mirrorctl import resolve_trees
-
-    cfg = config.load(mirrored_config(tmp_path))
+def handed_over_tree(tmp_path):
+    """alpha's tree as a hand-over's final sync found it: a file its daemon journaled and
+    never confirmed, one changed as the daemon was killed (its status says it was running);
+    then the moment the sync began, past ctime's coarser clock.  Returns (root, began)."""
     root = tmp_path / "data" / "alpha"
     (root / "spool").mkdir()
     (root / "spool" / "last").write_bytes(b"written as the daemon was killed")
@@ -319,13 +316,28 @@ def test_after_a_hand_over_only_what_changed_once_its_final_sync_began_is_kept(t
     j.append([(ENTRY, b"journaled", 0)])
     j.close()
     daemon_status(tmp_path, "running")
-    before = max(p.stat().st_ctime for p in (root / "spool", root / "spool" / "last", root / "journaled"))
-    while time.time() <= before + setaside.CTIME_SLACK:  # ctime's clock is coarser: let it pass
+    before = max(p.stat().st_ctime for p in (root, root / "spool", root / "spool" / "last", root / "journaled"))
+    while time.time() <= before + unsynced.CTIME_SLACK:  # ctime's clock is coarser: let it pass
         time.sleep(0.01)
-    began = time.time()
-    while not (root / "late").exists() or (root / "late").stat().st_ctime < began:
-        (root / "late").write_bytes(b"written after the final sync began")
+    return root, time.time()
+
+
+def write_after(path, began: float) -> None:
+    """Write ``path`` until its ctime is at or after ``began`` (ctime's clock is coarser)."""
+    while not path.exists() or path.stat().st_ctime < began:
+        path.write_bytes(b"written after the final sync began")
         time.sleep(0.005)
+
+
+def test_after_a_hand_over_only_what_changed_once_its_final_sync_began_is_kept(tmp_path):
+    """A hand-over's final sync gave the new leader the whole tree as it stood once the
+    services had stopped: what the journals list and what the killed daemon may have missed
+    is on it, and is not copied aside again; a file changed after the sync began is."""
+    from hawrap.mirrorctl import resolve_trees
+
+    cfg = config.load(mirrored_config(tmp_path))
+    root, began = handed_over_tree(tmp_path)
+    write_after(root / "late", began)
     trees = resolve_trees(cfg, "alpha")
     [kept] = setaside.keep_unsynced(trees, None, None, "handed", had_by_none=True, synced_whole=began)
     assert sorted(os.listdir(kept.dest)) == ["late"], kept.describe()
@@ -341,18 +353,7 @@ def test_two_node_resume_after_a_standby_hand_over_lists_only_what_changed_after
     ``--keep-local-changes`` copies only that aside."""
     path = mirrored_config(tmp_path)
     lock = standby_lock(tmp_path)
-    root = tmp_path / "data" / "alpha"
-    (root / "spool").mkdir()
-    (root / "spool" / "last").write_bytes(b"written as the daemon was killed")
-    (root / "journaled").write_bytes(b"journaled, never confirmed by the killed daemon")
-    j = journal_of(tmp_path)
-    j.append([(ENTRY, b"journaled", 0)])
-    j.close()
-    daemon_status(tmp_path, "running")
-    before = max(p.stat().st_ctime for p in (root, root / "spool", root / "spool" / "last", root / "journaled"))
-    while time.time() <= before + unsynced.CTIME_SLACK:  # ctime's clock is coarser: let it pass
-        time.sleep(0.01)
-    began = time.time()
+    root, began = handed_over_tree(tmp_path)
     state = tmp_path / "alpha" / "node-state.json"
     state.write_text(json.dumps({"role": "standby", "peer_outdated": False, "synced_whole": began}))
     assert not unsynced.find(config.load(path), "alpha")
@@ -360,9 +361,7 @@ def test_two_node_resume_after_a_standby_hand_over_lists_only_what_changed_after
     state.write_text(json.dumps({"role": "standby", "peer_outdated": False}))
     assert unsynced.find(config.load(path), "alpha").journaled == {"data": ["journaled"]}
     state.write_text(json.dumps({"role": "standby", "peer_outdated": False, "synced_whole": began}))
-    while not (root / "late").exists() or (root / "late").stat().st_ctime < began:
-        (root / "late").write_bytes(b"written after the final sync began")
-        time.sleep(0.005)
+    write_after(root / "late", began)
     r = resume(path)
     assert r.returncode == 1 and "changed after the hand-over's final sync toward beta began" in r.stdout, r.stdout
     listed = [line.strip() for line in r.stdout.splitlines() if line.startswith("    ")]

@@ -102,6 +102,19 @@ def test_planned_failover_loses_no_data(mcluster):
     assert snapshot(tree(lab, "b")) == snapshot(tree(lab, "a"))
 
 
+def freeze_and_write(c: Cluster, node: str, pid_file: str, n: int) -> dict[str, str]:
+    """a's tree mirrored to b; then one mirror process of ``node`` frozen (SIGSTOP) and ``n``
+    files written on a that b lacks, until b counts its copy outdated.  Returns a's copy."""
+    a = tree(c.lab, "a")
+    write_files(a, "before", 10)
+    assert converged(c.lab), c.h.logs()
+    with open(os.path.join(c.lab.workdir, "state", node, pid_file)) as f:
+        os.kill(int(f.read()), signal.SIGSTOP)
+    write_files(a, "unsent", n)
+    assert wait_for(lambda: not c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+    return snapshot(a)
+
+
 def test_standby_on_the_primary_hands_over_what_its_daemon_had_not_sent(mcluster):
     """``hawrap standby`` on a primary whose mirror daemon is behind (frozen: SIGSTOP) while
     30 files were written that b lacks, so that b counts its copy outdated.  Standing by at
@@ -111,13 +124,7 @@ def test_standby_on_the_primary_hands_over_what_its_daemon_had_not_sent(mcluster
     a stands by; its ``resume`` lists nothing and it receives b's writes."""
     c, lab = mcluster, mcluster.lab
     a, b = tree(lab, "a"), tree(lab, "b")
-    write_files(a, "before", 20)
-    assert converged(lab), c.h.logs()
-    with open(os.path.join(lab.workdir, "state", "a", "mirror-daemon-data.pid")) as f:
-        os.kill(int(f.read()), signal.SIGSTOP)
-    write_files(a, "unsent", 30)
-    served = snapshot(a)
-    assert wait_for(lambda: not c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+    served = freeze_and_write(c, "a", "mirror-daemon-data.pid", 30)
     assert snapshot(b) != served  # b lacks them (the daemon is killed as stuck only later)
     first_served: dict = {}
 
@@ -153,14 +160,8 @@ def test_standby_whose_final_sync_meets_a_frozen_receiver_leaves_no_one_serving_
     from hawrap.mirrorctl import FINAL_SYNC_SILENCE
 
     c, lab = mcluster, mcluster.lab
-    a, b = tree(lab, "a"), tree(lab, "b")
-    write_files(a, "before", 10)
-    assert converged(lab), c.h.logs()
-    with open(os.path.join(lab.workdir, "state", "b", "mirror-serve.pid")) as f:
-        os.kill(int(f.read()), signal.SIGSTOP)
-    write_files(a, "unsent", 10)
-    served = snapshot(a)
-    assert wait_for(lambda: not c.h.status("b")["data"]["uptodate"], 20), c.h.logs()
+    b = tree(lab, "b")
+    served = freeze_and_write(c, "b", "mirror-serve.pid", 10)
     held: list = []
     with PollingThread(lambda: held.append(lab.vip_on("b")), interval=0.05) as sampler:
         t0 = time.monotonic()
