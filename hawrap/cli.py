@@ -393,6 +393,7 @@ def cmd_status(cfg, node, args) -> int:
         print(
             f"  data: {copy}"
             + (f"; {peer['name']}'s copy lacks this node's changes" if data["peer_outdated"] else "")
+            + (f"; {peer['name']} says it holds changes this copy lacks" if peer["alive"] and peer.get("ahead") else "")
         )
         if data.get("replica"):
             print(

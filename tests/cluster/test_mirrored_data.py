@@ -204,6 +204,8 @@ def test_a_node_that_starts_while_its_peer_stands_by_with_newer_data_does_not_se
         c.h.start("b")
         assert c.notified("the peer is in standby, and this node's copy may lack", 20), c.h.logs()
         assert c.h.status("b")["data"]["uptodate"] is False and c.h.role("b") != "primary"
+        shown = c.h.cli("b", "status").stdout
+        assert "NOT known up to date" in shown and "a says it holds changes this copy lacks" in shown, shown
     assert sampler.polls > 10 and not any(held), "b took the VIP with its old copy"
     assert snapshot(b) != served
     r = c.h.cli("a", "resume", "--keep-local-changes")
