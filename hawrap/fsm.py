@@ -47,8 +47,8 @@ The safety rules, each one asserted by the property tests:
 * Every takeover starts with the address check and is all or nothing.
 * If both ever serve while hearing each other, the lower rank (standby lock or unfit first,
   then knowing its data up to date, then a whole copy rather than a new disk not yet
-  mirrored onto, then epoch, then who owns the epoch, then the home node, then the name)
-  stops at once.
+  mirrored onto, then holding changes the other lacks, then epoch, then who owns the
+  epoch, then the home node, then the name) stops at once.
 """
 
 from __future__ import annotations
@@ -252,21 +252,23 @@ class StopReceiver(Action):
 # ---------------------------------------------------------------- ranking
 
 
-def rank(standby: bool, uptodate: bool, whole: bool, epoch: int, owns_epoch: bool, home: bool, name: str) -> tuple:
+def rank(standby: bool, uptodate: bool, whole: bool, ahead: bool, epoch: int, owns_epoch: bool, home: bool,
+         name: str) -> tuple:  # fmt: skip
     """Total order deciding who serves when both could: both nodes compute the same answer.
     ``whole``: no new disk waits to be mirrored onto (a blank disk's epoch says nothing of
-    what it holds)."""
-    return (not standby, uptodate, whole, epoch, owns_epoch, home, name)
+    what it holds).  ``ahead``: it holds changes the other lacks (when only one does, the
+    other's copy holds nothing it lacks, whatever their epochs)."""
+    return (not standby, uptodate, whole, ahead, epoch, owns_epoch, home, name)
 
 
 def my_rank(s: State, f: Facts, p: Policy) -> tuple:
-    return rank(f.standby_lock or bool(f.unfit), s.uptodate or not p.data_guard, not f.copy_incomplete, s.epoch,
-                s.owns_epoch, s.is_home, s.node)  # fmt: skip
+    return rank(f.standby_lock or bool(f.unfit), s.uptodate or not p.data_guard, not f.copy_incomplete,
+                s.peer_outdated and p.data_guard, s.epoch, s.owns_epoch, s.is_home, s.node)  # fmt: skip
 
 
 def peer_rank(peer: PeerView, p: Policy) -> tuple:
-    return rank(peer.standby, peer.uptodate or not p.data_guard, not peer.copy_incomplete, peer.epoch,
-                peer.owns_epoch, peer.home, peer.name)  # fmt: skip
+    return rank(peer.standby, peer.uptodate or not p.data_guard, not peer.copy_incomplete, peer.ahead and p.data_guard,
+                peer.epoch, peer.owns_epoch, peer.home, peer.name)  # fmt: skip
 
 
 # ---------------------------------------------------------------- transitions
@@ -610,8 +612,10 @@ def _releasing(s: State, f: Facts, p: Policy):
     peer = f.peer
     if peer is not None and (peer.role == PRIMARY or peer.serving) and peer.epoch > s.epoch:
         return _become_secondary(s, peer, "switchover complete: peer is primary")
-    if f.lan_ok is not True:
-        return s, []  # serving again takes a healthy LAN (an unhealthy one that holds: standby)
+    if f.lan_ok is not True or f.copy_incomplete:
+        # serving again takes a healthy LAN (an unhealthy one that holds: standby), and the
+        # tree's own disk (one adopted meanwhile holds nothing yet)
+        return s, []
     if peer is None:
         if not f.lan_confirmed:
             return s, []
@@ -831,7 +835,7 @@ def _step_back(s: State, reason: str):
         reason=reason,
         retry_at=0.0,
     )
-    state, direct = _direct(state, "receive")
+    state, direct = _direct(state, _receiving(state))
     return state, [StopResources(), *direct, Notify("stepped-back", reason)]
 
 
@@ -875,5 +879,14 @@ def _become_secondary(s: State, peer: PeerView | None, reason: str, resumed: boo
         peer_ready_since=None,
         reason=reason,
     )
-    state, direct = _direct(state, "receive")
+    state, direct = _direct(state, "receive" if resumed else _receiving(state))
     return state, actions + direct + [Notify("secondary", reason)]
+
+
+def _receiving(s: State) -> str | None:
+    """The mirror direction of a secondary that has not yet heard a primary: a node that
+    still claims data of its own (it served in its own epoch, or while the peer did not get
+    its changes) starts no receiver, or whoever serves next would mirror over that data
+    before the check that the peer has it (``_diverged``, on hearing it serve); the
+    receiver starts once that check has passed (``_secondary``)."""
+    return None if s.owns_epoch or s.peer_outdated else "receive"
