@@ -76,22 +76,29 @@ class ModuleConfig(NamedTuple):
 class ReplicaAdmission:
     """The way into one module's replica for a connection's sessions (a receiver's or a
     local sync's): ``admit`` each session, then ``open_tree``; a crashed writer's leftover
-    temporary files are removed by the first session that writes."""
+    temporary files are removed by the first session that writes.  Made when the connection
+    begins: its sessions must find the replica's directory it found then (or, if there was
+    none, the one its first session wrote to)."""
 
     def __init__(self, module, peer: str):
         self.module = module
         self.peer = peer
+        self.began_on = directory_identity(module.path)
         self.state_dir = module.resolved_state_dir
         self.guard = ReplicaGuard(fs_path(module.path), self.state_dir, mounted=module.require_mount)
         self._cleaned = False
         self._reserved: dict[bytes, bytes | None] = {}
 
-    def admit(
-        self, epoch: int, tree_id, *, deleting: bool, allow: bool, dry_run: bool, take_writer=None
-    ) -> int:
+    def admit(self, epoch: int, tree_id, *, deleting: bool, allow: bool, dry_run: bool, take_writer=None) -> int:
         """Refuse a stale epoch, a locked or read-only module, a deleting sender from another
         tree; ``take_writer()`` (the one-writer lock) runs before anything is recorded.
         The replica's epoch, a newer sender's recorded."""
+        if self.began_on is not None and directory_identity(self.module.path) != self.began_on:
+            # What the connection's start said of the replica (what it has applied) would
+            # be taken as true of another disk: a sender going on from it leaves the rest out.
+            raise MirrorError(f"the replica {display_path(self.module.path)} is no longer the directory this "
+                              "connection began with (another file system mounted in its place, or replaced): "
+                              "nothing was written; connect again")  # fmt: skip
         if self.module.require_mount and not is_mount_point(self.module.path):
             raise SourceGuardError(f"refused: the replica {display_path(self.module.path)} is not a mount point "
                                    "(require_mount): is its filesystem not mounted? Nothing was written")  # fmt: skip
@@ -132,7 +139,10 @@ class ReplicaAdmission:
         """A session's writer on ``tree``, for a sender at ``epoch``, under the module's
         privileges, lock file and epoch; the entries ``excluder`` excludes are spared by
         deletions."""
-        lock = SessionFence(self.module.lock_file, self.state_dir, epoch, self.peer, replica=fs_path(self.module.path))
+        began_on = directory_identity(self.module.path)
+        self.began_on = self.began_on or began_on
+        lock = SessionFence(self.module.lock_file, self.state_dir, epoch, self.peer, fs_path(self.module.path),
+                            began_on)  # fmt: skip
         keep = excluder.excluded if excluder is not None else None
         return ReplicaWriter(tree, privileges=self.module.privileges, lock=lock, keep=keep, **options)
 
@@ -160,17 +170,17 @@ class SessionFence(LockWatch):
     land on that disk (a blank one given an epoch, or the record of a session it holds
     nothing of).  The session stops instead, before any state file is read or written."""
 
-    def __init__(self, lock_file: bytes | None, state_dir: bytes, epoch: int, peer: str, replica: bytes | None = None):
+    def __init__(self, lock_file: bytes | None, state_dir: bytes, epoch: int, peer: str, replica: bytes, began_on):
         super().__init__(lock_file, "appeared on the receiver")
         self.state_dir = state_dir
         self.epoch = epoch
         self.peer = peer
         self.replica = replica
-        self._began_on = directory_identity(replica) if replica is not None else None
+        self._began_on = began_on  # the replica's directory (``directory_identity``) when admitted
 
     def check_replica(self) -> None:
         """Raise if ``replica`` is no longer the directory the session began on."""
-        if self.replica is not None and directory_identity(self.replica) != self._began_on:
+        if directory_identity(self.replica) != self._began_on:
             raise MirrorError(f"stopped: the replica {display_path(self.replica)} is no longer the directory this "
                               "session wrote to (another file system mounted in its place?): nothing more is written "
                               "or recorded there; connect again")  # fmt: skip

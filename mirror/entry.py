@@ -122,3 +122,12 @@ def entry_from_stat(name: bytes, st: os.stat_result, target: bytes) -> Entry:
         name, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
         st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, rdev, target, None,
     )  # fmt: skip
+
+
+def stat_attrs(st: os.stat_result) -> list:
+    """An entry's attributes as a session carries them: ``[mode, uid, gid, mtime_ns]``."""
+    return [stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns]
+
+
+def entry_attrs(entry: Entry) -> list:
+    return [entry.mode, entry.uid, entry.gid, entry.mtime_ns]

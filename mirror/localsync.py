@@ -19,7 +19,7 @@ import os
 from . import fastpath
 from .apply import LockWatch, ReplicaAdmission, ReplicaWriter
 from .compare import CompareOptions, align
-from .entry import Entry
+from .entry import Entry, entry_attrs, stat_attrs
 from .errors import Cancelled, LockedError, MirrorError, failure_reason
 from .exclude import make_excluder
 from .guard import DeletionPolicy, SourceGuard
@@ -27,7 +27,7 @@ from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE
 from .ratelimit import RateLimiter
 from .records import SyncResult
 from .renames import apply as apply_renames
-from .sourcesession import SourceSession, entry_attrs, stat_attrs
+from .sourcesession import SourceSession
 from .statedir import resolve_state_dir
 from .treescan import replica_scan
 

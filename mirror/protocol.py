@@ -273,8 +273,6 @@ def verify(expected: bytes, got, who: str) -> None:
 
 MAX_PATH = 65536
 MAX_REQUESTS = 4096  # paths per 'want', requests per 'sig'
-MAX_EXCLUDES = MAX_PATTERNS
-MAX_PATTERN = MAX_PATTERN_BYTES
 _INT64 = 2**63 - 1
 
 
@@ -396,7 +394,7 @@ _START_OPTIONS = {
     "flags": (0, _int("flags", 0, 15)),
     **{name: (False, _flag(name)) for name in ("dry_run", "delete", "owner", "no_fsync")},
     "keepalive": (None, _int("keepalive", 0.05, 3600, (int, float))),
-    "excludes": ([], _list("excludes", _bytes("exclude pattern", MAX_PATTERN), MAX_EXCLUDES)),
+    "excludes": ([], _list("excludes", _bytes("exclude pattern", MAX_PATTERN_BYTES), MAX_PATTERNS)),
     "seq": (0, _int("seq")),
     "base": (None, _int("base")),
     "journal": ("", _text("journal", MAX_TOKEN)),
@@ -407,7 +405,7 @@ _summary_item = _tuple("summary item", _path, _bytes("fingerprint", 16), _int("s
 _problem = _tuple("scan problem", _path, _int("errno", 0, 4095), _text("scan problem"))
 
 # Every frame a receiver may answer within a session (but ``error``, which ends it).
-_REPLY_FRAMES = {
+REPLY_FRAMES = {
     SUMMARY: (_list("summary", _summary_item),),
     SUMMARY_END: (_map("summary end", problems=([], _list("problems", _problem))),),
     LISTING: (_path, _bytes("names"), _bytes("records"), _bytes("digests"), _flag("complete"), _flag("last")),
@@ -444,11 +442,6 @@ def checked_greeting(message: list | None, kind: str) -> dict:
         got = "the end of the connection" if message is None else repr(message[0])
         raise ProtocolError(f"expected {kind!r}, got {got}")
     return checked(message, _GREETINGS)[0]
-
-
-def checked_reply(message: list) -> list:
-    """A receiver's frame's fields (after its kind), each checked (see ``_REPLY_FRAMES``)."""
-    return checked(message, _REPLY_FRAMES)
 
 
 def checked_start(message: list, **more) -> dict:

@@ -28,9 +28,9 @@ import threading
 from . import fastpath
 from . import protocol as P
 from .applied import Applied, read_applied, record_applied
-from .apply import ModuleConfig, ReplicaAdmission, directory_identity
+from .apply import ModuleConfig, ReplicaAdmission
 from .constants import COPY, LITERAL
-from .entry import Kind
+from .entry import Kind, stat_attrs
 from .epoch import read_epoch
 from .errors import (
     MirrorError,
@@ -101,7 +101,7 @@ class Receiver:
         self.peer = peer
         self.can_chown = False  # set by the handshake, like the module
         self.module: ModuleConfig | None = None
-        self.sessions = 0
+        self.sessions = 0  # served on this connection (the server's log says how many)
         self.subpath = b""  # set by the handshake
         # The one-writer lock, taken at the first session that writes (or already held by
         # an embedding caller that scanned the replica before connecting: see transfer.py).
@@ -111,7 +111,6 @@ class Receiver:
         # sessions (a live daemon's connection idles), none at all for in-process transports.
         self._set_timeout, self._session_timeout = timeouts if timeouts else (lambda seconds: None, None)
         self.replica: ReplicaAdmission | None = None  # set by the handshake
-        self._root: tuple[int, int] | None = None  # the tree's directory at the handshake
         self._idle_limit: float | None = None  # between sessions, for a sender that says it is there
 
     # -- connection ------------------------------------------------------------------------
@@ -160,9 +159,8 @@ class Receiver:
             self.t.close()
 
     def _handshake(self) -> None:
-        if hasattr(self.t, "max_frame"):
-            self.t.max_frame = P.PREAUTH_MAX_FRAME
-        info = self._expect(P.HELLO)
+        self.t.max_frame = P.PREAUTH_MAX_FRAME
+        info = P.checked_greeting(self.t.recv(), P.HELLO)
         if info.get("proto") != P.PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {info.get('proto')!r} is not supported (this receiver speaks "
                                 f"version {P.PROTOCOL_VERSION})")  # fmt: skip
@@ -180,28 +178,22 @@ class Receiver:
         server_nonce = os.urandom(P.NONCE_SIZE)
         secret = self.module.secret
         self.t.send([P.CHALLENGE, {"proto": P.PROTOCOL_VERSION, "nonce": server_nonce, "auth": secret is not None}])
-        auth = self._expect(P.AUTH)
+        auth = P.checked_greeting(self.t.recv(), P.AUTH)
         proof = b""
         if secret is not None:
             P.verify(P.client_proof(secret, server_nonce, client_nonce, name), auth["proof"], self.peer)
             proof = P.server_proof(secret, server_nonce, client_nonce, name)
         if self._admit is not None:
             self._admit()
-        if hasattr(self.t, "max_frame"):
-            self.t.max_frame = P.MAX_FRAME
+        self.t.max_frame = P.MAX_FRAME
         state_dir = self.module.resolved_state_dir
         # What this replica has applied, for the whole module only (a subpath is part of it):
-        # true of the directory the tree is now, which each session checks is still there.
-        self._root = directory_identity(self.module.path)
+        # true of the directory the tree is now, which each session's admission checks is still there.
         applied = read_applied(state_dir) if not self.subpath else None
         self.t.send([P.WELCOME, {
             "proof": proof, "epoch": read_epoch(state_dir), "applied": applied.as_wire() if applied else None,
             "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE, "idle": True,
         }])  # fmt: skip
-
-    def _expect(self, kind: str) -> dict:
-        """The next message, which must be a ``kind`` frame: its map, checked."""
-        return P.checked_greeting(self.t.recv(), kind)
 
     def _take_writer(self, epoch: int) -> None:
         if self._writer is None:
@@ -219,11 +211,6 @@ class Receiver:
         opts = P.checked_start(start, scope=(None, Scope.from_wire), renames=([], parse_renames))
         dry_run = opts["dry_run"]
         tree_id, policy = session_guard(opts)
-        if directory_identity(self.module.path) != self._root:
-            # A sender that goes on from what the welcome said would leave the rest out.
-            raise MirrorError(f"the replica {display_path(self.module.path)} is no longer the directory this "
-                              "connection began with (another file system mounted in its place, or replaced): "
-                              "nothing was written; connect again")  # fmt: skip
         mine = self.replica.admit(opts["epoch"], tree_id, deleting=opts["delete"], allow=policy.allow_mass_delete,
                                    dry_run=dry_run, take_writer=lambda: self._take_writer(opts["epoch"]))  # fmt: skip
         root = fs_path(self.module.path)
@@ -250,8 +237,6 @@ class Receiver:
         return os.path.join(root, self.subpath)
 
 
-
-
 class ReceiverSession:
     """One session (``start`` ... ``end``) on a connection (see the module docstring)."""
 
@@ -264,6 +249,7 @@ class ReceiverSession:
         self.opts = opts
         self.epoch = epoch
         self.flags = opts["flags"]
+        self.scan, self.delta = fastpath.choose("scan"), fastpath.choose("delta")
         self.excluder = make_excluder(opts["excludes"])
         self.scope = opts["scope"]
         for path in (self.scope.entries | self.scope.trees) if self.scope is not None else ():
@@ -271,15 +257,9 @@ class ReceiverSession:
                 tree.parts(path)
         self.state_dir = receiver.module.resolved_state_dir
         writer = self.writer = receiver.replica.writer(
-            tree,
-            self.excluder,
-            opts["epoch"],
-            owner=opts["owner"] and receiver.can_chown,
-            sync_writes=not opts["no_fsync"],
-            dry_run=opts["dry_run"],
-            policy=policy,
-            failed=lambda req, path, reason: self.t.send([P.FAILED, req, path, reason]),
-        )
+            tree, self.excluder, opts["epoch"], owner=opts["owner"] and receiver.can_chown,
+            sync_writes=not opts["no_fsync"], dry_run=opts["dry_run"], policy=policy,
+            failed=lambda req, path, reason: self.t.send([P.FAILED, req, path, reason]))  # fmt: skip
         self.listings: dict[bytes, object] = {}
         self.reports_applied = not receiver.subpath  # the record is the whole module's
         self._scan_problems = False
@@ -304,16 +284,14 @@ class ReceiverSession:
         # replica's old entry holds what the new name must (mirror.renames).
         if not self.opts["dry_run"]:
             apply_renames(self.tree, self.opts["renames"])
-        scan = fastpath.choose("scan")
-        tree_scan = TreeScan(self.tree.root, excluder=self.excluder, checksum=bool(self.flags & scan.CMP_CHECKSUM),
+        tree_scan = TreeScan(self.tree.root, excluder=self.excluder, checksum=bool(self.flags & self.scan.CMP_CHECKSUM),
                              state_dir=self.state_dir, use_cache=True, scope=self.scope,
                              background=self.scope is None)  # fmt: skip
         # A whole tree is summarised by a thread while requests are served; a scoped (live)
         # session's few listings are sent at once, before the first request can come, and
         # follow the summary unasked.
         summarizer = threading.Thread(target=self._send_summary, args=(tree_scan,), name="summary")
-        root_st = os.stat(self.tree.root_fd)
-        root_attrs = [root_st.st_mode & 0o7777, root_st.st_uid, root_st.st_gid, root_st.st_mtime_ns]
+        root_attrs = stat_attrs(os.stat(self.tree.root_fd))
         self.t.send([P.READY, {"epoch": self.epoch, "root": root_attrs}], flush=self.scope is None)
         try:
             if self.scope is None:
@@ -402,7 +380,6 @@ class ReceiverSession:
             _send_error(self.t, type(exc).__name__, 2, f"receiver scan failed: {exc}")
 
     def _send_listings(self, paths: list) -> None:
-        scan = fastpath.choose("scan")
         for path in paths:
             listing = self.listings.get(path)
             if listing is None:
@@ -410,17 +387,16 @@ class ReceiverSession:
             parts = [listing]
             if len(listing) > LISTING_PART:
                 entries = list(listing)
-                parts = [scan.Listing(path, entries[i : i + LISTING_PART]) for i in range(0, len(entries), LISTING_PART)]  # fmt: skip
+                parts = [self.scan.Listing(path, entries[i : i + LISTING_PART]) for i in range(0, len(entries), LISTING_PART)]  # fmt: skip
             for i, part in enumerate(parts, 1):
                 self.t.send([P.LISTING, path, *part.pack(), listing.complete, i == len(parts)], flush=False)
         self.t.flush()
 
     def _on_sig(self, requests: list) -> None:
-        delta = fastpath.choose("delta")
         for req, path in requests:
             try:
                 with self.tree.open_regular(path) as basis:
-                    sig = delta.signature(basis)
+                    sig = self.delta.signature(basis)
             except (OSError, UnsafePathError) as exc:
                 self.t.send([P.SIG_FAILED, req, failure_reason(exc)], flush=False)
                 continue
@@ -440,7 +416,7 @@ class ReceiverSession:
         its content and the sender's requests for listings may come meanwhile.  A patcher
         rebuilds it (against its basis for a delta) and hashes what it writes; the writer
         commits it only if that is what the sender's digest says."""
-        delta = fastpath.choose("delta")
+        delta = self.delta
         if mode == "whole":  # no basis: every byte comes as data
             block_size, basis_size = delta.MIN_BLOCK_SIZE, 0
         elif not block_size:

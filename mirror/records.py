@@ -38,28 +38,19 @@ class SenderOptions(NamedTuple):
 
 
 class TransferStats:
-    """What one session moved.  (A plain class: importing dataclasses costs start-up time.)"""
+    """What one session moved.  (A plain class: importing dataclasses costs start-up time.)
+    ``files_sent``: regular files whose content was sent (whole or delta); ``other_changes``:
+    directories, symlinks, nodes, links, attributes."""
 
     __slots__ = ("files_seen", "files_sent", "files_delta", "other_changes", "deleted", "literal_bytes",
                  "matched_bytes", "size_of_sent_files", "wire_sent", "wire_received", "seconds")  # fmt: skip
 
     def __init__(self):
-        self.files_seen = 0
-        self.files_sent = 0  # regular files whose content was sent (whole or delta)
-        self.files_delta = 0
-        self.other_changes = 0  # directories, symlinks, nodes, links, attributes
-        self.deleted = 0
-        self.literal_bytes = 0
-        self.matched_bytes = 0
-        self.size_of_sent_files = 0
-        self.wire_sent = 0
-        self.wire_received = 0
-        self.seconds = 0.0
+        for name in self.__slots__:
+            setattr(self, name, 0)
 
     def __repr__(self) -> str:
-        return (
-            "TransferStats(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
-        )
+        return "TransferStats(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"  # fmt: skip
 
     @property
     def speedup(self) -> float:

@@ -18,13 +18,13 @@ import queue
 import stat
 import threading
 import time
-from typing import NamedTuple
+from collections import namedtuple
 
 from . import constants as K
 from . import fastpath
 from . import protocol as P
 from .compare import CompareOptions, align
-from .entry import ScanProblem, canonical_key
+from .entry import ScanProblem, canonical_key, entry_attrs, stat_attrs
 from .errors import (
     AuthError,
     Cancelled,
@@ -41,7 +41,7 @@ from .errors import (
 from .guard import DeletionPolicy, SourceGuard
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op
 from .records import SenderOptions, SyncResult
-from .sourcesession import SourceSession, entry_attrs, stat_attrs
+from .sourcesession import SourceSession
 from .statedir import resolve_state_dir
 from .treescan import TreeScan
 
@@ -62,6 +62,7 @@ _ENTRY_FRAMES = {
     ATTRS: lambda op: [P.ATTRS, op.path, int(op.entry.kind), entry_attrs(op.entry)],
     DELETE: lambda op: [P.DELETE, op.path],
 }
+_SummaryItem = namedtuple("_SummaryItem", "path fingerprint flags")  # a directory of the receiver's summary
 __all__ = ["FileEncoder", "SendSession", "Sender", "SenderOptions"]
 
 
@@ -71,9 +72,8 @@ class _Reader(threading.Thread):
     def __init__(self, transport):
         super().__init__(name="sender-reader", daemon=True)
         self.t = transport
-        self.summary, self.listings, self.signatures, self.pongs, self.results = (
-            queue.Queue() for _ in range(5)
-        )
+        self.queues = [queue.Queue() for _ in range(5)]  # each woken by an error
+        self.summary, self.listings, self.signatures, self.pongs, self.results = self.queues
         self.failed: list = []
         self.error: BaseException | None = None
         self.ended = False  # the session's end is sent: its result may come
@@ -81,7 +81,7 @@ class _Reader(threading.Thread):
         self._sig_req = 0
         # request -> (path, the largest signature its basis can have)
         self.sig_requests: dict[int, tuple[bytes, int]] = {}
-        # Each reply's checked fields (protocol.checked_reply) to where they go.
+        # Each reply's checked fields (protocol.REPLY_FRAMES) to where they go.
         self._handlers = {
             P.SUMMARY: lambda items: [self.summary.put(item) for item in items],
             P.SUMMARY_END: self.summary.put,  # a map, where the items are lists
@@ -100,13 +100,13 @@ class _Reader(threading.Thread):
                 message = receive(self.t)
                 kind = message[0]
                 try:
-                    fields = P.checked_reply(message)  # an unknown kind too, before its handler
+                    fields = P.checked(message, P.REPLY_FRAMES)  # an unknown kind too, before its handler
                     self._handlers[kind](*fields)
                 except ProtocolError as exc:
                     raise ProtocolError(f"{self.t.peer}: {exc}") from None
         except BaseException as exc:
             self.error = exc
-            for q in (self.summary, self.listings, self.signatures, self.pongs, self.results):
+            for q in self.queues:
                 q.put(exc)
 
     def _result(self, result: dict) -> None:
@@ -171,9 +171,8 @@ def receive(transport, kind: str | None = None):
     """The receiver's next message (``alive``, sent while it works, skipped); its ``error``
     raised as the matching local exception.  With ``kind``, it must be a ``kind`` frame:
     its map, checked (``protocol.checked_greeting``)."""
-    message = transport.recv()
-    while message is not None and message[0] == P.ALIVE:
-        message = transport.recv()
+    while (message := transport.recv()) is not None and message[0] == P.ALIVE:
+        pass
     if message is None:
         raise ProtocolError("the receiver closed the connection")
     if message[0] == P.ERROR:
@@ -239,9 +238,7 @@ class Sender:
             self.t.send([P.IDLE])
             self._idle_sent = now
 
-    def run(
-        self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None
-    ) -> SyncResult:
+    def run(self, welcome: dict, epoch: int, scope=None, renames=(), journal: dict | None = None) -> SyncResult:
         """One session: make the receiver's tree (or the part in ``scope``) equal ours.
 
         ``scope`` (a ``treescan.Scope``) limits both scans, for the live daemon; ``renames``
@@ -275,14 +272,6 @@ class Sender:
             raise
         finally:
             reader.join(timeout=5)
-
-
-class _SummaryItem(NamedTuple):
-    """A directory of the receiver's summary."""
-
-    path: bytes
-    fingerprint: bytes
-    flags: int
 
 
 class SendSession(SourceSession):

@@ -15,7 +15,7 @@ import stat
 import time
 
 from .compare import CompareSummary, compare_pairs, root_entry
-from .entry import Entry, entry_from_stat
+from .entry import Entry, entry_attrs, entry_from_stat
 from .errors import UnsafePathError
 from .exclude import make_excluder
 from .lockfile import LockWatch
@@ -50,12 +50,8 @@ class SourceSession:
         self.scans: list = []
         self._fine_device: int | None = None  # safefs.fine_ctime_device, measured at the first read
         self._measured = False
-        self.planner = Planner(
-            delete=options.delete,
-            dry_run=options.dry_run,
-            delta_threshold=delta_threshold,
-            dir_entry=lambda path: self.entry_at(path, stat.S_ISDIR),
-        )
+        self.planner = Planner(delete=options.delete, dry_run=options.dry_run, delta_threshold=delta_threshold,
+                               dir_entry=lambda path: self.entry_at(path, stat.S_ISDIR))  # fmt: skip
 
     def open(self, scope, renames):
         """``(tree id, renames planned, scope)``; the source tree opened and its scan started.
@@ -212,11 +208,3 @@ class SourceSession:
 
 def _identity(st: os.stat_result) -> tuple:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def stat_attrs(st: os.stat_result) -> list:
-    return [stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns]
-
-
-def entry_attrs(entry: Entry) -> list:
-    return [entry.mode, entry.uid, entry.gid, entry.mtime_ns]

@@ -93,29 +93,12 @@ class Connection:
     per batch of changes (``session(scope, renames)``).
     """
 
-    def __init__(
-        self,
-        src,
-        dst,
-        *,
-        excludes=(),
-        secret: bytes | None = None,
-        secret_file: str | None = None,
-        lock_file=None,
-        dst_lock_file=None,
-        state_dir=None,
-        bwlimit: int | None = None,
-        rsh: str = "ssh -T",
-        remote_command: str = "mirror",
-        remote_options=(),
-        delta_threshold: int | None = None,
-        epoch: int | None = None,
-        on_change=None,
-        on_progress=None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        contimeout: float | None = DEFAULT_CONTIMEOUT,
-        **options,
-    ):
+    def __init__(self, src, dst, *, excludes=(), secret: bytes | None = None, secret_file: str | None = None,
+                 lock_file=None, dst_lock_file=None, state_dir=None, bwlimit: int | None = None, rsh: str = "ssh -T",
+                 remote_command: str = "mirror", remote_options=(), delta_threshold: int | None = None,
+                 epoch: int | None = None, on_change=None, on_progress=None,
+                 timeout: float | None = DEFAULT_TIMEOUT, contimeout: float | None = DEFAULT_CONTIMEOUT,
+                 **options):  # fmt: skip
         """``options``: the fields of ``records.SenderOptions`` passed as they are (``delete``,
         ``checksum``, ``dry_run``, ``fsync``, ``cancel``, ``keep_changes``, ``max_delete``,
         ``allow_mass_delete``); the others are checked or converted here."""

@@ -358,24 +358,29 @@ def test_an_idle_daemon_whose_receiver_came_back_on_an_emptied_replica_fills_it(
             wait_until(lambda: _live_status(src), timeout=10)
 
 
-def test_a_replica_replaced_under_a_live_connection_is_filled_not_patched(trees, tmp_path):
+@pytest.mark.parametrize("destination", ["server", "local"])
+def test_a_replica_replaced_under_a_live_connection_is_filled_not_patched(trees, tmp_path, destination):
     """The replica's directory is replaced while the daemon's connection idles (another disk
-    mounted in its place under a running receiver): the next change must not be applied to
-    the new directory as if it held the rest, which would then pass for a whole replica with
-    a record of everything applied.  The receiver refuses it; the daemon connects again and
-    the new directory gets everything."""
+    mounted in its place under a running receiver, or under a daemon writing to a local
+    replica): the next change must not be applied to the new directory as if it held the
+    rest, which would then pass for a whole replica with a record of everything applied.
+    The session is refused; the daemon connects again and the new directory gets everything."""
     src, dst = trees
     dst.mkdir()
-    with mirror_server(tmp_path, {"m": str(dst)}) as server:
-        with live_daemon(src, server.url("m"), "--secret-file", server.secret_file) as d:
-            converged(src, dst)
-            wait_until(lambda: _live_status(src))
-            os.rename(dst, tmp_path / "old-disk")
-            dst.mkdir()
-            (src / "docs" / "late").write_text("one change")
-            converged(src, dst, timeout=30)
-            assert "is no longer the directory this connection began with" in d.log_text()
-            assert snapshot(tmp_path / "old-disk") != snapshot(dst)  # nothing went to the old one
+    with contextlib.ExitStack() as stack:
+        if destination == "server":
+            server = stack.enter_context(mirror_server(tmp_path, {"m": str(dst)}))
+            d = stack.enter_context(live_daemon(src, server.url("m"), "--secret-file", server.secret_file))
+        else:
+            d = stack.enter_context(live_daemon(src, dst))
+        converged(src, dst)
+        wait_until(lambda: _live_status(src))
+        os.rename(dst, tmp_path / "old-disk")
+        dst.mkdir()
+        (src / "docs" / "late").write_text("one change")
+        converged(src, dst, timeout=30)
+        assert "is no longer the directory this connection began with" in d.log_text()
+        assert snapshot(tmp_path / "old-disk") != snapshot(dst)  # nothing went to the old one
 
 
 def _state(src) -> str:
