@@ -99,9 +99,8 @@ class ReplicaAdmission:
             raise MirrorError(f"the replica {display_path(self.module.path)} is no longer the directory this "
                               "connection began with (another file system mounted in its place, or replaced): "
                               "nothing was written; connect again")  # fmt: skip
-        if self.module.require_mount and not is_mount_point(self.module.path):
-            raise SourceGuardError(f"refused: the replica {display_path(self.module.path)} is not a mount point "
-                                   "(require_mount): is its filesystem not mounted? Nothing was written")  # fmt: skip
+        if self.module.require_mount:
+            require_mounted(self.module.path)
         self.guard.same_disk(allow)
         check_root(self.module.path)  # its .mirror is never content: it must be hamirror's
         mine = fencing_epoch(self.state_dir)
@@ -193,6 +192,13 @@ class SessionFence(LockWatch):
             raise StaleEpochError(f"stopped: this replica's epoch rose to {now} during the session of {self.peer}, "
                                   f"whose tree epoch is {self.epoch} (a newer primary took over); what was not "
                                   "yet in place was dropped")  # fmt: skip
+
+
+def require_mounted(path: bytes) -> None:
+    """Refuse a replica that must be a mount point (``require_mount``) with nothing mounted."""
+    if not is_mount_point(path):
+        raise SourceGuardError(f"refused: the replica {display_path(path)} is not a mount point (require_mount): "
+                               "is its filesystem not mounted? Nothing was written")  # fmt: skip
 
 
 def directory_identity(path: bytes) -> tuple[int, int] | None:

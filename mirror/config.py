@@ -169,6 +169,15 @@ def read_serve_config(path: str) -> tuple[ServeConfig | None, Problems]:
     return ServeConfig(listen=listen, modules=modules, max_connections=max_conn, timeout=timeout), problems
 
 
+def _is_local_destination(text: str) -> bool:
+    from .transfer import parse_destination
+
+    try:
+        return parse_destination(text).kind == "local"
+    except MirrorError:
+        return True  # a bad destination is reported where it is used
+
+
 def load_daemon_config(path: str):
     """``mirror daemon --config FILE``: see examples/mirror-daemon.toml.  ConfigError lists
     every problem of the file."""
@@ -208,7 +217,7 @@ def read_daemon_config(path: str):
             continue
         t = _Table(table, problems, f"pair[{i}].",
                    {"name", "source", "destination", "secret_file", "lock_file", "state_dir", "exclude", "delete",
-                    "max_delete", "allow_mass_delete", "rsh", "remote_command"})  # fmt: skip
+                    "max_delete", "allow_mass_delete", "rsh", "remote_command", "dst_require_mount"})  # fmt: skip
         source = t.get("source", str, required=True)
         if source is not None and not os.path.isabs(source):
             problems.add(f"'pair[{i}].source' must be absolute, got {source!r}")
@@ -230,6 +239,10 @@ def read_daemon_config(path: str):
         secret_file = t.get("secret_file", str)
         delete, allow_mass_delete = t.get("delete", bool, True), t.get("allow_mass_delete", bool, False)
         rsh, remote_command = t.get("rsh", str, "ssh -T"), t.get("remote_command", str, "mirror")
+        dst_require_mount = t.get("dst_require_mount", bool, False)
+        if dst_require_mount and destination is not None and not _is_local_destination(destination):
+            problems.add(f"'pair[{i}].dst_require_mount' is for a local destination (a server's module says "
+                         "require_mount)")  # fmt: skip
         if source is None or destination is None:
             continue
         pairs.append(PairConfig(
@@ -237,7 +250,7 @@ def read_daemon_config(path: str):
             secret_file=secret_file, lock_file=os.fsencode(lock) if lock else None,
             state_dir=os.fsencode(state) if state else None, excludes=tuple(os.fsencode(x) for x in excludes),
             delete=delete, max_delete=max_delete, allow_mass_delete=allow_mass_delete, rsh=rsh,
-            remote_command=remote_command, **timeouts,
+            remote_command=remote_command, dst_require_mount=dst_require_mount, **timeouts,
         ))  # fmt: skip
     metrics = daemon.get("metrics", str)
     metrics_listen = _listen(metrics, problems, "daemon.metrics") if metrics else None

@@ -115,6 +115,7 @@ class PairConfig:
     contimeout: float | None = DEFAULT_CONTIMEOUT
     rsh: str = "ssh -T"  # HOST:PATH: the remote shell, and the mirror command it runs over there
     remote_command: str = "mirror"
+    dst_require_mount: bool = False  # a local destination that must be a mount point (else the pair halts)
 
     @property
     def tree_state_dir(self) -> bytes:
@@ -645,7 +646,8 @@ class LivePair:
             secret=read_secret_file(c.secret_file) if c.secret_file else None,
             lock_file=c.lock_file, state_dir=c.state_dir, cancel=self._cancel, keep_changes=False,
             max_delete=c.max_delete, allow_mass_delete=c.allow_mass_delete, timeout=c.timeout,
-            contimeout=c.contimeout, rsh=c.rsh, remote_command=c.remote_command, on_change=self._progress_entry,
+            contimeout=c.contimeout, rsh=c.rsh, remote_command=c.remote_command, dst_require_mount=c.dst_require_mount,
+            on_change=self._progress_entry,
             on_progress=self._progress_bytes,
         ).open()  # fmt: skip
         self._replica = _applied(self._connection.welcome.get("applied"))

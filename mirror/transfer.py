@@ -94,7 +94,7 @@ class Connection:
     """
 
     def __init__(self, src, dst, *, excludes=(), secret: bytes | None = None, secret_file: str | None = None,
-                 lock_file=None, dst_lock_file=None, state_dir=None, bwlimit: int | None = None, rsh: str = "ssh -T",
+                 lock_file=None, dst_lock_file=None, dst_require_mount: bool = False, state_dir=None, bwlimit: int | None = None, rsh: str = "ssh -T",
                  remote_command: str = "mirror", remote_options=(), delta_threshold: int | None = None,
                  epoch: int | None = None, on_change=None, on_progress=None,
                  timeout: float | None = DEFAULT_TIMEOUT, contimeout: float | None = DEFAULT_CONTIMEOUT,
@@ -132,6 +132,9 @@ class Connection:
         )  # fmt: skip
         self.epoch = epoch
         self._dst_lock_file = fs_path(dst_lock_file) if dst_lock_file else None
+        if dst_require_mount and self.dest.kind != "local":
+            raise UsageError("--dst-require-mount is for a local destination (a server's module says require_mount)")
+        self._dst_require_mount = dst_require_mount
         self._bwlimit = bwlimit
         self._connect_args = (bwlimit, rsh, remote_command, tuple(remote_options), timeout, contimeout or None)
         self._callbacks = {"on_change": on_change, "on_progress": on_progress}
@@ -150,11 +153,13 @@ class Connection:
         reserve_descriptors()  # before the first thread starts
         local = self.dest.kind == "local"
         if local:
+            from .apply import ModuleConfig, require_mounted
             from .atomicfile import make_dirs
-
-            make_dirs(os.path.abspath(self.dest.path))
             from .statedir import check_root
 
+            if self._dst_require_mount:
+                require_mounted(self.dest.path)  # before anything is made there, on the disk under it
+            make_dirs(os.path.abspath(self.dest.path))
             check_root(self.dest.path)  # before the writer lock, which would write into a user's .mirror
         # Each lock, scan, process and stream is let go of as soon as it is held, should
         # anything after it fail; once open, by close().
@@ -174,14 +179,13 @@ class Connection:
                 if local:
                     scans[1] = replica_scan(self.dest.path, self.options)
             if local:
-                from .apply import ModuleConfig
                 from .localsync import LocalSync
                 from .privileges import Privileges
 
                 # A local replica is no security boundary (the user could copy the files
                 # themselves): devices, special files, set-id bits and owners are all kept.
                 module = ModuleConfig(name="", path=self.dest.path, privileges=Privileges.everything(),
-                                      lock_file=self._dst_lock_file)  # fmt: skip
+                                      lock_file=self._dst_lock_file, require_mount=self._dst_require_mount)  # fmt: skip
                 self.local = LocalSync(self.src, module, self.options, scans=scans, bwlimit=self._bwlimit,
                                        **self._callbacks)  # fmt: skip
             else:

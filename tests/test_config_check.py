@@ -145,8 +145,10 @@ def test_mirror_daemon_check_lists_every_problem(tmp_path):
         f'[daemon]\nmetrics = "198.51.100.9:9100"\ncoalesce_ms = "fast"\njournal_retain = 0\n'
         f'reconcile_interval = -60\nopen_file_delay = -1\n'
         f'[[pair]]\nsource = "{src}"\ndestination = "{tmp_path}/no/parent/dst"\nlock_file = "{tmp_path}/x/lock"\n'
+        f'dst_require_mount = true\n'
         f'[[pair]]\nname = "b"\nsource = "{tmp_path}/absent"\ndestination = "mirror://127.0.0.1/m"\n'
         f'secret_file = "{secret}"\ndeletee = true\n'
+        f'[[pair]]\nname = "c"\nsource = "{src}"\ndestination = "mirror://127.0.0.1/c"\ndst_require_mount = true\n'
     )
     proc = run_mirror("daemon", "--config", config, "--max-delete", "3", "--check")
     assert proc.returncode == 2, proc
@@ -163,6 +165,9 @@ def test_mirror_daemon_check_lists_every_problem(tmp_path):
         f"{config}: 'pair[1].source': {tmp_path}/absent is not a directory",
         f"{config}: 'pair[1].secret_file': secret file {secret}: the secret on its first line is 5 bytes",
         f"{config}: 'daemon.metrics': 198.51.100.9 is not an address of this host",
+        f"{config}: 'pair[0].dst_require_mount': nothing is mounted at {tmp_path}/no/parent/dst",
+        f"{config}: 'pair[2].secret_file': a mirror:// destination needs a secret file",
+        f"{config}: 'pair[2].dst_require_mount' is for a local destination",
     ):
         assert expected in err, (expected, err)
     (tmp_path / "no" / "parent").mkdir(parents=True)

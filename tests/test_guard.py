@@ -525,6 +525,62 @@ def test_a_module_that_must_be_a_mount_point_refuses_every_session_while_nothing
         assert f"--require-mount: nothing is mounted at {replica}" in proc.stderr.decode(), proc.stderr
 
 
+@needs_root
+def test_a_local_replica_that_must_be_a_mount_point_is_refused_while_nothing_is_mounted(tmp_path):
+    """``--dst-require-mount``: a local replica's state dir is inside it, so an unmounted mount
+    point looks like a new, empty replica, and a sync would fill the disk under it (often the
+    root file system).  Refused with nothing written there, not even a ``.mirror``; mirrored
+    once its disk is mounted; a remote destination is told the option is not its own."""
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    _fill(src)
+    replica.mkdir()
+    for delete in (["--delete"], [], ["--dry-run"]):
+        proc = run_mirror("sync", *delete, "--dst-require-mount", src, replica, check_codes=(EXIT_GUARD,))
+        assert "is not a mount point (require_mount)" in proc.stderr.decode(), proc.stderr
+        assert os.listdir(replica) == []
+    with mounted(replica):
+        assert run_mirror("sync", "--delete", "--dst-require-mount", src, replica).returncode == 0
+        assert_mirrors(src, replica)
+    run_mirror("sync", "--delete", "--dst-require-mount", src, replica, check_codes=(EXIT_GUARD,))
+    assert os.listdir(replica) == []
+    proc = run_mirror("sync", "--dst-require-mount", src, "mirror://127.0.0.1:1/m", check_codes=(2,))
+    assert "--dst-require-mount is for a local destination" in proc.stderr.decode(), proc.stderr
+    proc = run_mirror("daemon", "--check", "--dst-require-mount", src, replica, check_codes=(2,))
+    assert f"--dst-require-mount: nothing is mounted at {replica}" in proc.stderr.decode(), proc.stderr
+
+
+@needs_root
+def test_the_live_daemon_halts_on_a_local_replica_whose_disk_went_away_until_it_is_back(tmp_path):
+    """A live daemon toward a local replica that must be a mount point: its disk unmounted
+    under it (a failing USB disk, an administrator's umount), the next change halts the pair
+    (journaled) and nothing is ever written under the mount point (sampled throughout); the
+    disk mounted again gets the change.  (A blank disk in its place is refused until the
+    daemon starts again, as a server's module is: the test above with a server.)"""
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    _fill(src)
+    image = _ext4(tmp_path)
+    seen: list[list[str]] = []  # what the mount point held whenever nothing was mounted
+
+    def look():
+        if not os.path.ismount(replica):
+            seen.append(os.listdir(replica))
+
+    with ExitStack() as stack:
+        stack.enter_context(loop_mounted(image, replica))
+        d = stack.enter_context(live_daemon(src, replica, "--dst-require-mount"))
+        converged(src, replica)
+        with PollingThread(look, interval=0.01) as sampler:
+            umount(replica, lazy=True)  # its writer lock is open there: detached, as a vanished disk is
+            (src / "d0" / "new").write_text("written while the replica is away")
+            status = wait_until(lambda: _status(src).get("state") == "halted" and _status(src), timeout=60)
+            assert "is not a mount point (require_mount)" in status["last_error"], status
+        assert sampler.polls > 10 and seen and all(entries == [] for entries in seen), seen[:5]
+        subprocess.run(["mount", "-o", "loop", str(image), str(replica)], check=True)
+        converged(src, replica, timeout=60)  # at the halt's next try, 5 s on
+        wait_until(lambda: _status(src).get("state") == "live", timeout=60)
+    assert "halted" in d.log_text()
+
+
 @contextmanager
 def _bound(disk, where):
     """``disk`` (a directory) bind-mounted at ``where``; unmounted at the end if still there."""

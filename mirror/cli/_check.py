@@ -149,7 +149,10 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
                 _parent(
                     key("destination") if where else "DST", destination.path.rstrip(b"/") or b"/", problems
                 )
-            elif destination.kind == "daemon" and not pair.secret_file:
+                if pair.dst_require_mount and not is_mount_point(destination.path):
+                    mount_point = display_path(destination.path)
+                    problems.append(f"{key('dst_require_mount')}: nothing is mounted at {mount_point}")
+            elif destination.kind == "server" and not pair.secret_file:
                 problems.append(f"{key('secret_file')}: a mirror:// destination needs a secret file")
         _parent(key("lock_file"), pair.lock_file, problems)
         _directory(key("state_dir"), pair.state_dir, "the state dir", problems)

@@ -55,6 +55,9 @@ def add_arguments(parser):
                              "or a lock: repairs what no event told (default 0: never)")  # fmt: skip
     parser.add_argument("--rsh", default="ssh -T", help="remote shell for HOST:PATH (default 'ssh -T')")
     parser.add_argument("--remote-command", default="mirror", help="the mirror command on the remote host")
+    parser.add_argument("--dst-require-mount", action="store_true",
+                        help="local DST only: DST must be a mount point; with nothing mounted there the pair halts "
+                             "(changes journaled) and tries again until its disk is mounted")  # fmt: skip
     parser.add_argument("--no-delete", action="store_true", help="do not delete on the replica what SRC deleted")
     add_timeout_arguments(parser)
     parser.add_argument("--max-delete", type=count_arg, metavar="N",
@@ -92,6 +95,7 @@ def _config_from_args(args):
         state_dir=state_dir, excludes=tuple(p.text for p in excluder.patterns) if excluder else (),
         delete=not args.no_delete, max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete,
         timeout=args.timeout, contimeout=args.contimeout, rsh=args.rsh, remote_command=args.remote_command,
+        dst_require_mount=args.dst_require_mount,
     )  # fmt: skip
     return DaemonConfig(
         pairs=(pair,), status_dir=path_arg(args.status_dir) if args.status_dir else resolve_state_dir(src, state_dir),

@@ -9,6 +9,7 @@ Exit status: 0 done, 1 partial (some files failed; each is named on stderr), 2 e
 3 a mirroring lock is present, 4 the replica has a newer epoch (fenced), 5 auth failed,
 25 refused to destroy the replica: with --delete, a source that is not the tree the replica
 mirrors (unmounted?), a sync that would empty the replica or delete more than --max-delete,
+a replica that must be a mount point (--dst-require-mount) with nothing mounted there,
 30 the receiver stayed silent longer than --timeout, 35 no connection within --contimeout.
 """
 
@@ -60,6 +61,9 @@ def add_arguments(parser):
                         help="HOST:PATH: an option of the remote `mirror receive` (e.g. --remote-option=--keep-owners)")
     parser.add_argument("--lock-file", metavar="PATH", help="mirroring lock: refuse to send while PATH exists")
     parser.add_argument("--dst-lock-file", metavar="PATH", help="local DST only: the receiving side's lock file")
+    parser.add_argument("--dst-require-mount", action="store_true",
+                        help="local DST only: DST must be a mount point; with nothing mounted there (its disk did "
+                             "not come up) the sync writes nothing and exits 25")  # fmt: skip
     parser.add_argument("--state-dir", metavar="DIR", help="SRC's state dir (epoch, digest cache)")
     parser.add_argument("--no-fsync", action="store_true", help="skip fsync on the receiver (tests, scratch copies)")
     parser.add_argument("--journal-seq", type=count_arg, metavar="N",
@@ -99,7 +103,8 @@ def run(args) -> int:
         result = sync(
             path_arg(args.src), path_arg(args.dst), delete=args.delete, checksum=args.checksum,
             dry_run=args.dry_run, excludes=patterns, secret=secret, lock_file=args.lock_file,
-            dst_lock_file=args.dst_lock_file, state_dir=args.state_dir, bwlimit=args.bwlimit, rsh=args.rsh,
+            dst_lock_file=args.dst_lock_file, dst_require_mount=args.dst_require_mount, state_dir=args.state_dir,
+            bwlimit=args.bwlimit, rsh=args.rsh,
             remote_command=args.remote_command, remote_options=args.remote_option, fsync=not args.no_fsync, on_change=on_change if show or progress else None,
             on_progress=progress.advance if progress else None,
             keep_changes=args.json,  # only --json prints them at the end; -i prints each as it goes
@@ -195,7 +200,7 @@ def _check_destination_parent(args) -> None:
     from ..transfer import parse_destination
 
     destination = parse_destination(path_arg(args.dst))
-    if destination.kind != "local":
+    if destination.kind != "local" or args.dst_require_mount:  # a mount point's parent is there, or it is refused
         return
     parent = os.path.dirname(os.path.abspath(destination.path.rstrip(b"/") or b"/"))
     if os.path.isdir(parent):
