@@ -57,7 +57,7 @@ def add_arguments(parser):
     parser.add_argument("--remote-command", default="mirror", help="the mirror command on the remote host")
     parser.add_argument("--dst-require-mount", action="store_true",
                         help="local DST only: DST must be a mount point; with nothing mounted there the pair halts "
-                             "(changes journaled) and tries again until its disk is mounted")  # fmt: skip
+                             "(changes journaled) and tries again until its disk is mounted again")  # fmt: skip
     parser.add_argument("--no-delete", action="store_true", help="do not delete on the replica what SRC deleted")
     add_timeout_arguments(parser)
     parser.add_argument("--max-delete", type=count_arg, metavar="N",
