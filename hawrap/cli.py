@@ -186,10 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--accept-data-loss", action="store_true", help="do it (without it: only say what may be lost)"
     )
-    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node to serve")
+    p.add_argument("--wait", type=_seconds, default=30.0, help="seconds to wait for the node to serve")
     for name in ("failover", "failback"):
         p = command(name)
-        p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the switch to complete")
+        p.add_argument("--wait", type=_seconds, default=30.0, help="seconds to wait for the switch to complete")
         if name == "failover":
             p.add_argument("--to", metavar="NODE", help="the new leader (etcd backend: required)")
     p = command("cleanup")
@@ -452,6 +452,30 @@ def _mirror_trees(cfg, node) -> list[dict]:
     return out
 
 
+def _seconds(text: str) -> float:
+    """``--wait``: 0 or more seconds (argparse's usage error otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (0 or more), got {text!r}")
+    return value
+
+
+def _await_status(path: str, done, seconds: float) -> tuple[bool, dict]:
+    """The node's status, asked every 0.1 s until ``done(status)`` or ``seconds`` have passed
+    (asked once at least): whether it came, and the last status."""
+    deadline = time.monotonic() + seconds
+    while True:
+        st = control.request(path, "status")
+        if done(st):
+            return True, st
+        if time.monotonic() >= deadline:
+            return False, st
+        time.sleep(0.1)
+
+
 def cmd_standby(cfg, node, args) -> int:
     reason = args.reason or "hawrap standby by the administrator"
     try:
@@ -463,14 +487,11 @@ def cmd_standby(cfg, node, args) -> int:
         return EXIT_OK
     print(f"{node}: {answer.get('role')}" + (f" ({answer['reason']})" if answer.get("reason") else ""))
     if answer.get("ok") and answer.get("role") == "releasing":
-        # the final sync is done and the VIP dropped: wait for the peer to take over
-        deadline = time.monotonic() + cfg.timing.handover_timeout + 5
-        while time.monotonic() < deadline:
-            st = control.request(cfg.control_socket(node), "status")
-            if st["role"] != "releasing":
-                print(f"{node}: {st['role']} ({st['reason']})")
-                break
-            time.sleep(0.1)
+        # services stopped, final sync under way: wait for the peer to take over, or not
+        ended, st = _await_status(cfg.control_socket(node), lambda st: st["role"] != "releasing",
+                                  cfg.timing.handover_timeout + 5)  # fmt: skip
+        if ended:
+            print(f"{node}: {st['role']} ({st['reason']})")
     return EXIT_OK if answer.get("ok") else EXIT_FAILED
 
 
@@ -614,13 +635,10 @@ def cmd_force_primary(cfg, node, args) -> int:
             f"{node}: force-primary refused: {answer.get('message') or answer.get('error')}", file=sys.stderr
         )
         return EXIT_FAILED
-    deadline = time.monotonic() + args.wait
-    while time.monotonic() < deadline:
-        st = control.request(path, "status")
-        if st["role"] == "primary":
-            print(f"{node}: primary at epoch {st['epoch']}")
-            return EXIT_OK
-        time.sleep(0.1)
+    serving, st = _await_status(path, lambda st: st["role"] == "primary", args.wait)
+    if serving:
+        print(f"{node}: primary at epoch {st['epoch']}")
+        return EXIT_OK
     print(f"{node}: not primary after {args.wait:g} s: {st['reason']}", file=sys.stderr)
     return EXIT_FAILED
 
@@ -632,18 +650,12 @@ def _switch(cfg, node, args, command: str) -> int:
         print(f"{node}: {command} refused: {answer.get('message') or answer.get('error')}", file=sys.stderr)
         return EXIT_FAILED
     print(f"{node}: {answer['message']}")
-    start_role = answer.get("role")
-    deadline = time.monotonic() + args.wait
-    while time.monotonic() < deadline:
-        st = control.request(path, "status")
-        if (
-            st["role"] in ("primary", "secondary")
-            and st["role"] != _origin(start_role, command)
-            and st["peer"].get("alive")
-        ):
-            print(f"{node}: now {st['role']}; peer {st['peer']['name']} is {st['peer'].get('role')}")
-            return EXIT_OK
-        time.sleep(0.1)
+    origin = _origin(answer.get("role"), command)
+    switched, st = _await_status(path, lambda st: st["role"] in ("primary", "secondary") and st["role"] != origin
+                                 and st["peer"].get("alive"), args.wait)  # fmt: skip
+    if switched:
+        print(f"{node}: now {st['role']}; peer {st['peer']['name']} is {st['peer'].get('role')}")
+        return EXIT_OK
     print(f"{node}: the switch did not complete within {args.wait:g} s", file=sys.stderr)
     return EXIT_FAILED
 

@@ -141,6 +141,9 @@ def test_commands_when_not_running(tmp_path):
     node = DemoNode(config, "alpha", str(tmp_path))
     r = node.command("status")
     assert r.returncode == 3 and "not running" in r.stdout
+    for command in ("force-primary", "failover", "failback"):  # a bad --wait is a usage error, not a traceback
+        r = node.command(command, "--wait", "-1")
+        assert r.returncode == 2 and "--wait: expected seconds (0 or more), got '-1'" in r.stderr, r.stderr
     r = node.command("standby")
     assert r.returncode == 0 and (tmp_path / "alpha" / "standby.lock").exists()
     r = node.command("resume")
