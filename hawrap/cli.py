@@ -31,6 +31,7 @@ import textwrap
 import time
 
 from mirror import lockfile
+from mirror.cli.sync_cmd import seconds_arg  # the engine's rule for a duration option
 from mirror.errors import MirrorError
 
 from . import config as config_mod
@@ -186,10 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--accept-data-loss", action="store_true", help="do it (without it: only say what may be lost)"
     )
-    p.add_argument("--wait", type=_seconds, default=30.0, help="seconds to wait for the node to serve")
+    p.add_argument("--wait", type=seconds_arg, default=30.0, help="seconds to wait for the node to serve")
     for name in ("failover", "failback"):
         p = command(name)
-        p.add_argument("--wait", type=_seconds, default=30.0, help="seconds to wait for the switch to complete")
+        p.add_argument("--wait", type=seconds_arg, default=30.0, help="seconds to wait for the switch to complete")
         if name == "failover":
             p.add_argument("--to", metavar="NODE", help="the new leader (etcd backend: required)")
     p = command("cleanup")
@@ -450,17 +451,6 @@ def _mirror_trees(cfg, node) -> list[dict]:
             entry.update(daemon=status["daemon"], pairs=status["pairs"])
         out.append(entry)
     return out
-
-
-def _seconds(text: str) -> float:
-    """``--wait``: 0 or more seconds (argparse's usage error otherwise)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds (0 or more), got {text!r}")
-    return value
 
 
 def _await_status(path: str, done, seconds: float) -> tuple[bool, dict]:
