@@ -169,7 +169,8 @@ class SessionFence(LockWatch):
     land on that disk (a blank one given an epoch, or the record of a session it holds
     nothing of).  The session stops instead, before any state file is read or written."""
 
-    def __init__(self, lock_file: bytes | None, state_dir: bytes, epoch: int, peer: str, replica: bytes, began_on):
+    def __init__(self, lock_file: bytes | None, state_dir: bytes, epoch: int, peer: str, replica: bytes,
+                 began_on: tuple[int, int] | None):  # fmt: skip
         super().__init__(lock_file, "appeared on the receiver")
         self.state_dir = state_dir
         self.epoch = epoch

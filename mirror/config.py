@@ -170,6 +170,7 @@ def read_serve_config(path: str) -> tuple[ServeConfig | None, Problems]:
 
 
 def _is_local_destination(text: str) -> bool:
+    """Whether a pair's ``destination`` is a local directory (only one may require a mount)."""
     from .transfer import parse_destination
 
     try:
