@@ -38,16 +38,16 @@ from .epoch import MAX_EPOCH_STEP, fencing_epoch, observe_epoch
 from .errors import (
     MirrorError,
     ProtocolError,
-    SourceGuardError,
     StaleEpochError,
     UnsafePathError,
     display_path,
     failure_reason,
     fs_path,
 )
-from .guard import ReplicaGuard, is_mount_point, review_deletions
+from .guard import ReplicaGuard, review_deletions
 from .lockfile import LockWatch
 from .privileges import Privileges
+from .replicadisk import require_mounted
 from .safefs import ConfinedTree
 from .statedir import check_root, resolve_state_dir, state_dir_below
 
@@ -193,13 +193,6 @@ class SessionFence(LockWatch):
             raise StaleEpochError(f"stopped: this replica's epoch rose to {now} during the session of {self.peer}, "
                                   f"whose tree epoch is {self.epoch} (a newer primary took over); what was not "
                                   "yet in place was dropped")  # fmt: skip
-
-
-def require_mounted(path: bytes) -> None:
-    """Refuse a replica that must be a mount point (``require_mount``) with nothing mounted."""
-    if not is_mount_point(path):
-        raise SourceGuardError(f"refused: the replica {display_path(path)} is not a mount point (require_mount): "
-                               "is its filesystem not mounted? Nothing was written")  # fmt: skip
 
 
 def directory_identity(path: bytes) -> tuple[int, int] | None:

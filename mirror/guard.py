@@ -136,20 +136,29 @@ def on_recorded_fs(identity: TreeIdentity, root: bytes) -> bool:
     return (fsid, ino) == identity.fs
 
 
-def is_mount_point(path: bytes) -> bool:
-    """Whether a filesystem is mounted at ``path`` (by the kernel's mount table, which also
-    knows a bind mount of a directory of the same filesystem; ``os.path.ismount`` does not)."""
-    real = os.path.realpath(path)
+def mount_points() -> frozenset[bytes] | None:
+    """The kernel's mount points, as its mount table writes them (space, tab, newline and
+    backslash octal-escaped); None if the table cannot be read."""
     try:
         with open(b"/proc/self/mountinfo", "rb") as f:
             table = f.read()
     except OSError:
+        return None
+    return frozenset(line.split(b" ")[4] for line in table.splitlines() if line.count(b" ") >= 4)
+
+
+def is_mount_point(path: bytes, table: frozenset[bytes] | None = None) -> bool:
+    """Whether a filesystem is mounted at ``path`` (by the kernel's mount table, which also
+    knows a bind mount of a directory of the same filesystem; ``os.path.ismount`` does not).
+    ``table``: ``mount_points()``, read once for several paths."""
+    real = os.path.realpath(path)
+    table = table if table is not None else mount_points()
+    if table is None:
         return os.path.ismount(real)
-    # The fifth field is the mount point, with space, tab, newline and backslash octal-escaped.
     escaped = real
     for char in (b"\\", b" ", b"\t", b"\n"):
         escaped = escaped.replace(char, b"\\%03o" % ord(char))
-    return any(line.split(b" ")[4] == escaped for line in table.splitlines() if line.count(b" ") >= 4)
+    return escaped in table
 
 
 def new_tree_id(fs: tuple[int, int]) -> str:

@@ -41,7 +41,7 @@ _KNOWN = frozenset({
     b"applied", b"applied.lock", b".mirror-daemon.status.json.spare",
 })  # fmt: skip
 _KNOWN_PATTERN = re.compile(
-    rb"\A(journal-[0-9a-f]{1,16}|digests-[0-9a-f]{1,16}\.manifest|\..{1,210}\.[0-9a-f]{12}\.tmp)\Z", re.DOTALL
+    rb"\A(journal-[0-9a-f]{1,16}|replica-disk-[0-9a-f]{16}|digests-[0-9a-f]{1,16}\.manifest|\..{1,210}\.[0-9a-f]{12}\.tmp)\Z", re.DOTALL
 )
 
 

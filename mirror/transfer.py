@@ -94,7 +94,7 @@ class Connection:
     """
 
     def __init__(self, src, dst, *, excludes=(), secret: bytes | None = None, secret_file: str | None = None,
-                 lock_file=None, dst_lock_file=None, dst_require_mount: bool = False, state_dir=None, bwlimit: int | None = None, rsh: str = "ssh -T",
+                 lock_file=None, dst_lock_file=None, dst_require_mount: bool | None = None, state_dir=None, bwlimit: int | None = None, rsh: str = "ssh -T",
                  remote_command: str = "mirror", remote_options=(), delta_threshold: int | None = None,
                  epoch: int | None = None, on_change=None, on_progress=None,
                  timeout: float | None = DEFAULT_TIMEOUT, contimeout: float | None = DEFAULT_CONTIMEOUT,
@@ -132,8 +132,9 @@ class Connection:
         )  # fmt: skip
         self.epoch = epoch
         self._dst_lock_file = fs_path(dst_lock_file) if dst_lock_file else None
-        if dst_require_mount and self.dest.kind != "local":
-            raise UsageError("--dst-require-mount is for a local destination (a server's module says require_mount)")
+        if dst_require_mount is not None and self.dest.kind != "local":
+            raise UsageError("--[no-]dst-require-mount is for a local destination (a server's module says "
+                             "require_mount)")  # fmt: skip
         self._dst_require_mount = dst_require_mount
         self._bwlimit = bwlimit
         self._connect_args = (bwlimit, rsh, remote_command, tuple(remote_options), timeout, contimeout or None)
@@ -153,19 +154,20 @@ class Connection:
         reserve_descriptors()  # before the first thread starts
         local = self.dest.kind == "local"
         if local:
-            from .apply import ModuleConfig, require_mounted
+            from .apply import ModuleConfig
             from .atomicfile import make_dirs
-            from .statedir import check_root
+            from .replicadisk import check_replica_disk
+            from .statedir import check_root, resolve_state_dir
 
-            if self._dst_require_mount:
-                require_mounted(self.dest.path)  # before anything is made there, on the disk under it
+            # Before anything is made there, on the disk under an unmounted one.
+            check_replica_disk(resolve_state_dir(self.src, self.options.state_dir), self.dest.path,
+                               self._dst_require_mount, record=not self.options.dry_run)  # fmt: skip
             make_dirs(os.path.abspath(self.dest.path))
             check_root(self.dest.path)  # before the writer lock, which would write into a user's .mirror
         # Each lock, scan, process and stream is let go of as soon as it is held, should
         # anything after it fail; once open, by close().
         with contextlib.ExitStack() as held:
             if local and not self.options.dry_run:  # a dry run writes nothing: no lock
-                from .statedir import resolve_state_dir
                 from .writerlock import WriterLock
 
                 state_dir = resolve_state_dir(self.dest.path, None)
@@ -185,7 +187,7 @@ class Connection:
                 # A local replica is no security boundary (the user could copy the files
                 # themselves): devices, special files, set-id bits and owners are all kept.
                 module = ModuleConfig(name="", path=self.dest.path, privileges=Privileges.everything(),
-                                      lock_file=self._dst_lock_file, require_mount=self._dst_require_mount)  # fmt: skip
+                                      lock_file=self._dst_lock_file, require_mount=bool(self._dst_require_mount))  # fmt: skip
                 self.local = LocalSync(self.src, module, self.options, scans=scans, bwlimit=self._bwlimit,
                                        **self._callbacks)  # fmt: skip
             else:

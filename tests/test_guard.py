@@ -544,18 +544,68 @@ def test_a_local_replica_that_must_be_a_mount_point_is_refused_while_nothing_is_
     run_mirror("sync", "--delete", "--dst-require-mount", src, replica, check_codes=(EXIT_GUARD,))
     assert os.listdir(replica) == []
     proc = run_mirror("sync", "--dst-require-mount", src, "mirror://127.0.0.1:1/m", check_codes=(2,))
-    assert "--dst-require-mount is for a local destination" in proc.stderr.decode(), proc.stderr
+    assert "--[no-]dst-require-mount is for a local destination" in proc.stderr.decode(), proc.stderr
     proc = run_mirror("daemon", "--check", "--dst-require-mount", src, replica, check_codes=(2,))
     assert f"--dst-require-mount: nothing is mounted at {replica}" in proc.stderr.decode(), proc.stderr
 
 
+def _disk_records(src) -> list:
+    return sorted((src / ".mirror").glob("replica-disk-*"))
+
+
 @needs_root
-def test_the_live_daemon_halts_on_a_local_replica_whose_disk_went_away_until_it_is_back(tmp_path):
-    """A live daemon toward a local replica that must be a mount point: its disk unmounted
-    under it (a failing USB disk, an administrator's umount), the next change halts the pair
+@pytest.mark.parametrize("where", ["at the mount point", "below it"])
+def test_a_local_replica_whose_disk_did_not_come_up_is_refused_without_any_option(tmp_path, where):
+    """No option given: the source remembers the mount point its local replica was found
+    under, and while nothing is mounted there the replica is refused with nothing written
+    (not the tree, not a ``.mirror``, not the replica's directory itself).  Any disk mounted
+    there is taken (backup disks in rotation); ``--no-dst-require-mount`` writes into the
+    directory as it is, and forgets the mount point."""
+    src, disk = tmp_path / "src", tmp_path / "disk"
+    _fill(src)
+    disk.mkdir()
+    replica = disk if where == "at the mount point" else disk / "replica"
+    with mounted(disk):
+        assert run_mirror("sync", "--dry-run", src, replica).returncode == 0
+        assert _disk_records(src) == []  # a dry run remembers nothing
+        assert run_mirror("sync", "--delete", src, replica).returncode == 0
+        assert_mirrors(src, replica)
+    assert len(_disk_records(src)) == 1
+    (src / "d0" / "new").write_text("written while the disk is away")
+    for extra in (["--delete"], [], ["--dry-run"], ["--mkpath"]):
+        proc = run_mirror("sync", *extra, src, replica, check_codes=(EXIT_GUARD,))
+        assert f"nothing is mounted at {disk}, where the replica {replica} was" in proc.stderr.decode(), proc.stderr
+        assert os.listdir(disk) == []
+    proc = run_mirror("daemon", "--check", src, replica, check_codes=(2,))
+    assert f"DST: refused: nothing is mounted at {disk}" in proc.stderr.decode(), proc.stderr
+    record = _disk_records(src)[0]
+    saved = record.read_bytes()
+    record.write_bytes(b"not a record")
+    proc = run_mirror("sync", src, replica, check_codes=(EXIT_GUARD,))
+    assert f"{record}: damaged record of where the replica {replica}'s disk was" in proc.stderr.decode(), proc.stderr
+    record.write_bytes(saved)
+    with mounted(disk):  # another disk: taken, and filled
+        assert run_mirror("sync", "--delete", src, replica).returncode == 0
+        assert_mirrors(src, replica)
+    proc = run_mirror("sync", "--no-dst-require-mount", src, "mirror://127.0.0.1:1/m", check_codes=(2,))
+    assert "--[no-]dst-require-mount is for a local destination" in proc.stderr.decode(), proc.stderr
+    assert os.listdir(disk) == []
+    assert run_mirror("sync", "--delete", "--no-dst-require-mount", src, replica).returncode == 0
+    assert_mirrors(src, replica)
+    assert _disk_records(src) == []  # forgotten: the directory is the replica now
+    assert run_mirror("sync", "--delete", src, replica).returncode == 0
+
+
+@needs_root
+@pytest.mark.parametrize("rule", ["required", "remembered"])
+def test_the_live_daemon_halts_on_a_local_replica_whose_disk_went_away_until_it_is_back(tmp_path, rule):
+    """A live daemon toward a local replica on its own disk (``--dst-require-mount``, or no
+    option: the mount point remembered at its first connection): its disk unmounted under
+    it (a failing USB disk, an administrator's umount), the next change halts the pair
     (journaled) and nothing is ever written under the mount point (sampled throughout); the
-    disk mounted again gets the change.  (A blank disk in its place is refused until the
-    daemon starts again, as a server's module is: the test above with a server.)"""
+    disk mounted again gets the change.  (With the option, a blank disk in its place is
+    refused until the daemon starts again, as a server's module is: the test above with a
+    server.)"""
     src, replica = tmp_path / "src", tmp_path / "replica"
     _fill(src)
     image = _ext4(tmp_path)
@@ -567,13 +617,14 @@ def test_the_live_daemon_halts_on_a_local_replica_whose_disk_went_away_until_it_
 
     with ExitStack() as stack:
         stack.enter_context(loop_mounted(image, replica))
-        d = stack.enter_context(live_daemon(src, replica, "--dst-require-mount"))
+        d = stack.enter_context(live_daemon(src, replica, *(["--dst-require-mount"] if rule == "required" else [])))
         converged(src, replica)
         with PollingThread(look, interval=0.01) as sampler:
             umount(replica, lazy=True)  # its writer lock is open there: detached, as a vanished disk is
             (src / "d0" / "new").write_text("written while the replica is away")
             status = wait_until(lambda: _status(src).get("state") == "halted" and _status(src), timeout=60)
-            assert "is not a mount point (require_mount)" in status["last_error"], status
+            told = "is not a mount point (require_mount)" if rule == "required" else f"nothing is mounted at {replica}"
+            assert told in status["last_error"], status
         assert sampler.polls > 10 and seen and all(entries == [] for entries in seen), seen[:5]
         subprocess.run(["mount", "-o", "loop", str(image), str(replica)], check=True)
         converged(src, replica, timeout=60)  # at the halt's next try, 5 s on

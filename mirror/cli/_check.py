@@ -152,6 +152,15 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
                 if pair.dst_require_mount and not is_mount_point(destination.path):
                     mount_point = display_path(destination.path)
                     problems.append(f"{key('dst_require_mount')}: nothing is mounted at {mount_point}")
+                elif pair.dst_require_mount is None:  # the remembered rule: where its disk was last found
+                    from ..replicadisk import check_replica_disk
+                    from ..statedir import resolve_state_dir
+
+                    try:
+                        check_replica_disk(resolve_state_dir(pair.source, pair.state_dir), destination.path, None,
+                                           record=False)  # fmt: skip
+                    except MirrorError as exc:
+                        problems.append(f"{key('destination') if where else 'DST'}: {exc}")
             elif destination.kind == "server" and not pair.secret_file:
                 problems.append(f"{key('secret_file')}: a mirror:// destination needs a secret file")
         _parent(key("lock_file"), pair.lock_file, problems)

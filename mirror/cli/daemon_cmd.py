@@ -38,6 +38,8 @@ log = logging.getLogger("mirror.daemon")
 
 
 def add_arguments(parser):
+    import argparse
+
     parser.add_argument("src", nargs="?", help="the source tree (one pair without --config)")
     parser.add_argument("dst", nargs="?", help="destination: DIR, mirror://HOST:PORT/MODULE or HOST:PATH")
     parser.add_argument("--config", metavar="FILE", help="TOML configuration with one or more [[pair]]")
@@ -55,9 +57,11 @@ def add_arguments(parser):
                              "or a lock: repairs what no event told (default 0: never)")  # fmt: skip
     parser.add_argument("--rsh", default="ssh -T", help="remote shell for HOST:PATH (default 'ssh -T')")
     parser.add_argument("--remote-command", default="mirror", help="the mirror command on the remote host")
-    parser.add_argument("--dst-require-mount", action="store_true",
+    parser.add_argument("--dst-require-mount", action=argparse.BooleanOptionalAction,
                         help="local DST only: DST must be a mount point; with nothing mounted there the pair halts "
-                             "(changes journaled) and tries again until its disk is mounted again")  # fmt: skip
+                             "(changes journaled) and tries again until its disk is mounted again. Without it, the "
+                             "same holds for the mount point DST was last found under; --no-dst-require-mount: "
+                             "write into DST as it is, and forget that")  # fmt: skip
     parser.add_argument("--no-delete", action="store_true", help="do not delete on the replica what SRC deleted")
     add_timeout_arguments(parser)
     parser.add_argument("--max-delete", type=count_arg, metavar="N",

@@ -9,7 +9,8 @@ Exit status: 0 done, 1 partial (some files failed; each is named on stderr), 2 e
 3 a mirroring lock is present, 4 the replica has a newer epoch (fenced), 5 auth failed,
 25 refused to destroy the replica: with --delete, a source that is not the tree the replica
 mirrors (unmounted?), a sync that would empty the replica or delete more than --max-delete,
-a replica that must be a mount point (--dst-require-mount) with nothing mounted there,
+a local replica whose disk is not mounted (the mount point it was last found under, or
+DST itself with --dst-require-mount),
 30 the receiver stayed silent longer than --timeout, 35 no connection within --contimeout.
 """
 
@@ -43,6 +44,8 @@ def parse_rate(text: str) -> int:
 
 
 def add_arguments(parser):
+    import argparse
+
     parser.add_argument("src", help="the source tree")
     parser.add_argument("dst", help="destination: DIR, mirror://HOST:PORT/MODULE[/SUBPATH] or HOST:PATH")
     parser.add_argument("--delete", action="store_true", help="delete what is not in SRC from DST")
@@ -61,9 +64,11 @@ def add_arguments(parser):
                         help="HOST:PATH: an option of the remote `mirror receive` (e.g. --remote-option=--keep-owners)")
     parser.add_argument("--lock-file", metavar="PATH", help="mirroring lock: refuse to send while PATH exists")
     parser.add_argument("--dst-lock-file", metavar="PATH", help="local DST only: the receiving side's lock file")
-    parser.add_argument("--dst-require-mount", action="store_true",
+    parser.add_argument("--dst-require-mount", action=argparse.BooleanOptionalAction,
                         help="local DST only: DST must be a mount point; with nothing mounted there (its disk did "
-                             "not come up) the sync writes nothing and exits 25")  # fmt: skip
+                             "not come up) the sync writes nothing and exits 25. Without it, the same holds for "
+                             "the mount point DST was last found under (remembered in SRC's state dir); "
+                             "--no-dst-require-mount: write into DST as it is, and forget that")  # fmt: skip
     parser.add_argument("--state-dir", metavar="DIR", help="SRC's state dir (epoch, digest cache)")
     parser.add_argument("--no-fsync", action="store_true", help="skip fsync on the receiver (tests, scratch copies)")
     parser.add_argument("--journal-seq", type=count_arg, metavar="N",
@@ -200,7 +205,15 @@ def _check_destination_parent(args) -> None:
     from ..transfer import parse_destination
 
     destination = parse_destination(path_arg(args.dst))
-    if destination.kind != "local" or args.dst_require_mount:  # a mount point's parent is there, or it is refused
+    if destination.kind != "local":
+        return
+    from ..replicadisk import check_replica_disk
+    from ..statedir import resolve_state_dir
+
+    # An unmounted disk is told as such, before --mkpath makes anything on the disk below.
+    check_replica_disk(resolve_state_dir(path_arg(args.src), path_arg(args.state_dir) if args.state_dir else None),
+                       destination.path, args.dst_require_mount, record=False)  # fmt: skip
+    if args.dst_require_mount:  # a mount point: its parent is there
         return
     parent = os.path.dirname(os.path.abspath(destination.path.rstrip(b"/") or b"/"))
     if os.path.isdir(parent):
