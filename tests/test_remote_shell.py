@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-from tests.helpers import run_mirror
+import pytest
+
+from mirror.errors import EXIT_GUARD
+from tests.helpers import is_root, mounted, run_mirror
 
 # -- the remote shell transport --------------------------------------------------------------
 
@@ -74,3 +78,21 @@ def test_the_daemon_runs_the_remote_shell_and_command_it_is_given(tmp_path):
     with live_daemon(src, None, "--config", str(config)):
         (src / "g").write_bytes(b"y")
         converged(src, tmp_path / "second")
+
+
+@pytest.mark.skipif(not is_root(), reason="mounts a file system")
+def test_a_remote_replica_that_must_be_a_mount_point_is_refused_while_nothing_is_mounted(tmp_path):
+    """``--remote-option=--require-mount``: `mirror receive` makes nothing at its PATH while
+    nothing is mounted there (not the tree, not a ``.mirror``), and the sender hears why (exit
+    25, the receiver's reason); once its disk is mounted the sync goes through."""
+    rsh, src, remote = _ssh_like_and_source(tmp_path)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    args = ["sync", "--rsh", str(rsh), "--remote-command", remote, "--remote-option=--require-mount", str(src)]
+    for replica in (disk, disk / "missing"):
+        proc = run_mirror(*args, f"somehost:{replica}", check_codes=(EXIT_GUARD,))
+        assert f"receiver: refused: the replica {replica} is not a mount point" in proc.stderr.decode(), proc.stderr
+        assert os.listdir(disk) == []
+    with mounted(disk):
+        assert run_mirror(*args, f"somehost:{disk}").returncode == 0
+        assert (disk / "f").read_bytes() == b"x"

@@ -4,6 +4,8 @@ Not for interactive use: the protocol runs on standard input and output.  Like a
 serve` module, the replica accepts no device node, FIFO or socket, keeps no setuid/setgid
 bit and no owner unless told (--allow-devices, --allow-specials, --allow-setid,
 --keep-owners; `mirror sync --remote-option=--keep-owners SRC HOST:PATH` passes them).
+With --require-mount, PATH must be a mount point: with nothing mounted there (its disk did
+not come up) the sync is refused (exit 25) and nothing is made there.
 """
 
 from __future__ import annotations
@@ -26,17 +28,23 @@ def add_arguments(parser):
     parser.add_argument("--lock-file", metavar="PATH", help="refuse writes while this mirroring lock exists")
     parser.add_argument("--state-dir", metavar="DIR", help="the replica's state dir (default PATH/.mirror)")
     add_privilege_arguments(parser, "the replica")
+    parser.add_argument("--require-mount", action="store_true",
+                        help="PATH is a mount point: refuse every session while nothing is mounted there")  # fmt: skip
 
 
 def run(args) -> int:
     path = os.fsencode(args.path)
-    make_dirs(os.path.abspath(path))
-    if not os.path.isdir(path):
-        raise UsageError(f"{args.path} is not a directory")
+    # A mount point is there already: with nothing mounted, each session is refused (the
+    # sender is told why) and nothing is made on the disk under it.
+    if not args.require_mount:
+        make_dirs(os.path.abspath(path))
+        if not os.path.isdir(path):
+            raise UsageError(f"{args.path} is not a directory")
     module = ModuleConfig(
         name="", path=os.path.abspath(path), secret=read_secret_file(args.secret_file) if args.secret_file else None,
         lock_file=os.fsencode(args.lock_file) if args.lock_file else None,
         state_dir=os.fsencode(args.state_dir) if args.state_dir else None, privileges=privileges_from_args(args),
+        require_mount=args.require_mount,
     )  # fmt: skip
     # The protocol owns stdout: anything else printed there would corrupt it.
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=1 << 20)
