@@ -32,6 +32,7 @@ import os
 import stat
 from typing import NamedTuple
 
+from .atomicfile import make_dirs
 from .commits import Batches, DirSyncs
 from .entry import KIND_OF_FMT, Kind
 from .epoch import MAX_EPOCH_STEP, fencing_epoch, observe_epoch
@@ -110,6 +111,7 @@ class ReplicaAdmission:
         LockWatch(self.module.lock_file, "on the receiver, session refused").check()
         if self.module.read_only and not dry_run:
             raise MirrorError(f"module {self.module.name!r} is read-only: only a dry run is allowed")
+        make_dirs(os.path.abspath(self.module.path))  # a new replica: made once it is let in
         if take_writer is not None and not dry_run:
             take_writer()
         # A deleting sender from another tree (its source unmounted, say) changes nothing here.

@@ -241,7 +241,7 @@ def read_daemon_config(path: str):
         delete, allow_mass_delete = t.get("delete", bool, True), t.get("allow_mass_delete", bool, False)
         rsh, remote_command = t.get("rsh", str, "ssh -T"), t.get("remote_command", str, "mirror")
         dst_require_mount = t.get("dst_require_mount", bool)  # absent: the remembered rule (replicadisk)
-        if dst_require_mount is not None and destination is not None and not _is_local_destination(destination):
+        if dst_require_mount and destination is not None and not _is_local_destination(destination):
             problems.add(f"'pair[{i}].dst_require_mount' is for a local destination (a server's module says "
                          "require_mount)")  # fmt: skip
         if source is None or destination is None:

@@ -431,7 +431,9 @@ _GREETINGS = {
     CHALLENGE: (_map("challenge", nonce=_nonce, auth=(False, _flag("auth"))),),
     AUTH: (_map("auth", proof=_proof_field),),
     WELCOME: (_map("welcome", proof=_proof_field, epoch=(0, _int("epoch")), read_only=(False, _flag("read_only")),
-                   can_chown=(False, _flag("can_chown")), applied=_applied, idle=(False, _flag("idle"))),),  # fmt: skip
+                   can_chown=(False, _flag("can_chown")), applied=_applied, idle=(False, _flag("idle")),
+                   disk=(None, _check("disk", "an absolute path", lambda v: type(v) is bytes and v[:1] == b"/"
+                                      and len(v) <= MAX_PATH and b"\0" not in v))),),  # fmt: skip
     READY: (_map("ready", epoch=(0, _int("epoch")), root=(None, _attrs)),),
 }
 

@@ -45,6 +45,7 @@ from .exclude import make_excluder
 from .guard import session_guard
 from .renames import apply as apply_renames
 from .renames import parse as parse_renames
+from .replicadisk import mount_point_above
 from .safefs import ConfinedTree
 from .treescan import Scope, TreeScan
 from .writerlock import WriterLock
@@ -193,6 +194,7 @@ class Receiver:
         self.t.send([P.WELCOME, {
             "proof": proof, "epoch": read_epoch(state_dir), "applied": applied.as_wire() if applied else None,
             "read_only": self.module.read_only, "can_chown": self.can_chown, "software": P.SOFTWARE, "idle": True,
+            "disk": mount_point_above(fs_path(self.module.path)),  # the sender remembers it (mirror.replicadisk)
         }])  # fmt: skip
 
     def _take_writer(self, epoch: int) -> None:

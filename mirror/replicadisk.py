@@ -1,6 +1,6 @@
-"""Whether a local replica's disk is there before anything is written into it.
+"""Whether a replica's disk is there before anything is written into it.
 
-A local replica keeps its state dir inside itself, so when the disk it lives on did not
+A replica keeps its state dir inside itself, so when the disk it lives on did not
 come up (a mount that failed at boot, a USB disk that dropped) the directory left in its
 place looks like a new, empty replica, and a sync fills the file system below (often the
 root file system, and with it the node that serves).  Two rules stand in the way; both
@@ -8,12 +8,13 @@ refuse with ``SourceGuardError`` (exit 25) before anything is made there:
 
 - **Required** (``require_mount``, ``--dst-require-mount``): the replica's directory must
   itself be a mount point, at every session.
-- **Remembered** (the default): the source's state dir keeps, for each local replica
-  written into, the mount point its directory lay under (``replica-disk-*``; none for the
-  root file system).  While nothing is mounted there, that replica is refused.  Any disk
-  mounted there is taken (a rotated backup disk is filled), and the replica's own guard
-  then judges it.  ``--no-dst-require-mount`` writes into the directory as it is and
-  forgets the record.
+- **Remembered** (the default): the source's state dir keeps, for each replica written
+  into, the mount point its directory lay under (``replica-disk-*``; none for the root
+  file system): a local replica's as found here, a remote one's as its receiver's
+  ``welcome`` tells it.  While a mount point above that one is all there is, nothing is
+  mounted there, and that replica is refused.  Any disk mounted there is taken (a rotated
+  backup disk is filled), and the replica's own guard then judges it.
+  ``--no-dst-require-mount`` writes into the directory as it is and forgets the record.
 """
 
 from __future__ import annotations
@@ -71,24 +72,34 @@ def recorded_mount(state_dir: bytes, replica: bytes) -> bytes | None:
     return mount
 
 
-def check_replica_disk(state_dir: bytes, replica: bytes, require: bool | None, *, record: bool) -> None:
-    """Refuse ``replica`` (a local destination) unless its disk is there by the rule
-    ``require`` picks (True: required; None: remembered; False: neither).  ``record``
-    (not a dry run): remember, in ``state_dir``, the mount point it lies under now."""
+def check_local_replica(state_dir: bytes, path: bytes, require: bool | None, *, record: bool) -> None:
+    """``check_replica_disk`` for a local replica at ``path``; ``require`` True also wants
+    ``path`` itself to be a mount point."""
     if require:
-        require_mounted(replica)
-    replica = os.path.realpath(replica)
+        require_mounted(path)
+    real = os.path.realpath(path)
+    check_replica_disk(state_dir, real, mount_point_above(real), require, record=record)
+
+
+def check_replica_disk(state_dir: bytes, replica: bytes, disk: bytes, require: bool | None, *, record: bool,
+                       where: str = "") -> None:  # fmt: skip
+    """Refuse ``replica`` (its name in the record: a local replica's resolved path, a remote
+    one's address) when ``disk``, the mount point it lies under now (``where``: on which
+    host), is above the one recorded in ``state_dir`` (the source's): that disk is not
+    mounted.  ``require`` False: no such rule, and the record is forgotten.  ``record`` (not
+    a dry run): remember ``disk``."""
     known = recorded_mount(state_dir, replica)
-    if require is None and known is not None and not is_mount_point(known):
+    if require is None and known is not None and not (disk == known or disk.startswith(known.rstrip(b"/") + b"/")):
         raise SourceGuardError(
-            f"refused: nothing is mounted at {display_path(known)}, where the replica {display_path(replica)} "
-            f"was on its own disk when it was last written into (recorded in {display_path(state_dir)}): "
-            "is that disk not mounted? Nothing was written. Mount it, or, if the replica is now meant to be "
-            "the directory as it is, sync once with --no-dst-require-mount (dst_require_mount = false)"
+            f"refused: nothing is mounted at {display_path(known)}{where}, where the replica "
+            f"{display_path(replica)} was on its own disk when it was last written into (recorded in "
+            f"{display_path(state_dir)}): is that disk not mounted? Nothing was written. Mount it, or, if the "
+            "replica is now meant to be the directory as it is, sync once with --no-dst-require-mount "
+            "(dst_require_mount = false)"
         )
     if not record:
         return
-    now = mount_point_above(replica) if require is not False else b"/"
+    now = disk if require is not False else b"/"
     if (known or b"/") == now:
         return
     path = _record_path(state_dir, replica)

@@ -65,6 +65,14 @@ def parse_destination(text: str | bytes) -> Destination:
     return Destination("local", path=raw)
 
 
+def dst_name(dest: Destination) -> str:
+    """A remote destination as one string (``mirror://HOST:PORT/MODULE[/SUBPATH]``, ``HOST:PATH``)."""
+    if dest.kind == "server":
+        sub = "/" + os.fsdecode(dest.subpath) if dest.subpath else ""
+        return f"mirror://{dest.host}:{dest.port}/{dest.module}{sub}"
+    return f"{dest.host}:{os.fsdecode(dest.path)}"
+
+
 def sync(src, dst, **options) -> SyncResult:
     """Make ``dst`` a verified copy of the tree ``src``; see the module docstring, and README's
     "Library API" for the options.
@@ -132,9 +140,9 @@ class Connection:
         )  # fmt: skip
         self.epoch = epoch
         self._dst_lock_file = fs_path(dst_lock_file) if dst_lock_file else None
-        if dst_require_mount is not None and self.dest.kind != "local":
-            raise UsageError("--[no-]dst-require-mount is for a local destination (a server's module says "
-                             "require_mount)")  # fmt: skip
+        if dst_require_mount and self.dest.kind != "local":
+            raise UsageError("--dst-require-mount is for a local destination (a server's module says require_mount, "
+                             "mirror receive --require-mount)")  # fmt: skip
         self._dst_require_mount = dst_require_mount
         self._bwlimit = bwlimit
         self._connect_args = (bwlimit, rsh, remote_command, tuple(remote_options), timeout, contimeout or None)
@@ -156,11 +164,11 @@ class Connection:
         if local:
             from .apply import ModuleConfig
             from .atomicfile import make_dirs
-            from .replicadisk import check_replica_disk
+            from .replicadisk import check_local_replica
             from .statedir import check_root, resolve_state_dir
 
             # Before anything is made there, on the disk under an unmounted one.
-            check_replica_disk(resolve_state_dir(self.src, self.options.state_dir), self.dest.path,
+            check_local_replica(resolve_state_dir(self.src, self.options.state_dir), self.dest.path,
                                self._dst_require_mount, record=not self.options.dry_run)  # fmt: skip
             make_dirs(os.path.abspath(self.dest.path))
             check_root(self.dest.path)  # before the writer lock, which would write into a user's .mirror
@@ -197,6 +205,13 @@ class Connection:
                 sender = Sender(self.src, transport, self.options, module=self.dest.module, subpath=self.dest.subpath,
                                 source_scan=scans[0], idle_frames=self.dest.kind == "rsh", **self._callbacks)  # fmt: skip
                 self.welcome = sender.handshake()
+                if self.welcome.get("disk") is not None:  # the mount point the receiver's replica lies under
+                    from .replicadisk import check_replica_disk
+                    from .statedir import resolve_state_dir
+
+                    check_replica_disk(resolve_state_dir(self.src, self.options.state_dir), fs_path(dst_name(self.dest)),
+                                       self.welcome["disk"], self._dst_require_mount, record=not self.options.dry_run,
+                                       where=f" on {self.dest.host}")  # fmt: skip
                 self.sender = sender
             self._held = held.pop_all()
         return self

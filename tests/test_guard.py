@@ -428,11 +428,16 @@ UNMOUNTED = "is not on the filesystem it was on when it first mirrored"
 
 @needs_root
 def test_a_sync_to_an_unmounted_replica_is_refused_and_writes_nothing_there(tmp_path):
+    """Twice guarded: the source remembers the mount point the receiver said the replica lay
+    under, and the replica's guard (its state dir apart) that its tree was on that disk; each
+    refuses on its own (``--no-dst-require-mount`` sets the first aside)."""
     with _replica_on_a_disk(tmp_path) as replica:
         umount(replica.path)
         (replica.src / "d0" / "new").write_text("written while the replica is away")
+        err = replica.sync("--delete", codes=(EXIT_GUARD,)).stderr.decode()
+        assert f"nothing is mounted at {replica.path} on 127.0.0.1" in err, err
         for extra in (["--delete"], [], ["--delete", "--dry-run"]):
-            proc = replica.sync(*extra, codes=(EXIT_GUARD,))
+            proc = replica.sync("--no-dst-require-mount", *extra, codes=(EXIT_GUARD,))
             assert UNMOUNTED in proc.stderr.decode() and str(replica.path) in proc.stderr.decode(), proc.stderr
             assert os.listdir(replica.path) == []  # not a file, not even the replica's .mirror
         with mounted(replica.path):  # another filesystem mounted in its place
@@ -471,8 +476,12 @@ def test_a_replica_with_its_state_inside_may_move_to_another_filesystem(tmp_path
 
 
 @needs_root
-def test_the_live_daemon_halts_on_an_unmounted_replica_and_resumes_once_it_is_back(tmp_path):
+@pytest.mark.parametrize("guard", ["the source's record", "the replica's guard"])
+def test_the_live_daemon_halts_on_an_unmounted_replica_and_resumes_once_it_is_back(tmp_path, guard):
+    """Either guard alone halts the pair (``--no-dst-require-mount`` sets the source's aside)."""
     src, path = tmp_path / "src", tmp_path / "replica"
+    extra, told = ((), f"nothing is mounted at {path} on 127.0.0.1") if guard == "the source's record" else (
+        ("--no-dst-require-mount",), UNMOUNTED)  # fmt: skip
     seen: list[list[str]] = []  # what the mount point ever held while the disk was away
 
     def halted():
@@ -481,12 +490,12 @@ def test_the_live_daemon_halts_on_an_unmounted_replica_and_resumes_once_it_is_ba
         return _status(src).get("state") == "halted" and _status(src)
 
     with _replica_on_a_disk(tmp_path) as replica:
-        with live_daemon(src, replica.server.url("m"), "--secret-file", replica.server.secret_file) as d:
+        with live_daemon(src, replica.server.url("m"), "--secret-file", replica.server.secret_file, *extra) as d:
             converged(src, path)
             umount(path)  # between two sessions the receiver holds nothing open in it
             (src / "d0" / "new").write_text("written while the replica is away")
             status = wait_until(halted, timeout=60)
-            assert UNMOUNTED in status["last_error"], status
+            assert told in status["last_error"], status
             assert run_mirror("status", src, check_codes=(1,)).returncode == 1
             assert seen and all(entries == [] for entries in seen), seen
             replica.mount()
@@ -544,7 +553,7 @@ def test_a_local_replica_that_must_be_a_mount_point_is_refused_while_nothing_is_
     run_mirror("sync", "--delete", "--dst-require-mount", src, replica, check_codes=(EXIT_GUARD,))
     assert os.listdir(replica) == []
     proc = run_mirror("sync", "--dst-require-mount", src, "mirror://127.0.0.1:1/m", check_codes=(2,))
-    assert "--[no-]dst-require-mount is for a local destination" in proc.stderr.decode(), proc.stderr
+    assert "--dst-require-mount is for a local destination" in proc.stderr.decode(), proc.stderr
     proc = run_mirror("daemon", "--check", "--dst-require-mount", src, replica, check_codes=(2,))
     assert f"--dst-require-mount: nothing is mounted at {replica}" in proc.stderr.decode(), proc.stderr
 
@@ -587,8 +596,6 @@ def test_a_local_replica_whose_disk_did_not_come_up_is_refused_without_any_optio
     with mounted(disk):  # another disk: taken, and filled
         assert run_mirror("sync", "--delete", src, replica).returncode == 0
         assert_mirrors(src, replica)
-    proc = run_mirror("sync", "--no-dst-require-mount", src, "mirror://127.0.0.1:1/m", check_codes=(2,))
-    assert "--[no-]dst-require-mount is for a local destination" in proc.stderr.decode(), proc.stderr
     assert os.listdir(disk) == []
     assert run_mirror("sync", "--delete", "--no-dst-require-mount", src, replica).returncode == 0
     assert_mirrors(src, replica)

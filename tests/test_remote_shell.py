@@ -96,3 +96,33 @@ def test_a_remote_replica_that_must_be_a_mount_point_is_refused_while_nothing_is
     with mounted(disk):
         assert run_mirror(*args, f"somehost:{disk}").returncode == 0
         assert (disk / "f").read_bytes() == b"x"
+
+
+@pytest.mark.skipif(not is_root(), reason="mounts a file system")
+def test_a_remote_replica_whose_disk_did_not_come_up_is_refused_without_any_option(tmp_path):
+    """No option given: the receiver says which mount point its replica lies under, the
+    source remembers it, and once nothing is mounted there the sync is refused (exit 25)
+    before its session starts: `mirror receive` makes nothing there.  Any disk mounted there
+    is taken; ``--no-dst-require-mount`` writes into the directory as it is, and forgets."""
+    rsh, src, remote = _ssh_like_and_source(tmp_path)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    replica = disk / "replica"
+
+    def sync(*extra, codes=(0,)):
+        return run_mirror("sync", "--rsh", str(rsh), "--remote-command", remote, *extra, str(src),
+                          f"somehost:{replica}", check_codes=codes)  # fmt: skip
+
+    with mounted(disk):
+        sync()
+        assert (replica / "f").read_bytes() == b"x"
+    for extra in ([], ["--delete"], ["--dry-run"]):
+        err = sync(*extra, codes=(EXIT_GUARD,)).stderr.decode()
+        assert f"nothing is mounted at {disk} on somehost, where the replica somehost:{replica} was" in err, err
+        assert os.listdir(disk) == []
+    with mounted(disk):  # another disk: taken
+        sync()
+        assert (replica / "f").read_bytes() == b"x"
+    sync("--no-dst-require-mount")
+    assert (replica / "f").read_bytes() == b"x"
+    sync()  # forgotten

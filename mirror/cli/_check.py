@@ -153,11 +153,11 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
                     mount_point = display_path(destination.path)
                     problems.append(f"{key('dst_require_mount')}: nothing is mounted at {mount_point}")
                 elif pair.dst_require_mount is None:  # the remembered rule: where its disk was last found
-                    from ..replicadisk import check_replica_disk
+                    from ..replicadisk import check_local_replica
                     from ..statedir import resolve_state_dir
 
                     try:
-                        check_replica_disk(resolve_state_dir(pair.source, pair.state_dir), destination.path, None,
+                        check_local_replica(resolve_state_dir(pair.source, pair.state_dir), destination.path, None,
                                            record=False)  # fmt: skip
                     except MirrorError as exc:
                         problems.append(f"{key('destination') if where else 'DST'}: {exc}")

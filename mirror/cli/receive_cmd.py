@@ -14,7 +14,6 @@ import os
 import sys
 
 from ..apply import ModuleConfig
-from ..atomicfile import make_dirs
 from ..errors import UsageError
 from ..protocol import StreamTransport
 from ..receiver import Receiver
@@ -34,12 +33,10 @@ def add_arguments(parser):
 
 def run(args) -> int:
     path = os.fsencode(args.path)
-    # A mount point is there already: with nothing mounted, each session is refused (the
-    # sender is told why) and nothing is made on the disk under it.
-    if not args.require_mount:
-        make_dirs(os.path.abspath(path))
-        if not os.path.isdir(path):
-            raise UsageError(f"{args.path} is not a directory")
+    # Made by the first session let in (mirror.apply): none is, with nothing mounted where
+    # the replica's disk must be, and nothing is made on the disk under it.
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"{args.path} is not a directory")
     module = ModuleConfig(
         name="", path=os.path.abspath(path), secret=read_secret_file(args.secret_file) if args.secret_file else None,
         lock_file=os.fsencode(args.lock_file) if args.lock_file else None,

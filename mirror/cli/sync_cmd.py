@@ -207,11 +207,11 @@ def _check_destination_parent(args) -> None:
     destination = parse_destination(path_arg(args.dst))
     if destination.kind != "local":
         return
-    from ..replicadisk import check_replica_disk
+    from ..replicadisk import check_local_replica
     from ..statedir import resolve_state_dir
 
     # An unmounted disk is told as such, before --mkpath makes anything on the disk below.
-    check_replica_disk(resolve_state_dir(path_arg(args.src), path_arg(args.state_dir) if args.state_dir else None),
+    check_local_replica(resolve_state_dir(path_arg(args.src), path_arg(args.state_dir) if args.state_dir else None),
                        destination.path, args.dst_require_mount, record=False)  # fmt: skip
     if args.dst_require_mount:  # a mount point: its parent is there
         return
