@@ -86,10 +86,11 @@ def check_replica_disk(state_dir: bytes, replica: bytes, disk: bytes, require: b
     """Refuse ``replica`` (its name in the record: a local replica's resolved path, a remote
     one's address) when ``disk``, the mount point it lies under now (``where``: on which
     host), is above the one recorded in ``state_dir`` (the source's): that disk is not
-    mounted.  ``require`` False: no such rule, and the record is forgotten.  ``record`` (not
-    a dry run): remember ``disk``."""
+    mounted.  (Another mount point, not above it, is a replica moved to another disk.)
+    ``require`` False: no such rule, and the record is forgotten.  ``record`` (not a dry
+    run): remember ``disk``."""
     known = recorded_mount(state_dir, replica)
-    if require is None and known is not None and not (disk == known or disk.startswith(known.rstrip(b"/") + b"/")):
+    if require is None and known is not None and known != disk and known.startswith(disk.rstrip(b"/") + b"/"):
         raise SourceGuardError(
             f"refused: nothing is mounted at {display_path(known)}{where}, where the replica "
             f"{display_path(replica)} was on its own disk when it was last written into (recorded in "
