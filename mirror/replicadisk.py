@@ -60,6 +60,8 @@ def recorded_mount(state_dir: bytes, replica: bytes) -> bytes | None:
     path = _record_path(state_dir, replica)
     try:
         data = read_state_file(path, _MAX_RECORD + 1)
+    except NotADirectoryError:
+        return None  # no state dir there, but a user's file, which the session refuses
     except OSError as exc:
         raise SourceGuardError(f"{display_path(path)}: cannot read where the replica's disk was: "
                                f"{exc.strerror}") from None  # fmt: skip

@@ -158,14 +158,15 @@ class Connection:
         they run while the rest of the code loads and the connection is made.  The
         source's always; a local destination's too, under the replica's writer lock."""
         from .startup import reserve_descriptors
+        from .statedir import check_root, resolve_state_dir
 
         reserve_descriptors()  # before the first thread starts
+        check_root(self.src)  # its state dir is read (the replica's disk) before any session
         local = self.dest.kind == "local"
         if local:
             from .apply import ModuleConfig
             from .atomicfile import make_dirs
             from .replicadisk import check_local_replica
-            from .statedir import check_root, resolve_state_dir
 
             # Before anything is made there, on the disk under an unmounted one.
             check_local_replica(resolve_state_dir(self.src, self.options.state_dir), self.dest.path,
@@ -207,7 +208,6 @@ class Connection:
                 self.welcome = sender.handshake()
                 if self.welcome.get("disk") is not None:  # the mount point the receiver's replica lies under
                     from .replicadisk import check_replica_disk
-                    from .statedir import resolve_state_dir
 
                     check_replica_disk(resolve_state_dir(self.src, self.options.state_dir), fs_path(dst_name(self.dest)),
                                        self.welcome["disk"], self._dst_require_mount, record=not self.options.dry_run,
