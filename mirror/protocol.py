@@ -433,7 +433,7 @@ _GREETINGS = {
     WELCOME: (_map("welcome", proof=_proof_field, epoch=(0, _int("epoch")), read_only=(False, _flag("read_only")),
                    can_chown=(False, _flag("can_chown")), applied=_applied, idle=(False, _flag("idle")),
                    disk=(None, _check("disk", "an absolute path", lambda v: type(v) is bytes and v[:1] == b"/"
-                                      and len(v) <= MAX_PATH and b"\0" not in v))),),  # fmt: skip
+                                      and len(v) <= K.MAX_TARGET + 1 and b"\0" not in v))),),  # fmt: skip
     READY: (_map("ready", epoch=(0, _int("epoch")), root=(None, _attrs)),),
 }
 

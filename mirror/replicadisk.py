@@ -32,7 +32,7 @@ from .statedir import ensure_state_dir, read_state_file
 log = logging.getLogger(__name__)
 
 _RECORD_PREFIX = b"replica-disk-"
-_MAX_RECORD = 8192  # two paths, each at most PATH_MAX
+_MAX_RECORD = 256 << 10  # a destination as written (one argument: at most 128 KiB) and a mount point
 
 
 def require_mounted(path: bytes) -> None:

@@ -41,7 +41,7 @@ def test_a_disk_above_the_recorded_one_is_refused_and_any_other_is_taken(tmp_pat
 
 
 @pytest.mark.parametrize("damage", [b"", b"no separator", REPLICA + b"\0relative", b"other\0/mnt", REPLICA + b"\0/a\0/b",
-                                    REPLICA + b"\0/" + b"x" * 9000])  # fmt: skip
+                                    REPLICA + b"\0/" + b"x" * (256 << 10)])  # fmt: skip
 def test_a_damaged_record_refuses_naming_its_file(tmp_path, damage):
     _check(tmp_path, b"/mnt/usb")
     (record,) = tmp_path.glob("replica-disk-*")

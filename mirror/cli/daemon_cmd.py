@@ -60,8 +60,8 @@ def add_arguments(parser):
     parser.add_argument("--dst-require-mount", action=argparse.BooleanOptionalAction,
                         help="local DST only: DST must be a mount point; with nothing mounted there the pair halts "
                              "(changes journaled) and tries again until its disk is mounted again. Without it, the "
-                             "same holds for the mount point DST was last found under; --no-dst-require-mount: "
-                             "write into DST as it is, and forget that")  # fmt: skip
+                             "same holds for the mount point DST was last found under (a remote DST's as its "
+                             "receiver tells it); --no-dst-require-mount: write into DST as it is, and forget that")  # fmt: skip
     parser.add_argument("--no-delete", action="store_true", help="do not delete on the replica what SRC deleted")
     add_timeout_arguments(parser)
     parser.add_argument("--max-delete", type=count_arg, metavar="N",

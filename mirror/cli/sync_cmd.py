@@ -9,7 +9,7 @@ Exit status: 0 done, 1 partial (some files failed; each is named on stderr), 2 e
 3 a mirroring lock is present, 4 the replica has a newer epoch (fenced), 5 auth failed,
 25 refused to destroy the replica: with --delete, a source that is not the tree the replica
 mirrors (unmounted?), a sync that would empty the replica or delete more than --max-delete,
-a local replica whose disk is not mounted (the mount point it was last found under, or
+a replica whose disk is not mounted (the mount point it was last found under, or a local
 DST itself with --dst-require-mount),
 30 the receiver stayed silent longer than --timeout, 35 no connection within --contimeout.
 """
@@ -67,8 +67,9 @@ def add_arguments(parser):
     parser.add_argument("--dst-require-mount", action=argparse.BooleanOptionalAction,
                         help="local DST only: DST must be a mount point; with nothing mounted there (its disk did "
                              "not come up) the sync writes nothing and exits 25. Without it, the same holds for "
-                             "the mount point DST was last found under (remembered in SRC's state dir); "
-                             "--no-dst-require-mount: write into DST as it is, and forget that")  # fmt: skip
+                             "the mount point DST was last found under (remembered in SRC's state dir; a remote "
+                             "DST's as its receiver tells it); --no-dst-require-mount: write into DST as it is, "
+                             "and forget that")  # fmt: skip
     parser.add_argument("--state-dir", metavar="DIR", help="SRC's state dir (epoch, digest cache)")
     parser.add_argument("--no-fsync", action="store_true", help="skip fsync on the receiver (tests, scratch copies)")
     parser.add_argument("--journal-seq", type=count_arg, metavar="N",
