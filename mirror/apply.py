@@ -111,7 +111,8 @@ class ReplicaAdmission:
         LockWatch(self.module.lock_file, "on the receiver, session refused").check()
         if self.module.read_only and not dry_run:
             raise MirrorError(f"module {self.module.name!r} is read-only: only a dry run is allowed")
-        make_dirs(os.path.abspath(self.module.path))  # a new replica: made once it is let in
+        if self.began_on is None:  # a new replica: made once it is let in
+            make_dirs(os.path.abspath(self.module.path))
         if take_writer is not None and not dry_run:
             take_writer()
         # A deleting sender from another tree (its source unmounted, say) changes nothing here.

@@ -115,7 +115,7 @@ class PairConfig:
     contimeout: float | None = DEFAULT_CONTIMEOUT
     rsh: str = "ssh -T"  # HOST:PATH: the remote shell, and the mirror command it runs over there
     remote_command: str = "mirror"
-    dst_require_mount: bool | None = None  # a local destination's disk rule (replicadisk): the pair halts while unmounted
+    dst_require_mount: bool | None = None  # the replica's disk rule (replicadisk): the pair halts while unmounted
 
     @property
     def tree_state_dir(self) -> bytes:

@@ -65,14 +65,6 @@ def parse_destination(text: str | bytes) -> Destination:
     return Destination("local", path=raw)
 
 
-def dst_name(dest: Destination) -> str:
-    """A remote destination as one string (``mirror://HOST:PORT/MODULE[/SUBPATH]``, ``HOST:PATH``)."""
-    if dest.kind == "server":
-        sub = "/" + os.fsdecode(dest.subpath) if dest.subpath else ""
-        return f"mirror://{dest.host}:{dest.port}/{dest.module}{sub}"
-    return f"{dest.host}:{os.fsdecode(dest.path)}"
-
-
 def sync(src, dst, **options) -> SyncResult:
     """Make ``dst`` a verified copy of the tree ``src``; see the module docstring, and README's
     "Library API" for the options.
@@ -124,6 +116,7 @@ class Connection:
 
             secret = read_secret_file(secret_file)
         self.dest = parse_destination(dst)
+        self._dst_text = fs_path(dst)  # a remote replica's name in the source's records, as written
         for name, value in (("timeout", timeout), ("contimeout", contimeout)):
             if value is not None and value < 0:
                 raise UsageError(f"--{name} must be 0 (none) or more seconds, got {value}")
@@ -209,7 +202,7 @@ class Connection:
                 if self.welcome.get("disk") is not None:  # the mount point the receiver's replica lies under
                     from .replicadisk import check_replica_disk
 
-                    check_replica_disk(resolve_state_dir(self.src, self.options.state_dir), fs_path(dst_name(self.dest)),
+                    check_replica_disk(resolve_state_dir(self.src, self.options.state_dir), self._dst_text,
                                        self.welcome["disk"], self._dst_require_mount, record=not self.options.dry_run,
                                        where=f" on {self.dest.host}")  # fmt: skip
                 self.sender = sender

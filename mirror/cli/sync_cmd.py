@@ -206,19 +206,17 @@ def _check_destination_parent(args) -> None:
     from ..transfer import parse_destination
 
     destination = parse_destination(path_arg(args.dst))
-    if destination.kind != "local":
+    if destination.kind != "local" or args.dst_require_mount:  # a mount point's parent is there, or it is refused
         return
+    parent = os.path.dirname(os.path.abspath(destination.path.rstrip(b"/") or b"/"))
+    if os.path.isdir(parent):
+        return  # the connection checks the replica's disk before it makes DST
     from ..replicadisk import check_local_replica
     from ..statedir import resolve_state_dir
 
     # An unmounted disk is told as such, before --mkpath makes anything on the disk below.
     check_local_replica(resolve_state_dir(path_arg(args.src), path_arg(args.state_dir) if args.state_dir else None),
-                       destination.path, args.dst_require_mount, record=False)  # fmt: skip
-    if args.dst_require_mount:  # a mount point: its parent is there
-        return
-    parent = os.path.dirname(os.path.abspath(destination.path.rstrip(b"/") or b"/"))
-    if os.path.isdir(parent):
-        return
+                       destination.path, None, record=False)  # fmt: skip
     if not args.mkpath:
         raise UsageError(f"{_show(destination.path)}: its parent directory {_show(parent)} does not exist "
                          "(--mkpath creates it)")  # fmt: skip
