@@ -36,7 +36,15 @@ from mirror.errors import MirrorError
 
 from . import config as config_mod
 from . import control
-from .errors import EXIT_ERROR, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, HawrapError, NotRunning
+from .errors import (
+    EXIT_ERROR,
+    EXIT_FAILED,
+    EXIT_NOBODY_SERVES,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    HawrapError,
+    NotRunning,
+)
 
 
 def _common(p: argparse.ArgumentParser, needs_config: bool = True) -> None:
@@ -84,7 +92,9 @@ COMMAND_HELP: dict[str, tuple[str, str, str]] = {
         "takes over if its copy is known up to date. With the etcd backend a leader first makes "
         "the final sync toward the most up-to-date eligible member and hands it the leadership, "
         "as failover --to does.",
-        f"0 done; 1 refused by the node; {_EXIT_USAGE}",
+        f"0 in standby, and another node serves (or hawrap does not run here: the lock is written); 1 refused by "
+        f"the node; {_EXIT_USAGE}; 4 in standby, and nobody serves (the hand-over failed, or no peer could take "
+        f"over): resume this node, or make the peer primary",
     ),
     "resume": (
         "remove the standby lock after your checks: rejoin as secondary",
@@ -476,13 +486,42 @@ def cmd_standby(cfg, node, args) -> int:
         print(f"{node} is not running; standby lock written: {info.describe()}")
         return EXIT_OK
     print(f"{node}: {answer.get('role')}" + (f" ({answer['reason']})" if answer.get("reason") else ""))
-    if answer.get("ok") and answer.get("role") == "releasing":
+    if not answer.get("ok"):
+        return EXIT_FAILED
+    if answer.get("role") == "releasing":
         # services stopped, final sync under way: wait for the peer to take over, or not
         ended, st = _await_status(cfg.control_socket(node), lambda st: st["role"] != "releasing",
                                   cfg.timing.handover_timeout + 5)  # fmt: skip
-        if ended:
-            print(f"{node}: {st['role']} ({st['reason']})")
-    return EXIT_OK if answer.get("ok") else EXIT_FAILED
+        if not ended:
+            print(f"{node}: still handing over after {cfg.timing.handover_timeout + 5:g} s; nobody serves meanwhile",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_NOBODY_SERVES
+        print(f"{node}: {st['role']} ({st['reason']})")
+    if "peer" not in control.request(cfg.control_socket(node), "status"):
+        return EXIT_OK  # etcd: a leader hands over in the background (its status shows the outcome)
+    # A peer with a whole copy takes over once it hears this node stand by: waited for.
+    _, st = _await_status(cfg.control_socket(node), lambda st: _peer_serves(st) or not _peer_may_take_over(st),
+                          cfg.timing.handover_timeout)  # fmt: skip
+    if _peer_serves(st):
+        return EXIT_OK
+    peer = st["peer"]
+    why = ("is silent" if not peer.get("alive") else "is in standby too" if peer.get("standby")
+           else "knows its copy outdated" if peer.get("uptodate", True) is False
+           else f"did not take over within {cfg.timing.handover_timeout:g} s")  # fmt: skip
+    print(f"{node}: in standby, and nobody serves: {peer['name']} {why}. Serve again with 'hawrap resume' here, "
+          f"or, once its copy is checked, 'hawrap force-primary' on {peer['name']}", file=sys.stderr)  # fmt: skip
+    return EXIT_NOBODY_SERVES
+
+
+def _peer_serves(st: dict) -> bool:
+    peer = st.get("peer") or {}
+    return bool(peer.get("alive")) and (bool(peer.get("serving")) or peer.get("role") == "primary")
+
+
+def _peer_may_take_over(st: dict) -> bool:
+    """The peer is heard, not in standby, and counts its copy whole: it takes over on its own."""
+    peer = st.get("peer") or {}
+    return bool(peer.get("alive")) and not peer.get("standby") and peer.get("uptodate", True) is not False
 
 
 def _keep_local_changes(cfg, node, unsynced, base: str | None) -> bool:

@@ -9,6 +9,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran but the cluster did not do what was asked (e.g. failover refused)
 EXIT_ERROR = 2  # bad usage, bad configuration, I/O error
 EXIT_NOT_RUNNING = 3  # no hawrap daemon answers on this node
+EXIT_NOBODY_SERVES = 4  # hawrap standby: this node stands by, and no node serves
 
 
 class HawrapError(Exception):

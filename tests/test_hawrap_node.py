@@ -123,6 +123,29 @@ def test_standby_resume_failover_failback(cluster):
     assert "standby" in events and "releasing" in events
 
 
+def test_standby_says_in_its_exit_status_whether_anyone_serves(cluster):
+    """``hawrap standby`` exits 0 only when another node serves afterwards: on the secondary
+    while the primary serves, 0 at once; on the primary whose peer is gone (its hawrap
+    stopped), the primary stands by all the same, services down, and exits 4 naming the peer
+    and what to do, so that ``hawrap standby && reboot`` does not take the last server down
+    unknowingly."""
+    nodes, tmp_path, _ = cluster
+    alpha, beta = nodes["alpha"], nodes["beta"]
+    assert wait_for(lambda: _peer_seen_by(beta).get("role") == "primary", 5), _logs(tmp_path)
+    r = beta.command("standby")
+    assert r.returncode == 0 and "nobody serves" not in r.stderr, r.stdout + r.stderr
+    assert role(beta) == "standby" and serving(tmp_path, "alpha") == (True, True)
+    beta.stop()
+    assert wait_for(lambda: _peer_seen_by(alpha).get("alive") is False, 10), _logs(tmp_path)
+    r = alpha.command("standby", "--reason", "disk check")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "nobody serves: beta is silent" in r.stderr and "hawrap resume" in r.stderr, r.stderr
+    assert role(alpha) == "standby" and serving(tmp_path, "alpha") == (False, False)
+    r = alpha.command("resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert wait_for(lambda: role(alpha) == "primary" and serving(tmp_path, "alpha") == (True, True), 10), _logs(tmp_path)
+
+
 def test_one_instance_per_node_and_no_cleanup_under_a_live_one(cluster):
     nodes, tmp_path, _ = cluster
     alpha = nodes["alpha"]

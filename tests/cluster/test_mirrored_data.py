@@ -167,7 +167,8 @@ def test_standby_whose_final_sync_meets_a_frozen_receiver_leaves_no_one_serving_
         t0 = time.monotonic()
         r = c.h.cli("a", "standby")
         took = time.monotonic() - t0
-        assert r.returncode == 0 and "final sync failed" in r.stdout, r.stdout + r.stderr + c.h.logs()
+        assert r.returncode == 4 and "final sync failed" in r.stdout, r.stdout + r.stderr + c.h.logs()
+        assert "nobody serves: b knows its copy outdated" in r.stderr, r.stderr
         assert c.h.role("a") == "standby"
         assert c.notified("the peer went to standby, and this node's copy may lack", 10), c.h.logs()
         assert c.h.role("b") != "primary" and c.h.status("b")["data"]["uptodate"] is False
@@ -198,7 +199,7 @@ def test_a_node_that_starts_while_its_peer_stands_by_with_newer_data_does_not_se
     served = snapshot(a)
     assert wait_for(lambda: c.h.status("a")["data"]["peer_outdated"], 10), c.h.logs()
     r = c.h.cli("a", "standby")
-    assert r.returncode == 0 and "a: standby" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 4 and "a: standby" in r.stdout and "nobody serves: b is silent" in r.stderr, r.stdout + r.stderr
     held: list = []
     with PollingThread(lambda: held.append(lab.vip_on("b")), interval=0.02) as sampler:
         c.h.start("b")
