@@ -164,7 +164,8 @@ class LocalSession(SourceSession):
                 return
             whole = False  # until copied and found unchanged: else the copy is dropped
             try:
-                copied = copy_range(fd, commit.file.fileno(), (self.lock, self.writer.lock), self.conn.limiter)
+                copied = copy_range(fd, commit.file.fileno(), (self.lock, self.writer.lock), self.conn.limiter,
+                                    sparse=before.st_blocks * 512 < before.st_size)  # fmt: skip
                 # The kernel's copy stops at the size it knows: a file that reads on past it
                 # (its file system says the wrong size) is no more whole than a short one.
                 read_on = len(os.pread(fd, 1, copied))
@@ -185,29 +186,63 @@ class LocalSession(SourceSession):
             self.conn.on_progress(copied)
 
 
-def copy_range(src_fd: int, dst_fd: int, locks: tuple[LockWatch, ...], limiter: RateLimiter | None) -> int:
-    """Copy ``src_fd`` from its start to ``dst_fd`` in the kernel; the number of bytes.
+def copy_range(src_fd: int, dst_fd: int, locks: tuple[LockWatch, ...], limiter: RateLimiter | None, *,
+               sparse: bool = False) -> int:  # fmt: skip
+    """Copy ``src_fd`` whole to the new file ``dst_fd`` in the kernel; the length copied.
     ``copy_file_range`` where the file systems allow it, else ``sendfile`` (e.g. across
-    two kinds of file system).  Under a ``limiter``, in chunks of at most its burst."""
-    copied = 0
-    copy = os.copy_file_range
+    two kinds of file system).  Under a ``limiter``, in chunks of at most its burst.
+
+    ``sparse``: the source holds fewer blocks than its size, so it may have holes (a VM
+    image, a database file): only its data is copied, each run at its own offset, and the
+    holes stay holes (``SEEK_DATA``/``SEEK_HOLE``), where a plain copy would write them out
+    as zeros and could fill a replica's disk that holds the source's data easily."""
     chunk = COPY_CHUNK if limiter is None else min(COPY_CHUNK, max(4096, int(limiter.rate * limiter.BURST)))
+    if not sparse:
+        return _copy_run(src_fd, dst_fd, 0, None, chunk, locks, limiter)
+    start = 0
     while True:
         try:
-            n = copy(src_fd, dst_fd, chunk)
+            start = os.lseek(src_fd, start, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after ``start``: a hole up to the end
+                break
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP) and start == 0:  # no hole map here
+                return _copy_run(src_fd, dst_fd, 0, None, chunk, locks, limiter)
+            raise
+        end = os.lseek(src_fd, start, os.SEEK_HOLE)
+        start += _copy_run(src_fd, dst_fd, start, end, chunk, locks, limiter)
+        if start < end:  # the file ended sooner: it changed, which its check after the copy tells
+            return start
+    length = os.lseek(src_fd, 0, os.SEEK_END)
+    os.ftruncate(dst_fd, length)  # a hole at the end is a length, not a block
+    return length
+
+
+def _copy_run(src_fd: int, dst_fd: int, start: int, end: int | None, chunk: int, locks: tuple[LockWatch, ...],
+              limiter: RateLimiter | None) -> int:  # fmt: skip
+    """Copy ``src_fd[start:end]`` (``end`` None: to the end of the file) to the same offset of
+    ``dst_fd``; the number of bytes copied (fewer if the file ends first)."""
+    copied = 0
+    copy = os.copy_file_range
+    while end is None or start + copied < end:
+        want = chunk if end is None else min(chunk, end - start - copied)
+        try:
+            n = copy(src_fd, dst_fd, want, start + copied, start + copied)
         except OSError as exc:
             if copy is _sendfile or exc.errno not in _NO_COPY_RANGE or copied:
                 raise
             copy = _sendfile
             continue
         if n == 0:
-            return copied
+            break
         copied += n
         if limiter is not None:
             limiter.take(n)
         for lock in locks:
             lock.check(force=False)
+    return copied
 
 
-def _sendfile(src_fd: int, dst_fd: int, count: int) -> int:
-    return os.sendfile(dst_fd, src_fd, None, count)
+def _sendfile(src_fd: int, dst_fd: int, count: int, src_offset: int, dst_offset: int) -> int:
+    os.lseek(dst_fd, dst_offset, os.SEEK_SET)
+    return os.sendfile(dst_fd, src_fd, src_offset, count)

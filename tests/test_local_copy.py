@@ -160,11 +160,13 @@ def test_a_copy_between_two_kinds_of_file_system_falls_back_and_stays_whole(tmp_
         for name, size in sizes.items():
             with open(os.path.join(src, name), "wb") as f:
                 f.write(os.urandom(size))
+        _write_layout(os.path.join(src, "holes"), 16 * MIB, [MIB, 9 * MIB], 64 << 10)  # its runs sent one by one
         result = sync(src, tmp_path / "dst")
-        assert result.ok and result.stats.files_sent == len(sizes)
-        for name in sizes:
+        assert result.ok and result.stats.files_sent == len(sizes) + 1
+        for name in [*sizes, "holes"]:
             with open(os.path.join(src, name), "rb") as f:
                 assert (tmp_path / "dst" / name).read_bytes() == f.read(), name
+        assert _data_runs(tmp_path / "dst" / "holes") == [(MIB, MIB + (64 << 10)), (9 * MIB, 9 * MIB + (64 << 10))]
     finally:
         shutil.rmtree(src)
 
@@ -184,3 +186,122 @@ def test_bwlimit_holds_a_local_copy_to_its_rate(tmp_path):
     assert elapsed >= (files * size - rate / 4) / rate * 0.95, elapsed
     for i in range(files):
         assert (dst / f"f{i}").read_bytes() == (src / f"f{i}").read_bytes()
+
+
+def _data_runs(path) -> list[tuple[int, int]]:
+    """Where ``path`` holds data, as (start, end) runs, by SEEK_DATA/SEEK_HOLE."""
+    runs, start = [], 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            try:
+                start = os.lseek(fd, start, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after start
+                return runs
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            runs.append((start, end))
+            start = end
+    finally:
+        os.close(fd)
+
+
+def _write_layout(path, size: int, data_at: list[int], run: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset in data_at:
+            f.seek(offset)
+            f.write(os.urandom(run))
+
+
+MIB = 1 << 20
+SPARSE_LAYOUTS = {
+    "hole in the middle": (64 * MIB, [0, 40 * MIB], MIB),
+    "hole at the start and the end": (64 * MIB, [16 * MIB], 256 << 10),
+    "all hole": (64 * MIB, [], 0),
+    "many small runs": (8 * MIB, list(range(0, 8 * MIB, 256 << 10)), 4096),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SPARSE_LAYOUTS))
+def test_holes_in_a_source_file_stay_holes_in_the_replica(tmp_path, layout):
+    """A file with holes (a VM image, a database file) takes on the replica the blocks it
+    takes on the source, not its length written out as zeros (a replica disk the size of the
+    source's would fill up); its content is the same byte for byte; so is an update of it."""
+    size, data_at, run = SPARSE_LAYOUTS[layout]
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    _write_layout(src / "image", size, data_at, run)
+    (src / "plain").write_bytes(os.urandom(3 * MIB))  # no holes: copied as before
+    if os.stat(src / "image").st_blocks * 512 >= size:
+        pytest.skip("this file system keeps no holes")
+    for rewrite in (False, True):
+        if rewrite:  # an update: more data in one hole, the rest left as it was
+            with open(src / "image", "r+b") as f:
+                f.seek(size // 2)
+                f.write(os.urandom(8192))
+        result = sync(src, dst)
+        assert result.ok and result.stats.files_sent >= 1, result.failed
+        assert (dst / "image").read_bytes() == (src / "image").read_bytes()
+        assert (dst / "plain").read_bytes() == (src / "plain").read_bytes()
+        assert _data_runs(dst / "image") == _data_runs(src / "image")
+        assert os.stat(dst / "image").st_blocks <= os.stat(src / "image").st_blocks + 8
+        assert os.stat(dst / "image").st_size == size
+
+
+DATA_RUN = 64 << 10  # the sparse file below: data runs this long, each followed by a hole as long
+
+
+def test_a_sparse_file_rewritten_while_copied_is_never_committed_torn(tmp_path):
+    """As above, for a file with holes, copied a data run at a time: its data runs are
+    rewritten in place, front to back, while holes stay holes.  A copy that caught a
+    rewrite halfway is never committed; a committed one holds one state the source had, with
+    zeros, as holes, where the source has its holes."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    big = src / "sparse"
+    runs = range(0, SIZE, 2 * DATA_RUN)
+    with open(big, "wb") as f:
+        f.truncate(SIZE)
+        for offset in runs:
+            f.seek(offset)
+            f.write(b"\1" * DATA_RUN)
+    if os.stat(big).st_blocks * 512 >= SIZE:
+        pytest.skip("this file system keeps no holes")
+    assert sync(src, dst).ok
+    torn: list = []
+
+    def rewrite(n: int) -> None:
+        chunk = bytes([n % 255 + 1]) * CHUNK
+        with open(big, "r+b") as f:
+            for i, offset in enumerate(runs):
+                f.seek(offset)
+                for _ in range(DATA_RUN // CHUNK):
+                    f.write(chunk)
+                    f.flush()
+                if i % 8 == 0:
+                    time.sleep(0.0005)
+
+    def whole(data: bytes) -> bool:
+        holes = b"".join(data[offset + DATA_RUN : offset + 2 * DATA_RUN] for offset in runs)
+        written = b"".join(data[offset : offset + DATA_RUN] for offset in runs)
+        return len(data) == SIZE and holes == bytes(len(holes)) and _a_state_the_source_had(written)
+
+    def read_replica():
+        try:
+            data = (dst / "sparse").read_bytes()
+        except FileNotFoundError:
+            return
+        if not whole(data):
+            torn.append((data[:4], data[-DATA_RUN - 4 : -DATA_RUN]))
+
+    refused = committed = 0
+    with changing(rewrite), PollingThread(read_replica, interval=0.01, name="replica-reader"):
+        for _ in range(TRIALS):
+            result = sync(src, dst, fsync=False)
+            reasons = [reason for path, reason in result.failed if path == b"sparse"]
+            refused += any("changed while it was being copied" in r for r in reasons)
+            committed += result.stats.files_sent
+    assert not torn, f"a torn copy was committed: {torn[:3]}"
+    assert whole((dst / "sparse").read_bytes())
+    assert os.stat(dst / "sparse").st_blocks * 512 <= SIZE // 2 + (1 << 20)  # its holes kept
+    assert refused > 0, "no copy was caught changing: the fault did not reach the check"
