@@ -1,7 +1,7 @@
 """S1n, S3, S4 (and the delta threshold) side by side with rsync and cp -a.
 
     python -m benchmarks.bench_sync --workdir /work/bench [--files 50000 --bytes 6G]
-                                    [--runs 5] [--scenarios S1n,S3,S4,S4f,threshold] [--cold]
+                                    [--runs 5] [--scenarios S1n,S3,S4,S4f,threshold,sparse] [--cold]
 
 - S1n: an unchanged replica over loopback: `mirror sync A mirror://127.0.0.1:P/m` against
   `rsync -a --delete A/ rsync://127.0.0.1:Q/m/` (an rsync daemon started here).
@@ -17,12 +17,16 @@
   fixed cost (start-up, the transfer of 110 files, the final fsyncs), without the walks.
 - threshold: time and bytes to bring N edited files of one size up to date, sent whole
   vs as deltas, over loopback: where deltas start to pay (the sender's DELTA_THRESHOLD).
+- sparse: initial mirror of files with holes (VM images: 1 GiB each, some 48 data runs at
+  places the seed picks), local, durable, against `rsync -a`, `rsync -aS` and `cp -a` (its
+  default `--sparse=auto`), each followed by `sync`; also the blocks each replica takes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import signal
 import socket
@@ -221,6 +225,57 @@ def s4_fixed_cases(base: str) -> list[Case]:
     ]
 
 
+SPARSE_FILES = 4
+SPARSE_LENGTH = 1 << 30
+
+
+def sparse_images(workdir: str, seed: int) -> str:
+    """A tree of ``SPARSE_FILES`` files of ``SPARSE_LENGTH`` bytes each, mostly holes: some 48
+    runs of random data (64 KiB to 2 MiB, 64 KiB aligned) at places ``seed`` picks (made once)."""
+    root = os.path.join(workdir, f"sparse-s{seed}", "src")
+    if os.path.isdir(root):
+        return root
+    rng = random.Random(seed)
+    os.makedirs(root + ".tmp", exist_ok=True)
+    for i in range(SPARSE_FILES):
+        with open(os.path.join(root + ".tmp", f"image{i}.raw"), "wb") as f:
+            f.truncate(SPARSE_LENGTH)
+            for _ in range(rng.randint(32, 64)):
+                f.seek(rng.randrange(0, SPARSE_LENGTH - (2 << 20), 64 << 10))
+                f.write(rng.randbytes(rng.randrange(64 << 10, 2 << 20, 64 << 10)))
+    os.rename(root + ".tmp", root)
+    return root
+
+
+def kib_used(path: str) -> int:
+    out = subprocess.run(["du", "-sk", path], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def sparse_scenario(workdir: str, seed: int, runs: int) -> None:
+    src = sparse_images(workdir, seed)
+    dst = os.path.join(os.path.dirname(src), "dst")
+    prep = empty(dst, flush=True)
+    cases = [
+        Case("mirror sync S D (local)", MIRROR + ["sync", src, dst], prepare=prep),
+        Case("rsync -a S/ D/ && sync", ["sh", "-c", f"rsync -a '{src}/' '{dst}/' && sync"], prepare=prep),
+        Case("rsync -aS S/ D/ && sync", ["sh", "-c", f"rsync -aS '{src}/' '{dst}/' && sync"], prepare=prep),
+        Case("cp -a S/. D/ && sync", ["sh", "-c", f"cp -a '{src}/.' '{dst}/' && sync"], prepare=prep),
+    ]
+    try:
+        results = measure(cases, runs, warmup=0)
+        print(table(results, "rsync -aS S/ D/ && sync", f"sparse: {SPARSE_FILES} files of "
+                    f"{SPARSE_LENGTH >> 20} MiB with holes, {kib_used(src) >> 10} MiB of data (seed {seed})"))  # fmt: skip
+        print("\n| case | replica's blocks, MiB |\n|---|---:|")
+        for case in cases:  # once more each, untimed: what it leaves on the replica's disk
+            prep()
+            subprocess.run(case.command, check=True, capture_output=True)
+            print(f"| {case.name} | {kib_used(dst) >> 10} |")
+        print()
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/work/bench")
@@ -297,6 +352,9 @@ def main(argv=None) -> int:
         print(table(measure(s4_fixed_cases(base), args.runs), "rsync -a --delete A4f/ B4f/",
                     "S4f: S4's changed entries alone (no walk to speak of): each tool's fixed costs"))  # fmt: skip
         print()
+
+    if "sparse" in scenarios:
+        sparse_scenario(args.workdir, args.seed, max(1, args.runs // 2))
 
     if "S3" in scenarios:
         dst = os.path.join(base, "B3")
