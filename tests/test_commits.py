@@ -24,7 +24,8 @@ from tests.snapshot import assert_mirrors
 
 _CREATED = re.compile(rb'^openat\(.*"(\.hamirror\.[0-9a-f]+\.tmp)", [A-Z_|]*O_CREAT')
 _FSYNC = re.compile(rb"^(fsync|syncfs)\(\d+<([^>]*)>")
-_WRITTEN = re.compile(rb"^(?:write\(|pwrite64\(|copy_file_range\(\d+<[^>]*>, NULL, )\d+<([^>]*)>")
+# copy_file_range's source offset: NULL, or (a run at its own offset) "[0 => 4096]"
+_WRITTEN = re.compile(rb"^(?:write\(|pwrite64\(|copy_file_range\(\d+<[^>]*>, (?:NULL|\[[^]]*\]), )\d+<([^>]*)>")
 _RENAMED = re.compile(rb'^renameat2?\(\d+<[^>]*>, "([^"]*)", \d+<([^>]*)>, "[^"]*"\) = 0')
 
 
