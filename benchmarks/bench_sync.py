@@ -17,7 +17,7 @@
   fixed cost (start-up, the transfer of 110 files, the final fsyncs), without the walks.
 - threshold: time and bytes to bring N edited files of one size up to date, sent whole
   vs as deltas, over loopback: where deltas start to pay (the sender's DELTA_THRESHOLD).
-- sparse: initial mirror of files with holes (VM images: 1 GiB each, some 48 data runs at
+- sparse: initial mirror of files with holes (VM images: 1 GiB each, 32 to 64 data runs at
   places the seed picks), local, durable, against `rsync -a`, `rsync -aS` and `cp -a` (its
   default `--sparse=auto`), each followed by `sync`; also the blocks each replica takes.
 """
@@ -230,7 +230,7 @@ SPARSE_LENGTH = 1 << 30
 
 
 def sparse_images(workdir: str, seed: int) -> str:
-    """A tree of ``SPARSE_FILES`` files of ``SPARSE_LENGTH`` bytes each, mostly holes: some 48
+    """A tree of ``SPARSE_FILES`` files of ``SPARSE_LENGTH`` bytes each, mostly holes: 32 to 64
     runs of random data (64 KiB to 2 MiB, 64 KiB aligned) at places ``seed`` picks (made once)."""
     root = os.path.join(workdir, f"sparse-s{seed}", "src")
     if os.path.isdir(root):

@@ -194,8 +194,8 @@ def copy_range(src_fd: int, dst_fd: int, locks: tuple[LockWatch, ...], limiter: 
 
     ``sparse``: the source holds fewer blocks than its size, so it may have holes (a VM
     image, a database file): only its data is copied, each run at its own offset, and the
-    holes stay holes (``SEEK_DATA``/``SEEK_HOLE``), where a plain copy would write them out
-    as zeros and could fill a replica's disk that holds the source's data easily."""
+    holes stay holes (``SEEK_DATA``/``SEEK_HOLE``).  A plain copy writes them out as zeros:
+    the replica would need the file's whole length of disk, where the source needs its data's."""
     chunk = COPY_CHUNK if limiter is None else min(COPY_CHUNK, max(4096, int(limiter.rate * limiter.BURST)))
     if not sparse:
         return _copy_run(src_fd, dst_fd, 0, None, chunk, locks, limiter)
