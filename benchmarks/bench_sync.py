@@ -19,7 +19,8 @@
   vs as deltas, over loopback: where deltas start to pay (the sender's DELTA_THRESHOLD).
 - sparse: initial mirror of files with holes (VM images: 1 GiB each, 32 to 64 data runs at
   places the seed picks), local, durable, against `rsync -a`, `rsync -aS` and `cp -a` (its
-  default `--sparse=auto`), each followed by `sync`; also the blocks each replica takes.
+  default `--sparse=auto`), each followed by `sync`, and over loopback against an rsync
+  daemon with `-S`; also the blocks each replica takes.
 """
 
 from __future__ import annotations
@@ -256,23 +257,35 @@ def sparse_scenario(workdir: str, seed: int, runs: int) -> None:
     src = sparse_images(workdir, seed)
     dst = os.path.join(os.path.dirname(src), "dst")
     prep = empty(dst, flush=True)
-    cases = [
+    prep()
+    servers = Servers(workdir, dst, dst)
+    local = [
         Case("mirror sync S D (local)", MIRROR + ["sync", src, dst], prepare=prep),
         Case("rsync -a S/ D/ && sync", ["sh", "-c", f"rsync -a '{src}/' '{dst}/' && sync"], prepare=prep),
         Case("rsync -aS S/ D/ && sync", ["sh", "-c", f"rsync -aS '{src}/' '{dst}/' && sync"], prepare=prep),
         Case("cp -a S/. D/ && sync", ["sh", "-c", f"cp -a '{src}/.' '{dst}/' && sync"], prepare=prep),
     ]
+    net = [
+        Case("mirror sync S mirror://127.0.0.1/m", MIRROR + ["sync", src, servers.mirror_url(), "--secret-file",
+                                                              servers.secret], prepare=prep),  # fmt: skip
+        Case("rsync -aS S/ rsync://127.0.0.1/m/ && sync",
+             ["sh", "-c", f"rsync -aS '{src}/' '{servers.rsync_url()}' && sync"], prepare=prep),  # fmt: skip
+    ]
+    what = f"{SPARSE_FILES} files of {SPARSE_LENGTH >> 20} MiB with holes, {kib_used(src) >> 10} MiB of data (seed {seed})"
     try:
-        results = measure(cases, runs, warmup=0)
-        print(table(results, "rsync -aS S/ D/ && sync", f"sparse: {SPARSE_FILES} files of "
-                    f"{SPARSE_LENGTH >> 20} MiB with holes, {kib_used(src) >> 10} MiB of data (seed {seed})"))  # fmt: skip
-        print("\n| case | replica's blocks, MiB |\n|---|---:|")
-        for case in cases:  # once more each, untimed: what it leaves on the replica's disk
+        results = measure(local + net, runs, warmup=0)
+        for title, cases in (("local", local), ("over loopback", net)):
+            print(table({c.name: results[c.name] for c in cases}, cases[-2 if title == "local" else -1].name,
+                        f"sparse, {title}: {what}"))  # fmt: skip
+            print()
+        print("| case | replica's blocks, MiB |\n|---|---:|")
+        for case in local + net:  # once more each, untimed: what it leaves on the replica's disk
             prep()
             subprocess.run(case.command, check=True, capture_output=True)
             print(f"| {case.name} | {kib_used(dst) >> 10} |")
         print()
     finally:
+        servers.close()
         shutil.rmtree(dst, ignore_errors=True)
 
 

@@ -26,7 +26,7 @@ from .errors import AuthError, ConnectionLost, LimitExceeded, PeerTimeout, Proto
 from .exclude import MAX_PATTERN_BYTES, MAX_PATTERNS
 from .ratelimit import RateLimiter
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 SOFTWARE = "hamirror/0.1"
 MAX_FRAME = 8 << 20  # a listing part, a signature or a literal chunk fits well below this
 # Before the peer has proved it knows the secret, nothing larger is read: a hello with a
@@ -372,7 +372,7 @@ _SESSION_FRAMES = {
     WANT: (_list("want", _path),),
     SIG: (_list("sig", _tuple("'sig' request", _req, _path)),),
     FILE: (_req, _path, _attrs, _one_of("file mode", "whole", "delta"), _int("block size", 0, 1 << 30),
-           _int("basis size")),  # fmt: skip
+           _int("basis size"), _flag("holes")),  # fmt: skip
     DATA: (_req, _bytes("data", MAX_CHUNK)),
     COPY: (_req, _int("block index"), _int("block count", 1)),
     FILE_END: (_req, _bytes("digest", 16), _int("size")),

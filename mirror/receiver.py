@@ -43,6 +43,7 @@ from .errors import (
 )
 from .exclude import make_excluder
 from .guard import session_guard
+from .holes import HoleWriter
 from .renames import apply as apply_renames
 from .renames import parse as parse_renames
 from .replicadisk import mount_point_above
@@ -413,11 +414,13 @@ class ReceiverSession:
 
     # -- file content: verified here, written by the writer ---------------------------------
 
-    def _on_file(self, req: int, path: bytes, attrs: list, mode: str, block_size: int, basis_size: int) -> None:
+    def _on_file(self, req: int, path: bytes, attrs: list, mode: str, block_size: int, basis_size: int,
+                 holes: bool) -> None:  # fmt: skip
         """A file, its frames read here up to its end, even when it cannot be written: only
         its content and the sender's requests for listings may come meanwhile.  A patcher
         rebuilds it (against its basis for a delta) and hashes what it writes; the writer
-        commits it only if that is what the sender's digest says."""
+        commits it only if that is what the sender's digest says.  ``holes``: the source
+        file has holes, which it keeps here (its blocks of zeros are left unwritten)."""
         delta = self.delta
         if mode == "whole":  # no basis: every byte comes as data
             block_size, basis_size = delta.MIN_BLOCK_SIZE, 0
@@ -428,7 +431,8 @@ class ReceiverSession:
             if commit is not None:
                 try:
                     basis = basis_open.enter_context(self.tree.open_regular(path)) if mode == "delta" else None
-                    patcher = delta.Patcher(basis, commit.file, block_size, basis_size)
+                    out = HoleWriter(commit.file.fileno()) if holes else commit.file
+                    patcher = delta.Patcher(basis, out, block_size, basis_size)
                 except (OSError, UnsafePathError) as exc:
                     failed = "basis-gone: " + failure_reason(exc)
                 except ValueError as exc:
@@ -457,8 +461,20 @@ class ReceiverSession:
         elif failed or patcher.finish() != tuple(fields[1:]):
             self.writer.drop_file(commit)
             self.writer.fail(req, path, failed or "mismatch: content does not match the sender's digest")
+        elif holes and (failed := _set_length(out)):
+            self.writer.drop_file(commit)
+            self.writer.fail(req, path, failed)
         else:
             self.writer.commit_file(commit, attrs, fields[2], req)
+
+
+def _set_length(out: HoleWriter) -> str | None:
+    """Give a file written with holes its length; why it could not be, else None."""
+    try:
+        out.finish()
+    except OSError as exc:
+        return failure_reason(exc)
+    return None
 
 
 def _send_error(transport, name: str, exit_code: int, text: str) -> None:

@@ -526,7 +526,8 @@ class FileEncoder:
             req = self._req
             stats = self.stats
             how = ["delta", sig.block_size, sig.basis_size] if sig is not None else ["whole", 0, 0]
-            self.t.send([P.FILE, req, path, stat_attrs(before), *how], flush=False)
+            holes = before.st_blocks * 512 < before.st_size  # the receiver keeps its blocks of zeros as holes
+            self.t.send([P.FILE, req, path, stat_attrs(before), *how, holes], flush=False)
             block = sig.block_size if sig is not None else 1
             ops = self.delta.delta(sig, f)
             try:

@@ -145,7 +145,7 @@ def test_a_lock_mid_sync_leaves_whole_files_and_no_temporary_one(tmp_path):
 
 
 def _whole_file(req: int, path: bytes, data: bytes) -> list:
-    return [[P.FILE, req, path, ATTRS, "whole", 0, 0], [P.DATA, req, data],
+    return [[P.FILE, req, path, ATTRS, "whole", 0, 0, False], [P.DATA, req, data],
             [P.FILE_END, req, xxhash.xxh3_128(data).digest(), len(data)]]  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from tests.servers import mirror_server
 
 
 def _file(req: int, path: bytes, data: bytes) -> list:
-    return [[P.FILE, req, path, ATTRS, "whole", 0, 0], [P.DATA, req, data],
+    return [[P.FILE, req, path, ATTRS, "whole", 0, 0, False], [P.DATA, req, data],
             [P.FILE_END, req, xxhash.xxh3_128_digest(data), len(data)]]  # fmt: skip
 
 
@@ -151,7 +151,7 @@ def test_a_writer_fenced_off_is_hung_up_on_for_a_sender_at_the_replica_s_epoch(t
     assert stale.ready[0] == P.READY, stale.ready
     stale.drain_summary()
     # Admitted, it holds the writer lock; it stops in the middle of a file.
-    stale.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 1, b"half of the stale primary's"])
+    stale.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0, False], [P.DATA, 1, b"half of the stale primary's"])
     claim = RawSession(root, start={"epoch": 6})
     assert claim.ready[0] == P.ERROR and "busy" in claim.ready[3], claim.ready
     claim.close()

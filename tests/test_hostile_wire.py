@@ -90,7 +90,7 @@ def server(tmp_path):
 
 
 def _file(req: int, path: bytes, data: bytes, mode: int) -> list[list]:
-    return [[P.FILE, req, path, [mode, 0, 0, T], "whole", 0, 0], [P.DATA, req, data],
+    return [[P.FILE, req, path, [mode, 0, 0, T], "whole", 0, 0, False], [P.DATA, req, data],
             [P.FILE_END, req, xxhash.xxh3_128_digest(data), len(data)]]  # fmt: skip
 
 

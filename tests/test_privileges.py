@@ -28,7 +28,7 @@ T = 1_000_000_000_000_000_000
 
 
 def _file(req: int, path: bytes, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> list[list]:
-    return [[P.FILE, req, path, [mode, uid, gid, T], "whole", 0, 0], [P.DATA, req, data],
+    return [[P.FILE, req, path, [mode, uid, gid, T], "whole", 0, 0, False], [P.DATA, req, data],
             [P.FILE_END, req, xxhash.xxh3_128_digest(data), len(data)]]  # fmt: skip
 
 

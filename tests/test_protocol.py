@@ -95,7 +95,7 @@ def test_garbage_truncated_and_oversized_frames(served):
 def test_hostile_paths_close_the_connection(served, path):
     server, src, dst, tmp_path = served
     t = _handshake(server.port)
-    t.send([P.FILE, 1, path, [0o644, 0, 0, 0], "whole", 0, 0])
+    t.send([P.FILE, 1, path, [0o644, 0, 0, 0], "whole", 0, 0, False])
     t.send([P.DATA, 1, b"evil"])
     t.send([P.FILE_END, 1, b"\0" * 16, 4])
     t.send([P.END, {}])
@@ -116,7 +116,7 @@ def test_copy_past_the_basis_is_refused(served):
     sync(src, server.url("m"), secret=SECRET)
     before = (dst / "d" / "f").read_bytes()
     t = _handshake(server.port)
-    t.send([P.FILE, 1, b"d/f", [0o644, 0, 0, 0], "delta", 1024, len(before)])
+    t.send([P.FILE, 1, b"d/f", [0o644, 0, 0, 0], "delta", 1024, len(before), False])
     t.send([P.COPY, 1, 10_000, 5])
     replies = []
     try:
@@ -164,7 +164,8 @@ _paths = st.one_of(st.sampled_from([b"a", b"d/f", b"../x", b"/abs", b"a/../b", b
 _values = st.one_of(st.integers(-5, 2**40), st.binary(max_size=16), st.none(), st.text(max_size=4), _paths)
 _messages = st.one_of(
     st.tuples(st.sampled_from([P.FILE]), st.integers(0, 3), _paths, st.lists(st.integers(0, 4096), min_size=4, max_size=4),
-              st.sampled_from(["whole", "delta", "x"]), st.integers(0, 4096), st.integers(0, 10_000)),
+              st.sampled_from(["whole", "delta", "x"]), st.integers(0, 4096), st.integers(0, 10_000),
+              st.sampled_from([False, True, None, 2])),
     st.tuples(st.just(P.DATA), st.integers(0, 3), st.binary(max_size=64)),
     st.tuples(st.just(P.COPY), st.integers(0, 3), st.integers(-1, 50), st.integers(-1, 50)),
     st.tuples(st.just(P.FILE_END), st.integers(0, 3), st.binary(max_size=17), st.integers(0, 100)),

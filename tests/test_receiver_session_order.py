@@ -31,7 +31,7 @@ def _assert_clean_refusal(session: RawSession, root, words: str) -> None:
 
 
 _BETWEEN_FILES = {
-    P.FILE: [P.FILE, 2, b"other", ATTRS, "whole", 0, 0],
+    P.FILE: [P.FILE, 2, b"other", ATTRS, "whole", 0, 0, False],
     P.MKDIR: [P.MKDIR, b"d", ATTRS],
     P.SYMLINK: [P.SYMLINK, b"l", b"target", ATTRS],
     P.NODE: [P.NODE, b"n", 4, 0, ATTRS],  # a FIFO
@@ -49,7 +49,7 @@ _BETWEEN_FILES = {
 def test_anything_but_content_in_the_middle_of_a_file_is_refused(tmp_path, kind, first):
     root = _module(tmp_path)
     s = RawSession(root, start={})
-    s.send([P.FILE, 1, first, ATTRS, "whole", 0, 0], [P.DATA, 1, b"half"], _BETWEEN_FILES[kind])
+    s.send([P.FILE, 1, first, ATTRS, "whole", 0, 0, False], [P.DATA, 1, b"half"], _BETWEEN_FILES[kind])
     _assert_clean_refusal(s, root, f"{kind!r} in the middle of a file")
     assert not (root / "new").exists()
 
@@ -57,7 +57,7 @@ def test_anything_but_content_in_the_middle_of_a_file_is_refused(tmp_path, kind,
 def test_repeated_start_inside_a_session_is_refused(tmp_path):
     root = _module(tmp_path)
     s = RawSession(root, start={})
-    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.START, {"epoch": 0}])
+    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0, False], [P.START, {"epoch": 0}])
     _assert_clean_refusal(s, root, "unexpected message 'start'")
 
 
@@ -65,14 +65,14 @@ def test_repeated_start_inside_a_session_is_refused(tmp_path):
 def test_a_delta_with_no_block_size_is_refused(tmp_path, path):
     root = _module(tmp_path)
     s = RawSession(root, start={})
-    s.send([P.FILE, 1, path, ATTRS, "delta", 0, 11], [P.DATA, 1, b"x"], [P.FILE_END, 1, b"\0" * 16, 1])
+    s.send([P.FILE, 1, path, ATTRS, "delta", 0, 11, False], [P.DATA, 1, b"x"], [P.FILE_END, 1, b"\0" * 16, 1])
     _assert_clean_refusal(s, root, "bad block size")
 
 
 def test_data_for_another_request_is_refused(tmp_path):
     root = _module(tmp_path)
     s = RawSession(root, start={})
-    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 2, b"x"])
+    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0, False], [P.DATA, 2, b"x"])
     _assert_clean_refusal(s, root, "not started")
 
 
@@ -88,7 +88,7 @@ def test_file_content_with_no_file_started_is_refused(tmp_path, frame):
 def test_file_end_with_wrong_digest_is_reported_never_committed(tmp_path):
     root = _module(tmp_path)
     s = RawSession(root, start={})
-    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 1, b"new content"],
+    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0, False], [P.DATA, 1, b"new content"],
            [P.FILE_END, 1, b"\0" * 16, 11])  # fmt: skip
     result = s.end()
     assert result[0] == P.RESULT and result[1]["failed_count"] == 1, s.replies
@@ -100,7 +100,7 @@ def test_file_end_with_wrong_digest_is_reported_never_committed(tmp_path):
 def test_peer_vanishing_mid_file_leaves_no_temp_and_frees_the_module(tmp_path):
     root = _module(tmp_path)
     s = RawSession(root, start={})
-    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0], [P.DATA, 1, b"x" * 1000])
+    s.send([P.FILE, 1, b"keep", ATTRS, "whole", 0, 0, False], [P.DATA, 1, b"x" * 1000])
     s.close()
     assert s.errors and all(isinstance(e, MirrorError) for e in s.errors)
     assert temp_files(root) == []

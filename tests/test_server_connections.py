@@ -194,7 +194,7 @@ def test_a_writer_that_stops_reading_frees_the_module_within_the_server_timeout(
 
 
 def _file_messages(req: int, path: bytes, data: bytes, *, end: bool = True) -> list:
-    messages = [[P.FILE, req, path, ATTRS, "whole", 0, 0], [P.DATA, req, data]]
+    messages = [[P.FILE, req, path, ATTRS, "whole", 0, 0, False], [P.DATA, req, data]]
     if end:
         messages.append([P.FILE_END, req, xxhash.xxh3_128(data).digest(), len(data)])
     return messages
@@ -299,12 +299,12 @@ def test_bad_connections_leave_no_descriptor_or_thread_behind(tmp_path, trees):
             _raw(server.port, struct.pack(">I", 0xFFFFFFF0))
             _raw(server.port, struct.pack(">I", 100) + b"x" * 10)
             t = _tcp_session(server.port)  # vanishes mid-file
-            t.send([P.FILE, 1, b"d/f", ATTRS, "whole", 0, 0])
+            t.send([P.FILE, 1, b"d/f", ATTRS, "whole", 0, 0, False])
             t.send([P.DATA, 1, b"x" * 5000])
             t.close()
             t = _tcp_session(server.port)  # a second file before the first ended
-            t.send([P.FILE, 1, b"a", ATTRS, "whole", 0, 0])
-            t.send([P.FILE, 2, b"b", ATTRS, "whole", 0, 0])
+            t.send([P.FILE, 1, b"a", ATTRS, "whole", 0, 0, False])
+            t.send([P.FILE, 2, b"b", ATTRS, "whole", 0, 0, False])
             t.close()
             t = _tcp_session(server.port)  # a hostile path
             t.send([P.DELETE, b"../" * i + b"etc"])

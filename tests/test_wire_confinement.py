@@ -20,7 +20,7 @@ from tests.snapshot import assert_mirrors
 
 
 def _whole_file(req: int, path: bytes, data: bytes) -> list:
-    return [[P.FILE, req, path, ATTRS, "whole", 0, 0], [P.DATA, req, data],
+    return [[P.FILE, req, path, ATTRS, "whole", 0, 0, False], [P.DATA, req, data],
             [P.FILE_END, req, xxhash.xxh3_128(data).digest(), len(data)]]  # fmt: skip
 
 
