@@ -27,14 +27,16 @@ class HoleWriter:
 
     def write(self, data) -> int:
         with memoryview(data) as view:
+            raw = data if type(data) is bytes else view.tobytes()  # bytes compare in C (startswith)
             n = len(view)
             start = self.pos
             first = min(n, -start % BLOCK)  # up to the first block boundary: written as it is
             pending = 0  # view[pending:at] waits to be written
             at = first
             while at + BLOCK <= n:
-                if view[at : at + BLOCK] == _ZEROS:
-                    self._write(view[pending:at], start + pending)
+                if raw.startswith(_ZEROS, at):
+                    if pending < at:
+                        self._write(view[pending:at], start + pending)
                     pending = at + BLOCK
                 at += BLOCK
             self._write(view[pending:n], start + pending)
