@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-BLOCK = 4096  # the smallest block a Linux file system allocates
+BLOCK = 4096  # the usual file-system block (ext4, xfs, btrfs, tmpfs pages): holes come in whole blocks
 _ZEROS = bytes(BLOCK)
 
 

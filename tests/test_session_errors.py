@@ -206,9 +206,9 @@ def test_a_malformed_reply_from_the_receiver_is_a_protocol_error_not_a_crash(tmp
     frame = _BAD_REPLIES[reply]
 
     class _BadReply(ReceiverSession):
-        def _on_file(self, req, path, attrs, mode, block_size, basis_size):
+        def _on_file(self, *fields):
             self.t.send(frame)
-            super()._on_file(req, path, attrs, mode, block_size, basis_size)
+            super()._on_file(*fields)
 
     src, dst = changed_pair(tmp_path)
     with socket_pair_receiver(_BadReply, dst) as transport:
