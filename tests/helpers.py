@@ -217,3 +217,29 @@ def fill_file_system(directory) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(probe)
+
+
+def data_runs(path) -> list[tuple[int, int]]:
+    """Where ``path`` holds data, as (start, end) runs, by SEEK_DATA/SEEK_HOLE."""
+    runs, start = [], 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            try:
+                start = os.lseek(fd, start, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after start
+                return runs
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            runs.append((start, end))
+            start = end
+    finally:
+        os.close(fd)
+
+
+def sparse_file(path, size: int, runs: list[tuple[int, int]]) -> None:
+    """A file of ``size`` bytes, holes but for random data at each (offset, length) of ``runs``."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in runs:
+            f.seek(offset)
+            f.write(os.urandom(length))

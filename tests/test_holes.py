@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mirror.holes import BLOCK, HoleWriter
-from tests.helpers import run_mirror
+from tests.helpers import data_runs, run_mirror, sparse_file
 from tests.servers import TRUSTING, mirror_server
 
 MIB = 1 << 20
@@ -25,22 +25,6 @@ def _has_data(fd: int, offset: int) -> bool:
         return os.lseek(fd, offset, os.SEEK_DATA) == offset
     except OSError:  # ENXIO: only holes from there on
         return False
-
-
-def _data_runs(path) -> list[tuple[int, int]]:
-    runs, start = [], 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while True:
-            try:
-                start = os.lseek(fd, start, os.SEEK_DATA)
-            except OSError:
-                return runs
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            runs.append((start, end))
-            start = end
-    finally:
-        os.close(fd)
 
 
 def _holes_kept_here(directory) -> bool:
@@ -95,14 +79,6 @@ def test_the_hole_writer_leaves_every_whole_block_of_zeros_a_hole(tmp_path_facto
     assert path.read_bytes() == content
 
 
-def _image(path, size: int, runs: list[tuple[int, int]]) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, length in runs:
-            f.seek(offset)
-            f.write(os.urandom(length))
-
-
 def _sync(src, server, *options) -> dict:
     proc = run_mirror("sync", "--json", *options, src, server.url("m"), "--secret-file", server.secret_file)
     assert proc.returncode == 0, proc.stderr
@@ -116,13 +92,13 @@ def test_a_file_with_holes_keeps_them_on_a_remote_replica_sent_whole_and_as_a_de
     if not _holes_kept_here(tmp_path):
         pytest.skip("this file system keeps no holes")
     size = 64 * MIB
-    _image(src / "image", size, [(0, MIB), (20 * MIB, 256 << 10), (40 * MIB, 2 * MIB)])
+    sparse_file(src / "image", size, [(0, MIB), (20 * MIB, 256 << 10), (40 * MIB, 2 * MIB)])
     (src / "zeros").write_bytes(bytes(4 * MIB))  # written zeros, no holes: written zeros there too
     with mirror_server(tmp_path, {"m": str(dst)}, *TRUSTING) as server:
         out = _sync(src, server)
         assert out["stats"]["files_sent"] == 2
         assert (dst / "image").read_bytes() == (src / "image").read_bytes()
-        assert _data_runs(dst / "image") == _data_runs(src / "image")
+        assert data_runs(dst / "image") == data_runs(src / "image")
         assert os.stat(dst / "image").st_blocks <= os.stat(src / "image").st_blocks + 8
         assert (dst / "zeros").read_bytes() == bytes(4 * MIB)
         assert os.stat(dst / "zeros").st_blocks * 512 >= 4 * MIB  # kept as the source keeps it
@@ -135,5 +111,5 @@ def test_a_file_with_holes_keeps_them_on_a_remote_replica_sent_whole_and_as_a_de
         out = _sync(src, server)
         assert out["stats"]["files_delta"] == 1 and out["stats"]["wire_sent"] < 4 * MIB
         assert (dst / "image").read_bytes() == (src / "image").read_bytes()
-        assert _data_runs(dst / "image") == _data_runs(src / "image")
+        assert data_runs(dst / "image") == data_runs(src / "image")
         assert os.stat(dst / "image").st_blocks <= os.stat(src / "image").st_blocks + 8

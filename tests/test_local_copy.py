@@ -12,7 +12,7 @@ import pytest
 from mirror.errors import LockedError
 from mirror.lockfile import acquire
 from mirror.transfer import sync
-from tests.helpers import PollingThread, changing, wait_until
+from tests.helpers import PollingThread, changing, data_runs, sparse_file, wait_until
 
 SIZE = 8 << 20
 # One page per write: a writer preempted inside one write() has set the file's ctime already
@@ -164,13 +164,13 @@ def test_a_copy_between_two_kinds_of_file_system_falls_back_and_stays_whole(tmp_
         for name, size in sizes.items():
             with open(os.path.join(src, name), "wb") as f:
                 f.write(os.urandom(size))
-        _write_layout(os.path.join(src, "holes"), 16 * MIB, [MIB, 9 * MIB], 64 << 10)  # its runs sent one by one
+        sparse_file(os.path.join(src, "holes"), 16 * MIB, [(MIB, 64 << 10), (9 * MIB, 64 << 10)])  # its runs sent one by one
         result = sync(src, tmp_path / "dst")
         assert result.ok and result.stats.files_sent == len(sizes) + 1
         for name in [*sizes, "holes"]:
             with open(os.path.join(src, name), "rb") as f:
                 assert (tmp_path / "dst" / name).read_bytes() == f.read(), name
-        assert _data_runs(tmp_path / "dst" / "holes") == [(MIB, MIB + (64 << 10)), (9 * MIB, 9 * MIB + (64 << 10))]
+        assert data_runs(tmp_path / "dst" / "holes") == [(MIB, MIB + (64 << 10)), (9 * MIB, 9 * MIB + (64 << 10))]
     finally:
         shutil.rmtree(src)
 
@@ -192,31 +192,6 @@ def test_bwlimit_holds_a_local_copy_to_its_rate(tmp_path):
         assert (dst / f"f{i}").read_bytes() == (src / f"f{i}").read_bytes()
 
 
-def _data_runs(path) -> list[tuple[int, int]]:
-    """Where ``path`` holds data, as (start, end) runs, by SEEK_DATA/SEEK_HOLE."""
-    runs, start = [], 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while True:
-            try:
-                start = os.lseek(fd, start, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after start
-                return runs
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            runs.append((start, end))
-            start = end
-    finally:
-        os.close(fd)
-
-
-def _write_layout(path, size: int, data_at: list[int], run: int) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset in data_at:
-            f.seek(offset)
-            f.write(os.urandom(run))
-
-
 MIB = 1 << 20
 SPARSE_LAYOUTS = {
     "hole in the middle": (64 * MIB, [0, 40 * MIB], MIB),
@@ -234,7 +209,7 @@ def test_holes_in_a_source_file_stay_holes_in_the_replica(tmp_path, layout):
     size, data_at, run = SPARSE_LAYOUTS[layout]
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
-    _write_layout(src / "image", size, data_at, run)
+    sparse_file(src / "image", size, [(offset, run) for offset in data_at])
     (src / "plain").write_bytes(os.urandom(3 * MIB))  # no holes: copied as before
     if os.stat(src / "image").st_blocks * 512 >= size:
         pytest.skip("this file system keeps no holes")
@@ -247,7 +222,7 @@ def test_holes_in_a_source_file_stay_holes_in_the_replica(tmp_path, layout):
         assert result.ok and result.stats.files_sent >= 1, result.failed
         assert (dst / "image").read_bytes() == (src / "image").read_bytes()
         assert (dst / "plain").read_bytes() == (src / "plain").read_bytes()
-        assert _data_runs(dst / "image") == _data_runs(src / "image")
+        assert data_runs(dst / "image") == data_runs(src / "image")
         assert os.stat(dst / "image").st_blocks <= os.stat(src / "image").st_blocks + 8
         assert os.stat(dst / "image").st_size == size
 
