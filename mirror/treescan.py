@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from . import fastpath, startup
 from .constants import MAX_TARGET
 from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key, entry_from_stat, too_deep
-from .errors import ManifestError, display_path, fs_path
+from .errors import ManifestError, MirrorError, display_path, fs_path
 from .statedir import (
     STATE_DIR_NAME,
     check_root,
@@ -382,6 +382,12 @@ class TreeScan:
         """Start scanning now (in the background), before the listings are asked for."""
         if not self.background or self._thread is not None or self._walk is not None:
             return self
+        if self.checksum and not self.is_manifest and self.scope is None:
+            # The digest cache's state dir is made here, not in the scan's thread: making
+            # <root>/.mirror moves the root's mtime until it is put back, and the caller may
+            # stat the root (its entry in a comparison) as soon as this returns.
+            with contextlib.suppress(OSError, MirrorError):  # the scan's cache writer reports it
+                ensure_state_dir(self.state_dir)
         early = startup.take_walk(self.root)  # started before the program loaded
         if self._plain():
             # The whole walk in the scanner's own thread: the compiled one never takes the
@@ -614,10 +620,6 @@ def source_scan(root: bytes, options, scope=None):
     """The source tree, scanned as a sync's ``options`` (``records.SenderOptions``) say."""
     from .exclude import make_excluder
 
-    if options.checksum and not options.dry_run:
-        # Made now, not by the scan thread: creating it moves the root's mtime for a moment.
-        with contextlib.suppress(OSError):  # a full disk: the scan goes without its digest cache, and says so
-            ensure_state_dir(resolve_state_dir(root, options.state_dir))
     return TreeScan(root, excluder=make_excluder(options.excludes), checksum=options.checksum,
                     state_dir=options.state_dir, scope=scope, background=scope is None).start()  # fmt: skip
 

@@ -86,6 +86,20 @@ def test_identical_copy_exits_zero(pair, tmp_path):
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
 
 
+def test_a_checksum_scan_has_its_state_dir_once_started(pair):
+    """Making the digest cache's state dir moves the root's mtime until it is put back, and
+    `mirror diff` stats the roots as soon as their scans are started: the dir is made before
+    `start` returns, never in the scan's thread (which made `diff --checksum` of identical
+    trees report the root's time now and then)."""
+    a, _ = pair
+    scan = TreeScan(a, checksum=True).start()
+    try:
+        assert os.path.isdir(os.path.join(a, ".mirror"))
+        assert os.stat(a).st_mtime_ns == T0
+    finally:
+        scan.stop()
+
+
 def test_checksum_finds_same_size_same_mtime_changes(pair, tmp_path):
     a, _ = pair
     c = str(tmp_path / "c")
