@@ -373,7 +373,7 @@ def receiver_silent(address: str, port: int, module: str, timeout: float = PROBE
 
     from mirror import protocol as P
 
-    hello = P.encode([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": module, "nonce": os.urandom(P.NONCE_SIZE),
+    hello = P.encode([P.HELLO, {**P.hello_versions(), "module": module, "nonce": os.urandom(P.NONCE_SIZE),
                                 "software": P.SOFTWARE}])  # fmt: skip
     try:
         with socket.create_connection((address, port), timeout=timeout) as sock:

@@ -27,6 +27,9 @@ from .exclude import MAX_PATTERN_BYTES, MAX_PATTERNS
 from .ratelimit import RateLimiter
 
 PROTOCOL_VERSION = 5
+# The oldest version this end still speaks: the two nodes of a cluster upgraded one at a time
+# keep mirroring to each other, whichever runs the release before (docs/PROTOCOL.md, "Versions").
+OLDEST_VERSION = 4
 SOFTWARE = "hamirror/0.1"
 MAX_FRAME = 8 << 20  # a listing part, a signature or a literal chunk fits well below this
 # Before the peer has proved it knows the secret, nothing larger is read: a hello with a
@@ -387,6 +390,56 @@ _SESSION_FRAMES = {
     END: (_any,),
 }
 
+# The fields a version added at the end of a session frame, and what a frame of an earlier
+# version means by leaving it out: (version, frame, value), oldest first.
+_ADDED_FIELDS = ((5, FILE, False),)  # holes: a version 4 receiver writes the zeros
+
+
+def in_version(message: list, version: int) -> list:
+    """A session frame as a peer speaking ``version`` takes it: without the fields added since."""
+    for added, kind, _ in reversed(_ADDED_FIELDS):
+        if version < added and message[0] == kind:
+            message = message[:-1]
+    return message
+
+
+def from_version(message: list, version: int) -> list:
+    """A session frame of a peer speaking ``version``, with the fields added since at the
+    value its frame means (``checked`` then holds it to the current frame's shape)."""
+    for added, kind, value in _ADDED_FIELDS:
+        if version < added and message[0] == kind:
+            message = [*message, value]
+    return message
+
+
+def hello_versions() -> dict:
+    """A hello's versions: ``proto``, the oldest this sender speaks (a receiver of that version
+    compares it with its own), and ``upto``, the newest."""
+    return {"proto": OLDEST_VERSION, "upto": PROTOCOL_VERSION}
+
+
+def agreed_version(hello: dict, peer: str) -> int:
+    """The version a receiver speaks with the sender of ``hello`` (checked): the newest both
+    speak.  A sender of version 4 names only its own, in ``proto``."""
+    oldest = hello["proto"]
+    newest = oldest if hello["upto"] is None else hello["upto"]
+    version = min(newest, PROTOCOL_VERSION)
+    if version < max(oldest, OLDEST_VERSION):
+        said = str(oldest) if newest == oldest else f"{oldest} to {newest}"
+        raise ProtocolError(f"{peer} speaks protocol version {said}; this receiver speaks {OLDEST_VERSION} to "
+                            f"{PROTOCOL_VERSION}: upgrade the older of the two")  # fmt: skip
+    return version
+
+
+def challenged_version(challenge: dict, peer: str) -> int:
+    """The version the receiver's ``challenge`` agreed to (checked): one this sender speaks."""
+    version = challenge["proto"]
+    if not OLDEST_VERSION <= version <= PROTOCOL_VERSION:
+        raise ProtocolError(f"{peer} speaks protocol version {version}; this sender speaks {OLDEST_VERSION} "
+                            f"to {PROTOCOL_VERSION}: upgrade the older of the two")  # fmt: skip
+    return version
+
+
 # A session's ``start`` options (docs/PROTOCOL.md); ``scope``, ``renames``, ``tree`` and
 # ``deletions`` are checked by the modules that use them (treescan, renames, guard).
 _START_OPTIONS = {
@@ -422,13 +475,15 @@ REPLY_FRAMES = {
 
 
 # The handshake's frames and a session's ``ready``, each one map (docs/PROTOCOL.md): the
-# fields either end relies on (``proto`` is compared by the receiver, with its own message).
+# fields either end relies on.
 _nonce = (REQUIRED, _bytes("nonce", NONCE_SIZE))
+_version = _int("protocol version", 1, 1 << 16)
 _proof_field = (b"", _bytes("proof", 64))
 _GREETINGS = {
-    HELLO: (_map("hello", module=(REQUIRED, _text("module", 1024)), subpath=(b"", _bytes("subpath", 4096)),
-                 nonce=_nonce, idle=(None, _int("idle", 0.05, 3600, (int, float)))),),  # fmt: skip
-    CHALLENGE: (_map("challenge", nonce=_nonce, auth=(False, _flag("auth"))),),
+    HELLO: (_map("hello", proto=(REQUIRED, _version), upto=(None, _version), module=(REQUIRED, _text("module", 1024)),
+                 subpath=(b"", _bytes("subpath", 4096)), nonce=_nonce,
+                 idle=(None, _int("idle", 0.05, 3600, (int, float)))),),  # fmt: skip
+    CHALLENGE: (_map("challenge", proto=(REQUIRED, _version), nonce=_nonce, auth=(False, _flag("auth"))),),
     AUTH: (_map("auth", proof=_proof_field),),
     WELCOME: (_map("welcome", proof=_proof_field, epoch=(0, _int("epoch")), read_only=(False, _flag("read_only")),
                    can_chown=(False, _flag("can_chown")), applied=_applied, idle=(False, _flag("idle")),

@@ -105,6 +105,7 @@ class Receiver:
         self.module: ModuleConfig | None = None
         self.sessions = 0  # served on this connection (the server's log says how many)
         self.subpath = b""  # set by the handshake
+        self.version = P.PROTOCOL_VERSION  # the protocol version spoken with this sender, agreed at the hello
         # The one-writer lock, taken at the first session that writes (or already held by
         # an embedding caller that scanned the replica before connecting: see transfer.py).
         self._writer = writer
@@ -163,9 +164,7 @@ class Receiver:
     def _handshake(self) -> None:
         self.t.max_frame = P.PREAUTH_MAX_FRAME
         info = P.checked_greeting(self.t.recv(), P.HELLO)
-        if info.get("proto") != P.PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {info.get('proto')!r} is not supported (this receiver speaks "
-                                f"version {P.PROTOCOL_VERSION})")  # fmt: skip
+        self.version = P.agreed_version(info, self.peer)
         name, client_nonce = info["module"], info["nonce"]
         module = self.modules.get(name)
         if module is None:
@@ -179,7 +178,7 @@ class Receiver:
             self._idle_limit = info["idle"] * P.IDLE_MISSED
         server_nonce = os.urandom(P.NONCE_SIZE)
         secret = self.module.secret
-        self.t.send([P.CHALLENGE, {"proto": P.PROTOCOL_VERSION, "nonce": server_nonce, "auth": secret is not None}])
+        self.t.send([P.CHALLENGE, {"proto": self.version, "nonce": server_nonce, "auth": secret is not None}])
         auth = P.checked_greeting(self.t.recv(), P.AUTH)
         proof = b""
         if secret is not None:
@@ -248,6 +247,7 @@ class ReceiverSession:
     def __init__(self, receiver: Receiver, tree: ConfinedTree, opts: dict, policy, epoch: int):
         self.t = receiver.t
         self.peer = receiver.peer
+        self.version = receiver.version
         self.tree = tree
         self.opts = opts
         self.epoch = epoch
@@ -330,7 +330,7 @@ class ReceiverSession:
         message = self.t.recv()
         if message is None:
             raise ProtocolError("sender closed the connection in the middle of a session")
-        return message[0], P.checked(message)
+        return message[0], P.checked(P.from_version(message, self.version))
 
     def _record_applied(self, clean: bool) -> list | None:
         """After a ``clean`` session (every change committed, nothing left out on either side),

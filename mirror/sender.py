@@ -208,13 +208,15 @@ class Sender:
         # keepalive, which finds a vanished receiver within seconds, from ever probing.
         self._announce_idle = idle_frames
         self._idle_frames, self._idle_sent = False, 0.0
+        self.version = P.PROTOCOL_VERSION  # the protocol version spoken with this receiver, agreed at the hello
 
     def handshake(self) -> dict:
         nonce = os.urandom(P.NONCE_SIZE)
-        self.t.send([P.HELLO, {"proto": P.PROTOCOL_VERSION, "module": self.module, "subpath": self.subpath,
+        self.t.send([P.HELLO, {**P.hello_versions(), "module": self.module, "subpath": self.subpath,
                                "nonce": nonce, "software": P.SOFTWARE,
                                **({"idle": P.IDLE_INTERVAL} if self._announce_idle else {})}])  # fmt: skip
         info = receive(self.t, P.CHALLENGE)
+        self.version = P.challenged_version(info, getattr(self.t, "peer", "the receiver"))
         secret = self.o.secret
         if info.get("auth") and secret is None:
             raise AuthError("the receiver requires a shared secret (--secret-file)")
@@ -476,6 +478,7 @@ class FileEncoder:
         self.on_progress = session.conn.on_progress
         self.reader = reader
         self.delta = fastpath.choose("delta")
+        self.version = session.conn.version
         self._req = 0
         self._deferred: dict[int, Op] = {}
 
@@ -527,7 +530,7 @@ class FileEncoder:
             stats = self.stats
             how = ["delta", sig.block_size, sig.basis_size] if sig is not None else ["whole", 0, 0]
             holes = before.st_blocks * 512 < before.st_size  # the receiver keeps its blocks of zeros as holes
-            self.t.send([P.FILE, req, path, stat_attrs(before), *how, holes], flush=False)
+            self.t.send(P.in_version([P.FILE, req, path, stat_attrs(before), *how, holes], self.version), flush=False)
             block = sig.block_size if sig is not None else 1
             ops = self.delta.delta(sig, f)
             try:

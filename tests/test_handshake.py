@@ -118,6 +118,10 @@ def _welcome(**fields):
         ([P.CHALLENGE, {}, {}], "'challenge'"),
         (_welcome(epoch="zz"), "epoch"),
         (_welcome(epoch=-1), "epoch"),
+        (_challenge(proto=None), "protocol version"),
+        (_challenge(proto="5"), "protocol version"),
+        (_challenge(proto=P.OLDEST_VERSION - 1), f"speaks protocol version {P.OLDEST_VERSION - 1}"),
+        (_challenge(proto=P.PROTOCOL_VERSION + 1), f"speaks protocol version {P.PROTOCOL_VERSION + 1}"),
         (_welcome(can_chown="x"), "can_chown"),
         (_welcome(read_only=1), "read_only"),
         (_welcome(proof=b"p" * 65), "proof"),
@@ -183,6 +187,13 @@ def _raw_hello(port: int, hello: dict) -> list | None:
         ({"module": "m", "nonce": b"n" * 32, "subpath": "text"}, "subpath"),
         ({"module": "m", "nonce": b"n" * 32, "idle": "often"}, "idle"),
         ({"module": "m", "nonce": b"n" * 32, "idle": 0.001}, "idle"),  # a limit of 4 ms would drop every sender
+        ({"module": "m", "nonce": b"n" * 32, "proto": None}, "protocol version"),
+        ({"module": "m", "nonce": b"n" * 32, "proto": 4.5}, "protocol version"),
+        ({"module": "m", "nonce": b"n" * 32, "upto": "6"}, "protocol version"),
+        # versions this receiver does not speak: an older sender's, a newer sender's, none at all
+        ({"module": "m", "nonce": b"n" * 32, "proto": 3}, "speaks protocol version 3; this receiver speaks 4 to 5"),
+        ({"module": "m", "nonce": b"n" * 32, "proto": 6, "upto": 7}, "speaks protocol version 6 to 7"),
+        ({"module": "m", "nonce": b"n" * 32, "proto": 5, "upto": 4}, "speaks protocol version 5 to 4"),
     ],
 )
 def test_a_malformed_hello_is_refused_by_name_and_the_server_goes_on(tmp_path, hello, field):
