@@ -60,9 +60,10 @@ CH_LINKED = 1024  # not a change: either side is a regular file with nlink > 1 (
 HASH_CHUNK = 256 * 1024
 
 # Delta ops (and their tags in the delta stream format): copy a run of basis blocks, or
-# literal bytes.
+# literal bytes; on the wire only, a hole of the new file (its length of zeros, not read).
 COPY = 0
 LITERAL = 1
+HOLE = 3
 
 # Delta kernel.  A literal op carries at most MAX_LITERAL bytes; at most MAX_CANDIDATES
 # blocks sharing a window's weak sum are compared by strong hash (bounds the work a hostile

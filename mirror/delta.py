@@ -79,6 +79,7 @@ from .constants import (
     COPY,
     DELTA_READ_CHUNK,
     DIGEST_SIZE,
+    HOLE,
     LITERAL,
     MAX_CANDIDATES,  # noqa: F401  (a limit of the kernels, for callers)
     MAX_LITERAL,
@@ -336,8 +337,11 @@ def _empty_signature() -> Signature:
 class Delta:
     """Iterator of ops turning the signature's basis into ``new``; see the module docstring."""
 
-    def __init__(self, sig: Signature | None, new: BinaryIO, *, kernel: ModuleType | None = None):
+    def __init__(self, sig: Signature | None, new: BinaryIO, *, kernel: ModuleType | None = None,
+                 holes: bool = False):  # fmt: skip
         k = kernel if kernel is not None else _kernel
+        # A whole file (no basis) that has holes: each is one op, its length, never read.
+        self._data_end: int | None = 0 if holes and sig is None else None
         self.sig = sig if sig is not None else _empty_signature()
         self.block_size = self.sig.block_size
         self.basis_size = self.sig.basis_size
@@ -368,20 +372,28 @@ class Delta:
 
     def _step(self) -> list:
         """The ops of the next chunk of ``new`` (or the last ones, at its end)."""
+        if self._data_end is not None and self._size >= self._data_end:
+            hole = self._next_hole()
+            if hole:
+                return [(HOLE, hole)]
+        want = READ_CHUNK if self._data_end is None else min(READ_CHUNK, self._data_end - self._size)
         if self._readinto is not None:
             if self._buf is None:
                 self._buf = _aligned(READ_CHUNK)
                 self._view = memoryview(self._buf)
-            got = self._readinto(self._view)
+            with self._view[:want] as view:
+                got = self._readinto(view)
             if got is None:
                 raise BlockingIOError("non-blocking stream is not supported")
             data = self._view[:got]
         else:
-            data = self._new.read(READ_CHUNK)
+            data = self._new.read(want)
             got = len(data)
         if got:
             self._hash.update(data)  # xxhash lets go of the GIL for large buffers
             self._size += got
+            if self._data_end is not None:
+                return [(LITERAL, bytes(data[start : start + MAX_LITERAL])) for start in range(0, got, MAX_LITERAL)]
             return self._matcher.feed(data)
         ops = self._matcher.finish()
         self.digest = self._hash.digest()
@@ -393,10 +405,42 @@ class Delta:
             self._buf = self._view = None
         return ops
 
+    def _next_hole(self) -> int:
+        """At the end of a data run: the length of the hole that follows (0 at the end of the
+        file), ``new`` moved past it, and where the data after it ends (``SEEK_DATA``,
+        ``SEEK_HOLE``).  A file system without a hole map has its file sent as data."""
+        fd, at = self._new.fileno(), self._size
+        try:
+            data = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP) and at == 0:
+                self._data_end = None
+                return 0
+            if exc.errno != errno.ENXIO:
+                raise
+            data = self._data_end = max(at, os.lseek(fd, 0, os.SEEK_END))  # no data after ``at``: a hole to the end
+        else:
+            self._data_end = os.lseek(fd, data, os.SEEK_HOLE)
+        self._new.seek(data)
+        hole = data - at
+        if hole:
+            self._hash.update(hole_digest_input(hole))
+            self._size = data
+        return hole
 
-def delta(sig: Signature | None, new: BinaryIO, *, kernel: ModuleType | None = None) -> Delta:
-    """The ops that rebuild ``new`` from the basis ``sig`` describes (lazy: iterate them)."""
-    return Delta(sig, new, kernel=kernel)
+
+def hole_digest_input(length: int) -> bytes:
+    """What a hole of ``length`` bytes adds to a file's digest, in place of its zeros: both
+    ends hash a hole by its length, so a hole costs neither of them its length in hashing
+    (a hostile sender's one small frame naming a hole of a terabyte costs nothing)."""
+    return b"\0hamirror-hole\0" + length.to_bytes(8, "big")
+
+
+def delta(sig: Signature | None, new: BinaryIO, *, kernel: ModuleType | None = None, holes: bool = False) -> Delta:
+    """The ops that rebuild ``new`` from the basis ``sig`` describes (lazy: iterate them).
+    ``holes``: ``new`` (a file, no basis) may have holes: each is a ``(HOLE, length)`` op,
+    hashed by its length (``hole_digest_input``), and the data is sent as it is, unmatched."""
+    return Delta(sig, new, kernel=kernel, holes=holes)
 
 
 class Patcher:
@@ -469,6 +513,15 @@ class Patcher:
             end = min((first + count) * self.block_size, self.basis_size)
             self._grow(end - start)
             self._copy(start, end)
+        elif kind == HOLE and len(op) == 2:
+            length, skip = op[1], getattr(self.out, "skip", None)
+            if not isinstance(length, int) or length < 1:
+                raise ValueError(f"hole op of invalid length {length!r}")
+            if skip is None:
+                raise ValueError("a hole in a file not written with holes")
+            self._grow(length)
+            self._digest.update(hole_digest_input(length))
+            skip(length)
         else:
             raise ValueError(f"unknown delta op {op!r:.80}")
 

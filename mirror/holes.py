@@ -18,8 +18,8 @@ _ZEROS = bytes(BLOCK)
 
 class HoleWriter:
     """``write`` for the new, empty file ``fd``: what ``data`` holds is written at the current
-    position but for its aligned blocks of zeros, skipped; ``finish()`` gives the file its
-    length (a hole at the end is only a length)."""
+    position but for its aligned blocks of zeros, skipped; ``skip`` leaves a run unwritten;
+    ``finish()`` gives the file its length (a hole at the end is only a length)."""
 
     def __init__(self, fd: int):
         self.fd = fd
@@ -42,6 +42,10 @@ class HoleWriter:
             self._write(view[pending:n], start + pending)
         self.pos += n
         return n
+
+    def skip(self, length: int) -> None:
+        """Leave ``length`` bytes from the current position a hole (a sender's ``hole``)."""
+        self.pos += length
 
     def _write(self, view: memoryview, offset: int) -> None:
         while view:

@@ -44,8 +44,8 @@ INCOMPLETE = 2  # the receiver could not read it: leave its subtree alone
 _HEADER = struct.Struct(">I")
 
 # Messages sent by the client (the side with the source tree)
-HELLO, AUTH, START, WANT, SIG, FILE, DATA, COPY, FILE_END, FILE_ABORT = (
-    "hello", "auth", "start", "want", "sig", "file", "data", "copy", "file_end", "file_abort",
+HELLO, AUTH, START, WANT, SIG, FILE, DATA, COPY, HOLE, FILE_END, FILE_ABORT = (
+    "hello", "auth", "start", "want", "sig", "file", "data", "copy", "hole", "file_end", "file_abort",
 )  # fmt: skip
 MKDIR, SYMLINK, HARDLINK, NODE, ATTRS, DELETE, PING, END = (
     "mkdir", "symlink", "hardlink", "node", "attrs", "delete", "ping", "end",
@@ -378,6 +378,7 @@ _SESSION_FRAMES = {
            _int("basis size"), _flag("holes")),  # fmt: skip
     DATA: (_req, _bytes("data", MAX_CHUNK)),
     COPY: (_req, _int("block index"), _int("block count", 1)),
+    HOLE: (_req, _int("hole length", 1)),
     FILE_END: (_req, _bytes("digest", 16), _int("size")),
     FILE_ABORT: (_req, _any),
     MKDIR: (_path, _attrs),
@@ -393,6 +394,7 @@ _SESSION_FRAMES = {
 # The fields a version added at the end of a session frame, and what a frame of an earlier
 # version means by leaving it out: (version, frame, value), oldest first.
 _ADDED_FIELDS = ((5, FILE, False),)  # holes: a version 4 receiver writes the zeros
+HOLES_SINCE = 5  # the version that keeps holes: the 'file' frame's flag and the 'hole' frame
 
 
 def in_version(message: list, version: int) -> list:

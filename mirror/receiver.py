@@ -29,7 +29,7 @@ from . import fastpath
 from . import protocol as P
 from .applied import Applied, read_applied, record_applied
 from .apply import ModuleConfig, ReplicaAdmission
-from .constants import COPY, LITERAL
+from .constants import COPY, HOLE, LITERAL
 from .entry import Kind, stat_attrs
 from .epoch import read_epoch
 from .errors import (
@@ -57,7 +57,8 @@ SUMMARY_BATCH = 256  # directories per summary message
 LISTING_PART = 32768  # entries per listing message (a larger directory is sent in parts)
 # A file's frames, between its 'file' and its end (the sender's pairing thread may also
 # send its requests for listings meanwhile).
-_CONTENT = frozenset({P.DATA, P.COPY, P.FILE_END, P.FILE_ABORT})
+_CONTENT = frozenset({P.DATA, P.COPY, P.HOLE, P.FILE_END, P.FILE_ABORT})
+_OPS = {P.DATA: LITERAL, P.COPY: COPY, P.HOLE: HOLE}  # a content frame's delta op
 
 
 @contextlib.contextmanager
@@ -451,7 +452,7 @@ class ReceiverSession:
                 if failed:
                     continue
                 try:
-                    patcher.apply((LITERAL, fields[1]) if kind == P.DATA else (COPY, *fields[1:]))
+                    patcher.apply((_OPS[kind], *fields[1:]))
                 except ValueError as exc:
                     raise ProtocolError(f"{display_path(path)}: {exc}") from None
                 except OSError as exc:

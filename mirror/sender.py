@@ -529,15 +529,19 @@ class FileEncoder:
             req = self._req
             stats = self.stats
             how = ["delta", sig.block_size, sig.basis_size] if sig is not None else ["whole", 0, 0]
-            holes = before.st_blocks * 512 < before.st_size  # the receiver keeps its blocks of zeros as holes
+            # Fewer blocks than its length: the receiver keeps its holes (and its blocks of zeros)
+            # as holes; sent whole, a hole goes as its length.
+            holes = self.version >= P.HOLES_SINCE and before.st_blocks * 512 < before.st_size
             self.t.send(P.in_version([P.FILE, req, path, stat_attrs(before), *how, holes], self.version), flush=False)
             block = sig.block_size if sig is not None else 1
-            ops = self.delta.delta(sig, f)
+            ops = self.delta.delta(sig, f, holes=holes)
             try:
                 for op_ in ops:
-                    if op_[0] == 1:
+                    if op_[0] == K.LITERAL:
                         self.t.send([P.DATA, req, bytes(op_[1])], flush=False)
                         stats.literal_bytes += len(op_[1])
+                    elif op_[0] == K.HOLE:
+                        self.t.send([P.HOLE, req, op_[1]], flush=False)
                     else:
                         self.t.send([P.COPY, req, op_[1], op_[2]], flush=False)
                         stats.matched_bytes += min(op_[2] * block, sig.basis_size - op_[1] * block)

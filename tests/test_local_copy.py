@@ -3,6 +3,7 @@ whole, and the replica's mirroring lock stops a long copy within a second."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -13,6 +14,7 @@ from mirror.errors import LockedError
 from mirror.lockfile import acquire
 from mirror.transfer import sync
 from tests.helpers import PollingThread, changing, data_runs, sparse_file, wait_until
+from tests.servers import SECRET, mirror_server
 
 SIZE = 8 << 20
 # One page per write: a writer preempted inside one write() has set the file's ctime already
@@ -37,12 +39,13 @@ def _a_state_the_source_had(data: bytes) -> bool:
             and data == bytes([front]) * boundary + bytes([back]) * (len(data) - boundary))  # fmt: skip
 
 
-def _syncs_caught_changing(src, dst, name: bytes) -> int:
-    """Sync ``TRIALS`` times; in how many the copy of ``name`` was caught changing."""
+def _syncs_caught_changing(src, dst, name: bytes, **options) -> int:
+    """Sync ``TRIALS`` times; in how many the copy of ``name`` was caught changing (copied
+    here, sent to a server)."""
     refused = 0
     for _ in range(TRIALS):
-        result = sync(src, dst, fsync=False)
-        refused += any("changed while it was being copied" in reason for path, reason in result.failed if path == name)
+        result = sync(src, dst, fsync=False, **options)
+        refused += any("changed while it was being" in reason for path, reason in result.failed if path == name)
     return refused
 
 
@@ -230,13 +233,15 @@ def test_holes_in_a_source_file_stay_holes_in_the_replica(tmp_path, layout):
 DATA_RUN = 64 << 10  # the sparse file below: data runs this long, each followed by a hole as long
 
 
-def test_a_sparse_file_rewritten_while_copied_is_never_committed_torn(tmp_path):
-    """As above, for a file with holes, copied a data run at a time: its data runs are
-    rewritten in place, front to back, while holes stay holes.  A copy that caught a
-    rewrite halfway is never committed; a committed one holds one state the source had, with
-    zeros, as holes, where the source has its holes."""
+@pytest.mark.parametrize("to", ["a local replica", "a server"])
+def test_a_sparse_file_rewritten_while_copied_is_never_committed_torn(tmp_path, to):
+    """As above, for a file with holes, copied a data run at a time (sent to a server: each
+    hole as its length): its data runs are rewritten in place, front to back, while holes
+    stay holes.  A copy that caught a rewrite halfway is never committed; a committed one
+    holds one state the source had, with zeros, as holes, where the source has its holes."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
+    dst.mkdir()
     big = src / "sparse"
     runs = range(0, SIZE, 2 * DATA_RUN)
     with open(big, "wb") as f:
@@ -246,7 +251,15 @@ def test_a_sparse_file_rewritten_while_copied_is_never_committed_torn(tmp_path):
             f.write(b"\1" * DATA_RUN)
     if os.stat(big).st_blocks * 512 >= SIZE:
         pytest.skip("this file system keeps no holes")
-    assert sync(src, dst).ok
+    with contextlib.ExitStack() as stack:
+        target, options = str(dst), {}
+        if to == "a server":
+            target, options = stack.enter_context(mirror_server(tmp_path, {"m": str(dst)})).url("m"), {"secret": SECRET}
+        _sparse_rewritten_while_copied(src, dst, target, options, big, runs)
+
+
+def _sparse_rewritten_while_copied(src, dst, target, options, big, runs) -> None:
+    assert sync(src, target, **options).ok
     torn: list = []
 
     def rewrite(n: int) -> None:
@@ -274,7 +287,7 @@ def test_a_sparse_file_rewritten_while_copied_is_never_committed_torn(tmp_path):
             torn.append((data[:4], data[-DATA_RUN - 4 : -DATA_RUN]))
 
     with changing(rewrite), PollingThread(read_replica, interval=0.01, name="replica-reader"):
-        refused = _syncs_caught_changing(src, dst, b"sparse")
+        refused = _syncs_caught_changing(src, target, b"sparse", **options)
     assert not torn, f"a torn copy was committed: {torn[:3]}"
     assert whole((dst / "sparse").read_bytes())
     assert os.stat(dst / "sparse").st_blocks * 512 <= SIZE // 2 + (1 << 20)  # its holes kept
