@@ -331,7 +331,9 @@ class ReceiverSession:
         message = self.t.recv()
         if message is None:
             raise ProtocolError("sender closed the connection in the middle of a session")
-        return message[0], P.checked(P.from_version(message, self.version))
+        if self.version != P.PROTOCOL_VERSION:  # a sender of the version before
+            message = P.from_version(message, self.version)
+        return message[0], P.checked(message)
 
     def _record_applied(self, clean: bool) -> list | None:
         """After a ``clean`` session (every change committed, nothing left out on either side),
