@@ -652,6 +652,15 @@ def test_a_replica_written_to_behind_the_mirror_is_made_exact_and_told_once(hlab
     client.check()
 
 
+def _tree_held(lab, node: str) -> bool:
+    """Whether ``node`` has recorded the tree it holds on its disk (hawrap.treedisk)."""
+    try:
+        with open(os.path.join(lab.workdir, "state", node, "trees-held.json"), "rb") as f:
+            return bool(json.loads(f.read()).get("held", {}).get("data"))
+    except (OSError, ValueError):
+        return False
+
+
 def test_a_member_whose_tree_is_not_mounted_steps_down_and_is_not_elected_until_it_is(hlab):
     """Each node's tree is a bind-mounted disk (``require_mount``); the leader's is unmounted
     in its own mount namespace, under its services: it steps down, another member is
@@ -680,11 +689,15 @@ def test_a_member_whose_tree_is_not_mounted_steps_down_and_is_not_elected_until_
         # its disk replaced by a blank one: ineligible until adopted, then filled by the leader
         early = write_files(tree(hlab, new), "before-new-disk", 10)
         assert wait_for(lambda: not missing(os.path.join(hlab.workdir, "disks", leader), early), 30), logs(hw)
+        # ... once the node knows the tree it holds there: a node that never saw its disk hold
+        # a tree (it stepped down before its first session wrote the tree's identity) takes
+        # the first tree it sees for its own, and has nothing to tell a blank disk by
+        assert wait_for(lambda: _tree_held(hlab, leader), 10), logs(hw)
         blank = os.path.join(hlab.workdir, "disks", "blank")
         os.makedirs(blank)
         subprocess.run([*in_leader, "umount", "-l", tree(hlab, leader)], check=True)
         subprocess.run([*in_leader, "mount", "--bind", blank, tree(hlab, leader)], check=True)
-        assert wait_for(lambda: "holds no tree" in ((hw.status(leader) or {}).get("ineligible_because") or ""), 10)
+        assert wait_for(lambda: "holds no tree" in ((hw.status(leader) or {}).get("ineligible_because") or ""), 10), logs(hw)
         # it receives nothing meanwhile: the new leader's pair toward it finds no receiver
         during = write_files(tree(hlab, new), "while-blank", 5)
 
