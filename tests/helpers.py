@@ -243,3 +243,20 @@ def sparse_file(path, size: int, runs: list[tuple[int, int]]) -> None:
         for offset, length in runs:
             f.seek(offset)
             f.write(os.urandom(length))
+
+
+# The last commit that spoke mirror protocol version 4: the release before this one, which
+# this one must still mirror to and from (docs/PROTOCOL.md, "Versions").
+PREVIOUS_RELEASE = "7a0942b020fa04b8489b74d001378fa1d37de849"
+
+
+def unpack_previous_release(where, *packages: str) -> str:
+    """``packages`` of ``PREVIOUS_RELEASE`` unpacked into the directory ``where`` (from this
+    clone's history, ``git archive``); the test is skipped if the history lacks it."""
+    import pytest
+
+    archive = subprocess.run(["git", "-C", REPO, "archive", PREVIOUS_RELEASE, *packages], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"this clone's history lacks {PREVIOUS_RELEASE[:12]}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    return str(where)

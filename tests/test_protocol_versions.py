@@ -16,9 +16,7 @@ import sys
 import pytest
 
 from mirror import protocol as P
-from tests.helpers import REPO, run_mirror, sparse_file
-
-PREVIOUS_RELEASE = "7a0942b020fa04b8489b74d001378fa1d37de849"  # the last commit that spoke version 4
+from tests.helpers import REPO, run_mirror, sparse_file, unpack_previous_release
 
 _RSH = """#!/bin/sh
 # What ssh does with a remote command: drop the host, hand the rest to a shell.
@@ -30,11 +28,7 @@ exec sh -c "$*"
 @pytest.fixture(scope="module")
 def previous_release(tmp_path_factory):
     """The release before's ``mirror`` package, unpacked in a directory of its own."""
-    where = tmp_path_factory.mktemp("previous-release")
-    archive = subprocess.run(["git", "-C", REPO, "archive", PREVIOUS_RELEASE, "mirror"], capture_output=True)
-    if archive.returncode != 0:
-        pytest.skip(f"this clone's history lacks {PREVIOUS_RELEASE[:12]}: {archive.stderr.decode().strip()}")
-    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    where = unpack_previous_release(tmp_path_factory.mktemp("previous-release"), "mirror")
     version = subprocess.run([sys.executable, "-c", "import mirror.protocol as P; print(P.PROTOCOL_VERSION)"],
                              cwd=where, capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert int(version) == P.OLDEST_VERSION == P.PROTOCOL_VERSION - 1

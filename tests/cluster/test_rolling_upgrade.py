@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import unpack_previous_release
 from lab import (
     MIRROR,
     Hawrap,
@@ -30,20 +31,12 @@ from test_failover import Cluster
 
 from hawrap.mirrorctl import engine_available
 
-PREVIOUS_RELEASE = "7a0942b020fa04b8489b74d001378fa1d37de849"  # the last commit of mirror protocol 4
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 pytestmark = pytest.mark.skipif(not engine_available(tuple(MIRROR)), reason="needs the mirror engine")
 
 
 @pytest.fixture(scope="module")
 def previous_release(tmp_path_factory):
-    where = tmp_path_factory.mktemp("previous-release")
-    archive = subprocess.run(["git", "-C", REPO, "archive", PREVIOUS_RELEASE, "mirror", "hawrap"], capture_output=True)
-    if archive.returncode != 0:
-        pytest.skip(f"this clone's history lacks {PREVIOUS_RELEASE[:12]}: {archive.stderr.decode().strip()}")
-    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
-    return str(where)
+    return unpack_previous_release(tmp_path_factory.mktemp("previous-release"), "mirror", "hawrap")
 
 
 def _in_release(where: str, *argv: str) -> list[str]:
