@@ -74,6 +74,14 @@ class ModuleConfig(NamedTuple):
         return resolve_state_dir(self.path, self.state_dir)
 
 
+def remember_replica_disks(modules) -> None:
+    """The disks the ``require_mount`` modules' trees are on as a server starts (or
+    reloads), for ``ReplicaGuard.same_disk``: starting the server is what accepts a disk."""
+    for module in modules:
+        if module.require_mount:
+            ReplicaGuard(fs_path(module.path), module.resolved_state_dir, mounted=True).remember_disk(first=True)
+
+
 class ReplicaAdmission:
     """The way into one module's replica for a connection's sessions (a receiver's or a
     local sync's): ``admit`` each session, then ``open_tree``; a crashed writer's leftover
@@ -87,6 +95,7 @@ class ReplicaAdmission:
         self.began_on = directory_identity(module.path)
         self.state_dir = module.resolved_state_dir
         self.guard = ReplicaGuard(fs_path(module.path), self.state_dir, mounted=module.require_mount)
+        self.guard.remember_disk(first=True)
         self._cleaned = False
         self._reserved: dict[bytes, bytes | None] = {}
 

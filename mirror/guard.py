@@ -325,11 +325,28 @@ class ReplicaGuard:
             "to be the replica now, start the server again (or sync once with --allow-mass-delete)"
         )
 
-    def remember_disk(self) -> None:
-        """After an admitted session: the disk a mounted replica's tree is on, for ``same_disk``."""
+    def remember_disk(self, first: bool = False) -> None:
+        """After an admitted session: the disk a mounted replica's tree is on, for ``same_disk``.
+        ``first``: before any session (the server's start, a connection's), only if this
+        process knows no disk there yet and one holding a tree is mounted: a server started
+        again by its supervisor must not wait for its first session to know the tree's disk,
+        which a blank one may have replaced meanwhile."""
         if not self.mounted:
             return
-        identity = self._identity or load(self.state_dir)
+        if first:
+            with _replica_identities_lock:
+                if self.root in _replica_disks:
+                    return
+            if not is_mount_point(self.root):
+                return
+            try:
+                identity = load(self.state_dir)
+            except SourceGuardError:
+                return  # a damaged identity: the first session says so
+            if identity is not None and self._apart and not on_recorded_fs(identity, self.root):
+                return  # not the tree's file system: ``admit`` refuses it
+        else:
+            identity = self._identity or load(self.state_dir)
         if identity is None:
             return
         try:
@@ -337,7 +354,8 @@ class ReplicaGuard:
         except OSError:
             return
         with _replica_identities_lock:
-            _replica_disks[self.root] = (where, identity.tree_id)
+            if not (first and self.root in _replica_disks):
+                _replica_disks[self.root] = (where, identity.tree_id)
 
     def admit(self, tree_id, *, deleting: bool, allow: bool, dry_run: bool, peer: str) -> None:
         cached = self._identity

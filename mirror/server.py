@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from .apply import ModuleConfig
+from .apply import ModuleConfig, remember_replica_disks
 from .errors import MirrorError
 from .protocol import StreamTransport, keepalive
 from .receiver import Receiver
@@ -100,6 +100,7 @@ class MirrorServer(socketserver.ThreadingTCPServer):
                  timeout: float | None = None, max_startups: int = MAX_STARTUPS,
                  handshake_deadline: float = HANDSHAKE_DEADLINE):  # fmt: skip
         self.modules = modules
+        remember_replica_disks(modules.values())
         self.io_timeout = timeout
         self.handshake_deadline = min(handshake_deadline, timeout) if timeout else handshake_deadline
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -117,6 +118,7 @@ class MirrorServer(socketserver.ThreadingTCPServer):
         with, and a connection whose module was changed or removed is refused its next
         session (the client reconnects under the new configuration)."""
         self.modules = dict(modules)  # replaced whole: a handshake sees the old set or the new
+        remember_replica_disks(self.modules.values())
         self.io_timeout = timeout
 
     def process_request(self, request, client_address):

@@ -697,6 +697,46 @@ def test_another_disk_mounted_under_a_running_server_is_refused_until_it_starts_
 
 
 @needs_root
+def test_a_server_started_again_knows_the_trees_disk_before_its_first_session(tmp_path):
+    """A ``mirror serve`` started again (its supervisor restarts it: hawrap, systemd) while
+    the tree's own disk is mounted takes that disk as the tree's at once, not at its first
+    session: a blank disk mounted in its place before anyone synced is refused, with nothing
+    written there; the own disk back, mirrored as before.  A damaged identity on the disk
+    does not keep the server from starting: the session names it."""
+    src, replica = tmp_path / "src", tmp_path / "replica"
+    own, spare = tmp_path / "own", tmp_path / "spare"
+    for d in (replica, own, spare):
+        d.mkdir()
+    _fill(src)
+    settings = {"m": {"require_mount": True}}
+    (tmp_path / "srv").mkdir()
+    with _bound(own, replica):
+        with mirror_server(tmp_path / "srv", {"m": str(replica)}, settings=settings) as server:
+            assert run_mirror("sync", "--delete", "--secret-file", server.secret_file, src,
+                              server.url("m")).returncode == 0  # fmt: skip
+        assert_mirrors(src, replica)
+        with mirror_server(tmp_path / "srv", {"m": str(replica)}, settings=settings) as server:
+            url, secret = server.url("m"), ("--secret-file", server.secret_file)
+            subprocess.run(["umount", "-l", str(replica)], check=True)
+            with _bound(spare, replica):
+                for delete in (["--delete"], []):
+                    proc = run_mirror("sync", *delete, *secret, src, url, check_codes=(EXIT_GUARD,))
+                    err = proc.stderr.decode()
+                    assert "is another disk than the one this server mirrored tree" in err, err
+                    assert "holds no tree" in err, err
+                    assert os.listdir(spare) == []  # nothing written, not even a .mirror
+            subprocess.run(["mount", "--bind", str(own), str(replica)], check=True)
+            (src / "d0" / "new").write_bytes(b"after\n")
+            assert run_mirror("sync", "--delete", *secret, src, url).returncode == 0
+            assert_mirrors(src, replica)
+        (own / ".mirror" / "tree-identity").write_bytes(b"{not json")
+        with mirror_server(tmp_path / "srv", {"m": str(replica)}, settings=settings) as server:
+            proc = run_mirror("sync", "--delete", "--secret-file", server.secret_file, src, server.url("m"),
+                              check_codes=(EXIT_GUARD,))  # fmt: skip
+            assert b"damaged tree identity" in proc.stderr, proc.stderr
+
+
+@needs_root
 def test_a_disk_mounted_in_the_replicas_place_during_a_session_is_given_no_record(tmp_path):
     """A session writes through the descriptors of the tree it opened, but reads and writes
     its state files by path: the epoch (looked at during the session, written back when
