@@ -172,6 +172,8 @@ def test_a_destination_whose_parent_does_not_exist_needs_mkpath(tmp_path):
     proc = run_mirror("sync", src, dst)
     assert proc.returncode == 2 and b"does not exist (--mkpath creates it)" in proc.stderr, proc
     assert not (tmp_path / "no").exists()
+    proc = run_mirror("sync", "--mkpath", tmp_path / "missing", dst, check_codes=(2,))  # a mistyped source
+    assert b"is not a directory" in proc.stderr and not (tmp_path / "no").exists(), proc
     assert run_mirror("sync", src, tmp_path / "dst").returncode == 0  # DST itself is created
     proc = run_mirror("sync", src, dst, "--mkpath")
     assert proc.returncode == 0, proc

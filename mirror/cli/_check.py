@@ -146,6 +146,10 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
             problems.append(f"{key('destination') if where else 'DST'}: {exc}")
         else:
             if destination.kind == "local":
+                from ..transfer import nesting_problem
+
+                if problem := nesting_problem(pair.source, destination.path, pair.excludes):
+                    problems.append(f"{key('destination') if where else 'DST'}: {problem}")
                 _parent(
                     key("destination") if where else "DST", destination.path.rstrip(b"/") or b"/", problems
                 )

@@ -109,11 +109,13 @@ def _config_from_args(args):
     )  # fmt: skip
 
 
-def check_secrets(config, file: str | None) -> None:
-    """Every pair's secret file is usable (``mirror.secretfile``): refused now, not at the
-    first connection."""
+def check_pairs(config, file: str | None) -> None:
+    """Every pair's secret file is usable (``mirror.secretfile``), and no local replica is
+    nested with its source (``transfer.nesting_problem``): refused now, not at the first
+    connection, which the daemon would try again and again."""
     from ..errors import ConfigError
     from ..secretfile import SecretFileError, read_secret_file
+    from ..transfer import nesting_problem, parse_destination
 
     for i, pair in enumerate(config.pairs):
         if pair.secret_file:
@@ -123,6 +125,9 @@ def check_secrets(config, file: str | None) -> None:
                 if file is None:
                     raise
                 raise ConfigError(f"{file}: 'pair[{i}].secret_file': {exc}") from None
+        destination = parse_destination(pair.destination)
+        if destination.kind == "local" and (problem := nesting_problem(pair.source, destination.path, pair.excludes)):
+            raise ConfigError(f"{file}: 'pair[{i}].destination': {problem}") if file else UsageError(problem)
 
 
 def run(args) -> int:
@@ -131,7 +136,7 @@ def run(args) -> int:
     if args.check:
         return _check(args)
     config = _config_from_args(args)
-    check_secrets(config, args.config)
+    check_pairs(config, args.config)
     notifier = SystemdNotifier.from_environment()
     try:
         daemon = Daemon(config)
@@ -158,7 +163,7 @@ def run(args) -> int:
                     notifier.reloading()
                     try:
                         new_config = load_daemon_config(args.config)
-                        check_secrets(new_config, args.config)
+                        check_pairs(new_config, args.config)
                         daemon.reload(new_config)
                     except Exception as exc:  # a bad new config must not stop a running mirror
                         log.error("reload failed, keeping the running configuration: %s", exc)

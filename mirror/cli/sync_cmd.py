@@ -102,7 +102,7 @@ def run(args) -> int:
             for line in (item_lines if itemize else name_lines)(change):
                 sys.stdout.write(line + "\n")
 
-    _check_destination_parent(args)
+    _check_destination_parent(args, patterns)
     secret = read_secret_file(args.secret_file) if args.secret_file else None
     progress = _Progress() if args.progress else None
     try:
@@ -198,25 +198,27 @@ def count_arg(text: str) -> int:
     return value
 
 
-def _check_destination_parent(args) -> None:
+def _check_destination_parent(args, excludes) -> None:
     """rsync's rule: DST itself may be created, not the directories above it, unless --mkpath
     (a typo in a path must not grow a new tree somewhere)."""
     import os
 
-    from ..transfer import parse_destination
+    from ..transfer import nesting_problem, parse_destination
 
     destination = parse_destination(path_arg(args.dst))
     if destination.kind != "local" or args.dst_require_mount:  # a mount point's parent is there, or it is refused
         return
     parent = os.path.dirname(os.path.abspath(destination.path.rstrip(b"/") or b"/"))
-    if os.path.isdir(parent):
-        return  # the connection checks the replica's disk before it makes DST
+    if os.path.isdir(parent) or not os.path.isdir(path_arg(args.src)):
+        return  # the connection checks the replica's disk before it makes DST (and says a source is missing)
     from ..replicadisk import check_local_replica
     from ..statedir import resolve_state_dir
 
     # An unmounted disk is told as such, before --mkpath makes anything on the disk below.
     check_local_replica(resolve_state_dir(path_arg(args.src), path_arg(args.state_dir) if args.state_dir else None),
                        destination.path, None, record=False)  # fmt: skip
+    if problem := nesting_problem(path_arg(args.src), destination.path, excludes):
+        raise UsageError(problem)  # before --mkpath makes anything
     if not args.mkpath:
         raise UsageError(f"{_show(destination.path)}: its parent directory {_show(parent)} does not exist "
                          "(--mkpath creates it)")  # fmt: skip

@@ -1,0 +1,119 @@
+"""A local replica nested with its source: the same directory (by another path: a symlink,
+a bind mount), the replica inside the source, the source inside the replica.  Refused before
+anything is written (exit 2, naming both), by ``mirror sync``, by ``mirror daemon`` at its
+start and by its ``--check``; a replica inside its source that the source excludes is
+mirrored, and stays one level deep however often it is synced."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+import mirror
+from mirror.errors import EXIT_ERROR, UsageError
+from tests.helpers import MIRROR, REPO, is_root, run_mirror
+from tests.snapshot import snapshot
+
+
+def _source(root):
+    (root / "mail" / "cur").mkdir(parents=True)
+    (root / "mail" / "cur" / "1").write_bytes(b"a mail\n")
+    (root / "top").write_bytes(b"top\n")
+    return root
+
+
+def _refused(args, *expected: str) -> str:
+    err = run_mirror("sync", *args, check_codes=(EXIT_ERROR,)).stderr.decode()
+    assert "Traceback" not in err, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+@pytest.mark.parametrize("delete", [[], ["--delete"]])
+def test_a_replica_inside_its_source_is_refused_with_nothing_written(tmp_path, delete):
+    src = _source(tmp_path / "src")
+    before = snapshot(src)
+    _refused([*delete, src, src / "mail" / "backup"], f"the replica {src}/mail/backup lies inside the source {src}",
+             "--exclude '/mail/backup/'")  # fmt: skip
+    assert snapshot(src) == before and not (src / ".mirror").exists()
+    # through a symlink to the source, and with parents still to be made
+    os.symlink(src, tmp_path / "alias")
+    _refused([*delete, "--mkpath", tmp_path / "alias", src / "new" / "deeper"], "lies inside the source")
+    assert snapshot(src) == before
+
+
+@pytest.mark.parametrize("delete", [[], ["--delete"]])
+def test_a_source_inside_its_replica_is_refused_and_keeps_its_files(tmp_path, delete):
+    """With --delete the replica's sync would delete the source itself (it is not in the
+    source's listing): refused before anything is read or written."""
+    replica = tmp_path / "replica"
+    src = _source(replica / "incoming")
+    (replica / "old").write_bytes(b"the replica's own\n")
+    before = snapshot(replica)
+    _refused([*delete, src, replica], f"the source {src} lies inside the replica {replica}")
+    assert snapshot(replica) == before
+    os.symlink(replica, tmp_path / "alias")
+    _refused([*delete, src, tmp_path / "alias"], "lies inside the replica")
+    assert snapshot(replica) == before
+
+
+def test_the_same_directory_by_another_path_is_refused(tmp_path):
+    src = _source(tmp_path / "src")
+    os.symlink(src, tmp_path / "alias")
+    for replica in (src, tmp_path / "alias", f"{src}/./mail/.."):
+        _refused([src, replica], "are the same directory")
+    assert not (src / ".mirror").exists()
+
+
+@pytest.mark.skipif(not is_root(), reason="a bind mount needs root")
+def test_a_bind_mount_of_the_source_is_the_same_directory(tmp_path):
+    src = _source(tmp_path / "src")
+    (tmp_path / "bound").mkdir()
+    subprocess.run(["mount", "--bind", str(src), str(tmp_path / "bound")], check=True)
+    try:
+        _refused([src, tmp_path / "bound"], "are the same directory")
+        _refused(["--mkpath", src, tmp_path / "bound" / "sub" / "replica"], "lies inside the source")
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "bound")], check=True)
+
+
+def test_a_replica_the_source_excludes_is_mirrored_and_never_nested(tmp_path):
+    src = _source(tmp_path / "src")
+    replica = src / "mail" / "backup"
+    for pattern in ("/mail/backup/", "backup"):
+        for _ in range(3):
+            assert run_mirror("sync", "--delete", "--exclude", pattern, src, replica).returncode == 0
+        assert sorted(os.listdir(replica)) == [".mirror", "mail", "top"]
+        assert not (replica / "mail" / "backup").exists()
+        assert (replica / "mail" / "cur" / "1").read_bytes() == b"a mail\n"
+
+
+def test_the_library_refuses_it_too(tmp_path):
+    src = _source(tmp_path / "src")
+    with pytest.raises(UsageError, match="lies inside the source"):
+        mirror.sync(src, src / "backup")
+    assert not (src / "backup").exists()
+
+
+def test_the_daemon_refuses_a_nested_pair_at_its_start_and_check_names_it(tmp_path):
+    """A live daemon would otherwise retry the pair for ever (or, with the replica inside the
+    source, see its own writes as changes and copy the replica into itself until the disk is full)."""
+    src = _source(tmp_path / "src")
+    before = snapshot(src)
+    for args in ([src, src / "backup"], [src / "mail", src]):
+        proc = subprocess.run([*MIRROR, "daemon", *map(str, args)], capture_output=True, timeout=60, cwd=REPO)
+        assert proc.returncode == EXIT_ERROR and b"lies inside the" in proc.stderr, proc.stderr
+        proc = subprocess.run([*MIRROR, "daemon", "--check", *map(str, args)], capture_output=True, timeout=60,
+                              cwd=REPO)  # fmt: skip
+        assert proc.returncode == EXIT_ERROR and b"DST: the " in proc.stderr, proc.stderr
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'[[pair]]\nsource = "{src}"\ndestination = "{src}/backup"\n')
+    for check in ([], ["--check"]):
+        proc = subprocess.run([*MIRROR, "daemon", *check, "--config", str(config)], capture_output=True, timeout=60,
+                              cwd=REPO)  # fmt: skip
+        assert proc.returncode == EXIT_ERROR, proc.stderr
+        assert f"{config}: 'pair[0].destination': the replica {src}/backup lies inside".encode() in proc.stderr
+    assert snapshot(src) == before
