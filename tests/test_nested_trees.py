@@ -7,6 +7,7 @@ mirrored, and stays one level deep however often it is synced."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import pytest
@@ -117,3 +118,22 @@ def test_the_daemon_refuses_a_nested_pair_at_its_start_and_check_names_it(tmp_pa
         assert proc.returncode == EXIT_ERROR, proc.stderr
         assert f"{config}: 'pair[0].destination': the replica {src}/backup lies inside".encode() in proc.stderr
     assert snapshot(src) == before
+
+
+def test_a_reload_with_a_nested_pair_keeps_the_running_configuration(tmp_path):
+    from tests.daemons import converged
+    from tests.helpers import wait_until
+    from tests.test_daemon import _config_daemon
+
+    src = _source(tmp_path / "src")
+    config, log = tmp_path / "d.toml", tmp_path / "daemon.log"
+    config.write_text(f'[[pair]]\nsource = "{src}"\ndestination = "{tmp_path / "replica"}"\n')
+    with _config_daemon(config, log) as proc:
+        converged(src, tmp_path / "replica")
+        config.write_text(f'[[pair]]\nsource = "{src}"\ndestination = "{src / "backup"}"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload failed" in log.read_text(), 30), log.read_text()
+        assert f"'pair[0].destination': the replica {src}/backup lies inside the source" in log.read_text()
+        (src / "later").write_bytes(b"still mirrored where it was\n")
+        converged(src, tmp_path / "replica")
+        assert not (src / "backup").exists() and proc.poll() is None
