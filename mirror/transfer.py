@@ -26,11 +26,11 @@ from .errors import (
     MirrorError,
     StaleEpochError,
     UsageError,
-    display_path,
     fs_path,
     os_error_message,
 )
-from .exclude import excluded_dir, make_excluder, pattern_problem
+from .exclude import pattern_problem
+from .overlap import nesting_problem
 from .records import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, SenderOptions, SyncResult
 from .treescan import replica_scan, source_scan, stop_scans
 
@@ -64,52 +64,6 @@ def parse_destination(text: str | bytes) -> Destination:
     if sep and head and "/" not in head:
         return Destination("rsh", host=head, path=tail.encode("utf-8", "surrogateescape") or b".")
     return Destination("local", path=raw)
-
-
-def nesting_problem(src: bytes, dst: bytes, excludes=()) -> str | None:
-    """Why the local replica ``dst`` cannot mirror the tree ``src`` (None: it can): the same
-    directory, the source inside the replica (a sync writes into the tree it reads, and
-    ``--delete`` deletes the source), or the replica inside the source and not excluded from
-    it (each sync would copy the replica into itself once more; a live daemon, seeing its own
-    writes as changes, would do so until the disk is full).  Compared by directory identity
-    along both paths' resolved parents, so a symlink or a bind mount of a parent is no way
-    round it."""
-
-    def chain(path: bytes):
-        """``path`` resolved and each of its parents that exists: (path, (device, inode))."""
-        path = os.path.realpath(path)
-        while True:
-            with contextlib.suppress(OSError):
-                st = os.stat(path)
-                yield path, (st.st_dev, st.st_ino)
-            if path == b"/":
-                return
-            path = os.path.dirname(path)
-
-    try:
-        st = os.stat(src)
-    except OSError:
-        return None  # no source: said as such by whoever opens it
-    src_at, src_id = os.path.realpath(src), (st.st_dev, st.st_ino)
-    dst_at = os.path.realpath(dst)
-    shown = f"{display_path(src)} and the replica {display_path(dst)}"
-    for place, identity in chain(dst):
-        if identity != src_id:
-            continue
-        if place == dst_at:
-            return f"the source {shown} are the same directory: nothing to mirror"
-        inside = dst_at[len(place):].strip(b"/")
-        excluder = make_excluder(fs_path(p) for p in excludes)
-        if excluder is not None and excluded_dir(excluder.excluded, inside):
-            return None  # the source's scan never reaches it
-        return (f"the replica {display_path(dst)} lies inside the source {display_path(src)}: each sync would copy "
-                f"the replica into itself once more; put it elsewhere or exclude it (--exclude "
-                f"'/{display_path(inside)}/')")  # fmt: skip
-    dst_id = next((identity for place, identity in chain(dst) if place == dst_at), None)
-    if dst_id is not None and any(identity == dst_id for _, identity in chain(src_at)):
-        return (f"the source {display_path(src)} lies inside the replica {display_path(dst)}: a sync would write into "
-                "the tree it reads (and --delete would delete it); put the replica elsewhere")  # fmt: skip
-    return None
 
 
 def sync(src, dst, **options) -> SyncResult:

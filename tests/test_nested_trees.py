@@ -137,3 +137,53 @@ def test_a_reload_with_a_nested_pair_keeps_the_running_configuration(tmp_path):
         (src / "later").write_bytes(b"still mirrored where it was\n")
         converged(src, tmp_path / "replica")
         assert not (src / "backup").exists() and proc.poll() is None
+
+
+def _daemon(*args):
+    return subprocess.run([*MIRROR, "daemon", *map(str, args)], capture_output=True, timeout=60, cwd=REPO)
+
+
+def test_two_pairs_writing_one_replica_are_refused(tmp_path):
+    """Two sources into one replica overwrite (and with delete, delete) each other's files for
+    ever; a replica inside another pair's one is deleted by it, unless that pair excludes it."""
+    one, two = _source(tmp_path / "one"), _source(tmp_path / "two")
+    config = tmp_path / "daemon.toml"
+
+    def pairs(*destinations, exclude=None):
+        text = ""
+        for src, dst in zip((one, two), destinations, strict=True):
+            text += f'[[pair]]\nsource = "{src}"\ndestination = "{dst}"\n'
+            if exclude and src == one:
+                text += f'exclude = ["{exclude}"]\n'
+        config.write_text(text)
+
+    pairs(tmp_path / "replica", tmp_path / "replica")  # neither made yet
+    for check in ([], ["--check"]):
+        proc = _daemon(*check, "--config", config)
+        assert proc.returncode == EXIT_ERROR, proc.stderr
+        assert f"'pair[1].destination': pair 'one' writes the same replica {tmp_path}/replica".encode() in proc.stderr
+    os.symlink(tmp_path / "replica", tmp_path / "alias")
+    (tmp_path / "replica").mkdir()
+    pairs(tmp_path / "replica", tmp_path / "alias")
+    assert b"writes the same replica" in _daemon("--check", "--config", config).stderr
+    pairs(tmp_path / "replica", tmp_path / "replica" / "two")
+    proc = _daemon("--check", "--config", config)
+    assert proc.returncode == EXIT_ERROR and b"lies inside the replica" in proc.stderr, proc.stderr
+    assert b"exclude '/two/' from pair 'one'" in proc.stderr
+    pairs(tmp_path / "replica", tmp_path / "replica" / "two", exclude="/two/")
+    proc = _daemon("--check", "--config", config)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "replica")) == []  # nothing written by the refusals
+
+
+def test_two_pairs_to_one_remote_replica_are_refused(tmp_path):
+    one, two = _source(tmp_path / "one"), _source(tmp_path / "two")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef0123")
+    secret.chmod(0o600)
+    config = tmp_path / "daemon.toml"
+    config.write_text("".join(f'[[pair]]\nsource = "{src}"\ndestination = "mirror://127.0.0.1:9/m"\n'
+                              f'secret_file = "{secret}"\n' for src in (one, two)))  # fmt: skip
+    proc = _daemon("--check", "--config", config)
+    assert proc.returncode == EXIT_ERROR, proc.stderr
+    assert b"'pair[1].destination': pair 'one' writes the same replica mirror://127.0.0.1:9/m" in proc.stderr

@@ -146,7 +146,7 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
             problems.append(f"{key('destination') if where else 'DST'}: {exc}")
         else:
             if destination.kind == "local":
-                from ..transfer import nesting_problem
+                from ..overlap import nesting_problem
 
                 if problem := nesting_problem(pair.source, destination.path, pair.excludes):
                     problems.append(f"{key('destination') if where else 'DST'}: {problem}")
@@ -169,6 +169,10 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
                 problems.append(f"{key('secret_file')}: a mirror:// destination needs a secret file")
         _parent(key("lock_file"), pair.lock_file, problems)
         _directory(key("state_dir"), pair.state_dir, "the state dir", problems)
+    from ..overlap import pair_overlap_problems
+
+    for i, problem in pair_overlap_problems(config.pairs):
+        problems.append(f"{where}: 'pair[{i}].destination': {problem}" if where else f"DST: {problem}")
     if config.metrics:
         problem = address_problem(config.metrics[0])
         if problem:

@@ -110,12 +110,16 @@ def _config_from_args(args):
 
 
 def check_pairs(config, file: str | None) -> None:
-    """Every pair's secret file is usable (``mirror.secretfile``), and no local replica is
-    nested with its source (``transfer.nesting_problem``): refused now, not at the first
-    connection, which the daemon would try again and again."""
+    """Every pair's secret file is usable (``mirror.secretfile``), and no local replica
+    overlaps its source or another pair's (``mirror.overlap``): refused now, not at the
+    first connection, which the daemon would try again and again."""
     from ..errors import ConfigError
+    from ..overlap import nesting_problem, pair_overlap_problems
     from ..secretfile import SecretFileError, read_secret_file
-    from ..transfer import nesting_problem, parse_destination
+    from ..transfer import parse_destination
+
+    def refuse(i: int, key: str, problem: str):
+        return ConfigError(f"{file}: 'pair[{i}].{key}': {problem}") if file else UsageError(problem)
 
     for i, pair in enumerate(config.pairs):
         if pair.secret_file:
@@ -124,10 +128,12 @@ def check_pairs(config, file: str | None) -> None:
             except SecretFileError as exc:
                 if file is None:
                     raise
-                raise ConfigError(f"{file}: 'pair[{i}].secret_file': {exc}") from None
+                raise refuse(i, "secret_file", str(exc)) from None
         destination = parse_destination(pair.destination)
         if destination.kind == "local" and (problem := nesting_problem(pair.source, destination.path, pair.excludes)):
-            raise ConfigError(f"{file}: 'pair[{i}].destination': {problem}") if file else UsageError(problem)
+            raise refuse(i, "destination", problem)
+    for i, problem in pair_overlap_problems(config.pairs):
+        raise refuse(i, "destination", problem)
 
 
 def run(args) -> int:

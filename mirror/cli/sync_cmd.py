@@ -203,7 +203,8 @@ def _check_destination_parent(args, excludes) -> None:
     (a typo in a path must not grow a new tree somewhere)."""
     import os
 
-    from ..transfer import nesting_problem, parse_destination
+    from ..overlap import nesting_problem
+    from ..transfer import parse_destination
 
     destination = parse_destination(path_arg(args.dst))
     if destination.kind != "local" or args.dst_require_mount:  # a mount point's parent is there, or it is refused

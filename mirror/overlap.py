@@ -1,0 +1,90 @@
+"""Trees that overlap where they must not: a local replica and its source (the same
+directory by another path, one inside the other), and the local replicas of a daemon's
+pairs (two sources writing one replica, or one replica inside another's).  Compared by
+directory identity, so a symlink or a bind mount is no way round it.  A remote replica is on
+another host as far as a sender can tell: only the same destination written twice is seen."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from .errors import display_path, fs_path
+from .exclude import excluded_dir, make_excluder
+
+
+def path_below(outer: bytes, inner: bytes) -> bytes | None:
+    """``inner``'s path below the directory ``outer`` (b"" for ``outer`` itself), or None
+    when it is not there.  Compared by directory identity (device and inode) along
+    ``inner``'s resolved parents that exist, so a symlink or a bind mount of a parent is no
+    way round it; neither need exist yet (then their resolved paths are compared)."""
+    at = os.path.realpath(inner)
+    try:
+        st = os.stat(outer)
+    except OSError:  # not made yet: by its resolved path
+        outer = os.path.realpath(outer)
+        if at == outer or at.startswith(outer.rstrip(b"/") + b"/"):
+            return at[len(outer) :].strip(b"/")
+        return None
+    target, place = (st.st_dev, st.st_ino), at
+    while True:
+        with contextlib.suppress(OSError):
+            st = os.stat(place)
+            if (st.st_dev, st.st_ino) == target:
+                return at[len(place) :].strip(b"/")
+        if place == b"/":
+            return None
+        place = os.path.dirname(place)
+
+
+def nesting_problem(src: bytes, dst: bytes, excludes=()) -> str | None:
+    """Why the local replica ``dst`` cannot mirror the tree ``src`` (None: it can): the same
+    directory, the source inside the replica (a sync writes into the tree it reads, and
+    ``--delete`` deletes the source), or the replica inside the source and not excluded from
+    it (each sync would copy the replica into itself once more; a live daemon, seeing its own
+    writes as changes, would do so until the disk is full)."""
+    if not os.path.isdir(src):
+        return None  # said as such by whoever opens it
+    inside = path_below(src, dst)
+    if inside == b"":
+        return f"the source {display_path(src)} and the replica {display_path(dst)} are the same directory: nothing to mirror"
+    if inside is not None and not excluded_below(excludes, inside):
+        return (f"the replica {display_path(dst)} lies inside the source {display_path(src)}: each sync would copy "
+                f"the replica into itself once more; put it elsewhere or exclude it (--exclude "
+                f"'/{display_path(inside)}/')")  # fmt: skip
+    if path_below(dst, src) is not None:
+        return (f"the source {display_path(src)} lies inside the replica {display_path(dst)}: a sync would write into "
+                "the tree it reads (and --delete would delete it); put the replica elsewhere")  # fmt: skip
+    return None
+
+
+def excluded_below(excludes, path: bytes) -> bool:
+    """Whether the directory ``path`` (below a tree's root) is left out by ``excludes``."""
+    excluder = make_excluder(fs_path(p) for p in excludes)
+    return excluder is not None and excluded_dir(excluder.excluded, path)
+
+
+def pair_overlap_problems(pairs) -> list[tuple[int, str]]:
+    """``(index, problem)`` for each pair of a daemon whose replica another pair also writes:
+    the same destination (two sources overwriting each other's files, and with ``delete``
+    deleting them, for ever), or a local one inside another's that the outer pair does not
+    exclude (its sessions delete or overwrite what the inner pair writes)."""
+    from .transfer import parse_destination
+
+    problems: list[tuple[int, str]] = []
+    places = [(i, pair, parse_destination(pair.destination)) for i, pair in enumerate(pairs)]
+    for j, inner, d_inner in places:
+        for i, outer, d_outer in places[:j] + places[j + 1 :]:
+            if d_inner.kind != "local" or d_outer.kind != "local":
+                if i < j and d_inner == d_outer:
+                    problems.append((j, f"pair {outer.name!r} writes the same replica {inner.destination}"))
+                continue
+            below = path_below(d_outer.path, d_inner.path)
+            if below == b"" and i < j:
+                problems.append((j, f"pair {outer.name!r} writes the same replica {display_path(d_inner.path)}"))
+            elif below and not excluded_below(outer.excludes, below):
+                problems.append((j, f"the replica {display_path(d_inner.path)} lies inside the replica "
+                                    f"{display_path(d_outer.path)} of pair {outer.name!r}, whose sessions would delete "
+                                    f"or overwrite what this pair writes there; exclude '/{display_path(below)}/' from "
+                                    f"pair {outer.name!r} or put the replica elsewhere"))  # fmt: skip
+    return problems
