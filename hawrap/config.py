@@ -591,15 +591,16 @@ def _mirror(top: _Section, base: str, links: list[LinkConfig]) -> MirrorConfig:
     link_names = [link.name for link in links]
     trees = []
     for sec in m.tables("tree"):
-        trees.append(
-            TreeConfig(
-                name=sec.get("name", str),
-                path=sec.get("path", str),
-                lock_file=sec.get("lock_file", str),
-                state_dir=sec.get("state_dir", str, None),
-                require_mount=sec.get("require_mount", bool, False),
-            )
+        tree = TreeConfig(
+            name=sec.get("name", str),
+            path=sec.get("path", str),
+            lock_file=sec.get("lock_file", str),
+            state_dir=sec.get("state_dir", str, None),
+            require_mount=sec.get("require_mount", bool, False),
         )
+        for other in trees:
+            _apart_from(sec, tree, other)
+        trees.append(tree)
         sec.finish()
     defaults = MirrorConfig()
     mirror = MirrorConfig(
@@ -621,6 +622,23 @@ def _mirror(top: _Section, base: str, links: list[LinkConfig]) -> MirrorConfig:
     if trees and mirror.secret_file is None:
         m.note("secret_file", "mirror.secret_file is required when [[mirror.tree]] entries exist")
     return mirror
+
+
+def _apart_from(sec: _Section, tree: TreeConfig, other: TreeConfig) -> None:
+    """Two trees are mirrored by two daemons into two receivers' modules: one name each, and
+    neither inside the other (the outer tree's sessions would overwrite and delete what the
+    inner's write, and both would claim the same files), nor one state dir for both."""
+    if tree.name == other.name:
+        sec.note("name", f"another tree is named {tree.name!r}")
+    path, theirs = os.path.normpath(tree.path), os.path.normpath(other.path)
+    if path == theirs:
+        sec.note("path", f"tree {other.name!r} is {tree.path} too")
+    elif os.path.isabs(path) == os.path.isabs(theirs) and os.path.commonpath([path, theirs]) in (path, theirs):
+        inner, outer = (tree, other) if len(path) > len(theirs) else (other, tree)
+        sec.note("path", f"tree {inner.name!r} ({inner.path}) lies inside tree {outer.name!r} ({outer.path}): "
+                         "each tree needs a directory of its own")  # fmt: skip
+    if tree.state_dir and other.state_dir and os.path.normpath(tree.state_dir) == os.path.normpath(other.state_dir):
+        sec.note("state_dir", f"tree {other.name!r} keeps its state in {tree.state_dir} too")
 
 
 def _notify(top: _Section) -> NotifyConfig:

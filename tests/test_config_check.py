@@ -60,6 +60,7 @@ def test_hawrap_check_lists_every_problem_with_file_and_key(tmp_path):
         "mirror.tree[0].path": "is not a directory",
         "mirror.tree[0].lock_file": "does not exist",
         "mirror.tree[1].require_mount": f"nothing is mounted at {tmp_path}",
+        "mirror.tree[1].path": f"tree 't' ({tree}/{{node}}) lies inside tree 'u' ({tmp_path})",
     }
     lines = proc.stderr.splitlines()
     for key, message in expected.items():

@@ -91,6 +91,36 @@ def test_errors_name_file_and_key(tmp_path, edit, message):
     assert message in str(info.value) and path in str(info.value)
 
 
+def _trees(*trees):
+    text = '[mirror]\nsecret_file = "secret"\n'
+    for name, path, *state_dir in trees:
+        text += f'[[mirror.tree]]\nname = "{name}"\npath = "{path}"\nlock_file = "/run/{name}.lock"\n'
+        text += f'state_dir = "{state_dir[0]}"\n' if state_dir else ""
+    return text
+
+
+@pytest.mark.parametrize(
+    "trees, message",
+    [
+        ((("data", "/srv/data"), ("data", "/srv/mail")), "mirror.tree[1].name: another tree is named 'data'"),
+        ((("data", "/srv/data"), ("mail", "/srv/data/")), "mirror.tree[1].path: tree 'data' is /srv/data/ too"),
+        ((("all", "/srv"), ("mail", "/srv/mail")), "mirror.tree[1].path: tree 'mail' (/srv/mail) lies inside tree 'all' (/srv)"),
+        ((("mail", "/srv/mail"), ("all", "/srv")), "mirror.tree[1].path: tree 'mail' (/srv/mail) lies inside tree 'all' (/srv)"),
+        ((("a", "/srv/a", "/var/lib/t"), ("b", "/srv/b", "/var/lib/t")), "mirror.tree[1].state_dir: tree 'a' keeps"),
+    ],
+)
+def test_trees_that_would_share_files_are_refused(tmp_path, trees, message):
+    """Each tree is mirrored by a daemon of its own into a module of its own: two trees
+    sharing a name, a directory (or one inside the other) or a state dir would overwrite and
+    delete each other's files on the peer."""
+    path = write(tmp_path, MINIMAL + _trees(*trees))
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert message in str(info.value), str(info.value)
+    assert len(str(info.value).splitlines()) == 1, str(info.value)
+    config.load(write(tmp_path, MINIMAL + _trees(("srv", "/srv"), ("srv2", "/srv2"), ("mail", "/var/mail"))))
+
+
 def test_short_secret_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="at least 16"):
         config.load(write(tmp_path, MINIMAL, secret=b"short"))
