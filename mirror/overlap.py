@@ -88,3 +88,22 @@ def pair_overlap_problems(pairs) -> list[tuple[int, str]]:
                                     f"or overwrite what this pair writes there; exclude '/{display_path(below)}/' from "
                                     f"pair {outer.name!r} or put the replica elsewhere"))  # fmt: skip
     return problems
+
+
+def module_overlap_problems(modules) -> list[tuple[str, str]]:
+    """``(name, problem)`` for each module of a server whose tree another writable module
+    also holds (the same directory, or one inside the other): their senders, each under its
+    own module's writer lock, would overwrite and delete each other's files.  A read-only
+    module (dry runs only) may lie anywhere."""
+    problems: list[tuple[str, str]] = []
+    writable = sorted((name, m) for name, m in modules.items() if not m.read_only)
+    for j, (name, inner) in enumerate(writable):
+        for i, (other, outer) in enumerate(writable):
+            below = path_below(outer.path, inner.path) if i != j else None
+            if below == b"" and i < j:
+                problems.append((name, f"module {other!r} is the same directory {display_path(inner.path)}"))
+            elif below:
+                problems.append((name, f"{display_path(inner.path)} lies inside module {other!r} "
+                                       f"({display_path(outer.path)}): their senders would overwrite and delete each "
+                                       "other's files; make one of them read-only or give each its own directory"))  # fmt: skip
+    return problems

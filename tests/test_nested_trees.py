@@ -187,3 +187,38 @@ def test_two_pairs_to_one_remote_replica_are_refused(tmp_path):
     proc = _daemon("--check", "--config", config)
     assert proc.returncode == EXIT_ERROR, proc.stderr
     assert b"'pair[1].destination': pair 'one' writes the same replica mirror://127.0.0.1:9/m" in proc.stderr
+
+
+def test_a_server_refuses_writable_modules_one_inside_the_other(tmp_path):
+    """Each module has its own writer lock: senders to two modules holding the same files
+    would overwrite and delete each other's.  Refused at the start, by --check and on reload
+    (the running configuration kept); a read-only module may lie anywhere."""
+    from tests.servers import mirror_server
+
+    srv = _source(tmp_path / "srv")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef0123")
+    secret.chmod(0o600)
+    base = ["serve", "--secret-file", secret, "--listen", "127.0.0.1:0"]
+    for modules, told in ((["all", srv, "mail", srv / "mail"], f"--module mail: {srv}/mail lies inside module 'all'"),
+                          (["all", srv, "again", f"{srv}/."], "--module all: module 'again' is the same directory")):  # fmt: skip
+        args = [*base, "--module", f"{modules[0]}={modules[1]}", "--module", f"{modules[2]}={modules[3]}"]
+        for check in ([], ["--check"]):
+            proc = subprocess.run([*MIRROR, *map(str, args), *check], capture_output=True, timeout=60, cwd=REPO)
+            assert proc.returncode == EXIT_ERROR and told.encode() in proc.stderr, proc.stderr
+    proc = subprocess.run([*MIRROR, *map(str, base), "--read-only", "--check", "--module", f"all={srv}", "--module",
+                           f"mail={srv / 'mail'}"], capture_output=True, timeout=60, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "run").mkdir()
+    with mirror_server(tmp_path / "run", {"all": srv}, settings={"all": {}}) as server:
+        config = tmp_path / "run" / "serve.toml"
+        config.write_text(config.read_text() + f'[modules.mail]\npath = "{srv / "mail"}"\n')
+        server.proc.send_signal(signal.SIGHUP)
+        log = tmp_path / "run" / "server.log"
+        from tests.helpers import wait_until
+
+        assert wait_until(lambda: "reload failed" in log.read_text(), 30), log.read_text()
+        assert f"'modules.mail.path': {srv}/mail lies inside module 'all'" in log.read_text()
+        proc = run_mirror("sync", "--dry-run", "--secret-file", server.secret_file, src := _source(tmp_path / "s"),
+                          server.url("mail"), check_codes=(EXIT_ERROR,))  # fmt: skip
+        assert b"unknown module 'mail'" in proc.stderr and src.exists(), proc.stderr  # not served

@@ -118,6 +118,10 @@ def serve_host_problems(config, file: str | None) -> list[str]:
             problems.append(f"{key('require_mount')}: nothing is mounted at {display_path(module.path)}")
         _parent(key("lock_file"), module.lock_file, problems)
         _directory(key("state_dir"), module.state_dir, "the state dir", problems)
+    from ..overlap import module_overlap_problems
+
+    for name, problem in module_overlap_problems(config.modules):
+        problems.append(f"{file}: 'modules.{name}.path': {problem}" if file else f"--module {name}: {problem}")
     problem = address_problem(config.listen[0])
     if problem:
         problems.append(f"{file}: 'listen': {problem}" if file else f"--listen: {problem}")

@@ -18,6 +18,7 @@ import threading
 from ..apply import ModuleConfig
 from ..config import DEFAULT_LISTEN, ServeConfig, load_serve_config, parse_listen, read_serve_config
 from ..errors import MirrorError, UsageError
+from ..overlap import module_overlap_problems
 from ..sdnotify import SystemdNotifier
 from ..secretfile import read_secret_file
 from ..statedir import check_root
@@ -64,6 +65,8 @@ def run(args) -> int:
     timeout = args.timeout if args.timeout is not None else config.timeout
     for module in modules.values():
         check_root(module.path)  # a user's own .mirror at the root would be hidden: refused now
+    for name, problem in module_overlap_problems(modules):
+        raise UsageError(f"{args.config}: 'modules.{name}.path': {problem}" if args.config else f"--module {name}: {problem}")
     notifier = SystemdNotifier.from_environment()
     try:
         server = MirrorServer(listen, modules, max_conn, timeout=timeout)
@@ -157,6 +160,8 @@ class _Reloader:
             config = load_serve_config(path)
             for module in config.modules.values():
                 check_root(module.path)
+            for name, problem in module_overlap_problems(config.modules):
+                raise UsageError(f"{path}: 'modules.{name}.path': {problem}")
         except MirrorError as exc:
             log.error("reload failed, still serving the previous configuration: %s", exc)
             return
