@@ -26,6 +26,7 @@ from .errors import (
     MirrorError,
     StaleEpochError,
     UsageError,
+    display_path,
     fs_path,
     os_error_message,
 )
@@ -125,6 +126,8 @@ class Connection:
             raise UsageError(f"excludes: {problem}")
         if self.dest.kind == "local" and (problem := nesting_problem(self.src, self.dest.path, excludes)):
             raise UsageError(problem)
+        if self.dest.kind == "local" and os.path.lexists(self.dest.path) and not os.path.isdir(self.dest.path):
+            raise UsageError(f"the replica {display_path(self.dest.path)} is not a directory")
         timeout = timeout or None  # 0: none, as rsync's
         # A network receiver says it is alive a few times per timeout while it works on its own
         # (a long commit, deletions), so only a stopped, hung or vanished one times out.

@@ -180,6 +180,16 @@ def test_a_destination_whose_parent_does_not_exist_needs_mkpath(tmp_path):
     assert (dst / "docs" / "a.txt").read_bytes() == b"alpha\n"
 
 
+def test_a_destination_that_is_not_a_directory_is_named(tmp_path):
+    src = _tree(tmp_path / "src")
+    (tmp_path / "file").write_bytes(b"a user's file\n")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    for dst in (tmp_path / "file", tmp_path / "dangling", "/dev/null"):
+        proc = run_mirror("sync", "--delete", src, dst, check_codes=(2,))
+        assert f"the replica {dst} is not a directory".encode() in proc.stderr, proc.stderr
+    assert (tmp_path / "file").read_bytes() == b"a user's file\n" and not (tmp_path / "nowhere").exists()
+
+
 def test_hawrap_version_and_every_command_documents_its_exit_status():
     run = lambda *a: subprocess.run([sys.executable, "-m", "hawrap", *a], capture_output=True, text=True,  # noqa: E731
                                     timeout=60, cwd=REPO)  # fmt: skip

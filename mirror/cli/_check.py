@@ -154,6 +154,9 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
 
                 if problem := nesting_problem(pair.source, destination.path, pair.excludes):
                     problems.append(f"{key('destination') if where else 'DST'}: {problem}")
+                if os.path.lexists(destination.path) and not os.path.isdir(destination.path):
+                    problems.append(f"{key('destination') if where else 'DST'}: {display_path(destination.path)} is "
+                                    "not a directory")  # fmt: skip
                 _parent(
                     key("destination") if where else "DST", destination.path.rstrip(b"/") or b"/", problems
                 )
