@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from . import fastpath, startup
 from .constants import MAX_TARGET
 from .entry import KIND_OF_FMT, Kind, ScanProblem, canonical_key, entry_from_stat, too_deep
-from .errors import ManifestError, MirrorError, display_path, fs_path
+from .errors import ManifestError, MirrorError, UsageError, display_path, fs_path
 from .statedir import (
     STATE_DIR_NAME,
     check_root,
@@ -191,6 +191,8 @@ class TreeScan:
         self.problems: list[ScanProblem] = []
         self.is_manifest = os.path.isfile(self.root) and _manifest().is_manifest_file(self.root)
         if not self.is_manifest:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise UsageError(f"{display_path(self.root)} is neither a directory nor a manifest (mirror scan)")
             # Every scan leaves the state dir out: refuse rather than hide a user's .mirror.
             check_root(self.root)
             inside = _state_dir_inside(self.root, self.state_dir)

@@ -218,6 +218,11 @@ def test_streaming_compare_with_excludes(pair):
 def test_missing_tree_is_an_error(tmp_path):
     proc = run_mirror("diff", str(tmp_path / "nope"), str(tmp_path))
     assert proc.returncode == 2 and b"No such file or directory" in proc.stderr
+    (tmp_path / "file").write_bytes(b"neither a tree nor a manifest\n")
+    for args in ((tmp_path / "file", tmp_path), (tmp_path, tmp_path / "file")):
+        proc = run_mirror("diff", *map(str, args))
+        assert proc.returncode == 2, proc
+        assert f"{tmp_path}/file is neither a directory nor a manifest".encode() in proc.stderr, proc.stderr
 
 
 def _tree_with_links(root):
