@@ -110,6 +110,10 @@ def test_cli_show_and_bump_default_state_dir(tmp_path):
     assert (tree / ".mirror" / "epoch").read_text() == "1\n"
     r = mirror_cli("epoch", "show", str(tree))
     assert r.stdout.strip() == "1"
+    for action in ("show", "bump"):  # a mistyped tree: neither epoch 0 nor a tree made there
+        r = mirror_cli("epoch", action, str(tmp_path / "tre"))
+        assert r.returncode == EXIT_ERROR and f"{tmp_path}/tre is not a directory" in r.stderr, r.stderr
+        assert not (tmp_path / "tre").exists()
 
 
 def test_cli_explicit_state_dir_and_corrupt_file(tmp_path):

@@ -14,6 +14,7 @@ with `mirror epoch bump TREE --to N`, N above the replica's.
 from __future__ import annotations
 
 import json
+import os
 
 from .. import epoch
 from ..errors import EXIT_OK, UsageError, display_path
@@ -31,6 +32,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.state_dir is None and not os.path.isdir(args.tree):
+        # A mistyped TREE would show epoch 0, or be made by a bump.
+        raise UsageError(f"{args.tree} is not a directory (the tree's root; --state-dir names its state dir)")
     state_dir = resolve_state_dir(args.tree, args.state_dir)
     if args.to is not None and args.action != "bump":
         raise UsageError("--to goes with 'bump'")
