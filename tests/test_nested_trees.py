@@ -1,7 +1,9 @@
-"""A local replica nested with its source: the same directory (by another path: a symlink,
-a bind mount), the replica inside the source, the source inside the replica.  Refused before
-anything is written (exit 2, naming both), by ``mirror sync``, by ``mirror daemon`` at its
-start and by its ``--check``; a replica inside its source that the source excludes is
+"""Trees that overlap (``mirror.overlap``).  A local replica nested with its source: the same
+directory (by another path: a symlink, a bind mount), the replica inside the source, the
+source inside the replica; two pairs of a daemon writing one replica; two writable modules
+of a server on one directory.  Refused before anything is written (exit 2, naming both), by
+``mirror sync``, the library, ``mirror daemon`` and ``mirror serve`` at their start, on
+reload and by ``--check``; a replica inside its source that the source excludes is
 mirrored, and stays one level deep however often it is synced."""
 
 from __future__ import annotations
