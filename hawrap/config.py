@@ -593,9 +593,9 @@ def _mirror(top: _Section, base: str, links: list[LinkConfig]) -> MirrorConfig:
     for sec in m.tables("tree"):
         tree = TreeConfig(
             name=sec.get("name", str),
-            path=sec.get("path", str),
-            lock_file=sec.get("lock_file", str),
-            state_dir=sec.get("state_dir", str, None),
+            path=_abs(base, sec.get("path", str)),  # relative: to the file's directory, as the other paths
+            lock_file=_abs(base, sec.get("lock_file", str)),
+            state_dir=_opt_abs(base, sec.get("state_dir", str, None)),
             require_mount=sec.get("require_mount", bool, False),
         )
         for other in trees:

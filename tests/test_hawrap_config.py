@@ -103,7 +103,7 @@ def _trees(*trees):
     "trees, message",
     [
         ((("data", "/srv/data"), ("data", "/srv/mail")), "mirror.tree[1].name: another tree is named 'data'"),
-        ((("data", "/srv/data"), ("mail", "/srv/data/")), "mirror.tree[1].path: tree 'data' is /srv/data/ too"),
+        ((("data", "/srv/data"), ("mail", "/srv/data/")), "mirror.tree[1].path: tree 'data' is /srv/data too"),
         ((("all", "/srv"), ("mail", "/srv/mail")), "mirror.tree[1].path: tree 'mail' (/srv/mail) lies inside tree 'all' (/srv)"),
         ((("mail", "/srv/mail"), ("all", "/srv")), "mirror.tree[1].path: tree 'mail' (/srv/mail) lies inside tree 'all' (/srv)"),
         ((("a", "/srv/a", "/var/lib/t"), ("b", "/srv/b", "/var/lib/t")), "mirror.tree[1].state_dir: tree 'a' keeps"),
@@ -119,6 +119,15 @@ def test_trees_that_would_share_files_are_refused(tmp_path, trees, message):
     assert message in str(info.value), str(info.value)
     assert len(str(info.value).splitlines()) == 1, str(info.value)
     config.load(write(tmp_path, MINIMAL + _trees(("srv", "/srv"), ("srv2", "/srv2"), ("mail", "/var/mail"))))
+
+
+def test_a_trees_relative_paths_are_the_configuration_files_directorys(tmp_path):
+    """As the other paths of the file (a node's state dir, the secret files): hawrap and the
+    mirror processes it starts do not run in the directory the administrator wrote it in."""
+    cfg = config.load(write(tmp_path, MINIMAL + _trees(("data", "srv/data", "state/data"))))
+    tree = cfg.mirror.trees[0]
+    assert (tree.path, tree.lock_file, tree.state_dir) == (f"{tmp_path}/srv/data", "/run/data.lock",
+                                                           f"{tmp_path}/state/data")  # fmt: skip
 
 
 def test_short_secret_is_refused(tmp_path):
