@@ -593,9 +593,10 @@ def _mirror(top: _Section, base: str, links: list[LinkConfig]) -> MirrorConfig:
     for sec in m.tables("tree"):
         tree = TreeConfig(
             name=sec.get("name", str),
-            path=_abs(base, sec.get("path", str)),  # relative: to the file's directory, as the other paths
-            lock_file=_abs(base, sec.get("lock_file", str)),
-            state_dir=_opt_abs(base, sec.get("state_dir", str, None)),
+            # Absolute: the mirror processes hawrap starts do not run where the file was written.
+            path=os.path.normpath(sec.get("path", str, ..., _absolute)),
+            lock_file=sec.get("lock_file", str, ..., _absolute),
+            state_dir=sec.get("state_dir", str, None, _absolute),
             require_mount=sec.get("require_mount", bool, False),
         )
         for other in trees:
@@ -671,6 +672,10 @@ def _etcd(top: _Section, doc: dict, cluster: dict | None):
     except ConfigError as exc:
         top.problems.items.append(str(exc))
         raise _Abort from None
+
+
+def _absolute(path: str) -> str | None:
+    return None if os.path.isabs(path) else f"{path!r} must be an absolute path"
 
 
 def _abs(base: str, p: str) -> str:

@@ -121,13 +121,18 @@ def test_trees_that_would_share_files_are_refused(tmp_path, trees, message):
     config.load(write(tmp_path, MINIMAL + _trees(("srv", "/srv"), ("srv2", "/srv2"), ("mail", "/var/mail"))))
 
 
-def test_a_trees_relative_paths_are_the_configuration_files_directorys(tmp_path):
-    """As the other paths of the file (a node's state dir, the secret files): hawrap and the
-    mirror processes it starts do not run in the directory the administrator wrote it in."""
-    cfg = config.load(write(tmp_path, MINIMAL + _trees(("data", "srv/data", "state/data"))))
-    tree = cfg.mirror.trees[0]
-    assert (tree.path, tree.lock_file, tree.state_dir) == (f"{tmp_path}/srv/data", "/run/data.lock",
-                                                           f"{tmp_path}/state/data")  # fmt: skip
+def test_a_trees_paths_must_be_absolute(tmp_path):
+    """The mirror processes hawrap starts do not run in the directory the file was written
+    in: a relative tree path, lock file or state dir would name another place."""
+    keys = {"path": "/srv/data", "lock_file": "/run/data.lock", "state_dir": "/var/lib/data"}
+    for key, relative in (("path", "srv/data"), ("lock_file", "data.lock"), ("state_dir", "state")):
+        tree = "".join(f'{k} = "{relative if k == key else v}"\n' for k, v in keys.items())
+        path = write(tmp_path, MINIMAL + f'[mirror]\nsecret_file = "secret"\n[[mirror.tree]]\nname = "data"\n{tree}')
+        with pytest.raises(ConfigError) as info:
+            config.load(path)
+        assert f"mirror.tree[0].{key}: '{relative}' must be an absolute path" in str(info.value), str(info.value)
+    config.load(write(tmp_path, MINIMAL + '[mirror]\nsecret_file = "secret"\n[[mirror.tree]]\nname = "data"\n'
+                      + "".join(f'{k} = "{v}"\n' for k, v in keys.items())))  # fmt: skip
 
 
 def test_short_secret_is_refused(tmp_path):
