@@ -58,6 +58,16 @@ def nesting_problem(src: bytes, dst: bytes, excludes=()) -> str | None:
     return None
 
 
+def state_dir_problem(state_dir: bytes | None, dst: bytes) -> str | None:
+    """Why the source's state dir (``--state-dir``) cannot lie where it is: inside the local
+    replica ``dst``, where it is not part of the source, so each deleting sync would delete
+    it, and with it the source's tree identity and journal (None: it can)."""
+    if state_dir is None or path_below(dst, state_dir) is None:
+        return None
+    return (f"the source's state dir {display_path(state_dir)} lies inside the replica {display_path(dst)}: a sync "
+            "would delete it (the source's tree identity and journal with it); put it elsewhere")  # fmt: skip
+
+
 def excluded_below(excludes, path: bytes) -> bool:
     """Whether the directory ``path`` (below a tree's root) is left out by ``excludes``."""
     excluder = make_excluder(fs_path(p) for p in excludes)

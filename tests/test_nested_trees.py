@@ -224,3 +224,17 @@ def test_a_server_refuses_writable_modules_one_inside_the_other(tmp_path):
         proc = run_mirror("sync", "--dry-run", "--secret-file", server.secret_file, src := _source(tmp_path / "s"),
                           server.url("mail"), check_codes=(EXIT_ERROR,))  # fmt: skip
         assert b"unknown module 'mail'" in proc.stderr and src.exists(), proc.stderr  # not served
+
+
+def test_a_source_state_dir_inside_the_replica_is_refused(tmp_path):
+    """Not part of the source, it would be deleted by each deleting sync, and the source's
+    tree identity and journal with it."""
+    src = _source(tmp_path / "src")
+    replica = tmp_path / "replica"
+    for delete in ([], ["--delete"]):
+        _refused([*delete, "--state-dir", replica / "state", src, replica],
+                 f"the source's state dir {replica}/state lies inside the replica {replica}")  # fmt: skip
+    assert not replica.exists()
+    proc = _daemon("--check", "--state-dir", replica / "state", src, replica)
+    assert proc.returncode == EXIT_ERROR and b"--state-dir: the source's state dir" in proc.stderr, proc.stderr
+    assert run_mirror("sync", "--delete", "--state-dir", tmp_path / "state", src, replica).returncode == 0

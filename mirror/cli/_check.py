@@ -150,10 +150,12 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
             problems.append(f"{key('destination') if where else 'DST'}: {exc}")
         else:
             if destination.kind == "local":
-                from ..overlap import nesting_problem
+                from ..overlap import nesting_problem, state_dir_problem
 
                 if problem := nesting_problem(pair.source, destination.path, pair.excludes):
                     problems.append(f"{key('destination') if where else 'DST'}: {problem}")
+                if problem := state_dir_problem(pair.state_dir, destination.path):
+                    problems.append(f"{key('state_dir') if where else '--state-dir'}: {problem}")
                 if os.path.lexists(destination.path) and not os.path.isdir(destination.path):
                     problems.append(f"{key('destination') if where else 'DST'}: {display_path(destination.path)} is "
                                     "not a directory")  # fmt: skip

@@ -114,7 +114,7 @@ def check_pairs(config, file: str | None) -> None:
     overlaps its source or another pair's (``mirror.overlap``): refused now, not at the
     first connection, which the daemon would try again and again."""
     from ..errors import ConfigError
-    from ..overlap import nesting_problem, pair_overlap_problems
+    from ..overlap import nesting_problem, pair_overlap_problems, state_dir_problem
     from ..secretfile import SecretFileError, read_secret_file
     from ..transfer import parse_destination
 
@@ -132,6 +132,8 @@ def check_pairs(config, file: str | None) -> None:
         destination = parse_destination(pair.destination)
         if destination.kind == "local" and (problem := nesting_problem(pair.source, destination.path, pair.excludes)):
             raise refuse(i, "destination", problem)
+        if destination.kind == "local" and (problem := state_dir_problem(pair.state_dir, destination.path)):
+            raise refuse(i, "state_dir", problem)
     for i, problem in pair_overlap_problems(config.pairs):
         raise refuse(i, "destination", problem)
 

@@ -203,7 +203,7 @@ def _check_destination_parent(args, excludes) -> None:
     (a typo in a path must not grow a new tree somewhere)."""
     import os
 
-    from ..overlap import nesting_problem
+    from ..overlap import nesting_problem, state_dir_problem
     from ..transfer import parse_destination
 
     destination = parse_destination(path_arg(args.dst))
@@ -218,7 +218,10 @@ def _check_destination_parent(args, excludes) -> None:
     # An unmounted disk is told as such, before --mkpath makes anything on the disk below.
     check_local_replica(resolve_state_dir(path_arg(args.src), path_arg(args.state_dir) if args.state_dir else None),
                        destination.path, None, record=False)  # fmt: skip
-    if problem := nesting_problem(path_arg(args.src), destination.path, excludes):
+    state_dir = path_arg(args.state_dir) if args.state_dir else None
+    if problem := nesting_problem(path_arg(args.src), destination.path, excludes) or state_dir_problem(
+        state_dir, destination.path
+    ):
         raise UsageError(problem)  # before --mkpath makes anything
     if not args.mkpath:
         raise UsageError(f"{_show(destination.path)}: its parent directory {_show(parent)} does not exist "
