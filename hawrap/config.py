@@ -459,6 +459,10 @@ def _nodes(top: _Section, base: str, links: list[LinkConfig], cluster: dict) -> 
         addresses = {}
         for link in links:
             addresses[link.name] = addr_sec.get(link.name, str, ..., _ip)
+        for link in links:  # a copied [[node]] whose addresses were left as they were
+            other = next((n.name for n in nodes if n.addresses.get(link.name) == addresses[link.name]), None)
+            if other is not None:
+                addr_sec.note(link.name, f"{addresses[link.name]} is also the address of node {other!r} on this link")
         addr_sec.finish()
         state_dir = sec.get(
             "state_dir",

@@ -69,6 +69,8 @@ def test_minimal_defaults(tmp_path):
         (lambda t: t + "[timing]\nintervall = 1\n", "unknown key 'timing.intervall'"),
         (lambda t: t + "[mirror]\nreconcile_interval = -1\n", "mirror.reconcile_interval: must be 0 or more"),
         (lambda t: t.replace('"127.0.0.3"', '"nope"'), "node[1].address.hb: 'nope' is not an IP address"),
+        (lambda t: t.replace('"127.0.0.3"', '"127.0.0.2"'),
+         "node[1].address.hb: 127.0.0.2 is also the address of node 'a' on this link"),
         (lambda t: t + '[vip]\naddress = "198.51.100.1"\n', "vip.address: needs a prefix length"),
         (lambda t: t + '[vip]\naddress = "198.51.100.1/24"\nkind = "magic"\n', "vip.kind"),
         (lambda t: t.replace("[cluster]\n", '[cluster]\nhome = "zed"\n'), "cluster.home"),
