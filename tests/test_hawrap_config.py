@@ -72,6 +72,8 @@ def test_minimal_defaults(tmp_path):
         (lambda t: t.replace('"127.0.0.3"', '"127.0.0.2"'),
          "node[1].address.hb: 127.0.0.2 is also the address of node 'a' on this link"),
         (lambda t: t + '[vip]\naddress = "198.51.100.1"\n', "vip.address: needs a prefix length"),
+        (lambda t: t + '[vip]\naddress = "127.0.0.3/8"\n',
+         "vip.address: 127.0.0.3 is the address of node 'b' on link hb: the VIP must be an address of its own"),
         (lambda t: t + '[vip]\naddress = "198.51.100.1/24"\nkind = "magic"\n', "vip.kind"),
         (lambda t: t.replace("[cluster]\n", '[cluster]\nhome = "zed"\n'), "cluster.home"),
         (
