@@ -387,14 +387,23 @@ def read(path: str) -> tuple[ClusterConfig | None, Problems]:
         and cluster["home"] not in (n.name for n in parts["nodes"])
     ):
         problems.add("cluster.home", f"{cluster['home']!r} is not one of the nodes")
-    if parts["vip"] and parts["nodes"]:
+    vip = ipaddress.ip_interface(parts["vip"].address).ip if parts["vip"] else None
+    if vip is not None and parts["nodes"]:
         # A node's own address as the VIP: the takeover's check would find it answered for ever.
-        vip = ipaddress.ip_interface(parts["vip"].address).ip
         for node in parts["nodes"]:
             for link, address in node.addresses.items():
                 if ipaddress.ip_address(address) == vip:
                     problems.add("vip.address", f"{vip} is the address of node {node.name!r} on link {link}: the VIP "
                                                 "must be an address of its own, moved between the nodes")  # fmt: skip
+    if cluster and parts["nodes"]:
+        # A tie-breaker a node always reaches (itself, or the VIP it holds) breaks no tie.
+        own = {ipaddress.ip_address(a): n.name for n in parts["nodes"] for a in n.addresses.values()}
+        for ping in cluster["ping_nodes"]:
+            ip = ipaddress.ip_address(ping)
+            if ip in own or ip == vip:
+                what = f"the address of node {own[ip]!r}" if ip in own else "the VIP"
+                problems.add("cluster.ping_nodes", f"{ping} is {what}: a tie-breaker must be another host on the "
+                                                   "LAN (the default gateway, say)")  # fmt: skip
     if (
         any(value is None for key, value in parts.items() if key not in ("vip", "etcd"))
         or parts["etcd"] is False
