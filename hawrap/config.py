@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mirror import MirrorError, read_secret_file
+from mirror.config import module_name_problem
 
 from .errors import ConfigError
 
@@ -613,7 +614,7 @@ def _mirror(top: _Section, base: str, links: list[LinkConfig]) -> MirrorConfig:
     trees = []
     for sec in m.tables("tree"):
         tree = TreeConfig(
-            name=sec.get("name", str),
+            name=sec.get("name", str, ..., module_name_problem),  # also the receiver's module name
             # Absolute: the mirror processes hawrap starts do not run where the file was written.
             path=os.path.normpath(sec.get("path", str, ..., _absolute)),
             lock_file=sec.get("lock_file", str, ..., _absolute),

@@ -77,6 +77,14 @@ class _Table:
         return value
 
 
+def module_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a module (None: it can): clients name it in
+    ``mirror://HOST/MODULE[/SUBPATH]`` and ``--module NAME=PATH`` splits at the first ``=``."""
+    if not name or any(c in name for c in "/=") or not name.isprintable() or name != name.strip():
+        return f"{name!r} cannot name a module: it must be printable, not empty, with no '/', '=' or outer blanks"
+    return None
+
+
 def _toml(path: str, problems: Problems) -> dict | None:
     try:
         with open(path, "rb") as f:
@@ -123,6 +131,8 @@ def read_serve_config(path: str) -> tuple[ServeConfig | None, Problems]:
         if not isinstance(table, dict):
             problems.add(f"'modules.{name}' must be a table")
             continue
+        if problem := module_name_problem(name):
+            problems.add(f"'modules.{name}': {problem}")
         t = _Table(table, problems, f"modules.{name}.", {"path", "secret_file", "lock_file", "read_only", "state_dir",
                                                           "allow_devices", "allow_specials", "allow_setid",
                                                           "keep_owners", "require_mount"})  # fmt: skip

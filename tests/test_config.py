@@ -42,6 +42,9 @@ def test_example_loads(tmp_path):
         ({"read_only = false": 'read_only = "no"'}, "'modules.www.read_only' must be a bool"),
         ({'[modules.www]\npath = "/srv/www"': "[modules.www]"}, "missing required key 'modules.www.path'"),
         ({"listen =": "listen = = "}, "invalid TOML"),
+        ({"[modules.www]": '[modules."w/ww"]'}, "'modules.w/ww': 'w/ww' cannot name a module"),
+        ({"[modules.www]": '[modules."w=w"]'}, "cannot name a module"),
+        ({"[modules.www]": '[modules.""]'}, "'modules.': '' cannot name a module"),
     ],
 )
 def test_mistakes_are_named(tmp_path, replace, message):
@@ -82,3 +85,14 @@ def test_daemon_config_mistakes_are_named(tmp_path):
     bad.write_text('[[pair]]\nsource = "srv"\ndestination = "/x"\n')
     with pytest.raises(ConfigError, match="must be absolute"):
         load_daemon_config(str(bad))
+
+
+def test_a_module_named_on_the_command_line_is_checked_too(tmp_path):
+    """A name clients could not reach (``mirror://HOST/a/b`` is module ``a``, subpath ``b``)."""
+    from tests.helpers import run_mirror
+
+    secret = tmp_path / "secret"
+    secret.write_text("a-long-enough-secret\n")
+    secret.chmod(0o600)
+    proc = run_mirror("serve", "--secret-file", secret, "--module", f"a/b={tmp_path}", check_codes=(2,))
+    assert b"--module a/b=" in proc.stderr and b"'a/b' cannot name a module" in proc.stderr, proc.stderr

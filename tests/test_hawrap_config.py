@@ -111,6 +111,7 @@ def _trees(*trees):
     "trees, message",
     [
         ((("data", "/srv/data"), ("data", "/srv/mail")), "mirror.tree[1].name: another tree is named 'data'"),
+        ((("da/ta", "/srv/data"),), "mirror.tree[0].name: 'da/ta' cannot name a module"),
         ((("data", "/srv/data"), ("mail", "/srv/data/")), "mirror.tree[1].path: tree 'data' is /srv/data too"),
         ((("all", "/srv"), ("mail", "/srv/mail")), "mirror.tree[1].path: tree 'mail' (/srv/mail) lies inside tree 'all' (/srv)"),
         ((("mail", "/srv/mail"), ("all", "/srv")), "mirror.tree[1].path: tree 'mail' (/srv/mail) lies inside tree 'all' (/srv)"),

@@ -16,7 +16,14 @@ import signal
 import threading
 
 from ..apply import ModuleConfig
-from ..config import DEFAULT_LISTEN, ServeConfig, load_serve_config, parse_listen, read_serve_config
+from ..config import (
+    DEFAULT_LISTEN,
+    ServeConfig,
+    load_serve_config,
+    module_name_problem,
+    parse_listen,
+    read_serve_config,
+)
 from ..errors import MirrorError, UsageError
 from ..overlap import module_overlap_problems
 from ..sdnotify import SystemdNotifier
@@ -103,6 +110,8 @@ def _config_from_args(args) -> ServeConfig:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise UsageError(f"--module: expected NAME=PATH, got {spec!r}")
+        if problem := module_name_problem(name):
+            raise UsageError(f"--module {spec}: {problem}")
         if not os.path.isdir(path):
             raise UsageError(f"--module {name}: {path} is not a directory")
         modules[name] = ModuleConfig(
