@@ -89,6 +89,10 @@ def pair_overlap_problems(pairs) -> list[tuple[int, str]]:
                 if i < j and d_inner == d_outer:
                     problems.append((j, f"pair {outer.name!r} writes the same replica {inner.destination}"))
                 continue
+            if i < j and _overlap(d_outer.path, inner.source) and _overlap(d_inner.path, outer.source):
+                problems.append((j, f"pairs {outer.name!r} and {inner.name!r} mirror at each other (each one's "
+                                    "replica holds the other's source): each would undo the other's changes"))  # fmt: skip
+                continue
             below = path_below(d_outer.path, d_inner.path)
             if below == b"" and i < j:
                 problems.append((j, f"pair {outer.name!r} writes the same replica {display_path(d_inner.path)}"))
@@ -98,6 +102,11 @@ def pair_overlap_problems(pairs) -> list[tuple[int, str]]:
                                     f"or overwrite what this pair writes there; exclude '/{display_path(below)}/' from "
                                     f"pair {outer.name!r} or put the replica elsewhere"))  # fmt: skip
     return problems
+
+
+def _overlap(a: bytes, b: bytes) -> bool:
+    """Whether one of two directories is, or holds, the other."""
+    return path_below(a, b) is not None or path_below(b, a) is not None
 
 
 def module_overlap_problems(modules) -> list[tuple[str, str]]:

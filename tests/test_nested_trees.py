@@ -176,6 +176,13 @@ def test_two_pairs_writing_one_replica_are_refused(tmp_path):
     proc = _daemon("--check", "--config", config)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path / "replica")) == []  # nothing written by the refusals
+    # two pairs mirroring at each other (1999's lock file kept two nodes from doing so)
+    pairs(two, one)
+    for check in ([], ["--check"]):
+        proc = _daemon(*check, "--config", config)
+        assert proc.returncode == EXIT_ERROR and b"pairs 'one' and 'two' mirror at each other" in proc.stderr, proc
+    pairs(two, tmp_path / "replica")  # a cascade, one -> two -> replica: allowed
+    assert _daemon("--check", "--config", config).returncode == 0
 
 
 def test_two_pairs_to_one_remote_replica_are_refused(tmp_path):
