@@ -1,6 +1,7 @@
 """Trees that overlap where they must not: a local replica and its source (the same
 directory by another path, one inside the other), and the local replicas of a daemon's
-pairs (two sources writing one replica, or one replica inside another's).  Compared by
+pairs (two sources writing one replica, one replica inside another's, two pairs mirroring
+at each other), and the writable modules of a server.  Compared by
 directory identity, so a symlink or a bind mount is no way round it.  A remote replica is on
 another host as far as a sender can tell: only the same destination written twice is seen."""
 
@@ -77,8 +78,9 @@ def excluded_below(excludes, path: bytes) -> bool:
 def pair_overlap_problems(pairs) -> list[tuple[int, str]]:
     """``(index, problem)`` for each pair of a daemon whose replica another pair also writes:
     the same destination (two sources overwriting each other's files, and with ``delete``
-    deleting them, for ever), or a local one inside another's that the outer pair does not
-    exclude (its sessions delete or overwrite what the inner pair writes)."""
+    deleting them, for ever), a local one inside another's that the outer pair does not
+    exclude (its sessions delete or overwrite what the inner pair writes), or two local
+    pairs mirroring at each other."""
     from .transfer import parse_destination
 
     problems: list[tuple[int, str]] = []
