@@ -1,9 +1,10 @@
 """Trees that overlap where they must not: a local replica and its source (the same
-directory by another path, one inside the other), and the local replicas of a daemon's
-pairs (two sources writing one replica, one replica inside another's, two pairs mirroring
-at each other), and the writable modules of a server.  Compared by
-directory identity, so a symlink or a bind mount is no way round it.  A remote replica is on
-another host as far as a sender can tell: only the same destination written twice is seen."""
+directory by another path, one inside the other, the source's state dir inside the
+replica); the local replicas of a daemon's pairs (two sources writing one replica, one
+replica inside another's, two pairs mirroring at each other); a server's writable modules.
+Compared by directory identity, so a symlink or a bind mount is no way round it.  A remote
+replica is on another host as far as a sender can tell: only the same destination written
+twice is seen."""
 
 from __future__ import annotations
 
