@@ -76,16 +76,44 @@ def excluded_below(excludes, path: bytes) -> bool:
     return excluder is not None and excluded_dir(excluder.excluded, path)
 
 
+def pair_problems(pairs) -> list[tuple[int, str, str]]:
+    """``(index, key, problem)`` for each pair of a daemon whose local replica overlaps its
+    source or another pair's (``key``: the pair's key at fault, ``destination`` or
+    ``state_dir``); a destination that does not parse is left to whoever reads it."""
+    from .errors import MirrorError
+    from .transfer import parse_destination
+
+    problems: list[tuple[int, str, str]] = []
+    for i, pair in enumerate(pairs):
+        try:
+            destination = parse_destination(pair.destination)
+        except MirrorError:
+            continue
+        if destination.kind != "local":
+            continue
+        if problem := nesting_problem(pair.source, destination.path, pair.excludes):
+            problems.append((i, "destination", problem))
+        if problem := state_dir_problem(pair.state_dir, destination.path):
+            problems.append((i, "state_dir", problem))
+    return problems + [(i, "destination", problem) for i, problem in pair_overlap_problems(pairs)]
+
+
 def pair_overlap_problems(pairs) -> list[tuple[int, str]]:
     """``(index, problem)`` for each pair of a daemon whose replica another pair also writes:
     the same destination (two sources overwriting each other's files, and with ``delete``
     deleting them, for ever), a local one inside another's that the outer pair does not
     exclude (its sessions delete or overwrite what the inner pair writes), or two local
     pairs mirroring at each other."""
+    from .errors import MirrorError
     from .transfer import parse_destination
 
     problems: list[tuple[int, str]] = []
-    places = [(i, pair, parse_destination(pair.destination)) for i, pair in enumerate(pairs)]
+    places = []
+    for i, pair in enumerate(pairs):
+        try:
+            places.append((i, pair, parse_destination(pair.destination)))
+        except MirrorError:
+            continue
     for j, inner, d_inner in places:
         for i, outer, d_outer in places[:j] + places[j + 1 :]:
             if d_inner.kind != "local" or d_outer.kind != "local":

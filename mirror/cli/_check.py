@@ -150,12 +150,6 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
             problems.append(f"{key('destination') if where else 'DST'}: {exc}")
         else:
             if destination.kind == "local":
-                from ..overlap import nesting_problem, state_dir_problem
-
-                if problem := nesting_problem(pair.source, destination.path, pair.excludes):
-                    problems.append(f"{key('destination') if where else 'DST'}: {problem}")
-                if problem := state_dir_problem(pair.state_dir, destination.path):
-                    problems.append(f"{key('state_dir') if where else '--state-dir'}: {problem}")
                 if os.path.lexists(destination.path) and not os.path.isdir(destination.path):
                     problems.append(f"{key('destination') if where else 'DST'}: {display_path(destination.path)} is "
                                     "not a directory")  # fmt: skip
@@ -178,10 +172,11 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
                 problems.append(f"{key('secret_file')}: a mirror:// destination needs a secret file")
         _parent(key("lock_file"), pair.lock_file, problems)
         _directory(key("state_dir"), pair.state_dir, "the state dir", problems)
-    from ..overlap import pair_overlap_problems
+    from ..overlap import pair_problems
 
-    for i, problem in pair_overlap_problems(config.pairs):
-        problems.append(f"{where}: 'pair[{i}].destination': {problem}" if where else f"DST: {problem}")
+    for i, name, problem in pair_problems(config.pairs):
+        label = f"{where}: 'pair[{i}].{name}'" if where else {"destination": "DST", "state_dir": "--state-dir"}[name]
+        problems.append(f"{label}: {problem}")
     if config.metrics:
         problem = address_problem(config.metrics[0])
         if problem:

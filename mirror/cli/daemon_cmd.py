@@ -114,9 +114,8 @@ def check_pairs(config, file: str | None) -> None:
     overlaps its source or another pair's (``mirror.overlap``): refused now, not at the
     first connection, which the daemon would try again and again."""
     from ..errors import ConfigError
-    from ..overlap import nesting_problem, pair_overlap_problems, state_dir_problem
+    from ..overlap import pair_problems
     from ..secretfile import SecretFileError, read_secret_file
-    from ..transfer import parse_destination
 
     def refuse(i: int, key: str, problem: str):
         return ConfigError(f"{file}: 'pair[{i}].{key}': {problem}") if file else UsageError(problem)
@@ -129,13 +128,8 @@ def check_pairs(config, file: str | None) -> None:
                 if file is None:
                     raise
                 raise refuse(i, "secret_file", str(exc)) from None
-        destination = parse_destination(pair.destination)
-        if destination.kind == "local" and (problem := nesting_problem(pair.source, destination.path, pair.excludes)):
-            raise refuse(i, "destination", problem)
-        if destination.kind == "local" and (problem := state_dir_problem(pair.state_dir, destination.path)):
-            raise refuse(i, "state_dir", problem)
-    for i, problem in pair_overlap_problems(config.pairs):
-        raise refuse(i, "destination", problem)
+    for i, key, problem in pair_problems(config.pairs):
+        raise refuse(i, key, problem)
 
 
 def run(args) -> int:
