@@ -405,6 +405,8 @@ def read(path: str) -> tuple[ClusterConfig | None, Problems]:
                 what = f"the address of node {own[ip]!r}" if ip in own else "the VIP"
                 problems.add("cluster.ping_nodes", f"{ping} is {what}: a tie-breaker must be another host on the "
                                                    "LAN (the default gateway, say)")  # fmt: skip
+    if cluster and parts["nodes"] and parts["mirror"]:
+        _files_outside_trees(problems, cluster, parts["nodes"], parts["mirror"])
     if (
         any(value is None for key, value in parts.items() if key not in ("vip", "etcd"))
         or parts["etcd"] is False
@@ -421,7 +423,7 @@ def read(path: str) -> tuple[ClusterConfig | None, Problems]:
             mirror=parts["mirror"],
             notify=parts["notify"],
             etcd=parts["etcd"],
-            **{k: v for k, v in cluster.items() if k != "state_dir_template"},
+            **{k: v for k, v in cluster.items() if k not in ("state_dir_template", "secret_path")},
         ),
         problems,
     )
@@ -431,6 +433,7 @@ def _cluster(top: _Section, base: str) -> dict:
     cluster = top.sub("cluster", ...)
     out = {"name": cluster.get("name", str)}
     out["secret"] = cluster.problems.part(lambda: _read_secret(base, cluster), b"")
+    out["secret_path"] = _abs(base, cluster.get("secret_file", str, ""))
     out["home"] = cluster.get("home", str, None)
     out["failback"] = cluster.get(
         "failback", str, "manual", lambda v: None if v in FAILBACK_POLICIES else f"one of {FAILBACK_POLICIES}"
@@ -662,6 +665,45 @@ def _apart_from(sec: _Section, tree: TreeConfig, other: TreeConfig) -> None:
                          "each tree needs a directory of its own")  # fmt: skip
     if tree.state_dir and other.state_dir and os.path.normpath(tree.state_dir) == os.path.normpath(other.state_dir):
         sec.note("state_dir", f"tree {other.name!r} keeps its state in {tree.state_dir} too")
+
+
+def _files_outside_trees(problems: Problems, cluster: dict, nodes: list[NodeConfig], mirror: MirrorConfig) -> None:
+    """hawrap's own files must not lie in a mirrored tree: the primary's daemon would send its
+    copy to the peer, whose receiver overwrites the peer's own (its epoch, state, standby
+    lock, a tree's mirroring lock or journal) or, the file being only there, deletes it; and
+    a secret there is served with the tree's files.  A tree's own state dir inside it is left
+    out of its mirroring, as ``.mirror`` is.  Each node's paths are checked as it resolves
+    them (``{node}`` replaced)."""
+    secrets = [("cluster.secret_file", cluster["secret_path"]), ("mirror.secret_file", mirror.secret_file)]
+    lines: dict[tuple[int, str], None] = {}  # in order, each once: most paths are the same for both nodes
+    for n in nodes:
+        def at(path, n=n):
+            return path.replace("{node}", n.name) if path else path
+
+        files = [(f"the state_dir of node {n.name!r}", n.state_dir),
+                 (f"the standby_lock of node {n.name!r}",
+                  at(cluster["standby_lock"].replace("{state_dir}", n.state_dir)))]  # fmt: skip
+        files += [(f"the lock_file of tree {t.name!r}", at(t.lock_file)) for t in mirror.trees]
+        for i, tree in enumerate(mirror.trees):
+            theirs = [(f"the state_dir of tree {t.name!r}", at(t.state_dir)) for t in mirror.trees if t is not tree]
+            said: list[str] = []
+            for what, path in files + theirs + secrets:
+                if not path or not _lexically_below(at(tree.path), path) or any(_lexically_below(p, path) for p in said):
+                    continue  # one line for a state dir, not one more for each file in it
+                said.append(path)
+                why = ("whoever the tree's files are served to could read it, and the mirror copies it to the peer"
+                       if (what, path) in secrets else
+                       "the mirror would copy it to the peer, replacing the peer's own or deleting it")  # fmt: skip
+                lines[i, f"{what} ({path}) lies inside the tree {at(tree.path)}: {why}; keep hawrap's files "
+                         "outside the mirrored trees"] = None  # fmt: skip
+    for i, text in lines:
+        problems.add(f"mirror.tree[{i}].path", text)
+
+
+def _lexically_below(outer: str, inner: str) -> bool:
+    """Whether the absolute path ``inner`` is ``outer`` or lies inside it, as written."""
+    outer, inner = os.path.normpath(outer), os.path.normpath(inner)
+    return os.path.isabs(inner) and os.path.commonpath([outer, inner]) == outer
 
 
 def _notify(top: _Section) -> NotifyConfig:

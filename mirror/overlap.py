@@ -1,7 +1,9 @@
 """Trees that overlap where they must not: a local replica and its source (the same
-directory by another path, one inside the other, the source's state dir inside the
-replica); the local replicas of a daemon's pairs (two sources writing one replica, one
-replica inside another's, two pairs mirroring at each other); a server's writable modules.
+directory by another path, one inside the other, the source's state dir or a lock file
+inside the replica); the local replicas of a daemon's pairs (two sources writing one
+replica, one replica inside another's, two pairs mirroring at each other, a pair's state
+dir or lock file inside another's replica); a server's writable modules (and their lock
+files and state dirs).
 Compared by directory identity, so a symlink or a bind mount is no way round it.  A remote
 replica is on another host as far as a sender can tell: only the same destination written
 twice is seen."""
@@ -60,14 +62,36 @@ def nesting_problem(src: bytes, dst: bytes, excludes=()) -> str | None:
     return None
 
 
-def state_dir_problem(state_dir: bytes | None, dst: bytes) -> str | None:
+def state_dir_problem(state_dir: bytes | None, dst: bytes, whose: str = "") -> str | None:
     """Why the source's state dir (``--state-dir``) cannot lie where it is: inside the local
-    replica ``dst``, where it is not part of the source, so each deleting sync would delete
-    it, and with it the source's tree identity and journal (None: it can)."""
+    replica ``dst`` (``whose``: " of pair 'x'" for another pair's), where it is not part of
+    the source, so each deleting sync would delete it, and with it the source's tree identity
+    and journal (None: it can)."""
     if state_dir is None or path_below(dst, state_dir) is None:
         return None
-    return (f"the source's state dir {display_path(state_dir)} lies inside the replica {display_path(dst)}: a sync "
-            "would delete it (the source's tree identity and journal with it); put it elsewhere")  # fmt: skip
+    return (f"the source's state dir {display_path(state_dir)} lies inside the replica{whose} {display_path(dst)}: a "
+            "sync would delete it (the source's tree identity and journal with it); put it elsewhere")  # fmt: skip
+
+
+def lock_file_problem(lock_file: bytes | None, tree: bytes, where: str | None = None) -> str | None:
+    """Why a mirroring lock file cannot lie where it is: inside ``tree``, which senders write
+    (``where`` names it; default "the replica TREE"), so a sync would write a file of the
+    source's at that place (and so lock every sync after it) or delete it (None: it can)."""
+    if lock_file is None or path_below(tree, lock_file) is None:
+        return None
+    return (f"the lock file {display_path(lock_file)} lies inside {where or f'the replica {display_path(tree)}'}: a "
+            "sync would write a file there from the source (locking every sync after it) or delete it; put it "
+            "elsewhere")  # fmt: skip
+
+
+def local_replica_problem(src: bytes, dst: bytes, excludes=(), state_dir: bytes | None = None,
+                          lock_files=()) -> str | None:  # fmt: skip
+    """Why the local replica ``dst`` cannot mirror ``src`` (None: it can): the trees nested
+    (``nesting_problem``), or the source's state dir or a lock file inside the replica."""
+    problem = nesting_problem(src, dst, excludes) or state_dir_problem(state_dir, dst)
+    for lock_file in lock_files:
+        problem = problem or lock_file_problem(lock_file, dst)
+    return problem
 
 
 def excluded_below(excludes, path: bytes) -> bool:
@@ -84,17 +108,24 @@ def pair_problems(pairs) -> list[tuple[int, str, str]]:
     from .transfer import parse_destination
 
     problems: list[tuple[int, str, str]] = []
-    for i, pair in enumerate(pairs):
+    replicas = []
+    for pair in pairs:
         try:
             destination = parse_destination(pair.destination)
         except MirrorError:
             continue
-        if destination.kind != "local":
-            continue
-        if problem := nesting_problem(pair.source, destination.path, pair.excludes):
-            problems.append((i, "destination", problem))
-        if problem := state_dir_problem(pair.state_dir, destination.path):
-            problems.append((i, "state_dir", problem))
+        if destination.kind == "local":
+            replicas.append((pair, destination.path))
+    for i, pair in enumerate(pairs):
+        for other, replica in replicas:
+            if other is pair and (problem := nesting_problem(pair.source, replica, pair.excludes)):
+                problems.append((i, "destination", problem))
+            # Another pair's replica deletes them too: the state dir and lock file against each.
+            whose = f" of pair {other.name!r}" if other is not pair else ""
+            if problem := state_dir_problem(pair.state_dir, replica, whose):
+                problems.append((i, "state_dir", problem))
+            if problem := lock_file_problem(pair.lock_file, replica, f"the replica{whose} {display_path(replica)}"):
+                problems.append((i, "lock_file", problem))
     return problems + [(i, "destination", problem) for i, problem in pair_overlap_problems(pairs)]
 
 
@@ -140,20 +171,33 @@ def _overlap(a: bytes, b: bytes) -> bool:
     return path_below(a, b) is not None or path_below(b, a) is not None
 
 
-def module_overlap_problems(modules) -> list[tuple[str, str]]:
-    """``(name, problem)`` for each module of a server whose tree another writable module
-    also holds (the same directory, or one inside the other): their senders, each under its
-    own module's writer lock, would overwrite and delete each other's files.  A read-only
-    module (dry runs only) may lie anywhere."""
-    problems: list[tuple[str, str]] = []
+def module_problems(modules) -> list[tuple[str, str, str]]:
+    """``(name, key, problem)`` for each module of a server whose tree another writable
+    module also holds (the same directory, or one inside the other: their senders, each
+    under its own module's writer lock, would overwrite and delete each other's files), or
+    whose lock file or state dir lies in a writable module's tree, where senders write and
+    delete (its own state dir there is left out of its mirroring).  A read-only module (dry
+    runs only) may lie anywhere."""
+    problems: list[tuple[str, str, str]] = []
     writable = sorted((name, m) for name, m in modules.items() if not m.read_only)
+    locks_said: set[bytes] = set()  # one line for a lock file all modules share
     for j, (name, inner) in enumerate(writable):
         for i, (other, outer) in enumerate(writable):
             below = path_below(outer.path, inner.path) if i != j else None
             if below == b"" and i < j:
-                problems.append((name, f"module {other!r} is the same directory {display_path(inner.path)}"))
+                problems.append((name, "path", f"module {other!r} is the same directory {display_path(inner.path)}"))
             elif below:
-                problems.append((name, f"{display_path(inner.path)} lies inside module {other!r} "
-                                       f"({display_path(outer.path)}): their senders would overwrite and delete each "
-                                       "other's files; make one of them read-only or give each its own directory"))  # fmt: skip
+                problems.append((name, "path", f"{display_path(inner.path)} lies inside module {other!r} "
+                                               f"({display_path(outer.path)}): their senders would overwrite and "
+                                               "delete each other's files; make one of them read-only or give each "
+                                               "its own directory"))  # fmt: skip
+            if inner.lock_file not in locks_said and (
+                problem := lock_file_problem(inner.lock_file, outer.path, f"module {other!r} ({display_path(outer.path)})")
+            ):
+                locks_said.add(inner.lock_file)
+                problems.append((name, "lock_file", problem))
+            if i != j and inner.state_dir is not None and path_below(outer.path, inner.state_dir) is not None:
+                problems.append((name, "state_dir", f"the state dir {display_path(inner.state_dir)} lies inside module "
+                                                    f"{other!r} ({display_path(outer.path)}), whose senders would "
+                                                    "delete it; put it elsewhere"))  # fmt: skip
     return problems

@@ -31,7 +31,7 @@ from .errors import (
     os_error_message,
 )
 from .exclude import pattern_problem
-from .overlap import nesting_problem, state_dir_problem
+from .overlap import local_replica_problem
 from .records import DEFAULT_CONTIMEOUT, DEFAULT_TIMEOUT, SenderOptions, SyncResult
 from .treescan import replica_scan, source_scan, stop_scans
 
@@ -124,8 +124,9 @@ class Connection:
                 raise UsageError(f"--{name} must be 0 (none) or more seconds, got {value}")
         if problem := pattern_problem([fs_path(p) for p in excludes]):
             raise UsageError(f"excludes: {problem}")
-        if self.dest.kind == "local" and (problem := nesting_problem(self.src, self.dest.path, excludes) or
-                                          state_dir_problem(fs_path(state_dir) if state_dir else None, self.dest.path)):
+        locks = [fs_path(lock) for lock in (lock_file, dst_lock_file) if lock]
+        if self.dest.kind == "local" and (problem := local_replica_problem(
+                self.src, self.dest.path, excludes, fs_path(state_dir) if state_dir else None, locks)):
             raise UsageError(problem)
         if self.dest.kind == "local" and os.path.lexists(self.dest.path) and not os.path.isdir(self.dest.path):
             raise UsageError(f"the replica {display_path(self.dest.path)} is not a directory")

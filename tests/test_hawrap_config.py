@@ -153,3 +153,43 @@ def test_unknown_node(tmp_path):
     cfg = config.load(write(tmp_path, MINIMAL))
     with pytest.raises(ConfigError, match="no node named 'c'"):
         cfg.node("c")
+
+
+@pytest.mark.parametrize(
+    "edit, message, lines",
+    [
+        (lambda t: t.replace('lock_file = "/run/data.lock"', 'lock_file = "/srv/data/.mirror.lock"'),
+         "the lock_file of tree 'data' (/srv/data/.mirror.lock) lies inside the tree /srv/data", 1),
+        (lambda t: t.replace('name = "t"\n', 'name = "t"\nstate_dir = "/srv/data/hawrap"\n'),
+         "the state_dir of node 'a' (/srv/data/hawrap/a) lies inside the tree /srv/data", 2),
+        (lambda t: t.replace('name = "t"\n', 'name = "t"\nstandby_lock = "/srv/data/{node}.standby"\n'),
+         "the standby_lock of node 'b' (/srv/data/b.standby) lies inside the tree /srv/data", 2),
+        (lambda t: t.replace('path = "/srv/data"', 'path = "/srv/data/{node}"')
+                    .replace('lock_file = "/run/data.lock"', 'lock_file = "/srv/data/{node}/lock"'),
+         "the lock_file of tree 'data' (/srv/data/a/lock) lies inside the tree /srv/data/a", 2),
+        (lambda t: t + '[[mirror.tree]]\nname = "web"\npath = "/srv/web"\nlock_file = "/run/web.lock"\n'
+                       'state_dir = "/srv/data/web-state"\n',
+         "the state_dir of tree 'web' (/srv/data/web-state) lies inside the tree /srv/data", 1),
+        (lambda t: t.replace('[mirror]\nsecret_file = "secret"', '[mirror]\nsecret_file = "/srv/data/secret"'),
+         "mirror.secret_file (/srv/data/secret) lies inside the tree /srv/data: whoever the tree's files are served to", 1),
+    ],
+)
+def test_hawraps_own_files_inside_a_mirrored_tree_are_refused(tmp_path, edit, message, lines):
+    """The primary's daemon would copy them to the peer, whose receiver replaces the peer's own
+    (its epoch and state, its standby lock, a tree's mirroring lock or journal) or deletes
+    them; a secret there is served with the tree.  Each node's paths as it resolves them."""
+    tree = '[mirror]\nsecret_file = "secret"\n[[mirror.tree]]\nname = "data"\npath = "/srv/data"\nlock_file = "/run/data.lock"\n'
+    config.load(write(tmp_path, MINIMAL + tree))
+    path = write(tmp_path, edit(MINIMAL + tree))
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert f"{path}: mirror.tree[0].path: {message}" in str(info.value), str(info.value)
+    assert "keep hawrap's files outside the mirrored trees" in str(info.value)
+    # each node's own once; a state dir in one line, none more for the files in it (its standby lock)
+    assert str(info.value).count("lies inside") == lines, str(info.value)
+
+
+def test_a_trees_own_state_dir_inside_it_is_allowed(tmp_path):
+    """Left out of the tree's mirroring, as the default <path>/.mirror is."""
+    config.load(write(tmp_path, MINIMAL + '[mirror]\nsecret_file = "secret"\n[[mirror.tree]]\nname = "data"\n'
+                      'path = "/srv/data"\nlock_file = "/run/data.lock"\nstate_dir = "/srv/data/state"\n'))  # fmt: skip

@@ -245,3 +245,72 @@ def test_a_source_state_dir_inside_the_replica_is_refused(tmp_path):
     proc = _daemon("--check", "--state-dir", replica / "state", src, replica)
     assert proc.returncode == EXIT_ERROR and b"--state-dir: the source's state dir" in proc.stderr, proc.stderr
     assert run_mirror("sync", "--delete", "--state-dir", tmp_path / "state", src, replica).returncode == 0
+
+
+@pytest.mark.parametrize("option", ["--dst-lock-file", "--lock-file"])
+def test_a_lock_file_inside_the_replica_is_refused(tmp_path, option):
+    """A sync would write a file of the source's at the lock's place, and that file then locks
+    every sync after it (or, the lock not being in the source, --delete deletes it)."""
+    src = _source(tmp_path / "src")
+    (src / "replica.lock").write_bytes(b"a file of the source's, named like the lock\n")
+    replica = tmp_path / "replica"
+    for delete in ([], ["--delete"]):
+        _refused([*delete, option, replica / "replica.lock", src, replica],
+                 f"the lock file {replica}/replica.lock lies inside the replica {replica}")  # fmt: skip
+    assert not replica.exists()
+    with pytest.raises(UsageError, match="lies inside the replica"):
+        mirror.sync(src, replica, **{option[2:].replace("-", "_"): replica / "replica.lock"})
+    assert not replica.exists()
+    # elsewhere, the source's file of that name is mirrored as any other, every time
+    for _ in range(2):
+        assert run_mirror("sync", "--delete", option, tmp_path / "replica.lock", src, replica).returncode == 0
+    assert (replica / "replica.lock").read_bytes() == (src / "replica.lock").read_bytes()
+
+
+def test_a_pairs_lock_file_or_state_dir_inside_another_pairs_replica_is_refused(tmp_path):
+    """The other pair's sessions would delete them (or write a file of its source's over them)."""
+    one, two = _source(tmp_path / "one"), _source(tmp_path / "two")
+    config = tmp_path / "daemon.toml"
+    for key, value, told in (("lock_file", tmp_path / "r1" / "two.lock", "the lock file"),
+                             ("state_dir", tmp_path / "r1" / "state", "the source's state dir")):  # fmt: skip
+        config.write_text(f'[[pair]]\nsource = "{one}"\ndestination = "{tmp_path / "r1"}"\n'
+                          f'[[pair]]\nsource = "{two}"\ndestination = "{tmp_path / "r2"}"\n{key} = "{value}"\n')  # fmt: skip
+        for check in ([], ["--check"]):
+            proc = _daemon(*check, "--config", config)
+            assert proc.returncode == EXIT_ERROR, proc.stderr
+            assert (f"'pair[1].{key}': {told} {value} lies inside the replica of pair 'one' {tmp_path}/r1".encode()
+                    in proc.stderr), proc.stderr  # fmt: skip
+        assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+    proc = _daemon("--check", "--lock-file", tmp_path / "r" / "x.lock", one, tmp_path / "r")
+    assert proc.returncode == EXIT_ERROR and b"--lock-file: the lock file" in proc.stderr, proc.stderr
+
+
+def test_a_server_refuses_a_lock_file_or_state_dir_where_senders_write(tmp_path):
+    """A module's lock file inside a writable module (its own or another's), or its state dir
+    inside another's: senders would write a file there from their source (locking the
+    module) or delete it.  A read-only module's tree may hold them."""
+    srv, other = _source(tmp_path / "srv"), _source(tmp_path / "other")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef0123")
+    secret.chmod(0o600)
+    base = ["serve", "--secret-file", secret, "--listen", "127.0.0.1:0"]
+    lock = srv / "mirror.lock"
+    args = [*base, "--lock-file", lock, "--module", f"all={srv}", "--module", f"other={other}"]
+    for check in ([], ["--check"]):
+        proc = subprocess.run([*MIRROR, *map(str, args), *check], capture_output=True, timeout=60, cwd=REPO)
+        assert proc.returncode == EXIT_ERROR, proc.stderr
+        assert f"--lock-file: the lock file {lock} lies inside module 'all' ({srv})".encode() in proc.stderr
+        assert proc.stderr.count(b"the lock file") == 1, proc.stderr  # one lock for both modules: said once
+    proc = subprocess.run([*MIRROR, *map(str, [*base, "--read-only", "--lock-file", lock, "--module", f"all={srv}",
+                                               "--check"])], capture_output=True, timeout=60, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    config = tmp_path / "serve.toml"
+    config.write_text(f'listen = "127.0.0.1:0"\nsecret_file = "{secret}"\n[modules.all]\npath = "{srv}"\n'
+                      f'[modules.other]\npath = "{other}"\nstate_dir = "{srv}/other-state"\n')  # fmt: skip
+    for check in ([], ["--check"]):
+        proc = subprocess.run([*MIRROR, "serve", "--config", str(config), *check], capture_output=True, timeout=60,
+                              cwd=REPO)  # fmt: skip
+        assert proc.returncode == EXIT_ERROR, proc.stderr
+        assert (f"{config}: 'modules.other.state_dir': the state dir {srv}/other-state lies inside module 'all' "
+                f"({srv}), whose senders would delete it").encode() in proc.stderr, proc.stderr  # fmt: skip
+    assert not (srv / "other-state").exists()

@@ -8,6 +8,7 @@ Each problem names the file (or the option) and the key.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import sys
@@ -104,24 +105,31 @@ def _tree(where: str, path: bytes, problems: list[str]) -> None:
         problems.append(f"{where}: {exc}")
 
 
+def _module_key(file: str | None, name: str, k: str) -> str:
+    """A module's key as the administrator wrote it: in the file, or as an option."""
+    if file:
+        return f"{file}: 'modules.{name}.{k}'"
+    return f"--module {name}" if k == "path" else f"--{k.replace('_', '-')}"
+
+
+def module_problems(modules, file: str | None) -> list[str]:
+    """The server's modules that share files where they must not (``overlap.module_problems``),
+    each naming its key: what its start, its reload and ``--check`` refuse."""
+    from ..overlap import module_problems
+
+    return [f"{_module_key(file, name, k)}: {problem}" for name, k, problem in module_problems(modules)]
+
+
 def serve_host_problems(config, file: str | None) -> list[str]:
     problems: list[str] = []
     for name, module in sorted(config.modules.items()):
-
-        def key(k: str, name=name) -> str:
-            if file:
-                return f"{file}: 'modules.{name}.{k}'"
-            return f"--module {name}" if k == "path" else f"--{k.replace('_', '-')}"
-
+        key = functools.partial(_module_key, file, name)
         _tree(key("path"), module.path, problems)
         if module.require_mount and os.path.isdir(module.path) and not is_mount_point(module.path):
             problems.append(f"{key('require_mount')}: nothing is mounted at {display_path(module.path)}")
         _parent(key("lock_file"), module.lock_file, problems)
         _directory(key("state_dir"), module.state_dir, "the state dir", problems)
-    from ..overlap import module_overlap_problems
-
-    for name, problem in module_overlap_problems(config.modules):
-        problems.append(f"{file}: 'modules.{name}.path': {problem}" if file else f"--module {name}: {problem}")
+    problems += module_problems(config.modules, file)
     problem = address_problem(config.listen[0])
     if problem:
         problems.append(f"{file}: 'listen': {problem}" if file else f"--listen: {problem}")
@@ -175,7 +183,7 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
     from ..overlap import pair_problems
 
     for i, name, problem in pair_problems(config.pairs):
-        label = f"{where}: 'pair[{i}].{name}'" if where else {"destination": "DST", "state_dir": "--state-dir"}[name]
+        label = f"{where}: 'pair[{i}].{name}'" if where else {"destination": "DST", "state_dir": "--state-dir", "lock_file": "--lock-file"}[name]
         problems.append(f"{label}: {problem}")
     if config.metrics:
         problem = address_problem(config.metrics[0])

@@ -25,7 +25,6 @@ from ..config import (
     read_serve_config,
 )
 from ..errors import MirrorError, UsageError
-from ..overlap import module_overlap_problems
 from ..sdnotify import SystemdNotifier
 from ..secretfile import read_secret_file
 from ..statedir import check_root
@@ -59,7 +58,7 @@ WITH_CONFIG = {"--timeout", "--port-file"}
 
 def run(args) -> int:
     from ..server import MirrorServer
-    from ._check import refuse_conflicts
+    from ._check import module_problems, refuse_conflicts
 
     if args.check:
         return _check(args)
@@ -72,8 +71,8 @@ def run(args) -> int:
     timeout = args.timeout if args.timeout is not None else config.timeout
     for module in modules.values():
         check_root(module.path)  # a user's own .mirror at the root would be hidden: refused now
-    for name, problem in module_overlap_problems(modules):
-        raise UsageError(f"{args.config}: 'modules.{name}.path': {problem}" if args.config else f"--module {name}: {problem}")
+    for problem in module_problems(modules, args.config):
+        raise UsageError(problem)
     notifier = SystemdNotifier.from_environment()
     try:
         server = MirrorServer(listen, modules, max_conn, timeout=timeout)
@@ -169,8 +168,10 @@ class _Reloader:
             config = load_serve_config(path)
             for module in config.modules.values():
                 check_root(module.path)
-            for name, problem in module_overlap_problems(config.modules):
-                raise UsageError(f"{path}: 'modules.{name}.path': {problem}")
+            from ._check import module_problems
+
+            for problem in module_problems(config.modules, path):
+                raise UsageError(problem)
         except MirrorError as exc:
             log.error("reload failed, still serving the previous configuration: %s", exc)
             return

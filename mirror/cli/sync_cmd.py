@@ -203,7 +203,7 @@ def _check_destination_parent(args, excludes) -> None:
     (a typo in a path must not grow a new tree somewhere)."""
     import os
 
-    from ..overlap import nesting_problem, state_dir_problem
+    from ..overlap import local_replica_problem
     from ..transfer import parse_destination
 
     destination = parse_destination(path_arg(args.dst))
@@ -219,9 +219,8 @@ def _check_destination_parent(args, excludes) -> None:
     check_local_replica(resolve_state_dir(path_arg(args.src), path_arg(args.state_dir) if args.state_dir else None),
                        destination.path, None, record=False)  # fmt: skip
     state_dir = path_arg(args.state_dir) if args.state_dir else None
-    if problem := nesting_problem(path_arg(args.src), destination.path, excludes) or state_dir_problem(
-        state_dir, destination.path
-    ):
+    locks = [path_arg(lock) for lock in (args.lock_file, args.dst_lock_file) if lock]
+    if problem := local_replica_problem(path_arg(args.src), destination.path, excludes, state_dir, locks):
         raise UsageError(problem)  # before --mkpath makes anything
     if not args.mkpath:
         raise UsageError(f"{_show(destination.path)}: its parent directory {_show(parent)} does not exist "
