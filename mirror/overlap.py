@@ -1,8 +1,8 @@
 """Trees that overlap where they must not: a local replica and its source (the same
 directory by another path, one inside the other, the source's state dir or a lock file
 inside the replica); the local replicas of a daemon's pairs (two sources writing one
-replica, one replica inside another's, two pairs mirroring at each other, a pair's state
-dir or lock file inside another's replica); a server's writable modules (and their lock
+replica, one replica inside another's, pairs mirroring in a ring, a pair's state dir or
+lock file inside another's replica); a server's writable modules (and their lock
 files and state dirs).
 Compared by directory identity, so a symlink or a bind mount is no way round it.  A remote
 replica is on another host as far as a sender can tell: only the same destination written
@@ -133,8 +133,8 @@ def pair_overlap_problems(pairs) -> list[tuple[int, str]]:
     """``(index, problem)`` for each pair of a daemon whose replica another pair also writes:
     the same destination (two sources overwriting each other's files, and with ``delete``
     deleting them, for ever), a local one inside another's that the outer pair does not
-    exclude (its sessions delete or overwrite what the inner pair writes), or two local
-    pairs mirroring at each other."""
+    exclude (its sessions delete or overwrite what the inner pair writes), or local pairs
+    mirroring in a ring (``_ring_problems``)."""
     from .errors import MirrorError
     from .transfer import parse_destination
 
@@ -151,10 +151,8 @@ def pair_overlap_problems(pairs) -> list[tuple[int, str]]:
                 if i < j and d_inner == d_outer:
                     problems.append((j, f"pair {outer.name!r} writes the same replica {inner.destination}"))
                 continue
-            if i < j and _overlap(d_outer.path, inner.source) and _overlap(d_inner.path, outer.source):
-                problems.append((j, f"pairs {outer.name!r} and {inner.name!r} mirror at each other (each one's "
-                                    "replica holds the other's source): each would undo the other's changes"))  # fmt: skip
-                continue
+            if _overlap(d_outer.path, inner.source) and _overlap(d_inner.path, outer.source):
+                continue  # a ring, said below
             below = path_below(d_outer.path, d_inner.path)
             if below == b"" and i < j:
                 problems.append((j, f"pair {outer.name!r} writes the same replica {display_path(d_inner.path)}"))
@@ -163,6 +161,33 @@ def pair_overlap_problems(pairs) -> list[tuple[int, str]]:
                                     f"{display_path(d_outer.path)} of pair {outer.name!r}, whose sessions would delete "
                                     f"or overwrite what this pair writes there; exclude '/{display_path(below)}/' from "
                                     f"pair {outer.name!r} or put the replica elsewhere"))  # fmt: skip
+    return problems + _ring_problems([(i, pair, d.path) for i, pair, d in places if d.kind == "local"])
+
+
+def _ring_problems(local) -> list[tuple[int, str]]:
+    """``(index, problem)`` for each ring of local pairs, each one's replica holding the next
+    one's source (A to B and B to A, or A to B, B to C and C to A): every change would come
+    round again, and each pair's deletions undo the others' new files.  Said once per ring,
+    for its last pair.  A cascade that does not close (A to B, B to C) is allowed."""
+    feeds = {i: [j for j, other, _ in local if j != i and _overlap(replica, other.source)] for i, _, replica in local}
+    names = {i: pair.name for i, pair, _ in local}
+    problems: list[tuple[int, str]] = []
+
+    def walk(start: int, path: list[int]) -> None:  # each ring once: from its lowest index
+        for nxt in feeds[path[-1]]:
+            if nxt == start:
+                ring = [names[k] for k in path]
+                what = (f"pairs {ring[0]!r} and {ring[1]!r} mirror at each other (each one's replica holds the "
+                        "other's source)" if len(ring) == 2 else
+                        f"pairs {' -> '.join(map(repr, ring + ring[:1]))} mirror in a ring (each one's replica "
+                        "holds the next one's source)")  # fmt: skip
+                others = "the other's" if len(ring) == 2 else "the others'"
+                problems.append((max(path), f"{what}: each would undo {others} changes"))
+            elif nxt > start and nxt not in path and len(problems) < len(local):
+                walk(start, path + [nxt])
+
+    for i in sorted(feeds):
+        walk(i, [i])
     return problems
 
 

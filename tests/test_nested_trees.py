@@ -314,3 +314,26 @@ def test_a_server_refuses_a_lock_file_or_state_dir_where_senders_write(tmp_path)
         assert (f"{config}: 'modules.other.state_dir': the state dir {srv}/other-state lies inside module 'all' "
                 f"({srv}), whose senders would delete it").encode() in proc.stderr, proc.stderr  # fmt: skip
     assert not (srv / "other-state").exists()
+
+
+def test_pairs_mirroring_in_a_ring_are_refused_and_a_cascade_is_not(tmp_path):
+    """one -> two -> three -> one: every change comes round again, and each pair's deletions
+    undo the new files of the pair before it.  Said once, for the ring's last pair."""
+    trees = [_source(tmp_path / name) for name in ("one", "two", "three")]
+    config = tmp_path / "daemon.toml"
+
+    def pairs(*edges):
+        config.write_text("".join(f'[[pair]]\nname = "{src.name}"\nsource = "{src}"\ndestination = "{dst}"\n'
+                                  for src, dst in edges))  # fmt: skip
+
+    pairs((trees[0], trees[1]), (trees[1], trees[2]), (trees[2], trees[0]))
+    before = [snapshot(tree) for tree in trees]
+    for check in ([], ["--check"]):
+        proc = _daemon(*check, "--config", config)
+        assert proc.returncode == EXIT_ERROR, proc.stderr
+        assert (b"'pair[2].destination': pairs 'one' -> 'two' -> 'three' -> 'one' mirror in a ring (each one's "
+                b"replica holds the next one's source)" in proc.stderr), proc.stderr  # fmt: skip
+        assert proc.stderr.count(b"mirror in a ring") == 1, proc.stderr
+    assert [snapshot(tree) for tree in trees] == before
+    pairs((trees[0], trees[1]), (trees[1], trees[2]), (trees[2], tmp_path / "elsewhere"))
+    assert _daemon("--check", "--config", config).returncode == 0
