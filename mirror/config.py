@@ -76,6 +76,15 @@ class _Table:
             return None if required else default
         return value
 
+    def path(self, key: str, default=None, required: bool = False) -> str | None:
+        """A path: absolute, since a relative one would name another place for a service
+        (started in ``/``) than for the same file run by hand."""
+        value = self.get(key, str, default, required)
+        if value is not None and value is not default and not os.path.isabs(value):
+            self.problems.add(f"{self._name(key)!r} must be absolute, got {value!r}")
+            return None
+        return value
+
 
 def module_name_problem(name: str) -> str | None:
     """Why ``name`` cannot name a module (None: it can): clients name it in
@@ -120,8 +129,8 @@ def read_serve_config(path: str) -> tuple[ServeConfig | None, Problems]:
         return None, problems
     top = _Table(data, problems, "", {"listen", "secret_file", "lock_file", "max_connections", "timeout", "modules"})
     listen = _listen(top.get("listen", str, DEFAULT_LISTEN), problems, "listen")
-    default_secret = top.get("secret_file", str)
-    default_lock = top.get("lock_file", str)
+    default_secret = top.path("secret_file")
+    default_lock = top.path("lock_file")
     modules_table = top.get("modules", dict, required=True)
     if modules_table == {}:
         problems.add("[modules] must define at least one module")
@@ -136,14 +145,12 @@ def read_serve_config(path: str) -> tuple[ServeConfig | None, Problems]:
         t = _Table(table, problems, f"modules.{name}.", {"path", "secret_file", "lock_file", "read_only", "state_dir",
                                                           "allow_devices", "allow_specials", "allow_setid",
                                                           "keep_owners", "require_mount"})  # fmt: skip
-        module_path = t.get("path", str, required=True)
-        if module_path is not None and not os.path.isabs(module_path):
-            problems.add(f"'modules.{name}.path' must be absolute, got {module_path!r}")
-            module_path = None
-        secret_file = t.get("secret_file", str, default_secret)
+        module_path = t.path("path", required=True)
+        secret_file = t.path("secret_file", default_secret)
         secret = None
         if secret_file is None:
-            problems.add(f"module {name!r} has no secret_file (set it for the module or at the top)")
+            if "secret_file" not in table and "secret_file" not in data:  # else refused above, as written
+                problems.add(f"module {name!r} has no secret_file (set it for the module or at the top)")
         else:
             key = f"modules.{name}.secret_file" if "secret_file" in table else "secret_file"
             if secret_file not in secrets:  # a shared file is read (and reported) once
@@ -153,8 +160,8 @@ def read_serve_config(path: str) -> tuple[ServeConfig | None, Problems]:
                     secrets[secret_file] = None
                     problems.add(f"{key!r}: {exc}")
             secret = secrets[secret_file]
-        lock = t.get("lock_file", str, default_lock)
-        state_dir = t.get("state_dir", str)
+        lock = t.path("lock_file", default_lock)
+        state_dir = t.path("state_dir")
         privileges = Privileges(devices=t.get("allow_devices", bool, False), specials=t.get("allow_specials", bool, False),
                                 setid=t.get("allow_setid", bool, False), owners=t.get("keep_owners", bool, False))  # fmt: skip
         read_only = t.get("read_only", bool, False)
@@ -229,10 +236,7 @@ def read_daemon_config(path: str):
         t = _Table(table, problems, f"pair[{i}].",
                    {"name", "source", "destination", "secret_file", "lock_file", "state_dir", "exclude", "delete",
                     "max_delete", "allow_mass_delete", "rsh", "remote_command", "dst_require_mount"})  # fmt: skip
-        source = t.get("source", str, required=True)
-        if source is not None and not os.path.isabs(source):
-            problems.add(f"'pair[{i}].source' must be absolute, got {source!r}")
-            source = None
+        source = t.path("source", required=True)
         excludes = t.get("exclude", list, [])
         if not all(isinstance(x, str) for x in excludes):
             problems.add(f"'pair[{i}].exclude' must be a list of strings")
@@ -242,12 +246,16 @@ def read_daemon_config(path: str):
         name = t.get("name", str, os.path.basename((source or "").rstrip("/")) or f"pair{i}")
         if any(p.name == name for p in pairs):
             problems.add(f"two pairs are named {name!r} (set 'name')")
-        lock, state = t.get("lock_file", str), t.get("state_dir", str)
+        lock, state = t.path("lock_file"), t.path("state_dir")
         max_delete = t.get("max_delete", int)
         if max_delete is not None and max_delete < 0:
             problems.add(f"'pair[{i}].max_delete' must be 0 or more, got {max_delete}")
         destination = t.get("destination", str, required=True)
-        secret_file = t.get("secret_file", str)
+        if (destination is not None and not destination.startswith("mirror://") and _is_local_destination(destination)
+                and not os.path.isabs(destination)):  # fmt: skip
+            problems.add(f"'pair[{i}].destination' must be absolute, got {destination!r}")
+            destination = None
+        secret_file = t.path("secret_file")
         delete, allow_mass_delete = t.get("delete", bool, True), t.get("allow_mass_delete", bool, False)
         rsh, remote_command = t.get("rsh", str, "ssh -T"), t.get("remote_command", str, "mirror")
         dst_require_mount = t.get("dst_require_mount", bool)  # absent: the remembered rule (replicadisk)
@@ -261,11 +269,11 @@ def read_daemon_config(path: str):
             secret_file=secret_file, lock_file=os.fsencode(lock) if lock else None,
             state_dir=os.fsencode(state) if state else None, excludes=tuple(os.fsencode(x) for x in excludes),
             delete=delete, max_delete=max_delete, allow_mass_delete=allow_mass_delete, rsh=rsh,
-            remote_command=remote_command, dst_require_mount=dst_require_mount, **timeouts,
+            remote_command=remote_command, dst_require_mount=dst_require_mount, index=i, **timeouts,
         ))  # fmt: skip
     metrics = daemon.get("metrics", str)
     metrics_listen = _listen(metrics, problems, "daemon.metrics") if metrics else None
-    status_dir = daemon.get("status_dir", str)
+    status_dir = daemon.path("status_dir")
     coalesce = daemon.get("coalesce_ms", (int, float), 0.5)
     open_file_delay = daemon.get("open_file_delay", (int, float), 1.0)
     for key, value in (("coalesce_ms", coalesce), ("open_file_delay", open_file_delay)):

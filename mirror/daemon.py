@@ -116,6 +116,7 @@ class PairConfig:
     rsh: str = "ssh -T"  # HOST:PATH: the remote shell, and the mirror command it runs over there
     remote_command: str = "mirror"
     dst_require_mount: bool | None = None  # the replica's disk rule (replicadisk): the pair halts while unmounted
+    index: int = field(default=0, compare=False)  # its [[pair]]'s place in the file, for messages naming its keys
 
     @property
     def tree_state_dir(self) -> bytes:

@@ -96,3 +96,49 @@ def test_a_module_named_on_the_command_line_is_checked_too(tmp_path):
     secret.chmod(0o600)
     proc = run_mirror("serve", "--secret-file", secret, "--module", f"a/b={tmp_path}", check_codes=(2,))
     assert b"--module a/b=" in proc.stderr and b"'a/b' cannot name a module" in proc.stderr, proc.stderr
+
+
+def test_every_path_of_a_configuration_must_be_absolute(tmp_path):
+    """A relative path would name one place for the file run by hand and another for the
+    service (started in ``/``): a mirroring lock checked where nobody takes it, say, lets
+    mirroring go on through a lock.  Each is named; a problem that follows from one already
+    named (a module then without a secret) is not said again."""
+    from mirror.config import read_daemon_config, read_serve_config
+
+    serve = tmp_path / "serve.toml"
+    serve.write_text('secret_file = "secret"\nlock_file = "run/mirror.lock"\n[modules.m]\npath = "/srv/m"\n'
+                     '[modules.n]\npath = "/srv/n"\nstate_dir = "state"\nsecret_file = "n.secret"\n')  # fmt: skip
+    _, problems = read_serve_config(str(serve))
+    assert sorted(p.split(": ", 1)[1] for p in problems.items) == [
+        "'lock_file' must be absolute, got 'run/mirror.lock'",
+        "'modules.n.secret_file' must be absolute, got 'n.secret'",
+        "'modules.n.state_dir' must be absolute, got 'state'",
+        "'secret_file' must be absolute, got 'secret'",
+    ], problems.items
+    daemon = tmp_path / "daemon.toml"
+    daemon.write_text('[daemon]\nstatus_dir = "status"\n'
+                      '[[pair]]\nsource = "/srv/a"\ndestination = "replica"\nlock_file = "a.lock"\n'
+                      'state_dir = "state"\nsecret_file = "secret"\n'
+                      '[[pair]]\nsource = "/srv/b"\ndestination = "standby:b"\n'
+                      '[[pair]]\nsource = "/srv/c"\ndestination = "mirror://standby/c"\n')  # fmt: skip
+    config, problems = read_daemon_config(str(daemon))
+    assert sorted(p.split(": ", 1)[1] for p in problems.items) == [
+        "'daemon.status_dir' must be absolute, got 'status'",
+        "'pair[0].destination' must be absolute, got 'replica'",
+        "'pair[0].lock_file' must be absolute, got 'a.lock'",
+        "'pair[0].secret_file' must be absolute, got 'secret'",
+        "'pair[0].state_dir' must be absolute, got 'state'",
+    ], problems.items  # HOST:PATH is relative to the remote home, as rsync's
+    # the pairs that could be read keep the place they have in the file, for what --check names
+    assert [(p.name, p.index) for p in config.pairs] == [("b", 1), ("c", 2)]
+
+
+def test_check_names_a_pair_by_its_place_in_the_file_when_one_before_it_is_unreadable(tmp_path):
+    from tests.helpers import run_mirror
+
+    daemon = tmp_path / "daemon.toml"
+    daemon.write_text(f'[[pair]]\nsource = "relative"\ndestination = "/r"\n'
+                      f'[[pair]]\nsource = "{tmp_path}/missing"\ndestination = "{tmp_path}/replica"\n')  # fmt: skip
+    proc = run_mirror("daemon", "--check", "--config", daemon, check_codes=(2,))
+    assert f"{daemon}: 'pair[1].source'".encode() in proc.stderr, proc.stderr
+    assert b"'pair[0].source' must be absolute" in proc.stderr and b"'pair[0].source': " not in proc.stderr

@@ -141,9 +141,9 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
     from ..transfer import parse_destination
 
     problems: list[str] = []
-    for i, pair in enumerate(config.pairs):
+    for pair in config.pairs:
 
-        def key(k: str, i=i) -> str:
+        def key(k: str, i=pair.index) -> str:
             return f"{where}: 'pair[{i}].{k}'" if where else f"--{k.replace('_', '-')}"
 
         _tree(key("source") if where else "SRC", pair.source, problems)
@@ -183,7 +183,7 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
     from ..overlap import pair_problems
 
     for i, name, problem in pair_problems(config.pairs):
-        label = f"{where}: 'pair[{i}].{name}'" if where else {"destination": "DST", "state_dir": "--state-dir", "lock_file": "--lock-file"}[name]
+        label = f"{where}: 'pair[{config.pairs[i].index}].{name}'" if where else {"destination": "DST", "state_dir": "--state-dir", "lock_file": "--lock-file"}[name]
         problems.append(f"{label}: {problem}")
     if config.metrics:
         problem = address_problem(config.metrics[0])

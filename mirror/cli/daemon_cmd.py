@@ -117,19 +117,19 @@ def check_pairs(config, file: str | None) -> None:
     from ..overlap import pair_problems
     from ..secretfile import SecretFileError, read_secret_file
 
-    def refuse(i: int, key: str, problem: str):
-        return ConfigError(f"{file}: 'pair[{i}].{key}': {problem}") if file else UsageError(problem)
+    def refuse(pair, key: str, problem: str):
+        return ConfigError(f"{file}: 'pair[{pair.index}].{key}': {problem}") if file else UsageError(problem)
 
-    for i, pair in enumerate(config.pairs):
+    for pair in config.pairs:
         if pair.secret_file:
             try:
                 read_secret_file(pair.secret_file)
             except SecretFileError as exc:
                 if file is None:
                     raise
-                raise refuse(i, "secret_file", str(exc)) from None
+                raise refuse(pair, "secret_file", str(exc)) from None
     for i, key, problem in pair_problems(config.pairs):
-        raise refuse(i, key, problem)
+        raise refuse(config.pairs[i], key, problem)
 
 
 def run(args) -> int:
