@@ -80,7 +80,7 @@ class _Table:
         """A path: absolute, since a relative one would name another place for a service
         (started in ``/``) than for the same file run by hand."""
         value = self.get(key, str, default, required)
-        if value is not None and value is not default and not os.path.isabs(value):
+        if key in self.data and value is not None and not os.path.isabs(value):
             self.problems.add(f"{self._name(key)!r} must be absolute, got {value!r}")
             return None
         return value

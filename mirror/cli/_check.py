@@ -183,7 +183,8 @@ def daemon_host_problems(config, where: str | None) -> list[str]:
     from ..overlap import pair_problems
 
     for i, name, problem in pair_problems(config.pairs):
-        label = f"{where}: 'pair[{config.pairs[i].index}].{name}'" if where else {"destination": "DST", "state_dir": "--state-dir", "lock_file": "--lock-file"}[name]
+        option = {"destination": "DST", "state_dir": "--state-dir", "lock_file": "--lock-file"}
+        label = f"{where}: 'pair[{config.pairs[i].index}].{name}'" if where else option[name]
         problems.append(f"{label}: {problem}")
     if config.metrics:
         problem = address_problem(config.metrics[0])
