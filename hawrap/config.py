@@ -388,6 +388,9 @@ def read(path: str) -> tuple[ClusterConfig | None, Problems]:
         and cluster["home"] not in (n.name for n in parts["nodes"])
     ):
         problems.add("cluster.home", f"{cluster['home']!r} is not one of the nodes")
+    if cluster and cluster["failback"] == "auto" and cluster["home"] is None:
+        problems.add("cluster.failback", '"auto" fails back to the home node: set cluster.home (without it, '
+                                         "nothing would ever fail back)")  # fmt: skip
     vip = ipaddress.ip_interface(parts["vip"].address).ip if parts["vip"] else None
     if vip is not None and parts["nodes"]:
         # A node's own address as the VIP: the takeover's check would find it answered for ever.
@@ -438,7 +441,7 @@ def _cluster(top: _Section, base: str) -> dict:
     out["failback"] = cluster.get(
         "failback", str, "manual", lambda v: None if v in FAILBACK_POLICIES else f"one of {FAILBACK_POLICIES}"
     )
-    out["failback_delay"] = cluster.get("failback_delay", float, 10.0)
+    out["failback_delay"] = cluster.get("failback_delay", float, 10.0, _not_negative)
     ping_nodes = tuple(cluster.get("ping_nodes", list, []))
     for i, p in enumerate(ping_nodes):
         if not isinstance(p, str) or _ip(p):
@@ -594,6 +597,9 @@ def _services(top: _Section) -> list[ServiceConfig]:
     services = []
     for sec in top.tables("service"):
         service = sec.problems.part(functools.partial(_service, sec))
+        if service is not None and any(other.name == service.name for other in services):
+            # a [[service]] copied and its name (and most likely its commands) left as they were
+            sec.note("name", f"another service is named {service.name!r}")
         sec.finish()
         if service is not None:
             services.append(service)

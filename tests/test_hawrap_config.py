@@ -90,6 +90,14 @@ def test_minimal_defaults(tmp_path):
             "service[0].start: must be a list of strings",
         ),
         (lambda t: "this is = = not toml", "not valid TOML"),
+        # entries an administrator meant otherwise: nothing would ever fail back; a [[service]] copied
+        (lambda t: t.replace('name = "t"\n', 'name = "t"\nfailback = "auto"\n'),
+         'cluster.failback: "auto" fails back to the home node: set cluster.home'),
+        (lambda t: t.replace('name = "t"\n', 'name = "t"\nfailback_delay = -5.0\n'),
+         "cluster.failback_delay: must be 0 or more"),
+        (lambda t: t + "".join('[[service]]\nname = "mail"\nstart = ["a"]\nstop = ["b"]\nmonitor = ["c"]\n'
+                               for _ in range(2)),
+         "service[1].name: another service is named 'mail'"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path, edit, message):
