@@ -24,6 +24,7 @@ from .errors import (
     ConnectError,
     ConnectTimeout,
     MirrorError,
+    SourceGuardError,
     StaleEpochError,
     UsageError,
     display_path,
@@ -153,6 +154,20 @@ class Connection:
         self.welcome: dict = {}
         self._held = contextlib.ExitStack()  # what the open connection holds: let go by close()
 
+    def _refuse_foreign_replica(self) -> None:
+        """A deleting connection's first session is a whole tree's: a local directory that
+        is no replica yet and shares nothing with the source is refused before anything is
+        made there (``guard.foreign_replica_problem``)."""
+        from .exclude import make_excluder
+        from .guard import foreign_replica_problem
+        from .statedir import resolve_state_dir
+
+        excluder = make_excluder(self.options.excludes)
+        problem = foreign_replica_problem(self.src, self.dest.path, resolve_state_dir(self.dest.path, None),
+                                          excluder.excluded if excluder is not None else None)  # fmt: skip
+        if problem:
+            raise SourceGuardError(problem)
+
     def open(self, *, whole_tree: bool = False) -> Connection:
         """Connect and shake hands (a local replica: take its writer lock).  ``whole_tree``:
         the first session will be a whole-tree one (``sync()``): its scans start first, so
@@ -172,6 +187,8 @@ class Connection:
             # Before anything is made there, on the disk under an unmounted one.
             check_local_replica(resolve_state_dir(self.src, self.options.state_dir), self.dest.path,
                                self._dst_require_mount, record=not self.options.dry_run)  # fmt: skip
+            if self.options.delete and not self.options.allow_mass_delete:
+                self._refuse_foreign_replica()
             make_dirs(os.path.abspath(self.dest.path))
             check_root(self.dest.path)  # before the writer lock, which would write into a user's .mirror
         # Each lock, scan, process and stream is let go of as soon as it is held, should

@@ -847,3 +847,75 @@ def test_an_xfs_source_found_on_another_device_number_is_still_the_tree(tmp_path
     with loop_mounted(images[1], src):
         assert synced() == EXIT_GUARD
         assert _content(dst)  # nothing deleted
+
+
+def _foreign(tmp_path):
+    """A source tree and a directory that holds other things, none of them named as the
+    source's: ``mirror sync --delete /srv/mail /backup`` meant as rsync's (a copy *into*
+    /backup), or a mistyped destination."""
+    src, backup = tmp_path / "srv" / "mail", tmp_path / "backup"
+    (src / "cur").mkdir(parents=True)
+    (src / "cur" / "1").write_bytes(b"a mail\n")
+    for name in ("web", "db"):
+        (backup / name).mkdir(parents=True)
+        (backup / name / "data").write_bytes(name.encode() * 100)
+    return src, backup
+
+
+def test_a_deleting_sync_into_a_directory_that_shares_nothing_with_the_source_is_refused(tmp_path):
+    """It would delete everything the directory held: refused before anything is made there
+    (exit 25, not even a .mirror), by the CLI, a dry run and the library, until the
+    administrator says so; then mirrored as usual."""
+    src, backup = _foreign(tmp_path)
+    before = snapshot(backup)
+    for dry in ([], ["-n"]):
+        proc = run_mirror("sync", "--delete", *dry, src, backup, check_codes=(EXIT_GUARD,))
+        err = proc.stderr.decode()
+        assert f"refused: {backup} is no replica yet" in err and "holds 2 entries (db, web)" in err, err
+        assert "--allow-mass-delete" in err and "Traceback" not in err, err
+        assert snapshot(backup) == before and not (backup / ".mirror").exists()
+    with pytest.raises(SourceGuardError, match="is no replica yet"):
+        sync(src, backup, delete=True)
+    assert snapshot(backup) == before
+    # excluded, they are not at stake: the rest is mirrored beside them
+    assert run_mirror("sync", "--delete", "--exclude", "/web/", "--exclude", "/db/", src, tmp_path / "backup2").returncode == 0
+    assert run_mirror("sync", "--delete", "--allow-mass-delete", src, backup).returncode == 0
+    assert sorted(os.listdir(backup)) == [".mirror", "cur"]
+    # a replica now: its source's entries all renamed is an ordinary change
+    os.rename(src / "cur", src / "new")
+    assert run_mirror("sync", "--delete", src, backup).returncode == 0
+    assert sorted(os.listdir(backup)) == [".mirror", "new"]
+
+
+def test_a_copy_made_before_and_a_new_file_systems_lost_found_are_mirrored_into(tmp_path):
+    """Not what the guard is for: a copy made by rsync before hamirror (it shares names with
+    the source; what is stale in it goes), an excluded entry (never deleted), and a new file
+    system's lost+found (the only entry: nothing of anyone's)."""
+    src, backup = _foreign(tmp_path)
+    subprocess.run(["rsync", "-a", f"{src}/", f"{backup}/"], check=True)  # web and db stale beside a copy
+    assert run_mirror("sync", "--delete", src, backup).returncode == 0
+    assert sorted(os.listdir(backup)) == [".mirror", "cur"]
+    fresh = tmp_path / "fresh"
+    (fresh / "lost+found").mkdir(parents=True)
+    assert run_mirror("sync", "--delete", src, fresh).returncode == 0
+    assert (fresh / "cur" / "1").exists()
+    kept = tmp_path / "kept"
+    (kept / "web").mkdir(parents=True)
+    assert run_mirror("sync", "--delete", "--exclude", "/web/", src, kept).returncode == 0
+    assert sorted(os.listdir(kept)) == [".mirror", "cur", "web"]
+
+
+def test_a_daemon_pair_into_such_a_directory_deletes_nothing(tmp_path):
+    """The pair is refused at its start (before its first session writes anything) and the
+    directory keeps everything; with allow_mass_delete it is mirrored."""
+    src, backup = _foreign(tmp_path)
+    before = snapshot(backup)
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'[[pair]]\nsource = "{src}"\ndestination = "{backup}"\n')
+    log = tmp_path / "daemon.log"
+    with live_daemon(src, None, "--config", str(config), log_path=str(log)) as daemon:
+        assert wait_until(lambda: "is no replica yet" in log.read_text(), 60), log.read_text()
+        assert snapshot(backup) == before and daemon.proc.poll() is None
+    config.write_text(config.read_text() + "allow_mass_delete = true\n")
+    with live_daemon(src, None, "--config", str(config), log_path=str(log)):
+        assert wait_until(lambda: (backup / "cur" / "1").exists() and not (backup / "web").exists(), 60)
