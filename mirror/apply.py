@@ -39,13 +39,15 @@ from .epoch import MAX_EPOCH_STEP, fencing_epoch, observe_epoch
 from .errors import (
     MirrorError,
     ProtocolError,
+    SourceGuardError,
     StaleEpochError,
     UnsafePathError,
     display_path,
     failure_reason,
     fs_path,
 )
-from .guard import ReplicaGuard, review_deletions
+from .exclude import make_excluder
+from .guard import ReplicaGuard, foreign_replica_problem, review_deletions
 from .lockfile import LockWatch
 from .privileges import Privileges
 from .replicadisk import require_mounted
@@ -99,10 +101,13 @@ class ReplicaAdmission:
         self._cleaned = False
         self._reserved: dict[bytes, bytes | None] = {}
 
-    def admit(self, epoch: int, tree_id, *, deleting: bool, allow: bool, dry_run: bool, take_writer=None) -> int:
+    def admit(self, epoch: int, tree_id, *, deleting: bool, allow: bool, dry_run: bool, take_writer=None,
+              source_root: set[bytes] | None = None, excludes=()) -> int:  # fmt: skip
         """Refuse a stale epoch, a locked or read-only module, a deleting sender from another
-        tree; ``take_writer()`` (the one-writer lock) runs before anything is recorded.
-        The replica's epoch, a newer sender's recorded."""
+        tree, or one whose root (``source_root``: its names, if told) has none of the names
+        a replica that is no replica yet holds (``excludes`` aside); ``take_writer()`` (the
+        one-writer lock) runs before anything is recorded.  The replica's epoch, a newer
+        sender's recorded."""
         if self.began_on is not None and directory_identity(self.module.path) != self.began_on:
             # What the connection's start said of the replica (what it has applied) would
             # be taken as true of another disk: a sender going on from it leaves the rest out.
@@ -120,6 +125,12 @@ class ReplicaAdmission:
         LockWatch(self.module.lock_file, "on the receiver, session refused").check()
         if self.module.read_only and not dry_run:
             raise MirrorError(f"module {self.module.name!r} is read-only: only a dry run is allowed")
+        if deleting and not allow and source_root is not None:
+            excluder = make_excluder(excludes)
+            if problem := foreign_replica_problem(source_root, f"the sender's source ({self.peer})",
+                                                  fs_path(self.module.path), self.state_dir,
+                                                  excluder.excluded if excluder is not None else None):  # fmt: skip
+                raise SourceGuardError(problem)
         if self.began_on is None:  # a new replica: made once it is let in
             make_dirs(os.path.abspath(self.module.path))
         if take_writer is not None and not dry_run:

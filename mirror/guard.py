@@ -18,9 +18,10 @@ changes when disks are found in another order at boot, while its UUID does not).
 - A replica records the tree id of the first sender that writes to it, and refuses a
   deleting session from another tree.  When the replica becomes the source (a failover),
   it goes on as the same tree, so the old primary, its replica now, still recognises it.
-- A local directory no sync has mirrored into yet (no tree identity) that holds entries,
-  none of which the source has at its root, is refused to a deleting session
-  (``foreign_replica_problem``): a mistyped destination, whose every entry would go.
+- A directory no sync has mirrored into yet (no tree identity) that holds entries, none of
+  which the source has at its root, is refused to a deleting session before anything is
+  written there (``foreign_replica_problem``): a mistyped destination, whose every entry
+  would go.
 - A replica whose state dir is apart from the tree refuses every session while its root is
   not where it was recorded (unmounted): its records must not pass for its data.
 - A replica that must be a mount point (``require_mount``) refuses, while its server runs,
@@ -442,35 +443,35 @@ def _with_uuid(identity: TreeIdentity, root: bytes, record) -> TreeIdentity:
 
 # A new file system's own directory, not a sign of a replica nor of anything to keep.
 _NEW_FS_NAMES = frozenset({b"lost+found"})
-
-
-def foreign_replica_problem(src: bytes, replica: bytes, state_dir: bytes, keep=None) -> str | None:
-    """Why a deleting sync must not make the local directory ``replica`` a mirror of ``src``
-    (None: it may): no sync has mirrored into it (``state_dir`` records no tree identity),
-    it holds entries, and the source has none of their names at its root, so the sync would
-    delete every one of them: a mistyped destination, or rsync's ``SRC`` (a directory
-    copied *into* DST) meant where hamirror mirrors SRC's content, as ``rsync SRC/ DST``.
-    A copy made before (by rsync, say) shares names with the source and passes; a new file
-    system's ``lost+found`` counts for nothing.  ``keep(name, is_dir)``: what the sync
-    excludes (never deleted)."""
+def foreign_replica_problem(source_names: set[bytes], source: str, replica: bytes, state_dir: bytes,
+                            keep=None) -> str | None:  # fmt: skip
+    """Why a deleting sync must not make the directory ``replica`` a mirror of the tree whose
+    root holds ``source_names`` (``source``: that tree, as the message names it) (None: it
+    may): no sync has mirrored into it (``state_dir`` records no tree identity), it holds
+    entries, and the source has none of their names at its root, so the sync would delete
+    every one of them: a mistyped destination, or rsync's ``SRC`` (a directory copied *into*
+    DST) meant where hamirror mirrors SRC's content, as ``rsync SRC/ DST``.  A copy made
+    before (by rsync, say) shares names with the source and passes; a new file system's
+    ``lost+found`` counts for nothing.  ``keep(name, is_dir)``: what the sync excludes."""
     try:
         if load(state_dir) is not None:
             return None
     except SourceGuardError:
         return None  # a damaged identity: the admission says so
-    theirs, ours = _root_names(replica, keep), _root_names(src, keep)
-    if not theirs or theirs & ours:
+    theirs = root_names(replica, keep)
+    if not theirs or theirs & source_names:
         return None
     shown = ", ".join(display_path(name) for name in sorted(theirs)[:3]) + (", ..." if len(theirs) > 3 else "")
     return (f"refused: {display_path(replica)} is no replica yet (nothing was mirrored into it) and holds "
-            f"{len(theirs)} entr{'y' if len(theirs) == 1 else 'ies'} ({shown}), none of which the source "
-            f"{display_path(src)} has: this deleting sync would delete them all. Is it the right directory? (mirror "
-            "sync makes DST itself the copy of SRC's content, as rsync SRC/ DST does.) Nothing was written. If they "
-            "are to go, sync once with --allow-mass-delete")  # fmt: skip
+            f"{len(theirs)} entr{'y' if len(theirs) == 1 else 'ies'} ({shown}), none of which {source} has: this "
+            "deleting sync would delete them all. Is it the right directory? (mirror sync makes DST itself the copy "
+            "of SRC's content, as rsync SRC/ DST does.) Nothing was written. If they are to go, sync once with "
+            "--allow-mass-delete")  # fmt: skip
 
 
-def _root_names(root: bytes, keep) -> set[bytes]:
-    """The names at ``root`` that count: not its state dir, not excluded (empty if unreadable)."""
+def root_names(root: bytes, keep=None) -> set[bytes]:
+    """The names at ``root`` that count for ``foreign_replica_problem``: not its state dir,
+    not a new file system's ``lost+found``, not excluded (``keep``); empty if unreadable."""
     names = set()
     try:
         with os.scandir(root) as it:

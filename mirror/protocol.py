@@ -276,6 +276,9 @@ def verify(expected: bytes, got, who: str) -> None:
 
 MAX_PATH = 65536
 MAX_REQUESTS = 4096  # paths per 'want', requests per 'sig'
+# At most this many names of its root a sender tells a receiver (``start``'s ``roots``, for
+# ``guard.foreign_replica_problem``); a root with more is not told, and not checked.
+ROOT_NAMES_MAX = 256
 _INT64 = 2**63 - 1
 
 
@@ -453,6 +456,7 @@ _START_OPTIONS = {
     "seq": (0, _int("seq")),
     "base": (None, _int("base")),
     "journal": ("", _text("journal", MAX_TOKEN)),
+    "roots": (None, _list("roots", _bytes("root name", K.MAX_NAME), ROOT_NAMES_MAX)),
 }
 
 _applied = (None, _tuple("applied", _int("epoch"), _int("seq"), _text("journal", MAX_TOKEN)))

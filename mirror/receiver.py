@@ -214,8 +214,11 @@ class Receiver:
         opts = P.checked_start(start, scope=(None, Scope.from_wire), renames=([], parse_renames))
         dry_run = opts["dry_run"]
         tree_id, policy = session_guard(opts)
+        # The sender's root names, against a replica that is no replica yet (a module's whole tree only).
+        roots = set(opts["roots"]) if opts["roots"] is not None and not self.subpath else None
         mine = self.replica.admit(opts["epoch"], tree_id, deleting=opts["delete"], allow=policy.allow_mass_delete,
-                                   dry_run=dry_run, take_writer=lambda: self._take_writer(opts["epoch"]))  # fmt: skip
+                                   dry_run=dry_run, take_writer=lambda: self._take_writer(opts["epoch"]),
+                                   source_root=roots, excludes=opts["excludes"])  # fmt: skip
         root = fs_path(self.module.path)
         if self.subpath:
             root = self._ensure_subpath(root, dry_run)

@@ -38,7 +38,8 @@ from .errors import (
     StaleEpochError,
     display_path,
 )
-from .guard import DeletionPolicy, SourceGuard
+from .exclude import make_excluder
+from .guard import DeletionPolicy, SourceGuard, root_names
 from .plan import ATTRS, DELETE, DELTA, LINK, MKDIR, SPECIAL, SYMLINK, WHOLE, Op
 from .records import SenderOptions, SyncResult
 from .sourcesession import SourceSession
@@ -307,7 +308,7 @@ class SendSession(SourceSession):
                 "scope": scope.as_wire() if self.scoped else None,
                 "renames": planned, "tree": tree_id, "keepalive": o.keepalive,
                 "deletions": DeletionPolicy(o.max_delete, o.allow_mass_delete).as_wire(),
-                **(journal or {}),
+                "roots": self._root_names(planned), **(journal or {}),
             }])  # fmt: skip
             self.plan_root(receive(self.t, P.READY)["root"], self.owner)
             with self.conn.reading() as reader:  # from the summary to the receiver's result
@@ -324,6 +325,17 @@ class SendSession(SourceSession):
         stats.wire_sent = self.t.bytes_sent - sent_before
         stats.wire_received = self.t.bytes_received - received_before
         return self.finish(result, self.reader.failed)
+
+    def _root_names(self, renames) -> list[bytes] | None:
+        """For a deleting whole-tree session, the names at the source's root (at most
+        ``ROOT_NAMES_MAX``): a receiver whose replica is no replica yet refuses a session that
+        would delete everything it holds (``guard.foreign_replica_problem``)."""
+        o = self.o
+        if not o.delete or o.allow_mass_delete or self.scoped or renames:
+            return None
+        excluder = make_excluder(o.excludes)
+        names = root_names(self.root, excluder.excluded if excluder is not None else None)
+        return sorted(names) if len(names) <= P.ROOT_NAMES_MAX else None
 
     def do(self, op: Op) -> None:
         self.encoder.send(op)

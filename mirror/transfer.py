@@ -159,13 +159,13 @@ class Connection:
         is no replica yet and shares nothing with the source is refused before anything is
         made there (``guard.foreign_replica_problem``)."""
         from .exclude import make_excluder
-        from .guard import foreign_replica_problem
+        from .guard import foreign_replica_problem, root_names
         from .statedir import resolve_state_dir
 
         excluder = make_excluder(self.options.excludes)
-        problem = foreign_replica_problem(self.src, self.dest.path, resolve_state_dir(self.dest.path, None),
-                                          excluder.excluded if excluder is not None else None)  # fmt: skip
-        if problem:
+        keep = excluder.excluded if excluder is not None else None
+        if problem := foreign_replica_problem(root_names(self.src, keep), f"the source {display_path(self.src)}",
+                                              self.dest.path, resolve_state_dir(self.dest.path, None), keep):  # fmt: skip
             raise SourceGuardError(problem)
 
     def open(self, *, whole_tree: bool = False) -> Connection:

@@ -919,3 +919,32 @@ def test_a_daemon_pair_into_such_a_directory_deletes_nothing(tmp_path):
     config.write_text(config.read_text() + "allow_mass_delete = true\n")
     with live_daemon(src, None, "--config", str(config), log_path=str(log)):
         assert wait_until(lambda: (backup / "cur" / "1").exists() and not (backup / "web").exists(), 60)
+
+
+def test_a_servers_module_that_is_no_replica_yet_and_shares_nothing_is_refused_too(tmp_path):
+    """The sender tells its root's names (``start``'s ``roots``): the receiver refuses before
+    anything is written (no .mirror), a dry run too; the override passes, and a root with
+    more names than a sender tells is not checked (mirrored as before)."""
+    src, backup = _foreign(tmp_path)
+    before = snapshot(backup)
+    (tmp_path / "srv-state").mkdir()
+    with mirror_server(tmp_path / "srv-state", {"m": backup}) as server:
+        for dry in ([], ["-n"]):
+            proc = run_mirror("sync", "--delete", *dry, "--secret-file", server.secret_file, src, server.url("m"),
+                              check_codes=(EXIT_GUARD,))  # fmt: skip
+            assert b"is no replica yet" in proc.stderr and b"(db, web)" in proc.stderr, proc.stderr
+            assert snapshot(backup) == before and not (backup / ".mirror").exists()
+        # with the override it is mirrored as before
+        assert run_mirror("sync", "--delete", "--allow-mass-delete", "--secret-file", server.secret_file, src,
+                          server.url("m")).returncode == 0  # fmt: skip
+        assert sorted(os.listdir(backup)) == [".mirror", "cur"]
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(P.ROOT_NAMES_MAX + 1):
+        (many / f"f{i}").write_bytes(b"x")
+    other = tmp_path / "other"
+    (other / "old").mkdir(parents=True)
+    (tmp_path / "srv-state2").mkdir()
+    with mirror_server(tmp_path / "srv-state2", {"o": other}) as server:
+        assert run_mirror("sync", "--delete", "--secret-file", server.secret_file, many, server.url("o")).returncode == 0
+    assert not (other / "old").exists() and len(os.listdir(other)) == P.ROOT_NAMES_MAX + 2
