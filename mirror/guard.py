@@ -443,6 +443,8 @@ def _with_uuid(identity: TreeIdentity, root: bytes, record) -> TreeIdentity:
 
 # A new file system's own directory, not a sign of a replica nor of anything to keep.
 _NEW_FS_NAMES = frozenset({b"lost+found"})
+
+
 def foreign_replica_problem(source_names: set[bytes], source: str, replica: bytes, state_dir: bytes,
                             keep=None) -> str | None:  # fmt: skip
     """Why a deleting sync must not make the directory ``replica`` a mirror of the tree whose
