@@ -125,7 +125,7 @@ class ReplicaAdmission:
         LockWatch(self.module.lock_file, "on the receiver, session refused").check()
         if self.module.read_only and not dry_run:
             raise MirrorError(f"module {self.module.name!r} is read-only: only a dry run is allowed")
-        if deleting and not allow and source_root is not None:
+        if deleting and not allow and source_root is not None and not self.guard.knows_a_tree():
             excluder = make_excluder(excludes)
             if problem := foreign_replica_problem(source_root, f"the sender's source ({self.peer})",
                                                   fs_path(self.module.path), self.state_dir,

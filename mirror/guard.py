@@ -361,6 +361,12 @@ class ReplicaGuard:
             if not (first and self.root in _replica_disks):
                 _replica_disks[self.root] = (where, identity.tree_id)
 
+    def knows_a_tree(self) -> bool:
+        """Whether this process has seen this replica mirror a tree (its record may have gone
+        since, with its state dir: ``_recorded`` writes it back)."""
+        with _replica_identities_lock:
+            return self._identity is not None or self.state_dir in _replica_identities
+
     def admit(self, tree_id, *, deleting: bool, allow: bool, dry_run: bool, peer: str) -> None:
         cached = self._identity
         identity = cached or self._recorded(dry_run)
@@ -449,20 +455,21 @@ def foreign_replica_problem(source_names: set[bytes], source: str, replica: byte
                             keep=None) -> str | None:  # fmt: skip
     """Why a deleting sync must not make the directory ``replica`` a mirror of the tree whose
     root holds ``source_names`` (``source``: that tree, as the message names it) (None: it
-    may): no sync has mirrored into it (``state_dir`` records no tree identity), it holds
+    may): no sync has mirrored into it (it has no ``state_dir``, and no writer holds it), it holds
     entries, and the source has none of their names at its root, so the sync would delete
     every one of them: a mistyped destination, or rsync's ``SRC`` (a directory copied *into*
     DST) meant where hamirror mirrors SRC's content, as ``rsync SRC/ DST``.  A copy made
     before (by rsync, say) shares names with the source and passes; a new file system's
     ``lost+found`` counts for nothing.  ``keep(name, is_dir)``: what the sync excludes."""
-    try:
-        if load(state_dir) is not None:
-            return None
-    except SourceGuardError:
-        return None  # a damaged identity: the admission says so
+    if os.path.lexists(state_dir):
+        return None  # hamirror keeps state for it: a replica (its identity, if any, is judged by the admission)
     theirs = root_names(replica, keep)
     if not theirs or theirs & source_names:
         return None
+    from .writerlock import held_elsewhere
+
+    if held_elsewhere(replica):
+        return None  # a writer holds it (its state dir removed under it): the writer lock answers
     shown = ", ".join(display_path(name) for name in sorted(theirs)[:3]) + (", ..." if len(theirs) > 3 else "")
     return (f"refused: {display_path(replica)} is no replica yet (nothing was mirrored into it) and holds "
             f"{len(theirs)} entr{'y' if len(theirs) == 1 else 'ies'} ({shown}), none of which {source} has: this "

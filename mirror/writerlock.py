@@ -158,6 +158,20 @@ def _hang_up_fenced(path: bytes, replica_epoch: int, who: str) -> bool:
     return holder._released.wait(HANG_UP_WAIT)
 
 
+def held_elsewhere(root: bytes) -> bool:
+    """Whether a writer (another process, or another connection of this one) holds the
+    replica ``root``'s lock; a probe that takes it for an instant, so only asked where a
+    refusal hangs on it."""
+    try:
+        fd = _lock_directory(root)
+    except OSError:
+        return False
+    if fd is None or fd == -1:
+        return fd == -1
+    os.close(fd)
+    return False
+
+
 def _lock_directory(path: bytes) -> int | None:
     """``path`` open and locked: its descriptor; -1 when another process holds it; None when
     its file system cannot lock a directory, or it cannot be opened for reading (a root
