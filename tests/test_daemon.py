@@ -732,12 +732,16 @@ def test_a_whole_tree_compare_while_live_keeps_the_pair_live(tmp_path):
         wait_until(lambda: load_status(status_dir).pairs[0]["state"] == "live", timeout=30)
         seen = set()
 
-        def sample(seconds: float, write: bool) -> int:
-            """Sessions run meanwhile; the states seen added to ``seen``."""
+        def sample(sessions: int, write: bool) -> int:
+            """Until ``sessions`` more have run (60 s at most: a slow machine's compares take
+            longer, not fewer); the states seen meanwhile added to ``seen``."""
             before = load_status(status_dir).pairs[0]["sessions"]
-            deadline, n = time.monotonic() + seconds, 0
+            deadline, n = time.monotonic() + 60, 0
             while time.monotonic() < deadline:
-                seen.add(load_status(status_dir).pairs[0]["state"])
+                status = load_status(status_dir).pairs[0]
+                seen.add(status["state"])
+                if status["sessions"] - before >= sessions:
+                    break
                 if write and (n := n + 1) % 10 == 0:
                     (src / "d1" / f"new{n}").write_text("a change while compares run")
                 time.sleep(0.01)
