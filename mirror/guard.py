@@ -455,9 +455,9 @@ def foreign_replica_problem(source_names: set[bytes], source: str, replica: byte
                             keep=None) -> str | None:  # fmt: skip
     """Why a deleting sync must not make the directory ``replica`` a mirror of the tree whose
     root holds ``source_names`` (``source``: that tree, as the message names it) (None: it
-    may): no sync has mirrored into it (it has no ``state_dir``, and no writer holds it), it holds
-    entries, and the source has none of their names at its root, so the sync would delete
-    every one of them: a mistyped destination, or rsync's ``SRC`` (a directory copied *into*
+    may): no sync has mirrored into it (it has no ``state_dir``, and no writer holds it), it
+    holds entries, and the source has none of their names at its root, so the sync would
+    delete every one of them: a mistyped destination, or rsync's ``SRC`` (a directory copied *into*
     DST) meant where hamirror mirrors SRC's content, as ``rsync SRC/ DST``.  A copy made
     before (by rsync, say) shares names with the source and passes; a new file system's
     ``lost+found`` counts for nothing.  ``keep(name, is_dir)``: what the sync excludes."""

@@ -98,6 +98,11 @@ def test_a_module_named_on_the_command_line_is_checked_too(tmp_path):
     assert b"--module a/b=" in proc.stderr and b"'a/b' cannot name a module" in proc.stderr, proc.stderr
 
 
+def _said(problems) -> list[str]:
+    """Each problem without its file name, in order."""
+    return sorted(p.split(": ", 1)[1] for p in problems.items)
+
+
 def test_every_path_of_a_configuration_must_be_absolute(tmp_path):
     """A relative path would name one place for the file run by hand and another for the
     service (started in ``/``): a mirroring lock checked where nobody takes it, say, lets
@@ -109,7 +114,7 @@ def test_every_path_of_a_configuration_must_be_absolute(tmp_path):
     serve.write_text('secret_file = "secret"\nlock_file = "run/mirror.lock"\n[modules.m]\npath = "/srv/m"\n'
                      '[modules.n]\npath = "/srv/n"\nstate_dir = "state"\nsecret_file = "n.secret"\n')  # fmt: skip
     _, problems = read_serve_config(str(serve))
-    assert sorted(p.split(": ", 1)[1] for p in problems.items) == [
+    assert _said(problems) == [
         "'lock_file' must be absolute, got 'run/mirror.lock'",
         "'modules.n.secret_file' must be absolute, got 'n.secret'",
         "'modules.n.state_dir' must be absolute, got 'state'",
@@ -122,7 +127,7 @@ def test_every_path_of_a_configuration_must_be_absolute(tmp_path):
                       '[[pair]]\nsource = "/srv/b"\ndestination = "standby:b"\n'
                       '[[pair]]\nsource = "/srv/c"\ndestination = "mirror://standby/c"\n')  # fmt: skip
     config, problems = read_daemon_config(str(daemon))
-    assert sorted(p.split(": ", 1)[1] for p in problems.items) == [
+    assert _said(problems) == [
         "'daemon.status_dir' must be absolute, got 'status'",
         "'pair[0].destination' must be absolute, got 'replica'",
         "'pair[0].lock_file' must be absolute, got 'a.lock'",
